@@ -1,0 +1,46 @@
+"""The ``fedmerge`` console script.
+
+Each subcommand lives in ``fedmerge.commands.<name>`` and exposes ``register(subparsers)``, which adds its parser
+and sets ``func`` (called with the parsed namespace, returning an exit code). Errors become one line on stderr and
+exit code 1; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMAND_MODULES: tuple[str, ...] = ()  # each helper module adds its name here
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedmerge", description="Data-isolated cross-domain recommendation by federated model merging."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"fedmerge.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("fedmerge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the CLI boundary: one line unless --debug
+        if args.debug:
+            raise
+        print(f"fedmerge {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The one domain abstraction: an item catalog plus chronological user sequences with a leave-one-out split.
+
+For every user ``u`` the domain stores the training sequence ``train[u]`` (chronological item indices), the
+validation target ``val_target[u]`` (the next item) and the test target ``test_target[u]`` (the item after it).
+A missing target is ``-1``. Model selection uses ``inputs("val")`` (input = train); reporting uses
+``inputs("test")`` (input = train + val target), as in MergeRec's protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from fedmerge.errors import DataError
+
+Split = Literal["val", "test"]
+TEXT_FIELDS = ("title", "brand", "category")
+
+
+def item_text(fields: Mapping[str, str]) -> str:
+    """Render an item's text fields as one string: ``"<title> Brand: <brand> Category: <category>"``.
+
+    Empty fields are left out; fields other than title/brand/category are appended as ``"Key: value"``.
+    """
+    parts = [str(fields.get("title", "")).strip()]
+    for key, value in fields.items():
+        if key == "title":
+            continue
+        value = str(value).strip()
+        if value:
+            parts.append(f"{key.capitalize()}: {value}")
+    return " ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class ItemCatalog:
+    """The public side of a domain: item index -> external id and text fields."""
+
+    ids: tuple[str, ...]
+    fields: tuple[Mapping[str, str], ...]
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.fields):
+            raise DataError(f"catalog has {len(self.ids)} ids but {len(self.fields)} text records")
+        empty = [self.ids[i] for i, f in enumerate(self.fields) if not item_text(f)]
+        if empty:
+            raise DataError(f"{len(empty)} catalog items have no text, e.g. {empty[:3]}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def texts(self) -> list[str]:
+        """One text string per item index (see :func:`item_text`)."""
+        return [item_text(f) for f in self.fields]
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One domain's private interactions and public catalog, split leave-one-out."""
+
+    name: str
+    catalog: ItemCatalog
+    train: tuple[np.ndarray, ...]
+    val_target: np.ndarray
+    test_target: np.ndarray
+    user_ids: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        n_users = len(self.train)
+        if n_users == 0:
+            raise DataError(f"domain {self.name!r} has no users")
+        if len(self.catalog) == 0:
+            raise DataError(f"domain {self.name!r} has no items")
+        for arr_name in ("val_target", "test_target"):
+            arr = getattr(self, arr_name)
+            if arr.shape != (n_users,):
+                raise DataError(f"domain {self.name!r}: {arr_name} has shape {arr.shape}, expected ({n_users},)")
+        if self.user_ids and len(self.user_ids) != n_users:
+            raise DataError(f"domain {self.name!r}: {len(self.user_ids)} user ids for {n_users} users")
+        n_items = len(self.catalog)
+        lo, hi = self._index_range()
+        if lo < 0 or hi >= n_items:
+            bad = lo if lo < 0 else hi
+            raise DataError(f"domain {self.name!r}: item index {bad} out of range 0..{n_items - 1}")
+        for arr_name in ("val_target", "test_target"):
+            arr = getattr(self, arr_name)
+            if arr.size and (arr.min() < -1 or arr.max() >= n_items):
+                raise DataError(f"domain {self.name!r}: {arr_name} holds an item index out of range 0..{n_items - 1}")
+
+    def _index_range(self) -> tuple[int, int]:
+        nonempty = [s for s in self.train if len(s)]
+        if not nonempty:
+            raise DataError(f"domain {self.name!r} has no training interactions")
+        return min(int(s.min()) for s in nonempty), max(int(s.max()) for s in nonempty)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.train)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.catalog)
+
+    @property
+    def n_interactions(self) -> int:
+        """Number of training interactions (the count MergeRec's README reports)."""
+        return int(sum(len(s) for s in self.train))
+
+    def inputs(self, split: Split, max_len: int | None = None) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """Evaluation inputs for ``split``: (input sequences, targets, user indices), users without a target skipped.
+
+        ``val``: input = train, target = val item. ``test``: input = train + val item, target = test item.
+        ``max_len`` keeps only the most recent items of each input.
+        """
+        if split == "val":
+            targets = self.val_target
+            users = np.flatnonzero(targets >= 0)
+            seqs = [self.train[u] for u in users]
+        elif split == "test":
+            targets = self.test_target
+            users = np.flatnonzero((targets >= 0) & (self.val_target >= 0))
+            seqs = [np.append(self.train[u], self.val_target[u]) for u in users]
+        else:
+            raise ValueError(f"unknown split {split!r}; valid: 'val', 'test'")
+        if max_len is not None:
+            seqs = [s[-max_len:] for s in seqs]
+        return seqs, targets[users].astype(np.int64), users
+
+    def train_with_val(self) -> list[np.ndarray]:
+        """Training sequences extended by the validation item, for refitting after model selection."""
+        return [np.append(s, v) if v >= 0 else s for s, v in zip(self.train, self.val_target)]
+
+    def summary(self) -> dict[str, float | int | str]:
+        """Counts and training-sequence length statistics."""
+        lengths = np.array([len(s) for s in self.train])
+        return {
+            "domain": self.name,
+            "users": self.n_users,
+            "items": self.n_items,
+            "interactions": self.n_interactions,
+            "seq_len_min": int(lengths.min()),
+            "seq_len_median": float(np.median(lengths)),
+            "seq_len_mean": round(float(lengths.mean()), 3),
+            "seq_len_max": int(lengths.max()),
+            "density": round(self.n_interactions / (self.n_users * self.n_items), 6),
+        }
+
+
+def as_sequences(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, ...]:
+    """Convert nested int sequences to a tuple of int64 arrays."""
+    return tuple(np.asarray(s, dtype=np.int64) for s in seqs)
+
+
+def interaction_matrix(seqs: Sequence[np.ndarray], n_items: int) -> "scipy.sparse.csr_matrix":
+    """Binary user x item matrix X with X[u, i] = 1 iff item i occurs in sequence u (repeats count once)."""
+    import scipy.sparse as sp
+
+    rows = np.repeat(np.arange(len(seqs)), [len(s) for s in seqs])
+    cols = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]) if len(seqs) else np.zeros(0, np.int64)
+    x = sp.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=(len(seqs), n_items))
+    x.sum_duplicates()
+    x.data[:] = 1.0
+    return x

@@ -1,0 +1,57 @@
+"""Model registry: in-domain recommenders and mergeable families, selected by name."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from fedmerge.errors import FedmergeError
+from fedmerge.models.base import ModelFamily, Recommender, StateDict, pad_sequences
+
+# name -> "module:Class"; imported lazily so that a light command does not import every model.
+RECOMMENDERS: dict[str, str] = {
+    "popularity": "fedmerge.models.popularity:Popularity",
+    "ease": "fedmerge.models.lae:EASE",
+    "rlae": "fedmerge.models.lae:RLAE",
+    "rdlae": "fedmerge.models.lae:RDLAE",
+    "l3ae": "fedmerge.models.lae:L3AE",
+}
+FAMILIES: dict[str, str] = {
+    "sequential": "fedmerge.models.sequential:SequentialFamily",
+    "text-lae": "fedmerge.models.text_lae:TextLAEFamily",
+}
+
+
+def _construct(kind: str, table: dict[str, str], name: str, params: dict[str, Any]) -> Any:
+    if name not in table:
+        raise FedmergeError(f"unknown {kind} {name!r}; valid: {sorted(table)}")
+    module_name, cls_name = table[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    valid = [p for p in inspect.signature(cls).parameters if p != "self"]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise FedmergeError(f"unknown parameter(s) {unknown} for {kind} {name!r}; valid: {valid}")
+    return cls(**params)
+
+
+def get_recommender(name: str, **params: Any) -> Recommender:
+    """An in-domain recommender by name (see :data:`RECOMMENDERS`)."""
+    return _construct("model", RECOMMENDERS, name, params)
+
+
+def get_family(name: str, **params: Any) -> ModelFamily:
+    """A mergeable model family by name (see :data:`FAMILIES`)."""
+    return _construct("model family", FAMILIES, name, params)
+
+
+__all__ = [
+    "FAMILIES",
+    "RECOMMENDERS",
+    "ModelFamily",
+    "Recommender",
+    "StateDict",
+    "get_family",
+    "get_recommender",
+    "pad_sequences",
+]

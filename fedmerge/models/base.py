@@ -1,0 +1,110 @@
+"""The one model interface.
+
+Two kinds of model share the scoring contract that :func:`fedmerge.metrics.evaluate_scorer` consumes
+(a list of input sequences -> a (batch, n_items) score matrix over one domain's catalog):
+
+* :class:`Recommender` - an in-domain model trained on one domain (popularity, item-space LAEs). Not mergeable.
+* :class:`ModelFamily` - a mergeable family. Its weights are a :data:`StateDict` of named float tensors that
+  live in one parameter space for every domain (no item-id tables), start from a shared θ₀, and score any
+  catalog given that catalog's item features. These weights are all a client ever ships.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmerge.data.domain import Domain
+from fedmerge.metrics import Scorer
+
+StateDict = dict[str, torch.Tensor]
+PAD = -1
+
+
+def pad_sequences(seqs: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
+    """Right-aligned (B, max_len) int64 tensor of the last ``max_len`` items of each sequence, padded with -1."""
+    out = torch.full((len(seqs), max_len), PAD, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        tail = np.asarray(seq, dtype=np.int64)[-max_len:]
+        if len(tail):
+            out[row, max_len - len(tail) :] = torch.from_numpy(tail)
+    return out
+
+
+class Recommender(ABC):
+    """An in-domain recommender: ``fit`` on one domain, then ``score`` input sequences over its items."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def fit(self, domain: Domain, item_embeddings: np.ndarray | None = None) -> Recommender:
+        """Train on ``domain.train`` (plus the validation targets where the model refits after selection)."""
+
+    @abstractmethod
+    def score(self, sequences: list[np.ndarray]) -> np.ndarray:
+        """(len(sequences), n_items) float32 scores; higher is better."""
+
+
+class ModelFamily(ABC):
+    """A mergeable model family: an ``nn.Module`` architecture plus its training recipe.
+
+    ``build(dim)`` returns a module whose ``forward(seqs, item_features)`` maps a padded (B, L) int64 batch
+    (see :func:`pad_sequences`) and a catalog's (n_items, dim_in) features to (B, n_items) scores. Its
+    ``state_dict()`` is the shipped weight set; every entry is a float tensor and the set of names and shapes is
+    the family's contract, checked when weights arrive.
+    """
+
+    name: ClassVar[str]
+    max_len: int = 50
+
+    @abstractmethod
+    def item_features(self, embeddings: np.ndarray) -> torch.Tensor:
+        """Turn a catalog's raw text embeddings into model input features (a function of the public catalog only)."""
+
+    @abstractmethod
+    def build(self, dim: int) -> nn.Module:
+        """A fresh module for item features of width ``dim``."""
+
+    @abstractmethod
+    def train(
+        self, theta0: StateDict, domain: Domain, item_features: torch.Tensor, *, seed: int = 0, progress: bool = True
+    ) -> tuple[StateDict, dict[str, Any]]:
+        """Train from ``theta0`` on the domain's private sequences; return (weights, training metrics)."""
+
+    def config(self) -> dict[str, Any]:
+        """Hyper-parameters, echoed into results."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def initial_weights(self, dim: int, seed: int = 0) -> StateDict:
+        """θ₀: the module's seeded initialization (identical for every client given ``dim`` and ``seed``)."""
+        torch.manual_seed(seed)
+        return {k: v.detach().clone() for k, v in self.build(dim).state_dict().items()}
+
+    def load(self, weights: StateDict, dim: int) -> nn.Module:
+        """A module in eval mode holding ``weights``."""
+        module = self.build(dim)
+        module.load_state_dict(weights)
+        return module.eval()
+
+    def scorer(self, weights: StateDict, item_features: torch.Tensor, batch_size: int = 512) -> Scorer:
+        """A scorer over the catalog whose features are ``item_features``."""
+        module = self.load(weights, item_features.shape[1])
+
+        @torch.no_grad()
+        def score(seqs: list[np.ndarray]) -> np.ndarray:
+            out = [
+                module(pad_sequences(seqs[i : i + batch_size], self.max_len), item_features)
+                for i in range(0, len(seqs), batch_size)
+            ]
+            return torch.cat(out).float().numpy()
+
+        return score
+
+    def parameter_groups(self, names: Iterable[str]) -> dict[str, list[str]]:
+        """Layer groups for layer-wise merge coefficients; by default one group per parameter tensor."""
+        return {name: [name] for name in names}
