@@ -1,0 +1,27 @@
+"""Server-side model merging: training-free methods (:mod:`.methods`) and MergeRec (:mod:`.mergerec`)."""
+
+from fedmerge.merging.methods import (
+    METHODS,
+    MergeMethod,
+    ProcessedTaskVectors,
+    apply_delta,
+    describe_methods,
+    get_method,
+    merge,
+    processed_task_vectors,
+    resolve_params,
+    task_vectors,
+)
+
+__all__ = [
+    "METHODS",
+    "MergeMethod",
+    "ProcessedTaskVectors",
+    "apply_delta",
+    "describe_methods",
+    "get_method",
+    "merge",
+    "processed_task_vectors",
+    "resolve_params",
+    "task_vectors",
+]

@@ -1,0 +1,367 @@
+"""Training-free model merging over named tensors: one registry, selected by name.
+
+Every method works tensor by tensor on the task vectors τ_k = θ_k − θ₀ (stacked as a (K, *shape) tensor) and is a
+composition of three steps, in the spirit of mergekit's decomposition:
+
+* **sparsify** - keep part of each τ_k: magnitude top-ρ trimming (TIES), random drop with 1/(1−p) rescaling
+  (DARE) or competition-balanced dropping (PCB);
+* **consensus** - per-entry weights a_k that say how much of τ_k enters the merge: 1 (sum), w_k/Σw (weighted
+  average), sign election plus disjoint mean (TIES) or the normalized balancing weights β_k/Σβ (PCB);
+* **rescale** - one scalar λ.
+
+A method returns the processed task vectors τ̃_k = a_k ⊙ sparsify(τ_k) and λ, and the merge is
+θ = θ₀ + λ Σ_k τ̃_k. MergeRec (:mod:`fedmerge.merging.mergerec`) learns per-domain coefficients in place of λ on
+the same τ̃_k.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedmerge.models.base import StateDict
+
+logger = logging.getLogger(__name__)
+
+Models = Mapping[str, StateDict] | Sequence[StateDict]
+MethodFn = Callable[[torch.Tensor, dict[str, Any], torch.Generator], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# task vectors
+
+
+def named_models(models: Models) -> dict[str, StateDict]:
+    """``models`` as an ordered name -> weights dict (a sequence is named ``model0``, ``model1``, ...)."""
+    if isinstance(models, Mapping):
+        named = dict(models)
+    else:
+        named = {f"model{k}": m for k, m in enumerate(models)}
+    if not named:
+        raise ValueError("no models to merge")
+    return named
+
+
+def check_compatible(theta0: StateDict, models: Mapping[str, StateDict]) -> None:
+    """Raise ValueError unless every model has exactly θ₀'s parameter names, shapes and float dtypes."""
+    if not theta0:
+        raise ValueError("theta0 has no parameters")
+    for pname, ref in theta0.items():
+        if not torch.is_floating_point(ref):
+            raise ValueError(f"theta0 parameter {pname!r} has non-float dtype {ref.dtype}")
+    for mname, weights in models.items():
+        missing = sorted(set(theta0) - set(weights))
+        extra = sorted(set(weights) - set(theta0))
+        if missing or extra:
+            raise ValueError(f"model {mname!r} does not match theta0: missing {missing[:5]}, unexpected {extra[:5]}")
+        for pname, ref in theta0.items():
+            got = weights[pname]
+            if got.shape != ref.shape or got.dtype != ref.dtype:
+                raise ValueError(
+                    f"model {mname!r} parameter {pname!r}: shape {tuple(got.shape)} dtype {got.dtype}, "
+                    f"theta0 has shape {tuple(ref.shape)} dtype {ref.dtype}"
+                )
+
+
+def task_vectors(theta0: StateDict, models: Models) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """(model names, {parameter: (K, *shape) float32 stack of τ_k = θ_k − θ₀}) after a compatibility check."""
+    named = named_models(models)
+    check_compatible(theta0, named)
+    stacks = {
+        pname: torch.stack([named[m][pname].detach().float() - ref.detach().float() for m in named])
+        for pname, ref in theta0.items()
+    }
+    return list(named), stacks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sparsify / consensus building blocks (pure functions on a (K, *shape) stack)
+
+
+def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep each τ_k's top ⌈ρ·n⌉ entries by |τ_k| (ties broken by position), zero the rest (TIES step 1)."""
+    if density >= 1.0:
+        return tau.clone()
+    flat = tau.reshape(tau.shape[0], -1)
+    n_keep = max(1, math.ceil(density * flat.shape[1] - 1e-9))
+    top = flat.abs().topk(n_keep, dim=1, sorted=False).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
+    return (flat * mask).reshape(tau.shape)
+
+
+def drop_random(tau: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: zero each entry independently with probability p and rescale survivors by 1/(1−p), so E[out] = τ."""
+    if p == 0.0:
+        return tau.clone()
+    keep = torch.rand(tau.shape, generator=generator) >= p
+    return tau * keep / (1.0 - p)
+
+
+def elect_sign_mask(tau: torch.Tensor) -> torch.Tensor:
+    """TIES sign election: γ = sign(Σ_k τ_k); mask_k = [τ_k ≠ 0 and sign(τ_k) = γ]."""
+    elected = torch.sign(tau.sum(dim=0, keepdim=True))
+    return (torch.sign(tau) == elected) & (tau != 0)
+
+
+def disjoint_mean(tau: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Processed vectors whose sum is the disjoint mean: τ̃_k = mask_k τ_k / max(1, Σ_j mask_j)."""
+    count = mask.sum(dim=0, keepdim=True).clamp(min=1)
+    return tau * mask / count
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    """Min-max normalization of all entries of ``x`` to [0, 1] (all zeros if ``x`` is constant)."""
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+
+
+def pcb_weights(tau: torch.Tensor, ratio: float) -> torch.Tensor:
+    """PCB-merging balancing weights β̂_k (Du et al. 2024, Eqs. 2-5), per tensor over its entries.
+
+    intra: β_intra,k = softmax(K · Norm(τ_k ⊙ τ_k)); inter: β_inter,k = Σ_j softmax(Norm(τ_k ⊙ τ_j));
+    β_k = β_intra,k ⊙ β_inter,k; drop: keep β_k's top ``ratio`` fraction of entries, zero the rest.
+    Softmax and Norm (min-max) run over the entries of one tensor.
+    """
+    n_models = tau.shape[0]
+    flat = tau.reshape(n_models, -1)
+    betas = []
+    for k in range(n_models):
+        intra = torch.softmax(n_models * minmax(flat[k] * flat[k]), dim=0)
+        inter = sum(torch.softmax(minmax(flat[k] * flat[j]), dim=0) for j in range(n_models))
+        betas.append(intra * inter)
+    beta = torch.stack(betas)
+    return trim_magnitude(beta, ratio).reshape(tau.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# methods: (K, *shape) task-vector stack -> processed stack τ̃ (the scale λ is applied by the caller)
+
+
+def _average(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """τ̃_k = w_k/Σw · τ_k, so θ₀ + Σ τ̃_k = Σ w_k θ_k / Σ w (uniform w by default)."""
+    weights = params["weights"]
+    w = torch.ones(tau.shape[0]) if weights is None else torch.tensor(weights, dtype=torch.float32)
+    w = (w / w.sum()).reshape(-1, *([1] * (tau.dim() - 1)))
+    return tau * w
+
+
+def _task_arithmetic(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """τ̃_k = τ_k; merged θ₀ + λ Σ τ_k."""
+    return tau.clone()
+
+
+def _ties(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """Trim to top-ρ magnitudes, elect signs, disjoint mean over agreeing entries."""
+    trimmed = trim_magnitude(tau, params["density"])
+    return disjoint_mean(trimmed, elect_sign_mask(trimmed))
+
+
+def _dare(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """Drop-and-rescale each τ_k, then the ``base`` method (task arithmetic, or TIES with its ``density``)."""
+    dropped = drop_random(tau, params["p"], generator)
+    if params["base"] == "ties":
+        return _ties(dropped, params, generator)
+    return dropped
+
+
+def _pcb(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """τ̃_k = β̂_k ⊙ τ_k / Σ_j β̂_j (entries where every β̂ is zero get nothing)."""
+    beta = pcb_weights(tau, params["ratio"])
+    return tau * beta / beta.sum(dim=0, keepdim=True).clamp(min=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# registry
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter: default, a validity check and its description for error messages."""
+
+    default: Any
+    check: Callable[[Any], bool]
+    valid: str
+
+
+def _in_open_closed(lo: float, hi: float) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and lo < v <= hi
+
+
+def _in_closed_open(lo: float, hi: float) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v < hi
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_weights(v: Any) -> bool:
+    if v is None:
+        return True
+    try:
+        values = [float(x) for x in v]
+    except (TypeError, ValueError):
+        return False
+    return len(values) > 0 and min(values) >= 0 and sum(values) > 0
+
+
+SCALE = Param(1.0, _is_real, "a real number")
+DENSITY = Param(0.2, _in_open_closed(0.0, 1.0), "a number in (0, 1]")
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered training-free merge: processing function, parameters with defaults, and its paper."""
+
+    name: str
+    fn: MethodFn
+    params: dict[str, Param]
+    paper: str
+    summary: str
+    scale_param: str | None = "scale"
+    extra_check: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False)
+
+
+def _check_dare(params: dict[str, Any]) -> None:
+    if params["base"] != "ties" and params["density"] != 1.0:
+        raise ValueError("dare: 'density' trims only with base='ties'; leave it at 1.0 for base='task_arithmetic'")
+
+
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (
+        MergeMethod(
+            "average",
+            _average,
+            {"weights": Param(None, _is_weights, "None or non-negative per-model weights with a positive sum")},
+            "https://arxiv.org/abs/2203.05482",
+            "(weighted) weight averaging, model soups (Wortsman et al. 2022)",
+            scale_param=None,
+        ),
+        MergeMethod(
+            "task_arithmetic",
+            _task_arithmetic,
+            {"scale": Param(0.3, _is_real, "a real number")},
+            "https://arxiv.org/abs/2212.04089",
+            "θ₀ + λ Σ τ_k (Ilharco et al. 2023)",
+        ),
+        MergeMethod(
+            "ties",
+            _ties,
+            {"density": DENSITY, "scale": SCALE},
+            "https://arxiv.org/abs/2306.01708",
+            "trim, elect sign, disjoint mean (Yadav et al. 2023)",
+        ),
+        MergeMethod(
+            "dare",
+            _dare,
+            {
+                "p": Param(0.9, _in_closed_open(0.0, 1.0), "a drop rate in [0, 1)"),
+                "base": Param("task_arithmetic", lambda v: v in ("task_arithmetic", "ties"), "'task_arithmetic' or 'ties'"),
+                "density": Param(1.0, _in_open_closed(0.0, 1.0), "a number in (0, 1] (base='ties' only)"),
+                "scale": Param(None, lambda v: v is None or _is_real(v), "None (the base's default) or a real number"),
+                "seed": Param(0, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+            },
+            "https://arxiv.org/abs/2311.03099",
+            "drop and rescale, combined with task arithmetic or TIES (Yu et al. 2024)",
+            extra_check=_check_dare,
+        ),
+        MergeMethod(
+            "pcb",
+            _pcb,
+            {"ratio": Param(0.1, _in_open_closed(0.0, 1.0), "a keep ratio in (0, 1]"), "scale": SCALE},
+            "https://arxiv.org/abs/2410.02396",
+            "parameter competition balancing: intra/inter balancing, drop, weighted merge (Du et al. 2024)",
+        ),
+    )
+}
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method ``name``; ValueError listing the valid names otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"unknown merge method {name!r}; valid: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def resolve_params(name: str, params: Mapping[str, Any], n_models: int | None = None) -> dict[str, Any]:
+    """``params`` completed with the method's defaults and validated (ValueError naming the bad key or value)."""
+    method = get_method(name)
+    unknown = sorted(set(params) - set(method.params))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for merge method {name!r}; valid: {sorted(method.params)}")
+    resolved = {key: params.get(key, spec.default) for key, spec in method.params.items()}
+    for key, spec in method.params.items():
+        if not spec.check(resolved[key]):
+            raise ValueError(f"merge method {name!r}: {key}={resolved[key]!r} is invalid; expected {spec.valid}")
+    if method.extra_check is not None:
+        method.extra_check(resolved)
+    if "weights" in resolved and resolved["weights"] is not None:
+        resolved["weights"] = [float(x) for x in resolved["weights"]]
+        if n_models is not None and len(resolved["weights"]) != n_models:
+            raise ValueError(f"merge method {name!r}: {len(resolved['weights'])} weights for {n_models} models")
+    return resolved
+
+
+def merge_scale(name: str, params: Mapping[str, Any]) -> float:
+    """The final scalar λ of method ``name`` under resolved ``params`` (DARE: its base's default unless set)."""
+    method = get_method(name)
+    if method.scale_param is None:
+        return 1.0
+    value = params[method.scale_param]
+    if value is None:  # DARE without an explicit scale takes its base's default
+        return float(METHODS[params["base"]].params["scale"].default)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ProcessedTaskVectors:
+    """τ̃_k per parameter as (K, *shape) float32 stacks, model names in stack order, and the method's λ."""
+
+    model_names: list[str]
+    vectors: dict[str, torch.Tensor]
+    scale: float
+    method: str
+    params: dict[str, Any]
+
+    def merged_delta(self, coefficients: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Σ_k c_k τ̃_k per parameter; ``coefficients`` (K,) defaults to λ for every model."""
+        k = len(self.model_names)
+        c = torch.full((k,), self.scale) if coefficients is None else coefficients
+        return {p: torch.tensordot(c.to(v.dtype), v, dims=1) for p, v in self.vectors.items()}
+
+
+def processed_task_vectors(name: str, theta0: StateDict, models: Models, **params: Any) -> ProcessedTaskVectors:
+    """Run method ``name``'s sparsify and consensus steps on every parameter; see the module docstring."""
+    method = get_method(name)
+    model_names, taus = task_vectors(theta0, models)
+    resolved = resolve_params(name, params, n_models=len(model_names))
+    generator = torch.Generator().manual_seed(int(resolved.get("seed", 0)))
+    vectors = {pname: method.fn(taus[pname], resolved, generator) for pname in sorted(taus)}
+    vectors = {pname: vectors[pname] for pname in theta0}
+    logger.debug("processed %d parameters of %d models with %s %s", len(vectors), len(model_names), name, resolved)
+    return ProcessedTaskVectors(model_names, vectors, merge_scale(name, resolved), name, resolved)
+
+
+def apply_delta(theta0: StateDict, delta: Mapping[str, torch.Tensor]) -> StateDict:
+    """θ₀ + Δ per parameter, cast back to θ₀'s dtypes."""
+    return {p: (ref.detach().float() + delta[p]).to(ref.dtype) for p, ref in theta0.items()}
+
+
+def merge(name: str, theta0: StateDict, models: Models, **params: Any) -> StateDict:
+    """Merged weights θ₀ + λ Σ_k τ̃_k of training-free method ``name`` (see :data:`METHODS`)."""
+    processed = processed_task_vectors(name, theta0, models, **params)
+    return apply_delta(theta0, processed.merged_delta())
+
+
+def describe_methods() -> list[dict[str, Any]]:
+    """Name, summary, paper and parameter defaults of every registered method."""
+    return [
+        {"name": m.name, "summary": m.summary, "paper": m.paper, "params": {k: p.default for k, p in m.params.items()}}
+        for m in METHODS.values()
+    ]

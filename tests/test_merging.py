@@ -1,0 +1,179 @@
+"""Training-free merges against their formulas on tiny hand-made tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedmerge.merging import merge, processed_task_vectors, resolve_params
+from fedmerge.merging.methods import drop_random, elect_sign_mask, pcb_weights, trim_magnitude
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+def state(w: list[list[float]], b: list[float]) -> dict[str, torch.Tensor]:
+    return {"w": torch.tensor(w), "b": torch.tensor(b)}
+
+
+THETA0 = state([[0.0, 0.0], [0.0, 0.0]], [1.0, 1.0, 1.0])
+MODEL_A = state([[3.0, -1.0], [0.5, 2.0]], [2.0, 0.0, 1.5])
+MODEL_B = state([[-2.0, -4.0], [0.25, 1.0]], [0.0, 1.0, 3.0])
+MODELS = {"A": MODEL_A, "B": MODEL_B}
+
+
+def test_average_of_identical_models_is_the_model():
+    merged = merge("average", THETA0, {"x": MODEL_A, "y": MODEL_A, "z": MODEL_A})
+    for name in MODEL_A:
+        torch.testing.assert_close(merged[name], MODEL_A[name])
+
+
+def test_weighted_average_formula():
+    merged = merge("average", THETA0, MODELS, weights=[3, 1])
+    for name in MODEL_A:
+        torch.testing.assert_close(merged[name], (3 * MODEL_A[name] + MODEL_B[name]) / 4)
+
+
+def test_task_arithmetic_formula_and_zero_scale():
+    merged = merge("task_arithmetic", THETA0, MODELS, scale=0.5)
+    for name in THETA0:
+        expected = THETA0[name] + 0.5 * ((MODEL_A[name] - THETA0[name]) + (MODEL_B[name] - THETA0[name]))
+        torch.testing.assert_close(merged[name], expected)
+    zero = merge("task_arithmetic", THETA0, MODELS, scale=0.0)
+    for name in THETA0:
+        torch.testing.assert_close(zero[name], THETA0[name])
+
+
+def test_ties_by_hand():
+    theta0 = {"v": torch.zeros(4)}
+    models = {
+        "a": {"v": torch.tensor([4.0, -1.0, 0.5, -3.0])},
+        "b": {"v": torch.tensor([-2.0, 3.0, 0.1, -1.0])},
+        "c": {"v": torch.tensor([1.0, 2.0, -5.0, 0.2])},
+    }
+    # density 0.5 keeps the 2 largest |τ| of each model:
+    # a: [4, 0, 0, -3]; b: [-2, 3, 0, 0]; c: [0, 2, -5, 0]
+    # summed: [2, 5, -5, -3] -> elected signs [+, +, -, -]
+    # agreeing: entry0 {a:4}, entry1 {b:3, c:2}, entry2 {c:-5}, entry3 {a:-3}
+    # disjoint mean: [4, 2.5, -5, -3]; scale 1
+    merged = merge("ties", theta0, models, density=0.5, scale=1.0)
+    torch.testing.assert_close(merged["v"], torch.tensor([4.0, 2.5, -5.0, -3.0]))
+    halved = merge("ties", theta0, models, density=0.5, scale=0.5)
+    torch.testing.assert_close(halved["v"], torch.tensor([2.0, 1.25, -2.5, -1.5]))
+
+
+def test_ties_processed_vectors_sum_to_disjoint_mean():
+    processed = processed_task_vectors("ties", THETA0, MODELS, density=1.0)
+    tau_w = torch.stack([MODEL_A["w"], MODEL_B["w"]])
+    mask = elect_sign_mask(tau_w)
+    expected = (tau_w * mask).sum(0) / mask.sum(0).clamp(min=1)
+    torch.testing.assert_close(processed.vectors["w"].sum(0), expected)
+    assert processed.vectors["w"].shape == (2, 2, 2)
+
+
+def test_trim_magnitude_keeps_top_fraction():
+    tau = torch.tensor([[1.0, -5.0, 3.0, 0.5, 2.0]])
+    torch.testing.assert_close(trim_magnitude(tau, 0.4), torch.tensor([[0.0, -5.0, 3.0, 0.0, 0.0]]))
+
+
+def test_dare_preserves_expectation_over_seeds():
+    tau = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    p = 0.7
+    mean = torch.stack([drop_random(tau, p, torch.Generator().manual_seed(s)) for s in range(4000)]).mean(0)
+    torch.testing.assert_close(mean, tau, atol=0.15, rtol=0.05)
+    one = drop_random(tau, p, torch.Generator().manual_seed(1))
+    kept = one != 0
+    torch.testing.assert_close(one[kept], tau[kept] / (1 - p))
+
+
+def test_dare_is_seeded_and_combines_with_bases():
+    a = merge("dare", THETA0, MODELS, p=0.5, seed=3)
+    b = merge("dare", THETA0, MODELS, p=0.5, seed=3)
+    c = merge("dare", THETA0, MODELS, p=0.5, seed=4)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+    # p=0 reduces DARE to its base; default scale is the base's default
+    torch.testing.assert_close(merge("dare", THETA0, MODELS, p=0.0)["w"], merge("task_arithmetic", THETA0, MODELS)["w"])
+    ties_like = merge("dare", THETA0, MODELS, p=0.0, base="ties", density=0.5)
+    torch.testing.assert_close(ties_like["b"], merge("ties", THETA0, MODELS, density=0.5)["b"])
+
+
+def test_pcb_by_hand():
+    t1 = torch.tensor([2.0, -1.0, 0.0])
+    t2 = torch.tensor([1.0, 3.0, -1.0])
+    taus = torch.stack([t1, t2])
+
+    def minmax(x):
+        return (x - x.min()) / (x.max() - x.min())
+
+    def softmax(x):
+        e = [math.exp(v) for v in x.tolist()]
+        return torch.tensor([v / sum(e) for v in e])
+
+    betas = []
+    for k, tk in enumerate(taus):
+        intra = softmax(2 * minmax(tk * tk))
+        inter = softmax(minmax(tk * t1)) + softmax(minmax(tk * t2))
+        betas.append(intra * inter)
+    beta = torch.stack(betas)
+    torch.testing.assert_close(pcb_weights(taus, 1.0), beta)
+    # ratio 2/3 keeps the 2 largest β of each model
+    kept = beta.clone()
+    for k in range(2):
+        kept[k, beta[k].argmin()] = 0.0
+    expected = (kept * taus).sum(0) / kept.sum(0).clamp(min=1e-12)
+    merged = merge("pcb", {"v": torch.zeros(3)}, {"1": {"v": t1}, "2": {"v": t2}}, ratio=2 / 3, scale=1.0)
+    torch.testing.assert_close(merged["v"], expected)
+
+
+def test_merge_keeps_dtype_and_names():
+    theta0 = {"w": torch.zeros(3, dtype=torch.float64)}
+    merged = merge("average", theta0, [{"w": torch.ones(3, dtype=torch.float64)}])
+    assert merged["w"].dtype == torch.float64 and list(merged) == ["w"]
+
+
+def test_unknown_method_lists_valid():
+    with pytest.raises(ValueError, match="valid: .*'average'.*'ties'"):
+        merge("fisher", THETA0, MODELS)
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "pattern"),
+    [
+        ("ties", {"densty": 0.2}, "unknown parameter.*densty.*valid"),
+        ("ties", {"density": 0.0}, "density=0.0 is invalid"),
+        ("ties", {"density": 1.5}, "density=1.5 is invalid"),
+        ("dare", {"p": 1.0}, "p=1.0 is invalid"),
+        ("dare", {"p": -0.1}, "p=-0.1 is invalid"),
+        ("dare", {"base": "average"}, "base='average' is invalid"),
+        ("dare", {"density": 0.5}, "density"),
+        ("pcb", {"ratio": 0}, "ratio=0 is invalid"),
+        ("average", {"weights": [1, -1]}, "weights"),
+        ("average", {"weights": [1, 2, 3]}, "3 weights for 2 models"),
+    ],
+)
+def test_bad_parameters(method, params, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        merge(method, THETA0, MODELS, **params)
+
+
+def test_incompatible_models_name_model_and_parameter():
+    bad_shape = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+    with pytest.raises(ValueError, match="model 'B' parameter 'w'"):
+        merge("average", THETA0, {"A": MODEL_A, "B": bad_shape})
+    with pytest.raises(ValueError, match="model 'B'.*missing \\['b'\\]"):
+        merge("average", THETA0, {"A": MODEL_A, "B": {"w": torch.zeros(2, 2)}})
+    bad_dtype = {"w": torch.zeros(2, 2, dtype=torch.float64), "b": torch.zeros(3)}
+    with pytest.raises(ValueError, match="dtype"):
+        merge("average", THETA0, {"B": bad_dtype})
+    with pytest.raises(ValueError, match="no models"):
+        merge("average", THETA0, {})
+
+
+def test_resolve_params_fills_paper_defaults():
+    assert resolve_params("ties", {}) == {"density": 0.2, "scale": 1.0}
+    assert resolve_params("task_arithmetic", {})["scale"] == 0.3
