@@ -1,0 +1,368 @@
+"""Text-based sequential recommender family (SASRec over text-derived item representations, UniSRec-style).
+
+Items enter only through public text: a catalog's raw sentence embeddings are z-scored per dimension over the
+catalog (:meth:`SequentialFamily.item_features`), mapped by a trainable adapter to the hidden size, and a causal
+pre-LN Transformer reads the user's last ``max_len`` items (plus learned position embeddings, indexed by recency
+slot: the most recent item always sits in slot ``max_len - 1``). The representation at the last position scores
+every item of the catalog by
+
+    s_i = cos(h, e_i) / τ,   e_i = adapter(x_i)
+
+with the same adapter for input and output items (tied, as in SASRec/UniSRec). There is no item-id table: every
+parameter is shared across domains and independent of the catalog size, so weights of different domains live in
+one space and can be merged.
+
+Adapter: ``"linear"`` is UniSRec's parametric whitening ``(x - b) W``; ``"moe"`` is UniSRec's mixture of
+``n_experts`` such whitening experts mixed by a softmax gate ``softmax(x W_g)``. The default is ``"moe"``
+(see the benchmark figures in the project report for the comparison on Pantry).
+
+Training: SASRec all-position loss: each training sequence is cut into windows of at most ``max_len + 1`` items
+(so every transition is a target exactly once), and every position predicts the next item with a full softmax
+over the domain's catalog (``n_negatives=None``) or a sampled softmax over the batch's targets plus
+``n_negatives`` uniformly drawn items (for large catalogs). AdamW; validation NDCG@10 each epoch through
+:func:`fedmerge.metrics.evaluate_scorer`; early stopping with ``patience``; the best checkpoint is returned.
+
+θ₀ is the module's seeded PyTorch initialization (:meth:`ModelFamily.initial_weights`): identical for every client
+given (feature width, seed), uses no data at all, and keeps every client in the same basin-free starting point that
+task arithmetic measures its task vectors from. No pretraining on public text is done (yet); such a pretraining on
+the union of public catalogs would still be private-data-free.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from fedmerge.data.domain import Domain
+from fedmerge.errors import FedmergeError
+from fedmerge.metrics import evaluate_scorer
+from fedmerge.models.base import PAD, ModelFamily, StateDict, pad_sequences
+
+logger = logging.getLogger(__name__)
+
+ADAPTERS = ("linear", "moe")
+
+
+def standardize_features(embeddings: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Per-dimension z-score over the catalog: ``(x - mean) / max(std, eps)`` (raw MiniLM features train poorly)."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"item embeddings must be a non-empty (n_items, dim) matrix, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("item embeddings contain NaN or inf")
+    std = np.maximum(x.std(axis=0), eps)
+    return ((x - x.mean(axis=0)) / std).astype(np.float32)
+
+
+def training_windows(seqs: Sequence[np.ndarray], max_len: int) -> list[np.ndarray]:
+    """Cut each sequence from its end into windows of at most ``max_len + 1`` items that overlap by one item.
+
+    Window inputs are ``w[:-1]`` and targets ``w[1:]``, so every transition of every sequence is a target exactly
+    once; sequences shorter than two items give no window.
+    """
+    windows = []
+    for seq in seqs:
+        seq = np.asarray(seq, dtype=np.int64)
+        for end in range(len(seq), 1, -max_len):
+            windows.append(seq[max(0, end - max_len - 1) : end])
+    return windows
+
+
+class WhiteningLayer(nn.Module):
+    """UniSRec's parametric whitening: ``(x - b) W`` with a learned centre ``b`` and projection ``W``."""
+
+    def __init__(self, dim_in: int, dim_out: int, dropout: float) -> None:
+        super().__init__()
+        self.centre = nn.Parameter(torch.zeros(dim_in))
+        self.dropout = nn.Dropout(dropout)
+        self.projection = nn.Linear(dim_in, dim_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.dropout(x - self.centre))
+
+
+class MoEAdapter(nn.Module):
+    """Mixture of whitening experts: ``sum_k softmax(x W_g)_k (x - b_k) W_k`` (UniSRec's MoE adaptor)."""
+
+    def __init__(self, dim_in: int, dim_out: int, n_experts: int, dropout: float) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(WhiteningLayer(dim_in, dim_out, dropout) for _ in range(n_experts))
+        self.gate = nn.Parameter(torch.zeros(dim_in, n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(x @ self.gate, dim=-1)  # (n, K)
+        outputs = torch.stack([expert(x) for expert in self.experts], dim=-1)  # (n, d, K)
+        return (outputs * weights.unsqueeze(-2)).sum(-1)
+
+
+class PreLNBlock(nn.Module):
+    """Pre-LN Transformer block: ``x + Drop(MHA(LN(x)))`` then ``x + Drop(FFN(LN(x)))`` with a GELU FFN."""
+
+    def __init__(self, hidden: int, n_heads: int, ffn_mult: int, dropout: float) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(hidden)
+        self.attention = nn.MultiheadAttention(hidden, n_heads, dropout=dropout, batch_first=True)
+        self.ffn_norm = nn.LayerNorm(hidden)
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, ffn_mult * hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(ffn_mult * hidden, hidden),
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+        h = self.attention_norm(x)
+        attended, _ = self.attention(h, h, h, attn_mask=blocked, need_weights=False)
+        x = x + self.dropout(attended)
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class TextSASRec(nn.Module):
+    """Adapter + causal pre-LN Transformer over padded (B, L) item-index batches; see the module docstring."""
+
+    def __init__(
+        self,
+        dim_in: int,
+        hidden: int,
+        n_layers: int,
+        n_heads: int,
+        ffn_mult: int,
+        max_len: int,
+        dropout: float,
+        adapter: str,
+        n_experts: int,
+        temperature: float,
+    ) -> None:
+        super().__init__()
+        if adapter == "moe":
+            self.adapter: nn.Module = MoEAdapter(dim_in, hidden, n_experts, dropout)
+        else:
+            self.adapter = WhiteningLayer(dim_in, hidden, dropout)
+        self.position = nn.Embedding(max_len, hidden)
+        nn.init.normal_(self.position.weight, std=0.02)
+        self.input_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(PreLNBlock(hidden, n_heads, ffn_mult, dropout) for _ in range(n_layers))
+        self.final_norm = nn.LayerNorm(hidden)
+        self.max_len = max_len
+        self.temperature = temperature
+
+    def item_representations(self, item_features: torch.Tensor) -> torch.Tensor:
+        """Adapter output ``e_i`` for every catalog item, (n_items, hidden)."""
+        return self.adapter(item_features)
+
+    def encode(self, seqs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, L', hidden) for right-aligned padded ``seqs``; all-padding leading columns are dropped."""
+        if seqs.shape[1] > self.max_len:
+            raise ValueError(f"sequence batch has {seqs.shape[1]} columns, the model holds {self.max_len} positions")
+        filled = (seqs != PAD).any(dim=0).nonzero()
+        first = int(filled[0]) if len(filled) else seqs.shape[1] - 1
+        seqs = seqs[:, first:]
+        length = seqs.shape[1]
+        is_pad = seqs == PAD
+        x = items[seqs.clamp(min=0)] * (~is_pad).unsqueeze(-1)
+        slots = torch.arange(self.max_len - length, self.max_len, device=seqs.device)
+        x = self.input_dropout(x + self.position(slots))
+        causal = torch.ones(length, length, dtype=torch.bool, device=seqs.device).triu(1)
+        # blocked[b, q, k]: future keys and padding keys; a query may always see itself (keeps pad rows finite).
+        blocked = causal.unsqueeze(0) | is_pad.unsqueeze(1)
+        blocked = blocked & ~torch.eye(length, dtype=torch.bool, device=seqs.device)
+        blocked = blocked.repeat_interleave(self.blocks[0].attention.num_heads, dim=0) if self.blocks else blocked
+        for block in self.blocks:
+            x = block(x, blocked)
+        return self.final_norm(x)
+
+    def logits(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``cos(h, e_i) / τ`` for hidden states (..., hidden) against item representations (n, hidden)."""
+        return F.normalize(hidden, dim=-1) @ F.normalize(items, dim=-1).T / self.temperature
+
+    def forward(self, seqs: torch.Tensor, item_features: torch.Tensor) -> torch.Tensor:
+        items = self.item_representations(item_features)
+        return self.logits(self.encode(seqs, items)[:, -1], items)
+
+
+@dataclass
+class SequentialFamily(ModelFamily):
+    """Text-based SASRec family; every constant is a constructor parameter (see the module docstring)."""
+
+    name: ClassVar[str] = "sequential"
+
+    hidden: int = 128
+    n_layers: int = 2
+    n_heads: int = 2
+    ffn_mult: int = 2
+    max_len: int = 50
+    dropout: float = 0.3
+    adapter: str = "moe"
+    n_experts: int = 4
+    temperature: float = 0.07
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 256
+    max_epochs: int = 100
+    patience: int = 3
+    n_negatives: int | None = None
+    max_seconds: float | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter {self.adapter!r}; valid: {list(ADAPTERS)}")
+        if self.hidden % self.n_heads:
+            raise ValueError(f"hidden size {self.hidden} is not divisible by n_heads={self.n_heads}")
+        positive = {
+            "hidden": self.hidden,
+            "n_heads": self.n_heads,
+            "ffn_mult": self.ffn_mult,
+            "max_len": self.max_len,
+            "n_experts": self.n_experts,
+            "temperature": self.temperature,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "max_epochs": self.max_epochs,
+            "patience": self.patience,
+        }
+        bad = {k: v for k, v in positive.items() if not v > 0}
+        if bad:
+            raise ValueError(f"parameters must be positive: {bad}")
+        if self.n_layers < 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"need n_layers >= 0 and 0 <= dropout < 1, got {self.n_layers}, {self.dropout}")
+        if self.n_negatives is not None and self.n_negatives < 1:
+            raise ValueError(f"n_negatives must be None (full softmax) or >= 1, got {self.n_negatives}")
+
+    def item_features(self, embeddings: np.ndarray) -> torch.Tensor:
+        """Catalog-wise z-scored raw text embeddings (see :func:`standardize_features`)."""
+        return torch.from_numpy(standardize_features(embeddings))
+
+    def build(self, dim: int) -> nn.Module:
+        return TextSASRec(
+            dim_in=dim,
+            hidden=self.hidden,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            ffn_mult=self.ffn_mult,
+            max_len=self.max_len,
+            dropout=self.dropout,
+            adapter=self.adapter,
+            n_experts=self.n_experts,
+            temperature=self.temperature,
+        )
+
+    def parameter_groups(self, names: Iterable[str]) -> dict[str, list[str]]:
+        """Groups ``adapter``, ``position``, ``block.<i>`` (one per Transformer block) and ``final_norm``."""
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            parts = name.split(".")
+            group = f"block.{parts[1]}" if parts[0] == "blocks" else parts[0]
+            groups.setdefault(group, []).append(name)
+        return groups
+
+    def _device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def _batch_loss(
+        self, module: TextSASRec, windows: list[np.ndarray], features: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Mean next-item cross-entropy over all non-padding positions of a batch of windows."""
+        device = features.device
+        inputs = pad_sequences([w[:-1] for w in windows], self.max_len).to(device)
+        targets = pad_sequences([w[1:] for w in windows], self.max_len).to(device)
+        items = module.item_representations(features)
+        hidden = module.encode(inputs, items)
+        targets = targets[:, -hidden.shape[1] :]
+        valid = targets != PAD
+        hidden, targets = hidden[valid], targets[valid]
+        if self.n_negatives is None:
+            return F.cross_entropy(module.logits(hidden, items), targets)
+        negatives = torch.randint(len(items), (self.n_negatives,), generator=generator).to(device)
+        candidates, position = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
+        return F.cross_entropy(module.logits(hidden, items[candidates]), position[: len(targets)])
+
+    def train(
+        self,
+        theta0: StateDict,
+        domain: Domain,
+        item_features: torch.Tensor,
+        *,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> tuple[StateDict, dict[str, Any]]:
+        """AdamW on all-position next-item loss from ``theta0``; early stopping on val NDCG@10; best weights."""
+        if item_features.ndim != 2 or item_features.shape[0] != domain.n_items:
+            raise ValueError(
+                f"item_features has shape {tuple(item_features.shape)}, expected ({domain.n_items}, dim) "
+                f"for domain {domain.name!r}"
+            )
+        windows = training_windows(domain.train, self.max_len)
+        if not windows:
+            raise FedmergeError(f"domain {domain.name!r} has no training sequence with two or more items")
+        device = self._device()
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        sampler = torch.Generator().manual_seed(seed)
+        module = self.build(item_features.shape[1])
+        try:
+            module.load_state_dict(theta0)
+        except RuntimeError as err:
+            raise FedmergeError(f"initial weights do not fit the sequential family's architecture: {err}") from err
+        module.to(device)
+        features = item_features.to(device=device, dtype=torch.float32)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+        start = time.perf_counter()
+        best_ndcg, best_epoch, best_weights = -math.inf, 0, copy.deepcopy(theta0)
+        curve: list[dict[str, float]] = []
+        bad_epochs, out_of_time, loss_value = 0, False, float("nan")
+        n_batches = math.ceil(len(windows) / self.batch_size)
+        bar = tqdm(total=self.max_epochs, desc=f"sequential {domain.name}", disable=not progress, unit="epoch")
+        for epoch in range(1, self.max_epochs + 1):
+            module.train()
+            order = rng.permutation(len(windows))
+            loss_sum = 0.0
+            for b in range(n_batches):
+                batch = [windows[i] for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+                loss = self._batch_loss(module, batch, features, sampler)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item()
+                if self.max_seconds is not None and time.perf_counter() - start > self.max_seconds:
+                    out_of_time = True
+                    break
+            loss_value = loss_sum / (b + 1)
+            weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            val = evaluate_scorer(self.scorer(weights, item_features.cpu()), domain, "val", max_len=self.max_len)
+            ndcg = val["ndcg@10"]
+            curve.append({"epoch": epoch, "loss": loss_value, "val_ndcg@10": ndcg, "val_recall@10": val["recall@10"],
+                          "seconds": time.perf_counter() - start})
+            bar.update()
+            bar.set_postfix(loss=f"{loss_value:.4f}", val_ndcg10=f"{ndcg:.4f}")
+            logger.info("epoch %d loss %.4f val ndcg@10 %.4f recall@10 %.4f", epoch, loss_value, ndcg, val["recall@10"])
+            if ndcg > best_ndcg:
+                best_ndcg, best_epoch, best_weights, bad_epochs = ndcg, epoch, weights, 0
+            else:
+                bad_epochs += 1
+            if bad_epochs >= self.patience or out_of_time:
+                break
+        bar.close()
+        metrics = {
+            "epochs": len(curve),
+            "best_epoch": best_epoch,
+            "best_val_ndcg@10": best_ndcg,
+            "train_seconds": time.perf_counter() - start,
+            "final_loss": loss_value,
+            "stopped_by_time": out_of_time,
+            "curve": curve,
+        }
+        return best_weights, metrics

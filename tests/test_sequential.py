@@ -1,0 +1,152 @@
+"""Tests of the text-based sequential family on tiny hand-built domains (seconds on CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedmerge.data.domain import Domain, ItemCatalog, as_sequences
+from fedmerge.errors import FedmergeError
+from fedmerge.metrics import evaluate_scorer
+from fedmerge.models import get_family
+from fedmerge.models.base import pad_sequences
+from fedmerge.models.sequential import SequentialFamily, standardize_features, training_windows
+
+DIM = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+def cycle_domain(n_items: int, n_users: int, seed: int, name: str = "cycle") -> Domain:
+    """Each item i is always followed by item (i + 1) mod n: a perfectly learnable next-item rule."""
+    rng = np.random.default_rng(seed)
+    train, val, test = [], [], []
+    for _ in range(n_users):
+        start, length = int(rng.integers(n_items)), int(rng.integers(3, 9))
+        seq = (start + np.arange(length + 2)) % n_items
+        train.append(seq[:-2])
+        val.append(seq[-2])
+        test.append(seq[-1])
+    catalog = ItemCatalog(ids=tuple(f"i{i}" for i in range(n_items)), fields=tuple({"title": f"item {i}"} for i in range(n_items)))
+    return Domain(name, catalog, as_sequences(train), np.array(val), np.array(test))
+
+
+def random_features(n_items: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n_items, DIM)).astype(np.float32)
+
+
+def tiny_family(**params) -> SequentialFamily:
+    defaults = dict(hidden=32, n_layers=1, n_heads=2, max_len=10, dropout=0.0, n_experts=2, batch_size=64,
+                    lr=5e-3, max_epochs=30, patience=30)
+    return SequentialFamily(**{**defaults, **params})
+
+
+def test_standardize_features_is_columnwise_zscore():
+    raw = np.random.default_rng(0).normal(3.0, 2.0, size=(50, 4))
+    z = standardize_features(raw)
+    expected = (raw - raw.mean(0)) / raw.std(0)
+    np.testing.assert_allclose(z, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="NaN"):
+        standardize_features(np.array([[np.nan, 1.0]]))
+
+
+def test_training_windows_cover_every_transition_once():
+    seq = np.arange(23)
+    windows = training_windows([seq, np.array([5])], max_len=10)
+    transitions = sorted((int(a), int(b)) for w in windows for a, b in zip(w[:-1], w[1:]))
+    assert transitions == [(i, i + 1) for i in range(22)]
+    assert max(len(w) for w in windows) == 11
+
+
+def test_learns_deterministic_successor_and_loss_falls():
+    domain = cycle_domain(n_items=30, n_users=200, seed=0)
+    family = tiny_family()
+    feats = family.item_features(random_features(30, 1))
+    theta0 = family.initial_weights(DIM, seed=0)
+    weights, info = family.train(theta0, domain, feats, seed=0, progress=False)
+    losses = [row["loss"] for row in info["curve"]]
+    assert losses[-1] < 0.5 * losses[0]
+    val = evaluate_scorer(family.scorer(weights, feats), domain, "val")
+    assert val["recall@10"] >= 0.95
+    assert info["best_val_ndcg@10"] == pytest.approx(val["ndcg@10"])
+
+
+def test_sampled_softmax_also_learns():
+    domain = cycle_domain(n_items=30, n_users=200, seed=0)
+    family = tiny_family(n_negatives=8)
+    feats = family.item_features(random_features(30, 1))
+    weights, info = family.train(family.initial_weights(DIM), domain, feats, seed=0, progress=False)
+    assert evaluate_scorer(family.scorer(weights, feats), domain, "val")["recall@10"] >= 0.9
+
+
+def test_training_is_deterministic_under_a_seed():
+    domain = cycle_domain(n_items=20, n_users=60, seed=2)
+    family = tiny_family(max_epochs=2, dropout=0.2)
+    feats = family.item_features(random_features(20, 3))
+    theta0 = family.initial_weights(DIM, seed=5)
+    first, _ = family.train(theta0, domain, feats, seed=1, progress=False)
+    second, _ = family.train(theta0, domain, feats, seed=1, progress=False)
+    other, _ = family.train(theta0, domain, feats, seed=2, progress=False)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_weights_are_shared_across_catalog_sizes():
+    family = tiny_family(max_epochs=1)
+    theta0 = family.initial_weights(DIM, seed=0)
+    assert all(v.is_floating_point() for v in theta0.values())
+    assert not any(1000 in v.shape or 7 in v.shape for v in theta0.values())
+    shapes = []
+    for n_items in (7, 1000):
+        domain = cycle_domain(n_items=n_items, n_users=20, seed=n_items)
+        weights, _ = family.train(theta0, domain, family.item_features(random_features(n_items, 0)), progress=False)
+        shapes.append({k: tuple(v.shape) for k, v in weights.items()})
+        scores = family.scorer(weights, family.item_features(random_features(n_items, 0)))([np.array([0, 1])])
+        assert scores.shape == (1, n_items)
+    assert shapes[0] == shapes[1] == {k: tuple(v.shape) for k, v in theta0.items()}
+
+
+def test_initial_weights_identical_for_same_seed():
+    family = tiny_family()
+    a, b, c = family.initial_weights(DIM, 3), family.initial_weights(DIM, 3), family.initial_weights(DIM, 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_scores_are_scaled_cosines_and_ignore_padding():
+    family = tiny_family(temperature=0.1)
+    feats = family.item_features(random_features(12, 0))
+    module = family.load(family.initial_weights(DIM), DIM)
+    seqs = [np.array([1, 2, 3]), np.array([4])]
+    with torch.no_grad():
+        short = module(pad_sequences(seqs, 3), feats)
+        long = module(pad_sequences(seqs, family.max_len), feats)
+    torch.testing.assert_close(short, long)
+    assert short.abs().max() <= 1.0 / 0.1 + 1e-4
+
+
+def test_parameter_groups_are_layerwise():
+    family = tiny_family(n_layers=2)
+    names = list(family.initial_weights(DIM))
+    groups = family.parameter_groups(names)
+    assert set(groups) == {"adapter", "position", "block.0", "block.1", "final_norm"}
+    assert sorted(n for g in groups.values() for n in g) == sorted(names)
+
+
+def test_registry_and_bad_input():
+    assert isinstance(get_family("sequential", hidden=32, n_heads=2), SequentialFamily)
+    with pytest.raises(ValueError, match="adapter"):
+        SequentialFamily(adapter="mlp")
+    with pytest.raises(ValueError, match="divisible"):
+        SequentialFamily(hidden=30, n_heads=4)
+    family = tiny_family()
+    domain = cycle_domain(10, 5, 0)
+    with pytest.raises(ValueError, match="item_features"):
+        family.train(family.initial_weights(DIM), domain, family.item_features(random_features(9, 0)), progress=False)
+    with pytest.raises(FedmergeError, match="initial weights"):
+        family.train(family.initial_weights(DIM + 1), domain, family.item_features(random_features(10, 0)),
+                     progress=False)
