@@ -1,5 +1,79 @@
 """Domain data: the Domain abstraction and its loaders (MergeRec Amazon format, generic CSV/JSONL, synthetic)."""
 
-from fedmerge.data.domain import Domain, ItemCatalog, Split, interaction_matrix, item_text
+from __future__ import annotations
 
-__all__ = ["Domain", "ItemCatalog", "Split", "interaction_matrix", "item_text"]
+from pathlib import Path
+
+from fedmerge.data.amazon import is_tarball, load_amazon_catalog, load_amazon_domain
+from fedmerge.data.domain import (
+    Domain,
+    ItemCatalog,
+    Split,
+    concat_domains,
+    domain_item_offsets,
+    interaction_matrix,
+    item_text,
+)
+from fedmerge.data.generic import (
+    INTERACTIONS_FILE,
+    ITEMS_FILE,
+    load_generic_catalog,
+    load_generic_domain,
+    save_generic_domain,
+)
+from fedmerge.errors import DataError
+
+__all__ = [
+    "Domain",
+    "ItemCatalog",
+    "Split",
+    "concat_domains",
+    "detect_format",
+    "domain_item_offsets",
+    "interaction_matrix",
+    "item_text",
+    "load_amazon_catalog",
+    "load_amazon_domain",
+    "load_catalog",
+    "load_domain",
+    "load_generic_catalog",
+    "load_generic_domain",
+    "save_generic_domain",
+]
+
+
+def detect_format(path: str | Path) -> str:
+    """``"amazon"`` for a ``.tar.gz``/``.tgz`` or a folder with ``train.json``; ``"generic"`` for a folder with
+    ``interactions.csv`` or ``items.jsonl``; otherwise a DataError saying what was expected."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_file() and is_tarball(path):
+        return "amazon"
+    if path.is_dir():
+        if (path / "train.json").is_file() or (path / "smap.json").is_file():
+            return "amazon"
+        if (path / INTERACTIONS_FILE).is_file() or (path / ITEMS_FILE).is_file():
+            return "generic"
+    raise DataError(
+        f"{path}: not a domain (expected an Amazon folder with train.json..., an Amazon .tar.gz, "
+        f"or a folder with {INTERACTIONS_FILE} + {ITEMS_FILE})"
+    )
+
+
+def load_domain(path: str | Path, name: str | None = None) -> Domain:
+    """Load a domain in either format (see :func:`detect_format`); ``name`` defaults to the folder/tarball stem."""
+    if detect_format(path) == "amazon":
+        return load_amazon_domain(path, name)
+    return load_generic_domain(path, name)
+
+
+def load_catalog(path: str | Path, name: str | None = None) -> ItemCatalog:
+    """Only the public item catalog of a domain (Amazon: smap.json + meta_data.json; generic: items.jsonl).
+
+    A catalog carries no name; ``name`` is accepted so that callers can pass the same arguments as to load_domain.
+    """
+    del name
+    if detect_format(path) == "amazon":
+        return load_amazon_catalog(path)
+    return load_generic_catalog(path)

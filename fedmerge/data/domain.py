@@ -164,3 +164,37 @@ def interaction_matrix(seqs: Sequence[np.ndarray], n_items: int) -> "scipy.spars
     x.sum_duplicates()
     x.data[:] = 1.0
     return x
+
+
+def domain_item_offsets(domains: Sequence[Domain]) -> np.ndarray:
+    """Start index of each domain's items in the joint catalog, plus the total: ``[0, n_0, n_0 + n_1, ...]``."""
+    return np.concatenate([[0], np.cumsum([d.n_items for d in domains])]).astype(np.int64)
+
+
+def concat_domains(domains: Sequence[Domain], name: str = "joint") -> Domain:
+    """The non-private joint domain for the joint-training oracle: union catalog, users concatenated.
+
+    Domain ``d``'s item ``i`` becomes joint item ``offsets[d] + i`` (``offsets = domain_item_offsets(domains)``);
+    item and user ids are prefixed with ``"<domain name>:"`` so they stay unique; missing targets stay ``-1``.
+    """
+    if not domains:
+        raise ValueError("concat_domains needs at least one domain")
+    offsets = domain_item_offsets(domains)
+
+    def shifted(targets: np.ndarray, offset: int) -> np.ndarray:
+        return np.where(targets >= 0, targets + offset, -1)
+
+    catalog = ItemCatalog(
+        ids=tuple(f"{d.name}:{item_id}" for d in domains for item_id in d.catalog.ids),
+        fields=tuple(f for d in domains for f in d.catalog.fields),
+    )
+    return Domain(
+        name=name,
+        catalog=catalog,
+        train=tuple(s + off for d, off in zip(domains, offsets) for s in d.train),
+        val_target=np.concatenate([shifted(d.val_target, off) for d, off in zip(domains, offsets)]),
+        test_target=np.concatenate([shifted(d.test_target, off) for d, off in zip(domains, offsets)]),
+        user_ids=tuple(
+            f"{d.name}:{uid}" for d in domains for uid in (d.user_ids or [str(u) for u in range(d.n_users)])
+        ),
+    )

@@ -44,3 +44,157 @@ def split_leave_one_out(
         test_target=np.array([s[-1] for s in sequences], dtype=np.int64),
         user_ids=tuple(user_ids),
     )
+
+
+def read_items_jsonl(file: Path) -> ItemCatalog:
+    """Catalog in file order from a JSONL file: one object per line with ``id`` plus text fields."""
+    if not file.is_file():
+        raise DataError(f"{file}: missing (a generic domain folder needs {INTERACTIONS_FILE} and {ITEMS_FILE})")
+    ids: list[str] = []
+    fields: list[dict[str, str]] = []
+    seen: set[str] = set()
+    with file.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{file}:{line_no}: invalid JSON: {exc}") from None
+            if not isinstance(record, dict) or record.get("id") in (None, ""):
+                raise DataError(f"{file}:{line_no}: expected a JSON object with an 'id' field")
+            item_id = str(record.pop("id"))
+            if item_id in seen:
+                raise DataError(f"{file}:{line_no}: item id {item_id!r} occurs twice")
+            text_fields = {str(k): str(v) for k, v in record.items() if v is not None}
+            if not item_text(text_fields):
+                raise DataError(f"{file}:{line_no}: item {item_id!r} has no text fields")
+            seen.add(item_id)
+            ids.append(item_id)
+            fields.append(text_fields)
+    if not ids:
+        raise DataError(f"{file}: no items")
+    return ItemCatalog(ids=tuple(ids), fields=tuple(fields))
+
+
+def read_interactions_csv(file: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """(users, items, timestamps) columns of a CSV with a header holding at least ``user,item,timestamp``."""
+    if not file.is_file():
+        raise DataError(f"{file}: missing (a generic domain folder needs {INTERACTIONS_FILE} and {ITEMS_FILE})")
+    users: list[str] = []
+    items: list[str] = []
+    times: list[float] = []
+    with file.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{file}: empty file (expected a header {','.join(REQUIRED_COLUMNS)})")
+        header = [h.strip() for h in header]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise DataError(f"{file}:1: header {header} lacks column(s) {', '.join(missing)}")
+        u_col, i_col, t_col = (header.index(c) for c in REQUIRED_COLUMNS)
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{file}:{reader.line_num}: {len(row)} fields, expected {len(header)}")
+            user, item = row[u_col].strip(), row[i_col].strip()
+            if not user or not item:
+                raise DataError(f"{file}:{reader.line_num}: empty user or item")
+            try:
+                timestamp = float(row[t_col])
+            except ValueError:
+                raise DataError(f"{file}:{reader.line_num}: timestamp {row[t_col]!r} is not a number") from None
+            if not np.isfinite(timestamp):
+                raise DataError(f"{file}:{reader.line_num}: timestamp {row[t_col]!r} is not finite")
+            users.append(user)
+            items.append(item)
+            times.append(timestamp)
+    if not users:
+        raise DataError(f"{file}: no interactions")
+    return users, items, np.asarray(times, dtype=np.float64)
+
+
+def core_filter(user_codes: np.ndarray, item_codes: np.ndarray, min_user: int, min_item: int) -> np.ndarray:
+    """Boolean mask of interactions kept by iterated filtering until every kept user has >= ``min_user`` and every
+    kept item >= ``min_item`` interactions (repeats count; ``min_item <= 1`` filters users only)."""
+    keep = np.ones(len(user_codes), dtype=bool)
+    while True:
+        user_count = np.bincount(user_codes[keep], minlength=user_codes.max() + 1)
+        item_count = np.bincount(item_codes[keep], minlength=item_codes.max() + 1)
+        new_keep = keep & (user_count[user_codes] >= min_user) & (item_count[item_codes] >= min_item)
+        if np.array_equal(new_keep, keep):
+            return keep
+        keep = new_keep
+
+
+def load_generic_catalog(path: str | Path) -> ItemCatalog:
+    """The public catalog only, from ``<path>/items.jsonl``."""
+    return read_items_jsonl(Path(path) / ITEMS_FILE)
+
+
+def load_generic_domain(
+    path: str | Path, name: str | None = None, min_interactions: int = 3, k_core: int | None = None
+) -> Domain:
+    """A domain from ``<path>/interactions.csv`` and ``<path>/items.jsonl``; ``name`` defaults to the folder name.
+
+    The catalog is all of ``items.jsonl`` in file order (the same as :func:`load_generic_catalog`, so a server that
+    sees only the public file indexes items identically). Users are ordered by first appearance in the CSV; each
+    sequence is sorted by timestamp (stable: ties keep file order). Users with fewer than ``min_interactions``
+    (>= 3) interactions are dropped; ``k_core`` additionally iterates user/item filtering until every kept user and
+    item has >= k interactions.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    if min_interactions < 3:
+        raise ValueError(f"min_interactions must be >= 3 for a leave-one-out split, got {min_interactions}")
+    if k_core is not None and k_core < 1:
+        raise ValueError(f"k_core must be >= 1, got {k_core}")
+    catalog = read_items_jsonl(folder / ITEMS_FILE)
+    csv_file = folder / INTERACTIONS_FILE
+    users, items, times = read_interactions_csv(csv_file)
+
+    item_index = {item_id: i for i, item_id in enumerate(catalog.ids)}
+    unknown = sorted({i for i in items if i not in item_index})
+    if unknown:
+        raise DataError(f"{csv_file}: {len(unknown)} items have no text record in {ITEMS_FILE}, e.g. {unknown[:3]}")
+    user_ids, user_codes = np.unique(np.asarray(users, dtype=object), return_inverse=True)
+    item_codes = np.fromiter((item_index[i] for i in items), dtype=np.int64, count=len(items))
+    keep = core_filter(user_codes, item_codes, max(min_interactions, k_core or 0), k_core or 0)
+    if not keep.any():
+        raise DataError(f"{csv_file}: no user has >= {max(min_interactions, k_core or 0)} interactions after filtering")
+    if not keep.all():
+        logger.info("%s: kept %d of %d interactions after filtering", csv_file, keep.sum(), len(keep))
+
+    rows = np.flatnonzero(keep)
+    order = rows[np.lexsort((rows, times[rows], user_codes[rows]))]  # by user, then timestamp, then file order
+    bounds = np.flatnonzero(np.diff(user_codes[order])) + 1
+    groups = np.split(order, bounds)
+    groups.sort(key=lambda g: g.min())  # users in order of their first (kept) appearance in the file
+    sequences = [item_codes[g] for g in groups]
+    return split_leave_one_out(
+        name or folder.resolve().name, catalog, sequences, [str(user_ids[user_codes[g[0]]]) for g in groups]
+    )
+
+
+def save_generic_domain(domain: Domain, folder: str | Path) -> Path:
+    """Write ``domain`` (train + val + test, timestamps = positions) in the generic format; returns the folder.
+
+    Users without a val/test target are written with only their known items.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    user_ids = domain.user_ids or tuple(f"u{u}" for u in range(domain.n_users))
+    with (folder / ITEMS_FILE).open("w", encoding="utf-8") as handle:
+        for item_id, fields in zip(domain.catalog.ids, domain.catalog.fields):
+            handle.write(json.dumps({"id": item_id, **fields}, ensure_ascii=False) + "\n")
+    with (folder / INTERACTIONS_FILE).open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(REQUIRED_COLUMNS)
+        for user, train, val, test in zip(user_ids, domain.train, domain.val_target, domain.test_target):
+            sequence = [*train.tolist(), *(t for t in (int(val), int(test)) if t >= 0)]
+            writer.writerows((user, domain.catalog.ids[i], t) for t, i in enumerate(sequence))
+    return folder
+

@@ -1,0 +1,70 @@
+"""``fedmerge data``: inspect domains (``info``), fetch the Amazon domains (``download``), write synthetic ones
+(``synth``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedmerge.data import load_domain, save_generic_domain
+from fedmerge.data.download import AMAZON_SHA256, DEFAULT_AMAZON_SOURCE, download_amazon
+from fedmerge.data.synthetic import make_synthetic_domains
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("data", help="inspect, download or generate domain data")
+    actions = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    info = actions.add_parser("info", help="counts and sequence-length statistics of one domain")
+    info.add_argument("path", type=Path, help="Amazon folder or .tar.gz, or a folder with interactions.csv + items.jsonl")
+    info.add_argument("--name", help="domain name (default: folder / tarball stem)")
+    info.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    info.set_defaults(func=run_info)
+
+    download = actions.add_parser("download", help="download, verify (sha256) and unpack published domains")
+    download.add_argument("dataset", choices=["amazon"], help="dataset family")
+    download.add_argument(
+        "--domains", default=",".join(AMAZON_SHA256), help=f"comma-separated, of {', '.join(AMAZON_SHA256)} (default: all)"
+    )
+    download.add_argument("--dest", type=Path, required=True, help="folder receiving <Domain>/ subfolders")
+    download.add_argument(
+        "--source", help=f"folder holding <Domain>.tar.gz, or a URL prefix (default: {DEFAULT_AMAZON_SOURCE})"
+    )
+    download.add_argument("--force", action="store_true", help="replace domains already present in --dest")
+    download.set_defaults(func=run_download)
+
+    synth = actions.add_parser("synth", help="write seeded synthetic domains in the generic format")
+    synth.add_argument("--out", type=Path, required=True, help="folder receiving synth-<d>/ subfolders")
+    synth.add_argument("--domains", type=int, default=3)
+    synth.add_argument("--users", type=int, default=300)
+    synth.add_argument("--items", type=int, default=150)
+    synth.add_argument("--topics", type=int, default=8)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=run_synth)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    summary = load_domain(args.path, args.name).summary()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        width = max(len(k) for k in summary)
+        for key, value in summary.items():
+            print(f"{key:<{width}}  {value:,}" if isinstance(value, int) else f"{key:<{width}}  {value}")
+    return 0
+
+
+def run_download(args: argparse.Namespace) -> int:
+    for folder in download_amazon(args.domains, args.dest, source=args.source, force=args.force):
+        print(folder)
+    return 0
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    domains = make_synthetic_domains(
+        n_domains=args.domains, n_users=args.users, n_items=args.items, n_topics=args.topics, seed=args.seed
+    )
+    for domain in domains:
+        print(save_generic_domain(domain, args.out / domain.name))
+    return 0
