@@ -1,0 +1,96 @@
+"""Atomic writes and client weight round trips of fedmerge.storage."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from fedmerge.errors import DataError, FedmergeError
+from fedmerge.storage import (
+    client_metadata,
+    client_weights_path,
+    load_client_weights,
+    load_weights,
+    save_client_weights,
+    safe_file_stem,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def weights(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(3, 2, generator=gen), "b": torch.randn(4, generator=gen)}
+
+
+def test_client_weights_round_trip(tmp_path):
+    saved = {"Beauty": weights(0), "Toys & Games": weights(1)}
+    for domain, w in saved.items():
+        save_client_weights(tmp_path, domain, w, metadata={"family": "sequential"})
+    loaded = load_client_weights(tmp_path)
+    assert list(loaded) == ["Beauty", "Toys & Games"]
+    for domain, w in saved.items():
+        assert loaded[domain].keys() == w.keys()
+        assert all(torch.equal(loaded[domain][k], w[k]) and loaded[domain][k].dtype == w[k].dtype for k in w)
+    assert client_metadata(tmp_path)["Toys & Games"] == {"family": "sequential", "domain": "Toys & Games"}
+    assert client_weights_path(tmp_path, "Toys & Games").name == "Toys___Games.safetensors"
+
+
+def test_overwrite_replaces_and_leaves_no_temporaries(tmp_path):
+    save_client_weights(tmp_path, "A", weights(0))
+    save_client_weights(tmp_path, "A", weights(5))
+    assert torch.equal(load_client_weights(tmp_path)["A"]["b"], weights(5)["b"])
+    assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == ["A.safetensors"]
+
+
+def test_no_saved_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="no saved client weights"):
+        load_client_weights(tmp_path)
+
+
+def test_corrupt_weight_file_is_a_clear_error(tmp_path):
+    path = save_client_weights(tmp_path, "A", weights(0))
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(DataError, match="not a readable safetensors file"):
+        load_client_weights(tmp_path)
+    with pytest.raises(DataError, match="does not exist"):
+        load_weights(tmp_path / "missing.safetensors")
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    target = write_json_atomic(tmp_path / "results.json", {"ok": 1})
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_bytes_atomic(target, b"partial")
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_json_refuses_nan_and_converts_numpy(tmp_path):
+    import numpy as np
+
+    path = write_json_atomic(tmp_path / "r.json", {"x": np.float32(0.5), "v": np.arange(3), "t": torch.tensor(2.0)})
+    assert json.loads(path.read_text()) == {"x": 0.5, "v": [0, 1, 2], "t": 2.0}
+    with pytest.raises(FedmergeError, match="r.json"):
+        write_json_atomic(path, {"x": float("nan")})
+    assert json.loads(path.read_text())["x"] == 0.5
+
+
+def test_safe_file_stem():
+    assert safe_file_stem("a/b\\c..d") == "a_b_c..d"
+    assert safe_file_stem("..hidden") == "hidden"
+    with pytest.raises(ValueError):
+        safe_file_stem("...")
