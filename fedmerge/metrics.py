@@ -40,15 +40,19 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray, histories: Sequence[np
     if targets.size and (targets.min() < 0 or targets.max() >= n_items):
         raise ValueError(f"target index out of range 0..{n_items - 1}")
     rows = np.arange(len(targets))
+    ranked = np.ones(scores.shape, dtype=bool)  # False: removed from the ranking (masked history item)
     if histories is not None:
-        scores = scores.copy()
+        if len(histories) != len(targets):
+            raise ValueError(f"{len(histories)} histories for {len(targets)} targets")
         for r, hist in enumerate(histories):
             hist = np.asarray(hist, dtype=np.int64)
-            scores[r, hist[hist != targets[r]]] = -np.inf
+            if hist.size and (hist.min() < 0 or hist.max() >= n_items):
+                raise ValueError(f"history of row {r} holds an item index out of range 0..{n_items - 1}")
+            ranked[r, hist[hist != targets[r]]] = False
     target_scores = scores[rows, targets][:, None]
-    higher = (scores > target_scores).sum(axis=1)
+    higher = ((scores > target_scores) & ranked).sum(axis=1)
     lower_index = np.arange(n_items)[None, :] < targets[:, None]
-    tied_before = ((scores == target_scores) & lower_index).sum(axis=1)
+    tied_before = ((scores == target_scores) & lower_index & ranked).sum(axis=1)
     return higher + tied_before
 
 
@@ -78,7 +82,11 @@ def evaluate_scorer(
     The input sequence is truncated to its last ``max_len`` items before scoring (MergeRec keeps 50); masking
     uses the full input sequence. Also returns ``users``, the number of evaluated users.
     """
+    if max_len < 1 or batch_size < 1:
+        raise ValueError(f"max_len ({max_len}) and batch_size ({batch_size}) must be positive")
     seqs_full, targets, _ = domain.inputs(split)
+    if len(targets) == 0:
+        raise ValueError(f"no users to evaluate in domain {domain.name!r}, split {split!r}")
     ranks_unmasked, ranks_masked = [], []
     for start in range(0, len(targets), batch_size):
         batch = seqs_full[start : start + batch_size]

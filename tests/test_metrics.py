@@ -1,0 +1,229 @@
+"""fedmerge.metrics against hand-computed ranks and Recall/NDCG values and an independent sort-based ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedmerge.data.domain import Domain, ItemCatalog, as_sequences
+from fedmerge.metrics import evaluate_scorer, metrics_from_ranks, target_ranks
+
+# 1 / log2(r + 2) for ranks 0..2, computed by hand
+INV_LOG2 = {0: 1.0, 1: 0.6309297535714575, 2: 0.5}
+
+
+# --- target_ranks ----------------------------------------------------------------------------------------------
+
+
+def test_ranks_with_ties_lower_index_wins() -> None:
+    scores = np.array([[0.1, 0.5, 0.5, 0.2, 0.9]] * 4)
+    targets = np.array([4, 1, 2, 0])
+    # item 4 is alone on top; 1 and 2 tie behind it and 1 wins the tie; item 0 is last
+    np.testing.assert_array_equal(target_ranks(scores, targets), [0, 1, 2, 4])
+
+
+def test_constant_scorer_ranks_in_index_order() -> None:
+    scores = np.zeros((3, 7))
+    np.testing.assert_array_equal(target_ranks(scores, np.array([0, 3, 6])), [0, 3, 6])
+
+
+def test_masking_removes_history_but_keeps_target() -> None:
+    scores = np.array([[0.1, 0.5, 0.5, 0.2, 0.9]] * 3)
+    targets = np.array([2, 2, 0])
+    histories = [np.array([4, 1]), np.array([2, 4]), np.array([4, 4, 3])]
+    # row 0: 4 and 1 removed -> rank 0; row 1: target 2 is in its history and stays, 4 removed, 1 still ties
+    # ahead -> rank 1; row 2: 4 and 3 removed (repeats harmless), 1 and 2 remain above 0 -> rank 2
+    np.testing.assert_array_equal(target_ranks(scores, targets, histories=histories), [0, 1, 2])
+    np.testing.assert_array_equal(target_ranks(scores, targets), [2, 2, 4])  # unmasked unchanged
+
+
+def test_masked_items_are_removed_even_at_minus_infinity() -> None:
+    # a scorer may itself push items to -inf; a masked item must not then tie ahead of a -inf target
+    scores = np.array([[-np.inf, 0.0, -np.inf]])
+    assert target_ranks(scores, np.array([2]))[0] == 2
+    assert target_ranks(scores, np.array([2]), histories=[np.array([0])])[0] == 1
+
+
+def _rank_by_sorting(score_row: np.ndarray, target: int, history: np.ndarray | None) -> int:
+    """Independent definition: position of the target in the list sorted by (-score, index), masked items dropped."""
+    removed = set() if history is None else set(history.tolist()) - {target}
+    kept = [i for i in range(len(score_row)) if i not in removed]
+    return sorted(kept, key=lambda i: (-score_row[i], i)).index(target)
+
+
+def test_ranks_match_sorting_on_random_tied_scores() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(40, 12)).astype(np.float32)  # many ties
+    targets = rng.integers(0, 12, size=40)
+    histories = [rng.integers(0, 12, size=rng.integers(0, 6)) for _ in range(40)]
+    for r in range(0, 40, 3):
+        histories[r] = np.append(histories[r], targets[r])  # some targets inside their history
+    expected_unmasked = [_rank_by_sorting(scores[r], targets[r], None) for r in range(40)]
+    expected_masked = [_rank_by_sorting(scores[r], targets[r], histories[r]) for r in range(40)]
+    np.testing.assert_array_equal(target_ranks(scores, targets), expected_unmasked)
+    np.testing.assert_array_equal(target_ranks(scores, targets, histories=histories), expected_masked)
+
+
+@pytest.mark.parametrize(
+    ("scores", "targets", "message"),
+    [
+        (np.zeros((2, 5)), np.array([0, 1, 2]), "does not match"),
+        (np.zeros(5), np.array([0]), "does not match"),
+        (np.array([[0.0, np.nan, 1.0]]), np.array([0]), "NaN"),
+        (np.zeros((1, 5)), np.array([5]), "out of range"),
+        (np.zeros((1, 5)), np.array([-1]), "out of range"),
+    ],
+)
+def test_target_ranks_rejects_bad_input(scores: np.ndarray, targets: np.ndarray, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        target_ranks(scores, targets)
+
+
+def test_history_out_of_range_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="history"):
+        target_ranks(np.zeros((1, 3)), np.array([0]), histories=[np.array([7])])
+
+
+# --- metrics_from_ranks ----------------------------------------------------------------------------------------
+
+
+def test_recall_and_ndcg_by_hand() -> None:
+    out = metrics_from_ranks(np.array([0, 1, 4, 10]), ks=(1, 5, 10, 11))
+    # recall@K = share of ranks < K; ndcg@K = mean of 1/log2(rank+2) over ranks < K (0 otherwise)
+    # 1/log2(2) = 1, 1/log2(3) = 0.63093, 1/log2(6) = 0.38685, 1/log2(12) = 0.27894
+    assert out["recall@1"] == pytest.approx(0.25) and out["ndcg@1"] == pytest.approx(0.25)
+    assert out["recall@5"] == pytest.approx(0.75)
+    assert out["ndcg@5"] == pytest.approx((1 + 0.6309297536 + 0.3868528072) / 4)
+    assert out["recall@10"] == pytest.approx(0.75) and out["ndcg@10"] == pytest.approx(out["ndcg@5"])
+    assert out["recall@11"] == pytest.approx(1.0)
+    assert out["ndcg@11"] == pytest.approx((1 + 0.6309297536 + 0.3868528072 + 0.2789429456) / 4)
+    assert set(metrics_from_ranks(np.array([0]), ks=(3,), suffix="_masked")) == {"recall@3_masked", "ndcg@3_masked"}
+
+
+def test_metrics_need_users() -> None:
+    with pytest.raises(ValueError, match="no users"):
+        metrics_from_ranks(np.array([], dtype=int))
+
+
+# --- evaluate_scorer on a hand-made domain ---------------------------------------------------------------------
+
+FIXED_SCORES = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])  # unmasked rank of item t is 5 - t
+
+
+@pytest.fixture
+def tiny_domain() -> Domain:
+    catalog = ItemCatalog(ids=tuple("abcdef"), fields=tuple({"title": f"item {c}"} for c in "abcdef"))
+    return Domain(
+        name="tiny",
+        catalog=catalog,
+        train=as_sequences([[5, 1], [3], [0], [4, 2]]),
+        val_target=np.array([2, 5, -1, 1]),
+        test_target=np.array([0, 3, -1, -1]),
+    )
+
+
+class RecordingScorer:
+    """Scores every item by FIXED_SCORES and records the input sequences it was given."""
+
+    def __init__(self) -> None:
+        self.inputs: list[list[int]] = []
+
+    def __call__(self, seqs: list[np.ndarray]) -> np.ndarray:
+        self.inputs.extend(s.tolist() for s in seqs)
+        return np.tile(FIXED_SCORES, (len(seqs), 1))
+
+
+def test_evaluate_test_split(tiny_domain: Domain) -> None:
+    scorer = RecordingScorer()
+    out = evaluate_scorer(scorer, tiny_domain, split="test", ks=(1, 3))
+    # test users 0 and 1 (user 2 has no targets, user 3 no test target); input = train + val
+    assert scorer.inputs == [[5, 1, 2], [3, 5]]
+    assert out["users"] == 2
+    # unmasked ranks: target 0 -> 5, target 3 -> 2
+    assert out["recall@1"] == 0.0 and out["recall@3"] == pytest.approx(0.5)
+    assert out["ndcg@3"] == pytest.approx(INV_LOG2[2] / 2)
+    # masked: user 0 drops 5, 1, 2 -> 4 and 3 above 0 -> rank 2; user 1 keeps its target 3, drops 5 -> rank 1
+    assert out["recall@1_masked"] == 0.0 and out["recall@3_masked"] == pytest.approx(1.0)
+    assert out["ndcg@3_masked"] == pytest.approx((INV_LOG2[2] + INV_LOG2[1]) / 2)
+
+
+def test_evaluate_val_split(tiny_domain: Domain) -> None:
+    scorer = RecordingScorer()
+    out = evaluate_scorer(scorer, tiny_domain, split="val", ks=(1, 3))
+    assert scorer.inputs == [[5, 1], [3], [4, 2]]  # input = train only
+    assert out["users"] == 3
+    # unmasked ranks of targets 2, 5, 1: 3, 0, 4; masked: 2 (5, 1 dropped), 0, 2 (4, 2 dropped)
+    assert out["recall@1"] == pytest.approx(1 / 3) and out["recall@3"] == pytest.approx(1 / 3)
+    assert out["ndcg@3"] == pytest.approx(1 / 3)
+    assert out["recall@3_masked"] == pytest.approx(1.0)
+    assert out["ndcg@3_masked"] == pytest.approx((INV_LOG2[2] + INV_LOG2[0] + INV_LOG2[2]) / 3)
+
+
+def test_max_len_truncates_scorer_input_but_not_the_mask(tiny_domain: Domain) -> None:
+    scorer = RecordingScorer()
+    out = evaluate_scorer(scorer, tiny_domain, split="test", ks=(3,), max_len=2, batch_size=1)
+    assert scorer.inputs == [[1, 2], [3, 5]]
+    full = evaluate_scorer(RecordingScorer(), tiny_domain, split="test", ks=(3,))
+    assert out == full  # masking still uses the whole input (item 5 of user 0 stays removed)
+
+
+def test_batching_does_not_change_results(tiny_domain: Domain) -> None:
+    one = evaluate_scorer(RecordingScorer(), tiny_domain, split="val", ks=(1, 2, 3), batch_size=1)
+    two = evaluate_scorer(RecordingScorer(), tiny_domain, split="val", ks=(1, 2, 3), batch_size=2)
+    assert one == two
+
+
+def test_scores_follow_the_input(tiny_domain: Domain) -> None:
+    """A scorer that puts the last input item first hits every val target that repeats the last item."""
+    domain = Domain(
+        name="repeat",
+        catalog=tiny_domain.catalog,
+        train=as_sequences([[1, 4], [2], [0, 3]]),
+        val_target=np.array([4, 2, 1]),
+        test_target=np.array([-1, -1, -1]),
+    )
+
+    def last_item_first(seqs: list[np.ndarray]) -> np.ndarray:
+        scores = np.zeros((len(seqs), domain.n_items))
+        scores[np.arange(len(seqs)), [s[-1] for s in seqs]] = 1.0
+        return scores
+
+    out = evaluate_scorer(last_item_first, domain, split="val", ks=(1,))
+    # users 0, 1 repeat their last item; user 2's target 1 ranks 2 (3 scores higher, 0 ties first)
+    assert out["recall@1"] == pytest.approx(2 / 3)
+    # masked: repeated targets stay; user 2 loses 0 and 3 from the ranking, so its target 1 moves to rank 0
+    assert out["recall@1_masked"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("scorer", "message"),
+    [
+        (lambda seqs: np.zeros((len(seqs), 5)), r"scorer returned shape \(\d, 5\), expected \(\d, 6\)"),
+        (lambda seqs: np.zeros((len(seqs) + 1, 6)), "scorer returned shape"),
+        (lambda seqs: np.full((len(seqs), 6), np.nan), "NaN"),
+    ],
+)
+def test_evaluate_rejects_bad_scores(tiny_domain: Domain, scorer, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        evaluate_scorer(scorer, tiny_domain, split="test")
+
+
+def test_evaluate_rejects_bad_arguments(tiny_domain: Domain) -> None:
+    with pytest.raises(ValueError, match="max_len"):
+        evaluate_scorer(RecordingScorer(), tiny_domain, max_len=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_scorer(RecordingScorer(), tiny_domain, batch_size=0)
+    with pytest.raises(ValueError, match="split"):
+        evaluate_scorer(RecordingScorer(), tiny_domain, split="train")  # type: ignore[arg-type]
+
+
+def test_evaluate_without_users_names_the_split(tiny_domain: Domain) -> None:
+    no_test = Domain(
+        name="novals",
+        catalog=tiny_domain.catalog,
+        train=tiny_domain.train,
+        val_target=tiny_domain.val_target,
+        test_target=np.full(4, -1),
+    )
+    with pytest.raises(ValueError, match="no users .*'novals'.*test"):
+        evaluate_scorer(RecordingScorer(), no_test, split="test")
