@@ -1,0 +1,324 @@
+"""Client-side DP (clipping, noise scale, accounting, composition) and the membership-inference probe."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+from torch import nn
+
+from fedmerge.data.domain import Domain, ItemCatalog, as_sequences
+from fedmerge.models.base import PAD, ModelFamily, StateDict, pad_sequences
+from fedmerge.privacy import (
+    cap_coefficients,
+    classic_noise_multiplier,
+    clip_update,
+    epsilon_for,
+    gaussian_delta,
+    membership_auc,
+    noise_multiplier_for,
+    privatize_update,
+    rank_auc,
+    sequence_losses,
+    split_members,
+    task_vector_norm,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def random_weights(seed: int, scale: float = 1.0) -> StateDict:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "a.weight": scale * torch.randn(5, 3, generator=gen),
+        "a.bias": scale * torch.randn(5, generator=gen),
+        "b": scale * torch.randn(2, 2, 2, generator=gen),
+    }
+
+
+# ---------------------------------------------------------------- clipping
+
+
+def test_task_vector_norm_is_global_l2():
+    theta0, weights = random_weights(0), random_weights(1)
+    flat = torch.cat([(weights[k].double() - theta0[k].double()).flatten() for k in theta0])
+    assert task_vector_norm(theta0, weights) == pytest.approx(float(flat.norm()), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_clipped_norm_never_exceeds_c(seed):
+    rng = np.random.default_rng(seed)
+    scale, clip = float(10 ** rng.uniform(-3, 2)), float(10 ** rng.uniform(-2, 1))
+    theta0, weights = random_weights(1000 + seed), random_weights(seed, scale)
+    clipped, original = clip_update(theta0, weights, clip)
+    new_norm = task_vector_norm(theta0, clipped)
+    assert original == pytest.approx(task_vector_norm(theta0, weights))
+    assert new_norm <= clip * (1 + 1e-6)
+    assert new_norm == pytest.approx(min(original, clip), rel=1e-5)
+    # direction is kept: clipped τ is a non-negative multiple of τ
+    tau = torch.cat([(weights[k] - theta0[k]).flatten() for k in theta0]).double()
+    tau_c = torch.cat([(clipped[k] - theta0[k]).flatten() for k in theta0]).double()
+    assert float(torch.nn.functional.cosine_similarity(tau, tau_c, dim=0)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_clip_leaves_small_update_unchanged_and_keeps_dtype():
+    theta0 = random_weights(0)
+    weights = {k: v + 1e-3 for k, v in theta0.items()}
+    clipped, _ = clip_update(theta0, weights, clip_norm=10.0)
+    for k in theta0:
+        assert clipped[k].dtype == weights[k].dtype
+        torch.testing.assert_close(clipped[k], weights[k])
+
+
+def test_bad_inputs_are_named():
+    theta0, weights = random_weights(0), random_weights(1)
+    with pytest.raises(ValueError, match="clip_norm"):
+        clip_update(theta0, weights, 0.0)
+    with pytest.raises(ValueError, match="missing"):
+        clip_update(theta0, {k: v for k, v in weights.items() if k != "b"}, 1.0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        privatize_update(theta0, weights, 1.0, -1.0, seed=0)
+    with pytest.raises(ValueError, match="delta"):
+        epsilon_for(1.0, delta=0.0)
+    with pytest.raises(ValueError, match="rounds"):
+        epsilon_for(1.0, 1e-5, rounds=0)
+    with pytest.raises(ValueError, match="epsilon"):
+        noise_multiplier_for(-1.0, 1e-5)
+
+
+# ---------------------------------------------------------------- noise
+
+
+def test_noise_std_matches_sigma_c_and_is_seeded():
+    theta0 = {"w": torch.zeros(200, 200)}
+    weights = {"w": torch.full((200, 200), 0.01)}  # ‖τ‖ = 2 > C: clipped to C
+    clip, z = 0.5, 1.7
+    clipped, _ = clip_update(theta0, weights, clip)
+    noisy = privatize_update(theta0, weights, clip, z, seed=3)
+    noise = (noisy["w"] - clipped["w"]).double()
+    n = noise.numel()
+    # sample std of n Gaussians has relative standard error ≈ 1/√(2n) ≈ 0.0035; allow 5 of those
+    assert float(noise.std()) == pytest.approx(z * clip, rel=5 / math.sqrt(2 * n))
+    assert abs(float(noise.mean())) < 5 * z * clip / math.sqrt(n)
+    torch.testing.assert_close(privatize_update(theta0, weights, clip, z, seed=3)["w"], noisy["w"])
+    assert not torch.equal(privatize_update(theta0, weights, clip, z, seed=4)["w"], noisy["w"])
+
+
+def test_zero_noise_is_just_clipping():
+    theta0, weights = random_weights(0), random_weights(1)
+    clipped, _ = clip_update(theta0, weights, 0.3)
+    noisy = privatize_update(theta0, weights, 0.3, 0.0, seed=0)
+    for k in theta0:
+        torch.testing.assert_close(noisy[k], clipped[k])
+
+
+# ---------------------------------------------------------------- accounting
+
+
+def brute_delta(epsilon: float, z: float) -> float:
+    """δ(ε) = sup_S P[M(D)∈S] − e^ε P[M(D')∈S], by numerical integration of (p − e^ε q)_+ for N(1,z²) vs N(0,z²)."""
+    x = np.linspace(-40 * z - 10, 40 * z + 10, 2_000_001)
+    p, q = norm.pdf(x, loc=1.0, scale=z), norm.pdf(x, loc=0.0, scale=z)
+    return float(np.trapezoid(np.clip(p - math.exp(epsilon) * q, 0, None), x))
+
+
+@pytest.mark.parametrize("epsilon,z", [(0.5, 2.0), (1.0, 1.0), (3.0, 0.7), (0.2, 5.0)])
+def test_analytic_delta_matches_privacy_loss_integral(epsilon, z):
+    assert gaussian_delta(epsilon, z) == pytest.approx(brute_delta(epsilon, z), rel=1e-4, abs=1e-12)
+
+
+@pytest.mark.parametrize("epsilon", [8.0, 4.0, 1.0, 0.5, 0.1])
+@pytest.mark.parametrize("delta", [1e-5, 1e-3])
+def test_noise_for_epsilon_meets_delta_exactly(epsilon, delta):
+    z = noise_multiplier_for(epsilon, delta)
+    assert gaussian_delta(epsilon, z) == pytest.approx(delta, rel=1e-6)
+    assert gaussian_delta(epsilon, z * 0.99) > delta  # it is the smallest such noise
+    assert epsilon_for(z, delta) == pytest.approx(epsilon, rel=1e-6)
+
+
+@pytest.mark.parametrize("epsilon", [0.9, 0.5, 0.1])
+def test_classic_bound_is_an_upper_bound_for_small_epsilon(epsilon):
+    delta = 1e-5
+    classic = classic_noise_multiplier(epsilon, delta)
+    assert classic == pytest.approx(math.sqrt(2 * math.log(1.25 / delta)) / epsilon)
+    analytic = noise_multiplier_for(epsilon, delta)
+    assert analytic < classic
+    assert gaussian_delta(epsilon, classic) <= delta  # the classic calibration is valid, just loose
+
+
+def test_composition_over_rounds():
+    delta, z = 1e-5, 2.0
+    # R rounds at z equal one release at z/√R
+    for rounds in (1, 4, 25):
+        assert epsilon_for(z, delta, rounds=rounds) == pytest.approx(epsilon_for(z / math.sqrt(rounds), delta))
+    # more rounds cost more; calibrating for R rounds needs √R times the one-round noise
+    eps = [epsilon_for(z, delta, rounds=r) for r in (1, 2, 8)]
+    assert eps[0] < eps[1] < eps[2]
+    assert noise_multiplier_for(2.0, delta, rounds=9) == pytest.approx(3 * noise_multiplier_for(2.0, delta), rel=1e-8)
+    # μ-GDP: composition of R mechanisms with μ = 1/z is √R/z-GDP; check with GDP's own δ(ε) formula
+    mu = math.sqrt(10) / z
+    eps10 = epsilon_for(z, delta, rounds=10)
+    gdp_delta = norm.cdf(-eps10 / mu + mu / 2) - math.exp(eps10) * norm.cdf(-eps10 / mu - mu / 2)
+    assert gdp_delta == pytest.approx(delta, rel=1e-6)
+
+
+def test_replace_neighbouring_doubles_sensitivity():
+    assert epsilon_for(2.0, 1e-5, neighbouring="replace") == pytest.approx(epsilon_for(1.0, 1e-5))
+    assert noise_multiplier_for(4.0, 1e-5, neighbouring="replace") == pytest.approx(2 * noise_multiplier_for(4.0, 1e-5))
+
+
+def test_extremes():
+    assert epsilon_for(0.0, 1e-5) == math.inf
+    assert noise_multiplier_for(math.inf, 1e-5) == 0.0
+    assert epsilon_for(1e4, 0.5) == 0.0  # huge noise: δ(0) is already below 0.5
+
+
+def test_cap_coefficients():
+    np.testing.assert_array_equal(cap_coefficients([0.2, 0.9, 1.5], 0.8), [0.2, 0.8, 0.8])
+    with pytest.raises(ValueError, match="max_coefficient"):
+        cap_coefficients([0.1], 0.0)
+
+
+# ---------------------------------------------------------------- membership probe
+
+
+def test_rank_auc_equals_pairwise_definition():
+    rng = np.random.default_rng(0)
+    members = rng.integers(0, 10, 40).astype(float)  # many ties
+    nonmembers = rng.integers(0, 10, 30).astype(float) - 1
+    diff = members[:, None] - nonmembers[None, :]
+    expected = ((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size
+    assert rank_auc(members, nonmembers) == pytest.approx(expected)
+    assert rank_auc([2.0, 3.0], [0.0, 1.0]) == 1.0
+    with pytest.raises(ValueError, match="non-empty"):
+        rank_auc([], [1.0])
+
+
+class TransitionModule(nn.Module):
+    """score(s, i) = mean_{j∈s} f_j · W · f_i over item features f (one-hot features make W an item-item table)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.W = nn.Parameter(0.01 * torch.randn(dim, dim))
+
+    def forward(self, seqs: torch.Tensor, item_features: torch.Tensor) -> torch.Tensor:
+        mask = (seqs != PAD).float()
+        feats = item_features[seqs.clamp(min=0)] * mask[..., None]
+        user = feats.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return user @ self.W @ item_features.T
+
+
+class TinyFamily(ModelFamily):
+    """A test-only mergeable family that memorizes transitions when trained long without regularization."""
+
+    name = "tiny"
+    max_len = 5
+
+    def __init__(self, epochs: int = 300, lr: float = 0.1):
+        self.epochs, self.lr = epochs, lr
+
+    def item_features(self, embeddings: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(embeddings, dtype=torch.float32)
+
+    def build(self, dim: int) -> nn.Module:
+        return TransitionModule(dim)
+
+    def train(self, theta0, domain, item_features, *, seed=0, progress=False) -> tuple[StateDict, dict[str, Any]]:
+        torch.manual_seed(seed)
+        module = self.build(item_features.shape[1])
+        module.load_state_dict(theta0)
+        prefixes = [s[:t] for s in domain.train for t in range(1, len(s))]
+        targets = torch.tensor([int(s[t]) for s in domain.train for t in range(1, len(s))])
+        batch = pad_sequences(prefixes, self.max_len)
+        opt = torch.optim.Adam(module.parameters(), lr=self.lr)
+        for _ in range(self.epochs):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(module(batch, item_features), targets)
+            loss.backward()
+            opt.step()
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}, {"loss": float(loss.detach())}
+
+
+@pytest.fixture(scope="module")
+def tiny_domain() -> Domain:
+    """400 users of random 4-item sequences over 30 items: nothing to learn but memorization."""
+    rng = np.random.default_rng(7)
+    n_users, n_items = 400, 30
+    catalog = ItemCatalog(ids=tuple(f"i{i}" for i in range(n_items)), fields=tuple({"title": f"item {i}"} for i in range(n_items)))
+    seqs = as_sequences(rng.integers(0, n_items, (n_users, 4)).tolist())
+    targets = rng.integers(0, n_items, (2, n_users))
+    return Domain("tiny", catalog, seqs, targets[0], targets[1])
+
+
+@pytest.fixture(scope="module")
+def features() -> torch.Tensor:
+    return torch.eye(30)
+
+
+def test_split_members_partitions_users(tiny_domain):
+    members, nonmembers = split_members(tiny_domain, 0.25, seed=1)
+    assert (members.n_users, nonmembers.n_users) == (100, 300)
+    assert members.name == "tiny" and nonmembers.name == "tiny-heldout"
+    all_seqs = sorted(tuple(s) for s in members.train + nonmembers.train)
+    assert all_seqs == sorted(tuple(s) for s in tiny_domain.train)
+    assert split_members(tiny_domain, 0.25, seed=1)[0].train == members.train  # seeded
+    with pytest.raises(ValueError, match="member_fraction"):
+        split_members(tiny_domain, 1.0)
+
+
+def test_sequence_losses_match_direct_cross_entropy(tiny_domain, features):
+    family = TinyFamily()
+    weights = {"W": torch.randn(30, 30, generator=torch.Generator().manual_seed(1))}
+    seqs = list(tiny_domain.train[:5])
+    module = family.load(weights, 30)
+    with torch.no_grad():
+        last = nn.functional.cross_entropy(
+            module(pad_sequences([s[:-1] for s in seqs], 5), features),
+            torch.tensor([int(s[-1]) for s in seqs]),
+            reduction="none",
+        )
+        per_position = [
+            np.mean([float(nn.functional.cross_entropy(module(pad_sequences([s[:t]], 5), features)[0], torch.tensor(int(s[t]))))
+                     for t in range(1, len(s))])
+            for s in seqs
+        ]
+    np.testing.assert_allclose(sequence_losses(family, weights, features, seqs), last.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(sequence_losses(family, weights, features, seqs, positions="all"), per_position, rtol=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        sequence_losses(family, weights, features, [np.array([3])])
+
+
+def test_probe_is_chance_against_models_that_never_saw_the_users(tiny_domain, features):
+    family = TinyFamily()
+    members, nonmembers = split_members(tiny_domain, 0.5, seed=0)
+    theta0 = family.initial_weights(30, seed=0)
+    auc_theta0 = membership_auc(family, theta0, features, members.train, nonmembers.train, positions="all")
+    # a model overfitted on a third, disjoint set of users: neither group is its member
+    outsiders, _ = split_members(members, 0.5, seed=1)
+    probe_members, _ = split_members(nonmembers, 0.5, seed=1)
+    rest = [s for s in members.train if not any(np.array_equal(s, o) for o in outsiders.train)]
+    disjoint, _ = family.train(theta0, outsiders, features)
+    auc_disjoint = membership_auc(family, disjoint, features, rest, probe_members.train, positions="all")
+    # AUC std under the null ≈ √((n_m+n_n+1)/(12 n_m n_n)) ≈ 0.03 for 200 vs 200 and ≈ 0.04 for 100 vs 100
+    assert abs(auc_theta0 - 0.5) < 0.1
+    assert abs(auc_disjoint - 0.5) < 0.12
+
+
+def test_probe_detects_overfitting_and_dp_noise_hides_it(tiny_domain, features):
+    family = TinyFamily()
+    members, nonmembers = split_members(tiny_domain, 0.25, seed=0)
+    theta0 = family.initial_weights(30, seed=0)
+    overfit, _ = family.train(theta0, members, features)
+    auc = membership_auc(family, overfit, features, members.train, nonmembers.train)
+    assert auc > 0.75
+    # heavy noise relative to the update destroys the signal the probe uses
+    norm_tau = task_vector_norm(theta0, overfit)
+    noisy = privatize_update(theta0, overfit, clip_norm=norm_tau, noise_multiplier=noise_multiplier_for(0.1, 1e-5), seed=0)
+    assert abs(membership_auc(family, noisy, features, members.train, nonmembers.train) - 0.5) < 0.12
