@@ -12,8 +12,12 @@ from fedmerge.merging.methods import (
     resolve_params,
     task_vectors,
 )
+from fedmerge.merging.mergerec import MergeRecConfig, MergeRecReport, mergerec
 
 __all__ = [
+    "MergeRecConfig",
+    "MergeRecReport",
+    "mergerec",
     "METHODS",
     "MergeMethod",
     "ProcessedTaskVectors",

@@ -1,0 +1,159 @@
+"""MergeRec on a tiny linear-score family defined here (the real families are tested by their owners)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedmerge.merging import merge
+from fedmerge.merging.mergerec import MergeRecConfig, distillation_loss, mergerec
+from fedmerge.models.base import PAD, ModelFamily
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+class LastItemBilinear(nn.Module):
+    """score_i = (x_last A + b) · x_i with x the item features (two parameter tensors, two groups)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.eye(dim))
+        self.b = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, seqs: torch.Tensor, item_features: torch.Tensor) -> torch.Tensor:
+        last = seqs[:, -1].clamp(min=0)
+        query = item_features[last] @ self.A + self.b
+        query = query * (seqs[:, -1:] != PAD)
+        return query @ item_features.T
+
+
+class TinyFamily(ModelFamily):
+    name = "tiny"
+    max_len = 3
+
+    def item_features(self, embeddings: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(embeddings, dtype=torch.float32)
+
+    def build(self, dim: int) -> nn.Module:
+        return LastItemBilinear(dim)
+
+    def train(self, theta0, domain, item_features, *, seed=0, progress=True):
+        raise NotImplementedError("not needed here")
+
+    def parameter_groups(self, names: Iterable[str]) -> dict[str, list[str]]:
+        return {f"group_{n}": [n] for n in names}
+
+
+DIM = 6
+
+
+def setup(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    family = TinyFamily()
+    theta0 = {"A": torch.eye(DIM), "b": torch.zeros(DIM)}
+    models = {
+        d: {"A": torch.eye(DIM) + 0.8 * torch.randn(DIM, DIM, generator=gen), "b": 0.3 * torch.randn(DIM, generator=gen)}
+        for d in ("x", "y", "z")
+    }
+    features = {d: torch.randn(n, DIM, generator=gen) for d, n in (("x", 9), ("y", 7), ("z", 11))}
+    return family, theta0, models, features
+
+
+FAST = dict(steps=60, lr=0.05, progress=False, temperature=0.5, distill_weight=1.0)
+
+
+def test_distillation_loss_formula():
+    s = torch.tensor([[1.0, 0.0, -1.0]])
+    t = torch.tensor([[0.0, 2.0, 1.0]])
+    T, c = 0.5, 3.0
+    p_t = torch.softmax(t / T, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(s / T, 1))).sum()
+    ce = -torch.log_softmax(s, 1)[0, 1]
+    torch.testing.assert_close(distillation_loss(s, t, T, c), ce + c * T * T * kl)
+
+
+def test_coefficients_favour_the_domain_every_teacher_copies():
+    family, theta0, models, features = setup()
+    # every teacher is model "y": its coefficient must grow relative to the others
+    teachers = {d: models["y"] for d in models}
+    _, report = mergerec(family, theta0, models, features, MergeRecConfig(**FAST), teachers=teachers)
+    c = report.coefficients
+    assert c["y"]["all"] > c["x"]["all"] + 0.1 and c["y"]["all"] > c["z"]["all"] + 0.1
+    assert c["y"]["all"] > report.initial_coefficient
+
+
+def full_loss(family, weights, models, features, config) -> float:
+    """Loss over every pseudo-user of every domain, computed independently of the optimizer's batches."""
+    total, count = 0.0, 0
+    for d, feats in features.items():
+        seqs = [np.array([i]) for i in range(len(feats))]
+        teacher = torch.from_numpy(family.scorer(models[d], feats)(seqs))
+        student = torch.from_numpy(family.scorer(weights, feats)(seqs))
+        total += len(seqs) * float(distillation_loss(student, teacher, config.temperature, config.distill_weight))
+        count += len(seqs)
+    return total / count
+
+
+def test_deterministic_and_loss_decreases():
+    family, theta0, models, features = setup()
+    config = MergeRecConfig(**FAST, seed=5)
+    merged_a, report_a = mergerec(family, theta0, models, features, config)
+    merged_b, report_b = mergerec(family, theta0, models, features, config)
+    assert report_a.loss_curve == report_b.loss_curve
+    assert all(torch.equal(merged_a[p], merged_b[p]) for p in merged_a)
+    assert len(report_a.loss_curve) == config.steps and report_a.optimization_seconds > 0
+    initial = merge("task_arithmetic", theta0, models, scale=report_a.initial_coefficient)
+    assert full_loss(family, merged_a, models, features, config) < 0.97 * full_loss(family, initial, models, features, config)
+    _, report_c = mergerec(family, theta0, models, features, MergeRecConfig(**FAST, seed=6))
+    assert report_c.loss_curve != report_a.loss_curve
+
+
+def test_merged_weights_follow_the_learned_coefficients():
+    family, theta0, models, features = setup()
+    merged, report = mergerec(family, theta0, models, features, MergeRecConfig(**FAST, init_method="task_arithmetic"))
+    expected = {p: theta0[p].clone() for p in theta0}
+    for d, w in models.items():
+        for p in theta0:
+            expected[p] += report.coefficients[d]["all"] * (w[p] - theta0[p])
+    for p in theta0:
+        torch.testing.assert_close(merged[p], expected[p])
+
+
+def test_zero_steps_returns_the_initialization():
+    family, theta0, models, features = setup()
+    config = MergeRecConfig(init_method="ties", init_params={"density": 0.5}, steps=0, progress=False)
+    merged, report = mergerec(family, theta0, models, features, config)
+    assert report.initial_coefficient == 1.0  # MergeRec's TIES initialization
+    reference = merge("ties", theta0, models, density=0.5)
+    for p in theta0:
+        torch.testing.assert_close(merged[p], reference[p])
+
+
+def test_layer_wise_has_one_coefficient_per_domain_per_group():
+    family, theta0, models, features = setup()
+    config = MergeRecConfig(**FAST, granularity="layer", logit_norm="teacher_std", sampling="domain")
+    _, report = mergerec(family, theta0, models, features, config)
+    assert report.groups == ["group_A", "group_b"]
+    assert set(report.coefficients) == {"x", "y", "z"}
+    assert all(set(v) == {"group_A", "group_b"} for v in report.coefficients.values())
+    assert len({round(v, 6) for g in report.coefficients.values() for v in g.values()}) > 1  # they move apart
+    assert all(s > 0 and s != 1.0 for s in report.teacher_score_scale)
+
+
+def test_bad_inputs():
+    family, theta0, models, features = setup()
+    with pytest.raises(ValueError, match="no item features for domain"):
+        mergerec(family, theta0, models, {"x": features["x"]}, MergeRecConfig(**FAST))
+    with pytest.raises(ValueError, match="no teacher for domain"):
+        mergerec(family, theta0, models, features, MergeRecConfig(**FAST), teachers={"x": models["x"]})
+    with pytest.raises(ValueError, match="granularity"):
+        MergeRecConfig(granularity="neuron")
+    with pytest.raises(ValueError, match="unknown merge method"):
+        mergerec(family, theta0, models, features, MergeRecConfig(init_method="fisher", progress=False))
