@@ -1,0 +1,310 @@
+"""Item-space linear autoencoders: EASE, RLAE, RDLAE and L3AE (closed forms) with validation-selected settings.
+
+Notation: X is the binary user x item matrix (:func:`fedmerge.data.domain.interaction_matrix`), G = XᵀX its
+item Gram matrix, B the n x n item-item weight matrix, and a user's scores are x_u B.
+
+* EASE (Steck, WWW 2019): min ||X - XB||² + λ||B||² s.t. diag(B) = 0.
+  With P = (G + λI)⁻¹: B = I - P·diagMat(1/diag(P)).
+* RLAE / RDLAE (Moon et al., "It's Enough: Relaxing Diagonal Constraints in Linear Autoencoders", SIGIR 2023):
+  min ||X - XB||² + Σ_j Λ_jj ||B_j,:||² s.t. diag(B) ≤ ξ, with Λ = λI (RLAE) or
+  Λ = λI + p/(1-p)·diagMat(diag(G)) (RDLAE, the dropout-emphasised penalty of Steck's DLAE).
+  KKT with multipliers μ ≥ 0: (G + Λ)B - G + diagMat(μ) = 0, so with P = (G + Λ)⁻¹
+  B = P(G - diagMat(μ)) = I - P·diagMat(γ), γ = diag(Λ) + μ, and B_jj = 1 - P_jj γ_j.
+  Complementary slackness gives γ_j = Λ_jj where the unconstrained diagonal 1 - Λ_jj P_jj ≤ ξ (inactive) and
+  γ_j = (1 - ξ)/P_jj where it would exceed ξ (active, μ_j = (1-ξ)/P_jj - Λ_jj > 0); i.e.
+  γ_j = max(Λ_jj, (1 - ξ)/P_jj). Since 1/P_jj (a Schur complement of G + Λ) ≥ Λ_jj, ξ = 0 always binds and gives
+  EASE; ξ = 1 never binds and gives the unconstrained LAE B = (G + Λ)⁻¹G.
+* L3AE (Moon et al., "LLM-Enhanced Linear Autoencoders for Recommendation", CIKM 2025), two phases:
+  1. semantic item-item matrix from item text embeddings E (n x d), items' embedding columns acting as users:
+     S = argmin ||Eᵀ - EᵀS||² + λ₁||S||² s.t. diag(S) = 0, i.e. EASE on F = EEᵀ:
+     S = I - P_S·diagMat(1/diag(P_S)), P_S = (EEᵀ + λ₁I)⁻¹ = (I - E K Eᵀ)/λ₁ with K = (EᵀE + λ₁I)⁻¹ (Woodbury,
+     so only a d x d system is solved).
+  2. collaborative weights pulled towards S: min ||X - XB||² + λ₂||B - S||² s.t. diag(B) = 0.
+     Stationarity: (G + λ₂I)B - G - λ₂S + diagMat(μ) = 0, so with P = (G + λ₂I)⁻¹ and B̂ = P(G + λ₂S)
+     (the unconstrained solution), B = B̂ - P·diagMat(μ) with μ_j = B̂_jj / P_jj (zero diagonal).
+     Using P G = I - λ₂P and S = I - P_S D_S (D_S = diagMat(1/diag P_S)): B̂ = I - λ₂ P P_S D_S
+     = I - (λ₂/λ₁)(P - (PE) K Eᵀ) D_S, which costs O(n²d) on top of the one n x n Cholesky inverse.
+
+Every dense matrix is float32; the n x n inverses use a Cholesky factorisation (LAPACK potrf/potri in place).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.linalg
+
+from fedmerge.data.domain import Domain, interaction_matrix
+from fedmerge.errors import FedmergeError
+from fedmerge.metrics import evaluate_scorer
+from fedmerge.models.base import Recommender
+
+logger = logging.getLogger(__name__)
+
+Config = dict[str, float]
+SELECTION_METRIC = "ndcg@10"
+_MIRROR_BLOCK = 2048
+
+
+def gram_matrix(seqs: Sequence[np.ndarray], n_items: int) -> np.ndarray:
+    """Dense float32 item Gram matrix G = XᵀX of the binary interaction matrix X."""
+    x = interaction_matrix(seqs, n_items)
+    return np.asarray((x.T @ x).toarray(), dtype=np.float32)
+
+
+def spd_inverse_inplace(m: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric positive definite C-contiguous matrix via Cholesky (potrf + potri), overwriting ``m``.
+
+    potri forms the full inverse from the factor in n³ flops without a second n x n buffer (cho_solve against I
+    would take 2n³ flops and another matrix). Raises FedmergeError if ``m`` is not positive definite.
+    """
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or not m.flags.c_contiguous:
+        raise ValueError(f"expected a square C-contiguous matrix, got shape {m.shape}")
+    potrf, potri = scipy.linalg.lapack.get_lapack_funcs(("potrf", "potri"), (m,))
+    fortran_view = m.T  # symmetric, so the Fortran-ordered view is the same matrix and LAPACK works in place
+    factor, info = potrf(fortran_view, lower=0, overwrite_a=1, clean=0)
+    if info != 0:
+        raise FedmergeError(f"matrix is not positive definite (Cholesky failed at pivot {info}); raise the penalty")
+    inverse, info = potri(factor, lower=0, overwrite_c=1)
+    if info != 0:
+        raise FedmergeError(f"Cholesky inverse failed (LAPACK info {info})")
+    inverse = inverse.T  # back to C order; the valid triangle is the lower one in C terms
+    n = inverse.shape[0]
+    for start in range(0, n, _MIRROR_BLOCK):
+        stop = min(start + _MIRROR_BLOCK, n)
+        inverse[start:stop, stop:] = inverse[stop:, start:stop].T
+        block = inverse[start:stop, start:stop]
+        block[np.triu_indices(stop - start, 1)] = block.T[np.triu_indices(stop - start, 1)]
+    return inverse
+
+
+def penalized_inverse(gram: np.ndarray, penalty: np.ndarray | float) -> np.ndarray:
+    """P = (G + diagMat(penalty))⁻¹ (``penalty`` a scalar λ or a per-item vector); ``gram`` is left unchanged."""
+    m = np.array(gram, dtype=np.float32, order="C", copy=True)
+    m[np.diag_indices_from(m)] += np.asarray(penalty, dtype=np.float32)
+    return spd_inverse_inplace(m)
+
+
+def relaxed_diagonal_weights(inverse: np.ndarray, penalty: np.ndarray | float, xi: float) -> np.ndarray:
+    """B = I - P·diagMat(γ) with γ_j = max(Λ_jj, (1-ξ)/P_jj): the LAE with diag(B) ≤ ξ (see module docstring).
+
+    Where the constraint binds, B_jj is set to exactly ξ.
+    """
+    if not 0.0 <= xi <= 1.0:
+        raise ValueError(f"xi must lie in [0, 1], got {xi}")
+    diag_p = np.diag(inverse).astype(np.float64)
+    penalty = np.broadcast_to(np.asarray(penalty, dtype=np.float64), diag_p.shape)
+    binding = (1.0 - xi) / diag_p
+    active = binding > penalty
+    gamma = np.where(active, binding, penalty).astype(np.float32)
+    weights = inverse * -gamma[None, :]
+    diag = np.diag_indices_from(weights)
+    weights[diag] += 1.0
+    weights[diag] = np.where(active, np.float32(xi), weights[diag])
+    return weights
+
+
+def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
+    """EASE: B = I - P·diagMat(1/diag(P)), P = (G + λI)⁻¹, with diag(B) exactly 0."""
+    return relaxed_diagonal_weights(penalized_inverse(gram, lam), lam, 0.0)
+
+
+def rdlae_penalty(gram: np.ndarray, lam: float, dropout: float) -> np.ndarray:
+    """Per-item penalty Λ_jj = λ + p/(1-p)·G_jj of the dropout-emphasised objective."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    return (lam + dropout / (1.0 - dropout) * np.diag(gram).astype(np.float64)).astype(np.float32)
+
+
+def semantic_inverse_factors(embeddings: np.ndarray, lam_sem: float) -> tuple[np.ndarray, np.ndarray]:
+    """K = (EᵀE + λ₁I)⁻¹ (d x d) and diag(P_S) of P_S = (EEᵀ + λ₁I)⁻¹ = (I - E K Eᵀ)/λ₁ (Woodbury)."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    small = e.T @ e
+    small[np.diag_indices_from(small)] += lam_sem
+    k = scipy.linalg.cho_solve(scipy.linalg.cho_factor(small), np.eye(small.shape[0]))
+    diag_ps = (1.0 - np.einsum("ij,jk,ik->i", e, k, e)) / lam_sem
+    return k, diag_ps
+
+
+def l3ae_weights(inverse: np.ndarray, lam_col: float, embeddings: np.ndarray, lam_sem: float) -> np.ndarray:
+    """L3AE phase 2 from P = (G + λ₂I)⁻¹: B = B̂ - P·diagMat(diag(B̂)/diag(P)), B̂ = I - (λ₂/λ₁)(P - PEKEᵀ)D_S."""
+    k, diag_ps = semantic_inverse_factors(embeddings, lam_sem)
+    d_s = (1.0 / diag_ps).astype(np.float32)
+    e = np.asarray(embeddings, dtype=np.float32)
+    ratio = np.float32(lam_col / lam_sem)
+    pe = inverse @ e
+    right = (k.astype(np.float32) @ e.T) * d_s[None, :]  # K Eᵀ D_S, (d, n)
+    diag_p = np.diag(inverse)
+    diag_unconstrained = 1.0 - ratio * (diag_p - np.einsum("ij,ji->i", pe, right) / d_s) * d_s
+    gamma = ratio * d_s + diag_unconstrained / diag_p  # B = I - P·diagMat(γ) + (λ₂/λ₁)(PE)(K Eᵀ D_S)
+    weights = pe @ right
+    weights *= ratio
+    weights -= inverse * gamma[None, :]
+    diag = np.diag_indices_from(weights)
+    weights[diag] = 0.0
+    return weights
+
+
+def center_normalize_rows(embeddings: np.ndarray) -> np.ndarray:
+    """Item features: embeddings centred on the catalog mean, rows scaled to unit L2 norm (zero rows stay zero)."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    if e.ndim != 2:
+        raise ValueError(f"embeddings must be a (n_items, dim) matrix, got shape {e.shape}")
+    e = e - e.mean(axis=0, keepdims=True)
+    norms = np.linalg.norm(e, axis=1, keepdims=True)
+    return (e / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def _as_grid(name: str, value: float | Sequence[float]) -> tuple[float, ...]:
+    values = (value,) if np.isscalar(value) else tuple(value)
+    if not values:
+        raise ValueError(f"{name}: empty grid")
+    return tuple(float(v) for v in values)
+
+
+class LinearAutoencoder(Recommender):
+    """An item-item model scored as x_u B, its hyper-parameters chosen on validation.
+
+    Each constructor argument is a value or a grid of values. ``fit`` scores every grid point fitted on
+    ``domain.train`` by validation NDCG@10 (:func:`fedmerge.metrics.evaluate_scorer`), then refits the best one
+    on train + validation items (:meth:`Domain.train_with_val`) for testing. A single point skips the search.
+    """
+
+    needs_embeddings: ClassVar[bool] = False
+
+    def __init__(self, **grid: float | Sequence[float]) -> None:
+        self.grid = {name: _as_grid(name, value) for name, value in grid.items()}
+        self.weights: np.ndarray | None = None
+        self.selected: Config = {}
+        self.validation: list[dict[str, float]] = []
+
+    def candidates(self) -> list[Config]:
+        """Every grid point, in grid order (outer parameters first so costly solves are reused)."""
+        names = list(self.grid)
+        return [dict(zip(names, values)) for values in itertools.product(*self.grid.values())]
+
+    @abstractmethod
+    def solutions(self, gram: np.ndarray, configs: list[Config], features: np.ndarray | None) -> Iterator[np.ndarray]:
+        """Weights B for each config in order (reusing shared factorisations)."""
+
+    def fit(self, domain: Domain, item_embeddings: np.ndarray | None = None) -> LinearAutoencoder:
+        features = None
+        if self.needs_embeddings:
+            if item_embeddings is None:
+                raise FedmergeError(f"model {self.name!r} needs item text embeddings")
+            if item_embeddings.shape[0] != domain.n_items:
+                raise FedmergeError(
+                    f"{item_embeddings.shape[0]} item embeddings for {domain.n_items} items of {domain.name!r}"
+                )
+            features = center_normalize_rows(item_embeddings)
+        configs = self.candidates()
+        self.validation = []
+        best = configs[0]
+        if len(configs) > 1:
+            gram = gram_matrix(domain.train, domain.n_items)
+            best_value = -np.inf
+            for config, weights in zip(configs, self.solutions(gram, configs, features)):
+                self.weights = weights
+                metrics = evaluate_scorer(self.score, domain, split="val")
+                self.validation.append({**config, f"val_{SELECTION_METRIC}": metrics[SELECTION_METRIC]})
+                logger.info("%s %s: val %s %.4f", self.name, config, SELECTION_METRIC, metrics[SELECTION_METRIC])
+                if metrics[SELECTION_METRIC] > best_value:
+                    best, best_value = config, metrics[SELECTION_METRIC]
+            self.weights = None
+            del gram
+        gram = gram_matrix(domain.train_with_val(), domain.n_items)
+        self.weights = next(iter(self.solutions(gram, [best], features)))
+        self.selected = best
+        return self
+
+    def score(self, sequences: list[np.ndarray]) -> np.ndarray:
+        if self.weights is None:
+            raise FedmergeError(f"model {self.name!r} is not fitted")
+        x = interaction_matrix(sequences, self.weights.shape[0])
+        return np.asarray(x @ self.weights, dtype=np.float32)
+
+
+class EASE(LinearAutoencoder):
+    """EASE (Steck 2019); λ grid around the values that suit sparse Amazon data (Pantry: λ = 50)."""
+
+    name = "ease"
+
+    def __init__(self, lam: float | Sequence[float] = (20.0, 50.0, 200.0)) -> None:
+        super().__init__(lam=lam)
+
+    def solutions(self, gram: np.ndarray, configs: list[Config], features: np.ndarray | None) -> Iterator[np.ndarray]:
+        for config in configs:
+            yield ease_weights(gram, config["lam"])
+
+
+class RLAE(LinearAutoencoder):
+    """RLAE (Moon et al. 2023): EASE's objective with diag(B) ≤ ξ. The paper tunes ξ in small steps from 0."""
+
+    name = "rlae"
+
+    def __init__(
+        self, lam: float | Sequence[float] = (20.0, 50.0, 200.0), xi: float | Sequence[float] = (0.1, 0.2)
+    ) -> None:
+        super().__init__(lam=lam, xi=xi)
+
+    def solutions(self, gram: np.ndarray, configs: list[Config], features: np.ndarray | None) -> Iterator[np.ndarray]:
+        inverse, inverse_lam = None, None
+        for config in configs:
+            if inverse_lam != config["lam"]:
+                inverse, inverse_lam = None, config["lam"]
+                inverse = penalized_inverse(gram, inverse_lam)
+            yield relaxed_diagonal_weights(inverse, inverse_lam, config["xi"])
+
+
+class RDLAE(LinearAutoencoder):
+    """RDLAE (Moon et al. 2023): dropout-emphasised penalty λ + p/(1-p)·G_jj with diag(B) ≤ ξ (DLAE: p ≈ 0.25-0.5)."""
+
+    name = "rdlae"
+
+    def __init__(
+        self,
+        lam: float | Sequence[float] = (10.0, 50.0),
+        dropout: float | Sequence[float] = (0.25, 0.5),
+        xi: float | Sequence[float] = (0.0, 0.1, 0.2),
+    ) -> None:
+        super().__init__(lam=lam, dropout=dropout, xi=xi)
+
+    def solutions(self, gram: np.ndarray, configs: list[Config], features: np.ndarray | None) -> Iterator[np.ndarray]:
+        inverse, key, penalty = None, None, None
+        for config in configs:
+            if key != (config["lam"], config["dropout"]):
+                inverse, key = None, (config["lam"], config["dropout"])
+                penalty = rdlae_penalty(gram, *key)
+                inverse = penalized_inverse(gram, penalty)
+            yield relaxed_diagonal_weights(inverse, penalty, config["xi"])
+
+
+class L3AE(LinearAutoencoder):
+    """L3AE (Moon et al. 2025): EASE regularised towards a semantic item-item matrix from text embeddings.
+
+    ``lam_sem`` (λ₁) regularises the semantic EASE on the centred unit-norm embeddings; ``lam`` (λ₂) pulls B
+    towards S (λ₂ → 0 gives EASE-like collaborative weights, λ₂ → ∞ gives S).
+    """
+
+    name = "l3ae"
+    needs_embeddings = True
+
+    def __init__(
+        self, lam: float | Sequence[float] = (50.0, 200.0), lam_sem: float | Sequence[float] = (1.0, 10.0)
+    ) -> None:
+        super().__init__(lam=lam, lam_sem=lam_sem)
+
+    def solutions(self, gram: np.ndarray, configs: list[Config], features: np.ndarray | None) -> Iterator[np.ndarray]:
+        if features is None:
+            raise FedmergeError("l3ae needs item embeddings")
+        inverse, inverse_lam = None, None
+        for config in configs:
+            if inverse_lam != config["lam"]:
+                inverse, inverse_lam = None, config["lam"]
+                inverse = penalized_inverse(gram, inverse_lam)
+            yield l3ae_weights(inverse, inverse_lam, features, config["lam_sem"])
