@@ -109,6 +109,9 @@ def test_noise_std_matches_sigma_c_and_is_seeded():
     assert abs(float(noise.mean())) < 5 * z * clip / math.sqrt(n)
     torch.testing.assert_close(privatize_update(theta0, weights, clip, z, seed=3)["w"], noisy["w"])
     assert not torch.equal(privatize_update(theta0, weights, clip, z, seed=4)["w"], noisy["w"])
+    fresh = [privatize_update(theta0, weights, clip, z, seed=None)["w"] for _ in range(2)]
+    assert not torch.equal(fresh[0], fresh[1])
+    assert float((fresh[0] - clipped["w"]).std()) == pytest.approx(z * clip, rel=5 / math.sqrt(2 * n))
 
 
 def test_zero_noise_is_just_clipping():

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -88,11 +89,14 @@ def privatize_update(
     weights: Mapping[str, torch.Tensor],
     clip_norm: float,
     noise_multiplier: float,
-    seed: int,
+    seed: int | None,
 ) -> StateDict:
     """θ₀ + clip_C(θ − θ₀) + N(0, (σC)²) per entry, σ = ``noise_multiplier``, drawn from a seeded torch.Generator.
 
     Use a different ``seed`` per client and per round: reused noise is not fresh noise and breaks the accounting.
+    A seed the server can guess (e.g. derived from the public run seed) lets it regenerate and subtract the noise:
+    seeded noise is for reproducible studies; ``seed=None`` draws the generator's seed from the OS entropy pool
+    (:mod:`secrets`), which is what a deployment must use.
     """
     if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
         raise ValueError(f"noise_multiplier must be a finite number ≥ 0, got {noise_multiplier}")
@@ -101,7 +105,7 @@ def privatize_update(
     logger.debug("privatize: ‖τ‖=%.4g, C=%.4g, noise std=%.4g", norm, clip_norm, std)
     if std == 0:
         return clipped
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else int(seed))
     return {
         k: (v.double() + std * torch.randn(v.shape, generator=gen, dtype=torch.float64)).to(v.dtype)
         for k, v in clipped.items()
