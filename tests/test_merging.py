@@ -177,3 +177,22 @@ def test_incompatible_models_name_model_and_parameter():
 def test_resolve_params_fills_paper_defaults():
     assert resolve_params("ties", {}) == {"density": 0.2, "scale": 1.0}
     assert resolve_params("task_arithmetic", {})["scale"] == 0.3
+
+
+def test_merge_command_writes_the_merged_safetensors(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from fedmerge.cli import main
+
+    save_file(THETA0, str(tmp_path / "t0.safetensors"))
+    save_file(MODEL_A, str(tmp_path / "a.safetensors"))
+    save_file(MODEL_B, str(tmp_path / "b.safetensors"))
+    out = tmp_path / "merged.safetensors"
+    argv = ["merge", "--theta0", str(tmp_path / "t0.safetensors"), "--models", f"A={tmp_path / 'a.safetensors'}",
+            f"B={tmp_path / 'b.safetensors'}", "--method", "ties", "--set", "density=0.5", "--out", str(out)]
+    assert main(argv) == 0
+    expected = merge("ties", THETA0, MODELS, density=0.5)
+    got = load_file(str(out))
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    assert main(argv[:-4] + ["--set", "density=2", "--out", str(out)]) == 1
+    assert "density=2 is invalid" in capsys.readouterr().err
