@@ -1,0 +1,70 @@
+"""The fedmerge ClientApp (Flower Message API): a thin layer over :class:`fedmerge.runners.client.ClientState`.
+
+The domain is chosen by the node config: ``partition-id`` in simulation, ``data-path`` in deployment. Train
+replies carry the trained weights (named float arrays) and numeric training metrics; evaluate replies carry
+metrics on the client's private test users. Any exception becomes an error reply naming the client's domain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from fedmerge.config import domain_names
+from fedmerge.runners import protocol
+from fedmerge.runners.appconfig import scenario_from_run_config
+from fedmerge.runners.client import ClientState
+
+logger = logging.getLogger(__name__)
+CLIENT_ERROR_CODE = 1
+_STATES: dict[tuple[str, str], ClientState] = {}  # per process: domain data and features load once
+
+
+def _node_domain_label(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> str:
+    if node_config.get("data-path"):
+        return str(node_config["data-path"])
+    names = domain_names(cfg)
+    pid = int(node_config.get("partition-id", -1))
+    return names[pid] if 0 <= pid < len(names) else f"partition {pid}"
+
+
+def client_state(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> ClientState:
+    """This node's client state, cached per process and scenario."""
+    key = (json.dumps(cfg, sort_keys=True, default=str), json.dumps(dict(node_config), sort_keys=True, default=str))
+    if key not in _STATES:
+        _STATES[key] = ClientState(
+            cfg, partition_id=node_config.get("partition-id"), data_path=node_config.get("data-path") or None
+        )
+    return _STATES[key]
+
+
+def build_client_app(cfg: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp for scenario ``cfg`` (``None``: read it from the run config at each message)."""
+    app = ClientApp()
+
+    def handle(message: Message, context: Context) -> Message:
+        scenario = cfg
+        label = str(dict(context.node_config))
+        try:
+            scenario = cfg if cfg is not None else scenario_from_run_config(context.run_config)
+            label = _node_domain_label(scenario, context.node_config)
+            state = client_state(scenario, context.node_config)
+            message_type = message.metadata.message_type.split(".")[0]
+            return Message(state.handle(message_type, message.content), reply_to=message)
+        except Exception as exc:  # every failure goes back to the server as an error reply naming the domain
+            logger.error("client %s failed:\n%s", label, traceback.format_exc())
+            return Message(Error(CLIENT_ERROR_CODE, f"client {label}: {type(exc).__name__}: {exc}"), reply_to=message)
+
+    app.query()(handle)
+    app.train()(handle)
+    app.evaluate()(handle)
+    return app
+
+
+app = build_client_app()

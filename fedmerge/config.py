@@ -1,0 +1,205 @@
+"""Scenarios: TOML files describing one federated run, plus ``--set key=value`` overrides and validation.
+
+A scenario is a two-level table ``{section: {key: value}}`` laid over :data:`DEFAULTS`. Keys listed in
+:data:`FREE_TABLES` hold free-form tables (model/encoder/merge parameters handed to other modules, which check
+them); every other key must be one of the defaults, so a typo fails with the list of valid keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fedmerge.errors import FedmergeError
+
+DEFAULT_SCENARIO = "quickstart"
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "run": {"name": "unnamed", "seed": 0, "torch_threads": 1, "progress": True},
+    "data": {
+        "source": "synthetic",
+        "root": "",
+        "domains": [],
+        "held_out": [],
+        "synthetic": {"n_domains": 3, "n_users": 200, "n_items": 100, "n_topics": 8, "min_len": 4, "max_len": 20},
+    },
+    "encoder": {"name": "hashing", "params": {}, "cache_dir": ""},
+    "model": {"family": "sequential", "params": {}},
+    "merge": {
+        "methods": ["average", "task_arithmetic", "ties", "dare", "mergerec_taskwise", "mergerec_layerwise"],
+        "params": {},
+        "mergerec": {},
+    },
+    "eval": {"ks": [10, 20], "split": "test", "primary": "recall@10"},
+    "baselines": {
+        "individual": True,
+        "theta0": True,
+        "joint": True,
+        "fedavg_rounds": 3,
+        "fedavg_local_params": {},
+    },
+    "federation": {"timeout_s": 3600.0, "min_replies": 0, "max_update_slack": 1.0},
+    "privacy": {"enabled": False, "clip_norm": 1.0, "noise_multiplier": 0.0},
+}
+FREE_TABLES: frozenset[tuple[str, str]] = frozenset(
+    {("encoder", "params"), ("model", "params"), ("merge", "params"), ("merge", "mergerec"),
+     ("baselines", "fedavg_local_params")}
+)
+DATA_SOURCES = ("synthetic", "amazon", "generic")
+
+
+def scenario_path(name_or_path: str | Path) -> Path:
+    """Resolve a bare scenario name to ``scenarios/<name>.toml``; anything with a suffix or separator is a path."""
+    text = str(name_or_path)
+    path = Path(text)
+    if path.suffix or "/" in text or "\\" in text:
+        if not path.is_file():
+            raise FedmergeError(f"scenario file {path} does not exist")
+        return path
+    candidate = SCENARIO_DIR / f"{text}.toml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+        raise FedmergeError(f"unknown scenario {text!r}; valid: {known} or a path to a .toml file")
+    return candidate
+
+
+def load_scenario(name_or_path: str | Path = DEFAULT_SCENARIO, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Read a scenario TOML, lay it over :data:`DEFAULTS`, apply ``overrides`` and validate."""
+    path = scenario_path(name_or_path)
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise FedmergeError(f"scenario {path}: invalid TOML: {exc}") from exc
+    cfg = merge_into_defaults(raw, source=str(path))
+    return apply_overrides(cfg, overrides)
+
+
+def merge_into_defaults(raw: Mapping[str, Any], source: str = "scenario") -> dict[str, Any]:
+    """A validated copy of :data:`DEFAULTS` updated with ``raw`` (a two-level table)."""
+    cfg = copy.deepcopy(DEFAULTS)
+    for section, table in raw.items():
+        if section not in DEFAULTS:
+            raise FedmergeError(f"{source}: unknown section [{section}]; valid: {sorted(DEFAULTS)}")
+        if not isinstance(table, Mapping):
+            raise FedmergeError(f"{source}: [{section}] must be a table, got {type(table).__name__}")
+        for key, value in table.items():
+            _set(cfg, (section, key), value, source)
+    validate(cfg)
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as a TOML value (``3``, ``true``, ``["a", "b"]``, ``{x = 1}``); else a plain string."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A validated copy of ``cfg`` with each ``section.key[.sub...]=value`` applied; ``cfg`` is not changed."""
+    out = copy.deepcopy(dict(cfg))
+    for item in overrides:
+        if "=" not in item:
+            raise FedmergeError(f"override {item!r} must look like section.key=value")
+        dotted, text = item.split("=", 1)
+        path = tuple(part.strip() for part in dotted.strip().split("."))
+        if len(path) < 2 or not all(path):
+            raise FedmergeError(f"override {item!r}: key must be section.key (e.g. data.root), got {dotted!r}")
+        _set(out, path, parse_value(text.strip()), f"override {item!r}")
+    validate(out)
+    return out
+
+
+def _set(cfg: dict[str, Any], path: tuple[str, ...], value: Any, source: str) -> None:
+    section, key, rest = path[0], path[1], path[2:]
+    if section not in DEFAULTS:
+        raise FedmergeError(f"{source}: unknown section {section!r}; valid: {sorted(DEFAULTS)}")
+    if key not in DEFAULTS[section]:
+        raise FedmergeError(f"{source}: unknown key {section}.{key}; valid: {sorted(DEFAULTS[section])}")
+    default = DEFAULTS[section][key]
+    if not rest:
+        if isinstance(default, dict) and (section, key) not in FREE_TABLES:
+            if not isinstance(value, Mapping):
+                raise FedmergeError(f"{source}: {section}.{key} must be a table, got {value!r}")
+            for sub_key, sub_value in value.items():
+                _set(cfg, (section, key, sub_key), sub_value, source)
+            return
+        cfg[section][key] = _checked_type(f"{section}.{key}", default, value, source)
+        return
+    if not isinstance(default, dict):
+        raise FedmergeError(f"{source}: {section}.{key} is not a table, cannot set {'.'.join(path)}")
+    target = cfg[section][key]
+    if (section, key) not in FREE_TABLES:
+        if len(rest) != 1 or rest[0] not in default:
+            raise FedmergeError(f"{source}: unknown key {'.'.join(path)}; valid: {sorted(default)}")
+        target[rest[0]] = _checked_type(".".join(path), default[rest[0]], value, source)
+        return
+    for part in rest[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise FedmergeError(f"{source}: {'.'.join(path)} goes through a non-table value")
+    target[rest[-1]] = value
+
+
+def _checked_type(name: str, default: Any, value: Any, source: str) -> Any:
+    """``value`` if its type fits the default's (ints are accepted where floats are expected)."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, (list, dict, str)):
+        ok = isinstance(value, type(default))
+    else:
+        ok = True
+    if not ok:
+        raise FedmergeError(f"{source}: {name} must be a {type(default).__name__}, got {value!r}")
+    return value
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Cross-field checks that a single key's type cannot express."""
+    data = cfg["data"]
+    if data["source"] not in DATA_SOURCES:
+        raise FedmergeError(f"data.source must be one of {list(DATA_SOURCES)}, got {data['source']!r}")
+    if data["source"] != "synthetic" and not data["domains"]:
+        raise FedmergeError(f"data.domains must list the domains for data.source = {data['source']!r}")
+    names = domain_names(cfg)
+    unknown = [d for d in data["held_out"] if d not in names]
+    if unknown:
+        raise FedmergeError(f"data.held_out names unknown domain(s) {unknown}; valid: {names}")
+    if len(set(names) - set(data["held_out"])) < 1:
+        raise FedmergeError("every domain is held out; at least one domain must train")
+    if cfg["baselines"]["fedavg_rounds"] < 0:
+        raise FedmergeError(f"baselines.fedavg_rounds must be >= 0, got {cfg['baselines']['fedavg_rounds']}")
+    if cfg["federation"]["min_replies"] < 0 or cfg["federation"]["timeout_s"] <= 0:
+        raise FedmergeError("federation.min_replies must be >= 0 and federation.timeout_s > 0")
+    if cfg["eval"]["split"] not in ("val", "test"):
+        raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg['eval']['split']!r}")
+
+
+def domain_names(cfg: Mapping[str, Any]) -> list[str]:
+    """All domains of the run in partition order (synthetic domains are named ``synth-<i>``)."""
+    data = cfg["data"]
+    if data["source"] == "synthetic":
+        generated = [f"synth-{i}" for i in range(int(data["synthetic"]["n_domains"]))]
+        if data["domains"]:
+            unknown = [d for d in data["domains"] if d not in generated]
+            if unknown:
+                raise FedmergeError(f"data.domains names unknown synthetic domain(s) {unknown}; valid: {generated}")
+            return list(data["domains"])
+        return generated
+    return list(data["domains"])
+
+
+def training_domains(cfg: Mapping[str, Any]) -> list[str]:
+    """Domains whose clients train and are merged (all but ``data.held_out``)."""
+    return [d for d in domain_names(cfg) if d not in cfg["data"]["held_out"]]

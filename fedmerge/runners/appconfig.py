@@ -1,0 +1,22 @@
+"""The scenario as the Flower apps see it: from a closure (simulation runner) or from the run config (`flwr run`).
+
+Run-config keys (``[tool.flwr.app.config]`` in pyproject.toml, or ``flwr run . --run-config``): ``scenario``
+(name or path), ``overrides`` (``;``-separated ``section.key=value`` items) and ``out-dir``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fedmerge.config import DEFAULT_SCENARIO, load_scenario
+
+SCENARIO_KEY = "scenario"
+OVERRIDES_KEY = "overrides"
+OUT_DIR_KEY = "out-dir"
+
+
+def scenario_from_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved scenario named by the run config (default: quickstart)."""
+    overrides = [item.strip() for item in str(run_config.get(OVERRIDES_KEY, "")).split(";") if item.strip()]
+    return load_scenario(str(run_config.get(SCENARIO_KEY, "") or DEFAULT_SCENARIO), overrides)

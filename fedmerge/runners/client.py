@@ -1,0 +1,195 @@
+"""Framework-free client logic: load the client's own domain, train from the received weights, evaluate models.
+
+A client knows only its own domain. :func:`handle` maps a request :class:`~flwr.app.RecordDict` to a reply
+RecordDict; the Flower ClientApp and the in-process engine both call it, so they run one code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from fedmerge.config import domain_names
+from fedmerge.data.domain import Domain, ItemCatalog
+from fedmerge.errors import DataError, FedmergeError
+from fedmerge.metrics import evaluate_scorer
+from fedmerge.models import ModelFamily, StateDict, get_family
+from fedmerge.runners import protocol
+
+logger = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def amazon_root(cfg: Mapping[str, Any]) -> Path:
+    """``data.root``, else $FEDMERGE_AMAZON_DIR, else ``<repo>/../shared/datasets/amazon``."""
+    root = cfg["data"]["root"] or os.environ.get("FEDMERGE_AMAZON_DIR") or str(REPO_ROOT.parent / "shared/datasets/amazon")
+    return Path(root).expanduser()
+
+
+def domain_path(cfg: Mapping[str, Any], name: str) -> Path:
+    """Where domain ``name`` lives under the data root: ``<name>/`` folder or ``<name>.tar.gz``."""
+    root = amazon_root(cfg)
+    for candidate in (root / name, root / f"{name}.tar.gz"):
+        if candidate.exists():
+            return candidate
+    raise DataError(f"domain {name!r} not found under {root} (looked for {name}/ and {name}.tar.gz); set data.root")
+
+
+def _synthetic_domains(cfg: Mapping[str, Any]) -> dict[str, Domain]:
+    from fedmerge.data.synthetic import make_synthetic_domains
+
+    sizes = cfg["data"]["synthetic"]
+    return {d.name: d for d in make_synthetic_domains(seed=int(cfg["run"]["seed"]), **sizes)}
+
+
+def load_named_domain(cfg: Mapping[str, Any], name: str) -> Domain:
+    """Domain ``name`` of the scenario's data source."""
+    source = cfg["data"]["source"]
+    if source == "synthetic":
+        return _synthetic_domains(cfg)[name]
+    path = domain_path(cfg, name)
+    if source == "amazon":
+        from fedmerge.data.amazon import load_amazon_domain
+
+        return load_amazon_domain(path, name=name)
+    from fedmerge.data import load_domain
+
+    return load_domain(path)
+
+
+def load_client_domain(cfg: Mapping[str, Any], partition_id: int | None = None, data_path: str | None = None) -> Domain:
+    """The one domain this client holds: from ``data_path`` (deployment) or the scenario's ``partition_id``-th domain."""
+    if data_path:
+        from fedmerge.data import load_domain
+
+        return load_domain(data_path)
+    names = domain_names(cfg)
+    if partition_id is None or not 0 <= int(partition_id) < len(names):
+        raise FedmergeError(f"partition id {partition_id} out of range: the scenario has {len(names)} domains {names}")
+    return load_named_domain(cfg, names[int(partition_id)])
+
+
+def load_catalog(cfg: Mapping[str, Any], name: str) -> ItemCatalog:
+    """The public catalog of domain ``name`` (what the server may read)."""
+    if cfg["data"]["source"] == "synthetic":
+        return _synthetic_domains(cfg)[name].catalog  # the generator is seeded; only the catalog is used
+    from fedmerge.data import load_catalog as load_public_catalog
+
+    return load_public_catalog(domain_path(cfg, name))
+
+
+def family_of(cfg: Mapping[str, Any], extra_params: Mapping[str, Any] | None = None) -> ModelFamily:
+    """The scenario's model family, with ``extra_params`` laid over ``model.params``."""
+    params = {**cfg["model"]["params"], **(extra_params or {})}
+    return get_family(cfg["model"]["family"], **params)
+
+
+def item_features(cfg: Mapping[str, Any], catalog: ItemCatalog, family: ModelFamily) -> torch.Tensor:
+    """The family's input features for a catalog, from (cached) text embeddings."""
+    from fedmerge.text import EmbeddingCache, encode_catalog, get_encoder
+
+    enc = cfg["encoder"]
+    encoder = _encoder(enc["name"], tuple(sorted(enc["params"].items())))
+    cache = EmbeddingCache(enc["cache_dir"]) if enc["cache_dir"] else None
+    return family.item_features(encode_catalog(encoder, catalog, cache=cache))
+
+
+@lru_cache(maxsize=4)
+def _encoder(name: str, params: tuple[tuple[str, Any], ...]) -> Any:
+    from fedmerge.text import get_encoder
+
+    return get_encoder(name, **dict(params))
+
+
+def client_seed(cfg: Mapping[str, Any], domain_name: str, round_index: int) -> int:
+    """Seed of one client's training in one round: a function of the run seed, domain position and round."""
+    names = domain_names(cfg)
+    position = names.index(domain_name) if domain_name in names else len(names)
+    return int(cfg["run"]["seed"]) + 1000 * round_index + position
+
+
+def client_train(
+    domain: Domain, theta0: StateDict, cfg: Mapping[str, Any], round_index: int = 0,
+    extra_params: Mapping[str, Any] | None = None, features: torch.Tensor | None = None,
+) -> tuple[StateDict, dict[str, Any]]:
+    """Train from ``theta0`` on the domain; privatize the update if ``privacy.enabled`` (the one DP call site)."""
+    torch.set_num_threads(int(cfg["run"]["torch_threads"]))
+    family = family_of(cfg, extra_params)
+    if features is None:
+        features = item_features(cfg, domain.catalog, family)
+    seed = client_seed(cfg, domain.name, round_index)
+    weights, metrics = family.train(theta0, domain, features, seed=seed, progress=bool(cfg["run"]["progress"]))
+    privacy = cfg["privacy"]
+    if privacy["enabled"]:
+        from fedmerge.privacy.dp import privatize_update
+
+        weights = privatize_update(theta0, weights, privacy["clip_norm"], privacy["noise_multiplier"], seed=seed)
+        metrics = {**metrics, "dp_clip_norm": privacy["clip_norm"], "dp_noise_multiplier": privacy["noise_multiplier"]}
+    metrics = {**metrics, protocol.NUM_USERS: domain.n_users}
+    return weights, metrics
+
+
+def client_evaluate(
+    domain: Domain, models: Mapping[str, StateDict], cfg: Mapping[str, Any], features: torch.Tensor | None = None
+) -> dict[str, dict[str, float]]:
+    """Metrics of each model on the domain's private ``eval.split`` users (via :func:`fedmerge.metrics.evaluate_scorer`)."""
+    torch.set_num_threads(int(cfg["run"]["torch_threads"]))
+    family = family_of(cfg)
+    if features is None:
+        features = item_features(cfg, domain.catalog, family)
+    ks = tuple(int(k) for k in cfg["eval"]["ks"])
+    return {
+        name: evaluate_scorer(family.scorer(weights, features), domain, cfg["eval"]["split"], ks=ks, max_len=family.max_len)
+        for name, weights in models.items()
+    }
+
+
+class ClientState:
+    """A client's domain and item features, loaded once per process and reused across messages."""
+
+    def __init__(self, cfg: Mapping[str, Any], partition_id: int | None = None, data_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.domain = load_client_domain(cfg, partition_id, data_path)
+        self._features: torch.Tensor | None = None
+
+    @property
+    def features(self) -> torch.Tensor:
+        if self._features is None:
+            self._features = item_features(self.cfg, self.domain.catalog, family_of(self.cfg))
+        return self._features
+
+    def handle(self, message_type: str, content: RecordDict) -> RecordDict:
+        """Reply to one request (query / train / evaluate); the reply holds only weights, metrics and the domain name."""
+        info = protocol.info_record(self.domain.name)
+        if message_type == protocol.QUERY:
+            return RecordDict({protocol.INFO: info})
+        config = content.config_records.get(protocol.CONFIG, ConfigRecord())
+        if message_type == protocol.TRAIN:
+            theta = protocol.from_record(content.array_records[protocol.GLOBAL])
+            local = self.cfg["baselines"]["fedavg_local_params"] if config.get("phase") == "fedavg" else None
+            weights, metrics = client_train(
+                self.domain, theta, self.cfg, int(config.get("round", 0)), extra_params=local, features=self.features
+            )
+            return RecordDict(
+                {protocol.WEIGHTS: protocol.to_record(weights), protocol.TRAIN_METRICS: protocol.numeric_metrics(metrics),
+                 protocol.INFO: info}
+            )
+        if message_type == protocol.EVALUATE:
+            models = {
+                key[len(protocol.MODEL_PREFIX):]: protocol.from_record(rec)
+                for key, rec in content.array_records.items() if key.startswith(protocol.MODEL_PREFIX)
+            }
+            results = client_evaluate(self.domain, models, self.cfg, features=self.features)
+            reply = RecordDict({protocol.INFO: info})
+            for name, metrics in results.items():
+                reply[protocol.METRICS_PREFIX + name] = protocol.numeric_metrics(metrics)
+            return reply
+        raise FedmergeError(f"unknown message type {message_type!r}; valid: {[protocol.QUERY, protocol.TRAIN, protocol.EVALUATE]}")

@@ -1,0 +1,72 @@
+"""What travels between clients and server: message types, record keys and weight <-> record conversion.
+
+Shared by the Flower apps (``clients/app.py``, ``server/strategy.py``) and the in-process engine, so both speak
+exactly the same records. A client only ever sends named float weight arrays, numeric metrics and its domain name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedmerge.errors import FedmergeError
+from fedmerge.models.base import StateDict
+
+QUERY = "query"
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+CONFIG = "config"  # ConfigRecord sent by the server: phase, round, seed
+INFO = "info"  # ConfigRecord sent by a client: its domain name
+GLOBAL = "global"  # ArrayRecord sent for training: the starting weights
+WEIGHTS = "weights"  # ArrayRecord replied after training
+TRAIN_METRICS = "train_metrics"  # MetricRecord replied after training
+MODEL_PREFIX = "model:"  # ArrayRecord per model to evaluate, keyed MODEL_PREFIX + model name
+METRICS_PREFIX = "metrics:"  # MetricRecord per evaluated model
+NUM_USERS = "num-users"  # training metric used as the FedAvg weight
+DOMAIN = "domain"
+
+
+def to_record(weights: StateDict) -> ArrayRecord:
+    """Weights as an ArrayRecord of named float arrays (refuses non-float tensors)."""
+    bad = [name for name, t in weights.items() if not torch.is_floating_point(t)]
+    if bad:
+        raise FedmergeError(f"refusing to send non-float weight arrays {bad[:5]}")
+    return ArrayRecord({name: t.detach().cpu().contiguous() for name, t in weights.items()})
+
+
+def from_record(record: ArrayRecord) -> StateDict:
+    """An ArrayRecord back as a state dict of (copied, writable) tensors."""
+    return {name: torch.from_numpy(np.array(arr.numpy(), copy=True)) for name, arr in record.items()}
+
+
+def numeric_metrics(metrics: Mapping[str, object]) -> MetricRecord:
+    """The int/float entries of ``metrics`` (and lists of them) as a MetricRecord; everything else is dropped."""
+    kept: dict[str, float | int | list[float]] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool):
+            kept[key] = int(value)
+        elif isinstance(value, (int, float, np.integer, np.floating)):
+            kept[key] = value.item() if isinstance(value, np.generic) else value
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+            kept[key] = [float(v) for v in value]
+    return MetricRecord(kept)
+
+
+def info_record(domain: str) -> ConfigRecord:
+    return ConfigRecord({DOMAIN: domain})
+
+
+def reply_domain(content: RecordDict) -> str:
+    """The domain name a client put in its reply."""
+    if INFO not in content.config_records or DOMAIN not in content.config_records[INFO]:
+        raise FedmergeError("client reply carries no domain name")
+    return str(content.config_records[INFO][DOMAIN])
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Payload bytes of every record in ``content`` (Flower's own count)."""
+    return int(sum(r.count_bytes() for r in content.values()))

@@ -1,0 +1,253 @@
+"""Framework-free server logic: θ₀, update checks, merging, FedAvg aggregation and the phase orchestration.
+
+:class:`Federation` drives one run over a :class:`Transport` (send per-domain requests, get per-domain replies).
+The Flower strategy (``server/strategy.py``) and the in-process engine are two transports over this one code path.
+The server sees only weights, numeric metrics, domain names and the public catalogs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from tqdm.auto import tqdm
+
+from fedmerge.config import domain_names, training_domains
+from fedmerge.data.domain import ItemCatalog
+from fedmerge.errors import FedmergeError
+from fedmerge.models import StateDict
+from fedmerge.runners import protocol
+from fedmerge.runners.client import family_of, item_features, load_catalog
+
+logger = logging.getLogger(__name__)
+MERGEREC_METHODS = {"mergerec_taskwise": "task", "mergerec_layerwise": "layer"}
+
+
+class Transport(Protocol):
+    """Sends one request per domain and returns (replies, errors) keyed by domain name."""
+
+    def send(self, message_type: str, requests: Mapping[str, RecordDict]) -> tuple[dict[str, RecordDict], dict[str, str]]: ...
+
+
+def initial_weights(cfg: Mapping[str, Any]) -> StateDict:
+    """θ₀: the family's seeded initialization for the encoder's feature width (identical on every party)."""
+    family = family_of(cfg)
+    dim = item_features(cfg, load_catalog(cfg, training_domains(cfg)[0]), family).shape[1]
+    return family.initial_weights(dim, seed=int(cfg["run"]["seed"]))
+
+
+def fedavg_aggregate(updates: Mapping[str, StateDict], weights: Mapping[str, float]) -> StateDict:
+    """Σ_d n_d θ_d / Σ_d n_d per parameter (McMahan et al. 2017)."""
+    total = float(sum(weights[d] for d in updates))
+    if total <= 0:
+        raise FedmergeError("FedAvg weights sum to zero")
+    first = next(iter(updates.values()))
+    return {
+        name: (sum(updates[d][name].double() * (weights[d] / total) for d in updates)).to(first[name].dtype)
+        for name in first
+    }
+
+
+def merge_replies(
+    theta0: StateDict, replies: Mapping[str, StateDict], catalogs: Mapping[str, ItemCatalog], cfg: Mapping[str, Any]
+) -> tuple[dict[str, StateDict], dict[str, Any]]:
+    """Every configured merge of the clients' weights (training-free registry methods and MergeRec).
+
+    Uses only the weights and the public catalogs. Returns (model name -> merged weights, report with per-method
+    seconds and MergeRec's learned coefficients).
+    """
+    from fedmerge.merging import merge
+
+    models = {d: replies[d] for d in sorted(replies)}
+    merged: dict[str, StateDict] = {}
+    report: dict[str, Any] = {"seconds": {}, "domains": list(models)}
+    for method in cfg["merge"]["methods"]:
+        start = time.perf_counter()
+        params = dict(cfg["merge"]["params"].get(method, {}))
+        if method in MERGEREC_METHODS:
+            merged[method], report[method] = _mergerec(theta0, models, catalogs, cfg, MERGEREC_METHODS[method])
+        else:
+            try:
+                merged[method] = merge(method, theta0, models, **params)
+            except ValueError as exc:
+                raise FedmergeError(f"merge.methods: {method}: {exc}") from exc
+        report["seconds"][method] = round(time.perf_counter() - start, 3)
+    return merged, report
+
+
+def _mergerec(
+    theta0: StateDict, models: Mapping[str, StateDict], catalogs: Mapping[str, ItemCatalog], cfg: Mapping[str, Any],
+    granularity: str,
+) -> tuple[StateDict, dict[str, Any]]:
+    """MergeRec with task- or layer-wise coefficients, learned on pseudo-users from the public catalogs."""
+    from fedmerge.merging.mergerec import mergerec
+
+    family = family_of(cfg)
+    features = {d: item_features(cfg, catalogs[d], family) for d in models}
+    params = {**cfg["merge"]["mergerec"], "granularity": granularity}
+    return mergerec(family, theta0, dict(models), features, seed=int(cfg["run"]["seed"]), **params)
+
+
+def average_metrics(per_domain: Mapping[str, Mapping[str, float]], domains: list[str]) -> dict[str, float]:
+    """Unweighted mean over ``domains`` of every metric they all report (MergeRec averages domains equally)."""
+    present = [per_domain[d] for d in domains if d in per_domain]
+    if not present:
+        return {}
+    keys = set.intersection(*(set(m) for m in present)) - {"users"}
+    return {k: float(np.mean([m[k] for m in present])) for k in sorted(keys)}
+
+
+class Federation:
+    """One run: one-shot training, update checks, merges, FedAvg rounds and evaluation, over a transport."""
+
+    def __init__(self, cfg: Mapping[str, Any], theta0: StateDict, extra_models: Mapping[str, StateDict] | None = None):
+        self.cfg = cfg
+        self.theta0 = theta0
+        self.family_name = cfg["model"]["family"]
+        self.extra_models = dict(extra_models or {})
+        self.domains = domain_names(cfg)
+        self.train_domains = training_domains(cfg)
+        self.timings: dict[str, float] = {}
+        self.bytes = {d: {"sent": 0, "received": 0} for d in self.domains}
+        self.rejected: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+        self.models: dict[str, dict[str, dict[str, float]]] = {}
+        self.fedavg_curve: list[dict[str, float]] = []
+        self.merge_report: dict[str, Any] = {}
+        self.train_metrics: dict[str, dict[str, float]] = {}
+        self.oneshot_bytes = 0
+
+    # ---- requests and replies -------------------------------------------------------------------------------
+    def _exchange(self, transport: Transport, message_type: str, requests: dict[str, RecordDict]) -> dict[str, RecordDict]:
+        for d, content in requests.items():
+            self.bytes[d]["received"] += protocol.record_bytes(content)
+        replies, errors = transport.send(message_type, requests)
+        for d, content in replies.items():
+            self.bytes[d]["sent"] += protocol.record_bytes(content)
+        for d, reason in errors.items():
+            logger.error("client %s failed in %s: %s", d, message_type, reason)
+            self.errors[f"{message_type}:{d}"] = reason
+        return replies
+
+    def train_requests(self, weights: StateDict, phase: str, round_index: int) -> dict[str, RecordDict]:
+        """One training request per training domain: the starting weights and (phase, round)."""
+        record = protocol.to_record(weights)
+        config = ConfigRecord({"phase": phase, "round": round_index})
+        return {d: RecordDict({protocol.GLOBAL: record, protocol.CONFIG: config}) for d in self.train_domains}
+
+    def accept_updates(self, replies: Mapping[str, RecordDict]) -> tuple[dict[str, StateDict], dict[str, float]]:
+        """Checked weights and FedAvg weights (user counts) of the replies; a rejected update is logged and left out."""
+        from fedmerge.validation import UpdateRejected, check_update, max_bytes_for
+
+        max_bytes = max_bytes_for(self.theta0, float(self.cfg["federation"]["max_update_slack"]))
+        updates, n_users = {}, {}
+        for d, content in replies.items():
+            try:
+                if protocol.WEIGHTS not in content.array_records:
+                    raise UpdateRejected("reply has no weights")
+                update = protocol.from_record(content.array_records[protocol.WEIGHTS])
+                check_update(self.theta0, update, self.family_name, expected_family=self.family_name, max_bytes=max_bytes)
+            except UpdateRejected as exc:
+                logger.warning("rejected the update of %s: %s", d, exc.reason)
+                self.rejected[d] = exc.reason
+                continue
+            metrics = dict(content.metric_records.get(protocol.TRAIN_METRICS, {}))
+            self.train_metrics[d] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            updates[d] = update
+            n_users[d] = float(metrics.get(protocol.NUM_USERS, 1))
+        needed = int(self.cfg["federation"]["min_replies"]) or len(self.train_domains)
+        if len(updates) < needed:
+            raise FedmergeError(
+                f"only {len(updates)} usable updates ({sorted(updates)}) of {len(self.train_domains)} clients, "
+                f"need federation.min_replies = {needed}; rejected: {self.rejected}; errors: {self.errors}"
+            )
+        return updates, n_users
+
+    def evaluate(self, transport: Transport, models_for: Mapping[str, Mapping[str, StateDict]]) -> None:
+        """Send each domain its models to evaluate and record the metrics under ``models.<name>.<domain>``."""
+        requests = {}
+        for d, models in models_for.items():
+            content = RecordDict({protocol.CONFIG: ConfigRecord({"phase": "evaluate"})})
+            for name, weights in models.items():
+                content[protocol.MODEL_PREFIX + name] = protocol.to_record(weights)
+            requests[d] = content
+        for d, content in self._exchange(transport, protocol.EVALUATE, requests).items():
+            for key, record in content.metric_records.items():
+                if key.startswith(protocol.METRICS_PREFIX):
+                    self.models.setdefault(key[len(protocol.METRICS_PREFIX):], {})[d] = dict(record)
+
+    # ---- the run ----------------------------------------------------------------------------------------------
+    def run(self, transport: Transport) -> dict[str, Any]:
+        """All phases; returns the results dict (see :mod:`fedmerge.runners.results`)."""
+        baselines = self.cfg["baselines"]
+        phases = tqdm(total=3 + int(baselines["fedavg_rounds"]), desc="federation", disable=not self.cfg["run"]["progress"])
+
+        start = time.perf_counter()
+        replies = self._exchange(transport, protocol.TRAIN, self.train_requests(self.theta0, "oneshot", 0))
+        individual, _ = self.accept_updates(replies)
+        self.timings["local_training"] = time.perf_counter() - start
+        self.oneshot_bytes = sum(b["sent"] + b["received"] for b in self.bytes.values())
+        phases.update()
+
+        start = time.perf_counter()
+        catalogs = {d: load_catalog(self.cfg, d) for d in individual}
+        merged, self.merge_report = merge_replies(self.theta0, individual, catalogs, self.cfg)
+        self.timings["merging"] = time.perf_counter() - start
+        phases.update()
+
+        start = time.perf_counter()
+        shared = {**merged, **self.extra_models}
+        if baselines["theta0"]:
+            shared["theta0"] = self.theta0
+        models_for = {d: dict(shared) for d in self.domains}
+        if baselines["individual"]:
+            for d, weights in individual.items():
+                models_for[d]["individual"] = weights
+        self.evaluate(transport, models_for)
+        self.timings["evaluation"] = time.perf_counter() - start
+        phases.update()
+
+        start = time.perf_counter()
+        global_weights = self.theta0
+        for r in range(1, int(baselines["fedavg_rounds"]) + 1):
+            replies = self._exchange(transport, protocol.TRAIN, self.train_requests(global_weights, "fedavg", r))
+            updates, n_users = self.accept_updates(replies)
+            global_weights = fedavg_aggregate(updates, n_users)
+            self.evaluate(transport, {d: {f"fedavg_round{r}": global_weights} for d in self.domains})
+            round_avg = average_metrics(self.models[f"fedavg_round{r}"], self.train_domains)
+            communicated = sum(b["sent"] + b["received"] for b in self.bytes.values())
+            self.fedavg_curve.append({"round": r, "bytes": communicated, **round_avg})
+            phases.update()
+        if self.fedavg_curve:
+            self.models["fedavg"] = self.models.pop(f"fedavg_round{len(self.fedavg_curve)}")
+            for r in range(1, len(self.fedavg_curve)):
+                self.models.pop(f"fedavg_round{r}", None)
+        self.timings["fedavg"] = time.perf_counter() - start
+        phases.close()
+        return self.results()
+
+    def results(self) -> dict[str, Any]:
+        """Per-model per-domain metrics with averages over the training domains, bytes, timings and diagnostics."""
+        models = {}
+        for name, per_domain in self.models.items():
+            ordered = {d: per_domain[d] for d in self.domains if d in per_domain}
+            models[name] = {**ordered, "average": average_metrics(per_domain, self.train_domains)}
+        return {
+            "status": "failed" if any(k.startswith(protocol.EVALUATE) for k in self.errors) else "ok",
+            "domains": self.domains,
+            "held_out": list(self.cfg["data"]["held_out"]),
+            "models": models,
+            "fedavg_curve": self.fedavg_curve,
+            "oneshot_bytes": self.oneshot_bytes,
+            "bytes": self.bytes,
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "train_metrics": self.train_metrics,
+            "merge_report": self.merge_report,
+            "rejected": self.rejected,
+            "errors": self.errors,
+        }

@@ -1,0 +1,50 @@
+"""The fedmerge ServerApp (Flower Message API): runs the federation through :class:`server.strategy.MergeStrategy`.
+
+It writes ``results.json`` (plus CSV and plots) to the output folder; the runner reads that file back to check
+the run really finished (``status``), rather than trusting an exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedmerge.errors import FedmergeError
+from fedmerge.runners import results as results_io
+from fedmerge.runners.appconfig import OUT_DIR_KEY, scenario_from_run_config
+from fedmerge.runners.inprocess import run_federation
+from server.strategy import MergeStrategy
+
+logger = logging.getLogger(__name__)
+
+
+def build_server_app(cfg: Mapping[str, Any] | None = None, out_dir: str | Path | None = None) -> ServerApp:
+    """A ServerApp for scenario ``cfg`` writing to ``out_dir`` (``None``: both from the run config)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        start = time.perf_counter()
+        scenario = cfg if cfg is not None else scenario_from_run_config(context.run_config)
+        target = Path(out_dir or context.run_config.get(OUT_DIR_KEY, "") or f"results/{scenario['run']['name']}")
+        strategy = MergeStrategy(scenario, grid)
+        strategy.summary()
+        strategy.connect()
+        out = run_federation(scenario, strategy)
+        out["timings_s"]["total"] = round(time.perf_counter() - start, 3)
+        out = results_io.finalize(out, scenario, engine="flower")
+        results_io.write_results(out, target)
+        print(results_io.summary_table(out))  # noqa: T201 - the `flwr run` user's only view of the results
+        if out["status"] != "ok":
+            raise FedmergeError(f"federation failed: {out['errors']}")
+
+    return app
+
+
+app = build_server_app()

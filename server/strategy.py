@@ -1,0 +1,101 @@
+"""The Flower strategy: the Message-API transport for :class:`fedmerge.runners.server.Federation`.
+
+It maps domains to SuperNodes (one ``query`` round), sends each request as a Message, waits at most
+``federation.timeout_s`` for replies, turns error replies into per-domain errors, and never mutates a reply
+(the federation copies weights out of the records). Merging, FedAvg and evaluation bookkeeping live in the
+framework-free federation, so simulation, deployment and the in-process engine share one code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedmerge.config import domain_names
+from fedmerge.errors import FedmergeError
+from fedmerge.runners import protocol
+from fedmerge.runners.server import average_metrics
+
+logger = logging.getLogger(__name__)
+
+
+class MergeStrategy(Strategy):
+    """Collects individual replies, lets the federation merge them, broadcasts models and gathers metrics."""
+
+    def __init__(self, cfg: Mapping[str, Any], grid: Grid) -> None:
+        self.cfg = cfg
+        self.grid = grid
+        self.timeout = float(cfg["federation"]["timeout_s"])
+        self.node_of: dict[str, int] = {}
+        self._group = 0
+
+    # ---- transport ------------------------------------------------------------------------------------------
+    def connect(self) -> dict[str, int]:
+        """Wait for the SuperNodes and learn which domain each one holds (a ``query`` round)."""
+        wanted = domain_names(self.cfg)
+        deadline = time.monotonic() + self.timeout
+        nodes = list(self.grid.get_node_ids())
+        while len(nodes) < len(wanted) and time.monotonic() < deadline:
+            time.sleep(1.0)
+            nodes = list(self.grid.get_node_ids())
+        messages = [Message(RecordDict(), node, protocol.QUERY, group_id="connect") for node in nodes]
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            if reply.has_error():
+                logger.error("node %s failed to start: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            self.node_of[protocol.reply_domain(reply.content)] = reply.metadata.src_node_id
+        missing = [d for d in wanted if d not in self.node_of]
+        if missing:
+            logger.warning("no SuperNode holds domain(s) %s", missing)
+        return self.node_of
+
+    def send(self, message_type: str, requests: Mapping[str, RecordDict]) -> tuple[dict[str, RecordDict], dict[str, str]]:
+        """One Message per domain; replies and errors keyed by domain (unknown or silent domains are errors)."""
+        self._group += 1
+        errors = {d: "no SuperNode holds this domain" for d in requests if d not in self.node_of}
+        domain_of = {self.node_of[d]: d for d in requests if d in self.node_of}
+        messages = [Message(requests[d], node, message_type, group_id=str(self._group)) for node, d in domain_of.items()]
+        replies: dict[str, RecordDict] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            domain = domain_of.get(reply.metadata.src_node_id)
+            if domain is None:
+                continue
+            if reply.has_error():
+                errors[domain] = reply.error.reason
+            else:
+                replies[domain] = reply.content
+        for d in domain_of.values():
+            if d not in replies and d not in errors:
+                errors[d] = f"no reply within federation.timeout_s = {self.timeout:g} s"
+        return replies, errors
+
+    # ---- Flower's Strategy interface (one round = one request per domain) ----------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        content = RecordDict({protocol.GLOBAL: arrays, protocol.CONFIG: config})
+        return [Message(content, node, protocol.TRAIN, group_id=str(server_round)) for node in self.node_of.values()]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Not used for merging (that needs every individual model); raises to prevent a silent FedAvg."""
+        raise FedmergeError("MergeStrategy merges in fedmerge.runners.server.Federation; use run_federation")
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        content = RecordDict({protocol.MODEL_PREFIX + "global": arrays, protocol.CONFIG: config})
+        return [Message(content, node, protocol.EVALUATE, group_id=str(server_round)) for node in self.node_of.values()]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Unweighted mean over domains of the ``global`` model's metrics."""
+        per_domain = {
+            protocol.reply_domain(r.content): dict(r.content.metric_records[protocol.METRICS_PREFIX + "global"])
+            for r in replies if not r.has_error()
+        }
+        return MetricRecord(average_metrics(per_domain, list(per_domain))) if per_domain else None
+
+    def summary(self) -> None:
+        logger.info("MergeStrategy: domains %s, merges %s, timeout %gs", domain_names(self.cfg),
+                    self.cfg["merge"]["methods"], self.timeout)
