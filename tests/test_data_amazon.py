@@ -1,0 +1,155 @@
+"""MergeRec Amazon loader: folder and tarball, validation errors naming file and problem, real-data counts."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmerge.cli import main
+from fedmerge.data import load_catalog, load_domain
+from fedmerge.data.amazon import load_amazon_domain
+from fedmerge.errors import DataError
+
+# users: index 0 "rA", 1 "rB", 2 "rC" (umap deliberately not in index order); rC has no val/test (like Pantry)
+TINY = {
+    "train.json": {"0": [0, 1], "2": [3, 3, 1], "1": [2]},
+    "val.json": {"0": [2], "1": [0]},
+    "test.json": {"0": [3], "1": [1]},
+    "smap.json": {"A3": 3, "A0": 0, "A2": 2, "A1": 1},
+    "umap.json": {"rC": 2, "rA": 0, "rB": 1},
+    "meta_data.json": {
+        "A0": {"title": "Zero", "brand": "B", "category": ""},
+        "A1": {"title": "One", "brand": "", "category": "C"},
+        "A2": {"title": "Two", "brand": "", "category": ""},
+        "A3": {"title": "Three", "brand": "B", "category": "C"},
+        "UNMAPPED": {"title": "not in smap", "brand": "", "category": ""},
+    },
+}
+
+
+def write_folder(root: Path, name: str = "Tiny", **overrides) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    for file, content in {**TINY, **overrides}.items():
+        text = content if isinstance(content, str) else json.dumps(content)
+        (folder / file).write_text(text)
+    return folder
+
+
+def write_tarball(folder: Path, tarball: Path) -> Path:
+    with tarfile.open(tarball, "w:gz") as archive:
+        archive.add(folder, arcname=folder.name)
+    return tarball
+
+
+def test_folder_loads_with_umap_user_ids_and_missing_targets(tmp_path):
+    domain = load_amazon_domain(write_folder(tmp_path))
+    assert domain.name == "Tiny"
+    assert domain.catalog.ids == ("A0", "A1", "A2", "A3")
+    assert domain.catalog.fields[3] == TINY["meta_data.json"]["A3"]
+    assert domain.user_ids == ("rA", "rB", "rC")
+    assert [s.tolist() for s in domain.train] == [[0, 1], [2], [3, 3, 1]]
+    assert domain.val_target.tolist() == [2, 0, -1]
+    assert domain.test_target.tolist() == [3, 1, -1]
+    assert domain.n_interactions == 6
+
+
+def test_tarball_matches_folder_and_is_not_unpacked(tmp_path):
+    folder = write_folder(tmp_path / "src")
+    tarball = write_tarball(folder, tmp_path / "Tiny.tar.gz")
+    before = set(tmp_path.rglob("*"))
+    from_tar, from_folder = load_domain(tarball), load_domain(folder, name="Other")
+    assert set(tmp_path.rglob("*")) == before
+    assert from_tar.name == "Tiny" and from_folder.name == "Other"
+    assert from_tar.catalog == from_folder.catalog and from_tar.user_ids == from_folder.user_ids
+    assert all(np.array_equal(a, b) for a, b in zip(from_tar.train, from_folder.train))
+    assert np.array_equal(from_tar.test_target, from_folder.test_target)
+
+
+def test_load_catalog_reads_only_public_files(tmp_path):
+    folder = write_folder(tmp_path)
+    expected = load_domain(folder).catalog
+    for private in ("train.json", "val.json", "test.json", "umap.json"):
+        (folder / private).unlink()
+    assert load_catalog(folder) == expected
+    with pytest.raises(DataError, match="train.json"):
+        load_domain(folder)
+
+
+def test_truncated_tarball(tmp_path):
+    tarball = write_tarball(write_folder(tmp_path / "src"), tmp_path / "Tiny.tar.gz")
+    data = tarball.read_bytes()
+    tarball.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"Tiny\.tar\.gz.*(truncated|unreadable)"):
+        load_domain(tarball)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        ({"train.json": {"0": [0, 7], "1": [2], "2": [1]}}, r"train\.json: user 0: item index 7 out of range 0\.\.3"),
+        ({"test.json": {"0": [-1], "1": [1]}}, r"test\.json: user 0: item index -1 out of range"),
+        ({"meta_data.json": {k: v for k, v in TINY["meta_data.json"].items() if k != "A2"}}, r"meta_data\.json: 1 items .*no text.*A2"),
+        ({"meta_data.json": {**TINY["meta_data.json"], "A1": {"title": " ", "brand": ""}}}, r"meta_data\.json: .*no text.*A1"),
+        ({"val.json": '{"0": [2], "1": [0'}, r"val\.json: invalid JSON"),
+        ({"train.json": {}}, r"train\.json: the domain has no users"),
+        ({"val.json": {"0": [2], "5": [0]}}, r"val\.json: user 5 is not in train\.json"),
+        ({"val.json": {"0": [2, 1]}}, r"val\.json: user 0: expected exactly one target item"),
+        ({"smap.json": {"A0": 0, "A1": 1, "A2": 2, "A3": 5}}, r"smap\.json: item indices are not exactly 0\.\.3"),
+        ({"umap.json": {"rA": 0, "rB": 1}}, r"umap\.json: .*do not match"),
+        ({"train.json": {"x": [0]}}, r"train\.json: user key 'x' is not an integer"),
+        ({"train.json": {"0": "abc"}}, r"train\.json: user 0: expected a list of integer item indices"),
+    ],
+)
+def test_invalid_inputs_are_data_errors_naming_file_and_problem(tmp_path, overrides, pattern):
+    with pytest.raises(DataError, match=pattern):
+        load_amazon_domain(write_folder(tmp_path, **overrides))
+
+
+def test_missing_file_and_invalid_json_inside_tarball(tmp_path):
+    folder = write_folder(tmp_path / "src", **{"smap.json": "{not json"})
+    with pytest.raises(DataError, match=r"Tiny\.tar\.gz:Tiny/smap\.json: invalid JSON"):
+        load_domain(write_tarball(folder, tmp_path / "Tiny.tar.gz"))
+    (folder / "umap.json").unlink()
+    with pytest.raises(DataError, match=r"umap\.json: missing"):
+        load_domain(folder)
+    bare = tmp_path / "Bare.tar.gz"
+    with tarfile.open(bare, "w:gz") as archive:
+        info = tarfile.TarInfo("Bare/readme.txt")
+        archive.addfile(info, io.BytesIO(b""))
+    with pytest.raises(DataError, match=r"Bare\.tar\.gz: missing .*train\.json"):
+        load_domain(bare)
+
+
+def readme_counts(readme: Path) -> dict[str, tuple[int, int, int]]:
+    """(users, items, train interactions) per domain from the shared README's table."""
+    rows = re.findall(r"^\| (\w+) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \|", readme.read_text(), flags=re.M)
+    return {name: tuple(int(v.replace(",", "")) for v in values) for name, *values in rows}
+
+
+@pytest.mark.parametrize("domain", ["Beauty", "Pantry", "Toys"])
+def test_real_domain_info_matches_readme(amazon_dir, domain, capsys):
+    """About 0.5 s per domain on a 2-core CPU, so not marked slow."""
+    tarball = amazon_dir / f"{domain}.tar.gz"
+    if not tarball.is_file() or not (amazon_dir / "README.md").is_file():
+        pytest.skip(f"{tarball} or README.md missing")
+    expected = readme_counts(amazon_dir / "README.md")[domain]
+    assert main(["data", "info", str(tarball), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["users"], info["items"], info["interactions"]) == expected
+    assert info["domain"] == domain
+
+
+def test_concat_keeps_missing_targets(tmp_path):
+    from fedmerge.data import concat_domains
+
+    tiny = load_amazon_domain(write_folder(tmp_path))
+    joint = concat_domains([tiny, tiny])
+    assert joint.val_target.tolist() == [2, 0, -1, 6, 4, -1]
+    assert joint.test_target.tolist() == [3, 1, -1, 7, 5, -1]

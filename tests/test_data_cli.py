@@ -1,0 +1,104 @@
+"""``fedmerge data`` info / download / synth through fedmerge.cli.main."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from fedmerge.cli import main
+from fedmerge.data import load_domain
+from fedmerge.data.download import AMAZON_SHA256
+from fedmerge.data.synthetic import make_synthetic_domains
+from tests.test_data_amazon import write_folder, write_tarball
+
+
+@pytest.fixture
+def tiny_source(tmp_path, monkeypatch):
+    """A source folder holding Tiny.tar.gz, registered as a known domain with its true sha256."""
+    source = tmp_path / "source"
+    source.mkdir()
+    tarball = write_tarball(write_folder(tmp_path / "src"), source / "Tiny.tar.gz")
+    monkeypatch.setitem(AMAZON_SHA256, "Tiny", hashlib.sha256(tarball.read_bytes()).hexdigest())
+    return source
+
+
+def test_info_json_is_one_object(tmp_path, capsys):
+    folder = write_folder(tmp_path)
+    assert main(["data", "info", str(folder), "--json"]) == 0
+    out = capsys.readouterr().out
+    info = json.loads(out)
+    assert info == load_domain(folder).summary()
+    assert {"users", "items", "interactions"} <= info.keys()
+    assert out.count("\n") == 1
+
+
+def test_info_text(tmp_path, capsys):
+    assert main(["data", "info", str(write_folder(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "users" in out and "interactions" in out
+
+
+def test_bad_path_is_exit_1_with_one_line(tmp_path, capsys):
+    assert main(["data", "info", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "missing: no such file or folder" in err
+    assert err.startswith("fedmerge data: error:")
+
+
+@pytest.mark.parametrize("as_url", [False, True])
+def test_download_from_folder_or_file_url(tmp_path, tiny_source, as_url, capsys):
+    source = tiny_source.as_uri() if as_url else str(tiny_source)
+    dest = tmp_path / "dest"
+    assert main(["data", "download", "amazon", "--domains", "Tiny", "--dest", str(dest), "--source", source]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["Tiny"]
+    assert load_domain(dest / "Tiny").n_users == 3
+    assert capsys.readouterr().out.strip() == str(dest / "Tiny")
+
+
+def test_wrong_checksum_leaves_nothing(tmp_path, tiny_source, monkeypatch, capsys):
+    monkeypatch.setitem(AMAZON_SHA256, "Tiny", "0" * 64)
+    dest = tmp_path / "dest"
+    assert main(["data", "download", "amazon", "--domains", "Tiny", "--dest", str(dest), "--source", str(tiny_source)]) == 1
+    err = capsys.readouterr().err
+    assert "sha256" in err and "does not match" in err and "Tiny.tar.gz" in err
+    assert list(dest.iterdir()) == []
+
+
+def test_truncated_download_with_matching_hash_leaves_nothing(tmp_path, tiny_source, monkeypatch, capsys):
+    tarball = tiny_source / "Tiny.tar.gz"
+    tarball.write_bytes(tarball.read_bytes()[:-200])
+    monkeypatch.setitem(AMAZON_SHA256, "Tiny", hashlib.sha256(tarball.read_bytes()).hexdigest())
+    dest = tmp_path / "dest"
+    assert main(["data", "download", "amazon", "--domains", "Tiny", "--dest", str(dest), "--source", str(tiny_source)]) == 1
+    assert "cannot unpack" in capsys.readouterr().err
+    assert list(dest.iterdir()) == []
+
+
+def test_download_errors(tmp_path, tiny_source, capsys):
+    dest = str(tmp_path / "dest")
+    assert main(["data", "download", "amazon", "--domains", "Toys,Garden", "--dest", dest, "--source", str(tiny_source)]) == 1
+    err = capsys.readouterr().err
+    assert "Garden" in err and "Beauty, Pantry, Toys" in err
+    assert main(["data", "download", "amazon", "--domains", "Toys", "--dest", dest, "--source", str(tiny_source)]) == 1
+    assert "could not fetch" in capsys.readouterr().err  # Toys.tar.gz absent from the source folder
+
+
+def test_existing_domain_kept_unless_force(tmp_path, tiny_source):
+    dest = tmp_path / "dest"
+    (dest / "Tiny").mkdir(parents=True)
+    args = ["data", "download", "amazon", "--domains", "Tiny", "--dest", str(dest), "--source", str(tiny_source)]
+    assert main(args) == 0 and list((dest / "Tiny").iterdir()) == []
+    assert main([*args, "--force"]) == 0 and (dest / "Tiny" / "train.json").is_file()
+
+
+def test_synth_writes_loadable_generic_domains(tmp_path):
+    out = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(out), "--domains", "2", "--users", "40", "--items", "30", "--seed", "5"]) == 0
+    expected = make_synthetic_domains(n_domains=2, n_users=40, n_items=30, seed=5)
+    for domain in expected:
+        loaded = load_domain(out / domain.name)
+        assert loaded.catalog == domain.catalog
+        assert np.array_equal(loaded.test_target, domain.test_target)
