@@ -1,0 +1,74 @@
+"""``fedmerge train`` end to end on a tiny generated domain (hashing encoder, no network, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedmerge.cli import main
+from fedmerge.data.generic import save_generic_domain
+from fedmerge.data.synthetic import make_synthetic_domains
+from fedmerge.metrics import DEFAULT_KS
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def domain_dir(tmp_path_factory) -> Path:
+    domain = make_synthetic_domains(n_domains=1, n_users=80, n_items=40, n_topics=4, max_len=10, seed=0)[0]
+    return save_generic_domain(domain, tmp_path_factory.mktemp("data") / "synth")
+
+
+def metric_keys() -> set[str]:
+    return {f"{m}@{k}{s}" for m in ("recall", "ndcg") for k in DEFAULT_KS for s in ("", "_masked")}
+
+
+@pytest.mark.parametrize("model,params", [("popularity", []), ("ease", ["--set", "lam=[1,10]"]),
+                                          ("rdlae", ["--set", "lam=5", "--set", "dropout=0.25", "--set", "xi=[0,0.2]"]),
+                                          ("l3ae", ["--set", "lam=5", "--set", "lam_sem=1"])])
+def test_train_recommender_writes_metrics(domain_dir, tmp_path, monkeypatch, model, params) -> None:
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(domain_dir), "--model", model, "--encoder", "hashing", "--out", str(out),
+                 *params]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert metric_keys() <= set(report)
+    assert all(0.0 <= report[k] <= 1.0 for k in metric_keys())
+    assert report["users"] > 0 and report["fit_seconds"] >= 0 and report["eval_seconds"] >= 0
+    if model == "ease":
+        assert report["hyperparameters"]["lam"] in (1.0, 10.0) and len(report["validation"]) == 2
+    if model == "rdlae":
+        assert set(report["hyperparameters"]) == {"lam", "dropout", "xi"}
+
+
+def test_train_text_lae_writes_weights(domain_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(domain_dir), "--model", "text-lae", "--encoder", "hashing", "--out", str(out),
+                 "--set", "lam=[1,100]"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert metric_keys() <= set(report)
+    assert report["training"]["lam"] in (1.0, 100.0)
+    weights = load_file(out / "weights.safetensors")
+    assert set(weights) == {"W"} and weights["W"].shape[0] == weights["W"].shape[1]
+    assert not torch.allclose(weights["W"], torch.eye(weights["W"].shape[0]))
+
+
+def test_unknown_model_is_one_line_error(domain_dir, tmp_path, capsys) -> None:
+    assert main(["train", "--data", str(domain_dir), "--model", "nope", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "nope" in err and "ease" in err and "text-lae" in err
+
+
+def test_bad_parameter_is_one_line_error(domain_dir, tmp_path, capsys) -> None:
+    assert main(["train", "--data", str(domain_dir), "--model", "ease", "--out", str(tmp_path),
+                 "--set", "lambda=3"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "lambda" in err
