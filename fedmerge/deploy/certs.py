@@ -1,0 +1,174 @@
+"""Local test PKI: an own certificate authority, a SuperLink server certificate, and SuperNode auth key pairs.
+
+Layout written under ``out``::
+
+    ca.crt / ca.key              self-signed CA (the file SuperNodes and ``flwr`` trust: --root-certificates)
+    server.crt / server.key      SuperLink certificate signed by the CA, SANs for the given hosts
+    nodes/node-<i>  / .pub       SuperNode keys: EC SECP384R1, OpenSSH format (what Flower's node auth expects)
+
+Private keys are written with mode 0600. Everything is for loopback testing; a production CA is kept offline.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedmerge.errors import FedmergeError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class NodeKeys:
+    """One SuperNode's authentication key pair (paths)."""
+
+    private_key: Path
+    public_key: Path
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Paths of the generated PKI."""
+
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+    nodes: tuple[NodeKeys, ...]
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    """Atomic write (tmp + os.replace); private files get mode 0600 from creation."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+    """IP SANs for literal addresses, DNS SANs for names."""
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def make_ca(common_name: str = "fedmerge local CA", days: int = 30) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA key and certificate (basicConstraints CA:TRUE, keyCertSign)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def make_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: Sequence[str], days: int = 30
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A server key and certificate signed by the CA, valid for ``hosts`` (serverAuth)."""
+    if not hosts:
+        raise ValueError("at least one host name or IP address is needed for the server certificate")
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def make_node_keys(out_dir: Path, name: str) -> NodeKeys:
+    """An EC SECP384R1 key pair in OpenSSH format: ``<name>`` (private, 0600) and ``<name>.pub``."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = out_dir / name
+    public = out_dir / f"{name}.pub"
+    _write(
+        private,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
+        private=True,
+    )
+    _write(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return NodeKeys(private, public)
+
+
+def generate(out: Path, n_nodes: int = 3, hosts: Sequence[str] = DEFAULT_HOSTS, *, overwrite: bool = False) -> TlsFiles:
+    """Write a CA, a server certificate for ``hosts`` and ``n_nodes`` SuperNode key pairs under ``out``."""
+    if n_nodes < 0:
+        raise ValueError(f"n_nodes must be >= 0, got {n_nodes}")
+    out = Path(out)
+    ca_cert_path, ca_key_path = out / "ca.crt", out / "ca.key"
+    server_cert_path, server_key_path = out / "server.crt", out / "server.key"
+    if not overwrite and any(p.exists() for p in (ca_cert_path, ca_key_path, server_cert_path, server_key_path)):
+        raise FedmergeError(f"{out} already holds certificates; pass overwrite=True (--force) to replace them")
+    ca_key, ca_cert = make_ca()
+    server_key, server_cert = make_server_cert(ca_key, ca_cert, list(hosts))
+    _write(ca_key_path, _pem_key(ca_key), private=True)
+    _write(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write(server_key_path, _pem_key(server_key), private=True)
+    _write(server_cert_path, server_cert.public_bytes(serialization.Encoding.PEM))
+    nodes = tuple(make_node_keys(out / "nodes", f"node-{i}") for i in range(n_nodes))
+    logger.info("wrote CA, server certificate for %s and %d node key pairs to %s", ", ".join(hosts), n_nodes, out)
+    return TlsFiles(ca_cert_path, ca_key_path, server_cert_path, server_key_path, nodes)
+
+
+def load_tls_dir(path: Path) -> TlsFiles:
+    """The files of a directory written by :func:`generate`; a clear error if any is missing."""
+    path = Path(path)
+    files = [path / n for n in ("ca.crt", "ca.key", "server.crt", "server.key")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FedmergeError(f"TLS directory {path} lacks {', '.join(missing)}; create it with `fedmerge deploy certs`")
+    nodes_dir = path / "nodes"
+    privates = sorted(
+        (p for p in nodes_dir.glob("node-*") if p.suffix != ".pub"), key=lambda p: int(p.name.split("-")[1])
+    ) if nodes_dir.is_dir() else []
+    nodes = tuple(NodeKeys(p, p.with_name(p.name + ".pub")) for p in privates)
+    return TlsFiles(*files, nodes)

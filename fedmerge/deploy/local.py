@@ -1,0 +1,208 @@
+"""A real multi-process federation on one machine: one SuperLink, one SuperNode per domain, TLS + node auth.
+
+:func:`deploy_local` starts ``flower-superlink`` (TLS, ``--enable-supernode-auth``), registers every SuperNode's
+public key with ``flwr supernode register``, starts one ``flower-supernode`` per domain pointed at that domain's
+private data folder (``--node-config data-path=...``), submits the fedmerge app with ``flwr run``, polls the run
+with ``flwr ls`` until it finished, checks ``results.json`` and stops every process by pid (also on errors and
+KeyboardInterrupt). Logs of each process are in ``<out>/logs``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedmerge.deploy.certs import NodeKeys, TlsFiles, generate, load_tls_dir
+from fedmerge.deploy.flwr_cli import FlwrClient, toml_string, write_flower_config
+from fedmerge.deploy.processes import ManagedProcess, ProcessSet, free_port, wait_for_port
+from fedmerge.errors import DataError, FedmergeError
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Link:
+    """A started SuperLink: its process, address and the CA its certificate chains to (None: insecure)."""
+
+    process: ManagedProcess
+    address: str
+    root_cert: Path | None
+
+
+def node_config_arg(values: Mapping[str, str | int | float]) -> str:
+    """Flower's ``--node-config`` value: space-separated ``key=value`` with TOML-quoted strings."""
+    return " ".join(f"{k}={toml_string(v) if isinstance(v, str) else v}" for k, v in values.items())
+
+
+def deployment_env(out_dir: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of every process: a private Flower home, unbuffered output, no runtime dependency install."""
+    env = dict(os.environ if base is None else base)
+    env.update({"FLWR_HOME": str(out_dir / "flwr-home"), "PYTHONUNBUFFERED": "1",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
+    return env
+
+
+def start_superlink(procs: ProcessSet, out_dir: Path, tls: TlsFiles | None, node_auth: bool = True) -> Link:
+    """Start a SuperLink on a free loopback port (TLS unless ``tls`` is None) and wait until it listens."""
+    if node_auth and tls is None:
+        raise FedmergeError("SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth with --insecure)")
+    port = free_port(HOST)
+    argv = ["flower-superlink", "--host", HOST, "--port", str(port), "--database", str(out_dir / "superlink.db"),
+            "--disable-runtime-dependency-installation"]
+    if tls is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key),
+                 "--ssl-ca-certfile", str(tls.ca_cert)]
+    if node_auth:
+        argv.append("--enable-supernode-auth")
+    proc = procs.start("superlink", argv)
+    try:
+        wait_for_port(HOST, port, STARTUP_TIMEOUT_S, alive=proc.popen)
+    except FedmergeError as exc:
+        raise FedmergeError(f"SuperLink did not start: {exc}\n{proc.log_tail()}") from exc
+    return Link(proc, f"{HOST}:{port}", tls.ca_cert if tls else None)
+
+
+def start_supernode(
+    procs: ProcessSet, link: Link, name: str, node_config: Mapping[str, str | int | float], keys: NodeKeys | None,
+    max_wait_s: float = 30.0,
+) -> ManagedProcess:
+    """Start a SuperNode connecting to ``link`` with ``node_config``; ``keys`` authenticate it (None: no key)."""
+    argv = ["flower-supernode", "--superlink", link.address, "--port", str(free_port(HOST)),
+            "--node-config", node_config_arg(node_config), "--max-wait-time", str(max_wait_s)]
+    argv += ["--insecure"] if link.root_cert is None else ["--root-certificates", str(link.root_cert)]
+    if keys is not None:
+        argv += ["--auth-supernode-private-key", str(keys.private_key)]
+    return procs.start(name, argv)
+
+
+def wait_until_online(flwr: FlwrClient, node_ids: Sequence[int], nodes: Sequence[ManagedProcess], timeout_s: float) -> None:
+    """Block until every node id shows ``online``; FedmergeError naming a node whose process exited or timed out."""
+    deadline = time.monotonic() + timeout_s
+    wanted = {str(n) for n in node_ids}
+    while True:
+        for proc in nodes:
+            if proc.popen.poll() is not None:
+                raise FedmergeError(
+                    f"{proc.name} exited with code {proc.popen.returncode} before the run:\n{proc.log_tail()}"
+                )
+        online = {str(n["node-id"]) for n in flwr.nodes() if n.get("status") == "online"}
+        if wanted <= online:
+            return
+        if time.monotonic() > deadline:
+            raise FedmergeError(f"SuperNodes {sorted(wanted - online)} not online after {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
+def domain_data_paths(cfg: Mapping[str, Any], data_root: Path | None, out_dir: Path) -> dict[str, Path]:
+    """Each domain's private data location: ``<data_root>/<name>`` (folder or .tar.gz); synthetic scenarios without
+    a data root get their domains written to ``<out>/data/<name>`` in the generic format."""
+    from fedmerge.config import domain_names
+
+    names = domain_names(cfg)
+    if not names:
+        raise FedmergeError("the scenario names no domains (data.domains is empty)")
+    if data_root is None:
+        if cfg["data"]["source"] != "synthetic":
+            raise FedmergeError("--data-root is needed for a non-synthetic scenario (one folder or .tar.gz per domain)")
+        from fedmerge.data.generic import save_generic_domain
+        from fedmerge.data.synthetic import make_synthetic_domains
+
+        generated = {d.name: d for d in make_synthetic_domains(seed=int(cfg["run"]["seed"]), **cfg["data"]["synthetic"])}
+        return {name: save_generic_domain(generated[name], out_dir / "data" / name) for name in names}
+    paths: dict[str, Path] = {}
+    for name in names:
+        found = [p for p in (data_root / name, data_root / f"{name}.tar.gz") if p.exists()]
+        if not found:
+            raise DataError(f"domain {name!r} not found under {data_root} (looked for {name}/ and {name}.tar.gz)")
+        paths[name] = found[0].resolve()
+    return paths
+
+
+def _tls_files(tls_dir: Path | None, out_dir: Path, n_nodes: int) -> TlsFiles:
+    if tls_dir is None:
+        return generate(out_dir / "tls", n_nodes, overwrite=True)
+    tls = load_tls_dir(tls_dir)
+    if len(tls.nodes) < n_nodes:
+        raise FedmergeError(f"{tls_dir} holds {len(tls.nodes)} node key pairs but {n_nodes} SuperNodes are needed; "
+                            f"run `fedmerge deploy certs --out {tls_dir} --nodes {n_nodes} --force`")
+    return tls
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """``results.json`` of a finished run; FedmergeError if it is missing, unreadable or not ``status: ok``."""
+    if not path.is_file():
+        raise FedmergeError(f"the run finished but wrote no {path}")
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FedmergeError(f"{path} is not readable JSON: {exc}") from exc
+    if results.get("status") != "ok":
+        raise FedmergeError(f"{path} reports status {results.get('status')!r}: {results.get('errors')}")
+    return results
+
+
+def deploy_local(
+    scenario: str | Path,
+    out_dir: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    data_root: str | Path | None = None,
+    tls_dir: str | Path | None = None,
+    app_dir: str | Path = REPO_ROOT,
+    timeout_s: float = 3600.0,
+    poll_s: float = 2.0,
+) -> dict[str, Any]:
+    """Run ``scenario`` on a local SuperLink + one SuperNode per domain over TLS with node authentication.
+
+    Returns the parsed ``results.json``; raises FedmergeError (run failed, node refused, timeout, ...) after
+    stopping every started process.
+    """
+    from fedmerge.config import load_scenario
+
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_scenario(scenario, overrides)
+    paths = domain_data_paths(cfg, Path(data_root).resolve() if data_root else None, out)
+    tls = _tls_files(Path(tls_dir) if tls_dir else None, out, len(paths))
+    env = deployment_env(out)
+    results_dir = out / "results"
+    shutil.rmtree(results_dir, ignore_errors=True)
+    with ProcessSet(out, env=env) as procs:
+        link = start_superlink(procs, out, tls)
+        write_flower_config(Path(env["FLWR_HOME"]), link.address, link.root_cert)
+        flwr = FlwrClient(Path(env["FLWR_HOME"]), env=env)
+        node_ids = [flwr.register_node(keys.public_key, name=name) for keys, name in zip(tls.nodes, paths)]
+        nodes = [
+            start_supernode(procs, link, f"supernode-{name}", {"data-path": str(path)}, keys)
+            for (name, path), keys in zip(paths.items(), tls.nodes)
+        ]
+        wait_until_online(flwr, node_ids, nodes, STARTUP_TIMEOUT_S)
+        run_config = {"scenario": str(Path(scenario).resolve()) if Path(scenario).suffix else str(scenario),
+                      "overrides": ";".join(overrides), "out-dir": str(results_dir)}
+        run_id = flwr.submit_run(Path(app_dir), run_config)
+        logger.info("submitted run %d to %s with %d SuperNodes", run_id, link.address, len(nodes))
+
+        def link_alive() -> None:
+            if link.process.popen.poll() is not None:
+                raise FedmergeError(f"the SuperLink exited with code {link.process.popen.returncode}:\n"
+                                    f"{link.process.log_tail()}")
+
+        try:
+            status = flwr.wait(run_id, timeout_s, poll_s, check=link_alive)
+        finally:
+            (out / "logs" / "run.log").write_text(flwr.logs(run_id))
+        logger.info("run %d %s", run_id, status)
+    return read_results(results_dir / "results.json")

@@ -1,0 +1,186 @@
+"""Start and stop long-running processes (SuperLink, SuperNodes) by pid, each in its own process group.
+
+:class:`ProcessSet` is a context manager: every process it starts is recorded (name, pid, command, log file) in
+``<out>/processes.json``; on exit - normal, error or KeyboardInterrupt - each one is stopped by its pid:
+SIGTERM to its process group, then SIGKILL after a grace period. Flower's daemons spawn helpers (SuperExec) in
+their own sessions, so the descendants of each process are collected from /proc before the stop and signalled too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from fedmerge.errors import FedmergeError
+from fedmerge.storage import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+STOP_GRACE_S = 5.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (bound to port 0, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, alive: subprocess.Popen | None = None) -> None:
+    """Block until ``host:port`` accepts TCP connections; FedmergeError after ``timeout_s`` or if ``alive`` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if alive is not None and alive.poll() is not None:
+            raise FedmergeError(f"process {alive.pid} exited with code {alive.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise FedmergeError(f"nothing listening on {host}:{port} after {timeout_s:.0f} s")
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendant pids of ``pid`` (from /proc/*/stat parent links; empty where /proc is absent)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        kids = children.get(frontier.pop(), [])
+        found.extend(kids)
+        frontier.extend(kids)
+    return found
+
+
+def _signal(pid: int, sig: signal.Signals, group: bool) -> None:
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return state != "Z"
+
+
+@dataclass
+class ManagedProcess:
+    """One started process: its name, command, log file and Popen handle."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, n_lines: int = 20) -> str:
+        """The last lines of its log (ANSI colours removed)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()[-n_lines:])
+
+
+class ProcessSet:
+    """Processes started for one deployment; all of them are stopped by pid when the context exits."""
+
+    def __init__(self, out_dir: str | Path, env: Mapping[str, str] | None = None, grace_s: float = STOP_GRACE_S) -> None:
+        self.out_dir = Path(out_dir)
+        self.env = dict(env) if env is not None else None
+        self.grace_s = grace_s
+        self.processes: list[ManagedProcess] = []
+
+    def start(self, name: str, argv: Sequence[str], cwd: str | Path | None = None) -> ManagedProcess:
+        """Start ``argv`` in a new session (own process group), stdout+stderr to ``<out>/logs/<name>.log``."""
+        if any(p.name == name for p in self.processes):
+            raise ValueError(f"a process named {name!r} was already started")
+        log_path = self.out_dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            try:
+                popen = subprocess.Popen(
+                    list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True, env=self.env, cwd=cwd,
+                )
+            except OSError as exc:
+                raise FedmergeError(f"cannot start {name} ({argv[0]}): {exc}") from exc
+        proc = ManagedProcess(name, list(argv), log_path, popen)
+        self.processes.append(proc)
+        self._record()
+        logger.info("started %s (pid %d), log %s", name, proc.pid, log_path)
+        return proc
+
+    def _record(self) -> None:
+        write_json_atomic(
+            self.out_dir / "processes.json",
+            [{"name": p.name, "pid": p.pid, "argv": p.argv, "log": str(p.log_path), "returncode": p.popen.poll()}
+             for p in self.processes],
+        )
+
+    def stop(self, proc: ManagedProcess) -> int | None:
+        """Stop one process and its descendants by pid: SIGTERM (group), wait, then SIGKILL. Returns its exit code."""
+        extra = descendants(proc.pid)
+        if proc.popen.poll() is None:
+            _signal(proc.pid, signal.SIGTERM, group=True)
+        for pid in extra:
+            _signal(pid, signal.SIGTERM, group=False)
+        try:
+            proc.popen.wait(timeout=self.grace_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", proc.name, proc.pid, self.grace_s)
+            _signal(proc.pid, signal.SIGKILL, group=True)
+            proc.popen.wait()
+        deadline = time.monotonic() + self.grace_s
+        while any(_alive(pid) for pid in extra) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in extra:
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL, group=False)
+        return proc.popen.returncode
+
+    def stop_all(self) -> None:
+        """Stop every started process, newest first (nodes before the link)."""
+        for proc in reversed(self.processes):
+            self.stop(proc)
+        self._record()
+        logger.info("stopped %d processes", len(self.processes))
+
+    def __enter__(self) -> ProcessSet:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop_all()
