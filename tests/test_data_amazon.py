@@ -136,11 +136,12 @@ def readme_counts(readme: Path) -> dict[str, tuple[int, int, int]]:
 @pytest.mark.parametrize("domain", ["Beauty", "Pantry", "Toys"])
 def test_real_domain_info_matches_readme(amazon_dir, domain, capsys):
     """About 0.5 s per domain on a 2-core CPU, so not marked slow."""
-    tarball = amazon_dir / f"{domain}.tar.gz"
-    if not tarball.is_file() or not (amazon_dir / "README.md").is_file():
-        pytest.skip(f"{tarball} or README.md missing")
+    source = amazon_dir / f"{domain}.tar.gz"
+    source = source if source.is_file() else amazon_dir / domain
+    if not source.exists() or not (amazon_dir / "README.md").is_file():
+        pytest.skip(f"{source} or {amazon_dir / 'README.md'} missing")
     expected = readme_counts(amazon_dir / "README.md")[domain]
-    assert main(["data", "info", str(tarball), "--json"]) == 0
+    assert main(["data", "info", str(source), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["users"], info["items"], info["interactions"]) == expected
     assert info["domain"] == domain
