@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import tarfile
 import tempfile
 import urllib.error
@@ -122,8 +121,8 @@ def download_amazon(
                     "corrupt or wrong file, nothing unpacked"
                 )
             unpacked = _unpack(tarball, domain, Path(tmp) / "unpacked")
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # move the old copy into the temporary folder, which is removed on exit
+                os.replace(final, Path(tmp) / "replaced")
             os.replace(unpacked, final)
         logger.info("%s verified and unpacked into %s", domain, final)
         folders.append(final)
