@@ -14,7 +14,6 @@ from torch import nn
 from fedmerge.data.domain import Domain, ItemCatalog, as_sequences
 from fedmerge.models.base import PAD, ModelFamily, StateDict, pad_sequences
 from fedmerge.privacy import (
-    cap_coefficients,
     classic_noise_multiplier,
     clip_update,
     epsilon_for,
@@ -183,12 +182,6 @@ def test_extremes():
     assert epsilon_for(1e4, 0.5) == 0.0  # huge noise: δ(0) is already below 0.5
 
 
-def test_cap_coefficients():
-    np.testing.assert_array_equal(cap_coefficients([0.2, 0.9, 1.5], 0.8), [0.2, 0.8, 0.8])
-    with pytest.raises(ValueError, match="max_coefficient"):
-        cap_coefficients([0.1], 0.0)
-
-
 # ---------------------------------------------------------------- membership probe
 
 
@@ -325,3 +318,28 @@ def test_probe_detects_overfitting_and_dp_noise_hides_it(tiny_domain, features):
     norm_tau = task_vector_norm(theta0, overfit)
     noisy = privatize_update(theta0, overfit, clip_norm=norm_tau, noise_multiplier=noise_multiplier_for(0.1, 1e-5), seed=0)
     assert abs(membership_auc(family, noisy, features, members.train, nonmembers.train) - 0.5) < 0.12
+
+
+def test_mergerec_coefficient_cap_bounds_the_learned_coefficients(tiny_domain, features):
+    """Two clients with the same task vector: MergeRec grows λ towards Σλ ≈ 1 (above the cap); with the cap, λ ≤ cap."""
+    from fedmerge.merging.mergerec import MergeRecConfig, mergerec
+
+    family = TinyFamily(epochs=60)
+    theta0 = family.initial_weights(30, seed=0)
+    members, _ = split_members(tiny_domain, 0.5, seed=0)
+    trained = family.train(theta0, members, features)[0]
+    models = {"d0": trained, "d1": {k: v.clone() for k, v in trained.items()}}
+    feats = {d: features for d in models}
+    base = dict(init_method="task_arithmetic", init_coefficient=0.3, lr=0.05, steps=40, progress=False)
+    _, free = mergerec(family, theta0, models, feats, MergeRecConfig(**base))
+    cap = 0.35
+    merged, capped = mergerec(family, theta0, models, feats, MergeRecConfig(**base, max_coefficient=cap))
+    free_values = [v for per in free.coefficients.values() for v in per.values()]
+    capped_values = [v for per in capped.coefficients.values() for v in per.values()]
+    assert max(free_values) > cap
+    assert max(capped_values) <= cap + 1e-7
+    # the merged weights are θ₀ + Σ_k λ_k τ_k with the capped λ
+    expected = theta0["W"] + sum(capped.coefficients[d]["all"] * (models[d]["W"] - theta0["W"]) for d in models)
+    torch.testing.assert_close(merged["W"], expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="max_coefficient"):
+        MergeRecConfig(max_coefficient=0.0)

@@ -48,6 +48,8 @@ class MergeRecConfig:
     init_params: Mapping[str, Any] = field(default_factory=dict)
     granularity: Literal["task", "layer"] = "task"
     init_coefficient: float | None = None  # None: 0.2 (task arithmetic), 1.0 (TIES), else the method's λ
+    # λ ≤ max_coefficient, projected after every step: bounds how much one client's (noisy) task vector is amplified
+    max_coefficient: float | None = None
     temperature: float = 0.05
     distill_weight: float = 1000.0  # c
     lr: float = 1e-3
@@ -69,6 +71,7 @@ class MergeRecConfig:
             "lr": self.lr > 0,
             "batch_size": self.batch_size >= 1,
             "steps": self.steps >= 0,
+            "max_coefficient": self.max_coefficient is None or self.max_coefficient > 0,
             "teacher_batch": self.teacher_batch >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -172,6 +175,8 @@ def mergerec(
     init = config.init_coefficient
     if init is None:
         init = MERGEREC_INITIAL_COEFFICIENT.get(config.init_method, processed.scale)
+    if config.max_coefficient is not None:
+        init = min(init, config.max_coefficient)
     dims = {int(item_features[d].shape[1]) for d in domains}
     if len(dims) != 1:
         raise ValueError(f"item features of the domains have different widths {sorted(dims)}")
@@ -225,6 +230,9 @@ def mergerec(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if config.max_coefficient is not None:
+            with torch.no_grad():
+                coefficients.clamp_(max=config.max_coefficient)
         losses.append(float(loss.detach()))
     seconds = time.perf_counter() - start
 

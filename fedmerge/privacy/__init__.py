@@ -1,7 +1,6 @@
 """Privacy of shipped weights: client-side DP (clipping, Gaussian noise, ε accounting) and a membership probe."""
 
 from fedmerge.privacy.dp import (
-    cap_coefficients,
     classic_noise_multiplier,
     clip_update,
     epsilon_for,
@@ -13,7 +12,6 @@ from fedmerge.privacy.dp import (
 from fedmerge.privacy.membership import membership_auc, rank_auc, sequence_losses, split_members, subset_users
 
 __all__ = [
-    "cap_coefficients",
     "classic_noise_multiplier",
     "clip_update",
     "epsilon_for",

@@ -36,10 +36,9 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Literal
 
-import numpy as np
 import torch
 from scipy.optimize import brentq
 from scipy.special import log_ndtr, ndtr
@@ -185,13 +184,3 @@ def classic_noise_multiplier(epsilon: float, delta: float) -> float:
         raise ValueError(f"the classic bound holds only for 0 < ε < 1, got {epsilon}")
     return math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
 
-
-def cap_coefficients(coefficients: Sequence[float] | np.ndarray, max_coefficient: float) -> np.ndarray:
-    """λ_k ← min(λ_k, λ_max): bounds how strongly a merge can amplify any one client's (noisy) task vector.
-
-    Not needed for the DP guarantee (coefficients learned on public data are post-processing); it limits the
-    utility damage of one client's noise, whose std in the merged model is λ_k·σC.
-    """
-    if not max_coefficient > 0:
-        raise ValueError(f"max_coefficient must be > 0, got {max_coefficient}")
-    return np.minimum(np.asarray(coefficients, dtype=np.float64), max_coefficient)
