@@ -1,0 +1,293 @@
+"""Deployment pieces: PKI, flwr output parsing, pid-based process stopping, and real loopback runs.
+
+The loopback tests start real ``flower-superlink`` / ``flower-supernode`` processes on 127.0.0.1 with ports picked
+at runtime; every process is stopped by pid in the fixture teardown and checked to be gone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedmerge.deploy.certs import generate, load_tls_dir
+from fedmerge.deploy.flwr_cli import (
+    FlwrClient,
+    FlwrCommandError,
+    parse_json_output,
+    parse_run_status,
+    run_config_args,
+    write_flower_config,
+)
+from fedmerge.deploy.local import (
+    REPO_ROOT,
+    deployment_env,
+    domain_data_paths,
+    node_config_arg,
+    start_superlink,
+    start_supernode,
+    wait_until_online,
+)
+from fedmerge.deploy.processes import ProcessSet, _alive, descendants, free_port
+from fedmerge.errors import DataError, FedmergeError
+
+# ---------------------------------------------------------------------------------------------------- PKI
+
+
+def test_certificates_chain_to_own_ca(tmp_path):
+    files = generate(tmp_path, n_nodes=2)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the signature or issuer does not match
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("127.0.0.1") in sans.get_values_for_type(x509.IPAddress)
+    assert "localhost" in sans.get_values_for_type(x509.DNSName)
+    key = serialization.load_pem_private_key(files.server_key.read_bytes(), None)
+    assert key.public_key().public_numbers() == server.public_key().public_numbers()
+    assert oct(files.server_key.stat().st_mode & 0o777) == "0o600"
+
+
+def test_node_keys_are_openssh_nist_ec_pairs(tmp_path):
+    files = generate(tmp_path, n_nodes=3)
+    assert [k.private_key.name for k in files.nodes] == ["node-0", "node-1", "node-2"]
+    public_keys = set()
+    for keys in files.nodes:
+        private = serialization.load_ssh_private_key(keys.private_key.read_bytes(), None)
+        public = serialization.load_ssh_public_key(keys.public_key.read_bytes())
+        assert isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, ec.SECP384R1)
+        assert private.public_key().public_numbers() == public.public_numbers()
+        public_keys.add(keys.public_key.read_text())
+        assert oct(keys.private_key.stat().st_mode & 0o777) == "0o600"
+    assert len(public_keys) == 3
+    assert load_tls_dir(tmp_path).nodes == files.nodes
+
+
+def test_certificates_not_overwritten_by_accident(tmp_path):
+    first = generate(tmp_path, n_nodes=0).ca_cert.read_bytes()
+    with pytest.raises(FedmergeError, match="already holds certificates"):
+        generate(tmp_path, n_nodes=0)
+    assert (tmp_path / "ca.crt").read_bytes() == first
+    assert generate(tmp_path, n_nodes=0, overwrite=True).ca_cert.read_bytes() != first
+
+
+def test_incomplete_tls_dir_named(tmp_path):
+    generate(tmp_path, n_nodes=0)
+    (tmp_path / "server.key").unlink()
+    with pytest.raises(FedmergeError, match="server.key"):
+        load_tls_dir(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- flwr output
+
+
+def test_parse_json_output_never_trusts_success_by_default():
+    assert parse_json_output('{"success": true, "run-id": "7"}', "flwr run")["run-id"] == "7"
+    with pytest.raises(FlwrCommandError, match="Connection to the SuperLink is unavailable"):
+        parse_json_output('{"success": false, "error-message": "Connection to the SuperLink is unavailable."}', "flwr ls")
+    with pytest.raises(FlwrCommandError, match="printed no JSON"):
+        parse_json_output("Traceback ...", "flwr ls")
+    with pytest.raises(FlwrCommandError, match="failed"):
+        parse_json_output('{"run-id": 3}', "flwr run")  # no "success": not a success
+
+
+def test_parse_run_status():
+    payload = {"success": True, "runs": [
+        {"run-id": "11", "status": "running", "status-details": "N/A"},
+        {"run-id": "12", "status": "finished:failed", "status-details": "ServerApp raised"},
+    ]}
+    running = parse_run_status(payload, 11)
+    assert (running.status, running.finished, running.succeeded) == ("running", False, False)
+    failed = parse_run_status(payload, 12)
+    assert (failed.finished, failed.succeeded, failed.sub_status) == (True, False, "failed")
+    assert str(failed) == "finished:failed (ServerApp raised)"
+    assert parse_run_status({"runs": [{"run-id": 5, "status": "finished:completed"}]}, 5).succeeded
+    with pytest.raises(FlwrCommandError, match="run 99"):
+        parse_run_status(payload, 99)
+
+
+def test_run_config_and_node_config_quoting():
+    assert run_config_args({"scenario": 'a "b"', "n": 3, "x": 0.5, "flag": True}) == [
+        "--run-config", 'scenario="a \\"b\\""', "--run-config", "n=3", "--run-config", "x=0.5",
+        "--run-config", "flag=true"]
+    with pytest.raises(ValueError, match="'bad'"):
+        run_config_args({"bad": [1]})
+    text = node_config_arg({"data-path": "/d/x y", "partition-id": 2})
+    assert tomllib.loads(text.replace(" partition", "\npartition")) == {"data-path": "/d/x y", "partition-id": 2}
+
+
+def test_flower_config_is_valid_toml(tmp_path):
+    path = write_flower_config(tmp_path, "127.0.0.1:1234", tmp_path / "ca.crt")
+    conf = tomllib.loads(path.read_text())
+    assert conf["superlink"]["default"] == "fedmerge"
+    assert conf["superlink"]["fedmerge"] == {"address": "127.0.0.1:1234", "root-certificates": str(tmp_path / "ca.crt")}
+    insecure = tomllib.loads(write_flower_config(tmp_path, "h:1", None).read_text())
+    assert insecure["superlink"]["fedmerge"]["insecure"] is True
+
+
+def test_flwr_client_reports_unreachable_superlink(tmp_path):
+    write_flower_config(tmp_path, f"127.0.0.1:{free_port()}", None)
+    with pytest.raises(FlwrCommandError, match="flwr ls"):
+        FlwrClient(tmp_path, timeout_s=60).status(1)
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+
+SPAWNER = (
+    "import subprocess, sys, time\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+    "print(child.pid, flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def _child_pid(log: Path) -> int:
+    for _ in range(100):
+        text = log.read_text().strip()
+        if text:
+            return int(text.split()[0])
+        time.sleep(0.05)
+    raise AssertionError("spawner printed no child pid")
+
+
+def test_process_set_stops_processes_and_detached_descendants(tmp_path):
+    with ProcessSet(tmp_path, grace_s=2.0) as procs:
+        proc = procs.start("spawner", [sys.executable, "-c", SPAWNER])
+        child = _child_pid(proc.log_path)
+        assert child in descendants(proc.pid)
+        assert os.getpgid(child) != os.getpgid(proc.pid)  # a separate session: a group kill alone would miss it
+    assert proc.popen.returncode == -signal.SIGTERM
+    assert not _alive(child)
+    assert (tmp_path / "processes.json").is_file()
+
+
+def test_process_set_stops_on_error_and_kills_sigterm_ignorers(tmp_path):
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(120)"
+    with pytest.raises(RuntimeError, match="boom"):
+        with ProcessSet(tmp_path, grace_s=0.5) as procs:
+            proc = procs.start("stubborn", [sys.executable, "-c", stubborn])
+            _wait_for_text(proc.log_path, "up")
+            raise RuntimeError("boom")
+    assert proc.popen.returncode == -signal.SIGKILL
+
+
+def test_process_start_failure_is_clear(tmp_path):
+    with ProcessSet(tmp_path) as procs:
+        with pytest.raises(FedmergeError, match="no-such-binary-h7"):
+            procs.start("x", ["no-such-binary-h7"])
+        procs.start("y", [sys.executable, "-c", "pass"])
+        with pytest.raises(ValueError, match="already started"):
+            procs.start("y", [sys.executable, "-c", "pass"])
+
+
+def _wait_for_text(path: Path, text: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in {path}")
+
+
+# ---------------------------------------------------------------------------------------------------- data layout
+
+
+def test_domain_data_paths(tmp_path):
+    from fedmerge.config import load_scenario
+
+    cfg = load_scenario("quickstart", ["data.synthetic.n_users=30", "data.synthetic.n_items=20"])
+    paths = domain_data_paths(cfg, None, tmp_path)
+    assert list(paths) == ["synth-0", "synth-1", "synth-2"]
+    assert all((p / "interactions.csv").is_file() for p in paths.values())
+    root = tmp_path / "root"
+    (root / "synth-0").mkdir(parents=True)
+    (root / "synth-1.tar.gz").write_bytes(b"")
+    with pytest.raises(DataError, match="'synth-2' not found"):
+        domain_data_paths(cfg, root, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- loopback
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    """A ProcessSet whose processes (and their descendants) are all checked gone after the test."""
+    procs = ProcessSet(tmp_path, env=deployment_env(tmp_path))
+    tracked: list[int] = []
+    yield procs, tracked
+    for proc in procs.processes:
+        tracked += [proc.pid, *descendants(proc.pid)]
+    procs.stop_all()
+    assert not [pid for pid in tracked if _alive(pid)]
+
+
+@pytest.mark.slow
+def test_superlink_tls_and_unregistered_supernode_refused(tmp_path, deployment):
+    procs, _ = deployment
+    tls = generate(tmp_path / "tls", n_nodes=2)
+    link = start_superlink(procs, tmp_path, tls)
+    host, port = link.address.split(":")
+    context = ssl.create_default_context(cafile=str(tls.ca_cert))
+    with socket.create_connection((host, int(port))) as raw, context.wrap_socket(raw, server_hostname=host) as tls_sock:
+        assert tls_sock.version() in ("TLSv1.2", "TLSv1.3")
+    stranger = ssl.create_default_context()  # system CAs only: our own CA is not trusted
+    with pytest.raises(ssl.SSLCertVerificationError):
+        with socket.create_connection((host, int(port))) as raw, stranger.wrap_socket(raw, server_hostname=host):
+            pass
+
+    flwr_home = Path(procs.env["FLWR_HOME"])
+    write_flower_config(flwr_home, link.address, link.root_cert)
+    flwr = FlwrClient(flwr_home, env=procs.env)
+    node_id = flwr.register_node(tls.nodes[0].public_key)
+    good = start_supernode(procs, link, "registered", {"data-path": "unused"}, tls.nodes[0])
+    bad = start_supernode(procs, link, "unregistered", {"data-path": "unused"}, tls.nodes[1], max_wait_s=5)
+    anonymous = start_supernode(procs, link, "anonymous", {"data-path": "unused"}, None, max_wait_s=5)
+    wait_until_online(flwr, [node_id], [good], 60)
+    for refused in (bad, anonymous):
+        assert refused.popen.wait(timeout=60) != 0
+        assert "Failed to activate SuperNode" in refused.log_tail(50) or "authentication" in refused.log_tail(50).lower()
+    assert good.popen.poll() is None
+    online = [n for n in flwr.nodes() if n["status"] == "online"]
+    assert [int(n["node-id"]) for n in online] == [node_id]
+
+
+def _flower_app_ready() -> bool:
+    conf = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    return "app" in conf.get("tool", {}).get("flwr", {}) and (REPO_ROOT / "server" / "app.py").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _flower_app_ready(), reason="pyproject.toml has no [tool.flwr.app] yet")
+def test_full_tls_run_matches_simulation_shape(tmp_path):
+    from fedmerge.deploy.local import deploy_local
+
+    overrides = ["data.synthetic.n_domains=2", "data.synthetic.n_users=40", "data.synthetic.n_items=30",
+                 "model.params.max_epochs=1", "baselines.fedavg_rounds=1", "baselines.joint=false"]
+    results = deploy_local("quickstart", tmp_path / "deploy", overrides=overrides, timeout_s=600, poll_s=1.0)
+    assert results["status"] == "ok"
+    processes = (tmp_path / "deploy" / "processes.json").read_text()
+    assert "superlink" in processes and "supernode-synth-0" in processes and "supernode-synth-1" in processes
+    from fedmerge.runners import run_scenario  # the simulation path, for the shape comparison
+
+    sim = run_scenario(overrides=overrides, scenario="quickstart", engine="inprocess", out_dir=tmp_path / "sim")
+    assert _shape(results) == _shape(sim)
+
+
+def _shape(obj):
+    """Keys (recursively) and value types, ignoring values."""
+    if isinstance(obj, dict):
+        return {k: _shape(v) for k, v in obj.items() if k not in ("timings_s", "engine", "out_dir")}
+    if isinstance(obj, list):
+        return [_shape(v) for v in obj[:1]]
+    return type(obj).__name__
