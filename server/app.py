@@ -40,7 +40,8 @@ def build_server_app(cfg: Mapping[str, Any] | None = None, out_dir: str | Path |
         out["timings_s"]["total"] = round(time.perf_counter() - start, 3)
         out = results_io.finalize(out, scenario, engine="flower")
         results_io.write_results(out, target)
-        print(results_io.summary_table(out))  # noqa: T201 - the `flwr run` user's only view of the results
+        if cfg is None:  # under `flwr run` this is the user's only view of the results
+            print(results_io.summary_table(out))  # noqa: T201
         if out["status"] != "ok":
             raise FedmergeError(f"federation failed: {out['errors']}")
 

@@ -85,12 +85,23 @@ def _mergerec(
     granularity: str,
 ) -> tuple[StateDict, dict[str, Any]]:
     """MergeRec with task- or layer-wise coefficients, learned on pseudo-users from the public catalogs."""
-    from fedmerge.merging.mergerec import mergerec
+    from dataclasses import asdict, fields
+
+    from fedmerge.merging.mergerec import MergeRecConfig, mergerec
 
     family = family_of(cfg)
     features = {d: item_features(cfg, catalogs[d], family) for d in models}
-    params = {**cfg["merge"]["mergerec"], "granularity": granularity}
-    return mergerec(family, theta0, dict(models), features, seed=int(cfg["run"]["seed"]), **params)
+    params = {"seed": int(cfg["run"]["seed"]), "progress": bool(cfg["run"]["progress"]), **cfg["merge"]["mergerec"],
+              "granularity": granularity}
+    valid = [f.name for f in fields(MergeRecConfig)]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise FedmergeError(f"unknown merge.mergerec key(s) {unknown}; valid: {valid}")
+    try:
+        merged, report = mergerec(family, theta0, dict(models), features, MergeRecConfig(**params))
+    except ValueError as exc:
+        raise FedmergeError(f"merge.mergerec: {exc}") from exc
+    return merged, asdict(report)
 
 
 def average_metrics(per_domain: Mapping[str, Mapping[str, float]], domains: list[str]) -> dict[str, float]:

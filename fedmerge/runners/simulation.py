@@ -43,8 +43,7 @@ def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = N
     with tempfile.TemporaryDirectory(prefix="fedmerge-sim-") as scratch:
         target = Path(out_dir) if out_dir is not None else Path(scratch)
         results_path = target / "results.json"
-        if results_path.exists():
-            results_path.unlink()  # a stale file must not pass for this run's result
+        results_path.unlink(missing_ok=True)  # a stale file must not pass for this run's result
         start = time.perf_counter()
         run_simulation(
             server_app=build_server_app(cfg, target),
