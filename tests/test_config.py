@@ -1,0 +1,97 @@
+"""Scenario loading, --set overrides and validation errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from fedmerge.config import DEFAULTS, apply_overrides, domain_names, load_scenario, parse_value, training_domains
+from fedmerge.errors import FedmergeError
+
+SCENARIOS = ("quickstart", "amazon-seq", "amazon-lae", "amazon-unseen")
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_shipped_scenarios_load_and_validate(name):
+    cfg = load_scenario(name)
+    assert set(cfg) == set(DEFAULTS)
+    assert cfg["run"]["name"] == name
+    assert training_domains(cfg)
+
+
+def test_unseen_scenario_holds_one_domain_out():
+    cfg = load_scenario("amazon-unseen")
+    assert set(domain_names(cfg)) - set(training_domains(cfg)) == set(cfg["data"]["held_out"]) == {"Toys"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("3", 3), ("2.5", 2.5), ("true", True), ('["a", "b"]', ["a", "b"]), ("{x = 1}", {"x": 1}), ("/data/dir", "/data/dir"),
+     ('"quoted"', "quoted")],
+)
+def test_parse_value_reads_toml_with_string_fallback(text, expected):
+    assert parse_value(text) == expected
+
+
+def test_overrides_apply_without_mutating_input():
+    cfg = load_scenario("quickstart")
+    before = copy.deepcopy(cfg)
+    out = apply_overrides(cfg, ['data.domains=["synth-0","synth-2"]', "baselines.fedavg_rounds=5", "data.root=/tmp/x",
+                                "model.params.hidden=8", "merge.params.ties.density=0.5", "federation.timeout_s=10"])
+    assert cfg == before
+    assert domain_names(out) == ["synth-0", "synth-2"]
+    assert out["baselines"]["fedavg_rounds"] == 5
+    assert out["data"]["root"] == "/tmp/x"
+    assert out["model"]["params"]["hidden"] == 8
+    assert out["merge"]["params"]["ties"] == {"density": 0.5}
+    assert out["federation"]["timeout_s"] == 10.0 and isinstance(out["federation"]["timeout_s"], float)
+
+
+def test_nested_schema_table_override():
+    out = apply_overrides(load_scenario("quickstart"), ["data.synthetic.n_users=50"])
+    assert out["data"]["synthetic"]["n_users"] == 50
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.rooot=/x", "unknown key data.rooot; valid: ['domains', 'held_out', 'root', 'source', 'synthetic']"),
+        ("dataa.root=/x", "unknown section 'dataa'"),
+        ("baselines.fedavg_rounds=three", "baselines.fedavg_rounds must be a int"),
+        ("run.seed=true", "run.seed must be a int"),
+        ("data.source=s3", "data.source must be one of"),
+        ('data.held_out=["nope"]', "held_out names unknown domain(s) ['nope']"),
+        ("data.synthetic.n_userz=3", "unknown key data.synthetic.n_userz"),
+        ("noequals", "must look like section.key=value"),
+        ("run=3", "key must be section.key"),
+        ('data.held_out=["synth-0","synth-1","synth-2"]', "every domain is held out"),
+        ("eval.split=train", "eval.split must be"),
+    ],
+)
+def test_bad_overrides_name_the_problem(override, message):
+    with pytest.raises(FedmergeError) as info:
+        apply_overrides(load_scenario("quickstart"), [override])
+    assert message in str(info.value)
+
+
+def test_scenario_file_errors(tmp_path):
+    with pytest.raises(FedmergeError, match="unknown scenario 'nosuch'; valid: \\["):
+        load_scenario("nosuch")
+    with pytest.raises(FedmergeError, match="does not exist"):
+        load_scenario(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\nname=")
+    with pytest.raises(FedmergeError, match="invalid TOML"):
+        load_scenario(bad)
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[modell]\nfamily = "sequential"\n')
+    with pytest.raises(FedmergeError, match=r"unknown section \[modell\]"):
+        load_scenario(typo)
+
+
+def test_amazon_source_requires_domains(tmp_path):
+    path = tmp_path / "a.toml"
+    path.write_text('[data]\nsource = "amazon"\n')
+    with pytest.raises(FedmergeError, match="data.domains must list"):
+        load_scenario(path)
