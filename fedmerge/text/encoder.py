@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,13 +120,19 @@ class SentenceEncoder:
         self._model: Any = None
 
     def _read_hidden_size(self) -> int:
-        from transformers import AutoConfig
-
+        """Embedding width from the model config; local folders are read as JSON to avoid importing transformers
+        (slow) when only cached embeddings are needed."""
+        local_config = Path(self.model_source) / "config.json"
         try:
-            config = AutoConfig.from_pretrained(self.model_source)
-        except Exception as exc:  # hub lookups fail in many ways (offline, no such repo, bad json)
+            if local_config.is_file():
+                config = json.loads(local_config.read_text(encoding="utf-8"))
+            else:
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(self.model_source).to_dict()
+        except Exception as exc:  # bad JSON, or hub lookups failing in many ways (offline, no such repo)
             raise FedmergeError(f"cannot load text encoder model {self.model_source!r}: {exc}") from exc
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
+        hidden = config.get("hidden_size") or config.get("dim")
         if not hidden:
             raise FedmergeError(f"text encoder model {self.model_source!r} has no hidden_size in its config")
         return int(hidden)
