@@ -79,9 +79,11 @@ def test_target_ranks_rejects_bad_input(scores: np.ndarray, targets: np.ndarray,
         target_ranks(scores, targets)
 
 
-def test_history_out_of_range_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="history"):
+def test_bad_histories_are_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="history of row 0 .* out of range"):
         target_ranks(np.zeros((1, 3)), np.array([0]), histories=[np.array([7])])
+    with pytest.raises(ValueError, match="1 histories for 2 targets"):
+        target_ranks(np.zeros((2, 3)), np.array([0, 1]), histories=[np.array([2])])
 
 
 # --- metrics_from_ranks ----------------------------------------------------------------------------------------
