@@ -150,3 +150,16 @@ def test_registry_and_bad_input():
     with pytest.raises(FedmergeError, match="initial weights"):
         family.train(family.initial_weights(DIM + 1), domain, family.item_features(random_features(10, 0)),
                      progress=False)
+
+
+def test_scorer_matches_module_in_input_order():
+    family = tiny_family(max_len=6)
+    feats = family.item_features(random_features(15, 4))
+    weights = family.initial_weights(DIM, seed=1)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 15, size=n) for n in (9, 1, 4, 2, 6, 3, 1)]
+    scores = family.scorer(weights, feats, batch_size=3)(seqs)
+    module = family.load(weights, DIM)
+    with torch.no_grad():
+        expected = torch.cat([module(pad_sequences([s], family.max_len), feats) for s in seqs]).numpy()
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)

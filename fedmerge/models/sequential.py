@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
-from fedmerge.metrics import evaluate_scorer
+from fedmerge.metrics import Scorer, evaluate_scorer
 from fedmerge.models.base import PAD, ModelFamily, StateDict, pad_sequences
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,18 @@ def standardize_features(embeddings: np.ndarray, eps: float = 1e-6) -> np.ndarra
         raise ValueError("item embeddings contain NaN or inf")
     std = np.maximum(x.std(axis=0), eps)
     return ((x - x.mean(axis=0)) / std).astype(np.float32)
+
+
+def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches of indices with similar lengths (little padding) in a random, seeded order.
+
+    A random permutation is stably sorted by length (random order among equal lengths), cut into consecutive
+    batches, and the batches are shuffled.
+    """
+    order = rng.permutation(len(lengths))
+    order = order[np.argsort(lengths[order], kind="stable")]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def training_windows(seqs: Sequence[np.ndarray], max_len: int) -> list[np.ndarray]:
@@ -268,6 +280,25 @@ class SequentialFamily(ModelFamily):
             groups.setdefault(group, []).append(name)
         return groups
 
+    def scorer(self, weights: StateDict, item_features: torch.Tensor, batch_size: int = 512) -> Scorer:
+        """Like :meth:`ModelFamily.scorer`, but item representations are computed once and sequences are batched
+        by length (little padding); rows come back in input order."""
+        module = self.load(weights, item_features.shape[1])
+        with torch.no_grad():
+            items = module.item_representations(item_features)
+
+        @torch.no_grad()
+        def score(seqs: list[np.ndarray]) -> np.ndarray:
+            out = np.empty((len(seqs), len(items)), dtype=np.float32)
+            order = np.argsort([min(len(s), self.max_len) for s in seqs], kind="stable")
+            for start in range(0, len(seqs), batch_size):
+                rows = order[start : start + batch_size]
+                padded = pad_sequences([seqs[r] for r in rows], self.max_len)
+                out[rows] = module.logits(module.encode(padded, items)[:, -1], items).float().numpy()
+            return out
+
+        return score
+
     def _device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -320,18 +351,17 @@ class SequentialFamily(ModelFamily):
         features = item_features.to(device=device, dtype=torch.float32)
         optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         best_ndcg, best_epoch, best_weights = -math.inf, 0, copy.deepcopy(theta0)
         curve: list[dict[str, float]] = []
         bad_epochs, out_of_time, loss_value = 0, False, float("nan")
-        n_batches = math.ceil(len(windows) / self.batch_size)
+        lengths = np.array([len(w) for w in windows])
         bar = tqdm(total=self.max_epochs, desc=f"sequential {domain.name}", disable=not progress, unit="epoch")
         for epoch in range(1, self.max_epochs + 1):
             module.train()
-            order = rng.permutation(len(windows))
             loss_sum = 0.0
-            for b in range(n_batches):
-                batch = [windows[i] for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+            for b, batch_indices in enumerate(length_buckets(lengths, self.batch_size, rng)):
+                batch = [windows[i] for i in batch_indices]
                 loss = self._batch_loss(module, batch, features, sampler)
                 optimizer.zero_grad()
                 loss.backward()
@@ -345,7 +375,8 @@ class SequentialFamily(ModelFamily):
             val = evaluate_scorer(self.scorer(weights, item_features.cpu()), domain, "val", max_len=self.max_len)
             ndcg = val["ndcg@10"]
             curve.append({"epoch": epoch, "loss": loss_value, "val_ndcg@10": ndcg, "val_recall@10": val["recall@10"],
-                          "seconds": time.perf_counter() - start})
+                          "seconds": time.perf_counter() - start,
+                          "cpu_seconds": time.process_time() - cpu_start})
             bar.update()
             bar.set_postfix(loss=f"{loss_value:.4f}", val_ndcg10=f"{ndcg:.4f}")
             logger.info("epoch %d loss %.4f val ndcg@10 %.4f recall@10 %.4f", epoch, loss_value, ndcg, val["recall@10"])
@@ -361,6 +392,7 @@ class SequentialFamily(ModelFamily):
             "best_epoch": best_epoch,
             "best_val_ndcg@10": best_ndcg,
             "train_seconds": time.perf_counter() - start,
+            "train_cpu_seconds": time.process_time() - cpu_start,
             "final_loss": loss_value,
             "stopped_by_time": out_of_time,
             "curve": curve,

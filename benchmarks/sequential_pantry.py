@@ -1,0 +1,86 @@
+"""Benchmark: train the text-based sequential family on one real Amazon domain (default Pantry) and report.
+
+Prints the validation curve, the time to the best epoch (plateau), and test Recall/NDCG@10 (unmasked and masked).
+Item text embeddings come from the shared embedding cache (``fedmerge.text.encode_catalog``; MiniLM by default),
+so a warm cache is needed for the run to be cheap.
+
+    nice python benchmarks/sequential_pantry.py                       # Pantry, the family's defaults
+    nice python benchmarks/sequential_pantry.py --domain Toys --set hidden=64 --set temperature=0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from fedmerge.data.amazon import load_amazon_domain
+from fedmerge.metrics import evaluate_scorer
+from fedmerge.models.sequential import SequentialFamily
+from fedmerge.text import encode_catalog, get_encoder
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "amazon"
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``key=value`` with a Python-literal value (``hidden=64``, ``n_negatives=None``), else the raw string."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("FEDMERGE_AMAZON_DIR", DEFAULT_DATA)))
+    parser.add_argument("--domain", default="Pantry")
+    parser.add_argument("--encoder", default="minilm")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
+                        help="SequentialFamily parameter override key=value (repeatable)")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    source = args.data / args.domain
+    if not source.is_dir():
+        source = args.data / f"{args.domain}.tar.gz"
+    domain = load_amazon_domain(source, name=args.domain)
+    t0 = time.perf_counter()
+    raw = encode_catalog(get_encoder(args.encoder), domain.catalog)
+    print(f"{domain.name}: {domain.n_users} users, {domain.n_items} items; embeddings {raw.shape} "
+          f"in {time.perf_counter() - t0:.1f}s")
+
+    family = SequentialFamily(**dict(args.overrides))
+    features = family.item_features(raw)
+    theta0 = family.initial_weights(features.shape[1], seed=args.seed)
+    weights, info = family.train(theta0, domain, features, seed=args.seed, progress=True)
+
+    print("epoch  loss    val_ndcg@10  val_recall@10  seconds")
+    for row in info["curve"]:
+        print(f"{row['epoch']:5d}  {row['loss']:.4f}  {row['val_ndcg@10']:.4f}       {row['val_recall@10']:.4f}"
+              f"         {row['seconds']:.0f}")
+    plateau = info["curve"][info["best_epoch"] - 1]["seconds"]
+    test = evaluate_scorer(family.scorer(weights, features), domain, "test", max_len=family.max_len)
+    print(f"best epoch {info['best_epoch']} reached after {plateau:.0f}s; total {info['train_seconds']:.0f}s")
+    print(f"test recall@10 {test['recall@10']:.4f}  ndcg@10 {test['ndcg@10']:.4f}  "
+          f"masked recall@10 {test['recall@10_masked']:.4f}  ndcg@10 {test['ndcg@10_masked']:.4f}")
+    if args.json:
+        result = {"domain": domain.name, "config": family.config(), "train": info, "test": test,
+                  "seconds_to_best": plateau, "threads": args.threads}
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
