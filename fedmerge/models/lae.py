@@ -248,7 +248,7 @@ class RLAE(LinearAutoencoder):
     name = "rlae"
 
     def __init__(
-        self, lam: float | Sequence[float] = (20.0, 50.0, 200.0), xi: float | Sequence[float] = (0.1, 0.2)
+        self, lam: float | Sequence[float] = (50.0, 200.0), xi: float | Sequence[float] = (0.1, 0.2)
     ) -> None:
         super().__init__(lam=lam, xi=xi)
 
@@ -268,7 +268,7 @@ class RDLAE(LinearAutoencoder):
 
     def __init__(
         self,
-        lam: float | Sequence[float] = (10.0, 50.0),
+        lam: float | Sequence[float] = 20.0,
         dropout: float | Sequence[float] = (0.25, 0.5),
         xi: float | Sequence[float] = (0.0, 0.1, 0.2),
     ) -> None:
@@ -295,7 +295,7 @@ class L3AE(LinearAutoencoder):
     needs_embeddings = True
 
     def __init__(
-        self, lam: float | Sequence[float] = (50.0, 200.0), lam_sem: float | Sequence[float] = (1.0, 10.0)
+        self, lam: float | Sequence[float] = (100.0, 300.0, 1000.0), lam_sem: float | Sequence[float] = (0.3, 3.0)
     ) -> None:
         super().__init__(lam=lam, lam_sem=lam_sem)
 

@@ -92,7 +92,7 @@ class TextLAEFamily(ModelFamily):
     """
 
     name: ClassVar[str] = "text-lae"
-    lam: float | tuple[float, ...] = (1e2, 1e3, 1e4, 1e5)
+    lam: float | tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
     max_len: int = 50
 
     def item_features(self, embeddings: np.ndarray) -> torch.Tensor:
