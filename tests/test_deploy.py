@@ -262,32 +262,143 @@ def test_superlink_tls_and_unregistered_supernode_refused(tmp_path, deployment):
     assert [int(n["node-id"]) for n in online] == [node_id]
 
 
-def _flower_app_ready() -> bool:
+WRAPPER_PYPROJECT = """
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+[project]
+name = "fedmerge-app"
+version = "0.1.0"
+description = "fedmerge's ServerApp and ClientApp (installed package) as a Flower app"
+license = "Apache-2.0"
+dependencies = []
+[tool.flwr.app]
+publisher = "fedmerge"
+[tool.flwr.app.components]
+serverapp = "server.app:app"
+clientapp = "clients.app:app"
+[tool.flwr.app.config]
+scenario = "quickstart"
+overrides = ""
+out-dir = ""
+"""
+
+TINY = ["data.synthetic.n_domains=2", "data.synthetic.n_users=40", "data.synthetic.n_items=30",
+        "model.params.max_epochs=1", "baselines.fedavg_rounds=1", "baselines.joint=false",
+        "merge.methods=['average','ties']"]
+
+
+def flower_app_dir(tmp_path: Path) -> Path:
+    """The repository (``flwr run .``) once its pyproject has [tool.flwr.app]; until then a folder whose
+    pyproject names the same installed ServerApp/ClientApp."""
     conf = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    return "app" in conf.get("tool", {}).get("flwr", {}) and (REPO_ROOT / "server" / "app.py").is_file()
+    if "app" in conf.get("tool", {}).get("flwr", {}):
+        return REPO_ROOT
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "pyproject.toml").write_text(WRAPPER_PYPROJECT)
+    return tmp_path / "app"
+
+
+def test_app_dir_without_flower_table_is_refused(tmp_path):
+    from fedmerge.deploy.local import check_app_dir
+
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    with pytest.raises(FedmergeError, match=r"no \[tool.flwr.app\]"):
+        check_app_dir(tmp_path)
+    (tmp_path / "w").mkdir()
+    assert check_app_dir(flower_app_dir(tmp_path / "w")).is_dir()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _flower_app_ready(), reason="pyproject.toml has no [tool.flwr.app] yet")
 def test_full_tls_run_matches_simulation_shape(tmp_path):
+    from fedmerge.config import load_scenario
     from fedmerge.deploy.local import deploy_local
+    from fedmerge.runners.simulation import run_scenario
 
-    overrides = ["data.synthetic.n_domains=2", "data.synthetic.n_users=40", "data.synthetic.n_items=30",
-                 "model.params.max_epochs=1", "baselines.fedavg_rounds=1", "baselines.joint=false"]
-    results = deploy_local("quickstart", tmp_path / "deploy", overrides=overrides, timeout_s=600, poll_s=1.0)
-    assert results["status"] == "ok"
+    results = deploy_local("quickstart", tmp_path / "deploy", overrides=TINY, app_dir=flower_app_dir(tmp_path),
+                           timeout_s=500, poll_s=1.0)
+    assert results["status"] == "ok" and results["errors"] == {} and results["rejected"] == {}
+    assert results["domains"] == ["synth-0", "synth-1"]
     processes = (tmp_path / "deploy" / "processes.json").read_text()
-    assert "superlink" in processes and "supernode-synth-0" in processes and "supernode-synth-1" in processes
-    from fedmerge.runners import run_scenario  # the simulation path, for the shape comparison
-
-    sim = run_scenario(overrides=overrides, scenario="quickstart", engine="inprocess", out_dir=tmp_path / "sim")
+    assert all(name in processes for name in ("superlink", "supernode-synth-0", "supernode-synth-1"))
+    sim = run_scenario(load_scenario("quickstart", TINY), engine="inprocess", out_dir=tmp_path / "sim")
     assert _shape(results) == _shape(sim)
 
 
+@pytest.mark.slow
+def test_supernode_killed_mid_training_fails_run_with_domain_named(tmp_path):
+    """A SuperNode dies after receiving its train message: the server waits at most federation.timeout_s, merges
+    the one reply it has (min_replies = 1), and the run ends failed with the dead domain named; nothing hangs."""
+    import json
+    import threading
+
+    from fedmerge.deploy.flwr_cli import RunFailed
+    from fedmerge.deploy.local import deploy_local
+
+    out = tmp_path / "deploy"
+    overrides = [*TINY, "baselines.fedavg_rounds=0", "merge.methods=['average']", "federation.timeout_s=20.0",
+                 "federation.min_replies=1"]
+    outcome: dict[str, BaseException | None] = {}
+
+    def run() -> None:
+        try:
+            deploy_local("quickstart", out, overrides=overrides, app_dir=flower_app_dir(tmp_path), timeout_s=400,
+                         poll_s=1.0)
+            outcome["error"] = None
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    start = time.monotonic()
+    thread.start()
+    victim_log = out / "logs" / "supernode-synth-1.log"
+    _wait_for_text(victim_log, "Receiving: train message", timeout_s=300)
+    victim = next(p for p in json.loads((out / "processes.json").read_text()) if p["name"] == "supernode-synth-1")
+    doomed = [victim["pid"], *descendants(victim["pid"])]
+    for pid in doomed:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=450)
+    assert not thread.is_alive(), "deployment hung"
+    elapsed = time.monotonic() - start
+    error = outcome["error"]
+    assert isinstance(error, RunFailed), error
+    assert "finished:failed" in str(error) and "synth-1" in str(error)
+    results = json.loads((out / "results" / "results.json").read_text())  # written although the run failed
+    assert results["status"] == "failed"
+    assert any(k.endswith(":synth-1") for k in results["errors"]) and not any("synth-0" in k for k in results["errors"])
+    assert "average" in results["models"] and "synth-0" in results["models"]["average"]
+    assert not [pid for pid in doomed if _alive(pid)]
+    assert elapsed < 400
+
+
 def _shape(obj):
-    """Keys (recursively) and value types, ignoring values."""
+    """Keys (recursively) and value types, ignoring values and run-specific entries."""
     if isinstance(obj, dict):
-        return {k: _shape(v) for k, v in obj.items() if k not in ("timings_s", "engine", "out_dir")}
+        return {k: _shape(v) for k, v in obj.items() if k not in ("timings_s", "run", "config", "versions")}
     if isinstance(obj, list):
         return [_shape(v) for v in obj[:1]]
     return type(obj).__name__
+
+
+def test_deploy_local_bad_inputs_fail_before_starting_anything(tmp_path):
+    from fedmerge.deploy.local import deploy_local
+
+    app = flower_app_dir(tmp_path)
+    with pytest.raises(FedmergeError, match="--data-root is needed"):
+        deploy_local("amazon-lae", tmp_path / "a", app_dir=app)
+    few_keys = tmp_path / "pki"
+    generate(few_keys, n_nodes=1)
+    with pytest.raises(FedmergeError, match="holds 1 node key pairs but 3 SuperNodes"):
+        deploy_local("quickstart", tmp_path / "b", overrides=["data.synthetic.n_users=30"], tls_dir=few_keys, app_dir=app)
+    assert not (tmp_path / "b" / "processes.json").exists()
+
+
+def test_cli_deploy_certs(tmp_path, capsys):
+    from fedmerge.cli import main
+
+    assert main(["deploy", "certs", "--out", str(tmp_path), "--nodes", "1", "--host", "10.0.0.5"]) == 0
+    server = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
+    assert main(["deploy", "certs", "--out", str(tmp_path)]) == 1
+    assert "already holds certificates" in capsys.readouterr().err

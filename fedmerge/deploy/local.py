@@ -14,13 +14,14 @@ import logging
 import os
 import shutil
 import time
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedmerge.deploy.certs import NodeKeys, TlsFiles, generate, load_tls_dir
-from fedmerge.deploy.flwr_cli import FlwrClient, toml_string, write_flower_config
+from fedmerge.deploy.flwr_cli import FlwrClient, RunFailed, toml_string, write_flower_config
 from fedmerge.deploy.processes import ManagedProcess, ProcessSet, free_port, wait_for_port
 from fedmerge.errors import DataError, FedmergeError
 
@@ -154,6 +155,27 @@ def read_results(path: Path) -> dict[str, Any]:
     return results
 
 
+def _reported_errors(path: Path) -> str:
+    """The per-domain errors and rejections a failed run still wrote to ``results.json`` (empty if none)."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return ""
+    return f"\nresults.json ({path}) reports errors {results.get('errors')} and rejected updates {results.get('rejected')}"
+
+
+def check_app_dir(app_dir: Path) -> Path:
+    """``app_dir`` must hold a pyproject.toml with a ``[tool.flwr.app]`` table (what ``flwr run`` builds)."""
+    pyproject = Path(app_dir) / "pyproject.toml"
+    try:
+        conf = tomllib.loads(pyproject.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise FedmergeError(f"cannot read the Flower app's {pyproject}: {exc}") from exc
+    if "app" not in conf.get("tool", {}).get("flwr", {}):
+        raise FedmergeError(f"{pyproject} has no [tool.flwr.app] table; `flwr run` cannot build the app")
+    return Path(app_dir).resolve()
+
+
 def deploy_local(
     scenario: str | Path,
     out_dir: str | Path,
@@ -172,6 +194,7 @@ def deploy_local(
     """
     from fedmerge.config import load_scenario
 
+    app = check_app_dir(Path(app_dir))
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_scenario(scenario, overrides)
@@ -192,7 +215,7 @@ def deploy_local(
         wait_until_online(flwr, node_ids, nodes, STARTUP_TIMEOUT_S)
         run_config = {"scenario": str(Path(scenario).resolve()) if Path(scenario).suffix else str(scenario),
                       "overrides": ";".join(overrides), "out-dir": str(results_dir)}
-        run_id = flwr.submit_run(Path(app_dir), run_config)
+        run_id = flwr.submit_run(app, run_config)
         logger.info("submitted run %d to %s with %d SuperNodes", run_id, link.address, len(nodes))
 
         def link_alive() -> None:
@@ -202,6 +225,8 @@ def deploy_local(
 
         try:
             status = flwr.wait(run_id, timeout_s, poll_s, check=link_alive)
+        except RunFailed as exc:
+            raise RunFailed(f"{exc}{_reported_errors(results_dir / 'results.json')}") from exc
         finally:
             (out / "logs" / "run.log").write_text(flwr.logs(run_id))
         logger.info("run %d %s", run_id, status)
