@@ -40,6 +40,9 @@ class InProcessTransport:
 
 def run_federation(cfg: Mapping[str, Any], transport: Any) -> dict[str, Any]:
     """θ₀, the optional joint oracle, then the federation phases over ``transport`` (shared by both engines)."""
+    import torch
+
+    torch.set_num_threads(int(cfg["run"]["torch_threads"]))  # server-side merging, as on clients
     start = time.perf_counter()
     theta0 = initial_weights(cfg)
     setup = time.perf_counter() - start
