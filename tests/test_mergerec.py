@@ -157,3 +157,59 @@ def test_bad_inputs():
         MergeRecConfig(granularity="neuron")
     with pytest.raises(ValueError, match="unknown merge method"):
         mergerec(family, theta0, models, features, MergeRecConfig(init_method="fisher", progress=False))
+
+
+class SplitModel(nn.Module):
+    """Item side e = x P; sequence side h = e_last A + b; score = h · e (a split forward like TextSASRec's)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.P = nn.Parameter(torch.eye(dim))
+        self.A = nn.Parameter(torch.eye(dim))
+        self.b = nn.Parameter(torch.zeros(dim))
+
+    def item_representations(self, item_features: torch.Tensor) -> torch.Tensor:
+        return item_features @ self.P
+
+    def encode(self, seqs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return items[seqs.clamp(min=0)] @ self.A + self.b
+
+    def logits(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return hidden @ items.T
+
+    def forward(self, seqs: torch.Tensor, item_features: torch.Tensor) -> torch.Tensor:
+        items = self.item_representations(item_features)
+        return self.logits(self.encode(seqs, items)[:, -1], items)
+
+
+class SplitFamily(TinyFamily):
+    def build(self, dim: int) -> nn.Module:
+        return SplitModel(dim)
+
+
+def split_setup():
+    family, _, models, features = setup()
+    gen = torch.Generator().manual_seed(1)
+    theta0 = {"P": torch.eye(DIM), "A": torch.eye(DIM), "b": torch.zeros(DIM)}
+    for w in models.values():
+        w["P"] = torch.eye(DIM) + 0.3 * torch.randn(DIM, DIM, generator=gen)
+    return SplitFamily(), theta0, models, features
+
+
+def test_frozen_item_side_gets_no_gradient_unless_refreshed():
+    family, theta0, models, features = split_setup()
+    layer = dict(FAST, granularity="layer", steps=20)
+    _, frozen = mergerec(family, theta0, models, features, MergeRecConfig(**layer, item_side="frozen"))
+    _, full = mergerec(family, theta0, models, features, MergeRecConfig(**layer))
+    init = frozen.initial_coefficient
+    assert all(c["group_P"] == pytest.approx(init, abs=1e-7) for c in frozen.coefficients.values())  # held fixed
+    assert any(abs(c["group_A"] - init) > 1e-3 for c in frozen.coefficients.values())
+    assert any(abs(c["group_P"] - init) > 1e-3 for c in full.coefficients.values())
+    # the first step's loss is the same: frozen representations equal the initial merged model's
+    assert frozen.loss_curve[0] == pytest.approx(full.loss_curve[0], rel=1e-5)
+
+
+def test_frozen_item_side_needs_a_split_module():
+    family, theta0, models, features = setup()
+    with pytest.raises(ValueError, match="item_representations.*lacks"):
+        mergerec(family, theta0, models, features, MergeRecConfig(**FAST, item_side="frozen"))

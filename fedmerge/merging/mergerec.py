@@ -14,7 +14,13 @@
    averaged over a batch of pseudo-users drawn uniformly from the union of all domains' pseudo-users
    (``sampling="union"``, batches mix domains) or from one uniformly drawn domain per step (``"domain"``).
    The merged forward is ``torch.func.functional_call(module, θ(λ), (seqs, item_features))``, so gradients reach
-   only λ; the full module (item side included) runs on every step.
+   only λ; by default (``item_side="full"``) the full module, item side included, runs on every step.
+   ``item_side="frozen"`` (as MergeRec's released code does with its cached item embeddings) computes the
+   catalog's item representations once from the initial merged model, and again every ``item_refresh`` steps,
+   and back-propagates through the sequence side only; it needs a module that splits its forward into
+   ``item_representations(item_features)``, ``encode(seqs, items)`` and ``logits(hidden, items)`` (the
+   sequential family's TextSASRec does). With a Transformer over 12k-item catalogs this is the difference between
+   seconds and hours per 500 steps on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
@@ -58,6 +65,8 @@ class MergeRecConfig:
     seed: int = 0
     sampling: Literal["union", "domain"] = "union"
     logit_norm: Literal["none", "teacher_std"] = "none"
+    item_side: Literal["full", "frozen"] = "full"
+    item_refresh: int = 0  # with item_side="frozen": recompute item representations every this many steps (0: never)
     teacher_batch: int = 512
     progress: bool = True
 
@@ -66,6 +75,8 @@ class MergeRecConfig:
             "granularity": self.granularity in ("task", "layer"),
             "sampling": self.sampling in ("union", "domain"),
             "logit_norm": self.logit_norm in ("none", "teacher_std"),
+            "item_side": self.item_side in ("full", "frozen"),
+            "item_refresh": self.item_refresh >= 0,
             "temperature": self.temperature > 0,
             "distill_weight": self.distill_weight >= 0,
             "lr": self.lr > 0,
@@ -152,6 +163,36 @@ def merged_parameters(
     return {p: theta0[p] + torch.tensordot(coefficients[:, column[p]], vectors[p], dims=1) for p in theta0}
 
 
+SPLIT_METHODS = ("item_representations", "encode", "logits")
+
+
+def prefixed(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Parameter names as seen from the :class:`ItemSide` / :class:`SequenceSide` wrappers."""
+    return {f"inner.{p}": t for p, t in params.items()}
+
+
+class ItemSide(nn.Module):
+    """``inner.item_representations(item_features)`` as a forward, for ``functional_call``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, item_features: torch.Tensor) -> torch.Tensor:
+        return self.inner.item_representations(item_features)
+
+
+class SequenceSide(nn.Module):
+    """Scores of the last position against precomputed item representations, for ``functional_call``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, seqs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.inner.logits(self.inner.encode(seqs, items)[:, -1], items)
+
+
 def mergerec(
     family: ModelFamily,
     theta0: StateDict,
@@ -183,6 +224,11 @@ def mergerec(
     module = family.build(dims.pop())
     for p in module.parameters():
         p.requires_grad_(False)
+    if config.item_side == "frozen":
+        lacking = [m for m in SPLIT_METHODS if not callable(getattr(module, m, None))]
+        if lacking:
+            raise ValueError(f"item_side='frozen' needs module methods {list(SPLIT_METHODS)}; "
+                             f"{type(module).__name__} of {family.name!r} lacks {lacking}")
     base = {p: t.detach().float() for p, t in theta0.items()}
     names = list(base)
     groups, column = group_index(family, names, config.granularity)
@@ -208,7 +254,15 @@ def mergerec(
 
     start = time.perf_counter()
     module.train(False)
-    for _ in tqdm(range(config.steps), desc="MergeRec", disable=not config.progress):
+    item_side, sequence_side = ItemSide(module), SequenceSide(module)
+    frozen_items: list[torch.Tensor] = []
+    for step in tqdm(range(config.steps), desc="MergeRec", disable=not config.progress):
+        if config.item_side == "frozen" and (
+            not frozen_items or (config.item_refresh and step % config.item_refresh == 0)
+        ):
+            with torch.no_grad():
+                current = prefixed(merged_parameters(base, processed.vectors, coefficients, column))
+                frozen_items = [functional_call(item_side, current, (item_features[d],)) for d in domains]
         if config.sampling == "union":
             flat = torch.randint(int(sizes.sum()), (config.batch_size,), generator=generator)
             domain_of = torch.searchsorted(offsets, flat, right=True) - 1
@@ -222,7 +276,10 @@ def mergerec(
         for d in domain_of.unique().tolist():
             rows = items[domain_of == d]
             seqs = one_item_batch(rows, family.max_len)
-            student = functional_call(module, params, (seqs, item_features[domains[d]]))
+            if config.item_side == "frozen":
+                student = functional_call(sequence_side, prefixed(params), (seqs, frozen_items[d]))
+            else:
+                student = functional_call(module, params, (seqs, item_features[domains[d]]))
             student = student / score_scales[d]
             loss = loss + len(rows) / config.batch_size * distillation_loss(
                 student, teacher_logits[d][rows], config.temperature, config.distill_weight

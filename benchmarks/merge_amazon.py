@@ -1,0 +1,172 @@
+"""Merging benchmark on the Amazon domains: individuals, θ₀, training-free merges and MergeRec, Recall/NDCG@10.
+
+    python benchmarks/merge_amazon.py --family text-lae [--holdout Toys] [--domains Beauty,Pantry,Toys]
+
+Every domain's model is trained from the same θ₀ with ``family.train`` and cached as safetensors under
+``<cache>/merge_amazon/`` (re-runs skip training). Merges use the non-held-out domains only; a held-out domain's
+catalog is used only at test time (zero-shot). Prints a markdown table of test Recall@10 / NDCG@10 (unmasked,
+MergeRec's protocol) per domain and averaged over the merged domains, and MergeRec's optimization time and the
+process's peak resident memory (``resource.getrusage``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedmerge.data import load_domain
+from fedmerge.data.domain import Domain
+from fedmerge.merging import MergeRecConfig, merge, mergerec
+from fedmerge.metrics import evaluate_scorer
+from fedmerge.models import ModelFamily, StateDict, get_family
+from fedmerge.text import default_cache_root, encode_catalog, get_encoder
+
+logger = logging.getLogger("merge_amazon")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAINING_FREE = {
+    "average": {},
+    "task_arithmetic": {},
+    "ties": {},
+    "dare": {},
+    "pcb": {},
+}
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("FEDMERGE_AMAZON_DIR") or REPO_ROOT.parent / "shared" / "datasets" / "amazon")
+
+
+def locate(root: Path, name: str) -> Path:
+    for candidate in (root / name, root / f"{name}.tar.gz"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"domain {name} not found under {root} (folder or .tar.gz)")
+
+
+def trained_weights(
+    family: ModelFamily, theta0: StateDict, domain: Domain, features: torch.Tensor, cache: Path, seed: int
+) -> StateDict:
+    """``family.train`` from θ₀ on ``domain``, cached on disk keyed by family config, domain, width and seed."""
+    key = json.dumps({"family": family.name, "config": family.config(), "domain": domain.name,
+                      "dim": int(features.shape[1]), "seed": seed, "users": domain.n_users}, sort_keys=True, default=str)
+    path = cache / f"{family.name}-{domain.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    if path.exists():
+        logger.info("cached weights %s", path)
+        return load_file(str(path))
+    start = time.perf_counter()
+    weights, info = family.train(theta0, domain, features, seed=seed)
+    logger.info("trained %s on %s in %.1f s: %s", family.name, domain.name, time.perf_counter() - start, info)
+    cache.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata={"key": key})
+    return weights
+
+
+def evaluate(family: ModelFamily, weights: StateDict, domain: Domain, features: torch.Tensor) -> tuple[float, float]:
+    result = evaluate_scorer(family.scorer(weights, features), domain, split="test", ks=(10,))
+    return result["recall@10"], result["ndcg@10"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="text-lae", choices=["text-lae", "sequential"])
+    parser.add_argument("--domains", default="Beauty,Pantry,Toys")
+    parser.add_argument("--holdout", default=None, help="domain left out of merging, evaluated zero-shot")
+    parser.add_argument("--data", type=Path, default=None, help="folder with <Domain>/ or <Domain>.tar.gz")
+    parser.add_argument("--encoder", default="minilm")
+    parser.add_argument("--cache", type=Path, default=None, help="trained-weight cache (default: <fedmerge cache>/merge_amazon)")
+    parser.add_argument("--steps", type=int, default=500, help="MergeRec optimization steps")
+    parser.add_argument("--logit-norm", default="none", choices=["none", "teacher_std"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="family constructor parameter (Python literal), e.g. max_seconds=300; repeatable")
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+
+    names = [n.strip() for n in args.domains.split(",") if n.strip()]
+    if args.holdout and args.holdout not in names:
+        names.append(args.holdout)
+    merged_names = [n for n in names if n != args.holdout]
+    root = args.data or data_dir()
+    cache = args.cache or default_cache_root().parent / "merge_amazon"
+    family_params = {k: ast.literal_eval(v) for k, _, v in (item.partition("=") for item in args.family_set)}
+    family = get_family(args.family, **family_params)
+    encoder = get_encoder(args.encoder)
+
+    domains = {n: load_domain(locate(root, n), name=n) for n in names}
+    features = {n: family.item_features(encode_catalog(encoder, d.catalog)) for n, d in domains.items()}
+    dim = int(next(iter(features.values())).shape[1])
+    theta0 = family.initial_weights(dim, seed=args.seed)
+    individuals = {n: trained_weights(family, theta0, domains[n], features[n], cache, args.seed) for n in names}
+    to_merge = {n: individuals[n] for n in merged_names}
+
+    candidates: dict[str, StateDict] = {"θ₀": theta0}
+    candidates.update({f"individual {n}": w for n, w in individuals.items()})
+    for method, params in TRAINING_FREE.items():
+        candidates[method] = merge(method, theta0, to_merge, **params)
+    timings: dict[str, dict] = {}
+    for label, config in {
+        "MergeRec task-wise (TA init)": MergeRecConfig(granularity="task", steps=args.steps, seed=args.seed,
+                                                       logit_norm=args.logit_norm),
+        "MergeRec layer-wise (TA init)": MergeRecConfig(granularity="layer", steps=args.steps, seed=args.seed,
+                                                        logit_norm=args.logit_norm),
+    }.items():
+        weights, report = mergerec(family, theta0, to_merge, {n: features[n] for n in merged_names}, config)
+        candidates[label] = weights
+        timings[label] = {
+            "optimization_seconds": round(report.optimization_seconds, 2),
+            "teacher_seconds": round(report.teacher_seconds, 2),
+            "coefficients": report.coefficients,
+            "loss_first_last": [report.loss_curve[0], report.loss_curve[-1]] if report.loss_curve else [],
+        }
+        logger.info("%s: %s", label, timings[label])
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    results: dict[str, dict[str, tuple[float, float]]] = {}
+    for label, weights in candidates.items():
+        own = label.removeprefix("individual ") if label.startswith("individual ") else None
+        results[label] = {}
+        for n in names:
+            if own is not None and n != own and n != args.holdout:
+                continue  # individuals: in-domain, plus zero-shot on the held-out domain
+            results[label][n] = evaluate(family, weights, domains[n], features[n])
+        logger.info("%s: %s", label, results[label])
+    in_domain = {n: results[f"individual {n}"][n] for n in merged_names}
+
+    header = [f"{n}{' (held out)' if n == args.holdout else ''} R@10 / N@10" for n in names]
+    lines = ["| model | " + " | ".join(header) + " | avg merged R@10 / N@10 |", "|---" * (len(names) + 2) + "|"]
+
+    def row(label: str, cells: dict[str, tuple[float, float]]) -> str:
+        shown = [f"{cells[n][0]:.4f} / {cells[n][1]:.4f}" if n in cells else "–" for n in names]
+        merged_cells = [cells[n] for n in merged_names if n in cells]
+        avg = (f"{np.mean([c[0] for c in merged_cells]):.4f} / {np.mean([c[1] for c in merged_cells]):.4f}"
+               if len(merged_cells) == len(merged_names) else "–")
+        return f"| {label} | " + " | ".join(shown) + f" | {avg} |"
+
+    lines.append(row("individual (in-domain)", in_domain))
+    for label, cells in results.items():
+        lines.append(row(label, cells))
+    print("\n".join(lines))
+    for label, t in timings.items():
+        print(f"{label}: {args.steps} steps in {t['optimization_seconds']} s (teacher scores {t['teacher_seconds']} s)")
+        print(f"  coefficients: {json.dumps(t['coefficients'])}")
+    print(f"peak resident memory of the process: {peak_mib:.0f} MiB; torch threads: {torch.get_num_threads()}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"results": results, "timings": timings, "peak_mib": peak_mib,
+                                             "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
