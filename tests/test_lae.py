@@ -210,11 +210,11 @@ def test_unknown_parameter_and_bad_xi() -> None:
         relaxed_diagonal_weights(np.eye(2, dtype=np.float32), 1.0, 1.5)
 
 
-def test_popularity_counts_train_and_val_occurrences() -> None:
+def test_popularity_counts_users_per_item_in_train_and_val() -> None:
     domain = random_domain()
     model = get_recommender("popularity").fit(domain)
-    items = np.concatenate(list(domain.train) + [domain.val_target])
-    expected = np.array([(items == i).sum() for i in range(domain.n_items)], dtype=np.float32)
+    histories = [set(s.tolist()) | {int(v)} for s, v in zip(domain.train, domain.val_target)]
+    expected = np.array([sum(i in h for h in histories) for i in range(domain.n_items)], dtype=np.float32)
     scores = model.score([np.array([0]), np.array([1, 2])])
     np.testing.assert_array_equal(scores, np.stack([expected, expected]))
 

@@ -1,16 +1,18 @@
-"""Popularity baseline: every user gets the same scores, the items' interaction counts."""
+"""Popularity baseline: every user gets the same scores, the items' user counts."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from fedmerge.data.domain import Domain
+from fedmerge.data.domain import Domain, interaction_matrix
 from fedmerge.errors import FedmergeError
 from fedmerge.models.base import Recommender
 
 
 class Popularity(Recommender):
-    """score(i) = number of occurrences of item i in the training sequences extended by the validation items.
+    """score(i) = number of users whose training sequence (extended by the validation item) holds item i.
+
+    That is the column sum of the binary X the LAEs use (diag(G)); repeats within a user count once.
 
     There is nothing to select, so it is fitted on train + validation (:meth:`Domain.train_with_val`), the data
     the other models refit on before testing.
@@ -22,8 +24,8 @@ class Popularity(Recommender):
         self.counts: np.ndarray | None = None
 
     def fit(self, domain: Domain, item_embeddings: np.ndarray | None = None) -> Popularity:
-        items = np.concatenate([np.asarray(s, dtype=np.int64) for s in domain.train_with_val()])
-        self.counts = np.bincount(items, minlength=domain.n_items).astype(np.float32)
+        x = interaction_matrix(domain.train_with_val(), domain.n_items)
+        self.counts = np.asarray(x.sum(axis=0), dtype=np.float32).ravel()
         return self
 
     def score(self, sequences: list[np.ndarray]) -> np.ndarray:
