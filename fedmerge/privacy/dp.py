@@ -26,6 +26,9 @@ JRSS-B 2022, Cor. 2.13). By their composition theorem (Cor. 3.3) R adaptive roun
 √R·μ-GDP, so R FedAvg rounds with fresh noise equal one Gaussian mechanism with noise multiplier ``z/√R``.
 Both directions (ε from z, z from ε) are solved with :func:`scipy.optimize.brentq`.
 
+Limits: the noise comes from torch's Gaussian sampler in floating point, not from a sampler hardened against
+floating-point attacks (Mironov, CCS 2012); and the guarantee assumes the noise seed is secret (``seed=None``).
+
 Why no accountant library: dp-accounting 0.6.0 pins ``attrs~=23`` (would downgrade the installed attrs 26) and
 opacus's accountants (RDP/PRV) target subsampled DP-SGD and are looser than the exact analytic profile for this
 full-participation Gaussian release.
