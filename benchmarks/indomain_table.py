@@ -27,10 +27,12 @@ def domain_path(folder: Path, name: str) -> Path:
     return folder / name if (folder / name).is_dir() else folder / f"{name}.tar.gz"
 
 
-def cell(path: Path, model: str, out: Path, encoder: str) -> dict:
+def cell(path: Path, model: str, out: Path, encoder: str, settings: list[str]) -> dict:
     metrics_file = out / "metrics.json"
     if not metrics_file.is_file():
-        code = fedmerge_main(["train", "--data", str(path), "--model", model, "--out", str(out), "--encoder", encoder])
+        extra = [arg for item in settings if item.startswith(f"{model}.") for arg in ("--set", item[len(model) + 1 :])]
+        code = fedmerge_main(["train", "--data", str(path), "--model", model, "--out", str(out), "--encoder", encoder,
+                              *extra])
         if code != 0:
             raise SystemExit(f"fedmerge train failed for {path} / {model}")
     return json.loads(metrics_file.read_text())
@@ -53,6 +55,8 @@ def main() -> int:
                         or str(REPO.parent / "shared" / "datasets" / "amazon"))
     parser.add_argument("--encoder", default="minilm")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "indomain")
+    parser.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE", dest="settings",
+                        help="fix a model parameter instead of its default grid, e.g. ease.lam=50; repeatable")
     args = parser.parse_args()
     results = {}
     for domain in args.domains:
@@ -61,7 +65,7 @@ def main() -> int:
             print(f"skipping {domain}: {path} not found", file=sys.stderr)
             continue
         for model in args.models:
-            results[(domain, model)] = cell(path, model, args.out / f"{domain}-{model}", args.encoder)
+            results[(domain, model)] = cell(path, model, args.out / f"{domain}-{model}", args.encoder, args.settings)
     print("Test Recall@10 / NDCG@10, unmasked (MergeRec protocol) and masked (m); hyper-parameters chosen on "
           "validation NDCG@10, refit on train+val.")
     print(markdown(results, args.domains, args.models))

@@ -37,10 +37,12 @@ def child(path: str, lam: float) -> None:
     gram_seconds = time.perf_counter() - start
     weights = ease_weights(gram, lam)
     fit_seconds = time.perf_counter() - start
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss_peak = usage.ru_maxrss
     print(json.dumps({"domain": domain.name, "items": domain.n_items, "lam": lam, "gram_seconds": gram_seconds,
                       "fit_seconds": fit_seconds, "rss_after_load_mb": rss_loaded / 1024,
-                      "peak_rss_mb": rss_peak / 1024, "weights_shape": list(weights.shape)}))
+                      "peak_rss_mb": rss_peak / 1024,
+                      "process_cpu_seconds": usage.ru_utime + usage.ru_stime, "weights_shape": list(weights.shape)}))
 
 
 def main() -> int:
@@ -63,7 +65,8 @@ def main() -> int:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"EASE on {result['domain']} ({result['items']} items, λ={result['lam']:g}): fit {result['fit_seconds']:.1f} s "
           f"(G = XᵀX {result['gram_seconds']:.1f} s), peak RSS {result['peak_rss_mb']:.0f} MB "
-          f"({result['rss_after_load_mb']:.0f} MB after loading the data); {os.cpu_count()} CPUs")
+          f"({result['rss_after_load_mb']:.0f} MB after loading the data); process CPU time "
+          f"{result['process_cpu_seconds']:.1f} s in all; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     return 0
 
 
