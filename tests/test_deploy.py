@@ -25,6 +25,7 @@ from fedmerge.deploy.certs import generate, load_tls_dir
 from fedmerge.deploy.flwr_cli import (
     FlwrClient,
     FlwrCommandError,
+    RunFailed,
     parse_json_output,
     parse_run_status,
     run_config_args,
@@ -402,3 +403,51 @@ def test_cli_deploy_certs(tmp_path, capsys):
     assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
     assert main(["deploy", "certs", "--out", str(tmp_path)]) == 1
     assert "already holds certificates" in capsys.readouterr().err
+
+
+class ScriptedFlwr(FlwrClient):
+    """FlwrClient whose SuperLink answers come from a script (no processes): status sequence, logs, stop calls."""
+
+    def __init__(self, tmp_path: Path, statuses: list[str]) -> None:
+        super().__init__(tmp_path)
+        self.statuses = statuses
+        self.stopped: list[int] = []
+
+    def status(self, run_id: int):
+        text = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return parse_run_status({"runs": [{"run-id": run_id, "status": text}]}, run_id)
+
+    def logs(self, run_id: int) -> str:
+        return "\n".join(f"line {i}" for i in range(40)) + "\nFedmergeError: federation failed: {'train:synth-1': 'x'}"
+
+    def stop(self, run_id: int) -> None:
+        self.stopped.append(run_id)
+
+
+def test_wait_polls_until_completed(tmp_path):
+    flwr = ScriptedFlwr(tmp_path, ["pending", "starting", "running", "finished:completed"])
+    assert flwr.wait(3, timeout_s=10, poll_s=0.01).succeeded and flwr.statuses == ["finished:completed"]
+
+
+def test_wait_never_trusts_a_failed_run(tmp_path):
+    flwr = ScriptedFlwr(tmp_path, ["running", "finished:failed"])
+    with pytest.raises(RunFailed, match=r"(?s)ended finished:failed.*train:synth-1"):
+        flwr.wait(3, timeout_s=10, poll_s=0.01)
+    with pytest.raises(RunFailed, match="finished:stopped"):
+        ScriptedFlwr(tmp_path, ["finished:stopped"]).wait(3, timeout_s=10, poll_s=0.01)
+
+
+def test_wait_times_out_and_stops_the_run(tmp_path):
+    flwr = ScriptedFlwr(tmp_path, ["running"])
+    start = time.monotonic()
+    with pytest.raises(RunFailed, match=r"did not finish within 0 s \(last status: running\)"):
+        flwr.wait(7, timeout_s=0.2, poll_s=0.05)
+    assert flwr.stopped == [7] and time.monotonic() - start < 5
+
+
+def test_wait_fails_fast_when_check_fails(tmp_path):
+    def superlink_died() -> None:
+        raise FedmergeError("the SuperLink exited with code -9")
+
+    with pytest.raises(FedmergeError, match="exited with code -9"):
+        ScriptedFlwr(tmp_path, ["running"]).wait(1, timeout_s=60, poll_s=0.01, check=superlink_died)
