@@ -75,9 +75,9 @@ def test_learns_deterministic_successor_and_loss_falls():
     assert info["best_val_ndcg@10"] == pytest.approx(val["ndcg@10"])
 
 
-def test_sampled_softmax_also_learns():
+def test_sampled_softmax_with_moe_adapter_also_learns():
     domain = cycle_domain(n_items=30, n_users=200, seed=0)
-    family = tiny_family(n_negatives=8)
+    family = tiny_family(n_negatives=8, adapter="moe")
     feats = family.item_features(random_features(30, 1))
     weights, info = family.train(family.initial_weights(DIM), domain, feats, seed=0, progress=False)
     assert evaluate_scorer(family.scorer(weights, feats), domain, "val")["recall@10"] >= 0.9
@@ -134,6 +134,7 @@ def test_parameter_groups_are_layerwise():
     names = list(family.initial_weights(DIM))
     groups = family.parameter_groups(names)
     assert set(groups) == {"adapter", "position", "block.0", "block.1", "final_norm"}
+    assert all(name.startswith("blocks.1.") for name in groups["block.1"])
     assert sorted(n for g in groups.values() for n in g) == sorted(names)
 
 

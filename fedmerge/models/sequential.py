@@ -13,8 +13,9 @@ parameter is shared across domains and independent of the catalog size, so weigh
 one space and can be merged.
 
 Adapter: ``"linear"`` is UniSRec's parametric whitening ``(x - b) W``; ``"moe"`` is UniSRec's mixture of
-``n_experts`` such whitening experts mixed by a softmax gate ``softmax(x W_g)``. The default is ``"moe"``
-(see the benchmark figures in the project report for the comparison on Pantry).
+``n_experts`` such whitening experts mixed by a softmax gate ``softmax(x W_g)``. The default is ``"linear"``:
+on Pantry (MiniLM, 2-core CPU) it reached a higher validation NDCG@10 after the first epoch than a 4-expert MoE
+(.048 vs .046) at a quarter of the adapter cost, which dominates less but still counts on a CPU.
 
 Training: SASRec all-position loss: each training sequence is cut into windows of at most ``max_len + 1`` items
 (so every transition is a target exactly once), and every position predicts the next item with a full softmax
@@ -197,7 +198,7 @@ class TextSASRec(nn.Module):
 
     def logits(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """``cos(h, e_i) / τ`` for hidden states (..., hidden) against item representations (n, hidden)."""
-        return F.normalize(hidden, dim=-1) @ F.normalize(items, dim=-1).T / self.temperature
+        return (F.normalize(hidden, dim=-1) / self.temperature) @ F.normalize(items, dim=-1).T
 
     def forward(self, seqs: torch.Tensor, item_features: torch.Tensor) -> torch.Tensor:
         items = self.item_representations(item_features)
@@ -216,7 +217,7 @@ class SequentialFamily(ModelFamily):
     ffn_mult: int = 2
     max_len: int = 50
     dropout: float = 0.3
-    adapter: str = "moe"
+    adapter: str = "linear"
     n_experts: int = 4
     temperature: float = 0.07
     lr: float = 1e-3
