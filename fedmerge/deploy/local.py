@@ -213,7 +213,7 @@ def deploy_local(
             for (name, path), keys in zip(paths.items(), tls.nodes)
         ]
         wait_until_online(flwr, node_ids, nodes, STARTUP_TIMEOUT_S)
-        run_config = {"scenario": str(Path(scenario).resolve()) if Path(scenario).suffix else str(scenario),
+        run_config = {"scenario": str(Path(scenario).resolve()) if Path(scenario).is_file() else str(scenario),
                       "overrides": ";".join(overrides), "out-dir": str(results_dir)}
         run_id = flwr.submit_run(app, run_config)
         logger.info("submitted run %d to %s with %d SuperNodes", run_id, link.address, len(nodes))
