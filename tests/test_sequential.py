@@ -164,3 +164,15 @@ def test_scorer_matches_module_in_input_order():
     with torch.no_grad():
         expected = torch.cat([module(pad_sequences([s], family.max_len), feats) for s in seqs]).numpy()
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_early_stopping_and_time_budget():
+    domain = cycle_domain(n_items=20, n_users=40, seed=1)
+    feats = tiny_family().item_features(random_features(20, 0))
+    frozen = tiny_family(lr=1e-12, patience=2, max_epochs=10)
+    theta0 = frozen.initial_weights(DIM)
+    weights, info = frozen.train(theta0, domain, feats, progress=False)
+    assert (info["epochs"], info["best_epoch"]) == (3, 1)  # no improvement after epoch 1, patience 2
+    assert all(torch.allclose(weights[k], theta0[k], atol=1e-6) for k in theta0)
+    _, info = tiny_family(max_seconds=0.0, max_epochs=10).train(theta0, domain, feats, progress=False)
+    assert info["epochs"] == 1 and info["stopped_by_time"]
