@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help="trained-weight cache (default: <fedmerge cache>/merge_amazon)")
     parser.add_argument("--steps", type=int, default=500, help="MergeRec optimization steps")
     parser.add_argument("--logit-norm", default="none", choices=["none", "teacher_std"])
+    parser.add_argument("--item-side", default=None, choices=["full", "frozen"],
+                        help="MergeRec item side (default: frozen for sequential, full for text-lae)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family-set", action="append", default=[], metavar="KEY=VALUE",
                         help="family constructor parameter (Python literal), e.g. max_seconds=300; repeatable")
@@ -117,11 +119,12 @@ def main() -> None:
     for method, params in TRAINING_FREE.items():
         candidates[method] = merge(method, theta0, to_merge, **params)
     timings: dict[str, dict] = {}
+    item_side = args.item_side or ("frozen" if args.family == "sequential" else "full")
     for label, config in {
-        "MergeRec task-wise (TA init)": MergeRecConfig(granularity="task", steps=args.steps, seed=args.seed,
-                                                       logit_norm=args.logit_norm),
-        "MergeRec layer-wise (TA init)": MergeRecConfig(granularity="layer", steps=args.steps, seed=args.seed,
-                                                        logit_norm=args.logit_norm),
+        f"MergeRec {granularity}-wise (TA init)": MergeRecConfig(
+            granularity=granularity, steps=args.steps, seed=args.seed, logit_norm=args.logit_norm, item_side=item_side
+        )
+        for granularity in ("task", "layer")
     }.items():
         weights, report = mergerec(family, theta0, to_merge, {n: features[n] for n in merged_names}, config)
         candidates[label] = weights
