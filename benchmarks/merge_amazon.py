@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--logit-norm", default="none", choices=["none", "teacher_std"])
     parser.add_argument("--item-side", default=None, choices=["full", "frozen"],
                         help="MergeRec item side (default: frozen for sequential, full for text-lae)")
+    parser.add_argument("--exclude-input-item", action="store_true", help="MergeRec: mask pseudo-user [i]'s own item")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family-set", action="append", default=[], metavar="KEY=VALUE",
                         help="family constructor parameter (Python literal), e.g. max_seconds=300; repeatable")
@@ -122,7 +123,8 @@ def main() -> None:
     item_side = args.item_side or ("frozen" if args.family == "sequential" else "full")
     for label, config in {
         f"MergeRec {granularity}-wise (TA init)": MergeRecConfig(
-            granularity=granularity, steps=args.steps, seed=args.seed, logit_norm=args.logit_norm, item_side=item_side
+            granularity=granularity, steps=args.steps, seed=args.seed, logit_norm=args.logit_norm, item_side=item_side,
+            exclude_input_item=args.exclude_input_item,
         )
         for granularity in ("task", "layer")
     }.items():

@@ -213,3 +213,19 @@ def test_frozen_item_side_needs_a_split_module():
     family, theta0, models, features = setup()
     with pytest.raises(ValueError, match="item_representations.*lacks"):
         mergerec(family, theta0, models, features, MergeRecConfig(**FAST, item_side="frozen"))
+
+
+def test_exclude_input_item_masks_the_pseudo_users_own_item():
+    from fedmerge.merging.mergerec import mask_input_item
+
+    scores = torch.tensor([[3.0, 1.0, 2.0], [0.5, 4.0, 1.0]])
+    masked = mask_input_item(scores, torch.tensor([0, 1]))
+    assert masked[0, 0] < -1e3 and masked[1, 1] < -1e3
+    assert torch.equal(masked[0, 1:], scores[0, 1:]) and masked[1, 0] == scores[1, 0]
+    # the masked loss is finite and its pseudo-label is the best other item
+    loss = distillation_loss(masked, masked, 0.05, 1000.0)
+    expected_ce = -torch.log_softmax(masked, 1)[[0, 1], [2, 2]].mean()
+    torch.testing.assert_close(loss, expected_ce)
+    family, theta0, models, features = setup()
+    _, report = mergerec(family, theta0, models, features, MergeRecConfig(**FAST, exclude_input_item=True))
+    assert all(np.isfinite(report.loss_curve))

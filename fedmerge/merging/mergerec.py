@@ -13,6 +13,8 @@
 
    averaged over a batch of pseudo-users drawn uniformly from the union of all domains' pseudo-users
    (``sampling="union"``, batches mix domains) or from one uniformly drawn domain per step (``"domain"``).
+   ``exclude_input_item=True`` (not in the paper) removes item i from pseudo-user [i]'s teacher and student
+   distributions: a text-similarity model ranks the input item itself first, which makes the pseudo-label trivial.
    The merged forward is ``torch.func.functional_call(module, θ(λ), (seqs, item_features))``, so gradients reach
    only λ; by default (``item_side="full"``) the full module, item side included, runs on every step.
    ``item_side="frozen"`` (as MergeRec's released code does with its cached item embeddings) computes the
@@ -66,6 +68,7 @@ class MergeRecConfig:
     sampling: Literal["union", "domain"] = "union"
     logit_norm: Literal["none", "teacher_std"] = "none"
     item_side: Literal["full", "frozen"] = "full"
+    exclude_input_item: bool = False  # drop item i from pseudo-user [i]'s teacher and student distributions
     item_refresh: int = 0  # with item_side="frozen": recompute item representations every this many steps (0: never)
     teacher_batch: int = 512
     progress: bool = True
@@ -120,6 +123,14 @@ def distillation_loss(
         log_target=True,
     )
     return ce + distill_weight * temperature**2 * kl
+
+
+EXCLUDED_SCORE = -1e4
+
+
+def mask_input_item(scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Scores with each row's input item set to a large finite negative value (zero softmax mass, finite KL)."""
+    return scores.scatter(1, items.view(-1, 1), EXCLUDED_SCORE)
 
 
 def one_item_batch(items: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -281,8 +292,11 @@ def mergerec(
             else:
                 student = functional_call(module, params, (seqs, item_features[domains[d]]))
             student = student / score_scales[d]
+            teacher = teacher_logits[d][rows]
+            if config.exclude_input_item:
+                student, teacher = mask_input_item(student, rows), mask_input_item(teacher, rows)
             loss = loss + len(rows) / config.batch_size * distillation_loss(
-                student, teacher_logits[d][rows], config.temperature, config.distill_weight
+                student, teacher, config.temperature, config.distill_weight
             )
         optimizer.zero_grad()
         loss.backward()
