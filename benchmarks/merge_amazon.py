@@ -57,8 +57,9 @@ def locate(root: Path, name: str) -> Path:
 def trained_weights(
     family: ModelFamily, theta0: StateDict, domain: Domain, features: torch.Tensor, cache: Path, seed: int
 ) -> StateDict:
-    """``family.train`` from θ₀ on ``domain``, cached on disk keyed by family config, domain, width and seed."""
-    key = json.dumps({"family": family.name, "config": family.config(), "domain": domain.name,
+    """``family.train`` from θ₀ on ``domain``, cached on disk keyed by family config, θ₀ layout, domain and seed."""
+    layout = {name: list(t.shape) for name, t in theta0.items()}  # a changed architecture invalidates the cache
+    key = json.dumps({"family": family.name, "config": family.config(), "layout": layout, "domain": domain.name,
                       "dim": int(features.shape[1]), "seed": seed, "users": domain.n_users}, sort_keys=True, default=str)
     path = cache / f"{family.name}-{domain.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.exists():
