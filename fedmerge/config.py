@@ -19,7 +19,7 @@ DEFAULT_SCENARIO = "quickstart"
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "run": {"name": "unnamed", "seed": 0, "torch_threads": 1, "progress": True},
+    "run": {"name": "unnamed", "seed": 0, "torch_threads": 1, "server_threads": 0, "progress": True},
     "data": {
         "source": "synthetic",
         "root": "",
@@ -43,7 +43,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "fedavg_local_params": {},
     },
     "federation": {"timeout_s": 3600.0, "min_replies": 0, "max_update_slack": 1.0},
-    "privacy": {"enabled": False, "clip_norm": 1.0, "noise_multiplier": 0.0},
+    "privacy": {"enabled": False, "clip_norm": 1.0, "noise_multiplier": 0.0, "noise_seed": -1},
 }
 FREE_TABLES: frozenset[tuple[str, str]] = frozenset(
     {("encoder", "params"), ("model", "params"), ("merge", "params"), ("merge", "mergerec"),
@@ -182,6 +182,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise FedmergeError(f"baselines.fedavg_rounds must be >= 0, got {cfg['baselines']['fedavg_rounds']}")
     if cfg["federation"]["min_replies"] < 0 or cfg["federation"]["timeout_s"] <= 0:
         raise FedmergeError("federation.min_replies must be >= 0 and federation.timeout_s > 0")
+    if cfg["run"]["torch_threads"] < 1 or cfg["run"]["server_threads"] < 0:
+        raise FedmergeError("run.torch_threads must be >= 1 and run.server_threads >= 0 (0: all cores)")
     if cfg["eval"]["split"] not in ("val", "test"):
         raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg['eval']['split']!r}")
 

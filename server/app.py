@@ -17,15 +17,18 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.errors import FedmergeError
 from fedmerge.runners import results as results_io
-from fedmerge.runners.appconfig import OUT_DIR_KEY, scenario_from_run_config
-from fedmerge.runners.inprocess import run_federation
+from fedmerge.runners.appconfig import OUT_DIR_KEY, RESUME_KEY, scenario_from_run_config
+from fedmerge.runners.server import run_federation
 from server.strategy import MergeStrategy
 
 logger = logging.getLogger(__name__)
 
 
-def build_server_app(cfg: Mapping[str, Any] | None = None, out_dir: str | Path | None = None) -> ServerApp:
-    """A ServerApp for scenario ``cfg`` writing to ``out_dir`` (``None``: both from the run config)."""
+def build_server_app(
+    cfg: Mapping[str, Any] | None = None, out_dir: str | Path | None = None, resume: bool | None = None
+) -> ServerApp:
+    """A ServerApp for scenario ``cfg`` writing to ``out_dir``, resuming from it if ``resume`` (``None``: from the run
+    config)."""
     app = ServerApp()
 
     @app.main()
@@ -33,10 +36,14 @@ def build_server_app(cfg: Mapping[str, Any] | None = None, out_dir: str | Path |
         start = time.perf_counter()
         scenario = cfg if cfg is not None else scenario_from_run_config(context.run_config)
         target = Path(out_dir or context.run_config.get(OUT_DIR_KEY, "") or f"results/{scenario['run']['name']}")
+        resuming = bool(context.run_config.get(RESUME_KEY, False)) if resume is None else resume
+        if resuming and cfg is None:  # under `flwr run` nobody else keeps the earlier results
+            results_io.archive_results(target)
+        logger.info("results go to %s%s", target.resolve(), " (resuming from saved client weights)" if resuming else "")
         strategy = MergeStrategy(scenario, grid)
         strategy.summary()
         strategy.connect()
-        out = run_federation(scenario, strategy)
+        out = run_federation(scenario, strategy, out_dir=target, resume=resuming)
         out["timings_s"]["total"] = round(time.perf_counter() - start, 3)
         out = results_io.finalize(out, scenario, engine="flower")
         results_io.write_results(out, target)

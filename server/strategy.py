@@ -20,9 +20,10 @@ from flwr.serverapp.strategy import Strategy
 from fedmerge.config import domain_names
 from fedmerge.errors import FedmergeError
 from fedmerge.runners import protocol
-from fedmerge.runners.server import average_metrics
+from fedmerge.runners.server import ReplyHandler, average_metrics
 
 logger = logging.getLogger(__name__)
+PULL_INTERVAL_S = 0.1
 
 
 class MergeStrategy(Strategy):
@@ -55,21 +56,35 @@ class MergeStrategy(Strategy):
             logger.warning("no SuperNode holds domain(s) %s", missing)
         return self.node_of
 
-    def send(self, message_type: str, requests: Mapping[str, RecordDict]) -> tuple[dict[str, RecordDict], dict[str, str]]:
-        """One Message per domain; replies and errors keyed by domain (unknown or silent domains are errors)."""
+    def send(
+        self, message_type: str, requests: Mapping[str, RecordDict], on_reply: ReplyHandler | None = None
+    ) -> tuple[dict[str, RecordDict], dict[str, str]]:
+        """One Message per domain; replies and errors keyed by domain (unknown or silent domains are errors).
+
+        Replies are pulled as they arrive (every :data:`PULL_INTERVAL_S`) and handed to ``on_reply`` at once, so
+        a slow client does not hold back what the others already sent.
+        """
         self._group += 1
         errors = {d: "no SuperNode holds this domain" for d in requests if d not in self.node_of}
         domain_of = {self.node_of[d]: d for d in requests if d in self.node_of}
         messages = [Message(requests[d], node, message_type, group_id=str(self._group)) for node, d in domain_of.items()]
+        pending = set(self.grid.push_messages(messages))
         replies: dict[str, RecordDict] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            domain = domain_of.get(reply.metadata.src_node_id)
-            if domain is None:
-                continue
-            if reply.has_error():
-                errors[domain] = reply.error.reason
-            else:
+        deadline = time.monotonic() + self.timeout
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(pending):
+                pending.discard(reply.metadata.reply_to_message_id)
+                domain = domain_of.get(reply.metadata.src_node_id)
+                if domain is None:
+                    continue
+                if reply.has_error():
+                    errors[domain] = reply.error.reason
+                    continue
                 replies[domain] = reply.content
+                if on_reply is not None:
+                    on_reply(domain, reply.content)
+            if pending:
+                time.sleep(PULL_INTERVAL_S)
         for d in domain_of.values():
             if d not in replies and d not in errors:
                 errors[d] = f"no reply within federation.timeout_s = {self.timeout:g} s"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,13 +14,14 @@ from fedmerge.config import apply_overrides, load_scenario
 from fedmerge.errors import FedmergeError
 from fedmerge.runners import protocol
 from fedmerge.runners.client import ClientState
-from fedmerge.runners.inprocess import InProcessTransport, run_federation, run_inprocess
-from fedmerge.runners.server import Federation, fedavg_aggregate, initial_weights
+from fedmerge.runners.inprocess import InProcessTransport, run_inprocess
+from fedmerge.runners.server import Federation, fedavg_aggregate, initial_weights, run_federation
 
 TINY = [
     "run.progress=false", "data.synthetic.n_users=40", "data.synthetic.n_items=30", "data.synthetic.max_len=8",
     "model.params.hidden=16", "model.params.n_layers=1", "model.params.max_len=8", "model.params.max_epochs=1",
-    "model.params.n_experts=2", "baselines.fedavg_rounds=1", "merge.mergerec.steps=3", "encoder.params.dim=32",
+    "model.params.n_experts=2", "baselines.fedavg_rounds=1", "merge.mergerec.steps=3", "encoder.name=hashing",
+    "encoder.params.dim=32",
 ]
 
 
@@ -47,22 +51,34 @@ def test_inprocess_run_reports_every_model_and_consistent_averages(cfg, tmp_path
         assert (tmp_path / "out" / name).stat().st_size > 0
 
 
+def _with_nan_weights(content: RecordDict) -> RecordDict:
+    bad = protocol.from_record(content.array_records[protocol.WEIGHTS])
+    first = next(iter(bad))
+    bad[first] = torch.full_like(bad[first], float("nan"))
+    return RecordDict({**content, protocol.WEIGHTS: protocol.to_record(bad)})
+
+
 class RecordingTransport(InProcessTransport):
+    """Records every reply; optionally corrupts one domain's training replies before the server sees them."""
+
     def __init__(self, cfg, corrupt: str | None = None):
         super().__init__(cfg)
         self.replies: list[RecordDict] = []
         self.corrupt = corrupt
 
-    def send(self, message_type, requests):
-        replies, errors = super().send(message_type, requests)
-        if self.corrupt in replies and message_type == protocol.TRAIN:
-            arrays = replies[self.corrupt].array_records[protocol.WEIGHTS]
-            bad = protocol.from_record(arrays)
-            first = next(iter(bad))
-            bad[first] = torch.full_like(bad[first], float("nan"))
-            replies[self.corrupt] = RecordDict({**replies[self.corrupt], protocol.WEIGHTS: protocol.to_record(bad)})
-        self.replies.extend(replies.values())
-        return replies, errors
+    def send(self, message_type, requests, on_reply=None):
+        seen = {}
+
+        def forward(domain, content):
+            if domain == self.corrupt and message_type == protocol.TRAIN:
+                content = _with_nan_weights(content)
+            seen[domain] = content
+            self.replies.append(content)
+            if on_reply is not None:
+                on_reply(domain, content)
+
+        replies, errors = super().send(message_type, requests, on_reply=forward)
+        return {d: seen[d] for d in replies}, errors
 
 
 def _check_reply_has_no_private_data(content: RecordDict, clients: dict[str, ClientState], theta_names: set[str]):
@@ -166,3 +182,178 @@ def test_flower_simulation_matches_inprocess(cfg, tmp_path):
         for domain, metrics in per_domain.items():
             assert flower["models"][name][domain] == pytest.approx(metrics), (name, domain)
     assert flower["bytes"] == inprocess["bytes"]
+    from fedmerge.storage import load_client_weights
+
+    saved_flower, saved_inprocess = load_client_weights(tmp_path / "flower"), load_client_weights(tmp_path / "inprocess")
+    assert sorted(saved_flower) == ["synth-0", "synth-1", "synth-2"]
+    for domain, weights in saved_inprocess.items():
+        for name, tensor in weights.items():
+            torch.testing.assert_close(saved_flower[domain][name], tensor)
+
+
+# ---- saved client weights and --resume -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def counted_training(monkeypatch):
+    """Counts client training calls and records, per call, which client weight files already existed."""
+    from fedmerge.runners import client as client_module
+
+    calls: list[tuple[str, set[str]]] = []
+    real = client_module.client_train
+
+    def counting(domain, theta0, cfg, *args, **kwargs):
+        calls.append((domain.name, set(counting.saved_dir.glob("clients/*.safetensors")) if counting.saved_dir else set()))
+        return real(domain, theta0, cfg, *args, **kwargs)
+
+    counting.saved_dir = None
+    monkeypatch.setattr(client_module, "client_train", counting)
+    return counting, calls
+
+
+def test_resume_remerges_saved_weights_without_client_training(cfg, tmp_path, counted_training):
+    from fedmerge.runners.simulation import run_scenario
+    from fedmerge.storage import load_client_weights
+
+    counting, calls = counted_training
+    out_dir = tmp_path / "run"
+    counting.saved_dir = out_dir
+    small = apply_overrides(cfg, ['merge.methods=["average","ties","mergerec_taskwise"]', "baselines.fedavg_rounds=1"])
+    first = run_scenario(small, "inprocess", out_dir)
+    assert [d for d, _ in calls] == ["synth-0", "synth-1", "synth-2"] * 2  # one-shot + one FedAvg round
+    # each accepted update is on disk before the next client trains (saved as it arrives)
+    assert [sorted(p.stem for p in before) for _, before in calls[:3]] == [[], ["synth-0"], ["synth-0", "synth-1"]]
+    saved = load_client_weights(out_dir)
+    assert sorted(saved) == ["synth-0", "synth-1", "synth-2"]
+    calls.clear()
+
+    again = apply_overrides(small, ['merge.methods=["average","ties","mergerec_taskwise","task_arithmetic"]'])
+    resumed = run_scenario(again, "inprocess", out_dir, resume=True)
+    assert calls == []  # no client trained
+    assert resumed["resumed"]["clients"] == ["synth-0", "synth-1", "synth-2"]
+    for name in ("average", "ties", "mergerec_taskwise", "individual", "theta0", "joint"):
+        for domain, metrics in first["models"][name].items():
+            assert resumed["models"][name][domain] == pytest.approx(metrics), (name, domain)
+    assert "task_arithmetic" in resumed["models"] and "fedavg" not in resumed["models"]
+    for domain, metrics in first["train_metrics"].items():
+        assert resumed["train_metrics"][domain] == pytest.approx(metrics)
+    archived = list(out_dir.glob("results.*.json"))
+    assert len(archived) == 1 and json.loads(archived[0].read_text())["models"]["fedavg"]  # the first run is kept
+    assert json.loads((out_dir / "results.json").read_text())["resumed"]["from"] == str(out_dir)
+
+
+def test_resume_refuses_weights_from_another_configuration(cfg, tmp_path):
+    from fedmerge.runners.simulation import run_scenario
+
+    small = apply_overrides(cfg, ['merge.methods=["average"]', "baselines.fedavg_rounds=0", "baselines.joint=false"])
+    with pytest.raises(FedmergeError, match="no saved client weights"):
+        run_scenario(small, "inprocess", tmp_path / "empty", resume=True)
+    with pytest.raises(FedmergeError, match="needs the output folder"):
+        run_scenario(small, "inprocess", None, resume=True)
+    run_scenario(small, "inprocess", tmp_path / "run")
+    other = apply_overrides(small, ["model.params.hidden=8"])
+    with pytest.raises(FedmergeError, match=r"trained with a different .* configuration"):
+        run_scenario(other, "inprocess", tmp_path / "run", resume=True)
+    fewer = apply_overrides(small, ['data.domains=["synth-0","synth-1"]'])
+    with pytest.raises(FedmergeError, match=r"\['synth-2'\] .* not training domains"):
+        run_scenario(fewer, "inprocess", tmp_path / "run", resume=True)
+
+
+def test_simulate_cli_resume(cfg, tmp_path, counted_training, capsys):
+    from fedmerge.cli import main
+
+    _, calls = counted_training
+    overrides = [*TINY, "encoder.cache_dir=" + str(tmp_path / "cache"), "baselines.fedavg_rounds=0",
+                 "baselines.joint=false", 'merge.methods=["average"]']
+    args = ["simulate", "quickstart", "--engine", "inprocess", "--out", str(tmp_path / "run")]
+    args += [item for o in overrides for item in ("--set", o)]
+    assert main(args) == 0
+    assert len(calls) == 3
+    assert main([*args, "--resume"]) == 0
+    assert len(calls) == 3
+    assert "resumed from" in capsys.readouterr().out
+
+
+# ---- Flower transport: replies handed over as they arrive ---------------------------------------------------
+
+
+class FakeGrid:
+    """Two nodes; node 1 answers at the first pull, node 2 at the second, node 3 never."""
+
+    def __init__(self):
+        self.pulls = 0
+        self.pushed: list[Message] = []
+
+    def push_messages(self, messages):
+        self.pushed = list(messages)
+        for m in self.pushed:  # what the SuperLink does on push
+            m.metadata.__dict__["_message_id"] = f"id-{m.metadata.dst_node_id}"
+        return [m.metadata.message_id for m in self.pushed]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        out = []
+        for m in self.pushed:
+            due = {1: 1, 2: 2}.get(m.metadata.dst_node_id)
+            if due == self.pulls and f"id-{m.metadata.dst_node_id}" in ids:
+                out.append(Message(RecordDict({protocol.INFO: protocol.info_record(f"d{m.metadata.dst_node_id}")}), reply_to=m))
+        return out
+
+
+def test_merge_strategy_hands_over_replies_as_they_arrive(cfg, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server import strategy as strategy_module
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as Flower's ServerApp process sets them
+    monkeypatch.setattr(strategy_module, "PULL_INTERVAL_S", 0.0)
+    grid = FakeGrid()
+    strategy = strategy_module.MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.2"]), grid)
+    strategy.node_of = {"d1": 1, "d2": 2, "d3": 3}
+    arrived: list[tuple[str, int]] = []
+    requests = {d: RecordDict() for d in ("d1", "d2", "d3", "d4")}
+    replies, errors = strategy.send(protocol.EVALUATE, requests, on_reply=lambda d, c: arrived.append((d, grid.pulls)))
+    assert arrived == [("d1", 1), ("d2", 2)]  # each handed over at the pull that brought it
+    assert set(replies) == {"d1", "d2"}
+    assert "no reply within" in errors["d3"] and errors["d4"] == "no SuperNode holds this domain"
+
+
+# ---- DP noise seed and data root ---------------------------------------------------------------------------
+
+
+def test_dp_noise_seed_is_os_entropy_unless_configured(cfg, monkeypatch):
+    from fedmerge.privacy import dp
+    from fedmerge.runners.client import client_seed, client_train, load_client_domain
+
+    seeds: list[int | None] = []
+    real = dp.privatize_update
+    monkeypatch.setattr(dp, "privatize_update", lambda *a, seed, **k: seeds.append(seed) or real(*a, seed=seed, **k))
+    private = apply_overrides(cfg, ["privacy.enabled=true", "privacy.noise_multiplier=1.0"])
+    domain = load_client_domain(private, partition_id=1)
+    theta0 = initial_weights(private)
+    first, _ = client_train(domain, theta0, private)
+    second, _ = client_train(domain, theta0, private)
+    assert seeds == [None, None]
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # fresh noise each release
+    fixed = apply_overrides(private, ["privacy.noise_seed=77"])
+    repeat = [client_train(domain, theta0, fixed, round_index=2)[0] for _ in range(2)]
+    assert seeds[2:] == [77 + 2000 + 1] * 2 and seeds[2] != client_seed(fixed, "synth-1", 2)
+    assert all(torch.equal(repeat[0][k], repeat[1][k]) for k in repeat[0])
+
+
+def test_amazon_data_root_defaults_to_data_amazon_and_names_the_download(tmp_path, monkeypatch):
+    from fedmerge.errors import DataError
+    from fedmerge.runners.client import amazon_root, domain_path
+
+    cfg = load_scenario("amazon-unseen")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FEDMERGE_AMAZON_DIR", raising=False)
+    assert amazon_root(cfg) == Path("data/amazon")
+    with pytest.raises(DataError) as info:
+        domain_path(cfg, "Toys")
+    assert "fedmerge data download amazon --domains Beauty,Pantry,Toys --dest data/amazon" in str(info.value)
+    (tmp_path / "elsewhere" / "Toys").mkdir(parents=True)
+    monkeypatch.setenv("FEDMERGE_AMAZON_DIR", str(tmp_path / "elsewhere"))
+    assert domain_path(cfg, "Toys") == tmp_path / "elsewhere" / "Toys"
+    explicit = apply_overrides(cfg, [f"data.root={tmp_path / 'mine'}"])
+    assert amazon_root(explicit) == tmp_path / "mine"  # an explicit data.root wins over the variable

@@ -1,4 +1,4 @@
-"""``fedmerge simulate [SCENARIO] [--out DIR] [--set key=value ...] [--engine flower|inprocess]``."""
+"""``fedmerge simulate [SCENARIO] [--out DIR] [--set key=value ...] [--engine flower|inprocess] [--resume]``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a scenario key, value parsed as TOML (e.g. data.root=DIR); repeatable")
     parser.add_argument("--engine", choices=ENGINES, default="flower", help="simulation engine (default flower)")
+    parser.add_argument("--resume", action="store_true",
+                        help="re-merge and re-evaluate from the client weights saved in --out by an earlier run of the "
+                        "same scenario (no training; FedAvg rounds are skipped; the old results.json is kept)")
     parser.set_defaults(func=run_simulate)
 
 
@@ -28,7 +31,9 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     cfg = load_scenario(args.scenario, args.overrides)
     out_dir = args.out or Path("results") / cfg["run"]["name"]
-    results = run_scenario(cfg, engine=args.engine, out_dir=out_dir)
+    results = run_scenario(cfg, engine=args.engine, out_dir=out_dir, resume=args.resume)
+    if "resumed" in results:
+        print(f"resumed from the saved weights of {results['resumed']['clients']} in {results['resumed']['from']}")
     print(summary_table(results, cfg["eval"]["primary"]))
     print(f"timings (s): {results['timings_s']}")
     print(f"results: {out_dir / 'results.json'}")

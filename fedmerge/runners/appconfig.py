@@ -1,7 +1,9 @@
 """The scenario as the Flower apps see it: from a closure (simulation runner) or from the run config (`flwr run`).
 
 Run-config keys (``[tool.flwr.app.config]`` in pyproject.toml, or ``flwr run . --run-config``): ``scenario``
-(name or path), ``overrides`` (``;``-separated ``section.key=value`` items) and ``out-dir``.
+(name or path), ``overrides`` (``;``-separated ``section.key=value`` items), ``out-dir`` (a relative path is
+relative to the SuperLink's working folder: pass an absolute one) and ``resume`` (re-merge from the client weights
+saved in ``out-dir``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from fedmerge.config import DEFAULT_SCENARIO, load_scenario
 SCENARIO_KEY = "scenario"
 OVERRIDES_KEY = "overrides"
 OUT_DIR_KEY = "out-dir"
+RESUME_KEY = "resume"
 
 
 def scenario_from_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,12 +25,13 @@ from fedmerge.models import ModelFamily, StateDict, get_family
 from fedmerge.runners import protocol
 
 logger = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[2]
+DATA_ROOT_ENV = "FEDMERGE_AMAZON_DIR"
+DEFAULT_DATA_ROOT = Path("data/amazon")
 
 
 def amazon_root(cfg: Mapping[str, Any]) -> Path:
-    """``data.root``, else $FEDMERGE_AMAZON_DIR, else ``<repo>/../shared/datasets/amazon``."""
-    root = cfg["data"]["root"] or os.environ.get("FEDMERGE_AMAZON_DIR") or str(REPO_ROOT.parent / "shared/datasets/amazon")
+    """``data.root``, else $FEDMERGE_AMAZON_DIR, else ``data/amazon`` (relative to the working folder)."""
+    root = cfg["data"]["root"] or os.environ.get(DATA_ROOT_ENV) or str(DEFAULT_DATA_ROOT)
     return Path(root).expanduser()
 
 
@@ -40,14 +41,25 @@ def domain_path(cfg: Mapping[str, Any], name: str) -> Path:
     for candidate in (root / name, root / f"{name}.tar.gz"):
         if candidate.exists():
             return candidate
-    raise DataError(f"domain {name!r} not found under {root} (looked for {name}/ and {name}.tar.gz); set data.root")
+    domains = ",".join(domain_names(cfg))
+    raise DataError(
+        f"domain {name!r} not found under {root.resolve()} (looked for {name}/ and {name}.tar.gz). Get the data with "
+        f"`fedmerge data download amazon --domains {domains} --dest {root}`, or point data.root (--set data.root=DIR) "
+        f"or ${DATA_ROOT_ENV} at a folder that has it"
+    )
 
 
 def _synthetic_domains(cfg: Mapping[str, Any]) -> dict[str, Domain]:
+    sizes = cfg["data"]["synthetic"]
+    return _generate_synthetic(int(cfg["run"]["seed"]), tuple(sorted(sizes.items())))
+
+
+@lru_cache(maxsize=2)
+def _generate_synthetic(seed: int, sizes: tuple[tuple[str, Any], ...]) -> dict[str, Domain]:
+    """The seeded synthetic domains, generated once per process (callers only read them)."""
     from fedmerge.data.synthetic import make_synthetic_domains
 
-    sizes = cfg["data"]["synthetic"]
-    return {d.name: d for d in make_synthetic_domains(seed=int(cfg["run"]["seed"]), **sizes)}
+    return {d.name: d for d in make_synthetic_domains(seed=seed, **dict(sizes))}
 
 
 def load_named_domain(cfg: Mapping[str, Any], name: str) -> Domain:
@@ -109,11 +121,20 @@ def _encoder(name: str, params: tuple[tuple[str, Any], ...]) -> Any:
     return get_encoder(name, **dict(params))
 
 
-def client_seed(cfg: Mapping[str, Any], domain_name: str, round_index: int) -> int:
-    """Seed of one client's training in one round: a function of the run seed, domain position and round."""
+def client_seed(cfg: Mapping[str, Any], domain_name: str, round_index: int, base: int | None = None) -> int:
+    """Seed of one client in one round: ``base`` (default the run seed) + 1000·round + domain position."""
     names = domain_names(cfg)
     position = names.index(domain_name) if domain_name in names else len(names)
-    return int(cfg["run"]["seed"]) + 1000 * round_index + position
+    return (int(cfg["run"]["seed"]) if base is None else base) + 1000 * round_index + position
+
+
+def noise_seed(cfg: Mapping[str, Any], domain_name: str, round_index: int) -> int | None:
+    """Seed of a client's DP noise: None (OS entropy) unless ``privacy.noise_seed`` ≥ 0 asks for reproducible noise.
+
+    Never derived from the public run seed: a server that can regenerate the noise can subtract it.
+    """
+    base = int(cfg["privacy"]["noise_seed"])
+    return None if base < 0 else client_seed(cfg, domain_name, round_index, base=base)
 
 
 def client_train(
@@ -131,7 +152,8 @@ def client_train(
     if privacy["enabled"]:
         from fedmerge.privacy.dp import privatize_update
 
-        weights = privatize_update(theta0, weights, privacy["clip_norm"], privacy["noise_multiplier"], seed=seed)
+        weights = privatize_update(theta0, weights, privacy["clip_norm"], privacy["noise_multiplier"],
+                                   seed=noise_seed(cfg, domain.name, round_index))
         metrics = {**metrics, "dp_clip_norm": privacy["clip_norm"], "dp_noise_multiplier": privacy["noise_multiplier"]}
     metrics = {**metrics, protocol.NUM_USERS: domain.n_users}
     return weights, metrics

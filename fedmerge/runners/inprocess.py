@@ -12,9 +12,8 @@ from typing import Any
 from flwr.app import RecordDict
 
 from fedmerge.runners import results as results_io
-from fedmerge.runners.baselines import joint_oracle
 from fedmerge.runners.client import ClientState
-from fedmerge.runners.server import Federation, initial_weights
+from fedmerge.runners.server import ReplyHandler, run_federation
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +26,9 @@ class InProcessTransport:
 
         self.clients = {name: ClientState(cfg, partition_id=i) for i, name in enumerate(domain_names(cfg))}
 
-    def send(self, message_type: str, requests: Mapping[str, RecordDict]) -> tuple[dict[str, RecordDict], dict[str, str]]:
+    def send(
+        self, message_type: str, requests: Mapping[str, RecordDict], on_reply: ReplyHandler | None = None
+    ) -> tuple[dict[str, RecordDict], dict[str, str]]:
         replies, errors = {}, {}
         for domain, content in requests.items():
             try:
@@ -35,35 +36,17 @@ class InProcessTransport:
             except Exception as exc:  # a client failure becomes an error reply, as in Flower
                 logger.debug("client %s failed:\n%s", domain, traceback.format_exc())
                 errors[domain] = f"client {domain}: {type(exc).__name__}: {exc}"
+                continue
+            if on_reply is not None:
+                on_reply(domain, replies[domain])
         return replies, errors
 
 
-def run_federation(cfg: Mapping[str, Any], transport: Any) -> dict[str, Any]:
-    """θ₀, the optional joint oracle, then the federation phases over ``transport`` (shared by both engines)."""
-    import torch
-
-    torch.set_num_threads(int(cfg["run"]["torch_threads"]))  # server-side merging, as on clients
-    start = time.perf_counter()
-    theta0 = initial_weights(cfg)
-    setup = time.perf_counter() - start
-    extra, joint_seconds = {}, 0.0
-    if cfg["baselines"]["joint"]:
-        start = time.perf_counter()
-        extra["joint"] = joint_oracle(cfg, theta0)
-        joint_seconds = time.perf_counter() - start
-    federation = Federation(cfg, theta0, extra_models=extra)
-    out = federation.run(transport)
-    out["timings_s"] = {"setup": round(setup, 3), "joint_training": round(joint_seconds, 3), **out["timings_s"]}
-    if "joint" in out["models"]:
-        out["models"]["joint"]["non_private"] = True
-    return out
-
-
-def run_inprocess(cfg: Mapping[str, Any], out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run the scenario in this process; write the results to ``out_dir`` if given."""
+def run_inprocess(cfg: Mapping[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run the scenario in this process; write the results (and saved weights) to ``out_dir`` if given."""
     start = time.perf_counter()
     transport = InProcessTransport(cfg)
-    out = run_federation(cfg, transport)
+    out = run_federation(cfg, transport, out_dir=out_dir, resume=resume)
     out["timings_s"]["total"] = round(time.perf_counter() - start, 3)
     out = results_io.finalize(out, cfg, engine="inprocess")
     if out_dir is not None:

@@ -3,16 +3,20 @@
 ``results.json`` holds ``models.<name>.<domain>.{recall@K, ndcg@K, ..._masked, users}`` and
 ``models.<name>.average`` (unweighted mean over the training domains; held-out domains are listed in ``held_out``
 and evaluated zero-shot), ``fedavg_curve`` (per round: cumulative bytes and average metrics), ``oneshot_bytes``,
-``bytes.<domain>.{sent, received}`` (client's view), ``timings_s`` per phase, the resolved ``config`` and
-package ``versions``.
+``bytes.<domain>.{sent, received}`` (client's view), ``timings_s`` per phase, ``train_metrics`` (one-shot
+training, per domain), the resolved ``config`` and package ``versions``; a ``--resume`` run adds ``resumed``.
+
+Next to it the run folder holds ``theta0.safetensors``, ``joint.safetensors`` (if the joint oracle ran) and
+``clients/<domain>.safetensors`` (each accepted one-shot update, saved as it arrived; see :mod:`fedmerge.storage`).
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 import platform
+from datetime import datetime, timezone
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -22,6 +26,7 @@ logger = logging.getLogger(__name__)
 MODEL_ORDER = ("theta0", "individual", "average", "task_arithmetic", "ties", "dare", "pcb", "mergerec_taskwise",
                "mergerec_layerwise", "fedavg", "joint")
 VERSION_PACKAGES = ("fedmerge", "flwr", "torch", "numpy", "transformers", "ray")
+RESULTS_FILE = "results.json"
 
 
 def package_versions() -> dict[str, str]:
@@ -80,18 +85,29 @@ def summary_table(results: Mapping[str, Any], metric: str = "recall@10") -> str:
     return "\n".join([note, fmt(headers), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
+def archive_results(out_dir: str | Path) -> Path | None:
+    """Rename ``out_dir/results.json`` (if any) to ``results.<UTC time>.json`` so a new run cannot overwrite it."""
+    path = Path(out_dir) / RESULTS_FILE
+    if not path.is_file():
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = path.with_name(f"results.{stamp}.json")
+    path.replace(target)
+    logger.info("kept the earlier %s as %s", path, target)
+    return target
+
+
 def write_results(results: Mapping[str, Any], out_dir: str | Path, metric: str | None = None) -> Path:
-    """Write results.json, results.csv and the plots into ``out_dir``; returns the JSON path."""
+    """Write results.json and results.csv (each atomically) and the plots into ``out_dir``; returns the JSON path."""
+    from fedmerge.storage import write_bytes_atomic, write_json_atomic
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    tmp.replace(path)
-    with (out / "results.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["model", "domain", "held_out", "metric", "value"])
-        writer.writeheader()
-        writer.writerows(metric_rows(results))
+    path = write_json_atomic(out / RESULTS_FILE, results)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=["model", "domain", "held_out", "metric", "value"])
+    writer.writeheader()
+    writer.writerows(metric_rows(results))
+    write_bytes_atomic(out / "results.csv", table.getvalue().encode("utf-8"))
     metric = metric or results.get("config", {}).get("eval", {}).get("primary", "recall@10")
     plot_domains(results, out / "per_domain.png", metric)
     if results.get("fedavg_curve"):

@@ -7,9 +7,13 @@ The server sees only weights, numeric metrics, domain names and the public catal
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,12 +30,42 @@ from fedmerge.runners.client import family_of, item_features, load_catalog
 
 logger = logging.getLogger(__name__)
 MERGEREC_METHODS = {"mergerec_taskwise": "task", "mergerec_layerwise": "layer"}
+THETA0_FILE = "theta0.safetensors"
+JOINT_FILE = "joint.safetensors"
+FINGERPRINT_KEY = "config_sha256"
+TRAIN_METRICS_KEY = "train_metrics"
+# The config sections that determine what a client trains; a resumed run must match them exactly.
+TRAINING_SECTIONS = ("data", "encoder", "model", "privacy")
+
+ReplyHandler = Callable[[str, RecordDict], None]
 
 
 class Transport(Protocol):
-    """Sends one request per domain and returns (replies, errors) keyed by domain name."""
+    """Sends one request per domain and returns (replies, errors) keyed by domain name.
 
-    def send(self, message_type: str, requests: Mapping[str, RecordDict]) -> tuple[dict[str, RecordDict], dict[str, str]]: ...
+    ``on_reply(domain, content)``, when given, is called for each reply as soon as it arrives.
+    """
+
+    def send(
+        self, message_type: str, requests: Mapping[str, RecordDict], on_reply: ReplyHandler | None = None
+    ) -> tuple[dict[str, RecordDict], dict[str, str]]: ...
+
+
+def server_threads(cfg: Mapping[str, Any]) -> int:
+    """Torch threads for server-side work: ``run.server_threads``, or every core this process may use when 0.
+
+    Server phases (θ₀, merging, FedAvg aggregation) never overlap client work, so they can use the whole machine.
+    """
+    wanted = int(cfg["run"]["server_threads"])
+    return wanted if wanted > 0 else len(os.sched_getaffinity(0))
+
+
+def training_fingerprint(cfg: Mapping[str, Any]) -> str:
+    """sha256 of the run seed and the :data:`TRAINING_SECTIONS` (minus the encoder cache folder), as sorted JSON."""
+    sections = {name: dict(cfg[name]) for name in TRAINING_SECTIONS}
+    sections["encoder"].pop("cache_dir", None)
+    sections["seed"] = cfg["run"]["seed"]
+    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def initial_weights(cfg: Mapping[str, Any]) -> StateDict:
@@ -116,8 +150,13 @@ def average_metrics(per_domain: Mapping[str, Mapping[str, float]], domains: list
 class Federation:
     """One run: one-shot training, update checks, merges, FedAvg rounds and evaluation, over a transport."""
 
-    def __init__(self, cfg: Mapping[str, Any], theta0: StateDict, extra_models: Mapping[str, StateDict] | None = None):
+    def __init__(
+        self, cfg: Mapping[str, Any], theta0: StateDict, extra_models: Mapping[str, StateDict] | None = None,
+        out_dir: str | Path | None = None,
+    ):
+        """``out_dir``: where each accepted one-shot update is saved as it arrives (for ``--resume``)."""
         self.cfg = cfg
+        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.theta0 = theta0
         self.family_name = cfg["model"]["family"]
         self.extra_models = dict(extra_models or {})
@@ -134,10 +173,12 @@ class Federation:
         self.oneshot_bytes = 0
 
     # ---- requests and replies -------------------------------------------------------------------------------
-    def _exchange(self, transport: Transport, message_type: str, requests: dict[str, RecordDict]) -> dict[str, RecordDict]:
+    def _exchange(
+        self, transport: Transport, message_type: str, requests: dict[str, RecordDict], on_reply: ReplyHandler | None = None
+    ) -> dict[str, RecordDict]:
         for d, content in requests.items():
             self.bytes[d]["received"] += protocol.record_bytes(content)
-        replies, errors = transport.send(message_type, requests)
+        replies, errors = transport.send(message_type, requests, on_reply=on_reply)
         for d, content in replies.items():
             self.bytes[d]["sent"] += protocol.record_bytes(content)
         for d, reason in errors.items():
@@ -151,33 +192,63 @@ class Federation:
         config = ConfigRecord({"phase": phase, "round": round_index})
         return {d: RecordDict({protocol.GLOBAL: record, protocol.CONFIG: config}) for d in self.train_domains}
 
-    def accept_updates(self, replies: Mapping[str, RecordDict]) -> tuple[dict[str, StateDict], dict[str, float]]:
-        """Checked weights and FedAvg weights (user counts) of the replies; a rejected update is logged and left out."""
+    def accept_update(self, domain: str, content: RecordDict) -> tuple[StateDict, dict[str, float]] | None:
+        """The checked weights and numeric training metrics of one reply, or None when rejected (logged)."""
         from fedmerge.validation import UpdateRejected, check_update, max_bytes_for
 
         max_bytes = max_bytes_for(self.theta0, float(self.cfg["federation"]["max_update_slack"]))
-        updates, n_users = {}, {}
-        for d, content in replies.items():
-            try:
-                if protocol.WEIGHTS not in content.array_records:
-                    raise UpdateRejected("reply has no weights")
-                update = protocol.from_record(content.array_records[protocol.WEIGHTS])
-                check_update(self.theta0, update, self.family_name, expected_family=self.family_name, max_bytes=max_bytes)
-            except UpdateRejected as exc:
-                logger.warning("rejected the update of %s: %s", d, exc.reason)
-                self.rejected[d] = exc.reason
-                continue
-            metrics = dict(content.metric_records.get(protocol.TRAIN_METRICS, {}))
-            self.train_metrics[d] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            updates[d] = update
-            n_users[d] = float(metrics.get(protocol.NUM_USERS, 1))
+        try:
+            if protocol.WEIGHTS not in content.array_records:
+                raise UpdateRejected("reply has no weights")
+            update = protocol.from_record(content.array_records[protocol.WEIGHTS])
+            check_update(self.theta0, update, self.family_name, expected_family=self.family_name, max_bytes=max_bytes)
+        except UpdateRejected as exc:
+            logger.warning("rejected the update of %s: %s", domain, exc.reason)
+            self.rejected[domain] = exc.reason
+            return None
+        metrics = dict(content.metric_records.get(protocol.TRAIN_METRICS, {}))
+        return update, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    def require_enough(self, updates: Mapping[str, StateDict]) -> None:
+        """FedmergeError unless at least ``federation.min_replies`` (0: every training client) updates are usable."""
         needed = int(self.cfg["federation"]["min_replies"]) or len(self.train_domains)
         if len(updates) < needed:
             raise FedmergeError(
                 f"only {len(updates)} usable updates ({sorted(updates)}) of {len(self.train_domains)} clients, "
                 f"need federation.min_replies = {needed}; rejected: {self.rejected}; errors: {self.errors}"
             )
+
+    def accept_updates(self, replies: Mapping[str, RecordDict]) -> tuple[dict[str, StateDict], dict[str, float]]:
+        """Checked weights and FedAvg weights (user counts) of the replies; a rejected update is logged and left out."""
+        updates, n_users = {}, {}
+        for d, content in replies.items():
+            accepted = self.accept_update(d, content)
+            if accepted is not None:
+                updates[d] = accepted[0]
+                n_users[d] = float(accepted[1].get(protocol.NUM_USERS, 1))
+        self.require_enough(updates)
         return updates, n_users
+
+    def collect_oneshot(self, transport: Transport) -> dict[str, StateDict]:
+        """One-shot training from θ₀; each accepted update is checked and saved (atomically) as soon as it arrives."""
+        from fedmerge.storage import save_client_weights
+
+        individual: dict[str, StateDict] = {}
+        fingerprint = training_fingerprint(self.cfg)
+
+        def on_reply(domain: str, content: RecordDict) -> None:
+            accepted = self.accept_update(domain, content)
+            if accepted is None:
+                return
+            individual[domain], self.train_metrics[domain] = accepted
+            if self.out_dir is not None:
+                metadata = {FINGERPRINT_KEY: fingerprint, "family": self.family_name, "run": str(self.cfg["run"]["name"]),
+                            TRAIN_METRICS_KEY: json.dumps(self.train_metrics[domain])}
+                save_client_weights(self.out_dir, domain, individual[domain], metadata)
+
+        self._exchange(transport, protocol.TRAIN, self.train_requests(self.theta0, "oneshot", 0), on_reply=on_reply)
+        self.require_enough(individual)
+        return individual
 
     def evaluate(self, transport: Transport, models_for: Mapping[str, Mapping[str, StateDict]]) -> None:
         """Send each domain its models to evaluate and record the metrics under ``models.<name>.<domain>``."""
@@ -193,16 +264,24 @@ class Federation:
                     self.models.setdefault(key[len(protocol.METRICS_PREFIX):], {})[d] = dict(record)
 
     # ---- the run ----------------------------------------------------------------------------------------------
-    def run(self, transport: Transport) -> dict[str, Any]:
-        """All phases; returns the results dict (see :mod:`fedmerge.runners.results`)."""
+    def run(self, transport: Transport, saved: Mapping[str, StateDict] | None = None) -> dict[str, Any]:
+        """All phases; returns the results dict (see :mod:`fedmerge.runners.results`).
+
+        ``saved``: the clients' one-shot weights of an earlier run (``--resume``): training is skipped (one-shot and
+        FedAvg rounds); merging and evaluation run again.
+        """
         baselines = self.cfg["baselines"]
-        phases = tqdm(total=3 + int(baselines["fedavg_rounds"]), desc="federation", disable=not self.cfg["run"]["progress"])
+        fedavg_rounds = 0 if saved is not None else int(baselines["fedavg_rounds"])
+        phases = tqdm(total=3 + fedavg_rounds, desc="federation", disable=not self.cfg["run"]["progress"])
 
         start = time.perf_counter()
-        replies = self._exchange(transport, protocol.TRAIN, self.train_requests(self.theta0, "oneshot", 0))
-        individual, _ = self.accept_updates(replies)
+        if saved is None:
+            individual = self.collect_oneshot(transport)
+            self.oneshot_bytes = sum(b["sent"] + b["received"] for b in self.bytes.values())
+        else:
+            individual = dict(saved)
+            self.require_enough(individual)
         self.timings["local_training"] = time.perf_counter() - start
-        self.oneshot_bytes = sum(b["sent"] + b["received"] for b in self.bytes.values())
         phases.update()
 
         start = time.perf_counter()
@@ -225,7 +304,7 @@ class Federation:
 
         start = time.perf_counter()
         global_weights = self.theta0
-        for r in range(1, int(baselines["fedavg_rounds"]) + 1):
+        for r in range(1, fedavg_rounds + 1):
             replies = self._exchange(transport, protocol.TRAIN, self.train_requests(global_weights, "fedavg", r))
             updates, n_users = self.accept_updates(replies)
             global_weights = fedavg_aggregate(updates, n_users)
@@ -262,3 +341,80 @@ class Federation:
             "rejected": self.rejected,
             "errors": self.errors,
         }
+
+
+def load_saved_run(cfg: Mapping[str, Any], out_dir: str | Path) -> tuple[StateDict | None, dict[str, StateDict], dict[str, dict[str, float]]]:
+    """θ₀ (None if it was not saved), the clients' saved one-shot weights and their training metrics.
+
+    Every weight file must carry this scenario's :func:`training_fingerprint` and name one of its training domains,
+    so merges are never computed from weights trained under another configuration.
+    """
+    from fedmerge.storage import client_metadata, load_client_weights, load_weights
+
+    out_dir = Path(out_dir)
+    saved = load_client_weights(out_dir)
+    metadata = client_metadata(out_dir)
+    unknown = sorted(set(saved) - set(training_domains(cfg)))
+    if unknown:
+        raise FedmergeError(f"saved weights of {unknown} under {out_dir} are not training domains of this scenario "
+                            f"({training_domains(cfg)})")
+    fingerprint = training_fingerprint(cfg)
+    stale = sorted(d for d in saved if metadata[d].get(FINGERPRINT_KEY) != fingerprint)
+    if stale:
+        raise FedmergeError(
+            f"saved weights of {stale} under {out_dir} were trained with a different data/encoder/model/privacy "
+            "configuration or seed; resume with the original scenario and --set values, or run without --resume"
+        )
+    metrics = {d: {k: float(v) for k, v in json.loads(metadata[d].get(TRAIN_METRICS_KEY, "{}")).items()} for d in saved}
+    theta0_path = out_dir / THETA0_FILE
+    return (load_weights(theta0_path) if theta0_path.is_file() else None), saved, metrics
+
+
+def run_federation(
+    cfg: Mapping[str, Any], transport: Transport, out_dir: str | Path | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """θ₀, the optional joint oracle, then the federation phases over ``transport`` (shared by both engines).
+
+    With ``out_dir``, θ₀, the joint oracle and every accepted one-shot client update are saved there. ``resume``
+    reloads them instead of training (see :func:`load_saved_run`) and re-runs merging and evaluation only.
+    """
+    from fedmerge.runners.baselines import joint_oracle
+    from fedmerge.storage import load_weights, save_weights
+
+    if resume and out_dir is None:
+        raise FedmergeError("resume needs the output folder of the earlier run")
+    torch.set_num_threads(server_threads(cfg))
+    out_path = Path(out_dir) if out_dir is not None else None
+    start = time.perf_counter()
+    saved, train_metrics = None, {}
+    if resume:
+        theta0, saved, train_metrics = load_saved_run(cfg, out_path)
+        if theta0 is None:
+            logger.warning("no %s under %s: regenerating θ₀ from the seed", THETA0_FILE, out_path)
+            theta0 = initial_weights(cfg)
+    else:
+        theta0 = initial_weights(cfg)
+        if out_path is not None:
+            save_weights(out_path / THETA0_FILE, theta0, {FINGERPRINT_KEY: training_fingerprint(cfg)})
+    setup = time.perf_counter() - start
+    extra, joint_seconds = {}, 0.0
+    if cfg["baselines"]["joint"]:
+        start = time.perf_counter()
+        joint_path = out_path / JOINT_FILE if out_path is not None else None
+        if resume and joint_path.is_file():
+            extra["joint"] = load_weights(joint_path)
+        else:
+            extra["joint"] = joint_oracle(cfg, theta0)
+            if joint_path is not None:
+                save_weights(joint_path, extra["joint"], {FINGERPRINT_KEY: training_fingerprint(cfg)})
+        joint_seconds = time.perf_counter() - start
+    federation = Federation(cfg, theta0, extra_models=extra, out_dir=None if resume else out_path)
+    federation.train_metrics.update(train_metrics)
+    out = federation.run(transport, saved=saved)
+    out["timings_s"] = {"setup": round(setup, 3), "joint_training": round(joint_seconds, 3), **out["timings_s"]}
+    if "joint" in out["models"]:
+        out["models"]["joint"]["non_private"] = True
+    if resume:
+        out["resumed"] = {"from": str(out_path), "clients": sorted(saved),
+                          "skipped": ["local_training", "fedavg"], "note": "merged and evaluated from saved weights"}
+    return out

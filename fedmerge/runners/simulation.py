@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Mapping
@@ -22,18 +23,30 @@ logger = logging.getLogger(__name__)
 ENGINES = ("flower", "inprocess")
 
 
-def run_scenario(cfg: Mapping[str, Any], engine: str = "flower", out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run the resolved scenario ``cfg`` on ``engine``; write results to ``out_dir`` (if given) and return them."""
+def run_scenario(
+    cfg: Mapping[str, Any], engine: str = "flower", out_dir: str | Path | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Run the resolved scenario ``cfg`` on ``engine``; write results to ``out_dir`` (if given) and return them.
+
+    ``resume``: re-merge and re-evaluate from the client weights an earlier run saved in ``out_dir`` (no training);
+    that run's results.json is kept as ``results.<UTC time>.json``.
+    """
+    if engine not in ENGINES:
+        raise FedmergeError(f"unknown engine {engine!r}; valid: {list(ENGINES)}")
+    if resume:
+        if out_dir is None:
+            raise FedmergeError("--resume needs the output folder of the earlier run (--out DIR)")
+        from fedmerge.runners.results import archive_results
+
+        archive_results(out_dir)
     if engine == "inprocess":
         from fedmerge.runners.inprocess import run_inprocess
 
-        return run_inprocess(cfg, out_dir)
-    if engine != "flower":
-        raise FedmergeError(f"unknown engine {engine!r}; valid: {list(ENGINES)}")
-    return run_flower_simulation(cfg, out_dir)
+        return run_inprocess(cfg, out_dir, resume=resume)
+    return run_flower_simulation(cfg, out_dir, resume=resume)
 
 
-def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = None) -> dict[str, Any]:
+def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Flower simulation (Ray backend) with ``num_supernodes`` = number of domains, one CPU per ClientApp."""
     from flwr.simulation import run_simulation
 
@@ -46,11 +59,11 @@ def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = N
         results_path.unlink(missing_ok=True)  # a stale file must not pass for this run's result
         start = time.perf_counter()
         run_simulation(
-            server_app=build_server_app(cfg, target),
+            server_app=build_server_app(cfg, target, resume=resume),
             client_app=build_client_app(cfg),
             num_supernodes=len(domain_names(cfg)),
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": 2, "include_dashboard": False}},
+                            "init_args": {"num_cpus": len(os.sched_getaffinity(0)), "include_dashboard": False}},
         )
         wall = time.perf_counter() - start
         if not results_path.is_file():
