@@ -19,7 +19,7 @@ DEFAULT_SCENARIO = "quickstart"
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "run": {"name": "unnamed", "seed": 0, "torch_threads": 1, "server_threads": 0, "progress": True},
+    "run": {"name": "unnamed", "seed": 0, "torch_threads": 1, "server_threads": 1, "progress": True},
     "data": {
         "source": "synthetic",
         "root": "",

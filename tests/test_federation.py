@@ -357,3 +357,13 @@ def test_amazon_data_root_defaults_to_data_amazon_and_names_the_download(tmp_pat
     assert domain_path(cfg, "Toys") == tmp_path / "elsewhere" / "Toys"
     explicit = apply_overrides(cfg, [f"data.root={tmp_path / 'mine'}"])
     assert amazon_root(explicit) == tmp_path / "mine"  # an explicit data.root wins over the variable
+
+
+def test_server_threads_default_one_and_zero_means_all_usable_cores(cfg):
+    import os
+
+    from fedmerge.runners.server import server_threads
+
+    assert server_threads(cfg) == 1
+    assert server_threads(apply_overrides(cfg, ["run.server_threads=0"])) == len(os.sched_getaffinity(0))
+    assert server_threads(apply_overrides(cfg, ["run.server_threads=3"])) == 3

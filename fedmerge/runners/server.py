@@ -54,7 +54,9 @@ class Transport(Protocol):
 def server_threads(cfg: Mapping[str, Any]) -> int:
     """Torch threads for server-side work: ``run.server_threads``, or every core this process may use when 0.
 
-    Server phases (θ₀, merging, FedAvg aggregation) never overlap client work, so they can use the whole machine.
+    The default is 1: on a shared 2-core machine, 2 threads made MergeRec 15-30x slower under Flower's simulation
+    engine (its polling threads and other processes preempt one OpenMP thread and the other spins); measured in
+    benchmarks/flower_overhead.py. Use 0 on a dedicated multi-core server.
     """
     wanted = int(cfg["run"]["server_threads"])
     return wanted if wanted > 0 else len(os.sched_getaffinity(0))
