@@ -69,19 +69,39 @@ class SylvesterBasis:
 
 
 class TextLAE(nn.Module):
-    """s = x E W Eᵀ for a padded (B, L) batch (PAD = -1 ignored; the history is a set of items)."""
+    """s = x E W Eᵀ for a padded (B, L) batch (PAD = -1 ignored; the history is a set of items).
+
+    Split as ``item_representations`` (E itself: the item side has no parameters), ``encode`` (x E W as a
+    one-position hidden state) and ``logits`` (h Eᵀ), the interface MergeRec's frozen item side uses.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.W = nn.Parameter(torch.eye(dim))
 
+    def item_representations(self, item_features: torch.Tensor) -> torch.Tensor:
+        """E: the features themselves."""
+        return item_features
+
+    def encode(self, seqs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(B, 1, d) hidden state x E W, with x E summed over the distinct non-padding items of each row.
+
+        Gathering the rows of E costs O(B L d) instead of the O(B n d) of a dense binary history times E.
+        """
+        ordered = seqs.sort(dim=1).values
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        keep = (first & (ordered != PAD)).unsqueeze(-1)
+        profile = (items[ordered.clamp(min=0)] * keep).sum(dim=1)
+        return (profile @ self.W).unsqueeze(1)
+
+    def logits(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """h Eᵀ."""
+        return hidden @ items.T
+
     def forward(self, seqs: torch.Tensor, item_features: torch.Tensor) -> torch.Tensor:
-        n_items = item_features.shape[0]
-        index = torch.where(seqs == PAD, torch.full_like(seqs, n_items), seqs)
-        history = torch.zeros(seqs.shape[0], n_items + 1, dtype=item_features.dtype, device=seqs.device)
-        history.scatter_(1, index, 1.0)
-        profile = history[:, :n_items] @ item_features
-        return profile @ self.W @ item_features.T
+        items = self.item_representations(item_features)
+        return self.logits(self.encode(seqs, items)[:, -1], items)
 
 
 @dataclass
