@@ -34,11 +34,17 @@ class MergeStrategy(Strategy):
         self.grid = grid
         self.timeout = float(cfg["federation"]["timeout_s"])
         self.node_of: dict[str, int] = {}
+        self.connect_seconds: float | None = None  # None until connected
         self._group = 0
 
     # ---- transport ------------------------------------------------------------------------------------------
     def connect(self) -> dict[str, int]:
-        """Wait for the SuperNodes and learn which domain each one holds (a ``query`` round)."""
+        """Wait for the SuperNodes and learn which domain each one holds (a ``query`` round).
+
+        :meth:`send` connects on first use, so server work before it (θ₀, the joint oracle) overlaps the nodes'
+        start-up (in simulation: Ray actors importing torch and loading their domain).
+        """
+        start = time.perf_counter()
         wanted = domain_names(self.cfg)
         deadline = time.monotonic() + self.timeout
         nodes = list(self.grid.get_node_ids())
@@ -54,6 +60,7 @@ class MergeStrategy(Strategy):
         missing = [d for d in wanted if d not in self.node_of]
         if missing:
             logger.warning("no SuperNode holds domain(s) %s", missing)
+        self.connect_seconds = time.perf_counter() - start
         return self.node_of
 
     def send(
@@ -64,6 +71,8 @@ class MergeStrategy(Strategy):
         Replies are pulled as they arrive (every :data:`PULL_INTERVAL_S`) and handed to ``on_reply`` at once, so
         a slow client does not hold back what the others already sent.
         """
+        if self.connect_seconds is None:
+            self.connect()
         self._group += 1
         errors = {d: "no SuperNode holds this domain" for d in requests if d not in self.node_of}
         domain_of = {self.node_of[d]: d for d in requests if d in self.node_of}

@@ -309,7 +309,7 @@ def test_merge_strategy_hands_over_replies_as_they_arrive(cfg, monkeypatch):
     monkeypatch.setattr(strategy_module, "PULL_INTERVAL_S", 0.0)
     grid = FakeGrid()
     strategy = strategy_module.MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.2"]), grid)
-    strategy.node_of = {"d1": 1, "d2": 2, "d3": 3}
+    strategy.node_of, strategy.connect_seconds = {"d1": 1, "d2": 2, "d3": 3}, 0.0  # already connected
     arrived: list[tuple[str, int]] = []
     requests = {d: RecordDict() for d in ("d1", "d2", "d3", "d4")}
     replies, errors = strategy.send(protocol.EVALUATE, requests, on_reply=lambda d, c: arrived.append((d, grid.pulls)))
