@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--scenario", default="quickstart")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per engine (median reported)")
-    parser.add_argument("--out", type=Path, default=Path("results/flower_overhead"))
+    parser.add_argument("--out", type=Path, default=Path("runs/flower_overhead"))
     args = parser.parse_args()
 
     print(f"warming the embedding cache ({args.scenario}, inprocess) ...", flush=True)

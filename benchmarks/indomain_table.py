@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from fedmerge.cli import main as fedmerge_main
+from fedmerge.data.amazon import default_amazon_root
 from fedmerge.models import FAMILIES, RECOMMENDERS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +51,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS))
     parser.add_argument("--models", nargs="+", default=[m for m in MODELS if m in RECOMMENDERS or m in FAMILIES])
-    parser.add_argument("--amazon-dir", default=os.environ.get("FEDMERGE_AMAZON_DIR")
-                        or str(REPO.parent / "shared" / "datasets" / "amazon"))
+    parser.add_argument("--amazon-dir", default=str(default_amazon_root()))
     parser.add_argument("--encoder", default="minilm")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "indomain")
     parser.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE", dest="settings",

@@ -16,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from fedmerge.data.amazon import default_amazon_root
+
 
 
 def amazon_dir(explicit: str | None) -> Path:
-    return Path(explicit or os.environ.get("FEDMERGE_AMAZON_DIR") or REPO.parent / "shared" / "datasets" / "amazon")
+    return Path(explicit) if explicit else default_amazon_root()
 
 
 def child(path: str, lam: float) -> None:

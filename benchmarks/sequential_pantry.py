@@ -14,18 +14,16 @@ import argparse
 import ast
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from fedmerge.data.amazon import load_amazon_domain
+from fedmerge.data.amazon import default_amazon_root, load_amazon_domain
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models.sequential import SequentialFamily
 from fedmerge.text import encode_catalog, get_encoder
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "amazon"
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -41,7 +39,7 @@ def parse_override(text: str) -> tuple[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("FEDMERGE_AMAZON_DIR", DEFAULT_DATA)))
+    parser.add_argument("--data", type=Path, default=default_amazon_root())
     parser.add_argument("--domain", default="Pantry")
     parser.add_argument("--encoder", default="minilm")
     parser.add_argument("--seed", type=int, default=0)

@@ -17,7 +17,6 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from fedmerge.config import domain_names
-from fedmerge.runners import protocol
 from fedmerge.runners.appconfig import scenario_from_run_config
 from fedmerge.runners.client import ClientState
 

@@ -35,7 +35,7 @@ def build_server_app(
     def main(grid: Grid, context: Context) -> None:
         start = time.perf_counter()
         scenario = cfg if cfg is not None else scenario_from_run_config(context.run_config)
-        target = Path(out_dir or context.run_config.get(OUT_DIR_KEY, "") or f"results/{scenario['run']['name']}")
+        target = Path(out_dir or context.run_config.get(OUT_DIR_KEY, "") or f"runs/{scenario['run']['name']}")
         resuming = bool(context.run_config.get(RESUME_KEY, False)) if resume is None else resume
         if resuming and cfg is None:  # under `flwr run` nobody else keeps the earlier results
             results_io.archive_results(target)

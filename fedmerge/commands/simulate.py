@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and writes results.json, results.csv and plots.",
     )
     parser.add_argument("scenario", nargs="?", default=DEFAULT_SCENARIO, help=f"name or .toml path (default {DEFAULT_SCENARIO})")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default results/<run.name>)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/<run.name>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a scenario key, value parsed as TOML (e.g. data.root=DIR); repeatable")
     parser.add_argument("--engine", choices=ENGINES, default="flower", help="simulation engine (default flower)")
@@ -30,7 +30,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedmerge.runners.results import summary_table
 
     cfg = load_scenario(args.scenario, args.overrides)
-    out_dir = args.out or Path("results") / cfg["run"]["name"]
+    out_dir = args.out or Path("runs") / cfg["run"]["name"]
     results = run_scenario(cfg, engine=args.engine, out_dir=out_dir, resume=args.resume)
     if "resumed" in results:
         print(f"resumed from the saved weights of {results['resumed']['clients']} in {results['resumed']['from']}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tarfile
 import zlib
 from collections.abc import Iterable, Mapping
@@ -26,6 +27,15 @@ SEQUENCE_FILES = ("train.json", "val.json", "test.json")
 CATALOG_FILES = ("smap.json", "meta_data.json")
 AMAZON_FILES = SEQUENCE_FILES + ("umap.json",) + CATALOG_FILES
 TARBALL_SUFFIXES = (".tar.gz", ".tgz")
+AMAZON_ROOT_ENV = "FEDMERGE_AMAZON_DIR"
+
+
+def default_amazon_root() -> Path:
+    """Where downloaded Amazon domains live: ``$FEDMERGE_AMAZON_DIR``, else ``data/amazon`` (working folder).
+
+    ``fedmerge data download amazon --dest data/amazon`` fills the default location.
+    """
+    return Path(os.environ.get(AMAZON_ROOT_ENV) or "data/amazon").expanduser()
 
 
 def is_tarball(path: Path) -> bool:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from fedmerge.errors import DataError
+
+if TYPE_CHECKING:
+    import scipy.sparse
 
 Split = Literal["val", "test"]
 TEXT_FIELDS = ("title", "brand", "category")
@@ -154,7 +157,7 @@ def as_sequences(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(s, dtype=np.int64) for s in seqs)
 
 
-def interaction_matrix(seqs: Sequence[np.ndarray], n_items: int) -> "scipy.sparse.csr_matrix":
+def interaction_matrix(seqs: Sequence[np.ndarray], n_items: int) -> scipy.sparse.csr_matrix:
     """Binary user x item matrix X with X[u, i] = 1 iff item i occurs in sequence u (repeats count once)."""
     import scipy.sparse as sp
 

@@ -7,17 +7,16 @@ RecordDict; the Flower ClientApp and the in-process engine both call it, so they
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedmerge.config import domain_names
+from fedmerge.data.amazon import AMAZON_ROOT_ENV, default_amazon_root
 from fedmerge.data.domain import Domain, ItemCatalog
 from fedmerge.errors import DataError, FedmergeError
 from fedmerge.metrics import evaluate_scorer
@@ -25,14 +24,11 @@ from fedmerge.models import ModelFamily, StateDict, get_family
 from fedmerge.runners import protocol
 
 logger = logging.getLogger(__name__)
-DATA_ROOT_ENV = "FEDMERGE_AMAZON_DIR"
-DEFAULT_DATA_ROOT = Path("data/amazon")
 
 
 def amazon_root(cfg: Mapping[str, Any]) -> Path:
     """``data.root``, else $FEDMERGE_AMAZON_DIR, else ``data/amazon`` (relative to the working folder)."""
-    root = cfg["data"]["root"] or os.environ.get(DATA_ROOT_ENV) or str(DEFAULT_DATA_ROOT)
-    return Path(root).expanduser()
+    return Path(cfg["data"]["root"]).expanduser() if cfg["data"]["root"] else default_amazon_root()
 
 
 def domain_path(cfg: Mapping[str, Any], name: str) -> Path:
@@ -45,7 +41,7 @@ def domain_path(cfg: Mapping[str, Any], name: str) -> Path:
     raise DataError(
         f"domain {name!r} not found under {root.resolve()} (looked for {name}/ and {name}.tar.gz). Get the data with "
         f"`fedmerge data download amazon --domains {domains} --dest {root}`, or point data.root (--set data.root=DIR) "
-        f"or ${DATA_ROOT_ENV} at a folder that has it"
+        f"or ${AMAZON_ROOT_ENV} at a folder that has it"
     )
 
 
@@ -106,7 +102,7 @@ def family_of(cfg: Mapping[str, Any], extra_params: Mapping[str, Any] | None = N
 
 def item_features(cfg: Mapping[str, Any], catalog: ItemCatalog, family: ModelFamily) -> torch.Tensor:
     """The family's input features for a catalog, from (cached) text embeddings."""
-    from fedmerge.text import EmbeddingCache, encode_catalog, get_encoder
+    from fedmerge.text import EmbeddingCache, encode_catalog
 
     enc = cfg["encoder"]
     encoder = _encoder(enc["name"], tuple(sorted(enc["params"].items())))

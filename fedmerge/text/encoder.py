@@ -18,11 +18,14 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from fedmerge.errors import FedmergeError
+
+if TYPE_CHECKING:  # torch is imported lazily: a cache hit must not pay for it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ def _folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def mean_pool(hidden: "torch.Tensor", attention_mask: "torch.Tensor") -> "torch.Tensor":
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean of the token states where the mask is 1: sum_t m_t h_t / max(sum_t m_t, 1e-9)."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
