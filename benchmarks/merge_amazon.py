@@ -1,12 +1,13 @@
 """Merging benchmark on the Amazon domains: individuals, θ₀, training-free merges and MergeRec, Recall/NDCG@10.
 
     python benchmarks/merge_amazon.py --family text-lae [--holdout Toys] [--domains Beauty,Pantry,Toys]
+    python benchmarks/merge_amazon.py --family sequential --family-set max_seconds=400 --markdown-out results/merge/x.md
 
 Every domain's model is trained from the same θ₀ with ``family.train`` and cached as safetensors under
 ``<cache>/merge_amazon/`` (re-runs skip training). Merges use the non-held-out domains only; a held-out domain's
 catalog is used only at test time (zero-shot). Prints a markdown table of test Recall@10 / NDCG@10 (unmasked,
 MergeRec's protocol) per domain and averaged over the merged domains, and MergeRec's optimization time and the
-process's peak resident memory (``resource.getrusage``).
+process's peak resident memory (``resource.getrusage``), with every setting needed to reproduce the run.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import json
 import logging
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedmerge.data import load_domain
@@ -56,21 +59,26 @@ def locate(root: Path, name: str) -> Path:
 
 def trained_weights(
     family: ModelFamily, theta0: StateDict, domain: Domain, features: torch.Tensor, cache: Path, seed: int
-) -> StateDict:
-    """``family.train`` from θ₀ on ``domain``, cached on disk keyed by family config, θ₀ layout, domain and seed."""
+) -> tuple[StateDict, dict]:
+    """(weights, training summary) of ``family.train`` from θ₀ on ``domain``, cached on disk keyed by family config,
+    θ₀ layout, domain and seed; the summary (scalars of the training info) is kept in the file's metadata."""
     layout = {name: list(t.shape) for name, t in theta0.items()}  # a changed architecture invalidates the cache
     key = json.dumps({"family": family.name, "config": family.config(), "layout": layout, "domain": domain.name,
                       "dim": int(features.shape[1]), "seed": seed, "users": domain.n_users}, sort_keys=True, default=str)
     path = cache / f"{family.name}-{domain.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.exists():
         logger.info("cached weights %s", path)
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            summary = json.loads((handle.metadata() or {}).get("summary", '{"cached": "no summary stored"}'))
+        return load_file(str(path)), summary
     start = time.perf_counter()
     weights, info = family.train(theta0, domain, features, seed=seed)
     logger.info("trained %s on %s in %.1f s: %s", family.name, domain.name, time.perf_counter() - start, info)
+    summary = {k: v for k, v in info.items() if isinstance(v, (int, float, bool, str))}
     cache.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata={"key": key})
-    return weights
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path),
+              metadata={"key": key, "summary": json.dumps(summary)})
+    return weights, summary
 
 
 def evaluate(family: ModelFamily, weights: StateDict, domain: Domain, features: torch.Tensor) -> tuple[float, float]:
@@ -87,17 +95,23 @@ def main() -> None:
     parser.add_argument("--encoder", default="minilm")
     parser.add_argument("--cache", type=Path, default=None, help="trained-weight cache (default: <fedmerge cache>/merge_amazon)")
     parser.add_argument("--steps", type=int, default=500, help="MergeRec optimization steps")
+    parser.add_argument("--inits", default="task_arithmetic", help="MergeRec initializations, comma-separated "
+                        "(training-free method names, e.g. task_arithmetic,ties)")
+    parser.add_argument("--temperature", type=float, default=MergeRecConfig.temperature, help="MergeRec T")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--logit-norm", default="none", choices=["none", "teacher_std"])
-    parser.add_argument("--item-side", default=None, choices=["full", "frozen"],
-                        help="MergeRec item side (default: frozen for sequential, full for text-lae)")
+    parser.add_argument("--item-side", default="frozen", choices=["full", "frozen"],
+                        help="MergeRec item side (frozen: exact for text-lae, whose item side has no parameters)")
     parser.add_argument("--exclude-input-item", action="store_true", help="MergeRec: mask pseudo-user [i]'s own item")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family-set", action="append", default=[], metavar="KEY=VALUE",
                         help="family constructor parameter (Python literal), e.g. max_seconds=300; repeatable")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--markdown-out", type=Path, default=None, help="also write the printed report here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
 
     names = [n.strip() for n in args.domains.split(",") if n.strip()]
     if args.holdout and args.holdout not in names:
@@ -113,7 +127,9 @@ def main() -> None:
     features = {n: family.item_features(encode_catalog(encoder, d.catalog)) for n, d in domains.items()}
     dim = int(next(iter(features.values())).shape[1])
     theta0 = family.initial_weights(dim, seed=args.seed)
-    individuals = {n: trained_weights(family, theta0, domains[n], features[n], cache, args.seed) for n in names}
+    trained = {n: trained_weights(family, theta0, domains[n], features[n], cache, args.seed) for n in names}
+    individuals = {n: weights for n, (weights, _) in trained.items()}
+    training_info = {n: summary for n, (_, summary) in trained.items()}
     to_merge = {n: individuals[n] for n in merged_names}
 
     candidates: dict[str, StateDict] = {"θ₀": theta0}
@@ -121,12 +137,12 @@ def main() -> None:
     for method, params in TRAINING_FREE.items():
         candidates[method] = merge(method, theta0, to_merge, **params)
     timings: dict[str, dict] = {}
-    item_side = args.item_side or ("frozen" if args.family == "sequential" else "full")
     for label, config in {
-        f"MergeRec {granularity}-wise (TA init)": MergeRecConfig(
-            granularity=granularity, steps=args.steps, seed=args.seed, logit_norm=args.logit_norm, item_side=item_side,
-            exclude_input_item=args.exclude_input_item,
+        f"MergeRec {granularity}-wise ({init} init)": MergeRecConfig(
+            init_method=init, granularity=granularity, steps=args.steps, seed=args.seed, logit_norm=args.logit_norm,
+            item_side=args.item_side, exclude_input_item=args.exclude_input_item, temperature=args.temperature,
         )
+        for init in (name.strip() for name in args.inits.split(",") if name.strip())
         for granularity in ("task", "layer")
     }.items():
         weights, report = mergerec(family, theta0, to_merge, {n: features[n] for n in merged_names}, config)
@@ -164,11 +180,20 @@ def main() -> None:
     lines.append(row("individual (in-domain)", in_domain))
     for label, cells in results.items():
         lines.append(row(label, cells))
-    print("\n".join(lines))
+    lines.append("")
     for label, t in timings.items():
-        print(f"{label}: {args.steps} steps in {t['optimization_seconds']} s (teacher scores {t['teacher_seconds']} s)")
-        print(f"  coefficients: {json.dumps(t['coefficients'])}")
-    print(f"peak resident memory of the process: {peak_mib:.0f} MiB; torch threads: {torch.get_num_threads()}")
+        lines.append(f"- {label}: {args.steps} steps in {t['optimization_seconds']} s "
+                     f"(teacher scores {t['teacher_seconds']} s); coefficients `{json.dumps(t['coefficients'])}`")
+    lines.append(f"- peak resident memory of the process: {peak_mib:.0f} MiB; torch threads: {torch.get_num_threads()}; "
+                 f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    lines.append(f"- family `{args.family}` settings: `{json.dumps(family.config(), default=str)}`")
+    lines.append(f"- individual training: {json.dumps(training_info, default=str)}")
+    lines.append(f"- arguments: `{' '.join(sys.argv[1:])}`")
+    report_text = "\n".join(lines)
+    print(report_text)
+    if args.markdown_out:
+        args.markdown_out.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown_out.write_text(report_text + "\n")
     if args.json_out:
         args.json_out.write_text(json.dumps({"results": results, "timings": timings, "peak_mib": peak_mib,
                                              "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
