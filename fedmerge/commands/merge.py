@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fedmerge.config import parse_value
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import METHODS, merge
 from fedmerge.models.base import StateDict
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--models", nargs="+", required=True, metavar="NAME=FILE", help="client weights, one per domain")
     parser.add_argument("--method", required=True, choices=sorted(METHODS), help="merge method")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="params",
-                        help="method parameter (JSON value, e.g. density=0.2, weights=[2,1]); repeatable")
+                        help="method parameter (TOML value, e.g. density=0.2, weights=[2,1]); repeatable")
     parser.add_argument("--out", type=Path, required=True, help="merged weights (.safetensors)")
     parser.set_defaults(func=run_merge)
 
@@ -41,14 +41,6 @@ def parse_assignments(items: list[str], what: str) -> dict[str, str]:
             raise FedmergeError(f"{what} {key!r} given twice")
         out[key] = value
     return out
-
-
-def parse_value(text: str) -> Any:
-    """A JSON value (number, list, null, true/false), else the text itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def load_weights(path: Path) -> StateDict:

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmerge.commands.merge import parse_assignments, parse_value
+from fedmerge.commands.merge import parse_assignments
+from fedmerge.config import parse_value
 from fedmerge.data import load_domain
 from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
@@ -41,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--encoder", default="minilm", help="text encoder: minilm, hashing or a model folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of θ₀ and of training")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="params",
-                        help="model parameter, JSON value; a list is a validation grid (lam=[10,50]); repeatable")
+                        help="model parameter, TOML value; a list is a validation grid (lam=[10,50]); repeatable")
     parser.set_defaults(func=run_train)
 
 
