@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedmerge.data import load_domain
+from fedmerge.data.amazon import default_amazon_root
 from fedmerge.data.domain import Domain
 from fedmerge.merging import MergeRecConfig, merge, mergerec
 from fedmerge.metrics import evaluate_scorer
@@ -36,7 +37,6 @@ from fedmerge.models import ModelFamily, StateDict, get_family
 from fedmerge.text import default_cache_root, encode_catalog, get_encoder
 
 logger = logging.getLogger("merge_amazon")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINING_FREE = {
     "average": {},
     "task_arithmetic": {},
@@ -44,10 +44,6 @@ TRAINING_FREE = {
     "dare": {},
     "pcb": {},
 }
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("FEDMERGE_AMAZON_DIR") or REPO_ROOT.parent / "shared" / "datasets" / "amazon")
 
 
 def locate(root: Path, name: str) -> Path:
@@ -117,7 +113,7 @@ def main() -> None:
     if args.holdout and args.holdout not in names:
         names.append(args.holdout)
     merged_names = [n for n in names if n != args.holdout]
-    root = args.data or data_dir()
+    root = args.data or default_amazon_root()
     cache = args.cache or default_cache_root().parent / "merge_amazon"
     family_params = {k: ast.literal_eval(v) for k, _, v in (item.partition("=") for item in args.family_set)}
     family = get_family(args.family, **family_params)
