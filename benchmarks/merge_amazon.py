@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from fedmerge.data import load_domain
 from fedmerge.data.amazon import default_amazon_root
@@ -34,6 +33,7 @@ from fedmerge.data.domain import Domain
 from fedmerge.merging import MergeRecConfig, merge, mergerec
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models import ModelFamily, StateDict, get_family
+from fedmerge.storage import load_weights, save_weights
 from fedmerge.text import default_cache_root, encode_catalog, get_encoder
 
 logger = logging.getLogger("merge_amazon")
@@ -66,14 +66,12 @@ def trained_weights(
         logger.info("cached weights %s", path)
         with safe_open(str(path), framework="pt") as handle:
             summary = json.loads((handle.metadata() or {}).get("summary", '{"cached": "no summary stored"}'))
-        return load_file(str(path)), summary
+        return load_weights(path), summary
     start = time.perf_counter()
     weights, info = family.train(theta0, domain, features, seed=seed)
     logger.info("trained %s on %s in %.1f s: %s", family.name, domain.name, time.perf_counter() - start, info)
     summary = {k: v for k, v in info.items() if isinstance(v, (int, float, bool, str))}
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(path),
-              metadata={"key": key, "summary": json.dumps(summary)})
+    save_weights(path, weights, metadata={"key": key, "summary": json.dumps(summary)})
     return weights, summary
 
 

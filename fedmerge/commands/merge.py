@@ -6,13 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
 from fedmerge.config import parse_value
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import METHODS, merge
-from fedmerge.models.base import StateDict
+from fedmerge.storage import load_weights, save_weights
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,15 +40,6 @@ def parse_assignments(items: list[str], what: str) -> dict[str, str]:
     return out
 
 
-def load_weights(path: Path) -> StateDict:
-    if not path.is_file():
-        raise FedmergeError(f"weight file {path} does not exist")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise FedmergeError(f"cannot read {path} as safetensors: {exc}") from exc
-
-
 def run_merge(args: argparse.Namespace) -> int:
     model_files = parse_assignments(args.models, "--models entry")
     params = {k: parse_value(v) for k, v in parse_assignments(args.params, "--set").items()}
@@ -61,8 +49,7 @@ def run_merge(args: argparse.Namespace) -> int:
         merged = merge(args.method, theta0, models, **params)
     except ValueError as exc:
         raise FedmergeError(str(exc)) from exc
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"method": args.method, "params": json.dumps(params), "models": json.dumps(list(models))}
-    save_file({k: v.contiguous() for k, v in merged.items()}, str(args.out), metadata=metadata)
+    save_weights(args.out, merged, metadata=metadata)
     print(f"merged {len(models)} models ({', '.join(models)}) with {args.method} {params or ''} -> {args.out}")
     return 0
