@@ -62,9 +62,10 @@ def test_training_windows_cover_every_transition_once():
     assert max(len(w) for w in windows) == 11
 
 
-def test_learns_deterministic_successor_and_loss_falls():
+@pytest.mark.parametrize("adapter", ["mlp", "linear"])
+def test_learns_deterministic_successor_and_loss_falls(adapter):
     domain = cycle_domain(n_items=30, n_users=200, seed=0)
-    family = tiny_family()
+    family = tiny_family(adapter=adapter)
     feats = family.item_features(random_features(30, 1))
     theta0 = family.initial_weights(DIM, seed=0)
     weights, info = family.train(theta0, domain, feats, seed=0, progress=False)
@@ -73,6 +74,15 @@ def test_learns_deterministic_successor_and_loss_falls():
     val = evaluate_scorer(family.scorer(weights, feats), domain, "val")
     assert val["recall@10"] >= 0.95
     assert info["best_val_ndcg@10"] == pytest.approx(val["ndcg@10"])
+
+
+def test_mlp_adapter_starts_as_linear_whitening():
+    family = tiny_family(adapter="mlp", adapter_width=16)
+    module = family.load(family.initial_weights(DIM, seed=3), DIM).eval()
+    feats = family.item_features(random_features(12, 0))
+    with torch.no_grad():
+        torch.testing.assert_close(module.item_representations(feats), module.adapter.whitening(feats))
+        assert module.adapter.mlp(feats).abs().max() == 0
 
 
 def test_sampled_softmax_with_moe_adapter_also_learns():
@@ -141,7 +151,7 @@ def test_parameter_groups_are_layerwise():
 def test_registry_and_bad_input():
     assert isinstance(get_family("sequential", hidden=32, n_heads=2), SequentialFamily)
     with pytest.raises(ValueError, match="adapter"):
-        SequentialFamily(adapter="mlp")
+        SequentialFamily(adapter="transformer")
     with pytest.raises(ValueError, match="divisible"):
         SequentialFamily(hidden=30, n_heads=4)
     family = tiny_family()
