@@ -13,7 +13,6 @@ process's peak resident memory (``resource.getrusage``), with every setting need
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from fedmerge.config import parse_params
 from fedmerge.data import load_domain
 from fedmerge.data.amazon import default_amazon_root
 from fedmerge.data.domain import Domain
@@ -113,7 +113,7 @@ def main() -> None:
     merged_names = [n for n in names if n != args.holdout]
     root = args.data or default_amazon_root()
     cache = args.cache or default_cache_root().parent / "merge_amazon"
-    family_params = {k: ast.literal_eval(v) for k, _, v in (item.partition("=") for item in args.family_set)}
+    family_params = parse_params(args.family_set, "--family-set")
     family = get_family(args.family, **family_params)
     encoder = get_encoder(args.encoder)
 

@@ -11,7 +11,6 @@ so a warm cache is needed for the run to be cheap.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
 import time
@@ -19,22 +18,12 @@ from pathlib import Path
 
 import torch
 
+from fedmerge.config import parse_params
 from fedmerge.data.amazon import default_amazon_root, load_amazon_domain
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models.sequential import SequentialFamily
 from fedmerge.text import encode_catalog, get_encoder
 
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    """``key=value`` with a Python-literal value (``hidden=64``, ``n_negatives=None``), else the raw string."""
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
 
 
 def main() -> None:
@@ -44,8 +33,8 @@ def main() -> None:
     parser.add_argument("--encoder", default="minilm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
-                        help="SequentialFamily parameter override key=value (repeatable)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="SequentialFamily parameter, TOML value (n_negatives=1024, adapter=\"linear\"); repeatable")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -60,7 +49,7 @@ def main() -> None:
     print(f"{domain.name}: {domain.n_users} users, {domain.n_items} items; embeddings {raw.shape} "
           f"in {time.perf_counter() - t0:.1f}s")
 
-    family = SequentialFamily(**dict(args.overrides))
+    family = SequentialFamily(**parse_params(args.overrides))
     features = family.item_features(raw)
     theta0 = family.initial_weights(features.shape[1], seed=args.seed)
     weights, info = family.train(theta0, domain, features, seed=args.seed, progress=True)

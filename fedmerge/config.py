@@ -101,6 +101,24 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def parse_assignments(items: Iterable[str], what: str) -> dict[str, str]:
+    """``["k=v", ...]`` -> {k: v} with raw string values; FedmergeError naming the bad or repeated item."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise FedmergeError(f"{what} {item!r} is not KEY=VALUE")
+        if key in out:
+            raise FedmergeError(f"{what} {key!r} given twice")
+        out[key] = value
+    return out
+
+
+def parse_params(items: Iterable[str], what: str = "--set") -> dict[str, Any]:
+    """``["k=v", ...]`` -> {k: parse_value(v)}: the one parser of command-line model / method parameters."""
+    return {key: parse_value(value) for key, value in parse_assignments(items, what).items()}
+
+
 def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """A validated copy of ``cfg`` with each ``section.key[.sub...]=value`` applied; ``cfg`` is not changed."""
     out = copy.deepcopy(dict(cfg))

@@ -6,7 +6,15 @@ import copy
 
 import pytest
 
-from fedmerge.config import DEFAULTS, apply_overrides, domain_names, load_scenario, parse_value, training_domains
+from fedmerge.config import (
+    DEFAULTS,
+    apply_overrides,
+    domain_names,
+    load_scenario,
+    parse_params,
+    parse_value,
+    training_domains,
+)
 from fedmerge.errors import FedmergeError
 
 SCENARIOS = ("quickstart", "amazon-seq", "amazon-lae", "amazon-unseen")
@@ -98,3 +106,12 @@ def test_amazon_source_requires_domains(tmp_path):
     path.write_text('[data]\nsource = "amazon"\n')
     with pytest.raises(FedmergeError, match="data.domains must list"):
         load_scenario(path)
+
+
+def test_parse_params_reads_toml_values_and_names_bad_items():
+    assert parse_params(["lam=[10, 50]", "adapter=linear", "n_negatives=1024", "flag=true"]) == {
+        "lam": [10, 50], "adapter": "linear", "n_negatives": 1024, "flag": True}
+    with pytest.raises(FedmergeError, match="--family-set 'hidden' is not KEY=VALUE"):
+        parse_params(["hidden"], "--family-set")
+    with pytest.raises(FedmergeError, match="given twice"):
+        parse_params(["a=1", "a=2"])

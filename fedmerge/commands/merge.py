@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fedmerge.config import parse_value
+from fedmerge.config import parse_assignments, parse_params
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import METHODS, merge
 from fedmerge.storage import load_weights, save_weights
@@ -27,22 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_merge)
 
 
-def parse_assignments(items: list[str], what: str) -> dict[str, str]:
-    """``["k=v", ...]`` -> {k: v}; FedmergeError naming the bad item."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise FedmergeError(f"{what} {item!r} is not KEY=VALUE")
-        if key in out:
-            raise FedmergeError(f"{what} {key!r} given twice")
-        out[key] = value
-    return out
-
-
 def run_merge(args: argparse.Namespace) -> int:
     model_files = parse_assignments(args.models, "--models entry")
-    params = {k: parse_value(v) for k, v in parse_assignments(args.params, "--set").items()}
+    params = parse_params(args.params)
     theta0 = load_weights(args.theta0)
     models = {name: load_weights(Path(file)) for name, file in model_files.items()}
     try:

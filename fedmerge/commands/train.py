@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmerge.commands.merge import parse_assignments
-from fedmerge.config import parse_value
+from fedmerge.config import parse_params
 from fedmerge.data import load_domain
 from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
@@ -87,7 +86,7 @@ def train_family(
 def run_train(args: argparse.Namespace) -> int:
     if args.model not in MODELS:
         raise FedmergeError(f"unknown model {args.model!r}; valid: {', '.join(MODELS)}")
-    params = {k: parse_value(v) for k, v in parse_assignments(args.params, "--set").items()}
+    params = parse_params(args.params)
     domain = load_domain(args.data)
     out = args.out or Path("runs") / "train" / f"{domain.name}-{args.model}"
     out.mkdir(parents=True, exist_ok=True)
