@@ -91,7 +91,8 @@ def load_weights(path: str | Path) -> StateDict:
         raise DataError(f"weight file {path} is not a readable safetensors file: {exc}") from exc
 
 
-def _metadata(path: Path) -> dict[str, str]:
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors metadata of a weight file; a clear DataError when it is unreadable."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
@@ -122,7 +123,7 @@ def load_client_weights(out_dir: str | Path) -> dict[str, StateDict]:
         raise DataError(f"no saved client weights under {folder}; run without --resume first")
     weights: dict[str, StateDict] = {}
     for file in files:
-        domain = _metadata(file).get(DOMAIN_KEY)
+        domain = read_metadata(file).get(DOMAIN_KEY)
         if not domain:
             raise DataError(f"weight file {file} has no '{DOMAIN_KEY}' metadata entry")
         if domain in weights:
@@ -136,7 +137,7 @@ def client_metadata(out_dir: str | Path) -> dict[str, dict[str, str]]:
     folder = Path(out_dir) / CLIENTS_DIR
     result: dict[str, dict[str, str]] = {}
     for file in sorted(folder.glob(f"*{WEIGHTS_SUFFIX}")) if folder.is_dir() else []:
-        meta = _metadata(file)
+        meta = read_metadata(file)
         result[meta.get(DOMAIN_KEY, file.stem)] = meta
     return result
 

@@ -16,6 +16,7 @@ from fedmerge.runners import protocol
 from fedmerge.runners.client import ClientState
 from fedmerge.runners.inprocess import InProcessTransport, run_inprocess
 from fedmerge.runners.server import Federation, fedavg_aggregate, initial_weights, run_federation
+from fedmerge.storage import load_weights, save_weights
 
 TINY = [
     "run.progress=false", "data.synthetic.n_users=40", "data.synthetic.n_items=30", "data.synthetic.max_len=8",
@@ -257,6 +258,10 @@ def test_resume_refuses_weights_from_another_configuration(cfg, tmp_path):
     fewer = apply_overrides(small, ['data.domains=["synth-0","synth-1"]'])
     with pytest.raises(FedmergeError, match=r"\['synth-2'\] .* not training domains"):
         run_scenario(fewer, "inprocess", tmp_path / "run", resume=True)
+    theta0_file = tmp_path / "run" / "theta0.safetensors"
+    save_weights(theta0_file, load_weights(theta0_file), {"config_sha256": "another run"})
+    with pytest.raises(FedmergeError, match=r"theta0.safetensors was saved by a run with a different"):
+        run_scenario(small, "inprocess", tmp_path / "run", resume=True)
 
 
 def test_simulate_cli_resume(cfg, tmp_path, counted_training, capsys):

@@ -351,7 +351,7 @@ def load_saved_run(cfg: Mapping[str, Any], out_dir: str | Path) -> tuple[StateDi
     Every weight file must carry this scenario's :func:`training_fingerprint` and name one of its training domains,
     so merges are never computed from weights trained under another configuration.
     """
-    from fedmerge.storage import client_metadata, load_client_weights, load_weights
+    from fedmerge.storage import client_metadata, load_client_weights
 
     out_dir = Path(out_dir)
     saved = load_client_weights(out_dir)
@@ -369,7 +369,19 @@ def load_saved_run(cfg: Mapping[str, Any], out_dir: str | Path) -> tuple[StateDi
         )
     metrics = {d: {k: float(v) for k, v in json.loads(metadata[d].get(TRAIN_METRICS_KEY, "{}")).items()} for d in saved}
     theta0_path = out_dir / THETA0_FILE
-    return (load_weights(theta0_path) if theta0_path.is_file() else None), saved, metrics
+    return (load_fingerprinted(theta0_path, fingerprint) if theta0_path.is_file() else None), saved, metrics
+
+
+def load_fingerprinted(path: Path, fingerprint: str) -> StateDict:
+    """Weights a run saved under the same :func:`training_fingerprint`; FedmergeError when it was another config."""
+    from fedmerge.storage import load_weights, read_metadata
+
+    if read_metadata(path).get(FINGERPRINT_KEY) != fingerprint:
+        raise FedmergeError(
+            f"{path} was saved by a run with a different data/encoder/model/privacy configuration or seed; resume "
+            "with the original scenario and --set values, or run without --resume"
+        )
+    return load_weights(path)
 
 
 def run_federation(
@@ -381,7 +393,7 @@ def run_federation(
     reloads them instead of training (see :func:`load_saved_run`) and re-runs merging and evaluation only.
     """
     from fedmerge.runners.baselines import joint_oracle
-    from fedmerge.storage import load_weights, save_weights
+    from fedmerge.storage import save_weights
 
     if resume and out_dir is None:
         raise FedmergeError("resume needs the output folder of the earlier run")
@@ -404,7 +416,7 @@ def run_federation(
         start = time.perf_counter()
         joint_path = out_path / JOINT_FILE if out_path is not None else None
         if resume and joint_path.is_file():
-            extra["joint"] = load_weights(joint_path)
+            extra["joint"] = load_fingerprinted(joint_path, training_fingerprint(cfg))
         else:
             extra["joint"] = joint_oracle(cfg, theta0)
             if joint_path is not None:
