@@ -139,6 +139,19 @@ def test_scores_are_scaled_cosines_and_ignore_padding():
     assert short.abs().max() <= 1.0 / 0.1 + 1e-4
 
 
+def test_last_only_encoding_equals_the_full_encoders_last_position():
+    family = tiny_family(n_layers=2)
+    feats = family.item_features(random_features(12, 0))
+    module = family.load(family.initial_weights(DIM, seed=1), DIM).eval()
+    seqs = pad_sequences([np.array([1, 2, 3, 4]), np.array([5]), np.array([6, 7])], family.max_len)
+    with torch.no_grad():
+        items = module.item_representations(feats)
+        full = module.encode(seqs, items)
+        last = module.encode(seqs, items, last_only=True)
+    assert last.shape == (3, 1, family.hidden)
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+
+
 def test_parameter_groups_are_layerwise():
     family = tiny_family(n_layers=2)
     names = list(family.initial_weights(DIM))

@@ -28,12 +28,12 @@ PAD = -1
 
 def pad_sequences(seqs: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
     """Right-aligned (B, max_len) int64 tensor of the last ``max_len`` items of each sequence, padded with -1."""
-    out = torch.full((len(seqs), max_len), PAD, dtype=torch.long)
+    out = np.full((len(seqs), max_len), PAD, dtype=np.int64)  # filled in numpy: a torch slice copy per row is slow
     for row, seq in enumerate(seqs):
         tail = np.asarray(seq, dtype=np.int64)[-max_len:]
         if len(tail):
-            out[row, max_len - len(tail) :] = torch.from_numpy(tail)
-    return out
+            out[row, max_len - len(tail) :] = tail
+    return torch.from_numpy(out)
 
 
 class Recommender(ABC):

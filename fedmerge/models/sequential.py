@@ -161,9 +161,14 @@ class PreLNBlock(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, blocked: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(B, L, hidden) -> (B, L, hidden), or (B, 1, hidden) for the last position only (its keys are all of x)."""
         h = self.attention_norm(x)
-        attended, _ = self.attention(h, h, h, attn_mask=blocked, need_weights=False)
+        if last_only:
+            x, query, blocked = x[:, -1:], h[:, -1:], blocked[:, -1:]
+        else:
+            query = h
+        attended, _ = self.attention(query, h, h, attn_mask=blocked, need_weights=False)
         x = x + self.dropout(attended)
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
@@ -204,8 +209,12 @@ class TextSASRec(nn.Module):
         """Adapter output ``e_i`` for every catalog item, (n_items, hidden)."""
         return self.adapter(item_features)
 
-    def encode(self, seqs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, L', hidden) for right-aligned padded ``seqs``; all-padding leading columns are dropped."""
+    def encode(self, seqs: torch.Tensor, items: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Hidden states (B, L', hidden) for right-aligned padded ``seqs``; all-padding leading columns are dropped.
+
+        ``last_only``: the last block computes the last position only, (B, 1, hidden) - what scoring needs, at
+        about half the cost of a two-block encoder.
+        """
         if seqs.shape[1] > self.max_len:
             raise ValueError(f"sequence batch has {seqs.shape[1]} columns, the model holds {self.max_len} positions")
         filled = (seqs != PAD).any(dim=0).nonzero()
@@ -221,9 +230,9 @@ class TextSASRec(nn.Module):
         blocked = causal.unsqueeze(0) | is_pad.unsqueeze(1)
         blocked = blocked & ~torch.eye(length, dtype=torch.bool, device=seqs.device)
         blocked = blocked.repeat_interleave(self.blocks[0].attention.num_heads, dim=0) if self.blocks else blocked
-        for block in self.blocks:
-            x = block(x, blocked)
-        return self.final_norm(x)
+        for depth, block in enumerate(self.blocks, start=1):
+            x = block(x, blocked, last_only=last_only and depth == len(self.blocks))
+        return self.final_norm(x[:, -1:] if last_only else x)
 
     def logits(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """``cos(h, e_i) / τ`` for hidden states (..., hidden) against item representations (n, hidden)."""
@@ -231,7 +240,7 @@ class TextSASRec(nn.Module):
 
     def forward(self, seqs: torch.Tensor, item_features: torch.Tensor) -> torch.Tensor:
         items = self.item_representations(item_features)
-        return self.logits(self.encode(seqs, items)[:, -1], items)
+        return self.logits(self.encode(seqs, items, last_only=True)[:, -1], items)
 
 
 @dataclass
@@ -327,7 +336,7 @@ class SequentialFamily(ModelFamily):
             for start in range(0, len(seqs), batch_size):
                 rows = order[start : start + batch_size]
                 padded = pad_sequences([seqs[r] for r in rows], self.max_len)
-                out[rows] = module.logits(module.encode(padded, items)[:, -1], items).float().numpy()
+                out[rows] = module.logits(module.encode(padded, items, last_only=True)[:, -1], items).float().numpy()
             return out
 
         return score
