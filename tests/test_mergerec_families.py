@@ -65,7 +65,8 @@ def test_sequence_side_over_the_union_scores_each_row_against_its_own_catalog():
         local = torch.tensor([6, 3, 0, 2, 6])
         parts = [(d, (domain_of == d).nonzero().flatten()) for d in (0, 1, 2)]
         offsets = torch.tensor([b[0] for b in bounds])
-        scores = SequenceSide(module)(local + offsets[domain_of], union, bounds, parts)
+        input_features = torch.cat(catalogs)[local + offsets[domain_of]]
+        scores = SequenceSide(module)(input_features, union, bounds, parts)
         for (d, rows), got in zip(parts, scores):
             seqs = pad_sequences([np.array([int(i)]) for i in local[rows]], family.max_len)
             expected = module.logits(module.encode(seqs, reps[d])[:, -1], reps[d])

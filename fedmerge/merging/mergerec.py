@@ -18,9 +18,10 @@
    The merged forward is ``torch.func.functional_call(module, θ(λ), (seqs, item_features))``, so gradients reach
    only λ; by default (``item_side="full"``) the full module, item side included, runs on every step.
    ``item_side="frozen"`` (as MergeRec's released code does with its cached item embeddings) computes the
-   catalog's item representations once from the initial merged model, and again every ``item_refresh`` steps,
-   and back-propagates through the sequence side only; it needs a module that splits its forward into
-   ``item_representations(item_features)``, ``encode(seqs, items)`` and ``logits(hidden, items)`` (the
+   catalog's candidate item representations once from the initial merged model, and again every
+   ``item_refresh`` steps, without gradient; only the pseudo-users' own input items (B per step) go through the
+   merged item side live, so item-side coefficients still learn from the query side. It needs a module that
+   splits its forward into ``item_representations(item_features)``, ``encode(seqs, items)`` and ``logits(hidden, items)`` (the
    sequential family's TextSASRec does). With a Transformer over 12k-item catalogs this is the difference between
    seconds and hours per 500 steps on a 2-core CPU. The frozen item representations of all domains are stacked
    into one union catalog, so each step runs the sequence side once for the whole mixed-domain batch.
@@ -200,11 +201,12 @@ class ItemSide(nn.Module):
 
 
 class SequenceSide(nn.Module):
-    """Scores of one-item pseudo-users of several domains against precomputed item representations.
+    """Scores of one-item pseudo-users of several domains against precomputed candidate representations.
 
-    ``union`` stacks the domains' item representations (domain d's rows start at ``offsets[d]``); the sequence
-    side runs once for the whole batch, and row r is scored against its own domain's catalog only. Returns one
-    score matrix per entry of ``parts`` (pairs of domain index and the batch rows of that domain).
+    ``union`` stacks the domains' frozen item representations (domain d's rows at ``bounds[d]``); row r is
+    scored against its own domain's catalog only. The pseudo-users' own input items go through the merged item
+    side live (``input_features``, a handful of rows), so coefficients of item-side parameters (the adapter)
+    still get a gradient. Returns one score matrix per entry of ``parts`` (a domain index and its batch rows).
     """
 
     def __init__(self, inner: nn.Module) -> None:
@@ -212,9 +214,14 @@ class SequenceSide(nn.Module):
         self.inner = inner
 
     def forward(
-        self, union_items: torch.Tensor, union: torch.Tensor, bounds: list[tuple[int, int]], parts: list[tuple[int, torch.Tensor]]
+        self,
+        input_features: torch.Tensor,
+        union: torch.Tensor,
+        bounds: list[tuple[int, int]],
+        parts: list[tuple[int, torch.Tensor]],
     ) -> list[torch.Tensor]:
-        hidden = self.inner.encode(one_item_batch(union_items), union)[:, -1]
+        inputs = self.inner.item_representations(input_features)
+        hidden = self.inner.encode(one_item_batch(torch.arange(len(inputs))), inputs)[:, -1]
         return [self.inner.logits(hidden[rows], union[bounds[d][0] : bounds[d][1]]) for d, rows in parts]
 
 
@@ -282,6 +289,7 @@ def mergerec(
     module.train(False)
     item_side, sequence_side = ItemSide(module), SequenceSide(module)
     frozen_union: torch.Tensor | None = None  # item representations of all domains, stacked (item_side="frozen")
+    union_features = torch.cat([item_features[d] for d in domains]) if config.item_side == "frozen" else None
     for step in tqdm(range(config.steps), desc="MergeRec", disable=not config.progress):
         if config.item_side == "frozen" and (
             frozen_union is None or (config.item_refresh and step % config.item_refresh == 0)
@@ -301,7 +309,7 @@ def mergerec(
         parts = [(d, (domain_of == d).nonzero().flatten()) for d in domain_of.unique().tolist()]
         if config.item_side == "frozen":
             students = functional_call(sequence_side, prefixed(params),
-                                       (items + offsets[domain_of], frozen_union, bounds, parts))
+                                       (union_features[items + offsets[domain_of]], frozen_union, bounds, parts))
         else:
             students = [functional_call(module, params, (one_item_batch(items[rows]), item_features[domains[d]]))
                         for d, rows in parts]
