@@ -120,15 +120,19 @@ def _mergerec(
     theta0: StateDict, models: Mapping[str, StateDict], catalogs: Mapping[str, ItemCatalog], cfg: Mapping[str, Any],
     granularity: str,
 ) -> tuple[StateDict, dict[str, Any]]:
-    """MergeRec with task- or layer-wise coefficients, learned on pseudo-users from the public catalogs."""
+    """MergeRec with task- or layer-wise coefficients, learned on pseudo-users from the public catalogs.
+
+    Runs default to ``item_side="frozen"`` (both families split their forward): with the full item side every step
+    re-encodes all catalogs with gradient, 6-7 minutes per 500 steps on Amazon on a 2-core CPU instead of ~15 s.
+    """
     from dataclasses import asdict, fields
 
     from fedmerge.merging.mergerec import MergeRecConfig, mergerec
 
     family = family_of(cfg)
     features = {d: item_features(cfg, catalogs[d], family) for d in models}
-    params = {"seed": int(cfg["run"]["seed"]), "progress": bool(cfg["run"]["progress"]), **cfg["merge"]["mergerec"],
-              "granularity": granularity}
+    params = {"seed": int(cfg["run"]["seed"]), "progress": bool(cfg["run"]["progress"]), "item_side": "frozen",
+              **cfg["merge"]["mergerec"], "granularity": granularity}
     valid = [f.name for f in fields(MergeRecConfig)]
     unknown = sorted(set(params) - set(valid))
     if unknown:
