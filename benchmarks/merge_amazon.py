@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from fedmerge.config import parse_params
 from fedmerge.data import load_domain
@@ -33,7 +32,7 @@ from fedmerge.data.domain import Domain
 from fedmerge.merging import MergeRecConfig, merge, mergerec
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models import ModelFamily, StateDict, get_family
-from fedmerge.storage import load_weights, save_weights
+from fedmerge.storage import load_weights, read_metadata, save_weights
 from fedmerge.text import default_cache_root, encode_catalog, get_encoder
 
 logger = logging.getLogger("merge_amazon")
@@ -64,8 +63,7 @@ def trained_weights(
     path = cache / f"{family.name}-{domain.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.exists():
         logger.info("cached weights %s", path)
-        with safe_open(str(path), framework="pt") as handle:
-            summary = json.loads((handle.metadata() or {}).get("summary", '{"cached": "no summary stored"}'))
+        summary = json.loads(read_metadata(path).get("summary", '{"cached": "no summary stored"}'))
         return load_weights(path), summary
     start = time.perf_counter()
     weights, info = family.train(theta0, domain, features, seed=seed)

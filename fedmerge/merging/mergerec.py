@@ -296,7 +296,7 @@ def mergerec(
         ):
             with torch.no_grad():
                 current = prefixed(merged_parameters(base, processed.vectors, coefficients, column))
-                frozen_union = torch.cat([functional_call(item_side, current, (item_features[d],)) for d in domains])
+                frozen_union = functional_call(item_side, current, (union_features,))  # the item side is row-wise
         if config.sampling == "union":
             flat = torch.randint(int(sizes.sum()), (config.batch_size,), generator=generator)
             domain_of = torch.searchsorted(offsets, flat, right=True) - 1

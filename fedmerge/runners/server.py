@@ -33,6 +33,10 @@ MERGEREC_METHODS = {"mergerec_taskwise": "task", "mergerec_layerwise": "layer"}
 THETA0_FILE = "theta0.safetensors"
 JOINT_FILE = "joint.safetensors"
 FINGERPRINT_KEY = "config_sha256"
+STALE_HINT = (  # why saved weights were refused on --resume, and what to do
+    "a different data/encoder/model/privacy configuration or seed; resume with the original scenario and --set "
+    "values, or run without --resume"
+)
 TRAIN_METRICS_KEY = "train_metrics"
 # The config sections that determine what a client trains; a resumed run must match them exactly.
 TRAINING_SECTIONS = ("data", "encoder", "model", "privacy")
@@ -368,8 +372,7 @@ def load_saved_run(cfg: Mapping[str, Any], out_dir: str | Path) -> tuple[StateDi
     stale = sorted(d for d in saved if metadata[d].get(FINGERPRINT_KEY) != fingerprint)
     if stale:
         raise FedmergeError(
-            f"saved weights of {stale} under {out_dir} were trained with a different data/encoder/model/privacy "
-            "configuration or seed; resume with the original scenario and --set values, or run without --resume"
+            f"saved weights of {stale} under {out_dir} were trained with {STALE_HINT}"
         )
     metrics = {d: {k: float(v) for k, v in json.loads(metadata[d].get(TRAIN_METRICS_KEY, "{}")).items()} for d in saved}
     theta0_path = out_dir / THETA0_FILE
@@ -381,10 +384,7 @@ def load_fingerprinted(path: Path, fingerprint: str) -> StateDict:
     from fedmerge.storage import load_weights, read_metadata
 
     if read_metadata(path).get(FINGERPRINT_KEY) != fingerprint:
-        raise FedmergeError(
-            f"{path} was saved by a run with a different data/encoder/model/privacy configuration or seed; resume "
-            "with the original scenario and --set values, or run without --resume"
-        )
+        raise FedmergeError(f"{path} was saved by a run with {STALE_HINT}")
     return load_weights(path)
 
 
@@ -403,6 +403,7 @@ def run_federation(
         raise FedmergeError("resume needs the output folder of the earlier run")
     torch.set_num_threads(server_threads(cfg))
     out_path = Path(out_dir) if out_dir is not None else None
+    fingerprint = training_fingerprint(cfg)
     start = time.perf_counter()
     saved, train_metrics = None, {}
     if resume:
@@ -413,18 +414,18 @@ def run_federation(
     else:
         theta0 = initial_weights(cfg)
         if out_path is not None:
-            save_weights(out_path / THETA0_FILE, theta0, {FINGERPRINT_KEY: training_fingerprint(cfg)})
+            save_weights(out_path / THETA0_FILE, theta0, {FINGERPRINT_KEY: fingerprint})
     setup = time.perf_counter() - start
     extra, joint_seconds = {}, 0.0
     if cfg["baselines"]["joint"]:
         start = time.perf_counter()
         joint_path = out_path / JOINT_FILE if out_path is not None else None
         if resume and joint_path.is_file():
-            extra["joint"] = load_fingerprinted(joint_path, training_fingerprint(cfg))
+            extra["joint"] = load_fingerprinted(joint_path, fingerprint)
         else:
             extra["joint"] = joint_oracle(cfg, theta0)
             if joint_path is not None:
-                save_weights(joint_path, extra["joint"], {FINGERPRINT_KEY: training_fingerprint(cfg)})
+                save_weights(joint_path, extra["joint"], {FINGERPRINT_KEY: fingerprint})
         joint_seconds = time.perf_counter() - start
     federation = Federation(cfg, theta0, extra_models=extra, out_dir=None if resume else out_path)
     federation.train_metrics.update(train_metrics)
