@@ -6,6 +6,7 @@ profits from the other's warm caches; the text-embedding disk cache is warmed on
 per engine, the ratio flower / inprocess (target ≤ 1.15) and the load average; writes the same as JSON.
 
     python benchmarks/flower_overhead.py [--scenario quickstart] [--set KEY=VALUE ...] [--repeats 1] [--out DIR]
+        [--no-warmup]   # the embedding cache is already warm (the warm-up run trains every client once)
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per engine (median reported)")
     parser.add_argument("--out", type=Path, default=Path("runs/flower_overhead"))
+    parser.add_argument("--no-warmup", action="store_true", help="skip the cache-warming run (cache already warm)")
     args = parser.parse_args()
 
-    print(f"warming the embedding cache ({args.scenario}, inprocess) ...", flush=True)
-    simulate(args.scenario, [*args.overrides, "baselines.fedavg_rounds=0", "merge.methods=['average']",
-                             "baselines.joint=false"], "inprocess", args.out / "warmup")
+    if not args.no_warmup:
+        print(f"warming the embedding cache ({args.scenario}, inprocess) ...", flush=True)
+        simulate(args.scenario, [*args.overrides, "baselines.fedavg_rounds=0", "merge.methods=['average']",
+                                 "baselines.joint=false"], "inprocess", args.out / "warmup")
     runs: dict[str, list[dict[str, float]]] = {engine: [] for engine in ENGINES}
     for repeat in range(args.repeats):
         for engine in ENGINES:
@@ -66,7 +69,7 @@ def main() -> None:
           f"ratio {ratio:.2f} (target <= 1.15); {os.cpu_count()} CPUs")
     write_json_atomic(args.out / "flower_overhead.json", {
         "scenario": args.scenario, "overrides": args.overrides, "runs": runs, "median_wall_s": median,
-        "ratio_flower_over_inprocess": round(ratio, 3), "cpus": os.cpu_count(),
+        "ratio_flower_over_inprocess": round(ratio, 3), "cpus": os.cpu_count(), "warmup": not args.no_warmup,
     })
 
 

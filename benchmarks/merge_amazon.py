@@ -59,7 +59,7 @@ def trained_weights(
     θ₀ layout, domain and seed; the summary (scalars of the training info) is kept in the file's metadata."""
     layout = {name: list(t.shape) for name, t in theta0.items()}  # a changed architecture invalidates the cache
     key = json.dumps({"family": family.name, "config": family.config(), "layout": layout, "domain": domain.name,
-                      "dim": int(features.shape[1]), "seed": seed, "users": domain.n_users}, sort_keys=True, default=str)
+                      "dim": int(features.shape[-1]), "seed": seed, "users": domain.n_users}, sort_keys=True, default=str)
     path = cache / f"{family.name}-{domain.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.exists():
         logger.info("cached weights %s", path)
@@ -89,12 +89,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="MergeRec optimization steps")
     parser.add_argument("--inits", default="task_arithmetic", help="MergeRec initializations, comma-separated "
                         "(training-free method names, e.g. task_arithmetic,ties)")
-    parser.add_argument("--temperature", type=float, default=MergeRecConfig.temperature, help="MergeRec T")
+    parser.add_argument("--granularities", default="task,layer", help="MergeRec coefficient granularities")
+    parser.add_argument("--mergerec-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="MergeRecConfig field, e.g. exclude_input_item=true, sampling='domain', item_refresh=25, "
+                        "temperature=0.1; repeatable (item_side defaults to 'frozen' here)")
+    parser.add_argument("--baselines", default=",".join(TRAINING_FREE),
+                        help="training-free methods to evaluate, comma-separated ('' for none)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    parser.add_argument("--logit-norm", default="none", choices=["none", "teacher_std"])
-    parser.add_argument("--item-side", default="frozen", choices=["full", "frozen"],
-                        help="MergeRec item side (frozen: exact for text-lae, whose item side has no parameters)")
-    parser.add_argument("--exclude-input-item", action="store_true", help="MergeRec: mask pseudo-user [i]'s own item")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family-set", action="append", default=[], metavar="KEY=VALUE",
                         help="family constructor parameter (Python literal), e.g. max_seconds=300; repeatable")
@@ -112,12 +113,14 @@ def main() -> None:
     root = args.data or default_amazon_root()
     cache = args.cache or default_cache_root().parent / "merge_amazon"
     family_params = parse_params(args.family_set, "--family-set")
+    mergerec_params = {"item_side": "frozen", **parse_params(args.mergerec_set, "--mergerec-set")}
     family = get_family(args.family, **family_params)
     encoder = get_encoder(args.encoder)
 
     domains = {n: load_domain(locate(root, n), name=n) for n in names}
-    features = {n: family.item_features(encode_catalog(encoder, d.catalog)) for n, d in domains.items()}
-    dim = int(next(iter(features.values())).shape[1])
+    features = {n: family.catalog_features(d.catalog, lambda d=d: encode_catalog(encoder, d.catalog))
+                for n, d in domains.items()}
+    dim = int(next(iter(features.values())).shape[-1])
     theta0 = family.initial_weights(dim, seed=args.seed)
     trained = {n: trained_weights(family, theta0, domains[n], features[n], cache, args.seed) for n in names}
     individuals = {n: weights for n, (weights, _) in trained.items()}
@@ -126,16 +129,15 @@ def main() -> None:
 
     candidates: dict[str, StateDict] = {"θ₀": theta0}
     candidates.update({f"individual {n}": w for n, w in individuals.items()})
-    for method, params in TRAINING_FREE.items():
-        candidates[method] = merge(method, theta0, to_merge, **params)
+    for method in (m.strip() for m in args.baselines.split(",") if m.strip()):
+        candidates[method] = merge(method, theta0, to_merge, **TRAINING_FREE.get(method, {}))
     timings: dict[str, dict] = {}
     for label, config in {
         f"MergeRec {granularity}-wise ({init} init)": MergeRecConfig(
-            init_method=init, granularity=granularity, steps=args.steps, seed=args.seed, logit_norm=args.logit_norm,
-            item_side=args.item_side, exclude_input_item=args.exclude_input_item, temperature=args.temperature,
+            init_method=init, granularity=granularity, steps=args.steps, seed=args.seed, **mergerec_params
         )
         for init in (name.strip() for name in args.inits.split(",") if name.strip())
-        for granularity in ("task", "layer")
+        for granularity in (g.strip() for g in args.granularities.split(",") if g.strip())
     }.items():
         weights, report = mergerec(family, theta0, to_merge, {n: features[n] for n in merged_names}, config)
         candidates[label] = weights

@@ -71,8 +71,8 @@ def train_family(
 ) -> tuple[Any, dict[str, Any]]:
     """Train a mergeable family from θ₀, save its weights; returns (scorer, report fields)."""
     family = get_family(name, **params)
-    features = family.item_features(item_embeddings(domain, encoder))
-    theta0 = family.initial_weights(features.shape[1], seed)
+    features = family.catalog_features(domain.catalog, lambda: item_embeddings(domain, encoder))
+    theta0 = family.initial_weights(features.shape[-1], seed)
     torch.manual_seed(seed)
     start = time.perf_counter()
     weights, info = family.train(theta0, domain, features, seed=seed, progress=True)

@@ -48,7 +48,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from fedmerge.merging.methods import processed_task_vectors
-from fedmerge.models.base import ModelFamily, StateDict
+from fedmerge.models.base import ModelFamily, StateDict, stack_item_features
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def mergerec(
         init = MERGEREC_INITIAL_COEFFICIENT.get(config.init_method, processed.scale)
     if config.max_coefficient is not None:
         init = min(init, config.max_coefficient)
-    dims = {int(item_features[d].shape[1]) for d in domains}
+    dims = {int(item_features[d].shape[-1]) for d in domains}
     if len(dims) != 1:
         raise ValueError(f"item features of the domains have different widths {sorted(dims)}")
     module = family.build(dims.pop())
@@ -289,7 +289,7 @@ def mergerec(
     module.train(False)
     item_side, sequence_side = ItemSide(module), SequenceSide(module)
     frozen_union: torch.Tensor | None = None  # item representations of all domains, stacked (item_side="frozen")
-    union_features = torch.cat([item_features[d] for d in domains]) if config.item_side == "frozen" else None
+    union_features = stack_item_features([item_features[d] for d in domains]) if config.item_side == "frozen" else None
     for step in tqdm(range(config.steps), desc="MergeRec", disable=not config.progress):
         if config.item_side == "frozen" and (
             frozen_union is None or (config.item_refresh and step % config.item_refresh == 0)

@@ -12,14 +12,14 @@ Two kinds of model share the scoring contract that :func:`fedmerge.metrics.evalu
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedmerge.data.domain import Domain
+from fedmerge.data.domain import Domain, ItemCatalog
 from fedmerge.metrics import Scorer
 
 StateDict = dict[str, torch.Tensor]
@@ -34,6 +34,19 @@ def pad_sequences(seqs: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
         if len(tail):
             out[row, max_len - len(tail) :] = tail
     return torch.from_numpy(out)
+
+
+def stack_item_features(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Several catalogs' item features stacked row-wise; any middle dimension (the token axis of 3-D token
+    features) is zero-padded to the largest, zero rows being padding there."""
+    longest = [max(f.shape[d] for f in features) for d in range(1, features[0].ndim - 1)]
+    padded = []
+    for f in features:
+        pad: list[int] = [0, 0]  # the last (feature) dimension is never padded
+        for d in range(f.ndim - 2, 0, -1):
+            pad += [0, longest[d - 1] - f.shape[d]]
+        padded.append(torch.nn.functional.pad(f, pad) if any(pad) else f)
+    return torch.cat(padded)
 
 
 class Recommender(ABC):
@@ -66,6 +79,14 @@ class ModelFamily(ABC):
     def item_features(self, embeddings: np.ndarray) -> torch.Tensor:
         """Turn a catalog's raw text embeddings into model input features (a function of the public catalog only)."""
 
+    def catalog_features(self, catalog: ItemCatalog, embeddings: Callable[[], np.ndarray]) -> torch.Tensor:
+        """Model input features of a public catalog; ``embeddings()`` gives its (cached) sentence embeddings.
+
+        By default :meth:`item_features` of those embeddings; a family that tunes text-encoder layers reads the
+        catalog's texts instead. ``dim`` for :meth:`build` is always the features' last dimension.
+        """
+        return self.item_features(embeddings())
+
     @abstractmethod
     def build(self, dim: int) -> nn.Module:
         """A fresh module for item features of width ``dim``."""
@@ -93,7 +114,7 @@ class ModelFamily(ABC):
 
     def scorer(self, weights: StateDict, item_features: torch.Tensor, batch_size: int = 512) -> Scorer:
         """A scorer over the catalog whose features are ``item_features``."""
-        module = self.load(weights, item_features.shape[1])
+        module = self.load(weights, item_features.shape[-1])
 
         @torch.no_grad()
         def score(seqs: list[np.ndarray]) -> np.ndarray:

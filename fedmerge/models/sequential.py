@@ -25,10 +25,19 @@ over the domain's catalog (``n_negatives=None``) or a sampled softmax over the b
 ``n_negatives`` uniformly drawn items (for large catalogs). AdamW; validation NDCG@10 each epoch through
 :func:`fedmerge.metrics.evaluate_scorer`; early stopping with ``patience``; the best checkpoint is returned.
 
+Tuning the text encoder (``encoder_layers = k > 0``, meant for CUDA): the sentence encoder's last k layers
+(:class:`TextTower`, copied from the pretrained ``text_model``) sit between the catalog's token states and the
+adapter, so they are trained by every client and merged like any other parameter (MergeRec/Recformer-style).
+Item features then carry the token states entering those layers (:func:`token_features`); the z-score uses the
+pretrained embeddings' catalog statistics, fixed, so θ₀ scores exactly as with cached embeddings. In training the
+batch's own items pass through the tower with gradient, the other candidates come from text embeddings refreshed
+once per epoch. Without CUDA, training refuses unless ``device="cpu"`` is asked for.
+
 θ₀ is the module's seeded PyTorch initialization (:meth:`ModelFamily.initial_weights`): identical for every client
 given (feature width, seed), uses no data at all, and keeps every client in the same basin-free starting point that
-task arithmetic measures its task vectors from. No pretraining on public text is done (yet); such a pretraining on
-the union of public catalogs would still be private-data-free.
+task arithmetic measures its task vectors from (plus, with ``encoder_layers``, the pretrained text-encoder layers).
+No pretraining on public text is done (yet); such a pretraining on the union of public catalogs would still be
+private-data-free.
 """
 
 from __future__ import annotations
@@ -37,7 +46,8 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,14 +57,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from fedmerge.data.domain import Domain
+from fedmerge.data.domain import Domain, ItemCatalog
 from fedmerge.errors import FedmergeError
 from fedmerge.metrics import Scorer, evaluate_scorer
 from fedmerge.models.base import PAD, ModelFamily, StateDict, pad_sequences
+from fedmerge.text.encoder import SentenceEncoder, mean_pool
 
 logger = logging.getLogger(__name__)
 
 ADAPTERS = ("linear", "mlp", "moe")
+
+
+@lru_cache(maxsize=2)
+def _sentence_encoder(model: str | None, max_length: int) -> SentenceEncoder:
+    """One loaded encoder per (model, max_length): building a module copies its top layers, not the checkpoint."""
+    return SentenceEncoder(model, max_length=max_length, progress=False)
 
 
 def standardize_features(embeddings: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -145,6 +162,41 @@ class MoEAdapter(nn.Module):
         return (outputs * weights.unsqueeze(-2)).sum(-1)
 
 
+class TextTower(nn.Module):
+    """The text encoder's last layers (copied from the pretrained model, trained and merged like every other
+    parameter) + attention-masked mean pooling (+ L2 norm): token states (n, T, d), zero at padding -> (n, d)."""
+
+    def __init__(self, layers: nn.ModuleList, normalize: bool) -> None:
+        super().__init__()
+        self.layers = layers
+        self.normalize = normalize
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        mask = states.abs().amax(dim=-1) > 0
+        used = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 1
+        states, mask = states[:, :used], mask[:, :used]
+        additive = (~mask)[:, None, None, :].to(states.dtype) * torch.finfo(states.dtype).min
+        for layer in self.layers:
+            out = layer(states, attention_mask=additive)
+            states = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
+        pooled = mean_pool(states, mask)
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+
+def token_features(embeddings: np.ndarray, states: np.ndarray) -> torch.Tensor:
+    """Item features when the text encoder's top layers are tuned, one (2 + T, d) slab per item: row 0 the catalog
+    mean and row 1 the catalog std of the pretrained embeddings (the z-score of :func:`standardize_features`,
+    kept fixed), rows 2.. the token states entering the tuned layers (zero at padding). Stacking catalogs row-wise
+    keeps each item's own catalog statistics."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    if states.ndim != 3 or states.shape[0] != x.shape[0] or states.shape[2] != x.shape[1]:
+        raise ValueError(f"token states of shape {states.shape} do not match embeddings of shape {x.shape}")
+    mean = x.mean(axis=0)
+    std = np.maximum(x.std(axis=0), 1e-6)
+    stats = np.broadcast_to(np.stack([mean, std]).astype(np.float32), (x.shape[0], 2, x.shape[1]))
+    return torch.from_numpy(np.concatenate([stats, states.astype(np.float32)], axis=1))
+
+
 class PreLNBlock(nn.Module):
     """Pre-LN Transformer block: ``x + Drop(MHA(LN(x)))`` then ``x + Drop(FFN(LN(x)))`` with a GELU FFN."""
 
@@ -189,6 +241,7 @@ class TextSASRec(nn.Module):
         n_experts: int,
         temperature: float,
         adapter_width: int = 512,
+        text_tower: TextTower | None = None,
     ) -> None:
         super().__init__()
         if adapter == "moe":
@@ -202,12 +255,32 @@ class TextSASRec(nn.Module):
         self.input_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(PreLNBlock(hidden, n_heads, ffn_mult, dropout) for _ in range(n_layers))
         self.final_norm = nn.LayerNorm(hidden)
+        self.text_tower = text_tower
         self.max_len = max_len
         self.temperature = temperature
 
+    def text_embeddings(self, item_features: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """Standardized item text embeddings (n_items, dim_in) the adapter reads.
+
+        Without a text tower these are the features themselves; with one, ``(tower(states) - mean) / std`` from the
+        :func:`token_features` layout (chunks of ``chunk`` items when no gradient is needed).
+        """
+        if self.text_tower is None:
+            return item_features
+        if item_features.ndim != 3:
+            raise ValueError(f"a model that tunes text-encoder layers needs token features (n, 2 + T, d), "
+                             f"got shape {tuple(item_features.shape)}")
+        mean, std = item_features[:, 0], item_features[:, 1]
+        if torch.is_grad_enabled():
+            pooled = self.text_tower(item_features[:, 2:])
+        else:
+            pooled = torch.cat([self.text_tower(item_features[i : i + chunk, 2:])
+                                for i in range(0, len(item_features), chunk)])
+        return (pooled - mean) / std
+
     def item_representations(self, item_features: torch.Tensor) -> torch.Tensor:
         """Adapter output ``e_i`` for every catalog item, (n_items, hidden)."""
-        return self.adapter(item_features)
+        return self.adapter(self.text_embeddings(item_features))
 
     def encode(self, seqs: torch.Tensor, items: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Hidden states (B, L', hidden) for right-aligned padded ``seqs``; all-padding leading columns are dropped.
@@ -267,6 +340,10 @@ class SequentialFamily(ModelFamily):
     n_negatives: int | None = None
     max_seconds: float | None = None
     device: str | None = None
+    encoder_layers: int = 0
+    text_model: str | None = None
+    text_max_length: int = 64
+    encoder_lr: float = 5e-5
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -293,12 +370,32 @@ class SequentialFamily(ModelFamily):
             raise ValueError(f"need n_layers >= 0 and 0 <= dropout < 1, got {self.n_layers}, {self.dropout}")
         if self.n_negatives is not None and self.n_negatives < 1:
             raise ValueError(f"n_negatives must be None (full softmax) or >= 1, got {self.n_negatives}")
+        if self.encoder_layers < 0 or self.text_max_length < 1 or not self.encoder_lr > 0:
+            raise ValueError(f"need encoder_layers >= 0, text_max_length >= 1 and encoder_lr > 0, got "
+                             f"{self.encoder_layers}, {self.text_max_length}, {self.encoder_lr}")
+
+    def text_encoder(self) -> SentenceEncoder:
+        """The sentence encoder whose top ``encoder_layers`` layers are tuned (``text_model``; None: MiniLM)."""
+        return _sentence_encoder(self.text_model, self.text_max_length)
+
+    def catalog_features(self, catalog: ItemCatalog, embeddings: Callable[[], np.ndarray]) -> torch.Tensor:
+        """:meth:`item_features` of the embeddings, or with ``encoder_layers > 0`` :func:`token_features` of the
+        catalog's texts through :meth:`text_encoder` (the scenario's own encoder is then not used)."""
+        if not self.encoder_layers:
+            return self.item_features(embeddings())
+        return token_features(*self.text_encoder().token_states(catalog.texts(), self.encoder_layers))
 
     def item_features(self, embeddings: np.ndarray) -> torch.Tensor:
         """Catalog-wise z-scored raw text embeddings (see :func:`standardize_features`)."""
         return torch.from_numpy(standardize_features(embeddings))
 
     def build(self, dim: int) -> nn.Module:
+        tower = None
+        if self.encoder_layers:
+            encoder = self.text_encoder()
+            if dim != encoder.dim:
+                raise FedmergeError(f"item features have width {dim}, the text encoder {encoder.model_source!r} {encoder.dim}")
+            tower = TextTower(encoder.top_layers(self.encoder_layers), normalize=encoder.normalize)
         return TextSASRec(
             dim_in=dim,
             hidden=self.hidden,
@@ -311,23 +408,31 @@ class SequentialFamily(ModelFamily):
             n_experts=self.n_experts,
             temperature=self.temperature,
             adapter_width=self.adapter_width,
+            text_tower=tower,
         )
 
     def parameter_groups(self, names: Iterable[str]) -> dict[str, list[str]]:
-        """Groups ``adapter``, ``position``, ``block.<i>`` (one per Transformer block) and ``final_norm``."""
+        """Groups ``adapter``, ``position``, ``block.<i>`` (one per Transformer block), ``final_norm`` and
+        ``text_tower.<i>`` (one per tuned text-encoder layer)."""
         groups: dict[str, list[str]] = {}
         for name in names:
             parts = name.split(".")
-            group = f"block.{parts[1]}" if parts[0] == "blocks" else parts[0]
+            if parts[0] == "blocks":
+                group = f"block.{parts[1]}"
+            elif parts[0] == "text_tower":
+                group = f"text_tower.{parts[2]}"
+            else:
+                group = parts[0]
             groups.setdefault(group, []).append(name)
         return groups
 
     def scorer(self, weights: StateDict, item_features: torch.Tensor, batch_size: int = 512) -> Scorer:
         """Like :meth:`ModelFamily.scorer`, but item representations are computed once and sequences are batched
         by length (little padding); rows come back in input order."""
-        module = self.load(weights, item_features.shape[1])
+        device = self.resolved_device()
+        module = self.load(weights, item_features.shape[-1]).to(device)
         with torch.no_grad():
-            items = module.item_representations(item_features)
+            items = module.item_representations(item_features.to(device=device, dtype=torch.float32))
 
         @torch.no_grad()
         def score(seqs: list[np.ndarray]) -> np.ndarray:
@@ -335,23 +440,47 @@ class SequentialFamily(ModelFamily):
             order = np.argsort([min(len(s), self.max_len) for s in seqs], kind="stable")
             for start in range(0, len(seqs), batch_size):
                 rows = order[start : start + batch_size]
-                padded = pad_sequences([seqs[r] for r in rows], self.max_len)
-                out[rows] = module.logits(module.encode(padded, items, last_only=True)[:, -1], items).float().numpy()
+                padded = pad_sequences([seqs[r] for r in rows], self.max_len).to(device)
+                out[rows] = module.logits(module.encode(padded, items, last_only=True)[:, -1], items).float().cpu().numpy()
             return out
 
         return score
 
-    def _device(self) -> torch.device:
+    def resolved_device(self) -> torch.device:
+        """``device``, else CUDA when present, else the CPU."""
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
+    def _training_device(self) -> torch.device:
+        """:meth:`_device`; tuning text-encoder layers refuses to fall back to the CPU unless ``device`` says so."""
+        device = self.resolved_device()
+        if self.encoder_layers and device.type == "cpu" and self.device is None:
+            raise FedmergeError(
+                f"encoder_layers={self.encoder_layers} fine-tunes the text encoder, which needs a CUDA device and "
+                "none is available; set encoder_layers=0 (cached text embeddings), or device='cpu' to force a slow run"
+            )
+        return device
+
     def _batch_loss(
-        self, module: TextSASRec, windows: list[np.ndarray], features: torch.Tensor, generator: torch.Generator
+        self,
+        module: TextSASRec,
+        windows: list[np.ndarray],
+        features: torch.Tensor,
+        generator: torch.Generator,
+        text_cache: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean next-item cross-entropy over all non-padding positions of a batch of windows."""
+        """Mean next-item cross-entropy over all non-padding positions of a batch of windows.
+
+        ``text_cache`` (with a text tower): the epoch's text embeddings of the whole catalog; the batch's own items
+        are recomputed through the tower with gradient and replace their rows (the rest act as fixed candidates).
+        """
         device = features.device
         inputs = pad_sequences([w[:-1] for w in windows], self.max_len).to(device)
         targets = pad_sequences([w[1:] for w in windows], self.max_len).to(device)
-        items = module.item_representations(features)
+        if text_cache is None:
+            items = module.item_representations(features)
+        else:
+            used = torch.unique(torch.cat([inputs[inputs != PAD], targets[targets != PAD]]))
+            items = module.adapter(text_cache.index_copy(0, used, module.text_embeddings(features[used])))
         hidden = module.encode(inputs, items)
         targets = targets[:, -hidden.shape[1] :]
         valid = targets != PAD
@@ -372,26 +501,30 @@ class SequentialFamily(ModelFamily):
         progress: bool = True,
     ) -> tuple[StateDict, dict[str, Any]]:
         """AdamW on all-position next-item loss from ``theta0``; early stopping on val NDCG@10; best weights."""
-        if item_features.ndim != 2 or item_features.shape[0] != domain.n_items:
+        if item_features.ndim != (3 if self.encoder_layers else 2) or item_features.shape[0] != domain.n_items:
             raise ValueError(
-                f"item_features has shape {tuple(item_features.shape)}, expected ({domain.n_items}, dim) "
+                f"item_features has shape {tuple(item_features.shape)}, expected ({domain.n_items}, "
+                f"{'2 + T, ' if self.encoder_layers else ''}dim) "
                 f"for domain {domain.name!r}"
             )
         windows = training_windows(domain.train, self.max_len)
         if not windows:
             raise FedmergeError(f"domain {domain.name!r} has no training sequence with two or more items")
-        device = self._device()
+        device = self._training_device()
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         sampler = torch.Generator().manual_seed(seed)
-        module = self.build(item_features.shape[1])
+        module = self.build(item_features.shape[-1])
         try:
             module.load_state_dict(theta0)
         except RuntimeError as err:
             raise FedmergeError(f"initial weights do not fit the sequential family's architecture: {err}") from err
         module.to(device)
         features = item_features.to(device=device, dtype=torch.float32)
-        optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        tower = [p for n, p in module.named_parameters() if n.startswith("text_tower.")]
+        rest = [p for n, p in module.named_parameters() if not n.startswith("text_tower.")]
+        optimizer = torch.optim.AdamW([{"params": rest}, {"params": tower, "lr": self.encoder_lr}],
+                                      lr=self.lr, weight_decay=self.weight_decay)
 
         start, cpu_start = time.perf_counter(), time.process_time()
         best_ndcg, best_epoch, best_weights = -math.inf, 0, copy.deepcopy(theta0)
@@ -400,11 +533,15 @@ class SequentialFamily(ModelFamily):
         lengths = np.array([len(w) for w in windows])
         bar = tqdm(total=self.max_epochs, desc=f"sequential {domain.name}", disable=not progress, unit="epoch")
         for epoch in range(1, self.max_epochs + 1):
+            text_cache = None
+            if module.text_tower is not None:  # candidates' text embeddings, refreshed once per epoch
+                with torch.no_grad():
+                    text_cache = module.eval().text_embeddings(features)
             module.train()
             loss_sum = 0.0
             for b, batch_indices in enumerate(length_buckets(lengths, self.batch_size, rng)):
                 batch = [windows[i] for i in batch_indices]
-                loss = self._batch_loss(module, batch, features, sampler)
+                loss = self._batch_loss(module, batch, features, sampler, text_cache)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

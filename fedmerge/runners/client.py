@@ -107,7 +107,7 @@ def item_features(cfg: Mapping[str, Any], catalog: ItemCatalog, family: ModelFam
     enc = cfg["encoder"]
     encoder = _encoder(enc["name"], tuple(sorted(enc["params"].items())))
     cache = EmbeddingCache(enc["cache_dir"]) if enc["cache_dir"] else None
-    return family.item_features(encode_catalog(encoder, catalog, cache=cache))
+    return family.catalog_features(catalog, lambda: encode_catalog(encoder, catalog, cache=cache))
 
 
 @lru_cache(maxsize=4)

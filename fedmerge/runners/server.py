@@ -77,7 +77,7 @@ def training_fingerprint(cfg: Mapping[str, Any]) -> str:
 def initial_weights(cfg: Mapping[str, Any]) -> StateDict:
     """θ₀: the family's seeded initialization for the encoder's feature width (identical on every party)."""
     family = family_of(cfg)
-    dim = item_features(cfg, load_catalog(cfg, training_domains(cfg)[0]), family).shape[1]
+    dim = item_features(cfg, load_catalog(cfg, training_domains(cfg)[0]), family).shape[-1]
     return family.initial_weights(dim, seed=int(cfg["run"]["seed"]))
 
 

@@ -11,12 +11,13 @@ cache, and a ``dim``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import inspect
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -160,33 +161,75 @@ class SentenceEncoder:
             raise FedmergeError(f"cannot load text encoder model {self.model_source!r}: {exc}") from exc
         logger.info("loaded text encoder %s on %s", self.model_source, self.device)
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed ``texts`` as float32 rows; batches are formed from texts of similar length to save padding."""
+    def _forward(
+        self, texts: list[str], order: np.ndarray, hidden_states: bool = False, desc: str | None = None
+    ) -> Iterator[tuple[np.ndarray, Any, torch.Tensor]]:
+        """(rows, model output, attention mask) for batches of ``texts`` taken in ``order``, without gradients."""
         import torch
         from tqdm.auto import tqdm
 
-        texts = list(texts)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if not texts:
-            return out
         self._load()
-        order = np.argsort([len(t) for t in texts], kind="stable")
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         with torch.inference_mode():
-            for rows in tqdm(batches, desc="encoding texts", unit="batch", disable=not self.progress):
-                tokens = self._tokenizer(
-                    [texts[i] for i in rows],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                ).to(self.device)
-                hidden = self._model(**tokens).last_hidden_state
-                pooled = mean_pool(hidden, tokens["attention_mask"])
-                if self.normalize:
-                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[rows] = pooled.float().cpu().numpy()
+            for rows in tqdm(batches, desc=desc, unit="batch", disable=not self.progress or desc is None):
+                tokens = self._tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                         max_length=self.max_length, return_tensors="pt").to(self.device)
+                yield rows, self._model(**tokens, output_hidden_states=hidden_states), tokens["attention_mask"]
+
+    def _sentence_rows(self, output: Any, attention_mask: torch.Tensor) -> np.ndarray:
+        """Masked mean pooling of the last hidden states, L2-normalized if ``normalize``."""
+        import torch
+
+        pooled = mean_pool(output.last_hidden_state, attention_mask)
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled.float().cpu().numpy()
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed ``texts`` as float32 rows; batches are formed from texts of similar length to save padding."""
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:  # nothing to embed: do not load the model
+            return out
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        for rows, output, mask in self._forward(texts, order, desc="encoding texts"):
+            out[rows] = self._sentence_rows(output, mask)
         return out
+
+    def token_states(self, texts: Sequence[str], top_layers: int) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings, states) for fine-tuning the encoder's last ``top_layers`` layers.
+
+        ``embeddings`` (n, dim) equal :meth:`encode`'s rows; ``states`` (n, T, dim) are the hidden states that enter
+        the last ``top_layers`` layers, zero at padding tokens (T: the longest tokenized text). Running
+        :meth:`top_layers` on them, then masked mean pooling (and the L2 norm) reproduces ``embeddings``.
+        """
+        texts = list(texts)
+        self._load()
+        n_layers = int(self._model.config.num_hidden_layers)
+        if not 1 <= top_layers <= n_layers:
+            raise ValueError(f"top_layers must be in [1, {n_layers}] for {self.model_source!r}, got {top_layers}")
+        lengths = [len(ids) for ids in self._tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
+        states = np.zeros((len(texts), max(lengths, default=1), self.dim), dtype=np.float32)
+        embeddings = np.zeros((len(texts), self.dim), dtype=np.float32)
+        order = np.argsort(lengths, kind="stable")
+        for rows, output, mask in self._forward(texts, order, hidden_states=True, desc="token states"):
+            cut = output.hidden_states[n_layers - top_layers] * mask.unsqueeze(-1)
+            states[rows, : cut.shape[1]] = cut.float().cpu().numpy()
+            embeddings[rows] = self._sentence_rows(output, mask)
+        return embeddings, states
+
+    def top_layers(self, count: int) -> torch.nn.ModuleList:
+        """A CPU copy of the encoder's last ``count`` Transformer layers (BERT/RoBERTa-style ``encoder.layer``)."""
+        import torch
+
+        self._load()
+        layers = getattr(getattr(self._model, "encoder", None), "layer", None)
+        if not isinstance(layers, torch.nn.ModuleList) or not 1 <= count <= len(layers):
+            raise FedmergeError(
+                f"cannot take the last {count} layer(s) of {self.model_source!r}: fine-tuning the text encoder needs a "
+                f"BERT-style model with encoder.layer ({'found ' + str(len(layers)) if layers is not None else 'none'})"
+            )
+        return copy.deepcopy(layers[len(layers) - count :]).cpu()
 
     def __repr__(self) -> str:
         return f"SentenceEncoder({self.identity!r})"
