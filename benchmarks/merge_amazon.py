@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--granularities", default="task,layer", help="MergeRec coefficient granularities")
     parser.add_argument("--mergerec-set", action="append", default=[], metavar="KEY=VALUE",
                         help="MergeRecConfig field, e.g. exclude_input_item=true, sampling='domain', item_refresh=25, "
-                        "temperature=0.1; repeatable (item_side defaults to 'frozen' here)")
+                        "temperature=0.1; repeatable")
     parser.add_argument("--baselines", default=",".join(TRAINING_FREE),
                         help="training-free methods to evaluate, comma-separated ('' for none)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
@@ -113,7 +113,7 @@ def main() -> None:
     root = args.data or default_amazon_root()
     cache = args.cache or default_cache_root().parent / "merge_amazon"
     family_params = parse_params(args.family_set, "--family-set")
-    mergerec_params = {"item_side": "frozen", **parse_params(args.mergerec_set, "--mergerec-set")}
+    mergerec_params = parse_params(args.mergerec_set, "--mergerec-set")
     family = get_family(args.family, **family_params)
     encoder = get_encoder(args.encoder)
 

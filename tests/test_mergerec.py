@@ -66,7 +66,8 @@ def setup(seed: int = 0):
     return family, theta0, models, features
 
 
-FAST = dict(steps=60, lr=0.05, progress=False, temperature=0.5, distill_weight=1.0)
+# the toy module has no item/sequence split, so it uses the exact (full) item side
+FAST = dict(steps=60, lr=0.05, progress=False, temperature=0.5, distill_weight=1.0, item_side="full")
 
 
 def test_distillation_loss_formula():
@@ -128,7 +129,7 @@ def test_merged_weights_follow_the_learned_coefficients():
 
 def test_zero_steps_returns_the_initialization():
     family, theta0, models, features = setup()
-    config = MergeRecConfig(init_method="ties", init_params={"density": 0.5}, steps=0, progress=False)
+    config = MergeRecConfig(init_method="ties", init_params={"density": 0.5}, steps=0, progress=False, item_side="full")
     merged, report = mergerec(family, theta0, models, features, config)
     assert report.initial_coefficient == 1.0  # MergeRec's TIES initialization
     reference = merge("ties", theta0, models, density=0.5)
@@ -199,7 +200,7 @@ def split_setup():
 def test_frozen_item_side_learns_item_coefficients_through_the_input_items():
     family, theta0, models, features = split_setup()
     layer = dict(FAST, granularity="layer", steps=20)
-    _, frozen = mergerec(family, theta0, models, features, MergeRecConfig(**layer, item_side="frozen"))
+    _, frozen = mergerec(family, theta0, models, features, MergeRecConfig(**{**layer, "item_side": "frozen"}))
     _, full = mergerec(family, theta0, models, features, MergeRecConfig(**layer))
     init = frozen.initial_coefficient
     # P gets a gradient from the pseudo-users' live input items only (the candidates are frozen), A as before
@@ -214,7 +215,7 @@ def test_frozen_item_side_learns_item_coefficients_through_the_input_items():
 def test_frozen_item_side_needs_a_split_module():
     family, theta0, models, features = setup()
     with pytest.raises(ValueError, match="item_representations.*lacks"):
-        mergerec(family, theta0, models, features, MergeRecConfig(**FAST, item_side="frozen"))
+        mergerec(family, theta0, models, features, MergeRecConfig(**{**FAST, "item_side": "frozen"}))
 
 
 def test_exclude_input_item_masks_the_pseudo_users_own_item():

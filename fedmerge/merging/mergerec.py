@@ -16,7 +16,7 @@
    ``exclude_input_item=True`` (not in the paper) removes item i from pseudo-user [i]'s teacher and student
    distributions: a text-similarity model ranks the input item itself first, which makes the pseudo-label trivial.
    The merged forward is ``torch.func.functional_call(module, θ(λ), (seqs, item_features))``, so gradients reach
-   only λ; by default (``item_side="full"``) the full module, item side included, runs on every step.
+   only λ; with ``item_side="full"`` the full module, item side included, runs on every step. The default
    ``item_side="frozen"`` (as MergeRec's released code does with its cached item embeddings) computes the
    catalog's candidate item representations once from the initial merged model, and again every
    ``item_refresh`` steps, without gradient; only the pseudo-users' own input items (B per step) go through the
@@ -74,7 +74,7 @@ class MergeRecConfig:
     seed: int = 0
     sampling: Literal["union", "domain"] = "union"
     logit_norm: Literal["none", "teacher_std"] = "none"
-    item_side: Literal["full", "frozen"] = "full"
+    item_side: Literal["full", "frozen"] = "frozen"
     exclude_input_item: bool = False  # drop item i from pseudo-user [i]'s teacher and student distributions
     item_refresh: int = 0  # with item_side="frozen": recompute item representations every this many steps (0: never)
     teacher_batch: int = 512

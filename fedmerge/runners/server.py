@@ -126,8 +126,9 @@ def _mergerec(
 ) -> tuple[StateDict, dict[str, Any]]:
     """MergeRec with task- or layer-wise coefficients, learned on pseudo-users from the public catalogs.
 
-    Runs default to ``item_side="frozen"`` (both families split their forward): with the full item side every step
-    re-encodes all catalogs with gradient, 6-7 minutes per 500 steps on Amazon on a 2-core CPU instead of ~15 s.
+    ``merge.mergerec`` keys are :class:`MergeRecConfig` fields (e.g. ``item_side="full"`` for the exact item side:
+    every step then re-encodes all catalogs with gradient, 6-7 minutes per 500 steps on Amazon on a 2-core CPU
+    instead of ~15 s for the default frozen candidates).
     """
     from dataclasses import asdict, fields
 
@@ -135,7 +136,7 @@ def _mergerec(
 
     family = family_of(cfg)
     features = {d: item_features(cfg, catalogs[d], family) for d in models}
-    params = {"seed": int(cfg["run"]["seed"]), "progress": bool(cfg["run"]["progress"]), "item_side": "frozen",
+    params = {"seed": int(cfg["run"]["seed"]), "progress": bool(cfg["run"]["progress"]),
               **cfg["merge"]["mergerec"], "granularity": granularity}
     valid = [f.name for f in fields(MergeRecConfig)]
     unknown = sorted(set(params) - set(valid))
