@@ -47,8 +47,8 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, ClassVar
 
 import numpy as np
