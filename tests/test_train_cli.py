@@ -72,3 +72,16 @@ def test_bad_parameter_is_one_line_error(domain_dir, tmp_path, capsys) -> None:
                  "--set", "lambda=3"]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "lambda" in err
+
+
+def test_train_sequential_tuning_the_text_encoder_ships_its_layers(domain_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(domain_dir), "--model", "sequential", "--out", str(out),
+                 "--set", "encoder_layers=1", "--set", "device=cpu", "--set", "hidden=16", "--set", "n_layers=1",
+                 "--set", "max_epochs=1", "--set", "max_len=10"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert metric_keys() <= set(report)
+    weights = load_file(out / "weights.safetensors")
+    tower = [name for name in weights if name.startswith("text_tower.layers.0.")]
+    assert tower and all(torch.isfinite(weights[name]).all() for name in tower)
