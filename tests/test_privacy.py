@@ -330,7 +330,8 @@ def test_mergerec_coefficient_cap_bounds_the_learned_coefficients(tiny_domain, f
     trained = family.train(theta0, members, features)[0]
     models = {"d0": trained, "d1": {k: v.clone() for k, v in trained.items()}}
     feats = {d: features for d in models}
-    base = dict(init_method="task_arithmetic", init_coefficient=0.3, lr=0.05, steps=40, progress=False)
+    base = dict(init_method="task_arithmetic", init_coefficient=0.3, lr=0.05, steps=40, progress=False,
+                item_side="full")  # the toy module has no item/sequence split
     _, free = mergerec(family, theta0, models, feats, MergeRecConfig(**base))
     cap = 0.35
     merged, capped = mergerec(family, theta0, models, feats, MergeRecConfig(**base, max_coefficient=cap))

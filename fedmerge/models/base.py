@@ -87,6 +87,11 @@ class ModelFamily(ABC):
         """
         return self.item_features(embeddings())
 
+    def feature_width(self, embedding_width: int) -> int:
+        """Width of :meth:`catalog_features` rows (the ``dim`` of :meth:`build`) for sentence embeddings of
+        ``embedding_width``, known without encoding any catalog; features keep the embedding width by default."""
+        return embedding_width
+
     @abstractmethod
     def build(self, dim: int) -> nn.Module:
         """A fresh module for item features of width ``dim``."""

@@ -378,6 +378,10 @@ class SequentialFamily(ModelFamily):
         """The sentence encoder whose top ``encoder_layers`` layers are tuned (``text_model``; None: MiniLM)."""
         return _sentence_encoder(self.text_model, self.text_max_length)
 
+    def feature_width(self, embedding_width: int) -> int:
+        """The tuned text encoder's width with ``encoder_layers > 0``, else ``embedding_width``."""
+        return self.text_encoder().dim if self.encoder_layers else embedding_width
+
     def catalog_features(self, catalog: ItemCatalog, embeddings: Callable[[], np.ndarray]) -> torch.Tensor:
         """:meth:`item_features` of the embeddings, or with ``encoder_layers > 0`` :func:`token_features` of the
         catalog's texts through :meth:`text_encoder` (the scenario's own encoder is then not used)."""

@@ -100,6 +100,13 @@ def family_of(cfg: Mapping[str, Any], extra_params: Mapping[str, Any] | None = N
     return get_family(cfg["model"]["family"], **params)
 
 
+def feature_width(cfg: Mapping[str, Any], family: ModelFamily) -> int:
+    """Width of the family's item features under the scenario's encoder; reads the encoder's config, encodes nothing
+    (θ₀ needs only this, so the server does not encode a whole catalog before the clients can start)."""
+    enc = cfg["encoder"]
+    return family.feature_width(int(_encoder(enc["name"], tuple(sorted(enc["params"].items()))).dim))
+
+
 def item_features(cfg: Mapping[str, Any], catalog: ItemCatalog, family: ModelFamily) -> torch.Tensor:
     """The family's input features for a catalog, from (cached) text embeddings."""
     from fedmerge.text import EmbeddingCache, encode_catalog

@@ -26,7 +26,7 @@ from fedmerge.data.domain import ItemCatalog
 from fedmerge.errors import FedmergeError
 from fedmerge.models import StateDict
 from fedmerge.runners import protocol
-from fedmerge.runners.client import family_of, item_features, load_catalog
+from fedmerge.runners.client import family_of, feature_width, item_features, load_catalog
 
 logger = logging.getLogger(__name__)
 MERGEREC_METHODS = {"mergerec_taskwise": "task", "mergerec_layerwise": "layer"}
@@ -77,8 +77,7 @@ def training_fingerprint(cfg: Mapping[str, Any]) -> str:
 def initial_weights(cfg: Mapping[str, Any]) -> StateDict:
     """θ₀: the family's seeded initialization for the encoder's feature width (identical on every party)."""
     family = family_of(cfg)
-    dim = item_features(cfg, load_catalog(cfg, training_domains(cfg)[0]), family).shape[-1]
-    return family.initial_weights(dim, seed=int(cfg["run"]["seed"]))
+    return family.initial_weights(feature_width(cfg, family), seed=int(cfg["run"]["seed"]))
 
 
 def fedavg_aggregate(updates: Mapping[str, StateDict], weights: Mapping[str, float]) -> StateDict:
