@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="family constructor parameter (Python literal), e.g. max_seconds=300; repeatable")
+                        help="family constructor parameter (TOML value), e.g. max_seconds=300; repeatable")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--markdown-out", type=Path, default=None, help="also write the printed report here")
     args = parser.parse_args()
