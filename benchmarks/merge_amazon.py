@@ -36,13 +36,7 @@ from fedmerge.storage import load_weights, read_metadata, save_weights
 from fedmerge.text import default_cache_root, encode_catalog, get_encoder
 
 logger = logging.getLogger("merge_amazon")
-TRAINING_FREE = {
-    "average": {},
-    "task_arithmetic": {},
-    "ties": {},
-    "dare": {},
-    "pcb": {},
-}
+TRAINING_FREE = ("average", "task_arithmetic", "ties", "dare", "pcb")  # each with its registry defaults
 
 
 def locate(root: Path, name: str) -> Path:
@@ -130,7 +124,7 @@ def main() -> None:
     candidates: dict[str, StateDict] = {"θ₀": theta0}
     candidates.update({f"individual {n}": w for n, w in individuals.items()})
     for method in (m.strip() for m in args.baselines.split(",") if m.strip()):
-        candidates[method] = merge(method, theta0, to_merge, **TRAINING_FREE.get(method, {}))
+        candidates[method] = merge(method, theta0, to_merge)
     timings: dict[str, dict] = {}
     for label, config in {
         f"MergeRec {granularity}-wise ({init} init)": MergeRecConfig(

@@ -37,16 +37,12 @@ def pad_sequences(seqs: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
 
 
 def stack_item_features(features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Several catalogs' item features stacked row-wise; any middle dimension (the token axis of 3-D token
-    features) is zero-padded to the largest, zero rows being padding there."""
-    longest = [max(f.shape[d] for f in features) for d in range(1, features[0].ndim - 1)]
-    padded = []
-    for f in features:
-        pad: list[int] = [0, 0]  # the last (feature) dimension is never padded
-        for d in range(f.ndim - 2, 0, -1):
-            pad += [0, longest[d - 1] - f.shape[d]]
-        padded.append(torch.nn.functional.pad(f, pad) if any(pad) else f)
-    return torch.cat(padded)
+    """Several catalogs' item features stacked row-wise; 3-D token features (n, T, d) are zero-padded along T to
+    the longest, zero rows being padding there."""
+    if all(f.ndim == 2 for f in features):
+        return torch.cat(list(features))
+    longest = max(f.shape[1] for f in features)
+    return torch.cat([torch.nn.functional.pad(f, (0, 0, 0, longest - f.shape[1])) for f in features])
 
 
 class Recommender(ABC):

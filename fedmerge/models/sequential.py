@@ -74,15 +74,20 @@ def _sentence_encoder(model: str | None, max_length: int) -> SentenceEncoder:
     return SentenceEncoder(model, max_length=max_length, progress=False)
 
 
-def standardize_features(embeddings: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Per-dimension z-score over the catalog: ``(x - mean) / max(std, eps)`` (raw MiniLM features train poorly)."""
+def catalog_statistics(embeddings: np.ndarray, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension ``(mean, max(std, eps))`` of a catalog's embeddings, float64; checks shape and finiteness."""
     x = np.asarray(embeddings, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"item embeddings must be a non-empty (n_items, dim) matrix, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError("item embeddings contain NaN or inf")
-    std = np.maximum(x.std(axis=0), eps)
-    return ((x - x.mean(axis=0)) / std).astype(np.float32)
+    return x.mean(axis=0), np.maximum(x.std(axis=0), eps)
+
+
+def standardize_features(embeddings: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Per-dimension z-score over the catalog: ``(x - mean) / max(std, eps)`` (raw MiniLM features train poorly)."""
+    mean, std = catalog_statistics(embeddings, eps)
+    return ((np.asarray(embeddings, dtype=np.float64) - mean) / std).astype(np.float32)
 
 
 def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -188,12 +193,11 @@ def token_features(embeddings: np.ndarray, states: np.ndarray) -> torch.Tensor:
     mean and row 1 the catalog std of the pretrained embeddings (the z-score of :func:`standardize_features`,
     kept fixed), rows 2.. the token states entering the tuned layers (zero at padding). Stacking catalogs row-wise
     keeps each item's own catalog statistics."""
-    x = np.asarray(embeddings, dtype=np.float64)
-    if states.ndim != 3 or states.shape[0] != x.shape[0] or states.shape[2] != x.shape[1]:
-        raise ValueError(f"token states of shape {states.shape} do not match embeddings of shape {x.shape}")
-    mean = x.mean(axis=0)
-    std = np.maximum(x.std(axis=0), 1e-6)
-    stats = np.broadcast_to(np.stack([mean, std]).astype(np.float32), (x.shape[0], 2, x.shape[1]))
+    mean, std = catalog_statistics(embeddings)
+    n, dim = len(embeddings), len(mean)
+    if states.ndim != 3 or states.shape[0] != n or states.shape[2] != dim:
+        raise ValueError(f"token states of shape {states.shape} do not match embeddings of shape {(n, dim)}")
+    stats = np.broadcast_to(np.stack([mean, std]).astype(np.float32), (n, 2, dim))
     return torch.from_numpy(np.concatenate([stats, states.astype(np.float32)], axis=1))
 
 
@@ -455,7 +459,7 @@ class SequentialFamily(ModelFamily):
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def _training_device(self) -> torch.device:
-        """:meth:`_device`; tuning text-encoder layers refuses to fall back to the CPU unless ``device`` says so."""
+        """:meth:`resolved_device`; tuning text-encoder layers refuses to fall back to the CPU unless ``device`` says so."""
         device = self.resolved_device()
         if self.encoder_layers and device.type == "cpu" and self.device is None:
             raise FedmergeError(

@@ -103,18 +103,23 @@ def family_of(cfg: Mapping[str, Any], extra_params: Mapping[str, Any] | None = N
 def feature_width(cfg: Mapping[str, Any], family: ModelFamily) -> int:
     """Width of the family's item features under the scenario's encoder; reads the encoder's config, encodes nothing
     (θ₀ needs only this, so the server does not encode a whole catalog before the clients can start)."""
-    enc = cfg["encoder"]
-    return family.feature_width(int(_encoder(enc["name"], tuple(sorted(enc["params"].items()))).dim))
+    return family.feature_width(int(scenario_encoder(cfg).dim))
 
 
 def item_features(cfg: Mapping[str, Any], catalog: ItemCatalog, family: ModelFamily) -> torch.Tensor:
     """The family's input features for a catalog, from (cached) text embeddings."""
     from fedmerge.text import EmbeddingCache, encode_catalog
 
-    enc = cfg["encoder"]
-    encoder = _encoder(enc["name"], tuple(sorted(enc["params"].items())))
-    cache = EmbeddingCache(enc["cache_dir"]) if enc["cache_dir"] else None
+    encoder = scenario_encoder(cfg)
+    cache_dir = cfg["encoder"]["cache_dir"]
+    cache = EmbeddingCache(cache_dir) if cache_dir else None
     return family.catalog_features(catalog, lambda: encode_catalog(encoder, catalog, cache=cache))
+
+
+def scenario_encoder(cfg: Mapping[str, Any]) -> Any:
+    """The scenario's text encoder (``encoder.name`` with ``encoder.params``), one instance per process."""
+    enc = cfg["encoder"]
+    return _encoder(enc["name"], tuple(sorted(enc["params"].items())))
 
 
 @lru_cache(maxsize=4)
