@@ -65,9 +65,13 @@ def simulate(scenario: str, overrides: list[str], engine: str, out_dir: Path) ->
         stderr_tail: list[str] = []
         reader = threading.Thread(target=lambda: stderr_tail.extend(proc.stderr), daemon=True)
         reader.start()
-        while proc.poll() is None:
+        while True:  # sample once a second; wait() returns as soon as the run ends, so wall time is not padded
             peak = max(peak, tree_pss_bytes(proc.pid))
-            time.sleep(1.0)
+            try:
+                proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         reader.join()
     wall = time.perf_counter() - start
     if proc.returncode != 0:
@@ -113,7 +117,8 @@ def main() -> None:
           + f"; {os.cpu_count()} CPUs")
     write_json_atomic(args.out / "flower_overhead.json", {
         "scenario": args.scenario, "overrides": args.overrides, "runs": runs, "median_wall_s": median,
-        "ratio_flower_over_inprocess": None if ratio is None else round(ratio, 3), "cpus": os.cpu_count(), "warmup": not args.no_warmup,
+        "ratio_flower_over_inprocess": None if ratio is None else round(ratio, 3), "cpus": os.cpu_count(),
+        "warmup": not args.no_warmup,
     })
 
 
