@@ -437,10 +437,20 @@ class SequentialFamily(ModelFamily):
     def scorer(self, weights: StateDict, item_features: torch.Tensor, batch_size: int = 512) -> Scorer:
         """Like :meth:`ModelFamily.scorer`, but item representations are computed once and sequences are batched
         by length (little padding); rows come back in input order."""
+        return self._module_scorer(*self._loaded(weights, item_features), batch_size)
+
+    def _loaded(self, weights: StateDict, item_features: torch.Tensor) -> tuple[TextSASRec, torch.Tensor]:
+        """An eval-mode module holding ``weights`` on :meth:`resolved_device`, and its catalog text embeddings."""
         device = self.resolved_device()
         module = self.load(weights, item_features.shape[-1]).to(device)
         with torch.no_grad():
-            items = module.item_representations(item_features.to(device=device, dtype=torch.float32))
+            return module, module.text_embeddings(item_features.to(device=device, dtype=torch.float32))
+
+    def _module_scorer(self, module: TextSASRec, text: torch.Tensor, batch_size: int = 512) -> Scorer:
+        """Scorer of an eval-mode ``module`` whose catalog text embeddings are ``text``."""
+        device = text.device
+        with torch.no_grad():
+            items = module.adapter(text)
 
         @torch.no_grad()
         def score(seqs: list[np.ndarray]) -> np.ndarray:
@@ -540,11 +550,11 @@ class SequentialFamily(ModelFamily):
         bad_epochs, out_of_time, loss_value = 0, False, float("nan")
         lengths = np.array([len(w) for w in windows])
         bar = tqdm(total=self.max_epochs, desc=f"sequential {domain.name}", disable=not progress, unit="epoch")
+        text_cache = None  # with a text tower: the candidates' text embeddings, refreshed once per epoch
+        if module.text_tower is not None:
+            with torch.no_grad():
+                text_cache = module.eval().text_embeddings(features)
         for epoch in range(1, self.max_epochs + 1):
-            text_cache = None
-            if module.text_tower is not None:  # candidates' text embeddings, refreshed once per epoch
-                with torch.no_grad():
-                    text_cache = module.eval().text_embeddings(features)
             module.train()
             loss_sum = 0.0
             for b, batch_indices in enumerate(length_buckets(lengths, self.batch_size, rng)):
@@ -559,7 +569,10 @@ class SequentialFamily(ModelFamily):
                     break
             loss_value = loss_sum / (b + 1)
             weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-            val = evaluate_scorer(self.scorer(weights, item_features.cpu()), domain, "val", max_len=self.max_len)
+            val_module, text = self._loaded(weights, features)
+            val = evaluate_scorer(self._module_scorer(val_module, text), domain, "val", max_len=self.max_len)
+            if text_cache is not None:
+                text_cache = text  # the next epoch starts from these very weights
             ndcg = val["ndcg@10"]
             curve.append({"epoch": epoch, "loss": loss_value, "val_ndcg@10": ndcg, "val_recall@10": val["recall@10"],
                           "seconds": time.perf_counter() - start,
