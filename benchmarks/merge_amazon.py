@@ -13,6 +13,7 @@ process's peak resident memory (``resource.getrusage``), with every setting need
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,7 +33,8 @@ from fedmerge.data.domain import Domain
 from fedmerge.merging import MergeRecConfig, merge, mergerec
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models import ModelFamily, StateDict, get_family
-from fedmerge.storage import load_weights, read_metadata, save_weights
+from fedmerge.runners.server import fedavg_aggregate
+from fedmerge.storage import load_weights, read_metadata, save_weights, weights_digest
 from fedmerge.text import default_cache_root, encode_catalog, get_encoder
 
 logger = logging.getLogger("merge_amazon")
@@ -50,9 +52,10 @@ def trained_weights(
     family: ModelFamily, theta0: StateDict, domain: Domain, features: torch.Tensor, cache: Path, seed: int
 ) -> tuple[StateDict, dict]:
     """(weights, training summary) of ``family.train`` from θ₀ on ``domain``, cached on disk keyed by family config,
-    θ₀ layout, domain and seed; the summary (scalars of the training info) is kept in the file's metadata."""
-    layout = {name: list(t.shape) for name, t in theta0.items()}  # a changed architecture invalidates the cache
-    key = json.dumps({"family": family.name, "config": family.config(), "layout": layout, "domain": domain.name,
+    θ₀ (layout and digest), domain and seed; the summary (scalars of the training info) is kept in the file's metadata."""
+    layout = {name: list(t.shape) for name, t in theta0.items()}
+    key = json.dumps({"family": family.name, "config": family.config(), "layout": layout,
+                      "theta0": weights_digest(theta0), "domain": domain.name,
                       "dim": int(features.shape[-1]), "seed": seed, "users": domain.n_users}, sort_keys=True, default=str)
     path = cache / f"{family.name}-{domain.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.exists():
@@ -65,6 +68,23 @@ def trained_weights(
     summary = {k: v for k, v in info.items() if isinstance(v, (int, float, bool, str))}
     save_weights(path, weights, metadata={"key": key, "summary": json.dumps(summary)})
     return weights, summary
+
+
+def warm_start(
+    family: ModelFamily, theta0: StateDict, domains: dict[str, Domain], features: dict[str, torch.Tensor],
+    rounds: int, epochs: int, cache: Path, seed: int,
+) -> StateDict:
+    """θ₀ after ``rounds`` FedAvg rounds (every domain trains ``epochs`` epochs from the current global weights; the
+    server averages weighted by users). Local training from it puts the domains' task vectors in one basin."""
+    if not hasattr(family, "max_epochs"):
+        raise SystemExit(f"--warm-start-rounds needs an iteratively trained family, not {family.name!r}")
+    local = dataclasses.replace(family, max_epochs=epochs, max_seconds=None)
+    theta = theta0
+    for r in range(1, rounds + 1):
+        updates = {n: trained_weights(local, theta, domains[n], features[n], cache, seed)[0] for n in domains}
+        theta = fedavg_aggregate(updates, {n: float(domains[n].n_users) for n in domains})
+        logger.info("warm start: FedAvg round %d of %d done", r, rounds)
+    return theta
 
 
 def evaluate(family: ModelFamily, weights: StateDict, domain: Domain, features: torch.Tensor) -> tuple[float, float]:
@@ -93,6 +113,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family-set", action="append", default=[], metavar="KEY=VALUE",
                         help="family constructor parameter (TOML value), e.g. max_seconds=300; repeatable")
+    parser.add_argument("--warm-start-rounds", type=int, default=0,
+                        help="FedAvg rounds on the merged domains before local training; their result is θ₀")
+    parser.add_argument("--warm-start-epochs", type=int, default=1, help="local epochs per warm-start round")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--markdown-out", type=Path, default=None, help="also write the printed report here")
     args = parser.parse_args()
@@ -116,6 +139,9 @@ def main() -> None:
                 for n, d in domains.items()}
     dim = int(next(iter(features.values())).shape[-1])
     theta0 = family.initial_weights(dim, seed=args.seed)
+    if args.warm_start_rounds:
+        theta0 = warm_start(family, theta0, {n: domains[n] for n in merged_names}, features,
+                            args.warm_start_rounds, args.warm_start_epochs, cache, args.seed)
     trained = {n: trained_weights(family, theta0, domains[n], features[n], cache, args.seed) for n in names}
     individuals = {n: weights for n, (weights, _) in trained.items()}
     training_info = {n: summary for n, (_, summary) in trained.items()}

@@ -9,6 +9,7 @@ safetensors metadata, so a run can re-merge from saved weights without retrainin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
@@ -89,6 +91,16 @@ def load_weights(path: str | Path) -> StateDict:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise DataError(f"weight file {path} is not a readable safetensors file: {exc}") from exc
+
+
+def weights_digest(weights: StateDict) -> str:
+    """Short sha256 over every tensor's name, dtype, shape and bytes (sorted by name): the weights' identity."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

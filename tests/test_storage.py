@@ -16,6 +16,7 @@ from fedmerge.storage import (
     load_weights,
     save_client_weights,
     safe_file_stem,
+    weights_digest,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -94,3 +95,16 @@ def test_safe_file_stem():
     assert safe_file_stem("..hidden") == "hidden"
     with pytest.raises(ValueError):
         safe_file_stem("...")
+
+
+def test_weights_digest_sees_values_shapes_dtypes_and_names_not_order():
+    weights = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(2)}
+    digest = weights_digest(weights)
+    assert digest == weights_digest({"b": torch.zeros(2), "a": weights["a"].clone()})  # order and copies: same
+    changed = [
+        {**weights, "a": weights["a"] + 1e-6},  # one value
+        {**weights, "a": weights["a"].reshape(3, 2)},  # same bytes, other shape
+        {**weights, "b": torch.zeros(2, dtype=torch.float64)},  # other dtype
+        {"a": weights["a"], "c": weights["b"]},  # other name
+    ]
+    assert len({digest, *(weights_digest(w) for w in changed)}) == 1 + len(changed)
