@@ -31,6 +31,7 @@ from fedmerge.data import load_domain
 from fedmerge.data.amazon import default_amazon_root
 from fedmerge.data.domain import Domain
 from fedmerge.merging import MergeRecConfig, apply_delta, merge, mergerec, task_vectors
+from fedmerge.merging.mergerec import group_index
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models import ModelFamily, StateDict, get_family
 from fedmerge.runners.server import fedavg_aggregate
@@ -87,33 +88,46 @@ def warm_start(
     return theta
 
 
-def oracle_taskwise(
+def oracle_coefficients(
     family: ModelFamily, theta0: StateDict, models: dict[str, StateDict], domains: dict[str, Domain],
-    features: dict[str, torch.Tensor], grid: list[float], sweeps: int,
-) -> tuple[StateDict, dict[str, float], float]:
-    """Coordinate search of task-wise λ in θ₀ + Σ_k λ_k τ_k for the best mean validation Recall@10 over the merged
+    features: dict[str, torch.Tensor], grid: list[float], sweeps: int, granularity: str,
+) -> tuple[StateDict, dict[str, dict[str, float]], float]:
+    """Coordinate search of λ in θ₀ + Σ_k λ_k,g(p) τ_k[p] for the best mean validation Recall@10 over the merged
     domains' real users. Not data-isolated (it reads every domain's validation users): a diagnostic upper bound for
-    what task-wise coefficients (MergeRec task-wise) can reach. Starts at λ_k = 0.3 (task arithmetic)."""
+    what MergeRec's coefficients can reach. Starts at λ = 0.3 (task arithmetic); ``sweeps`` passes over one λ per
+    domain, then, for ``granularity="layer"``, ``sweeps`` more over each (domain, parameter group) cell."""
     names, stacks = task_vectors(theta0, models)
+    groups, column = group_index(family, list(theta0), granularity)
 
-    def merged(lam: list[float]) -> StateDict:
-        return apply_delta(theta0, {p: torch.tensordot(torch.tensor(lam), stack, dims=1) for p, stack in stacks.items()})
+    def merged(lam: torch.Tensor) -> StateDict:
+        return apply_delta(theta0, {p: torch.tensordot(lam[:, column[p]], stack, dims=1) for p, stack in stacks.items()})
 
-    def score(lam: list[float]) -> float:
+    def score(lam: torch.Tensor) -> float:
         weights = merged(lam)
         return float(np.mean([evaluate_scorer(family.scorer(weights, features[n]), domains[n], "val", ks=(10,))
                               ["recall@10"] for n in names]))
 
-    best = [0.3] * len(names)
+    rows, cols = range(len(names)), range(len(groups))
+    stages = [("task", [[(k, g) for g in cols] for k in rows])]
+    if granularity == "layer":
+        stages.append(("layer", [[(k, g)] for k in rows for g in cols]))
+    best = torch.full((len(names), len(groups)), 0.3)
     best_score = score(best)
-    for sweep in range(sweeps):
-        for k in range(len(names)):
-            for value in grid:
-                trial = best[:k] + [value] + best[k + 1 :]
-                if trial != best and (trial_score := score(trial)) > best_score:
-                    best, best_score = trial, trial_score
-            logger.info("oracle sweep %d, %s: λ %s, val R@10 %.4f", sweep + 1, names[k], best, best_score)
-    return merged(best), dict(zip(names, best)), best_score
+    for stage, coordinates in stages:
+        for sweep in range(sweeps):
+            for cells in coordinates:
+                for value in grid:
+                    trial = best.clone()
+                    for cell in cells:
+                        trial[cell] = value
+                    if not torch.equal(trial, best) and (trial_score := score(trial)) > best_score:
+                        best, best_score = trial, trial_score
+                k, g = cells[0]
+                logger.info("oracle %s sweep %d, %s: λ %s, val R@10 %.4f", stage, sweep + 1,
+                            names[k] if stage == "task" else f"{names[k]}/{groups[g]}",
+                            [[round(v, 2) for v in row] for row in best.tolist()], best_score)
+    coefficients = {n: dict(zip(groups, best[k].tolist())) for k, n in enumerate(names)}
+    return merged(best), coefficients, best_score
 
 
 def evaluate(family: ModelFamily, weights: StateDict, domain: Domain, features: torch.Tensor) -> tuple[float, float]:
@@ -148,7 +162,9 @@ def main() -> None:
     parser.add_argument("--oracle-grid", default="",
                         help="comma-separated λ values: also run a coordinate search of task-wise λ on the real "
                         "validation users (a non-private upper bound for task-wise merging), e.g. 0,0.25,0.5,0.75,1")
-    parser.add_argument("--oracle-sweeps", type=int, default=2)
+    parser.add_argument("--oracle-sweeps", type=int, default=2, help="oracle passes per stage")
+    parser.add_argument("--oracle-granularity", default="task", choices=["task", "layer"],
+                        help="oracle coefficients: one per domain, or then refined per domain and parameter group")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--markdown-out", type=Path, default=None, help="also write the printed report here")
     args = parser.parse_args()
@@ -203,9 +219,9 @@ def main() -> None:
         logger.info("%s: %s", label, timings[label])
     if args.oracle_grid:
         grid = [float(v) for v in args.oracle_grid.split(",")]
-        label = "oracle task-wise λ (real val users; not private)"
-        candidates[label], coefficients, val_recall = oracle_taskwise(
-            family, theta0, to_merge, domains, features, grid, args.oracle_sweeps)
+        label = f"oracle {args.oracle_granularity}-wise λ (real val users; not private)"
+        candidates[label], coefficients, val_recall = oracle_coefficients(
+            family, theta0, to_merge, domains, features, grid, args.oracle_sweeps, args.oracle_granularity)
         timings[label] = {"coefficients": coefficients, "val_recall@10": round(val_recall, 4)}
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
