@@ -30,8 +30,8 @@ from fedmerge.config import parse_params
 from fedmerge.data import load_domain
 from fedmerge.data.amazon import default_amazon_root
 from fedmerge.data.domain import Domain
-from fedmerge.merging import MergeRecConfig, apply_delta, merge, mergerec, task_vectors
-from fedmerge.merging.mergerec import group_index
+from fedmerge.merging import MergeRecConfig, merge, mergerec, task_vectors
+from fedmerge.merging.mergerec import group_index, merged_parameters
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models import ModelFamily, StateDict, get_family
 from fedmerge.runners.server import fedavg_aggregate
@@ -98,9 +98,10 @@ def oracle_coefficients(
     domain, then, for ``granularity="layer"``, ``sweeps`` more over each (domain, parameter group) cell."""
     names, stacks = task_vectors(theta0, models)
     groups, column = group_index(family, list(theta0), granularity)
+    base = {p: t.detach().float() for p, t in theta0.items()}
 
     def merged(lam: torch.Tensor) -> StateDict:
-        return apply_delta(theta0, {p: torch.tensordot(lam[:, column[p]], stack, dims=1) for p, stack in stacks.items()})
+        return {p: t.to(theta0[p].dtype) for p, t in merged_parameters(base, stacks, lam, column).items()}
 
     def score(lam: torch.Tensor) -> float:
         weights = merged(lam)
@@ -160,8 +161,8 @@ def main() -> None:
                         help="FedAvg rounds on the merged domains before local training; their result is θ₀")
     parser.add_argument("--warm-start-epochs", type=int, default=1, help="local epochs per warm-start round")
     parser.add_argument("--oracle-grid", default="",
-                        help="comma-separated λ values: also run a coordinate search of task-wise λ on the real "
-                        "validation users (a non-private upper bound for task-wise merging), e.g. 0,0.25,0.5,0.75,1")
+                        help="comma-separated λ values: also run a coordinate search of merge coefficients on the "
+                        "real validation users (a non-private upper bound for MergeRec), e.g. 0,0.25,0.5,0.75,1")
     parser.add_argument("--oracle-sweeps", type=int, default=2, help="oracle passes per stage")
     parser.add_argument("--oracle-granularity", default="task", choices=["task", "layer"],
                         help="oracle coefficients: one per domain, or then refined per domain and parameter group")
@@ -217,12 +218,13 @@ def main() -> None:
             "loss_first_last": [report.loss_curve[0], report.loss_curve[-1]] if report.loss_curve else [],
         }
         logger.info("%s: %s", label, timings[label])
+    oracle: dict[str, dict] = {}
     if args.oracle_grid:
         grid = [float(v) for v in args.oracle_grid.split(",")]
         label = f"oracle {args.oracle_granularity}-wise λ (real val users; not private)"
         candidates[label], coefficients, val_recall = oracle_coefficients(
             family, theta0, to_merge, domains, features, grid, args.oracle_sweeps, args.oracle_granularity)
-        timings[label] = {"coefficients": coefficients, "val_recall@10": round(val_recall, 4)}
+        oracle[label] = {"coefficients": coefficients, "val_recall@10": round(val_recall, 4)}
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     results: dict[str, dict[str, tuple[float, float]]] = {}
@@ -251,11 +253,10 @@ def main() -> None:
         lines.append(row(label, cells))
     lines.append("")
     for label, t in timings.items():
-        if "optimization_seconds" in t:
-            lines.append(f"- {label}: {args.steps} steps in {t['optimization_seconds']} s "
-                         f"(teacher scores {t['teacher_seconds']} s); coefficients `{json.dumps(t['coefficients'])}`")
-        else:
-            lines.append(f"- {label}: coefficients `{json.dumps(t['coefficients'])}`, mean val R@10 {t['val_recall@10']}")
+        lines.append(f"- {label}: {args.steps} steps in {t['optimization_seconds']} s "
+                     f"(teacher scores {t['teacher_seconds']} s); coefficients `{json.dumps(t['coefficients'])}`")
+    for label, o in oracle.items():
+        lines.append(f"- {label}: coefficients `{json.dumps(o['coefficients'])}`, mean val R@10 {o['val_recall@10']}")
     lines.append(f"- peak resident memory of the process: {peak_mib:.0f} MiB; torch threads: {torch.get_num_threads()}; "
                  f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     lines.append(f"- family `{args.family}` settings: `{json.dumps(family.config(), default=str)}`")
@@ -267,7 +268,7 @@ def main() -> None:
         args.markdown_out.parent.mkdir(parents=True, exist_ok=True)
         args.markdown_out.write_text(report_text + "\n")
     if args.json_out:
-        args.json_out.write_text(json.dumps({"results": results, "timings": timings, "peak_mib": peak_mib,
+        args.json_out.write_text(json.dumps({"results": results, "timings": timings, "oracle": oracle, "peak_mib": peak_mib,
                                              "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
 
 
