@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from fedmerge.merging import merge
-from fedmerge.merging.mergerec import MergeRecConfig, distillation_loss, mergerec
+from fedmerge.merging.mergerec import (
+    MergeRecConfig,
+    PseudoUsers,
+    distillation_loss,
+    mask_items,
+    mergerec,
+    teacher_rollouts,
+)
 from fedmerge.models.base import PAD, ModelFamily
 
 
@@ -219,10 +226,8 @@ def test_frozen_item_side_needs_a_split_module():
 
 
 def test_exclude_input_item_masks_the_pseudo_users_own_item():
-    from fedmerge.merging.mergerec import mask_input_item
-
     scores = torch.tensor([[3.0, 1.0, 2.0], [0.5, 4.0, 1.0]])
-    masked = mask_input_item(scores, torch.tensor([0, 1]))
+    masked = mask_items(scores, torch.tensor([[0], [1]]))
     assert masked[0, 0] < -1e3 and masked[1, 1] < -1e3
     assert torch.equal(masked[0, 1:], scores[0, 1:]) and masked[1, 0] == scores[1, 0]
     # the masked loss is finite and its pseudo-label is the best other item
@@ -232,3 +237,65 @@ def test_exclude_input_item_masks_the_pseudo_users_own_item():
     family, theta0, models, features = setup()
     _, report = mergerec(family, theta0, models, features, MergeRecConfig(**FAST, exclude_input_item=True))
     assert all(np.isfinite(report.loss_curve))
+
+
+def test_mask_items_masks_every_item_of_a_padded_row_and_nothing_else():
+    scores = torch.arange(10.0).view(2, 5)
+    masked = mask_items(scores, torch.tensor([[PAD, 3, 1], [4, 0, 2]]))
+    expected = scores.clone()
+    expected[0, [3, 1]] = expected[1, [4, 0, 2]] = -1e4
+    torch.testing.assert_close(masked, expected)
+
+
+def test_teacher_rollouts_are_greedy_decodes_without_repeats():
+    family, _, models, features = setup()
+    scorer = family.scorer(models["x"], features["x"])
+    n = len(features["x"])
+    first = torch.from_numpy(scorer([np.array([i]) for i in range(n)]))
+    rollouts = teacher_rollouts(first, scorer, 3)
+    assert rollouts.shape == (n, 3) and torch.equal(rollouts[:, 0], torch.arange(n))
+    for row in rollouts.tolist():
+        assert len(set(row)) == 3
+        for k in (1, 2):  # each next item is the teacher's best item outside the prefix
+            scores = scorer([np.array(row[:k])])[0]
+            scores[row[:k]] = -np.inf
+            assert row[k] == int(scores.argmax())
+    assert torch.equal(teacher_rollouts(first, scorer, 1), torch.arange(n).view(-1, 1))
+    with pytest.raises(ValueError, match="exceeds the catalog"):
+        teacher_rollouts(first, scorer, n + 1)
+
+
+def test_pseudo_users_are_right_aligned_prefixes_scored_by_their_teacher():
+    family, _, models, features = setup()
+    scorer = family.scorer(models["x"], features["x"])
+    n = len(features["x"])
+    first = torch.from_numpy(scorer([np.array([i]) for i in range(n)]))
+    pseudo = PseudoUsers([teacher_rollouts(first, scorer, 3)], [first], [scorer], [2.0])
+    domain_of, items, lengths = torch.zeros(3, dtype=torch.long), torch.tensor([4, 4, 0]), torch.tensor([1, 3, 2])
+    seqs = pseudo.sequences(domain_of, items, lengths)
+    r4, r0 = pseudo.rollouts[0][4].tolist(), pseudo.rollouts[0][0].tolist()
+    assert seqs.tolist() == [[PAD, PAD, 4], r4, [PAD, *r0[:2]]]
+    teacher = pseudo.teacher(0, items, lengths)
+    torch.testing.assert_close(teacher[0], first[4])  # one-item rows come from the table as stored
+    torch.testing.assert_close(teacher[1], torch.from_numpy(scorer([np.array(r4)])[0]) / 2.0)
+    torch.testing.assert_close(teacher[2], torch.from_numpy(scorer([np.array(r0[:2])])[0]) / 2.0)
+    gen = torch.Generator().manual_seed(0)
+    d, i, k = pseudo.draw(gen, 2000, "union")
+    assert set(k.tolist()) == {1, 2, 3} and int(i.max()) == n - 1 and not d.any()
+
+
+def test_rollout_pseudo_users_favour_the_teacher_domain_and_are_deterministic():
+    family, theta0, models, features = setup()
+    teachers = {d: models["y"] for d in models}
+    config = MergeRecConfig(**FAST, pseudo_user_length=3, exclude_input_item=True)
+    _, report = mergerec(family, theta0, models, features, config, teachers=teachers)
+    _, again = mergerec(family, theta0, models, features, config, teachers=teachers)
+    assert report.loss_curve == again.loss_curve
+    c = report.coefficients
+    assert c["y"]["all"] > c["x"]["all"] + 0.1 and c["y"]["all"] > c["z"]["all"] + 0.1
+    # the one-item path is the same as before rollouts existed: L = 1 draws and scores exactly the paper's users
+    _, one = mergerec(family, theta0, models, features, MergeRecConfig(**FAST, pseudo_user_length=1))
+    _, default = mergerec(family, theta0, models, features, MergeRecConfig(**FAST))
+    assert one.loss_curve == default.loss_curve
+    with pytest.raises(ValueError, match="exceeds 'tiny'"):
+        mergerec(family, theta0, models, features, MergeRecConfig(**FAST, pseudo_user_length=4))

@@ -1,4 +1,4 @@
-"""MergeRec's fast paths on the real families: one-column pseudo-users, the cross-domain frozen sequence side, and
+"""MergeRec's fast paths on the real families: L-column pseudo-users, the cross-domain frozen sequence side, and
 text-LAE's split forward, each checked against the plain computation it replaces."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedmerge.data.domain import interaction_matrix
-from fedmerge.merging.mergerec import MergeRecConfig, SequenceSide, mergerec, one_item_batch
+from fedmerge.merging.mergerec import MergeRecConfig, SequenceSide, mergerec
 from fedmerge.models.base import pad_sequences
 from fedmerge.models.sequential import SequentialFamily
 from fedmerge.models.text_lae import TextLAEFamily
@@ -39,17 +39,17 @@ def test_text_lae_forward_is_x_e_w_et_with_repeats_and_padding():
 
 
 @pytest.mark.parametrize("family", [TextLAEFamily(), SequentialFamily(hidden=16, n_layers=2, n_heads=2, max_len=7)])
-def test_one_column_pseudo_users_score_like_padded_sequences(family):
+def test_short_pseudo_user_batches_score_like_max_len_padded_sequences(family):
     gen = torch.Generator().manual_seed(1)
     features = torch.randn(11, 8, generator=gen)
     theta0 = family.initial_weights(8, seed=0)
     weights = perturbed_models(theta0, 0.1, seed=2)["a"]
     module = family.load(weights, 8)
-    items = torch.tensor([0, 4, 10, 4])
+    seqs = [np.array([0]), np.array([4, 10]), np.array([10, 4, 4]), np.array([4])]
     with torch.no_grad():
-        padded = module(pad_sequences([np.array([int(i)]) for i in items], family.max_len), features)
-        one_column = module(one_item_batch(items), features)
-    torch.testing.assert_close(one_column, padded, rtol=1e-5, atol=1e-5)
+        padded = module(pad_sequences(seqs, family.max_len), features)
+        three_columns = module(pad_sequences(seqs, 3), features)
+    torch.testing.assert_close(three_columns, padded, rtol=1e-5, atol=1e-5)
 
 
 def test_sequence_side_over_the_union_scores_each_row_against_its_own_catalog():
@@ -66,7 +66,8 @@ def test_sequence_side_over_the_union_scores_each_row_against_its_own_catalog():
         parts = [(d, (domain_of == d).nonzero().flatten()) for d in (0, 1, 2)]
         offsets = torch.tensor([b[0] for b in bounds])
         input_features = torch.cat(catalogs)[local + offsets[domain_of]]
-        scores = SequenceSide(module)(input_features, union, bounds, parts)
+        one_column = torch.arange(len(local)).view(-1, 1)
+        scores = SequenceSide(module)(input_features, one_column, union, bounds, parts)
         for (d, rows), got in zip(parts, scores):
             seqs = pad_sequences([np.array([int(i)]) for i in local[rows]], family.max_len)
             expected = module.logits(module.encode(seqs, reps[d])[:, -1], reps[d])
@@ -85,3 +86,20 @@ def test_text_lae_frozen_item_side_learns_the_same_coefficients_as_the_full_forw
     assert full.loss_curve[-1] < full.loss_curve[0]  # the coefficients did move
     for d in "abc":
         np.testing.assert_allclose(frozen.coefficients[d]["W"], full.coefficients[d]["W"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", [TextLAEFamily(), SequentialFamily(hidden=16, n_layers=1, n_heads=2, max_len=5)])
+def test_rollout_pseudo_users_frozen_item_side_matches_the_full_forward_at_the_first_step(family):
+    """With L = 3 the frozen path gathers the prefixes' items from the union catalog; its first loss (item side not
+    yet moved) must equal the full forward's, and both must learn."""
+    gen = torch.Generator().manual_seed(7)
+    theta0 = family.initial_weights(6)
+    models = perturbed_models(theta0, 0.2, seed=8)
+    features = {d: torch.randn(n, 6, generator=gen) for d, n in zip("abc", (8, 5, 10))}
+    config = dict(steps=15, lr=0.05, temperature=0.5, distill_weight=1.0, progress=False, granularity="layer",
+                  pseudo_user_length=3, exclude_input_item=True)
+    _, full = mergerec(family, theta0, models, features, MergeRecConfig(item_side="full", **config))
+    _, frozen = mergerec(family, theta0, models, features, MergeRecConfig(item_side="frozen", **config))
+    assert frozen.loss_curve[0] == pytest.approx(full.loss_curve[0], rel=1e-4)
+    for report in (full, frozen):
+        assert np.mean(report.loss_curve[-5:]) < np.mean(report.loss_curve[:5])

@@ -4,7 +4,10 @@
    τ̃_k; the merged model is θ(λ) = θ₀ + Σ_k λ_k ⊙ τ̃_k.
 2. **Pseudo-users** - for every domain d and each catalog item i of d, the one-item sequence [i]. No real
    interaction is used. Domain d's teacher is its fine-tuned model θ_d: its scores t ∈ R^{n_d} of pseudo-user
-   [i] over d's items, computed once.
+   [i] over d's items, computed once. ``pseudo_user_length`` L > 1 (not in the paper) adds longer pseudo-users,
+   still without any real interaction: d's teacher rolls out greedily from every item i, [i, t_1, …, t_{L-1}]
+   with t_k its top item not yet in the sequence, and every prefix of length 1..L is a pseudo-user. One-item
+   sequences carry no signal about positions or attention across items; rollout prefixes do.
 3. **Collaborative merge optimization** - learnable λ, one scalar per domain (``task``) or one per domain and
    parameter group (``layer``, groups from ``family.parameter_groups``). For a pseudo-user of domain d with
    merged scores s over d's items (both s and t optionally divided by σ_d, the std of d's teacher scores):
@@ -13,23 +16,23 @@
 
    averaged over a batch of pseudo-users drawn uniformly from the union of all domains' pseudo-users
    (``sampling="union"``, batches mix domains) or from one uniformly drawn domain per step (``"domain"``).
-   ``exclude_input_item=True`` (not in the paper) removes item i from pseudo-user [i]'s teacher and student
+   ``exclude_input_item=True`` (not in the paper) removes a pseudo-user's own items from its teacher and student
    distributions: a text-similarity model ranks the input item itself first, which makes the pseudo-label trivial.
    The merged forward is ``torch.func.functional_call(module, θ(λ), (seqs, item_features))``, so gradients reach
    only λ; with ``item_side="full"`` the full module, item side included, runs on every step. The default
    ``item_side="frozen"`` (as MergeRec's released code does with its cached item embeddings) computes the
    catalog's candidate item representations once from the initial merged model, and again every
-   ``item_refresh`` steps, without gradient; only the pseudo-users' own input items (B per step) go through the
+   ``item_refresh`` steps, without gradient; only the pseudo-users' own input items (B·L per step) go through the
    merged item side live, so item-side coefficients still learn from the query side. It needs a module that
    splits its forward into ``item_representations(item_features)``, ``encode(seqs, items)`` and ``logits(hidden, items)`` (the
    sequential family's TextSASRec does). With a Transformer over 12k-item catalogs this is the difference between
    seconds and hours per 500 steps on a 2-core CPU. The frozen item representations of all domains are stacked
    into one union catalog, so each step runs the sequence side once for the whole mixed-domain batch.
 
-Pseudo-user batches are (B, 1): a one-item sequence right-aligned in ``max_len`` columns is all padding but its
-last column, and the families read padded sequences right-aligned and ignore padding (a set for text-LAE, leading
-all-padding columns dropped by the causal Transformer), so one column gives the same scores at a fraction of the
-cost.
+Pseudo-user batches are (B, L), not (B, max_len): a sequence of at most L items right-aligned in ``max_len``
+columns is all padding before its last L columns, and the families read padded sequences right-aligned and ignore
+padding (a set for text-LAE, leading all-padding columns dropped by the causal Transformer), so L columns give the
+same scores at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from fedmerge.merging.methods import processed_task_vectors
-from fedmerge.models.base import ModelFamily, StateDict, stack_item_features
+from fedmerge.metrics import Scorer
+from fedmerge.models.base import PAD, ModelFamily, StateDict, stack_item_features
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +79,8 @@ class MergeRecConfig:
     sampling: Literal["union", "domain"] = "union"
     logit_norm: Literal["none", "teacher_std"] = "none"
     item_side: Literal["full", "frozen"] = "frozen"
-    exclude_input_item: bool = False  # drop item i from pseudo-user [i]'s teacher and student distributions
+    exclude_input_item: bool = False  # drop the pseudo-user's own items from its teacher and student distributions
+    pseudo_user_length: int = 1  # L: pseudo-users are the prefixes of length 1..L of teacher rollouts (1: the paper)
     item_refresh: int = 0  # with item_side="frozen": recompute item representations every this many steps (0: never)
     teacher_batch: int = 512
     progress: bool = True
@@ -94,6 +99,7 @@ class MergeRecConfig:
             "steps": self.steps >= 0,
             "max_coefficient": self.max_coefficient is None or self.max_coefficient > 0,
             "teacher_batch": self.teacher_batch >= 1,
+            "pseudo_user_length": self.pseudo_user_length >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -135,23 +141,81 @@ def distillation_loss(
 EXCLUDED_SCORE = -1e4
 
 
-def mask_input_item(scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """Scores with each row's input item set to a large finite negative value (zero softmax mass, finite KL)."""
-    return scores.scatter(1, items.view(-1, 1), EXCLUDED_SCORE)
+def mask_items(scores: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
+    """Scores with each row's own items (the non-padding entries of right-aligned ``seqs`` (B, L)) set to a large
+    finite negative value: zero softmax mass, finite KL."""
+    filled = torch.where(seqs == PAD, seqs[:, -1:], seqs)  # the last column of a right-aligned row is an item
+    return scores.scatter(1, filled, EXCLUDED_SCORE)
 
 
-def one_item_batch(items: torch.Tensor) -> torch.Tensor:
-    """(B, 1) batch of the pseudo-user sequences [i] for ``items`` (see the module docstring for why one column)."""
-    return items.reshape(-1, 1).to(torch.long)
+def teacher_rollouts(one_item_scores: torch.Tensor, scorer: Scorer, length: int) -> torch.Tensor:
+    """(n, length) greedy rollouts of a domain's teacher from each of its items: row i = [i, t_1, …, t_{L-1}] with
+    t_k the teacher's top item not yet in the row after the prefix [i, t_1, …, t_{k-1}].
+
+    ``one_item_scores`` are the teacher's scores of the one-item prefixes (row i: pseudo-user [i]); each further
+    position costs one pass of ``scorer`` over the n prefixes.
+    """
+    n = one_item_scores.shape[0]
+    if length > n:
+        raise ValueError(f"pseudo_user_length {length} exceeds the catalog's {n} items")
+    rows = torch.arange(n).view(-1, 1)
+    scores = one_item_scores
+    while rows.shape[1] < length:
+        rows = torch.cat([rows, mask_items(scores, rows).argmax(dim=1, keepdim=True)], dim=1)
+        if rows.shape[1] < length:
+            scores = torch.from_numpy(scorer(list(rows.numpy()))).float()
+    return rows
 
 
-def teacher_scores(
-    family: ModelFamily, weights: StateDict, item_features: torch.Tensor, batch_size: int
-) -> torch.Tensor:
-    """(n_items, n_items) scores of domain d's model for every pseudo-user [i] of d, computed in chunks."""
-    n_items = item_features.shape[0]
-    scorer = family.scorer(weights, item_features, batch_size=batch_size)
-    return torch.from_numpy(scorer([np.array([i]) for i in range(n_items)])).float()
+@dataclass
+class PseudoUsers:
+    """Every domain's pseudo-users and their teachers' scores of them.
+
+    ``rollouts[d]`` is (n_d, L): row i is domain d's teacher rollout [i, t_1, …, t_{L-1}], and pseudo-user
+    (d, i, k) is its prefix of length k = 1..L; L = 1 gives MergeRec's one-item pseudo-users [i]. Teacher scores of
+    one-item prefixes are rows of the table computed once (``one_item[d]``); longer prefixes are scored by d's
+    teacher when drawn (an n_d × L × n_d table does not fit in memory for 12k-item catalogs). Scores are divided by
+    ``scales[d]`` (σ_d, or 1).
+    """
+
+    rollouts: list[torch.Tensor]
+    one_item: list[torch.Tensor]
+    scorers: list[Scorer]
+    scales: list[float]
+
+    @property
+    def length(self) -> int:
+        return int(self.rollouts[0].shape[1])
+
+    def draw(self, generator: torch.Generator, batch_size: int, sampling: str) -> tuple[torch.Tensor, ...]:
+        """(domain, start item, prefix length) of ``batch_size`` pseudo-users drawn uniformly from the union of all
+        domains' pseudo-users (``union``) or from one uniformly drawn domain (``domain``)."""
+        counts = torch.tensor([len(r) * self.length for r in self.rollouts])
+        if sampling == "union":
+            offsets = torch.cumsum(counts, 0) - counts
+            flat = torch.randint(int(counts.sum()), (batch_size,), generator=generator)
+            domain_of = torch.searchsorted(offsets, flat, right=True) - 1
+            index = flat - offsets[domain_of]
+        else:
+            d = int(torch.randint(len(counts), (1,), generator=generator))
+            index = torch.randint(int(counts[d]), (batch_size,), generator=generator)
+            domain_of = torch.full((batch_size,), d)
+        return domain_of, index // self.length, index % self.length + 1
+
+    def sequences(self, domain_of: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, L) right-aligned, PAD-padded prefixes (domain-local item indices) of the drawn pseudo-users."""
+        full = torch.stack([self.rollouts[d][i] for d, i in zip(domain_of.tolist(), items.tolist())])
+        source = torch.arange(self.length) - (self.length - lengths).unsqueeze(1)  # column j holds rollout[j-(L-k)]
+        return torch.where(source >= 0, full.gather(1, source.clamp(min=0)), PAD)
+
+    def teacher(self, d: int, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(b, n_d) teacher scores of domain d's pseudo-users (start items, prefix lengths)."""
+        scores = self.one_item[d][items]
+        longer = (lengths > 1).nonzero().flatten()
+        if len(longer):
+            prefixes = [self.rollouts[d][items[r], : lengths[r]].numpy() for r in longer.tolist()]
+            scores[longer] = torch.from_numpy(self.scorers[d](prefixes)).float() / self.scales[d]
+        return scores
 
 
 def group_index(family: ModelFamily, names: list[str], granularity: str) -> tuple[list[str], dict[str, int]]:
@@ -201,12 +265,13 @@ class ItemSide(nn.Module):
 
 
 class SequenceSide(nn.Module):
-    """Scores of one-item pseudo-users of several domains against precomputed candidate representations.
+    """Scores of pseudo-users of several domains against precomputed candidate representations.
 
     ``union`` stacks the domains' frozen item representations (domain d's rows at ``bounds[d]``); row r is
-    scored against its own domain's catalog only. The pseudo-users' own input items go through the merged item
-    side live (``input_features``, a handful of rows), so coefficients of item-side parameters (the adapter)
-    still get a gradient. Returns one score matrix per entry of ``parts`` (a domain index and its batch rows).
+    scored against its own domain's catalog only. The pseudo-users' own items go through the merged item side live
+    (``input_features``, a handful of rows that ``seqs`` (B, L) indexes, PAD-padded), so coefficients of item-side
+    parameters (the adapter) still get a gradient. Returns one score matrix per entry of ``parts`` (a domain index
+    and its batch rows).
     """
 
     def __init__(self, inner: nn.Module) -> None:
@@ -216,12 +281,13 @@ class SequenceSide(nn.Module):
     def forward(
         self,
         input_features: torch.Tensor,
+        seqs: torch.Tensor,
         union: torch.Tensor,
         bounds: list[tuple[int, int]],
         parts: list[tuple[int, torch.Tensor]],
     ) -> list[torch.Tensor]:
         inputs = self.inner.item_representations(input_features)
-        hidden = self.inner.encode(one_item_batch(torch.arange(len(inputs))), inputs)[:, -1]
+        hidden = self.inner.encode(seqs, inputs)[:, -1]
         return [self.inner.logits(hidden[rows], union[bounds[d][0] : bounds[d][1]]) for d, rows in parts]
 
 
@@ -265,19 +331,25 @@ def mergerec(
     names = list(base)
     groups, column = group_index(family, names, config.granularity)
 
+    if config.pseudo_user_length > family.max_len:
+        raise ValueError(f"pseudo_user_length {config.pseudo_user_length} exceeds {family.name!r}'s "
+                         f"max_len {family.max_len}")
     start = time.perf_counter()
-    teacher_logits: list[torch.Tensor] = []
-    score_scales: list[float] = []  # σ_d dividing teacher and student scores of domain d (1 without logit_norm)
+    one_item, scales, scorers, rollouts = [], [], [], []
     for d in tqdm(domains, desc="teacher scores", disable=not config.progress):
-        scores = teacher_scores(family, teachers[d], item_features[d], config.teacher_batch)
+        scorer = family.scorer(teachers[d], item_features[d], batch_size=config.teacher_batch)
+        scores = torch.from_numpy(scorer([np.array([i]) for i in range(item_features[d].shape[0])])).float()
         sigma = float(scores.std()) if config.logit_norm == "teacher_std" else 1.0
         if not sigma > 0:
             raise ValueError(f"teacher scores of domain {d!r} are constant; cannot normalize by their std")
-        teacher_logits.append(scores / sigma if sigma != 1.0 else scores)  # no n x n copy when not normalizing
-        score_scales.append(sigma)
+        rollouts.append(teacher_rollouts(scores, scorer, config.pseudo_user_length))
+        one_item.append(scores / sigma if sigma != 1.0 else scores)  # no n x n copy when not normalizing
+        scales.append(sigma)
+        scorers.append(scorer)
+    pseudo = PseudoUsers(rollouts, one_item, scorers, scales)
     teacher_seconds = time.perf_counter() - start
 
-    sizes = torch.tensor([t.shape[0] for t in teacher_logits])
+    sizes = torch.tensor([len(r) for r in rollouts])
     offsets = torch.cumsum(sizes, 0) - sizes
     bounds = [(int(o), int(o + n)) for o, n in zip(offsets, sizes)]
     coefficients = torch.full((len(domains), len(groups)), float(init), requires_grad=True)
@@ -297,29 +369,24 @@ def mergerec(
             with torch.no_grad():
                 current = prefixed(merged_parameters(base, processed.vectors, coefficients, column))
                 frozen_union = functional_call(item_side, current, (union_features,))  # the item side is row-wise
-        if config.sampling == "union":
-            flat = torch.randint(int(sizes.sum()), (config.batch_size,), generator=generator)
-            domain_of = torch.searchsorted(offsets, flat, right=True) - 1
-            items = flat - offsets[domain_of]
-        else:
-            d = int(torch.randint(len(domains), (1,), generator=generator))
-            items = torch.randint(int(sizes[d]), (config.batch_size,), generator=generator)
-            domain_of = torch.full((config.batch_size,), d)
+        domain_of, items, lengths = pseudo.draw(generator, config.batch_size, config.sampling)
+        seqs = pseudo.sequences(domain_of, items, lengths)
         params = merged_parameters(base, processed.vectors, coefficients, column)
         parts = [(d, (domain_of == d).nonzero().flatten()) for d in domain_of.unique().tolist()]
         if config.item_side == "frozen":
+            is_pad = seqs == PAD
+            union_rows = torch.where(is_pad, 0, seqs + offsets[domain_of].unsqueeze(1)).flatten()
+            positions = torch.where(is_pad, PAD, torch.arange(seqs.numel()).view(seqs.shape))
             students = functional_call(sequence_side, prefixed(params),
-                                       (union_features[items + offsets[domain_of]], frozen_union, bounds, parts))
+                                       (union_features[union_rows], positions, frozen_union, bounds, parts))
         else:
-            students = [functional_call(module, params, (one_item_batch(items[rows]), item_features[domains[d]]))
-                        for d, rows in parts]
+            students = [functional_call(module, params, (seqs[rows], item_features[domains[d]])) for d, rows in parts]
         loss = torch.zeros(())
-        for (d, batch_rows), student in zip(parts, students):
-            rows = items[batch_rows]
-            student = student / score_scales[d]
-            teacher = teacher_logits[d][rows]
+        for (d, rows), student in zip(parts, students):
+            student = student / scales[d]
+            teacher = pseudo.teacher(d, items[rows], lengths[rows])
             if config.exclude_input_item:
-                student, teacher = mask_input_item(student, rows), mask_input_item(teacher, rows)
+                student, teacher = mask_items(student, seqs[rows]), mask_items(teacher, seqs[rows])
             loss = loss + len(rows) / config.batch_size * distillation_loss(
                 student, teacher, config.temperature, config.distill_weight
             )
@@ -342,7 +409,7 @@ def mergerec(
         loss_curve=losses,
         optimization_seconds=seconds,
         teacher_seconds=teacher_seconds,
-        teacher_score_scale=score_scales,
+        teacher_score_scale=scales,
         config={**asdict(config), "init_params": dict(config.init_params)},
     )
     logger.info("MergeRec %s/%s: %d steps in %.1f s, final loss %.4g", config.init_method, config.granularity,
