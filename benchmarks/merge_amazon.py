@@ -95,7 +95,7 @@ def oracle_coefficients(
     """Coordinate search of λ in θ₀ + Σ_k λ_k,g(p) τ_k[p] for the best mean validation Recall@10 over the merged
     domains' real users. Not data-isolated (it reads every domain's validation users): a diagnostic upper bound for
     what MergeRec's coefficients can reach. Starts at λ = 0.3 (task arithmetic); ``sweeps`` passes over one λ per
-    domain, then, for ``granularity="layer"``, ``sweeps`` more over each (domain, parameter group) cell."""
+    domain, then, for ``layer`` or ``tensor`` granularity, ``sweeps`` more over each (domain, group) cell."""
     names, stacks = task_vectors(theta0, models)
     groups, column = group_index(family, list(theta0), granularity)
     base = {p: t.detach().float() for p, t in theta0.items()}
@@ -110,8 +110,8 @@ def oracle_coefficients(
 
     rows, cols = range(len(names)), range(len(groups))
     stages = [("task", [[(k, g) for g in cols] for k in rows])]
-    if granularity == "layer":
-        stages.append(("layer", [[(k, g)] for k in rows for g in cols]))
+    if granularity != "task":
+        stages.append((granularity, [[(k, g)] for k in rows for g in cols]))
     best = torch.full((len(names), len(groups)), 0.3)
     best_score = score(best)
     for stage, coordinates in stages:
@@ -164,7 +164,7 @@ def main() -> None:
                         help="comma-separated λ values: also run a coordinate search of merge coefficients on the "
                         "real validation users (a non-private upper bound for MergeRec), e.g. 0,0.25,0.5,0.75,1")
     parser.add_argument("--oracle-sweeps", type=int, default=2, help="oracle passes per stage")
-    parser.add_argument("--oracle-granularity", default="task", choices=["task", "layer"],
+    parser.add_argument("--oracle-granularity", default="task", choices=["task", "layer", "tensor"],
                         help="oracle coefficients: one per domain, or then refined per domain and parameter group")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--markdown-out", type=Path, default=None, help="also write the printed report here")

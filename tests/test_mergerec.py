@@ -155,6 +155,24 @@ def test_layer_wise_has_one_coefficient_per_domain_per_group():
     assert all(s > 0 and s != 1.0 for s in report.teacher_score_scale)
 
 
+def test_tensor_wise_is_one_coefficient_per_parameter_tensor():
+    from fedmerge.merging.mergerec import group_index
+    from fedmerge.models.sequential import SequentialFamily
+
+    sequential = SequentialFamily(hidden=8, n_layers=2, n_heads=2, max_len=4)
+    names = list(sequential.initial_weights(6))
+    groups, column = group_index(sequential, names, "tensor")
+    assert groups == names and sorted(column.values()) == list(range(len(names)))
+    assert len(group_index(sequential, names, "layer")[0]) < len(groups)
+    # the tiny family's layer groups are its tensors, so both granularities learn the same coefficients
+    family, theta0, models, features = setup()
+    _, tensor = mergerec(family, theta0, models, features, MergeRecConfig(**FAST, granularity="tensor"))
+    _, layer = mergerec(family, theta0, models, features, MergeRecConfig(**FAST, granularity="layer"))
+    assert tensor.groups == ["A", "b"]
+    for d in models:
+        assert [tensor.coefficients[d][g] for g in ("A", "b")] == [layer.coefficients[d][f"group_{g}"] for g in "Ab"]
+
+
 def test_bad_inputs():
     family, theta0, models, features = setup()
     with pytest.raises(ValueError, match="no item features for domain"):

@@ -8,8 +8,9 @@
    still without any real interaction: d's teacher rolls out greedily from every item i, [i, t_1, …, t_{L-1}]
    with t_k its top item not yet in the sequence, and every prefix of length 1..L is a pseudo-user. One-item
    sequences carry no signal about positions or attention across items; rollout prefixes do.
-3. **Collaborative merge optimization** - learnable λ, one scalar per domain (``task``) or one per domain and
-   parameter group (``layer``, groups from ``family.parameter_groups``). For a pseudo-user of domain d with
+3. **Collaborative merge optimization** - learnable λ, one scalar per domain (``task``), one per domain and
+   parameter group (``layer``, groups from ``family.parameter_groups``) or one per domain and parameter tensor
+   (``tensor``). For a pseudo-user of domain d with
    merged scores s over d's items (both s and t optionally divided by σ_d, the std of d's teacher scores):
 
        loss = CE(s, argmax t) + c · T² · KL(softmax(t/T) ‖ softmax(s/T))
@@ -66,7 +67,7 @@ class MergeRecConfig:
 
     init_method: str = "task_arithmetic"
     init_params: Mapping[str, Any] = field(default_factory=dict)
-    granularity: Literal["task", "layer"] = "task"
+    granularity: Literal["task", "layer", "tensor"] = "task"
     init_coefficient: float | None = None  # None: 0.2 (task arithmetic), 1.0 (TIES), else the method's λ
     # λ ≤ max_coefficient, projected after every step: bounds how much one client's (noisy) task vector is amplified
     max_coefficient: float | None = None
@@ -87,7 +88,7 @@ class MergeRecConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "granularity": self.granularity in ("task", "layer"),
+            "granularity": self.granularity in ("task", "layer", "tensor"),
             "sampling": self.sampling in ("union", "domain"),
             "logit_norm": self.logit_norm in ("none", "teacher_std"),
             "item_side": self.item_side in ("full", "frozen"),
@@ -219,9 +220,12 @@ class PseudoUsers:
 
 
 def group_index(family: ModelFamily, names: list[str], granularity: str) -> tuple[list[str], dict[str, int]]:
-    """(group names, parameter -> group column); one group ``all`` for task-wise coefficients."""
+    """(group names, parameter -> group column): one group ``all`` (``task``), ``family.parameter_groups``
+    (``layer``), or one group per parameter tensor (``tensor``, AdaMerging's layer-wise)."""
     if granularity == "task":
         return ["all"], {n: 0 for n in names}
+    if granularity == "tensor":
+        return list(names), {n: k for k, n in enumerate(names)}
     groups = family.parameter_groups(names)
     column: dict[str, int] = {}
     for g, (_, members) in enumerate(groups.items()):

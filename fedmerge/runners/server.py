@@ -29,7 +29,7 @@ from fedmerge.runners import protocol
 from fedmerge.runners.client import family_of, feature_width, item_features, load_catalog
 
 logger = logging.getLogger(__name__)
-MERGEREC_METHODS = {"mergerec_taskwise": "task", "mergerec_layerwise": "layer"}
+MERGEREC_METHODS = {"mergerec_taskwise": "task", "mergerec_layerwise": "layer", "mergerec_tensorwise": "tensor"}
 THETA0_FILE = "theta0.safetensors"
 JOINT_FILE = "joint.safetensors"
 FINGERPRINT_KEY = "config_sha256"
