@@ -31,7 +31,7 @@ from fedmerge.data import load_domain
 from fedmerge.data.amazon import default_amazon_root
 from fedmerge.data.domain import Domain
 from fedmerge.merging import MergeRecConfig, merge, mergerec, task_vectors
-from fedmerge.merging.mergerec import group_index, merged_parameters
+from fedmerge.merging.mergerec import PseudoUserObjective, group_index, merged_parameters
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models import ModelFamily, StateDict, get_family
 from fedmerge.runners.server import fedavg_aggregate
@@ -88,6 +88,20 @@ def warm_start(
     return theta
 
 
+def weights_at(theta0: StateDict, stacks: dict[str, torch.Tensor], column: dict[str, int], lam: torch.Tensor) -> StateDict:
+    """θ₀ + Σ_k λ[k, group(p)] τ_k[p] in θ₀'s dtypes (raw task vectors: task arithmetic's)."""
+    base = {p: t.detach().float() for p, t in theta0.items()}
+    return {p: t.to(theta0[p].dtype) for p, t in merged_parameters(base, stacks, lam, column).items()}
+
+
+def coefficient_tensor(coefficients: dict[str, dict[str, float]], domains: list[str], groups: list[str]) -> torch.Tensor:
+    """(domains × groups) tensor of a ``{domain: {group: λ}}`` table; SystemExit naming what is missing."""
+    missing = [(d, g) for d in domains for g in groups if g not in coefficients.get(d, {})]
+    if missing:
+        raise SystemExit(f"coefficients lack {missing[:5]} (domains {domains}, groups {groups})")
+    return torch.tensor([[float(coefficients[d][g]) for g in groups] for d in domains])
+
+
 def oracle_coefficients(
     family: ModelFamily, theta0: StateDict, models: dict[str, StateDict], domains: dict[str, Domain],
     features: dict[str, torch.Tensor], grid: list[float], sweeps: int, granularity: str,
@@ -98,10 +112,9 @@ def oracle_coefficients(
     domain, then, for ``layer`` or ``tensor`` granularity, ``sweeps`` more over each (domain, group) cell."""
     names, stacks = task_vectors(theta0, models)
     groups, column = group_index(family, list(theta0), granularity)
-    base = {p: t.detach().float() for p, t in theta0.items()}
 
     def merged(lam: torch.Tensor) -> StateDict:
-        return {p: t.to(theta0[p].dtype) for p, t in merged_parameters(base, stacks, lam, column).items()}
+        return weights_at(theta0, stacks, column, lam)
 
     def score(lam: torch.Tensor) -> float:
         weights = merged(lam)
@@ -166,6 +179,12 @@ def main() -> None:
     parser.add_argument("--oracle-sweeps", type=int, default=2, help="oracle passes per stage")
     parser.add_argument("--oracle-granularity", default="task", choices=["task", "layer", "tensor"],
                         help="oracle coefficients: one per domain, or then refined per domain and parameter group")
+    parser.add_argument("--coefficients", type=Path, default=None,
+                        help='JSON {label: {"granularity": "task|layer|tensor", "coefficients": {domain: {group: λ}}}}: '
+                        "also evaluate θ₀ + Σ_k λ_k τ_k (raw task vectors) for each entry")
+    parser.add_argument("--objective", action="store_true",
+                        help="report MergeRec's pseudo-user objective (mean over every pseudo-user, --mergerec-set "
+                        "settings) at every coefficient set of the run: MergeRec's learned λ, the oracle's, --coefficients'")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--markdown-out", type=Path, default=None, help="also write the printed report here")
     args = parser.parse_args()
@@ -201,6 +220,15 @@ def main() -> None:
     candidates.update({f"individual {n}": w for n, w in individuals.items()})
     for method in (m.strip() for m in args.baselines.split(",") if m.strip()):
         candidates[method] = merge(method, theta0, to_merge)
+    # label -> (init method, granularity, {domain: {group: λ}}) of every coefficient set, for --objective
+    coefficient_sets: dict[str, tuple[str, str, dict[str, dict[str, float]]]] = {}
+    if args.coefficients:
+        names_tv, stacks = task_vectors(theta0, to_merge)
+        for label, entry in json.loads(args.coefficients.read_text()).items():
+            groups, column = group_index(family, list(theta0), entry["granularity"])
+            lam = coefficient_tensor(entry["coefficients"], names_tv, groups)
+            candidates[label] = weights_at(theta0, stacks, column, lam)
+            coefficient_sets[label] = ("task_arithmetic", entry["granularity"], entry["coefficients"])
     timings: dict[str, dict] = {}
     for label, config in {
         f"MergeRec {granularity}-wise ({init} init)": MergeRecConfig(
@@ -211,6 +239,7 @@ def main() -> None:
     }.items():
         weights, report = mergerec(family, theta0, to_merge, {n: features[n] for n in merged_names}, config)
         candidates[label] = weights
+        coefficient_sets[label] = (config.init_method, config.granularity, report.coefficients)
         timings[label] = {
             "optimization_seconds": round(report.optimization_seconds, 2),
             "teacher_seconds": round(report.teacher_seconds, 2),
@@ -225,6 +254,19 @@ def main() -> None:
         candidates[label], coefficients, val_recall = oracle_coefficients(
             family, theta0, to_merge, domains, features, grid, args.oracle_sweeps, args.oracle_granularity)
         oracle[label] = {"coefficients": coefficients, "val_recall@10": round(val_recall, 4)}
+        coefficient_sets[label] = ("task_arithmetic", args.oracle_granularity, coefficients)
+    objective: dict[str, float] = {}
+    if args.objective:
+        for init, granularity in sorted({(i, g) for i, g, _ in coefficient_sets.values()}):
+            evaluator = PseudoUserObjective(
+                family, theta0, to_merge, {n: features[n] for n in merged_names},
+                MergeRecConfig(**{**mergerec_params, "init_method": init, "granularity": granularity}))
+            for label, (i, g, coefficients) in coefficient_sets.items():
+                if (i, g) == (init, granularity):
+                    lam = coefficient_tensor(coefficients, evaluator.domains, evaluator.groups)
+                    objective[label] = evaluator.mean_loss(lam)
+                    logger.info("pseudo-user objective of %s: %.4f", label, objective[label])
+            del evaluator  # its teacher tables are n_d x n_d per domain
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     results: dict[str, dict[str, tuple[float, float]]] = {}
@@ -257,6 +299,8 @@ def main() -> None:
                      f"(teacher scores {t['teacher_seconds']} s); coefficients `{json.dumps(t['coefficients'])}`")
     for label, o in oracle.items():
         lines.append(f"- {label}: coefficients `{json.dumps(o['coefficients'])}`, mean val R@10 {o['val_recall@10']}")
+    for label, value in objective.items():
+        lines.append(f"- pseudo-user objective (mean over every pseudo-user) of {label}: {value:.4f}")
     lines.append(f"- peak resident memory of the process: {peak_mib:.0f} MiB; torch threads: {torch.get_num_threads()}; "
                  f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     lines.append(f"- family `{args.family}` settings: `{json.dumps(family.config(), default=str)}`")
@@ -268,7 +312,8 @@ def main() -> None:
         args.markdown_out.parent.mkdir(parents=True, exist_ok=True)
         args.markdown_out.write_text(report_text + "\n")
     if args.json_out:
-        args.json_out.write_text(json.dumps({"results": results, "timings": timings, "oracle": oracle, "peak_mib": peak_mib,
+        args.json_out.write_text(json.dumps({"results": results, "timings": timings, "oracle": oracle, "objective": objective,
+                                             "peak_mib": peak_mib,
                                              "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from fedmerge.merging import merge
 from fedmerge.merging.mergerec import (
     MergeRecConfig,
+    PseudoUserObjective,
     PseudoUsers,
     distillation_loss,
     mask_items,
@@ -317,3 +318,20 @@ def test_rollout_pseudo_users_favour_the_teacher_domain_and_are_deterministic():
     assert one.loss_curve == default.loss_curve
     with pytest.raises(ValueError, match="exceeds 'tiny'"):
         mergerec(family, theta0, models, features, MergeRecConfig(**FAST, pseudo_user_length=4))
+
+
+def test_mean_loss_is_the_objective_over_every_pseudo_user():
+    family, theta0, models, features = setup()
+    config = MergeRecConfig(**FAST)
+    objective = PseudoUserObjective(family, theta0, models, features, config)
+    lam = torch.tensor([[0.5], [0.1], [0.3]])
+    weights = {p: t.detach() for p, t in objective.parameters(lam).items()}
+    assert objective.mean_loss(lam, batch_size=4) == pytest.approx(full_loss(family, weights, models, features, config),
+                                                                   rel=1e-5)
+    # frozen candidates are refreshed from θ(λ), so the frozen path evaluates the same objective as the full one
+    family, theta0, models, features = split_setup()
+    lam = torch.tensor([[0.7, 0.2, 0.4], [0.1, 0.9, 0.3], [0.5, 0.5, 0.0]])
+    values = [PseudoUserObjective(family, theta0, models, features, MergeRecConfig(
+        **{**FAST, "item_side": side, "granularity": "layer", "pseudo_user_length": 2})).mean_loss(lam)
+        for side in ("frozen", "full")]
+    assert values[0] == pytest.approx(values[1], rel=1e-5)

@@ -295,6 +295,127 @@ class SequenceSide(nn.Module):
         return [self.inner.logits(hidden[rows], union[bounds[d][0] : bounds[d][1]]) for d, rows in parts]
 
 
+class PseudoUserObjective:
+    """MergeRec's loss as a function of the coefficients λ (domains × groups), on pseudo-users of every domain.
+
+    Holds what the optimization needs and does not change with λ: processed task vectors τ̃_k, parameter groups,
+    teacher scores and rollouts (:class:`PseudoUsers`), and the frozen candidate item representations, which
+    :meth:`refresh_items` recomputes from θ(λ). ``teachers[d]`` scores domain d's pseudo-users; by default d's own
+    model ``models[d]``.
+    """
+
+    def __init__(
+        self,
+        family: ModelFamily,
+        theta0: StateDict,
+        models: Mapping[str, StateDict],
+        item_features: Mapping[str, torch.Tensor],
+        config: MergeRecConfig,
+        teachers: Mapping[str, StateDict] | None = None,
+    ) -> None:
+        teachers = models if teachers is None else teachers
+        self.domains = list(models)
+        for what, table in (("item features", item_features), ("teacher", teachers)):
+            missing = [d for d in self.domains if d not in table]
+            if missing:
+                raise ValueError(f"no {what} for domain(s) {missing}; have {sorted(table)}")
+        self.config = config
+        self.processed = processed_task_vectors(config.init_method, theta0, models, **dict(config.init_params))
+        dims = {int(item_features[d].shape[-1]) for d in self.domains}
+        if len(dims) != 1:
+            raise ValueError(f"item features of the domains have different widths {sorted(dims)}")
+        self.module = family.build(dims.pop())
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.module.train(False)
+        if config.item_side == "frozen":
+            lacking = [m for m in SPLIT_METHODS if not callable(getattr(self.module, m, None))]
+            if lacking:
+                raise ValueError(f"item_side='frozen' needs module methods {list(SPLIT_METHODS)}; "
+                                 f"{type(self.module).__name__} of {family.name!r} lacks {lacking}")
+        if config.pseudo_user_length > family.max_len:
+            raise ValueError(f"pseudo_user_length {config.pseudo_user_length} exceeds {family.name!r}'s "
+                             f"max_len {family.max_len}")
+        self.base = {p: t.detach().float() for p, t in theta0.items()}
+        self.groups, self.column = group_index(family, list(self.base), config.granularity)
+        self.item_features = [item_features[d] for d in self.domains]
+
+        start = time.perf_counter()
+        one_item, scales, scorers, rollouts = [], [], [], []
+        for d, features in zip(tqdm(self.domains, desc="teacher scores", disable=not config.progress),
+                               self.item_features):
+            scorer = family.scorer(teachers[d], features, batch_size=config.teacher_batch)
+            scores = torch.from_numpy(scorer([np.array([i]) for i in range(features.shape[0])])).float()
+            sigma = float(scores.std()) if config.logit_norm == "teacher_std" else 1.0
+            if not sigma > 0:
+                raise ValueError(f"teacher scores of domain {d!r} are constant; cannot normalize by their std")
+            rollouts.append(teacher_rollouts(scores, scorer, config.pseudo_user_length))
+            one_item.append(scores / sigma if sigma != 1.0 else scores)  # no n x n copy when not normalizing
+            scales.append(sigma)
+            scorers.append(scorer)
+        self.pseudo = PseudoUsers(rollouts, one_item, scorers, scales)
+        self.teacher_seconds = time.perf_counter() - start
+
+        sizes = torch.tensor([len(r) for r in rollouts])
+        self.offsets = torch.cumsum(sizes, 0) - sizes
+        self.bounds = [(int(o), int(o + n)) for o, n in zip(self.offsets, sizes)]
+        self.item_side, self.sequence_side = ItemSide(self.module), SequenceSide(self.module)
+        frozen = config.item_side == "frozen"
+        self.union_features = stack_item_features(self.item_features) if frozen else None
+        self.frozen_union: torch.Tensor | None = None  # item representations of all domains, stacked
+
+    def parameters(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
+        """θ(λ), differentiable in λ."""
+        return merged_parameters(self.base, self.processed.vectors, coefficients, self.column)
+
+    def refresh_items(self, coefficients: torch.Tensor) -> None:
+        """Frozen candidate item representations of θ(λ), without gradient (``item_side="frozen"`` only)."""
+        if self.union_features is not None:
+            with torch.no_grad():  # the item side is row-wise: one pass over the stacked catalogs
+                params = prefixed(self.parameters(coefficients))
+                self.frozen_union = functional_call(self.item_side, params, (self.union_features,))
+
+    def loss(
+        self, coefficients: torch.Tensor, domain_of: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean loss over the pseudo-users (domain, start item, prefix length); frozen candidates must be fresh."""
+        config = self.config
+        seqs = self.pseudo.sequences(domain_of, items, lengths)
+        params = self.parameters(coefficients)
+        parts = [(d, (domain_of == d).nonzero().flatten()) for d in domain_of.unique().tolist()]
+        if self.union_features is not None:
+            is_pad = seqs == PAD
+            union_rows = torch.where(is_pad, 0, seqs + self.offsets[domain_of].unsqueeze(1)).flatten()
+            positions = torch.where(is_pad, PAD, torch.arange(seqs.numel()).view(seqs.shape))
+            students = functional_call(self.sequence_side, prefixed(params), (
+                self.union_features[union_rows], positions, self.frozen_union, self.bounds, parts))
+        else:
+            students = [functional_call(self.module, params, (seqs[rows], self.item_features[d])) for d, rows in parts]
+        loss = torch.zeros(())
+        for (d, rows), student in zip(parts, students):
+            student = student / self.pseudo.scales[d]
+            teacher = self.pseudo.teacher(d, items[rows], lengths[rows])
+            if config.exclude_input_item:
+                student, teacher = mask_items(student, seqs[rows]), mask_items(teacher, seqs[rows])
+            loss = loss + len(rows) / len(items) * distillation_loss(
+                student, teacher, config.temperature, config.distill_weight
+            )
+        return loss
+
+    @torch.no_grad()
+    def mean_loss(self, coefficients: torch.Tensor, batch_size: int = 256) -> float:
+        """Loss of θ(λ) averaged over every pseudo-user of every domain (candidates recomputed from θ(λ)): the
+        objective the optimization samples, evaluated exactly - e.g. to compare λ found another way."""
+        self.refresh_items(coefficients)
+        length = self.pseudo.length
+        users = torch.tensor([(d, i, k) for d, r in enumerate(self.pseudo.rollouts)
+                              for i in range(len(r)) for k in range(1, length + 1)])
+        total = 0.0
+        for chunk in users.split(batch_size):
+            total += len(chunk) * float(self.loss(coefficients, chunk[:, 0], chunk[:, 1], chunk[:, 2]))
+        return total / len(users)
+
+
 def mergerec(
     family: ModelFamily,
     theta0: StateDict,
@@ -308,92 +429,22 @@ def mergerec(
     ``item_features[d]`` are domain d's catalog features (``family.item_features`` of its text embeddings).
     ``teachers[d]`` scores domain d's pseudo-users; by default d's own model ``models[d]``.
     """
-    teachers = models if teachers is None else teachers
-    domains = list(models)
-    for what, table in (("item features", item_features), ("teacher", teachers)):
-        missing = [d for d in domains if d not in table]
-        if missing:
-            raise ValueError(f"no {what} for domain(s) {missing}; have {sorted(table)}")
-    processed = processed_task_vectors(config.init_method, theta0, models, **dict(config.init_params))
+    objective = PseudoUserObjective(family, theta0, models, item_features, config, teachers)
     init = config.init_coefficient
     if init is None:
-        init = MERGEREC_INITIAL_COEFFICIENT.get(config.init_method, processed.scale)
+        init = MERGEREC_INITIAL_COEFFICIENT.get(config.init_method, objective.processed.scale)
     if config.max_coefficient is not None:
         init = min(init, config.max_coefficient)
-    dims = {int(item_features[d].shape[-1]) for d in domains}
-    if len(dims) != 1:
-        raise ValueError(f"item features of the domains have different widths {sorted(dims)}")
-    module = family.build(dims.pop())
-    for p in module.parameters():
-        p.requires_grad_(False)
-    if config.item_side == "frozen":
-        lacking = [m for m in SPLIT_METHODS if not callable(getattr(module, m, None))]
-        if lacking:
-            raise ValueError(f"item_side='frozen' needs module methods {list(SPLIT_METHODS)}; "
-                             f"{type(module).__name__} of {family.name!r} lacks {lacking}")
-    base = {p: t.detach().float() for p, t in theta0.items()}
-    names = list(base)
-    groups, column = group_index(family, names, config.granularity)
-
-    if config.pseudo_user_length > family.max_len:
-        raise ValueError(f"pseudo_user_length {config.pseudo_user_length} exceeds {family.name!r}'s "
-                         f"max_len {family.max_len}")
-    start = time.perf_counter()
-    one_item, scales, scorers, rollouts = [], [], [], []
-    for d in tqdm(domains, desc="teacher scores", disable=not config.progress):
-        scorer = family.scorer(teachers[d], item_features[d], batch_size=config.teacher_batch)
-        scores = torch.from_numpy(scorer([np.array([i]) for i in range(item_features[d].shape[0])])).float()
-        sigma = float(scores.std()) if config.logit_norm == "teacher_std" else 1.0
-        if not sigma > 0:
-            raise ValueError(f"teacher scores of domain {d!r} are constant; cannot normalize by their std")
-        rollouts.append(teacher_rollouts(scores, scorer, config.pseudo_user_length))
-        one_item.append(scores / sigma if sigma != 1.0 else scores)  # no n x n copy when not normalizing
-        scales.append(sigma)
-        scorers.append(scorer)
-    pseudo = PseudoUsers(rollouts, one_item, scorers, scales)
-    teacher_seconds = time.perf_counter() - start
-
-    sizes = torch.tensor([len(r) for r in rollouts])
-    offsets = torch.cumsum(sizes, 0) - sizes
-    bounds = [(int(o), int(o + n)) for o, n in zip(offsets, sizes)]
-    coefficients = torch.full((len(domains), len(groups)), float(init), requires_grad=True)
+    coefficients = torch.full((len(objective.domains), len(objective.groups)), float(init), requires_grad=True)
     optimizer = torch.optim.Adam([coefficients], lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
 
     start = time.perf_counter()
-    module.train(False)
-    item_side, sequence_side = ItemSide(module), SequenceSide(module)
-    frozen_union: torch.Tensor | None = None  # item representations of all domains, stacked (item_side="frozen")
-    union_features = stack_item_features([item_features[d] for d in domains]) if config.item_side == "frozen" else None
     for step in tqdm(range(config.steps), desc="MergeRec", disable=not config.progress):
-        if config.item_side == "frozen" and (
-            frozen_union is None or (config.item_refresh and step % config.item_refresh == 0)
-        ):
-            with torch.no_grad():
-                current = prefixed(merged_parameters(base, processed.vectors, coefficients, column))
-                frozen_union = functional_call(item_side, current, (union_features,))  # the item side is row-wise
-        domain_of, items, lengths = pseudo.draw(generator, config.batch_size, config.sampling)
-        seqs = pseudo.sequences(domain_of, items, lengths)
-        params = merged_parameters(base, processed.vectors, coefficients, column)
-        parts = [(d, (domain_of == d).nonzero().flatten()) for d in domain_of.unique().tolist()]
-        if config.item_side == "frozen":
-            is_pad = seqs == PAD
-            union_rows = torch.where(is_pad, 0, seqs + offsets[domain_of].unsqueeze(1)).flatten()
-            positions = torch.where(is_pad, PAD, torch.arange(seqs.numel()).view(seqs.shape))
-            students = functional_call(sequence_side, prefixed(params),
-                                       (union_features[union_rows], positions, frozen_union, bounds, parts))
-        else:
-            students = [functional_call(module, params, (seqs[rows], item_features[domains[d]])) for d, rows in parts]
-        loss = torch.zeros(())
-        for (d, rows), student in zip(parts, students):
-            student = student / scales[d]
-            teacher = pseudo.teacher(d, items[rows], lengths[rows])
-            if config.exclude_input_item:
-                student, teacher = mask_items(student, seqs[rows]), mask_items(teacher, seqs[rows])
-            loss = loss + len(rows) / config.batch_size * distillation_loss(
-                student, teacher, config.temperature, config.distill_weight
-            )
+        if step == 0 or (config.item_refresh and step % config.item_refresh == 0):
+            objective.refresh_items(coefficients)
+        loss = objective.loss(coefficients, *objective.pseudo.draw(generator, config.batch_size, config.sampling))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -404,16 +455,16 @@ def mergerec(
     seconds = time.perf_counter() - start
 
     learned = coefficients.detach()
-    merged = {p: t.to(theta0[p].dtype) for p, t in merged_parameters(base, processed.vectors, learned, column).items()}
+    merged = {p: t.to(theta0[p].dtype) for p, t in objective.parameters(learned).items()}
     report = MergeRecReport(
-        domains=domains,
-        groups=groups,
-        coefficients={d: dict(zip(groups, learned[k].tolist())) for k, d in enumerate(domains)},
+        domains=objective.domains,
+        groups=objective.groups,
+        coefficients={d: dict(zip(objective.groups, learned[k].tolist())) for k, d in enumerate(objective.domains)},
         initial_coefficient=float(init),
         loss_curve=losses,
         optimization_seconds=seconds,
-        teacher_seconds=teacher_seconds,
-        teacher_score_scale=scales,
+        teacher_seconds=objective.teacher_seconds,
+        teacher_score_scale=objective.pseudo.scales,
         config={**asdict(config), "init_params": dict(config.init_params)},
     )
     logger.info("MergeRec %s/%s: %d steps in %.1f s, final loss %.4g", config.init_method, config.granularity,
