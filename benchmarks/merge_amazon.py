@@ -245,6 +245,8 @@ def main() -> None:
             "teacher_seconds": round(report.teacher_seconds, 2),
             "coefficients": report.coefficients,
             "loss_first_last": [report.loss_curve[0], report.loss_curve[-1]] if report.loss_curve else [],
+            "chosen_start": report.chosen_start,
+            "start_objectives": report.start_objectives,
         }
         logger.info("%s: %s", label, timings[label])
     oracle: dict[str, dict] = {}
@@ -295,8 +297,10 @@ def main() -> None:
         lines.append(row(label, cells))
     lines.append("")
     for label, t in timings.items():
+        starts = (f"; objective per start {json.dumps(t['start_objectives'])}, kept {t['chosen_start']!r}"
+                  if t["start_objectives"] else "")
         lines.append(f"- {label}: {args.steps} steps in {t['optimization_seconds']} s "
-                     f"(teacher scores {t['teacher_seconds']} s); coefficients `{json.dumps(t['coefficients'])}`")
+                     f"(teacher scores {t['teacher_seconds']} s){starts}; coefficients `{json.dumps(t['coefficients'])}`")
     for label, o in oracle.items():
         lines.append(f"- {label}: coefficients `{json.dumps(o['coefficients'])}`, mean val R@10 {o['val_recall@10']}")
     for label, value in objective.items():

@@ -335,3 +335,23 @@ def test_mean_loss_is_the_objective_over_every_pseudo_user():
         **{**FAST, "item_side": side, "granularity": "layer", "pseudo_user_length": 2})).mean_loss(lam)
         for side in ("frozen", "full")]
     assert values[0] == pytest.approx(values[1], rel=1e-5)
+
+
+def test_multi_start_keeps_the_start_with_the_lowest_pseudo_user_objective():
+    family, theta0, models, features = setup()
+    teachers = {d: models["y"] for d in models}  # θ₀ + τ_y is every teacher
+    # a short run stays near its start, so the "only y" start ends with a lower objective than the 0.2 start
+    config = MergeRecConfig(**{**FAST, "steps": 5, "lr": 0.01}, multi_start=True)
+    _, report = mergerec(family, theta0, models, features, config, teachers=teachers)
+    assert set(report.start_objectives) == {"init", "only x", "only y", "only z"}
+    assert report.chosen_start == "only y" == min(report.start_objectives, key=report.start_objectives.get)
+    assert report.coefficients["y"]["all"] > 0.9 and report.start_objectives["init"] > report.start_objectives["only y"]
+    objective = PseudoUserObjective(family, theta0, models, features, config, teachers=teachers)
+    lam = torch.tensor([[report.coefficients[d]["all"]] for d in models])
+    assert objective.mean_loss(lam) == pytest.approx(report.start_objectives["only y"], rel=1e-6)
+    # the "init" run is the single-start run
+    _, single = mergerec(family, theta0, models, features, MergeRecConfig(**{**FAST, "steps": 5, "lr": 0.01}),
+                         teachers=teachers)
+    init_lam = torch.tensor([[single.coefficients[d]["all"]] for d in models])
+    assert objective.mean_loss(init_lam) == pytest.approx(report.start_objectives["init"], rel=1e-6)
+    assert single.chosen_start == "init" and not single.start_objectives

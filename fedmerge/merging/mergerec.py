@@ -20,7 +20,11 @@
    ``exclude_input_item=True`` (not in the paper) removes a pseudo-user's own items from its teacher and student
    distributions: a text-similarity model ranks the input item itself first, which makes the pseudo-label trivial.
    The merged forward is ``torch.func.functional_call(module, θ(λ), (seqs, item_features))``, so gradients reach
-   only λ; with ``item_side="full"`` the full module, item side included, runs on every step. The default
+   only λ. ``multi_start=True`` (not in the paper) also runs the optimization from each single domain's model
+   (λ_k = 1 for one k, 0 for the others) and keeps the run whose λ has the lowest objective over every pseudo-user:
+   from the symmetric start λ = 0.2 the optimizer can settle where the objective is higher than in regions it
+   does not reach. The selection reads pseudo-users only, so it stays data-isolated. With ``item_side="full"`` the
+   full module, item side included, runs on every step. The default
    ``item_side="frozen"`` (as MergeRec's released code does with its cached item embeddings) computes the
    catalog's candidate item representations once from the initial merged model, and again every
    ``item_refresh`` steps, without gradient; only the pseudo-users' own input items (B·L per step) go through the
@@ -82,6 +86,8 @@ class MergeRecConfig:
     item_side: Literal["full", "frozen"] = "frozen"
     exclude_input_item: bool = False  # drop the pseudo-user's own items from its teacher and student distributions
     pseudo_user_length: int = 1  # L: pseudo-users are the prefixes of length 1..L of teacher rollouts (1: the paper)
+    # also start from each single domain's model (λ = 1 for domain k, 0 for the others); keep the lowest objective
+    multi_start: bool = False
     item_refresh: int = 0  # with item_side="frozen": recompute item representations every this many steps (0: never)
     teacher_batch: int = 512
     progress: bool = True
@@ -120,6 +126,9 @@ class MergeRecReport:
     teacher_seconds: float
     teacher_score_scale: list[float]
     config: dict[str, Any]
+    # with multi_start: each start's name and its final objective over every pseudo-user; the kept start
+    start_objectives: dict[str, float] = field(default_factory=dict)
+    chosen_start: str = "init"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -416,6 +425,29 @@ class PseudoUserObjective:
         return total / len(users)
 
 
+def optimize_coefficients(
+    objective: PseudoUserObjective, start: torch.Tensor, config: MergeRecConfig
+) -> tuple[torch.Tensor, list[float]]:
+    """(learned λ, loss curve): ``config.steps`` Adam steps on batches of pseudo-users drawn with ``config.seed``,
+    from λ = ``start``; frozen candidates are refreshed at step 0 and every ``item_refresh`` steps."""
+    coefficients = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([coefficients], lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    for step in tqdm(range(config.steps), desc="MergeRec", disable=not config.progress):
+        if step == 0 or (config.item_refresh and step % config.item_refresh == 0):
+            objective.refresh_items(coefficients)
+        loss = objective.loss(coefficients, *objective.pseudo.draw(generator, config.batch_size, config.sampling))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if config.max_coefficient is not None:
+            with torch.no_grad():
+                coefficients.clamp_(max=config.max_coefficient)
+        losses.append(float(loss.detach()))
+    return coefficients.detach(), losses
+
+
 def mergerec(
     family: ModelFamily,
     theta0: StateDict,
@@ -435,26 +467,21 @@ def mergerec(
         init = MERGEREC_INITIAL_COEFFICIENT.get(config.init_method, objective.processed.scale)
     if config.max_coefficient is not None:
         init = min(init, config.max_coefficient)
-    coefficients = torch.full((len(objective.domains), len(objective.groups)), float(init), requires_grad=True)
-    optimizer = torch.optim.Adam([coefficients], lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    losses: list[float] = []
+    shape = (len(objective.domains), len(objective.groups))
+    starts = {"init": torch.full(shape, float(init))}
+    if config.multi_start:
+        own = 1.0 if config.max_coefficient is None else min(1.0, config.max_coefficient)
+        for k, d in enumerate(objective.domains):
+            starts[f"only {d}"] = torch.zeros(shape)
+            starts[f"only {d}"][k] = own
 
     start = time.perf_counter()
-    for step in tqdm(range(config.steps), desc="MergeRec", disable=not config.progress):
-        if step == 0 or (config.item_refresh and step % config.item_refresh == 0):
-            objective.refresh_items(coefficients)
-        loss = objective.loss(coefficients, *objective.pseudo.draw(generator, config.batch_size, config.sampling))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if config.max_coefficient is not None:
-            with torch.no_grad():
-                coefficients.clamp_(max=config.max_coefficient)
-        losses.append(float(loss.detach()))
+    runs = {name: optimize_coefficients(objective, start_value, config) for name, start_value in starts.items()}
+    start_objectives = {name: objective.mean_loss(learned) for name, (learned, _) in runs.items()} if len(runs) > 1 else {}
+    chosen = min(start_objectives, key=start_objectives.get) if start_objectives else "init"
+    learned, losses = runs[chosen]
     seconds = time.perf_counter() - start
 
-    learned = coefficients.detach()
     merged = {p: t.to(theta0[p].dtype) for p, t in objective.parameters(learned).items()}
     report = MergeRecReport(
         domains=objective.domains,
@@ -466,7 +493,9 @@ def mergerec(
         teacher_seconds=objective.teacher_seconds,
         teacher_score_scale=objective.pseudo.scales,
         config={**asdict(config), "init_params": dict(config.init_params)},
+        start_objectives=start_objectives,
+        chosen_start=chosen,
     )
-    logger.info("MergeRec %s/%s: %d steps in %.1f s, final loss %.4g", config.init_method, config.granularity,
-                config.steps, seconds, losses[-1] if losses else float("nan"))
+    logger.info("MergeRec %s/%s: %d steps from %d start(s) in %.1f s, kept %r, final loss %.4g", config.init_method,
+                config.granularity, config.steps, len(runs), seconds, chosen, losses[-1] if losses else float("nan"))
     return merged, report
