@@ -355,3 +355,18 @@ def test_multi_start_keeps_the_start_with_the_lowest_pseudo_user_objective():
     init_lam = torch.tensor([[single.coefficients[d]["all"]] for d in models])
     assert objective.mean_loss(init_lam) == pytest.approx(report.start_objectives["init"], rel=1e-6)
     assert single.chosen_start == "init" and not single.start_objectives
+
+
+def test_multi_start_can_rank_runs_on_a_seeded_sample_of_pseudo_users():
+    family, theta0, models, features = setup()
+    teachers = {d: models["y"] for d in models}
+    config = MergeRecConfig(**{**FAST, "steps": 5, "lr": 0.01}, multi_start=True, selection_users=10, seed=3)
+    objective = PseudoUserObjective(family, theta0, models, features, config, teachers=teachers)
+    sample = objective.users(10, seed=3)
+    assert sample.shape == (10, 3) and torch.equal(sample, objective.users(10, seed=3))
+    assert len(objective.users()) == 9 + 7 + 11 and torch.equal(objective.users(1000), objective.users())
+    _, report = mergerec(family, theta0, models, features, config, teachers=teachers)
+    assert report.chosen_start == "only y"
+    lam = torch.tensor([[report.coefficients[d]["all"]] for d in models])
+    assert objective.mean_loss(lam, sample) == pytest.approx(report.start_objectives["only y"], rel=1e-6)
+    assert objective.mean_loss(lam) != pytest.approx(report.start_objectives["only y"], rel=1e-6)

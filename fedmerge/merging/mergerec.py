@@ -21,7 +21,8 @@
    distributions: a text-similarity model ranks the input item itself first, which makes the pseudo-label trivial.
    The merged forward is ``torch.func.functional_call(module, θ(λ), (seqs, item_features))``, so gradients reach
    only λ. ``multi_start=True`` (not in the paper) also runs the optimization from each single domain's model
-   (λ_k = 1 for one k, 0 for the others) and keeps the run whose λ has the lowest objective over every pseudo-user:
+   (λ_k = 1 for one k, 0 for the others) and keeps the run whose λ has the lowest objective over every pseudo-user
+   (or over ``selection_users`` of them, drawn with the seed - the exact objective dominates the cost):
    from the symmetric start λ = 0.2 the optimizer can settle where the objective is higher than in regions it
    does not reach. The selection reads pseudo-users only, so it stays data-isolated. With ``item_side="full"`` the
    full module, item side included, runs on every step. The default
@@ -88,6 +89,7 @@ class MergeRecConfig:
     pseudo_user_length: int = 1  # L: pseudo-users are the prefixes of length 1..L of teacher rollouts (1: the paper)
     # also start from each single domain's model (λ = 1 for domain k, 0 for the others); keep the lowest objective
     multi_start: bool = False
+    selection_users: int = 0  # multi_start ranks runs by the objective over this many seeded pseudo-users (0: all)
     item_refresh: int = 0  # with item_side="frozen": recompute item representations every this many steps (0: never)
     teacher_batch: int = 512
     progress: bool = True
@@ -107,6 +109,7 @@ class MergeRecConfig:
             "max_coefficient": self.max_coefficient is None or self.max_coefficient > 0,
             "teacher_batch": self.teacher_batch >= 1,
             "pseudo_user_length": self.pseudo_user_length >= 1,
+            "selection_users": self.selection_users >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -411,14 +414,22 @@ class PseudoUserObjective:
             )
         return loss
 
+    def users(self, count: int = 0, seed: int = 0) -> torch.Tensor:
+        """(N, 3) rows (domain, start item, prefix length): every pseudo-user, or ``count`` of them drawn without
+        replacement with ``seed`` (``count`` 0 or ≥ their number: all)."""
+        everyone = torch.tensor([(d, i, k) for d, r in enumerate(self.pseudo.rollouts)
+                                 for i in range(len(r)) for k in range(1, self.pseudo.length + 1)])
+        if not 0 < count < len(everyone):
+            return everyone
+        return everyone[torch.randperm(len(everyone), generator=torch.Generator().manual_seed(seed))[:count]]
+
     @torch.no_grad()
-    def mean_loss(self, coefficients: torch.Tensor, batch_size: int = 256) -> float:
-        """Loss of θ(λ) averaged over every pseudo-user of every domain (candidates recomputed from θ(λ)): the
-        objective the optimization samples, evaluated exactly - e.g. to compare λ found another way."""
+    def mean_loss(self, coefficients: torch.Tensor, users: torch.Tensor | None = None, batch_size: int = 256) -> float:
+        """Loss of θ(λ) averaged over ``users`` (rows of :meth:`users`; default every pseudo-user of every domain),
+        candidates recomputed from θ(λ): the objective the optimization samples, evaluated exactly - e.g. to
+        compare λ found another way."""
         self.refresh_items(coefficients)
-        length = self.pseudo.length
-        users = torch.tensor([(d, i, k) for d, r in enumerate(self.pseudo.rollouts)
-                              for i in range(len(r)) for k in range(1, length + 1)])
+        users = self.users() if users is None else users
         total = 0.0
         for chunk in users.split(batch_size):
             total += len(chunk) * float(self.loss(coefficients, chunk[:, 0], chunk[:, 1], chunk[:, 2]))
@@ -477,7 +488,9 @@ def mergerec(
 
     start = time.perf_counter()
     runs = {name: optimize_coefficients(objective, start_value, config) for name, start_value in starts.items()}
-    start_objectives = {name: objective.mean_loss(learned) for name, (learned, _) in runs.items()} if len(runs) > 1 else {}
+    selection = objective.users(config.selection_users, config.seed) if len(runs) > 1 else None
+    start_objectives = {name: objective.mean_loss(learned, selection) for name, (learned, _) in runs.items()
+                        } if selection is not None else {}
     chosen = min(start_objectives, key=start_objectives.get) if start_objectives else "init"
     learned, losses = runs[chosen]
     seconds = time.perf_counter() - start
