@@ -31,7 +31,7 @@ from fedmerge.data import load_domain
 from fedmerge.data.amazon import default_amazon_root
 from fedmerge.data.domain import Domain
 from fedmerge.merging import MergeRecConfig, merge, mergerec, task_vectors
-from fedmerge.merging.mergerec import PseudoUserObjective, group_index, merged_parameters
+from fedmerge.merging.mergerec import PseudoUserObjective, group_index, merged_weights
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models import ModelFamily, StateDict, get_family
 from fedmerge.runners.server import fedavg_aggregate
@@ -88,12 +88,6 @@ def warm_start(
     return theta
 
 
-def weights_at(theta0: StateDict, stacks: dict[str, torch.Tensor], column: dict[str, int], lam: torch.Tensor) -> StateDict:
-    """θ₀ + Σ_k λ[k, group(p)] τ_k[p] in θ₀'s dtypes (raw task vectors: task arithmetic's)."""
-    base = {p: t.detach().float() for p, t in theta0.items()}
-    return {p: t.to(theta0[p].dtype) for p, t in merged_parameters(base, stacks, lam, column).items()}
-
-
 def coefficient_tensor(coefficients: dict[str, dict[str, float]], domains: list[str], groups: list[str]) -> torch.Tensor:
     """(domains × groups) tensor of a ``{domain: {group: λ}}`` table; SystemExit naming what is missing."""
     missing = [(d, g) for d in domains for g in groups if g not in coefficients.get(d, {})]
@@ -113,11 +107,8 @@ def oracle_coefficients(
     names, stacks = task_vectors(theta0, models)
     groups, column = group_index(family, list(theta0), granularity)
 
-    def merged(lam: torch.Tensor) -> StateDict:
-        return weights_at(theta0, stacks, column, lam)
-
     def score(lam: torch.Tensor) -> float:
-        weights = merged(lam)
+        weights = merged_weights(theta0, stacks, lam, column)
         return float(np.mean([evaluate_scorer(family.scorer(weights, features[n]), domains[n], "val", ks=(10,))
                               ["recall@10"] for n in names]))
 
@@ -141,7 +132,7 @@ def oracle_coefficients(
                             names[k] if stage == "task" else f"{names[k]}/{groups[g]}",
                             [[round(v, 2) for v in row] for row in best.tolist()], best_score)
     coefficients = {n: dict(zip(groups, best[k].tolist())) for k, n in enumerate(names)}
-    return merged(best), coefficients, best_score
+    return merged_weights(theta0, stacks, best, column), coefficients, best_score
 
 
 def evaluate(family: ModelFamily, weights: StateDict, domain: Domain, features: torch.Tensor) -> tuple[float, float]:
@@ -227,7 +218,7 @@ def main() -> None:
         for label, entry in json.loads(args.coefficients.read_text()).items():
             groups, column = group_index(family, list(theta0), entry["granularity"])
             lam = coefficient_tensor(entry["coefficients"], names_tv, groups)
-            candidates[label] = weights_at(theta0, stacks, column, lam)
+            candidates[label] = merged_weights(theta0, stacks, lam, column)
             coefficient_sets[label] = ("task_arithmetic", entry["granularity"], entry["coefficients"])
     timings: dict[str, dict] = {}
     for label, config in {

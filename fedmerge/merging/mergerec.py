@@ -129,7 +129,8 @@ class MergeRecReport:
     teacher_seconds: float
     teacher_score_scale: list[float]
     config: dict[str, Any]
-    # with multi_start: each start's name and its final objective over every pseudo-user; the kept start
+    # with multi_start: each start's name and its final objective (over every pseudo-user, or the seeded
+    # selection_users sample); the kept start
     start_objectives: dict[str, float] = field(default_factory=dict)
     chosen_start: str = "init"
 
@@ -259,6 +260,18 @@ def merged_parameters(
 ) -> dict[str, torch.Tensor]:
     """θ(λ)[p] = θ₀[p] + Σ_k λ[k, group(p)] · τ̃_k[p] (differentiable in λ)."""
     return {p: theta0[p] + torch.tensordot(coefficients[:, column[p]], vectors[p], dims=1) for p in theta0}
+
+
+def merged_weights(
+    theta0: Mapping[str, torch.Tensor],
+    vectors: Mapping[str, torch.Tensor],
+    coefficients: torch.Tensor,
+    column: Mapping[str, int],
+) -> StateDict:
+    """θ(λ) of :func:`merged_parameters` without gradient, in θ₀'s dtypes: the weights a set of coefficients ships."""
+    base = {p: t.detach().float() for p, t in theta0.items()}
+    with torch.no_grad():
+        return {p: t.to(theta0[p].dtype) for p, t in merged_parameters(base, vectors, coefficients, column).items()}
 
 
 SPLIT_METHODS = ("item_representations", "encode", "logits")
@@ -488,14 +501,15 @@ def mergerec(
 
     start = time.perf_counter()
     runs = {name: optimize_coefficients(objective, start_value, config) for name, start_value in starts.items()}
-    selection = objective.users(config.selection_users, config.seed) if len(runs) > 1 else None
-    start_objectives = {name: objective.mean_loss(learned, selection) for name, (learned, _) in runs.items()
-                        } if selection is not None else {}
-    chosen = min(start_objectives, key=start_objectives.get) if start_objectives else "init"
+    start_objectives: dict[str, float] = {}
+    if config.multi_start:
+        selection = objective.users(config.selection_users, config.seed)
+        start_objectives = {name: objective.mean_loss(learned, selection) for name, (learned, _) in runs.items()}
+    chosen = min(start_objectives, key=start_objectives.get, default="init")
     learned, losses = runs[chosen]
     seconds = time.perf_counter() - start
 
-    merged = {p: t.to(theta0[p].dtype) for p, t in objective.parameters(learned).items()}
+    merged = merged_weights(theta0, objective.processed.vectors, learned, objective.column)
     report = MergeRecReport(
         domains=objective.domains,
         groups=objective.groups,
