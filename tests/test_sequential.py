@@ -199,3 +199,21 @@ def test_early_stopping_and_time_budget():
     assert all(torch.allclose(weights[k], theta0[k], atol=1e-6) for k in theta0)
     _, info = tiny_family(max_seconds=0.0, max_epochs=10).train(theta0, domain, feats, progress=False)
     assert info["epochs"] == 1 and info["stopped_by_time"]
+
+
+def test_proximal_term_keeps_the_task_vector_small_and_is_validated():
+    domain = cycle_domain(n_items=20, n_users=80, seed=3)
+    feats = tiny_family().item_features(random_features(20, 2))
+    theta0 = tiny_family().initial_weights(DIM, seed=0)
+
+    def task_vector_norm(mu: float) -> float:
+        # weight_decay=0 so that only the proximal term pulls towards θ₀ (AdamW's decay pulls towards 0)
+        weights, _ = tiny_family(max_epochs=4, patience=10, weight_decay=0.0, proximal_mu=mu).train(
+            theta0, domain, feats, seed=0, progress=False)
+        return sum(float((weights[k] - theta0[k]).pow(2).sum()) for k in theta0) ** 0.5
+
+    free, held = task_vector_norm(0.0), task_vector_norm(10.0)
+    assert held < 0.5 * free
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="proximal_mu"):
+            tiny_family(proximal_mu=bad)

@@ -24,6 +24,9 @@ Training: SASRec all-position loss: each training sequence is cut into windows o
 over the domain's catalog (``n_negatives=None``) or a sampled softmax over the batch's targets plus
 ``n_negatives`` uniformly drawn items (for large catalogs). AdamW; validation NDCG@10 each epoch through
 :func:`fedmerge.metrics.evaluate_scorer`; early stopping with ``patience``; the best checkpoint is returned.
+``proximal_mu = μ > 0`` adds FedProx's proximal term ``μ/2 · ‖θ − θ₀‖²`` to every batch loss: the domain's own
+data leaves most directions of θ unconstrained (e.g. how the adapter maps other domains' text), and the term keeps
+the task vector τ = θ − θ₀ small there, which is what later merges of several domains' τ pay for.
 
 Tuning the text encoder (``encoder_layers = k > 0``, meant for CUDA): the sentence encoder's last k layers
 (:class:`TextTower`, copied from the pretrained ``text_model``) sit between the catalog's token states and the
@@ -348,6 +351,7 @@ class SequentialFamily(ModelFamily):
     text_model: str | None = None
     text_max_length: int = 64
     encoder_lr: float = 5e-5
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -374,6 +378,8 @@ class SequentialFamily(ModelFamily):
             raise ValueError(f"need n_layers >= 0 and 0 <= dropout < 1, got {self.n_layers}, {self.dropout}")
         if self.n_negatives is not None and self.n_negatives < 1:
             raise ValueError(f"n_negatives must be None (full softmax) or >= 1, got {self.n_negatives}")
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ValueError(f"proximal_mu must be a finite number >= 0, got {self.proximal_mu}")
         if self.encoder_layers < 0 or self.text_max_length < 1 or not self.encoder_lr > 0:
             raise ValueError(f"need encoder_layers >= 0, text_max_length >= 1 and encoder_lr > 0, got "
                              f"{self.encoder_layers}, {self.text_max_length}, {self.encoder_lr}")
@@ -539,6 +545,7 @@ class SequentialFamily(ModelFamily):
             raise FedmergeError(f"initial weights do not fit the sequential family's architecture: {err}") from err
         module.to(device)
         features = item_features.to(device=device, dtype=torch.float32)
+        anchor = {n: p.detach().clone() for n, p in module.named_parameters()} if self.proximal_mu else {}  # θ₀
         tower = [p for n, p in module.named_parameters() if n.startswith("text_tower.")]
         rest = [p for n, p in module.named_parameters() if not n.startswith("text_tower.")]
         optimizer = torch.optim.AdamW([{"params": rest}, {"params": tower, "lr": self.encoder_lr}],
@@ -560,6 +567,9 @@ class SequentialFamily(ModelFamily):
             for b, batch_indices in enumerate(length_buckets(lengths, self.batch_size, rng)):
                 batch = [windows[i] for i in batch_indices]
                 loss = self._batch_loss(module, batch, features, sampler, text_cache)
+                if self.proximal_mu:
+                    loss = loss + self.proximal_mu / 2 * sum(
+                        (p - anchor[n]).pow(2).sum() for n, p in module.named_parameters())
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
