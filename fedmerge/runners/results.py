@@ -24,7 +24,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 MODEL_ORDER = ("theta0", "individual", "average", "task_arithmetic", "ties", "dare", "pcb", "mergerec_taskwise",
-               "mergerec_layerwise", "fedavg", "joint")
+               "mergerec_layerwise", "mergerec_tensorwise", "fedavg", "joint")
 VERSION_PACKAGES = ("fedmerge", "flwr", "torch", "numpy", "transformers", "ray")
 RESULTS_FILE = "results.json"
 
