@@ -23,6 +23,7 @@ from fedmerge.config import parse_params
 from fedmerge.data import load_domain
 from fedmerge.data.amazon import default_amazon_root
 from fedmerge.models import get_family
+from fedmerge.privacy.dp import task_vector_norm
 from fedmerge.text import default_cache_root, encode_catalog, get_encoder
 from merge_amazon import evaluate, locate, trained_weights
 
@@ -74,10 +75,9 @@ def main() -> None:
         for source in sources:
             weights, summary = trained_weights(trained_family, theta0, domains[source], features[source], cache,
                                                args.seed)
-            tau2 = sum(float((weights[k].double() - theta0[k].double()).pow(2).sum())
-                       for k in theta0 if theta0[k].is_floating_point())
+            tau2 = task_vector_norm(theta0, weights) ** 2
             row(f"{source} (μ = {mu:g}, {summary.get('epochs', '?')} epochs)", weights, f"{tau2:.0f}")
-    theta0_norm2 = sum(float(t.double().pow(2).sum()) for t in theta0.values() if t.is_floating_point())
+    theta0_norm2 = task_vector_norm({k: torch.zeros_like(t) for k, t in theta0.items()}, theta0) ** 2
     lines += ["", f"- ‖θ₀‖² = {theta0_norm2:.0f} (seed {args.seed})",
               f"- family `{args.family}` settings: `{params}`; torch threads {torch.get_num_threads()}",
               f"- arguments: `{' '.join(sys.argv[1:])}`"]
