@@ -198,7 +198,7 @@ def main() -> None:
     features = {n: family.catalog_features(d.catalog, lambda d=d: encode_catalog(encoder, d.catalog))
                 for n, d in domains.items()}
     dim = int(next(iter(features.values())).shape[-1])
-    theta0 = family.initial_weights(dim, seed=args.seed)
+    theta0 = family.initial_weights(dim, seed=args.seed, catalog_features=[features[n] for n in merged_names])
     if args.warm_start_rounds:
         theta0 = warm_start(family, theta0, {n: domains[n] for n in merged_names}, features,
                             args.warm_start_rounds, args.warm_start_epochs, cache, args.seed)

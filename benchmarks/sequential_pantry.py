@@ -50,7 +50,7 @@ def main() -> None:
     features = family.catalog_features(domain.catalog, lambda: encode_catalog(get_encoder(args.encoder), domain.catalog))
     print(f"{domain.name}: {domain.n_users} users, {domain.n_items} items; item features {tuple(features.shape)} "
           f"in {time.perf_counter() - t0:.1f}s; training on {family.resolved_device()}")
-    theta0 = family.initial_weights(features.shape[-1], seed=args.seed)
+    theta0 = family.initial_weights(features.shape[-1], seed=args.seed, catalog_features=[features])
     weights, info = family.train(theta0, domain, features, seed=args.seed, progress=True)
 
     print("epoch  loss    val_ndcg@10  val_recall@10  wall_s  cpu_s")

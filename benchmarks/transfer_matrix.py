@@ -59,7 +59,8 @@ def main() -> None:
     family = get_family(args.family, **params)
     features = {n: family.catalog_features(d.catalog, lambda d=d: encode_catalog(encoder, d.catalog))
                 for n, d in domains.items()}
-    theta0 = family.initial_weights(int(next(iter(features.values())).shape[-1]), seed=args.seed)
+    theta0 = family.initial_weights(int(next(iter(features.values())).shape[-1]), seed=args.seed,
+                                    catalog_features=[features[n] for n in sources])
 
     lines = ["| model | ‖τ‖² | " + " | ".join(f"{t} R@10 / N@10" for t in targets) + " |",
              "|---" * (len(targets) + 2) + "|"]

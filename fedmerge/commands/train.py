@@ -72,7 +72,7 @@ def train_family(
     """Train a mergeable family from θ₀, save its weights; returns (scorer, report fields)."""
     family = get_family(name, **params)
     features = family.catalog_features(domain.catalog, lambda: item_embeddings(domain, encoder))
-    theta0 = family.initial_weights(features.shape[-1], seed)
+    theta0 = family.initial_weights(features.shape[-1], seed, catalog_features=[features])
     torch.manual_seed(seed)
     start = time.perf_counter()
     weights, info = family.train(theta0, domain, features, seed=seed, progress=True)

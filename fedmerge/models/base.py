@@ -102,8 +102,14 @@ class ModelFamily(ABC):
         """Hyper-parameters, echoed into results."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
-    def initial_weights(self, dim: int, seed: int = 0) -> StateDict:
-        """θ₀: the module's seeded initialization (identical for every client given ``dim`` and ``seed``)."""
+    @property
+    def init_reads_catalogs(self) -> bool:
+        """Whether :meth:`initial_weights` needs the merged domains' public catalog features."""
+        return False
+
+    def initial_weights(self, dim: int, seed: int = 0, catalog_features: Sequence[torch.Tensor] = ()) -> StateDict:
+        """θ₀: the module's seeded initialization (identical for every client given ``dim`` and ``seed``;
+        ``catalog_features`` is read only by families whose :attr:`init_reads_catalogs`)."""
         torch.manual_seed(seed)
         return {k: v.detach().clone() for k, v in self.build(dim).state_dict().items()}
 

@@ -121,7 +121,7 @@ class TextLAEFamily(ModelFamily):
     def build(self, dim: int) -> nn.Module:
         return TextLAE(dim)
 
-    def initial_weights(self, dim: int, seed: int = 0) -> StateDict:
+    def initial_weights(self, dim: int, seed: int = 0, catalog_features: Sequence[torch.Tensor] = ()) -> StateDict:
         """θ₀ = {"W": I}: data-free and seed-independent."""
         return {"W": torch.eye(dim)}
 

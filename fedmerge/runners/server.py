@@ -75,9 +75,12 @@ def training_fingerprint(cfg: Mapping[str, Any]) -> str:
 
 
 def initial_weights(cfg: Mapping[str, Any]) -> StateDict:
-    """θ₀: the family's seeded initialization for the encoder's feature width (identical on every party)."""
+    """θ₀: the family's seeded initialization for the encoder's feature width (identical on every party); a family
+    that reads the public catalogs for θ₀ (routed adapter) gets the training domains' item features."""
     family = family_of(cfg)
-    return family.initial_weights(feature_width(cfg, family), seed=int(cfg["run"]["seed"]))
+    catalogs = ([item_features(cfg, load_catalog(cfg, d), family) for d in training_domains(cfg)]
+                if family.init_reads_catalogs else [])
+    return family.initial_weights(feature_width(cfg, family), seed=int(cfg["run"]["seed"]), catalog_features=catalogs)
 
 
 def fedavg_aggregate(updates: Mapping[str, StateDict], weights: Mapping[str, float]) -> StateDict:

@@ -1,0 +1,126 @@
+"""The routed item adapter: catalog-clustered experts, fixed at θ₀, so each domain trains only its own experts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedmerge.errors import FedmergeError
+from fedmerge.merging import MergeRecConfig, merge, mergerec
+from fedmerge.models.sequential import ResidualMLPAdapter, SequentialFamily, catalog_clusters
+from tests.test_sequential import cycle_domain
+
+DIM = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+def blob(n_items: int, direction: int, seed: int) -> np.ndarray:
+    """Unit text embeddings scattered around the basis vector ``direction``: one catalog's own region of text space."""
+    rng = np.random.default_rng(seed)
+    rows = 0.15 * rng.normal(size=(n_items, DIM)) + np.eye(DIM)[direction]
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def routed_family(**params) -> SequentialFamily:
+    defaults = dict(adapter="routed", n_experts=2, adapter_width=16, hidden=16, n_layers=1, n_heads=2, max_len=10,
+                    dropout=0.0, batch_size=64, lr=5e-3, max_epochs=3, patience=3)
+    return SequentialFamily(**{**defaults, **params})
+
+
+def test_catalog_clusters_separate_catalogs_and_are_seeded():
+    raw = np.concatenate([blob(40, 0, seed=0), blob(40, 3, seed=1)])
+    centre, centroids = catalog_clusters(raw, n_clusters=2, seed=5)
+    torch.testing.assert_close(centre, torch.from_numpy(raw.mean(0)))
+    torch.testing.assert_close(centroids.norm(dim=1), torch.ones(2))
+    expert_of = ((torch.from_numpy(raw) - centre) @ centroids.T).argmax(1)
+    assert len(set(expert_of[:40].tolist())) == 1 and len(set(expert_of[40:].tolist())) == 1
+    assert expert_of[0] != expert_of[40]
+    again = catalog_clusters(raw, n_clusters=2, seed=5)
+    torch.testing.assert_close(again[1], centroids)
+    with pytest.raises(FedmergeError, match="distinct"):
+        catalog_clusters(np.ones((5, DIM), dtype=np.float32), n_clusters=2, seed=0)
+    with pytest.raises(FedmergeError, match="finite"):
+        catalog_clusters(np.full((5, DIM), np.nan, dtype=np.float32), n_clusters=2, seed=0)
+
+
+def test_routed_theta0_is_the_single_adapter_and_needs_the_catalogs():
+    family = routed_family()
+    feats = [family.item_features(blob(30, 0, seed=0)), family.item_features(blob(30, 4, seed=1))]
+    assert family.feature_width(DIM) == 2 * DIM and feats[0].shape == (30, 2 * DIM)
+    assert family.init_reads_catalogs
+    with pytest.raises(FedmergeError, match="public catalogs"):
+        family.initial_weights(2 * DIM, seed=0)
+    with pytest.raises(FedmergeError, match="shapes"):
+        family.initial_weights(2 * DIM, seed=0, catalog_features=[feats[0][:, :DIM]])
+    theta0 = family.initial_weights(2 * DIM, seed=0, catalog_features=feats)
+    module = family.load(theta0, 2 * DIM)
+    single = ResidualMLPAdapter(DIM, 16, 16, dropout=0.0)
+    single.load_state_dict(module.adapter.experts[1].state_dict())
+    both = torch.cat(feats)
+    with torch.no_grad():
+        torch.testing.assert_close(module.item_representations(both), single(both[:, :DIM]))
+    with pytest.raises(ValueError, match="encoder_layers"):
+        routed_family(encoder_layers=1)
+
+
+def test_each_domain_trains_only_its_own_experts_so_task_arithmetic_at_one_keeps_both():
+    family = routed_family(max_epochs=4)
+    domains = {"A": cycle_domain(n_items=20, n_users=80, seed=0, name="A"),
+               "B": cycle_domain(n_items=20, n_users=80, seed=1, name="B")}
+    feats = {"A": family.item_features(blob(20, 0, seed=2)), "B": family.item_features(blob(20, 5, seed=3))}
+    theta0 = family.initial_weights(2 * DIM, seed=0, catalog_features=list(feats.values()))
+    module = family.load(theta0, 2 * DIM)
+    expert = {n: int(module.adapter.route(f[:, DIM:]).unique().item()) for n, f in feats.items()}
+    assert expert["A"] != expert["B"]
+    models = {n: family.train(theta0, domains[n], feats[n], seed=0, progress=False)[0] for n in domains}
+    for n, other in (("A", "B"), ("B", "A")):
+        prefix = f"adapter.experts.{expert[other]}."
+        untouched = [k for k in theta0 if k.startswith(prefix)]
+        assert untouched and all(torch.equal(models[n][k], theta0[k]) for k in untouched)
+        moved = [k for k in theta0 if k.startswith(f"adapter.experts.{expert[n]}.")]
+        assert any(not torch.equal(models[n][k], theta0[k]) for k in moved)
+    merged = merge("task_arithmetic", theta0, models, scale=1.0)
+    for n in domains:
+        with torch.no_grad():
+            ours = family.load(models[n], 2 * DIM).item_representations(feats[n])
+            torch.testing.assert_close(family.load(merged, 2 * DIM).adapter(feats[n]), ours)
+
+
+def test_mergerec_on_the_routed_family_frozen_item_side_matches_the_full_forward_at_the_first_step():
+    family = routed_family()
+    features = {d: family.item_features(blob(n, k, seed=k)) for d, n, k in (("a", 8, 0), ("b", 6, 3), ("c", 10, 6))}
+    theta0 = family.initial_weights(2 * DIM, seed=0, catalog_features=list(features.values()))
+    gen = torch.Generator().manual_seed(8)
+    router = ("adapter.centre", "adapter.centroids")
+    models = {d: {k: v if k in router else v + 0.2 * torch.randn(v.shape, generator=gen) for k, v in theta0.items()}
+              for d in features}
+    config = dict(steps=15, lr=0.05, temperature=0.5, distill_weight=1.0, progress=False, granularity="layer",
+                  pseudo_user_length=2, exclude_input_item=True, batch_size=64)  # 48 pseudo-users: full batches
+    _, full = mergerec(family, theta0, models, features, MergeRecConfig(item_side="full", **config))
+    merged, frozen = mergerec(family, theta0, models, features, MergeRecConfig(item_side="frozen", **config))
+    assert frozen.loss_curve[0] == pytest.approx(full.loss_curve[0], rel=1e-4)
+    assert frozen.loss_curve[-1] < frozen.loss_curve[0]
+    for name in router:
+        torch.testing.assert_close(merged[name], theta0[name])
+
+
+@pytest.mark.parametrize("min_share, moves", [(0.05, False), (0.0, True)])
+def test_an_expert_with_few_of_the_domains_items_stays_at_theta0(min_share, moves):
+    family = routed_family(max_epochs=2, routed_min_share=min_share)
+    raw = np.concatenate([blob(29, 0, seed=0), blob(1, 5, seed=1)])  # one item in the other catalog's region
+    feats = family.item_features(raw)
+    other = family.item_features(blob(30, 5, seed=2))
+    theta0 = family.initial_weights(2 * DIM, seed=0, catalog_features=[feats, other])
+    minor = family.load(theta0, 2 * DIM).adapter.minor_experts(feats, 0.05)
+    assert len(minor) == 1
+    weights, info = family.train(theta0, cycle_domain(n_items=30, n_users=60, seed=0), feats, seed=0, progress=False)
+    names = [k for k in theta0 if k.startswith(f"adapter.experts.{minor[0]}.")]
+    assert any(not torch.equal(weights[k], theta0[k]) for k in names) == moves
+    assert info["frozen_experts"] == (0 if moves else 1)
+    with pytest.raises(ValueError, match="routed_min_share"):
+        routed_family(routed_min_share=1.0)
