@@ -202,6 +202,12 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise FedmergeError("federation.min_replies must be >= 0 and federation.timeout_s > 0")
     if cfg["run"]["torch_threads"] < 1 or cfg["run"]["server_threads"] < 0:
         raise FedmergeError("run.torch_threads must be >= 1 and run.server_threads >= 0 (0: all cores)")
+    from fedmerge.merging import MERGEREC_METHODS, METHODS
+
+    valid_methods = [*METHODS, *MERGEREC_METHODS]
+    unknown = [m for m in cfg["merge"]["methods"] if m not in valid_methods]
+    if unknown:
+        raise FedmergeError(f"merge.methods names unknown method(s) {unknown}; valid: {valid_methods}")
     if cfg["eval"]["split"] not in ("val", "test"):
         raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg['eval']['split']!r}")
 

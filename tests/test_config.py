@@ -14,10 +14,11 @@ from fedmerge.config import (
     parse_params,
     parse_value,
     training_domains,
+    validate,
 )
 from fedmerge.errors import FedmergeError
 
-SCENARIOS = ("quickstart", "amazon-seq", "amazon-lae", "amazon-unseen")
+SCENARIOS = ("quickstart", "amazon-seq", "amazon-seq-routed", "amazon-lae", "amazon-unseen")
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -115,3 +116,10 @@ def test_parse_params_reads_toml_values_and_names_bad_items():
         parse_params(["hidden"], "--family-set")
     with pytest.raises(FedmergeError, match="given twice"):
         parse_params(["a=1", "a=2"])
+
+
+def test_unknown_merge_method_is_named_before_any_training():
+    cfg = copy.deepcopy(load_scenario("quickstart"))
+    cfg["merge"]["methods"] = ["average", "tiez", "mergerec_layerwise"]
+    with pytest.raises(FedmergeError, match=r"\['tiez'\].*valid: .*ties.*mergerec_tensorwise"):
+        validate(cfg)

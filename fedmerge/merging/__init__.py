@@ -12,9 +12,10 @@ from fedmerge.merging.methods import (
     resolve_params,
     task_vectors,
 )
-from fedmerge.merging.mergerec import MergeRecConfig, MergeRecReport, mergerec
+from fedmerge.merging.mergerec import MERGEREC_METHODS, MergeRecConfig, MergeRecReport, mergerec
 
 __all__ = [
+    "MERGEREC_METHODS",
     "MergeRecConfig",
     "MergeRecReport",
     "mergerec",

@@ -153,6 +153,8 @@ def distillation_loss(
 
 
 EXCLUDED_SCORE = -1e4
+# scenario ``merge.methods`` names of MergeRec -> coefficient granularity
+MERGEREC_METHODS = {"mergerec_taskwise": "task", "mergerec_layerwise": "layer", "mergerec_tensorwise": "tensor"}
 
 
 def mask_items(scores: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,6 @@ from fedmerge.runners import protocol
 from fedmerge.runners.client import family_of, feature_width, item_features, load_catalog
 
 logger = logging.getLogger(__name__)
-MERGEREC_METHODS = {"mergerec_taskwise": "task", "mergerec_layerwise": "layer", "mergerec_tensorwise": "tensor"}
 THETA0_FILE = "theta0.safetensors"
 JOINT_FILE = "joint.safetensors"
 FINGERPRINT_KEY = "config_sha256"
@@ -103,7 +102,7 @@ def merge_replies(
     Uses only the weights and the public catalogs. Returns (model name -> merged weights, report with per-method
     seconds and MergeRec's learned coefficients).
     """
-    from fedmerge.merging import merge
+    from fedmerge.merging import MERGEREC_METHODS, merge
 
     models = {d: replies[d] for d in sorted(replies)}
     merged: dict[str, StateDict] = {}
