@@ -182,9 +182,10 @@ def catalog_clusters(embeddings: np.ndarray, n_clusters: int, seed: int) -> tupl
 
     if embeddings.ndim != 2 or not np.isfinite(embeddings).all():
         raise FedmergeError(f"catalog embeddings must be a finite (n, d) matrix, got shape {embeddings.shape}")
-    if len(np.unique(embeddings, axis=0)) < n_clusters:
+    distinct = len(np.unique(embeddings, axis=0))
+    if distinct < n_clusters:
         raise FedmergeError(f"{n_clusters} routing clusters need at least as many distinct catalog items, "
-                            f"got {len(np.unique(embeddings, axis=0))}")
+                            f"got {distinct}")
     centre = embeddings.mean(axis=0)
     rows = embeddings - centre
     rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
