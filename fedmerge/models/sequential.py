@@ -487,7 +487,7 @@ class SequentialFamily(ModelFamily):
         """The seeded initialization; with ``adapter="routed"`` its router is :func:`catalog_clusters` of the raw
         embeddings in ``catalog_features`` (:meth:`item_features` of every merged domain's public catalog)."""
         weights = super().initial_weights(dim, seed)
-        if self.adapter != "routed":
+        if not self.init_reads_catalogs:
             return weights
         if not catalog_features:
             raise FedmergeError("adapter='routed' needs the public catalogs' item features to build θ₀'s router")

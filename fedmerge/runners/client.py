@@ -102,7 +102,8 @@ def family_of(cfg: Mapping[str, Any], extra_params: Mapping[str, Any] | None = N
 
 def feature_width(cfg: Mapping[str, Any], family: ModelFamily) -> int:
     """Width of the family's item features under the scenario's encoder; reads the encoder's config, encodes nothing
-    (θ₀ needs only this, so the server does not encode a whole catalog before the clients can start)."""
+    (θ₀ of most families needs only this, so the server does not encode a whole catalog before the clients can start;
+    a family whose ``init_reads_catalogs`` is the exception)."""
     return family.feature_width(int(scenario_encoder(cfg).dim))
 
 
