@@ -162,6 +162,44 @@ def test_l3ae_matches_direct_two_phase_solution(data) -> None:
     np.testing.assert_allclose(residual - np.diag(np.diag(residual)), 0.0, atol=2e-4)
 
 
+def test_l3ae_reg_x_matches_direct_solution_with_negative_ridge(data) -> None:
+    _, g = data
+    rng = np.random.default_rng(5)
+    e = lae.center_normalize_rows(rng.standard_normal((len(g), 4)))
+    lam_sem, lam_col, reg_x = 0.5, 4.0, -1.5  # negative λ_X as in the released tuned configurations
+    s = ease_weights((e @ e.T).astype(np.float32), lam_sem).astype(np.float64)
+    b = l3ae_weights(penalized_inverse(g.astype(np.float32), lam_col + reg_x), lam_col, e, lam_sem)
+    # λ_X||b||² + λ₂||b - s||² = (λ_X + λ₂)||b - λ₂/(λ_X + λ₂) s||² + const
+    total = lam_col + reg_x
+    for j in range(len(g)):
+        np.testing.assert_allclose(b[:, j], column_solution(g, lam_col / total * s, np.full(len(g), total), j, 0.0),
+                                   atol=5e-5)
+    without = l3ae_weights(penalized_inverse(g.astype(np.float32), lam_col), lam_col, e, lam_sem)
+    assert np.abs(b - without).max() > 1e-3
+
+
+def test_l3ae_rejects_non_positive_total_ridge() -> None:
+    with pytest.raises(FedmergeError, match="lam \\+ reg_x"):
+        get_recommender("l3ae", lam=(10.0, 100.0), reg_x=-50.0)
+
+
+@pytest.mark.parametrize("name, params", [("rlae", {"lam": 1.0, "xi": 0.3}),
+                                          ("rdlae", {"lam": 1.0, "dropout": 0.25, "xi": 0.3})])
+def test_rlae_rdlae_score_with_zero_diagonal(name, params) -> None:
+    """The released code zeroes diag(B) before scoring; a kept B_jj = ξ would give every history item +ξ."""
+    domain = random_domain()
+    model = get_recommender(name, **params).fit(domain)
+    assert np.all(np.diag(model.weights) == 0.0)
+    gram = gram_matrix(domain.train_with_val(), domain.n_items)
+    penalty = params["lam"] if name == "rlae" else rdlae_penalty(gram, params["lam"], params["dropout"])
+    solved = relaxed_diagonal_weights(penalized_inverse(gram, penalty), penalty, params["xi"])
+    assert np.diag(solved).max() == pytest.approx(0.3)  # the constraint binds somewhere
+    off = ~np.eye(domain.n_items, dtype=bool)
+    np.testing.assert_allclose(model.weights[off], solved[off], rtol=1e-6)
+    scores = model.score([np.array([i]) for i in range(domain.n_items)])
+    assert np.all(np.diag(scores) == 0.0)  # a one-item history gives its own item nothing
+
+
 def test_center_normalize_rows() -> None:
     e = np.array([[1.0, 2.0], [3.0, 2.0], [2.0, 2.0]])
     out = lae.center_normalize_rows(e)
@@ -191,7 +229,7 @@ def test_rlae_rdlae_l3ae_fit_and_score_shapes() -> None:
     emb = np.random.default_rng(0).standard_normal((domain.n_items, 6))
     for name, params in [("rlae", {"lam": (1.0, 10.0), "xi": (0.0, 0.2)}),
                          ("rdlae", {"lam": 1.0, "dropout": (0.25, 0.5), "xi": 0.1}),
-                         ("l3ae", {"lam": (1.0, 10.0), "lam_sem": 1.0})]:
+                         ("l3ae", {"lam": (1.0, 10.0), "reg_x": 0.0, "lam_sem": 1.0})]:
         model = get_recommender(name, **params).fit(domain, emb)
         assert len(model.validation) == 4 if name == "rlae" else 2
         assert set(model.selected) == set(params)
@@ -200,7 +238,7 @@ def test_rlae_rdlae_l3ae_fit_and_score_shapes() -> None:
 
 def test_l3ae_without_embeddings_is_a_clear_error() -> None:
     with pytest.raises(FedmergeError, match="embeddings"):
-        get_recommender("l3ae", lam=1.0, lam_sem=1.0).fit(random_domain())
+        get_recommender("l3ae", lam=1.0, reg_x=0.0, lam_sem=1.0).fit(random_domain())
 
 
 def test_unknown_parameter_and_bad_xi() -> None:

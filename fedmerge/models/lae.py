@@ -14,16 +14,24 @@ item Gram matrix, B the n x n item-item weight matrix, and a user's scores are x
   γ_j = (1 - ξ)/P_jj where it would exceed ξ (active, μ_j = (1-ξ)/P_jj - Λ_jj > 0); i.e.
   γ_j = max(Λ_jj, (1 - ξ)/P_jj). Since 1/P_jj (a Schur complement of G + Λ) ≥ Λ_jj, ξ = 0 always binds and gives
   EASE; ξ = 1 never binds and gives the unconstrained LAE B = (G + Λ)⁻¹G.
+  Scoring uses B with its diagonal zeroed, as the authors' released code does: the relaxed diagonal shapes the
+  off-diagonal weights during fitting, but an item's own weight would add B_jj (up to ξ) to the score of every
+  item already in the history, which only matters (and only distorts) when history items stay in the ranking.
 * L3AE (Moon et al., "LLM-Enhanced Linear Autoencoders for Recommendation", CIKM 2025), two phases:
   1. semantic item-item matrix from item text embeddings E (n x d), items' embedding columns acting as users:
      S = argmin ||Eᵀ - EᵀS||² + λ₁||S||² s.t. diag(S) = 0, i.e. EASE on F = EEᵀ:
      S = I - P_S·diagMat(1/diag(P_S)), P_S = (EEᵀ + λ₁I)⁻¹ = (I - E K Eᵀ)/λ₁ with K = (EᵀE + λ₁I)⁻¹ (Woodbury,
      so only a d x d system is solved).
-  2. collaborative weights pulled towards S: min ||X - XB||² + λ₂||B - S||² s.t. diag(B) = 0.
-     Stationarity: (G + λ₂I)B - G - λ₂S + diagMat(μ) = 0, so with P = (G + λ₂I)⁻¹ and B̂ = P(G + λ₂S)
-     (the unconstrained solution), B = B̂ - P·diagMat(μ) with μ_j = B̂_jj / P_jj (zero diagonal).
-     Using P G = I - λ₂P and S = I - P_S D_S (D_S = diagMat(1/diag P_S)): B̂ = I - λ₂ P P_S D_S
-     = I - (λ₂/λ₁)(P - (PE) K Eᵀ) D_S, which costs O(n²d) on top of the one n x n Cholesky inverse.
+  2. collaborative weights pulled towards S: min ||X - XB||² + λ_X||B||² + λ₂||B - S||² s.t. diag(B) = 0
+     (λ_X is the released code's ``reg_X``, which may be negative - the tuned Toys setting is λ_X = -100,
+     λ₂ = 200 - as long as G + (λ_X + λ₂)I stays positive definite).
+     Stationarity: (G + (λ_X + λ₂)I)B - G - λ₂S + diagMat(μ) = 0, so with P = (G + (λ_X + λ₂)I)⁻¹ and
+     B̂ = P(G + λ₂S) (the unconstrained solution), B = B̂ - P·diagMat(μ) with μ_j = B̂_jj / P_jj (zero diagonal).
+     Using P G = I - (λ_X + λ₂)P and S = I - P_S D_S (D_S = diagMat(1/diag P_S)): B̂ = I - λ_X P - λ₂ P P_S D_S
+     = I - λ_X P - (λ₂/λ₁)(P - (PE) K Eᵀ) D_S, which costs O(n²d) on top of the one n x n Cholesky inverse.
+     The λ_X P term only moves column j by a multiple of P's column j, which the diagonal correction absorbs:
+     B = (λ₂/λ₁)(PE)(K Eᵀ D_S) - P·diagMat(γ) off the diagonal, γ_j = (1 + (λ₂/λ₁)(PEKEᵀ)_jj (D_S)_jj)/P_jj,
+     so λ_X enters only through P.
 
 Every dense matrix is float32; the n x n inverses use a Cholesky factorisation (LAPACK potrf/potri in place).
 """
@@ -109,6 +117,12 @@ def relaxed_diagonal_weights(inverse: np.ndarray, penalty: np.ndarray | float, x
     return weights
 
 
+def without_diagonal(weights: np.ndarray) -> np.ndarray:
+    """``weights`` with its diagonal set to zero in place (an item never scores itself), returned."""
+    weights[np.diag_indices_from(weights)] = 0.0
+    return weights
+
+
 def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
     """EASE: B = I - P·diagMat(1/diag(P)), P = (G + λI)⁻¹, with diag(B) exactly 0."""
     return relaxed_diagonal_weights(penalized_inverse(gram, lam), lam, 0.0)
@@ -132,7 +146,8 @@ def semantic_inverse_factors(embeddings: np.ndarray, lam_sem: float) -> tuple[np
 
 
 def l3ae_weights(inverse: np.ndarray, lam_col: float, embeddings: np.ndarray, lam_sem: float) -> np.ndarray:
-    """L3AE phase 2 from P = (G + λ₂I)⁻¹: B = B̂ - P·diagMat(diag(B̂)/diag(P)), B̂ = I - (λ₂/λ₁)(P - PEKEᵀ)D_S."""
+    """L3AE phase 2 from P = (G + (λ_X + λ₂)I)⁻¹ (λ₂ = ``lam_col``): B = B̂ - P·diagMat(diag(B̂)/diag(P)) with
+    B̂ = I - λ_X P - (λ₂/λ₁)(P - PEKEᵀ)D_S; λ_X needs no argument (see the module docstring)."""
     k, diag_ps = semantic_inverse_factors(embeddings, lam_sem)
     d_s = (1.0 / diag_ps).astype(np.float32)
     e = np.asarray(embeddings, dtype=np.float32)
@@ -243,7 +258,8 @@ class EASE(LinearAutoencoder):
 
 
 class RLAE(LinearAutoencoder):
-    """RLAE (Moon et al. 2023): EASE's objective with diag(B) ≤ ξ. The paper tunes ξ in small steps from 0."""
+    """RLAE (Moon et al. 2023): EASE's objective with diag(B) ≤ ξ, scored with diag(B) zeroed (as the released
+    code). The paper tunes ξ in small steps from 0."""
 
     name = "rlae"
 
@@ -258,11 +274,12 @@ class RLAE(LinearAutoencoder):
             if inverse_lam != config["lam"]:
                 inverse, inverse_lam = None, config["lam"]
                 inverse = penalized_inverse(gram, inverse_lam)
-            yield relaxed_diagonal_weights(inverse, inverse_lam, config["xi"])
+            yield without_diagonal(relaxed_diagonal_weights(inverse, inverse_lam, config["xi"]))
 
 
 class RDLAE(LinearAutoencoder):
-    """RDLAE (Moon et al. 2023): dropout-emphasised penalty λ + p/(1-p)·G_jj with diag(B) ≤ ξ (DLAE: p ≈ 0.25-0.5)."""
+    """RDLAE (Moon et al. 2023): dropout-emphasised penalty λ + p/(1-p)·G_jj with diag(B) ≤ ξ (DLAE: p ≈ 0.25-0.5),
+    scored with diag(B) zeroed (as the released code)."""
 
     name = "rdlae"
 
@@ -281,30 +298,40 @@ class RDLAE(LinearAutoencoder):
                 inverse, key = None, (config["lam"], config["dropout"])
                 penalty = rdlae_penalty(gram, *key)
                 inverse = penalized_inverse(gram, penalty)
-            yield relaxed_diagonal_weights(inverse, penalty, config["xi"])
+            yield without_diagonal(relaxed_diagonal_weights(inverse, penalty, config["xi"]))
 
 
 class L3AE(LinearAutoencoder):
     """L3AE (Moon et al. 2025): EASE regularised towards a semantic item-item matrix from text embeddings.
 
-    ``lam_sem`` (λ₁) regularises the semantic EASE on the centred unit-norm embeddings; ``lam`` (λ₂) pulls B
-    towards S (λ₂ → 0 gives EASE-like collaborative weights, λ₂ → ∞ gives S).
+    ``lam_sem`` (λ₁, the released code's ``reg_F``) regularises the semantic EASE on the centred unit-norm
+    embeddings; ``lam`` (λ₂, ``reg_E``) pulls B towards S (λ₂ → 0 gives EASE-like collaborative weights, λ₂ → ∞
+    gives S); ``reg_x`` (λ_X, ``reg_X``) is a plain ridge on B, negative values (the released tuned configurations
+    use them) loosen it. Every grid point needs λ_X + λ₂ > 0.
     """
 
     name = "l3ae"
     needs_embeddings = True
 
     def __init__(
-        self, lam: float | Sequence[float] = (100.0, 300.0, 1000.0), lam_sem: float | Sequence[float] = (0.3, 3.0)
+        self,
+        lam: float | Sequence[float] = (100.0, 300.0, 1000.0),
+        reg_x: float | Sequence[float] = (0.0, -50.0),
+        lam_sem: float | Sequence[float] = (0.3, 3.0),
     ) -> None:
-        super().__init__(lam=lam, lam_sem=lam_sem)
+        super().__init__(lam=lam, reg_x=reg_x, lam_sem=lam_sem)
+        bad = [(lam_col, reg_x) for lam_col in self.grid["lam"] for reg_x in self.grid["reg_x"] if lam_col + reg_x <= 0]
+        if bad:
+            raise FedmergeError(f"l3ae: lam + reg_x must be positive (G + (lam + reg_x)I must stay positive "
+                                f"definite); (lam, reg_x) pairs {bad} are not (pass reg_x=0.0 for the plain ridge)")
 
     def solutions(self, gram: np.ndarray, configs: list[Config], features: np.ndarray | None) -> Iterator[np.ndarray]:
         if features is None:
             raise FedmergeError("l3ae needs item embeddings")
-        inverse, inverse_lam = None, None
+        inverse, inverse_penalty = None, None
         for config in configs:
-            if inverse_lam != config["lam"]:
-                inverse, inverse_lam = None, config["lam"]
-                inverse = penalized_inverse(gram, inverse_lam)
-            yield l3ae_weights(inverse, inverse_lam, features, config["lam_sem"])
+            penalty = config["lam"] + config["reg_x"]
+            if inverse_penalty != penalty:
+                inverse, inverse_penalty = None, penalty
+                inverse = penalized_inverse(gram, inverse_penalty)
+            yield l3ae_weights(inverse, config["lam"], features, config["lam_sem"])
