@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
 from fedmerge.data.domain import Domain, ItemCatalog, as_sequences
-from fedmerge.metrics import evaluate_scorer, metrics_from_ranks, target_ranks
+from fedmerge.metrics import evaluate_scorer, metrics_from_ranks, metrics_from_ties, rank_counts, target_ranks
 
 # 1 / log2(r + 2) for ranks 0..2, computed by hand
 INV_LOG2 = {0: 1.0, 1: 0.6309297535714575, 2: 0.5}
@@ -107,6 +109,55 @@ def test_metrics_need_users() -> None:
         metrics_from_ranks(np.array([], dtype=int))
 
 
+# --- expected metrics under random tie orders ------------------------------------------------------------------
+
+
+def _brute_force_expected(row: np.ndarray, target: int, ks: tuple[int, ...]) -> dict[str, float]:
+    """Mean Recall@K / NDCG@K over every permutation of the items, keeping those that sort by score descending:
+    each order of tied items is equally likely."""
+    totals = dict.fromkeys([f"{m}@{k}" for k in ks for m in ("recall", "ndcg")], 0.0)
+    count = 0
+    for order in itertools.permutations(range(len(row))):
+        if any(row[a] < row[b] for a, b in zip(order, order[1:])):
+            continue  # not a valid ranking by score
+        count += 1
+        rank = order.index(target)  # 0-based
+        for k in ks:
+            totals[f"recall@{k}"] += rank < k
+            totals[f"ndcg@{k}"] += (rank < k) / np.log2(rank + 2)
+    return {key: value / count for key, value in totals.items()}
+
+
+def test_expected_tie_metrics_match_enumeration_of_tie_orders() -> None:
+    rng = np.random.default_rng(7)
+    ks = (1, 2, 3, 5)
+    for _ in range(12):
+        row = rng.integers(0, 3, size=6).astype(float)  # 6 items, 3 score levels: many ties
+        target = int(rng.integers(6))
+        higher, tied, _ = rank_counts(row[None, :], np.array([target]))
+        got = metrics_from_ties(higher, tied, ks)
+        expected = _brute_force_expected(row, target, ks)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-12), (row, target, key)
+
+
+def test_expected_ties_on_constant_scorer_by_hand(tiny_domain: Domain) -> None:
+    """All 6 items tie: the target's rank is uniform on 1..6 whatever its id."""
+    out = evaluate_scorer(lambda seqs: np.zeros((len(seqs), 6)), tiny_domain, split="test", ks=(1, 3))
+    assert out["recall@1"] == pytest.approx(1 / 6) and out["recall@3"] == pytest.approx(3 / 6)
+    assert out["ndcg@3"] == pytest.approx(sum(1 / np.log2(r + 1) for r in (1, 2, 3)) / 6)
+    old = evaluate_scorer(lambda seqs: np.zeros((len(seqs), 6)), tiny_domain, split="test", ks=(1, 3),
+                          ties="lower_index")
+    assert old["recall@1"] == pytest.approx(0.5)  # targets 0 and 3: item 0 wins every tie
+    with pytest.raises(ValueError, match="tie rule 'random'.*expected"):
+        evaluate_scorer(RecordingScorer(), tiny_domain, ties="random")  # type: ignore[arg-type]
+
+
+def test_without_ties_both_rules_agree(tiny_domain: Domain) -> None:
+    assert evaluate_scorer(RecordingScorer(), tiny_domain, split="val") == evaluate_scorer(
+        RecordingScorer(), tiny_domain, split="val", ties="lower_index")
+
+
 # --- evaluate_scorer on a hand-made domain ---------------------------------------------------------------------
 
 FIXED_SCORES = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])  # unmasked rank of item t is 5 - t
@@ -190,11 +241,15 @@ def test_scores_follow_the_input(tiny_domain: Domain) -> None:
         scores[np.arange(len(seqs)), [s[-1] for s in seqs]] = 1.0
         return scores
 
-    out = evaluate_scorer(last_item_first, domain, split="val", ks=(1,))
+    out = evaluate_scorer(last_item_first, domain, split="val", ks=(1,), ties="lower_index")
     # users 0, 1 repeat their last item; user 2's target 1 ranks 2 (3 scores higher, 0 ties first)
     assert out["recall@1"] == pytest.approx(2 / 3)
     # masked: repeated targets stay; user 2 loses 0 and 3 from the ranking, so its target 1 moves to rank 0
     assert out["recall@1_masked"] == pytest.approx(1.0)
+    expected = evaluate_scorer(last_item_first, domain, split="val", ks=(1,))
+    assert expected["recall@1"] == pytest.approx(2 / 3)  # user 2: 3 scores higher, no chance at rank 1
+    # masked: user 2's target 1 ties with 2, 4 and 5 at the top: rank 1 with probability 1/4
+    assert expected["recall@1_masked"] == pytest.approx((1 + 1 + 1 / 4) / 3)
 
 
 @pytest.mark.parametrize(
