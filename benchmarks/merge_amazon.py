@@ -39,7 +39,7 @@ from fedmerge.storage import load_weights, read_metadata, save_weights, weights_
 from fedmerge.text import default_cache_root, encode_catalog, get_encoder
 
 logger = logging.getLogger("merge_amazon")
-TRAINING_FREE = ("average", "task_arithmetic", "ties", "dare", "pcb")  # each with its registry defaults
+TRAINING_FREE = ("average", "task_arithmetic", "ties", "ties_global", "dare", "pcb", "pcb_released")  # registry defaults
 
 
 def locate(root: Path, name: str) -> Path:

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from fedmerge.merging import merge, processed_task_vectors, resolve_params
-from fedmerge.merging.methods import drop_random, elect_sign_mask, pcb_weights, trim_magnitude
+from fedmerge.merging.methods import (
+    clamp_quantiles,
+    drop_random,
+    elect_sign_mask,
+    pcb_released_vectors,
+    pcb_weights,
+    trim_magnitude,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -78,6 +85,71 @@ def test_ties_processed_vectors_sum_to_disjoint_mean():
 def test_trim_magnitude_keeps_top_fraction():
     tau = torch.tensor([[1.0, -5.0, 3.0, 0.5, 2.0]])
     torch.testing.assert_close(trim_magnitude(tau, 0.4), torch.tensor([[0.0, -5.0, 3.0, 0.0, 0.0]]))
+
+
+def test_trim_magnitude_keeps_floor_of_density_times_n():
+    tau = torch.tensor([[1.0, -5.0, 3.0, 0.5, 2.0]])
+    # ρn = 1.5: ⌊1.5⌋ = 1 entry as the TIES and MergeRec code (⌈1.5⌉ = 2 before)
+    torch.testing.assert_close(trim_magnitude(tau, 0.3), torch.tensor([[0.0, -5.0, 0.0, 0.0, 0.0]]))
+    assert torch.equal(trim_magnitude(tau, 0.1), torch.zeros_like(tau))  # ρn < 1 keeps nothing
+
+
+def test_sign_election_picks_plus_where_the_sum_is_zero():
+    tau = torch.tensor([[2.0, 1.0, 0.0], [-2.0, -3.0, 0.0]])
+    # entry 0: 2 - 2 = 0 -> + elected, model 0 kept; entry 1: sum -2 -> -; entry 2: all zero -> nothing
+    mask = elect_sign_mask(tau)
+    assert mask.tolist() == [[True, False, False], [False, True, False]]
+
+
+# Two tensors whose magnitudes differ by 100x: a global top-ρ trim keeps only the big tensor's entries.
+TWO_TENSOR_THETA0 = {"big": torch.zeros(4), "small": torch.zeros(4)}
+TWO_TENSOR_MODELS = {
+    "a": {"big": torch.tensor([400.0, -100.0, 300.0, 200.0]), "small": torch.tensor([1.0, -4.0, 2.0, 3.0])},
+    "b": {"big": torch.tensor([100.0, 300.0, -400.0, 200.0]), "small": torch.tensor([-3.0, 2.0, 4.0, 1.0])},
+}
+
+
+def test_global_and_per_tensor_ties_differ_on_two_tensors():
+    # density 0.25: per tensor ⌊0.25·4⌋ = 1 entry of each tensor per model; globally ⌊0.25·8⌋ = 2 entries per
+    # model, both from "big"
+    per_tensor = merge("ties", TWO_TENSOR_THETA0, TWO_TENSOR_MODELS, density=0.25)
+    # big: a keeps 400 (entry 0), b keeps -400 (entry 2); small: a keeps -4 (entry 1), b keeps 4 (entry 2)
+    torch.testing.assert_close(per_tensor["big"], torch.tensor([400.0, 0.0, -400.0, 0.0]))
+    torch.testing.assert_close(per_tensor["small"], torch.tensor([0.0, -4.0, 4.0, 0.0]))
+    for name in ("ties_global", "ties"):
+        params = {} if name == "ties_global" else {"scope": "model"}
+        merged = merge(name, TWO_TENSOR_THETA0, TWO_TENSOR_MODELS, density=0.25, **params)
+        # a keeps 400, 300 (entries 0, 2); b keeps -400, 300 (entries 2, 1); entry 2: 300 - 400 < 0 -> b's -400
+        torch.testing.assert_close(merged["big"], torch.tensor([400.0, 300.0, -400.0, 0.0]))
+        torch.testing.assert_close(merged["small"], torch.zeros(4))
+
+
+def test_pcb_released_by_hand():
+    """The released formulas on one model row of 200 entries (quantile clamps need a long row) and two models."""
+    gen = torch.Generator().manual_seed(0)
+    tau = torch.randn(2, 200, generator=gen)
+    n = 200
+    density = 0.3
+    magnitude = tau.abs()
+    lo = magnitude.sort(dim=1).values[:, 2:3]  # int(200·0.01) = 2
+    hi = magnitude.sort(dim=1).values[:, 197:198]  # int(200·0.99) - 1 = 197
+    magnitude = torch.minimum(torch.maximum(magnitude, lo), hi)
+    torch.testing.assert_close(clamp_quantiles(tau.abs(), 0.01, 0.01), magnitude)
+
+    def norm(x):
+        lo, hi = x.min(dim=1, keepdim=True).values, x.max(dim=1, keepdim=True).values
+        return (x - lo) / (hi - lo)
+
+    beta = torch.exp(2 * norm(magnitude) ** 2) * torch.tanh(tau * tau.sum(0))
+    floor = beta.sort(dim=1).values[:, int(n * (1 - density)) : int(n * (1 - density)) + 1]
+    mask = norm(torch.maximum(beta, floor))
+    assert ((mask > 0).sum(dim=1) <= n * density).all() and ((mask > 0).sum(dim=1) >= n * density - 1).all()
+    expected = torch.sign(tau) * magnitude * mask / mask.sum(0).clamp(min=1e-12) / 2
+    torch.testing.assert_close(pcb_released_vectors(tau, density), expected)
+    theta0 = {"v": torch.zeros(100), "w": torch.zeros(10, 10)}
+    models = {str(k): {"v": tau[k, :100], "w": tau[k, 100:].reshape(10, 10)} for k in range(2)}
+    merged = merge("pcb_released", theta0, models, density=density)  # whole-model scope: one row of 200
+    torch.testing.assert_close(torch.cat([merged["v"], merged["w"].flatten()]), expected.sum(0))
 
 
 def test_dare_preserves_expectation_over_seeds():
@@ -152,6 +224,7 @@ def test_unknown_method_lists_valid():
         ("dare", {"base": "average"}, "base='average' is invalid"),
         ("dare", {"density": 0.5}, "density"),
         ("pcb", {"ratio": 0}, "ratio=0 is invalid"),
+        ("ties", {"scope": "layer"}, "scope='layer' is invalid; expected one of \\['tensor', 'model'\\]"),
         ("average", {"weights": [1, -1]}, "weights"),
         ("average", {"weights": [1, 2, 3]}, "3 weights for 2 models"),
     ],
@@ -175,7 +248,9 @@ def test_incompatible_models_name_model_and_parameter():
 
 
 def test_resolve_params_fills_paper_defaults():
-    assert resolve_params("ties", {}) == {"density": 0.2, "scale": 1.0}
+    assert resolve_params("ties", {}) == {"density": 0.2, "scale": 1.0, "scope": "tensor"}
+    assert resolve_params("ties_global", {}) == {"density": 0.2, "scale": 1.0, "scope": "model"}
+    assert resolve_params("pcb_released", {}) == {"density": 0.2, "scale": 1.0, "scope": "model"}
     assert resolve_params("task_arithmetic", {})["scale"] == 0.3
 
 

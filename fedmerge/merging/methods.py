@@ -12,6 +12,15 @@ composition of three steps, in the spirit of mergekit's decomposition:
 A method returns the processed task vectors τ̃_k = a_k ⊙ sparsify(τ_k) and λ, and the merge is
 θ = θ₀ + λ Σ_k τ̃_k. MergeRec (:mod:`fedmerge.merging.mergerec`) learns per-domain coefficients in place of λ on
 the same τ̃_k.
+
+**Scope.** Methods with a ``scope`` parameter run either tensor by tensor (``"tensor"``) or once on each model's
+whole task vector, all tensors flattened and concatenated (``"model"``), which is what the TIES authors' code and
+MergeRec's released code do (their top-ρ trim and PCB's quantile clamps and normalizations are then global: a
+tensor whose entries are small next to the rest of the model can lose all of them). ``ties`` keeps per-tensor
+trimming by default - every tensor keeps its top ρ share, which on fedmerge's models (a few large adapter and
+embedding tensors next to many small Transformer ones) keeps each layer's own update; ``ties_global`` is the
+references' setting by name. ``pcb`` follows the PCB paper's equations; ``pcb_released`` is the released PCB code
+that MergeRec runs (see :func:`pcb_released_vectors`).
 """
 
 from __future__ import annotations
@@ -84,11 +93,14 @@ def task_vectors(theta0: StateDict, models: Models) -> tuple[list[str], dict[str
 
 
 def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep each τ_k's top ⌈ρ·n⌉ entries by |τ_k| (ties broken by position), zero the rest (TIES step 1)."""
+    """Keep each τ_k's top ⌊ρ·n⌋ entries by |τ_k| (ties broken by position), zero the rest (TIES step 1).
+
+    ⌊ρ·n⌋ as the TIES and MergeRec code (``int(density * numel)``); a tensor with ρ·n < 1 keeps nothing.
+    """
     if density >= 1.0:
         return tau.clone()
     flat = tau.reshape(tau.shape[0], -1)
-    n_keep = max(1, math.ceil(density * flat.shape[1] - 1e-9))
+    n_keep = math.floor(density * flat.shape[1] + 1e-9)
     top = flat.abs().topk(n_keep, dim=1, sorted=False).indices
     mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
     return (flat * mask).reshape(tau.shape)
@@ -103,8 +115,10 @@ def drop_random(tau: torch.Tensor, p: float, generator: torch.Generator) -> torc
 
 
 def elect_sign_mask(tau: torch.Tensor) -> torch.Tensor:
-    """TIES sign election: γ = sign(Σ_k τ_k); mask_k = [τ_k ≠ 0 and sign(τ_k) = γ]."""
-    elected = torch.sign(tau.sum(dim=0, keepdim=True))
+    """TIES sign election: γ = sign(Σ_k τ_k), with γ = +1 where Σ_k τ_k = 0 (as MergeRec's released TIES);
+    mask_k = [τ_k ≠ 0 and sign(τ_k) = γ]."""
+    total = tau.sum(dim=0, keepdim=True)
+    elected = torch.where(total >= 0, 1.0, -1.0)
     return (torch.sign(tau) == elected) & (tau != 0)
 
 
@@ -136,6 +150,44 @@ def pcb_weights(tau: torch.Tensor, ratio: float) -> torch.Tensor:
         betas.append(intra * inter)
     beta = torch.stack(betas)
     return trim_magnitude(beta, ratio).reshape(tau.shape)
+
+
+def clamp_quantiles(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Each row of ``x`` (K, n) clamped to [x_(⌊n·low⌋), x_(⌊n·(1-high)⌋-1)] (its sorted entries, 0-based): the
+    released PCB code's ``clamp`` (``high = 0`` leaves the top unclamped)."""
+    n = x.shape[1]
+    ordered = x.sort(dim=1).values
+    lo = ordered[:, int(n * low)].unsqueeze(1)
+    hi = ordered[:, int(n * (1 - high)) - 1].unsqueeze(1)
+    return torch.minimum(torch.maximum(x, lo), hi)
+
+
+def minmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row of ``x`` (K, n) min-max normalized to [0, 1] (a constant row gives zeros)."""
+    lo, hi = x.min(dim=1, keepdim=True).values, x.max(dim=1, keepdim=True).values
+    span = hi - lo
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), 0.0)
+
+
+def pcb_released_vectors(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Processed vectors of the released PCB-merging code (as MergeRec runs it), rows over all entries of ``tau``:
+
+    m_k = clamp of |τ_k| to its 1 % and 99 % quantiles, τ̄_k = sign(τ_k) m_k;
+    β_k = exp(K · Norm(m_k)²) ⊙ tanh(τ_k ⊙ Σ_j τ_j)        (intra ⊙ inter balancing; Norm = min-max over the row);
+    w_k = Norm(clamp of β_k from below at its (1 - ρ) quantile)  (soft mask: 0 up to the quantile, up to 1 above);
+    τ̃_k = τ̄_k ⊙ w_k / Σ_j w_j / K                          (the released code's extra 1/K).
+
+    The paper instead uses softmax balancing, a hard top-ρ mask on β and no 1/K (:func:`pcb_weights`). The
+    released min-max divides by zero on a constant row; here such a row normalizes to zeros.
+    """
+    n_models = tau.shape[0]
+    flat = tau.reshape(n_models, -1)
+    magnitude = clamp_quantiles(flat.abs(), 0.01, 0.01)
+    intra = torch.exp(n_models * minmax_rows(magnitude) ** 2)
+    inter = torch.tanh(flat * flat.sum(dim=0, keepdim=True))
+    soft_mask = minmax_rows(clamp_quantiles(intra * inter, 1.0 - density, 0.0))
+    out = torch.sign(flat) * magnitude * soft_mask / soft_mask.sum(dim=0, keepdim=True).clamp(min=1e-12) / n_models
+    return out.reshape(tau.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,6 +227,11 @@ def _pcb(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) 
     return tau * beta / beta.sum(dim=0, keepdim=True).clamp(min=1e-12)
 
 
+def _pcb_released(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """The released PCB code's τ̃_k (:func:`pcb_released_vectors`)."""
+    return pcb_released_vectors(tau, params["density"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # registry
 
@@ -212,6 +269,12 @@ def _is_weights(v: Any) -> bool:
 
 SCALE = Param(1.0, _is_real, "a real number")
 DENSITY = Param(0.2, _in_open_closed(0.0, 1.0), "a number in (0, 1]")
+SCOPES = ("tensor", "model")
+
+
+def scope_param(default: str) -> Param:
+    """``scope``: run per parameter tensor or once over each model's whole flattened task vector."""
+    return Param(default, lambda v: v in SCOPES, f"one of {list(SCOPES)}")
 
 
 @dataclass(frozen=True)
@@ -253,9 +316,16 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod(
             "ties",
             _ties,
-            {"density": DENSITY, "scale": SCALE},
+            {"density": DENSITY, "scale": SCALE, "scope": scope_param("tensor")},
             "https://arxiv.org/abs/2306.01708",
-            "trim, elect sign, disjoint mean (Yadav et al. 2023)",
+            "trim, elect sign, disjoint mean (Yadav et al. 2023); top-ρ trim per tensor by default",
+        ),
+        MergeMethod(
+            "ties_global",
+            _ties,
+            {"density": DENSITY, "scale": SCALE, "scope": scope_param("model")},
+            "https://arxiv.org/abs/2306.01708",
+            "TIES as its authors' and MergeRec's code run it: top-ρ trim over the whole flattened model",
         ),
         MergeMethod(
             "dare",
@@ -277,6 +347,14 @@ METHODS: dict[str, MergeMethod] = {
             {"ratio": Param(0.1, _in_open_closed(0.0, 1.0), "a keep ratio in (0, 1]"), "scale": SCALE},
             "https://arxiv.org/abs/2410.02396",
             "parameter competition balancing: intra/inter balancing, drop, weighted merge (Du et al. 2024)",
+        ),
+        MergeMethod(
+            "pcb_released",
+            _pcb_released,
+            {"density": DENSITY, "scale": SCALE, "scope": scope_param("model")},
+            "https://github.com/duguodong7/pcb-merging",
+            "PCB as its released code (run by MergeRec): exp/tanh balancing, quantile-clamped soft mask, "
+            "whole-model scope, extra 1/K",
         ),
     )
 }
@@ -319,6 +397,17 @@ def merge_scale(name: str, params: Mapping[str, Any]) -> float:
     return float(value)
 
 
+def flatten_model(stacks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(K, N): each model's tensors flattened and concatenated in ``stacks`` order (N = all entries)."""
+    return torch.cat([t.reshape(t.shape[0], -1) for t in stacks.values()], dim=1)
+
+
+def split_model(flat: torch.Tensor, stacks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`flatten_model`: ``flat`` (K, N) cut back into ``stacks``' names and shapes."""
+    sizes = [t[0].numel() for t in stacks.values()]
+    return {name: part.reshape(t.shape) for (name, t), part in zip(stacks.items(), flat.split(sizes, dim=1))}
+
+
 @dataclass(frozen=True)
 class ProcessedTaskVectors:
     """τ̃_k per parameter as (K, *shape) float32 stacks, model names in stack order, and the method's λ."""
@@ -342,8 +431,11 @@ def processed_task_vectors(name: str, theta0: StateDict, models: Models, **param
     model_names, taus = task_vectors(theta0, models)
     resolved = resolve_params(name, params, n_models=len(model_names))
     generator = torch.Generator().manual_seed(int(resolved.get("seed", 0)))
-    vectors = {pname: method.fn(taus[pname], resolved, generator) for pname in sorted(taus)}
-    vectors = {pname: vectors[pname] for pname in theta0}
+    if resolved.get("scope") == "model":
+        vectors = split_model(method.fn(flatten_model(taus), resolved, generator), taus)
+    else:
+        vectors = {pname: method.fn(taus[pname], resolved, generator) for pname in sorted(taus)}
+        vectors = {pname: vectors[pname] for pname in theta0}
     logger.debug("processed %d parameters of %d models with %s %s", len(vectors), len(model_names), name, resolved)
     return ProcessedTaskVectors(model_names, vectors, merge_scale(name, resolved), name, resolved)
 
