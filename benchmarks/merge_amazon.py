@@ -39,7 +39,8 @@ from fedmerge.storage import load_weights, read_metadata, save_weights, weights_
 from fedmerge.text import default_cache_root, encode_catalog, get_encoder
 
 logger = logging.getLogger("merge_amazon")
-TRAINING_FREE = ("average", "task_arithmetic", "ties", "ties_global", "dare", "pcb", "pcb_released")  # registry defaults
+# each with its registry defaults
+TRAINING_FREE = ("average", "task_arithmetic", "ties", "ties_global", "dare", "pcb", "pcb_released")
 
 
 def locate(root: Path, name: str) -> Path:
@@ -148,7 +149,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="folder with <Domain>/ or <Domain>.tar.gz")
     parser.add_argument("--encoder", default="minilm")
     parser.add_argument("--cache", type=Path, default=None, help="trained-weight cache (default: <fedmerge cache>/merge_amazon)")
-    parser.add_argument("--steps", type=int, default=500, help="MergeRec optimization steps")
+    parser.add_argument("--steps", type=int, default=None, help="MergeRec optimization steps (default: the preset's)")
+    parser.add_argument("--presets", default="paper,fedmerge",
+                        help="MergeRec presets to run, comma-separated: 'paper' (the official scripts' constants), "
+                        "'fedmerge' (this project's setting), 'none' (MergeRecConfig defaults); --mergerec-set keys "
+                        "override every preset"),
     parser.add_argument("--inits", default="task_arithmetic", help="MergeRec initializations, comma-separated "
                         "(training-free method names, e.g. task_arithmetic,ties)")
     parser.add_argument("--granularities", default="task,layer", help="MergeRec coefficient granularities")
@@ -211,27 +216,35 @@ def main() -> None:
     candidates.update({f"individual {n}": w for n, w in individuals.items()})
     for method in (m.strip() for m in args.baselines.split(",") if m.strip()):
         candidates[method] = merge(method, theta0, to_merge)
-    # label -> (init method, granularity, {domain: {group: λ}}) of every coefficient set, for --objective
-    coefficient_sets: dict[str, tuple[str, str, dict[str, dict[str, float]]]] = {}
+    def mergerec_config(preset: str | None, init: str, granularity: str) -> MergeRecConfig:
+        keys = {**mergerec_params, "init_method": init, "granularity": granularity, "seed": args.seed}
+        if args.steps is not None:
+            keys["steps"] = args.steps
+        return MergeRecConfig.from_keys({**keys, "preset": preset} if preset else keys)
+
+    presets = [None if p.strip() == "none" else p.strip() for p in args.presets.split(",") if p.strip()]
+    # label -> (preset, init method, granularity, {domain: {group: λ}}) of every coefficient set, for --objective
+    coefficient_sets: dict[str, tuple[str | None, str, str, dict[str, dict[str, float]]]] = {}
     if args.coefficients:
         names_tv, stacks = task_vectors(theta0, to_merge)
         for label, entry in json.loads(args.coefficients.read_text()).items():
             groups, column = group_index(family, list(theta0), entry["granularity"])
             lam = coefficient_tensor(entry["coefficients"], names_tv, groups)
             candidates[label] = merged_weights(theta0, stacks, lam, column)
-            coefficient_sets[label] = ("task_arithmetic", entry["granularity"], entry["coefficients"])
+            coefficient_sets[label] = (None, "task_arithmetic", entry["granularity"], entry["coefficients"])
     timings: dict[str, dict] = {}
     for label, config in {
-        f"MergeRec {granularity}-wise ({init} init)": MergeRecConfig(
-            init_method=init, granularity=granularity, steps=args.steps, seed=args.seed, **mergerec_params
-        )
+        f"MergeRec {granularity}-wise ({init} init{f', {preset} preset' if preset else ''})": mergerec_config(
+            preset, init, granularity)
+        for preset in presets
         for init in (name.strip() for name in args.inits.split(",") if name.strip())
         for granularity in (g.strip() for g in args.granularities.split(",") if g.strip())
     }.items():
         weights, report = mergerec(family, theta0, to_merge, {n: features[n] for n in merged_names}, config)
         candidates[label] = weights
-        coefficient_sets[label] = (config.init_method, config.granularity, report.coefficients)
+        coefficient_sets[label] = (config.preset, config.init_method, config.granularity, report.coefficients)
         timings[label] = {
+            "steps": config.steps,
             "optimization_seconds": round(report.optimization_seconds, 2),
             "teacher_seconds": round(report.teacher_seconds, 2),
             "coefficients": report.coefficients,
@@ -247,15 +260,15 @@ def main() -> None:
         candidates[label], coefficients, val_recall = oracle_coefficients(
             family, theta0, to_merge, domains, features, grid, args.oracle_sweeps, args.oracle_granularity)
         oracle[label] = {"coefficients": coefficients, "val_recall@10": round(val_recall, 4)}
-        coefficient_sets[label] = ("task_arithmetic", args.oracle_granularity, coefficients)
+        coefficient_sets[label] = (None, "task_arithmetic", args.oracle_granularity, coefficients)
     objective: dict[str, float] = {}
     if args.objective:
-        for init, granularity in sorted({(i, g) for i, g, _ in coefficient_sets.values()}):
+        for preset, init, granularity in sorted({(p or "", i, g) for p, i, g, _ in coefficient_sets.values()}):
             evaluator = PseudoUserObjective(
                 family, theta0, to_merge, {n: features[n] for n in merged_names},
-                MergeRecConfig(**{**mergerec_params, "init_method": init, "granularity": granularity}))
-            for label, (i, g, coefficients) in coefficient_sets.items():
-                if (i, g) == (init, granularity):
+                mergerec_config(preset or None, init, granularity))
+            for label, (p, i, g, coefficients) in coefficient_sets.items():
+                if (p or "", i, g) == (preset, init, granularity):
                     lam = coefficient_tensor(coefficients, evaluator.domains, evaluator.groups)
                     objective[label] = evaluator.mean_loss(lam)
                     logger.info("pseudo-user objective of %s: %.4f", label, objective[label])
@@ -290,7 +303,7 @@ def main() -> None:
     for label, t in timings.items():
         starts = (f"; objective per start {json.dumps(t['start_objectives'])}, kept {t['chosen_start']!r}"
                   if t["start_objectives"] else "")
-        lines.append(f"- {label}: {args.steps} steps in {t['optimization_seconds']} s "
+        lines.append(f"- {label}: {t['steps']} steps in {t['optimization_seconds']} s "
                      f"(teacher scores {t['teacher_seconds']} s){starts}; coefficients `{json.dumps(t['coefficients'])}`")
     for label, o in oracle.items():
         lines.append(f"- {label}: coefficients `{json.dumps(o['coefficients'])}`, mean val R@10 {o['val_recall@10']}")

@@ -208,6 +208,12 @@ def validate(cfg: Mapping[str, Any]) -> None:
     unknown = [m for m in cfg["merge"]["methods"] if m not in valid_methods]
     if unknown:
         raise FedmergeError(f"merge.methods names unknown method(s) {unknown}; valid: {valid_methods}")
+    from fedmerge.merging.mergerec import MergeRecConfig
+
+    try:  # an unknown key or preset fails here, before any client trains
+        MergeRecConfig.from_keys(cfg["merge"]["mergerec"])
+    except (ValueError, TypeError) as exc:
+        raise FedmergeError(f"merge.mergerec: {exc}") from exc
     if cfg["eval"]["split"] not in ("val", "test"):
         raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg['eval']['split']!r}")
 

@@ -123,3 +123,16 @@ def test_unknown_merge_method_is_named_before_any_training():
     cfg["merge"]["methods"] = ["average", "tiez", "mergerec_layerwise"]
     with pytest.raises(FedmergeError, match=r"\['tiez'\].*valid: .*ties.*mergerec_tensorwise"):
         validate(cfg)
+
+
+def test_mergerec_preset_and_keys_are_checked_before_any_training():
+    cfg = copy.deepcopy(load_scenario("quickstart"))
+    cfg["merge"]["mergerec"] = {"preset": "paper", "steps": 10}
+    validate(cfg)
+    cfg["merge"]["mergerec"] = {"preset": "offical"}
+    with pytest.raises(FedmergeError,
+                       match=r"merge.mergerec: unknown MergeRec preset 'offical'; valid: \['fedmerge', 'paper'\]"):
+        validate(cfg)
+    cfg["merge"]["mergerec"] = {"temprature": 0.1}
+    with pytest.raises(FedmergeError, match=r"unknown MergeRec key\(s\) \['temprature'\]"):
+        validate(cfg)

@@ -11,10 +11,12 @@ from torch import nn
 
 from fedmerge.merging import merge
 from fedmerge.merging.mergerec import (
+    MERGEREC_INITIAL_COEFFICIENT,
     MergeRecConfig,
     PseudoUserObjective,
     PseudoUsers,
     distillation_loss,
+    group_index,
     mask_items,
     mergerec,
     teacher_rollouts,
@@ -370,3 +372,51 @@ def test_multi_start_can_rank_runs_on_a_seeded_sample_of_pseudo_users():
     lam = torch.tensor([[report.coefficients[d]["all"]] for d in models])
     assert objective.mean_loss(lam, sample) == pytest.approx(report.start_objectives["only y"], rel=1e-6)
     assert objective.mean_loss(lam) != pytest.approx(report.start_objectives["only y"], rel=1e-6)
+
+
+# --- presets ----------------------------------------------------------------------------------------------------
+
+
+def test_paper_preset_resolves_the_official_scripts_constants():
+    ta = MergeRecConfig.from_keys({"preset": "paper"})
+    assert (ta.temperature, ta.distill_weight, ta.lr, ta.batch_size, ta.steps) == (0.05, 1000.0, 1e-3, 16, 500)
+    assert ta.layer_groups == "transformer" and ta.item_side == "frozen" and ta.pseudo_user_length == 1
+    assert not ta.exclude_input_item and ta.item_refresh == 0 and ta.preset == "paper"
+    assert ta.init_method == "task_arithmetic" and dict(ta.init_params) == {}  # task arithmetic has no scope
+    ties = MergeRecConfig.from_keys({"preset": "paper", "init_method": "ties", "init_params": {"density": 0.3}})
+    assert dict(ties.init_params) == {"density": 0.3, "scope": "model"}  # global TIES
+    # λ₀: 0.2 for task arithmetic, 1.0 for TIES (resolved when MergeRec starts)
+    assert ta.init_coefficient is None and MERGEREC_INITIAL_COEFFICIENT["task_arithmetic"] == 0.2
+    assert MERGEREC_INITIAL_COEFFICIENT["ties"] == 1.0
+    own = MergeRecConfig.from_keys({"preset": "fedmerge", "init_method": "ties"})
+    assert (own.distill_weight, own.lr, own.pseudo_user_length, own.item_refresh) == (10.0, 3e-3, 3, 25)
+    assert own.exclude_input_item and own.layer_groups == "family" and own.init_params["scope"] == "tensor"
+
+
+def test_explicit_keys_override_the_preset_and_bad_names_list_valid_ones():
+    config = MergeRecConfig.from_keys({"preset": "paper", "steps": 7, "layer_groups": "family",
+                                       "init_method": "ties", "init_params": {"scope": "tensor"}})
+    assert config.steps == 7 and config.layer_groups == "family" and config.init_params["scope"] == "tensor"
+    assert config.distill_weight == 1000.0
+    assert MergeRecConfig.from_keys({"steps": 3}) == MergeRecConfig(steps=3)  # no preset: the dataclass defaults
+    with pytest.raises(ValueError, match="unknown MergeRec preset 'official'; valid: \\['fedmerge', 'paper'\\]"):
+        MergeRecConfig.from_keys({"preset": "official"})
+    with pytest.raises(ValueError, match="unknown MergeRec key.*'stepz'.*valid"):
+        MergeRecConfig.from_keys({"preset": "paper", "stepz": 3})
+
+
+def test_transformer_layer_groups_are_blocks_and_text_tower_layers_plus_others():
+    from fedmerge.models import get_family
+
+    names = ["adapter.w", "position.weight", "blocks.0.attn.w", "blocks.0.ffn.b", "blocks.1.attn.w",
+             "final_norm.weight", "text_tower.layers.0.w", "text_tower.layers.1.w"]
+    groups = get_family("sequential").transformer_layer_groups(names)
+    assert groups == {"others": ["adapter.w", "position.weight", "final_norm.weight"],
+                      "block.0": ["blocks.0.attn.w", "blocks.0.ffn.b"], "block.1": ["blocks.1.attn.w"],
+                      "text_tower.0": ["text_tower.layers.0.w"], "text_tower.1": ["text_tower.layers.1.w"]}
+    names_groups, column = group_index(TinyFamily(), ["A", "b"], "layer", "transformer")
+    assert names_groups == ["others"] and column == {"A": 0, "b": 0}  # no Transformer layers: one group
+    family, theta0, models, features = setup()
+    config = MergeRecConfig.from_keys({"preset": "paper", **FAST, "steps": 2, "granularity": "layer"})
+    _, report = mergerec(family, theta0, models, features, config)
+    assert report.groups == ["others"] and report.config["preset"] == "paper"

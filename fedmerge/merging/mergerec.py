@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -63,7 +63,31 @@ from fedmerge.models.base import PAD, ModelFamily, StateDict, stack_item_feature
 logger = logging.getLogger(__name__)
 
 # MergeRec's initial per-domain coefficient for its two initializations; other methods start at their own λ.
-MERGEREC_INITIAL_COEFFICIENT: dict[str, float] = {"task_arithmetic": 0.2, "ties": 1.0}
+MERGEREC_INITIAL_COEFFICIENT: dict[str, float] = {"task_arithmetic": 0.2, "ties": 1.0, "ties_global": 1.0}
+
+# Named settings of every MergeRecConfig constant (``MergeRecConfig.from_keys(preset=...)``); ``init_scope`` is the
+# ``scope`` given to an initialization method that has one (TIES, released PCB) unless init_params sets it.
+MERGEREC_PRESETS: dict[str, dict[str, Any]] = {
+    # the official scripts (scripts/3_mergerec/*.sh, configs/distill.py, weight_learning/module/layer_wise.py):
+    # T = 0.05, c = 1000, Adam lr 1e-3, batch 16, 500 steps, λ₀ 0.2 (task vector) / 1.0 (TIES), TIES trimmed over
+    # the whole flattened model, cached item embeddings, one-item pseudo-users drawn from the union of domains,
+    # layer-wise groups = one per Transformer layer plus one "others" group
+    "paper": {
+        "temperature": 0.05, "distill_weight": 1000.0, "lr": 1e-3, "batch_size": 16, "steps": 500,
+        "init_coefficient": None, "max_coefficient": None, "sampling": "union", "logit_norm": "none",
+        "item_side": "frozen", "item_refresh": 0, "exclude_input_item": False, "pseudo_user_length": 1,
+        "multi_start": False, "selection_users": 0, "layer_groups": "transformer", "init_scope": "model",
+    },
+    # fedmerge's own setting (scenario amazon-seq-routed, README's routed-adapter table): weaker distillation,
+    # rollout pseudo-users without their own items, periodically refreshed candidates, family layer groups,
+    # per-tensor TIES
+    "fedmerge": {
+        "temperature": 0.05, "distill_weight": 10.0, "lr": 3e-3, "batch_size": 16, "steps": 500,
+        "init_coefficient": None, "max_coefficient": None, "sampling": "union", "logit_norm": "none",
+        "item_side": "frozen", "item_refresh": 25, "exclude_input_item": True, "pseudo_user_length": 3,
+        "multi_start": False, "selection_users": 0, "layer_groups": "family", "init_scope": "tensor",
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -73,6 +97,9 @@ class MergeRecConfig:
     init_method: str = "task_arithmetic"
     init_params: Mapping[str, Any] = field(default_factory=dict)
     granularity: Literal["task", "layer", "tensor"] = "task"
+    # layer-wise groups: the family's ``parameter_groups`` or, as MergeRec's official layer-wise module, one group
+    # per Transformer layer plus one "others" group (``family.transformer_layer_groups``)
+    layer_groups: Literal["family", "transformer"] = "family"
     init_coefficient: float | None = None  # None: 0.2 (task arithmetic), 1.0 (TIES), else the method's λ
     # λ ≤ max_coefficient, projected after every step: bounds how much one client's (noisy) task vector is amplified
     max_coefficient: float | None = None
@@ -93,10 +120,16 @@ class MergeRecConfig:
     item_refresh: int = 0  # with item_side="frozen": recompute item representations every this many steps (0: never)
     teacher_batch: int = 512
     progress: bool = True
+    # the preset :meth:`from_keys` resolved (a record for reports: constructing MergeRecConfig directly applies
+    # no preset, it only checks the name)
+    preset: str | None = None
 
     def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in MERGEREC_PRESETS:
+            raise ValueError(f"unknown MergeRec preset {self.preset!r}; valid: {sorted(MERGEREC_PRESETS)}")
         checks = {
             "granularity": self.granularity in ("task", "layer", "tensor"),
+            "layer_groups": self.layer_groups in ("family", "transformer"),
             "sampling": self.sampling in ("union", "domain"),
             "logit_norm": self.logit_norm in ("none", "teacher_std"),
             "item_side": self.item_side in ("full", "frozen"),
@@ -114,6 +147,34 @@ class MergeRecConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid MergeRecConfig values: {[(k, getattr(self, k)) for k in bad]}")
+
+    @classmethod
+    def from_keys(cls, keys: Mapping[str, Any]) -> MergeRecConfig:
+        """A config from ``keys`` (field -> value, e.g. a scenario's ``[merge.mergerec]`` table), where the optional
+        key ``preset`` names a :data:`MERGEREC_PRESETS` entry whose constants fill every field the other keys do
+        not set: explicit keys override the preset. The preset's ``init_scope`` becomes the initialization
+        method's ``scope`` (when it has one and ``init_params`` does not set it). ValueError names an unknown
+        preset or key and lists the valid ones."""
+        from fedmerge.merging.methods import get_method
+
+        values = dict(keys)
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown MergeRec key(s) {unknown}; valid: {valid}")
+        preset = values.get("preset")
+        if preset is None:
+            return cls(**values)
+        if preset not in MERGEREC_PRESETS:
+            raise ValueError(f"unknown MergeRec preset {preset!r}; valid: {sorted(MERGEREC_PRESETS)}")
+        constants = dict(MERGEREC_PRESETS[preset])
+        scope = constants.pop("init_scope")
+        values = {**constants, **values}
+        init_method = values.get("init_method", cls.init_method)
+        init_params = dict(values.get("init_params", {}))
+        if "scope" in get_method(init_method).params:
+            init_params.setdefault("scope", scope)
+        return cls(**{**values, "init_params": init_params})
 
 
 @dataclass
@@ -234,14 +295,19 @@ class PseudoUsers:
         return scores
 
 
-def group_index(family: ModelFamily, names: list[str], granularity: str) -> tuple[list[str], dict[str, int]]:
+def group_index(
+    family: ModelFamily, names: list[str], granularity: str, layer_groups: str = "family"
+) -> tuple[list[str], dict[str, int]]:
     """(group names, parameter -> group column): one group ``all`` (``task``), ``family.parameter_groups``
-    (``layer``), or one group per parameter tensor (``tensor``, AdaMerging's layer-wise)."""
+    (``layer``; ``family.transformer_layer_groups`` with ``layer_groups="transformer"``), or one group per
+    parameter tensor (``tensor``, AdaMerging's layer-wise)."""
     if granularity == "task":
         return ["all"], {n: 0 for n in names}
     if granularity == "tensor":
         return list(names), {n: k for k, n in enumerate(names)}
-    groups = family.parameter_groups(names)
+    if layer_groups not in ("family", "transformer"):
+        raise ValueError(f"unknown layer_groups {layer_groups!r}; valid: ['family', 'transformer']")
+    groups = family.parameter_groups(names) if layer_groups == "family" else family.transformer_layer_groups(names)
     column: dict[str, int] = {}
     for g, (_, members) in enumerate(groups.items()):
         for name in members:
@@ -364,7 +430,7 @@ class PseudoUserObjective:
             raise ValueError(f"pseudo_user_length {config.pseudo_user_length} exceeds {family.name!r}'s "
                              f"max_len {family.max_len}")
         self.base = {p: t.detach().float() for p, t in theta0.items()}
-        self.groups, self.column = group_index(family, list(self.base), config.granularity)
+        self.groups, self.column = group_index(family, list(self.base), config.granularity, config.layer_groups)
         self.item_features = [item_features[d] for d in self.domains]
 
         start = time.perf_counter()

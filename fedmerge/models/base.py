@@ -136,3 +136,8 @@ class ModelFamily(ABC):
     def parameter_groups(self, names: Iterable[str]) -> dict[str, list[str]]:
         """Layer groups for layer-wise merge coefficients; by default one group per parameter tensor."""
         return {name: [name] for name in names}
+
+    def transformer_layer_groups(self, names: Iterable[str]) -> dict[str, list[str]]:
+        """Groups as MergeRec's official layer-wise module forms them: one per Transformer layer and one ``others``
+        group holding every other parameter; a family without Transformer layers has only ``others``."""
+        return {"others": list(names)}

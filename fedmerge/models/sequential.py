@@ -550,6 +550,15 @@ class SequentialFamily(ModelFamily):
             groups.setdefault(group, []).append(name)
         return groups
 
+    def transformer_layer_groups(self, names: Iterable[str]) -> dict[str, list[str]]:
+        """One group per Transformer layer - ``block.<i>`` of the sequence encoder and ``text_tower.<i>`` of a tuned
+        text encoder - and ``others`` for the adapter, positions and final norms (MergeRec's official grouping)."""
+        groups: dict[str, list[str]] = {}
+        for group, members in self.parameter_groups(names).items():
+            layer = group.startswith(("block.", "text_tower."))
+            groups.setdefault(group if layer else "others", []).extend(members)
+        return groups
+
     def scorer(self, weights: StateDict, item_features: torch.Tensor, batch_size: int = 512) -> Scorer:
         """Like :meth:`ModelFamily.scorer`, but item representations are computed once and sequences are batched
         by length (little padding); rows come back in input order."""
