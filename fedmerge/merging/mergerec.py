@@ -9,8 +9,9 @@
    with t_k its top item not yet in the sequence, and every prefix of length 1..L is a pseudo-user. One-item
    sequences carry no signal about positions or attention across items; rollout prefixes do.
 3. **Collaborative merge optimization** - learnable λ, one scalar per domain (``task``), one per domain and
-   parameter group (``layer``, groups from ``family.parameter_groups``) or one per domain and parameter tensor
-   (``tensor``). For a pseudo-user of domain d with
+   parameter group (``layer``, groups from ``family.parameter_groups``, or with ``layer_groups="transformer"``
+   one per Transformer layer plus one "others" group as MergeRec's official layer-wise module) or one per domain
+   and parameter tensor (``tensor``). For a pseudo-user of domain d with
    merged scores s over d's items (both s and t optionally divided by σ_d, the std of d's teacher scores):
 
        loss = CE(s, argmax t) + c · T² · KL(softmax(t/T) ‖ softmax(s/T))
@@ -34,6 +35,9 @@
    sequential family's TextSASRec does). With a Transformer over 12k-item catalogs this is the difference between
    seconds and hours per 500 steps on a 2-core CPU. The frozen item representations of all domains are stacked
    into one union catalog, so each step runs the sequence side once for the whole mixed-domain batch.
+
+Named settings of every constant: :data:`MERGEREC_PRESETS` through :meth:`MergeRecConfig.from_keys` (``"paper"``:
+the official scripts; ``"fedmerge"``: this project's setting); explicit keys override a preset.
 
 Pseudo-user batches are (B, L), not (B, max_len): a sequence of at most L items right-aligned in ``max_len``
 columns is all padding before its last L columns, and the families read padded sequences right-aligned and ignore
@@ -92,7 +96,9 @@ MERGEREC_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class MergeRecConfig:
-    """Every constant of MergeRec; defaults follow the paper's released scripts."""
+    """Every constant of MergeRec. Defaults follow the paper's released scripts except ``layer_groups`` (the
+    family's groups) and a TIES initialization's per-tensor scope; :meth:`from_keys` with ``preset="paper"`` sets
+    all of them."""
 
     init_method: str = "task_arithmetic"
     init_params: Mapping[str, Any] = field(default_factory=dict)
