@@ -32,7 +32,7 @@ def metric_keys() -> set[str]:
 
 @pytest.mark.parametrize("model,params", [("popularity", []), ("ease", ["--set", "lam=[1,10]"]),
                                           ("rdlae", ["--set", "lam=5", "--set", "dropout=0.25", "--set", "xi=[0,0.2]"]),
-                                          ("l3ae", ["--set", "lam=5", "--set", "lam_sem=1"])])
+                                          ("l3ae", ["--set", "lam=5", "--set", "reg_x=[0,-2]", "--set", "lam_sem=1"])])
 def test_train_recommender_writes_metrics(domain_dir, tmp_path, monkeypatch, model, params) -> None:
     monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "out"
