@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMAND_MODULES: tuple[str, ...] = ("data", "merge", "train", "deploy", "simulate", "privacy")  # each helper module adds its name here
+COMMAND_MODULES: tuple[str, ...] = ("data", "merge", "train", "deploy", "simulate", "privacy", "recommend", "evaluate")  # each helper module adds its name here
 
 
 def build_parser() -> argparse.ArgumentParser:

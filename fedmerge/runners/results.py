@@ -2,12 +2,15 @@
 
 ``results.json`` holds ``models.<name>.<domain>.{recall@K, ndcg@K, ..._masked, users}`` and
 ``models.<name>.average`` (unweighted mean over the training domains; held-out domains are listed in ``held_out``
-and evaluated zero-shot), ``fedavg_curve`` (per round: cumulative bytes and average metrics), ``oneshot_bytes``,
+and evaluated zero-shot), ``fedavg_curve`` (per round: FedAvg's own cumulative training traffic in bytes and the
+average metrics), ``oneshot_bytes`` (the one-shot phase's traffic, all a one-shot merge costs),
 ``bytes.<domain>.{sent, received}`` (client's view), ``timings_s`` per phase, ``train_metrics`` (one-shot
 training, per domain), the resolved ``config`` and package ``versions``; a ``--resume`` run adds ``resumed``.
 
-Next to it the run folder holds ``theta0.safetensors``, ``joint.safetensors`` (if the joint oracle ran) and
-``clients/<domain>.safetensors`` (each accepted one-shot update, saved as it arrived; see :mod:`fedmerge.storage`).
+Next to it the run folder holds ``models/<name>.safetensors`` for every evaluated shared model (θ₀, each merge,
+FedAvg's final model, the joint oracle), each saved as soon as it is built, and ``clients/<domain>.safetensors``
+(each accepted one-shot update, saved as it arrived; see :mod:`fedmerge.storage`), each with a ``.json`` model card
+(:mod:`fedmerge.recommender`).
 """
 
 from __future__ import annotations
