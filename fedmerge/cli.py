@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
+
+from fedmerge.logs import configure_logging
 
 COMMAND_MODULES: tuple[str, ...] = ("data", "merge", "train", "deploy", "simulate", "privacy", "recommend", "evaluate")  # each helper module adds its name here
 
@@ -19,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedmerge", description="Data-isolated cross-domain recommendation by federated model merging."
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show framework logs (fedmerge INFO, Flower, alembic, Ray worker output)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
@@ -29,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose=args.verbose, debug=args.debug)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

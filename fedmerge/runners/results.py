@@ -70,22 +70,47 @@ def metric_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+NON_PRIVATE_MARK = "†"
+
+
 def summary_table(results: Mapping[str, Any], metric: str = "recall@10") -> str:
-    """Plain-text table: one row per model, one column per domain plus the average."""
+    """Plain-text table: one row per model, one column per domain plus the average; a model trained on pooled
+    private data (``non_private``, the joint oracle) is marked with a dagger."""
     domains = [*results["domains"], "average"]
     held_out = set(results.get("held_out", []))
     headers = ["model"] + [f"{d}*" if d in held_out else d for d in domains]
     lines = []
     for model, per_domain in results["models"].items():
-        cells = [model]
+        cells = [f"{model}{NON_PRIVATE_MARK}" if per_domain.get("non_private") else model]
         for d in domains:
             value = per_domain.get(d, {}).get(metric) if isinstance(per_domain.get(d), Mapping) else None
             cells.append("-" if value is None else f"{value:.4f}")
         lines.append(cells)
-    widths = [max(len(str(row[i])) for row in [headers, *lines]) for i in range(len(headers))]
-    fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths))  # noqa: E731
-    note = f"{metric} ({results['run']['engine']} engine)" + (" ; * = held out, zero-shot" if held_out else "")
-    return "\n".join([note, fmt(headers), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+    notes = [f"{metric} ({results['run']['engine']} engine)"]
+    if held_out:
+        notes.append("* = held out, zero-shot")
+    if any(m.get("non_private") for m in results["models"].values()):
+        notes.append(f"{NON_PRIVATE_MARK} = trained on the pooled private data (non-private reference)")
+    return "\n".join([" ; ".join(notes), *_aligned([headers, *lines])])
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Rows as left-aligned columns, a dashed rule under the first."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return [fmt(rows[0]), fmt(["-" * w for w in widths]), *map(fmt, rows[1:])]
+
+
+def timings_table(results: Mapping[str, Any]) -> str:
+    """The run's phase timings, one row per phase, in seconds."""
+    rows = [[phase, f"{seconds:.1f}"] for phase, seconds in results.get("timings_s", {}).items()]
+    return "\n".join(["timings", *_aligned([["phase", "seconds"], *rows])])
+
+
+def run_summary(results: Mapping[str, Any], primary: str = "recall@10") -> str:
+    """What ``fedmerge simulate`` prints: the primary metric's table, NDCG@10's, and the timings."""
+    metrics = list(dict.fromkeys([primary, "ndcg@10"]))
+    return "\n\n".join([*(summary_table(results, m) for m in metrics), timings_table(results)])
 
 
 def archive_results(out_dir: str | Path) -> Path | None:
