@@ -145,47 +145,81 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path, metric: str |
 
 
 def plot_domains(results: Mapping[str, Any], path: Path, metric: str) -> None:
-    """Grouped bars: per domain (and average), one bar per model."""
+    """Grouped bars per domain (and the average), one bar per model: ``metric`` beside NDCG@10, titled with the run;
+    the joint oracle (trained on pooled private data) is hatched and labelled non-private."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    domains = [*results["domains"], "average"]
-    models = list(results["models"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(domains) * max(1, len(models)) / 4), 4))
-    width = 0.8 / max(1, len(models))
-    for i, model in enumerate(models):
-        values = [results["models"][model].get(d, {}).get(metric, np.nan) for d in domains]
-        ax.bar(np.arange(len(domains)) + i * width, values, width, label=model)
-    held_out = set(results.get("held_out", []))
-    ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2)
-    ax.set_xticklabels([f"{d}\n(held out)" if d in held_out else d for d in domains])
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    metrics = list(dict.fromkeys([metric, "ndcg@10"]))
+    n_bars = (len(results["domains"]) + 1) * max(1, len(results["models"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(len(metrics) * max(5, 0.2 * n_bars), 4.4), squeeze=False)
+    for ax, name in zip(axes[0], metrics):
+        _domain_bars(ax, results, name)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=min(6, len(labels)), loc="lower center")
+    run = results.get("run", {})
+    fig.suptitle(f"{run.get('name', 'run')}: per-domain {' and '.join(metrics)} "
+                 f"({run.get('engine', '?')} engine, seed {run.get('seed', '?')})")
+    fig.tight_layout(rect=(0, 0.08 + 0.03 * (len(labels) // 6), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def _domain_bars(ax: Any, results: Mapping[str, Any], metric: str) -> None:
+    import numpy as np
+
+    domains = [*results["domains"], "average"]
+    models = list(results["models"])
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        per_domain = results["models"][model]
+        values = [per_domain.get(d, {}).get(metric, np.nan) for d in domains]
+        private = not per_domain.get("non_private")
+        ax.bar(np.arange(len(domains)) + i * width, values, width, label=model if private else f"{model} (non-private)",
+               hatch=None if private else "//", edgecolor=None if private else "black")
+    held_out = set(results.get("held_out", []))
+    ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2)
+    ax.set_xticklabels([f"{d}\n(held out)" if d in held_out else d for d in domains])
+    ax.set_ylabel(metric)
+
+
+ONE_SHOT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
 def plot_communication(results: Mapping[str, Any], path: Path, metric: str) -> None:
-    """FedAvg's average metric vs cumulative bytes, with the one-shot merges as points at one round's bytes."""
+    """Average metric vs each method's own training traffic: FedAvg's cumulative rounds as a line, every one-shot
+    merge at the one-shot phase's traffic (distinct markers and labels; they share that x). Evaluation broadcasts
+    are in no method's traffic."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.transforms import offset_copy
+
     curve = results["fedavg_curve"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([c["bytes"] for c in curve], [c.get(metric, float("nan")) for c in curve], "o-", label="fedavg (per round)")
-    for model, per_domain in results["models"].items():
-        if model in ("fedavg", "individual", "theta0", "joint") or metric not in per_domain.get("average", {}):
-            continue
-        ax.scatter([results["oneshot_bytes"]], [per_domain["average"][metric]], label=model, marker="x")
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes communicated (all clients, both directions)")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    megabytes = [c["bytes"] / 1e6 for c in curve]
+    ax.plot(megabytes, [c.get(metric, float("nan")) for c in curve], "o-", color="black", label="fedavg (per round)")
+    for c, x in zip(curve, megabytes):
+        ax.annotate(f"round {c['round']}", (x, c.get(metric, float("nan"))), textcoords="offset points",
+                    xytext=(4, -10), fontsize=7)
+    oneshot = results["oneshot_bytes"] / 1e6
+    merges = [m for m, per_domain in results["models"].items()
+              if m not in ("fedavg", "individual", "theta0", "joint") and metric in per_domain.get("average", {})]
+    for i, model in enumerate(merges):  # same traffic: spread sideways by a few points so that none hides another
+        shift = offset_copy(ax.transData, fig=fig, x=7 * (i - (len(merges) - 1) / 2), y=0, units="points")
+        ax.scatter([oneshot], [results["models"][model]["average"][metric]], transform=shift, s=36, zorder=3,
+                   marker=ONE_SHOT_MARKERS[i % len(ONE_SHOT_MARKERS)], label=f"{model} (one-shot)")
+    ax.update_datalim([(oneshot, results["models"][m]["average"][metric]) for m in merges])  # shifted: not counted
+    ax.autoscale_view()
+    ax.set_xlim(0, 1.1 * max([oneshot, *megabytes]))
+    ax.set_xlabel("MB exchanged by the method's own training (all clients, both directions)")
     ax.set_ylabel(f"average {metric}")
+    ax.set_title(f"{results.get('run', {}).get('name', 'run')}: one-shot merges ({oneshot:.2f} MB, markers spread "
+                 f"sideways) vs FedAvg", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
