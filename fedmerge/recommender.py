@@ -130,7 +130,7 @@ class LoadedRecommender:
     weights: StateDict
     encoder: Any
     cache_dir: str = ""
-    _last: tuple[Any, Any] | None = field(default=None, repr=False)  # (catalog, its features): reused by batches
+    _last: tuple[Any, Any] | None = field(default=None, init=False, repr=False)  # (catalog, its features): reused by batches
 
     @property
     def name(self) -> str:

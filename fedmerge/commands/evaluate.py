@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fedmerge.commands.recommend import add_saved_model_options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -14,10 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ".safetensors, with its .json card) on a domain folder or tarball, with the same full-ranking metrics as "
         "the run (fedmerge.metrics.evaluate_scorer). The domain may be one the model never saw.",
     )
-    parser.add_argument("--model", type=Path, required=True, help="saved model (.safetensors with its .json card)")
+    add_saved_model_options(parser)
     parser.add_argument("--data", type=Path, required=True, help="domain folder or .tar.gz (Amazon or generic format)")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="users' target (default test)")
-    parser.add_argument("--cache-dir", default="", help="embedding cache folder (default: the default cache)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
     parser.set_defaults(func=run_evaluate)
 

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ".safetensors, with its .json card), encodes the catalog's item texts with the model's own encoder (through "
         "the embedding cache) and prints the top-K items for each history. Items of the history are left out.",
     )
-    parser.add_argument("--model", type=Path, required=True, help="saved model (.safetensors with its .json card)")
+    add_saved_model_options(parser)
     parser.add_argument("--catalog", type=Path, required=True, help="domain folder or .tar.gz whose items to rank")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--history", help="one history, oldest first: ID,ID,... (item ids of the catalog)")
@@ -30,9 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--texts", action="store_true",
                         help="history entries are item texts (JSON lists in --histories), not catalog ids")
     parser.add_argument("--include-history", action="store_true", help="may recommend items of the history")
-    parser.add_argument("--cache-dir", default="", help="embedding cache folder (default: the default cache)")
     parser.add_argument("--json", action="store_true", help="print JSON (the batch form always writes JSON lines)")
     parser.set_defaults(func=run_recommend)
+
+
+def add_saved_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--cache-dir``: the options of every command that loads a saved model."""
+    parser.add_argument("--model", type=Path, required=True, help="saved model (.safetensors with its .json card)")
+    parser.add_argument("--cache-dir", default="", help="embedding cache folder (default: the default cache)")
 
 
 def parse_history(line: str, texts: bool, where: str) -> list[str]:

@@ -231,7 +231,8 @@ class Federation:
                 metrics = {domain: self.models.get("individual", {}).get(domain, {})}
             else:
                 per_domain = self.models.get(name, {})
-                metrics = {**per_domain, "average": average_metrics(per_domain, self.train_domains)}
+                metrics = {**{d: per_domain[d] for d in self.domains if d in per_domain},
+                           "average": average_metrics(per_domain, self.train_domains)}
             update_card(path, metrics={d: m for d, m in metrics.items() if m})
 
     # ---- requests and replies -------------------------------------------------------------------------------
