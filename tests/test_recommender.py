@@ -52,6 +52,9 @@ def test_every_evaluated_model_is_saved_with_a_card_holding_its_metrics(run):
         for d in results["domains"]:
             assert card["metrics"][d] == results["models"][name][d]
         assert {"torch", "flwr", "python"} <= set(card["versions"])
+    # a run reports every K of README's metrics section (5, 10, 20, 50), masked and unmasked
+    assert {f"{m}@{k}{v}" for m in ("recall", "ndcg") for k in (5, 10, 20, 50) for v in ("", "_masked")} <= set(
+        results["models"]["ties"]["synth-0"])
     mergerec = read_card(models / "mergerec_layerwise.safetensors")
     assert set(mergerec["mergerec"]["coefficients"]) == set(results["domains"])
     assert mergerec["domains"] == results["domains"]
