@@ -9,18 +9,31 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
-COMMAND_MODULES: tuple[str, ...] = ("data", "merge", "train", "deploy", "simulate", "privacy")  # each helper module adds its name here
+from fedmerge.logs import configure_logging
+
+COMMAND_MODULES: tuple[str, ...] = ("data", "merge", "train", "deploy", "simulate", "privacy", "recommend", "evaluate")  # each helper module adds its name here
+
+
+class LazyHelpParser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``description`` may be a callable, called only when help is printed (so a command
+    can describe a registry that lives in a heavy module without importing it for every ``--help``)."""
+
+    def format_help(self) -> str:
+        if callable(self.description):
+            self.description = self.description()
+        return super().format_help()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedmerge", description="Data-isolated cross-domain recommendation by federated model merging."
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show framework logs (fedmerge INFO, Flower, alembic, Ray worker output)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=LazyHelpParser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"fedmerge.commands.{name}").register(subparsers)
     return parser
@@ -29,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose=args.verbose, debug=args.debug)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

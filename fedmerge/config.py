@@ -34,7 +34,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "params": {},
         "mergerec": {},
     },
-    "eval": {"ks": [10, 20], "split": "test", "primary": "recall@10"},
+    "eval": {"ks": [5, 10, 20, 50], "split": "test", "primary": "recall@10"},
     "baselines": {
         "individual": True,
         "theta0": True,

@@ -48,7 +48,7 @@ def build_server_app(
         out = results_io.finalize(out, scenario, engine="flower")
         results_io.write_results(out, target)
         if cfg is None:  # under `flwr run` this is the user's only view of the results
-            print(results_io.summary_table(out))  # noqa: T201
+            print(results_io.run_summary(out, scenario["eval"]["primary"]))  # noqa: T201
         if out["status"] != "ok":
             raise FedmergeError(f"federation failed: {out['errors']}")
 

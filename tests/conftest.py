@@ -1,4 +1,7 @@
-"""Shared fixtures: the real Amazon data folder (skips when missing) and small synthetic domains."""
+"""Shared fixtures: the real Amazon data (skips, naming what is missing, when absent) and small synthetic domains.
+
+Every test that uses the ``amazon_dir`` fixture is marked ``real_data`` (select them with ``-m real_data``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from fedmerge.data.domain import Domain
 from fedmerge.data.synthetic import make_synthetic_domains
 
 AMAZON_DOMAINS = ("Beauty", "Pantry", "Toys")
+# (users, items, train interactions) of the MergeRec Amazon domains, from the data's README
+AMAZON_COUNTS = {"Beauty": (22363, 12101, 153776), "Pantry": (14180, 4968, 109413), "Toys": (19412, 11924, 128773)}
 
 
 def amazon_data_dir() -> Path:
@@ -19,13 +24,36 @@ def amazon_data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "amazon"
 
 
+def amazon_source(root: Path, domain: str) -> Path | None:
+    """``<root>/<domain>.tar.gz`` or the unpacked ``<root>/<domain>/`` folder, whichever exists (tarball first)."""
+    for candidate in (root / f"{domain}.tar.gz", root / domain):
+        if candidate.exists():
+            return candidate
+    return None
+
+
 @pytest.fixture(scope="session")
 def amazon_dir() -> Path:
     """Folder holding the MergeRec Amazon domains (``<Domain>.tar.gz`` or ``<Domain>/``); skips the test if absent."""
     path = amazon_data_dir()
-    if not any((path / f"{d}.tar.gz").is_file() or (path / d).is_dir() for d in AMAZON_DOMAINS):
-        pytest.skip(f"Amazon data not found at {path} (set FEDMERGE_AMAZON_DIR)")
+    if not any(amazon_source(path, d) for d in AMAZON_DOMAINS):
+        pytest.skip(f"real Amazon data missing: {path} holds none of {', '.join(AMAZON_DOMAINS)} as <Domain>.tar.gz or "
+                    f"<Domain>/ (set FEDMERGE_AMAZON_DIR)")
     return path
+
+
+def amazon_domain_source(root: Path, domain: str) -> Path:
+    """A domain's tarball or folder under ``root``; skips the test, naming both paths looked for, when absent."""
+    source = amazon_source(root, domain)
+    if source is None:
+        pytest.skip(f"real Amazon domain {domain} missing: neither {root / f'{domain}.tar.gz'} nor {root / domain}/")
+    return source
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "amazon_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_data)
 
 
 @pytest.fixture(scope="session")

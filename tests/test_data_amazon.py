@@ -15,6 +15,7 @@ from fedmerge.cli import main
 from fedmerge.data import load_catalog, load_domain
 from fedmerge.data.amazon import load_amazon_domain
 from fedmerge.errors import DataError
+from tests.conftest import AMAZON_COUNTS, AMAZON_DOMAINS, amazon_domain_source
 
 # users: index 0 "rA", 1 "rB", 2 "rC" (umap deliberately not in index order); rC has no val/test (like Pantry)
 TINY = {
@@ -133,18 +134,31 @@ def readme_counts(readme: Path) -> dict[str, tuple[int, int, int]]:
     return {name: tuple(int(v.replace(",", "")) for v in values) for name, *values in rows}
 
 
-@pytest.mark.parametrize("domain", ["Beauty", "Pantry", "Toys"])
+@pytest.mark.parametrize("domain", AMAZON_DOMAINS)
 def test_real_domain_info_matches_readme(amazon_dir, domain, capsys):
-    """About 0.5 s per domain on a 2-core CPU, so not marked slow."""
-    source = amazon_dir / f"{domain}.tar.gz"
-    source = source if source.is_file() else amazon_dir / domain
-    if not source.exists() or not (amazon_dir / "README.md").is_file():
-        pytest.skip(f"{source} or {amazon_dir / 'README.md'} missing")
-    expected = readme_counts(amazon_dir / "README.md")[domain]
+    """About 0.5 s per domain on a 2-core CPU, so not marked slow. Works on tarballs and unpacked folders; the
+    data's README, when present next to them, must agree with the counts kept here."""
+    source = amazon_domain_source(amazon_dir, domain)
+    if (amazon_dir / "README.md").is_file():
+        assert readme_counts(amazon_dir / "README.md")[domain] == AMAZON_COUNTS[domain]
     assert main(["data", "info", str(source), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert (info["users"], info["items"], info["interactions"]) == expected
+    assert (info["users"], info["items"], info["interactions"]) == AMAZON_COUNTS[domain]
     assert info["domain"] == domain
+
+
+def test_real_data_fixture_accepts_unpacked_folders_without_readme(amazon_dir, tmp_path, monkeypatch, capsys):
+    """An unpacked domain folder with no README.md beside it is found and read like the tarball."""
+    tarball = amazon_domain_source(amazon_dir, "Pantry")
+    if tarball.is_dir():
+        unpacked = tarball
+    else:
+        with tarfile.open(tarball) as archive:
+            archive.extractall(tmp_path, filter="data")
+        unpacked = tmp_path / "Pantry"
+    assert amazon_domain_source(unpacked.parent, "Pantry") == unpacked and not (unpacked.parent / "README.md").exists()
+    assert main(["data", "info", str(unpacked), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == AMAZON_COUNTS["Pantry"][1]
 
 
 def test_concat_keeps_missing_targets(tmp_path):

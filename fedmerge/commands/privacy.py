@@ -25,12 +25,12 @@ import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from fedmerge.errors import FedmergeError
-from fedmerge.storage import write_json_atomic
+
+if TYPE_CHECKING:  # numpy is imported by the functions that use it (fast --help)
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,8 @@ def utility_sweep(cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Pat
 
 
 def _subsample(seqs: Sequence[np.ndarray], limit: int, seed: int) -> list[np.ndarray]:
+    import numpy as np
+
     if len(seqs) <= limit:
         return list(seqs)
     keep = np.sort(np.random.default_rng(seed).choice(len(seqs), size=limit, replace=False))
@@ -249,6 +251,7 @@ def markdown_table(
 def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], metric: str, path: Path) -> None:
     """Left: metric vs ε per method; right: probe AUC vs ε (ε axis categorical, ∞ first)."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -273,6 +276,8 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], m
 
 
 def run_privacy(args: argparse.Namespace) -> int:
+    from fedmerge.storage import write_json_atomic
+
     cfg, study = load_study(args.scenario, args.overrides)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,14 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from fedmerge.runners.results import summary_table
+    from fedmerge.runners.results import run_summary
 
     cfg = load_scenario(args.scenario, args.overrides)
     out_dir = args.out or Path("runs") / cfg["run"]["name"]
     results = run_scenario(cfg, engine=args.engine, out_dir=out_dir, resume=args.resume)
     if "resumed" in results:
         print(f"resumed from the saved weights of {results['resumed']['clients']} in {results['resumed']['from']}")
-    print(summary_table(results, cfg["eval"]["primary"]))
-    print(f"timings (s): {results['timings_s']}")
+    print(run_summary(results, cfg["eval"]["primary"]))
     print(f"results: {out_dir / 'results.json'}")
     return 0

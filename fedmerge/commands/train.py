@@ -12,18 +12,16 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fedmerge.config import parse_params
-from fedmerge.data import load_domain
-from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
-from fedmerge.metrics import evaluate_scorer
 from fedmerge.models import FAMILIES, RECOMMENDERS, get_family, get_recommender
-from fedmerge.storage import save_weights, write_json_atomic
+
+if TYPE_CHECKING:  # numpy, torch and the data stack are imported by the functions that use them (fast --help)
+    import numpy as np
+
+    from fedmerge.data.domain import Domain
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +68,10 @@ def train_family(
     name: str, params: dict[str, Any], domain: Domain, encoder: str, seed: int, out: Path
 ) -> tuple[Any, dict[str, Any]]:
     """Train a mergeable family from θ₀, save its weights; returns (scorer, report fields)."""
+    import torch
+
+    from fedmerge.storage import save_weights
+
     family = get_family(name, **params)
     features = family.catalog_features(domain.catalog, lambda: item_embeddings(domain, encoder))
     theta0 = family.initial_weights(features.shape[-1], seed, catalog_features=[features])
@@ -84,6 +86,10 @@ def train_family(
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from fedmerge.data import load_domain
+    from fedmerge.metrics import evaluate_scorer
+    from fedmerge.storage import write_json_atomic
+
     if args.model not in MODELS:
         raise FedmergeError(f"unknown model {args.model!r}; valid: {', '.join(MODELS)}")
     params = parse_params(args.params)

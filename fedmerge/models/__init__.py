@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedmerge.errors import FedmergeError
-from fedmerge.models.base import ModelFamily, Recommender, StateDict, pad_sequences
+
+if TYPE_CHECKING:
+    from fedmerge.models.base import ModelFamily, Recommender, StateDict, pad_sequences
+
+BASE_NAMES = ("ModelFamily", "Recommender", "StateDict", "pad_sequences")  # from .base, imported on first use
 
 # name -> "module:Class"; imported lazily so that a light command does not import every model.
 RECOMMENDERS: dict[str, str] = {
@@ -33,6 +37,15 @@ def _construct(kind: str, table: dict[str, str], name: str, params: dict[str, An
     if unknown:
         raise FedmergeError(f"unknown parameter(s) {unknown} for {kind} {name!r}; valid: {valid}")
     return cls(**params)
+
+
+def __getattr__(name: str) -> Any:
+    """The :mod:`fedmerge.models.base` names, imported on first use: the registries alone do not import torch."""
+    if name in BASE_NAMES:
+        from fedmerge.models import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'fedmerge.models' has no attribute {name!r}")
 
 
 def get_recommender(name: str, **params: Any) -> Recommender:

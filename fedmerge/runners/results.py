@@ -2,12 +2,15 @@
 
 ``results.json`` holds ``models.<name>.<domain>.{recall@K, ndcg@K, ..._masked, users}`` and
 ``models.<name>.average`` (unweighted mean over the training domains; held-out domains are listed in ``held_out``
-and evaluated zero-shot), ``fedavg_curve`` (per round: cumulative bytes and average metrics), ``oneshot_bytes``,
+and evaluated zero-shot), ``fedavg_curve`` (per round: FedAvg's own cumulative training traffic in bytes and the
+average metrics), ``oneshot_bytes`` (the one-shot phase's traffic, all a one-shot merge costs),
 ``bytes.<domain>.{sent, received}`` (client's view), ``timings_s`` per phase, ``train_metrics`` (one-shot
 training, per domain), the resolved ``config`` and package ``versions``; a ``--resume`` run adds ``resumed``.
 
-Next to it the run folder holds ``theta0.safetensors``, ``joint.safetensors`` (if the joint oracle ran) and
-``clients/<domain>.safetensors`` (each accepted one-shot update, saved as it arrived; see :mod:`fedmerge.storage`).
+Next to it the run folder holds ``models/<name>.safetensors`` for every evaluated shared model (θ₀, each merge,
+FedAvg's final model, the joint oracle), each saved as soon as it is built, and ``clients/<domain>.safetensors``
+(each accepted one-shot update, saved as it arrived; see :mod:`fedmerge.storage`), each with a ``.json`` model card
+(:mod:`fedmerge.recommender`).
 """
 
 from __future__ import annotations
@@ -67,22 +70,47 @@ def metric_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+NON_PRIVATE_MARK = "†"
+
+
 def summary_table(results: Mapping[str, Any], metric: str = "recall@10") -> str:
-    """Plain-text table: one row per model, one column per domain plus the average."""
+    """Plain-text table: one row per model, one column per domain plus the average; a model trained on pooled
+    private data (``non_private``, the joint oracle) is marked with a dagger."""
     domains = [*results["domains"], "average"]
     held_out = set(results.get("held_out", []))
     headers = ["model"] + [f"{d}*" if d in held_out else d for d in domains]
     lines = []
     for model, per_domain in results["models"].items():
-        cells = [model]
+        cells = [f"{model}{NON_PRIVATE_MARK}" if per_domain.get("non_private") else model]
         for d in domains:
             value = per_domain.get(d, {}).get(metric) if isinstance(per_domain.get(d), Mapping) else None
             cells.append("-" if value is None else f"{value:.4f}")
         lines.append(cells)
-    widths = [max(len(str(row[i])) for row in [headers, *lines]) for i in range(len(headers))]
-    fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths))  # noqa: E731
-    note = f"{metric} ({results['run']['engine']} engine)" + (" ; * = held out, zero-shot" if held_out else "")
-    return "\n".join([note, fmt(headers), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+    notes = [f"{metric} ({results['run']['engine']} engine)"]
+    if held_out:
+        notes.append("* = held out, zero-shot")
+    if any(m.get("non_private") for m in results["models"].values()):
+        notes.append(f"{NON_PRIVATE_MARK} = trained on the pooled private data (non-private reference)")
+    return "\n".join([" ; ".join(notes), *_aligned([headers, *lines])])
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Rows as left-aligned columns, a dashed rule under the first."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return [fmt(rows[0]), fmt(["-" * w for w in widths]), *map(fmt, rows[1:])]
+
+
+def timings_table(results: Mapping[str, Any]) -> str:
+    """The run's phase timings, one row per phase, in seconds."""
+    rows = [[phase, f"{seconds:.1f}"] for phase, seconds in results.get("timings_s", {}).items()]
+    return "\n".join(["timings", *_aligned([["phase", "seconds"], *rows])])
+
+
+def run_summary(results: Mapping[str, Any], primary: str = "recall@10") -> str:
+    """What ``fedmerge simulate`` prints: the primary metric's table, NDCG@10's, and the timings."""
+    metrics = list(dict.fromkeys([primary, "ndcg@10"]))
+    return "\n\n".join([*(summary_table(results, m) for m in metrics), timings_table(results)])
 
 
 def archive_results(out_dir: str | Path) -> Path | None:
@@ -117,47 +145,81 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path, metric: str |
 
 
 def plot_domains(results: Mapping[str, Any], path: Path, metric: str) -> None:
-    """Grouped bars: per domain (and average), one bar per model."""
+    """Grouped bars per domain (and the average), one bar per model: ``metric`` beside NDCG@10, titled with the run;
+    the joint oracle (trained on pooled private data) is hatched and labelled non-private."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    domains = [*results["domains"], "average"]
-    models = list(results["models"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(domains) * max(1, len(models)) / 4), 4))
-    width = 0.8 / max(1, len(models))
-    for i, model in enumerate(models):
-        values = [results["models"][model].get(d, {}).get(metric, np.nan) for d in domains]
-        ax.bar(np.arange(len(domains)) + i * width, values, width, label=model)
-    held_out = set(results.get("held_out", []))
-    ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2)
-    ax.set_xticklabels([f"{d}\n(held out)" if d in held_out else d for d in domains])
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    metrics = list(dict.fromkeys([metric, "ndcg@10"]))
+    n_bars = (len(results["domains"]) + 1) * max(1, len(results["models"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(len(metrics) * max(5, 0.2 * n_bars), 4.4), squeeze=False)
+    for ax, name in zip(axes[0], metrics):
+        _domain_bars(ax, results, name)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=min(6, len(labels)), loc="lower center")
+    run = results.get("run", {})
+    fig.suptitle(f"{run.get('name', 'run')}: per-domain {' and '.join(metrics)} "
+                 f"({run.get('engine', '?')} engine, seed {run.get('seed', '?')})")
+    fig.tight_layout(rect=(0, 0.08 + 0.03 * (len(labels) // 6), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def _domain_bars(ax: Any, results: Mapping[str, Any], metric: str) -> None:
+    import numpy as np
+
+    domains = [*results["domains"], "average"]
+    models = list(results["models"])
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        per_domain = results["models"][model]
+        values = [per_domain.get(d, {}).get(metric, np.nan) for d in domains]
+        private = not per_domain.get("non_private")
+        ax.bar(np.arange(len(domains)) + i * width, values, width, label=model if private else f"{model} (non-private)",
+               hatch=None if private else "//", edgecolor=None if private else "black")
+    held_out = set(results.get("held_out", []))
+    ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2)
+    ax.set_xticklabels([f"{d}\n(held out)" if d in held_out else d for d in domains])
+    ax.set_ylabel(metric)
+
+
+ONE_SHOT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
 def plot_communication(results: Mapping[str, Any], path: Path, metric: str) -> None:
-    """FedAvg's average metric vs cumulative bytes, with the one-shot merges as points at one round's bytes."""
+    """Average metric vs each method's own training traffic: FedAvg's cumulative rounds as a line, every one-shot
+    merge at the one-shot phase's traffic (distinct markers and labels; they share that x). Evaluation broadcasts
+    are in no method's traffic."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.transforms import offset_copy
+
     curve = results["fedavg_curve"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([c["bytes"] for c in curve], [c.get(metric, float("nan")) for c in curve], "o-", label="fedavg (per round)")
-    for model, per_domain in results["models"].items():
-        if model in ("fedavg", "individual", "theta0", "joint") or metric not in per_domain.get("average", {}):
-            continue
-        ax.scatter([results["oneshot_bytes"]], [per_domain["average"][metric]], label=model, marker="x")
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes communicated (all clients, both directions)")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    megabytes = [c["bytes"] / 1e6 for c in curve]
+    ax.plot(megabytes, [c.get(metric, float("nan")) for c in curve], "o-", color="black", label="fedavg (per round)")
+    for c, x in zip(curve, megabytes):
+        ax.annotate(f"round {c['round']}", (x, c.get(metric, float("nan"))), textcoords="offset points",
+                    xytext=(4, -10), fontsize=7)
+    oneshot = results["oneshot_bytes"] / 1e6
+    merges = [m for m, per_domain in results["models"].items()
+              if m not in ("fedavg", "individual", "theta0", "joint") and metric in per_domain.get("average", {})]
+    for i, model in enumerate(merges):  # same traffic: spread sideways by a few points so that none hides another
+        shift = offset_copy(ax.transData, fig=fig, x=7 * (i - (len(merges) - 1) / 2), y=0, units="points")
+        ax.scatter([oneshot], [results["models"][model]["average"][metric]], transform=shift, s=36, zorder=3,
+                   marker=ONE_SHOT_MARKERS[i % len(ONE_SHOT_MARKERS)], label=f"{model} (one-shot)")
+    ax.update_datalim([(oneshot, results["models"][m]["average"][metric]) for m in merges])  # shifted: not counted
+    ax.autoscale_view()
+    ax.set_xlim(0, 1.1 * max([oneshot, *megabytes]))
+    ax.set_xlabel("MB exchanged by the method's own training (all clients, both directions)")
     ax.set_ylabel(f"average {metric}")
+    ax.set_title(f"{results.get('run', {}).get('name', 'run')}: one-shot merges ({oneshot:.2f} MB, markers spread "
+                 f"sideways) vs FedAvg", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

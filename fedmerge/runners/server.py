@@ -29,14 +29,15 @@ from fedmerge.runners import protocol
 from fedmerge.runners.client import family_of, feature_width, item_features, load_catalog
 
 logger = logging.getLogger(__name__)
-THETA0_FILE = "theta0.safetensors"
-JOINT_FILE = "joint.safetensors"
+THETA0_FILE = "models/theta0.safetensors"
+JOINT_FILE = "models/joint.safetensors"
 FINGERPRINT_KEY = "config_sha256"
 STALE_HINT = (  # why saved weights were refused on --resume, and what to do
     "a different data/encoder/model/privacy configuration or seed; resume with the original scenario and --set "
     "values, or run without --resume"
 )
 TRAIN_METRICS_KEY = "train_metrics"
+INDIVIDUAL_PREFIX = "individual:"  # saved-model name of a client's one-shot model: individual:<domain>
 # The config sections that determine what a client trains; a resumed run must match them exactly.
 TRAINING_SECTIONS = ("data", "encoder", "model", "privacy")
 
@@ -181,6 +182,56 @@ class Federation:
         self.merge_report: dict[str, Any] = {}
         self.train_metrics: dict[str, dict[str, float]] = {}
         self.oneshot_bytes = 0
+        self.saved_models: dict[str, Path] = {}  # model name -> weight file (with its card), see save_model
+        self._card: dict[str, Any] | None = None
+
+    # ---- saved models -----------------------------------------------------------------------------------------
+    def save_model(
+        self, name: str, weights: StateDict, method: str, domains: list[str], params: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, str] | None = None, **extra: Any,
+    ) -> None:
+        """Save an evaluated model as ``models/<name>.safetensors`` (atomically) with its model card, as soon as it
+        is built (nothing without out_dir); :meth:`record_metrics` adds the metrics to the card after evaluation."""
+        if self.out_dir is None:
+            return
+        from fedmerge.recommender import model_path, save_model
+
+        path = model_path(self.out_dir, name)
+        save_model(path, weights, self._model_card(name, method, domains, params, extra), metadata)
+        self.saved_models[name] = path
+
+    def save_individual(self, domain: str, weights: StateDict, path: Path) -> None:
+        """The card of a client's one-shot weights, already saved at ``path`` (``clients/<domain>.json``)."""
+        from fedmerge.recommender import write_card
+
+        name = INDIVIDUAL_PREFIX + domain
+        write_card(path, weights, self._model_card(name, "individual", [domain], self.cfg["model"]["params"], {}))
+        self.saved_models[name] = path
+
+    def _model_card(
+        self, name: str, method: str, domains: list[str], params: Mapping[str, Any] | None, extra: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        from fedmerge.recommender import scenario_card
+        from fedmerge.storage import weights_digest
+
+        if self._card is None:
+            self._card = scenario_card(self.cfg, weights_digest(self.theta0))
+        return {**self._card, "name": name, "method": {"name": method, "params": dict(params or {})},
+                "domains": list(domains), "joint": name == "joint", "metrics": {}, **extra}
+
+    def record_metrics(self) -> None:
+        """Write each saved model's per-domain metrics (and the training-domain average) into its card."""
+        from fedmerge.recommender import update_card
+
+        for name, path in self.saved_models.items():
+            if name.startswith(INDIVIDUAL_PREFIX):
+                domain = name[len(INDIVIDUAL_PREFIX):]
+                metrics = {domain: self.models.get("individual", {}).get(domain, {})}
+            else:
+                per_domain = self.models.get(name, {})
+                metrics = {**{d: per_domain[d] for d in self.domains if d in per_domain},
+                           "average": average_metrics(per_domain, self.train_domains)}
+            update_card(path, metrics={d: m for d, m in metrics.items() if m})
 
     # ---- requests and replies -------------------------------------------------------------------------------
     def _exchange(
@@ -254,7 +305,8 @@ class Federation:
             if self.out_dir is not None:
                 metadata = {FINGERPRINT_KEY: fingerprint, "family": self.family_name, "run": str(self.cfg["run"]["name"]),
                             TRAIN_METRICS_KEY: json.dumps(self.train_metrics[domain])}
-                save_client_weights(self.out_dir, domain, individual[domain], metadata)
+                path = save_client_weights(self.out_dir, domain, individual[domain], metadata)
+                self.save_individual(domain, individual[domain], path)
 
         self._exchange(transport, protocol.TRAIN, self.train_requests(self.theta0, "oneshot", 0), on_reply=on_reply)
         self.require_enough(individual)
@@ -287,10 +339,15 @@ class Federation:
         start = time.perf_counter()
         if saved is None:
             individual = self.collect_oneshot(transport)
-            self.oneshot_bytes = sum(b["sent"] + b["received"] for b in self.bytes.values())
+            self.oneshot_bytes = self.total_bytes()
         else:
             individual = dict(saved)
             self.require_enough(individual)
+            if self.out_dir is not None:
+                from fedmerge.storage import client_weights_path
+
+                for d, weights in individual.items():
+                    self.save_individual(d, weights, client_weights_path(self.out_dir, d))
         self.timings["local_training"] = time.perf_counter() - start
         phases.update()
 
@@ -298,6 +355,8 @@ class Federation:
         catalogs = {d: load_catalog(self.cfg, d) for d in individual}
         merged, self.merge_report = merge_replies(self.theta0, individual, catalogs, self.cfg)
         self.timings["merging"] = time.perf_counter() - start
+        for method, weights in merged.items():
+            self.save_merged(method, weights)
         phases.update()
 
         start = time.perf_counter()
@@ -314,22 +373,40 @@ class Federation:
 
         start = time.perf_counter()
         global_weights = self.theta0
+        fedavg_bytes = 0
         for r in range(1, fedavg_rounds + 1):
+            before = self.total_bytes()
             replies = self._exchange(transport, protocol.TRAIN, self.train_requests(global_weights, "fedavg", r))
+            fedavg_bytes += self.total_bytes() - before  # FedAvg's own traffic: its training rounds only
             updates, n_users = self.accept_updates(replies)
             global_weights = fedavg_aggregate(updates, n_users)
             self.evaluate(transport, {d: {f"fedavg_round{r}": global_weights} for d in self.domains})
             round_avg = average_metrics(self.models[f"fedavg_round{r}"], self.train_domains)
-            communicated = sum(b["sent"] + b["received"] for b in self.bytes.values())
-            self.fedavg_curve.append({"round": r, "bytes": communicated, **round_avg})
+            self.fedavg_curve.append({"round": r, "bytes": fedavg_bytes, **round_avg})
             phases.update()
         if self.fedavg_curve:
+            self.save_model("fedavg", global_weights, "fedavg", self.train_domains,
+                            params=self.cfg["baselines"]["fedavg_local_params"], rounds=len(self.fedavg_curve))
             self.models["fedavg"] = self.models.pop(f"fedavg_round{len(self.fedavg_curve)}")
             for r in range(1, len(self.fedavg_curve)):
                 self.models.pop(f"fedavg_round{r}", None)
         self.timings["fedavg"] = time.perf_counter() - start
         phases.close()
+        self.record_metrics()
         return self.results()
+
+    def total_bytes(self) -> int:
+        """Bytes exchanged so far, all clients, both directions."""
+        return sum(b["sent"] + b["received"] for b in self.bytes.values())
+
+    def save_merged(self, method: str, weights: StateDict) -> None:
+        """Save one merge with its method parameters (MergeRec: its learned coefficients and configuration)."""
+        report = self.merge_report.get(method)
+        extra = {} if not isinstance(report, Mapping) else {"mergerec": {
+            "coefficients": report["coefficients"], "config": report["config"],
+            "chosen_start": report.get("chosen_start")}}
+        params = report["config"] if extra else self.cfg["merge"]["params"].get(method, {})
+        self.save_model(method, weights, method, self.merge_report["domains"], params=params, **extra)
 
     def results(self) -> dict[str, Any]:
         """Per-model per-domain metrics with averages over the training domains, bytes, timings and diagnostics."""
@@ -397,7 +474,6 @@ def run_federation(
     reloads them instead of training (see :func:`load_saved_run`) and re-runs merging and evaluation only.
     """
     from fedmerge.runners.baselines import joint_oracle
-    from fedmerge.storage import save_weights
 
     if resume and out_dir is None:
         raise FedmergeError("resume needs the output folder of the earlier run")
@@ -413,21 +489,21 @@ def run_federation(
             theta0 = initial_weights(cfg)
     else:
         theta0 = initial_weights(cfg)
-        if out_path is not None:
-            save_weights(out_path / THETA0_FILE, theta0, {FINGERPRINT_KEY: fingerprint})
+    federation = Federation(cfg, theta0, out_dir=out_path)
+    federation.save_model("theta0", theta0, "theta0", [], metadata={FINGERPRINT_KEY: fingerprint})
     setup = time.perf_counter() - start
-    extra, joint_seconds = {}, 0.0
+    joint_seconds = 0.0
     if cfg["baselines"]["joint"]:
         start = time.perf_counter()
         joint_path = out_path / JOINT_FILE if out_path is not None else None
         if resume and joint_path.is_file():
-            extra["joint"] = load_fingerprinted(joint_path, fingerprint)
+            joint = load_fingerprinted(joint_path, fingerprint)
         else:
-            extra["joint"] = joint_oracle(cfg, theta0)
-            if joint_path is not None:
-                save_weights(joint_path, extra["joint"], {FINGERPRINT_KEY: fingerprint})
+            joint = joint_oracle(cfg, theta0)
+        federation.extra_models["joint"] = joint
+        federation.save_model("joint", joint, "joint", training_domains(cfg), metadata={FINGERPRINT_KEY: fingerprint},
+                              non_private="trained on the pooled private data of every training domain")
         joint_seconds = time.perf_counter() - start
-    federation = Federation(cfg, theta0, extra_models=extra, out_dir=None if resume else out_path)
     federation.train_metrics.update(train_metrics)
     out = federation.run(transport, saved=saved)
     out["timings_s"] = {"setup": round(setup, 3), "joint_training": round(joint_seconds, 3), **out["timings_s"]}

@@ -47,11 +47,18 @@ def run_scenario(
 
 
 def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Flower simulation (Ray backend) with ``num_supernodes`` = number of domains, one CPU per ClientApp."""
+    """Flower simulation (Ray backend) with ``num_supernodes`` = number of domains, one CPU per ClientApp.
+
+    The ClientApps' own output (their progress bars, with Ray's actor prefixes) is shown only with ``--verbose``.
+    """
     from flwr.simulation import run_simulation
 
     from clients.app import build_client_app
+    from fedmerge.logs import quiet_frameworks, verbose_enabled
     from server.app import build_server_app
+
+    if not verbose_enabled():
+        quiet_frameworks()
 
     with tempfile.TemporaryDirectory(prefix="fedmerge-sim-") as scratch:
         target = Path(out_dir) if out_dir is not None else Path(scratch)
@@ -63,7 +70,9 @@ def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = N
             client_app=build_client_app(cfg),
             num_supernodes=len(domain_names(cfg)),
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": len(os.sched_getaffinity(0)), "include_dashboard": False}},
+                            "init_args": {"num_cpus": len(os.sched_getaffinity(0)), "include_dashboard": False,
+                                          "log_to_driver": verbose_enabled()}},  # Ray workers' output: --verbose
+            verbose_logging=logging.getLogger().isEnabledFor(logging.DEBUG),
         )
         wall = time.perf_counter() - start
         if not results_path.is_file():

@@ -1,0 +1,96 @@
+"""``fedmerge recommend``: top-K items of any catalog for one history or a file of histories, from a saved model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedmerge.errors import DataError
+
+BATCH = 256  # histories scored per forward pass in the batch form
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "recommend", help="recommend items of a catalog from a saved model (any catalog, also one never trained on)",
+        description="Loads a model saved by a run (<run>/models/<name>.safetensors or <run>/clients/<domain>"
+        ".safetensors, with its .json card), encodes the catalog's item texts with the model's own encoder (through "
+        "the embedding cache) and prints the top-K items for each history. Items of the history are left out.",
+    )
+    add_saved_model_options(parser)
+    parser.add_argument("--catalog", type=Path, required=True, help="domain folder or .tar.gz whose items to rank")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--history", help="one history, oldest first: ID,ID,... (item ids of the catalog)")
+    source.add_argument("--histories", type=Path, metavar="FILE",
+                        help="one history per line (ID,ID,... or a JSON list); writes one JSON line per history")
+    parser.add_argument("-k", type=int, default=10, help="items to recommend (default 10)")
+    parser.add_argument("--texts", action="store_true",
+                        help="history entries are item texts (JSON lists in --histories), not catalog ids")
+    parser.add_argument("--include-history", action="store_true", help="may recommend items of the history")
+    parser.add_argument("--json", action="store_true", help="print JSON (the batch form always writes JSON lines)")
+    parser.set_defaults(func=run_recommend)
+
+
+def add_saved_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--cache-dir``: the options of every command that loads a saved model."""
+    parser.add_argument("--model", type=Path, required=True, help="saved model (.safetensors with its .json card)")
+    parser.add_argument("--cache-dir", default="", help="embedding cache folder (default: the default cache)")
+
+
+def parse_history(line: str, texts: bool, where: str) -> list[str]:
+    """A history from ``ID,ID,...`` or a JSON list of strings (required for texts, which may hold commas)."""
+    line = line.strip()
+    if line.startswith("["):
+        try:
+            items = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not a JSON list: {exc}") from exc
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise DataError(f"{where}: expected a JSON list of strings")
+    elif texts:
+        raise DataError(f"{where}: with --texts, give each history as a JSON list of item texts")
+    else:
+        items = [i.strip() for i in line.split(",") if i.strip()]
+    if not items:
+        raise DataError(f"{where}: empty history")
+    return items
+
+
+def run_recommend(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from fedmerge.data import load_catalog
+    from fedmerge.recommender import load_recommender
+
+    model = load_recommender(args.model, cache_dir=args.cache_dir)
+    catalog = load_catalog(args.catalog)
+    options: dict[str, Any] = {"k": args.k, "catalog": catalog, "texts": args.texts,
+                               "exclude_history": not args.include_history}
+    if args.history is not None:
+        history = parse_history(args.history, args.texts, "--history")
+        (recs,) = model.recommend([history], **options)
+        if args.json:
+            print(json.dumps({"model": model.name, "history": history, "recommendations": _rows(recs, catalog)}))
+        else:
+            print(f"top {args.k} of {len(catalog)} items by {model.name} ({args.model}):")
+            for rank, row in enumerate(_rows(recs, catalog), 1):
+                print(f"{rank:>3}  {row['item']:<16}  {row['score']:9.4f}  {row['title']}")
+        return 0
+    lines = [(n, line) for n, line in enumerate(args.histories.read_text(encoding="utf-8").splitlines(), 1)
+             if line.strip()]
+    histories = [parse_history(line, args.texts, f"{args.histories}:{n}") for n, line in lines]
+    with tqdm(total=len(histories), desc="recommend", unit="history", file=sys.stderr) as bar:
+        for start in range(0, len(histories), BATCH):
+            chunk = histories[start : start + BATCH]
+            for history, recs in zip(chunk, model.recommend(chunk, **options)):
+                print(json.dumps({"history": history, "recommendations": _rows(recs, catalog)}))
+            bar.update(len(chunk))
+    return 0
+
+
+def _rows(recs: list[Any], catalog: Any) -> list[dict[str, Any]]:
+    return [{"item": r.item, "score": round(r.score, 6), "title": str(catalog.fields[r.index].get("title", ""))}
+            for r in recs]

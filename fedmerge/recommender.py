@@ -1,0 +1,278 @@
+"""Saved models as deliverables: model cards, ``save_model`` and :func:`load_recommender`.
+
+A run saves every model it evaluates as ``<name>.safetensors`` (weights only; safetensors holds no code, so nothing
+is unpickled on load) with a model card ``<name>.json`` next to it. The card names everything needed to use the
+weights without the scenario: the model family and its parameters, the text encoder (name, parameters, identity,
+embedding width), the feature width the weights expect, the weights' and θ₀'s digests, the method that built the
+model and its parameters, the domains it was built from, its per-domain metrics and the package versions.
+
+:func:`load_recommender` rebuilds the family and the encoder from the card and scores any catalog: the catalog's
+item texts are embedded with the card's encoder (through the on-disk embedding cache) and turned into the family's
+item features, so a catalog never seen in training works like a training domain.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from fedmerge.errors import DataError, FedmergeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedmerge.data.domain import Domain, ItemCatalog
+    from fedmerge.models import ModelFamily, StateDict
+
+CARD_FORMAT = "fedmerge-model/1"
+CARD_SUFFIX = ".json"
+MODELS_DIR = "models"
+# What a card must hold for the weights to be usable without the scenario.
+REQUIRED_CARD_KEYS = ("format", "name", "family", "encoder", "feature_width", "weights_digest")
+
+
+def card_path(weights_path: str | Path) -> Path:
+    """The card of a weight file: the same path with ``.json`` instead of ``.safetensors``."""
+    return Path(weights_path).with_suffix(CARD_SUFFIX)
+
+
+def model_path(out_dir: str | Path, name: str) -> Path:
+    """``<out_dir>/models/<file-safe name>.safetensors``."""
+    from fedmerge.storage import WEIGHTS_SUFFIX, safe_file_stem
+
+    return Path(out_dir) / MODELS_DIR / f"{safe_file_stem(name)}{WEIGHTS_SUFFIX}"
+
+
+def scenario_card(cfg: Mapping[str, Any], theta0_digest: str) -> dict[str, Any]:
+    """The card fields every model of a run shares: family, encoder, feature width, θ₀, run, eval protocol and
+    package versions."""
+    from fedmerge.runners.client import family_of, feature_width, scenario_encoder
+    from fedmerge.runners.results import package_versions
+
+    encoder = scenario_encoder(cfg)
+    return {
+        "format": CARD_FORMAT,
+        "family": {"name": cfg["model"]["family"], "params": dict(cfg["model"]["params"])},
+        "encoder": {"name": cfg["encoder"]["name"], "params": dict(cfg["encoder"]["params"]),
+                    "identity": encoder.identity, "dim": int(encoder.dim)},
+        "feature_width": feature_width(cfg, family_of(cfg)),
+        "theta0_digest": theta0_digest,
+        "run": {"name": cfg["run"]["name"], "seed": cfg["run"]["seed"]},
+        "eval": {"split": cfg["eval"]["split"], "ks": list(cfg["eval"]["ks"])},
+        "versions": package_versions(),
+    }
+
+
+def save_model(
+    path: str | Path, weights: StateDict, card: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write the weights (with safetensors ``metadata``) and then their card, each atomically."""
+    from fedmerge.storage import save_weights
+
+    path = Path(path)
+    save_weights(path, weights, {**dict(metadata or {}), "format": CARD_FORMAT, "name": str(card.get("name", path.stem))})
+    return write_card(path, weights, card)
+
+
+def write_card(weights_path: str | Path, weights: StateDict, card: Mapping[str, Any]) -> Path:
+    """Write the card of already saved ``weights`` (atomically), adding their digest; returns the weight path."""
+    from fedmerge.storage import weights_digest, write_json_atomic
+
+    write_json_atomic(card_path(weights_path), {**card, "weights_digest": weights_digest(weights)})
+    return Path(weights_path)
+
+
+def read_card(weights_path: str | Path) -> dict[str, Any]:
+    """The card of a weight file; a DataError naming the problem when it is missing, not JSON or incomplete."""
+    path = card_path(weights_path)
+    if not path.is_file():
+        raise DataError(f"{weights_path} has no model card {path.name} next to it (cards are written by "
+                        f"`fedmerge simulate` under <run>/models/ and <run>/clients/)")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"model card {path} is not readable JSON: {exc}") from exc
+    missing = [k for k in REQUIRED_CARD_KEYS if k not in card] if isinstance(card, dict) else list(REQUIRED_CARD_KEYS)
+    if missing:
+        raise DataError(f"model card {path} lacks {missing}")
+    if card["format"] != CARD_FORMAT:
+        raise DataError(f"model card {path} has format {card['format']!r}; this fedmerge reads {CARD_FORMAT!r}")
+    return card
+
+
+def update_card(weights_path: str | Path, **fields: Any) -> None:
+    """Set ``fields`` in an existing card (atomically), e.g. ``metrics`` once the model has been evaluated."""
+    from fedmerge.storage import write_json_atomic
+
+    write_json_atomic(card_path(weights_path), {**read_card(weights_path), **fields})
+
+
+class Recommendation(NamedTuple):
+    """One recommended item: its id in the catalog, its index there and the model's score."""
+
+    item: str
+    index: int
+    score: float
+
+
+@dataclass
+class LoadedRecommender:
+    """A saved model ready to score catalogs. Build it with :func:`load_recommender`."""
+
+    path: Path
+    card: dict[str, Any]
+    family: ModelFamily
+    weights: StateDict
+    encoder: Any
+    cache_dir: str = ""
+    _last: tuple[Any, Any] | None = field(default=None, init=False, repr=False)  # (catalog, its features): reused by batches
+
+    @property
+    def name(self) -> str:
+        return str(self.card["name"])
+
+    def features(self, catalog: ItemCatalog) -> torch.Tensor:
+        """The family's item features of ``catalog`` from the card's encoder (embeddings through the cache);
+        refused when their width is not the one the weights were trained for."""
+        from fedmerge.runners.client import item_features
+
+        if self._last is not None and self._last[0] is catalog:
+            return self._last[1]
+        cfg = {"encoder": {"name": self.card["encoder"]["name"], "params": self.card["encoder"]["params"],
+                           "cache_dir": self.cache_dir}}
+        features = item_features(cfg, catalog, self.family)
+        if features.shape[-1] != int(self.card["feature_width"]):
+            raise FedmergeError(
+                f"catalog features of width {features.shape[-1]} (family {self.family.name!r}, encoder "
+                f"{self.encoder.identity!r}) do not fit model {self.path} (card: width {self.card['feature_width']})"
+            )
+        self._last = (catalog, features)
+        return features
+
+    def _inputs(
+        self, histories: Sequence[Sequence[str]], catalog: ItemCatalog | str | Path, texts: bool
+    ) -> tuple[ItemCatalog, list[np.ndarray], int]:
+        """(catalog to featurize, histories as item indices into it, number of real catalog items).
+
+        With ``texts``, every history entry is an item's text: those texts join the catalog as extra items (so they
+        get features exactly like catalog items) and are never recommended.
+        """
+        from fedmerge.data.domain import ItemCatalog
+
+        base = _as_catalog(catalog)
+        n = len(base)
+        if texts:
+            extra = [str(t) for h in histories for t in h]
+            full = ItemCatalog(ids=(*base.ids, *(f"text:{i}" for i in range(len(extra)))),
+                               fields=(*base.fields, *({"title": t} for t in extra)))
+            seqs, offset = [], n
+            for h in histories:
+                seqs.append(np.arange(offset, offset + len(h), dtype=np.int64))
+                offset += len(h)
+            return full, seqs, n
+        index = {item: i for i, item in enumerate(base.ids)}
+        seqs = []
+        for row, h in enumerate(histories):
+            unknown = [item for item in h if item not in index]
+            if unknown:
+                raise DataError(f"history {row}: item id(s) {unknown[:5]} are not in the catalog "
+                                f"({n} items, e.g. {list(base.ids[:3])}); pass item texts with texts=True instead")
+            seqs.append(np.array([index[item] for item in h], dtype=np.int64))
+        return base, seqs, n
+
+    def scores(
+        self, histories: Sequence[Sequence[str]], catalog: ItemCatalog | str | Path, *, texts: bool = False
+    ) -> np.ndarray:
+        """(len(histories), n_items) scores over ``catalog``'s items, higher is better.
+
+        ``histories``: per user, the items interacted with, oldest first, as item ids of ``catalog`` (or, with
+        ``texts=True``, as item texts). ``catalog``: an :class:`~fedmerge.data.ItemCatalog` or a domain
+        folder/tarball. Only the last ``max_len`` items of a history are read, as in training.
+        """
+        full, seqs, n = self._inputs(histories, catalog, texts)
+        return self._scorer(full)(seqs)[:, :n]
+
+    def _scorer(self, catalog: ItemCatalog) -> Any:
+        return self.family.scorer(self.weights, self.features(catalog))
+
+    def recommend(
+        self, histories: Sequence[Sequence[str]], k: int = 10, catalog: ItemCatalog | str | Path | None = None,
+        *, texts: bool = False, exclude_history: bool = True,
+    ) -> list[list[Recommendation]]:
+        """The top-``k`` items of ``catalog`` for each history (ties: lower item index first), best first.
+
+        Items of the history are left out unless ``exclude_history=False``. See :meth:`scores` for the arguments.
+        """
+        if catalog is None:
+            raise FedmergeError("recommend needs a catalog: an ItemCatalog or a domain folder/tarball")
+        if k < 1:
+            raise FedmergeError(f"k must be at least 1, got {k}")
+        full, seqs, n = self._inputs(histories, catalog, texts)
+        scores = self._scorer(full)(seqs)[:, :n].astype(np.float64)
+        out = []
+        for row, seq in enumerate(seqs):
+            if exclude_history and not texts:
+                scores[row, seq] = -np.inf
+            order = np.lexsort((np.arange(n), -scores[row]))[:k]
+            out.append([Recommendation(full.ids[i], int(i), float(scores[row, i]))
+                        for i in order if np.isfinite(scores[row, i])])
+        return out
+
+    def evaluate(self, domain: Domain, split: str = "test", ks: Sequence[int] | None = None) -> dict[str, float]:
+        """Full-ranking Recall@K/NDCG@K, masked and unmasked, on ``domain``'s ``split`` users
+        (:func:`fedmerge.metrics.evaluate_scorer`; every K of :data:`~fedmerge.metrics.DEFAULT_KS` by default)."""
+        from fedmerge.metrics import DEFAULT_KS, evaluate_scorer
+
+        return evaluate_scorer(self._scorer(domain.catalog), domain, split, ks=tuple(ks or DEFAULT_KS),
+                               max_len=self.family.max_len)
+
+
+def _as_catalog(catalog: ItemCatalog | str | Path) -> ItemCatalog:
+    from fedmerge.data import load_catalog
+
+    return load_catalog(catalog) if isinstance(catalog, (str, Path)) else catalog
+
+
+def load_recommender(path: str | Path, *, encoder: Any = None, cache_dir: str | Path = "") -> LoadedRecommender:
+    """A saved model (``.safetensors`` with its ``.json`` card, or the card's path) ready to recommend.
+
+    The family and the text encoder are rebuilt from the card (``encoder`` overrides the card's, but must be the
+    same encoder: identity and width are compared). Refused, with a message naming both sides, when the family is
+    unknown, the encoder or the feature width does not fit the card, or the weights do not fit the family; a
+    missing, truncated or altered weight file is a :class:`~fedmerge.errors.DataError`. ``cache_dir``: the
+    embedding cache (default: the package's default cache folder).
+    """
+    from fedmerge.models import get_family
+    from fedmerge.runners.client import scenario_encoder
+    from fedmerge.storage import WEIGHTS_SUFFIX, load_weights, weights_digest
+
+    path = Path(path)
+    if path.suffix == CARD_SUFFIX:
+        path = path.with_suffix(WEIGHTS_SUFFIX)
+    card = read_card(path)
+    weights = load_weights(path)
+    if weights_digest(weights) != card["weights_digest"]:
+        raise DataError(f"{path} does not hold the weights its card {card_path(path).name} describes "
+                        f"(digest {weights_digest(weights)} vs card {card['weights_digest']})")
+    family = get_family(card["family"]["name"], **card["family"]["params"])
+    enc = card["encoder"]
+    if encoder is None:
+        encoder = scenario_encoder({"encoder": {"name": enc["name"], "params": enc["params"]}})
+    if encoder.identity != enc["identity"] or int(encoder.dim) != int(enc["dim"]):
+        raise FedmergeError(f"encoder {encoder.identity!r} (width {encoder.dim}) does not fit model {path}, "
+                            f"whose card names encoder {enc['identity']!r} (width {enc['dim']})")
+    width = family.feature_width(int(encoder.dim))
+    if width != int(card["feature_width"]):
+        raise FedmergeError(f"family {family.name!r} makes features of width {width} from encoder "
+                            f"{encoder.identity!r}, but model {path} was trained on width {card['feature_width']}")
+    try:
+        family.load(weights, width)
+    except RuntimeError as exc:
+        raise FedmergeError(f"the weights in {path} do not fit family {family.name!r} at feature width {width}: "
+                            f"{str(exc).splitlines()[0]}") from exc
+    return LoadedRecommender(path, card, family, weights, encoder, str(cache_dir or ""))

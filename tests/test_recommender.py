@@ -1,0 +1,217 @@
+"""Saved models as deliverables: model cards, load_recommender, `fedmerge recommend` / `fedmerge evaluate`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedmerge.cli import main
+from fedmerge.config import load_scenario
+from fedmerge.data import load_catalog, load_domain, save_generic_domain
+from fedmerge.data.synthetic import make_synthetic_domains
+from fedmerge.errors import DataError, FedmergeError
+from fedmerge.recommender import card_path, load_recommender, read_card, save_model, scenario_card
+from fedmerge.runners.client import family_of, item_features, load_named_domain
+from fedmerge.runners.inprocess import run_inprocess
+from fedmerge.runners.server import initial_weights
+from fedmerge.storage import weights_digest
+from fedmerge.text import HashingEncoder
+from tests.test_federation import TINY
+
+METHODS = 'merge.methods=["ties", "mergerec_layerwise"]'
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny in-process run saved to disk, and each of its domains exported as a generic domain folder."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("recommender")
+    cfg = load_scenario("quickstart", [*TINY, METHODS, f"encoder.cache_dir={root / 'cache'}"])
+    results = run_inprocess(cfg, root / "run")
+    folders = {d: save_generic_domain(load_named_domain(cfg, d), root / "data" / d) for d in results["domains"]}
+    return cfg, root / "run", results, folders
+
+
+def test_every_evaluated_model_is_saved_with_a_card_holding_its_metrics(run):
+    cfg, out, results, _ = run
+    models = out / "models"
+    shared = {"theta0", "ties", "mergerec_layerwise", "fedavg", "joint"}
+    assert {p.stem for p in models.glob("*.safetensors")} == shared
+    theta0_digest = read_card(models / "theta0.safetensors")["weights_digest"]
+    for name in shared:
+        card = read_card(models / f"{name}.safetensors")
+        assert card["theta0_digest"] == theta0_digest
+        assert card["family"]["name"] == "sequential" and card["encoder"]["name"] == "hashing"
+        assert card["encoder"]["dim"] == 32 and card["feature_width"] == 32
+        assert card["joint"] is (name == "joint")
+        for d in results["domains"]:
+            assert card["metrics"][d] == results["models"][name][d]
+        assert {"torch", "flwr", "python"} <= set(card["versions"])
+    # a run reports every K of README's metrics section (5, 10, 20, 50), masked and unmasked
+    assert {f"{m}@{k}{v}" for m in ("recall", "ndcg") for k in (5, 10, 20, 50) for v in ("", "_masked")} <= set(
+        results["models"]["ties"]["synth-0"])
+    mergerec = read_card(models / "mergerec_layerwise.safetensors")
+    assert set(mergerec["mergerec"]["coefficients"]) == set(results["domains"])
+    assert mergerec["domains"] == results["domains"]
+    assert read_card(models / "fedavg.safetensors")["rounds"] == 1
+    for d in results["domains"]:
+        card = read_card(out / "clients" / f"{d}.safetensors")
+        assert card["domains"] == [d] and card["metrics"] == {d: results["models"]["individual"][d]}
+
+
+def test_save_then_load_gives_the_in_memory_scores_exactly(run, tmp_path):
+    cfg = run[0]
+    family = family_of(cfg)
+    theta0 = initial_weights(cfg)
+    generator = torch.Generator().manual_seed(1)
+    weights = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in theta0.items()}
+    path = save_model(tmp_path / "m.safetensors", weights, {**scenario_card(cfg, weights_digest(theta0)), "name": "m"})
+    domain = load_named_domain(cfg, "synth-1")
+    seqs = [domain.train[u] for u in range(5)]
+    expected = family.scorer(weights, item_features(cfg, domain.catalog, family))(seqs)
+    model = load_recommender(path, cache_dir=cfg["encoder"]["cache_dir"])
+    got = model.scores([[domain.catalog.ids[i] for i in s] for s in seqs], catalog=domain.catalog)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("name", ["mergerec_layerwise", "ties"])
+def test_evaluate_command_equals_the_runs_own_evaluation(run, name, capsys):
+    cfg, out, results, folders = run
+    for d, folder in folders.items():
+        assert main(["evaluate", "--model", str(out / "models" / f"{name}.safetensors"), "--data", str(folder),
+                     "--cache-dir", cfg["encoder"]["cache_dir"], "--json"]) == 0
+        metrics = json.loads(capsys.readouterr().out)["metrics"]
+        assert {k: metrics[k] for k in results["models"][name][d]} == results["models"][name][d]
+        assert {"recall@5", "ndcg@50_masked"} <= set(metrics)
+
+
+def test_evaluate_a_client_model_prints_a_table(run, capsys):
+    cfg, out, _, folders = run
+    assert main(["evaluate", "--model", str(out / "clients" / "synth-0.safetensors"), "--data", str(folders["synth-0"]),
+                 "--cache-dir", cfg["encoder"]["cache_dir"]]) == 0
+    text = capsys.readouterr().out
+    assert "individual:synth-0 on synth-0" in text and "  50  " in text
+
+
+@pytest.fixture
+def unseen_catalog(tmp_path) -> Path:
+    """A domain generated with another seed and size: a catalog the run's models never saw."""
+    domain = make_synthetic_domains(n_domains=1, n_users=30, n_items=25, seed=99)[0]
+    return save_generic_domain(domain, tmp_path / "unseen")
+
+
+def test_recommend_on_a_catalog_the_model_never_saw(run, unseen_catalog, capsys):
+    cfg, out, _, _ = run
+    catalog = load_domain(unseen_catalog).catalog
+    history = list(catalog.ids[:3])
+    args = ["recommend", "--model", str(out / "models" / "mergerec_layerwise.safetensors"), "--catalog",
+            str(unseen_catalog), "--cache-dir", cfg["encoder"]["cache_dir"], "-k", "5"]
+    assert main([*args, "--history", ",".join(history), "--json"]) == 0
+    recs = json.loads(capsys.readouterr().out)["recommendations"]
+    assert len(recs) == 5 and not {r["item"] for r in recs} & set(history)
+    assert all(r["item"] in catalog.ids for r in recs)
+    assert [r["score"] for r in recs] == sorted((r["score"] for r in recs), reverse=True)
+    model = load_recommender(out / "models" / "mergerec_layerwise.safetensors", cache_dir=cfg["encoder"]["cache_dir"])
+    scores = model.scores([history], catalog=catalog)[0]
+    scores[[catalog.ids.index(i) for i in history]] = -np.inf
+    assert [r["item"] for r in recs] == [catalog.ids[i] for i in np.argsort(-scores, kind="stable")[:5]]
+
+    batch = unseen_catalog.parent / "histories.txt"
+    texts = [catalog.texts()[0], catalog.texts()[1]]
+    batch.write_text(f"{','.join(history)}\n\n{json.dumps(history[:1])}\n")
+    assert main([*args, "--histories", str(batch)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [len(line["recommendations"]) for line in lines] == [5, 5]
+    assert [r["item"] for r in lines[0]["recommendations"]] == [r["item"] for r in recs]
+    # a history of item texts scores like the same items given by id (the texts are featurized like the catalog's)
+    by_text = model.recommend([texts], k=5, catalog=catalog, texts=True, exclude_history=False)[0]
+    by_id = model.recommend([history[:2]], k=5, catalog=catalog, exclude_history=False)[0]
+    assert [r.item for r in by_text] == [r.item for r in by_id]
+
+
+def test_recommend_refuses_unknown_item_ids(run, unseen_catalog, capsys):
+    cfg, out, _, _ = run
+    assert main(["recommend", "--model", str(out / "models" / "ties.safetensors"), "--catalog", str(unseen_catalog),
+                 "--cache-dir", cfg["encoder"]["cache_dir"], "--history", "no-such-item"]) == 1
+    assert "no-such-item" in capsys.readouterr().err
+
+
+@pytest.fixture
+def saved_copy(run, tmp_path) -> Path:
+    src = run[1] / "models" / "ties.safetensors"
+    shutil.copy(src, tmp_path / src.name)
+    shutil.copy(card_path(src), card_path(tmp_path / src.name))
+    return tmp_path / src.name
+
+
+def _edit_card(path: Path, **changes) -> None:
+    card = json.loads(card_path(path).read_text())
+    for key, value in changes.items():
+        section, _, field = key.partition(".")
+        if field:
+            card[section][field] = value
+        else:
+            card[section] = value
+    card_path(path).write_text(json.dumps(card))
+
+
+def test_refuses_a_card_whose_encoder_does_not_fit(saved_copy):
+    with pytest.raises(FedmergeError, match=r"hashing:dim16.*width 16.*hashing:dim32.*width 32"):
+        load_recommender(saved_copy, encoder=HashingEncoder(dim=16))
+
+
+def test_refuses_a_card_whose_width_does_not_fit(saved_copy):
+    _edit_card(saved_copy, feature_width=48)
+    with pytest.raises(FedmergeError, match=r"width 32 .* trained on width 48"):
+        load_recommender(saved_copy)
+
+
+def test_refuses_a_card_whose_family_does_not_fit(saved_copy):
+    _edit_card(saved_copy, **{"family.name": "text-lae", "family.params": {}})
+    with pytest.raises(FedmergeError, match=r"do not fit family 'text-lae'"):
+        load_recommender(saved_copy)
+    _edit_card(saved_copy, **{"family.name": "nope"})
+    with pytest.raises(FedmergeError, match=r"unknown model family 'nope'; valid: \['sequential', 'text-lae'\]"):
+        load_recommender(saved_copy)
+
+
+def test_truncated_altered_or_cardless_weights_are_data_errors(saved_copy):
+    data = saved_copy.read_bytes()
+    saved_copy.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="not a readable safetensors file"):
+        load_recommender(saved_copy)
+    saved_copy.write_bytes(data[:-4] + bytes(4))  # same size, last float changed
+    with pytest.raises(DataError, match="does not hold the weights its card"):
+        load_recommender(saved_copy)
+    card_path(saved_copy).unlink()
+    with pytest.raises(DataError, match="has no model card"):
+        load_recommender(saved_copy)
+
+
+def test_resume_saves_the_models_again(run, tmp_path):
+    cfg, out, _, _ = run
+    target = tmp_path / "resumed"
+    shutil.copytree(out, target)
+    for card in (target / "models").glob("*.json"):
+        card.unlink()
+    run_inprocess(cfg, target, resume=True)
+    assert {p.stem for p in (target / "models").glob("*.json")} == {"theta0", "ties", "mergerec_layerwise", "joint"}
+
+
+def test_recommend_on_a_real_amazon_catalog(run, amazon_dir, capsys):
+    """A model trained on synthetic domains ranks a real catalog it never saw (Toys, 11,924 items)."""
+    from tests.conftest import amazon_domain_source
+
+    cfg, out, _, _ = run
+    source = amazon_domain_source(amazon_dir, "Toys")
+    catalog = load_catalog(source)
+    history = list(catalog.ids[:4])
+    assert main(["recommend", "--model", str(out / "models" / "mergerec_layerwise.safetensors"), "--catalog",
+                 str(source), "--cache-dir", cfg["encoder"]["cache_dir"], "--history", ",".join(history), "--json"]) == 0
+    recs = json.loads(capsys.readouterr().out)["recommendations"]
+    assert len(recs) == 10 and all(r["item"] in catalog.ids and r["item"] not in history for r in recs)
