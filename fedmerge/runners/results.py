@@ -4,7 +4,10 @@
 ``models.<name>.average`` (unweighted mean over the training domains; held-out domains are listed in ``held_out``
 and evaluated zero-shot), ``fedavg_curve`` (per round: cumulative bytes and average metrics), ``oneshot_bytes``,
 ``bytes.<domain>.{sent, received}`` (client's view), ``timings_s`` per phase, ``train_metrics`` (one-shot
-training, per domain), the resolved ``config`` and package ``versions``; a ``--resume`` run adds ``resumed``.
+training, per domain: ``epochs``, ``stop_reason`` in ``max_epochs`` / ``early_stopping`` / ``max_seconds``, ...),
+``fedavg_train_metrics`` (per round, per domain), ``warnings`` (e.g. a training cut by the wall-clock cap
+``max_seconds``, also printed under the summary table), the resolved ``config`` and package ``versions``; a
+``--resume`` run adds ``resumed``.
 
 Next to it the run folder holds ``theta0.safetensors``, ``joint.safetensors`` (if the joint oracle ran) and
 ``clients/<domain>.safetensors`` (each accepted one-shot update, saved as it arrived; see :mod:`fedmerge.storage`).
@@ -82,7 +85,8 @@ def summary_table(results: Mapping[str, Any], metric: str = "recall@10") -> str:
     widths = [max(len(str(row[i])) for row in [headers, *lines]) for i in range(len(headers))]
     fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths))  # noqa: E731
     note = f"{metric} ({results['run']['engine']} engine)" + (" ; * = held out, zero-shot" if held_out else "")
-    return "\n".join([note, fmt(headers), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+    warnings = [f"WARNING: {w}" for w in results.get("warnings", [])]
+    return "\n".join([note, fmt(headers), fmt(["-" * w for w in widths]), *map(fmt, lines), *warnings])
 
 
 def archive_results(out_dir: str | Path) -> Path | None:
