@@ -1,7 +1,7 @@
 """Merging benchmark on the Amazon domains: individuals, θ₀, training-free merges and MergeRec, Recall/NDCG@10.
 
     python benchmarks/merge_amazon.py --family text-lae [--holdout Toys] [--domains Beauty,Pantry,Toys]
-    python benchmarks/merge_amazon.py --family sequential --family-set max_seconds=400 --markdown-out results/merge/x.md
+    python benchmarks/merge_amazon.py --family sequential --family-set max_epochs=8 --markdown-out results/merge/x.md
 
 Every domain's model is trained from the same θ₀ with ``family.train`` and cached as safetensors under
 ``<cache>/merge_amazon/`` (re-runs skip training). Merges use the non-held-out domains only; a held-out domain's
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="family constructor parameter (TOML value), e.g. max_seconds=300; repeatable")
+                        help="family constructor parameter (TOML value), e.g. max_epochs=8 (default: the family's epochs + early stopping); repeatable")
     parser.add_argument("--warm-start-rounds", type=int, default=0,
                         help="FedAvg rounds on the merged domains before local training; their result is θ₀")
     parser.add_argument("--warm-start-epochs", type=int, default=1, help="local epochs per warm-start round")
