@@ -104,7 +104,7 @@ def merge_replies(
     Uses only the weights and the public catalogs. Returns (model name -> merged weights, report with per-method
     seconds and MergeRec's learned coefficients).
     """
-    from fedmerge.merging import MERGEREC_METHODS, merge
+    from fedmerge.merging import MERGEREC_METHODS, METHODS, merge
 
     models = {d: replies[d] for d in sorted(replies)}
     merged: dict[str, StateDict] = {}
@@ -112,6 +112,8 @@ def merge_replies(
     for method in cfg["merge"]["methods"]:
         start = time.perf_counter()
         params = dict(cfg["merge"]["params"].get(method, {}))
+        if method in METHODS and "seed" in METHODS[method].params:  # DARE's masks follow the run seed unless set
+            params.setdefault("seed", int(cfg["run"]["seed"]))
         if method in MERGEREC_METHODS:
             merged[method], report[method] = _mergerec(theta0, models, catalogs, cfg, MERGEREC_METHODS[method])
         else:
