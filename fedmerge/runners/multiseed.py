@@ -139,28 +139,13 @@ def aggregate_summary(aggregate: Mapping[str, Any]) -> str:
 
 
 def plot_domain_intervals(aggregate: Mapping[str, Any], path: Path, metric: str) -> None:
-    """Grouped bars of the mean over seeds per domain (and average), one bar per model, 95 % intervals as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    """:func:`fedmerge.runners.results.plot_domains` of the means over seeds, 95 % intervals as error bars."""
+    from fedmerge.runners.results import plot_domains
 
     domains = [*aggregate["domains"], "average"]
-    models = list(aggregate["models"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(domains) * max(1, len(models)) / 4), 4))
-    width = 0.8 / max(1, len(models))
-    for i, model in enumerate(models):
-        stats = [aggregate["models"][model].get(d, {}).get(metric) for d in domains]
-        means = [s["mean"] if s else np.nan for s in stats]
-        errors = [s["half_width"] if s and s["half_width"] is not None else 0.0 for s in stats]
-        ax.bar(np.arange(len(domains)) + i * width, means, width, yerr=errors, capsize=2, label=model)
-    held_out = set(aggregate.get("held_out", []))
-    ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2)
-    ax.set_xticklabels([f"{d}\n(held out)" if d in held_out else d for d in domains])
-    ax.set_ylabel(metric)
-    ax.set_title(f"mean over seeds {aggregate['seeds']}, 95 % t-intervals", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    means = {m: {d: {metric: s[metric]["mean"]} for d, s in per_domain.items() if metric in s}
+             for m, per_domain in aggregate["models"].items()}
+    errors = {m: [(per_domain.get(d, {}).get(metric) or {}).get("half_width") or 0.0 for d in domains]
+              for m, per_domain in aggregate["models"].items()}
+    plot_domains({"domains": aggregate["domains"], "held_out": aggregate.get("held_out", []), "models": means},
+                 path, metric, errors=errors, title=f"mean over seeds {aggregate['seeds']}, 95 % t-intervals")

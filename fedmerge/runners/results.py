@@ -120,8 +120,12 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path, metric: str |
     return path
 
 
-def plot_domains(results: Mapping[str, Any], path: Path, metric: str) -> None:
-    """Grouped bars: per domain (and average), one bar per model."""
+def plot_domains(
+    results: Mapping[str, Any], path: Path, metric: str, errors: Mapping[str, list[float]] | None = None,
+    title: str | None = None,
+) -> None:
+    """Grouped bars: per domain (and average), one bar per model; ``errors[model]`` (one half-width per domain and
+    the average, e.g. a 95 % interval over seeds) are drawn as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,11 +138,14 @@ def plot_domains(results: Mapping[str, Any], path: Path, metric: str) -> None:
     width = 0.8 / max(1, len(models))
     for i, model in enumerate(models):
         values = [results["models"][model].get(d, {}).get(metric, np.nan) for d in domains]
-        ax.bar(np.arange(len(domains)) + i * width, values, width, label=model)
+        yerr = errors.get(model) if errors else None
+        ax.bar(np.arange(len(domains)) + i * width, values, width, yerr=yerr, capsize=2 if yerr else 0, label=model)
     held_out = set(results.get("held_out", []))
     ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2)
     ax.set_xticklabels([f"{d}\n(held out)" if d in held_out else d for d in domains])
     ax.set_ylabel(metric)
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
