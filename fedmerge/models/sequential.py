@@ -27,6 +27,9 @@ Training: SASRec all-position loss: each training sequence is cut into windows o
 over the domain's catalog (``n_negatives=None``) or a sampled softmax over the batch's targets plus
 ``n_negatives`` uniformly drawn items (for large catalogs). AdamW; validation NDCG@10 each epoch through
 :func:`fedmerge.metrics.evaluate_scorer`; early stopping with ``patience``; the best checkpoint is returned.
+Training stops after ``max_epochs`` or by early stopping - the same on every machine; ``max_seconds`` (off by
+default) is a wall-clock safety cap, and the metrics' ``stop_reason`` says which of the three ended it. Every
+optimizer step runs on one thread (:func:`fedmerge.reproducibility.gradient_threads`), validation on all of them.
 ``proximal_mu = μ > 0`` adds FedProx's proximal term ``μ/2 · ‖θ − θ₀‖²`` to every batch loss: the domain's own
 data leaves most directions of θ unconstrained (e.g. how the adapter maps other domains' text), and the term keeps
 the task vector τ = θ − θ₀ small there, which is what later merges of several domains' τ pay for.
