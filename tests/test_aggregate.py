@@ -137,3 +137,21 @@ def test_dare_masks_follow_the_run_seed_unless_set():
     fixed = load_scenario("quickstart", ["run.seed=3", 'merge.methods=["dare"]', "merge.params.dare={seed = 0}"])
     assert torch.equal(merge_replies(theta0, models, {}, fixed)[0]["dare"]["w"], merge("dare", theta0, models, seed=0)["w"])
     assert not torch.equal(merge("dare", theta0, models, seed=0)["w"], merge("dare", theta0, models, seed=3)["w"])
+
+
+def test_a_seed_folder_counts_as_complete_only_for_an_ok_run_of_the_same_configuration(tmp_path):
+    from fedmerge.runners.multiseed import completed_run, seed_config
+
+    cfg = seed_config(load_scenario("quickstart", ["run.seeds=[0, 1]"]), 1)
+    assert cfg["run"]["seed"] == 1 and cfg["run"]["seeds"] == []
+    folder = tmp_path / "seed-1"
+    folder.mkdir()
+    assert completed_run(folder, cfg) is None  # no results.json
+    write = lambda status, config: (folder / "results.json").write_text(  # noqa: E731
+        json.dumps({"status": status, "config": config}))
+    write("ok", {**cfg, "run": {**cfg["run"], "progress": False}})
+    assert completed_run(folder, cfg)["status"] == "ok"  # run.progress does not matter
+    write("failed", cfg)
+    assert completed_run(folder, cfg) is None
+    write("ok", apply_overrides(cfg, ["model.params.max_epochs=7"]))
+    assert completed_run(folder, cfg) is None
