@@ -19,7 +19,7 @@ DEFAULT_SCENARIO = "quickstart"
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "run": {"name": "unnamed", "seed": 0, "torch_threads": 1, "server_threads": 1, "progress": True},
+    "run": {"name": "unnamed", "seed": 0, "seeds": [], "torch_threads": 1, "server_threads": 1, "progress": True},
     "data": {
         "source": "synthetic",
         "root": "",
@@ -200,6 +200,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise FedmergeError(f"baselines.fedavg_rounds must be >= 0, got {cfg['baselines']['fedavg_rounds']}")
     if cfg["federation"]["min_replies"] < 0 or cfg["federation"]["timeout_s"] <= 0:
         raise FedmergeError("federation.min_replies must be >= 0 and federation.timeout_s > 0")
+    seeds = cfg["run"]["seeds"]
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise FedmergeError(f"run.seeds must list distinct integers >= 0 (empty: the single run.seed), got {seeds!r}")
     if cfg["run"]["torch_threads"] < 1 or cfg["run"]["server_threads"] < 0:
         raise FedmergeError("run.torch_threads must be >= 1 and run.server_threads >= 0 (0: all cores)")
     from fedmerge.merging import MERGEREC_METHODS, METHODS
@@ -216,6 +219,24 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise FedmergeError(f"merge.mergerec: {exc}") from exc
     if cfg["eval"]["split"] not in ("val", "test"):
         raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg['eval']['split']!r}")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-4"`` -> [0, 1, 2, 3, 4]; ``"0,2,5"`` -> [0, 2, 5]; ranges and single seeds may be mixed (``"0-2,7"``)."""
+    seeds: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        first, dash, last = part.partition("-")
+        try:
+            chunk = list(range(int(first), int(last) + 1)) if dash else [int(part)]
+        except ValueError:
+            chunk = []
+        if not chunk or min(chunk) < 0:
+            raise FedmergeError(f"--seeds {text!r}: {part!r} is not a seed >= 0 or a range A-B with A <= B; "
+                                "valid forms: 0-4, 0,2,5, 0-2,7")
+        seeds += chunk
+    if len(set(seeds)) != len(seeds):
+        raise FedmergeError(f"--seeds {text!r} names a seed twice")
+    return seeds
 
 
 def domain_names(cfg: Mapping[str, Any]) -> list[str]:

@@ -93,15 +93,18 @@ def task_vectors(theta0: StateDict, models: Models) -> tuple[list[str], dict[str
 
 
 def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep each τ_k's top ⌊ρ·n⌋ entries by |τ_k| (ties broken by position), zero the rest (TIES step 1).
+    """Keep each τ_k's top ⌊ρ·n⌋ entries by |τ_k| (ties broken towards the lower position), zero the rest (TIES
+    step 1).
 
-    ⌊ρ·n⌋ as the TIES and MergeRec code (``int(density * numel)``); a tensor with ρ·n < 1 keeps nothing.
+    ⌊ρ·n⌋ as the TIES and MergeRec code (``int(density * numel)``); a tensor with ρ·n < 1 keeps nothing. A stable
+    sort, not ``topk``: topk picks among equal magnitudes by its (thread-count dependent) search, so merges differed
+    between ``run.server_threads`` settings.
     """
     if density >= 1.0:
         return tau.clone()
     flat = tau.reshape(tau.shape[0], -1)
     n_keep = math.floor(density * flat.shape[1] + 1e-9)
-    top = flat.abs().topk(n_keep, dim=1, sorted=False).indices
+    top = flat.abs().sort(dim=1, descending=True, stable=True).indices[:, :n_keep]
     mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
     return (flat * mask).reshape(tau.shape)
 

@@ -24,6 +24,12 @@ from fedmerge.metrics import Scorer
 
 StateDict = dict[str, torch.Tensor]
 PAD = -1
+# Why an iterative training stopped (training metrics ``stop_reason``): its epoch budget ran out, early stopping on
+# validation, or the optional wall-clock safety cap ``max_seconds`` (the only one that depends on the machine).
+STOP_MAX_EPOCHS = "max_epochs"
+STOP_EARLY = "early_stopping"
+STOP_MAX_SECONDS = "max_seconds"
+STOP_REASONS = (STOP_MAX_EPOCHS, STOP_EARLY, STOP_MAX_SECONDS)
 
 
 def pad_sequences(seqs: Sequence[np.ndarray], max_len: int) -> torch.Tensor:

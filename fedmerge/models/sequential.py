@@ -27,6 +27,9 @@ Training: SASRec all-position loss: each training sequence is cut into windows o
 over the domain's catalog (``n_negatives=None``) or a sampled softmax over the batch's targets plus
 ``n_negatives`` uniformly drawn items (for large catalogs). AdamW; validation NDCG@10 each epoch through
 :func:`fedmerge.metrics.evaluate_scorer`; early stopping with ``patience``; the best checkpoint is returned.
+Training stops after ``max_epochs`` or by early stopping - the same on every machine; ``max_seconds`` (off by
+default) is a wall-clock safety cap, and the metrics' ``stop_reason`` says which of the three ended it. Every
+optimizer step runs on one thread (:func:`fedmerge.reproducibility.gradient_threads`), validation on all of them.
 ``proximal_mu = μ > 0`` adds FedProx's proximal term ``μ/2 · ‖θ − θ₀‖²`` to every batch loss: the domain's own
 data leaves most directions of θ unconstrained (e.g. how the adapter maps other domains' text), and the term keeps
 the task vector τ = θ − θ₀ small there, which is what later merges of several domains' τ pay for.
@@ -67,7 +70,8 @@ from tqdm import tqdm
 from fedmerge.data.domain import Domain, ItemCatalog
 from fedmerge.errors import FedmergeError
 from fedmerge.metrics import Scorer, evaluate_scorer
-from fedmerge.models.base import PAD, ModelFamily, StateDict, pad_sequences
+from fedmerge.models.base import PAD, STOP_EARLY, STOP_MAX_EPOCHS, STOP_MAX_SECONDS, ModelFamily, StateDict, pad_sequences
+from fedmerge.reproducibility import gradient_threads
 from fedmerge.text.encoder import SentenceEncoder, mean_pool
 
 logger = logging.getLogger(__name__)
@@ -685,22 +689,24 @@ class SequentialFamily(ModelFamily):
         if module.text_tower is not None:
             with torch.no_grad():
                 text_cache = module.eval().text_embeddings(features)
+        stop_reason = STOP_MAX_EPOCHS
         for epoch in range(1, self.max_epochs + 1):
             module.train()
             loss_sum = 0.0
-            for b, batch_indices in enumerate(length_buckets(lengths, self.batch_size, rng)):
-                batch = [windows[i] for i in batch_indices]
-                loss = self._batch_loss(module, batch, features, sampler, text_cache)
-                if self.proximal_mu:
-                    loss = loss + self.proximal_mu / 2 * sum(
-                        (p - anchor[n]).pow(2).sum() for n, p in module.named_parameters())
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item()
-                if self.max_seconds is not None and time.perf_counter() - start > self.max_seconds:
-                    out_of_time = True
-                    break
+            with gradient_threads():  # thread-count independent steps; validation below uses every thread
+                for b, batch_indices in enumerate(length_buckets(lengths, self.batch_size, rng)):
+                    batch = [windows[i] for i in batch_indices]
+                    loss = self._batch_loss(module, batch, features, sampler, text_cache)
+                    if self.proximal_mu:
+                        loss = loss + self.proximal_mu / 2 * sum(
+                            (p - anchor[n]).pow(2).sum() for n, p in module.named_parameters())
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    loss_sum += loss.item()
+                    if self.max_seconds is not None and time.perf_counter() - start > self.max_seconds:
+                        out_of_time = True
+                        break
             loss_value = loss_sum / (b + 1)
             weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
             val_module, text = self._loaded(weights, features)
@@ -718,7 +724,8 @@ class SequentialFamily(ModelFamily):
                 best_ndcg, best_epoch, best_weights, bad_epochs = ndcg, epoch, weights, 0
             else:
                 bad_epochs += 1
-            if bad_epochs >= self.patience or out_of_time:
+            if out_of_time or bad_epochs >= self.patience:
+                stop_reason = STOP_MAX_SECONDS if out_of_time else STOP_EARLY
                 break
         bar.close()
         metrics = {
@@ -728,7 +735,8 @@ class SequentialFamily(ModelFamily):
             "train_seconds": time.perf_counter() - start,
             "train_cpu_seconds": time.process_time() - cpu_start,
             "final_loss": loss_value,
-            "stopped_by_time": out_of_time,
+            "stop_reason": stop_reason,
+            "max_epochs": self.max_epochs,
             "frozen_experts": len(frozen_experts),
             "curve": curve,
         }

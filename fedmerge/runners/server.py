@@ -25,6 +25,7 @@ from fedmerge.config import domain_names, training_domains
 from fedmerge.data.domain import ItemCatalog
 from fedmerge.errors import FedmergeError
 from fedmerge.models import StateDict
+from fedmerge.models.base import STOP_MAX_SECONDS
 from fedmerge.runners import protocol
 from fedmerge.runners.client import family_of, feature_width, item_features, load_catalog
 
@@ -42,6 +43,7 @@ INDIVIDUAL_PREFIX = "individual:"  # saved-model name of a client's one-shot mod
 TRAINING_SECTIONS = ("data", "encoder", "model", "privacy")
 
 ReplyHandler = Callable[[str, RecordDict], None]
+TrainMetrics = dict[str, float | str]  # a client's training metrics (numbers, and ``stop_reason``)
 
 
 class Transport(Protocol):
@@ -103,7 +105,7 @@ def merge_replies(
     Uses only the weights and the public catalogs. Returns (model name -> merged weights, report with per-method
     seconds and MergeRec's learned coefficients).
     """
-    from fedmerge.merging import MERGEREC_METHODS, merge
+    from fedmerge.merging import MERGEREC_METHODS, METHODS, merge
 
     models = {d: replies[d] for d in sorted(replies)}
     merged: dict[str, StateDict] = {}
@@ -111,6 +113,8 @@ def merge_replies(
     for method in cfg["merge"]["methods"]:
         start = time.perf_counter()
         params = dict(cfg["merge"]["params"].get(method, {}))
+        if method in METHODS and "seed" in METHODS[method].params:  # DARE's masks follow the run seed unless set
+            params.setdefault("seed", int(cfg["run"]["seed"]))
         if method in MERGEREC_METHODS:
             merged[method], report[method] = _mergerec(theta0, models, catalogs, cfg, MERGEREC_METHODS[method])
         else:
@@ -180,7 +184,8 @@ class Federation:
         self.models: dict[str, dict[str, dict[str, float]]] = {}
         self.fedavg_curve: list[dict[str, float]] = []
         self.merge_report: dict[str, Any] = {}
-        self.train_metrics: dict[str, dict[str, float]] = {}
+        self.train_metrics: dict[str, TrainMetrics] = {}
+        self.fedavg_train_metrics: list[dict[str, TrainMetrics]] = []  # per FedAvg round, per domain
         self.oneshot_bytes = 0
         self.saved_models: dict[str, Path] = {}  # model name -> weight file (with its card), see save_model
         self._card: dict[str, Any] | None = None
@@ -253,7 +258,7 @@ class Federation:
         config = ConfigRecord({"phase": phase, "round": round_index})
         return {d: RecordDict({protocol.GLOBAL: record, protocol.CONFIG: config}) for d in self.train_domains}
 
-    def accept_update(self, domain: str, content: RecordDict) -> tuple[StateDict, dict[str, float]] | None:
+    def accept_update(self, domain: str, content: RecordDict) -> tuple[StateDict, TrainMetrics] | None:
         """The checked weights and numeric training metrics of one reply, or None when rejected (logged)."""
         from fedmerge.validation import UpdateRejected, check_update, max_bytes_for
 
@@ -267,8 +272,8 @@ class Federation:
             logger.warning("rejected the update of %s: %s", domain, exc.reason)
             self.rejected[domain] = exc.reason
             return None
-        metrics = dict(content.metric_records.get(protocol.TRAIN_METRICS, {}))
-        return update, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        metrics = protocol.decoded_metrics(content.metric_records.get(protocol.TRAIN_METRICS, {}))
+        return update, {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
 
     def require_enough(self, updates: Mapping[str, StateDict]) -> None:
         """FedmergeError unless at least ``federation.min_replies`` (0: every training client) updates are usable."""
@@ -279,16 +284,19 @@ class Federation:
                 f"need federation.min_replies = {needed}; rejected: {self.rejected}; errors: {self.errors}"
             )
 
-    def accept_updates(self, replies: Mapping[str, RecordDict]) -> tuple[dict[str, StateDict], dict[str, float]]:
-        """Checked weights and FedAvg weights (user counts) of the replies; a rejected update is logged and left out."""
-        updates, n_users = {}, {}
+    def accept_updates(
+        self, replies: Mapping[str, RecordDict]
+    ) -> tuple[dict[str, StateDict], dict[str, float], dict[str, TrainMetrics]]:
+        """Checked weights, FedAvg weights (user counts) and training metrics of the replies; a rejected update is
+        logged and left out."""
+        updates, n_users, metrics = {}, {}, {}
         for d, content in replies.items():
             accepted = self.accept_update(d, content)
             if accepted is not None:
-                updates[d] = accepted[0]
+                updates[d], metrics[d] = accepted
                 n_users[d] = float(accepted[1].get(protocol.NUM_USERS, 1))
         self.require_enough(updates)
-        return updates, n_users
+        return updates, n_users, metrics
 
     def collect_oneshot(self, transport: Transport) -> dict[str, StateDict]:
         """One-shot training from θ₀; each accepted update is checked and saved (atomically) as soon as it arrives."""
@@ -378,7 +386,8 @@ class Federation:
             before = self.total_bytes()
             replies = self._exchange(transport, protocol.TRAIN, self.train_requests(global_weights, "fedavg", r))
             fedavg_bytes += self.total_bytes() - before  # FedAvg's own traffic: its training rounds only
-            updates, n_users = self.accept_updates(replies)
+            updates, n_users, round_metrics = self.accept_updates(replies)
+            self.fedavg_train_metrics.append(round_metrics)
             global_weights = fedavg_aggregate(updates, n_users)
             self.evaluate(transport, {d: {f"fedavg_round{r}": global_weights} for d in self.domains})
             round_avg = average_metrics(self.models[f"fedavg_round{r}"], self.train_domains)
@@ -424,13 +433,27 @@ class Federation:
             "bytes": self.bytes,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "train_metrics": self.train_metrics,
+            "fedavg_train_metrics": self.fedavg_train_metrics,
+            "warnings": time_cap_warnings(self.train_metrics, self.fedavg_train_metrics),
             "merge_report": self.merge_report,
             "rejected": self.rejected,
             "errors": self.errors,
         }
 
 
-def load_saved_run(cfg: Mapping[str, Any], out_dir: str | Path) -> tuple[StateDict | None, dict[str, StateDict], dict[str, dict[str, float]]]:
+def time_cap_warnings(oneshot: Mapping[str, TrainMetrics], fedavg: list[dict[str, TrainMetrics]]) -> list[str]:
+    """One line per local training that the wall-clock cap ``max_seconds`` cut (``stop_reason == "max_seconds"``):
+    those models depend on the machine's speed and load, so the run is not reproducible elsewhere."""
+    runs = [("local training", oneshot)] + [(f"FedAvg round {r} local training", m) for r, m in enumerate(fedavg, 1)]
+    return [
+        f"{phase} of {domain} was cut by max_seconds after {int(metrics.get('epochs', 0))} epoch(s) (max_epochs "
+        f"{int(metrics.get('max_epochs', 0))}): its model depends on this machine's speed and load"
+        for phase, per_domain in runs for domain, metrics in per_domain.items()
+        if metrics.get("stop_reason") == STOP_MAX_SECONDS
+    ]
+
+
+def load_saved_run(cfg: Mapping[str, Any], out_dir: str | Path) -> tuple[StateDict | None, dict[str, StateDict], dict[str, TrainMetrics]]:
     """θ₀ (None if it was not saved), the clients' saved one-shot weights and their training metrics.
 
     Every weight file must carry this scenario's :func:`training_fingerprint` and name one of its training domains,
@@ -451,7 +474,8 @@ def load_saved_run(cfg: Mapping[str, Any], out_dir: str | Path) -> tuple[StateDi
         raise FedmergeError(
             f"saved weights of {stale} under {out_dir} were trained with {STALE_HINT}"
         )
-    metrics = {d: {k: float(v) for k, v in json.loads(metadata[d].get(TRAIN_METRICS_KEY, "{}")).items()} for d in saved}
+    metrics = {d: {k: v if isinstance(v, str) else float(v)
+                   for k, v in json.loads(metadata[d].get(TRAIN_METRICS_KEY, "{}")).items()} for d in saved}
     theta0_path = out_dir / THETA0_FILE
     return (load_fingerprinted(theta0_path, fingerprint) if theta0_path.is_file() else None), saved, metrics
 
