@@ -43,7 +43,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "fedavg_local_params": {},
     },
     "federation": {"timeout_s": 3600.0, "min_replies": 0, "max_update_slack": 1.0},
-    "privacy": {"enabled": False, "clip_norm": 1.0, "noise_multiplier": 0.0, "noise_seed": -1},
+    "privacy": {
+        "enabled": False,
+        "unit": "domain",         # "domain": clip + noise on the shipped update; "user": DP-SGD per user (sequential)
+        "clip_norm": 1.0,         # unit "domain": L2 bound C of the task vector
+        "noise_multiplier": 0.0,  # σ/C (domain) or σ/max_grad_norm (user); used when target_epsilon = 0
+        "target_epsilon": 0.0,    # > 0: calibrate the noise multiplier to (ε, delta) over all of a client's releases
+        "delta": 1e-5,
+        "max_grad_norm": 1.0,     # unit "user": L2 bound of one user's gradient per step
+        "sample_rate": 0.05,      # unit "user": Poisson sampling rate of users per step
+        "epochs": 1.0,            # unit "user": expected passes over the users per release (steps = ⌈epochs/rate⌉)
+        "accountant": "rdp",      # unit "user": opacus accountant, "rdp" or "prv"
+        "noise_seed": -1,
+    },
 }
 FREE_TABLES: frozenset[tuple[str, str]] = frozenset(
     {("encoder", "params"), ("model", "params"), ("merge", "params"), ("merge", "mergerec"),
@@ -208,6 +220,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
     unknown = [m for m in cfg["merge"]["methods"] if m not in valid_methods]
     if unknown:
         raise FedmergeError(f"merge.methods names unknown method(s) {unknown}; valid: {valid_methods}")
+    from fedmerge.privacy.client import validate_privacy
+
+    validate_privacy(cfg["privacy"])
     if cfg["eval"]["split"] not in ("val", "test"):
         raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg['eval']['split']!r}")
 
