@@ -54,6 +54,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "sample_rate": 0.05,      # unit "user": Poisson sampling rate of users per step
         "epochs": 1.0,            # unit "user": expected passes over the users per release (steps = ⌈epochs/rate⌉)
         "accountant": "rdp",      # unit "user": opacus accountant, "rdp" or "prv"
+        "user_norm_bound": 1.0,   # unit "user", text-lae: L2 bound B of a user's text profile x_u E (Gram mechanism)
         "noise_seed": -1,
     },
 }
@@ -222,7 +223,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise FedmergeError(f"merge.methods names unknown method(s) {unknown}; valid: {valid_methods}")
     from fedmerge.privacy.client import validate_privacy
 
-    validate_privacy(cfg["privacy"])
+    validate_privacy(cfg)
     if cfg["eval"]["split"] not in ("val", "test"):
         raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg['eval']['split']!r}")
 

@@ -403,8 +403,10 @@ def test_load_study_routes_study_keys_and_names_bad_ones(tiny_scenario):
         load_study(str(tiny_scenario), ["privacy_study.epsilonz=[1]"])
     with pytest.raises(FedmergeError, match="methods"):
         load_study(str(tiny_scenario), ["privacy_study.methods=['dare']"])
-    with pytest.raises(FedmergeError, match="'user'.*sequential"):
-        load_study(str(tiny_scenario), ["privacy_study.units=['domain', 'user']"])
+    _, both = load_study(str(tiny_scenario), ["privacy_study.units=['domain', 'user']"])  # text-lae, one λ
+    assert both["units"] == ["domain", "user"]
+    with pytest.raises(FedmergeError, match="one λ"):
+        load_study(str(tiny_scenario), ["privacy_study.units=['user']", "model.params.lam=[1.0, 10.0]"])
     with pytest.raises(FedmergeError, match="seeds"):
         load_study(str(tiny_scenario), ["privacy_study.seeds=[1, 1]"])
 

@@ -86,7 +86,7 @@ def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[dict[str, 
 def validate_study(study: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
     """Clear errors for study settings the sweep cannot run with."""
     from fedmerge.config import training_domains
-    from fedmerge.privacy.client import UNITS
+    from fedmerge.privacy.client import UNITS, check_user_level
 
     eps = study["epsilons"]
     if not isinstance(eps, list) or not eps or not all(isinstance(e, (int, float)) and e > 0 for e in eps):
@@ -96,9 +96,11 @@ def validate_study(study: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
     units = study["units"]
     if not isinstance(units, list) or not units or any(u not in UNITS for u in units):
         raise FedmergeError(f"{STUDY_SECTION}.units must be a non-empty list of {list(UNITS)}, got {units!r}")
-    if "user" in units and cfg["model"]["family"] != "sequential":
-        raise FedmergeError(f"{STUDY_SECTION}.units: unit 'user' (DP-SGD) supports model.family 'sequential', "
-                            f"got {cfg['model']['family']!r}; use units = ['domain']")
+    if "user" in units:
+        try:
+            check_user_level(cfg)
+        except FedmergeError as err:
+            raise FedmergeError(f"{STUDY_SECTION}.units: {err}") from err
     seeds = study["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) < len(seeds):
         raise FedmergeError(f"{STUDY_SECTION}.seeds must be a non-empty list of distinct integers, got {seeds!r}")
