@@ -279,13 +279,17 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
         cells_ += [_cell(found.get(a, {}).get("tpr@0.01"), 3) for a in attacks]
         lines.append("| " + " | ".join(cells_) + " |")
     privacy = cfg["privacy"]
+    if cfg["model"]["family"] == "sequential":
+        user = (f"DP-SGD, per-user clip {privacy['max_grad_norm']:g}, sampling rate {privacy['sample_rate']:g}, "
+                f"{privacy['epochs']:g} epoch(s) per release, {privacy['accountant'].upper()} accountant")
+    else:
+        user = f"Gaussian mechanism on the Gram matrix, user profile bound {privacy['user_norm_bound']:g}"
     control = ", ".join(f"{a} {v['auc']['mean']:.3f}" for a, v in probe.get("theta0", {}).items())
     notes = (
         f"\nSeeds {list(study['seeds'])} (mean, 95 % t-interval in brackets when > 1 seed); δ = {study['delta']:g}; "
         f"{releases_per_client(cfg)} release(s) per client composed. Unit 'domain': the client's whole data set "
-        f"(update clipped to C = {privacy['clip_norm']:g}); unit 'user': one user's interactions (DP-SGD, per-user clip "
-        f"{privacy['max_grad_norm']:g}, sampling rate {privacy['sample_rate']:g}, {privacy['epochs']:g} epoch(s) per "
-        f"release, {privacy['accountant'].upper()} accountant). Attacks on {probe['domain']} "
+        f"(update clipped to C = {privacy['clip_norm']:g}); unit 'user': one user's interactions ({user}). "
+        f"Attacks on {probe['domain']} "
         f"({probe.get('probed_per_group', ['?', '?'])[0]} members vs {probe.get('probed_per_group', ['?', '?'])[1]} "
         f"held-out users, '{probe['positions']}' position(s), LiRA with {probe['reference_models']} reference models); "
         f"AUC against θ₀: {control or '-'}."
