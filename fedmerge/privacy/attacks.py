@@ -48,6 +48,7 @@ from fedmerge.privacy.membership import (
     per_sequence_mean,
     position_losses,
     rank_auc,
+    sequence_losses,
     subset_users,
 )
 
@@ -179,7 +180,7 @@ def run_attacks(
     candidates = [*members, *nonmembers]
     n = len(members)
     scores: dict[str, np.ndarray] = {
-        "loss": -per_sequence_mean(*position_losses(family, shipped, item_features, candidates, positions), len(candidates)),
+        "loss": -sequence_losses(family, shipped, item_features, candidates, positions),
         "gradient_alignment": gradient_alignment_scores(family, theta0, shipped, item_features, candidates),
     }
     if references:

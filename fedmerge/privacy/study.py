@@ -205,7 +205,7 @@ def _reference_config(cfg: Mapping[str, Any], k: int) -> dict[str, Any]:
 def attack_sweep(cfg: Mapping[str, Any], study: Mapping[str, Any]) -> dict[str, Any]:
     """Attack scores against the member-trained probe client in every cell (and against θ₀ as a chance control)."""
     from fedmerge.config import training_domains
-    from fedmerge.privacy.attacks import reference_models, run_attacks
+    from fedmerge.privacy.attacks import reference_models, run_attacks, summary
     from fedmerge.privacy.membership import split_members
     from fedmerge.runners.client import client_train, family_of, item_features, load_named_domain
     from fedmerge.runners.server import initial_weights
@@ -237,7 +237,7 @@ def attack_sweep(cfg: Mapping[str, Any], study: Mapping[str, Any]) -> dict[str, 
             sizes = {"members": members.n_users, "nonmembers": nonmembers.n_users, "reference": reference.n_users,
                      "probed_per_group": [len(member_seqs), len(nonmember_seqs)]}
             logger.info("attacks on %s, unit %s, ε=%s, seed %d: %s", name, unit, epsilon_label(epsilon), seed,
-                        {a: round(m["auc"], 3) for a, m in per_seed[-1].items()})
+                        summary(per_seed[-1]))
         rows.append({"unit": unit, "epsilon": epsilon_label(epsilon), "noise_multiplier": z,
                      "attacks": _over_seeds(per_seed)})
     return {"domain": name, **sizes, "positions": positions, "reference_models": int(study["reference_models"]),
