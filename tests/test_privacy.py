@@ -478,6 +478,7 @@ def test_privacy_run_sequential_both_units(tmp_path, monkeypatch):
     assert main(["privacy", "run", "--scenario", str(path), "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "privacy.json").read_text())
     assert [(r["unit"], r["epsilon"]) for r in report["utility"]] == [("none", "inf"), ("domain", "2"), ("user", "2")]
+    assert all("fedavg" in r["metric"] for r in report["utility"])  # FedAvg rounds are part of the study
     user_run = json.loads((tmp_path / "out" / "user" / "eps-2" / "seed-0" / "results.json").read_text())
     for metrics in user_run["train_metrics"].values():
         assert metrics["dp_unit"] == 1 and metrics["dp_steps"] == 4

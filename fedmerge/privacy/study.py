@@ -5,8 +5,9 @@ Grid: unit of privacy (``[privacy_study] units``: ``"domain"``, ``"user"``, see 
 
 Utility: each cell runs the scenario in process (:func:`fedmerge.runners.run_scenario`) with ``privacy.target_epsilon``
 = ε at ``delta``: every client calibrates its noise so that all its releases (one-shot update + ``fedavg_rounds``
-FedAvg updates) are (ε, δ)-DP for the unit. Reported: the metric of each study method (and θ₀, individual models)
-averaged over the training domains, mean and 95 % t-interval over the seeds.
+FedAvg updates) are (ε, δ)-DP for the unit. Reported: the metric of each study method (and FedAvg when
+``baselines.fedavg_rounds`` > 0, θ₀, the individual models) averaged over the training domains, mean and 95 %
+t-interval over the seeds.
 
 Attacks: in each cell the probe domain (``probe_domain``, default the first training domain) is split by the seed
 into members (``member_fraction``), non-members and the attacker's reference users (half of the rest each); a client
@@ -177,7 +178,7 @@ def utility_sweep(cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Pat
             results = run_scenario(run_cfg, engine="inprocess",
                                    out_dir=out_dir / unit / f"eps-{epsilon_label(epsilon)}" / f"seed-{seed}")
             models = results["models"]
-            names = [m for m in (*study["methods"], "theta0", "individual") if m in models]
+            names = [m for m in (*study["methods"], "fedavg", "theta0", "individual") if m in models]
             per_seed.append({m: models[m]["average"].get(metric) for m in names})
             eps_reported = [m["dp_epsilon_run"] for m in results.get("train_metrics", {}).values() if "dp_epsilon_run" in m]
             if eps_reported:
@@ -307,7 +308,7 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], s
     labels = list(dict.fromkeys("∞" if r["epsilon"] == "inf" else r["epsilon"] for r in utility))
     position = {label: i for i, label in enumerate(labels)}
     by_cell = {(r["unit"], r["epsilon"]): r["attacks"] for r in probe["rows"]}
-    methods = [m for m in study["methods"] if any(m in r["metric"] for r in utility)]
+    methods = [m for m in (*study["methods"], "fedavg") if any(m in r["metric"] for r in utility)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     markers = {"domain": "o", "user": "s"}
     for m_index, method in enumerate(methods):
