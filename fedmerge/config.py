@@ -45,9 +45,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "federation": {"timeout_s": 3600.0, "min_replies": 0, "max_update_slack": 1.0},
     "privacy": {
         "enabled": False,
-        "unit": "domain",         # "domain": clip + noise on the shipped update; "user": DP-SGD per user (sequential)
+        "unit": "domain",         # "domain": clip + noise on the shipped update; "user": per-user DP inside the client
+                                  # (sequential: DP-SGD; text-lae: Gaussian mechanism on the Gram matrix)
         "clip_norm": 1.0,         # unit "domain": L2 bound C of the task vector
-        "noise_multiplier": 0.0,  # σ/C (domain) or σ/max_grad_norm (user); used when target_epsilon = 0
+        "noise_multiplier": 0.0,  # σ/sensitivity (C, max_grad_norm or user_norm_bound²); used if target_epsilon = 0
         "target_epsilon": 0.0,    # > 0: calibrate the noise multiplier to (ε, delta) over all of a client's releases
         "delta": 1e-5,
         "max_grad_norm": 1.0,     # unit "user": L2 bound of one user's gradient per step
