@@ -32,7 +32,6 @@ FPR below 1/n can only be met at zero false positives; the result records n so t
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -44,15 +43,13 @@ from fedmerge.data.domain import Domain
 from fedmerge.models.base import ModelFamily, StateDict, pad_sequences
 from fedmerge.privacy.membership import (
     Positions,
-    _prediction_pairs,
+    prediction_pairs,
     per_sequence_mean,
     position_losses,
     rank_auc,
     sequence_losses,
     subset_users,
 )
-
-logger = logging.getLogger(__name__)
 
 FPRS = (0.001, 0.01)
 
@@ -161,7 +158,7 @@ def gradient_alignment_scores(
     if float(tau.norm()) == 0:
         return scores
     for row, seq in enumerate(candidates):
-        prefixes, targets, _ = _prediction_pairs([seq], positions)
+        prefixes, targets, _ = prediction_pairs([seq], positions)
         logits = module(pad_sequences(prefixes, family.max_len), features)
         loss = F.cross_entropy(logits, torch.as_tensor(targets))
         grads = torch.autograd.grad(loss, params, allow_unused=True)

@@ -30,7 +30,6 @@ Gaussian samplers (opacus' ``secure_mode`` needs torchcsprng).
 
 from __future__ import annotations
 
-import logging
 import math
 import secrets
 import time
@@ -45,8 +44,6 @@ from tqdm import tqdm
 from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
 from fedmerge.models.base import ModelFamily, StateDict
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def split_members(domain: Domain, member_fraction: float = 0.5, seed: int = 0) -
     return subset_users(domain, members, domain.name), subset_users(domain, nonmembers, f"{domain.name}-heldout")
 
 
-def _prediction_pairs(seqs: Sequence[np.ndarray], positions: Positions) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+def prediction_pairs(seqs: Sequence[np.ndarray], positions: Positions) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """(prefixes, next items, owning sequence index) for every scored position."""
     if positions not in ("last", "all"):
         raise ValueError(f"unknown positions {positions!r}; valid: 'last', 'all'")
@@ -84,7 +84,7 @@ def position_losses(
     batch_size: int = 512,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(loss per scored position −log softmax(scores)[target], index of the sequence it belongs to)."""
-    prefixes, targets, owners = _prediction_pairs(seqs, positions)
+    prefixes, targets, owners = prediction_pairs(seqs, positions)
     n_items = item_features.shape[0]
     if targets.size and targets.max() >= n_items:
         raise ValueError(f"sequence item index {int(targets.max())} out of range 0..{n_items - 1}")
