@@ -324,7 +324,7 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], s
             tpr = [max(a["tpr@0.01"]["mean"] for a in by_cell[(r["unit"], r["epsilon"])].values()) for r in rows]
             right.plot(tpr, y, markers[unit] + style, color=color, label=f"{method} ({unit})")
             for t, y_, r in zip(tpr, y, rows):
-                right.annotate("∞" if r["epsilon"] == "inf" else r["epsilon"], (t, y_), fontsize=7,
+                right.annotate("no DP" if r["epsilon"] == "inf" else f"ε={r['epsilon']}", (t, y_), fontsize=7,
                                textcoords="offset points", xytext=(3, 3))
     left.set(xticks=range(len(labels)), xticklabels=labels, xlabel="ε (δ fixed)",
              ylabel=f"{study['metric']} (avg over domains)")
