@@ -43,7 +43,21 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "fedavg_local_params": {},
     },
     "federation": {"timeout_s": 3600.0, "min_replies": 0, "max_update_slack": 1.0},
-    "privacy": {"enabled": False, "clip_norm": 1.0, "noise_multiplier": 0.0, "noise_seed": -1},
+    "privacy": {
+        "enabled": False,
+        "unit": "domain",         # "domain": clip + noise on the shipped update; "user": per-user DP inside the client
+                                  # (sequential: DP-SGD; text-lae: Gaussian mechanism on the Gram matrix)
+        "clip_norm": 1.0,         # unit "domain": L2 bound C of the task vector
+        "noise_multiplier": 0.0,  # σ/sensitivity (C, max_grad_norm or user_norm_bound²); used if target_epsilon = 0
+        "target_epsilon": 0.0,    # > 0: calibrate the noise multiplier to (ε, delta) over all of a client's releases
+        "delta": 1e-5,
+        "max_grad_norm": 1.0,     # unit "user": L2 bound of one user's gradient per step
+        "sample_rate": 0.05,      # unit "user": Poisson sampling rate of users per step
+        "epochs": 1.0,            # unit "user": expected passes over the users per release (steps = ⌈epochs/rate⌉)
+        "accountant": "rdp",      # unit "user": opacus accountant, "rdp" or "prv"
+        "user_norm_bound": 1.0,   # unit "user", text-lae: L2 bound B of a user's text profile x_u E (Gram mechanism)
+        "noise_seed": -1,
+    },
 }
 FREE_TABLES: frozenset[tuple[str, str]] = frozenset(
     {("encoder", "params"), ("model", "params"), ("merge", "params"), ("merge", "mergerec"),
@@ -217,6 +231,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
         MergeRecConfig.from_keys(cfg["merge"]["mergerec"])
     except (ValueError, TypeError) as exc:
         raise FedmergeError(f"merge.mergerec: {exc}") from exc
+    from fedmerge.privacy.client import validate_privacy
+
+    validate_privacy(cfg)
     if cfg["eval"]["split"] not in ("val", "test"):
         raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg['eval']['split']!r}")
 

@@ -638,6 +638,38 @@ class SequentialFamily(ModelFamily):
         candidates, position = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
         return F.cross_entropy(module.logits(hidden, items[candidates]), position[: len(targets)])
 
+    def training_module(
+        self, theta0: StateDict, domain: Domain, item_features: torch.Tensor, seed: int
+    ) -> tuple[TextSASRec, torch.Tensor, list[int]]:
+        """(module holding ``theta0`` on the training device, the float32 features there, frozen routed experts):
+        the set-up shared by :meth:`train` and the user-level DP-SGD of :mod:`fedmerge.privacy.dpsgd`.
+
+        Seeds torch's global generator with ``seed`` (dropout). With the routed adapter, the experts that get fewer
+        than ``routed_min_share`` of the domain's items are frozen (``requires_grad=False``): Adam moves any weight
+        with a non-zero gradient by about lr per step, however few items reach it.
+        """
+        if item_features.ndim != (3 if self.encoder_layers else 2) or item_features.shape[0] != domain.n_items:
+            raise ValueError(
+                f"item_features has shape {tuple(item_features.shape)}, expected ({domain.n_items}, "
+                f"{'2 + T, ' if self.encoder_layers else ''}dim) "
+                f"for domain {domain.name!r}"
+            )
+        device = self._training_device()
+        torch.manual_seed(seed)
+        module = self.build(item_features.shape[-1])
+        try:
+            module.load_state_dict(theta0)
+        except RuntimeError as err:
+            raise FedmergeError(f"initial weights do not fit the sequential family's architecture: {err}") from err
+        module.to(device)
+        features = item_features.to(device=device, dtype=torch.float32)
+        frozen_experts = []
+        if self.adapter == "routed":
+            frozen_experts = module.adapter.minor_experts(features, self.routed_min_share)
+            for k in frozen_experts:
+                module.adapter.experts[k].requires_grad_(False)
+        return module, features, frozen_experts
+
     def train(
         self,
         theta0: StateDict,
@@ -648,32 +680,13 @@ class SequentialFamily(ModelFamily):
         progress: bool = True,
     ) -> tuple[StateDict, dict[str, Any]]:
         """AdamW on all-position next-item loss from ``theta0``; early stopping on val NDCG@10; best weights."""
-        if item_features.ndim != (3 if self.encoder_layers else 2) or item_features.shape[0] != domain.n_items:
-            raise ValueError(
-                f"item_features has shape {tuple(item_features.shape)}, expected ({domain.n_items}, "
-                f"{'2 + T, ' if self.encoder_layers else ''}dim) "
-                f"for domain {domain.name!r}"
-            )
         windows = training_windows(domain.train, self.max_len)
         if not windows:
             raise FedmergeError(f"domain {domain.name!r} has no training sequence with two or more items")
-        device = self._training_device()
-        torch.manual_seed(seed)
+        module, features, frozen_experts = self.training_module(theta0, domain, item_features, seed)
         rng = np.random.default_rng(seed)
         sampler = torch.Generator().manual_seed(seed)
-        module = self.build(item_features.shape[-1])
-        try:
-            module.load_state_dict(theta0)
-        except RuntimeError as err:
-            raise FedmergeError(f"initial weights do not fit the sequential family's architecture: {err}") from err
-        module.to(device)
-        features = item_features.to(device=device, dtype=torch.float32)
         anchor = {n: p.detach().clone() for n, p in module.named_parameters()} if self.proximal_mu else {}  # θ₀
-        frozen_experts = []
-        if self.adapter == "routed":  # Adam moves any weight with a non-zero gradient by ~lr per step, however few
-            frozen_experts = module.adapter.minor_experts(features, self.routed_min_share)  # items reach it
-            for k in frozen_experts:
-                module.adapter.experts[k].requires_grad_(False)
         tower = [p for n, p in module.named_parameters() if n.startswith("text_tower.") and p.requires_grad]
         rest = [p for n, p in module.named_parameters() if not n.startswith("text_tower.") and p.requires_grad]
         optimizer = torch.optim.AdamW([{"params": rest}, {"params": tower, "lr": self.encoder_lr}],
