@@ -174,6 +174,21 @@ def test_held_out_domain_is_evaluated_zero_shot_only(cfg):
         np.mean([out["models"]["average"][d]["recall@10"] for d in ("synth-0", "synth-1")]))
 
 
+def test_held_out_domain_evaluates_every_training_domains_model(cfg, tmp_path):
+    from fedmerge.recommender import read_card
+    from fedmerge.storage import client_weights_path
+
+    held = apply_overrides(cfg, ['data.held_out=["synth-2"]', "baselines.joint=false", "baselines.fedavg_rounds=0",
+                                 'merge.methods=["average"]'])
+    out = run_federation(held, InProcessTransport(held), out_dir=tmp_path)
+    for d in ("synth-0", "synth-1"):
+        zero_shot = out["models"][f"individual_{d}"]
+        assert set(zero_shot) == {"synth-2", "average"} and zero_shot["average"] == {}
+        card = read_card(client_weights_path(tmp_path, d))  # the client's model card lists its zero-shot metrics
+        assert card["metrics"]["synth-2"] == zero_shot["synth-2"] and d in card["metrics"]
+    assert out["models"]["individual_synth-0"]["synth-2"] != out["models"]["individual_synth-1"]["synth-2"]
+
+
 def test_flower_simulation_matches_inprocess(cfg, tmp_path):
     from fedmerge.runners.simulation import run_scenario
 

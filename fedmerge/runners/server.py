@@ -39,6 +39,8 @@ STALE_HINT = (  # why saved weights were refused on --resume, and what to do
 )
 TRAIN_METRICS_KEY = "train_metrics"
 INDIVIDUAL_PREFIX = "individual:"  # saved-model name of a client's one-shot model: individual:<domain>
+# results.json name of training domain d's one-shot model evaluated on a held-out domain (which has no own model)
+HELD_OUT_INDIVIDUAL = "individual_{domain}"
 # The config sections that determine what a client trains; a resumed run must match them exactly.
 TRAINING_SECTIONS = ("data", "encoder", "model", "privacy")
 
@@ -177,6 +179,7 @@ class Federation:
         self.extra_models = dict(extra_models or {})
         self.domains = domain_names(cfg)
         self.train_domains = training_domains(cfg)
+        self.held_out = [d for d in self.domains if d not in self.train_domains]
         self.timings: dict[str, float] = {}
         self.bytes = {d: {"sent": 0, "received": 0} for d in self.domains}
         self.rejected: dict[str, str] = {}
@@ -231,7 +234,9 @@ class Federation:
         for name, path in self.saved_models.items():
             if name.startswith(INDIVIDUAL_PREFIX):
                 domain = name[len(INDIVIDUAL_PREFIX):]
-                metrics = {domain: self.models.get("individual", {}).get(domain, {})}
+                zero_shot = self.models.get(HELD_OUT_INDIVIDUAL.format(domain=domain), {})
+                metrics = {domain: self.models.get("individual", {}).get(domain, {}),
+                           **{h: zero_shot[h] for h in self.held_out if h in zero_shot}}
             else:
                 per_domain = self.models.get(name, {})
                 metrics = {**{d: per_domain[d] for d in self.domains if d in per_domain},
@@ -372,9 +377,11 @@ class Federation:
         if baselines["theta0"]:
             shared["theta0"] = self.theta0
         models_for = {d: dict(shared) for d in self.domains}
-        if baselines["individual"]:
+        if baselines["individual"]:  # each held-out domain gets every training domain's model, zero-shot
             for d, weights in individual.items():
                 models_for[d]["individual"] = weights
+                for h in self.held_out:
+                    models_for[h][HELD_OUT_INDIVIDUAL.format(domain=d)] = weights
         self.evaluate(transport, models_for)
         self.timings["evaluation"] = time.perf_counter() - start
         phases.update()
