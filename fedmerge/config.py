@@ -33,6 +33,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "methods": ["average", "task_arithmetic", "ties", "dare", "mergerec_taskwise", "mergerec_layerwise"],
         "params": {},
         "mergerec": {},
+        # method "mergerec_testtime" (held-out domains only): teacher of the new catalog's pseudo-users ("theta0" or
+        # a training domain), whether the seen domains' pseudo-users stay in the objective, coefficient granularity
+        "testtime": {"teacher": "theta0", "include_seen": True, "granularity": "layer"},
     },
     "eval": {"ks": [5, 10, 20, 50], "split": "test", "primary": "recall@10"},
     "baselines": {
@@ -221,10 +224,19 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise FedmergeError("run.torch_threads must be >= 1 and run.server_threads >= 0 (0: all cores)")
     from fedmerge.merging import MERGEREC_METHODS, METHODS
 
-    valid_methods = [*METHODS, *MERGEREC_METHODS]
+    from fedmerge.merging.testtime import TESTTIME_METHOD, teacher_choices
+
+    valid_methods = [*METHODS, *MERGEREC_METHODS, TESTTIME_METHOD]
     unknown = [m for m in cfg["merge"]["methods"] if m not in valid_methods]
     if unknown:
         raise FedmergeError(f"merge.methods names unknown method(s) {unknown}; valid: {valid_methods}")
+    testtime = cfg["merge"]["testtime"]
+    if testtime["teacher"] not in teacher_choices(training_domains(cfg)):
+        raise FedmergeError(f"merge.testtime.teacher {testtime['teacher']!r} is unknown; valid: "
+                            f"{teacher_choices(training_domains(cfg))}")
+    if testtime["granularity"] not in MERGEREC_METHODS.values():
+        raise FedmergeError(f"merge.testtime.granularity {testtime['granularity']!r} is unknown; valid: "
+                            f"{sorted(set(MERGEREC_METHODS.values()))}")
     from fedmerge.merging.mergerec import MergeRecConfig
 
     try:  # an unknown key or preset fails here, before any client trains

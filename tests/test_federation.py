@@ -189,6 +189,24 @@ def test_held_out_domain_evaluates_every_training_domains_model(cfg, tmp_path):
     assert out["models"]["individual_synth-0"]["synth-2"] != out["models"]["individual_synth-1"]["synth-2"]
 
 
+def test_testtime_merge_is_built_and_evaluated_for_each_held_out_domain_only(cfg, tmp_path):
+    from fedmerge.recommender import model_path, read_card
+
+    held = apply_overrides(cfg, ['data.held_out=["synth-2"]', "baselines.joint=false", "baselines.fedavg_rounds=0",
+                                 'merge.methods=["mergerec_testtime"]', "merge.mergerec.steps=0",
+                                 "merge.mergerec.init_coefficient=0.0"])
+    out = run_federation(held, InProcessTransport(held), out_dir=tmp_path)
+    testtime = out["models"]["mergerec_testtime"]
+    assert set(testtime) == {"synth-2", "average"}  # λ = 0 after 0 steps: θ₀ itself
+    assert testtime["synth-2"] == out["models"]["theta0"]["synth-2"]
+    report = out["merge_report"]["mergerec_testtime"]["synth-2"]
+    assert report["teacher"] == "theta0" and report["domains"] == ["synth-0", "synth-1"]
+    card = read_card(model_path(tmp_path, "mergerec_testtime:synth-2"))
+    assert card["held_out_domain"] == "synth-2" and card["metrics"]["synth-2"] == testtime["synth-2"]
+    with pytest.raises(FedmergeError, match=r"valid: \['theta0', 'synth-0', 'synth-1'\]"):
+        apply_overrides(held, ["merge.testtime.teacher=synth-2"])
+
+
 def test_flower_simulation_matches_inprocess(cfg, tmp_path):
     from fedmerge.runners.simulation import run_scenario
 

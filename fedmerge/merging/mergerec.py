@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -401,7 +401,8 @@ class PseudoUserObjective:
     Holds what the optimization needs and does not change with λ: processed task vectors τ̃_k, parameter groups,
     teacher scores and rollouts (:class:`PseudoUsers`), and the frozen candidate item representations, which
     :meth:`refresh_items` recomputes from θ(λ). ``teachers[d]`` scores domain d's pseudo-users; by default d's own
-    model ``models[d]``.
+    model ``models[d]``. ``pseudo_domains`` are the catalogs whose pseudo-users form the objective (default: the
+    models' domains); one that has no model (a catalog seen only at test time) needs an entry in ``teachers``.
     """
 
     def __init__(
@@ -412,16 +413,18 @@ class PseudoUserObjective:
         item_features: Mapping[str, torch.Tensor],
         config: MergeRecConfig,
         teachers: Mapping[str, StateDict] | None = None,
+        pseudo_domains: Sequence[str] | None = None,
     ) -> None:
         teachers = models if teachers is None else teachers
-        self.domains = list(models)
+        self.domains = list(models)  # rows of λ
+        self.pseudo_domains = self.domains if pseudo_domains is None else list(pseudo_domains)
         for what, table in (("item features", item_features), ("teacher", teachers)):
-            missing = [d for d in self.domains if d not in table]
+            missing = [d for d in self.pseudo_domains if d not in table]
             if missing:
                 raise ValueError(f"no {what} for domain(s) {missing}; have {sorted(table)}")
         self.config = config
         self.processed = processed_task_vectors(config.init_method, theta0, models, **dict(config.init_params))
-        dims = {int(item_features[d].shape[-1]) for d in self.domains}
+        dims = {int(item_features[d].shape[-1]) for d in self.pseudo_domains}
         if len(dims) != 1:
             raise ValueError(f"item features of the domains have different widths {sorted(dims)}")
         self.module = family.build(dims.pop())
@@ -438,11 +441,11 @@ class PseudoUserObjective:
                              f"max_len {family.max_len}")
         self.base = {p: t.detach().float() for p, t in theta0.items()}
         self.groups, self.column = group_index(family, list(self.base), config.granularity, config.layer_groups)
-        self.item_features = [item_features[d] for d in self.domains]
+        self.item_features = [item_features[d] for d in self.pseudo_domains]
 
         start = time.perf_counter()
         one_item, scales, scorers, rollouts = [], [], [], []
-        for d, features in zip(tqdm(self.domains, desc="teacher scores", disable=not config.progress),
+        for d, features in zip(tqdm(self.pseudo_domains, desc="teacher scores", disable=not config.progress),
                                self.item_features):
             scorer = family.scorer(teachers[d], features, batch_size=config.teacher_batch)
             scores = torch.from_numpy(scorer([np.array([i]) for i in range(features.shape[0])])).float()
@@ -555,13 +558,15 @@ def mergerec(
     item_features: Mapping[str, torch.Tensor],
     config: MergeRecConfig = MergeRecConfig(),
     teachers: Mapping[str, StateDict] | None = None,
+    pseudo_domains: Sequence[str] | None = None,
 ) -> tuple[StateDict, MergeRecReport]:
     """Learn merge coefficients of ``models`` (domain -> weights) on pseudo-users; return (merged θ, report).
 
     ``item_features[d]`` are domain d's catalog features (``family.item_features`` of its text embeddings).
-    ``teachers[d]`` scores domain d's pseudo-users; by default d's own model ``models[d]``.
+    ``teachers[d]`` scores domain d's pseudo-users; by default d's own model ``models[d]``. ``pseudo_domains``: the
+    catalogs whose pseudo-users are used (default: the models' domains; see :class:`PseudoUserObjective`).
     """
-    objective = PseudoUserObjective(family, theta0, models, item_features, config, teachers)
+    objective = PseudoUserObjective(family, theta0, models, item_features, config, teachers, pseudo_domains)
     init = config.init_coefficient
     if init is None:
         init = MERGEREC_INITIAL_COEFFICIENT.get(config.init_method, objective.processed.scale)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from fedmerge.config import domain_names, training_domains
 from fedmerge.data.domain import ItemCatalog
 from fedmerge.errors import FedmergeError
+from fedmerge.merging.testtime import TESTTIME_METHOD
 from fedmerge.models import StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
 from fedmerge.runners import protocol
@@ -39,6 +40,7 @@ STALE_HINT = (  # why saved weights were refused on --resume, and what to do
 )
 TRAIN_METRICS_KEY = "train_metrics"
 INDIVIDUAL_PREFIX = "individual:"  # saved-model name of a client's one-shot model: individual:<domain>
+TESTTIME_PREFIX = TESTTIME_METHOD + ":"  # saved-model name of the test-time merge for one held-out domain
 # results.json name of training domain d's one-shot model evaluated on a held-out domain (which has no own model)
 HELD_OUT_INDIVIDUAL = "individual_{domain}"
 # The config sections that determine what a client trains; a resumed run must match them exactly.
@@ -113,6 +115,8 @@ def merge_replies(
     merged: dict[str, StateDict] = {}
     report: dict[str, Any] = {"seconds": {}, "domains": list(models)}
     for method in cfg["merge"]["methods"]:
+        if method == TESTTIME_METHOD:  # one merge per held-out catalog: see testtime_merges
+            continue
         start = time.perf_counter()
         params = dict(cfg["merge"]["params"].get(method, {}))
         if method in METHODS and "seed" in METHODS[method].params:  # DARE's masks follow the run seed unless set
@@ -153,6 +157,38 @@ def _mergerec(
     except ValueError as exc:
         raise FedmergeError(f"merge.mergerec: {exc}") from exc
     return merged, asdict(report)
+
+
+def testtime_merges(
+    theta0: StateDict, models: Mapping[str, StateDict], cfg: Mapping[str, Any]
+) -> tuple[dict[str, StateDict], dict[str, Any]]:
+    """``mergerec_testtime`` for each held-out domain (when configured): MergeRec coefficients learned on pseudo-users
+    of that domain's public catalog (:func:`fedmerge.merging.testtime.mergerec_for_new_catalog`), with ``merge.mergerec``'s
+    constants and ``merge.testtime``'s teacher, seen-domain pseudo-users and granularity. Returns (held-out domain ->
+    merged weights, held-out domain -> report with its seconds)."""
+    from dataclasses import asdict
+
+    from fedmerge.merging.mergerec import MergeRecConfig
+    from fedmerge.merging.testtime import mergerec_for_new_catalog
+
+    held_out = [d for d in domain_names(cfg) if d in cfg["data"]["held_out"]]
+    if TESTTIME_METHOD not in cfg["merge"]["methods"] or not held_out:
+        return {}, {}
+    family, testtime = family_of(cfg), cfg["merge"]["testtime"]
+    seen = {d: item_features(cfg, load_catalog(cfg, d), family) for d in models} if testtime["include_seen"] else {}
+    params = {"seed": int(cfg["run"]["seed"]), "progress": bool(cfg["run"]["progress"]),
+              **cfg["merge"]["mergerec"], "granularity": testtime["granularity"]}
+    merged, reports = {}, {}
+    for h in held_out:
+        start = time.perf_counter()
+        try:
+            merged[h], report = mergerec_for_new_catalog(
+                family, theta0, dict(models), seen, h, item_features(cfg, load_catalog(cfg, h), family),
+                MergeRecConfig.from_keys(params), teacher=testtime["teacher"], include_seen=testtime["include_seen"])
+        except ValueError as exc:
+            raise FedmergeError(f"merge.testtime ({h}): {exc}") from exc
+        reports[h] = {**asdict(report), "seconds": round(time.perf_counter() - start, 3), **testtime}
+    return merged, reports
 
 
 def average_metrics(per_domain: Mapping[str, Mapping[str, float]], domains: list[str]) -> dict[str, float]:
@@ -237,6 +273,9 @@ class Federation:
                 zero_shot = self.models.get(HELD_OUT_INDIVIDUAL.format(domain=domain), {})
                 metrics = {domain: self.models.get("individual", {}).get(domain, {}),
                            **{h: zero_shot[h] for h in self.held_out if h in zero_shot}}
+            elif name.startswith(TESTTIME_PREFIX):
+                domain = name[len(TESTTIME_PREFIX):]
+                metrics = {domain: self.models.get(TESTTIME_METHOD, {}).get(domain, {})}
             else:
                 per_domain = self.models.get(name, {})
                 metrics = {**{d: per_domain[d] for d in self.domains if d in per_domain},
@@ -370,6 +409,15 @@ class Federation:
         self.timings["merging"] = time.perf_counter() - start
         for method, weights in merged.items():
             self.save_merged(method, weights)
+        start = time.perf_counter()
+        testtime, testtime_report = testtime_merges(self.theta0, individual, self.cfg)
+        if testtime:
+            self.merge_report[TESTTIME_METHOD] = testtime_report
+            self.timings["testtime_merging"] = time.perf_counter() - start
+        for h, weights in testtime.items():
+            self.save_model(TESTTIME_PREFIX + h, weights, TESTTIME_METHOD, self.merge_report["domains"],
+                            params=testtime_report[h]["config"], held_out_domain=h,
+                            mergerec={"coefficients": testtime_report[h]["coefficients"]})
         phases.update()
 
         start = time.perf_counter()
@@ -377,6 +425,8 @@ class Federation:
         if baselines["theta0"]:
             shared["theta0"] = self.theta0
         models_for = {d: dict(shared) for d in self.domains}
+        for h, weights in testtime.items():
+            models_for[h][TESTTIME_METHOD] = weights
         if baselines["individual"]:  # each held-out domain gets every training domain's model, zero-shot
             for d, weights in individual.items():
                 models_for[d]["individual"] = weights
