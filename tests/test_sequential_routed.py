@@ -8,7 +8,7 @@ import torch
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import MergeRecConfig, merge, mergerec
-from fedmerge.models.sequential import ResidualMLPAdapter, SequentialFamily, catalog_clusters
+from fedmerge.models.sequential import ResidualMLPAdapter, SequentialFamily, catalog_clusters, nearest_similarity
 from tests.test_sequential import cycle_domain
 
 DIM = 8
@@ -124,3 +124,32 @@ def test_an_expert_with_few_of_the_domains_items_stays_at_theta0(min_share, move
     assert info["frozen_experts"] == (0 if moves else 1)
     with pytest.raises(ValueError, match="routed_min_share"):
         routed_family(routed_min_share=1.0)
+
+
+def test_unseen_items_fall_back_to_the_frozen_theta0_expert():
+    family = routed_family(max_epochs=3, routed_unseen="theta0", routed_unseen_quantile=0.0)
+    feats = {"A": family.item_features(blob(20, 0, seed=2)), "B": family.item_features(blob(20, 5, seed=3))}
+    unseen = family.item_features(blob(20, 2, seed=4))  # a third region of text space: no trained expert's cluster
+    theta0 = family.initial_weights(2 * DIM, seed=0, catalog_features=list(feats.values()))
+    base = [k for k in theta0 if k.startswith("adapter.base.")]
+    assert base and all(torch.equal(theta0[k], theta0[k.replace("base", "experts.0")]) for k in base)
+    adapter0 = family.load(theta0, 2 * DIM).adapter
+    # quantile 0: the threshold is the least similarity of any training item, so every training item keeps its expert
+    similarity = lambda f: nearest_similarity(f[:, DIM:], adapter0.centre, adapter0.centroids)  # noqa: E731
+    threshold = float(theta0["adapter.unseen_threshold"])
+    assert threshold == pytest.approx(float(similarity(torch.cat(list(feats.values()))).min()))
+    assert float(similarity(unseen).max()) < threshold
+    models = {n: family.train(theta0, cycle_domain(n_items=20, n_users=80, seed=i, name=n), feats[n], seed=0,
+                              progress=False)[0] for i, n in enumerate(feats)}
+    merged = merge("task_arithmetic", theta0, models, scale=1.0)
+    assert all(torch.equal(models[n][k], theta0[k]) for n in models for k in base)  # never trained
+    with torch.no_grad():
+        torch.testing.assert_close(family.load(merged, 2 * DIM).adapter(unseen), adapter0(unseen))  # θ₀ on unseen
+        # the training catalogs still use their trained experts
+        assert not torch.allclose(family.load(merged, 2 * DIM).adapter(feats["A"]), adapter0(feats["A"]))
+        # without the fallback the unseen items land in a trained expert
+        plain = routed_family(max_epochs=3)
+        trained = {k: v for k, v in merged.items() if not k.startswith("adapter.base.") and "unseen" not in k}
+        assert not torch.allclose(plain.load(trained, 2 * DIM).adapter(unseen), adapter0(unseen))
+    with pytest.raises(ValueError, match=r"valid: \['none', 'theta0'\]"):
+        routed_family(routed_unseen="mix")

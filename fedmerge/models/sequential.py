@@ -20,7 +20,10 @@ Pantry (MiniLM, 2-core CPU, seed 0, 240 s of training, dropout 0.1): validation 
 untrained θ₀; a linear-only item side cannot move items with similar text apart when their buyers differ.
 ``"routed"`` (:class:`RoutedAdapter`) holds ``n_experts`` such MLP adapters and sends every item to one of them by
 its raw text embedding's nearest catalog cluster (k-means over the merged domains' public catalogs, fixed in θ₀),
-so each domain's training moves mostly its own experts and merges interfere less on the item side.
+so each domain's training moves mostly its own experts and merges interfere less on the item side. With
+``routed_unseen="theta0"`` an item far from every cluster (nearest-centroid similarity below the
+``routed_unseen_quantile`` of the training catalogs' items, fixed in θ₀) goes to a frozen copy of θ₀'s expert
+instead: a catalog no client trained on keeps θ₀'s item side in every merge.
 
 Training: SASRec all-position loss: each training sequence is cut into windows of at most ``max_len + 1`` items
 (so every transition is a target exactly once), and every position predicts the next item with a full softmax
@@ -77,6 +80,7 @@ from fedmerge.text.encoder import SentenceEncoder, mean_pool
 logger = logging.getLogger(__name__)
 
 ADAPTERS = ("linear", "mlp", "moe", "routed")
+ROUTED_UNSEEN = ("none", "theta0")
 
 
 @lru_cache(maxsize=2)
@@ -198,6 +202,12 @@ def catalog_clusters(embeddings: np.ndarray, n_clusters: int, seed: int) -> tupl
     return torch.from_numpy(centre.astype(np.float32)), torch.from_numpy(centroids.astype(np.float32))
 
 
+def nearest_similarity(raw: torch.Tensor, centre: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``max_k <unit(x - centre), c_k>`` of each raw embedding row x, (n,): how close an item is to the nearest
+    catalog cluster of :func:`catalog_clusters`."""
+    return (F.normalize(raw - centre, dim=-1) @ centroids.T).max(dim=-1).values
+
+
 class RoutedAdapter(nn.Module):
     """``n_experts`` :class:`ResidualMLPAdapter` experts; each item goes to one, fixed by its text: the nearest
     catalog-cluster centroid (:func:`catalog_clusters`) of its raw embedding. Input rows are ``[z | x]``, the
@@ -213,9 +223,18 @@ class RoutedAdapter(nn.Module):
     ``routed_min_share`` of the domain's items (:meth:`minor_experts`): under Adam two Beauty items routed to a Toys
     expert moved it by ‖τ‖ = 11 against 28 for Toys' own 2,516 items, and the sum of such updates in a merge broke
     the experts' owners.
+
+    Unseen items (``fallback=True``): an item of a catalog no client trained on lands in whichever expert is least
+    far, which was trained on other items' buyers. With the fallback, an item whose similarity to its nearest
+    centroid, ``max_k <unit(x - centre), c_k>``, is below the ``unseen_threshold`` buffer (set in θ₀ from the
+    training catalogs, see :meth:`SequentialFamily.initial_weights`) goes to ``base``, a frozen copy of the initial
+    expert: θ₀'s adapter, kept in the weights, never trained (every task vector is zero there), so every merge
+    keeps it as θ₀ has it.
     """
 
-    def __init__(self, dim_in: int, dim_out: int, width: int, n_experts: int, dropout: float) -> None:
+    def __init__(
+        self, dim_in: int, dim_out: int, width: int, n_experts: int, dropout: float, fallback: bool = False
+    ) -> None:
         super().__init__()
         self.dim_in = dim_in
         self.register_buffer("centre", torch.zeros(dim_in))
@@ -223,11 +242,18 @@ class RoutedAdapter(nn.Module):
         self.experts = nn.ModuleList(ResidualMLPAdapter(dim_in, dim_out, width, dropout) for _ in range(n_experts))
         for expert in self.experts[1:]:
             expert.load_state_dict(self.experts[0].state_dict())
+        self.base: ResidualMLPAdapter | None = None
+        if fallback:
+            self.register_buffer("unseen_threshold", torch.tensor(-1.0))
+            self.base = ResidualMLPAdapter(dim_in, dim_out, width, dropout)
+            self.base.load_state_dict(self.experts[0].state_dict())
+            self.base.requires_grad_(False)
         self.dim_out = dim_out
 
     def route(self, raw: torch.Tensor) -> torch.Tensor:
         """Expert index of each raw embedding row, (n,)."""
         return ((raw - self.centre) @ self.centroids.T).argmax(dim=-1)
+
 
     def minor_experts(self, x: torch.Tensor, min_share: float) -> list[int]:
         """Experts that receive fewer than ``min_share`` of the catalog ``x``'s ``[z | raw]`` rows."""
@@ -238,9 +264,15 @@ class RoutedAdapter(nn.Module):
         if x.shape[-1] != 2 * self.dim_in:
             raise ValueError(f"routed adapter expects [z | raw] rows of width {2 * self.dim_in}, got {x.shape[-1]}")
         z, raw = x[..., : self.dim_in], x[..., self.dim_in :]
-        flat_z, expert_of = z.reshape(-1, self.dim_in), self.route(raw.reshape(-1, self.dim_in))
+        flat_raw = raw.reshape(-1, self.dim_in)
+        flat_z, expert_of = z.reshape(-1, self.dim_in), self.route(flat_raw)
+        experts = list(self.experts)
+        if self.base is not None:  # unseen items: index n_experts, the frozen θ₀ expert
+            unseen = nearest_similarity(flat_raw, self.centre, self.centroids) < self.unseen_threshold
+            expert_of = torch.where(unseen, len(experts), expert_of)
+            experts.append(self.base)
         out = flat_z.new_zeros(len(flat_z), self.dim_out)
-        for k, expert in enumerate(self.experts):
+        for k, expert in enumerate(experts):
             rows = (expert_of == k).nonzero().squeeze(1)
             if len(rows):
                 out = out.index_copy(0, rows, expert(flat_z[rows]))
@@ -326,6 +358,7 @@ class TextSASRec(nn.Module):
         temperature: float,
         adapter_width: int = 512,
         text_tower: TextTower | None = None,
+        routed_unseen: str = "none",
     ) -> None:
         super().__init__()
         if adapter == "moe":
@@ -333,7 +366,8 @@ class TextSASRec(nn.Module):
         elif adapter == "routed":
             if dim_in % 2:
                 raise ValueError(f"the routed adapter reads [z | raw] features of even width, got {dim_in}")
-            self.adapter = RoutedAdapter(dim_in // 2, hidden, adapter_width, n_experts, dropout)
+            self.adapter = RoutedAdapter(dim_in // 2, hidden, adapter_width, n_experts, dropout,
+                                         fallback=routed_unseen == "theta0")
         elif adapter == "mlp":
             self.adapter = ResidualMLPAdapter(dim_in, hidden, adapter_width, dropout)
         else:
@@ -434,6 +468,10 @@ class SequentialFamily(ModelFamily):
     encoder_lr: float = 5e-5
     proximal_mu: float = 0.0
     routed_min_share: float = 0.05
+    # routed adapter, items far from every catalog cluster: "none" (nearest expert) or "theta0" (a frozen θ₀ expert
+    # for items whose nearest-centroid similarity is below the routed_unseen_quantile of the training catalogs')
+    routed_unseen: str = "none"
+    routed_unseen_quantile: float = 0.01
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -464,6 +502,10 @@ class SequentialFamily(ModelFamily):
             raise ValueError(f"proximal_mu must be a finite number >= 0, got {self.proximal_mu}")
         if not 0.0 <= self.routed_min_share < 1.0:
             raise ValueError(f"routed_min_share must be in [0, 1), got {self.routed_min_share}")
+        if self.routed_unseen not in ROUTED_UNSEEN:
+            raise ValueError(f"unknown routed_unseen {self.routed_unseen!r}; valid: {list(ROUTED_UNSEEN)}")
+        if not 0.0 <= self.routed_unseen_quantile < 1.0:
+            raise ValueError(f"routed_unseen_quantile must be in [0, 1), got {self.routed_unseen_quantile}")
         if self.adapter == "routed" and self.encoder_layers:
             raise ValueError("adapter='routed' with encoder_layers > 0 is not supported: the router reads cached "
                              "raw embeddings")
@@ -500,6 +542,10 @@ class SequentialFamily(ModelFamily):
             raise FedmergeError(f"routed θ₀ needs (n, {dim}) catalog features, got shapes {bad}")
         raw = torch.cat([f[:, dim // 2 :] for f in catalog_features]).numpy()
         weights["adapter.centre"], weights["adapter.centroids"] = catalog_clusters(raw, self.n_experts, seed)
+        if self.routed_unseen == "theta0":  # "unseen": below this quantile of the training catalogs' similarities
+            centre, centroids = weights["adapter.centre"], weights["adapter.centroids"]
+            similarity = nearest_similarity(torch.from_numpy(raw), centre, centroids)
+            weights["adapter.unseen_threshold"] = torch.quantile(similarity, self.routed_unseen_quantile)
         return weights
 
     def catalog_features(self, catalog: ItemCatalog, embeddings: Callable[[], np.ndarray]) -> torch.Tensor:
@@ -537,6 +583,7 @@ class SequentialFamily(ModelFamily):
             temperature=self.temperature,
             adapter_width=self.adapter_width,
             text_tower=tower,
+            routed_unseen=self.routed_unseen,
         )
 
     def parameter_groups(self, names: Iterable[str]) -> dict[str, list[str]]:

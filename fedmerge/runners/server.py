@@ -163,9 +163,9 @@ def testtime_merges(
     theta0: StateDict, models: Mapping[str, StateDict], cfg: Mapping[str, Any]
 ) -> tuple[dict[str, StateDict], dict[str, Any]]:
     """``mergerec_testtime`` for each held-out domain (when configured): MergeRec coefficients learned on pseudo-users
-    of that domain's public catalog (:func:`fedmerge.merging.testtime.mergerec_for_new_catalog`), with ``merge.mergerec``'s
-    constants and ``merge.testtime``'s teacher, seen-domain pseudo-users and granularity. Returns (held-out domain ->
-    merged weights, held-out domain -> report with its seconds)."""
+    of that domain's public catalog (:func:`fedmerge.merging.testtime.mergerec_for_new_catalog`), with
+    ``merge.mergerec``'s constants and ``merge.testtime``'s teacher, seen-domain pseudo-users and granularity.
+    Returns (held-out domain -> merged weights, held-out domain -> report with its seconds)."""
     from dataclasses import asdict
 
     from fedmerge.merging.mergerec import MergeRecConfig
