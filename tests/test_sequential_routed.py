@@ -133,6 +133,9 @@ def test_unseen_items_fall_back_to_the_frozen_theta0_expert():
     theta0 = family.initial_weights(2 * DIM, seed=0, catalog_features=list(feats.values()))
     base = [k for k in theta0 if k.startswith("adapter.base.")]
     assert base and all(torch.equal(theta0[k], theta0[k.replace("base", "experts.0")]) for k in base)
+    plain0 = routed_family(max_epochs=3).initial_weights(2 * DIM, seed=0, catalog_features=list(feats.values()))
+    assert set(theta0) - set(plain0) == {*base, "adapter.unseen_threshold"}  # every other weight as without it
+    assert all(torch.equal(plain0[k], theta0[k]) for k in plain0)
     adapter0 = family.load(theta0, 2 * DIM).adapter
     # quantile 0: the threshold is the least similarity of any training item, so every training item keeps its expert
     similarity = lambda f: nearest_similarity(f[:, DIM:], adapter0.centre, adapter0.centroids)  # noqa: E731

@@ -245,8 +245,7 @@ class RoutedAdapter(nn.Module):
         self.base: ResidualMLPAdapter | None = None
         if fallback:
             self.register_buffer("unseen_threshold", torch.tensor(-1.0))
-            self.base = ResidualMLPAdapter(dim_in, dim_out, width, dropout)
-            self.base.load_state_dict(self.experts[0].state_dict())
+            self.base = copy.deepcopy(self.experts[0])  # draws no random numbers: the other weights' init is unchanged
             self.base.requires_grad_(False)
         self.dim_out = dim_out
 
