@@ -37,6 +37,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # a training domain), whether the seen domains' pseudo-users stay in the objective, coefficient granularity
         "testtime": {"teacher": "theta0", "include_seen": True, "granularity": "layer"},
     },
+    # θ₀ pretrained on pseudo-users of the training domains' public catalogs (fedmerge/runners/pretrain.py)
+    "theta0": {"pretrain": False, "group_by": "brand", "length": 5, "per_item": 1},
     "eval": {"ks": [5, 10, 20, 50], "split": "test", "primary": "recall@10"},
     "baselines": {
         "individual": True,
@@ -246,6 +248,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
     from fedmerge.privacy.client import validate_privacy
 
     validate_privacy(cfg)
+    if cfg["theta0"]["length"] < 3 or cfg["theta0"]["per_item"] < 1:
+        raise FedmergeError(f"theta0.length must be >= 3 and theta0.per_item >= 1, got {cfg['theta0']['length']}, "
+                            f"{cfg['theta0']['per_item']}")
     if cfg["eval"]["split"] not in ("val", "test"):
         raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg['eval']['split']!r}")
 

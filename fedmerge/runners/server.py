@@ -44,7 +44,7 @@ TESTTIME_PREFIX = TESTTIME_METHOD + ":"  # saved-model name of the test-time mer
 # results.json name of training domain d's one-shot model evaluated on a held-out domain (which has no own model)
 HELD_OUT_INDIVIDUAL = "individual_{domain}"
 # The config sections that determine what a client trains; a resumed run must match them exactly.
-TRAINING_SECTIONS = ("data", "encoder", "model", "privacy")
+TRAINING_SECTIONS = ("data", "encoder", "model", "privacy", "theta0")
 
 ReplyHandler = Callable[[str, RecordDict], None]
 TrainMetrics = dict[str, float | str]  # a client's training metrics (numbers, and ``stop_reason``)
@@ -82,11 +82,20 @@ def training_fingerprint(cfg: Mapping[str, Any]) -> str:
 
 def initial_weights(cfg: Mapping[str, Any]) -> StateDict:
     """θ₀: the family's seeded initialization for the encoder's feature width (identical on every party); a family
-    that reads the public catalogs for θ₀ (routed adapter) gets the training domains' item features."""
-    family = family_of(cfg)
-    catalogs = ([item_features(cfg, load_catalog(cfg, d), family) for d in training_domains(cfg)]
-                if family.init_reads_catalogs else [])
-    return family.initial_weights(feature_width(cfg, family), seed=int(cfg["run"]["seed"]), catalog_features=catalogs)
+    that reads the public catalogs for θ₀ (routed adapter) gets the training domains' item features. With
+    ``theta0.pretrain`` it is then trained on pseudo-users of those public catalogs (:mod:`fedmerge.runners.pretrain`)."""
+    family, seed, pretrain = family_of(cfg), int(cfg["run"]["seed"]), bool(cfg["theta0"]["pretrain"])
+    catalogs = ({d: load_catalog(cfg, d) for d in training_domains(cfg)}
+                if family.init_reads_catalogs or pretrain else {})
+    features = [item_features(cfg, catalog, family) for catalog in catalogs.values()]
+    weights = family.initial_weights(feature_width(cfg, family), seed=seed,
+                                     catalog_features=features if family.init_reads_catalogs else [])
+    if pretrain:
+        from fedmerge.runners.pretrain import pretrained_theta0
+
+        weights, info = pretrained_theta0(family, weights, catalogs, features, cfg["theta0"], seed)
+        logger.info("θ₀ pretrained on the public catalogs %s: %s", sorted(catalogs), info)
+    return weights
 
 
 def fedavg_aggregate(updates: Mapping[str, StateDict], weights: Mapping[str, float]) -> StateDict:
