@@ -49,8 +49,8 @@ once per epoch. Without CUDA, training refuses unless ``device="cpu"`` is asked 
 given (feature width, seed), uses no interaction data (the routed adapter's router reads the public catalogs), and
 keeps every client in the same basin-free starting point that task arithmetic measures its task vectors from (plus,
 with ``encoder_layers``, the pretrained text-encoder layers).
-No pretraining on public text is done (yet); such a pretraining on the union of public catalogs would still be
-private-data-free.
+A scenario can pretrain θ₀ on pseudo-users of the public catalogs (``theta0.pretrain``,
+:mod:`fedmerge.runners.pretrain`), still without any interaction data.
 """
 
 from __future__ import annotations
