@@ -370,3 +370,15 @@ def test_multi_start_can_rank_runs_on_a_seeded_sample_of_pseudo_users():
     lam = torch.tensor([[report.coefficients[d]["all"]] for d in models])
     assert objective.mean_loss(lam, sample) == pytest.approx(report.start_objectives["only y"], rel=1e-6)
     assert objective.mean_loss(lam) != pytest.approx(report.start_objectives["only y"], rel=1e-6)
+
+
+@pytest.mark.parametrize("robust", ["median", "trimmed_mean", "clipped_average"])
+def test_mergerec_starts_from_a_robust_merge(robust):
+    """MergeRec's init_method may be a robust registry method: with no steps it returns exactly that merge."""
+    family, theta0, models, features = setup()
+    config = MergeRecConfig(init_method=robust, steps=0, progress=False, item_side="full")
+    merged, report = mergerec(family, theta0, models, features, config)
+    assert report.initial_coefficient == 1.0
+    reference = merge(robust, theta0, models)
+    for p in theta0:
+        torch.testing.assert_close(merged[p], reference[p])
