@@ -56,6 +56,10 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray, histories: Sequence[np
     return higher + tied_before
 
 
+MASKED_SUFFIX = "_masked"
+USERS = "users"  # evaluate_scorer's count of evaluated users
+
+
 def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS, suffix: str = "") -> dict[str, float]:
     """Mean Recall@K and NDCG@K over users from 0-based target ranks."""
     ranks = np.asarray(ranks)
@@ -97,6 +101,12 @@ def evaluate_scorer(
         ranks_unmasked.append(target_ranks(scores, batch_targets))
         ranks_masked.append(target_ranks(scores, batch_targets, histories=batch))
     result = metrics_from_ranks(np.concatenate(ranks_unmasked), ks)
-    result.update(metrics_from_ranks(np.concatenate(ranks_masked), ks, suffix="_masked"))
-    result["users"] = len(targets)
+    result.update(metrics_from_ranks(np.concatenate(ranks_masked), ks, suffix=MASKED_SUFFIX))
+    result[USERS] = len(targets)
     return result
+
+
+def evaluation_metric_names(ks: Sequence[int] = DEFAULT_KS) -> set[str]:
+    """The names :func:`evaluate_scorer` reports for cutoffs ``ks`` (what a server expects from an evaluation)."""
+    names = set(metrics_from_ranks(np.zeros(1), ks)) | set(metrics_from_ranks(np.zeros(1), ks, suffix=MASKED_SUFFIX))
+    return names | {USERS}
