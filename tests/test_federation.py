@@ -410,41 +410,40 @@ def _train_metrics_attack(**metrics):
 
 def _hostile_run(cfg, attack, *overrides):
     small = apply_overrides(cfg, ["baselines.joint=false", "federation.min_replies=2",
-                                  'merge.methods=["average","median","mergerec_taskwise"]', *overrides])
+                                  'merge.methods=["average","mergerec_taskwise"]', *overrides])
     out = run_federation(small, HostileTransport(small, attack))
     json.dumps(out, allow_nan=False)  # results.json can be written
     return out
 
 
-def _assert_no_attacker_influence(out):
-    for name in ("average", "median", "mergerec_taskwise", "fedavg"):
+def _assert_honest_metrics_in_range(out):
+    for name in ("average", "mergerec_taskwise", "fedavg"):
         for d in ("synth-0", "synth-1"):
             assert 0.0 <= out["models"][name][d]["recall@10"] <= 1.0, (name, d)
 
 
-@pytest.mark.parametrize(("factor", "round_key"), [(1e6, "synth-2"), (-100.0, "synth-2")])
-def test_scaled_task_vector_is_rejected_by_the_norm_test(cfg, factor, round_key):
-    out = _hostile_run(cfg, _weights_attack(lambda g, w: {n: g[n] + factor * (w[n] - g[n]) for n in g}),
-                       "federation.max_abs_value=1e30")
+@pytest.mark.parametrize("factor", [1e3, -100.0])  # weights stay under max_abs_value: the norm test must catch them
+def test_scaled_task_vector_is_rejected_by_the_norm_test(cfg, factor):
+    out = _hostile_run(cfg, _weights_attack(lambda g, w: {n: g[n] + factor * (w[n] - g[n]) for n in g}))
     assert out["status"] == "ok"
-    assert "task-vector norm" in out["rejected"][round_key] and "norm_multiple = 3" in out["rejected"][round_key]
+    assert "task-vector norm" in out["rejected"]["synth-2"] and "norm_multiple = 3" in out["rejected"]["synth-2"]
     assert "task-vector norm" in out["rejected"]["fedavg_round1:synth-2"]  # screened against the round's start too
     assert out["merge_report"]["domains"] == ["synth-0", "synth-1"]
-    _assert_no_attacker_influence(out)
+    _assert_honest_metrics_in_range(out)
 
 
 def test_scaled_task_vector_is_clipped_with_norm_action_clip(cfg):
-    out = _hostile_run(cfg, _weights_attack(lambda g, w: {n: g[n] + 1e6 * (w[n] - g[n]) for n in g}),
-                       "federation.max_abs_value=1e30", "federation.norm_action=\"clip\"")
+    out = _hostile_run(cfg, _weights_attack(lambda g, w: {n: g[n] + 1e3 * (w[n] - g[n]) for n in g}),
+                       "federation.norm_action=\"clip\"")
     assert "synth-2" not in out["rejected"] and "scaled by" in out["clipped"]["synth-2"]
     assert out["merge_report"]["domains"] == ["synth-0", "synth-1", "synth-2"]
-    _assert_no_attacker_influence(out)
+    _assert_honest_metrics_in_range(out)
 
 
 def test_huge_finite_weights_are_rejected(cfg):
     out = _hostile_run(cfg, _weights_attack(lambda g, w: {n: torch.full_like(v, 3e38) for n, v in w.items()}))
     assert "over federation.max_abs_value = 10000" in out["rejected"]["synth-2"]
-    _assert_no_attacker_influence(out)
+    _assert_honest_metrics_in_range(out)
 
 
 def test_changed_router_buffer_is_rejected(cfg):
@@ -453,14 +452,14 @@ def test_changed_router_buffer_is_rejected(cfg):
 
     out = _hostile_run(cfg, _weights_attack(move_centre), 'model.params.adapter="routed"')
     assert "fixed parameters 'adapter.centre' differ from θ₀" in out["rejected"]["synth-2"]
-    _assert_no_attacker_influence(out)
+    _assert_honest_metrics_in_range(out)
 
 
 def test_nan_user_count_is_rejected_and_fedavg_still_finishes(cfg):
     out = _hostile_run(cfg, _train_metrics_attack(**{protocol.NUM_USERS: float("nan")}))
     assert "'num-users' = nan" in out["rejected"]["synth-2"]
     assert "'num-users' = nan" in out["rejected"]["fedavg_round1:synth-2"]
-    _assert_no_attacker_influence(out)
+    _assert_honest_metrics_in_range(out)
 
 
 def test_non_finite_training_metric_is_dropped_not_stored(cfg):
@@ -501,7 +500,7 @@ def test_lying_evaluation_replies_are_left_out_and_recorded(cfg):
         out = RecordDict({protocol.INFO: reply.config_records[protocol.INFO]})
         for key, record in reply.metric_records.items():
             name = key[len(protocol.METRICS_PREFIX):]
-            if name == "median":
+            if name == "individual":
                 out[key] = MetricRecord({**dict(record), "accuracy": 1.0})
             elif name == "mergerec_taskwise":
                 out[key] = record
@@ -512,11 +511,11 @@ def test_lying_evaluation_replies_are_left_out_and_recorded(cfg):
 
     out = _hostile_run(cfg, lie)
     assert out["status"] == "ok"
-    assert "synth-2" not in out["models"]["average"] and "synth-2" not in out["models"]["median"]
+    assert "synth-2" not in out["models"]["average"] and "synth-2" not in out["models"]["individual"]
     assert "best_model_ever" not in out["models"]
     assert out["models"]["mergerec_taskwise"]["synth-2"]["recall@10"] >= 0  # its honest entries are kept
     assert "recall@10 = nan is not in [0, 1]" in out["rejected"]["evaluate:synth-2:average"]
-    assert "unexpected metrics 'accuracy'" in out["rejected"]["evaluate:synth-2:median"]
+    assert "unexpected metrics 'accuracy'" in out["rejected"]["evaluate:synth-2:individual"]
     assert "did not send" in out["rejected"]["evaluate:synth-2:best_model_ever"]
     assert out["rejected"]["evaluate:synth-2:theta0"] == "no metrics reported"
     assert "evaluate:synth-2:fedavg_round1" in out["rejected"] and "synth-2" not in out["models"]["fedavg"]
