@@ -1,7 +1,7 @@
 """One hostile client against the server's defences: honest domains' Recall@10 relative to the honest run.
 
-    PYTHONPATH=$PWD python benchmarks/attacks.py                      # every attack, defaults and defences off
-    PYTHONPATH=$PWD python benchmarks/attacks.py --attacks scale_1e6 noise --configs defaults --seeds 0 1
+    PYTHONPATH=$PWD python benchmarks/attacks.py --seeds 0 1           # every attack, every configuration
+    PYTHONPATH=$PWD python benchmarks/attacks.py --attacks users_1e7 --configs defaults --set federation.fedavg_max_share=0.4
 
 Runs the quickstart scenario in process (MiniLM encoder, 3 synthetic domains) with small settings
 (``baselines.fedavg_rounds=1``, ``merge.mergerec.steps=50``, no joint oracle) and every merge method, the robust
@@ -11,7 +11,7 @@ divided by the same model's figure in the honest run of that configuration and s
 recorded (rejections, clipped updates) and whether the results serialize as strict JSON.
 
 Configurations: ``shipped`` (the defaults: ``federation.min_replies = 0`` needs every client, so a rejected
-attacker stops the run with the rejection named), ``quorum2`` (the default defences with ``min_replies = 2``: the
+attacker stops the run with the rejection named), ``defaults`` (the default defences with ``min_replies = 2``: the
 run goes on without a rejected client) and ``off`` (``min_replies = 2`` and every defence a key can switch off: no
 norm test, max_abs_value 1e30, max_num_users 1e30, FedAvg share cap 1). The fixed-weight and metric checks have
 no switch; they are on in all three. The fixed-buffer attack needs the routed adapter (``model.params.adapter="routed"``),
@@ -43,7 +43,7 @@ SMALL = ["run.progress=false", "baselines.fedavg_rounds=1", "merge.mergerec.step
          '"median","trimmed_mean","clipped_average"]']
 CONFIGS = {
     "shipped": [],
-    "quorum2": ["federation.min_replies=2"],
+    "defaults": ["federation.min_replies=2"],
     "off": ["federation.min_replies=2", "federation.norm_multiple=0", "federation.max_abs_value=1e30",
             "federation.max_num_users=1e30", "federation.fedavg_max_share=1.0"],
 }
@@ -150,7 +150,7 @@ def run_one(overrides: list[str], attack: str | None, seed: int) -> dict[str, An
     try:
         out = run_federation(cfg, AttackTransport(cfg, attacker, ATTACKS[attack] if attack else None))
     except Exception as exc:  # a crash is a result here
-        return {"crash": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - start}
+        return {"crash": f"{type(exc).__name__}: {exc}", "attacker": attacker, "seconds": time.perf_counter() - start}
     try:
         json.dumps(out, allow_nan=False)
         strict_json = True
@@ -158,7 +158,7 @@ def run_one(overrides: list[str], attack: str | None, seed: int) -> dict[str, An
         strict_json = False
     return {"recall": honest_recall(out, [d for d in training_domains(cfg) if d != attacker]),
             "status": out["status"], "rejected": out["rejected"], "clipped": out["clipped"],
-            "strict_json": strict_json, "seconds": time.perf_counter() - start}
+            "strict_json": strict_json, "attacker": attacker, "seconds": time.perf_counter() - start}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -195,24 +195,40 @@ def main(argv: list[str] | None = None) -> None:
     print(table(records))  # noqa: T201
 
 
+COLUMNS = {"average": "avg", "task_arithmetic": "TA", "ties": "TIES", "dare": "DARE", "mergerec_taskwise": "MR task",
+           "mergerec_layerwise": "MR layer", "median": "median", "trimmed_mean": "trim", "clipped_average": "clip",
+           "fedavg": "FedAvg"}
+
+
+def verdict(run: Mapping[str, Any]) -> str:
+    """What the server did with the attacker (domain ``attacker``): rejected, clipped, entries left out, or a stop."""
+    if "crash" in run:
+        return "run stops: " + run["crash"][:60]
+    rejected, said = sorted(run["rejected"]), []
+    if run["attacker"] in rejected:
+        said.append("update rejected")
+    if any(k.startswith("fedavg_round") for k in rejected):
+        said.append("also in the FedAvg round")
+    left_out = sum(k.startswith(protocol.EVALUATE + ":") for k in rejected)
+    if left_out:
+        said.append(f"{left_out} evaluate entries left out")
+    if run["clipped"]:
+        said.append("clipped")
+    if not run["strict_json"]:
+        said.append("results not strict JSON")
+    return "; ".join(said) or "accepted"
+
+
 def table(records: list[dict[str, Any]]) -> str:
-    """Markdown: one row per (attack, configuration), honest domains' Recall@10 / honest run per model (mean over
-    seeds), and the server's verdict."""
-    models = sorted({m for r in records for m in r.get("relative", {})}, key=lambda m: (m == "fedavg", m))
-    lines = ["| attack | config | " + " | ".join(models) + " | server |", "|---|---|" + "---|" * (len(models) + 1)]
+    """Markdown: one row per (attack, configuration): honest domains' Recall@10 / honest run per model (mean over
+    seeds; a crashed configuration shows its error) and what the server did (first seed)."""
+    lines = ["| attack | config | " + " | ".join(COLUMNS.values()) + " | server |", "|---|---|" + "---|" * (len(COLUMNS) + 1)]
     keys = sorted({(r["attack"], r["config"]) for r in records}, key=lambda k: (list(ATTACKS).index(k[0]), k[1]))
     for attack, config in keys:
         runs = [r for r in records if (r["attack"], r["config"]) == (attack, config)]
-        if any("crash" in r for r in runs):
-            cells = ["crash"] * len(models)
-            verdict = runs[0].get("crash", "")[:80]
-        else:
-            cells = [f"{np.mean([r['relative'].get(m, math.nan) for r in runs]):.2f}" for m in models]
-            first = runs[0]
-            verdict = f"{first['status']}; rejected {sorted(first['rejected'])}; clipped {sorted(first['clipped'])}"
-            if not all(r["strict_json"] for r in runs):
-                verdict += "; results not strict JSON"
-        lines.append(f"| {attack} | {config} | " + " | ".join(cells) + f" | {verdict} |")
+        ran = [r for r in runs if r["relative"]]
+        cells = [f"{np.mean([r['relative'][m] for r in ran]):.2f}" if ran else "-" for m in COLUMNS]
+        lines.append(f"| {attack} | {config} | " + " | ".join(cells) + f" | {verdict(runs[0])} |")
     return "\n".join(lines)
 
 
