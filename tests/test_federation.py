@@ -547,3 +547,11 @@ def test_second_node_claiming_a_domain_is_refused(cfg):
         "query:node4": "node 4 claims domain 'synth-9', which is not a domain of this run "
                        "(['synth-0', 'synth-1', 'synth-2']); refused",
     }
+
+
+def test_dp_noise_leaves_the_routed_router_exact_so_honest_private_clients_pass(cfg):
+    private = apply_overrides(cfg, ["baselines.joint=false", "baselines.fedavg_rounds=0", 'merge.methods=["average"]',
+                                    'model.params.adapter="routed"', "privacy.enabled=true",
+                                    "privacy.noise_multiplier=0.5", "privacy.noise_seed=3"])
+    out = run_federation(private, InProcessTransport(private))
+    assert out["status"] == "ok" and out["rejected"] == {}

@@ -163,6 +163,8 @@ def client_train(
 
         weights = privatize_update(theta0, weights, privacy["clip_norm"], privacy["noise_multiplier"],
                                    seed=noise_seed(cfg, domain.name, round_index))
+        # the family's fixed weights are θ₀'s, independent of the data: sent exactly (the server checks them)
+        weights.update({name: theta0[name] for name in family.fixed_parameters(theta0)})
         metrics = {**metrics, "dp_clip_norm": privacy["clip_norm"], "dp_noise_multiplier": privacy["noise_multiplier"]}
     metrics = {**metrics, protocol.NUM_USERS: domain.n_users}
     return weights, metrics
