@@ -42,7 +42,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "fedavg_rounds": 3,
         "fedavg_local_params": {},
     },
-    "federation": {"timeout_s": 3600.0, "min_replies": 0, "max_update_slack": 1.0},
+    "federation": {
+        "timeout_s": 3600.0, "min_replies": 0, "max_update_slack": 1.0,
+        # defences against a client sending a well-formed but hostile update or lying metadata (issue 19)
+        "max_abs_value": 1e4, "norm_multiple": 3.0, "norm_cap": 0.0, "norm_action": "reject",
+        "max_num_users": 1e8, "fedavg_weighting": "users", "fedavg_max_share": 0.5, "fedavg_aggregation": "mean",
+    },
     "privacy": {
         "enabled": False,
         "unit": "domain",         # "domain": clip + noise on the shipped update; "user": per-user DP inside the client
@@ -64,6 +69,8 @@ FREE_TABLES: frozenset[tuple[str, str]] = frozenset(
      ("baselines", "fedavg_local_params")}
 )
 DATA_SOURCES = ("synthetic", "amazon", "generic")
+FEDAVG_WEIGHTINGS = ("users", "equal")  # FedAvg client weights: reported user counts (share-capped) or equal
+MAX_ABS_LIMIT = 1e30  # federation.max_abs_value above this would let a sum of a few models overflow float32
 
 
 def scenario_path(name_or_path: str | Path) -> Path:
@@ -217,6 +224,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     seeds = cfg["run"]["seeds"]
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise FedmergeError(f"run.seeds must list distinct integers >= 0 (empty: the single run.seed), got {seeds!r}")
+    _validate_defences(cfg["federation"])
     if cfg["run"]["torch_threads"] < 1 or cfg["run"]["server_threads"] < 0:
         raise FedmergeError("run.torch_threads must be >= 1 and run.server_threads >= 0 (0: all cores)")
     from fedmerge.merging import MERGEREC_METHODS, METHODS
@@ -254,6 +262,25 @@ def parse_seeds(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise FedmergeError(f"--seeds {text!r} names a seed twice")
     return seeds
+def _validate_defences(federation: Mapping[str, Any]) -> None:
+    """The [federation] defence keys: ranges and names (see README, "Faults and bad inputs tried")."""
+    from fedmerge.merging import ROBUST_METHODS
+    from fedmerge.validation import NORM_ACTIONS
+
+    checks = {
+        "max_abs_value": (0 < federation["max_abs_value"] <= MAX_ABS_LIMIT, f"a number in (0, {MAX_ABS_LIMIT:g}]"),
+        "norm_multiple": (federation["norm_multiple"] >= 0, "a number >= 0 (0: off)"),
+        "norm_cap": (federation["norm_cap"] >= 0, "a number >= 0 (0: off)"),
+        "norm_action": (federation["norm_action"] in NORM_ACTIONS, f"one of {list(NORM_ACTIONS)}"),
+        "max_num_users": (federation["max_num_users"] > 0, "a number > 0"),
+        "fedavg_weighting": (federation["fedavg_weighting"] in FEDAVG_WEIGHTINGS, f"one of {list(FEDAVG_WEIGHTINGS)}"),
+        "fedavg_max_share": (0 < federation["fedavg_max_share"] <= 1, "a number in (0, 1]"),
+        "fedavg_aggregation": (federation["fedavg_aggregation"] in ("mean", *ROBUST_METHODS),
+                               f"one of {['mean', *ROBUST_METHODS]}"),
+    }
+    for key, (ok, valid) in checks.items():
+        if not ok:
+            raise FedmergeError(f"federation.{key} must be {valid}, got {federation[key]!r}")
 
 
 def domain_names(cfg: Mapping[str, Any]) -> list[str]:

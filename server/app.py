@@ -44,6 +44,7 @@ def build_server_app(
         strategy.summary()
         out = run_federation(scenario, strategy, out_dir=target, resume=resuming)  # connects on the first send
         out["timings_s"]["connect"] = round(strategy.connect_seconds or 0.0, 3)
+        out["rejected"].update(strategy.refused)  # SuperNodes whose domain claim was refused
         out["timings_s"]["total"] = round(time.perf_counter() - start, 3)
         out = results_io.finalize(out, scenario, engine="flower")
         results_io.write_results(out, target)

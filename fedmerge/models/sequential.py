@@ -198,6 +198,9 @@ def catalog_clusters(embeddings: np.ndarray, n_clusters: int, seed: int) -> tupl
     return torch.from_numpy(centre.astype(np.float32)), torch.from_numpy(centroids.astype(np.float32))
 
 
+ROUTER_BUFFERS = ("centre", "centroids")  # RoutedAdapter's router, fixed at θ₀
+
+
 class RoutedAdapter(nn.Module):
     """``n_experts`` :class:`ResidualMLPAdapter` experts; each item goes to one, fixed by its text: the nearest
     catalog-cluster centroid (:func:`catalog_clusters`) of its raw embedding. Input rows are ``[z | x]``, the
@@ -218,8 +221,8 @@ class RoutedAdapter(nn.Module):
     def __init__(self, dim_in: int, dim_out: int, width: int, n_experts: int, dropout: float) -> None:
         super().__init__()
         self.dim_in = dim_in
-        self.register_buffer("centre", torch.zeros(dim_in))
-        self.register_buffer("centroids", torch.zeros(n_experts, dim_in))
+        self.register_buffer(ROUTER_BUFFERS[0], torch.zeros(dim_in))
+        self.register_buffer(ROUTER_BUFFERS[1], torch.zeros(n_experts, dim_in))
         self.experts = nn.ModuleList(ResidualMLPAdapter(dim_in, dim_out, width, dropout) for _ in range(n_experts))
         for expert in self.experts[1:]:
             expert.load_state_dict(self.experts[0].state_dict())
@@ -501,6 +504,13 @@ class SequentialFamily(ModelFamily):
         raw = torch.cat([f[:, dim // 2 :] for f in catalog_features]).numpy()
         weights["adapter.centre"], weights["adapter.centroids"] = catalog_clusters(raw, self.n_experts, seed)
         return weights
+
+    def fixed_parameters(self, theta0: StateDict) -> frozenset[str]:
+        """The routed adapter's router buffers (``adapter.centre``, ``adapter.centroids``): set from the public
+        catalogs in θ₀ and never trained; changing them would re-route every item of every domain."""
+        if self.adapter != "routed":
+            return frozenset()
+        return frozenset(f"adapter.{b}" for b in ROUTER_BUFFERS) & frozenset(theta0)
 
     def catalog_features(self, catalog: ItemCatalog, embeddings: Callable[[], np.ndarray]) -> torch.Tensor:
         """:meth:`item_features` of the embeddings, or with ``encoder_layers > 0`` :func:`token_features` of the

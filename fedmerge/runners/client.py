@@ -163,6 +163,8 @@ def client_train(
         weights, metrics = private_train(family, theta0, domain, features, cfg, seed=seed, round_index=round_index,
                                          noise_seed=noise_seed(cfg, domain.name, round_index),
                                          progress=bool(cfg["run"]["progress"]))
+        # the family's fixed weights are θ₀'s, independent of the data: sent exactly (the server checks them)
+        weights.update({name: theta0[name] for name in family.fixed_parameters(theta0)})
     else:
         weights, metrics = family.train(theta0, domain, features, seed=seed, progress=bool(cfg["run"]["progress"]))
     metrics = {**metrics, protocol.NUM_USERS: domain.n_users}
