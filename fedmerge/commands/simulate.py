@@ -1,4 +1,4 @@
-"""``fedmerge simulate [SCENARIO] [--out DIR] [--set key=value ...] [--engine flower|inprocess] [--resume]``."""
+"""``fedmerge simulate [SCENARIO] [--out DIR] [--set key=value ...] [--engine flower|inprocess] [--resume|--overwrite]``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="re-merge and re-evaluate from the client weights saved in --out by an earlier run of the "
                         "same scenario (no training; FedAvg rounds are skipped; the old results.json is kept)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the files an earlier run left in --out before this run (without it or --resume, "
+                        "a non-empty --out is refused)")
     parser.set_defaults(func=run_simulate)
 
 
@@ -31,7 +34,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     cfg = load_scenario(args.scenario, args.overrides)
     out_dir = args.out or Path("runs") / cfg["run"]["name"]
-    results = run_scenario(cfg, engine=args.engine, out_dir=out_dir, resume=args.resume)
+    results = run_scenario(cfg, engine=args.engine, out_dir=out_dir, resume=args.resume, overwrite=args.overwrite)
     if "resumed" in results:
         print(f"resumed from the saved weights of {results['resumed']['clients']} in {results['resumed']['from']}")
     print(summary_table(results, cfg["eval"]["primary"]))

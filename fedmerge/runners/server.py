@@ -418,20 +418,26 @@ def run_federation(
         if out_path is not None:
             save_weights(out_path / THETA0_FILE, theta0, {FINGERPRINT_KEY: fingerprint})
     setup = time.perf_counter() - start
-    extra, joint_seconds = {}, 0.0
-    if cfg["baselines"]["joint"]:
-        start = time.perf_counter()
-        joint_path = out_path / JOINT_FILE if out_path is not None else None
-        if resume and joint_path.is_file():
-            extra["joint"] = load_fingerprinted(joint_path, fingerprint)
-        else:
-            extra["joint"] = joint_oracle(cfg, theta0)
-            if joint_path is not None:
-                save_weights(joint_path, extra["joint"], {FINGERPRINT_KEY: fingerprint})
-        joint_seconds = time.perf_counter() - start
-    federation = Federation(cfg, theta0, extra_models=extra, out_dir=None if resume else out_path)
+    federation = Federation(cfg, theta0, out_dir=None if resume else out_path)
     federation.train_metrics.update(train_metrics)
-    out = federation.run(transport, saved=saved)
+    joint_seconds = 0.0
+    try:
+        if cfg["baselines"]["joint"]:
+            start = time.perf_counter()
+            joint_path = out_path / JOINT_FILE if out_path is not None else None
+            if resume and joint_path.is_file():
+                federation.extra_models["joint"] = load_fingerprinted(joint_path, fingerprint)
+            else:
+                federation.extra_models["joint"] = joint_oracle(cfg, theta0)
+                if joint_path is not None:
+                    save_weights(joint_path, federation.extra_models["joint"], {FINGERPRINT_KEY: fingerprint})
+            joint_seconds = time.perf_counter() - start
+        out = federation.run(transport, saved=saved)
+    except Exception as exc:  # a failure after partial work: keep what was measured, record why, status failed
+        logger.exception("the run failed")
+        out = federation.results()
+        out["status"] = "failed"
+        out["errors"]["run"] = f"{type(exc).__name__}: {exc}"
     out["timings_s"] = {"setup": round(setup, 3), "joint_training": round(joint_seconds, 3), **out["timings_s"]}
     if "joint" in out["models"]:
         out["models"]["joint"]["non_private"] = True

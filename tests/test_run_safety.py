@@ -1,0 +1,128 @@
+"""A run's results are never lost or mixed: run-folder lock, no silent reuse of a folder, failed runs still write
+results.json, write errors name the path."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+from fedmerge.config import load_scenario
+from fedmerge.errors import FedmergeError
+from fedmerge.storage import LOCK_FILE, run_folder, write_bytes_atomic
+
+TINY = [
+    "run.progress=false", "data.synthetic.n_users=30", "data.synthetic.n_items=20", "data.synthetic.max_len=6",
+    "model.params.hidden=8", "model.params.n_layers=1", "model.params.max_len=6", "model.params.max_epochs=1",
+    "model.params.n_experts=2", "baselines.fedavg_rounds=0", "baselines.joint=false", "merge.methods=['average']",
+    "encoder.name=hashing", "encoder.params.dim=16",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_scenario("quickstart", [*TINY, f"encoder.cache_dir={tmp_path / 'cache'}"])
+
+
+def test_second_run_into_a_locked_folder_fails_at_once(cfg, tmp_path):
+    from fedmerge.runners.simulation import run_scenario
+
+    out = tmp_path / "run"
+    with run_folder(out):
+        assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
+        with pytest.raises(FedmergeError, match=rf"run folder {out} is in use by another run \(pid {os.getpid()}"):
+            run_scenario(cfg, "inprocess", out)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # the refused run wrote nothing
+    with run_folder(out):  # released when the holder leaves (or dies: the kernel drops a flock with its process)
+        pass
+
+
+def test_non_empty_folder_refused_unless_resume_or_overwrite(cfg, tmp_path):
+    from fedmerge.runners.simulation import run_scenario
+
+    out = tmp_path / "run"
+    (out / "clients").mkdir(parents=True)
+    (out / "clients" / "old-seed.safetensors").write_bytes(b"weights of an earlier run")
+    with pytest.raises(FedmergeError, match=r"already holds an earlier run's files \(clients\).*--resume.*--overwrite"):
+        run_scenario(cfg, "inprocess", out)
+    assert (out / "clients" / "old-seed.safetensors").read_bytes() == b"weights of an earlier run"
+    with pytest.raises(FedmergeError, match="pass only one"):
+        run_scenario(cfg, "inprocess", out, resume=True, overwrite=True)
+    results = run_scenario(cfg, "inprocess", out, overwrite=True)
+    assert results["status"] == "ok"
+    assert not (out / "clients" / "old-seed.safetensors").exists()
+    assert sorted(p.stem for p in (out / "clients").iterdir()) == ["synth-0", "synth-1", "synth-2"]
+    assert run_scenario(cfg, "inprocess", out, resume=True)["resumed"]["clients"] == ["synth-0", "synth-1", "synth-2"]
+
+
+def test_simulate_cli_refuses_a_used_out_folder(tmp_path, capsys):
+    from fedmerge.cli import main
+
+    args = ["simulate", "quickstart", "--engine", "inprocess", "--out", str(tmp_path / "run")]
+    args += [item for o in [*TINY, f"encoder.cache_dir={tmp_path / 'cache'}"] for item in ("--set", o)]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "already holds an earlier run's files" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_failure_after_training_writes_failed_results_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    """Merging fails after every client trained: results.json keeps the training metrics and the error, the CLI
+    exits 1 (the in-process engine used to exit 0 on status failed, or lose the partial results on an exception)."""
+    from fedmerge.cli import main
+    from fedmerge.runners import server
+
+    def broken_merge(*args, **kwargs):
+        raise RuntimeError("merge exploded")
+
+    monkeypatch.setattr(server, "merge_replies", broken_merge)
+    out = tmp_path / "run"
+    args = ["simulate", "quickstart", "--engine", "inprocess", "--out", str(out)]
+    args += [item for o in [*TINY, f"encoder.cache_dir={tmp_path / 'cache'}"] for item in ("--set", o)]
+    assert main(args) == 1
+    assert f"the inprocess run failed (results: {out / 'results.json'})" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed"
+    assert results["errors"]["run"] == "RuntimeError: merge exploded"
+    assert sorted(results["train_metrics"]) == ["synth-0", "synth-1", "synth-2"]
+    assert sorted(p.stem for p in (out / "clients").iterdir()) == ["synth-0", "synth-1", "synth-2"]
+
+
+def test_evaluation_error_status_failed_exits_non_zero(cfg, tmp_path, monkeypatch):
+    """A client failing evaluation gives status failed; run_scenario raises for the in-process engine too."""
+    from fedmerge.runners import client
+    from fedmerge.runners.simulation import run_scenario
+
+    def broken_evaluate(*args, **kwargs):
+        raise ValueError("test users unreadable")
+
+    monkeypatch.setattr(client, "client_evaluate", broken_evaluate)
+    with pytest.raises(FedmergeError, match="the inprocess run failed .*test users unreadable"):
+        run_scenario(cfg, "inprocess", tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"
+
+
+def test_write_errors_name_the_path(tmp_path, monkeypatch):
+    target = tmp_path / "deep" / "results.json"
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(FedmergeError, match=rf"cannot write {target}: No space left on device"):
+        write_bytes_atomic(target, b"{}")
+    assert list(target.parent.iterdir()) == []  # no temporary file left behind
+    monkeypatch.undo()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(FedmergeError, match=rf"cannot write {blocker / 'x.json'}"):
+        write_bytes_atomic(blocker / "x.json", b"{}")
