@@ -8,6 +8,7 @@ them); every other key must be one of the defaults, so a typo fails with the lis
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -210,6 +211,38 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise FedmergeError(f"merge.methods names unknown method(s) {unknown}; valid: {valid_methods}")
     if cfg["eval"]["split"] not in ("val", "test"):
         raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg['eval']['split']!r}")
+    ks = cfg["eval"]["ks"]
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
+        raise FedmergeError(f"eval.ks must be a non-empty list of positive integers (e.g. [10, 20]), got {ks!r}")
+    _validate_before_training(cfg)
+
+
+def _validate_before_training(cfg: Mapping[str, Any]) -> None:
+    """Checks of values that are otherwise read only after every client trained: merge parameters, MergeRec
+    settings, DP parameters, and the text encoder's name (never a hub download)."""
+    from fedmerge.merging import METHODS, MergeRecConfig, resolve_params
+    from fedmerge.text.encoder import check_encoder_name
+
+    n_models = len(training_domains(cfg))
+    for method, params in cfg["merge"]["params"].items():
+        if method not in METHODS:
+            raise FedmergeError(f"merge.params.{method}: not a method with parameters; valid: {sorted(METHODS)}")
+        if not isinstance(params, Mapping):
+            raise FedmergeError(f"merge.params.{method} must be a table of parameters, got {params!r}")
+        try:
+            resolve_params(method, params, n_models=n_models)
+        except ValueError as exc:
+            raise FedmergeError(f"merge.params.{method}: {exc}") from exc
+    try:
+        MergeRecConfig.from_params(cfg["merge"]["mergerec"])
+    except (TypeError, ValueError) as exc:
+        raise FedmergeError(f"merge.mergerec: {exc}") from exc
+    privacy = cfg["privacy"]
+    if not 0 < privacy["clip_norm"] < math.inf:
+        raise FedmergeError(f"privacy.clip_norm must be a positive finite number, got {privacy['clip_norm']}")
+    if not 0 <= privacy["noise_multiplier"] < math.inf:
+        raise FedmergeError(f"privacy.noise_multiplier must be a finite number >= 0, got {privacy['noise_multiplier']}")
+    check_encoder_name(cfg["encoder"]["name"])
 
 
 def domain_names(cfg: Mapping[str, Any]) -> list[str]:

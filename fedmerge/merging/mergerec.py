@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -56,7 +56,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from fedmerge.merging.methods import processed_task_vectors
+from fedmerge.merging.methods import processed_task_vectors, resolve_params
 from fedmerge.metrics import Scorer
 from fedmerge.models.base import PAD, ModelFamily, StateDict, stack_item_features
 
@@ -114,6 +114,17 @@ class MergeRecConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid MergeRecConfig values: {[(k, getattr(self, k)) for k in bad]}")
+        resolve_params(self.init_method, self.init_params)  # ValueError naming an unknown method or bad parameter
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> MergeRecConfig:
+        """The config for ``params`` (a scenario's ``merge.mergerec`` table plus run values); ValueError naming
+        unknown keys (with the valid ones) or invalid values."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}; valid: {valid}")
+        return cls(**params)
 
 
 @dataclass
