@@ -42,8 +42,13 @@ DOMAIN_KEY = "domain"
 LOCK_FILE = ".fedmerge.lock"
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary sibling file, fsync and ``os.replace``."""
+def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` via a temporary sibling file, fsync and ``os.replace``.
+
+    The temporary file gets a fresh random name, created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode 0600
+    (``tempfile.mkstemp``), so a file or symlink planted in the folder never receives the data; ``mode`` (e.g.
+    0o644) is set on it before it is renamed into place.
+    """
     path = Path(path)
     tmp = None
     try:
@@ -53,6 +58,8 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:

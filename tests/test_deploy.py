@@ -83,6 +83,22 @@ def test_certificates_not_overwritten_by_accident(tmp_path):
     assert generate(tmp_path, n_nodes=0, overwrite=True).ca_cert.read_bytes() != first
 
 
+def test_private_keys_never_follow_a_planted_symlink(tmp_path):
+    """A symlink planted at ``<key>.tmp`` (the old fixed temporary name) must not receive the private key."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("attacker-readable file")
+    out = tmp_path / "pki"
+    (out / "nodes").mkdir(parents=True)
+    for name in ("ca.key", "server.key", "nodes/node-0"):
+        (out / f"{name}.tmp").symlink_to(victim)
+    files = generate(out, n_nodes=1)
+    assert victim.read_text() == "attacker-readable file"
+    for key in (files.ca_key, files.server_key, files.nodes[0].private_key):
+        assert not key.is_symlink() and key.stat().st_mode & 0o777 == 0o600
+        assert b"PRIVATE KEY" in key.read_bytes()
+    assert files.ca_cert.stat().st_mode & 0o777 == 0o644 and files.nodes[0].public_key.stat().st_mode & 0o777 == 0o644
+
+
 def test_incomplete_tls_dir_named(tmp_path):
     generate(tmp_path, n_nodes=0)
     (tmp_path / "server.key").unlink()
