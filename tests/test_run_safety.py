@@ -126,3 +126,66 @@ def test_write_errors_name_the_path(tmp_path, monkeypatch):
     blocker.write_text("not a folder")
     with pytest.raises(FedmergeError, match=rf"cannot write {blocker / 'x.json'}"):
         write_bytes_atomic(blocker / "x.json", b"{}")
+
+
+def listening_sockets(pids: set[int]) -> set[tuple[str, int, int]]:
+    """(local address, port, pid) of every listening TCP socket (IPv4 and IPv6) owned by one of ``pids``."""
+    import ipaddress
+    from pathlib import Path
+
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = pid
+        except OSError:  # the process ended meanwhile
+            continue
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            hex_address, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_address)
+            # /proc lists the address as 32-bit words in host (little-endian) order
+            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            address = ipaddress.ip_address(packed)
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            found.add((str(address), int(hex_port, 16), inodes[fields[9]]))
+    return found
+
+
+@pytest.mark.slow
+def test_flower_simulation_ray_listens_on_loopback_only(cfg, tmp_path):
+    """Every socket that Ray's processes (GCS, raylet, workers, the driver) listen on during a Flower simulation is
+    on 127.0.0.1 (Ray used to bind its gRPC servers to all interfaces, unauthenticated). ~30 s."""
+    import ipaddress
+    import threading
+
+    from fedmerge.deploy.processes import descendants
+    from fedmerge.runners.simulation import run_scenario
+
+    seen: set[tuple[str, int, int]] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.update(listening_sockets({os.getpid(), *descendants(os.getpid())}))
+            done.wait(0.3)
+
+    before = listening_sockets({os.getpid()})
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert run_scenario(cfg, "flower", tmp_path / "run")["status"] == "ok"
+    finally:
+        done.set()
+        watcher.join()
+    ray_sockets = seen - before
+    assert len({pid for _, _, pid in ray_sockets}) >= 2, ray_sockets  # at least GCS and raylet were observed
+    exposed = sorted(s for s in ray_sockets if not ipaddress.ip_address(s[0]).is_loopback)
+    assert not exposed, f"listening beyond loopback: {exposed}"

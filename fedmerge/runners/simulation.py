@@ -12,7 +12,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from fedmerge.errors import FedmergeError
 
 logger = logging.getLogger(__name__)
 ENGINES = ("flower", "inprocess")
+RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def run_scenario(
@@ -66,6 +68,32 @@ def _run_engine(cfg: Mapping[str, Any], engine: str, out_dir: str | Path | None,
     return results
 
 
+@contextmanager
+def loopback_ray() -> Iterator[None]:
+    """While inside, a Ray instance this process starts listens on 127.0.0.1 only.
+
+    Ray (2.55) binds its GCS, raylet, object manager and worker gRPC servers to every interface unless the node IP
+    is loopback, and it replaces a requested 127.0.0.1 (``_node_ip_address``) with the machine's address unless
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (its single-machine mode, the default on macOS and Windows). That
+    setting is read once at import, so the imported constant is set too; the environment variable carries it into
+    the processes Ray starts. Both are restored on exit.
+    """
+    from ray._private import ray_constants
+
+    previous_env = os.environ.get(RAY_SINGLE_MACHINE_ENV)
+    previous_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous_flag
+        if previous_env is None:
+            os.environ.pop(RAY_SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[RAY_SINGLE_MACHINE_ENV] = previous_env
+
+
 def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Flower simulation (Ray backend) with ``num_supernodes`` = number of domains, one CPU per ClientApp."""
     from flwr.simulation import run_simulation
@@ -73,7 +101,7 @@ def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = N
     from clients.app import build_client_app
     from server.app import build_server_app
 
-    with tempfile.TemporaryDirectory(prefix="fedmerge-sim-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="fedmerge-sim-") as scratch, loopback_ray():
         target = Path(out_dir) if out_dir is not None else Path(scratch)
         results_path = target / "results.json"
         results_path.unlink(missing_ok=True)  # a stale file must not pass for this run's result
