@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import time
 import tomllib
@@ -468,3 +469,45 @@ def test_wait_fails_fast_when_check_fails(tmp_path):
 
     with pytest.raises(FedmergeError, match="exited with code -9"):
         ScriptedFlwr(tmp_path, ["running"]).wait(1, timeout_s=60, poll_s=0.01, check=superlink_died)
+
+
+REPO = Path(__file__).resolve().parents[1]
+KILLED_DEPLOYER = (
+    "import sys, time\n"
+    "from fedmerge.deploy.processes import ProcessSet\n"
+    "with ProcessSet(sys.argv[1], grace_s=1.0) as procs:\n"
+    "    proc = procs.start('spawner', [sys.executable, '-c', sys.argv[2]])\n"
+    "    print(proc.pid, flush=True)\n"
+    "    time.sleep(120)\n"
+)
+
+
+def test_sigkilled_deployer_leaves_no_process_behind(tmp_path):
+    """SIGKILL gives the deploying process no chance to clean up: its supervisor stops what it started, including
+    descendants in their own sessions (as Flower's SuperExec is)."""
+    deployer = subprocess.Popen([sys.executable, "-c", KILLED_DEPLOYER, str(tmp_path), SPAWNER], stdout=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, text=True)
+    spawner = int(deployer.stdout.readline())
+    child = _child_pid(tmp_path / "logs" / "spawner.log")
+    assert _alive(spawner) and _alive(child)
+    deployer.kill()
+    deployer.wait()
+    deadline = time.monotonic() + 15
+    while (_alive(spawner) or _alive(child)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(spawner) and not _alive(child)
+
+
+def test_supervisor_signals_only_the_recorded_command(tmp_path):
+    """A recorded pid is signalled only while it still runs the recorded command (never a recycled pid)."""
+    from fedmerge.deploy.processes import _same_process
+
+    argv = [sys.executable, "-c", "import time; time.sleep(30)"]
+    proc = subprocess.Popen(argv)
+    try:
+        assert _same_process(proc.pid, argv)
+        assert not _same_process(proc.pid, ["flower-supernode", "--superlink", "127.0.0.1:1"])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not _same_process(proc.pid, argv)
