@@ -43,7 +43,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "fedavg_rounds": 3,
         "fedavg_local_params": {},
     },
-    "federation": {"timeout_s": 3600.0, "min_replies": 0, "max_update_slack": 1.0},
+    # timeout_s: the wait for replies to one request; startup_timeout_s: the wait for the SuperNodes to connect and
+    # their ClientApps to load their domain (under `deploy local` also for the SuperLink and SuperNode processes)
+    "federation": {"timeout_s": 3600.0, "startup_timeout_s": 600.0, "min_replies": 0, "max_update_slack": 1.0},
     "privacy": {"enabled": False, "clip_norm": 1.0, "noise_multiplier": 0.0, "noise_seed": -1},
 }
 FREE_TABLES: frozenset[tuple[str, str]] = frozenset(
@@ -201,6 +203,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise FedmergeError(f"baselines.fedavg_rounds must be >= 0, got {cfg['baselines']['fedavg_rounds']}")
     if cfg["federation"]["min_replies"] < 0 or cfg["federation"]["timeout_s"] <= 0:
         raise FedmergeError("federation.min_replies must be >= 0 and federation.timeout_s > 0")
+    if cfg["federation"]["startup_timeout_s"] <= 0:
+        raise FedmergeError(f"federation.startup_timeout_s must be > 0, got {cfg['federation']['startup_timeout_s']}")
     if cfg["run"]["torch_threads"] < 1 or cfg["run"]["server_threads"] < 0:
         raise FedmergeError("run.torch_threads must be >= 1 and run.server_threads >= 0 (0: all cores)")
     from fedmerge.merging import MERGEREC_METHODS, METHODS

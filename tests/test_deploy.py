@@ -410,6 +410,12 @@ def test_deploy_local_bad_inputs_fail_before_starting_anything(tmp_path):
     with pytest.raises(FedmergeError, match="holds 1 node key pairs but 3 SuperNodes"):
         deploy_local("quickstart", tmp_path / "b", overrides=["data.synthetic.n_users=30"], tls_dir=few_keys, app_dir=app)
     assert not (tmp_path / "b" / "processes.json").exists()
+    used = tmp_path / "used"
+    (used / "results").mkdir(parents=True)
+    (used / "results" / "results.json").write_text("{}")
+    with pytest.raises(FedmergeError, match=rf"run folder {used} already holds an earlier run's files \(results\)"):
+        deploy_local("quickstart", used, app_dir=app)
+    assert (used / "results" / "results.json").read_text() == "{}" and not (used / "processes.json").exists()
 
 
 def test_cli_deploy_certs(tmp_path, capsys):

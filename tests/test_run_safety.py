@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -189,3 +190,44 @@ def test_flower_simulation_ray_listens_on_loopback_only(cfg, tmp_path):
     assert len({pid for _, _, pid in ray_sockets}) >= 2, ray_sockets  # at least GCS and raylet were observed
     exposed = sorted(s for s in ray_sockets if not ipaddress.ip_address(s[0]).is_loopback)
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+class SlowStartGrid:
+    """SuperNodes that connect ``delay_s`` after the run starts; each then answers the connect query at once."""
+
+    def __init__(self, domains: list[str], delay_s: float) -> None:
+        self.domains = domains
+        self.ready_at = time.monotonic() + delay_s
+        self.query_timeouts: list[float] = []
+
+    def get_node_ids(self):
+        return list(range(1, len(self.domains) + 1)) if time.monotonic() >= self.ready_at else []
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Message, RecordDict
+
+        from fedmerge.runners import protocol
+
+        self.query_timeouts.append(timeout)
+        replies = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = f"id-{m.metadata.dst_node_id}"
+            domain = self.domains[m.metadata.dst_node_id - 1]
+            replies.append(Message(RecordDict({protocol.INFO: protocol.info_record(domain)}), reply_to=m))
+        return replies
+
+
+def test_supernode_start_up_wait_is_not_the_reply_timeout(cfg):
+    """A 0.2 s reply timeout no longer bounds the wait for SuperNodes that need 1.5 s to start."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmerge.config import apply_overrides
+    from server.strategy import MergeStrategy
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as Flower's ServerApp process sets them
+    grid = SlowStartGrid(["synth-0", "synth-1", "synth-2"], delay_s=1.5)
+    strategy = MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.2", "federation.startup_timeout_s=30.0"]), grid)
+    assert strategy.connect() == {"synth-0": 1, "synth-1": 2, "synth-2": 3}
+    assert grid.query_timeouts[0] > 20  # the connect query round is bounded by the start-up wait too
+    with pytest.raises(FedmergeError, match="federation.startup_timeout_s must be > 0"):
+        apply_overrides(cfg, ["federation.startup_timeout_s=0.0"])
