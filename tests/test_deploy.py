@@ -355,7 +355,7 @@ def test_supernode_killed_mid_training_fails_run_with_domain_named(tmp_path):
     from fedmerge.deploy.local import deploy_local
 
     out = tmp_path / "deploy"
-    overrides = [*TINY, "baselines.fedavg_rounds=0", "merge.methods=['average']", "federation.timeout_s=20.0",
+    overrides = [*TINY, "baselines.fedavg_rounds=0", "merge.methods=['average']", "federation.timeout_s=90.0",
                  "federation.min_replies=1"]
     outcome: dict[str, BaseException | None] = {}
 

@@ -433,3 +433,5 @@ def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
     assert "| ∞ (no DP) |" in table and "| 2 |" in table
     assert (out / "privacy.png").stat().st_size > 0
     assert "probe AUC" in capsys.readouterr().out
+    assert main(["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(out)]) == 1  # eps-*/ kept
+    assert f"run folder {out / 'eps-inf'} already holds" in capsys.readouterr().err

@@ -56,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                      help="override a scenario key, e.g. privacy.clip_norm=0.5 or privacy_study.epsilons=[inf,1]")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the per-ε runs (eps-*/) an earlier study left in --out (refused otherwise)")
     run.set_defaults(func=run_privacy)
 
 
@@ -135,8 +137,10 @@ def epsilon_label(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
-def utility_sweep(cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Path) -> list[dict[str, Any]]:
-    """One in-process run per ε; per ε the metric of every study method (average over training domains and per domain)."""
+def utility_sweep(
+    cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Path, overwrite: bool = False
+) -> list[dict[str, Any]]:
+    """One in-process run per ε (``overwrite``: replace an earlier study's ``eps-*/`` run folders); per ε the metric of every study method (average over training domains and per domain)."""
     from fedmerge.runners import run_scenario
 
     rows = []
@@ -145,7 +149,8 @@ def utility_sweep(cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Pat
         start = time.perf_counter()
         logger.info("privacy study: ε=%s, noise multiplier %.4g, clip norm %g", epsilon_label(epsilon), z,
                     cfg["privacy"]["clip_norm"])
-        results = run_scenario(run_cfg, engine="inprocess", out_dir=out_dir / f"eps-{epsilon_label(epsilon)}")
+        results = run_scenario(run_cfg, engine="inprocess", out_dir=out_dir / f"eps-{epsilon_label(epsilon)}",
+                               overwrite=overwrite)
         metric = study["metric"]
         models = results["models"]
         row: dict[str, Any] = {
@@ -278,7 +283,7 @@ def run_privacy(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     clip = float(cfg["privacy"]["clip_norm"])
     releases = releases_per_client(cfg)
-    utility = utility_sweep(cfg, study, out_dir)
+    utility = utility_sweep(cfg, study, out_dir, overwrite=args.overwrite)
     study_json = {**study, "epsilons": [epsilon_label(e) for e in study["epsilons"]]}
     write_json_atomic(out_dir / "privacy.json", {"study": study_json, "utility": utility})  # kept if the probe fails
     probe = membership_sweep(cfg, study)
