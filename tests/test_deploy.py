@@ -477,7 +477,6 @@ def test_wait_fails_fast_when_check_fails(tmp_path):
         ScriptedFlwr(tmp_path, ["running"]).wait(1, timeout_s=60, poll_s=0.01, check=superlink_died)
 
 
-REPO = Path(__file__).resolve().parents[1]
 KILLED_DEPLOYER = (
     "import sys, time\n"
     "from fedmerge.deploy.processes import ProcessSet\n"
@@ -492,7 +491,7 @@ def test_sigkilled_deployer_leaves_no_process_behind(tmp_path):
     """SIGKILL gives the deploying process no chance to clean up: its supervisor stops what it started, including
     descendants in their own sessions (as Flower's SuperExec is)."""
     deployer = subprocess.Popen([sys.executable, "-c", KILLED_DEPLOYER, str(tmp_path), SPAWNER], stdout=subprocess.PIPE,
-                                env={**os.environ, "PYTHONPATH": str(REPO)}, text=True)
+                                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, text=True)
     spawner = int(deployer.stdout.readline())
     child = _child_pid(tmp_path / "logs" / "spawner.log")
     assert _alive(spawner) and _alive(child)
@@ -517,3 +516,30 @@ def test_supervisor_signals_only_the_recorded_command(tmp_path):
         proc.kill()
         proc.wait()
     assert not _same_process(proc.pid, argv)
+
+
+@pytest.mark.slow
+def test_sigkilled_deploy_local_leaves_no_superlink_or_supernode(tmp_path):
+    """`fedmerge deploy local` killed with SIGKILL while its SuperNodes are online: within the supervisor's grace
+    period no SuperLink, SuperNode or process they spawned (SuperExec, ClientApp) is left."""
+    import json
+
+    out = tmp_path / "deploy"
+    argv = [sys.executable, "-m", "fedmerge.cli", "deploy", "local", "--scenario", "quickstart", "--out", str(out)]
+    argv += [item for o in TINY for item in ("--set", o)]
+    deployer = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        for name in ("supernode-synth-0", "supernode-synth-1"):
+            _wait_for_text(out / "logs" / f"{name}.log", "Starting Flower SuperExec", timeout_s=300)
+        started = [p["pid"] for p in json.loads((out / "processes.json").read_text())]
+        assert len(started) == 3
+        everything = [pid for pid in started for pid in (pid, *descendants(pid))]
+        assert all(_alive(pid) for pid in started)
+    finally:
+        deployer.kill()
+        deployer.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in everything) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in everything if _alive(pid)]
