@@ -507,9 +507,10 @@ def test_supervisor_signals_only_the_recorded_command(tmp_path):
     """A recorded pid is signalled only while it still runs the recorded command (never a recycled pid)."""
     from fedmerge.deploy.processes import _same_process
 
-    argv = [sys.executable, "-c", "import time; time.sleep(30)"]
-    proc = subprocess.Popen(argv)
+    argv = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
+        assert proc.stdout.readline() == "up\n"  # running its own code (/proc/PID/cmdline is empty just after exec)
         assert _same_process(proc.pid, argv)
         assert not _same_process(proc.pid, ["flower-supernode", "--superlink", "127.0.0.1:1"])
     finally:
