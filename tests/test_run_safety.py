@@ -9,7 +9,6 @@ import os
 import time
 
 import pytest
-import torch
 
 from fedmerge.config import load_scenario
 from fedmerge.errors import FedmergeError
@@ -21,11 +20,6 @@ TINY = [
     "model.params.n_experts=2", "baselines.fedavg_rounds=0", "baselines.joint=false", "merge.methods=['average']",
     "encoder.name=hashing", "encoder.params.dim=16",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -135,7 +135,8 @@ def plot_domains(results: Mapping[str, Any], path: Path, metric: str) -> None:
     ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2)
     ax.set_xticklabels([f"{d}\n(held out)" if d in held_out else d for d in domains])
     ax.set_ylabel(metric)
-    ax.legend(fontsize=7, ncol=2)
+    if models:  # a run that failed before any evaluation has none
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
