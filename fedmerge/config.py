@@ -8,6 +8,7 @@ them); every other key must be one of the defaults, so a typo fails with the lis
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -42,8 +43,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "fedavg_rounds": 3,
         "fedavg_local_params": {},
     },
+    # timeout_s: the wait for replies to one request; startup_timeout_s: the wait for the SuperNodes to connect and
+    # their ClientApps to load their domain (under `deploy local` also for the SuperLink and SuperNode processes)
     "federation": {
-        "timeout_s": 3600.0, "min_replies": 0, "max_update_slack": 1.0,
+        "timeout_s": 3600.0, "startup_timeout_s": 600.0, "min_replies": 0, "max_update_slack": 1.0,
         # defences against a client sending a well-formed but hostile update or lying metadata (issue 19)
         "max_abs_value": 1e4, "norm_multiple": 3.0, "norm_cap": 0.0, "norm_action": "reject",
         "max_num_users": 1e8, "fedavg_weighting": "users", "fedavg_max_share": 0.5, "fedavg_aggregation": "mean",
@@ -225,6 +228,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise FedmergeError(f"run.seeds must list distinct integers >= 0 (empty: the single run.seed), got {seeds!r}")
     _validate_defences(cfg["federation"])
+    if cfg["federation"]["startup_timeout_s"] <= 0:
+        raise FedmergeError(f"federation.startup_timeout_s must be > 0, got {cfg['federation']['startup_timeout_s']}")
     if cfg["run"]["torch_threads"] < 1 or cfg["run"]["server_threads"] < 0:
         raise FedmergeError("run.torch_threads must be >= 1 and run.server_threads >= 0 (0: all cores)")
     from fedmerge.merging import MERGEREC_METHODS, METHODS
@@ -244,6 +249,29 @@ def validate(cfg: Mapping[str, Any]) -> None:
     validate_privacy(cfg)
     if cfg["eval"]["split"] not in ("val", "test"):
         raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg['eval']['split']!r}")
+    ks = cfg["eval"]["ks"]
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
+        raise FedmergeError(f"eval.ks must be a non-empty list of positive integers (e.g. [10, 20]), got {ks!r}")
+    _validate_before_training(cfg)
+
+
+def _validate_before_training(cfg: Mapping[str, Any]) -> None:
+    """Checks of values that are otherwise read only after every client trained: merge parameters, MergeRec
+    settings, DP parameters, and the text encoder's name (never a hub download)."""
+    from fedmerge.merging import METHODS, resolve_params
+    from fedmerge.text.encoder import check_encoder_name
+
+    n_models = len(training_domains(cfg))
+    for method, params in cfg["merge"]["params"].items():
+        if method not in METHODS:
+            raise FedmergeError(f"merge.params.{method}: not a method with parameters; valid: {sorted(METHODS)}")
+        if not isinstance(params, Mapping):
+            raise FedmergeError(f"merge.params.{method} must be a table of parameters, got {params!r}")
+        try:
+            resolve_params(method, params, n_models=n_models)
+        except ValueError as exc:
+            raise FedmergeError(f"merge.params.{method}: {exc}") from exc
+    check_encoder_name(cfg["encoder"]["name"])
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -33,6 +33,7 @@ class MergeStrategy(Strategy):
         self.cfg = cfg
         self.grid = grid
         self.timeout = float(cfg["federation"]["timeout_s"])
+        self.startup_timeout = float(cfg["federation"]["startup_timeout_s"])
         self.node_of: dict[str, int] = {}
         self.refused: dict[str, str] = {}  # query:node<id> -> why that node's domain claim was refused
         self.connect_seconds: float | None = None  # None until connected
@@ -40,20 +41,21 @@ class MergeStrategy(Strategy):
 
     # ---- transport ------------------------------------------------------------------------------------------
     def connect(self) -> dict[str, int]:
-        """Wait for the SuperNodes and learn which domain each one holds (a ``query`` round).
+        """Wait for the SuperNodes and learn which domain each one holds (a ``query`` round), both within
+        ``federation.startup_timeout_s`` (not ``timeout_s``: a short reply timeout must not cut short start-up).
 
         :meth:`send` connects on first use, so server work before it (θ₀, the joint oracle) overlaps the nodes'
         start-up (in simulation: Ray actors importing torch and loading their domain).
         """
         start = time.perf_counter()
         wanted = domain_names(self.cfg)
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.startup_timeout
         nodes = list(self.grid.get_node_ids())
         while len(nodes) < len(wanted) and time.monotonic() < deadline:
             time.sleep(1.0)
             nodes = list(self.grid.get_node_ids())
         messages = [Message(RecordDict(), node, protocol.QUERY, group_id="connect") for node in nodes]
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in self.grid.send_and_receive(messages, timeout=max(deadline - time.monotonic(), 1.0)):
             if reply.has_error():
                 logger.error("node %s failed to start: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue

@@ -456,6 +456,8 @@ def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
     assert "| none | ∞ (no DP) |" in table and "| domain | 2 |" in table and "lira AUC" in table
     assert (out / "privacy.png").stat().st_size > 0
     assert "loss TPR@1%" in capsys.readouterr().out
+    assert main(["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(out)]) == 1  # earlier runs kept
+    assert f"run folder {out / 'none' / 'eps-inf' / 'seed-0'} already holds" in capsys.readouterr().err
 
 
 SEQUENTIAL_STUDY = TINY_STUDY.replace('family = "text-lae"', 'family = "sequential"').replace(

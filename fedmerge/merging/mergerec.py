@@ -60,7 +60,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from fedmerge.merging.methods import processed_task_vectors
+from fedmerge.merging.methods import processed_task_vectors, resolve_params
 from fedmerge.metrics import Scorer
 from fedmerge.models.base import PAD, ModelFamily, StateDict, stack_item_features
 from fedmerge.reproducibility import gradient_threads
@@ -154,6 +154,7 @@ class MergeRecConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid MergeRecConfig values: {[(k, getattr(self, k)) for k in bad]}")
+        resolve_params(self.init_method, self.init_params)  # ValueError naming an unknown method or bad parameter
 
     @classmethod
     def from_keys(cls, keys: Mapping[str, Any]) -> MergeRecConfig:

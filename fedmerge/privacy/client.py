@@ -70,8 +70,8 @@ def validate_privacy(cfg: Mapping[str, Any]) -> None:
         raise FedmergeError(f"privacy.sample_rate must lie in (0, 1], got {privacy['sample_rate']}")
     if not 0 < privacy["delta"] < 1:
         raise FedmergeError(f"privacy.delta must lie in (0, 1), got {privacy['delta']}")
-    if privacy["target_epsilon"] < 0 or privacy["noise_multiplier"] < 0:
-        raise FedmergeError(f"privacy.target_epsilon and privacy.noise_multiplier must be >= 0, got "
+    if not (0 <= privacy["target_epsilon"] < math.inf and 0 <= privacy["noise_multiplier"] < math.inf):
+        raise FedmergeError(f"privacy.target_epsilon and privacy.noise_multiplier must be finite and >= 0, got "
                             f"{privacy['target_epsilon']} and {privacy['noise_multiplier']}")
     if privacy["enabled"] and privacy["unit"] == "user":
         check_user_level(cfg)

@@ -167,7 +167,8 @@ def plot_domains(
     for ax, name in zip(axes[0], metrics):
         _domain_bars(ax, results, name, (errors or {}).get(name))
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, ncol=min(6, len(labels)), loc="lower center")
+    if labels:  # a run that failed before any evaluation has no models
+        fig.legend(handles, labels, fontsize=7, ncol=min(6, len(labels)), loc="lower center")
     run = results.get("run", {})
     fig.suptitle(title or f"{run.get('name', 'run')}: per-domain {' and '.join(metrics)} "
                  f"({run.get('engine', '?')} engine, seed {run.get('seed', '?')})")

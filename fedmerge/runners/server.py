@@ -626,20 +626,27 @@ def run_federation(
     federation = Federation(cfg, theta0, out_dir=out_path)
     federation.save_model("theta0", theta0, "theta0", [], metadata={FINGERPRINT_KEY: fingerprint})
     setup = time.perf_counter() - start
-    joint_seconds = 0.0
-    if cfg["baselines"]["joint"]:
-        start = time.perf_counter()
-        joint_path = out_path / JOINT_FILE if out_path is not None else None
-        if resume and joint_path.is_file():
-            joint = load_fingerprinted(joint_path, fingerprint)
-        else:
-            joint = joint_oracle(cfg, theta0)
-        federation.extra_models["joint"] = joint
-        federation.save_model("joint", joint, "joint", training_domains(cfg), metadata={FINGERPRINT_KEY: fingerprint},
-                              non_private="trained on the pooled private data of every training domain")
-        joint_seconds = time.perf_counter() - start
     federation.train_metrics.update(train_metrics)
-    out = federation.run(transport, saved=saved)
+    joint_seconds = 0.0
+    try:
+        if cfg["baselines"]["joint"]:
+            start = time.perf_counter()
+            joint_path = out_path / JOINT_FILE if out_path is not None else None
+            if resume and joint_path.is_file():
+                joint = load_fingerprinted(joint_path, fingerprint)
+            else:
+                joint = joint_oracle(cfg, theta0)
+            federation.extra_models["joint"] = joint
+            federation.save_model("joint", joint, "joint", training_domains(cfg),
+                                  metadata={FINGERPRINT_KEY: fingerprint},
+                                  non_private="trained on the pooled private data of every training domain")
+            joint_seconds = time.perf_counter() - start
+        out = federation.run(transport, saved=saved)
+    except Exception as exc:  # a failure after partial work: keep what was measured, record why, status failed
+        logger.exception("the run failed")
+        out = federation.results()
+        out["status"] = "failed"
+        out["errors"]["run"] = f"{type(exc).__name__}: {exc}"
     out["timings_s"] = {"setup": round(setup, 3), "joint_training": round(joint_seconds, 3), **out["timings_s"]}
     if "joint" in out["models"]:
         out["models"]["joint"]["non_private"] = True
