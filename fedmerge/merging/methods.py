@@ -388,6 +388,8 @@ METHODS: dict[str, MergeMethod] = {
             "https://github.com/duguodong7/pcb-merging",
             "PCB as its released code (run by MergeRec): exp/tanh balancing, quantile-clamped soft mask, "
             "whole-model scope, extra 1/K",
+        ),
+        MergeMethod(
             "median",
             _median,
             {},
