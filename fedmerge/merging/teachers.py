@@ -37,7 +37,7 @@ class TopKRows:
     values: torch.Tensor  # (b, k) float32, descending
     indices: torch.Tensor  # (b, k) int32 item indices
     log_norm: torch.Tensor  # (b,) logsumexp of all scores / T
-    log_rest: torch.Tensor  # (b,) log of the mass outside the kept items; -inf when nothing is dropped
+    log_rest: torch.Tensor  # (b,) log of the mass outside the kept items (LOG_REST_FLOOR: none)
 
     def __getitem__(self, rows: torch.Tensor) -> TopKRows:
         return TopKRows(self.values[rows], self.indices[rows], self.log_norm[rows], self.log_rest[rows])
@@ -56,13 +56,23 @@ class TopKRows:
                                                                                  "log_rest")))
 
 
+LOG_REST_FLOOR = -1e4  # log r when the dropped mass underflows: r·(log r − log q_R) is then 0, never 0·(−inf)
+EXP_FLOOR = -80.0  # (t_j − m)/T below this counts as this: keeps exp out of slow denormal floats (error ≤ n·e⁻⁸⁰)
+
+
 def top_k_rows(scores: torch.Tensor, k: int, temperature: float) -> TopKRows:
-    """Sparse form of dense teacher rows ``scores`` (b, n) at temperature T: k = min(k, n) kept items per row."""
+    """Sparse form of dense teacher rows ``scores`` (b, n) at temperature T: k = min(k, n) kept items per row.
+
+    One exp pass: with m the row's top score, e_j = exp(max((t_j − m)/T, −80)), log Z = m/T + log Σ_j e_j and
+    log r = log Σ_{j∉K} e_j − log Σ_j e_j (floored at ``LOG_REST_FLOOR``)."""
     k = min(k, scores.shape[1])
     values, indices = scores.topk(k, dim=1)
-    log_norm = torch.logsumexp(scores / temperature, dim=1)
-    rest = (scores / temperature).scatter(1, indices, float("-inf"))
-    return TopKRows(values, indices.int(), log_norm, torch.logsumexp(rest, dim=1) - log_norm)
+    top = values[:, :1] / temperature
+    weights = (scores / temperature - top).clamp_(min=EXP_FLOOR).exp_()
+    total = weights.sum(dim=1)
+    rest = weights.scatter_(1, indices, 0.0).sum(dim=1)
+    log_rest = (rest.log() - total.log()).clamp(min=LOG_REST_FLOOR)
+    return TopKRows(values, indices.int(), top.squeeze(1) + total.log(), log_rest)
 
 
 def top_k_distillation_loss(
