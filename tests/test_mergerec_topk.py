@@ -113,3 +113,20 @@ def test_top_k_works_with_the_frozen_item_side():
 def test_negative_top_k_is_refused():
     with pytest.raises(ValueError, match="teacher_top_k"):
         MergeRecConfig(teacher_top_k=-1)
+
+
+def test_sequential_family_with_every_item_kept_learns_the_dense_run():
+    from fedmerge.models.sequential import SequentialFamily
+
+    family = SequentialFamily(hidden=16, n_layers=1, n_heads=2, max_len=5)
+    gen = torch.Generator().manual_seed(3)
+    features = {d: torch.randn(n, 8, generator=gen) for d, n in (("a", 9), ("b", 12))}
+    theta0 = family.initial_weights(8, seed=0)
+    models = {d: {p: t + 0.1 * torch.randn(t.shape, generator=gen) for p, t in theta0.items()} for d in features}
+    base = dict(granularity="layer", steps=10, lr=0.05, progress=False, pseudo_user_length=2, exclude_input_item=True,
+                temperature=0.5, distill_weight=1.0)
+    _, dense = mergerec(family, theta0, models, features, MergeRecConfig(**base))
+    _, sparse = mergerec(family, theta0, models, features, MergeRecConfig(**base, teacher_top_k=12))
+    assert sparse.loss_curve == pytest.approx(dense.loss_curve, rel=1e-4)
+    for d in features:
+        assert sparse.coefficients[d] == pytest.approx(dense.coefficients[d], rel=1e-4, abs=1e-6)
