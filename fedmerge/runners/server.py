@@ -263,7 +263,15 @@ class Federation:
     ) -> dict[str, RecordDict]:
         for d, content in requests.items():
             self.bytes[d]["received"] += protocol.record_bytes(content)
-        replies, errors = transport.send(message_type, requests, on_reply=on_reply)
+        arrived: list[str] = []
+
+        def progress(domain: str, content: RecordDict) -> None:  # one line per reply: many clients show progress
+            arrived.append(domain)
+            logger.info("%s: %d/%d replies (%s)", message_type, len(arrived), len(requests), domain)
+            if on_reply is not None:
+                on_reply(domain, content)
+
+        replies, errors = transport.send(message_type, requests, on_reply=progress)
         for d, content in replies.items():
             self.bytes[d]["sent"] += protocol.record_bytes(content)
         for d, reason in errors.items():
