@@ -8,7 +8,6 @@ them); every other key must be one of the defaults, so a typo fails with the lis
 from __future__ import annotations
 
 import copy
-import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
