@@ -64,5 +64,5 @@ def test_client_evaluate_prepares_user_batches_once_for_all_models(monkeypatch, 
     out = client_module.client_evaluate(domain, models, cfg, features=features)
     assert len(calls) == 1 and set(out) == set(models)
     for name, weights in models.items():
-        assert out[name] == evaluate_scorer(family.scorer(weights, features), domain, "test", ks=(10, 20),
-                                            max_len=family.max_len)
+        assert out[name] == evaluate_scorer(family.scorer(weights, features), domain, "test",
+                                            ks=tuple(cfg["eval"]["ks"]), max_len=family.max_len)
