@@ -4,6 +4,11 @@ Every (domain, model) cell runs ``fedmerge train`` in-process into ``OUT/<domain
 whose metrics.json already exists is read back instead of retrained (so an interrupted run resumes).
 
     python benchmarks/indomain_table.py [--domains Beauty Pantry Toys] [--models ease l3ae ...] [--out DIR]
+    python benchmarks/indomain_table.py --models text-lae sequential --seeds 0-4   # OUT/seed-<s>/..., mean ± 95 %
+
+With ``--seeds`` every cell runs once per seed (``fedmerge train --seed s``; seed-free models such as EASE give the
+same number each time) and the table shows the mean ± the 95 % t-interval half-width over the seeds
+(:func:`fedmerge.runners.aggregate.interval`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import sys
 from pathlib import Path
 
 from fedmerge.cli import main as fedmerge_main
+from fedmerge.config import parse_seeds
 from fedmerge.data.amazon import default_amazon_root
 from fedmerge.models import FAMILIES, RECOMMENDERS
 
@@ -27,12 +33,13 @@ def domain_path(folder: Path, name: str) -> Path:
     return folder / name if (folder / name).is_dir() else folder / f"{name}.tar.gz"
 
 
-def cell(path: Path, model: str, out: Path, encoder: str, settings: list[str]) -> dict:
+def cell(path: Path, model: str, out: Path, encoder: str, settings: list[str], seed: int | None = None) -> dict:
     metrics_file = out / "metrics.json"
     if not metrics_file.is_file():
         extra = [arg for item in settings if item.startswith(f"{model}.") for arg in ("--set", item[len(model) + 1 :])]
+        seeded = [] if seed is None else ["--seed", str(seed)]
         code = fedmerge_main(["train", "--data", str(path), "--model", model, "--out", str(out), "--encoder", encoder,
-                              *extra])
+                              *extra, *seeded])
         if code != 0:
             raise SystemExit(f"fedmerge train failed for {path} / {model}")
     return json.loads(metrics_file.read_text())
@@ -47,6 +54,22 @@ def markdown(results: dict[tuple[str, str], dict], domains: list[str], models: l
     return "\n".join(lines)
 
 
+def markdown_intervals(runs: dict[tuple[str, str], list[dict]], domains: list[str], models: list[str]) -> str:
+    """Like :func:`markdown`, each cell the mean ± 95 % t-interval half-width over the seeds' metrics."""
+    from fedmerge.runners.aggregate import interval
+
+    def shown(values: list[float]) -> str:
+        stats = interval(values)
+        return f"{stats['mean']:.4f}" + ("" if stats["half_width"] is None else f" ± {stats['half_width']:.4f}")
+
+    header = "| model | " + " | ".join(f"{d} R@10 | {d} N@10 | {d} R@10 m | {d} N@10 m" for d in domains) + " |"
+    lines = [header, "|" + "---|" * (1 + 4 * len(domains))]
+    for model in models:
+        row = [shown([r[c] for r in runs[(d, model)]]) if (d, model) in runs else "–" for d in domains for c in COLUMNS]
+        lines.append(f"| {model} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS))
@@ -56,18 +79,30 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "indomain")
     parser.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE", dest="settings",
                         help="fix a model parameter instead of its default grid, e.g. ease.lam=50; repeatable")
+    parser.add_argument("--seeds", default=None, metavar="SEEDS",
+                        help="run every cell once per seed (0-4 or 0,2,5) into OUT/seed-<s>/ and show mean ± 95 %% "
+                        "interval")
     args = parser.parse_args()
-    results = {}
+    seeds = parse_seeds(args.seeds) if args.seeds else [None]
+    per_seed: dict[tuple[str, str], list[dict]] = {}
     for domain in args.domains:
         path = domain_path(Path(args.amazon_dir), domain)
         if not path.exists():
             print(f"skipping {domain}: {path} not found", file=sys.stderr)
             continue
         for model in args.models:
-            results[(domain, model)] = cell(path, model, args.out / f"{domain}-{model}", args.encoder, args.settings)
+            for seed in seeds:
+                out = (args.out if seed is None else args.out / f"seed-{seed}") / f"{domain}-{model}"
+                per_seed.setdefault((domain, model), []).append(
+                    cell(path, model, out, args.encoder, args.settings, seed))
+    results = {key: runs[0] for key, runs in per_seed.items()}
     print("Test Recall@10 / NDCG@10, unmasked (MergeRec protocol) and masked (m); hyper-parameters chosen on "
           "validation NDCG@10, refit on train+val.")
-    print(markdown(results, args.domains, args.models))
+    if args.seeds:
+        print(f"Mean ± 95 % t-interval half-width over seeds {seeds}; the details below are seed {seeds[0]}'s.")
+        print(markdown_intervals(per_seed, args.domains, args.models))
+    else:
+        print(markdown(results, args.domains, args.models))
     print()
     print("| domain | model | chosen | fit s | eval s |\n|---|---|---|---|---|")
     for (domain, model), r in results.items():

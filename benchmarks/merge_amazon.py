@@ -1,13 +1,19 @@
 """Merging benchmark on the Amazon domains: individuals, θ₀, training-free merges and MergeRec, Recall/NDCG@10.
 
     python benchmarks/merge_amazon.py --family text-lae [--holdout Toys] [--domains Beauty,Pantry,Toys]
-    python benchmarks/merge_amazon.py --family sequential --family-set max_seconds=400 --markdown-out results/merge/x.md
+    python benchmarks/merge_amazon.py --family sequential --family-set max_epochs=8 --markdown-out results/merge/x.md
+    python benchmarks/merge_amazon.py --family sequential --family-set max_epochs=8 --seeds 0-4 --json-out x.json
 
 Every domain's model is trained from the same θ₀ with ``family.train`` and cached as safetensors under
 ``<cache>/merge_amazon/`` (re-runs skip training). Merges use the non-held-out domains only; a held-out domain's
 catalog is used only at test time (zero-shot). Prints a markdown table of test Recall@10 / NDCG@10 (unmasked,
 MergeRec's protocol) per domain and averaged over the merged domains, and MergeRec's optimization time and the
 process's peak resident memory (``resource.getrusage``), with every setting needed to reproduce the run.
+
+``--seeds 0-4`` runs the benchmark once per seed (θ₀, training, DARE's masks and MergeRec's sampling follow it),
+each in a fresh process of this script writing ``<json-out>.seed-<s>.json``, then prints the mean ± 95 % interval
+table and the paired ratios of every merge to the per-seed best training-free merge and to the individuals, computed
+by :mod:`fedmerge.runners.aggregate` like ``fedmerge simulate --seeds``; ``--json-out`` then holds that aggregate.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from fedmerge.config import parse_params
 from fedmerge.data import load_domain
 from fedmerge.data.amazon import default_amazon_root
 from fedmerge.data.domain import Domain
-from fedmerge.merging import MergeRecConfig, merge, mergerec, task_vectors
+from fedmerge.merging import METHODS, MergeRecConfig, merge, mergerec, task_vectors
 from fedmerge.merging.mergerec import PseudoUserObjective, group_index, merged_weights
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models import ModelFamily, StateDict, get_family
@@ -141,6 +147,58 @@ def evaluate(family: ModelFamily, weights: StateDict, domain: Domain, features: 
     return result["recall@10"], result["ndcg@10"]
 
 
+def as_run(saved: dict, merged_names: list[str]) -> dict:
+    """One seed's ``--json-out`` as a results.json-like dict for :func:`fedmerge.runners.aggregate.aggregate_runs`:
+    ``individual`` on each domain is that domain's own model; ``average`` is over the merged domains."""
+    models: dict[str, dict] = {}
+    for label, cells in saved["results"].items():
+        if label.startswith("individual "):
+            own = label.removeprefix("individual ")
+            if own in cells:
+                models.setdefault("individual", {})[own] = {"recall@10": cells[own][0], "ndcg@10": cells[own][1]}
+            continue
+        models["theta0" if label == "θ₀" else label] = {d: {"recall@10": r, "ndcg@10": n} for d, (r, n) in cells.items()}
+    for per_domain in models.values():
+        if all(d in per_domain for d in merged_names):
+            per_domain["average"] = {k: float(np.mean([per_domain[d][k] for d in merged_names]))
+                                     for k in ("recall@10", "ndcg@10")}
+    return {"domains": list(next(iter(saved["results"].values()))), "models": models}
+
+
+def run_seeds(args: argparse.Namespace) -> None:
+    """The benchmark once per seed of ``--seeds`` (fresh processes), then the aggregate over seeds."""
+    import subprocess
+
+    from fedmerge.config import parse_seeds
+    from fedmerge.runners.aggregate import aggregate_runs
+    from fedmerge.runners.multiseed import aggregate_summary
+
+    if args.json_out is None:
+        raise SystemExit("--seeds needs --json-out (the per-seed results go next to it)")
+    argv, skip = [], False
+    for item in sys.argv[1:]:  # this run's arguments without --seeds/--seed/--json-out/--markdown-out
+        if skip:
+            skip = False
+        elif item in ("--seeds", "--seed", "--json-out", "--markdown-out"):
+            skip = True
+        elif not item.startswith(("--seeds=", "--seed=", "--json-out=", "--markdown-out=")):
+            argv.append(item)
+    names = [n.strip() for n in args.domains.split(",") if n.strip()]
+    merged_names = [n for n in names if n != args.holdout]
+    runs = {}
+    for seed in parse_seeds(args.seeds):
+        path = args.json_out.with_name(f"{args.json_out.stem}.seed-{seed}.json")
+        subprocess.run([sys.executable, __file__, *argv, "--seed", str(seed), "--json-out", str(path)], check=True)
+        runs[seed] = as_run(json.loads(path.read_text()), merged_names)
+    aggregate = aggregate_runs(runs, "recall@10", training_free=TRAINING_FREE)
+    text = aggregate_summary(aggregate) + f"\n- arguments: `{' '.join(sys.argv[1:])}`"
+    print(text)
+    if args.markdown_out:
+        args.markdown_out.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown_out.write_text(text + "\n")
+    args.json_out.write_text(json.dumps(aggregate, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="text-lae", choices=["text-lae", "sequential"])
@@ -164,8 +222,11 @@ def main() -> None:
                         help="training-free methods to evaluate, comma-separated ('' for none)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None, metavar="SEEDS",
+                        help="run once per seed (0-4 or 0,2,5; each in a fresh process) and report mean and 95 %% "
+                        "interval over them (needs --json-out for the per-seed files)")
     parser.add_argument("--family-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="family constructor parameter (TOML value), e.g. max_seconds=300; repeatable")
+                        help="family constructor parameter (TOML value), e.g. max_epochs=8 (default: the family's epochs + early stopping); repeatable")
     parser.add_argument("--warm-start-rounds", type=int, default=0,
                         help="FedAvg rounds on the merged domains before local training; their result is θ₀")
     parser.add_argument("--warm-start-epochs", type=int, default=1, help="local epochs per warm-start round")
@@ -185,6 +246,9 @@ def main() -> None:
     parser.add_argument("--markdown-out", type=Path, default=None, help="also write the printed report here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.seeds is not None:
+        run_seeds(args)
+        return
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
 
@@ -215,7 +279,8 @@ def main() -> None:
     candidates: dict[str, StateDict] = {"θ₀": theta0}
     candidates.update({f"individual {n}": w for n, w in individuals.items()})
     for method in (m.strip() for m in args.baselines.split(",") if m.strip()):
-        candidates[method] = merge(method, theta0, to_merge)
+        seeded = {"seed": args.seed} if "seed" in METHODS[method].params else {}  # DARE's masks follow the seed
+        candidates[method] = merge(method, theta0, to_merge, **seeded)
     def mergerec_config(preset: str | None, init: str, granularity: str) -> MergeRecConfig:
         keys = {**mergerec_params, "init_method": init, "granularity": granularity, "seed": args.seed}
         if args.steps is not None:

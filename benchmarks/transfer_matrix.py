@@ -1,6 +1,6 @@
 """Cross-domain transfer of individually trained models: each source domain's model evaluated on every target domain.
 
-    python benchmarks/transfer_matrix.py --sources Pantry --family-set max_seconds=240 --proximal-mu 0,0.0001,0.001,0.01
+    python benchmarks/transfer_matrix.py --sources Pantry --family-set max_epochs=6 --proximal-mu 0,0.0001,0.001,0.01
 
 Every source model is trained from the same seeded θ₀ (``family.train``, cached under ``<cache>/merge_amazon/`` with
 the merge benchmark's keys, so its models are reused) once per proximal coefficient μ (FedProx's μ/2·‖θ − θ₀‖²,
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--encoder", default="minilm")
     parser.add_argument("--cache", type=Path, default=None, help="trained-weight cache (default: the merge benchmark's)")
     parser.add_argument("--family-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="family constructor parameter (TOML value), e.g. max_seconds=240; repeatable")
+                        help="family constructor parameter (TOML value), e.g. max_epochs=6 (default: the family's epochs + early stopping); repeatable")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown-out", type=Path, default=None)

@@ -8,6 +8,7 @@ them); every other key must be one of the defaults, so a typo fails with the lis
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ DEFAULT_SCENARIO = "quickstart"
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "run": {"name": "unnamed", "seed": 0, "torch_threads": 1, "server_threads": 1, "progress": True},
+    "run": {"name": "unnamed", "seed": 0, "seeds": [], "torch_threads": 1, "server_threads": 1, "progress": True},
     "data": {
         "source": "synthetic",
         "root": "",
@@ -42,14 +43,37 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "fedavg_rounds": 3,
         "fedavg_local_params": {},
     },
-    "federation": {"timeout_s": 3600.0, "min_replies": 0, "max_update_slack": 1.0},
-    "privacy": {"enabled": False, "clip_norm": 1.0, "noise_multiplier": 0.0, "noise_seed": -1},
+    # timeout_s: the wait for replies to one request; startup_timeout_s: the wait for the SuperNodes to connect and
+    # their ClientApps to load their domain (under `deploy local` also for the SuperLink and SuperNode processes)
+    "federation": {
+        "timeout_s": 3600.0, "startup_timeout_s": 600.0, "min_replies": 0, "max_update_slack": 1.0,
+        # defences against a client sending a well-formed but hostile update or lying metadata (issue 19)
+        "max_abs_value": 1e4, "norm_multiple": 3.0, "norm_cap": 0.0, "norm_action": "reject",
+        "max_num_users": 1e8, "fedavg_weighting": "users", "fedavg_max_share": 0.5, "fedavg_aggregation": "mean",
+    },
+    "privacy": {
+        "enabled": False,
+        "unit": "domain",         # "domain": clip + noise on the shipped update; "user": per-user DP inside the client
+                                  # (sequential: DP-SGD; text-lae: Gaussian mechanism on the Gram matrix)
+        "clip_norm": 1.0,         # unit "domain": L2 bound C of the task vector
+        "noise_multiplier": 0.0,  # σ/sensitivity (C, max_grad_norm or user_norm_bound²); used if target_epsilon = 0
+        "target_epsilon": 0.0,    # > 0: calibrate the noise multiplier to (ε, delta) over all of a client's releases
+        "delta": 1e-5,
+        "max_grad_norm": 1.0,     # unit "user": L2 bound of one user's gradient per step
+        "sample_rate": 0.05,      # unit "user": Poisson sampling rate of users per step
+        "epochs": 1.0,            # unit "user": expected passes over the users per release (steps = ⌈epochs/rate⌉)
+        "accountant": "rdp",      # unit "user": opacus accountant, "rdp" or "prv"
+        "user_norm_bound": 1.0,   # unit "user", text-lae: L2 bound B of a user's text profile x_u E (Gram mechanism)
+        "noise_seed": -1,
+    },
 }
 FREE_TABLES: frozenset[tuple[str, str]] = frozenset(
     {("encoder", "params"), ("model", "params"), ("merge", "params"), ("merge", "mergerec"),
      ("baselines", "fedavg_local_params")}
 )
 DATA_SOURCES = ("synthetic", "amazon", "generic")
+FEDAVG_WEIGHTINGS = ("users", "equal")  # FedAvg client weights: reported user counts (share-capped) or equal
+MAX_ABS_LIMIT = 1e30  # federation.max_abs_value above this would let a sum of a few models overflow float32
 
 
 def scenario_path(name_or_path: str | Path) -> Path:
@@ -200,6 +224,12 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise FedmergeError(f"baselines.fedavg_rounds must be >= 0, got {cfg['baselines']['fedavg_rounds']}")
     if cfg["federation"]["min_replies"] < 0 or cfg["federation"]["timeout_s"] <= 0:
         raise FedmergeError("federation.min_replies must be >= 0 and federation.timeout_s > 0")
+    seeds = cfg["run"]["seeds"]
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise FedmergeError(f"run.seeds must list distinct integers >= 0 (empty: the single run.seed), got {seeds!r}")
+    _validate_defences(cfg["federation"])
+    if cfg["federation"]["startup_timeout_s"] <= 0:
+        raise FedmergeError(f"federation.startup_timeout_s must be > 0, got {cfg['federation']['startup_timeout_s']}")
     if cfg["run"]["torch_threads"] < 1 or cfg["run"]["server_threads"] < 0:
         raise FedmergeError("run.torch_threads must be >= 1 and run.server_threads >= 0 (0: all cores)")
     from fedmerge.merging import MERGEREC_METHODS, METHODS
@@ -214,8 +244,71 @@ def validate(cfg: Mapping[str, Any]) -> None:
         MergeRecConfig.from_keys(cfg["merge"]["mergerec"])
     except (ValueError, TypeError) as exc:
         raise FedmergeError(f"merge.mergerec: {exc}") from exc
+    from fedmerge.privacy.client import validate_privacy
+
+    validate_privacy(cfg)
     if cfg["eval"]["split"] not in ("val", "test"):
         raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg['eval']['split']!r}")
+    ks = cfg["eval"]["ks"]
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
+        raise FedmergeError(f"eval.ks must be a non-empty list of positive integers (e.g. [10, 20]), got {ks!r}")
+    _validate_before_training(cfg)
+
+
+def _validate_before_training(cfg: Mapping[str, Any]) -> None:
+    """Checks of values that are otherwise read only after every client trained: merge parameters, MergeRec
+    settings, DP parameters, and the text encoder's name (never a hub download)."""
+    from fedmerge.merging import METHODS, resolve_params
+    from fedmerge.text.encoder import check_encoder_name
+
+    n_models = len(training_domains(cfg))
+    for method, params in cfg["merge"]["params"].items():
+        if method not in METHODS:
+            raise FedmergeError(f"merge.params.{method}: not a method with parameters; valid: {sorted(METHODS)}")
+        if not isinstance(params, Mapping):
+            raise FedmergeError(f"merge.params.{method} must be a table of parameters, got {params!r}")
+        try:
+            resolve_params(method, params, n_models=n_models)
+        except ValueError as exc:
+            raise FedmergeError(f"merge.params.{method}: {exc}") from exc
+    check_encoder_name(cfg["encoder"]["name"])
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-4"`` -> [0, 1, 2, 3, 4]; ``"0,2,5"`` -> [0, 2, 5]; ranges and single seeds may be mixed (``"0-2,7"``)."""
+    seeds: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        first, dash, last = part.partition("-")
+        try:
+            chunk = list(range(int(first), int(last) + 1)) if dash else [int(part)]
+        except ValueError:
+            chunk = []
+        if not chunk or min(chunk) < 0:
+            raise FedmergeError(f"--seeds {text!r}: {part!r} is not a seed >= 0 or a range A-B with A <= B; "
+                                "valid forms: 0-4, 0,2,5, 0-2,7")
+        seeds += chunk
+    if len(set(seeds)) != len(seeds):
+        raise FedmergeError(f"--seeds {text!r} names a seed twice")
+    return seeds
+def _validate_defences(federation: Mapping[str, Any]) -> None:
+    """The [federation] defence keys: ranges and names (see README, "Faults and bad inputs tried")."""
+    from fedmerge.merging import ROBUST_METHODS
+    from fedmerge.validation import NORM_ACTIONS
+
+    checks = {
+        "max_abs_value": (0 < federation["max_abs_value"] <= MAX_ABS_LIMIT, f"a number in (0, {MAX_ABS_LIMIT:g}]"),
+        "norm_multiple": (federation["norm_multiple"] >= 0, "a number >= 0 (0: off)"),
+        "norm_cap": (federation["norm_cap"] >= 0, "a number >= 0 (0: off)"),
+        "norm_action": (federation["norm_action"] in NORM_ACTIONS, f"one of {list(NORM_ACTIONS)}"),
+        "max_num_users": (federation["max_num_users"] > 0, "a number > 0"),
+        "fedavg_weighting": (federation["fedavg_weighting"] in FEDAVG_WEIGHTINGS, f"one of {list(FEDAVG_WEIGHTINGS)}"),
+        "fedavg_max_share": (0 < federation["fedavg_max_share"] <= 1, "a number in (0, 1]"),
+        "fedavg_aggregation": (federation["fedavg_aggregation"] in ("mean", *ROBUST_METHODS),
+                               f"one of {['mean', *ROBUST_METHODS]}"),
+    }
+    for key, (ok, valid) in checks.items():
+        if not ok:
+            raise FedmergeError(f"federation.{key} must be {valid}, got {federation[key]!r}")
 
 
 def domain_names(cfg: Mapping[str, Any]) -> list[str]:

@@ -101,6 +101,10 @@ def metrics_from_ties(
     return out
 
 
+MASKED_SUFFIX = "_masked"
+USERS = "users"  # evaluate_scorer's count of evaluated users
+
+
 def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS, suffix: str = "") -> dict[str, float]:
     """Mean Recall@K and NDCG@K over users from 0-based target ranks."""
     ranks = np.asarray(ranks)
@@ -150,6 +154,12 @@ def evaluate_scorer(
         unmasked.append(tie_metrics(scores, batch_targets, None, ties))
         masked.append(tie_metrics(scores, batch_targets, batch, ties))
     result = metrics_from_ties(*(np.concatenate(parts) for parts in zip(*unmasked)), ks)
-    result.update(metrics_from_ties(*(np.concatenate(parts) for parts in zip(*masked)), ks, suffix="_masked"))
-    result["users"] = len(targets)
+    result.update(metrics_from_ties(*(np.concatenate(parts) for parts in zip(*masked)), ks, suffix=MASKED_SUFFIX))
+    result[USERS] = len(targets)
     return result
+
+
+def evaluation_metric_names(ks: Sequence[int] = DEFAULT_KS) -> set[str]:
+    """The names :func:`evaluate_scorer` reports for cutoffs ``ks`` (what a server expects from an evaluation)."""
+    names = set(metrics_from_ranks(np.zeros(1), ks)) | set(metrics_from_ranks(np.zeros(1), ks, suffix=MASKED_SUFFIX))
+    return names | {USERS}

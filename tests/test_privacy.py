@@ -389,19 +389,38 @@ def tiny_scenario(tmp_path, monkeypatch):
 
 
 def test_load_study_routes_study_keys_and_names_bad_ones(tiny_scenario):
-    from fedmerge.commands.privacy import dp_config, load_study
     from fedmerge.errors import FedmergeError
+    from fedmerge.privacy.study import dp_config, load_study
 
     cfg, study = load_study(str(tiny_scenario), ["privacy_study.delta=1e-6", "baselines.fedavg_rounds=3"])
     assert study["delta"] == 1e-6 and study["epsilons"] == [math.inf, 2.0]
-    dp_cfg, z = dp_config(cfg, 2.0, 1e-6)
+    dp_cfg, z = dp_config(cfg, "domain", 2.0, 1e-6, seed=4)
     assert dp_cfg["privacy"]["enabled"] and z == pytest.approx(noise_multiplier_for(2.0, 1e-6, rounds=4))
-    off_cfg, z_off = dp_config(cfg, math.inf, 1e-6)
+    assert dp_cfg["run"]["seed"] == 4 and dp_cfg["privacy"]["target_epsilon"] == 2.0
+    off_cfg, z_off = dp_config(cfg, "domain", math.inf, 1e-6, seed=0)
     assert not off_cfg["privacy"]["enabled"] and z_off == 0.0
     with pytest.raises(FedmergeError, match="privacy_study.epsilonz"):
         load_study(str(tiny_scenario), ["privacy_study.epsilonz=[1]"])
     with pytest.raises(FedmergeError, match="methods"):
         load_study(str(tiny_scenario), ["privacy_study.methods=['dare']"])
+    _, both = load_study(str(tiny_scenario), ["privacy_study.units=['domain', 'user']"])  # text-lae, one λ
+    assert both["units"] == ["domain", "user"]
+    with pytest.raises(FedmergeError, match="one λ"):
+        load_study(str(tiny_scenario), ["privacy_study.units=['user']", "model.params.lam=[1.0, 10.0]"])
+    with pytest.raises(FedmergeError, match="seeds"):
+        load_study(str(tiny_scenario), ["privacy_study.seeds=[1, 1]"])
+
+
+def test_interval_is_a_t_interval_over_seeds():
+    from scipy.stats import t
+
+    from fedmerge.privacy.study import interval
+
+    values = [0.1, 0.2, 0.4]
+    out = interval(values)
+    half = t.ppf(0.975, 2) * np.std(values, ddof=1) / math.sqrt(3)
+    assert out["mean"] == pytest.approx(0.7 / 3) and out["high"] - out["mean"] == pytest.approx(half)
+    assert interval([0.3]) == {"mean": 0.3, "low": 0.3, "high": 0.3, "n": 1, "values": [0.3]}
 
 
 def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
@@ -410,26 +429,59 @@ def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
     from fedmerge.cli import main
 
     out = tmp_path / "out"
-    assert main(["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(out)]) == 0
+    assert main(["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(out), "--set",
+                 "privacy_study.seeds=[0, 1]"]) == 0
     report = json.loads((out / "privacy.json").read_text())
-    assert [row["epsilon"] for row in report["utility"]] == ["inf", "2"]
+    assert [(row["unit"], row["epsilon"]) for row in report["utility"]] == [("none", "inf"), ("domain", "2")]
     z = noise_multiplier_for(2.0, 1e-5)
     assert report["utility"][1]["noise_multiplier"] == pytest.approx(z)
+    assert report["utility"][1]["client_epsilon_max"] == pytest.approx(2.0, rel=1e-6)
     for row in report["utility"]:
         assert set(row["metric"]) >= {"average", "ties", "mergerec_taskwise"}
-        assert all(0.0 <= v <= 1.0 for v in row["metric"].values())
-    # the noise reached the clients' single DP call site in the ε = 2 run, and not in the ε = ∞ run
-    noisy_run = json.loads((out / "eps-2" / "results.json").read_text())
-    assert all(m["dp_noise_multiplier"] == pytest.approx(z) for m in noisy_run["train_metrics"].values())
-    plain_run = json.loads((out / "eps-inf" / "results.json").read_text())
-    assert all("dp_noise_multiplier" not in m for m in plain_run["train_metrics"].values())
-    coefficients = report["utility"][1]["mergerec_coefficients"]["mergerec_taskwise"]
-    assert max(v for per in coefficients.values() for v in per.values()) <= 1.0 + 1e-7
+        assert all(v["n"] == 2 and 0.0 <= v["low"] <= v["mean"] <= v["high"] <= 1.0 + 1e-9 for v in row["metric"].values())
+    # the noise reached the clients' single DP call site in the ε = 2 runs, and not in the ε = ∞ runs
+    for seed in (0, 1):
+        noisy_run = json.loads((out / "domain" / "eps-2" / f"seed-{seed}" / "results.json").read_text())
+        assert all(m["dp_noise_multiplier"] == pytest.approx(z) for m in noisy_run["train_metrics"].values())
+        plain_run = json.loads((out / "none" / "eps-inf" / f"seed-{seed}" / "results.json").read_text())
+        assert all("dp_noise_multiplier" not in m for m in plain_run["train_metrics"].values())
     probe = report["probe"]
-    assert [row["epsilon"] for row in probe["rows"]] == ["inf", "2"]
-    assert all(0.0 <= row["auc"] <= 1.0 for row in probe["rows"]) and 0.0 <= probe["theta0_auc"] <= 1.0
-    assert probe["members"] + probe["nonmembers"] == 60
+    assert [(row["unit"], row["epsilon"]) for row in probe["rows"]] == [("none", "inf"), ("domain", "2")]
+    for row in probe["rows"]:
+        assert set(row["attacks"]) == {"loss", "lira", "gradient_alignment"}
+        assert all(0.0 <= v["auc"]["mean"] <= 1.0 and v["auc"]["n"] == 2 for v in row["attacks"].values())
+    assert probe["members"] + probe["nonmembers"] + probe["reference"] == 60
+    assert probe["theta0"]["gradient_alignment"]["auc"]["mean"] == 0.5  # τ = 0: no signal
     table = (out / "privacy.md").read_text()
-    assert "| ∞ (no DP) |" in table and "| 2 |" in table
+    assert "| none | ∞ (no DP) |" in table and "| domain | 2 |" in table and "lira AUC" in table
     assert (out / "privacy.png").stat().st_size > 0
-    assert "probe AUC" in capsys.readouterr().out
+    assert "loss TPR@1%" in capsys.readouterr().out
+    assert main(["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(out)]) == 1  # earlier runs kept
+    assert f"run folder {out / 'none' / 'eps-inf' / 'seed-0'} already holds" in capsys.readouterr().err
+
+
+SEQUENTIAL_STUDY = TINY_STUDY.replace('family = "text-lae"', 'family = "sequential"').replace(
+    "lam = 100.0", "hidden = 8\nn_heads = 1\nn_layers = 1\nmax_len = 8\nadapter_width = 8\nmax_epochs = 2"
+).replace("fedavg_rounds = 0", "fedavg_rounds = 1").replace(
+    "clip_norm = 0.05", "sample_rate = 0.25\nnoise_seed = 0"
+).replace("probe_max_users = 20", "probe_max_users = 20\nunits = [\"domain\", \"user\"]\nreference_models = 1")
+
+
+@pytest.mark.slow
+def test_privacy_run_sequential_both_units(tmp_path, monkeypatch):
+    """~35 s: the study with user-level DP-SGD; every client reports ε ≤ target over its 2 releases."""
+    import json
+
+    from fedmerge.cli import main
+
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "seq.toml"
+    path.write_text(SEQUENTIAL_STUDY)
+    assert main(["privacy", "run", "--scenario", str(path), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "privacy.json").read_text())
+    assert [(r["unit"], r["epsilon"]) for r in report["utility"]] == [("none", "inf"), ("domain", "2"), ("user", "2")]
+    assert all("fedavg" in r["metric"] for r in report["utility"])  # FedAvg rounds are part of the study
+    user_run = json.loads((tmp_path / "out" / "user" / "eps-2" / "seed-0" / "results.json").read_text())
+    for metrics in user_run["train_metrics"].values():
+        assert metrics["dp_unit"] == 1 and metrics["dp_steps"] == 4
+        assert metrics["dp_epsilon"] < metrics["dp_epsilon_run"] <= 2.0 + 1e-6

@@ -197,9 +197,12 @@ def test_early_stopping_and_time_budget():
     theta0 = frozen.initial_weights(DIM)
     weights, info = frozen.train(theta0, domain, feats, progress=False)
     assert (info["epochs"], info["best_epoch"]) == (3, 1)  # no improvement after epoch 1, patience 2
+    assert info["stop_reason"] == "early_stopping"
     assert all(torch.allclose(weights[k], theta0[k], atol=1e-6) for k in theta0)
     _, info = tiny_family(max_seconds=0.0, max_epochs=10).train(theta0, domain, feats, progress=False)
-    assert info["epochs"] == 1 and info["stopped_by_time"]
+    assert info["epochs"] == 1 and info["stop_reason"] == "max_seconds"
+    _, info = tiny_family(max_epochs=2, patience=5).train(theta0, domain, feats, progress=False)
+    assert (info["epochs"], info["stop_reason"], info["max_epochs"]) == (2, "max_epochs", 2)
 
 
 def test_proximal_term_keeps_the_task_vector_small_and_is_validated():

@@ -60,9 +60,10 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from fedmerge.merging.methods import processed_task_vectors
+from fedmerge.merging.methods import processed_task_vectors, resolve_params
 from fedmerge.metrics import Scorer
 from fedmerge.models.base import PAD, ModelFamily, StateDict, stack_item_features
+from fedmerge.reproducibility import gradient_threads
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class MergeRecConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid MergeRecConfig values: {[(k, getattr(self, k)) for k in bad]}")
+        resolve_params(self.init_method, self.init_params)  # ValueError naming an unknown method or bad parameter
 
     @classmethod
     def from_keys(cls, keys: Mapping[str, Any]) -> MergeRecConfig:
@@ -535,10 +537,11 @@ def optimize_coefficients(
     for step in tqdm(range(config.steps), desc="MergeRec", disable=not config.progress):
         if step == 0 or (config.item_refresh and step % config.item_refresh == 0):
             objective.refresh_items(coefficients)
-        loss = objective.loss(coefficients, *objective.pseudo.draw(generator, config.batch_size, config.sampling))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        with gradient_threads():  # thread-count independent step (see fedmerge.reproducibility)
+            loss = objective.loss(coefficients, *objective.pseudo.draw(generator, config.batch_size, config.sampling))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
         if config.max_coefficient is not None:
             with torch.no_grad():
                 coefficients.clamp_(max=config.max_coefficient)

@@ -24,6 +24,12 @@ from fedmerge.metrics import Scorer
 
 StateDict = dict[str, torch.Tensor]
 PAD = -1
+# Why an iterative training stopped (training metrics ``stop_reason``): its epoch budget ran out, early stopping on
+# validation, or the optional wall-clock safety cap ``max_seconds`` (the only one that depends on the machine).
+STOP_MAX_EPOCHS = "max_epochs"
+STOP_EARLY = "early_stopping"
+STOP_MAX_SECONDS = "max_seconds"
+STOP_REASONS = (STOP_MAX_EPOCHS, STOP_EARLY, STOP_MAX_SECONDS)
 
 
 def pad_sequences(seqs: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
@@ -112,6 +118,11 @@ class ModelFamily(ABC):
         ``catalog_features`` is read only by families whose :attr:`init_reads_catalogs`)."""
         torch.manual_seed(seed)
         return {k: v.detach().clone() for k, v in self.build(dim).state_dict().items()}
+
+    def fixed_parameters(self, theta0: StateDict) -> frozenset[str]:
+        """Names of θ₀'s weights that training never changes (e.g. buffers set when θ₀ is made): a client's update
+        must carry them equal to θ₀ bit for bit, or the server rejects it. None by default."""
+        return frozenset()
 
     def load(self, weights: StateDict, dim: int) -> nn.Module:
         """A module in eval mode holding ``weights``."""

@@ -27,6 +27,9 @@ Training: SASRec all-position loss: each training sequence is cut into windows o
 over the domain's catalog (``n_negatives=None``) or a sampled softmax over the batch's targets plus
 ``n_negatives`` uniformly drawn items (for large catalogs). AdamW; validation NDCG@10 each epoch through
 :func:`fedmerge.metrics.evaluate_scorer`; early stopping with ``patience``; the best checkpoint is returned.
+Training stops after ``max_epochs`` or by early stopping - the same on every machine; ``max_seconds`` (off by
+default) is a wall-clock safety cap, and the metrics' ``stop_reason`` says which of the three ended it. Every
+optimizer step runs on one thread (:func:`fedmerge.reproducibility.gradient_threads`), validation on all of them.
 ``proximal_mu = μ > 0`` adds FedProx's proximal term ``μ/2 · ‖θ − θ₀‖²`` to every batch loss: the domain's own
 data leaves most directions of θ unconstrained (e.g. how the adapter maps other domains' text), and the term keeps
 the task vector τ = θ − θ₀ small there, which is what later merges of several domains' τ pay for.
@@ -67,7 +70,8 @@ from tqdm import tqdm
 from fedmerge.data.domain import Domain, ItemCatalog
 from fedmerge.errors import FedmergeError
 from fedmerge.metrics import Scorer, evaluate_scorer
-from fedmerge.models.base import PAD, ModelFamily, StateDict, pad_sequences
+from fedmerge.models.base import PAD, STOP_EARLY, STOP_MAX_EPOCHS, STOP_MAX_SECONDS, ModelFamily, StateDict, pad_sequences
+from fedmerge.reproducibility import gradient_threads
 from fedmerge.text.encoder import SentenceEncoder, mean_pool
 
 logger = logging.getLogger(__name__)
@@ -194,6 +198,9 @@ def catalog_clusters(embeddings: np.ndarray, n_clusters: int, seed: int) -> tupl
     return torch.from_numpy(centre.astype(np.float32)), torch.from_numpy(centroids.astype(np.float32))
 
 
+ROUTER_BUFFERS = ("centre", "centroids")  # RoutedAdapter's router, fixed at θ₀
+
+
 class RoutedAdapter(nn.Module):
     """``n_experts`` :class:`ResidualMLPAdapter` experts; each item goes to one, fixed by its text: the nearest
     catalog-cluster centroid (:func:`catalog_clusters`) of its raw embedding. Input rows are ``[z | x]``, the
@@ -214,8 +221,8 @@ class RoutedAdapter(nn.Module):
     def __init__(self, dim_in: int, dim_out: int, width: int, n_experts: int, dropout: float) -> None:
         super().__init__()
         self.dim_in = dim_in
-        self.register_buffer("centre", torch.zeros(dim_in))
-        self.register_buffer("centroids", torch.zeros(n_experts, dim_in))
+        self.register_buffer(ROUTER_BUFFERS[0], torch.zeros(dim_in))
+        self.register_buffer(ROUTER_BUFFERS[1], torch.zeros(n_experts, dim_in))
         self.experts = nn.ModuleList(ResidualMLPAdapter(dim_in, dim_out, width, dropout) for _ in range(n_experts))
         for expert in self.experts[1:]:
             expert.load_state_dict(self.experts[0].state_dict())
@@ -498,6 +505,13 @@ class SequentialFamily(ModelFamily):
         weights["adapter.centre"], weights["adapter.centroids"] = catalog_clusters(raw, self.n_experts, seed)
         return weights
 
+    def fixed_parameters(self, theta0: StateDict) -> frozenset[str]:
+        """The routed adapter's router buffers (``adapter.centre``, ``adapter.centroids``): set from the public
+        catalogs in θ₀ and never trained; changing them would re-route every item of every domain."""
+        if self.adapter != "routed":
+            return frozenset()
+        return frozenset(f"adapter.{b}" for b in ROUTER_BUFFERS) & frozenset(theta0)
+
     def catalog_features(self, catalog: ItemCatalog, embeddings: Callable[[], np.ndarray]) -> torch.Tensor:
         """:meth:`item_features` of the embeddings, or with ``encoder_layers > 0`` :func:`token_features` of the
         catalog's texts through :meth:`text_encoder` (the scenario's own encoder is then not used)."""
@@ -634,6 +648,38 @@ class SequentialFamily(ModelFamily):
         candidates, position = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
         return F.cross_entropy(module.logits(hidden, items[candidates]), position[: len(targets)])
 
+    def training_module(
+        self, theta0: StateDict, domain: Domain, item_features: torch.Tensor, seed: int
+    ) -> tuple[TextSASRec, torch.Tensor, list[int]]:
+        """(module holding ``theta0`` on the training device, the float32 features there, frozen routed experts):
+        the set-up shared by :meth:`train` and the user-level DP-SGD of :mod:`fedmerge.privacy.dpsgd`.
+
+        Seeds torch's global generator with ``seed`` (dropout). With the routed adapter, the experts that get fewer
+        than ``routed_min_share`` of the domain's items are frozen (``requires_grad=False``): Adam moves any weight
+        with a non-zero gradient by about lr per step, however few items reach it.
+        """
+        if item_features.ndim != (3 if self.encoder_layers else 2) or item_features.shape[0] != domain.n_items:
+            raise ValueError(
+                f"item_features has shape {tuple(item_features.shape)}, expected ({domain.n_items}, "
+                f"{'2 + T, ' if self.encoder_layers else ''}dim) "
+                f"for domain {domain.name!r}"
+            )
+        device = self._training_device()
+        torch.manual_seed(seed)
+        module = self.build(item_features.shape[-1])
+        try:
+            module.load_state_dict(theta0)
+        except RuntimeError as err:
+            raise FedmergeError(f"initial weights do not fit the sequential family's architecture: {err}") from err
+        module.to(device)
+        features = item_features.to(device=device, dtype=torch.float32)
+        frozen_experts = []
+        if self.adapter == "routed":
+            frozen_experts = module.adapter.minor_experts(features, self.routed_min_share)
+            for k in frozen_experts:
+                module.adapter.experts[k].requires_grad_(False)
+        return module, features, frozen_experts
+
     def train(
         self,
         theta0: StateDict,
@@ -644,32 +690,13 @@ class SequentialFamily(ModelFamily):
         progress: bool = True,
     ) -> tuple[StateDict, dict[str, Any]]:
         """AdamW on all-position next-item loss from ``theta0``; early stopping on val NDCG@10; best weights."""
-        if item_features.ndim != (3 if self.encoder_layers else 2) or item_features.shape[0] != domain.n_items:
-            raise ValueError(
-                f"item_features has shape {tuple(item_features.shape)}, expected ({domain.n_items}, "
-                f"{'2 + T, ' if self.encoder_layers else ''}dim) "
-                f"for domain {domain.name!r}"
-            )
         windows = training_windows(domain.train, self.max_len)
         if not windows:
             raise FedmergeError(f"domain {domain.name!r} has no training sequence with two or more items")
-        device = self._training_device()
-        torch.manual_seed(seed)
+        module, features, frozen_experts = self.training_module(theta0, domain, item_features, seed)
         rng = np.random.default_rng(seed)
         sampler = torch.Generator().manual_seed(seed)
-        module = self.build(item_features.shape[-1])
-        try:
-            module.load_state_dict(theta0)
-        except RuntimeError as err:
-            raise FedmergeError(f"initial weights do not fit the sequential family's architecture: {err}") from err
-        module.to(device)
-        features = item_features.to(device=device, dtype=torch.float32)
         anchor = {n: p.detach().clone() for n, p in module.named_parameters()} if self.proximal_mu else {}  # θ₀
-        frozen_experts = []
-        if self.adapter == "routed":  # Adam moves any weight with a non-zero gradient by ~lr per step, however few
-            frozen_experts = module.adapter.minor_experts(features, self.routed_min_share)  # items reach it
-            for k in frozen_experts:
-                module.adapter.experts[k].requires_grad_(False)
         tower = [p for n, p in module.named_parameters() if n.startswith("text_tower.") and p.requires_grad]
         rest = [p for n, p in module.named_parameters() if not n.startswith("text_tower.") and p.requires_grad]
         optimizer = torch.optim.AdamW([{"params": rest}, {"params": tower, "lr": self.encoder_lr}],
@@ -685,22 +712,24 @@ class SequentialFamily(ModelFamily):
         if module.text_tower is not None:
             with torch.no_grad():
                 text_cache = module.eval().text_embeddings(features)
+        stop_reason = STOP_MAX_EPOCHS
         for epoch in range(1, self.max_epochs + 1):
             module.train()
             loss_sum = 0.0
-            for b, batch_indices in enumerate(length_buckets(lengths, self.batch_size, rng)):
-                batch = [windows[i] for i in batch_indices]
-                loss = self._batch_loss(module, batch, features, sampler, text_cache)
-                if self.proximal_mu:
-                    loss = loss + self.proximal_mu / 2 * sum(
-                        (p - anchor[n]).pow(2).sum() for n, p in module.named_parameters())
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item()
-                if self.max_seconds is not None and time.perf_counter() - start > self.max_seconds:
-                    out_of_time = True
-                    break
+            with gradient_threads():  # thread-count independent steps; validation below uses every thread
+                for b, batch_indices in enumerate(length_buckets(lengths, self.batch_size, rng)):
+                    batch = [windows[i] for i in batch_indices]
+                    loss = self._batch_loss(module, batch, features, sampler, text_cache)
+                    if self.proximal_mu:
+                        loss = loss + self.proximal_mu / 2 * sum(
+                            (p - anchor[n]).pow(2).sum() for n, p in module.named_parameters())
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    loss_sum += loss.item()
+                    if self.max_seconds is not None and time.perf_counter() - start > self.max_seconds:
+                        out_of_time = True
+                        break
             loss_value = loss_sum / (b + 1)
             weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
             val_module, text = self._loaded(weights, features)
@@ -718,7 +747,8 @@ class SequentialFamily(ModelFamily):
                 best_ndcg, best_epoch, best_weights, bad_epochs = ndcg, epoch, weights, 0
             else:
                 bad_epochs += 1
-            if bad_epochs >= self.patience or out_of_time:
+            if out_of_time or bad_epochs >= self.patience:
+                stop_reason = STOP_MAX_SECONDS if out_of_time else STOP_EARLY
                 break
         bar.close()
         metrics = {
@@ -728,7 +758,8 @@ class SequentialFamily(ModelFamily):
             "train_seconds": time.perf_counter() - start,
             "train_cpu_seconds": time.process_time() - cpu_start,
             "final_loss": loss_value,
-            "stopped_by_time": out_of_time,
+            "stop_reason": stop_reason,
+            "max_epochs": self.max_epochs,
             "frozen_experts": len(frozen_experts),
             "curve": curve,
         }

@@ -58,7 +58,7 @@ def split_members(domain: Domain, member_fraction: float = 0.5, seed: int = 0) -
     return subset_users(domain, members, domain.name), subset_users(domain, nonmembers, f"{domain.name}-heldout")
 
 
-def _prediction_pairs(seqs: Sequence[np.ndarray], positions: Positions) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+def prediction_pairs(seqs: Sequence[np.ndarray], positions: Positions) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """(prefixes, next items, owning sequence index) for every scored position."""
     if positions not in ("last", "all"):
         raise ValueError(f"unknown positions {positions!r}; valid: 'last', 'all'")
@@ -75,16 +75,16 @@ def _prediction_pairs(seqs: Sequence[np.ndarray], positions: Positions) -> tuple
     return prefixes, np.asarray(targets, dtype=np.int64), np.asarray(owners, dtype=np.int64)
 
 
-def sequence_losses(
+def position_losses(
     family: ModelFamily,
     weights: StateDict,
     item_features: torch.Tensor,
     seqs: Sequence[np.ndarray],
     positions: Positions = "last",
     batch_size: int = 512,
-) -> np.ndarray:
-    """Per-sequence next-item cross-entropy −log softmax(scores)[target] (mean over positions for ``"all"``)."""
-    prefixes, targets, owners = _prediction_pairs(seqs, positions)
+) -> tuple[np.ndarray, np.ndarray]:
+    """(loss per scored position −log softmax(scores)[target], index of the sequence it belongs to)."""
+    prefixes, targets, owners = prediction_pairs(seqs, positions)
     n_items = item_features.shape[0]
     if targets.size and targets.max() >= n_items:
         raise ValueError(f"sequence item index {int(targets.max())} out of range 0..{n_items - 1}")
@@ -94,7 +94,25 @@ def sequence_losses(
         scores = np.asarray(score(prefixes[start : start + batch_size]), dtype=np.float64)
         batch_targets = targets[start : start + batch_size]
         losses[start : start + batch_size] = logsumexp(scores, axis=1) - scores[np.arange(len(batch_targets)), batch_targets]
-    return np.bincount(owners, weights=losses, minlength=len(seqs)) / np.bincount(owners, minlength=len(seqs))
+    return losses, owners
+
+
+def per_sequence_mean(values: np.ndarray, owners: np.ndarray, n_seqs: int) -> np.ndarray:
+    """Mean of the per-position ``values`` of each sequence (``owners`` from :func:`position_losses`)."""
+    return np.bincount(owners, weights=values, minlength=n_seqs) / np.bincount(owners, minlength=n_seqs)
+
+
+def sequence_losses(
+    family: ModelFamily,
+    weights: StateDict,
+    item_features: torch.Tensor,
+    seqs: Sequence[np.ndarray],
+    positions: Positions = "last",
+    batch_size: int = 512,
+) -> np.ndarray:
+    """Per-sequence next-item cross-entropy −log softmax(scores)[target] (mean over positions for ``"all"``)."""
+    losses, owners = position_losses(family, weights, item_features, seqs, positions, batch_size)
+    return per_sequence_mean(losses, owners, len(seqs))
 
 
 def rank_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:

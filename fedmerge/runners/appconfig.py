@@ -2,8 +2,9 @@
 
 Run-config keys (``[tool.flwr.app.config]`` in pyproject.toml, or ``flwr run . --run-config``): ``scenario``
 (name or path), ``overrides`` (``;``-separated ``section.key=value`` items), ``out-dir`` (a relative path is
-relative to the SuperLink's working folder: pass an absolute one) and ``resume`` (re-merge from the client weights
-saved in ``out-dir``).
+relative to the SuperLink's working folder: pass an absolute one), ``resume`` (re-merge from the client weights
+saved in ``out-dir``) and ``overwrite`` (delete what an earlier run left in ``out-dir``; without it or ``resume`` a
+non-empty ``out-dir`` is refused).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ SCENARIO_KEY = "scenario"
 OVERRIDES_KEY = "overrides"
 OUT_DIR_KEY = "out-dir"
 RESUME_KEY = "resume"
+OVERWRITE_KEY = "overwrite"
 
 
 def scenario_from_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:

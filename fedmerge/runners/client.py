@@ -150,20 +150,23 @@ def client_train(
     domain: Domain, theta0: StateDict, cfg: Mapping[str, Any], round_index: int = 0,
     extra_params: Mapping[str, Any] | None = None, features: torch.Tensor | None = None,
 ) -> tuple[StateDict, dict[str, Any]]:
-    """Train from ``theta0`` on the domain; privatize the update if ``privacy.enabled`` (the one DP call site)."""
+    """Train from ``theta0`` on the domain; under ``privacy.enabled`` through
+    :func:`fedmerge.privacy.client.private_train` (the one DP call site: domain- or user-level)."""
     torch.set_num_threads(int(cfg["run"]["torch_threads"]))
     family = family_of(cfg, extra_params)
     if features is None:
         features = item_features(cfg, domain.catalog, family)
     seed = client_seed(cfg, domain.name, round_index)
-    weights, metrics = family.train(theta0, domain, features, seed=seed, progress=bool(cfg["run"]["progress"]))
-    privacy = cfg["privacy"]
-    if privacy["enabled"]:
-        from fedmerge.privacy.dp import privatize_update
+    if cfg["privacy"]["enabled"]:
+        from fedmerge.privacy.client import private_train
 
-        weights = privatize_update(theta0, weights, privacy["clip_norm"], privacy["noise_multiplier"],
-                                   seed=noise_seed(cfg, domain.name, round_index))
-        metrics = {**metrics, "dp_clip_norm": privacy["clip_norm"], "dp_noise_multiplier": privacy["noise_multiplier"]}
+        weights, metrics = private_train(family, theta0, domain, features, cfg, seed=seed, round_index=round_index,
+                                         noise_seed=noise_seed(cfg, domain.name, round_index),
+                                         progress=bool(cfg["run"]["progress"]))
+        # the family's fixed weights are θ₀'s, independent of the data: sent exactly (the server checks them)
+        weights.update({name: theta0[name] for name in family.fixed_parameters(theta0)})
+    else:
+        weights, metrics = family.train(theta0, domain, features, seed=seed, progress=bool(cfg["run"]["progress"]))
     metrics = {**metrics, protocol.NUM_USERS: domain.n_users}
     return weights, metrics
 

@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedmerge.errors import FedmergeError
-from fedmerge.models.base import StateDict
+from fedmerge.models.base import STOP_REASONS, StateDict
 
 QUERY = "query"
 TRAIN = "train"
@@ -28,6 +28,8 @@ MODEL_PREFIX = "model:"  # ArrayRecord per model to evaluate, keyed MODEL_PREFIX
 METRICS_PREFIX = "metrics:"  # MetricRecord per evaluated model
 NUM_USERS = "num-users"  # training metric used as the FedAvg weight
 DOMAIN = "domain"
+# String-valued training metrics: a MetricRecord holds numbers only, so each travels as its index in this tuple.
+CODED_METRICS: dict[str, tuple[str, ...]] = {"stop_reason": STOP_REASONS}
 
 
 def to_record(weights: StateDict) -> ArrayRecord:
@@ -44,16 +46,32 @@ def from_record(record: ArrayRecord) -> StateDict:
 
 
 def numeric_metrics(metrics: Mapping[str, object]) -> MetricRecord:
-    """The int/float entries of ``metrics`` (and lists of them) as a MetricRecord; everything else is dropped."""
+    """The int/float entries of ``metrics`` (and lists of them) as a MetricRecord, a :data:`CODED_METRICS` string as
+    its index among the valid values; everything else is dropped."""
     kept: dict[str, float | int | list[float]] = {}
     for key, value in metrics.items():
-        if isinstance(value, bool):
+        if key in CODED_METRICS and isinstance(value, str):
+            if value not in CODED_METRICS[key]:
+                raise FedmergeError(f"metric {key}={value!r} cannot be sent; valid: {list(CODED_METRICS[key])}")
+            kept[key] = CODED_METRICS[key].index(value)
+        elif isinstance(value, bool):
             kept[key] = int(value)
         elif isinstance(value, (int, float, np.integer, np.floating)):
             kept[key] = value.item() if isinstance(value, np.generic) else value
         elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
             kept[key] = [float(v) for v in value]
     return MetricRecord(kept)
+
+
+def decoded_metrics(record: Mapping[str, object]) -> dict[str, object]:
+    """A received MetricRecord as a dict, :data:`CODED_METRICS` indices back to their strings (an unknown code is
+    kept as the number)."""
+    out = dict(record)
+    for key, values in CODED_METRICS.items():
+        code = out.get(key)
+        if isinstance(code, int) and 0 <= code < len(values):
+            out[key] = values[code]
+    return out
 
 
 def info_record(domain: str) -> ConfigRecord:

@@ -5,7 +5,10 @@
 and evaluated zero-shot), ``fedavg_curve`` (per round: FedAvg's own cumulative training traffic in bytes and the
 average metrics), ``oneshot_bytes`` (the one-shot phase's traffic, all a one-shot merge costs),
 ``bytes.<domain>.{sent, received}`` (client's view), ``timings_s`` per phase, ``train_metrics`` (one-shot
-training, per domain), the resolved ``config`` and package ``versions``; a ``--resume`` run adds ``resumed``.
+training, per domain: ``epochs``, ``stop_reason`` in ``max_epochs`` / ``early_stopping`` / ``max_seconds``, ...),
+``fedavg_train_metrics`` (per round, per domain), ``warnings`` (e.g. a training cut by the wall-clock cap
+``max_seconds``, also printed under the summary table), the resolved ``config`` and package ``versions``; a
+``--resume`` run adds ``resumed``.
 
 Next to it the run folder holds ``models/<name>.safetensors`` for every evaluated shared model (θ₀, each merge,
 FedAvg's final model, the joint oracle), each saved as soon as it is built, and ``clients/<domain>.safetensors``
@@ -91,7 +94,8 @@ def summary_table(results: Mapping[str, Any], metric: str = "recall@10") -> str:
         notes.append("* = held out, zero-shot")
     if any(m.get("non_private") for m in results["models"].values()):
         notes.append(f"{NON_PRIVATE_MARK} = trained on the pooled private data (non-private reference)")
-    return "\n".join([" ; ".join(notes), *_aligned([headers, *lines])])
+    warnings = [f"WARNING: {w}" for w in results.get("warnings", [])]
+    return "\n".join([" ; ".join(notes), *_aligned([headers, *lines]), *warnings])
 
 
 def _aligned(rows: list[list[str]]) -> list[str]:
@@ -144,9 +148,14 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path, metric: str |
     return path
 
 
-def plot_domains(results: Mapping[str, Any], path: Path, metric: str) -> None:
-    """Grouped bars per domain (and the average), one bar per model: ``metric`` beside NDCG@10, titled with the run;
-    the joint oracle (trained on pooled private data) is hatched and labelled non-private."""
+def plot_domains(
+    results: Mapping[str, Any], path: Path, metric: str,
+    errors: Mapping[str, Mapping[str, list[float]]] | None = None, title: str | None = None,
+) -> None:
+    """Grouped bars per domain (and the average), one bar per model: ``metric`` beside NDCG@10, titled with the run
+    (or ``title``); the joint oracle (trained on pooled private data) is hatched and labelled non-private.
+    ``errors[metric][model]`` (one half-width per domain and the average, e.g. a 95 % interval over seeds) are drawn
+    as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,18 +165,21 @@ def plot_domains(results: Mapping[str, Any], path: Path, metric: str) -> None:
     n_bars = (len(results["domains"]) + 1) * max(1, len(results["models"]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(len(metrics) * max(5, 0.2 * n_bars), 4.4), squeeze=False)
     for ax, name in zip(axes[0], metrics):
-        _domain_bars(ax, results, name)
+        _domain_bars(ax, results, name, (errors or {}).get(name))
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, ncol=min(6, len(labels)), loc="lower center")
+    if labels:  # a run that failed before any evaluation has no models
+        fig.legend(handles, labels, fontsize=7, ncol=min(6, len(labels)), loc="lower center")
     run = results.get("run", {})
-    fig.suptitle(f"{run.get('name', 'run')}: per-domain {' and '.join(metrics)} "
+    fig.suptitle(title or f"{run.get('name', 'run')}: per-domain {' and '.join(metrics)} "
                  f"({run.get('engine', '?')} engine, seed {run.get('seed', '?')})")
     fig.tight_layout(rect=(0, 0.08 + 0.03 * (len(labels) // 6), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _domain_bars(ax: Any, results: Mapping[str, Any], metric: str) -> None:
+def _domain_bars(
+    ax: Any, results: Mapping[str, Any], metric: str, errors: Mapping[str, list[float]] | None = None
+) -> None:
     import numpy as np
 
     domains = [*results["domains"], "average"]
@@ -177,7 +189,9 @@ def _domain_bars(ax: Any, results: Mapping[str, Any], metric: str) -> None:
         per_domain = results["models"][model]
         values = [per_domain.get(d, {}).get(metric, np.nan) for d in domains]
         private = not per_domain.get("non_private")
-        ax.bar(np.arange(len(domains)) + i * width, values, width, label=model if private else f"{model} (non-private)",
+        yerr = (errors or {}).get(model)
+        ax.bar(np.arange(len(domains)) + i * width, values, width, yerr=yerr, capsize=2 if yerr else 0,
+               label=model if private else f"{model} (non-private)",
                hatch=None if private else "//", edgecolor=None if private else "black")
     held_out = set(results.get("held_out", []))
     ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2)

@@ -21,31 +21,55 @@ from fedmerge.errors import FedmergeError
 
 logger = logging.getLogger(__name__)
 ENGINES = ("flower", "inprocess")
-RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray binds to 127.0.0.1 only
+# Ray (2.55) binds its GCS, raylet, object manager and worker gRPC servers to every interface unless the node IP is
+# loopback, and replaces a requested 127.0.0.1 with the machine's address unless this is "0" (its single-machine
+# mode, the default on macOS and Windows). Read once when ray is imported: set in the SuperLink's environment, it
+# reaches the simulation runtime's process and every process Ray starts.
+RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 SIMULATION_POLL_S = 10.0  # seconds between `flwr ls` polls while the run has written no results.json yet
 
 
 def run_scenario(
-    cfg: Mapping[str, Any], engine: str = "flower", out_dir: str | Path | None = None, resume: bool = False
+    cfg: Mapping[str, Any], engine: str = "flower", out_dir: str | Path | None = None, resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the resolved scenario ``cfg`` on ``engine``; write results to ``out_dir`` (if given) and return them.
 
+    ``out_dir`` is held with :func:`fedmerge.storage.run_folder` for the whole run: locked against a second run, and
+    refused when it already holds files unless ``resume`` or ``overwrite`` (which deletes them first).
     ``resume``: re-merge and re-evaluate from the client weights an earlier run saved in ``out_dir`` (no training);
-    that run's results.json is kept as ``results.<UTC time>.json``.
+    that run's results.json is kept as ``results.<UTC time>.json``. A run whose results say ``status: failed``
+    raises FedmergeError after its results.json (with the partial results and the errors) is written.
     """
     if engine not in ENGINES:
         raise FedmergeError(f"unknown engine {engine!r}; valid: {list(ENGINES)}")
-    if resume:
-        if out_dir is None:
-            raise FedmergeError("--resume needs the output folder of the earlier run (--out DIR)")
-        from fedmerge.runners.results import archive_results
+    if resume and out_dir is None:
+        raise FedmergeError("--resume needs the output folder of the earlier run (--out DIR)")
+    if resume and overwrite:
+        raise FedmergeError("--resume re-uses the earlier run's files and --overwrite deletes them; pass only one")
+    if out_dir is None:
+        return _run_engine(cfg, engine, None, resume)
+    from fedmerge.storage import run_folder
 
-        archive_results(out_dir)
+    with run_folder(out_dir, resume=resume, overwrite=overwrite):
+        if resume:
+            from fedmerge.runners.results import archive_results
+
+            archive_results(out_dir)
+        return _run_engine(cfg, engine, out_dir, resume)
+
+
+def _run_engine(cfg: Mapping[str, Any], engine: str, out_dir: str | Path | None, resume: bool) -> dict[str, Any]:
     if engine == "inprocess":
         from fedmerge.runners.inprocess import run_inprocess
 
-        return run_inprocess(cfg, out_dir, resume=resume)
-    return run_flower_simulation(cfg, out_dir, resume=resume)
+        results = run_inprocess(cfg, out_dir, resume=resume)
+    else:
+        results = run_flower_simulation(cfg, out_dir, resume=resume)
+    if results.get("status") != "ok":
+        where = f" (results: {Path(out_dir) / 'results.json'})" if out_dir is not None else ""
+        raise FedmergeError(f"the {engine} run failed{where}: {results.get('errors')}")
+    return results
 
 
 def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
@@ -81,7 +105,8 @@ def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = N
         env = {**deployment_env(private), RAY_SINGLE_MACHINE_ENV: "0"}
         start = time.perf_counter()
         with ProcessSet(private, env=env) as procs:
-            link = start_superlink(procs, private, tls=None, node_auth=False, simulation=True)
+            link = start_superlink(procs, private, tls=None, node_auth=False, simulation=True,
+                                   startup_timeout_s=float(cfg["federation"]["startup_timeout_s"]))
             write_flower_config(Path(env["FLWR_HOME"]), link.address, None)
             flwr = FlwrClient(Path(env["FLWR_HOME"]), env=env)
             run_id = flwr.submit_run(app, run_config, federation_config)

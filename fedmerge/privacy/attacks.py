@@ -1,0 +1,192 @@
+"""Membership-inference attacks on the weights a client ships, and their scores (AUC, TPR at low FPR).
+
+The attacker sees what the server sees: the shipped weights θ_d, θ₀ (public), the public catalog, and a
+candidate user's sequence; it asks whether the user was in the client's training set. Three attacks, each
+giving a per-user score (higher = "member"):
+
+(a) loss threshold (Yeom et al., CSF 2018): score = −loss_θd(u) (:mod:`fedmerge.privacy.membership`).
+
+(b) per-user calibrated likelihood ratio, offline LiRA (Carlini et al., S&P 2022): the attacker trains
+    ``K`` reference models with the client's recipe on random halves of its *own* reference users (disjoint
+    from every candidate, so each reference model is an OUT model for each candidate). With the per-user
+    statistic φ(u) = mean over scored positions of the logit-scaled confidence log p − log(1 − p), p the
+    softmax probability of the true next item,
+
+        score(u) = (φ_θd(u) − μ_out(u)) / σ_out(u),
+
+    μ_out(u), σ_out(u) the mean and standard deviation of φ over the reference models (``global_variance``:
+    one σ pooled over all candidates, Carlini et al.'s choice for few reference models). The threshold is
+    calibrated per user: a user whose sequence is easy for every model no longer looks like a member.
+
+(c) white-box gradient alignment on the task vector τ_d = θ_d − θ₀: training moved θ along the negative
+    gradients of its users' losses, so a member's −∇L_u points along τ_d:
+
+        score(u) = cos(−∇_θ L_u(θ_at), τ_d),   L_u the user's mean next-item cross-entropy,
+
+    θ_at = θ₀ (the first steps' direction, default) or θ_d. Parameters only (no buffers); τ_d = 0 gives 0.
+
+Scores: ROC AUC (:func:`fedmerge.privacy.membership.rank_auc`) and TPR at a fixed low FPR (Carlini et al.'s
+recommended summary: an attack matters if it identifies some users with near certainty). With n non-members, an
+FPR below 1/n can only be met at zero false positives; the result records n so that the resolution is visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedmerge.data.domain import Domain
+from fedmerge.models.base import ModelFamily, StateDict, pad_sequences
+from fedmerge.privacy.membership import (
+    Positions,
+    prediction_pairs,
+    per_sequence_mean,
+    position_losses,
+    rank_auc,
+    sequence_losses,
+    subset_users,
+)
+
+FPRS = (0.001, 0.01)
+
+
+def tpr_at_fpr(member_scores: np.ndarray, nonmember_scores: np.ndarray, fpr: float) -> float:
+    """max over thresholds t of P(member score > t) subject to P(non-member score > t) ≤ ``fpr``.
+
+    The best t is the (k+1)-th largest non-member score, k = ⌊fpr · n_n⌋ false positives allowed (ties count
+    against the threshold: a strict ``>``).
+    """
+    members, nonmembers = np.asarray(member_scores, float), np.asarray(nonmember_scores, float)
+    if len(members) == 0 or len(nonmembers) == 0:
+        raise ValueError(f"TPR needs both groups non-empty, got {len(members)} members and {len(nonmembers)} non-members")
+    if not 0 <= fpr < 1:
+        raise ValueError(f"fpr must lie in [0, 1), got {fpr}")
+    allowed = int(np.floor(fpr * len(nonmembers) + 1e-9))
+    threshold = np.sort(nonmembers)[::-1][allowed]
+    return float((members > threshold).mean())
+
+
+def attack_metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> dict[str, float]:
+    """AUC, TPR at 0.1 % and 1 % FPR, and the group sizes (which bound the resolution of a low FPR)."""
+    out = {"auc": rank_auc(member_scores, nonmember_scores)}
+    for fpr in FPRS:
+        out[f"tpr@{fpr:g}"] = tpr_at_fpr(member_scores, nonmember_scores, fpr)
+    out["n_members"], out["n_nonmembers"] = len(member_scores), len(nonmember_scores)
+    return out
+
+
+def scorable(seqs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The sequences with at least 2 items (a prefix and a target); the attacks score only these."""
+    return [s for s in seqs if len(s) >= 2]
+
+
+def logit_confidences(
+    family: ModelFamily, weights: StateDict, item_features: torch.Tensor, seqs: Sequence[np.ndarray],
+    positions: Positions = "last",
+) -> np.ndarray:
+    """φ(u) per sequence: mean over scored positions of log p − log(1 − p), p = softmax(scores)[target]."""
+    losses, owners = position_losses(family, weights, item_features, seqs, positions)
+    losses = np.maximum(losses, 1e-12)  # p = 1 exactly would give φ = ∞
+    phi = -losses - np.log(-np.expm1(-losses))
+    return per_sequence_mean(phi, owners, len(seqs))
+
+
+def lira_scores(target: np.ndarray, reference: np.ndarray, global_variance: bool = True) -> np.ndarray:
+    """(φ_target − μ_out) / σ_out per candidate; ``reference`` is (K models, n candidates) of OUT statistics.
+
+    ``global_variance``: σ_out = the root mean square deviation over all models and candidates (1 for K = 1);
+    else each candidate's sample standard deviation over the K ≥ 2 models."""
+    target, reference = np.asarray(target, float), np.asarray(reference, float)
+    if reference.ndim != 2 or reference.shape[1] != len(target) or reference.shape[0] < 1:
+        raise ValueError(f"reference statistics must be (K >= 1, {len(target)}), got shape {reference.shape}")
+    if reference.shape[0] < 2 and not global_variance:
+        raise ValueError("a per-candidate variance needs at least 2 reference models; use global_variance=True")
+    mean = reference.mean(axis=0)
+    if global_variance:  # one reference model: no spread to estimate, the score is the difference φ − μ
+        spread = float(np.sqrt(((reference - mean) ** 2).mean())) if reference.shape[0] > 1 else 1.0
+        std = np.full_like(mean, spread)
+    else:
+        std = reference.std(axis=0, ddof=1)
+    return (target - mean) / np.maximum(std, 1e-12)
+
+
+def reference_models(
+    train: Callable[[Domain, int], StateDict], reference_users: Domain, n_models: int, seed: int = 0
+) -> list[StateDict]:
+    """``n_models`` models, model k trained by ``train(users, seed + k)`` on a seeded random half of the reference
+    users (the attacker's own population, disjoint from the candidates)."""
+    if n_models < 1:
+        raise ValueError(f"n_models must be >= 1, got {n_models}")
+    half = max(1, reference_users.n_users // 2)
+    models = []
+    for k in range(n_models):
+        users = np.sort(np.random.default_rng(seed + k).choice(reference_users.n_users, size=half, replace=False))
+        models.append(train(subset_users(reference_users, users, reference_users.name), seed + k))
+    return models
+
+
+def lira_attack(
+    family: ModelFamily, shipped: StateDict, references: Sequence[StateDict], item_features: torch.Tensor,
+    candidates: Sequence[np.ndarray], positions: Positions = "last", global_variance: bool = True,
+) -> np.ndarray:
+    """Offline LiRA scores of the candidates against the shipped weights (see the module docstring)."""
+    target = logit_confidences(family, shipped, item_features, candidates, positions)
+    reference = np.stack([logit_confidences(family, w, item_features, candidates, positions) for w in references])
+    return lira_scores(target, reference, global_variance)
+
+
+GradientPoint = Literal["theta0", "shipped"]
+
+
+def gradient_alignment_scores(
+    family: ModelFamily, theta0: StateDict, shipped: StateDict, item_features: torch.Tensor,
+    candidates: Sequence[np.ndarray], positions: Positions = "all", at: GradientPoint = "theta0",
+) -> np.ndarray:
+    """cos(−∇L_u(θ_at), θ_d − θ₀) per candidate (see the module docstring); 0 when either vector is zero."""
+    if at not in ("theta0", "shipped"):
+        raise ValueError(f"unknown gradient point {at!r}; valid: 'theta0', 'shipped'")
+    module = family.load(theta0 if at == "theta0" else shipped, item_features.shape[-1]).eval()
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    params = [p for n, p in module.named_parameters() if p.requires_grad]
+    tau = torch.cat([(shipped[n].double() - theta0[n].double()).flatten() for n in names])
+    features = item_features.to(torch.float32)
+    scores = np.zeros(len(candidates))
+    if float(tau.norm()) == 0:
+        return scores
+    for row, seq in enumerate(candidates):
+        prefixes, targets, _ = prediction_pairs([seq], positions)
+        logits = module(pad_sequences(prefixes, family.max_len), features)
+        loss = F.cross_entropy(logits, torch.as_tensor(targets))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g).double().flatten() for p, g in zip(params, grads)])
+        scores[row] = float(F.cosine_similarity(-flat, tau, dim=0)) if float(flat.norm()) > 0 else 0.0
+    return scores
+
+
+def run_attacks(
+    family: ModelFamily, theta0: StateDict, shipped: StateDict, item_features: torch.Tensor,
+    members: Sequence[np.ndarray], nonmembers: Sequence[np.ndarray], references: Sequence[StateDict] = (),
+    positions: Positions = "last",
+) -> dict[str, dict[str, float]]:
+    """:func:`attack_metrics` of the loss attack, LiRA (when ``references`` are given) and gradient alignment."""
+    members, nonmembers = scorable(members), scorable(nonmembers)
+    candidates = [*members, *nonmembers]
+    n = len(members)
+    scores: dict[str, np.ndarray] = {
+        "loss": -sequence_losses(family, shipped, item_features, candidates, positions),
+        "gradient_alignment": gradient_alignment_scores(family, theta0, shipped, item_features, candidates),
+    }
+    if references:
+        scores["lira"] = lira_attack(family, shipped, references, item_features, candidates, positions)
+    return {name: attack_metrics(s[:n], s[n:]) for name, s in scores.items()}
+
+
+def summary(results: Mapping[str, Mapping[str, float]]) -> str:
+    """One line per attack: AUC and TPR at the low FPRs."""
+    return "; ".join(
+        f"{name}: AUC {m['auc']:.3f}, TPR {m['tpr@0.001']:.3f}@0.1% / {m['tpr@0.01']:.3f}@1%" for name, m in results.items()
+    )

@@ -1,0 +1,86 @@
+"""User-level DP for the text-space LAE: the Gaussian mechanism on its one data-dependent statistic.
+
+The text-LAE's closed form (:mod:`fedmerge.models.text_lae`) reads the data only through A = Σ_u z_u z_uᵀ, the Gram
+matrix of the users' text profiles z_u = x_u E (x_u the user's binary history over train + validation items, E the
+public item features); C = EᵀE is public. Bounding each user's profile,
+
+    z̃_u = z_u · min(1, B / ‖z_u‖₂),   Ã = Σ_u z̃_u z̃_uᵀ,
+
+adding or removing a user changes Ã by z̃ z̃ᵀ, whose upper triangle (diagonal included) has L2 norm at most
+‖z̃‖² ≤ B². The client releases Â = Ã + N with N symmetric, its upper-triangle entries i.i.d. N(0, (zB²)²)
+("Analyze Gauss", Dwork, Talwar, Thakurta & Zhang, STOC 2014): a Gaussian mechanism with noise multiplier z,
+accounted like any other (analytic Gaussian, :func:`fedmerge.privacy.dp.epsilon_for`, composed over releases).
+Everything after it — solving the Sylvester equation with Â (negative eigenvalues clipped to 0) and θ₀ — is
+post-processing. λ is not chosen on the users' validation items (that choice would spend privacy): the family
+must hold one λ.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmerge.data.domain import Domain, interaction_matrix
+from fedmerge.errors import FedmergeError
+from fedmerge.models.base import ModelFamily, StateDict
+
+
+def clipped_profiles(seqs: Sequence[np.ndarray], features: np.ndarray, bound: float) -> tuple[np.ndarray, float]:
+    """(rows z̃_u = z_u · min(1, B/‖z_u‖) with z_u = x_u E, fraction of users whose row was clipped)."""
+    if not bound > 0:
+        raise ValueError(f"bound must be > 0, got {bound}")
+    e = np.asarray(features, dtype=np.float64)
+    z = np.asarray(interaction_matrix(seqs, e.shape[0]) @ e)
+    norms = np.linalg.norm(z, axis=1)
+    scale = np.minimum(1.0, bound / np.maximum(norms, 1e-300))
+    return z * scale[:, None], float((norms > bound).mean()) if len(norms) else 0.0
+
+
+def symmetric_noise(dim: int, std: float, generator: np.random.Generator) -> np.ndarray:
+    """A symmetric (dim, dim) matrix whose upper-triangle entries (diagonal included) are i.i.d. N(0, std²)."""
+    upper = np.triu(generator.normal(0.0, std, (dim, dim)))
+    return upper + np.triu(upper, 1).T
+
+
+def private_gram(
+    seqs: Sequence[np.ndarray], features: np.ndarray, bound: float, noise_multiplier: float, seed: int | None
+) -> tuple[np.ndarray, float]:
+    """(Â = Σ_u z̃_u z̃_uᵀ + N, N symmetric with entry std zB²; clipped fraction); ``seed=None``: OS entropy."""
+    if noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    rows, clipped = clipped_profiles(seqs, features, bound)
+    gram = rows.T @ rows
+    rng = np.random.default_rng(secrets.randbits(63) if seed is None else int(seed))
+    return gram + symmetric_noise(gram.shape[0], noise_multiplier * bound**2, rng), clipped
+
+
+def train_text_lae_user_level(
+    family: ModelFamily, theta0: StateDict, domain: Domain, item_features: torch.Tensor, *, noise_multiplier: float,
+    bound: float, noise_seed: int | None,
+) -> tuple[StateDict, dict[str, Any]]:
+    """The text-LAE's closed form on the private Gram matrix Â (see the module docstring), with the family's one λ."""
+    from fedmerge.models.text_lae import SylvesterBasis, TextLAEFamily
+
+    if not isinstance(family, TextLAEFamily):
+        raise FedmergeError(f"the private Gram mechanism is the text-lae family's, got {family.name!r}")
+    grid = family.lam_grid()
+    if len(grid) != 1:
+        raise FedmergeError(f"user-level DP for text-lae needs one λ (model.params.lam = value), got the grid {grid}: "
+                            "choosing λ on the users' validation items would spend privacy that is not accounted")
+    features = item_features.detach().cpu().numpy().astype(np.float64)
+    if features.shape[0] != domain.n_items:
+        raise FedmergeError(f"{features.shape[0]} item features for {domain.n_items} items of {domain.name!r}")
+    start = time.perf_counter()
+    gram, clipped = private_gram(domain.train_with_val(), features, bound, noise_multiplier, noise_seed)
+    eigenvalues, vectors = np.linalg.eigh(gram)
+    gram = (vectors * np.clip(eigenvalues, 0.0, None)) @ vectors.T  # the nearest PSD matrix (post-processing)
+    basis = SylvesterBasis.from_moments(gram, features.T @ features)
+    prior = theta0["W"].detach().cpu().numpy().astype(np.float64)
+    weights = {"W": torch.from_numpy(basis.solve(grid[0], prior).astype(np.float32))}
+    return weights, {"lam": grid[0], "dp_user_bound": bound, "dp_clipped_fraction": clipped,
+                     "train_seconds": time.perf_counter() - start}

@@ -1,0 +1,357 @@
+"""The privacy study (``fedmerge privacy run``): utility of merged models and membership attacks under client-side DP.
+
+Grid: unit of privacy (``[privacy_study] units``: ``"domain"``, ``"user"``, see :mod:`fedmerge.privacy.client`)
+× ε (``epsilons``; ``inf`` = no DP, run once and shared by the units) × run seed (``seeds``).
+
+Utility: each cell runs the scenario in process (:func:`fedmerge.runners.run_scenario`) with ``privacy.target_epsilon``
+= ε at ``delta``: every client calibrates its noise so that all its releases (one-shot update + ``fedavg_rounds``
+FedAvg updates) are (ε, δ)-DP for the unit. Reported: the metric of each study method (and FedAvg when
+``baselines.fedavg_rounds`` > 0, θ₀, the individual models) averaged over the training domains, mean and 95 %
+t-interval over the seeds.
+
+Attacks: in each cell the probe domain (``probe_domain``, default the first training domain) is split by the seed
+into members (``member_fraction``), non-members and the attacker's reference users (half of the rest each); a client
+trains on the members with the cell's DP recipe, and the attacks of :mod:`fedmerge.privacy.attacks` (loss, offline
+LiRA with ``reference_models`` reference models trained with the same recipe on halves of the reference users,
+gradient alignment with the task vector) score ``probe_max_users`` members against as many non-members on the
+weights the client would ship: AUC and TPR at 0.1 % / 1 % FPR, mean and interval over seeds. Training data of a
+member = train + validation items (what the families fit on).
+
+Writes ``DIR/privacy.json``, ``DIR/privacy.md`` (the table), ``DIR/privacy.png`` (utility vs ε, and the frontier
+utility vs the strongest attack's TPR at 1 % FPR) and each run under ``DIR/<unit>/eps-<ε>/seed-<s>/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmerge.errors import FedmergeError
+from fedmerge.storage import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+STUDY_SECTION = "privacy_study"
+STUDY_DEFAULTS: dict[str, Any] = {
+    "epsilons": [math.inf, 8.0, 4.0, 1.0],
+    "delta": 1e-5,
+    "units": ["domain"],
+    "seeds": [0],
+    "methods": ["average", "ties", "mergerec_taskwise"],
+    "metric": "recall@10",
+    "probe_domain": "",
+    "member_fraction": 0.5,
+    "probe_max_users": 2000,
+    "probe_positions": "last",
+    "reference_models": 4,
+}
+NO_DP = "none"  # the unit label of the ε = ∞ cells
+
+
+def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(resolved scenario config, study settings): the ``[privacy_study]`` table is the study's, the rest is a scenario."""
+    from fedmerge.config import apply_overrides, merge_into_defaults, parse_value, scenario_path
+
+    path = scenario_path(scenario)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise FedmergeError(f"scenario {path}: invalid TOML: {exc}") from exc
+    study = dict(STUDY_DEFAULTS)
+    prefix = f"{STUDY_SECTION}."
+    items = [(k, v, str(path)) for k, v in raw.pop(STUDY_SECTION, {}).items()]
+    for item in overrides:
+        if item.startswith(prefix):
+            key, sep, text = item[len(prefix):].partition("=")
+            if not sep:
+                raise FedmergeError(f"override {item!r} must look like {prefix}key=value")
+            items.append((key.strip(), parse_value(text.strip()), f"override {item!r}"))
+    for key, value, source in items:
+        if key not in STUDY_DEFAULTS:
+            raise FedmergeError(f"{source}: unknown key {prefix}{key}; valid: {sorted(STUDY_DEFAULTS)}")
+        study[key] = value
+    cfg = merge_into_defaults(raw, source=str(path))
+    cfg = apply_overrides(cfg, [o for o in overrides if not o.startswith(prefix)])
+    validate_study(study, cfg)
+    return cfg, study
+
+
+def validate_study(study: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
+    """Clear errors for study settings the sweep cannot run with."""
+    from fedmerge.config import training_domains
+    from fedmerge.privacy.client import UNITS, check_user_level
+
+    eps = study["epsilons"]
+    if not isinstance(eps, list) or not eps or not all(isinstance(e, (int, float)) and e > 0 for e in eps):
+        raise FedmergeError(f"{STUDY_SECTION}.epsilons must be a non-empty list of numbers > 0 (inf allowed), got {eps!r}")
+    if not 0 < float(study["delta"]) < 1:
+        raise FedmergeError(f"{STUDY_SECTION}.delta must lie in (0, 1), got {study['delta']!r}")
+    units = study["units"]
+    if not isinstance(units, list) or not units or any(u not in UNITS for u in units):
+        raise FedmergeError(f"{STUDY_SECTION}.units must be a non-empty list of {list(UNITS)}, got {units!r}")
+    if "user" in units:
+        try:
+            check_user_level(cfg)
+        except FedmergeError as err:
+            raise FedmergeError(f"{STUDY_SECTION}.units: {err}") from err
+    seeds = study["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) < len(seeds):
+        raise FedmergeError(f"{STUDY_SECTION}.seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    unknown = [m for m in study["methods"] if m not in cfg["merge"]["methods"]]
+    if unknown:
+        raise FedmergeError(f"{STUDY_SECTION}.methods {unknown} are not in merge.methods {cfg['merge']['methods']}")
+    if study["probe_domain"] and study["probe_domain"] not in training_domains(cfg):
+        raise FedmergeError(f"{STUDY_SECTION}.probe_domain {study['probe_domain']!r} is not a training domain "
+                            f"{training_domains(cfg)}")
+    if not 0 < float(study["member_fraction"]) < 1:
+        raise FedmergeError(f"{STUDY_SECTION}.member_fraction must lie in (0, 1), got {study['member_fraction']!r}")
+    if int(study["probe_max_users"]) < 2:
+        raise FedmergeError(f"{STUDY_SECTION}.probe_max_users must be >= 2, got {study['probe_max_users']!r}")
+    if study["probe_positions"] not in ("last", "all"):
+        raise FedmergeError(f"{STUDY_SECTION}.probe_positions must be 'last' or 'all', got {study['probe_positions']!r}")
+    if int(study["reference_models"]) < 0:
+        raise FedmergeError(f"{STUDY_SECTION}.reference_models must be >= 0 (0: no LiRA), got {study['reference_models']!r}")
+
+
+def dp_config(cfg: Mapping[str, Any], unit: str, epsilon: float, delta: float, seed: int) -> tuple[dict[str, Any], float]:
+    """(config of one cell, its noise multiplier z): run seed ``seed``, DP off for ε = ∞, else ``privacy.unit`` =
+    ``unit`` calibrated to (ε, δ) over all of a client's releases (:func:`fedmerge.privacy.client.noise_multiplier`)."""
+    from fedmerge.privacy.client import noise_multiplier
+
+    out = copy.deepcopy(dict(cfg))
+    out["run"] = {**out["run"], "seed": int(seed)}
+    if math.isinf(epsilon):
+        out["privacy"] = {**out["privacy"], "enabled": False}
+        return out, 0.0
+    out["privacy"] = {**out["privacy"], "enabled": True, "unit": unit, "target_epsilon": float(epsilon),
+                      "delta": float(delta)}
+    return out, noise_multiplier(out)
+
+
+def epsilon_label(epsilon: float) -> str:
+    """"inf" or the number (results are JSON, which has no infinity)."""
+    return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+
+
+def interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean and two-sided t-interval ``mean ± t_{(1+level)/2, n−1} · s/√n`` over seeds; one value: low = high = mean."""
+    from scipy.stats import t
+
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    if x.size == 0:
+        return {"mean": None, "low": None, "high": None, "n": 0, "values": []}
+    mean = float(x.mean())
+    half = float(t.ppf((1 + level) / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(x.size), "values": x.tolist()}
+
+
+def cells(study: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """(unit, ε) of the grid: one (``none``, ∞) cell if ∞ is asked, then every unit × finite ε."""
+    eps = [float(e) for e in study["epsilons"]]
+    out = [(NO_DP, math.inf)] if any(math.isinf(e) for e in eps) else []
+    return out + [(u, e) for u in study["units"] for e in eps if not math.isinf(e)]
+
+
+def utility_sweep(
+    cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Path, overwrite: bool = False
+) -> list[dict[str, Any]]:
+    """One in-process run per cell and seed; per cell the metric of every study method over the seeds
+    (``overwrite``: replace the run folders an earlier study left; refused otherwise)."""
+    from fedmerge.runners import run_scenario
+
+    rows = []
+    metric = study["metric"]
+    for unit, epsilon in cells(study):
+        per_seed: list[dict[str, float | None]] = []
+        row: dict[str, Any] = {"unit": unit, "epsilon": epsilon_label(epsilon), "seeds": list(study["seeds"])}
+        start = time.perf_counter()
+        for seed in study["seeds"]:
+            run_cfg, z = dp_config(cfg, unit, epsilon, float(study["delta"]), seed)
+            row["noise_multiplier"] = z
+            logger.info("privacy study: unit %s, ε=%s, seed %d, noise multiplier %.4g", unit, epsilon_label(epsilon),
+                        seed, z)
+            results = run_scenario(run_cfg, engine="inprocess", overwrite=overwrite,
+                                   out_dir=out_dir / unit / f"eps-{epsilon_label(epsilon)}" / f"seed-{seed}")
+            models = results["models"]
+            names = [m for m in (*study["methods"], "fedavg", "theta0", "individual") if m in models]
+            per_seed.append({m: models[m]["average"].get(metric) for m in names})
+            eps_reported = [m["dp_epsilon_run"] for m in results.get("train_metrics", {}).values() if "dp_epsilon_run" in m]
+            if eps_reported:
+                row["client_epsilon_max"] = max(eps_reported)
+        row["metric"] = {m: interval([s.get(m) for s in per_seed]) for m in per_seed[0]}
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+    return rows
+
+
+def _subsample(seqs: Sequence[np.ndarray], limit: int, seed: int) -> list[np.ndarray]:
+    if len(seqs) <= limit:
+        return list(seqs)
+    keep = np.sort(np.random.default_rng(seed).choice(len(seqs), size=limit, replace=False))
+    return [seqs[i] for i in keep]
+
+
+def _reference_config(cfg: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """The attacker's recipe for reference model k: the client's, with noise of its own (a reused seed would make
+    the reference models' noise equal the target's and cancel in the likelihood ratio)."""
+    base = int(cfg["privacy"]["noise_seed"])
+    return {**cfg, "privacy": {**cfg["privacy"], "noise_seed": -1 if base < 0 else base + 7919 * (k + 1)}}
+
+
+def attack_sweep(cfg: Mapping[str, Any], study: Mapping[str, Any]) -> dict[str, Any]:
+    """Attack scores against the member-trained probe client in every cell (and against θ₀ as a chance control)."""
+    from fedmerge.config import training_domains
+    from fedmerge.privacy.attacks import reference_models, run_attacks, summary
+    from fedmerge.privacy.membership import split_members
+    from fedmerge.runners.client import client_train, family_of, item_features, load_named_domain
+    from fedmerge.runners.server import initial_weights
+
+    name = study["probe_domain"] or training_domains(cfg)[0]
+    limit, positions = int(study["probe_max_users"]), study["probe_positions"]
+    rows, controls, sizes = [], [], {}
+    for unit, epsilon in cells(study):
+        per_seed = []
+        for seed in study["seeds"]:
+            run_cfg, z = dp_config(cfg, unit, epsilon, float(study["delta"]), seed)
+            domain = load_named_domain(run_cfg, name)
+            members, rest = split_members(domain, float(study["member_fraction"]), seed=seed)
+            nonmembers, reference = split_members(rest, 0.5, seed=seed + 1)
+            family = family_of(run_cfg)
+            features = item_features(run_cfg, domain.catalog, family)
+            theta0 = initial_weights(run_cfg)
+            shipped, _ = client_train(members, theta0, run_cfg, features=features)
+            refs = reference_models(
+                lambda users, k: client_train(users, theta0, _reference_config(run_cfg, k), features=features)[0],
+                reference, int(study["reference_models"]), seed=seed,
+            ) if int(study["reference_models"]) else []
+            member_seqs = _subsample(members.train_with_val(), limit, seed)
+            nonmember_seqs = _subsample(nonmembers.train_with_val(), limit, seed + 1)
+            per_seed.append(run_attacks(family, theta0, shipped, features, member_seqs, nonmember_seqs, refs, positions))
+            if unit == NO_DP:
+                controls.append(run_attacks(family, theta0, theta0, features, member_seqs, nonmember_seqs, refs,
+                                            positions))
+            sizes = {"members": members.n_users, "nonmembers": nonmembers.n_users, "reference": reference.n_users,
+                     "probed_per_group": [len(member_seqs), len(nonmember_seqs)]}
+            logger.info("attacks on %s, unit %s, ε=%s, seed %d: %s", name, unit, epsilon_label(epsilon), seed,
+                        summary(per_seed[-1]))
+        rows.append({"unit": unit, "epsilon": epsilon_label(epsilon), "noise_multiplier": z,
+                     "attacks": _over_seeds(per_seed)})
+    return {"domain": name, **sizes, "positions": positions, "reference_models": int(study["reference_models"]),
+            "rows": rows, "theta0": _over_seeds(controls) if controls else {}}
+
+
+def _over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, Any]]:
+    """{attack: {score: interval over seeds}} for the AUC and TPR entries of :func:`attack_metrics`."""
+    return {attack: {score: interval([s[attack][score] for s in per_seed])
+                     for score in per_seed[0][attack] if not score.startswith("n_")}
+            for attack in per_seed[0]}
+
+
+def _cell(value: Mapping[str, Any] | None, digits: int = 4) -> str:
+    """"mean [low, high]" (just the mean for one seed); "-" when missing."""
+    if not value or value.get("mean") is None:
+        return "-"
+    if value["n"] < 2:
+        return f"{value['mean']:.{digits}f}"
+    return f"{value['mean']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]"
+
+
+def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], study: Mapping[str, Any],
+                   cfg: Mapping[str, Any]) -> str:
+    """The study table: one row per (unit, ε); the metric of each method and reference, each attack's AUC and TPR."""
+    from fedmerge.privacy.client import releases_per_client
+
+    columns = list(dict.fromkeys(c for row in utility for c in row["metric"]))
+    attacks = list(dict.fromkeys(a for row in probe["rows"] for a in row["attacks"]))
+    by_cell = {(r["unit"], r["epsilon"]): r["attacks"] for r in probe["rows"]}
+    header = ["unit", "ε", "z", *[f"{study['metric']} {c}" for c in columns],
+              *[f"{a} AUC" for a in attacks], *[f"{a} TPR@1%" for a in attacks]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in utility:
+        found = by_cell.get((row["unit"], row["epsilon"]), {})
+        cells_ = [row["unit"], "∞ (no DP)" if row["epsilon"] == "inf" else row["epsilon"], f"{row['noise_multiplier']:.3f}"]
+        cells_ += [_cell(row["metric"].get(c)) for c in columns]
+        cells_ += [_cell(found.get(a, {}).get("auc"), 3) for a in attacks]
+        cells_ += [_cell(found.get(a, {}).get("tpr@0.01"), 3) for a in attacks]
+        lines.append("| " + " | ".join(cells_) + " |")
+    privacy = cfg["privacy"]
+    if cfg["model"]["family"] == "sequential":
+        user = (f"DP-SGD, per-user clip {privacy['max_grad_norm']:g}, sampling rate {privacy['sample_rate']:g}, "
+                f"{privacy['epochs']:g} epoch(s) per release, {privacy['accountant'].upper()} accountant")
+    else:
+        user = f"Gaussian mechanism on the Gram matrix, user profile bound {privacy['user_norm_bound']:g}"
+    control = ", ".join(f"{a} {v['auc']['mean']:.3f}" for a, v in probe.get("theta0", {}).items())
+    notes = (
+        f"\nSeeds {list(study['seeds'])} (mean, 95 % t-interval in brackets when > 1 seed); δ = {study['delta']:g}; "
+        f"{releases_per_client(cfg)} release(s) per client composed. Unit 'domain': the client's whole data set "
+        f"(update clipped to C = {privacy['clip_norm']:g}); unit 'user': one user's interactions ({user}). "
+        f"Attacks on {probe['domain']} "
+        f"({probe.get('probed_per_group', ['?', '?'])[0]} members vs {probe.get('probed_per_group', ['?', '?'])[1]} "
+        f"held-out users, '{probe['positions']}' position(s), LiRA with {probe['reference_models']} reference models); "
+        f"AUC against θ₀: {control or '-'}."
+    )
+    return "\n".join(lines) + "\n" + notes + "\n"
+
+
+def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], study: Mapping[str, Any], path: Path) -> None:
+    """Left: metric vs ε per method and unit; right: the frontier, metric vs the strongest attack's TPR at 1 % FPR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys("∞" if r["epsilon"] == "inf" else r["epsilon"] for r in utility))
+    position = {label: i for i, label in enumerate(labels)}
+    by_cell = {(r["unit"], r["epsilon"]): r["attacks"] for r in probe["rows"]}
+    methods = [m for m in (*study["methods"], "fedavg") if any(m in r["metric"] for r in utility)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    markers = {"domain": "o", "user": "s"}
+    for m_index, method in enumerate(methods):
+        color = f"C{m_index}"
+        for unit in study["units"]:
+            rows = [r for r in utility if r["unit"] in (unit, NO_DP)]
+            x = [position["∞" if r["epsilon"] == "inf" else r["epsilon"]] for r in rows]
+            y = [r["metric"][method]["mean"] for r in rows]
+            err = [[y_ - (r["metric"][method]["low"] or y_) for y_, r in zip(y, rows)],
+                   [(r["metric"][method]["high"] or y_) - y_ for y_, r in zip(y, rows)]]
+            style = "-" if unit == "domain" else "--"
+            left.errorbar(x, y, yerr=err, fmt=markers[unit] + style, color=color, capsize=3, label=f"{method} ({unit})")
+            tpr = [max(a["tpr@0.01"]["mean"] for a in by_cell[(r["unit"], r["epsilon"])].values()) for r in rows]
+            right.plot(tpr, y, markers[unit] + style, color=color, label=f"{method} ({unit})")
+            for t, y_, r in zip(tpr, y, rows):
+                right.annotate("no DP" if r["epsilon"] == "inf" else f"ε={r['epsilon']}", (t, y_), fontsize=7,
+                               textcoords="offset points", xytext=(3, 3))
+    left.set(xticks=range(len(labels)), xticklabels=labels, xlabel="ε (δ fixed)",
+             ylabel=f"{study['metric']} (avg over domains)")
+    left.legend(fontsize=7)
+    right.set(xlabel=f"strongest attack's TPR at 1 % FPR ({probe['domain']})", ylabel=f"{study['metric']}")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_study(cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Path, overwrite: bool = False) -> str:
+    """The whole study into ``out_dir`` (see the module docstring; ``overwrite``: replace an earlier study's run
+    folders there); returns the markdown table."""
+    from fedmerge.privacy.client import releases_per_client
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_json = {**study, "epsilons": [epsilon_label(float(e)) for e in study["epsilons"]]}
+    utility = utility_sweep(cfg, study, out_dir, overwrite=overwrite)
+    write_json_atomic(out_dir / "privacy.json", {"study": study_json, "utility": utility})  # kept if the attacks fail
+    probe = attack_sweep(cfg, study)
+    write_json_atomic(out_dir / "privacy.json", {"study": study_json, "releases_per_client": releases_per_client(cfg),
+                                                 "utility": utility, "probe": probe, "scenario": cfg})
+    table = markdown_table(utility, probe, study, cfg)
+    (out_dir / "privacy.md").write_text(table)
+    plot_study(utility, probe, study, out_dir / "privacy.png")
+    return table

@@ -1,0 +1,34 @@
+"""Thread-count independent numerics: gradient steps run on one intra-op thread.
+
+Measured with torch 2.13 on the CPU (MKL 2024.2, OpenMP backend; ``tests/test_reproducibility.py``): the forward
+passes this project runs (linear layers, attention, layer norm, softmax, cosine scores) give bit-identical outputs
+with 1 and 2 threads, but several backward kernels do not - layer norm's γ/β gradients, ``index`` backward
+(``index_put_`` with accumulation), softmax backward, full reductions ``x.sum()`` over more than ATen's grain size
+(32,768 elements, split into one partial sum per thread) and MKL's GEMM for weight gradients (it splits the long
+reduction dimension between threads). Their partial sums are combined in a thread-count dependent order, so the
+weights after one epoch differed in the last bits and a model trained long enough differed in its metrics.
+
+The fix is not a tolerance: every optimizer step (forward, backward, update) runs under :func:`gradient_threads`,
+i.e. with exactly one intra-op thread, so its floating-point operation order is fixed; ``run.torch_threads`` and
+``run.server_threads`` still parallelize the forward-only work (validation and test scoring, MergeRec's teacher
+scores and item refreshes), where the order does not depend on the thread count. Clients run in parallel as
+separate processes under Flower, which keeps the cores busy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+@contextmanager
+def gradient_threads() -> Iterator[None]:
+    """Run the block with one torch intra-op thread, restoring the previous count afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,156 @@
+"""Aggregation of one scenario run once per seed: means, spreads, 95 % intervals and paired merge comparisons.
+
+Pure functions over the per-seed ``results.json`` dicts (``{seed: results}``); nothing here runs or writes anything.
+
+For n seeds with values x_1..x_n of one model × domain × metric:
+
+    mean  x̄ = Σ x_s / n,   std  s = sqrt(Σ (x_s − x̄)² / (n − 1)),
+    95 % interval  x̄ ± t_{0.975, n−1} · s / √n        (Student's t: the seeds are a small sample)
+
+Paired comparisons use the per-seed average over the training domains of the primary metric. For a merge m with
+averages m_s, a reference r with r_s (the same seed, so the same θ₀ and client models):
+
+    ratio_s = m_s / r_s,   its mean and t-interval as above,
+    paired t-test on d_s = m_s − r_s  (scipy.stats.ttest_rel: t = d̄ / (s_d / √n), n − 1 degrees of freedom).
+
+References: ``best_training_free`` - per seed, the best registry method (average, task arithmetic, TIES, DARE, PCB)
+on that seed's average; choosing it per seed, after seeing the test metric, is the optimistic baseline, so a merge's
+ratio to it is conservative - and ``individual`` - each domain's own model. With one seed, std, intervals and tests
+are null and ``note`` says why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+CONFIDENCE = 0.95
+AVERAGE = "average"
+# Models that are references, not merges of the clients' models.
+NOT_MERGES = frozenset({"theta0", "individual", "joint"})
+ONE_SEED_NOTE = "one seed: no spread, interval or test (run several with run.seeds / --seeds)"
+
+
+def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """``{n, mean, std, half_width, low, high}`` of ``values``: sample std and a Student-t interval for the mean
+    (std and interval fields None for fewer than two values; half_width 0 when every value is equal)."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"need a non-empty list of values, got {values!r}")
+    mean = float(x.mean())
+    if len(x) < 2:
+        return {"n": 1, "mean": mean, "std": None, "half_width": None, "low": None, "high": None}
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * std / math.sqrt(len(x)))
+    return {"n": len(x), "mean": mean, "std": std, "half_width": half, "low": mean - half, "high": mean + half}
+
+
+def paired_test(merged: Sequence[float], reference: Sequence[float]) -> dict[str, float | None]:
+    """Paired t-test of ``merged`` against ``reference`` (same seeds, same order): ``{t, p}``, two-sided; None for
+    fewer than two pairs or when the differences are equal up to rounding (1e-12 relative; the statistic is then
+    undefined, or a rounding artefact)."""
+    from scipy import stats
+
+    a, b = np.asarray(merged, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples differ in length: {len(a)} and {len(b)}")
+    diff = a - b
+    if len(a) < 2 or np.ptp(diff) <= 1e-12 * max(1.0, float(np.abs(diff).max())):
+        return {"t": None, "p": None}
+    result = stats.ttest_rel(a, b)
+    return {"t": float(result.statistic), "p": float(result.pvalue)}
+
+
+def _metric_keys(per_seed: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Metrics reported by every seed (numeric entries only)."""
+    keys = [{k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} for m in per_seed]
+    return sorted(set.intersection(*keys)) if keys else []
+
+
+def aggregate_models(runs: Mapping[int, Mapping[str, Any]], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """``{model: {domain or 'average': {metric: interval(...)}}}`` over the seeds that report that model × domain
+    (``users`` and other non-metric entries skipped; the domain order of the first run kept)."""
+    if not runs:
+        raise ValueError("no runs to aggregate")
+    first = next(iter(runs.values()))
+    out: dict[str, Any] = {}
+    for model in first["models"]:
+        per_domain: dict[str, Any] = {}
+        for domain in first["models"][model]:
+            found = [r["models"].get(model, {}).get(domain) for r in runs.values()]
+            found = [m for m in found if isinstance(m, Mapping)]
+            if len(found) != len(runs):
+                continue
+            per_domain[domain] = {k: interval([m[k] for m in found], confidence)
+                                  for k in _metric_keys(found) if k != "users"}
+        out[model] = per_domain
+    return out
+
+
+def seed_averages(runs: Mapping[int, Mapping[str, Any]], metric: str) -> dict[str, dict[int, float]]:
+    """``{model: {seed: average over the training domains of metric}}`` for models every seed reports."""
+    first = next(iter(runs.values()))
+    return {
+        m: {s: float(r["models"][m][AVERAGE][metric]) for s, r in runs.items()}
+        for m in first["models"]
+        if all(metric in r["models"].get(m, {}).get(AVERAGE, {}) for r in runs.values())
+    }
+
+
+def paired_comparisons(
+    runs: Mapping[int, Mapping[str, Any]], metric: str, training_free: Iterable[str], confidence: float = CONFIDENCE
+) -> dict[str, Any]:
+    """For each merge: per-seed ratio of its average ``metric`` to the per-seed best training-free merge and to the
+    individual models, the ratios' interval, and a paired t-test of the averages (see the module docstring).
+
+    Returns ``{"best_training_free": {seed: method}, "merges": {merge: {"vs_best_training_free": {...},
+    "vs_individual": {...}}}}``, each comparison ``{"ratios": {seed: r}, "ratio": interval, "test": {t, p}}``.
+    """
+    averages = seed_averages(runs, metric)
+    seeds = list(runs)
+    free = [m for m in training_free if m in averages]
+    best = {s: max(free, key=lambda m: averages[m][s]) for s in seeds} if free else {}
+    references: dict[str, dict[int, float]] = {}
+    if best:
+        references["vs_best_training_free"] = {s: averages[best[s]][s] for s in seeds}
+    if "individual" in averages:
+        references["vs_individual"] = averages["individual"]
+    merges: dict[str, Any] = {}
+    for model, values in averages.items():
+        if model in NOT_MERGES:
+            continue
+        merges[model] = {}
+        for name, reference in references.items():
+            ratios = {s: values[s] / reference[s] if reference[s] else math.nan for s in seeds}
+            merges[model][name] = {
+                "ratios": ratios,
+                "ratio": interval(list(ratios.values()), confidence),
+                "test": paired_test([values[s] for s in seeds], [reference[s] for s in seeds]),
+            }
+    return {"best_training_free": best, "merges": merges}
+
+
+def aggregate_runs(
+    runs: Mapping[int, Mapping[str, Any]], metric: str, training_free: Iterable[str], confidence: float = CONFIDENCE
+) -> dict[str, Any]:
+    """The whole aggregate: seeds, domains, per model × domain × metric intervals, the paired comparisons on
+    ``metric``, and every seed's warnings (prefixed with the seed)."""
+    first = next(iter(runs.values()))
+    return {
+        "seeds": list(runs),
+        "metric": metric,
+        "confidence": confidence,
+        "interval": "Student-t interval of the mean over seeds",
+        "best_training_free_choice": "per seed (the best registry merge on that seed's average; optimistic baseline)",
+        "domains": list(first["domains"]),
+        "held_out": list(first.get("held_out", [])),
+        "models": aggregate_models(runs, confidence),
+        "paired": paired_comparisons(runs, metric, training_free, confidence),
+        "warnings": [f"seed {s}: {w}" for s, r in runs.items() for w in r.get("warnings", [])],
+        **({"note": ONE_SEED_NOTE} if len(runs) < 2 else {}),
+    }

@@ -1,0 +1,160 @@
+"""One scenario run once per seed (``run.seeds``): ``OUT/seed-<s>/`` single-run folders, then ``OUT/aggregate.json``,
+``aggregate.csv`` and ``per_domain.png`` with 95 % intervals (math in :mod:`fedmerge.runners.aggregate`).
+
+The seed drives θ₀, every client's training, DARE's masks and MergeRec's pseudo-user sampling (and, for synthetic
+data, the generated domains). With ``resume``, a seed whose folder already holds a complete results.json (status
+ok, written under the same configuration) is read instead of run again; any other seed runs from scratch.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedmerge.errors import FedmergeError
+from fedmerge.runners.aggregate import aggregate_runs
+from fedmerge.runners.results import RESULTS_FILE
+
+logger = logging.getLogger(__name__)
+AGGREGATE_FILE = "aggregate.json"
+
+
+def seed_config(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """``cfg`` as the single run of ``seed``: ``run.seed = seed``, ``run.seeds`` emptied."""
+    out = copy.deepcopy(dict(cfg))
+    out["run"] = {**out["run"], "seed": int(seed), "seeds": []}
+    return out
+
+
+def seed_dir(out_dir: str | Path, seed: int) -> Path:
+    return Path(out_dir) / f"seed-{seed}"
+
+
+def completed_run(folder: Path, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The folder's results.json if it is complete (status ok) and was written under ``cfg`` (``run.progress`` may
+    differ); else None."""
+    path = folder / RESULTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    strip = lambda c: {**c, "run": {k: v for k, v in c["run"].items() if k != "progress"}}  # noqa: E731
+    same = json.loads(json.dumps(strip(dict(cfg)), default=str)) == strip(results.get("config", {"run": {}}))
+    return results if results.get("status") == "ok" and same else None
+
+
+def run_seeds(
+    cfg: Mapping[str, Any], engine: str, out_dir: str | Path, resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """Run the scenario once per ``run.seeds`` entry into ``out_dir/seed-<s>/`` and write the aggregate; returns it.
+
+    ``out_dir`` is held like a single run's (:func:`fedmerge.storage.run_folder`: locked, a non-empty folder refused
+    unless ``resume`` or ``overwrite``). With ``resume`` a seed whose folder holds a complete run of the same
+    configuration is kept and every other seed runs again from scratch (its partial files replaced)."""
+    from fedmerge.merging import METHODS
+    from fedmerge.runners.simulation import run_scenario
+    from fedmerge.storage import run_folder
+
+    seeds = [int(s) for s in cfg["run"]["seeds"]]
+    if not seeds:
+        raise FedmergeError("run.seeds is empty: nothing to run per seed (use run.seed for a single run)")
+    runs: dict[int, dict[str, Any]] = {}
+    with run_folder(out_dir, resume=resume, overwrite=overwrite):
+        for seed in seeds:
+            single, folder = seed_config(cfg, seed), seed_dir(out_dir, seed)
+            done = completed_run(folder, single) if resume else None
+            if done is not None:
+                logger.info("seed %d: complete results in %s, skipped", seed, folder)
+                runs[seed] = done
+                continue
+            logger.info("seed %d: running into %s", seed, folder)
+            runs[seed] = run_scenario(single, engine=engine, out_dir=folder, overwrite=resume)
+        aggregate = aggregate_runs(runs, cfg["eval"]["primary"], training_free=list(METHODS))
+        aggregate["seed_folders"] = {s: str(seed_dir(out_dir, s)) for s in seeds}
+        write_aggregate(aggregate, out_dir)
+    return aggregate
+
+
+def aggregate_rows(aggregate: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One CSV row per (model, domain, metric): n, mean, std and the interval."""
+    return [
+        {"model": model, "domain": domain, "metric": metric,
+         **{k: stats[k] for k in ("n", "mean", "std", "half_width", "low", "high")}}
+        for model, per_domain in aggregate["models"].items()
+        for domain, metrics in per_domain.items()
+        for metric, stats in metrics.items()
+    ]
+
+
+def write_aggregate(aggregate: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """aggregate.json, aggregate.csv (each atomically) and per_domain.png with intervals, in ``out_dir``."""
+    from fedmerge.storage import write_bytes_atomic, write_json_atomic
+
+    out = Path(out_dir)
+    path = write_json_atomic(out / AGGREGATE_FILE, aggregate)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=["model", "domain", "metric", "n", "mean", "std", "half_width", "low",
+                                               "high"])
+    writer.writeheader()
+    writer.writerows(aggregate_rows(aggregate))
+    write_bytes_atomic(out / "aggregate.csv", table.getvalue().encode("utf-8"))
+    plot_domain_intervals(aggregate, out / "per_domain.png", aggregate["metric"])
+    return path
+
+
+def _cell(stats: Mapping[str, Any] | None) -> str:
+    if stats is None:
+        return "-"
+    half = stats.get("half_width")
+    return f"{stats['mean']:.4f}" + ("" if half is None else f" ± {half:.4f}")
+
+
+def aggregate_summary(aggregate: Mapping[str, Any]) -> str:
+    """Plain-text table (mean ± 95 % half-width over seeds, per domain and average) and the paired ratios."""
+    metric = aggregate["metric"]
+    domains = [*aggregate["domains"], "average"]
+    held_out = set(aggregate.get("held_out", []))
+    headers = ["model"] + [f"{d}*" if d in held_out else d for d in domains]
+    rows = [[model] + [_cell(per_domain.get(d, {}).get(metric)) for d in domains]
+            for model, per_domain in aggregate["models"].items()]
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths))  # noqa: E731
+    lines = [f"{metric}: mean ± 95 % t-interval half-width over seeds {aggregate['seeds']}"
+             + (" ; * = held out, zero-shot" if held_out else ""), fmt(headers), fmt(["-" * w for w in widths]),
+             *map(fmt, rows)]
+    paired = aggregate["paired"]
+    if paired["merges"]:
+        lines.append(f"paired per-seed ratios of the average {metric} (best training-free chosen per seed: "
+                     f"{paired['best_training_free']}):")
+        for model, comparisons in paired["merges"].items():
+            parts = []
+            for name, c in comparisons.items():
+                p = c["test"]["p"]
+                parts.append(f"{name.removeprefix('vs_')} {_cell(c['ratio'])}" + ("" if p is None else f" (p={p:.3g})"))
+            lines.append(f"  {model}: " + "; ".join(parts))
+    if "note" in aggregate:
+        lines.append(f"note: {aggregate['note']}")
+    lines += [f"WARNING: {w}" for w in aggregate.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def plot_domain_intervals(aggregate: Mapping[str, Any], path: Path, metric: str) -> None:
+    """:func:`fedmerge.runners.results.plot_domains` of the means over seeds, 95 % intervals as error bars."""
+    from fedmerge.runners.results import plot_domains
+
+    domains = [*aggregate["domains"], "average"]
+    metrics = list(dict.fromkeys([metric, "ndcg@10"]))  # the panels plot_domains draws
+    means = {m: {d: {k: s[k]["mean"] for k in metrics if k in s} for d, s in per_domain.items()}
+             for m, per_domain in aggregate["models"].items()}
+    errors = {k: {m: [(per_domain.get(d, {}).get(k) or {}).get("half_width") or 0.0 for d in domains]
+                  for m, per_domain in aggregate["models"].items()} for k in metrics}
+    plot_domains({"domains": aggregate["domains"], "held_out": aggregate.get("held_out", []), "models": means},
+                 path, metric, errors=errors, title=f"mean over seeds {aggregate['seeds']}, 95 % t-intervals")

@@ -1,0 +1,157 @@
+"""Aggregation over seeds against hand-computed means, intervals, ratios and paired tests; ``--seeds`` parsing; a
+multi-seed run with per-seed resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fedmerge.config import apply_overrides, load_scenario, parse_seeds
+from fedmerge.errors import FedmergeError
+from fedmerge.runners.aggregate import aggregate_runs, interval, paired_test
+
+T_975_DF2 = 4.302652729911275  # Student t quantile 0.975, 2 degrees of freedom (tables: 4.303)
+
+
+def test_interval_of_three_values_by_hand():
+    stats = interval([0.1, 0.2, 0.3])
+    # mean 0.2; s = sqrt((0.01 + 0 + 0.01) / 2) = 0.1; half-width t · s / sqrt(3)
+    assert stats["n"] == 3 and stats["mean"] == pytest.approx(0.2)
+    assert stats["std"] == pytest.approx(0.1)
+    assert stats["half_width"] == pytest.approx(T_975_DF2 * 0.1 / math.sqrt(3))
+    assert (stats["low"], stats["high"]) == pytest.approx((0.2 - 0.248413771, 0.2 + 0.248413771))
+
+
+def test_one_value_has_no_interval_and_equal_differences_no_test():
+    assert interval([0.5]) == {"n": 1, "mean": 0.5, "std": None, "half_width": None, "low": None, "high": None}
+    assert interval([0.3, 0.3])["half_width"] == 0.0
+    assert paired_test([0.2, 0.3], [0.1, 0.2]) == {"t": None, "p": None}
+    with pytest.raises(ValueError, match="non-empty"):
+        interval([])
+
+
+def test_paired_t_test_by_hand():
+    # d = (.02, .01, .03): mean .02, s_d = .01, t = .02 / (.01 / sqrt 3) = 2 sqrt 3; with 2 degrees of freedom
+    # the t CDF is 1/2 + t / (2 sqrt(2 + t^2)), so p = 1 - t / sqrt(2 + t^2) (two-sided).
+    t = 2 * math.sqrt(3)
+    result = paired_test([0.12, 0.11, 0.15], [0.10, 0.10, 0.12])
+    assert result["t"] == pytest.approx(t)
+    assert result["p"] == pytest.approx(1 - t / math.sqrt(2 + t * t))
+
+
+def _run(values: dict[str, tuple[float, float]], warnings: list[str] = ()) -> dict:
+    """A results.json-like dict: model -> (domain A, domain B) recall@10, average = their mean."""
+    models = {m: {"A": {"recall@10": a, "users": 10}, "B": {"recall@10": b, "users": 10},
+                  "average": {"recall@10": (a + b) / 2}} for m, (a, b) in values.items()}
+    return {"domains": ["A", "B"], "held_out": [], "models": models, "warnings": list(warnings)}
+
+
+def test_aggregate_runs_by_hand():
+    runs = {
+        0: _run({"individual": (0.10, 0.10), "average": (0.08, 0.08), "ties": (0.09, 0.07), "mergerec": (0.12, 0.12)}),
+        1: _run({"individual": (0.11, 0.09), "average": (0.10, 0.10), "ties": (0.12, 0.10), "mergerec": (0.11, 0.11)}),
+        2: _run({"individual": (0.12, 0.12), "average": (0.11, 0.11), "ties": (0.10, 0.10), "mergerec": (0.15, 0.15)},
+                warnings=["local training of B was cut by max_seconds"]),
+    }
+    agg = aggregate_runs(runs, "recall@10", training_free=["average", "task_arithmetic", "ties"])
+    assert agg["seeds"] == [0, 1, 2] and agg["domains"] == ["A", "B"] and "note" not in agg
+    ind_a = agg["models"]["individual"]["A"]["recall@10"]
+    assert ind_a["mean"] == pytest.approx(0.11) and ind_a["std"] == pytest.approx(0.01)
+    assert ind_a["half_width"] == pytest.approx(T_975_DF2 * 0.01 / math.sqrt(3))
+    assert "users" not in agg["models"]["individual"]["A"]
+    # best training-free per seed: average .08 vs ties .08 (tie: first listed), ties .11 vs .10, average .11 vs .10
+    assert agg["paired"]["best_training_free"] == {0: "average", 1: "ties", 2: "average"}
+    vs_best = agg["paired"]["merges"]["mergerec"]["vs_best_training_free"]
+    assert vs_best["ratios"] == pytest.approx({0: 0.12 / 0.08, 1: 0.11 / 0.11, 2: 0.15 / 0.11})
+    ratios = [1.5, 1.0, 0.15 / 0.11]
+    mean = sum(ratios) / 3
+    std = math.sqrt(sum((r - mean) ** 2 for r in ratios) / 2)
+    assert vs_best["ratio"]["mean"] == pytest.approx(mean)
+    assert vs_best["ratio"]["half_width"] == pytest.approx(T_975_DF2 * std / math.sqrt(3))
+    vs_ind = agg["paired"]["merges"]["mergerec"]["vs_individual"]
+    assert vs_ind["ratios"] == pytest.approx({0: 1.2, 1: 1.1, 2: 1.25})
+    assert vs_ind["test"]["t"] == pytest.approx(2 * math.sqrt(3))  # differences .02, .01, .03 as above
+    assert set(agg["paired"]["merges"]) == {"average", "ties", "mergerec"}  # individual is a reference
+    assert agg["warnings"] == ["seed 2: local training of B was cut by max_seconds"]
+    single = aggregate_runs({0: runs[0]}, "recall@10", training_free=["average"])
+    assert single["models"]["ties"]["average"]["recall@10"]["half_width"] is None and "one seed" in single["note"]
+
+
+def test_parse_seeds_and_run_seeds_validation():
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("0,2,5") == [0, 2, 5]
+    assert parse_seeds("0-2, 7") == [0, 1, 2, 7]
+    for bad in ("4-0", "a", "1,,2", "-1", "1,1"):
+        with pytest.raises(FedmergeError, match="--seeds"):
+            parse_seeds(bad)
+    cfg = load_scenario("quickstart")
+    assert apply_overrides(cfg, ["run.seeds=[0, 1]"])["run"]["seeds"] == [0, 1]
+    with pytest.raises(FedmergeError, match="run.seeds"):
+        apply_overrides(cfg, ["run.seeds=[1, 1]"])
+
+
+def test_simulate_with_seeds_writes_seed_folders_and_aggregate_and_resumes_per_seed(tmp_path, capsys):
+    from fedmerge.cli import main
+
+    out = tmp_path / "run"
+    args = ["simulate", "quickstart", "--engine", "inprocess", "--out", str(out), "--seeds", "0,1",
+            *[f"--set={o}" for o in (
+                "run.progress=false", "data.synthetic.n_users=30", "data.synthetic.n_items=20",
+                "data.synthetic.max_len=6", "model.params.hidden=16", "model.params.n_layers=1",
+                "model.params.max_len=6", "model.params.max_epochs=1", "baselines.fedavg_rounds=0",
+                "baselines.joint=false", "merge.mergerec.steps=2", 'merge.methods=["average","dare","mergerec_taskwise"]',
+                "encoder.name=hashing", "encoder.params.dim=16", f"encoder.cache_dir={tmp_path / 'cache'}")]]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "± " in printed and "best_training_free" in printed
+    agg = json.loads((out / "aggregate.json").read_text())
+    seeds = {s: json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)}
+    assert [r["run"]["seed"] for r in seeds.values()] == [0, 1]
+    assert seeds[1]["config"]["run"]["seed"] == 1 and seeds[0]["models"]["theta0"] != seeds[1]["models"]["theta0"]
+    mean = (seeds[0]["models"]["dare"]["average"]["recall@10"] + seeds[1]["models"]["dare"]["average"]["recall@10"]) / 2
+    assert agg["models"]["dare"]["average"]["recall@10"]["mean"] == pytest.approx(mean)
+    assert (out / "aggregate.csv").read_text().startswith("model,domain,metric,n,mean")
+    assert (out / "per_domain.png").stat().st_size > 0
+    stamp = (out / "seed-0" / "results.json").stat().st_mtime_ns
+    (out / "seed-1" / "results.json").unlink()
+    assert main([*args, "--resume"]) == 0
+    assert (out / "seed-0" / "results.json").stat().st_mtime_ns == stamp  # complete seed kept
+    assert json.loads((out / "seed-1" / "results.json").read_text())["models"] == seeds[1]["models"]  # re-run, same
+
+
+def test_dare_masks_follow_the_run_seed_unless_set():
+    import torch
+
+    from fedmerge.merging import merge
+    from fedmerge.runners.server import merge_replies
+
+    g = torch.Generator().manual_seed(0)
+    theta0 = {"w": torch.zeros(50)}
+    models = {d: {"w": torch.randn(50, generator=g)} for d in ("a", "b")}
+    for seed in (0, 3):
+        cfg = load_scenario("quickstart", [f"run.seed={seed}", 'merge.methods=["dare"]'])
+        merged, _ = merge_replies(theta0, models, {}, cfg)
+        assert torch.equal(merged["dare"]["w"], merge("dare", theta0, models, seed=seed)["w"])
+    fixed = load_scenario("quickstart", ["run.seed=3", 'merge.methods=["dare"]', "merge.params.dare={seed = 0}"])
+    assert torch.equal(merge_replies(theta0, models, {}, fixed)[0]["dare"]["w"], merge("dare", theta0, models, seed=0)["w"])
+    assert not torch.equal(merge("dare", theta0, models, seed=0)["w"], merge("dare", theta0, models, seed=3)["w"])
+
+
+def test_a_seed_folder_counts_as_complete_only_for_an_ok_run_of_the_same_configuration(tmp_path):
+    from fedmerge.runners.multiseed import completed_run, seed_config
+
+    cfg = seed_config(load_scenario("quickstart", ["run.seeds=[0, 1]"]), 1)
+    assert cfg["run"]["seed"] == 1 and cfg["run"]["seeds"] == []
+    folder = tmp_path / "seed-1"
+    folder.mkdir()
+    assert completed_run(folder, cfg) is None  # no results.json
+    write = lambda status, config: (folder / "results.json").write_text(  # noqa: E731
+        json.dumps({"status": status, "config": config}))
+    write("ok", {**cfg, "run": {**cfg["run"], "progress": False}})
+    assert completed_run(folder, cfg)["status"] == "ok"  # run.progress does not matter
+    write("failed", cfg)
+    assert completed_run(folder, cfg) is None
+    write("ok", apply_overrides(cfg, ["model.params.max_epochs=7"]))
+    assert completed_run(folder, cfg) is None

@@ -1,0 +1,101 @@
+"""Membership-inference attacks (loss, offline LiRA, gradient alignment) and their AUC / TPR-at-low-FPR scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedmerge.privacy.attacks import (
+    attack_metrics,
+    gradient_alignment_scores,
+    lira_scores,
+    reference_models,
+    run_attacks,
+    tpr_at_fpr,
+)
+from fedmerge.privacy.membership import split_members
+from tests.test_privacy import TinyFamily, features, tiny_domain  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def brute_force_tpr(members, nonmembers, fpr):
+    thresholds = np.concatenate([members, nonmembers, [-np.inf, np.inf]])
+    best = 0.0
+    for t in thresholds:
+        if (nonmembers > t).mean() <= fpr + 1e-12:
+            best = max(best, (members > t).mean())
+    return best
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_tpr_at_fpr_is_the_best_threshold_meeting_the_fpr(seed):
+    rng = np.random.default_rng(seed)
+    members = rng.integers(0, 30, 50).astype(float) + rng.integers(0, 5)  # ties and shifts
+    nonmembers = rng.integers(0, 30, int(rng.integers(20, 300))).astype(float)
+    for fpr in (0.0, 0.001, 0.01, 0.1, 0.5):
+        assert tpr_at_fpr(members, nonmembers, fpr) == pytest.approx(brute_force_tpr(members, nonmembers, fpr))
+
+
+def test_attack_metrics_on_separable_and_identical_scores():
+    perfect = attack_metrics(np.arange(100, 200), np.arange(100))
+    assert perfect["auc"] == 1.0 and perfect["tpr@0.001"] == 1.0 and perfect["tpr@0.01"] == 1.0
+    same = attack_metrics(np.zeros(50), np.zeros(60))
+    assert same["auc"] == 0.5 and same["tpr@0.01"] == 0.0 and (same["n_members"], same["n_nonmembers"]) == (50, 60)
+    with pytest.raises(ValueError, match="fpr"):
+        tpr_at_fpr(np.ones(3), np.ones(3), 1.0)
+
+
+def test_lira_calibrates_per_user():
+    """Easy users score high under every model: calibration removes that, a raw threshold does not."""
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 3, 400)  # per-user offset shared by all models
+    member = np.arange(400) < 200
+    reference = difficulty + rng.normal(0, 0.3, (8, 400))
+    target = difficulty + rng.normal(0, 0.3, 400) + 1.0 * member
+    calibrated = lira_scores(target, reference)
+    assert attack_metrics(calibrated[member], calibrated[~member])["auc"] > 0.95
+    assert attack_metrics(target[member], target[~member])["auc"] < 0.7
+    per_user = lira_scores(target, reference, global_variance=False)
+    assert attack_metrics(per_user[member], per_user[~member])["auc"] > 0.9
+    with pytest.raises(ValueError, match="reference"):
+        lira_scores(target, reference[:, :10])
+
+
+@pytest.fixture(scope="module")
+def population(tiny_domain):
+    """Members (100) the target trains on, non-members (100) and the attacker's reference users (200)."""
+    members, rest = split_members(tiny_domain, 0.25, seed=0)
+    nonmembers, reference = split_members(rest, 1 / 3, seed=1)
+    return members, nonmembers, reference
+
+
+def test_attacks_find_members_of_an_overfitted_model(population, features):
+    family = TinyFamily()
+    members, nonmembers, reference = population
+    theta0 = family.initial_weights(30, seed=0)
+    shipped, _ = family.train(theta0, members, features)
+    refs = reference_models(lambda d, s: family.train(theta0, d, features, seed=s)[0], reference, 4)
+    results = run_attacks(family, theta0, shipped, features, members.train, nonmembers.train, refs, positions="all")
+    assert set(results) == {"loss", "lira", "gradient_alignment"}
+    for name, metrics in results.items():
+        assert metrics["auc"] > 0.8, (name, metrics)
+    assert results["lira"]["tpr@0.01"] > 0.05
+
+
+def test_attacks_are_at_chance_on_a_model_that_never_saw_the_candidates(population, features):
+    family = TinyFamily()
+    members, nonmembers, reference = population
+    theta0 = family.initial_weights(30, seed=0)
+    outsiders, _ = split_members(reference, 0.5, seed=7)  # trained on users that are no candidate
+    shipped, _ = family.train(theta0, outsiders, features)
+    refs = reference_models(lambda d, s: family.train(theta0, d, features, seed=s)[0], reference, 4, seed=10)
+    results = run_attacks(family, theta0, shipped, features, members.train, nonmembers.train, refs, positions="all")
+    for name, metrics in results.items():  # null AUC std ≈ √(201/(12·100²)) ≈ 0.04
+        assert abs(metrics["auc"] - 0.5) < 0.13, (name, metrics)
+    untrained = gradient_alignment_scores(family, theta0, theta0, features, members.train[:5])
+    assert np.array_equal(untrained, np.zeros(5))

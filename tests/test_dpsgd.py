@@ -1,0 +1,141 @@
+"""User-level DP-SGD (per-user clipping, Poisson sampling of users, opacus accounting) and its client wiring."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedmerge.config import DEFAULTS, merge_into_defaults
+from fedmerge.data.synthetic import make_synthetic_domains
+from fedmerge.errors import FedmergeError
+from fedmerge.models.sequential import SequentialFamily, training_windows
+from fedmerge.privacy.client import epsilon, noise_multiplier, private_train
+from fedmerge.privacy.dpsgd import UserLevelDP, per_user_gradients, train_user_level, user_epsilon, user_noise_multiplier
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def domain():
+    return make_synthetic_domains(n_domains=1, n_users=30, n_items=25, min_len=4, max_len=9, seed=3)[0]
+
+
+@pytest.fixture(scope="module")
+def features(domain):
+    return torch.randn(domain.n_items, 12, generator=torch.Generator().manual_seed(0))
+
+
+def tiny_family(**params) -> SequentialFamily:
+    base = dict(hidden=16, n_layers=1, n_heads=1, max_len=8, dropout=0.0, adapter_width=16, lr=1e-2, device="cpu")
+    return SequentialFamily(**{**base, **params})
+
+
+def test_per_user_gradients_are_each_users_own_gradient():
+    w = torch.randn(3, requires_grad=True)
+    xs = [torch.randn(3) for _ in range(4)]
+    grads = per_user_gradients([w], [lambda x=x: (w * x).sum() ** 2 for x in xs])
+    assert grads[0].shape == (4, 3)
+    for b, x in enumerate(xs):
+        torch.testing.assert_close(grads[0][b], 2 * (w * x).sum().detach() * x)
+    assert per_user_gradients([w], [])[0].shape == (0, 3)
+
+
+def test_one_full_batch_step_is_adamw_on_the_mean_of_clipped_user_gradients(domain, features):
+    """q = 1, one step, z = 0: the update is AdamW on Σ_u clip_C(g_u) / N; clipping at C = 1e-3 changes it."""
+    family = tiny_family()
+    theta0 = family.initial_weights(12, seed=0)
+    clip = 1e-3
+    shipped, metrics = train_user_level(family, theta0, domain, features, UserLevelDP(0.0, clip, 1.0, 1.0),
+                                        seed=0, noise_seed=0)
+    assert metrics["dp_steps"] == 1 and metrics["dp_mean_batch_users"] == domain.n_users
+    assert metrics["dp_clipped_fraction"] == 1.0  # every user's gradient is far above 1e-3
+
+    module, feats, _ = family.training_module(theta0, domain, features, seed=0)
+    params = [p for p in module.parameters() if p.requires_grad]
+    users = [training_windows([s], family.max_len) for s in domain.train]
+    gen = torch.Generator().manual_seed(0)
+    grads = per_user_gradients(params, [lambda w=w: family._batch_loss(module, w, feats, gen) for w in users])
+    norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads], dim=1).norm(dim=1)
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    for p, g in zip(params, grads):
+        p.grad = torch.einsum("u,u...->...", factor, g) / len(users)
+    torch.optim.AdamW(params, lr=family.lr, weight_decay=family.weight_decay).step()
+    for name, value in module.state_dict().items():
+        torch.testing.assert_close(shipped[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_noise_is_seeded_by_the_secret_seed_only(domain, features):
+    family = tiny_family()
+    theta0 = family.initial_weights(12, seed=0)
+    settings = UserLevelDP(1.0, 0.5, 0.3, 1.0)
+    a = train_user_level(family, theta0, domain, features, settings, seed=0, noise_seed=5)[0]
+    b = train_user_level(family, theta0, domain, features, settings, seed=0, noise_seed=5)[0]
+    c = train_user_level(family, theta0, domain, features, settings, seed=0, noise_seed=6)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert any(not torch.equal(a[k], theta0[k]) for k in a)
+
+
+def test_accounting_matches_opacus_step_by_step_and_calibration_meets_the_target():
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    for _ in range(40):
+        acc.step(noise_multiplier=1.1, sample_rate=0.05)
+    assert user_epsilon(1.1, 0.05, 40, 1e-5) == pytest.approx(acc.get_epsilon(1e-5))
+    assert user_epsilon(1.1, 0.05, 80, 1e-5) > user_epsilon(1.1, 0.05, 40, 1e-5)  # composition grows ε
+    assert user_epsilon(0.0, 0.05, 40, 1e-5) == math.inf
+    for accountant in ("rdp", "prv"):
+        z = user_noise_multiplier(4.0, 1e-5, 0.05, 60, accountant)
+        eps = user_epsilon(z, 0.05, 60, 1e-5, accountant)
+        assert 3.9 <= eps <= 4.0 + 1e-6
+    assert UserLevelDP(1.0, 1.0, 0.05, 1.0).steps == 20 and UserLevelDP(1.0, 1.0, 0.3, 2.0).steps == 7
+    with pytest.raises(ValueError, match="sample_rate"):
+        UserLevelDP(1.0, 1.0, 0.0, 1.0)
+
+
+def scenario(**privacy):
+    cfg = merge_into_defaults({"model": {"family": "sequential"}, "baselines": {"fedavg_rounds": 2}})
+    cfg["privacy"] = {**copy.deepcopy(DEFAULTS["privacy"]), "enabled": True, **privacy}
+    return cfg
+
+
+def test_target_epsilon_is_met_over_all_releases_of_both_units(domain, features):
+    user = scenario(unit="user", target_epsilon=4.0, sample_rate=0.2, epochs=1.0, max_grad_norm=0.5, noise_seed=1)
+    z = noise_multiplier(user)
+    assert epsilon(user, z, 3) == pytest.approx(4.0, abs=0.02)  # 3 releases = 1 one-shot + 2 FedAvg rounds
+    assert epsilon(user, z, 1) < epsilon(user, z, 3)
+    family = tiny_family(max_epochs=2)
+    theta0 = family.initial_weights(12, seed=0)
+    _, metrics = private_train(family, theta0, domain, features, user, seed=0, round_index=1, noise_seed=1)
+    assert metrics["dp_unit"] == 1 and metrics["dp_noise_multiplier"] == z
+    assert metrics["dp_epsilon"] == pytest.approx(epsilon(user, z, 2)) and metrics["dp_epsilon_run"] <= 4.0 + 1e-6
+    assert metrics["dp_steps"] == 5
+    dom = scenario(unit="domain", target_epsilon=2.0, clip_norm=0.1, noise_seed=1)
+    _, metrics = private_train(family, theta0, domain, features, dom, seed=0, round_index=0, noise_seed=1)
+    assert metrics["dp_unit"] == 0 and metrics["dp_epsilon_run"] == pytest.approx(2.0, rel=1e-6)
+    assert metrics["dp_epsilon"] < 2.0
+
+
+def test_bad_settings_and_unsupported_families_are_named(domain, features):
+    from fedmerge.config import apply_overrides
+    from fedmerge.models import get_family
+
+    cfg = merge_into_defaults({})
+    with pytest.raises(FedmergeError, match="privacy.unit"):
+        apply_overrides(cfg, ["privacy.unit=row"])
+    with pytest.raises(FedmergeError, match="privacy.accountant"):
+        apply_overrides(cfg, ["privacy.accountant=gdp"])
+    with pytest.raises(FedmergeError, match="sample_rate"):
+        apply_overrides(cfg, ["privacy.sample_rate=0"])
+    lae = get_family("text-lae")
+    with pytest.raises(FedmergeError, match="sequential"):
+        train_user_level(lae, {}, domain, features, UserLevelDP(1.0, 1.0, 0.5, 1.0))
+    assert np.isfinite(noise_multiplier(scenario(unit="user", noise_multiplier=0.7)))

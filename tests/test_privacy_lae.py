@@ -1,0 +1,86 @@
+"""User-level DP for the text-LAE: bounded user profiles, the symmetric Gaussian mechanism on the Gram matrix."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from fedmerge.config import DEFAULTS, merge_into_defaults
+from fedmerge.data.domain import interaction_matrix
+from fedmerge.data.synthetic import make_synthetic_domains
+from fedmerge.errors import FedmergeError
+from fedmerge.models.text_lae import TextLAEFamily
+from fedmerge.privacy.client import private_train
+from fedmerge.privacy.dp import epsilon_for
+from fedmerge.privacy.lae import clipped_profiles, private_gram, symmetric_noise, train_text_lae_user_level
+
+
+@pytest.fixture(scope="module")
+def domain():
+    return make_synthetic_domains(n_domains=1, n_users=50, n_items=30, seed=2)[0]
+
+
+@pytest.fixture(scope="module")
+def features(domain):
+    family = TextLAEFamily(lam=10.0)
+    raw = np.random.default_rng(0).normal(size=(domain.n_items, 8))
+    return family.item_features(raw)
+
+
+def test_profiles_are_bounded_and_small_ones_unchanged(domain, features):
+    e = features.numpy().astype(np.float64)
+    z = interaction_matrix(domain.train, domain.n_items) @ e
+    norms = np.linalg.norm(z, axis=1)
+    bound = float(np.median(norms))
+    rows, clipped = clipped_profiles(domain.train, e, bound)
+    assert np.all(np.linalg.norm(rows, axis=1) <= bound * (1 + 1e-9))
+    small = norms <= bound
+    np.testing.assert_allclose(rows[small], z[small])
+    assert clipped == pytest.approx((~small).mean())
+    # removing any one user moves the Gram matrix's upper triangle by at most B² in L2 (the mechanism's sensitivity)
+    gram = rows.T @ rows
+    for u in range(len(rows)):
+        rest = np.delete(rows, u, axis=0)
+        assert np.linalg.norm(np.triu(gram - rest.T @ rest)) <= bound**2 * (1 + 1e-9)
+
+
+def test_symmetric_noise_has_the_asked_scale():
+    noise = symmetric_noise(300, 2.5, np.random.default_rng(0))
+    np.testing.assert_array_equal(noise, noise.T)
+    assert np.triu(noise)[np.triu_indices(300)].std() == pytest.approx(2.5, rel=0.02)
+
+
+def test_without_noise_and_clipping_it_is_the_family_closed_form(domain, features):
+    family = TextLAEFamily(lam=10.0)
+    theta0 = family.initial_weights(features.shape[1])
+    expected, _ = family.train(theta0, domain, features, progress=False)
+    private, metrics = train_text_lae_user_level(family, theta0, domain, features, noise_multiplier=0.0, bound=1e6,
+                                                 noise_seed=0)
+    torch.testing.assert_close(private["W"], expected["W"], rtol=1e-4, atol=1e-5)
+    assert metrics["dp_clipped_fraction"] == 0.0
+    noisy, _ = train_text_lae_user_level(family, theta0, domain, features, noise_multiplier=1.0, bound=1.0, noise_seed=0)
+    assert not torch.allclose(noisy["W"], expected["W"])
+    gram_a, _ = private_gram(domain.train, features.numpy(), 1.0, 1.0, seed=3)
+    gram_b, _ = private_gram(domain.train, features.numpy(), 1.0, 1.0, seed=3)
+    np.testing.assert_array_equal(gram_a, gram_b)
+    with pytest.raises(FedmergeError, match="one λ"):
+        train_text_lae_user_level(TextLAEFamily(), theta0, domain, features, noise_multiplier=1.0, bound=1.0,
+                                  noise_seed=0)
+
+
+def test_client_reports_the_analytic_gaussian_epsilon_over_releases(domain, features):
+    cfg = merge_into_defaults({"model": {"family": "text-lae", "params": {"lam": 10.0}},
+                               "baselines": {"fedavg_rounds": 1}})
+    cfg["privacy"] = {**copy.deepcopy(DEFAULTS["privacy"]), "enabled": True, "unit": "user", "target_epsilon": 3.0,
+                      "user_norm_bound": 2.0, "noise_seed": 0}
+    family = TextLAEFamily(lam=10.0)
+    _, metrics = private_train(family, family.initial_weights(features.shape[1]), domain, features, cfg, seed=0,
+                               round_index=0, noise_seed=0)
+    assert metrics["dp_unit"] == 1 and metrics["dp_user_bound"] == 2.0
+    assert metrics["dp_epsilon_run"] == pytest.approx(3.0, rel=1e-6)
+    assert metrics["dp_epsilon"] == pytest.approx(epsilon_for(metrics["dp_noise_multiplier"], 1e-5, rounds=1))
+    with pytest.raises(FedmergeError, match="one λ"):
+        merge_into_defaults({"model": {"family": "text-lae"}, "privacy": {"enabled": True, "unit": "user"}})
