@@ -142,7 +142,7 @@ def test_mergerec_preset_and_keys_are_checked_before_any_training():
 def test_written_scenario_loads_back_unchanged(name, tmp_path):
     from fedmerge.config import write_scenario
 
-    cfg = apply_overrides(load_scenario(name), ['merge.params={ties = {k = 0.3}}', "baselines.fedavg_rounds=1",
+    cfg = apply_overrides(load_scenario(name), ['merge.params={ties = {density = 0.3}}', "baselines.fedavg_rounds=1",
                                                 'data.root="/d/x y"'])
     assert load_scenario(write_scenario(cfg, tmp_path / "s.toml")) == cfg
     bad = copy.deepcopy(cfg)

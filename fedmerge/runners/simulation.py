@@ -98,7 +98,7 @@ def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = N
         results_path = target / "results.json"
         results_path.unlink(missing_ok=True)  # a stale file must not pass for this run's result
         run_config = {"scenario": str(write_scenario(cfg, private / "scenario.toml")), "overrides": "",
-                      "out-dir": str(target), "resume": resume}
+                      "out-dir": str(target), "resume": resume, "out-dir-held": True}  # run_scenario holds out_dir
         federation_config = {"num-supernodes": len(domain_names(cfg)), "client-resources-num-cpus": 1,
                              "init-args-num-cpus": len(os.sched_getaffinity(0)), "init-args-log-to-driver": verbose,
                              "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)}
