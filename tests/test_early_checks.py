@@ -24,7 +24,7 @@ from fedmerge.errors import FedmergeError
         ("merge.params.average.weights=[1, 2]", r"merge.params.average: .*2 weights for 3 models"),
         ("merge.params.dare.p=1.0", r"merge.params.dare: .*p=1.0 is invalid"),
         ("merge.mergerec.steps=-1", r"merge.mergerec: invalid MergeRecConfig values: \[\('steps', -1\)\]"),
-        ("merge.mergerec.step=10", r"merge.mergerec: unknown key\(s\) \['step'\]; valid: \["),
+        ("merge.mergerec.step=10", r"merge.mergerec: unknown MergeRec key\(s\) \['step'\]; valid: \["),
         ('merge.mergerec.init_method="fisher"', r"merge.mergerec: unknown merge method 'fisher'"),
         ("merge.mergerec.init_params.scale=\"x\"", r"merge.mergerec: .*scale='x' is invalid"),
         ("privacy.clip_norm=0.0", r"privacy.clip_norm must be a positive finite number, got 0.0"),

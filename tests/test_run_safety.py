@@ -54,7 +54,7 @@ def test_non_empty_folder_refused_unless_resume_or_overwrite(cfg, tmp_path):
     results = run_scenario(cfg, "inprocess", out, overwrite=True)
     assert results["status"] == "ok"
     assert not (out / "clients" / "old-seed.safetensors").exists()
-    assert sorted(p.stem for p in (out / "clients").iterdir()) == ["synth-0", "synth-1", "synth-2"]
+    assert sorted(p.stem for p in (out / "clients").glob("*.safetensors")) == ["synth-0", "synth-1", "synth-2"]
     assert run_scenario(cfg, "inprocess", out, resume=True)["resumed"]["clients"] == ["synth-0", "synth-1", "synth-2"]
 
 
@@ -89,7 +89,7 @@ def test_failure_after_training_writes_failed_results_and_exits_non_zero(tmp_pat
     assert results["status"] == "failed"
     assert results["errors"]["run"] == "RuntimeError: merge exploded"
     assert sorted(results["train_metrics"]) == ["synth-0", "synth-1", "synth-2"]
-    assert sorted(p.stem for p in (out / "clients").iterdir()) == ["synth-0", "synth-1", "synth-2"]
+    assert sorted(p.stem for p in (out / "clients").glob("*.safetensors")) == ["synth-0", "synth-1", "synth-2"]
 
 
 def test_evaluation_error_status_failed_exits_non_zero(cfg, tmp_path, monkeypatch):

@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmerge.errors import FedmergeError
-from fedmerge.storage import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +53,8 @@ class TlsFiles:
 def _write(path: Path, data: bytes, private: bool = False) -> None:
     """Atomic write through a fresh temporary name (``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600 from creation);
     public files are made 0644 before the rename, private keys stay 0600."""
+    from fedmerge.storage import write_bytes_atomic  # imported here: storage needs torch, --help must not
+
     write_bytes_atomic(path, data, mode=None if private else 0o644)
 
 
