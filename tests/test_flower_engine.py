@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 
 from fedmerge.deploy.processes import _alive, descendants
+from tests.test_deploy import TINY
 
-TINY = ["data.synthetic.n_domains=2", "data.synthetic.n_users=40", "data.synthetic.n_items=30",
-        "model.params.max_epochs=1", "baselines.fedavg_rounds=1", "baselines.joint=false",
-        "merge.methods=['average','ties']"]
 
 
 def simulate_argv(out: Path, *flags: str) -> list[str]:

@@ -80,7 +80,8 @@ def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = N
     SuperLink (``--simulation``) listens on a free 127.0.0.1 port; the app (this repository's ``[tool.flwr.app]``)
     is submitted with the run config ``scenario`` (that file), ``out-dir`` and ``resume``; ``flwr ls`` is polled
     until the run finished, and success needs both ``finished:completed`` and ``results.json`` with ``status: ok``
-    (never an exit code). Every process started is stopped by pid on return, error or Ctrl-C. Ray runs in
+    (never an exit code); there is no overall time limit (``federation.timeout_s`` bounds the ServerApp's every
+    wait for replies). Every process started is stopped by pid on return, error or Ctrl-C. Ray runs in
     single-machine mode (:data:`RAY_SINGLE_MACHINE_ENV`), so it listens on 127.0.0.1 only. The run's own output
     (ServerApp and ClientApps, Ray) is streamed to stderr only with ``--verbose``.
     """
