@@ -1,7 +1,7 @@
 """One hostile client against the server's defences: honest domains' Recall@10 relative to the honest run.
 
     PYTHONPATH=$PWD python benchmarks/attacks.py --seeds 0 1           # every attack, every configuration
-    PYTHONPATH=$PWD python benchmarks/attacks.py --attacks users_1e7 --configs defaults --set federation.fedavg_max_share=0.4
+    PYTHONPATH=$PWD python benchmarks/attacks.py --attacks users_1e7 --set 'federation.fedavg_weighting="users"'
 
 Runs the quickstart scenario in process (MiniLM encoder, 3 synthetic domains) with small settings
 (``baselines.fedavg_rounds=1``, ``merge.mergerec.steps=50``, no joint oracle) and every merge method, the robust
@@ -10,12 +10,12 @@ path. For each (attack, configuration, seed) it prints the mean Recall@10 of the
 divided by the same model's figure in the honest run of that configuration and seed, plus what the server
 recorded (rejections, clipped updates) and whether the results serialize as strict JSON.
 
-Configurations: ``shipped`` (the defaults: ``federation.min_replies = 0`` needs every client, so a rejected
-attacker stops the run with the rejection named), ``defaults`` (the default defences with ``min_replies = 2``: the
-run goes on without a rejected client) and ``off`` (``min_replies = 2`` and every defence a key can switch off: no
-norm test, max_abs_value 1e30, max_num_users 1e30, FedAvg share cap 1). The fixed-weight and metric checks have
-no switch; they are on in all three. The fixed-buffer attack needs the routed adapter (``model.params.adapter="routed"``),
-so it is measured against its own honest routed run.
+Configurations: ``defaults`` (the shipped settings: ``federation.min_replies = 0`` needs a strict majority, so
+the run goes on without a rejected attacker and warns about it; equal FedAvg weights) and ``off`` (every defence
+a key can switch off: no norm test, max_abs_value 1e30, max_num_users 1e30, FedAvg weighted by the reported user
+counts with share cap 1). The fixed-weight and metric checks have no switch; they are on in both. The
+fixed-buffer attack needs the routed adapter (``model.params.adapter="routed"``), so it is measured against its
+own honest routed run.
 """
 
 from __future__ import annotations
@@ -42,10 +42,9 @@ SMALL = ["run.progress=false", "baselines.fedavg_rounds=1", "merge.mergerec.step
          'merge.methods=["average","task_arithmetic","ties","dare","mergerec_taskwise","mergerec_layerwise",'
          '"median","trimmed_mean","clipped_average"]']
 CONFIGS = {
-    "shipped": [],
-    "defaults": ["federation.min_replies=2"],
-    "off": ["federation.min_replies=2", "federation.norm_multiple=0", "federation.max_abs_value=1e30",
-            "federation.max_num_users=1e30", "federation.fedavg_max_share=1.0"],
+    "defaults": [],
+    "off": ["federation.norm_multiple=0", "federation.max_abs_value=1e30", "federation.max_num_users=1e30",
+            'federation.fedavg_weighting="users"', "federation.fedavg_max_share=1.0"],
 }
 ROUTED = ["model.params.adapter=\"routed\"", "model.params.n_experts=4"]
 
@@ -158,6 +157,7 @@ def run_one(overrides: list[str], attack: str | None, seed: int) -> dict[str, An
         strict_json = False
     return {"recall": honest_recall(out, [d for d in training_domains(cfg) if d != attacker]),
             "status": out["status"], "rejected": out["rejected"], "clipped": out["clipped"],
+            "warnings": out["warnings"],
             "strict_json": strict_json, "attacker": attacker, "seconds": time.perf_counter() - start}
 
 
@@ -214,6 +214,10 @@ def verdict(run: Mapping[str, Any]) -> str:
         said.append(f"{left_out} evaluate entries left out")
     if run["clipped"]:
         said.append("clipped")
+    if any(w.startswith(f"client {run['attacker']} was left out") for w in run["warnings"]):
+        said.append("left-out warning")
+    if run["status"] != "ok":
+        said.append(f"status {run['status']}")
     if not run["strict_json"]:
         said.append("results not strict JSON")
     return "; ".join(said) or "accepted"

@@ -8,7 +8,6 @@ them); every other key must be one of the defaults, so a typo fails with the lis
 from __future__ import annotations
 
 import copy
-import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -46,10 +45,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # timeout_s: the wait for replies to one request; startup_timeout_s: the wait for the SuperNodes to connect and
     # their ClientApps to load their domain (under `deploy local` also for the SuperLink and SuperNode processes)
     "federation": {
+        # min_replies 0: a strict majority of the K training clients (⌊K/2⌋ + 1); a rejected or silent minority is
+        # left out, recorded and warned about. min_replies = K: every client must deliver.
         "timeout_s": 3600.0, "startup_timeout_s": 600.0, "min_replies": 0, "max_update_slack": 1.0,
         # defences against a client sending a well-formed but hostile update or lying metadata (issue 19)
         "max_abs_value": 1e4, "norm_multiple": 3.0, "norm_cap": 0.0, "norm_action": "reject",
-        "max_num_users": 1e8, "fedavg_weighting": "users", "fedavg_max_share": 0.5, "fedavg_aggregation": "mean",
+        # fedavg_weighting "equal": every domain weighs the same in a FedAvg round, as MergeRec averages domains, and
+        # an unverifiable user count cannot buy weight; "users" (McMahan et al.'s n_k-weighted FedAvg) trusts each
+        # client's num-users, each share capped at fedavg_max_share
+        "max_num_users": 1e8, "fedavg_weighting": "equal", "fedavg_max_share": 0.5, "fedavg_aggregation": "mean",
     },
     "privacy": {
         "enabled": False,

@@ -25,14 +25,14 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
 
 from fedmerge.errors import DataError, FedmergeError
-from fedmerge.models.base import StateDict
+
+if TYPE_CHECKING:  # torch is imported by the weight functions only: the CLI's --help and data commands need none
+    from fedmerge.models.base import StateDict
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,8 @@ def safe_file_stem(name: str) -> str:
 
 def save_weights(path: str | Path, weights: StateDict, metadata: Mapping[str, str] | None = None) -> Path:
     """Weights as a safetensors file (contiguous CPU copies), written atomically, with string metadata."""
+    from safetensors.torch import save
+
     tensors = {name: t.detach().cpu().contiguous() for name, t in weights.items()}
     return write_bytes_atomic(path, save(tensors, metadata=dict(metadata or {})))
 
@@ -155,6 +157,8 @@ def load_weights(path: str | Path) -> StateDict:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"weight file {path} does not exist")
+    from safetensors.torch import load_file
+
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -163,6 +167,8 @@ def load_weights(path: str | Path) -> StateDict:
 
 def weights_digest(weights: StateDict) -> str:
     """Short sha256 over every tensor's name, dtype, shape and bytes (sorted by name): the weights' identity."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(weights):
         tensor = weights[name].detach().cpu().contiguous()

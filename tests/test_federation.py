@@ -132,16 +132,50 @@ def test_flower_client_app_replies_and_names_domain_on_error(cfg):
     assert broken.has_error() and "synth-1" in broken.error.reason
 
 
-def test_rejected_update_is_left_out_and_min_replies_enforced(cfg):
-    cfg = apply_overrides(cfg, ["baselines.joint=false", "baselines.fedavg_rounds=0", 'merge.methods=["average"]',
-                                "federation.min_replies=2"])
-    federation = Federation(cfg, initial_weights(cfg))
-    out = federation.run(RecordingTransport(cfg, corrupt="synth-2"))
-    assert set(out["rejected"]) == {"synth-2"} and "non-finite" in out["rejected"]["synth-2"]
-    assert "synth-2" not in out["models"]["individual"]
+def test_default_run_goes_on_without_a_rejected_client_and_warns(cfg):
+    """Default min_replies (0: a strict majority): one of three clients rejected, the run still ends ok, the client
+    is recorded and a WARNING line per left-out client is printed; min_replies = 3 (every client) stops the run."""
+    from fedmerge.runners.results import summary_table
+
+    cfg = apply_overrides(cfg, ["baselines.joint=false", 'merge.methods=["average"]'])
+    out = Federation(cfg, initial_weights(cfg)).run(RecordingTransport(cfg, corrupt="synth-2"))
+    assert out["status"] == "ok"
+    assert set(out["rejected"]) == {"synth-2", "fedavg_round1:synth-2"} and "non-finite" in out["rejected"]["synth-2"]
+    assert "synth-2" not in out["models"]["individual"] and out["merge_report"]["domains"] == ["synth-0", "synth-1"]
+    left_out = [w for w in out["warnings"] if w.startswith("client ")]
+    reason = out["rejected"]["synth-2"]
+    assert left_out == [f"client synth-2 was left out of the one-shot merges, FedAvg round 1: {reason}"]
+    assert f"WARNING: {left_out[0]}" in summary_table({**out, "run": {"engine": "inprocess"}}).splitlines()
     strict = apply_overrides(cfg, ["federation.min_replies=3"])
-    with pytest.raises(FedmergeError, match="need federation.min_replies = 3"):
+    with pytest.raises(FedmergeError, match="need 3: federation.min_replies = 3;"):
         Federation(strict, initial_weights(strict)).run(RecordingTransport(strict, corrupt="synth-2"))
+
+
+def test_default_run_goes_on_without_a_client_that_fails_to_train(cfg):
+    """A client whose training fails (no update) is recorded in ``errors`` and named in a warning; the run is ok."""
+    cfg = apply_overrides(cfg, ["baselines.joint=false", "baselines.fedavg_rounds=0", 'merge.methods=["average"]'])
+    transport = InProcessTransport(cfg)
+    honest = transport.clients["synth-1"].handle
+
+    def fail_training(message_type, content):
+        if message_type == protocol.TRAIN:
+            raise RuntimeError("disk full")
+        return honest(message_type, content)
+
+    transport.clients["synth-1"].handle = fail_training
+    out = Federation(cfg, initial_weights(cfg)).run(transport)
+    assert out["status"] == "ok" and out["errors"] == {"train:synth-1": "client synth-1: RuntimeError: disk full"}
+    assert out["warnings"] == ["client synth-1 was left out of the one-shot merges: client synth-1: RuntimeError: "
+                               "disk full"]
+
+
+@pytest.mark.parametrize(("k", "needed"), [(1, 1), (2, 2), (3, 2), (4, 3), (5, 3)])
+def test_default_min_replies_is_a_strict_majority(cfg, k, needed):
+    federation = Federation(cfg, initial_weights(cfg))
+    federation.train_domains = [f"d{i}" for i in range(k)]
+    federation.require_enough({f"d{i}": {} for i in range(needed)})
+    with pytest.raises(FedmergeError, match=f"need {needed}: federation.min_replies = 0 \\(0: a strict majority"):
+        federation.require_enough({f"d{i}": {} for i in range(needed - 1)})
 
 
 def test_fedavg_aggregate_matches_weighted_mean():
@@ -411,8 +445,7 @@ def _train_metrics_attack(**metrics):
 
 
 def _hostile_run(cfg, attack, *overrides):
-    small = apply_overrides(cfg, ["baselines.joint=false", "federation.min_replies=2",
-                                  'merge.methods=["average","mergerec_taskwise"]', *overrides])
+    small = apply_overrides(cfg, ["baselines.joint=false", 'merge.methods=["average","mergerec_taskwise"]', *overrides])
     out = run_federation(small, HostileTransport(small, attack))
     json.dumps(out, allow_nan=False)  # results.json can be written
     return out
@@ -477,11 +510,10 @@ def test_fedavg_share_of_a_client_claiming_1e9_users_is_capped(cfg):
     assert capped_shares({"a": 1.0, "b": 1.0, "x": 1e9}, 0.2) == pytest.approx({"a": 1 / 3, "b": 1 / 3, "x": 1 / 3})
     assert capped_shares({"a": 1.0, "b": 2.0}, 1.0) == pytest.approx({"a": 1 / 3, "b": 2 / 3})
     small = apply_overrides(cfg, ["baselines.joint=false"])
-    federation = Federation(small, initial_weights(small))
-    assert federation.fedavg_shares({"a": 200.0, "b": 200.0, "x": 1e9}) == pytest.approx(
-        {"a": 0.25, "b": 0.25, "x": 0.5})
-    equal = Federation(apply_overrides(small, ['federation.fedavg_weighting="equal"']), initial_weights(small))
-    assert equal.fedavg_shares({"a": 200.0, "x": 1e9}) == {"a": 0.5, "x": 0.5}
+    users = Federation(apply_overrides(small, ['federation.fedavg_weighting="users"']), initial_weights(small))
+    assert users.fedavg_shares({"a": 200.0, "b": 200.0, "x": 1e9}) == pytest.approx({"a": 0.25, "b": 0.25, "x": 0.5})
+    equal = Federation(small, initial_weights(small))  # the default: a claimed user count buys nothing
+    assert equal.fedavg_shares({"a": 200.0, "b": 200.0, "x": 1e9}) == pytest.approx({"a": 1 / 3, "b": 1 / 3, "x": 1 / 3})
 
 
 def test_fedavg_round_can_aggregate_with_the_median(cfg):

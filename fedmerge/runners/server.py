@@ -199,6 +199,7 @@ class Federation:
         self.rejected: dict[str, str] = {}
         self.clipped: dict[str, str] = {}
         self.errors: dict[str, str] = {}
+        self.left_out: dict[str, list[tuple[str, str]]] = {}  # domain -> (phase, reason) it missed, see record_left_out
         self.models: dict[str, dict[str, dict[str, float]]] = {}
         self.fedavg_curve: list[dict[str, float]] = []
         self.merge_report: dict[str, Any] = {}
@@ -262,7 +263,15 @@ class Federation:
     ) -> dict[str, RecordDict]:
         for d, content in requests.items():
             self.bytes[d]["received"] += protocol.record_bytes(content)
-        replies, errors = transport.send(message_type, requests, on_reply=on_reply)
+        arrived: list[str] = []
+
+        def progress(domain: str, content: RecordDict) -> None:  # one line per reply: many clients show progress
+            arrived.append(domain)
+            logger.info("%s: %d/%d replies (%s)", message_type, len(arrived), len(requests), domain)
+            if on_reply is not None:
+                on_reply(domain, content)
+
+        replies, errors = transport.send(message_type, requests, on_reply=progress)
         for d, content in replies.items():
             self.bytes[d]["sent"] += protocol.record_bytes(content)
         for d, reason in errors.items():
@@ -334,13 +343,35 @@ class Federation:
         return kept
 
     def require_enough(self, updates: Mapping[str, StateDict]) -> None:
-        """FedmergeError unless at least ``federation.min_replies`` (0: every training client) updates are usable."""
-        needed = int(self.cfg["federation"]["min_replies"]) or len(self.train_domains)
+        """FedmergeError unless at least ``federation.min_replies`` updates are usable; 0 (the default) means a
+        strict majority of the K training clients, ⌊K/2⌋ + 1 (K = 1: 1, K = 2: 2, K = 3: 2), and
+        ``min_replies = K`` needs every client."""
+        configured = int(self.cfg["federation"]["min_replies"])
+        needed = configured or len(self.train_domains) // 2 + 1
         if len(updates) < needed:
+            rule = "" if configured else f" (0: a strict majority of the {len(self.train_domains)} training clients)"
             raise FedmergeError(
                 f"only {len(updates)} usable updates ({sorted(updates)}) of {len(self.train_domains)} clients, "
-                f"need federation.min_replies = {needed}; rejected: {self.rejected}; errors: {self.errors}"
+                f"need {needed}: federation.min_replies = {configured}{rule}; rejected: {self.rejected}; "
+                f"errors: {self.errors}"
             )
+
+    def record_left_out(self, used: Mapping[str, StateDict], phase: str, prefix: str = "") -> None:
+        """Note each training client whose update is not in ``used`` for ``phase``, with the reason recorded under
+        ``rejected[prefix + domain]`` or ``errors["train:<domain>"]`` (for :meth:`left_out_warnings`)."""
+        for d in self.train_domains:
+            if d not in used:
+                reason = (self.rejected.get(prefix + d) or self.errors.get(f"{protocol.TRAIN}:{d}")
+                          or "no usable update")
+                self.left_out.setdefault(d, []).append((phase, reason))
+
+    def left_out_warnings(self) -> list[str]:
+        """One line per training client the run went on without (fewer than every client is allowed by
+        ``federation.min_replies``): the phases it missed and the first reason."""
+        return [
+            f"client {d} was left out of {', '.join(phase for phase, _ in missed)}: {missed[0][1]}"
+            for d, missed in self.left_out.items()
+        ]
 
     def accept_updates(
         self, replies: Mapping[str, RecordDict], reference: StateDict | None = None, round_index: int = 0
@@ -465,6 +496,7 @@ class Federation:
                 for d, weights in individual.items():
                     self.save_individual(d, weights, client_weights_path(self.out_dir, d))
         individual = self.screen_updates(individual, self.theta0)
+        self.record_left_out(individual, "the one-shot merges")
         self.timings["local_training"] = time.perf_counter() - start
         phases.update()
 
@@ -496,6 +528,7 @@ class Federation:
             replies = self._exchange(transport, protocol.TRAIN, self.train_requests(global_weights, "fedavg", r))
             fedavg_bytes += self.total_bytes() - before  # FedAvg's own traffic: its training rounds only
             updates, shares, round_metrics = self.accept_updates(replies, reference=global_weights, round_index=r)
+            self.record_left_out(updates, f"FedAvg round {r}", prefix=f"fedavg_round{r}:")
             self.fedavg_train_metrics.append(round_metrics)
             global_weights = self.aggregate_round(global_weights, updates, shares)
             self.evaluate(transport, {d: {f"fedavg_round{r}": global_weights} for d in self.domains})
@@ -543,7 +576,7 @@ class Federation:
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "train_metrics": self.train_metrics,
             "fedavg_train_metrics": self.fedavg_train_metrics,
-            "warnings": time_cap_warnings(self.train_metrics, self.fedavg_train_metrics),
+            "warnings": [*self.left_out_warnings(), *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics)],
             "merge_report": self.merge_report,
             "rejected": self.rejected,
             "clipped": self.clipped,
