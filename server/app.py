@@ -16,6 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.errors import FedmergeError
+from fedmerge.logs import configure_from_env
 from fedmerge.runners import results as results_io
 from fedmerge.runners.appconfig import HELD_KEY, OUT_DIR_KEY, OVERWRITE_KEY, RESUME_KEY, scenario_from_run_config
 from fedmerge.runners.server import run_federation
@@ -33,6 +34,7 @@ def build_server_app() -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         start = time.perf_counter()
+        configure_from_env()
         scenario = scenario_from_run_config(context.run_config)
         target = Path(context.run_config.get(OUT_DIR_KEY, "") or f"runs/{scenario['run']['name']}")
         resuming = bool(context.run_config.get(RESUME_KEY, False))

@@ -89,7 +89,7 @@ def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = N
     from fedmerge.deploy.flwr_cli import CONNECTION, FlwrClient, RunFailed, write_flower_config
     from fedmerge.deploy.local import REPO_ROOT, check_app_dir, deployment_env, read_results, reported_errors, start_superlink
     from fedmerge.deploy.processes import ProcessSet
-    from fedmerge.logs import verbose_enabled
+    from fedmerge.logs import LEVEL_ENV, verbose_enabled
 
     app = check_app_dir(REPO_ROOT)
     verbose = verbose_enabled()
@@ -103,7 +103,8 @@ def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = N
         federation_config = {"num-supernodes": len(domain_names(cfg)), "client-resources-num-cpus": 1,
                              "init-args-num-cpus": len(os.sched_getaffinity(0)), "init-args-log-to-driver": verbose,
                              "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)}
-        env = {**deployment_env(private), RAY_SINGLE_MACHINE_ENV: "0"}
+        env = {**deployment_env(private), RAY_SINGLE_MACHINE_ENV: "0",
+               LEVEL_ENV: logging.getLevelName(logging.getLogger("fedmerge").getEffectiveLevel())}
         start = time.perf_counter()
         with ProcessSet(private, env=env) as procs:
             link = start_superlink(procs, private, tls=None, node_auth=False, simulation=True,
