@@ -332,3 +332,14 @@ def domain_names(cfg: Mapping[str, Any]) -> list[str]:
 def training_domains(cfg: Mapping[str, Any]) -> list[str]:
     """Domains whose clients train and are merged (all but ``data.held_out``)."""
     return [d for d in domain_names(cfg) if d not in cfg["data"]["held_out"]]
+
+
+def write_scenario(cfg: Mapping[str, Any], path: str | Path) -> Path:
+    """Write the resolved scenario ``cfg`` as TOML to ``path``: ``load_scenario(path) == cfg`` (it is validated
+    first, so a file that would not load back is never written). Used to hand a scenario to a `flwr run`."""
+    import tomli_w
+
+    from fedmerge.storage import write_bytes_atomic
+
+    validate(cfg)
+    return write_bytes_atomic(path, tomli_w.dumps(dict(cfg)).encode())

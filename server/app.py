@@ -16,8 +16,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.errors import FedmergeError
+from fedmerge.logs import configure_from_env
 from fedmerge.runners import results as results_io
-from fedmerge.runners.appconfig import OUT_DIR_KEY, OVERWRITE_KEY, RESUME_KEY, scenario_from_run_config
+from fedmerge.runners.appconfig import HELD_KEY, OUT_DIR_KEY, OVERWRITE_KEY, RESUME_KEY, scenario_from_run_config
 from fedmerge.runners.server import run_federation
 from fedmerge.storage import run_folder
 from server.strategy import MergeStrategy
@@ -25,28 +26,26 @@ from server.strategy import MergeStrategy
 logger = logging.getLogger(__name__)
 
 
-def build_server_app(
-    cfg: Mapping[str, Any] | None = None, out_dir: str | Path | None = None, resume: bool | None = None
-) -> ServerApp:
-    """A ServerApp for scenario ``cfg`` writing to ``out_dir``, resuming from it if ``resume`` (``None``: from the run
-    config)."""
+def build_server_app() -> ServerApp:
+    """The ServerApp: scenario, output folder and resume/overwrite come from the run config
+    (:mod:`fedmerge.runners.appconfig`)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         start = time.perf_counter()
-        scenario = cfg if cfg is not None else scenario_from_run_config(context.run_config)
-        target = Path(out_dir or context.run_config.get(OUT_DIR_KEY, "") or f"runs/{scenario['run']['name']}")
-        resuming = bool(context.run_config.get(RESUME_KEY, False)) if resume is None else resume
-        if cfg is not None:  # the simulation runner holds the run folder (lock, earlier files) around this app
-            run(grid, scenario, target, resuming, start)
-            return
-        # under `flwr run` nobody else holds the folder or keeps the earlier results
-        with run_folder(target, resume=resuming, overwrite=bool(context.run_config.get(OVERWRITE_KEY, False))):
-            if resuming:
-                results_io.archive_results(target)
+        configure_from_env()
+        scenario = scenario_from_run_config(context.run_config)
+        target = Path(context.run_config.get(OUT_DIR_KEY, "") or f"runs/{scenario['run']['name']}")
+        resuming = bool(context.run_config.get(RESUME_KEY, False))
+        if context.run_config.get(HELD_KEY, False):  # `fedmerge simulate` holds the folder (lock, earlier files)
             out = run(grid, scenario, target, resuming, start)
-            print(results_io.run_summary(out, scenario["eval"]["primary"]))  # noqa: T201  (the user's only view of the results)
+        else:  # a plain `flwr run`: nobody else holds the folder or keeps the earlier results
+            with run_folder(target, resume=resuming, overwrite=bool(context.run_config.get(OVERWRITE_KEY, False))):
+                if resuming:
+                    results_io.archive_results(target)
+                out = run(grid, scenario, target, resuming, start)
+                print(results_io.run_summary(out, scenario["eval"]["primary"]))  # noqa: T201  (the user's only view of the results)
         if out["status"] != "ok":
             raise FedmergeError(f"federation failed (results: {target / results_io.RESULTS_FILE}): {out['errors']}")
 

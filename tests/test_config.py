@@ -138,6 +138,20 @@ def test_mergerec_preset_and_keys_are_checked_before_any_training():
         validate(cfg)
 
 
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_written_scenario_loads_back_unchanged(name, tmp_path):
+    from fedmerge.config import write_scenario
+
+    cfg = apply_overrides(load_scenario(name), ['merge.params={ties = {density = 0.3}}', "baselines.fedavg_rounds=1",
+                                                'data.root="/d/x y"'])
+    assert load_scenario(write_scenario(cfg, tmp_path / "s.toml")) == cfg
+    bad = copy.deepcopy(cfg)
+    bad["eval"]["split"] = "train"
+    with pytest.raises(FedmergeError, match="eval.split"):
+        write_scenario(bad, tmp_path / "bad.toml")
+    assert not (tmp_path / "bad.toml").exists()
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("federation.norm_action=\"drop\"", r"federation.norm_action must be one of \['reject', 'clip'\], got 'drop'"),
     ("federation.fedavg_aggregation=\"ties\"",

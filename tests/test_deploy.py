@@ -27,6 +27,7 @@ from fedmerge.deploy.flwr_cli import (
     FlwrClient,
     FlwrCommandError,
     RunFailed,
+    config_line,
     parse_json_output,
     parse_run_status,
     run_config_args,
@@ -36,7 +37,6 @@ from fedmerge.deploy.local import (
     REPO_ROOT,
     deployment_env,
     domain_data_paths,
-    node_config_arg,
     start_superlink,
     start_supernode,
     wait_until_online,
@@ -141,8 +141,9 @@ def test_run_config_and_node_config_quoting():
         "--run-config", "flag=true"]
     with pytest.raises(ValueError, match="'bad'"):
         run_config_args({"bad": [1]})
-    text = node_config_arg({"data-path": "/d/x y", "partition-id": 2})
-    assert tomllib.loads(text.replace(" partition", "\npartition")) == {"data-path": "/d/x y", "partition-id": 2}
+    text = config_line({"data-path": "/d/x y", "partition-id": 2, "verbose": False})
+    assert tomllib.loads(text.replace(" partition", "\npartition").replace(" verbose", "\nverbose")) == {
+        "data-path": "/d/x y", "partition-id": 2, "verbose": False}
 
 
 def test_flower_config_is_valid_toml(tmp_path):
@@ -475,6 +476,14 @@ def test_wait_fails_fast_when_check_fails(tmp_path):
 
     with pytest.raises(FedmergeError, match="exited with code -9"):
         ScriptedFlwr(tmp_path, ["running"]).wait(1, timeout_s=60, poll_s=0.01, check=superlink_died)
+
+
+def test_wait_ready_hint_ends_a_long_pause(tmp_path):
+    flwr = ScriptedFlwr(tmp_path, ["running", "finished:completed"])
+    ready_at = time.monotonic() + 0.3
+    start = time.monotonic()
+    assert flwr.wait(3, timeout_s=60, poll_s=30, ready=lambda: time.monotonic() > ready_at).succeeded
+    assert time.monotonic() - start < 5  # without the hint: one 30 s pause
 
 
 KILLED_DEPLOYER = (

@@ -15,35 +15,38 @@ from tests.test_federation import TINY
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n_domains", [8, 16])
-def test_flower_simulation_with_many_clients_completes(n_domains, tmp_path, monkeypatch, caplog):
-    import flwr.simulation
-
+def test_flower_simulation_with_many_clients_completes(n_domains, tmp_path, monkeypatch, capfd):
+    from fedmerge.deploy.flwr_cli import FlwrClient
     from fedmerge.runners.simulation import run_scenario
 
     torch.set_num_threads(1)
     seen: dict = {}
-    real = flwr.simulation.run_simulation
+    real = FlwrClient.submit_run
 
-    def recording(**kwargs):
-        seen.update(kwargs)
-        return real(**kwargs)
+    def recording(self, app_dir, run_config=None, federation_config=None):
+        seen.update(federation_config or {})
+        return real(self, app_dir, run_config, federation_config)
 
-    monkeypatch.setattr(flwr.simulation, "run_simulation", recording)
+    monkeypatch.setattr(FlwrClient, "submit_run", recording)
     cfg = load_scenario("quickstart", [
         *TINY, f"encoder.cache_dir={tmp_path / 'cache'}", f"data.synthetic.n_domains={n_domains}",
         "baselines.joint=false", 'merge.methods=["average","ties","mergerec_taskwise"]',
         "merge.mergerec.teacher_top_k=10"])
+    fedmerge_logger = logging.getLogger("fedmerge")
+    previous = fedmerge_logger.level
+    fedmerge_logger.setLevel(logging.INFO)  # as --verbose: the run's log (ServerApp INFO included) streams to stderr
     start = time.perf_counter()
-    with caplog.at_level(logging.INFO, logger="fedmerge.runners.server"):
+    try:
         out = run_scenario(cfg, "flower", tmp_path / "out")
+    finally:
+        fedmerge_logger.setLevel(previous)
     wall = time.perf_counter() - start
     assert out["status"] == "ok" and len(out["domains"]) == n_domains
     assert set(out["models"]["mergerec_taskwise"]) == {*out["domains"], "average"}
     # Ray gets the usable cores and each ClientApp one of them: never more client actors than CPUs
-    backend = seen["backend_config"]
-    assert backend["init_args"]["num_cpus"] == len(os.sched_getaffinity(0))
-    assert backend["client_resources"]["num_cpus"] >= 1 and seen["num_supernodes"] == n_domains
-    assert f"train: {n_domains}/{n_domains} replies" in caplog.text  # progress, one line per reply
+    assert seen["init-args-num-cpus"] == len(os.sched_getaffinity(0))
+    assert seen["client-resources-num-cpus"] >= 1 and seen["num-supernodes"] == n_domains
+    assert f"train: {n_domains}/{n_domains} replies" in capfd.readouterr().err  # progress, one line per reply
     print(f"{n_domains} clients: {wall:.1f} s")  # noqa: T201
 
 

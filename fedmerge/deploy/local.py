@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.deploy.certs import NodeKeys, TlsFiles, generate, load_tls_dir
-from fedmerge.deploy.flwr_cli import FlwrClient, RunFailed, toml_string, write_flower_config
+from fedmerge.deploy.flwr_cli import FlwrClient, RunFailed, config_line, write_flower_config
 from fedmerge.deploy.processes import ManagedProcess, ProcessSet, free_port, wait_for_port
 from fedmerge.errors import DataError, FedmergeError
 
@@ -38,10 +38,11 @@ class Link:
     address: str
     root_cert: Path | None
 
-
-def node_config_arg(values: Mapping[str, str | int | float]) -> str:
-    """Flower's ``--node-config`` value: space-separated ``key=value`` with TOML-quoted strings."""
-    return " ".join(f"{k}={toml_string(v) if isinstance(v, str) else v}" for k, v in values.items())
+    def check_alive(self) -> None:
+        """FedmergeError with the end of its log if the SuperLink process has exited (a ``FlwrClient.wait`` check)."""
+        if self.process.popen.poll() is not None:
+            raise FedmergeError(f"the SuperLink exited with code {self.process.popen.returncode}:\n"
+                                f"{self.process.log_tail()}")
 
 
 def deployment_env(out_dir: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -53,14 +54,18 @@ def deployment_env(out_dir: Path, base: Mapping[str, str] | None = None) -> dict
 
 
 def start_superlink(
-    procs: ProcessSet, out_dir: Path, tls: TlsFiles | None, node_auth: bool = True, startup_timeout_s: float = 600.0
+    procs: ProcessSet, out_dir: Path, tls: TlsFiles | None, node_auth: bool = True, startup_timeout_s: float = 600.0,
+    simulation: bool = False,
 ) -> Link:
-    """Start a SuperLink on a free loopback port (TLS unless ``tls`` is None) and wait until it listens."""
+    """Start a SuperLink on a free loopback port (TLS unless ``tls`` is None) and wait until it listens.
+
+    ``simulation``: Flower's simulation runtime (virtual SuperNodes on Ray, no Fleet API) instead of real SuperNodes.
+    """
     if node_auth and tls is None:
         raise FedmergeError("SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth with --insecure)")
     port = free_port(HOST)
     argv = ["flower-superlink", "--host", HOST, "--port", str(port), "--database", str(out_dir / "superlink.db"),
-            "--disable-runtime-dependency-installation"]
+            "--disable-runtime-dependency-installation", *(["--simulation"] if simulation else [])]
     if tls is None:
         argv.append("--insecure")
     else:
@@ -82,7 +87,7 @@ def start_supernode(
 ) -> ManagedProcess:
     """Start a SuperNode connecting to ``link`` with ``node_config``; ``keys`` authenticate it (None: no key)."""
     argv = ["flower-supernode", "--superlink", link.address, "--port", str(free_port(HOST)),
-            "--node-config", node_config_arg(node_config), "--max-wait-time", str(max_wait_s)]
+            "--node-config", config_line(node_config), "--max-wait-time", str(max_wait_s)]
     argv += ["--insecure"] if link.root_cert is None else ["--root-certificates", str(link.root_cert)]
     if keys is not None:
         argv += ["--auth-supernode-private-key", str(keys.private_key)]
@@ -155,7 +160,7 @@ def read_results(path: Path) -> dict[str, Any]:
     return results
 
 
-def _reported_errors(path: Path) -> str:
+def reported_errors(path: Path) -> str:
     """The per-domain errors and rejections a failed run still wrote to ``results.json`` (empty if none)."""
     try:
         results = json.loads(path.read_text())
@@ -229,16 +234,10 @@ def _deploy(
                       "overrides": ";".join(overrides), "out-dir": str(results_dir)}
         run_id = flwr.submit_run(app, run_config)
         logger.info("submitted run %d to %s with %d SuperNodes", run_id, link.address, len(nodes))
-
-        def link_alive() -> None:
-            if link.process.popen.poll() is not None:
-                raise FedmergeError(f"the SuperLink exited with code {link.process.popen.returncode}:\n"
-                                    f"{link.process.log_tail()}")
-
         try:
-            status = flwr.wait(run_id, timeout_s, poll_s, check=link_alive)
+            status = flwr.wait(run_id, timeout_s, poll_s, check=link.check_alive)
         except RunFailed as exc:
-            raise RunFailed(f"{exc}{_reported_errors(results_dir / 'results.json')}") from exc
+            raise RunFailed(f"{exc}{reported_errors(results_dir / 'results.json')}") from exc
         finally:
             (out / "logs" / "run.log").write_text(flwr.logs(run_id))
         logger.info("run %d %s", run_id, status)

@@ -33,6 +33,7 @@ from fedmerge.errors import FedmergeError
 logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0
+STDERR_FD = 2  # ProcessSet.start(echo=True): the child writes to this process's stderr (fd level)
 RECORD_FILE = "processes.json"
 
 
@@ -130,8 +131,9 @@ class ProcessSet:
         self.grace_s = grace_s
         self.processes: list[ManagedProcess] = []
 
-    def start(self, name: str, argv: Sequence[str], cwd: str | Path | None = None) -> ManagedProcess:
-        """Start ``argv`` in a new session (own process group), stdout+stderr to ``<out>/logs/<name>.log``."""
+    def start(self, name: str, argv: Sequence[str], cwd: str | Path | None = None, echo: bool = False) -> ManagedProcess:
+        """Start ``argv`` in a new session (own process group), stdout+stderr to ``<out>/logs/<name>.log`` (with
+        ``echo``: to this process's stderr instead; the log file stays empty)."""
         if any(p.name == name for p in self.processes):
             raise ValueError(f"a process named {name!r} was already started")
         log_path = self.out_dir / "logs" / f"{name}.log"
@@ -139,7 +141,7 @@ class ProcessSet:
         with log_path.open("ab") as log:
             try:
                 popen = subprocess.Popen(
-                    list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    list(argv), stdout=STDERR_FD if echo else log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True, env=self.env, cwd=cwd,
                 )
             except OSError as exc:

@@ -1,19 +1,18 @@
 """``run_scenario``: one entry point for both engines.
 
-``engine="flower"`` runs the real ClientApp/ServerApp through Flower's simulation engine (Ray backend, one
-SuperNode per domain); ``engine="inprocess"`` calls the same client and server code directly. The Flower run's
-success is judged from the results file the ServerApp writes, never from an exit code.
+``engine="flower"`` runs the real ClientApp/ServerApp with ``flwr run`` on a private SuperLink started with
+Flower's simulation runtime (Ray backend, one virtual SuperNode per domain); ``engine="inprocess"`` calls the same
+client and server code directly. The Flower run's success is judged from ``flwr ls`` and the results file the
+ServerApp writes, never from an exit code.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,12 @@ from fedmerge.errors import FedmergeError
 
 logger = logging.getLogger(__name__)
 ENGINES = ("flower", "inprocess")
+# Ray (2.55) binds its GCS, raylet, object manager and worker gRPC servers to every interface unless the node IP is
+# loopback, and replaces a requested 127.0.0.1 with the machine's address unless this is "0" (its single-machine
+# mode, the default on macOS and Windows). Read once when ray is imported: set in the SuperLink's environment, it
+# reaches the simulation runtime's process and every process Ray starts.
 RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+SIMULATION_POLL_S = 10.0  # seconds between `flwr ls` polls while the run has written no results.json yet
 
 
 def run_scenario(
@@ -68,63 +72,54 @@ def _run_engine(cfg: Mapping[str, Any], engine: str, out_dir: str | Path | None,
     return results
 
 
-@contextmanager
-def loopback_ray() -> Iterator[None]:
-    """While inside, a Ray instance this process starts listens on 127.0.0.1 only.
-
-    Ray (2.55) binds its GCS, raylet, object manager and worker gRPC servers to every interface unless the node IP
-    is loopback, and it replaces a requested 127.0.0.1 (``_node_ip_address``) with the machine's address unless
-    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (its single-machine mode, the default on macOS and Windows). That
-    setting is read once at import, so the imported constant is set too; the environment variable carries it into
-    the processes Ray starts. Both are restored on exit.
-    """
-    from ray._private import ray_constants
-
-    previous_env = os.environ.get(RAY_SINGLE_MACHINE_ENV)
-    previous_flag = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[RAY_SINGLE_MACHINE_ENV] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = previous_flag
-        if previous_env is None:
-            os.environ.pop(RAY_SINGLE_MACHINE_ENV, None)
-        else:
-            os.environ[RAY_SINGLE_MACHINE_ENV] = previous_env
-
-
 def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Flower simulation (Ray backend) with ``num_supernodes`` = number of domains, one CPU per ClientApp.
+    """Flower simulation through ``flwr run``: a private SuperLink with Flower's simulation runtime (Ray backend),
+    ``num-supernodes`` = number of domains, one CPU per ClientApp.
 
-    The ClientApps' own output (their progress bars, with Ray's actor prefixes) is shown only with ``--verbose``.
+    The resolved scenario is written to a run-private folder that also holds the Flower home (``FLWR_HOME``); a
+    SuperLink (``--simulation``) listens on a free 127.0.0.1 port; the app (this repository's ``[tool.flwr.app]``)
+    is submitted with the run config ``scenario`` (that file), ``out-dir`` and ``resume``; ``flwr ls`` is polled
+    until the run finished, and success needs both ``finished:completed`` and ``results.json`` with ``status: ok``
+    (never an exit code); there is no overall time limit (``federation.timeout_s`` bounds the ServerApp's every
+    wait for replies). Every process started is stopped by pid on return, error or Ctrl-C. Ray runs in
+    single-machine mode (:data:`RAY_SINGLE_MACHINE_ENV`), so it listens on 127.0.0.1 only. The run's own output
+    (ServerApp and ClientApps, Ray) is streamed to stderr only with ``--verbose``.
     """
-    from flwr.simulation import run_simulation
+    from fedmerge.config import write_scenario
+    from fedmerge.deploy.flwr_cli import CONNECTION, FlwrClient, RunFailed, write_flower_config
+    from fedmerge.deploy.local import REPO_ROOT, check_app_dir, deployment_env, read_results, reported_errors, start_superlink
+    from fedmerge.deploy.processes import ProcessSet
+    from fedmerge.logs import LEVEL_ENV, verbose_enabled
 
-    from clients.app import build_client_app
-    from fedmerge.logs import quiet_frameworks, verbose_enabled
-    from server.app import build_server_app
-
-    if not verbose_enabled():
-        quiet_frameworks()
-
-    with tempfile.TemporaryDirectory(prefix="fedmerge-sim-") as scratch, loopback_ray():
-        target = Path(out_dir) if out_dir is not None else Path(scratch)
+    app = check_app_dir(REPO_ROOT)
+    verbose = verbose_enabled()
+    with tempfile.TemporaryDirectory(prefix="fedmerge-sim-") as scratch:
+        private = Path(scratch)
+        target = Path(out_dir).resolve() if out_dir is not None else private / "results"
         results_path = target / "results.json"
         results_path.unlink(missing_ok=True)  # a stale file must not pass for this run's result
+        run_config = {"scenario": str(write_scenario(cfg, private / "scenario.toml")), "overrides": "",
+                      "out-dir": str(target), "resume": resume, "out-dir-held": True}  # run_scenario holds out_dir
+        federation_config = {"num-supernodes": len(domain_names(cfg)), "client-resources-num-cpus": 1,
+                             "init-args-num-cpus": len(os.sched_getaffinity(0)), "init-args-log-to-driver": verbose,
+                             "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)}
+        env = {**deployment_env(private), RAY_SINGLE_MACHINE_ENV: "0",
+               LEVEL_ENV: logging.getLevelName(logging.getLogger("fedmerge").getEffectiveLevel())}
         start = time.perf_counter()
-        run_simulation(
-            server_app=build_server_app(cfg, target, resume=resume),
-            client_app=build_client_app(cfg),
-            num_supernodes=len(domain_names(cfg)),
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": len(os.sched_getaffinity(0)), "include_dashboard": False,
-                                          "log_to_driver": verbose_enabled()}},  # Ray workers' output: --verbose
-            verbose_logging=logging.getLogger().isEnabledFor(logging.DEBUG),
-        )
+        with ProcessSet(private, env=env) as procs:
+            link = start_superlink(procs, private, tls=None, node_auth=False, simulation=True,
+                                   startup_timeout_s=float(cfg["federation"]["startup_timeout_s"]))
+            write_flower_config(Path(env["FLWR_HOME"]), link.address, None)
+            flwr = FlwrClient(Path(env["FLWR_HOME"]), env=env)
+            run_id = flwr.submit_run(app, run_config, federation_config)
+            logger.info("submitted Flower simulation run %d to %s", run_id, link.address)
+            if verbose:
+                procs.start("run-log", ["flwr", "log", str(run_id), CONNECTION, "--stream"], echo=True)
+            try:
+                flwr.wait(run_id, float("inf"), SIMULATION_POLL_S, check=link.check_alive, ready=results_path.is_file)
+            except RunFailed as exc:
+                raise RunFailed(f"{exc}{reported_errors(results_path)}") from exc
         wall = time.perf_counter() - start
-        if not results_path.is_file():
-            raise FedmergeError(f"the Flower run wrote no {results_path}; see the log above for the ServerApp error")
-        results = json.loads(results_path.read_text())
+        results = read_results(results_path)
     results["timings_s"]["simulation_wall"] = round(wall, 3)
     return results
