@@ -56,7 +56,7 @@ def tree_pss_bytes(root: int) -> int:
 def simulate(scenario: str, overrides: list[str], engine: str, out_dir: Path) -> dict[str, float]:
     """One ``fedmerge simulate`` subprocess: wall seconds, peak memory of its process tree (sampled every second),
     the phase timings it reports and the load around it."""
-    argv = [sys.executable, "-c", CLI, "simulate", scenario, "--engine", engine, "--out", str(out_dir),
+    argv = [sys.executable, "-c", CLI, "simulate", scenario, "--engine", engine, "--out", str(out_dir), "--overwrite",
             *[item for o in overrides for item in ("--set", o)]]
     load_before = os.getloadavg()[0]
     start = time.perf_counter()

@@ -47,7 +47,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "fedavg_rounds": 3,
         "fedavg_local_params": {},
     },
-    "federation": {"timeout_s": 3600.0, "min_replies": 0, "max_update_slack": 1.0},
+    # timeout_s: the wait for replies to one request; startup_timeout_s: the wait for the SuperNodes to connect and
+    # their ClientApps to load their domain (under `deploy local` also for the SuperLink and SuperNode processes)
+    "federation": {
+        # min_replies 0: a strict majority of the K training clients (⌊K/2⌋ + 1); a rejected or silent minority is
+        # left out, recorded and warned about. min_replies = K: every client must deliver.
+        "timeout_s": 3600.0, "startup_timeout_s": 600.0, "min_replies": 0, "max_update_slack": 1.0,
+        # defences against a client sending a well-formed but hostile update or lying metadata (issue 19)
+        "max_abs_value": 1e4, "norm_multiple": 3.0, "norm_cap": 0.0, "norm_action": "reject",
+        # fedavg_weighting "equal": every domain weighs the same in a FedAvg round, as MergeRec averages domains, and
+        # an unverifiable user count cannot buy weight; "users" (McMahan et al.'s n_k-weighted FedAvg) trusts each
+        # client's num-users, each share capped at fedavg_max_share
+        "max_num_users": 1e8, "fedavg_weighting": "equal", "fedavg_max_share": 0.5, "fedavg_aggregation": "mean",
+    },
     "privacy": {
         "enabled": False,
         "unit": "domain",         # "domain": clip + noise on the shipped update; "user": per-user DP inside the client
@@ -69,6 +81,8 @@ FREE_TABLES: frozenset[tuple[str, str]] = frozenset(
      ("baselines", "fedavg_local_params")}
 )
 DATA_SOURCES = ("synthetic", "amazon", "generic")
+FEDAVG_WEIGHTINGS = ("users", "equal")  # FedAvg client weights: reported user counts (share-capped) or equal
+MAX_ABS_LIMIT = 1e30  # federation.max_abs_value above this would let a sum of a few models overflow float32
 
 
 def scenario_path(name_or_path: str | Path) -> Path:
@@ -222,6 +236,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
     seeds = cfg["run"]["seeds"]
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise FedmergeError(f"run.seeds must list distinct integers >= 0 (empty: the single run.seed), got {seeds!r}")
+    _validate_defences(cfg["federation"])
+    if cfg["federation"]["startup_timeout_s"] <= 0:
+        raise FedmergeError(f"federation.startup_timeout_s must be > 0, got {cfg['federation']['startup_timeout_s']}")
     if cfg["run"]["torch_threads"] < 1 or cfg["run"]["server_threads"] < 0:
         raise FedmergeError("run.torch_threads must be >= 1 and run.server_threads >= 0 (0: all cores)")
     from fedmerge.merging import MERGEREC_METHODS, METHODS
@@ -253,6 +270,29 @@ def validate(cfg: Mapping[str, Any]) -> None:
                             f"{cfg['theta0']['per_item']}")
     if cfg["eval"]["split"] not in ("val", "test"):
         raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg['eval']['split']!r}")
+    ks = cfg["eval"]["ks"]
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
+        raise FedmergeError(f"eval.ks must be a non-empty list of positive integers (e.g. [10, 20]), got {ks!r}")
+    _validate_before_training(cfg)
+
+
+def _validate_before_training(cfg: Mapping[str, Any]) -> None:
+    """Checks of values that are otherwise read only after every client trained: merge parameters, MergeRec
+    settings, DP parameters, and the text encoder's name (never a hub download)."""
+    from fedmerge.merging import METHODS, resolve_params
+    from fedmerge.text.encoder import check_encoder_name
+
+    n_models = len(training_domains(cfg))
+    for method, params in cfg["merge"]["params"].items():
+        if method not in METHODS:
+            raise FedmergeError(f"merge.params.{method}: not a method with parameters; valid: {sorted(METHODS)}")
+        if not isinstance(params, Mapping):
+            raise FedmergeError(f"merge.params.{method} must be a table of parameters, got {params!r}")
+        try:
+            resolve_params(method, params, n_models=n_models)
+        except ValueError as exc:
+            raise FedmergeError(f"merge.params.{method}: {exc}") from exc
+    check_encoder_name(cfg["encoder"]["name"])
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -271,6 +311,25 @@ def parse_seeds(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise FedmergeError(f"--seeds {text!r} names a seed twice")
     return seeds
+def _validate_defences(federation: Mapping[str, Any]) -> None:
+    """The [federation] defence keys: ranges and names (see README, "Faults and bad inputs tried")."""
+    from fedmerge.merging import ROBUST_METHODS
+    from fedmerge.validation import NORM_ACTIONS
+
+    checks = {
+        "max_abs_value": (0 < federation["max_abs_value"] <= MAX_ABS_LIMIT, f"a number in (0, {MAX_ABS_LIMIT:g}]"),
+        "norm_multiple": (federation["norm_multiple"] >= 0, "a number >= 0 (0: off)"),
+        "norm_cap": (federation["norm_cap"] >= 0, "a number >= 0 (0: off)"),
+        "norm_action": (federation["norm_action"] in NORM_ACTIONS, f"one of {list(NORM_ACTIONS)}"),
+        "max_num_users": (federation["max_num_users"] > 0, "a number > 0"),
+        "fedavg_weighting": (federation["fedavg_weighting"] in FEDAVG_WEIGHTINGS, f"one of {list(FEDAVG_WEIGHTINGS)}"),
+        "fedavg_max_share": (0 < federation["fedavg_max_share"] <= 1, "a number in (0, 1]"),
+        "fedavg_aggregation": (federation["fedavg_aggregation"] in ("mean", *ROBUST_METHODS),
+                               f"one of {['mean', *ROBUST_METHODS]}"),
+    }
+    for key, (ok, valid) in checks.items():
+        if not ok:
+            raise FedmergeError(f"federation.{key} must be {valid}, got {federation[key]!r}")
 
 
 def domain_names(cfg: Mapping[str, Any]) -> list[str]:
@@ -290,3 +349,14 @@ def domain_names(cfg: Mapping[str, Any]) -> list[str]:
 def training_domains(cfg: Mapping[str, Any]) -> list[str]:
     """Domains whose clients train and are merged (all but ``data.held_out``)."""
     return [d for d in domain_names(cfg) if d not in cfg["data"]["held_out"]]
+
+
+def write_scenario(cfg: Mapping[str, Any], path: str | Path) -> Path:
+    """Write the resolved scenario ``cfg`` as TOML to ``path``: ``load_scenario(path) == cfg`` (it is validated
+    first, so a file that would not load back is never written). Used to hand a scenario to a `flwr run`."""
+    import tomli_w
+
+    from fedmerge.storage import write_bytes_atomic
+
+    validate(cfg)
+    return write_bytes_atomic(path, tomli_w.dumps(dict(cfg)).encode())

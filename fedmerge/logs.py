@@ -4,12 +4,14 @@ framework's log (fedmerge INFO, Flower, alembic, Ray worker output); ``--debug``
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 FORMAT = "%(levelname)s %(name)s: %(message)s"
 # Loggers of the frameworks under a Flower simulation: quiet unless --verbose. Flower's own (deprecation) warnings
 # go to ERROR too: they address Flower's API users, not someone running a scenario.
 FRAMEWORK_LOGGERS = {"flwr": logging.ERROR, "alembic": logging.WARNING, "ray": logging.WARNING}
+LEVEL_ENV = "FEDMERGE_LOG_LEVEL"  # the CLI's level (INFO: --verbose, DEBUG: --debug) handed to the ServerApp's process
 
 
 def configure_logging(verbose: bool = False, debug: bool = False) -> None:
@@ -33,3 +35,11 @@ def quiet_frameworks() -> None:
 def verbose_enabled() -> bool:
     """Whether the user asked for framework output (``--verbose``/``--debug``): fedmerge's INFO logs are enabled."""
     return logging.getLogger("fedmerge").isEnabledFor(logging.INFO)
+
+
+def configure_from_env() -> None:
+    """In the ServerApp's process under ``fedmerge simulate``: the launching CLI's ``--verbose``/``--debug``
+    (:data:`LEVEL_ENV`); nothing when it is unset (a plain ``flwr run``)."""
+    level = os.environ.get(LEVEL_ENV, "")
+    if level:
+        configure_logging(verbose=level == "INFO", debug=level == "DEBUG")

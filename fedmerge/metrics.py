@@ -27,6 +27,7 @@ Two variants are reported:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -40,14 +41,43 @@ Scorer = Callable[[list[np.ndarray]], np.ndarray]
 
 TIE_RULES: tuple[str, ...] = ("expected", "lower_index")
 TieRule = Literal["expected", "lower_index"]
+MASKED_SUFFIX = "_masked"
+USERS = "users"  # evaluate_scorer's count of evaluated users
+Counts = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""Per row: (#ranked items scoring above the target g, #other ranked items tied with it m, #of those m with a lower
+item index)."""
 
 
-def rank_counts(
-    scores: np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray] | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: (#ranked items scoring above the target, #other ranked items tied with it, #of those with a lower
-    index). Histories (items other than the target) are removed from the ranking if given."""
-    scores = np.asarray(scores, dtype=np.float64)
+def history_pairs(
+    histories: Sequence[np.ndarray], targets: np.ndarray, n_items: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, items) of the distinct (row, history item) pairs whose item is not the row's target: the entries that
+    masking removes from the ranking. Computed once per batch of users, shared by every evaluated model."""
+    if len(histories) != len(targets):
+        raise ValueError(f"{len(histories)} histories for {len(targets)} targets")
+    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+    rows = np.repeat(np.arange(len(histories), dtype=np.int64), lengths)
+    items = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if len(histories) else rows
+    bad = np.flatnonzero((items < 0) | (items >= n_items))
+    if bad.size:
+        raise ValueError(f"history of row {rows[bad[0]]} holds an item index out of range 0..{n_items - 1}")
+    keep = items != np.asarray(targets, dtype=np.int64)[rows]
+    codes = np.unique(rows[keep] * n_items + items[keep])
+    return codes // n_items, codes % n_items
+
+
+def counts_with_mask(
+    scores: np.ndarray, targets: np.ndarray, pairs: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[Counts, Counts | None]:
+    """(unmasked :data:`Counts`, masked Counts or None) of the targets, from one pass over the scores.
+
+    Unmasked: g = #{i : s_i > s_t}, m = #{i ≠ t : s_i = s_t}. Masked: minus the removed history items
+    (:func:`history_pairs`) that count in them, so masking costs O(history) per row, not another pass over the
+    catalog.
+    """
+    scores = np.asarray(scores)
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
     targets = np.asarray(targets, dtype=np.int64)
     if scores.ndim != 2 or scores.shape[0] != targets.shape[0]:
         raise ValueError(f"scores shape {scores.shape} does not match {targets.shape[0]} targets")
@@ -56,22 +86,33 @@ def rank_counts(
     n_items = scores.shape[1]
     if targets.size and (targets.min() < 0 or targets.max() >= n_items):
         raise ValueError(f"target index out of range 0..{n_items - 1}")
-    rows = np.arange(len(targets))
-    ranked = np.ones(scores.shape, dtype=bool)  # False: removed from the ranking (masked history item)
-    if histories is not None:
-        if len(histories) != len(targets):
-            raise ValueError(f"{len(histories)} histories for {len(targets)} targets")
-        for r, hist in enumerate(histories):
-            hist = np.asarray(hist, dtype=np.int64)
-            if hist.size and (hist.min() < 0 or hist.max() >= n_items):
-                raise ValueError(f"history of row {r} holds an item index out of range 0..{n_items - 1}")
-            ranked[r, hist[hist != targets[r]]] = False
-    target_scores = scores[rows, targets][:, None]
-    higher = ((scores > target_scores) & ranked).sum(axis=1)
-    tied = (scores == target_scores) & ranked
-    tied[rows, targets] = False
-    lower_index = np.arange(n_items)[None, :] < targets[:, None]
-    return higher, tied.sum(axis=1), (tied & lower_index).sum(axis=1)
+    target_scores = scores[np.arange(len(targets)), targets]
+    column = target_scores[:, None]
+    higher = np.count_nonzero(scores > column, axis=1)
+    tied = np.count_nonzero(scores >= column, axis=1) - higher - 1
+    tied_lower = np.zeros_like(tied)
+    rows_tied = np.flatnonzero(tied > 0)
+    if rows_tied.size:
+        lower_index = np.arange(n_items)[None, :] < targets[rows_tied, None]
+        tied_lower[rows_tied] = np.count_nonzero((scores[rows_tied] == column[rows_tied]) & lower_index, axis=1)
+    if pairs is None:
+        return (higher, tied, tied_lower), None
+    pair_rows, pair_items = pairs
+    pair_scores, pair_targets = scores[pair_rows, pair_items], target_scores[pair_rows]
+    above, level = pair_scores > pair_targets, pair_scores == pair_targets
+    level_lower = level & (pair_items < targets[pair_rows])
+    size = len(targets)
+    masked = (higher - np.bincount(pair_rows[above], minlength=size),
+              tied - np.bincount(pair_rows[level], minlength=size),
+              tied_lower - np.bincount(pair_rows[level_lower], minlength=size))
+    return (higher, tied, tied_lower), masked
+
+
+def rank_counts(scores: np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray] | None = None) -> Counts:
+    """:data:`Counts` per row; histories (items other than the target) are removed from the ranking if given."""
+    pairs = None if histories is None else history_pairs(histories, targets, np.shape(scores)[-1])
+    unmasked, masked = counts_with_mask(scores, targets, pairs)
+    return unmasked if masked is None else masked
 
 
 def target_ranks(scores: np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray] | None = None) -> np.ndarray:
@@ -107,14 +148,64 @@ def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS, suffix
     return metrics_from_ties(ranks, np.zeros_like(ranks), ks, suffix)
 
 
-def tie_metrics(
-    scores: np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray] | None, ties: TieRule
-) -> tuple[np.ndarray, np.ndarray]:
+def tie_inputs(counts: Counts, ties: TieRule) -> tuple[np.ndarray, np.ndarray]:
     """(items ahead, tied items) per row under rule ``ties``: the inputs of :func:`metrics_from_ties`."""
-    higher, tied, tied_lower = rank_counts(scores, targets, histories)
+    higher, tied, tied_lower = counts
     if ties == "expected":
         return higher, tied
     return higher + tied_lower, np.zeros_like(tied)
+
+
+@dataclass(frozen=True)
+class EvalBatch:
+    """One batch of evaluation users, prepared once and shared by every model: truncated inputs, targets and the
+    history pairs that masking removes."""
+
+    inputs: list[np.ndarray]
+    targets: np.ndarray
+    pairs: tuple[np.ndarray, np.ndarray]
+
+
+def evaluation_batches(
+    domain: Domain, split: Split = "test", max_len: int = 50, batch_size: int = 512
+) -> list[EvalBatch]:
+    """``domain``'s ``split`` users in batches of ``batch_size``: inputs truncated to their last ``max_len`` items
+    (MergeRec keeps 50), masks from the full input sequences."""
+    if max_len < 1 or batch_size < 1:
+        raise ValueError(f"max_len ({max_len}) and batch_size ({batch_size}) must be positive")
+    seqs_full, targets, _ = domain.inputs(split)
+    if len(targets) == 0:
+        raise ValueError(f"no users to evaluate in domain {domain.name!r}, split {split!r}")
+    batches = []
+    for start in range(0, len(targets), batch_size):
+        batch, batch_targets = seqs_full[start : start + batch_size], targets[start : start + batch_size]
+        batches.append(EvalBatch([s[-max_len:] for s in batch], batch_targets,
+                                 history_pairs(batch, batch_targets, domain.n_items)))
+    return batches
+
+
+def evaluate_batches(
+    scorer: Scorer, batches: Sequence[EvalBatch], n_items: int, ks: Sequence[int] = DEFAULT_KS,
+    ties: TieRule = "expected",
+) -> dict[str, float]:
+    """Recall@K and NDCG@K, unmasked and masked, of ``scorer`` on prepared :func:`evaluation_batches` of a domain
+    with ``n_items`` items under tie rule ``ties``; also ``users``. Memory: one batch's (batch, n_items) scores at a
+    time."""
+    if ties not in TIE_RULES:
+        raise ValueError(f"unknown tie rule {ties!r}; valid: {list(TIE_RULES)}")
+    unmasked: list[tuple[np.ndarray, np.ndarray]] = []
+    masked: list[tuple[np.ndarray, np.ndarray]] = []
+    for batch in batches:
+        scores = np.asarray(scorer(batch.inputs))
+        if scores.shape != (len(batch.targets), n_items):
+            raise ValueError(f"scorer returned shape {scores.shape}, expected ({len(batch.targets)}, {n_items})")
+        plain, removed = counts_with_mask(scores, batch.targets, batch.pairs)
+        unmasked.append(tie_inputs(plain, ties))
+        masked.append(tie_inputs(removed, ties))
+    result = metrics_from_ties(*(np.concatenate(parts) for parts in zip(*unmasked)), ks)
+    result.update(metrics_from_ties(*(np.concatenate(parts) for parts in zip(*masked)), ks, suffix=MASKED_SUFFIX))
+    result[USERS] = sum(len(b.targets) for b in batches)
+    return result
 
 
 def evaluate_scorer(
@@ -130,26 +221,13 @@ def evaluate_scorer(
 
     The input sequence is truncated to its last ``max_len`` items before scoring (MergeRec keeps 50); masking
     uses the full input sequence. ``ties``: ``"expected"`` (exact expectation over random orders of tied items)
-    or ``"lower_index"`` (see the module docstring). Also returns ``users``, the number of evaluated users.
+    or ``"lower_index"`` (see the module docstring). Also returns ``users``, the number of evaluated users. Several
+    models of one domain: prepare :func:`evaluation_batches` once and call :func:`evaluate_batches` per model.
     """
-    if max_len < 1 or batch_size < 1:
-        raise ValueError(f"max_len ({max_len}) and batch_size ({batch_size}) must be positive")
-    if ties not in TIE_RULES:
-        raise ValueError(f"unknown tie rule {ties!r}; valid: {list(TIE_RULES)}")
-    seqs_full, targets, _ = domain.inputs(split)
-    if len(targets) == 0:
-        raise ValueError(f"no users to evaluate in domain {domain.name!r}, split {split!r}")
-    unmasked: list[tuple[np.ndarray, np.ndarray]] = []
-    masked: list[tuple[np.ndarray, np.ndarray]] = []
-    for start in range(0, len(targets), batch_size):
-        batch = seqs_full[start : start + batch_size]
-        scores = np.asarray(scorer([s[-max_len:] for s in batch]))
-        if scores.shape != (len(batch), domain.n_items):
-            raise ValueError(f"scorer returned shape {scores.shape}, expected ({len(batch)}, {domain.n_items})")
-        batch_targets = targets[start : start + batch_size]
-        unmasked.append(tie_metrics(scores, batch_targets, None, ties))
-        masked.append(tie_metrics(scores, batch_targets, batch, ties))
-    result = metrics_from_ties(*(np.concatenate(parts) for parts in zip(*unmasked)), ks)
-    result.update(metrics_from_ties(*(np.concatenate(parts) for parts in zip(*masked)), ks, suffix="_masked"))
-    result["users"] = len(targets)
-    return result
+    return evaluate_batches(scorer, evaluation_batches(domain, split, max_len, batch_size), domain.n_items, ks, ties)
+
+
+def evaluation_metric_names(ks: Sequence[int] = DEFAULT_KS) -> set[str]:
+    """The names :func:`evaluate_scorer` reports for cutoffs ``ks`` (what a server expects from an evaluation)."""
+    names = set(metrics_from_ranks(np.zeros(1), ks)) | set(metrics_from_ranks(np.zeros(1), ks, suffix=MASKED_SUFFIX))
+    return names | {USERS}

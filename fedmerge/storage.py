@@ -3,51 +3,119 @@
 Every write goes to a temporary file in the target folder, is flushed to disk, and is renamed into place with
 ``os.replace``, so a reader (or a crash) sees either the old file or the complete new one, never half a file.
 
+A run holds :func:`run_folder` on its output folder for its whole duration: an exclusive ``flock`` on
+``<out_dir>/.fedmerge.lock`` (a second run into the folder fails at once) and a refusal to write into a folder that
+already holds an earlier run's files unless the run resumes from them or was told to overwrite them.
+
 Client weights live at ``<out_dir>/clients/<file-safe domain>.safetensors`` with the real domain name in the
 safetensors metadata, so a run can re-merge from saved weights without retraining (``--resume``).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
 
 from fedmerge.errors import DataError, FedmergeError
-from fedmerge.models.base import StateDict
+
+if TYPE_CHECKING:  # torch is imported by the weight functions only: the CLI's --help and data commands need none
+    from fedmerge.models.base import StateDict
 
 logger = logging.getLogger(__name__)
 
 CLIENTS_DIR = "clients"
 WEIGHTS_SUFFIX = ".safetensors"
 DOMAIN_KEY = "domain"
+LOCK_FILE = ".fedmerge.lock"
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary sibling file, fsync and ``os.replace``."""
+def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` via a temporary sibling file, fsync and ``os.replace``.
+
+    The temporary file gets a fresh random name, created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode 0600
+    (``tempfile.mkstemp``), so a file or symlink planted in the folder never receives the data; ``mode`` (e.g.
+    0o644) is set on it before it is renamed into place.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # ENOSPC, EACCES, EROFS, ...: name the file, not only the errno
+            raise FedmergeError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
     return path
+
+
+@contextmanager
+def run_folder(out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """Hold ``out_dir`` for one run: an exclusive lock for the run's duration and no silent reuse of old files.
+
+    The lock is ``fcntl.flock`` on ``<out_dir>/.fedmerge.lock`` (released by the kernel when the process dies, so a
+    killed run never leaves a stale lock); a second run into the folder fails at once naming the holder's pid. A
+    folder with other entries is refused unless ``resume`` (the run re-merges from them) or ``overwrite`` (they are
+    deleted first, after the lock is taken).
+    """
+    out = Path(out_dir)
+    lock_path = out / LOCK_FILE
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise FedmergeError(f"cannot use {out} as the run folder: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise FedmergeError(f"cannot lock {lock_path}: {exc.strerror or exc}") from exc
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise FedmergeError(
+                f"run folder {out} is in use by another run (pid {holder}, lock {lock_path}); wait for it to finish "
+                "or choose another output folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        earlier = sorted(p for p in out.iterdir() if p.name != LOCK_FILE)
+        if earlier and not resume:
+            if not overwrite:
+                raise FedmergeError(
+                    f"run folder {out} already holds an earlier run's files ({', '.join(p.name for p in earlier[:5])}"
+                    f"{', ...' if len(earlier) > 5 else ''}); resume from them (--resume), delete them (--overwrite) "
+                    "or choose another output folder"
+                )
+            logger.warning("--overwrite: deleting the %d entries already in %s", len(earlier), out)
+            for entry in earlier:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        yield out
+    finally:
+        os.close(fd)  # closing the only descriptor releases the flock
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
@@ -78,6 +146,8 @@ def safe_file_stem(name: str) -> str:
 
 def save_weights(path: str | Path, weights: StateDict, metadata: Mapping[str, str] | None = None) -> Path:
     """Weights as a safetensors file (contiguous CPU copies), written atomically, with string metadata."""
+    from safetensors.torch import save
+
     tensors = {name: t.detach().cpu().contiguous() for name, t in weights.items()}
     return write_bytes_atomic(path, save(tensors, metadata=dict(metadata or {})))
 
@@ -87,6 +157,8 @@ def load_weights(path: str | Path) -> StateDict:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"weight file {path} does not exist")
+    from safetensors.torch import load_file
+
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -95,6 +167,8 @@ def load_weights(path: str | Path) -> StateDict:
 
 def weights_digest(weights: StateDict) -> str:
     """Short sha256 over every tensor's name, dtype, shape and bytes (sorted by name): the weights' identity."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(weights):
         tensor = weights[name].detach().cpu().contiguous()

@@ -4,12 +4,19 @@ A client ships a :data:`~fedmerge.models.base.StateDict`. Before it can touch th
 that it is an update *of the same model*: same family, exactly the parameter names of θ₀, the same shapes and
 dtypes, finite values, and within a size budget. Any failure raises :class:`UpdateRejected` naming the problem,
 so the server can drop (or report) that client instead of crashing deep inside a merge.
+
+A well-formed update can still be an attack (issue 19), so the server also checks that the weights the family
+declares fixed equal θ₀ (:func:`check_fixed`), that no weight is huge (:func:`check_magnitude`), that the
+task-vector norm is in line with the other clients' (:func:`screen_norms`), and that the metrics a client
+reports are the expected, finite, in-range numbers (:func:`check_train_metrics`, :func:`check_eval_metrics`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -17,6 +24,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.models.base import StateDict
 
 _MAX_NAMES_SHOWN = 5
+NORM_ACTIONS = ("reject", "clip")  # what federation.norm_action does to a task vector over its norm limit
 
 
 class UpdateRejected(FedmergeError):
@@ -119,3 +127,115 @@ def max_bytes_for(theta0: StateDict, slack: float = 1.0) -> int:
     if slack < 1.0 or not math.isfinite(slack):
         raise ValueError(f"slack must be a finite number >= 1, got {slack}")
     return int(math.ceil(slack * sum(tensor_bytes(t) for t in theta0.values())))
+
+
+# ---- checks beyond the format: fixed weights, magnitudes, task-vector norms (issue 19) -------------------------
+
+
+def check_fixed(theta0: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor], fixed: Iterable[str]) -> None:
+    """Every weight the family declares fixed (e.g. the routed adapter's router buffers) must equal θ₀ bit for bit."""
+    changed = {name for name in fixed if not torch.equal(update[name], theta0[name])}
+    if changed:
+        raise UpdateRejected(f"fixed parameters {_names(changed)} differ from θ₀ (they must never change)")
+
+
+def check_magnitude(update: Mapping[str, torch.Tensor], max_abs: float) -> None:
+    """No weight may exceed ``max_abs`` in absolute value (keeps every merge's sums far from float32 overflow)."""
+    for name, value in update.items():
+        biggest = float(value.detach().abs().max()) if value.numel() else 0.0
+        if biggest > max_abs:
+            raise UpdateRejected(f"parameter {name!r} has a weight of magnitude {biggest:.3g}, over "
+                                 f"federation.max_abs_value = {max_abs:g}")
+
+
+def task_vector_norm(reference: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> float:
+    """‖τ‖₂ = sqrt(Σ_p ‖θ_p − θ_ref,p‖²) over every parameter, in float64 (no overflow for any finite float32)."""
+    return math.sqrt(sum(float((update[n].double() - ref.double()).pow(2).sum()) for n, ref in reference.items()))
+
+
+@dataclass(frozen=True)
+class NormScreen:
+    """What :func:`screen_norms` decided: per-client scale factors (1.0: unchanged) and reasons of rejections."""
+
+    scale: dict[str, float]
+    rejected: dict[str, str]
+    clipped: dict[str, str]
+
+
+def norm_limits(norms: Mapping[str, float], multiple: float, cap: float) -> dict[str, float]:
+    """Per client the largest acceptable ‖τ_k‖: min(``multiple`` × median_{j≠k} ‖τ_j‖, ``cap``); 0 disables either.
+
+    The median is over the *other* clients so that one client cannot raise its own bar: with 3 clients a scaled
+    attacker is compared with the two honest norms; with 2 clients each is compared with the other one (an
+    attacker at norm N against an honest h: rejected when N > multiple·h, while h < multiple·N passes). With a
+    single client only ``cap`` applies.
+    """
+    limits = {}
+    for k in norms:
+        bounds = [math.inf]
+        others = [v for j, v in norms.items() if j != k]
+        if multiple > 0 and others:
+            bounds.append(multiple * float(statistics.median(others)))
+        if cap > 0:
+            bounds.append(cap)
+        limits[k] = min(bounds)
+    return limits
+
+
+def screen_norms(norms: Mapping[str, float], multiple: float, cap: float, action: str) -> NormScreen:
+    """Reject (``action="reject"``) or scale down to the limit (``action="clip"``) each τ_k whose norm exceeds
+    :func:`norm_limits`; returns the scale factor min(1, limit/‖τ_k‖) of each kept client."""
+    if action not in NORM_ACTIONS:
+        raise ValueError(f"norm action must be one of {list(NORM_ACTIONS)}, got {action!r}")
+    limits = norm_limits(norms, multiple, cap)
+    scale, rejected, clipped = {}, {}, {}
+    for k, norm in norms.items():
+        if norm <= limits[k]:
+            scale[k] = 1.0
+            continue
+        reason = (f"task-vector norm {norm:.4g} exceeds {limits[k]:.4g} (federation.norm_multiple = {multiple:g} × "
+                  f"the other clients' median norm, federation.norm_cap = {cap:g})")
+        if action == "reject":
+            rejected[k] = reason
+        else:
+            scale[k] = limits[k] / norm
+            clipped[k] = f"{reason}: scaled by {scale[k]:.4g}"
+    return NormScreen(scale, rejected, clipped)
+
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_train_metrics(
+    metrics: Mapping[str, object], users_key: str, max_users: float
+) -> tuple[dict[str, int | float], list[str]]:
+    """(the finite numeric metrics, names of the dropped ones); :class:`UpdateRejected` unless ``users_key`` (the
+    FedAvg weight) is a finite number in (0, ``max_users``]."""
+    users = metrics.get(users_key)
+    if not _finite_number(users) or not 0 < users <= max_users:
+        raise UpdateRejected(f"training metric {users_key!r} = {users!r} is not a finite number in "
+                             f"(0, federation.max_num_users = {max_users:g}]")
+    kept = {k: v for k, v in metrics.items() if _finite_number(v)}  # ints stay ints (coded metrics)
+    return kept, sorted(set(metrics) - set(kept))
+
+
+def check_eval_metrics(metrics: Mapping[str, object], expected: Iterable[str], users_key: str) -> list[str]:
+    """Problems of one model's evaluation metrics (empty: acceptable): exactly the ``expected`` names, each a finite
+    number in [0, 1], except ``users_key``, a whole number >= 0."""
+    expected = set(expected)
+    problems = []
+    if set(metrics) - expected:
+        problems.append(f"unexpected metrics {_names(set(metrics) - expected)}")
+    if expected - set(metrics):
+        problems.append(f"missing metrics {_names(expected - set(metrics))}")
+    for name in sorted(expected & set(metrics)):
+        value = metrics[name]
+        if name == users_key:
+            ok = _finite_number(value) and value >= 0 and float(value).is_integer()
+        else:
+            ok = _finite_number(value) and 0.0 <= value <= 1.0
+        if not ok:
+            problems.append(f"{name} = {value!r} is not {'a whole number >= 0' if name == users_key else 'in [0, 1]'}")
+    return problems

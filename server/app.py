@@ -16,43 +16,54 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.errors import FedmergeError
+from fedmerge.logs import configure_from_env
 from fedmerge.runners import results as results_io
-from fedmerge.runners.appconfig import OUT_DIR_KEY, RESUME_KEY, scenario_from_run_config
+from fedmerge.runners.appconfig import HELD_KEY, OUT_DIR_KEY, OVERWRITE_KEY, RESUME_KEY, scenario_from_run_config
 from fedmerge.runners.server import run_federation
+from fedmerge.storage import run_folder
 from server.strategy import MergeStrategy
 
 logger = logging.getLogger(__name__)
 
 
-def build_server_app(
-    cfg: Mapping[str, Any] | None = None, out_dir: str | Path | None = None, resume: bool | None = None
-) -> ServerApp:
-    """A ServerApp for scenario ``cfg`` writing to ``out_dir``, resuming from it if ``resume`` (``None``: from the run
-    config)."""
+def build_server_app() -> ServerApp:
+    """The ServerApp: scenario, output folder and resume/overwrite come from the run config
+    (:mod:`fedmerge.runners.appconfig`)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         start = time.perf_counter()
-        scenario = cfg if cfg is not None else scenario_from_run_config(context.run_config)
-        target = Path(out_dir or context.run_config.get(OUT_DIR_KEY, "") or f"runs/{scenario['run']['name']}")
-        resuming = bool(context.run_config.get(RESUME_KEY, False)) if resume is None else resume
-        if resuming and cfg is None:  # under `flwr run` nobody else keeps the earlier results
-            results_io.archive_results(target)
-        logger.info("results go to %s%s", target.resolve(), " (resuming from saved client weights)" if resuming else "")
-        strategy = MergeStrategy(scenario, grid)
-        strategy.summary()
-        out = run_federation(scenario, strategy, out_dir=target, resume=resuming)  # connects on the first send
-        out["timings_s"]["connect"] = round(strategy.connect_seconds or 0.0, 3)
-        out["timings_s"]["total"] = round(time.perf_counter() - start, 3)
-        out = results_io.finalize(out, scenario, engine="flower")
-        results_io.write_results(out, target)
-        if cfg is None:  # under `flwr run` this is the user's only view of the results
-            print(results_io.run_summary(out, scenario["eval"]["primary"]))  # noqa: T201
+        configure_from_env()
+        scenario = scenario_from_run_config(context.run_config)
+        target = Path(context.run_config.get(OUT_DIR_KEY, "") or f"runs/{scenario['run']['name']}")
+        resuming = bool(context.run_config.get(RESUME_KEY, False))
+        if context.run_config.get(HELD_KEY, False):  # `fedmerge simulate` holds the folder (lock, earlier files)
+            out = run(grid, scenario, target, resuming, start)
+        else:  # a plain `flwr run`: nobody else holds the folder or keeps the earlier results
+            with run_folder(target, resume=resuming, overwrite=bool(context.run_config.get(OVERWRITE_KEY, False))):
+                if resuming:
+                    results_io.archive_results(target)
+                out = run(grid, scenario, target, resuming, start)
+                print(results_io.run_summary(out, scenario["eval"]["primary"]))  # noqa: T201  (the user's only view of the results)
         if out["status"] != "ok":
-            raise FedmergeError(f"federation failed: {out['errors']}")
+            raise FedmergeError(f"federation failed (results: {target / results_io.RESULTS_FILE}): {out['errors']}")
 
     return app
+
+
+def run(grid: Grid, scenario: Mapping[str, Any], target: Path, resuming: bool, start: float) -> dict[str, Any]:
+    """The federation over ``grid``; results (also a failed run's partial ones) written to ``target`` and returned."""
+    logger.info("results go to %s%s", target.resolve(), " (resuming from saved client weights)" if resuming else "")
+    strategy = MergeStrategy(scenario, grid)
+    strategy.summary()
+    out = run_federation(scenario, strategy, out_dir=target, resume=resuming)  # connects on the first send
+    out["timings_s"]["connect"] = round(strategy.connect_seconds or 0.0, 3)
+    out["rejected"].update(strategy.refused)  # SuperNodes whose domain claim was refused
+    out["timings_s"]["total"] = round(time.perf_counter() - start, 3)
+    out = results_io.finalize(out, scenario, engine="flower")
+    results_io.write_results(out, target)
+    return out
 
 
 app = build_server_app()

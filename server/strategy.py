@@ -33,35 +33,52 @@ class MergeStrategy(Strategy):
         self.cfg = cfg
         self.grid = grid
         self.timeout = float(cfg["federation"]["timeout_s"])
+        self.startup_timeout = float(cfg["federation"]["startup_timeout_s"])
         self.node_of: dict[str, int] = {}
+        self.refused: dict[str, str] = {}  # query:node<id> -> why that node's domain claim was refused
         self.connect_seconds: float | None = None  # None until connected
         self._group = 0
 
     # ---- transport ------------------------------------------------------------------------------------------
     def connect(self) -> dict[str, int]:
-        """Wait for the SuperNodes and learn which domain each one holds (a ``query`` round).
+        """Wait for the SuperNodes and learn which domain each one holds (a ``query`` round), both within
+        ``federation.startup_timeout_s`` (not ``timeout_s``: a short reply timeout must not cut short start-up).
 
         :meth:`send` connects on first use, so server work before it (θ₀, the joint oracle) overlaps the nodes'
         start-up (in simulation: Ray actors importing torch and loading their domain).
         """
         start = time.perf_counter()
         wanted = domain_names(self.cfg)
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.startup_timeout
         nodes = list(self.grid.get_node_ids())
         while len(nodes) < len(wanted) and time.monotonic() < deadline:
             time.sleep(1.0)
             nodes = list(self.grid.get_node_ids())
         messages = [Message(RecordDict(), node, protocol.QUERY, group_id="connect") for node in nodes]
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in self.grid.send_and_receive(messages, timeout=max(deadline - time.monotonic(), 1.0)):
             if reply.has_error():
                 logger.error("node %s failed to start: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
-            self.node_of[protocol.reply_domain(reply.content)] = reply.metadata.src_node_id
+            self.claim(protocol.reply_domain(reply.content), reply.metadata.src_node_id, wanted)
         missing = [d for d in wanted if d not in self.node_of]
         if missing:
             logger.warning("no SuperNode holds domain(s) %s", missing)
         self.connect_seconds = time.perf_counter() - start
         return self.node_of
+
+    def claim(self, domain: str, node: int, wanted: list[str]) -> None:
+        """Map ``domain`` to ``node`` unless it is not a domain of the run or another node already holds it: one
+        domain per node, first come first served; a refused claim is logged and kept in ``refused`` (never a silent
+        swap of the node that answers for a domain)."""
+        if domain not in wanted:
+            reason = f"node {node} claims domain {domain!r}, which is not a domain of this run ({wanted}); refused"
+        elif domain in self.node_of and self.node_of[domain] != node:
+            reason = f"node {node} claims domain {domain!r}, already held by node {self.node_of[domain]}; refused"
+        else:
+            self.node_of[domain] = node
+            return
+        logger.error("%s", reason)
+        self.refused[f"{protocol.QUERY}:node{node}"] = reason
 
     def send(
         self, message_type: str, requests: Mapping[str, RecordDict], on_reply: ReplyHandler | None = None

@@ -136,3 +136,32 @@ def test_mergerec_preset_and_keys_are_checked_before_any_training():
     cfg["merge"]["mergerec"] = {"temprature": 0.1}
     with pytest.raises(FedmergeError, match=r"unknown MergeRec key\(s\) \['temprature'\]"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_written_scenario_loads_back_unchanged(name, tmp_path):
+    from fedmerge.config import write_scenario
+
+    cfg = apply_overrides(load_scenario(name), ['merge.params={ties = {density = 0.3}}', "baselines.fedavg_rounds=1",
+                                                'data.root="/d/x y"'])
+    assert load_scenario(write_scenario(cfg, tmp_path / "s.toml")) == cfg
+    bad = copy.deepcopy(cfg)
+    bad["eval"]["split"] = "train"
+    with pytest.raises(FedmergeError, match="eval.split"):
+        write_scenario(bad, tmp_path / "bad.toml")
+    assert not (tmp_path / "bad.toml").exists()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("federation.norm_action=\"drop\"", r"federation.norm_action must be one of \['reject', 'clip'\], got 'drop'"),
+    ("federation.fedavg_aggregation=\"ties\"",
+     r"federation.fedavg_aggregation must be one of \['mean', 'median', 'trimmed_mean', 'clipped_average'\]"),
+    ("federation.fedavg_weighting=\"bytes\"", r"federation.fedavg_weighting must be one of \['users', 'equal'\]"),
+    ("federation.fedavg_max_share=0", r"federation.fedavg_max_share must be a number in \(0, 1\]"),
+    ("federation.max_abs_value=1e38", r"federation.max_abs_value must be a number in \(0, 1e\+30\]"),
+    ("federation.norm_multiple=-1", r"federation.norm_multiple must be a number >= 0 \(0: off\)"),
+    ("federation.max_num_users=0", r"federation.max_num_users must be a number > 0"),
+])
+def test_defence_keys_are_validated(override, message):
+    with pytest.raises(FedmergeError, match=message):
+        load_scenario("quickstart", [override])

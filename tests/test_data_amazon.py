@@ -168,3 +168,15 @@ def test_concat_keeps_missing_targets(tmp_path):
     joint = concat_domains([tiny, tiny])
     assert joint.val_target.tolist() == [2, 0, -1, 6, 4, -1]
     assert joint.test_target.tolist() == [3, 1, -1, 7, 5, -1]
+
+
+def test_oversized_member_refused_before_reading(tmp_path, monkeypatch):
+    from fedmerge.data import amazon
+
+    folder = write_folder(tmp_path / "Tiny")
+    tarball = write_tarball(folder, tmp_path / "Tiny.tar.gz")
+    monkeypatch.setattr(amazon, "MAX_FILE_BYTES", 16)
+    with pytest.raises(DataError, match=rf"{tarball}:Tiny/\w+\.json: \d+ bytes, more than the 16 bytes one data file"):
+        load_domain(tarball)
+    with pytest.raises(DataError, match=rf"{folder}/\w+\.json: \d+ bytes, more than the 16 bytes"):
+        load_domain(folder)

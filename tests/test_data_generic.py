@@ -148,3 +148,39 @@ def test_concat_domains_offsets_items_and_users(synthetic_domains):
     assert len(set(joint.catalog.ids)) == 180
     with pytest.raises(ValueError):
         concat_domains([])
+
+
+ROWS = [f"u{u},i{k},{k}" for u in range(2) for k in range(4)]
+
+
+def test_non_utf8_files_name_file_and_line(tmp_path):
+    folder = write_generic(tmp_path / "d", ROWS)
+    csv_file = folder / "interactions.csv"
+    csv_file.write_bytes(csv_file.read_bytes().replace(b"u1,i2,2", b"u1,i2\xe9,2"))
+    with pytest.raises(DataError, match=rf"{csv_file}:8: not UTF-8 text \(byte 0xe9\)"):
+        load_generic_domain(folder)
+    folder = write_generic(tmp_path / "e", ROWS)
+    items = folder / "items.jsonl"
+    items.write_bytes(items.read_bytes().replace(b"Item 3", b"Item \xff3"))
+    with pytest.raises(DataError, match=rf"{items}:4: not UTF-8 text \(byte 0xff at column \d+\)"):
+        load_generic_domain(folder)
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    folder = write_generic(tmp_path / "d", ROWS)
+    for name in ("interactions.csv", "items.jsonl"):
+        (folder / name).write_bytes(b"\xef\xbb\xbf" + (folder / name).read_bytes())
+    domain = load_generic_domain(folder)
+    assert domain.n_users == 2 and domain.catalog.ids[0] == "i0"
+
+
+def test_over_long_fields_and_lines_name_file_and_line(tmp_path, monkeypatch):
+    from fedmerge.data import generic
+
+    folder = write_generic(tmp_path / "d", [*ROWS[:3], f"u1,{'x' * 200_000},9", *ROWS[3:]])
+    with pytest.raises(DataError, match=rf"{folder / 'interactions.csv'}:5: unreadable CSV \(field larger than field limit"):
+        load_generic_domain(folder)
+    folder = write_generic(tmp_path / "e", ROWS, items=[*ITEMS[:2], {"id": "long", "title": "t" * 300}, *ITEMS[2:]])
+    monkeypatch.setattr(generic, "MAX_LINE_BYTES", 200)
+    with pytest.raises(DataError, match=rf"{folder / 'items.jsonl'}:3: line longer than 200 bytes"):
+        load_generic_domain(folder)

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import time
 import tomllib
@@ -26,6 +27,7 @@ from fedmerge.deploy.flwr_cli import (
     FlwrClient,
     FlwrCommandError,
     RunFailed,
+    config_line,
     parse_json_output,
     parse_run_status,
     run_config_args,
@@ -35,7 +37,6 @@ from fedmerge.deploy.local import (
     REPO_ROOT,
     deployment_env,
     domain_data_paths,
-    node_config_arg,
     start_superlink,
     start_supernode,
     wait_until_online,
@@ -83,6 +84,22 @@ def test_certificates_not_overwritten_by_accident(tmp_path):
     assert generate(tmp_path, n_nodes=0, overwrite=True).ca_cert.read_bytes() != first
 
 
+def test_private_keys_never_follow_a_planted_symlink(tmp_path):
+    """A symlink planted at ``<key>.tmp`` (the old fixed temporary name) must not receive the private key."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("attacker-readable file")
+    out = tmp_path / "pki"
+    (out / "nodes").mkdir(parents=True)
+    for name in ("ca.key", "server.key", "nodes/node-0"):
+        (out / f"{name}.tmp").symlink_to(victim)
+    files = generate(out, n_nodes=1)
+    assert victim.read_text() == "attacker-readable file"
+    for key in (files.ca_key, files.server_key, files.nodes[0].private_key):
+        assert not key.is_symlink() and key.stat().st_mode & 0o777 == 0o600
+        assert b"PRIVATE KEY" in key.read_bytes()
+    assert files.ca_cert.stat().st_mode & 0o777 == 0o644 and files.nodes[0].public_key.stat().st_mode & 0o777 == 0o644
+
+
 def test_incomplete_tls_dir_named(tmp_path):
     generate(tmp_path, n_nodes=0)
     (tmp_path / "server.key").unlink()
@@ -124,8 +141,9 @@ def test_run_config_and_node_config_quoting():
         "--run-config", "flag=true"]
     with pytest.raises(ValueError, match="'bad'"):
         run_config_args({"bad": [1]})
-    text = node_config_arg({"data-path": "/d/x y", "partition-id": 2})
-    assert tomllib.loads(text.replace(" partition", "\npartition")) == {"data-path": "/d/x y", "partition-id": 2}
+    text = config_line({"data-path": "/d/x y", "partition-id": 2, "verbose": False})
+    assert tomllib.loads(text.replace(" partition", "\npartition").replace(" verbose", "\nverbose")) == {
+        "data-path": "/d/x y", "partition-id": 2, "verbose": False}
 
 
 def test_flower_config_is_valid_toml(tmp_path):
@@ -338,7 +356,7 @@ def test_supernode_killed_mid_training_fails_run_with_domain_named(tmp_path):
     from fedmerge.deploy.local import deploy_local
 
     out = tmp_path / "deploy"
-    overrides = [*TINY, "baselines.fedavg_rounds=0", "merge.methods=['average']", "federation.timeout_s=20.0",
+    overrides = [*TINY, "baselines.fedavg_rounds=0", "merge.methods=['average']", "federation.timeout_s=90.0",
                  "federation.min_replies=1"]
     outcome: dict[str, BaseException | None] = {}
 
@@ -393,6 +411,12 @@ def test_deploy_local_bad_inputs_fail_before_starting_anything(tmp_path):
     with pytest.raises(FedmergeError, match="holds 1 node key pairs but 3 SuperNodes"):
         deploy_local("quickstart", tmp_path / "b", overrides=["data.synthetic.n_users=30"], tls_dir=few_keys, app_dir=app)
     assert not (tmp_path / "b" / "processes.json").exists()
+    used = tmp_path / "used"
+    (used / "results").mkdir(parents=True)
+    (used / "results" / "results.json").write_text("{}")
+    with pytest.raises(FedmergeError, match=rf"run folder {used} already holds an earlier run's files \(results\)"):
+        deploy_local("quickstart", used, app_dir=app)
+    assert (used / "results" / "results.json").read_text() == "{}" and not (used / "processes.json").exists()
 
 
 def test_cli_deploy_certs(tmp_path, capsys):
@@ -452,3 +476,80 @@ def test_wait_fails_fast_when_check_fails(tmp_path):
 
     with pytest.raises(FedmergeError, match="exited with code -9"):
         ScriptedFlwr(tmp_path, ["running"]).wait(1, timeout_s=60, poll_s=0.01, check=superlink_died)
+
+
+def test_wait_ready_hint_ends_a_long_pause(tmp_path):
+    flwr = ScriptedFlwr(tmp_path, ["running", "finished:completed"])
+    ready_at = time.monotonic() + 0.3
+    start = time.monotonic()
+    assert flwr.wait(3, timeout_s=60, poll_s=30, ready=lambda: time.monotonic() > ready_at).succeeded
+    assert time.monotonic() - start < 5  # without the hint: one 30 s pause
+
+
+KILLED_DEPLOYER = (
+    "import sys, time\n"
+    "from fedmerge.deploy.processes import ProcessSet\n"
+    "with ProcessSet(sys.argv[1], grace_s=1.0) as procs:\n"
+    "    proc = procs.start('spawner', [sys.executable, '-c', sys.argv[2]])\n"
+    "    print(proc.pid, flush=True)\n"
+    "    time.sleep(120)\n"
+)
+
+
+def test_sigkilled_deployer_leaves_no_process_behind(tmp_path):
+    """SIGKILL gives the deploying process no chance to clean up: its supervisor stops what it started, including
+    descendants in their own sessions (as Flower's SuperExec is)."""
+    deployer = subprocess.Popen([sys.executable, "-c", KILLED_DEPLOYER, str(tmp_path), SPAWNER], stdout=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, text=True)
+    spawner = int(deployer.stdout.readline())
+    child = _child_pid(tmp_path / "logs" / "spawner.log")
+    assert _alive(spawner) and _alive(child)
+    deployer.kill()
+    deployer.wait()
+    deadline = time.monotonic() + 15
+    while (_alive(spawner) or _alive(child)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(spawner) and not _alive(child)
+
+
+def test_supervisor_signals_only_the_recorded_command(tmp_path):
+    """A recorded pid is signalled only while it still runs the recorded command (never a recycled pid)."""
+    from fedmerge.deploy.processes import _same_process
+
+    argv = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "up\n"  # running its own code (/proc/PID/cmdline is empty just after exec)
+        assert _same_process(proc.pid, argv)
+        assert not _same_process(proc.pid, ["flower-supernode", "--superlink", "127.0.0.1:1"])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not _same_process(proc.pid, argv)
+
+
+@pytest.mark.slow
+def test_sigkilled_deploy_local_leaves_no_superlink_or_supernode(tmp_path):
+    """`fedmerge deploy local` killed with SIGKILL while its SuperNodes are online: within the supervisor's grace
+    period no SuperLink, SuperNode or process they spawned (SuperExec, ClientApp) is left."""
+    import json
+
+    out = tmp_path / "deploy"
+    argv = [sys.executable, "-m", "fedmerge.cli", "deploy", "local", "--scenario", "quickstart", "--out", str(out)]
+    argv += [item for o in TINY for item in ("--set", o)]
+    deployer = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        for name in ("supernode-synth-0", "supernode-synth-1"):
+            _wait_for_text(out / "logs" / f"{name}.log", "Starting Flower SuperExec", timeout_s=300)
+        started = [p["pid"] for p in json.loads((out / "processes.json").read_text())]
+        assert len(started) == 3
+        everything = [pid for pid in started for pid in (pid, *descendants(pid))]
+        assert all(_alive(pid) for pid in started)
+    finally:
+        deployer.kill()
+        deployer.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in everything) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in everything if _alive(pid)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmerge.config import apply_overrides, load_scenario
 from fedmerge.errors import FedmergeError
@@ -132,16 +132,50 @@ def test_flower_client_app_replies_and_names_domain_on_error(cfg):
     assert broken.has_error() and "synth-1" in broken.error.reason
 
 
-def test_rejected_update_is_left_out_and_min_replies_enforced(cfg):
-    cfg = apply_overrides(cfg, ["baselines.joint=false", "baselines.fedavg_rounds=0", 'merge.methods=["average"]',
-                                "federation.min_replies=2"])
-    federation = Federation(cfg, initial_weights(cfg))
-    out = federation.run(RecordingTransport(cfg, corrupt="synth-2"))
-    assert set(out["rejected"]) == {"synth-2"} and "non-finite" in out["rejected"]["synth-2"]
-    assert "synth-2" not in out["models"]["individual"]
+def test_default_run_goes_on_without_a_rejected_client_and_warns(cfg):
+    """Default min_replies (0: a strict majority): one of three clients rejected, the run still ends ok, the client
+    is recorded and a WARNING line per left-out client is printed; min_replies = 3 (every client) stops the run."""
+    from fedmerge.runners.results import summary_table
+
+    cfg = apply_overrides(cfg, ["baselines.joint=false", 'merge.methods=["average"]'])
+    out = Federation(cfg, initial_weights(cfg)).run(RecordingTransport(cfg, corrupt="synth-2"))
+    assert out["status"] == "ok"
+    assert set(out["rejected"]) == {"synth-2", "fedavg_round1:synth-2"} and "non-finite" in out["rejected"]["synth-2"]
+    assert "synth-2" not in out["models"]["individual"] and out["merge_report"]["domains"] == ["synth-0", "synth-1"]
+    left_out = [w for w in out["warnings"] if w.startswith("client ")]
+    reason = out["rejected"]["synth-2"]
+    assert left_out == [f"client synth-2 was left out of the one-shot merges, FedAvg round 1: {reason}"]
+    assert f"WARNING: {left_out[0]}" in summary_table({**out, "run": {"engine": "inprocess"}}).splitlines()
     strict = apply_overrides(cfg, ["federation.min_replies=3"])
-    with pytest.raises(FedmergeError, match="need federation.min_replies = 3"):
+    with pytest.raises(FedmergeError, match="need 3: federation.min_replies = 3;"):
         Federation(strict, initial_weights(strict)).run(RecordingTransport(strict, corrupt="synth-2"))
+
+
+def test_default_run_goes_on_without_a_client_that_fails_to_train(cfg):
+    """A client whose training fails (no update) is recorded in ``errors`` and named in a warning; the run is ok."""
+    cfg = apply_overrides(cfg, ["baselines.joint=false", "baselines.fedavg_rounds=0", 'merge.methods=["average"]'])
+    transport = InProcessTransport(cfg)
+    honest = transport.clients["synth-1"].handle
+
+    def fail_training(message_type, content):
+        if message_type == protocol.TRAIN:
+            raise RuntimeError("disk full")
+        return honest(message_type, content)
+
+    transport.clients["synth-1"].handle = fail_training
+    out = Federation(cfg, initial_weights(cfg)).run(transport)
+    assert out["status"] == "ok" and out["errors"] == {"train:synth-1": "client synth-1: RuntimeError: disk full"}
+    assert out["warnings"] == ["client synth-1 was left out of the one-shot merges: client synth-1: RuntimeError: "
+                               "disk full"]
+
+
+@pytest.mark.parametrize(("k", "needed"), [(1, 1), (2, 2), (3, 2), (4, 3), (5, 3)])
+def test_default_min_replies_is_a_strict_majority(cfg, k, needed):
+    federation = Federation(cfg, initial_weights(cfg))
+    federation.train_domains = [f"d{i}" for i in range(k)]
+    federation.require_enough({f"d{i}": {} for i in range(needed)})
+    with pytest.raises(FedmergeError, match=f"need {needed}: federation.min_replies = 0 \\(0: a strict majority"):
+        federation.require_enough({f"d{i}": {} for i in range(needed - 1)})
 
 
 def test_fedavg_aggregate_matches_weighted_mean():
@@ -407,3 +441,184 @@ def test_server_threads_default_one_and_zero_means_all_usable_cores(cfg):
     assert server_threads(cfg) == 1
     assert server_threads(apply_overrides(cfg, ["run.server_threads=0"])) == len(os.sched_getaffinity(0))
     assert server_threads(apply_overrides(cfg, ["run.server_threads=3"])) == 3
+
+
+# ---- one hostile client of three (issue 19): the run ends ok with that client rejected ----------------------
+
+
+class HostileTransport(InProcessTransport):
+    """In-process transport whose ``attacker`` client's replies pass through ``attack(type, request, reply)``."""
+
+    def __init__(self, cfg, attack, attacker: str = "synth-2"):
+        super().__init__(cfg)
+        client = self.clients[attacker]
+        honest = client.handle
+        client.handle = lambda message_type, content: attack(message_type, content, honest(message_type, content))
+
+
+def _weights_attack(fn):
+    def attack(message_type, request, reply):
+        if message_type != protocol.TRAIN:
+            return reply
+        start = protocol.from_record(request.array_records[protocol.GLOBAL])
+        weights = fn(start, protocol.from_record(reply.array_records[protocol.WEIGHTS]))
+        return RecordDict({**reply, protocol.WEIGHTS: protocol.to_record(weights)})
+
+    return attack
+
+
+def _train_metrics_attack(**metrics):
+    def attack(message_type, request, reply):
+        if message_type != protocol.TRAIN:
+            return reply
+        return RecordDict({**reply, protocol.TRAIN_METRICS: MetricRecord(
+            {**dict(reply.metric_records[protocol.TRAIN_METRICS]), **metrics})})
+
+    return attack
+
+
+def _hostile_run(cfg, attack, *overrides):
+    small = apply_overrides(cfg, ["baselines.joint=false", 'merge.methods=["average","mergerec_taskwise"]', *overrides])
+    out = run_federation(small, HostileTransport(small, attack))
+    json.dumps(out, allow_nan=False)  # results.json can be written
+    return out
+
+
+def _assert_honest_metrics_in_range(out):
+    for name in ("average", "mergerec_taskwise", "fedavg"):
+        for d in ("synth-0", "synth-1"):
+            assert 0.0 <= out["models"][name][d]["recall@10"] <= 1.0, (name, d)
+
+
+@pytest.mark.parametrize("factor", [1e3, -100.0])  # weights stay under max_abs_value: the norm test must catch them
+def test_scaled_task_vector_is_rejected_by_the_norm_test(cfg, factor):
+    out = _hostile_run(cfg, _weights_attack(lambda g, w: {n: g[n] + factor * (w[n] - g[n]) for n in g}))
+    assert out["status"] == "ok"
+    assert "task-vector norm" in out["rejected"]["synth-2"] and "norm_multiple = 3" in out["rejected"]["synth-2"]
+    assert "task-vector norm" in out["rejected"]["fedavg_round1:synth-2"]  # screened against the round's start too
+    assert out["merge_report"]["domains"] == ["synth-0", "synth-1"]
+    _assert_honest_metrics_in_range(out)
+
+
+def test_scaled_task_vector_is_clipped_with_norm_action_clip(cfg):
+    out = _hostile_run(cfg, _weights_attack(lambda g, w: {n: g[n] + 1e3 * (w[n] - g[n]) for n in g}),
+                       "federation.norm_action=\"clip\"")
+    assert "synth-2" not in out["rejected"] and "scaled by" in out["clipped"]["synth-2"]
+    assert out["merge_report"]["domains"] == ["synth-0", "synth-1", "synth-2"]
+    _assert_honest_metrics_in_range(out)
+
+
+def test_huge_finite_weights_are_rejected(cfg):
+    out = _hostile_run(cfg, _weights_attack(lambda g, w: {n: torch.full_like(v, 3e38) for n, v in w.items()}))
+    assert "over federation.max_abs_value = 10000" in out["rejected"]["synth-2"]
+    _assert_honest_metrics_in_range(out)
+
+
+def test_changed_router_buffer_is_rejected(cfg):
+    def move_centre(g, w):
+        return {**w, "adapter.centre": w["adapter.centre"] - 100.0 * w["adapter.centroids"][0]}
+
+    out = _hostile_run(cfg, _weights_attack(move_centre), 'model.params.adapter="routed"')
+    assert "fixed parameters 'adapter.centre' differ from θ₀" in out["rejected"]["synth-2"]
+    _assert_honest_metrics_in_range(out)
+
+
+def test_nan_user_count_is_rejected_and_fedavg_still_finishes(cfg):
+    out = _hostile_run(cfg, _train_metrics_attack(**{protocol.NUM_USERS: float("nan")}))
+    assert "'num-users' = nan" in out["rejected"]["synth-2"]
+    assert "'num-users' = nan" in out["rejected"]["fedavg_round1:synth-2"]
+    _assert_honest_metrics_in_range(out)
+
+
+def test_non_finite_training_metric_is_dropped_not_stored(cfg):
+    out = _hostile_run(cfg, _train_metrics_attack(final_loss=float("nan")))
+    assert "final_loss" not in out["train_metrics"]["synth-2"] and "final_loss" in out["train_metrics"]["synth-0"]
+    assert "'final_loss'" in out["rejected"]["train_metrics:synth-2"] and "synth-2" not in out["rejected"]
+
+
+def test_fedavg_share_of_a_client_claiming_1e9_users_is_capped(cfg):
+    from fedmerge.runners.server import capped_shares
+
+    assert capped_shares({"a": 100.0, "b": 300.0, "x": 1e9}, 0.5) == pytest.approx({"a": 0.125, "b": 0.375, "x": 0.5})
+    assert capped_shares({"a": 1.0, "b": 1.0, "x": 1e9}, 0.2) == pytest.approx({"a": 1 / 3, "b": 1 / 3, "x": 1 / 3})
+    assert capped_shares({"a": 1.0, "b": 2.0}, 1.0) == pytest.approx({"a": 1 / 3, "b": 2 / 3})
+    small = apply_overrides(cfg, ["baselines.joint=false"])
+    users = Federation(apply_overrides(small, ['federation.fedavg_weighting="users"']), initial_weights(small))
+    assert users.fedavg_shares({"a": 200.0, "b": 200.0, "x": 1e9}) == pytest.approx({"a": 0.25, "b": 0.25, "x": 0.5})
+    equal = Federation(small, initial_weights(small))  # the default: a claimed user count buys nothing
+    assert equal.fedavg_shares({"a": 200.0, "b": 200.0, "x": 1e9}) == pytest.approx({"a": 1 / 3, "b": 1 / 3, "x": 1 / 3})
+
+
+def test_fedavg_round_can_aggregate_with_the_median(cfg):
+    small = apply_overrides(cfg, ["baselines.joint=false", 'federation.fedavg_aggregation="median"'])
+    federation = Federation(small, initial_weights(small))
+    start = {"w": torch.zeros(3)}
+    federation.theta0 = start
+    updates = {"a": {"w": torch.tensor([1.0, 2.0, 3.0])}, "b": {"w": torch.tensor([2.0, 0.0, 3.0])},
+               "x": {"w": torch.tensor([1e6, -1e6, 1e6])}}
+    new = federation.aggregate_round(start, updates, {"a": 0.25, "b": 0.25, "x": 0.5})
+    torch.testing.assert_close(new["w"], torch.tensor([2.0, 0.0, 3.0]))
+
+
+def test_lying_evaluation_replies_are_left_out_and_recorded(cfg):
+    def lie(message_type, request, reply):
+        if message_type != protocol.EVALUATE:
+            return reply
+        out = RecordDict({protocol.INFO: reply.config_records[protocol.INFO]})
+        for key, record in reply.metric_records.items():
+            name = key[len(protocol.METRICS_PREFIX):]
+            if name == "individual":
+                out[key] = MetricRecord({**dict(record), "accuracy": 1.0})
+            elif name == "mergerec_taskwise":
+                out[key] = record
+            elif name != "theta0":
+                out[key] = MetricRecord({**dict(record), "recall@10": float("nan")})
+        out[protocol.METRICS_PREFIX + "best_model_ever"] = MetricRecord({"recall@10": 1.0})
+        return out
+
+    out = _hostile_run(cfg, lie)
+    assert out["status"] == "ok"
+    assert "synth-2" not in out["models"]["average"] and "synth-2" not in out["models"]["individual"]
+    assert "best_model_ever" not in out["models"]
+    assert out["models"]["mergerec_taskwise"]["synth-2"]["recall@10"] >= 0  # its honest entries are kept
+    assert "recall@10 = nan is not in [0, 1]" in out["rejected"]["evaluate:synth-2:average"]
+    assert "unexpected metrics 'accuracy'" in out["rejected"]["evaluate:synth-2:individual"]
+    assert "did not send" in out["rejected"]["evaluate:synth-2:best_model_ever"]
+    assert out["rejected"]["evaluate:synth-2:theta0"] == "no metrics reported"
+    assert "evaluate:synth-2:fedavg_round1" in out["rejected"] and "synth-2" not in out["models"]["fedavg"]
+
+
+def test_second_node_claiming_a_domain_is_refused(cfg):
+    from server.strategy import MergeStrategy
+
+    class QueryGrid:
+        """Nodes 1 and 2 both claim synth-0, node 3 synth-1, node 4 a domain the run does not have."""
+
+        claims = {1: "synth-0", 2: "synth-0", 3: "synth-1", 4: "synth-9"}
+
+        def get_node_ids(self):
+            return list(self.claims)
+
+        def send_and_receive(self, messages, timeout):
+            return [Message(RecordDict({protocol.INFO: protocol.info_record(self.claims[m.metadata.dst_node_id])}),
+                            reply_to=m) for m in messages]
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    strategy = MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.1"]), QueryGrid())
+    strategy.connect()
+    assert strategy.node_of == {"synth-0": 1, "synth-1": 3}  # never swapped to node 2
+    assert strategy.refused == {
+        "query:node2": "node 2 claims domain 'synth-0', already held by node 1; refused",
+        "query:node4": "node 4 claims domain 'synth-9', which is not a domain of this run "
+                       "(['synth-0', 'synth-1', 'synth-2']); refused",
+    }
+
+
+def test_dp_noise_leaves_the_routed_router_exact_so_honest_private_clients_pass(cfg):
+    private = apply_overrides(cfg, ["baselines.joint=false", "baselines.fedavg_rounds=0", 'merge.methods=["average"]',
+                                    'model.params.adapter="routed"', "privacy.enabled=true",
+                                    "privacy.noise_multiplier=0.5", "privacy.noise_seed=3"])
+    out = run_federation(private, InProcessTransport(private))
+    assert out["status"] == "ok" and out["rejected"] == {}

@@ -420,3 +420,15 @@ def test_transformer_layer_groups_are_blocks_and_text_tower_layers_plus_others()
     config = MergeRecConfig.from_keys({"preset": "paper", **FAST, "steps": 2, "granularity": "layer"})
     _, report = mergerec(family, theta0, models, features, config)
     assert report.groups == ["others"] and report.config["preset"] == "paper"
+
+
+@pytest.mark.parametrize("robust", ["median", "trimmed_mean", "clipped_average"])
+def test_mergerec_starts_from_a_robust_merge(robust):
+    """MergeRec's init_method may be a robust registry method: with no steps it returns exactly that merge."""
+    family, theta0, models, features = setup()
+    config = MergeRecConfig(init_method=robust, steps=0, progress=False, item_side="full")
+    merged, report = mergerec(family, theta0, models, features, config)
+    assert report.initial_coefficient == 1.0
+    reference = merge(robust, theta0, models)
+    for p in theta0:
+        torch.testing.assert_close(merged[p], reference[p])

@@ -271,3 +271,55 @@ def test_merge_command_writes_the_merged_safetensors(tmp_path, capsys):
     assert all(torch.equal(got[n], expected[n]) for n in expected)
     assert main(argv[:-4] + ["--set", "density=2", "--out", str(out)]) == 1
     assert "density=2 is invalid" in capsys.readouterr().err
+
+
+# ---- robust aggregation (issue 19): one outlying task vector of three cannot move the merge far ---------------
+
+ATTACKER = state([[1e6, -1e6], [1e6, -1e6]], [-1e6, 1e6, 1e6])
+MODEL_C = state([[1.0, -2.0], [0.0, 1.5]], [1.0, 0.5, 2.0])
+
+
+def test_median_and_trimmed_mean_by_hand():
+    models = {"A": MODEL_A, "B": MODEL_B, "C": MODEL_C}
+    for name in ("median", "trimmed_mean"):
+        merged = merge(name, THETA0, models)
+        torch.testing.assert_close(merged["w"], torch.tensor([[1.0, -2.0], [0.25, 1.5]]))
+        torch.testing.assert_close(merged["b"], torch.tensor([1.0, 0.5, 2.0]))
+    # even K: the mean of the two middle values; trim=0 is the plain average
+    four = {**models, "D": THETA0}
+    torch.testing.assert_close(merge("median", THETA0, four)["b"], torch.tensor([1.0, 0.75, 1.75]))
+    torch.testing.assert_close(merge("trimmed_mean", THETA0, models, trim=0)["w"], merge("average", THETA0, models)["w"])
+    # more trimming than the models allow (e.g. after a rejection) leaves the median; two models: their mean
+    torch.testing.assert_close(merge("trimmed_mean", THETA0, models, trim=2)["w"], merge("median", THETA0, models)["w"])
+    torch.testing.assert_close(merge("trimmed_mean", THETA0, MODELS)["w"], merge("average", THETA0, MODELS)["w"])
+
+
+def test_robust_methods_ignore_one_huge_attacker_while_the_average_does_not():
+    honest = {"A": MODEL_A, "B": MODEL_B}
+    attacked = {**honest, "X": ATTACKER}
+    assert merge("average", THETA0, attacked)["w"].abs().max() > 1e5
+    for name in ("median", "trimmed_mean"):  # the merge stays within the honest values, entry by entry
+        merged = merge(name, THETA0, attacked)
+        for p in merged:
+            lo = torch.minimum(MODEL_A[p], MODEL_B[p])
+            hi = torch.maximum(MODEL_A[p], MODEL_B[p])
+            assert bool(((merged[p] >= lo) & (merged[p] <= hi)).all()), (name, p)
+    clipped = merge("clipped_average", THETA0, attacked)
+    for p in clipped:  # the attacker's tensor is clipped to the median norm: at most one honest norm's worth added
+        tau = torch.stack([m[p] - THETA0[p] for m in attacked.values()])
+        median_norm = tau.reshape(3, -1).norm(dim=1).median()
+        assert float((clipped[p] - THETA0[p]).norm()) <= float(median_norm) + 1e-5
+
+
+def test_clipped_average_formula_and_processed_vectors():
+    models = {"A": MODEL_A, "B": MODEL_B, "C": MODEL_C}
+    merged = merge("clipped_average", THETA0, models, multiple=0.5)
+    for p in THETA0:
+        tau = torch.stack([m[p] - THETA0[p] for m in models.values()]).double()
+        norms = tau.reshape(3, -1).norm(dim=1)
+        factor = torch.clamp(0.5 * norms.median() / norms, max=1.0)
+        expected = THETA0[p].double() + (tau * factor.reshape(-1, *[1] * (tau.dim() - 1))).mean(dim=0)
+        torch.testing.assert_close(merged[p], expected.float())
+    processed = processed_task_vectors("median", THETA0, models)
+    assert processed.scale == 1.0  # robust methods have no λ: MergeRec starts at coefficient 1 on τ̃_k
+    assert all(int((v != 0).sum(dim=0).max()) <= 1 for v in processed.vectors.values())  # one model per entry

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from fedmerge.data.domain import Domain, ItemCatalog, as_sequences
-from fedmerge.metrics import evaluate_scorer, metrics_from_ranks, metrics_from_ties, rank_counts, target_ranks
+from fedmerge.metrics import (
+    evaluate_batches,
+    evaluate_scorer,
+    evaluation_batches,
+    history_pairs,
+    metrics_from_ranks,
+    metrics_from_ties,
+    rank_counts,
+    target_ranks,
+)
 
 # 1 / log2(r + 2) for ranks 0..2, computed by hand
 INV_LOG2 = {0: 1.0, 1: 0.6309297535714575, 2: 0.5}
@@ -218,6 +227,23 @@ def test_max_len_truncates_scorer_input_but_not_the_mask(tiny_domain: Domain) ->
     assert scorer.inputs == [[1, 2], [3, 5]]
     full = evaluate_scorer(RecordingScorer(), tiny_domain, split="test", ks=(3,))
     assert out == full  # masking still uses the whole input (item 5 of user 0 stays removed)
+
+
+def test_prepared_batches_serve_many_models_with_the_same_results(tiny_domain: Domain) -> None:
+    batches = evaluation_batches(tiny_domain, "test", max_len=2, batch_size=1)
+    assert [b.inputs[0].tolist() for b in batches] == [[1, 2], [3, 5]]
+    scorers = {"fixed": lambda seqs: np.tile(FIXED_SCORES, (len(seqs), 1)),
+               "reversed": lambda seqs: np.tile(FIXED_SCORES[::-1].copy(), (len(seqs), 1))}
+    for scorer in scorers.values():
+        assert evaluate_batches(scorer, batches, tiny_domain.n_items, ks=(1, 3)) == evaluate_scorer(
+            scorer, tiny_domain, "test", ks=(1, 3), max_len=2, batch_size=1)
+    with pytest.raises(ValueError, match="no users .*'tiny'.*train|split"):
+        evaluation_batches(tiny_domain, "train")  # type: ignore[arg-type]
+
+
+def test_history_pairs_are_distinct_and_leave_out_the_target() -> None:
+    rows, items = history_pairs([np.array([3, 1, 3, 2]), np.array([]), np.array([0, 0])], np.array([2, 1, 4]), 5)
+    assert list(zip(rows.tolist(), items.tolist())) == [(0, 1), (0, 3), (2, 0)]
 
 
 def test_batching_does_not_change_results(tiny_domain: Domain) -> None:

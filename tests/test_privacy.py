@@ -374,6 +374,7 @@ joint = false
 fedavg_rounds = 0
 [privacy]
 clip_norm = 0.05
+noise_seed = 0  # reproducible noise: the test's figures must not depend on OS entropy
 [privacy_study]
 epsilons = [inf, 2.0]
 probe_max_users = 20
@@ -438,7 +439,9 @@ def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
     assert report["utility"][1]["client_epsilon_max"] == pytest.approx(2.0, rel=1e-6)
     for row in report["utility"]:
         assert set(row["metric"]) >= {"average", "ties", "mergerec_taskwise"}
-        assert all(v["n"] == 2 and 0.0 <= v["low"] <= v["mean"] <= v["high"] <= 1.0 + 1e-9 for v in row["metric"].values())
+        # a t-interval over 2 seeds (t = 12.7) may reach past [0, 1]; the mean may not
+        assert all(v["n"] == 2 and v["low"] <= v["mean"] <= v["high"] and 0.0 <= v["mean"] <= 1.0
+                   for v in row["metric"].values())
     # the noise reached the clients' single DP call site in the ε = 2 runs, and not in the ε = ∞ runs
     for seed in (0, 1):
         noisy_run = json.loads((out / "domain" / "eps-2" / f"seed-{seed}" / "results.json").read_text())
@@ -456,12 +459,14 @@ def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
     assert "| none | ∞ (no DP) |" in table and "| domain | 2 |" in table and "lira AUC" in table
     assert (out / "privacy.png").stat().st_size > 0
     assert "loss TPR@1%" in capsys.readouterr().out
+    assert main(["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(out)]) == 1  # earlier runs kept
+    assert f"run folder {out / 'none' / 'eps-inf' / 'seed-0'} already holds" in capsys.readouterr().err
 
 
 SEQUENTIAL_STUDY = TINY_STUDY.replace('family = "text-lae"', 'family = "sequential"').replace(
     "lam = 100.0", "hidden = 8\nn_heads = 1\nn_layers = 1\nmax_len = 8\nadapter_width = 8\nmax_epochs = 2"
 ).replace("fedavg_rounds = 0", "fedavg_rounds = 1").replace(
-    "clip_norm = 0.05", "sample_rate = 0.25\nnoise_seed = 0"
+    "clip_norm = 0.05", "sample_rate = 0.25"
 ).replace("probe_max_users = 20", "probe_max_users = 20\nunits = [\"domain\", \"user\"]\nreference_models = 1")
 
 

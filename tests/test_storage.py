@@ -73,7 +73,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(FedmergeError, match=f"cannot write {target}: disk full"):
         write_bytes_atomic(target, b"partial")
     monkeypatch.undo()
     assert json.loads(target.read_text()) == {"ok": 1}

@@ -1,4 +1,5 @@
-"""Each rejection rule of fedmerge.validation.check_update, and acceptance of a well-formed update."""
+"""Each rejection rule of fedmerge.validation (check_update, fixed weights, magnitudes, norm screening, metrics),
+and acceptance of a well-formed update."""
 
 from __future__ import annotations
 
@@ -6,7 +7,19 @@ import pytest
 import torch
 
 from fedmerge.errors import FedmergeError
-from fedmerge.validation import UpdateRejected, check_update, max_bytes_for, tensor_bytes
+from fedmerge.validation import (
+    UpdateRejected,
+    check_eval_metrics,
+    check_fixed,
+    check_magnitude,
+    check_train_metrics,
+    check_update,
+    max_bytes_for,
+    norm_limits,
+    screen_norms,
+    task_vector_norm,
+    tensor_bytes,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -132,3 +145,77 @@ def test_max_bytes_for(theta0):
 def test_bad_max_bytes_argument(theta0):
     with pytest.raises(ValueError, match="max_bytes"):
         check_update(theta0, trained(theta0), "text_lae", expected_family="text_lae", max_bytes=0)
+
+
+# ---- beyond the format (issue 19): fixed weights, magnitudes, norms against the other clients, metrics --------
+
+def test_fixed_weights_must_equal_theta0_bit_for_bit(theta0):
+    update = trained(theta0)
+    update["enc.bias"] = theta0["enc.bias"].clone()
+    check_fixed(theta0, update, ["enc.bias"])
+    update["enc.bias"][0] = 1e-7
+    with pytest.raises(UpdateRejected, match=r"fixed parameters 'enc.bias' differ from θ₀"):
+        check_fixed(theta0, update, ["enc.bias"])
+
+
+def test_routed_family_declares_its_router_buffers_fixed():
+    from fedmerge.models.sequential import SequentialFamily
+
+    routed = SequentialFamily(adapter="routed", hidden=8, n_heads=1, n_layers=1, adapter_width=8, n_experts=2)
+    theta0 = routed.initial_weights(8, catalog_features=[torch.randn(6, 8)])
+    assert routed.fixed_parameters(theta0) == {"adapter.centre", "adapter.centroids"}
+    assert SequentialFamily(hidden=8, n_heads=1).fixed_parameters(theta0) == frozenset()
+
+
+def test_huge_but_finite_weights_rejected_and_norm_has_no_overflow(theta0):
+    update = trained(theta0)
+    update["head"] = torch.full((2,), 3e38)
+    with pytest.raises(UpdateRejected, match=r"'head' has a weight of magnitude 3e\+38, over federation.max_abs_value"):
+        check_magnitude(update, 1e4)
+    check_magnitude(trained(theta0), 1e4)
+    assert task_vector_norm(theta0, update) == pytest.approx(3e38 * 2**0.5, rel=1e-6)  # float32 would give inf
+
+
+def test_norm_limit_is_a_multiple_of_the_other_clients_median():
+    norms = {"a": 1.0, "b": 2.0, "c": 1e6}
+    assert norm_limits(norms, 3.0, 0.0) == {"a": 3 * (2.0 + 1e6) / 2, "b": 3 * (1.0 + 1e6) / 2, "c": 3 * 1.5}
+    screen = screen_norms(norms, 3.0, 0.0, "reject")
+    assert set(screen.rejected) == {"c"} and screen.scale == {"a": 1.0, "b": 1.0} and not screen.clipped
+    assert "task-vector norm 1e+06 exceeds 4.5" in screen.rejected["c"]
+    # two clients: each is compared with the other, so only the larger one can fail
+    assert set(screen_norms({"a": 1.0, "x": 100.0}, 3.0, 0.0, "reject").rejected) == {"x"}
+    assert not screen_norms({"a": 1.0, "b": 2.9}, 3.0, 0.0, "reject").rejected
+    # one client: only the absolute cap applies; 0 switches either test off
+    assert not screen_norms({"a": 1e9}, 3.0, 0.0, "reject").rejected
+    assert set(screen_norms({"a": 1e9}, 3.0, 10.0, "reject").rejected) == {"a"}
+    assert not screen_norms(norms, 0.0, 0.0, "reject").rejected
+
+
+def test_norm_clip_scales_to_the_limit():
+    screen = screen_norms({"a": 1.0, "b": 2.0, "c": 9.0}, 3.0, 4.0, "clip")
+    assert not screen.rejected and set(screen.clipped) == {"c"}
+    assert screen.scale == {"a": 1.0, "b": 1.0, "c": pytest.approx(4.0 / 9.0)}  # min(3 × 1.5, cap 4) / 9
+    with pytest.raises(ValueError, match=r"valid|one of \['reject', 'clip'\]"):
+        screen_norms({"a": 1.0}, 3.0, 0.0, "drop")
+
+
+@pytest.mark.parametrize("users", [float("nan"), float("inf"), 0, -5, 1e9, None, "many"])
+def test_user_count_must_be_finite_positive_and_bounded(users):
+    metrics = {"loss": 0.5} if users is None else {"loss": 0.5, "num-users": users}
+    with pytest.raises(UpdateRejected, match=r"'num-users' = .* not a finite number in \(0, federation.max_num_users"):
+        check_train_metrics(metrics, "num-users", 1e8)
+
+
+def test_non_finite_training_metrics_are_dropped():
+    kept, dropped = check_train_metrics({"num-users": 200, "loss": float("nan"), "epochs": 3}, "num-users", 1e8)
+    assert kept == {"num-users": 200.0, "epochs": 3.0} and dropped == ["loss"]
+
+
+def test_evaluation_metrics_must_be_the_expected_names_in_range():
+    expected = {"recall@10", "ndcg@10", "users"}
+    assert check_eval_metrics({"recall@10": 0.5, "ndcg@10": 0.2, "users": 40}, expected, "users") == []
+    problems = check_eval_metrics({"recall@10": float("nan"), "ndcg@10": 1.5, "users": -1, "accuracy": 1.0},
+                                  expected, "users")
+    assert problems == ["unexpected metrics 'accuracy'", "ndcg@10 = 1.5 is not in [0, 1]",
+                        "recall@10 = nan is not in [0, 1]", "users = -1 is not a whole number >= 0"]
+    assert check_eval_metrics({"recall@10": 0.5}, expected, "users") == ["missing metrics 'ndcg@10', 'users'"]

@@ -1,5 +1,5 @@
 """``fedmerge data``: inspect domains (``info``), fetch the Amazon domains (``download``), write synthetic ones
-(``synth``)."""
+(``synth``), split one into sub-domains by a catalog field (``split``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 from fedmerge.data import load_domain, save_generic_domain
 from fedmerge.data.download import AMAZON_SHA256, DEFAULT_AMAZON_SOURCE, download_amazon
+from fedmerge.data.split import split_domain
+from fedmerge.storage import write_json_atomic
 from fedmerge.data.synthetic import make_synthetic_domains
 
 
@@ -43,6 +45,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=run_synth)
 
+    split = actions.add_parser("split", help="split a domain into sub-domains by a public catalog field "
+                                             "(users follow their majority value)")
+    split.add_argument("path", type=Path, help="the domain (Amazon folder or .tar.gz, or a generic folder)")
+    split.add_argument("--by", required=True, metavar="FIELD", help="catalog text field, e.g. category or brand")
+    split.add_argument("--out", type=Path, required=True,
+                       help="folder receiving <name>-<k>/ generic-format folders and <name>-split.json")
+    split.add_argument("--words", type=int, default=0,
+                       help="use only the field's first N words (Amazon categories are paths; default 0: all)")
+    split.add_argument("--groups", type=int, default=0,
+                       help="pack the values into N sub-domains balanced by interactions (default 0: one per value)")
+    split.add_argument("--min-users", type=int, default=1, help="drop sub-domains with fewer users (default 1)")
+    split.add_argument("--name", help="domain name (default: folder / tarball stem)")
+    split.set_defaults(func=run_split)
+
 
 def run_info(args: argparse.Namespace) -> int:
     summary = load_domain(args.path, args.name).summary()
@@ -67,4 +83,18 @@ def run_synth(args: argparse.Namespace) -> int:
     )
     for domain in domains:
         print(save_generic_domain(domain, args.out / domain.name))
+    return 0
+
+
+def run_split(args: argparse.Namespace) -> int:
+    domain = load_domain(args.path, args.name)
+    subdomains, manifest = split_domain(domain, args.by, args.groups, args.words, args.min_users)
+    for sub in subdomains:
+        save_generic_domain(sub, args.out / sub.name)
+    write_json_atomic(args.out / f"{domain.name}-split.json", {
+        "source": str(args.path), "domain": domain.name, "field": args.by, "words": args.words,
+        "groups": args.groups, "min_users": args.min_users, "subdomains": manifest})
+    for row in manifest:
+        status = "dropped" if row.get("dropped") else str(args.out / row["name"])
+        print(f"{row['name']}\t{row['users']} users\t{row['items']} items\t{status}")
     return 0

@@ -32,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument("--tls-dir", type=Path, help="PKI from `fedmerge deploy certs` (default: a fresh one in --out)")
     local.add_argument("--out", type=Path, required=True, help="output folder: results/, logs/, tls/, processes.json")
     local.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default 3600)")
+    local.add_argument("--overwrite", action="store_true",
+                       help="delete what an earlier deployment left in --out (a non-empty --out is refused otherwise)")
     local.set_defaults(func=run_local)
 
 
@@ -48,6 +50,6 @@ def run_local(args: argparse.Namespace) -> int:
     from fedmerge.deploy.local import deploy_local
 
     results = deploy_local(args.scenario, args.out, overrides=args.overrides, data_root=args.data_root,
-                           tls_dir=args.tls_dir, timeout_s=args.timeout)
+                           tls_dir=args.tls_dir, timeout_s=args.timeout, overwrite=args.overwrite)
     print(json.dumps({"status": results.get("status"), "results": str(args.out / "results" / "results.json")}))
     return 0

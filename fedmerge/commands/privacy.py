@@ -16,6 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                      help="override a scenario key, e.g. privacy.clip_norm=0.5 or privacy_study.units=['user']")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the runs an earlier study left in --out (refused otherwise)")
     run.set_defaults(func=run_privacy)
 
 
@@ -23,6 +25,6 @@ def run_privacy(args: argparse.Namespace) -> int:
     from fedmerge.privacy.study import load_study, run_study
 
     cfg, study = load_study(args.scenario, args.overrides)
-    print(run_study(cfg, study, args.out))
+    print(run_study(cfg, study, args.out, overwrite=args.overwrite))
     print(f"wrote {args.out / 'privacy.json'}, privacy.md and privacy.png")
     return 0

@@ -1,4 +1,4 @@
-"""``fedmerge simulate [SCENARIO] [--out DIR] [--set key=value ...] [--engine flower|inprocess] [--resume]``."""
+"""``fedmerge simulate [SCENARIO] [--out DIR] [--set key=value ...] [--engine flower|inprocess] [--resume|--overwrite]``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", default=None, metavar="SEEDS",
                         help="run once per seed (0-4, 0,2,5) into OUT/seed-<s>/ and aggregate means and 95 %% "
                         "intervals into OUT/aggregate.json (same as run.seeds); with --resume, complete seeds are kept")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the files an earlier run left in --out before this run (without it or --resume, "
+                        "a non-empty --out is refused)")
     parser.set_defaults(func=run_simulate)
 
 
@@ -39,10 +42,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     if cfg["run"]["seeds"]:
         from fedmerge.runners.multiseed import AGGREGATE_FILE, aggregate_summary, run_seeds
 
-        print(aggregate_summary(run_seeds(cfg, args.engine, out_dir, resume=args.resume)))
+        print(aggregate_summary(run_seeds(cfg, args.engine, out_dir, resume=args.resume, overwrite=args.overwrite)))
         print(f"aggregate: {out_dir / AGGREGATE_FILE} (per seed: {out_dir}/seed-<s>/)")
         return 0
-    results = run_scenario(cfg, engine=args.engine, out_dir=out_dir, resume=args.resume)
+    results = run_scenario(cfg, engine=args.engine, out_dir=out_dir, resume=args.resume, overwrite=args.overwrite)
     if "resumed" in results:
         print(f"resumed from the saved weights of {results['resumed']['clients']} in {results['resumed']['from']}")
     print(run_summary(results, cfg["eval"]["primary"]))

@@ -27,6 +27,9 @@ SEQUENCE_FILES = ("train.json", "val.json", "test.json")
 CATALOG_FILES = ("smap.json", "meta_data.json")
 AMAZON_FILES = SEQUENCE_FILES + ("umap.json",) + CATALOG_FILES
 TARBALL_SUFFIXES = (".tar.gz", ".tgz")
+# One JSON file is parsed in memory (several times its size): a bound against a crafted or corrupt tarball member
+# (a gzip bomb) exhausting the client's memory. The real members are 2-3 MB.
+MAX_FILE_BYTES = 256 * 2**20
 AMAZON_ROOT_ENV = "FEDMERGE_AMAZON_DIR"
 
 
@@ -57,12 +60,20 @@ def _parse_json(raw: bytes, label: str) -> Any:
         raise DataError(f"{label}: invalid JSON: {exc}") from None
 
 
+def _check_size(label: str, size: int) -> None:
+    """DataError when one file (or tarball member) is larger than :data:`MAX_FILE_BYTES` (it is parsed in memory)."""
+    if size > MAX_FILE_BYTES:
+        raise DataError(f"{label}: {size} bytes, more than the {MAX_FILE_BYTES} bytes one data file may hold "
+                        "(fedmerge.data.amazon.MAX_FILE_BYTES)")
+
+
 def _read_folder(folder: Path, names: Iterable[str]) -> dict[str, Any]:
     parsed = {}
     for name in names:
         file = folder / name
         if not file.is_file():
             raise DataError(f"{file}: missing (an Amazon domain folder needs {', '.join(AMAZON_FILES)})")
+        _check_size(str(file), file.stat().st_size)
         parsed[name] = _parse_json(file.read_bytes(), str(file))
     return parsed
 
@@ -79,6 +90,7 @@ def _read_tarball(tarball: Path, names: Iterable[str]) -> dict[str, Any]:
                     continue
                 if parts[-1] in parsed:
                     raise DataError(f"{tarball}: holds {parts[-1]} twice")
+                _check_size(f"{tarball}:{member.name}", member.size)  # extractfile reads exactly member.size bytes
                 handle = archive.extractfile(member)
                 parsed[parts[-1]] = _parse_json(handle.read(), f"{tarball}:{member.name}")
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +26,9 @@ logger = logging.getLogger(__name__)
 INTERACTIONS_FILE = "interactions.csv"
 ITEMS_FILE = "items.jsonl"
 REQUIRED_COLUMNS = ("user", "item", "timestamp")
+MAX_LINE_BYTES = 1 << 20  # one items.jsonl line; CSV fields are bounded by csv.field_size_limit() (128 KiB)
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark (spreadsheet exports) is dropped from the start of a file
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape could not decode as UTF-8
 
 
 def split_leave_one_out(
@@ -53,8 +58,11 @@ def read_items_jsonl(file: Path) -> ItemCatalog:
     ids: list[str] = []
     fields: list[dict[str, str]] = []
     seen: set[str] = set()
-    with file.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with file.open("rb") as handle:
+        for line_no, raw in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{file}:{line_no}: line longer than {MAX_LINE_BYTES} bytes")
+            line = _utf8(raw[len(BOM):] if line_no == 1 and raw.startswith(BOM) else raw, file, line_no)
             if not line.strip():
                 continue
             try:
@@ -84,9 +92,12 @@ def read_interactions_csv(file: Path) -> tuple[list[str], list[str], np.ndarray]
     users: list[str] = []
     items: list[str] = []
     times: list[float] = []
-    with file.open(newline="", encoding="utf-8") as handle:
+    # utf-8-sig drops a leading byte-order mark; surrogateescape keeps undecodable bytes as U+DC80..U+DCFF so the
+    # row (and its line number) that holds them is reported instead of an error somewhere in a read-ahead block
+    with file.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         reader = csv.reader(handle)
-        header = next(reader, None)
+        rows = _checked_rows(reader, file)
+        header = next(rows, None)
         if header is None:
             raise DataError(f"{file}: empty file (expected a header {','.join(REQUIRED_COLUMNS)})")
         header = [h.strip() for h in header]
@@ -94,7 +105,7 @@ def read_interactions_csv(file: Path) -> tuple[list[str], list[str], np.ndarray]
         if missing:
             raise DataError(f"{file}:1: header {header} lacks column(s) {', '.join(missing)}")
         u_col, i_col, t_col = (header.index(c) for c in REQUIRED_COLUMNS)
-        for row in reader:
+        for row in rows:
             if not row:
                 continue
             if len(row) != len(header):
@@ -114,6 +125,32 @@ def read_interactions_csv(file: Path) -> tuple[list[str], list[str], np.ndarray]
     if not users:
         raise DataError(f"{file}: no interactions")
     return users, items, np.asarray(times, dtype=np.float64)
+
+
+def _utf8(raw: bytes, file: Path, line_no: int) -> str:
+    """``raw`` decoded as UTF-8; a DataError naming the file, line and offending byte otherwise."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file}:{line_no}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                        "save the file as UTF-8") from None
+
+
+def _checked_rows(reader: Any, file: Path) -> Iterator[list[str]]:
+    """The rows of a csv reader over a surrogateescape text stream; DataError naming the file and line for a row
+    with undecodable bytes, a field over the csv module's size limit or any other csv error."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"{file}:{reader.line_num}: unreadable CSV ({exc})") from None
+        bad = next((m for m in map(_UNDECODABLE.search, row) if m), None)
+        if bad is not None:
+            raise DataError(f"{file}:{reader.line_num}: not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x}); "
+                            "save the file as UTF-8")
+        yield row
 
 
 def core_filter(user_codes: np.ndarray, item_codes: np.ndarray, min_user: int, min_item: int) -> np.ndarray:

@@ -6,7 +6,8 @@ Layout written under ``out``::
     server.crt / server.key      SuperLink certificate signed by the CA, SANs for the given hosts
     nodes/node-<i>  / .pub       SuperNode keys: EC SECP384R1, OpenSSH format (what Flower's node auth expects)
 
-Private keys are written with mode 0600. Everything is for loopback testing; a production CA is kept offline.
+Private keys are written with mode 0600 from creation, through a fresh temporary name (never an existing file or
+symlink). Everything is for loopback testing; a production CA is kept offline.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +51,11 @@ class TlsFiles:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    """Atomic write (tmp + os.replace); private files get mode 0600 from creation."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    """Atomic write through a fresh temporary name (``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600 from creation);
+    public files are made 0644 before the rename, private keys stay 0600."""
+    from fedmerge.storage import write_bytes_atomic  # imported here: storage needs torch, --help must not
+
+    write_bytes_atomic(path, data, mode=None if private else 0o644)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

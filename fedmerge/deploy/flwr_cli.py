@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 CONNECTION = "fedmerge"
 FINISHED = "finished"
 COMPLETED = "completed"
+HINT_POLL_S = 0.25  # seconds between checks of FlwrClient.wait's ``ready`` hint
 
 
 class FlwrCommandError(FedmergeError):
@@ -97,20 +98,28 @@ def parse_run_status(payload: Mapping[str, Any], run_id: int) -> RunStatus:
     raise FlwrCommandError(f"run {run_id} is not listed by the SuperLink")
 
 
+def toml_scalar(key: str, value: str | int | float | bool) -> str:
+    """``value`` as a TOML scalar (strings quoted, numbers/bools bare); ValueError naming ``key`` otherwise."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return toml_string(value)
+    raise ValueError(f"config value for {key!r} must be a str, int, float or bool, got {type(value).__name__}")
+
+
 def run_config_args(run_config: Mapping[str, Any]) -> list[str]:
     """``--run-config 'key=value'`` arguments (values as TOML: strings quoted, numbers/bools bare)."""
     args: list[str] = []
     for key, value in run_config.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, (int, float)):
-            text = repr(value)
-        elif isinstance(value, str):
-            text = toml_string(value)
-        else:
-            raise ValueError(f"run config value for {key!r} must be a str, int, float or bool, got {type(value).__name__}")
-        args += ["--run-config", f"{key}={text}"]
+        args += ["--run-config", f"{key}={toml_scalar(key, value)}"]
     return args
+
+
+def config_line(values: Mapping[str, Any]) -> str:
+    """Space-separated ``key=value`` items with TOML values, as ``--federation-config``/``--node-config`` take them."""
+    return " ".join(f"{key}={toml_scalar(key, value)}" for key, value in values.items())
 
 
 class FlwrClient:
@@ -142,9 +151,16 @@ class FlwrClient:
         """The SuperLink's node table (``flwr supernode ls``)."""
         return list(self.call("supernode", "list", CONNECTION).get("nodes", []))
 
-    def submit_run(self, app_dir: Path, run_config: Mapping[str, Any] | None = None) -> int:
-        """``flwr run <app_dir>``: build the app bundle, submit it, return the run id (does not wait)."""
-        payload = self.call("run", str(app_dir), CONNECTION, *run_config_args(run_config or {}), cwd=app_dir)
+    def submit_run(
+        self, app_dir: Path, run_config: Mapping[str, Any] | None = None,
+        federation_config: Mapping[str, Any] | None = None,
+    ) -> int:
+        """``flwr run <app_dir>``: build the app bundle, submit it, return the run id (does not wait).
+
+        ``federation_config``: the simulation runtime's settings (``--federation-config``), e.g. ``num-supernodes``.
+        """
+        extra = ["--federation-config", config_line(federation_config)] if federation_config else []
+        payload = self.call("run", str(app_dir), CONNECTION, *run_config_args(run_config or {}), *extra, cwd=app_dir)
         return int(payload["run-id"])
 
     def status(self, run_id: int) -> RunStatus:
@@ -165,11 +181,14 @@ class FlwrClient:
         self.call("stop", str(run_id), CONNECTION)
 
     def wait(
-        self, run_id: int, timeout_s: float, poll_s: float = 2.0, check: Callable[[], None] | None = None
+        self, run_id: int, timeout_s: float, poll_s: float = 2.0, check: Callable[[], None] | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> RunStatus:
         """Poll until the run finishes; RunFailed unless it finished:completed or when ``timeout_s`` passes.
 
-        ``check`` runs on every poll (e.g. to fail fast when the SuperLink process died).
+        ``check`` runs on every poll (e.g. to fail fast when the SuperLink process died). ``ready`` is a cheap hint
+        that the run is about to finish (e.g. its results file exists): checked every :data:`HINT_POLL_S` between
+        polls, it cuts the pause short, so a long ``poll_s`` spares ``flwr`` calls without delaying the end.
         """
         deadline = time.monotonic() + timeout_s
         last: RunStatus | None = None
@@ -188,7 +207,9 @@ class FlwrClient:
                 except FlwrCommandError as exc:
                     logger.warning("could not stop run %d: %s", run_id, exc)
                 raise RunFailed(f"run {run_id} did not finish within {timeout_s:.0f} s (last status: {last})")
-            time.sleep(poll_s)
+            pause_until = time.monotonic() + poll_s
+            while time.monotonic() < pause_until and not (ready is not None and ready()):
+                time.sleep(HINT_POLL_S if ready is not None else poll_s)
         if not last.succeeded:
             tail = "\n".join(self.logs(run_id).strip().splitlines()[-25:])
             raise RunFailed(f"run {run_id} ended {last}; last log lines:\n{tail}")

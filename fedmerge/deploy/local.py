@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.deploy.certs import NodeKeys, TlsFiles, generate, load_tls_dir
-from fedmerge.deploy.flwr_cli import FlwrClient, RunFailed, toml_string, write_flower_config
+from fedmerge.deploy.flwr_cli import FlwrClient, RunFailed, config_line, write_flower_config
 from fedmerge.deploy.processes import ManagedProcess, ProcessSet, free_port, wait_for_port
 from fedmerge.errors import DataError, FedmergeError
 
@@ -29,7 +28,6 @@ logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-STARTUP_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -40,10 +38,11 @@ class Link:
     address: str
     root_cert: Path | None
 
-
-def node_config_arg(values: Mapping[str, str | int | float]) -> str:
-    """Flower's ``--node-config`` value: space-separated ``key=value`` with TOML-quoted strings."""
-    return " ".join(f"{k}={toml_string(v) if isinstance(v, str) else v}" for k, v in values.items())
+    def check_alive(self) -> None:
+        """FedmergeError with the end of its log if the SuperLink process has exited (a ``FlwrClient.wait`` check)."""
+        if self.process.popen.poll() is not None:
+            raise FedmergeError(f"the SuperLink exited with code {self.process.popen.returncode}:\n"
+                                f"{self.process.log_tail()}")
 
 
 def deployment_env(out_dir: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -54,13 +53,19 @@ def deployment_env(out_dir: Path, base: Mapping[str, str] | None = None) -> dict
     return env
 
 
-def start_superlink(procs: ProcessSet, out_dir: Path, tls: TlsFiles | None, node_auth: bool = True) -> Link:
-    """Start a SuperLink on a free loopback port (TLS unless ``tls`` is None) and wait until it listens."""
+def start_superlink(
+    procs: ProcessSet, out_dir: Path, tls: TlsFiles | None, node_auth: bool = True, startup_timeout_s: float = 600.0,
+    simulation: bool = False,
+) -> Link:
+    """Start a SuperLink on a free loopback port (TLS unless ``tls`` is None) and wait until it listens.
+
+    ``simulation``: Flower's simulation runtime (virtual SuperNodes on Ray, no Fleet API) instead of real SuperNodes.
+    """
     if node_auth and tls is None:
         raise FedmergeError("SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth with --insecure)")
     port = free_port(HOST)
     argv = ["flower-superlink", "--host", HOST, "--port", str(port), "--database", str(out_dir / "superlink.db"),
-            "--disable-runtime-dependency-installation"]
+            "--disable-runtime-dependency-installation", *(["--simulation"] if simulation else [])]
     if tls is None:
         argv.append("--insecure")
     else:
@@ -70,7 +75,7 @@ def start_superlink(procs: ProcessSet, out_dir: Path, tls: TlsFiles | None, node
         argv.append("--enable-supernode-auth")
     proc = procs.start("superlink", argv)
     try:
-        wait_for_port(HOST, port, STARTUP_TIMEOUT_S, alive=proc.popen)
+        wait_for_port(HOST, port, startup_timeout_s, alive=proc.popen)
     except FedmergeError as exc:
         raise FedmergeError(f"SuperLink did not start: {exc}\n{proc.log_tail()}") from exc
     return Link(proc, f"{HOST}:{port}", tls.ca_cert if tls else None)
@@ -78,11 +83,11 @@ def start_superlink(procs: ProcessSet, out_dir: Path, tls: TlsFiles | None, node
 
 def start_supernode(
     procs: ProcessSet, link: Link, name: str, node_config: Mapping[str, str | int | float], keys: NodeKeys | None,
-    max_wait_s: float = 30.0,
+    max_wait_s: float = 600.0,
 ) -> ManagedProcess:
     """Start a SuperNode connecting to ``link`` with ``node_config``; ``keys`` authenticate it (None: no key)."""
     argv = ["flower-supernode", "--superlink", link.address, "--port", str(free_port(HOST)),
-            "--node-config", node_config_arg(node_config), "--max-wait-time", str(max_wait_s)]
+            "--node-config", config_line(node_config), "--max-wait-time", str(max_wait_s)]
     argv += ["--insecure"] if link.root_cert is None else ["--root-certificates", str(link.root_cert)]
     if keys is not None:
         argv += ["--auth-supernode-private-key", str(keys.private_key)]
@@ -155,7 +160,7 @@ def read_results(path: Path) -> dict[str, Any]:
     return results
 
 
-def _reported_errors(path: Path) -> str:
+def reported_errors(path: Path) -> str:
     """The per-domain errors and rejections a failed run still wrote to ``results.json`` (empty if none)."""
     try:
         results = json.loads(path.read_text())
@@ -186,47 +191,53 @@ def deploy_local(
     app_dir: str | Path = REPO_ROOT,
     timeout_s: float = 3600.0,
     poll_s: float = 2.0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run ``scenario`` on a local SuperLink + one SuperNode per domain over TLS with node authentication.
 
-    Returns the parsed ``results.json``; raises FedmergeError (run failed, node refused, timeout, ...) after
-    stopping every started process.
+    ``out_dir`` is held with :func:`fedmerge.storage.run_folder` for the run: locked, and refused when it holds an
+    earlier deployment's files unless ``overwrite`` (they are deleted first). The SuperLink's listen, the
+    SuperNodes' connection and the ServerApp's wait for them are bounded by ``federation.startup_timeout_s``, the
+    whole run by ``timeout_s``. Returns the parsed ``results.json``; raises FedmergeError (run failed, node refused,
+    timeout, ...) after stopping every started process.
     """
     from fedmerge.config import load_scenario
+    from fedmerge.storage import run_folder
 
     app = check_app_dir(Path(app_dir))
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     cfg = load_scenario(scenario, overrides)
+    out = Path(out_dir).resolve()
+    with run_folder(out, overwrite=overwrite):
+        return _deploy(cfg, scenario, out, overrides, data_root, tls_dir, app, timeout_s, poll_s)
+
+
+def _deploy(
+    cfg: Mapping[str, Any], scenario: str | Path, out: Path, overrides: Sequence[str], data_root: str | Path | None,
+    tls_dir: str | Path | None, app: Path, timeout_s: float, poll_s: float,
+) -> dict[str, Any]:
     paths = domain_data_paths(cfg, Path(data_root).resolve() if data_root else None, out)
     tls = _tls_files(Path(tls_dir) if tls_dir else None, out, len(paths))
     env = deployment_env(out)
     results_dir = out / "results"
-    shutil.rmtree(results_dir, ignore_errors=True)
+    startup_s = float(cfg["federation"]["startup_timeout_s"])
     with ProcessSet(out, env=env) as procs:
-        link = start_superlink(procs, out, tls)
+        link = start_superlink(procs, out, tls, startup_timeout_s=startup_s)
         write_flower_config(Path(env["FLWR_HOME"]), link.address, link.root_cert)
         flwr = FlwrClient(Path(env["FLWR_HOME"]), env=env)
         node_ids = [flwr.register_node(keys.public_key, name=name) for keys, name in zip(tls.nodes, paths)]
         nodes = [
-            start_supernode(procs, link, f"supernode-{name}", {"data-path": str(path)}, keys)
+            start_supernode(procs, link, f"supernode-{name}", {"data-path": str(path)}, keys, max_wait_s=startup_s)
             for (name, path), keys in zip(paths.items(), tls.nodes)
         ]
-        wait_until_online(flwr, node_ids, nodes, STARTUP_TIMEOUT_S)
+        wait_until_online(flwr, node_ids, nodes, startup_s)
         run_config = {"scenario": str(Path(scenario).resolve()) if Path(scenario).is_file() else str(scenario),
                       "overrides": ";".join(overrides), "out-dir": str(results_dir)}
         run_id = flwr.submit_run(app, run_config)
         logger.info("submitted run %d to %s with %d SuperNodes", run_id, link.address, len(nodes))
-
-        def link_alive() -> None:
-            if link.process.popen.poll() is not None:
-                raise FedmergeError(f"the SuperLink exited with code {link.process.popen.returncode}:\n"
-                                    f"{link.process.log_tail()}")
-
         try:
-            status = flwr.wait(run_id, timeout_s, poll_s, check=link_alive)
+            status = flwr.wait(run_id, timeout_s, poll_s, check=link.check_alive)
         except RunFailed as exc:
-            raise RunFailed(f"{exc}{_reported_errors(results_dir / 'results.json')}") from exc
+            raise RunFailed(f"{exc}{reported_errors(results_dir / 'results.json')}") from exc
         finally:
             (out / "logs" / "run.log").write_text(flwr.logs(run_id))
         logger.info("run %d %s", run_id, status)

@@ -4,16 +4,24 @@
 ``<out>/processes.json``; on exit - normal, error or KeyboardInterrupt - each one is stopped by its pid:
 SIGTERM to its process group, then SIGKILL after a grace period. Flower's daemons spawn helpers (SuperExec) in
 their own sessions, so the descendants of each process are collected from /proc before the stop and signalled too.
+
+A supervisor process (this module run with ``python -m``) guards against the deploying process dying without
+running that cleanup (SIGKILL, OOM kill): it blocks reading a pipe from the deploying process, and the kernel closes
+the pipe when that process dies however it dies; on end-of-file the supervisor stops every process recorded in
+``processes.json`` that still runs, with its descendants. After a normal stop every recorded process has a return
+code and the supervisor just exits.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,11 +29,12 @@ from pathlib import Path
 from types import TracebackType
 
 from fedmerge.errors import FedmergeError
-from fedmerge.storage import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0
+STDERR_FD = 2  # ProcessSet.start(echo=True): the child writes to this process's stderr (fd level)
+RECORD_FILE = "processes.json"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -122,8 +131,9 @@ class ProcessSet:
         self.grace_s = grace_s
         self.processes: list[ManagedProcess] = []
 
-    def start(self, name: str, argv: Sequence[str], cwd: str | Path | None = None) -> ManagedProcess:
-        """Start ``argv`` in a new session (own process group), stdout+stderr to ``<out>/logs/<name>.log``."""
+    def start(self, name: str, argv: Sequence[str], cwd: str | Path | None = None, echo: bool = False) -> ManagedProcess:
+        """Start ``argv`` in a new session (own process group), stdout+stderr to ``<out>/logs/<name>.log`` (with
+        ``echo``: to this process's stderr instead; the log file stays empty)."""
         if any(p.name == name for p in self.processes):
             raise ValueError(f"a process named {name!r} was already started")
         log_path = self.out_dir / "logs" / f"{name}.log"
@@ -131,7 +141,7 @@ class ProcessSet:
         with log_path.open("ab") as log:
             try:
                 popen = subprocess.Popen(
-                    list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    list(argv), stdout=STDERR_FD if echo else log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True, env=self.env, cwd=cwd,
                 )
             except OSError as exc:
@@ -143,8 +153,10 @@ class ProcessSet:
         return proc
 
     def _record(self) -> None:
+        from fedmerge.storage import write_json_atomic  # imported here: the supervisor (python -m) needs no torch
+
         write_json_atomic(
-            self.out_dir / "processes.json",
+            self.out_dir / RECORD_FILE,
             [{"name": p.name, "pid": p.pid, "argv": p.argv, "log": str(p.log_path), "returncode": p.popen.poll()}
              for p in self.processes],
         )
@@ -178,9 +190,66 @@ class ProcessSet:
         logger.info("stopped %d processes", len(self.processes))
 
     def __enter__(self) -> ProcessSet:
+        """Start the supervisor that stops the recorded processes should this process die without :meth:`stop_all`."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._supervisor = subprocess.Popen(
+            [sys.executable, "-m", __name__, str(self.out_dir / RECORD_FILE), str(self.grace_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True, env=_importable_env(),
+        )
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.stop_all()
+        try:
+            self.stop_all()
+        finally:
+            self._supervisor.stdin.close()  # every recorded process has a return code now: the supervisor just exits
+            self._supervisor.wait()
+
+
+def _importable_env() -> dict[str, str]:
+    """This environment with the folder holding this copy of ``fedmerge`` first on PYTHONPATH."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root if not path else os.pathsep.join([root, path])}
+
+
+def _same_process(pid: int, argv: Sequence[str]) -> bool:
+    """True while ``pid`` runs ``argv`` (its arguments end the command line; a script may run under an interpreter),
+    so a recycled pid is never signalled."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return False
+    head = len(cmdline) - len(argv) + 1
+    return head >= 1 and cmdline[head:] == list(argv[1:]) and any(Path(argv[0]).name in c for c in cmdline[:head])
+
+
+def supervise(record: Path, grace_s: float = STOP_GRACE_S) -> list[int]:
+    """Block until stdin reaches end-of-file, then stop every process of ``record`` that has no return code and
+    still runs its command, with all its descendants (collected before any signal): SIGTERM, then SIGKILL after
+    ``grace_s``. Returns the pids it signalled."""
+    sys.stdin.buffer.read()
+    try:
+        entries = json.loads(Path(record).read_text())
+    except (OSError, ValueError):
+        return []
+    live = [e["pid"] for e in entries if e.get("returncode") is None and _same_process(e["pid"], e["argv"])]
+    trees = {pid: descendants(pid) for pid in live}
+    for pid, extra in trees.items():
+        _signal(pid, signal.SIGTERM, group=True)
+        for child in extra:
+            _signal(child, signal.SIGTERM, group=False)
+    everyone = [p for pid, extra in trees.items() for p in (pid, *extra)]
+    deadline = time.monotonic() + grace_s
+    while any(_alive(p) for p in everyone) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in everyone:
+        if _alive(pid):
+            _signal(pid, signal.SIGKILL, group=False)
+    return everyone
+
+
+if __name__ == "__main__":  # the supervisor: python -m fedmerge.deploy.processes RECORD GRACE_S
+    supervise(Path(sys.argv[1]), float(sys.argv[2]))

@@ -2,6 +2,7 @@
 
 from fedmerge.merging.methods import (
     METHODS,
+    ROBUST_METHODS,
     MergeMethod,
     ProcessedTaskVectors,
     apply_delta,
@@ -20,6 +21,7 @@ __all__ = [
     "MergeRecReport",
     "mergerec",
     "METHODS",
+    "ROBUST_METHODS",
     "MergeMethod",
     "ProcessedTaskVectors",
     "apply_delta",

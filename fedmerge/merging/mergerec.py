@@ -43,13 +43,19 @@ Pseudo-user batches are (B, L), not (B, max_len): a sequence of at most L items 
 columns is all padding before its last L columns, and the families read padded sequences right-aligned and ignore
 padding (a set for text-LAE, leading all-padding columns dropped by the causal Transformer), so L columns give the
 same scores at a fraction of the cost.
+
+Teacher memory: the paper's dense teachers take Σ_d n_d² floats (≈ 1.2 GB for Beauty + Toys). With
+``teacher_top_k = k`` > 0 (not in the paper) each teacher row keeps its top-k items, its log-normalizer and the mass
+of the rest (:mod:`fedmerge.merging.teachers`: O(Σ_d n_d·k) memory; the KL's exact terms over the kept items plus
+the remainder mass lumped into one outcome; k ≥ n_d gives the dense objective). Teacher scores are computed
+``teacher_batch`` start items at a time, so no n_d × n_d matrix is ever built in that mode.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -60,7 +66,8 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from fedmerge.merging.methods import processed_task_vectors
+from fedmerge.merging.methods import processed_task_vectors, resolve_params
+from fedmerge.merging.teachers import TopKRows, top_k_distillation_loss, top_k_rows
 from fedmerge.metrics import Scorer
 from fedmerge.models.base import PAD, ModelFamily, StateDict, stack_item_features
 from fedmerge.reproducibility import gradient_threads
@@ -126,6 +133,8 @@ class MergeRecConfig:
     selection_users: int = 0  # multi_start ranks runs by the objective over this many seeded pseudo-users (0: all)
     item_refresh: int = 0  # with item_side="frozen": recompute item representations every this many steps (0: never)
     teacher_batch: int = 512
+    # keep each teacher row's top-k items plus the rest's mass (0: the paper's dense n_d × n_d teachers)
+    teacher_top_k: int = 0
     progress: bool = True
     # the preset :meth:`from_keys` resolved (a record for reports: constructing MergeRecConfig directly applies
     # no preset, it only checks the name)
@@ -148,12 +157,14 @@ class MergeRecConfig:
             "steps": self.steps >= 0,
             "max_coefficient": self.max_coefficient is None or self.max_coefficient > 0,
             "teacher_batch": self.teacher_batch >= 1,
+            "teacher_top_k": self.teacher_top_k >= 0,
             "pseudo_user_length": self.pseudo_user_length >= 1,
             "selection_users": self.selection_users >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid MergeRecConfig values: {[(k, getattr(self, k)) for k in bad]}")
+        resolve_params(self.init_method, self.init_params)  # ValueError naming an unknown method or bad parameter
 
     @classmethod
     def from_keys(cls, keys: Mapping[str, Any]) -> MergeRecConfig:
@@ -201,6 +212,7 @@ class MergeRecReport:
     # selection_users sample); the kept start
     start_objectives: dict[str, float] = field(default_factory=dict)
     chosen_start: str = "init"
+    teacher_bytes: int = 0  # memory of the one-item teacher tables (dense or top-k)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -232,17 +244,20 @@ def mask_items(scores: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
     return scores.scatter(1, filled, EXCLUDED_SCORE)
 
 
-def teacher_rollouts(one_item_scores: torch.Tensor, scorer: Scorer, length: int) -> torch.Tensor:
-    """(n, length) greedy rollouts of a domain's teacher from each of its items: row i = [i, t_1, …, t_{L-1}] with
-    t_k the teacher's top item not yet in the row after the prefix [i, t_1, …, t_{k-1}].
+def teacher_rollouts(
+    one_item_scores: torch.Tensor, scorer: Scorer, length: int, starts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(b, length) greedy rollouts of a domain's teacher from start items ``starts`` (default every item):
+    row r = [i, t_1, …, t_{L-1}] for i = starts[r], with t_k the teacher's top item not yet in the row after the
+    prefix [i, t_1, …, t_{k-1}].
 
-    ``one_item_scores`` are the teacher's scores of the one-item prefixes (row i: pseudo-user [i]); each further
-    position costs one pass of ``scorer`` over the n prefixes.
+    ``one_item_scores`` (b, n) are the teacher's scores of the one-item prefixes (row r: pseudo-user [starts[r]]);
+    each further position costs one pass of ``scorer`` over the b prefixes.
     """
-    n = one_item_scores.shape[0]
+    n = one_item_scores.shape[1]
     if length > n:
         raise ValueError(f"pseudo_user_length {length} exceeds the catalog's {n} items")
-    rows = torch.arange(n).view(-1, 1)
+    rows = (torch.arange(n) if starts is None else starts).view(-1, 1)
     scores = one_item_scores
     while rows.shape[1] < length:
         rows = torch.cat([rows, mask_items(scores, rows).argmax(dim=1, keepdim=True)], dim=1)
@@ -260,12 +275,19 @@ class PseudoUsers:
     one-item prefixes are rows of the table computed once (``one_item[d]``); longer prefixes are scored by d's
     teacher when drawn (an n_d × L × n_d table does not fit in memory for 12k-item catalogs). Scores are divided by
     ``scales[d]`` (σ_d, or 1).
+
+    With ``top_k`` > 0 the one-item tables are sparse :class:`~fedmerge.merging.teachers.TopKRows` (at
+    ``temperature``, their own item already masked when ``exclude_input_item``), and :meth:`teacher` returns sparse
+    rows: longer prefixes are scored densely, masked and cut to their top k when drawn.
     """
 
     rollouts: list[torch.Tensor]
-    one_item: list[torch.Tensor]
+    one_item: list[torch.Tensor | TopKRows]
     scorers: list[Scorer]
     scales: list[float]
+    top_k: int = 0
+    temperature: float = 1.0
+    exclude_input_item: bool = False
 
     @property
     def length(self) -> int:
@@ -292,14 +314,60 @@ class PseudoUsers:
         source = torch.arange(self.length) - (self.length - lengths).unsqueeze(1)  # column j holds rollout[j-(L-k)]
         return torch.where(source >= 0, full.gather(1, source.clamp(min=0)), PAD)
 
-    def teacher(self, d: int, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(b, n_d) teacher scores of domain d's pseudo-users (start items, prefix lengths)."""
+    def teacher(self, d: int, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | TopKRows:
+        """Teacher scores of domain d's pseudo-users (start items, prefix lengths): dense (b, n_d), or sparse rows
+        (input items masked when ``exclude_input_item``) when ``top_k`` > 0."""
         scores = self.one_item[d][items]
         longer = (lengths > 1).nonzero().flatten()
         if len(longer):
             prefixes = [self.rollouts[d][items[r], : lengths[r]].numpy() for r in longer.tolist()]
-            scores[longer] = torch.from_numpy(self.scorers[d](prefixes)).float() / self.scales[d]
+            dense = torch.from_numpy(self.scorers[d](prefixes)).float() / self.scales[d]
+            if isinstance(scores, TopKRows):
+                if self.exclude_input_item:
+                    dense = mask_items(dense, self.sequences(torch.full_like(longer, d), items[longer],
+                                                             lengths[longer]))
+                scores[longer] = top_k_rows(dense, self.top_k, self.temperature)
+            else:
+                scores[longer] = dense
         return scores
+
+
+def teacher_tables(
+    scorer: Scorer, n_items: int, config: MergeRecConfig
+) -> tuple[torch.Tensor | TopKRows, torch.Tensor, float]:
+    """(one-item teacher table, rollouts (n, L), σ) of one domain's teacher, scored ``teacher_batch`` start items at
+    a time: the dense (n, n) table divided by σ (``teacher_top_k`` = 0), or sparse rows holding O(n·k) numbers."""
+    def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for first in range(0, n_items, config.teacher_batch):
+            starts = torch.arange(first, min(first + config.teacher_batch, n_items))
+            yield starts, torch.from_numpy(scorer([np.array([i]) for i in starts.tolist()])).float()
+
+    sparse = config.teacher_top_k > 0
+    sigma = 1.0
+    if sparse and config.logit_norm == "teacher_std":  # a first pass for σ: sparse rows need it before the cut
+        total = square = 0.0
+        for _, scores in chunks():
+            total, square = total + float(scores.double().sum()), square + float(scores.double().square().sum())
+        count = n_items * n_items
+        sigma = max((square - total * total / count) / max(count - 1, 1), 0.0) ** 0.5
+    table = None if sparse else torch.empty(n_items, n_items)
+    rollouts, parts = [], []
+    for starts, scores in chunks():
+        rollouts.append(teacher_rollouts(scores, scorer, config.pseudo_user_length, starts))
+        if table is not None:
+            table[starts] = scores
+            continue
+        scores = scores / sigma
+        if config.exclude_input_item:
+            scores = mask_items(scores, starts.view(-1, 1))
+        parts.append(top_k_rows(scores, config.teacher_top_k, config.temperature))
+    if table is not None and config.logit_norm == "teacher_std":
+        sigma = float(table.std())
+    if not sigma > 0:
+        raise ValueError("teacher scores are constant; cannot normalize by their std")
+    if table is not None and sigma != 1.0:
+        table /= sigma
+    return (TopKRows.cat(parts) if sparse else table), torch.cat(rollouts), sigma
 
 
 def group_index(
@@ -448,15 +516,16 @@ class PseudoUserObjective:
         for d, features in zip(tqdm(self.pseudo_domains, desc="teacher scores", disable=not config.progress),
                                self.item_features):
             scorer = family.scorer(teachers[d], features, batch_size=config.teacher_batch)
-            scores = torch.from_numpy(scorer([np.array([i]) for i in range(features.shape[0])])).float()
-            sigma = float(scores.std()) if config.logit_norm == "teacher_std" else 1.0
-            if not sigma > 0:
-                raise ValueError(f"teacher scores of domain {d!r} are constant; cannot normalize by their std")
-            rollouts.append(teacher_rollouts(scores, scorer, config.pseudo_user_length))
-            one_item.append(scores / sigma if sigma != 1.0 else scores)  # no n x n copy when not normalizing
+            try:
+                table, rows, sigma = teacher_tables(scorer, int(features.shape[0]), config)
+            except ValueError as exc:
+                raise ValueError(f"domain {d!r}: {exc}") from None
+            rollouts.append(rows)
+            one_item.append(table)
             scales.append(sigma)
             scorers.append(scorer)
-        self.pseudo = PseudoUsers(rollouts, one_item, scorers, scales)
+        self.pseudo = PseudoUsers(rollouts, one_item, scorers, scales, config.teacher_top_k, config.temperature,
+                                  config.exclude_input_item)
         self.teacher_seconds = time.perf_counter() - start
 
         sizes = torch.tensor([len(r) for r in rollouts])
@@ -499,11 +568,19 @@ class PseudoUserObjective:
             student = student / self.pseudo.scales[d]
             teacher = self.pseudo.teacher(d, items[rows], lengths[rows])
             if config.exclude_input_item:
-                student, teacher = mask_items(student, seqs[rows]), mask_items(teacher, seqs[rows])
-            loss = loss + len(rows) / len(items) * distillation_loss(
-                student, teacher, config.temperature, config.distill_weight
-            )
+                student = mask_items(student, seqs[rows])
+            if isinstance(teacher, TopKRows):  # already masked
+                part = top_k_distillation_loss(student, teacher, config.temperature, config.distill_weight)
+            else:
+                teacher = mask_items(teacher, seqs[rows]) if config.exclude_input_item else teacher
+                part = distillation_loss(student, teacher, config.temperature, config.distill_weight)
+            loss = loss + len(rows) / len(items) * part
         return loss
+
+    @property
+    def teacher_bytes(self) -> int:
+        """Memory held by the one-item teacher tables (dense: Σ_d 4·n_d²; top-k: Σ_d n_d·(8k + 8))."""
+        return sum(t.nbytes if isinstance(t, TopKRows) else t.numel() * t.element_size() for t in self.pseudo.one_item)
 
     def users(self, count: int = 0, seed: int = 0) -> torch.Tensor:
         """(N, 3) rows (domain, start item, prefix length): every pseudo-user, or ``count`` of them drawn without
@@ -603,6 +680,7 @@ def mergerec(
         config={**asdict(config), "init_params": dict(config.init_params)},
         start_objectives=start_objectives,
         chosen_start=chosen,
+        teacher_bytes=objective.teacher_bytes,
     )
     logger.info("MergeRec %s/%s: %d steps from %d start(s) in %.1f s, kept %r, final loss %.4g", config.init_method,
                 config.granularity, config.steps, len(runs), seconds, chosen, losses[-1] if losses else float("nan"))

@@ -233,6 +233,36 @@ def _pcb(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) 
 def _pcb_released(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
     """The released PCB code's τ̃_k (:func:`pcb_released_vectors`)."""
     return pcb_released_vectors(tau, params["density"])
+def keep_middle(tau: torch.Tensor, trim: int) -> torch.Tensor:
+    """Per entry, keep the K − 2b values ranked b..K−b−1 across models (b = min(``trim``, (K−1)//2)) with weight
+    1/(K − 2b), zero the b smallest and b largest: Σ_k of the result is the coordinate-wise b-trimmed mean (ties:
+    lower model index ranks first). b is capped so that at least the median is left when fewer models remain than
+    ``trim`` expects (e.g. after a rejection; with 2 models: their mean)."""
+    n_models = tau.shape[0]
+    trim = min(trim, (n_models - 1) // 2)
+    ranks = tau.argsort(dim=0, stable=True).argsort(dim=0, stable=True)
+    keep = (ranks >= trim) & (ranks < n_models - trim)
+    return tau * keep / (n_models - 2 * trim)
+
+
+def _trimmed_mean(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """Coordinate-wise trimmed mean (Yin et al. 2018): drop the ``trim`` largest and smallest τ_k per entry."""
+    return keep_middle(tau, params["trim"])
+
+
+def _median(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """Coordinate-wise median (Yin et al. 2018): the (K−1)//2-trimmed mean, i.e. the middle τ_k of each entry (the
+    mean of the two middle ones for even K); τ̃_k is τ_k where model k holds the median, else 0."""
+    return keep_middle(tau, (tau.shape[0] - 1) // 2)
+
+
+def _clipped_average(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """Mean of norm-clipped task vectors, per tensor: τ̃_k = τ_k · min(1, m · median_j ‖τ_j‖ / ‖τ_k‖) / K with
+    m = ``multiple`` (norms in float64, so a huge τ_k cannot overflow)."""
+    norms = tau.reshape(tau.shape[0], -1).double().norm(dim=1)
+    limit = params["multiple"] * norms.median()  # torch's median: the lower middle value for even K
+    factor = torch.where(norms > limit, limit / norms.clamp(min=1e-300), torch.ones_like(norms))
+    return tau * (factor / tau.shape[0]).to(tau.dtype).reshape(-1, *([1] * (tau.dim() - 1)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,8 +389,37 @@ METHODS: dict[str, MergeMethod] = {
             "PCB as its released code (run by MergeRec): exp/tanh balancing, quantile-clamped soft mask, "
             "whole-model scope, extra 1/K",
         ),
+        MergeMethod(
+            "median",
+            _median,
+            {},
+            "https://arxiv.org/abs/1803.01498",
+            "coordinate-wise median of the task vectors, robust to one outlying client of three (Yin et al. 2018)",
+            scale_param=None,
+        ),
+        MergeMethod(
+            "trimmed_mean",
+            _trimmed_mean,
+            {"trim": Param(1, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                           "an integer >= 0 (values dropped per side, at most (models − 1)//2)")},
+            "https://arxiv.org/abs/1803.01498",
+            "coordinate-wise trimmed mean: drop the trim largest and smallest values per entry (Yin et al. 2018)",
+            scale_param=None,
+        ),
+        MergeMethod(
+            "clipped_average",
+            _clipped_average,
+            {"multiple": Param(1.0, _in_open_closed(0.0, math.inf), "a number > 0")},
+            "https://arxiv.org/abs/1911.07963",
+            "average of task vectors clipped per tensor to multiple × the median norm (Sun et al. 2019)",
+            scale_param=None,
+        ),
     )
 }
+
+
+# Registry methods that bound what one outlying client can do to the merge (federation.fedavg_aggregation choices).
+ROBUST_METHODS = ("median", "trimmed_mean", "clipped_average")
 
 
 def get_method(name: str) -> MergeMethod:

@@ -119,6 +119,11 @@ class ModelFamily(ABC):
         torch.manual_seed(seed)
         return {k: v.detach().clone() for k, v in self.build(dim).state_dict().items()}
 
+    def fixed_parameters(self, theta0: StateDict) -> frozenset[str]:
+        """Names of θ₀'s weights that training never changes (e.g. buffers set when θ₀ is made): a client's update
+        must carry them equal to θ₀ bit for bit, or the server rejects it. None by default."""
+        return frozenset()
+
     def load(self, weights: StateDict, dim: int) -> nn.Module:
         """A module in eval mode holding ``weights``."""
         module = self.build(dim)

@@ -202,6 +202,9 @@ def catalog_clusters(embeddings: np.ndarray, n_clusters: int, seed: int) -> tupl
     return torch.from_numpy(centre.astype(np.float32)), torch.from_numpy(centroids.astype(np.float32))
 
 
+ROUTER_BUFFERS = ("centre", "centroids")  # RoutedAdapter's router, fixed at θ₀
+
+
 def nearest_similarity(raw: torch.Tensor, centre: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """``max_k <unit(x - centre), c_k>`` of each raw embedding row x, (n,): how close an item is to the nearest
     catalog cluster of :func:`catalog_clusters`."""
@@ -237,8 +240,8 @@ class RoutedAdapter(nn.Module):
     ) -> None:
         super().__init__()
         self.dim_in = dim_in
-        self.register_buffer("centre", torch.zeros(dim_in))
-        self.register_buffer("centroids", torch.zeros(n_experts, dim_in))
+        self.register_buffer(ROUTER_BUFFERS[0], torch.zeros(dim_in))
+        self.register_buffer(ROUTER_BUFFERS[1], torch.zeros(n_experts, dim_in))
         self.experts = nn.ModuleList(ResidualMLPAdapter(dim_in, dim_out, width, dropout) for _ in range(n_experts))
         for expert in self.experts[1:]:
             expert.load_state_dict(self.experts[0].state_dict())
@@ -546,6 +549,16 @@ class SequentialFamily(ModelFamily):
             similarity = nearest_similarity(torch.from_numpy(raw), centre, centroids)
             weights["adapter.unseen_threshold"] = torch.quantile(similarity, self.routed_unseen_quantile)
         return weights
+
+    def fixed_parameters(self, theta0: StateDict) -> frozenset[str]:
+        """The routed adapter's router buffers (``adapter.centre``, ``adapter.centroids``) and, with
+        ``routed_unseen="theta0"``, its ``adapter.unseen_threshold`` and frozen θ₀ expert ``adapter.base.*``: set from
+        the public catalogs in θ₀ and never trained; changing them would re-route (or re-embed) every item of every
+        domain."""
+        if self.adapter != "routed":
+            return frozenset()
+        fixed = {f"adapter.{b}" for b in (*ROUTER_BUFFERS, "unseen_threshold")}
+        return frozenset(n for n in theta0 if n in fixed or n.startswith("adapter.base."))
 
     def catalog_features(self, catalog: ItemCatalog, embeddings: Callable[[], np.ndarray]) -> torch.Tensor:
         """:meth:`item_features` of the embeddings, or with ``encoder_layers > 0`` :func:`token_features` of the

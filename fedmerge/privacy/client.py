@@ -62,17 +62,16 @@ def validate_privacy(cfg: Mapping[str, Any]) -> None:
         raise FedmergeError(f"privacy.unit must be one of {list(UNITS)}, got {privacy['unit']!r}")
     if privacy["accountant"] not in ACCOUNTANTS:
         raise FedmergeError(f"privacy.accountant must be one of {list(ACCOUNTANTS)}, got {privacy['accountant']!r}")
-    positive = {k: privacy[k] for k in ("clip_norm", "max_grad_norm", "epochs", "user_norm_bound")}
-    bad = {k: v for k, v in positive.items() if not (v > 0 and math.isfinite(v))}
-    if bad:
-        raise FedmergeError(f"privacy values must be finite and > 0: {bad}")
+    for key in ("clip_norm", "max_grad_norm", "epochs", "user_norm_bound"):
+        if not 0 < privacy[key] < math.inf:
+            raise FedmergeError(f"privacy.{key} must be a positive finite number, got {privacy[key]}")
     if not 0 < privacy["sample_rate"] <= 1:
         raise FedmergeError(f"privacy.sample_rate must lie in (0, 1], got {privacy['sample_rate']}")
     if not 0 < privacy["delta"] < 1:
         raise FedmergeError(f"privacy.delta must lie in (0, 1), got {privacy['delta']}")
-    if privacy["target_epsilon"] < 0 or privacy["noise_multiplier"] < 0:
-        raise FedmergeError(f"privacy.target_epsilon and privacy.noise_multiplier must be >= 0, got "
-                            f"{privacy['target_epsilon']} and {privacy['noise_multiplier']}")
+    for key in ("target_epsilon", "noise_multiplier"):
+        if not 0 <= privacy[key] < math.inf:
+            raise FedmergeError(f"privacy.{key} must be a finite number >= 0, got {privacy[key]}")
     if privacy["enabled"] and privacy["unit"] == "user":
         check_user_level(cfg)
 

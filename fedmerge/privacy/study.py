@@ -160,8 +160,11 @@ def cells(study: Mapping[str, Any]) -> list[tuple[str, float]]:
     return out + [(u, e) for u in study["units"] for e in eps if not math.isinf(e)]
 
 
-def utility_sweep(cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Path) -> list[dict[str, Any]]:
-    """One in-process run per cell and seed; per cell the metric of every study method over the seeds."""
+def utility_sweep(
+    cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Path, overwrite: bool = False
+) -> list[dict[str, Any]]:
+    """One in-process run per cell and seed; per cell the metric of every study method over the seeds
+    (``overwrite``: replace the run folders an earlier study left; refused otherwise)."""
     from fedmerge.runners import run_scenario
 
     rows = []
@@ -175,7 +178,7 @@ def utility_sweep(cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Pat
             row["noise_multiplier"] = z
             logger.info("privacy study: unit %s, ε=%s, seed %d, noise multiplier %.4g", unit, epsilon_label(epsilon),
                         seed, z)
-            results = run_scenario(run_cfg, engine="inprocess",
+            results = run_scenario(run_cfg, engine="inprocess", overwrite=overwrite,
                                    out_dir=out_dir / unit / f"eps-{epsilon_label(epsilon)}" / f"seed-{seed}")
             models = results["models"]
             names = [m for m in (*study["methods"], "fedavg", "theta0", "individual") if m in models]
@@ -336,13 +339,14 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], s
     plt.close(fig)
 
 
-def run_study(cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Path) -> str:
-    """The whole study into ``out_dir`` (see the module docstring); returns the markdown table."""
+def run_study(cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Path, overwrite: bool = False) -> str:
+    """The whole study into ``out_dir`` (see the module docstring; ``overwrite``: replace an earlier study's run
+    folders there); returns the markdown table."""
     from fedmerge.privacy.client import releases_per_client
 
     out_dir.mkdir(parents=True, exist_ok=True)
     study_json = {**study, "epsilons": [epsilon_label(float(e)) for e in study["epsilons"]]}
-    utility = utility_sweep(cfg, study, out_dir)
+    utility = utility_sweep(cfg, study, out_dir, overwrite=overwrite)
     write_json_atomic(out_dir / "privacy.json", {"study": study_json, "utility": utility})  # kept if the attacks fail
     probe = attack_sweep(cfg, study)
     write_json_atomic(out_dir / "privacy.json", {"study": study_json, "releases_per_client": releases_per_client(cfg),

@@ -1,9 +1,11 @@
-"""The scenario as the Flower apps see it: from a closure (simulation runner) or from the run config (`flwr run`).
+"""The scenario as the Flower apps see it: from the run config (`flwr run`, also under `fedmerge simulate`).
 
 Run-config keys (``[tool.flwr.app.config]`` in pyproject.toml, or ``flwr run . --run-config``): ``scenario``
 (name or path), ``overrides`` (``;``-separated ``section.key=value`` items), ``out-dir`` (a relative path is
-relative to the SuperLink's working folder: pass an absolute one) and ``resume`` (re-merge from the client weights
-saved in ``out-dir``).
+relative to the SuperLink's working folder: pass an absolute one), ``resume`` (re-merge from the client weights
+saved in ``out-dir``) and ``overwrite`` (delete what an earlier run left in ``out-dir``; without it or ``resume`` a
+non-empty ``out-dir`` is refused); ``out-dir-held`` is set by ``fedmerge simulate``, which holds ``out-dir`` (lock,
+earlier files, resume archive) around the run itself.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ SCENARIO_KEY = "scenario"
 OVERRIDES_KEY = "overrides"
 OUT_DIR_KEY = "out-dir"
 RESUME_KEY = "resume"
+OVERWRITE_KEY = "overwrite"
+HELD_KEY = "out-dir-held"
 
 
 def scenario_from_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:

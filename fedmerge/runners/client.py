@@ -19,7 +19,7 @@ from fedmerge.config import domain_names
 from fedmerge.data.amazon import AMAZON_ROOT_ENV, default_amazon_root
 from fedmerge.data.domain import Domain, ItemCatalog
 from fedmerge.errors import DataError, FedmergeError
-from fedmerge.metrics import evaluate_scorer
+from fedmerge.metrics import evaluate_batches, evaluation_batches
 from fedmerge.models import ModelFamily, StateDict, get_family
 from fedmerge.runners import protocol
 
@@ -163,6 +163,8 @@ def client_train(
         weights, metrics = private_train(family, theta0, domain, features, cfg, seed=seed, round_index=round_index,
                                          noise_seed=noise_seed(cfg, domain.name, round_index),
                                          progress=bool(cfg["run"]["progress"]))
+        # the family's fixed weights are θ₀'s, independent of the data: sent exactly (the server checks them)
+        weights.update({name: theta0[name] for name in family.fixed_parameters(theta0)})
     else:
         weights, metrics = family.train(theta0, domain, features, seed=seed, progress=bool(cfg["run"]["progress"]))
     metrics = {**metrics, protocol.NUM_USERS: domain.n_users}
@@ -172,14 +174,19 @@ def client_train(
 def client_evaluate(
     domain: Domain, models: Mapping[str, StateDict], cfg: Mapping[str, Any], features: torch.Tensor | None = None
 ) -> dict[str, dict[str, float]]:
-    """Metrics of each model on the domain's private ``eval.split`` users (via :func:`fedmerge.metrics.evaluate_scorer`)."""
+    """Metrics of each model on the domain's private ``eval.split`` users (:func:`fedmerge.metrics.evaluate_batches`).
+
+    The users' batches (truncated inputs, targets, masks) are prepared once for all models; each model then costs its
+    scorer (item representations, once per model) and one forward per batch. One scorer is alive at a time.
+    """
     torch.set_num_threads(int(cfg["run"]["torch_threads"]))
     family = family_of(cfg)
     if features is None:
         features = item_features(cfg, domain.catalog, family)
     ks = tuple(int(k) for k in cfg["eval"]["ks"])
+    batches = evaluation_batches(domain, cfg["eval"]["split"], max_len=family.max_len)
     return {
-        name: evaluate_scorer(family.scorer(weights, features), domain, cfg["eval"]["split"], ks=ks, max_len=family.max_len)
+        name: evaluate_batches(family.scorer(weights, features), batches, domain.n_items, ks=ks)
         for name, weights in models.items()
     }
 

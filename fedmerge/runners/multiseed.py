@@ -51,27 +51,35 @@ def completed_run(folder: Path, cfg: Mapping[str, Any]) -> dict[str, Any] | None
     return results if results.get("status") == "ok" and same else None
 
 
-def run_seeds(cfg: Mapping[str, Any], engine: str, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Run the scenario once per ``run.seeds`` entry into ``out_dir/seed-<s>/`` and write the aggregate; returns it."""
+def run_seeds(
+    cfg: Mapping[str, Any], engine: str, out_dir: str | Path, resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """Run the scenario once per ``run.seeds`` entry into ``out_dir/seed-<s>/`` and write the aggregate; returns it.
+
+    ``out_dir`` is held like a single run's (:func:`fedmerge.storage.run_folder`: locked, a non-empty folder refused
+    unless ``resume`` or ``overwrite``). With ``resume`` a seed whose folder holds a complete run of the same
+    configuration is kept and every other seed runs again from scratch (its partial files replaced)."""
     from fedmerge.merging import METHODS
     from fedmerge.runners.simulation import run_scenario
+    from fedmerge.storage import run_folder
 
     seeds = [int(s) for s in cfg["run"]["seeds"]]
     if not seeds:
         raise FedmergeError("run.seeds is empty: nothing to run per seed (use run.seed for a single run)")
     runs: dict[int, dict[str, Any]] = {}
-    for seed in seeds:
-        single, folder = seed_config(cfg, seed), seed_dir(out_dir, seed)
-        done = completed_run(folder, single) if resume else None
-        if done is not None:
-            logger.info("seed %d: complete results in %s, skipped", seed, folder)
-            runs[seed] = done
-            continue
-        logger.info("seed %d: running into %s", seed, folder)
-        runs[seed] = run_scenario(single, engine=engine, out_dir=folder)
-    aggregate = aggregate_runs(runs, cfg["eval"]["primary"], training_free=list(METHODS))
-    aggregate["seed_folders"] = {s: str(seed_dir(out_dir, s)) for s in seeds}
-    write_aggregate(aggregate, out_dir)
+    with run_folder(out_dir, resume=resume, overwrite=overwrite):
+        for seed in seeds:
+            single, folder = seed_config(cfg, seed), seed_dir(out_dir, seed)
+            done = completed_run(folder, single) if resume else None
+            if done is not None:
+                logger.info("seed %d: complete results in %s, skipped", seed, folder)
+                runs[seed] = done
+                continue
+            logger.info("seed %d: running into %s", seed, folder)
+            runs[seed] = run_scenario(single, engine=engine, out_dir=folder, overwrite=resume)
+        aggregate = aggregate_runs(runs, cfg["eval"]["primary"], training_free=list(METHODS))
+        aggregate["seed_folders"] = {s: str(seed_dir(out_dir, s)) for s in seeds}
+        write_aggregate(aggregate, out_dir)
     return aggregate
 
 

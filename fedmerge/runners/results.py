@@ -6,9 +6,9 @@ and evaluated zero-shot), ``fedavg_curve`` (per round: FedAvg's own cumulative t
 average metrics), ``oneshot_bytes`` (the one-shot phase's traffic, all a one-shot merge costs),
 ``bytes.<domain>.{sent, received}`` (client's view), ``timings_s`` per phase, ``train_metrics`` (one-shot
 training, per domain: ``epochs``, ``stop_reason`` in ``max_epochs`` / ``early_stopping`` / ``max_seconds``, ...),
-``fedavg_train_metrics`` (per round, per domain), ``warnings`` (e.g. a training cut by the wall-clock cap
-``max_seconds``, also printed under the summary table), the resolved ``config`` and package ``versions``; a
-``--resume`` run adds ``resumed``.
+``fedavg_train_metrics`` (per round, per domain), ``warnings`` (a training cut by the wall-clock cap
+``max_seconds``, a training client left out of the merges or a FedAvg round; printed under the summary table), the
+resolved ``config`` and package ``versions``; a ``--resume`` run adds ``resumed``.
 
 Next to it the run folder holds ``models/<name>.safetensors`` for every evaluated shared model (θ₀, each merge,
 FedAvg's final model, the joint oracle), each saved as soon as it is built, and ``clients/<domain>.safetensors``
@@ -167,7 +167,8 @@ def plot_domains(
     for ax, name in zip(axes[0], metrics):
         _domain_bars(ax, results, name, (errors or {}).get(name))
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, ncol=min(6, len(labels)), loc="lower center")
+    if labels:  # a run that failed before any evaluation has no models
+        fig.legend(handles, labels, fontsize=7, ncol=min(6, len(labels)), loc="lower center")
     run = results.get("run", {})
     fig.suptitle(title or f"{run.get('name', 'run')}: per-domain {' and '.join(metrics)} "
                  f"({run.get('engine', '?')} engine, seed {run.get('seed', '?')})")

@@ -98,6 +98,23 @@ def initial_weights(cfg: Mapping[str, Any]) -> StateDict:
     return weights
 
 
+def capped_shares(weights: Mapping[str, float], max_share: float) -> dict[str, float]:
+    """Shares p_k ∝ w_k with every p_k ≤ ``max_share``: clients over the cap are fixed at it and the rest of the
+    mass is re-split ∝ w among the others, until none is over (water-filling). Equal shares when
+    ``max_share`` < 1/K (no feasible capped split). One client claiming 1e9 users then gets at most ``max_share``."""
+    if max_share * len(weights) < 1:
+        return {d: 1.0 / len(weights) for d in weights}
+    capped: set[str] = set()
+    while True:
+        free = {d: w for d, w in weights.items() if d not in capped}
+        mass, total = 1.0 - max_share * len(capped), float(sum(free.values()))
+        shares = {d: mass * w / total for d, w in free.items()}
+        over = {d for d, p in shares.items() if p > max_share}
+        if not over:
+            return {**{d: max_share for d in capped}, **shares}
+        capped |= over
+
+
 def fedavg_aggregate(updates: Mapping[str, StateDict], weights: Mapping[str, float]) -> StateDict:
     """Σ_d n_d θ_d / Σ_d n_d per parameter (McMahan et al. 2017)."""
     total = float(sum(weights[d] for d in updates))
@@ -228,7 +245,9 @@ class Federation:
         self.timings: dict[str, float] = {}
         self.bytes = {d: {"sent": 0, "received": 0} for d in self.domains}
         self.rejected: dict[str, str] = {}
+        self.clipped: dict[str, str] = {}
         self.errors: dict[str, str] = {}
+        self.left_out: dict[str, list[tuple[str, str]]] = {}  # domain -> (phase, reason) it missed, see record_left_out
         self.models: dict[str, dict[str, dict[str, float]]] = {}
         self.fedavg_curve: list[dict[str, float]] = []
         self.merge_report: dict[str, Any] = {}
@@ -297,7 +316,15 @@ class Federation:
     ) -> dict[str, RecordDict]:
         for d, content in requests.items():
             self.bytes[d]["received"] += protocol.record_bytes(content)
-        replies, errors = transport.send(message_type, requests, on_reply=on_reply)
+        arrived: list[str] = []
+
+        def progress(domain: str, content: RecordDict) -> None:  # one line per reply: many clients show progress
+            arrived.append(domain)
+            logger.info("%s: %d/%d replies (%s)", message_type, len(arrived), len(requests), domain)
+            if on_reply is not None:
+                on_reply(domain, content)
+
+        replies, errors = transport.send(message_type, requests, on_reply=progress)
         for d, content in replies.items():
             self.bytes[d]["sent"] += protocol.record_bytes(content)
         for d, reason in errors.items():
@@ -311,45 +338,134 @@ class Federation:
         config = ConfigRecord({"phase": phase, "round": round_index})
         return {d: RecordDict({protocol.GLOBAL: record, protocol.CONFIG: config}) for d in self.train_domains}
 
-    def accept_update(self, domain: str, content: RecordDict) -> tuple[StateDict, TrainMetrics] | None:
-        """The checked weights and numeric training metrics of one reply, or None when rejected (logged)."""
-        from fedmerge.validation import UpdateRejected, check_update, max_bytes_for
+    def accept_update(
+        self, domain: str, content: RecordDict, label: str | None = None
+    ) -> tuple[StateDict, TrainMetrics] | None:
+        """The checked weights and finite training metrics of one reply, or None when rejected (logged and recorded
+        under ``rejected[label]``, ``label`` defaulting to the domain).
 
-        max_bytes = max_bytes_for(self.theta0, float(self.cfg["federation"]["max_update_slack"]))
+        Beyond the format (:func:`~fedmerge.validation.check_update`): the family's fixed weights equal θ₀, no
+        weight over ``federation.max_abs_value``, and a user count in (0, ``federation.max_num_users``]; other
+        non-finite training metrics are dropped and recorded under ``rejected["train_metrics:<label>"]``.
+        """
+        from fedmerge.validation import (UpdateRejected, check_fixed, check_magnitude, check_train_metrics,
+                                         check_update, max_bytes_for)
+
+        label = label or domain
+        federation = self.cfg["federation"]
+        max_bytes = max_bytes_for(self.theta0, float(federation["max_update_slack"]))
         try:
             if protocol.WEIGHTS not in content.array_records:
                 raise UpdateRejected("reply has no weights")
             update = protocol.from_record(content.array_records[protocol.WEIGHTS])
             check_update(self.theta0, update, self.family_name, expected_family=self.family_name, max_bytes=max_bytes)
+            check_fixed(self.theta0, update, family_of(self.cfg).fixed_parameters(self.theta0))
+            check_magnitude(update, float(federation["max_abs_value"]))
+            metrics, dropped = check_train_metrics(dict(content.metric_records.get(protocol.TRAIN_METRICS, {})),
+                                                   protocol.NUM_USERS, float(federation["max_num_users"]))
         except UpdateRejected as exc:
-            logger.warning("rejected the update of %s: %s", domain, exc.reason)
-            self.rejected[domain] = exc.reason
+            logger.warning("rejected the update of %s: %s", label, exc.reason)
+            self.rejected[label] = exc.reason
             return None
-        metrics = protocol.decoded_metrics(content.metric_records.get(protocol.TRAIN_METRICS, {}))
-        return update, {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+        if dropped:
+            self.rejected[f"train_metrics:{label}"] = f"dropped non-finite or non-numeric training metrics {dropped}"
+        return update, protocol.decoded_metrics(metrics)
+
+    def screen_updates(self, updates: Mapping[str, StateDict], reference: StateDict, prefix: str = "") -> dict[str, StateDict]:
+        """``updates`` after the task-vector norm test against the other clients' (τ_k = θ_k − ``reference``; see
+        :func:`~fedmerge.validation.screen_norms`): over-norm updates are rejected or, with
+        ``federation.norm_action = "clip"``, scaled to reference + s·τ_k and recorded under ``clipped``."""
+        from fedmerge.validation import screen_norms, task_vector_norm
+
+        federation = self.cfg["federation"]
+        norms = {d: task_vector_norm(reference, u) for d, u in updates.items()}
+        screen = screen_norms(norms, float(federation["norm_multiple"]), float(federation["norm_cap"]),
+                              str(federation["norm_action"]))
+        for d, reason in screen.rejected.items():
+            logger.warning("rejected the update of %s%s: %s", prefix, d, reason)
+            self.rejected[prefix + d] = reason
+        for d, reason in screen.clipped.items():
+            logger.warning("clipped the update of %s%s: %s", prefix, d, reason)
+            self.clipped[prefix + d] = reason
+        kept = {}
+        for d, factor in screen.scale.items():
+            kept[d] = updates[d] if factor == 1.0 else {
+                n: (ref.double() + factor * (updates[d][n].double() - ref.double())).to(ref.dtype)
+                for n, ref in reference.items()}
+        self.require_enough(kept)
+        return kept
 
     def require_enough(self, updates: Mapping[str, StateDict]) -> None:
-        """FedmergeError unless at least ``federation.min_replies`` (0: every training client) updates are usable."""
-        needed = int(self.cfg["federation"]["min_replies"]) or len(self.train_domains)
+        """FedmergeError unless at least ``federation.min_replies`` updates are usable; 0 (the default) means a
+        strict majority of the K training clients, ⌊K/2⌋ + 1 (K = 1: 1, K = 2: 2, K = 3: 2), and
+        ``min_replies = K`` needs every client."""
+        configured = int(self.cfg["federation"]["min_replies"])
+        needed = configured or len(self.train_domains) // 2 + 1
         if len(updates) < needed:
+            rule = "" if configured else f" (0: a strict majority of the {len(self.train_domains)} training clients)"
             raise FedmergeError(
                 f"only {len(updates)} usable updates ({sorted(updates)}) of {len(self.train_domains)} clients, "
-                f"need federation.min_replies = {needed}; rejected: {self.rejected}; errors: {self.errors}"
+                f"need {needed}: federation.min_replies = {configured}{rule}; rejected: {self.rejected}; "
+                f"errors: {self.errors}"
             )
 
+    def record_left_out(self, used: Mapping[str, StateDict], phase: str, prefix: str = "") -> None:
+        """Note each training client whose update is not in ``used`` for ``phase``, with the reason recorded under
+        ``rejected[prefix + domain]`` or ``errors["train:<domain>"]`` (for :meth:`left_out_warnings`)."""
+        for d in self.train_domains:
+            if d not in used:
+                reason = (self.rejected.get(prefix + d) or self.errors.get(f"{protocol.TRAIN}:{d}")
+                          or "no usable update")
+                self.left_out.setdefault(d, []).append((phase, reason))
+
+    def left_out_warnings(self) -> list[str]:
+        """One line per training client the run went on without (fewer than every client is allowed by
+        ``federation.min_replies``): the phases it missed and the first reason."""
+        return [
+            f"client {d} was left out of {', '.join(phase for phase, _ in missed)}: {missed[0][1]}"
+            for d, missed in self.left_out.items()
+        ]
+
     def accept_updates(
-        self, replies: Mapping[str, RecordDict]
+        self, replies: Mapping[str, RecordDict], reference: StateDict | None = None, round_index: int = 0
     ) -> tuple[dict[str, StateDict], dict[str, float], dict[str, TrainMetrics]]:
-        """Checked weights, FedAvg weights (user counts) and training metrics of the replies; a rejected update is
-        logged and left out."""
+        """Checked, norm-screened weights (τ_k against ``reference``, default θ₀), FedAvg shares
+        (:meth:`fedavg_shares`) and training metrics of the replies; a rejected update is logged, recorded under
+        ``fedavg_round<r>:<domain>`` and left out."""
+        prefix = f"fedavg_round{round_index}:" if round_index else ""
         updates, n_users, metrics = {}, {}, {}
         for d, content in replies.items():
-            accepted = self.accept_update(d, content)
+            accepted = self.accept_update(d, content, label=prefix + d)
             if accepted is not None:
                 updates[d], metrics[d] = accepted
-                n_users[d] = float(accepted[1].get(protocol.NUM_USERS, 1))
+                n_users[d] = float(accepted[1][protocol.NUM_USERS])
         self.require_enough(updates)
-        return updates, n_users, metrics
+        updates = self.screen_updates(updates, self.theta0 if reference is None else reference, prefix)
+        return updates, self.fedavg_shares({d: n_users[d] for d in updates}), {d: metrics[d] for d in updates}
+
+    def fedavg_shares(self, n_users: Mapping[str, float]) -> dict[str, float]:
+        """FedAvg client weights: ``federation.fedavg_weighting`` "users" (the reported counts, each client's share
+        capped at ``federation.fedavg_max_share`` by :func:`capped_shares`) or "equal"."""
+        federation = self.cfg["federation"]
+        if federation["fedavg_weighting"] == "equal":
+            return {d: 1.0 / len(n_users) for d in n_users}
+        return capped_shares(n_users, float(federation["fedavg_max_share"]))
+
+    def aggregate_round(self, start: StateDict, updates: Mapping[str, StateDict], shares: Mapping[str, float]) -> StateDict:
+        """One FedAvg round's new global weights: the share-weighted mean (``federation.fedavg_aggregation`` =
+        "mean"), or a robust registry method (median, trimmed mean, clipped average) of the updates around
+        ``start``; the family's fixed weights are kept exactly at θ₀."""
+        from fedmerge.merging import merge
+
+        rule = self.cfg["federation"]["fedavg_aggregation"]
+        if rule == "mean":
+            new = fedavg_aggregate(updates, shares)
+        else:
+            try:
+                new = merge(rule, start, dict(sorted(updates.items())), **self.cfg["merge"]["params"].get(rule, {}))
+            except ValueError as exc:
+                raise FedmergeError(f"federation.fedavg_aggregation: {rule}: {exc}") from exc
+        return {**new, **{n: self.theta0[n] for n in family_of(self.cfg).fixed_parameters(self.theta0)}}
 
     def collect_oneshot(self, transport: Transport) -> dict[str, StateDict]:
         """One-shot training from θ₀; each accepted update is checked and saved (atomically) as soon as it arrives."""
@@ -381,10 +497,33 @@ class Federation:
             for name, weights in models.items():
                 content[protocol.MODEL_PREFIX + name] = protocol.to_record(weights)
             requests[d] = content
+        for models in models_for.values():
+            for name in models:
+                self.models.setdefault(name, {})
         for d, content in self._exchange(transport, protocol.EVALUATE, requests).items():
-            for key, record in content.metric_records.items():
-                if key.startswith(protocol.METRICS_PREFIX):
-                    self.models.setdefault(key[len(protocol.METRICS_PREFIX):], {})[d] = dict(record)
+            self.accept_metrics(d, content, set(models_for[d]))
+
+    def accept_metrics(self, domain: str, content: RecordDict, sent: set[str]) -> None:
+        """Store one evaluate reply's metrics per model after :func:`~fedmerge.validation.check_eval_metrics`:
+        only models the server sent, exactly the metric names of ``eval.ks``, values in [0, 1]. Anything else is
+        left out and recorded under ``rejected["evaluate:<domain>:<model>"]``."""
+        from fedmerge.metrics import USERS, evaluation_metric_names
+        from fedmerge.validation import check_eval_metrics
+
+        expected = evaluation_metric_names([int(k) for k in self.cfg["eval"]["ks"]])
+        reported = {key[len(protocol.METRICS_PREFIX):]: dict(record) for key, record in content.metric_records.items()
+                    if key.startswith(protocol.METRICS_PREFIX)}
+        problems = {name: ["metrics for a model the server did not send; ignored"] for name in set(reported) - sent}
+        problems |= {name: ["no metrics reported"] for name in sent - set(reported)}
+        for name in sorted(sent & set(reported)):
+            found = check_eval_metrics(reported[name], expected, USERS)
+            if found:
+                problems[name] = found
+            else:
+                self.models[name][domain] = reported[name]
+        for name, found in sorted(problems.items()):
+            logger.warning("left out %s's metrics of %s: %s", domain, name, "; ".join(found))
+            self.rejected[f"{protocol.EVALUATE}:{domain}:{name}"] = "; ".join(found)
 
     # ---- the run ----------------------------------------------------------------------------------------------
     def run(self, transport: Transport, saved: Mapping[str, StateDict] | None = None) -> dict[str, Any]:
@@ -409,6 +548,8 @@ class Federation:
 
                 for d, weights in individual.items():
                     self.save_individual(d, weights, client_weights_path(self.out_dir, d))
+        individual = self.screen_updates(individual, self.theta0)
+        self.record_left_out(individual, "the one-shot merges")
         self.timings["local_training"] = time.perf_counter() - start
         phases.update()
 
@@ -452,9 +593,10 @@ class Federation:
             before = self.total_bytes()
             replies = self._exchange(transport, protocol.TRAIN, self.train_requests(global_weights, "fedavg", r))
             fedavg_bytes += self.total_bytes() - before  # FedAvg's own traffic: its training rounds only
-            updates, n_users, round_metrics = self.accept_updates(replies)
+            updates, shares, round_metrics = self.accept_updates(replies, reference=global_weights, round_index=r)
+            self.record_left_out(updates, f"FedAvg round {r}", prefix=f"fedavg_round{r}:")
             self.fedavg_train_metrics.append(round_metrics)
-            global_weights = fedavg_aggregate(updates, n_users)
+            global_weights = self.aggregate_round(global_weights, updates, shares)
             self.evaluate(transport, {d: {f"fedavg_round{r}": global_weights} for d in self.domains})
             round_avg = average_metrics(self.models[f"fedavg_round{r}"], self.train_domains)
             self.fedavg_curve.append({"round": r, "bytes": fedavg_bytes, **round_avg})
@@ -500,9 +642,10 @@ class Federation:
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "train_metrics": self.train_metrics,
             "fedavg_train_metrics": self.fedavg_train_metrics,
-            "warnings": time_cap_warnings(self.train_metrics, self.fedavg_train_metrics),
+            "warnings": [*self.left_out_warnings(), *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics)],
             "merge_report": self.merge_report,
             "rejected": self.rejected,
+            "clipped": self.clipped,
             "errors": self.errors,
         }
 
@@ -582,20 +725,27 @@ def run_federation(
     federation = Federation(cfg, theta0, out_dir=out_path)
     federation.save_model("theta0", theta0, "theta0", [], metadata={FINGERPRINT_KEY: fingerprint})
     setup = time.perf_counter() - start
-    joint_seconds = 0.0
-    if cfg["baselines"]["joint"]:
-        start = time.perf_counter()
-        joint_path = out_path / JOINT_FILE if out_path is not None else None
-        if resume and joint_path.is_file():
-            joint = load_fingerprinted(joint_path, fingerprint)
-        else:
-            joint = joint_oracle(cfg, theta0)
-        federation.extra_models["joint"] = joint
-        federation.save_model("joint", joint, "joint", training_domains(cfg), metadata={FINGERPRINT_KEY: fingerprint},
-                              non_private="trained on the pooled private data of every training domain")
-        joint_seconds = time.perf_counter() - start
     federation.train_metrics.update(train_metrics)
-    out = federation.run(transport, saved=saved)
+    joint_seconds = 0.0
+    try:
+        if cfg["baselines"]["joint"]:
+            start = time.perf_counter()
+            joint_path = out_path / JOINT_FILE if out_path is not None else None
+            if resume and joint_path.is_file():
+                joint = load_fingerprinted(joint_path, fingerprint)
+            else:
+                joint = joint_oracle(cfg, theta0)
+            federation.extra_models["joint"] = joint
+            federation.save_model("joint", joint, "joint", training_domains(cfg),
+                                  metadata={FINGERPRINT_KEY: fingerprint},
+                                  non_private="trained on the pooled private data of every training domain")
+            joint_seconds = time.perf_counter() - start
+        out = federation.run(transport, saved=saved)
+    except Exception as exc:  # a failure after partial work: keep what was measured, record why, status failed
+        logger.exception("the run failed")
+        out = federation.results()
+        out["status"] = "failed"
+        out["errors"]["run"] = f"{type(exc).__name__}: {exc}"
     out["timings_s"] = {"setup": round(setup, 3), "joint_training": round(joint_seconds, 3), **out["timings_s"]}
     if "joint" in out["models"]:
         out["models"]["joint"]["non_private"] = True

@@ -1,13 +1,13 @@
 """``run_scenario``: one entry point for both engines.
 
-``engine="flower"`` runs the real ClientApp/ServerApp through Flower's simulation engine (Ray backend, one
-SuperNode per domain); ``engine="inprocess"`` calls the same client and server code directly. The Flower run's
-success is judged from the results file the ServerApp writes, never from an exit code.
+``engine="flower"`` runs the real ClientApp/ServerApp with ``flwr run`` on a private SuperLink started with
+Flower's simulation runtime (Ray backend, one virtual SuperNode per domain); ``engine="inprocess"`` calls the same
+client and server code directly. The Flower run's success is judged from ``flwr ls`` and the results file the
+ServerApp writes, never from an exit code.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -21,64 +21,105 @@ from fedmerge.errors import FedmergeError
 
 logger = logging.getLogger(__name__)
 ENGINES = ("flower", "inprocess")
+# Ray (2.55) binds its GCS, raylet, object manager and worker gRPC servers to every interface unless the node IP is
+# loopback, and replaces a requested 127.0.0.1 with the machine's address unless this is "0" (its single-machine
+# mode, the default on macOS and Windows). Read once when ray is imported: set in the SuperLink's environment, it
+# reaches the simulation runtime's process and every process Ray starts.
+RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+SIMULATION_POLL_S = 10.0  # seconds between `flwr ls` polls while the run has written no results.json yet
 
 
 def run_scenario(
-    cfg: Mapping[str, Any], engine: str = "flower", out_dir: str | Path | None = None, resume: bool = False
+    cfg: Mapping[str, Any], engine: str = "flower", out_dir: str | Path | None = None, resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the resolved scenario ``cfg`` on ``engine``; write results to ``out_dir`` (if given) and return them.
 
+    ``out_dir`` is held with :func:`fedmerge.storage.run_folder` for the whole run: locked against a second run, and
+    refused when it already holds files unless ``resume`` or ``overwrite`` (which deletes them first).
     ``resume``: re-merge and re-evaluate from the client weights an earlier run saved in ``out_dir`` (no training);
-    that run's results.json is kept as ``results.<UTC time>.json``.
+    that run's results.json is kept as ``results.<UTC time>.json``. A run whose results say ``status: failed``
+    raises FedmergeError after its results.json (with the partial results and the errors) is written.
     """
     if engine not in ENGINES:
         raise FedmergeError(f"unknown engine {engine!r}; valid: {list(ENGINES)}")
-    if resume:
-        if out_dir is None:
-            raise FedmergeError("--resume needs the output folder of the earlier run (--out DIR)")
-        from fedmerge.runners.results import archive_results
+    if resume and out_dir is None:
+        raise FedmergeError("--resume needs the output folder of the earlier run (--out DIR)")
+    if resume and overwrite:
+        raise FedmergeError("--resume re-uses the earlier run's files and --overwrite deletes them; pass only one")
+    if out_dir is None:
+        return _run_engine(cfg, engine, None, resume)
+    from fedmerge.storage import run_folder
 
-        archive_results(out_dir)
+    with run_folder(out_dir, resume=resume, overwrite=overwrite):
+        if resume:
+            from fedmerge.runners.results import archive_results
+
+            archive_results(out_dir)
+        return _run_engine(cfg, engine, out_dir, resume)
+
+
+def _run_engine(cfg: Mapping[str, Any], engine: str, out_dir: str | Path | None, resume: bool) -> dict[str, Any]:
     if engine == "inprocess":
         from fedmerge.runners.inprocess import run_inprocess
 
-        return run_inprocess(cfg, out_dir, resume=resume)
-    return run_flower_simulation(cfg, out_dir, resume=resume)
+        results = run_inprocess(cfg, out_dir, resume=resume)
+    else:
+        results = run_flower_simulation(cfg, out_dir, resume=resume)
+    if results.get("status") != "ok":
+        where = f" (results: {Path(out_dir) / 'results.json'})" if out_dir is not None else ""
+        raise FedmergeError(f"the {engine} run failed{where}: {results.get('errors')}")
+    return results
 
 
 def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Flower simulation (Ray backend) with ``num_supernodes`` = number of domains, one CPU per ClientApp.
+    """Flower simulation through ``flwr run``: a private SuperLink with Flower's simulation runtime (Ray backend),
+    ``num-supernodes`` = number of domains, one CPU per ClientApp.
 
-    The ClientApps' own output (their progress bars, with Ray's actor prefixes) is shown only with ``--verbose``.
+    The resolved scenario is written to a run-private folder that also holds the Flower home (``FLWR_HOME``); a
+    SuperLink (``--simulation``) listens on a free 127.0.0.1 port; the app (this repository's ``[tool.flwr.app]``)
+    is submitted with the run config ``scenario`` (that file), ``out-dir`` and ``resume``; ``flwr ls`` is polled
+    until the run finished, and success needs both ``finished:completed`` and ``results.json`` with ``status: ok``
+    (never an exit code); there is no overall time limit (``federation.timeout_s`` bounds the ServerApp's every
+    wait for replies). Every process started is stopped by pid on return, error or Ctrl-C. Ray runs in
+    single-machine mode (:data:`RAY_SINGLE_MACHINE_ENV`), so it listens on 127.0.0.1 only. The run's own output
+    (ServerApp and ClientApps, Ray) is streamed to stderr only with ``--verbose``.
     """
-    from flwr.simulation import run_simulation
+    from fedmerge.config import write_scenario
+    from fedmerge.deploy.flwr_cli import CONNECTION, FlwrClient, RunFailed, write_flower_config
+    from fedmerge.deploy.local import REPO_ROOT, check_app_dir, deployment_env, read_results, reported_errors, start_superlink
+    from fedmerge.deploy.processes import ProcessSet
+    from fedmerge.logs import LEVEL_ENV, verbose_enabled
 
-    from clients.app import build_client_app
-    from fedmerge.logs import quiet_frameworks, verbose_enabled
-    from server.app import build_server_app
-
-    if not verbose_enabled():
-        quiet_frameworks()
-
+    app = check_app_dir(REPO_ROOT)
+    verbose = verbose_enabled()
     with tempfile.TemporaryDirectory(prefix="fedmerge-sim-") as scratch:
-        target = Path(out_dir) if out_dir is not None else Path(scratch)
+        private = Path(scratch)
+        target = Path(out_dir).resolve() if out_dir is not None else private / "results"
         results_path = target / "results.json"
         results_path.unlink(missing_ok=True)  # a stale file must not pass for this run's result
+        run_config = {"scenario": str(write_scenario(cfg, private / "scenario.toml")), "overrides": "",
+                      "out-dir": str(target), "resume": resume, "out-dir-held": True}  # run_scenario holds out_dir
+        federation_config = {"num-supernodes": len(domain_names(cfg)), "client-resources-num-cpus": 1,
+                             "init-args-num-cpus": len(os.sched_getaffinity(0)), "init-args-log-to-driver": verbose,
+                             "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)}
+        env = {**deployment_env(private), RAY_SINGLE_MACHINE_ENV: "0",
+               LEVEL_ENV: logging.getLevelName(logging.getLogger("fedmerge").getEffectiveLevel())}
         start = time.perf_counter()
-        run_simulation(
-            server_app=build_server_app(cfg, target, resume=resume),
-            client_app=build_client_app(cfg),
-            num_supernodes=len(domain_names(cfg)),
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": len(os.sched_getaffinity(0)), "include_dashboard": False,
-                                          "log_to_driver": verbose_enabled()}},  # Ray workers' output: --verbose
-            verbose_logging=logging.getLogger().isEnabledFor(logging.DEBUG),
-        )
+        with ProcessSet(private, env=env) as procs:
+            link = start_superlink(procs, private, tls=None, node_auth=False, simulation=True,
+                                   startup_timeout_s=float(cfg["federation"]["startup_timeout_s"]))
+            write_flower_config(Path(env["FLWR_HOME"]), link.address, None)
+            flwr = FlwrClient(Path(env["FLWR_HOME"]), env=env)
+            run_id = flwr.submit_run(app, run_config, federation_config)
+            logger.info("submitted Flower simulation run %d to %s", run_id, link.address)
+            if verbose:
+                procs.start("run-log", ["flwr", "log", str(run_id), CONNECTION, "--stream"], echo=True)
+            try:
+                flwr.wait(run_id, float("inf"), SIMULATION_POLL_S, check=link.check_alive, ready=results_path.is_file)
+            except RunFailed as exc:
+                raise RunFailed(f"{exc}{reported_errors(results_path)}") from exc
         wall = time.perf_counter() - start
-        if not results_path.is_file():
-            raise FedmergeError(f"the Flower run wrote no {results_path}; see the log above for the ServerApp error")
-        results = json.loads(results_path.read_text())
-    if results.get("status") != "ok":
-        raise FedmergeError(f"the Flower run failed: {results.get('errors')}")
+        results = read_results(results_path)
     results["timings_s"]["simulation_wall"] = round(wall, 3)
     return results

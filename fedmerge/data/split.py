@@ -1,0 +1,121 @@
+"""Split one domain into sub-domains by a public catalog field, for federations of many clients on real data.
+
+* Each item's **value** is its text field ``field`` (e.g. ``category``), cut to its first ``words`` words when
+  ``words`` > 0 (Amazon categories are paths such as ``"Beauty Skin Care Face Cleansers"``: 2 words give
+  ``"Beauty Skin"``); an item without the field has the value ``""``.
+* **Groups**: one per distinct value (``groups`` = 0), or the values packed into ``groups`` groups, largest first
+  (by their interactions), each into the group with the fewest interactions so far (ties: lower index) — balanced
+  sub-domains from a field with many small values.
+* **Items** follow their value's group: sub-domain g's catalog is every item of g, in the original order.
+* **Users** follow their majority group: over the user's whole sequence (train, validation and test items), the
+  group holding most of its interactions (ties: lower group index). The user's sequence is then restricted to
+  that group's items (order and repeats kept) and split leave-one-out again; users left with fewer than 3 items
+  are dropped (their interactions outside the majority group are dropped as well).
+* A sub-domain left with fewer than ``min_users`` users (e.g. a value held by a handful of items) is dropped and
+  listed as such in the manifest.
+
+Sub-domain g is named ``<domain>-<g>``, groups ordered by the interactions on their items (most first), numbered
+before dropping; :func:`split_domain`
+also returns a manifest (values, items, users, interactions per sub-domain) that ``fedmerge data split`` writes
+next to the folders.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import logging
+
+import numpy as np
+
+from fedmerge.data.domain import Domain, ItemCatalog
+from fedmerge.data.generic import split_leave_one_out
+from fedmerge.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def item_values(catalog: ItemCatalog, field: str, words: int = 0) -> list[str]:
+    """Each item's value of text field ``field`` (first ``words`` words if ``words`` > 0; missing: ``""``)."""
+    if words < 0:
+        raise ValueError(f"words must be >= 0 (0: the whole value), got {words}")
+    if not any(field in fields for fields in catalog.fields):
+        present = sorted({key for fields in catalog.fields for key in fields})
+        raise DataError(f"no item has the field {field!r}; fields of this catalog: {present}")
+    values = [" ".join(str(fields.get(field, "")).split()) for fields in catalog.fields]
+    return [" ".join(v.split()[:words]) for v in values] if words else values
+
+
+def full_sequences(domain: Domain) -> list[np.ndarray]:
+    """Every user's whole chronological sequence: train items, then the validation and test targets if present."""
+    return [np.concatenate([train, [t for t in (int(v), int(x)) if t >= 0]]).astype(np.int64)
+            for train, v, x in zip(domain.train, domain.val_target, domain.test_target)]
+
+
+def pack_values(weights: Counter[str], groups: int) -> list[list[str]]:
+    """Values packed into ``groups`` groups: largest weight first, each into the currently lightest group (ties:
+    lower index); ``groups`` = 0 keeps one group per value. Groups come back heaviest first."""
+    ordered = sorted(weights, key=lambda v: (-weights[v], v))
+    if groups == 0:
+        return [[v] for v in ordered]
+    if groups > len(ordered):
+        raise DataError(f"cannot make {groups} groups from {len(ordered)} distinct value(s) {ordered[:10]}")
+    packed: list[list[str]] = [[] for _ in range(groups)]
+    load = [0] * groups
+    for value in ordered:
+        g = min(range(groups), key=lambda k: (load[k], k))
+        packed[g].append(value)
+        load[g] += weights[value]
+    return sorted(packed, key=lambda members: -sum(weights[v] for v in members))
+
+
+def split_domain(
+    domain: Domain, field: str, groups: int = 0, words: int = 0, min_users: int = 1
+) -> tuple[list[Domain], list[dict[str, Any]]]:
+    """(sub-domains, manifest rows) of ``domain`` split by catalog field ``field`` (see the module docstring)."""
+    if groups < 0 or min_users < 1:
+        raise ValueError(f"need groups >= 0 (0: one sub-domain per value) and min_users >= 1, got {groups}, "
+                         f"{min_users}")
+    values = item_values(domain.catalog, field, words)
+    sequences = full_sequences(domain)
+    counts = np.bincount(np.concatenate(sequences), minlength=domain.n_items)
+    weights: Counter[str] = Counter()
+    for item, value in enumerate(values):
+        weights[value] += int(counts[item])
+    if len(weights) < 2:
+        raise DataError(f"field {field!r} of domain {domain.name!r} has {len(weights)} distinct value(s) "
+                        f"{list(weights)[:3]}: nothing to split (try another field, or more --words)")
+    packed = pack_values(weights, groups)
+    group_of_value = {v: g for g, members in enumerate(packed) for v in members}
+    item_group = np.array([group_of_value[v] for v in values], dtype=np.int64)
+
+    members: list[list[tuple[int, np.ndarray]]] = [[] for _ in packed]  # (user, restricted sequence) per group
+    for user, sequence in enumerate(sequences):
+        g = int(np.bincount(item_group[sequence], minlength=len(packed)).argmax())  # ties: lower group index
+        kept = sequence[item_group[sequence] == g]
+        if len(kept) >= 3:
+            members[g].append((user, kept))
+
+    user_ids = domain.user_ids or tuple(str(u) for u in range(domain.n_users))
+    subdomains, manifest = [], []
+    for g, (group_values, users) in enumerate(zip(packed, members)):
+        items = np.flatnonzero(item_group == g)
+        name = f"{domain.name}-{g}"
+        if len(users) < min_users:
+            logger.warning("dropped sub-domain %s (values %s): %d user(s) with >= 3 interactions, fewer than %d",
+                           name, group_values[:3], len(users), min_users)
+            manifest.append({"name": name, "values": group_values, "items": len(items), "users": len(users),
+                             "dropped": True})
+            continue
+        local = np.full(domain.n_items, -1, dtype=np.int64)
+        local[items] = np.arange(len(items))
+        catalog = ItemCatalog(ids=tuple(domain.catalog.ids[i] for i in items),
+                              fields=tuple(domain.catalog.fields[i] for i in items))
+        sub = split_leave_one_out(name, catalog, [local[s] for _, s in users], [user_ids[u] for u, _ in users])
+        subdomains.append(sub)
+        manifest.append({"name": name, "values": group_values, "items": sub.n_items, "users": sub.n_users,
+                         "interactions": int(sum(len(s) for _, s in users))})
+    if not subdomains:
+        raise DataError(f"no sub-domain of {domain.name!r} keeps {min_users} user(s); lower --min-users")
+    return subdomains, manifest

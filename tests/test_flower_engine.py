@@ -1,0 +1,82 @@
+"""`fedmerge simulate --engine flower` through ``flwr run`` on a private simulation SuperLink: what it prints by
+default and with ``--verbose``, and that Ctrl-C leaves no process behind (slow: each starts Flower and Ray)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedmerge.deploy.processes import _alive, descendants
+from tests.test_deploy import TINY
+
+
+
+def simulate_argv(out: Path, *flags: str) -> list[str]:
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    return [sys.executable, "-m", "fedmerge.cli", *flags, "simulate", "quickstart", "--out", str(out), *sets]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_default_output_is_the_summary_and_verbose_streams_the_run_log(tmp_path):
+    quiet = subprocess.run(simulate_argv(tmp_path / "quiet"), capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "ndcg@10 (flower engine)" in quiet.stdout and (tmp_path / "quiet" / "results.json").is_file()
+    for noise in ("INFO", "WARNING", "ClientAppActor", "Flower", "Ray"):
+        assert noise not in quiet.stderr, quiet.stderr[-3000:]
+    verbose = subprocess.run(simulate_argv(tmp_path / "verbose", "--verbose"), capture_output=True, text=True,
+                             timeout=600)
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "Starting Flower Simulation" in verbose.stderr and "ClientAppActor" in verbose.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_flower_simulation_stops_every_process(tmp_path):
+    proc = subprocess.Popen(simulate_argv(tmp_path / "run"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    seen: dict[int, str] = {}  # pid -> command line, recorded while alive
+    deadline = time.monotonic() + 300
+    try:
+        while not any("raylet" in line for line in seen.values()):  # the simulation runtime has started Ray
+            assert proc.poll() is None and time.monotonic() < deadline, "Ray never started"
+            seen.update({pid: cmdline(pid) for pid in descendants(proc.pid)})
+            time.sleep(0.5)
+        time.sleep(5)
+        seen.update({pid: cmdline(pid) for pid in descendants(proc.pid)})
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, err.decode()[-2000:]
+    assert any("flower-superlink" in line for line in seen.values())
+    deadline = time.monotonic() + 10
+    while [pid for pid in seen if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [(pid, cmdline(pid)) for pid in seen if _alive(pid)]
+
+
+@pytest.mark.slow
+def test_failed_flower_run_names_the_errors_and_leaves_no_process(tmp_path):
+    from fedmerge.config import load_scenario
+    from fedmerge.errors import FedmergeError
+    from fedmerge.runners.simulation import run_scenario
+
+    cfg = load_scenario("quickstart", [*TINY, 'data.source="generic"', 'data.domains=["a","b"]',
+                                       f'data.root="{tmp_path / "missing"}"'])
+    with pytest.raises(FedmergeError, match=r"(?s)ended finished:failed.*train:a"):
+        run_scenario(cfg, "flower", tmp_path / "run")
+    assert not (tmp_path / "run" / "results.json").exists() or '"failed"' in (tmp_path / "run" / "results.json").read_text()
+    assert descendants(os.getpid()) == []

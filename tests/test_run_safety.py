@@ -1,0 +1,227 @@
+"""A run's results are never lost or mixed: run-folder lock, no silent reuse of a folder, failed runs still write
+results.json, write errors name the path."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+
+import pytest
+
+from fedmerge.config import load_scenario
+from fedmerge.errors import FedmergeError
+from fedmerge.storage import LOCK_FILE, run_folder, write_bytes_atomic
+
+TINY = [
+    "run.progress=false", "data.synthetic.n_users=30", "data.synthetic.n_items=20", "data.synthetic.max_len=6",
+    "model.params.hidden=8", "model.params.n_layers=1", "model.params.max_len=6", "model.params.max_epochs=1",
+    "model.params.n_experts=2", "baselines.fedavg_rounds=0", "baselines.joint=false", "merge.methods=['average']",
+    "encoder.name=hashing", "encoder.params.dim=16",
+]
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_scenario("quickstart", [*TINY, f"encoder.cache_dir={tmp_path / 'cache'}"])
+
+
+def test_second_run_into_a_locked_folder_fails_at_once(cfg, tmp_path):
+    from fedmerge.runners.simulation import run_scenario
+
+    out = tmp_path / "run"
+    with run_folder(out):
+        assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
+        with pytest.raises(FedmergeError, match=rf"run folder {out} is in use by another run \(pid {os.getpid()}"):
+            run_scenario(cfg, "inprocess", out)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # the refused run wrote nothing
+    with run_folder(out):  # released when the holder leaves (or dies: the kernel drops a flock with its process)
+        pass
+
+
+def test_non_empty_folder_refused_unless_resume_or_overwrite(cfg, tmp_path):
+    from fedmerge.runners.simulation import run_scenario
+
+    out = tmp_path / "run"
+    (out / "clients").mkdir(parents=True)
+    (out / "clients" / "old-seed.safetensors").write_bytes(b"weights of an earlier run")
+    with pytest.raises(FedmergeError, match=r"already holds an earlier run's files \(clients\).*--resume.*--overwrite"):
+        run_scenario(cfg, "inprocess", out)
+    assert (out / "clients" / "old-seed.safetensors").read_bytes() == b"weights of an earlier run"
+    with pytest.raises(FedmergeError, match="pass only one"):
+        run_scenario(cfg, "inprocess", out, resume=True, overwrite=True)
+    results = run_scenario(cfg, "inprocess", out, overwrite=True)
+    assert results["status"] == "ok"
+    assert not (out / "clients" / "old-seed.safetensors").exists()
+    assert sorted(p.stem for p in (out / "clients").glob("*.safetensors")) == ["synth-0", "synth-1", "synth-2"]
+    assert run_scenario(cfg, "inprocess", out, resume=True)["resumed"]["clients"] == ["synth-0", "synth-1", "synth-2"]
+
+
+def test_simulate_cli_refuses_a_used_out_folder(tmp_path, capsys):
+    from fedmerge.cli import main
+
+    args = ["simulate", "quickstart", "--engine", "inprocess", "--out", str(tmp_path / "run")]
+    args += [item for o in [*TINY, f"encoder.cache_dir={tmp_path / 'cache'}"] for item in ("--set", o)]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "already holds an earlier run's files" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_failure_after_training_writes_failed_results_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    """Merging fails after every client trained: results.json keeps the training metrics and the error, the CLI
+    exits 1 (the in-process engine used to exit 0 on status failed, or lose the partial results on an exception)."""
+    from fedmerge.cli import main
+    from fedmerge.runners import server
+
+    def broken_merge(*args, **kwargs):
+        raise RuntimeError("merge exploded")
+
+    monkeypatch.setattr(server, "merge_replies", broken_merge)
+    out = tmp_path / "run"
+    args = ["simulate", "quickstart", "--engine", "inprocess", "--out", str(out)]
+    args += [item for o in [*TINY, f"encoder.cache_dir={tmp_path / 'cache'}"] for item in ("--set", o)]
+    assert main(args) == 1
+    assert f"the inprocess run failed (results: {out / 'results.json'})" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed"
+    assert results["errors"]["run"] == "RuntimeError: merge exploded"
+    assert sorted(results["train_metrics"]) == ["synth-0", "synth-1", "synth-2"]
+    assert sorted(p.stem for p in (out / "clients").glob("*.safetensors")) == ["synth-0", "synth-1", "synth-2"]
+
+
+def test_evaluation_error_status_failed_exits_non_zero(cfg, tmp_path, monkeypatch):
+    """A client failing evaluation gives status failed; run_scenario raises for the in-process engine too."""
+    from fedmerge.runners import client
+    from fedmerge.runners.simulation import run_scenario
+
+    def broken_evaluate(*args, **kwargs):
+        raise ValueError("test users unreadable")
+
+    monkeypatch.setattr(client, "client_evaluate", broken_evaluate)
+    with pytest.raises(FedmergeError, match="the inprocess run failed .*test users unreadable"):
+        run_scenario(cfg, "inprocess", tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"
+
+
+def test_write_errors_name_the_path(tmp_path, monkeypatch):
+    target = tmp_path / "deep" / "results.json"
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(FedmergeError, match=rf"cannot write {target}: No space left on device"):
+        write_bytes_atomic(target, b"{}")
+    assert list(target.parent.iterdir()) == []  # no temporary file left behind
+    monkeypatch.undo()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(FedmergeError, match=rf"cannot write {blocker / 'x.json'}"):
+        write_bytes_atomic(blocker / "x.json", b"{}")
+
+
+def listening_sockets(pids: set[int]) -> set[tuple[str, int, int]]:
+    """(local address, port, pid) of every listening TCP socket (IPv4 and IPv6) owned by one of ``pids``."""
+    import ipaddress
+    from pathlib import Path
+
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = pid
+        except OSError:  # the process ended meanwhile
+            continue
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            hex_address, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_address)
+            # /proc lists the address as 32-bit words in host (little-endian) order
+            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            address = ipaddress.ip_address(packed)
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            found.add((str(address), int(hex_port, 16), inodes[fields[9]]))
+    return found
+
+
+@pytest.mark.slow
+def test_flower_simulation_ray_listens_on_loopback_only(cfg, tmp_path):
+    """Every socket that Ray's processes (GCS, raylet, workers, the driver) listen on during a Flower simulation is
+    on 127.0.0.1 (Ray used to bind its gRPC servers to all interfaces, unauthenticated). ~30 s."""
+    import ipaddress
+    import threading
+
+    from fedmerge.deploy.processes import descendants
+    from fedmerge.runners.simulation import run_scenario
+
+    seen: set[tuple[str, int, int]] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.update(listening_sockets({os.getpid(), *descendants(os.getpid())}))
+            done.wait(0.3)
+
+    before = listening_sockets({os.getpid()})
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert run_scenario(cfg, "flower", tmp_path / "run")["status"] == "ok"
+    finally:
+        done.set()
+        watcher.join()
+    ray_sockets = seen - before
+    assert len({pid for _, _, pid in ray_sockets}) >= 2, ray_sockets  # at least GCS and raylet were observed
+    exposed = sorted(s for s in ray_sockets if not ipaddress.ip_address(s[0]).is_loopback)
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+class SlowStartGrid:
+    """SuperNodes that connect ``delay_s`` after the run starts; each then answers the connect query at once."""
+
+    def __init__(self, domains: list[str], delay_s: float) -> None:
+        self.domains = domains
+        self.ready_at = time.monotonic() + delay_s
+        self.query_timeouts: list[float] = []
+
+    def get_node_ids(self):
+        return list(range(1, len(self.domains) + 1)) if time.monotonic() >= self.ready_at else []
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Message, RecordDict
+
+        from fedmerge.runners import protocol
+
+        self.query_timeouts.append(timeout)
+        replies = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = f"id-{m.metadata.dst_node_id}"
+            domain = self.domains[m.metadata.dst_node_id - 1]
+            replies.append(Message(RecordDict({protocol.INFO: protocol.info_record(domain)}), reply_to=m))
+        return replies
+
+
+def test_supernode_start_up_wait_is_not_the_reply_timeout(cfg):
+    """A 0.2 s reply timeout no longer bounds the wait for SuperNodes that need 1.5 s to start."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmerge.config import apply_overrides
+    from server.strategy import MergeStrategy
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as Flower's ServerApp process sets them
+    grid = SlowStartGrid(["synth-0", "synth-1", "synth-2"], delay_s=1.5)
+    strategy = MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.2", "federation.startup_timeout_s=30.0"]), grid)
+    assert strategy.connect() == {"synth-0": 1, "synth-1": 2, "synth-2": 3}
+    assert grid.query_timeouts[0] > 20  # the connect query round is bounded by the start-up wait too
+    with pytest.raises(FedmergeError, match="federation.startup_timeout_s must be > 0"):
+        apply_overrides(cfg, ["federation.startup_timeout_s=0.0"])
