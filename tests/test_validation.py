@@ -165,6 +165,12 @@ def test_routed_family_declares_its_router_buffers_fixed():
     theta0 = routed.initial_weights(8, catalog_features=[torch.randn(6, 8)])
     assert routed.fixed_parameters(theta0) == {"adapter.centre", "adapter.centroids"}
     assert SequentialFamily(hidden=8, n_heads=1).fixed_parameters(theta0) == frozenset()
+    with_fallback = SequentialFamily(adapter="routed", hidden=8, n_heads=1, n_layers=1, adapter_width=8, n_experts=2,
+                                     routed_unseen="theta0")
+    theta0 = with_fallback.initial_weights(8, catalog_features=[torch.randn(6, 8)])
+    fixed = with_fallback.fixed_parameters(theta0)
+    base = {n for n in theta0 if n.startswith("adapter.base.")}
+    assert base and fixed == {"adapter.centre", "adapter.centroids", "adapter.unseen_threshold", *base}
 
 
 def test_huge_but_finite_weights_rejected_and_norm_has_no_overflow(theta0):
