@@ -4,6 +4,7 @@ default and with ``--verbose``, and that Ctrl-C leaves no process behind (slow: 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,12 +35,15 @@ def test_default_output_is_the_summary_and_verbose_streams_the_run_log(tmp_path)
     quiet = subprocess.run(simulate_argv(tmp_path / "quiet"), capture_output=True, text=True, timeout=600)
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     assert "ndcg@10 (flower engine)" in quiet.stdout and (tmp_path / "quiet" / "results.json").is_file()
-    for noise in ("INFO", "WARNING", "ClientAppActor", "Flower", "Ray"):
+    for noise in ("INFO", "WARNING", "ERROR", "ClientAppActor", "Flower", "Ray"):
         assert noise not in quiet.stderr, quiet.stderr[-3000:]
+    assert "local training" in quiet.stderr, quiet.stderr[-3000:]  # the launcher's bar, read from the run folder
+    assert re.search(r"done: 100%.* (\d+)/\1 ", quiet.stderr), quiet.stderr[-3000:]
     verbose = subprocess.run(simulate_argv(tmp_path / "verbose", "--verbose"), capture_output=True, text=True,
                              timeout=600)
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert "Starting Flower Simulation" in verbose.stderr and "ClientAppActor" in verbose.stderr
+    assert "local training" not in verbose.stderr  # the streamed run log shows the progress; no second bar
 
 
 @pytest.mark.slow

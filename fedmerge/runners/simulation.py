@@ -83,13 +83,16 @@ def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = N
     (never an exit code); there is no overall time limit (``federation.timeout_s`` bounds the ServerApp's every
     wait for replies). Every process started is stopped by pid on return, error or Ctrl-C. Ray runs in
     single-machine mode (:data:`RAY_SINGLE_MACHINE_ENV`), so it listens on 127.0.0.1 only. The run's own output
-    (ServerApp and ClientApps, Ray) is streamed to stderr only with ``--verbose``.
+    (ServerApp and ClientApps, Ray) is streamed to stderr only with ``--verbose``; otherwise a progress bar read
+    from the run folder (:class:`fedmerge.runners.run_progress.FolderProgress`; none when ``run.progress`` is false)
+    shows the phases.
     """
     from fedmerge.config import write_scenario
     from fedmerge.deploy.flwr_cli import CONNECTION, FlwrClient, RunFailed, write_flower_config
     from fedmerge.deploy.local import REPO_ROOT, check_app_dir, deployment_env, read_results, reported_errors, start_superlink
     from fedmerge.deploy.processes import ProcessSet
     from fedmerge.logs import LEVEL_ENV, verbose_enabled
+    from fedmerge.runners.run_progress import FolderProgress
 
     app = check_app_dir(REPO_ROOT)
     verbose = verbose_enabled()
@@ -115,10 +118,13 @@ def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = N
             logger.info("submitted Flower simulation run %d to %s", run_id, link.address)
             if verbose:
                 procs.start("run-log", ["flwr", "log", str(run_id), CONNECTION, "--stream"], echo=True)
+            progress = FolderProgress(cfg, target, enabled=bool(cfg["run"]["progress"]) and not verbose)
             try:
-                flwr.wait(run_id, float("inf"), SIMULATION_POLL_S, check=link.check_alive, ready=results_path.is_file)
+                flwr.wait(run_id, float("inf"), SIMULATION_POLL_S, check=link.check_alive, ready=progress.poll)
             except RunFailed as exc:
                 raise RunFailed(f"{exc}{reported_errors(results_path)}") from exc
+            finally:
+                progress.close()
         wall = time.perf_counter() - start
         results = read_results(results_path)
     results["timings_s"]["simulation_wall"] = round(wall, 3)
