@@ -233,6 +233,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise FedmergeError(f"baselines.fedavg_rounds must be >= 0, got {cfg['baselines']['fedavg_rounds']}")
     if cfg["federation"]["min_replies"] < 0 or cfg["federation"]["timeout_s"] <= 0:
         raise FedmergeError("federation.min_replies must be >= 0 and federation.timeout_s > 0")
+    n_train = len(set(names) - set(data["held_out"]))
+    if cfg["federation"]["min_replies"] > n_train:
+        raise FedmergeError(f"federation.min_replies = {cfg['federation']['min_replies']} exceeds the {n_train} "
+                            "training clients; valid: 0 (a strict majority) to the number of training clients")
     seeds = cfg["run"]["seeds"]
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise FedmergeError(f"run.seeds must list distinct integers >= 0 (empty: the single run.seed), got {seeds!r}")
@@ -249,6 +253,12 @@ def validate(cfg: Mapping[str, Any]) -> None:
     unknown = [m for m in cfg["merge"]["methods"] if m not in valid_methods]
     if unknown:
         raise FedmergeError(f"merge.methods names unknown method(s) {unknown}; valid: {valid_methods}")
+    if TESTTIME_METHOD in cfg["merge"]["methods"] and not data["held_out"]:
+        raise FedmergeError(f"merge.methods lists {TESTTIME_METHOD!r}, which merges for held-out domains, but "
+                            "data.held_out is empty; hold a domain out or remove the method")
+    if (cfg["theta0"]["pretrain"] and cfg["model"]["params"].get("routed_unseen", "none") != "none"):
+        raise FedmergeError("theta0.pretrain with model.params.routed_unseen is not supported yet: the frozen θ₀ "
+                            "expert for unseen items would keep the untrained initial weights, not the pretrained ones")
     testtime = cfg["merge"]["testtime"]
     if testtime["teacher"] not in teacher_choices(training_domains(cfg)):
         raise FedmergeError(f"merge.testtime.teacher {testtime['teacher']!r} is unknown; valid: "
@@ -277,8 +287,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
 
 
 def _validate_before_training(cfg: Mapping[str, Any]) -> None:
-    """Checks of values that are otherwise read only after every client trained: merge parameters, MergeRec
-    settings, DP parameters, and the text encoder's name (never a hub download)."""
+    """Checks of values that are otherwise read only after every client trained: merge parameters (per method,
+    against the number of training clients) and the text encoder's name (never a hub download). MergeRec settings
+    and DP parameters are checked in :func:`validate` itself."""
     from fedmerge.merging import METHODS, resolve_params
     from fedmerge.text.encoder import check_encoder_name
 
@@ -292,6 +303,10 @@ def _validate_before_training(cfg: Mapping[str, Any]) -> None:
             resolve_params(method, params, n_models=n_models)
         except ValueError as exc:
             raise FedmergeError(f"merge.params.{method}: {exc}") from exc
+        if "weights" in params and int(cfg["federation"]["min_replies"]) != n_models:
+            raise FedmergeError(f"merge.params.{method}.weights are matched to the clients by position, so they need "
+                                f"every client: set federation.min_replies = {n_models} (the number of training "
+                                "clients) or drop the weights")
     check_encoder_name(cfg["encoder"]["name"])
 
 
@@ -311,6 +326,8 @@ def parse_seeds(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise FedmergeError(f"--seeds {text!r} names a seed twice")
     return seeds
+
+
 def _validate_defences(federation: Mapping[str, Any]) -> None:
     """The [federation] defence keys: ranges and names (see README, "Faults and bad inputs tried")."""
     from fedmerge.merging import ROBUST_METHODS

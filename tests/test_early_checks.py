@@ -31,11 +31,26 @@ from fedmerge.errors import FedmergeError
         ("privacy.clip_norm=nan", r"privacy.clip_norm must be a positive finite number, got nan"),
         ("privacy.noise_multiplier=-0.5", r"privacy.noise_multiplier must be a finite number >= 0, got -0.5"),
         ("privacy.noise_multiplier=inf", r"privacy.noise_multiplier must be a finite number >= 0, got inf"),
+        ("merge.params.average.weights=[1, 2, 3]", r"weights are matched to the clients by position, so they need "
+                                                   r"every client: set federation.min_replies = 3"),
+        ("federation.min_replies=4", r"federation.min_replies = 4 exceeds the 3 training clients"),
+        ('merge.methods=["average", "mergerec_testtime"]', r"lists 'mergerec_testtime'.*data.held_out is empty"),
     ],
 )
 def test_bad_values_fail_at_scenario_load(override, message):
     with pytest.raises(FedmergeError, match=message):
         load_scenario("quickstart", [override])
+
+
+def test_pretrained_theta0_with_the_unseen_item_fallback_is_refused():
+    with pytest.raises(FedmergeError, match=r"theta0.pretrain with model.params.routed_unseen is not supported"):
+        load_scenario("quickstart", ["theta0.pretrain=true", 'model.params.adapter="routed"',
+                                     'model.params.routed_unseen="theta0"'])
+
+
+def test_position_weights_pass_with_every_client_required():
+    cfg = load_scenario("quickstart", ["merge.params.average.weights=[1, 2, 3]", "federation.min_replies=3"])
+    assert cfg["merge"]["params"]["average"]["weights"] == [1, 2, 3]
 
 
 def test_good_values_pass():

@@ -241,6 +241,18 @@ def test_testtime_merge_is_built_and_evaluated_for_each_held_out_domain_only(cfg
         apply_overrides(held, ["merge.testtime.teacher=synth-2"])
 
 
+def test_testtime_merge_is_skipped_with_a_warning_when_its_teacher_client_was_left_out(cfg):
+    """The run goes on without a failed minority; a test-time merge whose teacher is that client is skipped and
+    warned about instead of failing the whole run after training."""
+    from fedmerge.runners.server import testtime_merges
+
+    held = apply_overrides(cfg, ['data.held_out=["synth-2"]', 'merge.methods=["mergerec_testtime"]',
+                                 'merge.testtime.teacher="synth-1"'])
+    theta0 = initial_weights(held)
+    merged, report = testtime_merges(theta0, {"synth-0": theta0}, held)  # synth-1's update never arrived
+    assert merged == {} and report == {"synth-2": {"skipped": "teacher 'synth-1' has no usable update"}}
+
+
 def test_flower_simulation_matches_inprocess(cfg, tmp_path):
     from fedmerge.runners.simulation import run_scenario
 

@@ -256,7 +256,6 @@ class RoutedAdapter(nn.Module):
         """Expert index of each raw embedding row, (n,)."""
         return ((raw - self.centre) @ self.centroids.T).argmax(dim=-1)
 
-
     def minor_experts(self, x: torch.Tensor, min_share: float) -> list[int]:
         """Experts that receive fewer than ``min_share`` of the catalog ``x``'s ``[z | raw]`` rows."""
         counts = torch.bincount(self.route(x[:, self.dim_in :]), minlength=len(self.experts))

@@ -205,6 +205,10 @@ def testtime_merges(
     params = {"seed": int(cfg["run"]["seed"]), "progress": bool(cfg["run"]["progress"]),
               **cfg["merge"]["mergerec"], "granularity": testtime["granularity"]}
     merged, reports = {}, {}
+    teacher = testtime["teacher"]
+    if teacher != "theta0" and teacher not in models:  # its client was left out (rejected or silent)
+        logger.warning("no %s: its teacher %s has no usable update", TESTTIME_METHOD, teacher)
+        return {}, {h: {"skipped": f"teacher {teacher!r} has no usable update"} for h in held_out}
     for h in held_out:
         start = time.perf_counter()
         try:
@@ -312,8 +316,11 @@ class Federation:
 
     # ---- requests and replies -------------------------------------------------------------------------------
     def _exchange(
-        self, transport: Transport, message_type: str, requests: dict[str, RecordDict], on_reply: ReplyHandler | None = None
+        self, transport: Transport, message_type: str, requests: dict[str, RecordDict], on_reply: ReplyHandler | None = None,
+        label: str = "",
     ) -> dict[str, RecordDict]:
+        """Send ``requests``, count bytes, record each client failure under ``errors["<label><type>:<domain>"]``
+        (``label``: e.g. ``fedavg_round2:``, so a later round never overwrites an earlier phase's reason)."""
         for d, content in requests.items():
             self.bytes[d]["received"] += protocol.record_bytes(content)
         arrived: list[str] = []
@@ -328,8 +335,8 @@ class Federation:
         for d, content in replies.items():
             self.bytes[d]["sent"] += protocol.record_bytes(content)
         for d, reason in errors.items():
-            logger.error("client %s failed in %s: %s", d, message_type, reason)
-            self.errors[f"{message_type}:{d}"] = reason
+            logger.error("client %s failed in %s%s: %s", d, label, message_type, reason)
+            self.errors[f"{label}{message_type}:{d}"] = reason
         return replies
 
     def train_requests(self, weights: StateDict, phase: str, round_index: int) -> dict[str, RecordDict]:
@@ -414,7 +421,7 @@ class Federation:
         ``rejected[prefix + domain]`` or ``errors["train:<domain>"]`` (for :meth:`left_out_warnings`)."""
         for d in self.train_domains:
             if d not in used:
-                reason = (self.rejected.get(prefix + d) or self.errors.get(f"{protocol.TRAIN}:{d}")
+                reason = (self.rejected.get(prefix + d) or self.errors.get(f"{prefix}{protocol.TRAIN}:{d}")
                           or "no usable update")
                 self.left_out.setdefault(d, []).append((phase, reason))
 
@@ -561,7 +568,7 @@ class Federation:
             self.save_merged(method, weights)
         start = time.perf_counter()
         testtime, testtime_report = testtime_merges(self.theta0, individual, self.cfg)
-        if testtime:
+        if testtime_report:
             self.merge_report[TESTTIME_METHOD] = testtime_report
             self.timings["testtime_merging"] = time.perf_counter() - start
         for h, weights in testtime.items():
@@ -591,7 +598,8 @@ class Federation:
         fedavg_bytes = 0
         for r in range(1, fedavg_rounds + 1):
             before = self.total_bytes()
-            replies = self._exchange(transport, protocol.TRAIN, self.train_requests(global_weights, "fedavg", r))
+            replies = self._exchange(transport, protocol.TRAIN, self.train_requests(global_weights, "fedavg", r),
+                                     label=f"fedavg_round{r}:")
             fedavg_bytes += self.total_bytes() - before  # FedAvg's own traffic: its training rounds only
             updates, shares, round_metrics = self.accept_updates(replies, reference=global_weights, round_index=r)
             self.record_left_out(updates, f"FedAvg round {r}", prefix=f"fedavg_round{r}:")
@@ -642,7 +650,9 @@ class Federation:
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "train_metrics": self.train_metrics,
             "fedavg_train_metrics": self.fedavg_train_metrics,
-            "warnings": [*self.left_out_warnings(), *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics)],
+            "warnings": [*self.left_out_warnings(), *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics),
+                         *(f"{TESTTIME_METHOD} for {h} skipped: {r['skipped']}"
+                           for h, r in self.merge_report.get(TESTTIME_METHOD, {}).items() if "skipped" in r)],
             "merge_report": self.merge_report,
             "rejected": self.rejected,
             "clipped": self.clipped,
