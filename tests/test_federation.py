@@ -489,9 +489,9 @@ def _train_metrics_attack(**metrics):
     return attack
 
 
-def _hostile_run(cfg, attack, *overrides):
+def _hostile_run(cfg, attack, *overrides, out_dir=None):
     small = apply_overrides(cfg, ["baselines.joint=false", 'merge.methods=["average","mergerec_taskwise"]', *overrides])
-    out = run_federation(small, HostileTransport(small, attack))
+    out = run_federation(small, HostileTransport(small, attack), out_dir=out_dir)
     json.dumps(out, allow_nan=False)  # results.json can be written
     return out
 
@@ -512,10 +512,17 @@ def test_scaled_task_vector_is_rejected_by_the_norm_test(cfg, factor):
     _assert_honest_metrics_in_range(out)
 
 
-def test_scaled_task_vector_is_clipped_with_norm_action_clip(cfg):
+def test_scaled_task_vector_is_clipped_with_norm_action_clip(cfg, tmp_path):
+    from fedmerge.recommender import read_card
+    from fedmerge.storage import client_weights_path
+
     out = _hostile_run(cfg, _weights_attack(lambda g, w: {n: g[n] + 1e3 * (w[n] - g[n]) for n in g}),
-                       "federation.norm_action=\"clip\"")
+                       "federation.norm_action=\"clip\"", out_dir=tmp_path)
     assert "synth-2" not in out["rejected"] and "scaled by" in out["clipped"]["synth-2"]
+    # the saved file holds what the client sent; its card says it was clipped and claims no metrics for it
+    card = read_card(client_weights_path(tmp_path, "synth-2"))
+    assert card["clipped"] == out["clipped"]["synth-2"] and card["metrics"] == {}
+    assert read_card(client_weights_path(tmp_path, "synth-0"))["metrics"]["synth-0"] == out["models"]["individual"]["synth-0"]
     assert out["merge_report"]["domains"] == ["synth-0", "synth-1", "synth-2"]
     _assert_honest_metrics_in_range(out)
 

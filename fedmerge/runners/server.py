@@ -302,6 +302,9 @@ class Federation:
         for name, path in self.saved_models.items():
             if name.startswith(INDIVIDUAL_PREFIX):
                 domain = name[len(INDIVIDUAL_PREFIX):]
+                if domain in self.clipped:  # the evaluated model is the norm-clipped update, not the file's weights
+                    update_card(path, clipped=self.clipped[domain], metrics={})
+                    continue
                 zero_shot = self.models.get(HELD_OUT_INDIVIDUAL.format(domain=domain), {})
                 metrics = {domain: self.models.get("individual", {}).get(domain, {}),
                            **{h: zero_shot[h] for h in self.held_out if h in zero_shot}}
