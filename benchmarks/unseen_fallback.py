@@ -23,7 +23,8 @@ import torch
 
 from fedmerge.config import domain_names, load_scenario
 from fedmerge.models.sequential import catalog_clusters, nearest_similarity
-from fedmerge.runners.client import client_evaluate, family_of, item_features, load_catalog, load_named_domain
+from fedmerge.runners.client import client_evaluate
+from fedmerge.scenario import family_of, item_features, load_catalog, load_named_domain
 from fedmerge.storage import load_weights
 
 QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25)

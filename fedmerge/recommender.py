@@ -51,7 +51,7 @@ def model_path(out_dir: str | Path, name: str) -> Path:
 def scenario_card(cfg: Mapping[str, Any], theta0_digest: str) -> dict[str, Any]:
     """The card fields every model of a run shares: family, encoder, feature width, θ₀, run, eval protocol and
     package versions."""
-    from fedmerge.runners.client import family_of, feature_width, scenario_encoder
+    from fedmerge.scenario import family_of, feature_width, scenario_encoder
     from fedmerge.runners.results import package_versions
 
     encoder = scenario_encoder(cfg)
@@ -139,7 +139,7 @@ class LoadedRecommender:
     def features(self, catalog: ItemCatalog) -> torch.Tensor:
         """The family's item features of ``catalog`` from the card's encoder (embeddings through the cache);
         refused when their width is not the one the weights were trained for."""
-        from fedmerge.runners.client import item_features
+        from fedmerge.scenario import item_features
 
         if self._last is not None and self._last[0] is catalog:
             return self._last[1]
@@ -248,7 +248,7 @@ def load_recommender(path: str | Path, *, encoder: Any = None, cache_dir: str | 
     embedding cache (default: the package's default cache folder).
     """
     from fedmerge.models import get_family
-    from fedmerge.runners.client import scenario_encoder
+    from fedmerge.scenario import scenario_encoder
     from fedmerge.storage import WEIGHTS_SUFFIX, load_weights, weights_digest
 
     path = Path(path)

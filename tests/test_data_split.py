@@ -102,7 +102,7 @@ def test_the_split_commands_in_the_scenario_file_make_its_domains(amazon_dir, tm
     import shlex
 
     from fedmerge.config import domain_names, load_scenario, scenario_path
-    from fedmerge.runners.client import load_named_domain
+    from fedmerge.scenario import load_named_domain
 
     commands = [line.split("fedmerge", 1)[1] for line in scenario_path("amazon-8").read_text().splitlines()
                 if line.startswith("#") and "fedmerge data split" in line]

@@ -429,7 +429,7 @@ def test_dp_noise_seed_is_os_entropy_unless_configured(cfg, monkeypatch):
 
 def test_amazon_data_root_defaults_to_data_amazon_and_names_the_download(tmp_path, monkeypatch):
     from fedmerge.errors import DataError
-    from fedmerge.runners.client import amazon_root, domain_path
+    from fedmerge.scenario import amazon_root, domain_path
 
     cfg = load_scenario("amazon-unseen")
     monkeypatch.chdir(tmp_path)

@@ -10,7 +10,7 @@ from fedmerge.config import apply_overrides, load_scenario, training_domains
 from fedmerge.data.domain import ItemCatalog
 from fedmerge.errors import FedmergeError
 from fedmerge.metrics import evaluate_scorer
-from fedmerge.runners.client import family_of, item_features, load_catalog
+from fedmerge.scenario import family_of, item_features, load_catalog
 from fedmerge.runners.pretrain import pseudo_domain, pseudo_sequences
 from fedmerge.runners.server import initial_weights, training_fingerprint
 from tests.test_federation import TINY

@@ -16,7 +16,7 @@ from fedmerge.data import load_catalog, load_domain, save_generic_domain
 from fedmerge.data.synthetic import make_synthetic_domains
 from fedmerge.errors import DataError, FedmergeError
 from fedmerge.recommender import card_path, load_recommender, read_card, save_model, scenario_card
-from fedmerge.runners.client import family_of, item_features, load_named_domain
+from fedmerge.scenario import family_of, item_features, load_named_domain
 from fedmerge.runners.inprocess import run_inprocess
 from fedmerge.runners.server import initial_weights
 from fedmerge.storage import weights_digest

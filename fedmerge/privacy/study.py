@@ -211,7 +211,8 @@ def attack_sweep(cfg: Mapping[str, Any], study: Mapping[str, Any]) -> dict[str, 
     from fedmerge.config import training_domains
     from fedmerge.privacy.attacks import reference_models, run_attacks, summary
     from fedmerge.privacy.membership import split_members
-    from fedmerge.runners.client import client_train, family_of, item_features, load_named_domain
+    from fedmerge.runners.client import client_train
+    from fedmerge.scenario import family_of, item_features, load_named_domain
     from fedmerge.runners.server import initial_weights
 
     name = study["probe_domain"] or training_domains(cfg)[0]

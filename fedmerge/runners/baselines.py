@@ -9,7 +9,7 @@ from typing import Any
 from fedmerge.config import training_domains
 from fedmerge.data import concat_domains
 from fedmerge.models import StateDict
-from fedmerge.runners.client import family_of, item_features, load_named_domain
+from fedmerge.scenario import family_of, item_features, load_named_domain
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from fedmerge.merging.testtime import TESTTIME_METHOD
 from fedmerge.models import StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
 from fedmerge.runners import protocol
-from fedmerge.runners.client import family_of, feature_width, item_features, load_catalog
+from fedmerge.scenario import family_of, feature_width, item_features, load_catalog
 
 logger = logging.getLogger(__name__)
 THETA0_FILE = "models/theta0.safetensors"
