@@ -77,7 +77,8 @@ def run_folder(out_dir: str | Path, *, resume: bool = False, overwrite: bool = F
     The lock is ``fcntl.flock`` on ``<out_dir>/.fedmerge.lock`` (released by the kernel when the process dies, so a
     killed run never leaves a stale lock); a second run into the folder fails at once naming the holder's pid. A
     folder with other entries is refused unless ``resume`` (the run re-merges from them) or ``overwrite`` (they are
-    deleted first, after the lock is taken).
+    deleted first, after the lock is taken). Lock files and empty folders left by a run that failed before writing
+    anything do not count.
     """
     out = Path(out_dir)
     lock_path = out / LOCK_FILE
@@ -99,7 +100,7 @@ def run_folder(out_dir: str | Path, *, resume: bool = False, overwrite: bool = F
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        earlier = sorted(p for p in out.iterdir() if p.name != LOCK_FILE)
+        earlier = sorted(p for p in out.iterdir() if _holds_files(p))
         if earlier and not resume:
             if not overwrite:
                 raise FedmergeError(
@@ -116,6 +117,14 @@ def run_folder(out_dir: str | Path, *, resume: bool = False, overwrite: bool = F
         yield out
     finally:
         os.close(fd)  # closing the only descriptor releases the flock
+
+
+def _holds_files(path: Path) -> bool:
+    """Whether ``path`` is, or contains, anything but lock files and empty folders: what a run that failed before
+    writing anything leaves (e.g. a multi-seed run's ``seed-0/.fedmerge.lock``) does not count as an earlier run."""
+    if path.is_dir() and not path.is_symlink():
+        return any(_holds_files(child) for child in path.iterdir())
+    return path.name != LOCK_FILE
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

@@ -58,6 +58,21 @@ def test_non_empty_folder_refused_unless_resume_or_overwrite(cfg, tmp_path):
     assert run_scenario(cfg, "inprocess", out, resume=True)["resumed"]["clients"] == ["synth-0", "synth-1", "synth-2"]
 
 
+def test_a_run_that_failed_before_writing_anything_does_not_block_the_next(tmp_path, capsys):
+    """A multi-seed run that stops at a data error leaves only lock files (OUT/.fedmerge.lock, OUT/seed-0/.fedmerge.lock):
+    the rerun with the data fixed must start without --overwrite (it used to be refused as "an earlier run's files")."""
+    from fedmerge.cli import main
+
+    out = tmp_path / "run"
+    args = ["simulate", "quickstart", "--engine", "inprocess", "--seeds", "0", "--out", str(out)]
+    args += [item for o in [*TINY, f"encoder.cache_dir={tmp_path / 'cache'}"] for item in ("--set", o)]
+    assert main([*args, "--set", f"data.root={tmp_path / 'missing'}", "--set", "data.source=amazon",
+                 "--set", 'data.domains=["Beauty"]']) != 0
+    capsys.readouterr()
+    assert main(args) == 0, capsys.readouterr().err
+    assert (out / "seed-0" / "results.json").is_file()
+
+
 def test_simulate_cli_refuses_a_used_out_folder(tmp_path, capsys):
     from fedmerge.cli import main
 
