@@ -79,6 +79,46 @@ def test_aggregate_runs_by_hand():
     assert single["models"]["ties"]["average"]["recall@10"]["half_width"] is None and "one seed" in single["note"]
 
 
+def _held_out_run(recall: dict[str, float], ndcg_scale: float = 0.5) -> dict:
+    """A results.json-like dict with training domain A and held-out domain H: model -> recall@10 on H."""
+    models = {m: {"H": {"recall@10": r, "ndcg@10": r * ndcg_scale, "recall@5": r / 2, "users": 5}}
+              for m, r in recall.items()}
+    for m in ("theta0", "individual", "mergerec"):
+        models.setdefault(m, {})["A"] = {"recall@10": 0.2, "ndcg@10": 0.1, "users": 5}
+        models[m]["average"] = {"recall@10": 0.2, "ndcg@10": 0.1}
+    return {"domains": ["A", "H"], "held_out": ["H"], "models": models, "warnings": []}
+
+
+def test_held_out_domains_compare_every_model_with_theta0_and_the_best_single_domain_model_by_hand():
+    runs = {
+        0: _held_out_run({"theta0": 0.10, "individual_A": 0.04, "individual_B": 0.05, "mergerec": 0.11}),
+        1: _held_out_run({"theta0": 0.10, "individual_A": 0.06, "individual_B": 0.03, "mergerec": 0.12}),
+        2: _held_out_run({"theta0": 0.20, "individual_A": 0.08, "individual_B": 0.02, "mergerec": 0.26}),
+    }
+    agg = aggregate_runs(runs, "recall@10", training_free=["average"])
+    held = agg["held_out_paired"]["H"]
+    assert list(held) == ["recall@10", "ndcg@10"]  # the primary metric and the other one at its cut-off
+    recall = held["recall@10"]
+    assert recall["best_individual"] == {0: "individual_B", 1: "individual_A", 2: "individual_A"}
+    assert set(recall["models"]) == {"mergerec"}  # references and single-domain models are not compared
+    vs_theta0 = recall["models"]["mergerec"]["vs_theta0"]
+    assert vs_theta0["ratios"] == pytest.approx({0: 1.1, 1: 1.2, 2: 1.3})
+    assert vs_theta0["ratio"]["mean"] == pytest.approx(1.2)
+    assert vs_theta0["ratio"]["half_width"] == pytest.approx(T_975_DF2 * 0.1 / math.sqrt(3))
+    # paired t-test of (.11, .12, .26) against (.10, .10, .20): d = (.01, .02, .06)
+    d = [0.01, 0.02, 0.06]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    assert vs_theta0["test"]["t"] == pytest.approx(mean / (sd / math.sqrt(3)))
+    vs_single = recall["models"]["mergerec"]["vs_best_individual"]
+    assert vs_single["ratios"] == pytest.approx({0: 0.11 / 0.05, 1: 0.12 / 0.06, 2: 0.26 / 0.08})
+    assert held["ndcg@10"]["models"]["mergerec"]["vs_theta0"]["ratios"] == pytest.approx({0: 1.1, 1: 1.2, 2: 1.3})
+    from fedmerge.runners.multiseed import aggregate_summary
+
+    summary = aggregate_summary(agg)
+    assert "held-out H*, per-seed ratios of recall@10" in summary and "mergerec: theta0 1.2000 ± 0.2484" in summary
+
+
 def test_parse_seeds_and_run_seeds_validation():
     assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
     assert parse_seeds("0,2,5") == [0, 2, 5]

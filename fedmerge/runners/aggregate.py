@@ -17,6 +17,11 @@ References: ``best_training_free`` - per seed, the best registry method (average
 on that seed's average; choosing it per seed, after seeing the test metric, is the optimistic baseline, so a merge's
 ratio to it is conservative - and ``individual`` - each domain's own model. With one seed, std, intervals and tests
 are null and ``note`` says why.
+
+A held-out domain h (``data.held_out``: catalog seen only at test time) is compared on its own zero-shot metrics, for
+the primary metric and every metric at the same cut-off (recall@10 → also ndcg@10), against two references of the
+same seed: θ₀ on h, and the best single training domain's model on h (``individual_<d>``, chosen per seed after
+seeing the test metric: again the optimistic baseline).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ CONFIDENCE = 0.95
 AVERAGE = "average"
 # Models that are references, not merges of the clients' models.
 NOT_MERGES = frozenset({"theta0", "individual", "joint"})
+INDIVIDUAL_PREFIX = "individual_"  # a training domain's own model evaluated on a held-out domain
 ONE_SEED_NOTE = "one seed: no spread, interval or test (run several with run.seeds / --seeds)"
 
 
@@ -102,6 +108,17 @@ def seed_averages(runs: Mapping[int, Mapping[str, Any]], metric: str) -> dict[st
     }
 
 
+def _compare(values: Mapping[int, float], reference: Mapping[int, float], confidence: float) -> dict[str, Any]:
+    """Per-seed ratios ``values[s] / reference[s]``, their interval and the paired t-test of the raw values."""
+    seeds = list(values)
+    ratios = {s: values[s] / reference[s] if reference[s] else math.nan for s in seeds}
+    return {
+        "ratios": ratios,
+        "ratio": interval(list(ratios.values()), confidence),
+        "test": paired_test([values[s] for s in seeds], [reference[s] for s in seeds]),
+    }
+
+
 def paired_comparisons(
     runs: Mapping[int, Mapping[str, Any]], metric: str, training_free: Iterable[str], confidence: float = CONFIDENCE
 ) -> dict[str, Any]:
@@ -124,15 +141,51 @@ def paired_comparisons(
     for model, values in averages.items():
         if model in NOT_MERGES:
             continue
-        merges[model] = {}
-        for name, reference in references.items():
-            ratios = {s: values[s] / reference[s] if reference[s] else math.nan for s in seeds}
-            merges[model][name] = {
-                "ratios": ratios,
-                "ratio": interval(list(ratios.values()), confidence),
-                "test": paired_test([values[s] for s in seeds], [reference[s] for s in seeds]),
-            }
+        merges[model] = {name: _compare(values, reference, confidence) for name, reference in references.items()}
     return {"best_training_free": best, "merges": merges}
+
+
+def held_out_comparisons(
+    runs: Mapping[int, Mapping[str, Any]], metrics: Iterable[str], confidence: float = CONFIDENCE
+) -> dict[str, Any]:
+    """For each held-out domain and metric: every model's per-seed ratio to θ₀ and to the best single-domain model
+    on that domain (see the module docstring).
+
+    Returns ``{domain: {metric: {"best_individual": {seed: model}, "models": {model: {"vs_theta0": {...},
+    "vs_best_individual": {...}}}}}}``; models not reported on the domain by every seed are left out.
+    """
+    first = next(iter(runs.values()))
+    out: dict[str, Any] = {}
+    for domain in first.get("held_out", []):
+        out[domain] = {}
+        for metric in metrics:
+            values: dict[str, dict[int, float]] = {}
+            for model in first["models"]:
+                found = [r["models"].get(model, {}).get(domain, {}).get(metric) for r in runs.values()]
+                if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in found):
+                    values[model] = {s: float(v) for s, v in zip(runs, found)}
+            singles = [m for m in values if m.startswith(INDIVIDUAL_PREFIX)]
+            best = {s: max(singles, key=lambda m: values[m][s]) for s in runs} if singles else {}
+            references: dict[str, dict[int, float]] = {}
+            if "theta0" in values:
+                references["vs_theta0"] = values["theta0"]
+            if best:
+                references["vs_best_individual"] = {s: values[best[s]][s] for s in runs}
+            models = {
+                model: {name: _compare(v, ref, confidence) for name, ref in references.items()}
+                for model, v in values.items() if model != "theta0" and not model.startswith(INDIVIDUAL_PREFIX)
+            }
+            out[domain][metric] = {"best_individual": best, "models": models}
+    return out
+
+
+def same_cutoff_metrics(metric: str, runs: Mapping[int, Mapping[str, Any]]) -> list[str]:
+    """``metric`` and the other metrics reported at its cut-off (``recall@10`` → ``[recall@10, ndcg@10]``)."""
+    cutoff = metric.partition("@")[2]
+    first = next(iter(runs.values()))
+    names = {k for per_domain in first["models"].values() for m in per_domain.values() if isinstance(m, Mapping)
+             for k in m if k.partition("@")[2] == cutoff}
+    return [metric, *sorted(names - {metric})]
 
 
 def aggregate_runs(
@@ -151,6 +204,7 @@ def aggregate_runs(
         "held_out": list(first.get("held_out", [])),
         "models": aggregate_models(runs, confidence),
         "paired": paired_comparisons(runs, metric, training_free, confidence),
+        "held_out_paired": held_out_comparisons(runs, same_cutoff_metrics(metric, runs), confidence),
         "warnings": [f"seed {s}: {w}" for s, r in runs.items() for w in r.get("warnings", [])],
         **({"note": ONE_SEED_NOTE} if len(runs) < 2 else {}),
     }

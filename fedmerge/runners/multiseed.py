@@ -117,6 +117,15 @@ def _cell(stats: Mapping[str, Any] | None) -> str:
     return f"{stats['mean']:.4f}" + ("" if half is None else f" ± {half:.4f}")
 
 
+def _comparison_cells(comparisons: Mapping[str, Any]) -> str:
+    """``theta0 1.0312 ± 0.0100 (p=0.04); best_individual ...``: each reference's ratio interval and paired p."""
+    parts = []
+    for name, c in comparisons.items():
+        p = c["test"]["p"]
+        parts.append(f"{name.removeprefix('vs_')} {_cell(c['ratio'])}" + ("" if p is None else f" (p={p:.3g})"))
+    return "; ".join(parts)
+
+
 def aggregate_summary(aggregate: Mapping[str, Any]) -> str:
     """Plain-text table (mean ± 95 % half-width over seeds, per domain and average) and the paired ratios."""
     metric = aggregate["metric"]
@@ -134,12 +143,13 @@ def aggregate_summary(aggregate: Mapping[str, Any]) -> str:
     if paired["merges"]:
         lines.append(f"paired per-seed ratios of the average {metric} (best training-free chosen per seed: "
                      f"{paired['best_training_free']}):")
-        for model, comparisons in paired["merges"].items():
-            parts = []
-            for name, c in comparisons.items():
-                p = c["test"]["p"]
-                parts.append(f"{name.removeprefix('vs_')} {_cell(c['ratio'])}" + ("" if p is None else f" (p={p:.3g})"))
-            lines.append(f"  {model}: " + "; ".join(parts))
+        lines += [f"  {model}: " + _comparison_cells(comparisons) for model, comparisons in paired["merges"].items()]
+    for domain, per_metric in aggregate.get("held_out_paired", {}).items():
+        for held_metric, comparison in per_metric.items():
+            lines.append(f"held-out {domain}*, per-seed ratios of {held_metric} (best single-domain model per seed: "
+                         f"{comparison['best_individual']}):")
+            lines += [f"  {model}: " + _comparison_cells(comparisons)
+                      for model, comparisons in comparison["models"].items()]
     if "note" in aggregate:
         lines.append(f"note: {aggregate['note']}")
     lines += [f"WARNING: {w}" for w in aggregate.get("warnings", [])]
