@@ -188,10 +188,10 @@ def test_norm_limit_is_a_multiple_of_the_other_clients_median():
     screen = screen_norms(norms, 3.0, 0.0, "reject")
     assert set(screen.rejected) == {"c"} and screen.scale == {"a": 1.0, "b": 1.0} and not screen.clipped
     assert "task-vector norm 1e+06 exceeds 4.5" in screen.rejected["c"]
-    # two clients: each is compared with the other, so only the larger one can fail
-    assert set(screen_norms({"a": 1.0, "x": 100.0}, 3.0, 0.0, "reject").rejected) == {"x"}
-    assert not screen_norms({"a": 1.0, "b": 2.9}, 3.0, 0.0, "reject").rejected
-    # one client: only the absolute cap applies; 0 switches either test off
+    # one or two clients: no majority to compare with (honest Amazon text-LAE FedAvg updates differ 5x: Pantry 1.2,
+    # Toys 6.1, and rejecting one of two stopped the run), so only the absolute cap applies; 0 switches either off
+    assert not screen_norms({"Pantry": 1.2, "Toys": 6.1}, 3.0, 0.0, "reject").rejected
+    assert set(screen_norms({"a": 1.0, "x": 100.0}, 3.0, 10.0, "reject").rejected) == {"x"}
     assert not screen_norms({"a": 1e9}, 3.0, 0.0, "reject").rejected
     assert set(screen_norms({"a": 1e9}, 3.0, 10.0, "reject").rejected) == {"a"}
     assert not screen_norms(norms, 0.0, 0.0, "reject").rejected
