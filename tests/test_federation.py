@@ -429,20 +429,19 @@ def test_dp_noise_seed_is_os_entropy_unless_configured(cfg, monkeypatch):
 
 def test_amazon_data_root_defaults_to_data_amazon_and_names_the_download(tmp_path, monkeypatch):
     from fedmerge.errors import DataError
-    from fedmerge.scenario import amazon_root, domain_path
 
     cfg = load_scenario("amazon-unseen")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FEDMERGE_AMAZON_DIR", raising=False)
-    assert amazon_root(cfg) == Path("data/amazon")
+    assert cfg.data.root_path() == Path("data/amazon")
     with pytest.raises(DataError) as info:
-        domain_path(cfg, "Toys")
+        cfg.data.domain_path("Toys")
     assert "fedmerge data download amazon --domains Beauty,Pantry,Toys --dest data/amazon" in str(info.value)
     (tmp_path / "elsewhere" / "Toys").mkdir(parents=True)
     monkeypatch.setenv("FEDMERGE_AMAZON_DIR", str(tmp_path / "elsewhere"))
-    assert domain_path(cfg, "Toys") == tmp_path / "elsewhere" / "Toys"
+    assert cfg.data.domain_path("Toys") == tmp_path / "elsewhere" / "Toys"
     explicit = apply_overrides(cfg, [f"data.root={tmp_path / 'mine'}"])
-    assert amazon_root(explicit) == tmp_path / "mine"  # an explicit data.root wins over the variable
+    assert explicit.data.root_path() == tmp_path / "mine"  # an explicit data.root wins over the variable
 
 
 def test_server_threads_default_one_and_zero_means_all_usable_cores(cfg):
