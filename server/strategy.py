@@ -31,8 +31,8 @@ class MergeStrategy(Strategy):
     def __init__(self, cfg: Scenario, grid: Grid) -> None:
         self.cfg = cfg
         self.grid = grid
-        self.timeout = float(cfg.federation.timeout_s)
-        self.startup_timeout = float(cfg.federation.startup_timeout_s)
+        self.timeout = cfg.federation.timeout_s
+        self.startup_timeout = cfg.federation.startup_timeout_s
         self.node_of: dict[str, int] = {}
         self.refused: dict[str, str] = {}  # query:node<id> -> why that node's domain claim was refused
         self.connect_seconds: float | None = None  # None until connected

@@ -216,7 +216,7 @@ def _deploy(
     tls = _tls_files(Path(tls_dir) if tls_dir else None, out, len(paths))
     env = deployment_env(out)
     results_dir = out / "results"
-    startup_s = float(cfg.federation.startup_timeout_s)
+    startup_s = cfg.federation.startup_timeout_s
     with ProcessSet(out, env=env) as procs:
         link = start_superlink(procs, out, tls, startup_timeout_s=startup_s)
         write_flower_config(Path(env["FLWR_HOME"]), link.address, link.root_cert)

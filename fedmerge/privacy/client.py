@@ -80,23 +80,23 @@ def validate_privacy(cfg: Scenario) -> None:
 
 def releases_per_client(cfg: Scenario) -> int:
     """Updates each client ships in a run: the one-shot update plus one per FedAvg round (composed in the accounting)."""
-    return 1 + int(cfg.baselines.fedavg_rounds)
+    return 1 + cfg.baselines.fedavg_rounds
 
 
 def noise_multiplier(cfg: Scenario) -> float:
     """The run's noise multiplier: ``privacy.noise_multiplier``, or calibrated to ``target_epsilon`` over all releases."""
     privacy = cfg.privacy
-    target = float(privacy.target_epsilon)
+    target = privacy.target_epsilon
     if target <= 0:
-        return float(privacy.noise_multiplier)
+        return privacy.noise_multiplier
     releases = releases_per_client(cfg)
     if not uses_dpsgd(cfg):
         from fedmerge.privacy.dp import noise_multiplier_for
 
-        return noise_multiplier_for(target, float(privacy.delta), rounds=releases)
+        return noise_multiplier_for(target, privacy.delta, rounds=releases)
     from fedmerge.privacy.dpsgd import user_noise_multiplier, user_steps
 
-    return user_noise_multiplier(target, float(privacy.delta), float(privacy.sample_rate),
+    return user_noise_multiplier(target, privacy.delta, privacy.sample_rate,
                                  releases * user_steps(privacy), privacy.accountant)
 
 
@@ -106,10 +106,10 @@ def epsilon(cfg: Scenario, z: float, releases: int) -> float:
     if not uses_dpsgd(cfg):
         from fedmerge.privacy.dp import epsilon_for
 
-        return epsilon_for(z, float(privacy.delta), rounds=releases)
+        return epsilon_for(z, privacy.delta, rounds=releases)
     from fedmerge.privacy.dpsgd import user_epsilon, user_steps
 
-    return user_epsilon(z, float(privacy.sample_rate), releases * user_steps(privacy), float(privacy.delta),
+    return user_epsilon(z, privacy.sample_rate, releases * user_steps(privacy), privacy.delta,
                         privacy.accountant)
 
 
@@ -132,15 +132,15 @@ def private_train(
         from fedmerge.privacy.lae import train_text_lae_user_level
 
         weights, metrics = train_text_lae_user_level(family, theta0, domain, features, noise_multiplier=z,
-                                                     bound=float(privacy.user_norm_bound), noise_seed=noise_seed)
+                                                     bound=privacy.user_norm_bound, noise_seed=noise_seed)
     else:
         from fedmerge.privacy.dpsgd import UserLevelDP, train_user_level
 
-        settings = UserLevelDP(noise_multiplier=z, max_grad_norm=float(privacy.max_grad_norm),
-                               sample_rate=float(privacy.sample_rate), epochs=float(privacy.epochs))
+        settings = UserLevelDP(noise_multiplier=z, max_grad_norm=privacy.max_grad_norm,
+                               sample_rate=privacy.sample_rate, epochs=privacy.epochs)
         weights, metrics = train_user_level(family, theta0, domain, features, settings, seed=seed,
                                             noise_seed=noise_seed, progress=progress)
-    metrics = {**metrics, "dp_noise_multiplier": z, "dp_delta": float(privacy.delta),
+    metrics = {**metrics, "dp_noise_multiplier": z, "dp_delta": privacy.delta,
                "dp_unit": UNITS.index(privacy.unit)}
     if z > 0:  # z = 0 guarantees nothing (ε = ∞, which JSON results cannot hold): no ε entries
         metrics["dp_epsilon"] = epsilon(cfg, z, round_index + 1)

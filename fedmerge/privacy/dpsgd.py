@@ -76,7 +76,7 @@ class UserLevelDP:
 
 def user_steps(privacy: PrivacySettings) -> int:
     """Steps per release of the ``[privacy]`` settings (see :attr:`UserLevelDP.steps`)."""
-    return UserLevelDP(0.0, 1.0, float(privacy.sample_rate), float(privacy.epochs)).steps
+    return UserLevelDP(0.0, 1.0, privacy.sample_rate, privacy.epochs).steps
 
 
 def _accountant(name: str) -> Any:

@@ -199,7 +199,7 @@ def _subsample(seqs: Sequence[np.ndarray], limit: int, seed: int) -> list[np.nda
 def _reference_config(cfg: Scenario, k: int) -> Scenario:
     """The attacker's recipe for reference model k: the client's, with noise of its own (a reused seed would make
     the reference models' noise equal the target's and cancel in the likelihood ratio)."""
-    base = int(cfg.privacy.noise_seed)
+    base = cfg.privacy.noise_seed
     return replace(cfg, privacy=replace(cfg.privacy, noise_seed=-1 if base < 0 else base + 7919 * (k + 1)))
 
 

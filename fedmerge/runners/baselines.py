@@ -18,5 +18,5 @@ def joint_oracle(cfg: Scenario, theta0: StateDict) -> StateDict:
     family = cfg.model.make_family()
     features = cfg.encoder.item_features(joint.catalog, family)
     logger.info("joint oracle: training on %d pooled users of %s (non-private)", joint.n_users, [d.name for d in domains])
-    weights, _ = family.train(theta0, joint, features, seed=int(cfg.run.seed), progress=bool(cfg.run.progress))
+    weights, _ = family.train(theta0, joint, features, seed=cfg.run.seed, progress=cfg.run.progress)
     return weights

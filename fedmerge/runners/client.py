@@ -39,7 +39,7 @@ def client_seed(cfg: Scenario, domain_name: str, round_index: int, base: int | N
     """Seed of one client in one round: ``base`` (default the run seed) + 1000·round + domain position."""
     names = cfg.data.domain_names()
     position = names.index(domain_name) if domain_name in names else len(names)
-    return (int(cfg.run.seed) if base is None else base) + 1000 * round_index + position
+    return (cfg.run.seed if base is None else base) + 1000 * round_index + position
 
 
 def noise_seed(cfg: Scenario, domain_name: str, round_index: int) -> int | None:
@@ -47,7 +47,7 @@ def noise_seed(cfg: Scenario, domain_name: str, round_index: int) -> int | None:
 
     Never derived from the public run seed: a server that can regenerate the noise can subtract it.
     """
-    base = int(cfg.privacy.noise_seed)
+    base = cfg.privacy.noise_seed
     return None if base < 0 else client_seed(cfg, domain_name, round_index, base=base)
 
 
@@ -57,7 +57,7 @@ def client_train(
 ) -> tuple[StateDict, dict[str, Any]]:
     """Train from ``theta0`` on the domain; under ``privacy.enabled`` through
     :func:`fedmerge.privacy.client.private_train` (the one DP call site: domain- or user-level)."""
-    torch.set_num_threads(int(cfg.run.torch_threads))
+    torch.set_num_threads(cfg.run.torch_threads)
     family = cfg.model.make_family(extra_params)
     if features is None:
         features = cfg.encoder.item_features(domain.catalog, family)
@@ -67,11 +67,11 @@ def client_train(
 
         weights, metrics = private_train(family, theta0, domain, features, cfg, seed=seed, round_index=round_index,
                                          noise_seed=noise_seed(cfg, domain.name, round_index),
-                                         progress=bool(cfg.run.progress))
+                                         progress=cfg.run.progress)
         # the family's fixed weights are θ₀'s, independent of the data: sent exactly (the server checks them)
         weights.update({name: theta0[name] for name in family.fixed_parameters(theta0)})
     else:
-        weights, metrics = family.train(theta0, domain, features, seed=seed, progress=bool(cfg.run.progress))
+        weights, metrics = family.train(theta0, domain, features, seed=seed, progress=cfg.run.progress)
     metrics = {**metrics, protocol.NUM_USERS: domain.n_users}
     return weights, metrics
 
@@ -84,7 +84,7 @@ def client_evaluate(
     The users' batches (truncated inputs, targets, masks) are prepared once for all models; each model then costs its
     scorer (item representations, once per model) and one forward per batch. One scorer is alive at a time.
     """
-    torch.set_num_threads(int(cfg.run.torch_threads))
+    torch.set_num_threads(cfg.run.torch_threads)
     family = cfg.model.make_family()
     if features is None:
         features = cfg.encoder.item_features(domain.catalog, family)

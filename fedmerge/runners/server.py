@@ -67,7 +67,7 @@ def server_threads(cfg: Scenario) -> int:
     engine (its polling threads and other processes preempt one OpenMP thread and the other spins); measured in
     benchmarks/flower_overhead.py. Use 0 on a dedicated multi-core server.
     """
-    wanted = int(cfg.run.server_threads)
+    wanted = cfg.run.server_threads
     return wanted if wanted > 0 else len(os.sched_getaffinity(0))
 
 
@@ -84,7 +84,7 @@ def initial_weights(cfg: Scenario) -> StateDict:
     """θ₀: the family's seeded initialization for the encoder's feature width (identical on every party); a family
     that reads the public catalogs for θ₀ (routed adapter) gets the training domains' item features. With
     ``theta0.pretrain`` it is then trained on pseudo-users of those public catalogs (:mod:`fedmerge.runners.pretrain`)."""
-    family, seed, pretrain = cfg.model.make_family(), int(cfg.run.seed), bool(cfg.theta0.pretrain)
+    family, seed, pretrain = cfg.model.make_family(), cfg.run.seed, cfg.theta0.pretrain
     catalogs = ({d: cfg.load_catalog(d) for d in cfg.data.training_domains()}
                 if family.init_reads_catalogs or pretrain else {})
     features = [cfg.encoder.item_features(catalog, family) for catalog in catalogs.values()]
@@ -146,7 +146,7 @@ def merge_replies(
         start = time.perf_counter()
         params = dict(cfg.merge.params.get(method, {}))
         if method in METHODS and "seed" in METHODS[method].params:  # DARE's masks follow the run seed unless set
-            params.setdefault("seed", int(cfg.run.seed))
+            params.setdefault("seed", cfg.run.seed)
         if method in MERGEREC_METHODS:
             merged[method], report[method] = _mergerec(theta0, models, catalogs, cfg, MERGEREC_METHODS[method])
         else:
@@ -175,7 +175,7 @@ def _mergerec(
 
     family = cfg.model.make_family()
     features = {d: cfg.encoder.item_features(catalogs[d], family) for d in models}
-    params = {"seed": int(cfg.run.seed), "progress": bool(cfg.run.progress),
+    params = {"seed": cfg.run.seed, "progress": cfg.run.progress,
               **cfg.merge.mergerec, "granularity": granularity}
     try:
         config = MergeRecConfig.from_keys(params)
@@ -202,7 +202,7 @@ def testtime_merges(
         return {}, {}
     family, testtime = cfg.model.make_family(), cfg.merge.testtime
     seen = {d: cfg.encoder.item_features(cfg.load_catalog(d), family) for d in models} if testtime.include_seen else {}
-    params = {"seed": int(cfg.run.seed), "progress": bool(cfg.run.progress),
+    params = {"seed": cfg.run.seed, "progress": cfg.run.progress,
               **cfg.merge.mergerec, "granularity": testtime.granularity}
     merged, reports = {}, {}
     teacher = testtime.teacher
@@ -363,16 +363,16 @@ class Federation:
 
         label = label or domain
         federation = self.cfg.federation
-        max_bytes = max_bytes_for(self.theta0, float(federation.max_update_slack))
+        max_bytes = max_bytes_for(self.theta0, federation.max_update_slack)
         try:
             if protocol.WEIGHTS not in content.array_records:
                 raise UpdateRejected("reply has no weights")
             update = protocol.from_record(content.array_records[protocol.WEIGHTS])
             check_update(self.theta0, update, self.family_name, expected_family=self.family_name, max_bytes=max_bytes)
             check_fixed(self.theta0, update, self.cfg.model.make_family().fixed_parameters(self.theta0))
-            check_magnitude(update, float(federation.max_abs_value))
+            check_magnitude(update, federation.max_abs_value)
             metrics, dropped = check_train_metrics(dict(content.metric_records.get(protocol.TRAIN_METRICS, {})),
-                                                   protocol.NUM_USERS, float(federation.max_num_users))
+                                                   protocol.NUM_USERS, federation.max_num_users)
         except UpdateRejected as exc:
             logger.warning("rejected the update of %s: %s", label, exc.reason)
             self.rejected[label] = exc.reason
@@ -389,8 +389,8 @@ class Federation:
 
         federation = self.cfg.federation
         norms = {d: task_vector_norm(reference, u) for d, u in updates.items()}
-        screen = screen_norms(norms, float(federation.norm_multiple), float(federation.norm_cap),
-                              str(federation.norm_action))
+        screen = screen_norms(norms, federation.norm_multiple, federation.norm_cap,
+                              federation.norm_action)
         for d, reason in screen.rejected.items():
             logger.warning("rejected the update of %s%s: %s", prefix, d, reason)
             self.rejected[prefix + d] = reason
@@ -409,7 +409,7 @@ class Federation:
         """FedmergeError unless at least ``federation.min_replies`` updates are usable; 0 (the default) means a
         strict majority of the K training clients, ⌊K/2⌋ + 1 (K = 1: 1, K = 2: 2, K = 3: 2), and
         ``min_replies = K`` needs every client."""
-        configured = int(self.cfg.federation.min_replies)
+        configured = self.cfg.federation.min_replies
         needed = configured or len(self.train_domains) // 2 + 1
         if len(updates) < needed:
             rule = "" if configured else f" (0: a strict majority of the {len(self.train_domains)} training clients)"
@@ -459,7 +459,7 @@ class Federation:
         federation = self.cfg.federation
         if federation.fedavg_weighting == "equal":
             return {d: 1.0 / len(n_users) for d in n_users}
-        return capped_shares(n_users, float(federation.fedavg_max_share))
+        return capped_shares(n_users, federation.fedavg_max_share)
 
     def aggregate_round(self, start: StateDict, updates: Mapping[str, StateDict], shares: Mapping[str, float]) -> StateDict:
         """One FedAvg round's new global weights: the share-weighted mean (``federation.fedavg_aggregation`` =
@@ -490,7 +490,7 @@ class Federation:
                 return
             individual[domain], self.train_metrics[domain] = accepted
             if self.out_dir is not None:
-                metadata = {FINGERPRINT_KEY: fingerprint, "family": self.family_name, "run": str(self.cfg.run.name),
+                metadata = {FINGERPRINT_KEY: fingerprint, "family": self.family_name, "run": self.cfg.run.name,
                             TRAIN_METRICS_KEY: json.dumps(self.train_metrics[domain])}
                 path = save_client_weights(self.out_dir, domain, individual[domain], metadata)
                 self.save_individual(domain, individual[domain], path)

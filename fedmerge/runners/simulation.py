@@ -110,14 +110,14 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
         start = time.perf_counter()
         with ProcessSet(private, env=env) as procs:
             link = start_superlink(procs, private, tls=None, node_auth=False, simulation=True,
-                                   startup_timeout_s=float(cfg.federation.startup_timeout_s))
+                                   startup_timeout_s=cfg.federation.startup_timeout_s)
             write_flower_config(Path(env["FLWR_HOME"]), link.address, None)
             flwr = FlwrClient(Path(env["FLWR_HOME"]), env=env)
             run_id = flwr.submit_run(app, run_config, federation_config)
             logger.info("submitted Flower simulation run %d to %s", run_id, link.address)
             if verbose:
                 procs.start("run-log", ["flwr", "log", str(run_id), CONNECTION, "--stream"], echo=True)
-            progress = FolderProgress(cfg, target, enabled=bool(cfg.run.progress) and not verbose)
+            progress = FolderProgress(cfg, target, enabled=cfg.run.progress and not verbose)
             try:
                 flwr.wait(run_id, float("inf"), SIMULATION_POLL_S, check=link.check_alive, ready=progress.poll)
             except RunFailed as exc:
