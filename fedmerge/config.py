@@ -2,7 +2,9 @@
 
 A scenario is a two-level table ``{section: {key: value}}`` laid over :data:`DEFAULTS`. Keys listed in
 :data:`FREE_TABLES` hold free-form tables (model/encoder/merge parameters handed to other modules, which check
-them); every other key must be one of the defaults, so a typo fails with the list of valid keys.
+them); every other key must be one of the defaults, so a typo fails with the list of valid keys. The resolved table
+becomes a typed :class:`fedmerge.scenario.Scenario` (:meth:`~fedmerge.scenario.Scenario.from_mapping`, which runs
+:func:`validate`); :func:`load_scenario` and :func:`apply_overrides` return one.
 """
 
 from __future__ import annotations
