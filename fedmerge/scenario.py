@@ -150,11 +150,10 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
-class TestTimeSettings:
+class TesttimeSettings:
     """``[merge.testtime]``: ``mergerec_testtime``'s teacher, whether the seen domains' pseudo-users stay in the
     objective, and the coefficient granularity."""
 
-    __test__ = False  # not a pytest test class
     teacher: str
     include_seen: bool
     granularity: str
@@ -167,7 +166,7 @@ class MergeSettings:
     methods: tuple[str, ...]
     params: dict[str, dict[str, Any]]
     mergerec: dict[str, Any]
-    testtime: TestTimeSettings
+    testtime: TesttimeSettings
 
 
 @dataclass(frozen=True)
