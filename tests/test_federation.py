@@ -578,6 +578,19 @@ def test_fedavg_round_can_aggregate_with_the_median(cfg):
     torch.testing.assert_close(new["w"], torch.tensor([2.0, 0.0, 3.0]))
 
 
+def test_fedavg_mean_does_not_depend_on_the_order_replies_arrive_in(cfg):
+    """Flower delivers replies in any order; the float sum runs in the domains' order, so the round is exact."""
+    small = apply_overrides(cfg, ["baselines.joint=false"])
+    federation = Federation(small, initial_weights(small))
+    federation.theta0 = start = {"w": torch.zeros(1)}
+    updates = {"synth-0": {"w": torch.tensor([1e15])}, "synth-1": {"w": torch.tensor([-1e15])},
+               "synth-2": {"w": torch.tensor([1.0])}}
+    shares = {d: 1 / 3 for d in updates}
+    arrived = {d: updates[d] for d in ("synth-0", "synth-2", "synth-1")}
+    assert torch.equal(federation.aggregate_round(start, arrived, shares)["w"],
+                       federation.aggregate_round(start, updates, shares)["w"])
+
+
 def test_lying_evaluation_replies_are_left_out_and_recorded(cfg):
     def lie(message_type, request, reply):
         if message_type != protocol.EVALUATE:

@@ -464,12 +464,13 @@ class Federation:
     def aggregate_round(self, start: StateDict, updates: Mapping[str, StateDict], shares: Mapping[str, float]) -> StateDict:
         """One FedAvg round's new global weights: the share-weighted mean (``federation.fedavg_aggregation`` =
         "mean"), or a robust registry method (median, trimmed mean, clipped average) of the updates around
-        ``start``; the family's fixed weights are kept exactly at θ₀."""
+        ``start``; the family's fixed weights are kept exactly at θ₀. The mean sums in the domains' order, not the
+        order the replies arrived in (Flower's varies), so a round's float result is the same on both engines."""
         from fedmerge.merging import merge
 
         rule = self.cfg.federation.fedavg_aggregation
         if rule == "mean":
-            new = fedavg_aggregate(updates, shares)
+            new = fedavg_aggregate({d: updates[d] for d in self.domains if d in updates}, shares)
         else:
             try:
                 new = merge(rule, start, dict(sorted(updates.items())), **self.cfg.merge.params.get(rule, {}))
