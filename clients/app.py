@@ -35,7 +35,8 @@ def _node_domain_label(cfg: Scenario, node_config: Mapping[str, Any]) -> str:
 
 def client_state(cfg: Scenario, node_config: Mapping[str, Any]) -> ClientState:
     """This node's client state, cached per process and scenario."""
-    key = (json.dumps(cfg.to_mapping(), sort_keys=True, default=str), json.dumps(dict(node_config), sort_keys=True, default=str))
+    key = (json.dumps(cfg.to_mapping(), sort_keys=True, default=str),
+           json.dumps(dict(node_config), sort_keys=True, default=str))
     if key not in _STATES:
         _STATES[key] = ClientState(
             cfg, partition_id=node_config.get("partition-id"), data_path=node_config.get("data-path") or None

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """``[run]``: name, seed (``seeds``: one run per seed), torch threads of a client and of the server, progress bars."""
+    """``[run]``: name, seed (``seeds``: one run per seed), torch threads of a client and of the server, progress
+    bars."""
 
     name: str
     seed: int

@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from fedmerge.models.indomain import train_and_evaluate
 
-    report, path = train_and_evaluate(args.model, parse_params(args.params), args.data, args.encoder, args.seed, args.out)
+    params = parse_params(args.params)
+    report, path = train_and_evaluate(args.model, params, args.data, args.encoder, args.seed, args.out)
     print(f"{report['domain']} {args.model} {report['hyperparameters']}: test recall@10 {report['recall@10']:.4f} "
           f"ndcg@10 {report['ndcg@10']:.4f} (masked {report['recall@10_masked']:.4f} / "
           f"{report['ndcg@10_masked']:.4f}), {report['users']} users; fit {report['fit_seconds']:.1f}s, "

@@ -79,7 +79,8 @@ def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, 
         if key not in STUDY_DEFAULTS:
             raise FedmergeError(f"{source}: unknown key {prefix}{key}; valid: {sorted(STUDY_DEFAULTS)}")
         study[key] = value
-    cfg = apply_overrides(Scenario.from_mapping(raw, source=str(path)), [o for o in overrides if not o.startswith(prefix)])
+    scenario_overrides = [o for o in overrides if not o.startswith(prefix)]
+    cfg = apply_overrides(Scenario.from_mapping(raw, source=str(path)), scenario_overrides)
     validate_study(study, cfg)
     return cfg, study
 
