@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from flwr.app import MetricRecord, RecordDict
 
-from fedmerge.config import load_scenario, training_domains
+from fedmerge.config import load_scenario
 from fedmerge.runners import protocol
 from fedmerge.runners.inprocess import InProcessTransport
 from fedmerge.runners.server import run_federation
+from fedmerge.scenario import Scenario
 
 SMALL = ["run.progress=false", "baselines.fedavg_rounds=1", "merge.mergerec.steps=50", "baselines.joint=false",
          "baselines.individual=false",
@@ -127,7 +128,7 @@ ATTACKS: dict[str, Attack] = {
 class AttackTransport(InProcessTransport):
     """In-process transport whose ``attacker`` client's replies go through ``attack``."""
 
-    def __init__(self, cfg: Mapping[str, Any], attacker: str, attack: Attack | None) -> None:
+    def __init__(self, cfg: Scenario, attacker: str, attack: Attack | None) -> None:
         super().__init__(cfg)
         self.attacker, self.attack = attacker, attack
         if attack is not None:
@@ -144,7 +145,7 @@ def honest_recall(out: Mapping[str, Any], honest: list[str]) -> dict[str, float]
 
 def run_one(overrides: list[str], attack: str | None, seed: int) -> dict[str, Any]:
     cfg = load_scenario("quickstart", [*SMALL, *overrides, f"run.seed={seed}"])
-    attacker = training_domains(cfg)[-1]
+    attacker = cfg.data.training_domains()[-1]
     start = time.perf_counter()
     try:
         out = run_federation(cfg, AttackTransport(cfg, attacker, ATTACKS[attack] if attack else None))
@@ -155,7 +156,7 @@ def run_one(overrides: list[str], attack: str | None, seed: int) -> dict[str, An
         strict_json = True
     except ValueError:
         strict_json = False
-    return {"recall": honest_recall(out, [d for d in training_domains(cfg) if d != attacker]),
+    return {"recall": honest_recall(out, [d for d in cfg.data.training_domains() if d != attacker]),
             "status": out["status"], "rejected": out["rejected"], "clipped": out["clipped"],
             "warnings": out["warnings"],
             "strict_json": strict_json, "attacker": attacker, "seconds": time.perf_counter() - start}

@@ -83,8 +83,7 @@ def measure(task: str, n_domains: int, n_items: int, n_users: int, steps: int, t
         _, report = mergerec(family, theta0, models, features, config)
         extra = {"teacher_s": round(report.teacher_seconds, 2), "teacher_mb": round(report.teacher_bytes / 2**20, 1)}
     elif task == "eval":
-        cfg = load_scenario("quickstart", ["eval.ks=[10]"])
-        cfg["model"]["params"] = {"max_epochs": 1}
+        cfg = load_scenario("quickstart", ["eval.ks=[10]", "model.params={max_epochs = 1}"])
         models = {f"model{k}": noisy(100 + k) for k in range(EVAL_MODELS)}
         for domain in domains:
             client_evaluate(domain, models, cfg, features=features[domain.name])

@@ -15,16 +15,15 @@ and ``RUN_DIR/clients``), evaluated on the run's held-out domain(s) as saved (fa
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
 import torch
 
-from fedmerge.config import domain_names, load_scenario
+from fedmerge.config import apply_overrides, load_scenario
 from fedmerge.models.sequential import catalog_clusters, nearest_similarity
 from fedmerge.runners.client import client_evaluate
-from fedmerge.scenario import family_of, item_features, load_catalog, load_named_domain
+from fedmerge.scenario import Scenario
 from fedmerge.storage import load_weights
 
 QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25)
@@ -35,8 +34,8 @@ def unseen_share(data_root: str, held_out: str, experts: int, seed: int) -> dict
     """{q: {domain: share of its items below the q-quantile of the training items' nearest similarity}}."""
     cfg = load_scenario("amazon-unseen", [f"data.root={data_root}", f'data.held_out=["{held_out}"]',
                                           'model.params.adapter="routed"', f"model.params.n_experts={experts}"])
-    family = family_of(cfg)
-    raw = {d: item_features(cfg, load_catalog(cfg, d), family) for d in domain_names(cfg)}
+    family = cfg.model.make_family()
+    raw = {d: cfg.encoder.item_features(cfg.load_catalog(d), family) for d in cfg.data.domain_names()}
     half = next(iter(raw.values())).shape[1] // 2
     raw = {d: f[:, half:] for d, f in raw.items()}
     training = torch.cat([raw[d] for d in raw if d != held_out])
@@ -49,20 +48,19 @@ def unseen_share(data_root: str, held_out: str, experts: int, seed: int) -> dict
 
 def ablate(run_dir: Path) -> dict[str, dict[str, dict[str, list[float]]]]:
     """{held-out domain: {model: {"fallback" | "nearest": [recall@10, ndcg@10]}}}."""
-    cfg = json.loads((run_dir / "results.json").read_text())["config"]
-    nearest_cfg = copy.deepcopy(cfg)
-    nearest_cfg["model"]["params"]["routed_unseen"] = "none"
+    cfg = Scenario.from_mapping(json.loads((run_dir / "results.json").read_text())["config"])
+    nearest_cfg = apply_overrides(cfg, ['model.params.routed_unseen="none"'])
     paths = {p.stem: p for p in sorted((run_dir / "models").glob("*.safetensors"))}
     paths |= {f"individual_{p.stem}": p for p in sorted((run_dir / "clients").glob("*.safetensors"))}
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for held in cfg["data"]["held_out"]:
-        domain = load_named_domain(cfg, held)
+    for held in cfg.data.held_out:
+        domain = cfg.load_domain(held)
         for tag, run_cfg in (("fallback", cfg), ("nearest", nearest_cfg)):
             models = {name: load_weights(path) for name, path in paths.items()}
             if tag == "nearest":
                 models = {name: {k: v for k, v in w.items() if not k.startswith(FALLBACK_KEYS)}
                           for name, w in models.items()}
-            features = item_features(run_cfg, domain.catalog, family_of(run_cfg))
+            features = run_cfg.encoder.item_features(domain.catalog, run_cfg.model.make_family())
             for name, metrics in client_evaluate(domain, models, run_cfg, features).items():
                 out.setdefault(held, {}).setdefault(name, {})[tag] = [round(metrics["recall@10"], 4),
                                                                       round(metrics["ndcg@10"], 4)]

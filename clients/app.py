@@ -16,26 +16,27 @@ from typing import Any
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from fedmerge.config import domain_names
 from fedmerge.runners.appconfig import scenario_from_run_config
 from fedmerge.runners.client import ClientState
+from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 CLIENT_ERROR_CODE = 1
 _STATES: dict[tuple[str, str], ClientState] = {}  # per process: domain data and features load once
 
 
-def _node_domain_label(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> str:
+def _node_domain_label(cfg: Scenario, node_config: Mapping[str, Any]) -> str:
     if node_config.get("data-path"):
         return str(node_config["data-path"])
-    names = domain_names(cfg)
+    names = cfg.data.domain_names()
     pid = int(node_config.get("partition-id", -1))
     return names[pid] if 0 <= pid < len(names) else f"partition {pid}"
 
 
-def client_state(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> ClientState:
+def client_state(cfg: Scenario, node_config: Mapping[str, Any]) -> ClientState:
     """This node's client state, cached per process and scenario."""
-    key = (json.dumps(cfg, sort_keys=True, default=str), json.dumps(dict(node_config), sort_keys=True, default=str))
+    key = (json.dumps(cfg.to_mapping(), sort_keys=True, default=str),
+           json.dumps(dict(node_config), sort_keys=True, default=str))
     if key not in _STATES:
         _STATES[key] = ClientState(
             cfg, partition_id=node_config.get("partition-id"), data_path=node_config.get("data-path") or None
@@ -43,7 +44,7 @@ def client_state(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> Clie
     return _STATES[key]
 
 
-def build_client_app(cfg: Mapping[str, Any] | None = None) -> ClientApp:
+def build_client_app(cfg: Scenario | None = None) -> ClientApp:
     """A ClientApp for scenario ``cfg`` (``None``: read it from the run config at each message)."""
     app = ClientApp()
 

@@ -2,7 +2,9 @@
 
 A scenario is a two-level table ``{section: {key: value}}`` laid over :data:`DEFAULTS`. Keys listed in
 :data:`FREE_TABLES` hold free-form tables (model/encoder/merge parameters handed to other modules, which check
-them); every other key must be one of the defaults, so a typo fails with the list of valid keys.
+them); every other key must be one of the defaults, so a typo fails with the list of valid keys. The resolved table
+becomes a typed :class:`fedmerge.scenario.Scenario` (:meth:`~fedmerge.scenario.Scenario.from_mapping`, which runs
+:func:`validate`); :func:`load_scenario` and :func:`apply_overrides` return one.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import copy
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedmerge.errors import FedmergeError
+
+if TYPE_CHECKING:
+    from fedmerge.scenario import FederationSettings, Scenario
 
 DEFAULT_SCENARIO = "quickstart"
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
@@ -100,20 +105,23 @@ def scenario_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
-def load_scenario(name_or_path: str | Path = DEFAULT_SCENARIO, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Read a scenario TOML, lay it over :data:`DEFAULTS`, apply ``overrides`` and validate."""
+def load_scenario(name_or_path: str | Path = DEFAULT_SCENARIO, overrides: Iterable[str] = ()) -> Scenario:
+    """Read a scenario TOML, lay it over :data:`DEFAULTS` and validate (:meth:`Scenario.from_mapping`), then apply
+    ``overrides`` (:func:`apply_overrides`)."""
+    from fedmerge.scenario import Scenario
+
     path = scenario_path(name_or_path)
     try:
         with path.open("rb") as fh:
             raw = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise FedmergeError(f"scenario {path}: invalid TOML: {exc}") from exc
-    cfg = merge_into_defaults(raw, source=str(path))
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(Scenario.from_mapping(raw, source=str(path)), overrides)
 
 
-def merge_into_defaults(raw: Mapping[str, Any], source: str = "scenario") -> dict[str, Any]:
-    """A validated copy of :data:`DEFAULTS` updated with ``raw`` (a two-level table)."""
+def lay_over_defaults(raw: Mapping[str, Any], source: str = "scenario") -> dict[str, Any]:
+    """A copy of :data:`DEFAULTS` updated with ``raw`` (a two-level table), every key and type checked; the
+    cross-field checks are :func:`validate`'s, which :meth:`~fedmerge.scenario.Scenario.from_mapping` runs next."""
     cfg = copy.deepcopy(DEFAULTS)
     for section, table in raw.items():
         if section not in DEFAULTS:
@@ -122,7 +130,6 @@ def merge_into_defaults(raw: Mapping[str, Any], source: str = "scenario") -> dic
             raise FedmergeError(f"{source}: [{section}] must be a table, got {type(table).__name__}")
         for key, value in table.items():
             _set(cfg, (section, key), value, source)
-    validate(cfg)
     return cfg
 
 
@@ -152,9 +159,14 @@ def parse_params(items: Iterable[str], what: str = "--set") -> dict[str, Any]:
     return {key: parse_value(value) for key, value in parse_assignments(items, what).items()}
 
 
-def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """A validated copy of ``cfg`` with each ``section.key[.sub...]=value`` applied; ``cfg`` is not changed."""
-    out = copy.deepcopy(dict(cfg))
+def apply_overrides(scenario: Scenario, overrides: Iterable[str]) -> Scenario:
+    """``scenario`` with each ``section.key[.sub...]=value`` applied, validated again; ``scenario`` is not changed."""
+    from fedmerge.scenario import Scenario
+
+    overrides = list(overrides)
+    if not overrides:
+        return scenario
+    out = scenario.to_mapping()
     for item in overrides:
         if "=" not in item:
             raise FedmergeError(f"override {item!r} must look like section.key=value")
@@ -163,8 +175,7 @@ def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
         if len(path) < 2 or not all(path):
             raise FedmergeError(f"override {item!r}: key must be section.key (e.g. data.root), got {dotted!r}")
         _set(out, path, parse_value(text.strip()), f"override {item!r}")
-    validate(out)
-    return out
+    return Scenario.from_mapping(out)
 
 
 def _set(cfg: dict[str, Any], path: tuple[str, ...], value: Any, source: str) -> None:
@@ -216,85 +227,86 @@ def _checked_type(name: str, default: Any, value: Any, source: str) -> Any:
     return value
 
 
-def validate(cfg: Mapping[str, Any]) -> None:
-    """Cross-field checks that a single key's type cannot express."""
-    data = cfg["data"]
-    if data["source"] not in DATA_SOURCES:
-        raise FedmergeError(f"data.source must be one of {list(DATA_SOURCES)}, got {data['source']!r}")
-    if data["source"] != "synthetic" and not data["domains"]:
-        raise FedmergeError(f"data.domains must list the domains for data.source = {data['source']!r}")
-    names = domain_names(cfg)
-    unknown = [d for d in data["held_out"] if d not in names]
+def validate(cfg: Scenario) -> None:
+    """Cross-field checks that a single key's type cannot express: every check that needs no training, run when the
+    scenario is built (:meth:`~fedmerge.scenario.Scenario.from_mapping`), before any client starts."""
+    data = cfg.data
+    if data.source not in DATA_SOURCES:
+        raise FedmergeError(f"data.source must be one of {list(DATA_SOURCES)}, got {data.source!r}")
+    if data.source != "synthetic" and not data.domains:
+        raise FedmergeError(f"data.domains must list the domains for data.source = {data.source!r}")
+    names = data.domain_names()
+    unknown = [d for d in data.held_out if d not in names]
     if unknown:
         raise FedmergeError(f"data.held_out names unknown domain(s) {unknown}; valid: {names}")
-    if len(set(names) - set(data["held_out"])) < 1:
+    if len(set(names) - set(data.held_out)) < 1:
         raise FedmergeError("every domain is held out; at least one domain must train")
-    if cfg["baselines"]["fedavg_rounds"] < 0:
-        raise FedmergeError(f"baselines.fedavg_rounds must be >= 0, got {cfg['baselines']['fedavg_rounds']}")
-    if cfg["federation"]["min_replies"] < 0 or cfg["federation"]["timeout_s"] <= 0:
+    if cfg.baselines.fedavg_rounds < 0:
+        raise FedmergeError(f"baselines.fedavg_rounds must be >= 0, got {cfg.baselines.fedavg_rounds}")
+    if cfg.federation.min_replies < 0 or cfg.federation.timeout_s <= 0:
         raise FedmergeError("federation.min_replies must be >= 0 and federation.timeout_s > 0")
-    n_train = len(set(names) - set(data["held_out"]))
-    if cfg["federation"]["min_replies"] > n_train:
-        raise FedmergeError(f"federation.min_replies = {cfg['federation']['min_replies']} exceeds the {n_train} "
+    n_train = len(set(names) - set(data.held_out))
+    if cfg.federation.min_replies > n_train:
+        raise FedmergeError(f"federation.min_replies = {cfg.federation.min_replies} exceeds the {n_train} "
                             "training clients; valid: 0 (a strict majority) to the number of training clients")
-    seeds = cfg["run"]["seeds"]
+    seeds = list(cfg.run.seeds)
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise FedmergeError(f"run.seeds must list distinct integers >= 0 (empty: the single run.seed), got {seeds!r}")
-    _validate_defences(cfg["federation"])
-    if cfg["federation"]["startup_timeout_s"] <= 0:
-        raise FedmergeError(f"federation.startup_timeout_s must be > 0, got {cfg['federation']['startup_timeout_s']}")
-    if cfg["run"]["torch_threads"] < 1 or cfg["run"]["server_threads"] < 0:
+    _validate_defences(cfg.federation)
+    if cfg.federation.startup_timeout_s <= 0:
+        raise FedmergeError(f"federation.startup_timeout_s must be > 0, got {cfg.federation.startup_timeout_s}")
+    if cfg.run.torch_threads < 1 or cfg.run.server_threads < 0:
         raise FedmergeError("run.torch_threads must be >= 1 and run.server_threads >= 0 (0: all cores)")
     from fedmerge.merging import MERGEREC_METHODS, METHODS
 
     from fedmerge.merging.testtime import TESTTIME_METHOD, teacher_choices
 
     valid_methods = [*METHODS, *MERGEREC_METHODS, TESTTIME_METHOD]
-    unknown = [m for m in cfg["merge"]["methods"] if m not in valid_methods]
+    unknown = [m for m in cfg.merge.methods if m not in valid_methods]
     if unknown:
         raise FedmergeError(f"merge.methods names unknown method(s) {unknown}; valid: {valid_methods}")
-    if TESTTIME_METHOD in cfg["merge"]["methods"] and not data["held_out"]:
+    if TESTTIME_METHOD in cfg.merge.methods and not data.held_out:
         raise FedmergeError(f"merge.methods lists {TESTTIME_METHOD!r}, which merges for held-out domains, but "
                             "data.held_out is empty; hold a domain out or remove the method")
-    if (cfg["theta0"]["pretrain"] and cfg["model"]["params"].get("routed_unseen", "none") != "none"):
+    if cfg.theta0.pretrain and cfg.model.params.get("routed_unseen", "none") != "none":
         raise FedmergeError("theta0.pretrain with model.params.routed_unseen is not supported yet: the frozen θ₀ "
                             "expert for unseen items would keep the untrained initial weights, not the pretrained ones")
-    testtime = cfg["merge"]["testtime"]
-    if testtime["teacher"] not in teacher_choices(training_domains(cfg)):
-        raise FedmergeError(f"merge.testtime.teacher {testtime['teacher']!r} is unknown; valid: "
-                            f"{teacher_choices(training_domains(cfg))}")
-    if testtime["granularity"] not in MERGEREC_METHODS.values():
-        raise FedmergeError(f"merge.testtime.granularity {testtime['granularity']!r} is unknown; valid: "
+    testtime = cfg.merge.testtime
+    if testtime.teacher not in teacher_choices(data.training_domains()):
+        raise FedmergeError(f"merge.testtime.teacher {testtime.teacher!r} is unknown; valid: "
+                            f"{teacher_choices(data.training_domains())}")
+    if testtime.granularity not in MERGEREC_METHODS.values():
+        raise FedmergeError(f"merge.testtime.granularity {testtime.granularity!r} is unknown; valid: "
                             f"{sorted(set(MERGEREC_METHODS.values()))}")
     from fedmerge.merging.mergerec import MergeRecConfig
 
     try:  # an unknown key or preset fails here, before any client trains
-        MergeRecConfig.from_keys(cfg["merge"]["mergerec"])
+        MergeRecConfig.from_keys(cfg.merge.mergerec)
     except (ValueError, TypeError) as exc:
         raise FedmergeError(f"merge.mergerec: {exc}") from exc
     from fedmerge.privacy.client import validate_privacy
 
     validate_privacy(cfg)
-    if cfg["theta0"]["length"] < 3 or cfg["theta0"]["per_item"] < 1:
-        raise FedmergeError(f"theta0.length must be >= 3 and theta0.per_item >= 1, got {cfg['theta0']['length']}, "
-                            f"{cfg['theta0']['per_item']}")
-    if cfg["eval"]["split"] not in ("val", "test"):
-        raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg['eval']['split']!r}")
-    ks = cfg["eval"]["ks"]
+    if cfg.theta0.length < 3 or cfg.theta0.per_item < 1:
+        raise FedmergeError(f"theta0.length must be >= 3 and theta0.per_item >= 1, got {cfg.theta0.length}, "
+                            f"{cfg.theta0.per_item}")
+    if cfg.eval.split not in ("val", "test"):
+        raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg.eval.split!r}")
+    ks = list(cfg.eval.ks)
     if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
         raise FedmergeError(f"eval.ks must be a non-empty list of positive integers (e.g. [10, 20]), got {ks!r}")
     _validate_before_training(cfg)
 
 
-def _validate_before_training(cfg: Mapping[str, Any]) -> None:
+def _validate_before_training(cfg: Scenario) -> None:
     """Checks of values that are otherwise read only after every client trained: merge parameters (per method,
     against the number of training clients) and the text encoder's name (never a hub download). MergeRec settings
     and DP parameters are checked in :func:`validate` itself."""
     from fedmerge.merging import METHODS, resolve_params
     from fedmerge.text.encoder import check_encoder_name
 
-    n_models = len(training_domains(cfg))
-    for method, params in cfg["merge"]["params"].items():
+    n_models = len(cfg.data.training_domains())
+    for method, params in cfg.merge.params.items():
         if method not in METHODS:
             raise FedmergeError(f"merge.params.{method}: not a method with parameters; valid: {sorted(METHODS)}")
         if not isinstance(params, Mapping):
@@ -303,11 +315,11 @@ def _validate_before_training(cfg: Mapping[str, Any]) -> None:
             resolve_params(method, params, n_models=n_models)
         except ValueError as exc:
             raise FedmergeError(f"merge.params.{method}: {exc}") from exc
-        if "weights" in params and int(cfg["federation"]["min_replies"]) != n_models:
+        if "weights" in params and cfg.federation.min_replies != n_models:
             raise FedmergeError(f"merge.params.{method}.weights are matched to the clients by position, so they need "
                                 f"every client: set federation.min_replies = {n_models} (the number of training "
                                 "clients) or drop the weights")
-    check_encoder_name(cfg["encoder"]["name"])
+    check_encoder_name(cfg.encoder.name)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -328,47 +340,28 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def _validate_defences(federation: Mapping[str, Any]) -> None:
+def _validate_defences(federation: FederationSettings) -> None:
     """The [federation] defence keys: ranges and names (see README, "Faults and bad inputs tried")."""
     from fedmerge.merging import ROBUST_METHODS
     from fedmerge.validation import NORM_ACTIONS
 
     checks = {
-        "max_abs_value": (0 < federation["max_abs_value"] <= MAX_ABS_LIMIT, f"a number in (0, {MAX_ABS_LIMIT:g}]"),
-        "norm_multiple": (federation["norm_multiple"] >= 0, "a number >= 0 (0: off)"),
-        "norm_cap": (federation["norm_cap"] >= 0, "a number >= 0 (0: off)"),
-        "norm_action": (federation["norm_action"] in NORM_ACTIONS, f"one of {list(NORM_ACTIONS)}"),
-        "max_num_users": (federation["max_num_users"] > 0, "a number > 0"),
-        "fedavg_weighting": (federation["fedavg_weighting"] in FEDAVG_WEIGHTINGS, f"one of {list(FEDAVG_WEIGHTINGS)}"),
-        "fedavg_max_share": (0 < federation["fedavg_max_share"] <= 1, "a number in (0, 1]"),
-        "fedavg_aggregation": (federation["fedavg_aggregation"] in ("mean", *ROBUST_METHODS),
+        "max_abs_value": (0 < federation.max_abs_value <= MAX_ABS_LIMIT, f"a number in (0, {MAX_ABS_LIMIT:g}]"),
+        "norm_multiple": (federation.norm_multiple >= 0, "a number >= 0 (0: off)"),
+        "norm_cap": (federation.norm_cap >= 0, "a number >= 0 (0: off)"),
+        "norm_action": (federation.norm_action in NORM_ACTIONS, f"one of {list(NORM_ACTIONS)}"),
+        "max_num_users": (federation.max_num_users > 0, "a number > 0"),
+        "fedavg_weighting": (federation.fedavg_weighting in FEDAVG_WEIGHTINGS, f"one of {list(FEDAVG_WEIGHTINGS)}"),
+        "fedavg_max_share": (0 < federation.fedavg_max_share <= 1, "a number in (0, 1]"),
+        "fedavg_aggregation": (federation.fedavg_aggregation in ("mean", *ROBUST_METHODS),
                                f"one of {['mean', *ROBUST_METHODS]}"),
     }
     for key, (ok, valid) in checks.items():
         if not ok:
-            raise FedmergeError(f"federation.{key} must be {valid}, got {federation[key]!r}")
+            raise FedmergeError(f"federation.{key} must be {valid}, got {getattr(federation, key)!r}")
 
 
-def domain_names(cfg: Mapping[str, Any]) -> list[str]:
-    """All domains of the run in partition order (synthetic domains are named ``synth-<i>``)."""
-    data = cfg["data"]
-    if data["source"] == "synthetic":
-        generated = [f"synth-{i}" for i in range(int(data["synthetic"]["n_domains"]))]
-        if data["domains"]:
-            unknown = [d for d in data["domains"] if d not in generated]
-            if unknown:
-                raise FedmergeError(f"data.domains names unknown synthetic domain(s) {unknown}; valid: {generated}")
-            return list(data["domains"])
-        return generated
-    return list(data["domains"])
-
-
-def training_domains(cfg: Mapping[str, Any]) -> list[str]:
-    """Domains whose clients train and are merged (all but ``data.held_out``)."""
-    return [d for d in domain_names(cfg) if d not in cfg["data"]["held_out"]]
-
-
-def write_scenario(cfg: Mapping[str, Any], path: str | Path) -> Path:
+def write_scenario(cfg: Scenario, path: str | Path) -> Path:
     """Write the resolved scenario ``cfg`` as TOML to ``path``: ``load_scenario(path) == cfg`` (it is validated
     first, so a file that would not load back is never written). Used to hand a scenario to a `flwr run`."""
     import tomli_w
@@ -376,4 +369,4 @@ def write_scenario(cfg: Mapping[str, Any], path: str | Path) -> Path:
     from fedmerge.storage import write_bytes_atomic
 
     validate(cfg)
-    return write_bytes_atomic(path, tomli_w.dumps(dict(cfg)).encode())
+    return write_bytes_atomic(path, tomli_w.dumps(cfg.to_mapping()).encode())

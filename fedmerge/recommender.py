@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from fedmerge.errors import DataError, FedmergeError
+from fedmerge.scenario import EncoderSettings, Scenario
 
 if TYPE_CHECKING:
     import torch
@@ -48,22 +49,26 @@ def model_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / MODELS_DIR / f"{safe_file_stem(name)}{WEIGHTS_SUFFIX}"
 
 
-def scenario_card(cfg: Mapping[str, Any], theta0_digest: str) -> dict[str, Any]:
+def card_encoder(card: Mapping[str, Any], cache_dir: str = "") -> EncoderSettings:
+    """The encoder a model card names, with the embedding cache folder ``cache_dir`` (default cache: "")."""
+    return EncoderSettings(card["encoder"]["name"], dict(card["encoder"]["params"]), cache_dir)
+
+
+def scenario_card(cfg: Scenario, theta0_digest: str) -> dict[str, Any]:
     """The card fields every model of a run shares: family, encoder, feature width, θ₀, run, eval protocol and
     package versions."""
-    from fedmerge.scenario import family_of, feature_width, scenario_encoder
     from fedmerge.runners.results import package_versions
 
-    encoder = scenario_encoder(cfg)
+    encoder = cfg.encoder.text_encoder()
     return {
         "format": CARD_FORMAT,
-        "family": {"name": cfg["model"]["family"], "params": dict(cfg["model"]["params"])},
-        "encoder": {"name": cfg["encoder"]["name"], "params": dict(cfg["encoder"]["params"]),
+        "family": {"name": cfg.model.family, "params": dict(cfg.model.params)},
+        "encoder": {"name": cfg.encoder.name, "params": dict(cfg.encoder.params),
                     "identity": encoder.identity, "dim": int(encoder.dim)},
-        "feature_width": feature_width(cfg, family_of(cfg)),
+        "feature_width": cfg.encoder.feature_width(cfg.model.make_family()),
         "theta0_digest": theta0_digest,
-        "run": {"name": cfg["run"]["name"], "seed": cfg["run"]["seed"]},
-        "eval": {"split": cfg["eval"]["split"], "ks": list(cfg["eval"]["ks"])},
+        "run": {"name": cfg.run.name, "seed": cfg.run.seed},
+        "eval": {"split": cfg.eval.split, "ks": list(cfg.eval.ks)},
         "versions": package_versions(),
     }
 
@@ -139,13 +144,9 @@ class LoadedRecommender:
     def features(self, catalog: ItemCatalog) -> torch.Tensor:
         """The family's item features of ``catalog`` from the card's encoder (embeddings through the cache);
         refused when their width is not the one the weights were trained for."""
-        from fedmerge.scenario import item_features
-
         if self._last is not None and self._last[0] is catalog:
             return self._last[1]
-        cfg = {"encoder": {"name": self.card["encoder"]["name"], "params": self.card["encoder"]["params"],
-                           "cache_dir": self.cache_dir}}
-        features = item_features(cfg, catalog, self.family)
+        features = card_encoder(self.card, self.cache_dir).item_features(catalog, self.family)
         if features.shape[-1] != int(self.card["feature_width"]):
             raise FedmergeError(
                 f"catalog features of width {features.shape[-1]} (family {self.family.name!r}, encoder "
@@ -248,7 +249,6 @@ def load_recommender(path: str | Path, *, encoder: Any = None, cache_dir: str | 
     embedding cache (default: the package's default cache folder).
     """
     from fedmerge.models import get_family
-    from fedmerge.scenario import scenario_encoder
     from fedmerge.storage import WEIGHTS_SUFFIX, load_weights, weights_digest
 
     path = Path(path)
@@ -262,7 +262,7 @@ def load_recommender(path: str | Path, *, encoder: Any = None, cache_dir: str | 
     family = get_family(card["family"]["name"], **card["family"]["params"])
     enc = card["encoder"]
     if encoder is None:
-        encoder = scenario_encoder({"encoder": {"name": enc["name"], "params": enc["params"]}})
+        encoder = card_encoder(card).text_encoder()
     if encoder.identity != enc["identity"] or int(encoder.dim) != int(enc["dim"]):
         raise FedmergeError(f"encoder {encoder.identity!r} (width {encoder.dim}) does not fit model {path}, "
                             f"whose card names encoder {enc['identity']!r} (width {enc['dim']})")

@@ -1,110 +1,337 @@
-"""What a scenario names, resolved: its domains and their data, the public catalogs, the model family, the text
-encoder and the family's item features.
+"""The typed scenario: one frozen :class:`Scenario` per run, built once from TOML + ``--set`` overrides, and what it
+names, resolved: its domains and their data, the public catalogs, the model family, the text encoder and the
+family's item features.
 
-Both sides use these: the server reads only public parts (catalogs, family, encoder, θ₀'s feature width), a
+:meth:`Scenario.from_mapping` is the one constructor: it lays a two-level table over
+:data:`fedmerge.config.DEFAULTS` (unknown keys and wrong types fail there, naming the key), builds the typed sections
+and runs every check that needs no training (:func:`fedmerge.config.validate`), so a bad value fails before any
+client starts. :meth:`Scenario.to_mapping` gives the resolved table back (results.json's ``config``, the TOML that
+a `flwr run` receives): ``Scenario.from_mapping(s.to_mapping()) == s``.
+
+Both sides use the helpers: the server reads only public parts (catalogs, family, encoder, θ₀'s feature width), a
 client loads its own domain. Kept apart from :mod:`fedmerge.runners.client` so that server-side code never imports
-client modules.
+client modules. Light at import (torch and the data stack load on first use), as :mod:`fedmerge.config` is.
 """
 
 from __future__ import annotations
 
+import copy
+import typing
 from collections.abc import Mapping
+from dataclasses import dataclass, fields, is_dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from fedmerge.errors import DataError, FedmergeError
 
-from fedmerge.config import domain_names
-from fedmerge.data.amazon import AMAZON_ROOT_ENV, default_amazon_root
-from fedmerge.data.domain import Domain, ItemCatalog
-from fedmerge.errors import DataError
-from fedmerge.models import ModelFamily, get_family
+if TYPE_CHECKING:
+    import torch
 
-
-def amazon_root(cfg: Mapping[str, Any]) -> Path:
-    """``data.root``, else $FEDMERGE_AMAZON_DIR, else ``data/amazon`` (relative to the working folder)."""
-    return Path(cfg["data"]["root"]).expanduser() if cfg["data"]["root"] else default_amazon_root()
+    from fedmerge.data.domain import Domain, ItemCatalog
+    from fedmerge.models import ModelFamily
 
 
-def domain_path(cfg: Mapping[str, Any], name: str) -> Path:
-    """Where domain ``name`` lives under the data root: ``<name>/`` folder or ``<name>.tar.gz``."""
-    root = amazon_root(cfg)
-    for candidate in (root / name, root / f"{name}.tar.gz"):
-        if candidate.exists():
-            return candidate
-    domains = ",".join(domain_names(cfg))
-    raise DataError(
-        f"domain {name!r} not found under {root.resolve()} (looked for {name}/ and {name}.tar.gz). Get the data with "
-        f"`fedmerge data download amazon --domains {domains} --dest {root}`, or point data.root (--set data.root=DIR) "
-        f"or ${AMAZON_ROOT_ENV} at a folder that has it"
-    )
+@dataclass(frozen=True)
+class RunSettings:
+    """``[run]``: name, seed (``seeds``: one run per seed), torch threads of a client and of the server, progress
+    bars."""
+
+    name: str
+    seed: int
+    seeds: tuple[int, ...]
+    torch_threads: int
+    server_threads: int
+    progress: bool
 
 
-def _synthetic_domains(cfg: Mapping[str, Any]) -> dict[str, Domain]:
-    sizes = cfg["data"]["synthetic"]
-    return _generate_synthetic(int(cfg["run"]["seed"]), tuple(sorted(sizes.items())))
+@dataclass(frozen=True)
+class SyntheticSizes:
+    """``[data.synthetic]``: the seeded generator's sizes (:func:`fedmerge.data.synthetic.make_synthetic_domains`)."""
+
+    n_domains: int
+    n_users: int
+    n_items: int
+    n_topics: int
+    min_len: int
+    max_len: int
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """``[data]``: the source of the domains, their names and which are held out (evaluated zero-shot only)."""
+
+    source: str
+    root: str
+    domains: tuple[str, ...]
+    held_out: tuple[str, ...]
+    synthetic: SyntheticSizes
+
+    def domain_names(self) -> list[str]:
+        """All domains of the run in partition order (synthetic domains are named ``synth-<i>``)."""
+        if self.source == "synthetic":
+            generated = [f"synth-{i}" for i in range(self.synthetic.n_domains)]
+            if self.domains:
+                unknown = [d for d in self.domains if d not in generated]
+                if unknown:
+                    raise FedmergeError(f"data.domains names unknown synthetic domain(s) {unknown}; valid: {generated}")
+                return list(self.domains)
+            return generated
+        return list(self.domains)
+
+    def training_domains(self) -> list[str]:
+        """Domains whose clients train and are merged (all but ``held_out``), in partition order."""
+        return [d for d in self.domain_names() if d not in self.held_out]
+
+    def held_out_domains(self) -> list[str]:
+        """The held-out domains in partition order."""
+        return [d for d in self.domain_names() if d in self.held_out]
+
+    def root_path(self) -> Path:
+        """``root``, else $FEDMERGE_AMAZON_DIR, else ``data/amazon`` (relative to the working folder)."""
+        from fedmerge.data.amazon import default_amazon_root
+
+        return Path(self.root).expanduser() if self.root else default_amazon_root()
+
+    def domain_path(self, name: str) -> Path:
+        """Where domain ``name`` lives under the data root: ``<name>/`` folder or ``<name>.tar.gz``."""
+        from fedmerge.data.amazon import AMAZON_ROOT_ENV
+
+        root = self.root_path()
+        for candidate in (root / name, root / f"{name}.tar.gz"):
+            if candidate.exists():
+                return candidate
+        domains = ",".join(self.domain_names())
+        raise DataError(
+            f"domain {name!r} not found under {root.resolve()} (looked for {name}/ and {name}.tar.gz). Get the data "
+            f"with `fedmerge data download amazon --domains {domains} --dest {root}`, or point data.root "
+            f"(--set data.root=DIR) or ${AMAZON_ROOT_ENV} at a folder that has it"
+        )
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """``[encoder]``: the item-text encoder (``name`` with ``params``) and the embedding cache folder."""
+
+    name: str
+    params: dict[str, Any]
+    cache_dir: str
+
+    def text_encoder(self) -> Any:
+        """The encoder, one instance per process."""
+        return _encoder(self.name, tuple(sorted(self.params.items())))
+
+    def feature_width(self, family: ModelFamily) -> int:
+        """Width of ``family``'s item features under this encoder; reads the encoder's config, encodes nothing (θ₀ of
+        most families needs only this, so the server does not encode a whole catalog before the clients can start;
+        a family whose ``init_reads_catalogs`` is the exception)."""
+        return family.feature_width(int(self.text_encoder().dim))
+
+    def item_features(self, catalog: ItemCatalog, family: ModelFamily) -> torch.Tensor:
+        """``family``'s input features for a catalog, from (cached) text embeddings."""
+        from fedmerge.text import EmbeddingCache, encode_catalog
+
+        encoder = self.text_encoder()
+        cache = EmbeddingCache(self.cache_dir) if self.cache_dir else None
+        return family.catalog_features(catalog, lambda: encode_catalog(encoder, catalog, cache=cache))
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """``[model]``: the mergeable family and its parameters (checked by the family)."""
+
+    family: str
+    params: dict[str, Any]
+
+    def make_family(self, extra_params: Mapping[str, Any] | None = None) -> ModelFamily:
+        """The family, with ``extra_params`` laid over ``params``."""
+        from fedmerge.models import get_family
+
+        return get_family(self.family, **{**self.params, **(extra_params or {})})
+
+
+@dataclass(frozen=True)
+class TesttimeSettings:
+    """``[merge.testtime]``: ``mergerec_testtime``'s teacher, whether the seen domains' pseudo-users stay in the
+    objective, and the coefficient granularity."""
+
+    teacher: str
+    include_seen: bool
+    granularity: str
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """``[merge]``: the merges to build, the training-free methods' parameters, MergeRec's keys and test-time merge."""
+
+    methods: tuple[str, ...]
+    params: dict[str, dict[str, Any]]
+    mergerec: dict[str, Any]
+    testtime: TesttimeSettings
+
+
+@dataclass(frozen=True)
+class Theta0Settings:
+    """``[theta0]``: θ₀ pretrained on pseudo-users of the public catalogs (:mod:`fedmerge.runners.pretrain`)."""
+
+    pretrain: bool
+    group_by: str
+    length: int
+    per_item: int
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """``[eval]``: cut-offs K, the users' target split and the metric of the summaries."""
+
+    ks: tuple[int, ...]
+    split: str
+    primary: str
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """``[baselines]``: which reference models are evaluated, FedAvg's rounds and its local training parameters."""
+
+    individual: bool
+    theta0: bool
+    joint: bool
+    fedavg_rounds: int
+    fedavg_local_params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """``[federation]``: time-outs, the replies a phase needs and the defences against hostile updates (README)."""
+
+    timeout_s: float
+    startup_timeout_s: float
+    min_replies: int
+    max_update_slack: float
+    max_abs_value: float
+    norm_multiple: float
+    norm_cap: float
+    norm_action: str
+    max_num_users: float
+    fedavg_weighting: str
+    fedavg_max_share: float
+    fedavg_aggregation: str
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """``[privacy]``: client-side differential privacy (:mod:`fedmerge.privacy.client`)."""
+
+    enabled: bool
+    unit: str
+    clip_norm: float
+    noise_multiplier: float
+    target_epsilon: float
+    delta: float
+    max_grad_norm: float
+    sample_rate: float
+    epochs: float
+    accountant: str
+    user_norm_bound: float
+    noise_seed: int
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One resolved, validated scenario; sections in :data:`fedmerge.config.DEFAULTS` order. Build it with
+    :meth:`from_mapping` (or :func:`fedmerge.config.load_scenario`); change it with
+    :func:`fedmerge.config.apply_overrides`, which validates again."""
+
+    run: RunSettings
+    data: DataSettings
+    encoder: EncoderSettings
+    model: ModelSettings
+    merge: MergeSettings
+    theta0: Theta0Settings
+    eval: EvalSettings
+    baselines: BaselineSettings
+    federation: FederationSettings
+    privacy: PrivacySettings
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], source: str = "scenario") -> Scenario:
+        """The scenario of a two-level table ``{section: {key: value}}`` laid over the defaults: FedmergeError naming
+        ``source`` and the key for an unknown key or a wrong type, naming the key and its valid values for a value
+        the checks of :func:`fedmerge.config.validate` refuse."""
+        from fedmerge.config import lay_over_defaults, validate
+
+        table = lay_over_defaults(raw, source)
+        scenario = _typed(cls, table)
+        validate(scenario)
+        return scenario
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The resolved two-level table (lists for sequences; a deep copy, safe to change)."""
+        return _table(self)
+
+    def load_domain(self, name: str) -> Domain:
+        """Domain ``name`` of the data source (synthetic domains: generated from ``run.seed``)."""
+        source = self.data.source
+        if source == "synthetic":
+            return _synthetic_domains(self.run.seed, self.data.synthetic)[name]
+        path = self.data.domain_path(name)
+        if source == "amazon":
+            from fedmerge.data.amazon import load_amazon_domain
+
+            return load_amazon_domain(path, name=name)
+        from fedmerge.data import load_domain
+
+        return load_domain(path)
+
+    def load_catalog(self, name: str) -> ItemCatalog:
+        """The public catalog of domain ``name`` (what the server may read)."""
+        if self.data.source == "synthetic":  # the generator is seeded; only the catalog is used
+            return _synthetic_domains(self.run.seed, self.data.synthetic)[name].catalog
+        from fedmerge.data import load_catalog as load_public_catalog
+
+        return load_public_catalog(self.data.domain_path(name))
+
+
+def _typed(cls: type, table: Mapping[str, Any]) -> Any:
+    """``cls`` built from ``table`` (its keys are ``cls``'s fields): nested sections recursively, lists as tuples
+    where the field is a tuple, free tables deep-copied."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        value, hint = table[f.name], hints[f.name]
+        if is_dataclass(hint):
+            value = _typed(hint, value)
+        elif typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        else:
+            value = copy.deepcopy(value)
+        values[f.name] = value
+    return cls(**values)
+
+
+def _table(section: Any) -> dict[str, Any]:
+    """The inverse of :func:`_typed`: the section's fields as a table, tuples as lists."""
+    out: dict[str, Any] = {}
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if is_dataclass(value):
+            value = _table(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        else:
+            value = copy.deepcopy(value)
+        out[f.name] = value
+    return out
 
 
 @lru_cache(maxsize=2)
-def _generate_synthetic(seed: int, sizes: tuple[tuple[str, Any], ...]) -> dict[str, Domain]:
+def _synthetic_domains(seed: int, sizes: SyntheticSizes) -> dict[str, Domain]:
     """The seeded synthetic domains, generated once per process (callers only read them)."""
+    from dataclasses import asdict
+
     from fedmerge.data.synthetic import make_synthetic_domains
 
-    return {d.name: d for d in make_synthetic_domains(seed=seed, **dict(sizes))}
-
-
-def load_named_domain(cfg: Mapping[str, Any], name: str) -> Domain:
-    """Domain ``name`` of the scenario's data source."""
-    source = cfg["data"]["source"]
-    if source == "synthetic":
-        return _synthetic_domains(cfg)[name]
-    path = domain_path(cfg, name)
-    if source == "amazon":
-        from fedmerge.data.amazon import load_amazon_domain
-
-        return load_amazon_domain(path, name=name)
-    from fedmerge.data import load_domain
-
-    return load_domain(path)
-
-
-def load_catalog(cfg: Mapping[str, Any], name: str) -> ItemCatalog:
-    """The public catalog of domain ``name`` (what the server may read)."""
-    if cfg["data"]["source"] == "synthetic":
-        return _synthetic_domains(cfg)[name].catalog  # the generator is seeded; only the catalog is used
-    from fedmerge.data import load_catalog as load_public_catalog
-
-    return load_public_catalog(domain_path(cfg, name))
-
-
-def family_of(cfg: Mapping[str, Any], extra_params: Mapping[str, Any] | None = None) -> ModelFamily:
-    """The scenario's model family, with ``extra_params`` laid over ``model.params``."""
-    params = {**cfg["model"]["params"], **(extra_params or {})}
-    return get_family(cfg["model"]["family"], **params)
-
-
-def feature_width(cfg: Mapping[str, Any], family: ModelFamily) -> int:
-    """Width of the family's item features under the scenario's encoder; reads the encoder's config, encodes nothing
-    (θ₀ of most families needs only this, so the server does not encode a whole catalog before the clients can start;
-    a family whose ``init_reads_catalogs`` is the exception)."""
-    return family.feature_width(int(scenario_encoder(cfg).dim))
-
-
-def item_features(cfg: Mapping[str, Any], catalog: ItemCatalog, family: ModelFamily) -> torch.Tensor:
-    """The family's input features for a catalog, from (cached) text embeddings."""
-    from fedmerge.text import EmbeddingCache, encode_catalog
-
-    encoder = scenario_encoder(cfg)
-    cache_dir = cfg["encoder"]["cache_dir"]
-    cache = EmbeddingCache(cache_dir) if cache_dir else None
-    return family.catalog_features(catalog, lambda: encode_catalog(encoder, catalog, cache=cache))
-
-
-def scenario_encoder(cfg: Mapping[str, Any]) -> Any:
-    """The scenario's text encoder (``encoder.name`` with ``encoder.params``), one instance per process."""
-    enc = cfg["encoder"]
-    return _encoder(enc["name"], tuple(sorted(enc["params"].items())))
+    return {d.name: d for d in make_synthetic_domains(seed=seed, **asdict(sizes))}
 
 
 @lru_cache(maxsize=4)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from fedmerge.runners.appconfig import HELD_KEY, OUT_DIR_KEY, OVERWRITE_KEY, RES
 from fedmerge.runners.server import run_federation
 from fedmerge.storage import run_folder
 from server.strategy import MergeStrategy
+from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def build_server_app() -> ServerApp:
         start = time.perf_counter()
         configure_from_env()
         scenario = scenario_from_run_config(context.run_config)
-        target = Path(context.run_config.get(OUT_DIR_KEY, "") or f"runs/{scenario['run']['name']}")
+        target = Path(context.run_config.get(OUT_DIR_KEY, "") or f"runs/{scenario.run.name}")
         resuming = bool(context.run_config.get(RESUME_KEY, False))
         if context.run_config.get(HELD_KEY, False):  # `fedmerge simulate` holds the folder (lock, earlier files)
             out = run(grid, scenario, target, resuming, start)
@@ -45,14 +45,14 @@ def build_server_app() -> ServerApp:
                 if resuming:
                     results_io.archive_results(target)
                 out = run(grid, scenario, target, resuming, start)
-                print(results_io.run_summary(out, scenario["eval"]["primary"]))  # noqa: T201  (the user's only view of the results)
+                print(results_io.run_summary(out, scenario.eval.primary))  # noqa: T201  (the user's only view of the results)
         if out["status"] != "ok":
             raise FedmergeError(f"federation failed (results: {target / results_io.RESULTS_FILE}): {out['errors']}")
 
     return app
 
 
-def run(grid: Grid, scenario: Mapping[str, Any], target: Path, resuming: bool, start: float) -> dict[str, Any]:
+def run(grid: Grid, scenario: Scenario, target: Path, resuming: bool, start: float) -> dict[str, Any]:
     """The federation over ``grid``; results (also a failed run's partial ones) written to ``target`` and returned."""
     logger.info("results go to %s%s", target.resolve(), " (resuming from saved client weights)" if resuming else "")
     strategy = MergeStrategy(scenario, grid)

@@ -11,16 +11,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedmerge.config import domain_names
 from fedmerge.errors import FedmergeError
 from fedmerge.runners import protocol
 from fedmerge.runners.server import ReplyHandler, average_metrics
+from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 PULL_INTERVAL_S = 0.1
@@ -29,11 +28,11 @@ PULL_INTERVAL_S = 0.1
 class MergeStrategy(Strategy):
     """Collects individual replies, lets the federation merge them, broadcasts models and gathers metrics."""
 
-    def __init__(self, cfg: Mapping[str, Any], grid: Grid) -> None:
+    def __init__(self, cfg: Scenario, grid: Grid) -> None:
         self.cfg = cfg
         self.grid = grid
-        self.timeout = float(cfg["federation"]["timeout_s"])
-        self.startup_timeout = float(cfg["federation"]["startup_timeout_s"])
+        self.timeout = cfg.federation.timeout_s
+        self.startup_timeout = cfg.federation.startup_timeout_s
         self.node_of: dict[str, int] = {}
         self.refused: dict[str, str] = {}  # query:node<id> -> why that node's domain claim was refused
         self.connect_seconds: float | None = None  # None until connected
@@ -48,7 +47,7 @@ class MergeStrategy(Strategy):
         start-up (in simulation: Ray actors importing torch and loading their domain).
         """
         start = time.perf_counter()
-        wanted = domain_names(self.cfg)
+        wanted = self.cfg.data.domain_names()
         deadline = time.monotonic() + self.startup_timeout
         nodes = list(self.grid.get_node_ids())
         while len(nodes) < len(wanted) and time.monotonic() < deadline:
@@ -138,5 +137,5 @@ class MergeStrategy(Strategy):
         return MetricRecord(average_metrics(per_domain, list(per_domain))) if per_domain else None
 
     def summary(self) -> None:
-        logger.info("MergeStrategy: domains %s, merges %s, timeout %gs", domain_names(self.cfg),
-                    self.cfg["merge"]["methods"], self.timeout)
+        logger.info("MergeStrategy: domains %s, merges %s, timeout %gs", self.cfg.data.domain_names(),
+                    list(self.cfg.merge.methods), self.timeout)

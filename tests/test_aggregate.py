@@ -127,7 +127,7 @@ def test_parse_seeds_and_run_seeds_validation():
         with pytest.raises(FedmergeError, match="--seeds"):
             parse_seeds(bad)
     cfg = load_scenario("quickstart")
-    assert apply_overrides(cfg, ["run.seeds=[0, 1]"])["run"]["seeds"] == [0, 1]
+    assert apply_overrides(cfg, ["run.seeds=[0, 1]"]).run.seeds == (0, 1)
     with pytest.raises(FedmergeError, match="run.seeds"):
         apply_overrides(cfg, ["run.seeds=[1, 1]"])
 
@@ -183,15 +183,15 @@ def test_a_seed_folder_counts_as_complete_only_for_an_ok_run_of_the_same_configu
     from fedmerge.runners.multiseed import completed_run, seed_config
 
     cfg = seed_config(load_scenario("quickstart", ["run.seeds=[0, 1]"]), 1)
-    assert cfg["run"]["seed"] == 1 and cfg["run"]["seeds"] == []
+    assert cfg.run.seed == 1 and cfg.run.seeds == ()
     folder = tmp_path / "seed-1"
     folder.mkdir()
     assert completed_run(folder, cfg) is None  # no results.json
     write = lambda status, config: (folder / "results.json").write_text(  # noqa: E731
         json.dumps({"status": status, "config": config}))
-    write("ok", {**cfg, "run": {**cfg["run"], "progress": False}})
+    write("ok", apply_overrides(cfg, ["run.progress=false"]).to_mapping())
     assert completed_run(folder, cfg)["status"] == "ok"  # run.progress does not matter
-    write("failed", cfg)
+    write("failed", cfg.to_mapping())
     assert completed_run(folder, cfg) is None
-    write("ok", apply_overrides(cfg, ["model.params.max_epochs=7"]))
+    write("ok", apply_overrides(cfg, ["model.params.max_epochs=7"]).to_mapping())
     assert completed_run(folder, cfg) is None

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 
 from fedmerge.config import (
     DEFAULTS,
     apply_overrides,
-    domain_names,
     load_scenario,
     parse_params,
     parse_value,
-    training_domains,
     validate,
 )
 from fedmerge.errors import FedmergeError
@@ -24,14 +23,14 @@ SCENARIOS = ("quickstart", "amazon-seq", "amazon-seq-routed", "amazon-lae", "ama
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_shipped_scenarios_load_and_validate(name):
     cfg = load_scenario(name)
-    assert set(cfg) == set(DEFAULTS)
-    assert cfg["run"]["name"] == name
-    assert training_domains(cfg)
+    assert set(cfg.to_mapping()) == set(DEFAULTS)
+    assert cfg.run.name == name
+    assert cfg.data.training_domains()
 
 
 def test_unseen_scenario_holds_one_domain_out():
     cfg = load_scenario("amazon-unseen")
-    assert set(domain_names(cfg)) - set(training_domains(cfg)) == set(cfg["data"]["held_out"]) == {"Toys"}
+    assert set(cfg.data.domain_names()) - set(cfg.data.training_domains()) == set(cfg.data.held_out) == {"Toys"}
 
 
 @pytest.mark.parametrize(
@@ -49,17 +48,17 @@ def test_overrides_apply_without_mutating_input():
     out = apply_overrides(cfg, ['data.domains=["synth-0","synth-2"]', "baselines.fedavg_rounds=5", "data.root=/tmp/x",
                                 "model.params.hidden=8", "merge.params.ties.density=0.5", "federation.timeout_s=10"])
     assert cfg == before
-    assert domain_names(out) == ["synth-0", "synth-2"]
-    assert out["baselines"]["fedavg_rounds"] == 5
-    assert out["data"]["root"] == "/tmp/x"
-    assert out["model"]["params"]["hidden"] == 8
-    assert out["merge"]["params"]["ties"] == {"density": 0.5}
-    assert out["federation"]["timeout_s"] == 10.0 and isinstance(out["federation"]["timeout_s"], float)
+    assert out.data.domain_names() == ["synth-0", "synth-2"]
+    assert out.baselines.fedavg_rounds == 5
+    assert out.data.root == "/tmp/x"
+    assert out.model.params["hidden"] == 8
+    assert out.merge.params["ties"] == {"density": 0.5}
+    assert out.federation.timeout_s == 10.0 and isinstance(out.federation.timeout_s, float)
 
 
 def test_nested_schema_table_override():
     out = apply_overrides(load_scenario("quickstart"), ["data.synthetic.n_users=50"])
-    assert out["data"]["synthetic"]["n_users"] == 50
+    assert out.data.synthetic.n_users == 50
 
 
 @pytest.mark.parametrize(
@@ -119,23 +118,21 @@ def test_parse_params_reads_toml_values_and_names_bad_items():
 
 
 def test_unknown_merge_method_is_named_before_any_training():
-    cfg = copy.deepcopy(load_scenario("quickstart"))
-    cfg["merge"]["methods"] = ["average", "tiez", "mergerec_layerwise"]
+    base = load_scenario("quickstart")
+    cfg = replace(base, merge=replace(base.merge, methods=("average", "tiez", "mergerec_layerwise")))
     with pytest.raises(FedmergeError, match=r"\['tiez'\].*valid: .*ties.*mergerec_tensorwise"):
         validate(cfg)
 
 
 def test_mergerec_preset_and_keys_are_checked_before_any_training():
-    cfg = copy.deepcopy(load_scenario("quickstart"))
-    cfg["merge"]["mergerec"] = {"preset": "paper", "steps": 10}
-    validate(cfg)
-    cfg["merge"]["mergerec"] = {"preset": "offical"}
+    base = load_scenario("quickstart")
+    with_mergerec = lambda keys: replace(base, merge=replace(base.merge, mergerec=keys))  # noqa: E731
+    validate(with_mergerec({"preset": "paper", "steps": 10}))
     with pytest.raises(FedmergeError,
                        match=r"merge.mergerec: unknown MergeRec preset 'offical'; valid: \['fedmerge', 'paper'\]"):
-        validate(cfg)
-    cfg["merge"]["mergerec"] = {"temprature": 0.1}
+        validate(with_mergerec({"preset": "offical"}))
     with pytest.raises(FedmergeError, match=r"unknown MergeRec key\(s\) \['temprature'\]"):
-        validate(cfg)
+        validate(with_mergerec({"temprature": 0.1}))
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -145,8 +142,7 @@ def test_written_scenario_loads_back_unchanged(name, tmp_path):
     cfg = apply_overrides(load_scenario(name), ['merge.params={ties = {density = 0.3}}', "baselines.fedavg_rounds=1",
                                                 'data.root="/d/x y"'])
     assert load_scenario(write_scenario(cfg, tmp_path / "s.toml")) == cfg
-    bad = copy.deepcopy(cfg)
-    bad["eval"]["split"] = "train"
+    bad = replace(cfg, eval=replace(cfg.eval, split="train"))
     with pytest.raises(FedmergeError, match="eval.split"):
         write_scenario(bad, tmp_path / "bad.toml")
     assert not (tmp_path / "bad.toml").exists()

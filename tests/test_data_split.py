@@ -88,12 +88,12 @@ def test_split_cli_writes_generic_folders_that_load_back(shop, tmp_path, capsys)
 
 
 def test_eight_domain_scenario_loads_with_valid_mergerec_keys():
-    from fedmerge.config import domain_names, load_scenario
+    from fedmerge.config import load_scenario
     from fedmerge.merging import MergeRecConfig
 
     cfg = load_scenario("amazon-8")
-    assert len(domain_names(cfg)) == 8 and cfg["data"]["source"] == "generic"
-    assert MergeRecConfig(**cfg["merge"]["mergerec"]).teacher_top_k == 200
+    assert len(cfg.data.domain_names()) == 8 and cfg.data.source == "generic"
+    assert MergeRecConfig(**cfg.merge.mergerec).teacher_top_k == 200
 
 
 @pytest.mark.slow
@@ -101,8 +101,7 @@ def test_the_split_commands_in_the_scenario_file_make_its_domains(amazon_dir, tm
     """Runs the `fedmerge data split` lines of scenarios/amazon-8.toml on the real data, into one folder."""
     import shlex
 
-    from fedmerge.config import domain_names, load_scenario, scenario_path
-    from fedmerge.scenario import load_named_domain
+    from fedmerge.config import load_scenario, scenario_path
 
     commands = [line.split("fedmerge", 1)[1] for line in scenario_path("amazon-8").read_text().splitlines()
                 if line.startswith("#") and "fedmerge data split" in line]
@@ -114,5 +113,5 @@ def test_the_split_commands_in_the_scenario_file_make_its_domains(amazon_dir, tm
     pantry = next(p for p in (amazon_dir / "Pantry.tar.gz", amazon_dir / "Pantry") if p.exists())
     (tmp_path / pantry.name).symlink_to(pantry)
     cfg = load_scenario("amazon-8", [f"data.root={tmp_path}"])
-    sizes = {name: load_named_domain(cfg, name).n_users for name in domain_names(cfg)}
+    sizes = {name: cfg.load_domain(name).n_users for name in cfg.data.domain_names()}
     assert min(sizes.values()) > 3000, sizes

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from fedmerge.config import DEFAULTS, merge_into_defaults
 from fedmerge.data.synthetic import make_synthetic_domains
 from fedmerge.errors import FedmergeError
 from fedmerge.models.sequential import SequentialFamily, training_windows
 from fedmerge.privacy.client import epsilon, noise_multiplier, private_train
+from fedmerge.scenario import Scenario
 from fedmerge.privacy.dpsgd import UserLevelDP, per_user_gradients, train_user_level, user_epsilon, user_noise_multiplier
 
 
@@ -102,9 +101,8 @@ def test_accounting_matches_opacus_step_by_step_and_calibration_meets_the_target
 
 
 def scenario(**privacy):
-    cfg = merge_into_defaults({"model": {"family": "sequential"}, "baselines": {"fedavg_rounds": 2}})
-    cfg["privacy"] = {**copy.deepcopy(DEFAULTS["privacy"]), "enabled": True, **privacy}
-    return cfg
+    return Scenario.from_mapping({"model": {"family": "sequential"}, "baselines": {"fedavg_rounds": 2},
+                                  "privacy": {"enabled": True, **privacy}})
 
 
 def test_target_epsilon_is_met_over_all_releases_of_both_units(domain, features):
@@ -128,7 +126,7 @@ def test_bad_settings_and_unsupported_families_are_named(domain, features):
     from fedmerge.config import apply_overrides
     from fedmerge.models import get_family
 
-    cfg = merge_into_defaults({})
+    cfg = Scenario.from_mapping({})
     with pytest.raises(FedmergeError, match="privacy.unit"):
         apply_overrides(cfg, ["privacy.unit=row"])
     with pytest.raises(FedmergeError, match="privacy.accountant"):

@@ -50,13 +50,13 @@ def test_pretrained_theta0_with_the_unseen_item_fallback_is_refused():
 
 def test_position_weights_pass_with_every_client_required():
     cfg = load_scenario("quickstart", ["merge.params.average.weights=[1, 2, 3]", "federation.min_replies=3"])
-    assert cfg["merge"]["params"]["average"]["weights"] == [1, 2, 3]
+    assert cfg.merge.params["average"]["weights"] == [1, 2, 3]
 
 
 def test_good_values_pass():
     cfg = load_scenario("quickstart", ["eval.ks=[5, 50]", "merge.params.ties.density=0.5",
                                        "merge.mergerec.steps=0", "privacy.noise_multiplier=0.0", "encoder.name=minilm"])
-    assert cfg["eval"]["ks"] == [5, 50]
+    assert cfg.eval.ks == (5, 50)
     load_scenario("quickstart", ["encoder.name=./models/my-encoder"])  # a path: its folder is checked where it loads
 
 

@@ -429,20 +429,19 @@ def test_dp_noise_seed_is_os_entropy_unless_configured(cfg, monkeypatch):
 
 def test_amazon_data_root_defaults_to_data_amazon_and_names_the_download(tmp_path, monkeypatch):
     from fedmerge.errors import DataError
-    from fedmerge.scenario import amazon_root, domain_path
 
     cfg = load_scenario("amazon-unseen")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FEDMERGE_AMAZON_DIR", raising=False)
-    assert amazon_root(cfg) == Path("data/amazon")
+    assert cfg.data.root_path() == Path("data/amazon")
     with pytest.raises(DataError) as info:
-        domain_path(cfg, "Toys")
+        cfg.data.domain_path("Toys")
     assert "fedmerge data download amazon --domains Beauty,Pantry,Toys --dest data/amazon" in str(info.value)
     (tmp_path / "elsewhere" / "Toys").mkdir(parents=True)
     monkeypatch.setenv("FEDMERGE_AMAZON_DIR", str(tmp_path / "elsewhere"))
-    assert domain_path(cfg, "Toys") == tmp_path / "elsewhere" / "Toys"
+    assert cfg.data.domain_path("Toys") == tmp_path / "elsewhere" / "Toys"
     explicit = apply_overrides(cfg, [f"data.root={tmp_path / 'mine'}"])
-    assert amazon_root(explicit) == tmp_path / "mine"  # an explicit data.root wins over the variable
+    assert explicit.data.root_path() == tmp_path / "mine"  # an explicit data.root wins over the variable
 
 
 def test_server_threads_default_one_and_zero_means_all_usable_cores(cfg):
@@ -577,6 +576,19 @@ def test_fedavg_round_can_aggregate_with_the_median(cfg):
                "x": {"w": torch.tensor([1e6, -1e6, 1e6])}}
     new = federation.aggregate_round(start, updates, {"a": 0.25, "b": 0.25, "x": 0.5})
     torch.testing.assert_close(new["w"], torch.tensor([2.0, 0.0, 3.0]))
+
+
+def test_fedavg_mean_does_not_depend_on_the_order_replies_arrive_in(cfg):
+    """Flower delivers replies in any order; the float sum runs in the domains' order, so the round is exact."""
+    small = apply_overrides(cfg, ["baselines.joint=false"])
+    federation = Federation(small, initial_weights(small))
+    federation.theta0 = start = {"w": torch.zeros(1)}
+    updates = {"synth-0": {"w": torch.tensor([1e15])}, "synth-1": {"w": torch.tensor([-1e15])},
+               "synth-2": {"w": torch.tensor([1.0])}}
+    shares = {d: 1 / 3 for d in updates}
+    arrived = {d: updates[d] for d in ("synth-0", "synth-2", "synth-1")}
+    assert torch.equal(federation.aggregate_round(start, arrived, shares)["w"],
+                       federation.aggregate_round(start, updates, shares)["w"])
 
 
 def test_lying_evaluation_replies_are_left_out_and_recorded(cfg):

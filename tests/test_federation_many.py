@@ -52,12 +52,11 @@ def test_flower_simulation_with_many_clients_completes(n_domains, tmp_path, monk
 
 def test_client_evaluate_prepares_user_batches_once_for_all_models(monkeypatch, synthetic_domains):
     from fedmerge.metrics import evaluate_scorer
-    from fedmerge.scenario import family_of
     from fedmerge.runners import client as client_module
 
     cfg = load_scenario("quickstart", [*TINY, "model.params.max_len=8"])
     domain = synthetic_domains[0]
-    family = family_of(cfg)
+    family = cfg.model.make_family()
     features = torch.randn(domain.n_items, 32, generator=torch.Generator().manual_seed(0))
     theta0 = family.initial_weights(32, seed=0)
     models = {f"m{k}": {p: t + 0.05 * k * torch.ones_like(t) if t.is_floating_point() else t for p, t in theta0.items()}
@@ -69,4 +68,4 @@ def test_client_evaluate_prepares_user_batches_once_for_all_models(monkeypatch, 
     assert len(calls) == 1 and set(out) == set(models)
     for name, weights in models.items():
         assert out[name] == evaluate_scorer(family.scorer(weights, features), domain, "test",
-                                            ks=tuple(cfg["eval"]["ks"]), max_len=family.max_len)
+                                            ks=tuple(cfg.eval.ks), max_len=family.max_len)

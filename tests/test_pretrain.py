@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedmerge.config import apply_overrides, load_scenario, training_domains
+from fedmerge.config import apply_overrides, load_scenario
 from fedmerge.data.domain import ItemCatalog
 from fedmerge.errors import FedmergeError
 from fedmerge.metrics import evaluate_scorer
-from fedmerge.scenario import family_of, item_features, load_catalog
 from fedmerge.runners.pretrain import pseudo_domain, pseudo_sequences
 from fedmerge.runners.server import initial_weights, training_fingerprint
 from tests.test_federation import TINY
@@ -55,10 +54,10 @@ def test_pretrained_theta0_learns_the_pseudo_users_and_changes_the_fingerprint(t
     plain, pretrained = initial_weights(cfg), initial_weights(pretrained_cfg)
     assert set(plain) == set(pretrained) and any(not torch.equal(plain[k], pretrained[k]) for k in plain)
     assert training_fingerprint(cfg) != training_fingerprint(pretrained_cfg)
-    family = family_of(cfg)
-    catalogs = {d: load_catalog(cfg, d) for d in training_domains(cfg)}  # the held-out catalog is not read
+    family = cfg.model.make_family()
+    catalogs = {d: cfg.load_catalog(d) for d in cfg.data.training_domains()}  # the held-out catalog is not read
     domain = pseudo_domain(catalogs, "brand", 5, 1, seed=0)
-    features = torch.cat([item_features(cfg, c, family) for c in catalogs.values()])
+    features = torch.cat([cfg.encoder.item_features(c, family) for c in catalogs.values()])
     ndcg = [evaluate_scorer(family.scorer(w, features), domain, "val", ks=(10,))["ndcg@10"] for w in (plain, pretrained)]
     assert ndcg[1] > ndcg[0]
     with pytest.raises(FedmergeError, match="theta0.length"):

@@ -396,10 +396,10 @@ def test_load_study_routes_study_keys_and_names_bad_ones(tiny_scenario):
     cfg, study = load_study(str(tiny_scenario), ["privacy_study.delta=1e-6", "baselines.fedavg_rounds=3"])
     assert study["delta"] == 1e-6 and study["epsilons"] == [math.inf, 2.0]
     dp_cfg, z = dp_config(cfg, "domain", 2.0, 1e-6, seed=4)
-    assert dp_cfg["privacy"]["enabled"] and z == pytest.approx(noise_multiplier_for(2.0, 1e-6, rounds=4))
-    assert dp_cfg["run"]["seed"] == 4 and dp_cfg["privacy"]["target_epsilon"] == 2.0
+    assert dp_cfg.privacy.enabled and z == pytest.approx(noise_multiplier_for(2.0, 1e-6, rounds=4))
+    assert dp_cfg.run.seed == 4 and dp_cfg.privacy.target_epsilon == 2.0
     off_cfg, z_off = dp_config(cfg, "domain", math.inf, 1e-6, seed=0)
-    assert not off_cfg["privacy"]["enabled"] and z_off == 0.0
+    assert not off_cfg.privacy.enabled and z_off == 0.0
     with pytest.raises(FedmergeError, match="privacy_study.epsilonz"):
         load_study(str(tiny_scenario), ["privacy_study.epsilonz=[1]"])
     with pytest.raises(FedmergeError, match="methods"):

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
 import torch
 
-from fedmerge.config import DEFAULTS, merge_into_defaults
 from fedmerge.data.domain import interaction_matrix
 from fedmerge.data.synthetic import make_synthetic_domains
 from fedmerge.errors import FedmergeError
 from fedmerge.models.text_lae import TextLAEFamily
 from fedmerge.privacy.client import private_train
 from fedmerge.privacy.dp import epsilon_for
+from fedmerge.scenario import Scenario
 from fedmerge.privacy.lae import clipped_profiles, private_gram, symmetric_noise, train_text_lae_user_level
 
 
@@ -72,10 +71,10 @@ def test_without_noise_and_clipping_it_is_the_family_closed_form(domain, feature
 
 
 def test_client_reports_the_analytic_gaussian_epsilon_over_releases(domain, features):
-    cfg = merge_into_defaults({"model": {"family": "text-lae", "params": {"lam": 10.0}},
-                               "baselines": {"fedavg_rounds": 1}})
-    cfg["privacy"] = {**copy.deepcopy(DEFAULTS["privacy"]), "enabled": True, "unit": "user", "target_epsilon": 3.0,
-                      "user_norm_bound": 2.0, "noise_seed": 0}
+    cfg = Scenario.from_mapping({"model": {"family": "text-lae", "params": {"lam": 10.0}},
+                                 "baselines": {"fedavg_rounds": 1},
+                                 "privacy": {"enabled": True, "unit": "user", "target_epsilon": 3.0,
+                                             "user_norm_bound": 2.0, "noise_seed": 0}})
     family = TextLAEFamily(lam=10.0)
     _, metrics = private_train(family, family.initial_weights(features.shape[1]), domain, features, cfg, seed=0,
                                round_index=0, noise_seed=0)
@@ -83,4 +82,4 @@ def test_client_reports_the_analytic_gaussian_epsilon_over_releases(domain, feat
     assert metrics["dp_epsilon_run"] == pytest.approx(3.0, rel=1e-6)
     assert metrics["dp_epsilon"] == pytest.approx(epsilon_for(metrics["dp_noise_multiplier"], 1e-5, rounds=1))
     with pytest.raises(FedmergeError, match="one λ"):
-        merge_into_defaults({"model": {"family": "text-lae"}, "privacy": {"enabled": True, "unit": "user"}})
+        Scenario.from_mapping({"model": {"family": "text-lae"}, "privacy": {"enabled": True, "unit": "user"}})

@@ -16,7 +16,6 @@ from fedmerge.data import load_catalog, load_domain, save_generic_domain
 from fedmerge.data.synthetic import make_synthetic_domains
 from fedmerge.errors import DataError, FedmergeError
 from fedmerge.recommender import card_path, load_recommender, read_card, save_model, scenario_card
-from fedmerge.scenario import family_of, item_features, load_named_domain
 from fedmerge.runners.inprocess import run_inprocess
 from fedmerge.runners.server import initial_weights
 from fedmerge.storage import weights_digest
@@ -33,7 +32,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("recommender")
     cfg = load_scenario("quickstart", [*TINY, METHODS, f"encoder.cache_dir={root / 'cache'}"])
     results = run_inprocess(cfg, root / "run")
-    folders = {d: save_generic_domain(load_named_domain(cfg, d), root / "data" / d) for d in results["domains"]}
+    folders = {d: save_generic_domain(cfg.load_domain(d), root / "data" / d) for d in results["domains"]}
     return cfg, root / "run", results, folders
 
 
@@ -66,15 +65,15 @@ def test_every_evaluated_model_is_saved_with_a_card_holding_its_metrics(run):
 
 def test_save_then_load_gives_the_in_memory_scores_exactly(run, tmp_path):
     cfg = run[0]
-    family = family_of(cfg)
+    family = cfg.model.make_family()
     theta0 = initial_weights(cfg)
     generator = torch.Generator().manual_seed(1)
     weights = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in theta0.items()}
     path = save_model(tmp_path / "m.safetensors", weights, {**scenario_card(cfg, weights_digest(theta0)), "name": "m"})
-    domain = load_named_domain(cfg, "synth-1")
+    domain = cfg.load_domain("synth-1")
     seqs = [domain.train[u] for u in range(5)]
-    expected = family.scorer(weights, item_features(cfg, domain.catalog, family))(seqs)
-    model = load_recommender(path, cache_dir=cfg["encoder"]["cache_dir"])
+    expected = family.scorer(weights, cfg.encoder.item_features(domain.catalog, family))(seqs)
+    model = load_recommender(path, cache_dir=cfg.encoder.cache_dir)
     got = model.scores([[domain.catalog.ids[i] for i in s] for s in seqs], catalog=domain.catalog)
     np.testing.assert_array_equal(got, expected)
 
@@ -84,7 +83,7 @@ def test_evaluate_command_equals_the_runs_own_evaluation(run, name, capsys):
     cfg, out, results, folders = run
     for d, folder in folders.items():
         assert main(["evaluate", "--model", str(out / "models" / f"{name}.safetensors"), "--data", str(folder),
-                     "--cache-dir", cfg["encoder"]["cache_dir"], "--json"]) == 0
+                     "--cache-dir", cfg.encoder.cache_dir, "--json"]) == 0
         metrics = json.loads(capsys.readouterr().out)["metrics"]
         assert {k: metrics[k] for k in results["models"][name][d]} == results["models"][name][d]
         assert {"recall@5", "ndcg@50_masked"} <= set(metrics)
@@ -93,7 +92,7 @@ def test_evaluate_command_equals_the_runs_own_evaluation(run, name, capsys):
 def test_evaluate_a_client_model_prints_a_table(run, capsys):
     cfg, out, _, folders = run
     assert main(["evaluate", "--model", str(out / "clients" / "synth-0.safetensors"), "--data", str(folders["synth-0"]),
-                 "--cache-dir", cfg["encoder"]["cache_dir"]]) == 0
+                 "--cache-dir", cfg.encoder.cache_dir]) == 0
     text = capsys.readouterr().out
     assert "individual:synth-0 on synth-0" in text and "  50  " in text
 
@@ -110,13 +109,13 @@ def test_recommend_on_a_catalog_the_model_never_saw(run, unseen_catalog, capsys)
     catalog = load_domain(unseen_catalog).catalog
     history = list(catalog.ids[:3])
     args = ["recommend", "--model", str(out / "models" / "mergerec_layerwise.safetensors"), "--catalog",
-            str(unseen_catalog), "--cache-dir", cfg["encoder"]["cache_dir"], "-k", "5"]
+            str(unseen_catalog), "--cache-dir", cfg.encoder.cache_dir, "-k", "5"]
     assert main([*args, "--history", ",".join(history), "--json"]) == 0
     recs = json.loads(capsys.readouterr().out)["recommendations"]
     assert len(recs) == 5 and not {r["item"] for r in recs} & set(history)
     assert all(r["item"] in catalog.ids for r in recs)
     assert [r["score"] for r in recs] == sorted((r["score"] for r in recs), reverse=True)
-    model = load_recommender(out / "models" / "mergerec_layerwise.safetensors", cache_dir=cfg["encoder"]["cache_dir"])
+    model = load_recommender(out / "models" / "mergerec_layerwise.safetensors", cache_dir=cfg.encoder.cache_dir)
     scores = model.scores([history], catalog=catalog)[0]
     scores[[catalog.ids.index(i) for i in history]] = -np.inf
     assert [r["item"] for r in recs] == [catalog.ids[i] for i in np.argsort(-scores, kind="stable")[:5]]
@@ -137,7 +136,7 @@ def test_recommend_on_a_catalog_the_model_never_saw(run, unseen_catalog, capsys)
 def test_recommend_refuses_unknown_item_ids(run, unseen_catalog, capsys):
     cfg, out, _, _ = run
     assert main(["recommend", "--model", str(out / "models" / "ties.safetensors"), "--catalog", str(unseen_catalog),
-                 "--cache-dir", cfg["encoder"]["cache_dir"], "--history", "no-such-item"]) == 1
+                 "--cache-dir", cfg.encoder.cache_dir, "--history", "no-such-item"]) == 1
     assert "no-such-item" in capsys.readouterr().err
 
 
@@ -212,6 +211,6 @@ def test_recommend_on_a_real_amazon_catalog(run, amazon_dir, capsys):
     catalog = load_catalog(source)
     history = list(catalog.ids[:4])
     assert main(["recommend", "--model", str(out / "models" / "mergerec_layerwise.safetensors"), "--catalog",
-                 str(source), "--cache-dir", cfg["encoder"]["cache_dir"], "--history", ",".join(history), "--json"]) == 0
+                 str(source), "--cache-dir", cfg.encoder.cache_dir, "--history", ",".join(history), "--json"]) == 0
     recs = json.loads(capsys.readouterr().out)["recommendations"]
     assert len(recs) == 10 and all(r["item"] in catalog.ids and r["item"] not in history for r in recs)

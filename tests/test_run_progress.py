@@ -5,16 +5,15 @@ from __future__ import annotations
 import os
 import time
 
-from fedmerge.config import load_scenario, training_domains
+from fedmerge.config import load_scenario
 from fedmerge.recommender import model_path
 from fedmerge.runners.run_progress import FolderProgress
 from fedmerge.storage import client_weights_path
 
 
 def test_the_bar_follows_the_files_the_server_writes(tmp_path):
-    cfg = load_scenario("quickstart")
-    domains = training_domains(cfg)
-    cfg["merge"]["methods"] = ["average", "ties"]
+    cfg = load_scenario("quickstart", ['merge.methods=["average", "ties"]'])
+    domains = cfg.data.training_domains()
     old_model = model_path(tmp_path, "ties")  # an earlier run's merge (a --resume folder) must not count
     old_model.parent.mkdir(parents=True)
     old_model.write_bytes(b"")

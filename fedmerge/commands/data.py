@@ -9,8 +9,7 @@ from pathlib import Path
 
 from fedmerge.data import load_domain, save_generic_domain
 from fedmerge.data.download import AMAZON_SHA256, DEFAULT_AMAZON_SOURCE, download_amazon
-from fedmerge.data.split import split_domain
-from fedmerge.storage import write_json_atomic
+from fedmerge.data.split import save_split
 from fedmerge.data.synthetic import make_synthetic_domains
 
 
@@ -88,12 +87,7 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def run_split(args: argparse.Namespace) -> int:
     domain = load_domain(args.path, args.name)
-    subdomains, manifest = split_domain(domain, args.by, args.groups, args.words, args.min_users)
-    for sub in subdomains:
-        save_generic_domain(sub, args.out / sub.name)
-    write_json_atomic(args.out / f"{domain.name}-split.json", {
-        "source": str(args.path), "domain": domain.name, "field": args.by, "words": args.words,
-        "groups": args.groups, "min_users": args.min_users, "subdomains": manifest})
+    manifest = save_split(domain, args.by, args.out, args.groups, args.words, args.min_users, source=str(args.path))
     for row in manifest:
         status = "dropped" if row.get("dropped") else str(args.out / row["name"])
         print(f"{row['name']}\t{row['users']} users\t{row['items']} items\t{status}")

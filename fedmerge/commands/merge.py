@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from fedmerge.config import parse_assignments, parse_params
-from fedmerge.errors import FedmergeError
 
 
 def describe() -> str:
@@ -32,22 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from fedmerge.merging import get_method, merge
-    from fedmerge.storage import load_weights, save_weights
+    from fedmerge.merging.files import merge_weight_files
 
-    try:
-        get_method(args.method)  # before reading any weights
-    except ValueError as exc:
-        raise FedmergeError(str(exc)) from exc
-    model_files = parse_assignments(args.models, "--models entry")
+    models = parse_assignments(args.models, "--models entry")
     params = parse_params(args.params)
-    theta0 = load_weights(args.theta0)
-    models = {name: load_weights(Path(file)) for name, file in model_files.items()}
-    try:
-        merged = merge(args.method, theta0, models, **params)
-    except ValueError as exc:
-        raise FedmergeError(str(exc)) from exc
-    metadata = {"method": args.method, "params": json.dumps(params), "models": json.dumps(list(models))}
-    save_weights(args.out, merged, metadata=metadata)
+    merge_weight_files(args.method, args.theta0, models, params, args.out)
     print(f"merged {len(models)} models ({', '.join(models)}) with {args.method} {params or ''} -> {args.out}")
     return 0

@@ -38,8 +38,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     cfg = load_scenario(args.scenario, args.overrides)
     if args.seeds is not None:
         cfg = apply_overrides(cfg, [f"run.seeds={parse_seeds(args.seeds)}"])
-    out_dir = args.out or Path("runs") / cfg["run"]["name"]
-    if cfg["run"]["seeds"]:
+    out_dir = args.out or Path("runs") / cfg.run.name
+    if cfg.run.seeds:
         from fedmerge.runners.multiseed import AGGREGATE_FILE, aggregate_summary, run_seeds
 
         print(aggregate_summary(run_seeds(cfg, args.engine, out_dir, resume=args.resume, overwrite=args.overwrite)))
@@ -48,6 +48,6 @@ def run_simulate(args: argparse.Namespace) -> int:
     results = run_scenario(cfg, engine=args.engine, out_dir=out_dir, resume=args.resume, overwrite=args.overwrite)
     if "resumed" in results:
         print(f"resumed from the saved weights of {results['resumed']['clients']} in {results['resumed']['from']}")
-    print(run_summary(results, cfg["eval"]["primary"]))
+    print(run_summary(results, cfg.eval.primary))
     print(f"results: {out_dir / 'results.json'}")
     return 0

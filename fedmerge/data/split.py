@@ -23,6 +23,7 @@ next to the folders.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import logging
@@ -30,7 +31,7 @@ import logging
 import numpy as np
 
 from fedmerge.data.domain import Domain, ItemCatalog
-from fedmerge.data.generic import split_leave_one_out
+from fedmerge.data.generic import save_generic_domain, split_leave_one_out
 from fedmerge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -119,3 +120,20 @@ def split_domain(
     if not subdomains:
         raise DataError(f"no sub-domain of {domain.name!r} keeps {min_users} user(s); lower --min-users")
     return subdomains, manifest
+
+
+def save_split(
+    domain: Domain, field: str, out: Path, groups: int = 0, words: int = 0, min_users: int = 1, source: str = ""
+) -> list[dict[str, Any]]:
+    """:func:`split_domain`, each kept sub-domain saved as ``out/<name>/`` (generic format) and the manifest as
+    ``out/<domain>-split.json`` (with the split's settings and ``source``, where the domain was read); returns the
+    manifest's rows."""
+    from fedmerge.storage import write_json_atomic
+
+    subdomains, manifest = split_domain(domain, field, groups, words, min_users)
+    for sub in subdomains:
+        save_generic_domain(sub, out / sub.name)
+    write_json_atomic(out / f"{domain.name}-split.json", {
+        "source": source, "domain": domain.name, "field": field, "words": words, "groups": groups,
+        "min_users": min_users, "subdomains": manifest})
+    return manifest

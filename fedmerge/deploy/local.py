@@ -23,6 +23,7 @@ from fedmerge.deploy.certs import NodeKeys, TlsFiles, generate, load_tls_dir
 from fedmerge.deploy.flwr_cli import FlwrClient, RunFailed, config_line, write_flower_config
 from fedmerge.deploy.processes import ManagedProcess, ProcessSet, free_port, wait_for_port
 from fedmerge.errors import DataError, FedmergeError
+from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 
@@ -112,22 +113,18 @@ def wait_until_online(flwr: FlwrClient, node_ids: Sequence[int], nodes: Sequence
         time.sleep(1.0)
 
 
-def domain_data_paths(cfg: Mapping[str, Any], data_root: Path | None, out_dir: Path) -> dict[str, Path]:
+def domain_data_paths(cfg: Scenario, data_root: Path | None, out_dir: Path) -> dict[str, Path]:
     """Each domain's private data location: ``<data_root>/<name>`` (folder or .tar.gz); synthetic scenarios without
     a data root get their domains written to ``<out>/data/<name>`` in the generic format."""
-    from fedmerge.config import domain_names
-
-    names = domain_names(cfg)
+    names = cfg.data.domain_names()
     if not names:
         raise FedmergeError("the scenario names no domains (data.domains is empty)")
     if data_root is None:
-        if cfg["data"]["source"] != "synthetic":
+        if cfg.data.source != "synthetic":
             raise FedmergeError("--data-root is needed for a non-synthetic scenario (one folder or .tar.gz per domain)")
         from fedmerge.data.generic import save_generic_domain
-        from fedmerge.data.synthetic import make_synthetic_domains
 
-        generated = {d.name: d for d in make_synthetic_domains(seed=int(cfg["run"]["seed"]), **cfg["data"]["synthetic"])}
-        return {name: save_generic_domain(generated[name], out_dir / "data" / name) for name in names}
+        return {name: save_generic_domain(cfg.load_domain(name), out_dir / "data" / name) for name in names}
     paths: dict[str, Path] = {}
     for name in names:
         found = [p for p in (data_root / name, data_root / f"{name}.tar.gz") if p.exists()]
@@ -212,14 +209,14 @@ def deploy_local(
 
 
 def _deploy(
-    cfg: Mapping[str, Any], scenario: str | Path, out: Path, overrides: Sequence[str], data_root: str | Path | None,
+    cfg: Scenario, scenario: str | Path, out: Path, overrides: Sequence[str], data_root: str | Path | None,
     tls_dir: str | Path | None, app: Path, timeout_s: float, poll_s: float,
 ) -> dict[str, Any]:
     paths = domain_data_paths(cfg, Path(data_root).resolve() if data_root else None, out)
     tls = _tls_files(Path(tls_dir) if tls_dir else None, out, len(paths))
     env = deployment_env(out)
     results_dir = out / "results"
-    startup_s = float(cfg["federation"]["startup_timeout_s"])
+    startup_s = cfg.federation.startup_timeout_s
     with ProcessSet(out, env=env) as procs:
         link = start_superlink(procs, out, tls, startup_timeout_s=startup_s)
         write_flower_config(Path(env["FLWR_HOME"]), link.address, link.root_cert)

@@ -22,8 +22,7 @@ together are (ε, δ)-DP; otherwise ``noise_multiplier`` is used as given. The t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,115 +30,118 @@ from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
 from fedmerge.models.base import ModelFamily, StateDict
 
+if TYPE_CHECKING:
+    from fedmerge.scenario import Scenario
+
 UNITS = ("domain", "user")
 ACCOUNTANTS = ("rdp", "prv")
 USER_LEVEL_FAMILIES = ("sequential", "text-lae")  # DP-SGD and the private Gram closed form
 
 
-def uses_dpsgd(cfg: Mapping[str, Any]) -> bool:
+def uses_dpsgd(cfg: Scenario) -> bool:
     """Whether the run's clients train with DP-SGD (unit "user", sequential family): subsampled-Gaussian accounting;
     every other mechanism is one Gaussian release per round (analytic Gaussian accounting)."""
-    return cfg["privacy"]["unit"] == "user" and cfg["model"]["family"] == "sequential"
+    return cfg.privacy.unit == "user" and cfg.model.family == "sequential"
 
 
-def check_user_level(cfg: Mapping[str, Any]) -> None:
+def check_user_level(cfg: Scenario) -> None:
     """FedmergeError unless the scenario's family has a user-level mechanism it can run with (text-lae: one λ)."""
-    family = cfg["model"]["family"]
+    family = cfg.model.family
     if family not in USER_LEVEL_FAMILIES:
         raise FedmergeError(f"privacy.unit = 'user' supports model.family {list(USER_LEVEL_FAMILIES)}, got "
                             f"{family!r}; use privacy.unit = 'domain'")
-    lam = cfg["model"]["params"].get("lam")
+    lam = cfg.model.params.get("lam")
     if family == "text-lae" and (lam is None or isinstance(lam, (list, tuple))):
         raise FedmergeError(f"privacy.unit = 'user' with text-lae needs one λ (model.params.lam = value), got "
                             f"{'the default grid' if lam is None else lam}: choosing λ on the users' validation items "
                             "would spend privacy that is not accounted")
 
 
-def validate_privacy(cfg: Mapping[str, Any]) -> None:
+def validate_privacy(cfg: Scenario) -> None:
     """Clear errors for ``[privacy]`` values no mechanism can run with."""
-    privacy = cfg["privacy"]
-    if privacy["unit"] not in UNITS:
-        raise FedmergeError(f"privacy.unit must be one of {list(UNITS)}, got {privacy['unit']!r}")
-    if privacy["accountant"] not in ACCOUNTANTS:
-        raise FedmergeError(f"privacy.accountant must be one of {list(ACCOUNTANTS)}, got {privacy['accountant']!r}")
+    privacy = cfg.privacy
+    if privacy.unit not in UNITS:
+        raise FedmergeError(f"privacy.unit must be one of {list(UNITS)}, got {privacy.unit!r}")
+    if privacy.accountant not in ACCOUNTANTS:
+        raise FedmergeError(f"privacy.accountant must be one of {list(ACCOUNTANTS)}, got {privacy.accountant!r}")
     for key in ("clip_norm", "max_grad_norm", "epochs", "user_norm_bound"):
-        if not 0 < privacy[key] < math.inf:
-            raise FedmergeError(f"privacy.{key} must be a positive finite number, got {privacy[key]}")
-    if not 0 < privacy["sample_rate"] <= 1:
-        raise FedmergeError(f"privacy.sample_rate must lie in (0, 1], got {privacy['sample_rate']}")
-    if not 0 < privacy["delta"] < 1:
-        raise FedmergeError(f"privacy.delta must lie in (0, 1), got {privacy['delta']}")
+        if not 0 < getattr(privacy, key) < math.inf:
+            raise FedmergeError(f"privacy.{key} must be a positive finite number, got {getattr(privacy, key)}")
+    if not 0 < privacy.sample_rate <= 1:
+        raise FedmergeError(f"privacy.sample_rate must lie in (0, 1], got {privacy.sample_rate}")
+    if not 0 < privacy.delta < 1:
+        raise FedmergeError(f"privacy.delta must lie in (0, 1), got {privacy.delta}")
     for key in ("target_epsilon", "noise_multiplier"):
-        if not 0 <= privacy[key] < math.inf:
-            raise FedmergeError(f"privacy.{key} must be a finite number >= 0, got {privacy[key]}")
-    if privacy["enabled"] and privacy["unit"] == "user":
+        if not 0 <= getattr(privacy, key) < math.inf:
+            raise FedmergeError(f"privacy.{key} must be a finite number >= 0, got {getattr(privacy, key)}")
+    if privacy.enabled and privacy.unit == "user":
         check_user_level(cfg)
 
 
-def releases_per_client(cfg: Mapping[str, Any]) -> int:
+def releases_per_client(cfg: Scenario) -> int:
     """Updates each client ships in a run: the one-shot update plus one per FedAvg round (composed in the accounting)."""
-    return 1 + int(cfg["baselines"]["fedavg_rounds"])
+    return 1 + cfg.baselines.fedavg_rounds
 
 
-def noise_multiplier(cfg: Mapping[str, Any]) -> float:
+def noise_multiplier(cfg: Scenario) -> float:
     """The run's noise multiplier: ``privacy.noise_multiplier``, or calibrated to ``target_epsilon`` over all releases."""
-    privacy = cfg["privacy"]
-    target = float(privacy["target_epsilon"])
+    privacy = cfg.privacy
+    target = privacy.target_epsilon
     if target <= 0:
-        return float(privacy["noise_multiplier"])
+        return privacy.noise_multiplier
     releases = releases_per_client(cfg)
     if not uses_dpsgd(cfg):
         from fedmerge.privacy.dp import noise_multiplier_for
 
-        return noise_multiplier_for(target, float(privacy["delta"]), rounds=releases)
+        return noise_multiplier_for(target, privacy.delta, rounds=releases)
     from fedmerge.privacy.dpsgd import user_noise_multiplier, user_steps
 
-    return user_noise_multiplier(target, float(privacy["delta"]), float(privacy["sample_rate"]),
-                                 releases * user_steps(privacy), privacy["accountant"])
+    return user_noise_multiplier(target, privacy.delta, privacy.sample_rate,
+                                 releases * user_steps(privacy), privacy.accountant)
 
 
-def epsilon(cfg: Mapping[str, Any], z: float, releases: int) -> float:
+def epsilon(cfg: Scenario, z: float, releases: int) -> float:
     """ε after ``releases`` releases with noise multiplier ``z`` (∞ for z = 0) at ``privacy.delta``."""
-    privacy = cfg["privacy"]
+    privacy = cfg.privacy
     if not uses_dpsgd(cfg):
         from fedmerge.privacy.dp import epsilon_for
 
-        return epsilon_for(z, float(privacy["delta"]), rounds=releases)
+        return epsilon_for(z, privacy.delta, rounds=releases)
     from fedmerge.privacy.dpsgd import user_epsilon, user_steps
 
-    return user_epsilon(z, float(privacy["sample_rate"]), releases * user_steps(privacy), float(privacy["delta"]),
-                        privacy["accountant"])
+    return user_epsilon(z, privacy.sample_rate, releases * user_steps(privacy), privacy.delta,
+                        privacy.accountant)
 
 
 def private_train(
-    family: ModelFamily, theta0: StateDict, domain: Domain, features: torch.Tensor, cfg: Mapping[str, Any], *,
+    family: ModelFamily, theta0: StateDict, domain: Domain, features: torch.Tensor, cfg: Scenario, *,
     seed: int, round_index: int, noise_seed: int | None, progress: bool = False,
 ) -> tuple[StateDict, dict[str, Any]]:
     """Train under ``privacy.unit`` (``privacy.enabled`` must be true): the weights the client may ship, and metrics
     with ``dp_*`` entries (noise multiplier, δ, unit code 0 = domain, 1 = user; for z > 0 ε so far and over the
     run)."""
-    privacy = cfg["privacy"]
+    privacy = cfg.privacy
     z = noise_multiplier(cfg)
-    if privacy["unit"] == "domain":
+    if privacy.unit == "domain":
         from fedmerge.privacy.dp import privatize_update
 
         weights, metrics = family.train(theta0, domain, features, seed=seed, progress=progress)
-        weights = privatize_update(theta0, weights, privacy["clip_norm"], z, seed=noise_seed)
-        metrics = {**metrics, "dp_clip_norm": privacy["clip_norm"]}
+        weights = privatize_update(theta0, weights, privacy.clip_norm, z, seed=noise_seed)
+        metrics = {**metrics, "dp_clip_norm": privacy.clip_norm}
     elif family.name == "text-lae":
         from fedmerge.privacy.lae import train_text_lae_user_level
 
         weights, metrics = train_text_lae_user_level(family, theta0, domain, features, noise_multiplier=z,
-                                                     bound=float(privacy["user_norm_bound"]), noise_seed=noise_seed)
+                                                     bound=privacy.user_norm_bound, noise_seed=noise_seed)
     else:
         from fedmerge.privacy.dpsgd import UserLevelDP, train_user_level
 
-        settings = UserLevelDP(noise_multiplier=z, max_grad_norm=float(privacy["max_grad_norm"]),
-                               sample_rate=float(privacy["sample_rate"]), epochs=float(privacy["epochs"]))
+        settings = UserLevelDP(noise_multiplier=z, max_grad_norm=privacy.max_grad_norm,
+                               sample_rate=privacy.sample_rate, epochs=privacy.epochs)
         weights, metrics = train_user_level(family, theta0, domain, features, settings, seed=seed,
                                             noise_seed=noise_seed, progress=progress)
-    metrics = {**metrics, "dp_noise_multiplier": z, "dp_delta": float(privacy["delta"]),
-               "dp_unit": UNITS.index(privacy["unit"])}
+    metrics = {**metrics, "dp_noise_multiplier": z, "dp_delta": privacy.delta,
+               "dp_unit": UNITS.index(privacy.unit)}
     if z > 0:  # z = 0 guarantees nothing (ε = ∞, which JSON results cannot hold): no ε entries
         metrics["dp_epsilon"] = epsilon(cfg, z, round_index + 1)
         metrics["dp_epsilon_run"] = epsilon(cfg, z, releases_per_client(cfg))

@@ -33,9 +33,9 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from tqdm import tqdm
 from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
 from fedmerge.models.base import ModelFamily, StateDict
+
+if TYPE_CHECKING:
+    from fedmerge.scenario import PrivacySettings
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,9 @@ class UserLevelDP:
         return math.ceil(self.epochs / self.sample_rate - 1e-9)
 
 
-def user_steps(privacy: Mapping[str, Any]) -> int:
+def user_steps(privacy: PrivacySettings) -> int:
     """Steps per release of the ``[privacy]`` settings (see :attr:`UserLevelDP.steps`)."""
-    return UserLevelDP(0.0, 1.0, float(privacy["sample_rate"]), float(privacy["epochs"])).steps
+    return UserLevelDP(0.0, 1.0, privacy.sample_rate, privacy.epochs).steps
 
 
 def _accountant(name: str) -> Any:

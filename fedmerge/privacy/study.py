@@ -23,12 +23,12 @@ utility vs the strongest attack's TPR at 1 % FPR) and each run under ``DIR/<unit
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import numpy as np
 
 from fedmerge.errors import FedmergeError
 from fedmerge.storage import write_json_atomic
+from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ STUDY_DEFAULTS: dict[str, Any] = {
 NO_DP = "none"  # the unit label of the ε = ∞ cells
 
 
-def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(resolved scenario config, study settings): the ``[privacy_study]`` table is the study's, the rest is a scenario."""
-    from fedmerge.config import apply_overrides, merge_into_defaults, parse_value, scenario_path
+def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, dict[str, Any]]:
+    """(resolved scenario, study settings): the ``[privacy_study]`` table is the study's, the rest is a scenario."""
+    from fedmerge.config import apply_overrides, parse_value, scenario_path
 
     path = scenario_path(scenario)
     try:
@@ -78,15 +79,14 @@ def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[dict[str, 
         if key not in STUDY_DEFAULTS:
             raise FedmergeError(f"{source}: unknown key {prefix}{key}; valid: {sorted(STUDY_DEFAULTS)}")
         study[key] = value
-    cfg = merge_into_defaults(raw, source=str(path))
-    cfg = apply_overrides(cfg, [o for o in overrides if not o.startswith(prefix)])
+    scenario_overrides = [o for o in overrides if not o.startswith(prefix)]
+    cfg = apply_overrides(Scenario.from_mapping(raw, source=str(path)), scenario_overrides)
     validate_study(study, cfg)
     return cfg, study
 
 
-def validate_study(study: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
+def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
     """Clear errors for study settings the sweep cannot run with."""
-    from fedmerge.config import training_domains
     from fedmerge.privacy.client import UNITS, check_user_level
 
     eps = study["epsilons"]
@@ -105,12 +105,12 @@ def validate_study(study: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
     seeds = study["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) < len(seeds):
         raise FedmergeError(f"{STUDY_SECTION}.seeds must be a non-empty list of distinct integers, got {seeds!r}")
-    unknown = [m for m in study["methods"] if m not in cfg["merge"]["methods"]]
+    unknown = [m for m in study["methods"] if m not in cfg.merge.methods]
     if unknown:
-        raise FedmergeError(f"{STUDY_SECTION}.methods {unknown} are not in merge.methods {cfg['merge']['methods']}")
-    if study["probe_domain"] and study["probe_domain"] not in training_domains(cfg):
+        raise FedmergeError(f"{STUDY_SECTION}.methods {unknown} are not in merge.methods {list(cfg.merge.methods)}")
+    if study["probe_domain"] and study["probe_domain"] not in cfg.data.training_domains():
         raise FedmergeError(f"{STUDY_SECTION}.probe_domain {study['probe_domain']!r} is not a training domain "
-                            f"{training_domains(cfg)}")
+                            f"{cfg.data.training_domains()}")
     if not 0 < float(study["member_fraction"]) < 1:
         raise FedmergeError(f"{STUDY_SECTION}.member_fraction must lie in (0, 1), got {study['member_fraction']!r}")
     if int(study["probe_max_users"]) < 2:
@@ -121,18 +121,16 @@ def validate_study(study: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
         raise FedmergeError(f"{STUDY_SECTION}.reference_models must be >= 0 (0: no LiRA), got {study['reference_models']!r}")
 
 
-def dp_config(cfg: Mapping[str, Any], unit: str, epsilon: float, delta: float, seed: int) -> tuple[dict[str, Any], float]:
+def dp_config(cfg: Scenario, unit: str, epsilon: float, delta: float, seed: int) -> tuple[Scenario, float]:
     """(config of one cell, its noise multiplier z): run seed ``seed``, DP off for ε = ∞, else ``privacy.unit`` =
     ``unit`` calibrated to (ε, δ) over all of a client's releases (:func:`fedmerge.privacy.client.noise_multiplier`)."""
     from fedmerge.privacy.client import noise_multiplier
 
-    out = copy.deepcopy(dict(cfg))
-    out["run"] = {**out["run"], "seed": int(seed)}
+    out = replace(cfg, run=replace(cfg.run, seed=int(seed)))
     if math.isinf(epsilon):
-        out["privacy"] = {**out["privacy"], "enabled": False}
-        return out, 0.0
-    out["privacy"] = {**out["privacy"], "enabled": True, "unit": unit, "target_epsilon": float(epsilon),
-                      "delta": float(delta)}
+        return replace(out, privacy=replace(out.privacy, enabled=False)), 0.0
+    out = replace(out, privacy=replace(out.privacy, enabled=True, unit=unit, target_epsilon=float(epsilon),
+                                       delta=float(delta)))
     return out, noise_multiplier(out)
 
 
@@ -161,7 +159,7 @@ def cells(study: Mapping[str, Any]) -> list[tuple[str, float]]:
 
 
 def utility_sweep(
-    cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Path, overwrite: bool = False
+    cfg: Scenario, study: Mapping[str, Any], out_dir: Path, overwrite: bool = False
 ) -> list[dict[str, Any]]:
     """One in-process run per cell and seed; per cell the metric of every study method over the seeds
     (``overwrite``: replace the run folders an earlier study left; refused otherwise)."""
@@ -199,34 +197,32 @@ def _subsample(seqs: Sequence[np.ndarray], limit: int, seed: int) -> list[np.nda
     return [seqs[i] for i in keep]
 
 
-def _reference_config(cfg: Mapping[str, Any], k: int) -> dict[str, Any]:
+def _reference_config(cfg: Scenario, k: int) -> Scenario:
     """The attacker's recipe for reference model k: the client's, with noise of its own (a reused seed would make
     the reference models' noise equal the target's and cancel in the likelihood ratio)."""
-    base = int(cfg["privacy"]["noise_seed"])
-    return {**cfg, "privacy": {**cfg["privacy"], "noise_seed": -1 if base < 0 else base + 7919 * (k + 1)}}
+    base = cfg.privacy.noise_seed
+    return replace(cfg, privacy=replace(cfg.privacy, noise_seed=-1 if base < 0 else base + 7919 * (k + 1)))
 
 
-def attack_sweep(cfg: Mapping[str, Any], study: Mapping[str, Any]) -> dict[str, Any]:
+def attack_sweep(cfg: Scenario, study: Mapping[str, Any]) -> dict[str, Any]:
     """Attack scores against the member-trained probe client in every cell (and against θ₀ as a chance control)."""
-    from fedmerge.config import training_domains
     from fedmerge.privacy.attacks import reference_models, run_attacks, summary
     from fedmerge.privacy.membership import split_members
     from fedmerge.runners.client import client_train
-    from fedmerge.scenario import family_of, item_features, load_named_domain
     from fedmerge.runners.server import initial_weights
 
-    name = study["probe_domain"] or training_domains(cfg)[0]
+    name = study["probe_domain"] or cfg.data.training_domains()[0]
     limit, positions = int(study["probe_max_users"]), study["probe_positions"]
     rows, controls, sizes = [], [], {}
     for unit, epsilon in cells(study):
         per_seed = []
         for seed in study["seeds"]:
             run_cfg, z = dp_config(cfg, unit, epsilon, float(study["delta"]), seed)
-            domain = load_named_domain(run_cfg, name)
+            domain = run_cfg.load_domain(name)
             members, rest = split_members(domain, float(study["member_fraction"]), seed=seed)
             nonmembers, reference = split_members(rest, 0.5, seed=seed + 1)
-            family = family_of(run_cfg)
-            features = item_features(run_cfg, domain.catalog, family)
+            family = run_cfg.model.make_family()
+            features = run_cfg.encoder.item_features(domain.catalog, family)
             theta0 = initial_weights(run_cfg)
             shipped, _ = client_train(members, theta0, run_cfg, features=features)
             refs = reference_models(
@@ -266,7 +262,7 @@ def _cell(value: Mapping[str, Any] | None, digits: int = 4) -> str:
 
 
 def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], study: Mapping[str, Any],
-                   cfg: Mapping[str, Any]) -> str:
+                   cfg: Scenario) -> str:
     """The study table: one row per (unit, ε); the metric of each method and reference, each attack's AUC and TPR."""
     from fedmerge.privacy.client import releases_per_client
 
@@ -283,17 +279,17 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
         cells_ += [_cell(found.get(a, {}).get("auc"), 3) for a in attacks]
         cells_ += [_cell(found.get(a, {}).get("tpr@0.01"), 3) for a in attacks]
         lines.append("| " + " | ".join(cells_) + " |")
-    privacy = cfg["privacy"]
-    if cfg["model"]["family"] == "sequential":
-        user = (f"DP-SGD, per-user clip {privacy['max_grad_norm']:g}, sampling rate {privacy['sample_rate']:g}, "
-                f"{privacy['epochs']:g} epoch(s) per release, {privacy['accountant'].upper()} accountant")
+    privacy = cfg.privacy
+    if cfg.model.family == "sequential":
+        user = (f"DP-SGD, per-user clip {privacy.max_grad_norm:g}, sampling rate {privacy.sample_rate:g}, "
+                f"{privacy.epochs:g} epoch(s) per release, {privacy.accountant.upper()} accountant")
     else:
-        user = f"Gaussian mechanism on the Gram matrix, user profile bound {privacy['user_norm_bound']:g}"
+        user = f"Gaussian mechanism on the Gram matrix, user profile bound {privacy.user_norm_bound:g}"
     control = ", ".join(f"{a} {v['auc']['mean']:.3f}" for a, v in probe.get("theta0", {}).items())
     notes = (
         f"\nSeeds {list(study['seeds'])} (mean, 95 % t-interval in brackets when > 1 seed); δ = {study['delta']:g}; "
         f"{releases_per_client(cfg)} release(s) per client composed. Unit 'domain': the client's whole data set "
-        f"(update clipped to C = {privacy['clip_norm']:g}); unit 'user': one user's interactions ({user}). "
+        f"(update clipped to C = {privacy.clip_norm:g}); unit 'user': one user's interactions ({user}). "
         f"Attacks on {probe['domain']} "
         f"({probe.get('probed_per_group', ['?', '?'])[0]} members vs {probe.get('probed_per_group', ['?', '?'])[1]} "
         f"held-out users, '{probe['positions']}' position(s), LiRA with {probe['reference_models']} reference models); "
@@ -340,7 +336,7 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], s
     plt.close(fig)
 
 
-def run_study(cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Path, overwrite: bool = False) -> str:
+def run_study(cfg: Scenario, study: Mapping[str, Any], out_dir: Path, overwrite: bool = False) -> str:
     """The whole study into ``out_dir`` (see the module docstring; ``overwrite``: replace an earlier study's run
     folders there); returns the markdown table."""
     from fedmerge.privacy.client import releases_per_client
@@ -351,7 +347,7 @@ def run_study(cfg: Mapping[str, Any], study: Mapping[str, Any], out_dir: Path, o
     write_json_atomic(out_dir / "privacy.json", {"study": study_json, "utility": utility})  # kept if the attacks fail
     probe = attack_sweep(cfg, study)
     write_json_atomic(out_dir / "privacy.json", {"study": study_json, "releases_per_client": releases_per_client(cfg),
-                                                 "utility": utility, "probe": probe, "scenario": cfg})
+                                                 "utility": utility, "probe": probe, "scenario": cfg.to_mapping()})
     table = markdown_table(utility, probe, study, cfg)
     (out_dir / "privacy.md").write_text(table)
     plot_study(utility, probe, study, out_dir / "privacy.png")

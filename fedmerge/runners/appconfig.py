@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedmerge.config import DEFAULT_SCENARIO, load_scenario
+from fedmerge.scenario import Scenario
 
 SCENARIO_KEY = "scenario"
 OVERRIDES_KEY = "overrides"
@@ -23,7 +24,7 @@ OVERWRITE_KEY = "overwrite"
 HELD_KEY = "out-dir-held"
 
 
-def scenario_from_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+def scenario_from_run_config(run_config: Mapping[str, Any]) -> Scenario:
     """The resolved scenario named by the run config (default: quickstart)."""
     overrides = [item.strip() for item in str(run_config.get(OVERRIDES_KEY, "")).split(";") if item.strip()]
     return load_scenario(str(run_config.get(SCENARIO_KEY, "") or DEFAULT_SCENARIO), overrides)

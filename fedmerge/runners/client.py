@@ -13,84 +13,83 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from fedmerge.config import domain_names
 from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
 from fedmerge.metrics import evaluate_batches, evaluation_batches
 from fedmerge.models import StateDict
 from fedmerge.runners import protocol
-from fedmerge.scenario import family_of, item_features, load_named_domain
+from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 
 
-def load_client_domain(cfg: Mapping[str, Any], partition_id: int | None = None, data_path: str | None = None) -> Domain:
+def load_client_domain(cfg: Scenario, partition_id: int | None = None, data_path: str | None = None) -> Domain:
     """The one domain this client holds: from ``data_path`` (deployment) or the scenario's ``partition_id``-th domain."""
     if data_path:
         from fedmerge.data import load_domain
 
         return load_domain(data_path)
-    names = domain_names(cfg)
+    names = cfg.data.domain_names()
     if partition_id is None or not 0 <= int(partition_id) < len(names):
         raise FedmergeError(f"partition id {partition_id} out of range: the scenario has {len(names)} domains {names}")
-    return load_named_domain(cfg, names[int(partition_id)])
+    return cfg.load_domain(names[int(partition_id)])
 
 
-def client_seed(cfg: Mapping[str, Any], domain_name: str, round_index: int, base: int | None = None) -> int:
+def client_seed(cfg: Scenario, domain_name: str, round_index: int, base: int | None = None) -> int:
     """Seed of one client in one round: ``base`` (default the run seed) + 1000·round + domain position."""
-    names = domain_names(cfg)
+    names = cfg.data.domain_names()
     position = names.index(domain_name) if domain_name in names else len(names)
-    return (int(cfg["run"]["seed"]) if base is None else base) + 1000 * round_index + position
+    return (cfg.run.seed if base is None else base) + 1000 * round_index + position
 
 
-def noise_seed(cfg: Mapping[str, Any], domain_name: str, round_index: int) -> int | None:
+def noise_seed(cfg: Scenario, domain_name: str, round_index: int) -> int | None:
     """Seed of a client's DP noise: None (OS entropy) unless ``privacy.noise_seed`` ≥ 0 asks for reproducible noise.
 
     Never derived from the public run seed: a server that can regenerate the noise can subtract it.
     """
-    base = int(cfg["privacy"]["noise_seed"])
+    base = cfg.privacy.noise_seed
     return None if base < 0 else client_seed(cfg, domain_name, round_index, base=base)
 
 
 def client_train(
-    domain: Domain, theta0: StateDict, cfg: Mapping[str, Any], round_index: int = 0,
+    domain: Domain, theta0: StateDict, cfg: Scenario, round_index: int = 0,
     extra_params: Mapping[str, Any] | None = None, features: torch.Tensor | None = None,
 ) -> tuple[StateDict, dict[str, Any]]:
     """Train from ``theta0`` on the domain; under ``privacy.enabled`` through
     :func:`fedmerge.privacy.client.private_train` (the one DP call site: domain- or user-level)."""
-    torch.set_num_threads(int(cfg["run"]["torch_threads"]))
-    family = family_of(cfg, extra_params)
+    torch.set_num_threads(cfg.run.torch_threads)
+    family = cfg.model.make_family(extra_params)
     if features is None:
-        features = item_features(cfg, domain.catalog, family)
+        features = cfg.encoder.item_features(domain.catalog, family)
     seed = client_seed(cfg, domain.name, round_index)
-    if cfg["privacy"]["enabled"]:
+    if cfg.privacy.enabled:
         from fedmerge.privacy.client import private_train
 
         weights, metrics = private_train(family, theta0, domain, features, cfg, seed=seed, round_index=round_index,
                                          noise_seed=noise_seed(cfg, domain.name, round_index),
-                                         progress=bool(cfg["run"]["progress"]))
+                                         progress=cfg.run.progress)
         # the family's fixed weights are θ₀'s, independent of the data: sent exactly (the server checks them)
         weights.update({name: theta0[name] for name in family.fixed_parameters(theta0)})
     else:
-        weights, metrics = family.train(theta0, domain, features, seed=seed, progress=bool(cfg["run"]["progress"]))
+        weights, metrics = family.train(theta0, domain, features, seed=seed, progress=cfg.run.progress)
     metrics = {**metrics, protocol.NUM_USERS: domain.n_users}
     return weights, metrics
 
 
 def client_evaluate(
-    domain: Domain, models: Mapping[str, StateDict], cfg: Mapping[str, Any], features: torch.Tensor | None = None
+    domain: Domain, models: Mapping[str, StateDict], cfg: Scenario, features: torch.Tensor | None = None
 ) -> dict[str, dict[str, float]]:
     """Metrics of each model on the domain's private ``eval.split`` users (:func:`fedmerge.metrics.evaluate_batches`).
 
     The users' batches (truncated inputs, targets, masks) are prepared once for all models; each model then costs its
     scorer (item representations, once per model) and one forward per batch. One scorer is alive at a time.
     """
-    torch.set_num_threads(int(cfg["run"]["torch_threads"]))
-    family = family_of(cfg)
+    torch.set_num_threads(cfg.run.torch_threads)
+    family = cfg.model.make_family()
     if features is None:
-        features = item_features(cfg, domain.catalog, family)
-    ks = tuple(int(k) for k in cfg["eval"]["ks"])
-    batches = evaluation_batches(domain, cfg["eval"]["split"], max_len=family.max_len)
+        features = cfg.encoder.item_features(domain.catalog, family)
+    ks = tuple(int(k) for k in cfg.eval.ks)
+    batches = evaluation_batches(domain, cfg.eval.split, max_len=family.max_len)
     return {
         name: evaluate_batches(family.scorer(weights, features), batches, domain.n_items, ks=ks)
         for name, weights in models.items()
@@ -100,7 +99,7 @@ def client_evaluate(
 class ClientState:
     """A client's domain and item features, loaded once per process and reused across messages."""
 
-    def __init__(self, cfg: Mapping[str, Any], partition_id: int | None = None, data_path: str | None = None) -> None:
+    def __init__(self, cfg: Scenario, partition_id: int | None = None, data_path: str | None = None) -> None:
         self.cfg = cfg
         self.domain = load_client_domain(cfg, partition_id, data_path)
         self._features: torch.Tensor | None = None
@@ -108,7 +107,7 @@ class ClientState:
     @property
     def features(self) -> torch.Tensor:
         if self._features is None:
-            self._features = item_features(self.cfg, self.domain.catalog, family_of(self.cfg))
+            self._features = self.cfg.encoder.item_features(self.domain.catalog, self.cfg.model.make_family())
         return self._features
 
     def handle(self, message_type: str, content: RecordDict) -> RecordDict:
@@ -119,7 +118,7 @@ class ClientState:
         config = content.config_records.get(protocol.CONFIG, ConfigRecord())
         if message_type == protocol.TRAIN:
             theta = protocol.from_record(content.array_records[protocol.GLOBAL])
-            local = self.cfg["baselines"]["fedavg_local_params"] if config.get("phase") == "fedavg" else None
+            local = self.cfg.baselines.fedavg_local_params if config.get("phase") == "fedavg" else None
             weights, metrics = client_train(
                 self.domain, theta, self.cfg, int(config.get("round", 0)), extra_params=local, features=self.features
             )

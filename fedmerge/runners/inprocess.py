@@ -14,6 +14,7 @@ from flwr.app import RecordDict
 from fedmerge.runners import results as results_io
 from fedmerge.runners.client import ClientState
 from fedmerge.runners.server import ReplyHandler, run_federation
+from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +22,9 @@ logger = logging.getLogger(__name__)
 class InProcessTransport:
     """Delivers each request straight to that domain's :class:`ClientState` (records are passed, not shared)."""
 
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
-        from fedmerge.config import domain_names
+    def __init__(self, cfg: Scenario) -> None:
 
-        self.clients = {name: ClientState(cfg, partition_id=i) for i, name in enumerate(domain_names(cfg))}
+        self.clients = {name: ClientState(cfg, partition_id=i) for i, name in enumerate(cfg.data.domain_names())}
 
     def send(
         self, message_type: str, requests: Mapping[str, RecordDict], on_reply: ReplyHandler | None = None
@@ -42,7 +42,7 @@ class InProcessTransport:
         return replies, errors
 
 
-def run_inprocess(cfg: Mapping[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+def run_inprocess(cfg: Scenario, out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Run the scenario in this process; write the results (and saved weights) to ``out_dir`` if given."""
     start = time.perf_counter()
     transport = InProcessTransport(cfg)

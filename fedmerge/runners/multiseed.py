@@ -8,35 +8,34 @@ ok, written under the same configuration) is read instead of run again; any othe
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from fedmerge.errors import FedmergeError
 from fedmerge.runners.aggregate import aggregate_runs
 from fedmerge.runners.results import RESULTS_FILE
+from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 AGGREGATE_FILE = "aggregate.json"
 
 
-def seed_config(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
+def seed_config(cfg: Scenario, seed: int) -> Scenario:
     """``cfg`` as the single run of ``seed``: ``run.seed = seed``, ``run.seeds`` emptied."""
-    out = copy.deepcopy(dict(cfg))
-    out["run"] = {**out["run"], "seed": int(seed), "seeds": []}
-    return out
+    return replace(cfg, run=replace(cfg.run, seed=int(seed), seeds=()))
 
 
 def seed_dir(out_dir: str | Path, seed: int) -> Path:
     return Path(out_dir) / f"seed-{seed}"
 
 
-def completed_run(folder: Path, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+def completed_run(folder: Path, cfg: Scenario) -> dict[str, Any] | None:
     """The folder's results.json if it is complete (status ok) and was written under ``cfg`` (``run.progress`` may
     differ); else None."""
     path = folder / RESULTS_FILE
@@ -47,12 +46,12 @@ def completed_run(folder: Path, cfg: Mapping[str, Any]) -> dict[str, Any] | None
     except json.JSONDecodeError:
         return None
     strip = lambda c: {**c, "run": {k: v for k, v in c["run"].items() if k != "progress"}}  # noqa: E731
-    same = json.loads(json.dumps(strip(dict(cfg)), default=str)) == strip(results.get("config", {"run": {}}))
+    same = json.loads(json.dumps(strip(cfg.to_mapping()), default=str)) == strip(results.get("config", {"run": {}}))
     return results if results.get("status") == "ok" and same else None
 
 
 def run_seeds(
-    cfg: Mapping[str, Any], engine: str, out_dir: str | Path, resume: bool = False, overwrite: bool = False
+    cfg: Scenario, engine: str, out_dir: str | Path, resume: bool = False, overwrite: bool = False
 ) -> dict[str, Any]:
     """Run the scenario once per ``run.seeds`` entry into ``out_dir/seed-<s>/`` and write the aggregate; returns it.
 
@@ -63,7 +62,7 @@ def run_seeds(
     from fedmerge.runners.simulation import run_scenario
     from fedmerge.storage import run_folder
 
-    seeds = [int(s) for s in cfg["run"]["seeds"]]
+    seeds = [int(s) for s in cfg.run.seeds]
     if not seeds:
         raise FedmergeError("run.seeds is empty: nothing to run per seed (use run.seed for a single run)")
     runs: dict[int, dict[str, Any]] = {}
@@ -77,7 +76,7 @@ def run_seeds(
                 continue
             logger.info("seed %d: running into %s", seed, folder)
             runs[seed] = run_scenario(single, engine=engine, out_dir=folder, overwrite=resume)
-        aggregate = aggregate_runs(runs, cfg["eval"]["primary"], training_free=list(METHODS))
+        aggregate = aggregate_runs(runs, cfg.eval.primary, training_free=list(METHODS))
         aggregate["seed_folders"] = {s: str(seed_dir(out_dir, s)) for s in seeds}
         write_aggregate(aggregate, out_dir)
     return aggregate

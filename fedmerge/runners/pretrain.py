@@ -23,6 +23,7 @@ import torch
 from fedmerge.data.domain import Domain, ItemCatalog, as_sequences
 from fedmerge.errors import FedmergeError
 from fedmerge.models import ModelFamily, StateDict
+from fedmerge.scenario import Theta0Settings
 
 MIN_GROUP = 3  # a pseudo-user needs two items to train on and one validation target
 
@@ -69,10 +70,10 @@ def pseudo_domain(
 
 def pretrained_theta0(
     family: ModelFamily, theta0: StateDict, catalogs: Mapping[str, ItemCatalog], features: Sequence[torch.Tensor],
-    settings: Mapping[str, Any], seed: int,
+    settings: Theta0Settings, seed: int,
 ) -> tuple[StateDict, dict[str, Any]]:
     """(θ₀ after ``family.train`` on the catalogs' pseudo-users, the training info); ``features`` are the catalogs'
     item features in the same order, ``settings`` the ``[theta0]`` table."""
-    domain = pseudo_domain(catalogs, settings["group_by"], int(settings["length"]), int(settings["per_item"]), seed)
+    domain = pseudo_domain(catalogs, settings.group_by, settings.length, settings.per_item, seed)
     weights, info = family.train(theta0, domain, torch.cat(list(features)), seed=seed, progress=False)
     return weights, {"pseudo_users": domain.n_users, **{k: v for k, v in info.items() if isinstance(v, (int, float))}}

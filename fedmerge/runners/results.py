@@ -28,6 +28,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fedmerge.scenario import Scenario
+
 logger = logging.getLogger(__name__)
 MODEL_ORDER = ("theta0", "individual", "average", "task_arithmetic", "ties", "dare", "pcb", "mergerec_taskwise",
                "mergerec_layerwise", "mergerec_tensorwise", "fedavg", "joint")
@@ -51,12 +53,12 @@ def ordered_model_names(models: Mapping[str, Any]) -> list[str]:
     return known + sorted(m for m in models if m not in known)
 
 
-def finalize(out: dict[str, Any], cfg: Mapping[str, Any], engine: str) -> dict[str, Any]:
+def finalize(out: dict[str, Any], cfg: Scenario, engine: str) -> dict[str, Any]:
     """Add run identity, resolved config and versions; models in a stable order."""
     out = dict(out)
     out["models"] = {m: out["models"][m] for m in ordered_model_names(out["models"])}
-    return {"run": {"name": cfg["run"]["name"], "seed": cfg["run"]["seed"], "engine": engine}, **out,
-            "config": cfg, "versions": package_versions()}
+    return {"run": {"name": cfg.run.name, "seed": cfg.run.seed, "engine": engine}, **out,
+            "config": cfg.to_mapping(), "versions": package_versions()}
 
 
 def metric_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:

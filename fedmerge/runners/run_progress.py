@@ -11,13 +11,11 @@ then ``evaluation`` (with the FedAvg rounds, which save nothing before the end).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from tqdm.auto import tqdm
 
-from fedmerge.config import training_domains
+from fedmerge.scenario import Scenario
 
 # File times come from the kernel's coarse clock, which may lag time.time() by a few milliseconds: a merge written
 # just after the bar was created must still count (an earlier run's files are older than this by far).
@@ -32,12 +30,12 @@ class FolderProgress:
     A rejected client's weights are never saved: the bar then waits at ``local training`` until the merges appear.
     """
 
-    def __init__(self, cfg: Mapping[str, Any], run_dir: Path, enabled: bool) -> None:
+    def __init__(self, cfg: Scenario, run_dir: Path, enabled: bool) -> None:
         from fedmerge.recommender import model_path
         from fedmerge.storage import client_weights_path
 
-        self.client_files = [client_weights_path(run_dir, d) for d in training_domains(cfg)]
-        self.merge_files = [model_path(run_dir, method) for method in cfg["merge"]["methods"]]
+        self.client_files = [client_weights_path(run_dir, d) for d in cfg.data.training_domains()]
+        self.merge_files = [model_path(run_dir, method) for method in cfg.merge.methods]
         self.results = run_dir / "results.json"
         self.since = time.time() - MTIME_SLACK_S
         self.phase = "local training"

@@ -21,14 +21,13 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from tqdm.auto import tqdm
 
-from fedmerge.config import domain_names, training_domains
 from fedmerge.data.domain import ItemCatalog
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.testtime import TESTTIME_METHOD
 from fedmerge.models import StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
 from fedmerge.runners import protocol
-from fedmerge.scenario import family_of, feature_width, item_features, load_catalog
+from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 THETA0_FILE = "models/theta0.safetensors"
@@ -61,39 +60,40 @@ class Transport(Protocol):
     ) -> tuple[dict[str, RecordDict], dict[str, str]]: ...
 
 
-def server_threads(cfg: Mapping[str, Any]) -> int:
+def server_threads(cfg: Scenario) -> int:
     """Torch threads for server-side work: ``run.server_threads``, or every core this process may use when 0.
 
     The default is 1: on a shared 2-core machine, 2 threads made MergeRec 15-30x slower under Flower's simulation
     engine (its polling threads and other processes preempt one OpenMP thread and the other spins); measured in
     benchmarks/flower_overhead.py. Use 0 on a dedicated multi-core server.
     """
-    wanted = int(cfg["run"]["server_threads"])
+    wanted = cfg.run.server_threads
     return wanted if wanted > 0 else len(os.sched_getaffinity(0))
 
 
-def training_fingerprint(cfg: Mapping[str, Any]) -> str:
+def training_fingerprint(cfg: Scenario) -> str:
     """sha256 of the run seed and the :data:`TRAINING_SECTIONS` (minus the encoder cache folder), as sorted JSON."""
-    sections = {name: dict(cfg[name]) for name in TRAINING_SECTIONS}
+    table = cfg.to_mapping()
+    sections = {name: table[name] for name in TRAINING_SECTIONS}
     sections["encoder"].pop("cache_dir", None)
-    sections["seed"] = cfg["run"]["seed"]
+    sections["seed"] = cfg.run.seed
     return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def initial_weights(cfg: Mapping[str, Any]) -> StateDict:
+def initial_weights(cfg: Scenario) -> StateDict:
     """θ₀: the family's seeded initialization for the encoder's feature width (identical on every party); a family
     that reads the public catalogs for θ₀ (routed adapter) gets the training domains' item features. With
     ``theta0.pretrain`` it is then trained on pseudo-users of those public catalogs (:mod:`fedmerge.runners.pretrain`)."""
-    family, seed, pretrain = family_of(cfg), int(cfg["run"]["seed"]), bool(cfg["theta0"]["pretrain"])
-    catalogs = ({d: load_catalog(cfg, d) for d in training_domains(cfg)}
+    family, seed, pretrain = cfg.model.make_family(), cfg.run.seed, cfg.theta0.pretrain
+    catalogs = ({d: cfg.load_catalog(d) for d in cfg.data.training_domains()}
                 if family.init_reads_catalogs or pretrain else {})
-    features = [item_features(cfg, catalog, family) for catalog in catalogs.values()]
-    weights = family.initial_weights(feature_width(cfg, family), seed=seed,
+    features = [cfg.encoder.item_features(catalog, family) for catalog in catalogs.values()]
+    weights = family.initial_weights(cfg.encoder.feature_width(family), seed=seed,
                                      catalog_features=features if family.init_reads_catalogs else [])
     if pretrain:
         from fedmerge.runners.pretrain import pretrained_theta0
 
-        weights, info = pretrained_theta0(family, weights, catalogs, features, cfg["theta0"], seed)
+        weights, info = pretrained_theta0(family, weights, catalogs, features, cfg.theta0, seed)
         logger.info("θ₀ pretrained on the public catalogs %s: %s", sorted(catalogs), info)
     return weights
 
@@ -128,7 +128,7 @@ def fedavg_aggregate(updates: Mapping[str, StateDict], weights: Mapping[str, flo
 
 
 def merge_replies(
-    theta0: StateDict, replies: Mapping[str, StateDict], catalogs: Mapping[str, ItemCatalog], cfg: Mapping[str, Any]
+    theta0: StateDict, replies: Mapping[str, StateDict], catalogs: Mapping[str, ItemCatalog], cfg: Scenario
 ) -> tuple[dict[str, StateDict], dict[str, Any]]:
     """Every configured merge of the clients' weights (training-free registry methods and MergeRec).
 
@@ -140,13 +140,13 @@ def merge_replies(
     models = {d: replies[d] for d in sorted(replies)}
     merged: dict[str, StateDict] = {}
     report: dict[str, Any] = {"seconds": {}, "domains": list(models)}
-    for method in cfg["merge"]["methods"]:
+    for method in cfg.merge.methods:
         if method == TESTTIME_METHOD:  # one merge per held-out catalog: see testtime_merges
             continue
         start = time.perf_counter()
-        params = dict(cfg["merge"]["params"].get(method, {}))
+        params = dict(cfg.merge.params.get(method, {}))
         if method in METHODS and "seed" in METHODS[method].params:  # DARE's masks follow the run seed unless set
-            params.setdefault("seed", int(cfg["run"]["seed"]))
+            params.setdefault("seed", cfg.run.seed)
         if method in MERGEREC_METHODS:
             merged[method], report[method] = _mergerec(theta0, models, catalogs, cfg, MERGEREC_METHODS[method])
         else:
@@ -159,7 +159,7 @@ def merge_replies(
 
 
 def _mergerec(
-    theta0: StateDict, models: Mapping[str, StateDict], catalogs: Mapping[str, ItemCatalog], cfg: Mapping[str, Any],
+    theta0: StateDict, models: Mapping[str, StateDict], catalogs: Mapping[str, ItemCatalog], cfg: Scenario,
     granularity: str,
 ) -> tuple[StateDict, dict[str, Any]]:
     """MergeRec with task- or layer-wise coefficients, learned on pseudo-users from the public catalogs.
@@ -173,10 +173,10 @@ def _mergerec(
 
     from fedmerge.merging.mergerec import MergeRecConfig, mergerec
 
-    family = family_of(cfg)
-    features = {d: item_features(cfg, catalogs[d], family) for d in models}
-    params = {"seed": int(cfg["run"]["seed"]), "progress": bool(cfg["run"]["progress"]),
-              **cfg["merge"]["mergerec"], "granularity": granularity}
+    family = cfg.model.make_family()
+    features = {d: cfg.encoder.item_features(catalogs[d], family) for d in models}
+    params = {"seed": cfg.run.seed, "progress": cfg.run.progress,
+              **cfg.merge.mergerec, "granularity": granularity}
     try:
         config = MergeRecConfig.from_keys(params)
         merged, report = mergerec(family, theta0, dict(models), features, config)
@@ -186,7 +186,7 @@ def _mergerec(
 
 
 def testtime_merges(
-    theta0: StateDict, models: Mapping[str, StateDict], cfg: Mapping[str, Any]
+    theta0: StateDict, models: Mapping[str, StateDict], cfg: Scenario
 ) -> tuple[dict[str, StateDict], dict[str, Any]]:
     """``mergerec_testtime`` for each held-out domain (when configured): MergeRec coefficients learned on pseudo-users
     of that domain's public catalog (:func:`fedmerge.merging.testtime.mergerec_for_new_catalog`), with
@@ -197,15 +197,15 @@ def testtime_merges(
     from fedmerge.merging.mergerec import MergeRecConfig
     from fedmerge.merging.testtime import mergerec_for_new_catalog
 
-    held_out = [d for d in domain_names(cfg) if d in cfg["data"]["held_out"]]
-    if TESTTIME_METHOD not in cfg["merge"]["methods"] or not held_out:
+    held_out = cfg.data.held_out_domains()
+    if TESTTIME_METHOD not in cfg.merge.methods or not held_out:
         return {}, {}
-    family, testtime = family_of(cfg), cfg["merge"]["testtime"]
-    seen = {d: item_features(cfg, load_catalog(cfg, d), family) for d in models} if testtime["include_seen"] else {}
-    params = {"seed": int(cfg["run"]["seed"]), "progress": bool(cfg["run"]["progress"]),
-              **cfg["merge"]["mergerec"], "granularity": testtime["granularity"]}
+    family, testtime = cfg.model.make_family(), cfg.merge.testtime
+    seen = {d: cfg.encoder.item_features(cfg.load_catalog(d), family) for d in models} if testtime.include_seen else {}
+    params = {"seed": cfg.run.seed, "progress": cfg.run.progress,
+              **cfg.merge.mergerec, "granularity": testtime.granularity}
     merged, reports = {}, {}
-    teacher = testtime["teacher"]
+    teacher = testtime.teacher
     if teacher != "theta0" and teacher not in models:  # its client was left out (rejected or silent)
         logger.warning("no %s: its teacher %s has no usable update", TESTTIME_METHOD, teacher)
         return {}, {h: {"skipped": f"teacher {teacher!r} has no usable update"} for h in held_out}
@@ -213,11 +213,11 @@ def testtime_merges(
         start = time.perf_counter()
         try:
             merged[h], report = mergerec_for_new_catalog(
-                family, theta0, dict(models), seen, h, item_features(cfg, load_catalog(cfg, h), family),
-                MergeRecConfig.from_keys(params), teacher=testtime["teacher"], include_seen=testtime["include_seen"])
+                family, theta0, dict(models), seen, h, cfg.encoder.item_features(cfg.load_catalog(h), family),
+                MergeRecConfig.from_keys(params), teacher=testtime.teacher, include_seen=testtime.include_seen)
         except ValueError as exc:
             raise FedmergeError(f"merge.testtime ({h}): {exc}") from exc
-        reports[h] = {**asdict(report), "seconds": round(time.perf_counter() - start, 3), **testtime}
+        reports[h] = {**asdict(report), "seconds": round(time.perf_counter() - start, 3), **asdict(testtime)}
     return merged, reports
 
 
@@ -234,17 +234,17 @@ class Federation:
     """One run: one-shot training, update checks, merges, FedAvg rounds and evaluation, over a transport."""
 
     def __init__(
-        self, cfg: Mapping[str, Any], theta0: StateDict, extra_models: Mapping[str, StateDict] | None = None,
+        self, cfg: Scenario, theta0: StateDict, extra_models: Mapping[str, StateDict] | None = None,
         out_dir: str | Path | None = None,
     ):
         """``out_dir``: where each accepted one-shot update is saved as it arrives (for ``--resume``)."""
         self.cfg = cfg
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.theta0 = theta0
-        self.family_name = cfg["model"]["family"]
+        self.family_name = cfg.model.family
         self.extra_models = dict(extra_models or {})
-        self.domains = domain_names(cfg)
-        self.train_domains = training_domains(cfg)
+        self.domains = cfg.data.domain_names()
+        self.train_domains = cfg.data.training_domains()
         self.held_out = [d for d in self.domains if d not in self.train_domains]
         self.timings: dict[str, float] = {}
         self.bytes = {d: {"sent": 0, "received": 0} for d in self.domains}
@@ -281,7 +281,7 @@ class Federation:
         from fedmerge.recommender import write_card
 
         name = INDIVIDUAL_PREFIX + domain
-        write_card(path, weights, self._model_card(name, "individual", [domain], self.cfg["model"]["params"], {}))
+        write_card(path, weights, self._model_card(name, "individual", [domain], self.cfg.model.params, {}))
         self.saved_models[name] = path
 
     def _model_card(
@@ -362,17 +362,17 @@ class Federation:
                                          check_update, max_bytes_for)
 
         label = label or domain
-        federation = self.cfg["federation"]
-        max_bytes = max_bytes_for(self.theta0, float(federation["max_update_slack"]))
+        federation = self.cfg.federation
+        max_bytes = max_bytes_for(self.theta0, federation.max_update_slack)
         try:
             if protocol.WEIGHTS not in content.array_records:
                 raise UpdateRejected("reply has no weights")
             update = protocol.from_record(content.array_records[protocol.WEIGHTS])
             check_update(self.theta0, update, self.family_name, expected_family=self.family_name, max_bytes=max_bytes)
-            check_fixed(self.theta0, update, family_of(self.cfg).fixed_parameters(self.theta0))
-            check_magnitude(update, float(federation["max_abs_value"]))
+            check_fixed(self.theta0, update, self.cfg.model.make_family().fixed_parameters(self.theta0))
+            check_magnitude(update, federation.max_abs_value)
             metrics, dropped = check_train_metrics(dict(content.metric_records.get(protocol.TRAIN_METRICS, {})),
-                                                   protocol.NUM_USERS, float(federation["max_num_users"]))
+                                                   protocol.NUM_USERS, federation.max_num_users)
         except UpdateRejected as exc:
             logger.warning("rejected the update of %s: %s", label, exc.reason)
             self.rejected[label] = exc.reason
@@ -387,10 +387,10 @@ class Federation:
         ``federation.norm_action = "clip"``, scaled to reference + s·τ_k and recorded under ``clipped``."""
         from fedmerge.validation import screen_norms, task_vector_norm
 
-        federation = self.cfg["federation"]
+        federation = self.cfg.federation
         norms = {d: task_vector_norm(reference, u) for d, u in updates.items()}
-        screen = screen_norms(norms, float(federation["norm_multiple"]), float(federation["norm_cap"]),
-                              str(federation["norm_action"]))
+        screen = screen_norms(norms, federation.norm_multiple, federation.norm_cap,
+                              federation.norm_action)
         for d, reason in screen.rejected.items():
             logger.warning("rejected the update of %s%s: %s", prefix, d, reason)
             self.rejected[prefix + d] = reason
@@ -409,7 +409,7 @@ class Federation:
         """FedmergeError unless at least ``federation.min_replies`` updates are usable; 0 (the default) means a
         strict majority of the K training clients, ⌊K/2⌋ + 1 (K = 1: 1, K = 2: 2, K = 3: 2), and
         ``min_replies = K`` needs every client."""
-        configured = int(self.cfg["federation"]["min_replies"])
+        configured = self.cfg.federation.min_replies
         needed = configured or len(self.train_domains) // 2 + 1
         if len(updates) < needed:
             rule = "" if configured else f" (0: a strict majority of the {len(self.train_domains)} training clients)"
@@ -456,26 +456,27 @@ class Federation:
     def fedavg_shares(self, n_users: Mapping[str, float]) -> dict[str, float]:
         """FedAvg client weights: ``federation.fedavg_weighting`` "users" (the reported counts, each client's share
         capped at ``federation.fedavg_max_share`` by :func:`capped_shares`) or "equal"."""
-        federation = self.cfg["federation"]
-        if federation["fedavg_weighting"] == "equal":
+        federation = self.cfg.federation
+        if federation.fedavg_weighting == "equal":
             return {d: 1.0 / len(n_users) for d in n_users}
-        return capped_shares(n_users, float(federation["fedavg_max_share"]))
+        return capped_shares(n_users, federation.fedavg_max_share)
 
     def aggregate_round(self, start: StateDict, updates: Mapping[str, StateDict], shares: Mapping[str, float]) -> StateDict:
         """One FedAvg round's new global weights: the share-weighted mean (``federation.fedavg_aggregation`` =
         "mean"), or a robust registry method (median, trimmed mean, clipped average) of the updates around
-        ``start``; the family's fixed weights are kept exactly at θ₀."""
+        ``start``; the family's fixed weights are kept exactly at θ₀. The mean sums in the domains' order, not the
+        order the replies arrived in (Flower's varies), so a round's float result is the same on both engines."""
         from fedmerge.merging import merge
 
-        rule = self.cfg["federation"]["fedavg_aggregation"]
+        rule = self.cfg.federation.fedavg_aggregation
         if rule == "mean":
-            new = fedavg_aggregate(updates, shares)
+            new = fedavg_aggregate({d: updates[d] for d in self.domains if d in updates}, shares)
         else:
             try:
-                new = merge(rule, start, dict(sorted(updates.items())), **self.cfg["merge"]["params"].get(rule, {}))
+                new = merge(rule, start, dict(sorted(updates.items())), **self.cfg.merge.params.get(rule, {}))
             except ValueError as exc:
                 raise FedmergeError(f"federation.fedavg_aggregation: {rule}: {exc}") from exc
-        return {**new, **{n: self.theta0[n] for n in family_of(self.cfg).fixed_parameters(self.theta0)}}
+        return {**new, **{n: self.theta0[n] for n in self.cfg.model.make_family().fixed_parameters(self.theta0)}}
 
     def collect_oneshot(self, transport: Transport) -> dict[str, StateDict]:
         """One-shot training from θ₀; each accepted update is checked and saved (atomically) as soon as it arrives."""
@@ -490,7 +491,7 @@ class Federation:
                 return
             individual[domain], self.train_metrics[domain] = accepted
             if self.out_dir is not None:
-                metadata = {FINGERPRINT_KEY: fingerprint, "family": self.family_name, "run": str(self.cfg["run"]["name"]),
+                metadata = {FINGERPRINT_KEY: fingerprint, "family": self.family_name, "run": self.cfg.run.name,
                             TRAIN_METRICS_KEY: json.dumps(self.train_metrics[domain])}
                 path = save_client_weights(self.out_dir, domain, individual[domain], metadata)
                 self.save_individual(domain, individual[domain], path)
@@ -520,7 +521,7 @@ class Federation:
         from fedmerge.metrics import USERS, evaluation_metric_names
         from fedmerge.validation import check_eval_metrics
 
-        expected = evaluation_metric_names([int(k) for k in self.cfg["eval"]["ks"]])
+        expected = evaluation_metric_names([int(k) for k in self.cfg.eval.ks])
         reported = {key[len(protocol.METRICS_PREFIX):]: dict(record) for key, record in content.metric_records.items()
                     if key.startswith(protocol.METRICS_PREFIX)}
         problems = {name: ["metrics for a model the server did not send; ignored"] for name in set(reported) - sent}
@@ -542,9 +543,9 @@ class Federation:
         ``saved``: the clients' one-shot weights of an earlier run (``--resume``): training is skipped (one-shot and
         FedAvg rounds); merging and evaluation run again.
         """
-        baselines = self.cfg["baselines"]
-        fedavg_rounds = 0 if saved is not None else int(baselines["fedavg_rounds"])
-        phases = tqdm(total=3 + fedavg_rounds, desc="federation", disable=not self.cfg["run"]["progress"])
+        baselines = self.cfg.baselines
+        fedavg_rounds = 0 if saved is not None else int(baselines.fedavg_rounds)
+        phases = tqdm(total=3 + fedavg_rounds, desc="federation", disable=not self.cfg.run.progress)
 
         start = time.perf_counter()
         if saved is None:
@@ -564,7 +565,7 @@ class Federation:
         phases.update()
 
         start = time.perf_counter()
-        catalogs = {d: load_catalog(self.cfg, d) for d in individual}
+        catalogs = {d: self.cfg.load_catalog(d) for d in individual}
         merged, self.merge_report = merge_replies(self.theta0, individual, catalogs, self.cfg)
         self.timings["merging"] = time.perf_counter() - start
         for method, weights in merged.items():
@@ -582,12 +583,12 @@ class Federation:
 
         start = time.perf_counter()
         shared = {**merged, **self.extra_models}
-        if baselines["theta0"]:
+        if baselines.theta0:
             shared["theta0"] = self.theta0
         models_for = {d: dict(shared) for d in self.domains}
         for h, weights in testtime.items():
             models_for[h][TESTTIME_METHOD] = weights
-        if baselines["individual"]:  # each held-out domain gets every training domain's model, zero-shot
+        if baselines.individual:  # each held-out domain gets every training domain's model, zero-shot
             for d, weights in individual.items():
                 models_for[d]["individual"] = weights
                 for h in self.held_out:
@@ -614,7 +615,7 @@ class Federation:
             phases.update()
         if self.fedavg_curve:
             self.save_model("fedavg", global_weights, "fedavg", self.train_domains,
-                            params=self.cfg["baselines"]["fedavg_local_params"], rounds=len(self.fedavg_curve))
+                            params=self.cfg.baselines.fedavg_local_params, rounds=len(self.fedavg_curve))
             self.models["fedavg"] = self.models.pop(f"fedavg_round{len(self.fedavg_curve)}")
             for r in range(1, len(self.fedavg_curve)):
                 self.models.pop(f"fedavg_round{r}", None)
@@ -633,7 +634,7 @@ class Federation:
         extra = {} if not isinstance(report, Mapping) else {"mergerec": {
             "coefficients": report["coefficients"], "config": report["config"],
             "chosen_start": report.get("chosen_start")}}
-        params = report["config"] if extra else self.cfg["merge"]["params"].get(method, {})
+        params = report["config"] if extra else self.cfg.merge.params.get(method, {})
         self.save_model(method, weights, method, self.merge_report["domains"], params=params, **extra)
 
     def results(self) -> dict[str, Any]:
@@ -645,7 +646,7 @@ class Federation:
         return {
             "status": "failed" if any(k.startswith(protocol.EVALUATE) for k in self.errors) else "ok",
             "domains": self.domains,
-            "held_out": list(self.cfg["data"]["held_out"]),
+            "held_out": list(self.cfg.data.held_out),
             "models": models,
             "fedavg_curve": self.fedavg_curve,
             "oneshot_bytes": self.oneshot_bytes,
@@ -675,7 +676,7 @@ def time_cap_warnings(oneshot: Mapping[str, TrainMetrics], fedavg: list[dict[str
     ]
 
 
-def load_saved_run(cfg: Mapping[str, Any], out_dir: str | Path) -> tuple[StateDict | None, dict[str, StateDict], dict[str, TrainMetrics]]:
+def load_saved_run(cfg: Scenario, out_dir: str | Path) -> tuple[StateDict | None, dict[str, StateDict], dict[str, TrainMetrics]]:
     """θ₀ (None if it was not saved), the clients' saved one-shot weights and their training metrics.
 
     Every weight file must carry this scenario's :func:`training_fingerprint` and name one of its training domains,
@@ -686,10 +687,10 @@ def load_saved_run(cfg: Mapping[str, Any], out_dir: str | Path) -> tuple[StateDi
     out_dir = Path(out_dir)
     saved = load_client_weights(out_dir)
     metadata = client_metadata(out_dir)
-    unknown = sorted(set(saved) - set(training_domains(cfg)))
+    unknown = sorted(set(saved) - set(cfg.data.training_domains()))
     if unknown:
         raise FedmergeError(f"saved weights of {unknown} under {out_dir} are not training domains of this scenario "
-                            f"({training_domains(cfg)})")
+                            f"({cfg.data.training_domains()})")
     fingerprint = training_fingerprint(cfg)
     stale = sorted(d for d in saved if metadata[d].get(FINGERPRINT_KEY) != fingerprint)
     if stale:
@@ -712,7 +713,7 @@ def load_fingerprinted(path: Path, fingerprint: str) -> StateDict:
 
 
 def run_federation(
-    cfg: Mapping[str, Any], transport: Transport, out_dir: str | Path | None = None, resume: bool = False
+    cfg: Scenario, transport: Transport, out_dir: str | Path | None = None, resume: bool = False
 ) -> dict[str, Any]:
     """θ₀, the optional joint oracle, then the federation phases over ``transport`` (shared by both engines).
 
@@ -741,7 +742,7 @@ def run_federation(
     federation.train_metrics.update(train_metrics)
     joint_seconds = 0.0
     try:
-        if cfg["baselines"]["joint"]:
+        if cfg.baselines.joint:
             start = time.perf_counter()
             joint_path = out_path / JOINT_FILE if out_path is not None else None
             if resume and joint_path.is_file():
@@ -749,7 +750,7 @@ def run_federation(
             else:
                 joint = joint_oracle(cfg, theta0)
             federation.extra_models["joint"] = joint
-            federation.save_model("joint", joint, "joint", training_domains(cfg),
+            federation.save_model("joint", joint, "joint", cfg.data.training_domains(),
                                   metadata={FINGERPRINT_KEY: fingerprint},
                                   non_private="trained on the pooled private data of every training domain")
             joint_seconds = time.perf_counter() - start

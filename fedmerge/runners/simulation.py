@@ -12,12 +12,11 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedmerge.config import domain_names
 from fedmerge.errors import FedmergeError
+from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 ENGINES = ("flower", "inprocess")
@@ -30,7 +29,7 @@ SIMULATION_POLL_S = 10.0  # seconds between `flwr ls` polls while the run has wr
 
 
 def run_scenario(
-    cfg: Mapping[str, Any], engine: str = "flower", out_dir: str | Path | None = None, resume: bool = False,
+    cfg: Scenario, engine: str = "flower", out_dir: str | Path | None = None, resume: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the resolved scenario ``cfg`` on ``engine``; write results to ``out_dir`` (if given) and return them.
@@ -59,7 +58,7 @@ def run_scenario(
         return _run_engine(cfg, engine, out_dir, resume)
 
 
-def _run_engine(cfg: Mapping[str, Any], engine: str, out_dir: str | Path | None, resume: bool) -> dict[str, Any]:
+def _run_engine(cfg: Scenario, engine: str, out_dir: str | Path | None, resume: bool) -> dict[str, Any]:
     if engine == "inprocess":
         from fedmerge.runners.inprocess import run_inprocess
 
@@ -72,7 +71,7 @@ def _run_engine(cfg: Mapping[str, Any], engine: str, out_dir: str | Path | None,
     return results
 
 
-def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Flower simulation through ``flwr run``: a private SuperLink with Flower's simulation runtime (Ray backend),
     ``num-supernodes`` = number of domains, one CPU per ClientApp.
 
@@ -103,7 +102,7 @@ def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = N
         results_path.unlink(missing_ok=True)  # a stale file must not pass for this run's result
         run_config = {"scenario": str(write_scenario(cfg, private / "scenario.toml")), "overrides": "",
                       "out-dir": str(target), "resume": resume, "out-dir-held": True}  # run_scenario holds out_dir
-        federation_config = {"num-supernodes": len(domain_names(cfg)), "client-resources-num-cpus": 1,
+        federation_config = {"num-supernodes": len(cfg.data.domain_names()), "client-resources-num-cpus": 1,
                              "init-args-num-cpus": len(os.sched_getaffinity(0)), "init-args-log-to-driver": verbose,
                              "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)}
         env = {**deployment_env(private), RAY_SINGLE_MACHINE_ENV: "0",
@@ -111,14 +110,14 @@ def run_flower_simulation(cfg: Mapping[str, Any], out_dir: str | Path | None = N
         start = time.perf_counter()
         with ProcessSet(private, env=env) as procs:
             link = start_superlink(procs, private, tls=None, node_auth=False, simulation=True,
-                                   startup_timeout_s=float(cfg["federation"]["startup_timeout_s"]))
+                                   startup_timeout_s=cfg.federation.startup_timeout_s)
             write_flower_config(Path(env["FLWR_HOME"]), link.address, None)
             flwr = FlwrClient(Path(env["FLWR_HOME"]), env=env)
             run_id = flwr.submit_run(app, run_config, federation_config)
             logger.info("submitted Flower simulation run %d to %s", run_id, link.address)
             if verbose:
                 procs.start("run-log", ["flwr", "log", str(run_id), CONNECTION, "--stream"], echo=True)
-            progress = FolderProgress(cfg, target, enabled=bool(cfg["run"]["progress"]) and not verbose)
+            progress = FolderProgress(cfg, target, enabled=cfg.run.progress and not verbose)
             try:
                 flwr.wait(run_id, float("inf"), SIMULATION_POLL_S, check=link.check_alive, ready=progress.poll)
             except RunFailed as exc:

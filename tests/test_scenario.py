@@ -1,0 +1,112 @@
+"""The typed Scenario: its fields, its one constructor's errors, and the exact round trip to a table and to TOML."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from dataclasses import FrozenInstanceError, fields, is_dataclass
+
+import pytest
+
+from fedmerge.config import (
+    DEFAULTS, FREE_TABLES, SCENARIO_DIR, apply_overrides, lay_over_defaults, load_scenario, write_scenario,
+)
+from fedmerge.errors import FedmergeError
+from fedmerge.scenario import EvalSettings, FederationSettings, RunSettings, Scenario, SyntheticSizes
+
+SHIPPED = sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+STUDY_SECTION = "privacy_study"  # the privacy study's own table (fedmerge.privacy.study), not a scenario section
+
+
+def _keys(section: object) -> dict[str, object]:
+    """A section's field names, each nested section as its own field names."""
+    return {f.name: _keys(getattr(section, f.name)) if is_dataclass(getattr(section, f.name)) else None
+            for f in fields(section)}
+
+
+def _default_keys(section: str) -> dict[str, object]:
+    """The same for :data:`DEFAULTS`: a table-valued key that is not a free table is a nested section."""
+    return {key: ({sub: None for sub in value} if isinstance(value, dict) and (section, key) not in FREE_TABLES
+                  else None) for key, value in DEFAULTS[section].items()}
+
+
+def test_sections_and_fields_match_the_defaults():
+    scenario = load_scenario("quickstart")
+    assert _keys(scenario) == {section: _default_keys(section) for section in DEFAULTS}
+    assert list(scenario.to_mapping()) == list(DEFAULTS)  # same section order in results.json as before
+
+
+def test_fields_are_typed_and_frozen():
+    scenario = load_scenario("quickstart", ["federation.timeout_s=10", "eval.ks=[5, 10]", "run.seeds=[0, 2]"])
+    assert isinstance(scenario.run, RunSettings) and scenario.run.seeds == (0, 2)
+    assert isinstance(scenario.eval, EvalSettings) and scenario.eval.ks == (5, 10)
+    assert isinstance(scenario.federation, FederationSettings)
+    assert scenario.federation.timeout_s == 10.0 and isinstance(scenario.federation.timeout_s, float)
+    assert isinstance(scenario.data.synthetic, SyntheticSizes) and scenario.data.synthetic.n_users == 200
+    assert scenario.merge.testtime.teacher == "theta0" and scenario.model.params["hidden"] == 32
+    assert scenario.data.domain_names() == ["synth-0", "synth-1", "synth-2"]
+    with pytest.raises(FrozenInstanceError):
+        scenario.run.seed = 3  # type: ignore[misc]
+
+
+def test_pieces_resolve_what_the_scenario_names():
+    scenario = load_scenario("quickstart", ['data.held_out=["synth-1"]', "data.synthetic.n_users=30",
+                                            "data.synthetic.n_items=20", 'encoder.name="hashing"'])
+    assert scenario.data.training_domains() == ["synth-0", "synth-2"]
+    assert scenario.data.held_out_domains() == ["synth-1"]
+    family = scenario.model.make_family({"hidden": 8})
+    assert family.name == "sequential" and family.config()["hidden"] == 8
+    catalog = scenario.load_catalog("synth-2")
+    assert catalog.ids == scenario.load_domain("synth-2").catalog.ids
+    features = scenario.encoder.item_features(catalog, family)
+    assert features.shape[-1] == scenario.encoder.feature_width(family)
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"eval": {"split": "train"}}, "eval.split must be 'val' or 'test', got 'train'"),
+    ({"run": {"seed": "zero"}}, "run.seed must be a int"),
+    ({"federation": {"norm_action": "drop"}}, "federation.norm_action must be one of ['reject', 'clip'], got 'drop'"),
+    ({"privacy": {"unit": "row"}}, "privacy.unit must be one of ['domain', 'user'], got 'row'"),
+    ({"merge": {"testtime": {"granularity": "row"}}}, "merge.testtime.granularity 'row' is unknown; valid:"),
+    ({"model": {"family": "sequential"}, "modell": {}}, "unknown section [modell]; valid:"),
+])
+def test_a_bad_value_names_its_key_and_the_valid_values(raw, message):
+    with pytest.raises(FedmergeError) as info:
+        Scenario.from_mapping(raw, source="test.toml")
+    assert message in str(info.value)
+
+
+def _shipped_table(name: str) -> dict:
+    raw = tomllib.loads((SCENARIO_DIR / f"{name}.toml").read_text())
+    raw.pop(STUDY_SECTION, None)
+    return raw
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_scenario_round_trips_through_its_table_and_toml(name, tmp_path):
+    raw = _shipped_table(name)
+    scenario = Scenario.from_mapping(raw, source=name)
+    table = scenario.to_mapping()
+    assert table == lay_over_defaults(raw)  # the resolved input, exactly (lists, not tuples)
+    assert Scenario.from_mapping(table) == scenario
+    written = write_scenario(scenario, tmp_path / f"{name}.toml")
+    assert tomllib.loads(written.read_text()) == table
+    assert load_scenario(written) == scenario
+
+
+def test_to_mapping_is_a_copy_and_overrides_leave_the_input_alone():
+    scenario = load_scenario("quickstart")
+    table = scenario.to_mapping()
+    table["model"]["params"]["hidden"] = 999
+    assert scenario.model.params["hidden"] == 32
+    changed = apply_overrides(scenario, ["model.params.hidden=8"])
+    assert changed.model.params["hidden"] == 8 and scenario.model.params["hidden"] == 32
+
+
+def test_server_side_modules_never_import_client_modules():
+    code = ("import sys; import fedmerge.runners.server, fedmerge.runners.baselines, fedmerge.recommender, "
+            "fedmerge.merging, server.app; "
+            "print([m for m in ('fedmerge.runners.client', 'clients.app') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
