@@ -832,7 +832,7 @@ class SequentialFamily(ModelFamily):
         stop_reason = STOP_MAX_EPOCHS
         for epoch in range(1, self.max_epochs + 1):
             module.train()
-            loss_sum = 0.0
+            loss_sum, steps_start = 0.0, time.perf_counter()
             with gradient_threads():  # thread-count independent steps; validation below uses every thread
                 for b, batch_indices in enumerate(length_buckets(lengths, self.batch_size, rng)):
                     batch = [windows[i] for i in batch_indices]
@@ -847,7 +847,7 @@ class SequentialFamily(ModelFamily):
                     if self.max_seconds is not None and time.perf_counter() - start > self.max_seconds:
                         out_of_time = True
                         break
-            loss_value = loss_sum / (b + 1)
+            loss_value, step_seconds = loss_sum / (b + 1), time.perf_counter() - steps_start
             weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
             val_module, text = self._loaded(weights, features)
             val = evaluate_scorer(self._module_scorer(val_module, text), domain, "val", max_len=self.max_len)
@@ -855,7 +855,7 @@ class SequentialFamily(ModelFamily):
                 text_cache = text  # the next epoch starts from these very weights
             ndcg = val["ndcg@10"]
             curve.append({"epoch": epoch, "loss": loss_value, "val_ndcg@10": ndcg, "val_recall@10": val["recall@10"],
-                          "seconds": time.perf_counter() - start,
+                          "seconds": time.perf_counter() - start, "step_seconds": step_seconds,
                           "cpu_seconds": time.process_time() - cpu_start})
             bar.update()
             bar.set_postfix(loss=f"{loss_value:.4f}", val_ndcg10=f"{ndcg:.4f}")
