@@ -136,8 +136,12 @@ def test_uniform_sampled_loss_with_the_whole_catalog_as_negatives_is_the_full_lo
     generator = torch.Generator().manual_seed(0)
     expected = full._batch_loss(module, windows, feats, generator)
     torch.testing.assert_close(sampled._batch_loss(module, windows, feats, generator), expected)
+    rows = []
+    module.adapter.register_forward_hook(lambda _module, args, _out: rows.append(len(args[0])))
+    windows = windows[:2]  # few items: the sampled loss runs the adapter on those and the 5 negatives only
     few = tiny_family(adapter=adapter, n_negatives=5)._batch_loss(module, windows, feats, generator)
-    assert not torch.isclose(few, expected)
+    assert not torch.isclose(few, full._batch_loss(module, windows, feats, generator))
+    assert rows[0] <= len(np.unique(np.concatenate(windows))) + 5 and rows[1] == 40
 
 
 def test_popularity_proposal_follows_training_counts_plus_one():
