@@ -32,7 +32,8 @@ over the domain's catalog (``n_negatives=None``) or, for large catalogs, a sampl
 popularity (``negative_sampling``) from the seeded generator, with the logQ correction; the sampled loss runs the
 item adapter only on the batch's items and the negatives. On Beauty (12,101 items, 1,024 uniform negatives, 3
 epochs, seeds 0-2, loaded 2-core CPU) a sampled epoch took 0.27 ± 0.12 of the full softmax's time at validation
-NDCG@10 .0342 ± .0026 against .0347 ± .0017 (``results/speed/``). AdamW; validation NDCG@10 each epoch through
+NDCG@10 .0342 ± .0026 against .0347 ± .0017 with the MLP adapter, but .0362 ± .0060 against .0398 ± .0046
+(lower on every seed) with the routed one (``results/speed/``). AdamW; validation NDCG@10 each epoch through
 :func:`fedmerge.metrics.evaluate_scorer`; early stopping with ``patience``; the best checkpoint is returned.
 Training stops after ``max_epochs`` or by early stopping - the same on every machine; ``max_seconds`` (off by
 default) is a wall-clock safety cap, and the metrics' ``stop_reason`` says which of the three ended it. Every
