@@ -136,4 +136,7 @@ def test_bad_settings_and_unsupported_families_are_named(domain, features):
     lae = get_family("text-lae")
     with pytest.raises(FedmergeError, match="sequential"):
         train_user_level(lae, {}, domain, features, UserLevelDP(1.0, 1.0, 0.5, 1.0))
+    popular = tiny_family(n_negatives=4, negative_sampling="popularity")
+    with pytest.raises(FedmergeError, match="popularity"):
+        train_user_level(popular, popular.initial_weights(12), domain, features, UserLevelDP(1.0, 1.0, 0.5, 1.0))
     assert np.isfinite(noise_multiplier(scenario(unit="user", noise_multiplier=0.7)))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fedmerge.data.domain import Domain, ItemCatalog, as_sequences
 from fedmerge.errors import FedmergeError
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models import get_family
 from fedmerge.models.base import pad_sequences
-from fedmerge.models.sequential import SequentialFamily, standardize_features, training_windows
+from fedmerge.models.sequential import SequentialFamily, sampled_softmax_loss, standardize_features, training_windows
 from fedmerge.privacy.dp import task_vector_norm
 
 DIM = 16
@@ -92,6 +93,82 @@ def test_sampled_softmax_with_moe_adapter_also_learns():
     feats = family.item_features(random_features(30, 1))
     weights, info = family.train(family.initial_weights(DIM), domain, feats, seed=0, progress=False)
     assert evaluate_scorer(family.scorer(weights, feats), domain, "val")["recall@10"] >= 0.9
+
+
+def test_sampled_softmax_over_every_item_once_without_correction_is_the_full_softmax():
+    scores = torch.randn(6, 9, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([0, 3, 8, 8, 2, 5])
+    every = torch.arange(9)
+    loss = sampled_softmax_loss(scores[torch.arange(6), targets], scores, torch.zeros(9),
+                                targets.unsqueeze(1) == every.unsqueeze(0))
+    torch.testing.assert_close(loss, F.cross_entropy(scores, targets))
+
+
+def test_logq_correction_makes_popularity_sampled_loss_estimate_the_full_loss():
+    """Many draws from a skewed proposal: the corrected loss is near the full loss, the uncorrected one far from it."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 50, generator=generator)
+    targets = torch.tensor([1, 7, 30, 49])
+    proposal = torch.arange(1, 51, dtype=torch.float64)
+    proposal /= proposal.sum()
+    draws = torch.multinomial(proposal, 20_000, replacement=True, generator=generator)
+    hits = targets.unsqueeze(1) == draws.unsqueeze(0)
+    args = (scores[torch.arange(4), targets], scores[:, draws])
+    full = F.cross_entropy(scores, targets)
+    corrected = sampled_softmax_loss(*args, torch.log(20_000 * proposal[draws]).float(), hits)
+    uncorrected = sampled_softmax_loss(*args, torch.zeros(len(draws)), hits)
+    assert abs(corrected - full) < 0.02
+    assert abs(uncorrected - full) > 1.0
+
+
+@pytest.mark.parametrize("adapter", ["mlp", "routed"])
+def test_uniform_sampled_loss_with_the_whole_catalog_as_negatives_is_the_full_loss(adapter):
+    """k = n uniform negatives: every item once (E[c_j] = 1), the adapter run on the used rows only."""
+    domain = cycle_domain(n_items=40, n_users=50, seed=1)
+    full = tiny_family(adapter=adapter)
+    sampled = tiny_family(adapter=adapter, n_negatives=100)
+    feats = full.item_features(random_features(40, 2))
+    dim = feats.shape[1]
+    theta0 = full.initial_weights(dim, seed=0, catalog_features=[feats])
+    module = full.load(theta0, dim)
+    module.adapter.requires_grad_(True)
+    windows = training_windows(domain.train, full.max_len)[:20]
+    generator = torch.Generator().manual_seed(0)
+    expected = full._batch_loss(module, windows, feats, generator)
+    torch.testing.assert_close(sampled._batch_loss(module, windows, feats, generator), expected)
+    rows = []
+    module.adapter.register_forward_hook(lambda _module, args, _out: rows.append(len(args[0])))
+    windows = windows[:2]  # few items: the sampled loss runs the adapter on those and the 5 negatives only
+    few = tiny_family(adapter=adapter, n_negatives=5)._batch_loss(module, windows, feats, generator)
+    assert not torch.isclose(few, full._batch_loss(module, windows, feats, generator))
+    assert rows[0] <= len(np.unique(np.concatenate(windows))) + 5 and rows[1] == 40
+
+
+def test_popularity_proposal_follows_training_counts_plus_one():
+    domain = cycle_domain(n_items=10, n_users=30, seed=4)
+    proposal = tiny_family(n_negatives=3, negative_sampling="popularity").negative_proposal(domain)
+    counts = np.bincount(np.concatenate(domain.train), minlength=10) + 1.0
+    np.testing.assert_allclose(proposal.numpy(), counts / counts.sum())
+    assert tiny_family(n_negatives=3).negative_proposal(domain) is None
+    with pytest.raises(ValueError, match="popularity"):
+        tiny_family(negative_sampling="frequency")
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "popularity"])
+def test_sampled_training_gives_identical_weights_with_one_and_two_threads(sampling):
+    domain = cycle_domain(n_items=300, n_users=150, seed=3)
+    family = tiny_family(n_negatives=64, negative_sampling=sampling, max_epochs=2, dropout=0.1)
+    feats = family.item_features(random_features(300, 1))
+    theta0 = family.initial_weights(DIM, seed=0)
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        runs.append(family.train(theta0, domain, feats, seed=0, progress=False))
+    (first, info1), (second, info2) = runs
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert info1["final_loss"] == info2["final_loss"]
+    other, _ = family.train(theta0, domain, feats, seed=1, progress=False)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
 
 
 def test_training_is_deterministic_under_a_seed():

@@ -93,6 +93,21 @@ def test_training_moves_the_tuned_layers_and_is_deterministic():
     assert "text_tower.0" in groups and all(n.startswith("text_tower.layers.0.") for n in groups["text_tower.0"])
 
 
+def test_sampled_loss_over_the_whole_catalog_is_the_full_loss_with_a_text_tower():
+    from fedmerge.models.sequential import training_windows
+
+    domain = text_domain(TITLES, 0, "a")
+    full, sampled = family(), family(n_negatives=len(TITLES))
+    features = full.catalog_features(domain.catalog, no_embeddings)
+    module = full.load(full.initial_weights(384), 384)
+    with torch.no_grad():
+        cache = module.text_embeddings(features)
+    windows = training_windows(domain.train, full.max_len)
+    generator = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(sampled._batch_loss(module, windows, features, generator, cache),
+                               full._batch_loss(module, windows, features, generator, cache))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_tuning_without_cuda_refuses_unless_the_cpu_is_asked_for():
     domain = text_domain(TITLES, 0, "a")

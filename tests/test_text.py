@@ -124,6 +124,9 @@ def test_identity_separates_settings() -> None:
     assert base.identity == SentenceEncoder(batch_size=7, progress=False).identity  # no effect on output
     assert base.identity != SentenceEncoder(max_length=32).identity
     assert base.identity != SentenceEncoder(normalize=False).identity
+    assert SentenceEncoder(precision="bfloat16").identity == base.identity + ":bf16"
+    with pytest.raises(ValueError, match=r"unknown precision 'int8'; valid: \['float32', 'bfloat16'\]"):
+        get_encoder("minilm", precision="int8")
     assert text_key(base.identity, "x") != text_key(SentenceEncoder(max_length=32).identity, "x")
     assert text_key("a", "x") != text_key("a", "y")
 
@@ -147,6 +150,15 @@ def test_minilm_from_package_embeds_similar_texts_closer() -> None:
     # batching sorts texts by length; rows must still come back in input order and not depend on padding
     single = np.vstack([enc.encode([t]) for t in texts])
     np.testing.assert_allclose(out, single, atol=1e-5)
+
+
+def test_bfloat16_minilm_stays_within_cosine_0999_of_float32() -> None:
+    texts = ["red lipstick for women", "a red lip stick", "steel hammer with wooden handle", "organic green tea, 20 bags"]
+    full = SentenceEncoder(progress=False).encode(texts)
+    half = SentenceEncoder(progress=False, precision="bfloat16").encode(texts)
+    assert half.dtype == np.float32 and not np.array_equal(full, half)  # the bf16 path did run
+    cosine = (full * half).sum(1) / np.linalg.norm(full, axis=1) / np.linalg.norm(half, axis=1)
+    assert cosine.min() >= 0.999
 
 
 # --- cache -----------------------------------------------------------------------------------------------------

@@ -149,6 +149,9 @@ def train_user_level(
     if family.encoder_layers:
         raise FedmergeError("user-level DP-SGD with encoder_layers > 0 is not supported (per-user passes through the "
                             "text tower); set encoder_layers = 0")
+    if family.n_negatives is not None and family.negative_sampling == "popularity":
+        raise FedmergeError("user-level DP-SGD cannot sample negatives by popularity (the item counts come from the "
+                            "private training data); set negative_sampling = 'uniform' or n_negatives = None")
     users = [w for w in (training_windows([seq], family.max_len) for seq in domain.train) if w]
     if not users:
         raise FedmergeError(f"domain {domain.name!r} has no training sequence with two or more items")

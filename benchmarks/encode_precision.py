@@ -1,0 +1,81 @@
+"""Benchmark: items/s and per-item cosine to float32 of MiniLM's faster paths, all in one process.
+
+Paths: ``float32`` (today's), ``bfloat16`` (:class:`~fedmerge.text.SentenceEncoder`'s ``precision="bfloat16"``,
+bf16 autocast) and ``int8`` (torch's dynamic int8 quantization of every Linear layer,
+``torch.ao.quantization.quantize_dynamic``; measured only, not offered: see the printed cosines). The first
+``--limit`` catalog texts are encoded ``--repeats`` times per path, the paths interleaved (so a shared machine's
+load hits them alike); items/s is the best repeat, cosines compare each row with its float32 row.
+
+    FEDMERGE_AMAZON_DIR=... python benchmarks/encode_precision.py /work/shared/datasets/amazon/Beauty.tar.gz \\
+        --limit 2000 --json results/speed/encode_beauty.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmerge.data import load_catalog
+from fedmerge.text import SentenceEncoder
+
+
+def int8_encoder() -> SentenceEncoder:
+    """A float32 MiniLM encoder whose loaded model has its Linear layers dynamically quantized to int8."""
+    encoder = SentenceEncoder(progress=False)
+    encoder._load()
+    with warnings.catch_warnings():  # torch's deprecation notice for torch.ao eager-mode quantization
+        warnings.simplefilter("ignore")
+        encoder._model = torch.ao.quantization.quantize_dynamic(encoder._model, {torch.nn.Linear}, dtype=torch.qint8)
+    return encoder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", help="domain folder or .tar.gz")
+    parser.add_argument("--limit", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    texts = load_catalog(args.data).texts()[: args.limit]
+    encoders = {"float32": SentenceEncoder(progress=False), "bfloat16": SentenceEncoder(progress=False, precision="bfloat16"),
+                "int8": int8_encoder()}
+    for encoder in encoders.values():
+        encoder.encode(texts[:8])  # load the weights, warm up
+    rates: dict[str, list[float]] = {name: [] for name in encoders}
+    rows: dict[str, np.ndarray] = {}
+    loads = [os.getloadavg()[0]]
+    for _ in range(args.repeats):
+        for name, encoder in encoders.items():
+            start = time.perf_counter()
+            rows[name] = encoder.encode(texts)
+            rates[name].append(len(texts) / (time.perf_counter() - start))
+            loads.append(os.getloadavg()[0])
+    reference = rows["float32"] / np.linalg.norm(rows["float32"], axis=1, keepdims=True)
+    result: dict[str, Any] = {"items": len(texts), "threads": args.threads, "cpus": os.cpu_count(),
+                              "load_1min": loads, "torch": torch.__version__, "paths": {}}
+    print(f"{len(texts)} items of {args.data}, {args.threads} threads, load {min(loads):.1f}-{max(loads):.1f}")
+    for name, out in rows.items():
+        cosine = (out / np.linalg.norm(out, axis=1, keepdims=True) * reference).sum(axis=1)
+        stats = {"items_per_s": max(rates[name]), "items_per_s_repeats": rates[name], "cosine_min": float(cosine.min()),
+                 "cosine_mean": float(cosine.mean()), "cosine_p01": float(np.quantile(cosine, 0.01)),
+                 "rows_below_0.999": int((cosine < 0.999).sum())}
+        result["paths"][name] = stats
+        print(f"{name:9} {stats['items_per_s']:7.1f} items/s  cosine to float32: min {stats['cosine_min']:.5f} "
+              f"mean {stats['cosine_mean']:.5f} 1% {stats['cosine_p01']:.5f}  rows < 0.999: {stats['rows_below_0.999']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
