@@ -412,6 +412,21 @@ def test_load_study_routes_study_keys_and_names_bad_ones(tiny_scenario):
         load_study(str(tiny_scenario), ["privacy_study.seeds=[1, 1]"])
 
 
+@pytest.mark.parametrize("name", ["privacy", "privacy-seq"])
+def test_shipped_privacy_scenarios_run_both_units_and_keep_the_larger_honest_domain(name):
+    """The Amazon study of Pantry + Toys: both units load (text-lae with its one λ), and the two-client norm screen,
+    which compared Toys' honest FedAvg update (norm 6.1) with Pantry's alone and stopped the run, is off."""
+    from fedmerge.privacy.study import load_study
+    from fedmerge.validation import screen_norms
+
+    cfg, study = load_study(name)
+    assert study["units"] == ["domain", "user"] and study["seeds"] == [0, 1, 2]
+    federation = cfg["federation"]
+    measured = {"Pantry": 1.2, "Toys": 6.101}  # text-lae, FedAvg round 2, no DP (Amazon, seed 0)
+    assert not screen_norms(measured, float(federation["norm_multiple"]), float(federation["norm_cap"]),
+                            str(federation["norm_action"])).rejected
+
+
 def test_interval_is_a_t_interval_over_seeds():
     from scipy.stats import t
 
