@@ -472,6 +472,7 @@ def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
     assert probe["theta0"]["gradient_alignment"]["auc"]["mean"] == 0.5  # τ = 0: no signal
     table = (out / "privacy.md").read_text()
     assert "| none | ∞ (no DP) |" in table and "| domain | 2 |" in table and "lira AUC" in table
+    assert "lira TPR@0.1%" in table and "lira TPR@1%" in table
     assert (out / "privacy.png").stat().st_size > 0
     assert "loss TPR@1%" in capsys.readouterr().out
     assert main(["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(out)]) == 1  # earlier runs kept

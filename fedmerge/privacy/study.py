@@ -267,21 +267,22 @@ def _cell(value: Mapping[str, Any] | None, digits: int = 4) -> str:
 
 def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], study: Mapping[str, Any],
                    cfg: Mapping[str, Any]) -> str:
-    """The study table: one row per (unit, ε); the metric of each method and reference, each attack's AUC and TPR."""
+    """The study table: one row per (unit, ε); the metric of each method and reference, each attack's AUC and TPR at
+    0.1 % and 1 % FPR."""
     from fedmerge.privacy.client import releases_per_client
 
     columns = list(dict.fromkeys(c for row in utility for c in row["metric"]))
     attacks = list(dict.fromkeys(a for row in probe["rows"] for a in row["attacks"]))
     by_cell = {(r["unit"], r["epsilon"]): r["attacks"] for r in probe["rows"]}
     header = ["unit", "ε", "z", *[f"{study['metric']} {c}" for c in columns],
-              *[f"{a} AUC" for a in attacks], *[f"{a} TPR@1%" for a in attacks]]
+              *[f"{a} AUC" for a in attacks], *[f"{a} TPR@0.1%" for a in attacks], *[f"{a} TPR@1%" for a in attacks]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in utility:
         found = by_cell.get((row["unit"], row["epsilon"]), {})
         cells_ = [row["unit"], "∞ (no DP)" if row["epsilon"] == "inf" else row["epsilon"], f"{row['noise_multiplier']:.3f}"]
         cells_ += [_cell(row["metric"].get(c)) for c in columns]
         cells_ += [_cell(found.get(a, {}).get("auc"), 3) for a in attacks]
-        cells_ += [_cell(found.get(a, {}).get("tpr@0.01"), 3) for a in attacks]
+        cells_ += [_cell(found.get(a, {}).get(score), 3) for score in ("tpr@0.001", "tpr@0.01") for a in attacks]
         lines.append("| " + " | ".join(cells_) + " |")
     privacy = cfg["privacy"]
     if cfg["model"]["family"] == "sequential":
