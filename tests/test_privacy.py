@@ -427,6 +427,17 @@ def test_shipped_privacy_scenarios_run_both_units_and_keep_the_larger_honest_dom
                             str(federation["norm_action"])).rejected
 
 
+def test_each_study_seed_draws_other_dp_noise(tiny_scenario):
+    """A seeded study used one noise draw for every seed (Amazon text-lae: identical utility over seeds 0-2)."""
+    from fedmerge.privacy.study import dp_config, load_study
+
+    cfg, _ = load_study(str(tiny_scenario), ["privacy.noise_seed=5"])
+    seeds = [dp_config(cfg, "domain", 2.0, 1e-5, seed=s)[0]["privacy"]["noise_seed"] for s in (0, 1, 2)]
+    assert seeds[0] == 5 and len(set(seeds)) == 3
+    entropy, _ = load_study(str(tiny_scenario), ["privacy.noise_seed=-1"])
+    assert dp_config(entropy, "user", 2.0, 1e-5, seed=3)[0]["privacy"]["noise_seed"] == -1
+
+
 def test_interval_is_a_t_interval_over_seeds():
     from scipy.stats import t
 

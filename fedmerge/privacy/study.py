@@ -54,6 +54,7 @@ STUDY_DEFAULTS: dict[str, Any] = {
     "reference_models": 4,
 }
 NO_DP = "none"  # the unit label of the ε = ∞ cells
+NOISE_SEED_STRIDE = 1_000_003  # a seeded study's noise seed moves by this per study seed (see dp_config)
 
 
 def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -123,7 +124,11 @@ def validate_study(study: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
 
 def dp_config(cfg: Mapping[str, Any], unit: str, epsilon: float, delta: float, seed: int) -> tuple[dict[str, Any], float]:
     """(config of one cell, its noise multiplier z): run seed ``seed``, DP off for ε = ∞, else ``privacy.unit`` =
-    ``unit`` calibrated to (ε, δ) over all of a client's releases (:func:`fedmerge.privacy.client.noise_multiplier`)."""
+    ``unit`` calibrated to (ε, δ) over all of a client's releases (:func:`fedmerge.privacy.client.noise_multiplier`).
+
+    A seeded study (``privacy.noise_seed`` = b ≥ 0) draws other noise for every study seed s: noise seed
+    b + 1000003·s (b itself for s = 0), so the interval over seeds covers the noise; b < 0 keeps OS entropy.
+    """
     from fedmerge.privacy.client import noise_multiplier
 
     out = copy.deepcopy(dict(cfg))
@@ -131,8 +136,9 @@ def dp_config(cfg: Mapping[str, Any], unit: str, epsilon: float, delta: float, s
     if math.isinf(epsilon):
         out["privacy"] = {**out["privacy"], "enabled": False}
         return out, 0.0
+    base = int(out["privacy"]["noise_seed"])
     out["privacy"] = {**out["privacy"], "enabled": True, "unit": unit, "target_epsilon": float(epsilon),
-                      "delta": float(delta)}
+                      "delta": float(delta), "noise_seed": base if base < 0 else base + NOISE_SEED_STRIDE * int(seed)}
     return out, noise_multiplier(out)
 
 
