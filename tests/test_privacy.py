@@ -412,6 +412,31 @@ def test_load_study_routes_study_keys_and_names_bad_ones(tiny_scenario):
         load_study(str(tiny_scenario), ["privacy_study.seeds=[1, 1]"])
 
 
+@pytest.mark.parametrize("name", ["privacy", "privacy-seq"])
+def test_shipped_privacy_scenarios_run_both_units_and_keep_the_larger_honest_domain(name):
+    """The Amazon study of Pantry + Toys: both units load (text-lae with its one λ), and the norm screen keeps Toys'
+    honest FedAvg update (norm 6.1, 5x Pantry's), which it used to reject with two clients, stopping the run."""
+    from fedmerge.privacy.study import load_study
+    from fedmerge.validation import screen_norms
+
+    cfg, study = load_study(name)
+    assert study["units"] == ["domain", "user"] and study["seeds"] == [0, 1, 2]
+    federation = cfg.federation
+    measured = {"Pantry": 1.2, "Toys": 6.101}  # text-lae, FedAvg round 2, no DP (Amazon, seed 0)
+    assert not screen_norms(measured, federation.norm_multiple, federation.norm_cap, federation.norm_action).rejected
+
+
+def test_each_study_seed_draws_other_dp_noise(tiny_scenario):
+    """A seeded study used one noise draw for every seed (Amazon text-lae: identical utility over seeds 0-2)."""
+    from fedmerge.privacy.study import dp_config, load_study
+
+    cfg, _ = load_study(str(tiny_scenario), ["privacy.noise_seed=5"])
+    seeds = [dp_config(cfg, "domain", 2.0, 1e-5, seed=s)[0].privacy.noise_seed for s in (0, 1, 2)]
+    assert seeds[0] == 5 and len(set(seeds)) == 3
+    entropy, _ = load_study(str(tiny_scenario), ["privacy.noise_seed=-1"])
+    assert dp_config(entropy, "user", 2.0, 1e-5, seed=3)[0].privacy.noise_seed == -1
+
+
 def test_interval_is_a_t_interval_over_seeds():
     from scipy.stats import t
 
@@ -457,6 +482,7 @@ def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
     assert probe["theta0"]["gradient_alignment"]["auc"]["mean"] == 0.5  # τ = 0: no signal
     table = (out / "privacy.md").read_text()
     assert "| none | ∞ (no DP) |" in table and "| domain | 2 |" in table and "lira AUC" in table
+    assert "lira TPR@0.1%" in table and "lira TPR@1%" in table
     assert (out / "privacy.png").stat().st_size > 0
     assert "loss TPR@1%" in capsys.readouterr().out
     assert main(["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(out)]) == 1  # earlier runs kept

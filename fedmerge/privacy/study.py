@@ -55,6 +55,7 @@ STUDY_DEFAULTS: dict[str, Any] = {
     "reference_models": 4,
 }
 NO_DP = "none"  # the unit label of the ε = ∞ cells
+NOISE_SEED_STRIDE = 1_000_003  # a seeded study's noise seed moves by this per study seed (see dp_config)
 
 
 def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, dict[str, Any]]:
@@ -123,14 +124,20 @@ def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
 
 def dp_config(cfg: Scenario, unit: str, epsilon: float, delta: float, seed: int) -> tuple[Scenario, float]:
     """(config of one cell, its noise multiplier z): run seed ``seed``, DP off for ε = ∞, else ``privacy.unit`` =
-    ``unit`` calibrated to (ε, δ) over all of a client's releases (:func:`fedmerge.privacy.client.noise_multiplier`)."""
+    ``unit`` calibrated to (ε, δ) over all of a client's releases (:func:`fedmerge.privacy.client.noise_multiplier`).
+
+    A seeded study (``privacy.noise_seed`` = b ≥ 0) draws other noise for every study seed s: noise seed
+    b + 1000003·s (b itself for s = 0), so the interval over seeds covers the noise; b < 0 keeps OS entropy.
+    """
     from fedmerge.privacy.client import noise_multiplier
 
     out = replace(cfg, run=replace(cfg.run, seed=int(seed)))
     if math.isinf(epsilon):
         return replace(out, privacy=replace(out.privacy, enabled=False)), 0.0
+    base = out.privacy.noise_seed
     out = replace(out, privacy=replace(out.privacy, enabled=True, unit=unit, target_epsilon=float(epsilon),
-                                       delta=float(delta)))
+                                       delta=float(delta),
+                                       noise_seed=base if base < 0 else base + NOISE_SEED_STRIDE * int(seed)))
     return out, noise_multiplier(out)
 
 
@@ -263,21 +270,22 @@ def _cell(value: Mapping[str, Any] | None, digits: int = 4) -> str:
 
 def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], study: Mapping[str, Any],
                    cfg: Scenario) -> str:
-    """The study table: one row per (unit, ε); the metric of each method and reference, each attack's AUC and TPR."""
+    """The study table: one row per (unit, ε); the metric of each method and reference, each attack's AUC and TPR at
+    0.1 % and 1 % FPR."""
     from fedmerge.privacy.client import releases_per_client
 
     columns = list(dict.fromkeys(c for row in utility for c in row["metric"]))
     attacks = list(dict.fromkeys(a for row in probe["rows"] for a in row["attacks"]))
     by_cell = {(r["unit"], r["epsilon"]): r["attacks"] for r in probe["rows"]}
     header = ["unit", "ε", "z", *[f"{study['metric']} {c}" for c in columns],
-              *[f"{a} AUC" for a in attacks], *[f"{a} TPR@1%" for a in attacks]]
+              *[f"{a} AUC" for a in attacks], *[f"{a} TPR@0.1%" for a in attacks], *[f"{a} TPR@1%" for a in attacks]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in utility:
         found = by_cell.get((row["unit"], row["epsilon"]), {})
         cells_ = [row["unit"], "∞ (no DP)" if row["epsilon"] == "inf" else row["epsilon"], f"{row['noise_multiplier']:.3f}"]
         cells_ += [_cell(row["metric"].get(c)) for c in columns]
         cells_ += [_cell(found.get(a, {}).get("auc"), 3) for a in attacks]
-        cells_ += [_cell(found.get(a, {}).get("tpr@0.01"), 3) for a in attacks]
+        cells_ += [_cell(found.get(a, {}).get(score), 3) for score in ("tpr@0.001", "tpr@0.01") for a in attacks]
         lines.append("| " + " | ".join(cells_) + " |")
     privacy = cfg.privacy
     if cfg.model.family == "sequential":
