@@ -394,7 +394,9 @@ def test_load_study_routes_study_keys_and_names_bad_ones(tiny_scenario):
     from fedmerge.privacy.study import dp_config, load_study
 
     cfg, study = load_study(str(tiny_scenario), ["privacy_study.delta=1e-6", "baselines.fedavg_rounds=3"])
-    assert study["delta"] == 1e-6 and study["epsilons"] == [math.inf, 2.0]
+    assert study.delta == 1e-6 and study.epsilons == (math.inf, 2.0)
+    with pytest.raises(AttributeError):  # typed and frozen
+        study.delta = 0.5  # type: ignore[misc]
     dp_cfg, z = dp_config(cfg, "domain", 2.0, 1e-6, seed=4)
     assert dp_cfg.privacy.enabled and z == pytest.approx(noise_multiplier_for(2.0, 1e-6, rounds=4))
     assert dp_cfg.run.seed == 4 and dp_cfg.privacy.target_epsilon == 2.0
@@ -405,7 +407,7 @@ def test_load_study_routes_study_keys_and_names_bad_ones(tiny_scenario):
     with pytest.raises(FedmergeError, match="methods"):
         load_study(str(tiny_scenario), ["privacy_study.methods=['dare']"])
     _, both = load_study(str(tiny_scenario), ["privacy_study.units=['domain', 'user']"])  # text-lae, one λ
-    assert both["units"] == ["domain", "user"]
+    assert both.units == ("domain", "user")
     with pytest.raises(FedmergeError, match="one λ"):
         load_study(str(tiny_scenario), ["privacy_study.units=['user']", "model.params.lam=[1.0, 10.0]"])
     with pytest.raises(FedmergeError, match="seeds"):
@@ -420,7 +422,7 @@ def test_shipped_privacy_scenarios_run_both_units_and_keep_the_larger_honest_dom
     from fedmerge.validation import screen_norms
 
     cfg, study = load_study(name)
-    assert study["units"] == ["domain", "user"] and study["seeds"] == [0, 1, 2]
+    assert study.units == ("domain", "user") and study.seeds == (0, 1, 2)
     federation = cfg.federation
     measured = {"Pantry": 1.2, "Toys": 6.101}  # text-lae, FedAvg round 2, no DP (Amazon, seed 0)
     assert not screen_norms(measured, federation.norm_multiple, federation.norm_cap, federation.norm_action).rejected

@@ -28,7 +28,7 @@ import math
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,24 +41,31 @@ from fedmerge.scenario import Scenario
 logger = logging.getLogger(__name__)
 
 STUDY_SECTION = "privacy_study"
-STUDY_DEFAULTS: dict[str, Any] = {
-    "epsilons": [math.inf, 8.0, 4.0, 1.0],
-    "delta": 1e-5,
-    "units": ["domain"],
-    "seeds": [0],
-    "methods": ["average", "ties", "mergerec_taskwise"],
-    "metric": "recall@10",
-    "probe_domain": "",
-    "member_fraction": 0.5,
-    "probe_max_users": 2000,
-    "probe_positions": "last",
-    "reference_models": 4,
-}
+
+
+@dataclass(frozen=True)
+class PrivacyStudySettings:
+    """The ``[privacy_study]`` table, typed and validated by :func:`load_study` (meaning of each key: module docstring)."""
+
+    epsilons: tuple[float, ...] = (math.inf, 8.0, 4.0, 1.0)
+    delta: float = 1e-5
+    units: tuple[str, ...] = ("domain",)
+    seeds: tuple[int, ...] = (0,)
+    methods: tuple[str, ...] = ("average", "ties", "mergerec_taskwise")
+    metric: str = "recall@10"
+    probe_domain: str = ""
+    member_fraction: float = 0.5
+    probe_max_users: int = 2000
+    probe_positions: str = "last"
+    reference_models: int = 4
+
+
+STUDY_KEYS = tuple(f.name for f in fields(PrivacyStudySettings))
 NO_DP = "none"  # the unit label of the ε = ∞ cells
 NOISE_SEED_STRIDE = 1_000_003  # a seeded study's noise seed moves by this per study seed (see dp_config)
 
 
-def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, dict[str, Any]]:
+def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, PrivacyStudySettings]:
     """(resolved scenario, study settings): the ``[privacy_study]`` table is the study's, the rest is a scenario."""
     from fedmerge.config import apply_overrides, parse_value, scenario_path
 
@@ -67,7 +74,7 @@ def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, 
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise FedmergeError(f"scenario {path}: invalid TOML: {exc}") from exc
-    study = dict(STUDY_DEFAULTS)
+    study = asdict(PrivacyStudySettings())
     prefix = f"{STUDY_SECTION}."
     items = [(k, v, str(path)) for k, v in raw.pop(STUDY_SECTION, {}).items()]
     for item in overrides:
@@ -77,13 +84,13 @@ def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, 
                 raise FedmergeError(f"override {item!r} must look like {prefix}key=value")
             items.append((key.strip(), parse_value(text.strip()), f"override {item!r}"))
     for key, value, source in items:
-        if key not in STUDY_DEFAULTS:
-            raise FedmergeError(f"{source}: unknown key {prefix}{key}; valid: {sorted(STUDY_DEFAULTS)}")
+        if key not in STUDY_KEYS:
+            raise FedmergeError(f"{source}: unknown key {prefix}{key}; valid: {sorted(STUDY_KEYS)}")
         study[key] = value
     scenario_overrides = [o for o in overrides if not o.startswith(prefix)]
     cfg = apply_overrides(Scenario.from_mapping(raw, source=str(path)), scenario_overrides)
     validate_study(study, cfg)
-    return cfg, study
+    return cfg, PrivacyStudySettings(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in study.items()})
 
 
 def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
@@ -91,12 +98,12 @@ def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
     from fedmerge.privacy.client import UNITS, check_user_level
 
     eps = study["epsilons"]
-    if not isinstance(eps, list) or not eps or not all(isinstance(e, (int, float)) and e > 0 for e in eps):
+    if not isinstance(eps, list | tuple) or not eps or not all(isinstance(e, (int, float)) and e > 0 for e in eps):
         raise FedmergeError(f"{STUDY_SECTION}.epsilons must be a non-empty list of numbers > 0 (inf allowed), got {eps!r}")
     if not 0 < float(study["delta"]) < 1:
         raise FedmergeError(f"{STUDY_SECTION}.delta must lie in (0, 1), got {study['delta']!r}")
     units = study["units"]
-    if not isinstance(units, list) or not units or any(u not in UNITS for u in units):
+    if not isinstance(units, list | tuple) or not units or any(u not in UNITS for u in units):
         raise FedmergeError(f"{STUDY_SECTION}.units must be a non-empty list of {list(UNITS)}, got {units!r}")
     if "user" in units:
         try:
@@ -104,7 +111,7 @@ def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
         except FedmergeError as err:
             raise FedmergeError(f"{STUDY_SECTION}.units: {err}") from err
     seeds = study["seeds"]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) < len(seeds):
+    if not isinstance(seeds, list | tuple) or not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) < len(seeds):
         raise FedmergeError(f"{STUDY_SECTION}.seeds must be a non-empty list of distinct integers, got {seeds!r}")
     unknown = [m for m in study["methods"] if m not in cfg.merge.methods]
     if unknown:
@@ -158,35 +165,35 @@ def interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(x.size), "values": x.tolist()}
 
 
-def cells(study: Mapping[str, Any]) -> list[tuple[str, float]]:
+def cells(study: PrivacyStudySettings) -> list[tuple[str, float]]:
     """(unit, ε) of the grid: one (``none``, ∞) cell if ∞ is asked, then every unit × finite ε."""
-    eps = [float(e) for e in study["epsilons"]]
+    eps = [float(e) for e in study.epsilons]
     out = [(NO_DP, math.inf)] if any(math.isinf(e) for e in eps) else []
-    return out + [(u, e) for u in study["units"] for e in eps if not math.isinf(e)]
+    return out + [(u, e) for u in study.units for e in eps if not math.isinf(e)]
 
 
 def utility_sweep(
-    cfg: Scenario, study: Mapping[str, Any], out_dir: Path, overwrite: bool = False
+    cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwrite: bool = False
 ) -> list[dict[str, Any]]:
     """One in-process run per cell and seed; per cell the metric of every study method over the seeds
     (``overwrite``: replace the run folders an earlier study left; refused otherwise)."""
     from fedmerge.runners import run_scenario
 
     rows = []
-    metric = study["metric"]
+    metric = study.metric
     for unit, epsilon in cells(study):
         per_seed: list[dict[str, float | None]] = []
-        row: dict[str, Any] = {"unit": unit, "epsilon": epsilon_label(epsilon), "seeds": list(study["seeds"])}
+        row: dict[str, Any] = {"unit": unit, "epsilon": epsilon_label(epsilon), "seeds": list(study.seeds)}
         start = time.perf_counter()
-        for seed in study["seeds"]:
-            run_cfg, z = dp_config(cfg, unit, epsilon, float(study["delta"]), seed)
+        for seed in study.seeds:
+            run_cfg, z = dp_config(cfg, unit, epsilon, float(study.delta), seed)
             row["noise_multiplier"] = z
             logger.info("privacy study: unit %s, ε=%s, seed %d, noise multiplier %.4g", unit, epsilon_label(epsilon),
                         seed, z)
             results = run_scenario(run_cfg, engine="inprocess", overwrite=overwrite,
                                    out_dir=out_dir / unit / f"eps-{epsilon_label(epsilon)}" / f"seed-{seed}")
             models = results["models"]
-            names = [m for m in (*study["methods"], "fedavg", "theta0", "individual") if m in models]
+            names = [m for m in (*study.methods, "fedavg", "theta0", "individual") if m in models]
             per_seed.append({m: models[m]["average"].get(metric) for m in names})
             eps_reported = [m["dp_epsilon_run"] for m in results.get("train_metrics", {}).values() if "dp_epsilon_run" in m]
             if eps_reported:
@@ -211,22 +218,22 @@ def _reference_config(cfg: Scenario, k: int) -> Scenario:
     return replace(cfg, privacy=replace(cfg.privacy, noise_seed=-1 if base < 0 else base + 7919 * (k + 1)))
 
 
-def attack_sweep(cfg: Scenario, study: Mapping[str, Any]) -> dict[str, Any]:
+def attack_sweep(cfg: Scenario, study: PrivacyStudySettings) -> dict[str, Any]:
     """Attack scores against the member-trained probe client in every cell (and against θ₀ as a chance control)."""
     from fedmerge.privacy.attacks import reference_models, run_attacks, summary
     from fedmerge.privacy.membership import split_members
     from fedmerge.runners.client import client_train
     from fedmerge.runners.server import initial_weights
 
-    name = study["probe_domain"] or cfg.data.training_domains()[0]
-    limit, positions = int(study["probe_max_users"]), study["probe_positions"]
+    name = study.probe_domain or cfg.data.training_domains()[0]
+    limit, positions = int(study.probe_max_users), study.probe_positions
     rows, controls, sizes = [], [], {}
     for unit, epsilon in cells(study):
         per_seed = []
-        for seed in study["seeds"]:
-            run_cfg, z = dp_config(cfg, unit, epsilon, float(study["delta"]), seed)
+        for seed in study.seeds:
+            run_cfg, z = dp_config(cfg, unit, epsilon, float(study.delta), seed)
             domain = run_cfg.load_domain(name)
-            members, rest = split_members(domain, float(study["member_fraction"]), seed=seed)
+            members, rest = split_members(domain, float(study.member_fraction), seed=seed)
             nonmembers, reference = split_members(rest, 0.5, seed=seed + 1)
             family = run_cfg.model.make_family()
             features = run_cfg.encoder.item_features(domain.catalog, family)
@@ -234,8 +241,8 @@ def attack_sweep(cfg: Scenario, study: Mapping[str, Any]) -> dict[str, Any]:
             shipped, _ = client_train(members, theta0, run_cfg, features=features)
             refs = reference_models(
                 lambda users, k: client_train(users, theta0, _reference_config(run_cfg, k), features=features)[0],
-                reference, int(study["reference_models"]), seed=seed,
-            ) if int(study["reference_models"]) else []
+                reference, int(study.reference_models), seed=seed,
+            ) if int(study.reference_models) else []
             member_seqs = _subsample(members.train_with_val(), limit, seed)
             nonmember_seqs = _subsample(nonmembers.train_with_val(), limit, seed + 1)
             per_seed.append(run_attacks(family, theta0, shipped, features, member_seqs, nonmember_seqs, refs, positions))
@@ -248,7 +255,7 @@ def attack_sweep(cfg: Scenario, study: Mapping[str, Any]) -> dict[str, Any]:
                         summary(per_seed[-1]))
         rows.append({"unit": unit, "epsilon": epsilon_label(epsilon), "noise_multiplier": z,
                      "attacks": _over_seeds(per_seed)})
-    return {"domain": name, **sizes, "positions": positions, "reference_models": int(study["reference_models"]),
+    return {"domain": name, **sizes, "positions": positions, "reference_models": int(study.reference_models),
             "rows": rows, "theta0": _over_seeds(controls) if controls else {}}
 
 
@@ -268,7 +275,7 @@ def _cell(value: Mapping[str, Any] | None, digits: int = 4) -> str:
     return f"{value['mean']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]"
 
 
-def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], study: Mapping[str, Any],
+def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], study: PrivacyStudySettings,
                    cfg: Scenario) -> str:
     """The study table: one row per (unit, ε); the metric of each method and reference, each attack's AUC and TPR at
     0.1 % and 1 % FPR."""
@@ -277,7 +284,7 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
     columns = list(dict.fromkeys(c for row in utility for c in row["metric"]))
     attacks = list(dict.fromkeys(a for row in probe["rows"] for a in row["attacks"]))
     by_cell = {(r["unit"], r["epsilon"]): r["attacks"] for r in probe["rows"]}
-    header = ["unit", "ε", "z", *[f"{study['metric']} {c}" for c in columns],
+    header = ["unit", "ε", "z", *[f"{study.metric} {c}" for c in columns],
               *[f"{a} AUC" for a in attacks], *[f"{a} TPR@0.1%" for a in attacks], *[f"{a} TPR@1%" for a in attacks]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in utility:
@@ -295,7 +302,7 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
         user = f"Gaussian mechanism on the Gram matrix, user profile bound {privacy.user_norm_bound:g}"
     control = ", ".join(f"{a} {v['auc']['mean']:.3f}" for a, v in probe.get("theta0", {}).items())
     notes = (
-        f"\nSeeds {list(study['seeds'])} (mean, 95 % t-interval in brackets when > 1 seed); δ = {study['delta']:g}; "
+        f"\nSeeds {list(study.seeds)} (mean, 95 % t-interval in brackets when > 1 seed); δ = {study.delta:g}; "
         f"{releases_per_client(cfg)} release(s) per client composed. Unit 'domain': the client's whole data set "
         f"(update clipped to C = {privacy.clip_norm:g}); unit 'user': one user's interactions ({user}). "
         f"Attacks on {probe['domain']} "
@@ -306,7 +313,7 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
     return "\n".join(lines) + "\n" + notes + "\n"
 
 
-def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], study: Mapping[str, Any], path: Path) -> None:
+def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], study: PrivacyStudySettings, path: Path) -> None:
     """Left: metric vs ε per method and unit; right: the frontier, metric vs the strongest attack's TPR at 1 % FPR."""
     import matplotlib
 
@@ -316,12 +323,12 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], s
     labels = list(dict.fromkeys("∞" if r["epsilon"] == "inf" else r["epsilon"] for r in utility))
     position = {label: i for i, label in enumerate(labels)}
     by_cell = {(r["unit"], r["epsilon"]): r["attacks"] for r in probe["rows"]}
-    methods = [m for m in (*study["methods"], "fedavg") if any(m in r["metric"] for r in utility)]
+    methods = [m for m in (*study.methods, "fedavg") if any(m in r["metric"] for r in utility)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     markers = {"domain": "o", "user": "s"}
     for m_index, method in enumerate(methods):
         color = f"C{m_index}"
-        for unit in study["units"]:
+        for unit in study.units:
             rows = [r for r in utility if r["unit"] in (unit, NO_DP)]
             x = [position["∞" if r["epsilon"] == "inf" else r["epsilon"]] for r in rows]
             y = [r["metric"][method]["mean"] for r in rows]
@@ -335,22 +342,22 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], s
                 right.annotate("no DP" if r["epsilon"] == "inf" else f"ε={r['epsilon']}", (t, y_), fontsize=7,
                                textcoords="offset points", xytext=(3, 3))
     left.set(xticks=range(len(labels)), xticklabels=labels, xlabel="ε (δ fixed)",
-             ylabel=f"{study['metric']} (avg over domains)")
+             ylabel=f"{study.metric} (avg over domains)")
     left.legend(fontsize=7)
-    right.set(xlabel=f"strongest attack's TPR at 1 % FPR ({probe['domain']})", ylabel=f"{study['metric']}")
+    right.set(xlabel=f"strongest attack's TPR at 1 % FPR ({probe['domain']})", ylabel=f"{study.metric}")
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def run_study(cfg: Scenario, study: Mapping[str, Any], out_dir: Path, overwrite: bool = False) -> str:
+def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwrite: bool = False) -> str:
     """The whole study into ``out_dir`` (see the module docstring; ``overwrite``: replace an earlier study's run
     folders there); returns the markdown table."""
     from fedmerge.privacy.client import releases_per_client
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    study_json = {**study, "epsilons": [epsilon_label(float(e)) for e in study["epsilons"]]}
+    study_json = {**asdict(study), "epsilons": [epsilon_label(float(e)) for e in study.epsilons]}
     utility = utility_sweep(cfg, study, out_dir, overwrite=overwrite)
     write_json_atomic(out_dir / "privacy.json", {"study": study_json, "utility": utility})  # kept if the attacks fail
     probe = attack_sweep(cfg, study)
