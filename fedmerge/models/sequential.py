@@ -462,6 +462,10 @@ class TextSASRec(nn.Module):
         """``cos(h, e_i) / τ`` for hidden states (..., hidden) against item representations (n, hidden)."""
         return (F.normalize(hidden, dim=-1) / self.temperature) @ F.normalize(items, dim=-1).T
 
+    def paired_logits(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``cos(h_r, e_r) / τ`` row by row: the diagonal of :meth:`logits` for hidden states and items both (P, hidden)."""
+        return ((F.normalize(hidden, dim=-1) / self.temperature) * F.normalize(items, dim=-1)).sum(-1)
+
     def forward(self, seqs: torch.Tensor, item_features: torch.Tensor) -> torch.Tensor:
         items = self.item_representations(item_features)
         return self.logits(self.encode(seqs, items, last_only=True)[:, -1], items)
@@ -761,10 +765,8 @@ class SequentialFamily(ModelFamily):
         targets = targets[:, -hidden.shape[1] :]
         valid = targets != PAD
         hidden, targets = hidden[valid], targets[valid]
-        unit = F.normalize(items, dim=-1)
-        query = F.normalize(hidden, dim=-1) / module.temperature
-        positive = (query * unit[torch.searchsorted(rows, targets)]).sum(-1)
-        negative = query @ unit[torch.searchsorted(rows, negatives)].T
+        positive = module.paired_logits(hidden, items[torch.searchsorted(rows, targets)])
+        negative = module.logits(hidden, items[torch.searchsorted(rows, negatives)])
         return sampled_softmax_loss(positive, negative, log_expected, targets.unsqueeze(1) == negatives.unsqueeze(0))
 
     def training_module(
