@@ -123,7 +123,8 @@ def main() -> None:
                 "seconds": interval([r["seconds"] for r in per_seed]),
             }
             e = entry[variant]
-            print(f"k={k:4d} {variant:19s} R@10 {e['recall@10']['mean']:.4f} ± {e['recall@10']['half_width']:.4f} "
+            spread = "" if e["recall@10"]["half_width"] is None else f" ± {e['recall@10']['half_width']:.4f}"
+            print(f"k={k:4d} {variant:19s} R@10 {e['recall@10']['mean']:.4f}{spread} "
                   f"(Δ {e['recall@10_minus_dense']['mean']:+.5f}) N@10 {e['ndcg@10']['mean']:.4f} "
                   f"(Δ {e['ndcg@10_minus_dense']['mean']:+.5f}) max|Δλ| {e['max_coefficient_gap_to_dense']:.1e} "
                   f"teachers {e['teacher_mb']:.0f} MB, {e['seconds']['mean']:.0f} s; "
