@@ -204,3 +204,15 @@ def test_secure_mode_uses_opacus_floating_point_safe_noise_and_refuses_a_seed(do
     with pytest.raises(FedmergeError, match="noise_seed"):
         train_user_level(family, theta0, domain, features, settings, noise_seed=1, secure_mode=True)
 
+
+def test_secure_mode_setting_is_typed_off_by_default_and_names_what_it_needs():
+    from fedmerge.config import apply_overrides
+
+    assert scenario(unit="user").privacy.secure_mode is False
+    assert scenario(unit="user", secure_mode=True).privacy.secure_mode is True
+    with pytest.raises(FedmergeError, match="secure_mode"):
+        apply_overrides(Scenario.from_mapping({}), ["privacy.secure_mode=1.5"])
+    with pytest.raises(FedmergeError, match="noise_seed must be -1"):
+        scenario(unit="user", secure_mode=True, noise_seed=0)
+    with pytest.raises(FedmergeError, match="DP-SGD noise only"):
+        scenario(unit="domain", secure_mode=True)
