@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 
 # users per vmap pass of per_user_gradients, full softmax / sampled softmax: the fastest of those measured on the
 # 2-core CPU container (results/privacy/amazon-seq-cost/README.md); larger chunks pad more and leave the caches
-CHUNK_USERS_FULL, CHUNK_USERS_SAMPLED = 2, 32
+CHUNK_USERS_FULL, CHUNK_USERS_SAMPLED = 2, 8
 
 
 def chunk_users_for(family: SequentialFamily) -> int:
