@@ -79,6 +79,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "accountant": "rdp",      # unit "user": opacus accountant, "rdp" or "prv"
         "user_norm_bound": 1.0,   # unit "user", text-lae: L2 bound B of a user's text profile x_u E (Gram mechanism)
         "noise_seed": -1,
+        "secure_mode": False,     # unit "user", sequential: opacus' floating-point-safe Gaussian sampler (needs
+                                  # noise_seed = -1; runs are not reproducible)
     },
 }
 FREE_TABLES: frozenset[tuple[str, str]] = frozenset(

@@ -234,6 +234,7 @@ class PrivacySettings:
     accountant: str
     user_norm_bound: float
     noise_seed: int
+    secure_mode: bool
 
 
 @dataclass(frozen=True)

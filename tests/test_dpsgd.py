@@ -36,14 +36,55 @@ def tiny_family(**params) -> SequentialFamily:
     return SequentialFamily(**{**base, **params})
 
 
-def test_per_user_gradients_are_each_users_own_gradient():
-    w = torch.randn(3, requires_grad=True)
-    xs = [torch.randn(3) for _ in range(4)]
-    grads = per_user_gradients([w], [lambda x=x: (w * x).sum() ** 2 for x in xs])
-    assert grads[0].shape == (4, 3)
-    for b, x in enumerate(xs):
-        torch.testing.assert_close(grads[0][b], 2 * (w * x).sum().detach() * x)
-    assert per_user_gradients([w], [])[0].shape == (0, 3)
+def loop_gradients(family, module, users, feats, generator):
+    """The reference: one autograd pass of the family's batch loss per user (the pre-torch.func path)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    out, losses = [], []
+    for windows in users:
+        loss = family._batch_loss(module, windows, feats, generator)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        out.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
+        losses.append(float(loss.detach()))
+    return [torch.stack([g[j] for g in out]) for j in range(len(params))], torch.tensor(losses)
+
+
+@pytest.mark.parametrize("adapter", ["linear", "mlp", "moe", "routed"])
+@pytest.mark.parametrize("n_negatives", [None, 6])
+def test_vectorized_per_user_gradients_equal_one_autograd_pass_per_user(domain, adapter, n_negatives):
+    """torch.func per-user gradients (chunks of 4, users of 1-3 windows) = a per-user loop on ``_batch_loss``."""
+    dim = 24 if adapter == "routed" else 12
+    feats = torch.randn(domain.n_items, dim, generator=torch.Generator().manual_seed(0))
+    family = tiny_family(adapter=adapter, n_experts=3, n_heads=2, max_len=4, n_negatives=n_negatives,
+                         routed_min_share=0.0)
+    theta0 = family.initial_weights(dim, seed=0, catalog_features=[feats] if adapter == "routed" else ())
+    module, feats, _ = family.training_module(theta0, domain, feats, seed=0)
+    module.train()
+    users = [training_windows([s], family.max_len) for s in domain.train][:9]
+    assert {len(w) for w in users} >= {1, 2}
+    expected, expected_loss = loop_gradients(family, module, users, feats, torch.Generator().manual_seed(1))
+    grads, losses = per_user_gradients(family, module, users, feats, torch.Generator().manual_seed(1), chunk_users=4)
+    assert len(grads) == len(expected)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses, expected_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_draws_a_mask_per_user_from_the_seeded_global_generator(domain, features):
+    """Training mode: one user twice in a chunk gets two masks (two gradients), the same seed the same masks;
+    without dropout the two copies agree."""
+    users = [training_windows([domain.train[0]], 8)] * 2 + [training_windows([domain.train[1]], 8)]
+
+    def grads(dropout: float, seed: int) -> list[torch.Tensor]:
+        family = tiny_family(dropout=dropout)
+        module, feats, _ = family.training_module(family.initial_weights(12, seed=0), domain, features, seed=seed)
+        module.train()
+        return per_user_gradients(family, module, users, feats, torch.Generator().manual_seed(0))[0]
+
+    a, b, c = grads(0.3, seed=0), grads(0.3, seed=0), grads(0.3, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert any(not torch.equal(x, y) for x, y in zip(a, c))
+    assert any(not torch.allclose(g[0], g[1]) for g in a)
+    assert all(torch.allclose(g[0], g[1]) for g in grads(0.0, seed=0))
 
 
 def test_one_full_batch_step_is_adamw_on_the_mean_of_clipped_user_gradients(domain, features):
@@ -59,8 +100,7 @@ def test_one_full_batch_step_is_adamw_on_the_mean_of_clipped_user_gradients(doma
     module, feats, _ = family.training_module(theta0, domain, features, seed=0)
     params = [p for p in module.parameters() if p.requires_grad]
     users = [training_windows([s], family.max_len) for s in domain.train]
-    gen = torch.Generator().manual_seed(0)
-    grads = per_user_gradients(params, [lambda w=w: family._batch_loss(module, w, feats, gen) for w in users])
+    grads, _ = loop_gradients(family, module, users, feats, torch.Generator().manual_seed(0))
     norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads], dim=1).norm(dim=1)
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)
     for p, g in zip(params, grads):
@@ -140,3 +180,39 @@ def test_bad_settings_and_unsupported_families_are_named(domain, features):
     with pytest.raises(FedmergeError, match="popularity"):
         train_user_level(popular, popular.initial_weights(12), domain, features, UserLevelDP(1.0, 1.0, 0.5, 1.0))
     assert np.isfinite(noise_multiplier(scenario(unit="user", noise_multiplier=0.7)))
+
+
+def test_secure_mode_uses_opacus_floating_point_safe_noise_and_refuses_a_seed(domain, features, monkeypatch):
+    import opacus.optimizers.optimizer as dp_optimizer
+
+    calls = []
+    original = dp_optimizer._generate_noise
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("secure_mode"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dp_optimizer, "_generate_noise", recording)
+    family = tiny_family()
+    theta0 = family.initial_weights(12, seed=0)
+    settings = UserLevelDP(1.0, 0.5, 0.5, 1.0)
+    train_user_level(family, theta0, domain, features, settings, secure_mode=True)
+    assert calls and all(calls)
+    calls.clear()
+    train_user_level(family, theta0, domain, features, settings, noise_seed=1)
+    assert calls and not any(calls)
+    with pytest.raises(FedmergeError, match="noise_seed"):
+        train_user_level(family, theta0, domain, features, settings, noise_seed=1, secure_mode=True)
+
+
+def test_secure_mode_setting_is_typed_off_by_default_and_names_what_it_needs():
+    from fedmerge.config import apply_overrides
+
+    assert scenario(unit="user").privacy.secure_mode is False
+    assert scenario(unit="user", secure_mode=True).privacy.secure_mode is True
+    with pytest.raises(FedmergeError, match="secure_mode"):
+        apply_overrides(Scenario.from_mapping({}), ["privacy.secure_mode=1.5"])
+    with pytest.raises(FedmergeError, match="noise_seed must be -1"):
+        scenario(unit="user", secure_mode=True, noise_seed=0)
+    with pytest.raises(FedmergeError, match="DP-SGD noise only"):
+        scenario(unit="domain", secure_mode=True)

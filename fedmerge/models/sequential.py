@@ -87,6 +87,7 @@ logger = logging.getLogger(__name__)
 ADAPTERS = ("linear", "mlp", "moe", "routed")
 ROUTED_UNSEEN = ("none", "theta0")
 NEGATIVE_SAMPLING = ("uniform", "popularity")
+IGNORED = -100  # cross-entropy label of a padding row (left out of the mean)
 
 
 @lru_cache(maxsize=2)
@@ -124,7 +125,8 @@ def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
 
 
 def sampled_softmax_loss(
-    positive: torch.Tensor, negative: torch.Tensor, log_expected: torch.Tensor, hits: torch.Tensor
+    positive: torch.Tensor, negative: torch.Tensor, log_expected: torch.Tensor, hits: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean sampled-softmax cross-entropy with the logQ correction (Bengio & Senécal 2008; Jean et al. 2015;
     Yi et al. 2019), negatives shared by all rows.
@@ -138,11 +140,15 @@ def sampled_softmax_loss(
     Σ_{j∈S, j≠y} exp(s_j) / E[c_j] is an unbiased estimate of the full softmax's Σ_{j≠y} exp(s_j), so ℓ estimates
     the full cross-entropy −s_y + log Σ_j exp(s_j) (consistently; the log makes it slightly low for small k).
     Negatives equal to the row's positive (accidental hits, ``hits`` (P, k) True there) are left out. With S the
-    whole catalog once (E[c_j] = 1) ℓ is exactly the full softmax cross-entropy.
+    whole catalog once (E[c_j] = 1) ℓ is exactly the full softmax cross-entropy. ``valid`` ((P,) bool, optional):
+    the mean runs over these rows only (padding rows of a fixed-shape batch).
     """
     corrected = (negative - log_expected).masked_fill(hits, -math.inf)
     logits = torch.cat([positive.unsqueeze(1), corrected], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+    labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+    if valid is not None:
+        labels = labels.masked_fill(~valid, IGNORED)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORED)
 
 
 def training_windows(seqs: Sequence[np.ndarray], max_len: int) -> list[np.ndarray]:
@@ -307,6 +313,21 @@ class RoutedAdapter(nn.Module):
                 out = out.index_copy(0, rows, expert(flat_z[rows]))
         return out.reshape(*z.shape[:-1], self.dim_out)
 
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward`'s values with shapes independent of the routing (what ``torch.func.vmap`` needs): every
+        expert on every row, each row keeps its own expert's output, ``out_r = E_{k(r)}(z_r)``. n_experts× the cost;
+        the other experts get exactly zero gradient from row r, as in :meth:`forward`."""
+        z, raw = x[..., : self.dim_in], x[..., self.dim_in :]
+        expert_of = self.route(raw)
+        experts = list(self.experts)
+        if self.base is not None:
+            unseen = nearest_similarity(raw, self.centre, self.centroids) < self.unseen_threshold
+            expert_of = torch.where(unseen, len(experts), expert_of)
+            experts.append(self.base)
+        outputs = torch.stack([expert(z) for expert in experts], dim=-2)  # (..., n_experts, dim_out)
+        index = expert_of[..., None, None].expand(*expert_of.shape, 1, self.dim_out)
+        return outputs.gather(-2, index).squeeze(-2)
+
 
 class TextTower(nn.Module):
     """The text encoder's last layers (copied from the pretrained model, trained and merged like every other
@@ -433,17 +454,19 @@ class TextSASRec(nn.Module):
         """Adapter output ``e_i`` for every catalog item, (n_items, hidden)."""
         return self.adapter(self.text_embeddings(item_features))
 
-    def encode(self, seqs: torch.Tensor, items: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Hidden states (B, L', hidden) for right-aligned padded ``seqs``; all-padding leading columns are dropped.
+    def encode(self, seqs: torch.Tensor, items: torch.Tensor, last_only: bool = False, trim: bool = True) -> torch.Tensor:
+        """Hidden states (B, L', hidden) for right-aligned padded ``seqs``; all-padding leading columns are dropped
+        (``trim``; False keeps every column, same values at the non-padding positions, shapes independent of the
+        data as ``torch.func.vmap`` needs).
 
         ``last_only``: the last block computes the last position only, (B, 1, hidden) - what scoring needs, at
         about half the cost of a two-block encoder.
         """
         if seqs.shape[1] > self.max_len:
             raise ValueError(f"sequence batch has {seqs.shape[1]} columns, the model holds {self.max_len} positions")
-        filled = (seqs != PAD).any(dim=0).nonzero()
-        first = int(filled[0]) if len(filled) else seqs.shape[1] - 1
-        seqs = seqs[:, first:]
+        if trim:
+            filled = (seqs != PAD).any(dim=0).nonzero()
+            seqs = seqs[:, int(filled[0]) if len(filled) else seqs.shape[1] - 1 :]
         length = seqs.shape[1]
         is_pad = seqs == PAD
         x = items[seqs.clamp(min=0)] * (~is_pad).unsqueeze(-1)
@@ -768,6 +791,43 @@ class SequentialFamily(ModelFamily):
         positive = module.paired_logits(hidden, items[torch.searchsorted(rows, targets)])
         negative = module.logits(hidden, items[torch.searchsorted(rows, negatives)])
         return sampled_softmax_loss(positive, negative, log_expected, targets.unsqueeze(1) == negatives.unsqueeze(0))
+
+    def window_loss(
+        self,
+        module: TextSASRec,
+        windows: torch.Tensor,
+        features: torch.Tensor,
+        negatives: torch.Tensor | None = None,
+        log_expected: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`_batch_loss` of one user's windows with shapes that do not depend on the data, so that
+        ``torch.func.vmap`` can batch it over users (:mod:`fedmerge.privacy.dpsgd`).
+
+        ``windows`` (W, C): the user's training windows right-aligned and PAD-filled (all-PAD rows allowed), inputs
+        ``windows[:, :-1]``, targets ``windows[:, 1:]`` where the input is not PAD. Full softmax: the adapter on the
+        whole catalog, cross-entropy averaged over the non-PAD targets. Sampled softmax (``negatives`` (k,) and
+        their ``log_expected``, drawn by :meth:`_negatives`): the adapter on the user's W·C window slots (PAD slots
+        read item 0 and are never used) and the k negatives, nothing else, then :func:`sampled_softmax_loss` over the
+        non-PAD targets. Same values as :meth:`_batch_loss` on the same windows and negatives (no dropout: the
+        masks are drawn in another layout); the routed adapter runs :meth:`RoutedAdapter.dense`.
+        """
+        adapter = module.adapter.dense if isinstance(module.adapter, RoutedAdapter) else module.adapter
+        inputs = windows[:, :-1]
+        targets = windows[:, 1:].masked_fill(inputs == PAD, PAD)
+        if negatives is None:
+            items = adapter(module.text_embeddings(features))
+            logits = module.logits(module.encode(inputs, items, trim=False), items)
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD)
+        if log_expected is None:
+            raise ValueError("sampled negatives need their log_expected")
+        slots = torch.arange(windows.numel(), device=windows.device).view(windows.shape)
+        items = adapter(module.text_embeddings(features[torch.cat([windows.flatten().clamp(min=0), negatives])]))
+        hidden = module.encode(torch.where(inputs == PAD, PAD, slots[:, :-1]), items, trim=False).flatten(0, 1)
+        targets = targets.flatten()
+        positive = module.paired_logits(hidden, items[slots[:, 1:].flatten()])
+        negative = module.logits(hidden, items[windows.numel() :])
+        hits = targets.unsqueeze(1) == negatives.unsqueeze(0)
+        return sampled_softmax_loss(positive, negative, log_expected, hits, valid=targets != PAD)
 
     def training_module(
         self, theta0: StateDict, domain: Domain, item_features: torch.Tensor, seed: int

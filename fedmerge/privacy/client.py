@@ -76,6 +76,14 @@ def validate_privacy(cfg: Scenario) -> None:
             raise FedmergeError(f"privacy.{key} must be a finite number >= 0, got {getattr(privacy, key)}")
     if privacy.enabled and privacy.unit == "user":
         check_user_level(cfg)
+    if privacy.enabled and privacy.secure_mode:
+        if not uses_dpsgd(cfg):
+            raise FedmergeError("privacy.secure_mode = true covers the DP-SGD noise only (privacy.unit = 'user' with "
+                                f"model.family = 'sequential'), got unit {privacy.unit!r}, family {cfg.model.family!r}; "
+                                "set secure_mode = false")
+        if privacy.noise_seed >= 0:
+            raise FedmergeError(f"privacy.secure_mode = true draws the sampling and the noise from OS entropy; "
+                                f"privacy.noise_seed must be -1, got {privacy.noise_seed}")
 
 
 def releases_per_client(cfg: Scenario) -> int:
@@ -139,7 +147,7 @@ def private_train(
         settings = UserLevelDP(noise_multiplier=z, max_grad_norm=privacy.max_grad_norm,
                                sample_rate=privacy.sample_rate, epochs=privacy.epochs)
         weights, metrics = train_user_level(family, theta0, domain, features, settings, seed=seed,
-                                            noise_seed=noise_seed, progress=progress)
+                                            noise_seed=noise_seed, progress=progress, secure_mode=privacy.secure_mode)
     metrics = {**metrics, "dp_noise_multiplier": z, "dp_delta": privacy.delta,
                "dp_unit": UNITS.index(privacy.unit)}
     if z > 0:  # z = 0 guarantees nothing (ε = ∞, which JSON results cannot hold): no ε entries

@@ -6,7 +6,8 @@ step t
 1. samples a batch B_t of users, each user independently with probability q (Poisson sampling, opacus'
    :class:`~opacus.utils.uniform_sampler.UniformWithReplacementSampler`, as its ``DPDataLoader`` does);
 2. computes every sampled user's gradient g_u = ∇_θ L_u(θ), L_u the mean next-item cross-entropy over all positions
-   of u's windows (the family's own training loss, :meth:`SequentialFamily._batch_loss`);
+   of u's windows (the family's own training loss, :meth:`SequentialFamily._batch_loss`, in the fixed-shape form
+   :meth:`SequentialFamily.window_loss`);
 3. clips and noises them with opacus' :class:`~opacus.optimizers.DPOptimizer`:
    ĝ = (Σ_{u∈B_t} g_u · min(1, C/‖g_u‖₂) + N(0, (zC)² I)) / (qN), then takes an AdamW step with ĝ (post-processing).
 
@@ -17,15 +18,25 @@ rounds) compose as R·T steps (:func:`user_epsilon`).
 
 Per-user gradients: opacus' :class:`~opacus.GradSampleModule` computes per-*row* gradients of layers whose first
 dimension is the batch; here the item adapter runs on the whole catalog (rows are items, shared by all users) and a
-user owns several rows (windows), so its hooks cannot give per-user gradients. They are computed exactly instead,
-one autograd pass per sampled user (:func:`per_user_gradients`), and handed to the DPOptimizer as ``grad_sample``.
-The cost is one forward/backward of the catalog adapter per sampled user and step.
+user owns several windows, so its hooks cannot give per-user gradients. They are computed exactly with
+``torch.func`` instead (:func:`per_user_gradients`: ``vmap(grad(L_u))`` over chunks of users, L_u the fixed-shape
+:meth:`~fedmerge.models.sequential.SequentialFamily.window_loss`) and handed to the DPOptimizer as ``grad_sample``.
+The cost is one forward/backward of the item adapter per sampled user and step (on the whole catalog, or with the
+sampled softmax on the user's items and its negatives): arithmetic, which vectorizing does not remove on a CPU
+(results/privacy/amazon-seq-cost/README.md).
 
 What else is private: no validation data is used (no early stopping, no checkpoint choice: the weights after the
 last step are released), and the sampling and the noise draw from a secret seed (OS entropy unless a study sets
 ``privacy.noise_seed``): a server that knows which users a step sampled gets no amplification by sampling. The
-data-independent proximal term μ(θ − θ₀) is added after the noise. Not covered: the floating-point attacks on
-Gaussian samplers (opacus' ``secure_mode`` needs torchcsprng).
+data-independent proximal term μ(θ − θ₀) is added after the noise.
+
+``secure_mode`` (``privacy.secure_mode``, default off) turns on the DPOptimizer's floating-point-safe sampler: each
+noise entry is the sum of 4 Gaussian draws of std σ, halved (Holohan & Braghin 2021), against the attacks that read
+the unnoised value from the low-order bits of a floating-point Gaussian sample (Mironov 2012; Jin et al. 2022). It
+needs no extra package, refuses a ``noise_seed`` (sampling and noise from OS entropy, so runs are not reproducible)
+and costs 4 draws per entry. Not covered: opacus' ``PrivacyEngine`` in secure mode also replaces the generators by a
+cryptographic one (torchcsprng, not installed and not used here); the generators here are torch's, seeded with 62
+bits of OS entropy.
 """
 
 from __future__ import annotations
@@ -33,20 +44,32 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
-from fedmerge.models.base import ModelFamily, StateDict
+from fedmerge.models.base import PAD, ModelFamily, StateDict, pad_sequences
+from fedmerge.models.sequential import SequentialFamily, training_windows
 
 if TYPE_CHECKING:
     from fedmerge.scenario import PrivacySettings
+
+
+# users per vmap pass of per_user_gradients, full softmax / sampled softmax: the fastest of those measured on the
+# 2-core CPU container (results/privacy/amazon-seq-cost/README.md); larger chunks pad more and leave the caches
+CHUNK_USERS_FULL, CHUNK_USERS_SAMPLED = 2, 8
+
+
+def chunk_users_for(family: SequentialFamily) -> int:
+    """Users per vectorized gradient pass for ``family``'s loss (``CHUNK_USERS_FULL`` or ``CHUNK_USERS_SAMPLED``)."""
+    return CHUNK_USERS_FULL if family.n_negatives is None else CHUNK_USERS_SAMPLED
 
 
 @dataclass(frozen=True)
@@ -113,14 +136,81 @@ def user_noise_multiplier(
                                       steps=steps, accountant=accountant))
 
 
-def per_user_gradients(params: Sequence[torch.Tensor], losses: Sequence[Callable[[], torch.Tensor]]) -> list[torch.Tensor]:
-    """Per-user gradients stacked per parameter: out[j][b] = ∂ losses[b]() / ∂ params[j] (zeros where unused)."""
-    stacked: list[list[torch.Tensor]] = [[] for _ in params]
-    for loss_fn in losses:
-        grads = torch.autograd.grad(loss_fn(), list(params), allow_unused=True)
-        for j, (p, g) in enumerate(zip(params, grads)):
-            stacked[j].append(torch.zeros_like(p) if g is None else g)
-    return [torch.stack(g) if g else p.new_zeros((0, *p.shape)) for p, g in zip(params, stacked)]
+class _WindowLoss(nn.Module):
+    """``family.window_loss`` of ``model`` as a module's forward, for ``torch.func.functional_call``."""
+
+    def __init__(self, family: SequentialFamily, model: nn.Module, features: torch.Tensor) -> None:
+        super().__init__()
+        self.family, self.model, self.features = family, model, features
+
+    def forward(self, windows: torch.Tensor, negatives: torch.Tensor | None,
+                log_expected: torch.Tensor | None) -> torch.Tensor:
+        return self.family.window_loss(self.model, windows, self.features, negatives, log_expected)
+
+
+def padded_users(users: Sequence[Sequence[np.ndarray]]) -> torch.Tensor:
+    """(B, W, C) int64: user b's training windows right-aligned in rows of its (W, C) slab, PAD elsewhere; W the most
+    windows of any user, C the longest window (the fixed shapes of :meth:`SequentialFamily.window_loss`)."""
+    n_windows = max(len(w) for w in users)
+    width = max(len(x) for w in users for x in w)
+    out = torch.full((len(users), n_windows, width), PAD, dtype=torch.long)
+    for b, windows in enumerate(users):
+        out[b, : len(windows)] = pad_sequences(windows, width)
+    return out
+
+
+def per_user_gradients(
+    family: SequentialFamily,
+    module: nn.Module,
+    users: Sequence[Sequence[np.ndarray]],
+    features: torch.Tensor,
+    generator: torch.Generator,
+    chunk_users: int | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(per-user gradients stacked per trainable parameter, out[j][b] = ∂L_b/∂θ_j; the losses L_b, (B,)) with
+    L_b = :meth:`SequentialFamily.window_loss` of user b's windows ``users[b]``.
+
+    ``torch.func``: ``vmap(grad_and_value(L))`` over chunks of ``chunk_users`` users (None: :func:`chunk_users_for`;
+    bounds the memory: the full softmax holds a (chunk, n_items, adapter width) activation), the parameters shared
+    (``functional_call``).
+    Each L_b reads only user b's windows and randomness of its own, so row b is exactly user b's gradient.
+    Randomness, as one autograd pass per user would draw it: the sampled softmax draws each user's own negatives
+    from ``generator``, user after user in the order of ``users``; dropout (``module`` in training mode) draws an
+    independent mask per user from torch's global generator (``randomness="different"``; other numbers than a
+    per-user loop's masks, same distribution). Independent draws per user keep the sensitivity argument of
+    DP-SGD intact: adding or removing a user changes no other user's distribution of gradients.
+    """
+    from torch.func import functional_call, grad_and_value, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    params = {f"model.{n}": p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    wrapper = _WindowLoss(family, module, features)
+
+    def loss(theta: dict[str, torch.Tensor], windows: torch.Tensor, negatives: torch.Tensor | None,
+             log_expected: torch.Tensor | None) -> torch.Tensor:
+        return functional_call(wrapper, theta, (windows, negatives, log_expected))
+
+    sampled = family.n_negatives is not None
+    per_user = vmap(grad_and_value(loss), in_dims=(None, 0, *((0, 0) if sampled else (None, None))),
+                    randomness="different")
+    grads: list[list[torch.Tensor]] = [[] for _ in names]
+    values = []
+    chunk_users = chunk_users or chunk_users_for(family)
+    for start in range(0, len(users), chunk_users):
+        chunk = padded_users(users[start : start + chunk_users]).to(features.device)
+        negatives = log_expected = None
+        if sampled:
+            draws = [family._negatives(len(features), generator, None) for _ in range(len(chunk))]
+            negatives, log_expected = (torch.stack(t).to(features.device) for t in zip(*draws))
+        with sdpa_kernel(SDPBackend.MATH):  # attention as matmuls, which vmap batches (the fused CPU kernels: no rule)
+            g, value = per_user(params, chunk, negatives, log_expected)
+        for j, n in enumerate(names):
+            grads[j].append(g[f"model.{n}"])
+        values.append(value.detach())
+    if not users:
+        return [p.new_zeros((0, *p.shape)) for p in params.values()], torch.zeros(0)
+    return [torch.cat(g) for g in grads], torch.cat(values)
 
 
 def train_user_level(
@@ -133,15 +223,19 @@ def train_user_level(
     seed: int = 0,
     noise_seed: int | None = None,
     progress: bool = False,
+    chunk_users: int | None = None,
+    secure_mode: bool = False,
 ) -> tuple[StateDict, dict[str, Any]]:
     """DP-SGD from ``theta0`` on ``domain`` with per-user clipping (see the module docstring); the last weights.
 
-    ``seed`` drives dropout and sampled negatives; ``noise_seed`` the user sampling and the noise (None: OS entropy).
+    ``seed`` drives dropout and sampled negatives; ``noise_seed`` the user sampling and the noise (None: OS entropy);
+    ``chunk_users``: users per vectorized gradient pass (None: :func:`chunk_users_for`; see
+    :func:`per_user_gradients`; the negatives do not depend on it, with dropout the masks' numbers do, not their
+    distribution). ``secure_mode``: opacus' floating-point-safe noise (see the module docstring); needs
+    ``noise_seed=None``.
     """
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
-    from fedmerge.models.sequential import SequentialFamily, training_windows
 
     if not isinstance(family, SequentialFamily):
         raise FedmergeError(f"user-level DP-SGD supports the 'sequential' family, got {family.name!r}; "
@@ -152,6 +246,9 @@ def train_user_level(
     if family.n_negatives is not None and family.negative_sampling == "popularity":
         raise FedmergeError("user-level DP-SGD cannot sample negatives by popularity (the item counts come from the "
                             "private training data); set negative_sampling = 'uniform' or n_negatives = None")
+    if secure_mode and noise_seed is not None:
+        raise FedmergeError("secure_mode draws the sampling and the noise from OS entropy; a noise_seed would make "
+                            "them reproducible by whoever knows it: pass noise_seed=None (privacy.noise_seed = -1)")
     users = [w for w in (training_windows([seq], family.max_len) for seq in domain.train) if w]
     if not users:
         raise FedmergeError(f"domain {domain.name!r} has no training sequence with two or more items")
@@ -165,23 +262,15 @@ def train_user_level(
         torch.optim.AdamW(params, lr=family.lr, weight_decay=family.weight_decay),
         noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
         expected_batch_size=max(1, round(settings.sample_rate * len(users))),
-        generator=torch.Generator().manual_seed(secret + 1),
+        generator=torch.Generator().manual_seed(secret + 1), secure_mode=secure_mode,
     )
     negatives = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     batch_sizes, clipped, losses = [], 0, []
     module.train()
     for indices in tqdm(sampler, total=settings.steps, desc=f"DP-SGD {domain.name}", disable=not progress, unit="step"):
-        step_losses: list[float] = []
-
-        def user_loss(i: int) -> Callable[[], torch.Tensor]:
-            def loss() -> torch.Tensor:
-                value = family._batch_loss(module, users[i], features, negatives)
-                step_losses.append(float(value.detach()))
-                return value
-            return loss
-
-        grads = per_user_gradients(params, [user_loss(i) for i in indices])
+        batch = sorted((users[i] for i in indices), key=lambda w: (len(w), len(w[0])))  # chunks of alike shapes
+        grads, step_losses = per_user_gradients(family, module, batch, features, negatives, chunk_users)
         if indices:
             norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads], dim=1).norm(dim=1)
             clipped += int((norms > settings.max_grad_norm).sum())
@@ -193,7 +282,7 @@ def train_user_level(
             optimizer.original_optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         batch_sizes.append(len(indices))
-        losses.extend(step_losses)
+        losses.extend(step_losses.tolist())
     weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     sampled = max(1, sum(batch_sizes))
     metrics = {
