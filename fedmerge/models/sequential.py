@@ -545,6 +545,12 @@ class SequentialFamily(ModelFamily):
     routed_unseen: str = "none"
     routed_unseen_quantile: float = 0.01
     routed_mix_temperature: float = 0.05
+    # β of the distillation towards θ₀ on the other training domains' public catalogs (0: off), its temperature,
+    # pseudo-users and candidate items per step (fedmerge.models.theta0_distill)
+    theta0_distill: float = 0.0
+    theta0_distill_temperature: float = 0.05
+    theta0_distill_users: int = 64
+    theta0_distill_candidates: int = 1024
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -583,6 +589,14 @@ class SequentialFamily(ModelFamily):
             raise ValueError(f"routed_unseen_quantile must be in [0, 1), got {self.routed_unseen_quantile}")
         if not (math.isfinite(self.routed_mix_temperature) and self.routed_mix_temperature > 0):
             raise ValueError(f"routed_mix_temperature must be a finite number > 0, got {self.routed_mix_temperature}")
+        if not (math.isfinite(self.theta0_distill) and self.theta0_distill >= 0):
+            raise ValueError(f"theta0_distill must be a finite number >= 0 (0: off), got {self.theta0_distill}")
+        if not (math.isfinite(self.theta0_distill_temperature) and self.theta0_distill_temperature > 0):
+            raise ValueError(f"theta0_distill_temperature must be a finite number > 0, got "
+                             f"{self.theta0_distill_temperature}")
+        if self.theta0_distill_users < 1 or self.theta0_distill_candidates < 2:
+            raise ValueError(f"need theta0_distill_users >= 1 and theta0_distill_candidates >= 2, got "
+                             f"{self.theta0_distill_users}, {self.theta0_distill_candidates}")
         if self.adapter == "routed" and self.encoder_layers:
             raise ValueError("adapter='routed' with encoder_layers > 0 is not supported: the router reads cached "
                              "raw embeddings")
@@ -605,6 +619,11 @@ class SequentialFamily(ModelFamily):
     def init_reads_catalogs(self) -> bool:
         """θ₀ of the routed adapter clusters the public catalogs (see :meth:`initial_weights`)."""
         return self.adapter == "routed"
+
+    @property
+    def trains_on_public_catalogs(self) -> bool:
+        """With ``theta0_distill > 0`` :meth:`train` needs the other training domains' public catalog features."""
+        return self.theta0_distill > 0
 
     def initial_weights(self, dim: int, seed: int = 0, catalog_features: Sequence[torch.Tensor] = ()) -> StateDict:
         """The seeded initialization; with ``adapter="routed"`` its router is :func:`catalog_clusters` of the raw
@@ -851,12 +870,32 @@ class SequentialFamily(ModelFamily):
         *,
         seed: int = 0,
         progress: bool = True,
+        public_features: Sequence[torch.Tensor] = (),
     ) -> tuple[StateDict, dict[str, Any]]:
-        """AdamW on all-position next-item loss from ``theta0``; early stopping on val NDCG@10; best weights."""
+        """AdamW on all-position next-item loss from ``theta0``; early stopping on val NDCG@10; best weights.
+
+        ``public_features``: item features of the other training domains' public catalogs, read only with
+        ``theta0_distill > 0`` (:mod:`fedmerge.models.theta0_distill`), which refuses to run without them."""
         windows = training_windows(domain.train, self.max_len)
         if not windows:
             raise FedmergeError(f"domain {domain.name!r} has no training sequence with two or more items")
+        if self.theta0_distill and not public_features:
+            raise FedmergeError(f"model.params.theta0_distill = {self.theta0_distill} distills towards θ₀ on the other "
+                                "training domains' public catalogs, but none were given (it needs a federation of "
+                                "two or more training domains; set theta0_distill = 0 to train without it)")
+        bad = [tuple(f.shape) for f in public_features if f.shape[1:] != item_features.shape[1:]]
+        if bad:
+            raise FedmergeError(f"public catalog features of shapes {bad} do not match the domain's item features "
+                                f"{tuple(item_features.shape)}")
         module, features, frozen_experts = self.training_module(theta0, domain, item_features, seed)
+        distill = None
+        if self.theta0_distill:
+            from fedmerge.models.theta0_distill import Theta0Distillation
+
+            teacher = self.load(theta0, features.shape[-1]).to(features.device)
+            distill = Theta0Distillation(teacher, [f.to(features.device, torch.float32) for f in public_features],
+                                         self.theta0_distill_temperature, self.theta0_distill_users,
+                                         self.theta0_distill_candidates, seed)
         rng = np.random.default_rng(seed)
         sampler = torch.Generator().manual_seed(seed)
         proposal = self.negative_proposal(domain)
@@ -879,11 +918,15 @@ class SequentialFamily(ModelFamily):
         stop_reason = STOP_MAX_EPOCHS
         for epoch in range(1, self.max_epochs + 1):
             module.train()
-            loss_sum, steps_start = 0.0, time.perf_counter()
+            loss_sum, distill_sum, steps_start = 0.0, 0.0, time.perf_counter()
             with gradient_threads():  # thread-count independent steps; validation below uses every thread
                 for b, batch_indices in enumerate(length_buckets(lengths, self.batch_size, rng)):
                     batch = [windows[i] for i in batch_indices]
                     loss = self._batch_loss(module, batch, features, sampler, text_cache, proposal)
+                    if distill is not None:
+                        term = distill.loss(module)
+                        distill_sum += term.item()
+                        loss = loss + self.theta0_distill * term
                     if self.proximal_mu:
                         loss = loss + self.proximal_mu / 2 * sum(
                             (p - anchor[n]).pow(2).sum() for n, p in module.named_parameters())
@@ -903,7 +946,8 @@ class SequentialFamily(ModelFamily):
             ndcg = val["ndcg@10"]
             curve.append({"epoch": epoch, "loss": loss_value, "val_ndcg@10": ndcg, "val_recall@10": val["recall@10"],
                           "seconds": time.perf_counter() - start, "step_seconds": step_seconds,
-                          "cpu_seconds": time.process_time() - cpu_start})
+                          "cpu_seconds": time.process_time() - cpu_start,
+                          **({"theta0_kl": distill_sum / (b + 1)} if distill is not None else {})})
             bar.update()
             bar.set_postfix(loss=f"{loss_value:.4f}", val_ndcg10=f"{ndcg:.4f}")
             logger.info("epoch %d loss %.4f val ndcg@10 %.4f recall@10 %.4f", epoch, loss_value, ndcg, val["recall@10"])
