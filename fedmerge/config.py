@@ -273,6 +273,15 @@ def validate(cfg: Scenario) -> None:
     if cfg.theta0.pretrain and cfg.model.params.get("routed_unseen", "none") != "none":
         raise FedmergeError("theta0.pretrain with model.params.routed_unseen is not supported yet: the frozen θ₀ "
                             "expert for unseen items would keep the untrained initial weights, not the pretrained ones")
+    distill = cfg.model.params.get("theta0_distill", 0)
+    if distill:
+        clashes = [key for key, on in (("theta0.pretrain", cfg.theta0.pretrain), ("baselines.joint", cfg.baselines.joint),
+                                       ("privacy.enabled", cfg.privacy.enabled)) if on]
+        if clashes or len(data.training_domains()) < 2:
+            raise FedmergeError(f"model.params.theta0_distill = {distill} distills towards θ₀ on the other training "
+                                "domains' public catalogs in local training; it needs two or more training domains "
+                                f"and is not supported with {clashes or 'fewer'} (their training has no other "
+                                "catalog, or does not pass them); set model.params.theta0_distill = 0")
     testtime = cfg.merge.testtime
     if testtime.teacher not in teacher_choices(data.training_domains()):
         raise FedmergeError(f"merge.testtime.teacher {testtime.teacher!r} is unknown; valid: "

@@ -8,7 +8,14 @@ import torch
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merging import MergeRecConfig, merge, mergerec
-from fedmerge.models.sequential import ResidualMLPAdapter, SequentialFamily, catalog_clusters, nearest_similarity
+from fedmerge.models.sequential import (
+    ResidualMLPAdapter,
+    SequentialFamily,
+    catalog_clusters,
+    centroid_similarities,
+    nearest_similarity,
+    unseen_mix_weights,
+)
 from tests.test_sequential import cycle_domain
 
 DIM = 8
@@ -154,5 +161,42 @@ def test_unseen_items_fall_back_to_the_frozen_theta0_expert():
         plain = routed_family(max_epochs=3)
         trained = {k: v for k, v in merged.items() if not k.startswith("adapter.base.") and "unseen" not in k}
         assert not torch.allclose(plain.load(trained, 2 * DIM).adapter(unseen), adapter0(unseen))
-    with pytest.raises(ValueError, match=r"valid: \['none', 'theta0'\]"):
-        routed_family(routed_unseen="mix")
+    with pytest.raises(ValueError, match=r"valid: \['none', 'theta0', 'mix'\]"):
+        routed_family(routed_unseen="nearest")
+
+
+def test_mix_weights_sum_to_one_and_favour_the_theta0_expert():
+    similarities = torch.tensor([[0.1, 0.3, -0.2], [0.0, 0.0, 0.0]])
+    weights = unseen_mix_weights(similarities, torch.tensor(0.4), temperature=0.1)
+    assert weights.shape == (2, 4)
+    torch.testing.assert_close(weights.sum(1), torch.ones(2))
+    assert (weights.argmax(1) == 3).all()  # below the threshold: the θ₀ expert holds the largest weight
+    torch.testing.assert_close(weights[0, 1] / weights[0, 3], torch.exp(torch.tensor((0.3 - 0.4) / 0.1)))
+    cold = unseen_mix_weights(similarities, 0.4, temperature=1e-4)  # T -> 0: the hard θ₀ fallback
+    torch.testing.assert_close(cold, torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0]]))
+    with pytest.raises(ValueError, match="routed_mix_temperature"):
+        routed_family(routed_unseen="mix", routed_mix_temperature=0.0)
+
+
+def test_mix_routing_mixes_unseen_items_and_keeps_seen_items_hard():
+    feats = {"A": blob(20, 0, seed=2), "B": blob(20, 5, seed=3)}
+    unseen = blob(20, 2, seed=4)
+    hard = routed_family(routed_unseen="theta0", routed_unseen_quantile=0.0)
+    mix = routed_family(routed_unseen="mix", routed_unseen_quantile=0.0, routed_mix_temperature=0.2)
+    catalogs = [hard.item_features(f) for f in feats.values()]
+    theta0 = hard.initial_weights(2 * DIM, seed=0, catalog_features=catalogs)
+    mix0 = mix.initial_weights(2 * DIM, seed=0, catalog_features=catalogs)
+    assert set(theta0) == set(mix0) and all(torch.equal(theta0[k], mix0[k]) for k in theta0)
+    trained = hard.train(theta0, cycle_domain(n_items=20, n_users=80, seed=0, name="A"), catalogs[0], seed=0,
+                         progress=False)[0]
+    by_hard, by_mix = hard.load(trained, 2 * DIM).adapter, mix.load(trained, 2 * DIM).adapter
+    seen, far = torch.cat(catalogs), hard.item_features(unseen)
+    with torch.no_grad():
+        torch.testing.assert_close(by_mix(seen), by_hard(seen), rtol=0, atol=0)  # above the threshold: as before
+        similarities = centroid_similarities(far[:, DIM:], by_mix.centre, by_mix.centroids)
+        weights = unseen_mix_weights(similarities, by_mix.unseen_threshold, 0.2)
+        outputs = torch.stack([e(far[:, :DIM]) for e in [*by_mix.experts, by_mix.base]], dim=1)  # (n, K + 1, d)
+        torch.testing.assert_close(by_mix(far), (weights.unsqueeze(-1) * outputs).sum(1))
+        assert not torch.allclose(by_mix(far), by_hard(far))  # the trained experts take part
+        # at θ₀ every expert is θ₀'s: the mix is θ₀'s adapter on every item
+        torch.testing.assert_close(mix.load(theta0, 2 * DIM).adapter(far), hard.load(theta0, 2 * DIM).adapter(far))

@@ -113,6 +113,11 @@ class ModelFamily(ABC):
         """Whether :meth:`initial_weights` needs the merged domains' public catalog features."""
         return False
 
+    @property
+    def trains_on_public_catalogs(self) -> bool:
+        """Whether :meth:`train` takes ``public_features=``, the other training domains' public catalog features."""
+        return False
+
     def initial_weights(self, dim: int, seed: int = 0, catalog_features: Sequence[torch.Tensor] = ()) -> StateDict:
         """θ₀: the module's seeded initialization (identical for every client given ``dim`` and ``seed``;
         ``catalog_features`` is read only by families whose :attr:`init_reads_catalogs`)."""

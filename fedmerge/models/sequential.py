@@ -23,7 +23,8 @@ its raw text embedding's nearest catalog cluster (k-means over the merged domain
 so each domain's training moves mostly its own experts and merges interfere less on the item side. With
 ``routed_unseen="theta0"`` an item far from every cluster (nearest-centroid similarity below the
 ``routed_unseen_quantile`` of the training catalogs' items, fixed in θ₀) goes to a frozen copy of θ₀'s expert
-instead: a catalog no client trained on keeps θ₀'s item side in every merge.
+instead: a catalog no client trained on keeps θ₀'s item side in every merge. ``routed_unseen="mix"`` gives such an
+item a similarity-weighted mix of every expert and the θ₀ expert instead (:func:`unseen_mix_weights`).
 
 Training: SASRec all-position loss: each training sequence is cut into windows of at most ``max_len + 1`` items
 (so every transition is a target exactly once), and every position predicts the next item with a full softmax
@@ -85,7 +86,7 @@ from fedmerge.text.encoder import SentenceEncoder, mean_pool
 logger = logging.getLogger(__name__)
 
 ADAPTERS = ("linear", "mlp", "moe", "routed")
-ROUTED_UNSEEN = ("none", "theta0")
+ROUTED_UNSEEN = ("none", "theta0", "mix")
 NEGATIVE_SAMPLING = ("uniform", "popularity")
 IGNORED = -100  # cross-entropy label of a padding row (left out of the mean)
 
@@ -239,10 +240,29 @@ def catalog_clusters(embeddings: np.ndarray, n_clusters: int, seed: int) -> tupl
 ROUTER_BUFFERS = ("centre", "centroids")  # RoutedAdapter's router, fixed at θ₀
 
 
+def centroid_similarities(raw: torch.Tensor, centre: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``s_k = <unit(x - centre), c_k>`` of each raw embedding row x against every cluster of
+    :func:`catalog_clusters`, (n, n_clusters)."""
+    return F.normalize(raw - centre, dim=-1) @ centroids.T
+
+
 def nearest_similarity(raw: torch.Tensor, centre: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """``max_k <unit(x - centre), c_k>`` of each raw embedding row x, (n,): how close an item is to the nearest
-    catalog cluster of :func:`catalog_clusters`."""
-    return (F.normalize(raw - centre, dim=-1) @ centroids.T).max(dim=-1).values
+    """``max_k s_k`` (:func:`centroid_similarities`) of each raw embedding row, (n,): how close an item is to the
+    nearest catalog cluster."""
+    return centroid_similarities(raw, centre, centroids).max(dim=-1).values
+
+
+def unseen_mix_weights(similarities: torch.Tensor, threshold: torch.Tensor | float, temperature: float) -> torch.Tensor:
+    """Mixing weights of an unseen item over the K experts and the frozen θ₀ expert, (n, K + 1):
+
+        w = softmax([s_1, …, s_K, t] / T)
+
+    with ``s_k`` its :func:`centroid_similarities` (n, K), ``t`` the unseen threshold as the θ₀ expert's fixed
+    logit and ``T`` the ``temperature``. An unseen item has ``max_k s_k < t``, so the θ₀ expert always holds the
+    largest weight; ``T → 0`` gives the hard θ₀ fallback, a large T the uniform mix of all K + 1 experts, and an
+    expert's share grows as the item nears its cluster (``w_k / w_base = exp((s_k - t)/T)``)."""
+    base = torch.as_tensor(threshold, dtype=similarities.dtype, device=similarities.device).expand(len(similarities), 1)
+    return torch.softmax(torch.cat([similarities, base], dim=1) / temperature, dim=1)
 
 
 class RoutedAdapter(nn.Module):
@@ -261,26 +281,33 @@ class RoutedAdapter(nn.Module):
     expert moved it by ‖τ‖ = 11 against 28 for Toys' own 2,516 items, and the sum of such updates in a merge broke
     the experts' owners.
 
-    Unseen items (``fallback=True``): an item of a catalog no client trained on lands in whichever expert is least
-    far, which was trained on other items' buyers. With the fallback, an item whose similarity to its nearest
-    centroid, ``max_k <unit(x - centre), c_k>``, is below the ``unseen_threshold`` buffer (set in θ₀ from the
-    training catalogs, see :meth:`SequentialFamily.initial_weights`) goes to ``base``, a frozen copy of the initial
-    expert: θ₀'s adapter, kept in the weights, never trained (every task vector is zero there), so every merge
-    keeps it as θ₀ has it.
+    Unseen items (``unseen="theta0"`` or ``"mix"``): an item of a catalog no client trained on lands in whichever
+    expert is least far, which was trained on other items' buyers. An item whose similarity to its nearest
+    centroid, ``max_k <unit(x - centre), c_k>``, is below the ``unseen_threshold`` buffer t (set in θ₀ from the
+    training catalogs, see :meth:`SequentialFamily.initial_weights`) is "unseen". ``base`` is a frozen copy of the
+    initial expert: θ₀'s adapter, kept in the weights, never trained (every task vector is zero there), so every
+    merge keeps it as θ₀ has it. With ``"theta0"`` an unseen item goes to ``base`` alone; with ``"mix"`` it gets
+    ``e = Σ_k w_k expert_k(z) + w_base base(z)``, the weights of :func:`unseen_mix_weights` at ``mix_temperature``.
+    Items at or above the threshold are routed hard to their nearest expert in every mode.
     """
 
     def __init__(
-        self, dim_in: int, dim_out: int, width: int, n_experts: int, dropout: float, fallback: bool = False
+        self, dim_in: int, dim_out: int, width: int, n_experts: int, dropout: float, unseen: str = "none",
+        mix_temperature: float = 0.05,
     ) -> None:
         super().__init__()
+        if unseen not in ROUTED_UNSEEN:
+            raise ValueError(f"unknown routed_unseen {unseen!r}; valid: {list(ROUTED_UNSEEN)}")
         self.dim_in = dim_in
+        self.unseen = unseen
+        self.mix_temperature = mix_temperature
         self.register_buffer(ROUTER_BUFFERS[0], torch.zeros(dim_in))
         self.register_buffer(ROUTER_BUFFERS[1], torch.zeros(n_experts, dim_in))
         self.experts = nn.ModuleList(ResidualMLPAdapter(dim_in, dim_out, width, dropout) for _ in range(n_experts))
         for expert in self.experts[1:]:
             expert.load_state_dict(self.experts[0].state_dict())
         self.base: ResidualMLPAdapter | None = None
-        if fallback:
+        if unseen != "none":
             self.register_buffer("unseen_threshold", torch.tensor(-1.0))
             self.base = copy.deepcopy(self.experts[0])  # draws no random numbers: the other weights' init is unchanged
             self.base.requires_grad_(False)
@@ -302,15 +329,24 @@ class RoutedAdapter(nn.Module):
         flat_raw = raw.reshape(-1, self.dim_in)
         flat_z, expert_of = z.reshape(-1, self.dim_in), self.route(flat_raw)
         experts = list(self.experts)
+        mixed = flat_z.new_zeros(0, dtype=torch.long)
         if self.base is not None:  # unseen items: index n_experts, the frozen θ₀ expert
-            unseen = nearest_similarity(flat_raw, self.centre, self.centroids) < self.unseen_threshold
-            expert_of = torch.where(unseen, len(experts), expert_of)
+            similarities = centroid_similarities(flat_raw, self.centre, self.centroids)
+            unseen = similarities.max(dim=-1).values < self.unseen_threshold
+            if self.unseen == "mix":  # no hard expert (-1): mixed below
+                mixed = unseen.nonzero().squeeze(1)
+            expert_of = torch.where(unseen, -1 if self.unseen == "mix" else len(experts), expert_of)
             experts.append(self.base)
         out = flat_z.new_zeros(len(flat_z), self.dim_out)
         for k, expert in enumerate(experts):
             rows = (expert_of == k).nonzero().squeeze(1)
             if len(rows):
                 out = out.index_copy(0, rows, expert(flat_z[rows]))
+        if len(mixed):
+            weights = unseen_mix_weights(similarities[mixed], self.unseen_threshold, self.mix_temperature)
+            z_mixed = flat_z[mixed]
+            mix = sum(weights[:, k : k + 1] * expert(z_mixed) for k, expert in enumerate(experts))
+            out = out.index_copy(0, mixed, mix)
         return out.reshape(*z.shape[:-1], self.dim_out)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -409,6 +445,7 @@ class TextSASRec(nn.Module):
         adapter_width: int = 512,
         text_tower: TextTower | None = None,
         routed_unseen: str = "none",
+        routed_mix_temperature: float = 0.05,
     ) -> None:
         super().__init__()
         if adapter == "moe":
@@ -417,7 +454,7 @@ class TextSASRec(nn.Module):
             if dim_in % 2:
                 raise ValueError(f"the routed adapter reads [z | raw] features of even width, got {dim_in}")
             self.adapter = RoutedAdapter(dim_in // 2, hidden, adapter_width, n_experts, dropout,
-                                         fallback=routed_unseen == "theta0")
+                                         unseen=routed_unseen, mix_temperature=routed_mix_temperature)
         elif adapter == "mlp":
             self.adapter = ResidualMLPAdapter(dim_in, hidden, adapter_width, dropout)
         else:
@@ -525,10 +562,18 @@ class SequentialFamily(ModelFamily):
     encoder_lr: float = 5e-5
     proximal_mu: float = 0.0
     routed_min_share: float = 0.05
-    # routed adapter, items far from every catalog cluster: "none" (nearest expert) or "theta0" (a frozen θ₀ expert
-    # for items whose nearest-centroid similarity is below the routed_unseen_quantile of the training catalogs')
+    # routed adapter, items far from every catalog cluster: "none" (nearest expert), "theta0" (a frozen θ₀ expert
+    # for items whose nearest-centroid similarity is below the routed_unseen_quantile of the training catalogs') or
+    # "mix" (those items get a similarity-weighted mix of the experts and the θ₀ expert at routed_mix_temperature)
     routed_unseen: str = "none"
     routed_unseen_quantile: float = 0.01
+    routed_mix_temperature: float = 0.05
+    # β of the distillation towards θ₀ on the other training domains' public catalogs (0: off), its temperature,
+    # pseudo-users and candidate items per step (fedmerge.models.theta0_distill)
+    theta0_distill: float = 0.0
+    theta0_distill_temperature: float = 0.05
+    theta0_distill_users: int = 64
+    theta0_distill_candidates: int = 1024
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -565,6 +610,16 @@ class SequentialFamily(ModelFamily):
             raise ValueError(f"unknown routed_unseen {self.routed_unseen!r}; valid: {list(ROUTED_UNSEEN)}")
         if not 0.0 <= self.routed_unseen_quantile < 1.0:
             raise ValueError(f"routed_unseen_quantile must be in [0, 1), got {self.routed_unseen_quantile}")
+        if not (math.isfinite(self.routed_mix_temperature) and self.routed_mix_temperature > 0):
+            raise ValueError(f"routed_mix_temperature must be a finite number > 0, got {self.routed_mix_temperature}")
+        if not (math.isfinite(self.theta0_distill) and self.theta0_distill >= 0):
+            raise ValueError(f"theta0_distill must be a finite number >= 0 (0: off), got {self.theta0_distill}")
+        if not (math.isfinite(self.theta0_distill_temperature) and self.theta0_distill_temperature > 0):
+            raise ValueError(f"theta0_distill_temperature must be a finite number > 0, got "
+                             f"{self.theta0_distill_temperature}")
+        if self.theta0_distill_users < 1 or self.theta0_distill_candidates < 2:
+            raise ValueError(f"need theta0_distill_users >= 1 and theta0_distill_candidates >= 2, got "
+                             f"{self.theta0_distill_users}, {self.theta0_distill_candidates}")
         if self.adapter == "routed" and self.encoder_layers:
             raise ValueError("adapter='routed' with encoder_layers > 0 is not supported: the router reads cached "
                              "raw embeddings")
@@ -588,6 +643,11 @@ class SequentialFamily(ModelFamily):
         """θ₀ of the routed adapter clusters the public catalogs (see :meth:`initial_weights`)."""
         return self.adapter == "routed"
 
+    @property
+    def trains_on_public_catalogs(self) -> bool:
+        """With ``theta0_distill > 0`` :meth:`train` needs the other training domains' public catalog features."""
+        return self.theta0_distill > 0
+
     def initial_weights(self, dim: int, seed: int = 0, catalog_features: Sequence[torch.Tensor] = ()) -> StateDict:
         """The seeded initialization; with ``adapter="routed"`` its router is :func:`catalog_clusters` of the raw
         embeddings in ``catalog_features`` (:meth:`item_features` of every merged domain's public catalog)."""
@@ -601,7 +661,7 @@ class SequentialFamily(ModelFamily):
             raise FedmergeError(f"routed θ₀ needs (n, {dim}) catalog features, got shapes {bad}")
         raw = torch.cat([f[:, dim // 2 :] for f in catalog_features]).numpy()
         weights["adapter.centre"], weights["adapter.centroids"] = catalog_clusters(raw, self.n_experts, seed)
-        if self.routed_unseen == "theta0":  # "unseen": below this quantile of the training catalogs' similarities
+        if self.routed_unseen != "none":  # "unseen": below this quantile of the training catalogs' similarities
             centre, centroids = weights["adapter.centre"], weights["adapter.centroids"]
             similarity = nearest_similarity(torch.from_numpy(raw), centre, centroids)
             weights["adapter.unseen_threshold"] = torch.quantile(similarity, self.routed_unseen_quantile)
@@ -609,7 +669,7 @@ class SequentialFamily(ModelFamily):
 
     def fixed_parameters(self, theta0: StateDict) -> frozenset[str]:
         """The routed adapter's router buffers (``adapter.centre``, ``adapter.centroids``) and, with
-        ``routed_unseen="theta0"``, its ``adapter.unseen_threshold`` and frozen θ₀ expert ``adapter.base.*``: set from
+        ``routed_unseen`` ``"theta0"`` or ``"mix"``, its ``adapter.unseen_threshold`` and frozen θ₀ expert ``adapter.base.*``: set from
         the public catalogs in θ₀ and never trained; changing them would re-route (or re-embed) every item of every
         domain."""
         if self.adapter != "routed":
@@ -653,6 +713,7 @@ class SequentialFamily(ModelFamily):
             adapter_width=self.adapter_width,
             text_tower=tower,
             routed_unseen=self.routed_unseen,
+            routed_mix_temperature=self.routed_mix_temperature,
         )
 
     def parameter_groups(self, names: Iterable[str]) -> dict[str, list[str]]:
@@ -869,12 +930,32 @@ class SequentialFamily(ModelFamily):
         *,
         seed: int = 0,
         progress: bool = True,
+        public_features: Sequence[torch.Tensor] = (),
     ) -> tuple[StateDict, dict[str, Any]]:
-        """AdamW on all-position next-item loss from ``theta0``; early stopping on val NDCG@10; best weights."""
+        """AdamW on all-position next-item loss from ``theta0``; early stopping on val NDCG@10; best weights.
+
+        ``public_features``: item features of the other training domains' public catalogs, read only with
+        ``theta0_distill > 0`` (:mod:`fedmerge.models.theta0_distill`), which refuses to run without them."""
         windows = training_windows(domain.train, self.max_len)
         if not windows:
             raise FedmergeError(f"domain {domain.name!r} has no training sequence with two or more items")
+        if self.theta0_distill and not public_features:
+            raise FedmergeError(f"model.params.theta0_distill = {self.theta0_distill} distills towards θ₀ on the other "
+                                "training domains' public catalogs, but none were given (it needs a federation of "
+                                "two or more training domains; set theta0_distill = 0 to train without it)")
+        bad = [tuple(f.shape) for f in public_features if f.shape[1:] != item_features.shape[1:]]
+        if bad:
+            raise FedmergeError(f"public catalog features of shapes {bad} do not match the domain's item features "
+                                f"{tuple(item_features.shape)}")
         module, features, frozen_experts = self.training_module(theta0, domain, item_features, seed)
+        distill = None
+        if self.theta0_distill:
+            from fedmerge.models.theta0_distill import Theta0Distillation
+
+            teacher = self.load(theta0, features.shape[-1]).to(features.device)
+            distill = Theta0Distillation(teacher, [f.to(features.device, torch.float32) for f in public_features],
+                                         self.theta0_distill_temperature, self.theta0_distill_users,
+                                         self.theta0_distill_candidates, seed)
         rng = np.random.default_rng(seed)
         sampler = torch.Generator().manual_seed(seed)
         proposal = self.negative_proposal(domain)
@@ -897,11 +978,15 @@ class SequentialFamily(ModelFamily):
         stop_reason = STOP_MAX_EPOCHS
         for epoch in range(1, self.max_epochs + 1):
             module.train()
-            loss_sum, steps_start = 0.0, time.perf_counter()
+            loss_sum, distill_sum, steps_start = 0.0, 0.0, time.perf_counter()
             with gradient_threads():  # thread-count independent steps; validation below uses every thread
                 for b, batch_indices in enumerate(length_buckets(lengths, self.batch_size, rng)):
                     batch = [windows[i] for i in batch_indices]
                     loss = self._batch_loss(module, batch, features, sampler, text_cache, proposal)
+                    if distill is not None:
+                        term = distill.loss(module)
+                        distill_sum += term.item()
+                        loss = loss + self.theta0_distill * term
                     if self.proximal_mu:
                         loss = loss + self.proximal_mu / 2 * sum(
                             (p - anchor[n]).pow(2).sum() for n, p in module.named_parameters())
@@ -921,7 +1006,8 @@ class SequentialFamily(ModelFamily):
             ndcg = val["ndcg@10"]
             curve.append({"epoch": epoch, "loss": loss_value, "val_ndcg@10": ndcg, "val_recall@10": val["recall@10"],
                           "seconds": time.perf_counter() - start, "step_seconds": step_seconds,
-                          "cpu_seconds": time.process_time() - cpu_start})
+                          "cpu_seconds": time.process_time() - cpu_start,
+                          **({"theta0_kl": distill_sum / (b + 1)} if distill is not None else {})})
             bar.update()
             bar.set_postfix(loss=f"{loss_value:.4f}", val_ndcg10=f"{ndcg:.4f}")
             logger.info("epoch %d loss %.4f val ndcg@10 %.4f recall@10 %.4f", epoch, loss_value, ndcg, val["recall@10"])

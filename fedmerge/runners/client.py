@@ -51,16 +51,30 @@ def noise_seed(cfg: Scenario, domain_name: str, round_index: int) -> int | None:
     return None if base < 0 else client_seed(cfg, domain_name, round_index, base=base)
 
 
+def public_catalog_features(cfg: Scenario, own: str) -> list[torch.Tensor]:
+    """Item features of every training domain's public catalog but ``own``'s, as the server encodes them for θ₀
+    (catalog text only: no other domain's interactions, no held-out catalog)."""
+    family = cfg.model.make_family()
+    return [cfg.encoder.item_features(cfg.load_catalog(d), family) for d in cfg.data.training_domains() if d != own]
+
+
 def client_train(
     domain: Domain, theta0: StateDict, cfg: Scenario, round_index: int = 0,
     extra_params: Mapping[str, Any] | None = None, features: torch.Tensor | None = None,
+    public_features: list[torch.Tensor] | None = None,
 ) -> tuple[StateDict, dict[str, Any]]:
     """Train from ``theta0`` on the domain; under ``privacy.enabled`` through
-    :func:`fedmerge.privacy.client.private_train` (the one DP call site: domain- or user-level)."""
+    :func:`fedmerge.privacy.client.private_train` (the one DP call site: domain- or user-level). A family that
+    :attr:`~fedmerge.models.base.ModelFamily.trains_on_public_catalogs` also gets the other training domains' public
+    catalogs (``public_features``, else :func:`public_catalog_features`)."""
     torch.set_num_threads(cfg.run.torch_threads)
     family = cfg.model.make_family(extra_params)
     if features is None:
         features = cfg.encoder.item_features(domain.catalog, family)
+    public: dict[str, Any] = {}
+    if family.trains_on_public_catalogs:
+        public["public_features"] = (public_catalog_features(cfg, domain.name) if public_features is None
+                                     else public_features)
     seed = client_seed(cfg, domain.name, round_index)
     if cfg.privacy.enabled:
         from fedmerge.privacy.client import private_train
@@ -71,7 +85,7 @@ def client_train(
         # the family's fixed weights are θ₀'s, independent of the data: sent exactly (the server checks them)
         weights.update({name: theta0[name] for name in family.fixed_parameters(theta0)})
     else:
-        weights, metrics = family.train(theta0, domain, features, seed=seed, progress=cfg.run.progress)
+        weights, metrics = family.train(theta0, domain, features, seed=seed, progress=cfg.run.progress, **public)
     metrics = {**metrics, protocol.NUM_USERS: domain.n_users}
     return weights, metrics
 
@@ -103,12 +117,21 @@ class ClientState:
         self.cfg = cfg
         self.domain = load_client_domain(cfg, partition_id, data_path)
         self._features: torch.Tensor | None = None
+        self._public: list[torch.Tensor] | None = None
 
     @property
     def features(self) -> torch.Tensor:
         if self._features is None:
             self._features = self.cfg.encoder.item_features(self.domain.catalog, self.cfg.model.make_family())
         return self._features
+
+    @property
+    def public_features(self) -> list[torch.Tensor] | None:
+        """The other training domains' public catalog features (:func:`public_catalog_features`) when the family
+        trains on them, loaded once; else None."""
+        if self._public is None and self.cfg.model.make_family().trains_on_public_catalogs:
+            self._public = public_catalog_features(self.cfg, self.domain.name)
+        return self._public
 
     def handle(self, message_type: str, content: RecordDict) -> RecordDict:
         """Reply to one request (query / train / evaluate); the reply holds only weights, metrics and the domain name."""
@@ -120,7 +143,8 @@ class ClientState:
             theta = protocol.from_record(content.array_records[protocol.GLOBAL])
             local = self.cfg.baselines.fedavg_local_params if config.get("phase") == "fedavg" else None
             weights, metrics = client_train(
-                self.domain, theta, self.cfg, int(config.get("round", 0)), extra_params=local, features=self.features
+                self.domain, theta, self.cfg, int(config.get("round", 0)), extra_params=local, features=self.features,
+                public_features=self.public_features,
             )
             return RecordDict(
                 {protocol.WEIGHTS: protocol.to_record(weights), protocol.TRAIN_METRICS: protocol.numeric_metrics(metrics),

@@ -1,0 +1,84 @@
+"""Distillation towards θ₀ on other public catalogs during local training (``model.params.theta0_distill``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmerge.config import load_scenario
+from fedmerge.errors import FedmergeError
+from fedmerge.models.theta0_distill import theta0_kl, without_own_item
+from fedmerge.runners.client import public_catalog_features
+from tests.test_sequential import DIM, cycle_domain, random_features, tiny_family
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+def setting(**params):
+    """A family, its θ₀, a small training domain with its features, and another catalog's features."""
+    family = tiny_family(max_epochs=4, dropout=0.1, theta0_distill_candidates=32, theta0_distill_users=16, **params)
+    theta0 = family.initial_weights(DIM, seed=0)
+    domain = cycle_domain(n_items=30, n_users=80, seed=1)
+    return family, theta0, domain, family.item_features(random_features(30, 2)), family.item_features(
+        random_features(40, 3))
+
+
+def pseudo_user_kl(family, weights, theta0, other: torch.Tensor) -> float:
+    """θ₀-to-model KL of every one-item pseudo-user of ``other`` over its whole catalog, own item left out."""
+    users = [torch.tensor([i]) for i in range(len(other))]
+    student, teacher = (torch.from_numpy(family.scorer(w, other)(users)) for w in (weights, theta0))
+    return float(theta0_kl(without_own_item(student), without_own_item(teacher), family.theta0_distill_temperature))
+
+
+def test_without_own_item_drops_the_diagonal():
+    logits = torch.arange(12.0).view(3, 4)
+    torch.testing.assert_close(without_own_item(logits), torch.tensor([[1.0, 2, 3], [4, 6, 7], [8, 9, 11]]))
+
+
+def test_beta_zero_trains_exactly_as_before_and_ignores_the_catalogs():
+    family, theta0, domain, feats, other = setting()
+    plain, _ = tiny_family(max_epochs=4, dropout=0.1).train(theta0, domain, feats, seed=0, progress=False)
+    off, info = family.train(theta0, domain, feats, seed=0, progress=False, public_features=[other])
+    assert all(torch.equal(plain[k], off[k]) for k in plain)
+    assert "theta0_kl" not in info["curve"][0] and not family.trains_on_public_catalogs
+
+
+def test_distillation_pulls_pseudo_users_towards_theta0_and_is_thread_count_deterministic():
+    family, theta0, domain, feats, other = setting(theta0_distill=50.0)
+    assert family.trains_on_public_catalogs
+    free, _ = setting()[0].train(theta0, domain, feats, seed=0, progress=False)
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        runs.append(family.train(theta0, domain, feats, seed=0, progress=False, public_features=[other]))
+    (pulled, info), (again, _) = runs
+    assert all(torch.equal(pulled[k], again[k]) for k in pulled)
+    assert info["curve"][-1]["theta0_kl"] >= 0
+    assert pseudo_user_kl(family, pulled, theta0, other) < 0.5 * pseudo_user_kl(family, free, theta0, other)
+
+
+def test_bad_settings_name_the_key():
+    for bad in ({"theta0_distill": -1.0}, {"theta0_distill": float("nan")}, {"theta0_distill_temperature": 0.0},
+                {"theta0_distill_users": 0}, {"theta0_distill_candidates": 1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            tiny_family(**bad)
+    family, theta0, domain, feats, other = setting(theta0_distill=1.0)
+    with pytest.raises(FedmergeError, match="theta0_distill = 1.0"):
+        family.train(theta0, domain, feats, seed=0, progress=False)
+    with pytest.raises(FedmergeError, match="do not match"):
+        family.train(theta0, domain, feats, seed=0, progress=False, public_features=[other[:, :4]])
+    with pytest.raises(FedmergeError, match=r"theta0_distill = 2.*baselines.joint"):
+        load_scenario("quickstart", ["model.params.theta0_distill=2.0"])
+
+
+def test_a_client_gets_the_other_training_catalogs_only():
+    cfg = load_scenario("quickstart", ["model.params.theta0_distill=2.0", "baselines.joint=false",
+                                       'data.held_out=["synth-2"]'])
+    names = cfg.data.training_domains()
+    assert names == ["synth-0", "synth-1"]
+    (features,) = public_catalog_features(cfg, "synth-0")
+    expected = cfg.encoder.item_features(cfg.load_catalog("synth-1"), cfg.model.make_family())
+    torch.testing.assert_close(features, expected)
