@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
+from fedmerge.memory import release_freed_memory
 from fedmerge.metrics import evaluate_batches, evaluation_batches
 from fedmerge.models import StateDict
 from fedmerge.runners import protocol
@@ -134,7 +135,15 @@ class ClientState:
         return self._public
 
     def handle(self, message_type: str, content: RecordDict) -> RecordDict:
-        """Reply to one request (query / train / evaluate); the reply holds only weights, metrics and the domain name."""
+        """Reply to one request (query / train / evaluate); the reply holds only weights, metrics and the domain name.
+        The memory the request freed goes back to the OS (:func:`fedmerge.memory.release_freed_memory`): the process
+        serves further requests, often other clients' (a simulation actor), and would keep its training peak."""
+        try:
+            return self._reply(message_type, content)
+        finally:
+            release_freed_memory()
+
+    def _reply(self, message_type: str, content: RecordDict) -> RecordDict:
         info = protocol.info_record(self.domain.name)
         if message_type == protocol.QUERY:
             return RecordDict({protocol.INFO: info})

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from fedmerge.data.domain import ItemCatalog
 from fedmerge.errors import FedmergeError
+from fedmerge.memory import release_freed_memory
 from fedmerge.merging.testtime import TESTTIME_METHOD
 from fedmerge.models import StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
@@ -567,6 +568,7 @@ class Federation:
         start = time.perf_counter()
         catalogs = {d: self.cfg.load_catalog(d) for d in individual}
         merged, self.merge_report = merge_replies(self.theta0, individual, catalogs, self.cfg)
+        release_freed_memory()  # MergeRec's teachers and pseudo-user batches, before evaluation and FedAvg
         self.timings["merging"] = time.perf_counter() - start
         for method, weights in merged.items():
             self.save_merged(method, weights)
