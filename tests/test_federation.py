@@ -341,7 +341,39 @@ def test_resume_refuses_weights_from_another_configuration(cfg, tmp_path):
         run_scenario(fewer, "inprocess", tmp_path / "run", resume=True)
     theta0_file = tmp_path / "run" / "models" / "theta0.safetensors"
     save_weights(theta0_file, load_weights(theta0_file), {"config_sha256": "another run"})
-    with pytest.raises(FedmergeError, match=r"theta0.safetensors was saved by a run with a different"):
+    with pytest.raises(FedmergeError, match=r"theta0.safetensors: trained with a different"):
+        run_scenario(small, "inprocess", tmp_path / "run", resume=True)
+
+
+def test_resume_accepts_settings_added_since_at_their_default_and_names_real_differences(cfg, tmp_path, caplog):
+    """A run saved by a fedmerge without a newer setting resumes when the scenario leaves it at its default (the
+    earlier behaviour); any other difference is refused naming the key and both values."""
+    from fedmerge.runners.server import SETTINGS_KEY
+    from fedmerge.runners.simulation import run_scenario
+    from fedmerge.storage import read_metadata
+
+    small = apply_overrides(cfg, ['merge.methods=["average"]', "baselines.fedavg_rounds=0", "baselines.joint=false"])
+    run_scenario(small, "inprocess", tmp_path / "run")
+    files = [*(tmp_path / "run" / "clients").glob("*.safetensors"), tmp_path / "run" / "models" / "theta0.safetensors"]
+
+    def rewrite(change):
+        for path in files:
+            metadata = read_metadata(path)
+            settings = json.loads(metadata[SETTINGS_KEY])
+            change(settings)
+            save_weights(path, load_weights(path), {**metadata, SETTINGS_KEY: json.dumps(settings),
+                                                    "config_sha256": "an older fedmerge"})
+
+    rewrite(lambda settings: settings["privacy"].pop("secure_mode"))  # the run predates privacy.secure_mode
+    with caplog.at_level("WARNING"):
+        resumed = run_scenario(small, "inprocess", tmp_path / "run", resume=True)
+    assert resumed["status"] == "ok" and "privacy.secure_mode" in caplog.text
+    on = apply_overrides(small, ["privacy.secure_mode=true", "privacy.enabled=true", 'privacy.unit="user"',
+                                 "privacy.noise_seed=-1"])
+    with pytest.raises(FedmergeError, match=r"privacy.secure_mode: saved '<absent>', now True"):
+        run_scenario(on, "inprocess", tmp_path / "run", resume=True)
+    rewrite(lambda settings: settings["model"]["params"].update(hidden=8))
+    with pytest.raises(FedmergeError, match=r"Differences: model.params.hidden: saved 8, now "):
         run_scenario(small, "inprocess", tmp_path / "run", resume=True)
 
 

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 THETA0_FILE = "models/theta0.safetensors"
 JOINT_FILE = "models/joint.safetensors"
 FINGERPRINT_KEY = "config_sha256"
+SETTINGS_KEY = "training_settings"  # the fingerprinted settings themselves (JSON), to explain a mismatch on --resume
 STALE_HINT = (  # why saved weights were refused on --resume, and what to do
     "a different data/encoder/model/privacy configuration or seed; resume with the original scenario and --set "
     "values, or run without --resume"
@@ -72,13 +73,59 @@ def server_threads(cfg: Scenario) -> int:
     return wanted if wanted > 0 else len(os.sched_getaffinity(0))
 
 
-def training_fingerprint(cfg: Scenario) -> str:
-    """sha256 of the run seed and the :data:`TRAINING_SECTIONS` (minus the encoder cache folder), as sorted JSON."""
+def training_settings(cfg: Scenario) -> dict[str, Any]:
+    """The run seed and the :data:`TRAINING_SECTIONS` (minus the encoder cache folder): what a client's weights
+    depend on."""
     table = cfg.to_mapping()
     sections = {name: table[name] for name in TRAINING_SECTIONS}
     sections["encoder"].pop("cache_dir", None)
     sections["seed"] = cfg.run.seed
-    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()
+    return json.loads(json.dumps(sections, sort_keys=True, default=str))
+
+
+def training_fingerprint(cfg: Scenario) -> str:
+    """sha256 of :func:`training_settings` as sorted JSON."""
+    return hashlib.sha256(json.dumps(training_settings(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint_metadata(cfg: Scenario) -> dict[str, str]:
+    """What a saved weight file carries to be resumed: the fingerprint and the settings behind it."""
+    return {FINGERPRINT_KEY: training_fingerprint(cfg), SETTINGS_KEY: json.dumps(training_settings(cfg), sort_keys=True)}
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping) and value:
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def settings_mismatch(cfg: Scenario, metadata: Mapping[str, str], what: str) -> list[str]:
+    """Check a saved weight file's settings against this scenario's before it is re-used (``--resume``).
+
+    Equal fingerprints: nothing to say. Otherwise, when the file carries its settings, the difference is compared
+    key by key: a key the saved run did not have and that this scenario leaves at its default (a setting added to
+    fedmerge after the run, whose default keeps the earlier behaviour) is accepted and returned; any other difference
+    raises a FedmergeError naming each key with both values. A file without its settings (saved before they were
+    recorded) is refused when the fingerprints differ."""
+    from fedmerge.config import DEFAULTS
+
+    if metadata.get(FINGERPRINT_KEY) == training_fingerprint(cfg):
+        return []
+    if SETTINGS_KEY not in metadata:
+        raise FedmergeError(f"{what}: trained with {STALE_HINT} (or by a fedmerge version with other settings; "
+                            "the file does not record its settings)")
+    saved, now = _flatten(json.loads(metadata[SETTINGS_KEY])), _flatten(training_settings(cfg))
+    defaults = _flatten(json.loads(json.dumps({k: DEFAULTS[k] for k in TRAINING_SECTIONS}, default=str)))
+    added = sorted(k for k in set(now) - set(saved) if k in defaults and now[k] == defaults[k])
+    differing = sorted(k for k in set(saved) | set(now) if k not in added and saved.get(k, "<absent>") != now.get(k, "<absent>"))
+    if differing:
+        details = "; ".join(f"{k}: saved {saved.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r}" for k in differing)
+        raise FedmergeError(f"{what}: trained with {STALE_HINT}. Differences: {details}")
+    return added
 
 
 def initial_weights(cfg: Scenario) -> StateDict:
@@ -484,7 +531,7 @@ class Federation:
         from fedmerge.storage import save_client_weights
 
         individual: dict[str, StateDict] = {}
-        fingerprint = training_fingerprint(self.cfg)
+        fingerprint = fingerprint_metadata(self.cfg)
 
         def on_reply(domain: str, content: RecordDict) -> None:
             accepted = self.accept_update(domain, content)
@@ -492,7 +539,7 @@ class Federation:
                 return
             individual[domain], self.train_metrics[domain] = accepted
             if self.out_dir is not None:
-                metadata = {FINGERPRINT_KEY: fingerprint, "family": self.family_name, "run": self.cfg.run.name,
+                metadata = {**fingerprint, "family": self.family_name, "run": self.cfg.run.name,
                             TRAIN_METRICS_KEY: json.dumps(self.train_metrics[domain])}
                 path = save_client_weights(self.out_dir, domain, individual[domain], metadata)
                 self.save_individual(domain, individual[domain], path)
@@ -693,24 +740,22 @@ def load_saved_run(cfg: Scenario, out_dir: str | Path) -> tuple[StateDict | None
     if unknown:
         raise FedmergeError(f"saved weights of {unknown} under {out_dir} are not training domains of this scenario "
                             f"({cfg.data.training_domains()})")
-    fingerprint = training_fingerprint(cfg)
-    stale = sorted(d for d in saved if metadata[d].get(FINGERPRINT_KEY) != fingerprint)
-    if stale:
-        raise FedmergeError(
-            f"saved weights of {stale} under {out_dir} were trained with {STALE_HINT}"
-        )
+    added = sorted({key for d in sorted(saved)
+                    for key in settings_mismatch(cfg, metadata[d], f"saved weights of {d!r} under {out_dir}")})
+    if added:
+        logger.warning("resuming %s: settings added since its run, at their defaults: %s", out_dir, added)
     metrics = {d: {k: v if isinstance(v, str) else float(v)
                    for k, v in json.loads(metadata[d].get(TRAIN_METRICS_KEY, "{}")).items()} for d in saved}
     theta0_path = out_dir / THETA0_FILE
-    return (load_fingerprinted(theta0_path, fingerprint) if theta0_path.is_file() else None), saved, metrics
+    return (load_fingerprinted(theta0_path, cfg) if theta0_path.is_file() else None), saved, metrics
 
 
-def load_fingerprinted(path: Path, fingerprint: str) -> StateDict:
-    """Weights a run saved under the same :func:`training_fingerprint`; FedmergeError when it was another config."""
+def load_fingerprinted(path: Path, cfg: Scenario) -> StateDict:
+    """Weights a run saved under this scenario's training settings (:func:`settings_mismatch`); FedmergeError when
+    it was another configuration."""
     from fedmerge.storage import load_weights, read_metadata
 
-    if read_metadata(path).get(FINGERPRINT_KEY) != fingerprint:
-        raise FedmergeError(f"{path} was saved by a run with {STALE_HINT}")
+    settings_mismatch(cfg, read_metadata(path), str(path))
     return load_weights(path)
 
 
@@ -728,7 +773,7 @@ def run_federation(
         raise FedmergeError("resume needs the output folder of the earlier run")
     torch.set_num_threads(server_threads(cfg))
     out_path = Path(out_dir) if out_dir is not None else None
-    fingerprint = training_fingerprint(cfg)
+    fingerprint = fingerprint_metadata(cfg)
     start = time.perf_counter()
     saved, train_metrics = None, {}
     if resume:
@@ -739,7 +784,7 @@ def run_federation(
     else:
         theta0 = initial_weights(cfg)
     federation = Federation(cfg, theta0, out_dir=out_path)
-    federation.save_model("theta0", theta0, "theta0", [], metadata={FINGERPRINT_KEY: fingerprint})
+    federation.save_model("theta0", theta0, "theta0", [], metadata=fingerprint)
     setup = time.perf_counter() - start
     federation.train_metrics.update(train_metrics)
     joint_seconds = 0.0
@@ -748,12 +793,12 @@ def run_federation(
             start = time.perf_counter()
             joint_path = out_path / JOINT_FILE if out_path is not None else None
             if resume and joint_path.is_file():
-                joint = load_fingerprinted(joint_path, fingerprint)
+                joint = load_fingerprinted(joint_path, cfg)
             else:
                 joint = joint_oracle(cfg, theta0)
             federation.extra_models["joint"] = joint
             federation.save_model("joint", joint, "joint", cfg.data.training_domains(),
-                                  metadata={FINGERPRINT_KEY: fingerprint},
+                                  metadata=fingerprint,
                                   non_private="trained on the pooled private data of every training domain")
             joint_seconds = time.perf_counter() - start
         out = federation.run(transport, saved=saved)
