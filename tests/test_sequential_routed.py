@@ -200,3 +200,23 @@ def test_mix_routing_mixes_unseen_items_and_keeps_seen_items_hard():
         assert not torch.allclose(by_mix(far), by_hard(far))  # the trained experts take part
         # at θ₀ every expert is θ₀'s: the mix is θ₀'s adapter on every item
         torch.testing.assert_close(mix.load(theta0, 2 * DIM).adapter(far), hard.load(theta0, 2 * DIM).adapter(far))
+
+
+@pytest.mark.parametrize("unseen", ["none", "theta0", "mix"])
+def test_dense_routing_equals_forward_in_every_unseen_mode(unseen):
+    """RoutedAdapter.dense (the fixed-shape form user-level DP-SGD trains through) computes forward's values, also for
+    items below the unseen threshold and with the mix."""
+    feats = {"A": blob(20, 0, seed=2), "B": blob(20, 5, seed=3)}
+    hard = routed_family(routed_unseen="theta0", routed_unseen_quantile=0.0)
+    family = routed_family(routed_unseen=unseen, routed_unseen_quantile=0.0, routed_mix_temperature=0.2)
+    catalogs = [family.item_features(f) for f in feats.values()]
+    theta0 = hard.initial_weights(2 * DIM, seed=0, catalog_features=catalogs)
+    trained = hard.train(theta0, cycle_domain(n_items=20, n_users=80, seed=0, name="A"), catalogs[0], seed=0,
+                         progress=False)[0]
+    if unseen == "none":
+        trained = {k: v for k, v in trained.items() if not k.startswith("adapter.base.") and "unseen" not in k}
+    adapter = family.load(trained, 2 * DIM).adapter
+    items = torch.cat([*catalogs, family.item_features(blob(20, 2, seed=4))])  # seen and far items
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.dense(items), adapter(items))
+        torch.testing.assert_close(adapter.dense(items.view(3, 20, -1)), adapter(items).view(3, 20, -1))

@@ -253,16 +253,17 @@ def nearest_similarity(raw: torch.Tensor, centre: torch.Tensor, centroids: torch
 
 
 def unseen_mix_weights(similarities: torch.Tensor, threshold: torch.Tensor | float, temperature: float) -> torch.Tensor:
-    """Mixing weights of an unseen item over the K experts and the frozen θ₀ expert, (n, K + 1):
+    """Mixing weights of an unseen item over the K experts and the frozen θ₀ expert, (..., K + 1):
 
         w = softmax([s_1, …, s_K, t] / T)
 
-    with ``s_k`` its :func:`centroid_similarities` (n, K), ``t`` the unseen threshold as the θ₀ expert's fixed
+    with ``s_k`` its :func:`centroid_similarities` (..., K), ``t`` the unseen threshold as the θ₀ expert's fixed
     logit and ``T`` the ``temperature``. An unseen item has ``max_k s_k < t``, so the θ₀ expert always holds the
     largest weight; ``T → 0`` gives the hard θ₀ fallback, a large T the uniform mix of all K + 1 experts, and an
     expert's share grows as the item nears its cluster (``w_k / w_base = exp((s_k - t)/T)``)."""
-    base = torch.as_tensor(threshold, dtype=similarities.dtype, device=similarities.device).expand(len(similarities), 1)
-    return torch.softmax(torch.cat([similarities, base], dim=1) / temperature, dim=1)
+    base = torch.as_tensor(threshold, dtype=similarities.dtype, device=similarities.device)
+    base = base.expand(*similarities.shape[:-1], 1)
+    return torch.softmax(torch.cat([similarities, base], dim=-1) / temperature, dim=-1)
 
 
 class RoutedAdapter(nn.Module):
@@ -322,47 +323,52 @@ class RoutedAdapter(nn.Module):
         counts = torch.bincount(self.route(x[:, self.dim_in :]), minlength=len(self.experts))
         return [k for k, c in enumerate(counts.tolist()) if c < min_share * len(x)]
 
+    def _routing(self, raw: torch.Tensor) -> tuple[torch.Tensor, list[nn.Module], torch.Tensor, torch.Tensor | None]:
+        """(expert index of each raw row into the returned experts, the experts (+ the θ₀ expert ``base`` at index
+        n_experts when there is one), the rows below the unseen threshold (all False without ``base``), and with
+        ``"mix"`` their :func:`unseen_mix_weights` over those experts (else None))."""
+        expert_of, experts = self.route(raw), list(self.experts)
+        if self.base is None:
+            return expert_of, experts, torch.zeros_like(expert_of, dtype=torch.bool), None
+        similarities = centroid_similarities(raw, self.centre, self.centroids)
+        unseen = similarities.max(dim=-1).values < self.unseen_threshold
+        weights = (unseen_mix_weights(similarities, self.unseen_threshold, self.mix_temperature)
+                   if self.unseen == "mix" else None)
+        return torch.where(unseen, len(experts), expert_of), [*experts, self.base], unseen, weights
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != 2 * self.dim_in:
             raise ValueError(f"routed adapter expects [z | raw] rows of width {2 * self.dim_in}, got {x.shape[-1]}")
         z, raw = x[..., : self.dim_in], x[..., self.dim_in :]
-        flat_raw = raw.reshape(-1, self.dim_in)
-        flat_z, expert_of = z.reshape(-1, self.dim_in), self.route(flat_raw)
-        experts = list(self.experts)
-        mixed = flat_z.new_zeros(0, dtype=torch.long)
-        if self.base is not None:  # unseen items: index n_experts, the frozen θ₀ expert
-            similarities = centroid_similarities(flat_raw, self.centre, self.centroids)
-            unseen = similarities.max(dim=-1).values < self.unseen_threshold
-            if self.unseen == "mix":  # no hard expert (-1): mixed below
-                mixed = unseen.nonzero().squeeze(1)
-            expert_of = torch.where(unseen, -1 if self.unseen == "mix" else len(experts), expert_of)
-            experts.append(self.base)
+        flat_z = z.reshape(-1, self.dim_in)
+        expert_of, experts, unseen, weights = self._routing(raw.reshape(-1, self.dim_in))
+        mixed = unseen.nonzero().squeeze(1) if weights is not None else flat_z.new_zeros(0, dtype=torch.long)
+        if weights is not None:  # no hard expert (-1): mixed below
+            expert_of = torch.where(unseen, -1, expert_of)
         out = flat_z.new_zeros(len(flat_z), self.dim_out)
         for k, expert in enumerate(experts):
             rows = (expert_of == k).nonzero().squeeze(1)
             if len(rows):
                 out = out.index_copy(0, rows, expert(flat_z[rows]))
         if len(mixed):
-            weights = unseen_mix_weights(similarities[mixed], self.unseen_threshold, self.mix_temperature)
-            z_mixed = flat_z[mixed]
-            mix = sum(weights[:, k : k + 1] * expert(z_mixed) for k, expert in enumerate(experts))
+            z_mixed, w_mixed = flat_z[mixed], weights[mixed]
+            mix = sum(w_mixed[:, k : k + 1] * expert(z_mixed) for k, expert in enumerate(experts))
             out = out.index_copy(0, mixed, mix)
         return out.reshape(*z.shape[:-1], self.dim_out)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward`'s values with shapes independent of the routing (what ``torch.func.vmap`` needs): every
-        expert on every row, each row keeps its own expert's output, ``out_r = E_{k(r)}(z_r)``. n_experts× the cost;
-        the other experts get exactly zero gradient from row r, as in :meth:`forward`."""
+        expert on every row, each row keeps its own expert's output, ``out_r = E_{k(r)}(z_r)`` (with ``"mix"``, an
+        unseen row the weighted sum over the experts). n_experts× the cost; the other experts get exactly zero
+        gradient from row r, as in :meth:`forward`."""
         z, raw = x[..., : self.dim_in], x[..., self.dim_in :]
-        expert_of = self.route(raw)
-        experts = list(self.experts)
-        if self.base is not None:
-            unseen = nearest_similarity(raw, self.centre, self.centroids) < self.unseen_threshold
-            expert_of = torch.where(unseen, len(experts), expert_of)
-            experts.append(self.base)
+        expert_of, experts, unseen, weights = self._routing(raw)
         outputs = torch.stack([expert(z) for expert in experts], dim=-2)  # (..., n_experts, dim_out)
         index = expert_of[..., None, None].expand(*expert_of.shape, 1, self.dim_out)
-        return outputs.gather(-2, index).squeeze(-2)
+        out = outputs.gather(-2, index).squeeze(-2)
+        if weights is None:
+            return out
+        return torch.where(unseen.unsqueeze(-1), (weights.unsqueeze(-1) * outputs).sum(-2), out)
 
 
 class TextTower(nn.Module):
