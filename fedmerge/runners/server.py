@@ -83,14 +83,19 @@ def training_settings(cfg: Scenario) -> dict[str, Any]:
     return json.loads(json.dumps(sections, sort_keys=True, default=str))
 
 
+def _digest(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
 def training_fingerprint(cfg: Scenario) -> str:
     """sha256 of :func:`training_settings` as sorted JSON."""
-    return hashlib.sha256(json.dumps(training_settings(cfg), sort_keys=True).encode()).hexdigest()
+    return _digest(training_settings(cfg))
 
 
 def fingerprint_metadata(cfg: Scenario) -> dict[str, str]:
     """What a saved weight file carries to be resumed: the fingerprint and the settings behind it."""
-    return {FINGERPRINT_KEY: training_fingerprint(cfg), SETTINGS_KEY: json.dumps(training_settings(cfg), sort_keys=True)}
+    settings = training_settings(cfg)
+    return {FINGERPRINT_KEY: _digest(settings), SETTINGS_KEY: json.dumps(settings, sort_keys=True)}
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -113,12 +118,13 @@ def settings_mismatch(cfg: Scenario, metadata: Mapping[str, str], what: str) -> 
     recorded) is refused when the fingerprints differ."""
     from fedmerge.config import DEFAULTS
 
-    if metadata.get(FINGERPRINT_KEY) == training_fingerprint(cfg):
+    current = training_settings(cfg)
+    if metadata.get(FINGERPRINT_KEY) == _digest(current):
         return []
     if SETTINGS_KEY not in metadata:
         raise FedmergeError(f"{what}: trained with {STALE_HINT} (or by a fedmerge version with other settings; "
                             "the file does not record its settings)")
-    saved, now = _flatten(json.loads(metadata[SETTINGS_KEY])), _flatten(training_settings(cfg))
+    saved, now = _flatten(json.loads(metadata[SETTINGS_KEY])), _flatten(current)
     defaults = _flatten(json.loads(json.dumps({k: DEFAULTS[k] for k in TRAINING_SECTIONS}, default=str)))
     added = sorted(k for k in set(now) - set(saved) if k in defaults and now[k] == defaults[k])
     differing = sorted(k for k in set(saved) | set(now) if k not in added and saved.get(k, "<absent>") != now.get(k, "<absent>"))
