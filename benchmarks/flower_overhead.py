@@ -4,8 +4,8 @@ Each run is a fresh ``fedmerge simulate`` process (imports, Ray start-up and shu
 profits from the other's warm caches; the text-embedding disk cache is warmed once before timing. Engines alternate
 (inprocess, flower, inprocess, ...) so a change in machine load hits both alike. Prints each run, the median wall
 per engine, the ratio flower / inprocess (target ≤ 1.15), the peak memory of each run's whole process tree (PSS
-summed over the ``fedmerge simulate`` process and its descendants, Ray workers included, sampled every second)
-and the load average; writes the same as JSON.
+summed over the ``fedmerge simulate`` process and its descendants, Ray workers included, sampled every second;
+the JSON also splits the peak sample by process) and the load average; writes the same as JSON.
 
     python benchmarks/flower_overhead.py [--scenario quickstart] [--set KEY=VALUE ...] [--repeats 1] [--out DIR]
         [--no-warmup]          # the embedding cache is already warm (the warm-up run trains every client once)
@@ -30,9 +30,10 @@ ENGINES = ("inprocess", "flower")
 CLI = "from fedmerge.cli import main; raise SystemExit(main())"
 
 
-def tree_pss_bytes(root: int) -> int:
-    """Memory of process ``root`` and all its descendants (Ray's workers included): the sum of their PSS, which
-    splits shared pages between the processes that map them, read from /proc (Linux; 0 elsewhere)."""
+def tree_pss(root: int) -> dict[str, int]:
+    """Memory of process ``root`` and each of its descendants (Ray's workers included): ``{"PID NAME": PSS bytes}``,
+    PSS splitting shared pages between the processes that map them, read from /proc (Linux; empty elsewhere).
+    NAME is the process's title (Ray renames its workers, e.g. ``ray::ClientAppActor``), cut to 60 characters."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -41,16 +42,18 @@ def tree_pss_bytes(root: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue  # the process ended while we looked
             children.setdefault(parent, []).append(int(entry.name))
-    total, stack = 0, [root]
+    sizes, stack = {}, [root]
     while stack:
         pid = stack.pop()
         stack.extend(children.get(pid, []))
         try:
             rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        total += next((int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:")), 0)
-    return total
+        pss = next((int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+        sizes[f"{pid} {name[:60]}"] = pss
+    return sizes
 
 
 def simulate(scenario: str, overrides: list[str], engine: str, out_dir: Path) -> dict[str, float]:
@@ -60,13 +63,15 @@ def simulate(scenario: str, overrides: list[str], engine: str, out_dir: Path) ->
             *[item for o in overrides for item in ("--set", o)]]
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    peak = 0
+    peak, peak_processes, peak_at = 0, {}, 0.0
     with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
         stderr_tail: list[str] = []
         reader = threading.Thread(target=lambda: stderr_tail.extend(proc.stderr), daemon=True)
         reader.start()
         while True:  # sample once a second; wait() returns as soon as the run ends, so wall time is not padded
-            peak = max(peak, tree_pss_bytes(proc.pid))
+            sizes = tree_pss(proc.pid)
+            if sum(sizes.values()) > peak:
+                peak, peak_processes, peak_at = sum(sizes.values()), sizes, time.perf_counter() - start
             try:
                 proc.wait(timeout=1.0)
                 break
@@ -79,7 +84,9 @@ def simulate(scenario: str, overrides: list[str], engine: str, out_dir: Path) ->
     results = json.loads((out_dir / "results.json").read_text())
     if results.get("status") != "ok":
         raise SystemExit(f"{engine} run reported status {results.get('status')}: {results.get('errors')}")
-    return {"wall_s": round(wall, 2), "peak_tree_pss_gib": round(peak / 2**30, 2),
+    return {"wall_s": round(wall, 2), "peak_tree_pss_gib": round(peak / 2**30, 2), "peak_at_s": round(peak_at, 1),
+            "peak_processes_gib": {name: round(size / 2**30, 3)
+                                   for name, size in sorted(peak_processes.items(), key=lambda kv: -kv[1])},
             "load_1min_before": load_before, "load_1min_after": os.getloadavg()[0],
             **{f"phase_{k}_s": v for k, v in results["timings_s"].items()}}
 
