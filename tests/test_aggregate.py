@@ -25,7 +25,8 @@ def test_interval_of_three_values_by_hand():
 
 
 def test_one_value_has_no_interval_and_equal_differences_no_test():
-    assert interval([0.5]) == {"n": 1, "mean": 0.5, "std": None, "half_width": None, "low": None, "high": None}
+    assert interval([0.5]) == {"n": 1, "mean": 0.5, "std": None, "half_width": None, "low": None, "high": None,
+                               "values": [0.5]}
     assert interval([0.3, 0.3])["half_width"] == 0.0
     assert paired_test([0.2, 0.3], [0.1, 0.2]) == {"t": None, "p": None}
     with pytest.raises(ValueError, match="non-empty"):

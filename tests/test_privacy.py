@@ -439,16 +439,19 @@ def test_each_study_seed_draws_other_dp_noise(tiny_scenario):
     assert dp_config(entropy, "user", 2.0, 1e-5, seed=3)[0].privacy.noise_seed == -1
 
 
-def test_interval_is_a_t_interval_over_seeds():
+def test_over_seeds_is_a_t_interval_of_the_seeds_that_report_a_value():
     from scipy.stats import t
 
-    from fedmerge.privacy.study import interval
+    from fedmerge.privacy.study import over_seeds
 
     values = [0.1, 0.2, 0.4]
-    out = interval(values)
+    out = over_seeds([*values, None])
     half = t.ppf(0.975, 2) * np.std(values, ddof=1) / math.sqrt(3)
+    assert out["n"] == 3 and out["values"] == values
     assert out["mean"] == pytest.approx(0.7 / 3) and out["high"] - out["mean"] == pytest.approx(half)
-    assert interval([0.3]) == {"mean": 0.3, "low": 0.3, "high": 0.3, "n": 1, "values": [0.3]}
+    one = over_seeds([0.3])
+    assert (one["n"], one["mean"], one["low"], one["values"]) == (1, 0.3, None, [0.3])
+    assert over_seeds([None, None])["mean"] is None
 
 
 def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):

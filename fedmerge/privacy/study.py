@@ -153,16 +153,15 @@ def epsilon_label(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
-def interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
-    """Mean and two-sided t-interval ``mean ± t_{(1+level)/2, n−1} · s/√n`` over seeds; one value: low = high = mean."""
-    from scipy.stats import t
+def over_seeds(values: Sequence[float | None]) -> dict[str, Any]:
+    """:func:`fedmerge.runners.aggregate.interval` (mean, 95 % Student-t interval, the values) of the seeds that
+    report a value; ``{"n": 0, "mean": None, ...}`` when none does."""
+    from fedmerge.runners.aggregate import interval
 
-    x = np.asarray([v for v in values if v is not None], dtype=float)
-    if x.size == 0:
-        return {"mean": None, "low": None, "high": None, "n": 0, "values": []}
-    mean = float(x.mean())
-    half = float(t.ppf((1 + level) / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(x.size), "values": x.tolist()}
+    present = [v for v in values if v is not None]
+    if not present:
+        return {"n": 0, "mean": None, "std": None, "half_width": None, "low": None, "high": None, "values": []}
+    return interval(present)
 
 
 def cells(study: PrivacyStudySettings) -> list[tuple[str, float]]:
@@ -198,7 +197,7 @@ def utility_sweep(
             eps_reported = [m["dp_epsilon_run"] for m in results.get("train_metrics", {}).values() if "dp_epsilon_run" in m]
             if eps_reported:
                 row["client_epsilon_max"] = max(eps_reported)
-        row["metric"] = {m: interval([s.get(m) for s in per_seed]) for m in per_seed[0]}
+        row["metric"] = {m: over_seeds([s.get(m) for s in per_seed]) for m in per_seed[0]}
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
     return rows
@@ -261,7 +260,7 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings) -> dict[str, Any]:
 
 def _over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, Any]]:
     """{attack: {score: interval over seeds}} for the AUC and TPR entries of :func:`attack_metrics`."""
-    return {attack: {score: interval([s[attack][score] for s in per_seed])
+    return {attack: {score: over_seeds([s[attack][score] for s in per_seed])
                      for score in per_seed[0][attack] if not score.startswith("n_")}
             for attack in per_seed[0]}
 

@@ -41,8 +41,9 @@ ONE_SEED_NOTE = "one seed: no spread, interval or test (run several with run.see
 
 
 def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """``{n, mean, std, half_width, low, high}`` of ``values``: sample std and a Student-t interval for the mean
-    (std and interval fields None for fewer than two values; half_width 0 when every value is equal)."""
+    """``{n, mean, std, half_width, low, high, values}`` of ``values``: sample std and a Student-t interval for the
+    mean (std and interval fields None for fewer than two values; half_width 0 when every value is equal), and the
+    values themselves (so intervals can be recomputed when more seeds arrive)."""
     from scipy import stats
 
     x = np.asarray(values, dtype=np.float64)
@@ -50,10 +51,11 @@ def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[st
         raise ValueError(f"need a non-empty list of values, got {values!r}")
     mean = float(x.mean())
     if len(x) < 2:
-        return {"n": 1, "mean": mean, "std": None, "half_width": None, "low": None, "high": None}
+        return {"n": 1, "mean": mean, "std": None, "half_width": None, "low": None, "high": None, "values": x.tolist()}
     std = float(x.std(ddof=1))
     half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * std / math.sqrt(len(x)))
-    return {"n": len(x), "mean": mean, "std": std, "half_width": half, "low": mean - half, "high": mean + half}
+    return {"n": len(x), "mean": mean, "std": std, "half_width": half, "low": mean - half, "high": mean + half,
+            "values": x.tolist()}
 
 
 def paired_test(merged: Sequence[float], reference: Sequence[float]) -> dict[str, float | None]:
