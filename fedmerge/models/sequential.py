@@ -556,6 +556,9 @@ class SequentialFamily(ModelFamily):
     lr: float = 2e-3
     weight_decay: float = 0.01
     batch_size: int = 256
+    # None: each batch in one forward/backward; k: in chunks of at most k windows with gradients accumulated (the
+    # same step, peak training memory of a k-window batch; see micro_batches)
+    micro_batch_size: int | None = None
     max_epochs: int = 100
     patience: int = 3
     n_negatives: int | None = None  # None: full softmax; k: sampled softmax over k shared negatives per batch
@@ -604,6 +607,8 @@ class SequentialFamily(ModelFamily):
             raise ValueError(f"parameters must be positive: {bad}")
         if self.n_layers < 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"need n_layers >= 0 and 0 <= dropout < 1, got {self.n_layers}, {self.dropout}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be None (whole batches) or >= 1, got {self.micro_batch_size}")
         if self.n_negatives is not None and self.n_negatives < 1:
             raise ValueError(f"n_negatives must be None (full softmax) or >= 1, got {self.n_negatives}")
         if self.negative_sampling not in NEGATIVE_SAMPLING:
@@ -822,11 +827,13 @@ class SequentialFamily(ModelFamily):
         generator: torch.Generator,
         text_cache: torch.Tensor | None = None,
         proposal: torch.Tensor | None = None,
+        drawn: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Mean next-item cross-entropy over all non-padding positions of a batch of windows: the full softmax over
         the catalog, or with ``n_negatives`` :func:`sampled_softmax_loss` over negatives drawn by :meth:`_negatives`
-        (``proposal``: :meth:`negative_proposal`). The sampled loss runs the adapter only on the batch's own items
-        and the negatives, not on the whole catalog.
+        (``proposal``: :meth:`negative_proposal`; ``drawn``: (negatives, log E[c_j]) already drawn, e.g. shared by
+        the micro-batches of one batch). The sampled loss runs the adapter only on the batch's own items and the
+        negatives, not on the whole catalog.
 
         ``text_cache`` (with a text tower): the epoch's text embeddings of the whole catalog; the batch's own items
         are recomputed through the tower with gradient and replace their rows (the rest act as fixed candidates).
@@ -846,7 +853,7 @@ class SequentialFamily(ModelFamily):
             targets = targets[:, -hidden.shape[1] :]
             valid = targets != PAD
             return F.cross_entropy(module.logits(hidden[valid], items), targets[valid])
-        negatives, log_expected = self._negatives(len(features), generator, proposal)
+        negatives, log_expected = drawn if drawn is not None else self._negatives(len(features), generator, proposal)
         negatives, log_expected = negatives.to(device), log_expected.to(device)
         rows = torch.unique(torch.cat([inputs[inputs != PAD], targets[targets != PAD], negatives]))
         items = module.adapter(text_of(rows))  # only these rows, in the order of `rows` (sorted)
@@ -858,6 +865,19 @@ class SequentialFamily(ModelFamily):
         positive = module.paired_logits(hidden, items[torch.searchsorted(rows, targets)])
         negative = module.logits(hidden, items[torch.searchsorted(rows, negatives)])
         return sampled_softmax_loss(positive, negative, log_expected, targets.unsqueeze(1) == negatives.unsqueeze(0))
+
+    def micro_batches(self, windows: list[np.ndarray]) -> list[tuple[list[np.ndarray], float]]:
+        """(chunk, share) pairs that one optimizer step accumulates: the whole batch with share 1 when
+        ``micro_batch_size`` is None, else chunks of at most ``micro_batch_size`` windows, each with its share
+        P_c / P of the batch's P target positions (window w has |w| − 1). :meth:`_batch_loss` is a mean over target
+        positions, so Σ_c share_c · loss_c is the whole batch's loss and the accumulated gradient its gradient (up to
+        float rounding and the dropout masks); peak activation memory scales with the chunk, not the batch."""
+        size = self.micro_batch_size
+        if size is None or len(windows) <= size:
+            return [(windows, 1.0)]
+        total = sum(len(w) - 1 for w in windows)
+        chunks = [windows[i : i + size] for i in range(0, len(windows), size)]
+        return [(chunk, sum(len(w) - 1 for w in chunk) / total) for chunk in chunks]
 
     def window_loss(
         self,
@@ -988,18 +1008,21 @@ class SequentialFamily(ModelFamily):
             with gradient_threads():  # thread-count independent steps; validation below uses every thread
                 for b, batch_indices in enumerate(length_buckets(lengths, self.batch_size, rng)):
                     batch = [windows[i] for i in batch_indices]
-                    loss = self._batch_loss(module, batch, features, sampler, text_cache, proposal)
-                    if distill is not None:
-                        term = distill.loss(module)
-                        distill_sum += term.item()
-                        loss = loss + self.theta0_distill * term
-                    if self.proximal_mu:
-                        loss = loss + self.proximal_mu / 2 * sum(
-                            (p - anchor[n]).pow(2).sum() for n, p in module.named_parameters())
+                    drawn = self._negatives(len(features), sampler, proposal) if self.n_negatives else None
                     optimizer.zero_grad()
-                    loss.backward()
+                    for part, (chunk, share) in enumerate(self.micro_batches(batch)):
+                        loss = self._batch_loss(module, chunk, features, sampler, text_cache, proposal, drawn)
+                        loss = loss if share == 1.0 else share * loss
+                        if part == 0 and distill is not None:
+                            term = distill.loss(module)
+                            distill_sum += term.item()
+                            loss = loss + self.theta0_distill * term
+                        if part == 0 and self.proximal_mu:
+                            loss = loss + self.proximal_mu / 2 * sum(
+                                (p - anchor[n]).pow(2).sum() for n, p in module.named_parameters())
+                        loss.backward()
+                        loss_sum += loss.item()
                     optimizer.step()
-                    loss_sum += loss.item()
                     if self.max_seconds is not None and time.perf_counter() - start > self.max_seconds:
                         out_of_time = True
                         break
