@@ -78,6 +78,7 @@ from tqdm import tqdm
 
 from fedmerge.data.domain import Domain, ItemCatalog
 from fedmerge.errors import FedmergeError
+from fedmerge.memory import release_freed_memory
 from fedmerge.metrics import Scorer, evaluate_scorer
 from fedmerge.models.base import PAD, STOP_EARLY, STOP_MAX_EPOCHS, STOP_MAX_SECONDS, ModelFamily, StateDict, pad_sequences
 from fedmerge.reproducibility import gradient_threads
@@ -1027,9 +1028,12 @@ class SequentialFamily(ModelFamily):
                         out_of_time = True
                         break
             loss_value, step_seconds = loss_sum / (b + 1), time.perf_counter() - steps_start
+            release_freed_memory()  # the steps' heap, before validation allocates in other sizes (and after it)
             weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
             val_module, text = self._loaded(weights, features)
             val = evaluate_scorer(self._module_scorer(val_module, text), domain, "val", max_len=self.max_len)
+            del val_module
+            release_freed_memory()
             if text_cache is not None:
                 text_cache = text  # the next epoch starts from these very weights
             ndcg = val["ndcg@10"]
