@@ -259,7 +259,7 @@ def validate(cfg: Scenario) -> None:
         raise FedmergeError(f"federation.startup_timeout_s must be > 0, got {cfg.federation.startup_timeout_s}")
     if cfg.run.torch_threads < 1 or cfg.run.server_threads < 0:
         raise FedmergeError("run.torch_threads must be >= 1 and run.server_threads >= 0 (0: all cores)")
-    from fedmerge.merging import MERGEREC_METHODS, METHODS
+    from fedmerge.merging import MERGEREC_METHODS, METHODS, MergeRecConfig
 
     from fedmerge.merging.testtime import TESTTIME_METHOD, teacher_choices
 
@@ -289,8 +289,6 @@ def validate(cfg: Scenario) -> None:
     if testtime.granularity not in MERGEREC_METHODS.values():
         raise FedmergeError(f"merge.testtime.granularity {testtime.granularity!r} is unknown; valid: "
                             f"{sorted(set(MERGEREC_METHODS.values()))}")
-    from fedmerge.merging.mergerec import MergeRecConfig
-
     try:  # an unknown key or preset fails here, before any client trains
         MergeRecConfig.from_keys(cfg.merge.mergerec)
     except (ValueError, TypeError) as exc:
