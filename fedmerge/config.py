@@ -89,6 +89,7 @@ FREE_TABLES: frozenset[tuple[str, str]] = frozenset(
 )
 DATA_SOURCES = ("synthetic", "amazon", "generic")
 FEDAVG_WEIGHTINGS = ("users", "equal")  # FedAvg client weights: reported user counts (share-capped) or equal
+NORM_ACTIONS = ("reject", "clip")  # what federation.norm_action does to a task vector over its norm limit
 MAX_ABS_LIMIT = 1e30  # federation.max_abs_value above this would let a sum of a few models overflow float32
 
 
@@ -352,7 +353,6 @@ def parse_seeds(text: str) -> list[int]:
 def _validate_defences(federation: FederationSettings) -> None:
     """The [federation] defence keys: ranges and names (see README, "Faults and bad inputs tried")."""
     from fedmerge.merging import ROBUST_METHODS
-    from fedmerge.validation import NORM_ACTIONS
 
     checks = {
         "max_abs_value": (0 < federation.max_abs_value <= MAX_ABS_LIMIT, f"a number in (0, {MAX_ABS_LIMIT:g}]"),
