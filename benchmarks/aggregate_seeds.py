@@ -17,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-from fedmerge.merging.methods import METHODS
+from fedmerge.merging import METHODS
 from fedmerge.runners.aggregate import aggregate_runs, same_cutoff_metrics
 from fedmerge.runners.multiseed import aggregate_summary, write_aggregate
 

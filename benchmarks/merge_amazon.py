@@ -36,8 +36,8 @@ from fedmerge.config import parse_params
 from fedmerge.data import load_domain
 from fedmerge.data.amazon import default_amazon_root
 from fedmerge.data.domain import Domain
-from fedmerge.merging import METHODS, MergeRecConfig, merge, mergerec, task_vectors
-from fedmerge.merging.mergerec import PseudoUserObjective, group_index, merged_weights
+from fedmerge.merging import METHODS, MergeRecConfig, merge, task_vectors
+from fedmerge.merging.mergerec import PseudoUserObjective, group_index, merged_weights, mergerec
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models import ModelFamily, StateDict, get_family
 from fedmerge.runners.server import fedavg_aggregate

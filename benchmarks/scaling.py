@@ -53,7 +53,8 @@ def measure(task: str, n_domains: int, n_items: int, n_users: int, steps: int, t
 
     from fedmerge.config import load_scenario
     from fedmerge.data.synthetic import make_synthetic_domains
-    from fedmerge.merging import MergeRecConfig, mergerec
+    from fedmerge.merging import MergeRecConfig
+    from fedmerge.merging.mergerec import mergerec
     from fedmerge.models import get_family
     from fedmerge.runners.client import client_evaluate
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from fedmerge.data.synthetic import make_synthetic_domains
-from fedmerge.merging import MergeRecConfig, mergerec
-from fedmerge.merging.mergerec import PseudoUserObjective
+from fedmerge.merging import MergeRecConfig
+from fedmerge.merging.mergerec import PseudoUserObjective, mergerec
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models import get_family
 from fedmerge.text import encode_catalog, get_encoder

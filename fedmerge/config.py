@@ -89,6 +89,7 @@ FREE_TABLES: frozenset[tuple[str, str]] = frozenset(
 )
 DATA_SOURCES = ("synthetic", "amazon", "generic")
 FEDAVG_WEIGHTINGS = ("users", "equal")  # FedAvg client weights: reported user counts (share-capped) or equal
+NORM_ACTIONS = ("reject", "clip")  # what federation.norm_action does to a task vector over its norm limit
 MAX_ABS_LIMIT = 1e30  # federation.max_abs_value above this would let a sum of a few models overflow float32
 
 
@@ -259,7 +260,7 @@ def validate(cfg: Scenario) -> None:
         raise FedmergeError(f"federation.startup_timeout_s must be > 0, got {cfg.federation.startup_timeout_s}")
     if cfg.run.torch_threads < 1 or cfg.run.server_threads < 0:
         raise FedmergeError("run.torch_threads must be >= 1 and run.server_threads >= 0 (0: all cores)")
-    from fedmerge.merging import MERGEREC_METHODS, METHODS
+    from fedmerge.merging import MERGEREC_METHODS, METHODS, MergeRecConfig
 
     from fedmerge.merging.testtime import TESTTIME_METHOD, teacher_choices
 
@@ -289,8 +290,6 @@ def validate(cfg: Scenario) -> None:
     if testtime.granularity not in MERGEREC_METHODS.values():
         raise FedmergeError(f"merge.testtime.granularity {testtime.granularity!r} is unknown; valid: "
                             f"{sorted(set(MERGEREC_METHODS.values()))}")
-    from fedmerge.merging.mergerec import MergeRecConfig
-
     try:  # an unknown key or preset fails here, before any client trains
         MergeRecConfig.from_keys(cfg.merge.mergerec)
     except (ValueError, TypeError) as exc:
@@ -354,7 +353,6 @@ def parse_seeds(text: str) -> list[int]:
 def _validate_defences(federation: FederationSettings) -> None:
     """The [federation] defence keys: ranges and names (see README, "Faults and bad inputs tried")."""
     from fedmerge.merging import ROBUST_METHODS
-    from fedmerge.validation import NORM_ACTIONS
 
     checks = {
         "max_abs_value": (0 < federation.max_abs_value <= MAX_ABS_LIMIT, f"a number in (0, {MAX_ABS_LIMIT:g}]"),

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fedmerge.config import NORM_ACTIONS
 from fedmerge.errors import FedmergeError
 from fedmerge.models.base import StateDict
 
 _MAX_NAMES_SHOWN = 5
-NORM_ACTIONS = ("reject", "clip")  # what federation.norm_action does to a task vector over its norm limit
 
 
 class UpdateRejected(FedmergeError):

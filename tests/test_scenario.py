@@ -106,7 +106,7 @@ def test_to_mapping_is_a_copy_and_overrides_leave_the_input_alone():
 
 def test_server_side_modules_never_import_client_modules():
     code = ("import sys; import fedmerge.runners.server, fedmerge.runners.baselines, fedmerge.recommender, "
-            "fedmerge.merging, server.app; "
+            "fedmerge.merging.methods, fedmerge.merging.mergerec, server.app; "
             "print([m for m in ('fedmerge.runners.client', 'clients.app') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

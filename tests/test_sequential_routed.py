@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fedmerge.errors import FedmergeError
-from fedmerge.merging import MergeRecConfig, merge, mergerec
+from fedmerge.merging import MergeRecConfig, merge
+from fedmerge.merging.mergerec import mergerec
 from fedmerge.models.sequential import (
     ResidualMLPAdapter,
     SequentialFamily,

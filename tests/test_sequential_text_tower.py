@@ -12,7 +12,8 @@ import torch
 
 from fedmerge.data.domain import Domain, ItemCatalog, as_sequences
 from fedmerge.errors import FedmergeError
-from fedmerge.merging import MergeRecConfig, mergerec
+from fedmerge.merging import MergeRecConfig
+from fedmerge.merging.mergerec import mergerec
 from fedmerge.models.base import stack_item_features
 from fedmerge.models.sequential import SequentialFamily, standardize_features
 from fedmerge.text import SentenceEncoder

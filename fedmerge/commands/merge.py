@@ -9,7 +9,7 @@ from fedmerge.config import parse_assignments, parse_params
 
 
 def describe() -> str:
-    """The methods and their parameter defaults (imports the merging registry, hence torch: only for --help)."""
+    """The methods and their parameter defaults (from the torch-free merging registry; computed only for --help)."""
     from fedmerge.merging import METHODS
 
     methods = ", ".join(f"{m.name} ({', '.join(f'{k}={p.default}' for k, p in m.params.items())})" for m in METHODS.values())

@@ -1,4 +1,5 @@
-"""Training-free model merging over named tensors: one registry, selected by name.
+"""Training-free model merging over named tensors: the methods' tensor functions, selected by name through the
+torch-free registry :mod:`fedmerge.merging.registry` (names, declared parameters, papers).
 
 Every method works tensor by tensor on the task vectors τ_k = θ_k − θ₀ (stacked as a (K, *shape) tensor) and is a
 composition of three steps, in the spirit of mergekit's decomposition:
@@ -27,18 +28,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from fedmerge.merging.registry import get_method, merge_scale, resolve_params
 from fedmerge.models.base import StateDict
 
 logger = logging.getLogger(__name__)
 
 Models = Mapping[str, StateDict] | Sequence[StateDict]
-MethodFn = Callable[[torch.Tensor, dict[str, Any], torch.Generator], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,197 +267,7 @@ def _clipped_average(tau: torch.Tensor, params: dict[str, Any], generator: torch
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# registry
-
-
-@dataclass(frozen=True)
-class Param:
-    """A method parameter: default, a validity check and its description for error messages."""
-
-    default: Any
-    check: Callable[[Any], bool]
-    valid: str
-
-
-def _in_open_closed(lo: float, hi: float) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and lo < v <= hi
-
-
-def _in_closed_open(lo: float, hi: float) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v < hi
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_weights(v: Any) -> bool:
-    if v is None:
-        return True
-    try:
-        values = [float(x) for x in v]
-    except (TypeError, ValueError):
-        return False
-    return len(values) > 0 and min(values) >= 0 and sum(values) > 0
-
-
-SCALE = Param(1.0, _is_real, "a real number")
-DENSITY = Param(0.2, _in_open_closed(0.0, 1.0), "a number in (0, 1]")
-SCOPES = ("tensor", "model")
-
-
-def scope_param(default: str) -> Param:
-    """``scope``: run per parameter tensor or once over each model's whole flattened task vector."""
-    return Param(default, lambda v: v in SCOPES, f"one of {list(SCOPES)}")
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    """A registered training-free merge: processing function, parameters with defaults, and its paper."""
-
-    name: str
-    fn: MethodFn
-    params: dict[str, Param]
-    paper: str
-    summary: str
-    scale_param: str | None = "scale"
-    extra_check: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False)
-
-
-def _check_dare(params: dict[str, Any]) -> None:
-    if params["base"] != "ties" and params["density"] != 1.0:
-        raise ValueError("dare: 'density' trims only with base='ties'; leave it at 1.0 for base='task_arithmetic'")
-
-
-METHODS: dict[str, MergeMethod] = {
-    m.name: m
-    for m in (
-        MergeMethod(
-            "average",
-            _average,
-            {"weights": Param(None, _is_weights, "None or non-negative per-model weights with a positive sum")},
-            "https://arxiv.org/abs/2203.05482",
-            "(weighted) weight averaging, model soups (Wortsman et al. 2022)",
-            scale_param=None,
-        ),
-        MergeMethod(
-            "task_arithmetic",
-            _task_arithmetic,
-            {"scale": Param(0.3, _is_real, "a real number")},
-            "https://arxiv.org/abs/2212.04089",
-            "θ₀ + λ Σ τ_k (Ilharco et al. 2023)",
-        ),
-        MergeMethod(
-            "ties",
-            _ties,
-            {"density": DENSITY, "scale": SCALE, "scope": scope_param("tensor")},
-            "https://arxiv.org/abs/2306.01708",
-            "trim, elect sign, disjoint mean (Yadav et al. 2023); top-ρ trim per tensor by default",
-        ),
-        MergeMethod(
-            "ties_global",
-            _ties,
-            {"density": DENSITY, "scale": SCALE, "scope": scope_param("model")},
-            "https://arxiv.org/abs/2306.01708",
-            "TIES as its authors' and MergeRec's code run it: top-ρ trim over the whole flattened model",
-        ),
-        MergeMethod(
-            "dare",
-            _dare,
-            {
-                "p": Param(0.9, _in_closed_open(0.0, 1.0), "a drop rate in [0, 1)"),
-                "base": Param("task_arithmetic", lambda v: v in ("task_arithmetic", "ties"), "'task_arithmetic' or 'ties'"),
-                "density": Param(1.0, _in_open_closed(0.0, 1.0), "a number in (0, 1] (base='ties' only)"),
-                "scale": Param(None, lambda v: v is None or _is_real(v), "None (the base's default) or a real number"),
-                "seed": Param(0, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-            },
-            "https://arxiv.org/abs/2311.03099",
-            "drop and rescale, combined with task arithmetic or TIES (Yu et al. 2024)",
-            extra_check=_check_dare,
-        ),
-        MergeMethod(
-            "pcb",
-            _pcb,
-            {"ratio": Param(0.1, _in_open_closed(0.0, 1.0), "a keep ratio in (0, 1]"), "scale": SCALE},
-            "https://arxiv.org/abs/2410.02396",
-            "parameter competition balancing: intra/inter balancing, drop, weighted merge (Du et al. 2024)",
-        ),
-        MergeMethod(
-            "pcb_released",
-            _pcb_released,
-            {"density": DENSITY, "scale": SCALE, "scope": scope_param("model")},
-            "https://github.com/duguodong7/pcb-merging",
-            "PCB as its released code (run by MergeRec): exp/tanh balancing, quantile-clamped soft mask, "
-            "whole-model scope, extra 1/K",
-        ),
-        MergeMethod(
-            "median",
-            _median,
-            {},
-            "https://arxiv.org/abs/1803.01498",
-            "coordinate-wise median of the task vectors, robust to one outlying client of three (Yin et al. 2018)",
-            scale_param=None,
-        ),
-        MergeMethod(
-            "trimmed_mean",
-            _trimmed_mean,
-            {"trim": Param(1, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                           "an integer >= 0 (values dropped per side, at most (models − 1)//2)")},
-            "https://arxiv.org/abs/1803.01498",
-            "coordinate-wise trimmed mean: drop the trim largest and smallest values per entry (Yin et al. 2018)",
-            scale_param=None,
-        ),
-        MergeMethod(
-            "clipped_average",
-            _clipped_average,
-            {"multiple": Param(1.0, _in_open_closed(0.0, math.inf), "a number > 0")},
-            "https://arxiv.org/abs/1911.07963",
-            "average of task vectors clipped per tensor to multiple × the median norm (Sun et al. 2019)",
-            scale_param=None,
-        ),
-    )
-}
-
-
-# Registry methods that bound what one outlying client can do to the merge (federation.fedavg_aggregation choices).
-ROBUST_METHODS = ("median", "trimmed_mean", "clipped_average")
-
-
-def get_method(name: str) -> MergeMethod:
-    """The registered method ``name``; ValueError listing the valid names otherwise."""
-    if name not in METHODS:
-        raise ValueError(f"unknown merge method {name!r}; valid: {sorted(METHODS)}")
-    return METHODS[name]
-
-
-def resolve_params(name: str, params: Mapping[str, Any], n_models: int | None = None) -> dict[str, Any]:
-    """``params`` completed with the method's defaults and validated (ValueError naming the bad key or value)."""
-    method = get_method(name)
-    unknown = sorted(set(params) - set(method.params))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for merge method {name!r}; valid: {sorted(method.params)}")
-    resolved = {key: params.get(key, spec.default) for key, spec in method.params.items()}
-    for key, spec in method.params.items():
-        if not spec.check(resolved[key]):
-            raise ValueError(f"merge method {name!r}: {key}={resolved[key]!r} is invalid; expected {spec.valid}")
-    if method.extra_check is not None:
-        method.extra_check(resolved)
-    if "weights" in resolved and resolved["weights"] is not None:
-        resolved["weights"] = [float(x) for x in resolved["weights"]]
-        if n_models is not None and len(resolved["weights"]) != n_models:
-            raise ValueError(f"merge method {name!r}: {len(resolved['weights'])} weights for {n_models} models")
-    return resolved
-
-
-def merge_scale(name: str, params: Mapping[str, Any]) -> float:
-    """The final scalar λ of method ``name`` under resolved ``params`` (DARE: its base's default unless set)."""
-    method = get_method(name)
-    if method.scale_param is None:
-        return 1.0
-    value = params[method.scale_param]
-    if value is None:  # DARE without an explicit scale takes its base's default
-        return float(METHODS[params["base"]].params["scale"].default)
-    return float(value)
+# running a method
 
 
 def flatten_model(stacks: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -508,14 +319,8 @@ def apply_delta(theta0: StateDict, delta: Mapping[str, torch.Tensor]) -> StateDi
 
 
 def merge(name: str, theta0: StateDict, models: Models, **params: Any) -> StateDict:
-    """Merged weights θ₀ + λ Σ_k τ̃_k of training-free method ``name`` (see :data:`METHODS`)."""
+    """Merged weights θ₀ + λ Σ_k τ̃_k of training-free method ``name`` (see
+    :data:`~fedmerge.merging.registry.METHODS`)."""
     processed = processed_task_vectors(name, theta0, models, **params)
     return apply_delta(theta0, processed.merged_delta())
 
-
-def describe_methods() -> list[dict[str, Any]]:
-    """Name, summary, paper and parameter defaults of every registered method."""
-    return [
-        {"name": m.name, "summary": m.summary, "paper": m.paper, "params": {k: p.default for k, p in m.params.items()}}
-        for m in METHODS.values()
-    ]

@@ -21,11 +21,14 @@ seen models add on h is whatever their task vectors do to h's items that θ₀'s
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch-free at import: scenario validation reads TESTTIME_METHOD and teacher_choices
+    import torch
 
-from fedmerge.merging.mergerec import MergeRecConfig, MergeRecReport, mergerec
-from fedmerge.models.base import ModelFamily, StateDict
+    from fedmerge.merging.mergerec import MergeRecReport
+    from fedmerge.merging.mergerec_config import MergeRecConfig
+    from fedmerge.models.base import ModelFamily, StateDict
 
 TESTTIME_METHOD = "mergerec_testtime"
 THETA0_TEACHER = "theta0"
@@ -53,6 +56,8 @@ def mergerec_for_new_catalog(
     ``seen_features[d]``: the seen domains' catalog features (needed with ``include_seen``). ValueError names an
     unknown teacher or a new domain that is also a seen one.
     """
+    from fedmerge.merging.mergerec import mergerec
+
     seen = list(models)
     if new_domain in models:
         raise ValueError(f"test-time merging is for a catalog no client trained on; {new_domain!r} is one of {seen}")

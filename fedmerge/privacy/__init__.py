@@ -1,27 +1,38 @@
-"""Privacy of shipped weights: client-side DP (clipping, Gaussian noise, ε accounting) and a membership probe."""
+"""Privacy of shipped weights: client-side DP (clipping, Gaussian noise, ε accounting) and a membership probe.
 
-from fedmerge.privacy.dp import (
-    classic_noise_multiplier,
-    clip_update,
-    epsilon_for,
-    gaussian_delta,
-    noise_multiplier_for,
-    privatize_update,
-    task_vector_norm,
-)
-from fedmerge.privacy.membership import membership_auc, rank_auc, sequence_losses, split_members, subset_users
+The names below are imported from their modules (which import torch) on first use, so that validating a
+scenario's ``[privacy]`` table (:func:`fedmerge.privacy.client.validate_privacy`) does not import torch.
+"""
 
-__all__ = [
-    "classic_noise_multiplier",
-    "clip_update",
-    "epsilon_for",
-    "gaussian_delta",
-    "membership_auc",
-    "noise_multiplier_for",
-    "privatize_update",
-    "rank_auc",
-    "sequence_losses",
-    "split_members",
-    "subset_users",
-    "task_vector_norm",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedmerge.privacy.dp import (
+        classic_noise_multiplier,
+        clip_update,
+        epsilon_for,
+        gaussian_delta,
+        noise_multiplier_for,
+        privatize_update,
+        task_vector_norm,
+    )
+    from fedmerge.privacy.membership import membership_auc, rank_auc, sequence_losses, split_members, subset_users
+
+# name -> the submodule that defines it
+HOMES: dict[str, str] = {
+    **dict.fromkeys(("classic_noise_multiplier", "clip_update", "epsilon_for", "gaussian_delta", "noise_multiplier_for",
+                     "privatize_update", "task_vector_norm"), "dp"),
+    **dict.fromkeys(("membership_auc", "rank_auc", "sequence_losses", "split_members", "subset_users"), "membership"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in HOMES:
+        return getattr(importlib.import_module(f"fedmerge.privacy.{HOMES[name]}"), name)
+    raise AttributeError(f"module 'fedmerge.privacy' has no attribute {name!r}")
+
+
+__all__ = sorted(HOMES)

@@ -24,13 +24,13 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
-from fedmerge.models.base import ModelFamily, StateDict
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch-free at import: scenario validation runs validate_privacy
+    import torch
+
+    from fedmerge.data.domain import Domain
+    from fedmerge.models.base import ModelFamily, StateDict
     from fedmerge.scenario import Scenario
 
 UNITS = ("domain", "user")

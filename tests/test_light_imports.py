@@ -1,0 +1,45 @@
+"""The process that launches a Flower run stays light: validating scenarios and the launcher side of
+``fedmerge simulate --engine flower`` import no torch (only the Flower server and client processes do)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from fedmerge.merging import METHODS, methods
+from tests.test_cli_output import HEAVY  # torch, Flower, Ray, transformers, matplotlib, scipy
+
+# Every shipped scenario loaded, validated and written as `simulate` does for `flwr run` (a privacy study's scenario
+# through load_study), the CLI parser built, the launcher modules imported and the progress bar constructed.
+LAUNCHER = """
+import json, sys, tempfile, tomllib
+from pathlib import Path
+from fedmerge.cli import build_parser
+from fedmerge.config import SCENARIO_DIR, load_scenario, write_scenario
+from fedmerge.privacy.study import STUDY_SECTION, load_study
+from fedmerge.runners.run_progress import FolderProgress
+import fedmerge.deploy.local, fedmerge.deploy.flwr_cli, fedmerge.runners.multiseed, fedmerge.runners.simulation
+
+build_parser()
+names = []
+with tempfile.TemporaryDirectory() as tmp:
+    for path in sorted(SCENARIO_DIR.glob("*.toml")):
+        study = STUDY_SECTION in tomllib.loads(path.read_text())
+        cfg = load_study(str(path))[0] if study else load_scenario(path)
+        write_scenario(cfg, Path(tmp) / path.name)
+        FolderProgress(cfg, Path(tmp), enabled=False).close()
+        names.append(path.stem)
+print(json.dumps({"scenarios": names, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
+"""
+
+
+def test_scenarios_and_the_flower_launcher_import_no_torch():
+    out = subprocess.run([sys.executable, "-c", LAUNCHER], capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout)
+    assert {"quickstart", "amazon-seq", "privacy-seq"} <= set(report["scenarios"])
+    assert [m for m in HEAVY if m in report["modules"]] == []
+
+
+def test_every_registered_method_names_a_tensor_function():
+    assert all(callable(method.fn) and method.fn.__module__ == methods.__name__ for method in METHODS.values())
