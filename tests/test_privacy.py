@@ -519,3 +519,51 @@ def test_privacy_run_sequential_both_units(tmp_path, monkeypatch):
     for metrics in user_run["train_metrics"].values():
         assert metrics["dp_unit"] == 1 and metrics["dp_steps"] == 4
         assert metrics["dp_epsilon"] < metrics["dp_epsilon_run"] <= 2.0 + 1e-6
+
+
+def test_pooled_seeds_equal_one_study_over_all_seeds(tiny_scenario, tmp_path):
+    """Seeds 0 and 1 run as two studies and pooled give the very values and intervals of one study over [0, 1]."""
+    import json
+
+    from fedmerge.cli import main
+
+    for name, seeds in (("both", "[0, 1]"), ("s0", "[0]"), ("s1", "[1]")):
+        assert main(["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(tmp_path / name), "--set",
+                     f"privacy_study.seeds={seeds}"]) == 0
+    assert main(["privacy", "pool", str(tmp_path / "s0" / "privacy.json"), str(tmp_path / "s1" / "privacy.json"),
+                 "--out", str(tmp_path / "pooled")]) == 0
+    joint = json.loads((tmp_path / "both" / "privacy.json").read_text())
+    pooled = json.loads((tmp_path / "pooled" / "privacy.json").read_text())
+    assert pooled["study"]["seeds"] == [0, 1] and len(pooled["pooled_from"]) == 2
+    for a, b in zip(joint["utility"], pooled["utility"]):
+        assert a["seeds"] == b["seeds"] and a["metric"].keys() == b["metric"].keys()
+        for m in a["metric"]:
+            assert b["metric"][m]["values"] == a["metric"][m]["values"]
+            assert b["metric"][m]["low"] == pytest.approx(a["metric"][m]["low"])
+    for a, b in zip(joint["probe"]["rows"], pooled["probe"]["rows"]):
+        assert all(b["attacks"][k][s]["values"] == a["attacks"][k][s]["values"] for k in a["attacks"] for s in a["attacks"][k])
+    assert (tmp_path / "pooled" / "privacy.md").read_text() == (tmp_path / "both" / "privacy.md").read_text()
+
+
+def test_pooling_refuses_what_is_not_one_study():
+    from fedmerge.errors import FedmergeError
+    from fedmerge.privacy.study import pool_studies
+
+    def study(seeds, epsilons=("inf",), z=0.0):
+        cell = {"mean": 0.5, "values": [0.5] * len(seeds), "n": len(seeds)}
+        return {"study": {"seeds": list(seeds), "epsilons": list(epsilons), "metric": "recall@10"},
+                "scenario": {"run": {"name": "x"}}, "releases_per_client": 1,
+                "utility": [{"unit": "none", "epsilon": "inf", "seeds": list(seeds), "noise_multiplier": z,
+                             "metric": {"average": cell}}],
+                "probe": {"rows": [{"unit": "none", "epsilon": "inf", "attacks": {"loss": {"auc": cell}}}], "theta0": {}}}
+
+    pooled = pool_studies([study([0]), study([1, 2])], ["a", "b"])
+    assert pooled["utility"][0]["metric"]["average"]["n"] == 3 and pooled["study"]["seeds"] == [0, 1, 2]
+    with pytest.raises(FedmergeError, match="seed 1 is in both"):
+        pool_studies([study([0, 1]), study([1])], ["a", "b"])
+    with pytest.raises(FedmergeError, match=r"differ in study settings \['epsilons'\]"):
+        pool_studies([study([0]), study([1], epsilons=("inf", "8"))], ["a", "b"])
+    with pytest.raises(FedmergeError, match="noise multiplier"):
+        pool_studies([study([0]), study([1], z=1.0)], ["a", "b"])
+    with pytest.raises(FedmergeError, match="two or more"):
+        pool_studies([study([0])], ["a"])

@@ -1,4 +1,5 @@
-"""``fedmerge privacy run``: parse the arguments and run the privacy study of :mod:`fedmerge.privacy.study`."""
+"""``fedmerge privacy run`` / ``pool``: parse the arguments and run (or pool the seeds of) the privacy study of
+:mod:`fedmerge.privacy.study`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--overwrite", action="store_true",
                      help="replace the runs an earlier study left in --out (refused otherwise)")
     run.set_defaults(func=run_privacy)
+    pool = actions.add_parser("pool", help="one study over the seeds of several runs of the same study "
+                                           "(e.g. seeds run on separate machines): intervals over all seeds")
+    pool.add_argument("studies", nargs="+", type=Path, metavar="PRIVACY_JSON",
+                      help="privacy.json of each study (same settings and scenario, disjoint seeds)")
+    pool.add_argument("--out", type=Path, required=True, help="folder for the pooled privacy.json, .md and .png")
+    pool.set_defaults(func=pool_privacy)
 
 
 def run_privacy(args: argparse.Namespace) -> int:
@@ -26,5 +33,13 @@ def run_privacy(args: argparse.Namespace) -> int:
 
     cfg, study = load_study(args.scenario, args.overrides)
     print(run_study(cfg, study, args.out, overwrite=args.overwrite))
+    print(f"wrote {args.out / 'privacy.json'}, privacy.md and privacy.png")
+    return 0
+
+
+def pool_privacy(args: argparse.Namespace) -> int:
+    from fedmerge.privacy.study import write_pooled_study
+
+    print(write_pooled_study(args.studies, args.out))
     print(f"wrote {args.out / 'privacy.json'}, privacy.md and privacy.png")
     return 0

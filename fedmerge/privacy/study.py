@@ -350,6 +350,94 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], s
     plt.close(fig)
 
 
+def _pooled(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One interval dict (:func:`over_seeds`) from several, over all their seeds' values."""
+    return over_seeds([v for part in parts for v in part["values"]])
+
+
+def _pool_scores(parts: Sequence[Mapping[str, Mapping[str, Any]]], label: str) -> dict[str, dict[str, Any]]:
+    """{attack: {score: pooled interval}} of several {attack: {score: interval}} with the same attacks and scores."""
+    shapes = {tuple((a, tuple(sorted(scores))) for a, scores in sorted(part.items())) for part in parts}
+    if len(shapes) != 1:
+        raise FedmergeError(f"{label}: the studies report different attacks or scores: {sorted(shapes)}")
+    return {a: {score: _pooled([part[a][score] for part in parts]) for score in parts[0][a]} for a in parts[0]}
+
+
+def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
+    """The ``privacy.json`` of one study over the seeds of several (``studies``: their ``privacy.json`` contents,
+    ``labels``: where each came from, for errors and the record), e.g. seeds run in separate processes or machines.
+
+    Refused unless every study has the same settings except ``seeds`` (which must not overlap), the same scenario,
+    the same cells with the same noise multipliers, and the same attacks: pooling is then exactly what one study
+    over all the seeds would report (each seed's cells depend only on that seed). Intervals are recomputed from the
+    per-seed values."""
+    if len(studies) < 2:
+        raise FedmergeError(f"pooling needs two or more studies, got {len(studies)}")
+    missing = [label for label, st in zip(labels, studies) if "probe" not in st or "utility" not in st]
+    if missing:
+        raise FedmergeError(f"{missing}: not a finished privacy study (no utility or probe section)")
+    first, first_label = studies[0], labels[0]
+    settings = {k: v for k, v in first["study"].items() if k != "seeds"}
+    seen: dict[int, str] = {}
+    for label, st in zip(labels, studies):
+        other = {k: v for k, v in st["study"].items() if k != "seeds"}
+        differ = sorted(k for k in set(settings) | set(other) if settings.get(k) != other.get(k))
+        if differ:
+            raise FedmergeError(f"{label} and {first_label} differ in study settings {differ}: not one study")
+        if st.get("scenario") != first.get("scenario") or st.get("releases_per_client") != first.get("releases_per_client"):
+            raise FedmergeError(f"{label} and {first_label} ran different scenarios: not one study")
+        for seed in st["study"]["seeds"]:
+            if seed in seen:
+                raise FedmergeError(f"seed {seed} is in both {seen[seed]} and {label}: pool disjoint seeds only")
+            seen[seed] = label
+        cells_here = [(r["unit"], r["epsilon"], r["noise_multiplier"]) for r in st["utility"]]
+        if cells_here != [(r["unit"], r["epsilon"], r["noise_multiplier"]) for r in first["utility"]]:
+            raise FedmergeError(f"{label} and {first_label} have different (unit, ε, noise multiplier) cells")
+    utility = []
+    for rows in zip(*(st["utility"] for st in studies)):
+        metric = _pool_scores([{"metric": r["metric"]} for r in rows], "utility")["metric"]
+        row = {**rows[0], "seeds": [s for r in rows for s in r["seeds"]], "metric": metric,
+               "seconds": round(sum(r.get("seconds", 0.0) for r in rows), 1)}
+        eps = [r["client_epsilon_max"] for r in rows if "client_epsilon_max" in r]
+        if eps:
+            row["client_epsilon_max"] = max(eps)
+        utility.append(row)
+    probes = [st["probe"] for st in studies]
+    probe_rows = [{**rows[0], "attacks": _pool_scores([r["attacks"] for r in rows], "attacks")}
+                  for rows in zip(*(p["rows"] for p in probes))]
+    controls = [p["theta0"] for p in probes if p.get("theta0")]
+    probe = {**probes[0], "rows": probe_rows, "theta0": _pool_scores(controls, "θ₀ control") if controls else {}}
+    seeds = [s for st in studies for s in st["study"]["seeds"]]
+    return {"study": {**first["study"], "seeds": seeds}, "releases_per_client": first.get("releases_per_client"),
+            "utility": utility, "probe": probe, "scenario": first.get("scenario"), "pooled_from": list(labels)}
+
+
+def write_pooled_study(paths: Sequence[Path], out_dir: Path) -> str:
+    """Pool the ``privacy.json`` files at ``paths`` (:func:`pool_studies`) into ``out_dir``: privacy.json, privacy.md
+    and privacy.png as :func:`run_study` writes them; returns the markdown table."""
+    import json
+
+    from fedmerge.scenario import Scenario as ScenarioType
+
+    studies = []
+    for path in paths:
+        try:
+            studies.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as err:
+            raise FedmergeError(f"cannot read privacy study {path}: {err}") from err
+    pooled = pool_studies(studies, [str(p) for p in paths])
+    raw = dict(pooled["study"])
+    raw["epsilons"] = tuple(math.inf if e == "inf" else float(e) for e in raw["epsilons"])
+    study = PrivacyStudySettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    cfg = ScenarioType.from_mapping(pooled["scenario"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "privacy.json", pooled)
+    table = markdown_table(pooled["utility"], pooled["probe"], study, cfg)
+    (out_dir / "privacy.md").write_text(table)
+    plot_study(pooled["utility"], pooled["probe"], study, out_dir / "privacy.png")
+    return table
+
+
 def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwrite: bool = False) -> str:
     """The whole study into ``out_dir`` (see the module docstring; ``overwrite``: replace an earlier study's run
     folders there); returns the markdown table."""
