@@ -4,10 +4,11 @@ Paths: ``float32`` (today's), ``bfloat16`` (:class:`~fedmerge.text.SentenceEncod
 bf16 autocast), ``int8`` (torch's dynamic int8 quantization of every Linear layer,
 ``torch.ao.quantization.quantize_dynamic``; measured only, not offered) and, when ``fedmerge[onnx]`` is installed,
 ``onnxruntime`` (``SentenceEncoder(backend="onnxruntime")``: the float32 graph exported and fused once into the
-fedmerge cache, :mod:`fedmerge.text.onnx_graph`). The first ``--limit`` catalog texts are encoded ``--repeats``
-times per path, the paths interleaved (so a shared machine's load hits them alike); items/s is the best repeat,
-``ratio_to_float32`` the per-repeat ratio of items/s to float32's in the same repeat with a 95 % t-interval over
-the repeats, cosines compare each row with its float32 row.
+fedmerge cache, :mod:`fedmerge.text.onnx_graph`); ``--paths`` picks some (float32, the reference, always runs). The
+first ``--limit`` catalog texts are encoded ``--repeats`` times per path, the paths interleaved (so a shared
+machine's load hits them alike); items/s is the best repeat, ``ratio_to_float32`` the per-repeat ratio of items/s
+to float32's in the same repeat with a 95 % t-interval over the repeats, cosines compare each row with its float32
+row.
 
     nice -n 5 python benchmarks/encode_precision.py /work/shared/datasets/amazon/Beauty.tar.gz \\
         --limit 2000 --repeats 3 --json results/speed/encode_beauty_ort.json
@@ -32,6 +33,9 @@ from fedmerge.runners.aggregate import interval
 from fedmerge.text import SentenceEncoder
 
 
+PATHS = ("float32", "bfloat16", "int8", "onnxruntime")
+
+
 def int8_encoder() -> SentenceEncoder:
     """A float32 MiniLM encoder whose loaded model has its Linear layers dynamically quantized to int8."""
     encoder = SentenceEncoder(progress=False)
@@ -49,15 +53,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="float32 always runs (reference)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     texts = load_catalog(args.data).texts()[: args.limit]
-    encoders = {"float32": SentenceEncoder(progress=False), "bfloat16": SentenceEncoder(progress=False, precision="bfloat16"),
-                "int8": int8_encoder()}
-    try:
-        encoders["onnxruntime"] = SentenceEncoder(progress=False, backend="onnxruntime")
-    except FedmergeError as exc:
-        print(f"{exc}: its path is skipped")
+    encoders: dict[str, Any] = {"float32": SentenceEncoder(progress=False)}
+    if "bfloat16" in args.paths:
+        encoders["bfloat16"] = SentenceEncoder(progress=False, precision="bfloat16")
+    if "int8" in args.paths:
+        encoders["int8"] = int8_encoder()
+    if "onnxruntime" in args.paths:
+        try:
+            encoders["onnxruntime"] = SentenceEncoder(progress=False, backend="onnxruntime")
+        except FedmergeError as exc:
+            print(f"{exc}: its path is skipped")
     for encoder in encoders.values():
         encoder.encode(texts[:8])  # load the weights, warm up
     rates: dict[str, list[float]] = {name: [] for name in encoders}
