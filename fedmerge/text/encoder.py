@@ -117,16 +117,18 @@ class SentenceEncoder:
     layer norms, softmax and pooling in float32). Measured on 2,000 Beauty items (``benchmarks/encode_precision.py``,
     ``results/speed/``; 2-core Xeon with AMX, 2 threads, shared machine at load 12-15): 30.1 against 22.5 items/s,
     every embedding within cosine 0.99997 of its float32 row. Its ``identity`` ends in ``:bf16``, so the cache
-    keeps the two apart.
+    keeps the two apart. Dynamic int8 quantization of the Linear layers was measured too and is not offered: 42.4
+    items/s, but cosine to float32 down to 0.868 per item (mean 0.937). The bf16 gain needs bf16 instructions
+    (AMX / AVX-512 BF16); other CPUs were not measured.
 
     ``backend="onnxruntime"`` runs the float32 transformer in ONNX Runtime (CPU provider, torch's intra-op thread
     count) instead of torch: the graph is exported and fused once per model into the fedmerge cache folder
     (:mod:`fedmerge.text.onnx_graph`); tokenization, batching and pooling are unchanged. Needs
     ``pip install 'fedmerge[onnx]'``; float32 only (bf16 autocast is a torch feature), CPU only, and not for
     :meth:`token_states` / :meth:`top_layers` (encoder fine-tuning stays on torch). Its ``identity`` ends in
-    ``:ort``. Speed and cosine to float32: results/speed/README.md. Dynamic int8 quantization of the Linear layers was measured too and is not offered: 42.4
-    items/s, but cosine to float32 down to 0.868 per item (mean 0.937). The bf16 gain needs bf16 instructions
-    (AMX / AVX-512 BF16); other CPUs were not measured.
+    ``:ort``. Measured on 2,000 Beauty items: cosine >= 0.99999 to float32 on every item, but not faster (0.94x
+    [0.90, 0.98] torch float32 over 6 interleaved repeats at load 1.1-1.9; interval including 1 under load 5-7;
+    results/speed/README.md), so it is an option, not a recommendation.
     """
 
     def __init__(
