@@ -34,10 +34,14 @@ _SHARD_GLOB = "shard-*.npz"
 _UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
 
 
+def cache_base() -> Path:
+    """fedmerge's cache folder: ``$FEDMERGE_CACHE_DIR``, else ``~/.cache/fedmerge`` (embeddings, ONNX graphs)."""
+    return Path(os.environ.get("FEDMERGE_CACHE_DIR") or "~/.cache/fedmerge").expanduser()
+
+
 def default_cache_root() -> Path:
     """``$FEDMERGE_CACHE_DIR/embeddings``, else ``~/.cache/fedmerge/embeddings``."""
-    base = os.environ.get("FEDMERGE_CACHE_DIR") or "~/.cache/fedmerge"
-    return Path(base).expanduser() / "embeddings"
+    return cache_base() / "embeddings"
 
 
 def text_key(identity: str, text: str) -> bytes:

@@ -35,6 +35,7 @@ DEFAULT_MODEL_LABEL = "all-MiniLM-L6-v2"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 ENCODER_NAMES = ("minilm", "hashing")  # the built-in encoders; anything else is a model folder or cached hub model
 PRECISIONS = ("float32", "bfloat16")  # SentenceEncoder's forward pass: full precision, or bf16 autocast
+BACKENDS = ("torch", "onnxruntime")  # what runs SentenceEncoder's transformer (onnxruntime: fedmerge[onnx])
 
 
 @runtime_checkable
@@ -84,10 +85,15 @@ def check_encoder_name(name: str) -> None:
         )
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """A model folder's weight files (safetensors / bin), sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+
+
 def _folder_fingerprint(folder: Path) -> str:
     """Short sha256 over config.json and the names and sizes of the weight files (cheap; no weights are read)."""
     digest = hashlib.sha256((folder / "config.json").read_bytes())
-    for weights in sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES):
+    for weights in weight_files(folder):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
     return digest.hexdigest()[:12]
 
@@ -114,6 +120,15 @@ class SentenceEncoder:
     keeps the two apart. Dynamic int8 quantization of the Linear layers was measured too and is not offered: 42.4
     items/s, but cosine to float32 down to 0.868 per item (mean 0.937). The bf16 gain needs bf16 instructions
     (AMX / AVX-512 BF16); other CPUs were not measured.
+
+    ``backend="onnxruntime"`` runs the float32 transformer in ONNX Runtime (CPU provider, torch's intra-op thread
+    count) instead of torch: the graph is exported and fused once per model into the fedmerge cache folder
+    (:mod:`fedmerge.text.onnx_graph`); tokenization, batching and pooling are unchanged. Needs
+    ``pip install 'fedmerge[onnx]'``; float32 only (bf16 autocast is a torch feature), CPU only, and not for
+    :meth:`token_states` / :meth:`top_layers` (encoder fine-tuning stays on torch). Its ``identity`` ends in
+    ``:ort``. Measured on 2,000 Beauty items: cosine >= 0.99999 to float32 on every item, but not faster (0.94x
+    [0.90, 0.98] torch float32 over 6 interleaved repeats at load 1.1-1.9; interval including 1 under load 5-7;
+    results/speed/README.md), so it is an option, not a recommendation.
     """
 
     def __init__(
@@ -125,11 +140,25 @@ class SentenceEncoder:
         progress: bool = True,
         normalize: bool = True,
         precision: str = "float32",
+        backend: str = "torch",
     ) -> None:
         if max_length < 1 or batch_size < 1:
             raise ValueError(f"max_length ({max_length}) and batch_size ({batch_size}) must be positive")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
+        if backend == "onnxruntime":
+            if precision != "float32":
+                raise ValueError(
+                    f"precision={precision!r} is torch autocast and cannot run with backend='onnxruntime', which runs "
+                    "the float32 graph; use precision='float32' with onnxruntime, or backend='torch'"
+                )
+            if device not in (None, "cpu"):
+                raise ValueError(f"backend='onnxruntime' runs on the CPU only, got device={device!r}")
+            from fedmerge.text.onnx_graph import require_packages
+
+            require_packages()
         if model is None:
             self.model_source = str(default_model_path())
             label, fingerprint = DEFAULT_MODEL_LABEL, _folder_fingerprint(Path(self.model_source))
@@ -151,9 +180,12 @@ class SentenceEncoder:
         self.normalize = normalize
         self._device = device
         self.precision = precision
+        self.backend = backend
+        if backend == "onnxruntime":
+            self._device = "cpu"
         self.identity = (
             f"sentence:{label}:{fingerprint}:mean:len{max_length}:{'l2' if normalize else 'raw'}"
-            f"{':bf16' if precision == 'bfloat16' else ''}"
+            f"{':bf16' if precision == 'bfloat16' else ''}{':ort' if backend == 'onnxruntime' else ''}"
         )
         self._tokenizer: Any = None
         self._model: Any = None
@@ -191,10 +223,17 @@ class SentenceEncoder:
 
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_source, local_files_only=True)
-            self._model = AutoModel.from_pretrained(self.model_source, local_files_only=True).to(self.device).eval()
+            if self.backend == "torch":
+                self._model = AutoModel.from_pretrained(self.model_source, local_files_only=True).to(self.device).eval()
         except Exception as exc:
             raise FedmergeError(f"cannot load text encoder model {self.model_source!r}: {exc}") from exc
-        logger.info("loaded text encoder %s on %s", self.model_source, self.device)
+        if self.backend == "onnxruntime":
+            import torch
+
+            from fedmerge.text.onnx_graph import OnnxTransformer
+
+            self._model = OnnxTransformer(self.model_source, self._tokenizer, torch.get_num_threads())
+        logger.info("loaded text encoder %s on %s (%s)", self.model_source, self.device, self.backend)
 
     def _forward(
         self, texts: list[str], order: np.ndarray, hidden_states: bool = False, desc: str | None = None
@@ -242,6 +281,7 @@ class SentenceEncoder:
         the last ``top_layers`` layers, zero at padding tokens (T: the longest tokenized text). Running
         :meth:`top_layers` on them, then masked mean pooling (and the L2 norm) reproduces ``embeddings``.
         """
+        self._require_torch("token_states")
         texts = list(texts)
         self._load()
         n_layers = int(self._model.config.num_hidden_layers)
@@ -261,6 +301,7 @@ class SentenceEncoder:
         """A CPU copy of the encoder's last ``count`` Transformer layers (BERT/RoBERTa-style ``encoder.layer``)."""
         import torch
 
+        self._require_torch("top_layers")
         self._load()
         layers = getattr(getattr(self._model, "encoder", None), "layer", None)
         if not isinstance(layers, torch.nn.ModuleList) or not 1 <= count <= len(layers):
@@ -269,6 +310,13 @@ class SentenceEncoder:
                 f"BERT-style model with encoder.layer ({'found ' + str(len(layers)) if layers is not None else 'none'})"
             )
         return copy.deepcopy(layers[len(layers) - count :]).cpu()
+
+    def _require_torch(self, method: str) -> None:
+        if self.backend != "torch":
+            raise FedmergeError(
+                f"SentenceEncoder.{method} (text encoder fine-tuning) needs backend='torch', this encoder runs "
+                f"backend={self.backend!r}"
+            )
 
     def __repr__(self) -> str:
         return f"SentenceEncoder({self.identity!r})"
