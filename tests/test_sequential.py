@@ -343,3 +343,14 @@ def test_micro_batch_size_at_least_the_batch_trains_the_same_weights():
     c, _ = tiny_family(max_epochs=2, n_negatives=6, micro_batch_size=8).train(theta0, domain, feats, seed=3, progress=False)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)  # accumulated steps differ in rounding, so the test can fail
+
+
+def test_scorer_batch_size_changes_only_rounding():
+    """Users scored 3 at a time (length-sorted batches) get the scores of one pass over all of them."""
+    domain = cycle_domain(n_items=25, n_users=30, seed=6)
+    family = tiny_family()
+    feats = family.item_features(random_features(25, 4))
+    theta0 = family.initial_weights(feats.shape[1], seed=1)
+    seqs = [np.asarray(s) for s in domain.train]
+    whole = family.scorer(theta0, feats, batch_size=len(seqs))(seqs)
+    np.testing.assert_allclose(family.scorer(theta0, feats, batch_size=3)(seqs), whole, rtol=1e-5, atol=1e-5)

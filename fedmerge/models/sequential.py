@@ -114,6 +114,12 @@ def standardize_features(embeddings: np.ndarray, eps: float = 1e-6) -> np.ndarra
     return ((np.asarray(embeddings, dtype=np.float64) - mean) / std).astype(np.float32)
 
 
+# Users per scoring forward pass. Measured on Amazon Beauty's 22k validation users (θ₀ of amazon-seq, 2 threads,
+# quiet 2-core container): 128 scores them in 7.1 s with a peak of +0.15 GiB PSS, 512 in 12.3 s with +0.46 GiB;
+# the metrics are the same to 6 digits (scores differ by float rounding, ≤ 4e-6 on logits up to 1/τ).
+SCORE_BATCH = 128
+
+
 def length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Batches of indices with similar lengths (little padding) in a random, seeded order.
 
@@ -752,9 +758,9 @@ class SequentialFamily(ModelFamily):
             groups.setdefault(group if layer else "others", []).extend(members)
         return groups
 
-    def scorer(self, weights: StateDict, item_features: torch.Tensor, batch_size: int = 512) -> Scorer:
+    def scorer(self, weights: StateDict, item_features: torch.Tensor, batch_size: int = SCORE_BATCH) -> Scorer:
         """Like :meth:`ModelFamily.scorer`, but item representations are computed once and sequences are batched
-        by length (little padding); rows come back in input order."""
+        by length (little padding), ``batch_size`` users per forward pass; rows come back in input order."""
         return self._module_scorer(*self._loaded(weights, item_features), batch_size)
 
     def _loaded(self, weights: StateDict, item_features: torch.Tensor) -> tuple[TextSASRec, torch.Tensor]:
@@ -764,7 +770,7 @@ class SequentialFamily(ModelFamily):
         with torch.no_grad():
             return module, module.text_embeddings(item_features.to(device=device, dtype=torch.float32))
 
-    def _module_scorer(self, module: TextSASRec, text: torch.Tensor, batch_size: int = 512) -> Scorer:
+    def _module_scorer(self, module: TextSASRec, text: torch.Tensor, batch_size: int = SCORE_BATCH) -> Scorer:
         """Scorer of an eval-mode ``module`` whose catalog text embeddings are ``text``."""
         device = text.device
         with torch.no_grad():
