@@ -82,7 +82,7 @@ from fedmerge.memory import release_freed_memory
 from fedmerge.metrics import Scorer, evaluate_scorer
 from fedmerge.models.base import PAD, STOP_EARLY, STOP_MAX_EPOCHS, STOP_MAX_SECONDS, ModelFamily, StateDict, pad_sequences
 from fedmerge.reproducibility import gradient_threads
-from fedmerge.text.encoder import SentenceEncoder, mean_pool
+from fedmerge.text.encoder import SentenceEncoder, sentence_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -395,8 +395,7 @@ class TextTower(nn.Module):
         for layer in self.layers:
             out = layer(states, attention_mask=additive)
             states = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
-        pooled = mean_pool(states, mask)
-        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+        return sentence_embeddings(states, mask, self.normalize)
 
 
 def token_features(embeddings: np.ndarray, states: np.ndarray) -> torch.Tensor:

@@ -104,6 +104,14 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
+def sentence_embeddings(hidden: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """:func:`mean_pool` of the token states, L2-normalized per row when ``normalize`` (all-MiniLM's pipeline)."""
+    import torch
+
+    pooled = mean_pool(hidden, attention_mask)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1) if normalize else pooled
+
+
 class SentenceEncoder:
     """A transformers encoder with attention-masked mean pooling (the sentence-transformers recipe).
 
@@ -255,13 +263,8 @@ class SentenceEncoder:
                 yield rows, output, tokens["attention_mask"]
 
     def _sentence_rows(self, output: Any, attention_mask: torch.Tensor) -> np.ndarray:
-        """Masked mean pooling of the last hidden states, L2-normalized if ``normalize``."""
-        import torch
-
-        pooled = mean_pool(output.last_hidden_state, attention_mask)
-        if self.normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled.float().cpu().numpy()
+        """:func:`sentence_embeddings` of the last hidden states, as float32 rows."""
+        return sentence_embeddings(output.last_hidden_state, attention_mask, self.normalize).float().cpu().numpy()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``texts`` as float32 rows; batches are formed from texts of similar length to save padding."""

@@ -87,15 +87,6 @@ def graph_key(folder: Path) -> str:
     return digest.hexdigest()[:24]
 
 
-def _sentence_rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """L2-normalized masked mean of token states (:func:`~fedmerge.text.encoder.mean_pool`)."""
-    import torch
-
-    from fedmerge.text.encoder import mean_pool
-
-    return torch.nn.functional.normalize(mean_pool(hidden, mask), p=2, dim=1)
-
-
 def build_graph(model_source: str, tokenizer: Any, target: Path) -> None:
     """Export ``model_source`` to ONNX, fuse it for ONNX Runtime, check it against torch and write it to ``target``
     atomically (FedmergeError, nothing written, when the check fails)."""
@@ -103,6 +94,8 @@ def build_graph(model_source: str, tokenizer: Any, target: Path) -> None:
     import torch
     from onnxruntime.transformers import optimizer
     from transformers import AutoModel
+
+    from fedmerge.text.encoder import sentence_embeddings
 
     names = list(tokenizer.model_input_names)
     try:
@@ -141,10 +134,10 @@ def build_graph(model_source: str, tokenizer: Any, target: Path) -> None:
             ) from exc
         check = tokenizer(_CHECK, padding=True, return_tensors="pt")
         with torch.inference_mode():
-            expected = _sentence_rows(model(**{n: check[n] for n in names}).last_hidden_state, check["attention_mask"])
+            expected = sentence_embeddings(model(**{n: check[n] for n in names}).last_hidden_state, check["attention_mask"])
         session = onnxruntime.InferenceSession(str(fused), providers=["CPUExecutionProvider"])
         (got,) = session.run(None, {n: check[n].numpy().astype(np.int64) for n in names})
-        got_rows = _sentence_rows(torch.from_numpy(got), check["attention_mask"])
+        got_rows = sentence_embeddings(torch.from_numpy(got), check["attention_mask"])
         cosine = float((got_rows * expected).sum(dim=1).min())
         if not cosine >= GRAPH_MIN_COSINE:
             raise FedmergeError(
