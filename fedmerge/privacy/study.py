@@ -90,7 +90,20 @@ def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, 
     scenario_overrides = [o for o in overrides if not o.startswith(prefix)]
     cfg = apply_overrides(Scenario.from_mapping(raw, source=str(path)), scenario_overrides)
     validate_study(study, cfg)
-    return cfg, PrivacyStudySettings(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in study.items()})
+    return cfg, settings_from_mapping(study)
+
+
+def settings_from_mapping(study: Mapping[str, Any]) -> PrivacyStudySettings:
+    """Typed settings from a validated ``[privacy_study]`` mapping or a ``privacy.json``'s ``study`` record
+    (lists become tuples; ε given as ``"inf"`` / number labels, see :func:`study_record`, become floats)."""
+    values = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in study.items()}
+    values["epsilons"] = tuple(math.inf if e == "inf" else float(e) for e in values["epsilons"])
+    return PrivacyStudySettings(**values)
+
+
+def study_record(study: PrivacyStudySettings) -> dict[str, Any]:
+    """The settings as ``privacy.json`` records them (JSON has no infinity: ε as :func:`epsilon_label`)."""
+    return {**asdict(study), "epsilons": [epsilon_label(float(e)) for e in study.epsilons]}
 
 
 def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
@@ -426,9 +439,7 @@ def write_pooled_study(paths: Sequence[Path], out_dir: Path) -> str:
         except (OSError, ValueError) as err:
             raise FedmergeError(f"cannot read privacy study {path}: {err}") from err
     pooled = pool_studies(studies, [str(p) for p in paths])
-    raw = dict(pooled["study"])
-    raw["epsilons"] = tuple(math.inf if e == "inf" else float(e) for e in raw["epsilons"])
-    study = PrivacyStudySettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    study = settings_from_mapping(pooled["study"])
     cfg = ScenarioType.from_mapping(pooled["scenario"])
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "privacy.json", pooled)
@@ -444,7 +455,7 @@ def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwri
     from fedmerge.privacy.client import releases_per_client
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    study_json = {**asdict(study), "epsilons": [epsilon_label(float(e)) for e in study.epsilons]}
+    study_json = study_record(study)
     utility = utility_sweep(cfg, study, out_dir, overwrite=overwrite)
     write_json_atomic(out_dir / "privacy.json", {"study": study_json, "utility": utility})  # kept if the attacks fail
     probe = attack_sweep(cfg, study)
