@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from fedmerge.memory import pss_bytes
 from fedmerge.storage import write_json_atomic
 
 ENGINES = ("inprocess", "flower")
@@ -47,11 +48,10 @@ def tree_pss(root: int) -> dict[str, int]:
         pid = stack.pop()
         stack.extend(children.get(pid, []))
         try:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            pss = pss_bytes(pid)
             name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        pss = next((int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:")), 0)
         sizes[f"{pid} {name[:60]}"] = pss
     return sizes
 

@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedmerge.memory import pss_bytes
 from fedmerge.storage import write_json_atomic
 
 
 def pss_gib() -> float:
     """This process's PSS in GiB (Linux)."""
-    rollup = Path("/proc/self/smaps_rollup").read_text()
-    return next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")) / 2**20
+    return pss_bytes() / 2**30
 
 
 def train_once(data: Path, domain_name: str, overrides: dict[str, Any], epochs: int, seed: int) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import ctypes.util
 import gc
 import sys
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 
@@ -39,3 +40,10 @@ def release_freed_memory() -> bool:
         return False
     libc.malloc_trim(0)
     return True
+
+
+def pss_bytes(pid: int | str = "self") -> int:
+    """Proportional set size of process ``pid`` (shared pages split between the processes mapping them), from
+    ``/proc/PID/smaps_rollup`` (Linux); OSError when the process is gone or /proc lacks it."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    return next((int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:")), 0)

@@ -41,3 +41,14 @@ def test_client_reply_releases_memory(monkeypatch):
     with pytest.raises(Exception):
         client.ClientState.handle(state, "nonsense", RecordDict())
     assert calls == [1, 1], "a failing request must release its memory too"
+
+
+def test_pss_bytes_counts_touched_pages():
+    import numpy as np
+
+    before = memory.pss_bytes()
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, every page touched
+    assert memory.pss_bytes() - before > 48 * 2**20
+    del block
+    with pytest.raises(OSError):
+        memory.pss_bytes(2**31 - 1)  # no such process
