@@ -545,6 +545,27 @@ def test_pooled_seeds_equal_one_study_over_all_seeds(tiny_scenario, tmp_path):
     assert (tmp_path / "pooled" / "privacy.md").read_text() == (tmp_path / "both" / "privacy.md").read_text()
 
 
+def test_studies_of_other_epsilons_pooled_equal_one_study_over_the_union(tiny_scenario, tmp_path):
+    """ε = ∞ and ε = 2 run as two studies over the same seeds and pooled give the cells, values and table of one
+    study over [∞, 2] (the order of the files does not matter)."""
+    import json
+
+    from fedmerge.cli import main
+
+    for name, epsilons in (("both", "[inf, 2.0]"), ("inf", "[inf]"), ("two", "[2.0]")):
+        assert main(["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(tmp_path / name), "--set",
+                     f"privacy_study.epsilons={epsilons}"]) == 0
+    assert main(["privacy", "pool", str(tmp_path / "two" / "privacy.json"), str(tmp_path / "inf" / "privacy.json"),
+                 "--out", str(tmp_path / "pooled")]) == 0
+    joint = json.loads((tmp_path / "both" / "privacy.json").read_text())
+    pooled = json.loads((tmp_path / "pooled" / "privacy.json").read_text())
+    assert pooled["study"]["epsilons"] == ["inf", "2"] and pooled["study"]["seeds"] == joint["study"]["seeds"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(pooled["utility"]) == strip(joint["utility"])
+    assert pooled["probe"] == joint["probe"]
+    assert (tmp_path / "pooled" / "privacy.md").read_text() == (tmp_path / "both" / "privacy.md").read_text()
+
+
 def test_pooling_refuses_what_is_not_one_study():
     from fedmerge.errors import FedmergeError
     from fedmerge.privacy.study import pool_studies
@@ -567,3 +588,10 @@ def test_pooling_refuses_what_is_not_one_study():
         pool_studies([study([0]), study([1], z=1.0)], ["a", "b"])
     with pytest.raises(FedmergeError, match="two or more"):
         pool_studies([study([0])], ["a"])
+    # same seeds: the union of the cells, where a cell that both ran must be the same
+    with pytest.raises(FedmergeError, match=r"utility cell \(unit none, ε inf\) differs between a and b"):
+        pool_studies([study([0]), study([0], z=1.0)], ["a", "b"])
+    one, other = study([0]), study([0])
+    one["probe"]["theta0"], other["probe"]["theta0"] = {"loss": {"auc": {"mean": 0.6}}}, {"loss": {"auc": {"mean": 0.7}}}
+    with pytest.raises(FedmergeError, match="differ in the θ₀ control"):
+        pool_studies([one, other], ["a", "b"])

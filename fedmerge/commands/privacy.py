@@ -1,4 +1,4 @@
-"""``fedmerge privacy run`` / ``pool``: parse the arguments and run (or pool the seeds of) the privacy study of
+"""``fedmerge privacy run`` / ``pool``: parse the arguments and run (or pool the seeds or ε of) the privacy study of
 :mod:`fedmerge.privacy.study`."""
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--overwrite", action="store_true",
                      help="replace the runs an earlier study left in --out (refused otherwise)")
     run.set_defaults(func=run_privacy)
-    pool = actions.add_parser("pool", help="one study over the seeds of several runs of the same study "
-                                           "(e.g. seeds run on separate machines): intervals over all seeds")
+    pool = actions.add_parser("pool", help="one study from several runs of the same study, run apart (e.g. on "
+                                           "separate machines): over disjoint seeds (intervals over all seeds), "
+                                           "or over the same seeds and other ε (the union of the cells)")
     pool.add_argument("studies", nargs="+", type=Path, metavar="PRIVACY_JSON",
-                      help="privacy.json of each study (same settings and scenario, disjoint seeds)")
+                      help="privacy.json of each study (same settings and scenario; disjoint seeds, or the same "
+                           "seeds and other epsilons)")
     pool.add_argument("--out", type=Path, required=True, help="folder for the pooled privacy.json, .md and .png")
     pool.set_defaults(func=pool_privacy)
 

@@ -377,31 +377,41 @@ def _pool_scores(parts: Sequence[Mapping[str, Mapping[str, Any]]], label: str) -
 
 
 def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
-    """The ``privacy.json`` of one study over the seeds of several (``studies``: their ``privacy.json`` contents,
-    ``labels``: where each came from, for errors and the record), e.g. seeds run in separate processes or machines.
+    """The ``privacy.json`` of one study assembled from several (``studies``: their ``privacy.json`` contents,
+    ``labels``: where each came from, for errors and the record), run in separate processes or machines, either
 
-    Refused unless every study has the same settings except ``seeds`` (which must not overlap), the same scenario,
-    the same cells with the same noise multipliers, and the same attacks: pooling is then exactly what one study
-    over all the seeds would report (each seed's cells depend only on that seed). Intervals are recomputed from the
-    per-seed values."""
+    - over **disjoint seeds** of the same grid (same cells with the same noise multipliers, same attacks): the
+      intervals are recomputed from the per-seed values; or
+    - over **the same seeds** and different ε (:func:`_union_of_cells`): each (unit, ε) cell taken from the study
+      that ran it; a cell (e.g. ε = ∞) that several ran must be identical in each.
+
+    Either way the studies must agree on every other setting and on the scenario, and the result is exactly what one
+    study over the whole grid reports (each seed's cells depend only on that seed and cell)."""
     if len(studies) < 2:
         raise FedmergeError(f"pooling needs two or more studies, got {len(studies)}")
     missing = [label for label, st in zip(labels, studies) if "probe" not in st or "utility" not in st]
     if missing:
         raise FedmergeError(f"{missing}: not a finished privacy study (no utility or probe section)")
     first, first_label = studies[0], labels[0]
-    settings = {k: v for k, v in first["study"].items() if k != "seeds"}
-    seen: dict[int, str] = {}
+    same_seeds = all(st["study"]["seeds"] == first["study"]["seeds"] for st in studies)
+    free = "epsilons" if same_seeds else "seeds"
+    settings = {k: v for k, v in first["study"].items() if k != free}
     for label, st in zip(labels, studies):
-        other = {k: v for k, v in st["study"].items() if k != "seeds"}
+        other = {k: v for k, v in st["study"].items() if k != free}
         differ = sorted(k for k in set(settings) | set(other) if settings.get(k) != other.get(k))
         if differ:
-            raise FedmergeError(f"{label} and {first_label} differ in study settings {differ}: not one study")
+            raise FedmergeError(f"{label} and {first_label} differ in study settings {differ} (pooling combines "
+                                "disjoint seeds of one grid, or other ε over the same seeds): not one study")
         if st.get("scenario") != first.get("scenario") or st.get("releases_per_client") != first.get("releases_per_client"):
             raise FedmergeError(f"{label} and {first_label} ran different scenarios: not one study")
+    if same_seeds:
+        return _union_of_cells(studies, labels)
+    seen: dict[int, str] = {}
+    for label, st in zip(labels, studies):
         for seed in st["study"]["seeds"]:
             if seed in seen:
-                raise FedmergeError(f"seed {seed} is in both {seen[seed]} and {label}: pool disjoint seeds only")
+                raise FedmergeError(f"seed {seed} is in both {seen[seed]} and {label}: pool disjoint seeds, or "
+                                    "studies of the same seeds")
             seen[seed] = label
         cells_here = [(r["unit"], r["epsilon"], r["noise_multiplier"]) for r in st["utility"]]
         if cells_here != [(r["unit"], r["epsilon"], r["noise_multiplier"]) for r in first["utility"]]:
@@ -423,6 +433,46 @@ def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) ->
     seeds = [s for st in studies for s in st["study"]["seeds"]]
     return {"study": {**first["study"], "seeds": seeds}, "releases_per_client": first.get("releases_per_client"),
             "utility": utility, "probe": probe, "scenario": first.get("scenario"), "pooled_from": list(labels)}
+
+
+def _union_of_cells(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
+    """:func:`pool_studies` of studies over the same seeds (settings already checked): the union of their cells in
+    :func:`cells` order; a cell in several studies, and the probe's set-up and θ₀ control, must be identical."""
+    def without_time(row: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in row.items() if k != "seconds"}
+
+    def union(section: str, rows_of: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        found: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
+        for label, st in zip(labels, studies):
+            for row in rows_of(st):
+                key = (row["unit"], row["epsilon"])
+                if key in found and without_time(found[key][0]) != without_time(row):
+                    raise FedmergeError(f"{section} cell (unit {key[0]}, ε {key[1]}) differs between {found[key][1]} "
+                                        f"and {label}: not the same study")
+                found.setdefault(key, (dict(row), label))
+        return {key: row for key, (row, _) in found.items()}
+
+    probe_setup = {k: v for k, v in studies[0]["probe"].items() if k not in ("rows", "theta0")}
+    controls: dict[str, Any] = {}  # the θ₀ control: measured by the studies whose grid has ε = ∞
+    for label, st in zip(labels, studies):
+        if {k: v for k, v in st["probe"].items() if k not in ("rows", "theta0")} != probe_setup:
+            raise FedmergeError(f"{label} and {labels[0]} differ in the attacks' set-up: not one study")
+        control = st["probe"].get("theta0") or {}
+        if control and controls and control != controls:
+            raise FedmergeError(f"{label} and {labels[0]} differ in the θ₀ control: not the same study")
+        controls = controls or control
+    epsilons = sorted({e for st in studies for e in st["study"]["epsilons"]},
+                      key=lambda e: -math.inf if e == "inf" else -float(e))
+    study = {**studies[0]["study"], "epsilons": epsilons}
+    order = [(unit, epsilon_label(eps)) for unit, eps in cells(settings_from_mapping(study))]
+    utility, attacks = union("utility", lambda st: st["utility"]), union("attack", lambda st: st["probe"]["rows"])
+    absent = [key for key in order if key not in utility or key not in attacks]
+    if absent:
+        raise FedmergeError(f"cells {absent} of the combined grid were run by none of {list(labels)}")
+    return {"study": study, "releases_per_client": studies[0].get("releases_per_client"),
+            "utility": [utility[key] for key in order],
+            "probe": {**probe_setup, "rows": [attacks[key] for key in order], "theta0": controls},
+            "scenario": studies[0].get("scenario"), "pooled_from": list(labels)}
 
 
 def write_pooled_study(paths: Sequence[Path], out_dir: Path) -> str:
