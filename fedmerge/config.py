@@ -64,6 +64,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # an unverifiable user count cannot buy weight; "users" (McMahan et al.'s n_k-weighted FedAvg) trusts each
         # client's num-users, each share capped at fedavg_max_share
         "max_num_users": 1e8, "fedavg_weighting": "equal", "fedavg_max_share": 0.5, "fedavg_aggregation": "mean",
+        # Flower simulation only: ClientApps running at once (0: one per CPU); each gets CPUs // parallel_clients
+        # cores, which a client with run.torch_threads = 0 uses for its forward passes (README, Memory)
+        "parallel_clients": 0,
     },
     "privacy": {
         "enabled": False,
@@ -258,8 +261,11 @@ def validate(cfg: Scenario) -> None:
     _validate_defences(cfg.federation)
     if cfg.federation.startup_timeout_s <= 0:
         raise FedmergeError(f"federation.startup_timeout_s must be > 0, got {cfg.federation.startup_timeout_s}")
-    if cfg.run.torch_threads < 1 or cfg.run.server_threads < 0:
-        raise FedmergeError("run.torch_threads must be >= 1 and run.server_threads >= 0 (0: all cores)")
+    if cfg.run.torch_threads < 0 or cfg.run.server_threads < 0:
+        raise FedmergeError("run.torch_threads and run.server_threads must be >= 0 (0: the CPUs this process is given)")
+    if cfg.federation.parallel_clients < 0:
+        raise FedmergeError(f"federation.parallel_clients must be >= 0 (0: one ClientApp per CPU), "
+                            f"got {cfg.federation.parallel_clients}")
     from fedmerge.merging import MERGEREC_METHODS, METHODS, MergeRecConfig
 
     from fedmerge.merging.testtime import TESTTIME_METHOD, teacher_choices

@@ -17,10 +17,23 @@ separate processes under Flower, which keeps the cores busy.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+
+def process_cpus() -> int:
+    """The CPUs this process is given: ``$OMP_NUM_THREADS`` when set to a positive integer (Ray sets it to a Flower
+    simulation ClientApp's CPU share, ``client-resources-num-cpus``), else the size of its CPU affinity mask."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else len(os.sched_getaffinity(0))
+
+
+def thread_count(wanted: int) -> int:
+    """Torch intra-op threads for forward-only work: ``wanted``, or :func:`process_cpus` when 0."""
+    return wanted if wanted > 0 else process_cpus()
 
 
 @contextmanager

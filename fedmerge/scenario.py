@@ -216,6 +216,7 @@ class FederationSettings:
     fedavg_weighting: str
     fedavg_max_share: float
     fedavg_aggregation: str
+    parallel_clients: int
 
 
 @dataclass(frozen=True)

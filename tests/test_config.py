@@ -75,8 +75,8 @@ def test_nested_schema_table_override():
         ("run=3", "key must be section.key"),
         ('data.held_out=["synth-0","synth-1","synth-2"]', "every domain is held out"),
         ("eval.split=train", "eval.split must be"),
-        ("run.server_threads=-1", "run.server_threads >= 0"),
-        ("run.torch_threads=0", "run.torch_threads must be >= 1"),
+        ("run.server_threads=-1", "run.server_threads must be >= 0"),
+        ("run.torch_threads=-1", "run.torch_threads and run.server_threads must be >= 0"),
         ("privacy.noise_seed=1.5", "privacy.noise_seed must be a int"),
     ],
 )

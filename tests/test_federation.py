@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -253,10 +254,13 @@ def test_testtime_merge_is_skipped_with_a_warning_when_its_teacher_client_was_le
     assert merged == {} and report == {"synth-2": {"skipped": "teacher 'synth-1' has no usable update"}}
 
 
-def test_flower_simulation_matches_inprocess(cfg, tmp_path):
+@pytest.mark.parametrize("concurrency", [[], ["federation.parallel_clients=1", "run.torch_threads=0"]],
+                         ids=["one-clientapp-per-cpu", "one-clientapp-with-every-cpu"])
+def test_flower_simulation_matches_inprocess(cfg, tmp_path, concurrency):
+    """Also with one ClientApp at a time that scores with every CPU (run.torch_threads = 0): same numbers."""
     from fedmerge.runners.simulation import run_scenario
 
-    small = apply_overrides(cfg, ["baselines.joint=false", 'merge.methods=["average","mergerec_taskwise"]'])
+    small = apply_overrides(cfg, ["baselines.joint=false", 'merge.methods=["average","mergerec_taskwise"]', *concurrency])
     flower = run_scenario(small, "flower", tmp_path / "flower")
     inprocess = run_scenario(small, "inprocess", tmp_path / "inprocess")
     assert flower["run"]["engine"] == "flower" and (tmp_path / "flower" / "results.json").is_file()
@@ -476,9 +480,31 @@ def test_amazon_data_root_defaults_to_data_amazon_and_names_the_download(tmp_pat
     assert explicit.data.root_path() == tmp_path / "mine"  # an explicit data.root wins over the variable
 
 
-def test_server_threads_default_one_and_zero_means_all_usable_cores(cfg):
-    import os
+def test_simulated_clientapps_get_cpus_by_parallel_clients(cfg):
+    from fedmerge.runners.simulation import client_cpus
 
+    assert client_cpus(cfg, 2) == 1  # default 0: one ClientApp per CPU
+    assert client_cpus(apply_overrides(cfg, ["federation.parallel_clients=1"]), 2) == 2
+    assert client_cpus(apply_overrides(cfg, ["federation.parallel_clients=2"]), 8) == 4
+    assert client_cpus(apply_overrides(cfg, ["federation.parallel_clients=3"]), 2) == 1  # never below one CPU
+    with pytest.raises(FedmergeError, match="federation.parallel_clients must be >= 0"):
+        apply_overrides(cfg, ["federation.parallel_clients=-1"])
+
+
+def test_zero_threads_mean_the_cpus_this_process_is_given(monkeypatch):
+    """Ray sets OMP_NUM_THREADS to a simulated ClientApp's CPU share; without it, the affinity mask counts."""
+    from fedmerge.reproducibility import process_cpus, thread_count
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert process_cpus() == 3 and thread_count(0) == 3 and thread_count(2) == 2
+    for unusable in ("", "0", "two"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unusable)
+        assert process_cpus() == len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert thread_count(0) == len(os.sched_getaffinity(0))
+
+
+def test_server_threads_default_one_and_zero_means_all_usable_cores(cfg):
     from fedmerge.runners.server import server_threads
 
     assert server_threads(cfg) == 1

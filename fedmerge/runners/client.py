@@ -18,6 +18,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.memory import release_freed_memory
 from fedmerge.metrics import evaluate_batches, evaluation_batches
 from fedmerge.models import StateDict
+from fedmerge.reproducibility import thread_count
 from fedmerge.runners import protocol
 from fedmerge.scenario import Scenario
 
@@ -68,7 +69,7 @@ def client_train(
     :func:`fedmerge.privacy.client.private_train` (the one DP call site: domain- or user-level). A family that
     :attr:`~fedmerge.models.base.ModelFamily.trains_on_public_catalogs` also gets the other training domains' public
     catalogs (``public_features``, else :func:`public_catalog_features`)."""
-    torch.set_num_threads(cfg.run.torch_threads)
+    torch.set_num_threads(thread_count(cfg.run.torch_threads))
     family = cfg.model.make_family(extra_params)
     if features is None:
         features = cfg.encoder.item_features(domain.catalog, family)
@@ -99,7 +100,7 @@ def client_evaluate(
     The users' batches (truncated inputs, targets, masks) are prepared once for all models; each model then costs its
     scorer (item representations, once per model) and one forward per batch. One scorer is alive at a time.
     """
-    torch.set_num_threads(cfg.run.torch_threads)
+    torch.set_num_threads(thread_count(cfg.run.torch_threads))
     family = cfg.model.make_family()
     if features is None:
         features = cfg.encoder.item_features(domain.catalog, family)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ from fedmerge.memory import release_freed_memory
 from fedmerge.merging.testtime import TESTTIME_METHOD
 from fedmerge.models import StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
+from fedmerge.reproducibility import thread_count
 from fedmerge.runners import protocol
 from fedmerge.scenario import Scenario
 
@@ -63,14 +63,14 @@ class Transport(Protocol):
 
 
 def server_threads(cfg: Scenario) -> int:
-    """Torch threads for server-side work: ``run.server_threads``, or every core this process may use when 0.
+    """Torch threads for server-side work: ``run.server_threads``, or the CPUs this process is given when 0
+    (:func:`fedmerge.reproducibility.thread_count`).
 
     The default is 1: on a shared 2-core machine, 2 threads made MergeRec 15-30x slower under Flower's simulation
     engine (its polling threads and other processes preempt one OpenMP thread and the other spins); measured in
     benchmarks/flower_overhead.py. Use 0 on a dedicated multi-core server.
     """
-    wanted = cfg.run.server_threads
-    return wanted if wanted > 0 else len(os.sched_getaffinity(0))
+    return thread_count(cfg.run.server_threads)
 
 
 def training_settings(cfg: Scenario) -> dict[str, Any]:

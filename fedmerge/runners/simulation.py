@@ -71,9 +71,17 @@ def _run_engine(cfg: Scenario, engine: str, out_dir: str | Path | None, resume: 
     return results
 
 
+def client_cpus(cfg: Scenario, cpus: int) -> int:
+    """CPUs each simulated ClientApp gets (Flower's ``client-resources-num-cpus``): 1, so one ClientApp runs per CPU,
+    or ``cpus // federation.parallel_clients`` (at least 1) so that only that many run at once - one Ray actor
+    each, and each actor holds its own training peak (README, Memory)."""
+    wanted = cfg.federation.parallel_clients
+    return 1 if wanted == 0 else max(1, cpus // wanted)
+
+
 def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Flower simulation through ``flwr run``: a private SuperLink with Flower's simulation runtime (Ray backend),
-    ``num-supernodes`` = number of domains, one CPU per ClientApp.
+    ``num-supernodes`` = number of domains, :func:`client_cpus` CPUs per ClientApp.
 
     The resolved scenario is written to a run-private folder that also holds the Flower home (``FLWR_HOME``); a
     SuperLink (``--simulation``) listens on a free 127.0.0.1 port; the app (this repository's ``[tool.flwr.app]``)
@@ -102,8 +110,10 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
         results_path.unlink(missing_ok=True)  # a stale file must not pass for this run's result
         run_config = {"scenario": str(write_scenario(cfg, private / "scenario.toml")), "overrides": "",
                       "out-dir": str(target), "resume": resume, "out-dir-held": True}  # run_scenario holds out_dir
-        federation_config = {"num-supernodes": len(cfg.data.domain_names()), "client-resources-num-cpus": 1,
-                             "init-args-num-cpus": len(os.sched_getaffinity(0)), "init-args-log-to-driver": verbose,
+        cpus = len(os.sched_getaffinity(0))
+        federation_config = {"num-supernodes": len(cfg.data.domain_names()),
+                             "client-resources-num-cpus": client_cpus(cfg, cpus),
+                             "init-args-num-cpus": cpus, "init-args-log-to-driver": verbose,
                              "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)}
         env = {**deployment_env(private), RAY_SINGLE_MACHINE_ENV: "0",
                LEVEL_ENV: logging.getLevelName(logging.getLogger("fedmerge").getEffectiveLevel())}
