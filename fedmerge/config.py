@@ -316,10 +316,10 @@ def validate(cfg: Scenario) -> None:
 
 def _validate_before_training(cfg: Scenario) -> None:
     """Checks of values that are otherwise read only after every client trained: merge parameters (per method,
-    against the number of training clients) and the text encoder's name (never a hub download). MergeRec settings
+    against the number of training clients) and the text encoder's name (never a hub download) and parameters. MergeRec settings
     and DP parameters are checked in :func:`validate` itself."""
     from fedmerge.merging import METHODS, resolve_params
-    from fedmerge.text.encoder import check_encoder_name
+    from fedmerge.text.encoder import check_encoder_name, check_encoder_params
 
     n_models = len(cfg.data.training_domains())
     for method, params in cfg.merge.params.items():
@@ -336,6 +336,10 @@ def _validate_before_training(cfg: Scenario) -> None:
                                 f"every client: set federation.min_replies = {n_models} (the number of training "
                                 "clients) or drop the weights")
     check_encoder_name(cfg.encoder.name)
+    try:
+        check_encoder_params(cfg.encoder.name, dict(cfg.encoder.params))
+    except (ValueError, TypeError) as exc:
+        raise FedmergeError(f"encoder.params: {exc}") from exc
 
 
 def parse_seeds(text: str) -> list[int]:

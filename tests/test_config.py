@@ -78,6 +78,8 @@ def test_nested_schema_table_override():
         ("run.server_threads=-1", "run.server_threads must be >= 0"),
         ("run.torch_threads=-1", "run.torch_threads and run.server_threads must be >= 0"),
         ("privacy.noise_seed=1.5", "privacy.noise_seed must be a int"),
+        ('encoder.params={backend="ort"}', "encoder.params: unknown backend 'ort'; valid: ['torch', 'onnxruntime']"),
+        ('encoder.params={max_lenght=32}', "encoder.params: unknown parameter(s) ['max_lenght'] for SentenceEncoder"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, message):

@@ -112,6 +112,25 @@ def sentence_embeddings(hidden: torch.Tensor, attention_mask: torch.Tensor, norm
     return torch.nn.functional.normalize(pooled, p=2, dim=1) if normalize else pooled
 
 
+def check_sentence_options(max_length: int, batch_size: int, device: str | None, precision: str, backend: str) -> None:
+    """The :class:`SentenceEncoder` options that can be judged without loading anything; ValueError naming the
+    problem and the valid values."""
+    if max_length < 1 or batch_size < 1:
+        raise ValueError(f"max_length ({max_length}) and batch_size ({batch_size}) must be positive")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
+    if backend == "onnxruntime":
+        if precision != "float32":
+            raise ValueError(
+                f"precision={precision!r} is torch autocast and cannot run with backend='onnxruntime', which runs "
+                "the float32 graph; use precision='float32' with onnxruntime, or backend='torch'"
+            )
+        if device not in (None, "cpu"):
+            raise ValueError(f"backend='onnxruntime' runs on the CPU only, got device={device!r}")
+
+
 class SentenceEncoder:
     """A transformers encoder with attention-masked mean pooling (the sentence-transformers recipe).
 
@@ -150,20 +169,8 @@ class SentenceEncoder:
         precision: str = "float32",
         backend: str = "torch",
     ) -> None:
-        if max_length < 1 or batch_size < 1:
-            raise ValueError(f"max_length ({max_length}) and batch_size ({batch_size}) must be positive")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
+        check_sentence_options(max_length, batch_size, device, precision, backend)
         if backend == "onnxruntime":
-            if precision != "float32":
-                raise ValueError(
-                    f"precision={precision!r} is torch autocast and cannot run with backend='onnxruntime', which runs "
-                    "the float32 graph; use precision='float32' with onnxruntime, or backend='torch'"
-                )
-            if device not in (None, "cpu"):
-                raise ValueError(f"backend='onnxruntime' runs on the CPU only, got device={device!r}")
             from fedmerge.text.onnx_graph import require_packages
 
             require_packages()
@@ -367,9 +374,9 @@ class HashingEncoder:
         return f"HashingEncoder({self.identity!r})"
 
 
-def get_encoder(name: str = "minilm", **params: Any) -> TextEncoder:
-    """``"minilm"`` -> default :class:`SentenceEncoder`; ``"hashing"`` -> :class:`HashingEncoder`; anything else is a
-    model folder or cached hub name for :class:`SentenceEncoder` (see :func:`check_encoder_name`). Unknown ``params`` raise a ValueError listing valid ones."""
+def _encoder_call(name: str, params: dict[str, Any]) -> tuple[type, dict[str, Any]]:
+    """(class, keyword arguments) :func:`get_encoder` builds for ``name`` and ``params``; ValueError for an unknown
+    parameter (listing the valid ones) or a model given twice."""
     if name == "hashing":
         cls: type = HashingEncoder
     else:
@@ -382,4 +389,22 @@ def get_encoder(name: str = "minilm", **params: Any) -> TextEncoder:
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for {cls.__name__}; valid: {valid}")
-    return cls(**params)
+    return cls, params
+
+
+def check_encoder_params(name: str, params: dict[str, Any]) -> None:
+    """What :func:`get_encoder` would refuse in ``params`` without loading a model or importing torch (unknown
+    keys, :func:`check_sentence_options`), so that a scenario fails when it is read, not on the clients."""
+    cls, kwargs = _encoder_call(name, params)
+    if cls is SentenceEncoder:
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+        options = {**defaults, **kwargs}
+        check_sentence_options(options["max_length"], options["batch_size"], options["device"], options["precision"],
+                               options["backend"])
+
+
+def get_encoder(name: str = "minilm", **params: Any) -> TextEncoder:
+    """``"minilm"`` -> default :class:`SentenceEncoder`; ``"hashing"`` -> :class:`HashingEncoder`; anything else is a
+    model folder or cached hub name for :class:`SentenceEncoder` (see :func:`check_encoder_name`). Unknown ``params`` raise a ValueError listing valid ones."""
+    cls, kwargs = _encoder_call(name, params)
+    return cls(**kwargs)
