@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -134,6 +134,19 @@ class EncoderSettings:
         encoder = self.text_encoder()
         cache = EmbeddingCache(self.cache_dir) if self.cache_dir else None
         return family.catalog_features(catalog, lambda: encode_catalog(encoder, catalog, cache=cache))
+
+    def catalogs_features(
+        self, catalogs: Sequence[ItemCatalog], family: ModelFamily, workers: int = 1
+    ) -> list[torch.Tensor]:
+        """:meth:`item_features` of several catalogs; with ``workers`` > 1 the embeddings they miss are first encoded
+        in that many parallel processes, one catalog each (:func:`fedmerge.text.cache.warm_cache`): the same
+        features, sooner on idle cores."""
+        if workers > 1 and family.reads_text_embeddings:
+            from fedmerge.text.cache import EmbeddingCache, warm_cache
+
+            warm_cache(self.name, self.params, EmbeddingCache(self.cache_dir or None), [c.texts() for c in catalogs],
+                       workers)
+        return [self.item_features(catalog, family) for catalog in catalogs]
 
 
 @dataclass(frozen=True)

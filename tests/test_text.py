@@ -267,3 +267,57 @@ def test_encode_catalog_uses_catalog_texts(tmp_path: Path) -> None:
     )
     out = encode_catalog(HashingEncoder(dim=16), catalog, cache=EmbeddingCache(tmp_path))
     np.testing.assert_array_equal(out, HashingEncoder(dim=16).encode(catalog.texts()))
+
+
+# --- parallel warm-up -----------------------------------------------------------------------------------------
+
+
+def test_warm_cache_encodes_catalogs_in_parallel_processes_into_the_same_rows(tmp_path: Path) -> None:
+    from fedmerge.text.cache import warm_cache
+
+    catalogs = [[f"{word} {i}" for i in range(40)] for word in ("lipstick", "wrap", "lego")]
+    cache = EmbeddingCache(tmp_path / "warm")
+    assert warm_cache("hashing", {"dim": 32}, cache, catalogs, workers=1) == 0  # one worker: left to the caller
+    assert warm_cache("hashing", {"dim": 32}, cache, catalogs[:1], workers=2) == 0  # one catalog: nothing to gain
+    assert warm_cache("hashing", {"dim": 32}, cache, catalogs, workers=2) == 3
+    encoder = HashingEncoder(dim=32)
+    assert all(cache.count_missing(encoder.identity, texts) == 0 for texts in catalogs)
+    counting = CountingEncoder(encoder)
+    for texts in catalogs:  # served from the cache, equal to encoding in this process
+        np.testing.assert_array_equal(encode_texts(counting, texts, cache=EmbeddingCache(tmp_path / "warm")),
+                                      encoder.encode(texts))
+    assert counting.calls == []
+    assert warm_cache("hashing", {"dim": 32}, cache, catalogs, workers=2) == 0  # all cached now
+
+
+def test_routed_theta0_from_parallel_encoding_equals_the_serial_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """θ₀ of a family that reads the catalogs: the server encodes them in parallel processes, same weights."""
+    import torch
+
+    from fedmerge.config import apply_overrides, load_scenario
+    from fedmerge.reproducibility import process_cpus
+    from fedmerge.runners.server import initial_weights
+
+    cfg = load_scenario("quickstart", ['encoder.name="hashing"', "encoder.params.dim=32",
+                                       f'encoder.cache_dir="{tmp_path / "parallel"}"', 'model.params.adapter="routed"',
+                                       "model.params.n_experts=4"])
+    with caplog.at_level(logging.INFO, logger="fedmerge.text.cache"):
+        parallel = initial_weights(cfg)
+    if process_cpus() > 1:
+        assert "encoding 3 catalogs in 2 parallel processes" in caplog.text
+    serial_cfg = apply_overrides(cfg, [f'encoder.cache_dir="{tmp_path / "serial"}"'])
+    family = serial_cfg.model.make_family()
+    features = [serial_cfg.encoder.item_features(serial_cfg.load_catalog(d), family)
+                for d in serial_cfg.data.training_domains()]
+    serial = family.initial_weights(serial_cfg.encoder.feature_width(family), seed=0, catalog_features=features)
+    assert parallel.keys() == serial.keys() and all(torch.equal(parallel[k], serial[k]) for k in serial)
+
+
+def test_a_failed_warm_up_worker_raises_with_its_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedmerge.text.cache import warm_cache
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # every worker process exits 1
+    with pytest.raises(FedmergeError, match=r"parallel encoding worker for 3 texts failed \(exit 1\)"):
+        warm_cache("hashing", {}, EmbeddingCache(tmp_path), [["a", "b", "c"], ["d", "e", "f"]], workers=2)

@@ -109,6 +109,12 @@ class ModelFamily(ABC):
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     @property
+    def reads_text_embeddings(self) -> bool:
+        """Whether :meth:`catalog_features` reads the catalog's sentence embeddings (its ``embeddings()``); False for
+        a family that reads the texts itself, for which encoding the embeddings ahead would be wasted."""
+        return True
+
+    @property
     def init_reads_catalogs(self) -> bool:
         """Whether :meth:`initial_weights` needs the merged domains' public catalog features."""
         return False

@@ -694,6 +694,10 @@ class SequentialFamily(ModelFamily):
         fixed = {f"adapter.{b}" for b in (*ROUTER_BUFFERS, "unseen_threshold")}
         return frozenset(n for n in theta0 if n in fixed or n.startswith("adapter.base."))
 
+    @property
+    def reads_text_embeddings(self) -> bool:
+        return not self.encoder_layers
+
     def catalog_features(self, catalog: ItemCatalog, embeddings: Callable[[], np.ndarray]) -> torch.Tensor:
         """:meth:`item_features` of the embeddings, or with ``encoder_layers > 0`` :func:`token_features` of the
         catalog's texts through :meth:`text_encoder` (the scenario's own encoder is then not used)."""

@@ -26,7 +26,7 @@ from fedmerge.memory import release_freed_memory
 from fedmerge.merging.testtime import TESTTIME_METHOD
 from fedmerge.models import StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
-from fedmerge.reproducibility import thread_count
+from fedmerge.reproducibility import process_cpus, thread_count
 from fedmerge.runners import protocol
 from fedmerge.scenario import Scenario
 
@@ -141,7 +141,8 @@ def initial_weights(cfg: Scenario) -> StateDict:
     family, seed, pretrain = cfg.model.make_family(), cfg.run.seed, cfg.theta0.pretrain
     catalogs = ({d: cfg.load_catalog(d) for d in cfg.data.training_domains()}
                 if family.init_reads_catalogs or pretrain else {})
-    features = [cfg.encoder.item_features(catalog, family) for catalog in catalogs.values()]
+    # the clients wait for θ₀, so the catalogs encode in parallel processes on the idle cores
+    features = cfg.encoder.catalogs_features(list(catalogs.values()), family, workers=process_cpus())
     weights = family.initial_weights(cfg.encoder.feature_width(family), seed=seed,
                                      catalog_features=features if family.init_reads_catalogs else [])
     if pretrain:

@@ -17,9 +17,9 @@ import logging
 import os
 import uuid
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -133,6 +133,11 @@ class EmbeddingCache:
             found[positions] = True
         return out, found
 
+    def count_missing(self, identity: str, texts: Sequence[str]) -> int:
+        """How many distinct ``texts`` have no cached row under ``identity`` (reads the key index, no vector)."""
+        index = self._refresh(identity)
+        return len({key for key in (text_key(identity, t) for t in texts) if key not in index})
+
     def put(self, identity: str, keys: Sequence[bytes], vectors: np.ndarray) -> Path:
         """Store rows as one new shard, written to a temporary file and renamed into place."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -213,3 +218,58 @@ def encode_catalog(
 ) -> np.ndarray:
     """Embeddings of a catalog's item texts (``catalog.texts()``), one row per item index."""
     return encode_texts(encoder, catalog.texts(), cache=cache)
+
+
+def warm_cache_worker() -> None:
+    """A :func:`warm_cache` worker process: reads ``{"encoder", "params", "root", "texts"}`` as JSON from stdin and
+    encodes the texts missing from the cache at ``root`` with one torch thread."""
+    import json
+    import sys
+
+    import torch
+
+    from fedmerge.text.encoder import get_encoder
+
+    spec = json.load(sys.stdin)
+    torch.set_num_threads(1)
+    encode_texts(get_encoder(spec["encoder"], **spec["params"]), spec["texts"], cache=EmbeddingCache(spec["root"]))
+
+
+def _run_worker(encoder_name: str, params: Mapping[str, Any], root: Path, texts: list[str]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    import fedmerge
+
+    package_parent = str(Path(fedmerge.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
+    spec = json.dumps({"encoder": encoder_name, "params": dict(params), "root": str(root), "texts": texts})
+    done = subprocess.run([sys.executable, "-c", "from fedmerge.text.cache import warm_cache_worker; warm_cache_worker()"],
+                          input=spec, text=True, capture_output=True, env=env)
+    if done.returncode != 0:
+        raise FedmergeError(f"a parallel encoding worker for {len(texts)} texts failed (exit {done.returncode}): "
+                            f"{done.stderr.strip()[-2000:]}")
+
+
+def warm_cache(
+    encoder_name: str, params: Mapping[str, Any], cache: EmbeddingCache, catalogs: Sequence[Sequence[str]], workers: int
+) -> int:
+    """Encode several catalogs' texts into ``cache`` in parallel: one worker process (a fresh interpreter, one torch
+    thread, so no OpenMP threads wait on each other when the machine is busy) per catalog with missing texts, at most
+    ``workers`` at a time. Returns how many catalogs were encoded here: none when fewer than two miss texts or
+    ``workers`` < 2 (one catalog gains nothing; the caller's own encoding then does the work). Reading the cache
+    afterwards gives the rows the caller would have encoded (same encoder, same identity). A failed worker raises
+    FedmergeError with its error output; what the others stored stays cached."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedmerge.text.encoder import get_encoder
+
+    identity = get_encoder(encoder_name, **params).identity
+    todo = [list(texts) for texts in catalogs if cache.count_missing(identity, texts)]
+    if workers < 2 or len(todo) < 2:
+        return 0
+    logger.info("encoding %d catalogs in %d parallel processes into %s", len(todo), min(workers, len(todo)), cache.root)
+    with ThreadPoolExecutor(min(workers, len(todo))) as pool:
+        list(pool.map(lambda texts: _run_worker(encoder_name, params, cache.root, texts), todo))
+    return len(todo)
