@@ -1,7 +1,7 @@
 """How fedmerge's cost grows with the number of domains and with catalog size, on seeded synthetic domains.
 
     python benchmarks/scaling.py [--out results/scaling] [--steps 500] [--top-k 200] [--quick]
-        [--sweeps domains,catalog,target]
+        [--sweeps domains,catalog,target,large]
 
 Three tasks, each measured in a fresh subprocess (time, and peak RSS of that process from ``resource.getrusage``,
 which includes ≈ 0.3-0.4 GB of imported libraries; ``base_rss_mb`` is the RSS after imports, before any work):
@@ -15,7 +15,9 @@ which includes ≈ 0.3-0.4 GB of imported libraries; ``base_rss_mb`` is the RSS 
 Sweeps: domains D ∈ {2, 4, 8, 16} of 2,000 items and 1,000 users each; catalog size n ∈ {1,000, 2,000, 4,000,
 8,000} items (2,000 users each) with 4 domains for MergeRec and 1 for training and evaluation; ``target``: MergeRec with
 8 domains of 4,000 items (Σ n_d = 32k, about the ``amazon-8`` scenario's 29k), dense and top-k - the issue's
-target is ≤ 120 s and ≤ 4 GB on 2 cores. Client models are θ₀ plus
+target is ≤ 120 s and ≤ 4 GB on 2 cores; ``large`` (not in the default sweeps): evaluation of 3 models, then 9, on
+one domain of 35,598 users × 18,357 items (the size of the issue's larger Amazon domain), against evaluation on
+2,000 users × 2,000 items - bounded memory means the peak does not grow with users or models. Client models are θ₀ plus
 seeded noise (costs do not depend on what was learned); item features are seeded random 64-d embeddings (text
 encoding is not measured here). Sequential family at its Amazon defaults (hidden 128, 2 layers, MLP adapter 512,
 max_len 50), one torch thread. Writes ``scaling.json`` and ``domains.png`` / ``catalog.png`` under ``--out``, with
@@ -40,6 +42,7 @@ DOMAIN_SWEEP_ITEMS, DOMAIN_SWEEP_USERS = 2000, 1000
 FEATURE_DIM = 64
 EVAL_MODELS = 3
 TARGET_ITEMS = 4000
+LARGE_DOMAIN = (18357, 35598)  # items, users
 CATALOG_SWEEP_USERS = 2000
 
 
@@ -47,7 +50,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure(task: str, n_domains: int, n_items: int, n_users: int, steps: int, top_k: int) -> dict[str, Any]:
+def measure(task: str, n_domains: int, n_items: int, n_users: int, steps: int, top_k: int,
+            models: int = EVAL_MODELS) -> dict[str, Any]:
     """One measurement in this process (called in a fresh subprocess by :func:`run_one`)."""
     import torch
 
@@ -85,19 +89,20 @@ def measure(task: str, n_domains: int, n_items: int, n_users: int, steps: int, t
         extra = {"teacher_s": round(report.teacher_seconds, 2), "teacher_mb": round(report.teacher_bytes / 2**20, 1)}
     elif task == "eval":
         cfg = load_scenario("quickstart", ["eval.ks=[10]", "model.params={max_epochs = 1}"])
-        models = {f"model{k}": noisy(100 + k) for k in range(EVAL_MODELS)}
+        evaluated = {f"model{k}": noisy(100 + k) for k in range(models)}
         for domain in domains:
-            client_evaluate(domain, models, cfg, features=features[domain.name])
+            client_evaluate(domain, evaluated, cfg, features=features[domain.name])
     else:
         raise SystemExit(f"unknown task {task!r}; valid: train, mergerec, eval")
     return {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak_rss_mb()),
             "base_rss_mb": round(base), **extra}
 
 
-def run_one(task: str, n_domains: int, n_items: int, n_users: int, steps: int, top_k: int) -> dict[str, Any]:
+def run_one(task: str, n_domains: int, n_items: int, n_users: int, steps: int, top_k: int,
+            models: int = EVAL_MODELS) -> dict[str, Any]:
     """:func:`measure` in a fresh Python process, so each peak RSS is that measurement's own."""
     spec = {"task": task, "n_domains": n_domains, "n_items": n_items, "n_users": n_users, "steps": steps,
-            "top_k": top_k}
+            "top_k": top_k, "models": models}
     proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
                               str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
@@ -154,9 +159,9 @@ def main() -> None:
     domain_counts, catalogs = (DOMAINS[:2], CATALOGS[:2]) if args.quick else (DOMAINS, CATALOGS)
     start = time.perf_counter()
     sweeps = {s.strip() for s in args.sweeps.split(",") if s.strip()}
-    if not sweeps or sweeps - {"domains", "catalog", "target"}:
-        raise SystemExit(f"--sweeps: unknown {sorted(sweeps - {'domains', 'catalog', 'target'})}; valid: "
-                         "domains, catalog, target")
+    if not sweeps or sweeps - {"domains", "catalog", "target", "large"}:
+        raise SystemExit(f"--sweeps: unknown {sorted(sweeps - {'domains', 'catalog', 'target', 'large'})}; valid: "
+                         "domains, catalog, target, large")
     rows = []
     for d in domain_counts if "domains" in sweeps else ():
         for task, top_k in (("train", 0), ("eval", 0), ("mergerec", args.top_k)):
@@ -167,6 +172,9 @@ def main() -> None:
             rows.append({"sweep": "catalog", **run_one(task, d, n, CATALOG_SWEEP_USERS, args.steps, top_k)})
     for top_k in (args.top_k, 0) if "target" in sweeps else ():
         rows.append({"sweep": "target", **run_one("mergerec", 8, TARGET_ITEMS, DOMAIN_SWEEP_USERS, args.steps, top_k)})
+    for (n_items, n_users), models in (((2000, 2000), EVAL_MODELS), (LARGE_DOMAIN, EVAL_MODELS),
+                                        (LARGE_DOMAIN, 3 * EVAL_MODELS)) if "large" in sweeps else ():
+        rows.append({"sweep": "large", **run_one("eval", 1, n_items, n_users, args.steps, 0, models)})
     uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     wall = time.perf_counter() - start
     note = (f"synthetic domains, seed 0, one run per point, {os.cpu_count()} CPUs, 1 torch thread; "
