@@ -65,7 +65,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # client's num-users, each share capped at fedavg_max_share
         "max_num_users": 1e8, "fedavg_weighting": "equal", "fedavg_max_share": 0.5, "fedavg_aggregation": "mean",
         # Flower simulation only: ClientApps running at once (0: one per CPU); each gets CPUs // parallel_clients
-        # cores, which a client with run.torch_threads = 0 uses for its forward passes (README, Memory)
+        # cores, which a client with run.torch_threads = 0 uses for its forward passes (README, Running a federation)
         "parallel_clients": 0,
     },
     "privacy": {

@@ -504,8 +504,10 @@ def test_zero_threads_mean_the_cpus_this_process_is_given(monkeypatch):
     assert thread_count(0) == len(os.sched_getaffinity(0))
 
 
-def test_server_threads_default_one_and_zero_means_all_usable_cores(cfg):
+def test_server_threads_default_one_and_zero_means_all_usable_cores(cfg, monkeypatch):
     from fedmerge.runners.server import server_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
 
     assert server_threads(cfg) == 1
     assert server_threads(apply_overrides(cfg, ["run.server_threads=0"])) == len(os.sched_getaffinity(0))

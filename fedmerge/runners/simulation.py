@@ -74,7 +74,7 @@ def _run_engine(cfg: Scenario, engine: str, out_dir: str | Path | None, resume: 
 def client_cpus(cfg: Scenario, cpus: int) -> int:
     """CPUs each simulated ClientApp gets (Flower's ``client-resources-num-cpus``): 1, so one ClientApp runs per CPU,
     or ``cpus // federation.parallel_clients`` (at least 1) so that only that many run at once - one Ray actor
-    each, and each actor holds its own training peak (README, Memory)."""
+    each, and each actor holds its own training peak (README, Running a federation)."""
     wanted = cfg.federation.parallel_clients
     return 1 if wanted == 0 else max(1, cpus // wanted)
 
