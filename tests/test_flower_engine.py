@@ -48,13 +48,15 @@ def test_default_output_is_the_summary_and_verbose_streams_the_run_log(tmp_path)
 
 @pytest.mark.slow
 def test_ctrl_c_during_a_flower_simulation_stops_every_process(tmp_path):
-    proc = subprocess.Popen(simulate_argv(tmp_path / "run"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    """Ctrl-C while the clients train (an epoch budget no run reaches, so a quiet machine cannot finish first)."""
+    argv = [*simulate_argv(tmp_path / "run"), "--set", "model.params.max_epochs=100000",
+            "--set", "model.params.patience=100000"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     seen: dict[int, str] = {}  # pid -> command line, recorded while alive
     deadline = time.monotonic() + 300
     try:
-        while not any("raylet" in line for line in seen.values()):  # the simulation runtime has started Ray
-            assert proc.poll() is None and time.monotonic() < deadline, "Ray never started"
+        while not any("ClientAppActor" in line for line in seen.values()):  # Ray runs the clients
+            assert proc.poll() is None and time.monotonic() < deadline, "no client started"
             seen.update({pid: cmdline(pid) for pid in descendants(proc.pid)})
             time.sleep(0.5)
         time.sleep(5)
@@ -65,7 +67,7 @@ def test_ctrl_c_during_a_flower_simulation_stops_every_process(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0, err.decode()[-2000:]
-    assert any("flower-superlink" in line for line in seen.values())
+    assert any("flower-superlink" in line for line in seen.values()) and any("raylet" in line for line in seen.values())
     deadline = time.monotonic() + 10
     while [pid for pid in seen if _alive(pid)] and time.monotonic() < deadline:
         time.sleep(0.2)
