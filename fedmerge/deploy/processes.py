@@ -194,7 +194,7 @@ class ProcessSet:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._supervisor = subprocess.Popen(
             [sys.executable, "-m", __name__, str(self.out_dir / RECORD_FILE), str(self.grace_s)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True, env=_importable_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True, env=importable_env(),
         )
         return self
 
@@ -208,8 +208,9 @@ class ProcessSet:
             self._supervisor.wait()
 
 
-def _importable_env() -> dict[str, str]:
-    """This environment with the folder holding this copy of ``fedmerge`` first on PYTHONPATH."""
+def importable_env() -> dict[str, str]:
+    """This environment with the folder holding this copy of ``fedmerge`` first on PYTHONPATH (for child
+    interpreters that import it: the supervisor, the parallel encoding workers, benchmark subprocesses)."""
     root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": root if not path else os.pathsep.join([root, path])}

@@ -240,13 +240,11 @@ def _run_worker(encoder_name: str, params: Mapping[str, Any], root: Path, texts:
     import subprocess
     import sys
 
-    import fedmerge
+    from fedmerge.deploy.processes import importable_env
 
-    package_parent = str(Path(fedmerge.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
     spec = json.dumps({"encoder": encoder_name, "params": dict(params), "root": str(root), "texts": texts})
     done = subprocess.run([sys.executable, "-c", "from fedmerge.text.cache import warm_cache_worker; warm_cache_worker()"],
-                          input=spec, text=True, capture_output=True, env=env)
+                          input=spec, text=True, capture_output=True, env=importable_env())
     if done.returncode != 0:
         raise FedmergeError(f"a parallel encoding worker for {len(texts)} texts failed (exit {done.returncode}): "
                             f"{done.stderr.strip()[-2000:]}")
