@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -521,19 +522,27 @@ def test_privacy_run_sequential_both_units(tmp_path, monkeypatch):
         assert metrics["dp_epsilon"] < metrics["dp_epsilon_run"] <= 2.0 + 1e-6
 
 
-def test_pooled_seeds_equal_one_study_over_all_seeds(tiny_scenario, tmp_path):
-    """Seeds 0 and 1 run as two studies and pooled give the very values and intervals of one study over [0, 1]."""
+def studies_run_apart_and_pooled(scenario: Path, tmp_path: Path, key: str, whole: str,
+                                 parts: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(privacy.json of one study with ``privacy_study.<key> = whole``, privacy.json of the studies with each of
+    ``parts`` (name -> value) pooled in that order); the tables are in ``tmp_path/both`` and ``tmp_path/pooled``."""
     import json
 
     from fedmerge.cli import main
 
-    for name, seeds in (("both", "[0, 1]"), ("s0", "[0]"), ("s1", "[1]")):
-        assert main(["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(tmp_path / name), "--set",
-                     f"privacy_study.seeds={seeds}"]) == 0
-    assert main(["privacy", "pool", str(tmp_path / "s0" / "privacy.json"), str(tmp_path / "s1" / "privacy.json"),
+    for name, value in (("both", whole), *parts.items()):
+        assert main(["privacy", "run", "--scenario", str(scenario), "--out", str(tmp_path / name), "--set",
+                     f"privacy_study.{key}={value}"]) == 0
+    assert main(["privacy", "pool", *(str(tmp_path / name / "privacy.json") for name in parts),
                  "--out", str(tmp_path / "pooled")]) == 0
-    joint = json.loads((tmp_path / "both" / "privacy.json").read_text())
-    pooled = json.loads((tmp_path / "pooled" / "privacy.json").read_text())
+    return (json.loads((tmp_path / "both" / "privacy.json").read_text()),
+            json.loads((tmp_path / "pooled" / "privacy.json").read_text()))
+
+
+def test_pooled_seeds_equal_one_study_over_all_seeds(tiny_scenario, tmp_path):
+    """Seeds 0 and 1 run as two studies and pooled give the very values and intervals of one study over [0, 1]."""
+    joint, pooled = studies_run_apart_and_pooled(tiny_scenario, tmp_path, "seeds", "[0, 1]",
+                                                 {"s0": "[0]", "s1": "[1]"})
     assert pooled["study"]["seeds"] == [0, 1] and len(pooled["pooled_from"]) == 2
     for a, b in zip(joint["utility"], pooled["utility"]):
         assert a["seeds"] == b["seeds"] and a["metric"].keys() == b["metric"].keys()
@@ -548,17 +557,8 @@ def test_pooled_seeds_equal_one_study_over_all_seeds(tiny_scenario, tmp_path):
 def test_studies_of_other_epsilons_pooled_equal_one_study_over_the_union(tiny_scenario, tmp_path):
     """ε = ∞ and ε = 2 run as two studies over the same seeds and pooled give the cells, values and table of one
     study over [∞, 2] (the order of the files does not matter)."""
-    import json
-
-    from fedmerge.cli import main
-
-    for name, epsilons in (("both", "[inf, 2.0]"), ("inf", "[inf]"), ("two", "[2.0]")):
-        assert main(["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(tmp_path / name), "--set",
-                     f"privacy_study.epsilons={epsilons}"]) == 0
-    assert main(["privacy", "pool", str(tmp_path / "two" / "privacy.json"), str(tmp_path / "inf" / "privacy.json"),
-                 "--out", str(tmp_path / "pooled")]) == 0
-    joint = json.loads((tmp_path / "both" / "privacy.json").read_text())
-    pooled = json.loads((tmp_path / "pooled" / "privacy.json").read_text())
+    joint, pooled = studies_run_apart_and_pooled(tiny_scenario, tmp_path, "epsilons", "[inf, 2.0]",
+                                                 {"two": "[2.0]", "inf": "[inf]"})
     assert pooled["study"]["epsilons"] == ["inf", "2"] and pooled["study"]["seeds"] == joint["study"]["seeds"]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(pooled["utility"]) == strip(joint["utility"])
