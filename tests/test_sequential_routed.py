@@ -76,6 +76,21 @@ def test_routed_theta0_is_the_single_adapter_and_needs_the_catalogs():
         routed_family(encoder_layers=1)
 
 
+@pytest.mark.parametrize("unseen", ["none", "theta0"])
+def test_text_similarity_routed_theta0_scores_as_the_single_adapters(unseen):
+    """Every expert (and the frozen θ₀ expert) gets the same projection: the routed θ₀ scores as the mlp one."""
+    common = dict(n_experts=2, adapter_width=16, hidden=16, n_layers=1, n_heads=2, max_len=10, dropout=0.0,
+                  theta0_init="text_similarity")
+    routed = SequentialFamily(adapter="routed", routed_unseen=unseen, routed_unseen_quantile=0.3, **common)
+    single = SequentialFamily(adapter="mlp", **common)
+    raw = np.concatenate([blob(30, 0, seed=0), blob(30, 4, seed=1)])
+    feats = routed.item_features(raw)
+    theta0 = routed.initial_weights(2 * DIM, seed=3, catalog_features=[feats])
+    seqs = [np.array([1, 40, 2]), np.array([55])]
+    expected = single.scorer(single.initial_weights(DIM, seed=3), single.item_features(raw))(seqs)
+    np.testing.assert_allclose(routed.scorer(theta0, feats)(seqs), expected, atol=1e-5)
+
+
 def test_each_domain_trains_only_its_own_experts_so_task_arithmetic_at_one_keeps_both():
     family = routed_family(max_epochs=4)
     domains = {"A": cycle_domain(n_items=20, n_users=80, seed=0, name="A"),
