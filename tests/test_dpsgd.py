@@ -48,15 +48,19 @@ def loop_gradients(family, module, users, feats, generator):
     return [torch.stack([g[j] for g in out]) for j in range(len(params))], torch.tensor(losses)
 
 
-@pytest.mark.parametrize("adapter", ["linear", "mlp", "moe", "routed"])
+@pytest.mark.parametrize(("adapter", "last_item_bias"),
+                         [("linear", False), ("mlp", False), ("moe", False), ("routed", False), ("mlp", True),
+                          ("routed", True)])
 @pytest.mark.parametrize("n_negatives", [None, 6])
-def test_vectorized_per_user_gradients_equal_one_autograd_pass_per_user(domain, adapter, n_negatives):
+def test_vectorized_per_user_gradients_equal_one_autograd_pass_per_user(domain, adapter, last_item_bias, n_negatives):
     """torch.func per-user gradients (chunks of 4, users of 1-3 windows) = a per-user loop on ``_batch_loss``."""
     dim = 24 if adapter == "routed" else 12
     feats = torch.randn(domain.n_items, dim, generator=torch.Generator().manual_seed(0))
     family = tiny_family(adapter=adapter, n_experts=3, n_heads=2, max_len=4, n_negatives=n_negatives,
-                         routed_min_share=0.0)
+                         routed_min_share=0.0, last_item_bias=last_item_bias)
     theta0 = family.initial_weights(dim, seed=0, catalog_features=[feats] if adapter == "routed" else ())
+    if last_item_bias:
+        theta0["last_item_bias"] = torch.tensor(-1.5)  # a trained value: the offset then moves every loss
     module, feats, _ = family.training_module(theta0, domain, feats, seed=0)
     module.train()
     users = [training_windows([s], family.max_len) for s in domain.train][:9]

@@ -160,6 +160,19 @@ def sampled_softmax_loss(
     return F.cross_entropy(logits, labels, ignore_index=IGNORED)
 
 
+def sampled_last_item_bias(
+    module: TextSASRec, positive: torch.Tensor, negative: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
+    last: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`TextSASRec.with_last_item_bias` on a sampled softmax's scores: ``positive`` (P,) of ``targets`` and
+    ``negative`` (P, k) of the shared ``negatives`` get ``b`` where that item is the row's last input item ``last``."""
+    if module.last_item_bias is None:
+        return positive, negative
+    b = module.last_item_bias
+    return (positive + b * (targets == last).to(positive.dtype),
+            negative + b * (negatives.unsqueeze(0) == last.unsqueeze(1)).to(negative.dtype))
+
+
 def training_windows(seqs: Sequence[np.ndarray], max_len: int) -> list[np.ndarray]:
     """Cut each sequence from its end into windows of at most ``max_len + 1`` items that overlap by one item.
 
@@ -497,8 +510,11 @@ class TextSASRec(nn.Module):
         text_tower: TextTower | None = None,
         routed_unseen: str = "none",
         routed_mix_temperature: float = 0.05,
+        last_item_bias: bool = False,
     ) -> None:
         super().__init__()
+        # b of with_last_item_bias (a learned score offset of the user's most recent item), 0 at θ₀; absent when off
+        self.last_item_bias = nn.Parameter(torch.zeros(())) if last_item_bias else None
         if adapter == "moe":
             self.adapter: nn.Module = MoEAdapter(dim_in, hidden, n_experts, dropout)
         elif adapter == "routed":
@@ -577,9 +593,23 @@ class TextSASRec(nn.Module):
         """``cos(h_r, e_r) / τ`` row by row: the diagonal of :meth:`logits` for hidden states and items both (P, hidden)."""
         return ((F.normalize(hidden, dim=-1) / self.temperature) * F.normalize(items, dim=-1)).sum(-1)
 
+    def with_last_item_bias(self, logits: torch.Tensor, last_items: torch.Tensor) -> torch.Tensor:
+        """``s_i + b · [i = last item]``: ``logits`` (P, n) over the catalog, ``last_items`` (P,) each row's most
+        recent input item (a column of ``logits``). ``b`` is the learned ``last_item_bias`` (0 at θ₀); unchanged
+        logits without one.
+
+        Why: the last item's text is closest to itself, so a text-similarity model ranks it first for every user,
+        while whether users buy the item they just bought again is a property of the domain that its interactions
+        teach (Amazon Beauty and Toys: never, in the test targets; Pantry: 2.6 % of them).
+        """
+        if self.last_item_bias is None:
+            return logits
+        offset = self.last_item_bias * (last_items >= 0).to(logits.dtype)  # a PAD row (no item) gets none
+        return logits.scatter_add(-1, last_items.clamp(min=0).unsqueeze(-1), offset.unsqueeze(-1))
+
     def forward(self, seqs: torch.Tensor, item_features: torch.Tensor) -> torch.Tensor:
         items = self.item_representations(item_features)
-        return self.logits(self.encode(seqs, items, last_only=True)[:, -1], items)
+        return self.with_last_item_bias(self.logits(self.encode(seqs, items, last_only=True)[:, -1], items), seqs[:, -1])
 
 
 @dataclass
@@ -632,6 +662,9 @@ class SequentialFamily(ModelFamily):
     # residual branch and the position embeddings zeroed and one seeded semi-orthogonal whitening projection shared
     # by every adapter expert: θ₀ scores by the last item's text similarity; see text_similarity_init)
     theta0_init: str = "random"
+    # a learned score offset b of the user's most recent item, s_i + b·[i = last item] (0 at θ₀; see
+    # TextSASRec.with_last_item_bias): whether users re-buy what they just bought is learned from the interactions
+    last_item_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -782,11 +815,12 @@ class SequentialFamily(ModelFamily):
             text_tower=tower,
             routed_unseen=self.routed_unseen,
             routed_mix_temperature=self.routed_mix_temperature,
+            last_item_bias=self.last_item_bias,
         )
 
     def parameter_groups(self, names: Iterable[str]) -> dict[str, list[str]]:
-        """Groups ``adapter``, ``position``, ``block.<i>`` (one per Transformer block), ``final_norm`` and
-        ``text_tower.<i>`` (one per tuned text-encoder layer)."""
+        """Groups ``adapter``, ``position``, ``block.<i>`` (one per Transformer block), ``final_norm``,
+        ``text_tower.<i>`` (one per tuned text-encoder layer) and ``last_item_bias`` when the model has one."""
         groups: dict[str, list[str]] = {}
         for name in names:
             parts = name.split(".")
@@ -833,7 +867,8 @@ class SequentialFamily(ModelFamily):
             for start in range(0, len(seqs), batch_size):
                 rows = order[start : start + batch_size]
                 padded = pad_sequences([seqs[r] for r in rows], self.max_len).to(device)
-                out[rows] = module.logits(module.encode(padded, items, last_only=True)[:, -1], items).float().cpu().numpy()
+                logits = module.logits(module.encode(padded, items, last_only=True)[:, -1], items)
+                out[rows] = module.with_last_item_bias(logits, padded[:, -1]).float().cpu().numpy()
             return out
 
         return score
@@ -907,20 +942,22 @@ class SequentialFamily(ModelFamily):
         if self.n_negatives is None:
             items = module.adapter(text_of(slice(None)))
             hidden = module.encode(inputs, items)
-            targets = targets[:, -hidden.shape[1] :]
+            inputs, targets = inputs[:, -hidden.shape[1] :], targets[:, -hidden.shape[1] :]
             valid = targets != PAD
-            return F.cross_entropy(module.logits(hidden[valid], items), targets[valid])
+            logits = module.with_last_item_bias(module.logits(hidden[valid], items), inputs[valid])
+            return F.cross_entropy(logits, targets[valid])
         negatives, log_expected = drawn if drawn is not None else self._negatives(len(features), generator, proposal)
         negatives, log_expected = negatives.to(device), log_expected.to(device)
         rows = torch.unique(torch.cat([inputs[inputs != PAD], targets[targets != PAD], negatives]))
         items = module.adapter(text_of(rows))  # only these rows, in the order of `rows` (sorted)
         local_inputs = torch.where(inputs == PAD, PAD, torch.searchsorted(rows, inputs))
         hidden = module.encode(local_inputs, items)
-        targets = targets[:, -hidden.shape[1] :]
+        inputs, targets = inputs[:, -hidden.shape[1] :], targets[:, -hidden.shape[1] :]
         valid = targets != PAD
-        hidden, targets = hidden[valid], targets[valid]
+        hidden, targets, last = hidden[valid], targets[valid], inputs[valid]
         positive = module.paired_logits(hidden, items[torch.searchsorted(rows, targets)])
         negative = module.logits(hidden, items[torch.searchsorted(rows, negatives)])
+        positive, negative = sampled_last_item_bias(module, positive, negative, targets, negatives, last)
         return sampled_softmax_loss(positive, negative, log_expected, targets.unsqueeze(1) == negatives.unsqueeze(0))
 
     def micro_batches(self, windows: list[np.ndarray]) -> list[tuple[list[np.ndarray], float]]:
@@ -960,8 +997,9 @@ class SequentialFamily(ModelFamily):
         targets = windows[:, 1:].masked_fill(inputs == PAD, PAD)
         if negatives is None:
             items = adapter(module.text_embeddings(features))
-            logits = module.logits(module.encode(inputs, items, trim=False), items)
-            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD)
+            logits = module.logits(module.encode(inputs, items, trim=False), items).flatten(0, 1)
+            logits = module.with_last_item_bias(logits, inputs.flatten())
+            return F.cross_entropy(logits, targets.flatten(), ignore_index=PAD)
         if log_expected is None:
             raise ValueError("sampled negatives need their log_expected")
         slots = torch.arange(windows.numel(), device=windows.device).view(windows.shape)
@@ -970,6 +1008,7 @@ class SequentialFamily(ModelFamily):
         targets = targets.flatten()
         positive = module.paired_logits(hidden, items[slots[:, 1:].flatten()])
         negative = module.logits(hidden, items[windows.numel() :])
+        positive, negative = sampled_last_item_bias(module, positive, negative, targets, negatives, inputs.flatten())
         hits = targets.unsqueeze(1) == negatives.unsqueeze(0)
         return sampled_softmax_loss(positive, negative, log_expected, hits, valid=targets != PAD)
 
