@@ -56,7 +56,11 @@ given (feature width, seed), uses no interaction data (the routed adapter's rout
 keeps every client in the same basin-free starting point that task arithmetic measures its task vectors from (plus,
 with ``encoder_layers``, the pretrained text-encoder layers).
 A scenario can pretrain θ₀ on pseudo-users of the public catalogs (``theta0.pretrain``,
-:mod:`fedmerge.runners.pretrain`), still without any interaction data.
+:mod:`fedmerge.runners.pretrain`), still without any interaction data. ``theta0_init="text_similarity"`` starts
+from the same draws reshaped so that θ₀ *is* the last-item text-similarity recommender (:func:`text_similarity_init`).
+
+``last_item_bias=True`` adds a learned offset b of the user's most recent item to every score,
+``s_i + b·[i = last item]`` (:meth:`TextSASRec.with_last_item_bias`; 0 at θ₀), in scoring and in every loss.
 """
 
 from __future__ import annotations
