@@ -123,18 +123,19 @@ def test_text_similarity_theta0_trains_every_parameter_and_differs_by_seed():
 @pytest.mark.parametrize("n_negatives", [None, 8])
 def test_last_item_bias_offsets_only_the_last_items_score_and_is_learned(n_negatives):
     domain = cycle_domain(n_items=30, n_users=200, seed=0)  # the next item is never the last one
-    family = tiny_family(last_item_bias=True, n_negatives=n_negatives, max_epochs=3, theta0_init="text_similarity")
+    family = tiny_family(last_item_bias=True, n_negatives=n_negatives, max_epochs=3, theta0_init="text_similarity",
+                         temperature=0.5)
     feats = family.item_features(random_features(30, 1))
     theta0 = family.initial_weights(DIM, seed=0)
     assert float(theta0["last_item_bias"]) == 0.0
     assert family.parameter_groups(theta0)["last_item_bias"] == ["last_item_bias"]
     seqs = [np.array([4, 9, 2]), np.array([7])]
-    plain = tiny_family(theta0_init="text_similarity").scorer(
+    plain = tiny_family(theta0_init="text_similarity", temperature=0.5).scorer(
         {k: v for k, v in theta0.items() if k != "last_item_bias"}, feats)(seqs)
     shifted = {**theta0, "last_item_bias": torch.tensor(-2.0)}
     expected = plain.copy()
-    expected[0, 2] -= 2.0
-    expected[1, 7] -= 2.0
+    expected[0, 2] -= 2.0 / 0.5  # b in cosine units, divided by τ like the cosine
+    expected[1, 7] -= 2.0 / 0.5
     np.testing.assert_allclose(family.scorer(shifted, feats)(seqs), expected, atol=1e-5)
     module = family.load(shifted, DIM)  # the module's own forward (ModelFamily.scorer's path) agrees
     with torch.no_grad():
