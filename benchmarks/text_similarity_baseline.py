@@ -17,12 +17,12 @@ import argparse
 import numpy as np
 
 from fedmerge.config import apply_overrides, load_scenario
-from fedmerge.metrics import evaluate_scorer
+from fedmerge.metrics import Scorer, evaluate_scorer
 from fedmerge.models.sequential import SequentialFamily
 from fedmerge.runners.server import initial_weights
 
 
-def cosine_scorer(unit: np.ndarray, drop_last: bool):
+def cosine_scorer(unit: np.ndarray, drop_last: bool) -> Scorer:
     def score(seqs: list[np.ndarray]) -> np.ndarray:
         last = np.array([int(s[-1]) for s in seqs])
         out = unit[last] @ unit.T
@@ -44,11 +44,10 @@ def main() -> None:
         unit = z / np.linalg.norm(z, axis=1, keepdims=True)
         rows = {"cosine of the last item": cosine_scorer(unit, False),
                 "cosine, last item left out": cosine_scorer(unit, True)}
+        features = base.encoder.item_features(domain.catalog, base.model.make_family())  # the same for both inits
         for init in ("random", "text_similarity"):
             cfg = apply_overrides(base, [f'model.params.theta0_init="{init}"', "model.params.last_item_bias=false"])
-            family = cfg.model.make_family()
-            features = cfg.encoder.item_features(domain.catalog, family)
-            rows[f"θ₀, theta0_init={init}"] = family.scorer(initial_weights(cfg), features)
+            rows[f"θ₀, theta0_init={init}"] = cfg.model.make_family().scorer(initial_weights(cfg), features)
         for label, scorer in rows.items():
             m = evaluate_scorer(scorer, domain, "test")
             print(f"{name:8s} {label:32s} recall@10 {m['recall@10']:.4f}  ndcg@10 {m['ndcg@10']:.4f}", flush=True)
