@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -125,15 +126,21 @@ def user_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta:
 def user_noise_multiplier(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
 ) -> float:
-    """The smallest z (within opacus' ε tolerance 0.01) for which ``steps`` steps at rate q are (ε, δ)-DP."""
+    """The smallest z (within opacus' ε tolerance 0.01) for which ``steps`` steps at rate q are (ε, δ)-DP.
+
+    opacus' binary search warns ("optimal order is the largest alpha") on each small-z probe it then rejects; those
+    warnings are silenced here. :func:`user_epsilon` of the calibrated z (what a client reports) keeps the warning.
+    """
     from opacus.accountants.utils import get_noise_multiplier
 
     if not target_epsilon > 0:
         raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
     if math.isinf(target_epsilon):
         return 0.0
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=accountant))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                          steps=steps, accountant=accountant))
 
 
 class _WindowLoss(nn.Module):
