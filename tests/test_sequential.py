@@ -144,6 +144,26 @@ def test_last_item_bias_offsets_only_the_last_items_score_and_is_learned(n_negat
     assert float(weights["last_item_bias"]) < -0.01
 
 
+def test_last_item_bias_lr_trains_b_in_its_own_group_further_than_at_lr():
+    domain = cycle_domain(n_items=30, n_users=200, seed=0)  # the next item is never the last one: b should fall
+    feats = tiny_family().item_features(random_features(30, 1))
+
+    def trained(**params):
+        family = tiny_family(last_item_bias=True, max_epochs=2, patience=5, theta0_init="text_similarity",
+                             temperature=0.5, **params)
+        theta0 = family.initial_weights(DIM, seed=0)
+        return family, float(family.train(theta0, domain, feats, seed=0, progress=False)[0]["last_item_bias"])
+
+    family, at_lr = trained()
+    fast_family, fast = trained(last_item_bias_lr=0.05)
+    assert fast < at_lr < 0
+    groups = fast_family.optimizer(fast_family.load(fast_family.initial_weights(DIM, seed=0), DIM)).param_groups
+    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in groups][2] == (1, 0.05, 0.0)
+    assert len(family.optimizer(family.load(family.initial_weights(DIM, seed=0), DIM)).param_groups[2]["params"]) == 0
+    with pytest.raises(ValueError, match="last_item_bias_lr must be None or > 0 with last_item_bias = true"):
+        tiny_family(last_item_bias_lr=0.05)
+
+
 def test_sampled_softmax_with_moe_adapter_also_learns():
     domain = cycle_domain(n_items=30, n_users=200, seed=0)
     family = tiny_family(n_negatives=8, adapter="moe")

@@ -672,6 +672,9 @@ class SequentialFamily(ModelFamily):
     # a learned score offset b of the user's most recent item, (cos + b·[i = last item]) / τ (0 at θ₀; see
     # TextSASRec.with_last_item_bias): whether users re-buy what they just bought is learned from the interactions
     last_item_bias: bool = False
+    # b's own AdamW learning rate, without weight decay (None: b trains with the other weights at lr, decayed). b is
+    # one scalar that every training window moves the same way, so at lr it is still drifting after a few epochs.
+    last_item_bias_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -725,6 +728,9 @@ class SequentialFamily(ModelFamily):
         if self.adapter == "routed" and self.encoder_layers:
             raise ValueError("adapter='routed' with encoder_layers > 0 is not supported: the router reads cached "
                              "raw embeddings")
+        if self.last_item_bias_lr is not None and not (self.last_item_bias and self.last_item_bias_lr > 0):
+            raise ValueError(f"last_item_bias_lr must be None or > 0 with last_item_bias = true, got "
+                             f"{self.last_item_bias_lr} (last_item_bias = {self.last_item_bias})")
         if self.encoder_layers < 0 or self.text_max_length < 1 or not self.encoder_lr > 0:
             raise ValueError(f"need encoder_layers >= 0, text_max_length >= 1 and encoder_lr > 0, got "
                              f"{self.encoder_layers}, {self.text_max_length}, {self.encoder_lr}")
@@ -749,6 +755,19 @@ class SequentialFamily(ModelFamily):
     def trains_on_public_catalogs(self) -> bool:
         """With ``theta0_distill > 0`` :meth:`train` needs the other training domains' public catalog features."""
         return self.theta0_distill > 0
+
+    def optimizer(self, module: nn.Module) -> torch.optim.AdamW:
+        """AdamW over ``module``'s trainable parameters (local training and DP-SGD): the tuned text-encoder layers at
+        ``encoder_lr``, the last-item bias at ``last_item_bias_lr`` without weight decay when that is set, the rest
+        at ``lr`` with ``weight_decay``."""
+        groups: dict[str, list[nn.Parameter]] = {"rest": [], "tower": [], "bias": []}
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                own = name == "last_item_bias" and self.last_item_bias_lr is not None
+                groups["tower" if name.startswith("text_tower.") else "bias" if own else "rest"].append(p)
+        return torch.optim.AdamW([{"params": groups["rest"]}, {"params": groups["tower"], "lr": self.encoder_lr},
+                                  {"params": groups["bias"], "lr": self.last_item_bias_lr or self.lr,
+                                   "weight_decay": 0.0}], lr=self.lr, weight_decay=self.weight_decay)
 
     def initial_weights(self, dim: int, seed: int = 0, catalog_features: Sequence[torch.Tensor] = ()) -> StateDict:
         """The seeded initialization; with ``adapter="routed"`` its router is :func:`catalog_clusters` of the raw
@@ -1089,10 +1108,7 @@ class SequentialFamily(ModelFamily):
         sampler = torch.Generator().manual_seed(seed)
         proposal = self.negative_proposal(domain)
         anchor = {n: p.detach().clone() for n, p in module.named_parameters()} if self.proximal_mu else {}  # θ₀
-        tower = [p for n, p in module.named_parameters() if n.startswith("text_tower.") and p.requires_grad]
-        rest = [p for n, p in module.named_parameters() if not n.startswith("text_tower.") and p.requires_grad]
-        optimizer = torch.optim.AdamW([{"params": rest}, {"params": tower, "lr": self.encoder_lr}],
-                                      lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = self.optimizer(module)
 
         start, cpu_start = time.perf_counter(), time.process_time()
         best_ndcg, best_epoch, best_weights = -math.inf, 0, copy.deepcopy(theta0)

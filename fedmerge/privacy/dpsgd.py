@@ -266,7 +266,7 @@ def train_user_level(
     sampler = UniformWithReplacementSampler(num_samples=len(users), sample_rate=settings.sample_rate,
                                             generator=torch.Generator().manual_seed(secret), steps=settings.steps)
     optimizer = DPOptimizer(
-        torch.optim.AdamW(params, lr=family.lr, weight_decay=family.weight_decay),
+        family.optimizer(module),
         noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
         expected_batch_size=max(1, round(settings.sample_rate * len(users))),
         generator=torch.Generator().manual_seed(secret + 1), secure_mode=secure_mode,
