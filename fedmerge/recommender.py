@@ -224,12 +224,31 @@ class LoadedRecommender:
                         for i in order if np.isfinite(scores[row, i])])
         return out
 
+    @property
+    def local_domains(self) -> list[str]:
+        """The domains whose own local parameters the card holds (:mod:`fedmerge.merging.local_parameters`)."""
+        return sorted(self.card.get("local_parameters", {}))
+
+    def for_domain(self, name: str) -> LoadedRecommender:
+        """This model as domain ``name`` serves it: with that domain's own local parameters from the card
+        (``merge.local_parameters``); the model itself when the card has none for ``name`` (a domain that was not
+        merged uses the shared values already in the weights)."""
+        from fedmerge.merging.local_parameters import from_card, with_values
+
+        values = self.card.get("local_parameters", {}).get(name)
+        if values is None:
+            return self
+        return LoadedRecommender(self.path, self.card, self.family, with_values(self.weights, from_card(values, self.weights)),
+                                 self.encoder, self.cache_dir)
+
     def evaluate(self, domain: Domain, split: str = "test", ks: Sequence[int] | None = None) -> dict[str, float]:
         """Full-ranking Recall@K/NDCG@K, masked and unmasked, on ``domain``'s ``split`` users
-        (:func:`fedmerge.metrics.evaluate_scorer`; every K of :data:`~fedmerge.metrics.DEFAULT_KS` by default)."""
+        (:func:`fedmerge.metrics.evaluate_scorer`; every K of :data:`~fedmerge.metrics.DEFAULT_KS` by default), with
+        the domain's own local parameters when the card has them (:meth:`for_domain`), as the run evaluated it."""
         from fedmerge.metrics import DEFAULT_KS, evaluate_scorer
 
-        return evaluate_scorer(self._scorer(domain.catalog), domain, split, ks=tuple(ks or DEFAULT_KS),
+        model = self.for_domain(domain.name)
+        return evaluate_scorer(model._scorer(domain.catalog), domain, split, ks=tuple(ks or DEFAULT_KS),
                                max_len=self.family.max_len)
 
 

@@ -181,6 +181,7 @@ class MergeSettings:
     params: dict[str, dict[str, Any]]
     mergerec: dict[str, Any]
     testtime: TesttimeSettings
+    local_parameters: tuple[str, ...]
 
 
 @dataclass(frozen=True)

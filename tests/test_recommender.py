@@ -214,3 +214,45 @@ def test_recommend_on_a_real_amazon_catalog(run, amazon_dir, capsys):
                  str(source), "--cache-dir", cfg.encoder.cache_dir, "--history", ",".join(history), "--json"]) == 0
     recs = json.loads(capsys.readouterr().out)["recommendations"]
     assert len(recs) == 10 and all(r["item"] in catalog.ids and r["item"] not in history for r in recs)
+
+
+def test_local_parameters_each_domain_serves_merges_with_its_own_last_item_bias(tmp_path, monkeypatch):
+    """merge.local_parameters: every shared model carries the clients' mean b (for a held-out domain), each training
+    domain evaluates it with its own b, the card keeps every domain's b and `evaluate` reproduces the run's metrics."""
+    cfg = load_scenario("quickstart", [
+        *TINY, 'merge.methods=["ties", "task_arithmetic"]', "model.params.last_item_bias=true",
+        "model.params.last_item_bias_lr=0.05", "model.params.max_epochs=2", 'data.held_out=["synth-2"]',
+        'merge.local_parameters=["last_item_bias"]', "baselines.joint=false", f"encoder.cache_dir={tmp_path / 'c'}"])
+    import fedmerge.runners.client as client_module
+
+    received: dict[tuple[str, str], float] = {}  # (domain, model) -> b of the weights the server sent it
+    evaluate = client_module.client_evaluate
+
+    def recording(domain, models, *args, **kwargs):
+        received.update({(domain.name, name): float(w["last_item_bias"]) for name, w in models.items()})
+        return evaluate(domain, models, *args, **kwargs)
+
+    monkeypatch.setattr(client_module, "client_evaluate", recording)
+    results = run_inprocess(cfg, tmp_path / "run")
+    own = {d: load_recommender(tmp_path / "run" / "clients" / f"{d}.safetensors", cache_dir=cfg.encoder.cache_dir)
+           .weights["last_item_bias"] for d in ("synth-0", "synth-1")}
+    assert own["synth-0"] != own["synth-1"]
+    mean = (own["synth-0"].double() + own["synth-1"].double()) / 2
+    assert results["merge_report"]["local_parameters"]["shared"] == {"last_item_bias": pytest.approx(float(mean))}
+    for name in ("ties", "task_arithmetic", "fedavg"):  # TIES alone would trim b to zero, FedAvg weights by users
+        model = load_recommender(tmp_path / "run" / "models" / f"{name}.safetensors", cache_dir=cfg.encoder.cache_dir)
+        assert model.local_domains == ["synth-0", "synth-1"]
+        kept = {d: model.for_domain(d).weights["last_item_bias"] for d in own}  # FedAvg: the last round's updates
+        assert float(model.weights["last_item_bias"]) == pytest.approx(float(sum(kept.values()) / 2), abs=1e-6)
+        assert model.for_domain("synth-2") is model  # the held-out domain has no own b: the shared one
+        for d in ("synth-0", "synth-1", "synth-2"):
+            sent = model.for_domain(d).weights["last_item_bias"]
+            assert received[(d, name if name != "fedavg" else "fedavg_round1")] == float(sent)
+        if name != "fedavg":
+            assert kept == own and float(model.weights["last_item_bias"]) == pytest.approx(float(mean), abs=1e-6)
+        for d in ("synth-0", "synth-1", "synth-2"):
+            metrics = model.evaluate(cfg.load_domain(d))
+            assert {k: metrics[k] for k in results["models"][name][d]} == results["models"][name][d]
+    bad = load_scenario("quickstart", [*TINY, 'merge.local_parameters=["last_item_bias"]'])
+    with pytest.raises(FedmergeError, match="merge.local_parameters names \\['last_item_bias'\\], which are not weights"):
+        run_inprocess(bad, tmp_path / "bad")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fedmerge.data.domain import ItemCatalog
 from fedmerge.errors import FedmergeError
 from fedmerge.memory import release_freed_memory
+from fedmerge.merging.local_parameters import card_values, check_local_parameters, shared_values, with_values
 from fedmerge.merging.testtime import TESTTIME_METHOD
 from fedmerge.models import StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
@@ -315,6 +316,8 @@ class Federation:
         self.oneshot_bytes = 0
         self.saved_models: dict[str, Path] = {}  # model name -> weight file (with its card), see save_model
         self._card: dict[str, Any] | None = None
+        self.local_names = list(cfg.merge.local_parameters)  # fedmerge.merging.local_parameters
+        check_local_parameters(self.local_names, theta0)
 
     # ---- saved models -----------------------------------------------------------------------------------------
     def save_model(
@@ -531,7 +534,16 @@ class Federation:
                 new = merge(rule, start, dict(sorted(updates.items())), **self.cfg.merge.params.get(rule, {}))
             except ValueError as exc:
                 raise FedmergeError(f"federation.fedavg_aggregation: {rule}: {exc}") from exc
-        return {**new, **{n: self.theta0[n] for n in self.cfg.model.make_family().fixed_parameters(self.theta0)}}
+        new = {**new, **{n: self.theta0[n] for n in self.cfg.model.make_family().fixed_parameters(self.theta0)}}
+        return with_values(new, shared_values(updates, self.local_names)) if self.local_names else new
+
+    def local_values(self, updates: Mapping[str, StateDict]) -> dict[str, dict[str, torch.Tensor]]:
+        """Each domain's own values of ``merge.local_parameters`` in its update (empty without local parameters)."""
+        return {d: {n: w[n] for n in self.local_names} for d, w in updates.items()} if self.local_names else {}
+
+    def served(self, weights: StateDict, domain: str, own: Mapping[str, Mapping[str, torch.Tensor]]) -> StateDict:
+        """A shared model as ``domain`` evaluates it: with its own local parameters where it has them."""
+        return with_values(weights, own[domain]) if domain in own else weights
 
     def collect_oneshot(self, transport: Transport) -> dict[str, StateDict]:
         """One-shot training from θ₀; each accepted update is checked and saved (atomically) as soon as it arrives."""
@@ -624,13 +636,22 @@ class Federation:
         merged, self.merge_report = merge_replies(self.theta0, individual, catalogs, self.cfg)
         release_freed_memory()  # MergeRec's teachers and pseudo-user batches, before evaluation and FedAvg
         self.timings["merging"] = time.perf_counter() - start
+        own = self.local_values(individual)
+        local_card = {"local_parameters": card_values(own)} if own else {}
+        if own:  # a domain without its own values (held out, new) gets the clients' mean, whatever the method
+            common = shared_values(individual, self.local_names)
+            merged = {method: with_values(weights, common) for method, weights in merged.items()}
+            self.merge_report["local_parameters"] = {"names": self.local_names,
+                                                     "shared": {n: v.tolist() for n, v in common.items()}, **local_card}
         for method, weights in merged.items():
-            self.save_merged(method, weights)
+            self.save_merged(method, weights, local_card)
         start = time.perf_counter()
         testtime, testtime_report = testtime_merges(self.theta0, individual, self.cfg)
         if testtime_report:
             self.merge_report[TESTTIME_METHOD] = testtime_report
             self.timings["testtime_merging"] = time.perf_counter() - start
+        if own:
+            testtime = {h: with_values(weights, common) for h, weights in testtime.items()}
         for h, weights in testtime.items():
             self.save_model(TESTTIME_PREFIX + h, weights, TESTTIME_METHOD, self.merge_report["domains"],
                             params=testtime_report[h]["config"], held_out_domain=h,
@@ -641,7 +662,7 @@ class Federation:
         shared = {**merged, **self.extra_models}
         if baselines.theta0:
             shared["theta0"] = self.theta0
-        models_for = {d: dict(shared) for d in self.domains}
+        models_for = {d: {**shared, **{m: self.served(w, d, own) for m, w in merged.items()}} for d in self.domains}
         for h, weights in testtime.items():
             models_for[h][TESTTIME_METHOD] = weights
         if baselines.individual:  # each held-out domain gets every training domain's model, zero-shot
@@ -665,13 +686,15 @@ class Federation:
             self.record_left_out(updates, f"FedAvg round {r}", prefix=f"fedavg_round{r}:")
             self.fedavg_train_metrics.append(round_metrics)
             global_weights = self.aggregate_round(global_weights, updates, shares)
-            self.evaluate(transport, {d: {f"fedavg_round{r}": global_weights} for d in self.domains})
+            own = self.local_values(updates)
+            self.evaluate(transport, {d: {f"fedavg_round{r}": self.served(global_weights, d, own)} for d in self.domains})
             round_avg = average_metrics(self.models[f"fedavg_round{r}"], self.train_domains)
             self.fedavg_curve.append({"round": r, "bytes": fedavg_bytes, **round_avg})
             phases.update()
         if self.fedavg_curve:
             self.save_model("fedavg", global_weights, "fedavg", self.train_domains,
-                            params=self.cfg.baselines.fedavg_local_params, rounds=len(self.fedavg_curve))
+                            params=self.cfg.baselines.fedavg_local_params, rounds=len(self.fedavg_curve),
+                            **({"local_parameters": card_values(own)} if own else {}))
             self.models["fedavg"] = self.models.pop(f"fedavg_round{len(self.fedavg_curve)}")
             for r in range(1, len(self.fedavg_curve)):
                 self.models.pop(f"fedavg_round{r}", None)
@@ -684,14 +707,15 @@ class Federation:
         """Bytes exchanged so far, all clients, both directions."""
         return sum(b["sent"] + b["received"] for b in self.bytes.values())
 
-    def save_merged(self, method: str, weights: StateDict) -> None:
-        """Save one merge with its method parameters (MergeRec: its learned coefficients and configuration)."""
+    def save_merged(self, method: str, weights: StateDict, card: Mapping[str, Any] | None = None) -> None:
+        """Save one merge with its method parameters (MergeRec: its learned coefficients and configuration) and
+        ``card``'s extra fields (each domain's local parameters)."""
         report = self.merge_report.get(method)
         extra = {} if not isinstance(report, Mapping) else {"mergerec": {
             "coefficients": report["coefficients"], "config": report["config"],
             "chosen_start": report.get("chosen_start")}}
         params = report["config"] if extra else self.cfg.merge.params.get(method, {})
-        self.save_model(method, weights, method, self.merge_report["domains"], params=params, **extra)
+        self.save_model(method, weights, method, self.merge_report["domains"], params=params, **extra, **(card or {}))
 
     def results(self) -> dict[str, Any]:
         """Per-model per-domain metrics with averages over the training domains, bytes, timings and diagnostics."""

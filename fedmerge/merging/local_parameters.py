@@ -1,0 +1,77 @@
+"""Local parameters: weights that describe a domain's users rather than its items, kept per domain.
+
+``merge.local_parameters`` names such weights (today: the sequential family's ``last_item_bias``, how much a domain's
+users avoid the item they just bought: Amazon Beauty b ≈ −0.5, Pantry ≈ 0, where 2.6 % of next items repeat the
+last one). Every merge averages or trims them like any weight, which dilutes each domain's value towards the others'
+(task arithmetic gave Beauty b = −0.045 from its own −0.12). As FedBN (Li et al., ICLR 2021) keeps batch-norm
+statistics and FedPer (Arivazhagan et al. 2019) a personal head, a domain serving a shared model here keeps its own
+values of them:
+
+- every shared model (each merge, the test-time merges, FedAvg's rounds) carries, for a domain that has no value
+  of its own (a held-out or a new domain), the unweighted mean of the accepted clients' values
+  (:func:`shared_values`), instead of the method's rule;
+- when a training domain evaluates a shared model, the server sends it with that domain's own values, taken from
+  the domain's own accepted update (:func:`with_values`): the server already holds every θ_d, and each client gets
+  back only its own values;
+- the saved model's card lists every domain's values (``local_parameters``), and
+  :meth:`fedmerge.recommender.LoadedRecommender.for_domain` / ``evaluate`` apply them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedmerge.errors import FedmergeError
+from fedmerge.models.base import StateDict
+
+# Cards list every domain's values: local parameters are meant to be a few numbers per domain, not a layer.
+MAX_LOCAL_VALUES = 1024
+
+
+def check_local_parameters(names: Sequence[str], theta0: StateDict) -> None:
+    """Refuse names that are not weights of θ₀, or local parameters of more than :data:`MAX_LOCAL_VALUES` values."""
+    unknown = [n for n in names if n not in theta0]
+    if unknown:
+        small = sorted(k for k, v in theta0.items() if v.numel() <= MAX_LOCAL_VALUES)
+        raise FedmergeError(f"merge.local_parameters names {unknown}, which are not weights of this model's θ₀; "
+                            f"its weights of at most {MAX_LOCAL_VALUES} values: {small}")
+    size = sum(theta0[n].numel() for n in names)
+    if size > MAX_LOCAL_VALUES:
+        raise FedmergeError(f"merge.local_parameters {list(names)} hold {size} values; at most {MAX_LOCAL_VALUES} "
+                            "(every domain's values are written into each saved model's card)")
+
+
+def shared_values(updates: Mapping[str, StateDict], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The value of each local parameter for a domain without its own: the unweighted mean over ``updates``."""
+    if not updates:
+        raise ValueError("shared_values needs at least one update")
+    return {n: torch.stack([u[n].double() for u in updates.values()]).mean(0).to(next(iter(updates.values()))[n].dtype)
+            for n in names}
+
+
+def with_values(weights: StateDict, values: Mapping[str, torch.Tensor]) -> StateDict:
+    """A copy of ``weights`` whose local parameters are ``values`` (the other tensors shared, not copied)."""
+    out = dict(weights)
+    for name, value in values.items():
+        if tuple(value.shape) != tuple(weights[name].shape):
+            raise FedmergeError(f"local parameter {name!r}: value of shape {tuple(value.shape)}, the model's is "
+                                f"{tuple(weights[name].shape)}")
+        out[name] = value.to(weights[name].dtype).clone()
+    return out
+
+
+def card_values(per_domain: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, dict[str, list[float] | float]]:
+    """Each domain's local parameters as a model card records them (a scalar as a number, a tensor as nested lists)."""
+    return {d: {n: v.tolist() for n, v in values.items()} for d, values in per_domain.items()}
+
+
+def from_card(values: Mapping[str, object], weights: StateDict) -> dict[str, torch.Tensor]:
+    """One domain's card entry as tensors shaped and typed like ``weights``' (refused when a name or shape differs)."""
+    out = {}
+    for name, value in values.items():
+        if name not in weights:
+            raise FedmergeError(f"the card's local parameter {name!r} is not a weight of the model")
+        out[name] = torch.tensor(value, dtype=weights[name].dtype)
+    return out
