@@ -8,8 +8,9 @@ statistics and FedPer (Arivazhagan et al. 2019) a personal head, a domain servin
 values of them:
 
 - every shared model (each merge, the test-time merges, FedAvg's rounds) carries, for a domain that has no value
-  of its own (a held-out or a new domain), the unweighted mean of the accepted clients' values
-  (:func:`shared_values`), instead of the method's rule;
+  of its own (a held-out or a new domain), the element-wise median of the accepted clients' values (the mean of
+  the two middle ones for an even count: with two clients, their mean; :func:`shared_values`), instead of the
+  method's rule, so that one client's extreme value cannot set what every new domain gets;
 - when a training domain evaluates a shared model, the server sends it with that domain's own values, taken from
   the domain's own accepted update (:func:`with_values`): the server already holds every θ_d, and each client gets
   back only its own values;
@@ -44,10 +45,12 @@ def check_local_parameters(names: Sequence[str], theta0: StateDict) -> None:
 
 
 def shared_values(updates: Mapping[str, StateDict], names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The value of each local parameter for a domain without its own: the unweighted mean over ``updates``."""
+    """The value of each local parameter for a domain without its own: the element-wise median over ``updates``
+    (interpolated: the mean of the two middle values for an even number of clients)."""
     if not updates:
         raise ValueError("shared_values needs at least one update")
-    return {n: torch.stack([u[n].double() for u in updates.values()]).mean(0).to(next(iter(updates.values()))[n].dtype)
+    first = next(iter(updates.values()))
+    return {n: torch.quantile(torch.stack([u[n].double() for u in updates.values()]), 0.5, dim=0).to(first[n].dtype)
             for n in names}
 
 

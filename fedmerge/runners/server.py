@@ -638,7 +638,7 @@ class Federation:
         self.timings["merging"] = time.perf_counter() - start
         own = self.local_values(individual)
         local_card = {"local_parameters": card_values(own)} if own else {}
-        if own:  # a domain without its own values (held out, new) gets the clients' mean, whatever the method
+        if own:  # a domain without its own values (held out, new) gets the clients' median, whatever the method
             common = shared_values(individual, self.local_names)
             merged = {method: with_values(weights, common) for method, weights in merged.items()}
             self.merge_report["local_parameters"] = {"names": self.local_names,
