@@ -238,8 +238,17 @@ class LoadedRecommender:
         values = self.card.get("local_parameters", {}).get(name)
         if values is None:
             return self
-        return LoadedRecommender(self.path, self.card, self.family, with_values(self.weights, from_card(values, self.weights)),
+        card = {**self.card, "local_parameters": {}, "served_as": name}  # fixed now: evaluate applies nothing more
+        return LoadedRecommender(self.path, card, self.family, with_values(self.weights, from_card(values, self.weights)),
                                  self.encoder, self.cache_dir)
+
+    def served_as(self, name: str) -> LoadedRecommender:
+        """:meth:`for_domain`, refused (listing the card's domains) when the card holds no local parameters of
+        ``name``: the explicit choice of the CLI's ``--as-domain``."""
+        if name not in self.local_domains:
+            raise FedmergeError(f"model {self.path} holds no local parameters of domain {name!r}; its card has them "
+                                f"for {self.local_domains or 'no domain (merge.local_parameters was empty)'}")
+        return self.for_domain(name)
 
     def evaluate(self, domain: Domain, split: str = "test", ks: Sequence[int] | None = None) -> dict[str, float]:
         """Full-ranking Recall@K/NDCG@K, masked and unmasked, on ``domain``'s ``split`` users

@@ -216,7 +216,7 @@ def test_recommend_on_a_real_amazon_catalog(run, amazon_dir, capsys):
     assert len(recs) == 10 and all(r["item"] in catalog.ids and r["item"] not in history for r in recs)
 
 
-def test_local_parameters_each_domain_serves_merges_with_its_own_last_item_bias(tmp_path, monkeypatch):
+def test_local_parameters_each_domain_serves_merges_with_its_own_last_item_bias(tmp_path, monkeypatch, capsys):
     """merge.local_parameters: every shared model carries the clients' mean b (for a held-out domain), each training
     domain evaluates it with its own b, the card keeps every domain's b and `evaluate` reproduces the run's metrics."""
     cfg = load_scenario("quickstart", [
@@ -253,6 +253,16 @@ def test_local_parameters_each_domain_serves_merges_with_its_own_last_item_bias(
         for d in ("synth-0", "synth-1", "synth-2"):
             metrics = model.evaluate(cfg.load_domain(d))
             assert {k: metrics[k] for k in results["models"][name][d]} == results["models"][name][d]
+    # a domain folder under another name: --as-domain picks the card's values, as the run served that domain
+    folder = save_generic_domain(cfg.load_domain("synth-0"), tmp_path / "renamed")
+    args = ["evaluate", "--model", str(tmp_path / "run" / "models" / "ties.safetensors"), "--data", str(folder),
+            "--cache-dir", cfg.encoder.cache_dir, "--json"]
+    assert main([*args, "--as-domain", "synth-0"]) == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    assert {k: metrics[k] for k in results["models"]["ties"]["synth-0"]} == results["models"]["ties"]["synth-0"]
+    assert main([*args, "--as-domain", "synth-2"]) == 1
+    assert "holds no local parameters of domain 'synth-2'; its card has them for ['synth-0', 'synth-1']" in \
+        capsys.readouterr().err
     bad = load_scenario("quickstart", [*TINY, 'merge.local_parameters=["last_item_bias"]'])
     with pytest.raises(FedmergeError, match="merge.local_parameters names \\['last_item_bias'\\], which are not weights"):
         run_inprocess(bad, tmp_path / "bad")

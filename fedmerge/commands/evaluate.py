@@ -28,6 +28,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from fedmerge.recommender import load_recommender
 
     model = load_recommender(args.model, cache_dir=args.cache_dir)
+    if args.as_domain:
+        model = model.served_as(args.as_domain)
     domain = load_domain(args.data)
     metrics = model.evaluate(domain, split=args.split)
     if args.json:

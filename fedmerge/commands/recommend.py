@@ -38,6 +38,10 @@ def add_saved_model_options(parser: argparse.ArgumentParser) -> None:
     """``--model`` and ``--cache-dir``: the options of every command that loads a saved model."""
     parser.add_argument("--model", type=Path, required=True, help="saved model (.safetensors with its .json card)")
     parser.add_argument("--cache-dir", default="", help="embedding cache folder (default: the default cache)")
+    parser.add_argument("--as-domain", default="", metavar="NAME",
+                        help="serve the model as training domain NAME does, with its own local parameters from the "
+                        "card (merge.local_parameters); evaluate defaults to the data's domain name, recommend to "
+                        "the shared values")
 
 
 def parse_history(line: str, texts: bool, where: str) -> list[str]:
@@ -66,6 +70,8 @@ def run_recommend(args: argparse.Namespace) -> int:
     from fedmerge.recommender import load_recommender
 
     model = load_recommender(args.model, cache_dir=args.cache_dir)
+    if args.as_domain:
+        model = model.served_as(args.as_domain)
     catalog = load_catalog(args.catalog)
     options: dict[str, Any] = {"k": args.k, "catalog": catalog, "texts": args.texts,
                                "exclude_history": not args.include_history}
