@@ -41,7 +41,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # method "mergerec_testtime" (held-out domains only): teacher of the new catalog's pseudo-users ("theta0" or
         # a training domain), whether the seen domains' pseudo-users stay in the objective, coefficient granularity
         "testtime": {"teacher": "theta0", "include_seen": True, "granularity": "layer"},
-        # weights each training domain keeps its own value of when it serves a shared model (their mean for other
+        # weights each training domain keeps its own value of when it serves a shared model (their median for other
         # domains), e.g. ["last_item_bias"]: fedmerge/merging/local_parameters.py
         "local_parameters": [],
     },

@@ -71,7 +71,8 @@ def card_values(per_domain: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[st
 
 
 def from_card(values: Mapping[str, object], weights: StateDict) -> dict[str, torch.Tensor]:
-    """One domain's card entry as tensors shaped and typed like ``weights``' (refused when a name or shape differs)."""
+    """One domain's card entry as tensors typed like ``weights``' (refused when a name is not a weight of the model;
+    :func:`with_values` refuses a shape that differs)."""
     out = {}
     for name, value in values.items():
         if name not in weights:
