@@ -566,6 +566,19 @@ def test_studies_of_other_epsilons_pooled_equal_one_study_over_the_union(tiny_sc
     assert (tmp_path / "pooled" / "privacy.md").read_text() == (tmp_path / "both" / "privacy.md").read_text()
 
 
+def test_studies_of_other_units_pooled_equal_one_study_over_both(tiny_scenario, tmp_path):
+    """Unit "user" and unit "domain" run as two studies over the same seeds and ε and pooled (user first) give the
+    cells, values and table of one study over both units (units in the canonical order, ε = ∞ shared)."""
+    joint, pooled = studies_run_apart_and_pooled(tiny_scenario, tmp_path, "units", '["domain", "user"]',
+                                                 {"user": '["user"]', "domain": '["domain"]'})
+    assert pooled["study"]["units"] == ["domain", "user"] == joint["study"]["units"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert [(r["unit"], r["epsilon"]) for r in pooled["utility"]] == [("none", "inf"), ("domain", "2"), ("user", "2")]
+    assert strip(pooled["utility"]) == strip(joint["utility"])
+    assert pooled["probe"] == joint["probe"]
+    assert (tmp_path / "pooled" / "privacy.md").read_text() == (tmp_path / "both" / "privacy.md").read_text()
+
+
 def test_pooling_refuses_what_is_not_one_study():
     from fedmerge.errors import FedmergeError
     from fedmerge.privacy.study import pool_studies
@@ -595,3 +608,12 @@ def test_pooling_refuses_what_is_not_one_study():
     one["probe"]["theta0"], other["probe"]["theta0"] = {"loss": {"auc": {"mean": 0.6}}}, {"loss": {"auc": {"mean": 0.7}}}
     with pytest.raises(FedmergeError, match="differ in the θ₀ control"):
         pool_studies([one, other], ["a", "b"])
+    # other units over the same seeds: refused when the combined grid (units × ε) has a cell nobody ran
+    user8, domain4 = study([0], epsilons=("inf", "8")), study([0], epsilons=("4",))
+    user8["study"]["units"], domain4["study"]["units"] = ["user"], ["domain"]
+    user8["utility"].append({**user8["utility"][0], "unit": "user", "epsilon": "8"})
+    user8["probe"]["rows"].append({**user8["probe"]["rows"][0], "unit": "user", "epsilon": "8"})
+    for section in (domain4["utility"], domain4["probe"]["rows"]):
+        section[0] = {**section[0], "unit": "domain", "epsilon": "4"}
+    with pytest.raises(FedmergeError, match=r"cells \[\('domain', '8'\), \('user', '4'\)\] of the combined grid"):
+        pool_studies([user8, domain4], ["a", "b"])

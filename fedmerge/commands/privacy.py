@@ -1,4 +1,4 @@
-"""``fedmerge privacy run`` / ``pool``: parse the arguments and run (or pool the seeds or ε of) the privacy study of
+"""``fedmerge privacy run`` / ``pool``: parse the arguments and run (or pool the seeds, ε or units of) the privacy study of
 :mod:`fedmerge.privacy.study`."""
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.set_defaults(func=run_privacy)
     pool = actions.add_parser("pool", help="one study from several runs of the same study, run apart (e.g. on "
                                            "separate machines): over disjoint seeds (intervals over all seeds), "
-                                           "or over the same seeds and other ε (the union of the cells)")
+                                           "or over the same seeds and other ε or units (the union of the cells)")
     pool.add_argument("studies", nargs="+", type=Path, metavar="PRIVACY_JSON",
                       help="privacy.json of each study (same settings and scenario; disjoint seeds, or the same "
-                           "seeds and other epsilons)")
+                           "seeds and other epsilons or units)")
     pool.add_argument("--out", type=Path, required=True, help="folder for the pooled privacy.json, .md and .png")
     pool.set_defaults(func=pool_privacy)
 

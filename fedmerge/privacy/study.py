@@ -382,8 +382,9 @@ def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) ->
 
     - over **disjoint seeds** of the same grid (same cells with the same noise multipliers, same attacks): the
       intervals are recomputed from the per-seed values; or
-    - over **the same seeds** and different ε (:func:`_union_of_cells`): each (unit, ε) cell taken from the study
-      that ran it; a cell (e.g. ε = ∞) that several ran must be identical in each.
+    - over **the same seeds** and different ε and/or units (:func:`_union_of_cells`): each (unit, ε) cell taken
+      from the study that ran it; a cell (e.g. ε = ∞) that several ran must be identical in each, and together they
+      must cover every cell of the combined grid (units × ε).
 
     Either way the studies must agree on every other setting and on the scenario, and the result is exactly what one
     study over the whole grid reports (each seed's cells depend only on that seed and cell)."""
@@ -394,14 +395,14 @@ def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) ->
         raise FedmergeError(f"{missing}: not a finished privacy study (no utility or probe section)")
     first, first_label = studies[0], labels[0]
     same_seeds = all(st["study"]["seeds"] == first["study"]["seeds"] for st in studies)
-    free = "epsilons" if same_seeds else "seeds"
-    settings = {k: v for k, v in first["study"].items() if k != free}
+    free = ("epsilons", "units") if same_seeds else ("seeds",)
+    settings = {k: v for k, v in first["study"].items() if k not in free}
     for label, st in zip(labels, studies):
-        other = {k: v for k, v in st["study"].items() if k != free}
+        other = {k: v for k, v in st["study"].items() if k not in free}
         differ = sorted(k for k in set(settings) | set(other) if settings.get(k) != other.get(k))
         if differ:
             raise FedmergeError(f"{label} and {first_label} differ in study settings {differ} (pooling combines "
-                                "disjoint seeds of one grid, or other ε over the same seeds): not one study")
+                                "disjoint seeds of one grid, or other ε / units over the same seeds): not one study")
         if st.get("scenario") != first.get("scenario") or st.get("releases_per_client") != first.get("releases_per_client"):
             raise FedmergeError(f"{label} and {first_label} ran different scenarios: not one study")
     if same_seeds:
@@ -437,7 +438,8 @@ def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) ->
 
 def _union_of_cells(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
     """:func:`pool_studies` of studies over the same seeds (settings already checked): the union of their cells in
-    :func:`cells` order; a cell in several studies, and the probe's set-up and θ₀ control, must be identical."""
+    :func:`cells` order (units in :data:`fedmerge.privacy.client.UNITS` order); a cell in several studies, and the
+    probe's set-up and θ₀ control, must be identical."""
     def without_time(row: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in row.items() if k != "seconds"}
 
@@ -463,7 +465,10 @@ def _union_of_cells(studies: Sequence[Mapping[str, Any]], labels: Sequence[str])
         controls = controls or control
     epsilons = sorted({e for st in studies for e in st["study"]["epsilons"]},
                       key=lambda e: -math.inf if e == "inf" else -float(e))
-    study = {**studies[0]["study"], "epsilons": epsilons}
+    from fedmerge.privacy.client import UNITS
+
+    units = [u for u in UNITS if any(u in st["study"].get("units", ()) for st in studies)]
+    study = {**studies[0]["study"], "epsilons": epsilons, "units": units}
     order = [(unit, epsilon_label(eps)) for unit, eps in cells(settings_from_mapping(study))]
     utility, attacks = union("utility", lambda st: st["utility"]), union("attack", lambda st: st["probe"]["rows"])
     absent = [key for key in order if key not in utility or key not in attacks]
