@@ -438,8 +438,8 @@ def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) ->
 
 def _union_of_cells(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
     """:func:`pool_studies` of studies over the same seeds (settings already checked): the union of their cells in
-    :func:`cells` order (units in :data:`fedmerge.privacy.client.UNITS` order); a cell in several studies, and the
-    probe's set-up and θ₀ control, must be identical."""
+    :func:`cells` order (units as the studies list them, in :data:`fedmerge.privacy.client.UNITS` order when they
+    differ); a cell in several studies, and the probe's set-up and θ₀ control, must be identical."""
     def without_time(row: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in row.items() if k != "seconds"}
 
@@ -467,7 +467,9 @@ def _union_of_cells(studies: Sequence[Mapping[str, Any]], labels: Sequence[str])
                       key=lambda e: -math.inf if e == "inf" else -float(e))
     from fedmerge.privacy.client import UNITS
 
-    units = [u for u in UNITS if any(u in st["study"].get("units", ()) for st in studies)]
+    unit_lists = [list(st["study"].get("units", ())) for st in studies]
+    units = unit_lists[0] if all(u == unit_lists[0] for u in unit_lists) else \
+        [u for u in UNITS if any(u in listed for listed in unit_lists)]
     study = {**studies[0]["study"], "epsilons": epsilons, "units": units}
     order = [(unit, epsilon_label(eps)) for unit, eps in cells(settings_from_mapping(study))]
     utility, attacks = union("utility", lambda st: st["utility"]), union("attack", lambda st: st["probe"]["rows"])
