@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fedmerge.commands.recommend import add_saved_model_options
+from fedmerge.commands.recommend import add_saved_model_options, load_saved_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,11 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from fedmerge.data import load_domain
-    from fedmerge.recommender import load_recommender
 
-    model = load_recommender(args.model, cache_dir=args.cache_dir)
-    if args.as_domain:
-        model = model.served_as(args.as_domain)
+    model = load_saved_model(args)
     domain = load_domain(args.data)
     metrics = model.evaluate(domain, split=args.split)
     if args.json:

@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedmerge.errors import DataError
+
+if TYPE_CHECKING:
+    from fedmerge.recommender import LoadedRecommender
 
 BATCH = 256  # histories scored per forward pass in the batch form
 
@@ -35,13 +38,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_saved_model_options(parser: argparse.ArgumentParser) -> None:
-    """``--model`` and ``--cache-dir``: the options of every command that loads a saved model."""
+    """``--model``, ``--cache-dir`` and ``--as-domain``: the options of every command that loads a saved model
+    (:func:`load_saved_model`)."""
     parser.add_argument("--model", type=Path, required=True, help="saved model (.safetensors with its .json card)")
     parser.add_argument("--cache-dir", default="", help="embedding cache folder (default: the default cache)")
     parser.add_argument("--as-domain", default="", metavar="NAME",
                         help="serve the model as training domain NAME does, with its own local parameters from the "
                         "card (merge.local_parameters); evaluate defaults to the data's domain name, recommend to "
                         "the shared values")
+
+
+def load_saved_model(args: argparse.Namespace) -> LoadedRecommender:
+    """The model of :func:`add_saved_model_options`' arguments, served as ``--as-domain`` when given."""
+    from fedmerge.recommender import load_recommender
+
+    model = load_recommender(args.model, cache_dir=args.cache_dir)
+    return model.served_as(args.as_domain) if args.as_domain else model
 
 
 def parse_history(line: str, texts: bool, where: str) -> list[str]:
@@ -67,11 +79,8 @@ def run_recommend(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from fedmerge.data import load_catalog
-    from fedmerge.recommender import load_recommender
 
-    model = load_recommender(args.model, cache_dir=args.cache_dir)
-    if args.as_domain:
-        model = model.served_as(args.as_domain)
+    model = load_saved_model(args)
     catalog = load_catalog(args.catalog)
     options: dict[str, Any] = {"k": args.k, "catalog": catalog, "texts": args.texts,
                                "exclude_history": not args.include_history}
