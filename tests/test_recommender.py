@@ -217,8 +217,9 @@ def test_recommend_on_a_real_amazon_catalog(run, amazon_dir, capsys):
 
 
 def test_local_parameters_each_domain_serves_merges_with_its_own_last_item_bias(tmp_path, monkeypatch, capsys):
-    """merge.local_parameters: every shared model carries the clients' mean b (for a held-out domain), each training
-    domain evaluates it with its own b, the card keeps every domain's b and `evaluate` reproduces the run's metrics."""
+    """merge.local_parameters: every shared model carries the clients' median b (for a held-out domain; their mean
+    for two), each training domain evaluates it with its own b, the card keeps every domain's b and `evaluate`
+    reproduces the run's metrics."""
     cfg = load_scenario("quickstart", [
         *TINY, 'merge.methods=["ties", "task_arithmetic"]', "model.params.last_item_bias=true",
         "model.params.last_item_bias_lr=0.05", "model.params.max_epochs=2", 'data.held_out=["synth-2"]',
