@@ -114,6 +114,21 @@ def test_one_full_batch_step_is_adamw_on_the_mean_of_clipped_user_gradients(doma
         torch.testing.assert_close(shipped[name], value, rtol=1e-4, atol=1e-6)
 
 
+def test_dp_sgd_clips_and_noises_only_the_trainable_weights(domain, features):
+    """model.params.trainable under DP-SGD: the other weights ship exactly as θ₀; the per-user gradients (and so the
+    clip and the noise) cover only the trainable ones."""
+    family = tiny_family(trainable=["final_norm.*"])
+    theta0 = family.initial_weights(12, seed=0)
+    shipped, _ = train_user_level(family, theta0, domain, features, UserLevelDP(1.0, 0.5, 0.3, 1.0), seed=0,
+                                  noise_seed=0)
+    moved = {k for k in theta0 if not torch.equal(shipped[k], theta0[k])}
+    assert moved == {"final_norm.weight", "final_norm.bias"}
+    module, feats, _ = family.training_module(theta0, domain, features, seed=0)
+    users = [training_windows([s], family.max_len) for s in domain.train[:3]]
+    grads, _ = per_user_gradients(family, module, users, feats, torch.Generator().manual_seed(0))
+    assert [tuple(g.shape) for g in grads] == [(3, 16), (3, 16)]
+
+
 def test_noise_is_seeded_by_the_secret_seed_only(domain, features):
     family = tiny_family()
     theta0 = family.initial_weights(12, seed=0)

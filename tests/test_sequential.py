@@ -164,6 +164,24 @@ def test_last_item_bias_lr_trains_b_in_its_own_group_further_than_at_lr():
         tiny_family(last_item_bias_lr=0.05)
 
 
+def test_trainable_patterns_train_only_the_matching_weights_and_name_what_matches_nothing():
+    domain = cycle_domain(n_items=30, n_users=60, seed=0)
+    feats = tiny_family().item_features(random_features(30, 1))
+    family = tiny_family(max_epochs=2, trainable=["adapter.*", "*norm.bias"])
+    theta0 = family.initial_weights(DIM, seed=0)
+    weights, _ = family.train(theta0, domain, feats, seed=0, progress=False)
+    moved = {k for k in theta0 if not torch.equal(weights[k], theta0[k])}
+    assert moved and all(k.startswith("adapter.") or k.endswith("norm.bias") for k in moved)
+    assert "adapter.mlp.0.weight" in moved and "final_norm.bias" in moved
+    everything = tiny_family(max_epochs=2).train(theta0, domain, feats, seed=0, progress=False)[0]
+    assert not torch.equal(everything["blocks.0.ffn.0.weight"], theta0["blocks.0.ffn.0.weight"])
+    with pytest.raises(FedmergeError, match=r"\['blocks\.9\.\*'\] match no parameter.*adapter\.mlp\.0\.weight"):
+        tiny_family(trainable=["adapter.*", "blocks.9.*"]).train(theta0, domain, feats, seed=0, progress=False)
+    for bad in ("adapter.*", [], ["adapter.*", ""]):
+        with pytest.raises(ValueError, match="trainable must be None"):
+            tiny_family(trainable=bad)
+
+
 def test_sampled_softmax_with_moe_adapter_also_learns():
     domain = cycle_domain(n_items=30, n_users=200, seed=0)
     family = tiny_family(n_negatives=8, adapter="moe")

@@ -66,6 +66,7 @@ from the same draws reshaped so that θ₀ *is* the last-item text-similarity re
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 import math
 import time
@@ -162,6 +163,16 @@ def sampled_softmax_loss(
     if valid is not None:
         labels = labels.masked_fill(~valid, IGNORED)
     return F.cross_entropy(logits, labels, ignore_index=IGNORED)
+
+
+def trainable_names(patterns: Sequence[str], names: Sequence[str]) -> frozenset[str]:
+    """The parameter ``names`` that match one of the fnmatch ``patterns``; FedmergeError naming a pattern that matches
+    none (with the parameter names it could match)."""
+    unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+    if unmatched:
+        raise FedmergeError(f"model.params.trainable: {unmatched} match no parameter of the model; its parameters: "
+                            f"{list(names)}")
+    return frozenset(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
 def training_windows(seqs: Sequence[np.ndarray], max_len: int) -> list[np.ndarray]:
@@ -675,8 +686,18 @@ class SequentialFamily(ModelFamily):
     # b's own AdamW learning rate, without weight decay (None: b trains with the other weights at lr, decayed). b is
     # one scalar that every training window moves the same way, so at lr it is still drifting after a few epochs.
     last_item_bias_lr: float | None = None
+    # the weights local training moves (non-private and DP-SGD): fnmatch patterns over parameter names, e.g.
+    # ["adapter.*"] or ["*.bias", "*norm.*"]; every other weight stays at θ₀ (its task-vector entry is 0). None: all.
+    # Under DP-SGD the per-user clip and the noise then cover only these weights (noise norm ∝ √(their count)).
+    trainable: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.trainable is not None:
+            if isinstance(self.trainable, str) or not all(isinstance(p, str) and p for p in self.trainable) \
+                    or not self.trainable:
+                raise ValueError(f"trainable must be None (every weight) or a non-empty list of parameter-name "
+                                 f"patterns, got {self.trainable!r}")
+            self.trainable = tuple(self.trainable)
         if self.adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {self.adapter!r}; valid: {list(ADAPTERS)}")
         if self.hidden % self.n_heads:
@@ -1068,6 +1089,11 @@ class SequentialFamily(ModelFamily):
             frozen_experts = module.adapter.minor_experts(features, self.routed_min_share)
             for k in frozen_experts:
                 module.adapter.experts[k].requires_grad_(False)
+        if self.trainable is not None:
+            kept = trainable_names(self.trainable, [n for n, _ in module.named_parameters()])
+            for name, parameter in module.named_parameters():
+                if name not in kept:
+                    parameter.requires_grad_(False)
         return module, features, frozen_experts
 
     def train(
