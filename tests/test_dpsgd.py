@@ -129,6 +129,24 @@ def test_dp_sgd_clips_and_noises_only_the_trainable_weights(domain, features):
     assert [tuple(g.shape) for g in grads] == [(3, 16), (3, 16)]
 
 
+def test_domain_level_noise_stays_off_the_weights_outside_trainable(domain, features):
+    """Domain-level DP with model.params.trainable: the weights training never moves ship exactly as θ₀ (no noise:
+    they are data-independent) and the server's fixed-weight check covers them; the trained ones carry the noise."""
+    from fedmerge.runners.client import client_train
+
+    params = dict(hidden=16, n_layers=1, n_heads=1, max_len=8, dropout=0.0, adapter_width=16, lr=1e-2, device="cpu",
+                  max_epochs=1, trainable=["final_norm.*"])
+    cfg = Scenario.from_mapping({"model": {"family": "sequential", "params": params},
+                                 "privacy": {"enabled": True, "unit": "domain", "target_epsilon": 2.0,
+                                             "clip_norm": 0.1, "noise_seed": 1}})
+    family = cfg.model.make_family()
+    theta0 = family.initial_weights(12, seed=0)
+    assert family.fixed_parameters(theta0) == {k for k in theta0 if not k.startswith("final_norm.")}
+    shipped, _ = client_train(domain, theta0, cfg, features=features)
+    moved = {k for k in theta0 if not torch.equal(shipped[k], theta0[k])}
+    assert moved == {"final_norm.weight", "final_norm.bias"}
+
+
 def test_noise_is_seeded_by_the_secret_seed_only(domain, features):
     family = tiny_family()
     theta0 = family.initial_weights(12, seed=0)

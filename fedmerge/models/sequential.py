@@ -812,14 +812,18 @@ class SequentialFamily(ModelFamily):
         return weights
 
     def fixed_parameters(self, theta0: StateDict) -> frozenset[str]:
-        """The routed adapter's router buffers (``adapter.centre``, ``adapter.centroids``) and, with
-        ``routed_unseen`` ``"theta0"`` or ``"mix"``, its ``adapter.unseen_threshold`` and frozen θ₀ expert ``adapter.base.*``: set from
-        the public catalogs in θ₀ and never trained; changing them would re-route (or re-embed) every item of every
-        domain."""
-        if self.adapter != "routed":
-            return frozenset()
-        fixed = {f"adapter.{b}" for b in (*ROUTER_BUFFERS, "unseen_threshold")}
-        return frozenset(n for n in theta0 if n in fixed or n.startswith("adapter.base."))
+        """The weights outside ``trainable`` (when it is set: local training never moves them, so they ship as θ₀
+        and carry no noise) and the routed adapter's router buffers (``adapter.centre``, ``adapter.centroids``) and,
+        with ``routed_unseen`` ``"theta0"`` or ``"mix"``, its ``adapter.unseen_threshold`` and frozen θ₀ expert
+        ``adapter.base.*``: set from the public catalogs in θ₀ and never trained; changing them would re-route (or
+        re-embed) every item of every domain."""
+        fixed: set[str] = set()
+        if self.trainable is not None:
+            fixed |= set(theta0) - trainable_names(self.trainable, list(theta0))
+        if self.adapter == "routed":
+            router = {f"adapter.{b}" for b in (*ROUTER_BUFFERS, "unseen_threshold")}
+            fixed |= {n for n in theta0 if n in router or n.startswith("adapter.base.")}
+        return frozenset(fixed)
 
     @property
     def reads_text_embeddings(self) -> bool:
