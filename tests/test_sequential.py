@@ -175,8 +175,11 @@ def test_trainable_patterns_train_only_the_matching_weights_and_name_what_matche
     assert "adapter.mlp.0.weight" in moved and "final_norm.bias" in moved
     everything = tiny_family(max_epochs=2).train(theta0, domain, feats, seed=0, progress=False)[0]
     assert not torch.equal(everything["blocks.0.ffn.0.weight"], theta0["blocks.0.ffn.0.weight"])
-    with pytest.raises(FedmergeError, match=r"\['blocks\.9\.\*'\] match no parameter.*adapter\.mlp\.0\.weight"):
-        tiny_family(trainable=["adapter.*", "blocks.9.*"]).train(theta0, domain, feats, seed=0, progress=False)
+    typo = tiny_family(trainable=["adapter.*", "blocks.9.*"])
+    for build_or_train in (lambda: typo.initial_weights(DIM, seed=0),
+                           lambda: typo.train(theta0, domain, feats, seed=0, progress=False)):
+        with pytest.raises(FedmergeError, match=r"\['blocks\.9\.\*'\] match no parameter.*adapter\.mlp\.0\.weight"):
+            build_or_train()
     for bad in ("adapter.*", [], ["adapter.*", ""]):
         with pytest.raises(ValueError, match="trainable must be None"):
             tiny_family(trainable=bad)

@@ -794,6 +794,8 @@ class SequentialFamily(ModelFamily):
         """The seeded initialization; with ``adapter="routed"`` its router is :func:`catalog_clusters` of the raw
         embeddings in ``catalog_features`` (:meth:`item_features` of every merged domain's public catalog)."""
         weights = super().initial_weights(dim, seed)
+        if self.trainable is not None:  # a pattern that matches no weight fails with θ₀, before any client trains
+            trainable_names(self.trainable, list(weights))
         if self.theta0_init == "text_similarity":
             weights = text_similarity_init(weights, seed)
         if not self.init_reads_catalogs:
