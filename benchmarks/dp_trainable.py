@@ -5,6 +5,7 @@ narrows d), at a budget of epochs fixed by ε's accounting; the non-private refe
 
     python benchmarks/dp_trainable.py [--domain Pantry] [--seed 0] [--epsilon 8] [--dp-epochs 1] [--sample-rate 0.02]
         [--subsets all adapter ...] [--runs non-private dp] [--set model.params.max_epochs=8] [--out rows.jsonl]
+    python benchmarks/dp_trainable.py --summary rows.jsonl [more.jsonl ...]
 
 For each named subset of ``model.params.trainable`` (see SUBSETS), on one domain of ``privacy-seq``: the non-private
 local training (the scenario's budget, early stopping on validation) and DP-SGD at ε (one release, the scenario's
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from typing import Any
@@ -26,6 +26,7 @@ from fedmerge.metrics import evaluate_scorer
 from fedmerge.models.sequential import trainable_names
 from fedmerge.privacy.dpsgd import UserLevelDP, train_user_level, user_noise_multiplier
 from fedmerge.privacy.study import load_study
+from fedmerge.runners.aggregate import interval
 from fedmerge.runners.server import initial_weights
 
 SUBSETS: dict[str, list[str] | None] = {
@@ -36,6 +37,35 @@ SUBSETS: dict[str, list[str] | None] = {
     "biases-norms": ["*.bias", "*norm.*", "*in_proj_bias"],
     "last-block": ["blocks.1.*", "final_norm.*"],
 }
+
+
+def row_label(row: dict[str, Any]) -> str:
+    if row["model"] == "theta0":
+        return "θ₀"
+    if row["model"] == "non-private":
+        return f"non-private {row['subset']}, {row['max_epochs']} epochs, lr {row['lr']:g}"
+    return f"DP-SGD ε={row['epsilon']:g} {row['subset']}, {row['dp_epochs']:g} epochs, q {row['q']:g}, lr {row['lr']:g}"
+
+
+def summarize(paths: list[str], reference: str = "non-private all, 20 epochs, lr 0.002") -> None:
+    """Per model (label of :func:`row_label`): mean test Recall@10 over seeds, and the per-seed ratios to θ₀ and to
+    ``reference``, each with its 95 % Student-t interval (:func:`fedmerge.runners.aggregate.interval`)."""
+    by: dict[str, dict[int, float]] = {}
+    for path in paths:
+        for line in open(path):
+            row = json.loads(line)
+            by.setdefault(row_label(row), {})[row["seed"]] = row["recall@10"]
+
+    def show(values: list[float]) -> str:
+        i = interval(values)
+        return f"{i['mean']:.4f}" + (f" [{i['low']:.4f}, {i['high']:.4f}]" if i["n"] > 1 else "")
+
+    print(f"{'model':52s} seeds  recall@10  × θ₀  × {reference}")
+    for label, values in by.items():
+        seeds = sorted(values)
+        ratios = [show([values[s] / by[base][s] for s in seeds if s in by.get(base, {})]) if all(
+            s in by.get(base, {}) for s in seeds) else "–" for base in ("θ₀", reference)]
+        print(f"{label:52s} {','.join(map(str, seeds)):6s} {show([values[s] for s in seeds])}  {ratios[0]}  {ratios[1]}")
 
 
 def main() -> None:
@@ -51,7 +81,12 @@ def main() -> None:
     parser.add_argument("--runs", nargs="*", default=["non-private", "dp"], choices=["non-private", "dp"])
     parser.add_argument("--set", action="append", default=[], help="scenario override KEY=VALUE (repeatable)")
     parser.add_argument("--out", default=None, help="append one JSON line per model to this file")
+    parser.add_argument("--summary", nargs="+", default=None, metavar="ROWS",
+                        help="only summarize the JSON lines of these files over seeds (ratios with t-intervals)")
     args = parser.parse_args()
+    if args.summary:
+        summarize(args.summary)
+        return
     cfg, _ = load_study(args.scenario, [f"run.seed={args.seed}", *args.set])
     domain = cfg.load_domain(args.domain)
     family = cfg.model.make_family()
@@ -89,7 +124,7 @@ def main() -> None:
             start = time.perf_counter()
             weights, info = train_user_level(fam, theta0, domain, features, settings, seed=args.seed,
                                              noise_seed=1000003 * args.seed)  # the study's noise seed for seed S
-            report({"model": "dp-sgd", **row, "epsilon": args.epsilon if math.isfinite(args.epsilon) else "inf", "delta": privacy.delta, "z": z,
+            report({"model": "dp-sgd", **row, "epsilon": args.epsilon, "delta": privacy.delta, "z": z,
                     "dp_epochs": args.dp_epochs, "steps": settings.steps, "q": q, "clip": privacy.max_grad_norm,
                     "clipped_fraction": info["dp_clipped_fraction"], "seconds": time.perf_counter() - start},
                    weights, fam)
