@@ -49,7 +49,8 @@ def row_label(row: dict[str, Any]) -> str:
 
 def summarize(paths: list[str], reference: str = "non-private all, 20 epochs, lr 0.002") -> None:
     """Per model (label of :func:`row_label`): mean test Recall@10 over seeds, and the per-seed ratios to θ₀ and to
-    ``reference``, each with its 95 % Student-t interval (:func:`fedmerge.runners.aggregate.interval`)."""
+    ``reference``, each with its 95 % Student-t interval (:func:`fedmerge.runners.aggregate.interval`). A row of a
+    later file replaces an earlier one of the same model and seed (a rerun)."""
     by: dict[str, dict[int, float]] = {}
     for path in paths:
         for line in open(path):
@@ -63,9 +64,13 @@ def summarize(paths: list[str], reference: str = "non-private all, 20 epochs, lr
     print(f"{'model':52s} seeds  recall@10  × θ₀  × {reference}")
     for label, values in by.items():
         seeds = sorted(values)
-        ratios = [show([values[s] / by[base][s] for s in seeds if s in by.get(base, {})]) if all(
-            s in by.get(base, {}) for s in seeds) else "–" for base in ("θ₀", reference)]
-        print(f"{label:52s} {','.join(map(str, seeds)):6s} {show([values[s] for s in seeds])}  {ratios[0]}  {ratios[1]}")
+
+        def ratio(base: str) -> str:
+            ref = by.get(base, {})
+            return show([values[s] / ref[s] for s in seeds]) if all(s in ref for s in seeds) else "–"
+
+        print(f"{label:52s} {','.join(map(str, seeds)):6s} {show([values[s] for s in seeds])}  {ratio('θ₀')}  "
+              f"{ratio(reference)}")
 
 
 def main() -> None:
