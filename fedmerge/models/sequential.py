@@ -1073,7 +1073,8 @@ class SequentialFamily(ModelFamily):
 
         Seeds torch's global generator with ``seed`` (dropout). With the routed adapter, the experts that get fewer
         than ``routed_min_share`` of the domain's items are frozen (``requires_grad=False``): Adam moves any weight
-        with a non-zero gradient by about lr per step, however few items reach it.
+        with a non-zero gradient by about lr per step, however few items reach it. The :meth:`fixed_parameters`
+        (the weights outside ``trainable``) are frozen too.
         """
         if item_features.ndim != (3 if self.encoder_layers else 2) or item_features.shape[0] != domain.n_items:
             raise ValueError(
@@ -1095,11 +1096,10 @@ class SequentialFamily(ModelFamily):
             frozen_experts = module.adapter.minor_experts(features, self.routed_min_share)
             for k in frozen_experts:
                 module.adapter.experts[k].requires_grad_(False)
-        if self.trainable is not None:
-            kept = trainable_names(self.trainable, [n for n, _ in module.named_parameters()])
-            for name, parameter in module.named_parameters():
-                if name not in kept:
-                    parameter.requires_grad_(False)
+        fixed = self.fixed_parameters(theta0)  # outside `trainable`, and the routed adapter's θ₀ expert: never trained
+        for name, parameter in module.named_parameters():
+            if name in fixed:
+                parameter.requires_grad_(False)
         return module, features, frozen_experts
 
     def train(
