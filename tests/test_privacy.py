@@ -495,6 +495,45 @@ def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
     assert f"run folder {out / 'none' / 'eps-inf' / 'seed-0'} already holds" in capsys.readouterr().err
 
 
+def test_privacy_run_resume_keeps_what_an_interrupted_study_finished(tiny_scenario, tmp_path, monkeypatch, capsys):
+    """An interrupted study (a cell's run unfinished, no privacy.json) resumed: only that run trains again, the attack
+    scores are read back, and privacy.json is the uninterrupted study's; other attack settings re-run the attacks
+    only; --resume with --overwrite is refused."""
+    import json
+
+    import fedmerge.runners as runners
+    import fedmerge.runners.client as client_module
+    from fedmerge.cli import main
+    from fedmerge.privacy.study import PrivacyStudySettings
+
+    out = tmp_path / "out"
+    command = ["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(out)]
+    assert main(command) == 0
+    whole = json.loads((out / "privacy.json").read_text())
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "attacks").rglob("*.json")) == \
+        ["attacks/domain/eps-2/seed-0.json", "attacks/none/eps-inf/seed-0.json"]
+    (out / "privacy.json").unlink()
+    (out / "domain" / "eps-2" / "seed-0" / "results.json").unlink()  # stopped before this run wrote its results
+    runs, trainings = [], []
+    real_run, real_train = runners.run_scenario, client_module.client_train
+    monkeypatch.setattr(runners, "run_scenario", lambda cfg, **kw: runs.append(kw["out_dir"]) or real_run(cfg, **kw))
+    monkeypatch.setattr(client_module, "client_train", lambda *a, **kw: trainings.append(1) or real_train(*a, **kw))
+    assert main([*command, "--resume"]) == 0
+    assert runs == [out / "domain" / "eps-2" / "seed-0"]
+    assert len(trainings) == 2  # that run's two clients; the attacks train nothing
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    resumed = json.loads((out / "privacy.json").read_text())
+    assert strip(resumed["utility"]) == strip(whole["utility"]) and resumed["probe"] == whole["probe"]
+    runs.clear(), trainings.clear()
+    assert main([*command, "--resume", "--set", "privacy_study.member_fraction=0.4"]) == 0
+    references = PrivacyStudySettings().reference_models
+    assert runs == [] and len(trainings) == 2 * (1 + references)  # per cell: the probe client, the reference models
+    other = json.loads((out / "privacy.json").read_text())
+    assert other["probe"]["members"] != whole["probe"]["members"]
+    assert main([*command, "--resume", "--overwrite"]) == 1
+    assert "pass only one" in capsys.readouterr().err
+
+
 SEQUENTIAL_STUDY = TINY_STUDY.replace('family = "text-lae"', 'family = "sequential"').replace(
     "lam = 100.0", "hidden = 8\nn_heads = 1\nn_layers = 1\nmax_len = 8\nadapter_width = 8\nmax_epochs = 2"
 ).replace("fedavg_rounds = 0", "fedavg_rounds = 1").replace(

@@ -19,6 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="override a scenario key, e.g. privacy.clip_norm=0.5 or privacy_study.units=['user']")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the runs an earlier study left in --out (refused otherwise)")
+    run.add_argument("--resume", action="store_true",
+                     help="keep what an earlier, interrupted run of this study finished in --out (complete runs and "
+                          "attack scores of the same configuration) and run the rest")
     run.set_defaults(func=run_privacy)
     pool = actions.add_parser("pool", help="one study from several runs of the same study, run apart (e.g. on "
                                            "separate machines): over disjoint seeds (intervals over all seeds), "
@@ -34,7 +37,7 @@ def run_privacy(args: argparse.Namespace) -> int:
     from fedmerge.privacy.study import load_study, run_study
 
     cfg, study = load_study(args.scenario, args.overrides)
-    print(run_study(cfg, study, args.out, overwrite=args.overwrite))
+    print(run_study(cfg, study, args.out, overwrite=args.overwrite, resume=args.resume))
     print(f"wrote {args.out / 'privacy.json'}, privacy.md and privacy.png")
     return 0
 

@@ -18,7 +18,10 @@ weights the client would ship: AUC and TPR at 0.1 % / 1 % FPR, mean and interval
 member = train + validation items (what the families fit on).
 
 Writes ``DIR/privacy.json``, ``DIR/privacy.md`` (the table), ``DIR/privacy.png`` (utility vs ε, and the frontier
-utility vs the strongest attack's TPR at 1 % FPR) and each run under ``DIR/<unit>/eps-<ε>/seed-<s>/``.
+utility vs the strongest attack's TPR at 1 % FPR), each run under ``DIR/<unit>/eps-<ε>/seed-<s>/`` and each
+(cell, seed)'s attack scores as ``DIR/attacks/<unit>/eps-<ε>/seed-<s>.json`` as soon as they are computed. With
+``resume``, an interrupted study keeps what it finished: a run folder with a complete results.json of the same
+configuration, and an attack file of the same configuration and attack settings, are read instead of computed again.
 """
 
 from __future__ import annotations
@@ -185,11 +188,13 @@ def cells(study: PrivacyStudySettings) -> list[tuple[str, float]]:
 
 
 def utility_sweep(
-    cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwrite: bool = False
+    cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwrite: bool = False, resume: bool = False
 ) -> list[dict[str, Any]]:
     """One in-process run per cell and seed; per cell the metric of every study method over the seeds
-    (``overwrite``: replace the run folders an earlier study left; refused otherwise)."""
+    (``overwrite``: replace the run folders an earlier study left; refused otherwise; ``resume``: keep those holding
+    a complete run of the cell's configuration, replace the others)."""
     from fedmerge.runners import run_scenario
+    from fedmerge.runners.multiseed import completed_run
 
     rows = []
     metric = study.metric
@@ -202,8 +207,12 @@ def utility_sweep(
             row["noise_multiplier"] = z
             logger.info("privacy study: unit %s, ε=%s, seed %d, noise multiplier %.4g", unit, epsilon_label(epsilon),
                         seed, z)
-            results = run_scenario(run_cfg, engine="inprocess", overwrite=overwrite,
-                                   out_dir=out_dir / unit / f"eps-{epsilon_label(epsilon)}" / f"seed-{seed}")
+            folder = out_dir / unit / f"eps-{epsilon_label(epsilon)}" / f"seed-{seed}"
+            results = completed_run(folder, run_cfg) if resume else None
+            if results is not None:
+                logger.info("privacy study: complete run of this cell in %s, kept", folder)
+            else:
+                results = run_scenario(run_cfg, engine="inprocess", overwrite=overwrite or resume, out_dir=folder)
             models = results["models"]
             names = [m for m in (*study.methods, "fedavg", "theta0", "individual") if m in models]
             per_seed.append({m: models[m]["average"].get(metric) for m in names})
@@ -230,8 +239,34 @@ def _reference_config(cfg: Scenario, k: int) -> Scenario:
     return replace(cfg, privacy=replace(cfg.privacy, noise_seed=-1 if base < 0 else base + 7919 * (k + 1)))
 
 
-def attack_sweep(cfg: Scenario, study: PrivacyStudySettings) -> dict[str, Any]:
-    """Attack scores against the member-trained probe client in every cell (and against θ₀ as a chance control)."""
+ATTACK_KEYS = ("probe_domain", "member_fraction", "probe_max_users", "probe_positions", "reference_models")
+
+
+def attack_file(out_dir: Path, unit: str, epsilon: float, seed: int) -> Path:
+    """Where the attack scores of one (cell, seed) are kept."""
+    return out_dir / "attacks" / unit / f"eps-{epsilon_label(epsilon)}" / f"seed-{seed}.json"
+
+
+def kept_attacks(path: Path, run_cfg: Scenario, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The attack record at ``path`` if it was computed under ``run_cfg`` and the attack ``settings``; else None."""
+    import json
+
+    from fedmerge.runners.multiseed import same_config
+
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("settings") != settings or not same_config(run_cfg, record.get("config")):
+        return None
+    return record
+
+
+def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | None = None,
+                 resume: bool = False) -> dict[str, Any]:
+    """Attack scores against the member-trained probe client in every cell (and against θ₀ as a chance control);
+    with ``out_dir`` each (cell, seed)'s scores are written to :func:`attack_file`, and with ``resume`` a file of
+    the same configuration and attack settings is read instead of training and attacking again."""
     from fedmerge.privacy.attacks import reference_models, run_attacks, summary
     from fedmerge.privacy.membership import split_members
     from fedmerge.runners.client import client_train
@@ -239,11 +274,22 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings) -> dict[str, Any]:
 
     name = study.probe_domain or cfg.data.training_domains()[0]
     limit, positions = int(study.probe_max_users), study.probe_positions
+    settings = {**{k: getattr(study, k) for k in ATTACK_KEYS}, "probe_domain": name}
     rows, controls, sizes = [], [], {}
     for unit, epsilon in cells(study):
         per_seed = []
         for seed in study.seeds:
             run_cfg, z = dp_config(cfg, unit, epsilon, float(study.delta), seed)
+            path = attack_file(out_dir, unit, epsilon, seed) if out_dir is not None else None
+            kept = kept_attacks(path, run_cfg, settings) if path is not None and resume else None
+            if kept is not None:
+                logger.info("attacks on %s, unit %s, ε=%s, seed %d: kept from %s", name, unit, epsilon_label(epsilon),
+                            seed, path)
+                per_seed.append(kept["scores"])
+                if unit == NO_DP:
+                    controls.append(kept["theta0"])
+                sizes = kept["sizes"]
+                continue
             domain = run_cfg.load_domain(name)
             members, rest = split_members(domain, float(study.member_fraction), seed=seed)
             nonmembers, reference = split_members(rest, 0.5, seed=seed + 1)
@@ -258,11 +304,15 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings) -> dict[str, Any]:
             member_seqs = _subsample(members.train_with_val(), limit, seed)
             nonmember_seqs = _subsample(nonmembers.train_with_val(), limit, seed + 1)
             per_seed.append(run_attacks(family, theta0, shipped, features, member_seqs, nonmember_seqs, refs, positions))
-            if unit == NO_DP:
-                controls.append(run_attacks(family, theta0, theta0, features, member_seqs, nonmember_seqs, refs,
-                                            positions))
+            control = run_attacks(family, theta0, theta0, features, member_seqs, nonmember_seqs, refs, positions) \
+                if unit == NO_DP else None
+            if control is not None:
+                controls.append(control)
             sizes = {"members": members.n_users, "nonmembers": nonmembers.n_users, "reference": reference.n_users,
                      "probed_per_group": [len(member_seqs), len(nonmember_seqs)]}
+            if path is not None:
+                write_json_atomic(path, {"config": run_cfg.to_mapping(), "settings": settings, "sizes": sizes,
+                                         "scores": per_seed[-1], "theta0": control})
             logger.info("attacks on %s, unit %s, ε=%s, seed %d: %s", name, unit, epsilon_label(epsilon), seed,
                         summary(per_seed[-1]))
         rows.append({"unit": unit, "epsilon": epsilon_label(epsilon), "noise_multiplier": z,
@@ -506,16 +556,19 @@ def write_pooled_study(paths: Sequence[Path], out_dir: Path) -> str:
     return table
 
 
-def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwrite: bool = False) -> str:
+def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwrite: bool = False,
+              resume: bool = False) -> str:
     """The whole study into ``out_dir`` (see the module docstring; ``overwrite``: replace an earlier study's run
-    folders there); returns the markdown table."""
+    folders there; ``resume``: keep what an earlier run of this study finished there); returns the markdown table."""
     from fedmerge.privacy.client import releases_per_client
 
+    if overwrite and resume:
+        raise FedmergeError("--resume keeps an earlier study's runs and --overwrite replaces them; pass only one")
     out_dir.mkdir(parents=True, exist_ok=True)
     study_json = study_record(study)
-    utility = utility_sweep(cfg, study, out_dir, overwrite=overwrite)
+    utility = utility_sweep(cfg, study, out_dir, overwrite=overwrite, resume=resume)
     write_json_atomic(out_dir / "privacy.json", {"study": study_json, "utility": utility})  # kept if the attacks fail
-    probe = attack_sweep(cfg, study)
+    probe = attack_sweep(cfg, study, out_dir, resume=resume)
     write_json_atomic(out_dir / "privacy.json", {"study": study_json, "releases_per_client": releases_per_client(cfg),
                                                  "utility": utility, "probe": probe, "scenario": cfg.to_mapping()})
     table = markdown_table(utility, probe, study, cfg)

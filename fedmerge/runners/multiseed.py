@@ -45,9 +45,15 @@ def completed_run(folder: Path, cfg: Scenario) -> dict[str, Any] | None:
         results = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
+    return results if results.get("status") == "ok" and same_config(cfg, results.get("config")) else None
+
+
+def same_config(cfg: Scenario, recorded: Any) -> bool:
+    """Whether ``recorded`` (a scenario mapping as results files hold it) is ``cfg``, ``run.progress`` aside."""
+    if not isinstance(recorded, Mapping) or not isinstance(recorded.get("run"), Mapping):
+        return False
     strip = lambda c: {**c, "run": {k: v for k, v in c["run"].items() if k != "progress"}}  # noqa: E731
-    same = json.loads(json.dumps(strip(cfg.to_mapping()), default=str)) == strip(results.get("config", {"run": {}}))
-    return results if results.get("status") == "ok" and same else None
+    return json.loads(json.dumps(strip(cfg.to_mapping()), default=str)) == strip(recorded)
 
 
 def run_seeds(
