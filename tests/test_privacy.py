@@ -455,6 +455,34 @@ def test_over_seeds_is_a_t_interval_of_the_seeds_that_report_a_value():
     assert over_seeds([None, None])["mean"] is None
 
 
+def test_ratio_tables_pair_each_seed_with_its_own_reference():
+    """A cell's models against θ₀ of the same seed and against the no-DP cell's same model and seed: the interval is
+    over the per-seed ratios (not a ratio of means); a seed missing on either side gives no ratio."""
+    from fedmerge.privacy.study import over_seeds, paired_ratio, ratio_tables
+
+    def row(epsilon, seeds, **models):
+        return {"unit": "none" if epsilon == "inf" else "user", "epsilon": epsilon, "seeds": seeds,
+                "metric": {m: over_seeds(v) for m, v in models.items()}}
+
+    plain = row("inf", [0, 1, 2], average=[0.2, 0.3, 0.5], theta0=[0.1, 0.2, 0.25])
+    noisy = row("8", [0, 1, 2], average=[0.1, 0.3, 0.25], theta0=[0.1, 0.2, 0.25])
+    expected = over_seeds([0.2 / 0.1, 0.3 / 0.2, 0.5 / 0.25])
+    assert paired_ratio(plain["metric"]["average"], plain["metric"]["theta0"], [0, 1, 2]) == expected
+    assert expected["mean"] != pytest.approx(1.0 / 0.55)  # not the ratio of the means
+    assert paired_ratio(over_seeds([0.2, None, 0.5]), plain["metric"]["theta0"], [0, 1, 2]) is None
+    assert paired_ratio(plain["metric"]["average"], over_seeds([0.1, 0.0, 0.2]), [0, 1, 2]) is None
+    table = ratio_tables([plain, noisy], "recall@10")
+    def cell(ratios):
+        r = over_seeds(ratios)
+        return f"{r['mean']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+
+    assert f"| none | ∞ (no DP) | {cell([2.0, 1.5, 2.0])} |" in table
+    assert f"| user | 8 | {cell([1.0, 1.5, 1.0])} |" in table  # × θ₀
+    assert f"| user | 8 | {cell([0.5, 1.0, 0.5])} |" in table  # × no DP
+    other_seeds = row("8", [3, 4, 5], average=[0.1, 0.3, 0.25], theta0=[0.1, 0.2, 0.25])
+    assert ratio_tables([plain, other_seeds], "recall@10").rstrip().endswith("| user | 8 | - |")
+
+
 def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
     import json
 
@@ -489,6 +517,7 @@ def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
     table = (out / "privacy.md").read_text()
     assert "| none | ∞ (no DP) |" in table and "| domain | 2 |" in table and "lira AUC" in table
     assert "lira TPR@0.1%" in table and "lira TPR@1%" in table
+    assert "per-seed ratio × θ₀" in table and "per-seed ratio × the same model without DP" in table
     assert (out / "privacy.png").stat().st_size > 0
     assert "loss TPR@1%" in capsys.readouterr().out
     assert main(["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(out)]) == 1  # earlier runs kept

@@ -337,10 +337,47 @@ def _cell(value: Mapping[str, Any] | None, digits: int = 4) -> str:
     return f"{value['mean']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]"
 
 
+def paired_ratio(value: Mapping[str, Any] | None, reference: Mapping[str, Any] | None,
+                 seeds: Sequence[int]) -> dict[str, Any] | None:
+    """:func:`over_seeds` of the per-seed ratios value_s / reference_s of two :func:`over_seeds` results over the same
+    ``seeds`` (in that order); None unless both report every seed and no reference value is 0."""
+    if not value or not reference:
+        return None
+    values, base = value.get("values", []), reference.get("values", [])
+    if not len(values) == len(base) == len(seeds) or any(b == 0 for b in base):
+        return None
+    return over_seeds([v / b for v, b in zip(values, base)])
+
+
+def ratio_tables(utility: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """Two tables of per-seed ratios with their 95 % t-intervals: every model of a cell against θ₀ of the same cell
+    and seed, and every model of a DP cell against the same model of the ε = ∞ cell (same seed)."""
+    columns = [c for c in dict.fromkeys(c for row in utility for c in row["metric"]) if c != "theta0"]
+    no_dp = next((row for row in utility if row["epsilon"] == "inf"), None)
+    out = []
+    for title, rows, reference in (
+        ("× θ₀ (same cell and seed)", utility, lambda row, c: row["metric"].get("theta0")),
+        ("× the same model without DP (same seed)", [r for r in utility if r["epsilon"] != "inf"],
+         lambda row, c: no_dp["metric"].get(c) if no_dp is not None and no_dp["seeds"] == row["seeds"] else None),
+    ):
+        if not rows:
+            continue
+        header = ["unit", "ε", *columns]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in rows:
+            cells_ = [row["unit"], "∞ (no DP)" if row["epsilon"] == "inf" else row["epsilon"]]
+            cells_ += [_cell(paired_ratio(row["metric"].get(c), reference(row, c), row["seeds"]), 2) for c in columns]
+            lines.append("| " + " | ".join(cells_) + " |")
+        out.append(f"\n{metric}, per-seed ratio {title}: mean [95 % t-interval]; an interval that covers 1 is a "
+                   "tie.\n\n"
+                   + "\n".join(lines) + "\n")
+    return "".join(out)
+
+
 def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], study: PrivacyStudySettings,
                    cfg: Scenario) -> str:
     """The study table: one row per (unit, ε); the metric of each method and reference, each attack's AUC and TPR at
-    0.1 % and 1 % FPR."""
+    0.1 % and 1 % FPR; then :func:`ratio_tables`."""
     from fedmerge.privacy.client import releases_per_client
 
     columns = list(dict.fromkeys(c for row in utility for c in row["metric"]))
@@ -372,7 +409,7 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
         f"held-out users, '{probe['positions']}' position(s), LiRA with {probe['reference_models']} reference models); "
         f"AUC against θ₀: {control or '-'}."
     )
-    return "\n".join(lines) + "\n" + notes + "\n"
+    return "\n".join(lines) + "\n" + notes + "\n" + ratio_tables(utility, study.metric)
 
 
 def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], study: PrivacyStudySettings, path: Path) -> None:
