@@ -561,6 +561,21 @@ def test_privacy_run_resume_keeps_what_an_interrupted_study_finished(tiny_scenar
     assert other["probe"]["members"] != whole["probe"]["members"]
     assert main([*command, "--resume", "--overwrite"]) == 1
     assert "pass only one" in capsys.readouterr().err
+    # another run configuration (δ changes the ε = 2 cell's noise): the finished runs are refused, not replaced
+    kept = (out / "domain" / "eps-2" / "seed-0" / "results.json").read_text()
+    runs.clear(), trainings.clear()
+    assert main([*command, "--resume", "--set", "privacy_study.delta=1e-4"]) == 1
+    assert f"{out / 'domain' / 'eps-2' / 'seed-0'} holds a complete run of another configuration" in \
+        capsys.readouterr().err
+    assert runs == [] and (out / "domain" / "eps-2" / "seed-0" / "results.json").read_text() == kept
+    # an attack file cut short is computed again, not read
+    record = out / "attacks" / "none" / "eps-inf" / "seed-0.json"
+    cut = json.loads(record.read_text())
+    del cut["scores"]["lira"]
+    record.write_text(json.dumps(cut))
+    assert main([*command, "--resume", "--set", "privacy_study.member_fraction=0.4"]) == 0
+    assert runs == [] and len(trainings) == 1 + references
+    assert set(json.loads(record.read_text())["scores"]) == {"loss", "gradient_alignment", "lira"}
 
 
 SEQUENTIAL_STUDY = TINY_STUDY.replace('family = "text-lae"', 'family = "sequential"').replace(

@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="replace the runs an earlier study left in --out (refused otherwise)")
     run.add_argument("--resume", action="store_true",
                      help="keep what an earlier, interrupted run of this study finished in --out (complete runs and "
-                          "attack scores of the same configuration) and run the rest")
+                          "attack scores of the same configuration) and run the rest; a complete run of another "
+                          "configuration is refused, not replaced")
     run.set_defaults(func=run_privacy)
     pool = actions.add_parser("pool", help="one study from several runs of the same study, run apart (e.g. on "
                                            "separate machines): over disjoint seeds (intervals over all seeds), "

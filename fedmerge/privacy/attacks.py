@@ -172,17 +172,26 @@ def run_attacks(
     members: Sequence[np.ndarray], nonmembers: Sequence[np.ndarray], references: Sequence[StateDict] = (),
     positions: Positions = "last",
 ) -> dict[str, dict[str, float]]:
-    """:func:`attack_metrics` of the loss attack, LiRA (when ``references`` are given) and gradient alignment."""
+    """:func:`attack_metrics` of the attacks :func:`attack_names` lists: the loss attack, gradient alignment and
+    LiRA (when ``references`` are given)."""
     members, nonmembers = scorable(members), scorable(nonmembers)
     candidates = [*members, *nonmembers]
     n = len(members)
-    scores: dict[str, np.ndarray] = {
-        "loss": -sequence_losses(family, shipped, item_features, candidates, positions),
-        "gradient_alignment": gradient_alignment_scores(family, theta0, shipped, item_features, candidates),
+    scorers = {
+        "loss": lambda: -sequence_losses(family, shipped, item_features, candidates, positions),
+        "gradient_alignment": lambda: gradient_alignment_scores(family, theta0, shipped, item_features, candidates),
+        "lira": lambda: lira_attack(family, shipped, references, item_features, candidates, positions),
     }
-    if references:
-        scores["lira"] = lira_attack(family, shipped, references, item_features, candidates, positions)
-    return {name: attack_metrics(s[:n], s[n:]) for name, s in scores.items()}
+    results = {}
+    for name in attack_names(bool(references)):
+        scores = scorers[name]()
+        results[name] = attack_metrics(scores[:n], scores[n:])
+    return results
+
+
+def attack_names(with_references: bool) -> tuple[str, ...]:
+    """The attacks :func:`run_attacks` scores, in its order (LiRA needs reference models)."""
+    return ("loss", "gradient_alignment", "lira") if with_references else ("loss", "gradient_alignment")
 
 
 def summary(results: Mapping[str, Mapping[str, float]]) -> str:

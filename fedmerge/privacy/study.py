@@ -21,7 +21,8 @@ Writes ``DIR/privacy.json``, ``DIR/privacy.md`` (the table), ``DIR/privacy.png``
 utility vs the strongest attack's TPR at 1 % FPR), each run under ``DIR/<unit>/eps-<ε>/seed-<s>/`` and each
 (cell, seed)'s attack scores as ``DIR/attacks/<unit>/eps-<ε>/seed-<s>.json`` as soon as they are computed. With
 ``resume``, an interrupted study keeps what it finished: a run folder with a complete results.json of the same
-configuration, and an attack file of the same configuration and attack settings, are read instead of computed again.
+configuration, and an attack file of the same configuration and attack settings, are read instead of computed again
+(a complete run of another configuration is refused, see :func:`kept_run`).
 """
 
 from __future__ import annotations
@@ -192,9 +193,9 @@ def utility_sweep(
 ) -> list[dict[str, Any]]:
     """One in-process run per cell and seed; per cell the metric of every study method over the seeds
     (``overwrite``: replace the run folders an earlier study left; refused otherwise; ``resume``: keep those holding
-    a complete run of the cell's configuration, replace the others)."""
+    a complete run of the cell's configuration, replace unfinished ones, refuse complete ones of another, see
+    :func:`kept_run`)."""
     from fedmerge.runners import run_scenario
-    from fedmerge.runners.multiseed import completed_run
 
     rows = []
     metric = study.metric
@@ -208,7 +209,7 @@ def utility_sweep(
             logger.info("privacy study: unit %s, ε=%s, seed %d, noise multiplier %.4g", unit, epsilon_label(epsilon),
                         seed, z)
             folder = out_dir / unit / f"eps-{epsilon_label(epsilon)}" / f"seed-{seed}"
-            results = completed_run(folder, run_cfg) if resume else None
+            results = kept_run(folder, run_cfg) if resume else None
             if results is not None:
                 logger.info("privacy study: complete run of this cell in %s, kept", folder)
             else:
@@ -223,6 +224,21 @@ def utility_sweep(
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
     return rows
+
+
+def kept_run(folder: Path, run_cfg: Scenario) -> dict[str, Any] | None:
+    """``--resume``: the complete run of ``run_cfg`` in ``folder``, or None when nothing finished there (an unfinished
+    run's files are replaced); a complete run of another configuration is refused, not replaced."""
+    from fedmerge.runners.multiseed import finished_run, same_config
+
+    results = finished_run(folder)
+    if results is None or same_config(run_cfg, results.get("config")):
+        return results
+    raise FedmergeError(
+        f"{folder} holds a complete run of another configuration than this study's cell (other --set values or "
+        "scenario?): resume with the study's original settings, replace the earlier runs with --overwrite, or choose "
+        "another --out"
+    )
 
 
 def _subsample(seqs: Sequence[np.ndarray], limit: int, seed: int) -> list[np.ndarray]:
@@ -248,9 +264,12 @@ def attack_file(out_dir: Path, unit: str, epsilon: float, seed: int) -> Path:
 
 
 def kept_attacks(path: Path, run_cfg: Scenario, settings: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The attack record at ``path`` if it was computed under ``run_cfg`` and the attack ``settings``; else None."""
+    """The attack record at ``path`` if it was computed under ``run_cfg`` and the attack ``settings`` and holds the
+    scores of every attack :func:`fedmerge.privacy.attacks.run_attacks` computes; else None (computed again and
+    replaced)."""
     import json
 
+    from fedmerge.privacy.attacks import attack_names
     from fedmerge.runners.multiseed import same_config
 
     try:
@@ -259,6 +278,9 @@ def kept_attacks(path: Path, run_cfg: Scenario, settings: Mapping[str, Any]) -> 
         return None
     if not isinstance(record, dict) or record.get("settings") != settings or not same_config(run_cfg, record.get("config")):
         return None
+    expected = set(attack_names(settings["reference_models"] > 0))
+    if not {"scores", "sizes", "theta0"} <= record.keys() or set(record["scores"]) != expected:
+        return None  # incomplete, or written by a version with other attacks: computed again
     return record
 
 

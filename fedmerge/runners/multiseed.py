@@ -35,17 +35,21 @@ def seed_dir(out_dir: str | Path, seed: int) -> Path:
     return Path(out_dir) / f"seed-{seed}"
 
 
+def finished_run(folder: Path) -> dict[str, Any] | None:
+    """The folder's results.json if it is complete (status ok), whatever its configuration; else None."""
+    path = folder / RESULTS_FILE
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and results.get("status") == "ok" else None
+
+
 def completed_run(folder: Path, cfg: Scenario) -> dict[str, Any] | None:
     """The folder's results.json if it is complete (status ok) and was written under ``cfg`` (``run.progress`` may
     differ); else None."""
-    path = folder / RESULTS_FILE
-    if not path.is_file():
-        return None
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return results if results.get("status") == "ok" and same_config(cfg, results.get("config")) else None
+    results = finished_run(folder)
+    return results if results is not None and same_config(cfg, results.get("config")) else None
 
 
 def same_config(cfg: Scenario, recorded: Any) -> bool:
