@@ -20,6 +20,7 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
 from fedmerge.metrics import evaluate_scorer
@@ -53,7 +54,7 @@ def summarize(paths: list[str], reference: str = "non-private all, 20 epochs, lr
     later file replaces an earlier one of the same model and seed (a rerun)."""
     by: dict[str, dict[int, float]] = {}
     for path in paths:
-        for line in open(path):
+        for line in Path(path).read_text().splitlines():
             row = json.loads(line)
             by.setdefault(row_label(row), {})[row["seed"]] = row["recall@10"]
 

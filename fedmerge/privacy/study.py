@@ -284,18 +284,49 @@ def kept_attacks(path: Path, run_cfg: Scenario, settings: Mapping[str, Any]) -> 
     return record
 
 
-def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | None = None,
-                 resume: bool = False) -> dict[str, Any]:
-    """Attack scores against the member-trained probe client in every cell (and against θ₀ as a chance control);
-    with ``out_dir`` each (cell, seed)'s scores are written to :func:`attack_file`, and with ``resume`` a file of
-    the same configuration and attack settings is read instead of training and attacking again."""
-    from fedmerge.privacy.attacks import reference_models, run_attacks, summary
+def attack_record(
+    run_cfg: Scenario, study: PrivacyStudySettings, name: str, seed: int, control: bool
+) -> dict[str, Any]:
+    """One (cell, seed) of the attacks: a client trains on the members of domain ``name`` with the cell's recipe
+    (``run_cfg``), the attacker's reference models on its own users; ``{"sizes", "scores", "theta0"}``, the last the
+    same attacks against θ₀ (the chance control) when ``control``, else None."""
+    from fedmerge.privacy.attacks import reference_models, run_attacks
     from fedmerge.privacy.membership import split_members
     from fedmerge.runners.client import client_train
     from fedmerge.runners.server import initial_weights
 
-    name = study.probe_domain or cfg.data.training_domains()[0]
     limit, positions = int(study.probe_max_users), study.probe_positions
+    domain = run_cfg.load_domain(name)
+    members, rest = split_members(domain, float(study.member_fraction), seed=seed)
+    nonmembers, reference = split_members(rest, 0.5, seed=seed + 1)
+    family = run_cfg.model.make_family()
+    features = run_cfg.encoder.item_features(domain.catalog, family)
+    theta0 = initial_weights(run_cfg)
+    shipped, _ = client_train(members, theta0, run_cfg, features=features)
+    refs = reference_models(
+        lambda users, k: client_train(users, theta0, _reference_config(run_cfg, k), features=features)[0],
+        reference, int(study.reference_models), seed=seed,
+    ) if int(study.reference_models) else []
+    member_seqs = _subsample(members.train_with_val(), limit, seed)
+    nonmember_seqs = _subsample(nonmembers.train_with_val(), limit, seed + 1)
+    return {
+        "sizes": {"members": members.n_users, "nonmembers": nonmembers.n_users, "reference": reference.n_users,
+                  "probed_per_group": [len(member_seqs), len(nonmember_seqs)]},
+        "scores": run_attacks(family, theta0, shipped, features, member_seqs, nonmember_seqs, refs, positions),
+        "theta0": run_attacks(family, theta0, theta0, features, member_seqs, nonmember_seqs, refs, positions)
+        if control else None,
+    }
+
+
+def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | None = None,
+                 resume: bool = False) -> dict[str, Any]:
+    """Attack scores (:func:`attack_record`) against the member-trained probe client in every cell, and against θ₀
+    as a chance control in the ε = ∞ cell; with ``out_dir`` each (cell, seed)'s record is written to
+    :func:`attack_file`, and with ``resume`` a file of the same configuration and attack settings is read instead of
+    training and attacking again."""
+    from fedmerge.privacy.attacks import summary
+
+    name = study.probe_domain or cfg.data.training_domains()[0]
     settings = {**{k: getattr(study, k) for k in ATTACK_KEYS}, "probe_domain": name}
     rows, controls, sizes = [], [], {}
     for unit, epsilon in cells(study):
@@ -303,44 +334,24 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | Non
         for seed in study.seeds:
             run_cfg, z = dp_config(cfg, unit, epsilon, float(study.delta), seed)
             path = attack_file(out_dir, unit, epsilon, seed) if out_dir is not None else None
-            kept = kept_attacks(path, run_cfg, settings) if path is not None and resume else None
-            if kept is not None:
+            record = kept_attacks(path, run_cfg, settings) if path is not None and resume else None
+            if record is not None:
                 logger.info("attacks on %s, unit %s, ε=%s, seed %d: kept from %s", name, unit, epsilon_label(epsilon),
                             seed, path)
-                per_seed.append(kept["scores"])
-                if unit == NO_DP:
-                    controls.append(kept["theta0"])
-                sizes = kept["sizes"]
-                continue
-            domain = run_cfg.load_domain(name)
-            members, rest = split_members(domain, float(study.member_fraction), seed=seed)
-            nonmembers, reference = split_members(rest, 0.5, seed=seed + 1)
-            family = run_cfg.model.make_family()
-            features = run_cfg.encoder.item_features(domain.catalog, family)
-            theta0 = initial_weights(run_cfg)
-            shipped, _ = client_train(members, theta0, run_cfg, features=features)
-            refs = reference_models(
-                lambda users, k: client_train(users, theta0, _reference_config(run_cfg, k), features=features)[0],
-                reference, int(study.reference_models), seed=seed,
-            ) if int(study.reference_models) else []
-            member_seqs = _subsample(members.train_with_val(), limit, seed)
-            nonmember_seqs = _subsample(nonmembers.train_with_val(), limit, seed + 1)
-            per_seed.append(run_attacks(family, theta0, shipped, features, member_seqs, nonmember_seqs, refs, positions))
-            control = run_attacks(family, theta0, theta0, features, member_seqs, nonmember_seqs, refs, positions) \
-                if unit == NO_DP else None
-            if control is not None:
-                controls.append(control)
-            sizes = {"members": members.n_users, "nonmembers": nonmembers.n_users, "reference": reference.n_users,
-                     "probed_per_group": [len(member_seqs), len(nonmember_seqs)]}
-            if path is not None:
-                write_json_atomic(path, {"config": run_cfg.to_mapping(), "settings": settings, "sizes": sizes,
-                                         "scores": per_seed[-1], "theta0": control})
-            logger.info("attacks on %s, unit %s, ε=%s, seed %d: %s", name, unit, epsilon_label(epsilon), seed,
-                        summary(per_seed[-1]))
+            else:
+                record = attack_record(run_cfg, study, name, seed, control=unit == NO_DP)
+                if path is not None:
+                    write_json_atomic(path, {"config": run_cfg.to_mapping(), "settings": settings, **record})
+                logger.info("attacks on %s, unit %s, ε=%s, seed %d: %s", name, unit, epsilon_label(epsilon), seed,
+                            summary(record["scores"]))
+            per_seed.append(record["scores"])
+            if record["theta0"] is not None:
+                controls.append(record["theta0"])
+            sizes = record["sizes"]
         rows.append({"unit": unit, "epsilon": epsilon_label(epsilon), "noise_multiplier": z,
                      "attacks": _over_seeds(per_seed)})
-    return {"domain": name, **sizes, "positions": positions, "reference_models": int(study.reference_models),
-            "rows": rows, "theta0": _over_seeds(controls) if controls else {}}
+    return {"domain": name, **sizes, "positions": study.probe_positions,
+            "reference_models": int(study.reference_models), "rows": rows, "theta0": _over_seeds(controls) if controls else {}}
 
 
 def _over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, Any]]:
