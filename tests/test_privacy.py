@@ -91,6 +91,11 @@ def test_bad_inputs_are_named():
         epsilon_for(1.0, 1e-5, rounds=0)
     with pytest.raises(ValueError, match="epsilon"):
         noise_multiplier_for(-1.0, 1e-5)
+    for bad in (float("nan"), float("inf")):
+        poisoned = {k: v.clone() for k, v in weights.items()}
+        next(iter(poisoned.values())).view(-1)[0] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            clip_update(theta0, poisoned, 1.0)
 
 
 # ---------------------------------------------------------------- noise
@@ -603,6 +608,37 @@ def test_privacy_run_sequential_both_units(tmp_path, monkeypatch):
     for metrics in user_run["train_metrics"].values():
         assert metrics["dp_unit"] == 1 and metrics["dp_steps"] == 4
         assert metrics["dp_epsilon"] < metrics["dp_epsilon_run"] <= 2.0 + 1e-6
+
+
+def test_attacks_probe_what_the_family_trains_on(tmp_path, monkeypatch):
+    """The attacks score each candidate's fitted sequences: for the sequential family the training sequences, whose
+    last item a member's client trained on (not the validation item, which only selects the model); the reference
+    models train on seeds of their own, not the client's."""
+    import fedmerge.privacy.attacks as attacks
+    import fedmerge.runners.client as client_module
+    from fedmerge.privacy.membership import split_members
+    from fedmerge.privacy.study import attack_record, load_study
+
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "seq.toml"
+    path.write_text(SEQUENTIAL_STUDY)
+    cfg, study = load_study(str(path), ["privacy_study.probe_max_users=1000"])
+    probed, seeds = {}, []
+    monkeypatch.setattr(attacks, "run_attacks", lambda family, theta0, shipped, features, members, nonmembers, refs,
+                        positions: probed.update(members=members, nonmembers=nonmembers) or {})
+    real_train = client_module.client_train
+    monkeypatch.setattr(client_module, "client_train",
+                        lambda users, theta0, run_cfg, **kw: seeds.append(run_cfg.run.seed) or real_train(users, theta0, run_cfg, **kw))
+    name = cfg.data.training_domains()[0]
+    record = attack_record(cfg, study, name, seed=0, control=False)
+    members, rest = split_members(cfg.load_domain(name), float(study.member_fraction), seed=0)
+    nonmembers, _ = split_members(rest, 0.5, seed=1)
+    as_lists = lambda seqs: sorted(np.asarray(s).tolist() for s in seqs)  # noqa: E731
+    assert as_lists(probed["members"]) == as_lists(members.train)
+    assert as_lists(probed["nonmembers"]) == as_lists(nonmembers.train)
+    assert record["sizes"]["probed_per_group"] == [sum(len(s) >= 2 for s in members.train),
+                                                   sum(len(s) >= 2 for s in nonmembers.train)]
+    assert len(seeds) == 1 + study.reference_models and len(set(seeds)) == len(seeds)
 
 
 def studies_run_apart_and_pooled(scenario: Path, tmp_path: Path, key: str, whole: str,

@@ -104,6 +104,12 @@ class ModelFamily(ABC):
     ) -> tuple[StateDict, dict[str, Any]]:
         """Train from ``theta0`` on the domain's private sequences; return (weights, training metrics)."""
 
+    def fitted_sequences(self, domain: Domain) -> list[np.ndarray]:
+        """The domain's sequences whose items :meth:`train` fits as targets, and so what a membership attack on the
+        shipped weights probes: ``domain.train`` (the validation item only selects the model); a family that refits
+        on the validation items after selection returns :meth:`Domain.train_with_val`."""
+        return list(domain.train)
+
     def config(self) -> dict[str, Any]:
         """Hyper-parameters, echoed into results."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}

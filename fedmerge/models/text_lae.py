@@ -125,6 +125,10 @@ class TextLAEFamily(ModelFamily):
         """θ₀ = {"W": I}: data-free and seed-independent."""
         return {"W": torch.eye(dim)}
 
+    def fitted_sequences(self, domain: Domain) -> list[np.ndarray]:
+        """Train + validation items: the final W is refitted on both after λ is selected (also under user-level DP)."""
+        return domain.train_with_val()
+
     def lam_grid(self) -> tuple[float, ...]:
         grid = (self.lam,) if np.isscalar(self.lam) else tuple(self.lam)
         if not grid or min(grid) <= 0:

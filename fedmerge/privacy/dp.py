@@ -78,6 +78,8 @@ def clip_update(
     if not clip_norm > 0 or not math.isfinite(clip_norm):
         raise ValueError(f"clip_norm must be a positive finite number, got {clip_norm}")
     norm = task_vector_norm(theta0, weights)
+    if not math.isfinite(norm):
+        raise ValueError(f"the update's task-vector norm is {norm} (NaN or infinite weights): nothing to clip")
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     clipped = {
         k: (theta0[k].double() + (weights[k].double() - theta0[k].double()) * scale).to(weights[k].dtype)

@@ -14,8 +14,10 @@ into members (``member_fraction``), non-members and the attacker's reference use
 trains on the members with the cell's DP recipe, and the attacks of :mod:`fedmerge.privacy.attacks` (loss, offline
 LiRA with ``reference_models`` reference models trained with the same recipe on halves of the reference users,
 gradient alignment with the task vector) score ``probe_max_users`` members against as many non-members on the
-weights the client would ship: AUC and TPR at 0.1 % / 1 % FPR, mean and interval over seeds. Training data of a
-member = train + validation items (what the families fit on).
+weights the client would ship: AUC and TPR at 0.1 % / 1 % FPR, mean and interval over seeds. The probed sequences
+are the ones the family fits its targets on (:meth:`~fedmerge.models.base.ModelFamily.fitted_sequences`: the training
+sequences for the sequential family, train + validation items for the text-LAE), so a member's last probed item is
+one the client trained on; the loss attack and LiRA score ``probe_positions``, gradient alignment every position.
 
 Writes ``DIR/privacy.json``, ``DIR/privacy.md`` (the table), ``DIR/privacy.png`` (utility vs ε, and the frontier
 utility vs the strongest attack's TPR at 1 % FPR), each run under ``DIR/<unit>/eps-<ε>/seed-<s>/`` and each
@@ -219,7 +221,7 @@ def utility_sweep(
             per_seed.append({m: models[m]["average"].get(metric) for m in names})
             eps_reported = [m["dp_epsilon_run"] for m in results.get("train_metrics", {}).values() if "dp_epsilon_run" in m]
             if eps_reported:
-                row["client_epsilon_max"] = max(eps_reported)
+                row["client_epsilon_max"] = max(row.get("client_epsilon_max", 0.0), *eps_reported)
         row["metric"] = {m: over_seeds([s.get(m) for s in per_seed]) for m in per_seed[0]}
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
@@ -248,14 +250,25 @@ def _subsample(seqs: Sequence[np.ndarray], limit: int, seed: int) -> list[np.nda
     return [seqs[i] for i in keep]
 
 
-def _reference_config(cfg: Scenario, k: int) -> Scenario:
-    """The attacker's recipe for reference model k: the client's, with noise of its own (a reused seed would make
-    the reference models' noise equal the target's and cancel in the likelihood ratio)."""
+REFERENCE_SEED_STRIDE = 7919  # a prime far from the 1000·round + position steps of the client seeds
+
+
+def _reference_config(cfg: Scenario, reference_seed: int) -> Scenario:
+    """The attacker's recipe for the reference model of ``reference_seed``: the client's, with training randomness
+    (dropout, negatives) and DP noise of its own. The attacker does not know the client's seeds, and a reused noise
+    seed would make the reference models' noise equal the target's and cancel in the likelihood ratio."""
+    offset = REFERENCE_SEED_STRIDE * (reference_seed + 1)
     base = cfg.privacy.noise_seed
-    return replace(cfg, privacy=replace(cfg.privacy, noise_seed=-1 if base < 0 else base + 7919 * (k + 1)))
+    return replace(cfg, run=replace(cfg.run, seed=cfg.run.seed + offset),
+                   privacy=replace(cfg.privacy, noise_seed=-1 if base < 0 else base + offset))
 
 
 ATTACK_KEYS = ("probe_domain", "member_fraction", "probe_max_users", "probe_positions", "reference_models")
+# What the attacks probe and how the reference models are seeded, recorded with every attack file and study so that
+# scores of another protocol are neither read back by --resume nor pooled: "fitted-sequences" probes each family's
+# fitted sequences with reference models of their own training seeds. (Files without it probed train + validation
+# items, whose last item the sequential family never trains on, with the reference models on the client's seed.)
+PROBE_PROTOCOL = "fitted-sequences"
 
 
 def attack_file(out_dir: Path, unit: str, epsilon: float, seed: int) -> Path:
@@ -272,9 +285,12 @@ def kept_attacks(path: Path, run_cfg: Scenario, settings: Mapping[str, Any]) -> 
     from fedmerge.privacy.attacks import attack_names
     from fedmerge.runners.multiseed import same_config
 
+    if not path.exists():
+        return None
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as error:
+        logger.warning("attack file %s unreadable (%s): computed again", path, error)
         return None
     if not isinstance(record, dict) or record.get("settings") != settings or not same_config(run_cfg, record.get("config")):
         return None
@@ -290,7 +306,7 @@ def attack_record(
     """One (cell, seed) of the attacks: a client trains on the members of domain ``name`` with the cell's recipe
     (``run_cfg``), the attacker's reference models on its own users; ``{"sizes", "scores", "theta0"}``, the last the
     same attacks against θ₀ (the chance control) when ``control``, else None."""
-    from fedmerge.privacy.attacks import reference_models, run_attacks
+    from fedmerge.privacy.attacks import reference_models, run_attacks, scorable
     from fedmerge.privacy.membership import split_members
     from fedmerge.runners.client import client_train
     from fedmerge.runners.server import initial_weights
@@ -304,14 +320,15 @@ def attack_record(
     theta0 = initial_weights(run_cfg)
     shipped, _ = client_train(members, theta0, run_cfg, features=features)
     refs = reference_models(
-        lambda users, k: client_train(users, theta0, _reference_config(run_cfg, k), features=features)[0],
+        lambda users, reference_seed: client_train(users, theta0, _reference_config(run_cfg, reference_seed),
+                                                   features=features)[0],
         reference, int(study.reference_models), seed=seed,
     ) if int(study.reference_models) else []
-    member_seqs = _subsample(members.train_with_val(), limit, seed)
-    nonmember_seqs = _subsample(nonmembers.train_with_val(), limit, seed + 1)
+    member_seqs = _subsample(family.fitted_sequences(members), limit, seed)
+    nonmember_seqs = _subsample(family.fitted_sequences(nonmembers), limit, seed + 1)
     return {
         "sizes": {"members": members.n_users, "nonmembers": nonmembers.n_users, "reference": reference.n_users,
-                  "probed_per_group": [len(member_seqs), len(nonmember_seqs)]},
+                  "probed_per_group": [len(scorable(member_seqs)), len(scorable(nonmember_seqs))]},
         "scores": run_attacks(family, theta0, shipped, features, member_seqs, nonmember_seqs, refs, positions),
         "theta0": run_attacks(family, theta0, theta0, features, member_seqs, nonmember_seqs, refs, positions)
         if control else None,
@@ -327,7 +344,7 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | Non
     from fedmerge.privacy.attacks import summary
 
     name = study.probe_domain or cfg.data.training_domains()[0]
-    settings = {**{k: getattr(study, k) for k in ATTACK_KEYS}, "probe_domain": name}
+    settings = {**{k: getattr(study, k) for k in ATTACK_KEYS}, "probe_domain": name, "protocol": PROBE_PROTOCOL}
     rows, controls, sizes = [], [], {}
     for unit, epsilon in cells(study):
         per_seed = []
@@ -350,7 +367,7 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | Non
             sizes = record["sizes"]
         rows.append({"unit": unit, "epsilon": epsilon_label(epsilon), "noise_multiplier": z,
                      "attacks": _over_seeds(per_seed)})
-    return {"domain": name, **sizes, "positions": study.probe_positions,
+    return {"domain": name, "protocol": PROBE_PROTOCOL, **sizes, "positions": study.probe_positions,
             "reference_models": int(study.reference_models), "rows": rows, "theta0": _over_seeds(controls) if controls else {}}
 
 
@@ -439,7 +456,9 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
         f"(update clipped to C = {privacy.clip_norm:g}); unit 'user': one user's interactions ({user}). "
         f"Attacks on {probe['domain']} "
         f"({probe.get('probed_per_group', ['?', '?'])[0]} members vs {probe.get('probed_per_group', ['?', '?'])[1]} "
-        f"held-out users, '{probe['positions']}' position(s), LiRA with {probe['reference_models']} reference models); "
+        f"held-out users, their fitted sequences ({probe.get('protocol', 'before fitted-sequences: train + validation')}); "
+        f"loss and LiRA at the '{probe['positions']}' position(s), gradient alignment at every position; LiRA with "
+        f"{probe['reference_models']} reference models); "
         f"AUC against θ₀: {control or '-'}."
     )
     return "\n".join(lines) + "\n" + notes + "\n" + ratio_tables(utility, study.metric)
@@ -464,8 +483,10 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], s
             rows = [r for r in utility if r["unit"] in (unit, NO_DP)]
             x = [position["∞" if r["epsilon"] == "inf" else r["epsilon"]] for r in rows]
             y = [r["metric"][method]["mean"] for r in rows]
-            err = [[y_ - (r["metric"][method]["low"] or y_) for y_, r in zip(y, rows)],
-                   [(r["metric"][method]["high"] or y_) - y_ for y_, r in zip(y, rows)]]
+            err = [[y_ - (y_ if r["metric"][method]["low"] is None else r["metric"][method]["low"])
+                    for y_, r in zip(y, rows)],
+                   [(y_ if r["metric"][method]["high"] is None else r["metric"][method]["high"]) - y_
+                    for y_, r in zip(y, rows)]]
             style = "-" if unit == "domain" else "--"
             left.errorbar(x, y, yerr=err, fmt=markers[unit] + style, color=color, capsize=3, label=f"{method} ({unit})")
             tpr = [max(a["tpr@0.01"]["mean"] for a in by_cell[(r["unit"], r["epsilon"])].values()) for r in rows]
@@ -525,6 +546,10 @@ def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) ->
                                 "disjoint seeds of one grid, or other ε / units over the same seeds): not one study")
         if st.get("scenario") != first.get("scenario") or st.get("releases_per_client") != first.get("releases_per_client"):
             raise FedmergeError(f"{label} and {first_label} ran different scenarios: not one study")
+        if st["probe"].get("protocol") != first["probe"].get("protocol"):
+            raise FedmergeError(f"{label} and {first_label} ran different attack protocols ({st['probe'].get('protocol')} "
+                                f"vs {first['probe'].get('protocol')}): not one study; rerun the older with --resume "
+                                "(its runs are kept, its attacks recomputed)")
     if same_seeds:
         return _union_of_cells(studies, labels)
     seen: dict[int, str] = {}
