@@ -47,6 +47,7 @@ from scipy.optimize import brentq
 from scipy.special import log_ndtr, ndtr
 
 from fedmerge.models.base import StateDict
+from fedmerge.validation import task_vector_norm as unchecked_norm
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +66,10 @@ def _check_same_names(theta0: Mapping[str, torch.Tensor], weights: Mapping[str, 
 
 
 def task_vector_norm(theta0: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> float:
-    """‖θ − θ₀‖₂ over all tensors jointly: √(Σ_name ‖θ[name] − θ₀[name]‖²), accumulated in float64."""
+    """‖θ − θ₀‖₂ over all tensors jointly: √(Σ_name ‖θ[name] − θ₀[name]‖²), accumulated in float64
+    (:func:`fedmerge.validation.task_vector_norm`, after checking that names and shapes agree)."""
     _check_same_names(theta0, weights)
-    total = sum(float(((weights[k].double() - theta0[k].double()) ** 2).sum()) for k in theta0)
-    return math.sqrt(total)
+    return unchecked_norm(theta0, weights)
 
 
 def clip_update(
