@@ -378,7 +378,7 @@ def _over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[s
             for attack in per_seed[0]}
 
 
-def _cell(value: Mapping[str, Any] | None, digits: int = 4) -> str:
+def _format_interval(value: Mapping[str, Any] | None, digits: int = 4) -> str:
     """"mean [low, high]" (just the mean for one seed); "-" when missing."""
     if not value or value.get("mean") is None:
         return "-"
@@ -415,9 +415,9 @@ def ratio_tables(utility: Sequence[Mapping[str, Any]], metric: str) -> str:
         header = ["unit", "ε", *columns]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in rows:
-            cells_ = [row["unit"], "∞ (no DP)" if row["epsilon"] == "inf" else row["epsilon"]]
-            cells_ += [_cell(paired_ratio(row["metric"].get(c), reference(row, c), row["seeds"]), 2) for c in columns]
-            lines.append("| " + " | ".join(cells_) + " |")
+            table_row = [row["unit"], "∞ (no DP)" if row["epsilon"] == "inf" else row["epsilon"]]
+            table_row += [_format_interval(paired_ratio(row["metric"].get(c), reference(row, c), row["seeds"]), 2) for c in columns]
+            lines.append("| " + " | ".join(table_row) + " |")
         out.append(f"\n{metric}, per-seed ratio {title}: mean [95 % t-interval]; an interval that covers 1 is a "
                    "tie.\n\n"
                    + "\n".join(lines) + "\n")
@@ -438,11 +438,11 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in utility:
         found = by_cell.get((row["unit"], row["epsilon"]), {})
-        cells_ = [row["unit"], "∞ (no DP)" if row["epsilon"] == "inf" else row["epsilon"], f"{row['noise_multiplier']:.3f}"]
-        cells_ += [_cell(row["metric"].get(c)) for c in columns]
-        cells_ += [_cell(found.get(a, {}).get("auc"), 3) for a in attacks]
-        cells_ += [_cell(found.get(a, {}).get(score), 3) for score in ("tpr@0.001", "tpr@0.01") for a in attacks]
-        lines.append("| " + " | ".join(cells_) + " |")
+        table_row = [row["unit"], "∞ (no DP)" if row["epsilon"] == "inf" else row["epsilon"], f"{row['noise_multiplier']:.3f}"]
+        table_row += [_format_interval(row["metric"].get(c)) for c in columns]
+        table_row += [_format_interval(found.get(a, {}).get("auc"), 3) for a in attacks]
+        table_row += [_format_interval(found.get(a, {}).get(score), 3) for score in ("tpr@0.001", "tpr@0.01") for a in attacks]
+        lines.append("| " + " | ".join(table_row) + " |")
     privacy = cfg.privacy
     if cfg.model.family == "sequential":
         user = (f"DP-SGD, per-user clip {privacy.max_grad_norm:g}, sampling rate {privacy.sample_rate:g}, "
