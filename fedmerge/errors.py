@@ -7,3 +7,7 @@ class FedmergeError(Exception):
 
 class DataError(FedmergeError):
     """A data file or folder is missing, malformed or inconsistent."""
+
+
+class NumericalError(FedmergeError):
+    """A computation produced NaN or infinite values (e.g. a diverged coefficient optimization)."""

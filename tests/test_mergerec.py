@@ -432,3 +432,41 @@ def test_mergerec_starts_from_a_robust_merge(robust):
     reference = merge(robust, theta0, models)
     for p in theta0:
         torch.testing.assert_close(merged[p], reference[p])
+
+
+def test_a_diverging_loss_stops_with_a_named_error():
+    """A NaN or infinite loss stops the optimization at that step (it used to run on and return NaN coefficients
+    and a NaN loss curve)."""
+    from types import SimpleNamespace
+
+    from fedmerge.errors import NumericalError
+    from fedmerge.merging.mergerec import optimize_coefficients
+
+    for bad in (float("nan"), float("inf")):
+        calls = []
+
+        def loss(coefficients, *batch, bad=bad, calls=calls):
+            calls.append(1)
+            return (coefficients.sum() * 0 + (1.0 if len(calls) < 3 else bad))
+
+        objective = SimpleNamespace(refresh_items=lambda c: None, loss=loss,
+                                    pseudo=SimpleNamespace(draw=lambda *a: ()))
+        with pytest.raises(NumericalError, match=rf"MergeRec's loss is {bad} at step 2 of 10"):
+            optimize_coefficients(objective, torch.zeros(2), MergeRecConfig(steps=10, progress=False))
+        assert len(calls) == 3
+
+
+def test_a_seeded_start_follows_mergerecs_seed():
+    """MergeRec started from DARE draws DARE's masks from its own seed (they were always seed 0, so every run seed
+    shared them); an explicit init_params seed still wins."""
+    family, theta0, models, features = setup()
+    base = dict(init_method="dare", init_params={"p": 0.5}, steps=0, progress=False, item_side="full")
+    starts = {seed: mergerec(family, theta0, models, features, MergeRecConfig(**base, seed=seed)) for seed in (3, 4)}
+    for seed, (merged, report) in starts.items():
+        reference = merge("dare", theta0, models, p=0.5, seed=seed, scale=report.initial_coefficient)
+        for p in theta0:
+            torch.testing.assert_close(merged[p], reference[p])
+    assert not torch.equal(starts[3][0]["A"], starts[4][0]["A"])
+    pinned = MergeRecConfig(**{**base, "init_params": {"p": 0.5, "seed": 9}}, seed=3)
+    merged, report = mergerec(family, theta0, models, features, pinned)
+    torch.testing.assert_close(merged["A"], merge("dare", theta0, models, p=0.5, seed=9, scale=report.initial_coefficient)["A"])

@@ -352,6 +352,22 @@ def test_mergerec_coefficient_cap_bounds_the_learned_coefficients(tiny_domain, f
         MergeRecConfig(max_coefficient=0.0)
 
 
+def test_mergerec_coefficient_cap_bounds_negative_coefficients_too():
+    """A loss that pushes λ down: with the cap, λ stops at −cap (a λ of −3 amplifies a noisy task vector as much as
+    +3; the cap used to bound λ from above only)."""
+    from types import SimpleNamespace
+
+    from fedmerge.merging.mergerec import MergeRecConfig, optimize_coefficients
+
+    objective = SimpleNamespace(refresh_items=lambda c: None, loss=lambda coefficients, *batch: coefficients.sum(),
+                                pseudo=SimpleNamespace(draw=lambda *a: ()))
+    free, _ = optimize_coefficients(objective, torch.zeros(2), MergeRecConfig(steps=20, lr=0.5, progress=False))
+    capped, _ = optimize_coefficients(objective, torch.zeros(2), MergeRecConfig(steps=20, lr=0.5, progress=False,
+                                                                                max_coefficient=0.4))
+    assert float(free.min()) < -0.4
+    assert torch.equal(capped, torch.full((2,), -0.4))
+
+
 # ---------------------------------------------------------------- the `fedmerge privacy run` command
 
 TINY_STUDY = """

@@ -121,6 +121,68 @@ def test_evaluation_error_status_failed_exits_non_zero(cfg, tmp_path, monkeypatc
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"
 
 
+def test_a_diverged_merge_costs_only_itself_and_nan_diagnostics_still_write_results(cfg, tmp_path, monkeypatch):
+    """One merge method producing NaN weights is left out with its reason (the other merges are evaluated, status
+    ok), and a NaN in a diagnostic (here a merge report's loss curve) is written as null and named in warnings:
+    results.json used to be refused (JSON cannot hold NaN), losing the whole run."""
+    from dataclasses import replace
+
+    import fedmerge.merging as merging
+    from fedmerge.runners import server
+    from fedmerge.runners.simulation import run_scenario
+
+    real_merge, real_replies = merging.merge, server.merge_replies
+
+    def diverging_merge(method, theta0, models, **params):
+        merged = real_merge(method, theta0, models, **params)
+        return {k: v * float("nan") for k, v in merged.items()} if method == "task_arithmetic" else merged
+
+    def with_nan_diagnostic(*args, **kwargs):
+        merged, report = real_replies(*args, **kwargs)
+        report["loss_curve"] = [1.0, float("nan"), float("inf")]
+        return merged, report
+
+    monkeypatch.setattr(merging, "merge", diverging_merge)
+    monkeypatch.setattr(server, "merge_replies", with_nan_diagnostic)
+    cfg = replace(cfg, merge=replace(cfg.merge, methods=("average", "task_arithmetic")))
+    results = run_scenario(cfg, "inprocess", tmp_path / "run")
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == written["status"] == "ok"
+    assert "average" in written["models"] and "task_arithmetic" not in written["models"]
+    assert "NaN or infinite values in" in written["merge_report"]["failed"]["task_arithmetic"]
+    assert written["merge_report"]["loss_curve"] == [1.0, None, None]
+    assert any(w.startswith("merge task_arithmetic failed and was not evaluated") for w in written["warnings"])
+    assert any("merge_report.loss_curve[1], merge_report.loss_curve[2]" in w for w in written["warnings"])
+
+
+def test_a_model_the_client_cannot_evaluate_costs_only_its_own_metrics(cfg):
+    """A model whose scores hold NaN: the client reports the others' metrics and why that one is missing; the server
+    keeps the others and records the reason (one bad model used to fail the domain's whole evaluation)."""
+    import torch
+    from flwr.app import RecordDict
+
+    from fedmerge.runners import protocol
+    from fedmerge.runners.client import ClientState
+    from fedmerge.runners.server import Federation, initial_weights
+
+    theta0 = initial_weights(cfg)
+    broken = {k: v * float("nan") if v.is_floating_point() else v for k, v in theta0.items()}
+    state = ClientState(cfg, partition_id=0)
+    request = RecordDict({protocol.MODEL_PREFIX + "good": protocol.to_record(theta0),
+                          protocol.MODEL_PREFIX + "broken": protocol.to_record(broken)})
+    reply = state.handle(protocol.EVALUATE, request)
+    assert set(reply.metric_records) == {protocol.METRICS_PREFIX + "good"}
+    assert "scores contain NaN" in reply.config_records[protocol.EVALUATION_FAILURES]["broken"]
+    federation = Federation(cfg, theta0)
+    federation.models.update(good={}, broken={})  # as the evaluation phase prepares them for the models it sends
+    domain = state.domain.name
+    federation.accept_metrics(domain, reply, sent={"good", "broken"})
+    assert domain in federation.models["good"] and domain not in federation.models.get("broken", {})
+    assert federation.rejected[f"{protocol.EVALUATE}:{domain}:broken"] == \
+        "the client could not evaluate it: ValueError: scores contain NaN"
+    assert torch.isfinite(torch.tensor(list(federation.models["good"][domain].values()))).all()
+
+
 def test_write_errors_name_the_path(tmp_path, monkeypatch):
     target = tmp_path / "deep" / "results.json"
 

@@ -68,7 +68,9 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from fedmerge.errors import NumericalError
 from fedmerge.merging.methods import processed_task_vectors
+from fedmerge.merging.registry import get_method
 from fedmerge.merging.mergerec_config import MergeRecConfig
 from fedmerge.merging.teachers import TopKRows, top_k_distillation_loss, top_k_rows
 from fedmerge.metrics import Scorer
@@ -375,7 +377,10 @@ class PseudoUserObjective:
             if missing:
                 raise ValueError(f"no {what} for domain(s) {missing}; have {sorted(table)}")
         self.config = config
-        self.processed = processed_task_vectors(config.init_method, theta0, models, **dict(config.init_params))
+        init_params = dict(config.init_params)
+        if "seed" in get_method(config.init_method).params:  # a seeded start (DARE's masks) follows MergeRec's seed
+            init_params.setdefault("seed", config.seed)
+        self.processed = processed_task_vectors(config.init_method, theta0, models, **init_params)
         dims = {int(item_features[d].shape[-1]) for d in self.pseudo_domains}
         if len(dims) != 1:
             raise ValueError(f"item features of the domains have different widths {sorted(dims)}")
@@ -502,12 +507,15 @@ def optimize_coefficients(
             objective.refresh_items(coefficients)
         with gradient_threads():  # thread-count independent step (see fedmerge.reproducibility)
             loss = objective.loss(coefficients, *objective.pseudo.draw(generator, config.batch_size, config.sampling))
+            if not torch.isfinite(loss):
+                raise NumericalError(f"MergeRec's loss is {float(loss.detach())} at step {step} of {config.steps} (lr "
+                                     f"{config.lr:g}): the coefficients diverged")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         if config.max_coefficient is not None:
             with torch.no_grad():
-                coefficients.clamp_(max=config.max_coefficient)
+                coefficients.clamp_(min=-config.max_coefficient, max=config.max_coefficient)
         losses.append(float(loss.detach()))
     return coefficients.detach(), losses
 

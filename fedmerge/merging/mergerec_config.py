@@ -50,7 +50,8 @@ class MergeRecConfig:
     # per Transformer layer plus one "others" group (``family.transformer_layer_groups``)
     layer_groups: Literal["family", "transformer"] = "family"
     init_coefficient: float | None = None  # None: 0.2 (task arithmetic), 1.0 (TIES), else the method's λ
-    # λ ≤ max_coefficient, projected after every step: bounds how much one client's (noisy) task vector is amplified
+    # |λ| ≤ max_coefficient, projected after every step: bounds how much one client's (noisy) task vector is amplified
+    # (a λ of −3 amplifies the noise as much as +3)
     max_coefficient: float | None = None
     temperature: float = 0.05
     distill_weight: float = 1000.0  # c

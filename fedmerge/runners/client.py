@@ -93,12 +93,15 @@ def client_train(
 
 
 def client_evaluate(
-    domain: Domain, models: Mapping[str, StateDict], cfg: Scenario, features: torch.Tensor | None = None
+    domain: Domain, models: Mapping[str, StateDict], cfg: Scenario, features: torch.Tensor | None = None,
+    failures: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of each model on the domain's private ``eval.split`` users (:func:`fedmerge.metrics.evaluate_batches`).
 
     The users' batches (truncated inputs, targets, masks) are prepared once for all models; each model then costs its
     scorer (item representations, once per model) and one forward per batch. One scorer is alive at a time.
+    ``failures``: when given, a model that cannot be evaluated (e.g. its scores hold NaN) is left out and its reason
+    stored there, so one bad model does not cost the others' metrics; otherwise the error propagates.
     """
     torch.set_num_threads(thread_count(cfg.run.torch_threads))
     family = cfg.model.make_family()
@@ -106,10 +109,16 @@ def client_evaluate(
         features = cfg.encoder.item_features(domain.catalog, family)
     ks = tuple(int(k) for k in cfg.eval.ks)
     batches = evaluation_batches(domain, cfg.eval.split, max_len=family.max_len)
-    return {
-        name: evaluate_batches(family.scorer(weights, features), batches, domain.n_items, ks=ks)
-        for name, weights in models.items()
-    }
+    results = {}
+    for name, weights in models.items():
+        try:
+            results[name] = evaluate_batches(family.scorer(weights, features), batches, domain.n_items, ks=ks)
+        except (ValueError, RuntimeError, FloatingPointError) as exc:
+            if failures is None:
+                raise
+            logger.warning("%s: model %s could not be evaluated: %s", domain.name, name, exc)
+            failures[name] = f"{type(exc).__name__}: {exc}"
+    return results
 
 
 class ClientState:
@@ -165,9 +174,12 @@ class ClientState:
                 key[len(protocol.MODEL_PREFIX):]: protocol.from_record(rec)
                 for key, rec in content.array_records.items() if key.startswith(protocol.MODEL_PREFIX)
             }
-            results = client_evaluate(self.domain, models, self.cfg, features=self.features)
+            failures: dict[str, str] = {}
+            results = client_evaluate(self.domain, models, self.cfg, features=self.features, failures=failures)
             reply = RecordDict({protocol.INFO: info})
             for name, metrics in results.items():
                 reply[protocol.METRICS_PREFIX + name] = protocol.numeric_metrics(metrics)
+            if failures:
+                reply[protocol.EVALUATION_FAILURES] = ConfigRecord(failures)
             return reply
         raise FedmergeError(f"unknown message type {message_type!r}; valid: {[protocol.QUERY, protocol.TRAIN, protocol.EVALUATE]}")

@@ -26,6 +26,7 @@ WEIGHTS = "weights"  # ArrayRecord replied after training
 TRAIN_METRICS = "train_metrics"  # MetricRecord replied after training
 MODEL_PREFIX = "model:"  # ArrayRecord per model to evaluate, keyed MODEL_PREFIX + model name
 METRICS_PREFIX = "metrics:"  # MetricRecord per evaluated model
+EVALUATION_FAILURES = "evaluation_failures"  # ConfigRecord replied: model name -> why the client could not evaluate it
 NUM_USERS = "num-users"  # training metric used as the FedAvg weight
 DOMAIN = "domain"
 # String-valued training metrics: a MetricRecord holds numbers only, so each travels as its index in this tuple.

@@ -21,6 +21,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
+import numbers
 import platform
 from datetime import datetime, timezone
 from collections.abc import Mapping
@@ -54,11 +56,30 @@ def ordered_model_names(models: Mapping[str, Any]) -> list[str]:
 
 
 def finalize(out: dict[str, Any], cfg: Scenario, engine: str) -> dict[str, Any]:
-    """Add run identity, resolved config and versions; models in a stable order."""
+    """Add run identity, resolved config and versions; models in a stable order. A NaN or infinite number anywhere
+    (a diverged loss curve in a merge report, a metric) is written as null and named in ``warnings``: JSON cannot hold
+    it, and refusing the file would lose every other result of the run."""
     out = dict(out)
     out["models"] = {m: out["models"][m] for m in ordered_model_names(out["models"])}
+    out, where = without_non_finite(out)
+    if where:
+        shown = ", ".join(where[:10]) + (f" and {len(where) - 10} more" if len(where) > 10 else "")
+        out["warnings"] = [*out.get("warnings", []), f"NaN or infinite values written as null: {shown}"]
     return {"run": {"name": cfg.run.name, "seed": cfg.run.seed, "engine": engine}, **out,
             "config": cfg.to_mapping(), "versions": package_versions()}
+
+
+def without_non_finite(value: Any, path: str = "") -> tuple[Any, list[str]]:
+    """(``value`` with every NaN / ±inf number in its dicts, lists and tuples replaced by None, the paths replaced)."""
+    if isinstance(value, Mapping):
+        pairs = [(k, without_non_finite(v, f"{path}.{k}" if path else str(k))) for k, v in value.items()]
+        return {k: v for k, (v, _) in pairs}, [p for _, (_, found) in pairs for p in found]
+    if isinstance(value, (list, tuple)):
+        items = [without_non_finite(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [v for v, _ in items], [p for _, found in items for p in found]
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
+        return None, [path]
+    return value, []
 
 
 def metric_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:

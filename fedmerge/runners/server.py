@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, RecordDict
 from tqdm.auto import tqdm
 
 from fedmerge.data.domain import ItemCatalog
-from fedmerge.errors import FedmergeError
+from fedmerge.errors import FedmergeError, NumericalError
 from fedmerge.memory import release_freed_memory
 from fedmerge.merging.local_parameters import card_values, check_local_parameters, shared_values, with_values
 from fedmerge.merging.testtime import TESTTIME_METHOD
@@ -189,7 +189,8 @@ def merge_replies(
     """Every configured merge of the clients' weights (training-free registry methods and MergeRec).
 
     Uses only the weights and the public catalogs. Returns (model name -> merged weights, report with per-method
-    seconds and MergeRec's learned coefficients).
+    seconds and MergeRec's learned coefficients). A method whose computation diverges (NaN or infinite loss or
+    weights) costs only itself: it is left out and its reason recorded in ``report["failed"]``.
     """
     from fedmerge.merging import MERGEREC_METHODS, METHODS, merge
 
@@ -203,14 +204,25 @@ def merge_replies(
         params = dict(cfg.merge.params.get(method, {}))
         if method in METHODS and "seed" in METHODS[method].params:  # DARE's masks follow the run seed unless set
             params.setdefault("seed", cfg.run.seed)
-        if method in MERGEREC_METHODS:
-            merged[method], report[method] = _mergerec(theta0, models, catalogs, cfg, MERGEREC_METHODS[method])
-        else:
-            try:
-                merged[method] = merge(method, theta0, models, **params)
-            except ValueError as exc:
-                raise FedmergeError(f"merge.methods: {method}: {exc}") from exc
-        report["seconds"][method] = round(time.perf_counter() - start, 3)
+        try:
+            if method in MERGEREC_METHODS:
+                weights, report[method] = _mergerec(theta0, models, catalogs, cfg, MERGEREC_METHODS[method])
+            else:
+                try:
+                    weights = merge(method, theta0, models, **params)
+                except ValueError as exc:
+                    raise FedmergeError(f"merge.methods: {method}: {exc}") from exc
+            not_finite = [name for name, tensor in weights.items() if not bool(torch.isfinite(tensor).all())]
+            if not_finite:
+                raise NumericalError(f"merged weights hold NaN or infinite values in {len(not_finite)} tensor(s), "
+                                     f"e.g. {not_finite[:3]}")
+        except NumericalError as exc:
+            logger.warning("merge %s failed and is left out: %s", method, exc)
+            report.setdefault("failed", {})[method] = str(exc)
+            continue
+        finally:
+            report["seconds"][method] = round(time.perf_counter() - start, 3)
+        merged[method] = weights
     return merged, report
 
 
@@ -273,6 +285,10 @@ def testtime_merges(
                 MergeRecConfig.from_keys(params), teacher=testtime.teacher, include_seen=testtime.include_seen)
         except ValueError as exc:
             raise FedmergeError(f"merge.testtime ({h}): {exc}") from exc
+        except NumericalError as exc:  # a diverged test-time merge costs only itself
+            logger.warning("%s for %s failed and is left out: %s", TESTTIME_METHOD, h, exc)
+            reports[h] = {"skipped": str(exc)}
+            continue
         reports[h] = {**asdict(report), "seconds": round(time.perf_counter() - start, 3), **asdict(testtime)}
     return merged, reports
 
@@ -591,8 +607,10 @@ class Federation:
         expected = evaluation_metric_names([int(k) for k in self.cfg.eval.ks])
         reported = {key[len(protocol.METRICS_PREFIX):]: dict(record) for key, record in content.metric_records.items()
                     if key.startswith(protocol.METRICS_PREFIX)}
+        failures = content.config_records.get(protocol.EVALUATION_FAILURES, {})
         problems = {name: ["metrics for a model the server did not send; ignored"] for name in set(reported) - sent}
-        problems |= {name: ["no metrics reported"] for name in sent - set(reported)}
+        problems |= {name: [f"the client could not evaluate it: {str(failures[name])[:300]}" if name in failures
+                            else "no metrics reported"] for name in sent - set(reported)}
         for name in sorted(sent & set(reported)):
             found = check_eval_metrics(reported[name], expected, USERS)
             if found:
@@ -735,6 +753,8 @@ class Federation:
             "train_metrics": self.train_metrics,
             "fedavg_train_metrics": self.fedavg_train_metrics,
             "warnings": [*self.left_out_warnings(), *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics),
+                         *(f"merge {m} failed and was not evaluated: {reason}"
+                           for m, reason in self.merge_report.get("failed", {}).items()),
                          *(f"{TESTTIME_METHOD} for {h} skipped: {r['skipped']}"
                            for h, r in self.merge_report.get(TESTTIME_METHOD, {}).items() if "skipped" in r)],
             "merge_report": self.merge_report,
