@@ -18,8 +18,9 @@ the same τ̃_k.
 whole task vector, all tensors flattened and concatenated (``"model"``), which is what the TIES authors' code and
 MergeRec's released code do (their top-ρ trim and PCB's quantile clamps and normalizations are then global: a
 tensor whose entries are small next to the rest of the model can lose all of them). ``ties`` keeps per-tensor
-trimming by default - every tensor keeps its top ρ share, which on fedmerge's models (a few large adapter and
-embedding tensors next to many small Transformer ones) keeps each layer's own update; ``ties_global`` is the
+trimming by default - every tensor keeps its top ⌊ρ·n⌋ entries, which on fedmerge's models (a few large adapter and
+embedding tensors next to many small Transformer ones) keeps each layer's own update, while a tensor of fewer than
+1/ρ entries (a scalar such as the last-item bias) keeps none; ``ties_global`` is the
 references' setting by name. ``pcb`` follows the PCB paper's equations; ``pcb_released`` is the released PCB code
 that MergeRec runs (see :func:`pcb_released_vectors`).
 """
