@@ -181,6 +181,9 @@ def test_a_model_the_client_cannot_evaluate_costs_only_its_own_metrics(cfg):
     assert federation.rejected[f"{protocol.EVALUATE}:{domain}:broken"] == \
         "the client could not evaluate it: ValueError: scores contain NaN"
     assert torch.isfinite(torch.tensor(list(federation.models["good"][domain].values()))).all()
+    others = [d for d in federation.train_domains if d != domain]
+    assert f"the average of good covers ['{domain}'] only (no metrics of {others})" in \
+        "\n".join(federation.results()["warnings"])
 
 
 def test_write_errors_name_the_path(tmp_path, monkeypatch):

@@ -502,6 +502,18 @@ class Federation:
                           or "no usable update")
                 self.left_out.setdefault(d, []).append((phase, reason))
 
+    def partial_average_warnings(self) -> list[str]:
+        """One line per model whose ``average`` covers only some training domains (a domain's metrics were left out
+        or never came): that average is not comparable with the others'."""
+        lines = []
+        for name, per_domain in self.models.items():
+            covered = [d for d in self.train_domains if d in per_domain]
+            if 0 < len(covered) < len(self.train_domains):
+                missing = [d for d in self.train_domains if d not in per_domain]
+                lines.append(f"the average of {name} covers {covered} only (no metrics of {missing}): not comparable "
+                             "with the averages over every training domain")
+        return lines
+
     def left_out_warnings(self) -> list[str]:
         """One line per training client the run went on without (fewer than every client is allowed by
         ``federation.min_replies``): the phases it missed and the first reason."""
@@ -755,6 +767,7 @@ class Federation:
             "warnings": [*self.left_out_warnings(), *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics),
                          *(f"merge {m} failed and was not evaluated: {reason}"
                            for m, reason in self.merge_report.get("failed", {}).items()),
+                         *self.partial_average_warnings(),
                          *(f"{TESTTIME_METHOD} for {h} skipped: {r['skipped']}"
                            for h, r in self.merge_report.get(TESTTIME_METHOD, {}).items() if "skipped" in r)],
             "merge_report": self.merge_report,
