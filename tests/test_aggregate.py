@@ -78,6 +78,12 @@ def test_aggregate_runs_by_hand():
     assert agg["warnings"] == ["seed 2: local training of B was cut by max_seconds"]
     single = aggregate_runs({0: runs[0]}, "recall@10", training_free=["average"])
     assert single["models"]["ties"]["average"]["recall@10"]["half_width"] is None and "one seed" in single["note"]
+    # a model one seed lacks (a merge that failed there) is left out of the aggregate, and said so
+    partial = {s: {**r, "models": {m: v for m, v in r["models"].items() if not (s == 1 and m == "ties")}}
+               for s, r in runs.items()}
+    agg = aggregate_runs(partial, "recall@10", training_free=["average", "ties"])
+    assert not agg["models"].get("ties")  # no domain, no metric
+    assert "ties is missing from seed(s) [1]: left out of the aggregate" in agg["warnings"]
 
 
 def _held_out_run(recall: dict[str, float], ndcg_scale: float = 0.5) -> dict:

@@ -207,6 +207,19 @@ def aggregate_runs(
         "models": aggregate_models(runs, confidence),
         "paired": paired_comparisons(runs, metric, training_free, confidence),
         "held_out_paired": held_out_comparisons(runs, same_cutoff_metrics(metric, runs), confidence),
-        "warnings": [f"seed {s}: {w}" for s, r in runs.items() for w in r.get("warnings", [])],
+        "warnings": [*(f"seed {s}: {w}" for s, r in runs.items() for w in r.get("warnings", [])),
+                     *missing_model_warnings(runs)],
         **({"note": ONE_SEED_NOTE} if len(runs) < 2 else {}),
     }
+
+
+def missing_model_warnings(runs: Mapping[int, Mapping[str, Any]]) -> list[str]:
+    """One line per model that some seeds report and others do not (a merge that failed on one seed, FedAvg that a
+    resumed run skipped): the aggregate needs every seed, so that model is left out of it."""
+    names = list(dict.fromkeys(m for r in runs.values() for m in r.get("models", {})))
+    lines = []
+    for name in names:
+        missing = [s for s, r in runs.items() if name not in r.get("models", {})]
+        if missing:
+            lines.append(f"{name} is missing from seed(s) {missing}: left out of the aggregate")
+    return lines
