@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 
 from fedmerge.errors import NumericalError
 from fedmerge.merging.methods import processed_task_vectors
-from fedmerge.merging.registry import get_method
+from fedmerge.merging.registry import with_default_seed
 from fedmerge.merging.mergerec_config import MergeRecConfig
 from fedmerge.merging.teachers import TopKRows, top_k_distillation_loss, top_k_rows
 from fedmerge.metrics import Scorer
@@ -377,9 +377,7 @@ class PseudoUserObjective:
             if missing:
                 raise ValueError(f"no {what} for domain(s) {missing}; have {sorted(table)}")
         self.config = config
-        init_params = dict(config.init_params)
-        if "seed" in get_method(config.init_method).params:  # a seeded start (DARE's masks) follows MergeRec's seed
-            init_params.setdefault("seed", config.seed)
+        init_params = with_default_seed(config.init_method, config.init_params, config.seed)  # DARE's masks
         self.processed = processed_task_vectors(config.init_method, theta0, models, **init_params)
         dims = {int(item_features[d].shape[-1]) for d in self.pseudo_domains}
         if len(dims) != 1:

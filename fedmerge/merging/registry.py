@@ -187,6 +187,15 @@ def get_method(name: str) -> MergeMethod:
     return METHODS[name]
 
 
+def with_default_seed(name: str, params: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """``params`` with ``seed`` as the default of method ``name``'s ``seed`` parameter (DARE's masks), so a seeded
+    method follows the run's seed unless ``params`` sets one; unchanged for a method without randomness."""
+    out = dict(params)
+    if "seed" in get_method(name).params:
+        out.setdefault("seed", seed)
+    return out
+
+
 def resolve_params(name: str, params: Mapping[str, Any], n_models: int | None = None) -> dict[str, Any]:
     """``params`` completed with the method's defaults and validated (ValueError naming the bad key or value)."""
     method = get_method(name)

@@ -482,11 +482,10 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], s
         for unit in study.units:
             rows = [r for r in utility if r["unit"] in (unit, NO_DP)]
             x = [position["∞" if r["epsilon"] == "inf" else r["epsilon"]] for r in rows]
-            y = [r["metric"][method]["mean"] for r in rows]
-            err = [[y_ - (y_ if r["metric"][method]["low"] is None else r["metric"][method]["low"])
-                    for y_, r in zip(y, rows)],
-                   [(y_ if r["metric"][method]["high"] is None else r["metric"][method]["high"]) - y_
-                    for y_, r in zip(y, rows)]]
+            stats = [r["metric"][method] for r in rows]
+            y = [m["mean"] for m in stats]
+            err = [[m["mean"] - (m["mean"] if m["low"] is None else m["low"]) for m in stats],
+                   [(m["mean"] if m["high"] is None else m["high"]) - m["mean"] for m in stats]]
             style = "-" if unit == "domain" else "--"
             left.errorbar(x, y, yerr=err, fmt=markers[unit] + style, color=color, capsize=3, label=f"{method} ({unit})")
             tpr = [max(a["tpr@0.01"]["mean"] for a in by_cell[(r["unit"], r["epsilon"])].values()) for r in rows]

@@ -193,6 +193,7 @@ def merge_replies(
     weights) costs only itself: it is left out and its reason recorded in ``report["failed"]``.
     """
     from fedmerge.merging import MERGEREC_METHODS, METHODS, merge
+    from fedmerge.merging.registry import with_default_seed
 
     models = {d: replies[d] for d in sorted(replies)}
     merged: dict[str, StateDict] = {}
@@ -202,8 +203,8 @@ def merge_replies(
             continue
         start = time.perf_counter()
         params = dict(cfg.merge.params.get(method, {}))
-        if method in METHODS and "seed" in METHODS[method].params:  # DARE's masks follow the run seed unless set
-            params.setdefault("seed", cfg.run.seed)
+        if method in METHODS:  # DARE's masks follow the run seed unless set
+            params = with_default_seed(method, params, cfg.run.seed)
         try:
             if method in MERGEREC_METHODS:
                 weights, report[method] = _mergerec(theta0, models, catalogs, cfg, MERGEREC_METHODS[method])
