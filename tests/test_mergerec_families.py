@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedmerge.data.domain import interaction_matrix
-from fedmerge.merging.mergerec import MergeRecConfig, SequenceSide, mergerec
+from fedmerge.merging.mergerec import MergeRecConfig, PseudoUserObjective, SequenceSide, mergerec
 from fedmerge.models.base import pad_sequences
 from fedmerge.models.sequential import SequentialFamily
 from fedmerge.models.text_lae import TextLAEFamily
@@ -67,7 +67,7 @@ def test_sequence_side_over_the_union_scores_each_row_against_its_own_catalog():
         offsets = torch.tensor([b[0] for b in bounds])
         input_features = torch.cat(catalogs)[local + offsets[domain_of]]
         one_column = torch.arange(len(local)).view(-1, 1)
-        scores = SequenceSide(module)(input_features, one_column, union, bounds, parts)
+        scores = SequenceSide(module)(input_features, one_column, union, bounds, parts, local)
         for (d, rows), got in zip(parts, scores):
             seqs = pad_sequences([np.array([int(i)]) for i in local[rows]], family.max_len)
             expected = module.logits(module.encode(seqs, reps[d])[:, -1], reps[d])
@@ -103,3 +103,22 @@ def test_rollout_pseudo_users_frozen_item_side_matches_the_full_forward_at_the_f
     assert frozen.loss_curve[0] == pytest.approx(full.loss_curve[0], rel=1e-4)
     for report in (full, frozen):
         assert np.mean(report.loss_curve[-5:]) < np.mean(report.loss_curve[:5])
+
+
+def test_frozen_item_side_scores_the_last_item_bias_like_the_full_forward():
+    """With a learned last-item bias and the pseudo-users' own items left in (the paper preset), the frozen sequence
+    side must add b / τ to each row's last item as the model's forward does; otherwise the student differs from its
+    teachers on exactly the item a domain's b is about."""
+    family = SequentialFamily(hidden=16, n_layers=1, n_heads=2, max_len=5, last_item_bias=True)
+    gen = torch.Generator().manual_seed(9)
+    theta0 = family.initial_weights(6)
+    models = perturbed_models(theta0, 0.2, seed=10)
+    for d, b in zip("abc", (-0.8, 0.5, -0.3)):
+        models[d]["last_item_bias"] = torch.tensor(b)
+    features = {d: torch.randn(n, 6, generator=gen) for d, n in zip("abc", (8, 5, 10))}
+    lam = torch.tensor([[0.7], [0.2], [0.4]])
+    config = dict(steps=0, temperature=0.5, distill_weight=1.0, progress=False, pseudo_user_length=2,
+                  exclude_input_item=False)
+    values = [PseudoUserObjective(family, theta0, models, features, MergeRecConfig(item_side=side, **config))
+              .mean_loss(lam) for side in ("frozen", "full")]
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
