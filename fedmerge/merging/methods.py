@@ -115,7 +115,7 @@ def drop_random(tau: torch.Tensor, p: float, generator: torch.Generator) -> torc
     """DARE: zero each entry independently with probability p and rescale survivors by 1/(1−p), so E[out] = τ."""
     if p == 0.0:
         return tau.clone()
-    keep = torch.rand(tau.shape, generator=generator) >= p
+    keep = torch.rand(tau.shape, generator=generator).to(tau.device) >= p  # a CPU generator: same masks on any device
     return tau * keep / (1.0 - p)
 
 
@@ -203,6 +203,7 @@ def _average(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generat
     """τ̃_k = w_k/Σw · τ_k, so θ₀ + Σ τ̃_k = Σ w_k θ_k / Σ w (uniform w by default)."""
     weights = params["weights"]
     w = torch.ones(tau.shape[0]) if weights is None else torch.tensor(weights, dtype=torch.float32)
+    w = w.to(tau.device)
     w = (w / w.sum()).reshape(-1, *([1] * (tau.dim() - 1)))
     return tau * w
 
@@ -296,7 +297,7 @@ class ProcessedTaskVectors:
         """Σ_k c_k τ̃_k per parameter; ``coefficients`` (K,) defaults to λ for every model."""
         k = len(self.model_names)
         c = torch.full((k,), self.scale) if coefficients is None else coefficients
-        return {p: torch.tensordot(c.to(v.dtype), v, dims=1) for p, v in self.vectors.items()}
+        return {p: torch.tensordot(c.to(device=v.device, dtype=v.dtype), v, dims=1) for p, v in self.vectors.items()}
 
 
 def processed_task_vectors(name: str, theta0: StateDict, models: Models, **params: Any) -> ProcessedTaskVectors:
