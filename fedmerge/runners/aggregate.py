@@ -36,7 +36,8 @@ CONFIDENCE = 0.95
 AVERAGE = "average"
 # Models that are references, not merges of the clients' models.
 NOT_MERGES = frozenset({"theta0", "individual", "joint"})
-INDIVIDUAL_PREFIX = "individual_"  # a training domain's own model evaluated on a held-out domain
+# results.json name prefix of a training domain's own model evaluated on a held-out domain: individual_<domain>
+HELD_OUT_INDIVIDUAL_PREFIX = "individual_"
 ONE_SEED_NOTE = "one seed: no spread, interval or test (run several with run.seeds / --seeds)"
 
 
@@ -166,7 +167,7 @@ def held_out_comparisons(
                 found = [r["models"].get(model, {}).get(domain, {}).get(metric) for r in runs.values()]
                 if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in found):
                     values[model] = {s: float(v) for s, v in zip(runs, found)}
-            singles = [m for m in values if m.startswith(INDIVIDUAL_PREFIX)]
+            singles = [m for m in values if m.startswith(HELD_OUT_INDIVIDUAL_PREFIX)]
             best = {s: max(singles, key=lambda m: values[m][s]) for s in runs} if singles else {}
             references: dict[str, dict[int, float]] = {}
             if "theta0" in values:
@@ -175,7 +176,7 @@ def held_out_comparisons(
                 references["vs_best_individual"] = {s: values[best[s]][s] for s in runs}
             models = {
                 model: {name: _compare(v, ref, confidence) for name, ref in references.items()}
-                for model, v in values.items() if model != "theta0" and not model.startswith(INDIVIDUAL_PREFIX)
+                for model, v in values.items() if model != "theta0" and not model.startswith(HELD_OUT_INDIVIDUAL_PREFIX)
             }
             out[domain][metric] = {"best_individual": best, "models": models}
     return out

@@ -29,6 +29,7 @@ from fedmerge.models import StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
 from fedmerge.reproducibility import process_cpus, thread_count
 from fedmerge.runners import protocol
+from fedmerge.runners.aggregate import HELD_OUT_INDIVIDUAL_PREFIX
 from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,10 @@ STALE_HINT = (  # why saved weights were refused on --resume, and what to do
     "values, or run without --resume"
 )
 TRAIN_METRICS_KEY = "train_metrics"
-INDIVIDUAL_PREFIX = "individual:"  # saved-model name of a client's one-shot model: individual:<domain>
+SAVED_INDIVIDUAL_PREFIX = "individual:"  # saved-model name of a client's one-shot model: individual:<domain>
 TESTTIME_PREFIX = TESTTIME_METHOD + ":"  # saved-model name of the test-time merge for one held-out domain
 # results.json name of training domain d's one-shot model evaluated on a held-out domain (which has no own model)
-HELD_OUT_INDIVIDUAL = "individual_{domain}"
+HELD_OUT_INDIVIDUAL = HELD_OUT_INDIVIDUAL_PREFIX + "{domain}"
 # The config sections that determine what a client trains; a resumed run must match them exactly.
 TRAINING_SECTIONS = ("data", "encoder", "model", "privacy", "theta0")
 
@@ -355,7 +356,7 @@ class Federation:
         """The card of a client's one-shot weights, already saved at ``path`` (``clients/<domain>.json``)."""
         from fedmerge.recommender import write_card
 
-        name = INDIVIDUAL_PREFIX + domain
+        name = SAVED_INDIVIDUAL_PREFIX + domain
         write_card(path, weights, self._model_card(name, "individual", [domain], self.cfg.model.params, {}))
         self.saved_models[name] = path
 
@@ -375,8 +376,8 @@ class Federation:
         from fedmerge.recommender import update_card
 
         for name, path in self.saved_models.items():
-            if name.startswith(INDIVIDUAL_PREFIX):
-                domain = name[len(INDIVIDUAL_PREFIX):]
+            if name.startswith(SAVED_INDIVIDUAL_PREFIX):
+                domain = name[len(SAVED_INDIVIDUAL_PREFIX):]
                 if domain in self.clipped:  # the evaluated model is the norm-clipped update, not the file's weights
                     update_card(path, clipped=self.clipped[domain], metrics={})
                     continue
