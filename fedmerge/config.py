@@ -10,6 +10,7 @@ becomes a typed :class:`fedmerge.scenario.Scenario` (:meth:`~fedmerge.scenario.S
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -373,6 +374,7 @@ def _validate_defences(federation: FederationSettings) -> None:
         "norm_cap": (federation.norm_cap >= 0, "a number >= 0 (0: off)"),
         "norm_action": (federation.norm_action in NORM_ACTIONS, f"one of {list(NORM_ACTIONS)}"),
         "max_num_users": (federation.max_num_users > 0, "a number > 0"),
+        "max_update_slack": (1 <= federation.max_update_slack < math.inf, "a finite number >= 1"),
         "fedavg_weighting": (federation.fedavg_weighting in FEDAVG_WEIGHTINGS, f"one of {list(FEDAVG_WEIGHTINGS)}"),
         "fedavg_max_share": (0 < federation.fedavg_max_share <= 1, "a number in (0, 1]"),
         "fedavg_aggregation": (federation.fedavg_aggregation in ("mean", *ROBUST_METHODS),

@@ -159,6 +159,8 @@ def test_written_scenario_loads_back_unchanged(name, tmp_path):
     ("federation.max_abs_value=1e38", r"federation.max_abs_value must be a number in \(0, 1e\+30\]"),
     ("federation.norm_multiple=-1", r"federation.norm_multiple must be a number >= 0 \(0: off\)"),
     ("federation.max_num_users=0", r"federation.max_num_users must be a number > 0"),
+    ("federation.max_update_slack=0.5", r"federation.max_update_slack must be a finite number >= 1"),
+    ("federation.max_update_slack=nan", r"federation.max_update_slack must be a finite number >= 1"),
 ])
 def test_defence_keys_are_validated(override, message):
     with pytest.raises(FedmergeError, match=message):

@@ -603,6 +603,21 @@ def test_changed_router_buffer_is_rejected(cfg):
     _assert_honest_metrics_in_range(out)
 
 
+def test_unreadable_weight_arrays_are_rejected_not_fatal(cfg):
+    from flwr.app import Array, ArrayRecord
+
+    def strings(message_type, request, reply):
+        if message_type != protocol.TRAIN:
+            return reply
+        names = list(reply.array_records[protocol.WEIGHTS])
+        return RecordDict({**reply, protocol.WEIGHTS: ArrayRecord({n: Array(np.array(["x", "y"])) for n in names})})
+
+    out = _hostile_run(cfg, strings)
+    assert out["status"] == "ok"
+    assert "cannot be read as float tensors" in out["rejected"]["synth-2"]
+    _assert_honest_metrics_in_range(out)
+
+
 def test_nan_user_count_is_rejected_and_fedavg_still_finishes(cfg):
     out = _hostile_run(cfg, _train_metrics_attack(**{protocol.NUM_USERS: float("nan")}))
     assert "'num-users' = nan" in out["rejected"]["synth-2"]

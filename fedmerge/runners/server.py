@@ -443,7 +443,10 @@ class Federation:
         try:
             if protocol.WEIGHTS not in content.array_records:
                 raise UpdateRejected("reply has no weights")
-            update = protocol.from_record(content.array_records[protocol.WEIGHTS])
+            try:
+                update = protocol.from_record(content.array_records[protocol.WEIGHTS])
+            except (TypeError, ValueError) as exc:  # e.g. string arrays, bytes that are no array
+                raise UpdateRejected(f"the weight arrays cannot be read as float tensors: {exc}") from None
             check_update(self.theta0, update, self.family_name, expected_family=self.family_name, max_bytes=max_bytes)
             check_fixed(self.theta0, update, self.cfg.model.make_family().fixed_parameters(self.theta0))
             check_magnitude(update, federation.max_abs_value)
