@@ -221,6 +221,9 @@ def load_client_weights(out_dir: str | Path) -> dict[str, StateDict]:
         domain = read_metadata(file).get(DOMAIN_KEY)
         if not domain:
             raise DataError(f"weight file {file} has no '{DOMAIN_KEY}' metadata entry")
+        if file.stem != safe_file_stem(domain):
+            raise DataError(f"weight file {file} names domain {domain!r}, whose file would be "
+                            f"{client_weights_path(out_dir, domain).name}: renamed or rewritten, refused")
         if domain in weights:
             raise DataError(f"two weight files under {folder} claim domain {domain!r}")
         weights[domain] = load_weights(file)

@@ -41,12 +41,6 @@ def _names(names: set[str]) -> str:
     return ", ".join(repr(n) for n in shown) + (f" (+{more} more)" if more > 0 else "")
 
 
-def check_family(family: str, expected_family: str) -> None:
-    """The update must come from the model family the server is merging."""
-    if family != expected_family:
-        raise UpdateRejected(f"model family {family!r} does not match the server's family {expected_family!r}")
-
-
 def check_names(theta0: Mapping[str, torch.Tensor], update: Mapping[str, object]) -> None:
     """The update must have exactly θ₀'s parameter names (none missing, none extra)."""
     missing = set(theta0) - set(update)
@@ -97,24 +91,17 @@ def check_size(update: Mapping[str, torch.Tensor], max_bytes: int) -> None:
         raise UpdateRejected(f"update is {total} bytes in total, over the limit of {max_bytes} bytes")
 
 
-def check_update(
-    theta0: StateDict,
-    update: StateDict,
-    family: str,
-    *,
-    expected_family: str,
-    max_bytes: int | None = None,
-) -> None:
+def check_update(theta0: StateDict, update: StateDict, *, max_bytes: int | None = None) -> None:
     """Raise :class:`UpdateRejected` unless ``update`` is a well-formed set of weights for θ₀'s model.
 
-    Checked in order: family, parameter names, then per parameter type/shape/dtype/finiteness, then sizes
-    (``max_bytes`` bounds each array and the total; ``None`` disables the size check).
+    Checked in order: parameter names, then per parameter type/shape/dtype/finiteness, then sizes (``max_bytes``
+    bounds each array and the total; ``None`` disables the size check). A reply names no model family: another
+    family's weights fail on their names and shapes.
     """
     if max_bytes is not None and max_bytes <= 0:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
     if not isinstance(update, Mapping):
         raise UpdateRejected(f"update is a {type(update).__name__}, not a mapping of parameter names to tensors")
-    check_family(family, expected_family)
     check_names(theta0, update)
     for name, reference in theta0.items():
         check_tensor(name, reference, update[name])
@@ -173,7 +160,7 @@ def norm_limits(norms: Mapping[str, float], multiple: float, cap: float) -> dict
     limits = {}
     for k in norms:
         bounds = [math.inf]
-        others = [v for j, v in norms.items() if j != k]
+        others = [v for j, v in norms.items() if j != k and math.isfinite(v)]
         if multiple > 0 and len(others) >= 2:
             bounds.append(multiple * float(statistics.median(others)))
         if cap > 0:
@@ -190,6 +177,9 @@ def screen_norms(norms: Mapping[str, float], multiple: float, cap: float, action
     limits = norm_limits(norms, multiple, cap)
     scale, rejected, clipped = {}, {}, {}
     for k, norm in norms.items():
+        if not math.isfinite(norm):  # never clipped: a scale of limit / NaN would be NaN
+            rejected[k] = f"task-vector norm {norm} is not finite"
+            continue
         if norm <= limits[k]:
             scale[k] = 1.0
             continue

@@ -172,6 +172,28 @@ def test_default_run_goes_on_without_a_client_that_fails_to_train(cfg):
                                "['synth-1']): not comparable with the averages over every training domain"]
 
 
+def test_a_run_that_fails_in_fedavg_keeps_the_merges_metrics_in_their_cards(cfg, tmp_path):
+    """Two of three clients vanish in the FedAvg round: the run fails, and the merges measured before it keep their
+    metrics in results.json and in their saved model cards."""
+    from fedmerge.recommender import read_card
+
+    cfg = apply_overrides(cfg, ["baselines.joint=false", "baselines.fedavg_rounds=1", 'merge.methods=["average"]'])
+    transport = InProcessTransport(cfg)
+    for domain in ("synth-1", "synth-2"):
+        honest = transport.clients[domain].handle
+
+        def vanish_in_fedavg(message_type, content, honest=honest):
+            if message_type == protocol.TRAIN and content.config_records[protocol.CONFIG]["phase"] != "oneshot":
+                raise RuntimeError("node lost")
+            return honest(message_type, content)
+
+        transport.clients[domain].handle = vanish_in_fedavg
+    out = run_federation(cfg, transport, out_dir=tmp_path)
+    assert out["status"] == "failed" and "only 1 usable updates" in out["errors"]["run"]
+    card = read_card(tmp_path / "models" / "average.safetensors")
+    assert card["metrics"]["synth-0"] == out["models"]["average"]["synth-0"]
+
+
 @pytest.mark.parametrize(("k", "needed"), [(1, 1), (2, 2), (3, 2), (4, 3), (5, 3)])
 def test_default_min_replies_is_a_strict_majority(cfg, k, needed):
     federation = Federation(cfg, initial_weights(cfg))
@@ -348,6 +370,31 @@ def test_resume_refuses_weights_from_another_configuration(cfg, tmp_path):
     theta0_file = tmp_path / "run" / "models" / "theta0.safetensors"
     save_weights(theta0_file, load_weights(theta0_file), {"config_sha256": "another run"})
     with pytest.raises(FedmergeError, match=r"theta0.safetensors: trained with a different"):
+        run_scenario(small, "inprocess", tmp_path / "run", resume=True)
+
+
+def test_resume_checks_saved_client_weights_like_replies(cfg, tmp_path):
+    """A saved client file goes through the checks a reply passes: a NaN weight is a recorded rejection (the other
+    clients are merged), not merged or clipped into NaN models; a file whose metadata names another domain than
+    its file name is refused."""
+    from fedmerge.runners.simulation import run_scenario
+    from fedmerge.storage import read_metadata
+
+    small = apply_overrides(cfg, ['merge.methods=["average"]', "baselines.fedavg_rounds=0", "baselines.joint=false",
+                                  'federation.norm_action="clip"'])
+    run_scenario(small, "inprocess", tmp_path / "run")
+    path = tmp_path / "run" / "clients" / "synth-2.safetensors"
+    metadata = read_metadata(path)
+    weights = load_weights(path)
+    save_weights(path, {n: torch.full_like(t, float("nan")) for n, t in weights.items()}, metadata)
+    resumed = run_scenario(small, "inprocess", tmp_path / "run", resume=True)
+    assert resumed["status"] == "ok"
+    assert "saved weights" in resumed["rejected"]["synth-2"] and "non-finite" in resumed["rejected"]["synth-2"]
+    assert resumed["merge_report"]["domains"] == ["synth-0", "synth-1"]
+    assert all(np.isfinite(m["recall@10"]) for m in resumed["models"]["average"].values())
+
+    save_weights(path, weights, {**metadata, "domain": "synth-1"})
+    with pytest.raises(FedmergeError, match=r"synth-2.safetensors names domain 'synth-1'"):
         run_scenario(small, "inprocess", tmp_path / "run", resume=True)
 
 
@@ -571,6 +618,16 @@ def test_scaled_task_vector_is_rejected_by_the_norm_test(cfg, factor):
     assert "task-vector norm" in out["rejected"]["fedavg_round1:synth-2"]  # screened against the round's start too
     assert out["merge_report"]["domains"] == ["synth-0", "synth-1"]
     _assert_honest_metrics_in_range(out)
+
+
+def test_a_norm_rejected_update_is_saved_with_a_card_that_says_so(cfg, tmp_path):
+    from fedmerge.recommender import read_card
+    from fedmerge.storage import client_weights_path
+
+    out = _hostile_run(cfg, _weights_attack(lambda g, w: {n: g[n] + 1e3 * (w[n] - g[n]) for n in g}), out_dir=tmp_path)
+    card = read_card(client_weights_path(tmp_path, "synth-2"))
+    assert card["rejected"] == out["rejected"]["synth-2"] and card["metrics"] == {}
+    assert "rejected" not in read_card(client_weights_path(tmp_path, "synth-0"))
 
 
 def test_scaled_task_vector_is_clipped_with_norm_action_clip(cfg, tmp_path):

@@ -381,6 +381,9 @@ class Federation:
                 if domain in self.clipped:  # the evaluated model is the norm-clipped update, not the file's weights
                     update_card(path, clipped=self.clipped[domain], metrics={})
                     continue
+                if domain in self.rejected:  # saved on arrival, then refused by the norm test: in no merge
+                    update_card(path, rejected=self.rejected[domain], metrics={})
+                    continue
                 zero_shot = self.models.get(HELD_OUT_INDIVIDUAL.format(domain=domain), {})
                 metrics = {domain: self.models.get("individual", {}).get(domain, {}),
                            **{h: zero_shot[h] for h in self.held_out if h in zero_shot}}
@@ -434,12 +437,10 @@ class Federation:
         weight over ``federation.max_abs_value``, and a user count in (0, ``federation.max_num_users``]; other
         non-finite training metrics are dropped and recorded under ``rejected["train_metrics:<label>"]``.
         """
-        from fedmerge.validation import (UpdateRejected, check_fixed, check_magnitude, check_train_metrics,
-                                         check_update, max_bytes_for)
+        from fedmerge.validation import UpdateRejected, check_train_metrics
 
         label = label or domain
         federation = self.cfg.federation
-        max_bytes = max_bytes_for(self.theta0, federation.max_update_slack)
         try:
             if protocol.WEIGHTS not in content.array_records:
                 raise UpdateRejected("reply has no weights")
@@ -447,9 +448,7 @@ class Federation:
                 update = protocol.from_record(content.array_records[protocol.WEIGHTS])
             except (TypeError, ValueError) as exc:  # e.g. string arrays, bytes that are no array
                 raise UpdateRejected(f"the weight arrays cannot be read as float tensors: {exc}") from None
-            check_update(self.theta0, update, self.family_name, expected_family=self.family_name, max_bytes=max_bytes)
-            check_fixed(self.theta0, update, self.cfg.model.make_family().fixed_parameters(self.theta0))
-            check_magnitude(update, federation.max_abs_value)
+            self.check_weights(update)
             metrics, dropped = check_train_metrics(dict(content.metric_records.get(protocol.TRAIN_METRICS, {})),
                                                    protocol.NUM_USERS, federation.max_num_users)
         except UpdateRejected as exc:
@@ -459,6 +458,36 @@ class Federation:
         if dropped:
             self.rejected[f"train_metrics:{label}"] = f"dropped non-finite or non-numeric training metrics {dropped}"
         return update, protocol.decoded_metrics(metrics)
+
+    def check_weights(self, update: StateDict) -> None:
+        """:class:`~fedmerge.validation.UpdateRejected` unless ``update`` is a well-formed model of this run
+        (:func:`~fedmerge.validation.check_update`: names, shapes, dtypes, finite, size), its family's fixed weights
+        equal θ₀, and no weight exceeds ``federation.max_abs_value``: what a reply and a saved client file must pass."""
+        from fedmerge.validation import check_fixed, check_magnitude, check_update, max_bytes_for
+
+        federation = self.cfg.federation
+        check_update(self.theta0, update, max_bytes=max_bytes_for(self.theta0, federation.max_update_slack))
+        check_fixed(self.theta0, update, self.cfg.model.make_family().fixed_parameters(self.theta0))
+        check_magnitude(update, federation.max_abs_value)
+
+    def accept_saved(self, saved: Mapping[str, StateDict]) -> dict[str, StateDict]:
+        """The saved client weights of an earlier run (``--resume``) that pass :meth:`check_weights`, each with a
+        fresh card; a file that fails is left out and its reason recorded under ``rejected[domain]``."""
+        from fedmerge.storage import client_weights_path
+        from fedmerge.validation import UpdateRejected
+
+        accepted: dict[str, StateDict] = {}
+        for d, weights in saved.items():
+            try:
+                self.check_weights(weights)
+            except UpdateRejected as exc:
+                logger.warning("rejected the saved weights of %s: %s", d, exc.reason)
+                self.rejected[d] = f"saved weights: {exc.reason}"
+                continue
+            accepted[d] = weights
+            if self.out_dir is not None:
+                self.save_individual(d, weights, client_weights_path(self.out_dir, d))
+        return accepted
 
     def screen_updates(self, updates: Mapping[str, StateDict], reference: StateDict, prefix: str = "") -> dict[str, StateDict]:
         """``updates`` after the task-vector norm test against the other clients' (τ_k = θ_k − ``reference``; see
@@ -654,13 +683,8 @@ class Federation:
             individual = self.collect_oneshot(transport)
             self.oneshot_bytes = self.total_bytes()
         else:
-            individual = dict(saved)
+            individual = self.accept_saved(saved)
             self.require_enough(individual)
-            if self.out_dir is not None:
-                from fedmerge.storage import client_weights_path
-
-                for d, weights in individual.items():
-                    self.save_individual(d, weights, client_weights_path(self.out_dir, d))
         individual = self.screen_updates(individual, self.theta0)
         self.record_left_out(individual, "the one-shot merges")
         self.timings["local_training"] = time.perf_counter() - start
@@ -813,8 +837,14 @@ def load_saved_run(cfg: Scenario, out_dir: str | Path) -> tuple[StateDict | None
                     for key in settings_mismatch(cfg, metadata[d], f"saved weights of {d!r} under {out_dir}")})
     if added:
         logger.warning("resuming %s: settings added since its run, at their defaults: %s", out_dir, added)
-    metrics = {d: {k: v if isinstance(v, str) else float(v)
-                   for k, v in json.loads(metadata[d].get(TRAIN_METRICS_KEY, "{}")).items()} for d in saved}
+    metrics = {}
+    for d in saved:
+        try:
+            metrics[d] = {k: v if isinstance(v, str) else float(v)
+                          for k, v in json.loads(metadata[d].get(TRAIN_METRICS_KEY, "{}")).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise FedmergeError(f"saved weights of {d!r} under {out_dir}: unreadable '{TRAIN_METRICS_KEY}' "
+                                f"metadata ({exc}); run without --resume") from None
     theta0_path = out_dir / THETA0_FILE
     return (load_fingerprinted(theta0_path, cfg) if theta0_path.is_file() else None), saved, metrics
 
@@ -873,6 +903,10 @@ def run_federation(
         out = federation.run(transport, saved=saved)
     except Exception as exc:  # a failure after partial work: keep what was measured, record why, status failed
         logger.exception("the run failed")
+        try:  # the models saved before the failure keep the metrics measured for them
+            federation.record_metrics()
+        except Exception:  # noqa: BLE001 - the results below matter more than the cards
+            logger.exception("could not write the metrics into the saved model cards")
         out = federation.results()
         out["status"] = "failed"
         out["errors"]["run"] = f"{type(exc).__name__}: {exc}"
