@@ -269,8 +269,37 @@ def test_merge_command_writes_the_merged_safetensors(tmp_path, capsys):
     expected = merge("ties", THETA0, MODELS, density=0.5)
     got = load_file(str(out))
     assert all(torch.equal(got[n], expected[n]) for n in expected)
-    assert main(argv[:-4] + ["--set", "density=2", "--out", str(out)]) == 1
+    assert main(argv[:-4] + ["--set", "density=2", "--out", str(tmp_path / "other.safetensors")]) == 1
     assert "density=2 is invalid" in capsys.readouterr().err
+
+
+def test_merge_command_refuses_what_would_lose_or_poison_a_file(tmp_path, capsys):
+    """An --out that is an input or exists (without --overwrite), a NaN model, a NaN scale: a clear error and
+    nothing written or replaced."""
+    from safetensors.torch import load_file, save_file
+
+    from fedmerge.cli import main
+
+    save_file(THETA0, str(tmp_path / "t0.safetensors"))
+    save_file(MODEL_A, str(tmp_path / "a.safetensors"))
+    save_file({n: torch.full_like(t, float("nan")) for n, t in MODEL_B.items()}, str(tmp_path / "nan.safetensors"))
+    inputs = ["merge", "--theta0", str(tmp_path / "t0.safetensors"), "--models", f"A={tmp_path / 'a.safetensors'}"]
+
+    def run(*rest):
+        code = main([*inputs, *rest])
+        return code, capsys.readouterr().err
+
+    code, err = run(f"B={tmp_path / 'a.safetensors'}", "--method", "average", "--out", str(tmp_path / "a.safetensors"))
+    assert code == 1 and "is one of the input files" in err
+    assert torch.equal(load_file(str(tmp_path / "a.safetensors"))["w"], MODEL_A["w"])
+    code, err = run(f"B={tmp_path / 'nan.safetensors'}", "--method", "average", "--out", str(tmp_path / "m.safetensors"))
+    assert code == 1 and "model B" in err and "non-finite" in err and not (tmp_path / "m.safetensors").exists()
+    code, err = run("--method", "task_arithmetic", "--set", "scale=nan", "--out", str(tmp_path / "m.safetensors"))
+    assert code == 1 and "scale=nan is invalid" in err and not (tmp_path / "m.safetensors").exists()
+    assert run("--method", "average", "--out", str(tmp_path / "m.safetensors"))[0] == 0
+    code, err = run("--method", "ties", "--out", str(tmp_path / "m.safetensors"))
+    assert code == 1 and "already exists" in err and "--overwrite" in err
+    assert run("--method", "ties", "--out", str(tmp_path / "m.safetensors"), "--overwrite")[0] == 0
 
 
 # ---- robust aggregation (issue 19): one outlying task vector of three cannot move the merge far ---------------

@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", required=True, help="merge method (see above; an unknown name lists the valid ones)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="params",
                         help="method parameter (TOML value, e.g. density=0.2, weights=[2,1]); repeatable")
-    parser.add_argument("--out", type=Path, required=True, help="merged weights (.safetensors)")
+    parser.add_argument("--out", type=Path, required=True, help="merged weights (.safetensors); a new file")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never an input file)")
     parser.set_defaults(func=run_merge)
 
 
@@ -34,6 +35,6 @@ def run_merge(args: argparse.Namespace) -> int:
 
     models = parse_assignments(args.models, "--models entry")
     params = parse_params(args.params)
-    merge_weight_files(args.method, args.theta0, models, params, args.out)
+    merge_weight_files(args.method, args.theta0, models, params, args.out, overwrite=args.overwrite)
     print(f"merged {len(models)} models ({', '.join(models)}) with {args.method} {params or ''} -> {args.out}")
     return 0

@@ -13,23 +13,49 @@ from fedmerge.errors import FedmergeError
 
 
 def merge_weight_files(
-    method: str, theta0: str | Path, models: Mapping[str, str | Path], params: Mapping[str, Any], out: str | Path
+    method: str, theta0: str | Path, models: Mapping[str, str | Path], params: Mapping[str, Any], out: str | Path,
+    overwrite: bool = False,
 ) -> Path:
     """θ₀ + the merged task vectors of ``models`` (name → weight file) under ``method`` with ``params``, saved to
-    ``out``; an unknown method is refused before any file is read, a parameter the method refuses names it
-    (FedmergeError)."""
+    ``out`` (FedmergeError for each of these, before anything is written):
+
+    - an unknown method, or an ``out`` that is one of the input files or (without ``overwrite``) already exists:
+      refused before any file is read;
+    - a parameter the method refuses: named;
+    - a model that is not well formed for θ₀ (names, shapes, dtypes, NaN/inf: :func:`~fedmerge.validation.
+      check_update`), or a merge whose result is not finite: named.
+    """
+    import torch
+
     from fedmerge.merging import get_method, merge
     from fedmerge.storage import load_weights, save_weights
+    from fedmerge.validation import UpdateRejected, check_update
 
     try:
         get_method(method)
     except ValueError as exc:
         raise FedmergeError(str(exc)) from exc
+    target = Path(out).resolve()
+    inputs = {Path(theta0).resolve(), *(Path(file).resolve() for file in models.values())}
+    if target in inputs:
+        raise FedmergeError(f"--out {out} is one of the input files; write the merge to a new file")
+    if target.exists() and not overwrite:
+        raise FedmergeError(f"--out {out} already exists; choose a new file or pass --overwrite")
     base = load_weights(Path(theta0))
     weights = {name: load_weights(Path(file)) for name, file in models.items()}
+    for name, file in models.items():
+        try:
+            check_update(base, weights[name])
+        except UpdateRejected as exc:
+            raise FedmergeError(f"model {name} ({file}): {exc.reason}") from None
     try:
         merged = merge(method, base, weights, **params)
     except ValueError as exc:
         raise FedmergeError(str(exc)) from exc
-    metadata = {"method": method, "params": json.dumps(dict(params)), "models": json.dumps(list(weights))}
+    bad = sorted(n for n, t in merged.items() if not torch.isfinite(t).all())
+    if bad:
+        raise FedmergeError(f"{method} with {dict(params)} gave non-finite weights in {len(bad)} tensor(s), e.g. "
+                            f"{bad[:3]}; nothing written")
+    metadata = {"method": method, "params": json.dumps(dict(params), allow_nan=False),
+                "models": json.dumps(list(weights))}
     return save_weights(Path(out), merged, metadata=metadata)

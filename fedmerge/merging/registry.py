@@ -36,7 +36,7 @@ def _in_closed_open(lo: float, hi: float) -> Callable[[Any], bool]:
 
 
 def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _is_weights(v: Any) -> bool:
@@ -46,10 +46,10 @@ def _is_weights(v: Any) -> bool:
         values = [float(x) for x in v]
     except (TypeError, ValueError):
         return False
-    return len(values) > 0 and min(values) >= 0 and sum(values) > 0
+    return len(values) > 0 and all(map(math.isfinite, values)) and min(values) >= 0 and sum(values) > 0
 
 
-SCALE = Param(1.0, _is_real, "a real number")
+SCALE = Param(1.0, _is_real, "a finite real number")
 DENSITY = Param(0.2, _in_open_closed(0.0, 1.0), "a number in (0, 1]")
 SCOPES = ("tensor", "model")
 
@@ -92,7 +92,7 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod(
             "average",
             "_average",
-            {"weights": Param(None, _is_weights, "None or non-negative per-model weights with a positive sum")},
+            {"weights": Param(None, _is_weights, "None or finite non-negative per-model weights with a positive sum")},
             "https://arxiv.org/abs/2203.05482",
             "(weighted) weight averaging, model soups (Wortsman et al. 2022)",
             scale_param=None,
@@ -100,7 +100,7 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod(
             "task_arithmetic",
             "_task_arithmetic",
-            {"scale": Param(0.3, _is_real, "a real number")},
+            {"scale": Param(0.3, _is_real, "a finite real number")},
             "https://arxiv.org/abs/2212.04089",
             "θ₀ + λ Σ τ_k (Ilharco et al. 2023)",
         ),
@@ -125,7 +125,7 @@ METHODS: dict[str, MergeMethod] = {
                 "p": Param(0.9, _in_closed_open(0.0, 1.0), "a drop rate in [0, 1)"),
                 "base": Param("task_arithmetic", lambda v: v in ("task_arithmetic", "ties"), "'task_arithmetic' or 'ties'"),
                 "density": Param(1.0, _in_open_closed(0.0, 1.0), "a number in (0, 1] (base='ties' only)"),
-                "scale": Param(None, lambda v: v is None or _is_real(v), "None (the base's default) or a real number"),
+                "scale": Param(None, lambda v: v is None or _is_real(v), "None (the base's default) or a finite real number"),
                 "seed": Param(0, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
             },
             "https://arxiv.org/abs/2311.03099",
