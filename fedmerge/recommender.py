@@ -14,6 +14,7 @@ item features, so a catalog never seen in training works like a training domain.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,12 @@ CARD_SUFFIX = ".json"
 MODELS_DIR = "models"
 # What a card must hold for the weights to be usable without the scenario.
 REQUIRED_CARD_KEYS = ("format", "name", "family", "encoder", "feature_width", "weights_digest")
+# The card fields a loaded model reads, and the JSON type each must have.
+CARD_FIELD_TYPES: dict[tuple[str, ...], type] = {
+    ("name",): str, ("weights_digest",): str, ("feature_width",): int,
+    ("family", "name"): str, ("family", "params"): dict,
+    ("encoder", "name"): str, ("encoder", "params"): dict, ("encoder", "identity"): str, ("encoder", "dim"): int,
+}
 
 
 def card_path(weights_path: str | Path) -> Path:
@@ -107,7 +114,38 @@ def read_card(weights_path: str | Path) -> dict[str, Any]:
         raise DataError(f"model card {path} lacks {missing}")
     if card["format"] != CARD_FORMAT:
         raise DataError(f"model card {path} has format {card['format']!r}; this fedmerge reads {CARD_FORMAT!r}")
+    problems = card_problems(card)
+    if problems:
+        raise DataError(f"model card {path}: {'; '.join(problems)}")
     return card
+
+
+def _finite_values(value: Any) -> bool:
+    """A finite number, or (nested) lists of them: a local parameter as :func:`~fedmerge.merging.local_parameters.
+    card_values` writes it."""
+    if isinstance(value, list):
+        return all(_finite_values(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def card_problems(card: Mapping[str, Any]) -> list[str]:
+    """What is malformed in a card's fields that loading reads (:data:`CARD_FIELD_TYPES`) and in its
+    ``local_parameters`` ({domain: {weight name: finite number(s)}}); empty when none."""
+    problems = []
+    for keys, kind in CARD_FIELD_TYPES.items():
+        value: Any = card
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            problems.append(f"'{'.'.join(keys)}' must be a {kind.__name__}, got {value!r}")
+    local = card.get("local_parameters", {})
+    if not isinstance(local, dict) or not all(isinstance(v, dict) for v in local.values()):
+        problems.append(f"'local_parameters' must map each domain to its {{weight: value}}, got {local!r}")
+    else:
+        bad = [f"{d}.{n}" for d, values in local.items() for n, v in values.items() if not _finite_values(v)]
+        if bad:
+            problems.append(f"'local_parameters' {bad} are not finite numbers")
+    return problems
 
 
 def update_card(weights_path: str | Path, **fields: Any) -> None:
@@ -146,7 +184,10 @@ class LoadedRecommender:
         refused when their width is not the one the weights were trained for."""
         if self._last is not None and self._last[0] is catalog:
             return self._last[1]
-        features = card_encoder(self.card, self.cache_dir).item_features(catalog, self.family)
+        from fedmerge.text import EmbeddingCache, encode_catalog
+
+        cache = EmbeddingCache(self.cache_dir) if self.cache_dir else None  # as EncoderSettings.item_features
+        features = self.family.catalog_features(catalog, lambda: encode_catalog(self.encoder, catalog, cache=cache))
         if features.shape[-1] != int(self.card["feature_width"]):
             raise FedmergeError(
                 f"catalog features of width {features.shape[-1]} (family {self.family.name!r}, encoder "
@@ -215,6 +256,9 @@ class LoadedRecommender:
             raise FedmergeError(f"k must be at least 1, got {k}")
         full, seqs, n = self._inputs(histories, catalog, texts)
         scores = self._scorer(full)(seqs)[:, :n].astype(np.float64)
+        if not np.isfinite(scores).all():
+            raise FedmergeError(f"model {self.path} gives non-finite scores "
+                                f"({int((~np.isfinite(scores)).sum())} of {scores.size}); its weights are unusable")
         out = []
         for row, seq in enumerate(seqs):
             if exclude_history and not texts:

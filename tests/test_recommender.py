@@ -267,3 +267,41 @@ def test_local_parameters_each_domain_serves_merges_with_its_own_last_item_bias(
     bad = load_scenario("quickstart", [*TINY, 'merge.local_parameters=["last_item_bias"]'])
     with pytest.raises(FedmergeError, match="merge.local_parameters names \\['last_item_bias'\\], which are not weights"):
         run_inprocess(bad, tmp_path / "bad")
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"family": "sequential"}, r"'family.name' must be a str, got None"),
+    ({"encoder.identity": None}, r"'encoder.identity' must be a str, got None"),
+    ({"feature_width": "abc"}, r"'feature_width' must be a int, got 'abc'"),
+    ({"local_parameters": {"synth-0": {"last_item_bias": float("nan")}}}, r"\['synth-0.last_item_bias'\] are not finite"),
+    ({"local_parameters": {"synth-0": {"last_item_bias": "high"}}}, r"\['synth-0.last_item_bias'\] are not finite"),
+    ({"local_parameters": [1.0]}, r"'local_parameters' must map each domain"),
+])
+def test_a_malformed_card_is_a_data_error_naming_the_field(saved_copy, changes, message):
+    _edit_card(saved_copy, **changes)
+    with pytest.raises(DataError, match=message):
+        load_recommender(saved_copy)
+
+
+def test_scoring_uses_the_encoder_given_to_load(saved_copy, unseen_catalog, tmp_path):
+    """The encoder passed to load_recommender (same identity as the card's) is the one that encodes catalogs."""
+    card = json.loads(card_path(saved_copy).read_text())
+    encoder = HashingEncoder(**card["encoder"]["params"])
+    calls = []
+    original = encoder.encode
+    encoder.encode = lambda texts: calls.append(len(texts)) or original(texts)
+    model = load_recommender(saved_copy, encoder=encoder, cache_dir=str(tmp_path / "empty-cache"))
+    catalog = load_domain(unseen_catalog).catalog
+    model.recommend([list(catalog.ids[:2])], k=3, catalog=catalog)
+    assert calls and sum(calls) == len(catalog.ids)
+
+
+def test_recommend_refuses_non_finite_scores(run, saved_copy, unseen_catalog):
+    import dataclasses
+
+    cfg, _, _, _ = run
+    model = load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir)
+    broken = dataclasses.replace(model, weights={n: torch.full_like(t, float("nan")) for n, t in model.weights.items()})
+    catalog = load_domain(unseen_catalog).catalog
+    with pytest.raises(FedmergeError, match="non-finite scores"):
+        broken.recommend([list(catalog.ids[:2])], k=3, catalog=catalog)
