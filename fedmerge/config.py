@@ -88,6 +88,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "noise_seed": -1,
         "secure_mode": False,     # unit "user", sequential: opacus' floating-point-safe Gaussian sampler (needs
                                   # noise_seed = -1; runs are not reproducible)
+        "release_diagnostics": False,  # also ship the data-dependent training metrics and the user count, which ε
+                                       # does not cover (fedmerge.privacy.client.RELEASED_METRICS); for studies only
     },
 }
 FREE_TABLES: frozenset[tuple[str, str]] = frozenset(

@@ -250,6 +250,7 @@ class PrivacySettings:
     user_norm_bound: float
     noise_seed: int
     secure_mode: bool
+    release_diagnostics: bool
 
 
 @dataclass(frozen=True)

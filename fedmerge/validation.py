@@ -199,12 +199,13 @@ def _finite_number(value: object) -> bool:
 
 
 def check_train_metrics(
-    metrics: Mapping[str, object], users_key: str, max_users: float
+    metrics: Mapping[str, object], users_key: str, max_users: float, users_required: bool = True
 ) -> tuple[dict[str, int | float], list[str]]:
     """(the finite numeric metrics, names of the dropped ones); :class:`UpdateRejected` unless ``users_key`` (the
-    FedAvg weight) is a finite number in (0, ``max_users``]."""
+    FedAvg weight) is a finite number in (0, ``max_users``], which it must be when present and, with
+    ``users_required``, is required to be (a DP client sends no user count)."""
     users = metrics.get(users_key)
-    if not _finite_number(users) or not 0 < users <= max_users:
+    if (users_required or users_key in metrics) and (not _finite_number(users) or not 0 < users <= max_users):
         raise UpdateRejected(f"training metric {users_key!r} = {users!r} is not a finite number in "
                              f"(0, federation.max_num_users = {max_users:g}]")
     kept = {k: v for k, v in metrics.items() if _finite_number(v)}  # ints stay ints (coded metrics)

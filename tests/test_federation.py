@@ -787,3 +787,27 @@ def test_dp_noise_leaves_the_routed_router_exact_so_honest_private_clients_pass(
                                     "privacy.noise_multiplier=0.5", "privacy.noise_seed=3"])
     out = run_federation(private, InProcessTransport(private))
     assert out["status"] == "ok" and out["rejected"] == {}
+
+
+@pytest.mark.parametrize("diagnostics", [False, True])
+def test_a_dp_client_ships_only_what_epsilon_covers_unless_diagnostics_are_released(cfg, diagnostics):
+    """Under DP a reply carries the mechanism's settings and ε, not the user count, losses or validation metrics
+    (data-dependent, outside ε); FedAvg then weights the clients equally and says so. privacy.release_diagnostics
+    ships everything, as without DP."""
+    from fedmerge.privacy.client import RELEASED_METRICS
+
+    private = apply_overrides(cfg, ["baselines.joint=false", "baselines.fedavg_rounds=1", 'merge.methods=["average"]',
+                                    "privacy.enabled=true", "privacy.target_epsilon=8.0", "privacy.noise_seed=3",
+                                    f"privacy.release_diagnostics={str(diagnostics).lower()}",
+                                    "federation.fedavg_weighting=\"users\""])
+    out = run_federation(private, InProcessTransport(private))
+    assert out["status"] == "ok" and out["rejected"] == {}
+    for metrics in [*out["train_metrics"].values(), *out["fedavg_train_metrics"][0].values()]:
+        assert "dp_epsilon_run" in metrics
+        if diagnostics:
+            assert protocol.NUM_USERS in metrics and "best_val_ndcg@10" in metrics
+        else:
+            assert set(metrics) <= RELEASED_METRICS, sorted(set(metrics) - RELEASED_METRICS)
+    weighted_equally = [w for w in out["warnings"] if "FedAvg weighted the clients equally" in w]
+    assert len(weighted_equally) == (0 if diagnostics else 1)
+    assert "fedavg" in out["models"]

@@ -22,6 +22,7 @@ together are (ε, δ)-DP; otherwise ``noise_multiplier`` is used as given. The t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from fedmerge.errors import FedmergeError
@@ -31,7 +32,7 @@ if TYPE_CHECKING:  # torch-free at import: scenario validation runs validate_pri
 
     from fedmerge.data.domain import Domain
     from fedmerge.models.base import ModelFamily, StateDict
-    from fedmerge.scenario import Scenario
+    from fedmerge.scenario import PrivacySettings, Scenario
 
 UNITS = ("domain", "user")
 ACCOUNTANTS = ("rdp", "prv")
@@ -84,6 +85,25 @@ def validate_privacy(cfg: Scenario) -> None:
         if privacy.noise_seed >= 0:
             raise FedmergeError(f"privacy.secure_mode = true draws the sampling and the noise from OS entropy; "
                                 f"privacy.noise_seed must be -1, got {privacy.noise_seed}")
+
+
+# What a DP client ships beside its weights: the mechanism's public settings and its ε (all fixed by the scenario,
+# never by the data), and ``stop_reason`` (a wall-clock cap that fired must be recorded). Everything else a training
+# reports depends on the private data without being covered by ε (the user count, losses, validation metrics,
+# clipped fractions, epochs chosen by early stopping, training time) and stays on the client unless
+# ``privacy.release_diagnostics``.
+RELEASED_METRICS = frozenset({
+    "dp_noise_multiplier", "dp_delta", "dp_unit", "dp_epsilon", "dp_epsilon_run", "dp_clip_norm", "dp_user_bound",
+    "dp_steps", "dp_sample_rate", "dp_max_grad_norm", "stop_reason",
+})
+
+
+def released_metrics(metrics: Mapping[str, Any], privacy: PrivacySettings) -> dict[str, Any]:
+    """The training metrics a client under ``privacy`` ships: all of them without DP or with
+    ``release_diagnostics``, else only :data:`RELEASED_METRICS`."""
+    if not privacy.enabled or privacy.release_diagnostics:
+        return dict(metrics)
+    return {k: v for k, v in metrics.items() if k in RELEASED_METRICS}
 
 
 def releases_per_client(cfg: Scenario) -> int:

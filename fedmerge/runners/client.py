@@ -89,6 +89,11 @@ def client_train(
     else:
         weights, metrics = family.train(theta0, domain, features, seed=seed, progress=cfg.run.progress, **public)
     metrics = {**metrics, protocol.NUM_USERS: domain.n_users}
+    if cfg.privacy.enabled:
+        from fedmerge.privacy.client import released_metrics
+
+        logger.info("%s: training metrics kept on the client (not covered by ε): %s", domain.name, metrics)
+        metrics = released_metrics(metrics, cfg.privacy)
     return weights, metrics
 
 

@@ -324,6 +324,8 @@ class Federation:
         self.bytes = {d: {"sent": 0, "received": 0} for d in self.domains}
         self.rejected: dict[str, str] = {}
         self.clipped: dict[str, str] = {}
+        # a DP client keeps its user count (fedmerge.privacy.client.released_metrics): FedAvg then weights equally
+        self.users_reported = not cfg.privacy.enabled or cfg.privacy.release_diagnostics
         self.errors: dict[str, str] = {}
         self.left_out: dict[str, list[tuple[str, str]]] = {}  # domain -> (phase, reason) it missed, see record_left_out
         self.models: dict[str, dict[str, dict[str, float]]] = {}
@@ -450,7 +452,8 @@ class Federation:
                 raise UpdateRejected(f"the weight arrays cannot be read as float tensors: {exc}") from None
             self.check_weights(update)
             metrics, dropped = check_train_metrics(dict(content.metric_records.get(protocol.TRAIN_METRICS, {})),
-                                                   protocol.NUM_USERS, federation.max_num_users)
+                                                   protocol.NUM_USERS, federation.max_num_users,
+                                                   users_required=self.users_reported)
         except UpdateRejected as exc:
             logger.warning("rejected the update of %s: %s", label, exc.reason)
             self.rejected[label] = exc.reason
@@ -568,16 +571,18 @@ class Federation:
             accepted = self.accept_update(d, content, label=prefix + d)
             if accepted is not None:
                 updates[d], metrics[d] = accepted
-                n_users[d] = float(accepted[1][protocol.NUM_USERS])
+                if protocol.NUM_USERS in accepted[1]:
+                    n_users[d] = float(accepted[1][protocol.NUM_USERS])
         self.require_enough(updates)
         updates = self.screen_updates(updates, self.theta0 if reference is None else reference, prefix)
-        return updates, self.fedavg_shares({d: n_users[d] for d in updates}), {d: metrics[d] for d in updates}
+        return updates, self.fedavg_shares({d: n_users.get(d) for d in updates}), {d: metrics[d] for d in updates}
 
-    def fedavg_shares(self, n_users: Mapping[str, float]) -> dict[str, float]:
+    def fedavg_shares(self, n_users: Mapping[str, float | None]) -> dict[str, float]:
         """FedAvg client weights: ``federation.fedavg_weighting`` "users" (the reported counts, each client's share
-        capped at ``federation.fedavg_max_share`` by :func:`capped_shares`) or "equal"."""
+        capped at ``federation.fedavg_max_share`` by :func:`capped_shares`) or "equal"; equal too when a client
+        reported no count (None: a DP client, see ``users_reported``)."""
         federation = self.cfg.federation
-        if federation.fedavg_weighting == "equal":
+        if federation.fedavg_weighting == "equal" or any(n is None for n in n_users.values()):
             return {d: 1.0 / len(n_users) for d in n_users}
         return capped_shares(n_users, federation.fedavg_max_share)
 
@@ -797,6 +802,10 @@ class Federation:
                          *(f"merge {m} failed and was not evaluated: {reason}"
                            for m, reason in self.merge_report.get("failed", {}).items()),
                          *self.partial_average_warnings(),
+                         *([] if self.users_reported or self.cfg.federation.fedavg_weighting == "equal"
+                           or not self.fedavg_curve else
+                           ["federation.fedavg_weighting = 'users', but DP clients send no user count (ε does not "
+                            "cover it; privacy.release_diagnostics): FedAvg weighted the clients equally"]),
                          *(f"{TESTTIME_METHOD} for {h} skipped: {r['skipped']}"
                            for h, r in self.merge_report.get(TESTTIME_METHOD, {}).items() if "skipped" in r)],
             "merge_report": self.merge_report,
@@ -811,8 +820,10 @@ def time_cap_warnings(oneshot: Mapping[str, TrainMetrics], fedavg: list[dict[str
     those models depend on the machine's speed and load, so the run is not reproducible elsewhere."""
     runs = [("local training", oneshot)] + [(f"FedAvg round {r} local training", m) for r, m in enumerate(fedavg, 1)]
     return [
-        f"{phase} of {domain} was cut by max_seconds after {int(metrics.get('epochs', 0))} epoch(s) (max_epochs "
-        f"{int(metrics.get('max_epochs', 0))}): its model depends on this machine's speed and load"
+        f"{phase} of {domain} was cut by max_seconds"
+        + (f" after {int(metrics['epochs'])} epoch(s) (max_epochs {int(metrics.get('max_epochs', 0))})"
+           if "epochs" in metrics else "")
+        + ": its model depends on this machine's speed and load"
         for phase, per_domain in runs for domain, metrics in per_domain.items()
         if metrics.get("stop_reason") == STOP_MAX_SECONDS
     ]
