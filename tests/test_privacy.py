@@ -534,9 +534,13 @@ def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
         assert set(row["attacks"]) == {"loss", "lira", "gradient_alignment"}
         assert all(0.0 <= v["auc"]["mean"] <= 1.0 and v["auc"]["n"] == 2 for v in row["attacks"].values())
     assert probe["members"] + probe["nonmembers"] + probe["reference"] == 60
+    assert probe["reference_model_users"] == probe["reference"] // 2  # recorded: LiRA's references are smaller
+    assert [row["attacked_release_epsilon"] for row in probe["rows"]][0] is None  # no DP, no ε
+    assert probe["rows"][1]["attacked_release_epsilon"] == pytest.approx(2.0, rel=1e-6)  # one release: the cell's ε
     assert probe["theta0"]["gradient_alignment"]["auc"]["mean"] == 0.5  # τ = 0: no signal
     table = (out / "privacy.md").read_text()
     assert "| none | ∞ (no DP) |" in table and "| domain | 2 |" in table and "lira AUC" in table
+    assert f"reference models of {probe['reference_model_users']} users each" in table
     assert "lira TPR@0.1%" in table and "lira TPR@1%" in table
     assert "per-seed ratio × θ₀" in table and "per-seed ratio × the same model without DP" in table
     assert (out / "privacy.png").stat().st_size > 0
@@ -624,6 +628,10 @@ def test_privacy_run_sequential_both_units(tmp_path, monkeypatch):
     for metrics in user_run["train_metrics"].values():
         assert metrics["dp_unit"] == 1 and metrics["dp_steps"] == 4
         assert metrics["dp_epsilon"] < metrics["dp_epsilon_run"] <= 2.0 + 1e-6
+    # the attacks see one release of two: its own ε is below the cell's, and privacy.md says so
+    attacked = [r["attacked_release_epsilon"] for r in report["probe"]["rows"][1:]]
+    assert all(0 < e < 2.0 for e in attacked)
+    assert "The attacks see the one-shot release only" in (tmp_path / "out" / "privacy.md").read_text()
 
 
 def test_attacks_probe_what_the_family_trains_on(tmp_path, monkeypatch):

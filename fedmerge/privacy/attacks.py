@@ -114,6 +114,11 @@ def lira_scores(target: np.ndarray, reference: np.ndarray, global_variance: bool
     return (target - mean) / np.maximum(std, 1e-12)
 
 
+def reference_model_users(n_reference_users: int) -> int:
+    """Users each reference model trains on: half of the attacker's reference population."""
+    return max(1, n_reference_users // 2)
+
+
 def reference_models(
     train: Callable[[Domain, int], StateDict], reference_users: Domain, n_models: int, seed: int = 0
 ) -> list[StateDict]:
@@ -121,7 +126,7 @@ def reference_models(
     users (the attacker's own population, disjoint from the candidates)."""
     if n_models < 1:
         raise ValueError(f"n_models must be >= 1, got {n_models}")
-    half = max(1, reference_users.n_users // 2)
+    half = reference_model_users(reference_users.n_users)
     models = []
     for k in range(n_models):
         users = np.sort(np.random.default_rng(seed + k).choice(reference_users.n_users, size=half, replace=False))

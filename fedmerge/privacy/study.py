@@ -306,7 +306,7 @@ def attack_record(
     """One (cell, seed) of the attacks: a client trains on the members of domain ``name`` with the cell's recipe
     (``run_cfg``), the attacker's reference models on its own users; ``{"sizes", "scores", "theta0"}``, the last the
     same attacks against θ₀ (the chance control) when ``control``, else None."""
-    from fedmerge.privacy.attacks import reference_models, run_attacks, scorable
+    from fedmerge.privacy.attacks import reference_model_users, reference_models, run_attacks, scorable
     from fedmerge.privacy.membership import split_members
     from fedmerge.runners.client import client_train
     from fedmerge.runners.server import initial_weights
@@ -328,6 +328,7 @@ def attack_record(
     nonmember_seqs = _subsample(family.fitted_sequences(nonmembers), limit, seed + 1)
     return {
         "sizes": {"members": members.n_users, "nonmembers": nonmembers.n_users, "reference": reference.n_users,
+                  "reference_model_users": reference_model_users(reference.n_users),
                   "probed_per_group": [len(scorable(member_seqs)), len(scorable(nonmember_seqs))]},
         "scores": run_attacks(family, theta0, shipped, features, member_seqs, nonmember_seqs, refs, positions),
         "theta0": run_attacks(family, theta0, theta0, features, member_seqs, nonmember_seqs, refs, positions)
@@ -341,7 +342,8 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | Non
     as a chance control in the ε = ∞ cell; with ``out_dir`` each (cell, seed)'s record is written to
     :func:`attack_file`, and with ``resume`` a file of the same configuration and attack settings is read instead of
     training and attacking again."""
-    from fedmerge.privacy.attacks import summary
+    from fedmerge.privacy.attacks import reference_model_users, summary
+    from fedmerge.privacy.client import epsilon as epsilon_after
 
     name = study.probe_domain or cfg.data.training_domains()[0]
     settings = {**{k: getattr(study, k) for k in ATTACK_KEYS}, "probe_domain": name, "protocol": PROBE_PROTOCOL}
@@ -365,8 +367,12 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | Non
             if record["theta0"] is not None:
                 controls.append(record["theta0"])
             sizes = record["sizes"]
+        # the attacks see the one-shot release only: its own ε, below the cell's ε when FedAvg rounds add releases
+        attacked = epsilon_after(run_cfg, z, 1) if z > 0 else None
         rows.append({"unit": unit, "epsilon": epsilon_label(epsilon), "noise_multiplier": z,
-                     "attacks": _over_seeds(per_seed)})
+                     "attacked_release_epsilon": attacked, "attacks": _over_seeds(per_seed)})
+    if "reference" in sizes and "reference_model_users" not in sizes:  # attack files written before it was recorded
+        sizes = {**sizes, "reference_model_users": reference_model_users(int(sizes["reference"]))}
     return {"domain": name, "protocol": PROBE_PROTOCOL, **sizes, "positions": study.probe_positions,
             "reference_models": int(study.reference_models), "rows": rows, "theta0": _over_seeds(controls) if controls else {}}
 
@@ -458,9 +464,15 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
         f"({probe.get('probed_per_group', ['?', '?'])[0]} members vs {probe.get('probed_per_group', ['?', '?'])[1]} "
         f"held-out users, their fitted sequences ({probe.get('protocol', 'before fitted-sequences: train + validation')}); "
         f"loss and LiRA at the '{probe['positions']}' position(s), gradient alignment at every position; LiRA with "
-        f"{probe['reference_models']} reference models); "
+        f"{probe['reference_models']} reference models of {probe.get('reference_model_users', '?')} users each, "
+        f"the target client {probe.get('members', '?')}); "
         f"AUC against θ₀: {control or '-'}."
     )
+    attacked = [f"{row['unit']} ε {row['epsilon']}: {row['attacked_release_epsilon']:.3g}" for row in probe["rows"]
+                if row.get("attacked_release_epsilon") is not None]
+    if releases_per_client(cfg) > 1 and attacked:
+        notes += (" The attacks see the one-shot release only, whose own ε is below the row's (all releases): "
+                  + "; ".join(attacked) + ".")
     return "\n".join(lines) + "\n" + notes + "\n" + ratio_tables(utility, study.metric)
 
 
