@@ -165,7 +165,15 @@ def test_simulate_with_seeds_writes_seed_folders_and_aggregate_and_resumes_per_s
     (out / "seed-1" / "results.json").unlink()
     assert main([*args, "--resume"]) == 0
     assert (out / "seed-0" / "results.json").stat().st_mtime_ns == stamp  # complete seed kept
-    assert json.loads((out / "seed-1" / "results.json").read_text())["models"] == seeds[1]["models"]  # re-run, same
+    again = json.loads((out / "seed-1" / "results.json").read_text())
+    assert again["models"] == seeds[1]["models"]  # merged again from its saved client weights: the same figures
+    assert again["resumed"]["clients"] == seeds[1]["domains"]
+    # another training configuration: a complete seed is refused, not deleted
+    weights = sorted((out / "seed-0" / "clients").glob("*.safetensors"))
+    assert main([*args, "--resume", "--set=model.params.hidden=8"]) == 1
+    assert "holds a complete run of another configuration" in capsys.readouterr().err
+    assert sorted((out / "seed-0" / "clients").glob("*.safetensors")) == weights
+    assert (out / "seed-0" / "results.json").stat().st_mtime_ns == stamp
 
 
 def test_dare_masks_follow_the_run_seed_unless_set():

@@ -60,14 +60,39 @@ def same_config(cfg: Scenario, recorded: Any) -> bool:
     return json.loads(json.dumps(strip(cfg.to_mapping()), default=str)) == strip(recorded)
 
 
+def resume_seed(single: Scenario, engine: str, folder: Path) -> dict[str, Any]:
+    """One seed of a resumed multi-seed run: its results when ``folder`` holds a complete run of this configuration;
+    else merged and evaluated again from the clients' saved weights when they were trained under its training
+    settings (as ``fedmerge simulate --resume``: FedAvg is skipped); else, when ``folder`` holds a complete run of
+    another training configuration, refused (FedmergeError: nothing is deleted); else (an empty or unfinished folder
+    without usable weights) run from scratch."""
+    from fedmerge.runners.server import load_saved_run
+    from fedmerge.runners.simulation import run_scenario
+
+    done = completed_run(folder, single)
+    if done is not None:
+        logger.info("seed %s: complete results in %s, kept", single.run.seed, folder)
+        return done
+    try:
+        load_saved_run(single, folder)
+    except FedmergeError as exc:
+        if finished_run(folder) is not None:
+            raise FedmergeError(f"{folder} holds a complete run of another configuration, which --resume does not "
+                                f"replace ({exc}); use --overwrite to replace it or another --out") from None
+        logger.info("seed %s: no usable saved weights in %s (%s), running from scratch", single.run.seed, folder, exc)
+        return run_scenario(single, engine=engine, out_dir=folder, overwrite=True)
+    logger.info("seed %s: merging again from the saved client weights in %s", single.run.seed, folder)
+    return run_scenario(single, engine=engine, out_dir=folder, resume=True)
+
+
 def run_seeds(
     cfg: Scenario, engine: str, out_dir: str | Path, resume: bool = False, overwrite: bool = False
 ) -> dict[str, Any]:
     """Run the scenario once per ``run.seeds`` entry into ``out_dir/seed-<s>/`` and write the aggregate; returns it.
 
     ``out_dir`` is held like a single run's (:func:`fedmerge.storage.run_folder`: locked, a non-empty folder refused
-    unless ``resume`` or ``overwrite``). With ``resume`` a seed whose folder holds a complete run of the same
-    configuration is kept and every other seed runs again from scratch (its partial files replaced)."""
+    unless ``resume`` or ``overwrite``). With ``resume`` each seed's folder is read as :func:`resume_seed` says:
+    nothing computed there is deleted."""
     from fedmerge.merging import METHODS
     from fedmerge.runners.simulation import run_scenario
     from fedmerge.storage import run_folder
@@ -79,13 +104,11 @@ def run_seeds(
     with run_folder(out_dir, resume=resume, overwrite=overwrite):
         for seed in seeds:
             single, folder = seed_config(cfg, seed), seed_dir(out_dir, seed)
-            done = completed_run(folder, single) if resume else None
-            if done is not None:
-                logger.info("seed %d: complete results in %s, skipped", seed, folder)
-                runs[seed] = done
-                continue
-            logger.info("seed %d: running into %s", seed, folder)
-            runs[seed] = run_scenario(single, engine=engine, out_dir=folder, overwrite=resume)
+            if resume:
+                runs[seed] = resume_seed(single, engine, folder)
+            else:
+                logger.info("seed %d: running into %s", seed, folder)
+                runs[seed] = run_scenario(single, engine=engine, out_dir=folder)
         aggregate = aggregate_runs(runs, cfg.eval.primary, training_free=list(METHODS))
         aggregate["seed_folders"] = {s: str(seed_dir(out_dir, s)) for s in seeds}
         write_aggregate(aggregate, out_dir)
