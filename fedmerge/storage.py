@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -40,6 +41,19 @@ CLIENTS_DIR = "clients"
 WEIGHTS_SUFFIX = ".safetensors"
 DOMAIN_KEY = "domain"
 LOCK_FILE = ".fedmerge.lock"
+
+
+def save_figure_atomic(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """A matplotlib figure as PNG at ``path`` through :func:`write_bytes_atomic` (never a half-written image), then
+    closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -> Path:

@@ -628,6 +628,9 @@ def test_a_norm_rejected_update_is_saved_with_a_card_that_says_so(cfg, tmp_path)
     card = read_card(client_weights_path(tmp_path, "synth-2"))
     assert card["rejected"] == out["rejected"]["synth-2"] and card["metrics"] == {}
     assert "rejected" not in read_card(client_weights_path(tmp_path, "synth-0"))
+    # rejected in the FedAvg round too: the FedAvg model's card names only the clients it averaged
+    assert "fedavg_round1:synth-2" in out["rejected"]
+    assert read_card(tmp_path / "models" / "fedavg.safetensors")["domains"] == ["synth-0", "synth-1"]
 
 
 def test_scaled_task_vector_is_clipped_with_norm_action_clip(cfg, tmp_path):

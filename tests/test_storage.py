@@ -108,3 +108,24 @@ def test_weights_digest_sees_values_shapes_dtypes_and_names_not_order():
         {"a": weights["a"], "c": weights["b"]},  # other name
     ]
     assert len({digest, *(weights_digest(w) for w in changed)}) == 1 + len(changed)
+
+
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedmerge.storage import save_figure_atomic
+
+    path = tmp_path / "plot.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    save_figure_atomic(fig, path)
+    first = path.read_bytes()
+    assert first.startswith(b"\x89PNG") and [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+    fig, ax = plt.subplots()
+    ax.set_title("$\\unknowncommand$")  # mathtext fails while drawing: the earlier image must survive intact
+    with pytest.raises(ValueError):
+        save_figure_atomic(fig, path)
+    assert path.read_bytes() == first and [p.name for p in tmp_path.iterdir()] == ["plot.png"]

@@ -483,6 +483,8 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fedmerge.storage import save_figure_atomic
+
     labels = list(dict.fromkeys("∞" if r["epsilon"] == "inf" else r["epsilon"] for r in utility))
     position = {label: i for i, label in enumerate(labels)}
     by_cell = {(r["unit"], r["epsilon"]): r["attacks"] for r in probe["rows"]}
@@ -511,8 +513,7 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], s
     right.set(xlabel=f"strongest attack's TPR at 1 % FPR ({probe['domain']})", ylabel=f"{study.metric}")
     right.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure_atomic(fig, path)
 
 
 def _pooled(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -184,6 +184,8 @@ def plot_domains(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fedmerge.storage import save_figure_atomic
+
     metrics = list(dict.fromkeys([metric, "ndcg@10"]))
     n_bars = (len(results["domains"]) + 1) * max(1, len(results["models"]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(len(metrics) * max(5, 0.2 * n_bars), 4.4), squeeze=False)
@@ -196,8 +198,7 @@ def plot_domains(
     fig.suptitle(title or f"{run.get('name', 'run')}: per-domain {' and '.join(metrics)} "
                  f"({run.get('engine', '?')} engine, seed {run.get('seed', '?')})")
     fig.tight_layout(rect=(0, 0.08 + 0.03 * (len(labels) // 6), 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure_atomic(fig, path)
 
 
 def _domain_bars(
@@ -234,6 +235,8 @@ def plot_communication(results: Mapping[str, Any], path: Path, metric: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fedmerge.storage import save_figure_atomic
+
     from matplotlib.transforms import offset_copy
 
     curve = results["fedavg_curve"]
@@ -259,5 +262,4 @@ def plot_communication(results: Mapping[str, Any], path: Path, metric: str) -> N
                  f"sideways) vs FedAvg", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure_atomic(fig, path)

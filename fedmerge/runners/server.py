@@ -741,6 +741,7 @@ class Federation:
         start = time.perf_counter()
         global_weights = self.theta0
         fedavg_bytes = 0
+        contributed: set[str] = set()  # clients whose update entered at least one round
         for r in range(1, fedavg_rounds + 1):
             before = self.total_bytes()
             replies = self._exchange(transport, protocol.TRAIN, self.train_requests(global_weights, "fedavg", r),
@@ -749,6 +750,7 @@ class Federation:
             updates, shares, round_metrics = self.accept_updates(replies, reference=global_weights, round_index=r)
             self.record_left_out(updates, f"FedAvg round {r}", prefix=f"fedavg_round{r}:")
             self.fedavg_train_metrics.append(round_metrics)
+            contributed.update(updates)
             global_weights = self.aggregate_round(global_weights, updates, shares)
             own = self.local_values(updates)
             self.evaluate(transport, {d: {f"fedavg_round{r}": self.served(global_weights, d, own)} for d in self.domains})
@@ -756,7 +758,7 @@ class Federation:
             self.fedavg_curve.append({"round": r, "bytes": fedavg_bytes, **round_avg})
             phases.update()
         if self.fedavg_curve:
-            self.save_model("fedavg", global_weights, "fedavg", self.train_domains,
+            self.save_model("fedavg", global_weights, "fedavg", [d for d in self.train_domains if d in contributed],
                             params=self.cfg.baselines.fedavg_local_params, rounds=len(self.fedavg_curve),
                             **({"local_parameters": card_values(own)} if own else {}))
             self.models["fedavg"] = self.models.pop(f"fedavg_round{len(self.fedavg_curve)}")
