@@ -41,6 +41,13 @@ def test_tpr_at_fpr_is_the_best_threshold_meeting_the_fpr(seed):
         assert tpr_at_fpr(members, nonmembers, fpr) == pytest.approx(brute_force_tpr(members, nonmembers, fpr))
 
 
+def test_attack_metrics_refuse_non_finite_scores():
+    from fedmerge.errors import NumericalError
+
+    with pytest.raises(NumericalError, match="2 of 6 attack scores are NaN or infinite"):
+        attack_metrics(np.array([1.0, np.nan, 2.0]), np.array([0.0, np.inf, 0.5]))
+
+
 def test_attack_metrics_on_separable_and_identical_scores():
     perfect = attack_metrics(np.arange(100, 200), np.arange(100))
     assert perfect["auc"] == 1.0 and perfect["tpr@0.001"] == 1.0 and perfect["tpr@0.01"] == 1.0

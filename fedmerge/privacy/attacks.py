@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from fedmerge.data.domain import Domain
+from fedmerge.errors import NumericalError
 from fedmerge.models.base import ModelFamily, StateDict, pad_sequences
 from fedmerge.privacy.membership import (
     Positions,
@@ -71,7 +72,12 @@ def tpr_at_fpr(member_scores: np.ndarray, nonmember_scores: np.ndarray, fpr: flo
 
 
 def attack_metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> dict[str, float]:
-    """AUC, TPR at 0.1 % and 1 % FPR, and the group sizes (which bound the resolution of a low FPR)."""
+    """AUC, TPR at 0.1 % and 1 % FPR, and the group sizes (which bound the resolution of a low FPR); a NaN or
+    infinite score is a :class:`~fedmerge.errors.NumericalError` (a NaN would sort as the top non-member and turn
+    every figure into nonsense rather than fail)."""
+    bad = int((~np.isfinite(np.asarray(member_scores, float))).sum() + (~np.isfinite(np.asarray(nonmember_scores, float))).sum())
+    if bad:
+        raise NumericalError(f"{bad} of {len(member_scores) + len(nonmember_scores)} attack scores are NaN or infinite")
     out = {"auc": rank_auc(member_scores, nonmember_scores)}
     for fpr in FPRS:
         out[f"tpr@{fpr:g}"] = tpr_at_fpr(member_scores, nonmember_scores, fpr)
@@ -190,7 +196,10 @@ def run_attacks(
     results = {}
     for name in attack_names(bool(references)):
         scores = scorers[name]()
-        results[name] = attack_metrics(scores[:n], scores[n:])
+        try:
+            results[name] = attack_metrics(scores[:n], scores[n:])
+        except NumericalError as exc:
+            raise NumericalError(f"attack {name!r}: {exc}") from None
     return results
 
 
