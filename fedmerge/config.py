@@ -10,6 +10,7 @@ becomes a typed :class:`fedmerge.scenario.Scenario` (:meth:`~fedmerge.scenario.S
 from __future__ import annotations
 
 import copy
+import json
 import math
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -346,6 +347,31 @@ def _validate_before_training(cfg: Scenario) -> None:
         check_encoder_params(cfg.encoder.name, dict(cfg.encoder.params))
     except (ValueError, TypeError) as exc:
         raise FedmergeError(f"encoder.params: {exc}") from exc
+
+
+def flatten_settings(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested settings mapping as ``{"section.key": value}`` (an empty table stays one entry)."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping) and value:
+            out |= flatten_settings(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def settings_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(added, differing) between settings a run recorded and this scenario's (nested mappings of sections, as JSON
+    holds them): ``added`` are keys the saved run did not have and that this scenario leaves at their default (a
+    setting fedmerge gained after the run, whose default keeps the earlier behaviour: accepted); ``differing`` every
+    other key whose value differs or is absent on one side."""
+    json_defaults = json.loads(json.dumps(DEFAULTS, default=str))
+    old, new = flatten_settings(saved), flatten_settings(now)
+    defaults = flatten_settings(json_defaults)
+    added = sorted(k for k in set(new) - set(old) if k in defaults and new[k] == defaults[k])
+    differing = sorted(k for k in set(old) | set(new)
+                       if k not in added and old.get(k, "<absent>") != new.get(k, "<absent>"))
+    return added, differing
 
 
 def parse_seeds(text: str) -> list[int]:

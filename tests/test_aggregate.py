@@ -166,8 +166,14 @@ def test_simulate_with_seeds_writes_seed_folders_and_aggregate_and_resumes_per_s
     assert main([*args, "--resume"]) == 0
     assert (out / "seed-0" / "results.json").stat().st_mtime_ns == stamp  # complete seed kept
     again = json.loads((out / "seed-1" / "results.json").read_text())
-    assert again["models"] == seeds[1]["models"]  # merged again from its saved client weights: the same figures
-    assert again["resumed"]["clients"] == seeds[1]["domains"]
+    assert again["models"] == seeds[1]["models"] and "resumed" not in again  # interrupted: re-run, the same figures
+    # another merge configuration (no FedAvg rounds): every seed merged again from its saved client weights
+    assert main([*args, "--resume", '--set=merge.methods=["average","ties"]']) == 0
+    remerged = json.loads((out / "seed-0" / "results.json").read_text())
+    assert remerged["resumed"]["clients"] == seeds[0]["domains"] and "ties" in remerged["models"]
+    assert remerged["models"]["average"] == seeds[0]["models"]["average"]
+    stamp = (out / "seed-0" / "results.json").stat().st_mtime_ns
+    args = [*args, '--set=merge.methods=["average","ties"]']
     # another training configuration: a complete seed is refused, not deleted
     weights = sorted((out / "seed-0" / "clients").glob("*.safetensors"))
     assert main([*args, "--resume", "--set=model.params.hidden=8"]) == 1
@@ -210,3 +216,18 @@ def test_a_seed_folder_counts_as_complete_only_for_an_ok_run_of_the_same_configu
     assert completed_run(folder, cfg) is None
     write("ok", apply_overrides(cfg, ["model.params.max_epochs=7"]).to_mapping())
     assert completed_run(folder, cfg) is None
+
+
+def test_a_run_recorded_before_a_setting_existed_is_the_same_configuration_at_its_default():
+    """Results written before fedmerge gained a setting (e.g. privacy.release_diagnostics) still count as this
+    configuration while the scenario leaves the setting at its default; not once it changes it."""
+    from fedmerge.config import apply_overrides, load_scenario
+    from fedmerge.runners.multiseed import same_config
+
+    cfg = load_scenario("quickstart")
+    recorded = json.loads(json.dumps(cfg.to_mapping(), default=str))
+    del recorded["privacy"]["release_diagnostics"]
+    assert same_config(cfg, recorded)
+    assert not same_config(apply_overrides(cfg, ["privacy.release_diagnostics=true"]), recorded)
+    recorded["model"]["params"]["hidden"] = 7
+    assert not same_config(cfg, recorded)

@@ -53,19 +53,27 @@ def completed_run(folder: Path, cfg: Scenario) -> dict[str, Any] | None:
 
 
 def same_config(cfg: Scenario, recorded: Any) -> bool:
-    """Whether ``recorded`` (a scenario mapping as results files hold it) is ``cfg``, ``run.progress`` aside."""
+    """Whether ``recorded`` (a scenario mapping as results files hold it) is ``cfg``, ``run.progress`` aside and
+    settings fedmerge gained since left at their default (:func:`fedmerge.config.settings_differences`)."""
+    from fedmerge.config import settings_differences
+
     if not isinstance(recorded, Mapping) or not isinstance(recorded.get("run"), Mapping):
         return False
     strip = lambda c: {**c, "run": {k: v for k, v in c["run"].items() if k != "progress"}}  # noqa: E731
-    return json.loads(json.dumps(strip(cfg.to_mapping()), default=str)) == strip(recorded)
+    _, differing = settings_differences(strip(recorded), strip(json.loads(json.dumps(cfg.to_mapping(), default=str))))
+    return not differing
 
 
 def resume_seed(single: Scenario, engine: str, folder: Path) -> dict[str, Any]:
-    """One seed of a resumed multi-seed run: its results when ``folder`` holds a complete run of this configuration;
-    else merged and evaluated again from the clients' saved weights when they were trained under its training
-    settings (as ``fedmerge simulate --resume``: FedAvg is skipped); else, when ``folder`` holds a complete run of
-    another training configuration, refused (FedmergeError: nothing is deleted); else (an empty or unfinished folder
-    without usable weights) run from scratch."""
+    """One seed of a resumed multi-seed run:
+
+    - ``folder`` holds a complete run of this configuration: its results, kept;
+    - it holds a complete run of another configuration: merged and evaluated again from its clients' saved weights
+      when every training domain's were saved under this scenario's training settings and the run has no FedAvg
+      rounds (as ``fedmerge simulate --resume``, which skips FedAvg); else refused (FedmergeError, nothing deleted);
+    - no complete run (an empty or interrupted folder): run from scratch; an interrupted run's partial files are
+      replaced (its FedAvg rounds never finished, and the complete seeds need every client).
+    """
     from fedmerge.runners.server import load_saved_run
     from fedmerge.runners.simulation import run_scenario
 
@@ -73,14 +81,18 @@ def resume_seed(single: Scenario, engine: str, folder: Path) -> dict[str, Any]:
     if done is not None:
         logger.info("seed %s: complete results in %s, kept", single.run.seed, folder)
         return done
-    try:
-        load_saved_run(single, folder)
-    except FedmergeError as exc:
-        if finished_run(folder) is not None:
-            raise FedmergeError(f"{folder} holds a complete run of another configuration, which --resume does not "
-                                f"replace ({exc}); use --overwrite to replace it or another --out") from None
-        logger.info("seed %s: no usable saved weights in %s (%s), running from scratch", single.run.seed, folder, exc)
+    if finished_run(folder) is None:
+        logger.info("seed %s: no complete run in %s, running from scratch", single.run.seed, folder)
         return run_scenario(single, engine=engine, out_dir=folder, overwrite=True)
+    try:
+        _, saved, _ = load_saved_run(single, folder)
+        missing = sorted(set(single.data.training_domains()) - set(saved))
+        if missing or single.baselines.fedavg_rounds:
+            raise FedmergeError(f"no saved weights of {missing}" if missing else
+                                f"baselines.fedavg_rounds = {single.baselines.fedavg_rounds}, which --resume skips")
+    except FedmergeError as exc:
+        raise FedmergeError(f"{folder} holds a complete run of another configuration, which --resume does not "
+                            f"replace ({exc}); use --overwrite to replace it or another --out") from None
     logger.info("seed %s: merging again from the saved client weights in %s", single.run.seed, folder)
     return run_scenario(single, engine=engine, out_dir=folder, resume=True)
 
@@ -91,8 +103,8 @@ def run_seeds(
     """Run the scenario once per ``run.seeds`` entry into ``out_dir/seed-<s>/`` and write the aggregate; returns it.
 
     ``out_dir`` is held like a single run's (:func:`fedmerge.storage.run_folder`: locked, a non-empty folder refused
-    unless ``resume`` or ``overwrite``). With ``resume`` each seed's folder is read as :func:`resume_seed` says:
-    nothing computed there is deleted."""
+    unless ``resume`` or ``overwrite``). With ``resume`` each seed's folder is read as :func:`resume_seed` says: a
+    complete run is never deleted."""
     from fedmerge.merging import METHODS
     from fedmerge.runners.simulation import run_scenario
     from fedmerge.storage import run_folder

@@ -100,16 +100,6 @@ def fingerprint_metadata(cfg: Scenario) -> dict[str, str]:
     return {FINGERPRINT_KEY: _digest(settings), SETTINGS_KEY: json.dumps(settings, sort_keys=True)}
 
 
-def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        if isinstance(value, Mapping) and value:
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def settings_mismatch(cfg: Scenario, metadata: Mapping[str, str], what: str) -> list[str]:
     """Check a saved weight file's settings against this scenario's before it is re-used (``--resume``).
 
@@ -118,7 +108,7 @@ def settings_mismatch(cfg: Scenario, metadata: Mapping[str, str], what: str) -> 
     fedmerge after the run, whose default keeps the earlier behaviour) is accepted and returned; any other difference
     raises a FedmergeError naming each key with both values. A file without its settings (saved before they were
     recorded) is refused when the fingerprints differ."""
-    from fedmerge.config import DEFAULTS
+    from fedmerge.config import flatten_settings, settings_differences
 
     current = training_settings(cfg)
     if metadata.get(FINGERPRINT_KEY) == _digest(current):
@@ -126,10 +116,12 @@ def settings_mismatch(cfg: Scenario, metadata: Mapping[str, str], what: str) -> 
     if SETTINGS_KEY not in metadata:
         raise FedmergeError(f"{what}: trained with {STALE_HINT} (or by a fedmerge version with other settings; "
                             "the file does not record its settings)")
-    saved, now = _flatten(json.loads(metadata[SETTINGS_KEY])), _flatten(current)
-    defaults = _flatten(json.loads(json.dumps({k: DEFAULTS[k] for k in TRAINING_SECTIONS}, default=str)))
-    added = sorted(k for k in set(now) - set(saved) if k in defaults and now[k] == defaults[k])
-    differing = sorted(k for k in set(saved) | set(now) if k not in added and saved.get(k, "<absent>") != now.get(k, "<absent>"))
+    try:
+        recorded = json.loads(metadata[SETTINGS_KEY])
+    except ValueError as exc:
+        raise FedmergeError(f"{what}: unreadable '{SETTINGS_KEY}' metadata ({exc})") from None
+    added, differing = settings_differences(recorded, current)
+    saved, now = flatten_settings(recorded), flatten_settings(current)
     if differing:
         details = "; ".join(f"{k}: saved {saved.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r}" for k in differing)
         raise FedmergeError(f"{what}: trained with {STALE_HINT}. Differences: {details}")
