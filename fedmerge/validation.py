@@ -1,7 +1,8 @@
 """Checks on a client's weight update before the server merges it.
 
 A client ships a :data:`~fedmerge.models.base.StateDict`. Before it can touch the merged model the server checks
-that it is an update *of the same model*: same family, exactly the parameter names of θ₀, the same shapes and
+that it is an update *of the same model*: exactly the parameter names of θ₀ (a reply names no family: another
+family's weights fail here), the same shapes and
 dtypes, finite values, and within a size budget. Any failure raises :class:`UpdateRejected` naming the problem,
 so the server can drop (or report) that client instead of crashing deep inside a merge.
 

@@ -392,6 +392,11 @@ def test_resume_checks_saved_client_weights_like_replies(cfg, tmp_path):
     assert "saved weights" in resumed["rejected"]["synth-2"] and "non-finite" in resumed["rejected"]["synth-2"]
     assert resumed["merge_report"]["domains"] == ["synth-0", "synth-1"]
     assert all(np.isfinite(m["recall@10"]) for m in resumed["models"]["average"].values())
+    from fedmerge.recommender import read_card
+
+    card = read_card(path)  # the earlier card's metrics belonged to the earlier weights
+    assert card["rejected"] == resumed["rejected"]["synth-2"] and card["metrics"] == {}
+    assert "synth-2" not in resumed["train_metrics"]
 
     save_weights(path, weights, {**metadata, "domain": "synth-1"})
     with pytest.raises(FedmergeError, match=r"synth-2.safetensors names domain 'synth-1'"):

@@ -709,6 +709,25 @@ def test_studies_of_other_epsilons_pooled_equal_one_study_over_the_union(tiny_sc
     assert (tmp_path / "pooled" / "privacy.md").read_text() == (tmp_path / "both" / "privacy.md").read_text()
 
 
+def test_a_study_written_before_the_derived_probe_fields_pools_with_a_newer_one(tiny_scenario, tmp_path):
+    """reference_model_users and attacked_release_epsilon follow from what a study recorded before them: their
+    absence in an older privacy.json does not make it another study."""
+    import json
+
+    from fedmerge.cli import main
+
+    studies_run_apart_and_pooled(tiny_scenario, tmp_path, "epsilons", "[inf]", {"two": "[2.0]", "inf": "[inf]"})
+    older = tmp_path / "two" / "privacy.json"
+    report = json.loads(older.read_text())
+    del report["probe"]["reference_model_users"]
+    for row in report["probe"]["rows"]:
+        del row["attacked_release_epsilon"]
+    older.write_text(json.dumps(report))
+    assert main(["privacy", "pool", str(older), str(tmp_path / "inf" / "privacy.json"),
+                 "--out", str(tmp_path / "mixed")]) == 0
+    assert json.loads((tmp_path / "mixed" / "privacy.json").read_text())["study"]["epsilons"] == ["inf", "2"]
+
+
 def test_studies_of_other_units_pooled_equal_one_study_over_both(tiny_scenario, tmp_path):
     """Unit "user" and unit "domain" run as two studies over the same seeds and ε and pooled (user first) give the
     cells, values and table of one study over both units (units in the canonical order, ε = ∞ shared)."""

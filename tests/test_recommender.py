@@ -270,9 +270,9 @@ def test_local_parameters_each_domain_serves_merges_with_its_own_last_item_bias(
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"family": "sequential"}, r"'family.name' must be a str, got None"),
-    ({"encoder.identity": None}, r"'encoder.identity' must be a str, got None"),
-    ({"feature_width": "abc"}, r"'feature_width' must be a int, got 'abc'"),
+    ({"family": "sequential"}, r"'family.name' must be a string, got None"),
+    ({"encoder.identity": None}, r"'encoder.identity' must be a string, got None"),
+    ({"feature_width": "abc"}, r"'feature_width' must be an integer, got 'abc'"),
     ({"local_parameters": {"synth-0": {"last_item_bias": float("nan")}}}, r"\['synth-0.last_item_bias'\] are not finite"),
     ({"local_parameters": {"synth-0": {"last_item_bias": "high"}}}, r"\['synth-0.last_item_bias'\] are not finite"),
     ({"local_parameters": [1.0]}, r"'local_parameters' must map each domain"),

@@ -28,11 +28,11 @@ class Param:
 
 
 def _in_open_closed(lo: float, hi: float) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and lo < v <= hi
+    return lambda v: _is_real(v) and lo < v <= hi
 
 
 def _in_closed_open(lo: float, hi: float) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v < hi
+    return lambda v: _is_real(v) and lo <= v < hi
 
 
 def _is_real(v: Any) -> bool:
@@ -167,7 +167,7 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod(
             "clipped_average",
             "_clipped_average",
-            {"multiple": Param(1.0, _in_open_closed(0.0, math.inf), "a number > 0")},
+            {"multiple": Param(1.0, _in_open_closed(0.0, math.inf), "a finite number > 0")},
             "https://arxiv.org/abs/1911.07963",
             "average of task vectors clipped per tensor to multiple × the median norm (Sun et al. 2019)",
             scale_param=None,

@@ -87,23 +87,31 @@ def validate_privacy(cfg: Scenario) -> None:
                                 f"privacy.noise_seed must be -1, got {privacy.noise_seed}")
 
 
-# What a DP client ships beside its weights: the mechanism's public settings and its ε (all fixed by the scenario,
-# never by the data), and ``stop_reason`` (a wall-clock cap that fired must be recorded). Everything else a training
-# reports depends on the private data without being covered by ε (the user count, losses, validation metrics,
-# clipped fractions, epochs chosen by early stopping, training time) and stays on the client unless
-# ``privacy.release_diagnostics``.
+# What a DP client ships beside its weights: the mechanism's public settings and its ε, all fixed by the scenario,
+# never by the data. Everything else its training reports depends on the private data without being covered by ε
+# (the user count, losses, validation metrics, clipped fractions, epochs and the stop reason chosen by early
+# stopping, training time) and stays on the client unless ``privacy.release_diagnostics``; only a wall-clock cap
+# that fired is still reported (``stop_reason = "max_seconds"``), since a result it cut must say so. The evaluation
+# metrics a client reports on its private test users (and their number) are outside ε too: they are what the
+# federation measures.
 RELEASED_METRICS = frozenset({
     "dp_noise_multiplier", "dp_delta", "dp_unit", "dp_epsilon", "dp_epsilon_run", "dp_clip_norm", "dp_user_bound",
-    "dp_steps", "dp_sample_rate", "dp_max_grad_norm", "stop_reason",
+    "dp_steps", "dp_sample_rate", "dp_max_grad_norm",
 })
 
 
 def released_metrics(metrics: Mapping[str, Any], privacy: PrivacySettings) -> dict[str, Any]:
     """The training metrics a client under ``privacy`` ships: all of them without DP or with
-    ``release_diagnostics``, else only :data:`RELEASED_METRICS`."""
+    ``release_diagnostics``, else only :data:`RELEASED_METRICS` and a ``stop_reason`` that says the wall-clock
+    cap cut the training."""
+    from fedmerge.models.base import STOP_MAX_SECONDS
+
     if not privacy.enabled or privacy.release_diagnostics:
         return dict(metrics)
-    return {k: v for k, v in metrics.items() if k in RELEASED_METRICS}
+    out = {k: v for k, v in metrics.items() if k in RELEASED_METRICS}
+    if metrics.get("stop_reason") == STOP_MAX_SECONDS:
+        out["stop_reason"] = STOP_MAX_SECONDS
+    return out
 
 
 def releases_per_client(cfg: Scenario) -> int:

@@ -465,7 +465,7 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
         f"held-out users, their fitted sequences ({probe.get('protocol', 'before fitted-sequences: train + validation')}); "
         f"loss and LiRA at the '{probe['positions']}' position(s), gradient alignment at every position; LiRA with "
         f"{probe['reference_models']} reference models of {probe.get('reference_model_users', '?')} users each, "
-        f"the target client {probe.get('members', '?')}); "
+        f"the target client's {probe.get('members', '?')} users); "
         f"AUC against θ₀: {control or '-'}."
     )
     attacked = [f"{row['unit']} ε {row['epsilon']}: {row['attacked_release_epsilon']:.3g}" for row in probe["rows"]
@@ -597,8 +597,8 @@ def _union_of_cells(studies: Sequence[Mapping[str, Any]], labels: Sequence[str])
     """:func:`pool_studies` of studies over the same seeds (settings already checked): the union of their cells in
     :func:`cells` order (units as the studies list them, in :data:`fedmerge.privacy.client.UNITS` order when they
     differ); a cell in several studies, and the probe's set-up and θ₀ control, must be identical."""
-    def without_time(row: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in row.items() if k != "seconds"}
+    def without_time(row: Mapping[str, Any]) -> dict[str, Any]:  # and without what older studies did not record
+        return {k: v for k, v in row.items() if k not in ("seconds", "attacked_release_epsilon")}
 
     def union(section: str, rows_of: Any) -> dict[tuple[str, str], dict[str, Any]]:
         found: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
@@ -611,10 +611,13 @@ def _union_of_cells(studies: Sequence[Mapping[str, Any]], labels: Sequence[str])
                 found.setdefault(key, (dict(row), label))
         return {key: row for key, (row, _) in found.items()}
 
+    def setup(probe: Mapping[str, Any]) -> dict[str, Any]:  # derived from the rest, absent in older studies
+        return {k: v for k, v in probe.items() if k not in ("rows", "theta0", "reference_model_users")}
+
     probe_setup = {k: v for k, v in studies[0]["probe"].items() if k not in ("rows", "theta0")}
     controls: dict[str, Any] = {}  # the θ₀ control: measured by the studies whose grid has ε = ∞
     for label, st in zip(labels, studies):
-        if {k: v for k, v in st["probe"].items() if k not in ("rows", "theta0")} != probe_setup:
+        if setup(st["probe"]) != setup(probe_setup):
             raise FedmergeError(f"{label} and {labels[0]} differ in the attacks' set-up: not one study")
         control = st["probe"].get("theta0") or {}
         if control and controls and control != controls:

@@ -92,8 +92,11 @@ def client_train(
     if cfg.privacy.enabled:
         from fedmerge.privacy.client import released_metrics
 
-        logger.info("%s: training metrics kept on the client (not covered by ε): %s", domain.name, metrics)
-        metrics = released_metrics(metrics, cfg.privacy)
+        released = released_metrics(metrics, cfg.privacy)
+        kept = {k: v for k, v in metrics.items() if k not in released}
+        if kept:
+            logger.info("%s: training metrics kept on the client (not covered by ε): %s", domain.name, kept)
+        metrics = released
     return weights, metrics
 
 

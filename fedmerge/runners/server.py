@@ -428,7 +428,8 @@ class Federation:
         under ``rejected[label]``, ``label`` defaulting to the domain).
 
         Beyond the format (:func:`~fedmerge.validation.check_update`): the family's fixed weights equal θ₀, no
-        weight over ``federation.max_abs_value``, and a user count in (0, ``federation.max_num_users``]; other
+        weight over ``federation.max_abs_value``, and a user count in (0, ``federation.max_num_users``] (optional
+        from a DP client, which keeps it: ``users_reported``); other
         non-finite training metrics are dropped and recorded under ``rejected["train_metrics:<label>"]``.
         """
         from fedmerge.validation import UpdateRejected, check_train_metrics
@@ -468,6 +469,7 @@ class Federation:
     def accept_saved(self, saved: Mapping[str, StateDict]) -> dict[str, StateDict]:
         """The saved client weights of an earlier run (``--resume``) that pass :meth:`check_weights`, each with a
         fresh card; a file that fails is left out and its reason recorded under ``rejected[domain]``."""
+        from fedmerge.recommender import card_path, update_card
         from fedmerge.storage import client_weights_path
         from fedmerge.validation import UpdateRejected
 
@@ -478,6 +480,9 @@ class Federation:
             except UpdateRejected as exc:
                 logger.warning("rejected the saved weights of %s: %s", d, exc.reason)
                 self.rejected[d] = f"saved weights: {exc.reason}"
+                self.train_metrics.pop(d, None)
+                if self.out_dir is not None and card_path(client_weights_path(self.out_dir, d)).is_file():
+                    update_card(client_weights_path(self.out_dir, d), rejected=self.rejected[d], metrics={})
                 continue
             accepted[d] = weights
             if self.out_dir is not None:
@@ -574,9 +579,10 @@ class Federation:
         capped at ``federation.fedavg_max_share`` by :func:`capped_shares`) or "equal"; equal too when a client
         reported no count (None: a DP client, see ``users_reported``)."""
         federation = self.cfg.federation
-        if federation.fedavg_weighting == "equal" or any(n is None for n in n_users.values()):
+        counts = {d: n for d, n in n_users.items() if n is not None}
+        if federation.fedavg_weighting == "equal" or len(counts) < len(n_users):
             return {d: 1.0 / len(n_users) for d in n_users}
-        return capped_shares(n_users, federation.fedavg_max_share)
+        return capped_shares(counts, federation.fedavg_max_share)
 
     def aggregate_round(self, start: StateDict, updates: Mapping[str, StateDict], shares: Mapping[str, float]) -> StateDict:
         """One FedAvg round's new global weights: the share-weighted mean (``federation.fedavg_aggregation`` =
