@@ -725,7 +725,9 @@ def test_a_study_written_before_the_derived_probe_fields_pools_with_a_newer_one(
     older.write_text(json.dumps(report))
     assert main(["privacy", "pool", str(older), str(tmp_path / "inf" / "privacy.json"),
                  "--out", str(tmp_path / "mixed")]) == 0
-    assert json.loads((tmp_path / "mixed" / "privacy.json").read_text())["study"]["epsilons"] == ["inf", "2"]
+    mixed = json.loads((tmp_path / "mixed" / "privacy.json").read_text())
+    assert mixed["study"]["epsilons"] == ["inf", "2"]
+    assert mixed["probe"]["reference_model_users"] == mixed["probe"]["reference"] // 2  # derived for the older one
 
 
 def test_studies_of_other_units_pooled_equal_one_study_over_both(tiny_scenario, tmp_path):

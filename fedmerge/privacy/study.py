@@ -546,6 +546,11 @@ def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) ->
     missing = [label for label, st in zip(labels, studies) if "probe" not in st or "utility" not in st]
     if missing:
         raise FedmergeError(f"{missing}: not a finished privacy study (no utility or probe section)")
+    from fedmerge.privacy.attacks import reference_model_users
+
+    studies = [{**st, "probe": {"reference_model_users": reference_model_users(int(st["probe"]["reference"])),
+                                **st["probe"]}} if "reference" in st["probe"] else st
+               for st in studies]  # a study written before the field was recorded: derived from its reference users
     first, first_label = studies[0], labels[0]
     same_seeds = all(st["study"]["seeds"] == first["study"]["seeds"] for st in studies)
     free = ("epsilons", "units") if same_seeds else ("seeds",)
@@ -611,8 +616,8 @@ def _union_of_cells(studies: Sequence[Mapping[str, Any]], labels: Sequence[str])
                 found.setdefault(key, (dict(row), label))
         return {key: row for key, (row, _) in found.items()}
 
-    def setup(probe: Mapping[str, Any]) -> dict[str, Any]:  # derived from the rest, absent in older studies
-        return {k: v for k, v in probe.items() if k not in ("rows", "theta0", "reference_model_users")}
+    def setup(probe: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in probe.items() if k not in ("rows", "theta0")}
 
     probe_setup = {k: v for k, v in studies[0]["probe"].items() if k not in ("rows", "theta0")}
     controls: dict[str, Any] = {}  # the θ₀ control: measured by the studies whose grid has ε = ∞
