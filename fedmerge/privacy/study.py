@@ -529,6 +529,17 @@ def _pool_scores(parts: Sequence[Mapping[str, Mapping[str, Any]]], label: str) -
     return {a: {score: _pooled([part[a][score] for part in parts]) for score in parts[0][a]} for a in parts[0]}
 
 
+def _same_scenario(one: Any, other: Any) -> bool:
+    """Whether two studies' recorded scenarios are one, settings fedmerge gained between them at their default
+    (:func:`fedmerge.config.settings_differences`)."""
+    from fedmerge.config import settings_differences
+
+    if not isinstance(one, Mapping) or not isinstance(other, Mapping):
+        return one == other
+    # a key one side lacks is "added" seen from the other side: only a difference seen both ways is real
+    return not set(settings_differences(one, other)[1]) & set(settings_differences(other, one)[1])
+
+
 def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
     """The ``privacy.json`` of one study assembled from several (``studies``: their ``privacy.json`` contents,
     ``labels``: where each came from, for errors and the record), run in separate processes or machines, either
@@ -561,7 +572,8 @@ def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) ->
         if differ:
             raise FedmergeError(f"{label} and {first_label} differ in study settings {differ} (pooling combines "
                                 "disjoint seeds of one grid, or other ε / units over the same seeds): not one study")
-        if st.get("scenario") != first.get("scenario") or st.get("releases_per_client") != first.get("releases_per_client"):
+        if not _same_scenario(st.get("scenario"), first.get("scenario")) \
+                or st.get("releases_per_client") != first.get("releases_per_client"):
             raise FedmergeError(f"{label} and {first_label} ran different scenarios: not one study")
         if st["probe"].get("protocol") != first["probe"].get("protocol"):
             raise FedmergeError(f"{label} and {first_label} ran different attack protocols ({st['probe'].get('protocol')} "
