@@ -89,6 +89,16 @@ def test_evaluate_command_equals_the_runs_own_evaluation(run, name, capsys):
         assert {"recall@5", "ndcg@50_masked"} <= set(metrics)
 
 
+def test_evaluate_defaults_to_the_split_the_run_evaluated(run, saved_copy, capsys):
+    cfg, _, _, folders = run
+    args = ["evaluate", "--model", str(saved_copy), "--data", str(folders["synth-0"]), "--cache-dir",
+            cfg.encoder.cache_dir, "--json"]
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)["split"] == "test"
+    _edit_card(saved_copy, **{"eval.split": "val"})
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)["split"] == "val"
+    assert main([*args, "--split", "test"]) == 0 and json.loads(capsys.readouterr().out)["split"] == "test"
+
+
 def test_evaluate_a_client_model_prints_a_table(run, capsys):
     cfg, out, _, folders = run
     assert main(["evaluate", "--model", str(out / "clients" / "synth-0.safetensors"), "--data", str(folders["synth-0"]),

@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_saved_model_options(parser)
     parser.add_argument("--data", type=Path, required=True, help="domain folder or .tar.gz (Amazon or generic format)")
-    parser.add_argument("--split", choices=("test", "val"), default="test", help="users' target (default test)")
+    parser.add_argument("--split", choices=("test", "val"), default=None,
+                        help="users' target (default: the split the model's run evaluated, from its card; else test)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
     parser.set_defaults(func=run_evaluate)
 
@@ -28,6 +29,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     model = load_saved_model(args)
     domain = load_domain(args.data)
+    args.split = args.split or str(model.card.get("eval", {}).get("split", "test"))
     metrics = model.evaluate(domain, split=args.split)
     if args.json:
         print(json.dumps({"model": model.name, "domain": domain.name, "split": args.split, "metrics": metrics}))
