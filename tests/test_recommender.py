@@ -148,6 +148,14 @@ def test_recommend_refuses_unknown_item_ids(run, unseen_catalog, capsys):
     assert main(["recommend", "--model", str(out / "models" / "ties.safetensors"), "--catalog", str(unseen_catalog),
                  "--cache-dir", cfg.encoder.cache_dir, "--history", "no-such-item"]) == 1
     assert "no-such-item" in capsys.readouterr().err
+    # in a file, an unknown id on a later line is refused before any line is printed
+    catalog = load_domain(unseen_catalog).catalog
+    batch = unseen_catalog.parent / "histories.txt"
+    batch.write_text("\n".join([",".join(catalog.ids[:2])] * 300 + ["no-such-item"]) + "\n")
+    assert main(["recommend", "--model", str(out / "models" / "ties.safetensors"), "--catalog", str(unseen_catalog),
+                 "--cache-dir", cfg.encoder.cache_dir, "--histories", str(batch)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "histories.txt:301: 'no-such-item'" in captured.err
 
 
 @pytest.fixture

@@ -97,6 +97,13 @@ def run_recommend(args: argparse.Namespace) -> int:
     lines = [(n, line) for n, line in enumerate(args.histories.read_text(encoding="utf-8").splitlines(), 1)
              if line.strip()]
     histories = [parse_history(line, args.texts, f"{args.histories}:{n}") for n, line in lines]
+    if not args.texts:  # every id checked before the first line is printed: no partial output on a bad later line
+        known = set(catalog.ids)
+        unknown = [f"{args.histories}:{n}: {item!r}" for (n, _), history in zip(lines, histories)
+                   for item in history if item not in known]
+        if unknown:
+            raise DataError(f"{len(unknown)} item id(s) not in the catalog {args.catalog}, e.g. {unknown[:5]}; "
+                            "nothing was recommended")
     with tqdm(total=len(histories), desc="recommend", unit="history", file=sys.stderr) as bar:
         for start in range(0, len(histories), BATCH):
             chunk = histories[start : start + BATCH]
