@@ -121,8 +121,8 @@ def settings_mismatch(cfg: Scenario, metadata: Mapping[str, str], what: str) -> 
     except ValueError as exc:
         raise FedmergeError(f"{what}: unreadable '{SETTINGS_KEY}' metadata ({exc})") from None
     added, differing = settings_differences(recorded, current)
-    saved, now = flatten_settings(recorded), flatten_settings(current)
-    if differing:
+    if differing:  # the flat values only for the message: settings_differences already compared them
+        saved, now = flatten_settings(recorded), flatten_settings(current)
         details = "; ".join(f"{k}: saved {saved.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r}" for k in differing)
         raise FedmergeError(f"{what}: trained with {STALE_HINT}. Differences: {details}")
     return added
