@@ -6,16 +6,20 @@ import numpy as np
 import pytest
 import torch
 
+from torch import nn
+
+from fedmerge.models.base import pad_sequences
 from fedmerge.privacy.attacks import (
     attack_metrics,
     gradient_alignment_scores,
     lira_scores,
+    reference_model_users,
     reference_models,
     run_attacks,
     tpr_at_fpr,
 )
 from fedmerge.privacy.membership import split_members
-from tests.test_privacy import TinyFamily, features, tiny_domain  # noqa: F401  (fixtures)
+from tests.test_privacy import TinyFamily, TransitionModule, features, tiny_domain  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +90,7 @@ def test_attacks_find_members_of_an_overfitted_model(population, features):
     members, nonmembers, reference = population
     theta0 = family.initial_weights(30, seed=0)
     shipped, _ = family.train(theta0, members, features)
-    refs = reference_models(lambda d, s: family.train(theta0, d, features, seed=s)[0], reference, 4)
+    refs = reference_models(lambda d, s: family.train(theta0, d, features, seed=s)[0], reference, 4, 100)
     results = run_attacks(family, theta0, shipped, features, members.train, nonmembers.train, refs, positions="all")
     assert set(results) == {"loss", "lira", "gradient_alignment"}
     for name, metrics in results.items():
@@ -100,9 +104,62 @@ def test_attacks_are_at_chance_on_a_model_that_never_saw_the_candidates(populati
     theta0 = family.initial_weights(30, seed=0)
     outsiders, _ = split_members(reference, 0.5, seed=7)  # trained on users that are no candidate
     shipped, _ = family.train(theta0, outsiders, features)
-    refs = reference_models(lambda d, s: family.train(theta0, d, features, seed=s)[0], reference, 4, seed=10)
+    refs = reference_models(lambda d, s: family.train(theta0, d, features, seed=s)[0], reference, 4, 100, seed=10)
     results = run_attacks(family, theta0, shipped, features, members.train, nonmembers.train, refs, positions="all")
     for name, metrics in results.items():  # null AUC std ≈ √(201/(12·100²)) ≈ 0.04
         assert abs(metrics["auc"] - 0.5) < 0.13, (name, metrics)
     untrained = gradient_alignment_scores(family, theta0, theta0, features, members.train[:5])
     assert np.array_equal(untrained, np.zeros(5))
+
+
+def test_reference_models_train_on_the_target_size_or_the_whole_pool(population):
+    """Each reference model trains on as many users as the target, or on every reference user when they are fewer;
+    the subsets are seeded and drawn from the reference users only."""
+    members, _, reference = population
+    assert reference_model_users(members.n_users, reference.n_users) == 100  # 100 members, 200 reference users
+    assert reference_model_users(300, reference.n_users) == 200
+    seen = []
+    reference_models(lambda d, s: seen.append((s, sorted(map(tuple, d.train)))) or {}, reference, 3, 100, seed=5)
+    pool = sorted(map(tuple, reference.train))
+    assert [s for s, _ in seen] == [5, 6, 7] and all(len(users) == 100 for _, users in seen)
+    assert all(set(users) <= set(pool) for _, users in seen) and seen[0][1] != seen[1][1]
+    whole = []
+    reference_models(lambda d, s: whole.append(sorted(map(tuple, d.train))) or {}, reference, 2, 200)
+    assert whole == [pool, pool]
+    with pytest.raises(ValueError, match="users_per_model"):
+        reference_models(lambda d, s: {}, reference, 1, 201)
+
+
+class FrozenTailModule(TransitionModule):
+    """The transition table W, then a second table V that a recipe may freeze."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.V = nn.Parameter(torch.randn(dim, dim))
+
+    def forward(self, seqs: torch.Tensor, item_features: torch.Tensor) -> torch.Tensor:
+        return super().forward(seqs, item_features) + super().forward(seqs, item_features @ self.V)
+
+
+class FrozenTailFamily(TinyFamily):
+    def build(self, dim: int) -> nn.Module:
+        return FrozenTailModule(dim)
+
+
+def test_gradient_alignment_runs_over_the_weights_training_moved(tiny_domain, features):
+    """With V frozen (τ_V = 0), the score is cos(−∇_W L_u, τ_W): V's gradient would only add to the norm."""
+    family = FrozenTailFamily()
+    torch.manual_seed(0)
+    theta0 = {k: v.detach().clone() for k, v in FrozenTailModule(30).state_dict().items()}
+    shipped = {**theta0, "W": theta0["W"] + 0.1 * torch.randn(30, 30)}
+    seqs = tiny_domain.train[:6]
+    scores = gradient_alignment_scores(family, theta0, shipped, features, seqs)
+    module = family.load(theta0, 30)
+    tau = (shipped["W"] - theta0["W"]).double().flatten()
+    for row, seq in enumerate(seqs):
+        prefixes = [seq[:t] for t in range(1, len(seq))]
+        targets = torch.as_tensor([int(seq[t]) for t in range(1, len(seq))])
+        loss = nn.functional.cross_entropy(module(pad_sequences(prefixes, family.max_len), features), targets)
+        (grad_w,) = torch.autograd.grad(loss, [module.W])
+        expected = float(torch.nn.functional.cosine_similarity(-grad_w.double().flatten(), tau, dim=0))
+        assert scores[row] == pytest.approx(expected, rel=1e-6, abs=1e-9)

@@ -534,7 +534,9 @@ def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
         assert set(row["attacks"]) == {"loss", "lira", "gradient_alignment"}
         assert all(0.0 <= v["auc"]["mean"] <= 1.0 and v["auc"]["n"] == 2 for v in row["attacks"].values())
     assert probe["members"] + probe["nonmembers"] + probe["reference"] == 60
-    assert probe["reference_model_users"] == probe["reference"] // 2  # recorded: LiRA's references are smaller
+    # non-members only as many as probed (20) but at most half of the other 30; the reference models train on the
+    # target's size or on the whole pool when it is smaller
+    assert probe["nonmembers"] == 15 and probe["reference_model_users"] == min(probe["members"], probe["reference"])
     assert [row["attacked_release_epsilon"] for row in probe["rows"]][0] is None  # no DP, no ε
     assert probe["rows"][1]["attacked_release_epsilon"] == pytest.approx(2.0, rel=1e-6)  # one release: the cell's ε
     assert probe["theta0"]["gradient_alignment"]["auc"]["mean"] == 0.5  # τ = 0: no signal
@@ -640,7 +642,7 @@ def test_attacks_probe_what_the_family_trains_on(tmp_path, monkeypatch):
     models train on seeds of their own, not the client's."""
     import fedmerge.privacy.attacks as attacks
     import fedmerge.runners.client as client_module
-    from fedmerge.privacy.membership import split_members
+    from fedmerge.privacy.membership import split_members, split_users
     from fedmerge.privacy.study import attack_record, load_study
 
     monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "cache"))
@@ -656,7 +658,7 @@ def test_attacks_probe_what_the_family_trains_on(tmp_path, monkeypatch):
     name = cfg.data.training_domains()[0]
     record = attack_record(cfg, study, name, seed=0, control=False)
     members, rest = split_members(cfg.load_domain(name), float(study.member_fraction), seed=0)
-    nonmembers, _ = split_members(rest, 0.5, seed=1)
+    nonmembers, _ = split_users(rest, min(1000, rest.n_users // 2), seed=1)
     as_lists = lambda seqs: sorted(np.asarray(s).tolist() for s in seqs)  # noqa: E731
     assert as_lists(probed["members"]) == as_lists(members.train)
     assert as_lists(probed["nonmembers"]) == as_lists(nonmembers.train)
@@ -717,15 +719,18 @@ def test_a_study_written_before_the_derived_probe_fields_pools_with_a_newer_one(
     from fedmerge.cli import main
 
     studies_run_apart_and_pooled(tiny_scenario, tmp_path, "epsilons", "[inf]", {"two": "[2.0]", "inf": "[inf]"})
-    older = tmp_path / "two" / "privacy.json"
+    older, newer = tmp_path / "two" / "privacy.json", tmp_path / "inf" / "privacy.json"
+    for path in (older, newer):  # the probe of protocol "fitted-sequences": references on half the reference users
+        report = json.loads(path.read_text())
+        report["probe"].update(protocol="fitted-sequences", reference_model_users=report["probe"]["reference"] // 2)
+        path.write_text(json.dumps(report))
     report = json.loads(older.read_text())
     del report["probe"]["reference_model_users"]
     for row in report["probe"]["rows"]:
         del row["attacked_release_epsilon"]
     del report["scenario"]["privacy"]["release_diagnostics"]  # a setting fedmerge gained since, at its default
     older.write_text(json.dumps(report))
-    assert main(["privacy", "pool", str(older), str(tmp_path / "inf" / "privacy.json"),
-                 "--out", str(tmp_path / "mixed")]) == 0
+    assert main(["privacy", "pool", str(older), str(newer), "--out", str(tmp_path / "mixed")]) == 0
     mixed = json.loads((tmp_path / "mixed" / "privacy.json").read_text())
     assert mixed["study"]["epsilons"] == ["inf", "2"]
     assert mixed["probe"]["reference_model_users"] == mixed["probe"]["reference"] // 2  # derived for the older one

@@ -23,7 +23,9 @@ giving a per-user score (higher = "member"):
 
         score(u) = cos(−∇_θ L_u(θ_at), τ_d),   L_u the user's mean next-item cross-entropy,
 
-    θ_at = θ₀ (the first steps' direction, default) or θ_d. Parameters only (no buffers); τ_d = 0 gives 0.
+    θ_at = θ₀ (the first steps' direction, default) or θ_d. Both vectors run over the parameters training moved
+    (tensors with τ ≠ 0; no buffers): a weight the recipe froze (e.g. all but the adapter) has τ = 0 and would only
+    add each user's gradient there to the norm, as noise. τ_d = 0 everywhere gives 0.
 
 Scores: ROC AUC (:func:`fedmerge.privacy.membership.rank_auc`) and TPR at a fixed low FPR (Carlini et al.'s
 recommended summary: an attack matters if it identifies some users with near certainty). With n non-members, an
@@ -120,22 +122,33 @@ def lira_scores(target: np.ndarray, reference: np.ndarray, global_variance: bool
     return (target - mean) / np.maximum(std, 1e-12)
 
 
-def reference_model_users(n_reference_users: int) -> int:
-    """Users each reference model trains on: half of the attacker's reference population."""
-    return max(1, n_reference_users // 2)
+def reference_model_users(n_target_users: int, n_reference_users: int) -> int:
+    """Users each reference model trains on: as many as the target client's, or all the attacker's reference users
+    when they are fewer (Carlini et al. train their reference models on data sets of the target's size; a smaller
+    reference model fits its users less tightly, which biases μ_out)."""
+    if n_target_users < 1 or n_reference_users < 1:
+        raise ValueError(f"reference models need users on both sides, got {n_target_users} target and "
+                         f"{n_reference_users} reference users")
+    return min(n_target_users, n_reference_users)
 
 
 def reference_models(
-    train: Callable[[Domain, int], StateDict], reference_users: Domain, n_models: int, seed: int = 0
+    train: Callable[[Domain, int], StateDict], reference_users: Domain, n_models: int, users_per_model: int,
+    seed: int = 0,
 ) -> list[StateDict]:
-    """``n_models`` models, model k trained by ``train(users, seed + k)`` on a seeded random half of the reference
-    users (the attacker's own population, disjoint from the candidates)."""
+    """``n_models`` models, model k trained by ``train(users, seed + k)`` on ``users_per_model`` seeded random users
+    of the attacker's own population (disjoint from the candidates). When ``users_per_model`` is the whole
+    population the models differ only in their training randomness (seeds, DP noise), which with LiRA's global
+    variance is all that matters: μ_out is then the mean over that randomness."""
     if n_models < 1:
         raise ValueError(f"n_models must be >= 1, got {n_models}")
-    half = reference_model_users(reference_users.n_users)
+    if not 1 <= users_per_model <= reference_users.n_users:
+        raise ValueError(f"users_per_model must lie in 1..{reference_users.n_users} (the reference users), "
+                         f"got {users_per_model}")
     models = []
     for k in range(n_models):
-        users = np.sort(np.random.default_rng(seed + k).choice(reference_users.n_users, size=half, replace=False))
+        users = np.sort(np.random.default_rng(seed + k).choice(reference_users.n_users, size=users_per_model,
+                                                               replace=False))
         models.append(train(subset_users(reference_users, users, reference_users.name), seed + k))
     return models
 
@@ -161,13 +174,14 @@ def gradient_alignment_scores(
     if at not in ("theta0", "shipped"):
         raise ValueError(f"unknown gradient point {at!r}; valid: 'theta0', 'shipped'")
     module = family.load(theta0 if at == "theta0" else shipped, item_features.shape[-1]).eval()
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
-    params = [p for n, p in module.named_parameters() if p.requires_grad]
-    tau = torch.cat([(shipped[n].double() - theta0[n].double()).flatten() for n in names])
-    features = item_features.to(torch.float32)
+    moved = [(n, p) for n, p in module.named_parameters()
+             if p.requires_grad and not torch.equal(shipped[n], theta0[n])]
     scores = np.zeros(len(candidates))
-    if float(tau.norm()) == 0:
+    if not moved:
         return scores
+    params = [p for _, p in moved]
+    tau = torch.cat([(shipped[n].double() - theta0[n].double()).flatten() for n, _ in moved])
+    features = item_features.to(torch.float32)
     for row, seq in enumerate(candidates):
         prefixes, targets, _ = prediction_pairs([seq], positions)
         logits = module(pad_sequences(prefixes, family.max_len), features)

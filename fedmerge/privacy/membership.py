@@ -50,12 +50,17 @@ def split_members(domain: Domain, member_fraction: float = 0.5, seed: int = 0) -
     """
     if not 0 < member_fraction < 1:
         raise ValueError(f"member_fraction must lie in (0, 1), got {member_fraction}")
-    n_members = int(round(member_fraction * domain.n_users))
-    if not 0 < n_members < domain.n_users:
-        raise DataError(f"domain {domain.name!r} has too few users ({domain.n_users}) to split {member_fraction}")
+    return split_users(domain, int(round(member_fraction * domain.n_users)), seed)
+
+
+def split_users(domain: Domain, n_first: int, seed: int = 0) -> tuple[Domain, Domain]:
+    """(``n_first`` seeded random users, the others): the first keeps ``domain.name``, the others are named
+    ``<name>-heldout``; each keeps the users in ``domain``'s order."""
+    if not 0 < n_first < domain.n_users:
+        raise DataError(f"domain {domain.name!r} has too few users ({domain.n_users}) to split off {n_first}")
     order = np.random.default_rng(seed).permutation(domain.n_users)
-    members, nonmembers = np.sort(order[:n_members]), np.sort(order[n_members:])
-    return subset_users(domain, members, domain.name), subset_users(domain, nonmembers, f"{domain.name}-heldout")
+    first, others = np.sort(order[:n_first]), np.sort(order[n_first:])
+    return subset_users(domain, first, domain.name), subset_users(domain, others, f"{domain.name}-heldout")
 
 
 def prediction_pairs(seqs: Sequence[np.ndarray], positions: Positions) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:

@@ -10,11 +10,12 @@ FedAvg updates) are (ε, δ)-DP for the unit. Reported: the metric of each study
 t-interval over the seeds.
 
 Attacks: in each cell the probe domain (``probe_domain``, default the first training domain) is split by the seed
-into members (``member_fraction``), non-members and the attacker's reference users (half of the rest each); a client
-trains on the members with the cell's DP recipe, and the attacks of :mod:`fedmerge.privacy.attacks` (loss, offline
-LiRA with ``reference_models`` reference models trained with the same recipe on halves of the reference users,
-gradient alignment with the task vector) score ``probe_max_users`` members against as many non-members on the
-weights the client would ship: AUC and TPR at 0.1 % / 1 % FPR, mean and interval over seeds. The probed sequences
+into members (``member_fraction``), non-members (as many as are probed, ``probe_max_users``, at most half of the
+rest) and the attacker's reference users (all other users); a client trains on the members with the cell's DP
+recipe, and the attacks of :mod:`fedmerge.privacy.attacks` (loss, offline LiRA with ``reference_models`` reference
+models trained with the same recipe on as many reference users as the client has, or all of them when they are
+fewer, gradient alignment with the task vector over the weights training moved) score ``probe_max_users`` members
+against as many non-members on the weights the client would ship: AUC and TPR at 0.1 % / 1 % FPR, mean and interval over seeds. The probed sequences
 are the ones the family fits its targets on (:meth:`~fedmerge.models.base.ModelFamily.fitted_sequences`: the training
 sequences for the sequential family, train + validation items for the text-LAE), so a member's last probed item is
 one the client trained on; the loss attack and LiRA score ``probe_positions``, gradient alignment every position.
@@ -264,11 +265,15 @@ def _reference_config(cfg: Scenario, reference_seed: int) -> Scenario:
 
 
 ATTACK_KEYS = ("probe_domain", "member_fraction", "probe_max_users", "probe_positions", "reference_models")
-# What the attacks probe and how the reference models are seeded, recorded with every attack file and study so that
-# scores of another protocol are neither read back by --resume nor pooled: "fitted-sequences" probes each family's
-# fitted sequences with reference models of their own training seeds. (Files without it probed train + validation
-# items, whose last item the sequential family never trains on, with the reference models on the client's seed.)
-PROBE_PROTOCOL = "fitted-sequences"
+# What the attacks probe and how their models are built, recorded with every attack file and study so that scores
+# of another protocol are neither read back by --resume nor pooled. "target-size-references": each family's fitted
+# sequences are probed; the non-members are only as many as are probed, so that the reference models train on as
+# many users as the target (or on all the others when fewer), each on seeds of its own; gradient alignment runs over
+# the weights training moved. Earlier protocols: "fitted-sequences" (the same probe; non-members and reference
+# users half of the rest each, each reference model on half of the reference users, i.e. a quarter of the rest;
+# gradient alignment over every parameter); none recorded (train + validation items probed, whose last item the
+# sequential family never trains on, reference models on the client's seed).
+PROBE_PROTOCOL = "target-size-references"
 
 
 def attack_file(out_dir: Path, unit: str, epsilon: float, seed: int) -> Path:
@@ -307,14 +312,15 @@ def attack_record(
     (``run_cfg``), the attacker's reference models on its own users; ``{"sizes", "scores", "theta0"}``, the last the
     same attacks against θ₀ (the chance control) when ``control``, else None."""
     from fedmerge.privacy.attacks import reference_model_users, reference_models, run_attacks, scorable
-    from fedmerge.privacy.membership import split_members
+    from fedmerge.privacy.membership import split_members, split_users
     from fedmerge.runners.client import client_train
     from fedmerge.runners.server import initial_weights
 
     limit, positions = int(study.probe_max_users), study.probe_positions
     domain = run_cfg.load_domain(name)
     members, rest = split_members(domain, float(study.member_fraction), seed=seed)
-    nonmembers, reference = split_members(rest, 0.5, seed=seed + 1)
+    nonmembers, reference = split_users(rest, min(limit, rest.n_users // 2), seed=seed + 1)
+    users_per_reference = reference_model_users(members.n_users, reference.n_users)
     family = run_cfg.model.make_family()
     features = run_cfg.encoder.item_features(domain.catalog, family)
     theta0 = initial_weights(run_cfg)
@@ -322,13 +328,13 @@ def attack_record(
     refs = reference_models(
         lambda users, reference_seed: client_train(users, theta0, _reference_config(run_cfg, reference_seed),
                                                    features=features)[0],
-        reference, int(study.reference_models), seed=seed,
+        reference, int(study.reference_models), users_per_reference, seed=seed,
     ) if int(study.reference_models) else []
     member_seqs = _subsample(family.fitted_sequences(members), limit, seed)
     nonmember_seqs = _subsample(family.fitted_sequences(nonmembers), limit, seed + 1)
     return {
         "sizes": {"members": members.n_users, "nonmembers": nonmembers.n_users, "reference": reference.n_users,
-                  "reference_model_users": reference_model_users(reference.n_users),
+                  "reference_model_users": users_per_reference,
                   "probed_per_group": [len(scorable(member_seqs)), len(scorable(nonmember_seqs))]},
         "scores": run_attacks(family, theta0, shipped, features, member_seqs, nonmember_seqs, refs, positions),
         "theta0": run_attacks(family, theta0, theta0, features, member_seqs, nonmember_seqs, refs, positions)
@@ -342,7 +348,7 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | Non
     as a chance control in the ε = ∞ cell; with ``out_dir`` each (cell, seed)'s record is written to
     :func:`attack_file`, and with ``resume`` a file of the same configuration and attack settings is read instead of
     training and attacking again."""
-    from fedmerge.privacy.attacks import reference_model_users, summary
+    from fedmerge.privacy.attacks import summary
     from fedmerge.privacy.client import epsilon as epsilon_after
 
     name = study.probe_domain or cfg.data.training_domains()[0]
@@ -371,8 +377,6 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | Non
         attacked = epsilon_after(run_cfg, z, 1) if z > 0 else None
         rows.append({"unit": unit, "epsilon": epsilon_label(epsilon), "noise_multiplier": z,
                      "attacked_release_epsilon": attacked, "attacks": _over_seeds(per_seed)})
-    if "reference" in sizes and "reference_model_users" not in sizes:  # attack files written before it was recorded
-        sizes = {**sizes, "reference_model_users": reference_model_users(int(sizes["reference"]))}
     return {"domain": name, "protocol": PROBE_PROTOCOL, **sizes, "positions": study.probe_positions,
             "reference_models": int(study.reference_models), "rows": rows, "theta0": _over_seeds(controls) if controls else {}}
 
@@ -557,11 +561,10 @@ def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) ->
     missing = [label for label, st in zip(labels, studies) if "probe" not in st or "utility" not in st]
     if missing:
         raise FedmergeError(f"{missing}: not a finished privacy study (no utility or probe section)")
-    from fedmerge.privacy.attacks import reference_model_users
-
-    studies = [{**st, "probe": {"reference_model_users": reference_model_users(int(st["probe"]["reference"])),
-                                **st["probe"]}} if "reference" in st["probe"] else st
-               for st in studies]  # a study written before the field was recorded: derived from its reference users
+    # a study written before reference_model_users was recorded (protocol "fitted-sequences" or older): each of its
+    # reference models trained on half of its reference users
+    studies = [{**st, "probe": {"reference_model_users": max(1, int(st["probe"]["reference"]) // 2), **st["probe"]}}
+               if "reference" in st["probe"] else st for st in studies]
     first, first_label = studies[0], labels[0]
     same_seeds = all(st["study"]["seeds"] == first["study"]["seeds"] for st in studies)
     free = ("epsilons", "units") if same_seeds else ("seeds",)
