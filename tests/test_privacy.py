@@ -273,6 +273,9 @@ def test_split_members_partitions_users(tiny_domain):
     assert split_members(tiny_domain, 0.25, seed=1)[0].train == members.train  # seeded
     with pytest.raises(ValueError, match="member_fraction"):
         split_members(tiny_domain, 1.0)
+    # the split every stored study used: the first round(f·n) users of the seed's permutation, in domain order
+    first = np.sort(np.random.default_rng(1).permutation(tiny_domain.n_users)[:100])
+    assert members.train == tuple(tiny_domain.train[u] for u in first)
 
 
 def test_sequence_losses_match_direct_cross_entropy(tiny_domain, features):
@@ -603,6 +606,14 @@ def test_privacy_run_resume_keeps_what_an_interrupted_study_finished(tiny_scenar
     assert main([*command, "--resume", "--set", "privacy_study.member_fraction=0.4"]) == 0
     assert runs == [] and len(trainings) == 1 + references
     assert set(json.loads(record.read_text())["scores"]) == {"loss", "gradient_alignment", "lira"}
+    # an attack file of an earlier protocol is computed again, not read
+    older = json.loads(record.read_text())
+    older["settings"]["protocol"] = "fitted-sequences"
+    record.write_text(json.dumps(older))
+    trainings.clear()
+    assert main([*command, "--resume", "--set", "privacy_study.member_fraction=0.4"]) == 0
+    assert runs == [] and len(trainings) == 1 + references
+    assert json.loads(record.read_text())["settings"]["protocol"] == "target-size-references"
 
 
 SEQUENTIAL_STUDY = TINY_STUDY.replace('family = "text-lae"', 'family = "sequential"').replace(
@@ -665,6 +676,25 @@ def test_attacks_probe_what_the_family_trains_on(tmp_path, monkeypatch):
     assert record["sizes"]["probed_per_group"] == [sum(len(s) >= 2 for s in members.train),
                                                    sum(len(s) >= 2 for s in nonmembers.train)]
     assert len(seeds) == 1 + study.reference_models and len(set(seeds)) == len(seeds)
+
+
+def test_the_probe_keeps_only_the_probed_non_members_so_references_train_on_the_rest(tiny_scenario, monkeypatch):
+    """With 5 users probed, 5 of the 30 non-members are held out and the other 25 form the attacker's pool: every
+    reference model trains on those 25 (fewer than the target's 30), the target on its 30 members."""
+    import fedmerge.privacy.attacks as attacks
+    import fedmerge.runners.client as client_module
+    from fedmerge.privacy.study import attack_record, load_study
+
+    cfg, study = load_study(str(tiny_scenario), ["privacy_study.probe_max_users=5"])
+    trained: list[int] = []
+    real_train = client_module.client_train
+    monkeypatch.setattr(client_module, "client_train",
+                        lambda users, *a, **kw: trained.append(users.n_users) or real_train(users, *a, **kw))
+    monkeypatch.setattr(attacks, "run_attacks", lambda *a, **kw: {})
+    record = attack_record(cfg, study, cfg.data.training_domains()[0], seed=0, control=False)
+    sizes = record["sizes"]
+    assert (sizes["members"], sizes["nonmembers"], sizes["reference"], sizes["reference_model_users"]) == (30, 5, 25, 25)
+    assert trained == [30] + [25] * study.reference_models
 
 
 def studies_run_apart_and_pooled(scenario: Path, tmp_path: Path, key: str, whole: str,
@@ -771,6 +801,10 @@ def test_pooling_refuses_what_is_not_one_study():
         pool_studies([study([0]), study([1], z=1.0)], ["a", "b"])
     with pytest.raises(FedmergeError, match="two or more"):
         pool_studies([study([0])], ["a"])
+    older = study([1])
+    older["probe"]["protocol"] = "fitted-sequences"
+    with pytest.raises(FedmergeError, match="different attack protocols"):
+        pool_studies([study([0]), older], ["a", "b"])
     # same seeds: the union of the cells, where a cell that both ran must be the same
     with pytest.raises(FedmergeError, match=r"utility cell \(unit none, ε inf\) differs between a and b"):
         pool_studies([study([0]), study([0], z=1.0)], ["a", "b"])

@@ -19,13 +19,21 @@ if TYPE_CHECKING:
         privatize_update,
         task_vector_norm,
     )
-    from fedmerge.privacy.membership import membership_auc, rank_auc, sequence_losses, split_members, subset_users
+    from fedmerge.privacy.membership import (
+        membership_auc,
+        rank_auc,
+        sequence_losses,
+        split_members,
+        split_users,
+        subset_users,
+    )
 
 # name -> the submodule that defines it
 HOMES: dict[str, str] = {
     **dict.fromkeys(("classic_noise_multiplier", "clip_update", "epsilon_for", "gaussian_delta", "noise_multiplier_for",
                      "privatize_update", "task_vector_norm"), "dp"),
-    **dict.fromkeys(("membership_auc", "rank_auc", "sequence_losses", "split_members", "subset_users"), "membership"),
+    **dict.fromkeys(("membership_auc", "rank_auc", "sequence_losses", "split_members", "split_users",
+                     "subset_users"), "membership"),
 }
 
 

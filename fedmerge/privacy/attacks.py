@@ -7,8 +7,9 @@ giving a per-user score (higher = "member"):
 (a) loss threshold (Yeom et al., CSF 2018): score = −loss_θd(u) (:mod:`fedmerge.privacy.membership`).
 
 (b) per-user calibrated likelihood ratio, offline LiRA (Carlini et al., S&P 2022): the attacker trains
-    ``K`` reference models with the client's recipe on random halves of its *own* reference users (disjoint
-    from every candidate, so each reference model is an OUT model for each candidate). With the per-user
+    ``K`` reference models with the client's recipe on its *own* reference users (disjoint from every candidate,
+    so each reference model is an OUT model for each candidate), each on as many of them as the target client has
+    users, or on all of them when they are fewer (:func:`reference_model_users`). With the per-user
     statistic φ(u) = mean over scored positions of the logit-scaled confidence log p − log(1 − p), p the
     softmax probability of the true next item,
 
@@ -106,8 +107,9 @@ def logit_confidences(
 def lira_scores(target: np.ndarray, reference: np.ndarray, global_variance: bool = True) -> np.ndarray:
     """(φ_target − μ_out) / σ_out per candidate; ``reference`` is (K models, n candidates) of OUT statistics.
 
-    ``global_variance``: σ_out = the root mean square deviation over all models and candidates (1 for K = 1);
-    else each candidate's sample standard deviation over the K ≥ 2 models."""
+    ``global_variance``: σ_out = the root mean square deviation over all models and candidates (1 for K = 1, and
+    when the models agree exactly, as a deterministic fit on the same users does); else each candidate's sample
+    standard deviation over the K ≥ 2 models."""
     target, reference = np.asarray(target, float), np.asarray(reference, float)
     if reference.ndim != 2 or reference.shape[1] != len(target) or reference.shape[0] < 1:
         raise ValueError(f"reference statistics must be (K >= 1, {len(target)}), got shape {reference.shape}")
@@ -116,7 +118,7 @@ def lira_scores(target: np.ndarray, reference: np.ndarray, global_variance: bool
     mean = reference.mean(axis=0)
     if global_variance:  # one reference model: no spread to estimate, the score is the difference φ − μ
         spread = float(np.sqrt(((reference - mean) ** 2).mean())) if reference.shape[0] > 1 else 1.0
-        std = np.full_like(mean, spread)
+        std = np.full_like(mean, spread if spread > 0 else 1.0)
     else:
         std = reference.std(axis=0, ddof=1)
     return (target - mean) / np.maximum(std, 1e-12)
@@ -138,8 +140,11 @@ def reference_models(
 ) -> list[StateDict]:
     """``n_models`` models, model k trained by ``train(users, seed + k)`` on ``users_per_model`` seeded random users
     of the attacker's own population (disjoint from the candidates). When ``users_per_model`` is the whole
-    population the models differ only in their training randomness (seeds, DP noise), which with LiRA's global
-    variance is all that matters: μ_out is then the mean over that randomness."""
+    population the models differ only in their training randomness (seeds, DP noise), not in which users they saw:
+    μ_out is then the mean over that randomness of a model of the target's size (or the largest the attacker can
+    train), and the spread leaves out the data's share of the OUT variance. With LiRA's global variance the spread
+    scales every score alike, so the ranks (AUC, TPR) depend on μ_out only; a deterministic recipe (the text-LAE
+    without DP) gives K identical models, of which one would do."""
     if n_models < 1:
         raise ValueError(f"n_models must be >= 1, got {n_models}")
     if not 1 <= users_per_model <= reference_users.n_users:
