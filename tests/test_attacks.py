@@ -75,6 +75,9 @@ def test_lira_calibrates_per_user():
     assert attack_metrics(per_user[member], per_user[~member])["auc"] > 0.9
     with pytest.raises(ValueError, match="reference"):
         lira_scores(target, reference[:, :10])
+    # identical reference models (a deterministic fit on the same users): no spread to estimate, the score is φ − μ
+    same = np.tile(difficulty, (3, 1))
+    assert np.allclose(lira_scores(target, same), target - difficulty)
 
 
 @pytest.fixture(scope="module")
