@@ -118,7 +118,8 @@ def lira_scores(target: np.ndarray, reference: np.ndarray, global_variance: bool
     mean = reference.mean(axis=0)
     if global_variance:  # one reference model: no spread to estimate, the score is the difference φ − μ
         spread = float(np.sqrt(((reference - mean) ** 2).mean())) if reference.shape[0] > 1 else 1.0
-        std = np.full_like(mean, spread if spread > 0 else 1.0)
+        agree = spread <= 1e-9 * (1.0 + float(np.abs(mean).max()))  # equal up to rounding in the mean
+        std = np.full_like(mean, 1.0 if agree else spread)
     else:
         std = reference.std(axis=0, ddof=1)
     return (target - mean) / np.maximum(std, 1e-12)
