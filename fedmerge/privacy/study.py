@@ -331,7 +331,7 @@ def attack_record(
         reference, int(study.reference_models), users_per_reference, seed=seed,
     ) if int(study.reference_models) else []
     member_seqs = _subsample(family.fitted_sequences(members), limit, seed)
-    nonmember_seqs = _subsample(family.fitted_sequences(nonmembers), limit, seed + 1)
+    nonmember_seqs = family.fitted_sequences(nonmembers)  # one per user, and no more users than probed
     return {
         "sizes": {"members": members.n_users, "nonmembers": nonmembers.n_users, "reference": reference.n_users,
                   "reference_model_users": users_per_reference,
