@@ -116,8 +116,8 @@ def lira_scores(target: np.ndarray, reference: np.ndarray, global_variance: bool
     if reference.shape[0] < 2 and not global_variance:
         raise ValueError("a per-candidate variance needs at least 2 reference models; use global_variance=True")
     mean = reference.mean(axis=0)
-    if global_variance:  # one reference model: no spread to estimate, the score is the difference φ − μ
-        spread = float(np.sqrt(((reference - mean) ** 2).mean())) if reference.shape[0] > 1 else 1.0
+    if global_variance:  # models that agree (one model, or a deterministic fit): no spread, the score is φ − μ
+        spread = float(np.sqrt(((reference - mean) ** 2).mean()))
         agree = spread <= 1e-9 * (1.0 + float(np.abs(mean).max()))  # equal up to rounding in the mean
         std = np.full_like(mean, 1.0 if agree else spread)
     else:
