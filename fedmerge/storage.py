@@ -56,12 +56,27 @@ def save_figure_atomic(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     return write_bytes_atomic(path, buffer.getvalue())
 
 
+def _umask() -> int:
+    """The process's file-creation mask, read from ``/proc/self/status`` where it is there (no window in which
+    another thread creates files under a changed mask), else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` via a temporary sibling file, fsync and ``os.replace``.
 
     The temporary file gets a fresh random name, created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode 0600
-    (``tempfile.mkstemp``), so a file or symlink planted in the folder never receives the data; ``mode`` (e.g.
-    0o644) is set on it before it is renamed into place.
+    (``tempfile.mkstemp``), so a file or symlink planted in the folder never receives the data. Before the rename
+    it gets ``mode`` (0o600 for a private key), or by default the mode ``open()`` gives a new file: 0666 less the
+    umask, so results in a shared folder are as readable as the user's other files.
     """
     path = Path(path)
     tmp = None
@@ -72,8 +87,7 @@ def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-            if mode is not None:
-                os.fchmod(handle.fileno(), mode)
+            os.fchmod(handle.fileno(), 0o666 & ~_umask() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:

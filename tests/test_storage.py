@@ -129,3 +129,27 @@ def test_a_figure_is_written_whole_or_not_at_all(tmp_path):
     with pytest.raises(ValueError):
         save_figure_atomic(fig, path)
     assert path.read_bytes() == first and [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_result_files_get_the_mode_the_umask_gives_a_new_file(tmp_path, umask):
+    """A results.json or a weight file is created as ``open()`` would create it (0666 less the umask), not 0600:
+    a shared results folder stays readable by the group the user's umask allows."""
+    old = os.umask(umask)
+    try:
+        json_path = write_json_atomic(tmp_path / "results.json", {"a": 1})
+        raw_path = write_bytes_atomic(tmp_path / "results.csv", b"a\n")
+        weights_path = save_client_weights(tmp_path, "Beauty", {"w": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    for path in (json_path, raw_path, weights_path):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_an_explicit_mode_wins_over_the_umask(tmp_path):
+    old = os.umask(0o000)
+    try:
+        path = write_bytes_atomic(tmp_path / "key.pem", b"secret", mode=0o600)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -52,10 +52,10 @@ class TlsFiles:
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
     """Atomic write through a fresh temporary name (``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600 from creation);
-    public files are made 0644 before the rename, private keys stay 0600."""
+    public files are made 0644 before the rename, private keys stay 0600 whatever the umask."""
     from fedmerge.storage import write_bytes_atomic  # imported here: storage needs torch, --help must not
 
-    write_bytes_atomic(path, data, mode=None if private else 0o644)
+    write_bytes_atomic(path, data, mode=0o600 if private else 0o644)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
