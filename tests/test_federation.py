@@ -499,7 +499,7 @@ def test_merge_strategy_hands_over_replies_as_they_arrive(cfg, monkeypatch):
 
 def test_dp_noise_seed_is_os_entropy_unless_configured(cfg, monkeypatch):
     from fedmerge.privacy import dp
-    from fedmerge.runners.client import client_seed, client_train, load_client_domain
+    from fedmerge.runners.client import client_train, load_client_domain, noise_seed
 
     seeds: list[int | None] = []
     real = dp.privatize_update
@@ -513,8 +513,26 @@ def test_dp_noise_seed_is_os_entropy_unless_configured(cfg, monkeypatch):
     assert any(not torch.equal(first[k], second[k]) for k in first)  # fresh noise each release
     fixed = apply_overrides(private, ["privacy.noise_seed=77"])
     repeat = [client_train(domain, theta0, fixed, round_index=2)[0] for _ in range(2)]
-    assert seeds[2:] == [77 + 2000 + 1] * 2 and seeds[2] != client_seed(fixed, "synth-1", 2)
+    assert seeds[2] == seeds[3] == noise_seed(fixed, "synth-1", 2) is not None
     assert all(torch.equal(repeat[0][k], repeat[1][k]) for k in repeat[0])
+
+
+def test_a_seeded_noise_stream_is_no_client_training_or_sampling_stream(cfg):
+    """With ``privacy.noise_seed`` = the run seed (what a study's seed 0 uses), a client's noise seed must be
+    none of the run's client seeds (its own dropout/negatives stream, another client's) nor one off them (DP-SGD
+    seeds its user sampling with the noise seed and its noise with the noise seed + 1), and stays reproducible."""
+    from fedmerge.runners.client import client_seed, noise_seed
+
+    seeded = apply_overrides(cfg, ["privacy.enabled=true", "privacy.noise_multiplier=1.0",
+                                   f"privacy.noise_seed={cfg.run.seed}"])
+    names, rounds = seeded.data.domain_names(), range(3)
+    training = {client_seed(seeded, d, r) for d in names for r in rounds}
+    noise = [noise_seed(seeded, d, r) for d in names for r in rounds]
+    assert len(set(noise)) == len(noise)  # every client and release its own stream
+    assert not ({s + k for s in noise for k in (-1, 0, 1)} & training)
+    assert not ({s + 1 for s in noise} & set(noise))
+    assert noise == [noise_seed(seeded, d, r) for d in names for r in rounds]
+    assert all(0 <= s < 2**62 for s in noise)
 
 
 def test_amazon_data_root_defaults_to_data_amazon_and_names_the_download(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
@@ -44,13 +45,25 @@ def client_seed(cfg: Scenario, domain_name: str, round_index: int, base: int | N
     return (cfg.run.seed if base is None else base) + 1000 * round_index + position
 
 
+NOISE_STREAM_TAG = 0x6E6F697365  # "noise": keeps the noise seeds' hash apart from any other use of the same numbers
+
+
 def noise_seed(cfg: Scenario, domain_name: str, round_index: int) -> int | None:
     """Seed of a client's DP noise: None (OS entropy) unless ``privacy.noise_seed`` ≥ 0 asks for reproducible noise.
 
-    Never derived from the public run seed: a server that can regenerate the noise can subtract it.
+    Never derived from the public run seed: a server that can regenerate the noise can subtract it. A 62-bit hash
+    (numpy's ``SeedSequence``) of (``privacy.noise_seed``, round, domain position), not ``noise_seed`` + 1000·round +
+    position: with ``privacy.noise_seed`` = the run seed (a study's seed 0) that sum was the client's own training
+    seed and, one up (DP-SGD's noise generator), the next client's user-sampling seed, so noise and sampling drew
+    from the same torch streams. Studies run before this change reproduce from their recorded commits.
     """
     base = cfg.privacy.noise_seed
-    return None if base < 0 else client_seed(cfg, domain_name, round_index, base=base)
+    if base < 0:
+        return None
+    names = cfg.data.domain_names()
+    position = names.index(domain_name) if domain_name in names else len(names)
+    state = np.random.SeedSequence([NOISE_STREAM_TAG, base, round_index, position]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(2))
 
 
 def public_catalog_features(cfg: Scenario, own: str) -> list[torch.Tensor]:
