@@ -38,11 +38,15 @@ def load_client_domain(cfg: Scenario, partition_id: int | None = None, data_path
     return cfg.load_domain(names[int(partition_id)])
 
 
-def client_seed(cfg: Scenario, domain_name: str, round_index: int, base: int | None = None) -> int:
-    """Seed of one client in one round: ``base`` (default the run seed) + 1000·round + domain position."""
+def domain_position(cfg: Scenario, domain_name: str) -> int:
+    """The domain's index in the scenario's domain list (a domain not in it comes after all of them)."""
     names = cfg.data.domain_names()
-    position = names.index(domain_name) if domain_name in names else len(names)
-    return (cfg.run.seed if base is None else base) + 1000 * round_index + position
+    return names.index(domain_name) if domain_name in names else len(names)
+
+
+def client_seed(cfg: Scenario, domain_name: str, round_index: int) -> int:
+    """Seed of one client in one round: the run seed + 1000·round + domain position."""
+    return cfg.run.seed + 1000 * round_index + domain_position(cfg, domain_name)
 
 
 NOISE_STREAM_TAG = 0x6E6F697365  # "noise": keeps the noise seeds' hash apart from any other use of the same numbers
@@ -60,8 +64,7 @@ def noise_seed(cfg: Scenario, domain_name: str, round_index: int) -> int | None:
     base = cfg.privacy.noise_seed
     if base < 0:
         return None
-    names = cfg.data.domain_names()
-    position = names.index(domain_name) if domain_name in names else len(names)
+    position = domain_position(cfg, domain_name)
     state = np.random.SeedSequence([NOISE_STREAM_TAG, base, round_index, position]).generate_state(1, np.uint64)
     return int(state[0] >> np.uint64(2))
 
