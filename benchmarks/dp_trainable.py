@@ -20,14 +20,16 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models.sequential import trainable_names
 from fedmerge.privacy.dpsgd import UserLevelDP, train_user_level, user_noise_multiplier
-from fedmerge.privacy.study import load_study
+from fedmerge.privacy.study import NOISE_SEED_STRIDE, load_study
 from fedmerge.runners.aggregate import interval
+from fedmerge.runners.client import noise_seed
 from fedmerge.runners.server import initial_weights
 
 SUBSETS: dict[str, list[str] | None] = {
@@ -99,6 +101,8 @@ def main() -> None:
     features = cfg.encoder.item_features(domain.catalog, family)
     theta0 = initial_weights(cfg)
     privacy = cfg.privacy
+    # the noise seed a privacy study (privacy.noise_seed = 0) gives this domain's client at seed S
+    study_cell = replace(cfg, privacy=replace(privacy, noise_seed=NOISE_SEED_STRIDE * args.seed))
     q = args.sample_rate or privacy.sample_rate
     probe = UserLevelDP(0.0, 1.0, q, args.dp_epochs)
     z = user_noise_multiplier(args.epsilon, privacy.delta, q, probe.steps, privacy.accountant)
@@ -129,7 +133,7 @@ def main() -> None:
         if "dp" in args.runs:
             start = time.perf_counter()
             weights, info = train_user_level(fam, theta0, domain, features, settings, seed=args.seed,
-                                             noise_seed=1000003 * args.seed)  # the study's noise seed for seed S
+                                             noise_seed=noise_seed(study_cell, domain.name, 0))
             report({"model": "dp-sgd", **row, "epsilon": args.epsilon, "delta": privacy.delta, "z": z,
                     "dp_epochs": args.dp_epochs, "steps": settings.steps, "q": q, "clip": privacy.max_grad_norm,
                     "clipped_fraction": info["dp_clipped_fraction"], "seconds": time.perf_counter() - start},
