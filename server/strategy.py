@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from typing import NoReturn
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedmerge.errors import FedmergeError
 from fedmerge.runners import protocol
-from fedmerge.runners.server import ReplyHandler, average_metrics
+from fedmerge.runners.server import ReplyHandler
 from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
@@ -115,26 +116,19 @@ class MergeStrategy(Strategy):
                 errors[d] = f"no reply within federation.timeout_s = {self.timeout:g} s"
         return replies, errors
 
-    # ---- Flower's Strategy interface (one round = one request per domain) ----------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        content = RecordDict({protocol.GLOBAL: arrays, protocol.CONFIG: config})
-        return [Message(content, node, protocol.TRAIN, group_id=str(server_round)) for node in self.node_of.values()]
+    # ---- Flower's Strategy interface ----------------------------------------------------------------------------
+    # Flower's round loop (``Strategy.start``: configure → aggregate, one model per round) cannot merge: MergeRec
+    # needs every domain's model at once and its own phases (FedAvg rounds, merges, evaluation), which
+    # run_federation drives through :meth:`send`. Every entry to that loop says so instead of half-running it.
+    def _not_the_round_loop(self, *_: object, **__: object) -> NoReturn:
+        raise FedmergeError("MergeStrategy is driven by fedmerge.runners.server.run_federation (server/app.py), not "
+                            "by Flower's Strategy.start round loop")
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Not used for merging (that needs every individual model); raises to prevent a silent FedAvg."""
-        raise FedmergeError("MergeStrategy merges in fedmerge.runners.server.Federation; use run_federation")
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        content = RecordDict({protocol.MODEL_PREFIX + "global": arrays, protocol.CONFIG: config})
-        return [Message(content, node, protocol.EVALUATE, group_id=str(server_round)) for node in self.node_of.values()]
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Unweighted mean over domains of the ``global`` model's metrics."""
-        per_domain = {
-            protocol.reply_domain(r.content): dict(r.content.metric_records[protocol.METRICS_PREFIX + "global"])
-            for r in replies if not r.has_error()
-        }
-        return MetricRecord(average_metrics(per_domain, list(per_domain))) if per_domain else None
+    start = _not_the_round_loop
+    configure_train = _not_the_round_loop
+    aggregate_train = _not_the_round_loop
+    configure_evaluate = _not_the_round_loop
+    aggregate_evaluate = _not_the_round_loop
 
     def summary(self) -> None:
         logger.info("MergeStrategy: domains %s, merges %s, timeout %gs", self.cfg.data.domain_names(),

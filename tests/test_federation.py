@@ -807,6 +807,28 @@ def test_second_node_claiming_a_domain_is_refused(cfg):
     }
 
 
+def test_flowers_round_loop_is_refused_by_name_not_half_run(cfg):
+    """MergeStrategy is a Flower Strategy, but merging needs every domain's model at once: Strategy.start and its
+    configure/aggregate steps name the entry point that runs the federation instead of sending anything."""
+    from flwr.app import ArrayRecord
+
+    from server.strategy import MergeStrategy
+
+    class NoGrid:
+        def __getattr__(self, name):
+            raise AssertionError(f"the grid was used ({name})")
+
+    strategy = MergeStrategy(cfg, NoGrid())
+    calls = [lambda: strategy.start(NoGrid(), ArrayRecord()),
+             lambda: strategy.configure_train(1, ArrayRecord(), None, NoGrid()),
+             lambda: strategy.aggregate_train(1, []),
+             lambda: strategy.configure_evaluate(1, ArrayRecord(), None, NoGrid()),
+             lambda: strategy.aggregate_evaluate(1, [])]
+    for call in calls:
+        with pytest.raises(FedmergeError, match="run_federation"):
+            call()
+
+
 def test_dp_noise_leaves_the_routed_router_exact_so_honest_private_clients_pass(cfg):
     private = apply_overrides(cfg, ["baselines.joint=false", "baselines.fedavg_rounds=0", 'merge.methods=["average"]',
                                     'model.params.adapter="routed"', "privacy.enabled=true",
