@@ -27,7 +27,7 @@ from typing import Any
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models.sequential import trainable_names
 from fedmerge.privacy.dpsgd import UserLevelDP, train_user_level, user_noise_multiplier
-from fedmerge.privacy.study import NOISE_SEED_STRIDE, load_study
+from fedmerge.privacy.study import load_study, study_noise_base
 from fedmerge.runners.aggregate import interval
 from fedmerge.runners.client import noise_seed
 from fedmerge.runners.server import initial_weights
@@ -102,7 +102,7 @@ def main() -> None:
     theta0 = initial_weights(cfg)
     privacy = cfg.privacy
     # the noise seed a privacy study (privacy.noise_seed = 0) gives this domain's client at seed S
-    study_cell = replace(cfg, privacy=replace(privacy, noise_seed=NOISE_SEED_STRIDE * args.seed))
+    study_cell = replace(cfg, privacy=replace(privacy, noise_seed=study_noise_base(0, args.seed)))
     q = args.sample_rate or privacy.sample_rate
     probe = UserLevelDP(0.0, 1.0, q, args.dp_epochs)
     z = user_noise_multiplier(args.epsilon, privacy.delta, q, probe.steps, privacy.accountant)

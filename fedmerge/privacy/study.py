@@ -69,7 +69,13 @@ class PrivacyStudySettings:
 
 STUDY_KEYS = tuple(f.name for f in fields(PrivacyStudySettings))
 NO_DP = "none"  # the unit label of the ε = ∞ cells
-NOISE_SEED_STRIDE = 1_000_003  # a seeded study's noise seed moves by this per study seed (see dp_config)
+NOISE_SEED_STRIDE = 1_000_003  # a seeded study's noise seed moves by this per study seed (study_noise_base)
+
+
+def study_noise_base(base: int, seed: int) -> int:
+    """``privacy.noise_seed`` of study seed ``seed`` in a study seeded with ``base``: base + 1000003·seed, so every
+    study seed draws other noise; a base < 0 (OS entropy) stays as it is."""
+    return base if base < 0 else base + NOISE_SEED_STRIDE * int(seed)
 
 
 def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, PrivacyStudySettings]:
@@ -164,7 +170,7 @@ def dp_config(cfg: Scenario, unit: str, epsilon: float, delta: float, seed: int)
     base = out.privacy.noise_seed
     out = replace(out, privacy=replace(out.privacy, enabled=True, unit=unit, target_epsilon=float(epsilon),
                                        delta=float(delta),
-                                       noise_seed=base if base < 0 else base + NOISE_SEED_STRIDE * int(seed)))
+                                       noise_seed=study_noise_base(base, seed)))
     return out, noise_multiplier(out)
 
 
