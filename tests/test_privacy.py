@@ -647,6 +647,35 @@ def test_privacy_run_sequential_both_units(tmp_path, monkeypatch):
     assert "The attacks see the one-shot release only" in (tmp_path / "out" / "privacy.md").read_text()
 
 
+def test_domain_level_cells_of_a_seed_share_one_nonprivate_training(tmp_path, monkeypatch):
+    """Domain-level DP is post-processing of the non-private update: the study trains each (client, seed) once, for
+    the utility runs and for the attacks' target and reference models, and every ε of the seed noises that update.
+    The figures equal those of studies that train each cell anew (one study per ε, pooled)."""
+    import json
+
+    from fedmerge.cli import main
+
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "seq.toml"
+    path.write_text(SEQUENTIAL_STUDY.replace("fedavg_rounds = 1", "fedavg_rounds = 0")
+                    .replace('units = ["domain", "user"]', 'units = ["domain"]'))
+    runs = {"joint": "[inf, 2.0, 1.0]", "inf": "[inf]", "two": "[2.0]", "one": "[1.0]"}
+    for name, epsilons in runs.items():
+        assert main(["privacy", "run", "--scenario", str(path), "--out", str(tmp_path / name),
+                     "--set", f"privacy_study.epsilons={epsilons}"]) == 0
+    report = {name: json.loads((tmp_path / name / "privacy.json").read_text()) for name in runs}
+    trainings = 2 + 1 + 1  # two clients, the attacks' target and its one reference model
+    assert report["joint"]["nonprivate_updates"] == {"trained": trainings, "reused": 2 * trainings}
+    assert all(report[name]["nonprivate_updates"] == {"trained": trainings, "reused": 0} for name in ("inf", "two", "one"))
+    assert main(["privacy", "pool", *(str(tmp_path / name / "privacy.json") for name in ("inf", "two", "one")),
+                 "--out", str(tmp_path / "pooled")]) == 0
+    assert (tmp_path / "pooled" / "privacy.md").read_text() == (tmp_path / "joint" / "privacy.md").read_text()
+    for unit_eps in ("none/eps-inf", "domain/eps-2", "domain/eps-1"):
+        cell = lambda name: json.loads((tmp_path / name / unit_eps / "seed-0" / "results.json").read_text())  # noqa: E731
+        alone = next(name for name in ("inf", "two", "one") if (tmp_path / name / unit_eps).exists())
+        assert cell("joint")["models"] == cell(alone)["models"]
+
+
 def test_attacks_probe_what_the_family_trains_on(tmp_path, monkeypatch):
     """The attacks score each candidate's fitted sequences: for the sequential family the training sequences, whose
     last item a member's client trained on (not the validation item, which only selects the model); the reference

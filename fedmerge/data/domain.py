@@ -132,6 +132,17 @@ class Domain:
             seqs = [s[-max_len:] for s in seqs]
         return seqs, targets[users].astype(np.int64), users
 
+    def interactions_digest(self) -> str:
+        """Short sha256 of the users' interactions (training sequences, validation and test targets) and the catalog
+        size: equal for two domains that hold the same data, whatever their names."""
+        import hashlib
+
+        digest = hashlib.sha256(f"{len(self.catalog)}:{self.n_users}".encode())
+        digest.update(np.asarray([len(s) for s in self.train], dtype=np.int64).tobytes())
+        for part in (*self.train, self.val_target, self.test_target):
+            digest.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+        return digest.hexdigest()[:16]
+
     def train_with_val(self) -> list[np.ndarray]:
         """Training sequences extended by the validation item, for refitting after model selection."""
         return [np.append(s, v) if v >= 0 else s for s, v in zip(self.train, self.val_target)]

@@ -160,8 +160,9 @@ def private_train(
     z = noise_multiplier(cfg)
     if privacy.unit == "domain":
         from fedmerge.privacy.dp import privatize_update
+        from fedmerge.runners.client import nonprivate_update
 
-        weights, metrics = family.train(theta0, domain, features, seed=seed, progress=progress)
+        weights, metrics = nonprivate_update(family, theta0, domain, features, seed=seed, progress=progress)
         weights = privatize_update(theta0, weights, privacy.clip_norm, z, seed=noise_seed)
         metrics = {**metrics, "dp_clip_norm": privacy.clip_norm}
     elif family.name == "text-lae":

@@ -20,6 +20,12 @@ are the ones the family fits its targets on (:meth:`~fedmerge.models.base.ModelF
 sequences for the sequential family, train + validation items for the text-LAE), so a member's last probed item is
 one the client trained on; the loss attack and LiRA score ``probe_positions``, gradient alignment every position.
 
+Domain-level DP clips and noises a client's non-private update after training (post-processing): within one study
+process each (client, seed) trains that update once, and the ε = ∞ cell and every domain-level ε of the seed add
+their own clipping and noise to it (:func:`fedmerge.runners.client.reusing_updates`; ``privacy.json`` records
+``nonprivate_updates``: trained and reused). With epoch or step budgets this is exactly what training each cell anew
+gives; the cells of a seed then differ by their DP alone. User-level DP-SGD trains every cell.
+
 Writes ``DIR/privacy.json``, ``DIR/privacy.md`` (the table), ``DIR/privacy.png`` (utility vs ε, and the frontier
 utility vs the strongest attack's TPR at 1 % FPR), each run under ``DIR/<unit>/eps-<ε>/seed-<s>/`` and each
 (cell, seed)'s attack scores as ``DIR/attacks/<unit>/eps-<ε>/seed-<s>.json`` as soon as they are computed. With
@@ -702,13 +708,17 @@ def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwri
 
     if overwrite and resume:
         raise FedmergeError("--resume keeps an earlier study's runs and --overwrite replaces them; pass only one")
+    from fedmerge.runners.client import reusing_updates
+
     out_dir.mkdir(parents=True, exist_ok=True)
     study_json = study_record(study)
-    utility = utility_sweep(cfg, study, out_dir, overwrite=overwrite, resume=resume)
-    write_json_atomic(out_dir / "privacy.json", {"study": study_json, "utility": utility})  # kept if the attacks fail
-    probe = attack_sweep(cfg, study, out_dir, resume=resume)
+    with reusing_updates() as memo:
+        utility = utility_sweep(cfg, study, out_dir, overwrite=overwrite, resume=resume)
+        write_json_atomic(out_dir / "privacy.json", {"study": study_json, "utility": utility})  # kept if attacks fail
+        probe = attack_sweep(cfg, study, out_dir, resume=resume)
     write_json_atomic(out_dir / "privacy.json", {"study": study_json, "releases_per_client": releases_per_client(cfg),
-                                                 "utility": utility, "probe": probe, "scenario": cfg.to_mapping()})
+                                                 "utility": utility, "probe": probe, "scenario": cfg.to_mapping(),
+                                                 "nonprivate_updates": {"trained": memo.trained, "reused": memo.reused}})
     table = markdown_table(utility, probe, study, cfg)
     (out_dir / "privacy.md").write_text(table)
     plot_study(utility, probe, study, out_dir / "privacy.png")

@@ -7,7 +7,8 @@ RecordDict; the Flower ClientApp and the in-process engine both call it, so they
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
 from fedmerge.memory import release_freed_memory
 from fedmerge.metrics import evaluate_batches, evaluation_batches
-from fedmerge.models import StateDict
+from fedmerge.models import ModelFamily, StateDict
 from fedmerge.reproducibility import thread_count
 from fedmerge.runners import protocol
 from fedmerge.scenario import Scenario
@@ -76,6 +77,68 @@ def public_catalog_features(cfg: Scenario, own: str) -> list[torch.Tensor]:
     return [cfg.encoder.item_features(cfg.load_catalog(d), family) for d in cfg.data.training_domains() if d != own]
 
 
+class UpdateMemo:
+    """Updates trained in this process without DP, by everything that determines them: the family and its settings,
+    θ₀, the domain's interactions, the item features (and public catalog features), the training seed.
+
+    Domain-level DP clips and noises the client's non-private update after training (post-processing), so the cells
+    of a privacy study that differ only in ε, or in having DP at all, can share one training per client and seed;
+    with epoch or step budgets the shared update is the one each cell would train. Active inside
+    :func:`reusing_updates` only (the privacy study); everywhere else every request trains.
+    """
+
+    def __init__(self) -> None:
+        self.updates: dict[tuple[str, ...], tuple[StateDict, dict[str, Any]]] = {}
+        self.trained = 0
+        self.reused = 0
+
+    @staticmethod
+    def key(family: ModelFamily, theta0: StateDict, domain: Domain, features: torch.Tensor, seed: int,
+            public_features: list[torch.Tensor] | None) -> tuple[str, ...]:
+        import json
+
+        from fedmerge.storage import weights_digest
+
+        public = () if public_features is None else tuple(weights_digest({"f": f}) for f in public_features)
+        return (family.name, json.dumps(family.config(), sort_keys=True, default=str), weights_digest(theta0),
+                domain.interactions_digest(), weights_digest({"f": features}), str(seed), *public)
+
+
+_update_memo: UpdateMemo | None = None
+
+
+@contextmanager
+def reusing_updates() -> Iterator[UpdateMemo]:
+    """Inside the block, :func:`nonprivate_update` trains each distinct update once (:class:`UpdateMemo`)."""
+    global _update_memo
+    previous, _update_memo = _update_memo, UpdateMemo()
+    try:
+        yield _update_memo
+    finally:
+        _update_memo = previous
+
+
+def nonprivate_update(
+    family: ModelFamily, theta0: StateDict, domain: Domain, features: torch.Tensor, *, seed: int,
+    progress: bool = False, public_features: list[torch.Tensor] | None = None,
+) -> tuple[StateDict, dict[str, Any]]:
+    """``family.train`` on the domain (before any DP), or inside :func:`reusing_updates` the update already trained
+    for the same inputs (a new dict of the same tensors, which nothing downstream modifies in place)."""
+    public = {} if public_features is None else {"public_features": public_features}
+    memo = _update_memo
+    if memo is None:
+        return family.train(theta0, domain, features, seed=seed, progress=progress, **public)
+    key = memo.key(family, theta0, domain, features, seed, public_features)
+    if key in memo.updates:
+        memo.reused += 1
+        logger.info("%s: the non-private update of seed %d trained earlier in this study, reused", domain.name, seed)
+    else:
+        memo.updates[key] = family.train(theta0, domain, features, seed=seed, progress=progress, **public)
+        memo.trained += 1
+    weights, metrics = memo.updates[key]
+    return dict(weights), dict(metrics)
+
+
 def client_train(
     domain: Domain, theta0: StateDict, cfg: Scenario, round_index: int = 0,
     extra_params: Mapping[str, Any] | None = None, features: torch.Tensor | None = None,
@@ -103,7 +166,8 @@ def client_train(
         # the family's fixed weights are θ₀'s, independent of the data: sent exactly (the server checks them)
         weights.update({name: theta0[name] for name in family.fixed_parameters(theta0)})
     else:
-        weights, metrics = family.train(theta0, domain, features, seed=seed, progress=cfg.run.progress, **public)
+        weights, metrics = nonprivate_update(family, theta0, domain, features, seed=seed, progress=cfg.run.progress,
+                                             **public)
     metrics = {**metrics, protocol.NUM_USERS: domain.n_users}
     if cfg.privacy.enabled:
         from fedmerge.privacy.client import released_metrics
