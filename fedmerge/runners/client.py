@@ -131,7 +131,8 @@ def nonprivate_update(
     key = memo.key(family, theta0, domain, features, seed, public_features)
     if key in memo.updates:
         memo.reused += 1
-        logger.info("%s: the non-private update of seed %d trained earlier in this study, reused", domain.name, seed)
+        logger.info("%s: non-private update of training seed %d already trained in this process, reused",
+                    domain.name, seed)
     else:
         memo.updates[key] = family.train(theta0, domain, features, seed=seed, progress=progress, **public)
         memo.trained += 1
