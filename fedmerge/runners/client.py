@@ -84,7 +84,8 @@ class UpdateMemo:
     Domain-level DP clips and noises the client's non-private update after training (post-processing), so the cells
     of a privacy study that differ only in ε, or in having DP at all, can share one training per client and seed;
     with epoch or step budgets the shared update is the one each cell would train. Active inside
-    :func:`reusing_updates` only (the privacy study); everywhere else every request trains.
+    :func:`reusing_updates` only (the privacy study); everywhere else every request trains. It holds every update
+    until the block ends: (clients + attack models) × seeds state dicts, a few MB each for the adapter recipes.
     """
 
     def __init__(self) -> None:
