@@ -86,3 +86,19 @@ def test_failed_flower_run_names_the_errors_and_leaves_no_process(tmp_path):
         run_scenario(cfg, "flower", tmp_path / "run")
     assert not (tmp_path / "run" / "results.json").exists() or '"failed"' in (tmp_path / "run" / "results.json").read_text()
     assert descendants(os.getpid()) == []
+
+
+def test_the_fab_holds_the_app_only_and_fits_flowers_limit():
+    """`flwr run` packs the project folder into a FAB of at most 10 MiB: the app's code, scenarios and README go in;
+    the measured results (16 MB, which made `flwr run` refuse the FAB), tests and benchmarks stay out."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.constant import FAB_MAX_SIZE
+
+    fab = build_fab_from_disk(Path(__file__).resolve().parents[1])
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert len(fab) <= FAB_MAX_SIZE
+    assert {"clients/app.py", "server/app.py", "fedmerge/runners/client.py", "scenarios/quickstart.toml"} <= set(names)
+    assert not [n for n in names if n.startswith(("results/", "tests/", "benchmarks/"))]
