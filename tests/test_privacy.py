@@ -676,6 +676,37 @@ def test_domain_level_cells_of_a_seed_share_one_nonprivate_training(tmp_path, mo
         assert cell("joint")["models"] == cell(alone)["models"]
 
 
+def test_a_study_run_in_two_halves_side_by_side_equals_the_whole_study(tmp_path, monkeypatch):
+    """``--only attacks`` and ``--only utility`` write only their half into the same folder (two processes may run
+    them side by side); a last ``--resume`` run trains nothing, reads both back and writes what one run writes."""
+    import json
+
+    from fedmerge.cli import main
+    from fedmerge.errors import FedmergeError
+    from fedmerge.privacy.study import load_study, run_study
+
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "seq.toml"
+    path.write_text(SEQUENTIAL_STUDY.replace("fedavg_rounds = 1", "fedavg_rounds = 0")
+                    .replace('units = ["domain", "user"]', 'units = ["domain"]'))
+    grid = ["--scenario", str(path), "--set", "privacy_study.epsilons=[inf, 1.0]"]
+    assert main(["privacy", "run", *grid, "--out", str(tmp_path / "whole")]) == 0
+    halves = tmp_path / "halves"
+    assert main(["privacy", "run", *grid, "--out", str(halves), "--only", "attacks"]) == 0
+    assert sorted(p.relative_to(halves).as_posix() for p in halves.rglob("*.json")) == [
+        "attacks/domain/eps-1/seed-0.json", "attacks/none/eps-inf/seed-0.json"]
+    assert main(["privacy", "run", *grid, "--out", str(halves), "--only", "utility", "--resume"]) == 0
+    assert "probe" not in json.loads((halves / "privacy.json").read_text())
+    assert not (halves / "privacy.md").exists()
+    assert main(["privacy", "run", *grid, "--out", str(halves), "--resume"]) == 0
+    assert json.loads((halves / "privacy.json").read_text())["nonprivate_updates"] == {"trained": 0, "reused": 0}
+    assert (halves / "privacy.md").read_text() == (tmp_path / "whole" / "privacy.md").read_text()
+    cfg, study = load_study(str(path))
+    with pytest.raises(FedmergeError, match="unknown study part 'probe'; valid: all, utility, attacks"):
+        run_study(cfg, study, tmp_path / "other", part="probe")
+    assert not (tmp_path / "other").exists()
+
+
 def test_attacks_probe_what_the_family_trains_on(tmp_path, monkeypatch):
     """The attacks score each candidate's fitted sequences: for the sequential family the training sequences, whose
     last item a member's client trained on (not the validation item, which only selects the model); the reference

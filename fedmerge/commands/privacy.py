@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="keep what an earlier, interrupted run of this study finished in --out (complete runs and "
                           "attack scores of the same configuration) and run the rest; a complete run of another "
                           "configuration is refused, not replaced")
+    run.add_argument("--only", choices=("utility", "attacks"), default=None,
+                     help="run one half of the study (its run folders or attack files), e.g. in two processes side by "
+                          "side on the same --out; a last run with --resume and without --only writes the study")
     run.set_defaults(func=run_privacy)
     pool = actions.add_parser("pool", help="one study from several runs of the same study, run apart (e.g. on "
                                            "separate machines): over disjoint seeds (intervals over all seeds), "
@@ -38,8 +41,9 @@ def run_privacy(args: argparse.Namespace) -> int:
     from fedmerge.privacy.study import load_study, run_study
 
     cfg, study = load_study(args.scenario, args.overrides)
-    print(run_study(cfg, study, args.out, overwrite=args.overwrite, resume=args.resume))
-    print(f"wrote {args.out / 'privacy.json'}, privacy.md and privacy.png")
+    print(run_study(cfg, study, args.out, overwrite=args.overwrite, resume=args.resume, part=args.only or "all"))
+    if args.only is None:
+        print(f"wrote {args.out / 'privacy.json'}, privacy.md and privacy.png")
     return 0
 
 

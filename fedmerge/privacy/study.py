@@ -31,7 +31,9 @@ utility vs the strongest attack's TPR at 1 % FPR), each run under ``DIR/<unit>/e
 (cell, seed)'s attack scores as ``DIR/attacks/<unit>/eps-<ε>/seed-<s>.json`` as soon as they are computed. With
 ``resume``, an interrupted study keeps what it finished: a run folder with a complete results.json of the same
 configuration, and an attack file of the same configuration and attack settings, are read instead of computed again
-(a complete run of another configuration is refused, see :func:`kept_run`).
+(a complete run of another configuration is refused, see :func:`kept_run`). The two halves are independent:
+``part="utility"`` and ``part="attacks"`` (``--only``) run one of them, so that two processes or machines can run
+them side by side into the same folder; a last ``resume`` run without ``part`` reads both back and writes the study.
 """
 
 from __future__ import annotations
@@ -700,12 +702,19 @@ def write_pooled_study(paths: Sequence[Path], out_dir: Path) -> str:
     return table
 
 
+STUDY_PARTS = ("all", "utility", "attacks")
+
+
 def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwrite: bool = False,
-              resume: bool = False) -> str:
+              resume: bool = False, part: str = "all") -> str:
     """The whole study into ``out_dir`` (see the module docstring; ``overwrite``: replace an earlier study's run
-    folders there; ``resume``: keep what an earlier run of this study finished there); returns the markdown table."""
+    folders there; ``resume``: keep what an earlier run of this study finished there); returns the markdown table.
+    ``part="utility"`` or ``"attacks"`` runs that half only (its run folders or attack files, nothing else) and
+    returns a line saying what it wrote; a later ``resume`` run of the whole study reads them back."""
     from fedmerge.privacy.client import releases_per_client
 
+    if part not in STUDY_PARTS:
+        raise FedmergeError(f"unknown study part {part!r}; valid: {', '.join(STUDY_PARTS)}")
     if overwrite and resume:
         raise FedmergeError("--resume keeps an earlier study's runs and --overwrite replaces them; pass only one")
     from fedmerge.runners.client import reusing_updates
@@ -713,8 +722,15 @@ def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwri
     out_dir.mkdir(parents=True, exist_ok=True)
     study_json = study_record(study)
     with reusing_updates() as memo:
+        if part == "attacks":
+            probe = attack_sweep(cfg, study, out_dir, resume=resume)
+            return (f"attack scores of {len(probe['rows'])} cell(s) × {len(study.seeds)} seed(s) in "
+                    f"{out_dir / 'attacks'}; run the whole study with --resume to read them back")
         utility = utility_sweep(cfg, study, out_dir, overwrite=overwrite, resume=resume)
         write_json_atomic(out_dir / "privacy.json", {"study": study_json, "utility": utility})  # kept if attacks fail
+        if part == "utility":
+            return (f"utility runs of {len(utility)} cell(s) × {len(study.seeds)} seed(s) in {out_dir}; run the whole "
+                    "study with --resume to read them back")
         probe = attack_sweep(cfg, study, out_dir, resume=resume)
     write_json_atomic(out_dir / "privacy.json", {"study": study_json, "releases_per_client": releases_per_client(cfg),
                                                  "utility": utility, "probe": probe, "scenario": cfg.to_mapping(),
