@@ -84,6 +84,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_grad_norm": 1.0,     # unit "user": L2 bound of one user's gradient per step
         "sample_rate": 0.05,      # unit "user": Poisson sampling rate of users per step
         "epochs": 1.0,            # unit "user": expected passes over the users per release (steps = ⌈epochs/rate⌉)
+        "fedavg_epochs": 0.0,     # unit "user": the same for each FedAvg round's release (0: as `epochs`)
         "accountant": "rdp",      # unit "user": opacus accountant, "rdp" or "prv"
         "user_norm_bound": 1.0,   # unit "user", text-lae: L2 bound B of a user's text profile x_u E (Gram mechanism)
         "noise_seed": -1,

@@ -246,6 +246,7 @@ class PrivacySettings:
     max_grad_norm: float
     sample_rate: float
     epochs: float
+    fedavg_epochs: float
     accountant: str
     user_norm_bound: float
     noise_seed: int

@@ -213,6 +213,35 @@ def test_target_epsilon_is_met_over_all_releases_of_both_units(domain, features)
     assert metrics["dp_epsilon"] < 2.0
 
 
+def test_fedavg_rounds_run_their_own_dpsgd_epochs_and_the_accounting_composes_every_step(domain, features):
+    """``privacy.fedavg_epochs``: the one-shot release runs ``epochs``, each FedAvg round ``fedavg_epochs``; ε and the
+    calibration compose the steps each release actually ran (opacus' accountant, step by step)."""
+    from opacus.accountants import RDPAccountant
+
+    from fedmerge.config import apply_overrides
+
+    user = scenario(unit="user", target_epsilon=4.0, sample_rate=0.2, epochs=2.0, fedavg_epochs=0.4, max_grad_norm=0.5,
+                    noise_seed=1)
+    z = noise_multiplier(user)
+    acc = RDPAccountant()
+    for steps in (10, 2, 2):  # ⌈2.0 / 0.2⌉ for the one-shot update, ⌈0.4 / 0.2⌉ per FedAvg round
+        for _ in range(steps):
+            acc.step(noise_multiplier=z, sample_rate=0.2)
+    assert epsilon(user, z, 3) == pytest.approx(acc.get_epsilon(1e-5)) and epsilon(user, z, 3) <= 4.0 + 1e-6
+    assert epsilon(user, z, 3) == pytest.approx(4.0, abs=0.02)
+    assert epsilon(user, z, 1) == pytest.approx(user_epsilon(z, 0.2, 10, 1e-5))
+    same = scenario(unit="user", target_epsilon=4.0, sample_rate=0.2, epochs=2.0, max_grad_norm=0.5, noise_seed=1)
+    assert noise_multiplier(same) > z  # 30 steps instead of 14: more noise for the same ε
+    family = tiny_family(max_epochs=2)
+    theta0 = family.initial_weights(12, seed=0)
+    one_shot = private_train(family, theta0, domain, features, user, seed=0, round_index=0, noise_seed=1)[1]
+    fedavg = private_train(family, theta0, domain, features, user, seed=0, round_index=2, noise_seed=1)[1]
+    assert (one_shot["dp_steps"], fedavg["dp_steps"]) == (10, 2)
+    assert fedavg["dp_epsilon"] == pytest.approx(epsilon(user, z, 3))
+    with pytest.raises(FedmergeError, match="privacy.fedavg_epochs must be a finite number >= 0"):
+        apply_overrides(user, ["privacy.fedavg_epochs=-1"])
+
+
 def test_bad_settings_and_unsupported_families_are_named(domain, features):
     from fedmerge.config import apply_overrides
     from fedmerge.models import get_family

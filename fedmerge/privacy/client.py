@@ -14,7 +14,8 @@ Two units (``privacy.unit``):
     ε from the analytic Gaussian mechanism composed over releases, as for the domain unit.
 
 A client ships ``R = 1 + baselines.fedavg_rounds`` updates (the one-shot update, then one per FedAvg round; the same
-users take part in each). With ``target_epsilon > 0`` the noise multiplier is calibrated so that all R releases
+users take part in each; under DP-SGD the one-shot update runs ``privacy.epochs`` and each FedAvg round
+``privacy.fedavg_epochs``, by default as many). With ``target_epsilon > 0`` the noise multiplier is calibrated so that all R releases
 together are (ε, δ)-DP; otherwise ``noise_multiplier`` is used as given. The train metrics report ``dp_epsilon``
 (after the releases so far, round r: r + 1 releases) and ``dp_epsilon_run`` (after all R).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from fedmerge.errors import FedmergeError
@@ -68,6 +70,9 @@ def validate_privacy(cfg: Scenario) -> None:
     for key in ("clip_norm", "max_grad_norm", "epochs", "user_norm_bound"):
         if not 0 < getattr(privacy, key) < math.inf:
             raise FedmergeError(f"privacy.{key} must be a positive finite number, got {getattr(privacy, key)}")
+    if not 0 <= privacy.fedavg_epochs < math.inf:
+        raise FedmergeError(f"privacy.fedavg_epochs must be a finite number >= 0 (0: as privacy.epochs), got "
+                            f"{privacy.fedavg_epochs}")
     if not 0 < privacy.sample_rate <= 1:
         raise FedmergeError(f"privacy.sample_rate must lie in (0, 1], got {privacy.sample_rate}")
     if not 0 < privacy.delta < 1:
@@ -119,6 +124,20 @@ def releases_per_client(cfg: Scenario) -> int:
     return 1 + cfg.baselines.fedavg_rounds
 
 
+def release_epochs(privacy: PrivacySettings, round_index: int) -> float:
+    """DP-SGD epochs of a client's release ``round_index`` (0: the one-shot update, r ≥ 1: FedAvg round r):
+    ``privacy.epochs``, and ``privacy.fedavg_epochs`` for the FedAvg rounds when it is set (> 0)."""
+    return privacy.fedavg_epochs if round_index > 0 and privacy.fedavg_epochs > 0 else privacy.epochs
+
+
+def dpsgd_steps(cfg: Scenario, releases: int) -> int:
+    """DP-SGD steps of a client's first ``releases`` releases (same noise multiplier and rate: their composition is
+    that of this many subsampled Gaussian steps)."""
+    from fedmerge.privacy.dpsgd import user_steps
+
+    return sum(user_steps(replace(cfg.privacy, epochs=release_epochs(cfg.privacy, r))) for r in range(releases))
+
+
 def noise_multiplier(cfg: Scenario) -> float:
     """The run's noise multiplier: ``privacy.noise_multiplier``, or calibrated to ``target_epsilon`` over all releases."""
     privacy = cfg.privacy
@@ -130,10 +149,10 @@ def noise_multiplier(cfg: Scenario) -> float:
         from fedmerge.privacy.dp import noise_multiplier_for
 
         return noise_multiplier_for(target, privacy.delta, rounds=releases)
-    from fedmerge.privacy.dpsgd import user_noise_multiplier, user_steps
+    from fedmerge.privacy.dpsgd import user_noise_multiplier
 
-    return user_noise_multiplier(target, privacy.delta, privacy.sample_rate,
-                                 releases * user_steps(privacy), privacy.accountant)
+    return user_noise_multiplier(target, privacy.delta, privacy.sample_rate, dpsgd_steps(cfg, releases),
+                                 privacy.accountant)
 
 
 def epsilon(cfg: Scenario, z: float, releases: int) -> float:
@@ -143,10 +162,9 @@ def epsilon(cfg: Scenario, z: float, releases: int) -> float:
         from fedmerge.privacy.dp import epsilon_for
 
         return epsilon_for(z, privacy.delta, rounds=releases)
-    from fedmerge.privacy.dpsgd import user_epsilon, user_steps
+    from fedmerge.privacy.dpsgd import user_epsilon
 
-    return user_epsilon(z, privacy.sample_rate, releases * user_steps(privacy), privacy.delta,
-                        privacy.accountant)
+    return user_epsilon(z, privacy.sample_rate, dpsgd_steps(cfg, releases), privacy.delta, privacy.accountant)
 
 
 def private_train(
@@ -174,7 +192,7 @@ def private_train(
         from fedmerge.privacy.dpsgd import UserLevelDP, train_user_level
 
         settings = UserLevelDP(noise_multiplier=z, max_grad_norm=privacy.max_grad_norm,
-                               sample_rate=privacy.sample_rate, epochs=privacy.epochs)
+                               sample_rate=privacy.sample_rate, epochs=release_epochs(privacy, round_index))
         weights, metrics = train_user_level(family, theta0, domain, features, settings, seed=seed,
                                             noise_seed=noise_seed, progress=progress, secure_mode=privacy.secure_mode)
     metrics = {**metrics, "dp_noise_multiplier": z, "dp_delta": privacy.delta,

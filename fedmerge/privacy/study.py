@@ -469,8 +469,14 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
         lines.append("| " + " | ".join(table_row) + " |")
     privacy = cfg.privacy
     if cfg.model.family == "sequential":
+        from fedmerge.privacy.client import release_epochs
+
+        per_release = f"{privacy.epochs:g} epoch(s) per release"
+        if releases_per_client(cfg) > 1 and release_epochs(privacy, 1) != privacy.epochs:
+            per_release = (f"{privacy.epochs:g} epoch(s) for the one-shot release and {release_epochs(privacy, 1):g} "
+                           "per FedAvg round")
         user = (f"DP-SGD, per-user clip {privacy.max_grad_norm:g}, sampling rate {privacy.sample_rate:g}, "
-                f"{privacy.epochs:g} epoch(s) per release, {privacy.accountant.upper()} accountant")
+                f"{per_release}, {privacy.accountant.upper()} accountant")
     else:
         user = f"Gaussian mechanism on the Gram matrix, user profile bound {privacy.user_norm_bound:g}"
     control = ", ".join(f"{a} {v['auc']['mean']:.3f}" for a, v in probe.get("theta0", {}).items())
