@@ -15,8 +15,8 @@ Two units (``privacy.unit``):
 
 A client ships ``R = 1 + baselines.fedavg_rounds`` updates (the one-shot update, then one per FedAvg round; the same
 users take part in each; under DP-SGD the one-shot update runs ``privacy.epochs`` and each FedAvg round
-``privacy.fedavg_epochs``, by default as many). With ``target_epsilon > 0`` the noise multiplier is calibrated so that all R releases
-together are (ε, δ)-DP; otherwise ``noise_multiplier`` is used as given. The train metrics report ``dp_epsilon``
+``privacy.fedavg_epochs``, by default as many). With ``target_epsilon > 0`` the noise multiplier is calibrated so
+that all R releases together are (ε, δ)-DP; otherwise ``noise_multiplier`` is used as given. The train metrics report ``dp_epsilon``
 (after the releases so far, round r: r + 1 releases) and ``dp_epsilon_run`` (after all R).
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from fedmerge.errors import FedmergeError
@@ -133,9 +132,10 @@ def release_epochs(privacy: PrivacySettings, round_index: int) -> float:
 def dpsgd_steps(cfg: Scenario, releases: int) -> int:
     """DP-SGD steps of a client's first ``releases`` releases (same noise multiplier and rate: their composition is
     that of this many subsampled Gaussian steps)."""
-    from fedmerge.privacy.dpsgd import user_steps
+    from fedmerge.privacy.dpsgd import UserLevelDP
 
-    return sum(user_steps(replace(cfg.privacy, epochs=release_epochs(cfg.privacy, r))) for r in range(releases))
+    privacy = cfg.privacy
+    return sum(UserLevelDP(0.0, 1.0, privacy.sample_rate, release_epochs(privacy, r)).steps for r in range(releases))
 
 
 def noise_multiplier(cfg: Scenario) -> float:

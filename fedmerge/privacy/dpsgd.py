@@ -47,7 +47,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,10 +58,6 @@ from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
 from fedmerge.models.base import PAD, ModelFamily, StateDict, pad_sequences
 from fedmerge.models.sequential import SequentialFamily, training_windows
-
-if TYPE_CHECKING:
-    from fedmerge.scenario import PrivacySettings
-
 
 # users per vmap pass of per_user_gradients, full softmax / sampled softmax: the fastest of those measured on the
 # 2-core CPU container (results/privacy/amazon-seq-cost/README.md); larger chunks pad more and leave the caches
@@ -96,11 +92,6 @@ class UserLevelDP:
     def steps(self) -> int:
         """T = ⌈epochs / q⌉: each user is sampled ``epochs`` times in expectation."""
         return math.ceil(self.epochs / self.sample_rate - 1e-9)
-
-
-def user_steps(privacy: PrivacySettings) -> int:
-    """Steps per release of the ``[privacy]`` settings (see :attr:`UserLevelDP.steps`)."""
-    return UserLevelDP(0.0, 1.0, privacy.sample_rate, privacy.epochs).steps
 
 
 def _accountant(name: str) -> Any:
