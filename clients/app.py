@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
+from fedmerge.logs import configure_from_env
 from fedmerge.runners.appconfig import scenario_from_run_config
 from fedmerge.runners.client import ClientState
 from fedmerge.scenario import Scenario
@@ -51,6 +52,7 @@ def build_client_app(cfg: Scenario | None = None) -> ClientApp:
     def handle(message: Message, context: Context) -> Message:
         scenario = cfg
         label = str(dict(context.node_config))
+        configure_from_env()  # a simulated client's process: the launching CLI's --verbose / --debug
         try:
             scenario = cfg if cfg is not None else scenario_from_run_config(context.run_config)
             label = _node_domain_label(scenario, context.node_config)

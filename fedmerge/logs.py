@@ -38,8 +38,8 @@ def verbose_enabled() -> bool:
 
 
 def configure_from_env() -> None:
-    """In the ServerApp's process under ``fedmerge simulate``: the launching CLI's ``--verbose``/``--debug``
-    (:data:`LEVEL_ENV`); nothing when it is unset (a plain ``flwr run``)."""
+    """In the ServerApp's and the simulated ClientApps' processes under ``fedmerge simulate``: the launching CLI's
+    ``--verbose``/``--debug`` (:data:`LEVEL_ENV`); nothing when it is unset (a plain ``flwr run``, a SuperNode)."""
     level = os.environ.get(LEVEL_ENV, "")
     if level:
         configure_logging(verbose=level == "INFO", debug=level == "DEBUG")

@@ -133,6 +133,30 @@ def test_flower_client_app_replies_and_names_domain_on_error(cfg):
     assert broken.has_error() and "synth-1" in broken.error.reason
 
 
+def test_flower_client_app_takes_the_cli_log_level_and_logs_each_training(cfg, monkeypatch, caplog):
+    """A simulated client runs in a Ray worker that never saw the CLI's --verbose: the ClientApp reads it from
+    FEDMERGE_LOG_LEVEL like the ServerApp, and says when a training is done."""
+    import logging
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients.app import build_client_app
+    from fedmerge.logs import LEVEL_ENV
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.WARNING)  # restored after the test
+    monkeypatch.setenv(LEVEL_ENV, "INFO")
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                      run_config={})
+    train = Message(RecordDict({protocol.GLOBAL: protocol.to_record(initial_weights(cfg)),
+                                protocol.CONFIG: ConfigRecord({"round": 0})}), 7, protocol.TRAIN)
+    assert not build_client_app(cfg)(train, context).has_error()
+    assert root.level == logging.INFO
+    assert any(r.levelno == logging.INFO and r.getMessage().startswith("synth-0: round 0 trained in ")
+               for r in caplog.records)
+
+
 def test_default_run_goes_on_without_a_rejected_client_and_warns(cfg):
     """Default min_replies (0: a strict majority): one of three clients rejected, the run still ends ok, the client
     is recorded and a WARNING line per left-out client is printed; min_replies = 3 (every client) stops the run."""

@@ -7,6 +7,7 @@ RecordDict; the Flower ClientApp and the in-process engine both call it, so they
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -250,11 +251,15 @@ class ClientState:
         config = content.config_records.get(protocol.CONFIG, ConfigRecord())
         if message_type == protocol.TRAIN:
             theta = protocol.from_record(content.array_records[protocol.GLOBAL])
-            local = self.cfg.baselines.fedavg_local_params if config.get("phase") == "fedavg" else None
+            phase = "FedAvg round" if config.get("phase") == "fedavg" else "round"
+            round_index = int(config.get("round", 0))
+            local = self.cfg.baselines.fedavg_local_params if phase == "FedAvg round" else None
+            start = time.perf_counter()
             weights, metrics = client_train(
-                self.domain, theta, self.cfg, int(config.get("round", 0)), extra_params=local, features=self.features,
+                self.domain, theta, self.cfg, round_index, extra_params=local, features=self.features,
                 public_features=self.public_features,
             )
+            logger.info("%s: %s %d trained in %.0f s", self.domain.name, phase, round_index, time.perf_counter() - start)
             return RecordDict(
                 {protocol.WEIGHTS: protocol.to_record(weights), protocol.TRAIN_METRICS: protocol.numeric_metrics(metrics),
                  protocol.INFO: info}

@@ -25,6 +25,9 @@ ENGINES = ("flower", "inprocess")
 # mode, the default on macOS and Windows). Read once when ray is imported: set in the SuperLink's environment, it
 # reaches the simulation runtime's process and every process Ray starts.
 RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray folds worker lines that differ only in numbers into "[repeated Nx across cluster]", which would hide each
+# client's own "<domain>: round r trained in t s"; "0" keeps every line (only read with --verbose's log_to_driver).
+RAY_DEDUP_ENV = "RAY_DEDUP_LOGS"
 SIMULATION_POLL_S = 10.0  # seconds between `flwr ls` polls while the run has written no results.json yet
 
 
@@ -115,7 +118,7 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
                              "client-resources-num-cpus": client_cpus(cfg, cpus),
                              "init-args-num-cpus": cpus, "init-args-log-to-driver": verbose,
                              "verbose": logging.getLogger().isEnabledFor(logging.DEBUG)}
-        env = {**deployment_env(private), RAY_SINGLE_MACHINE_ENV: "0",
+        env = {**deployment_env(private), RAY_SINGLE_MACHINE_ENV: "0", RAY_DEDUP_ENV: "0",
                LEVEL_ENV: logging.getLevelName(logging.getLogger("fedmerge").getEffectiveLevel())}
         start = time.perf_counter()
         with ProcessSet(private, env=env) as procs:
