@@ -47,12 +47,12 @@ def client_state(cfg: Scenario, node_config: Mapping[str, Any]) -> ClientState:
 
 def build_client_app(cfg: Scenario | None = None) -> ClientApp:
     """A ClientApp for scenario ``cfg`` (``None``: read it from the run config at each message)."""
+    configure_from_env()  # once per process (a simulated client's): the launching CLI's --verbose / --debug
     app = ClientApp()
 
     def handle(message: Message, context: Context) -> Message:
         scenario = cfg
         label = str(dict(context.node_config))
-        configure_from_env()  # a simulated client's process: the launching CLI's --verbose / --debug
         try:
             scenario = cfg if cfg is not None else scenario_from_run_config(context.run_config)
             label = _node_domain_label(scenario, context.node_config)

@@ -251,15 +251,16 @@ class ClientState:
         config = content.config_records.get(protocol.CONFIG, ConfigRecord())
         if message_type == protocol.TRAIN:
             theta = protocol.from_record(content.array_records[protocol.GLOBAL])
-            phase = "FedAvg round" if config.get("phase") == "fedavg" else "round"
+            fedavg = config.get("phase") == "fedavg"
             round_index = int(config.get("round", 0))
-            local = self.cfg.baselines.fedavg_local_params if phase == "FedAvg round" else None
+            local = self.cfg.baselines.fedavg_local_params if fedavg else None
             start = time.perf_counter()
             weights, metrics = client_train(
                 self.domain, theta, self.cfg, round_index, extra_params=local, features=self.features,
                 public_features=self.public_features,
             )
-            logger.info("%s: %s %d trained in %.0f s", self.domain.name, phase, round_index, time.perf_counter() - start)
+            logger.info("%s: %s %d trained in %.0f s", self.domain.name, "FedAvg round" if fedavg else "round", round_index,
+                        time.perf_counter() - start)
             return RecordDict(
                 {protocol.WEIGHTS: protocol.to_record(weights), protocol.TRAIN_METRICS: protocol.numeric_metrics(metrics),
                  protocol.INFO: info}
