@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -439,7 +440,7 @@ def test_load_study_routes_study_keys_and_names_bad_ones(tiny_scenario):
         load_study(str(tiny_scenario), ["privacy_study.seeds=[1, 1]"])
 
 
-@pytest.mark.parametrize("name", ["privacy", "privacy-seq"])
+@pytest.mark.parametrize("name", ["privacy", "privacy-seq", "privacy-seq-adapter"])
 def test_shipped_privacy_scenarios_run_both_units_and_keep_the_larger_honest_domain(name):
     """The Amazon study of Pantry + Toys: both units load (text-lae with its one λ), and the norm screen keeps Toys'
     honest FedAvg update (norm 6.1, 5x Pantry's), which it used to reject with two clients, stopping the run."""
@@ -451,6 +452,28 @@ def test_shipped_privacy_scenarios_run_both_units_and_keep_the_larger_honest_dom
     federation = cfg.federation
     measured = {"Pantry": 1.2, "Toys": 6.101}  # text-lae, FedAvg round 2, no DP (Amazon, seed 0)
     assert not screen_norms(measured, federation.norm_multiple, federation.norm_cap, federation.norm_action).rejected
+
+
+def test_privacy_seq_adapter_is_the_recipe_the_stored_sequential_studies_ran():
+    """`privacy-seq-adapter` reproduces the README's sequential study: its scenario is the one recorded in the
+    stored user-level (3-release schedule) and domain-level studies, only its name differs (and, for the domain
+    study, recorded before it existed, `privacy.fedavg_epochs`, which only DP-SGD reads)."""
+    from fedmerge.privacy.study import load_study
+
+    cfg, study = load_study("privacy-seq-adapter")
+    ours = cfg.to_mapping()
+    stored_root = Path(__file__).resolve().parents[1] / "results" / "privacy"
+
+    def differences(folder: str) -> set[tuple[str, str]]:
+        record = json.loads((stored_root / folder / "privacy.json").read_text())
+        stored = record["scenario"]
+        assert record["study"]["seeds"] == list(study.seeds) and record["study"]["delta"] == study.delta
+        return {(section, key) for section in stored | ours
+                for key in set(stored.get(section, {})) | set(ours.get(section, {}))
+                if stored.get(section, {}).get(key) != ours.get(section, {}).get(key)}
+
+    assert differences("amazon-seq-adapter-dp10/fedavg-eps8") == {("run", "name")}
+    assert differences("amazon-seq-adapter-domain/fedavg") == {("run", "name"), ("privacy", "fedavg_epochs")}
 
 
 def test_each_study_seed_draws_other_dp_noise(tiny_scenario):
