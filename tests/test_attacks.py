@@ -12,13 +12,15 @@ from fedmerge.models.base import pad_sequences
 from fedmerge.privacy.attacks import (
     attack_metrics,
     gradient_alignment_scores,
+    lira_online_scores,
     lira_scores,
+    online_shadow_models,
     reference_model_users,
     reference_models,
     run_attacks,
     tpr_at_fpr,
 )
-from fedmerge.privacy.membership import split_members
+from fedmerge.privacy.membership import split_members, union_users
 from tests.test_privacy import TinyFamily, TransitionModule, features, tiny_domain  # noqa: F401  (fixtures)
 
 
@@ -80,6 +82,40 @@ def test_lira_calibrates_per_user():
     assert np.allclose(lira_scores(target, same), target - difficulty)
 
 
+def test_online_lira_is_the_gaussian_likelihood_ratio_and_finds_members_either_way():
+    """The score is log N(φ; μ_in, σ_in²) − log N(φ; μ_out, σ_out²); where training makes members' φ *lower*, offline
+    LiRA (and a loss threshold) rank members last while the online ratio still finds them."""
+    rng = np.random.default_rng(0)
+    n, k = 400, 8
+    difficulty = rng.normal(0, 3, n)
+    member = np.arange(n) < n // 2
+    inside = np.zeros((k, n), dtype=bool)
+    for j in range(n):
+        inside[rng.permutation(k)[: k // 2], j] = True
+    shift = -1.0  # being trained on lowers a user's confidence
+    statistics = difficulty + shift * inside + rng.normal(0, 0.3, (k, n))
+    target = difficulty + shift * member + rng.normal(0, 0.3, n)
+    online = lira_online_scores(target, statistics, inside)
+    assert attack_metrics(online[member], online[~member])["auc"] > 0.95
+    offline = lira_scores(target, difficulty + rng.normal(0, 0.3, (k, n)))  # OUT models of other users
+    assert attack_metrics(offline[member], offline[~member])["auc"] < 0.05
+    # the formula, on one candidate by hand
+    mu_in, mu_out = statistics[inside[:, 0], 0].mean(), statistics[~inside[:, 0], 0].mean()
+    sd_in = np.sqrt(np.mean([(statistics[i, j] - statistics[inside[:, j], j].mean()) ** 2
+                             for j in range(n) for i in range(k) if inside[i, j]]))
+    sd_out = np.sqrt(np.mean([(statistics[i, j] - statistics[~inside[:, j], j].mean()) ** 2
+                              for j in range(n) for i in range(k) if not inside[i, j]]))
+    expected = (-0.5 * ((target[0] - mu_in) / sd_in) ** 2 - np.log(sd_in)) \
+        - (-0.5 * ((target[0] - mu_out) / sd_out) ** 2 - np.log(sd_out))
+    assert online[0] == pytest.approx(expected)
+    everywhere = inside.copy()
+    everywhere[:, 3] = True
+    with pytest.raises(ValueError, match="one IN and one OUT"):
+        lira_online_scores(target, statistics, everywhere)
+    with pytest.raises(ValueError, match="IN mask"):
+        lira_online_scores(target, statistics, inside[:, :10])
+
+
 @pytest.fixture(scope="module")
 def population(tiny_domain):
     """Members (100) the target trains on, non-members (100) and the attacker's reference users (200)."""
@@ -88,14 +124,24 @@ def population(tiny_domain):
     return members, nonmembers, reference
 
 
+def online_shadows(family, theta0, features, members, nonmembers, reference, seed=0):
+    """8 online-LiRA shadow models of the target's size (100 users) over the candidates (members, non-members)."""
+    candidates = union_users([members, nonmembers], "candidates")
+    return online_shadow_models(lambda d, s: family.train(theta0, d, features, seed=s)[0], candidates, reference, 8,
+                                members.n_users, seed=seed)
+
+
 def test_attacks_find_members_of_an_overfitted_model(population, features):
     family = TinyFamily()
     members, nonmembers, reference = population
+    assert min(map(len, members.train + nonmembers.train)) >= 2  # every candidate scorable: the IN mask lines up
     theta0 = family.initial_weights(30, seed=0)
     shipped, _ = family.train(theta0, members, features)
     refs = reference_models(lambda d, s: family.train(theta0, d, features, seed=s)[0], reference, 4, 100)
-    results = run_attacks(family, theta0, shipped, features, members.train, nonmembers.train, refs, positions="all")
-    assert set(results) == {"loss", "lira", "gradient_alignment"}
+    shadows, inside = online_shadows(family, theta0, features, members, nonmembers, reference)
+    results = run_attacks(family, theta0, shipped, features, members.train, nonmembers.train, refs, positions="all",
+                          shadows=shadows, inside=inside)
+    assert set(results) == {"loss", "lira", "gradient_alignment", "lira_online"}
     for name, metrics in results.items():
         assert metrics["auc"] > 0.8, (name, metrics)
     assert results["lira"]["tpr@0.01"] > 0.05
@@ -108,7 +154,10 @@ def test_attacks_are_at_chance_on_a_model_that_never_saw_the_candidates(populati
     outsiders, _ = split_members(reference, 0.5, seed=7)  # trained on users that are no candidate
     shipped, _ = family.train(theta0, outsiders, features)
     refs = reference_models(lambda d, s: family.train(theta0, d, features, seed=s)[0], reference, 4, 100, seed=10)
-    results = run_attacks(family, theta0, shipped, features, members.train, nonmembers.train, refs, positions="all")
+    shadows, inside = online_shadows(family, theta0, features, members, nonmembers, reference, seed=10)
+    results = run_attacks(family, theta0, shipped, features, members.train, nonmembers.train, refs, positions="all",
+                          shadows=shadows, inside=inside)
+    assert "lira_online" in results
     for name, metrics in results.items():  # null AUC std ≈ √(201/(12·100²)) ≈ 0.04
         assert abs(metrics["auc"] - 0.5) < 0.13, (name, metrics)
     untrained = gradient_alignment_scores(family, theta0, theta0, features, members.train[:5])
@@ -131,6 +180,30 @@ def test_reference_models_train_on_the_target_size_or_the_whole_pool(population)
     assert whole == [pool, pool]
     with pytest.raises(ValueError, match="users_per_model"):
         reference_models(lambda d, s: {}, reference, 1, 201)
+
+
+def test_online_shadow_models_put_each_candidate_in_half_of_them_at_the_target_size(population):
+    """Each candidate is IN exactly K/2 shadow models; each model trains on its IN candidates plus reference users
+    up to the target's size (all of the pool when short), on seeds seed + k; an odd K is refused."""
+    members, nonmembers, reference = population
+    candidates = union_users([members, nonmembers], "candidates")
+    seen = []
+    _, inside = online_shadow_models(lambda d, s: seen.append((s, list(map(tuple, d.train)))) or {}, candidates,
+                                     reference, 6, 150, seed=3)
+    assert inside.shape == (6, 200) and (inside.sum(axis=0) == 3).all()
+    pool = set(map(tuple, reference.train))
+    for k, (s, users) in enumerate(seen):
+        assert s == 3 + k and len(users) == 150
+        ins = [tuple(candidates.train[j]) for j in np.flatnonzero(inside[k])]
+        assert users[: len(ins)] == ins and set(users[len(ins):]) <= pool
+    short = []
+    _, halves = online_shadow_models(lambda d, s: short.append(d.n_users) or {}, candidates, reference, 2, 1000)
+    assert short == [halves[0].sum() + 200, halves[1].sum() + 200]  # its IN candidates, then the whole pool of 200
+    assert (halves[0] != halves[1]).all()  # K = 2: each candidate IN exactly one of them
+    with pytest.raises(ValueError, match="even number"):
+        online_shadow_models(lambda d, s: {}, candidates, reference, 3, 100)
+    with pytest.raises(ValueError, match="pass only sequences"):
+        run_attacks(TinyFamily(), {}, {}, None, [np.array([1])], [np.array([1, 2])], shadows=[{}], inside=inside)
 
 
 class FrozenTailModule(TransitionModule):

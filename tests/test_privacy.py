@@ -637,6 +637,16 @@ def test_privacy_run_resume_keeps_what_an_interrupted_study_finished(tiny_scenar
     assert main([*command, "--resume", "--set", "privacy_study.member_fraction=0.4"]) == 0
     assert runs == [] and len(trainings) == 1 + references
     assert json.loads(record.read_text())["settings"]["protocol"] == "target-size-references"
+    # online LiRA asked for: the attacks run again with its shadow models, the runs are kept
+    trainings.clear()
+    assert main([*command, "--resume", "--set", "privacy_study.member_fraction=0.4",
+                 "--set", "privacy_study.online_lira_models=2"]) == 0
+    assert runs == [] and len(trainings) == 2 * (1 + references + 2)
+    online = json.loads(record.read_text())
+    assert online["settings"]["online_lira_models"] == 2 and "lira_online" in online["scores"]
+    assert "online LiRA with 2 shadow models" in (out / "privacy.md").read_text()
+    assert main([*command, "--resume", "--set", "privacy_study.online_lira_models=3"]) == 1
+    assert "online_lira_models must be an even number" in capsys.readouterr().err
 
 
 SEQUENTIAL_STUDY = TINY_STUDY.replace('family = "text-lae"', 'family = "sequential"').replace(
@@ -744,8 +754,8 @@ def test_attacks_probe_what_the_family_trains_on(tmp_path, monkeypatch):
     path.write_text(SEQUENTIAL_STUDY)
     cfg, study = load_study(str(path), ["privacy_study.probe_max_users=1000"])
     probed, seeds = {}, []
-    monkeypatch.setattr(attacks, "run_attacks", lambda family, theta0, shipped, features, members, nonmembers, refs,
-                        positions: probed.update(members=members, nonmembers=nonmembers) or {})
+    monkeypatch.setattr(attacks, "run_attacks", lambda family, theta0, shipped, features, members, nonmembers, **kw:
+                        probed.update(members=members, nonmembers=nonmembers) or {})
     real_train = client_module.client_train
     monkeypatch.setattr(client_module, "client_train",
                         lambda users, theta0, run_cfg, **kw: seeds.append(run_cfg.run.seed) or real_train(users, theta0, run_cfg, **kw))
@@ -754,8 +764,9 @@ def test_attacks_probe_what_the_family_trains_on(tmp_path, monkeypatch):
     members, rest = split_members(cfg.load_domain(name), float(study.member_fraction), seed=0)
     nonmembers, _ = split_users(rest, min(1000, rest.n_users // 2), seed=1)
     as_lists = lambda seqs: sorted(np.asarray(s).tolist() for s in seqs)  # noqa: E731
-    assert as_lists(probed["members"]) == as_lists(members.train)
-    assert as_lists(probed["nonmembers"]) == as_lists(nonmembers.train)
+    scorable = lambda seqs: [s for s in seqs if len(s) >= 2]  # noqa: E731  (a prefix and a target)
+    assert as_lists(probed["members"]) == as_lists(scorable(members.train))
+    assert as_lists(probed["nonmembers"]) == as_lists(scorable(nonmembers.train))
     assert record["sizes"]["probed_per_group"] == [sum(len(s) >= 2 for s in members.train),
                                                    sum(len(s) >= 2 for s in nonmembers.train)]
     assert len(seeds) == 1 + study.reference_models and len(set(seeds)) == len(seeds)
@@ -842,6 +853,7 @@ def test_a_study_written_before_the_derived_probe_fields_pools_with_a_newer_one(
     for row in report["probe"]["rows"]:
         del row["attacked_release_epsilon"]
     del report["scenario"]["privacy"]["release_diagnostics"]  # a setting fedmerge gained since, at its default
+    del report["study"]["online_lira_models"]  # a study setting gained since: the older study ran at its default
     older.write_text(json.dumps(report))
     assert main(["privacy", "pool", str(older), str(newer), "--out", str(tmp_path / "mixed")]) == 0
     mixed = json.loads((tmp_path / "mixed" / "privacy.json").read_text())

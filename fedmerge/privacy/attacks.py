@@ -1,7 +1,7 @@
 """Membership-inference attacks on the weights a client ships, and their scores (AUC, TPR at low FPR).
 
 The attacker sees what the server sees: the shipped weights θ_d, θ₀ (public), the public catalog, and a
-candidate user's sequence; it asks whether the user was in the client's training set. Three attacks, each
+candidate user's sequence; it asks whether the user was in the client's training set. Four attacks, each
 giving a per-user score (higher = "member"):
 
 (a) loss threshold (Yeom et al., CSF 2018): score = −loss_θd(u) (:mod:`fedmerge.privacy.membership`).
@@ -18,6 +18,17 @@ giving a per-user score (higher = "member"):
     μ_out(u), σ_out(u) the mean and standard deviation of φ over the reference models (``global_variance``:
     one σ pooled over all candidates, Carlini et al.'s choice for few reference models). The threshold is
     calibrated per user: a user whose sequence is easy for every model no longer looks like a member.
+
+(b') online LiRA (Carlini et al. 2022, their strongest form): the attacker holds the candidates' records too
+    and trains ``K`` shadow models (K even), each candidate IN the training set of exactly K/2 of them (a seeded
+    balanced design) and OUT of the others, each model filled up with the attacker's reference users to the target's
+    size (:func:`online_shadow_models`). With μ_in(u), μ_out(u) the means of φ(u) over the IN and OUT models and
+    σ_in, σ_out one spread each, pooled over all candidates (Carlini et al.'s choice for few models),
+
+        score(u) = log N(φ_θd(u); μ_in(u), σ_in²) − log N(φ_θd(u); μ_out(u), σ_out²),
+
+    a likelihood ratio that needs no assumed direction: where training makes members' φ *lower* (μ_in < μ_out), a
+    low φ scores high, which (b) and (a) would count against membership.
 
 (c) white-box gradient alignment on the task vector τ_d = θ_d − θ₀: training moved θ along the negative
     gradients of its users' losses, so a member's −∇L_u points along τ_d:
@@ -53,6 +64,7 @@ from fedmerge.privacy.membership import (
     rank_auc,
     sequence_losses,
     subset_users,
+    union_users,
 )
 
 FPRS = (0.001, 0.01)
@@ -169,6 +181,57 @@ def lira_attack(
     return lira_scores(target, reference, global_variance)
 
 
+def lira_online_scores(target: np.ndarray, statistics: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """log N(φ_target; μ_in, σ_in²) − log N(φ_target; μ_out, σ_out²) per candidate (online LiRA, module docstring).
+
+    ``statistics``: (K models, n candidates) φ of the shadow models; ``inside``: (K, n) whether candidate j was in
+    model k's training set, each candidate IN for at least one model and OUT for at least one. σ_in (σ_out) is the
+    root mean square deviation of the IN (OUT) statistics from their candidate's IN (OUT) mean."""
+    target, statistics = np.asarray(target, float), np.asarray(statistics, float)
+    inside = np.asarray(inside, bool)
+    if statistics.ndim != 2 or statistics.shape[1] != len(target) or inside.shape != statistics.shape:
+        raise ValueError(f"shadow statistics and IN mask must both be (K, {len(target)}), got {statistics.shape} "
+                         f"and {inside.shape}")
+    n_in = inside.sum(axis=0)
+    if (n_in == 0).any() or (n_in == len(statistics)).any():
+        raise ValueError("every candidate needs at least one IN and one OUT shadow model")
+    outside = ~inside
+    mu_in = np.where(inside, statistics, 0.0).sum(axis=0) / n_in
+    mu_out = np.where(outside, statistics, 0.0).sum(axis=0) / outside.sum(axis=0)
+    sd_in = max(float(np.sqrt((((statistics - mu_in) ** 2)[inside]).mean())), 1e-12)
+    sd_out = max(float(np.sqrt((((statistics - mu_out) ** 2)[outside]).mean())), 1e-12)
+    log_in = -0.5 * ((target - mu_in) / sd_in) ** 2 - np.log(sd_in)
+    log_out = -0.5 * ((target - mu_out) / sd_out) ** 2 - np.log(sd_out)
+    return log_in - log_out
+
+
+def online_shadow_models(
+    train: Callable[[Domain, int], StateDict], candidates: Domain, pool: Domain, n_models: int, users_per_model: int,
+    seed: int = 0,
+) -> tuple[list[StateDict], np.ndarray]:
+    """(models, IN mask (n_models, candidates)) for online LiRA: each candidate IN for exactly ``n_models``/2 models
+    (seeded), and model k trained by ``train(users, seed + k)`` on its IN candidates plus seeded random users of the
+    attacker's ``pool`` up to ``users_per_model`` (the target's size; all of the pool when it has fewer)."""
+    if n_models < 2 or n_models % 2:
+        raise ValueError(f"online LiRA needs an even number of shadow models >= 2, got {n_models}")
+    if users_per_model < 1:
+        raise ValueError(f"users_per_model must be >= 1, got {users_per_model}")
+    rng = np.random.default_rng(seed)
+    inside = np.zeros((n_models, candidates.n_users), dtype=bool)
+    for j in range(candidates.n_users):
+        inside[rng.permutation(n_models)[: n_models // 2], j] = True
+    models = []
+    for k in range(n_models):
+        members = np.flatnonzero(inside[k])
+        fill = int(np.clip(users_per_model - len(members), 0, pool.n_users))
+        extra = np.sort(rng.choice(pool.n_users, size=fill, replace=False))
+        parts = [subset_users(candidates, members, candidates.name)] if len(members) else []
+        if fill:
+            parts.append(subset_users(pool, extra, pool.name))
+        models.append(train(union_users(parts, f"{candidates.name}-shadow-{k}"), seed + k))
+    return models, inside
+
+
 GradientPoint = Literal["theta0", "shipped"]
 
 
@@ -198,13 +261,27 @@ def gradient_alignment_scores(
     return scores
 
 
+def online_lira_attack(
+    family: ModelFamily, shipped: StateDict, shadows: Sequence[StateDict], inside: np.ndarray,
+    item_features: torch.Tensor, candidates: Sequence[np.ndarray], positions: Positions = "last",
+) -> np.ndarray:
+    """Online LiRA scores of the candidates against the shipped weights (``shadows``, ``inside``: see
+    :func:`online_shadow_models`; candidate j of ``inside`` is ``candidates[j]``)."""
+    target = logit_confidences(family, shipped, item_features, candidates, positions)
+    statistics = np.stack([logit_confidences(family, w, item_features, candidates, positions) for w in shadows])
+    return lira_online_scores(target, statistics, inside)
+
+
 def run_attacks(
     family: ModelFamily, theta0: StateDict, shipped: StateDict, item_features: torch.Tensor,
     members: Sequence[np.ndarray], nonmembers: Sequence[np.ndarray], references: Sequence[StateDict] = (),
-    positions: Positions = "last",
+    positions: Positions = "last", shadows: Sequence[StateDict] = (), inside: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
-    """:func:`attack_metrics` of the attacks :func:`attack_names` lists: the loss attack, gradient alignment and
-    LiRA (when ``references`` are given)."""
+    """:func:`attack_metrics` of the attacks :func:`attack_names` lists: the loss attack, gradient alignment,
+    LiRA (when ``references`` are given) and online LiRA (when ``shadows`` are given, with their IN mask ``inside``
+    over the candidates: members then non-members, each with at least 2 items)."""
+    if shadows and (len(scorable(members)) < len(members) or len(scorable(nonmembers)) < len(nonmembers)):
+        raise ValueError("online LiRA's IN mask is over the candidates as given: pass only sequences of >= 2 items")
     members, nonmembers = scorable(members), scorable(nonmembers)
     candidates = [*members, *nonmembers]
     n = len(members)
@@ -212,9 +289,11 @@ def run_attacks(
         "loss": lambda: -sequence_losses(family, shipped, item_features, candidates, positions),
         "gradient_alignment": lambda: gradient_alignment_scores(family, theta0, shipped, item_features, candidates),
         "lira": lambda: lira_attack(family, shipped, references, item_features, candidates, positions),
+        "lira_online": lambda: online_lira_attack(family, shipped, shadows, inside, item_features, candidates,
+                                                  positions),
     }
     results = {}
-    for name in attack_names(bool(references)):
+    for name in attack_names(bool(references), bool(shadows)):
         scores = scorers[name]()
         try:
             results[name] = attack_metrics(scores[:n], scores[n:])
@@ -223,9 +302,11 @@ def run_attacks(
     return results
 
 
-def attack_names(with_references: bool) -> tuple[str, ...]:
-    """The attacks :func:`run_attacks` scores, in its order (LiRA needs reference models)."""
-    return ("loss", "gradient_alignment", "lira") if with_references else ("loss", "gradient_alignment")
+def attack_names(with_references: bool, with_shadows: bool = False) -> tuple[str, ...]:
+    """The attacks :func:`run_attacks` scores, in its order (LiRA needs reference models, online LiRA shadow
+    models)."""
+    return ("loss", "gradient_alignment", *(("lira",) if with_references else ()),
+            *(("lira_online",) if with_shadows else ()))
 
 
 def summary(results: Mapping[str, Mapping[str, float]]) -> str:

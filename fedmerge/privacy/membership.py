@@ -43,6 +43,24 @@ def subset_users(domain: Domain, users: Sequence[int] | np.ndarray, name: str) -
     )
 
 
+def union_users(parts: Sequence[Domain], name: str) -> Domain:
+    """One domain holding the users of every part, in order; the parts must share one catalog."""
+    if not parts:
+        raise DataError("a union of users needs at least one domain")
+    catalog = parts[0].catalog
+    if any(part.catalog is not catalog and part.catalog != catalog for part in parts[1:]):
+        raise DataError(f"domains {[part.name for part in parts]} have different catalogs: their users cannot be joined")
+    with_ids = all(part.user_ids for part in parts)
+    return Domain(
+        name=name,
+        catalog=catalog,
+        train=tuple(seq for part in parts for seq in part.train),
+        val_target=np.concatenate([part.val_target for part in parts]),
+        test_target=np.concatenate([part.test_target for part in parts]),
+        user_ids=tuple(uid for part in parts for uid in part.user_ids) if with_ids else (),
+    )
+
+
 def split_members(domain: Domain, member_fraction: float = 0.5, seed: int = 0) -> tuple[Domain, Domain]:
     """(members, non-members): a seeded random user split; the client trains on members only.
 

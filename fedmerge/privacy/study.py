@@ -14,7 +14,8 @@ into members (``member_fraction``), non-members (as many as are probed, ``probe_
 rest) and the attacker's reference users (all other users); a client trains on the members with the cell's DP
 recipe, and the attacks of :mod:`fedmerge.privacy.attacks` (loss, offline LiRA with ``reference_models`` reference
 models trained with the same recipe on as many reference users as the client has, or all of them when they are
-fewer, gradient alignment with the task vector over the weights training moved) score ``probe_max_users`` members
+fewer, gradient alignment with the task vector over the weights training moved, and with ``online_lira_models`` > 0
+online LiRA: that many shadow models of the target's size, each probed candidate IN half of them) score ``probe_max_users`` members
 against as many non-members on the weights the client would ship: AUC and TPR at 0.1 % / 1 % FPR, mean and interval over seeds. The probed sequences
 are the ones the family fits its targets on (:meth:`~fedmerge.models.base.ModelFamily.fitted_sequences`: the training
 sequences for the sequential family, train + validation items for the text-LAE), so a member's last probed item is
@@ -73,6 +74,7 @@ class PrivacyStudySettings:
     probe_max_users: int = 2000
     probe_positions: str = "last"
     reference_models: int = 4
+    online_lira_models: int = 0
 
 
 STUDY_KEYS = tuple(f.name for f in fields(PrivacyStudySettings))
@@ -161,6 +163,10 @@ def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
         raise FedmergeError(f"{STUDY_SECTION}.probe_positions must be 'last' or 'all', got {study['probe_positions']!r}")
     if int(study["reference_models"]) < 0:
         raise FedmergeError(f"{STUDY_SECTION}.reference_models must be >= 0 (0: no LiRA), got {study['reference_models']!r}")
+    online = study["online_lira_models"]
+    if not isinstance(online, int) or online < 0 or online % 2:
+        raise FedmergeError(f"{STUDY_SECTION}.online_lira_models must be an even number >= 0 (0: no online LiRA; each "
+                            f"candidate is IN half of the shadow models), got {online!r}")
 
 
 def dp_config(cfg: Scenario, unit: str, epsilon: float, delta: float, seed: int) -> tuple[Scenario, float]:
@@ -258,11 +264,11 @@ def kept_run(folder: Path, run_cfg: Scenario) -> dict[str, Any] | None:
     )
 
 
-def _subsample(seqs: Sequence[np.ndarray], limit: int, seed: int) -> list[np.ndarray]:
-    if len(seqs) <= limit:
-        return list(seqs)
-    keep = np.sort(np.random.default_rng(seed).choice(len(seqs), size=limit, replace=False))
-    return [seqs[i] for i in keep]
+def _probed_users(n_users: int, limit: int, seed: int) -> np.ndarray:
+    """Indices of the (at most ``limit``, seeded) users whose sequences the attacks probe, in order."""
+    if n_users <= limit:
+        return np.arange(n_users)
+    return np.sort(np.random.default_rng(seed).choice(n_users, size=limit, replace=False))
 
 
 REFERENCE_SEED_STRIDE = 7919  # a prime far from the 1000·round + position steps of the client seeds
@@ -288,6 +294,8 @@ ATTACK_KEYS = ("probe_domain", "member_fraction", "probe_max_users", "probe_posi
 # gradient alignment over every parameter); none recorded (train + validation items probed, whose last item the
 # sequential family never trains on, reference models on the client's seed).
 PROBE_PROTOCOL = "target-size-references"
+ONLINE_KEY = "online_lira_models"  # recorded with the attack settings only when > 0: earlier files stay valid
+ONLINE_SEED_OFFSET = 10_000  # shadow model k trains on reference seed seed + offset + k, apart from the offline ones
 
 
 def attack_file(out_dir: Path, unit: str, epsilon: float, seed: int) -> Path:
@@ -313,7 +321,7 @@ def kept_attacks(path: Path, run_cfg: Scenario, settings: Mapping[str, Any]) -> 
         return None
     if not isinstance(record, dict) or record.get("settings") != settings or not same_config(run_cfg, record.get("config")):
         return None
-    expected = set(attack_names(settings["reference_models"] > 0))
+    expected = set(attack_names(settings["reference_models"] > 0, settings.get(ONLINE_KEY, 0) > 0))
     if not {"scores", "sizes", "theta0"} <= record.keys() or set(record["scores"]) != expected:
         return None  # incomplete, or written by a version with other attacks: computed again
     return record
@@ -325,8 +333,14 @@ def attack_record(
     """One (cell, seed) of the attacks: a client trains on the members of domain ``name`` with the cell's recipe
     (``run_cfg``), the attacker's reference models on its own users; ``{"sizes", "scores", "theta0"}``, the last the
     same attacks against θ₀ (the chance control) when ``control``, else None."""
-    from fedmerge.privacy.attacks import reference_model_users, reference_models, run_attacks, scorable
-    from fedmerge.privacy.membership import split_members, split_users
+    from fedmerge.privacy.attacks import (
+        online_shadow_models,
+        reference_model_users,
+        reference_models,
+        run_attacks,
+        scorable,
+    )
+    from fedmerge.privacy.membership import split_members, split_users, subset_users, union_users
     from fedmerge.runners.client import client_train
     from fedmerge.runners.server import initial_weights
 
@@ -344,14 +358,29 @@ def attack_record(
                                                    features=features)[0],
         reference, int(study.reference_models), users_per_reference, seed=seed,
     ) if int(study.reference_models) else []
-    member_seqs = _subsample(family.fitted_sequences(members), limit, seed)
-    nonmember_seqs = family.fitted_sequences(nonmembers)  # one per user, and no more users than probed
+    # the probed users (one fitted sequence each, no more non-members than probed), those with >= 2 items
+    member_fitted, nonmember_fitted = family.fitted_sequences(members), family.fitted_sequences(nonmembers)
+    member_users = [int(u) for u in _probed_users(len(member_fitted), limit, seed) if len(member_fitted[u]) >= 2]
+    nonmember_users = [u for u, seq in enumerate(nonmember_fitted) if len(seq) >= 2]
+    member_seqs = [member_fitted[u] for u in member_users]
+    nonmember_seqs = [nonmember_fitted[u] for u in nonmember_users]
+    shadows, inside = [], None
+    if study.online_lira_models:
+        candidates = union_users([subset_users(members, member_users, members.name),
+                                  subset_users(nonmembers, nonmember_users, nonmembers.name)], f"{name}-candidates")
+        shadows, inside = online_shadow_models(
+            lambda users, shadow_seed: client_train(users, theta0, _reference_config(run_cfg, shadow_seed),
+                                                    features=features)[0],
+            candidates, reference, int(study.online_lira_models), members.n_users,
+            seed=seed + ONLINE_SEED_OFFSET,
+        )
+    attacks = {"references": refs, "positions": positions, "shadows": shadows, "inside": inside}
     return {
         "sizes": {"members": members.n_users, "nonmembers": nonmembers.n_users, "reference": reference.n_users,
                   "reference_model_users": users_per_reference,
                   "probed_per_group": [len(scorable(member_seqs)), len(scorable(nonmember_seqs))]},
-        "scores": run_attacks(family, theta0, shipped, features, member_seqs, nonmember_seqs, refs, positions),
-        "theta0": run_attacks(family, theta0, theta0, features, member_seqs, nonmember_seqs, refs, positions)
+        "scores": run_attacks(family, theta0, shipped, features, member_seqs, nonmember_seqs, **attacks),
+        "theta0": run_attacks(family, theta0, theta0, features, member_seqs, nonmember_seqs, **attacks)
         if control else None,
     }
 
@@ -366,7 +395,8 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | Non
     from fedmerge.privacy.client import epsilon as epsilon_after
 
     name = study.probe_domain or cfg.data.training_domains()[0]
-    settings = {**{k: getattr(study, k) for k in ATTACK_KEYS}, "probe_domain": name, "protocol": PROBE_PROTOCOL}
+    settings = {**{k: getattr(study, k) for k in ATTACK_KEYS}, "probe_domain": name, "protocol": PROBE_PROTOCOL,
+                **({ONLINE_KEY: study.online_lira_models} if study.online_lira_models else {})}
     rows, controls, sizes = [], [], {}
     for unit, epsilon in cells(study):
         per_seed = []
@@ -392,7 +422,7 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | Non
         rows.append({"unit": unit, "epsilon": epsilon_label(epsilon), "noise_multiplier": z,
                      "attacked_release_epsilon": attacked, "attacks": _over_seeds(per_seed)})
     return {"domain": name, "protocol": PROBE_PROTOCOL, **sizes, "positions": study.probe_positions,
-            "reference_models": int(study.reference_models), "rows": rows, "theta0": _over_seeds(controls) if controls else {}}
+            "reference_models": int(study.reference_models), ONLINE_KEY: int(study.online_lira_models), "rows": rows, "theta0": _over_seeds(controls) if controls else {}}
 
 
 def _over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, Any]]:
@@ -491,8 +521,10 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
         f"'{probe['positions']}' position(s), gradient alignment at every position"
         f"{' over the weights training moved' if probe.get('protocol') == PROBE_PROTOCOL else ''}; LiRA with "
         f"{probe['reference_models']} reference models of {probe.get('reference_model_users', '?')} users each, "
-        f"the target client's {probe.get('members', '?')} users); "
-        f"AUC against θ₀: {control or '-'}."
+        f"the target client's {probe.get('members', '?')} users)"
+        + (f"; online LiRA with {probe[ONLINE_KEY]} shadow models of the target's size, each candidate IN half of "
+           "them" if probe.get(ONLINE_KEY) else "")
+        + f"; AUC against θ₀: {control or '-'}."
     )
     attacked = [f"{row['unit']} ε {row['epsilon']}: {row['attacked_release_epsilon']:.3g}" for row in probe["rows"]
                 if row.get("attacked_release_epsilon") is not None]
@@ -590,9 +622,10 @@ def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) ->
     first, first_label = studies[0], labels[0]
     same_seeds = all(st["study"]["seeds"] == first["study"]["seeds"] for st in studies)
     free = ("epsilons", "units") if same_seeds else ("seeds",)
-    settings = {k: v for k, v in first["study"].items() if k not in free}
+    defaults = study_record(PrivacyStudySettings())  # a setting added after a study ran: it ran at the default
+    settings = {k: v for k, v in {**defaults, **first["study"]}.items() if k not in free}
     for label, st in zip(labels, studies):
-        other = {k: v for k, v in st["study"].items() if k not in free}
+        other = {k: v for k, v in {**defaults, **st["study"]}.items() if k not in free}
         differ = sorted(k for k in set(settings) | set(other) if settings.get(k) != other.get(k))
         if differ:
             raise FedmergeError(f"{label} and {first_label} differ in study settings {differ} (pooling combines "

@@ -2,7 +2,7 @@
 the PSD projection of the noisy Gram (to see which step turns the signal)."""
 import sys
 import numpy as np
-from fedmerge.privacy.study import load_study, _subsample
+from fedmerge.privacy.study import load_study, _probed_users
 from fedmerge.privacy.membership import split_members, split_users
 from fedmerge.privacy.attacks import attack_metrics, scorable, sequence_losses
 from fedmerge.privacy.lae import train_text_lae_user_level
@@ -15,7 +15,8 @@ nonmembers, _ = split_users(rest, min(study.probe_max_users, rest.n_users // 2),
 family = cfg.model.make_family()
 features = cfg.encoder.item_features(domain.catalog, family)
 theta0 = initial_weights(cfg)
-m = scorable(_subsample(family.fitted_sequences(members), study.probe_max_users, seed))
+fitted = family.fitted_sequences(members)
+m = scorable([fitted[u] for u in _probed_users(len(fitted), study.probe_max_users, seed)])
 n = scorable(family.fitted_sequences(nonmembers))
 for z in [float(v) for v in sys.argv[2].split(",")]:
     aucs = []

@@ -3,7 +3,7 @@ target's rank among the catalog's items, given the prefix) for z = 0 and z = 0.3
 import sys
 import numpy as np
 import torch
-from fedmerge.privacy.study import load_study, _subsample
+from fedmerge.privacy.study import load_study, _probed_users
 from fedmerge.privacy.membership import split_members, split_users
 from fedmerge.privacy.attacks import attack_metrics, scorable, sequence_losses
 
@@ -22,7 +22,8 @@ family = cfg.model.make_family()
 features = cfg.encoder.item_features(domain.catalog, family)
 E = features.numpy().astype(np.float64)
 theta0 = initial_weights(cfg)
-m = scorable(_subsample(family.fitted_sequences(members), study.probe_max_users, seed))
+fitted = family.fitted_sequences(members)
+m = scorable([fitted[u] for u in _probed_users(len(fitted), study.probe_max_users, seed)])
 n = scorable(family.fitted_sequences(nonmembers))
 cand = [*m, *n]; lab = np.r_[np.ones(len(m)), np.zeros(len(n))]
 P = np.stack([E[np.unique(s[:-1])].sum(0) for s in cand]); T = np.array([s[-1] for s in cand])
