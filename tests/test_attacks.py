@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -108,10 +110,11 @@ def test_online_lira_is_the_gaussian_likelihood_ratio_and_finds_members_either_w
     expected = (-0.5 * ((target[0] - mu_in) / sd_in) ** 2 - np.log(sd_in)) \
         - (-0.5 * ((target[0] - mu_out) / sd_out) ** 2 - np.log(sd_out))
     assert online[0] == pytest.approx(expected)
-    everywhere = inside.copy()
-    everywhere[:, 3] = True
-    with pytest.raises(ValueError, match="one IN and one OUT"):
-        lira_online_scores(target, statistics, everywhere)
+    lonely = inside.copy()
+    lonely[:, 3] = False
+    lonely[0, 3] = True  # one IN model: no spread to estimate
+    with pytest.raises(ValueError, match="two IN and two OUT"):
+        lira_online_scores(target, statistics, lonely)
     with pytest.raises(ValueError, match="IN mask"):
         lira_online_scores(target, statistics, inside[:, :10])
 
@@ -191,17 +194,17 @@ def test_online_shadow_models_put_each_candidate_in_half_of_them_at_the_target_s
     _, inside = online_shadow_models(lambda d, s: seen.append((s, list(map(tuple, d.train)))) or {}, candidates,
                                      reference, 6, 150, seed=3)
     assert inside.shape == (6, 200) and (inside.sum(axis=0) == 3).all()
-    pool = set(map(tuple, reference.train))
+    pool = Counter(map(tuple, reference.train))
     for k, (s, users) in enumerate(seen):
         assert s == 3 + k and len(users) == 150
         ins = [tuple(candidates.train[j]) for j in np.flatnonzero(inside[k])]
-        assert users[: len(ins)] == ins and set(users[len(ins):]) <= pool
+        assert users[: len(ins)] == ins and not Counter(users[len(ins):]) - pool  # fill: distinct pool users
     short = []
-    _, halves = online_shadow_models(lambda d, s: short.append(d.n_users) or {}, candidates, reference, 2, 1000)
-    assert short == [halves[0].sum() + 200, halves[1].sum() + 200]  # its IN candidates, then the whole pool of 200
-    assert (halves[0] != halves[1]).all()  # K = 2: each candidate IN exactly one of them
-    with pytest.raises(ValueError, match="even number"):
-        online_shadow_models(lambda d, s: {}, candidates, reference, 3, 100)
+    _, quarters = online_shadow_models(lambda d, s: short.append(d.n_users) or {}, candidates, reference, 4, 1000)
+    assert short == [n + 200 for n in quarters.sum(axis=1)]  # its IN candidates, then the whole pool of 200
+    for odd_or_few in (2, 3):
+        with pytest.raises(ValueError, match="even number of shadow models >= 4"):
+            online_shadow_models(lambda d, s: {}, candidates, reference, odd_or_few, 100)
     with pytest.raises(ValueError, match="pass only sequences"):
         run_attacks(TinyFamily(), {}, {}, None, [np.array([1])], [np.array([1, 2])], shadows=[{}], inside=inside)
 

@@ -640,13 +640,16 @@ def test_privacy_run_resume_keeps_what_an_interrupted_study_finished(tiny_scenar
     # online LiRA asked for: the attacks run again with its shadow models, the runs are kept
     trainings.clear()
     assert main([*command, "--resume", "--set", "privacy_study.member_fraction=0.4",
-                 "--set", "privacy_study.online_lira_models=2"]) == 0
-    assert runs == [] and len(trainings) == 2 * (1 + references + 2)
+                 "--set", "privacy_study.online_lira_models=4"]) == 0
+    assert runs == [] and len(trainings) == 2 * (1 + references + 4)
     online = json.loads(record.read_text())
-    assert online["settings"]["online_lira_models"] == 2 and "lira_online" in online["scores"]
-    assert "online LiRA with 2 shadow models" in (out / "privacy.md").read_text()
-    assert main([*command, "--resume", "--set", "privacy_study.online_lira_models=3"]) == 1
-    assert "online_lira_models must be an even number" in capsys.readouterr().err
+    assert online["settings"]["online_lira_models"] == 4 and "lira_online" in online["scores"]
+    assert "online LiRA with 4 shadow models" in (out / "privacy.md").read_text()
+    assert json.loads((out / "privacy.json").read_text())["probe"]["online_lira_models"] == 4
+    assert "online_lira_models" not in whole["probe"]  # recorded only when on: older studies pool with newer ones
+    for few in (2, 3):
+        assert main([*command, "--resume", "--set", f"privacy_study.online_lira_models={few}"]) == 1
+        assert "online_lira_models must be 0 (no online LiRA) or an even number >= 4" in capsys.readouterr().err
 
 
 SEQUENTIAL_STUDY = TINY_STUDY.replace('family = "text-lae"', 'family = "sequential"').replace(
@@ -743,19 +746,20 @@ def test_a_study_run_in_two_halves_side_by_side_equals_the_whole_study(tmp_path,
 def test_attacks_probe_what_the_family_trains_on(tmp_path, monkeypatch):
     """The attacks score each candidate's fitted sequences: for the sequential family the training sequences, whose
     last item a member's client trained on (not the validation item, which only selects the model); the reference
-    models train on seeds of their own, not the client's."""
+    models train on seeds of their own, not the client's; online LiRA's IN mask has one column per probed sequence."""
     import fedmerge.privacy.attacks as attacks
     import fedmerge.runners.client as client_module
+    from fedmerge.privacy.attacks import scorable
     from fedmerge.privacy.membership import split_members, split_users
     from fedmerge.privacy.study import attack_record, load_study
 
     monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "seq.toml"
     path.write_text(SEQUENTIAL_STUDY)
-    cfg, study = load_study(str(path), ["privacy_study.probe_max_users=1000"])
+    cfg, study = load_study(str(path), ["privacy_study.probe_max_users=1000", "privacy_study.online_lira_models=4"])
     probed, seeds = {}, []
     monkeypatch.setattr(attacks, "run_attacks", lambda family, theta0, shipped, features, members, nonmembers, **kw:
-                        probed.update(members=members, nonmembers=nonmembers) or {})
+                        probed.update(members=members, nonmembers=nonmembers, inside=kw["inside"]) or {})
     real_train = client_module.client_train
     monkeypatch.setattr(client_module, "client_train",
                         lambda users, theta0, run_cfg, **kw: seeds.append(run_cfg.run.seed) or real_train(users, theta0, run_cfg, **kw))
@@ -764,12 +768,12 @@ def test_attacks_probe_what_the_family_trains_on(tmp_path, monkeypatch):
     members, rest = split_members(cfg.load_domain(name), float(study.member_fraction), seed=0)
     nonmembers, _ = split_users(rest, min(1000, rest.n_users // 2), seed=1)
     as_lists = lambda seqs: sorted(np.asarray(s).tolist() for s in seqs)  # noqa: E731
-    scorable = lambda seqs: [s for s in seqs if len(s) >= 2]  # noqa: E731  (a prefix and a target)
     assert as_lists(probed["members"]) == as_lists(scorable(members.train))
     assert as_lists(probed["nonmembers"]) == as_lists(scorable(nonmembers.train))
     assert record["sizes"]["probed_per_group"] == [sum(len(s) >= 2 for s in members.train),
                                                    sum(len(s) >= 2 for s in nonmembers.train)]
-    assert len(seeds) == 1 + study.reference_models and len(set(seeds)) == len(seeds)
+    assert probed["inside"].shape == (4, len(probed["members"]) + len(probed["nonmembers"]))
+    assert len(seeds) == 1 + study.reference_models + 4 and len(set(seeds)) == len(seeds)
 
 
 def test_the_probe_keeps_only_the_probed_non_members_so_references_train_on_the_rest(tiny_scenario, monkeypatch):

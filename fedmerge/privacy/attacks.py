@@ -46,6 +46,7 @@ FPR below 1/n can only be met at zero false positives; the result records n so t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -66,6 +67,8 @@ from fedmerge.privacy.membership import (
     subset_users,
     union_users,
 )
+
+logger = logging.getLogger(__name__)
 
 FPRS = (0.001, 0.01)
 
@@ -185,7 +188,7 @@ def lira_online_scores(target: np.ndarray, statistics: np.ndarray, inside: np.nd
     """log N(φ_target; μ_in, σ_in²) − log N(φ_target; μ_out, σ_out²) per candidate (online LiRA, module docstring).
 
     ``statistics``: (K models, n candidates) φ of the shadow models; ``inside``: (K, n) whether candidate j was in
-    model k's training set, each candidate IN for at least one model and OUT for at least one. σ_in (σ_out) is the
+    model k's training set, each candidate IN for at least two models and OUT for at least two. σ_in (σ_out) is the
     root mean square deviation of the IN (OUT) statistics from their candidate's IN (OUT) mean."""
     target, statistics = np.asarray(target, float), np.asarray(statistics, float)
     inside = np.asarray(inside, bool)
@@ -193,8 +196,8 @@ def lira_online_scores(target: np.ndarray, statistics: np.ndarray, inside: np.nd
         raise ValueError(f"shadow statistics and IN mask must both be (K, {len(target)}), got {statistics.shape} "
                          f"and {inside.shape}")
     n_in = inside.sum(axis=0)
-    if (n_in == 0).any() or (n_in == len(statistics)).any():
-        raise ValueError("every candidate needs at least one IN and one OUT shadow model")
+    if (n_in < 2).any() or (len(statistics) - n_in < 2).any():
+        raise ValueError("every candidate needs at least two IN and two OUT shadow models (one each leaves no spread)")
     outside = ~inside
     mu_in = np.where(inside, statistics, 0.0).sum(axis=0) / n_in
     mu_out = np.where(outside, statistics, 0.0).sum(axis=0) / outside.sum(axis=0)
@@ -212,14 +215,19 @@ def online_shadow_models(
     """(models, IN mask (n_models, candidates)) for online LiRA: each candidate IN for exactly ``n_models``/2 models
     (seeded), and model k trained by ``train(users, seed + k)`` on its IN candidates plus seeded random users of the
     attacker's ``pool`` up to ``users_per_model`` (the target's size; all of the pool when it has fewer)."""
-    if n_models < 2 or n_models % 2:
-        raise ValueError(f"online LiRA needs an even number of shadow models >= 2, got {n_models}")
+    if n_models < 4 or n_models % 2:
+        raise ValueError(f"online LiRA needs an even number of shadow models >= 4 (two IN and two OUT per candidate), "
+                         f"got {n_models}")
     if users_per_model < 1:
         raise ValueError(f"users_per_model must be >= 1, got {users_per_model}")
     rng = np.random.default_rng(seed)
     inside = np.zeros((n_models, candidates.n_users), dtype=bool)
     for j in range(candidates.n_users):
         inside[rng.permutation(n_models)[: n_models // 2], j] = True
+    if (inside.sum(axis=1) > users_per_model).any():
+        logger.warning("online LiRA: %d IN candidates per shadow model exceed the target's %d users: the shadow models "
+                       "train on more users than the target (probe fewer users, or raise member_fraction)",
+                       int(inside.sum(axis=1).max()), users_per_model)
     models = []
     for k in range(n_models):
         members = np.flatnonzero(inside[k])

@@ -164,9 +164,9 @@ def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
     if int(study["reference_models"]) < 0:
         raise FedmergeError(f"{STUDY_SECTION}.reference_models must be >= 0 (0: no LiRA), got {study['reference_models']!r}")
     online = study["online_lira_models"]
-    if not isinstance(online, int) or online < 0 or online % 2:
-        raise FedmergeError(f"{STUDY_SECTION}.online_lira_models must be an even number >= 0 (0: no online LiRA; each "
-                            f"candidate is IN half of the shadow models), got {online!r}")
+    if not isinstance(online, int) or online % 2 or not (online == 0 or online >= 4):
+        raise FedmergeError(f"{STUDY_SECTION}.online_lira_models must be 0 (no online LiRA) or an even number >= 4 (each "
+                            f"candidate IN half of the shadow models, >= 2 each way to estimate a spread), got {online!r}")
 
 
 def dp_config(cfg: Scenario, unit: str, epsilon: float, delta: float, seed: int) -> tuple[Scenario, float]:
@@ -422,7 +422,8 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | Non
         rows.append({"unit": unit, "epsilon": epsilon_label(epsilon), "noise_multiplier": z,
                      "attacked_release_epsilon": attacked, "attacks": _over_seeds(per_seed)})
     return {"domain": name, "protocol": PROBE_PROTOCOL, **sizes, "positions": study.probe_positions,
-            "reference_models": int(study.reference_models), ONLINE_KEY: int(study.online_lira_models), "rows": rows, "theta0": _over_seeds(controls) if controls else {}}
+            "reference_models": int(study.reference_models), "rows": rows, "theta0": _over_seeds(controls) if controls else {},
+            **({ONLINE_KEY: int(study.online_lira_models)} if study.online_lira_models else {})}
 
 
 def _over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, Any]]:
