@@ -87,6 +87,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "fedavg_epochs": 0.0,     # unit "user": the same for each FedAvg round's release (0: as `epochs`)
         "accountant": "rdp",      # unit "user": opacus accountant, "rdp" or "prv"
         "user_norm_bound": 1.0,   # unit "user", text-lae: L2 bound B of a user's text profile x_u E (Gram mechanism)
+        "gram_repair": "clip",    # unit "user", text-lae: how the noisy Gram is made PSD, "clip" or "abs" eigenvalues
         "noise_seed": -1,
         "secure_mode": False,     # unit "user", sequential: opacus' floating-point-safe Gaussian sampler (needs
                                   # noise_seed = -1; runs are not reproducible)

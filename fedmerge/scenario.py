@@ -249,6 +249,7 @@ class PrivacySettings:
     fedavg_epochs: float
     accountant: str
     user_norm_bound: float
+    gram_repair: str
     noise_seed: int
     secure_mode: bool
     release_diagnostics: bool

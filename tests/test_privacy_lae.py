@@ -14,7 +14,13 @@ from fedmerge.models.text_lae import TextLAEFamily
 from fedmerge.privacy.client import private_train
 from fedmerge.privacy.dp import epsilon_for
 from fedmerge.scenario import Scenario
-from fedmerge.privacy.lae import clipped_profiles, private_gram, symmetric_noise, train_text_lae_user_level
+from fedmerge.privacy.lae import (
+    clipped_profiles,
+    private_gram,
+    psd_repair,
+    symmetric_noise,
+    train_text_lae_user_level,
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +89,33 @@ def test_client_reports_the_analytic_gaussian_epsilon_over_releases(domain, feat
     assert metrics["dp_epsilon"] == pytest.approx(epsilon_for(metrics["dp_noise_multiplier"], 1e-5, rounds=1))
     with pytest.raises(FedmergeError, match="one λ"):
         Scenario.from_mapping({"model": {"family": "text-lae"}, "privacy": {"enabled": True, "unit": "user"}})
+
+
+def test_the_noisy_gram_is_made_psd_by_clipping_or_by_absolute_eigenvalues(domain, features):
+    """"clip" sets the noise's negative eigenvalues to 0 (the nearest PSD matrix), "abs" keeps their magnitude; both
+    keep the eigenvectors and leave a PSD matrix as it is; the scenario chooses one (default "clip")."""
+    noisy, _ = private_gram(domain.train, features.numpy(), 1.0, 3.0, seed=1)
+    eigenvalues, vectors = np.linalg.eigh(noisy)
+    assert (eigenvalues < 0).any()  # the noise made it indefinite
+    clipped, absolute = psd_repair(noisy, "clip"), psd_repair(noisy, "abs")
+    np.testing.assert_allclose(np.linalg.eigvalsh(clipped), np.sort(np.clip(eigenvalues, 0, None)), atol=1e-9)
+    np.testing.assert_allclose(np.linalg.eigvalsh(absolute), np.sort(np.abs(eigenvalues)), atol=1e-9)
+    np.testing.assert_allclose(absolute @ absolute, noisy @ noisy, atol=1e-8)  # |Â| = (Â²)^½
+    psd = noisy @ noisy.T
+    np.testing.assert_allclose(psd_repair(psd, "clip"), psd, atol=1e-8)
+    np.testing.assert_allclose(psd_repair(psd, "abs"), psd, atol=1e-8)
+    with pytest.raises(FedmergeError, match=r"valid: \['clip', 'abs'\]"):
+        psd_repair(noisy, "nearest")
+    family = TextLAEFamily(lam=10.0)
+    theta0 = family.initial_weights(features.shape[1])
+    fits = {r: train_text_lae_user_level(family, theta0, domain, features, noise_multiplier=3.0, bound=1.0,
+                                         noise_seed=1, repair=r)[0]["W"] for r in ("clip", "abs")}
+    assert not torch.allclose(fits["clip"], fits["abs"])
+    mapping = {"model": {"family": "text-lae", "params": {"lam": 10.0}},
+               "privacy": {"enabled": True, "unit": "user", "noise_multiplier": 3.0, "noise_seed": 1}}
+    assert Scenario.from_mapping(mapping).privacy.gram_repair == "clip"
+    cfg = Scenario.from_mapping({**mapping, "privacy": {**mapping["privacy"], "gram_repair": "abs"}})
+    shipped, _ = private_train(family, theta0, domain, features, cfg, seed=0, round_index=0, noise_seed=1)
+    torch.testing.assert_close(shipped["W"], fits["abs"])
+    with pytest.raises(FedmergeError, match="privacy.gram_repair must be one of"):
+        Scenario.from_mapping({**mapping, "privacy": {**mapping["privacy"], "gram_repair": "nearest"}})

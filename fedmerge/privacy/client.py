@@ -69,6 +69,10 @@ def validate_privacy(cfg: Scenario) -> None:
     for key in ("clip_norm", "max_grad_norm", "epochs", "user_norm_bound"):
         if not 0 < getattr(privacy, key) < math.inf:
             raise FedmergeError(f"privacy.{key} must be a positive finite number, got {getattr(privacy, key)}")
+    from fedmerge.privacy.lae import GRAM_REPAIRS
+
+    if privacy.gram_repair not in GRAM_REPAIRS:
+        raise FedmergeError(f"privacy.gram_repair must be one of {list(GRAM_REPAIRS)}, got {privacy.gram_repair!r}")
     if not 0 <= privacy.fedavg_epochs < math.inf:
         raise FedmergeError(f"privacy.fedavg_epochs must be a finite number >= 0 (0: as privacy.epochs), got "
                             f"{privacy.fedavg_epochs}")
@@ -187,7 +191,8 @@ def private_train(
         from fedmerge.privacy.lae import train_text_lae_user_level
 
         weights, metrics = train_text_lae_user_level(family, theta0, domain, features, noise_multiplier=z,
-                                                     bound=privacy.user_norm_bound, noise_seed=noise_seed)
+                                                     bound=privacy.user_norm_bound, noise_seed=noise_seed,
+                                                     repair=privacy.gram_repair)
     else:
         from fedmerge.privacy.dpsgd import UserLevelDP, train_user_level
 

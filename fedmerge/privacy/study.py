@@ -509,7 +509,8 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
         user = (f"DP-SGD, per-user clip {privacy.max_grad_norm:g}, sampling rate {privacy.sample_rate:g}, "
                 f"{per_release}, {privacy.accountant.upper()} accountant")
     else:
-        user = f"Gaussian mechanism on the Gram matrix, user profile bound {privacy.user_norm_bound:g}"
+        user = f"Gaussian mechanism on the Gram matrix, user profile bound {privacy.user_norm_bound:g}" + (
+            ", noisy Gram made PSD by its absolute eigenvalues" if privacy.gram_repair == "abs" else "")
     control = ", ".join(f"{a} {v['auc']['mean']:.3f}" for a, v in probe.get("theta0", {}).items())
     notes = (
         f"\nSeeds {list(study.seeds)} (mean, 95 % t-interval in brackets when > 1 seed); δ = {study.delta:g}; "
