@@ -56,8 +56,8 @@ def psd_repair(gram: np.ndarray, method: str) -> np.ndarray:
     ``"clip"``: U diag(max(a, 0)) Uᵀ, the nearest PSD matrix in Frobenius norm; directions where the noise pushed an
     eigenvalue below 0 get none, so the fit keeps θ₀ there. ``"abs"``: U diag(|a|) Uᵀ = (Â²)^½, the matrix absolute
     value; those directions keep the noise's magnitude and are fitted like the others. Measured on Amazon
-    (results/privacy/amazon-text-lae/gram-repair-abs/): "abs" keeps more utility and removes a membership signal that
-    "clip" creates."""
+    (results/privacy/amazon-text-lae/gram-repair-abs/): "abs" keeps the individual models at their no-DP level and
+    removes a below-chance membership signal that "clip" creates, ties the other merges, and ruins TIES."""
     if method not in GRAM_REPAIRS:
         raise FedmergeError(f"unknown Gram repair {method!r}; valid: {list(GRAM_REPAIRS)}")
     eigenvalues, vectors = np.linalg.eigh(gram)

@@ -1,0 +1,22 @@
+"""User-level text-LAE: the noisy Gram repaired by absolute eigenvalues ("abs") vs clipped ("clip", the stored
+study); same seeds and noise draws, per-seed ratios / differences, mean [95 % t-interval]."""
+import json, sys
+import numpy as np
+from scipy import stats
+from pathlib import Path
+HERE = Path(sys.argv[1]); CLIP = Path(sys.argv[2])
+def ci(x, f):
+    x = np.asarray(x, float); m = x.mean(); h = stats.t.ppf(.975, len(x)-1) * x.std(ddof=1) / np.sqrt(len(x))
+    return f"{f.format(m)} [{f.format(m-h)}, {f.format(m+h)}]"
+rec = lambda root, eps, s, m: json.load(open(root / "user" / f"eps-{eps}" / f"seed-{s}" / "results.json"))["models"][m]["average"]["recall@10"]
+nodp = lambda s, m: json.load(open(CLIP / "none" / "eps-inf" / f"seed-{s}" / "results.json"))["models"][m]["average"]["recall@10"]
+models = ["average", "task_arithmetic", "ties", "mergerec_taskwise", "mergerec_layerwise", "fedavg", "individual"]
+for eps in ("8", "4", "1"):
+    print(f"--- user-level ε = {eps}")
+    for m in models:
+        a = [rec(HERE, eps, s, m) for s in range(3)]; c = [rec(CLIP, eps, s, m) for s in range(3)]
+        print(f"{m:20s} abs {np.mean(a):.4f}  ×clip {ci(np.divide(a, c), '{:.3f}')}  ×θ₀ {ci([a[s] / rec(HERE, eps, s, 'theta0') for s in range(3)], '{:.3f}')}  ×noDP {ci([a[s] / nodp(s, m) for s in range(3)], '{:.3f}')}")
+    for att in ("loss", "lira", "gradient_alignment", "lira_online"):
+        a = [json.load(open(HERE / "attacks" / "user" / f"eps-{eps}" / f"seed-{s}.json"))["scores"][att] for s in range(3)]
+        c = [json.load(open(CLIP / "attacks" / "user" / f"eps-{eps}" / f"seed-{s}.json"))["scores"][att] for s in range(3)]
+        print(f"{att:20s} AUC abs {ci([x['auc'] for x in a], '{:.3f}')} per seed {[round(x['auc'], 3) for x in a]}  − clip {ci([x['auc'] - y['auc'] for x, y in zip(a, c)], '{:+.3f}')}  TPR@0.1% {ci([x['tpr@0.001'] for x in a], '{:.4f}')}  TPR@1% {ci([x['tpr@0.01'] for x in a], '{:.3f}')}")
