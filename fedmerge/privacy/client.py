@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # torch-free at import: scenario validation runs validate_pri
 
 UNITS = ("domain", "user")
 ACCOUNTANTS = ("rdp", "prv")
+GRAM_REPAIRS = ("clip", "abs")  # text-LAE, unit "user": how the noisy Gram is made PSD (fedmerge.privacy.lae.psd_repair)
 USER_LEVEL_FAMILIES = ("sequential", "text-lae")  # DP-SGD and the private Gram closed form
 
 
@@ -69,8 +70,6 @@ def validate_privacy(cfg: Scenario) -> None:
     for key in ("clip_norm", "max_grad_norm", "epochs", "user_norm_bound"):
         if not 0 < getattr(privacy, key) < math.inf:
             raise FedmergeError(f"privacy.{key} must be a positive finite number, got {getattr(privacy, key)}")
-    from fedmerge.privacy.lae import GRAM_REPAIRS
-
     if privacy.gram_repair not in GRAM_REPAIRS:
         raise FedmergeError(f"privacy.gram_repair must be one of {list(GRAM_REPAIRS)}, got {privacy.gram_repair!r}")
     if not 0 <= privacy.fedavg_epochs < math.inf:

@@ -28,6 +28,7 @@ import torch
 from fedmerge.data.domain import Domain, interaction_matrix
 from fedmerge.errors import FedmergeError
 from fedmerge.models.base import ModelFamily, StateDict
+from fedmerge.privacy.client import GRAM_REPAIRS
 
 
 def clipped_profiles(seqs: Sequence[np.ndarray], features: np.ndarray, bound: float) -> tuple[np.ndarray, float]:
@@ -45,9 +46,6 @@ def symmetric_noise(dim: int, std: float, generator: np.random.Generator) -> np.
     """A symmetric (dim, dim) matrix whose upper-triangle entries (diagonal included) are i.i.d. N(0, std²)."""
     upper = np.triu(generator.normal(0.0, std, (dim, dim)))
     return upper + np.triu(upper, 1).T
-
-
-GRAM_REPAIRS = ("clip", "abs")
 
 
 def psd_repair(gram: np.ndarray, method: str) -> np.ndarray:
