@@ -46,13 +46,17 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedmerge.errors import FedmergeError
 from fedmerge.storage import write_json_atomic
 from fedmerge.scenario import Scenario
+
+if TYPE_CHECKING:
+    from fedmerge.data.domain import Domain
+    from fedmerge.models.base import StateDict
 
 logger = logging.getLogger(__name__)
 
@@ -333,13 +337,7 @@ def attack_record(
     """One (cell, seed) of the attacks: a client trains on the members of domain ``name`` with the cell's recipe
     (``run_cfg``), the attacker's reference models on its own users; ``{"sizes", "scores", "theta0"}``, the last the
     same attacks against θ₀ (the chance control) when ``control``, else None."""
-    from fedmerge.privacy.attacks import (
-        online_shadow_models,
-        reference_model_users,
-        reference_models,
-        run_attacks,
-        scorable,
-    )
+    from fedmerge.privacy.attacks import online_shadow_models, reference_model_users, reference_models, run_attacks
     from fedmerge.privacy.membership import split_members, split_users, subset_users, union_users
     from fedmerge.runners.client import client_train
     from fedmerge.runners.server import initial_weights
@@ -353,11 +351,13 @@ def attack_record(
     features = run_cfg.encoder.item_features(domain.catalog, family)
     theta0 = initial_weights(run_cfg)
     shipped, _ = client_train(members, theta0, run_cfg, features=features)
-    refs = reference_models(
-        lambda users, reference_seed: client_train(users, theta0, _reference_config(run_cfg, reference_seed),
-                                                   features=features)[0],
-        reference, int(study.reference_models), users_per_reference, seed=seed,
-    ) if int(study.reference_models) else []
+
+    def attacker_model(users: Domain, reference_seed: int) -> StateDict:
+        """A model the attacker trains with the client's recipe (reference or shadow model)."""
+        return client_train(users, theta0, _reference_config(run_cfg, reference_seed), features=features)[0]
+
+    refs = reference_models(attacker_model, reference, int(study.reference_models), users_per_reference,
+                            seed=seed) if int(study.reference_models) else []
     # the probed users (one fitted sequence each, no more non-members than probed), those with >= 2 items
     member_fitted, nonmember_fitted = family.fitted_sequences(members), family.fitted_sequences(nonmembers)
     member_users = [int(u) for u in _probed_users(len(member_fitted), limit, seed) if len(member_fitted[u]) >= 2]
@@ -368,17 +368,13 @@ def attack_record(
     if study.online_lira_models:
         candidates = union_users([subset_users(members, member_users, members.name),
                                   subset_users(nonmembers, nonmember_users, nonmembers.name)], f"{name}-candidates")
-        shadows, inside = online_shadow_models(
-            lambda users, shadow_seed: client_train(users, theta0, _reference_config(run_cfg, shadow_seed),
-                                                    features=features)[0],
-            candidates, reference, int(study.online_lira_models), members.n_users,
-            seed=seed + ONLINE_SEED_OFFSET,
-        )
+        shadows, inside = online_shadow_models(attacker_model, candidates, reference, int(study.online_lira_models),
+                                               members.n_users, seed=seed + ONLINE_SEED_OFFSET)
     attacks = {"references": refs, "positions": positions, "shadows": shadows, "inside": inside}
     return {
         "sizes": {"members": members.n_users, "nonmembers": nonmembers.n_users, "reference": reference.n_users,
                   "reference_model_users": users_per_reference,
-                  "probed_per_group": [len(scorable(member_seqs)), len(scorable(nonmember_seqs))]},
+                  "probed_per_group": [len(member_seqs), len(nonmember_seqs)]},
         "scores": run_attacks(family, theta0, shipped, features, member_seqs, nonmember_seqs, **attacks),
         "theta0": run_attacks(family, theta0, theta0, features, member_seqs, nonmember_seqs, **attacks)
         if control else None,
