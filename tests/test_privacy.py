@@ -458,25 +458,21 @@ def test_privacy_seq_adapter_is_the_recipe_the_stored_sequential_studies_ran():
     """`privacy-seq-adapter` reproduces the README's sequential study: its scenario is the one recorded in the
     stored user-level (3-release schedule) and domain-level studies, only its name differs (and, for the domain
     study, recorded before it existed, `privacy.fedavg_epochs`, which only DP-SGD reads)."""
-    from fedmerge.config import DEFAULTS
+    from fedmerge.config import settings_differences
     from fedmerge.privacy.study import load_study
 
     cfg, study = load_study("privacy-seq-adapter")
     ours = cfg.to_mapping()
     stored_root = Path(__file__).resolve().parents[1] / "results" / "privacy"
 
-    def differences(folder: str) -> set[tuple[str, str]]:
+    def differences(folder: str) -> list[str]:
         """Keys whose values differ; a setting fedmerge gained after the study ran counts as its default."""
         record = json.loads((stored_root / folder / "privacy.json").read_text())
-        stored = record["scenario"]
         assert record["study"]["seeds"] == list(study.seeds) and record["study"]["delta"] == study.delta
-        stored = {section: {**DEFAULTS.get(section, {}), **values} for section, values in stored.items()}
-        return {(section, key) for section in stored | ours
-                for key in set(stored.get(section, {})) | set(ours.get(section, {}))
-                if stored.get(section, {}).get(key) != ours.get(section, {}).get(key)}
+        return settings_differences(record["scenario"], ours)[1]
 
-    assert differences("amazon-seq-adapter-dp10/fedavg-eps8") == {("run", "name")}
-    assert differences("amazon-seq-adapter-domain/fedavg") == {("run", "name"), ("privacy", "fedavg_epochs")}
+    assert differences("amazon-seq-adapter-dp10/fedavg-eps8") == ["run.name"]
+    assert differences("amazon-seq-adapter-domain/fedavg") == ["privacy.fedavg_epochs", "run.name"]
 
 
 def test_each_study_seed_draws_other_dp_noise(tiny_scenario):
