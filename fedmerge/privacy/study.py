@@ -268,7 +268,7 @@ def kept_run(folder: Path, run_cfg: Scenario) -> dict[str, Any] | None:
     )
 
 
-def _probed_users(n_users: int, limit: int, seed: int) -> np.ndarray:
+def probed_users(n_users: int, limit: int, seed: int) -> np.ndarray:
     """Indices of the (at most ``limit``, seeded) users whose sequences the attacks probe, in order."""
     if n_users <= limit:
         return np.arange(n_users)
@@ -360,7 +360,7 @@ def attack_record(
                             seed=seed) if int(study.reference_models) else []
     # the probed users (one fitted sequence each, no more non-members than probed), those with >= 2 items
     member_fitted, nonmember_fitted = family.fitted_sequences(members), family.fitted_sequences(nonmembers)
-    member_users = [int(u) for u in _probed_users(len(member_fitted), limit, seed) if len(member_fitted[u]) >= 2]
+    member_users = [int(u) for u in probed_users(len(member_fitted), limit, seed) if len(member_fitted[u]) >= 2]
     nonmember_users = [u for u, seq in enumerate(nonmember_fitted) if len(seq) >= 2]
     member_seqs = [member_fitted[u] for u in member_users]
     nonmember_seqs = [nonmember_fitted[u] for u in nonmember_users]

@@ -1,37 +1,24 @@
-"""Which step of the private fit turns the loss attack? The noisy Gram Â = Ã + N, then (product) its negative
-eigenvalues set to 0; variants: eigenvalues made |a| instead, or the noise added with the PSD projection skipped
-but negative eigenvalues dropped only in the denominators (SylvesterBasis clips them there)."""
+"""Which step of the private fit turns the loss attack? The noisy Gram Â = Ã + N made PSD by clipping its eigenvalues
+at 0 (the product's default), by their absolute values, or not at all (SylvesterBasis then clips negative
+eigenvalues in its denominators only). Usage: python projection.py SEED"""
 import sys
+
 import numpy as np
-import torch
-from fedmerge.privacy.study import load_study, _probed_users
-from fedmerge.privacy.membership import split_members, split_users
-from fedmerge.privacy.attacks import attack_metrics, scorable, sequence_losses
-from fedmerge.privacy.lae import private_gram
+
 from fedmerge.models.text_lae import SylvesterBasis
-cfg, study = load_study("privacy")
+from fedmerge.privacy.lae import private_gram, psd_repair
+from probe import probe_split
+
 seed = int(sys.argv[1])
-domain = cfg.load_domain("Pantry")
-members, rest = split_members(domain, float(study.member_fraction), seed=seed)
-nonmembers, _ = split_users(rest, min(study.probe_max_users, rest.n_users // 2), seed=seed + 1)
-family = cfg.model.make_family()
-features = cfg.encoder.item_features(domain.catalog, family)
-F = features.numpy().astype(np.float64)
-fitted = family.fitted_sequences(members)
-m = scorable([fitted[u] for u in _probed_users(len(fitted), study.probe_max_users, seed)])
-n = scorable(family.fitted_sequences(nonmembers))
+split = probe_split(seed)
+F = split.features.numpy().astype(np.float64)
 C = F.T @ F
-def auc(W):
-    s = -sequence_losses(family, {"W": torch.from_numpy(W.astype(np.float32))}, features, [*m, *n], "last")
-    return attack_metrics(s[:len(m)], s[len(m):])["auc"]
 for z in (0.0, 1.04):
     res = {"psd (product)": [], "abs eigenvalues": [], "no projection": []}
-    for k in range(4):
-        A, _ = private_gram(members.train_with_val(), F, 1.0, z, 100 + k)
-        a, U = np.linalg.eigh(A)
-        for name, G in (("psd (product)", (U * np.clip(a, 0, None)) @ U.T), ("abs eigenvalues", (U * np.abs(a)) @ U.T),
+    for k in range(4 if z else 1):  # without noise the fit is deterministic
+        A, _ = private_gram(split.members.train_with_val(), F, 1.0, z, 100 + k)
+        for name, G in (("psd (product)", psd_repair(A, "clip")), ("abs eigenvalues", psd_repair(A, "abs")),
                         ("no projection", A)):
-            res[name].append(auc(SylvesterBasis.from_moments(G, C).solve(1.0, np.eye(len(C)))))
-        if z == 0.0:
-            break
-    print(f"seed {seed} z {z}: " + "; ".join(f"{k} {np.mean(v):.3f}" for k, v in res.items()), f"(negative eigenvalues: {(a < 0).sum()} of {len(a)})", flush=True)
+            res[name].append(split.loss_auc(SylvesterBasis.from_moments(G, C).solve(1.0, np.eye(len(C)))))
+    print(f"seed {seed} z {z}: " + "; ".join(f"{k} {np.mean(v):.3f}" for k, v in res.items()),
+          f"(negative eigenvalues: {(np.linalg.eigvalsh(A) < 0).sum()} of {len(A)})", flush=True)
