@@ -2,12 +2,12 @@
 study); same seeds and noise draws, per-seed ratios / differences, mean [95 % t-interval]."""
 import json, sys
 import numpy as np
-from scipy import stats
+from fedmerge.runners.aggregate import interval
 from pathlib import Path
 HERE = Path(sys.argv[1]); CLIP = Path(sys.argv[2])
 def ci(x, f):
-    x = np.asarray(x, float); m = x.mean(); h = stats.t.ppf(.975, len(x)-1) * x.std(ddof=1) / np.sqrt(len(x))
-    return f"{f.format(m)} [{f.format(m-h)}, {f.format(m+h)}]"
+    c = interval(x)  # mean and 95 % t-interval over the seeds
+    return f"{f.format(c['mean'])} [{f.format(c['low'])}, {f.format(c['high'])}]"
 rec = lambda root, eps, s, m: json.load(open(root / "user" / f"eps-{eps}" / f"seed-{s}" / "results.json"))["models"][m]["average"]["recall@10"]
 nodp = lambda s, m: json.load(open(CLIP / "none" / "eps-inf" / f"seed-{s}" / "results.json"))["models"][m]["average"]["recall@10"]
 models = ["average", "task_arithmetic", "ties", "mergerec_taskwise", "mergerec_layerwise", "fedavg", "individual"]

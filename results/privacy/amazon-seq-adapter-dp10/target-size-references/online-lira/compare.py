@@ -2,12 +2,12 @@
 import json
 from pathlib import Path
 import numpy as np
-from scipy import stats
+from fedmerge.runners.aggregate import interval
 HERE = Path(__file__).resolve().parent
 R = HERE.parent
 def ci(x, f="{:.3f}"):
-    x = np.asarray(x, float); m = x.mean(); h = stats.t.ppf(.975, len(x)-1) * x.std(ddof=1) / np.sqrt(len(x))
-    return f"{f.format(m)} [{f.format(m-h)}, {f.format(m+h)}]"
+    c = interval(x)  # mean and 95 % t-interval over the seeds
+    return f"{f.format(c['mean'])} [{f.format(c['low'])}, {f.format(c['high'])}]"
 new = [json.load(open(f"{HERE}/seed-{s}.json")) for s in range(3)]
 old = [json.load(open(f"{R}/none-seed{s}/attacks/none/eps-inf/seed-{s}.json")) for s in range(3)]
 print("sizes", new[0]["sizes"], "settings", new[0]["settings"])
