@@ -12,7 +12,14 @@ from fedmerge.errors import FedmergeError
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models import get_family
 from fedmerge.models.base import pad_sequences
-from fedmerge.models.sequential import SequentialFamily, sampled_softmax_loss, standardize_features, training_windows
+from fedmerge.models.sequential import (
+    SequentialFamily,
+    first_earlier,
+    recent_first,
+    sampled_softmax_loss,
+    standardize_features,
+    training_windows,
+)
 from fedmerge.privacy.dp import task_vector_norm
 
 DIM = 16
@@ -144,6 +151,76 @@ def test_last_item_bias_offsets_only_the_last_items_score_and_is_learned(n_negat
     assert float(weights["last_item_bias"]) < -0.01
 
 
+def test_recent_first_and_first_earlier_follow_their_definitions():
+    inputs = torch.tensor([[-1, 3, 5, 3], [7, 7, 2, 9]])
+    history = recent_first(inputs)
+    assert history[0].tolist() == [[-1, -1, -1, -1], [3, -1, -1, -1], [5, 3, -1, -1], [3, 5, 3, -1]]
+    assert history[1, 3].tolist() == [9, 2, 7, 7]
+    rows = torch.tensor([[3, 5, 3, -1], [9, 2, 7, 7], [4, 4, 1, 4]])
+    # k >= 1 kept when not PAD and equal to none of history[:, :k]
+    assert first_earlier(rows).tolist() == [[True, False, False], [True, True, False], [False, True, False]]
+
+
+@pytest.mark.parametrize("n_negatives", [None, 8])
+def test_history_bias_offsets_each_earlier_item_once_and_is_learned(n_negatives):
+    domain = cycle_domain(n_items=30, n_users=200, seed=0)  # the next item is never in the history
+    family = tiny_family(last_item_bias=True, history_bias=True, n_negatives=n_negatives, max_epochs=3,
+                         theta0_init="text_similarity", temperature=0.5, last_item_bias_lr=0.05)
+    feats = family.item_features(random_features(30, 1))
+    theta0 = family.initial_weights(DIM, seed=0)
+    assert float(theta0["history_bias"]) == 0.0
+    assert family.parameter_groups(theta0)["history_bias"] == ["history_bias"]
+    seqs = [np.array([4, 9, 4, 2]), np.array([7]), np.array([2, 2])]
+    plain = tiny_family(theta0_init="text_similarity", temperature=0.5).scorer(
+        {k: v for k, v in theta0.items() if k not in ("last_item_bias", "history_bias")}, feats)(seqs)
+    shifted = {**theta0, "last_item_bias": torch.tensor(-2.0), "history_bias": torch.tensor(-1.0)}
+    expected = plain.copy()
+    expected[0, 2] -= 2.0 / 0.5  # the last item: b / τ
+    expected[0, [4, 9]] -= 1.0 / 0.5  # earlier items, item 4 twice: b_h / τ once
+    expected[1, 7] -= 2.0 / 0.5
+    expected[2, 2] -= 2.0 / 0.5  # an earlier repeat of the last item: b only
+    np.testing.assert_allclose(family.scorer(shifted, feats)(seqs), expected, atol=1e-5)
+    module = family.load(shifted, DIM)
+    with torch.no_grad():
+        np.testing.assert_allclose(module(pad_sequences(seqs, family.max_len), feats).numpy(), expected, atol=1e-5)
+        # the sampled softmax's offsets are the full ones at the sampled columns
+        history = pad_sequences(seqs, family.max_len).flip(1)
+        full = module.with_history_bias(torch.zeros(3, 30), history)
+        targets, negatives = torch.tensor([4, 7, 5]), torch.tensor([2, 4, 9, 11, 7])
+        positive, negative = module.with_sampled_history_bias(torch.zeros(3), torch.zeros(3, 5), targets, negatives,
+                                                              history)
+        torch.testing.assert_close(positive, full.gather(1, targets.unsqueeze(1)).squeeze(1))
+        torch.testing.assert_close(negative, full[:, negatives])
+    weights, _ = family.train(theta0, domain, feats, seed=0, progress=False)
+    assert float(weights["history_bias"]) < -0.01
+
+
+def test_history_pooling_adds_the_earlier_items_to_the_query_and_is_zero_at_theta0():
+    family = tiny_family(history_pooling=2, theta0_init="text_similarity", temperature=0.5)
+    feats = family.item_features(random_features(30, 1))
+    theta0 = family.initial_weights(DIM, seed=0)
+    assert theta0["history_pooling"].tolist() == [0.0, 0.0]
+    seqs = [np.array([4, 9, 3, 2]), np.array([7]), np.array([5, 6])]
+    plain = tiny_family(theta0_init="text_similarity", temperature=0.5).scorer(
+        {k: v for k, v in theta0.items() if k != "history_pooling"}, feats)
+    np.testing.assert_allclose(family.scorer(theta0, feats)(seqs), plain(seqs), atol=1e-5)
+    weights = {**theta0, "history_pooling": torch.tensor([0.5, 0.25])}
+    module = family.load(weights, DIM)
+    with torch.no_grad():
+        items = module.item_representations(feats)
+        hidden = module.encode(pad_sequences(seqs, family.max_len), items, last_only=True)[:, -1]
+        unit = F.normalize(items, dim=-1)
+        last = torch.stack([module.encode(pad_sequences([s[-1:]], family.max_len), items)[0, -1] for s in seqs])
+    # θ₀'s blocks are the identity on the last item: the query is ê_last + 0.5·ê_{t-1} + 0.25·ê_{t-2}
+    expected = torch.stack([F.normalize(last[0], dim=-1) + 0.5 * unit[3] + 0.25 * unit[9],
+                            F.normalize(last[1], dim=-1), F.normalize(last[2], dim=-1) + 0.5 * unit[5]])
+    torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+    scores = family.scorer(weights, feats)(seqs)
+    np.testing.assert_allclose(scores, (F.normalize(expected, dim=-1) @ unit.T / 0.5).numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="history_pooling must be 0 .* below max_len=10, got 10"):
+        tiny_family(history_pooling=10)
+
+
 def test_last_item_bias_lr_trains_b_in_its_own_group_further_than_at_lr():
     domain = cycle_domain(n_items=30, n_users=200, seed=0)  # the next item is never the last one: b should fall
     feats = tiny_family().item_features(random_features(30, 1))
@@ -160,7 +237,7 @@ def test_last_item_bias_lr_trains_b_in_its_own_group_further_than_at_lr():
     groups = fast_family.optimizer(fast_family.load(fast_family.initial_weights(DIM, seed=0), DIM)).param_groups
     assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in groups][2] == (1, 0.05, 0.0)
     assert len(family.optimizer(family.load(family.initial_weights(DIM, seed=0), DIM)).param_groups[2]["params"]) == 0
-    with pytest.raises(ValueError, match="last_item_bias_lr must be None or > 0 with last_item_bias = true"):
+    with pytest.raises(ValueError, match="last_item_bias_lr must be None or > 0 with last_item_bias, history_bias or history_pooling on"):
         tiny_family(last_item_bias_lr=0.05)
 
 

@@ -328,9 +328,9 @@ class SequenceSide(nn.Module):
     ``union`` stacks the domains' frozen item representations (domain d's rows at ``bounds[d]``); row r is
     scored against its own domain's catalog only. The pseudo-users' own items go through the merged item side live
     (``input_features``, a handful of rows that ``seqs`` (B, L) indexes, PAD-padded), so coefficients of item-side
-    parameters (the adapter) still get a gradient. ``last_items`` (B,) are each row's most recent item in its own
-    catalog (PAD for none): a module with ``with_last_item_bias`` (the sequential family's learned offset b of that
-    item) adds it as its forward does. Returns one score matrix per entry of ``parts`` (a domain index and its batch
+    parameters (the adapter) still get a gradient. ``histories`` (B, H) are each row's items in its own catalog,
+    most recent first (PAD for none): a module with ``with_history_bias`` (the sequential family's learned offsets of
+    the last and the earlier items) adds them as its forward does. Returns one score matrix per entry of ``parts`` (a domain index and its batch
     rows).
     """
 
@@ -345,15 +345,15 @@ class SequenceSide(nn.Module):
         union: torch.Tensor,
         bounds: list[tuple[int, int]],
         parts: list[tuple[int, torch.Tensor]],
-        last_items: torch.Tensor,
+        histories: torch.Tensor,
     ) -> list[torch.Tensor]:
         inputs = self.inner.item_representations(input_features)
         hidden = self.inner.encode(seqs, inputs)[:, -1]
         scores = [self.inner.logits(hidden[rows], union[bounds[d][0] : bounds[d][1]]) for d, rows in parts]
-        with_bias = getattr(self.inner, "with_last_item_bias", None)
+        with_bias = getattr(self.inner, "with_history_bias", None)
         if with_bias is None:
             return scores
-        return [with_bias(s, last_items[rows]) for s, (_, rows) in zip(scores, parts)]
+        return [with_bias(s, histories[rows]) for s, (_, rows) in zip(scores, parts)]
 
 
 class PseudoUserObjective:
@@ -454,7 +454,7 @@ class PseudoUserObjective:
             union_rows = torch.where(is_pad, 0, seqs + self.offsets[domain_of].unsqueeze(1)).flatten()
             positions = torch.where(is_pad, PAD, torch.arange(seqs.numel()).view(seqs.shape))
             students = functional_call(self.sequence_side, prefixed(params), (
-                self.union_features[union_rows], positions, self.frozen_union, self.bounds, parts, seqs[:, -1]))
+                self.union_features[union_rows], positions, self.frozen_union, self.bounds, parts, seqs.flip(1)))
         else:
             students = [functional_call(self.module, params, (seqs[rows], self.item_features[d])) for d, rows in parts]
         loss = torch.zeros(())
