@@ -4,7 +4,9 @@
 
 For each domain of the scenario (its data source and text encoder), every test user's items are ranked by
 ``cos(z_last, z_i)``, z the catalog-z-scored sentence embeddings (what the sequential family's adapter reads), and
-the same with the last item's own score removed (the rule a learned ``last_item_bias`` can approach). Printed: test
+the same with the last item's own score removed (the rule a learned ``last_item_bias`` can approach), with every
+history item's removed (``history_bias``), and with the query the last 5 items' embeddings at weights 0.5^k
+(``history_pooling``) and every history item removed. Printed: test
 Recall@10 / NDCG@10 (unmasked, as the result tables), next to the scenario's θ₀ with ``theta0_init`` "random" and
 "text_similarity" (the seeded models: no training either). Reads the data through the scenario, so set
 ``FEDMERGE_AMAZON_DIR`` for Amazon.
@@ -22,12 +24,21 @@ from fedmerge.models.sequential import SequentialFamily
 from fedmerge.runners.server import initial_weights
 
 
-def cosine_scorer(unit: np.ndarray, drop_last: bool) -> Scorer:
+def cosine_scorer(unit: np.ndarray, drop: str = "none", recent: int = 1, decay: float = 0.5) -> Scorer:
+    """``cos(Σ_{k<recent} decay^k · ẑ_{t−k}, z_i)``, ẑ unit vectors, ``drop``: "none", "last" (the last item's own
+    score removed) or "history" (every history item's)."""
     def score(seqs: list[np.ndarray]) -> np.ndarray:
-        last = np.array([int(s[-1]) for s in seqs])
-        out = unit[last] @ unit.T
-        if drop_last:
-            out[np.arange(len(seqs)), last] = -np.inf
+        window = np.full((len(seqs), recent), -1)
+        for r, s in enumerate(seqs):
+            tail = np.asarray(s[-recent:])[::-1]
+            window[r, : len(tail)] = tail
+        weights = decay ** np.arange(recent) * (window >= 0)
+        out = np.einsum("rk,rkd->rd", weights, unit[window.clip(min=0)]) @ unit.T
+        if drop == "last":
+            out[np.arange(len(seqs)), window[:, 0]] = -np.inf
+        elif drop == "history":
+            rows = np.concatenate([np.full(len(s), r) for r, s in enumerate(seqs)])
+            out[rows, np.concatenate(seqs).astype(np.int64)] = -np.inf
         return out
     return score
 
@@ -42,15 +53,17 @@ def main() -> None:
         domain = base.load_domain(name)
         z = base.encoder.item_features(domain.catalog, SequentialFamily()).numpy()  # catalog-z-scored embeddings
         unit = z / np.linalg.norm(z, axis=1, keepdims=True)
-        rows = {"cosine of the last item": cosine_scorer(unit, False),
-                "cosine, last item left out": cosine_scorer(unit, True)}
+        rows = {"cosine of the last item": cosine_scorer(unit),
+                "cosine, last item left out": cosine_scorer(unit, "last"),
+                "cosine, history left out": cosine_scorer(unit, "history"),
+                "last 5 at 0.5^k, history left out": cosine_scorer(unit, "history", recent=5)}
         features = base.encoder.item_features(domain.catalog, base.model.make_family())  # the same for both inits
         for init in ("random", "text_similarity"):
-            cfg = apply_overrides(base, [f'model.params.theta0_init="{init}"', "model.params.last_item_bias=false"])
+            cfg = apply_overrides(base, [f'model.params.theta0_init="{init}"'])  # b, b_h, w: 0 at θ₀
             rows[f"θ₀, theta0_init={init}"] = cfg.model.make_family().scorer(initial_weights(cfg), features)
         for label, scorer in rows.items():
             m = evaluate_scorer(scorer, domain, "test")
-            print(f"{name:8s} {label:32s} recall@10 {m['recall@10']:.4f}  ndcg@10 {m['ndcg@10']:.4f}", flush=True)
+            print(f"{name:8s} {label:36s} recall@10 {m['recall@10']:.4f}  ndcg@10 {m['ndcg@10']:.4f}", flush=True)
 
 
 if __name__ == "__main__":
