@@ -67,7 +67,7 @@ def test_sequence_side_over_the_union_scores_each_row_against_its_own_catalog():
         offsets = torch.tensor([b[0] for b in bounds])
         input_features = torch.cat(catalogs)[local + offsets[domain_of]]
         one_column = torch.arange(len(local)).view(-1, 1)
-        scores = SequenceSide(module)(input_features, one_column, union, bounds, parts, local)
+        scores = SequenceSide(module)(input_features, one_column, union, bounds, parts, local.unsqueeze(1))
         for (d, rows), got in zip(parts, scores):
             seqs = pad_sequences([np.array([int(i)]) for i in local[rows]], family.max_len)
             expected = module.logits(module.encode(seqs, reps[d])[:, -1], reps[d])

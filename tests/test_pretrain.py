@@ -53,6 +53,12 @@ def test_pretrained_theta0_learns_the_pseudo_users_and_changes_the_fingerprint(t
     pretrained_cfg = apply_overrides(cfg, ["theta0.pretrain=true"])
     plain, pretrained = initial_weights(cfg), initial_weights(pretrained_cfg)
     assert set(plain) == set(pretrained) and any(not torch.equal(plain[k], pretrained[k]) for k in plain)
+    behaviour = apply_overrides(pretrained_cfg, ["model.params.last_item_bias=true", "model.params.history_bias=true",
+                                                 "model.params.history_pooling=2"])
+    kept = initial_weights(behaviour)  # pseudo-users' re-buying and recency are made up: θ₀'s zeros stay
+    assert [kept[n].abs().sum().item() for n in ("last_item_bias", "history_bias", "history_pooling")] == [0, 0, 0]
+    assert any(not torch.equal(initial_weights(apply_overrides(behaviour, ["theta0.pretrain=false"]))[k], kept[k])
+               for k in kept)
     assert training_fingerprint(cfg) != training_fingerprint(pretrained_cfg)
     family = cfg.model.make_family()
     catalogs = {d: cfg.load_catalog(d) for d in cfg.data.training_domains()}  # the held-out catalog is not read

@@ -217,8 +217,9 @@ def test_history_pooling_adds_the_earlier_items_to_the_query_and_is_zero_at_thet
     torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
     scores = family.scorer(weights, feats)(seqs)
     np.testing.assert_allclose(scores, (F.normalize(expected, dim=-1) @ unit.T / 0.5).numpy(), atol=1e-4)
-    with pytest.raises(ValueError, match="history_pooling must be 0 .* below max_len=10, got 10"):
-        tiny_family(history_pooling=10)
+    for bad in (10, True, 2.0):
+        with pytest.raises(ValueError, match=f"history_pooling must be 0 .* below max_len=10, got {bad}"):
+            tiny_family(history_pooling=bad)
 
 
 def test_last_item_bias_lr_trains_b_in_its_own_group_further_than_at_lr():
@@ -392,15 +393,30 @@ def test_scores_are_scaled_cosines_and_ignore_padding():
     assert short.abs().max() <= 1.0 / 0.1 + 1e-4
 
 
-def test_last_only_encoding_equals_the_full_encoders_last_position():
-    family = tiny_family(n_layers=2)
+@pytest.mark.parametrize("history_pooling", [0, 2])
+def test_last_only_encoding_equals_the_full_encoders_last_position(history_pooling):
+    family = tiny_family(n_layers=2, history_pooling=history_pooling)
     feats = family.item_features(random_features(12, 0))
-    module = family.load(family.initial_weights(DIM, seed=1), DIM).eval()
+    weights = family.initial_weights(DIM, seed=1)
+    if history_pooling:
+        weights["history_pooling"] = torch.tensor([0.7, -0.4])
+    module = family.load(weights, DIM).eval()
     seqs = pad_sequences([np.array([1, 2, 3, 4]), np.array([5]), np.array([6, 7])], family.max_len)
     with torch.no_grad():
         items = module.item_representations(feats)
         full = module.encode(seqs, items)
         last = module.encode(seqs, items, last_only=True)
+        if history_pooling:  # every position t: ĥ_t + 0.7 ê_{t-1} − 0.4 ê_{t-2}, ĥ the encoder's state without pooling
+            module.history_pooling.zero_()
+            plain = F.normalize(module.encode(seqs, items), dim=-1)
+            unit = F.normalize(items, dim=-1)
+            trimmed = seqs[:, -plain.shape[1] :]
+            for row, t in ((0, -1), (0, -2), (0, -3), (0, -4), (2, -1), (2, -2), (1, -1)):
+                expected = plain[row, t].clone()
+                for k, w in ((1, 0.7), (2, -0.4)):
+                    if t - k >= -trimmed.shape[1] and trimmed[row, t - k] >= 0:
+                        expected += w * unit[trimmed[row, t - k]]
+                torch.testing.assert_close(full[row, t], expected, rtol=1e-5, atol=1e-5)
     assert last.shape == (3, 1, family.hidden)
     torch.testing.assert_close(last[:, 0], full[:, -1])
 

@@ -1,11 +1,11 @@
 """Local parameters: weights that describe a domain's users rather than its items, kept per domain.
 
 ``merge.local_parameters`` names such weights (today: the sequential family's ``last_item_bias``, how much a domain's
-users avoid the item they just bought: Amazon Beauty b ≈ −0.5, Pantry ≈ 0, where 2.6 % of next items repeat the
-last one). Every merge averages or trims them like any weight, which dilutes each domain's value towards the others'
-(task arithmetic gave Beauty b = −0.045 from its own −0.12). As FedBN (Li et al., ICLR 2021) keeps batch-norm
-statistics and FedPer (Arivazhagan et al. 2019) a personal head, a domain serving a shared model here keeps its own
-values of them:
+users avoid the item they just bought: Amazon Beauty b ≈ −0.5, Pantry ≈ 0, where 2.6 % of next items repeat the last
+one; and its ``history_bias`` and ``history_pooling``, the same for earlier items and how far back they look). Every
+merge averages or trims them like any weight, which dilutes each domain's value towards the others' (task arithmetic
+gave Beauty b = −0.045 from its own −0.12). As FedBN (Li et al., ICLR 2021) keeps batch-norm statistics and FedPer
+(Arivazhagan et al. 2019) a personal head, a domain serving a shared model here keeps its own values of them:
 
 - every shared model (each merge, the test-time merges, FedAvg's rounds) carries, for a domain that has no value
   of its own (a held-out or a new domain), the element-wise median of the accepted clients' values (the mean of

@@ -75,6 +75,10 @@ class ModelFamily(ABC):
     """
 
     name: ClassVar[str]
+    # weights that describe how a domain's users shop rather than its items (e.g. the sequential family's
+    # last-item bias): θ₀ pretraining on public-catalog pseudo-users, whose re-buying and recency are artificial,
+    # leaves them at θ₀ (fedmerge.runners.pretrain)
+    behaviour_parameters: ClassVar[tuple[str, ...]] = ()
     max_len: int = 50
 
     @abstractmethod

@@ -73,7 +73,9 @@ def pretrained_theta0(
     settings: Theta0Settings, seed: int,
 ) -> tuple[StateDict, dict[str, Any]]:
     """(θ₀ after ``family.train`` on the catalogs' pseudo-users, the training info); ``features`` are the catalogs'
-    item features in the same order, ``settings`` the ``[theta0]`` table."""
+    item features in the same order, ``settings`` the ``[theta0]`` table. The family's ``behaviour_parameters``
+    (how users re-buy and how far back they look) keep θ₀'s values: the pseudo-users' behaviour is made up."""
     domain = pseudo_domain(catalogs, settings.group_by, settings.length, settings.per_item, seed)
     weights, info = family.train(theta0, domain, torch.cat(list(features)), seed=seed, progress=False)
+    weights.update({n: theta0[n].clone() for n in family.behaviour_parameters if n in theta0})
     return weights, {"pseudo_users": domain.n_users, **{k: v for k, v in info.items() if isinstance(v, (int, float))}}
