@@ -330,8 +330,8 @@ class SequenceSide(nn.Module):
     (``input_features``, a handful of rows that ``seqs`` (B, L) indexes, PAD-padded), so coefficients of item-side
     parameters (the adapter) still get a gradient. ``histories`` (B, H) are each row's items in its own catalog,
     most recent first (PAD for none): a module with ``with_history_bias`` (the sequential family's learned offsets of
-    the last and the earlier items) adds them as its forward does. Returns one score matrix per entry of ``parts`` (a domain index and its batch
-    rows).
+    the last and the earlier items) adds them as its forward does. Returns one score matrix per entry of ``parts``
+    (a domain index and its batch rows).
     """
 
     def __init__(self, inner: nn.Module) -> None:

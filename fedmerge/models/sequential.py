@@ -98,8 +98,6 @@ ADAPTERS = ("linear", "mlp", "moe", "routed")
 ROUTED_UNSEEN = ("none", "theta0", "mix")
 THETA0_INITS = ("random", "text_similarity")
 NEGATIVE_SAMPLING = ("uniform", "popularity")
-# the weights that describe how a domain's users shop (TextSASRec.with_history_bias / with_recent_items)
-BEHAVIOUR_PARAMETERS = ("last_item_bias", "history_bias", "history_pooling")
 IGNORED = -100  # cross-entropy label of a padding row (left out of the mean)
 
 
@@ -657,9 +655,9 @@ class TextSASRec(nn.Module):
         """``s_i + (b / τ) · [i = h_0] + (b_h / τ) · [i ∈ {h_1, h_2, …} ∖ {h_0}]``: ``logits`` (P, n) over the catalog
         (``s_i = cos(h, e_i) / τ``), ``history`` (P, H) each row's input items most recent first (columns of
         ``logits``, PAD where a row has fewer; :func:`recent_first`): what the model reads, the last ``max_len``
-        items when scoring, the current training window's items in training. ``b`` is the learned ``last_item_bias``, ``b_h``
-        the learned ``history_bias`` (each 0 at θ₀, each absent when off; an item repeated in the history gets its
-        offset once), in cosine units like the scores before the temperature: Adam moves a weight by about lr per
+        items when scoring, the current training window's items in training. ``b`` is the learned
+        ``last_item_bias``, ``b_h`` the learned ``history_bias`` (each 0 at θ₀, each absent when off; an item
+        repeated in the history gets its offset once), in cosine units like the scores before the temperature: Adam moves a weight by about lr per
         step, and b in logit units would need ~1/τ as many steps to matter (on Amazon Beauty it reached −0.18
         logits in 3 epochs, against a gap of ≈ 1.4–3 logits between the last item and its nearest neighbours).
         Unchanged logits without either.
@@ -713,7 +711,8 @@ class SequentialFamily(ModelFamily):
     """Text-based SASRec family; every constant is a constructor parameter (see the module docstring)."""
 
     name: ClassVar[str] = "sequential"
-    behaviour_parameters: ClassVar[tuple[str, ...]] = BEHAVIOUR_PARAMETERS
+    # how a domain's users shop (TextSASRec.with_history_bias / with_recent_items), each present when switched on
+    behaviour_parameters: ClassVar[tuple[str, ...]] = ("last_item_bias", "history_bias", "history_pooling")
 
     hidden: int = 128
     n_layers: int = 2
@@ -876,7 +875,7 @@ class SequentialFamily(ModelFamily):
         groups: dict[str, list[nn.Parameter]] = {"rest": [], "tower": [], "bias": []}
         for name, p in module.named_parameters():
             if p.requires_grad:
-                own = name in BEHAVIOUR_PARAMETERS and self.last_item_bias_lr is not None
+                own = name in self.behaviour_parameters and self.last_item_bias_lr is not None
                 groups["tower" if name.startswith("text_tower.") else "bias" if own else "rest"].append(p)
         return torch.optim.AdamW([{"params": groups["rest"]}, {"params": groups["tower"], "lr": self.encoder_lr},
                                   {"params": groups["bias"], "lr": self.last_item_bias_lr or self.lr,

@@ -11,8 +11,8 @@ adding or removing a user changes Ã by z̃ z̃ᵀ, whose upper triangle (diagon
 ("Analyze Gauss", Dwork, Talwar, Thakurta & Zhang, STOC 2014): a Gaussian mechanism with noise multiplier z,
 accounted like any other (analytic Gaussian, :func:`fedmerge.privacy.dp.epsilon_for`, composed over releases).
 Everything after it — making Â positive semi-definite (``privacy.gram_repair``, :func:`psd_repair`) and solving
-the Sylvester equation with it and θ₀ — is post-processing. λ is not chosen on the users' validation items (that choice would spend privacy): the family
-must hold one λ.
+the Sylvester equation with it and θ₀ — is post-processing. λ is not chosen on the users' validation items (that
+choice would spend privacy): the family must hold one λ.
 """
 
 from __future__ import annotations

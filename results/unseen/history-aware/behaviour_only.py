@@ -16,9 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from fedmerge.config import load_scenario
+from fedmerge.merging.local_parameters import from_card, with_values
 from fedmerge.recommender import LoadedRecommender, load_recommender
 
 
@@ -27,16 +26,18 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--values-of", default=None, help="a training domain whose own values to use")
     args = parser.parse_args()
+    scenario, domains = load_scenario("amazon-unseen"), {}  # one load per held-out domain
     for run in args.runs:
         results = json.loads((run / "results.json").read_text())
         held = results["held_out"][0]
         report = results["merge_report"]["local_parameters"]
         shared = report["shared"] if args.values_of is None else report["local_parameters"][args.values_of]
         theta0 = load_recommender(run / "models" / "theta0.safetensors")
-        weights = {**theta0.weights, **{n: torch.tensor(v, dtype=theta0.weights[n].dtype) for n, v in shared.items()}}
+        weights = with_values(theta0.weights, from_card(shared, theta0.weights))
         model = LoadedRecommender(theta0.path, theta0.card, theta0.family, weights, theta0.encoder, theta0.cache_dir)
-        domain = load_scenario("amazon-unseen").load_domain(held)
-        m = model.evaluate(domain)
+        if held not in domains:
+            domains[held] = scenario.load_domain(held)
+        m = model.evaluate(domains[held])
         base, ta = results["models"]["theta0"][held], results["models"]["task_arithmetic"][held]
         print(json.dumps({"run": str(run), "held_out": held, "values_of": args.values_of or "shared", "values": shared,
                           **{k: round(m[k], 4) for k in ("recall@10", "ndcg@10")},
