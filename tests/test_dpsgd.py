@@ -54,19 +54,21 @@ def loop_gradients(family, module, users, feats, generator):
 @pytest.mark.parametrize("n_negatives", [None, 6])
 def test_vectorized_per_user_gradients_equal_one_autograd_pass_per_user(domain, adapter, behaviour, n_negatives):
     """torch.func per-user gradients (chunks of 4, users of 1-3 windows) = a per-user loop on ``_batch_loss``;
-    ``behaviour``: none, the last-item bias, or it with the history bias and two history-pooling weights."""
+    ``behaviour``: none, the last-item bias, or it with the history bias, two history-pooling weights and the
+    repeating users' own offsets."""
     dim = 24 if adapter == "routed" else 12
     feats = torch.randn(domain.n_items, dim, generator=torch.Generator().manual_seed(0))
     history = behaviour == "history"
     family = tiny_family(adapter=adapter, n_experts=3, n_heads=2, max_len=4, n_negatives=n_negatives,
                          routed_min_share=0.0, last_item_bias=bool(behaviour), history_bias=history,
-                         history_pooling=2 if history else 0)
+                         history_pooling=2 if history else 0, repeat_user_bias=history)
     theta0 = family.initial_weights(dim, seed=0, catalog_features=[feats] if adapter == "routed" else ())
     if behaviour:  # trained values: the offsets and weights then move every loss
         theta0["last_item_bias"] = torch.tensor(-1.5)
     if history:
         theta0["history_bias"] = torch.tensor(-0.7)
         theta0["history_pooling"] = torch.tensor([0.6, -0.3])
+        theta0["repeat_user_bias"] = torch.tensor([0.4, 0.9])
     module, feats, _ = family.training_module(theta0, domain, feats, seed=0)
     module.train()
     users = [training_windows([s], family.max_len) for s in domain.train][:9]

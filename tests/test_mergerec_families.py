@@ -109,9 +109,10 @@ def test_rollout_pseudo_users_frozen_item_side_matches_the_full_forward_at_the_f
 def test_frozen_item_side_scores_the_last_item_bias_like_the_full_forward(history):
     """With a learned last-item bias and the pseudo-users' own items left in (the paper preset), the frozen sequence
     side must add b / τ to each row's last item as the model's forward does; otherwise the student differs from its
-    teachers on exactly the item a domain's b is about. The same for the history bias and history pooling."""
+    teachers on exactly the item a domain's b is about. The same for the history bias, history pooling and the
+    repeating users' offsets."""
     family = SequentialFamily(hidden=16, n_layers=1, n_heads=2, max_len=5, last_item_bias=True, history_bias=history,
-                              history_pooling=2 if history else 0)
+                              history_pooling=2 if history else 0, repeat_user_bias=history)
     gen = torch.Generator().manual_seed(9)
     theta0 = family.initial_weights(6)
     models = perturbed_models(theta0, 0.2, seed=10)
@@ -120,6 +121,7 @@ def test_frozen_item_side_scores_the_last_item_bias_like_the_full_forward(histor
         if history:
             models[d]["history_bias"] = torch.tensor(b / 2)
             models[d]["history_pooling"] = torch.tensor([b, 0.3])
+            models[d]["repeat_user_bias"] = torch.tensor([-b, 0.2])
     features = {d: torch.randn(n, 6, generator=gen) for d, n in zip("abc", (8, 5, 10))}
     lam = torch.tensor([[0.7], [0.2], [0.4]])
     config = dict(steps=0, temperature=0.5, distill_weight=1.0, progress=False, pseudo_user_length=2,

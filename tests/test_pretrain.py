@@ -8,6 +8,7 @@ import torch
 
 from fedmerge.config import apply_overrides, load_scenario
 from fedmerge.data.domain import ItemCatalog
+from fedmerge.models.sequential import SequentialFamily
 from fedmerge.errors import FedmergeError
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.runners.pretrain import pseudo_domain, pseudo_sequences
@@ -54,9 +55,10 @@ def test_pretrained_theta0_learns_the_pseudo_users_and_changes_the_fingerprint(t
     plain, pretrained = initial_weights(cfg), initial_weights(pretrained_cfg)
     assert set(plain) == set(pretrained) and any(not torch.equal(plain[k], pretrained[k]) for k in plain)
     behaviour = apply_overrides(pretrained_cfg, ["model.params.last_item_bias=true", "model.params.history_bias=true",
-                                                 "model.params.history_pooling=2"])
+                                                 "model.params.history_pooling=2",
+                                                 "model.params.repeat_user_bias=true"])
     kept = initial_weights(behaviour)  # pseudo-users' re-buying and recency are made up: θ₀'s zeros stay
-    assert [kept[n].abs().sum().item() for n in ("last_item_bias", "history_bias", "history_pooling")] == [0, 0, 0]
+    assert [kept[n].abs().sum().item() for n in SequentialFamily.behaviour_parameters] == [0, 0, 0, 0]
     assert any(not torch.equal(initial_weights(apply_overrides(behaviour, ["theta0.pretrain=false"]))[k], kept[k])
                for k in kept)
     assert training_fingerprint(cfg) != training_fingerprint(pretrained_cfg)

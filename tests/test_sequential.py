@@ -16,6 +16,7 @@ from fedmerge.models.sequential import (
     SequentialFamily,
     first_earlier,
     recent_first,
+    repeats_an_item,
     sampled_softmax_loss,
     standardize_features,
     training_windows,
@@ -161,6 +162,22 @@ def test_recent_first_and_first_earlier_follow_their_definitions():
     assert first_earlier(rows).tolist() == [[True, False, False], [True, True, False], [False, True, False]]
 
 
+def assert_offsets_everywhere(family, weights, feats, seqs, expected, targets, negatives) -> None:
+    """The family's scorer and the module's forward give ``expected``; the sampled softmax's offsets of ``targets``
+    and the shared ``negatives`` are the full ones at those columns."""
+    np.testing.assert_allclose(family.scorer(weights, feats)(seqs), expected, atol=1e-5)
+    module = family.load(weights, DIM)
+    with torch.no_grad():
+        np.testing.assert_allclose(module(pad_sequences(seqs, family.max_len), feats).numpy(), expected, atol=1e-5)
+        history = pad_sequences(seqs, family.max_len).flip(1)
+        full = module.with_history_bias(torch.zeros(len(seqs), len(feats)), history)
+        rows = len(seqs)
+        positive, negative = module.with_sampled_history_bias(torch.zeros(rows), torch.zeros(rows, len(negatives)),
+                                                              targets, negatives, history)
+        torch.testing.assert_close(positive, full.gather(1, targets.unsqueeze(1)).squeeze(1))
+        torch.testing.assert_close(negative, full[:, negatives])
+
+
 @pytest.mark.parametrize("n_negatives", [None, 8])
 def test_history_bias_offsets_each_earlier_item_once_and_is_learned(n_negatives):
     domain = cycle_domain(n_items=30, n_users=200, seed=0)  # the next item is never in the history
@@ -179,20 +196,70 @@ def test_history_bias_offsets_each_earlier_item_once_and_is_learned(n_negatives)
     expected[0, [4, 9]] -= 1.0 / 0.5  # earlier items, item 4 twice: b_h / τ once
     expected[1, 7] -= 2.0 / 0.5
     expected[2, 2] -= 2.0 / 0.5  # an earlier repeat of the last item: b only
-    np.testing.assert_allclose(family.scorer(shifted, feats)(seqs), expected, atol=1e-5)
-    module = family.load(shifted, DIM)
-    with torch.no_grad():
-        np.testing.assert_allclose(module(pad_sequences(seqs, family.max_len), feats).numpy(), expected, atol=1e-5)
-        # the sampled softmax's offsets are the full ones at the sampled columns
-        history = pad_sequences(seqs, family.max_len).flip(1)
-        full = module.with_history_bias(torch.zeros(3, 30), history)
-        targets, negatives = torch.tensor([4, 7, 5]), torch.tensor([2, 4, 9, 11, 7])
-        positive, negative = module.with_sampled_history_bias(torch.zeros(3), torch.zeros(3, 5), targets, negatives,
-                                                              history)
-        torch.testing.assert_close(positive, full.gather(1, targets.unsqueeze(1)).squeeze(1))
-        torch.testing.assert_close(negative, full[:, negatives])
+    assert_offsets_everywhere(family, shifted, feats, seqs, expected, torch.tensor([4, 7, 5]),
+                              torch.tensor([2, 4, 9, 11, 7]))
     weights, _ = family.train(theta0, domain, feats, seed=0, progress=False)
     assert float(weights["history_bias"]) < -0.01
+
+
+def alternating_domain(n_items: int, n_users: int, seed: int) -> Domain:
+    """Half the users follow the cycle of :func:`cycle_domain` (never a repeat); the other half alternate between
+    two items a, b, a, b, … (their history repeats an item from the third purchase on, and the next item is the
+    one bought before the last)."""
+    rng = np.random.default_rng(seed)
+    train, val, test = [], [], []
+    for user in range(n_users):
+        start, length = int(rng.integers(n_items)), int(rng.integers(3, 9))
+        if user % 2:
+            seq = (start + np.arange(length + 2)) % n_items
+        else:
+            seq = np.where(np.arange(length + 2) % 2, (start + 7) % n_items, start)
+        train.append(seq[:-2])
+        val.append(seq[-2])
+        test.append(seq[-1])
+    catalog = ItemCatalog(ids=tuple(f"i{i}" for i in range(n_items)),
+                          fields=tuple({"title": f"item {i}"} for i in range(n_items)))
+    return Domain("alternating", catalog, as_sequences(train), np.array(val), np.array(test))
+
+
+def test_repeats_an_item_follows_its_definition():
+    rows = torch.tensor([[3, 5, 3, -1], [9, 2, 7, -1], [4, 4, -1, -1], [-1, -1, -1, -1], [6, 1, 2, 1]])
+    assert repeats_an_item(rows).tolist() == [True, False, True, False, True]
+    assert repeats_an_item(rows[:, :1]).tolist() == [False] * 5
+
+
+@pytest.mark.parametrize("n_negatives", [None, 8])
+def test_repeat_user_bias_replaces_both_offsets_for_users_who_repeat_and_stays_at_theta0_without_them(n_negatives):
+    family = tiny_family(last_item_bias=True, history_bias=True, repeat_user_bias=True, n_negatives=n_negatives,
+                         max_epochs=3, theta0_init="text_similarity", temperature=0.5, last_item_bias_lr=0.05)
+    feats = family.item_features(random_features(30, 1))
+    theta0 = family.initial_weights(DIM, seed=0)
+    assert theta0["repeat_user_bias"].tolist() == [0.0, 0.0]
+    assert family.parameter_groups(theta0)["repeat_user_bias"] == ["repeat_user_bias"]
+    seqs = [np.array([4, 9, 4, 2]), np.array([5, 9, 2]), np.array([2, 2])]
+    plain = tiny_family(theta0_init="text_similarity", temperature=0.5).scorer(
+        {k: v for k, v in theta0.items() if k not in SequentialFamily.behaviour_parameters}, feats)(seqs)
+    shifted = {**theta0, "last_item_bias": torch.tensor(-2.0), "history_bias": torch.tensor(-1.0),
+               "repeat_user_bias": torch.tensor([0.5, 1.5])}
+    expected = plain.copy()
+    expected[0, 2] += 0.5 / 0.5  # row 0 repeats item 4: b_r on the last item, b_hr once on each earlier one
+    expected[0, [4, 9]] += 1.5 / 0.5
+    expected[1, 2] -= 2.0 / 0.5  # row 1 repeats nothing: b and b_h
+    expected[1, [5, 9]] -= 1.0 / 0.5
+    expected[2, 2] += 0.5 / 0.5  # row 2 repeats its last item: b_r only
+    assert_offsets_everywhere(family, shifted, feats, seqs, expected, torch.tensor([4, 9, 2]),
+                              torch.tensor([2, 4, 9, 11, 5]))
+    never, _ = family.train(theta0, cycle_domain(n_items=30, n_users=200, seed=0), feats, seed=0, progress=False)
+    assert float(never["history_bias"]) < -0.01 and never["repeat_user_bias"].tolist() == [0.0, 0.0]
+    mixed, _ = family.train(theta0, alternating_domain(n_items=30, n_users=200, seed=0), feats, seed=0,
+                            progress=False)
+    assert float(mixed["repeat_user_bias"][1]) > float(mixed["history_bias"]) + 0.1
+
+
+def test_repeat_user_bias_needs_both_offsets():
+    for params in ({"last_item_bias": True}, {"history_bias": True}, {}):
+        with pytest.raises(ValueError, match="repeat_user_bias replaces last_item_bias and history_bias .* needs both"):
+            tiny_family(repeat_user_bias=True, **params)
 
 
 def test_history_pooling_adds_the_earlier_items_to_the_query_and_is_zero_at_theta0():
