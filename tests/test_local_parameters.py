@@ -6,8 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedmerge.config import apply_overrides, load_scenario
 from fedmerge.errors import FedmergeError
-from fedmerge.merging.local_parameters import check_local_parameters, from_card, shared_values, with_values
+from fedmerge.merging.local_parameters import (
+    check_local_parameters,
+    from_card,
+    merged_behaviour_warnings,
+    shared_values,
+    with_values,
+)
+from fedmerge.runners.server import Federation, initial_weights
+from tests.test_federation import TINY
 
 
 def updates(*values: float) -> dict[str, dict[str, torch.Tensor]]:
@@ -43,3 +52,20 @@ def test_unknown_or_large_local_parameters_are_refused_with_the_valid_names():
         check_local_parameters(["bias"], theta0)
     with pytest.raises(FedmergeError, match="hold 8000 values; at most 1024"):
         check_local_parameters(["item.weight"], theta0)
+
+
+def test_behaviour_weights_left_out_of_local_parameters_are_named_in_the_run_warnings():
+    theta0 = {"last_item_bias": torch.zeros(()), "history_bias": torch.zeros(()), "norm.bias": torch.zeros(8)}
+    behaviour = ("last_item_bias", "history_bias", "history_pooling")  # the model has no history_pooling
+    assert merged_behaviour_warnings(behaviour, ["last_item_bias", "history_bias"], theta0) == []
+    [line] = merged_behaviour_warnings(behaviour, ["last_item_bias", "norm.bias"], theta0)
+    assert line.startswith("['history_bias'] describe how each domain's users shop") and "merge.local_parameters" in line
+    assert merged_behaviour_warnings((), [], theta0) == []  # a family without behaviour weights (LAE)
+
+    cfg = load_scenario("quickstart", [*TINY, "model.params.last_item_bias=true", "model.params.history_bias=true",
+                                       'merge.local_parameters=["last_item_bias"]'])
+    warnings = Federation(cfg, initial_weights(cfg)).results()["warnings"]
+    assert [w for w in warnings if "describe how each domain's users shop" in w] == [
+        merged_behaviour_warnings(("history_bias",), [], {"history_bias": None})[0]]
+    kept = apply_overrides(cfg, ['merge.local_parameters=["last_item_bias", "history_bias"]'])
+    assert not any("users shop" in w for w in Federation(kept, initial_weights(kept)).results()["warnings"])

@@ -32,6 +32,19 @@ from fedmerge.models.base import StateDict
 MAX_LOCAL_VALUES = 1024
 
 
+def merged_behaviour_warnings(behaviour: Sequence[str], names: Sequence[str], theta0: StateDict) -> list[str]:
+    """One line when weights of the family's ``behaviour`` (its ``behaviour_parameters``: how a domain's users shop)
+    that θ₀ has are missing from ``names`` (``merge.local_parameters``): every merge then averages or trims them
+    across domains, which is legitimate (a comparison) but rarely meant (README, "A converged last-item bias, kept
+    per domain": merged, Beauty's own b of −0.12 served as −0.045)."""
+    merged = [n for n in behaviour if n in theta0 and n not in names]
+    if not merged:
+        return []
+    return [f"{merged} describe how each domain's users shop, but merge.local_parameters does not keep them per "
+            f"domain: every merge averages or trims them across domains (add them to merge.local_parameters to "
+            f"keep each domain's own values)"]
+
+
 def check_local_parameters(names: Sequence[str], theta0: StateDict) -> None:
     """Refuse names that are not weights of θ₀, or local parameters of more than :data:`MAX_LOCAL_VALUES` values."""
     unknown = [n for n in names if n not in theta0]

@@ -23,7 +23,13 @@ from tqdm.auto import tqdm
 from fedmerge.data.domain import ItemCatalog
 from fedmerge.errors import FedmergeError, NumericalError
 from fedmerge.memory import release_freed_memory
-from fedmerge.merging.local_parameters import card_values, check_local_parameters, shared_values, with_values
+from fedmerge.merging.local_parameters import (
+    card_values,
+    check_local_parameters,
+    merged_behaviour_warnings,
+    shared_values,
+    with_values,
+)
 from fedmerge.merging.testtime import TESTTIME_METHOD
 from fedmerge.models import StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
@@ -330,6 +336,8 @@ class Federation:
         self._card: dict[str, Any] | None = None
         self.local_names = list(cfg.merge.local_parameters)  # fedmerge.merging.local_parameters
         check_local_parameters(self.local_names, theta0)
+        self.setup_warnings = merged_behaviour_warnings(cfg.model.make_family().behaviour_parameters, self.local_names,
+                                                        theta0)
 
     # ---- saved models -----------------------------------------------------------------------------------------
     def save_model(
@@ -798,7 +806,7 @@ class Federation:
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "train_metrics": self.train_metrics,
             "fedavg_train_metrics": self.fedavg_train_metrics,
-            "warnings": [*self.left_out_warnings(), *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics),
+            "warnings": [*self.setup_warnings, *self.left_out_warnings(), *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics),
                          *(f"merge {m} failed and was not evaluated: {reason}"
                            for m, reason in self.merge_report.get("failed", {}).items()),
                          *self.partial_average_warnings(),
