@@ -5,8 +5,9 @@
 For each domain of the scenario (its data source and text encoder), every test user's items are ranked by
 ``cos(z_last, z_i)``, z the catalog-z-scored sentence embeddings (what the sequential family's adapter reads), and
 the same with the last item's own score removed (the rule a learned ``last_item_bias`` can approach), with every
-history item's removed (``history_bias``), and with the query the last 5 items' embeddings at weights 0.5^k
-(``history_pooling``) and every history item removed. Printed: test
+history item's removed (``history_bias``; and the same except for users whose history holds an item twice,
+``repeat_user_bias``), and with the query the last 5 items' embeddings at weights 0.5^k (``history_pooling``) and
+every history item removed. Printed: test
 Recall@10 / NDCG@10 (unmasked, as the result tables), next to the scenario's θ₀ with ``theta0_init`` "random" and
 "text_similarity" (the seeded models: no training either). Reads the data through the scenario, so set
 ``FEDMERGE_AMAZON_DIR`` for Amazon.
@@ -26,7 +27,8 @@ from fedmerge.runners.server import initial_weights
 
 def cosine_scorer(unit: np.ndarray, drop: str = "none", recent: int = 1, decay: float = 0.5) -> Scorer:
     """``cos(Σ_{k<recent} decay^k · ẑ_{t−k}, z_i)``, ẑ unit vectors, ``drop``: "none", "last" (the last item's own
-    score removed) or "history" (every history item's)."""
+    score removed), "history" (every history item's) or "history-unless-repeat" (every history item's, except for a
+    user whose history holds some item twice: ``repeat_user_bias``'s signal)."""
     def score(seqs: list[np.ndarray]) -> np.ndarray:
         window = np.full((len(seqs), recent), -1)
         for r, s in enumerate(seqs):
@@ -36,9 +38,10 @@ def cosine_scorer(unit: np.ndarray, drop: str = "none", recent: int = 1, decay: 
         out = np.einsum("rk,rkd->rd", weights, unit[window.clip(min=0)]) @ unit.T
         if drop == "last":
             out[np.arange(len(seqs)), window[:, 0]] = -np.inf
-        elif drop == "history":
-            rows = np.concatenate([np.full(len(s), r) for r, s in enumerate(seqs)])
-            out[rows, np.concatenate(seqs).astype(np.int64)] = -np.inf
+        elif drop in ("history", "history-unless-repeat"):
+            kept = [s if drop == "history" or len(np.unique(s)) == len(s) else s[:0] for s in seqs]
+            rows = np.concatenate([np.full(len(s), r) for r, s in enumerate(kept)])
+            out[rows, np.concatenate(kept).astype(np.int64)] = -np.inf
         return out
     return score
 
@@ -56,6 +59,7 @@ def main() -> None:
         rows = {"cosine of the last item": cosine_scorer(unit),
                 "cosine, last item left out": cosine_scorer(unit, "last"),
                 "cosine, history left out": cosine_scorer(unit, "history"),
+                "cosine, history left out unless it repeats": cosine_scorer(unit, "history-unless-repeat"),
                 "last 5 at 0.5^k, history left out": cosine_scorer(unit, "history", recent=5)}
         features = base.encoder.item_features(domain.catalog, base.model.make_family())  # the same for both inits
         for init in ("random", "text_similarity"):
@@ -63,7 +67,7 @@ def main() -> None:
             rows[f"θ₀, theta0_init={init}"] = cfg.model.make_family().scorer(initial_weights(cfg), features)
         for label, scorer in rows.items():
             m = evaluate_scorer(scorer, domain, "test")
-            print(f"{name:8s} {label:36s} recall@10 {m['recall@10']:.4f}  ndcg@10 {m['ndcg@10']:.4f}", flush=True)
+            print(f"{name:8s} {label:44s} recall@10 {m['recall@10']:.4f}  ndcg@10 {m['ndcg@10']:.4f}", flush=True)
 
 
 if __name__ == "__main__":

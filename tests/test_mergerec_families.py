@@ -105,12 +105,32 @@ def test_rollout_pseudo_users_frozen_item_side_matches_the_full_forward_at_the_f
         assert np.mean(report.loss_curve[-5:]) < np.mean(report.loss_curve[:5])
 
 
+def test_sequence_side_scores_histories_that_repeat_an_item_like_the_forward():
+    """MergeRec's pseudo-users never repeat an item, so the objective test above never reaches the repeating users'
+    offsets: the frozen sequence side itself, on hand-built histories (one repeats item 1), must add them as the
+    model's forward does."""
+    family = SequentialFamily(hidden=16, n_layers=1, n_heads=2, max_len=5, last_item_bias=True, history_bias=True,
+                              history_pooling=2, repeat_user_bias=True)
+    weights = family.initial_weights(6)
+    weights.update(last_item_bias=torch.tensor(-0.8), history_bias=torch.tensor(-0.4),
+                   history_pooling=torch.tensor([0.5, 0.2]), repeat_user_bias=torch.tensor([0.6, 0.9]))
+    module = family.load(weights, 6)
+    features = torch.randn(7, 6, generator=torch.Generator().manual_seed(3))
+    seqs = pad_sequences([np.array([1, 2, 1]), np.array([3, 4]), np.array([5, 1, 2, 5])], family.max_len)
+    with torch.no_grad():
+        [scores] = SequenceSide(module)(features, seqs, module.item_representations(features), [(0, 7)],
+                                        [(0, torch.arange(3))], seqs.flip(1))
+        torch.testing.assert_close(scores, module(seqs, features), rtol=1e-5, atol=1e-5)
+        plain = {**weights, "repeat_user_bias": torch.zeros(2)}
+        assert not torch.allclose(module(seqs, features), family.load(plain, 6)(seqs, features))
+
+
 @pytest.mark.parametrize("history", [False, True])
 def test_frozen_item_side_scores_the_last_item_bias_like_the_full_forward(history):
     """With a learned last-item bias and the pseudo-users' own items left in (the paper preset), the frozen sequence
     side must add b / τ to each row's last item as the model's forward does; otherwise the student differs from its
-    teachers on exactly the item a domain's b is about. The same for the history bias, history pooling and the
-    repeating users' offsets."""
+    teachers on exactly the item a domain's b is about. The same for the history bias and history pooling (the
+    repeating users' offsets are on too, but pseudo-users never repeat an item: the test below covers them)."""
     family = SequentialFamily(hidden=16, n_layers=1, n_heads=2, max_len=5, last_item_bias=True, history_bias=history,
                               history_pooling=2 if history else 0, repeat_user_bias=history)
     gen = torch.Generator().manual_seed(9)

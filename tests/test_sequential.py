@@ -14,6 +14,7 @@ from fedmerge.models import get_family
 from fedmerge.models.base import pad_sequences
 from fedmerge.models.sequential import (
     SequentialFamily,
+    TextSASRec,
     first_earlier,
     recent_first,
     repeats_an_item,
@@ -176,6 +177,13 @@ def assert_offsets_everywhere(family, weights, feats, seqs, expected, targets, n
                                                               targets, negatives, history)
         torch.testing.assert_close(positive, full.gather(1, targets.unsqueeze(1)).squeeze(1))
         torch.testing.assert_close(negative, full[:, negatives])
+        # the offsets take the scores' dtype (a bf16 score matrix stays bf16)
+        half = module.with_history_bias(torch.zeros(rows, len(feats), dtype=torch.bfloat16), history)
+        torch.testing.assert_close(half, full.to(torch.bfloat16))
+        sampled = module.with_sampled_history_bias(torch.zeros(rows, dtype=torch.bfloat16),
+                                                   torch.zeros(rows, len(negatives), dtype=torch.bfloat16),
+                                                   targets, negatives, history)
+        assert [t.dtype for t in sampled] == [torch.bfloat16] * 2
 
 
 @pytest.mark.parametrize("n_negatives", [None, 8])
@@ -223,9 +231,9 @@ def alternating_domain(n_items: int, n_users: int, seed: int) -> Domain:
 
 
 def test_repeats_an_item_follows_its_definition():
-    rows = torch.tensor([[3, 5, 3, -1], [9, 2, 7, -1], [4, 4, -1, -1], [-1, -1, -1, -1], [6, 1, 2, 1]])
-    assert repeats_an_item(rows).tolist() == [True, False, True, False, True]
-    assert repeats_an_item(rows[:, :1]).tolist() == [False] * 5
+    rows = torch.tensor([[3, 5, 3, -1], [9, 2, 7, -1], [4, 4, -1, -1], [-1, -1, -1, -1], [6, 1, 2, 1], [5, -1, -1, -1]])
+    assert repeats_an_item(rows).tolist() == [True, False, True, False, True, False]  # PADs repeat nothing
+    assert repeats_an_item(rows[:, :1]).tolist() == [False] * 6
 
 
 @pytest.mark.parametrize("n_negatives", [None, 8])
@@ -260,6 +268,8 @@ def test_repeat_user_bias_needs_both_offsets():
     for params in ({"last_item_bias": True}, {"history_bias": True}, {}):
         with pytest.raises(ValueError, match="repeat_user_bias replaces last_item_bias and history_bias .* needs both"):
             tiny_family(repeat_user_bias=True, **params)
+        with pytest.raises(ValueError, match="repeat_user_bias replaces last_item_bias and history_bias .* needs both"):
+            TextSASRec(DIM, 32, 1, 2, 2, 10, 0.0, "linear", 2, 0.5, repeat_user_bias=True, **params)
 
 
 def test_history_pooling_adds_the_earlier_items_to_the_query_and_is_zero_at_theta0():

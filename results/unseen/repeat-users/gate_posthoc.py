@@ -5,7 +5,8 @@
 For runs whose training domains never repeat an item (Amazon Beauty and Toys, Pantry held out), a run with
 ``repeat_user_bias = true`` trains the same weights: the offsets (b_r, b_hr) get no gradient from any training window,
 from θ₀ distillation (one-item pseudo-users) or from MergeRec (rollouts never repeat an item), so every client keeps
-θ₀'s zeros and the clients' median is 0. Scoring each saved model with them added is then that run's figure; it
+θ₀'s zeros and the clients' median is 0. Scoring each saved model with them added is then that run's figure (TIES
+differs in the fourth digit on Pantry seed 0, presumably as its trim also counts the two zero entries); it
 differs from the run without them only for held-out users whose history repeats an item. Prints one JSON line per
 run: each saved model's (``models/``, and ``clients/`` as ``individual_<domain>``) Recall@10 / NDCG@10 on the
 held-out domain, with the offsets and as the run scored it.
