@@ -677,9 +677,11 @@ class TextSASRec(nn.Module):
         ``logits``, PAD where a row has fewer; :func:`recent_first`): what the model reads, the last ``max_len``
         items when scoring, the current training window's items in training. ``b`` is the learned
         ``last_item_bias``, ``b_h`` the learned ``history_bias`` (each 0 at θ₀, each absent when off; an item
-        repeated in the history gets its offset once), in cosine units like the scores before the temperature: Adam moves a weight by about lr per
-        step, and b in logit units would need ~1/τ as many steps to matter (on Amazon Beauty it reached −0.18
-        logits in 3 epochs, against a gap of ≈ 1.4–3 logits between the last item and its nearest neighbours).
+        repeated in the history gets its offset once; for a row that repeats an item, ``repeat_user_bias``'s pair
+        replaces both: :meth:`history_offsets`), in cosine units like the scores before the temperature: Adam moves a
+        weight by about lr per step, and b in logit units would need ~1/τ as many steps to matter (on Amazon Beauty
+        it reached −0.18 logits in 3 epochs, against a gap of ≈ 1.4–3 logits between the last item and its nearest
+        neighbours).
         Unchanged logits without either.
 
         Why: the last item's text is closest to itself, so a text-similarity model ranks it first for every user,
@@ -733,7 +735,8 @@ class TextSASRec(nn.Module):
         if last_offset is not None:
             offset = (last_offset / self.temperature).to(positive.dtype)
             positive = positive + offset * (targets == last).to(positive.dtype)
-            negative = negative + offset.unsqueeze(1) * (negatives.unsqueeze(0) == last.unsqueeze(1)).to(negative.dtype)
+            is_last = negatives.unsqueeze(0) == last.unsqueeze(1)
+            negative = negative + offset.unsqueeze(1) * is_last.to(negative.dtype)
         if earlier_offset is not None and history.shape[1] > 1:
             offset, earlier = (earlier_offset / self.temperature).to(positive.dtype), history[:, 1:]
             in_earlier = ((targets.unsqueeze(1) == earlier).any(1) & (targets != last)).to(positive.dtype)

@@ -806,7 +806,8 @@ class Federation:
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "train_metrics": self.train_metrics,
             "fedavg_train_metrics": self.fedavg_train_metrics,
-            "warnings": [*self.setup_warnings, *self.left_out_warnings(), *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics),
+            "warnings": [*self.setup_warnings, *self.left_out_warnings(),
+                         *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics),
                          *(f"merge {m} failed and was not evaluated: {reason}"
                            for m, reason in self.merge_report.get("failed", {}).items()),
                          *self.partial_average_warnings(),

@@ -13,12 +13,13 @@ ones (an oracle's choice for the held-out catalog, not something a new domain co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from fedmerge.config import load_scenario
 from fedmerge.merging.local_parameters import from_card, with_values
-from fedmerge.recommender import LoadedRecommender, load_recommender
+from fedmerge.recommender import load_recommender
 
 
 def main() -> None:
@@ -33,8 +34,7 @@ def main() -> None:
         report = results["merge_report"]["local_parameters"]
         shared = report["shared"] if args.values_of is None else report["local_parameters"][args.values_of]
         theta0 = load_recommender(run / "models" / "theta0.safetensors")
-        weights = with_values(theta0.weights, from_card(shared, theta0.weights))
-        model = LoadedRecommender(theta0.path, theta0.card, theta0.family, weights, theta0.encoder, theta0.cache_dir)
+        model = dataclasses.replace(theta0, weights=with_values(theta0.weights, from_card(shared, theta0.weights)))
         if held not in domains:
             domains[held] = scenario.load_domain(held)
         m = model.evaluate(domains[held])

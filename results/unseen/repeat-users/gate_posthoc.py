@@ -27,6 +27,14 @@ from fedmerge.recommender import LoadedRecommender, load_recommender
 METRICS = ("recall@10", "ndcg@10")
 
 
+def with_repeat_offsets_at_zero(model: LoadedRecommender) -> LoadedRecommender:
+    """``model`` with ``repeat_user_bias`` switched on at θ₀'s (0, 0); ``model`` itself when it already has it."""
+    if "repeat_user_bias" in model.weights:
+        return model
+    return dataclasses.replace(model, family=dataclasses.replace(model.family, repeat_user_bias=True),
+                               weights={**model.weights, "repeat_user_bias": torch.zeros(2)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
@@ -43,9 +51,7 @@ def main() -> None:
             model = load_recommender(path)
             if "repeat_user_bias" in model.weights:
                 raise SystemExit(f"{path} already has repeat_user_bias: nothing to add")
-            family = dataclasses.replace(model.family, repeat_user_bias=True)
-            weights = {**model.weights, "repeat_user_bias": torch.zeros(2)}
-            gated = LoadedRecommender(model.path, model.card, family, weights, model.encoder, model.cache_dir)
+            gated = with_repeat_offsets_at_zero(model)
             # mergerec_testtime_<held> is the run's mergerec_testtime; clients/<domain> its individual_<domain>
             name = path.stem.removesuffix(f"_{held}") if path.parent.name == "models" else f"individual_{path.stem}"
             m, before = gated.evaluate(domains[held]), results["models"][name][held]

@@ -20,14 +20,15 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
+from gate_posthoc import with_repeat_offsets_at_zero  # this folder is the script's own, first on sys.path
 
 from fedmerge.config import load_scenario
 from fedmerge.merging.local_parameters import from_card, with_values
-from fedmerge.recommender import LoadedRecommender, load_recommender
+from fedmerge.recommender import load_recommender
 from fedmerge.runners.aggregate import interval
 
 NEVER_REBUYS = {"Toys": "Beauty", "Beauty": "Toys"}
+SWAPPED = ("last_item_bias", "history_bias", "history_pooling")
 
 
 def main() -> None:
@@ -44,25 +45,19 @@ def main() -> None:
         results = json.loads((run / "results.json").read_text())
         held, seed = results["held_out"][0], results["run"]["seed"]
         report = results["merge_report"]["local_parameters"]
-        theta0 = load_recommender(run / "models" / "theta0.safetensors")
-        family, base_weights = theta0.family, theta0.weights
-        if "repeat_user_bias" not in base_weights:
-            family = dataclasses.replace(family, repeat_user_bias=True)
-            base_weights = {**base_weights, "repeat_user_bias": torch.zeros(2)}
+        theta0 = with_repeat_offsets_at_zero(load_recommender(run / "models" / "theta0.safetensors"))
         if held not in domains:
             domains[held] = scenario.load_domain(held)
         if args.mode == "swap":
             own = report["local_parameters"][NEVER_REBUYS[held]]
-            variants = {"shared": {}, **{f"own {n}": {n: own[n]} for n in ("last_item_bias", "history_bias",
-                                                                            "history_pooling")},
-                        "own all": {n: own[n] for n in ("last_item_bias", "history_bias", "history_pooling")}}
+            variants = {"shared": {}, **{f"own {n}": {n: own[n]} for n in SWAPPED},
+                        "own all": {n: own[n] for n in SWAPPED}}
         else:
             variants = {f"b = {b:g}": {"last_item_bias": b} for b in args.values}
         theta = results["models"]["theta0"][held]
         for label, changed in variants.items():
             values = {**report["shared"], **changed}
-            weights = with_values(base_weights, from_card(values, base_weights))
-            model = LoadedRecommender(theta0.path, theta0.card, family, weights, theta0.encoder, theta0.cache_dir)
+            model = dataclasses.replace(theta0, weights=with_values(theta0.weights, from_card(values, theta0.weights)))
             m = model.evaluate(domains[held])
             print(json.dumps({"held_out": held, "seed": seed, "values": label,
                               **{f"{k} x theta0": round(m[k] / theta[k], 4) for k in ("recall@10", "ndcg@10")}}),
