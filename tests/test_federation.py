@@ -883,3 +883,12 @@ def test_a_dp_client_ships_only_what_epsilon_covers_unless_diagnostics_are_relea
     weighted_equally = [w for w in out["warnings"] if "FedAvg weighted the clients equally" in w]
     assert len(weighted_equally) == (0 if diagnostics else 1)
     assert "fedavg" in out["models"]
+
+
+def test_a_misspelt_fedavg_local_parameter_fails_when_the_run_starts(cfg):
+    """Not after local training, merging and evaluation, when the first FedAvg round would read it."""
+    bad = apply_overrides(cfg, ["baselines.fedavg_local_params.max_epoch=1"])
+    with pytest.raises(FedmergeError, match=r"unknown parameter\(s\) \['max_epoch'\].*max_epochs"):
+        Federation(bad, initial_weights(bad))
+    Federation(apply_overrides(cfg, ["baselines.fedavg_local_params.max_epochs=1"]), initial_weights(cfg))
+    Federation(apply_overrides(bad, ["baselines.fedavg_rounds=0"]), initial_weights(cfg))  # never read: not checked

@@ -338,6 +338,8 @@ class Federation:
         check_local_parameters(self.local_names, theta0)
         self.setup_warnings = merged_behaviour_warnings(cfg.model.make_family().behaviour_parameters, self.local_names,
                                                         theta0)
+        if cfg.baselines.fedavg_rounds and cfg.baselines.fedavg_local_params:  # a misspelt key fails now, not in
+            cfg.model.make_family(cfg.baselines.fedavg_local_params)     # the first FedAvg round, after the merges
 
     # ---- saved models -----------------------------------------------------------------------------------------
     def save_model(
