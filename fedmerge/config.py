@@ -34,7 +34,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "held_out": [],
         "synthetic": {"n_domains": 3, "n_users": 200, "n_items": 100, "n_topics": 8, "min_len": 4, "max_len": 20},
     },
-    "encoder": {"name": "hashing", "params": {}, "cache_dir": ""},
+    # "minilm": the packaged MiniLM-L6; "hashing": character n-grams, no language model (fast; the unit tests use it)
+    "encoder": {"name": "minilm", "params": {}, "cache_dir": ""},
     "model": {"family": "sequential", "params": {}},
     "merge": {
         "methods": ["average", "task_arithmetic", "ties", "dare", "mergerec_taskwise", "mergerec_layerwise"],

@@ -165,3 +165,10 @@ def test_written_scenario_loads_back_unchanged(name, tmp_path):
 def test_defence_keys_are_validated(override, message):
     with pytest.raises(FedmergeError, match=message):
         load_scenario("quickstart", [override])
+
+
+def test_a_scenario_without_an_encoder_table_gets_minilm(tmp_path):
+    """The product's text encoder by default, not the n-gram hashing one the unit tests ask for by name."""
+    path = tmp_path / "own.toml"
+    path.write_text('[data]\nsource = "synthetic"\n')
+    assert load_scenario(path).encoder.name == "minilm"
