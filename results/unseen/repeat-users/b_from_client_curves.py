@@ -47,20 +47,14 @@ def curves(model, domain, split, grid):
     parts = {float(b): [] for b in grid}
     for batch in evaluation_batches(domain, split, max_len=model.family.max_len):
         s = np.asarray(score(batch.inputs), dtype=np.float64)
-        last = np.array([x[-1] for x in batch.inputs]); rows = np.arange(len(last))
-        plain = np.array([len(np.unique(x)) == len(x) for x in batch.inputs])
+        last = np.array([x[-1] for x in batch.inputs])
+        plain = np.array([len(np.unique(x)) == len(x) for x in batch.inputs])  # rows whose input repeats no item
+        rows = np.flatnonzero(plain)
         for b in parts:
-            t = s.copy(); t[rows[plain], last[plain]] += (b - b_own) / tau
-            parts[b].append(tie_inputs(counts_with_mask(t, batch.targets, None)[0], "expected"))
+            shifted = s.copy()
+            shifted[rows, last[plain]] += (b - b_own) / tau
+            parts[b].append(tie_inputs(counts_with_mask(shifted, batch.targets, None)[0], "expected"))
     return {b: metrics_from_ties(*(np.concatenate(c) for c in zip(*p))) for b, p in parts.items()}, b_own
-
-
-def plain_metrics(model, domain, split):
-    """The model's own unmasked metrics (exact expected ties), as the run reported them."""
-    score = model.family.scorer(model.weights, model.features(domain.catalog))
-    parts = [tie_inputs(counts_with_mask(np.asarray(score(batch.inputs)), batch.targets, None)[0], "expected")
-             for batch in evaluation_batches(domain, split, max_len=model.family.max_len)]
-    return metrics_from_ties(*(np.concatenate(c) for c in zip(*parts)))
 
 
 def table(path: Path) -> None:
@@ -80,43 +74,50 @@ def table(path: Path) -> None:
                 print(f"    {name.removesuffix('_' + held):20s} " + "  ".join(cells) + f"  (trained shared b {shared})")
 
 
+def score_run(run: Path, scenario, domains: dict) -> dict:
+    """One run's JSON line (see the module docstring); the clients' curves to stderr."""
+    def domain(name: str):
+        if name not in domains:
+            domains[name] = scenario.load_domain(name)
+        return domains[name]
+
+    results = json.loads((run / "results.json").read_text())
+    held = results["held_out"][0]
+    regret, clients = {}, {}
+    for path in sorted((run / "clients").glob("*.safetensors")):
+        metrics, trained = curves(with_repeat_offsets_at_zero(load_recommender(path)), domain(path.stem), "val", GRID)
+        recall = np.array([metrics[float(b)]["recall@10"] for b in GRID])
+        regret[path.stem] = 1 - recall / recall.max()
+        clients[path.stem] = {"trained b": round(trained, 3), "best b": float(GRID[recall.argmax()])}
+        curve = {str(b): round(float(x), 4) for b, x in zip(GRID, recall)}
+        print(json.dumps({"run": str(run), "client": path.stem, **clients[path.stem], "curve": curve}),
+              file=sys.stderr, flush=True)
+    worst = np.max(np.stack(list(regret.values())), axis=0)
+    rules = {"minimax regret": float(GRID[worst.argmin()]),
+             "mean of the clients' best b": round(float(np.mean([c["best b"] for c in clients.values()])), 3)}
+    base = with_repeat_offsets_at_zero(load_recommender(run / "models" / "theta0.safetensors")).evaluate(domain(held))
+    out = {rule: {"b": b, "x_theta0": {}} for rule, b in rules.items()}
+    for name in ("task_arithmetic", "mergerec_layerwise", f"mergerec_testtime_{held}", "average"):
+        model = with_repeat_offsets_at_zero(load_recommender(run / "models" / f"{name}.safetensors"))
+        metrics, shared = curves(model, domain(held), "test", np.array(list(rules.values())))
+        for rule, b in rules.items():
+            out[rule]["x_theta0"][name] = {k: round(metrics[b][k] / base[k], 4) for k in ("recall@10", "ndcg@10")}
+            out[rule]["x_theta0"][name]["shared b"] = round(shared, 3)
+    out["minimax regret"]["max regret"] = round(float(worst.min()), 4)
+    return {"run": str(run), "held_out": held, "seed": results["run"]["seed"], "clients": clients, "rules": out}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path, help="run folders (with --table: one JSON-lines file)")
-    ap.add_argument("--table", action="store_true")
-    a = ap.parse_args()
-    if a.table:
-        table(a.runs[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (with --table: one JSON-lines file)")
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    if args.table:
+        table(args.runs[0])
         return
-    sc = load_scenario("amazon-unseen"); doms = {}
-    def dom(n):
-        if n not in doms: doms[n] = sc.load_domain(n)
-        return doms[n]
-    for run in a.runs:
-        res = json.loads((run / "results.json").read_text()); held = res["held_out"][0]; seed = res["run"]["seed"]
-        regret, clients = {}, {}
-        for path in sorted((run / "clients").glob("*.safetensors")):
-            m, own = curves(with_repeat_offsets_at_zero(load_recommender(path)), dom(path.stem), "val", GRID)
-            r = np.array([m[float(b)]["recall@10"] for b in GRID]); regret[path.stem] = 1 - r / r.max()
-            clients[path.stem] = {"trained b": round(own, 3), "best b": float(GRID[r.argmax()])}
-            curve = {str(b): round(float(x), 4) for b, x in zip(GRID, r)}
-            print(json.dumps({"run": str(run), "client": path.stem, **clients[path.stem], "curve": curve}),
-                  file=sys.stderr, flush=True)
-        worst = np.max(np.stack(list(regret.values())), axis=0)
-        rules = {"minimax regret": float(GRID[worst.argmin()]),
-                 "mean of the clients' best b": round(float(np.mean([c["best b"] for c in clients.values()])), 3)}
-        base = plain_metrics(with_repeat_offsets_at_zero(load_recommender(run / "models" / "theta0.safetensors")),
-                             dom(held), "test")
-        out = {rule: {"b": b, "x_theta0": {}} for rule, b in rules.items()}
-        for name in ("task_arithmetic", "mergerec_layerwise", f"mergerec_testtime_{held}", "average"):
-            model = with_repeat_offsets_at_zero(load_recommender(run / "models" / f"{name}.safetensors"))
-            m, shared = curves(model, dom(held), "test", np.array(list(rules.values())))
-            for rule, b in rules.items():
-                out[rule]["x_theta0"][name] = {k: round(m[b][k] / base[k], 4) for k in ("recall@10", "ndcg@10")}
-                out[rule]["x_theta0"][name]["shared b"] = round(shared, 3)
-        out["minimax regret"]["max regret"] = round(float(worst.min()), 4)
-        print(json.dumps({"run": str(run), "held_out": held, "seed": seed, "clients": clients, "rules": out}),
-              flush=True)
+    scenario, domains = load_scenario("amazon-unseen"), {}
+    for run in args.runs:
+        print(json.dumps(score_run(run, scenario, domains)), flush=True)
 
 
 if __name__ == "__main__":
