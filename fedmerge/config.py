@@ -208,7 +208,7 @@ def _set(cfg: dict[str, Any], path: tuple[str, ...], value: Any, source: str) ->
             for sub_key, sub_value in value.items():
                 _set(cfg, (section, key, sub_key), sub_value, source)
             return
-        cfg[section][key] = _checked_type(f"{section}.{key}", default, value, source)
+        cfg[section][key] = checked_type(f"{section}.{key}", default, value, source)
         return
     if not isinstance(default, dict):
         raise FedmergeError(f"{source}: {section}.{key} is not a table, cannot set {'.'.join(path)}")
@@ -216,7 +216,7 @@ def _set(cfg: dict[str, Any], path: tuple[str, ...], value: Any, source: str) ->
     if (section, key) not in FREE_TABLES:
         if len(rest) != 1 or rest[0] not in default:
             raise FedmergeError(f"{source}: unknown key {'.'.join(path)}; valid: {sorted(default)}")
-        target[rest[0]] = _checked_type(".".join(path), default[rest[0]], value, source)
+        target[rest[0]] = checked_type(".".join(path), default[rest[0]], value, source)
         return
     for part in rest[:-1]:
         target = target.setdefault(part, {})
@@ -225,7 +225,7 @@ def _set(cfg: dict[str, Any], path: tuple[str, ...], value: Any, source: str) ->
     target[rest[-1]] = value
 
 
-def _checked_type(name: str, default: Any, value: Any, source: str) -> Any:
+def checked_type(name: str, default: Any, value: Any, source: str) -> Any:
     """``value`` if its type fits the default's (ints are accepted where floats are expected)."""
     if isinstance(default, bool):
         ok = isinstance(value, bool)

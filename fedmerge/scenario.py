@@ -288,6 +288,15 @@ class Scenario:
         """The resolved two-level table (lists for sequences; a deep copy, safe to change)."""
         return _table(self)
 
+    def with_changes(self, **sections: Mapping[str, Any]) -> Scenario:
+        """This scenario with the keys of each ``section={key: value, ...}`` changed, built and checked again as
+        :meth:`from_mapping` builds a scenario (a change the checks refuse raises FedmergeError naming it); the
+        programmatic form of :func:`fedmerge.config.apply_overrides`."""
+        table = self.to_mapping()
+        for section, changes in sections.items():
+            table.setdefault(section, {}).update(changes)
+        return Scenario.from_mapping(table, source="changed scenario")
+
     def load_domain(self, name: str) -> Domain:
         """Domain ``name`` of the data source (synthetic domains: generated from ``run.seed``)."""
         source = self.data.source

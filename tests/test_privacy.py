@@ -919,3 +919,38 @@ def test_pooling_refuses_what_is_not_one_study():
         section[0] = {**section[0], "unit": "domain", "epsilon": "4"}
     with pytest.raises(FedmergeError, match=r"cells \[\('domain', '8'\), \('user', '4'\)\] of the combined grid"):
         pool_studies([user8, domain4], ["a", "b"])
+
+
+def test_a_study_whose_dp_cells_the_scenario_checks_refuse_fails_when_it_loads():
+    """`dp_config` built each cell with dataclasses.replace, skipping the scenario's checks: `privacy-seq` with
+    θ₀ distillation (refused with privacy.enabled) loaded and ran its DP cells unchecked."""
+    from fedmerge.errors import FedmergeError
+    from fedmerge.privacy.study import dp_config, load_study
+
+    with pytest.raises(FedmergeError, match="theta0_distill.*privacy.enabled"):
+        load_study("privacy-seq", ["model.params.theta0_distill=0.1", "privacy_study.epsilons=[4.0]"])
+    no_dp, _ = load_study("privacy-seq", ["privacy_study.units=['domain']"])
+    bad = no_dp.to_mapping()
+    bad["model"]["params"]["theta0_distill"] = 0.1
+    from fedmerge.scenario import Scenario
+
+    with pytest.raises(FedmergeError, match="theta0_distill"):
+        dp_config(Scenario.from_mapping(bad), "domain", 4.0, 1e-5, seed=0)
+
+
+@pytest.mark.parametrize("override, key", [
+    ('privacy_study.delta="x"', "privacy_study.delta"),
+    ('privacy_study.probe_max_users="many"', "privacy_study.probe_max_users"),
+    ('privacy_study.reference_models="two"', "privacy_study.reference_models"),
+    ('privacy_study.member_fraction=[0.5]', "privacy_study.member_fraction"),
+    ('privacy_study.methods="ties"', "privacy_study.methods"),
+    ('privacy_study.probe_positions=3', "privacy_study.probe_positions"),
+])
+def test_study_settings_of_the_wrong_type_name_their_key(tiny_scenario, override, key):
+    """A string where the study wants a number raised a bare ValueError from float()/int(), and a string where it
+    wants a list was read character by character ("methods ['t', 'i', 'e', 's'] are not in merge.methods")."""
+    from fedmerge.errors import FedmergeError
+    from fedmerge.privacy.study import load_study
+
+    with pytest.raises(FedmergeError, match=key.replace(".", r"\.") + " must be"):
+        load_study(str(tiny_scenario), [override])

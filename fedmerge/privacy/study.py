@@ -44,7 +44,7 @@ import math
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,7 +94,7 @@ def study_noise_base(base: int, seed: int) -> int:
 
 def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, PrivacyStudySettings]:
     """(resolved scenario, study settings): the ``[privacy_study]`` table is the study's, the rest is a scenario."""
-    from fedmerge.config import apply_overrides, parse_value, scenario_path
+    from fedmerge.config import apply_overrides, checked_type, parse_value, scenario_path
 
     path = scenario_path(scenario)
     try:
@@ -113,11 +113,21 @@ def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, 
     for key, value, source in items:
         if key not in STUDY_KEYS:
             raise FedmergeError(f"{source}: unknown key {prefix}{key}; valid: {sorted(STUDY_KEYS)}")
-        study[key] = value
+        default = study[key]
+        study[key] = checked_type(f"{prefix}{key}", list(default) if isinstance(default, tuple) else default,
+                                  value, source)
     scenario_overrides = [o for o in overrides if not o.startswith(prefix)]
     cfg = apply_overrides(Scenario.from_mapping(raw, source=str(path)), scenario_overrides)
     validate_study(study, cfg)
-    return cfg, settings_from_mapping(study)
+    settings = settings_from_mapping(study)
+    for unit in settings.units:  # every DP cell's scenario passes the scenario checks before any cell trains
+        for epsilon in {e for e in settings.epsilons if not math.isinf(e)}:
+            try:
+                dp_scenario(cfg, unit, epsilon, settings.delta, settings.seeds[0])
+            except FedmergeError as err:
+                raise FedmergeError(f"{path}: the study's DP cells (privacy.unit = {unit!r}, ε = {epsilon:g}) "
+                                    f"are refused: {err}") from err
+    return cfg, settings
 
 
 def settings_from_mapping(study: Mapping[str, Any]) -> PrivacyStudySettings:
@@ -173,23 +183,28 @@ def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
                             f"candidate IN half of the shadow models, >= 2 each way to estimate a spread), got {online!r}")
 
 
-def dp_config(cfg: Scenario, unit: str, epsilon: float, delta: float, seed: int) -> tuple[Scenario, float]:
-    """(config of one cell, its noise multiplier z): run seed ``seed``, DP off for ε = ∞, else ``privacy.unit`` =
-    ``unit`` calibrated to (ε, δ) over all of a client's releases (:func:`fedmerge.privacy.client.noise_multiplier`).
+def dp_scenario(cfg: Scenario, unit: str, epsilon: float, delta: float, seed: int) -> Scenario:
+    """The scenario of one cell, checked as any scenario is: run seed ``seed``, DP off for ε = ∞, else
+    ``privacy.unit`` = ``unit`` at target (ε, δ).
 
     A seeded study (``privacy.noise_seed`` = b ≥ 0) draws other noise for every study seed s: noise seed
     b + 1000003·s (b itself for s = 0), so the interval over seeds covers the noise; b < 0 keeps OS entropy.
     """
+    run = {"seed": int(seed)}
+    if math.isinf(epsilon):
+        return cfg.with_changes(run=run, privacy={"enabled": False})
+    return cfg.with_changes(run=run, privacy={
+        "enabled": True, "unit": unit, "target_epsilon": float(epsilon), "delta": float(delta),
+        "noise_seed": study_noise_base(cfg.privacy.noise_seed, seed)})
+
+
+def dp_config(cfg: Scenario, unit: str, epsilon: float, delta: float, seed: int) -> tuple[Scenario, float]:
+    """(:func:`dp_scenario`, its noise multiplier z) for one cell: z calibrated to (ε, δ) over all of a client's
+    releases (:func:`fedmerge.privacy.client.noise_multiplier`), 0 for ε = ∞."""
     from fedmerge.privacy.client import noise_multiplier
 
-    out = replace(cfg, run=replace(cfg.run, seed=int(seed)))
-    if math.isinf(epsilon):
-        return replace(out, privacy=replace(out.privacy, enabled=False)), 0.0
-    base = out.privacy.noise_seed
-    out = replace(out, privacy=replace(out.privacy, enabled=True, unit=unit, target_epsilon=float(epsilon),
-                                       delta=float(delta),
-                                       noise_seed=study_noise_base(base, seed)))
-    return out, noise_multiplier(out)
+    out = dp_scenario(cfg, unit, epsilon, delta, seed)
+    return out, (noise_multiplier(out) if out.privacy.enabled else 0.0)
 
 
 def epsilon_label(epsilon: float) -> str:
@@ -284,8 +299,8 @@ def _reference_config(cfg: Scenario, reference_seed: int) -> Scenario:
     seed would make the reference models' noise equal the target's and cancel in the likelihood ratio."""
     offset = REFERENCE_SEED_STRIDE * (reference_seed + 1)
     base = cfg.privacy.noise_seed
-    return replace(cfg, run=replace(cfg.run, seed=cfg.run.seed + offset),
-                   privacy=replace(cfg.privacy, noise_seed=-1 if base < 0 else base + offset))
+    return cfg.with_changes(run={"seed": cfg.run.seed + offset},
+                            privacy={"noise_seed": -1 if base < 0 else base + offset})
 
 
 ATTACK_KEYS = ("probe_domain", "member_fraction", "probe_max_users", "probe_positions", "reference_models")

@@ -13,7 +13,6 @@ import io
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ AGGREGATE_FILE = "aggregate.json"
 
 def seed_config(cfg: Scenario, seed: int) -> Scenario:
     """``cfg`` as the single run of ``seed``: ``run.seed = seed``, ``run.seeds`` emptied."""
-    return replace(cfg, run=replace(cfg.run, seed=int(seed), seeds=()))
+    return cfg.with_changes(run={"seed": int(seed), "seeds": []})
 
 
 def seed_dir(out_dir: str | Path, seed: int) -> Path:
