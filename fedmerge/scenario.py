@@ -74,7 +74,9 @@ class DataSettings:
             if self.domains:
                 unknown = [d for d in self.domains if d not in generated]
                 if unknown:
-                    raise FedmergeError(f"data.domains names unknown synthetic domain(s) {unknown}; valid: {generated}")
+                    raise FedmergeError(f"data.domains names unknown synthetic domain(s) {unknown}; valid: {generated} "
+                                        "(data.source is \"synthetic\"; for domain folders of your own set "
+                                        "data.source = \"generic\" and data.root)")
                 return list(self.domains)
             return generated
         return list(self.domains)
@@ -101,11 +103,16 @@ class DataSettings:
         for candidate in (root / name, root / f"{name}.tar.gz"):
             if candidate.exists():
                 return candidate
+        where = f"domain {name!r} not found under {root.resolve()} (looked for {name}/ and {name}.tar.gz)"
+        if self.source == "generic":
+            from fedmerge.data.generic import INTERACTIONS_FILE, ITEMS_FILE
+
+            raise DataError(f"{where}: each domain is a folder {name}/ with {INTERACTIONS_FILE} and {ITEMS_FILE} "
+                            "under data.root (--set data.root=DIR)")
         domains = ",".join(self.domain_names())
         raise DataError(
-            f"domain {name!r} not found under {root.resolve()} (looked for {name}/ and {name}.tar.gz). Get the data "
-            f"with `fedmerge data download amazon --domains {domains} --dest {root}`, or point data.root "
-            f"(--set data.root=DIR) or ${AMAZON_ROOT_ENV} at a folder that has it"
+            f"{where}. Get the data with `fedmerge data download amazon --domains {domains} --dest {root}`, or point "
+            f"data.root (--set data.root=DIR) or ${AMAZON_ROOT_ENV} at a folder that has it"
         )
 
 
@@ -302,14 +309,17 @@ class Scenario:
         source = self.data.source
         if source == "synthetic":
             return _synthetic_domains(self.run.seed, self.data.synthetic)[name]
+        from fedmerge.data import detect_format, load_domain
+
         path = self.data.domain_path(name)
         if source == "amazon":
             from fedmerge.data.amazon import load_amazon_domain
 
+            if path.is_dir() and detect_format(path) == "generic":
+                raise DataError(f"{path}: a generic-format domain (interactions.csv + items.jsonl) while data.source "
+                                "is \"amazon\"; set data.source = \"generic\"")
             return load_amazon_domain(path, name=name)
-        from fedmerge.data import load_domain
-
-        return load_domain(path)
+        return load_domain(path, name)
 
     def load_catalog(self, name: str) -> ItemCatalog:
         """The public catalog of domain ``name`` (what the server may read)."""

@@ -143,7 +143,7 @@ def test_real_domain_info_matches_readme(amazon_dir, domain, capsys):
         assert readme_counts(amazon_dir / "README.md")[domain] == AMAZON_COUNTS[domain]
     assert main(["data", "info", str(source), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert (info["users"], info["items"], info["interactions"]) == AMAZON_COUNTS[domain]
+    assert (info["users"], info["items"], info["train_interactions"]) == AMAZON_COUNTS[domain]
     assert info["domain"] == domain
 
 

@@ -31,14 +31,14 @@ def test_info_json_is_one_object(tmp_path, capsys):
     out = capsys.readouterr().out
     info = json.loads(out)
     assert info == load_domain(folder).summary()
-    assert {"users", "items", "interactions"} <= info.keys()
+    assert {"users", "items", "train_interactions"} <= info.keys()
     assert out.count("\n") == 1
 
 
 def test_info_text(tmp_path, capsys):
     assert main(["data", "info", str(write_folder(tmp_path))]) == 0
     out = capsys.readouterr().out
-    assert "users" in out and "interactions" in out
+    assert "users" in out and "train_interactions" in out
 
 
 def test_bad_path_is_exit_1_with_one_line(tmp_path, capsys):

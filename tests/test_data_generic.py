@@ -24,8 +24,12 @@ def write_generic(folder: Path, rows: list[str], items: list[dict] | None = None
 
 
 def reference_sequences(rows: list[tuple[str, str, float]], min_user: int, k: int) -> dict[str, list[str]]:
-    """Independent reference: iterate dict-based filtering to a fixed point, then sort each user's items by time."""
-    kept = list(enumerate(rows))
+    """Independent reference: drop exact repeats of a row, iterate dict-based filtering to a fixed point, then sort
+    each user's items by time."""
+    first = {}
+    for n, row in enumerate(rows):
+        first.setdefault(row, n)
+    kept = [(n, row) for row, n in sorted(first.items(), key=lambda kv: kv[1])]
     while True:
         users = Counter(r[0] for _, r in kept)
         items = Counter(r[1] for _, r in kept)
@@ -72,7 +76,7 @@ def test_k_core_matches_independent_fixed_point(tmp_path):
     ("rows", "header", "pattern"),
     [
         (["u1,i0,1"], "user,item", r"interactions\.csv:1: header .* lacks column\(s\) timestamp"),
-        (["u1,i0,1", "u1,i1,yesterday"], "user,item,timestamp", r"interactions\.csv:3: timestamp 'yesterday' is not a number"),
+        (["u1,i0,1", "u1,i1,yesterday"], "user,item,timestamp", r"interactions\.csv:3: timestamp 'yesterday' is neither a number nor an ISO 8601 date"),
         (["u1,i0,1", "u1,i1"], "user,item,timestamp", r"interactions\.csv:3: 2 fields, expected 3"),
         (["u1,i0,1,extra"], "user,item,timestamp", r"interactions\.csv:2: 4 fields, expected 3"),
         (["u1,,1"], "user,item,timestamp", r"interactions\.csv:2: empty user or item"),
@@ -98,6 +102,8 @@ def test_extra_columns_in_any_order(tmp_path):
         ('{"id": "i0", "title": "A"}\n{"id": "i1", "title": \n', r"items\.jsonl:2: invalid JSON"),
         ('{"id": "i0", "title": "A"}\n{"id": "i1", "title": "", "brand": ""}\n', r"items\.jsonl:2: item 'i1' has no text"),
         ('{"title": "no id"}\n', r"items\.jsonl:1: expected a JSON object with an 'id'"),
+        ('{"id": null, "title": "A"}\n', r"items\.jsonl:1: expected a JSON object with an 'id'"),
+        ('{"id": {"a": 1}, "title": "A"}\n', r"items\.jsonl:1: expected a JSON object with an 'id'"),
         ('{"id": "i0", "title": "A"}\n{"id": "i0", "title": "B"}\n', r"items\.jsonl:2: item id 'i0' occurs twice"),
         ("\n", r"items\.jsonl: no items"),
     ],
@@ -184,3 +190,82 @@ def test_over_long_fields_and_lines_name_file_and_line(tmp_path, monkeypatch):
     monkeypatch.setattr(generic, "MAX_LINE_BYTES", 200)
     with pytest.raises(DataError, match=rf"{folder / 'items.jsonl'}:3: line longer than 200 bytes"):
         load_generic_domain(folder)
+
+
+def test_exact_duplicate_rows_are_dropped_and_counted(tmp_path, caplog):
+    """Every row written twice kept both copies side by side, so each user's validation item was its test item and
+    the last item of its input: Recall@10 1.00 for the sequential model on own data (0.22 without the copies)."""
+    rows = ["u1,i0,1", "u1,i1,2", "u1,i2,3", "u1,i3,4", "u2,i1,1", "u2,i2,2", "u2,i3,3"]
+    clean = load_generic_domain(write_generic(tmp_path / "clean", rows))
+    with caplog.at_level("WARNING", logger="fedmerge"):
+        doubled = load_generic_domain(write_generic(tmp_path / "doubled", rows + rows))
+    assert doubled.user_ids == clean.user_ids
+    assert [s.tolist() for s in doubled.train] == [s.tolist() for s in clean.train]
+    assert doubled.val_target.tolist() == clean.val_target.tolist()
+    assert doubled.test_target.tolist() == clean.test_target.tolist()
+    assert "7 exact duplicate rows" in caplog.text
+    # one real interaction written three times is one interaction: not enough for a user
+    with pytest.raises(DataError, match="no user has >= 3 interactions"):
+        load_generic_domain(write_generic(tmp_path / "thrice", ["u1,i0,1"] * 3))
+    # the same item again at another time is a repeat purchase, kept
+    repeat = load_generic_domain(write_generic(tmp_path / "repeat", ["u1,i0,1", "u1,i0,2", "u1,i0,3"]))
+    assert repeat.n_users == 1 and repeat.test_target.tolist() == [0]
+
+
+def test_iso_dates_order_like_their_times(tmp_path):
+    rows = ["u1,i0,2021-03-01T10:00:00", "u1,i1,2021-02-28", "u1,i2,2021-03-01T09:00:00+00:00", "u1,i3,2021-03-02"]
+    domain = load_generic_domain(write_generic(tmp_path / "d", rows))
+    assert (domain.train[0].tolist(), int(domain.val_target[0]), int(domain.test_target[0])) == ([1, 2], 0, 3)
+
+
+@pytest.mark.parametrize(
+    ("header", "pattern"),
+    [
+        ("user;item;timestamp", r"header .* separated by ';'.* comma-separated"),
+        ("user\titem\ttimestamp", r"header .* separated by a tab.* comma-separated"),
+    ],
+)
+def test_a_header_with_another_delimiter_says_so(tmp_path, header, pattern):
+    with pytest.raises(DataError, match=pattern):
+        load_generic_domain(write_generic(tmp_path / "d", ["u1;i0;1"], header=header.replace("\\t", "\t")))
+
+
+def test_header_names_are_matched_without_case(tmp_path):
+    domain = load_generic_domain(write_generic(tmp_path / "d", ["u1,i0,1", "u1,i1,2", "u1,i2,3"],
+                                               header="User, Item ,TIMESTAMP"))
+    assert domain.user_ids == ("u1",) and int(domain.test_target[0]) == 2
+
+
+def test_item_ids_and_text_values_are_read_as_the_csv_reads_them(tmp_path):
+    """Ids in items.jsonl kept their spaces (the CSV's are stripped), so ' i0 ' never matched; a list became
+    "['Toys', 'Cars']", NaN the word "nan" (an item of NaN fields passed as having text)."""
+    items = [{"id": " i0 ", "title": "A", "category": ["Toys", "Cars"]},
+             {"id": "i1", "title": "B", "tags": [["x", "y"], "z"], "price": 3.5},
+             {"id": "i2", "title": "C", "brand": float("nan"), "size": None}]
+    folder = write_generic(tmp_path / "d", ["u1,i0,1", "u1,i1,2", "u1,i2,3"], items=items)
+    domain = load_generic_domain(folder)
+    assert domain.catalog.ids == ("i0", "i1", "i2")
+    assert domain.catalog.texts() == ["A Category: Toys, Cars", "B Tags: x, y, z Price: 3.5", "C"]
+    nan_only = write_generic(tmp_path / "e", ["u1,i0,1"], items=[{"id": "i0", "title": float("nan")}])
+    with pytest.raises(DataError, match="item 'i0' has no text"):
+        load_domain(nan_only)
+    nested = write_generic(tmp_path / "f", ["u1,i0,1"], items=[{"id": "i0", "title": "A", "details": {"c": "red"}}])
+    with pytest.raises(DataError, match=r"items\.jsonl:1: item 'i0': field 'details' is a JSON object"):
+        load_domain(nested)
+
+
+def test_a_linked_folder_keeps_its_own_name(tmp_path):
+    target = write_generic(tmp_path / "plain", ["u1,i0,1", "u1,i1,2", "u1,i2,3"])
+    (tmp_path / "shopX").symlink_to(target)
+    assert load_domain(tmp_path / "shopX").name == "shopX"
+
+
+def test_a_tarball_of_a_generic_domain_says_to_unpack_it(tmp_path):
+    import tarfile
+
+    folder = write_generic(tmp_path / "plain", ["u1,i0,1", "u1,i1,2", "u1,i2,3"])
+    tarball = tmp_path / "plain.tar.gz"
+    with tarfile.open(tarball, "w:gz") as archive:
+        archive.add(folder, arcname="plain")
+    with pytest.raises(DataError, match=r"generic-format domain.*unpack it into a folder"):
+        load_domain(tarball)

@@ -110,3 +110,28 @@ def test_server_side_modules_never_import_client_modules():
             "print([m for m in ('fedmerge.runners.client', 'clients.app') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_own_data_mistakes_point_at_data_source(tmp_path):
+    """Own folders under the default synthetic source were "unknown synthetic domain(s)"; under the generic source a
+    missing folder suggested an Amazon download; a generic folder under the Amazon source was "missing train.json"."""
+    import json
+
+    from fedmerge.config import apply_overrides, load_scenario
+    from fedmerge.errors import DataError
+
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    (shop / "interactions.csv").write_text("user,item,timestamp\nu1,i0,1\nu1,i1,2\nu1,i2,3\n")
+    (shop / "items.jsonl").write_text("".join(json.dumps({"id": f"i{k}", "title": f"T{k}"}) + "\n" for k in range(3)))
+    with pytest.raises(FedmergeError, match=r"data\.source = \"generic\""):
+        load_scenario("quickstart", ['data.domains=["shop"]'])
+    generic = load_scenario("quickstart", ['data.source="generic"', f'data.root="{tmp_path}"',
+                                           'data.domains=["shop", "other"]'])
+    assert generic.load_domain("shop").n_users == 1
+    with pytest.raises(DataError, match="interactions.csv") as missing:
+        generic.load_domain("other")
+    assert "download amazon" not in str(missing.value)
+    amazon = apply_overrides(generic, ['data.source="amazon"'])
+    with pytest.raises(DataError, match=r"generic-format.*data\.source = \"generic\""):
+        amazon.load_domain("shop")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedmerge.data.domain import Domain, ItemCatalog, as_sequences, item_text
+from fedmerge.data.generic import INTERACTIONS_FILE, ITEMS_FILE
 from fedmerge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 SEQUENCE_FILES = ("train.json", "val.json", "test.json")
 CATALOG_FILES = ("smap.json", "meta_data.json")
 AMAZON_FILES = SEQUENCE_FILES + ("umap.json",) + CATALOG_FILES
+GENERIC_FILES = (INTERACTIONS_FILE, ITEMS_FILE)  # named in the error for a tarball of a generic-format domain
 TARBALL_SUFFIXES = (".tar.gz", ".tgz")
 # One JSON file is parsed in memory (several times its size): a bound against a crafted or corrupt tarball member
 # (a gzip bomb) exhausting the client's memory. The real members are 2-3 MB.
@@ -82,10 +84,13 @@ def _read_tarball(tarball: Path, names: Iterable[str]) -> dict[str, Any]:
     """Parse the wanted JSON members (at the top level or one folder deep) in one streaming pass."""
     wanted = set(names)
     parsed: dict[str, Any] = {}
+    generic_members: set[str] = set()
     try:
         with tarfile.open(tarball, "r|gz") as archive:
             for member in archive:
                 parts = Path(member.name).parts
+                if parts and parts[-1] in GENERIC_FILES:
+                    generic_members.add(parts[-1])
                 if not member.isfile() or len(parts) > 2 or parts[-1] not in wanted:
                     continue
                 if parts[-1] in parsed:
@@ -96,6 +101,10 @@ def _read_tarball(tarball: Path, names: Iterable[str]) -> dict[str, Any]:
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise DataError(f"{tarball}: unreadable or truncated tarball ({type(exc).__name__}: {exc})") from None
     missing = sorted(wanted - parsed.keys())
+    if missing and generic_members:
+        raise DataError(f"{tarball}: holds {', '.join(sorted(generic_members))} of a generic-format domain; a tarball "
+                        "is read in MergeRec's Amazon format only: unpack it into a folder (tar xzf) and pass the "
+                        "folder")
     if missing:
         raise DataError(f"{tarball}: missing {', '.join(missing)}")
     return parsed

@@ -20,13 +20,13 @@ if TYPE_CHECKING:
     import scipy.sparse
 
 Split = Literal["val", "test"]
-TEXT_FIELDS = ("title", "brand", "category")
 
 
 def item_text(fields: Mapping[str, str]) -> str:
-    """Render an item's text fields as one string: ``"<title> Brand: <brand> Category: <category>"``.
+    """Render an item's text fields as one string: the title first, then every other field as ``"Key: value"`` in
+    the record's order (``{"title": "T", "brand": "B", "category": "C"}`` → ``"T Brand: B Category: C"``).
 
-    Empty fields are left out; fields other than title/brand/category are appended as ``"Key: value"``.
+    Empty fields are left out.
     """
     parts = [str(fields.get("title", "")).strip()]
     for key, value in fields.items():
@@ -154,7 +154,7 @@ class Domain:
             "domain": self.name,
             "users": self.n_users,
             "items": self.n_items,
-            "interactions": self.n_interactions,
+            "train_interactions": self.n_interactions,
             "seq_len_min": int(lengths.min()),
             "seq_len_median": float(np.median(lengths)),
             "seq_len_mean": round(float(lengths.mean()), 3),

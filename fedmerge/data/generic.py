@@ -1,9 +1,15 @@
 """Generic domain format: ``interactions.csv`` (``user,item,timestamp``) plus ``items.jsonl`` (``id`` + text fields).
 
+Header names are matched without case or surrounding spaces; a timestamp is a number (e.g. Unix seconds) or an
+ISO 8601 date or date-time (one without a zone counts as UTC). Rows repeating another row exactly (same user, item
+and timestamp) are dropped with a warning; the same item at another time is a repeat interaction and kept.
 Sequences are built per user by a stable sort on timestamp (ties keep file order), users with fewer than
 ``min_interactions`` interactions are dropped (default 3, so that train keeps >= 1 item), an optional k-core filter
 is applied, and each sequence is split leave-one-out: last item = test target, second last = validation target,
 the rest = train.
+
+In ``items.jsonl`` ids are stripped of surrounding spaces as the CSV's are; a text value may be a string, a number,
+a boolean or a (nested) list of them (joined with ", "); null, NaN and empty values count as absent.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import re
+from datetime import datetime, timezone
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,12 +77,21 @@ def read_items_jsonl(file: Path) -> ItemCatalog:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{file}:{line_no}: invalid JSON: {exc}") from None
-            if not isinstance(record, dict) or record.get("id") in (None, ""):
+            raw_id = record.pop("id", None) if isinstance(record, dict) else None
+            item_id = _field_text(raw_id) if isinstance(raw_id, str | int | float) else ""
+            if not item_id:
                 raise DataError(f"{file}:{line_no}: expected a JSON object with an 'id' field")
-            item_id = str(record.pop("id"))
             if item_id in seen:
                 raise DataError(f"{file}:{line_no}: item id {item_id!r} occurs twice")
-            text_fields = {str(k): str(v) for k, v in record.items() if v is not None}
+            text_fields = {}
+            for key, value in record.items():
+                try:
+                    text = _field_text(value)
+                except TypeError:
+                    raise DataError(f"{file}:{line_no}: item {item_id!r}: field {key!r} is a JSON object; give text, "
+                                    "a number or a list of them") from None
+                if text:
+                    text_fields[str(key)] = text
             if not item_text(text_fields):
                 raise DataError(f"{file}:{line_no}: item {item_id!r} has no text fields")
             seen.add(item_id)
@@ -83,6 +100,32 @@ def read_items_jsonl(file: Path) -> ItemCatalog:
     if not ids:
         raise DataError(f"{file}: no items")
     return ItemCatalog(ids=tuple(ids), fields=tuple(fields))
+
+
+def _field_text(value: Any) -> str:
+    """The text of one items.jsonl value: strings stripped, numbers and booleans as JSON writes them, (nested) lists
+    joined with ", "; None, NaN, ±inf and empty values give "". TypeError for a JSON object."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}" if math.isfinite(value) else ""
+    if isinstance(value, list):
+        return ", ".join(t for t in map(_field_text, value) if t)
+    if isinstance(value, dict):
+        raise TypeError("a JSON object")
+    return str(value).strip()
+
+
+def parse_timestamp(text: str) -> float:
+    """Seconds of a CSV timestamp: a number as it is, an ISO 8601 date or date-time as Unix seconds (no zone: UTC);
+    ValueError otherwise."""
+    try:
+        return float(text)
+    except ValueError:
+        moment = datetime.fromisoformat(text.strip())
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def read_interactions_csv(file: Path) -> tuple[list[str], list[str], np.ndarray]:
@@ -100,10 +143,12 @@ def read_interactions_csv(file: Path) -> tuple[list[str], list[str], np.ndarray]
         header = next(rows, None)
         if header is None:
             raise DataError(f"{file}: empty file (expected a header {','.join(REQUIRED_COLUMNS)})")
-        header = [h.strip() for h in header]
+        header = [h.strip().lower() for h in header]
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
-            raise DataError(f"{file}:1: header {header} lacks column(s) {', '.join(missing)}")
+            other = next((name for sep, name in ((";", "';'"), ("\t", "a tab"), ("|", "'|'")) if sep in header[0]), "")
+            hint = f" (it looks separated by {other}; the file must be comma-separated)" if len(header) == 1 and other else ""
+            raise DataError(f"{file}:1: header {header} lacks column(s) {', '.join(missing)}{hint}")
         u_col, i_col, t_col = (header.index(c) for c in REQUIRED_COLUMNS)
         for row in rows:
             if not row:
@@ -114,9 +159,10 @@ def read_interactions_csv(file: Path) -> tuple[list[str], list[str], np.ndarray]
             if not user or not item:
                 raise DataError(f"{file}:{reader.line_num}: empty user or item")
             try:
-                timestamp = float(row[t_col])
+                timestamp = parse_timestamp(row[t_col])
             except ValueError:
-                raise DataError(f"{file}:{reader.line_num}: timestamp {row[t_col]!r} is not a number") from None
+                raise DataError(f"{file}:{reader.line_num}: timestamp {row[t_col]!r} is neither a number nor an ISO "
+                                "8601 date") from None
             if not np.isfinite(timestamp):
                 raise DataError(f"{file}:{reader.line_num}: timestamp {row[t_col]!r} is not finite")
             users.append(user)
@@ -153,10 +199,12 @@ def _checked_rows(reader: Any, file: Path) -> Iterator[list[str]]:
         yield row
 
 
-def core_filter(user_codes: np.ndarray, item_codes: np.ndarray, min_user: int, min_item: int) -> np.ndarray:
+def core_filter(user_codes: np.ndarray, item_codes: np.ndarray, min_user: int, min_item: int,
+                keep: np.ndarray | None = None) -> np.ndarray:
     """Boolean mask of interactions kept by iterated filtering until every kept user has >= ``min_user`` and every
-    kept item >= ``min_item`` interactions (repeats count; ``min_item <= 1`` filters users only)."""
-    keep = np.ones(len(user_codes), dtype=bool)
+    kept item >= ``min_item`` interactions (repeats count; ``min_item <= 1`` filters users only), starting from the
+    rows ``keep`` marks (default: all)."""
+    keep = np.ones(len(user_codes), dtype=bool) if keep is None else keep.copy()
     while True:
         user_count = np.bincount(user_codes[keep], minlength=user_codes.max() + 1)
         item_count = np.bincount(item_codes[keep], minlength=item_codes.max() + 1)
@@ -199,7 +247,14 @@ def load_generic_domain(
         raise DataError(f"{csv_file}: {len(unknown)} items have no text record in {ITEMS_FILE}, e.g. {unknown[:3]}")
     user_ids, user_codes = np.unique(np.asarray(users, dtype=object), return_inverse=True)
     item_codes = np.fromiter((item_index[i] for i in items), dtype=np.int64, count=len(items))
-    keep = core_filter(user_codes, item_codes, max(min_interactions, k_core or 0), k_core or 0)
+    first_rows = np.unique(np.stack([user_codes, item_codes, times.view(np.int64)], axis=1), axis=0,
+                           return_index=True)[1]
+    unique = np.zeros(len(items), dtype=bool)
+    unique[first_rows] = True
+    if not unique.all():
+        logger.warning("%s: dropped %d exact duplicate rows (same user, item and timestamp as an earlier row)",
+                       csv_file, int((~unique).sum()))
+    keep = core_filter(user_codes, item_codes, max(min_interactions, k_core or 0), k_core or 0, unique)
     if not keep.any():
         raise DataError(f"{csv_file}: no user has >= {max(min_interactions, k_core or 0)} interactions after filtering")
     if not keep.all():
@@ -212,7 +267,7 @@ def load_generic_domain(
     groups.sort(key=lambda g: g.min())  # users in order of their first (kept) appearance in the file
     sequences = [item_codes[g] for g in groups]
     return split_leave_one_out(
-        name or folder.resolve().name, catalog, sequences, [str(user_ids[user_codes[g[0]]]) for g in groups]
+        name or (folder.name if folder.name not in ("", "..") else folder.resolve().name), catalog, sequences, [str(user_ids[user_codes[g[0]]]) for g in groups]
     )
 
 
