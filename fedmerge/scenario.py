@@ -95,6 +95,15 @@ class DataSettings:
 
         return Path(self.root).expanduser() if self.root else default_amazon_root()
 
+    def file_digests(self) -> dict[str, str]:
+        """Each domain's :func:`~fedmerge.data.domain_files_digest` (empty for generated synthetic domains, which the
+        seed and settings fix)."""
+        if self.source == "synthetic":
+            return {}
+        from fedmerge.data import domain_files_digest
+
+        return {name: domain_files_digest(self.domain_path(name)) for name in self.domain_names()}
+
     def domain_path(self, name: str) -> Path:
         """Where domain ``name`` lives under the data root: ``<name>/`` folder or ``<name>.tar.gz``."""
         from fedmerge.data.amazon import AMAZON_ROOT_ENV

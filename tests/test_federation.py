@@ -397,6 +397,25 @@ def test_resume_refuses_weights_from_another_configuration(cfg, tmp_path):
         run_scenario(small, "inprocess", tmp_path / "run", resume=True)
 
 
+def test_resume_refuses_weights_trained_on_data_that_changed_since(cfg, tmp_path, synthetic_domains):
+    """The fingerprint covered the settings, not the data: a domain folder edited after the run resumed with
+    status ok, its weights (trained on the old users) evaluated on the new ones."""
+    from fedmerge.data import save_generic_domain
+    from fedmerge.runners.simulation import run_scenario
+
+    for domain in synthetic_domains[:2]:
+        save_generic_domain(domain, tmp_path / "data" / domain.name)
+    own = apply_overrides(cfg, ['data.source="generic"', f'data.root="{tmp_path / "data"}"',
+                                'data.domains=["synth-0","synth-1"]', 'merge.methods=["average"]',
+                                "baselines.fedavg_rounds=0", "baselines.joint=false"])
+    run_scenario(own, "inprocess", tmp_path / "run")
+    assert run_scenario(own, "inprocess", tmp_path / "run", resume=True)["status"] == "ok"  # same data: resumes
+    csv_file = tmp_path / "data" / "synth-1" / "interactions.csv"
+    csv_file.write_text("".join(csv_file.read_text().splitlines(keepends=True)[:-40]))
+    with pytest.raises(FedmergeError, match=r"synth-1.*changed since the run"):
+        run_scenario(own, "inprocess", tmp_path / "run", resume=True)
+
+
 def test_resume_checks_saved_client_weights_like_replies(cfg, tmp_path):
     """A saved client file goes through the checks a reply passes: a NaN weight is a recorded rejection (the other
     clients are merged), not merged or clipped into NaN models; a file whose metadata names another domain than

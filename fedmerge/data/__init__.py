@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
-from fedmerge.data.amazon import is_tarball, load_amazon_catalog, load_amazon_domain
+from fedmerge.data.amazon import AMAZON_FILES, is_tarball, load_amazon_catalog, load_amazon_domain
 from fedmerge.data.domain import (
     Domain,
     ItemCatalog,
@@ -29,6 +30,7 @@ __all__ = [
     "Split",
     "concat_domains",
     "detect_format",
+    "domain_files_digest",
     "domain_item_offsets",
     "interaction_matrix",
     "item_text",
@@ -77,3 +79,21 @@ def load_catalog(path: str | Path, name: str | None = None) -> ItemCatalog:
     if detect_format(path) == "amazon":
         return load_amazon_catalog(path)
     return load_generic_catalog(path)
+
+
+def domain_files_digest(path: str | Path) -> str:
+    """sha256 of the files a domain is read from: a tarball's bytes, or a folder's Amazon or generic files (name and
+    bytes of each, in a fixed order). What a resumed run compares to tell that the data changed since the run."""
+    path = Path(path)
+    files = [path] if path.is_file() else [path / name for name in (
+        AMAZON_FILES if detect_format(path) == "amazon" else (INTERACTIONS_FILE, ITEMS_FILE))]
+    digest = hashlib.sha256()
+    for file in files:
+        if not file.is_file():
+            continue
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()

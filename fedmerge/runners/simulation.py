@@ -8,6 +8,7 @@ ServerApp writes, never from an exit code.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -28,6 +29,7 @@ RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Ray folds worker lines that differ only in numbers into "[repeated Nx across cluster]", which would hide each
 # client's own "<domain>: round r trained in t s"; "0" keeps every line (only read with --verbose's log_to_driver).
 RAY_DEDUP_ENV = "RAY_DEDUP_LOGS"
+DATA_DIGESTS_FILE = "data_digests.json"  # sha256 of each domain's files when the run started (check_or_record_data)
 SIMULATION_POLL_S = 10.0  # seconds between `flwr ls` polls while the run has written no results.json yet
 
 
@@ -54,11 +56,39 @@ def run_scenario(
     from fedmerge.storage import run_folder
 
     with run_folder(out_dir, resume=resume, overwrite=overwrite):
+        check_or_record_data(cfg, Path(out_dir), resume)
         if resume:
             from fedmerge.runners.results import archive_results
 
             archive_results(out_dir)
         return _run_engine(cfg, engine, out_dir, resume)
+
+
+def check_or_record_data(cfg: Scenario, out_dir: Path, resume: bool) -> None:
+    """A new run records the digests of its domains' files (:data:`DATA_DIGESTS_FILE`); a resumed one compares them
+    and refuses a domain whose files changed since the run (its saved weights were trained on other data). A
+    simulation holds every domain's data in one place; a deployment's clients keep theirs."""
+    from fedmerge.storage import write_json_atomic
+
+    path = out_dir / DATA_DIGESTS_FILE
+    now = cfg.data.file_digests()
+    if not resume:
+        write_json_atomic(path, now)
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except FileNotFoundError:
+        if now:
+            logger.warning("%s has no %s (a run before fedmerge recorded it): the data is not checked against the "
+                           "run's", out_dir, DATA_DIGESTS_FILE)
+        return
+    except ValueError as exc:
+        raise FedmergeError(f"{path}: unreadable ({exc}); run without --resume") from None
+    changed = sorted(d for d, digest in now.items() if d in recorded and recorded[d] != digest)
+    if changed:
+        raise FedmergeError(f"the files of domain(s) {changed} changed since the run in {out_dir} (sha256 recorded in "
+                            f"{DATA_DIGESTS_FILE}): its saved weights were trained on other data; run without --resume "
+                            "(--overwrite) to train again")
 
 
 def _run_engine(cfg: Scenario, engine: str, out_dir: str | Path | None, resume: bool) -> dict[str, Any]:
