@@ -414,6 +414,13 @@ def test_resume_refuses_weights_trained_on_data_that_changed_since(cfg, tmp_path
     csv_file.write_text("".join(csv_file.read_text().splitlines(keepends=True)[:-40]))
     with pytest.raises(FedmergeError, match=r"synth-1.*changed since the run"):
         run_scenario(own, "inprocess", tmp_path / "run", resume=True)
+    from fedmerge.runners.multiseed import run_seeds
+
+    seeds = apply_overrides(own, ["run.seeds=[0]"])
+    run_seeds(seeds, "inprocess", tmp_path / "seeds")
+    csv_file.write_text("".join(csv_file.read_text().splitlines(keepends=True)[:-40]))
+    with pytest.raises(FedmergeError, match=r"synth-1.*changed since the run"):  # a complete seed is not kept
+        run_seeds(seeds, "inprocess", tmp_path / "seeds", resume=True)
 
 
 def test_resume_checks_saved_client_weights_like_replies(cfg, tmp_path):

@@ -74,10 +74,11 @@ def resume_seed(single: Scenario, engine: str, folder: Path) -> dict[str, Any]:
       replaced (its FedAvg rounds never finished, and the complete seeds need every client).
     """
     from fedmerge.runners.server import load_saved_run
-    from fedmerge.runners.simulation import run_scenario
+    from fedmerge.runners.simulation import check_or_record_data, run_scenario
 
     done = completed_run(folder, single)
     if done is not None:
+        check_or_record_data(single, folder, resume=True)
         logger.info("seed %s: complete results in %s, kept", single.run.seed, folder)
         return done
     if finished_run(folder) is None:
