@@ -918,3 +918,21 @@ def test_a_misspelt_fedavg_local_parameter_fails_when_the_run_starts(cfg):
         Federation(bad, initial_weights(bad))
     Federation(apply_overrides(cfg, ["baselines.fedavg_local_params.max_epochs=1"]), initial_weights(cfg))
     Federation(apply_overrides(bad, ["baselines.fedavg_rounds=0"]), initial_weights(cfg))  # never read: not checked
+
+
+def test_flower_engine_refuses_bad_data_before_flower_starts(cfg, tmp_path, synthetic_domains, monkeypatch):
+    """A domain with items missing from items.jsonl failed only inside Flower's simulation (after ~20 s, ~30 lines
+    of Flower output), while the in-process engine fails at once with one line."""
+    from fedmerge.data import save_generic_domain
+    from fedmerge.errors import DataError
+    from fedmerge.runners import simulation
+
+    for domain in synthetic_domains[:2]:
+        save_generic_domain(domain, tmp_path / "data" / domain.name)
+    items = tmp_path / "data" / "synth-1" / "items.jsonl"
+    items.write_text("".join(items.read_text().splitlines(keepends=True)[1:]))
+    own = apply_overrides(cfg, ['data.source="generic"', f'data.root="{tmp_path / "data"}"',
+                                'data.domains=["synth-0","synth-1"]'])
+    monkeypatch.setattr(simulation, "run_flower_simulation", lambda *a, **k: pytest.fail("Flower started"))
+    with pytest.raises(DataError, match=r"synth-1.*items have no text record"):
+        simulation.run_scenario(own, "flower", tmp_path / "run")

@@ -11,7 +11,8 @@ from fedmerge.merging import METHODS, methods
 from tests.test_cli_output import HEAVY  # torch, Flower, Ray, transformers, matplotlib, scipy
 
 # Every shipped scenario loaded, validated and written as `simulate` does for `flwr run` (a privacy study's scenario
-# through load_study), the CLI parser built, the launcher modules imported and the progress bar constructed.
+# through load_study), the CLI parser built, the launcher modules imported, the progress bar constructed and the
+# quickstart's domains loaded.
 LAUNCHER = """
 import json, sys, tempfile, tomllib
 from pathlib import Path
@@ -30,6 +31,9 @@ with tempfile.TemporaryDirectory() as tmp:
         write_scenario(cfg, Path(tmp) / path.name)
         FolderProgress(cfg, Path(tmp), enabled=False).close()
         names.append(path.stem)
+quickstart = load_scenario("quickstart")  # the Flower launcher loads every domain once before Flower starts
+for name in quickstart.data.domain_names():
+    quickstart.load_domain(name)
 print(json.dumps({"scenarios": names, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
 """
 

@@ -40,7 +40,8 @@ def run_scenario(
     """Run the resolved scenario ``cfg`` on ``engine``; write results to ``out_dir`` (if given) and return them.
 
     ``out_dir`` is held with :func:`fedmerge.storage.run_folder` for the whole run: locked against a second run, and
-    refused when it already holds files unless ``resume`` or ``overwrite`` (which deletes them first).
+    refused when it already holds files unless ``resume`` or ``overwrite`` (which deletes them first). Under Flower
+    every domain is loaded once before Flower starts, so bad data fails at once with its own error.
     ``resume``: re-merge and re-evaluate from the client weights an earlier run saved in ``out_dir`` (no training);
     that run's results.json is kept as ``results.<UTC time>.json``. A run whose results say ``status: failed``
     raises FedmergeError after its results.json (with the partial results and the errors) is written.
@@ -51,6 +52,9 @@ def run_scenario(
         raise FedmergeError("--resume needs the output folder of the earlier run (--out DIR)")
     if resume and overwrite:
         raise FedmergeError("--resume re-uses the earlier run's files and --overwrite deletes them; pass only one")
+    if engine == "flower":  # the in-process engine loads them first thing; Flower's clients only once it runs
+        for name in cfg.data.domain_names():
+            cfg.load_domain(name)
     if out_dir is None:
         return _run_engine(cfg, engine, None, resume)
     from fedmerge.storage import run_folder
