@@ -62,23 +62,32 @@ def card_encoder(card: Mapping[str, Any], cache_dir: str = "") -> EncoderSetting
     return EncoderSettings(card["encoder"]["name"], dict(card["encoder"]["params"]), cache_dir)
 
 
-def scenario_card(cfg: Scenario, theta0_digest: str) -> dict[str, Any]:
-    """The card fields every model of a run shares: family, encoder, feature width, θ₀, run, eval protocol and
-    package versions."""
+def common_card(
+    family: ModelFamily, family_params: Mapping[str, Any], encoder: EncoderSettings, theta0_digest: str,
+    run: Mapping[str, Any], split: str, ks: Sequence[int],
+) -> dict[str, Any]:
+    """The card fields of any model the family ``family`` (built from ``family_params``) trained from θ₀ (its
+    digest) over ``encoder``'s features: family, encoder, feature width, θ₀, run, eval protocol, package versions."""
     from fedmerge.runners.results import package_versions
 
-    encoder = cfg.encoder.text_encoder()
+    text_encoder = encoder.text_encoder()
     return {
         "format": CARD_FORMAT,
-        "family": {"name": cfg.model.family, "params": dict(cfg.model.params)},
-        "encoder": {"name": cfg.encoder.name, "params": dict(cfg.encoder.params),
-                    "identity": encoder.identity, "dim": int(encoder.dim)},
-        "feature_width": cfg.encoder.feature_width(cfg.model.make_family()),
+        "family": {"name": family.name, "params": dict(family_params)},
+        "encoder": {"name": encoder.name, "params": dict(encoder.params),
+                    "identity": text_encoder.identity, "dim": int(text_encoder.dim)},
+        "feature_width": family.feature_width(int(text_encoder.dim)),
         "theta0_digest": theta0_digest,
-        "run": {"name": cfg.run.name, "seed": cfg.run.seed},
-        "eval": {"split": cfg.eval.split, "ks": list(cfg.eval.ks)},
+        "run": dict(run),
+        "eval": {"split": split, "ks": list(ks)},
         "versions": package_versions(),
     }
+
+
+def scenario_card(cfg: Scenario, theta0_digest: str) -> dict[str, Any]:
+    """The card fields every model of a run shares (:func:`common_card` of the scenario's family and encoder)."""
+    return common_card(cfg.model.make_family(), cfg.model.params, cfg.encoder, theta0_digest,
+                       {"name": cfg.run.name, "seed": cfg.run.seed}, cfg.eval.split, cfg.eval.ks)
 
 
 def save_model(
@@ -105,7 +114,7 @@ def read_card(weights_path: str | Path) -> dict[str, Any]:
     path = card_path(weights_path)
     if not path.is_file():
         raise DataError(f"{weights_path} has no model card {path.name} next to it (cards are written by "
-                        f"`fedmerge simulate` under <run>/models/ and <run>/clients/)")
+                        f"`fedmerge simulate` under <run>/models/ and <run>/clients/, and by `fedmerge train` as weights.json)")
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -224,7 +233,8 @@ class LoadedRecommender:
             unknown = [item for item in h if item not in index]
             if unknown:
                 raise DataError(f"history {row}: item id(s) {unknown[:5]} are not in the catalog "
-                                f"({n} items, e.g. {list(base.ids[:3])}); pass item texts with texts=True instead")
+                                f"({n} items, e.g. {list(base.ids[:3])}); to give item texts instead: --texts "
+                                "(fedmerge recommend) or texts=True")
             seqs.append(np.array([index[item] for item in h], dtype=np.int64))
         return base, seqs, n
 

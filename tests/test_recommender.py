@@ -147,7 +147,8 @@ def test_recommend_refuses_unknown_item_ids(run, unseen_catalog, capsys):
     cfg, out, _, _ = run
     assert main(["recommend", "--model", str(out / "models" / "ties.safetensors"), "--catalog", str(unseen_catalog),
                  "--cache-dir", cfg.encoder.cache_dir, "--history", "no-such-item"]) == 1
-    assert "no-such-item" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no-such-item" in err and "--texts" in err  # the CLI's flag, not only the API's texts=True
     # in a file, an unknown id on a later line is refused before any line is printed
     catalog = load_domain(unseen_catalog).catalog
     batch = unseen_catalog.parent / "histories.txt"
@@ -323,3 +324,13 @@ def test_recommend_refuses_non_finite_scores(run, saved_copy, unseen_catalog):
     catalog = load_domain(unseen_catalog).catalog
     with pytest.raises(FedmergeError, match="non-finite scores"):
         broken.recommend([list(catalog.ids[:2])], k=3, catalog=catalog)
+
+
+def test_recommend_says_when_the_history_leaves_no_item(run, unseen_catalog, capsys):
+    """A history holding every catalog item printed a header and no line, exit 0."""
+    cfg, out, _, _ = run
+    catalog = load_domain(unseen_catalog).catalog
+    args = ["recommend", "--model", str(out / "models" / "ties.safetensors"), "--catalog", str(unseen_catalog),
+            "--cache-dir", cfg.encoder.cache_dir, "--history", ",".join(catalog.ids)]
+    assert main(args) == 0
+    assert "no item left" in capsys.readouterr().out

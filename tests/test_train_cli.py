@@ -85,3 +85,26 @@ def test_train_sequential_tuning_the_text_encoder_ships_its_layers(domain_dir, t
     weights = load_file(out / "weights.safetensors")
     tower = [name for name in weights if name.startswith("text_tower.layers.0.")]
     assert tower and all(torch.isfinite(weights[name]).all() for name in tower)
+
+
+@pytest.mark.parametrize("model,params", [("text-lae", ["--set", "lam=[1,100]"]),
+                                          ("sequential", ["--set", "hidden=16", "--set", "n_layers=1",
+                                                          "--set", "max_epochs=1", "--set", "max_len=10"])])
+def test_trained_weights_come_with_a_card_that_recommend_and_evaluate_read(domain_dir, tmp_path, monkeypatch, capsys,
+                                                                          model, params) -> None:
+    """`fedmerge train` wrote weights without a model card, so `fedmerge evaluate` and `recommend` refused them."""
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(domain_dir), "--model", model, "--encoder", "hashing", "--out", str(out),
+                 "--seed", "3", *params]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    card = json.loads((out / "weights.json").read_text())
+    assert card["family"]["name"] == model and card["domains"] == ["synth"] and card["run"]["seed"] == 3
+    assert card["metrics"]["synth"]["recall@10"] == report["recall@10"]
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out / "weights.safetensors"), "--data", str(domain_dir), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["metrics"]["recall@10"] == pytest.approx(report["recall@10"], abs=1e-9)
+    assert main(["recommend", "--model", str(out / "weights.safetensors"), "--catalog", str(domain_dir),
+                 "--history", "synth-0-i00000,synth-0-i00001", "-k", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["recommendations"]) == 3

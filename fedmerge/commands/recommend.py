@@ -93,6 +93,8 @@ def run_recommend(args: argparse.Namespace) -> int:
             print(f"top {args.k} of {len(catalog)} items by {model.name} ({args.model}):")
             for rank, row in enumerate(_rows(recs, catalog), 1):
                 print(f"{rank:>3}  {row['item']:<16}  {row['score']:9.4f}  {row['title']}")
+            if not recs:
+                print("no item left: the history holds every item of the catalog (--include-history ranks them too)")
         return 0
     lines = [(n, line) for n, line in enumerate(args.histories.read_text(encoding="utf-8").splitlines(), 1)
              if line.strip()]

@@ -2,7 +2,7 @@
 
 In-domain recommenders (popularity, EASE, RLAE, RDLAE, L3AE) select their hyper-parameters on validation and refit
 on train + validation; mergeable families (text-lae, sequential) train from θ₀ = ``family.initial_weights(dim,
-seed)`` and also write their weights. ``DIR/metrics.json`` holds the test metrics of
+seed)`` and also write their weights with a model card. ``DIR/metrics.json`` holds the test metrics of
 :func:`fedmerge.metrics.evaluate_scorer` at its top level, the chosen hyper-parameters and the fit/eval seconds.
 """
 
@@ -50,10 +50,15 @@ def train_recommender(name: str, params: dict[str, Any], domain: Domain, encoder
 def train_family(
     name: str, params: dict[str, Any], domain: Domain, encoder: str, seed: int, out: Path
 ) -> tuple[Any, dict[str, Any]]:
-    """Train a mergeable family from θ₀, save its weights; returns (scorer, report fields)."""
+    """Train a mergeable family from θ₀, save its weights with a model card (``weights.json``, its metrics filled
+    in by :func:`train_and_evaluate`; what ``fedmerge recommend`` and ``evaluate`` read); returns (scorer, report
+    fields)."""
     import torch
 
-    from fedmerge.storage import save_weights
+    from fedmerge.metrics import DEFAULT_KS
+    from fedmerge.recommender import common_card, save_model
+    from fedmerge.scenario import EncoderSettings
+    from fedmerge.storage import weights_digest
 
     family = get_family(name, **params)
     features = family.catalog_features(domain.catalog, lambda: item_embeddings(domain, encoder))
@@ -62,7 +67,11 @@ def train_family(
     start = time.perf_counter()
     weights, info = family.train(theta0, domain, features, seed=seed, progress=True)
     fit_seconds = time.perf_counter() - start
-    save_weights(out / WEIGHTS_FILE, weights, metadata={"domain": domain.name, "family": name, "seed": str(seed)})
+    card = common_card(family, params, EncoderSettings(encoder, {}, ""), weights_digest(theta0),
+                       {"name": "train", "seed": seed}, "test", DEFAULT_KS)
+    card |= {"name": f"individual:{domain.name}", "method": {"name": "individual", "params": dict(params)},
+             "domains": [domain.name], "joint": False, "metrics": {}}
+    save_model(out / WEIGHTS_FILE, weights, card, metadata={"domain": domain.name, "family": name, "seed": str(seed)})
     report = {"fit_seconds": fit_seconds, "hyperparameters": family.config(), "training": info,
               "weights": str(out / WEIGHTS_FILE)}
     return family.scorer(weights, features), report
@@ -89,6 +98,10 @@ def train_and_evaluate(
         scorer, report = train_recommender(model, params, domain, encoder)
     start = time.perf_counter()
     metrics = evaluate_scorer(scorer, domain, split="test")
+    if "weights" in report:
+        from fedmerge.recommender import update_card
+
+        update_card(report["weights"], metrics={domain.name: metrics})
     report = {**metrics, "domain": domain.name, "model": model, "seed": seed, "encoder": encoder,
               **report, "eval_seconds": time.perf_counter() - start}
     return report, write_json_atomic(out / METRICS_FILE, report)
