@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import platform
-import time
 from pathlib import Path
 from typing import Any
 

@@ -276,7 +276,7 @@ def validate(cfg: Scenario) -> None:
     if cfg.federation.parallel_clients < 0:
         raise FedmergeError(f"federation.parallel_clients must be >= 0 (0: one ClientApp per CPU), "
                             f"got {cfg.federation.parallel_clients}")
-    from fedmerge.merging import MERGEREC_METHODS, METHODS, MergeRecConfig
+    from fedmerge.merging import MERGEREC_METHODS, METHODS
 
     from fedmerge.merging.testtime import TESTTIME_METHOD, teacher_choices
 
@@ -306,10 +306,7 @@ def validate(cfg: Scenario) -> None:
     if testtime.granularity not in MERGEREC_METHODS.values():
         raise FedmergeError(f"merge.testtime.granularity {testtime.granularity!r} is unknown; valid: "
                             f"{sorted(set(MERGEREC_METHODS.values()))}")
-    try:  # an unknown key or preset fails here, before any client trains
-        MergeRecConfig.from_keys(cfg.merge.mergerec)
-    except (ValueError, TypeError) as exc:
-        raise FedmergeError(f"merge.mergerec: {exc}") from exc
+    cfg.mergerec_config(testtime.granularity)  # an unknown key or preset fails here, before any client trains
     from fedmerge.privacy.client import validate_privacy
 
     validate_privacy(cfg)

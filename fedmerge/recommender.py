@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from fedmerge.data.domain import Domain, ItemCatalog
     from fedmerge.models import ModelFamily, StateDict
+    from fedmerge.text.encoder import TextEncoder
 
 CARD_FORMAT = "fedmerge-model/1"
 CARD_SUFFIX = ".json"
@@ -57,9 +58,9 @@ def model_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / MODELS_DIR / f"{safe_file_stem(name)}{WEIGHTS_SUFFIX}"
 
 
-def card_encoder(card: Mapping[str, Any], cache_dir: str = "") -> EncoderSettings:
-    """The encoder a model card names, with the embedding cache folder ``cache_dir`` (default cache: "")."""
-    return EncoderSettings(card["encoder"]["name"], dict(card["encoder"]["params"]), cache_dir)
+def card_encoder(card: Mapping[str, Any]) -> EncoderSettings:
+    """The encoder a model card names (with the default embedding cache)."""
+    return EncoderSettings(card["encoder"]["name"], dict(card["encoder"]["params"]), "")
 
 
 def common_card(
@@ -181,7 +182,7 @@ class LoadedRecommender:
     card: dict[str, Any]
     family: ModelFamily
     weights: StateDict
-    encoder: Any
+    encoder: TextEncoder
     cache_dir: str = ""
     _last: tuple[Any, Any] | None = field(default=None, init=False, repr=False)  # (catalog, its features): reused by batches
 
@@ -322,7 +323,9 @@ def _as_catalog(catalog: ItemCatalog | str | Path) -> ItemCatalog:
     return load_catalog(catalog) if isinstance(catalog, (str, Path)) else catalog
 
 
-def load_recommender(path: str | Path, *, encoder: Any = None, cache_dir: str | Path = "") -> LoadedRecommender:
+def load_recommender(
+    path: str | Path, *, encoder: TextEncoder | None = None, cache_dir: str | Path = ""
+) -> LoadedRecommender:
     """A saved model (``.safetensors`` with its ``.json`` card, or the card's path) ready to recommend.
 
     The family and the text encoder are rebuilt from the card (``encoder`` overrides the card's, but must be the

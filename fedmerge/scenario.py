@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     import torch
 
     from fedmerge.data.domain import Domain, ItemCatalog
+    from fedmerge.merging import MergeRecConfig
     from fedmerge.models import ModelFamily
+    from fedmerge.text.encoder import TextEncoder
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class EncoderSettings:
     params: dict[str, Any]
     cache_dir: str
 
-    def text_encoder(self) -> Any:
+    def text_encoder(self) -> TextEncoder:
         """The encoder, one instance per process."""
         return _encoder(self.name, tuple(sorted(self.params.items())))
 
@@ -313,6 +315,17 @@ class Scenario:
             table.setdefault(section, {}).update(changes)
         return Scenario.from_mapping(table, source="changed scenario")
 
+    def mergerec_config(self, granularity: str) -> MergeRecConfig:
+        """MergeRec's configuration at ``granularity``: ``merge.mergerec`` with the run's seed and progress setting;
+        FedmergeError naming ``merge.mergerec`` for a key or value it refuses."""
+        from fedmerge.merging import MergeRecConfig
+
+        try:
+            return MergeRecConfig.from_keys({"seed": self.run.seed, "progress": self.run.progress,
+                                             **self.merge.mergerec, "granularity": granularity})
+        except (ValueError, TypeError) as exc:
+            raise FedmergeError(f"merge.mergerec: {exc}") from exc
+
     def load_domain(self, name: str) -> Domain:
         """Domain ``name`` of the data source (synthetic domains: generated from ``run.seed``)."""
         source = self.data.source
@@ -382,7 +395,7 @@ def _synthetic_domains(seed: int, sizes: SyntheticSizes) -> dict[str, Domain]:
 
 
 @lru_cache(maxsize=4)
-def _encoder(name: str, params: tuple[tuple[str, Any], ...]) -> Any:
+def _encoder(name: str, params: tuple[tuple[str, Any], ...]) -> TextEncoder:
     from fedmerge.text import get_encoder
 
     return get_encoder(name, **dict(params))

@@ -62,7 +62,7 @@ def run(grid: Grid, scenario: Scenario, target: Path, resuming: bool, start: flo
     out["rejected"].update(strategy.refused)  # SuperNodes whose domain claim was refused
     out["timings_s"]["total"] = round(time.perf_counter() - start, 3)
     out = results_io.finalize(out, scenario, engine="flower")
-    results_io.write_results(out, target)
+    results_io.write_results(out, target, scenario.eval.primary)
     return out
 
 

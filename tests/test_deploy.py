@@ -553,3 +553,16 @@ def test_sigkilled_deploy_local_leaves_no_superlink_or_supernode(tmp_path):
     while any(_alive(pid) for pid in everything) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in everything if _alive(pid)]
+
+
+def test_the_run_config_hands_flower_the_resolved_scenario_whatever_its_values(tmp_path):
+    """`deploy local` passed the scenario's name and its overrides joined by ';' (split again by the apps), so an
+    override value holding ';' broke only under deployment; simulation and deployment now write the resolved
+    scenario and hand its path (one function)."""
+    from fedmerge.config import load_scenario
+    from fedmerge.runners.appconfig import flower_run_config, scenario_from_run_config
+
+    cfg = load_scenario("quickstart", ['run.name="a;b=c"', "data.synthetic.n_users=30"])
+    run_config = flower_run_config(cfg, tmp_path, tmp_path / "out", resume=True)
+    assert scenario_from_run_config(run_config) == cfg
+    assert run_config["out-dir"] == str(tmp_path / "out") and run_config["resume"] is True

@@ -12,7 +12,7 @@ from fedmerge.models.sequential import SequentialFamily
 from fedmerge.errors import FedmergeError
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.runners.pretrain import pseudo_domain, pseudo_sequences
-from fedmerge.runners.server import initial_weights, training_fingerprint
+from fedmerge.runners.server import FINGERPRINT_KEY, fingerprint_metadata, initial_weights
 from tests.test_federation import TINY
 
 
@@ -61,7 +61,7 @@ def test_pretrained_theta0_learns_the_pseudo_users_and_changes_the_fingerprint(t
     assert [kept[n].abs().sum().item() for n in SequentialFamily.behaviour_parameters] == [0, 0, 0, 0]
     assert any(not torch.equal(initial_weights(apply_overrides(behaviour, ["theta0.pretrain=false"]))[k], kept[k])
                for k in kept)
-    assert training_fingerprint(cfg) != training_fingerprint(pretrained_cfg)
+    assert fingerprint_metadata(cfg)[FINGERPRINT_KEY] != fingerprint_metadata(pretrained_cfg)[FINGERPRINT_KEY]
     family = cfg.model.make_family()
     catalogs = {d: cfg.load_catalog(d) for d in cfg.data.training_domains()}  # the held-out catalog is not read
     domain = pseudo_domain(catalogs, "brand", 5, 1, seed=0)

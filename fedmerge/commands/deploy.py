@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from fedmerge.config import DEFAULT_SCENARIO
 from fedmerge.deploy.certs import DEFAULT_HOSTS, generate
+from fedmerge.runners.results import RESULTS_FILE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     local = actions.add_parser(
         "local", help="SuperLink + one SuperNode per domain on 127.0.0.1 over TLS with node authentication"
     )
-    local.add_argument("--scenario", default="quickstart", help="scenario name or TOML path (default quickstart)")
+    local.add_argument("--scenario", default=DEFAULT_SCENARIO, help=f"scenario name or TOML path (default {DEFAULT_SCENARIO})")
     local.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                        help="scenario override, e.g. --set model.params.max_epochs=1 (repeatable)")
     local.add_argument("--data-root", type=Path,
@@ -51,5 +53,5 @@ def run_local(args: argparse.Namespace) -> int:
 
     results = deploy_local(args.scenario, args.out, overrides=args.overrides, data_root=args.data_root,
                            tls_dir=args.tls_dir, timeout_s=args.timeout, overwrite=args.overwrite)
-    print(json.dumps({"status": results.get("status"), "results": str(args.out / "results" / "results.json")}))
+    print(json.dumps({"status": results.get("status"), "results": str(args.out / "results" / RESULTS_FILE)}))
     return 0

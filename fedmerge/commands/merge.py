@@ -10,9 +10,9 @@ from fedmerge.config import parse_assignments, parse_params
 
 def describe() -> str:
     """The methods and their parameter defaults (from the torch-free merging registry; computed only for --help)."""
-    from fedmerge.merging import METHODS
+    from fedmerge.merging import describe_methods
 
-    methods = ", ".join(f"{m.name} ({', '.join(f'{k}={p.default}' for k, p in m.params.items())})" for m in METHODS.values())
+    methods = ", ".join(f"{m['name']} ({', '.join(f'{k}={v}' for k, v in m['params'].items())})" for m in describe_methods())
     return f"Methods and their parameter defaults: {methods}."
 
 

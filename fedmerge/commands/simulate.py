@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fedmerge.config import DEFAULT_SCENARIO, apply_overrides, load_scenario, parse_seeds
+from fedmerge.runners.results import RESULTS_FILE
 from fedmerge.runners.simulation import ENGINES, run_scenario
 
 
@@ -49,5 +50,5 @@ def run_simulate(args: argparse.Namespace) -> int:
     if "resumed" in results:
         print(f"resumed from the saved weights of {results['resumed']['clients']} in {results['resumed']['from']}")
     print(run_summary(results, cfg.eval.primary))
-    print(f"results: {out_dir / 'results.json'}")
+    print(f"results: {out_dir / RESULTS_FILE}")
     return 0

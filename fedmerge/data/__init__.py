@@ -70,12 +70,8 @@ def load_domain(path: str | Path, name: str | None = None) -> Domain:
     return load_generic_domain(path, name)
 
 
-def load_catalog(path: str | Path, name: str | None = None) -> ItemCatalog:
-    """Only the public item catalog of a domain (Amazon: smap.json + meta_data.json; generic: items.jsonl).
-
-    A catalog carries no name; ``name`` is accepted so that callers can pass the same arguments as to load_domain.
-    """
-    del name
+def load_catalog(path: str | Path) -> ItemCatalog:
+    """Only the public item catalog of a domain (Amazon: smap.json + meta_data.json; generic: items.jsonl)."""
     if detect_format(path) == "amazon":
         return load_amazon_catalog(path)
     return load_generic_catalog(path)

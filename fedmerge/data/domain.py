@@ -112,11 +112,10 @@ class Domain:
         """Number of training interactions (the count MergeRec's README reports)."""
         return int(sum(len(s) for s in self.train))
 
-    def inputs(self, split: Split, max_len: int | None = None) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    def inputs(self, split: Split) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """Evaluation inputs for ``split``: (input sequences, targets, user indices), users without a target skipped.
 
         ``val``: input = train, target = val item. ``test``: input = train + val item, target = test item.
-        ``max_len`` keeps only the most recent items of each input.
         """
         if split == "val":
             targets = self.val_target
@@ -128,8 +127,6 @@ class Domain:
             seqs = [np.append(self.train[u], self.val_target[u]) for u in users]
         else:
             raise ValueError(f"unknown split {split!r}; valid: 'val', 'test'")
-        if max_len is not None:
-            seqs = [s[-max_len:] for s in seqs]
         return seqs, targets[users].astype(np.int64), users
 
     def interactions_digest(self) -> str:

@@ -22,7 +22,8 @@ from typing import Any
 from fedmerge.deploy.certs import NodeKeys, TlsFiles, generate, load_tls_dir
 from fedmerge.deploy.flwr_cli import FlwrClient, RunFailed, config_line, write_flower_config
 from fedmerge.deploy.processes import ManagedProcess, ProcessSet, free_port, wait_for_port
-from fedmerge.errors import DataError, FedmergeError
+from fedmerge.errors import FedmergeError
+from fedmerge.runners.results import RESULTS_FILE
 from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
@@ -125,13 +126,8 @@ def domain_data_paths(cfg: Scenario, data_root: Path | None, out_dir: Path) -> d
         from fedmerge.data.generic import save_generic_domain
 
         return {name: save_generic_domain(cfg.load_domain(name), out_dir / "data" / name) for name in names}
-    paths: dict[str, Path] = {}
-    for name in names:
-        found = [p for p in (data_root / name, data_root / f"{name}.tar.gz") if p.exists()]
-        if not found:
-            raise DataError(f"domain {name!r} not found under {data_root} (looked for {name}/ and {name}.tar.gz)")
-        paths[name] = found[0].resolve()
-    return paths
+    located = cfg.with_changes(data={"root": str(data_root)})
+    return {name: located.data.domain_path(name).resolve() for name in names}
 
 
 def _tls_files(tls_dir: Path | None, out_dir: Path, n_nodes: int) -> TlsFiles:
@@ -205,13 +201,15 @@ def deploy_local(
     cfg = load_scenario(scenario, overrides)
     out = Path(out_dir).resolve()
     with run_folder(out, overwrite=overwrite):
-        return _deploy(cfg, scenario, out, overrides, data_root, tls_dir, app, timeout_s, poll_s)
+        return _deploy(cfg, out, data_root, tls_dir, app, timeout_s, poll_s)
 
 
 def _deploy(
-    cfg: Scenario, scenario: str | Path, out: Path, overrides: Sequence[str], data_root: str | Path | None,
-    tls_dir: str | Path | None, app: Path, timeout_s: float, poll_s: float,
+    cfg: Scenario, out: Path, data_root: str | Path | None, tls_dir: str | Path | None, app: Path, timeout_s: float,
+    poll_s: float,
 ) -> dict[str, Any]:
+    from fedmerge.runners.appconfig import flower_run_config
+
     paths = domain_data_paths(cfg, Path(data_root).resolve() if data_root else None, out)
     tls = _tls_files(Path(tls_dir) if tls_dir else None, out, len(paths))
     env = deployment_env(out)
@@ -227,15 +225,14 @@ def _deploy(
             for (name, path), keys in zip(paths.items(), tls.nodes)
         ]
         wait_until_online(flwr, node_ids, nodes, startup_s)
-        run_config = {"scenario": str(Path(scenario).resolve()) if Path(scenario).is_file() else str(scenario),
-                      "overrides": ";".join(overrides), "out-dir": str(results_dir)}
+        run_config = flower_run_config(cfg, out, results_dir)
         run_id = flwr.submit_run(app, run_config)
         logger.info("submitted run %d to %s with %d SuperNodes", run_id, link.address, len(nodes))
         try:
             status = flwr.wait(run_id, timeout_s, poll_s, check=link.check_alive)
         except RunFailed as exc:
-            raise RunFailed(f"{exc}{reported_errors(results_dir / 'results.json')}") from exc
+            raise RunFailed(f"{exc}{reported_errors(results_dir / RESULTS_FILE)}") from exc
         finally:
             (out / "logs" / "run.log").write_text(flwr.logs(run_id))
         logger.info("run %d %s", run_id, status)
-    return read_results(results_dir / "results.json")
+    return read_results(results_dir / RESULTS_FILE)

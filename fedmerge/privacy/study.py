@@ -735,8 +735,6 @@ def write_pooled_study(paths: Sequence[Path], out_dir: Path) -> str:
     and privacy.png as :func:`run_study` writes them; returns the markdown table."""
     import json
 
-    from fedmerge.scenario import Scenario as ScenarioType
-
     studies = []
     for path in paths:
         try:
@@ -745,7 +743,7 @@ def write_pooled_study(paths: Sequence[Path], out_dir: Path) -> str:
             raise FedmergeError(f"cannot read privacy study {path}: {err}") from err
     pooled = pool_studies(studies, [str(p) for p in paths])
     study = settings_from_mapping(pooled["study"])
-    cfg = ScenarioType.from_mapping(pooled["scenario"])
+    cfg = Scenario.from_mapping(pooled["scenario"])
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "privacy.json", pooled)
     table = markdown_table(pooled["utility"], pooled["probe"], study, cfg)

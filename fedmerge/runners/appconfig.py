@@ -11,9 +11,10 @@ earlier files, resume archive) around the run itself.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from fedmerge.config import DEFAULT_SCENARIO, load_scenario
+from fedmerge.config import DEFAULT_SCENARIO, load_scenario, write_scenario
 from fedmerge.scenario import Scenario
 
 SCENARIO_KEY = "scenario"
@@ -22,6 +23,20 @@ OUT_DIR_KEY = "out-dir"
 RESUME_KEY = "resume"
 OVERWRITE_KEY = "overwrite"
 HELD_KEY = "out-dir-held"
+SCENARIO_FILE = "scenario.toml"  # the resolved scenario :func:`flower_run_config` writes for the apps
+
+
+def flower_run_config(cfg: Scenario, folder: Path, out_dir: Path, **flags: bool) -> dict[str, Any]:
+    """The run config that hands the resolved ``cfg`` to ``flwr run`` (simulation and deployment alike): ``cfg``
+    written to ``folder/scenario.toml`` (:func:`fedmerge.config.write_scenario`) as ``scenario``, no overrides,
+    ``out-dir`` and the boolean ``flags`` (``resume``, ``overwrite``, ``out_dir_held``: the keys with ``-``)."""
+    known = {RESUME_KEY, OVERWRITE_KEY, HELD_KEY}
+    keys = {name: name.replace("_", "-") for name in flags}
+    unknown = sorted(k for k in keys.values() if k not in known)
+    if unknown:
+        raise ValueError(f"unknown run-config flag(s) {unknown}; valid: {sorted(known)}")
+    return {SCENARIO_KEY: str(write_scenario(cfg, folder / SCENARIO_FILE)), OVERRIDES_KEY: "",
+            OUT_DIR_KEY: str(out_dir), **{keys[name]: bool(value) for name, value in flags.items()}}
 
 
 def scenario_from_run_config(run_config: Mapping[str, Any]) -> Scenario:

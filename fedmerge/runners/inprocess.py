@@ -50,5 +50,5 @@ def run_inprocess(cfg: Scenario, out_dir: str | Path | None = None, resume: bool
     out["timings_s"]["total"] = round(time.perf_counter() - start, 3)
     out = results_io.finalize(out, cfg, engine="inprocess")
     if out_dir is not None:
-        results_io.write_results(out, out_dir)
+        results_io.write_results(out, out_dir, cfg.eval.primary)
     return out

@@ -18,7 +18,7 @@ from typing import Any
 
 from fedmerge.errors import FedmergeError
 from fedmerge.runners.aggregate import aggregate_runs
-from fedmerge.runners.results import RESULTS_FILE
+from fedmerge.runners.results import RESULTS_FILE, aligned_rows
 from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
@@ -178,11 +178,8 @@ def aggregate_summary(aggregate: Mapping[str, Any]) -> str:
     headers = ["model"] + [f"{d}*" if d in held_out else d for d in domains]
     rows = [[model] + [_cell(per_domain.get(d, {}).get(metric)) for d in domains]
             for model, per_domain in aggregate["models"].items()]
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths))  # noqa: E731
     lines = [f"{metric}: mean ± 95 % t-interval half-width over seeds {aggregate['seeds']}"
-             + (" ; * = held out, zero-shot" if held_out else ""), fmt(headers), fmt(["-" * w for w in widths]),
-             *map(fmt, rows)]
+             + (" ; * = held out, zero-shot" if held_out else ""), *aligned_rows([headers, *rows])]
     paired = aggregate["paired"]
     if paired["merges"]:
         lines.append(f"paired per-seed ratios of the average {metric} (best training-free chosen per seed: "

@@ -19,7 +19,7 @@ QUERY = "query"
 TRAIN = "train"
 EVALUATE = "evaluate"
 
-CONFIG = "config"  # ConfigRecord sent by the server: phase, round, seed
+CONFIG = "config"  # ConfigRecord sent by the server: phase and (training) round; clients derive their seeds
 INFO = "info"  # ConfigRecord sent by a client: its domain name
 GLOBAL = "global"  # ArrayRecord sent for training: the starting weights
 WEIGHTS = "weights"  # ArrayRecord replied after training

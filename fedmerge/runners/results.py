@@ -118,10 +118,10 @@ def summary_table(results: Mapping[str, Any], metric: str = "recall@10") -> str:
     if any(m.get("non_private") for m in results["models"].values()):
         notes.append(f"{NON_PRIVATE_MARK} = trained on the pooled private data (non-private reference)")
     warnings = [f"WARNING: {w}" for w in results.get("warnings", [])]
-    return "\n".join([" ; ".join(notes), *_aligned([headers, *lines]), *warnings])
+    return "\n".join([" ; ".join(notes), *aligned_rows([headers, *lines]), *warnings])
 
 
-def _aligned(rows: list[list[str]]) -> list[str]:
+def aligned_rows(rows: list[list[str]]) -> list[str]:
     """Rows as left-aligned columns, a dashed rule under the first."""
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
@@ -131,7 +131,7 @@ def _aligned(rows: list[list[str]]) -> list[str]:
 def timings_table(results: Mapping[str, Any]) -> str:
     """The run's phase timings, one row per phase, in seconds."""
     rows = [[phase, f"{seconds:.1f}"] for phase, seconds in results.get("timings_s", {}).items()]
-    return "\n".join(["timings", *_aligned([["phase", "seconds"], *rows])])
+    return "\n".join(["timings", *aligned_rows([["phase", "seconds"], *rows])])
 
 
 def run_summary(results: Mapping[str, Any], primary: str = "recall@10") -> str:
@@ -152,8 +152,9 @@ def archive_results(out_dir: str | Path) -> Path | None:
     return target
 
 
-def write_results(results: Mapping[str, Any], out_dir: str | Path, metric: str | None = None) -> Path:
-    """Write results.json and results.csv (each atomically) and the plots into ``out_dir``; returns the JSON path."""
+def write_results(results: Mapping[str, Any], out_dir: str | Path, metric: str) -> Path:
+    """Write results.json and results.csv (each atomically) and the plots of ``metric`` (the scenario's
+    ``eval.primary``) into ``out_dir``; returns the JSON path."""
     from fedmerge.storage import write_bytes_atomic, write_json_atomic
 
     out = Path(out_dir)
@@ -163,7 +164,6 @@ def write_results(results: Mapping[str, Any], out_dir: str | Path, metric: str |
     writer.writeheader()
     writer.writerows(metric_rows(results))
     write_bytes_atomic(out / "results.csv", table.getvalue().encode("utf-8"))
-    metric = metric or results.get("config", {}).get("eval", {}).get("primary", "recall@10")
     plot_domains(results, out / "per_domain.png", metric)
     if results.get("fedavg_curve"):
         plot_communication(results, out / "communication.png", metric)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from fedmerge.runners.results import RESULTS_FILE
 from fedmerge.scenario import Scenario
 
 # File times come from the kernel's coarse clock, which may lag time.time() by a few milliseconds: a merge written
@@ -36,7 +37,7 @@ class FolderProgress:
 
         self.client_files = [client_weights_path(run_dir, d) for d in cfg.data.training_domains()]
         self.merge_files = [model_path(run_dir, method) for method in cfg.merge.methods]
-        self.results = run_dir / "results.json"
+        self.results = run_dir / RESULTS_FILE
         self.since = time.time() - MTIME_SLACK_S
         self.phase = "local training"
         self.bar = tqdm(total=len(self.client_files) + 2, desc=self.phase, unit="step", disable=not enabled)

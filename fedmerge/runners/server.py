@@ -95,11 +95,6 @@ def _digest(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def training_fingerprint(cfg: Scenario) -> str:
-    """sha256 of :func:`training_settings` as sorted JSON."""
-    return _digest(training_settings(cfg))
-
-
 def fingerprint_metadata(cfg: Scenario) -> dict[str, str]:
     """What a saved weight file carries to be resumed: the fingerprint and the settings behind it."""
     settings = training_settings(cfg)
@@ -239,14 +234,12 @@ def _mergerec(
     """
     from dataclasses import asdict
 
-    from fedmerge.merging.mergerec import MergeRecConfig, mergerec
+    from fedmerge.merging.mergerec import mergerec
 
     family = cfg.model.make_family()
     features = {d: cfg.encoder.item_features(catalogs[d], family) for d in models}
-    params = {"seed": cfg.run.seed, "progress": cfg.run.progress,
-              **cfg.merge.mergerec, "granularity": granularity}
+    config = cfg.mergerec_config(granularity)
     try:
-        config = MergeRecConfig.from_keys(params)
         merged, report = mergerec(family, theta0, dict(models), features, config)
     except ValueError as exc:
         raise FedmergeError(f"merge.mergerec: {exc}") from exc
@@ -262,7 +255,6 @@ def testtime_merges(
     Returns (held-out domain -> merged weights, held-out domain -> report with its seconds)."""
     from dataclasses import asdict
 
-    from fedmerge.merging.mergerec import MergeRecConfig
     from fedmerge.merging.testtime import mergerec_for_new_catalog
 
     held_out = cfg.data.held_out_domains()
@@ -270,8 +262,7 @@ def testtime_merges(
         return {}, {}
     family, testtime = cfg.model.make_family(), cfg.merge.testtime
     seen = {d: cfg.encoder.item_features(cfg.load_catalog(d), family) for d in models} if testtime.include_seen else {}
-    params = {"seed": cfg.run.seed, "progress": cfg.run.progress,
-              **cfg.merge.mergerec, "granularity": testtime.granularity}
+    config = cfg.mergerec_config(testtime.granularity)
     merged, reports = {}, {}
     teacher = testtime.teacher
     if teacher != "theta0" and teacher not in models:  # its client was left out (rejected or silent)
@@ -282,7 +273,7 @@ def testtime_merges(
         try:
             merged[h], report = mergerec_for_new_catalog(
                 family, theta0, dict(models), seen, h, cfg.encoder.item_features(cfg.load_catalog(h), family),
-                MergeRecConfig.from_keys(params), teacher=testtime.teacher, include_seen=testtime.include_seen)
+                config, teacher=testtime.teacher, include_seen=testtime.include_seen)
         except ValueError as exc:
             raise FedmergeError(f"merge.testtime ({h}): {exc}") from exc
         except NumericalError as exc:  # a diverged test-time merge costs only itself
@@ -305,16 +296,15 @@ def average_metrics(per_domain: Mapping[str, Mapping[str, float]], domains: list
 class Federation:
     """One run: one-shot training, update checks, merges, FedAvg rounds and evaluation, over a transport."""
 
-    def __init__(
-        self, cfg: Scenario, theta0: StateDict, extra_models: Mapping[str, StateDict] | None = None,
-        out_dir: str | Path | None = None,
-    ):
-        """``out_dir``: where each accepted one-shot update is saved as it arrives (for ``--resume``)."""
+    def __init__(self, cfg: Scenario, theta0: StateDict, out_dir: str | Path | None = None):
+        """``out_dir``: where each accepted one-shot update is saved as it arrives (for ``--resume``).
+        ``extra_models`` (empty here) holds shared models built outside the federation, evaluated beside the merges
+        (the joint oracle)."""
         self.cfg = cfg
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.theta0 = theta0
         self.family_name = cfg.model.family
-        self.extra_models = dict(extra_models or {})
+        self.extra_models: dict[str, StateDict] = {}
         self.domains = cfg.data.domain_names()
         self.train_domains = cfg.data.training_domains()
         self.held_out = [d for d in self.domains if d not in self.train_domains]
@@ -843,7 +833,7 @@ def time_cap_warnings(oneshot: Mapping[str, TrainMetrics], fedavg: list[dict[str
 def load_saved_run(cfg: Scenario, out_dir: str | Path) -> tuple[StateDict | None, dict[str, StateDict], dict[str, TrainMetrics]]:
     """θ₀ (None if it was not saved), the clients' saved one-shot weights and their training metrics.
 
-    Every weight file must carry this scenario's :func:`training_fingerprint` and name one of its training domains,
+    Every weight file must carry this scenario's training fingerprint (:func:`fingerprint_metadata`) and name one of its training domains,
     so merges are never computed from weights trained under another configuration.
     """
     from fedmerge.storage import client_metadata, load_client_weights

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.errors import FedmergeError
+from fedmerge.runners.results import RESULTS_FILE
 from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def _run_engine(cfg: Scenario, engine: str, out_dir: str | Path | None, resume: 
     else:
         results = run_flower_simulation(cfg, out_dir, resume=resume)
     if results.get("status") != "ok":
-        where = f" (results: {Path(out_dir) / 'results.json'})" if out_dir is not None else ""
+        where = f" (results: {Path(out_dir) / RESULTS_FILE})" if out_dir is not None else ""
         raise FedmergeError(f"the {engine} run failed{where}: {results.get('errors')}")
     return results
 
@@ -131,11 +132,11 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
     from the run folder (:class:`fedmerge.runners.run_progress.FolderProgress`; none when ``run.progress`` is false)
     shows the phases.
     """
-    from fedmerge.config import write_scenario
     from fedmerge.deploy.flwr_cli import CONNECTION, FlwrClient, RunFailed, write_flower_config
     from fedmerge.deploy.local import REPO_ROOT, check_app_dir, deployment_env, read_results, reported_errors, start_superlink
     from fedmerge.deploy.processes import ProcessSet
     from fedmerge.logs import LEVEL_ENV, verbose_enabled
+    from fedmerge.runners.appconfig import flower_run_config
     from fedmerge.runners.run_progress import FolderProgress
 
     app = check_app_dir(REPO_ROOT)
@@ -143,10 +144,9 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
     with tempfile.TemporaryDirectory(prefix="fedmerge-sim-") as scratch:
         private = Path(scratch)
         target = Path(out_dir).resolve() if out_dir is not None else private / "results"
-        results_path = target / "results.json"
+        results_path = target / RESULTS_FILE
         results_path.unlink(missing_ok=True)  # a stale file must not pass for this run's result
-        run_config = {"scenario": str(write_scenario(cfg, private / "scenario.toml")), "overrides": "",
-                      "out-dir": str(target), "resume": resume, "out-dir-held": True}  # run_scenario holds out_dir
+        run_config = flower_run_config(cfg, private, target, resume=resume, out_dir_held=True)  # run_scenario holds it
         cpus = len(os.sched_getaffinity(0))
         federation_config = {"num-supernodes": len(cfg.data.domain_names()),
                              "client-resources-num-cpus": client_cpus(cfg, cpus),

@@ -1,7 +1,6 @@
 """Online LiRA (8 shadow models) vs the stored offline attacks on the same no-DP adapter-only targets, seeds 0-2."""
 import json
 from pathlib import Path
-import numpy as np
 from fedmerge.runners.aggregate import interval
 HERE = Path(__file__).resolve().parent
 R = HERE.parent
