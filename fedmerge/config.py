@@ -277,13 +277,15 @@ def validate(cfg: Scenario) -> None:
         raise FedmergeError(f"federation.parallel_clients must be >= 0 (0: one ClientApp per CPU), "
                             f"got {cfg.federation.parallel_clients}")
     from fedmerge.merging import MERGEREC_METHODS, METHODS
+    from fedmerge.merging.registry import plugin_failures
 
     from fedmerge.merging.testtime import TESTTIME_METHOD, teacher_choices
 
     valid_methods = [*METHODS, *MERGEREC_METHODS, TESTTIME_METHOD]
     unknown = [m for m in cfg.merge.methods if m not in valid_methods]
     if unknown:
-        raise FedmergeError(f"merge.methods names unknown method(s) {unknown}; valid: {valid_methods}")
+        raise FedmergeError(f"merge.methods names unknown method(s) {unknown}; valid: {valid_methods}"
+                            f"{plugin_failures()}")
     if TESTTIME_METHOD in cfg.merge.methods and not data.held_out:
         raise FedmergeError(f"merge.methods lists {TESTTIME_METHOD!r}, which merges for held-out domains, but "
                             "data.held_out is empty; hold a domain out or remove the method")

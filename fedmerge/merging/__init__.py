@@ -11,7 +11,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fedmerge.merging.mergerec_config import MERGEREC_METHODS, MergeRecConfig
-from fedmerge.merging.registry import METHODS, ROBUST_METHODS, MergeMethod, describe_methods, get_method, resolve_params
+from fedmerge.merging.registry import (
+    METHODS,
+    ROBUST_METHODS,
+    MergeMethod,
+    Param,
+    describe_methods,
+    get_method,
+    load_plugin_methods,
+    register_method,
+    resolve_params,
+)
 
 if TYPE_CHECKING:
     from fedmerge.merging.methods import ProcessedTaskVectors, apply_delta, merge, processed_task_vectors, task_vectors
@@ -34,12 +44,16 @@ __all__ = [
     "METHODS",
     "ROBUST_METHODS",
     "MergeMethod",
+    "Param",
     "ProcessedTaskVectors",
     "apply_delta",
     "describe_methods",
     "get_method",
     "merge",
     "processed_task_vectors",
+    "register_method",
     "resolve_params",
     "task_vectors",
 ]
+
+load_plugin_methods()  # last: a plugin module may import MergeMethod and Param from this package

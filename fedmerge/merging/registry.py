@@ -3,19 +3,34 @@
 Torch-free, so that loading and validating a scenario (:func:`fedmerge.config.validate`) does not import torch: a
 method names its tensor function (``kernel``) in :mod:`fedmerge.merging.methods`, which is imported on the first
 :attr:`MergeMethod.fn` access, i.e. when a merge runs. What the methods compute: :mod:`fedmerge.merging.methods`.
+
+Methods from outside the package: :func:`register_method` adds one in this process; a package installed beside
+fedmerge adds one to every process (the Flower ServerApp's too) through the entry-point group
+:data:`PLUGIN_GROUP`, each entry naming a :class:`MergeMethod` whose ``kernel`` is ``"module:function"``. A plugin
+that fails to load is left out with a warning, and its name and reason are given where the method is asked for.
+The plugins are loaded when :mod:`fedmerge.merging` has been imported (the end of its ``__init__``), so a plugin
+module may import ``MergeMethod`` and ``Param`` from it.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
     MethodFn = Callable[[torch.Tensor, dict[str, Any], torch.Generator], torch.Tensor]
+
+logger = logging.getLogger(__name__)
+PLUGIN_GROUP = "fedmerge.merge_methods"  # entry points naming a MergeMethod (see the module docstring)
+PLUGIN_ERRORS: dict[str, str] = {}  # entry-point name -> why its method was left out
 
 
 @dataclass(frozen=True)
@@ -61,8 +76,13 @@ def scope_param(default: str) -> Param:
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered training-free merge: its tensor function's name in :mod:`fedmerge.merging.methods`
-    (``kernel``), parameters with defaults, and its paper."""
+    """A registered training-free merge: its tensor function (``kernel``: a name in :mod:`fedmerge.merging.methods`,
+    or ``"module:function"`` for a method from outside the package), parameters with defaults, and its paper.
+
+    The function maps the (K, *shape) stack of the K models' task vectors τ_k = θ_k − θ₀ of one weight (of the whole
+    flattened model when a ``scope`` parameter is ``"model"``), the resolved parameters and a seeded
+    ``torch.Generator`` to the processed stack τ̃ of the same shape; the merge is θ₀ + λ Σ_k τ̃_k, λ the value of
+    the parameter ``scale_param`` (1 when None)."""
 
     name: str
     kernel: str
@@ -76,6 +96,9 @@ class MergeMethod:
     def fn(self) -> MethodFn:
         """The tensor function: (K, *shape) task-vector stack, resolved parameters, generator -> processed stack
         τ̃ (importing :mod:`fedmerge.merging.methods`, and with it torch, on first use)."""
+        if ":" in self.kernel:
+            module, _, function = self.kernel.partition(":")
+            return getattr(importlib.import_module(module), function)
         from fedmerge.merging import methods
 
         return getattr(methods, self.kernel)
@@ -180,10 +203,62 @@ METHODS: dict[str, MergeMethod] = {
 ROBUST_METHODS = ("median", "trimmed_mean", "clipped_average")
 
 
+NAME = re.compile(r"[a-z][a-z0-9_]*")  # a method name: what scenario keys (merge.params.<name>) and results hold
+
+
+def register_method(method: MergeMethod) -> MergeMethod:
+    """Add ``method`` to :data:`METHODS` (this process; see the module docstring for every process); ValueError when
+    its name is taken or malformed, its kernel is not ``"module:function"``, a parameter is not a :class:`Param`
+    whose default passes its own check, or ``scale_param`` is not one of its parameters. The kernel is imported
+    when a merge first runs."""
+    if not isinstance(method, MergeMethod):
+        raise ValueError(f"expected a MergeMethod, got {type(method).__name__}")
+    if not NAME.fullmatch(method.name):
+        raise ValueError(f"merge method name {method.name!r}: use lower-case letters, digits and '_'")
+    if method.name in METHODS:
+        raise ValueError(f"merge method {method.name!r} is already registered")
+    module, _, function = method.kernel.partition(":")
+    if not (module and function):
+        raise ValueError(f"merge method {method.name!r}: kernel {method.kernel!r} must name its tensor function as "
+                         "'module:function'")
+    for key, spec in method.params.items():
+        if not isinstance(spec, Param):
+            raise ValueError(f"merge method {method.name!r}: parameter {key!r} must be a Param(default, check, "
+                             f"valid), got {spec!r}")
+        if not spec.check(spec.default):
+            raise ValueError(f"merge method {method.name!r}: parameter {key!r} has default {spec.default!r}, which "
+                             f"its check refuses (expected {spec.valid})")
+    if method.scale_param is not None and method.scale_param not in method.params:
+        raise ValueError(f"merge method {method.name!r}: scale_param {method.scale_param!r} is not one of its "
+                         f"parameters {sorted(method.params)} (None: λ = 1)")
+    METHODS[method.name] = method
+    return method
+
+
+def load_plugin_methods() -> None:
+    """Register the :class:`MergeMethod` of every :data:`PLUGIN_GROUP` entry point; one that fails to import, is
+    not a MergeMethod or is refused by :func:`register_method` is left out with a warning and recorded in
+    :data:`PLUGIN_ERRORS`."""
+    for entry in entry_points(group=PLUGIN_GROUP):
+        try:
+            method = entry.load()
+            if not isinstance(method, MergeMethod):
+                raise ValueError(f"{entry.value} is a {type(method).__name__}, not a MergeMethod")
+            register_method(method)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop fedmerge; it is named below
+            PLUGIN_ERRORS[entry.name] = f"{type(exc).__name__}: {exc}"
+            logger.warning("merge-method plugin %r (%s) left out: %s", entry.name, entry.value, PLUGIN_ERRORS[entry.name])
+
+
+def plugin_failures() -> str:
+    """"; plugin 'x' (reason) failed to load" for each :data:`PLUGIN_ERRORS` entry: added to unknown-method errors."""
+    return "".join(f"; plugin {n!r} ({reason}) failed to load" for n, reason in PLUGIN_ERRORS.items())
+
+
 def get_method(name: str) -> MergeMethod:
     """The registered method ``name``; ValueError listing the valid names otherwise."""
     if name not in METHODS:
-        raise ValueError(f"unknown merge method {name!r}; valid: {sorted(METHODS)}")
+        raise ValueError(f"unknown merge method {name!r}; valid: {sorted(METHODS)}{plugin_failures()}")
     return METHODS[name]
 
 
@@ -232,3 +307,4 @@ def describe_methods() -> list[dict[str, Any]]:
         {"name": m.name, "summary": m.summary, "paper": m.paper, "params": {k: p.default for k, p in m.params.items()}}
         for m in METHODS.values()
     ]
+

@@ -1,0 +1,125 @@
+"""Merge methods from outside the package: ``register_method`` in this process, the ``fedmerge.merge_methods``
+entry-point group for every process (the Flower ServerApp's too)."""
+
+from __future__ import annotations
+
+import math
+from importlib.metadata import EntryPoint
+
+import pytest
+import torch
+
+from fedmerge.config import apply_overrides, load_scenario
+from fedmerge.errors import FedmergeError
+from fedmerge.merging import METHODS, MergeMethod, Param, get_method, merge, register_method, resolve_params
+from fedmerge.merging import registry
+
+
+def half_sum(tau: torch.Tensor, params: dict, generator: torch.Generator) -> torch.Tensor:
+    """τ̃_k = shrink · τ_k: the merge is θ₀ + scale · shrink · Σ τ_k."""
+    return tau * params["shrink"]
+
+
+HALF_SUM = MergeMethod(
+    "half_sum", "tests.test_merge_plugins:half_sum",
+    {"shrink": Param(0.5, lambda v: isinstance(v, float | int) and 0 < v <= 1, "a number in (0, 1]"),
+     "scale": Param(1.0, lambda v: isinstance(v, float | int) and math.isfinite(v), "a finite number")},
+    "https://example.org/half-sum", "a test method: shrunk task arithmetic",
+)
+
+
+@pytest.fixture
+def registered():
+    """HALF_SUM registered for one test, removed afterwards (METHODS is process-wide)."""
+    register_method(HALF_SUM)
+    yield HALF_SUM
+    METHODS.pop(HALF_SUM.name, None)
+
+
+def test_a_registered_method_merges_and_is_checked_like_a_built_in(registered):
+    theta0 = {"w": torch.zeros(3), "b": torch.ones(2)}
+    models = {"a": {"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([2.0, 2.0])},
+              "b": {"w": torch.tensor([3.0, 0.0, -1.0]), "b": torch.tensor([1.0, 0.0])}}
+    merged = merge("half_sum", theta0, models, shrink=0.25, scale=2.0)
+    assert torch.allclose(merged["w"], 0.5 * torch.tensor([4.0, 2.0, 2.0]))
+    assert torch.allclose(merged["b"], torch.ones(2) + 0.5 * torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"half_sum.*shrink=2.*a number in \(0, 1\]"):
+        resolve_params("half_sum", {"shrink": 2})
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['density'\].*valid: \['scale', 'shrink'\]"):
+        resolve_params("half_sum", {"density": 0.1})
+
+
+def test_a_scenario_names_a_registered_method_and_the_run_builds_it(registered, tmp_path):
+    from fedmerge.runners.simulation import run_scenario
+
+    cfg = load_scenario("quickstart", [
+        "run.progress=false", "data.synthetic.n_domains=2", "data.synthetic.n_users=30", "data.synthetic.n_items=20",
+        "data.synthetic.max_len=6", "model.params.hidden=8", "model.params.n_layers=1", "model.params.max_len=6",
+        "model.params.max_epochs=1", "baselines.fedavg_rounds=0", "baselines.joint=false", "encoder.name=hashing",
+        "encoder.params.dim=16", f"encoder.cache_dir={tmp_path / 'cache'}",
+        'merge.methods=["task_arithmetic","half_sum"]', "merge.params.half_sum.shrink=0.3"])
+    results = run_scenario(cfg, "inprocess", tmp_path / "run")
+    assert set(results["models"]["half_sum"]) == {"synth-0", "synth-1", "average"}
+    with pytest.raises(FedmergeError, match=r"merge.params.half_sum: .*shrink=5"):
+        apply_overrides(cfg, ["merge.params.half_sum.shrink=5"])
+
+
+@pytest.mark.parametrize("method, message", [
+    (MergeMethod("ties", "x:y", {}, "", "", scale_param=None), r"'ties' is already registered"),
+    (MergeMethod("bad_kernel", "no_module_path", {}, "", ""), r"kernel 'no_module_path'.*module:function"),
+    (MergeMethod("bad_param", "m:f", {"k": 3}, "", ""), r"parameter 'k'.*Param"),
+    (MergeMethod("bad_default", "m:f", {"k": Param(-1, lambda v: v > 0, "> 0")}, "", ""), r"default -1.*> 0"),
+    (MergeMethod("bad_scale", "m:f", {}, "", ""), r"scale_param 'scale' is not one of its parameters"),
+    (MergeMethod("Bad Name", "m:f", {}, "", "", scale_param=None), r"name 'Bad Name'"),
+])
+def test_registration_refuses_what_could_not_run(method, message):
+    with pytest.raises(ValueError, match=message):
+        register_method(method)
+    assert method.name == "ties" or method.name not in METHODS
+
+
+def test_entry_point_plugins_load_and_a_broken_one_is_named(monkeypatch):
+    good = EntryPoint("half_sum", "tests.test_merge_plugins:HALF_SUM", registry.PLUGIN_GROUP)
+    broken = EntryPoint("missing", "tests.no_such_module:METHOD", registry.PLUGIN_GROUP)
+    wrong = EntryPoint("wrong", "tests.test_merge_plugins:half_sum", registry.PLUGIN_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [good, broken, wrong] if group == registry.PLUGIN_GROUP else [])
+    monkeypatch.setattr(registry, "PLUGIN_ERRORS", {})
+    try:
+        registry.load_plugin_methods()
+        assert get_method("half_sum") is HALF_SUM
+        assert set(registry.PLUGIN_ERRORS) == {"missing", "wrong"}
+        assert "MergeMethod" in registry.PLUGIN_ERRORS["wrong"]
+        with pytest.raises(ValueError, match=r"unknown merge method 'missing'.*plugin 'missing' .*failed to load"):
+            get_method("missing")
+    finally:
+        METHODS.pop("half_sum", None)
+
+
+def test_an_installed_plugin_is_there_when_fedmerge_is_imported(tmp_path):
+    """A distribution on the path with a fedmerge.merge_methods entry point (as `pip install` leaves it) whose
+    module imports MergeMethod from fedmerge.merging: loading it while that package was importing failed (circular
+    import), so the method was missing in every process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    package = tmp_path / "fm_plugin"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from fedmerge.merging import MergeMethod, Param\n"
+        "SHRUNK = MergeMethod('shrunk_sum', 'fm_plugin.kernel:shrunk', {'shrink': Param(0.5, lambda v: 0 < v <= 1, "
+        "'(0, 1]')}, 'https://example.org', 'shrunk task arithmetic', scale_param=None)\n")
+    (package / "kernel.py").write_text("def shrunk(tau, params, generator):\n    return tau * params['shrink']\n")
+    info = tmp_path / "fm_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fm-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[fedmerge.merge_methods]\nshrunk_sum = fm_plugin:SHRUNK\n")
+    script = ("import json, torch\nfrom fedmerge.config import load_scenario\nfrom fedmerge.merging import merge\n"
+              "cfg = load_scenario('quickstart', ['merge.methods=[\"shrunk_sum\"]', 'merge.params.shrunk_sum.shrink=0.25'])\n"
+              "out = merge('shrunk_sum', {'w': torch.zeros(2)}, {'a': {'w': torch.ones(2)}, 'b': {'w': torch.ones(2)}},"
+              " **cfg.merge.params['shrunk_sum'])\nprint(json.dumps(out['w'].tolist()))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout) == [0.5, 0.5] and "left out" not in run.stderr
