@@ -46,6 +46,7 @@ import torch
 from scipy.optimize import brentq
 from scipy.special import log_ndtr, ndtr
 
+from fedmerge.merging.methods import check_compatible
 from fedmerge.models.base import StateDict
 from fedmerge.validation import task_vector_norm as unchecked_norm
 
@@ -56,19 +57,11 @@ _SENSITIVITY_FACTOR: dict[str, float] = {"add_remove": 1.0, "replace": 2.0}
 _Z_BRACKET = (1e-4, 1e6)
 
 
-def _check_same_names(theta0: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> None:
-    missing, extra = set(theta0) - set(weights), set(weights) - set(theta0)
-    if missing or extra:
-        raise ValueError(f"weights and θ₀ differ in parameter names: missing {sorted(missing)}, extra {sorted(extra)}")
-    for name, ref in theta0.items():
-        if tuple(weights[name].shape) != tuple(ref.shape):
-            raise ValueError(f"parameter {name!r} has shape {tuple(weights[name].shape)}, θ₀ has {tuple(ref.shape)}")
-
-
 def task_vector_norm(theta0: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> float:
     """‖θ − θ₀‖₂ over all tensors jointly: √(Σ_name ‖θ[name] − θ₀[name]‖²), accumulated in float64
-    (:func:`fedmerge.validation.task_vector_norm`, after checking that names and shapes agree)."""
-    _check_same_names(theta0, weights)
+    (:func:`fedmerge.validation.task_vector_norm`, after :func:`fedmerge.merging.methods.check_compatible`: the
+    same names, shapes and float dtypes as θ₀)."""
+    check_compatible(dict(theta0), {"weights": dict(weights)})
     return unchecked_norm(theta0, weights)
 
 
