@@ -99,14 +99,16 @@ def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -
 
 
 @contextmanager
-def run_folder(out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+def run_folder(
+    out_dir: str | Path, *, resume: bool = False, overwrite: bool = False, resumable: bool = True
+) -> Iterator[Path]:
     """Hold ``out_dir`` for one run: an exclusive lock for the run's duration and no silent reuse of old files.
 
     The lock is ``fcntl.flock`` on ``<out_dir>/.fedmerge.lock`` (released by the kernel when the process dies, so a
     killed run never leaves a stale lock); a second run into the folder fails at once naming the holder's pid. A
     folder with other entries is refused unless ``resume`` (the run re-merges from them) or ``overwrite`` (they are
     deleted first, after the lock is taken). Lock files and empty folders left by a run that failed before writing
-    anything do not count.
+    anything do not count. ``resumable``: whether the refusal may suggest ``--resume`` (not for a deployment).
     """
     out = Path(out_dir)
     lock_path = out / LOCK_FILE
@@ -133,8 +135,9 @@ def run_folder(out_dir: str | Path, *, resume: bool = False, overwrite: bool = F
             if not overwrite:
                 raise FedmergeError(
                     f"run folder {out} already holds an earlier run's files ({', '.join(p.name for p in earlier[:5])}"
-                    f"{', ...' if len(earlier) > 5 else ''}); resume from them (--resume), delete them (--overwrite) "
-                    "or choose another output folder"
+                    f"{', ...' if len(earlier) > 5 else ''}); "
+                    + ("resume from them (--resume), " if resumable else "")
+                    + "delete them (--overwrite) or choose another output folder"
                 )
             logger.warning("--overwrite: deleting the %d entries already in %s", len(earlier), out)
             for entry in earlier:

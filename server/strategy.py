@@ -35,7 +35,7 @@ class MergeStrategy(Strategy):
         self.timeout = cfg.federation.timeout_s
         self.startup_timeout = cfg.federation.startup_timeout_s
         self.node_of: dict[str, int] = {}
-        self.refused: dict[str, str] = {}  # query:node<id> -> why that node's domain claim was refused
+        self.refused: dict[str, str] = {}  # query:node<id> -> why that node failed to start or its claim was refused
         self.connect_seconds: float | None = None  # None until connected
         self._group = 0
 
@@ -56,8 +56,10 @@ class MergeStrategy(Strategy):
             nodes = list(self.grid.get_node_ids())
         messages = [Message(RecordDict(), node, protocol.QUERY, group_id="connect") for node in nodes]
         for reply in self.grid.send_and_receive(messages, timeout=max(deadline - time.monotonic(), 1.0)):
-            if reply.has_error():
-                logger.error("node %s failed to start: %s", reply.metadata.src_node_id, reply.error.reason)
+            if reply.has_error():  # e.g. its data folder is missing: the node's own reason goes into results.json
+                node = reply.metadata.src_node_id
+                self.refused[f"{protocol.QUERY}:node{node}"] = f"node {node} failed to start: {reply.error.reason}"
+                logger.error("%s", self.refused[f"{protocol.QUERY}:node{node}"])
                 continue
             self.claim(protocol.reply_domain(reply.content), reply.metadata.src_node_id, wanted)
         missing = [d for d in wanted if d not in self.node_of]

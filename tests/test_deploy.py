@@ -61,6 +61,16 @@ def test_certificates_chain_to_own_ca(tmp_path):
     assert oct(files.server_key.stat().st_mode & 0o777) == "0o600"
 
 
+def test_a_server_certificate_for_a_public_name_also_names_the_loopback(tmp_path):
+    """`deploy certs --host link.example.org` (production step 1) gave a certificate for that name only, and the
+    SuperLink's own SuperExec, which connects to it on 127.0.0.1 over TLS, failed: 'IP address mismatch'."""
+    files = generate(tmp_path, n_nodes=0, hosts=["link.example.org"])
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName)[0] == "link.example.org"
+    assert ipaddress.ip_address("127.0.0.1") in sans.get_values_for_type(x509.IPAddress)
+
+
 def test_node_keys_are_openssh_nist_ec_pairs(tmp_path):
     files = generate(tmp_path, n_nodes=3)
     assert [k.private_key.name for k in files.nodes] == ["node-0", "node-1", "node-2"]
@@ -346,6 +356,24 @@ def test_full_tls_run_matches_simulation_shape(tmp_path):
 
 
 @pytest.mark.slow
+def test_deploy_local_with_own_data_folders_under_data_root(tmp_path):
+    """--data-root reached the SuperNodes but not the ServerApp, which kept the scenario's data.root and failed at
+    merge time ("domain 'synth-1' not found under data/amazon"), after every client had trained."""
+    from fedmerge.config import load_scenario
+    from fedmerge.data import save_generic_domain
+    from fedmerge.deploy.local import deploy_local
+
+    synthetic = load_scenario("quickstart", TINY)
+    for name in synthetic.data.domain_names():
+        save_generic_domain(synthetic.load_domain(name), tmp_path / "own" / name)
+    results = deploy_local("quickstart", tmp_path / "deploy", app_dir=flower_app_dir(tmp_path), timeout_s=500,
+                           poll_s=1.0, data_root=tmp_path / "own",
+                           overrides=[*TINY, 'data.source="generic"', 'data.domains=["synth-0","synth-1"]'])
+    assert results["status"] == "ok" and results["errors"] == {}
+    assert set(results["models"]["average"]) >= {"synth-0", "synth-1"}
+
+
+@pytest.mark.slow
 def test_supernode_killed_mid_training_fails_run_with_domain_named(tmp_path):
     """A SuperNode dies after receiving its train message: the server waits at most federation.timeout_s, merges
     the one reply it has (min_replies = 1), and the run ends failed with the dead domain named; nothing hangs."""
@@ -425,7 +453,7 @@ def test_cli_deploy_certs(tmp_path, capsys):
     assert main(["deploy", "certs", "--out", str(tmp_path), "--nodes", "1", "--host", "10.0.0.5"]) == 0
     server = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
+    assert sans.get_values_for_type(x509.IPAddress)[0] == ipaddress.ip_address("10.0.0.5")  # then the loopback
     assert main(["deploy", "certs", "--out", str(tmp_path)]) == 1
     assert "already holds certificates" in capsys.readouterr().err
 

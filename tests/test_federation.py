@@ -857,6 +857,37 @@ def test_second_node_claiming_a_domain_is_refused(cfg):
     }
 
 
+def test_a_node_that_fails_to_start_is_a_recorded_rejection_with_its_reason(cfg):
+    """A SuperNode whose data folder is missing answered the query with an error that only the ServerApp's log
+    showed; results.json said "no SuperNode holds this domain"."""
+    from flwr.app import Error
+
+    from server.strategy import MergeStrategy
+
+    class QueryGrid:
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+        def send_and_receive(self, messages, timeout):
+            replies = []
+            for m in messages:
+                if m.metadata.dst_node_id == 2:
+                    replies.append(Message(Error(code=0, reason="DataError: /data/shop: no such file or folder"),
+                                           reply_to=m))
+                else:
+                    domain = {1: "synth-0", 3: "synth-1"}[m.metadata.dst_node_id]
+                    replies.append(Message(RecordDict({protocol.INFO: protocol.info_record(domain)}), reply_to=m))
+            return replies
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    strategy = MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.1"]), QueryGrid())
+    strategy.connect()
+    assert strategy.node_of == {"synth-0": 1, "synth-1": 3}
+    assert strategy.refused == {"query:node2": "node 2 failed to start: DataError: /data/shop: no such file or folder"}
+
+
 def test_flowers_round_loop_is_refused_by_name_not_half_run(cfg):
     """MergeStrategy is a Flower Strategy, but merging needs every domain's model at once: Strategy.start and its
     configure/aggregate steps name the entry point that runs the federation instead of sending anything."""

@@ -569,6 +569,15 @@ def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
     assert "| none | ∞ (no DP) |" in table and "| domain | 2 |" in table and "lira AUC" in table
     assert f"reference models of {probe['reference_model_users']} users each" in table
     assert "lira TPR@0.1%" in table and "lira TPR@1%" in table
+    # 15 held-out users: no threshold has a false-positive rate in (0, 1/15), so both TPR columns are TPR at 0 false
+    # positives; the table said "TPR@0.1%" with no flag (values above what ε allows at 0.1 % FPR looked real)
+    assert "15 held-out users" in table and "TPR at 0 false positives" in table
+    # per user, domain-level DP is weaker than its ε (one user moves the clipped update by up to 2C); the README and
+    # privacy.md said the user gets "the guarantee of its whole domain"
+    from fedmerge.privacy.dp import epsilon_for
+
+    per_user = epsilon_for(z, 1e-5, rounds=1, neighbouring="replace")
+    assert per_user > 2.0 and f"ε 2: {per_user:.3g} per user" in table
     assert "per-seed ratio × θ₀" in table and "per-seed ratio × the same model without DP" in table
     assert (out / "privacy.png").stat().st_size > 0
     assert "loss TPR@1%" in capsys.readouterr().out

@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     certs.add_argument("--out", type=Path, required=True, help="folder receiving ca.crt, server.crt/.key, nodes/")
     certs.add_argument("--nodes", type=int, default=3, help="number of SuperNode key pairs (default 3)")
     certs.add_argument("--host", action="append", dest="hosts",
-                       help=f"server certificate host name or IP (repeatable; default {', '.join(DEFAULT_HOSTS)})")
+                       help=f"server certificate host name or IP (repeatable; {', '.join(DEFAULT_HOSTS)} are always "
+                       "added: the SuperLink connects to itself over TLS on the loopback)")
     certs.add_argument("--force", action="store_true", help="replace certificates already in --out")
     certs.set_defaults(func=run_certs)
 

@@ -28,7 +28,8 @@ from fedmerge.errors import FedmergeError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")  # in every server certificate (make_server_cert)
+DEFAULT_HOSTS = LOOPBACK_HOSTS
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,11 @@ def make_ca(common_name: str = "fedmerge local CA", days: int = 30) -> tuple[ec.
 def make_server_cert(
     ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: Sequence[str], days: int = 30
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A server key and certificate signed by the CA, valid for ``hosts`` (serverAuth)."""
+    """A server key and certificate signed by the CA, valid for ``hosts`` (serverAuth) and the loopback names
+    :data:`LOOPBACK_HOSTS` (the SuperLink's own SuperExec connects to it on 127.0.0.1 over TLS)."""
     if not hosts:
         raise ValueError("at least one host name or IP address is needed for the server certificate")
+    hosts = [*hosts, *(h for h in LOOPBACK_HOSTS if h not in hosts)]
     key = ec.generate_private_key(ec.SECP384R1())
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
@@ -145,7 +148,8 @@ def generate(out: Path, n_nodes: int = 3, hosts: Sequence[str] = DEFAULT_HOSTS, 
     ca_cert_path, ca_key_path = out / "ca.crt", out / "ca.key"
     server_cert_path, server_key_path = out / "server.crt", out / "server.key"
     if not overwrite and any(p.exists() for p in (ca_cert_path, ca_key_path, server_cert_path, server_key_path)):
-        raise FedmergeError(f"{out} already holds certificates; pass overwrite=True (--force) to replace them")
+        raise FedmergeError(f"{out} already holds certificates; --force (overwrite=True) replaces them, the CA "
+                             "included, so every data owner would need the new ca.crt")
     ca_key, ca_cert = make_ca()
     server_key, server_cert = make_server_cert(ca_key, ca_cert, list(hosts))
     _write(ca_key_path, _pem_key(ca_key), private=True)

@@ -199,8 +199,10 @@ def deploy_local(
 
     app = check_app_dir(Path(app_dir))
     cfg = load_scenario(scenario, overrides)
+    if data_root is not None:  # the ServerApp reads the public catalogs there too, not only the SuperNodes their data
+        cfg = cfg.with_changes(data={"root": str(Path(data_root).resolve())})
     out = Path(out_dir).resolve()
-    with run_folder(out, overwrite=overwrite):
+    with run_folder(out, overwrite=overwrite, resumable=False):
         return _deploy(cfg, out, data_root, tls_dir, app, timeout_s, poll_s)
 
 

@@ -544,7 +544,38 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
     if releases_per_client(cfg) > 1 and attacked:
         notes += (" The attacks see the one-shot release only, whose own ε is below the row's (all releases): "
                   + "; ".join(attacked) + ".")
+    notes += per_user_note(utility, study, releases_per_client(cfg)) + coarse_fpr_note(probe)
     return "\n".join(lines) + "\n" + notes + "\n" + ratio_tables(utility, study.metric)
+
+
+def per_user_note(utility: Sequence[Mapping[str, Any]], study: PrivacyStudySettings, releases: int) -> str:
+    """What domain-level DP gives one user of the domain: the ε of noise multiplier z/2, since one user can move the
+    clipped update by up to 2C (:func:`fedmerge.privacy.dp.epsilon_for` with ``neighbouring="replace"``)."""
+    from fedmerge.privacy.dp import epsilon_for
+
+    per_user = [(row["epsilon"], epsilon_for(row["noise_multiplier"], study.delta, rounds=releases,
+                                             neighbouring="replace"))
+                for row in utility if row["unit"] == "domain" and row["noise_multiplier"] > 0]
+    per_user = [f"ε {label}: {eps:.3g} per user" for label, eps in per_user]
+    if not per_user:
+        return ""
+    return (" Unit 'domain' bounds the whole data set of a client; one user of it is protected less, not more: one "
+            "user can move the clipped update by up to 2C, twice what the noise is calibrated to, so per user the "
+            f"same release is only ({', '.join(per_user)}; δ = {study.delta:g}, all releases)-DP.")
+
+
+def coarse_fpr_note(probe: Mapping[str, Any]) -> str:
+    """A warning when the held-out users are too few for the TPR columns' false-positive rates: with n of them no
+    threshold has a rate in (0, 1/n), so a TPR at an FPR below 1/n is the TPR at 0 false positives."""
+    from fedmerge.privacy.attacks import FPRS
+
+    n = probe.get("probed_per_group", [None, None])[1]
+    coarse = [f"{fpr:g}" for fpr in FPRS if isinstance(n, int) and 0 < n and fpr < 1 / n]
+    if not coarse:
+        return ""
+    return (f" With {n} held-out users the smallest non-zero false-positive rate is 1/{n}: the TPR at FPR "
+            f"{', '.join(coarse)} is the TPR at 0 false positives, a noisy figure that may exceed what ε allows at "
+            "that rate; more held-out users (privacy_study.probe_max_users) resolve it.")
 
 
 def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], study: PrivacyStudySettings, path: Path) -> None:
@@ -581,7 +612,9 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], s
     left.set(xticks=range(len(labels)), xticklabels=labels, xlabel="ε (δ fixed)",
              ylabel=f"{study.metric} (avg over domains)")
     left.legend(fontsize=7)
-    right.set(xlabel=f"strongest attack's TPR at 1 % FPR ({probe['domain']})", ylabel=f"{study.metric}")
+    n = probe.get("probed_per_group", [None, None])[1]
+    at = " (at 0 false positives)" if isinstance(n, int) and 0 < n < 100 else ""
+    right.set(xlabel=f"strongest attack's TPR at 1 % FPR{at} ({probe['domain']})", ylabel=f"{study.metric}")
     right.legend(fontsize=7)
     fig.tight_layout()
     save_figure_atomic(fig, path)
