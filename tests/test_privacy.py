@@ -578,6 +578,11 @@ def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
 
     per_user = epsilon_for(z, 1e-5, rounds=1, neighbouring="replace")
     assert per_user > 2.0 and f"ε 2: {per_user:.3g} per user" in table
+    # settings a reader must know to trust the figures, recorded with them (they ran silently)
+    warnings = report["warnings"]
+    assert any("seeded" in w and "privacy.noise_seed = 0" in w for w in warnings)
+    assert any("15 held-out users" in w and "noisy" in w for w in warnings)
+    assert all(w in table for w in warnings)
     assert "per-seed ratio × θ₀" in table and "per-seed ratio × the same model without DP" in table
     assert (out / "privacy.png").stat().st_size > 0
     assert "loss TPR@1%" in capsys.readouterr().out
@@ -963,3 +968,20 @@ def test_study_settings_of_the_wrong_type_name_their_key(tiny_scenario, override
 
     with pytest.raises(FedmergeError, match=key.replace(".", r"\.") + " must be"):
         load_study(str(tiny_scenario), [override])
+
+
+def test_study_settings_that_make_figures_vacuous_are_warned_or_refused(tiny_scenario):
+    """δ ≥ 1/n permits releasing a user's data outright; privacy.delta was silently replaced by the study's δ;
+    ε = true was read as 1."""
+    from fedmerge.errors import FedmergeError
+    from fedmerge.privacy.study import load_study, study_warnings
+
+    with pytest.raises(FedmergeError, match="privacy_study.epsilons"):
+        load_study(str(tiny_scenario), ["privacy_study.epsilons=[true]"])
+    cfg, study = load_study(str(tiny_scenario), ["privacy_study.delta=0.5", "privacy_study.units=['domain', 'user']",
+                                                 "privacy.delta=1e-3"])
+    warnings = study_warnings(cfg, study, probe=None)
+    assert any("δ = 0.5" in w and "1/60" in w for w in warnings)  # 60 users in the smallest domain
+    assert any("privacy.delta = 0.001" in w and "privacy_study.delta = 0.5" in w for w in warnings)
+    quiet_cfg, quiet = load_study(str(tiny_scenario), ["privacy.noise_seed=-1"])
+    assert study_warnings(quiet_cfg, quiet, probe=None) == []

@@ -148,7 +148,8 @@ def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
     from fedmerge.privacy.client import UNITS, check_user_level
 
     eps = study["epsilons"]
-    if not isinstance(eps, list | tuple) or not eps or not all(isinstance(e, (int, float)) and e > 0 for e in eps):
+    if not isinstance(eps, list | tuple) or not eps or not all(
+            isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0 for e in eps):
         raise FedmergeError(f"{STUDY_SECTION}.epsilons must be a non-empty list of numbers > 0 (inf allowed), got {eps!r}")
     if not 0 < float(study["delta"]) < 1:
         raise FedmergeError(f"{STUDY_SECTION}.delta must lie in (0, 1), got {study['delta']!r}")
@@ -775,17 +776,56 @@ def write_pooled_study(paths: Sequence[Path], out_dir: Path) -> str:
         except (OSError, ValueError) as err:
             raise FedmergeError(f"cannot read privacy study {path}: {err}") from err
     pooled = pool_studies(studies, [str(p) for p in paths])
-    study = settings_from_mapping(pooled["study"])
-    cfg = Scenario.from_mapping(pooled["scenario"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "privacy.json", pooled)
-    table = markdown_table(pooled["utility"], pooled["probe"], study, cfg)
+    return write_study(out_dir, pooled, settings_from_mapping(pooled["study"]), Scenario.from_mapping(pooled["scenario"]))
+
+
+def write_study(out_dir: Path, record: Mapping[str, Any], study: PrivacyStudySettings, cfg: Scenario) -> str:
+    """privacy.json (``record`` with :func:`study_warnings`), privacy.md (the table, then the warnings) and
+    privacy.png of a whole study into ``out_dir``; returns the markdown."""
+    warnings = study_warnings(cfg, study, record["probe"])
+    for warning in warnings:
+        logger.warning("privacy study: %s", warning)
+    write_json_atomic(out_dir / "privacy.json", {**record, "warnings": warnings})
+    table = markdown_table(record["utility"], record["probe"], study, cfg)
+    if warnings:
+        table += "\nWarnings:\n" + "".join(f"- {w}\n" for w in warnings)
     (out_dir / "privacy.md").write_text(table)
-    plot_study(pooled["utility"], pooled["probe"], study, out_dir / "privacy.png")
+    plot_study(record["utility"], record["probe"], study, out_dir / "privacy.png")
     return table
 
 
 STUDY_PARTS = ("all", "utility", "attacks")
+MIN_PROBED_USERS = 100  # members or held-out users probed below which the attack figures are called noisy
+
+
+def study_warnings(cfg: Scenario, study: PrivacyStudySettings, probe: Mapping[str, Any] | None) -> list[str]:
+    """What a reader must know before trusting the study's figures, recorded in privacy.json and privacy.md: seeded
+    DP noise, a δ not below 1/n (n the smallest training domain's users, user-level cells), a ``privacy.delta`` the
+    study replaces, and (with ``probe``) too few probed users for the attack figures."""
+    out = []
+    if cfg.privacy.noise_seed >= 0:
+        out.append(f"the DP noise is seeded (privacy.noise_seed = {cfg.privacy.noise_seed}): reproducible for a study, "
+                   "but whoever knows the seed can regenerate and subtract it; a deployment keeps -1 (OS entropy)")
+    if cfg.privacy.delta != study.delta:
+        out.append(f"privacy.delta = {cfg.privacy.delta:g} is not used: every DP cell runs at privacy_study.delta = "
+                   f"{study.delta:g}")
+    if "user" in study.units:
+        n = min(cfg.load_domain(d).n_users for d in cfg.data.training_domains())
+        if study.delta >= 1 / n:
+            out.append(f"δ = {study.delta:g} is not below 1/{n} (the smallest training domain's users): a mechanism "
+                       "that publishes one user's data outright in full meets (ε, δ) at this δ; use δ ≪ 1/n")
+    if probe is not None:
+        sizes = probe.get("probed_per_group", [])
+        small = [f"{n} {group}" for n, group in zip(sizes, ("members", "held-out users")) if n < MIN_PROBED_USERS]
+        users = probe.get("reference_model_users")
+        if probe.get("reference_models") and isinstance(users, int) and users < MIN_PROBED_USERS:
+            small.append(f"LiRA reference models of {users} users")
+        if small:
+            out.append(f"attacks on {', '.join(small)} (fewer than {MIN_PROBED_USERS}): their AUC and TPR are noisy, "
+                       "one seed may land far from the attack's real success; more users (privacy_study."
+                       "probe_max_users, member_fraction) or seeds narrow it")
+    return out
 
 
 def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwrite: bool = False,
@@ -815,10 +855,6 @@ def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwri
             return (f"utility runs of {len(utility)} cell(s) × {len(study.seeds)} seed(s) in {out_dir}; run the whole "
                     "study with --resume to read them back")
         probe = attack_sweep(cfg, study, out_dir, resume=resume)
-    write_json_atomic(out_dir / "privacy.json", {"study": study_json, "releases_per_client": releases_per_client(cfg),
-                                                 "utility": utility, "probe": probe, "scenario": cfg.to_mapping(),
-                                                 "nonprivate_updates": {"trained": memo.trained, "reused": memo.reused}})
-    table = markdown_table(utility, probe, study, cfg)
-    (out_dir / "privacy.md").write_text(table)
-    plot_study(utility, probe, study, out_dir / "privacy.png")
-    return table
+    return write_study(out_dir, {"study": study_json, "releases_per_client": releases_per_client(cfg),
+                                 "utility": utility, "probe": probe, "scenario": cfg.to_mapping(),
+                                 "nonprivate_updates": {"trained": memo.trained, "reused": memo.reused}}, study, cfg)
