@@ -450,8 +450,9 @@ def test_deploy_local_bad_inputs_fail_before_starting_anything(tmp_path):
 def test_cli_deploy_certs(tmp_path, capsys):
     from fedmerge.cli import main
 
-    assert main(["deploy", "certs", "--out", str(tmp_path), "--nodes", "1", "--host", "10.0.0.5"]) == 0
+    assert main(["deploy", "certs", "--out", str(tmp_path), "--nodes", "1", "--host", "10.0.0.5", "--days", "365"]) == 0
     server = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    assert (server.not_valid_after_utc - server.not_valid_before_utc).days == 365  # 30 was hard-coded
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.IPAddress)[0] == ipaddress.ip_address("10.0.0.5")  # then the loopback
     assert main(["deploy", "certs", "--out", str(tmp_path)]) == 1

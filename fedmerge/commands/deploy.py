@@ -21,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     certs.add_argument("--host", action="append", dest="hosts",
                        help=f"server certificate host name or IP (repeatable; {', '.join(DEFAULT_HOSTS)} are always "
                        "added: the SuperLink connects to itself over TLS on the loopback)")
-    certs.add_argument("--force", action="store_true", help="replace certificates already in --out")
+    certs.add_argument("--days", type=int, default=30, help="validity of the CA and server certificates (default 30)")
+    certs.add_argument("--force", action="store_true",
+                       help="replace certificates already in --out (the CA too: every SuperNode then needs the new ca.crt)")
     certs.set_defaults(func=run_certs)
 
     local = actions.add_parser(
@@ -31,9 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                        help="scenario override, e.g. --set model.params.max_epochs=1 (repeatable)")
     local.add_argument("--data-root", type=Path,
-                       help="folder with one <domain>/ or <domain>.tar.gz per SuperNode (synthetic: optional)")
+                       help="folder with one <domain>/ or <domain>.tar.gz per SuperNode, also where the ServerApp "
+                       "reads the public catalogs (synthetic: optional)")
     local.add_argument("--tls-dir", type=Path, help="PKI from `fedmerge deploy certs` (default: a fresh one in --out)")
-    local.add_argument("--out", type=Path, required=True, help="output folder: results/, logs/, tls/, processes.json")
+    local.add_argument("--out", type=Path, required=True, help="output folder: results/, logs/, tls/ (unless --tls-dir), processes.json, "
+                       "scenario.toml (the resolved scenario), data/ (synthetic domains), flwr-home/, superlink.db")
     local.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default 3600)")
     local.add_argument("--overwrite", action="store_true",
                        help="delete what an earlier deployment left in --out (a non-empty --out is refused otherwise)")
@@ -41,8 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_certs(args: argparse.Namespace) -> int:
-    files = generate(args.out, args.nodes, tuple(args.hosts or DEFAULT_HOSTS), overwrite=args.force)
+    files = generate(args.out, args.nodes, tuple(args.hosts or DEFAULT_HOSTS), overwrite=args.force, days=args.days)
     print(f"CA certificate      {files.ca_cert}  (give to SuperNodes and flwr: --root-certificates)")
+    print(f"CA private key      {files.ca_key}  (signs certificates: keep it offline, not on the SuperLink)")
     print(f"server certificate  {files.server_cert}  key {files.server_key}")
     for keys in files.nodes:
         print(f"SuperNode key       {keys.private_key}  public {keys.public_key}")
@@ -54,5 +59,6 @@ def run_local(args: argparse.Namespace) -> int:
 
     results = deploy_local(args.scenario, args.out, overrides=args.overrides, data_root=args.data_root,
                            tls_dir=args.tls_dir, timeout_s=args.timeout, overwrite=args.overwrite)
-    print(json.dumps({"status": results.get("status"), "results": str(args.out / "results" / RESULTS_FILE)}))
+    print(json.dumps({"status": results.get("status"), "results": str(args.out / "results" / RESULTS_FILE),
+                      "warnings": results.get("warnings", [])}))
     return 0

@@ -140,18 +140,23 @@ def make_node_keys(out_dir: Path, name: str) -> NodeKeys:
     return NodeKeys(private, public)
 
 
-def generate(out: Path, n_nodes: int = 3, hosts: Sequence[str] = DEFAULT_HOSTS, *, overwrite: bool = False) -> TlsFiles:
-    """Write a CA, a server certificate for ``hosts`` and ``n_nodes`` SuperNode key pairs under ``out``."""
+def generate(
+    out: Path, n_nodes: int = 3, hosts: Sequence[str] = DEFAULT_HOSTS, *, overwrite: bool = False, days: int = 30
+) -> TlsFiles:
+    """Write a CA, a server certificate for ``hosts`` and ``n_nodes`` SuperNode key pairs under ``out``; both
+    certificates are valid for ``days`` days."""
     if n_nodes < 0:
         raise ValueError(f"n_nodes must be >= 0, got {n_nodes}")
+    if days < 1:
+        raise ValueError(f"days must be >= 1, got {days}")
     out = Path(out)
     ca_cert_path, ca_key_path = out / "ca.crt", out / "ca.key"
     server_cert_path, server_key_path = out / "server.crt", out / "server.key"
     if not overwrite and any(p.exists() for p in (ca_cert_path, ca_key_path, server_cert_path, server_key_path)):
         raise FedmergeError(f"{out} already holds certificates; --force (overwrite=True) replaces them, the CA "
                              "included, so every data owner would need the new ca.crt")
-    ca_key, ca_cert = make_ca()
-    server_key, server_cert = make_server_cert(ca_key, ca_cert, list(hosts))
+    ca_key, ca_cert = make_ca(days=days)
+    server_key, server_cert = make_server_cert(ca_key, ca_cert, list(hosts), days=days)
     _write(ca_key_path, _pem_key(ca_key), private=True)
     _write(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
     _write(server_key_path, _pem_key(server_key), private=True)
