@@ -967,3 +967,22 @@ def test_flower_engine_refuses_bad_data_before_flower_starts(cfg, tmp_path, synt
     monkeypatch.setattr(simulation, "run_flower_simulation", lambda *a, **k: pytest.fail("Flower started"))
     with pytest.raises(DataError, match=r"synth-1.*items have no text record"):
         simulation.run_scenario(own, "flower", tmp_path / "run")
+
+
+def test_a_domain_with_a_handful_of_test_users_is_warned_about(cfg, tmp_path, synthetic_domains):
+    """A one-user domain federated without a word, its Recall@10 (0 or 1) weighing 1/K in every average."""
+    from fedmerge.data import save_generic_domain
+    from fedmerge.data.domain import Domain
+    from fedmerge.runners.simulation import run_scenario
+
+    big, small = synthetic_domains[:2]
+    save_generic_domain(big, tmp_path / "data" / "big")
+    few = Domain(name="few", catalog=small.catalog, train=small.train[:4], val_target=small.val_target[:4],
+                 test_target=small.test_target[:4], user_ids=small.user_ids[:4])
+    save_generic_domain(few, tmp_path / "data" / "few")
+    own = apply_overrides(cfg, ['data.source="generic"', f'data.root="{tmp_path / "data"}"',
+                                'data.domains=["big","few"]', 'merge.methods=["average"]', "baselines.fedavg_rounds=0",
+                                "baselines.joint=false"])
+    out = run_scenario(own, "inprocess", tmp_path / "run")
+    lines = [w for w in out["warnings"] if "test users" in w]
+    assert len(lines) == 1 and lines[0].startswith("domain few: 4 test users evaluated")

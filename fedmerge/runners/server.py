@@ -31,6 +31,7 @@ from fedmerge.merging.local_parameters import (
     with_values,
 )
 from fedmerge.merging.testtime import TESTTIME_METHOD
+from fedmerge.metrics import USERS
 from fedmerge.models import StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
 from fedmerge.reproducibility import process_cpus, thread_count
@@ -48,6 +49,7 @@ STALE_HINT = (  # why saved weights were refused on --resume, and what to do
     "values, or run without --resume"
 )
 TRAIN_METRICS_KEY = "train_metrics"
+FEW_TEST_USERS = 10  # a domain evaluated on fewer test users gets a warning (few_users_warnings)
 SAVED_INDIVIDUAL_PREFIX = "individual:"  # saved-model name of a client's one-shot model: individual:<domain>
 TESTTIME_PREFIX = TESTTIME_METHOD + ":"  # saved-model name of the test-time merge for one held-out domain
 # results.json name of training domain d's one-shot model evaluated on a held-out domain (which has no own model)
@@ -548,6 +550,19 @@ class Federation:
                              "with the averages over every training domain")
         return lines
 
+    def few_users_warnings(self) -> list[str]:
+        """One line per domain evaluated on fewer than :data:`FEW_TEST_USERS` test users (the count its client
+        reports with the metrics): its figures are mostly sampling noise, and a training domain still weighs 1/K in
+        every average."""
+        lines = []
+        for d in self.domains:
+            users = next((int(m[d][USERS]) for m in self.models.values() if USERS in m.get(d, {})), None)
+            if users is not None and 0 < users < FEW_TEST_USERS:
+                share = f", and it weighs 1/{len(self.train_domains)} in every average" if d in self.train_domains else ""
+                lines.append(f"domain {d}: {users} test users evaluated: a Recall@K there moves by up to "
+                             f"±{0.98 / users ** 0.5:.2f} (95 %) from the sampling alone{share}")
+        return lines
+
     def left_out_warnings(self) -> list[str]:
         """One line per training client the run went on without (fewer than every client is allowed by
         ``federation.min_replies``): the phases it missed and the first reason."""
@@ -802,7 +817,7 @@ class Federation:
                          *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics),
                          *(f"merge {m} failed and was not evaluated: {reason}"
                            for m, reason in self.merge_report.get("failed", {}).items()),
-                         *self.partial_average_warnings(),
+                         *self.partial_average_warnings(), *self.few_users_warnings(),
                          *([] if self.users_reported or self.cfg.federation.fedavg_weighting == "equal"
                            or not self.fedavg_curve else
                            ["federation.fedavg_weighting = 'users', but DP clients send no user count (ε does not "
