@@ -41,6 +41,8 @@ CLIENTS_DIR = "clients"
 WEIGHTS_SUFFIX = ".safetensors"
 DOMAIN_KEY = "domain"
 LOCK_FILE = ".fedmerge.lock"
+DATA_DIGESTS_FILE = "data_digests.json"  # sha256 of each domain's files when the run started (runners.simulation)
+START_FILES = (LOCK_FILE, DATA_DIGESTS_FILE)  # what a run writes before anything else: no earlier run by themselves
 
 
 def save_figure_atomic(fig: Any, path: str | Path, dpi: int = 120) -> Path:
@@ -151,11 +153,12 @@ def run_folder(
 
 
 def _holds_files(path: Path) -> bool:
-    """Whether ``path`` is, or contains, anything but lock files and empty folders: what a run that failed before
-    writing anything leaves (e.g. a multi-seed run's ``seed-0/.fedmerge.lock``) does not count as an earlier run."""
+    """Whether ``path`` is, or contains, anything but :data:`START_FILES` and empty folders: what a run that failed
+    before writing results or weights leaves (e.g. a multi-seed run's ``seed-0/.fedmerge.lock``) does not count as an
+    earlier run."""
     if path.is_dir() and not path.is_symlink():
         return any(_holds_files(child) for child in path.iterdir())
-    return path.name != LOCK_FILE
+    return path.name not in START_FILES
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

@@ -951,6 +951,30 @@ def test_a_misspelt_fedavg_local_parameter_fails_when_the_run_starts(cfg):
     Federation(apply_overrides(bad, ["baselines.fedavg_rounds=0"]), initial_weights(cfg))  # never read: not checked
 
 
+def test_a_run_that_failed_on_bad_data_leaves_a_folder_a_rerun_may_use(cfg, tmp_path, synthetic_domains):
+    """The data digests are recorded when the run starts: a run that then failed on bad data left data_digests.json,
+    which refused the plain rerun after the fix ("already holds an earlier run's files") and --resume ("changed
+    since the run", with no saved weights at all)."""
+    from fedmerge.data import save_generic_domain
+    from fedmerge.errors import DataError
+    from fedmerge.runners.simulation import run_scenario
+
+    for domain in synthetic_domains[:2]:
+        save_generic_domain(domain, tmp_path / "data" / domain.name)
+    csv_file = tmp_path / "data" / "synth-1" / "interactions.csv"
+    good = csv_file.read_text()
+    csv_file.write_text(good.replace(",0\n", ",notatime\n", 1))
+    own = apply_overrides(cfg, ['data.source="generic"', f'data.root="{tmp_path / "data"}"',
+                                'data.domains=["synth-0","synth-1"]', 'merge.methods=["average"]',
+                                "baselines.fedavg_rounds=0", "baselines.joint=false"])
+    with pytest.raises(DataError, match="notatime"):
+        run_scenario(own, "inprocess", tmp_path / "run")
+    csv_file.write_text(good)
+    with pytest.raises(FedmergeError, match="no saved client weights"):  # not "changed since the run"
+        run_scenario(own, "inprocess", tmp_path / "run", resume=True)
+    assert run_scenario(own, "inprocess", tmp_path / "run")["status"] == "ok"
+
+
 def test_flower_engine_refuses_bad_data_before_flower_starts(cfg, tmp_path, synthetic_domains, monkeypatch):
     """A domain with items missing from items.jsonl failed only inside Flower's simulation (after ~20 s, ~30 lines
     of Flower output), while the in-process engine fails at once with one line."""

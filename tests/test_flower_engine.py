@@ -80,9 +80,10 @@ def test_failed_flower_run_names_the_errors_and_leaves_no_process(tmp_path):
     from fedmerge.errors import FedmergeError
     from fedmerge.runners.simulation import run_scenario
 
-    cfg = load_scenario("quickstart", [*TINY, 'data.source="generic"', 'data.domains=["a","b"]',
-                                       f'data.root="{tmp_path / "missing"}"'])
-    with pytest.raises(FedmergeError, match=r"(?s)ended finished:failed.*train:a"):
+    # missing data now fails before Flower starts (test_flower_engine_refuses_bad_data_before_flower_starts); a
+    # reply timeout far below the clients' training time fails the run inside Flower instead
+    cfg = load_scenario("quickstart", [*TINY, "federation.timeout_s=0.2"])
+    with pytest.raises(FedmergeError, match=r"(?s)ended finished:failed.*train:synth-0"):
         run_scenario(cfg, "flower", tmp_path / "run")
     assert not (tmp_path / "run" / "results.json").exists() or '"failed"' in (tmp_path / "run" / "results.json").read_text()
     assert descendants(os.getpid()) == []

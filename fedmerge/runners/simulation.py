@@ -30,7 +30,6 @@ RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Ray folds worker lines that differ only in numbers into "[repeated Nx across cluster]", which would hide each
 # client's own "<domain>: round r trained in t s"; "0" keeps every line (only read with --verbose's log_to_driver).
 RAY_DEDUP_ENV = "RAY_DEDUP_LOGS"
-DATA_DIGESTS_FILE = "data_digests.json"  # sha256 of each domain's files when the run started (check_or_record_data)
 SIMULATION_POLL_S = 10.0  # seconds between `flwr ls` polls while the run has written no results.json yet
 
 
@@ -70,16 +69,18 @@ def run_scenario(
 
 
 def check_or_record_data(cfg: Scenario, out_dir: Path, resume: bool) -> None:
-    """A new run records the digests of its domains' files (:data:`DATA_DIGESTS_FILE`); a resumed one compares them
+    """A new run records the digests of its domains' files (:data:`fedmerge.storage.DATA_DIGESTS_FILE`); a resumed one compares them
     and refuses a domain whose files changed since the run (its saved weights were trained on other data). A
     simulation holds every domain's data in one place; a deployment's clients keep theirs."""
-    from fedmerge.storage import write_json_atomic
+    from fedmerge.storage import DATA_DIGESTS_FILE, client_weights_path, write_json_atomic
 
     path = out_dir / DATA_DIGESTS_FILE
     now = cfg.data.file_digests()
     if not resume:
         write_json_atomic(path, now)
         return
+    if not any(client_weights_path(out_dir, d).is_file() for d in cfg.data.training_domains()):
+        return  # nothing trained to compare against: the resumed run says so itself
     try:
         recorded = json.loads(path.read_text())
     except FileNotFoundError:
