@@ -980,8 +980,10 @@ def test_study_settings_that_make_figures_vacuous_are_warned_or_refused(tiny_sce
         load_study(str(tiny_scenario), ["privacy_study.epsilons=[true]"])
     cfg, study = load_study(str(tiny_scenario), ["privacy_study.delta=0.5", "privacy_study.units=['domain', 'user']",
                                                  "privacy.delta=1e-3"])
-    warnings = study_warnings(cfg, study, probe=None)
+    warnings = study_warnings(cfg, study, probe=None, domain_users={"synth-0": 60, "synth-1": 70})
     assert any("δ = 0.5" in w and "1/60" in w for w in warnings)  # 60 users in the smallest domain
     assert any("privacy.delta = 0.001" in w and "privacy_study.delta = 0.5" in w for w in warnings)
-    quiet_cfg, quiet = load_study(str(tiny_scenario), ["privacy.noise_seed=-1"])
-    assert study_warnings(quiet_cfg, quiet, probe=None) == []
+    # pooling on a machine without the data: no user counts recorded, no δ check, no data read
+    assert not any("δ = 0.5" in w for w in study_warnings(cfg, study, probe=None, domain_users=None))
+    quiet_cfg, quiet = load_study(str(tiny_scenario), ["privacy.noise_seed=-1", "privacy_study.delta=1e-6"])
+    assert study_warnings(quiet_cfg, quiet, probe=None, domain_users={"synth-0": 60}) == []  # default privacy.delta

@@ -712,7 +712,8 @@ def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) ->
     probe = {**probes[0], "rows": probe_rows, "theta0": _pool_scores(controls, "θ₀ control") if controls else {}}
     seeds = [s for st in studies for s in st["study"]["seeds"]]
     return {"study": {**first["study"], "seeds": seeds}, "releases_per_client": first.get("releases_per_client"),
-            "utility": utility, "probe": probe, "scenario": first.get("scenario"), "pooled_from": list(labels)}
+            "utility": utility, "probe": probe, "scenario": first.get("scenario"), "pooled_from": list(labels),
+            **({DOMAIN_USERS_KEY: first[DOMAIN_USERS_KEY]} if DOMAIN_USERS_KEY in first else {})}
 
 
 def _union_of_cells(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
@@ -761,7 +762,8 @@ def _union_of_cells(studies: Sequence[Mapping[str, Any]], labels: Sequence[str])
     return {"study": study, "releases_per_client": studies[0].get("releases_per_client"),
             "utility": [utility[key] for key in order],
             "probe": {**probe_setup, "rows": [attacks[key] for key in order], "theta0": controls},
-            "scenario": studies[0].get("scenario"), "pooled_from": list(labels)}
+            "scenario": studies[0].get("scenario"), "pooled_from": list(labels),
+            **({DOMAIN_USERS_KEY: studies[0][DOMAIN_USERS_KEY]} if DOMAIN_USERS_KEY in studies[0] else {})}
 
 
 def write_pooled_study(paths: Sequence[Path], out_dir: Path) -> str:
@@ -783,7 +785,7 @@ def write_pooled_study(paths: Sequence[Path], out_dir: Path) -> str:
 def write_study(out_dir: Path, record: Mapping[str, Any], study: PrivacyStudySettings, cfg: Scenario) -> str:
     """privacy.json (``record`` with :func:`study_warnings`), privacy.md (the table, then the warnings) and
     privacy.png of a whole study into ``out_dir``; returns the markdown."""
-    warnings = study_warnings(cfg, study, record["probe"])
+    warnings = study_warnings(cfg, study, record["probe"], record.get(DOMAIN_USERS_KEY))
     for warning in warnings:
         logger.warning("privacy study: %s", warning)
     write_json_atomic(out_dir / "privacy.json", {**record, "warnings": warnings})
@@ -796,22 +798,27 @@ def write_study(out_dir: Path, record: Mapping[str, Any], study: PrivacyStudySet
 
 
 STUDY_PARTS = ("all", "utility", "attacks")
+DOMAIN_USERS_KEY = "training_domain_users"  # privacy.json: each training domain's users (for the δ ≪ 1/n check)
 MIN_PROBED_USERS = 100  # members or held-out users probed below which the attack figures are called noisy
 
 
-def study_warnings(cfg: Scenario, study: PrivacyStudySettings, probe: Mapping[str, Any] | None) -> list[str]:
+def study_warnings(cfg: Scenario, study: PrivacyStudySettings, probe: Mapping[str, Any] | None,
+                   domain_users: Mapping[str, int] | None) -> list[str]:
     """What a reader must know before trusting the study's figures, recorded in privacy.json and privacy.md: seeded
-    DP noise, a δ not below 1/n (n the smallest training domain's users, user-level cells), a ``privacy.delta`` the
+    DP noise, a δ not below 1/n for user-level cells (n the smallest of ``domain_users``, each training domain's
+    users as the study recorded them; no check without them), a ``privacy.delta`` set away from its default that the
     study replaces, and (with ``probe``) too few probed users for the attack figures."""
+    from fedmerge.config import DEFAULTS
+
     out = []
     if cfg.privacy.noise_seed >= 0:
         out.append(f"the DP noise is seeded (privacy.noise_seed = {cfg.privacy.noise_seed}): reproducible for a study, "
                    "but whoever knows the seed can regenerate and subtract it; a deployment keeps -1 (OS entropy)")
-    if cfg.privacy.delta != study.delta:
+    if cfg.privacy.delta not in (study.delta, DEFAULTS["privacy"]["delta"]):
         out.append(f"privacy.delta = {cfg.privacy.delta:g} is not used: every DP cell runs at privacy_study.delta = "
                    f"{study.delta:g}")
-    if "user" in study.units:
-        n = min(cfg.load_domain(d).n_users for d in cfg.data.training_domains())
+    if "user" in study.units and domain_users:
+        n = min(domain_users.values())
         if study.delta >= 1 / n:
             out.append(f"δ = {study.delta:g} is not below 1/{n} (the smallest training domain's users): a mechanism "
                        "that publishes one user's data outright in full meets (ε, δ) at this δ; use δ ≪ 1/n")
@@ -855,6 +862,8 @@ def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwri
             return (f"utility runs of {len(utility)} cell(s) × {len(study.seeds)} seed(s) in {out_dir}; run the whole "
                     "study with --resume to read them back")
         probe = attack_sweep(cfg, study, out_dir, resume=resume)
+    domain_users = {d: cfg.load_domain(d).n_users for d in cfg.data.training_domains()}
     return write_study(out_dir, {"study": study_json, "releases_per_client": releases_per_client(cfg),
                                  "utility": utility, "probe": probe, "scenario": cfg.to_mapping(),
+                                 DOMAIN_USERS_KEY: domain_users,
                                  "nonprivate_updates": {"trained": memo.trained, "reused": memo.reused}}, study, cfg)
