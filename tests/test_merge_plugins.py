@@ -71,6 +71,14 @@ def test_a_scenario_names_a_registered_method_and_the_run_builds_it(registered, 
     (MergeMethod("bad_default", "m:f", {"k": Param(-1, lambda v: v > 0, "> 0")}, "", ""), r"default -1.*> 0"),
     (MergeMethod("bad_scale", "m:f", {}, "", ""), r"scale_param 'scale' is not one of its parameters"),
     (MergeMethod("Bad Name", "m:f", {}, "", "", scale_param=None), r"name 'Bad Name'"),
+    # names the runner gives its own rows and models: a plugin there would be overwritten or never run
+    (MergeMethod("fedavg", "m:f", {}, "", "", scale_param=None), r"'fedavg' is reserved"),
+    (MergeMethod("theta0", "m:f", {}, "", "", scale_param=None), r"'theta0' is reserved"),
+    (MergeMethod("mergerec_fast", "m:f", {}, "", "", scale_param=None), r"'mergerec_fast' is reserved"),
+    (MergeMethod("individual_x", "m:f", {}, "", "", scale_param=None), r"'individual_x' is reserved"),
+    # a kernel module that does not exist failed the run only after every client trained
+    (MergeMethod("typo_module", "tests.no_such_module:f", {}, "", "", scale_param=None),
+     r"kernel module 'tests.no_such_module' is not importable"),
 ])
 def test_registration_refuses_what_could_not_run(method, message):
     with pytest.raises(ValueError, match=message):
@@ -123,3 +131,42 @@ def test_an_installed_plugin_is_there_when_fedmerge_is_imported(tmp_path):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout) == [0.5, 0.5] and "left out" not in run.stderr
+    # the plugin's own package imported first (a notebook, its tests): it imports fedmerge.merging half-way through
+    # its own import, which then loaded the entry point from the half-initialised package and left it out
+    first = "import fm_plugin\nfrom fedmerge.merging import METHODS\nprint('shrunk_sum' in METHODS)\n"
+    run = subprocess.run([sys.executable, "-c", first], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "True" and "left out" not in run.stderr, run.stderr[-2000:]
+
+
+def test_a_kernel_function_that_does_not_exist_is_a_clear_error(registered):
+    typo = MergeMethod("half_typo", "tests.test_merge_plugins:no_such_fn", {}, "", "", scale_param=None)
+    register_method(typo)
+    try:
+        with pytest.raises(ValueError, match=r"half_typo.*'tests.test_merge_plugins:no_such_fn'.*no_such_fn"):
+            merge("half_typo", {"w": torch.zeros(1)}, {"a": {"w": torch.ones(1)}})
+    finally:
+        METHODS.pop("half_typo", None)
+
+
+def broken_kernel(tau: torch.Tensor, params: dict, generator: torch.Generator) -> torch.Tensor:
+    raise RuntimeError("the plugin's own bug")
+
+
+def test_a_plugin_kernel_that_fails_costs_only_its_own_merge(tmp_path):
+    """A plugin's kernel raising (its bug, or a typo'd function name) failed the whole run after every client
+    trained; a built-in merge's failure still fails it (that is fedmerge's bug)."""
+    from fedmerge.runners.simulation import run_scenario
+
+    register_method(MergeMethod("boom", "tests.test_merge_plugins:broken_kernel", {}, "", "", scale_param=None))
+    try:
+        cfg = load_scenario("quickstart", [
+            "run.progress=false", "data.synthetic.n_domains=2", "data.synthetic.n_users=30",
+            "data.synthetic.n_items=20", "data.synthetic.max_len=6", "model.params.hidden=8", "model.params.n_layers=1",
+            "model.params.max_len=6", "model.params.max_epochs=1", "baselines.fedavg_rounds=0",
+            "baselines.joint=false", "encoder.name=hashing", "encoder.params.dim=16",
+            f"encoder.cache_dir={tmp_path / 'cache'}", 'merge.methods=["average","boom"]'])
+        results = run_scenario(cfg, "inprocess", tmp_path / "run")
+    finally:
+        METHODS.pop("boom", None)
+    assert results["status"] == "ok" and "average" in results["models"] and "boom" not in results["models"]
+    assert "RuntimeError: the plugin's own bug" in results["merge_report"]["failed"]["boom"]

@@ -18,7 +18,6 @@ from fedmerge.merging.registry import (
     Param,
     describe_methods,
     get_method,
-    load_plugin_methods,
     register_method,
     resolve_params,
 )
@@ -55,5 +54,3 @@ __all__ = [
     "resolve_params",
     "task_vectors",
 ]
-
-load_plugin_methods()  # last: a plugin module may import MergeMethod and Param from this package

@@ -8,8 +8,8 @@ Methods from outside the package: :func:`register_method` adds one in this proce
 fedmerge adds one to every process (the Flower ServerApp's too) through the entry-point group
 :data:`PLUGIN_GROUP`, each entry naming a :class:`MergeMethod` whose ``kernel`` is ``"module:function"``. A plugin
 that fails to load is left out with a warning, and its name and reason are given where the method is asked for.
-The plugins are loaded when :mod:`fedmerge.merging` has been imported (the end of its ``__init__``), so a plugin
-module may import ``MergeMethod`` and ``Param`` from it.
+The plugins are loaded on the first lookup in :data:`METHODS` (:class:`MethodRegistry`), so a plugin module may
+import ``MergeMethod`` and ``Param`` from :mod:`fedmerge.merging`, and be imported before it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import importlib
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+import importlib.util
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
@@ -93,12 +94,20 @@ class MergeMethod:
     extra_check: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False)
 
     @property
+    def external(self) -> bool:
+        """Whether the method comes from outside the package (its kernel is ``"module:function"``)."""
+        return ":" in self.kernel
+
+    @property
     def fn(self) -> MethodFn:
         """The tensor function: (K, *shape) task-vector stack, resolved parameters, generator -> processed stack
         τ̃ (importing :mod:`fedmerge.merging.methods`, and with it torch, on first use)."""
-        if ":" in self.kernel:
+        if self.external:
             module, _, function = self.kernel.partition(":")
-            return getattr(importlib.import_module(module), function)
+            try:
+                return getattr(importlib.import_module(module), function)
+            except (ImportError, AttributeError) as exc:
+                raise ValueError(f"merge method {self.name!r}: its kernel {self.kernel!r} cannot be loaded: {exc}") from exc
         from fedmerge.merging import methods
 
         return getattr(methods, self.kernel)
@@ -109,7 +118,41 @@ def _check_dare(params: dict[str, Any]) -> None:
         raise ValueError("dare: 'density' trims only with base='ties'; leave it at 1.0 for base='task_arithmetic'")
 
 
-METHODS: dict[str, MergeMethod] = {
+class MethodRegistry(MutableMapping[str, "MergeMethod"]):
+    """The registered methods by name: the built-ins, :func:`register_method`'s, and the plugins', loaded on the
+    first lookup (not at import: a plugin module that imports ``fedmerge.merging`` would otherwise be loaded while
+    it is itself half-imported, and be left out)."""
+
+    def __init__(self, methods: Mapping[str, MergeMethod]) -> None:
+        self._methods = dict(methods)
+        self._plugins_loaded = False
+
+    def _all(self) -> dict[str, MergeMethod]:
+        if not self._plugins_loaded:
+            self._plugins_loaded = True  # first: loading registers through this mapping
+            load_plugin_methods()
+        return self._methods
+
+    def __getitem__(self, name: str) -> MergeMethod:
+        return self._all()[name]
+
+    def __setitem__(self, name: str, method: MergeMethod) -> None:
+        self._methods[name] = method
+
+    def __delitem__(self, name: str) -> None:
+        del self._methods[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._all()
+
+
+METHODS: MethodRegistry = MethodRegistry({
     m.name: m
     for m in (
         MergeMethod(
@@ -196,7 +239,7 @@ METHODS: dict[str, MergeMethod] = {
             scale_param=None,
         ),
     )
-}
+})
 
 
 # Registry methods that bound what one outlying client can do to the merge (federation.fedavg_aggregation choices).
@@ -204,6 +247,9 @@ ROBUST_METHODS = ("median", "trimmed_mean", "clipped_average")
 
 
 NAME = re.compile(r"[a-z][a-z0-9_]*")  # a method name: what scenario keys (merge.params.<name>) and results hold
+# names the runner gives its own models and rows (results.json models.<name>, models/<name>.safetensors)
+RESERVED_NAMES = ("theta0", "individual", "joint", "fedavg")
+RESERVED_PREFIXES = ("mergerec_", "individual_", "fedavg_")  # MergeRec's and the test-time merge; per-domain rows
 
 
 def register_method(method: MergeMethod) -> MergeMethod:
@@ -215,6 +261,9 @@ def register_method(method: MergeMethod) -> MergeMethod:
         raise ValueError(f"expected a MergeMethod, got {type(method).__name__}")
     if not NAME.fullmatch(method.name):
         raise ValueError(f"merge method name {method.name!r}: use lower-case letters, digits and '_'")
+    if method.name in RESERVED_NAMES or method.name.startswith(RESERVED_PREFIXES):
+        raise ValueError(f"merge method name {method.name!r} is reserved (the run's own models: {list(RESERVED_NAMES)} "
+                         f"and names starting with {list(RESERVED_PREFIXES)})")
     if method.name in METHODS:
         raise ValueError(f"merge method {method.name!r} is already registered")
     module, _, function = method.kernel.partition(":")
@@ -231,6 +280,13 @@ def register_method(method: MergeMethod) -> MergeMethod:
     if method.scale_param is not None and method.scale_param not in method.params:
         raise ValueError(f"merge method {method.name!r}: scale_param {method.scale_param!r} is not one of its "
                          f"parameters {sorted(method.params)} (None: λ = 1)")
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ValueError(f"merge method {method.name!r}: kernel module {module!r} is not importable (kernel "
+                         f"{method.kernel!r})")
     METHODS[method.name] = method
     return method
 

@@ -207,8 +207,13 @@ def merge_replies(
             else:
                 try:
                     weights = merge(method, theta0, models, **params)
-                except ValueError as exc:
-                    raise FedmergeError(f"merge.methods: {method}: {exc}") from exc
+                except Exception as exc:
+                    if METHODS[method].external:  # a plugin's kernel failing costs only its own merge
+                        raise NumericalError(f"its kernel {METHODS[method].kernel!r} failed: "
+                                             f"{type(exc).__name__}: {exc}") from exc
+                    if isinstance(exc, ValueError):
+                        raise FedmergeError(f"merge.methods: {method}: {exc}") from exc
+                    raise
             not_finite = [name for name, tensor in weights.items() if not bool(torch.isfinite(tensor).all())]
             if not_finite:
                 raise NumericalError(f"merged weights hold NaN or infinite values in {len(not_finite)} tensor(s), "
