@@ -106,8 +106,9 @@ class DataSettings:
 
         return {name: domain_files_digest(self.domain_path(name)) for name in self.domain_names()}
 
-    def domain_path(self, name: str) -> Path:
-        """Where domain ``name`` lives under the data root: ``<name>/`` folder or ``<name>.tar.gz``."""
+    def domain_path(self, name: str, advice: str = "") -> Path:
+        """Where domain ``name`` lives under the data root: ``<name>/`` folder or ``<name>.tar.gz``; a DataError
+        ending with ``advice`` (default: how this data source gets its data) when neither exists."""
         from fedmerge.data.amazon import AMAZON_ROOT_ENV
 
         root = self.root_path()
@@ -115,6 +116,8 @@ class DataSettings:
             if candidate.exists():
                 return candidate
         where = f"domain {name!r} not found under {root.resolve()} (looked for {name}/ and {name}.tar.gz)"
+        if advice:
+            raise DataError(f"{where}: {advice}")
         if self.source == "generic":
             from fedmerge.data.generic import INTERACTIONS_FILE, ITEMS_FILE
 

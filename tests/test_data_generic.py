@@ -269,3 +269,14 @@ def test_a_tarball_of_a_generic_domain_says_to_unpack_it(tmp_path):
         archive.add(folder, arcname="plain")
     with pytest.raises(DataError, match=r"generic-format domain.*unpack it into a folder"):
         load_domain(tarball)
+
+
+def test_float_ids_and_numbers_keep_every_digit(tmp_path):
+    """Numbers were written with 6 significant digits: a float id 1234567.0 (pandas' upcast ids) became
+    '1.23457e+06' and no longer matched the CSV's, and neighbouring ids collapsed into one."""
+    items = [{"id": 1234567.0, "title": "A", "price": 123456789.5}, {"id": 1234568.0, "title": "B"},
+             {"id": 7, "title": "C"}]
+    folder = write_generic(tmp_path / "d", ["u1,1234567.0,1", "u1,1234568.0,2", "u1,7,3"], items=items)
+    domain = load_generic_domain(folder)
+    assert domain.catalog.ids == ("1234567.0", "1234568.0", "7")
+    assert domain.catalog.texts()[0] == "A Price: 123456789.5"

@@ -242,8 +242,11 @@ def test_domain_data_paths(tmp_path):
     root = tmp_path / "root"
     (root / "synth-0").mkdir(parents=True)
     (root / "synth-1.tar.gz").write_bytes(b"")
-    with pytest.raises(DataError, match="'synth-2' not found"):
+    with pytest.raises(DataError, match=r"'synth-2' not found.*--data-root") as missing:
         domain_data_paths(cfg, root, tmp_path)
+    assert "FEDMERGE_AMAZON_DIR" not in str(missing.value)  # --data-root overrides it under deploy
+    (root / "synth-2").symlink_to(root / "synth-0")  # a linked folder is the domain of its own name
+    assert domain_data_paths(cfg, root, tmp_path)["synth-2"].name == "synth-2"
 
 
 # ---------------------------------------------------------------------------------------------------- loopback

@@ -12,7 +12,7 @@ from tests.test_cli_output import HEAVY  # torch, Flower, Ray, transformers, mat
 
 # Every shipped scenario loaded, validated and written as `simulate` does for `flwr run` (a privacy study's scenario
 # through load_study), the CLI parser built, the launcher modules imported, the progress bar constructed and the
-# quickstart's domains loaded.
+# quickstart's domains loaded, also from own-data folders, with their file digests.
 LAUNCHER = """
 import json, sys, tempfile, tomllib
 from pathlib import Path
@@ -34,6 +34,15 @@ with tempfile.TemporaryDirectory() as tmp:
 quickstart = load_scenario("quickstart")  # the Flower launcher loads every domain once before Flower starts
 for name in quickstart.data.domain_names():
     quickstart.load_domain(name)
+with tempfile.TemporaryDirectory() as tmp:  # and records the digests of a data source's files (own data here)
+    from fedmerge.data import save_generic_domain
+    for name in quickstart.data.domain_names():
+        save_generic_domain(quickstart.load_domain(name), Path(tmp) / name)
+    own = load_scenario("quickstart", ['data.source="generic"', f'data.root="{tmp}"',
+                                       f'data.domains={quickstart.data.domain_names()!r}'.replace("'", '"')])
+    for name in own.data.domain_names():
+        own.load_domain(name)
+    own.data.file_digests()
 print(json.dumps({"scenarios": names, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
 """
 

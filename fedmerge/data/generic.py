@@ -103,14 +103,14 @@ def read_items_jsonl(file: Path) -> ItemCatalog:
 
 
 def _field_text(value: Any) -> str:
-    """The text of one items.jsonl value: strings stripped, numbers and booleans as JSON writes them, (nested) lists
-    joined with ", "; None, NaN, ±inf and empty values give "". TypeError for a JSON object."""
+    """The text of one items.jsonl value: strings stripped, numbers and booleans as JSON writes them (every digit),
+    (nested) lists joined with ", "; None, NaN, ±inf and empty values give "". TypeError for a JSON object."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return f"{value:g}" if math.isfinite(value) else ""
+        return repr(value) if math.isfinite(value) else ""
     if isinstance(value, list):
         return ", ".join(t for t in map(_field_text, value) if t)
     if isinstance(value, dict):
@@ -147,7 +147,8 @@ def read_interactions_csv(file: Path) -> tuple[list[str], list[str], np.ndarray]
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
             other = next((name for sep, name in ((";", "';'"), ("\t", "a tab"), ("|", "'|'")) if sep in header[0]), "")
-            hint = f" (it looks separated by {other}; the file must be comma-separated)" if len(header) == 1 and other else ""
+            hint = (f" (it looks separated by {other}; the file must be comma-separated)"
+                    if len(header) == 1 and other else "")
             raise DataError(f"{file}:1: header {header} lacks column(s) {', '.join(missing)}{hint}")
         u_col, i_col, t_col = (header.index(c) for c in REQUIRED_COLUMNS)
         for row in rows:
@@ -266,9 +267,8 @@ def load_generic_domain(
     groups = np.split(order, bounds)
     groups.sort(key=lambda g: g.min())  # users in order of their first (kept) appearance in the file
     sequences = [item_codes[g] for g in groups]
-    return split_leave_one_out(
-        name or (folder.name if folder.name not in ("", "..") else folder.resolve().name), catalog, sequences, [str(user_ids[user_codes[g[0]]]) for g in groups]
-    )
+    name = name or (folder.name if folder.name not in ("", "..") else folder.resolve().name)  # a link: its own name
+    return split_leave_one_out(name, catalog, sequences, [str(user_ids[user_codes[g[0]]]) for g in groups])
 
 
 def save_generic_domain(domain: Domain, folder: str | Path) -> Path:

@@ -126,8 +126,10 @@ def domain_data_paths(cfg: Scenario, data_root: Path | None, out_dir: Path) -> d
         from fedmerge.data.generic import save_generic_domain
 
         return {name: save_generic_domain(cfg.load_domain(name), out_dir / "data" / name) for name in names}
-    located = cfg.with_changes(data={"root": str(data_root)})
-    return {name: located.data.domain_path(name).resolve() for name in names}
+    located = cfg.with_changes(data={"root": str(data_root)}).data
+    advice = "--data-root needs one folder or tarball per domain"
+    # absolute, not resolved: a linked folder is the domain of its own name
+    return {name: located.domain_path(name, advice=advice).absolute() for name in names}
 
 
 def _tls_files(tls_dir: Path | None, out_dir: Path, n_nodes: int) -> TlsFiles:

@@ -107,7 +107,8 @@ class MergeMethod:
             try:
                 return getattr(importlib.import_module(module), function)
             except (ImportError, AttributeError) as exc:
-                raise ValueError(f"merge method {self.name!r}: its kernel {self.kernel!r} cannot be loaded: {exc}") from exc
+                raise ValueError(f"merge method {self.name!r}: its kernel {self.kernel!r} cannot be loaded: "
+                                 f"{exc}") from exc
         from fedmerge.merging import methods
 
         return getattr(methods, self.kernel)
