@@ -598,3 +598,27 @@ def test_the_run_config_hands_flower_the_resolved_scenario_whatever_its_values(t
     run_config = flower_run_config(cfg, tmp_path, tmp_path / "out", resume=True)
     assert scenario_from_run_config(run_config) == cfg
     assert run_config["out-dir"] == str(tmp_path / "out") and run_config["resume"] is True
+
+
+def test_a_server_certificate_from_an_existing_offline_ca(tmp_path, capsys):
+    """There was no way to sign with an existing CA (README: keep the CA offline), and --force to add a host name
+    made a new CA, so every data owner's ca.crt stopped working."""
+    from fedmerge.cli import main
+
+    offline = generate(tmp_path / "offline", n_nodes=0)
+    assert main(["deploy", "certs", "--out", str(tmp_path / "link"), "--nodes", "1", "--host", "link.example.org",
+                 "--ca", str(tmp_path / "offline")]) == 0
+    ca = x509.load_pem_x509_certificate(offline.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "link" / "server.crt").read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert (tmp_path / "link" / "ca.crt").read_bytes() == offline.ca_cert.read_bytes()
+    assert not (tmp_path / "link" / "ca.key").exists()  # the CA key stays where it was
+    assert "ca.key" not in capsys.readouterr().out.split("server certificate")[1]
+    other = generate(tmp_path / "other", n_nodes=0)
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "ca.crt").write_bytes(offline.ca_cert.read_bytes())
+    (tmp_path / "mixed" / "ca.key").write_bytes(other.ca_key.read_bytes())
+    with pytest.raises(FedmergeError, match=r"ca.key does not belong to .*ca.crt"):
+        generate(tmp_path / "bad", n_nodes=0, ca=tmp_path / "mixed")
+    with pytest.raises(FedmergeError, match=r"no ca.crt"):
+        generate(tmp_path / "bad", n_nodes=0, ca=tmp_path / "nowhere")

@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help=f"server certificate host name or IP (repeatable; {', '.join(DEFAULT_HOSTS)} are always "
                        "added: the SuperLink connects to itself over TLS on the loopback)")
     certs.add_argument("--days", type=int, default=30, help="validity of the CA and server certificates (default 30)")
+    certs.add_argument("--ca", type=Path, metavar="DIR",
+                       help="sign with the CA in DIR (ca.crt + ca.key, e.g. an earlier --out kept offline): --out "
+                       "gets a copy of its ca.crt and no ca.key, so SuperNodes keep trusting the same CA")
     certs.add_argument("--force", action="store_true",
                        help="replace certificates already in --out (the CA too: every SuperNode then needs the new ca.crt)")
     certs.set_defaults(func=run_certs)
@@ -45,9 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_certs(args: argparse.Namespace) -> int:
-    files = generate(args.out, args.nodes, tuple(args.hosts or DEFAULT_HOSTS), overwrite=args.force, days=args.days)
+    files = generate(args.out, args.nodes, tuple(args.hosts or DEFAULT_HOSTS), overwrite=args.force, days=args.days,
+                     ca=args.ca)
     print(f"CA certificate      {files.ca_cert}  (give to SuperNodes and flwr: --root-certificates)")
-    print(f"CA private key      {files.ca_key}  (signs certificates: keep it offline, not on the SuperLink)")
+    if args.ca is None:
+        print(f"CA private key      {files.ca_key}  (signs certificates: keep it offline, not on the SuperLink)")
     print(f"server certificate  {files.server_cert}  key {files.server_key}")
     for keys in files.nodes:
         print(f"SuperNode key       {keys.private_key}  public {keys.public_key}")

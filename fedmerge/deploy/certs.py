@@ -140,11 +140,41 @@ def make_node_keys(out_dir: Path, name: str) -> NodeKeys:
     return NodeKeys(private, public)
 
 
+def load_ca(folder: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The CA key and certificate in ``folder`` (``ca.key`` + ``ca.crt``, as :func:`generate` writes them); a
+    FedmergeError when either is missing, unreadable, not a CA, or the key does not belong to the certificate."""
+    cert_path, key_path = Path(folder) / "ca.crt", Path(folder) / "ca.key"
+    for path in (cert_path, key_path):
+        if not path.is_file():
+            raise FedmergeError(f"{folder}: no {path.name} (a CA folder holds ca.crt and ca.key, as `fedmerge deploy "
+                                "certs --out` writes them)")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise FedmergeError(f"{folder}: unreadable CA ({exc}); an unencrypted PEM ca.key and ca.crt are "
+                            "needed") from exc
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise FedmergeError(f"{cert_path} is not a CA certificate (basicConstraints CA:TRUE)")
+    matches = isinstance(key, ec.EllipticCurvePrivateKey) and (
+        key.public_key().public_numbers() == cert.public_key().public_numbers())
+    if not matches:
+        raise FedmergeError(f"{key_path} does not belong to {cert_path}")
+    return key, cert
+
+
 def generate(
-    out: Path, n_nodes: int = 3, hosts: Sequence[str] = DEFAULT_HOSTS, *, overwrite: bool = False, days: int = 30
+    out: Path, n_nodes: int = 3, hosts: Sequence[str] = DEFAULT_HOSTS, *, overwrite: bool = False, days: int = 30,
+    ca: Path | None = None,
 ) -> TlsFiles:
-    """Write a CA, a server certificate for ``hosts`` and ``n_nodes`` SuperNode key pairs under ``out``; both
-    certificates are valid for ``days`` days."""
+    """Write a CA, a server certificate for ``hosts`` and ``n_nodes`` SuperNode key pairs under ``out``; the
+    certificates are valid for ``days`` days. With ``ca`` (a folder holding ``ca.crt`` + ``ca.key``, e.g. an earlier
+    ``out`` kept offline) the server certificate is signed by that CA instead: ``out`` gets a copy of its ``ca.crt``
+    and no ``ca.key`` (the returned ``ca_key`` is the one in ``ca``)."""
     if n_nodes < 0:
         raise ValueError(f"n_nodes must be >= 0, got {n_nodes}")
     if days < 1:
@@ -154,10 +184,14 @@ def generate(
     server_cert_path, server_key_path = out / "server.crt", out / "server.key"
     if not overwrite and any(p.exists() for p in (ca_cert_path, ca_key_path, server_cert_path, server_key_path)):
         raise FedmergeError(f"{out} already holds certificates; --force (overwrite=True) replaces them, the CA "
-                             "included, so every data owner would need the new ca.crt")
-    ca_key, ca_cert = make_ca(days=days)
+                             "included unless --ca names the one to keep, so every data owner would need a new ca.crt")
+    if ca is not None:
+        ca_key, ca_cert = load_ca(Path(ca))
+        ca_key_path = Path(ca) / "ca.key"
+    else:
+        ca_key, ca_cert = make_ca(days=days)
+        _write(ca_key_path, _pem_key(ca_key), private=True)
     server_key, server_cert = make_server_cert(ca_key, ca_cert, list(hosts), days=days)
-    _write(ca_key_path, _pem_key(ca_key), private=True)
     _write(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
     _write(server_key_path, _pem_key(server_key), private=True)
     _write(server_cert_path, server_cert.public_bytes(serialization.Encoding.PEM))
