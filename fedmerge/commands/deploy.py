@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="sign with the CA in DIR (ca.crt + ca.key, e.g. an earlier --out kept offline): --out "
                        "gets a copy of its ca.crt and no ca.key, so SuperNodes keep trusting the same CA")
     certs.add_argument("--force", action="store_true",
-                       help="replace certificates already in --out (the CA too: every SuperNode then needs the new ca.crt)")
+                       help="replace certificates already in --out (the CA too unless --ca: every SuperNode then "
+                       "needs the new ca.crt)")
     certs.set_defaults(func=run_certs)
 
     local = actions.add_parser(
