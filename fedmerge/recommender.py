@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from fedmerge.text.encoder import TextEncoder
 
 CARD_FORMAT = "fedmerge-model/1"
+SAVED_INDIVIDUAL_PREFIX = "individual:"  # saved-model name of a client's one-shot model: individual:<domain>
 CARD_SUFFIX = ".json"
 MODELS_DIR = "models"
 # What a card must hold for the weights to be usable without the scenario.
@@ -83,6 +84,17 @@ def common_card(
         "eval": {"split": split, "ks": list(ks)},
         "versions": package_versions(),
     }
+
+
+def model_card(
+    common: Mapping[str, Any], name: str, method: str, method_params: Mapping[str, Any] | None,
+    domains: Sequence[str], **extra: Any,
+) -> dict[str, Any]:
+    """One model's card: the shared fields (:func:`common_card`), its name, the method that built it and its
+    parameters, the domains it was built from, whether it is the pooled-data ``joint`` model, no metrics yet (filled
+    in after evaluation with :func:`update_card`), and ``extra``."""
+    return {**common, "name": name, "method": {"name": method, "params": dict(method_params or {})},
+            "domains": list(domains), "joint": name == "joint", "metrics": {}, **extra}
 
 
 def scenario_card(cfg: Scenario, theta0_digest: str) -> dict[str, Any]:

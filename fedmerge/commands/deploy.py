@@ -33,15 +33,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     local = actions.add_parser(
         "local", help="SuperLink + one SuperNode per domain on 127.0.0.1 over TLS with node authentication"
     )
-    local.add_argument("--scenario", default=DEFAULT_SCENARIO, help=f"scenario name or TOML path (default {DEFAULT_SCENARIO})")
+    local.add_argument("--scenario", default=DEFAULT_SCENARIO,
+                       help=f"scenario name or TOML path (default {DEFAULT_SCENARIO})")
     local.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                        help="scenario override, e.g. --set model.params.max_epochs=1 (repeatable)")
     local.add_argument("--data-root", type=Path,
                        help="folder with one <domain>/ or <domain>.tar.gz per SuperNode, also where the ServerApp "
                        "reads the public catalogs (synthetic: optional)")
     local.add_argument("--tls-dir", type=Path, help="PKI from `fedmerge deploy certs` (default: a fresh one in --out)")
-    local.add_argument("--out", type=Path, required=True, help="output folder: results/, logs/, tls/ (unless --tls-dir), processes.json, "
-                       "scenario.toml (the resolved scenario), data/ (synthetic domains), flwr-home/, superlink.db")
+    local.add_argument("--out", type=Path, required=True,
+                       help="output folder: results/, logs/, tls/ (unless --tls-dir), processes.json, scenario.toml "
+                       "(the resolved scenario), data/ (synthetic domains), flwr-home/, superlink.db")
     local.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default 3600)")
     local.add_argument("--overwrite", action="store_true",
                        help="delete what an earlier deployment left in --out (a non-empty --out is refused otherwise)")

@@ -78,18 +78,13 @@ def load_catalog(path: str | Path) -> ItemCatalog:
 
 
 def domain_files_digest(path: str | Path) -> str:
-    """sha256 of the files a domain is read from: a tarball's bytes, or a folder's Amazon or generic files (name and
-    bytes of each, in a fixed order). What a resumed run compares to tell that the data changed since the run."""
+    """sha256 of the files a domain is read from: a tarball, or a folder's Amazon or generic files (the name and
+    sha256 of each, in a fixed order). What a resumed run compares to tell that the data changed since the run."""
     path = Path(path)
     files = [path] if path.is_file() else [path / name for name in (
         AMAZON_FILES if detect_format(path) == "amazon" else (INTERACTIONS_FILE, ITEMS_FILE))]
     digest = hashlib.sha256()
-    for file in files:
-        if not file.is_file():
-            continue
-        digest.update(file.name.encode() + b"\0")
+    for file in (f for f in files if f.is_file()):
         with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
+            digest.update(file.name.encode() + b"\0" + hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()

@@ -19,8 +19,8 @@ import json
 import logging
 import math
 import re
-from datetime import datetime, timezone
 from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 

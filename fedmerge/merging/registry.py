@@ -14,11 +14,10 @@ import ``MergeMethod`` and ``Param`` from :mod:`fedmerge.merging`, and be import
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import logging
 import math
 import re
-import importlib.util
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -255,9 +254,10 @@ RESERVED_PREFIXES = ("mergerec_", "individual_", "fedavg_")  # MergeRec's and th
 
 def register_method(method: MergeMethod) -> MergeMethod:
     """Add ``method`` to :data:`METHODS` (this process; see the module docstring for every process); ValueError when
-    its name is taken or malformed, its kernel is not ``"module:function"``, a parameter is not a :class:`Param`
-    whose default passes its own check, or ``scale_param`` is not one of its parameters. The kernel is imported
-    when a merge first runs."""
+    its name is taken, reserved (:data:`RESERVED_NAMES`, :data:`RESERVED_PREFIXES`) or malformed, its kernel is not
+    ``"module:function"`` or its module cannot be found, a parameter is not a :class:`Param` whose default passes its
+    own check, or ``scale_param`` is not one of its parameters. The kernel function is imported when a merge first
+    runs."""
     if not isinstance(method, MergeMethod):
         raise ValueError(f"expected a MergeMethod, got {type(method).__name__}")
     if not NAME.fullmatch(method.name):
@@ -364,4 +364,3 @@ def describe_methods() -> list[dict[str, Any]]:
         {"name": m.name, "summary": m.summary, "paper": m.paper, "params": {k: p.default for k, p in m.params.items()}}
         for m in METHODS.values()
     ]
-

@@ -56,7 +56,7 @@ def train_family(
     import torch
 
     from fedmerge.metrics import DEFAULT_KS
-    from fedmerge.recommender import common_card, save_model
+    from fedmerge.recommender import SAVED_INDIVIDUAL_PREFIX, common_card, model_card, save_model
     from fedmerge.scenario import EncoderSettings
     from fedmerge.storage import weights_digest
 
@@ -67,10 +67,9 @@ def train_family(
     start = time.perf_counter()
     weights, info = family.train(theta0, domain, features, seed=seed, progress=True)
     fit_seconds = time.perf_counter() - start
-    card = common_card(family, params, EncoderSettings(encoder, {}, ""), weights_digest(theta0),
-                       {"name": "train", "seed": seed}, "test", DEFAULT_KS)
-    card |= {"name": f"individual:{domain.name}", "method": {"name": "individual", "params": dict(params)},
-             "domains": [domain.name], "joint": False, "metrics": {}}
+    common = common_card(family, params, EncoderSettings(encoder, {}, ""), weights_digest(theta0),
+                         {"name": "train", "seed": seed}, "test", DEFAULT_KS)
+    card = model_card(common, SAVED_INDIVIDUAL_PREFIX + domain.name, "individual", params, [domain.name])
     save_model(out / WEIGHTS_FILE, weights, card, metadata={"domain": domain.name, "family": name, "seed": str(seed)})
     report = {"fit_seconds": fit_seconds, "hyperparameters": family.config(), "training": info,
               "weights": str(out / WEIGHTS_FILE)}

@@ -565,18 +565,24 @@ def per_user_note(utility: Sequence[Mapping[str, Any]], study: PrivacyStudySetti
             f"same release is only ({', '.join(per_user)}; δ = {study.delta:g}, all releases)-DP.")
 
 
-def coarse_fpr_note(probe: Mapping[str, Any]) -> str:
-    """A warning when the held-out users are too few for the TPR columns' false-positive rates: with n of them no
+def coarse_fprs(probe: Mapping[str, Any]) -> list[float]:
+    """The TPR columns' false-positive rates that the probed held-out users cannot resolve: with n of them no
     threshold has a rate in (0, 1/n), so a TPR at an FPR below 1/n is the TPR at 0 false positives."""
     from fedmerge.privacy.attacks import FPRS
 
     n = probe.get("probed_per_group", [None, None])[1]
-    coarse = [f"{fpr:g}" for fpr in FPRS if isinstance(n, int) and 0 < n and fpr < 1 / n]
+    return [fpr for fpr in FPRS if isinstance(n, int) and 0 < n and fpr < 1 / n]
+
+
+def coarse_fpr_note(probe: Mapping[str, Any]) -> str:
+    """A warning naming :func:`coarse_fprs`, when there are any."""
+    coarse = coarse_fprs(probe)
     if not coarse:
         return ""
+    n = probe["probed_per_group"][1]
     return (f" With {n} held-out users the smallest non-zero false-positive rate is 1/{n}: the TPR at FPR "
-            f"{', '.join(coarse)} is the TPR at 0 false positives, a noisy figure that may exceed what ε allows at "
-            "that rate; more held-out users (privacy_study.probe_max_users) resolve it.")
+            f"{', '.join(f'{fpr:g}' for fpr in coarse)} is the TPR at 0 false positives, a noisy figure that may "
+            "exceed what ε allows at that rate; more held-out users (privacy_study.probe_max_users) resolve it.")
 
 
 def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], study: PrivacyStudySettings, path: Path) -> None:
@@ -613,8 +619,7 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], s
     left.set(xticks=range(len(labels)), xticklabels=labels, xlabel="ε (δ fixed)",
              ylabel=f"{study.metric} (avg over domains)")
     left.legend(fontsize=7)
-    n = probe.get("probed_per_group", [None, None])[1]
-    at = " (at 0 false positives)" if isinstance(n, int) and 0 < n < 100 else ""
+    at = " (at 0 false positives)" if 0.01 in coarse_fprs(probe) else ""
     right.set(xlabel=f"strongest attack's TPR at 1 % FPR{at} ({probe['domain']})", ylabel=f"{study.metric}")
     right.legend(fontsize=7)
     fig.tight_layout()

@@ -26,17 +26,14 @@ HELD_KEY = "out-dir-held"
 SCENARIO_FILE = "scenario.toml"  # the resolved scenario :func:`flower_run_config` writes for the apps
 
 
-def flower_run_config(cfg: Scenario, folder: Path, out_dir: Path, **flags: bool) -> dict[str, Any]:
+def flower_run_config(
+    cfg: Scenario, folder: Path, out_dir: Path, *, resume: bool = False, out_dir_held: bool = False
+) -> dict[str, Any]:
     """The run config that hands the resolved ``cfg`` to ``flwr run`` (simulation and deployment alike): ``cfg``
     written to ``folder/scenario.toml`` (:func:`fedmerge.config.write_scenario`) as ``scenario``, no overrides,
-    ``out-dir`` and the boolean ``flags`` (``resume``, ``overwrite``, ``out_dir_held``: the keys with ``-``)."""
-    known = {RESUME_KEY, OVERWRITE_KEY, HELD_KEY}
-    keys = {name: name.replace("_", "-") for name in flags}
-    unknown = sorted(k for k in keys.values() if k not in known)
-    if unknown:
-        raise ValueError(f"unknown run-config flag(s) {unknown}; valid: {sorted(known)}")
+    ``out-dir``, ``resume`` and ``out-dir-held``."""
     return {SCENARIO_KEY: str(write_scenario(cfg, folder / SCENARIO_FILE)), OVERRIDES_KEY: "",
-            OUT_DIR_KEY: str(out_dir), **{keys[name]: bool(value) for name, value in flags.items()}}
+            OUT_DIR_KEY: str(out_dir), RESUME_KEY: resume, HELD_KEY: out_dir_held}
 
 
 def scenario_from_run_config(run_config: Mapping[str, Any]) -> Scenario:

@@ -1,7 +1,7 @@
 """Framework-free client logic: load the client's own domain, train from the received weights, evaluate models.
 
-A client knows only its own domain. :meth:`ClientState.handle` maps a request :class:`~flwr.app.RecordDict` to a reply
-RecordDict; the Flower ClientApp and the in-process engine both call it, so they run one code path.
+A client knows only its own domain. :meth:`ClientState.handle` maps a request :class:`~flwr.app.RecordDict` to a
+reply RecordDict; the Flower ClientApp and the in-process engine both call it, so they run one code path.
 """
 
 from __future__ import annotations

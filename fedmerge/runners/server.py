@@ -34,6 +34,7 @@ from fedmerge.merging.testtime import TESTTIME_METHOD
 from fedmerge.metrics import USERS
 from fedmerge.models import StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
+from fedmerge.recommender import SAVED_INDIVIDUAL_PREFIX
 from fedmerge.reproducibility import process_cpus, thread_count
 from fedmerge.runners import protocol
 from fedmerge.runners.aggregate import HELD_OUT_INDIVIDUAL_PREFIX
@@ -50,7 +51,6 @@ STALE_HINT = (  # why saved weights were refused on --resume, and what to do
 )
 TRAIN_METRICS_KEY = "train_metrics"
 FEW_TEST_USERS = 10  # a domain evaluated on fewer test users gets a warning (few_users_warnings)
-SAVED_INDIVIDUAL_PREFIX = "individual:"  # saved-model name of a client's one-shot model: individual:<domain>
 TESTTIME_PREFIX = TESTTIME_METHOD + ":"  # saved-model name of the test-time merge for one held-out domain
 # results.json name of training domain d's one-shot model evaluated on a held-out domain (which has no own model)
 HELD_OUT_INDIVIDUAL = HELD_OUT_INDIVIDUAL_PREFIX + "{domain}"
@@ -364,13 +364,12 @@ class Federation:
     def _model_card(
         self, name: str, method: str, domains: list[str], params: Mapping[str, Any] | None, extra: Mapping[str, Any]
     ) -> dict[str, Any]:
-        from fedmerge.recommender import scenario_card
+        from fedmerge.recommender import model_card, scenario_card
         from fedmerge.storage import weights_digest
 
         if self._card is None:
             self._card = scenario_card(self.cfg, weights_digest(self.theta0))
-        return {**self._card, "name": name, "method": {"name": method, "params": dict(params or {})},
-                "domains": list(domains), "joint": name == "joint", "metrics": {}, **extra}
+        return model_card(self._card, name, method, params, domains, **extra)
 
     def record_metrics(self) -> None:
         """Write each saved model's per-domain metrics (and the training-domain average) into its card."""
@@ -853,8 +852,8 @@ def time_cap_warnings(oneshot: Mapping[str, TrainMetrics], fedavg: list[dict[str
 def load_saved_run(cfg: Scenario, out_dir: str | Path) -> tuple[StateDict | None, dict[str, StateDict], dict[str, TrainMetrics]]:
     """θ₀ (None if it was not saved), the clients' saved one-shot weights and their training metrics.
 
-    Every weight file must carry this scenario's training fingerprint (:func:`fingerprint_metadata`) and name one of its training domains,
-    so merges are never computed from weights trained under another configuration.
+    Every weight file must carry this scenario's training fingerprint (:func:`fingerprint_metadata`) and name one of
+    its training domains, so merges are never computed from weights trained under another configuration.
     """
     from fedmerge.storage import client_metadata, load_client_weights
 

@@ -69,9 +69,9 @@ def run_scenario(
 
 
 def check_or_record_data(cfg: Scenario, out_dir: Path, resume: bool) -> None:
-    """A new run records the digests of its domains' files (:data:`fedmerge.storage.DATA_DIGESTS_FILE`); a resumed one compares them
-    and refuses a domain whose files changed since the run (its saved weights were trained on other data). A
-    simulation holds every domain's data in one place; a deployment's clients keep theirs."""
+    """A new run records the digests of its domains' files (:data:`fedmerge.storage.DATA_DIGESTS_FILE`); a resumed
+    one compares them and refuses a domain whose files changed since the run (its saved weights were trained on other
+    data). A simulation holds every domain's data in one place; a deployment's clients keep theirs."""
     from fedmerge.storage import DATA_DIGESTS_FILE, client_weights_path, write_json_atomic
 
     path = out_dir / DATA_DIGESTS_FILE
@@ -147,7 +147,8 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
         target = Path(out_dir).resolve() if out_dir is not None else private / "results"
         results_path = target / RESULTS_FILE
         results_path.unlink(missing_ok=True)  # a stale file must not pass for this run's result
-        run_config = flower_run_config(cfg, private, target, resume=resume, out_dir_held=True)  # run_scenario holds it
+        # run_scenario holds out_dir (lock, earlier files)
+        run_config = flower_run_config(cfg, private, target, resume=resume, out_dir_held=True)
         cpus = len(os.sched_getaffinity(0))
         federation_config = {"num-supernodes": len(cfg.data.domain_names()),
                              "client-resources-num-cpus": client_cpus(cfg, cpus),
