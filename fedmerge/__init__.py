@@ -19,3 +19,7 @@ def __getattr__(name: str) -> Any:
 
         return load_recommender
     raise AttributeError(f"module 'fedmerge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

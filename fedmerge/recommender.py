@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -186,7 +186,7 @@ class Recommendation(NamedTuple):
     score: float
 
 
-@dataclass
+@dataclass(repr=False)
 class LoadedRecommender:
     """A saved model ready to score catalogs. Build it with :func:`load_recommender`."""
 
@@ -201,6 +201,10 @@ class LoadedRecommender:
     @property
     def name(self) -> str:
         return str(self.card["name"])
+
+    def __repr__(self) -> str:
+        return (f"LoadedRecommender(name={self.name!r}, family={self.family.name!r}, "
+                f"encoder={self.card['encoder']['identity']!r}, path={str(self.path)!r})")
 
     def features(self, catalog: ItemCatalog) -> torch.Tensor:
         """The family's item features of ``catalog`` from the card's encoder (embeddings through the cache);
@@ -220,7 +224,7 @@ class LoadedRecommender:
         return features
 
     def _inputs(
-        self, histories: Sequence[Sequence[str]], catalog: ItemCatalog | str | Path, texts: bool
+        self, histories: Iterable[Sequence[str]], catalog: ItemCatalog | Domain | str | Path, texts: bool
     ) -> tuple[ItemCatalog, list[np.ndarray], int]:
         """(catalog to featurize, histories as item indices into it, number of real catalog items).
 
@@ -229,6 +233,7 @@ class LoadedRecommender:
         """
         from fedmerge.data.domain import ItemCatalog
 
+        histories = _as_histories(histories)
         base = _as_catalog(catalog)
         n = len(base)
         if texts:
@@ -252,37 +257,48 @@ class LoadedRecommender:
         return base, seqs, n
 
     def scores(
-        self, histories: Sequence[Sequence[str]], catalog: ItemCatalog | str | Path, *, texts: bool = False
+        self, histories: Iterable[Sequence[str]], catalog: ItemCatalog | Domain | str | Path, *, texts: bool = False
     ) -> np.ndarray:
         """(len(histories), n_items) scores over ``catalog``'s items, higher is better.
 
-        ``histories``: per user, the items interacted with, oldest first, as item ids of ``catalog`` (or, with
-        ``texts=True``, as item texts). ``catalog``: an :class:`~fedmerge.data.ItemCatalog` or a domain
-        folder/tarball. Only the last ``max_len`` items of a history are read, as in training.
+        ``histories``: a list with one history per user, each the items interacted with, oldest first, as item ids
+        of ``catalog`` (or, with ``texts=True``, as item texts); an empty history is refused. ``catalog``: an
+        :class:`~fedmerge.data.ItemCatalog`, a :class:`~fedmerge.data.Domain` (its catalog) or a domain
+        folder/tarball (loaded and featurized again on every call: pass the loaded catalog when calling repeatedly).
+        Only the last ``max_len`` items of a history are read, as in training. Histories are scored in batches;
+        a model whose scores are not finite is refused (:class:`~fedmerge.errors.FedmergeError`).
         """
         full, seqs, n = self._inputs(histories, catalog, texts)
         return self._scorer(full)(seqs)[:, :n]
 
-    def _scorer(self, catalog: ItemCatalog) -> Any:
-        return self.family.scorer(self.weights, self.features(catalog))
+    def _scorer(self, catalog: ItemCatalog) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+        """The family's scorer over ``catalog``, refusing non-finite scores (unusable weights) wherever it is used."""
+        scorer = self.family.scorer(self.weights, self.features(catalog))
+
+        def finite_scores(sequences: Sequence[np.ndarray]) -> np.ndarray:
+            scores = scorer(sequences)
+            if not np.isfinite(scores).all():
+                raise FedmergeError(f"model {self.path} gives non-finite scores "
+                                    f"({int((~np.isfinite(scores)).sum())} of {scores.size}); its weights are unusable")
+            return scores
+
+        return finite_scores
 
     def recommend(
-        self, histories: Sequence[Sequence[str]], k: int = 10, catalog: ItemCatalog | str | Path | None = None,
+        self, histories: Iterable[Sequence[str]], k: int = 10, catalog: ItemCatalog | Domain | str | Path | None = None,
         *, texts: bool = False, exclude_history: bool = True,
     ) -> list[list[Recommendation]]:
         """The top-``k`` items of ``catalog`` for each history (ties: lower item index first), best first.
 
-        Items of the history are left out unless ``exclude_history=False``. See :meth:`scores` for the arguments.
+        Items of the history are left out unless ``exclude_history=False`` (so a history may get fewer than ``k``
+        items: as many as the catalog has left). See :meth:`scores` for the arguments.
         """
         if catalog is None:
-            raise FedmergeError("recommend needs a catalog: an ItemCatalog or a domain folder/tarball")
-        if k < 1:
-            raise FedmergeError(f"k must be at least 1, got {k}")
+            raise FedmergeError("recommend needs a catalog: an ItemCatalog, a Domain or a domain folder/tarball")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise FedmergeError(f"k must be an integer of at least 1, got {k!r}")
         full, seqs, n = self._inputs(histories, catalog, texts)
         scores = self._scorer(full)(seqs)[:, :n].astype(np.float64)
-        if not np.isfinite(scores).all():
-            raise FedmergeError(f"model {self.path} gives non-finite scores "
-                                f"({int((~np.isfinite(scores)).sum())} of {scores.size}); its weights are unusable")
         out = []
         for row, seq in enumerate(seqs):
             if exclude_history and not texts:
@@ -318,21 +334,65 @@ class LoadedRecommender:
                                 f"for {self.local_domains or 'no domain (merge.local_parameters was empty)'}")
         return self.for_domain(name)
 
-    def evaluate(self, domain: Domain, split: str = "test", ks: Sequence[int] | None = None) -> dict[str, float]:
+    def evaluate(
+        self, domain: Domain | str | Path, split: str | None = None, ks: Sequence[int] | None = None
+    ) -> dict[str, float]:
         """Full-ranking Recall@K/NDCG@K, masked and unmasked, on ``domain``'s ``split`` users
         (:func:`fedmerge.metrics.evaluate_scorer`; every K of :data:`~fedmerge.metrics.DEFAULT_KS` by default), with
-        the domain's own local parameters when the card has them (:meth:`for_domain`), as the run evaluated it."""
+        the domain's own local parameters when the card has them (:meth:`for_domain`), as the run evaluated it.
+
+        ``domain``: a :class:`~fedmerge.data.Domain` or a domain folder/tarball. ``split``: ``"test"`` or ``"val"``;
+        by default the split the model's run evaluated (from the card; ``"test"`` when it names none), as
+        ``fedmerge evaluate`` does."""
+        from fedmerge.data import load_domain
         from fedmerge.metrics import DEFAULT_KS, evaluate_scorer
 
+        if isinstance(domain, (str, Path)):
+            domain = load_domain(domain)
+        if ks is not None and (not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks)):
+            raise FedmergeError(f"ks must be a non-empty list of positive integers, got {ks!r}")
+        split = split or self.default_split
         model = self.for_domain(domain.name)
         return evaluate_scorer(model._scorer(domain.catalog), domain, split, ks=tuple(ks or DEFAULT_KS),
                                max_len=self.family.max_len)
 
+    @property
+    def default_split(self) -> str:
+        """The split this model's run evaluated (its card's ``eval.split``), ``"test"`` when the card names none."""
+        return str(self.card.get("eval", {}).get("split", "test"))
 
-def _as_catalog(catalog: ItemCatalog | str | Path) -> ItemCatalog:
-    from fedmerge.data import load_catalog
 
-    return load_catalog(catalog) if isinstance(catalog, (str, Path)) else catalog
+def _as_catalog(catalog: ItemCatalog | Domain | str | Path) -> ItemCatalog:
+    from fedmerge.data import Domain, ItemCatalog, load_catalog
+
+    if isinstance(catalog, (str, Path)):
+        return load_catalog(catalog)
+    if isinstance(catalog, Domain):
+        return catalog.catalog
+    if not isinstance(catalog, ItemCatalog):
+        raise FedmergeError(f"catalog must be an ItemCatalog, a Domain or a domain folder/tarball path, "
+                            f"got {type(catalog).__name__}")
+    return catalog
+
+
+def _as_histories(histories: Iterable[Sequence[str]]) -> list[list[str]]:
+    """``histories`` as a list of lists (read once: a generator works), refusing a single history given without
+    the outer list (a list of strings, or one string) and empty histories, each by its row."""
+    if isinstance(histories, (str, bytes)):
+        raise FedmergeError("histories must be a list of histories (each a list of item ids), got one string")
+    rows = list(histories)
+    if rows and all(isinstance(h, str) for h in rows):
+        raise FedmergeError(f"histories must be a list of histories (each a list of item ids), got a list of "
+                            f"strings {rows[:3]}: wrap a single history as [history]")
+    out = []
+    for row, history in enumerate(rows):
+        if isinstance(history, (str, bytes)):
+            raise FedmergeError(f"history {row} is a string, not a list of item ids: {history!r}")
+        items = list(history)
+        if not items:
+            raise FedmergeError(f"history {row} is empty: a recommendation needs at least one item")
+        out.append(items)
+    return out
 
 
 def load_recommender(
@@ -352,12 +412,21 @@ def load_recommender(
     path = Path(path)
     if path.suffix == CARD_SUFFIX:
         path = path.with_suffix(WEIGHTS_SUFFIX)
+    if not path.is_file():
+        raise DataError(f"no model file {path}" + (" (a folder: give a <name>.safetensors file in it, e.g. "
+                                                    "<run>/models/mergerec_layerwise.safetensors)" if path.is_dir() else ""))
+    if encoder is not None and not hasattr(encoder, "identity"):
+        raise FedmergeError(f"encoder must be a text encoder object (fedmerge.text), got {encoder!r}; leave it out "
+                            "to use the encoder the card names")
     card = read_card(path)
     weights = load_weights(path)
     if weights_digest(weights) != card["weights_digest"]:
         raise DataError(f"{path} does not hold the weights its card {card_path(path).name} describes "
                         f"(digest {weights_digest(weights)} vs card {card['weights_digest']})")
-    family = get_family(card["family"]["name"], **card["family"]["params"])
+    try:
+        family = get_family(card["family"]["name"], **card["family"]["params"])
+    except FedmergeError as exc:
+        raise DataError(f"model card {card_path(path)}: {exc}") from exc
     enc = card["encoder"]
     if encoder is None:
         encoder = card_encoder(card).text_encoder()
@@ -371,6 +440,7 @@ def load_recommender(
     try:
         family.load(weights, width)
     except RuntimeError as exc:
+        details = [line.strip() for line in str(exc).splitlines() if line.strip()][:4]
         raise FedmergeError(f"the weights in {path} do not fit family {family.name!r} at feature width {width}: "
-                            f"{str(exc).splitlines()[0]}") from exc
+                            f"{' '.join(details)}") from exc
     return LoadedRecommender(path, card, family, weights, encoder, str(cache_dir or ""))

@@ -136,6 +136,7 @@ def test_recommend_on_a_catalog_the_model_never_saw(run, unseen_catalog, capsys)
     assert main([*args, "--histories", str(batch)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [len(line["recommendations"]) for line in lines] == [5, 5]
+    assert [line["line"] for line in lines] == [1, 3]  # the blank line 2 is skipped, each output names its input
     assert [r["item"] for r in lines[0]["recommendations"]] == [r["item"] for r in recs]
     # a history of item texts scores like the same items given by id (the texts are featurized like the catalog's)
     by_text = model.recommend([texts], k=5, catalog=catalog, texts=True, exclude_history=False)[0]
@@ -334,3 +335,83 @@ def test_recommend_says_when_the_history_leaves_no_item(run, unseen_catalog, cap
             "--cache-dir", cfg.encoder.cache_dir, "--history", ",".join(catalog.ids)]
     assert main(args) == 0
     assert "no item left" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"hidden": 32.0}, r"hidden must be an integer, got 32.0"),
+    ({"hidden": "32"}, r"hidden must be an integer, got '32'"),
+    ({"dropout": "a"}, r"dropout must be a number, got 'a'"),
+    ({"adapter": "zzz"}, r"unknown adapter 'zzz'; valid"),
+    ({"hidden": -1}, r"parameters must be positive: \{'hidden': -1\}"),
+])
+def test_bad_family_parameter_values_in_a_card_are_data_errors_naming_the_card(saved_copy, params, message):
+    """A card's family.params were only checked to be a table: a float or string hidden size failed inside torch."""
+    card = json.loads(card_path(saved_copy).read_text())
+    _edit_card(saved_copy, **{"family.params": {**card["family"]["params"], **params}})
+    with pytest.raises(DataError, match=rf"model card .*ties.json: model family 'sequential': {message}"):
+        load_recommender(saved_copy)
+
+
+def test_a_missing_model_file_is_named_as_missing(tmp_path):
+    with pytest.raises(DataError, match=r"no model file .*nope.safetensors$"):
+        load_recommender(tmp_path / "nope.safetensors")
+    with pytest.raises(DataError, match=r"no model file .* \(a folder: give a <name>.safetensors file"):
+        load_recommender(tmp_path)
+
+
+def test_histories_are_read_once_and_checked_by_row(run, saved_copy, unseen_catalog):
+    cfg, _, _, _ = run
+    model = load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir)
+    catalog = load_domain(unseen_catalog).catalog
+    texts = [["a red car"], ["a wooden train"]]
+    # a generator with texts=True was read twice: the second pass saw nothing and returned []
+    assert len(model.recommend((h for h in texts), k=2, catalog=catalog, texts=True)) == 2
+    assert model.scores((h for h in texts), catalog=catalog, texts=True).shape == (2, len(catalog))
+    with pytest.raises(FedmergeError, match=r"a list of strings .*wrap a single history as \[history\]"):
+        model.recommend(list(catalog.ids[:2]), k=2, catalog=catalog)
+    with pytest.raises(FedmergeError, match="history 1 is empty"):
+        model.recommend([list(catalog.ids[:1]), []], k=2, catalog=catalog)
+    for k in (2.5, "5", None, True, 0):
+        with pytest.raises(FedmergeError, match="k must be an integer of at least 1"):
+            model.recommend([list(catalog.ids[:1])], k=k, catalog=catalog)
+    domain = load_domain(unseen_catalog)
+    by_domain = model.recommend([list(catalog.ids[:1])], k=3, catalog=domain)
+    assert by_domain == model.recommend([list(catalog.ids[:1])], k=3, catalog=catalog)
+    with pytest.raises(FedmergeError, match="catalog must be an ItemCatalog, a Domain or a domain folder"):
+        model.recommend([list(catalog.ids[:1])], k=3, catalog=42)
+
+
+def test_evaluate_takes_a_path_defaults_to_the_cards_split_and_checks_ks(run, saved_copy):
+    cfg, _, results, folders = run
+    domain = next(iter(folders))
+    model = load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir)
+    assert model.default_split == "test"
+    assert model.evaluate(folders[domain]) == model.evaluate(load_domain(folders[domain]), split="test")
+    _edit_card(saved_copy, eval={"split": "val"})
+    val_model = load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir)
+    assert val_model.evaluate(folders[domain]) == model.evaluate(folders[domain], split="val")
+    with pytest.raises(FedmergeError, match="ks must be a non-empty list of positive integers"):
+        model.evaluate(folders[domain], ks=[0])
+
+
+def test_non_finite_weights_are_refused_by_scores_and_evaluate_too(run, saved_copy, unseen_catalog):
+    import dataclasses
+
+    cfg, _, _, folders = run
+    model = load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir)
+    broken = dataclasses.replace(model, weights={n: torch.full_like(t, float("nan")) for n, t in model.weights.items()})
+    catalog = load_domain(unseen_catalog).catalog
+    with pytest.raises(FedmergeError, match="non-finite scores"):
+        broken.scores([list(catalog.ids[:2])], catalog=catalog)
+    with pytest.raises(FedmergeError, match="non-finite scores"):
+        broken.evaluate(next(iter(folders.values())))
+
+
+def test_a_loaded_model_has_a_short_repr_and_a_wrong_encoder_argument_is_named(saved_copy):
+    model = load_recommender(saved_copy)
+    assert repr(model).startswith("LoadedRecommender(name='ties', family='sequential'") and len(repr(model)) < 300
+    with pytest.raises(FedmergeError, match="encoder must be a text encoder object"):
+        load_recommender(saved_copy, encoder="minilm")
+    import fedmerge
+
+    assert "load_recommender" in dir(fedmerge)

@@ -109,8 +109,9 @@ def run_recommend(args: argparse.Namespace) -> int:
     with tqdm(total=len(histories), desc="recommend", unit="history", file=sys.stderr) as bar:
         for start in range(0, len(histories), BATCH):
             chunk = histories[start : start + BATCH]
-            for history, recs in zip(chunk, model.recommend(chunk, **options)):
-                print(json.dumps({"history": history, "recommendations": _rows(recs, catalog)}))
+            numbers = [n for n, _ in lines[start : start + BATCH]]
+            for number, history, recs in zip(numbers, chunk, model.recommend(chunk, **options)):
+                print(json.dumps({"line": number, "history": history, "recommendations": _rows(recs, catalog)}))
             bar.update(len(chunk))
     return 0
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import inspect
+import types
+import typing
 from typing import TYPE_CHECKING, Any
 
 from fedmerge.errors import FedmergeError
@@ -28,15 +31,63 @@ FAMILIES: dict[str, str] = {
 
 
 def _construct(kind: str, table: dict[str, str], name: str, params: dict[str, Any]) -> Any:
+    """``table[name](**params)``; a FedmergeError naming the parameter for an unknown name, a value of the wrong
+    type (checked against the constructor's annotations: a TOML float or a JSON string where an integer belongs
+    would otherwise fail deep inside torch) or a value the constructor refuses."""
     if name not in table:
         raise FedmergeError(f"unknown {kind} {name!r}; valid: {sorted(table)}")
     module_name, cls_name = table[name].split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    valid = [p for p in inspect.signature(cls).parameters if p != "self"]
+    signature = inspect.signature(cls, eval_str=True)
+    valid = [p for p in signature.parameters if p != "self"]
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise FedmergeError(f"unknown parameter(s) {unknown} for {kind} {name!r}; valid: {valid}")
-    return cls(**params)
+    wrong = [f"{key} must be {describe_type(hint)}, got {value!r}" for key, value in params.items()
+             if not matches_type(value, hint := signature.parameters[key].annotation)]
+    if wrong:
+        raise FedmergeError(f"{kind} {name!r}: {'; '.join(wrong)}")
+    try:
+        return cls(**params)
+    except ValueError as exc:
+        raise FedmergeError(f"{kind} {name!r}: {exc}") from exc
+
+
+def matches_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as TOML or JSON gives it) fits a constructor annotation: ``int`` (not a bool), ``float``
+    (an int too), ``bool``, ``str``, ``None``, unions of these and ``tuple[X, ...]`` / ``Sequence[X]`` (a list or
+    tuple of X); any other annotation accepts every value."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches_type(value, arg) for arg in typing.get_args(hint))
+    if origin in (tuple, collections.abc.Sequence):
+        item = typing.get_args(hint)[0] if typing.get_args(hint) else Any
+        return isinstance(value, (list, tuple)) and all(matches_type(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "None"}
+
+
+def describe_type(hint: Any) -> str:
+    """``hint`` in words, e.g. ``int | None`` -> "an integer or None"."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(arg) for arg in typing.get_args(hint))
+    if origin in (tuple, collections.abc.Sequence):
+        args = typing.get_args(hint)
+        return f"a list of {describe_type(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
+    return TYPE_WORDS.get(hint, str(hint))
 
 
 def __getattr__(name: str) -> Any:

@@ -836,8 +836,6 @@ class SequentialFamily(ModelFamily):
             self.trainable = tuple(self.trainable)
         if self.adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {self.adapter!r}; valid: {list(ADAPTERS)}")
-        if self.hidden % self.n_heads:
-            raise ValueError(f"hidden size {self.hidden} is not divisible by n_heads={self.n_heads}")
         positive = {
             "hidden": self.hidden,
             "n_heads": self.n_heads,
@@ -854,6 +852,8 @@ class SequentialFamily(ModelFamily):
         bad = {k: v for k, v in positive.items() if not v > 0}
         if bad:
             raise ValueError(f"parameters must be positive: {bad}")
+        if self.hidden % self.n_heads:
+            raise ValueError(f"hidden size {self.hidden} is not divisible by n_heads={self.n_heads}")
         if self.n_layers < 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"need n_layers >= 0 and 0 <= dropout < 1, got {self.n_layers}, {self.dropout}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
