@@ -413,8 +413,8 @@ def load_recommender(
     if path.suffix == CARD_SUFFIX:
         path = path.with_suffix(WEIGHTS_SUFFIX)
     if not path.is_file():
-        raise DataError(f"no model file {path}" + (" (a folder: give a <name>.safetensors file in it, e.g. "
-                                                    "<run>/models/mergerec_layerwise.safetensors)" if path.is_dir() else ""))
+        folder = " (a folder: give a <name>.safetensors file in it, e.g. <run>/models/mergerec_layerwise.safetensors)"
+        raise DataError(f"no model file {path}" + (folder if path.is_dir() else ""))
     if encoder is not None and not hasattr(encoder, "identity"):
         raise FedmergeError(f"encoder must be a text encoder object (fedmerge.text), got {encoder!r}; leave it out "
                             "to use the encoder the card names")
