@@ -231,3 +231,47 @@ def test_a_run_recorded_before_a_setting_existed_is_the_same_configuration_at_it
     assert not same_config(apply_overrides(cfg, ["privacy.release_diagnostics=true"]), recorded)
     recorded["model"]["params"]["hidden"] = 7
     assert not same_config(cfg, recorded)
+
+
+def test_identical_values_have_exactly_zero_spread():
+    """x.std(ddof=1) of [0.1, 0.1, 0.1] is 4e-17, not the documented 0."""
+    stats = interval([0.1, 0.1, 0.1])
+    assert stats["std"] == 0.0 and stats["half_width"] == 0.0 and stats["low"] == stats["high"] == stats["mean"]
+
+
+def test_a_zero_reference_leaves_its_seed_out_of_the_ratio_instead_of_losing_the_aggregate(tmp_path):
+    """A reference of 0 on one seed made that ratio NaN: the interval was NaN and aggregate.json refused to write."""
+    from fedmerge.runners.multiseed import aggregate_summary, write_aggregate
+
+    runs = {
+        0: _run({"individual": (0.0, 0.0), "average": (0.08, 0.08), "mergerec": (0.12, 0.12)}),
+        1: _run({"individual": (0.10, 0.10), "average": (0.10, 0.10), "mergerec": (0.11, 0.11)}),
+        2: _run({"individual": (0.12, 0.12), "average": (0.11, 0.11), "mergerec": (0.15, 0.15)}),
+    }
+    agg = aggregate_runs(runs, "recall@10", training_free=["average"])
+    vs_individual = agg["paired"]["merges"]["mergerec"]["vs_individual"]
+    assert vs_individual["ratios"] == {1: pytest.approx(1.1), 2: pytest.approx(1.25)}
+    assert vs_individual["ratio"]["n"] == 2 and vs_individual["ratio"]["mean"] == pytest.approx(1.175)
+    assert vs_individual["excluded_seeds"] == {"0": "reference is 0"}
+    write_aggregate(agg, tmp_path)  # strict JSON: no NaN reached it
+    assert "excluded seed(s) [0]: reference is 0" in aggregate_summary(agg)
+    one_left = {s: r for s, r in runs.items() if s < 2}
+    assert aggregate_runs(one_left, "recall@10", ["average"])["paired"]["merges"]["mergerec"]["vs_individual"][
+        "ratio"]["half_width"] is None
+
+
+def test_a_metric_one_seed_could_not_report_is_left_out_not_a_crash():
+    """results.json stores a NaN metric as null: seed_averages called float(None)."""
+    runs = {s: _run({"individual": (0.10, 0.10), "average": (0.08, 0.08), "mergerec": (0.12, 0.12)}) for s in (0, 1)}
+    runs[1]["models"]["mergerec"]["average"]["recall@10"] = None
+    runs[1]["models"]["mergerec"]["A"]["recall@10"] = None
+    agg = aggregate_runs(runs, "recall@10", training_free=["average"])
+    assert "mergerec" not in agg["paired"]["merges"] and "recall@10" not in agg["models"]["mergerec"]["A"]
+    assert "individual" in agg["models"] and agg["models"]["average"]["A"]["recall@10"]["n"] == 2
+
+
+def test_a_model_no_seed_reports_on_every_domain_has_no_empty_entry():
+    runs = {0: _run({"individual": (0.1, 0.1), "fedavg": (0.1, 0.1)}), 1: _run({"individual": (0.1, 0.1)})}
+    agg = aggregate_runs(runs, "recall@10", training_free=[])
+    assert "fedavg" not in agg["models"]
+    assert any("fedavg is missing from seed(s) [1]" in w for w in agg["warnings"])

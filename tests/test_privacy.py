@@ -499,6 +499,11 @@ def test_over_seeds_is_a_t_interval_of_the_seeds_that_report_a_value():
     one = over_seeds([0.3])
     assert (one["n"], one["mean"], one["low"], one["values"]) == (1, 0.3, None, [0.3])
     assert over_seeds([None, None])["mean"] is None
+    # the table says when a cell's interval covers fewer seeds than the study ran (it read as seeds 0-3)
+    from fedmerge.privacy.study import _format_interval
+
+    assert out["missing_seeds"] == 1 and _format_interval(out).endswith("(3 of 4 seeds)")
+    assert "seeds" not in _format_interval(over_seeds(values))
 
 
 def test_ratio_tables_pair_each_seed_with_its_own_reference():

@@ -215,13 +215,15 @@ def epsilon_label(epsilon: float) -> str:
 
 def over_seeds(values: Sequence[float | None]) -> dict[str, Any]:
     """:func:`fedmerge.runners.aggregate.interval` (mean, 95 % Student-t interval, the values) of the seeds that
-    report a value; ``{"n": 0, "mean": None, ...}`` when none does."""
+    report a value, with ``missing_seeds`` (how many did not) when some did not; ``{"n": 0, "mean": None, ...}``
+    when none does."""
     from fedmerge.runners.aggregate import interval
 
     present = [v for v in values if v is not None]
     if not present:
         return {"n": 0, "mean": None, "std": None, "half_width": None, "low": None, "high": None, "values": []}
-    return interval(present)
+    missing = len(values) - len(present)
+    return {**interval(present), **({"missing_seeds": missing} if missing else {})}
 
 
 def cells(study: PrivacyStudySettings) -> list[tuple[str, float]]:
@@ -446,12 +448,14 @@ def _over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[s
 
 
 def _format_interval(value: Mapping[str, Any] | None, digits: int = 4) -> str:
-    """"mean [low, high]" (just the mean for one seed); "-" when missing."""
+    """"mean [low, high]" (just the mean for one seed), "(n of m seeds)" added when some seeds reported no value;
+    "-" when missing."""
     if not value or value.get("mean") is None:
         return "-"
+    missing = f" ({value['n']} of {value['n'] + value['missing_seeds']} seeds)" if value.get("missing_seeds") else ""
     if value["n"] < 2:
-        return f"{value['mean']:.{digits}f}"
-    return f"{value['mean']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]"
+        return f"{value['mean']:.{digits}f}{missing}"
+    return f"{value['mean']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]{missing}"
 
 
 def paired_ratio(value: Mapping[str, Any] | None, reference: Mapping[str, Any] | None,

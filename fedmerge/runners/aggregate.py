@@ -10,8 +10,14 @@ For n seeds with values x_1..x_n of one model × domain × metric:
 Paired comparisons use the per-seed average over the training domains of the primary metric. For a merge m with
 averages m_s, a reference r with r_s (the same seed, so the same θ₀ and client models):
 
-    ratio_s = m_s / r_s,   its mean and t-interval as above,
+    ratio_s = m_s / r_s,   the arithmetic mean of the per-seed ratios and its t-interval as above,
     paired t-test on d_s = m_s − r_s  (scipy.stats.ttest_rel: t = d̄ / (s_d / √n), n − 1 degrees of freedom).
+
+These are two tests of "no difference": the interval is on the ratios, the p-value on the differences, so near the
+boundary they can disagree (an interval covering 1.0 with p < 0.05, or the reverse); fedmerge's README reads the
+ratio interval (covering 1.0 = a tie). A seed whose reference is 0 (or not a finite number) has no ratio: it is left
+out of the ratio's interval and named in ``excluded_seeds``; the paired test keeps every seed. A metric that some
+seed could not report (NaN, stored as null in results.json) is left out of the aggregate.
 
 References: ``best_training_free`` - per seed, the best registry method (average, task arithmetic, TIES, DARE, PCB)
 on that seed's average; choosing it per seed, after seeing the test metric, is the optimistic baseline, so a merge's
@@ -53,7 +59,7 @@ def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[st
     mean = float(x.mean())
     if len(x) < 2:
         return {"n": 1, "mean": mean, "std": None, "half_width": None, "low": None, "high": None, "values": x.tolist()}
-    std = float(x.std(ddof=1))
+    std = 0.0 if np.ptp(x) == 0 else float(x.std(ddof=1))  # x.std of equal values can be 4e-17
     half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * std / math.sqrt(len(x)))
     return {"n": len(x), "mean": mean, "std": std, "half_width": half, "low": mean - half, "high": mean + half,
             "values": x.tolist()}
@@ -75,9 +81,14 @@ def paired_test(merged: Sequence[float], reference: Sequence[float]) -> dict[str
     return {"t": float(result.statistic), "p": float(result.pvalue)}
 
 
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): a metric value a seed actually reported."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _metric_keys(per_seed: Iterable[Mapping[str, Any]]) -> list[str]:
-    """Metrics reported by every seed (numeric entries only)."""
-    keys = [{k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} for m in per_seed]
+    """Metrics reported by every seed (finite numeric entries only)."""
+    keys = [{k for k, v in m.items() if is_number(v)} for m in per_seed]
     return sorted(set.intersection(*keys)) if keys else []
 
 
@@ -97,7 +108,8 @@ def aggregate_models(runs: Mapping[int, Mapping[str, Any]], confidence: float = 
                 continue
             per_domain[domain] = {k: interval([m[k] for m in found], confidence)
                                   for k in _metric_keys(found) if k != "users"}
-        out[model] = per_domain
+        if per_domain:
+            out[model] = per_domain
     return out
 
 
@@ -107,18 +119,21 @@ def seed_averages(runs: Mapping[int, Mapping[str, Any]], metric: str) -> dict[st
     return {
         m: {s: float(r["models"][m][AVERAGE][metric]) for s, r in runs.items()}
         for m in first["models"]
-        if all(metric in r["models"].get(m, {}).get(AVERAGE, {}) for r in runs.values())
+        if all(is_number(r["models"].get(m, {}).get(AVERAGE, {}).get(metric)) for r in runs.values())
     }
 
 
 def _compare(values: Mapping[int, float], reference: Mapping[int, float], confidence: float) -> dict[str, Any]:
-    """Per-seed ratios ``values[s] / reference[s]``, their interval and the paired t-test of the raw values."""
+    """Per-seed ratios ``values[s] / reference[s]``, their interval and the paired t-test of the raw values; a seed
+    whose reference is 0 has no ratio and is named in ``excluded_seeds`` (never a NaN: aggregate.json is strict)."""
     seeds = list(values)
-    ratios = {s: values[s] / reference[s] if reference[s] else math.nan for s in seeds}
+    ratios = {s: values[s] / reference[s] for s in seeds if reference[s] != 0}
+    excluded = {str(s): "reference is 0" for s in seeds if s not in ratios}
     return {
         "ratios": ratios,
-        "ratio": interval(list(ratios.values()), confidence),
+        "ratio": interval(list(ratios.values()), confidence) if ratios else None,
         "test": paired_test([values[s] for s in seeds], [reference[s] for s in seeds]),
+        **({"excluded_seeds": excluded} if excluded else {}),
     }
 
 
@@ -165,7 +180,7 @@ def held_out_comparisons(
             values: dict[str, dict[int, float]] = {}
             for model in first["models"]:
                 found = [r["models"].get(model, {}).get(domain, {}).get(metric) for r in runs.values()]
-                if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in found):
+                if all(is_number(v) for v in found):
                     values[model] = {s: float(v) for s, v in zip(runs, found)}
             singles = [m for m in values if m.startswith(HELD_OUT_INDIVIDUAL_PREFIX)]
             best = {s: max(singles, key=lambda m: values[m][s]) for s in runs} if singles else {}

@@ -166,7 +166,10 @@ def _comparison_cells(comparisons: Mapping[str, Any]) -> str:
     parts = []
     for name, c in comparisons.items():
         p = c["test"]["p"]
-        parts.append(f"{name.removeprefix('vs_')} {_cell(c['ratio'])}" + ("" if p is None else f" (p={p:.3g})"))
+        excluded = c.get("excluded_seeds", {})
+        parts.append(f"{name.removeprefix('vs_')} {_cell(c['ratio'])}" + ("" if p is None else f" (p={p:.3g})")
+                     + (f" [excluded seed(s) {[int(s) for s in excluded]}: {', '.join(sorted(set(excluded.values())))}]"
+                        if excluded else ""))
     return "; ".join(parts)
 
 
