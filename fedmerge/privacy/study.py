@@ -455,7 +455,14 @@ def _format_interval(value: Mapping[str, Any] | None, digits: int = 4) -> str:
     missing = f" ({value['n']} of {value['n'] + value['missing_seeds']} seeds)" if value.get("missing_seeds") else ""
     if value["n"] < 2:
         return f"{value['mean']:.{digits}f}{missing}"
-    return f"{value['mean']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]{missing}"
+    return f"{value['mean']:.{digits}f} [{_bound(value['low'], digits)}, {_bound(value['high'], digits)}]{missing}"
+
+
+def _bound(value: float, digits: int) -> str:
+    """An interval bound at ``digits`` decimals, one more when it would round to 1 (a ratio's bound of 1.004 printed
+    as 1.00 reads as covering 1.0: a tie it is not)."""
+    text = f"{value:.{digits}f}"
+    return f"{value:.{digits + 1}f}" if float(text) == 1.0 and value != 1.0 else text
 
 
 def paired_ratio(value: Mapping[str, Any] | None, reference: Mapping[str, Any] | None,
