@@ -192,7 +192,19 @@ def save_weights(path: str | Path, weights: StateDict, metadata: Mapping[str, st
     from safetensors.torch import save
 
     tensors = {name: t.detach().cpu().contiguous() for name, t in weights.items()}
-    return write_bytes_atomic(path, save(tensors, metadata=dict(metadata or {})))
+    return write_bytes_atomic(path, canonical_safetensors(save(tensors, metadata=dict(metadata or {}))))
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """``blob`` with its JSON header's keys sorted: safetensors writes the header's maps in a random order, so the
+    same weights and metadata gave files of different sha256. The format: an 8-byte little-endian header length,
+    the header (padded with spaces to a multiple of 8 bytes), then the tensor data, whose offsets are relative to
+    its start and so unchanged."""
+    length = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8 : 8 + length]), sort_keys=True, separators=(",", ":"),
+                        ensure_ascii=False).encode("utf-8")
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + blob[8 + length :]
 
 
 def load_weights(path: str | Path) -> StateDict:

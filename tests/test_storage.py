@@ -153,3 +153,24 @@ def test_an_explicit_mode_wins_over_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_saved_weights_are_byte_identical_for_the_same_weights_and_metadata(tmp_path):
+    """safetensors writes its metadata map in a random order: two identical runs left files whose sha256 differed."""
+    import hashlib
+
+    import torch
+
+    from fedmerge.storage import load_weights, save_weights
+
+    weights = {"b": torch.arange(3.0), "a": torch.ones(2, 2, dtype=torch.float64)}
+    metadata = {f"key{i}": f"value {i} é" for i in range(8)}
+    digests = {hashlib.sha256(save_weights(tmp_path / f"w{i}.safetensors", weights, metadata).read_bytes()).hexdigest()
+               for i in range(6)}
+    assert len(digests) == 1
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "w0.safetensors", "pt") as handle:
+        assert handle.metadata() == metadata
+    loaded = load_weights(tmp_path / "w0.safetensors")
+    assert all(torch.equal(loaded[n], weights[n]) for n in weights)
