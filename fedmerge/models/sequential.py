@@ -1306,7 +1306,8 @@ class SequentialFamily(ModelFamily):
             module.train()
             loss_sum, distill_sum, steps_start = 0.0, 0.0, time.perf_counter()
             with gradient_threads():  # thread-count independent steps; validation below uses every thread
-                for b, batch_indices in enumerate(length_buckets(lengths, self.batch_size, rng)):
+                batches = length_buckets(lengths, self.batch_size, rng)
+                for b, batch_indices in enumerate(batches):
                     batch = [windows[i] for i in batch_indices]
                     drawn = self._negatives(len(features), sampler, proposal) if self.n_negatives else None
                     optimizer.zero_grad()
@@ -1359,6 +1360,8 @@ class SequentialFamily(ModelFamily):
             "train_cpu_seconds": time.process_time() - cpu_start,
             "final_loss": loss_value,
             "stop_reason": stop_reason,
+            # the cap may cut an epoch part-way: the last epoch's steps done, and a full epoch's
+            **({"last_epoch_steps": b + 1, "epoch_steps": len(batches)} if out_of_time else {}),
             "max_epochs": self.max_epochs,
             "frozen_experts": len(frozen_experts),
             "curve": curve,

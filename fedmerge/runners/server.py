@@ -835,14 +835,22 @@ class Federation:
         }
 
 
+def _cut_point(metrics: Mapping[str, Any]) -> str:
+    """Where the cap cut a training: " after N epoch(s)", or " in epoch N after s of S steps" when it cut the last
+    epoch part-way (``last_epoch_steps`` < ``epoch_steps``); with max_epochs."""
+    if "epochs" not in metrics:
+        return ""
+    epochs, done, total = int(metrics["epochs"]), metrics.get("last_epoch_steps", 0), metrics.get("epoch_steps", 0)
+    where = f" in epoch {epochs} after {done} of {total} steps" if done < total else f" after {epochs} epoch(s)"
+    return f"{where} (max_epochs {int(metrics.get('max_epochs', 0))})"
+
+
 def time_cap_warnings(oneshot: Mapping[str, TrainMetrics], fedavg: list[dict[str, TrainMetrics]]) -> list[str]:
     """One line per local training that the wall-clock cap ``max_seconds`` cut (``stop_reason == "max_seconds"``):
     those models depend on the machine's speed and load, so the run is not reproducible elsewhere."""
     runs = [("local training", oneshot)] + [(f"FedAvg round {r} local training", m) for r, m in enumerate(fedavg, 1)]
     return [
-        f"{phase} of {domain} was cut by max_seconds"
-        + (f" after {int(metrics['epochs'])} epoch(s) (max_epochs {int(metrics.get('max_epochs', 0))})"
-           if "epochs" in metrics else "")
+        f"{phase} of {domain} was cut by max_seconds" + _cut_point(metrics)
         + ": its model depends on this machine's speed and load"
         for phase, per_domain in runs for domain, metrics in per_domain.items()
         if metrics.get("stop_reason") == STOP_MAX_SECONDS
