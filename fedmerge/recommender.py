@@ -14,6 +14,7 @@ item features, so a catalog never seen in training works like a training domain.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from fedmerge.data.domain import Domain, ItemCatalog
     from fedmerge.models import ModelFamily, StateDict
     from fedmerge.text.encoder import TextEncoder
+
+logger = logging.getLogger(__name__)
 
 CARD_FORMAT = "fedmerge-model/1"
 SAVED_INDIVIDUAL_PREFIX = "individual:"  # saved-model name of a client's one-shot model: individual:<domain>
@@ -353,8 +356,14 @@ class LoadedRecommender:
             raise FedmergeError(f"ks must be a non-empty list of positive integers, got {ks!r}")
         split = split or self.default_split
         model = self.for_domain(domain.name)
-        return evaluate_scorer(model._scorer(domain.catalog), domain, split, ks=tuple(ks or DEFAULT_KS),
-                               max_len=self.family.max_len)
+        metrics = evaluate_scorer(model._scorer(domain.catalog), domain, split, ks=tuple(ks or DEFAULT_KS),
+                                  max_len=self.family.max_len)
+        recorded = self.card.get("metrics", {}).get(domain.name, {}).get("users")
+        if split == self.default_split and recorded is not None and recorded != metrics["users"]:
+            logger.warning("%s: the run evaluated domain %r on %s %s users, this data has %s: not the run's data "
+                           "(another seed or size of a synthetic domain, or changed files), so the metrics will "
+                           "not match the card's", self.path, domain.name, recorded, split, metrics["users"])
+        return metrics
 
     @property
     def default_split(self) -> str:

@@ -102,3 +102,27 @@ def test_synth_writes_loadable_generic_domains(tmp_path):
         loaded = load_domain(out / domain.name)
         assert loaded.catalog == domain.catalog
         assert np.array_equal(loaded.test_target, domain.test_target)
+
+
+def test_synth_writes_a_scenarios_own_domains(tmp_path):
+    """The quickstart trains on 200 users x 100 items; `data synth` defaulted to 300 x 150 under the same names, so
+    evaluating a quickstart model on them gave other numbers."""
+    import inspect
+
+    from fedmerge.commands.data import SYNTH_DEFAULTS
+    from fedmerge.config import load_scenario
+
+    defaults = {k: p.default for k, p in inspect.signature(make_synthetic_domains).parameters.items() if k != "seed"}
+    assert SYNTH_DEFAULTS == defaults
+    out = tmp_path / "qs"
+    assert main(["data", "synth", "--out", str(out), "--scenario", "quickstart"]) == 0
+    cfg = load_scenario("quickstart")
+    for name in ("synth-0", "synth-2"):
+        expected = cfg.load_domain(name)
+        loaded = load_domain(out / name)
+        assert loaded.n_users == expected.n_users == 200 and loaded.catalog == expected.catalog
+        assert np.array_equal(loaded.test_target, expected.test_target)
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), "--scenario", "quickstart", "--users", "5"]) == 1
+    assert main(["data", "synth", "--out", str(tmp_path / "y"), "--min-len", "3", "--max-len", "5", "--domains",
+                 "1"]) == 0
+    assert max(len(s) for s in load_domain(tmp_path / "y" / "synth-0").train) <= 5

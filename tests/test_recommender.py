@@ -415,3 +415,18 @@ def test_a_loaded_model_has_a_short_repr_and_a_wrong_encoder_argument_is_named(s
     import fedmerge
 
     assert "load_recommender" in dir(fedmerge)
+
+
+def test_evaluate_warns_when_the_data_is_not_the_runs(run, saved_copy, tmp_path, caplog):
+    """`fedmerge data synth` with its default sizes writes domains named like the run's but with other users:
+    evaluate gave other numbers silently."""
+    cfg, _, _, folders = run
+    name = next(iter(folders))
+    other = make_synthetic_domains(n_domains=1, n_users=45, n_items=20, seed=5)[0]
+    folder = save_generic_domain(other, tmp_path / name)
+    model = load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir)
+    with caplog.at_level("WARNING", logger="fedmerge.recommender"):
+        model.evaluate(folders[name])
+        assert not caplog.records
+        model.evaluate(load_domain(folder, name))
+    assert f"the run evaluated domain '{name}' on" in caplog.text and "not the run's data" in caplog.text

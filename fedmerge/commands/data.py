@@ -13,6 +13,12 @@ from fedmerge.data.split import save_split
 from fedmerge.data.synthetic import make_synthetic_domains
 
 
+# `data synth` flag -> make_synthetic_domains / [data.synthetic] key, and the generator's defaults
+SYNTH_FLAGS = {"domains": "n_domains", "users": "n_users", "items": "n_items", "topics": "n_topics",
+               "min-len": "min_len", "max-len": "max_len"}
+SYNTH_DEFAULTS = {"n_domains": 3, "n_users": 300, "n_items": 150, "n_topics": 8, "min_len": 4, "max_len": 20}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="inspect, download or generate domain data")
     actions = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -35,13 +41,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     download.add_argument("--force", action="store_true", help="replace domains already present in --dest")
     download.set_defaults(func=run_download)
 
-    synth = actions.add_parser("synth", help="write seeded synthetic domains in the generic format")
+    synth = actions.add_parser(
+        "synth", help="write seeded synthetic domains in the generic format",
+        description="Writes seeded synthetic domains synth-0, synth-1, ... as generic-format folders. To get exactly "
+        "the domains a scenario's run trained and evaluated on (e.g. to `fedmerge evaluate` its saved models), give "
+        "--scenario (its [data.synthetic] sizes and run.seed; a run with --seeds used seed s for its seed-<s>/).",
+    )
     synth.add_argument("--out", type=Path, required=True, help="folder receiving synth-<d>/ subfolders")
-    synth.add_argument("--domains", type=int, default=3)
-    synth.add_argument("--users", type=int, default=300)
-    synth.add_argument("--items", type=int, default=150)
-    synth.add_argument("--topics", type=int, default=8)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--scenario", metavar="NAME_OR_PATH",
+                       help="use this scenario's [data.synthetic] sizes and run.seed (the sizes below are then refused)")
+    for flag, key in SYNTH_FLAGS.items():
+        synth.add_argument(f"--{flag}", type=int, default=None,
+                           help=f"default {SYNTH_DEFAULTS[key]} (or the scenario's data.synthetic.{key})")
+    synth.add_argument("--seed", type=int, default=None, help="default 0 (or the scenario's run.seed)")
     synth.set_defaults(func=run_synth)
 
     split = actions.add_parser("split", help="split a domain into sub-domains by a public catalog field "
@@ -77,9 +89,26 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    domains = make_synthetic_domains(
-        n_domains=args.domains, n_users=args.users, n_items=args.items, n_topics=args.topics, seed=args.seed
-    )
+    from fedmerge.errors import FedmergeError
+
+    given = {key: getattr(args, flag.replace("-", "_")) for flag, key in SYNTH_FLAGS.items()}
+    given = {key: value for key, value in given.items() if value is not None}
+    sizes, seed = dict(SYNTH_DEFAULTS), 0
+    if args.scenario:
+        from dataclasses import asdict
+
+        from fedmerge.config import load_scenario
+
+        if given:
+            flags = ["--" + flag for flag, key in SYNTH_FLAGS.items() if key in given]
+            raise FedmergeError(f"--scenario sets the sizes; drop {flags}")
+        cfg = load_scenario(args.scenario)
+        if cfg.data.source != "synthetic":
+            raise FedmergeError(f"scenario {args.scenario!r} reads data.source = {cfg.data.source!r}, not synthetic "
+                                "domains")
+        sizes, seed = asdict(cfg.data.synthetic), cfg.run.seed
+    sizes.update(given)
+    domains = make_synthetic_domains(**sizes, seed=seed if args.seed is None else args.seed)
     for domain in domains:
         print(save_generic_domain(domain, args.out / domain.name))
     return 0
