@@ -68,17 +68,18 @@ def card_encoder(card: Mapping[str, Any]) -> EncoderSettings:
 
 
 def common_card(
-    family: ModelFamily, family_params: Mapping[str, Any], encoder: EncoderSettings, theta0_digest: str,
-    run: Mapping[str, Any], split: str, ks: Sequence[int],
+    family: ModelFamily, encoder: EncoderSettings, theta0_digest: str, run: Mapping[str, Any], split: str,
+    ks: Sequence[int],
 ) -> dict[str, Any]:
-    """The card fields of any model the family ``family`` (built from ``family_params``) trained from θ₀ (its
-    digest) over ``encoder``'s features: family, encoder, feature width, θ₀, run, eval protocol, package versions."""
+    """The card fields of any model the family ``family`` trained from θ₀ (its digest) over ``encoder``'s features:
+    family (every parameter, defaults included, so that a later change of a default does not change the model the
+    card rebuilds), encoder, feature width, θ₀, run, eval protocol, package versions."""
     from fedmerge.runners.results import package_versions
 
     text_encoder = encoder.text_encoder()
     return {
         "format": CARD_FORMAT,
-        "family": {"name": family.name, "params": dict(family_params)},
+        "family": {"name": family.name, "params": family.config()},
         "encoder": {"name": encoder.name, "params": dict(encoder.params),
                     "identity": text_encoder.identity, "dim": int(text_encoder.dim)},
         "feature_width": family.feature_width(int(text_encoder.dim)),
@@ -102,7 +103,7 @@ def model_card(
 
 def scenario_card(cfg: Scenario, theta0_digest: str) -> dict[str, Any]:
     """The card fields every model of a run shares (:func:`common_card` of the scenario's family and encoder)."""
-    return common_card(cfg.model.make_family(), cfg.model.params, cfg.encoder, theta0_digest,
+    return common_card(cfg.model.make_family(), cfg.encoder, theta0_digest,
                        {"name": cfg.run.name, "seed": cfg.run.seed}, cfg.eval.split, cfg.eval.ks)
 
 

@@ -50,7 +50,13 @@ def test_every_evaluated_model_is_saved_with_a_card_holding_its_metrics(run):
         assert card["joint"] is (name == "joint")
         for d in results["domains"]:
             assert card["metrics"][d] == results["models"][name][d]
-        assert {"torch", "flwr", "python"} <= set(card["versions"])
+        assert {"torch", "flwr", "python", "fedmerge_commit"} <= set(card["versions"])
+        # every family parameter, defaults included (the scenario names only a few): a later change of a default
+        # must not change what the card rebuilds
+        assert card["family"]["params"]["lr"] == 2e-3 and card["family"]["params"]["hidden"] == cfg.model.params["hidden"]
+        assert "lr" not in cfg.model.params
+    assert results["model_params_resolved"] == read_card(models / "ties.safetensors")["family"]["params"]
+    assert len(results["versions"]["fedmerge_commit"]) >= 40 or "not a git checkout" in results["versions"]["fedmerge_commit"]
     # a run reports every K of README's metrics section (5, 10, 20, 50), masked and unmasked
     assert {f"{m}@{k}{v}" for m in ("recall", "ndcg") for k in (5, 10, 20, 50) for v in ("", "_masked")} <= set(
         results["models"]["ties"]["synth-0"])

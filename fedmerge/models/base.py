@@ -115,7 +115,8 @@ class ModelFamily(ABC):
         return list(domain.train)
 
     def config(self) -> dict[str, Any]:
-        """Hyper-parameters, echoed into results."""
+        """Every constructor parameter with its value, defaults included (echoed into results.json and model cards;
+        ``get_family(name, **config())`` rebuilds the family)."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     @property

@@ -67,7 +67,7 @@ def train_family(
     start = time.perf_counter()
     weights, info = family.train(theta0, domain, features, seed=seed, progress=True)
     fit_seconds = time.perf_counter() - start
-    common = common_card(family, params, EncoderSettings(encoder, {}, ""), weights_digest(theta0),
+    common = common_card(family, EncoderSettings(encoder, {}, ""), weights_digest(theta0),
                          {"name": "train", "seed": seed}, "test", DEFAULT_KS)
     card = model_card(common, SAVED_INDIVIDUAL_PREFIX + domain.name, "individual", params, [domain.name])
     save_model(out / WEIGHTS_FILE, weights, card, metadata={"domain": domain.name, "family": name, "seed": str(seed)})

@@ -19,6 +19,7 @@ FedAvg's final model, the joint oracle), each saved as soon as it is built, and 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import math
@@ -30,6 +31,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fedmerge.errors import FedmergeError
 from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
@@ -40,14 +42,36 @@ RESULTS_FILE = "results.json"
 
 
 def package_versions() -> dict[str, str]:
-    """Installed versions of the packages that shape the numbers, plus Python's."""
+    """Installed versions of the packages that shape the numbers, Python's, and ``fedmerge_commit``: the git commit
+    of the fedmerge source tree in use (``-dirty`` with uncommitted changes to tracked files; the version number
+    alone does not change between commits)."""
     versions = {"python": platform.python_version()}
     for name in VERSION_PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
+    versions["fedmerge_commit"] = source_commit()
     return versions
+
+
+@functools.lru_cache(maxsize=1)
+def source_commit() -> str:
+    """``git rev-parse HEAD`` of the checkout holding this package (+ ``-dirty``), or why there is none."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return "not a git checkout (installed package)"
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({type(exc).__name__})"
 
 
 def ordered_model_names(models: Mapping[str, Any]) -> list[str]:
@@ -66,7 +90,17 @@ def finalize(out: dict[str, Any], cfg: Scenario, engine: str) -> dict[str, Any]:
         shown = ", ".join(where[:10]) + (f" and {len(where) - 10} more" if len(where) > 10 else "")
         out["warnings"] = [*out.get("warnings", []), f"NaN or infinite values written as null: {shown}"]
     return {"run": {"name": cfg.run.name, "seed": cfg.run.seed, "engine": engine}, **out,
-            "config": cfg.to_mapping(), "versions": package_versions()}
+            "config": cfg.to_mapping(), **resolved_model_params(cfg), "versions": package_versions()}
+
+
+def resolved_model_params(cfg: Scenario) -> dict[str, Any]:
+    """``{"model_params_resolved": every family parameter with its value}``: ``config.model.params`` holds only the
+    scenario's keys, so a later change of a default would leave an old results.json silent on what was trained.
+    Empty when the family cannot be built (the run's own error says why; its results are kept)."""
+    try:
+        return {"model_params_resolved": cfg.model.make_family().config()}
+    except FedmergeError:
+        return {}
 
 
 def without_non_finite(value: Any, path: str = "") -> tuple[Any, list[str]]:
