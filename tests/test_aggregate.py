@@ -160,6 +160,10 @@ def test_simulate_with_seeds_writes_seed_folders_and_aggregate_and_resumes_per_s
     mean = (seeds[0]["models"]["dare"]["average"]["recall@10"] + seeds[1]["models"]["dare"]["average"]["recall@10"]) / 2
     assert agg["models"]["dare"]["average"]["recall@10"]["mean"] == pytest.approx(mean)
     assert (out / "aggregate.csv").read_text().startswith("model,domain,metric,n,mean")
+    # self-describing: the scenario as run (overrides included), versions, seed folders relative to the aggregate
+    assert agg["seed_folders"] == {"0": "seed-0", "1": "seed-1"}
+    assert agg["config"]["run"]["seeds"] == [0, 1] and agg["config"]["model"]["params"]["hidden"] == 16
+    assert agg["versions"]["fedmerge_commit"] == seeds[0]["versions"]["fedmerge_commit"]
     assert (out / "per_domain.png").stat().st_size > 0
     stamp = (out / "seed-0" / "results.json").stat().st_mtime_ns
     (out / "seed-1" / "results.json").unlink()
@@ -275,3 +279,20 @@ def test_a_model_no_seed_reports_on_every_domain_has_no_empty_entry():
     agg = aggregate_runs(runs, "recall@10", training_free=[])
     assert "fedavg" not in agg["models"]
     assert any("fedavg is missing from seed(s) [1]" in w for w in agg["warnings"])
+
+
+def test_the_seed_summary_marks_the_non_private_joint_model_and_the_training_average():
+    """The single-run table marked `joint` with † and the multi-seed one did not; with a held-out domain the
+    average column is over the training domains only and now says so."""
+    from fedmerge.runners.multiseed import aggregate_summary
+
+    runs = {s: _run({"individual": (0.1, 0.1), "average": (0.1, 0.1), "joint": (0.2, 0.2)}) for s in (0, 1)}
+    for r in runs.values():
+        r["models"]["joint"]["non_private"] = True
+    text = aggregate_summary(aggregate_runs(runs, "recall@10", training_free=["average"]))
+    assert "joint†" in text and "† = trained on the pooled private data" in text
+    assert "average (training domains)" not in text
+    for r in runs.values():
+        r["held_out"] = ["B"]
+    text = aggregate_summary(aggregate_runs(runs, "recall@10", training_free=["average"]))
+    assert "average (training domains)" in text

@@ -221,6 +221,8 @@ def aggregate_runs(
         "domains": list(first["domains"]),
         "held_out": list(first.get("held_out", [])),
         "models": aggregate_models(runs, confidence),
+        # models trained on pooled private data (the joint oracle): a reference, marked in every table
+        "non_private": [m for m, per_domain in first["models"].items() if per_domain.get("non_private")],
         "paired": paired_comparisons(runs, metric, training_free, confidence),
         "held_out_paired": held_out_comparisons(runs, same_cutoff_metrics(metric, runs), confidence),
         "warnings": [*(f"seed {s}: {w}" for s, r in runs.items() for w in r.get("warnings", [])),

@@ -106,6 +106,7 @@ def run_seeds(
     unless ``resume`` or ``overwrite``). With ``resume`` each seed's folder is read as :func:`resume_seed` says: a
     complete run is never deleted."""
     from fedmerge.merging import METHODS
+    from fedmerge.runners.results import package_versions
     from fedmerge.runners.simulation import run_scenario
     from fedmerge.storage import run_folder
 
@@ -122,7 +123,9 @@ def run_seeds(
                 logger.info("seed %d: running into %s", seed, folder)
                 runs[seed] = run_scenario(single, engine=engine, out_dir=folder)
         aggregate = aggregate_runs(runs, cfg.eval.primary, training_free=list(METHODS))
-        aggregate["seed_folders"] = {s: str(seed_dir(out_dir, s)) for s in seeds}
+        # self-describing: the scenario as run, the versions, and each seed's folder relative to this one
+        aggregate["seed_folders"] = {s: seed_dir(out_dir, s).name for s in seeds}
+        aggregate["config"], aggregate["versions"] = cfg.to_mapping(), package_versions()
         write_aggregate(aggregate, out_dir)
     return aggregate
 
@@ -175,14 +178,23 @@ def _comparison_cells(comparisons: Mapping[str, Any]) -> str:
 
 def aggregate_summary(aggregate: Mapping[str, Any]) -> str:
     """Plain-text table (mean ± 95 % half-width over seeds, per domain and average) and the paired ratios."""
+    from fedmerge.runners.results import NON_PRIVATE_MARK
+
     metric = aggregate["metric"]
     domains = [*aggregate["domains"], "average"]
     held_out = set(aggregate.get("held_out", []))
+    non_private = set(aggregate.get("non_private", []))
     headers = ["model"] + [f"{d}*" if d in held_out else d for d in domains]
-    rows = [[model] + [_cell(per_domain.get(d, {}).get(metric)) for d in domains]
+    if held_out:
+        headers[-1] = "average (training domains)"
+    rows = [[model + (NON_PRIVATE_MARK if model in non_private else "")]
+            + [_cell(per_domain.get(d, {}).get(metric)) for d in domains]
             for model, per_domain in aggregate["models"].items()]
-    lines = [f"{metric}: mean ± 95 % t-interval half-width over seeds {aggregate['seeds']}"
-             + (" ; * = held out, zero-shot" if held_out else ""), *aligned_rows([headers, *rows])]
+    notes = [f"{metric}: mean ± 95 % t-interval half-width over seeds {aggregate['seeds']}",
+             *(["* = held out, zero-shot"] if held_out else []),
+             *([f"{NON_PRIVATE_MARK} = trained on the pooled private data (non-private reference)"]
+               if non_private & set(aggregate["models"]) else [])]
+    lines = [" ; ".join(notes), *aligned_rows([headers, *rows])]
     paired = aggregate["paired"]
     if paired["merges"]:
         lines.append(f"paired per-seed ratios of the average {metric} (best training-free chosen per seed: "

@@ -139,6 +139,8 @@ def summary_table(results: Mapping[str, Any], metric: str = "recall@10") -> str:
     domains = [*results["domains"], "average"]
     held_out = set(results.get("held_out", []))
     headers = ["model"] + [f"{d}*" if d in held_out else d for d in domains]
+    if held_out:
+        headers[-1] = "average (training domains)"
     lines = []
     for model, per_domain in results["models"].items():
         cells = [f"{model}{NON_PRIVATE_MARK}" if per_domain.get("non_private") else model]
