@@ -1,7 +1,8 @@
 """In-domain test table: each model trained by ``fedmerge train`` on each Amazon domain, as a markdown table.
 
 Every (domain, model) cell runs ``fedmerge train`` in-process into ``OUT/<domain>-<model>/metrics.json``; a cell
-whose metrics.json already exists is read back instead of retrained (so an interrupted run resumes).
+whose metrics.json already exists is read back instead of retrained (so an interrupted run resumes) when its
+``command.json`` records the same ``fedmerge train`` arguments and fedmerge commit; any other cell is trained again.
 
     python benchmarks/indomain_table.py [--domains Beauty Pantry Toys] [--models ease l3ae ...] [--out DIR]
     python benchmarks/indomain_table.py --models text-lae sequential --seeds 0-4   # OUT/seed-<s>/..., mean ± 95 %
@@ -22,6 +23,7 @@ from fedmerge.cli import main as fedmerge_main
 from fedmerge.config import parse_seeds
 from fedmerge.data.amazon import default_amazon_root
 from fedmerge.models import FAMILIES, RECOMMENDERS
+from fedmerge.runners.results import source_commit
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("Beauty", "Pantry", "Toys")
@@ -34,14 +36,21 @@ def domain_path(folder: Path, name: str) -> Path:
 
 
 def cell(path: Path, model: str, out: Path, encoder: str, settings: list[str], seed: int | None = None) -> dict:
-    metrics_file = out / "metrics.json"
-    if not metrics_file.is_file():
-        extra = [arg for item in settings if item.startswith(f"{model}.") for arg in ("--set", item[len(model) + 1 :])]
-        seeded = [] if seed is None else ["--seed", str(seed)]
-        code = fedmerge_main(["train", "--data", str(path), "--model", model, "--out", str(out), "--encoder", encoder,
-                              *extra, *seeded])
-        if code != 0:
-            raise SystemExit(f"fedmerge train failed for {path} / {model}")
+    metrics_file, command_file = out / "metrics.json", out / "command.json"
+    extra = [arg for item in settings if item.startswith(f"{model}.") for arg in ("--set", item[len(model) + 1 :])]
+    seeded = [] if seed is None else ["--seed", str(seed)]
+    train_args = ["train", "--data", str(path), "--model", model, "--out", str(out), "--encoder", encoder, *extra,
+                  *seeded]
+    command = {"args": train_args, "fedmerge_commit": source_commit()}
+    recorded = json.loads(command_file.read_text()) if command_file.is_file() else None
+    if metrics_file.is_file() and recorded == command:
+        return json.loads(metrics_file.read_text())
+    if metrics_file.is_file():
+        print(f"{out}: its metrics.json was trained with other arguments or code ({recorded}); training again",
+              file=sys.stderr)
+    if fedmerge_main(train_args) != 0:
+        raise SystemExit(f"fedmerge train failed for {path} / {model}")
+    command_file.write_text(json.dumps(command))
     return json.loads(metrics_file.read_text())
 
 
