@@ -45,7 +45,11 @@ def main() -> None:
         runs[seed] = run
     runs = dict(sorted(runs.items()))
     primary = next(iter(runs.values()))["config"]["eval"]["primary"]
-    write_aggregate(aggregate_runs(runs, primary, training_free=list(METHODS)), args.out)
+    aggregate = aggregate_runs(runs, primary, training_free=list(METHODS))
+    first = next(iter(runs.values()))  # self-describing as `simulate --seeds` writes it: the runs' own records
+    aggregate |= {"seed_folders": {s: f"seed-{s}.results.json" for s in runs}, "config": first["config"],
+                  "versions": first.get("versions", {})}
+    write_aggregate(aggregate, args.out)
     summary = "\n\n".join(aggregate_summary(aggregate_runs(runs, metric, training_free=list(METHODS)))
                           for metric in same_cutoff_metrics(primary, runs))
     (args.out / "summary.txt").write_text(summary + "\n")

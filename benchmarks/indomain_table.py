@@ -2,7 +2,8 @@
 
 Every (domain, model) cell runs ``fedmerge train`` in-process into ``OUT/<domain>-<model>/metrics.json``; a cell
 whose metrics.json already exists is read back instead of retrained (so an interrupted run resumes) when its
-``command.json`` records the same ``fedmerge train`` arguments and fedmerge commit; any other cell is trained again.
+``command.json`` records the same ``fedmerge train`` arguments (the output folder aside) and the same package code
+(``fedmerge_source``, a digest of its ``.py`` files); any other cell is trained again.
 
     python benchmarks/indomain_table.py [--domains Beauty Pantry Toys] [--models ease l3ae ...] [--out DIR]
     python benchmarks/indomain_table.py --models text-lae sequential --seeds 0-4   # OUT/seed-<s>/..., mean ± 95 %
@@ -23,7 +24,7 @@ from fedmerge.cli import main as fedmerge_main
 from fedmerge.config import parse_seeds
 from fedmerge.data.amazon import default_amazon_root
 from fedmerge.models import FAMILIES, RECOMMENDERS
-from fedmerge.runners.results import source_commit
+from fedmerge.runners.results import source_digest
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("Beauty", "Pantry", "Toys")
@@ -41,13 +42,13 @@ def cell(path: Path, model: str, out: Path, encoder: str, settings: list[str], s
     seeded = [] if seed is None else ["--seed", str(seed)]
     train_args = ["train", "--data", str(path), "--model", model, "--out", str(out), "--encoder", encoder, *extra,
                   *seeded]
-    command = {"args": train_args, "fedmerge_commit": source_commit()}
+    command = {"args": [a for a in train_args if a not in ("--out", str(out))], "fedmerge_source": source_digest()}
     recorded = json.loads(command_file.read_text()) if command_file.is_file() else None
     if metrics_file.is_file() and recorded == command:
         return json.loads(metrics_file.read_text())
     if metrics_file.is_file():
-        print(f"{out}: its metrics.json was trained with other arguments or code ({recorded}); training again",
-              file=sys.stderr)
+        why = "no command.json records how" if recorded is None else f"trained with {recorded}, now {command}"
+        print(f"{out}: its metrics.json is stale ({why}); training again", file=sys.stderr)
     if fedmerge_main(train_args) != 0:
         raise SystemExit(f"fedmerge train failed for {path} / {model}")
     command_file.write_text(json.dumps(command))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from fedmerge.checks import is_finite_number, is_integer
 from fedmerge.errors import DataError, FedmergeError
 from fedmerge.scenario import EncoderSettings, Scenario
 
@@ -152,7 +152,7 @@ def _finite_values(value: Any) -> bool:
     card_values` writes it."""
     if isinstance(value, list):
         return all(_finite_values(v) for v in value)
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_finite_number(value)
 
 
 def card_problems(card: Mapping[str, Any]) -> list[str]:
@@ -299,7 +299,7 @@ class LoadedRecommender:
         """
         if catalog is None:
             raise FedmergeError("recommend needs a catalog: an ItemCatalog, a Domain or a domain folder/tarball")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        if not is_integer(k) or k < 1:
             raise FedmergeError(f"k must be an integer of at least 1, got {k!r}")
         full, seqs, n = self._inputs(histories, catalog, texts)
         scores = self._scorer(full)(seqs)[:, :n].astype(np.float64)
@@ -349,21 +349,26 @@ class LoadedRecommender:
         by default the split the model's run evaluated (from the card; ``"test"`` when it names none), as
         ``fedmerge evaluate`` does."""
         from fedmerge.data import load_domain
-        from fedmerge.metrics import DEFAULT_KS, evaluate_scorer
+        from fedmerge.metrics import DEFAULT_KS, USERS, evaluate_scorer
+
+        from fedmerge.data import Domain
 
         if isinstance(domain, (str, Path)):
             domain = load_domain(domain)
-        if ks is not None and (not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks)):
-            raise FedmergeError(f"ks must be a non-empty list of positive integers, got {ks!r}")
+        if not isinstance(domain, Domain):
+            raise FedmergeError(f"evaluate needs a Domain or a domain folder/tarball path, got {type(domain).__name__}")
+        ks = None if ks is None else tuple(ks) if isinstance(ks, Iterable) else (ks,)
+        if ks is not None and (not ks or not all(is_integer(k) and k >= 1 for k in ks)):
+            raise FedmergeError(f"ks must be a non-empty list of positive integers, got {list(ks)!r}")
         split = split or self.default_split
         model = self.for_domain(domain.name)
         metrics = evaluate_scorer(model._scorer(domain.catalog), domain, split, ks=tuple(ks or DEFAULT_KS),
                                   max_len=self.family.max_len)
         recorded = self.card.get("metrics", {}).get(domain.name, {}).get("users")
-        if split == self.default_split and recorded is not None and recorded != metrics["users"]:
+        if split == self.default_split and recorded is not None and recorded != metrics[USERS]:
             logger.warning("%s: the run evaluated domain %r on %s %s users, this data has %s: not the run's data "
                            "(another seed or size of a synthetic domain, or changed files), so the metrics will "
-                           "not match the card's", self.path, domain.name, recorded, split, metrics["users"])
+                           "not match the card's", self.path, domain.name, recorded, split, metrics[USERS])
         return metrics
 
     @property
@@ -397,10 +402,10 @@ def _as_histories(histories: Iterable[Sequence[str]]) -> list[list[str]]:
     out = []
     for row, history in enumerate(rows):
         if isinstance(history, (str, bytes)):
-            raise FedmergeError(f"history {row} is a string, not a list of item ids: {history!r}")
+            raise FedmergeError(f"the history at index {row} is a string, not a list of item ids: {history!r}")
         items = list(history)
         if not items:
-            raise FedmergeError(f"history {row} is empty: a recommendation needs at least one item")
+            raise FedmergeError(f"the history at index {row} is empty: a recommendation needs at least one item")
         out.append(items)
     return out
 

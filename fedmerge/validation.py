@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedmerge.checks import is_finite_number
 from fedmerge.config import NORM_ACTIONS
 from fedmerge.errors import FedmergeError
 from fedmerge.models.base import StateDict
@@ -195,10 +196,6 @@ def screen_norms(norms: Mapping[str, float], multiple: float, cap: float, action
 
 
 
-def _finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_train_metrics(
     metrics: Mapping[str, object], users_key: str, max_users: float, users_required: bool = True
 ) -> tuple[dict[str, int | float], list[str]]:
@@ -206,10 +203,10 @@ def check_train_metrics(
     FedAvg weight) is a finite number in (0, ``max_users``], which it must be when present and, with
     ``users_required``, is required to be (a DP client sends no user count)."""
     users = metrics.get(users_key)
-    if (users_required or users_key in metrics) and (not _finite_number(users) or not 0 < users <= max_users):
+    if (users_required or users_key in metrics) and (not is_finite_number(users) or not 0 < users <= max_users):
         raise UpdateRejected(f"training metric {users_key!r} = {users!r} is not a finite number in "
                              f"(0, federation.max_num_users = {max_users:g}]")
-    kept = {k: v for k, v in metrics.items() if _finite_number(v)}  # ints stay ints (coded metrics)
+    kept = {k: v for k, v in metrics.items() if is_finite_number(v)}  # ints stay ints (coded metrics)
     return kept, sorted(set(metrics) - set(kept))
 
 
@@ -225,9 +222,9 @@ def check_eval_metrics(metrics: Mapping[str, object], expected: Iterable[str], u
     for name in sorted(expected & set(metrics)):
         value = metrics[name]
         if name == users_key:
-            ok = _finite_number(value) and value >= 0 and float(value).is_integer()
+            ok = is_finite_number(value) and value >= 0 and float(value).is_integer()
         else:
-            ok = _finite_number(value) and 0.0 <= value <= 1.0
+            ok = is_finite_number(value) and 0.0 <= value <= 1.0
         if not ok:
             problems.append(f"{name} = {value!r} is not {'a whole number >= 0' if name == users_key else 'in [0, 1]'}")
     return problems

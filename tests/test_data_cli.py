@@ -122,7 +122,11 @@ def test_synth_writes_a_scenarios_own_domains(tmp_path):
         loaded = load_domain(out / name)
         assert loaded.n_users == expected.n_users == 200 and loaded.catalog == expected.catalog
         assert np.array_equal(loaded.test_target, expected.test_target)
-    assert main(["data", "synth", "--out", str(tmp_path / "x"), "--scenario", "quickstart", "--users", "5"]) == 1
+    # a run's --set data.synthetic.n_users=30 is --users 30 on top of the scenario
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), "--scenario", "quickstart", "--users", "30"]) == 0
+    small = load_scenario("quickstart", ["data.synthetic.n_users=30"]).load_domain("synth-1")
+    assert load_domain(tmp_path / "x" / "synth-1").n_users == small.n_users == 30
+    assert np.array_equal(load_domain(tmp_path / "x" / "synth-1").test_target, small.test_target)
     assert main(["data", "synth", "--out", str(tmp_path / "y"), "--min-len", "3", "--max-len", "5", "--domains",
                  "1"]) == 0
     assert max(len(s) for s in load_domain(tmp_path / "y" / "synth-0").train) <= 5

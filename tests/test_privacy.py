@@ -507,6 +507,7 @@ def test_over_seeds_is_a_t_interval_of_the_seeds_that_report_a_value():
     # a ratio's bound that rounds to 1.00 gets a third decimal: [1.004, ...] is not a tie, [0.996, ...] is
     assert _format_interval({"n": 3, "mean": 1.03, "low": 1.004, "high": 1.05}, 2) == "1.03 [1.004, 1.05]"
     assert _format_interval({"n": 3, "mean": 1.0, "low": 0.996, "high": 1.0}, 2) == "1.00 [0.996, 1.00]"
+    assert _format_interval({"n": 3, "mean": 1.0, "low": 1.0004, "high": 1.01}, 2) == "1.00 [1.0004, 1.01]"
 
 
 def test_ratio_tables_pair_each_seed_with_its_own_reference():

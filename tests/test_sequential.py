@@ -622,3 +622,24 @@ def test_scorer_batch_size_changes_only_rounding():
     seqs = [np.asarray(s) for s in domain.train]
     whole = family.scorer(theta0, feats, batch_size=len(seqs))(seqs)
     np.testing.assert_allclose(family.scorer(theta0, feats, batch_size=3)(seqs), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_family_parameters_are_checked_against_their_declared_types():
+    """A TOML float or a JSON string where an integer belongs failed deep inside torch; NumPy integers are integers."""
+    import numpy as np
+
+    from fedmerge.errors import FedmergeError
+    from fedmerge.models import get_family
+
+    assert get_family("sequential", hidden=np.int64(64), lr=1).hidden == 64
+    for params, message in [({"hidden": 32.0}, "hidden must be an integer, got 32.0"),
+                            ({"hidden": True}, "hidden must be an integer, got True"),
+                            ({"trainable": ["adapter.*", 1]}, "trainable must be a list of strings or None"),
+                            ({"n_negatives": "8"}, "n_negatives must be an integer or None"),
+                            ({"hidden": -4}, r"parameters must be positive: \{'hidden': -4\}")]:
+        with pytest.raises(FedmergeError, match=f"model family 'sequential': {message}"):
+            get_family("sequential", **params)
+    with pytest.raises(FedmergeError, match="model 'ease': lam must be a number or a list of numbers"):
+        from fedmerge.models import get_recommender
+
+        get_recommender("ease", lam="big")

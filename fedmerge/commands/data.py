@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from fedmerge.data.synthetic import make_synthetic_domains
 # `data synth` flag -> make_synthetic_domains / [data.synthetic] key, and the generator's defaults
 SYNTH_FLAGS = {"domains": "n_domains", "users": "n_users", "items": "n_items", "topics": "n_topics",
                "min-len": "min_len", "max-len": "max_len"}
-SYNTH_DEFAULTS = {"n_domains": 3, "n_users": 300, "n_items": 150, "n_topics": 8, "min_len": 4, "max_len": 20}
+SYNTH_DEFAULTS = {key: parameter.default for key, parameter in inspect.signature(make_synthetic_domains).parameters.items()
+                  if key in SYNTH_FLAGS.values()}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     synth.add_argument("--out", type=Path, required=True, help="folder receiving synth-<d>/ subfolders")
     synth.add_argument("--scenario", metavar="NAME_OR_PATH",
-                       help="use this scenario's [data.synthetic] sizes and run.seed (the sizes below are then refused)")
+                       help="start from this scenario's [data.synthetic] sizes and run.seed (the flags below override "
+                       "them, e.g. a run's --set data.synthetic.n_users=30 as --users 30)")
     for flag, key in SYNTH_FLAGS.items():
         synth.add_argument(f"--{flag}", type=int, default=None,
                            help=f"default {SYNTH_DEFAULTS[key]} (or the scenario's data.synthetic.{key})")
@@ -99,9 +102,6 @@ def run_synth(args: argparse.Namespace) -> int:
 
         from fedmerge.config import load_scenario
 
-        if given:
-            flags = ["--" + flag for flag, key in SYNTH_FLAGS.items() if key in given]
-            raise FedmergeError(f"--scenario sets the sizes; drop {flags}")
         cfg = load_scenario(args.scenario)
         if cfg.data.source != "synthetic":
             raise FedmergeError(f"scenario {args.scenario!r} reads data.source = {cfg.data.source!r}, not synthetic "

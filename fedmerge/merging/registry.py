@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
+from fedmerge.checks import is_finite_number
+
 if TYPE_CHECKING:
     import torch
 
@@ -43,15 +45,11 @@ class Param:
 
 
 def _in_open_closed(lo: float, hi: float) -> Callable[[Any], bool]:
-    return lambda v: _is_real(v) and lo < v <= hi
+    return lambda v: is_finite_number(v) and lo < v <= hi
 
 
 def _in_closed_open(lo: float, hi: float) -> Callable[[Any], bool]:
-    return lambda v: _is_real(v) and lo <= v < hi
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return lambda v: is_finite_number(v) and lo <= v < hi
 
 
 def _is_weights(v: Any) -> bool:
@@ -64,7 +62,7 @@ def _is_weights(v: Any) -> bool:
     return len(values) > 0 and all(map(math.isfinite, values)) and min(values) >= 0 and sum(values) > 0
 
 
-SCALE = Param(1.0, _is_real, "a finite real number")
+SCALE = Param(1.0, is_finite_number, "a finite real number")
 DENSITY = Param(0.2, _in_open_closed(0.0, 1.0), "a number in (0, 1]")
 SCOPES = ("tensor", "model")
 
@@ -166,7 +164,7 @@ METHODS: MethodRegistry = MethodRegistry({
         MergeMethod(
             "task_arithmetic",
             "_task_arithmetic",
-            {"scale": Param(0.3, _is_real, "a finite real number")},
+            {"scale": Param(0.3, is_finite_number, "a finite real number")},
             "https://arxiv.org/abs/2212.04089",
             "θ₀ + λ Σ τ_k (Ilharco et al. 2023)",
         ),
@@ -191,7 +189,7 @@ METHODS: MethodRegistry = MethodRegistry({
                 "p": Param(0.9, _in_closed_open(0.0, 1.0), "a drop rate in [0, 1)"),
                 "base": Param("task_arithmetic", lambda v: v in ("task_arithmetic", "ties"), "'task_arithmetic' or 'ties'"),
                 "density": Param(1.0, _in_open_closed(0.0, 1.0), "a number in (0, 1] (base='ties' only)"),
-                "scale": Param(None, lambda v: v is None or _is_real(v), "None (the base's default) or a finite real number"),
+                "scale": Param(None, lambda v: v is None or is_finite_number(v), "None (the base's default) or a finite real number"),
                 "seed": Param(0, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
             },
             "https://arxiv.org/abs/2311.03099",

@@ -9,6 +9,7 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any
 
+from fedmerge.checks import is_integer, is_number
 from fedmerge.errors import FedmergeError
 
 if TYPE_CHECKING:
@@ -38,7 +39,10 @@ def _construct(kind: str, table: dict[str, str], name: str, params: dict[str, An
         raise FedmergeError(f"unknown {kind} {name!r}; valid: {sorted(table)}")
     module_name, cls_name = table[name].split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    signature = inspect.signature(cls, eval_str=True)
+    try:
+        signature = inspect.signature(cls, eval_str=True)
+    except NameError:  # an annotation naming a type-checking-only import: keys are still checked, types are not
+        signature = inspect.signature(cls)
     valid = [p for p in signature.parameters if p != "self"]
     unknown = sorted(set(params) - set(valid))
     if unknown:
@@ -54,9 +58,10 @@ def _construct(kind: str, table: dict[str, str], name: str, params: dict[str, An
 
 
 def matches_type(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (as TOML or JSON gives it) fits a constructor annotation: ``int`` (not a bool), ``float``
-    (an int too), ``bool``, ``str``, ``None``, unions of these and ``tuple[X, ...]`` / ``Sequence[X]`` (a list or
-    tuple of X); any other annotation accepts every value."""
+    """Whether ``value`` (as TOML or JSON gives it, or a NumPy scalar) fits a constructor annotation: ``int`` (not
+    a bool), ``float`` (an int too), ``bool``, ``str``, ``None``, unions of these and ``tuple[X, ...]`` /
+    ``Sequence[X]`` (a list or tuple of X); any other annotation (and an unevaluated string one) accepts every
+    value."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return any(matches_type(value, arg) for arg in typing.get_args(hint))
@@ -68,9 +73,9 @@ def matches_type(value: Any, hint: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_integer(value)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return is_number(value)
     if hint is str:
         return isinstance(value, str)
     return True

@@ -459,10 +459,13 @@ def _format_interval(value: Mapping[str, Any] | None, digits: int = 4) -> str:
 
 
 def _bound(value: float, digits: int) -> str:
-    """An interval bound at ``digits`` decimals, one more when it would round to 1 (a ratio's bound of 1.004 printed
-    as 1.00 reads as covering 1.0: a tie it is not)."""
+    """An interval bound at ``digits`` decimals, more (up to 6) while it would round to 1 (a ratio's bound of 1.004
+    printed as 1.00 reads as covering 1.0: a tie it is not)."""
     text = f"{value:.{digits}f}"
-    return f"{value:.{digits + 1}f}" if float(text) == 1.0 and value != 1.0 else text
+    while float(text) == 1.0 and value != 1.0 and digits < 6:
+        digits += 1
+        text = f"{value:.{digits}f}"
+    return text
 
 
 def paired_ratio(value: Mapping[str, Any] | None, reference: Mapping[str, Any] | None,

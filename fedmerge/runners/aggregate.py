@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from fedmerge.checks import is_finite_number
+
 CONFIDENCE = 0.95
 AVERAGE = "average"
 # Models that are references, not merges of the clients' models.
@@ -81,14 +83,9 @@ def paired_test(merged: Sequence[float], reference: Sequence[float]) -> dict[str
     return {"t": float(result.statistic), "p": float(result.pvalue)}
 
 
-def is_number(value: Any) -> bool:
-    """A finite int or float (not a bool): a metric value a seed actually reported."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _metric_keys(per_seed: Iterable[Mapping[str, Any]]) -> list[str]:
     """Metrics reported by every seed (finite numeric entries only)."""
-    keys = [{k for k, v in m.items() if is_number(v)} for m in per_seed]
+    keys = [{k for k, v in m.items() if is_finite_number(v)} for m in per_seed]
     return sorted(set.intersection(*keys)) if keys else []
 
 
@@ -119,7 +116,7 @@ def seed_averages(runs: Mapping[int, Mapping[str, Any]], metric: str) -> dict[st
     return {
         m: {s: float(r["models"][m][AVERAGE][metric]) for s, r in runs.items()}
         for m in first["models"]
-        if all(is_number(r["models"].get(m, {}).get(AVERAGE, {}).get(metric)) for r in runs.values())
+        if all(is_finite_number(r["models"].get(m, {}).get(AVERAGE, {}).get(metric)) for r in runs.values())
     }
 
 
@@ -180,7 +177,7 @@ def held_out_comparisons(
             values: dict[str, dict[int, float]] = {}
             for model in first["models"]:
                 found = [r["models"].get(model, {}).get(domain, {}).get(metric) for r in runs.values()]
-                if all(is_number(v) for v in found):
+                if all(is_finite_number(v) for v in found):
                     values[model] = {s: float(v) for s, v in zip(runs, found)}
             singles = [m for m in values if m.startswith(HELD_OUT_INDIVIDUAL_PREFIX)]
             best = {s: max(singles, key=lambda m: values[m][s]) for s in runs} if singles else {}

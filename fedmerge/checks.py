@@ -1,0 +1,24 @@
+"""Value checks shared by scenario loading, the merge registry, update validation, model cards and aggregation
+(no heavy imports): what counts as a number, a finite number and an integer wherever fedmerge reads one from TOML,
+JSON or a client's reply."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+
+def is_number(value: Any) -> bool:
+    """A real number (Python or NumPy, finite or not), never a bool: ``True`` is not 1 in a scenario or a reply."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """:func:`is_number` and finite (no NaN, no ±inf)."""
+    return is_number(value) and math.isfinite(value)
+
+
+def is_integer(value: Any) -> bool:
+    """An integer (Python or NumPy), never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
