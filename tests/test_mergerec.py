@@ -391,6 +391,10 @@ def test_paper_preset_resolves_the_official_scripts_constants():
     own = MergeRecConfig.from_keys({"preset": "fedmerge", "init_method": "ties"})
     assert (own.distill_weight, own.lr, own.pseudo_user_length, own.item_refresh) == (10.0, 3e-3, 3, 25)
     assert own.exclude_input_item and own.layer_groups == "family" and own.init_params["scope"] == "tensor"
+    # a method whose name fixes its scope keeps it: ties_global and pcb_released trimmed per tensor under "fedmerge"
+    for method in ("ties_global", "pcb_released"):
+        kept = MergeRecConfig.from_keys({"preset": "fedmerge", "init_method": method})
+        assert dict(kept.init_params).get("scope", "model") == "model"
 
 
 def test_explicit_keys_override_the_preset_and_bad_names_list_valid_ones():
@@ -470,3 +474,18 @@ def test_a_seeded_start_follows_mergerecs_seed():
     pinned = MergeRecConfig(**{**base, "init_params": {"p": 0.5, "seed": 9}}, seed=3)
     merged, report = mergerec(family, theta0, models, features, pinned)
     torch.testing.assert_close(merged["A"], merge("dare", theta0, models, p=0.5, seed=9, scale=report.initial_coefficient)["A"])
+
+
+def test_cosine_logit_norm_distills_raw_cosines_as_the_released_code():
+    """logit_norm = "cosine": teacher and student scores multiplied by the family's τ (cos/τ · τ = cos), the scale
+    MergeRec's released code distills at T = 0.05; refused for a family without τ."""
+    family, theta0, models, features = setup()
+    lam = torch.tensor([[0.5], [0.1], [0.3]])
+    plain = PseudoUserObjective(family, theta0, models, features, MergeRecConfig(**FAST))
+    with pytest.raises(ValueError, match="logit_norm='cosine' needs a family that scores cos/τ"):
+        PseudoUserObjective(family, theta0, models, features, MergeRecConfig(**FAST, logit_norm="cosine"))
+    family.temperature = 0.25  # scores are cos/τ with τ = 0.25: the objective sees them × 0.25
+    cosine = PseudoUserObjective(family, theta0, models, features, MergeRecConfig(**FAST, logit_norm="cosine"))
+    assert cosine.pseudo.scales == [4.0, 4.0, 4.0]
+    torch.testing.assert_close(cosine.pseudo.one_item[0], plain.pseudo.one_item[0] * 0.25)
+    assert cosine.mean_loss(lam) != pytest.approx(plain.mean_loss(lam))

@@ -219,17 +219,19 @@ class PseudoUsers:
 
 
 def teacher_tables(
-    scorer: Scorer, n_items: int, config: MergeRecConfig
+    scorer: Scorer, n_items: int, config: MergeRecConfig, cosine_scale: float = 1.0
 ) -> tuple[torch.Tensor | TopKRows, torch.Tensor, float]:
     """(one-item teacher table, rollouts (n, L), σ) of one domain's teacher, scored ``teacher_batch`` start items at
-    a time: the dense (n, n) table divided by σ (``teacher_top_k`` = 0), or sparse rows holding O(n·k) numbers."""
+    a time: the dense (n, n) table divided by σ (``teacher_top_k`` = 0), or sparse rows holding O(n·k) numbers. σ is
+    1, the teacher scores' std (``logit_norm = "teacher_std"``) or ``cosine_scale`` = 1/τ of a family that scores
+    cos/τ (``"cosine"``: the scores become raw cosines)."""
     def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for first in range(0, n_items, config.teacher_batch):
             starts = torch.arange(first, min(first + config.teacher_batch, n_items))
             yield starts, torch.from_numpy(scorer([np.array([i]) for i in starts.tolist()])).float()
 
     sparse = config.teacher_top_k > 0
-    sigma = 1.0
+    sigma = cosine_scale if config.logit_norm == "cosine" else 1.0
     if sparse and config.logit_norm == "teacher_std":  # a first pass for σ: sparse rows need it before the cut
         total = square = 0.0
         for _, scores in chunks():
@@ -407,11 +409,18 @@ class PseudoUserObjective:
 
         start = time.perf_counter()
         one_item, scales, scorers, rollouts = [], [], [], []
+        cosine_scale = 1.0
+        if config.logit_norm == "cosine":
+            tau = getattr(family, "temperature", None)
+            if not (isinstance(tau, (int, float)) and tau > 0):
+                raise ValueError(f"logit_norm='cosine' needs a family that scores cos/τ (e.g. 'sequential'); "
+                                 f"{family.name!r} has no temperature τ")
+            cosine_scale = 1.0 / float(tau)
         for d, features in zip(tqdm(self.pseudo_domains, desc="teacher scores", disable=not config.progress),
                                self.item_features):
             scorer = family.scorer(teachers[d], features, batch_size=config.teacher_batch)
             try:
-                table, rows, sigma = teacher_tables(scorer, int(features.shape[0]), config)
+                table, rows, sigma = teacher_tables(scorer, int(features.shape[0]), config, cosine_scale)
             except ValueError as exc:
                 raise ValueError(f"domain {d!r}: {exc}") from None
             rollouts.append(rows)

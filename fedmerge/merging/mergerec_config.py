@@ -13,7 +13,9 @@ from fedmerge.merging.registry import get_method, resolve_params
 MERGEREC_METHODS = {"mergerec_taskwise": "task", "mergerec_layerwise": "layer", "mergerec_tensorwise": "tensor"}
 
 # Named settings of every MergeRecConfig constant (``MergeRecConfig.from_keys(preset=...)``); ``init_scope`` is the
-# ``scope`` given to an initialization method that has one (TIES, released PCB) unless init_params sets it.
+# ``scope`` given to a ``ties`` initialization unless init_params sets it (``ties_global`` and ``pcb_released`` name
+# their whole-model scope and keep it).
+PRESET_SCOPED_METHODS = ("ties",)
 MERGEREC_PRESETS: dict[str, dict[str, Any]] = {
     # the official scripts (scripts/3_mergerec/*.sh, configs/distill.py, weight_learning/module/layer_wise.py):
     # T = 0.05, c = 1000, Adam lr 1e-3, batch 16, 500 steps, λ₀ 0.2 (task vector) / 1.0 (TIES), TIES trimmed over
@@ -60,7 +62,10 @@ class MergeRecConfig:
     steps: int = 500
     seed: int = 0
     sampling: Literal["union", "domain"] = "union"
-    logit_norm: Literal["none", "teacher_std"] = "none"
+    # teacher and student scores as the family gives them ("none"), divided by the teacher's std ("teacher_std"), or
+    # multiplied by the family's τ ("cosine": raw cosines, as MergeRec's released code distills; needs a family that
+    # scores cos/τ, e.g. the sequential one)
+    logit_norm: Literal["none", "teacher_std", "cosine"] = "none"
     item_side: Literal["full", "frozen"] = "frozen"
     exclude_input_item: bool = False  # drop the pseudo-user's own items from its teacher and student distributions
     pseudo_user_length: int = 1  # L: pseudo-users are the prefixes of length 1..L of teacher rollouts (1: the paper)
@@ -83,7 +88,7 @@ class MergeRecConfig:
             "granularity": self.granularity in ("task", "layer", "tensor"),
             "layer_groups": self.layer_groups in ("family", "transformer"),
             "sampling": self.sampling in ("union", "domain"),
-            "logit_norm": self.logit_norm in ("none", "teacher_std"),
+            "logit_norm": self.logit_norm in ("none", "teacher_std", "cosine"),
             "item_side": self.item_side in ("full", "frozen"),
             "item_refresh": self.item_refresh >= 0,
             "temperature": self.temperature > 0,
@@ -106,8 +111,8 @@ class MergeRecConfig:
     def from_keys(cls, keys: Mapping[str, Any]) -> MergeRecConfig:
         """A config from ``keys`` (field -> value, e.g. a scenario's ``[merge.mergerec]`` table), where the optional
         key ``preset`` names a :data:`MERGEREC_PRESETS` entry whose constants fill every field the other keys do
-        not set: explicit keys override the preset. The preset's ``init_scope`` becomes the initialization
-        method's ``scope`` (when it has one and ``init_params`` does not set it). ValueError names an unknown
+        not set: explicit keys override the preset. The preset's ``init_scope`` becomes a ``ties`` initialization's
+        ``scope`` (unless ``init_params`` sets it; ``ties_global`` and ``pcb_released`` keep their own). ValueError names an unknown
         preset or key and lists the valid ones."""
         values = dict(keys)
         valid = [f.name for f in fields(cls)]
@@ -124,6 +129,6 @@ class MergeRecConfig:
         values = {**constants, **values}
         init_method = values.get("init_method", cls.init_method)
         init_params = dict(values.get("init_params", {}))
-        if "scope" in get_method(init_method).params:
+        if init_method in PRESET_SCOPED_METHODS and "scope" in get_method(init_method).params:
             init_params.setdefault("scope", scope)
         return cls(**{**values, "init_params": init_params})
