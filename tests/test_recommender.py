@@ -324,16 +324,6 @@ def test_scoring_uses_the_encoder_given_to_load(saved_copy, unseen_catalog, tmp_
     assert calls and sum(calls) == len(catalog.ids)
 
 
-def test_recommend_refuses_non_finite_scores(run, saved_copy, unseen_catalog):
-    import dataclasses
-
-    cfg, _, _, _ = run
-    model = load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir)
-    broken = dataclasses.replace(model, weights={n: torch.full_like(t, float("nan")) for n, t in model.weights.items()})
-    catalog = load_domain(unseen_catalog).catalog
-    with pytest.raises(FedmergeError, match="non-finite scores"):
-        broken.recommend([list(catalog.ids[:2])], k=3, catalog=catalog)
-
 
 def test_recommend_says_when_the_history_leaves_no_item(run, unseen_catalog, capsys):
     """A history holding every catalog item printed a header and no line, exit 0."""
@@ -407,13 +397,16 @@ def test_evaluate_takes_a_path_defaults_to_the_cards_split_and_checks_ks(run, sa
         model.evaluate(load_domain(folders[domain]).catalog)
 
 
-def test_non_finite_weights_are_refused_by_scores_and_evaluate_too(run, saved_copy, unseen_catalog):
+def test_non_finite_weights_are_refused_by_recommend_scores_and_evaluate(run, saved_copy, unseen_catalog):
+    """recommend refused them; scores returned NaNs and evaluate raised a bare ValueError that named no model."""
     import dataclasses
 
     cfg, _, _, folders = run
     model = load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir)
     broken = dataclasses.replace(model, weights={n: torch.full_like(t, float("nan")) for n, t in model.weights.items()})
     catalog = load_domain(unseen_catalog).catalog
+    with pytest.raises(FedmergeError, match="non-finite scores"):
+        broken.recommend([list(catalog.ids[:2])], k=3, catalog=catalog)
     with pytest.raises(FedmergeError, match="non-finite scores"):
         broken.scores([list(catalog.ids[:2])], catalog=catalog)
     with pytest.raises(FedmergeError, match="non-finite scores"):
