@@ -116,6 +116,10 @@ ATTACKS: dict[str, Attack] = {
     "overflow_3e38": _train_attack(lambda g, w: {n: torch.full_like(v, 3e38) for n, v in w.items()}),
     "noise": _train_attack(_noise),
     "noise_2.9x": _train_attack(lambda g, w: {n: g[n] + 2.9 * (v - g[n]) for n, v in _noise(g, w).items()}),
+    # its own update scaled to just under the norm test's 3× bound (when the honest norms are alike): the largest
+    # update the default screen admits
+    "scale_2.9": _scaled(2.9),
+    "scale_-2.9": _scaled(-2.9),
     "theta0_copy": _train_attack(lambda g, w: {n: v.clone() for n, v in g.items()}),
     "fixed_buffer": _train_attack(_fixed_buffer),
     "users_1e9": _train_metric(1e9),
@@ -202,12 +206,17 @@ COLUMNS = {"average": "avg", "task_arithmetic": "TA", "ties": "TIES", "dare": "D
 
 
 def verdict(run: Mapping[str, Any]) -> str:
-    """What the server did with the attacker (domain ``attacker``): rejected, clipped, entries left out, or a stop."""
+    """What the server did with the attacker (domain ``attacker``) and with the honest clients: rejected, clipped,
+    entries left out, or a stop."""
     if "crash" in run:
         return "run stops: " + run["crash"][:60]
     rejected, said = sorted(run["rejected"]), []
     if run["attacker"] in rejected:
         said.append("update rejected")
+    honest = sorted({k.split(":")[-1] for k in rejected if ":" not in k or k.startswith("fedavg_round")}
+                    - {run["attacker"]})
+    if honest:
+        said.append(f"HONEST client(s) {honest} rejected")
     if any(k.startswith("fedavg_round") for k in rejected):
         said.append("also in the FedAvg round")
     left_out = sum(k.startswith(protocol.EVALUATE + ":") for k in rejected)
@@ -226,14 +235,17 @@ def verdict(run: Mapping[str, Any]) -> str:
 
 def table(records: list[dict[str, Any]]) -> str:
     """Markdown: one row per (attack, configuration): honest domains' Recall@10 / honest run per model (mean over
-    seeds; a crashed configuration shows its error) and what the server did (first seed)."""
+    seeds; a crashed configuration shows its error) and what the server did (per seed where the seeds differ)."""
     lines = ["| attack | config | " + " | ".join(COLUMNS.values()) + " | server |", "|---|---|" + "---|" * (len(COLUMNS) + 1)]
     keys = sorted({(r["attack"], r["config"]) for r in records}, key=lambda k: (list(ATTACKS).index(k[0]), k[1]))
     for attack, config in keys:
         runs = [r for r in records if (r["attack"], r["config"]) == (attack, config)]
         ran = [r for r in runs if r["relative"]]
         cells = [f"{np.mean([r['relative'][m] for r in ran]):.2f}" if ran else "-" for m in COLUMNS]
-        lines.append(f"| {attack} | {config} | " + " | ".join(cells) + f" | {verdict(runs[0])} |")
+        verdicts = {r["seed"]: verdict(r) for r in runs}
+        said = (next(iter(verdicts.values())) if len(set(verdicts.values())) == 1
+                else "; ".join(f"seed {s}: {v}" for s, v in verdicts.items()))
+        lines.append(f"| {attack} | {config} | " + " | ".join(cells) + f" | {said} |")
     return "\n".join(lines)
 
 

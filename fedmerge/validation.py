@@ -15,7 +15,7 @@ reports are the expected, finite, in-range numbers (:func:`check_train_metrics`,
 from __future__ import annotations
 
 import math
-import statistics
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -24,6 +24,7 @@ import torch
 from fedmerge.checks import is_finite_number
 from fedmerge.config import NORM_ACTIONS
 from fedmerge.errors import FedmergeError
+from fedmerge.metrics import MASKED_SUFFIX
 from fedmerge.models.base import StateDict
 
 _MAX_NAMES_SHOWN = 5
@@ -152,10 +153,13 @@ class NormScreen:
 
 
 def norm_limits(norms: Mapping[str, float], multiple: float, cap: float) -> dict[str, float]:
-    """Per client the largest acceptable ‖τ_k‖: min(``multiple`` × median_{j≠k} ‖τ_j‖, ``cap``); 0 disables either.
+    """Per client the largest acceptable ‖τ_k‖: min(``multiple`` × upper median_{j≠k} ‖τ_j‖, ``cap``); 0 disables
+    either.
 
     The median is over the *other* clients so that one client cannot raise its own bar: with 3 clients a scaled
-    attacker is compared with the two honest norms. With 1 or 2 clients only ``cap`` applies: two clients have no
+    attacker is compared with the two honest norms. For an even number of others it is the larger middle value, so
+    that one client cannot pull another's bar down either: with 3 clients a θ₀ copy (norm 0) would otherwise halve
+    each honest client's bar to 1.5× the other honest norm (measured: an honest client rejected). With 1 or 2 clients only ``cap`` applies: two clients have no
     majority, so a norm 5× the other's cannot say which one is out of line (honest Amazon text-LAE domains differ
     that much: Pantry 1.2, Toys 6.1 in a FedAvg round), and rejecting either leaves too few updates to merge.
     """
@@ -164,7 +168,7 @@ def norm_limits(norms: Mapping[str, float], multiple: float, cap: float) -> dict
         bounds = [math.inf]
         others = [v for j, v in norms.items() if j != k and math.isfinite(v)]
         if multiple > 0 and len(others) >= 2:
-            bounds.append(multiple * float(statistics.median(others)))
+            bounds.append(multiple * sorted(others)[len(others) // 2])
         if cap > 0:
             bounds.append(cap)
         limits[k] = min(bounds)
@@ -186,7 +190,7 @@ def screen_norms(norms: Mapping[str, float], multiple: float, cap: float, action
             scale[k] = 1.0
             continue
         reason = (f"task-vector norm {norm:.4g} exceeds {limits[k]:.4g} (federation.norm_multiple = {multiple:g} × "
-                  f"the other clients' median norm, federation.norm_cap = {cap:g})")
+                  f"the other clients' (upper) median norm, federation.norm_cap = {cap:g})")
         if action == "reject":
             rejected[k] = reason
         else:
@@ -212,7 +216,7 @@ def check_train_metrics(
 
 def check_eval_metrics(metrics: Mapping[str, object], expected: Iterable[str], users_key: str) -> list[str]:
     """Problems of one model's evaluation metrics (empty: acceptable): exactly the ``expected`` names, each a finite
-    number in [0, 1], except ``users_key``, a whole number >= 0."""
+    number in [0, 1], except ``users_key``, a whole number >= 0; then :func:`metric_consistency_problems`."""
     expected = set(expected)
     problems = []
     if set(metrics) - expected:
@@ -227,4 +231,38 @@ def check_eval_metrics(metrics: Mapping[str, object], expected: Iterable[str], u
             ok = is_finite_number(value) and 0.0 <= value <= 1.0
         if not ok:
             problems.append(f"{name} = {value!r} is not {'a whole number >= 0' if name == users_key else 'in [0, 1]'}")
+    return problems or metric_consistency_problems(metrics)
+
+
+METRIC_NAME = re.compile(rf"(recall|ndcg)@(\d+)({re.escape(MASKED_SUFFIX)})?")
+CONSISTENCY_SLACK = 1e-9  # float rounding of means over users
+
+
+def metric_consistency_problems(metrics: Mapping[str, object]) -> list[str]:
+    """What breaks the relations every honest evaluation satisfies (one target per user; ties counted as
+    :mod:`fedmerge.metrics` counts them): Recall@K and NDCG@K grow with K, NDCG@K ≤ Recall@K, and the masked figure
+    ≥ the unmasked one (masking only removes items ranked against the target). A client that invents its own
+    domain's figures has to keep them consistent; it can still set any consistent values."""
+    values = {METRIC_NAME.fullmatch(name).groups(): float(v) for name, v in metrics.items()  # type: ignore[union-attr,arg-type]
+              if METRIC_NAME.fullmatch(name)}
+
+    def name(kind: str, k: str, masked: str | None) -> str:
+        return f"{kind}@{k}{masked or ''}"
+
+
+    problems = []
+    for (kind, k, masked), value in sorted(values.items(), key=lambda item: (item[0][0], int(item[0][1]),
+                                                                               item[0][2] or "")):
+        larger = sorted((int(j), v) for (kd, j, m), v in values.items() if kd == kind and m == masked and int(j) > int(k))
+        if larger and value > larger[0][1] + CONSISTENCY_SLACK:
+            problems.append(f"{name(kind, k, masked)} = {value:g} exceeds {name(kind, str(larger[0][0]), masked)} = "
+                            f"{larger[0][1]:g} (a hit in the top {k} is one in the top {larger[0][0]})")
+        recall = values.get(("recall", k, masked))
+        if kind == "ndcg" and recall is not None and value > recall + CONSISTENCY_SLACK:
+            problems.append(f"{name(kind, k, masked)} = {value:g} exceeds {name('recall', k, masked)} = {recall:g} "
+                            "(one target per user: NDCG@K ≤ Recall@K)")
+        masked_value = values.get((kind, k, MASKED_SUFFIX))
+        if not masked and masked_value is not None and value > masked_value + CONSISTENCY_SLACK:
+            problems.append(f"{name(kind, k, masked)} = {value:g} exceeds {name(kind, k, MASKED_SUFFIX)} = "
+                            f"{masked_value:g} (masking only removes items ranked against the target)")
     return problems

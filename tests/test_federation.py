@@ -713,6 +713,8 @@ def test_scaled_task_vector_is_clipped_with_norm_action_clip(cfg, tmp_path):
     out = _hostile_run(cfg, _weights_attack(lambda g, w: {n: g[n] + 1e3 * (w[n] - g[n]) for n in g}),
                        "federation.norm_action=\"clip\"", out_dir=tmp_path)
     assert "synth-2" not in out["rejected"] and "scaled by" in out["clipped"]["synth-2"]
+    # a clipped update enters every merge at the bound: said in warnings (and so under the summary), not only here
+    assert any(w.startswith("the update of synth-2 was clipped to the norm bound") for w in out["warnings"])
     # the saved file holds what the client sent; its card says it was clipped and claims no metrics for it
     card = read_card(client_weights_path(tmp_path, "synth-2"))
     assert card["clipped"] == out["clipped"]["synth-2"] and card["metrics"] == {}

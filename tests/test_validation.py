@@ -3,6 +3,7 @@ and acceptance of a well-formed update."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,12 +178,14 @@ def test_huge_but_finite_weights_rejected_and_norm_has_no_overflow(theta0):
     assert task_vector_norm(theta0, update) == pytest.approx(3e38 * 2**0.5, rel=1e-6)  # float32 would give inf
 
 
-def test_norm_limit_is_a_multiple_of_the_other_clients_median():
+def test_norm_limit_is_a_multiple_of_the_other_clients_upper_median():
     norms = {"a": 1.0, "b": 2.0, "c": 1e6}
-    assert norm_limits(norms, 3.0, 0.0) == {"a": 3 * (2.0 + 1e6) / 2, "b": 3 * (1.0 + 1e6) / 2, "c": 3 * 1.5}
+    # an even number of others: the larger middle value (so one client cannot pull another's bar down)
+    assert norm_limits(norms, 3.0, 0.0) == {"a": 3 * 1e6, "b": 3 * 1e6, "c": 3 * 2.0}
     screen = screen_norms(norms, 3.0, 0.0, "reject")
     assert set(screen.rejected) == {"c"} and screen.scale == {"a": 1.0, "b": 1.0} and not screen.clipped
-    assert "task-vector norm 1e+06 exceeds 4.5" in screen.rejected["c"]
+    assert "task-vector norm 1e+06 exceeds 6" in screen.rejected["c"]
+    assert norm_limits({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}, 3.0, 0.0)["d"] == 3 * 2.0  # odd: the median
     # one or two clients: no majority to compare with (honest Amazon text-LAE FedAvg updates differ 5x: Pantry 1.2,
     # Toys 6.1, and rejecting one of two stopped the run), so only the absolute cap applies; 0 switches either off
     assert not screen_norms({"Pantry": 1.2, "Toys": 6.1}, 3.0, 0.0, "reject").rejected
@@ -192,10 +195,17 @@ def test_norm_limit_is_a_multiple_of_the_other_clients_median():
     assert not screen_norms(norms, 0.0, 0.0, "reject").rejected
 
 
+def test_a_client_that_sends_theta0_back_cannot_get_an_honest_client_rejected():
+    """Measured (quickstart, hashing encoder, seed 2): honest norms 1.915 and 1.273 and a θ₀ copy (0). With the
+    median of the others, the θ₀ copy halved the first client's bar (3 × median(1.273, 0) = 1.91) and rejected it."""
+    screen = screen_norms({"synth-0": 1.915, "synth-1": 1.273, "synth-2": 0.0}, 3.0, 0.0, "reject")
+    assert not screen.rejected and not screen.clipped
+
+
 def test_norm_clip_scales_to_the_limit():
     screen = screen_norms({"a": 1.0, "b": 2.0, "c": 9.0}, 3.0, 4.0, "clip")
     assert not screen.rejected and set(screen.clipped) == {"c"}
-    assert screen.scale == {"a": 1.0, "b": 1.0, "c": pytest.approx(4.0 / 9.0)}  # min(3 × 1.5, cap 4) / 9
+    assert screen.scale == {"a": 1.0, "b": 1.0, "c": pytest.approx(4.0 / 9.0)}  # min(3 × 2, cap 4) / 9
     with pytest.raises(ValueError, match=r"valid|one of \['reject', 'clip'\]"):
         screen_norms({"a": 1.0}, 3.0, 0.0, "drop")
 
@@ -220,6 +230,36 @@ def test_evaluation_metrics_must_be_the_expected_names_in_range():
     assert problems == ["unexpected metrics 'accuracy'", "ndcg@10 = 1.5 is not in [0, 1]",
                         "recall@10 = nan is not in [0, 1]", "users = -1 is not a whole number >= 0"]
     assert check_eval_metrics({"recall@10": 0.5}, expected, "users") == ["missing metrics 'ndcg@10', 'users'"]
+
+
+def test_evaluation_metrics_must_be_consistent_with_each_other():
+    """One target per user: NDCG@K ≤ Recall@K, both grow with K, and masking only removes items ranked against the
+    target. A client inventing its own figures in [0, 1] passed when it broke these."""
+    from fedmerge.metrics import evaluate_batches, evaluation_batches
+
+    names = [f"{m}@{k}{s}" for m in ("recall", "ndcg") for k in (5, 10) for s in ("", "_masked")] + ["users"]
+    honest = {"recall@5": 0.2, "recall@10": 0.3, "ndcg@5": 0.1, "ndcg@10": 0.15, "recall@5_masked": 0.25,
+              "recall@10_masked": 0.35, "ndcg@5_masked": 0.12, "ndcg@10_masked": 0.17, "users": 10}
+    assert check_eval_metrics(honest, names, "users") == []
+    assert check_eval_metrics({**honest, "recall@5": 0.4}, names, "users") == [
+        "recall@5 = 0.4 exceeds recall@10 = 0.3 (a hit in the top 5 is one in the top 10)",
+        "recall@5 = 0.4 exceeds recall@5_masked = 0.25 (masking only removes items ranked against the target)"]
+    assert check_eval_metrics({**honest, "ndcg@10": 0.9, "ndcg@10_masked": 0.95}, names, "users") == [
+        "ndcg@10 = 0.9 exceeds recall@10 = 0.3 (one target per user: NDCG@K ≤ Recall@K)",
+        "ndcg@10_masked = 0.95 exceeds recall@10_masked = 0.35 (one target per user: NDCG@K ≤ Recall@K)"]
+    # every real evaluation passes, ties included (random scores with many ties on a tiny catalog)
+    from tests.test_lae import random_domain
+
+    domain = random_domain()
+    rng = np.random.default_rng(0)
+    batches = evaluation_batches(domain, "test", batch_size=7)
+    for _ in range(5):
+        table = rng.integers(0, 3, size=(len(domain.test_target), domain.n_items)).astype(np.float64)
+        rows = iter(range(len(table)))
+        metrics = evaluate_batches(lambda seqs: np.stack([table[next(rows)] for _ in seqs]), batches,
+                                   domain.n_items, ks=(1, 5, 10))
+        expected = [f"{m}@{k}{s}" for m in ("recall", "ndcg") for k in (1, 5, 10) for s in ("", "_masked")]
+        assert check_eval_metrics(metrics, [*expected, "users"], "users") == []
 
 
 @pytest.mark.parametrize("action", ["reject", "clip"])

@@ -818,6 +818,9 @@ class Federation:
             "train_metrics": self.train_metrics,
             "fedavg_train_metrics": self.fedavg_train_metrics,
             "warnings": [*self.setup_warnings, *self.left_out_warnings(),
+                         *(f"the update of {d} was clipped to the norm bound and merged ({reason}); "
+                           "federation.norm_action = 'clip' admits every update at that bound, the largest the "
+                           "norm test lets through" for d, reason in self.clipped.items()),
                          *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics),
                          *(f"merge {m} failed and was not evaluated: {reason}"
                            for m, reason in self.merge_report.get("failed", {}).items()),
