@@ -47,7 +47,8 @@ def main() -> None:
     primary = next(iter(runs.values()))["config"]["eval"]["primary"]
     aggregate = aggregate_runs(runs, primary, training_free=list(METHODS))
     first = next(iter(runs.values()))  # self-describing as `simulate --seeds` writes it: the runs' own records
-    aggregate |= {"seed_folders": {s: f"seed-{s}.results.json" for s in runs}, "config": first["config"],
+    aggregate |= {"seed_files": {s: f"seed-{s}.results.json" for s in runs},
+                  "config": first["config"], "config_note": "the first seed's (its run.seed is that seed's)",
                   "versions": first.get("versions", {})}
     write_aggregate(aggregate, args.out)
     summary = "\n\n".join(aggregate_summary(aggregate_runs(runs, metric, training_free=list(METHODS)))

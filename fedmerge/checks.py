@@ -15,8 +15,8 @@ def is_number(value: Any) -> bool:
 
 
 def is_finite_number(value: Any) -> bool:
-    """:func:`is_number` and finite (no NaN, no ±inf)."""
-    return is_number(value) and math.isfinite(value)
+    """:func:`is_number` and finite (no NaN, no ±inf; any integer, also one too large for a float)."""
+    return is_number(value) and (isinstance(value, numbers.Integral) or math.isfinite(value))
 
 
 def is_integer(value: Any) -> bool:

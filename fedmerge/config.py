@@ -277,6 +277,7 @@ def validate(cfg: Scenario) -> None:
         raise FedmergeError(f"federation.parallel_clients must be >= 0 (0: one ClientApp per CPU), "
                             f"got {cfg.federation.parallel_clients}")
     from fedmerge.merging import MERGEREC_METHODS, METHODS
+    from fedmerge.merging.mergerec_config import FAMILIES_SCORING_COSINE
     from fedmerge.merging.registry import plugin_failures
 
     from fedmerge.merging.testtime import TESTTIME_METHOD, teacher_choices
@@ -308,7 +309,10 @@ def validate(cfg: Scenario) -> None:
     if testtime.granularity not in MERGEREC_METHODS.values():
         raise FedmergeError(f"merge.testtime.granularity {testtime.granularity!r} is unknown; valid: "
                             f"{sorted(set(MERGEREC_METHODS.values()))}")
-    cfg.mergerec_config(testtime.granularity)  # an unknown key or preset fails here, before any client trains
+    mergerec = cfg.mergerec_config(testtime.granularity)  # an unknown key or preset fails here, before any training
+    if mergerec.logit_norm == "cosine" and cfg.model.family not in FAMILIES_SCORING_COSINE:
+        raise FedmergeError(f"merge.mergerec.logit_norm = 'cosine' needs a family that scores cos/τ "
+                            f"({sorted(FAMILIES_SCORING_COSINE)}); model.family is {cfg.model.family!r}")
     from fedmerge.privacy.client import validate_privacy
 
     validate_privacy(cfg)

@@ -153,13 +153,16 @@ class NormScreen:
 
 
 def norm_limits(norms: Mapping[str, float], multiple: float, cap: float) -> dict[str, float]:
-    """Per client the largest acceptable ‖τ_k‖: min(``multiple`` × upper median_{j≠k} ‖τ_j‖, ``cap``); 0 disables
-    either.
+    """Per client the largest acceptable ‖τ_k‖: min(``multiple`` × r_k, ``cap``); 0 disables either. r_k is the
+    ⌈m/2⌉-th (0-based) of the m other clients' norms in increasing order: their upper median for an even m, one
+    above the median for an odd m.
 
-    The median is over the *other* clients so that one client cannot raise its own bar: with 3 clients a scaled
-    attacker is compared with the two honest norms. For an even number of others it is the larger middle value, so
-    that one client cannot pull another's bar down either: with 3 clients a θ₀ copy (norm 0) would otherwise halve
-    each honest client's bar to 1.5× the other honest norm (measured: an honest client rejected). With 1 or 2 clients only ``cap`` applies: two clients have no
+    Over the *other* clients, so that one client cannot raise its own bar: with 3 clients a scaled attacker is
+    compared with the two honest norms. At ⌈m/2⌉, so that one client cannot pull another's bar down either: however
+    small its norm (a θ₀ copy: 0), an honest client's r_k stays at least the upper median of the other honest
+    clients' norms (with the plain median a θ₀ copy halved each honest bar of 3 clients to 1.5× the other honest
+    norm: measured, an honest client rejected). The price: with an even number of clients, a client's own r_k is one
+    order statistic above the others' median. With 1 or 2 clients only ``cap`` applies: two clients have no
     majority, so a norm 5× the other's cannot say which one is out of line (honest Amazon text-LAE domains differ
     that much: Pantry 1.2, Toys 6.1 in a FedAvg round), and rejecting either leaves too few updates to merge.
     """
@@ -168,7 +171,7 @@ def norm_limits(norms: Mapping[str, float], multiple: float, cap: float) -> dict
         bounds = [math.inf]
         others = [v for j, v in norms.items() if j != k and math.isfinite(v)]
         if multiple > 0 and len(others) >= 2:
-            bounds.append(multiple * sorted(others)[len(others) // 2])
+            bounds.append(multiple * sorted(others)[math.ceil(len(others) / 2)])
         if cap > 0:
             bounds.append(cap)
         limits[k] = min(bounds)
@@ -190,7 +193,7 @@ def screen_norms(norms: Mapping[str, float], multiple: float, cap: float, action
             scale[k] = 1.0
             continue
         reason = (f"task-vector norm {norm:.4g} exceeds {limits[k]:.4g} (federation.norm_multiple = {multiple:g} × "
-                  f"the other clients' (upper) median norm, federation.norm_cap = {cap:g})")
+                  f"the other clients' upper median norm, federation.norm_cap = {cap:g})")
         if action == "reject":
             rejected[k] = reason
         else:

@@ -82,3 +82,16 @@ def test_sentence_encoder_never_downloads():
 
     with pytest.raises(FedmergeError, match="unknown text encoder 'no-such-org/no-such-model'"):
         SentenceEncoder("no-such-org/no-such-model")
+
+
+def test_cosine_logit_norm_is_refused_at_load_for_a_family_without_cosine_scores():
+    """It failed only at merge time, after every client had trained."""
+    with pytest.raises(FedmergeError, match=r"logit_norm = 'cosine' needs a family that scores cos/τ "
+                                            r"\(\['sequential'\]\); model.family is 'text-lae'"):
+        load_scenario("quickstart", ['model.family="text-lae"', "model.params={}", 'merge.mergerec.logit_norm="cosine"'])
+    assert load_scenario("quickstart", ['merge.mergerec.logit_norm="cosine"']).merge.mergerec["logit_norm"] == "cosine"
+    from fedmerge.merging.mergerec_config import FAMILIES_SCORING_COSINE
+    from fedmerge.models import get_family
+
+    for name in ("sequential", "text-lae"):  # the torch-free list agrees with the families themselves
+        assert (name in FAMILIES_SCORING_COSINE) == hasattr(get_family(name), "temperature")

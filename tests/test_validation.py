@@ -185,7 +185,8 @@ def test_norm_limit_is_a_multiple_of_the_other_clients_upper_median():
     screen = screen_norms(norms, 3.0, 0.0, "reject")
     assert set(screen.rejected) == {"c"} and screen.scale == {"a": 1.0, "b": 1.0} and not screen.clipped
     assert "task-vector norm 1e+06 exceeds 6" in screen.rejected["c"]
-    assert norm_limits({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}, 3.0, 0.0)["d"] == 3 * 2.0  # odd: the median
+    # an odd number of others: one above their median
+    assert norm_limits({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}, 3.0, 0.0)["d"] == 3 * 3.0
     # one or two clients: no majority to compare with (honest Amazon text-LAE FedAvg updates differ 5x: Pantry 1.2,
     # Toys 6.1, and rejecting one of two stopped the run), so only the absolute cap applies; 0 switches either off
     assert not screen_norms({"Pantry": 1.2, "Toys": 6.1}, 3.0, 0.0, "reject").rejected
@@ -200,6 +201,19 @@ def test_a_client_that_sends_theta0_back_cannot_get_an_honest_client_rejected():
     median of the others, the θ₀ copy halved the first client's bar (3 × median(1.273, 0) = 1.91) and rejected it."""
     screen = screen_norms({"synth-0": 1.915, "synth-1": 1.273, "synth-2": 0.0}, 3.0, 0.0, "reject")
     assert not screen.rejected and not screen.clipped
+    # four clients (a reviewer's case: with the upper median of 3 others the θ₀ copy still rejected "a")
+    honest = {"a": 1.915, "b": 1.273, "c": 0.63}
+    assert not screen_norms({**honest, "attacker": 0.0}, 3.0, 0.0, "reject").rejected
+    # in general an honest client's reference stays at least the upper median of the other honest norms
+    rng = np.random.default_rng(0)
+    for n in range(2, 9):
+        norms = dict(enumerate(rng.uniform(0.5, 2.0, n)))
+        for low in (0.0, 1e-3):
+            limits = norm_limits({**norms, "attacker": low}, 3.0, 0.0)
+            for k, own in norms.items():
+                others = sorted(v for j, v in norms.items() if j != k)
+                if len(others) >= 1:
+                    assert limits[k] >= 3.0 * others[len(others) // 2] - 1e-12
 
 
 def test_norm_clip_scales_to_the_limit():

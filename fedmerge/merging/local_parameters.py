@@ -35,8 +35,8 @@ MAX_LOCAL_VALUES = 1024
 def merged_behaviour_warnings(behaviour: Sequence[str], names: Sequence[str], theta0: StateDict) -> list[str]:
     """One line when weights of the family's ``behaviour`` (its ``behaviour_parameters``: how a domain's users shop)
     that θ₀ has are missing from ``names`` (``merge.local_parameters``): every merge then averages or trims them
-    across domains, which is legitimate (a comparison) but rarely meant (README, "A converged last-item bias, kept
-    per domain": merged, Beauty's own b of −0.12 served as −0.045)."""
+    across domains, which is legitimate (a comparison) but rarely meant (results/unseen/history.md, "A converged
+    last-item bias, kept per domain": merged, Beauty's own b of −0.12 served as −0.045)."""
     merged = [n for n in behaviour if n in theta0 and n not in names]
     if not merged:
         return []

@@ -68,6 +68,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from fedmerge.checks import is_finite_number
 from fedmerge.errors import NumericalError
 from fedmerge.merging.methods import processed_task_vectors
 from fedmerge.merging.registry import with_default_seed
@@ -412,7 +413,7 @@ class PseudoUserObjective:
         cosine_scale = 1.0
         if config.logit_norm == "cosine":
             tau = getattr(family, "temperature", None)
-            if not (isinstance(tau, (int, float)) and tau > 0):
+            if not (is_finite_number(tau) and tau > 0):
                 raise ValueError(f"logit_norm='cosine' needs a family that scores cos/τ (e.g. 'sequential'); "
                                  f"{family.name!r} has no temperature τ")
             cosine_scale = 1.0 / float(tau)

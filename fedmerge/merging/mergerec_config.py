@@ -16,6 +16,9 @@ MERGEREC_METHODS = {"mergerec_taskwise": "task", "mergerec_layerwise": "layer", 
 # ``scope`` given to a ``ties`` initialization unless init_params sets it (``ties_global`` and ``pcb_released`` name
 # their whole-model scope and keep it).
 PRESET_SCOPED_METHODS = ("ties",)
+# model families whose scores are cos/τ with a ``temperature`` τ: the ones ``logit_norm = "cosine"`` applies to
+# (checked when a scenario loads, without importing the families)
+FAMILIES_SCORING_COSINE = frozenset({"sequential"})
 MERGEREC_PRESETS: dict[str, dict[str, Any]] = {
     # the official scripts (scripts/3_mergerec/*.sh, configs/distill.py, weight_learning/module/layer_wise.py):
     # T = 0.05, c = 1000, Adam lr 1e-3, batch 16, 500 steps, λ₀ 0.2 (task vector) / 1.0 (TIES), TIES trimmed over
@@ -27,7 +30,8 @@ MERGEREC_PRESETS: dict[str, dict[str, Any]] = {
         "item_side": "frozen", "item_refresh": 0, "exclude_input_item": False, "pseudo_user_length": 1,
         "multi_start": False, "selection_users": 0, "layer_groups": "transformer", "init_scope": "model",
     },
-    # fedmerge's own setting (scenario amazon-seq-routed, README's routed-adapter table): weaker distillation,
+    # fedmerge's own setting (scenario amazon-seq-routed; its single-seed table in results/merge/history.md and the
+    # seeded one in README's Merging section): weaker distillation,
     # rollout pseudo-users without their own items, periodically refreshed candidates, family layer groups,
     # per-tensor TIES
     "fedmerge": {

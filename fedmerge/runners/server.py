@@ -667,8 +667,9 @@ class Federation:
 
     def accept_metrics(self, domain: str, content: RecordDict, sent: set[str]) -> None:
         """Store one evaluate reply's metrics per model after :func:`~fedmerge.validation.check_eval_metrics`:
-        only models the server sent, exactly the metric names of ``eval.ks``, values in [0, 1]. Anything else is
-        left out and recorded under ``rejected["evaluate:<domain>:<model>"]``."""
+        only models the server sent, exactly the metric names of ``eval.ks``, values in [0, 1], consistent with each
+        other (:func:`~fedmerge.validation.metric_consistency_problems`). Anything else is left out and recorded
+        under ``rejected["evaluate:<domain>:<model>"]``."""
         from fedmerge.metrics import USERS, evaluation_metric_names
         from fedmerge.validation import check_eval_metrics
 
@@ -818,7 +819,7 @@ class Federation:
             "train_metrics": self.train_metrics,
             "fedavg_train_metrics": self.fedavg_train_metrics,
             "warnings": [*self.setup_warnings, *self.left_out_warnings(),
-                         *(f"the update of {d} was clipped to the norm bound and merged ({reason}); "
+                         *(f"the update of {d} was clipped to the norm bound and used ({reason}); "
                            "federation.norm_action = 'clip' admits every update at that bound, the largest the "
                            "norm test lets through" for d, reason in self.clipped.items()),
                          *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics),
