@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="flower", help="simulation engine (default flower)")
     parser.add_argument("--resume", action="store_true",
                         help="re-merge and re-evaluate from the client weights saved in --out by an earlier run of the "
-                        "same scenario (no training; FedAvg rounds are skipped; the old results.json is kept)")
+                        "same scenario (no training; FedAvg rounds are skipped; the old results.json is kept as "
+                        "results.<UTC time>.json)")
     parser.add_argument("--seeds", default=None, metavar="SEEDS",
                         help="run once per seed (0-4, 0,2,5) into OUT/seed-<s>/ and aggregate means and 95 %% "
                         "intervals into OUT/aggregate.json (same as run.seeds); with --resume, complete seeds are kept")
