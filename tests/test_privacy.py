@@ -455,7 +455,7 @@ def test_shipped_privacy_scenarios_run_both_units_and_keep_the_larger_honest_dom
 
 
 def test_privacy_seq_adapter_is_the_recipe_the_stored_sequential_studies_ran():
-    """`privacy-seq-adapter` reproduces the README's sequential study: its scenario is the one recorded in the
+    """`privacy-seq-adapter` reproduces the sequential study of `results/privacy/studies.md`: its scenario is the one recorded in the
     stored user-level (3-release schedule) and domain-level studies, only its name differs (and, for the domain
     study, recorded before it existed, `privacy.fedavg_epochs`, which only DP-SGD reads)."""
     from fedmerge.config import settings_differences
