@@ -112,7 +112,7 @@ def scenario_path(name_or_path: str | Path) -> Path:
     path = Path(text)
     if path.suffix or "/" in text or "\\" in text:
         if not path.is_file():
-            raise FedmergeError(f"scenario file {path} does not exist")
+            raise FedmergeError(f"scenario file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
         return path
     candidate = SCENARIO_DIR / f"{text}.toml"
     if not candidate.is_file():
@@ -140,6 +140,9 @@ def lay_over_defaults(raw: Mapping[str, Any], source: str = "scenario") -> dict[
     cross-field checks are :func:`validate`'s, which :meth:`~fedmerge.scenario.Scenario.from_mapping` runs next."""
     cfg = copy.deepcopy(DEFAULTS)
     for section, table in raw.items():
+        if section == "privacy_study":
+            raise FedmergeError(f"{source} is a privacy study (it has a [privacy_study] table): run it with "
+                                "`fedmerge privacy run --scenario NAME_OR_PATH`, not `fedmerge simulate`")
         if section not in DEFAULTS:
             raise FedmergeError(f"{source}: unknown section [{section}]; valid: {sorted(DEFAULTS)}")
         if not isinstance(table, Mapping):
@@ -239,8 +242,16 @@ def checked_type(name: str, default: Any, value: Any, source: str) -> Any:
     else:
         ok = True
     if not ok:
-        raise FedmergeError(f"{source}: {name} must be a {type(default).__name__}, got {value!r}")
+        hint = ""
+        if isinstance(value, str) and value.strip()[:1] in "[{":
+            hint = " (not valid TOML, so read as text: quote the strings inside, e.g. '[\"ties\"]')"
+        raise FedmergeError(f"{source}: {name} must be {TYPE_WORDS.get(type(default), type(default).__name__)}, "
+                            f"got {value!r}{hint}")
     return value
+
+
+TYPE_WORDS = {bool: "true or false", float: "a number", int: "an integer", list: "a list", dict: "a table",
+              str: "a string"}
 
 
 def validate(cfg: Scenario) -> None:
@@ -252,11 +263,16 @@ def validate(cfg: Scenario) -> None:
     if data.source != "synthetic" and not data.domains:
         raise FedmergeError(f"data.domains must list the domains for data.source = {data.source!r}")
     names = data.domain_names()
+    repeated = sorted({d for d in names if names.count(d) > 1})
+    if repeated:
+        raise FedmergeError(f"data.domains lists {repeated} more than once; each domain is one client")
+    if len(names) == 0:
+        raise FedmergeError("the scenario has no domains (data.synthetic.n_domains = 0?)")
     unknown = [d for d in data.held_out if d not in names]
     if unknown:
         raise FedmergeError(f"data.held_out names unknown domain(s) {unknown}; valid: {names}")
     if len(set(names) - set(data.held_out)) < 1:
-        raise FedmergeError("every domain is held out; at least one domain must train")
+        raise FedmergeError(f"every domain is held out ({names}); at least one domain must train")
     if cfg.baselines.fedavg_rounds < 0:
         raise FedmergeError(f"baselines.fedavg_rounds must be >= 0, got {cfg.baselines.fedavg_rounds}")
     if cfg.federation.min_replies < 0 or cfg.federation.timeout_s <= 0:

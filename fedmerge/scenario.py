@@ -123,7 +123,14 @@ class DataSettings:
 
             raise DataError(f"{where}: each domain is a folder {name}/ with {INTERACTIONS_FILE} and {ITEMS_FILE} "
                             "under data.root (--set data.root=DIR)")
-        domains = ",".join(self.domain_names())
+        from fedmerge.data.download import AMAZON_SHA256
+
+        present = sorted({p.name.removesuffix(".tar.gz") for p in root.glob("*")} & set(AMAZON_SHA256)) \
+            if root.is_dir() else []
+        if name not in AMAZON_SHA256:
+            raise DataError(f"{where}: {name!r} is not one of the Amazon domains {list(AMAZON_SHA256)}"
+                            + (f" (present there: {present})" if present else ""))
+        domains = ",".join(d for d in self.domain_names() if d in AMAZON_SHA256)
         raise DataError(
             f"{where}. Get the data with `fedmerge data download amazon --domains {domains} --dest {root}`, or point "
             f"data.root (--set data.root=DIR) or ${AMAZON_ROOT_ENV} at a folder that has it"

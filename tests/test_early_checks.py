@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -95,3 +96,51 @@ def test_cosine_logit_norm_is_refused_at_load_for_a_family_without_cosine_scores
 
     for name in ("sequential", "text-lae"):  # the torch-free list agrees with the families themselves
         assert (name in FAMILIES_SCORING_COSINE) == hasattr(get_family(name), "temperature")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ('data.domains=["synth-0", "synth-0"]', r"data.domains lists \['synth-0'\] more than once"),
+        ("data.synthetic.n_domains=0", r"the scenario has no domains"),
+        ("merge.methods=[ties]", r"merge.methods must be a list, got '\[ties\]' \(not valid TOML, so read as text: "
+                                 r"quote the strings inside"),
+        ('run.seed="0"', r"run.seed must be an integer, got '0'"),
+    ],
+)
+def test_scenario_mistakes_a_trial_found_are_named(override, message):
+    """A repeated domain trained and then failed on 'only 1 usable update'; n_domains = 0 said 'every domain is held
+    out'; an unquoted list said only 'must be a list'; 'must be a int'."""
+    with pytest.raises(FedmergeError, match=message):
+        load_scenario("quickstart", [override])
+
+
+def test_a_privacy_study_or_a_folder_given_to_simulate_says_what_to_do(tmp_path):
+    with pytest.raises(FedmergeError, match=r"is a privacy study .* `fedmerge privacy run --scenario NAME_OR_PATH`"):
+        load_scenario("privacy")
+    with pytest.raises(FedmergeError, match=r"scenario file .* is a folder"):
+        load_scenario(str(tmp_path) + "/")
+
+
+def test_a_misspelled_amazon_domain_is_not_sent_to_the_download(tmp_path, monkeypatch):
+    """'Toyz' was told to run `fedmerge data download amazon --domains Beauty,Toyz`, which then failed."""
+    from fedmerge.errors import DataError
+
+    (tmp_path / "Beauty.tar.gz").write_bytes(b"")
+    cfg = load_scenario("amazon-seq", [f"data.root={json.dumps(str(tmp_path))}", 'data.domains=["Beauty", "Toyz"]'])
+    with pytest.raises(DataError, match=r"'Toyz' is not one of the Amazon domains \['Beauty', 'Pantry', 'Toys'\] "
+                                        r"\(present there: \['Beauty'\]\)"):
+        cfg.data.domain_path("Toyz")
+
+
+def test_the_flower_engine_refuses_bad_model_params_before_flower_starts():
+    """A bad model.params value failed only inside Flower's simulation (28 s, a traceback, 'Exit Code: 700'); the
+    launcher now builds the family in a short-lived process first, staying free of torch itself."""
+    from fedmerge.runners.simulation import run_scenario
+
+    start = time.perf_counter()
+    with pytest.raises(FedmergeError, match=r"model family 'sequential': parameters must be positive: \{'hidden': 0\}"):
+        run_scenario(load_scenario("quickstart", ["model.params.hidden=0"]), engine="flower")
+    with pytest.raises(FedmergeError, match=r"model family 'sequential': lr must be a number, got 'fast'"):
+        run_scenario(load_scenario("quickstart", ['baselines.fedavg_local_params.lr="fast"']), engine="flower")
+    assert time.perf_counter() - start < 120  # seconds, not a Flower start (which also needs a free port and Ray)

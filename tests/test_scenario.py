@@ -65,7 +65,7 @@ def test_pieces_resolve_what_the_scenario_names():
 
 @pytest.mark.parametrize(("raw", "message"), [
     ({"eval": {"split": "train"}}, "eval.split must be 'val' or 'test', got 'train'"),
-    ({"run": {"seed": "zero"}}, "run.seed must be a int"),
+    ({"run": {"seed": "zero"}}, "run.seed must be an integer"),
     ({"federation": {"norm_action": "drop"}}, "federation.norm_action must be one of ['reject', 'clip'], got 'drop'"),
     ({"privacy": {"unit": "row"}}, "privacy.unit must be one of ['domain', 'user'], got 'row'"),
     ({"merge": {"testtime": {"granularity": "row"}}}, "merge.testtime.granularity 'row' is unknown; valid:"),

@@ -5,18 +5,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedmerge.config import DEFAULT_SCENARIO, apply_overrides, load_scenario, parse_seeds
+from fedmerge.config import DEFAULT_SCENARIO, SCENARIO_DIR, apply_overrides, load_scenario, parse_seeds
 from fedmerge.runners.results import RESULTS_FILE
 from fedmerge.runners.simulation import ENGINES, run_scenario
+
+
+def simulation_scenarios() -> list[str]:
+    """The bundled scenarios ``simulate`` runs (the privacy studies' run with ``fedmerge privacy run``)."""
+    return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml") if "[privacy_study]" not in p.read_text("utf-8"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "simulate", help="run a scenario: local training, merges, FedAvg and baselines, evaluated per domain",
         description="Runs a scenario (scenarios/<name>.toml or a path) on Flower's simulation engine or in-process "
-        "and writes results.json, results.csv and plots.",
+        "and writes results.json, results.csv and plots. A scenario is a TOML file of the sections [run], [data], "
+        "[encoder], [model], [merge], [baselines], [federation], [privacy], [eval], [theta0]: copy one of "
+        f"{SCENARIO_DIR} and change it, or give any key with --set (README, 'Running a federation'); an unknown "
+        "key fails with the valid ones.",
     )
-    parser.add_argument("scenario", nargs="?", default=DEFAULT_SCENARIO, help=f"name or .toml path (default {DEFAULT_SCENARIO})")
+    parser.add_argument("scenario", nargs="?", default=DEFAULT_SCENARIO,
+                        help=f"a bundled name ({', '.join(simulation_scenarios())}) or "
+                        f"a .toml path (default {DEFAULT_SCENARIO})")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/<run.name>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a scenario key, value parsed as TOML (e.g. data.root=DIR); repeatable")

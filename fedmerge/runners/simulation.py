@@ -53,6 +53,7 @@ def run_scenario(
     if resume and overwrite:
         raise FedmergeError("--resume re-uses the earlier run's files and --overwrite deletes them; pass only one")
     if engine == "flower":  # the in-process engine loads them first thing; Flower's clients only once it runs
+        check_family_in_subprocess(cfg)
         for name in cfg.data.domain_names():
             cfg.load_domain(name)
     if out_dir is None:
@@ -66,6 +67,34 @@ def run_scenario(
 
             archive_results(out_dir)
         return _run_engine(cfg, engine, out_dir, resume)
+
+
+def check_family_in_subprocess(cfg: Scenario) -> None:
+    """Build the scenario's model family (with the FedAvg rounds' parameters too) in a short-lived process, so that a
+    bad ``model.params`` value fails in seconds with the family's one-line message, before Flower starts, while this
+    launcher process stays free of torch (the family modules import it)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys\n"
+            "from fedmerge.errors import FedmergeError\n"
+            "from fedmerge.models import get_family\n"
+            "family, params, extra = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])\n"
+            "try:\n"
+            "    get_family(family, **params)\n"
+            "    get_family(family, **{**params, **extra})\n"
+            "except FedmergeError as exc:\n"
+            "    print(exc, file=sys.stderr)\n"
+            "    sys.exit(3)\n")
+    args = [sys.executable, "-c", code, cfg.model.family, json.dumps(cfg.model.params),
+            json.dumps(cfg.baselines.fedavg_local_params)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    if result.returncode == 3:
+        raise FedmergeError(result.stderr.strip().splitlines()[-1])
+    if result.returncode:
+        logger.warning("could not check model.params before starting Flower (exit %d): %s", result.returncode,
+                       (result.stderr.strip().splitlines() or ["no output"])[-1])
 
 
 def check_or_record_data(cfg: Scenario, out_dir: Path, resume: bool) -> None:
