@@ -1012,3 +1012,10 @@ def test_a_domain_with_a_handful_of_test_users_is_warned_about(cfg, tmp_path, sy
     out = run_scenario(own, "inprocess", tmp_path / "run")
     lines = [w for w in out["warnings"] if "test users" in w]
     assert len(lines) == 1 and lines[0].startswith("domain few: 4 test users evaluated")
+
+
+def test_an_empty_merge_list_runs_the_baselines_and_says_so(tmp_path):
+    """merge.methods = [] ran every client and the baselines with status ok and no word that nothing was merged."""
+    out = run_inprocess(load_scenario("quickstart", [*TINY, "merge.methods=[]", "baselines.fedavg_rounds=0",
+                                                     f"encoder.cache_dir={tmp_path / 'cache'}"]))
+    assert out["status"] == "ok" and "merge.methods is empty: no merge was built, only the baselines" in out["warnings"]

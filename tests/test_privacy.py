@@ -996,3 +996,24 @@ def test_study_settings_that_make_figures_vacuous_are_warned_or_refused(tiny_sce
     assert not any("δ = 0.5" in w for w in study_warnings(cfg, study, probe=None, domain_users=None))
     quiet_cfg, quiet = load_study(str(tiny_scenario), ["privacy.noise_seed=-1", "privacy_study.delta=1e-6"])
     assert study_warnings(quiet_cfg, quiet, probe=None, domain_users={"synth-0": 60}) == []  # default privacy.delta
+
+
+def test_privacy_settings_that_do_not_do_what_they_seem_are_warned_about():
+    """DP on with no noise trained clip-only (ε = ∞) in silence; both noise keys, noise keys with DP off and the
+    pooled-data joint baseline beside a DP run also loaded without a word."""
+    from fedmerge.config import load_scenario
+    from fedmerge.privacy.client import privacy_setting_warnings
+
+    def warned(*overrides):
+        return privacy_setting_warnings(load_scenario("quickstart", list(overrides)))
+
+    assert warned() == []
+    assert warned("privacy.enabled=true", "baselines.joint=false", "privacy.noise_multiplier=1.0") == []
+    assert warned("privacy.enabled=true", "baselines.joint=false") == [
+        "privacy.enabled with neither target_epsilon nor noise_multiplier: updates are clipped, not noised (ε = ∞, "
+        "no DP guarantee)"]
+    assert "noise_multiplier = 1 is not used" in warned("privacy.enabled=true", "baselines.joint=false",
+                                                        "privacy.target_epsilon=8.0", "privacy.noise_multiplier=1.0")[0]
+    assert "privacy.enabled is false" in warned("privacy.target_epsilon=8.0")[0]
+    assert any("the joint model has no DP" in w for w in warned("privacy.enabled=true", "baselines.joint=true",
+                                                               "privacy.noise_multiplier=1.0"))

@@ -60,6 +60,25 @@ def check_user_level(cfg: Scenario) -> None:
                             "would spend privacy that is not accounted")
 
 
+def privacy_setting_warnings(cfg: Scenario) -> list[str]:
+    """Settings that load but do not do what they seem to (a results.json ``warnings`` line each): DP on with no
+    noise (a clip-only run can be meant, so not refused), both ways of setting the noise given, noise settings with
+    DP off, and the pooled-data joint baseline beside a DP run."""
+    privacy, lines = cfg.privacy, []
+    if privacy.enabled and privacy.target_epsilon <= 0 and privacy.noise_multiplier == 0:
+        lines.append("privacy.enabled with neither target_epsilon nor noise_multiplier: updates are clipped, not "
+                     "noised (ε = ∞, no DP guarantee)")
+    if privacy.enabled and privacy.target_epsilon > 0 and privacy.noise_multiplier > 0:
+        lines.append(f"privacy.target_epsilon = {privacy.target_epsilon:g} sets the noise; privacy.noise_multiplier "
+                     f"= {privacy.noise_multiplier:g} is not used")
+    if not privacy.enabled and (privacy.target_epsilon > 0 or privacy.noise_multiplier > 0):
+        lines.append("privacy.enabled is false: privacy.target_epsilon / noise_multiplier are not used (no DP)")
+    if privacy.enabled and cfg.baselines.joint:
+        lines.append("baselines.joint pools the domains' private data: the joint model has no DP (set "
+                     "baselines.joint = false in a private run)")
+    return lines
+
+
 def validate_privacy(cfg: Scenario) -> None:
     """Clear errors for ``[privacy]`` values no mechanism can run with."""
     privacy = cfg.privacy

@@ -333,8 +333,13 @@ class Federation:
         self._card: dict[str, Any] | None = None
         self.local_names = list(cfg.merge.local_parameters)  # fedmerge.merging.local_parameters
         check_local_parameters(self.local_names, theta0)
-        self.setup_warnings = merged_behaviour_warnings(cfg.model.make_family().behaviour_parameters, self.local_names,
-                                                        theta0)
+        from fedmerge.privacy.client import privacy_setting_warnings
+
+        self.setup_warnings = [
+            *merged_behaviour_warnings(cfg.model.make_family().behaviour_parameters, self.local_names, theta0),
+            *privacy_setting_warnings(cfg),
+            *([] if cfg.merge.methods else ["merge.methods is empty: no merge was built, only the baselines"]),
+        ]
         if cfg.baselines.fedavg_rounds and cfg.baselines.fedavg_local_params:  # a misspelt key fails now, not in
             cfg.model.make_family(cfg.baselines.fedavg_local_params)     # the first FedAvg round, after the merges
 
