@@ -325,6 +325,15 @@ class Scenario:
             table.setdefault(section, {}).update(changes)
         return Scenario.from_mapping(table, source="changed scenario")
 
+    def make_checked_family(self) -> ModelFamily:
+        """The run's model family; with FedAvg rounds, the family of their local parameters is built too, so that a
+        misspelt or mistyped ``baselines.fedavg_local_params`` key fails now, not in the first round after the
+        merges (FedmergeError naming it)."""
+        family = self.model.make_family()
+        if self.baselines.fedavg_rounds and self.baselines.fedavg_local_params:
+            self.model.make_family(self.baselines.fedavg_local_params)
+        return family
+
     def mergerec_config(self, granularity: str) -> MergeRecConfig:
         """MergeRec's configuration at ``granularity``: ``merge.mergerec`` with the run's seed and progress setting;
         FedmergeError naming ``merge.mergerec`` for a key or value it refuses."""

@@ -336,12 +336,10 @@ class Federation:
         from fedmerge.privacy.client import privacy_setting_warnings
 
         self.setup_warnings = [
-            *merged_behaviour_warnings(cfg.model.make_family().behaviour_parameters, self.local_names, theta0),
+            *merged_behaviour_warnings(cfg.make_checked_family().behaviour_parameters, self.local_names, theta0),
             *privacy_setting_warnings(cfg),
             *([] if cfg.merge.methods else ["merge.methods is empty: no merge was built, only the baselines"]),
         ]
-        if cfg.baselines.fedavg_rounds and cfg.baselines.fedavg_local_params:  # a misspelt key fails now, not in
-            cfg.model.make_family(cfg.baselines.fedavg_local_params)     # the first FedAvg round, after the merges
 
     # ---- saved models -----------------------------------------------------------------------------------------
     def save_model(

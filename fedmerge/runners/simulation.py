@@ -70,25 +70,22 @@ def run_scenario(
 
 
 def check_family_in_subprocess(cfg: Scenario) -> None:
-    """Build the scenario's model family (with the FedAvg rounds' parameters too) in a short-lived process, so that a
-    bad ``model.params`` value fails in seconds with the family's one-line message, before Flower starts, while this
-    launcher process stays free of torch (the family modules import it)."""
+    """:meth:`Scenario.make_checked_family` (the check the server runs when it starts) in a short-lived process, so
+    that a bad ``model.params`` value fails in seconds with the family's one-line message, before Flower starts,
+    while this launcher process stays free of torch (the family modules import it)."""
     import json
     import subprocess
     import sys
 
     code = ("import json, sys\n"
             "from fedmerge.errors import FedmergeError\n"
-            "from fedmerge.models import get_family\n"
-            "family, params, extra = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])\n"
+            "from fedmerge.scenario import Scenario\n"
             "try:\n"
-            "    get_family(family, **params)\n"
-            "    get_family(family, **{**params, **extra})\n"
+            "    Scenario.from_mapping(json.loads(sys.argv[1])).make_checked_family()\n"
             "except FedmergeError as exc:\n"
             "    print(exc, file=sys.stderr)\n"
             "    sys.exit(3)\n")
-    args = [sys.executable, "-c", code, cfg.model.family, json.dumps(cfg.model.params),
-            json.dumps(cfg.baselines.fedavg_local_params)]
+    args = [sys.executable, "-c", code, json.dumps(cfg.to_mapping())]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)
     if result.returncode == 3:
         raise FedmergeError(result.stderr.strip().splitlines()[-1])
