@@ -22,3 +22,8 @@ def is_finite_number(value: Any) -> bool:
 def is_integer(value: Any) -> bool:
     """An integer (Python or NumPy), never a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# a value's expected type in words, for the messages that refuse it
+TYPE_WORDS: dict[Any, str] = {bool: "true or false", float: "a number", int: "an integer", str: "a string",
+                              list: "a list", dict: "a table", type(None): "None"}

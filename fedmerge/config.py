@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedmerge.checks import TYPE_WORDS
 from fedmerge.errors import FedmergeError
 
 if TYPE_CHECKING:
@@ -248,10 +249,6 @@ def checked_type(name: str, default: Any, value: Any, source: str) -> Any:
         raise FedmergeError(f"{source}: {name} must be {TYPE_WORDS.get(type(default), type(default).__name__)}, "
                             f"got {value!r}{hint}")
     return value
-
-
-TYPE_WORDS = {bool: "true or false", float: "a number", int: "an integer", list: "a list", dict: "a table",
-              str: "a string"}
 
 
 def validate(cfg: Scenario) -> None:

@@ -348,10 +348,8 @@ class LoadedRecommender:
         ``domain``: a :class:`~fedmerge.data.Domain` or a domain folder/tarball. ``split``: ``"test"`` or ``"val"``;
         by default the split the model's run evaluated (from the card; ``"test"`` when it names none), as
         ``fedmerge evaluate`` does."""
-        from fedmerge.data import load_domain
+        from fedmerge.data import Domain, load_domain
         from fedmerge.metrics import DEFAULT_KS, USERS, evaluate_scorer
-
-        from fedmerge.data import Domain
 
         if isinstance(domain, (str, Path)):
             domain = load_domain(domain)

@@ -246,12 +246,11 @@ def metric_consistency_problems(metrics: Mapping[str, object]) -> list[str]:
     :mod:`fedmerge.metrics` counts them): Recall@K and NDCG@K grow with K, NDCG@K ≤ Recall@K, and the masked figure
     ≥ the unmasked one (masking only removes items ranked against the target). A client that invents its own
     domain's figures has to keep them consistent; it can still set any consistent values."""
-    values = {METRIC_NAME.fullmatch(name).groups(): float(v) for name, v in metrics.items()  # type: ignore[union-attr,arg-type]
-              if METRIC_NAME.fullmatch(name)}
+    matches = ((METRIC_NAME.fullmatch(name), value) for name, value in metrics.items())
+    values = {match.groups(): float(value) for match, value in matches if match}  # type: ignore[arg-type]
 
     def name(kind: str, k: str, masked: str | None) -> str:
         return f"{kind}@{k}{masked or ''}"
-
 
     problems = []
     for (kind, k, masked), value in sorted(values.items(), key=lambda item: (item[0][0], int(item[0][1]),

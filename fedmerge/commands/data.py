@@ -17,7 +17,8 @@ from fedmerge.data.synthetic import make_synthetic_domains
 # `data synth` flag -> make_synthetic_domains / [data.synthetic] key, and the generator's defaults
 SYNTH_FLAGS = {"domains": "n_domains", "users": "n_users", "items": "n_items", "topics": "n_topics",
                "min-len": "min_len", "max-len": "max_len"}
-SYNTH_DEFAULTS = {key: parameter.default for key, parameter in inspect.signature(make_synthetic_domains).parameters.items()
+SYNTH_DEFAULTS = {key: parameter.default
+                  for key, parameter in inspect.signature(make_synthetic_domains).parameters.items()
                   if key in SYNTH_FLAGS.values()}
 
 

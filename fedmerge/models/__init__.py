@@ -9,7 +9,7 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any
 
-from fedmerge.checks import is_integer, is_number
+from fedmerge.checks import TYPE_WORDS, is_integer, is_number
 from fedmerge.errors import FedmergeError
 
 if TYPE_CHECKING:
@@ -79,9 +79,6 @@ def matches_type(value: Any, hint: Any) -> bool:
     if hint is str:
         return isinstance(value, str)
     return True
-
-
-TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "None"}
 
 
 def describe_type(hint: Any) -> str:
