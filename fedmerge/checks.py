@@ -4,8 +4,11 @@ JSON or a client's reply."""
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import numbers
+import types
+import typing
 from typing import Any
 
 
@@ -27,3 +30,46 @@ def is_integer(value: Any) -> bool:
 # a value's expected type in words, for the messages that refuse it
 TYPE_WORDS: dict[Any, str] = {bool: "true or false", float: "a number", int: "an integer", str: "a string",
                               list: "a list", dict: "a table", type(None): "None"}
+
+
+def matches_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as TOML or JSON gives it, or a NumPy scalar) fits an annotation: ``int`` (not a bool),
+    ``float`` (an int too), ``bool``, ``str``, ``None``, ``Literal[...]`` (one of its values), unions of these,
+    ``tuple[X, ...]`` / ``Sequence[X]`` (a list or tuple of X) and ``Mapping`` / ``dict`` (a table); any other
+    annotation (and an unevaluated string one) accepts every value."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return any(value == choice and type(value) is type(choice) for choice in typing.get_args(hint))
+    if origin in (dict, collections.abc.Mapping) or hint in (dict, collections.abc.Mapping):
+        return isinstance(value, collections.abc.Mapping)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches_type(value, arg) for arg in typing.get_args(hint))
+    if origin in (tuple, collections.abc.Sequence):
+        item = typing.get_args(hint)[0] if typing.get_args(hint) else Any
+        return isinstance(value, (list, tuple)) and all(matches_type(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return is_integer(value)
+    if hint is float:
+        return is_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def describe_type(hint: Any) -> str:
+    """``hint`` in words, e.g. ``int | None`` -> "an integer or None"."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return f"one of {list(typing.get_args(hint))}"
+    if origin in (dict, collections.abc.Mapping) or hint in (dict, collections.abc.Mapping):
+        return "a table"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(arg) for arg in typing.get_args(hint))
+    if origin in (tuple, collections.abc.Sequence):
+        args = typing.get_args(hint)
+        return f"a list of {describe_type(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
+    return TYPE_WORDS.get(hint, str(hint))

@@ -13,11 +13,11 @@ import copy
 import json
 import math
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedmerge.checks import TYPE_WORDS
+from fedmerge.checks import TYPE_WORDS, is_integer, is_number
 from fedmerge.errors import FedmergeError
 
 if TYPE_CHECKING:
@@ -234,10 +234,10 @@ def checked_type(name: str, default: Any, value: Any, source: str) -> Any:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = is_number(value)
         value = float(value) if ok else value
     elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = is_integer(value)
     elif isinstance(default, (list, dict, str)):
         ok = isinstance(value, type(default))
     else:
@@ -279,8 +279,10 @@ def validate(cfg: Scenario) -> None:
         raise FedmergeError(f"federation.min_replies = {cfg.federation.min_replies} exceeds the {n_train} "
                             "training clients; valid: 0 (a strict majority) to the number of training clients")
     seeds = list(cfg.run.seeds)
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+    if not all(is_integer(s) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise FedmergeError(f"run.seeds must list distinct integers >= 0 (empty: the single run.seed), got {seeds!r}")
+    if not is_integer(cfg.run.seed) or cfg.run.seed < 0:
+        raise FedmergeError(f"run.seed must be an integer >= 0, got {cfg.run.seed!r}")
     _validate_defences(cfg.federation)
     if cfg.federation.startup_timeout_s <= 0:
         raise FedmergeError(f"federation.startup_timeout_s must be > 0, got {cfg.federation.startup_timeout_s}")
@@ -335,9 +337,20 @@ def validate(cfg: Scenario) -> None:
     if cfg.eval.split not in ("val", "test"):
         raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg.eval.split!r}")
     ks = list(cfg.eval.ks)
-    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks):
+    if not ks or not all(is_integer(k) and k > 0 for k in ks):
         raise FedmergeError(f"eval.ks must be a non-empty list of positive integers (e.g. [10, 20]), got {ks!r}")
+    check_metric_name("eval.primary", cfg.eval.primary, ks)
     _validate_before_training(cfg)
+
+
+def check_metric_name(key: str, name: str, ks: Sequence[int]) -> None:
+    """FedmergeError unless ``name`` is a metric an evaluation at cut-offs ``ks`` reports (a misspelled name would
+    otherwise give empty tables once every client had trained)."""
+    from fedmerge.metrics import USERS, evaluation_metric_names
+
+    valid = sorted(evaluation_metric_names(ks) - {USERS})
+    if name not in valid:
+        raise FedmergeError(f"{key} {name!r} is not a metric of eval.ks = {list(ks)}; valid: {valid}")
 
 
 def _validate_before_training(cfg: Scenario) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from fedmerge.checks import is_finite_number, is_integer
+from fedmerge.checks import TYPE_WORDS, is_finite_number, is_integer
 from fedmerge.errors import DataError, FedmergeError
 from fedmerge.scenario import EncoderSettings, Scenario
 
@@ -41,7 +41,6 @@ CARD_SUFFIX = ".json"
 MODELS_DIR = "models"
 # What a card must hold for the weights to be usable without the scenario.
 REQUIRED_CARD_KEYS = ("format", "name", "family", "encoder", "feature_width", "weights_digest")
-CARD_TYPE_NAMES = {str: "a string", int: "an integer", dict: "a table"}
 # The card fields a loaded model reads, and the JSON type each must have.
 CARD_FIELD_TYPES: dict[tuple[str, ...], type] = {
     ("name",): str, ("weights_digest",): str, ("feature_width",): int,
@@ -164,7 +163,7 @@ def card_problems(card: Mapping[str, Any]) -> list[str]:
         for key in keys:
             value = value.get(key) if isinstance(value, dict) else None
         if not isinstance(value, kind) or isinstance(value, bool):
-            problems.append(f"'{'.'.join(keys)}' must be {CARD_TYPE_NAMES[kind]}, got {value!r}")
+            problems.append(f"'{'.'.join(keys)}' must be {TYPE_WORDS[kind]}, got {value!r}")
     local = card.get("local_parameters", {})
     if not isinstance(local, dict) or not all(isinstance(v, dict) for v in local.values()):
         problems.append(f"'local_parameters' must map each domain to its {{weight: value}}, got {local!r}")

@@ -36,6 +36,16 @@ from fedmerge.errors import FedmergeError
                                                    r"every client: set federation.min_replies = 3"),
         ("federation.min_replies=4", r"federation.min_replies = 4 exceeds the 3 training clients"),
         ('merge.methods=["average", "mergerec_testtime"]', r"lists 'mergerec_testtime'.*data.held_out is empty"),
+        # values checked only once every client had trained (or never: a misspelled metric, a negative seed)
+        ('eval.primary="recal@10"', r"eval.primary 'recal@10' is not a metric of eval.ks = \[5, 10, 20, 50\]; valid: \["),
+        ('eval.primary="recall@15"', r"eval.primary 'recall@15' is not a metric"),
+        ('eval.primary="users"', r"eval.primary 'users' is not a metric"),
+        ("run.seed=-3", r"run.seed must be an integer >= 0, got -3"),
+        ("merge.mergerec.steps=2.5", r"merge.mergerec: steps must be an integer, got 2.5"),
+        ('merge.mergerec.multi_start="yes"', r"merge.mergerec: multi_start must be true or false, got 'yes'"),
+        ('merge.mergerec.sampling="users"', r"merge.mergerec: sampling must be one of \['union', 'domain'\], got 'users'"),
+        ('merge.mergerec.lr="fast"', r"merge.mergerec: lr must be a number, got 'fast'"),
+        ("merge.mergerec.init_coefficient=true", r"init_coefficient must be a number or None, got True"),
     ],
 )
 def test_bad_values_fail_at_scenario_load(override, message):
@@ -55,7 +65,7 @@ def test_position_weights_pass_with_every_client_required():
 
 
 def test_good_values_pass():
-    cfg = load_scenario("quickstart", ["eval.ks=[5, 50]", "merge.params.ties.density=0.5",
+    cfg = load_scenario("quickstart", ["eval.ks=[5, 50]", 'eval.primary="ndcg@50_masked"', "merge.params.ties.density=0.5",
                                        "merge.mergerec.steps=0", "privacy.noise_multiplier=0.0", "encoder.name=minilm"])
     assert cfg.eval.ks == (5, 50)
     load_scenario("quickstart", ["encoder.name=./models/my-encoder"])  # a path: its folder is checked where it loads

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmerge.checks import is_integer
 from fedmerge.data.domain import Domain, ItemCatalog, as_sequences, item_text
 from fedmerge.data.generic import INTERACTIONS_FILE, ITEMS_FILE
 from fedmerge.errors import DataError
@@ -158,7 +159,7 @@ def _user_index(key: str, file: str) -> int:
 
 
 def _item_list(value: Any, file: str, user: str, n_items: int) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+    if not isinstance(value, list) or not all(is_integer(i) for i in value):
         raise DataError(f"{file}: user {user}: expected a list of integer item indices, got {value!r:.60}")
     out_of_range = [i for i in value if not 0 <= i < n_items]
     if out_of_range:

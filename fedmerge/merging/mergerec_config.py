@@ -4,9 +4,11 @@ constant of the algorithm in :mod:`fedmerge.merging.mergerec` is a :class:`Merge
 from __future__ import annotations
 
 from collections.abc import Mapping
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from fedmerge.checks import describe_type, matches_type
 from fedmerge.merging.registry import get_method, resolve_params
 
 # scenario ``merge.methods`` names of MergeRec -> coefficient granularity
@@ -88,12 +90,12 @@ class MergeRecConfig:
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in MERGEREC_PRESETS:
             raise ValueError(f"unknown MergeRec preset {self.preset!r}; valid: {sorted(MERGEREC_PRESETS)}")
+        hints = typing.get_type_hints(type(self))
+        wrong = [f"{f.name} must be {describe_type(hints[f.name])}, got {getattr(self, f.name)!r}"
+                 for f in fields(self) if not matches_type(getattr(self, f.name), hints[f.name])]
+        if wrong:  # a TOML 2.5 where an integer belongs, "yes" where true or false does, a misspelled choice
+            raise ValueError("; ".join(wrong))
         checks = {
-            "granularity": self.granularity in ("task", "layer", "tensor"),
-            "layer_groups": self.layer_groups in ("family", "transformer"),
-            "sampling": self.sampling in ("union", "domain"),
-            "logit_norm": self.logit_norm in ("none", "teacher_std", "cosine"),
-            "item_side": self.item_side in ("full", "frozen"),
             "item_refresh": self.item_refresh >= 0,
             "temperature": self.temperature > 0,
             "distill_weight": self.distill_weight >= 0,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
-from fedmerge.checks import is_finite_number
+from fedmerge.checks import is_finite_number, is_integer
 
 if TYPE_CHECKING:
     import torch
@@ -190,7 +190,7 @@ METHODS: MethodRegistry = MethodRegistry({
                 "base": Param("task_arithmetic", lambda v: v in ("task_arithmetic", "ties"), "'task_arithmetic' or 'ties'"),
                 "density": Param(1.0, _in_open_closed(0.0, 1.0), "a number in (0, 1] (base='ties' only)"),
                 "scale": Param(None, lambda v: v is None or is_finite_number(v), "None (the base's default) or a finite real number"),
-                "seed": Param(0, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+                "seed": Param(0, is_integer, "an integer"),
             },
             "https://arxiv.org/abs/2311.03099",
             "drop and rescale, combined with task arithmetic or TIES (Yu et al. 2024)",
@@ -222,7 +222,7 @@ METHODS: MethodRegistry = MethodRegistry({
         MergeMethod(
             "trimmed_mean",
             "_trimmed_mean",
-            {"trim": Param(1, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            {"trim": Param(1, lambda v: is_integer(v) and v >= 0,
                            "an integer >= 0 (values dropped per side, at most (models − 1)//2)")},
             "https://arxiv.org/abs/1803.01498",
             "coordinate-wise trimmed mean: drop the trim largest and smallest values per entry (Yin et al. 2018)",

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import collections.abc
 import importlib
 import inspect
-import types
-import typing
 from typing import TYPE_CHECKING, Any
 
-from fedmerge.checks import TYPE_WORDS, is_integer, is_number
+from fedmerge.checks import describe_type, matches_type
 from fedmerge.errors import FedmergeError
 
 if TYPE_CHECKING:
@@ -55,41 +52,6 @@ def _construct(kind: str, table: dict[str, str], name: str, params: dict[str, An
         return cls(**params)
     except ValueError as exc:
         raise FedmergeError(f"{kind} {name!r}: {exc}") from exc
-
-
-def matches_type(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (as TOML or JSON gives it, or a NumPy scalar) fits a constructor annotation: ``int`` (not
-    a bool), ``float`` (an int too), ``bool``, ``str``, ``None``, unions of these and ``tuple[X, ...]`` /
-    ``Sequence[X]`` (a list or tuple of X); any other annotation (and an unevaluated string one) accepts every
-    value."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(matches_type(value, arg) for arg in typing.get_args(hint))
-    if origin in (tuple, collections.abc.Sequence):
-        item = typing.get_args(hint)[0] if typing.get_args(hint) else Any
-        return isinstance(value, (list, tuple)) and all(matches_type(v, item) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return is_integer(value)
-    if hint is float:
-        return is_number(value)
-    if hint is str:
-        return isinstance(value, str)
-    return True
-
-
-def describe_type(hint: Any) -> str:
-    """``hint`` in words, e.g. ``int | None`` -> "an integer or None"."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(describe_type(arg) for arg in typing.get_args(hint))
-    if origin in (tuple, collections.abc.Sequence):
-        args = typing.get_args(hint)
-        return f"a list of {describe_type(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
-    return TYPE_WORDS.get(hint, str(hint))
 
 
 def __getattr__(name: str) -> Any:

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedmerge.checks import is_integer, is_number
 from fedmerge.errors import FedmergeError
 from fedmerge.storage import write_json_atomic
 from fedmerge.scenario import Scenario
@@ -145,11 +146,11 @@ def study_record(study: PrivacyStudySettings) -> dict[str, Any]:
 
 def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
     """Clear errors for study settings the sweep cannot run with."""
+    from fedmerge.config import check_metric_name
     from fedmerge.privacy.client import UNITS, check_user_level
 
     eps = study["epsilons"]
-    if not isinstance(eps, list | tuple) or not eps or not all(
-            isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0 for e in eps):
+    if not isinstance(eps, list | tuple) or not eps or not all(is_number(e) and e > 0 for e in eps):
         raise FedmergeError(f"{STUDY_SECTION}.epsilons must be a non-empty list of numbers > 0 (inf allowed), got {eps!r}")
     if not 0 < float(study["delta"]) < 1:
         raise FedmergeError(f"{STUDY_SECTION}.delta must lie in (0, 1), got {study['delta']!r}")
@@ -162,8 +163,10 @@ def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
         except FedmergeError as err:
             raise FedmergeError(f"{STUDY_SECTION}.units: {err}") from err
     seeds = study["seeds"]
-    if not isinstance(seeds, list | tuple) or not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) < len(seeds):
-        raise FedmergeError(f"{STUDY_SECTION}.seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    if (not isinstance(seeds, list | tuple) or not seeds or not all(is_integer(s) and s >= 0 for s in seeds)
+            or len(set(seeds)) < len(seeds)):
+        raise FedmergeError(f"{STUDY_SECTION}.seeds must be a non-empty list of distinct integers >= 0, got {seeds!r}")
+    check_metric_name(f"{STUDY_SECTION}.metric", study["metric"], cfg.eval.ks)
     unknown = [m for m in study["methods"] if m not in cfg.merge.methods]
     if unknown:
         raise FedmergeError(f"{STUDY_SECTION}.methods {unknown} are not in merge.methods {list(cfg.merge.methods)}")
