@@ -247,6 +247,7 @@ class LoadedRecommender:
             for h in histories:
                 seqs.append(np.arange(offset, offset + len(h), dtype=np.int64))
                 offset += len(h)
+            self._warn_if_cut(seqs)
             return full, seqs, n
         index = {item: i for i, item in enumerate(base.ids)}
         seqs = []
@@ -257,7 +258,16 @@ class LoadedRecommender:
                                 f"({n} items, e.g. {list(base.ids[:3])}); to give item texts instead: --texts "
                                 "(fedmerge recommend) or texts=True")
             seqs.append(np.array([index[item] for item in h], dtype=np.int64))
+        self._warn_if_cut(seqs)
         return base, seqs, n
+
+    def _warn_if_cut(self, seqs: Sequence[np.ndarray]) -> None:
+        """A warning when histories are longer than the ``max_len`` items the model reads (evaluation reads the same
+        window; the text-LAE fits on whole histories)."""
+        cut = sum(len(seq) > self.family.max_len for seq in seqs)
+        if cut:
+            logger.warning("%s of %s histories are longer than the %s items the model reads (max_len): only their "
+                           "last %s items are scored", cut, len(seqs), self.family.max_len, self.family.max_len)
 
     def scores(
         self, histories: Iterable[Sequence[str]], catalog: ItemCatalog | Domain | str | Path, *, texts: bool = False
@@ -268,7 +278,8 @@ class LoadedRecommender:
         of ``catalog`` (or, with ``texts=True``, as item texts); an empty history is refused. ``catalog``: an
         :class:`~fedmerge.data.ItemCatalog`, a :class:`~fedmerge.data.Domain` (its catalog) or a domain
         folder/tarball (loaded and featurized again on every call: pass the loaded catalog when calling repeatedly).
-        Only the last ``max_len`` items of a history are read, as in training. Histories are scored in batches;
+        Only the last ``max_len`` items of a history are read (as in evaluation; a longer history is logged as a
+        warning). Histories are scored in batches;
         a model whose scores are not finite is refused (:class:`~fedmerge.errors.FedmergeError`).
         """
         full, seqs, n = self._inputs(histories, catalog, texts)

@@ -313,3 +313,72 @@ def test_text_lae_family_train_refits_selected_lambda_from_theta0() -> None:
     basis = SylvesterBasis.from_moments(*text_lae_moments(domain.train_with_val(), feats.numpy()))
     np.testing.assert_allclose(weights["W"].numpy(), basis.solve(info["lam"], np.eye(6)), rtol=1e-4, atol=1e-5)
     assert set(weights) == set(family.build(6).state_dict())
+
+
+@pytest.mark.parametrize("name, params, message", [
+    # each ran silently (λ ≤ 0 whenever G happened to be positive definite), gave NaN weights, or failed deep in
+    # LAPACK or with a division by zero, none naming the parameter
+    ("ease", {"lam": -0.5}, r"model 'ease': lam must be finite numbers > 0, got -0.5"),
+    ("ease", {"lam": 0.0}, r"lam must be finite numbers > 0, got 0.0"),
+    ("ease", {"lam": float("nan")}, r"lam must be finite numbers > 0, got nan"),
+    ("ease", {"lam": (10.0, float("inf"))}, r"lam must be finite numbers > 0, got inf"),
+    ("rlae", {"lam": -1.0}, r"model 'rlae': lam must be finite numbers > 0"),
+    ("rlae", {"xi": float("nan")}, r"model 'rlae': xi must be finite numbers in \[0, 1\], got nan"),
+    ("rlae", {"xi": 1.5}, r"xi must be finite numbers in \[0, 1\], got 1.5"),
+    ("rdlae", {"lam": -10.0}, r"model 'rdlae': lam must be finite numbers > 0"),
+    ("rdlae", {"dropout": 1.0}, r"model 'rdlae': dropout must be finite numbers in \[0, 1\), got 1.0"),
+    ("l3ae", {"lam": -5.0, "reg_x": 10.0}, r"model 'l3ae': lam must be finite numbers >= 0, got -5.0"),
+    ("l3ae", {"lam_sem": 0.0}, r"model 'l3ae': lam_sem must be finite numbers > 0, got 0.0"),
+    ("l3ae", {"lam_sem": -1.0}, r"lam_sem must be finite numbers > 0"),
+    ("l3ae", {"reg_x": float("nan")}, r"model 'l3ae': reg_x must be finite numbers, got nan"),
+    ("rlae", {"diagonal": "none"}, r"model 'rlae': diagonal must be 'zero' \(the released code\) or 'keep'"),
+])
+def test_lae_settings_out_of_range_are_refused_naming_the_parameter(name, params, message) -> None:
+    with pytest.raises(FedmergeError, match=message):
+        get_recommender(name, **params)
+
+
+@pytest.mark.parametrize("name, params", [("rlae", {"lam": 1.0, "xi": 0.3}),
+                                          ("rdlae", {"lam": 1.0, "dropout": 0.25, "xi": 0.3})])
+def test_rlae_rdlae_keep_diagonal_scores_with_the_fitted_b(name, params) -> None:
+    """The paper's equations score x_u B with the fitted diagonal (B_jj = ξ where the constraint binds); the
+    released code zeroes it. Both are offered by name; the off-diagonal weights are the same."""
+    domain = random_domain()
+    zeroed = get_recommender(name, **params).fit(domain)
+    kept = get_recommender(name, **params, diagonal="keep").fit(domain)
+    gram = gram_matrix(domain.train_with_val(), domain.n_items)
+    penalty = params["lam"] if name == "rlae" else rdlae_penalty(gram, params["lam"], params["dropout"])
+    solved = relaxed_diagonal_weights(penalized_inverse(gram, penalty), penalty, params["xi"])
+    np.testing.assert_allclose(kept.weights, solved, rtol=1e-6)
+    assert np.diag(kept.weights).max() == pytest.approx(0.3)
+    off = ~np.eye(domain.n_items, dtype=bool)
+    np.testing.assert_array_equal(kept.weights[off], zeroed.weights[off])
+    one_item = kept.score([np.array([i]) for i in range(domain.n_items)])
+    np.testing.assert_allclose(np.diag(one_item), np.diag(solved), rtol=1e-6)
+    assert kept.settings == {"diagonal": "keep"} and zeroed.settings == {"diagonal": "zero"}
+
+
+def test_grid_points_that_tie_the_selected_one_are_recorded() -> None:
+    """With every diagonal constraint binding, each ξ scales EASE's columns by 1 − ξ: the same ranking, so the
+    'selected' ξ is only the first grid point; the fit says which points tied instead of reporting it as a choice."""
+    domain = random_domain()
+    model = get_recommender("rlae", lam=1.0, xi=(0.0, 0.05)).fit(domain)
+    values = [row["val_ndcg@10"] for row in model.validation]
+    assert values[0] == values[1]  # the premise: every column binds at both ξ
+    assert model.selected == {"lam": 1.0, "xi": 0.0} and model.tied == [{"lam": 1.0, "xi": 0.05}]
+    distinct = get_recommender("ease", lam=(0.5, 500.0)).fit(domain)
+    assert distinct.validation[0]["val_ndcg@10"] != distinct.validation[1]["val_ndcg@10"] and distinct.tied == []
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"lam": float("nan")}, r"lam must be finite numbers > 0, got nan"),
+    ({"lam": (1.0, float("inf"))}, r"lam must be finite numbers > 0, got inf"),
+    ({"lam": -1.0}, r"lam must be finite numbers > 0, got -1.0"),
+    ({"lam": ()}, r"lam must be finite numbers > 0, got \(\)"),
+    ({"max_len": 0}, r"max_len must be >= 1, got 0"),
+])
+def test_text_lae_settings_are_checked_when_the_family_is_built(params, message) -> None:
+    """They were checked only inside train(): a NaN λ wrote an all-NaN weights file, a negative one failed with a
+    traceback after θ₀ had been written."""
+    with pytest.raises(FedmergeError, match=r"model family 'text-lae': " + message):
+        get_family("text-lae", **params)

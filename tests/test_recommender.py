@@ -436,3 +436,20 @@ def test_evaluate_warns_when_the_data_is_not_the_runs(run, saved_copy, tmp_path,
         assert not caplog.records
         model.evaluate(load_domain(folder, name))
     assert f"the run evaluated domain '{name}' on" in caplog.text and "not the run's data" in caplog.text
+
+
+def test_a_history_longer_than_the_model_reads_is_said_to_be_cut(run, saved_copy, unseen_catalog, caplog):
+    """Only the last max_len items of a history are scored (text-LAE fits on whole histories, so "as in training"
+    was not true of it): the caller is told instead of the older items being dropped silently."""
+    cfg, _, _, _ = run
+    model = load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir)
+    catalog = load_domain(unseen_catalog).catalog
+    max_len = model.family.max_len
+    long, short = list(catalog.ids[: max_len + 3]), list(catalog.ids[:max_len])
+    with caplog.at_level("WARNING", logger="fedmerge.recommender"):
+        model.scores([short], catalog=catalog)
+    assert "longer than the" not in caplog.text
+    with caplog.at_level("WARNING", logger="fedmerge.recommender"):
+        cut = model.scores([short, long], catalog=catalog)
+    assert f"1 of 2 histories are longer than the {max_len} items the model reads (max_len)" in caplog.text
+    np.testing.assert_allclose(cut[1], model.scores([long[-max_len:]], catalog=catalog)[0], rtol=1e-5, atol=1e-6)

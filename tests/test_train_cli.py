@@ -45,7 +45,8 @@ def test_train_recommender_writes_metrics(domain_dir, tmp_path, monkeypatch, mod
     if model == "ease":
         assert report["hyperparameters"]["lam"] in (1.0, 10.0) and len(report["validation"]) == 2
     if model == "rdlae":
-        assert set(report["hyperparameters"]) == {"lam", "dropout", "xi"}
+        assert set(report["hyperparameters"]) == {"lam", "dropout", "xi", "diagonal"}
+        assert report["hyperparameters"]["diagonal"] == "zero"  # the released code's scoring, named in the report
 
 
 def test_train_text_lae_writes_weights(domain_dir, tmp_path, monkeypatch) -> None:

@@ -41,9 +41,11 @@ def train_recommender(name: str, params: dict[str, Any], domain: Domain, encoder
     model.fit(domain, embeddings)
     report = {
         "fit_seconds": time.perf_counter() - start,
-        "hyperparameters": getattr(model, "selected", {}),
+        "hyperparameters": {**getattr(model, "selected", {}), **getattr(model, "settings", {})},
         "validation": getattr(model, "validation", []),
     }
+    if getattr(model, "tied", []):  # the selected grid point is only the first of equals
+        report["tied_with_selected"] = model.tied
     return model.score, report
 
 

@@ -14,9 +14,13 @@ item Gram matrix, B the n x n item-item weight matrix, and a user's scores are x
   γ_j = (1 - ξ)/P_jj where it would exceed ξ (active, μ_j = (1-ξ)/P_jj - Λ_jj > 0); i.e.
   γ_j = max(Λ_jj, (1 - ξ)/P_jj). Since 1/P_jj (a Schur complement of G + Λ) ≥ Λ_jj, ξ = 0 always binds and gives
   EASE; ξ = 1 never binds and gives the unconstrained LAE B = (G + Λ)⁻¹G.
-  Scoring uses B with its diagonal zeroed, as the authors' released code does: the relaxed diagonal shapes the
-  off-diagonal weights during fitting, but an item's own weight would add B_jj (up to ξ) to the score of every
-  item already in the history, which only matters (and only distorts) when history items stay in the ranking.
+  Two ways to score, offered by name (``diagonal``): ``"zero"`` (the default) zeroes diag(B), as the authors'
+  released code does (the relaxed diagonal then only shapes the off-diagonal weights); ``"keep"`` scores x_u B
+  with the fitted diagonal, as the paper's equations do: every item already in the history gets its own B_jj (up
+  to ξ) added. That matters only where history items stay in the ranking (the unmasked metrics): on Pantry, where
+  users re-buy, "keep" measured higher (README, in-domain table), elsewhere "zero".
+  Where every constraint binds, each ξ gives EASE's columns times (1 − ξ), i.e. the same ranking: the grid's ξ
+  values then tie (recorded as ``tied``).
 * L3AE (Moon et al., "LLM-Enhanced Linear Autoencoders for Recommendation", CIKM 2025), two phases:
   1. semantic item-item matrix from item text embeddings E (n x d), items' embedding columns acting as users:
      S = argmin ||Eᵀ - EᵀS||² + λ₁||S||² s.t. diag(S) = 0, i.e. EASE on F = EEᵀ:
@@ -41,12 +45,13 @@ from __future__ import annotations
 import itertools
 import logging
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar
 
 import numpy as np
 import scipy.linalg
 
+from fedmerge.checks import is_finite_number
 from fedmerge.data.domain import Domain, interaction_matrix
 from fedmerge.errors import FedmergeError
 from fedmerge.metrics import evaluate_scorer
@@ -175,28 +180,49 @@ def center_normalize_rows(embeddings: np.ndarray) -> np.ndarray:
     return (e / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
-def _as_grid(name: str, value: float | Sequence[float]) -> tuple[float, ...]:
+def as_grid(name: str, value: float | Sequence[float], allowed: tuple[Callable[[float], bool], str]) -> tuple[float, ...]:
+    """``value`` (a number or a grid of numbers) as a tuple of floats; ValueError naming ``name`` unless every value
+    is a finite number that ``allowed``'s test accepts (its words say which)."""
     values = (value,) if np.isscalar(value) else tuple(value)
-    if not values:
-        raise ValueError(f"{name}: empty grid")
+    test, words = allowed
+    bad = [v for v in values if not is_finite_number(v) or not test(float(v))]
+    if not values or bad:
+        raise ValueError(f"{name} must be finite numbers{words}, got {bad[0] if bad else value!r}")
     return tuple(float(v) for v in values)
+
+
+POSITIVE = (lambda v: v > 0, " > 0")
+NON_NEGATIVE = (lambda v: v >= 0, " >= 0")
+ANY = (lambda v: True, "")
+UNIT_INTERVAL = (lambda v: 0 <= v <= 1, " in [0, 1]")
+DROPOUT = (lambda v: 0 <= v < 1, " in [0, 1)")
+# how RLAE / RDLAE score: "zero" (diag(B) zeroed, as the authors' released code) or "keep" (x_u B with the fitted
+# diagonal, B_jj = ξ where the constraint binds, as the paper's equations)
+DIAGONALS = ("zero", "keep")
 
 
 class LinearAutoencoder(Recommender):
     """An item-item model scored as x_u B, its hyper-parameters chosen on validation.
 
-    Each constructor argument is a value or a grid of values. ``fit`` scores every grid point fitted on
-    ``domain.train`` by validation NDCG@10 (:func:`fedmerge.metrics.evaluate_scorer`), then refits the best one
-    on train + validation items (:meth:`Domain.train_with_val`) for testing. A single point skips the search.
+    Each grid argument is a value or a grid of values, each checked against its range. ``fit`` scores every grid
+    point fitted on ``domain.train`` by validation NDCG@10 (:func:`fedmerge.metrics.evaluate_scorer`), then refits
+    the best one (the first of equals) on train + validation items (:meth:`Domain.train_with_val`) for testing; the
+    grid points that tie it are kept in :attr:`tied` (their choice is arbitrary). A single point skips the search.
     """
 
     needs_embeddings: ClassVar[bool] = False
 
-    def __init__(self, **grid: float | Sequence[float]) -> None:
-        self.grid = {name: _as_grid(name, value) for name, value in grid.items()}
+    def __init__(self, **grid: tuple[float | Sequence[float], tuple[Callable[[float], bool], str]]) -> None:
+        self.grid = {name: as_grid(name, value, allowed) for name, (value, allowed) in grid.items()}
         self.weights: np.ndarray | None = None
         self.selected: Config = {}
+        self.tied: list[Config] = []
         self.validation: list[dict[str, float]] = []
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """Options that are not searched (none here)."""
+        return {}
 
     def candidates(self) -> list[Config]:
         """Every grid point, in grid order (outer parameters first so costly solves are reused)."""
@@ -220,18 +246,22 @@ class LinearAutoencoder(Recommender):
         configs = self.candidates()
         self.validation = []
         best = configs[0]
+        values: list[float] = []
         if len(configs) > 1:
             gram = gram_matrix(domain.train, domain.n_items)
-            best_value = -np.inf
             for config, weights in zip(configs, self.solutions(gram, configs, features)):
                 self.weights = weights
                 metrics = evaluate_scorer(self.score, domain, split="val")
+                values.append(metrics[SELECTION_METRIC])
                 self.validation.append({**config, f"val_{SELECTION_METRIC}": metrics[SELECTION_METRIC]})
                 logger.info("%s %s: val %s %.4f", self.name, config, SELECTION_METRIC, metrics[SELECTION_METRIC])
-                if metrics[SELECTION_METRIC] > best_value:
-                    best, best_value = config, metrics[SELECTION_METRIC]
+            best = configs[int(np.argmax(values))]
             self.weights = None
             del gram
+        self.tied = [c for c, v in zip(configs, values) if c is not best and v == max(values)]
+        if self.tied:
+            logger.warning("%s: validation %s ties at %s for %s: the first is kept, the choice is arbitrary",
+                           self.name, SELECTION_METRIC, best, self.tied)
         gram = gram_matrix(domain.train_with_val(), domain.n_items)
         self.weights = next(iter(self.solutions(gram, [best], features)))
         self.selected = best
@@ -244,29 +274,49 @@ class LinearAutoencoder(Recommender):
         return np.asarray(x @ self.weights, dtype=np.float32)
 
 
+class RelaxedDiagonalLAE(LinearAutoencoder):
+    """RLAE and RDLAE: fitted with diag(B) ≤ ξ, scored as ``diagonal`` says (:data:`DIAGONALS`)."""
+
+    def __init__(self, diagonal: str, **grid: tuple[float | Sequence[float], tuple[Callable[[float], bool], str]]) -> None:
+        if diagonal not in DIAGONALS:
+            raise ValueError(f"diagonal must be 'zero' (the released code) or 'keep' (the paper's equations), "
+                             f"got {diagonal!r}")
+        super().__init__(**grid)
+        self.diagonal = diagonal
+
+    @property
+    def settings(self) -> dict[str, str]:
+        return {"diagonal": self.diagonal}
+
+    def scored(self, weights: np.ndarray) -> np.ndarray:
+        """The fitted B as it is scored: its diagonal zeroed (``"zero"``) or kept."""
+        return without_diagonal(weights) if self.diagonal == "zero" else weights
+
+
 class EASE(LinearAutoencoder):
     """EASE (Steck 2019); λ grid around the values that suit sparse Amazon data (Pantry: λ = 50)."""
 
     name = "ease"
 
     def __init__(self, lam: float | Sequence[float] = (20.0, 50.0, 200.0)) -> None:
-        super().__init__(lam=lam)
+        super().__init__(lam=(lam, POSITIVE))
 
     def solutions(self, gram: np.ndarray, configs: list[Config], features: np.ndarray | None) -> Iterator[np.ndarray]:
         for config in configs:
             yield ease_weights(gram, config["lam"])
 
 
-class RLAE(LinearAutoencoder):
-    """RLAE (Moon et al. 2023): EASE's objective with diag(B) ≤ ξ, scored with diag(B) zeroed (as the released
-    code). The paper tunes ξ in small steps from 0."""
+class RLAE(RelaxedDiagonalLAE):
+    """RLAE (Moon et al. 2023): EASE's objective with diag(B) ≤ ξ, scored with diag(B) zeroed (``diagonal="zero"``,
+    as the released code) or kept (``"keep"``, the paper's x_u B). The paper tunes ξ in small steps from 0."""
 
     name = "rlae"
 
     def __init__(
-        self, lam: float | Sequence[float] = (50.0, 200.0), xi: float | Sequence[float] = (0.1, 0.2)
+        self, lam: float | Sequence[float] = (50.0, 200.0), xi: float | Sequence[float] = (0.1, 0.2),
+        diagonal: str = "zero",
     ) -> None:
-        super().__init__(lam=lam, xi=xi)
+        super().__init__(diagonal, lam=(lam, POSITIVE), xi=(xi, UNIT_INTERVAL))
 
     def solutions(self, gram: np.ndarray, configs: list[Config], features: np.ndarray | None) -> Iterator[np.ndarray]:
         inverse, inverse_lam = None, None
@@ -274,12 +324,12 @@ class RLAE(LinearAutoencoder):
             if inverse_lam != config["lam"]:
                 inverse, inverse_lam = None, config["lam"]
                 inverse = penalized_inverse(gram, inverse_lam)
-            yield without_diagonal(relaxed_diagonal_weights(inverse, inverse_lam, config["xi"]))
+            yield self.scored(relaxed_diagonal_weights(inverse, inverse_lam, config["xi"]))
 
 
-class RDLAE(LinearAutoencoder):
+class RDLAE(RelaxedDiagonalLAE):
     """RDLAE (Moon et al. 2023): dropout-emphasised penalty λ + p/(1-p)·G_jj with diag(B) ≤ ξ (DLAE: p ≈ 0.25-0.5),
-    scored with diag(B) zeroed (as the released code)."""
+    scored with diag(B) zeroed (``diagonal="zero"``, as the released code) or kept (``"keep"``, the paper's x_u B)."""
 
     name = "rdlae"
 
@@ -288,8 +338,9 @@ class RDLAE(LinearAutoencoder):
         lam: float | Sequence[float] = 20.0,
         dropout: float | Sequence[float] = (0.25, 0.5),
         xi: float | Sequence[float] = (0.0, 0.1, 0.2),
+        diagonal: str = "zero",
     ) -> None:
-        super().__init__(lam=lam, dropout=dropout, xi=xi)
+        super().__init__(diagonal, lam=(lam, POSITIVE), dropout=(dropout, DROPOUT), xi=(xi, UNIT_INTERVAL))
 
     def solutions(self, gram: np.ndarray, configs: list[Config], features: np.ndarray | None) -> Iterator[np.ndarray]:
         inverse, key, penalty = None, None, None
@@ -298,7 +349,7 @@ class RDLAE(LinearAutoencoder):
                 inverse, key = None, (config["lam"], config["dropout"])
                 penalty = rdlae_penalty(gram, *key)
                 inverse = penalized_inverse(gram, penalty)
-            yield without_diagonal(relaxed_diagonal_weights(inverse, penalty, config["xi"]))
+            yield self.scored(relaxed_diagonal_weights(inverse, penalty, config["xi"]))
 
 
 class L3AE(LinearAutoencoder):
@@ -319,7 +370,7 @@ class L3AE(LinearAutoencoder):
         reg_x: float | Sequence[float] = (0.0, -50.0),
         lam_sem: float | Sequence[float] = (0.3, 3.0),
     ) -> None:
-        super().__init__(lam=lam, reg_x=reg_x, lam_sem=lam_sem)
+        super().__init__(lam=(lam, NON_NEGATIVE), reg_x=(reg_x, ANY), lam_sem=(lam_sem, POSITIVE))
         bad = [(lam_col, reg_x) for lam_col in self.grid["lam"] for reg_x in self.grid["reg_x"] if lam_col + reg_x <= 0]
         if bad:
             raise FedmergeError(f"l3ae: lam + reg_x must be positive (G + (lam + reg_x)I must stay positive "

@@ -28,11 +28,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fedmerge.checks import is_integer
 from fedmerge.data.domain import Domain, interaction_matrix
 from fedmerge.errors import FedmergeError
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models.base import PAD, ModelFamily, StateDict
-from fedmerge.models.lae import SELECTION_METRIC, center_normalize_rows
+from fedmerge.models.lae import POSITIVE, SELECTION_METRIC, as_grid, center_normalize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +130,14 @@ class TextLAEFamily(ModelFamily):
         """Train + validation items: the final W is refitted on both after λ is selected (also under user-level DP)."""
         return domain.train_with_val()
 
+    def __post_init__(self) -> None:
+        self.lam_grid()  # ValueError naming lam (a NaN λ wrote all-NaN weights, a negative one failed after θ₀)
+        if not is_integer(self.max_len) or self.max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {self.max_len!r}")
+
     def lam_grid(self) -> tuple[float, ...]:
-        grid = (self.lam,) if np.isscalar(self.lam) else tuple(self.lam)
-        if not grid or min(grid) <= 0:
-            raise FedmergeError(f"text-lae lam must be positive values, got {self.lam!r}")
-        return tuple(float(v) for v in grid)
+        """λ as a grid of finite values > 0 (ValueError otherwise)."""
+        return as_grid("lam", self.lam, POSITIVE)
 
     def train(
         self, theta0: StateDict, domain: Domain, item_features: torch.Tensor, *, seed: int = 0, progress: bool = True
