@@ -103,9 +103,10 @@ def run_one(task: str, n_domains: int, n_items: int, n_users: int, steps: int, t
     """:func:`measure` in a fresh Python process, so each peak RSS is that measurement's own."""
     spec = {"task": task, "n_domains": n_domains, "n_items": n_items, "n_users": n_users, "steps": steps,
             "top_k": top_k, "models": models}
+    from fedmerge.paths import importable_env
+
     proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-                              str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
+                          env=importable_env())
     if proc.returncode != 0:
         raise SystemExit(f"measurement {spec} failed:\n{proc.stderr[-3000:]}")
     row = {**spec, "sum_items": n_domains * n_items, **json.loads(proc.stdout.strip().splitlines()[-1])}

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from fedmerge.checks import TYPE_WORDS, is_integer, is_number
 from fedmerge.errors import FedmergeError
+from fedmerge.paths import REPO_ROOT
 
 if TYPE_CHECKING:
     from fedmerge.scenario import FederationSettings, Scenario
 
 DEFAULT_SCENARIO = "quickstart"
-SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+SCENARIO_DIR = REPO_ROOT / "scenarios"
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "run": {"name": "unnamed", "seed": 0, "seeds": [], "torch_threads": 1, "server_threads": 1, "progress": True},

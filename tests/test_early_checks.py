@@ -154,3 +154,28 @@ def test_the_flower_engine_refuses_bad_model_params_before_flower_starts():
     with pytest.raises(FedmergeError, match=r"model family 'sequential': lr must be a number, got 'fast'"):
         run_scenario(load_scenario("quickstart", ['baselines.fedavg_local_params.lr="fast"']), engine="flower")
     assert time.perf_counter() - start < 120  # seconds, not a Flower start (which also needs a free port and Ray)
+
+
+def test_the_flower_launcher_checks_the_family_in_a_child_that_imports_this_copy(monkeypatch):
+    """The launcher (torch-free) checks model.params in a child interpreter: a bad value is the family's one-line
+    error. The child imports the fedmerge beside this file (as the encoding workers and the supervisor do), not
+    whatever copy its environment finds, so the check cannot degrade to a warning or test other code."""
+    import os
+    import subprocess
+
+    from fedmerge.paths import REPO_ROOT
+    from fedmerge.runners.simulation import check_family_in_subprocess
+
+    with pytest.raises(FedmergeError, match=r"model family 'sequential': unknown adapter 'mlpp'; valid: \["):
+        check_family_in_subprocess(load_scenario("quickstart", ['model.params.adapter="mlpp"']))
+    seen = {}
+    real_run = subprocess.run
+
+    def recording_run(*args, **kwargs):
+        seen.update(kwargs)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setattr(subprocess, "run", recording_run)
+    check_family_in_subprocess(load_scenario("quickstart"))
+    assert seen["env"]["PYTHONPATH"].split(os.pathsep) == [str(REPO_ROOT), "/elsewhere"]

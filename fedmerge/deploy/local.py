@@ -23,13 +23,13 @@ from fedmerge.deploy.certs import NodeKeys, TlsFiles, generate, load_tls_dir
 from fedmerge.deploy.flwr_cli import FlwrClient, RunFailed, config_line, write_flower_config
 from fedmerge.deploy.processes import ManagedProcess, ProcessSet, free_port, wait_for_port
 from fedmerge.errors import FedmergeError
+from fedmerge.paths import REPO_ROOT
 from fedmerge.runners.results import RESULTS_FILE
 from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 
 from fedmerge.errors import FedmergeError
+from fedmerge.paths import importable_env
 
 logger = logging.getLogger(__name__)
 
@@ -206,14 +207,6 @@ class ProcessSet:
         finally:
             self._supervisor.stdin.close()  # every recorded process has a return code now: the supervisor just exits
             self._supervisor.wait()
-
-
-def importable_env() -> dict[str, str]:
-    """This environment with the folder holding this copy of ``fedmerge`` first on PYTHONPATH (for child
-    interpreters that import it: the supervisor, the parallel encoding workers, benchmark subprocesses)."""
-    root = str(Path(__file__).resolve().parents[2])
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": root if not path else os.pathsep.join([root, path])}
 
 
 def _same_process(pid: int, argv: Sequence[str]) -> bool:

@@ -66,7 +66,8 @@ def source_commit() -> str:
     own git command may need)."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[2]
+    from fedmerge.paths import REPO_ROOT as root
+
     if not (root / ".git").exists():
         return "not a git checkout (installed package)"
 
@@ -90,7 +91,8 @@ def source_digest() -> str:
     code whether installed or checked out, with or without git, and different for any edit to it."""
     import hashlib
 
-    package = Path(__file__).resolve().parents[1]
+    from fedmerge.paths import PACKAGE_ROOT as package
+
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")

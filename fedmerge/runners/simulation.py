@@ -77,6 +77,8 @@ def check_family_in_subprocess(cfg: Scenario) -> None:
     import subprocess
     import sys
 
+    from fedmerge.paths import importable_env
+
     code = ("import json, sys\n"
             "from fedmerge.errors import FedmergeError\n"
             "from fedmerge.scenario import Scenario\n"
@@ -86,7 +88,7 @@ def check_family_in_subprocess(cfg: Scenario) -> None:
             "    print(exc, file=sys.stderr)\n"
             "    sys.exit(3)\n")
     args = [sys.executable, "-c", code, json.dumps(cfg.to_mapping())]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, env=importable_env())
     if result.returncode == 3:
         raise FedmergeError(result.stderr.strip().splitlines()[-1])
     if result.returncode:

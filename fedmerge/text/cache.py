@@ -240,7 +240,7 @@ def _run_worker(encoder_name: str, params: Mapping[str, Any], root: Path, texts:
     import subprocess
     import sys
 
-    from fedmerge.deploy.processes import importable_env
+    from fedmerge.paths import importable_env
 
     spec = json.dumps({"encoder": encoder_name, "params": dict(params), "root": str(root), "texts": texts})
     done = subprocess.run([sys.executable, "-c", "from fedmerge.text.cache import warm_cache_worker; warm_cache_worker()"],
