@@ -23,7 +23,7 @@ from fedmerge.config import parse_params
 from fedmerge.data import load_domain
 from fedmerge.data.amazon import default_amazon_root
 from fedmerge.models import get_family
-from fedmerge.privacy.dp import task_vector_norm
+from fedmerge.validation import task_vector_norm
 from fedmerge.text import default_cache_root, encode_catalog, get_encoder
 from merge_amazon import evaluate, locate, trained_weights
 

@@ -143,6 +143,14 @@ def task_vector_norm(reference: Mapping[str, torch.Tensor], update: Mapping[str,
     return math.sqrt(sum(float((update[n].double() - ref.double()).pow(2).sum()) for n, ref in reference.items()))
 
 
+def scale_task_vector(reference: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor],
+                      factor: float) -> StateDict:
+    """θ_ref + s·(θ − θ_ref) per tensor, computed in float64 and returned in ``update``'s dtypes: the update with its
+    task vector scaled by ``factor`` (the norm screen's clip and DP clipping)."""
+    return {n: (ref.double() + factor * (update[n].double() - ref.double())).to(update[n].dtype)
+            for n, ref in reference.items()}
+
+
 @dataclass(frozen=True)
 class NormScreen:
     """What :func:`screen_norms` decided: per-client scale factors (1.0: unchanged) and reasons of rejections."""

@@ -227,6 +227,18 @@ def test_default_min_replies_is_a_strict_majority(cfg, k, needed):
         federation.require_enough({f"d{i}": {} for i in range(needed - 1)})
 
 
+def test_clipping_scales_the_over_norm_update_to_the_bound_and_keeps_the_others(cfg):
+    """The clip must change the weights, not only the record: limit 3 × the upper median of the others' norms."""
+    federation = Federation(cfg.with_changes(federation={"norm_action": "clip"}), initial_weights(cfg))
+    reference = {"w": torch.zeros(4)}
+    updates = {"synth-0": {"w": torch.tensor([1.0, 0, 0, 0])}, "synth-1": {"w": torch.tensor([2.0, 0, 0, 0])},
+               "synth-2": {"w": torch.tensor([0.0, 9.0, 0, 0])}}
+    kept = federation.screen_updates(updates, reference)
+    torch.testing.assert_close(kept["synth-2"]["w"], torch.tensor([0.0, 6.0, 0.0, 0.0]), rtol=0, atol=0)
+    assert kept["synth-0"] is updates["synth-0"] and kept["synth-1"] is updates["synth-1"]
+    assert "scaled by 0.6667" in federation.clipped["synth-2"]
+
+
 def test_fedavg_aggregate_matches_weighted_mean():
     a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}
     out = fedavg_aggregate({"a": a, "b": b}, {"a": 1.0, "b": 3.0})

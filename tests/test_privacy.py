@@ -26,8 +26,8 @@ from fedmerge.privacy import (
     rank_auc,
     sequence_losses,
     split_members,
-    task_vector_norm,
 )
+from fedmerge.validation import task_vector_norm
 
 
 @pytest.fixture(autouse=True)

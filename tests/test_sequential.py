@@ -22,7 +22,7 @@ from fedmerge.models.sequential import (
     standardize_features,
     training_windows,
 )
-from fedmerge.privacy.dp import task_vector_norm
+from fedmerge.validation import task_vector_norm
 
 DIM = 16
 

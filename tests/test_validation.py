@@ -9,6 +9,7 @@ import torch
 
 from fedmerge.errors import FedmergeError
 from fedmerge.validation import (
+    NormScreen,
     UpdateRejected,
     check_eval_metrics,
     check_fixed,
@@ -17,6 +18,7 @@ from fedmerge.validation import (
     check_update,
     max_bytes_for,
     norm_limits,
+    scale_task_vector,
     screen_norms,
     task_vector_norm,
     tensor_bytes,
@@ -281,3 +283,46 @@ def test_a_non_finite_norm_is_rejected_and_does_not_move_the_others_limits(actio
     screen = screen_norms({"a": 1.0, "b": 1.1, "c": 0.9, "d": float("nan"), "e": float("inf")}, 3.0, 0.0, action)
     assert sorted(screen.rejected) == ["d", "e"] and "not finite" in screen.rejected["d"]
     assert screen.scale == {"a": 1.0, "b": 1.0, "c": 1.0} and not screen.clipped
+
+
+# ---- boundaries the rules above did not pin (mutants of each survived the suite) --------------------------------
+
+
+def test_fixed_weights_one_ulp_off_are_rejected(theta0):
+    """Bit for bit: a change below allclose's tolerance is still a change."""
+    update = dict(theta0)
+    update["head"] = torch.nextafter(theta0["head"], theta0["head"] + 1)
+    assert not torch.equal(update["head"], theta0["head"]) and torch.allclose(update["head"], theta0["head"])
+    with pytest.raises(UpdateRejected, match="fixed parameters"):
+        check_fixed(theta0, update, ["head"])
+
+
+def test_magnitude_limit_is_inclusive_and_symmetric():
+    check_magnitude({"w": torch.tensor([1e4, -1e4])}, 1e4)
+    for value in (1.001e4, -1.001e4):
+        with pytest.raises(UpdateRejected, match="magnitude"):
+            check_magnitude({"w": torch.tensor([0.0, value])}, 1e4)
+
+
+def test_a_fractional_user_count_is_refused():
+    expected = {"recall@10", "ndcg@10", "users"}
+    assert check_eval_metrics({"recall@10": 0.5, "ndcg@10": 0.2, "users": 10.5}, expected, "users") == [
+        "users = 10.5 is not a whole number >= 0"]
+    assert check_eval_metrics({"recall@10": 0.5, "ndcg@10": 0.2, "users": 10.0}, expected, "users") == []
+
+
+def test_a_norm_at_the_limit_is_kept_and_just_above_it_is_not():
+    """Limit 3 × the other clients' upper median (1): exactly 3 stays, 3.0001 goes (rejected or scaled to 3)."""
+    assert screen_norms({"a": 1.0, "b": 1.0, "c": 3.0}, 3.0, 0.0, "reject") == NormScreen(
+        {"a": 1.0, "b": 1.0, "c": 1.0}, {}, {})
+    assert set(screen_norms({"a": 1.0, "b": 1.0, "c": 3.0001}, 3.0, 0.0, "reject").rejected) == {"c"}
+    assert screen_norms({"a": 1.0, "b": 1.0, "c": 6.0}, 3.0, 0.0, "clip").scale["c"] == 0.5
+
+
+def test_scale_task_vector_moves_the_update_towards_the_reference_in_float64():
+    reference = {"w": torch.tensor([1.0, 2.0, 3.0]), "h": torch.tensor([0.0], dtype=torch.float64)}
+    update = {"w": torch.tensor([3.0, 2.0, -1.0]), "h": torch.tensor([1e-300], dtype=torch.float64)}
+    scaled = scale_task_vector(reference, update, 0.25)
+    torch.testing.assert_close(scaled["w"], torch.tensor([1.5, 2.0, 2.0]), rtol=0, atol=0)
+    assert scaled["h"].dtype == torch.float64 and float(scaled["h"]) == 0.25e-300
+    assert task_vector_norm(reference, scaled) == pytest.approx(0.25 * task_vector_norm(reference, update))

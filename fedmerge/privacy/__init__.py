@@ -17,7 +17,6 @@ if TYPE_CHECKING:
         gaussian_delta,
         noise_multiplier_for,
         privatize_update,
-        task_vector_norm,
     )
     from fedmerge.privacy.membership import (
         membership_auc,
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
 # name -> the submodule that defines it
 HOMES: dict[str, str] = {
     **dict.fromkeys(("classic_noise_multiplier", "clip_update", "epsilon_for", "gaussian_delta", "noise_multiplier_for",
-                     "privatize_update", "task_vector_norm"), "dp"),
+                     "privatize_update"), "dp"),
     **dict.fromkeys(("membership_auc", "rank_auc", "sequence_losses", "split_members", "split_users",
                      "subset_users"), "membership"),
 }

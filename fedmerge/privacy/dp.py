@@ -48,7 +48,7 @@ from scipy.special import log_ndtr, ndtr
 
 from fedmerge.merging.methods import check_compatible
 from fedmerge.models.base import StateDict
-from fedmerge.validation import task_vector_norm as unchecked_norm
+from fedmerge.validation import scale_task_vector, task_vector_norm
 
 logger = logging.getLogger(__name__)
 
@@ -57,29 +57,17 @@ _SENSITIVITY_FACTOR: dict[str, float] = {"add_remove": 1.0, "replace": 2.0}
 _Z_BRACKET = (1e-4, 1e6)
 
 
-def task_vector_norm(theta0: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> float:
-    """‖θ − θ₀‖₂ over all tensors jointly: √(Σ_name ‖θ[name] − θ₀[name]‖²), accumulated in float64
-    (:func:`fedmerge.validation.task_vector_norm`, after :func:`fedmerge.merging.methods.check_compatible`: the
-    same names, shapes and float dtypes as θ₀)."""
-    check_compatible(dict(theta0), {"weights": dict(weights)})
-    return unchecked_norm(theta0, weights)
-
-
 def clip_update(
     theta0: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], clip_norm: float
 ) -> tuple[StateDict, float]:
     """(θ₀ + τ·min(1, C/‖τ‖₂), ‖τ‖₂) with τ = θ − θ₀: the update clipped to global L2 norm C, and its original norm."""
     if not clip_norm > 0 or not math.isfinite(clip_norm):
         raise ValueError(f"clip_norm must be a positive finite number, got {clip_norm}")
+    check_compatible(dict(theta0), {"weights": dict(weights)})  # θ₀'s names, shapes and float dtypes
     norm = task_vector_norm(theta0, weights)
     if not math.isfinite(norm):
         raise ValueError(f"the update's task-vector norm is {norm} (NaN or infinite weights): nothing to clip")
-    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-    clipped = {
-        k: (theta0[k].double() + (weights[k].double() - theta0[k].double()) * scale).to(weights[k].dtype)
-        for k in theta0
-    }
-    return clipped, norm
+    return scale_task_vector(theta0, weights, min(1.0, clip_norm / norm) if norm > 0 else 1.0), norm
 
 
 def privatize_update(

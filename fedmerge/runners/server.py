@@ -502,7 +502,7 @@ class Federation:
         """``updates`` after the task-vector norm test against the other clients' (τ_k = θ_k − ``reference``; see
         :func:`~fedmerge.validation.screen_norms`): over-norm updates are rejected or, with
         ``federation.norm_action = "clip"``, scaled to reference + s·τ_k and recorded under ``clipped``."""
-        from fedmerge.validation import screen_norms, task_vector_norm
+        from fedmerge.validation import scale_task_vector, screen_norms, task_vector_norm
 
         federation = self.cfg.federation
         norms = {d: task_vector_norm(reference, u) for d, u in updates.items()}
@@ -516,9 +516,7 @@ class Federation:
             self.clipped[prefix + d] = reason
         kept = {}
         for d, factor in screen.scale.items():
-            kept[d] = updates[d] if factor == 1.0 else {
-                n: (ref.double() + factor * (updates[d][n].double() - ref.double())).to(ref.dtype)
-                for n, ref in reference.items()}
+            kept[d] = updates[d] if factor == 1.0 else scale_task_vector(reference, updates[d], factor)
         self.require_enough(kept)
         return kept
 
