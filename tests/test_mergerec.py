@@ -147,6 +147,16 @@ def test_zero_steps_returns_the_initialization():
         torch.testing.assert_close(merged[p], reference[p])
 
 
+def test_the_coefficient_cap_also_bounds_the_start():
+    """With no step taken the initialization is what ships: λ₀ = 1 (TIES) must start at the cap, not above it."""
+    family, theta0, models, features = setup()
+    config = MergeRecConfig(init_method="ties", init_params={"density": 0.5}, steps=0, progress=False,
+                            item_side="full", init_coefficient=1.0, max_coefficient=0.4)
+    _, report = mergerec(family, theta0, models, features, config)
+    assert report.initial_coefficient == 0.4
+    assert all(v == pytest.approx(0.4) for per in report.coefficients.values() for v in per.values())
+
+
 def test_layer_wise_has_one_coefficient_per_domain_per_group():
     family, theta0, models, features = setup()
     config = MergeRecConfig(**FAST, granularity="layer", logit_norm="teacher_std", sampling="domain")

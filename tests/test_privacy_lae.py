@@ -12,7 +12,7 @@ from fedmerge.data.synthetic import make_synthetic_domains
 from fedmerge.errors import FedmergeError
 from fedmerge.models.text_lae import TextLAEFamily
 from fedmerge.privacy.client import private_train
-from fedmerge.privacy.dp import epsilon_for
+from fedmerge.privacy.dp import epsilon_for, noise_multiplier_for
 from fedmerge.scenario import Scenario
 from fedmerge.privacy.lae import (
     clipped_profiles,
@@ -55,7 +55,17 @@ def test_profiles_are_bounded_and_small_ones_unchanged(domain, features):
 def test_symmetric_noise_has_the_asked_scale():
     noise = symmetric_noise(300, 2.5, np.random.default_rng(0))
     np.testing.assert_array_equal(noise, noise.T)
-    assert np.triu(noise)[np.triu_indices(300)].std() == pytest.approx(2.5, rel=0.02)
+    assert noise[np.triu_indices(300, 1)].std() == pytest.approx(2.5, rel=0.02)
+    # the diagonal on its own (pooled with 44,850 off-diagonal entries, a doubled diagonal variance went unseen)
+    assert np.diag(noise).std() == pytest.approx(2.5, rel=0.15)
+
+
+def test_the_gram_noise_has_std_z_times_the_squared_bound(domain, features):
+    """Sensitivity B²: with B = 2 the noise is z·4 (B = 1, the only bound tried before, cannot tell B from B²)."""
+    rows, _ = clipped_profiles(domain.train, features.numpy(), 2.0)
+    noisy, _ = private_gram(domain.train, features.numpy(), 2.0, 1.5, seed=3)
+    noise = noisy - rows.T @ rows
+    np.testing.assert_allclose(noise, symmetric_noise(noise.shape[0], 1.5 * 4.0, np.random.default_rng(3)), atol=1e-9)
 
 
 def test_without_noise_and_clipping_it_is_the_family_closed_form(domain, features):
@@ -86,6 +96,8 @@ def test_client_reports_the_analytic_gaussian_epsilon_over_releases(domain, feat
                                round_index=0, noise_seed=0)
     assert metrics["dp_unit"] == 1 and metrics["dp_user_bound"] == 2.0
     assert metrics["dp_epsilon_run"] == pytest.approx(3.0, rel=1e-6)
+    # calibrated for the run's two releases (the one-shot weights and one FedAvg round), not derived from itself
+    assert metrics["dp_noise_multiplier"] == pytest.approx(noise_multiplier_for(3.0, 1e-5, rounds=2), rel=1e-6)
     assert metrics["dp_epsilon"] == pytest.approx(epsilon_for(metrics["dp_noise_multiplier"], 1e-5, rounds=1))
     with pytest.raises(FedmergeError, match="one λ"):
         Scenario.from_mapping({"model": {"family": "text-lae"}, "privacy": {"enabled": True, "unit": "user"}})
