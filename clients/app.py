@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from fedmerge.logs import configure_from_env
 from fedmerge.runners.appconfig import scenario_from_run_config
-from fedmerge.runners.client import ClientState
+from fedmerge.runners.client import ClientState, client_error_reason
 from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def build_client_app(cfg: Scenario | None = None) -> ClientApp:
             return Message(state.handle(message_type, message.content), reply_to=message)
         except Exception as exc:  # every failure goes back to the server as an error reply naming the domain
             logger.error("client %s failed:\n%s", label, traceback.format_exc())
-            return Message(Error(CLIENT_ERROR_CODE, f"client {label}: {type(exc).__name__}: {exc}"), reply_to=message)
+            return Message(Error(CLIENT_ERROR_CODE, client_error_reason(label, exc)), reply_to=message)
 
     app.query()(handle)
     app.train()(handle)

@@ -18,7 +18,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.logs import configure_from_env
 from fedmerge.runners import results as results_io
 from fedmerge.runners.appconfig import HELD_KEY, OUT_DIR_KEY, OVERWRITE_KEY, RESUME_KEY, scenario_from_run_config
-from fedmerge.runners.server import run_federation
+from fedmerge.runners.server import run_and_record
 from fedmerge.storage import run_folder
 from server.strategy import MergeStrategy
 from fedmerge.scenario import Scenario
@@ -57,13 +57,7 @@ def run(grid: Grid, scenario: Scenario, target: Path, resuming: bool, start: flo
     logger.info("results go to %s%s", target.resolve(), " (resuming from saved client weights)" if resuming else "")
     strategy = MergeStrategy(scenario, grid)
     strategy.summary()
-    out = run_federation(scenario, strategy, out_dir=target, resume=resuming)  # connects on the first send
-    out["timings_s"]["connect"] = round(strategy.connect_seconds or 0.0, 3)
-    out["rejected"].update(strategy.refused)  # SuperNodes whose domain claim was refused
-    out["timings_s"]["total"] = round(time.perf_counter() - start, 3)
-    out = results_io.finalize(out, scenario, engine="flower")
-    results_io.write_results(out, target, scenario.eval.primary)
-    return out
+    return run_and_record(scenario, strategy, target, resume=resuming, engine="flower", started=start)
 
 
 app = build_server_app()

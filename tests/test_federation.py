@@ -328,6 +328,8 @@ def test_flower_simulation_matches_inprocess(cfg, tmp_path, concurrency):
         for domain, metrics in per_domain.items():
             assert flower["models"][name][domain] == pytest.approx(metrics), (name, domain)
     assert flower["bytes"] == inprocess["bytes"]
+    # one recording path: the same result fields; only Flower has a connection step and a simulation around it
+    assert set(flower) == set(inprocess) and set(flower["timings_s"]) == set(inprocess["timings_s"]) | {"connect", "simulation_wall"}
     from fedmerge.storage import load_client_weights
 
     saved_flower, saved_inprocess = load_client_weights(tmp_path / "flower"), load_client_weights(tmp_path / "inprocess")

@@ -212,6 +212,11 @@ def client_evaluate(
     return results
 
 
+def client_error_reason(label: str, exc: BaseException) -> str:
+    """The error reply of a client whose handling of a message raised ``exc`` (both engines send the same)."""
+    return f"client {label}: {type(exc).__name__}: {exc}"
+
+
 class ClientState:
     """A client's domain and item features, loaded once per process and reused across messages."""
 

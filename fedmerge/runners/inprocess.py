@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,9 +10,8 @@ from typing import Any
 
 from flwr.app import RecordDict
 
-from fedmerge.runners import results as results_io
-from fedmerge.runners.client import ClientState
-from fedmerge.runners.server import ReplyHandler, run_federation
+from fedmerge.runners.client import ClientState, client_error_reason
+from fedmerge.runners.server import ReplyHandler, run_and_record
 from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
@@ -22,8 +20,11 @@ logger = logging.getLogger(__name__)
 class InProcessTransport:
     """Delivers each request straight to that domain's :class:`ClientState` (records are passed, not shared)."""
 
-    def __init__(self, cfg: Scenario) -> None:
+    refused: dict[str, str]  # nothing to refuse: every client is built here
+    connect_seconds: float | None = None  # and nothing to connect to
 
+    def __init__(self, cfg: Scenario) -> None:
+        self.refused = {}
         self.clients = {name: ClientState(cfg, partition_id=i) for i, name in enumerate(cfg.data.domain_names())}
 
     def send(
@@ -35,7 +36,7 @@ class InProcessTransport:
                 replies[domain] = self.clients[domain].handle(message_type, content)
             except Exception as exc:  # a client failure becomes an error reply, as in Flower
                 logger.debug("client %s failed:\n%s", domain, traceback.format_exc())
-                errors[domain] = f"client {domain}: {type(exc).__name__}: {exc}"
+                errors[domain] = client_error_reason(domain, exc)
                 continue
             if on_reply is not None:
                 on_reply(domain, replies[domain])
@@ -44,11 +45,4 @@ class InProcessTransport:
 
 def run_inprocess(cfg: Scenario, out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Run the scenario in this process; write the results (and saved weights) to ``out_dir`` if given."""
-    start = time.perf_counter()
-    transport = InProcessTransport(cfg)
-    out = run_federation(cfg, transport, out_dir=out_dir, resume=resume)
-    out["timings_s"]["total"] = round(time.perf_counter() - start, 3)
-    out = results_io.finalize(out, cfg, engine="inprocess")
-    if out_dir is not None:
-        results_io.write_results(out, out_dir, cfg.eval.primary)
-    return out
+    return run_and_record(cfg, InProcessTransport(cfg), out_dir, resume=resume, engine="inprocess")

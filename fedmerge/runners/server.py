@@ -64,8 +64,13 @@ TrainMetrics = dict[str, float | str]  # a client's training metrics (numbers, a
 class Transport(Protocol):
     """Sends one request per domain and returns (replies, errors) keyed by domain name.
 
-    ``on_reply(domain, content)``, when given, is called for each reply as soon as it arrives.
+    ``on_reply(domain, content)``, when given, is called for each reply as soon as it arrives. ``refused``: nodes
+    the transport turned away before any request (a Flower SuperNode claiming a domain it may not hold), recorded
+    with the run's rejections; ``connect_seconds``: how long reaching the clients took (None: no connection step).
     """
+
+    refused: dict[str, str]
+    connect_seconds: float | None
 
     def send(
         self, message_type: str, requests: Mapping[str, RecordDict], on_reply: ReplyHandler | None = None
@@ -960,4 +965,26 @@ def run_federation(
     if resume:
         out["resumed"] = {"from": str(out_path), "clients": sorted(saved),
                           "skipped": ["local_training", "fedavg"], "note": "merged and evaluated from saved weights"}
+    return out
+
+
+def run_and_record(
+    cfg: Scenario, transport: Transport, out_dir: str | Path | None = None, *, resume: bool = False, engine: str,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """:func:`run_federation`, then what every engine records: the transport's refused nodes and connection time,
+    the total time (from ``started``, a :func:`time.perf_counter` value; default now), the run's identity and
+    versions (:func:`fedmerge.runners.results.finalize`); written to ``out_dir`` (results.json, CSV, plots) when
+    given, also for a failed run. The one path of the in-process engine and the Flower ServerApp."""
+    from fedmerge.runners import results as results_io
+
+    start = time.perf_counter() if started is None else started
+    out = run_federation(cfg, transport, out_dir=out_dir, resume=resume)
+    out["rejected"].update(transport.refused)
+    if transport.connect_seconds is not None:
+        out["timings_s"]["connect"] = round(transport.connect_seconds, 3)
+    out["timings_s"]["total"] = round(time.perf_counter() - start, 3)
+    out = results_io.finalize(out, cfg, engine=engine)
+    if out_dir is not None:
+        results_io.write_results(out, out_dir, cfg.eval.primary)
     return out
