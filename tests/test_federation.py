@@ -123,7 +123,7 @@ def test_flower_client_app_replies_and_names_domain_on_error(cfg):
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(),
                       run_config={})
     theta0 = initial_weights(cfg)
-    train = Message(RecordDict({protocol.GLOBAL: protocol.to_record(theta0), protocol.CONFIG: ConfigRecord({"round": 0})}),
+    train = Message(RecordDict({protocol.GLOBAL: protocol.to_record(theta0), protocol.CONFIG: ConfigRecord({protocol.ROUND: 0})}),
                     7, protocol.TRAIN)
     reply = app(train, context)
     assert not reply.has_error()
@@ -150,7 +150,7 @@ def test_flower_client_app_takes_the_cli_log_level_and_logs_each_training(cfg, m
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
                       run_config={})
     train = Message(RecordDict({protocol.GLOBAL: protocol.to_record(initial_weights(cfg)),
-                                protocol.CONFIG: ConfigRecord({"round": 0})}), 7, protocol.TRAIN)
+                                protocol.CONFIG: ConfigRecord({protocol.ROUND: 0})}), 7, protocol.TRAIN)
     assert not build_client_app(cfg)(train, context).has_error()
     assert root.level == logging.INFO
     assert any(r.levelno == logging.INFO and r.getMessage().startswith("synth-0: round 0 trained in ")
@@ -207,7 +207,7 @@ def test_a_run_that_fails_in_fedavg_keeps_the_merges_metrics_in_their_cards(cfg,
         honest = transport.clients[domain].handle
 
         def vanish_in_fedavg(message_type, content, honest=honest):
-            if message_type == protocol.TRAIN and content.config_records[protocol.CONFIG]["phase"] != "oneshot":
+            if message_type == protocol.TRAIN and content.config_records[protocol.CONFIG][protocol.PHASE] != protocol.PHASE_ONESHOT:
                 raise RuntimeError("node lost")
             return honest(message_type, content)
 

@@ -256,8 +256,8 @@ class ClientState:
         config = content.config_records.get(protocol.CONFIG, ConfigRecord())
         if message_type == protocol.TRAIN:
             theta = protocol.from_record(content.array_records[protocol.GLOBAL])
-            fedavg = config.get("phase") == "fedavg"
-            round_index = int(config.get("round", 0))
+            fedavg = config.get(protocol.PHASE) == protocol.PHASE_FEDAVG
+            round_index = int(config.get(protocol.ROUND, 0))
             local = self.cfg.baselines.fedavg_local_params if fedavg else None
             start = time.perf_counter()
             weights, metrics = client_train(

@@ -19,7 +19,10 @@ QUERY = "query"
 TRAIN = "train"
 EVALUATE = "evaluate"
 
-CONFIG = "config"  # ConfigRecord sent by the server: phase and (training) round; clients derive their seeds
+CONFIG = "config"  # ConfigRecord sent by the server: PHASE and (training) ROUND; clients derive their seeds
+PHASE = "phase"  # CONFIG key: PHASE_ONESHOT or PHASE_FEDAVG (train), PHASE_EVALUATE (evaluate)
+ROUND = "round"  # CONFIG key: the training round (0 for the one-shot training)
+PHASE_ONESHOT, PHASE_FEDAVG, PHASE_EVALUATE = "oneshot", "fedavg", "evaluate"
 INFO = "info"  # ConfigRecord sent by a client: its domain name
 GLOBAL = "global"  # ArrayRecord sent for training: the starting weights
 WEIGHTS = "weights"  # ArrayRecord replied after training

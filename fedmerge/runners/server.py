@@ -432,7 +432,7 @@ class Federation:
     def train_requests(self, weights: StateDict, phase: str, round_index: int) -> dict[str, RecordDict]:
         """One training request per training domain: the starting weights and (phase, round)."""
         record = protocol.to_record(weights)
-        config = ConfigRecord({"phase": phase, "round": round_index})
+        config = ConfigRecord({protocol.PHASE: phase, protocol.ROUND: round_index})
         return {d: RecordDict({protocol.GLOBAL: record, protocol.CONFIG: config}) for d in self.train_domains}
 
     def accept_update(
@@ -653,7 +653,7 @@ class Federation:
                 path = save_client_weights(self.out_dir, domain, individual[domain], metadata)
                 self.save_individual(domain, individual[domain], path)
 
-        self._exchange(transport, protocol.TRAIN, self.train_requests(self.theta0, "oneshot", 0), on_reply=on_reply)
+        self._exchange(transport, protocol.TRAIN, self.train_requests(self.theta0, protocol.PHASE_ONESHOT, 0), on_reply=on_reply)
         self.require_enough(individual)
         return individual
 
@@ -661,7 +661,7 @@ class Federation:
         """Send each domain its models to evaluate and record the metrics under ``models.<name>.<domain>``."""
         requests = {}
         for d, models in models_for.items():
-            content = RecordDict({protocol.CONFIG: ConfigRecord({"phase": "evaluate"})})
+            content = RecordDict({protocol.CONFIG: ConfigRecord({protocol.PHASE: protocol.PHASE_EVALUATE})})
             for name, weights in models.items():
                 content[protocol.MODEL_PREFIX + name] = protocol.to_record(weights)
             requests[d] = content
@@ -768,7 +768,7 @@ class Federation:
         contributed: set[str] = set()  # clients whose update entered at least one round
         for r in range(1, fedavg_rounds + 1):
             before = self.total_bytes()
-            replies = self._exchange(transport, protocol.TRAIN, self.train_requests(global_weights, "fedavg", r),
+            replies = self._exchange(transport, protocol.TRAIN, self.train_requests(global_weights, protocol.PHASE_FEDAVG, r),
                                      label=f"fedavg_round{r}:")
             fedavg_bytes += self.total_bytes() - before  # FedAvg's own traffic: its training rounds only
             updates, shares, round_metrics = self.accept_updates(replies, reference=global_weights, round_index=r)
