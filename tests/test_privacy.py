@@ -1025,3 +1025,14 @@ def test_privacy_settings_that_do_not_do_what_they_seem_are_warned_about():
     assert "privacy.enabled is false" in warned("privacy.target_epsilon=8.0")[0]
     assert any("the joint model has no DP" in w for w in warned("privacy.enabled=true", "baselines.joint=true",
                                                                "privacy.noise_multiplier=1.0"))
+
+
+def test_every_dp_mechanism_draws_its_unseeded_noise_seed_one_way():
+    """privatize_update, DP-SGD and the private Gram took 63, 62 and 63 bits from OS entropy in three places; DP-SGD
+    adds 1 for its second generator, which 63 bits could push past torch's seed range."""
+    from fedmerge.privacy.dp import noise_generator_seed
+
+    assert noise_generator_seed(7) == 7
+    drawn = {noise_generator_seed(None) for _ in range(20)}
+    assert len(drawn) == 20 and all(0 <= s < 2**62 for s in drawn)
+    torch.Generator().manual_seed(max(drawn) + 1)  # a second generator's seed is still valid

@@ -57,6 +57,14 @@ _SENSITIVITY_FACTOR: dict[str, float] = {"add_remove": 1.0, "replace": 2.0}
 _Z_BRACKET = (1e-4, 1e6)
 
 
+def noise_generator_seed(seed: int | None) -> int:
+    """The seed of a DP mechanism's noise generator: ``seed`` for a reproducible study, or 62 bits from the OS
+    entropy pool (:mod:`secrets`) for ``None``, which is what a deployment must use (a seed the server can guess
+    lets it regenerate and subtract the noise). 62 bits leave room for ``+ 1`` (a second generator) within the
+    63-bit seeds torch and NumPy take."""
+    return secrets.randbits(62) if seed is None else int(seed)
+
+
 def clip_update(
     theta0: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], clip_norm: float
 ) -> tuple[StateDict, float]:
@@ -91,7 +99,7 @@ def privatize_update(
     logger.debug("privatize: ‖τ‖=%.4g, C=%.4g, noise std=%.4g", norm, clip_norm, std)
     if std == 0:
         return clipped
-    gen = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else int(seed))
+    gen = torch.Generator().manual_seed(noise_generator_seed(seed))
     return {
         k: (v.double() + std * torch.randn(v.shape, generator=gen, dtype=torch.float64)).to(v.dtype)
         for k, v in clipped.items()

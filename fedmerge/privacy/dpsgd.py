@@ -42,7 +42,6 @@ bits of OS entropy.
 from __future__ import annotations
 
 import math
-import secrets
 import time
 import warnings
 from collections.abc import Sequence
@@ -56,6 +55,7 @@ from tqdm import tqdm
 
 from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
+from fedmerge.privacy.dp import noise_generator_seed
 from fedmerge.models.base import PAD, ModelFamily, StateDict, pad_sequences
 from fedmerge.models.sequential import SequentialFamily, training_windows
 
@@ -253,7 +253,7 @@ def train_user_level(
     module, features, frozen_experts = family.training_module(theta0, domain, item_features, seed)
     params = [p for p in module.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if family.proximal_mu else []
-    secret = secrets.randbits(62) if noise_seed is None else int(noise_seed)
+    secret = noise_generator_seed(noise_seed)
     sampler = UniformWithReplacementSampler(num_samples=len(users), sample_rate=settings.sample_rate,
                                             generator=torch.Generator().manual_seed(secret), steps=settings.steps)
     optimizer = DPOptimizer(

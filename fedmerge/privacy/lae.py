@@ -17,7 +17,6 @@ choice would spend privacy): the family must hold one λ.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 
 from fedmerge.data.domain import Domain, interaction_matrix
 from fedmerge.errors import FedmergeError
+from fedmerge.privacy.dp import noise_generator_seed
 from fedmerge.models.base import ModelFamily, StateDict
 from fedmerge.privacy.client import GRAM_REPAIRS
 
@@ -71,7 +71,7 @@ def private_gram(
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
     rows, clipped = clipped_profiles(seqs, features, bound)
     gram = rows.T @ rows
-    rng = np.random.default_rng(secrets.randbits(63) if seed is None else int(seed))
+    rng = np.random.default_rng(noise_generator_seed(seed))
     return gram + symmetric_noise(gram.shape[0], noise_multiplier * bound**2, rng), clipped
 
 
