@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedmerge.checks import TYPE_WORDS, is_integer, is_number
+from fedmerge.data.synthetic import SYNTHETIC_SIZES
 from fedmerge.errors import FedmergeError
 from fedmerge.paths import REPO_ROOT
 
@@ -34,7 +35,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "root": "",
         "domains": [],
         "held_out": [],
-        "synthetic": {"n_domains": 3, "n_users": 200, "n_items": 100, "n_topics": 8, "min_len": 4, "max_len": 20},
+        "synthetic": dict(SYNTHETIC_SIZES),
     },
     # "minilm": the packaged MiniLM-L6; "hashing": character n-grams, no language model (fast; the unit tests use it)
     "encoder": {"name": "minilm", "params": {}, "cache_dir": ""},

@@ -72,7 +72,9 @@ class DataSettings:
     def domain_names(self) -> list[str]:
         """All domains of the run in partition order (synthetic domains are named ``synth-<i>``)."""
         if self.source == "synthetic":
-            generated = [f"synth-{i}" for i in range(self.synthetic.n_domains)]
+            from fedmerge.data.synthetic import synthetic_domain_name
+
+            generated = [synthetic_domain_name(i) for i in range(self.synthetic.n_domains)]
             if self.domains:
                 unknown = [d for d in self.domains if d not in generated]
                 if unknown:

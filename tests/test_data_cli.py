@@ -107,13 +107,15 @@ def test_synth_writes_loadable_generic_domains(tmp_path):
 def test_synth_writes_a_scenarios_own_domains(tmp_path):
     """The quickstart trains on 200 users x 100 items; `data synth` defaulted to 300 x 150 under the same names, so
     evaluating a quickstart model on them gave other numbers."""
-    import inspect
-
-    from fedmerge.commands.data import SYNTH_DEFAULTS
     from fedmerge.config import load_scenario
+    from fedmerge.scenario import Scenario
 
-    defaults = {k: p.default for k, p in inspect.signature(make_synthetic_domains).parameters.items() if k != "seed"}
-    assert SYNTH_DEFAULTS == defaults
+    # without --scenario: the domains a scenario with default [data.synthetic] trains on (one home for the sizes)
+    assert main(["data", "synth", "--out", str(tmp_path / "default"), "--domains", "1"]) == 0
+    default = Scenario.from_mapping({}).load_domain("synth-0")
+    plain = load_domain(tmp_path / "default" / "synth-0")
+    assert plain.n_users == default.n_users and plain.catalog == default.catalog
+    assert np.array_equal(plain.test_target, default.test_target)
     out = tmp_path / "qs"
     assert main(["data", "synth", "--out", str(out), "--scenario", "quickstart"]) == 0
     cfg = load_scenario("quickstart")

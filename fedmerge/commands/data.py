@@ -4,22 +4,18 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 
 from fedmerge.data import load_domain, save_generic_domain
 from fedmerge.data.download import AMAZON_SHA256, DEFAULT_AMAZON_SOURCE, download_amazon
 from fedmerge.data.split import save_split
-from fedmerge.data.synthetic import make_synthetic_domains
+from fedmerge.data.synthetic import SYNTHETIC_SIZES, make_synthetic_domains
 
 
-# `data synth` flag -> make_synthetic_domains / [data.synthetic] key, and the generator's defaults
+# `data synth` flag -> make_synthetic_domains / [data.synthetic] key (defaults: SYNTHETIC_SIZES)
 SYNTH_FLAGS = {"domains": "n_domains", "users": "n_users", "items": "n_items", "topics": "n_topics",
                "min-len": "min_len", "max-len": "max_len"}
-SYNTH_DEFAULTS = {key: parameter.default
-                  for key, parameter in inspect.signature(make_synthetic_domains).parameters.items()
-                  if key in SYNTH_FLAGS.values()}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "them, e.g. a run's --set data.synthetic.n_users=30 as --users 30)")
     for flag, key in SYNTH_FLAGS.items():
         synth.add_argument(f"--{flag}", type=int, default=None,
-                           help=f"default {SYNTH_DEFAULTS[key]} (or the scenario's data.synthetic.{key})")
+                           help=f"default {SYNTHETIC_SIZES[key]} (or the scenario's data.synthetic.{key})")
     synth.add_argument("--seed", type=int, default=None, help="default 0 (or the scenario's run.seed)")
     synth.set_defaults(func=run_synth)
 
@@ -97,7 +93,7 @@ def run_synth(args: argparse.Namespace) -> int:
 
     given = {key: getattr(args, flag.replace("-", "_")) for flag, key in SYNTH_FLAGS.items()}
     given = {key: value for key, value in given.items() if value is not None}
-    sizes, seed = dict(SYNTH_DEFAULTS), 0
+    sizes, seed = dict(SYNTHETIC_SIZES), 0
     if args.scenario:
         from dataclasses import asdict
 

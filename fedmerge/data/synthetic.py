@@ -55,13 +55,24 @@ def _draw_categorical(rng: np.random.Generator, cumulative: np.ndarray) -> np.nd
     return np.minimum((cumulative < u).sum(axis=1), cumulative.shape[1] - 1)
 
 
+# the generator's sizes, also a scenario's [data.synthetic] defaults and `fedmerge data synth`'s: one home, so the
+# domains `data synth` writes by default are the ones the default scenario trains on
+SYNTHETIC_SIZES: dict[str, int] = {"n_domains": 3, "n_users": 200, "n_items": 100, "n_topics": 8, "min_len": 4,
+                                   "max_len": 20}
+
+
+def synthetic_domain_name(index: int) -> str:
+    """The name of the ``index``-th synthetic domain: ``synth-<index>``."""
+    return f"synth-{index}"
+
+
 def make_synthetic_domains(
-    n_domains: int = 3,
-    n_users: int = 300,
-    n_items: int = 150,
-    n_topics: int = 8,
-    min_len: int = 4,
-    max_len: int = 20,
+    n_domains: int = SYNTHETIC_SIZES["n_domains"],
+    n_users: int = SYNTHETIC_SIZES["n_users"],
+    n_items: int = SYNTHETIC_SIZES["n_items"],
+    n_topics: int = SYNTHETIC_SIZES["n_topics"],
+    min_len: int = SYNTHETIC_SIZES["min_len"],
+    max_len: int = SYNTHETIC_SIZES["max_len"],
     seed: int = 0,
 ) -> list[Domain]:
     """``n_domains`` seeded synthetic domains named ``synth-0``, ``synth-1``, ... (see the module docstring)."""
@@ -78,7 +89,7 @@ def make_synthetic_domains(
     domains = []
     for d in range(n_domains):
         rng = np.random.default_rng([seed, d])
-        domains.append(_make_domain(rng, f"synth-{d}", vocab, fillers, taken, n_users, n_items, min_len, max_len))
+        domains.append(_make_domain(rng, synthetic_domain_name(d), vocab, fillers, taken, n_users, n_items, min_len, max_len))
     logger.debug("generated %d synthetic domains (seed %d)", n_domains, seed)
     return domains
 
