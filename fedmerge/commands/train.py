@@ -1,5 +1,5 @@
 """``fedmerge train``: parse the arguments and train one recommender on one domain with
-:func:`fedmerge.models.indomain.train_and_evaluate` (which writes ``metrics.json``, and weights for families)."""
+:func:`fedmerge.runners.indomain.train_and_evaluate` (which writes ``metrics.json``, and weights for families)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from fedmerge.config import parse_params
-from fedmerge.models.indomain import MODELS
+from fedmerge.runners.indomain import MODELS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from fedmerge.models.indomain import train_and_evaluate
+    from fedmerge.runners.indomain import train_and_evaluate
 
     params = parse_params(args.params)
     report, path = train_and_evaluate(args.model, params, args.data, args.encoder, args.seed, args.out)
