@@ -87,16 +87,18 @@ def test_registration_refuses_what_could_not_run(method, message):
 
 
 def test_entry_point_plugins_load_and_a_broken_one_is_named(monkeypatch):
+    from fedmerge import plugins
+
     good = EntryPoint("half_sum", "tests.test_merge_plugins:HALF_SUM", registry.PLUGIN_GROUP)
     broken = EntryPoint("missing", "tests.no_such_module:METHOD", registry.PLUGIN_GROUP)
     wrong = EntryPoint("wrong", "tests.test_merge_plugins:half_sum", registry.PLUGIN_GROUP)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [good, broken, wrong] if group == registry.PLUGIN_GROUP else [])
-    monkeypatch.setattr(registry, "PLUGIN_ERRORS", {})
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [good, broken, wrong] if group == registry.PLUGIN_GROUP else [])
+    monkeypatch.setattr(METHODS, "errors", {})
     try:
-        registry.load_plugin_methods()
+        METHODS.load_plugins()
         assert get_method("half_sum") is HALF_SUM
-        assert set(registry.PLUGIN_ERRORS) == {"missing", "wrong"}
-        assert "MergeMethod" in registry.PLUGIN_ERRORS["wrong"]
+        assert set(METHODS.errors) == {"missing", "wrong"}
+        assert "MergeMethod" in METHODS.errors["wrong"]
         with pytest.raises(ValueError, match=r"unknown merge method 'missing'.*plugin 'missing' .*failed to load"):
             get_method("missing")
     finally:

@@ -7,13 +7,13 @@ import argparse
 from pathlib import Path
 
 from fedmerge.config import parse_params
-from fedmerge.runners.indomain import MODELS
+from fedmerge.runners.indomain import model_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train one recommender on one domain and evaluate it on test users")
     parser.add_argument("--data", type=Path, required=True, help="domain folder or .tar.gz (Amazon or generic format)")
-    parser.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    parser.add_argument("--model", required=True, help=f"one of: {', '.join(model_names())}")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/train/<domain>-<model>)")
     parser.add_argument("--encoder", default="minilm", help="text encoder: minilm, hashing or a model folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of θ₀ and of training")

@@ -8,31 +8,29 @@ Methods from outside the package: :func:`register_method` adds one in this proce
 fedmerge adds one to every process (the Flower ServerApp's too) through the entry-point group
 :data:`PLUGIN_GROUP`, each entry naming a :class:`MergeMethod` whose ``kernel`` is ``"module:function"``. A plugin
 that fails to load is left out with a warning, and its name and reason are given where the method is asked for.
-The plugins are loaded on the first lookup in :data:`METHODS` (:class:`MethodRegistry`), so a plugin module may
-import ``MergeMethod`` and ``Param`` from :mod:`fedmerge.merging`, and be imported before it.
+The plugins are loaded on the first lookup in :data:`METHODS` (a :class:`fedmerge.plugins.PluginRegistry`), so a
+plugin module may import ``MergeMethod`` and ``Param`` from :mod:`fedmerge.merging`, and be imported before it.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import logging
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint
 from typing import TYPE_CHECKING, Any
 
 from fedmerge.checks import is_finite_number, is_integer
+from fedmerge.plugins import PluginRegistry
 
 if TYPE_CHECKING:
     import torch
 
     MethodFn = Callable[[torch.Tensor, dict[str, Any], torch.Generator], torch.Tensor]
 
-logger = logging.getLogger(__name__)
 PLUGIN_GROUP = "fedmerge.merge_methods"  # entry points naming a MergeMethod (see the module docstring)
-PLUGIN_ERRORS: dict[str, str] = {}  # entry-point name -> why its method was left out
 
 
 @dataclass(frozen=True)
@@ -116,41 +114,7 @@ def _check_dare(params: dict[str, Any]) -> None:
         raise ValueError("dare: 'density' trims only with base='ties'; leave it at 1.0 for base='task_arithmetic'")
 
 
-class MethodRegistry(MutableMapping[str, "MergeMethod"]):
-    """The registered methods by name: the built-ins, :func:`register_method`'s, and the plugins', loaded on the
-    first lookup (not at import: a plugin module that imports ``fedmerge.merging`` would otherwise be loaded while
-    it is itself half-imported, and be left out)."""
-
-    def __init__(self, methods: Mapping[str, MergeMethod]) -> None:
-        self._methods = dict(methods)
-        self._plugins_loaded = False
-
-    def _all(self) -> dict[str, MergeMethod]:
-        if not self._plugins_loaded:
-            self._plugins_loaded = True  # first: loading registers through this mapping
-            load_plugin_methods()
-        return self._methods
-
-    def __getitem__(self, name: str) -> MergeMethod:
-        return self._all()[name]
-
-    def __setitem__(self, name: str, method: MergeMethod) -> None:
-        self._methods[name] = method
-
-    def __delitem__(self, name: str) -> None:
-        del self._methods[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._all())
-
-    def __len__(self) -> int:
-        return len(self._all())
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._all()
-
-
-METHODS: MethodRegistry = MethodRegistry({
+METHODS: PluginRegistry[MergeMethod] = PluginRegistry("merge-method", PLUGIN_GROUP, {
     m.name: m
     for m in (
         MergeMethod(
@@ -237,7 +201,7 @@ METHODS: MethodRegistry = MethodRegistry({
             scale_param=None,
         ),
     )
-})
+}, lambda entry: _register_plugin(entry))
 
 
 # Registry methods that bound what one outlying client can do to the merge (federation.fedavg_aggregation choices).
@@ -290,30 +254,24 @@ def register_method(method: MergeMethod) -> MergeMethod:
     return method
 
 
-def load_plugin_methods() -> None:
-    """Register the :class:`MergeMethod` of every :data:`PLUGIN_GROUP` entry point; one that fails to import, is
-    not a MergeMethod or is refused by :func:`register_method` is left out with a warning and recorded in
-    :data:`PLUGIN_ERRORS`."""
-    for entry in entry_points(group=PLUGIN_GROUP):
-        try:
-            method = entry.load()
-            if not isinstance(method, MergeMethod):
-                raise ValueError(f"{entry.value} is a {type(method).__name__}, not a MergeMethod")
-            register_method(method)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop fedmerge; it is named below
-            PLUGIN_ERRORS[entry.name] = f"{type(exc).__name__}: {exc}"
-            logger.warning("merge-method plugin %r (%s) left out: %s", entry.name, entry.value, PLUGIN_ERRORS[entry.name])
+def _register_plugin(entry: EntryPoint) -> None:
+    """Register the :class:`MergeMethod` an entry point of :data:`PLUGIN_GROUP` names (ValueError otherwise)."""
+    method = entry.load()
+    if not isinstance(method, MergeMethod):
+        raise ValueError(f"{entry.value} is a {type(method).__name__}, not a MergeMethod")
+    register_method(method)
 
 
 def plugin_failures() -> str:
-    """"; plugin 'x' (reason) failed to load" for each :data:`PLUGIN_ERRORS` entry: added to unknown-method errors."""
-    return "".join(f"; plugin {n!r} ({reason}) failed to load" for n, reason in PLUGIN_ERRORS.items())
+    """"; plugin 'x' (reason) failed to load" for each merge-method plugin left out: added to unknown-method
+    errors."""
+    return METHODS.failures()
 
 
 def get_method(name: str) -> MergeMethod:
     """The registered method ``name``; ValueError listing the valid names otherwise."""
     if name not in METHODS:
-        raise ValueError(f"unknown merge method {name!r}; valid: {sorted(METHODS)}{plugin_failures()}")
+        raise ValueError(f"unknown merge method {name!r}; valid: {sorted(METHODS)}{METHODS.failures()}")
     return METHODS[name]
 
 

@@ -1,13 +1,23 @@
-"""Model registry: in-domain recommenders and mergeable families, selected by name."""
+"""Model registry: in-domain recommenders and mergeable families, selected by name.
+
+A mergeable family from outside the package (a :class:`~fedmerge.models.base.ModelFamily` subclass whose ``name``
+is its registered name) joins :data:`FAMILIES` in this process with :func:`register_family`, or in every process
+(the Flower apps' too) through an entry point of :data:`FAMILY_PLUGIN_GROUP` whose value is ``"module:Class"``
+(read without importing the module, so a scenario naming it still loads without torch).
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import re
+from importlib.metadata import EntryPoint
 from typing import TYPE_CHECKING, Any
 
 from fedmerge.checks import describe_type, matches_type
 from fedmerge.errors import FedmergeError
+from fedmerge.plugins import PluginRegistry
 
 if TYPE_CHECKING:
     from fedmerge.models.base import ModelFamily, Recommender, StateDict, pad_sequences
@@ -22,20 +32,55 @@ RECOMMENDERS: dict[str, str] = {
     "rdlae": "fedmerge.models.lae:RDLAE",
     "l3ae": "fedmerge.models.lae:L3AE",
 }
-FAMILIES: dict[str, str] = {
+FAMILY_PLUGIN_GROUP = "fedmerge.families"  # entry points: family name = "module:Class"
+FAMILIES: PluginRegistry[str] = PluginRegistry("model-family", FAMILY_PLUGIN_GROUP, {
     "sequential": "fedmerge.models.sequential:SequentialFamily",
     "text-lae": "fedmerge.models.text_lae:TextLAEFamily",
-}
+}, lambda entry: _register_family_plugin(entry))
+FAMILY_NAME = re.compile(r"[a-z][a-z0-9_-]*")  # what results, model cards and scenario keys hold
 
 
-def _construct(kind: str, table: dict[str, str], name: str, params: dict[str, Any]) -> Any:
+def register_family(name: str, target: str) -> None:
+    """Add family ``name`` = ``"module:Class"`` to :data:`FAMILIES` (this process; every process: an entry point,
+    see the module docstring). ValueError for a malformed or taken name (a family's or an in-domain model's: ``fedmerge
+    train --model`` takes both), a target that is not ``module:Class`` or whose module cannot be found. The class is
+    imported when the family is first built, and must then be a ModelFamily whose ``name`` is ``name``."""
+    if not isinstance(name, str) or not FAMILY_NAME.fullmatch(name):
+        raise ValueError(f"model family name {name!r}: use lower-case letters, digits, '_' and '-'")
+    if name in FAMILIES or name in RECOMMENDERS:
+        raise ValueError(f"model family {name!r} is already registered (families: {sorted(FAMILIES)}, in-domain "
+                         f"models: {sorted(RECOMMENDERS)})")
+    module, _, cls = str(target).partition(":")
+    if not (module and cls):
+        raise ValueError(f"model family {name!r}: {target!r} must name its class as 'module:Class'")
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ValueError(f"model family {name!r}: module {module!r} is not importable ({target!r})")
+    FAMILIES[name] = target
+
+
+def _register_family_plugin(entry: EntryPoint) -> None:
+    register_family(entry.name, entry.value)
+
+
+def _construct(kind: str, table: dict[str, str] | PluginRegistry[str], name: str, params: dict[str, Any]) -> Any:
     """``table[name](**params)``; a FedmergeError naming the parameter for an unknown name, a value of the wrong
     type (checked against the constructor's annotations: a TOML float or a JSON string where an integer belongs
     would otherwise fail deep inside torch) or a value the constructor refuses."""
     if name not in table:
-        raise FedmergeError(f"unknown {kind} {name!r}; valid: {sorted(table)}")
+        failures = table.failures() if isinstance(table, PluginRegistry) else ""
+        raise FedmergeError(f"unknown {kind} {name!r}; valid: {sorted(table)}{failures}")
     module_name, cls_name = table[name].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    cls = getattr(importlib.import_module(module_name), cls_name, None)
+    if table is FAMILIES:
+        from fedmerge.models.base import ModelFamily
+
+        if not (inspect.isclass(cls) and issubclass(cls, ModelFamily)) or getattr(cls, "name", None) != name:
+            raise FedmergeError(f"model family {name!r} ({table[name]}) must be a ModelFamily subclass whose name is "
+                                f"{name!r}, got {cls!r}")
     try:
         signature = inspect.signature(cls, eval_str=True)
     except NameError:  # an annotation naming a type-checking-only import: keys are still checked, types are not
@@ -75,6 +120,7 @@ def get_family(name: str, **params: Any) -> ModelFamily:
 
 __all__ = [
     "FAMILIES",
+    "FAMILY_PLUGIN_GROUP",
     "RECOMMENDERS",
     "ModelFamily",
     "Recommender",
@@ -82,4 +128,5 @@ __all__ = [
     "get_family",
     "get_recommender",
     "pad_sequences",
+    "register_family",
 ]

@@ -55,6 +55,7 @@ class Recommender(ABC):
     """An in-domain recommender: ``fit`` on one domain, then ``score`` input sequences over its items."""
 
     name: ClassVar[str]
+    needs_embeddings: ClassVar[bool] = False  # whether ``fit`` reads the catalog's text embeddings
 
     @abstractmethod
     def fit(self, domain: Domain, item_embeddings: np.ndarray | None = None) -> Recommender:

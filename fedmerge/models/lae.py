@@ -46,7 +46,6 @@ import itertools
 import logging
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from typing import ClassVar
 
 import numpy as np
 import scipy.linalg
@@ -209,8 +208,6 @@ class LinearAutoencoder(Recommender):
     the best one (the first of equals) on train + validation items (:meth:`Domain.train_with_val`) for testing; the
     grid points that tie it are kept in :attr:`tied` (their choice is arbitrary). A single point skips the search.
     """
-
-    needs_embeddings: ClassVar[bool] = False
 
     def __init__(self, **grid: tuple[float | Sequence[float], tuple[Callable[[float], bool], str]]) -> None:
         self.grid = {name: as_grid(name, value, allowed) for name, (value, allowed) in grid.items()}

@@ -20,8 +20,13 @@ if TYPE_CHECKING:  # numpy, torch and the data stack are imported by the functio
 
     from fedmerge.data.domain import Domain
 
-MODELS = tuple(RECOMMENDERS) + tuple(FAMILIES)
-EMBEDDING_MODELS = ("l3ae", *FAMILIES)
+
+
+def model_names() -> list[str]:
+    """What ``fedmerge train --model`` takes: the in-domain recommenders, then every family (plugins included)."""
+    return [*RECOMMENDERS, *FAMILIES]
+
+
 METRICS_FILE = "metrics.json"
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -36,7 +41,7 @@ def item_embeddings(domain: Domain, encoder_name: str) -> np.ndarray:
 def train_recommender(name: str, params: dict[str, Any], domain: Domain, encoder: str) -> tuple[Any, dict[str, Any]]:
     """Fit an in-domain recommender; returns (scorer, report fields)."""
     model = get_recommender(name, **params)
-    embeddings = item_embeddings(domain, encoder) if name in EMBEDDING_MODELS else None
+    embeddings = item_embeddings(domain, encoder) if model.needs_embeddings else None
     start = time.perf_counter()
     model.fit(domain, embeddings)
     report = {
@@ -88,8 +93,8 @@ def train_and_evaluate(
     from fedmerge.metrics import evaluate_scorer
     from fedmerge.storage import write_json_atomic
 
-    if model not in MODELS:  # before reading any data
-        raise FedmergeError(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
+    if model not in model_names():  # before reading any data
+        raise FedmergeError(f"unknown model {model!r}; valid: {', '.join(model_names())}{FAMILIES.failures()}")
     domain = load_domain(data)
     out = out or Path("runs") / "train" / f"{domain.name}-{model}"
     out.mkdir(parents=True, exist_ok=True)

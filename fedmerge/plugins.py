@@ -1,0 +1,73 @@
+"""Registries that packages installed beside fedmerge extend through entry points (merge methods, model families).
+
+A :class:`PluginRegistry` is a name -> value mapping holding the built-ins and what was registered in this process,
+and loads its entry-point group on the first lookup, not at import: a plugin module that imports fedmerge would
+otherwise be loaded while fedmerge is itself half-imported, and be left out. Entry points reach every process (the
+Flower ServerApp's and ClientApps' too), which an in-process registration does not. A plugin that fails to load is
+left out with a warning and its name and reason are kept, for the unknown-name errors to say (:meth:`failures`).
+Torch-free (the lowest layer: imports nothing of fedmerge).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from importlib.metadata import EntryPoint, entry_points
+from typing import TypeVar
+
+logger = logging.getLogger(__name__)
+
+V = TypeVar("V")
+
+
+class PluginRegistry(MutableMapping[str, V]):
+    """The registered ``kind`` entries by name: the built-ins, the ones set in this process, and those of the
+    entry-point ``group``, each passed to ``register(entry_point)`` (which checks it and stores it here, or raises)
+    on the first lookup (:meth:`load_plugins`)."""
+
+    def __init__(self, kind: str, group: str, builtins: Mapping[str, V],
+                 register: Callable[[EntryPoint], None]) -> None:
+        self.kind, self.group = kind, group
+        self._entries = dict(builtins)
+        self._register = register
+        self._loaded = False
+        self.errors: dict[str, str] = {}  # plugin name -> why it was left out
+
+    def _all(self) -> dict[str, V]:
+        if not self._loaded:
+            self.load_plugins()
+        return self._entries
+
+    def load_plugins(self) -> None:
+        """Register every entry point of the group (once more if called again); one that fails is left out with a
+        warning and recorded in :attr:`errors`."""
+        self._loaded = True  # first: loading registers through this mapping
+        for entry in entry_points(group=self.group):
+            try:
+                self._register(entry)
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop fedmerge; it is named
+                self.errors[entry.name] = f"{type(exc).__name__}: {exc}"
+                logger.warning("%s plugin %r (%s) left out: %s", self.kind, entry.name, entry.value,
+                               self.errors[entry.name])
+
+    def failures(self) -> str:
+        """"; plugin 'x' (reason) failed to load" for each plugin left out: added to unknown-name errors."""
+        return "".join(f"; plugin {n!r} ({reason}) failed to load" for n, reason in self.errors.items())
+
+    def __getitem__(self, name: str) -> V:
+        return self._all()[name]
+
+    def __setitem__(self, name: str, value: V) -> None:
+        self._entries[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._all()
