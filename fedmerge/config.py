@@ -130,12 +130,16 @@ def load_scenario(name_or_path: str | Path = DEFAULT_SCENARIO, overrides: Iterab
     from fedmerge.scenario import Scenario
 
     path = scenario_path(name_or_path)
+    return apply_overrides(Scenario.from_mapping(read_scenario_table(path), source=str(path)), overrides)
+
+
+def read_scenario_table(path: Path) -> dict[str, Any]:
+    """A scenario file's TOML as a table (FedmergeError naming the file when it is not valid TOML)."""
     try:
         with path.open("rb") as fh:
-            raw = tomllib.load(fh)
+            return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise FedmergeError(f"scenario {path}: invalid TOML: {exc}") from exc
-    return apply_overrides(Scenario.from_mapping(raw, source=str(path)), overrides)
 
 
 def lay_over_defaults(raw: Mapping[str, Any], source: str = "scenario") -> dict[str, Any]:
@@ -190,14 +194,21 @@ def apply_overrides(scenario: Scenario, overrides: Iterable[str]) -> Scenario:
         return scenario
     out = scenario.to_mapping()
     for item in overrides:
-        if "=" not in item:
-            raise FedmergeError(f"override {item!r} must look like section.key=value")
-        dotted, text = item.split("=", 1)
-        path = tuple(part.strip() for part in dotted.strip().split("."))
-        if len(path) < 2 or not all(path):
-            raise FedmergeError(f"override {item!r}: key must be section.key (e.g. data.root), got {dotted!r}")
-        _set(out, path, parse_value(text.strip()), f"override {item!r}")
+        path, value = parse_override(item)
+        _set(out, path, value, f"override {item!r}")
     return Scenario.from_mapping(out)
+
+
+def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    """``"section.key[.sub...]=value"`` -> (the dotted key's parts, the value parsed as TOML by :func:`parse_value`);
+    FedmergeError for any other form."""
+    if "=" not in item:
+        raise FedmergeError(f"override {item!r} must look like section.key=value")
+    dotted, text = item.split("=", 1)
+    path = tuple(part.strip() for part in dotted.strip().split("."))
+    if len(path) < 2 or not all(path):
+        raise FedmergeError(f"override {item!r}: key must be section.key (e.g. data.root), got {dotted!r}")
+    return path, parse_value(text.strip())
 
 
 def _set(cfg: dict[str, Any], path: tuple[str, ...], value: Any, source: str) -> None:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -95,22 +94,17 @@ def study_noise_base(base: int, seed: int) -> int:
 
 def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, PrivacyStudySettings]:
     """(resolved scenario, study settings): the ``[privacy_study]`` table is the study's, the rest is a scenario."""
-    from fedmerge.config import apply_overrides, checked_type, parse_value, scenario_path
+    from fedmerge.config import apply_overrides, checked_type, parse_override, read_scenario_table, scenario_path
 
     path = scenario_path(scenario)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise FedmergeError(f"scenario {path}: invalid TOML: {exc}") from exc
+    raw = read_scenario_table(path)
     study = asdict(PrivacyStudySettings())
     prefix = f"{STUDY_SECTION}."
     items = [(k, v, str(path)) for k, v in raw.pop(STUDY_SECTION, {}).items()]
     for item in overrides:
         if item.startswith(prefix):
-            key, sep, text = item[len(prefix):].partition("=")
-            if not sep:
-                raise FedmergeError(f"override {item!r} must look like {prefix}key=value")
-            items.append((key.strip(), parse_value(text.strip()), f"override {item!r}"))
+            keys, value = parse_override(item)
+            items.append((".".join(keys[1:]), value, f"override {item!r}"))
     for key, value, source in items:
         if key not in STUDY_KEYS:
             raise FedmergeError(f"{source}: unknown key {prefix}{key}; valid: {sorted(STUDY_KEYS)}")
