@@ -24,7 +24,7 @@ from fedmerge.cli import main as fedmerge_main
 from fedmerge.config import parse_seeds
 from fedmerge.data.amazon import default_amazon_root
 from fedmerge.models import FAMILIES, RECOMMENDERS
-from fedmerge.runners.results import source_digest
+from fedmerge.provenance import source_digest
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("Beauty", "Pantry", "Toys")

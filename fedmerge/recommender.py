@@ -73,7 +73,7 @@ def common_card(
     """The card fields of any model the family ``family`` trained from θ₀ (its digest) over ``encoder``'s features:
     family (every parameter, defaults included, so that a later change of a default does not change the model the
     card rebuilds), encoder, feature width, θ₀, run, eval protocol, package versions."""
-    from fedmerge.runners.results import package_versions
+    from fedmerge.provenance import package_versions
 
     text_encoder = encoder.text_encoder()
     return {

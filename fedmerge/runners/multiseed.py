@@ -106,7 +106,7 @@ def run_seeds(
     unless ``resume`` or ``overwrite``). With ``resume`` each seed's folder is read as :func:`resume_seed` says: a
     complete run is never deleted."""
     from fedmerge.merging import METHODS
-    from fedmerge.runners.results import package_versions
+    from fedmerge.provenance import package_versions
     from fedmerge.runners.simulation import run_scenario
     from fedmerge.storage import run_folder
 

@@ -19,84 +19,23 @@ FedAvg's final model, the joint oracle), each saved as soon as it is built, and 
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import logging
 import math
 import numbers
-import platform
 from datetime import datetime, timezone
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from fedmerge.errors import FedmergeError
+from fedmerge.provenance import package_versions
 from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 MODEL_ORDER = ("theta0", "individual", "average", "task_arithmetic", "ties", "dare", "pcb", "mergerec_taskwise",
                "mergerec_layerwise", "mergerec_tensorwise", "fedavg", "joint")
-VERSION_PACKAGES = ("fedmerge", "flwr", "torch", "numpy", "transformers", "ray")
 RESULTS_FILE = "results.json"
-
-
-def package_versions() -> dict[str, str]:
-    """Installed versions of the packages that shape the numbers, Python's, ``fedmerge_commit`` (the git commit of
-    the checkout in use, for a human to check out; ``-dirty`` with uncommitted changes to its code) and
-    ``fedmerge_source`` (:func:`source_digest`, which tells two versions of the code apart with or without git: the
-    version number alone does not change between commits)."""
-    versions = {"python": platform.python_version()}
-    for name in VERSION_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    versions["fedmerge_commit"], versions["fedmerge_source"] = source_commit(), source_digest()
-    return versions
-
-
-CODE_FOLDERS = ("fedmerge", "clients", "server", "scenarios")  # what a run executes; README or results edits are not
-
-
-@functools.lru_cache(maxsize=1)
-def source_commit() -> str:
-    """``git rev-parse HEAD`` of the checkout holding this package, ``-dirty`` when :data:`CODE_FOLDERS` differ from
-    it, or why there is none. Read once per process (``--no-optional-locks``: never takes the index lock a user's
-    own git command may need)."""
-    import subprocess
-
-    from fedmerge.paths import REPO_ROOT as root
-
-    if not (root / ".git").exists():
-        return "not a git checkout (installed package)"
-
-    def git(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args], capture_output=True, text=True,
-                              timeout=10)
-
-    try:
-        head = git("rev-parse", "HEAD")
-        if head.returncode:
-            return f"unknown (git: {(head.stderr.strip().splitlines() or ['no output'])[0]})"
-        dirty = git("diff", "--quiet", "HEAD", "--", *CODE_FOLDERS).returncode != 0
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"unknown ({type(exc).__name__})"
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
-@functools.lru_cache(maxsize=1)
-def source_digest() -> str:
-    """sha256 (16 hex) over the package's own ``.py`` files (relative paths and bytes, sorted): the same for the same
-    code whether installed or checked out, with or without git, and different for any edit to it."""
-    import hashlib
-
-    from fedmerge.paths import PACKAGE_ROOT as package
-
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
 
 
 def ordered_model_names(models: Mapping[str, Any]) -> list[str]:
