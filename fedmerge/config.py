@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedmerge.checks import TYPE_WORDS, is_integer, is_number
-from fedmerge.data.synthetic import SYNTHETIC_SIZES
+from fedmerge.data.synthetic import SYNTHETIC_SIZES, check_synthetic_sizes
 from fedmerge.errors import FedmergeError
 from fedmerge.paths import REPO_ROOT
 
@@ -278,6 +278,18 @@ def validate(cfg: Scenario) -> None:
         raise FedmergeError(f"data.domains lists {repeated} more than once; each domain is one client")
     if len(names) == 0:
         raise FedmergeError("the scenario has no domains (data.synthetic.n_domains = 0?)")
+    if data.source == "synthetic":
+        from dataclasses import asdict
+
+        try:
+            check_synthetic_sizes(**asdict(data.synthetic))
+        except ValueError as exc:
+            raise FedmergeError(f"data.synthetic: {exc}") from exc
+    from fedmerge.models import FAMILIES
+
+    if cfg.model.family not in FAMILIES:  # names only: no family module is imported here
+        raise FedmergeError(f"model.family {cfg.model.family!r} is unknown; valid: {sorted(FAMILIES)}"
+                            f"{FAMILIES.failures()}")
     unknown = [d for d in data.held_out if d not in names]
     if unknown:
         raise FedmergeError(f"data.held_out names unknown domain(s) {unknown}; valid: {names}")
@@ -337,6 +349,10 @@ def validate(cfg: Scenario) -> None:
     if testtime.granularity not in MERGEREC_METHODS.values():
         raise FedmergeError(f"merge.testtime.granularity {testtime.granularity!r} is unknown; valid: "
                             f"{sorted(set(MERGEREC_METHODS.values()))}")
+    if "granularity" in cfg.merge.mergerec:
+        raise FedmergeError("merge.mergerec.granularity is set by each method's name (mergerec_taskwise, "
+                            "mergerec_layerwise, mergerec_tensorwise; merge.testtime.granularity for the test-time "
+                            "merge): remove it")
     mergerec = cfg.mergerec_config(testtime.granularity)  # an unknown key or preset fails here, before any training
     if mergerec.logit_norm == "cosine" and cfg.model.family not in FAMILIES_SCORING_COSINE:
         raise FedmergeError(f"merge.mergerec.logit_norm = 'cosine' needs a family that scores cos/τ "

@@ -46,6 +46,12 @@ from fedmerge.errors import FedmergeError
         ('merge.mergerec.sampling="users"', r"merge.mergerec: sampling must be one of \['union', 'domain'\], got 'users'"),
         ('merge.mergerec.lr="fast"', r"merge.mergerec: lr must be a number, got 'fast'"),
         ("merge.mergerec.init_coefficient=true", r"init_coefficient must be a number or None, got True"),
+        # accepted at load and refused only later (when the domains were generated, the family built), or ignored
+        ("data.synthetic.n_users=0", r"data.synthetic: need n_domains >= 1 and n_users >= 1, got 3, 0"),
+        ("data.synthetic.n_topics=200", r"data.synthetic: need 1 <= n_topics <= n_items"),
+        ("data.synthetic.min_len=2", r"data.synthetic: need 3 <= min_len <= max_len"),
+        ('model.family="sequentail"', r"model.family 'sequentail' is unknown; valid: \['sequential', 'text-lae'\]"),
+        ('merge.mergerec.granularity="layer"', r"merge.mergerec.granularity is set by each method's name"),
     ],
 )
 def test_bad_values_fail_at_scenario_load(override, message):

@@ -1023,6 +1023,8 @@ def test_privacy_settings_that_do_not_do_what_they_seem_are_warned_about():
     assert "noise_multiplier = 1 is not used" in warned("privacy.enabled=true", "baselines.joint=false",
                                                         "privacy.target_epsilon=8.0", "privacy.noise_multiplier=1.0")[0]
     assert "privacy.enabled is false" in warned("privacy.target_epsilon=8.0")[0]
+    assert warned("privacy.secure_mode=true") == [
+        "privacy.enabled is false: privacy.secure_mode is not used (no DP noise to draw)"]
     assert any("the joint model has no DP" in w for w in warned("privacy.enabled=true", "baselines.joint=true",
                                                                "privacy.noise_multiplier=1.0"))
 

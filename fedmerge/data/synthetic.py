@@ -61,6 +61,16 @@ SYNTHETIC_SIZES: dict[str, int] = {"n_domains": 3, "n_users": 200, "n_items": 10
                                    "max_len": 20}
 
 
+def check_synthetic_sizes(n_domains: int, n_users: int, n_items: int, n_topics: int, min_len: int, max_len: int) -> None:
+    """ValueError naming the sizes :func:`make_synthetic_domains` cannot generate (checked when a scenario loads)."""
+    if n_domains < 1 or n_users < 1:
+        raise ValueError(f"need n_domains >= 1 and n_users >= 1, got {n_domains}, {n_users}")
+    if n_topics < 1 or n_items < n_topics:
+        raise ValueError(f"need 1 <= n_topics <= n_items, got n_topics={n_topics}, n_items={n_items}")
+    if not 3 <= min_len <= max_len:
+        raise ValueError(f"need 3 <= min_len <= max_len (leave-one-out keeps >= 1 training item), got {min_len}, {max_len}")
+
+
 def synthetic_domain_name(index: int) -> str:
     """The name of the ``index``-th synthetic domain: ``synth-<index>``."""
     return f"synth-{index}"
@@ -76,12 +86,7 @@ def make_synthetic_domains(
     seed: int = 0,
 ) -> list[Domain]:
     """``n_domains`` seeded synthetic domains named ``synth-0``, ``synth-1``, ... (see the module docstring)."""
-    if n_domains < 1 or n_users < 1:
-        raise ValueError(f"need n_domains >= 1 and n_users >= 1, got {n_domains}, {n_users}")
-    if n_topics < 1 or n_items < n_topics:
-        raise ValueError(f"need 1 <= n_topics <= n_items, got n_topics={n_topics}, n_items={n_items}")
-    if not 3 <= min_len <= max_len:
-        raise ValueError(f"need 3 <= min_len <= max_len (leave-one-out keeps >= 1 training item), got {min_len}, {max_len}")
+    check_synthetic_sizes(n_domains, n_users, n_items, n_topics, min_len, max_len)
     shared_rng = np.random.default_rng(seed)
     taken: set[str] = set()
     vocab = [_pseudo_words(shared_rng, WORDS_PER_TOPIC, taken) for _ in range(n_topics)]

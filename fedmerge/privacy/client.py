@@ -62,8 +62,8 @@ def check_user_level(cfg: Scenario) -> None:
 
 def privacy_setting_warnings(cfg: Scenario) -> list[str]:
     """Settings that load but do not do what they seem to (a results.json ``warnings`` line each): DP on with no
-    noise (a clip-only run can be meant, so not refused), both ways of setting the noise given, noise settings with
-    DP off, and the pooled-data joint baseline beside a DP run."""
+    noise (a clip-only run can be meant, so not refused), both ways of setting the noise given, noise or secure-mode
+    settings with DP off, and the pooled-data joint baseline beside a DP run."""
     privacy, lines = cfg.privacy, []
     if privacy.enabled and privacy.target_epsilon <= 0 and privacy.noise_multiplier == 0:
         lines.append("privacy.enabled with neither target_epsilon nor noise_multiplier: updates are clipped, not "
@@ -73,6 +73,8 @@ def privacy_setting_warnings(cfg: Scenario) -> list[str]:
                      f"= {privacy.noise_multiplier:g} is not used")
     if not privacy.enabled and (privacy.target_epsilon > 0 or privacy.noise_multiplier > 0):
         lines.append("privacy.enabled is false: privacy.target_epsilon / noise_multiplier are not used (no DP)")
+    if not privacy.enabled and privacy.secure_mode:
+        lines.append("privacy.enabled is false: privacy.secure_mode is not used (no DP noise to draw)")
     if privacy.enabled and cfg.baselines.joint:
         lines.append("baselines.joint pools the domains' private data: the joint model has no DP (set "
                      "baselines.joint = false in a private run)")
