@@ -10,7 +10,7 @@ import torch
 from fedmerge.data.synthetic import make_synthetic_domains
 from fedmerge.errors import FedmergeError
 from fedmerge.models.sequential import SequentialFamily, training_windows
-from fedmerge.privacy.client import epsilon, noise_multiplier, private_train
+from fedmerge.privacy.client import private_train, run_epsilon, run_noise_multiplier
 from fedmerge.scenario import Scenario
 from fedmerge.privacy.dpsgd import UserLevelDP, per_user_gradients, train_user_level, user_epsilon, user_noise_multiplier
 
@@ -205,14 +205,14 @@ def scenario(**privacy):
 
 def test_target_epsilon_is_met_over_all_releases_of_both_units(domain, features):
     user = scenario(unit="user", target_epsilon=4.0, sample_rate=0.2, epochs=1.0, max_grad_norm=0.5, noise_seed=1)
-    z = noise_multiplier(user)
-    assert epsilon(user, z, 3) == pytest.approx(4.0, abs=0.02)  # 3 releases = 1 one-shot + 2 FedAvg rounds
-    assert epsilon(user, z, 1) < epsilon(user, z, 3)
+    z = run_noise_multiplier(user)
+    assert run_epsilon(user, z, 3) == pytest.approx(4.0, abs=0.02)  # 3 releases = 1 one-shot + 2 FedAvg rounds
+    assert run_epsilon(user, z, 1) < run_epsilon(user, z, 3)
     family = tiny_family(max_epochs=2)
     theta0 = family.initial_weights(12, seed=0)
     _, metrics = private_train(family, theta0, domain, features, user, seed=0, round_index=1, noise_seed=1)
     assert metrics["dp_unit"] == 1 and metrics["dp_noise_multiplier"] == z
-    assert metrics["dp_epsilon"] == pytest.approx(epsilon(user, z, 2)) and metrics["dp_epsilon_run"] <= 4.0 + 1e-6
+    assert metrics["dp_epsilon"] == pytest.approx(run_epsilon(user, z, 2)) and metrics["dp_epsilon_run"] <= 4.0 + 1e-6
     assert metrics["dp_steps"] == 5
     dom = scenario(unit="domain", target_epsilon=2.0, clip_norm=0.1, noise_seed=1)
     _, metrics = private_train(family, theta0, domain, features, dom, seed=0, round_index=0, noise_seed=1)
@@ -229,22 +229,22 @@ def test_fedavg_rounds_run_their_own_dpsgd_epochs_and_the_accounting_composes_ev
 
     user = scenario(unit="user", target_epsilon=4.0, sample_rate=0.2, epochs=2.0, fedavg_epochs=0.4, max_grad_norm=0.5,
                     noise_seed=1)
-    z = noise_multiplier(user)
+    z = run_noise_multiplier(user)
     acc = RDPAccountant()
     for steps in (10, 2, 2):  # ⌈2.0 / 0.2⌉ for the one-shot update, ⌈0.4 / 0.2⌉ per FedAvg round
         for _ in range(steps):
             acc.step(noise_multiplier=z, sample_rate=0.2)
-    assert epsilon(user, z, 3) == pytest.approx(acc.get_epsilon(1e-5)) and epsilon(user, z, 3) <= 4.0 + 1e-6
-    assert epsilon(user, z, 3) == pytest.approx(4.0, abs=0.02)
-    assert epsilon(user, z, 1) == pytest.approx(user_epsilon(z, 0.2, 10, 1e-5))
+    assert run_epsilon(user, z, 3) == pytest.approx(acc.get_epsilon(1e-5)) and run_epsilon(user, z, 3) <= 4.0 + 1e-6
+    assert run_epsilon(user, z, 3) == pytest.approx(4.0, abs=0.02)
+    assert run_epsilon(user, z, 1) == pytest.approx(user_epsilon(z, 0.2, 10, 1e-5))
     same = scenario(unit="user", target_epsilon=4.0, sample_rate=0.2, epochs=2.0, max_grad_norm=0.5, noise_seed=1)
-    assert noise_multiplier(same) > z  # 30 steps instead of 14: more noise for the same ε
+    assert run_noise_multiplier(same) > z  # 30 steps instead of 14: more noise for the same ε
     family = tiny_family(max_epochs=2)
     theta0 = family.initial_weights(12, seed=0)
     one_shot = private_train(family, theta0, domain, features, user, seed=0, round_index=0, noise_seed=1)[1]
     fedavg = private_train(family, theta0, domain, features, user, seed=0, round_index=2, noise_seed=1)[1]
     assert (one_shot["dp_steps"], fedavg["dp_steps"]) == (10, 2)
-    assert fedavg["dp_epsilon"] == pytest.approx(epsilon(user, z, 3))
+    assert fedavg["dp_epsilon"] == pytest.approx(run_epsilon(user, z, 3))
     with pytest.raises(FedmergeError, match="privacy.fedavg_epochs must be a finite number >= 0"):
         apply_overrides(user, ["privacy.fedavg_epochs=-1"])
 
@@ -266,7 +266,7 @@ def test_bad_settings_and_unsupported_families_are_named(domain, features):
     popular = tiny_family(n_negatives=4, negative_sampling="popularity")
     with pytest.raises(FedmergeError, match="popularity"):
         train_user_level(popular, popular.initial_weights(12), domain, features, UserLevelDP(1.0, 1.0, 0.5, 1.0))
-    assert noise_multiplier(scenario(unit="user", noise_multiplier=0.7)) == 0.7  # a given multiplier is used as is
+    assert run_noise_multiplier(scenario(unit="user", noise_multiplier=0.7)) == 0.7  # a given multiplier is used as is
 
 
 def test_secure_mode_uses_opacus_floating_point_safe_noise_and_refuses_a_seed(domain, features, monkeypatch):

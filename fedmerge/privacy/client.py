@@ -162,7 +162,7 @@ def dpsgd_steps(cfg: Scenario, releases: int) -> int:
     return sum(UserLevelDP(0.0, 1.0, privacy.sample_rate, release_epochs(privacy, r)).steps for r in range(releases))
 
 
-def noise_multiplier(cfg: Scenario) -> float:
+def run_noise_multiplier(cfg: Scenario) -> float:
     """The run's noise multiplier: ``privacy.noise_multiplier``, or calibrated to ``target_epsilon`` over all releases."""
     privacy = cfg.privacy
     target = privacy.target_epsilon
@@ -179,7 +179,7 @@ def noise_multiplier(cfg: Scenario) -> float:
                                  privacy.accountant)
 
 
-def epsilon(cfg: Scenario, z: float, releases: int) -> float:
+def run_epsilon(cfg: Scenario, z: float, releases: int) -> float:
     """ε after ``releases`` releases with noise multiplier ``z`` (∞ for z = 0) at ``privacy.delta``."""
     privacy = cfg.privacy
     if not uses_dpsgd(cfg):
@@ -199,7 +199,7 @@ def private_train(
     with ``dp_*`` entries (noise multiplier, δ, unit code 0 = domain, 1 = user; for z > 0 ε so far and over the
     run)."""
     privacy = cfg.privacy
-    z = noise_multiplier(cfg)
+    z = run_noise_multiplier(cfg)
     if privacy.unit == "domain":
         from fedmerge.privacy.dp import privatize_update
         from fedmerge.runners.client import nonprivate_update
@@ -223,6 +223,6 @@ def private_train(
     metrics = {**metrics, "dp_noise_multiplier": z, "dp_delta": privacy.delta,
                "dp_unit": UNITS.index(privacy.unit)}
     if z > 0:  # z = 0 guarantees nothing (ε = ∞, which JSON results cannot hold): no ε entries
-        metrics["dp_epsilon"] = epsilon(cfg, z, round_index + 1)
-        metrics["dp_epsilon_run"] = epsilon(cfg, z, releases_per_client(cfg))
+        metrics["dp_epsilon"] = run_epsilon(cfg, z, round_index + 1)
+        metrics["dp_epsilon_run"] = run_epsilon(cfg, z, releases_per_client(cfg))
     return weights, metrics

@@ -199,10 +199,10 @@ def dp_scenario(cfg: Scenario, unit: str, epsilon: float, delta: float, seed: in
 def dp_config(cfg: Scenario, unit: str, epsilon: float, delta: float, seed: int) -> tuple[Scenario, float]:
     """(:func:`dp_scenario`, its noise multiplier z) for one cell: z calibrated to (ε, δ) over all of a client's
     releases (:func:`fedmerge.privacy.client.noise_multiplier`), 0 for ε = ∞."""
-    from fedmerge.privacy.client import noise_multiplier
+    from fedmerge.privacy.client import run_noise_multiplier
 
     out = dp_scenario(cfg, unit, epsilon, delta, seed)
-    return out, (noise_multiplier(out) if out.privacy.enabled else 0.0)
+    return out, (run_noise_multiplier(out) if out.privacy.enabled else 0.0)
 
 
 def epsilon_label(epsilon: float) -> str:
@@ -403,7 +403,7 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | Non
     :func:`attack_file`, and with ``resume`` a file of the same configuration and attack settings is read instead of
     training and attacking again."""
     from fedmerge.privacy.attacks import summary
-    from fedmerge.privacy.client import epsilon as epsilon_after
+    from fedmerge.privacy.client import run_epsilon
 
     name = study.probe_domain or cfg.data.training_domains()[0]
     settings = {**{k: getattr(study, k) for k in ATTACK_KEYS}, "probe_domain": name, "protocol": PROBE_PROTOCOL,
@@ -429,7 +429,7 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | Non
                 controls.append(record["theta0"])
             sizes = record["sizes"]
         # the attacks see the one-shot release only: its own ε, below the cell's ε when FedAvg rounds add releases
-        attacked = epsilon_after(run_cfg, z, 1) if z > 0 else None
+        attacked = run_epsilon(run_cfg, z, 1) if z > 0 else None
         rows.append({"unit": unit, "epsilon": epsilon_label(epsilon), "noise_multiplier": z,
                      "attacked_release_epsilon": attacked, "attacks": _over_seeds(per_seed)})
     return {"domain": name, "protocol": PROBE_PROTOCOL, **sizes, "positions": study.probe_positions,
