@@ -34,15 +34,13 @@ from fedmerge.merging.testtime import TESTTIME_METHOD
 from fedmerge.metrics import USERS
 from fedmerge.models import StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
-from fedmerge.recommender import SAVED_INDIVIDUAL_PREFIX
+from fedmerge.recommender import SAVED_INDIVIDUAL_PREFIX, model_path
 from fedmerge.reproducibility import process_cpus, thread_count
 from fedmerge.runners import protocol
 from fedmerge.runners.aggregate import HELD_OUT_INDIVIDUAL_PREFIX
 from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
-THETA0_FILE = "models/theta0.safetensors"
-JOINT_FILE = "models/joint.safetensors"
 FINGERPRINT_KEY = "config_sha256"
 SETTINGS_KEY = "training_settings"  # the fingerprinted settings themselves (JSON), to explain a mismatch on --resume
 STALE_HINT = (  # why saved weights were refused on --resume, and what to do
@@ -355,7 +353,7 @@ class Federation:
         is built (nothing without out_dir); :meth:`record_metrics` adds the metrics to the card after evaluation."""
         if self.out_dir is None:
             return
-        from fedmerge.recommender import model_path, save_model
+        from fedmerge.recommender import save_model
 
         path = model_path(self.out_dir, name)
         save_model(path, weights, self._model_card(name, method, domains, params, extra), metadata)
@@ -894,7 +892,7 @@ def load_saved_run(cfg: Scenario, out_dir: str | Path) -> tuple[StateDict | None
         except (ValueError, TypeError, AttributeError) as exc:
             raise FedmergeError(f"saved weights of {d!r} under {out_dir}: unreadable '{TRAIN_METRICS_KEY}' "
                                 f"metadata ({exc}); run without --resume") from None
-    theta0_path = out_dir / THETA0_FILE
+    theta0_path = model_path(out_dir, "theta0")
     return (load_fingerprinted(theta0_path, cfg) if theta0_path.is_file() else None), saved, metrics
 
 
@@ -927,7 +925,7 @@ def run_federation(
     if resume:
         theta0, saved, train_metrics = load_saved_run(cfg, out_path)
         if theta0 is None:
-            logger.warning("no %s under %s: regenerating θ₀ from the seed", THETA0_FILE, out_path)
+            logger.warning("no %s: regenerating θ₀ from the seed", model_path(out_path, "theta0"))
             theta0 = initial_weights(cfg)
     else:
         theta0 = initial_weights(cfg)
@@ -939,7 +937,7 @@ def run_federation(
     try:
         if cfg.baselines.joint:
             start = time.perf_counter()
-            joint_path = out_path / JOINT_FILE if out_path is not None else None
+            joint_path = model_path(out_path, "joint") if out_path is not None else None
             if resume and joint_path.is_file():
                 joint = load_fingerprinted(joint_path, cfg)
             else:
