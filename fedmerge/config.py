@@ -318,7 +318,6 @@ def validate(cfg: Scenario) -> None:
                             f"got {cfg.federation.parallel_clients}")
     from fedmerge.merging import MERGEREC_METHODS, METHODS
     from fedmerge.merging.mergerec_config import FAMILIES_SCORING_COSINE
-    from fedmerge.merging.registry import plugin_failures
 
     from fedmerge.merging.testtime import TESTTIME_METHOD, teacher_choices
 
@@ -326,7 +325,7 @@ def validate(cfg: Scenario) -> None:
     unknown = [m for m in cfg.merge.methods if m not in valid_methods]
     if unknown:
         raise FedmergeError(f"merge.methods names unknown method(s) {unknown}; valid: {valid_methods}"
-                            f"{plugin_failures()}")
+                            f"{METHODS.failures()}")
     if TESTTIME_METHOD in cfg.merge.methods and not data.held_out:
         raise FedmergeError(f"merge.methods lists {TESTTIME_METHOD!r}, which merges for held-out domains, but "
                             "data.held_out is empty; hold a domain out or remove the method")

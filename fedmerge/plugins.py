@@ -10,6 +10,7 @@ Torch-free (the lowest layer: imports nothing of fedmerge).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from importlib.metadata import EntryPoint, entry_points
@@ -18,6 +19,22 @@ from typing import TypeVar
 logger = logging.getLogger(__name__)
 
 V = TypeVar("V")
+
+
+def check_target(kind: str, name: str, target: str, *, find: bool = True) -> None:
+    """ValueError unless ``target`` names ``"module:attribute"`` (and, with ``find``, a module that can be found;
+    finding a submodule imports its parent packages, so an entry point read at every scenario load skips it)."""
+    module, _, attribute = str(target).partition(":")
+    if not (module and attribute):
+        raise ValueError(f"{kind} {name!r}: {target!r} must be 'module:attribute' (e.g. 'mypkg.mod:Thing')")
+    if not find:
+        return
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ValueError(f"{kind} {name!r}: module {module!r} is not importable ({target!r})")
 
 
 class PluginRegistry(MutableMapping[str, V]):
@@ -39,9 +56,12 @@ class PluginRegistry(MutableMapping[str, V]):
         return self._entries
 
     def load_plugins(self) -> None:
-        """Register every entry point of the group (once more if called again); one that fails is left out with a
-        warning and recorded in :attr:`errors`."""
+        """Register every entry point of the group, once per process (later calls do nothing); one that fails is
+        left out with a warning and recorded in :attr:`errors`."""
+        if self._loaded:
+            return
         self._loaded = True  # first: loading registers through this mapping
+        self.errors.clear()
         for entry in entry_points(group=self.group):
             try:
                 self._register(entry)

@@ -185,3 +185,15 @@ def test_the_flower_launcher_checks_the_family_in_a_child_that_imports_this_copy
     monkeypatch.setattr(subprocess, "run", recording_run)
     check_family_in_subprocess(load_scenario("quickstart"))
     assert seen["env"]["PYTHONPATH"].split(os.pathsep) == [str(REPO_ROOT), "/elsewhere"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (['encoder.name="hashing"', 'encoder.params={dim = "x"}'], r"HashingEncoder: dim must be an integer, got 'x'"),
+    (['encoder.name="hashing"', "encoder.params={dim = -3}"], r"HashingEncoder needs dim >= 1"),
+    (['encoder.params={batch_size = "x"}'], r"SentenceEncoder: batch_size must be an integer, got 'x'"),
+])
+def test_encoder_parameter_types_and_ranges_fail_at_load(overrides, message):
+    """Only unknown keys (and the sentence encoder's option ranges) failed at load: a hashing dim of "x" or -3 loaded,
+    and a string batch size failed with "'<' not supported between instances of 'str' and 'int'"."""
+    with pytest.raises(FedmergeError, match=message):
+        load_scenario("quickstart", overrides)

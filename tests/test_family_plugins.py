@@ -29,6 +29,10 @@ class Misnamed(TextLAEFamily):
     name: ClassVar[str] = "text-lae"  # not the name it is registered under
 
 
+class NotAFamily:
+    name: ClassVar[str] = "not-a-family"
+
+
 @pytest.fixture
 def registered():
     register_family("tiny-lae", "tests.test_family_plugins:TinyLAE")
@@ -63,7 +67,7 @@ def test_a_registered_family_runs_a_federation_and_its_saved_model_loads(registe
     ("Bad Name", "m:C", r"model family name 'Bad Name'"),
     ("sequential", "m:C", r"model family 'sequential' is already registered"),
     ("ease", "m:C", r"model family 'ease' is already registered .*in-domain models"),
-    ("mine", "no_class_given", r"'no_class_given' must name its class as 'module:Class'"),
+    ("mine", "no_class_given", r"model family 'mine': 'no_class_given' must be 'module:attribute'"),
     ("mine", "tests.no_such_module:Family", r"module 'tests.no_such_module' is not importable"),
 ])
 def test_registration_refuses_what_could_not_be_built(name, target, message):
@@ -74,7 +78,7 @@ def test_registration_refuses_what_could_not_be_built(name, target, message):
 
 def test_a_family_class_that_is_not_a_family_or_has_another_name_is_refused_when_built():
     for name, target in (("misnamed", "tests.test_family_plugins:Misnamed"),
-                         ("not-a-family", "tests.test_family_plugins:TinyLAE.name")):
+                         ("not-a-family", "tests.test_family_plugins:NotAFamily")):
         register_family(name, target)
         try:
             with pytest.raises(FedmergeError, match=rf"model family '{name}' .* must be a ModelFamily subclass whose "
@@ -82,23 +86,38 @@ def test_a_family_class_that_is_not_a_family_or_has_another_name_is_refused_when
                 get_family(name)
         finally:
             FAMILIES.pop(name, None)
+    register_family("typo", "tests.test_family_plugins:TinyLea")
+    try:
+        with pytest.raises(FedmergeError, match=r"model family 'typo': module 'tests.test_family_plugins' has no "
+                                                r"attribute 'TinyLea'"):
+            get_family("typo")
+    finally:
+        FAMILIES.pop("typo", None)
 
 
 def test_entry_point_families_load_and_a_broken_one_is_named(monkeypatch):
     from fedmerge import plugins
 
     good = EntryPoint("tiny-lae", "tests.test_family_plugins:TinyLAE", FAMILY_PLUGIN_GROUP)
-    broken = EntryPoint("gone", "tests.no_such_module:Family", FAMILY_PLUGIN_GROUP)
-    monkeypatch.setattr(plugins, "entry_points", lambda group: [good, broken] if group == FAMILY_PLUGIN_GROUP else [])
+    malformed = EntryPoint("bad", "no_class_named", FAMILY_PLUGIN_GROUP)
+    gone = EntryPoint("gone", "tests.no_such_module:Family", FAMILY_PLUGIN_GROUP)  # not imported until built
+    monkeypatch.setattr(plugins, "entry_points",
+                        lambda group: [good, malformed, gone] if group == FAMILY_PLUGIN_GROUP else [])
     monkeypatch.setattr(FAMILIES, "errors", {})
+    monkeypatch.setattr(FAMILIES, "_loaded", False)  # restored afterwards: the real entry points load later
     try:
-        FAMILIES.load_plugins()
+        assert "tiny-lae" in FAMILIES  # the first lookup loads the group
+        FAMILIES.load_plugins()  # a second load changes nothing (it recorded the loaded plugins as taken)
         assert isinstance(get_family("tiny-lae", lam=1.0), TinyLAE)
-        assert set(FAMILIES.errors) == {"gone"}
-        with pytest.raises(FedmergeError, match=r"unknown model family 'gone'.*plugin 'gone' .*failed to load"):
+        assert set(FAMILIES.errors) == {"bad"}
+        with pytest.raises(FedmergeError, match=r"unknown model family 'bad'.*plugin 'bad' .*failed to load"):
+            get_family("bad")
+        with pytest.raises(FedmergeError, match=r"model family 'gone': cannot import module 'tests.no_such_module' "
+                                                r"\(ModuleNotFoundError"):
             get_family("gone")
     finally:
         FAMILIES.pop("tiny-lae", None)
+        FAMILIES.pop("gone", None)
 
 
 def test_an_installed_family_is_there_in_a_fresh_process_without_importing_torch_to_load_the_scenario(tmp_path):
@@ -106,7 +125,7 @@ def test_an_installed_family_is_there_in_a_fresh_process_without_importing_torch
     family loads (torch-free, as the Flower launcher loads it) and the family builds in any process."""
     package = tmp_path / "fm_family"
     package.mkdir()
-    (package / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("import torch\n")  # what a plugin package may well do
     (package / "family.py").write_text(
         "from typing import ClassVar\nfrom fedmerge.models.text_lae import TextLAEFamily\n\n"
         "class MyFamily(TextLAEFamily):\n    name: ClassVar[str] = 'my-family'\n")
@@ -114,8 +133,12 @@ def test_an_installed_family_is_there_in_a_fresh_process_without_importing_torch
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fm-family\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[fedmerge.families]\nmy-family = fm_family.family:MyFamily\n")
-    script = ("import json, sys\nfrom fedmerge.config import load_scenario\n"
+    script = ("import json, sys\nfrom fedmerge.cli import main\nfrom fedmerge.config import load_scenario\n"
               "cfg = load_scenario('quickstart', ['model.family=\"my-family\"', 'model.params={lam = 5.0}'])\n"
+              "import contextlib, io\n"
+              "with contextlib.redirect_stdout(io.StringIO()) as shown, contextlib.suppress(SystemExit):\n"
+              "    main(['train', '--help'])  # lists every family, the plugin's too\n"
+              "assert 'my-family' in shown.getvalue()\n"
               "light = 'torch' not in sys.modules\n"
               "family = cfg.make_checked_family()\n"
               "print(json.dumps([light, type(family).__name__, family.config()]))\n")

@@ -66,7 +66,7 @@ def test_a_scenario_names_a_registered_method_and_the_run_builds_it(registered, 
 
 @pytest.mark.parametrize("method, message", [
     (MergeMethod("ties", "x:y", {}, "", "", scale_param=None), r"'ties' is already registered"),
-    (MergeMethod("bad_kernel", "no_module_path", {}, "", ""), r"kernel 'no_module_path'.*module:function"),
+    (MergeMethod("bad_kernel", "no_module_path", {}, "", ""), r"merge method 'bad_kernel': 'no_module_path' must be 'module:attribute'"),
     (MergeMethod("bad_param", "m:f", {"k": 3}, "", ""), r"parameter 'k'.*Param"),
     (MergeMethod("bad_default", "m:f", {"k": Param(-1, lambda v: v > 0, "> 0")}, "", ""), r"default -1.*> 0"),
     (MergeMethod("bad_scale", "m:f", {}, "", ""), r"scale_param 'scale' is not one of its parameters"),
@@ -78,7 +78,7 @@ def test_a_scenario_names_a_registered_method_and_the_run_builds_it(registered, 
     (MergeMethod("individual_x", "m:f", {}, "", "", scale_param=None), r"'individual_x' is reserved"),
     # a kernel module that does not exist failed the run only after every client trained
     (MergeMethod("typo_module", "tests.no_such_module:f", {}, "", "", scale_param=None),
-     r"kernel module 'tests.no_such_module' is not importable"),
+     r"merge method 'typo_module': module 'tests.no_such_module' is not importable"),
 ])
 def test_registration_refuses_what_could_not_run(method, message):
     with pytest.raises(ValueError, match=message):
@@ -94,6 +94,7 @@ def test_entry_point_plugins_load_and_a_broken_one_is_named(monkeypatch):
     wrong = EntryPoint("wrong", "tests.test_merge_plugins:half_sum", registry.PLUGIN_GROUP)
     monkeypatch.setattr(plugins, "entry_points", lambda group: [good, broken, wrong] if group == registry.PLUGIN_GROUP else [])
     monkeypatch.setattr(METHODS, "errors", {})
+    monkeypatch.setattr(METHODS, "_loaded", False)
     try:
         METHODS.load_plugins()
         assert get_method("half_sum") is HALF_SUM

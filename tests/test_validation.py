@@ -326,3 +326,11 @@ def test_scale_task_vector_moves_the_update_towards_the_reference_in_float64():
     torch.testing.assert_close(scaled["w"], torch.tensor([1.5, 2.0, 2.0]), rtol=0, atol=0)
     assert scaled["h"].dtype == torch.float64 and float(scaled["h"]) == 0.25e-300
     assert task_vector_norm(reference, scaled) == pytest.approx(0.25 * task_vector_norm(reference, update))
+    # float32 weights: one rounding (float64, then cast), not one per float32 operation
+    gen = torch.Generator().manual_seed(0)
+    ref, upd = torch.randn(10_000, generator=gen), torch.randn(10_000, generator=gen)
+    exact = (ref.double() + (upd.double() - ref.double()) / 3).float()
+    in_float32 = ref + (upd - ref) / 3
+    assert not torch.equal(in_float32, exact)  # the premise: the two differ somewhere
+    scaled = scale_task_vector({"w": ref}, {"w": upd}, 1 / 3)["w"]
+    assert scaled.dtype == torch.float32 and torch.equal(scaled, exact)

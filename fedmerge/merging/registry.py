@@ -14,7 +14,7 @@ plugin module may import ``MergeMethod`` and ``Param`` from :mod:`fedmerge.mergi
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -23,7 +23,7 @@ from importlib.metadata import EntryPoint
 from typing import TYPE_CHECKING, Any
 
 from fedmerge.checks import is_finite_number, is_integer
-from fedmerge.plugins import PluginRegistry
+from fedmerge.plugins import PluginRegistry, check_target
 
 if TYPE_CHECKING:
     import torch
@@ -229,10 +229,7 @@ def register_method(method: MergeMethod) -> MergeMethod:
                          f"and names starting with {list(RESERVED_PREFIXES)})")
     if method.name in METHODS:
         raise ValueError(f"merge method {method.name!r} is already registered")
-    module, _, function = method.kernel.partition(":")
-    if not (module and function):
-        raise ValueError(f"merge method {method.name!r}: kernel {method.kernel!r} must name its tensor function as "
-                         "'module:function'")
+    check_target("merge method", method.name, method.kernel, find=False)
     for key, spec in method.params.items():
         if not isinstance(spec, Param):
             raise ValueError(f"merge method {method.name!r}: parameter {key!r} must be a Param(default, check, "
@@ -243,13 +240,7 @@ def register_method(method: MergeMethod) -> MergeMethod:
     if method.scale_param is not None and method.scale_param not in method.params:
         raise ValueError(f"merge method {method.name!r}: scale_param {method.scale_param!r} is not one of its "
                          f"parameters {sorted(method.params)} (None: λ = 1)")
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise ValueError(f"merge method {method.name!r}: kernel module {module!r} is not importable (kernel "
-                         f"{method.kernel!r})")
+    check_target("merge method", method.name, method.kernel)  # last: finding the module imports its packages
     METHODS[method.name] = method
     return method
 
@@ -260,12 +251,6 @@ def _register_plugin(entry: EntryPoint) -> None:
     if not isinstance(method, MergeMethod):
         raise ValueError(f"{entry.value} is a {type(method).__name__}, not a MergeMethod")
     register_method(method)
-
-
-def plugin_failures() -> str:
-    """"; plugin 'x' (reason) failed to load" for each merge-method plugin left out: added to unknown-method
-    errors."""
-    return METHODS.failures()
 
 
 def get_method(name: str) -> MergeMethod:

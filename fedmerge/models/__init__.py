@@ -9,7 +9,6 @@ is its registered name) joins :data:`FAMILIES` in this process with :func:`regis
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import re
 from importlib.metadata import EntryPoint
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedmerge.checks import describe_type, matches_type
 from fedmerge.errors import FedmergeError
-from fedmerge.plugins import PluginRegistry
+from fedmerge.plugins import PluginRegistry, check_target
 
 if TYPE_CHECKING:
     from fedmerge.models.base import ModelFamily, Recommender, StateDict, pad_sequences
@@ -40,30 +39,23 @@ FAMILIES: PluginRegistry[str] = PluginRegistry("model-family", FAMILY_PLUGIN_GRO
 FAMILY_NAME = re.compile(r"[a-z][a-z0-9_-]*")  # what results, model cards and scenario keys hold
 
 
-def register_family(name: str, target: str) -> None:
+def register_family(name: str, target: str, *, find: bool = True) -> None:
     """Add family ``name`` = ``"module:Class"`` to :data:`FAMILIES` (this process; every process: an entry point,
     see the module docstring). ValueError for a malformed or taken name (a family's or an in-domain model's: ``fedmerge
-    train --model`` takes both), a target that is not ``module:Class`` or whose module cannot be found. The class is
-    imported when the family is first built, and must then be a ModelFamily whose ``name`` is ``name``."""
+    train --model`` takes both), a target that is not ``module:Class`` or (with ``find``; entry points skip it, as
+    finding a module imports its parent packages) whose module cannot be found. The class is imported when the family
+    is first built, and must then be a ModelFamily whose ``name`` is ``name``."""
     if not isinstance(name, str) or not FAMILY_NAME.fullmatch(name):
         raise ValueError(f"model family name {name!r}: use lower-case letters, digits, '_' and '-'")
     if name in FAMILIES or name in RECOMMENDERS:
         raise ValueError(f"model family {name!r} is already registered (families: {sorted(FAMILIES)}, in-domain "
                          f"models: {sorted(RECOMMENDERS)})")
-    module, _, cls = str(target).partition(":")
-    if not (module and cls):
-        raise ValueError(f"model family {name!r}: {target!r} must name its class as 'module:Class'")
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise ValueError(f"model family {name!r}: module {module!r} is not importable ({target!r})")
+    check_target("model family", name, target, find=find)
     FAMILIES[name] = target
 
 
 def _register_family_plugin(entry: EntryPoint) -> None:
-    register_family(entry.name, entry.value)
+    register_family(entry.name, entry.value, find=False)
 
 
 def _construct(kind: str, table: dict[str, str] | PluginRegistry[str], name: str, params: dict[str, Any]) -> Any:
@@ -74,7 +66,14 @@ def _construct(kind: str, table: dict[str, str] | PluginRegistry[str], name: str
         failures = table.failures() if isinstance(table, PluginRegistry) else ""
         raise FedmergeError(f"unknown {kind} {name!r}; valid: {sorted(table)}{failures}")
     module_name, cls_name = table[name].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:  # a plugin's module is found only when its family is first built
+        raise FedmergeError(f"{kind} {name!r}: cannot import module {module_name!r} ({type(exc).__name__}: "
+                            f"{exc})") from exc
+    if not hasattr(module, cls_name):
+        raise FedmergeError(f"{kind} {name!r}: module {module_name!r} has no attribute {cls_name!r}")
+    cls = getattr(module, cls_name)
     if table is FAMILIES:
         from fedmerge.models.base import ModelFamily
 

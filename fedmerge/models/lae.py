@@ -19,8 +19,8 @@ item Gram matrix, B the n x n item-item weight matrix, and a user's scores are x
   with the fitted diagonal, as the paper's equations do: every item already in the history gets its own B_jj (up
   to ξ) added. That matters only where history items stay in the ranking (the unmasked metrics): on Pantry, where
   users re-buy, "keep" measured higher (README, in-domain table), elsewhere "zero".
-  Where every constraint binds, each ξ gives EASE's columns times (1 − ξ), i.e. the same ranking: the grid's ξ
-  values then tie (recorded as ``tied``).
+  With ``"zero"``, where every constraint binds, each ξ gives EASE's columns times (1 − ξ), i.e. the same ranking:
+  the grid's ξ values then tie (recorded as ``tied``).
 * L3AE (Moon et al., "LLM-Enhanced Linear Autoencoders for Recommendation", CIKM 2025), two phases:
   1. semantic item-item matrix from item text embeddings E (n x d), items' embedding columns acting as users:
      S = argmin ||Eᵀ - EᵀS||² + λ₁||S||² s.t. diag(S) = 0, i.e. EASE on F = EEᵀ:
@@ -249,6 +249,9 @@ class LinearAutoencoder(Recommender):
             for config, weights in zip(configs, self.solutions(gram, configs, features)):
                 self.weights = weights
                 metrics = evaluate_scorer(self.score, domain, split="val")
+                if not np.isfinite(metrics[SELECTION_METRIC]):
+                    raise FedmergeError(f"{self.name} {config}: validation {SELECTION_METRIC} is "
+                                        f"{metrics[SELECTION_METRIC]} (non-finite weights)")
                 values.append(metrics[SELECTION_METRIC])
                 self.validation.append({**config, f"val_{SELECTION_METRIC}": metrics[SELECTION_METRIC]})
                 logger.info("%s %s: val %s %.4f", self.name, config, SELECTION_METRIC, metrics[SELECTION_METRIC])

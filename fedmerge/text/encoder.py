@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from fedmerge.checks import describe_type, matches_type
 from fedmerge.errors import FedmergeError
 
 if TYPE_CHECKING:  # torch is imported lazily: a cache hit must not pay for it
@@ -396,6 +397,13 @@ def check_encoder_params(name: str, params: dict[str, Any]) -> None:
     """What :func:`get_encoder` would refuse in ``params`` without loading a model or importing torch (unknown
     keys, :func:`check_sentence_options`), so that a scenario fails when it is read, not on the clients."""
     cls, kwargs = _encoder_call(name, params)
+    signature = inspect.signature(cls.__init__, eval_str=True)
+    wrong = [f"{key} must be {describe_type(signature.parameters[key].annotation)}, got {value!r}"
+             for key, value in kwargs.items() if not matches_type(value, signature.parameters[key].annotation)]
+    if wrong:
+        raise ValueError(f"{cls.__name__}: {'; '.join(wrong)}")
+    if cls is HashingEncoder:
+        cls(**kwargs)  # numpy only: its own range checks
     if cls is SentenceEncoder:
         defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
         options = {**defaults, **kwargs}
