@@ -1,8 +1,8 @@
 """fedmerge: data-isolated cross-domain sequential recommendation by federated model merging.
 
-The package is framework-free: Flower apps in ``clients/`` and ``server/`` are thin layers over it.
-:func:`load_recommender` (from :mod:`fedmerge.recommender`) is imported on first use, so ``import fedmerge`` stays
-light.
+The package is framework-free: Flower apps in ``clients/`` and ``server/`` are thin layers over it. From Python:
+:func:`load_scenario` / :class:`Scenario` (a run's settings), :func:`simulate` (run it, as ``fedmerge simulate``)
+and :func:`load_recommender` (a saved model); each is imported on first use, so ``import fedmerge`` stays light.
 """
 
 from __future__ import annotations
@@ -10,14 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load_recommender"]
+__all__ = ["Scenario", "load_recommender", "load_scenario", "simulate"]
+HOMES = {"Scenario": "fedmerge.scenario", "load_recommender": "fedmerge.recommender", "load_scenario": "fedmerge.config",
+         "simulate": "fedmerge.runners.simulation"}  # name -> the module that defines it
 
 
 def __getattr__(name: str) -> Any:
-    if name == "load_recommender":
-        from fedmerge.recommender import load_recommender
+    if name in HOMES:
+        import importlib
 
-        return load_recommender
+        return getattr(importlib.import_module(HOMES[name]), name)
     raise AttributeError(f"module 'fedmerge' has no attribute {name!r}")
 
 

@@ -104,6 +104,9 @@ FREE_TABLES: frozenset[tuple[str, str]] = frozenset(
      ("baselines", "fedavg_local_params")}
 )
 DATA_SOURCES = ("synthetic", "amazon", "generic")
+# keys a results.json model table holds beside its domains (the mean over domains, the joint baseline's mark): a
+# domain of that name would have its metrics overwritten
+RESERVED_DOMAIN_NAMES = ("average", "non_private")
 FEDAVG_WEIGHTINGS = ("users", "equal")  # FedAvg client weights: reported user counts (share-capped) or equal
 NORM_ACTIONS = ("reject", "clip")  # what federation.norm_action does to a task vector over its norm limit
 MAX_ABS_LIMIT = 1e30  # federation.max_abs_value above this would let a sum of a few models overflow float32
@@ -278,6 +281,10 @@ def validate(cfg: Scenario) -> None:
         raise FedmergeError(f"data.domains lists {repeated} more than once; each domain is one client")
     if len(names) == 0:
         raise FedmergeError("the scenario has no domains (data.synthetic.n_domains = 0?)")
+    reserved = [d for d in names if d in RESERVED_DOMAIN_NAMES]
+    if reserved:
+        raise FedmergeError(f"domain name(s) {reserved} are reserved: results.json keeps {list(RESERVED_DOMAIN_NAMES)} "
+                            "beside the domains of each model; rename the domain's folder")
     if data.source == "synthetic":
         from dataclasses import asdict
 

@@ -100,6 +100,20 @@ def model_card(
             "domains": list(domains), "joint": name == "joint", "metrics": {}, **extra}
 
 
+COMMON_CARD_KEYS = ("format", "family", "encoder", "feature_width", "theta0_digest", "run", "eval")  # common_card's
+
+
+def merged_model_card(theta0_card: Mapping[str, Any], name: str, method: str, params: Mapping[str, Any],
+                      domains: Sequence[str]) -> dict[str, Any]:
+    """The card of a model merged from θ₀ (whose card is ``theta0_card``) and ``domains``' models by ``method``
+    outside a run (``fedmerge merge``): θ₀'s family, encoder, θ₀ digest, run and eval protocol, this process's
+    package versions, no metrics."""
+    from fedmerge.provenance import package_versions
+
+    common = {k: theta0_card[k] for k in COMMON_CARD_KEYS if k in theta0_card}
+    return model_card({**common, "versions": package_versions()}, name, method, params, domains)
+
+
 def scenario_card(cfg: Scenario, theta0_digest: str) -> dict[str, Any]:
     """The card fields every model of a run shares (:func:`common_card` of the scenario's family and encoder)."""
     return common_card(cfg.model.make_family(), cfg.encoder, theta0_digest,

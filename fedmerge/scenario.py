@@ -321,10 +321,15 @@ class Scenario:
     def with_changes(self, **sections: Mapping[str, Any]) -> Scenario:
         """This scenario with the keys of each ``section={key: value, ...}`` changed, built and checked again as
         :meth:`from_mapping` builds a scenario (a change the checks refuse raises FedmergeError naming it); the
-        programmatic form of :func:`fedmerge.config.apply_overrides`."""
+        programmatic form of :func:`fedmerge.config.apply_overrides`. A nested table changes key by key and keeps
+        the scenario's other keys (``model={"params": {"hidden": 8}}`` changes the width only); to replace a whole
+        table, ``apply_overrides(scenario, ['model.params={hidden = 8}'])``."""
         table = self.to_mapping()
         for section, changes in sections.items():
-            table.setdefault(section, {}).update(changes)
+            if not isinstance(changes, Mapping):
+                raise FedmergeError(f"with_changes({section}={changes!r}): give a table of the section's keys, e.g. "
+                                    f"{section}={{key: value}}")
+            _merge_into(table.setdefault(section, {}), changes)
         return Scenario.from_mapping(table, source="changed scenario")
 
     def make_checked_family(self) -> ModelFamily:
@@ -420,3 +425,12 @@ def _encoder(name: str, params: tuple[tuple[str, Any], ...]) -> TextEncoder:
     from fedmerge.text import get_encoder
 
     return get_encoder(name, **dict(params))
+
+
+def _merge_into(table: dict[str, Any], changes: Mapping[str, Any]) -> None:
+    """``changes`` written into ``table``, nested tables key by key (a value that is not a table replaces)."""
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(table.get(key), dict):
+            _merge_into(table[key], value)
+        else:
+            table[key] = copy.deepcopy(value)

@@ -197,3 +197,15 @@ def test_encoder_parameter_types_and_ranges_fail_at_load(overrides, message):
     and a string batch size failed with "'<' not supported between instances of 'str' and 'int'"."""
     with pytest.raises(FedmergeError, match=message):
         load_scenario("quickstart", overrides)
+
+
+def test_a_domain_named_like_a_results_key_is_refused(tmp_path):
+    """A domain folder named "average" had its metrics overwritten by the mean over domains in every model's table,
+    without a warning."""
+    from fedmerge.config import RESERVED_DOMAIN_NAMES
+    from fedmerge.runners.aggregate import AVERAGE
+
+    assert AVERAGE in RESERVED_DOMAIN_NAMES
+    with pytest.raises(FedmergeError, match=r"domain name\(s\) \['average'\] are reserved"):
+        load_scenario("quickstart", ['data.source="generic"', f'data.root="{tmp_path}"',
+                                     'data.domains=["average", "shop"]'])

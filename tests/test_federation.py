@@ -1039,3 +1039,24 @@ def test_an_empty_merge_list_runs_the_baselines_and_says_so(tmp_path):
     out = run_inprocess(load_scenario("quickstart", [*TINY, "merge.methods=[]", "baselines.fedavg_rounds=0",
                                                      f"encoder.cache_dir={tmp_path / 'cache'}"]))
     assert out["status"] == "ok" and "merge.methods is empty: no merge was built, only the baselines" in out["warnings"]
+
+
+def test_the_python_api_runs_one_seed_or_several_and_refuses_what_would_be_ignored(cfg, tmp_path):
+    """From Python: fedmerge.simulate runs a scenario as `fedmerge simulate` does (in-process by default), one run or
+    one per run.seeds entry with the aggregate; run_scenario ran only run.seed and ignored run.seeds silently."""
+    import fedmerge
+    from fedmerge.runners.simulation import run_scenario
+
+    small = fedmerge.load_scenario("quickstart", [*TINY, f"encoder.cache_dir={tmp_path / 'cache'}",
+                                                  "baselines.joint=false", 'merge.methods=["average"]'])
+    assert isinstance(small, fedmerge.Scenario)
+    one = fedmerge.simulate(small, tmp_path / "one")
+    assert one["status"] == "ok" and one["run"]["engine"] == "inprocess"
+    seeded = small.with_changes(run={"seeds": [0, 1]})
+    with pytest.raises(FedmergeError, match=r"run.seeds = \[0, 1\]: run_scenario runs one seed \(run.seed\); use "
+                                            r"fedmerge.simulate"):
+        run_scenario(seeded, "inprocess", tmp_path / "ignored")
+    aggregate = fedmerge.simulate(seeded, tmp_path / "two")
+    assert sorted(aggregate["seeds"]) == [0, 1] and (tmp_path / "two" / "seed-1" / "results.json").is_file()
+    with pytest.raises(FedmergeError, match=r"several seeds need an output folder"):
+        fedmerge.simulate(seeded)

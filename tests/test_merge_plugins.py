@@ -173,3 +173,16 @@ def test_a_plugin_kernel_that_fails_costs_only_its_own_merge(tmp_path):
         METHODS.pop("boom", None)
     assert results["status"] == "ok" and "average" in results["models"] and "boom" not in results["models"]
     assert "RuntimeError: the plugin's own bug" in results["merge_report"]["failed"]["boom"]
+
+
+def test_a_method_registered_in_this_process_only_is_refused_by_the_flower_engine_before_it_starts(registered, tmp_path):
+    """The Flower engine's server runs in another process, which did not have the method: the run failed there with
+    "unknown method" although the scenario had just validated here."""
+    from fedmerge.runners.simulation import run_scenario
+
+    cfg = load_scenario("quickstart", ['merge.methods=["task_arithmetic","half_sum"]'])
+    with pytest.raises(FedmergeError, match=r"\['half_sum'\] registered in this process only .*engine='inprocess', or "
+                                            r"register them with an entry point"):
+        run_scenario(cfg, "flower", tmp_path / "run")
+    assert "half_sum" in METHODS.registered_here and "ties" not in METHODS.registered_here
+    assert not (tmp_path / "run").exists()

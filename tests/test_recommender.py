@@ -56,6 +56,9 @@ def test_every_evaluated_model_is_saved_with_a_card_holding_its_metrics(run):
         assert card["family"]["params"]["lr"] == 2e-3 and card["family"]["params"]["hidden"] == cfg.model.params["hidden"]
         assert "lr" not in cfg.model.params
     assert results["model_params_resolved"] == read_card(models / "ties.safetensors")["family"]["params"]
+    # a training-free merge's card holds every parameter with its default (it held only the scenario's: {})
+    assert read_card(models / "ties.safetensors")["method"]["params"] == {"density": 0.2, "scale": 1.0,
+                                                                          "scope": "tensor"}
     commit = results["versions"]["fedmerge_commit"]
     assert len(commit) >= 40 or commit.startswith(("not a git checkout", "unknown"))
     assert len(results["versions"]["fedmerge_source"]) == 16
@@ -453,3 +456,28 @@ def test_a_history_longer_than_the_model_reads_is_said_to_be_cut(run, saved_copy
         cut = model.scores([short, long], catalog=catalog)
     assert f"1 of 2 histories are longer than the {max_len} items the model reads (max_len)" in caplog.text
     np.testing.assert_allclose(cut[1], model.scores([long[-max_len:]], catalog=catalog)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fedmerge_merge_of_a_runs_files_is_a_model_evaluate_and_recommend_take(run, tmp_path, capsys):
+    """`fedmerge merge` wrote weights without a card, so load_recommender / evaluate / recommend refused its output;
+    with θ₀'s card beside θ₀ the merge gets one, and re-merging the run's clients reproduces the run's figures."""
+    cfg, out, results, _ = run
+    clients = [f"{d}={out / 'clients' / f'{d}.safetensors'}" for d in results["domains"]]
+    merged = tmp_path / "mine_ties.safetensors"
+    assert main(["merge", "--method", "ties", "--theta0", str(out / "models" / "theta0.safetensors"),
+                 "--models", *clients, "--out", str(merged)]) == 0
+    card = read_card(merged)
+    assert card["name"] == "mine_ties" and card["method"] == {"name": "ties", "params": {
+        "density": 0.2, "scale": 1.0, "scope": "tensor"}} and card["domains"] == results["domains"]
+    model = load_recommender(merged, cache_dir=cfg.encoder.cache_dir)
+    domain = cfg.load_domain("synth-1")
+    assert model.evaluate(domain) == results["models"]["ties"]["synth-1"]
+    # a client trained from another θ₀ is refused (its task vector would be measured from the wrong weights)
+    other = tmp_path / "other.safetensors"
+    shutil.copy(out / "clients" / "synth-0.safetensors", other)
+    shutil.copy(card_path(out / "clients" / "synth-0.safetensors"), card_path(other))
+    stale = {**read_card(other), "theta0_digest": "0" * 16}
+    card_path(other).write_text(json.dumps(stale))
+    assert main(["merge", "--method", "ties", "--theta0", str(out / "models" / "theta0.safetensors"),
+                 "--models", f"A={other}", *clients[1:], "--out", str(tmp_path / "bad.safetensors")]) == 1
+    assert "was trained from θ₀ 0000000000000000" in capsys.readouterr().err

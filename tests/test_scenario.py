@@ -135,3 +135,20 @@ def test_own_data_mistakes_point_at_data_source(tmp_path):
     amazon = apply_overrides(generic, ['data.source="amazon"'])
     with pytest.raises(DataError, match=r"generic-format.*data\.source = \"generic\""):
         amazon.load_domain("shop")
+
+
+def test_with_changes_changes_nested_keys_and_keeps_their_siblings():
+    """A nested table replaced the scenario's whole table, laid over the package defaults: changing the hidden width
+    of the quickstart silently trained 100 epochs with 2 layers."""
+    from fedmerge.config import load_scenario
+
+    base = load_scenario("quickstart", ["data.synthetic.n_items=30", "model.params.max_epochs=1",
+                                        "merge.mergerec.steps=5"])
+    changed = base.with_changes(data={"synthetic": {"n_users": 50}}, model={"params": {"hidden": 8}},
+                                merge={"mergerec": {"lr": 0.01}})
+    assert changed.data.synthetic.n_users == 50 and changed.data.synthetic.n_items == 30
+    assert changed.model.params == {**base.model.params, "hidden": 8}
+    assert changed.merge.mergerec == {"steps": 5, "lr": 0.01}
+    assert base.model.params["hidden"] == 32  # the original is unchanged
+    with pytest.raises(FedmergeError, match=r"with_changes\(run=3\): give a table of the section's keys"):
+        base.with_changes(run=3)

@@ -36,5 +36,10 @@ def run_merge(args: argparse.Namespace) -> int:
     models = parse_assignments(args.models, "--models entry")
     params = parse_params(args.params)
     merge_weight_files(args.method, args.theta0, models, params, args.out, overwrite=args.overwrite)
-    print(f"merged {len(models)} models ({', '.join(models)}) with {args.method} {params or ''} -> {args.out}")
+    from fedmerge.recommender import card_path
+
+    card = card_path(args.out)
+    print(f"merged {len(models)} models ({', '.join(models)}) with {args.method} {params or ''} -> {args.out}"
+          + (f" (card {card}: fedmerge evaluate / recommend take it)" if card.is_file() else
+             " (θ₀ has no model card, so neither has the merge)"))
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedmerge.config import DEFAULT_SCENARIO, SCENARIO_DIR, apply_overrides, load_scenario, parse_seeds
 from fedmerge.runners.results import RESULTS_FILE
-from fedmerge.runners.simulation import ENGINES, run_scenario
+from fedmerge.runners.simulation import ENGINES, simulate
 
 
 def simulation_scenarios() -> list[str]:
@@ -51,13 +51,13 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.seeds is not None:
         cfg = apply_overrides(cfg, [f"run.seeds={parse_seeds(args.seeds)}"])
     out_dir = args.out or Path("runs") / cfg.run.name
+    results = simulate(cfg, out_dir, engine=args.engine, resume=args.resume, overwrite=args.overwrite)
     if cfg.run.seeds:
-        from fedmerge.runners.multiseed import AGGREGATE_FILE, aggregate_summary, run_seeds
+        from fedmerge.runners.multiseed import AGGREGATE_FILE, aggregate_summary
 
-        print(aggregate_summary(run_seeds(cfg, args.engine, out_dir, resume=args.resume, overwrite=args.overwrite)))
+        print(aggregate_summary(results))
         print(f"aggregate: {out_dir / AGGREGATE_FILE} (per seed: {out_dir}/seed-<s>/)")
         return 0
-    results = run_scenario(cfg, engine=args.engine, out_dir=out_dir, resume=args.resume, overwrite=args.overwrite)
     if "resumed" in results:
         print(f"resumed from the saved weights of {results['resumed']['clients']} in {results['resumed']['from']}")
     print(run_summary(results, cfg.eval.primary))

@@ -27,7 +27,8 @@ def merge_weight_files(
     """
     import torch
 
-    from fedmerge.merging import get_method, merge
+    from fedmerge.merging import get_method, merge, resolve_params
+    from fedmerge.recommender import save_model
     from fedmerge.storage import load_weights, save_weights
     from fedmerge.validation import UpdateRejected, check_update
 
@@ -58,4 +59,27 @@ def merge_weight_files(
                             f"{bad[:3]}; nothing written")
     metadata = {"method": method, "params": json.dumps(dict(params), allow_nan=False),
                 "models": json.dumps(list(weights))}
-    return save_weights(Path(out), merged, metadata=metadata)
+    card = merged_card(Path(theta0), models, method, resolve_params(method, params, n_models=len(weights)), Path(out))
+    if card is None:
+        return save_weights(Path(out), merged, metadata=metadata)
+    return save_model(Path(out), merged, card, metadata=metadata)
+
+
+def merged_card(theta0: Path, models: Mapping[str, str | Path], method: str, params: Mapping[str, Any],
+                out: Path) -> dict[str, Any] | None:
+    """The model card of a merge of saved files, from θ₀'s card (family, encoder, θ₀, run, eval protocol) so that
+    ``load_recommender``, ``fedmerge evaluate`` and ``fedmerge recommend`` take the merged file; None when θ₀ has no
+    card (files from elsewhere: weights only). FedmergeError when a model's card says it was trained from another
+    θ₀ (its task vector would be measured from the wrong weights)."""
+    from fedmerge.recommender import card_path, merged_model_card, read_card
+
+    if not card_path(theta0).is_file():
+        return None
+    base = read_card(theta0)
+    for name, file in models.items():
+        if card_path(file).is_file():
+            theirs = read_card(file).get("theta0_digest")
+            if theirs != base["weights_digest"]:
+                raise FedmergeError(f"model {name} ({file}) was trained from θ₀ {theirs}, not from {theta0} "
+                                    f"({base['weights_digest']}); merge models of one θ₀")
+    return merged_model_card(base, out.stem, method, params, list(models))

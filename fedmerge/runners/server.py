@@ -798,11 +798,21 @@ class Federation:
     def save_merged(self, method: str, weights: StateDict, card: Mapping[str, Any] | None = None) -> None:
         """Save one merge with its method parameters (MergeRec: its learned coefficients and configuration) and
         ``card``'s extra fields (each domain's local parameters)."""
+        from fedmerge.merging import METHODS, resolve_params
+        from fedmerge.merging.registry import with_default_seed
+
         report = self.merge_report.get(method)
         extra = {} if not isinstance(report, Mapping) else {"mergerec": {
             "coefficients": report["coefficients"], "config": report["config"],
             "chosen_start": report.get("chosen_start")}}
-        params = report["config"] if extra else self.cfg.merge.params.get(method, {})
+        if extra:
+            params = report["config"]
+        elif method in METHODS:  # every parameter with its default: a later default change cannot change the card
+            params = resolve_params(method, with_default_seed(method, self.cfg.merge.params.get(method, {}),
+                                                              self.cfg.run.seed),
+                                    n_models=len(self.merge_report["domains"]))
+        else:
+            params = self.cfg.merge.params.get(method, {})
         self.save_model(method, weights, method, self.merge_report["domains"], params=params, **extra, **(card or {}))
 
     def results(self) -> dict[str, Any]:

@@ -48,6 +48,11 @@ def run_scenario(
     """
     if engine not in ENGINES:
         raise FedmergeError(f"unknown engine {engine!r}; valid: {list(ENGINES)}")
+    if cfg.run.seeds:
+        raise FedmergeError(f"run.seeds = {list(cfg.run.seeds)}: run_scenario runs one seed (run.seed); use "
+                            "fedmerge.simulate (or fedmerge.runners.multiseed.run_seeds) for one run per seed")
+    if engine == "flower":
+        check_registered_here_only(cfg)
     if resume and out_dir is None:
         raise FedmergeError("--resume needs the output folder of the earlier run (--out DIR)")
     if resume and overwrite:
@@ -67,6 +72,39 @@ def run_scenario(
 
             archive_results(out_dir)
         return _run_engine(cfg, engine, out_dir, resume)
+
+
+def simulate(
+    scenario: Scenario, out_dir: str | Path | None = None, *, engine: str = "inprocess", resume: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """What ``fedmerge simulate`` runs, from Python (in-process by default; ``engine="flower"`` for Flower's
+    simulation engine): one run of ``scenario`` (its results, as results.json holds them) or, when ``run.seeds``
+    lists seeds, one run per seed into ``out_dir/seed-<s>/`` and their aggregate (means, 95 % intervals and paired
+    ratios, as aggregate.json holds them; :func:`fedmerge.runners.multiseed.run_seeds`). ``out_dir``, ``resume``
+    and ``overwrite`` as for :func:`run_scenario`; several seeds need an ``out_dir``."""
+    if scenario.run.seeds:
+        if out_dir is None:
+            raise FedmergeError(f"run.seeds = {list(scenario.run.seeds)}: several seeds need an output folder "
+                                "(out_dir), one sub-folder per seed")
+        from fedmerge.runners.multiseed import run_seeds
+
+        return run_seeds(scenario, engine, out_dir, resume=resume, overwrite=overwrite)
+    return run_scenario(scenario, engine=engine, out_dir=out_dir, resume=resume, overwrite=overwrite)
+
+
+def check_registered_here_only(cfg: Scenario) -> None:
+    """FedmergeError when the scenario names a merge method or model family registered in this process only
+    (``register_method`` / ``register_family``): the Flower engine's server and client processes do not have it."""
+    from fedmerge.merging import METHODS
+    from fedmerge.models import FAMILIES
+
+    local = [m for m in cfg.merge.methods if m in METHODS.registered_here]
+    local += [cfg.model.family] if cfg.model.family in FAMILIES.registered_here else []
+    if local:
+        raise FedmergeError(f"{local} registered in this process only (register_method / register_family): the Flower "
+                            "engine's processes do not have them; run with engine='inprocess', or register them "
+                            "with an entry point (README: Adding a merge method / Adding a model family)")
 
 
 def check_family_in_subprocess(cfg: Scenario) -> None:
