@@ -383,6 +383,8 @@ class LoadedRecommender:
         if ks is not None and (not ks or not all(is_integer(k) and k >= 1 for k in ks)):
             raise FedmergeError(f"ks must be a non-empty list of positive integers, got {list(ks)!r}")
         split = split or self.default_split
+        if split not in ("val", "test"):
+            raise FedmergeError(f"split must be 'test' or 'val', got {split!r}")
         model = self.for_domain(domain.name)
         metrics = evaluate_scorer(model._scorer(domain.catalog), domain, split, ks=tuple(ks or DEFAULT_KS),
                                   max_len=self.family.max_len)

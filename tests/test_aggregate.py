@@ -58,6 +58,10 @@ def test_aggregate_runs_by_hand():
     }
     agg = aggregate_runs(runs, "recall@10", training_free=["average", "task_arithmetic", "ties"])
     assert agg["seeds"] == [0, 1, 2] and agg["domains"] == ["A", "B"] and "note" not in agg
+    # by default the reference is chosen from every registry method; a misspelt metric gave empty comparisons
+    assert aggregate_runs(runs, "recall@10")["paired"] == agg["paired"]
+    with pytest.raises(FedmergeError, match=r"metric 'recal@10' is not in the runs' results; valid: \["):
+        aggregate_runs(runs, "recal@10")
     ind_a = agg["models"]["individual"]["A"]["recall@10"]
     assert ind_a["mean"] == pytest.approx(0.11) and ind_a["std"] == pytest.approx(0.01)
     assert ind_a["half_width"] == pytest.approx(T_975_DF2 * 0.01 / math.sqrt(3))

@@ -77,6 +77,8 @@ def test_a_scenario_names_a_registered_method_and_the_run_builds_it(registered, 
     (MergeMethod("mergerec_fast", "m:f", {}, "", "", scale_param=None), r"'mergerec_fast' is reserved"),
     (MergeMethod("individual_x", "m:f", {}, "", "", scale_param=None), r"'individual_x' is reserved"),
     # a kernel module that does not exist failed the run only after every client trained
+    (MergeMethod("typo_function", "tests.test_merge_plugins:half_summ", {}, "", "", scale_param=None),
+     r"module 'tests.test_merge_plugins' has no function 'half_summ'"),
     (MergeMethod("typo_module", "tests.no_such_module:f", {}, "", "", scale_param=None),
      r"merge method 'typo_module': module 'tests.no_such_module' is not importable"),
 ])
@@ -143,7 +145,9 @@ def test_an_installed_plugin_is_there_when_fedmerge_is_imported(tmp_path):
 
 def test_a_kernel_function_that_does_not_exist_is_a_clear_error(registered):
     typo = MergeMethod("half_typo", "tests.test_merge_plugins:no_such_fn", {}, "", "", scale_param=None)
-    register_method(typo)
+    with pytest.raises(ValueError, match=r"has no function 'no_such_fn'"):  # its module is imported: checked now
+        register_method(typo)
+    METHODS["half_typo"] = typo  # as registered before its module was imported: the merge names the function
     try:
         with pytest.raises(ValueError, match=r"half_typo.*'tests.test_merge_plugins:no_such_fn'.*no_such_fn"):
             merge("half_typo", {"w": torch.zeros(1)}, {"a": {"w": torch.ones(1)}})

@@ -398,6 +398,8 @@ def test_evaluate_takes_a_path_defaults_to_the_cards_split_and_checks_ks(run, sa
     assert "recall@10" in model.evaluate(folders[domain], ks=10)
     with pytest.raises(FedmergeError, match="evaluate needs a Domain or a domain folder/tarball path, got ItemCatalog"):
         model.evaluate(load_domain(folders[domain]).catalog)
+    with pytest.raises(FedmergeError, match="split must be 'test' or 'val', got 'train'"):  # was a bare ValueError
+        model.evaluate(folders[domain], split="train")
 
 
 def test_non_finite_weights_are_refused_by_recommend_scores_and_evaluate(run, saved_copy, unseen_catalog):

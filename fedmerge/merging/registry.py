@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint
@@ -241,6 +242,9 @@ def register_method(method: MergeMethod) -> MergeMethod:
         raise ValueError(f"merge method {method.name!r}: scale_param {method.scale_param!r} is not one of its "
                          f"parameters {sorted(method.params)} (None: λ = 1)")
     check_target("merge method", method.name, method.kernel)  # last: finding the module imports its packages
+    module, _, function = method.kernel.partition(":")
+    if module in sys.modules and not hasattr(sys.modules[module], function):  # a typo would fail after training
+        raise ValueError(f"merge method {method.name!r}: module {module!r} has no function {function!r}")
     METHODS[method.name] = method
     return method
 

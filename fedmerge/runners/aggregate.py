@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 
 from fedmerge.checks import is_finite_number
+from fedmerge.errors import FedmergeError
+from fedmerge.metrics import USERS
 
 CONFIDENCE = 0.95
 AVERAGE = "average"
@@ -204,11 +206,24 @@ def same_cutoff_metrics(metric: str, runs: Mapping[int, Mapping[str, Any]]) -> l
 
 
 def aggregate_runs(
-    runs: Mapping[int, Mapping[str, Any]], metric: str, training_free: Iterable[str], confidence: float = CONFIDENCE
+    runs: Mapping[int, Mapping[str, Any]], metric: str, training_free: Iterable[str] | None = None,
+    confidence: float = CONFIDENCE,
 ) -> dict[str, Any]:
     """The whole aggregate: seeds, domains, per model × domain × metric intervals, the paired comparisons on
-    ``metric``, and every seed's warnings (prefixed with the seed)."""
+    ``metric`` (FedmergeError when no run reports it: a misspelt name gave empty comparisons), and every seed's
+    warnings (prefixed with the seed). ``training_free``: the merges the "best training-free" reference is chosen
+    from (default: every registry method)."""
+    if not runs:
+        raise FedmergeError("no runs to aggregate")
     first = next(iter(runs.values()))
+    reported = {m for r in runs.values() for per_domain in r.get("models", {}).values()
+                for metrics in per_domain.values() if isinstance(metrics, Mapping) for m in metrics}
+    if metric not in reported:
+        raise FedmergeError(f"metric {metric!r} is not in the runs' results; valid: {sorted(reported - {USERS})}")
+    if training_free is None:
+        from fedmerge.merging import METHODS
+
+        training_free = list(METHODS)
     return {
         "seeds": list(runs),
         "metric": metric,
