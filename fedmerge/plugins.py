@@ -48,9 +48,9 @@ class PluginRegistry(MutableMapping[str, V]):
         self._entries = dict(builtins)
         self._register = register
         self._loaded = False
-        self._loading = False
         self.errors: dict[str, str] = {}  # plugin name -> why it was left out
-        # names set in this process by a call (not built in, not an entry point): other processes lack them
+        # names added by a registration call in this process (not built in, not an entry point): other processes,
+        # the Flower engine's, lack them
         self.registered_here: set[str] = set()
 
     def _all(self) -> dict[str, V]:
@@ -65,17 +65,20 @@ class PluginRegistry(MutableMapping[str, V]):
             return
         self._loaded = True  # first: loading registers through this mapping
         self.errors.clear()
-        self._loading = True
-        try:
-            for entry in entry_points(group=self.group):
-                try:
-                    self._register(entry)
-                except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop fedmerge; it is named
-                    self.errors[entry.name] = f"{type(exc).__name__}: {exc}"
-                    logger.warning("%s plugin %r (%s) left out: %s", self.kind, entry.name, entry.value,
-                                   self.errors[entry.name])
-        finally:
-            self._loading = False
+        for entry in entry_points(group=self.group):
+            already = set(self.registered_here)
+            try:
+                self._register(entry)
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop fedmerge; it is named
+                self.errors[entry.name] = f"{type(exc).__name__}: {exc}"
+                logger.warning("%s plugin %r (%s) left out: %s", self.kind, entry.name, entry.value,
+                               self.errors[entry.name])
+            self.registered_here = already  # an entry point reaches every process
+
+    def add_here(self, name: str, value: V) -> None:
+        """Register ``name`` from a call in this process (recorded in :attr:`registered_here`)."""
+        self._entries[name] = value
+        self.registered_here.add(name)
 
     def failures(self) -> str:
         """"; plugin 'x' (reason) failed to load" for each plugin left out: added to unknown-name errors."""
@@ -86,8 +89,6 @@ class PluginRegistry(MutableMapping[str, V]):
 
     def __setitem__(self, name: str, value: V) -> None:
         self._entries[name] = value
-        if not self._loading:
-            self.registered_here.add(name)
 
     def __delitem__(self, name: str) -> None:
         del self._entries[name]

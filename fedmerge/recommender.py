@@ -104,14 +104,15 @@ COMMON_CARD_KEYS = ("format", "family", "encoder", "feature_width", "theta0_dige
 
 
 def merged_model_card(theta0_card: Mapping[str, Any], name: str, method: str, params: Mapping[str, Any],
-                      domains: Sequence[str]) -> dict[str, Any]:
+                      domains: Sequence[str], **extra: Any) -> dict[str, Any]:
     """The card of a model merged from θ₀ (whose card is ``theta0_card``) and ``domains``' models by ``method``
     outside a run (``fedmerge merge``): θ₀'s family, encoder, θ₀ digest, run and eval protocol, this process's
-    package versions, no metrics."""
+    package versions, no metrics, never the pooled-data ``joint`` model whatever its name, and ``extra``."""
     from fedmerge.provenance import package_versions
 
     common = {k: theta0_card[k] for k in COMMON_CARD_KEYS if k in theta0_card}
-    return model_card({**common, "versions": package_versions()}, name, method, params, domains)
+    return model_card({**common, "versions": package_versions()}, name, method, params, domains,
+                      **{**extra, "joint": False})
 
 
 def scenario_card(cfg: Scenario, theta0_digest: str) -> dict[str, Any]:

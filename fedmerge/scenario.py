@@ -322,14 +322,19 @@ class Scenario:
         """This scenario with the keys of each ``section={key: value, ...}`` changed, built and checked again as
         :meth:`from_mapping` builds a scenario (a change the checks refuse raises FedmergeError naming it); the
         programmatic form of :func:`fedmerge.config.apply_overrides`. A nested table changes key by key and keeps
-        the scenario's other keys (``model={"params": {"hidden": 8}}`` changes the width only); to replace a whole
+        the scenario's other keys (``model={"params": {"hidden": 8}}`` changes the width only), except that another
+        ``model.family`` (``encoder.name``) starts from empty ``params`` plus the ones given; to replace a whole
         table, ``apply_overrides(scenario, ['model.params={hidden = 8}'])``."""
         table = self.to_mapping()
         for section, changes in sections.items():
             if not isinstance(changes, Mapping):
                 raise FedmergeError(f"with_changes({section}={changes!r}): give a table of the section's keys, e.g. "
                                     f"{section}={{key: value}}")
-            _merge_into(table.setdefault(section, {}), changes)
+            current = table.setdefault(section, {})
+            owner = {"model": "family", "encoder": "name"}.get(section)
+            if owner in changes and changes[owner] != current.get(owner):
+                current["params"] = {}  # another family or encoder starts from its own parameters
+            _merge_into(current, changes)
         return Scenario.from_mapping(table, source="changed scenario")
 
     def make_checked_family(self) -> ModelFamily:

@@ -190,3 +190,40 @@ def test_a_method_registered_in_this_process_only_is_refused_by_the_flower_engin
         run_scenario(cfg, "flower", tmp_path / "run")
     assert "half_sum" in METHODS.registered_here and "ties" not in METHODS.registered_here
     assert not (tmp_path / "run").exists()
+
+
+def test_only_registrations_count_as_this_process_only_and_mergerecs_init_method_is_checked(registered, monkeypatch):
+    """Putting a built-in back (a test's monkeypatch undone) marked it as registered here, so every Flower run was
+    refused; a MergeRec initialised from a method registered here passed the check and failed in the server."""
+    from fedmerge.runners.simulation import check_registered_here_only
+
+    ties = METHODS.pop("ties")
+    METHODS["ties"] = ties
+    assert "ties" not in METHODS.registered_here and "half_sum" in METHODS.registered_here
+    check_registered_here_only(load_scenario("quickstart"))
+    cfg = load_scenario("quickstart", ['merge.methods=["mergerec_taskwise"]', 'merge.mergerec.init_method="half_sum"'])
+    with pytest.raises(FedmergeError, match=r"\['half_sum'\] registered in this process only"):
+        check_registered_here_only(cfg)
+
+
+def test_a_module_may_register_its_kernels_while_it_is_being_imported(tmp_path, monkeypatch):
+    """Decorator-style registration runs before the function's name is bound in its module: the function check must
+    wait for modules that are still importing."""
+    import importlib
+    import sys
+
+    (tmp_path / "decoplug.py").write_text(
+        "from fedmerge.merging import MergeMethod, register_method\n"
+        "def merge_method(fn):\n"
+        "    register_method(MergeMethod(fn.__name__, f'{fn.__module__}:{fn.__name__}', {}, '', '', scale_param=None))\n"
+        "    return fn\n"
+        "@merge_method\n"
+        "def deco_mean(tau, params, generator):\n"
+        "    return tau / tau.shape[0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        importlib.import_module("decoplug")
+        assert get_method("deco_mean").fn is sys.modules["decoplug"].deco_mean
+    finally:
+        METHODS.pop("deco_mean", None)
+        sys.modules.pop("decoplug", None)

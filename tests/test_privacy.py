@@ -446,6 +446,8 @@ def test_load_study_routes_study_keys_and_names_bad_ones(tiny_scenario):
     with pytest.raises(FedmergeError, match=r"privacy_study.metric 'recal@10' is not a metric of eval.ks .*; valid: \["):
         load_study(str(tiny_scenario), ['privacy_study.metric="recal@10"'])
     assert load_study(str(tiny_scenario), ['privacy_study.metric="ndcg@10_masked"'])[1].metric == "ndcg@10_masked"
+    with pytest.raises(FedmergeError, match=r"run.seeds does not apply to a privacy study: set privacy_study.seeds"):
+        load_study(str(tiny_scenario), ["run.seeds=[0, 1]"])
 
 
 @pytest.mark.parametrize("name", ["privacy", "privacy-seq", "privacy-seq-adapter"])

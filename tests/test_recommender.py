@@ -295,6 +295,18 @@ def test_local_parameters_each_domain_serves_merges_with_its_own_last_item_bias(
     assert main([*args, "--as-domain", "synth-2"]) == 1
     assert "holds no local parameters of domain 'synth-2'; its card has them for ['synth-0', 'synth-1']" in \
         capsys.readouterr().err
+    # `fedmerge merge` of the run's clients next to its θ₀ reproduces the run's merge: θ₀'s card names the local
+    # parameters, so the merge carries the clients' median and each domain's own values as the run's did
+    merged = tmp_path / "again_ties.safetensors"
+    assert main(["merge", "--method", "ties", "--theta0", str(tmp_path / "run" / "models" / "theta0.safetensors"),
+                 "--models", *(f"{d}={tmp_path / 'run' / 'clients' / f'{d}.safetensors'}" for d in own),
+                 "--out", str(merged)]) == 0
+    capsys.readouterr()
+    again = load_recommender(merged, cache_dir=cfg.encoder.cache_dir)
+    assert again.local_domains == ["synth-0", "synth-1"]
+    for d in ("synth-0", "synth-1", "synth-2"):
+        metrics = again.evaluate(cfg.load_domain(d))
+        assert {k: metrics[k] for k in results["models"]["ties"][d]} == results["models"]["ties"][d]
     bad = load_scenario("quickstart", [*TINY, 'merge.local_parameters=["last_item_bias"]'])
     with pytest.raises(FedmergeError, match="merge.local_parameters names \\['last_item_bias'\\], which are not weights"):
         run_inprocess(bad, tmp_path / "bad")
@@ -483,3 +495,24 @@ def test_fedmerge_merge_of_a_runs_files_is_a_model_evaluate_and_recommend_take(r
     assert main(["merge", "--method", "ties", "--theta0", str(out / "models" / "theta0.safetensors"),
                  "--models", f"A={other}", *clients[1:], "--out", str(tmp_path / "bad.safetensors")]) == 1
     assert "was trained from θ₀ 0000000000000000" in capsys.readouterr().err
+    # ... also when θ₀ comes without a card (its digest is computed from its weights)
+    bare = tmp_path / "bare_theta0.safetensors"
+    shutil.copy(out / "models" / "theta0.safetensors", bare)
+    assert main(["merge", "--method", "ties", "--theta0", str(bare), "--models", f"A={other}", *clients[1:],
+                 "--out", str(tmp_path / "bad2.safetensors")]) == 1
+    assert "was trained from θ₀ 0000000000000000" in capsys.readouterr().err
+    # the card is written beside --out: a file there that is not an earlier merge's card (a run's results.json,
+    # θ₀'s card) was overwritten, --overwrite or not
+    copied = tmp_path / "copied_run"
+    shutil.copytree(out, copied)
+    before = (copied / "results.json").read_text()
+    for target, message in ((copied / "results.safetensors", "results.json exists and is not the card of"),
+                            (copied / "models" / "theta0.bin", "must be a .safetensors file")):
+        assert main(["merge", "--method", "ties", "--theta0", str(copied / "models" / "theta0.safetensors"),
+                     "--models", *clients, "--out", str(target), "--overwrite"]) == 1
+        assert message in capsys.readouterr().err
+    assert (copied / "results.json").read_text() == before
+    # --overwrite with a θ₀ without a card removes the earlier merge's card (it described other weights)
+    assert main(["merge", "--method", "average", "--theta0", str(bare), "--models", *clients, "--out", str(merged),
+                 "--overwrite"]) == 0
+    assert not card_path(merged).exists() and "θ₀ has no model card" in capsys.readouterr().out

@@ -152,3 +152,9 @@ def test_with_changes_changes_nested_keys_and_keeps_their_siblings():
     assert base.model.params["hidden"] == 32  # the original is unchanged
     with pytest.raises(FedmergeError, match=r"with_changes\(run=3\): give a table of the section's keys"):
         base.with_changes(run=3)
+    # another family (or encoder) starts from its own parameters: the old family's would be unknown to it
+    lae = base.with_changes(model={"family": "text-lae", "params": {"lam": 50.0}})
+    assert lae.model.params == {"lam": 50.0} and lae.make_checked_family().config()["lam"] == 50.0
+    batched = base.with_changes(encoder={"params": {"batch_size": 64}})
+    assert batched.encoder.params == {"batch_size": 64}
+    assert batched.with_changes(encoder={"name": "hashing"}).encoder.params == {}  # no batch_size for hashing

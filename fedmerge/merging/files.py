@@ -17,69 +17,83 @@ def merge_weight_files(
     overwrite: bool = False,
 ) -> Path:
     """θ₀ + the merged task vectors of ``models`` (name → weight file) under ``method`` with ``params``, saved to
-    ``out`` (FedmergeError for each of these, before anything is written):
+    ``out`` with, when θ₀ has a model card (a run's ``models/theta0.json``), a card of its own (FedmergeError for
+    each of these, before anything is written):
 
-    - an unknown method, or an ``out`` that is one of the input files or (without ``overwrite``) already exists:
-      refused before any file is read;
+    - an unknown method, an ``out`` that is not a ``.safetensors`` file, is one of the input files or (without
+      ``overwrite``) already exists, or whose card path holds a file that is not an earlier merge's card (a run's
+      results.json, an input's card): refused before any file is read;
     - a parameter the method refuses: named;
     - a model that is not well formed for θ₀ (names, shapes, dtypes, NaN/inf: :func:`~fedmerge.validation.
-      check_update`), or a merge whose result is not finite: named.
+      check_update`), or whose card says it was trained from another θ₀, or a merge whose result is not finite:
+      named.
+
+    θ₀'s card also names the run's ``merge.local_parameters``: the merge then carries the clients' median of them
+    and its card each domain's own values, as the run's merges do, so ``load_recommender(out).evaluate(domain)``
+    scores it as the run scored its merges.
     """
     import torch
 
     from fedmerge.merging import get_method, merge, resolve_params
-    from fedmerge.recommender import save_model
-    from fedmerge.storage import load_weights, save_weights
+    from fedmerge.merging.local_parameters import card_values, shared_values, with_values
+    from fedmerge.recommender import card_path, merged_model_card, read_card, save_model
+    from fedmerge.storage import WEIGHTS_SUFFIX, load_weights, save_weights, weights_digest
     from fedmerge.validation import UpdateRejected, check_update
 
     try:
         get_method(method)
     except ValueError as exc:
         raise FedmergeError(str(exc)) from exc
-    target = Path(out).resolve()
-    inputs = {Path(theta0).resolve(), *(Path(file).resolve() for file in models.values())}
-    if target in inputs:
-        raise FedmergeError(f"--out {out} is one of the input files; write the merge to a new file")
+    out = Path(out)
+    if out.suffix != WEIGHTS_SUFFIX:
+        raise FedmergeError(f"--out {out} must be a {WEIGHTS_SUFFIX} file (its model card is written beside it)")
+    target, card_target = out.resolve(), card_path(out).resolve()
+    files = [Path(theta0), *(Path(file) for file in models.values())]
+    inputs = {p.resolve() for f in files for p in (f, card_path(f))}
+    if target in inputs or card_target in inputs:
+        raise FedmergeError(f"--out {out} is one of the input files (or its card is an input's); write the merge to a "
+                            "new file")
     if target.exists() and not overwrite:
         raise FedmergeError(f"--out {out} already exists; choose a new file or pass --overwrite")
+    if card_target.exists() and not target.exists():
+        raise FedmergeError(f"{card_path(out)} exists and is not the card of an earlier merge {out}; choose another "
+                            "--out")
     base = load_weights(Path(theta0))
     weights = {name: load_weights(Path(file)) for name, file in models.items()}
+    digest = weights_digest(base)
     for name, file in models.items():
         try:
             check_update(base, weights[name])
         except UpdateRejected as exc:
             raise FedmergeError(f"model {name} ({file}): {exc.reason}") from None
+        if card_path(file).is_file() and read_card(file).get("theta0_digest") != digest:
+            raise FedmergeError(f"model {name} ({file}) was trained from θ₀ {read_card(file).get('theta0_digest')}, "
+                                f"not from {theta0} ({digest}); merge models of one θ₀")
     try:
         merged = merge(method, base, weights, **params)
+        resolved = resolve_params(method, params, n_models=len(weights))
     except ValueError as exc:
         raise FedmergeError(str(exc)) from exc
+    card = None
+    if card_path(theta0).is_file():
+        base_card = read_card(theta0)
+        local = list(base_card.get("local_parameter_names", []))
+        extra = {}
+        if local:
+            merged = with_values(merged, shared_values(weights, local))
+            extra["local_parameters"] = card_values({d: {n: w[n] for n in local} for d, w in weights.items()})
+        card = merged_model_card(base_card, out.stem, method, resolved, list(models), **extra)
+        try:
+            json.dumps(card, allow_nan=False)
+        except ValueError as exc:
+            raise FedmergeError(f"the merge's card cannot be written as JSON ({exc}); nothing written") from exc
     bad = sorted(n for n, t in merged.items() if not torch.isfinite(t).all())
     if bad:
         raise FedmergeError(f"{method} with {dict(params)} gave non-finite weights in {len(bad)} tensor(s), e.g. "
                             f"{bad[:3]}; nothing written")
     metadata = {"method": method, "params": json.dumps(dict(params), allow_nan=False),
                 "models": json.dumps(list(weights))}
-    card = merged_card(Path(theta0), models, method, resolve_params(method, params, n_models=len(weights)), Path(out))
     if card is None:
-        return save_weights(Path(out), merged, metadata=metadata)
-    return save_model(Path(out), merged, card, metadata=metadata)
-
-
-def merged_card(theta0: Path, models: Mapping[str, str | Path], method: str, params: Mapping[str, Any],
-                out: Path) -> dict[str, Any] | None:
-    """The model card of a merge of saved files, from θ₀'s card (family, encoder, θ₀, run, eval protocol) so that
-    ``load_recommender``, ``fedmerge evaluate`` and ``fedmerge recommend`` take the merged file; None when θ₀ has no
-    card (files from elsewhere: weights only). FedmergeError when a model's card says it was trained from another
-    θ₀ (its task vector would be measured from the wrong weights)."""
-    from fedmerge.recommender import card_path, merged_model_card, read_card
-
-    if not card_path(theta0).is_file():
-        return None
-    base = read_card(theta0)
-    for name, file in models.items():
-        if card_path(file).is_file():
-            theirs = read_card(file).get("theta0_digest")
-            if theirs != base["weights_digest"]:
-                raise FedmergeError(f"model {name} ({file}) was trained from θ₀ {theirs}, not from {theta0} "
-                                    f"({base['weights_digest']}); merge models of one θ₀")
-    return merged_model_card(base, out.stem, method, params, list(models))
+        card_path(out).unlink(missing_ok=True)  # an earlier merge's card would describe other weights
+        return save_weights(out, merged, metadata=metadata)
+    return save_model(out, merged, card, metadata=metadata)

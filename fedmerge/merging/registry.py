@@ -243,9 +243,11 @@ def register_method(method: MergeMethod) -> MergeMethod:
                          f"parameters {sorted(method.params)} (None: λ = 1)")
     check_target("merge method", method.name, method.kernel)  # last: finding the module imports its packages
     module, _, function = method.kernel.partition(":")
-    if module in sys.modules and not hasattr(sys.modules[module], function):  # a typo would fail after training
+    loaded = sys.modules.get(module)
+    initializing = getattr(getattr(loaded, "__spec__", None), "_initializing", False)  # decorator-style registration
+    if loaded is not None and not initializing and not hasattr(loaded, function):  # a typo would fail after training
         raise ValueError(f"merge method {method.name!r}: module {module!r} has no function {function!r}")
-    METHODS[method.name] = method
+    METHODS.add_here(method.name, method)
     return method
 
 

@@ -113,6 +113,9 @@ def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, 
                                   value, source)
     scenario_overrides = [o for o in overrides if not o.startswith(prefix)]
     cfg = apply_overrides(Scenario.from_mapping(raw, source=str(path)), scenario_overrides)
+    if cfg.run.seeds:
+        raise FedmergeError(f"run.seeds does not apply to a privacy study: set privacy_study.seeds = "
+                            f"{list(cfg.run.seeds)} (each cell runs once per study seed)")
     validate_study(study, cfg)
     settings = settings_from_mapping(study)
     for unit in settings.units:  # every DP cell's scenario passes the scenario checks before any cell trains

@@ -807,12 +807,16 @@ class Federation:
             "chosen_start": report.get("chosen_start")}}
         if extra:
             params = report["config"]
-        elif method in METHODS:  # every parameter with its default: a later default change cannot change the card
-            params = resolve_params(method, with_default_seed(method, self.cfg.merge.params.get(method, {}),
-                                                              self.cfg.run.seed),
-                                    n_models=len(self.merge_report["domains"]))
         else:
             params = self.cfg.merge.params.get(method, {})
+        if not extra and method in METHODS:  # every parameter with its default: a later default cannot change it
+            resolved = resolve_params(method, with_default_seed(method, params, self.cfg.run.seed),
+                                      n_models=len(self.merge_report["domains"]))
+            try:
+                json.dumps(resolved, allow_nan=False)
+                params = resolved
+            except (TypeError, ValueError):  # a plugin's default JSON cannot hold (inf): the scenario's values
+                logger.warning("merge %s: its resolved parameters are not JSON; its card keeps the scenario's", method)
         self.save_model(method, weights, method, self.merge_report["domains"], params=params, **extra, **(card or {}))
 
     def results(self) -> dict[str, Any]:
@@ -940,7 +944,9 @@ def run_federation(
     else:
         theta0 = initial_weights(cfg)
     federation = Federation(cfg, theta0, out_dir=out_path)
-    federation.save_model("theta0", theta0, "theta0", [], metadata=fingerprint)
+    # θ₀'s card names the run's local parameters, so that `fedmerge merge` of its clients builds the run's merges
+    local_names = {"local_parameter_names": list(cfg.merge.local_parameters)} if cfg.merge.local_parameters else {}
+    federation.save_model("theta0", theta0, "theta0", [], metadata=fingerprint, **local_names)
     setup = time.perf_counter() - start
     federation.train_metrics.update(train_metrics)
     joint_seconds = 0.0

@@ -99,7 +99,13 @@ def check_registered_here_only(cfg: Scenario) -> None:
     from fedmerge.merging import METHODS
     from fedmerge.models import FAMILIES
 
-    local = [m for m in cfg.merge.methods if m in METHODS.registered_here]
+    from fedmerge.merging import MERGEREC_METHODS
+    from fedmerge.merging.testtime import TESTTIME_METHOD
+
+    names = list(cfg.merge.methods)
+    if any(m in MERGEREC_METHODS or m == TESTTIME_METHOD for m in cfg.merge.methods):
+        names.append(cfg.mergerec_config("task").init_method)  # MergeRec starts from this registry merge
+    local = sorted({m for m in names if m in METHODS.registered_here})
     local += [cfg.model.family] if cfg.model.family in FAMILIES.registered_here else []
     if local:
         raise FedmergeError(f"{local} registered in this process only (register_method / register_family): the Flower "
