@@ -369,7 +369,9 @@ def validate(cfg: Scenario) -> None:
     if cfg.theta0.length < 3 or cfg.theta0.per_item < 1:
         raise FedmergeError(f"theta0.length must be >= 3 and theta0.per_item >= 1, got {cfg.theta0.length}, "
                             f"{cfg.theta0.per_item}")
-    if cfg.eval.split not in ("val", "test"):
+    from fedmerge.data.domain import SPLITS
+
+    if cfg.eval.split not in SPLITS:
         raise FedmergeError(f"eval.split must be 'val' or 'test', got {cfg.eval.split!r}")
     ks = list(cfg.eval.ks)
     if not ks or not all(is_integer(k) and k > 0 for k in ks):

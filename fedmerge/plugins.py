@@ -49,9 +49,7 @@ class PluginRegistry(MutableMapping[str, V]):
         self._register = register
         self._loaded = False
         self.errors: dict[str, str] = {}  # plugin name -> why it was left out
-        # names added by a registration call in this process (not built in, not an entry point): other processes,
-        # the Flower engine's, lack them
-        self.registered_here: set[str] = set()
+        self._everywhere = dict(builtins)  # what every process has: the built-ins and the entry points' entries
 
     def _all(self) -> dict[str, V]:
         if not self._loaded:
@@ -66,19 +64,23 @@ class PluginRegistry(MutableMapping[str, V]):
         self._loaded = True  # first: loading registers through this mapping
         self.errors.clear()
         for entry in entry_points(group=self.group):
-            already = set(self.registered_here)
+            before = dict(self._entries)
             try:
                 self._register(entry)
             except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop fedmerge; it is named
                 self.errors[entry.name] = f"{type(exc).__name__}: {exc}"
                 logger.warning("%s plugin %r (%s) left out: %s", self.kind, entry.name, entry.value,
                                self.errors[entry.name])
-            self.registered_here = already  # an entry point reaches every process
+            # an entry point reaches every process, with whatever its module registered while loading
+            self._everywhere.update({n: v for n, v in self._entries.items() if before.get(n) is not v})
 
-    def add_here(self, name: str, value: V) -> None:
-        """Register ``name`` from a call in this process (recorded in :attr:`registered_here`)."""
-        self._entries[name] = value
-        self.registered_here.add(name)
+    @property
+    def registered_here(self) -> set[str]:
+        """Names whose entry exists in this process only: set by a call here (``register_method``, a plugin module
+        imported by hand, an entry replaced), not a built-in or an entry point's; other processes, the Flower
+        engine's, lack them."""
+        everywhere = self._everywhere
+        return {n for n, v in self._all().items() if n not in everywhere or everywhere[n] is not v}
 
     def failures(self) -> str:
         """"; plugin 'x' (reason) failed to load" for each plugin left out: added to unknown-name errors."""
@@ -92,7 +94,6 @@ class PluginRegistry(MutableMapping[str, V]):
 
     def __delitem__(self, name: str) -> None:
         del self._entries[name]
-        self.registered_here.discard(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._all())

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from fedmerge.checks import TYPE_WORDS, is_finite_number, is_integer
+from fedmerge.data.domain import SPLITS
 from fedmerge.errors import DataError, FedmergeError
 from fedmerge.scenario import EncoderSettings, Scenario
 
@@ -384,7 +385,7 @@ class LoadedRecommender:
         if ks is not None and (not ks or not all(is_integer(k) and k >= 1 for k in ks)):
             raise FedmergeError(f"ks must be a non-empty list of positive integers, got {list(ks)!r}")
         split = split or self.default_split
-        if split not in ("val", "test"):
+        if split not in SPLITS:
             raise FedmergeError(f"split must be 'test' or 'val', got {split!r}")
         model = self.for_domain(domain.name)
         metrics = evaluate_scorer(model._scorer(domain.catalog), domain, split, ks=tuple(ks or DEFAULT_KS),

@@ -164,13 +164,13 @@ def _holds_files(path: Path) -> bool:
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """``obj`` as indented JSON, written atomically (NaN/Inf are refused rather than written as invalid JSON)."""
     try:
-        text = json.dumps(obj, indent=2, allow_nan=False, default=_json_default)
+        text = json.dumps(obj, indent=2, allow_nan=False, default=json_default)
     except ValueError as exc:
         raise FedmergeError(f"cannot write {path}: {exc}") from exc
     return write_bytes_atomic(path, (text + "\n").encode("utf-8"))
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     """numpy/torch scalars and arrays, and paths, as plain JSON values."""
     if hasattr(value, "tolist"):
         return value.tolist()

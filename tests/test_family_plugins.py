@@ -104,7 +104,8 @@ def test_entry_point_families_load_and_a_broken_one_is_named(monkeypatch):
     monkeypatch.setattr(plugins, "entry_points",
                         lambda group: [good, malformed, gone] if group == FAMILY_PLUGIN_GROUP else [])
     monkeypatch.setattr(FAMILIES, "errors", {})
-    monkeypatch.setattr(FAMILIES, "_loaded", False)  # restored afterwards: the real entry points load later
+    monkeypatch.setattr(FAMILIES, "_loaded", False)
+    monkeypatch.setattr(FAMILIES, "_everywhere", dict(FAMILIES._everywhere))  # what the fake entry points add, undone  # restored afterwards: the real entry points load later
     try:
         assert "tiny-lae" in FAMILIES  # the first lookup loads the group
         FAMILIES.load_plugins()  # a second load changes nothing (it recorded the loaded plugins as taken)

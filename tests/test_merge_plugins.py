@@ -97,6 +97,7 @@ def test_entry_point_plugins_load_and_a_broken_one_is_named(monkeypatch):
     monkeypatch.setattr(plugins, "entry_points", lambda group: [good, broken, wrong] if group == registry.PLUGIN_GROUP else [])
     monkeypatch.setattr(METHODS, "errors", {})
     monkeypatch.setattr(METHODS, "_loaded", False)
+    monkeypatch.setattr(METHODS, "_everywhere", dict(METHODS._everywhere))  # what the fake entry points add, undone
     try:
         METHODS.load_plugins()
         assert get_method("half_sum") is HALF_SUM
@@ -227,3 +228,17 @@ def test_a_module_may_register_its_kernels_while_it_is_being_imported(tmp_path, 
     finally:
         METHODS.pop("deco_mean", None)
         sys.modules.pop("decoplug", None)
+
+
+def test_what_this_process_changed_is_registered_here_whatever_the_route(registered):
+    """Put back by hand after a pop, or a built-in replaced under its name: only this process has that entry."""
+    METHODS.pop("half_sum")
+    METHODS["half_sum"] = HALF_SUM
+    assert "half_sum" in METHODS.registered_here
+    ties = METHODS["ties"]
+    try:
+        METHODS["ties"] = HALF_SUM  # another kernel under a built-in's name: the Flower processes would run ties
+        assert "ties" in METHODS.registered_here
+    finally:
+        METHODS["ties"] = ties
+    assert "ties" not in METHODS.registered_here

@@ -252,7 +252,7 @@ def test_local_parameters_each_domain_serves_merges_with_its_own_last_item_bias(
     for two), each training domain evaluates it with its own b, the card keeps every domain's b and `evaluate`
     reproduces the run's metrics."""
     cfg = load_scenario("quickstart", [
-        *TINY, 'merge.methods=["ties", "task_arithmetic"]', "model.params.last_item_bias=true",
+        *TINY, 'merge.methods=["ties", "task_arithmetic", "dare"]', "run.seed=3", "model.params.last_item_bias=true",
         "model.params.last_item_bias_lr=0.05", "model.params.max_epochs=2", 'data.held_out=["synth-2"]',
         'merge.local_parameters=["last_item_bias"]', "baselines.joint=false", f"encoder.cache_dir={tmp_path / 'c'}"])
     import fedmerge.runners.client as client_module
@@ -297,16 +297,19 @@ def test_local_parameters_each_domain_serves_merges_with_its_own_last_item_bias(
         capsys.readouterr().err
     # `fedmerge merge` of the run's clients next to its θ₀ reproduces the run's merge: θ₀'s card names the local
     # parameters, so the merge carries the clients' median and each domain's own values as the run's did
-    merged = tmp_path / "again_ties.safetensors"
-    assert main(["merge", "--method", "ties", "--theta0", str(tmp_path / "run" / "models" / "theta0.safetensors"),
-                 "--models", *(f"{d}={tmp_path / 'run' / 'clients' / f'{d}.safetensors'}" for d in own),
-                 "--out", str(merged)]) == 0
-    capsys.readouterr()
-    again = load_recommender(merged, cache_dir=cfg.encoder.cache_dir)
-    assert again.local_domains == ["synth-0", "synth-1"]
-    for d in ("synth-0", "synth-1", "synth-2"):
-        metrics = again.evaluate(cfg.load_domain(d))
-        assert {k: metrics[k] for k in results["models"]["ties"][d]} == results["models"]["ties"][d]
+    for method in ("ties", "dare"):  # DARE's masks follow the run's seed (3), as in the run
+        merged = tmp_path / f"again_{method}.safetensors"
+        assert main(["merge", "--method", method, "--theta0", str(tmp_path / "run" / "models" / "theta0.safetensors"),
+                     "--models", *(f"{d}={tmp_path / 'run' / 'clients' / f'{d}.safetensors'}" for d in reversed(own)),
+                     "--out", str(merged)]) == 0
+        capsys.readouterr()
+        again = load_recommender(merged, cache_dir=cfg.encoder.cache_dir)
+        assert again.local_domains == ["synth-0", "synth-1"]
+        assert read_card(merged)["method"]["params"] == read_card(tmp_path / "run" / "models" / f"{method}.safetensors")[
+            "method"]["params"]
+        for d in ("synth-0", "synth-1", "synth-2"):
+            metrics = again.evaluate(cfg.load_domain(d))
+            assert {k: metrics[k] for k in results["models"][method][d]} == results["models"][method][d]
     bad = load_scenario("quickstart", [*TINY, 'merge.local_parameters=["last_item_bias"]'])
     with pytest.raises(FedmergeError, match="merge.local_parameters names \\['last_item_bias'\\], which are not weights"):
         run_inprocess(bad, tmp_path / "bad")
@@ -506,12 +509,17 @@ def test_fedmerge_merge_of_a_runs_files_is_a_model_evaluate_and_recommend_take(r
     copied = tmp_path / "copied_run"
     shutil.copytree(out, copied)
     before = (copied / "results.json").read_text()
-    for target, message in ((copied / "results.safetensors", "results.json exists and is not the card of"),
+    for target, message in ((copied / "results.safetensors", "results.json exists and was not written by fedmerge merge"),
                             (copied / "models" / "theta0.bin", "must be a .safetensors file")):
         assert main(["merge", "--method", "ties", "--theta0", str(copied / "models" / "theta0.safetensors"),
                      "--models", *clients, "--out", str(target), "--overwrite"]) == 1
         assert message in capsys.readouterr().err
     assert (copied / "results.json").read_text() == before
+    # --overwrite replaces only what fedmerge merge wrote: not a client's weights and card
+    assert main(["merge", "--method", "ties", "--theta0", str(copied / "models" / "theta0.safetensors"),
+                 "--models", *clients[:2], "--out", str(copied / "clients" / "synth-2.safetensors"),
+                 "--overwrite"]) == 1
+    assert "was not written by fedmerge merge" in capsys.readouterr().err
     # --overwrite with a θ₀ without a card removes the earlier merge's card (it described other weights)
     assert main(["merge", "--method", "average", "--theta0", str(bare), "--models", *clients, "--out", str(merged),
                  "--overwrite"]) == 0

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from fedmerge.commands.recommend import add_saved_model_options, load_saved_model
+from fedmerge.data.domain import SPLITS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_saved_model_options(parser)
     parser.add_argument("--data", type=Path, required=True, help="domain folder or .tar.gz (Amazon or generic format)")
-    parser.add_argument("--split", choices=("test", "val"), default=None,
+    parser.add_argument("--split", choices=sorted(SPLITS, reverse=True), default=None,
                         help="users' target (default: the split the model's run evaluated, from its card; else test)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
     parser.set_defaults(func=run_evaluate)

@@ -8,6 +8,7 @@ A missing target is ``-1``. Model selection uses ``inputs("val")`` (input = trai
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     import scipy.sparse
 
 Split = Literal["val", "test"]
+SPLITS: tuple[str, ...] = typing.get_args(Split)  # what a split may be named (evaluation's target item)
 
 
 def item_text(fields: Mapping[str, str]) -> str:

@@ -5,11 +5,15 @@ names in the file's metadata."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedmerge.errors import FedmergeError
+from fedmerge.errors import DataError, FedmergeError
+
+logger = logging.getLogger(__name__)
+MERGED_BY = "fedmerge merge"  # a card's "merged_by": the only cards fedmerge merge may replace
 
 
 def merge_weight_files(
@@ -35,9 +39,10 @@ def merge_weight_files(
     import torch
 
     from fedmerge.merging import get_method, merge, resolve_params
-    from fedmerge.merging.local_parameters import card_values, shared_values, with_values
+    from fedmerge.merging.local_parameters import card_values, check_local_parameters, shared_values, with_values
+    from fedmerge.merging.registry import with_default_seed
     from fedmerge.recommender import card_path, merged_model_card, read_card, save_model
-    from fedmerge.storage import WEIGHTS_SUFFIX, load_weights, save_weights, weights_digest
+    from fedmerge.storage import WEIGHTS_SUFFIX, json_default, load_weights, save_weights, weights_digest
     from fedmerge.validation import UpdateRejected, check_update
 
     try:
@@ -55,38 +60,49 @@ def merge_weight_files(
                             "new file")
     if target.exists() and not overwrite:
         raise FedmergeError(f"--out {out} already exists; choose a new file or pass --overwrite")
-    if card_target.exists() and not target.exists():
-        raise FedmergeError(f"{card_path(out)} exists and is not the card of an earlier merge {out}; choose another "
-                            "--out")
+    if card_target.exists() and not is_merge_card(card_path(out)):
+        raise FedmergeError(f"{card_path(out)} exists and was not written by fedmerge merge (a run's results or "
+                            "another model's card); choose another --out")
     base = load_weights(Path(theta0))
-    weights = {name: load_weights(Path(file)) for name, file in models.items()}
     digest = weights_digest(base)
-    for name, file in models.items():
+    base_card = read_card(theta0) if card_path(theta0).is_file() else None
+    if base_card is not None and base_card.get("weights_digest") != digest:
+        raise FedmergeError(f"{theta0} does not hold the weights its card {card_path(theta0)} describes "
+                            f"({base_card.get('weights_digest')}, the file's are {digest})")
+    weights = {name: load_weights(Path(models[name])) for name in sorted(models)}  # the run's order: by domain
+    for name, file in ((n, models[n]) for n in sorted(models)):
         try:
             check_update(base, weights[name])
         except UpdateRejected as exc:
             raise FedmergeError(f"model {name} ({file}): {exc.reason}") from None
-        if card_path(file).is_file() and read_card(file).get("theta0_digest") != digest:
-            raise FedmergeError(f"model {name} ({file}) was trained from θ₀ {read_card(file).get('theta0_digest')}, "
-                                f"not from {theta0} ({digest}); merge models of one θ₀")
+        theirs = _card_theta0(Path(file))
+        if theirs is not None and theirs != digest:
+            raise FedmergeError(f"model {name} ({file}) was trained from θ₀ {theirs}, not from {theta0} ({digest}); "
+                                "merge models of one θ₀")
+    if base_card is not None:  # a seeded method (DARE) follows the run's seed, as the run's merge did
+        params = with_default_seed(method, params, int(base_card.get("run", {}).get("seed", 0)))
     try:
         merged = merge(method, base, weights, **params)
         resolved = resolve_params(method, params, n_models=len(weights))
     except ValueError as exc:
         raise FedmergeError(str(exc)) from exc
     card = None
-    if card_path(theta0).is_file():
-        base_card = read_card(theta0)
-        local = list(base_card.get("local_parameter_names", []))
-        extra = {}
+    if base_card is not None:
+        local = base_card.get("local_parameter_names", [])
+        if not isinstance(local, list) or not all(isinstance(n, str) for n in local):
+            raise FedmergeError(f"{card_path(theta0)}: local_parameter_names must be a list of weight names, got "
+                                f"{local!r}")
+        extra: dict[str, Any] = {"merged_by": MERGED_BY}
         if local:
+            check_local_parameters(local, base)
             merged = with_values(merged, shared_values(weights, local))
             extra["local_parameters"] = card_values({d: {n: w[n] for n in local} for d, w in weights.items()})
-        card = merged_model_card(base_card, out.stem, method, resolved, list(models), **extra)
         try:
-            json.dumps(card, allow_nan=False)
-        except ValueError as exc:
-            raise FedmergeError(f"the merge's card cannot be written as JSON ({exc}); nothing written") from exc
+            json.dumps(resolved, allow_nan=False, default=json_default)
+        except (TypeError, ValueError):  # a plugin's default JSON cannot hold (inf): the given values, as a run does
+            logger.warning("%s: its resolved parameters are not JSON; the card keeps the given ones", method)
+            resolved = dict(params)
+        card = merged_model_card(base_card, out.stem, method, resolved, list(weights), **extra)
     bad = sorted(n for n, t in merged.items() if not torch.isfinite(t).all())
     if bad:
         raise FedmergeError(f"{method} with {dict(params)} gave non-finite weights in {len(bad)} tensor(s), e.g. "
@@ -97,3 +113,24 @@ def merge_weight_files(
         card_path(out).unlink(missing_ok=True)  # an earlier merge's card would describe other weights
         return save_weights(out, merged, metadata=metadata)
     return save_model(out, merged, card, metadata=metadata)
+
+
+def is_merge_card(path: Path) -> bool:
+    """Whether the JSON file at ``path`` is a model card ``fedmerge merge`` wrote (the only kind it may replace)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("merged_by") == MERGED_BY
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _card_theta0(weights_file: Path) -> str | None:
+    """The θ₀ digest a model's card names, or None without a (readable) card: a sibling .json that is not a model
+    card (files from elsewhere) is no card."""
+    from fedmerge.recommender import card_path, read_card
+
+    if not card_path(weights_file).is_file():
+        return None
+    try:
+        return read_card(weights_file).get("theta0_digest")
+    except DataError:
+        return None

@@ -247,7 +247,7 @@ def register_method(method: MergeMethod) -> MergeMethod:
     initializing = getattr(getattr(loaded, "__spec__", None), "_initializing", False)  # decorator-style registration
     if loaded is not None and not initializing and not hasattr(loaded, function):  # a typo would fail after training
         raise ValueError(f"merge method {method.name!r}: module {module!r} has no function {function!r}")
-    METHODS.add_here(method.name, method)
+    METHODS[method.name] = method
     return method
 
 

@@ -51,7 +51,7 @@ def register_family(name: str, target: str, *, find: bool = True) -> None:
         raise ValueError(f"model family {name!r} is already registered (families: {sorted(FAMILIES)}, in-domain "
                          f"models: {sorted(RECOMMENDERS)})")
     check_target("model family", name, target, find=find)
-    FAMILIES.add_here(name, target)
+    FAMILIES[name] = target
 
 
 def _register_family_plugin(entry: EntryPoint) -> None:

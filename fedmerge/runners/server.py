@@ -800,6 +800,7 @@ class Federation:
         ``card``'s extra fields (each domain's local parameters)."""
         from fedmerge.merging import METHODS, resolve_params
         from fedmerge.merging.registry import with_default_seed
+        from fedmerge.storage import json_default
 
         report = self.merge_report.get(method)
         extra = {} if not isinstance(report, Mapping) else {"mergerec": {
@@ -813,7 +814,7 @@ class Federation:
             resolved = resolve_params(method, with_default_seed(method, params, self.cfg.run.seed),
                                       n_models=len(self.merge_report["domains"]))
             try:
-                json.dumps(resolved, allow_nan=False)
+                json.dumps(resolved, allow_nan=False, default=json_default)
                 params = resolved
             except (TypeError, ValueError):  # a plugin's default JSON cannot hold (inf): the scenario's values
                 logger.warning("merge %s: its resolved parameters are not JSON; its card keeps the scenario's", method)
