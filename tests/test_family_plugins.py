@@ -11,6 +11,7 @@ from importlib.metadata import EntryPoint
 from typing import ClassVar
 
 import pytest
+import torch
 
 from fedmerge.cli import main
 from fedmerge.config import load_scenario
@@ -31,6 +32,25 @@ class Misnamed(TextLAEFamily):
 
 class NotAFamily:
     name: ClassVar[str] = "not-a-family"
+
+
+class Unsplit(torch.nn.Module):
+    """The text-space LAE's s = x E W Eᵀ with only a forward: MergeRec's default frozen item side cannot run it."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.eye(dim))
+
+    def forward(self, seqs: torch.Tensor, item_features: torch.Tensor) -> torch.Tensor:
+        history = torch.zeros(seqs.shape[0], item_features.shape[0] + 1).scatter_(1, seqs + 1, 1.0)[:, 1:]
+        return history @ item_features @ self.W @ item_features.T
+
+
+class UnsplitLAE(TextLAEFamily):
+    name: ClassVar[str] = "unsplit-lae"
+
+    def build(self, dim: int) -> torch.nn.Module:
+        return Unsplit(dim)
 
 
 @pytest.fixture
@@ -148,3 +168,26 @@ def test_an_installed_family_is_there_in_a_fresh_process_without_importing_torch
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout) == [True, "MyFamily", {"lam": 5.0, "max_len": 50}]
     assert "left out" not in run.stderr
+
+
+def test_a_family_mergerec_cannot_run_fails_before_any_client_trains(tmp_path):
+    """MergeRec's frozen item side needs a split module: the run failed at the merge, after every client trained,
+    without saying that item_side = "full" runs such a family."""
+    from fedmerge.runners.inprocess import run_inprocess
+
+    register_family("unsplit-lae", "tests.test_family_plugins:UnsplitLAE")
+    try:
+        overrides = ["run.progress=false", "data.synthetic.n_users=30", "data.synthetic.n_items=20",
+                     'model.family="unsplit-lae"', "model.params={lam = 10.0}", "baselines.fedavg_rounds=0",
+                     "baselines.joint=false", 'merge.methods=["average", "mergerec_taskwise"]',
+                     "merge.mergerec.steps=2", "encoder.name=hashing", "encoder.params.dim=16",
+                     f"encoder.cache_dir={tmp_path / 'cache'}"]
+        with pytest.raises(FedmergeError, match=r"merge.mergerec: item_side='frozen' needs module methods .*set "
+                                                r"merge.mergerec.item_side = \"full\""):
+            run_inprocess(load_scenario("quickstart", overrides), tmp_path / "run")
+        assert not (tmp_path / "run" / "clients").exists()  # no client trained
+        full = run_inprocess(load_scenario("quickstart", [*overrides, 'merge.mergerec.item_side="full"']),
+                             tmp_path / "full")
+        assert full["status"] == "ok" and "mergerec_taskwise" in full["models"]
+    finally:
+        FAMILIES.pop("unsplit-lae", None)

@@ -309,6 +309,17 @@ def merged_weights(
 SPLIT_METHODS = ("item_representations", "encode", "logits")
 
 
+def check_item_side(module: nn.Module, family_name: str, item_side: str) -> None:
+    """ValueError unless ``module`` can run MergeRec's ``item_side``: "frozen" needs :data:`SPLIT_METHODS` (checked
+    when a run starts, so a family without them fails before any client trains)."""
+    if item_side == "frozen":
+        lacking = [m for m in SPLIT_METHODS if not callable(getattr(module, m, None))]
+        if lacking:
+            raise ValueError(f"item_side='frozen' needs module methods {list(SPLIT_METHODS)}; "
+                             f"{type(module).__name__} of {family_name!r} lacks {lacking} (set "
+                             "merge.mergerec.item_side = \"full\" for this family)")
+
+
 def prefixed(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Parameter names as seen from the :class:`ItemSide` / :class:`SequenceSide` wrappers."""
     return {f"inner.{p}": t for p, t in params.items()}
@@ -396,11 +407,7 @@ class PseudoUserObjective:
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.module.train(False)
-        if config.item_side == "frozen":
-            lacking = [m for m in SPLIT_METHODS if not callable(getattr(self.module, m, None))]
-            if lacking:
-                raise ValueError(f"item_side='frozen' needs module methods {list(SPLIT_METHODS)}; "
-                                 f"{type(self.module).__name__} of {family.name!r} lacks {lacking}")
+        check_item_side(self.module, family.name, config.item_side)
         if config.pseudo_user_length > family.max_len:
             raise ValueError(f"pseudo_user_length {config.pseudo_user_length} exceeds {family.name!r}'s "
                              f"max_len {family.max_len}")

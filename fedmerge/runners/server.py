@@ -33,7 +33,7 @@ from fedmerge.merging.local_parameters import (
 from fedmerge.merging.testtime import TESTTIME_METHOD
 from fedmerge.metrics import USERS
 from fedmerge.models import StateDict
-from fedmerge.models.base import STOP_MAX_SECONDS
+from fedmerge.models.base import STOP_MAX_SECONDS, ModelFamily
 from fedmerge.recommender import SAVED_INDIVIDUAL_PREFIX, model_path
 from fedmerge.reproducibility import process_cpus, thread_count
 from fedmerge.runners import protocol
@@ -180,6 +180,21 @@ def fedavg_aggregate(updates: Mapping[str, StateDict], weights: Mapping[str, flo
         name: (sum(updates[d][name].double() * (weights[d] / total) for d in updates)).to(first[name].dtype)
         for name in first
     }
+
+
+def check_mergerec_module(cfg: Scenario, family: ModelFamily) -> None:
+    """FedmergeError, before any client trains, when the run lists a MergeRec merge whose ``item_side`` the family's
+    module cannot run (it failed the whole run at the merge, after training)."""
+    from fedmerge.merging import MERGEREC_METHODS
+    from fedmerge.merging.mergerec import check_item_side
+
+    if not any(m in MERGEREC_METHODS or m == TESTTIME_METHOD for m in cfg.merge.methods):
+        return
+    try:
+        check_item_side(family.build(cfg.encoder.feature_width(family)), family.name,
+                        cfg.mergerec_config("task").item_side)
+    except ValueError as exc:
+        raise FedmergeError(f"merge.mergerec: {exc}") from exc
 
 
 def merge_replies(
@@ -338,8 +353,10 @@ class Federation:
         check_local_parameters(self.local_names, theta0)
         from fedmerge.privacy.client import privacy_setting_warnings
 
+        family = cfg.make_checked_family()
+        check_mergerec_module(cfg, family)
         self.setup_warnings = [
-            *merged_behaviour_warnings(cfg.make_checked_family().behaviour_parameters, self.local_names, theta0),
+            *merged_behaviour_warnings(family.behaviour_parameters, self.local_names, theta0),
             *privacy_setting_warnings(cfg),
             *([] if cfg.merge.methods else ["merge.methods is empty: no merge was built, only the baselines"]),
         ]
