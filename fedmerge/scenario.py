@@ -213,6 +213,14 @@ class MergeSettings:
     testtime: TesttimeSettings
     local_parameters: tuple[str, ...]
 
+    def lists_mergerec(self) -> bool:
+        """Whether ``methods`` hold a MergeRec merge (task-, layer- or tensor-wise, or the test-time one): each
+        learns coefficients on the family's module, starting from ``mergerec.init_method``."""
+        from fedmerge.merging.mergerec_config import MERGEREC_METHODS
+        from fedmerge.merging.testtime import TESTTIME_METHOD
+
+        return any(m in MERGEREC_METHODS or m == TESTTIME_METHOD for m in self.methods)
+
 
 @dataclass(frozen=True)
 class Theta0Settings:
@@ -338,12 +346,22 @@ class Scenario:
         return Scenario.from_mapping(table, source="changed scenario")
 
     def make_checked_family(self) -> ModelFamily:
-        """The run's model family; with FedAvg rounds, the family of their local parameters is built too, so that a
-        misspelt or mistyped ``baselines.fedavg_local_params`` key fails now, not in the first round after the
-        merges (FedmergeError naming it)."""
+        """The run's model family, with the checks that need it, run when a run starts (the server's, and the Flower
+        launcher's short-lived process) so they fail before any client trains (FedmergeError naming the key): with
+        FedAvg rounds, the family of their local parameters is built too (a misspelt or mistyped
+        ``baselines.fedavg_local_params`` key failed in the first round after the merges); with a MergeRec merge,
+        the family's module must run MergeRec's ``item_side`` (it failed the whole run at the merge)."""
         family = self.model.make_family()
         if self.baselines.fedavg_rounds and self.baselines.fedavg_local_params:
             self.model.make_family(self.baselines.fedavg_local_params)
+        if self.merge.lists_mergerec():
+            from fedmerge.merging.mergerec import check_item_side
+
+            try:
+                check_item_side(family.build(self.encoder.feature_width(family)), family.name,
+                                self.mergerec_config("task").item_side)
+            except ValueError as exc:
+                raise FedmergeError(f"merge.mergerec: {exc}") from exc
         return family
 
     def mergerec_config(self, granularity: str) -> MergeRecConfig:

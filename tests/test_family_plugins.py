@@ -4,7 +4,6 @@ entry-point group for every process."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from importlib.metadata import EntryPoint
@@ -18,6 +17,7 @@ from fedmerge.config import load_scenario
 from fedmerge.errors import FedmergeError
 from fedmerge.models import FAMILIES, FAMILY_PLUGIN_GROUP, get_family, register_family
 from fedmerge.models.text_lae import TextLAEFamily
+from tests.test_merge_plugins import install_distribution
 
 
 class TinyLAE(TextLAEFamily):
@@ -144,16 +144,11 @@ def test_entry_point_families_load_and_a_broken_one_is_named(monkeypatch):
 def test_an_installed_family_is_there_in_a_fresh_process_without_importing_torch_to_load_the_scenario(tmp_path):
     """A distribution with a fedmerge.families entry point (as `pip install` leaves it): a scenario naming the
     family loads (torch-free, as the Flower launcher loads it) and the family builds in any process."""
-    package = tmp_path / "fm_family"
-    package.mkdir()
-    (package / "__init__.py").write_text("import torch\n")  # what a plugin package may well do
-    (package / "family.py").write_text(
-        "from typing import ClassVar\nfrom fedmerge.models.text_lae import TextLAEFamily\n\n"
-        "class MyFamily(TextLAEFamily):\n    name: ClassVar[str] = 'my-family'\n")
-    info = tmp_path / "fm_family-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fm-family\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[fedmerge.families]\nmy-family = fm_family.family:MyFamily\n")
+    env = install_distribution(tmp_path, "fm_family", {
+        "__init__.py": "import torch\n",  # what a plugin package may well do
+        "family.py": "from typing import ClassVar\nfrom fedmerge.models.text_lae import TextLAEFamily\n\n"
+        "class MyFamily(TextLAEFamily):\n    name: ClassVar[str] = 'my-family'\n",
+    }, FAMILY_PLUGIN_GROUP, {"my-family": "fm_family.family:MyFamily"})
     script = ("import json, sys\nfrom fedmerge.cli import main\nfrom fedmerge.config import load_scenario\n"
               "cfg = load_scenario('quickstart', ['model.family=\"my-family\"', 'model.params={lam = 5.0}'])\n"
               "import contextlib, io\n"
@@ -163,7 +158,6 @@ def test_an_installed_family_is_there_in_a_fresh_process_without_importing_torch
               "light = 'torch' not in sys.modules\n"
               "family = cfg.make_checked_family()\n"
               "print(json.dumps([light, type(family).__name__, family.config()]))\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout) == [True, "MyFamily", {"lam": 5.0, "max_len": 50}]

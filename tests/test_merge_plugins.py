@@ -109,31 +109,40 @@ def test_entry_point_plugins_load_and_a_broken_one_is_named(monkeypatch):
         METHODS.pop("half_sum", None)
 
 
+def install_distribution(root, package: str, files: dict[str, str], group: str, entries: dict[str, str]) -> dict:
+    """``package`` (its ``files``) and a ``.dist-info`` declaring ``entries`` (name -> "module:attribute") in the
+    entry-point ``group``, under ``root`` as `pip install` leaves them; returns an environment with ``root`` on
+    PYTHONPATH, for a fresh interpreter that finds them."""
+    import os
+
+    (root / package).mkdir()
+    for name, text in files.items():
+        (root / package / name).write_text(text)
+    info = root / f"{package}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{group}]\n" + "".join(f"{n} = {v}\n" for n, v in entries.items()))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+
 def test_an_installed_plugin_is_there_when_fedmerge_is_imported(tmp_path):
     """A distribution on the path with a fedmerge.merge_methods entry point (as `pip install` leaves it) whose
     module imports MergeMethod from fedmerge.merging: loading it while that package was importing failed (circular
     import), so the method was missing in every process."""
     import json
-    import os
     import subprocess
     import sys
 
-    package = tmp_path / "fm_plugin"
-    package.mkdir()
-    (package / "__init__.py").write_text(
-        "from fedmerge.merging import MergeMethod, Param\n"
+    env = install_distribution(tmp_path, "fm_plugin", {
+        "__init__.py": "from fedmerge.merging import MergeMethod, Param\n"
         "SHRUNK = MergeMethod('shrunk_sum', 'fm_plugin.kernel:shrunk', {'shrink': Param(0.5, lambda v: 0 < v <= 1, "
-        "'(0, 1]')}, 'https://example.org', 'shrunk task arithmetic', scale_param=None)\n")
-    (package / "kernel.py").write_text("def shrunk(tau, params, generator):\n    return tau * params['shrink']\n")
-    info = tmp_path / "fm_plugin-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fm-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[fedmerge.merge_methods]\nshrunk_sum = fm_plugin:SHRUNK\n")
+        "'(0, 1]')}, 'https://example.org', 'shrunk task arithmetic', scale_param=None)\n",
+        "kernel.py": "def shrunk(tau, params, generator):\n    return tau * params['shrink']\n",
+    }, registry.PLUGIN_GROUP, {"shrunk_sum": "fm_plugin:SHRUNK"})
     script = ("import json, torch\nfrom fedmerge.config import load_scenario\nfrom fedmerge.merging import merge\n"
               "cfg = load_scenario('quickstart', ['merge.methods=[\"shrunk_sum\"]', 'merge.params.shrunk_sum.shrink=0.25'])\n"
               "out = merge('shrunk_sum', {'w': torch.zeros(2)}, {'a': {'w': torch.ones(2)}, 'b': {'w': torch.ones(2)}},"
               " **cfg.merge.params['shrunk_sum'])\nprint(json.dumps(out['w'].tolist()))\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout) == [0.5, 0.5] and "left out" not in run.stderr

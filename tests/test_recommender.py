@@ -484,6 +484,11 @@ def test_fedmerge_merge_of_a_runs_files_is_a_model_evaluate_and_recommend_take(r
     assert main(["merge", "--method", "ties", "--theta0", str(out / "models" / "theta0.safetensors"),
                  "--models", *clients, "--out", str(merged)]) == 0
     card = read_card(merged)
+    from fedmerge.recommender import COMMON_CARD_KEYS  # what a merge copies of θ₀'s card: every shared field
+
+    assert set(scenario_card(cfg, "digest")) == {*COMMON_CARD_KEYS, "versions"}
+    assert {k: card[k] for k in COMMON_CARD_KEYS} == {k: read_card(out / "models" / "theta0.safetensors")[k]
+                                                      for k in COMMON_CARD_KEYS}
     assert card["name"] == "mine_ties" and card["method"] == {"name": "ties", "params": {
         "density": 0.2, "scale": 1.0, "scope": "tensor"}} and card["domains"] == results["domains"]
     model = load_recommender(merged, cache_dir=cfg.encoder.cache_dir)

@@ -5,14 +5,12 @@ names in the file's metadata."""
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedmerge.errors import DataError, FedmergeError
 
-logger = logging.getLogger(__name__)
 MERGED_BY = "fedmerge merge"  # a card's "merged_by": the only cards fedmerge merge may replace
 
 
@@ -38,11 +36,17 @@ def merge_weight_files(
     """
     import torch
 
-    from fedmerge.merging import get_method, merge, resolve_params
-    from fedmerge.merging.local_parameters import card_values, check_local_parameters, shared_values, with_values
-    from fedmerge.merging.registry import with_default_seed
+    from fedmerge.merging import get_method, merge
+    from fedmerge.merging.local_parameters import (
+        card_values,
+        check_local_parameters,
+        own_values,
+        shared_values,
+        with_values,
+    )
+    from fedmerge.merging.registry import recorded_params, with_default_seed
     from fedmerge.recommender import card_path, merged_model_card, read_card, save_model
-    from fedmerge.storage import WEIGHTS_SUFFIX, json_default, load_weights, save_weights, weights_digest
+    from fedmerge.storage import WEIGHTS_SUFFIX, load_weights, save_weights, weights_digest
     from fedmerge.validation import UpdateRejected, check_update
 
     try:
@@ -83,7 +87,7 @@ def merge_weight_files(
         params = with_default_seed(method, params, int(base_card.get("run", {}).get("seed", 0)))
     try:
         merged = merge(method, base, weights, **params)
-        resolved = resolve_params(method, params, n_models=len(weights))
+        recorded = recorded_params(method, params, n_models=len(weights))
     except ValueError as exc:
         raise FedmergeError(str(exc)) from exc
     card = None
@@ -93,16 +97,11 @@ def merge_weight_files(
             raise FedmergeError(f"{card_path(theta0)}: local_parameter_names must be a list of weight names, got "
                                 f"{local!r}")
         extra: dict[str, Any] = {"merged_by": MERGED_BY}
-        if local:
+        if local:  # as the run's merges: the clients' median shared, each domain's own values in the card
             check_local_parameters(local, base)
             merged = with_values(merged, shared_values(weights, local))
-            extra["local_parameters"] = card_values({d: {n: w[n] for n in local} for d, w in weights.items()})
-        try:
-            json.dumps(resolved, allow_nan=False, default=json_default)
-        except (TypeError, ValueError):  # a plugin's default JSON cannot hold (inf): the given values, as a run does
-            logger.warning("%s: its resolved parameters are not JSON; the card keeps the given ones", method)
-            resolved = dict(params)
-        card = merged_model_card(base_card, out.stem, method, resolved, list(weights), **extra)
+            extra["local_parameters"] = card_values(own_values(weights, local))
+        card = merged_model_card(base_card, out.stem, method, recorded, list(weights), **extra)
     bad = sorted(n for n, t in merged.items() if not torch.isfinite(t).all())
     if bad:
         raise FedmergeError(f"{method} with {dict(params)} gave non-finite weights in {len(bad)} tensor(s), e.g. "

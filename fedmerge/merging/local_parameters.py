@@ -79,6 +79,11 @@ def with_values(weights: StateDict, values: Mapping[str, torch.Tensor]) -> State
     return out
 
 
+def own_values(updates: Mapping[str, StateDict], names: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each domain's own values of the local parameters ``names`` in its update."""
+    return {d: {n: w[n] for n in names} for d, w in updates.items()}
+
+
 def card_values(per_domain: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, dict[str, list[float] | float]]:
     """Each domain's local parameters as a model card records them (a scalar as a number, a tensor as nested lists)."""
     return {d: {n: v.tolist() for n, v in values.items()} for d, values in per_domain.items()}

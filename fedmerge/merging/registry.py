@@ -294,6 +294,25 @@ def resolve_params(name: str, params: Mapping[str, Any], n_models: int | None = 
     return resolved
 
 
+def recorded_params(name: str, params: Mapping[str, Any], n_models: int | None = None) -> dict[str, Any]:
+    """What a model card records of method ``name``'s parameters: every one with its default (:func:`resolve_params`,
+    so a later change of a default cannot change what the card says), or ``params`` as given when the resolved ones
+    do not fit JSON (a plugin's ``inf`` default), with a warning."""
+    import json
+    import logging
+
+    from fedmerge.storage import json_default
+
+    resolved = resolve_params(name, params, n_models=n_models)
+    try:
+        json.dumps(resolved, allow_nan=False, default=json_default)
+    except (TypeError, ValueError):
+        logging.getLogger(__name__).warning("merge %s: its resolved parameters are not JSON; the card keeps the given "
+                                            "ones", name)
+        return dict(params)
+    return resolved
+
+
 def merge_scale(name: str, params: Mapping[str, Any]) -> float:
     """The final scalar λ of method ``name`` under resolved ``params`` (DARE: its base's default unless set)."""
     method = get_method(name)

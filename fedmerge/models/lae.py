@@ -17,8 +17,9 @@ item Gram matrix, B the n x n item-item weight matrix, and a user's scores are x
   Two ways to score, offered by name (``diagonal``): ``"zero"`` (the default) zeroes diag(B), as the authors'
   released code does (the relaxed diagonal then only shapes the off-diagonal weights); ``"keep"`` scores x_u B
   with the fitted diagonal, as the paper's equations do: every item already in the history gets its own B_jj (up
-  to ξ) added. That matters only where history items stay in the ranking (the unmasked metrics): on Pantry, where
-  users re-buy, "keep" measured higher (README, in-domain table), elsewhere "zero".
+  to ξ) added. That matters only where history items stay in the ranking: in the unmasked metrics, and in the
+  masked ones for users whose target is already in their history (a repeat purchase). On Pantry, where users re-buy,
+  "keep" measured higher (README, in-domain table), elsewhere "zero".
   With ``"zero"``, where every constraint binds, each ξ gives EASE's columns times (1 − ξ), i.e. the same ranking:
   the grid's ξ values then tie (recorded as ``tied``).
 * L3AE (Moon et al., "LLM-Enhanced Linear Autoencoders for Recommendation", CIKM 2025), two phases:

@@ -201,7 +201,7 @@ def dp_scenario(cfg: Scenario, unit: str, epsilon: float, delta: float, seed: in
 
 def dp_config(cfg: Scenario, unit: str, epsilon: float, delta: float, seed: int) -> tuple[Scenario, float]:
     """(:func:`dp_scenario`, its noise multiplier z) for one cell: z calibrated to (ε, δ) over all of a client's
-    releases (:func:`fedmerge.privacy.client.noise_multiplier`), 0 for ε = ∞."""
+    releases (:func:`fedmerge.privacy.client.run_noise_multiplier`), 0 for ε = ∞."""
     from fedmerge.privacy.client import run_noise_multiplier
 
     out = dp_scenario(cfg, unit, epsilon, delta, seed)

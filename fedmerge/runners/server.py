@@ -27,13 +27,14 @@ from fedmerge.merging.local_parameters import (
     card_values,
     check_local_parameters,
     merged_behaviour_warnings,
+    own_values,
     shared_values,
     with_values,
 )
 from fedmerge.merging.testtime import TESTTIME_METHOD
 from fedmerge.metrics import USERS
 from fedmerge.models import StateDict
-from fedmerge.models.base import STOP_MAX_SECONDS, ModelFamily
+from fedmerge.models.base import STOP_MAX_SECONDS
 from fedmerge.recommender import SAVED_INDIVIDUAL_PREFIX, model_path
 from fedmerge.reproducibility import process_cpus, thread_count
 from fedmerge.runners import protocol
@@ -180,21 +181,6 @@ def fedavg_aggregate(updates: Mapping[str, StateDict], weights: Mapping[str, flo
         name: (sum(updates[d][name].double() * (weights[d] / total) for d in updates)).to(first[name].dtype)
         for name in first
     }
-
-
-def check_mergerec_module(cfg: Scenario, family: ModelFamily) -> None:
-    """FedmergeError, before any client trains, when the run lists a MergeRec merge whose ``item_side`` the family's
-    module cannot run (it failed the whole run at the merge, after training)."""
-    from fedmerge.merging import MERGEREC_METHODS
-    from fedmerge.merging.mergerec import check_item_side
-
-    if not any(m in MERGEREC_METHODS or m == TESTTIME_METHOD for m in cfg.merge.methods):
-        return
-    try:
-        check_item_side(family.build(cfg.encoder.feature_width(family)), family.name,
-                        cfg.mergerec_config("task").item_side)
-    except ValueError as exc:
-        raise FedmergeError(f"merge.mergerec: {exc}") from exc
 
 
 def merge_replies(
@@ -354,7 +340,6 @@ class Federation:
         from fedmerge.privacy.client import privacy_setting_warnings
 
         family = cfg.make_checked_family()
-        check_mergerec_module(cfg, family)
         self.setup_warnings = [
             *merged_behaviour_warnings(family.behaviour_parameters, self.local_names, theta0),
             *privacy_setting_warnings(cfg),
@@ -644,7 +629,7 @@ class Federation:
 
     def local_values(self, updates: Mapping[str, StateDict]) -> dict[str, dict[str, torch.Tensor]]:
         """Each domain's own values of ``merge.local_parameters`` in its update (empty without local parameters)."""
-        return {d: {n: w[n] for n in self.local_names} for d, w in updates.items()} if self.local_names else {}
+        return own_values(updates, self.local_names) if self.local_names else {}
 
     def served(self, weights: StateDict, domain: str, own: Mapping[str, Mapping[str, torch.Tensor]]) -> StateDict:
         """A shared model as ``domain`` evaluates it: with its own local parameters where it has them."""
@@ -668,7 +653,8 @@ class Federation:
                 path = save_client_weights(self.out_dir, domain, individual[domain], metadata)
                 self.save_individual(domain, individual[domain], path)
 
-        self._exchange(transport, protocol.TRAIN, self.train_requests(self.theta0, protocol.PHASE_ONESHOT, 0), on_reply=on_reply)
+        requests = self.train_requests(self.theta0, protocol.PHASE_ONESHOT, 0)
+        self._exchange(transport, protocol.TRAIN, requests, on_reply=on_reply)
         self.require_enough(individual)
         return individual
 
@@ -783,8 +769,8 @@ class Federation:
         contributed: set[str] = set()  # clients whose update entered at least one round
         for r in range(1, fedavg_rounds + 1):
             before = self.total_bytes()
-            replies = self._exchange(transport, protocol.TRAIN, self.train_requests(global_weights, protocol.PHASE_FEDAVG, r),
-                                     label=f"fedavg_round{r}:")
+            requests = self.train_requests(global_weights, protocol.PHASE_FEDAVG, r)
+            replies = self._exchange(transport, protocol.TRAIN, requests, label=f"fedavg_round{r}:")
             fedavg_bytes += self.total_bytes() - before  # FedAvg's own traffic: its training rounds only
             updates, shares, round_metrics = self.accept_updates(replies, reference=global_weights, round_index=r)
             self.record_left_out(updates, f"FedAvg round {r}", prefix=f"fedavg_round{r}:")
@@ -815,9 +801,8 @@ class Federation:
     def save_merged(self, method: str, weights: StateDict, card: Mapping[str, Any] | None = None) -> None:
         """Save one merge with its method parameters (MergeRec: its learned coefficients and configuration) and
         ``card``'s extra fields (each domain's local parameters)."""
-        from fedmerge.merging import METHODS, resolve_params
-        from fedmerge.merging.registry import with_default_seed
-        from fedmerge.storage import json_default
+        from fedmerge.merging import METHODS
+        from fedmerge.merging.registry import recorded_params, with_default_seed
 
         report = self.merge_report.get(method)
         extra = {} if not isinstance(report, Mapping) else {"mergerec": {
@@ -825,16 +810,11 @@ class Federation:
             "chosen_start": report.get("chosen_start")}}
         if extra:
             params = report["config"]
+        elif method in METHODS:
+            seeded = with_default_seed(method, self.cfg.merge.params.get(method, {}), self.cfg.run.seed)
+            params = recorded_params(method, seeded, n_models=len(self.merge_report["domains"]))
         else:
             params = self.cfg.merge.params.get(method, {})
-        if not extra and method in METHODS:  # every parameter with its default: a later default cannot change it
-            resolved = resolve_params(method, with_default_seed(method, params, self.cfg.run.seed),
-                                      n_models=len(self.merge_report["domains"]))
-            try:
-                json.dumps(resolved, allow_nan=False, default=json_default)
-                params = resolved
-            except (TypeError, ValueError):  # a plugin's default JSON cannot hold (inf): the scenario's values
-                logger.warning("merge %s: its resolved parameters are not JSON; its card keeps the scenario's", method)
         self.save_model(method, weights, method, self.merge_report["domains"], params=params, **extra, **(card or {}))
 
     def results(self) -> dict[str, Any]:

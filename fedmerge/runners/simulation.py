@@ -51,13 +51,12 @@ def run_scenario(
     if cfg.run.seeds:
         raise FedmergeError(f"run.seeds = {list(cfg.run.seeds)}: run_scenario runs one seed (run.seed); use "
                             "fedmerge.simulate (or fedmerge.runners.multiseed.run_seeds) for one run per seed")
-    if engine == "flower":
-        check_registered_here_only(cfg)
     if resume and out_dir is None:
         raise FedmergeError("--resume needs the output folder of the earlier run (--out DIR)")
     if resume and overwrite:
         raise FedmergeError("--resume re-uses the earlier run's files and --overwrite deletes them; pass only one")
     if engine == "flower":  # the in-process engine loads them first thing; Flower's clients only once it runs
+        check_registered_here_only(cfg)
         check_family_in_subprocess(cfg)
         for name in cfg.data.domain_names():
             cfg.load_domain(name)
@@ -99,11 +98,8 @@ def check_registered_here_only(cfg: Scenario) -> None:
     from fedmerge.merging import METHODS
     from fedmerge.models import FAMILIES
 
-    from fedmerge.merging import MERGEREC_METHODS
-    from fedmerge.merging.testtime import TESTTIME_METHOD
-
     names = list(cfg.merge.methods)
-    if any(m in MERGEREC_METHODS or m == TESTTIME_METHOD for m in cfg.merge.methods):
+    if cfg.merge.lists_mergerec():
         names.append(cfg.mergerec_config("task").init_method)  # MergeRec starts from this registry merge
     local = sorted({m for m in names if m in METHODS.registered_here})
     local += [cfg.model.family] if cfg.model.family in FAMILIES.registered_here else []
