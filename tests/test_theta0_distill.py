@@ -7,7 +7,8 @@ import torch
 
 from fedmerge.config import load_scenario
 from fedmerge.errors import FedmergeError
-from fedmerge.models.theta0_distill import theta0_kl, without_own_item
+from fedmerge.models.base import tempered_kl
+from fedmerge.models.theta0_distill import without_own_item
 from fedmerge.runners.client import public_catalog_features
 from tests.test_sequential import DIM, cycle_domain, random_features, tiny_family
 
@@ -30,7 +31,7 @@ def pseudo_user_kl(family, weights, theta0, other: torch.Tensor) -> float:
     """θ₀-to-model KL of every one-item pseudo-user of ``other`` over its whole catalog, own item left out."""
     users = [torch.tensor([i]) for i in range(len(other))]
     student, teacher = (torch.from_numpy(family.scorer(w, other)(users)) for w in (weights, theta0))
-    return float(theta0_kl(without_own_item(student), without_own_item(teacher), family.theta0_distill_temperature))
+    return float(tempered_kl(without_own_item(student), without_own_item(teacher), family.theta0_distill_temperature))
 
 
 def test_without_own_item_drops_the_diagonal():

@@ -75,7 +75,7 @@ from fedmerge.merging.registry import with_default_seed
 from fedmerge.merging.mergerec_config import MergeRecConfig
 from fedmerge.merging.teachers import TopKRows, top_k_distillation_loss, top_k_rows
 from fedmerge.metrics import Scorer
-from fedmerge.models.base import PAD, ModelFamily, StateDict, stack_item_features
+from fedmerge.models.base import PAD, ModelFamily, StateDict, stack_item_features, tempered_kl
 from fedmerge.reproducibility import gradient_threads
 
 logger = logging.getLogger(__name__)
@@ -112,13 +112,7 @@ def distillation_loss(
 ) -> torch.Tensor:
     """Mean over rows of CE(s, argmax t) + c·T²·KL(softmax(t/T) ‖ softmax(s/T)) (rows are pseudo-users)."""
     ce = F.cross_entropy(student, teacher.argmax(dim=1))
-    kl = F.kl_div(
-        F.log_softmax(student / temperature, dim=1),
-        F.log_softmax(teacher / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    return ce + distill_weight * temperature**2 * kl
+    return ce + distill_weight * tempered_kl(student, teacher, temperature)
 
 
 EXCLUDED_SCORE = -1e4

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedmerge.data.domain import Domain, ItemCatalog
@@ -49,6 +50,14 @@ def stack_item_features(features: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat(list(features))
     longest = max(f.shape[1] for f in features)
     return torch.cat([torch.nn.functional.pad(f, (0, 0, 0, longest - f.shape[1])) for f in features])
+
+
+def tempered_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T² · mean_rows KL(softmax(teacher/T) ‖ softmax(student/T))`` for (rows, K) logits: the distillation term
+    of MergeRec's objective and of local training's ``theta0_distill`` (the T² keeps gradients' scale as T moves)."""
+    return temperature**2 * F.kl_div(F.log_softmax(student / temperature, dim=1),
+                                     F.log_softmax(teacher / temperature, dim=1),
+                                     reduction="batchmean", log_target=True)
 
 
 class Recommender(ABC):

@@ -28,15 +28,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def theta0_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T² · mean_rows KL(softmax(teacher/T) ‖ softmax(student/T))`` for (U, K) logits."""
-    return temperature**2 * F.kl_div(F.log_softmax(student / temperature, dim=1),
-                                     F.log_softmax(teacher / temperature, dim=1),
-                                     reduction="batchmean", log_target=True)
+from fedmerge.models.base import tempered_kl
 
 
 def without_own_item(logits: torch.Tensor) -> torch.Tensor:
@@ -87,4 +81,4 @@ class Theta0Distillation:
         items = module.adapter(module.text_embeddings(features[candidates]))
         users = torch.arange(u, device=features.device).unsqueeze(1)  # pseudo-user r's item is candidate r
         student = module.logits(module.encode(users, items, last_only=True)[:, -1], items)
-        return theta0_kl(without_own_item(student), without_own_item(teacher), self.temperature)
+        return tempered_kl(without_own_item(student), without_own_item(teacher), self.temperature)
