@@ -12,18 +12,30 @@ from fedmerge.paths import PACKAGE_ROOT, REPO_ROOT
 VERSION_PACKAGES = ("fedmerge", "flwr", "torch", "numpy", "transformers", "ray")
 
 
-def package_versions() -> dict[str, str]:
+NO_CHECKOUT = "not a git checkout (installed package)"
+
+
+def package_versions(launcher_source: tuple[str, str] | None = None) -> dict[str, str]:
     """Installed versions of the packages that shape the numbers, Python's, ``fedmerge_commit`` (the git commit of
     the checkout in use, for a human to check out; ``-dirty`` with uncommitted changes to its code) and
     ``fedmerge_source`` (:func:`source_digest`, which tells two versions of the code apart with or without git: the
-    version number alone does not change between commits)."""
+    version number alone does not change between commits).
+
+    ``launcher_source``: the (commit, digest) of the process that launched this one, for code that runs outside its
+    checkout (Flower's ServerApp runs from the unpacked app bundle, which has no .git): its commit is recorded when
+    its digest is this code's, and named as another code's otherwise."""
     versions = {"python": platform.python_version()}
     for name in VERSION_PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
-    versions["fedmerge_commit"], versions["fedmerge_source"] = source_commit(), source_digest()
+    commit, digest = source_commit(), source_digest()
+    if commit == NO_CHECKOUT and launcher_source is not None:
+        launcher_commit, launcher_digest = launcher_source
+        commit = (launcher_commit if launcher_digest == digest else
+                  f"{NO_CHECKOUT}; launched from checkout {launcher_commit}, whose source {launcher_digest} differs")
+    versions["fedmerge_commit"], versions["fedmerge_source"] = commit, digest
     return versions
 
 
@@ -39,7 +51,7 @@ def source_commit() -> str:
 
     root = REPO_ROOT
     if not (root / ".git").exists():
-        return "not a git checkout (installed package)"
+        return NO_CHECKOUT
 
     def git(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args], capture_output=True, text=True,

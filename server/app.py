@@ -17,7 +17,14 @@ from flwr.serverapp import Grid, ServerApp
 from fedmerge.errors import FedmergeError
 from fedmerge.logs import configure_from_env
 from fedmerge.runners import results as results_io
-from fedmerge.runners.appconfig import HELD_KEY, OUT_DIR_KEY, OVERWRITE_KEY, RESUME_KEY, scenario_from_run_config
+from fedmerge.runners.appconfig import (
+    HELD_KEY,
+    OUT_DIR_KEY,
+    OVERWRITE_KEY,
+    RESUME_KEY,
+    launcher_source,
+    scenario_from_run_config,
+)
 from fedmerge.runners.server import run_and_record
 from fedmerge.storage import run_folder
 from server.strategy import MergeStrategy
@@ -39,12 +46,12 @@ def build_server_app() -> ServerApp:
         target = Path(context.run_config.get(OUT_DIR_KEY, "") or f"runs/{scenario.run.name}")
         resuming = bool(context.run_config.get(RESUME_KEY, False))
         if context.run_config.get(HELD_KEY, False):  # `fedmerge simulate` holds the folder (lock, earlier files)
-            out = run(grid, scenario, target, resuming, start)
+            out = run(grid, scenario, target, resuming, start, launcher_source(context.run_config))
         else:  # a plain `flwr run`: nobody else holds the folder or keeps the earlier results
             with run_folder(target, resume=resuming, overwrite=bool(context.run_config.get(OVERWRITE_KEY, False))):
                 if resuming:
                     results_io.archive_results(target)
-                out = run(grid, scenario, target, resuming, start)
+                out = run(grid, scenario, target, resuming, start, launcher_source(context.run_config))
                 print(results_io.run_summary(out, scenario.eval.primary))  # noqa: T201  (the user's only view of the results)
         if out["status"] != "ok":
             raise FedmergeError(f"federation failed (results: {target / results_io.RESULTS_FILE}): {out['errors']}")
@@ -52,12 +59,15 @@ def build_server_app() -> ServerApp:
     return app
 
 
-def run(grid: Grid, scenario: Scenario, target: Path, resuming: bool, start: float) -> dict[str, Any]:
-    """The federation over ``grid``; results (also a failed run's partial ones) written to ``target`` and returned."""
+def run(grid: Grid, scenario: Scenario, target: Path, resuming: bool, start: float,
+        launcher: tuple[str, str] | None) -> dict[str, Any]:
+    """The federation over ``grid``; results (also a failed run's partial ones) written to ``target`` and returned;
+    ``launcher``: the launcher's source (commit, digest), recorded where this bundle has no checkout of its own."""
     logger.info("results go to %s%s", target.resolve(), " (resuming from saved client weights)" if resuming else "")
     strategy = MergeStrategy(scenario, grid)
     strategy.summary()
-    return run_and_record(scenario, strategy, target, resume=resuming, engine="flower", started=start)
+    return run_and_record(scenario, strategy, target, resume=resuming, engine="flower", started=start,
+                          launcher_source=launcher)
 
 
 app = build_server_app()

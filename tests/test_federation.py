@@ -330,6 +330,9 @@ def test_flower_simulation_matches_inprocess(cfg, tmp_path, concurrency):
     assert flower["bytes"] == inprocess["bytes"]
     # one recording path: the same result fields; only Flower has a connection step and a simulation around it
     assert set(flower) == set(inprocess) and set(flower["timings_s"]) == set(inprocess["timings_s"]) | {"connect", "simulation_wall"}
+    # the ServerApp runs from Flower's unpacked app bundle (no .git): the launcher's checkout commit is recorded all
+    # the same, since the bundle holds the same source
+    assert flower["versions"] == inprocess["versions"]
     from fedmerge.storage import load_client_weights
 
     saved_flower, saved_inprocess = load_client_weights(tmp_path / "flower"), load_client_weights(tmp_path / "inprocess")

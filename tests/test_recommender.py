@@ -529,3 +529,19 @@ def test_fedmerge_merge_of_a_runs_files_is_a_model_evaluate_and_recommend_take(r
     assert main(["merge", "--method", "average", "--theta0", str(bare), "--models", *clients, "--out", str(merged),
                  "--overwrite"]) == 0
     assert not card_path(merged).exists() and "θ₀ has no model card" in capsys.readouterr().out
+
+
+def test_a_bundle_without_git_records_the_launchers_commit_only_for_the_same_source(monkeypatch):
+    """Flower runs the ServerApp from its unpacked app bundle, which has no .git: the commit the launcher read from its
+    checkout is recorded when the bundle's source digest is the launcher's, and named as another code's otherwise."""
+    from fedmerge import provenance
+
+    monkeypatch.setattr(provenance, "source_commit", lambda: "not a git checkout (installed package)")
+    monkeypatch.setattr(provenance, "source_digest", lambda: "0123456789abcdef")
+    assert provenance.package_versions()["fedmerge_commit"] == "not a git checkout (installed package)"
+    same = provenance.package_versions(launcher_source=("a" * 40, "0123456789abcdef"))
+    assert same["fedmerge_commit"] == "a" * 40 and same["fedmerge_source"] == "0123456789abcdef"
+    other = provenance.package_versions(launcher_source=("a" * 40, "fedcba9876543210"))["fedmerge_commit"]
+    assert other.startswith("not a git checkout") and "a" * 40 in other and "fedcba9876543210" in other
+    monkeypatch.setattr(provenance, "source_commit", lambda: "b" * 40)  # a checkout's own commit wins
+    assert provenance.package_versions(launcher_source=("a" * 40, "0123456789abcdef"))["fedmerge_commit"] == "b" * 40

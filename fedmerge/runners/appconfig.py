@@ -5,7 +5,9 @@ Run-config keys (``[tool.flwr.app.config]`` in pyproject.toml, or ``flwr run . -
 relative to the SuperLink's working folder: pass an absolute one), ``resume`` (re-merge from the client weights
 saved in ``out-dir``) and ``overwrite`` (delete what an earlier run left in ``out-dir``; without it or ``resume`` a
 non-empty ``out-dir`` is refused); ``out-dir-held`` is set by ``fedmerge simulate``, which holds ``out-dir`` (lock,
-earlier files, resume archive) around the run itself.
+earlier files, resume archive) around the run itself; ``source-commit`` and ``source-digest`` are the launcher's
+(:func:`fedmerge.provenance.source_commit`, :func:`~fedmerge.provenance.source_digest`), for the results' versions of
+a ServerApp that runs from the app bundle, outside any checkout.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.config import DEFAULT_SCENARIO, load_scenario, write_scenario
+from fedmerge.provenance import source_commit, source_digest
 from fedmerge.scenario import Scenario
 
 SCENARIO_KEY = "scenario"
@@ -23,6 +26,8 @@ OUT_DIR_KEY = "out-dir"
 RESUME_KEY = "resume"
 OVERWRITE_KEY = "overwrite"
 HELD_KEY = "out-dir-held"
+SOURCE_COMMIT_KEY = "source-commit"
+SOURCE_DIGEST_KEY = "source-digest"
 SCENARIO_FILE = "scenario.toml"  # the resolved scenario :func:`flower_run_config` writes for the apps
 
 
@@ -31,9 +36,16 @@ def flower_run_config(
 ) -> dict[str, Any]:
     """The run config that hands the resolved ``cfg`` to ``flwr run`` (simulation and deployment alike): ``cfg``
     written to ``folder/scenario.toml`` (:func:`fedmerge.config.write_scenario`) as ``scenario``, no overrides,
-    ``out-dir``, ``resume`` and ``out-dir-held``."""
+    ``out-dir``, ``resume``, ``out-dir-held`` and this process's source commit and digest."""
     return {SCENARIO_KEY: str(write_scenario(cfg, folder / SCENARIO_FILE)), OVERRIDES_KEY: "",
-            OUT_DIR_KEY: str(out_dir), RESUME_KEY: resume, HELD_KEY: out_dir_held}
+            OUT_DIR_KEY: str(out_dir), RESUME_KEY: resume, HELD_KEY: out_dir_held,
+            SOURCE_COMMIT_KEY: source_commit(), SOURCE_DIGEST_KEY: source_digest()}
+
+
+def launcher_source(run_config: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The launcher's (source commit, source digest) from the run config; None when a plain ``flwr run`` set none."""
+    commit, digest = run_config.get(SOURCE_COMMIT_KEY), run_config.get(SOURCE_DIGEST_KEY)
+    return (str(commit), str(digest)) if commit and digest else None
 
 
 def scenario_from_run_config(run_config: Mapping[str, Any]) -> Scenario:
