@@ -38,7 +38,7 @@ def test_info_json_is_one_object(tmp_path, capsys):
 def test_info_text(tmp_path, capsys):
     assert main(["data", "info", str(write_folder(tmp_path))]) == 0
     out = capsys.readouterr().out
-    assert "users" in out and "train_interactions" in out
+    assert "users" in out and "train_interactions" in out and "dropped_users" in out
 
 
 def test_bad_path_is_exit_1_with_one_line(tmp_path, capsys):

@@ -53,6 +53,7 @@ def test_chronological_stable_split_and_min_length(tmp_path):
     assert domain.val_target.tolist() == [0, 0]
     assert domain.test_target.tolist() == [3, 1]
     assert domain.catalog.ids == tuple(r["id"] for r in ITEMS)  # full catalog, file order
+    assert domain.summary()["dropped_users"] == 1  # `fedmerge data info` shows what the filter removed
 
 
 def test_k_core_matches_independent_fixed_point(tmp_path):
@@ -68,6 +69,7 @@ def test_k_core_matches_independent_fixed_point(tmp_path):
             for uid, s, v, t in zip(domain.user_ids, domain.train, domain.val_target, domain.test_target)
         }
         assert got == expected
+        assert domain.summary()["dropped_users"] == len({u for u, _, _ in triples}) - len(expected)
     counts = Counter(i for u, i, t in triples)
     assert min(counts.values()) < 9  # k=9 really removes items, so the iteration is exercised
 
@@ -100,7 +102,9 @@ def test_extra_columns_in_any_order(tmp_path):
     ("items_text", "pattern"),
     [
         ('{"id": "i0", "title": "A"}\n{"id": "i1", "title": \n', r"items\.jsonl:2: invalid JSON"),
-        ('{"id": "i0", "title": "A"}\n{"id": "i1", "title": "", "brand": ""}\n', r"items\.jsonl:2: item 'i1' has no text"),
+        ('{"id": "i0", "title": "A"}\n{"id": "i1", "title": "", "brand": ""}\n',
+         r"items\.jsonl:2: item 'i1' has no text fields \(every record is an item each model ranks, used or not: give "
+         r"it some text or remove the line\)"),
         ('{"title": "no id"}\n', r"items\.jsonl:1: expected a JSON object with an 'id'"),
         ('{"id": null, "title": "A"}\n', r"items\.jsonl:1: expected a JSON object with an 'id'"),
         ('{"id": {"a": 1}, "title": "A"}\n', r"items\.jsonl:1: expected a JSON object with an 'id'"),
@@ -112,6 +116,15 @@ def test_malformed_items(tmp_path, items_text, pattern):
     folder = write_generic(tmp_path / "d", ["u1,i0,1", "u1,i0,2", "u1,i0,3"])
     (folder / "items.jsonl").write_text(items_text)
     with pytest.raises(DataError, match=pattern):
+        load_domain(folder)
+
+
+def test_numeric_ids_that_json_wrote_as_floats_are_named(tmp_path):
+    """A pandas export of ids with NaNs writes 0 as 0.0 in items.jsonl: the error says which form the catalog holds."""
+    folder = write_generic(tmp_path / "d", ["u1,0,1", "u1,1,2", "u1,2,3"])
+    (folder / "items.jsonl").write_text("".join(f'{{"id": {i}.0, "title": "t{i}"}}\n' for i in range(3)))
+    with pytest.raises(DataError, match=r"3 items have no text record.*\['0', '1', '2'\].*items\.jsonl holds "
+                                        r"'0\.0' .*write the ids as strings"):
         load_domain(folder)
 
 

@@ -50,6 +50,7 @@ def test_users_follow_their_majority_group_and_items_their_value(shop):
     assert [ids["Shop-0"][i] for i in full["u3"]] == ["i0", "i1", "i5"]
     assert kitchen.user_ids == ("u0", "u3", "u4") and garden.user_ids == ("u1",)
     assert "u5" not in full
+    assert (kitchen.dropped_users, garden.dropped_users) == (1, 0)  # u5 went to Kitchen (lowest index) with 1 item
     toys = [m for m in manifest if m["values"] == ["Toys Dolls"] or m["values"] == ["Toys Cars"]]
     assert all(m.get("dropped") for m in toys)  # u2 splits 2/2 between Dolls and Cars: 2 items, dropped
     with_toys, _ = split_domain(shop, "category", words=1)  # "Home" / "Toys"

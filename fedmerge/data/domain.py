@@ -72,6 +72,7 @@ class Domain:
     val_target: np.ndarray
     test_target: np.ndarray
     user_ids: tuple[str, ...] = field(default=())
+    dropped_users: int = 0  # users the loader's filters removed before the split (fewer than 3 interactions, k-core)
 
     def __post_init__(self) -> None:
         n_users = len(self.train)
@@ -152,6 +153,7 @@ class Domain:
         return {
             "domain": self.name,
             "users": self.n_users,
+            "dropped_users": self.dropped_users,
             "items": self.n_items,
             "train_interactions": self.n_interactions,
             "seq_len_min": int(lengths.min()),

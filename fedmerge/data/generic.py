@@ -40,11 +40,13 @@ _UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape could
 
 
 def split_leave_one_out(
-    name: str, catalog: ItemCatalog, sequences: Sequence[Sequence[int]], user_ids: Sequence[str] = ()
+    name: str, catalog: ItemCatalog, sequences: Sequence[Sequence[int]], user_ids: Sequence[str] = (),
+    dropped_users: int = 0,
 ) -> Domain:
     """Domain from full chronological sequences: train = s[:-2], val target = s[-2], test target = s[-1].
 
-    Every sequence needs >= 3 items so that train keeps at least one.
+    Every sequence needs >= 3 items so that train keeps at least one; ``dropped_users``: how many the caller's
+    filters removed (recorded in :attr:`Domain.dropped_users`).
     """
     short = [i for i, s in enumerate(sequences) if len(s) < 3]
     if short:
@@ -56,6 +58,7 @@ def split_leave_one_out(
         val_target=np.array([s[-2] for s in sequences], dtype=np.int64),
         test_target=np.array([s[-1] for s in sequences], dtype=np.int64),
         user_ids=tuple(user_ids),
+        dropped_users=dropped_users,
     )
 
 
@@ -93,7 +96,8 @@ def read_items_jsonl(file: Path) -> ItemCatalog:
                 if text:
                     text_fields[str(key)] = text
             if not item_text(text_fields):
-                raise DataError(f"{file}:{line_no}: item {item_id!r} has no text fields")
+                raise DataError(f"{file}:{line_no}: item {item_id!r} has no text fields (every record is an item each "
+                                "model ranks, used or not: give it some text or remove the line)")
             seen.add(item_id)
             ids.append(item_id)
             fields.append(text_fields)
@@ -245,7 +249,11 @@ def load_generic_domain(
     item_index = {item_id: i for i, item_id in enumerate(catalog.ids)}
     unknown = sorted({i for i in items if i not in item_index})
     if unknown:
-        raise DataError(f"{csv_file}: {len(unknown)} items have no text record in {ITEMS_FILE}, e.g. {unknown[:3]}")
+        as_float = next((f"{i}.0" for i in unknown if f"{i}.0" in item_index), None)
+        hint = (f"; {ITEMS_FILE} holds {as_float!r} (a JSON number written as a float): write the ids as strings"
+                if as_float else "")
+        raise DataError(f"{csv_file}: {len(unknown)} items have no text record in {ITEMS_FILE}, e.g. {unknown[:3]}"
+                        f"{hint}")
     user_ids, user_codes = np.unique(np.asarray(users, dtype=object), return_inverse=True)
     item_codes = np.fromiter((item_index[i] for i in items), dtype=np.int64, count=len(items))
     first_rows = np.unique(np.stack([user_codes, item_codes, times.view(np.int64)], axis=1), axis=0,
@@ -259,7 +267,8 @@ def load_generic_domain(
     if not keep.any():
         raise DataError(f"{csv_file}: no user has >= {max(min_interactions, k_core or 0)} interactions after filtering")
     if not keep.all():
-        logger.info("%s: kept %d of %d interactions after filtering", csv_file, keep.sum(), len(keep))
+        logger.info("%s: kept %d of %d interactions and %d of %d users after filtering", csv_file, keep.sum(),
+                    len(keep), len(np.unique(user_codes[keep])), len(user_ids))
 
     rows = np.flatnonzero(keep)
     order = rows[np.lexsort((rows, times[rows], user_codes[rows]))]  # by user, then timestamp, then file order
@@ -268,7 +277,8 @@ def load_generic_domain(
     groups.sort(key=lambda g: g.min())  # users in order of their first (kept) appearance in the file
     sequences = [item_codes[g] for g in groups]
     name = name or (folder.name if folder.name not in ("", "..") else folder.resolve().name)  # a link: its own name
-    return split_leave_one_out(name, catalog, sequences, [str(user_ids[user_codes[g[0]]]) for g in groups])
+    return split_leave_one_out(name, catalog, sequences, [str(user_ids[user_codes[g[0]]]) for g in groups],
+                               dropped_users=len(user_ids) - len(groups))
 
 
 def save_generic_domain(domain: Domain, folder: str | Path) -> Path:

@@ -92,8 +92,10 @@ def split_domain(
     item_group = np.array([group_of_value[v] for v in values], dtype=np.int64)
 
     members: list[list[tuple[int, np.ndarray]]] = [[] for _ in packed]  # (user, restricted sequence) per group
+    assigned = np.zeros(len(packed), dtype=np.int64)  # users sent to each group, before the >= 3 filter
     for user, sequence in enumerate(sequences):
         g = int(np.bincount(item_group[sequence], minlength=len(packed)).argmax())  # ties: lower group index
+        assigned[g] += 1
         kept = sequence[item_group[sequence] == g]
         if len(kept) >= 3:
             members[g].append((user, kept))
@@ -113,7 +115,8 @@ def split_domain(
         local[items] = np.arange(len(items))
         catalog = ItemCatalog(ids=tuple(domain.catalog.ids[i] for i in items),
                               fields=tuple(domain.catalog.fields[i] for i in items))
-        sub = split_leave_one_out(name, catalog, [local[s] for _, s in users], [user_ids[u] for u, _ in users])
+        sub = split_leave_one_out(name, catalog, [local[s] for _, s in users], [user_ids[u] for u, _ in users],
+                                  dropped_users=int(assigned[g]) - len(users))
         subdomains.append(sub)
         manifest.append({"name": name, "values": group_values, "items": sub.n_items, "users": sub.n_users,
                          "interactions": int(sum(len(s) for _, s in users))})
