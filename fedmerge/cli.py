@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from fedmerge.logs import configure_logging
@@ -48,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedmerge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader closed the pipe (`| head`): quiet, like a process that SIGPIPE ended
+        try:  # what is still buffered for stdout must not fail again at interpreter exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor (an in-process caller's stream)
+            pass
+        return 141
     except Exception as exc:  # the CLI boundary: one line unless --debug
         if args.debug:
             raise

@@ -132,3 +132,19 @@ def test_synth_writes_a_scenarios_own_domains(tmp_path):
     assert main(["data", "synth", "--out", str(tmp_path / "y"), "--min-len", "3", "--max-len", "5", "--domains",
                  "1"]) == 0
     assert max(len(s) for s in load_domain(tmp_path / "y" / "synth-0").train) <= 5
+
+
+def test_a_reader_that_closes_the_pipe_is_not_an_error(tmp_path, capsys, monkeypatch):
+    """`fedmerge data info … | head -3`: head closing the pipe ends the command quietly (exit 141, like a SIGPIPE),
+    not with 'error: [Errno 32] Broken pipe'."""
+    import io
+    import sys
+
+    class ClosedPipe(io.TextIOBase):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    folder = write_folder(tmp_path)
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["data", "info", str(folder)]) == 141
+    assert "error" not in capsys.readouterr().err
