@@ -386,6 +386,9 @@ def test_resume_remerges_saved_weights_without_client_training(cfg, tmp_path, co
         for domain, metrics in first["models"][name].items():
             assert resumed["models"][name][domain] == pytest.approx(metrics), (name, domain)
     assert "task_arithmetic" in resumed["models"] and "fedavg" not in resumed["models"]
+    # FedAvg retrains the clients, so --resume skips it: said in the warnings, not only in "resumed"
+    assert any(w.startswith("--resume skips FedAvg") and "baselines.fedavg_rounds = 1" in w and "models/fedavg" in w
+               for w in resumed["warnings"]), resumed["warnings"]
     for domain, metrics in first["train_metrics"].items():
         assert resumed["train_metrics"][domain] == pytest.approx(metrics)
     archived = list(out_dir.glob("results.*.json"))
@@ -1042,6 +1045,15 @@ def test_an_empty_merge_list_runs_the_baselines_and_says_so(tmp_path):
     out = run_inprocess(load_scenario("quickstart", [*TINY, "merge.methods=[]", "baselines.fedavg_rounds=0",
                                                      f"encoder.cache_dir={tmp_path / 'cache'}"]))
     assert out["status"] == "ok" and "merge.methods is empty: no merge was built, only the baselines" in out["warnings"]
+
+
+def test_one_training_domain_runs_and_says_nothing_was_merged(tmp_path):
+    """A "federation" of one training domain (another held out) ran every merge on one model with no warning."""
+    out = run_inprocess(load_scenario("quickstart", [*TINY, 'data.held_out=["synth-1", "synth-2"]',
+                                                     'merge.methods=["average"]', "baselines.fedavg_rounds=0",
+                                                     f"encoder.cache_dir={tmp_path / 'cache'}"]))
+    assert out["status"] == "ok"
+    assert any(w.startswith("one training domain (synth-0)") for w in out["warnings"]), out["warnings"]
 
 
 def test_the_python_api_runs_one_seed_or_several_and_refuses_what_would_be_ignored(cfg, tmp_path):

@@ -344,6 +344,9 @@ class Federation:
             *merged_behaviour_warnings(family.behaviour_parameters, self.local_names, theta0),
             *privacy_setting_warnings(cfg),
             *([] if cfg.merge.methods else ["merge.methods is empty: no merge was built, only the baselines"]),
+            *([f"one training domain ({self.train_domains[0]}): every merge and FedAvg is built from its one model, "
+               "so nothing is merged; list two or more domains in data.domains beside data.held_out"]
+              if len(self.train_domains) == 1 else []),
         ]
 
     # ---- saved models -----------------------------------------------------------------------------------------
@@ -977,6 +980,11 @@ def run_federation(
     if resume:
         out["resumed"] = {"from": str(out_path), "clients": sorted(saved),
                           "skipped": ["local_training", "fedavg"], "note": "merged and evaluated from saved weights"}
+        if cfg.baselines.fedavg_rounds:
+            out["warnings"].append(
+                f"--resume skips FedAvg (its rounds retrain the clients): baselines.fedavg_rounds = "
+                f"{cfg.baselines.fedavg_rounds} was not run; models/fedavg.* and the archived results.<time>.json "
+                "are the earlier run's")
     return out
 
 
