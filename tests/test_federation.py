@@ -1047,6 +1047,25 @@ def test_an_empty_merge_list_runs_the_baselines_and_says_so(tmp_path):
     assert out["status"] == "ok" and "merge.methods is empty: no merge was built, only the baselines" in out["warnings"]
 
 
+def test_the_joint_oracle_times_text_encoding_apart_from_training(tmp_path, monkeypatch):
+    """A cold text cache was encoded inside joint_training (the oracle runs first): 12 s of 'training' for 1.5 s of
+    local training on a newcomer's data."""
+    import time as time_module
+
+    from fedmerge.scenario import EncoderSettings
+
+    real = EncoderSettings.item_features
+
+    def slow(self, catalog, family):
+        time_module.sleep(0.5)
+        return real(self, catalog, family)
+
+    monkeypatch.setattr(EncoderSettings, "item_features", slow)
+    out = run_inprocess(load_scenario("quickstart", [*TINY, 'merge.methods=["average"]', "baselines.fedavg_rounds=0",
+                                                     "baselines.joint=true", f"encoder.cache_dir={tmp_path / 'c'}"]))
+    assert out["timings_s"]["joint_encoding"] >= 0.5
+
+
 def test_one_training_domain_runs_and_says_nothing_was_merged(tmp_path):
     """A "federation" of one training domain (another held out) ran every merge on one model with no warning."""
     out = run_inprocess(load_scenario("quickstart", [*TINY, 'data.held_out=["synth-1", "synth-2"]',
