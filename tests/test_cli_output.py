@@ -47,11 +47,14 @@ def test_default_logging_is_quiet_and_verbose_brings_frameworks_back():
 
 def test_summary_has_ndcg_a_timings_table_and_marks_the_joint_oracle():
     metrics = {"recall@10": 0.5, "ndcg@10": 0.25}
-    results = {"run": {"engine": "inprocess"}, "domains": ["a"], "held_out": [],
+    results = {"run": {"engine": "inprocess", "seed": 7}, "domains": ["a"], "held_out": [],
                "models": {"ties": {"a": metrics, "average": metrics},
                           "joint": {"a": metrics, "average": metrics, "non_private": True}},
                "timings_s": {"merging": 1.5, "evaluation": 0.5}}
     text = run_summary(json.loads(json.dumps(results)), "recall@10")
     assert text.count("recall@10") == 1 and "ndcg@10 (inprocess engine)" in text
+    # a single run's table names its seed and that it has no interval, and what unmasked means
+    assert "seed 7, one run: no interval (--seeds for means and 95 % intervals)" in text
+    assert "unmasked: history items stay in the ranking" in text
     assert "joint†" in text and "† = trained on the pooled private data" in text
     assert "merging     1.5\n" in text and "evaluation  0.5" in text

@@ -115,7 +115,11 @@ def summary_table(results: Mapping[str, Any], metric: str = "recall@10") -> str:
             value = per_domain.get(d, {}).get(metric) if isinstance(per_domain.get(d), Mapping) else None
             cells.append("-" if value is None else f"{value:.4f}")
         lines.append(cells)
-    notes = [f"{metric} ({results['run']['engine']} engine)"]
+    masking = ("history items other than the target removed from the ranking" if metric.endswith("_masked")
+               else "unmasked: history items stay in the ranking")
+    notes = [f"{metric} ({results['run']['engine']} engine)", masking]
+    if "seed" in results["run"]:
+        notes.append(f"seed {results['run']['seed']}, one run: no interval (--seeds for means and 95 % intervals)")
     if held_out:
         notes.append("* = held out, zero-shot")
     if any(m.get("non_private") for m in results["models"].values()):
@@ -222,7 +226,8 @@ def _domain_bars(
                hatch=None if private else "//", edgecolor=None if private else "black")
     held_out = set(results.get("held_out", []))
     ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2)
-    ax.set_xticklabels([f"{d}\n(held out)" if d in held_out else d for d in domains])
+    ax.set_xticklabels([f"{d}\n(held out)" if d in held_out else "average\n(training domains)"
+                        if d == "average" and held_out else d for d in domains])
     ax.set_ylabel(metric)
 
 
