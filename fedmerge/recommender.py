@@ -377,10 +377,13 @@ class LoadedRecommender:
         from fedmerge.data import Domain, load_domain
         from fedmerge.metrics import DEFAULT_KS, USERS, evaluate_scorer
 
-        if isinstance(domain, (str, Path)):
-            domain = load_domain(domain)
+        data_path = Path(domain) if isinstance(domain, (str, Path)) else None
+        if data_path is not None:
+            domain = load_domain(data_path)
         if not isinstance(domain, Domain):
             raise FedmergeError(f"evaluate needs a Domain or a domain folder/tarball path, got {type(domain).__name__}")
+        if data_path is not None:
+            self._check_run_files(domain.name, data_path)
         ks = None if ks is None else tuple(ks) if isinstance(ks, Iterable) else (ks,)
         if ks is not None and (not ks or not all(is_integer(k) and k >= 1 for k in ks)):
             raise FedmergeError(f"ks must be a non-empty list of positive integers, got {list(ks)!r}")
@@ -396,6 +399,25 @@ class LoadedRecommender:
                            "(another seed or size of a synthetic domain, or changed files), so the metrics will "
                            "not match the card's", self.path, domain.name, recorded, split, metrics[USERS])
         return metrics
+
+    def _check_run_files(self, name: str, data_path: Path) -> None:
+        """Warn when this model lies in a run folder (``models/`` or ``clients/``) whose ``data_digests.json`` records
+        domain ``name``'s files and those at ``data_path`` differ (same users, other interactions pass the users
+        check)."""
+        from fedmerge.data import domain_files_digest
+        from fedmerge.storage import DATA_DIGESTS_FILE
+
+        record = self.path.parent.parent / DATA_DIGESTS_FILE
+        if self.path.parent.name not in ("models", "clients") or not record.is_file():
+            return
+        try:
+            recorded = json.loads(record.read_text()).get(name)
+        except (ValueError, AttributeError):
+            logger.warning("%s: unreadable, the data files are not checked against the run's", record)
+            return
+        if recorded is not None and recorded != domain_files_digest(data_path):
+            logger.warning("%s: the files of domain %r differ from those the run recorded (sha256 in %s): not the run's "
+                           "data, so the metrics will not match the card's", self.path, name, record)
 
     @property
     def default_split(self) -> str:

@@ -458,6 +458,33 @@ def test_evaluate_warns_when_the_data_is_not_the_runs(run, saved_copy, tmp_path,
     assert f"the run evaluated domain '{name}' on" in caplog.text and "not the run's data" in caplog.text
 
 
+def test_evaluate_compares_the_files_with_the_digests_the_run_recorded(run, tmp_path, caplog):
+    """Data with the run's number of test users but other interactions passed the users check silently: a run on
+    data files records their sha256 (data_digests.json), and evaluating its model on a folder compares them."""
+    cfg, _, _, folders = run
+    data = tmp_path / "data"
+    for name, folder in folders.items():
+        shutil.copytree(folder, data / name)
+    own = load_scenario("quickstart", [*TINY, METHODS, f"encoder.cache_dir={cfg.encoder.cache_dir}",
+                                       'data.source="generic"', f'data.root="{data}"', "baselines.fedavg_rounds=0",
+                                       f"data.domains={json.dumps(sorted(folders))}", "baselines.joint=false"])
+    from fedmerge.runners.simulation import run_scenario
+
+    run_scenario(own, "inprocess", tmp_path / "run")
+    name = next(iter(folders))
+    model = load_recommender(tmp_path / "run" / "models" / "ties.safetensors", cache_dir=cfg.encoder.cache_dir)
+    with caplog.at_level("WARNING", logger="fedmerge.recommender"):
+        model.evaluate(data / name)
+    assert not caplog.records
+    csv_file = data / name / "interactions.csv"
+    header, first, *rest = csv_file.read_text().splitlines(keepends=True)
+    user, item, stamp = first.strip().split(",")
+    csv_file.write_text("".join([header, f"{user},{item},{float(stamp) - 0.5}\n", *rest]))  # same users, new file
+    with caplog.at_level("WARNING", logger="fedmerge.recommender"):
+        model.evaluate(data / name)
+    assert f"the files of domain '{name}' differ from those the run recorded" in caplog.text
+
+
 def test_a_history_longer_than_the_model_reads_is_said_to_be_cut(run, saved_copy, unseen_catalog, caplog):
     """Only the last max_len items of a history are scored (text-LAE fits on whole histories, so "as in training"
     was not true of it): the caller is told instead of the older items being dropped silently."""
