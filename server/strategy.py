@@ -96,17 +96,21 @@ class MergeStrategy(Strategy):
         errors = {d: "no SuperNode holds this domain" for d in requests if d not in self.node_of}
         domain_of = {self.node_of[d]: d for d in requests if d in self.node_of}
         messages = [Message(requests[d], node, message_type, group_id=str(self._group)) for node, d in domain_of.items()]
-        pending = set(self.grid.push_messages(messages))
+        sent = dict(zip(self.grid.push_messages(messages), domain_of.items()))  # message id -> (node, domain)
+        pending = set(sent)
         replies: dict[str, RecordDict] = {}
         deadline = time.monotonic() + self.timeout
         while pending and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(pending):
-                pending.discard(reply.metadata.reply_to_message_id)
-                domain = domain_of.get(reply.metadata.src_node_id)
+                reply_to = reply.metadata.reply_to_message_id
+                pending.discard(reply_to)
+                node, domain = sent.get(reply_to, (None, None))
                 if domain is None:
                     continue
-                if reply.has_error():
-                    errors[domain] = reply.error.reason
+                if reply.has_error():  # the node's own error, or the SuperLink's (source SUPERLINK_NODE_ID) when the
+                    errors[domain] = reply.error.reason  # node went offline or the message expired
+                    continue
+                if reply.metadata.src_node_id != node:  # content only from the node the message went to
                     continue
                 replies[domain] = reply.content
                 if on_reply is not None:

@@ -564,6 +564,30 @@ def test_merge_strategy_hands_over_replies_as_they_arrive(cfg, monkeypatch):
     assert "no reply within" in errors["d3"] and errors["d4"] == "no SuperNode holds this domain"
 
 
+def test_a_node_the_superlink_reports_unavailable_is_recorded_with_flowers_reason(cfg, monkeypatch):
+    """A SuperNode killed mid-run: the SuperLink answers its message with an error reply of its own (source node
+    SUPERLINK_NODE_ID), which send() skipped, then recorded "no reply within federation.timeout_s = 3600 s" for a run
+    that ended after a minute."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server import strategy as strategy_module
+
+    class DeadNodeGrid(FakeGrid):
+        def pull_messages(self, ids):
+            out = super().pull_messages(ids)
+            dead = [m for m in self.pushed if m.metadata.dst_node_id == 3 and m.metadata.message_id in ids]
+            return out + [create_message_error_unavailable_res_message(m.metadata, "node_unavail") for m in dead]
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    monkeypatch.setattr(strategy_module, "PULL_INTERVAL_S", 0.0)
+    strategy = strategy_module.MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.5"]), DeadNodeGrid())
+    strategy.node_of, strategy.connect_seconds = {"d1": 1, "d2": 2, "d3": 3}, 0.0
+    replies, errors = strategy.send(protocol.EVALUATE, {d: RecordDict() for d in ("d1", "d2", "d3")})
+    assert set(replies) == {"d1", "d2"}
+    assert "no reply within" not in errors["d3"] and "unavailable" in errors["d3"].lower(), errors
+
+
 # ---- DP noise seed and data root ---------------------------------------------------------------------------
 
 
