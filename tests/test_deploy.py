@@ -117,6 +117,56 @@ def test_incomplete_tls_dir_named(tmp_path):
         load_tls_dir(tmp_path)
 
 
+def _resign_server_cert(folder, *, days_valid=(-5, 30), hosts=("127.0.0.1", "localhost"), ca_folder=None):
+    """Replace folder/server.crt (and .key) by one signed by ca_folder's CA (default folder's), valid from/to the
+    given day offsets and naming only ``hosts``."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    ca_folder = ca_folder or folder
+    ca_key = serialization.load_pem_private_key((ca_folder / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((ca_folder / "ca.crt").read_bytes())
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    names = [x509.IPAddress(ipaddress.ip_address(h)) if h[0].isdigit() else x509.DNSName(h) for h in hosts]
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now + dt.timedelta(days=days_valid[0]))
+            .not_valid_after(now + dt.timedelta(days=days_valid[1]))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False).sign(ca_key, hashes.SHA256()))
+    (folder / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+
+
+@pytest.mark.parametrize(("change", "pattern"), [
+    ({"days_valid": (-10, -1)}, r"server\.crt expired on 20\d\d-\d\d-\d\d"),
+    ({"days_valid": (2, 30)}, r"server\.crt is not valid before 20\d\d-\d\d-\d\d"),
+    ({"hosts": ("link.example.org",)}, r"server\.crt does not name 127\.0\.0\.1 .*link\.example\.org"),
+    ({"ca_folder": "other"}, r"server\.crt is not signed by .*ca\.crt"),
+])
+def test_a_tls_dir_whose_server_certificate_cannot_work_is_named_before_anything_starts(tmp_path, change, pattern):
+    """An expired certificate, one without the loopback names, or one from another CA reached the SuperLink and
+    came back as `flwr supernode register` failed: 'Connection to the SuperLink is unavailable. Please check your
+    network connection'."""
+    generate(tmp_path / "pki", n_nodes=1)
+    if change.get("ca_folder"):
+        change = {"ca_folder": generate(tmp_path / "other", n_nodes=0).ca_cert.parent}
+    _resign_server_cert(tmp_path / "pki", **change)
+    with pytest.raises(FedmergeError, match=pattern):
+        load_tls_dir(tmp_path / "pki")
+
+
+def test_a_server_key_of_another_certificate_is_named(tmp_path):
+    generate(tmp_path / "pki", n_nodes=0)
+    generate(tmp_path / "other", n_nodes=0)
+    (tmp_path / "pki" / "server.key").write_bytes((tmp_path / "other" / "server.key").read_bytes())
+    with pytest.raises(FedmergeError, match=r"server\.key does not belong to .*server\.crt"):
+        load_tls_dir(tmp_path / "pki")
+
+
 # ---------------------------------------------------------------------------------------------------- flwr output
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -167,6 +168,49 @@ def load_ca(folder: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
     return key, cert
 
 
+def check_server_cert(ca_path: Path, cert_path: Path, key_path: Path, host: str = "127.0.0.1") -> None:
+    """FedmergeError naming what keeps ``cert_path`` from serving a SuperLink on ``host``: a certificate outside its
+    validity period (now), one that does not name ``host`` (the SuperLink's own SuperExec connects on the loopback),
+    one ``ca_path`` did not sign, or a key ``key_path`` of another certificate. Flower reports each of these only as
+    "Connection to the SuperLink is unavailable", after the processes started."""
+    def certificate(file: Path) -> x509.Certificate:
+        try:
+            return x509.load_pem_x509_certificate(file.read_bytes())
+        except ValueError as exc:
+            raise FedmergeError(f"{file}: not a PEM certificate ({exc})") from None
+
+    ca, cert = certificate(ca_path), certificate(cert_path)
+    now = dt.datetime.now(dt.timezone.utc)
+    for file, checked in ((ca_path, ca), (cert_path, cert)):
+        if now > checked.not_valid_after_utc:
+            raise FedmergeError(f"{file} expired on {checked.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; make new "
+                                "certificates with `fedmerge deploy certs --force` (--ca to keep the CA)")
+        if now < checked.not_valid_before_utc:
+            raise FedmergeError(f"{file} is not valid before {checked.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
+                                "(is this machine's clock right?)")
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        named = [str(n) for n in names.get_values_for_type(x509.IPAddress)] + names.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        named = []
+    if host not in named:
+        raise FedmergeError(f"{cert_path} does not name {host} (its subject alternative names: {named or 'none'}); "
+                            "the SuperLink's own SuperExec connects to it there: make it with `fedmerge deploy certs`, "
+                            "which adds the loopback names to every server certificate")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise FedmergeError(f"{cert_path} is not signed by {ca_path}: SuperNodes trusting that CA would refuse "
+                            "the SuperLink") from None
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    except (ValueError, TypeError) as exc:
+        raise FedmergeError(f"{key_path}: not an unencrypted PEM private key ({exc})") from None
+    if key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != \
+            cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise FedmergeError(f"{key_path} does not belong to {cert_path}")
+
+
 def generate(
     out: Path, n_nodes: int = 3, hosts: Sequence[str] = DEFAULT_HOSTS, *, overwrite: bool = False, days: int = 30,
     ca: Path | None = None,
@@ -201,12 +245,14 @@ def generate(
 
 
 def load_tls_dir(path: Path) -> TlsFiles:
-    """The files of a directory written by :func:`generate`; a clear error if any is missing."""
+    """The files of a directory written by :func:`generate`; a clear error if any is missing or the server
+    certificate cannot work (:func:`check_server_cert`)."""
     path = Path(path)
     files = [path / n for n in ("ca.crt", "ca.key", "server.crt", "server.key")]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FedmergeError(f"TLS directory {path} lacks {', '.join(missing)}; create it with `fedmerge deploy certs`")
+    check_server_cert(files[0], files[2], files[3])
     nodes_dir = path / "nodes"
     privates = sorted(
         (p for p in nodes_dir.glob("node-*") if p.suffix != ".pub"), key=lambda p: int(p.name.split("-")[1])
