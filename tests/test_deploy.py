@@ -676,3 +676,24 @@ def test_a_server_certificate_from_an_existing_offline_ca(tmp_path, capsys):
         generate(tmp_path / "bad", n_nodes=0, ca=tmp_path / "mixed")
     with pytest.raises(FedmergeError, match=r"no ca.crt"):
         generate(tmp_path / "bad", n_nodes=0, ca=tmp_path / "nowhere")
+
+
+def test_deploy_local_prints_the_tables_and_where_the_results_are(tmp_path, monkeypatch, capsys):
+    """`fedmerge deploy local` printed one JSON line after minutes of silence: now the run's tables (as simulate
+    prints them) and the results and logs paths; --json keeps the one JSON object."""
+    from fedmerge.cli import main
+    from fedmerge.deploy import local
+
+    metrics = {"recall@10": 0.5, "ndcg@10": 0.25}
+    results = {"status": "ok", "run": {"engine": "flower", "seed": 0}, "domains": ["a"], "held_out": [],
+               "models": {"ties": {"a": metrics, "average": metrics}}, "timings_s": {"total": 3.0}, "warnings": [],
+               "config": {"eval": {"primary": "ndcg@10"}}}
+    monkeypatch.setattr(local, "deploy_local", lambda *a, **k: results)
+    assert main(["deploy", "local", "--out", str(tmp_path / "d")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("ndcg@10 (flower engine)") and "ties" in text and "0.2500" in text
+    assert f"results: {tmp_path / 'd' / 'results' / 'results.json'} (logs: {tmp_path / 'd' / 'logs'})" in text
+    assert main(["deploy", "local", "--out", str(tmp_path / "d"), "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["status"] == "ok"

@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default 3600)")
     local.add_argument("--overwrite", action="store_true",
                        help="delete what an earlier deployment left in --out (a non-empty --out is refused otherwise)")
+    local.add_argument("--json", action="store_true",
+                       help="print exactly one JSON object (status, results path, warnings) instead of the tables")
     local.set_defaults(func=run_local)
 
 
@@ -65,8 +67,15 @@ def run_certs(args: argparse.Namespace) -> int:
 def run_local(args: argparse.Namespace) -> int:
     from fedmerge.deploy.local import deploy_local
 
+    from fedmerge.runners.results import run_summary
+
     results = deploy_local(args.scenario, args.out, overrides=args.overrides, data_root=args.data_root,
                            tls_dir=args.tls_dir, timeout_s=args.timeout, overwrite=args.overwrite)
-    print(json.dumps({"status": results.get("status"), "results": str(args.out / "results" / RESULTS_FILE),
-                      "warnings": results.get("warnings", [])}))
+    path = args.out / "results" / RESULTS_FILE
+    if args.json:
+        print(json.dumps({"status": results.get("status"), "results": str(path),
+                          "warnings": results.get("warnings", [])}))
+        return 0
+    print(run_summary(results, results.get("config", {}).get("eval", {}).get("primary", "recall@10")))
+    print(f"results: {path} (logs: {args.out / 'logs'})")
     return 0

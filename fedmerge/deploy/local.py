@@ -212,7 +212,9 @@ def _deploy(
     cfg: Scenario, out: Path, data_root: str | Path | None, tls_dir: str | Path | None, app: Path, timeout_s: float,
     poll_s: float,
 ) -> dict[str, Any]:
+    from fedmerge.logs import verbose_enabled
     from fedmerge.runners.appconfig import flower_run_config
+    from fedmerge.runners.run_progress import FolderProgress
 
     paths = domain_data_paths(cfg, Path(data_root).resolve() if data_root else None, out)
     tls = _tls_files(Path(tls_dir) if tls_dir else None, out, len(paths))
@@ -232,11 +234,13 @@ def _deploy(
         run_config = flower_run_config(cfg, out, results_dir)
         run_id = flwr.submit_run(app, run_config)
         logger.info("submitted run %d to %s with %d SuperNodes", run_id, link.address, len(nodes))
+        progress = FolderProgress(cfg, results_dir, enabled=cfg.run.progress and not verbose_enabled())
         try:
-            status = flwr.wait(run_id, timeout_s, poll_s, check=link.check_alive)
+            status = flwr.wait(run_id, timeout_s, poll_s, check=link.check_alive, ready=progress.poll)
         except RunFailed as exc:
             raise RunFailed(f"{exc}{reported_errors(results_dir / RESULTS_FILE)}") from exc
         finally:
+            progress.close()
             (out / "logs" / "run.log").write_text(flwr.logs(run_id))
         logger.info("run %d %s", run_id, status)
     return read_results(results_dir / RESULTS_FILE)
