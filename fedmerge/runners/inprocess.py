@@ -26,6 +26,7 @@ class InProcessTransport:
 
     def __init__(self, cfg: Scenario) -> None:
         self.refused = {}
+        self.node_of: dict[str, int] = {}  # no Flower nodes
         self.clients = {name: ClientState(cfg, partition_id=i) for i, name in enumerate(cfg.data.domain_names())}
 
     def send(

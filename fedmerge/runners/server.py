@@ -65,11 +65,13 @@ class Transport(Protocol):
 
     ``on_reply(domain, content)``, when given, is called for each reply as soon as it arrives. ``refused``: nodes
     the transport turned away before any request (a Flower SuperNode claiming a domain it may not hold), recorded
-    with the run's rejections; ``connect_seconds``: how long reaching the clients took (None: no connection step).
+    with the run's rejections; ``connect_seconds``: how long reaching the clients took (None: no connection step);
+    ``node_of``: each domain's Flower node id (empty where clients are no nodes), recorded as the run's ``nodes``.
     """
 
     refused: dict[str, str]
     connect_seconds: float | None
+    node_of: dict[str, int]
 
     def send(
         self, message_type: str, requests: Mapping[str, RecordDict], on_reply: ReplyHandler | None = None
@@ -1003,6 +1005,7 @@ def run_and_record(
     start = time.perf_counter() if started is None else started
     out = run_federation(cfg, transport, out_dir=out_dir, resume=resume)
     out["rejected"].update(transport.refused)
+    out["nodes"] = dict(transport.node_of)
     if transport.connect_seconds is not None:
         out["timings_s"]["connect"] = round(transport.connect_seconds, 3)
     out["timings_s"]["total"] = round(time.perf_counter() - start, 3)
