@@ -15,15 +15,24 @@ VERSION_PACKAGES = ("fedmerge", "flwr", "torch", "numpy", "transformers", "ray")
 NO_CHECKOUT = "not a git checkout (installed package)"
 
 
-def package_versions(launcher_source: tuple[str, str] | None = None) -> dict[str, str]:
+_launcher_source: tuple[str, str] | None = None  # see adopt_launcher_source
+
+
+def adopt_launcher_source(source: tuple[str, str] | None) -> None:
+    """Record the (commit, digest) of the process that launched this one, for every version record this process
+    writes (results.json, model cards): Flower's ServerApp runs from the unpacked app bundle, which has no .git."""
+    global _launcher_source
+    _launcher_source = source
+
+
+def package_versions() -> dict[str, str]:
     """Installed versions of the packages that shape the numbers, Python's, ``fedmerge_commit`` (the git commit of
     the checkout in use, for a human to check out; ``-dirty`` with uncommitted changes to its code) and
     ``fedmerge_source`` (:func:`source_digest`, which tells two versions of the code apart with or without git: the
     version number alone does not change between commits).
 
-    ``launcher_source``: the (commit, digest) of the process that launched this one, for code that runs outside its
-    checkout (Flower's ServerApp runs from the unpacked app bundle, which has no .git): its commit is recorded when
-    its digest is this code's, and named as another code's otherwise."""
+    Outside a checkout, the launcher's commit (:func:`adopt_launcher_source`) is recorded when its digest is this
+    code's, and named as another code's otherwise."""
     versions = {"python": platform.python_version()}
     for name in VERSION_PACKAGES:
         try:
@@ -31,8 +40,8 @@ def package_versions(launcher_source: tuple[str, str] | None = None) -> dict[str
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     commit, digest = source_commit(), source_digest()
-    if commit == NO_CHECKOUT and launcher_source is not None:
-        launcher_commit, launcher_digest = launcher_source
+    if commit == NO_CHECKOUT and _launcher_source is not None:
+        launcher_commit, launcher_digest = _launcher_source
         commit = (launcher_commit if launcher_digest == digest else
                   f"{NO_CHECKOUT}; launched from checkout {launcher_commit}, whose source {launcher_digest} differs")
     versions["fedmerge_commit"], versions["fedmerge_source"] = commit, digest

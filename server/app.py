@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.errors import FedmergeError
 from fedmerge.logs import configure_from_env
+from fedmerge.provenance import adopt_launcher_source
 from fedmerge.runners import results as results_io
 from fedmerge.runners.appconfig import (
     HELD_KEY,
@@ -43,15 +44,16 @@ def build_server_app() -> ServerApp:
         start = time.perf_counter()
         configure_from_env()
         scenario = scenario_from_run_config(context.run_config)
+        adopt_launcher_source(launcher_source(context.run_config))  # the FAB has no .git: the launcher's commit
         target = Path(context.run_config.get(OUT_DIR_KEY, "") or f"runs/{scenario.run.name}")
         resuming = bool(context.run_config.get(RESUME_KEY, False))
         if context.run_config.get(HELD_KEY, False):  # `fedmerge simulate` holds the folder (lock, earlier files)
-            out = run(grid, scenario, target, resuming, start, launcher_source(context.run_config))
+            out = run(grid, scenario, target, resuming, start)
         else:  # a plain `flwr run`: nobody else holds the folder or keeps the earlier results
             with run_folder(target, resume=resuming, overwrite=bool(context.run_config.get(OVERWRITE_KEY, False))):
                 if resuming:
                     results_io.archive_results(target)
-                out = run(grid, scenario, target, resuming, start, launcher_source(context.run_config))
+                out = run(grid, scenario, target, resuming, start)
                 print(results_io.run_summary(out, scenario.eval.primary))  # noqa: T201  (the user's only view of the results)
         if out["status"] != "ok":
             raise FedmergeError(f"federation failed (results: {target / results_io.RESULTS_FILE}): {out['errors']}")
@@ -59,15 +61,12 @@ def build_server_app() -> ServerApp:
     return app
 
 
-def run(grid: Grid, scenario: Scenario, target: Path, resuming: bool, start: float,
-        launcher: tuple[str, str] | None) -> dict[str, Any]:
-    """The federation over ``grid``; results (also a failed run's partial ones) written to ``target`` and returned;
-    ``launcher``: the launcher's source (commit, digest), recorded where this bundle has no checkout of its own."""
+def run(grid: Grid, scenario: Scenario, target: Path, resuming: bool, start: float) -> dict[str, Any]:
+    """The federation over ``grid``; results (also a failed run's partial ones) written to ``target`` and returned."""
     logger.info("results go to %s%s", target.resolve(), " (resuming from saved client weights)" if resuming else "")
     strategy = MergeStrategy(scenario, grid)
     strategy.summary()
-    return run_and_record(scenario, strategy, target, resume=resuming, engine="flower", started=start,
-                          launcher_source=launcher)
+    return run_and_record(scenario, strategy, target, resume=resuming, engine="flower", started=start)
 
 
 app = build_server_app()

@@ -406,6 +406,7 @@ def test_full_tls_run_matches_simulation_shape(tmp_path):
     assert all(name in processes for name in ("superlink", "supernode-synth-0", "supernode-synth-1"))
     sim = run_scenario(load_scenario("quickstart", TINY), engine="inprocess", out_dir=tmp_path / "sim")
     assert _shape(results) == _shape(sim)
+    assert sorted(results["nodes"]) == ["synth-0", "synth-1"] and sim["nodes"] == {}  # which node served each domain
 
 
 @pytest.mark.slow
@@ -479,7 +480,7 @@ def test_supernode_killed_mid_training_fails_run_with_domain_named(tmp_path):
 def _shape(obj):
     """Keys (recursively) and value types, ignoring values and run-specific entries."""
     if isinstance(obj, dict):
-        return {k: _shape(v) for k, v in obj.items() if k not in ("timings_s", "run", "config", "versions")}
+        return {k: _shape(v) for k, v in obj.items() if k not in ("timings_s", "run", "config", "versions", "nodes")}
     if isinstance(obj, list):
         return [_shape(v) for v in obj[:1]]
     return type(obj).__name__

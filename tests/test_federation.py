@@ -333,6 +333,9 @@ def test_flower_simulation_matches_inprocess(cfg, tmp_path, concurrency):
     # the ServerApp runs from Flower's unpacked app bundle (no .git): the launcher's checkout commit is recorded all
     # the same, since the bundle holds the same source
     assert flower["versions"] == inprocess["versions"]
+    from fedmerge.recommender import read_card
+
+    assert read_card(tmp_path / "flower" / "models" / "average.safetensors")["versions"] == inprocess["versions"]
     # which Flower node served each domain (an operator's audit trail); none in process
     assert sorted(flower["nodes"]) == ["synth-0", "synth-1", "synth-2"] and inprocess["nodes"] == {}
     assert len(set(flower["nodes"].values())) == 3 and all(isinstance(n, int) for n in flower["nodes"].values())

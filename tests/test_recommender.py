@@ -566,9 +566,14 @@ def test_a_bundle_without_git_records_the_launchers_commit_only_for_the_same_sou
     monkeypatch.setattr(provenance, "source_commit", lambda: "not a git checkout (installed package)")
     monkeypatch.setattr(provenance, "source_digest", lambda: "0123456789abcdef")
     assert provenance.package_versions()["fedmerge_commit"] == "not a git checkout (installed package)"
-    same = provenance.package_versions(launcher_source=("a" * 40, "0123456789abcdef"))
+    monkeypatch.setattr(provenance, "_launcher_source", None)
+    provenance.adopt_launcher_source(("a" * 40, "0123456789abcdef"))
+    same = provenance.package_versions()
     assert same["fedmerge_commit"] == "a" * 40 and same["fedmerge_source"] == "0123456789abcdef"
-    other = provenance.package_versions(launcher_source=("a" * 40, "fedcba9876543210"))["fedmerge_commit"]
+    # every record the process writes carries it: results.json's versions and the model cards'
+    assert scenario_card(load_scenario("quickstart", TINY), "0" * 16)["versions"]["fedmerge_commit"] == "a" * 40
+    provenance.adopt_launcher_source(("a" * 40, "fedcba9876543210"))
+    other = provenance.package_versions()["fedmerge_commit"]
     assert other.startswith("not a git checkout") and "a" * 40 in other and "fedcba9876543210" in other
     monkeypatch.setattr(provenance, "source_commit", lambda: "b" * 40)  # a checkout's own commit wins
-    assert provenance.package_versions(launcher_source=("a" * 40, "0123456789abcdef"))["fedmerge_commit"] == "b" * 40
+    assert provenance.package_versions()["fedmerge_commit"] == "b" * 40

@@ -43,11 +43,8 @@ def ordered_model_names(models: Mapping[str, Any]) -> list[str]:
     return known + sorted(m for m in models if m not in known)
 
 
-def finalize(
-    out: dict[str, Any], cfg: Scenario, engine: str, launcher_source: tuple[str, str] | None = None
-) -> dict[str, Any]:
-    """Add run identity, resolved config and versions (:func:`fedmerge.provenance.package_versions` with
-    ``launcher_source``); models in a stable order. A NaN or infinite number anywhere
+def finalize(out: dict[str, Any], cfg: Scenario, engine: str) -> dict[str, Any]:
+    """Add run identity, resolved config and versions; models in a stable order. A NaN or infinite number anywhere
     (a diverged loss curve in a merge report, a metric) is written as null and named in ``warnings``: JSON cannot hold
     it, and refusing the file would lose every other result of the run."""
     out = dict(out)
@@ -57,7 +54,7 @@ def finalize(
         shown = ", ".join(where[:10]) + (f" and {len(where) - 10} more" if len(where) > 10 else "")
         out["warnings"] = [*out.get("warnings", []), f"NaN or infinite values written as null: {shown}"]
     return {"run": {"name": cfg.run.name, "seed": cfg.run.seed, "engine": engine}, **out,
-            "config": cfg.to_mapping(), **resolved_model_params(cfg), "versions": package_versions(launcher_source)}
+            "config": cfg.to_mapping(), **resolved_model_params(cfg), "versions": package_versions()}
 
 
 def resolved_model_params(cfg: Scenario) -> dict[str, Any]:

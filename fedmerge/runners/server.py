@@ -993,12 +993,11 @@ def run_federation(
 
 def run_and_record(
     cfg: Scenario, transport: Transport, out_dir: str | Path | None = None, *, resume: bool = False, engine: str,
-    started: float | None = None, launcher_source: tuple[str, str] | None = None,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """:func:`run_federation`, then what every engine records: the transport's refused nodes and connection time,
     the total time (from ``started``, a :func:`time.perf_counter` value; default now), the run's identity and
-    versions (:func:`fedmerge.runners.results.finalize`; ``launcher_source`` as in
-    :func:`fedmerge.provenance.package_versions`); written to ``out_dir`` (results.json, CSV, plots) when
+    versions (:func:`fedmerge.runners.results.finalize`); written to ``out_dir`` (results.json, CSV, plots) when
     given, also for a failed run. The one path of the in-process engine and the Flower ServerApp."""
     from fedmerge.runners import results as results_io
 
@@ -1009,7 +1008,7 @@ def run_and_record(
     if transport.connect_seconds is not None:
         out["timings_s"]["connect"] = round(transport.connect_seconds, 3)
     out["timings_s"]["total"] = round(time.perf_counter() - start, 3)
-    out = results_io.finalize(out, cfg, engine=engine, launcher_source=launcher_source)
+    out = results_io.finalize(out, cfg, engine=engine)
     if out_dir is not None:
         results_io.write_results(out, out_dir, cfg.eval.primary)
     return out
