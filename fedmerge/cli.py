@@ -45,21 +45,38 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(verbose=args.verbose, debug=args.debug)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that left (`| head`) shows here, not as an error at interpreter exit
+        return code
     except KeyboardInterrupt:
         print("fedmerge: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader closed the pipe (`| head`): quiet, like a process that SIGPIPE ended
-        try:  # what is still buffered for stdout must not fail again at interpreter exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):  # a stdout without a file descriptor (an in-process caller's stream)
-            pass
-        return 141
     except Exception as exc:  # the CLI boundary: one line unless --debug
         if args.debug:
             raise
+        if isinstance(exc, BrokenPipeError) and stdout_is_gone():
+            return 141  # quiet, like a process that SIGPIPE ended
         print(f"fedmerge {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def stdout_is_gone() -> bool:
+    """Whether the reader of stdout closed it (another pipe may have broken instead); if so, stdout is pointed at
+    /dev/null so that what is still buffered cannot fail again at interpreter exit."""
+    try:
+        sys.stdout.flush()
+        return False
+    except BrokenPipeError:
+        pass
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # a stdout without a file descriptor (an in-process caller's stream)
+        pass
+    return True
 
 
 if __name__ == "__main__":

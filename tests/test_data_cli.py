@@ -144,7 +144,34 @@ def test_a_reader_that_closes_the_pipe_is_not_an_error(tmp_path, capsys, monkeyp
         def write(self, text: str) -> int:
             raise BrokenPipeError(32, "Broken pipe")
 
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
     folder = write_folder(tmp_path)
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert main(["data", "info", str(folder)]) == 141
     assert "error" not in capsys.readouterr().err
+    # another pipe breaking (a socket, a child's stdin) while stdout is fine is an error like any other
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    import fedmerge.commands.data as data_command
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(data_command, "run_info", broken)
+    assert main(["data", "info", str(folder)]) == 1
+    assert "fedmerge data: error: [Errno 32] Broken pipe" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_at_exit_is_quiet_too(tmp_path):
+    """Output still buffered when the command returns reached a closed pipe at interpreter exit: 'Exception
+    ignored … BrokenPipeError' and exit 120 (hidden where PYTHONUNBUFFERED is set)."""
+    import os
+    import subprocess
+    import sys
+
+    folder = write_folder(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run(["bash", "-c", f"{sys.executable} -m fedmerge.cli data info {folder} | true; "
+                           "echo ${PIPESTATUS[0]}"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stderr == "" and done.stdout.strip() in ("0", "141"), (done.stdout, done.stderr)
