@@ -52,9 +52,9 @@ def test_summary_has_ndcg_a_timings_table_and_marks_the_joint_oracle():
                           "joint": {"a": metrics, "average": metrics, "non_private": True}},
                "timings_s": {"merging": 1.5, "evaluation": 0.5}}
     text = run_summary(json.loads(json.dumps(results)), "recall@10")
-    assert text.count("recall@10") == 1 and "ndcg@10 (inprocess engine)" in text
+    assert text.count("recall@10 (") == 1 and "ndcg@10 (inprocess engine)" in text
     # a single run's table names its seed and that it has no interval, and what unmasked means
-    assert "seed 7, one run: no interval (--seeds for means and 95 % intervals)" in text
+    assert text.count("seed 7, a single run: no interval (several seeds give means and 95 % intervals") == 1
     assert "unmasked: history items stay in the ranking" in text
     assert "joint†" in text and "† = trained on the pooled private data" in text
     assert "merging     1.5\n" in text and "evaluation  0.5" in text

@@ -692,7 +692,7 @@ def test_deploy_local_prints_the_tables_and_where_the_results_are(tmp_path, monk
     monkeypatch.setattr(local, "deploy_local", lambda *a, **k: results)
     assert main(["deploy", "local", "--out", str(tmp_path / "d")]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("ndcg@10 (flower engine)") and "ties" in text and "0.2500" in text
+    assert "\n\nndcg@10 (flower engine)" in text and "ties" in text and "0.2500" in text
     assert f"results: {tmp_path / 'd' / 'results' / 'results.json'} (logs: {tmp_path / 'd' / 'logs'})" in text
     assert main(["deploy", "local", "--out", str(tmp_path / "d"), "--json"]) == 0
     import json

@@ -115,8 +115,6 @@ def summary_table(results: Mapping[str, Any], metric: str = "recall@10") -> str:
     masking = ("history items other than the target removed from the ranking" if metric.endswith("_masked")
                else "unmasked: history items stay in the ranking")
     notes = [f"{metric} ({results['run']['engine']} engine)", masking]
-    if "seed" in results["run"]:
-        notes.append(f"seed {results['run']['seed']}, one run: no interval (--seeds for means and 95 % intervals)")
     if held_out:
         notes.append("* = held out, zero-shot")
     if any(m.get("non_private") for m in results["models"].values()):
@@ -141,7 +139,11 @@ def timings_table(results: Mapping[str, Any]) -> str:
 def run_summary(results: Mapping[str, Any], primary: str = "recall@10") -> str:
     """What ``fedmerge simulate`` prints: the primary metric's table, NDCG@10's, and the timings."""
     metrics = list(dict.fromkeys([primary, "ndcg@10"]))
-    return "\n\n".join([*(summary_table(results, m) for m in metrics), timings_table(results)])
+    seed = results["run"].get("seed")
+    header = ([] if seed is None else
+              [f"seed {seed}, a single run: no interval (several seeds give means and 95 % intervals: "
+               "`fedmerge simulate --seeds 0-2`)"])
+    return "\n\n".join([*header, *(summary_table(results, m) for m in metrics), timings_table(results)])
 
 
 def archive_results(out_dir: str | Path) -> Path | None:
