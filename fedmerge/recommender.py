@@ -412,12 +412,13 @@ class LoadedRecommender:
             return
         try:
             recorded = json.loads(record.read_text()).get(name)
-        except (ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError):
             logger.warning("%s: unreadable, the data files are not checked against the run's", record)
             return
         if recorded is not None and recorded != domain_files_digest(data_path):
-            logger.warning("%s: the files of domain %r differ from those the run recorded (sha256 in %s): not the run's "
-                           "data, so the metrics will not match the card's", self.path, name, record)
+            logger.warning("%s: the files of domain %r differ from those the run recorded (sha256 in %s; a tarball and "
+                           "its unpacked folder count as different files): if they are not the run's data, the "
+                           "metrics will not match the card's", self.path, name, record)
 
     @property
     def default_split(self) -> str:

@@ -96,7 +96,16 @@ class MergeStrategy(Strategy):
         errors = {d: "no SuperNode holds this domain" for d in requests if d not in self.node_of}
         domain_of = {self.node_of[d]: d for d in requests if d in self.node_of}
         messages = [Message(requests[d], node, message_type, group_id=str(self._group)) for node, d in domain_of.items()]
-        sent = dict(zip(self.grid.push_messages(messages), domain_of.items()))  # message id -> (node, domain)
+        ids = list(self.grid.push_messages(messages))  # "" or None for a message the SuperLink did not take
+        if len(ids) != len(messages):  # Flower returns [] when the whole push failed (e.g. a payload too large)
+            ids = [None] * len(messages)
+        sent: dict[str, tuple[int, str]] = {}  # message id -> (node, domain)
+        for message_id, (node, domain) in zip(ids, domain_of.items()):
+            if message_id:
+                sent[message_id] = (node, domain)
+            else:
+                errors[domain] = (f"the SuperLink did not accept the {message_type} message for node {node} "
+                                  "(the ServerApp's log says why)")
         pending = set(sent)
         replies: dict[str, RecordDict] = {}
         deadline = time.monotonic() + self.timeout

@@ -594,6 +594,50 @@ def test_a_node_the_superlink_reports_unavailable_is_recorded_with_flowers_reaso
     assert "no reply within" not in errors["d3"] and "unavailable" in errors["d3"].lower(), errors
 
 
+def test_messages_the_superlink_did_not_take_and_replies_from_another_node_are_named(cfg, monkeypatch):
+    """Flower returns "" (or None) as the id of a message the SuperLink refused, and [] when the whole push failed:
+    those domains waited out federation.timeout_s and were recorded as silent. A reply whose source is not the node
+    the message went to carries no content for that domain."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server import strategy as strategy_module
+
+    class PartlyRefusingGrid(FakeGrid):
+        def push_messages(self, messages):
+            ids = super().push_messages(messages)
+            return ["" if m.metadata.dst_node_id == 3 else i for m, i in zip(self.pushed, ids)]
+
+        def pull_messages(self, ids):
+            out = super().pull_messages(ids)
+            for reply in out:  # node 2's reply claims to come from node 7
+                if reply.metadata.reply_to_message_id == "id-2":
+                    reply.metadata.__dict__["_src_node_id"] = 7
+            return out
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    monkeypatch.setattr(strategy_module, "PULL_INTERVAL_S", 0.0)
+    strategy = strategy_module.MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.3"]), PartlyRefusingGrid())
+    strategy.node_of, strategy.connect_seconds = {"d1": 1, "d2": 2, "d3": 3}, 0.0
+    replies, errors = strategy.send(protocol.EVALUATE, {d: RecordDict() for d in ("d1", "d2", "d3")})
+    assert set(replies) == {"d1"}
+    assert errors["d3"].startswith("the SuperLink did not accept the evaluate message for node 3")
+    assert "no reply within" in errors["d2"]
+
+    class FailedPushGrid(FakeGrid):
+        def push_messages(self, messages):
+            super().push_messages(messages)
+            return []
+
+    strategy = strategy_module.MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=30"]), FailedPushGrid())
+    strategy.node_of, strategy.connect_seconds = {"d1": 1, "d2": 2}, 0.0
+    import time
+
+    start = time.monotonic()
+    replies, errors = strategy.send(protocol.EVALUATE, {d: RecordDict() for d in ("d1", "d2")})
+    assert replies == {} and all("did not accept" in errors[d] for d in ("d1", "d2"))
+    assert time.monotonic() - start < 30  # no wait for replies that cannot come
+
+
 # ---- DP noise seed and data root ---------------------------------------------------------------------------
 
 
