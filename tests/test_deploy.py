@@ -159,6 +159,50 @@ def test_a_tls_dir_whose_server_certificate_cannot_work_is_named_before_anything
         load_tls_dir(tmp_path / "pki")
 
 
+def test_an_expired_ca_and_files_that_are_no_certificate_or_key_are_named(tmp_path):
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    files = generate(tmp_path / "pki", n_nodes=0)
+    ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), None)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    now = dt.datetime.now(dt.timezone.utc)
+    expired = (x509.CertificateBuilder().subject_name(ca.subject).issuer_name(ca.subject)
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(days=10)).not_valid_after(now - dt.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    saved = files.ca_cert.read_bytes()
+    files.ca_cert.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(FedmergeError, match=r"ca\.crt expired on"):
+        load_tls_dir(tmp_path / "pki")
+    files.ca_cert.write_text("not a certificate")
+    with pytest.raises(FedmergeError, match=r"ca\.crt: not a PEM certificate"):
+        load_tls_dir(tmp_path / "pki")
+    files.ca_cert.write_bytes(saved)
+    key = serialization.load_pem_private_key(files.server_key.read_bytes(), None)
+    files.server_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.BestAvailableEncryption(b"secret")))
+    with pytest.raises(FedmergeError, match=r"server\.key: not an unencrypted PEM private key"):
+        load_tls_dir(tmp_path / "pki")
+
+
+def test_deploy_local_refuses_a_bad_tls_dir_before_touching_the_output_folder(tmp_path):
+    """The TLS check ran after --overwrite had deleted the earlier deployment's files."""
+    from fedmerge.deploy.local import deploy_local
+
+    generate(tmp_path / "pki", n_nodes=3)
+    _resign_server_cert(tmp_path / "pki", days_valid=(-10, -1))
+    earlier = tmp_path / "deploy" / "results" / "results.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}")
+    with pytest.raises(FedmergeError, match="expired"):
+        deploy_local("quickstart", tmp_path / "deploy", tls_dir=tmp_path / "pki", overwrite=True)
+    assert earlier.read_text() == "{}"
+
+
 def test_a_server_key_of_another_certificate_is_named(tmp_path):
     generate(tmp_path / "pki", n_nodes=0)
     generate(tmp_path / "other", n_nodes=0)

@@ -132,9 +132,9 @@ def domain_data_paths(cfg: Scenario, data_root: Path | None, out_dir: Path) -> d
     return {name: located.domain_path(name, advice=advice).absolute() for name in names}
 
 
-def _tls_files(tls_dir: Path | None, out_dir: Path, n_nodes: int) -> TlsFiles:
-    if tls_dir is None:
-        return generate(out_dir / "tls", n_nodes, overwrite=True)
+def given_tls_files(tls_dir: Path, n_nodes: int) -> TlsFiles:
+    """The PKI of ``--tls-dir`` (:func:`fedmerge.deploy.certs.load_tls_dir`: complete, a server certificate that
+    can work) with a key pair for each of ``n_nodes`` SuperNodes."""
     tls = load_tls_dir(tls_dir)
     if len(tls.nodes) < n_nodes:
         raise FedmergeError(f"{tls_dir} holds {len(tls.nodes)} node key pairs but {n_nodes} SuperNodes are needed; "
@@ -204,12 +204,13 @@ def deploy_local(
     if data_root is not None:  # the ServerApp reads the public catalogs there too, not only the SuperNodes their data
         cfg = cfg.with_changes(data={"root": str(Path(data_root).resolve())})
     out = Path(out_dir).resolve()
-    with run_folder(out, overwrite=overwrite, resumable=False):
-        return _deploy(cfg, out, data_root, tls_dir, app, timeout_s, poll_s)
+    tls = None if tls_dir is None else given_tls_files(Path(tls_dir), len(cfg.data.domain_names()))  # before --out
+    with run_folder(out, overwrite=overwrite, resumable=False):  # is touched (--overwrite deletes what it holds)
+        return _deploy(cfg, out, data_root, tls, app, timeout_s, poll_s)
 
 
 def _deploy(
-    cfg: Scenario, out: Path, data_root: str | Path | None, tls_dir: str | Path | None, app: Path, timeout_s: float,
+    cfg: Scenario, out: Path, data_root: str | Path | None, tls: TlsFiles | None, app: Path, timeout_s: float,
     poll_s: float,
 ) -> dict[str, Any]:
     from fedmerge.logs import verbose_enabled
@@ -217,7 +218,7 @@ def _deploy(
     from fedmerge.runners.run_progress import FolderProgress
 
     paths = domain_data_paths(cfg, Path(data_root).resolve() if data_root else None, out)
-    tls = _tls_files(Path(tls_dir) if tls_dir else None, out, len(paths))
+    tls = tls or generate(out / "tls", len(paths), overwrite=True)
     env = deployment_env(out)
     results_dir = out / "results"
     startup_s = cfg.federation.startup_timeout_s
