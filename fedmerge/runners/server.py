@@ -346,8 +346,9 @@ class Federation:
             *merged_behaviour_warnings(family.behaviour_parameters, self.local_names, theta0),
             *privacy_setting_warnings(cfg),
             *([] if cfg.merge.methods else ["merge.methods is empty: no merge was built, only the baselines"]),
-            *([f"one training domain ({self.train_domains[0]}): every merge and FedAvg is built from its one model, "
-               "so nothing is merged; list two or more domains in data.domains beside data.held_out"]
+            *([f"one training domain ({self.train_domains[0]}): every merge is built from its one model and FedAvg "
+               "trains that one client, so nothing is merged; list two or more domains in data.domains beside "
+               "data.held_out"]
               if len(self.train_domains) == 1 else []),
         ]
 
@@ -986,8 +987,8 @@ def run_federation(
         if cfg.baselines.fedavg_rounds:
             out["warnings"].append(
                 f"--resume skips FedAvg (its rounds retrain the clients): baselines.fedavg_rounds = "
-                f"{cfg.baselines.fedavg_rounds} was not run; models/fedavg.* and the archived results.<time>.json "
-                "are the earlier run's")
+                f"{cfg.baselines.fedavg_rounds} was not run; a models/fedavg.* there, like the archived "
+                "results.<time>.json, is the earlier run's")
     return out
 
 
