@@ -451,6 +451,9 @@ def test_full_tls_run_matches_simulation_shape(tmp_path):
     sim = run_scenario(load_scenario("quickstart", TINY), engine="inprocess", out_dir=tmp_path / "sim")
     assert _shape(results) == _shape(sim)
     assert sorted(results["nodes"]) == ["synth-0", "synth-1"] and sim["nodes"] == {}  # which node served each domain
+    deployment = results["deployment"]  # what the launcher knows and the ServerApp does not
+    assert deployment["tls"] is True and deployment["node_auth"] is True and deployment["superlink"].startswith("127.0.0.1:")
+    assert sorted(deployment["node_keys"]) == ["synth-0", "synth-1"] and "deployment" not in sim
 
 
 @pytest.mark.slow
@@ -524,7 +527,8 @@ def test_supernode_killed_mid_training_fails_run_with_domain_named(tmp_path):
 def _shape(obj):
     """Keys (recursively) and value types, ignoring values and run-specific entries."""
     if isinstance(obj, dict):
-        return {k: _shape(v) for k, v in obj.items() if k not in ("timings_s", "run", "config", "versions", "nodes")}
+        return {k: _shape(v) for k, v in obj.items()
+                if k not in ("timings_s", "run", "config", "versions", "nodes", "deployment")}
     if isinstance(obj, list):
         return [_shape(v) for v in obj[:1]]
     return type(obj).__name__

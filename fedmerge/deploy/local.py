@@ -142,6 +142,19 @@ def given_tls_files(tls_dir: Path, n_nodes: int) -> TlsFiles:
     return tls
 
 
+def record_deployment(path: Path, deployment: dict[str, Any]) -> None:
+    """Add ``deployment`` (how the run was deployed: what the ServerApp cannot know) to the ``results.json`` at
+    ``path``, also a failed run's; nothing when the run wrote none."""
+    from fedmerge.storage import write_json_atomic
+
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(results, dict):
+        write_json_atomic(path, {**results, "deployment": deployment})
+
+
 def read_results(path: Path) -> dict[str, Any]:
     """``results.json`` of a finished run; FedmergeError if it is missing, unreadable or not ``status: ok``."""
     if not path.is_file():
@@ -243,5 +256,9 @@ def _deploy(
         finally:
             progress.close()
             (out / "logs" / "run.log").write_text(flwr.logs(run_id))
+            record_deployment(results_dir / RESULTS_FILE, {
+                "superlink": link.address, "run_id": run_id, "tls": link.root_cert is not None, "node_auth": True,
+                "root_certificate": str(link.root_cert),
+                "node_keys": {name: str(keys.public_key) for name, keys in zip(paths, tls.nodes)}})
         logger.info("run %d %s", run_id, status)
     return read_results(results_dir / RESULTS_FILE)
