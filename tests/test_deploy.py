@@ -163,7 +163,6 @@ def test_an_expired_ca_and_files_that_are_no_certificate_or_key_are_named(tmp_pa
     import datetime as dt
 
     from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
 
     files = generate(tmp_path / "pki", n_nodes=0)
     ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), None)
