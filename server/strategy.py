@@ -96,13 +96,14 @@ class MergeStrategy(Strategy):
         errors = {d: "no SuperNode holds this domain" for d in requests if d not in self.node_of}
         domain_of = {self.node_of[d]: d for d in requests if d in self.node_of}
         messages = [Message(requests[d], node, message_type, group_id=str(self._group)) for node, d in domain_of.items()]
-        ids = list(self.grid.push_messages(messages))  # "" or None for a message the SuperLink did not take
-        if len(ids) != len(messages):  # Flower returns [] when the whole push failed (e.g. a payload too large)
-            ids = [None] * len(messages)
+        # the ids of the messages the SuperLink took: a refused one is "" or None (gRPC grid) or left out (in-memory
+        # grid), and the list is empty when the whole push failed (e.g. a payload too large); each message carries
+        # its own id once pushed
+        taken = {i for i in self.grid.push_messages(messages) if i}
         sent: dict[str, tuple[int, str]] = {}  # message id -> (node, domain)
-        for message_id, (node, domain) in zip(ids, domain_of.items()):
-            if message_id:
-                sent[message_id] = (node, domain)
+        for message, (node, domain) in zip(messages, domain_of.items()):
+            if message.metadata.message_id in taken:
+                sent[message.metadata.message_id] = (node, domain)
             else:
                 errors[domain] = (f"the SuperLink did not accept the {message_type} message for node {node} "
                                   "(the ServerApp's log says why)")
@@ -120,6 +121,8 @@ class MergeStrategy(Strategy):
                     errors[domain] = reply.error.reason  # node went offline or the message expired
                     continue
                 if reply.metadata.src_node_id != node:  # content only from the node the message went to
+                    errors[domain] = (f"a reply came from node {reply.metadata.src_node_id}, not from node {node} "
+                                      "the message went to; ignored")
                     continue
                 replies[domain] = reply.content
                 if on_reply is not None:
