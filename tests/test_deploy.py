@@ -200,6 +200,15 @@ def test_deploy_local_refuses_a_bad_tls_dir_before_touching_the_output_folder(tm
     with pytest.raises(FedmergeError, match="expired"):
         deploy_local("quickstart", tmp_path / "deploy", tls_dir=tmp_path / "pki", overwrite=True)
     assert earlier.read_text() == "{}"
+    # the PKI an earlier deployment generated in OUT/tls: --overwrite would delete it before it is used
+    generate(tmp_path / "deploy" / "tls", n_nodes=3)
+    with pytest.raises(FedmergeError, match="lies inside --out"):
+        deploy_local("quickstart", tmp_path / "deploy", tls_dir=tmp_path / "deploy" / "tls", overwrite=True)
+    assert earlier.read_text() == "{}" and (tmp_path / "deploy" / "tls" / "server.crt").is_file()
+    generate(tmp_path / "pki", n_nodes=3, overwrite=True)
+    (tmp_path / "pki" / "nodes" / "node-1.pub").unlink()
+    with pytest.raises(FedmergeError, match=r"lacks the public key\(s\) .*node-1\.pub"):
+        deploy_local("quickstart", tmp_path / "deploy", tls_dir=tmp_path / "pki", overwrite=True)
 
 
 def test_a_server_key_of_another_certificate_is_named(tmp_path):
@@ -437,6 +446,8 @@ def test_app_dir_without_flower_table_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_full_tls_run_matches_simulation_shape(tmp_path):
+    import json
+
     from fedmerge.config import load_scenario
     from fedmerge.deploy.local import deploy_local
     from fedmerge.runners.simulation import run_scenario
@@ -453,6 +464,8 @@ def test_full_tls_run_matches_simulation_shape(tmp_path):
     deployment = results["deployment"]  # what the launcher knows and the ServerApp does not
     assert deployment["tls"] is True and deployment["node_auth"] is True and deployment["superlink"].startswith("127.0.0.1:")
     assert sorted(deployment["node_keys"]) == ["synth-0", "synth-1"] and "deployment" not in sim
+    assert json.loads((tmp_path / "deploy" / "deployment.json").read_text()) == deployment
+    assert json.loads((tmp_path / "deploy" / "results" / "results.json").read_text())["deployment"] == deployment
 
 
 @pytest.mark.slow

@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "reads the public catalogs (synthetic: optional)")
     local.add_argument("--tls-dir", type=Path, help="PKI from `fedmerge deploy certs` (default: a fresh one in --out)")
     local.add_argument("--out", type=Path, required=True,
-                       help="output folder: results/, logs/, tls/ (unless --tls-dir), processes.json, scenario.toml "
-                       "(the resolved scenario), data/ (synthetic domains), flwr-home/, superlink.db")
+                       help="output folder: results/, logs/, tls/ (unless --tls-dir), processes.json, deployment.json, "
+                       "scenario.toml (the resolved scenario), data/ (synthetic domains), flwr-home/, superlink.db")
     local.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default 3600)")
     local.add_argument("--overwrite", action="store_true",
                        help="delete what an earlier deployment left in --out (a non-empty --out is refused otherwise)")

@@ -26,10 +26,12 @@ from fedmerge.errors import FedmergeError
 from fedmerge.paths import REPO_ROOT
 from fedmerge.runners.results import RESULTS_FILE
 from fedmerge.scenario import Scenario
+from fedmerge.storage import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+DEPLOYMENT_FILE = "deployment.json"  # OUT/: how the run was deployed (also in a completed run's results.json)
 
 
 @dataclass(frozen=True)
@@ -132,27 +134,22 @@ def domain_data_paths(cfg: Scenario, data_root: Path | None, out_dir: Path) -> d
     return {name: located.domain_path(name, advice=advice).absolute() for name in names}
 
 
-def given_tls_files(tls_dir: Path, n_nodes: int) -> TlsFiles:
+def given_tls_files(tls_dir: Path, n_nodes: int, out_dir: Path) -> TlsFiles:
     """The PKI of ``--tls-dir`` (:func:`fedmerge.deploy.certs.load_tls_dir`: complete, a server certificate that
-    can work) with a key pair for each of ``n_nodes`` SuperNodes."""
+    can work) with a key pair (private and ``.pub``) for each of ``n_nodes`` SuperNodes, outside ``out_dir`` (which
+    the deployment takes over: ``--overwrite`` empties it)."""
+    if tls_dir.resolve().is_relative_to(out_dir):
+        raise FedmergeError(f"--tls-dir {tls_dir} lies inside --out {out_dir}, which the deployment takes over "
+                            "(--overwrite empties it): keep the PKI elsewhere, e.g. copy it out first")
     tls = load_tls_dir(tls_dir)
     if len(tls.nodes) < n_nodes:
         raise FedmergeError(f"{tls_dir} holds {len(tls.nodes)} node key pairs but {n_nodes} SuperNodes are needed; "
                             f"run `fedmerge deploy certs --out {tls_dir} --nodes {n_nodes} --force`")
+    missing = [str(keys.public_key) for keys in tls.nodes[:n_nodes] if not keys.public_key.is_file()]
+    if missing:
+        raise FedmergeError(f"{tls_dir} lacks the public key(s) {missing} of its node key pairs; run `fedmerge deploy "
+                            f"certs --out {tls_dir} --nodes {n_nodes} --force`")
     return tls
-
-
-def record_deployment(path: Path, deployment: dict[str, Any]) -> None:
-    """Add ``deployment`` (how the run was deployed: what the ServerApp cannot know) to the ``results.json`` at
-    ``path``, also a failed run's; nothing when the run wrote none."""
-    from fedmerge.storage import write_json_atomic
-
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(results, dict):
-        write_json_atomic(path, {**results, "deployment": deployment})
 
 
 def read_results(path: Path) -> dict[str, Any]:
@@ -217,8 +214,8 @@ def deploy_local(
     if data_root is not None:  # the ServerApp reads the public catalogs there too, not only the SuperNodes their data
         cfg = cfg.with_changes(data={"root": str(Path(data_root).resolve())})
     out = Path(out_dir).resolve()
-    tls = None if tls_dir is None else given_tls_files(Path(tls_dir), len(cfg.data.domain_names()))  # before --out
-    with run_folder(out, overwrite=overwrite, resumable=False):  # is touched (--overwrite deletes what it holds)
+    tls = None if tls_dir is None else given_tls_files(Path(tls_dir), len(cfg.data.domain_names()), out)  # before
+    with run_folder(out, overwrite=overwrite, resumable=False):  # --out is touched (--overwrite deletes what it holds)
         return _deploy(cfg, out, data_root, tls, app, timeout_s, poll_s)
 
 
@@ -248,6 +245,11 @@ def _deploy(
         run_config = flower_run_config(cfg, out, results_dir)
         run_id = flwr.submit_run(app, run_config)
         logger.info("submitted run %d to %s with %d SuperNodes", run_id, link.address, len(nodes))
+        deployment = {"superlink": link.address, "run_id": run_id, "tls": link.root_cert is not None,
+                      "node_auth": True,
+                      "root_certificate": None if link.root_cert is None else str(link.root_cert.resolve()),
+                      "node_keys": {name: str(keys.public_key.resolve()) for name, keys in zip(paths, tls.nodes)}}
+        write_json_atomic(out / DEPLOYMENT_FILE, deployment)  # also for a run that fails
         progress = FolderProgress(cfg, results_dir, enabled=cfg.run.progress and not verbose_enabled())
         try:
             status = flwr.wait(run_id, timeout_s, poll_s, check=link.check_alive, ready=progress.poll)
@@ -256,9 +258,7 @@ def _deploy(
         finally:
             progress.close()
             (out / "logs" / "run.log").write_text(flwr.logs(run_id))
-            record_deployment(results_dir / RESULTS_FILE, {
-                "superlink": link.address, "run_id": run_id, "tls": link.root_cert is not None, "node_auth": True,
-                "root_certificate": str(link.root_cert),
-                "node_keys": {name: str(keys.public_key) for name, keys in zip(paths, tls.nodes)}})
         logger.info("run %d %s", run_id, status)
-    return read_results(results_dir / RESULTS_FILE)
+    results = {**read_results(results_dir / RESULTS_FILE), "deployment": deployment}
+    write_json_atomic(results_dir / RESULTS_FILE, results)  # the ServerApp has finished: nothing else writes it
+    return results
