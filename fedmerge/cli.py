@@ -54,20 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the CLI boundary: one line unless --debug
         if args.debug:
             raise
-        if isinstance(exc, BrokenPipeError) and stdout_is_gone():
-            return 141  # quiet, like a process that SIGPIPE ended
+        stdout_error = release_stdout()
+        if isinstance(exc, BrokenPipeError) and isinstance(stdout_error, BrokenPipeError):
+            return 141  # the reader closed the pipe (`| head`): quiet, like a process that SIGPIPE ended
         print(f"fedmerge {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
 
-def stdout_is_gone() -> bool:
-    """Whether the reader of stdout closed it (another pipe may have broken instead); if so, stdout is pointed at
-    /dev/null so that what is still buffered cannot fail again at interpreter exit."""
+def release_stdout() -> OSError | None:
+    """Flush stdout; when that fails (a reader that closed the pipe, a full disk) point it at /dev/null, so that what
+    is still buffered cannot fail again at interpreter exit, and return the error (None when stdout is fine: another
+    pipe or file broke)."""
     try:
         sys.stdout.flush()
-        return False
-    except BrokenPipeError:
-        pass
+        return None
+    except OSError as exc:
+        error = exc
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
@@ -76,7 +78,7 @@ def stdout_is_gone() -> bool:
             os.close(devnull)
     except (OSError, ValueError):  # a stdout without a file descriptor (an in-process caller's stream)
         pass
-    return True
+    return error
 
 
 if __name__ == "__main__":

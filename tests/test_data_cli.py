@@ -162,6 +162,15 @@ def test_a_reader_that_closes_the_pipe_is_not_an_error(tmp_path, capsys, monkeyp
     assert main(["data", "info", str(folder)]) == 1
     assert "fedmerge data: error: [Errno 32] Broken pipe" in capsys.readouterr().err
 
+    class FullDisk(io.StringIO):  # `> file` on a full disk: an error that names it, no traceback
+        def flush(self) -> None:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data_command, "run_info", lambda args: print("x") or 0)
+    monkeypatch.setattr(sys, "stdout", FullDisk())
+    assert main(["data", "info", str(folder)]) == 1
+    assert "fedmerge data: error: [Errno 28] No space left on device" in capsys.readouterr().err
+
 
 def test_a_closed_pipe_at_exit_is_quiet_too(tmp_path):
     """Output still buffered when the command returns reached a closed pipe at interpreter exit: 'Exception
