@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmerge.errors import FedmergeError
@@ -161,11 +162,17 @@ def load_ca(folder: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
         is_ca = False
     if not is_ca:
         raise FedmergeError(f"{cert_path} is not a CA certificate (basicConstraints CA:TRUE)")
-    matches = isinstance(key, ec.EllipticCurvePrivateKey) and (
-        key.public_key().public_numbers() == cert.public_key().public_numbers())
-    if not matches:
+    if not (isinstance(key, ec.EllipticCurvePrivateKey) and key_belongs_to(key, cert)):
         raise FedmergeError(f"{key_path} does not belong to {cert_path}")
     return key, cert
+
+
+def key_belongs_to(key: PrivateKeyTypes, cert: x509.Certificate) -> bool:
+    """Whether ``cert`` certifies the public half of ``key`` (their SubjectPublicKeyInfo encodings are equal)."""
+    def spki(public: PublicKeyTypes) -> bytes:
+        return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    return spki(key.public_key()) == spki(cert.public_key())
 
 
 def check_server_cert(ca_path: Path, cert_path: Path, key_path: Path, host: str = "127.0.0.1") -> None:
@@ -206,8 +213,7 @@ def check_server_cert(ca_path: Path, cert_path: Path, key_path: Path, host: str 
         key = serialization.load_pem_private_key(key_path.read_bytes(), None)
     except (ValueError, TypeError) as exc:
         raise FedmergeError(f"{key_path}: not an unencrypted PEM private key ({exc})") from None
-    if key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != \
-            cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+    if not key_belongs_to(key, cert):
         raise FedmergeError(f"{key_path} does not belong to {cert_path}")
 
 
