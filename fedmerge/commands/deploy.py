@@ -66,7 +66,6 @@ def run_certs(args: argparse.Namespace) -> int:
 
 def run_local(args: argparse.Namespace) -> int:
     from fedmerge.deploy.local import deploy_local
-
     from fedmerge.runners.results import run_summary
 
     results = deploy_local(args.scenario, args.out, overrides=args.overrides, data_root=args.data_root,

@@ -266,14 +266,13 @@ def load_generic_domain(
     keep = core_filter(user_codes, item_codes, max(min_interactions, k_core or 0), k_core or 0, unique)
     if not keep.any():
         raise DataError(f"{csv_file}: no user has >= {max(min_interactions, k_core or 0)} interactions after filtering")
-    if not keep.all():
-        logger.info("%s: kept %d of %d interactions and %d of %d users after filtering", csv_file, keep.sum(),
-                    len(keep), len(np.unique(user_codes[keep])), len(user_ids))
-
     rows = np.flatnonzero(keep)
     order = rows[np.lexsort((rows, times[rows], user_codes[rows]))]  # by user, then timestamp, then file order
     bounds = np.flatnonzero(np.diff(user_codes[order])) + 1
     groups = np.split(order, bounds)
+    if not keep.all():
+        logger.info("%s: kept %d of %d interactions and %d of %d users after filtering", csv_file, keep.sum(),
+                    len(keep), len(groups), len(user_ids))
     groups.sort(key=lambda g: g.min())  # users in order of their first (kept) appearance in the file
     sequences = [item_codes[g] for g in groups]
     name = name or (folder.name if folder.name not in ("", "..") else folder.resolve().name)  # a link: its own name

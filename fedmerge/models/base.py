@@ -49,7 +49,7 @@ def stack_item_features(features: Sequence[torch.Tensor]) -> torch.Tensor:
     if all(f.ndim == 2 for f in features):
         return torch.cat(list(features))
     longest = max(f.shape[1] for f in features)
-    return torch.cat([torch.nn.functional.pad(f, (0, 0, 0, longest - f.shape[1])) for f in features])
+    return torch.cat([F.pad(f, (0, 0, 0, longest - f.shape[1])) for f in features])
 
 
 def tempered_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
