@@ -49,19 +49,22 @@ def loop_gradients(family, module, users, feats, generator):
 
 @pytest.mark.parametrize(("adapter", "behaviour"),
                          [("linear", ""), ("mlp", ""), ("moe", ""), ("routed", ""), ("mlp", "last"),
-                          ("routed", "last"), ("mlp", "history")])
+                          ("routed", "last"), ("mlp", "history"), ("routed", "text")])
 @pytest.mark.parametrize("n_negatives", [None, 6])
 def test_vectorized_per_user_gradients_equal_one_autograd_pass_per_user(domain, adapter, behaviour, n_negatives):
     """torch.func per-user gradients (chunks of 4, users of 1-3 windows) = a per-user loop on ``_batch_loss``;
     ``behaviour``: none, the last-item bias, or it with the history bias, two history-pooling weights and the
-    repeating users' own offsets."""
+    repeating users' own offsets, or with the last item's text-conditioned offset."""
     dim = 24 if adapter == "routed" else 12
     feats = torch.randn(domain.n_items, dim, generator=torch.Generator().manual_seed(0))
     history = behaviour == "history"
     family = tiny_family(adapter=adapter, n_experts=3, n_heads=2, max_len=4, n_negatives=n_negatives,
                          routed_min_share=0.0, last_item_bias=bool(behaviour), history_bias=history,
-                         history_pooling=2 if history else 0, repeat_user_bias=history)
+                         history_pooling=2 if history else 0, repeat_user_bias=history,
+                         last_item_text_bias=behaviour == "text")
     theta0 = family.initial_weights(dim, seed=0, catalog_features=[feats] if adapter == "routed" else ())
+    if behaviour == "text":
+        theta0["last_item_text_bias"] = torch.linspace(-1.0, 1.0, dim // 2)
     if behaviour:  # trained values: the offsets and weights then move every loss
         theta0["last_item_bias"] = torch.tensor(-1.5)
     if history:

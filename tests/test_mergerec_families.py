@@ -9,7 +9,7 @@ import torch
 
 from fedmerge.data.domain import interaction_matrix
 from fedmerge.merging.mergerec import MergeRecConfig, PseudoUserObjective, SequenceSide, mergerec
-from fedmerge.models.base import pad_sequences
+from fedmerge.models.base import PAD, pad_sequences
 from fedmerge.models.sequential import SequentialFamily
 from fedmerge.models.text_lae import TextLAEFamily
 
@@ -123,6 +123,26 @@ def test_sequence_side_scores_histories_that_repeat_an_item_like_the_forward():
         torch.testing.assert_close(scores, module(seqs, features), rtol=1e-5, atol=1e-5)
         plain = {**weights, "repeat_user_bias": torch.zeros(2)}
         assert not torch.allclose(module(seqs, features), family.load(plain, 6)(seqs, features))
+
+
+def test_sequence_side_adds_the_text_conditioned_last_item_offset_like_the_forward():
+    """With ``last_item_text_bias`` each row's last-item offset reads that item's own features: the frozen sequence
+    side must take them from its rows of ``input_features`` as the forward takes them from the catalog."""
+    family = SequentialFamily(hidden=16, n_layers=1, n_heads=2, max_len=5, adapter="routed", n_experts=2,
+                              last_item_bias=True, last_item_text_bias=True)
+    features = torch.randn(7, 12, generator=torch.Generator().manual_seed(3))
+    weights = family.initial_weights(12, catalog_features=[features])
+    weights.update(last_item_bias=torch.tensor(-0.3), last_item_text_bias=torch.linspace(-2.0, 2.0, 6))
+    module = family.load(weights, 12)
+    seqs = pad_sequences([np.array([1, 2, 3]), np.array([3, 4]), np.array([5, 1, 6])], family.max_len)
+    positions = torch.where(seqs == PAD, PAD, torch.arange(seqs.numel()).view(seqs.shape))
+    with torch.no_grad():
+        [scores] = SequenceSide(module)(features[seqs.clamp(min=0).flatten()], positions,
+                                        module.item_representations(features), [(0, 7)], [(0, torch.arange(3))],
+                                        seqs.flip(1))
+        torch.testing.assert_close(scores, module(seqs, features), rtol=1e-5, atol=1e-5)
+        plain = {**weights, "last_item_text_bias": torch.zeros(6)}
+        assert not torch.allclose(scores, family.load(plain, 12)(seqs, features))
 
 
 @pytest.mark.parametrize("history", [False, True])

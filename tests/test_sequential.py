@@ -167,23 +167,95 @@ def assert_offsets_everywhere(family, weights, feats, seqs, expected, targets, n
     """The family's scorer and the module's forward give ``expected``; the sampled softmax's offsets of ``targets``
     and the shared ``negatives`` are the full ones at those columns."""
     np.testing.assert_allclose(family.scorer(weights, feats)(seqs), expected, atol=1e-5)
-    module = family.load(weights, DIM)
+    module = family.load(weights, feats.shape[1])
     with torch.no_grad():
         np.testing.assert_allclose(module(pad_sequences(seqs, family.max_len), feats).numpy(), expected, atol=1e-5)
         history = pad_sequences(seqs, family.max_len).flip(1)
-        full = module.with_history_bias(torch.zeros(len(seqs), len(feats)), history)
+        last_text = module.last_item_text(feats, history)
+        full = module.with_history_bias(torch.zeros(len(seqs), len(feats)), history, last_text)
         rows = len(seqs)
         positive, negative = module.with_sampled_history_bias(torch.zeros(rows), torch.zeros(rows, len(negatives)),
-                                                              targets, negatives, history)
+                                                              targets, negatives, history, last_text)
         torch.testing.assert_close(positive, full.gather(1, targets.unsqueeze(1)).squeeze(1))
         torch.testing.assert_close(negative, full[:, negatives])
         # the offsets take the scores' dtype (a bf16 score matrix stays bf16)
-        half = module.with_history_bias(torch.zeros(rows, len(feats), dtype=torch.bfloat16), history)
+        half = module.with_history_bias(torch.zeros(rows, len(feats), dtype=torch.bfloat16), history, last_text)
         torch.testing.assert_close(half, full.to(torch.bfloat16))
         sampled = module.with_sampled_history_bias(torch.zeros(rows, dtype=torch.bfloat16),
                                                    torch.zeros(rows, len(negatives), dtype=torch.bfloat16),
-                                                   targets, negatives, history)
+                                                   targets, negatives, history, last_text)
         assert [t.dtype for t in sampled] == [torch.bfloat16] * 2
+
+
+@pytest.mark.parametrize("n_negatives", [None, 8])
+def test_last_item_text_bias_adds_v_dot_the_last_items_unit_raw_text_embedding_everywhere(n_negatives):
+    """b(i) = b + v·x̂_i on the last item's score, x̂_i the unit raw embedding (second half of the routed features),
+    in the scorer, the forward and the sampled softmax; refused without last_item_bias or the routed adapter, and
+    without the last items' features."""
+    params = dict(adapter="routed", theta0_init="text_similarity", temperature=0.5, n_negatives=n_negatives)
+    family = tiny_family(last_item_bias=True, last_item_text_bias=True, **params)
+    raw = random_features(30, 1)
+    feats = family.item_features(raw)
+    theta0 = family.initial_weights(feats.shape[1], seed=0, catalog_features=[feats])
+    assert theta0["last_item_text_bias"].tolist() == [0.0] * DIM
+    assert family.parameter_groups(theta0)["last_item_text_bias"] == ["last_item_text_bias"]
+    seqs = [np.array([4, 9, 2]), np.array([7]), np.array([3, 3])]
+    plain = tiny_family(**params).scorer({k: v for k, v in theta0.items() if k not in
+                                          ("last_item_bias", "last_item_text_bias")}, feats)(seqs)
+    np.testing.assert_allclose(family.scorer(theta0, feats)(seqs), plain, atol=1e-5)  # θ₀: no offset at all
+    v = torch.linspace(-1.0, 2.0, DIM)
+    shifted = {**theta0, "last_item_bias": torch.tensor(-0.5), "last_item_text_bias": v}
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    expected = plain.copy()
+    for row, last in enumerate((2, 7, 3)):
+        expected[row, last] += (-0.5 + float(unit[last] @ v.numpy())) / 0.5
+    assert_offsets_everywhere(family, shifted, feats, seqs, expected, torch.tensor([2, 7, 5]),
+                              torch.tensor([2, 4, 9, 11, 7, 3]))
+    module = family.load(shifted, feats.shape[1])
+    with pytest.raises(ValueError, match="last_item_text_bias needs the features of each row's last item"):
+        module.with_history_bias(torch.zeros(1, 30), torch.tensor([[2]]))
+    for bad in (dict(last_item_bias=False, adapter="routed"), dict(last_item_bias=True, adapter="mlp")):
+        with pytest.raises(ValueError, match="last_item_text_bias adds v·x̂ .* needs last_item_bias on and "
+                                             "adapter='routed'"):
+            tiny_family(last_item_text_bias=True, **bad)
+
+
+def rebuy_domain(n_items: int, n_users: int, seed: int) -> tuple[Domain, np.ndarray]:
+    """Items 0..n/2-1 ("groceries", raw text shifted along one direction) are bought twice in a row, then the user
+    moves on; the other items ("toys", shifted the other way) follow a cycle and are never bought again. Returns the
+    domain and its raw text embeddings."""
+    rng = np.random.default_rng(seed)
+    half = n_items // 2
+    train, val, test = [], [], []
+    for user in range(n_users):
+        length = int(rng.integers(3, 9)) + 2
+        if user % 2:
+            seq = (int(rng.integers(half)) + np.arange(length) // 2) % half
+        else:
+            seq = half + (int(rng.integers(half)) + np.arange(length)) % half
+        train.append(seq[:-2])
+        val.append(seq[-2])
+        test.append(seq[-1])
+    catalog = ItemCatalog(ids=tuple(f"i{i}" for i in range(n_items)),
+                          fields=tuple({"title": f"item {i}"} for i in range(n_items)))
+    raw = random_features(n_items, seed + 1)
+    direction = np.random.default_rng(seed + 2).normal(size=DIM).astype(np.float32)
+    raw[:half] += 2 * direction
+    raw[half:] -= 2 * direction
+    return Domain("rebuy", catalog, as_sequences(train), np.array(val), np.array(test)), raw
+
+
+@pytest.mark.parametrize("n_negatives", [None, 8])
+def test_last_item_text_bias_learns_which_items_are_bought_again_from_their_text(n_negatives):
+    domain, raw = rebuy_domain(n_items=30, n_users=300, seed=0)
+    family = tiny_family(adapter="routed", last_item_bias=True, last_item_text_bias=True, n_negatives=n_negatives,
+                         max_epochs=4, theta0_init="text_similarity", temperature=0.5, last_item_bias_lr=0.05)
+    feats = family.item_features(raw)
+    theta0 = family.initial_weights(feats.shape[1], seed=0, catalog_features=[feats])
+    weights, _ = family.train(theta0, domain, feats, seed=0, progress=False)
+    unit = torch.from_numpy(raw / np.linalg.norm(raw, axis=1, keepdims=True))
+    offset = float(weights["last_item_bias"]) + unit @ weights["last_item_text_bias"]
+    assert float(offset[:15].mean()) > float(offset[15:].mean()) + 0.2  # groceries' last items pushed down less
 
 
 @pytest.mark.parametrize("n_negatives", [None, 8])

@@ -361,7 +361,11 @@ class SequenceSide(nn.Module):
         with_bias = getattr(self.inner, "with_history_bias", None)
         if with_bias is None:
             return scores
-        return [with_bias(s, histories[rows]) for s, (_, rows) in zip(scores, parts)]
+        # the sequential family's text-conditioned offset reads each row's last item's features (a row of
+        # input_features: seqs, right-aligned, indexes them)
+        last_text = self.inner.last_item_text(input_features, seqs.flip(1))
+        return [with_bias(s, histories[rows], None if last_text is None else last_text[rows])
+                for s, (_, rows) in zip(scores, parts)]
 
 
 class PseudoUserObjective:

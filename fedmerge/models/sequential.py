@@ -65,7 +65,9 @@ loss; ``history_bias=True`` a second one, b_h, of every earlier item of the user
 adds the K items before the last one to the query with learned weights (:meth:`TextSASRec.with_recent_items`; 0 at
 θ₀). ``repeat_user_bias=True`` gives a user whose history already repeats an item its own pair of offsets in place
 of b and b_h (0 at θ₀, so a domain whose users never repeat leaves θ₀'s scoring for such users). All are a few
-numbers that describe how a domain's users shop, not its items (issue 23).
+numbers that describe how a domain's users shop, not its items (issue 23). ``last_item_text_bias=True`` (routed
+adapter) makes b depend on the last item's text, b + v·x̂_i (v 0 at θ₀): a new catalog's items then get the offset
+their own text says.
 """
 
 from __future__ import annotations
@@ -509,6 +511,16 @@ def recent_first(inputs: torch.Tensor) -> torch.Tensor:
     return torch.where(source >= 0, inputs[:, source.clamp(min=0)], PAD)
 
 
+def check_last_item_text_bias(last_item_text_bias: bool, last_item_bias: bool, adapter: str) -> None:
+    """Refuse ``last_item_text_bias`` without ``last_item_bias`` (the b that v·x̂ adds to) or without the routed
+    adapter (the only features that carry each item's raw text embedding; the others are z-scored per catalog, which
+    removes what tells a grocery catalog from a toy catalog)."""
+    if last_item_text_bias and not (last_item_bias and adapter == "routed"):
+        raise ValueError(f"last_item_text_bias adds v·x̂ (the last item's raw text embedding) to last_item_bias: it "
+                         f"needs last_item_bias on and adapter='routed' (whose features carry the raw embedding), "
+                         f"got last_item_bias = {last_item_bias}, adapter = {adapter!r}")
+
+
 def check_repeat_user_bias(repeat_user_bias: bool, last_item_bias: bool, history_bias: bool) -> None:
     """``repeat_user_bias`` replaces b and b_h (and needs the whole history, which ``history_bias`` reads)."""
     if repeat_user_bias and not (last_item_bias and history_bias):
@@ -555,6 +567,7 @@ class TextSASRec(nn.Module):
         history_bias: bool = False,
         history_pooling: int = 0,
         repeat_user_bias: bool = False,
+        last_item_text_bias: bool = False,
     ) -> None:
         super().__init__()
         # b of with_history_bias (a learned score offset of the user's most recent item), 0 at θ₀; absent when off
@@ -566,6 +579,9 @@ class TextSASRec(nn.Module):
         # (b_r, b_hr) of history_offsets: b and b_h for a user whose history repeats an item, 0 at θ₀; needs both
         check_repeat_user_bias(repeat_user_bias, last_item_bias, history_bias)
         self.repeat_user_bias = nn.Parameter(torch.zeros(2)) if repeat_user_bias else None
+        # v of history_offsets (b of the last item i becomes b + v·x̂_i, x̂_i its unit raw text embedding), 0 at θ₀
+        check_last_item_text_bias(last_item_text_bias, last_item_bias, adapter)
+        self.last_item_text_bias = nn.Parameter(torch.zeros(dim_in // 2)) if last_item_text_bias else None
         if adapter == "moe":
             self.adapter: nn.Module = MoEAdapter(dim_in, hidden, n_experts, dropout)
         elif adapter == "routed":
@@ -671,14 +687,17 @@ class TextSASRec(nn.Module):
         :func:`recent_first` (H = L) with a ``history_bias``, else the position's own item only (H = 1)."""
         return recent_first(inputs) if self.history_bias is not None else inputs.unsqueeze(-1)
 
-    def with_history_bias(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    def with_history_bias(
+        self, logits: torch.Tensor, history: torch.Tensor, last_text: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``s_i + (b / τ) · [i = h_0] + (b_h / τ) · [i ∈ {h_1, h_2, …} ∖ {h_0}]``: ``logits`` (P, n) over the catalog
         (``s_i = cos(h, e_i) / τ``), ``history`` (P, H) each row's input items most recent first (columns of
         ``logits``, PAD where a row has fewer; :func:`recent_first`): what the model reads, the last ``max_len``
         items when scoring, the current training window's items in training. ``b`` is the learned
         ``last_item_bias``, ``b_h`` the learned ``history_bias`` (each 0 at θ₀, each absent when off; an item
         repeated in the history gets its offset once; for a row that repeats an item, ``repeat_user_bias``'s pair
-        replaces both: :meth:`history_offsets`), in cosine units like the scores before the temperature: Adam moves a
+        replaces both; with ``last_item_text_bias`` b depends on the last item's text ``last_text``:
+        :meth:`history_offsets`), in cosine units like the scores before the temperature: Adam moves a
         weight by about lr per step, and b in logit units would need ~1/τ as many steps to matter (on Amazon Beauty
         it reached −0.18 logits in 3 epochs, against a gap of ≈ 1.4–3 logits between the last item and its nearest
         neighbours).
@@ -690,7 +709,7 @@ class TextSASRec(nn.Module):
         the items bought before it (Amazon Beauty and Toys: never; Pantry: 0.4 %), which the query of
         :meth:`with_recent_items` also brings close.
         """
-        last_offset, earlier_offset = self.history_offsets(history)
+        last_offset, earlier_offset = self.history_offsets(history, last_text)
         if last_offset is not None:
             last = history[:, 0]
             offset = (last_offset / self.temperature).to(logits.dtype) * (last >= 0).to(logits.dtype)  # none for PAD
@@ -701,10 +720,14 @@ class TextSASRec(nn.Module):
                                         offset * first_earlier(history).to(logits.dtype))
         return logits
 
-    def history_offsets(self, history: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def history_offsets(
+        self, history: torch.Tensor, last_text: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Each row's offsets (P,) of its last item and of its earlier items, in cosine units (None when off): b and
         b_h, or with ``repeat_user_bias`` (b_r, b_hr) for a row whose ``history`` (P, H) repeats an item
-        (:func:`repeats_an_item`).
+        (:func:`repeats_an_item`); with ``last_item_text_bias`` v the last item's offset gains ``v·x̂``, x̂ the unit
+        raw text embedding of the row's last item (the second half of its routed features ``last_text`` (P, dim_in):
+        :meth:`last_item_text`).
 
         Why: users who re-buy show it in their own history (Amazon Pantry, test users: 31 % of histories repeat an
         item; the test target is in the history for 5.5 % of them, 1.8 % of the others; Beauty and Toys: no history
@@ -721,17 +744,33 @@ class TextSASRec(nn.Module):
             repeat = repeats_an_item(history)
             last = torch.where(repeat, self.repeat_user_bias[0], last)
             earlier = torch.where(repeat, self.repeat_user_bias[1], earlier)
+        if self.last_item_text_bias is not None:
+            if last_text is None:
+                raise ValueError("last_item_text_bias needs the features of each row's last item (last_text, "
+                                 "TextSASRec.last_item_text); got None")
+            width = self.last_item_text_bias.shape[0]
+            last = last + F.normalize(last_text[:, width:].to(self.last_item_text_bias.dtype), dim=-1) \
+                @ self.last_item_text_bias
         return last, earlier
+
+    def last_item_text(self, features: torch.Tensor, history: torch.Tensor) -> torch.Tensor | None:
+        """The rows of ``features`` (n, dim_in) of each row's last item ``history[:, 0]`` (P, dim_in; a PAD row reads
+        row 0, whose offset is never used), what :meth:`history_offsets` reads with ``last_item_text_bias``; None
+        without it."""
+        if self.last_item_text_bias is None:
+            return None
+        return features[history[:, 0].clamp(min=0)]
 
     def with_sampled_history_bias(
         self, positive: torch.Tensor, negative: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
         history: torch.Tensor,
+        last_text: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`with_history_bias` on a sampled softmax's scores: ``positive`` (P,) of ``targets`` and
         ``negative`` (P, k) of the shared ``negatives`` get ``b / τ`` where that item is the row's last item
         ``history[:, 0]`` and ``b_h / τ`` where it is one of the row's earlier items ``history[:, 1:]`` only."""
         last = history[:, 0]
-        last_offset, earlier_offset = self.history_offsets(history)
+        last_offset, earlier_offset = self.history_offsets(history, last_text)
         if last_offset is not None:
             offset = (last_offset / self.temperature).to(positive.dtype)
             positive = positive + offset * (targets == last).to(positive.dtype)
@@ -750,8 +789,9 @@ class TextSASRec(nn.Module):
 
     def forward(self, seqs: torch.Tensor, item_features: torch.Tensor) -> torch.Tensor:
         items = self.item_representations(item_features)
+        history = seqs.flip(1)
         return self.with_history_bias(self.logits(self.encode(seqs, items, last_only=True)[:, -1], items),
-                                      seqs.flip(1))
+                                      history, self.last_item_text(item_features, history))
 
 
 @dataclass
@@ -761,7 +801,7 @@ class SequentialFamily(ModelFamily):
     name: ClassVar[str] = "sequential"
     # how a domain's users shop (TextSASRec.with_history_bias / with_recent_items), each present when switched on
     behaviour_parameters: ClassVar[tuple[str, ...]] = ("last_item_bias", "history_bias", "history_pooling",
-                                                        "repeat_user_bias")
+                                                        "repeat_user_bias", "last_item_text_bias")
 
     hidden: int = 128
     n_layers: int = 2
@@ -818,6 +858,11 @@ class SequentialFamily(ModelFamily):
     # offsets (b_r, b_hr) that replace b and b_h for a user whose history repeats an item (0 at θ₀; needs both on;
     # see TextSASRec.history_offsets)
     repeat_user_bias: bool = False
+    # the last item's offset b becomes b + v·x̂_i, x̂_i the unit raw text embedding of the last item i and v learned
+    # (0 at θ₀; needs last_item_bias and the routed adapter, whose features carry the raw embedding; see
+    # TextSASRec.history_offsets): whether an item is bought again right away is partly a property of the item
+    # (groceries, not toys), which a new catalog's own text then says
+    last_item_text_bias: bool = False
     # the own AdamW learning rate of b, b_h and w, without weight decay (None: they train with the other weights at
     # lr, decayed). b is one scalar that every training window moves the same way, so at lr it is still drifting
     # after a few epochs.
@@ -890,6 +935,7 @@ class SequentialFamily(ModelFamily):
             raise ValueError(f"history_pooling must be 0 (off) or a number of earlier items below max_len="
                              f"{self.max_len}, got {self.history_pooling}")
         check_repeat_user_bias(self.repeat_user_bias, self.last_item_bias, self.history_bias)
+        check_last_item_text_bias(self.last_item_text_bias, self.last_item_bias, self.adapter)
         behaviour = self.last_item_bias or self.history_bias or self.history_pooling > 0
         if self.last_item_bias_lr is not None and not (behaviour and self.last_item_bias_lr > 0):
             raise ValueError(f"last_item_bias_lr must be None or > 0 with last_item_bias, history_bias or "
@@ -1016,12 +1062,13 @@ class SequentialFamily(ModelFamily):
             history_bias=self.history_bias,
             history_pooling=self.history_pooling,
             repeat_user_bias=self.repeat_user_bias,
+            last_item_text_bias=self.last_item_text_bias,
         )
 
     def parameter_groups(self, names: Iterable[str]) -> dict[str, list[str]]:
         """Groups ``adapter``, ``position``, ``block.<i>`` (one per Transformer block), ``final_norm``,
         ``text_tower.<i>`` (one per tuned text-encoder layer) and each of ``last_item_bias``, ``history_bias``,
-        ``history_pooling`` and ``repeat_user_bias`` the model has."""
+        ``history_pooling``, ``repeat_user_bias`` and ``last_item_text_bias`` the model has."""
         groups: dict[str, list[str]] = {}
         for name in names:
             parts = name.split(".")
@@ -1069,7 +1116,9 @@ class SequentialFamily(ModelFamily):
                 rows = order[start : start + batch_size]
                 padded = pad_sequences([seqs[r] for r in rows], self.max_len).to(device)
                 logits = module.logits(module.encode(padded, items, last_only=True)[:, -1], items)
-                out[rows] = module.with_history_bias(logits, padded.flip(1)).float().cpu().numpy()
+                history = padded.flip(1)
+                logits = module.with_history_bias(logits, history, module.last_item_text(text, history))
+                out[rows] = logits.float().cpu().numpy()
             return out
 
         return score
@@ -1145,7 +1194,9 @@ class SequentialFamily(ModelFamily):
             hidden = module.encode(inputs, items)
             inputs, targets = inputs[:, -hidden.shape[1] :], targets[:, -hidden.shape[1] :]
             valid = targets != PAD
-            logits = module.with_history_bias(module.logits(hidden[valid], items), module.histories(inputs)[valid])
+            history = module.histories(inputs)[valid]
+            logits = module.with_history_bias(module.logits(hidden[valid], items), history,
+                                              module.last_item_text(features, history))
             return F.cross_entropy(logits, targets[valid])
         negatives, log_expected = drawn if drawn is not None else self._negatives(len(features), generator, proposal)
         negatives, log_expected = negatives.to(device), log_expected.to(device)
@@ -1158,7 +1209,8 @@ class SequentialFamily(ModelFamily):
         hidden, targets, history = hidden[valid], targets[valid], module.histories(inputs)[valid]
         positive = module.paired_logits(hidden, items[torch.searchsorted(rows, targets)])
         negative = module.logits(hidden, items[torch.searchsorted(rows, negatives)])
-        positive, negative = module.with_sampled_history_bias(positive, negative, targets, negatives, history)
+        positive, negative = module.with_sampled_history_bias(positive, negative, targets, negatives, history,
+                                                              module.last_item_text(features, history))
         return sampled_softmax_loss(positive, negative, log_expected, targets.unsqueeze(1) == negatives.unsqueeze(0))
 
     def micro_batches(self, windows: list[np.ndarray]) -> list[tuple[list[np.ndarray], float]]:
@@ -1199,7 +1251,8 @@ class SequentialFamily(ModelFamily):
         if negatives is None:
             items = adapter(module.text_embeddings(features))
             logits = module.logits(module.encode(inputs, items, trim=False), items).flatten(0, 1)
-            logits = module.with_history_bias(logits, module.histories(inputs).flatten(0, 1))
+            history = module.histories(inputs).flatten(0, 1)
+            logits = module.with_history_bias(logits, history, module.last_item_text(features, history))
             return F.cross_entropy(logits, targets.flatten(), ignore_index=PAD)
         if log_expected is None:
             raise ValueError("sampled negatives need their log_expected")
@@ -1209,8 +1262,9 @@ class SequentialFamily(ModelFamily):
         targets = targets.flatten()
         positive = module.paired_logits(hidden, items[slots[:, 1:].flatten()])
         negative = module.logits(hidden, items[windows.numel() :])
-        positive, negative = module.with_sampled_history_bias(positive, negative, targets, negatives,
-                                                              module.histories(inputs).flatten(0, 1))
+        history = module.histories(inputs).flatten(0, 1)
+        positive, negative = module.with_sampled_history_bias(positive, negative, targets, negatives, history,
+                                                              module.last_item_text(features, history))
         hits = targets.unsqueeze(1) == negatives.unsqueeze(0)
         return sampled_softmax_loss(positive, negative, log_expected, hits, valid=targets != PAD)
 
