@@ -56,9 +56,11 @@ def test_pretrained_theta0_learns_the_pseudo_users_and_changes_the_fingerprint(t
     assert set(plain) == set(pretrained) and any(not torch.equal(plain[k], pretrained[k]) for k in plain)
     behaviour = apply_overrides(pretrained_cfg, ["model.params.last_item_bias=true", "model.params.history_bias=true",
                                                  "model.params.history_pooling=2",
-                                                 "model.params.repeat_user_bias=true"])
+                                                 "model.params.repeat_user_bias=true",
+                                                 'model.params.adapter="routed"',
+                                                 "model.params.last_item_text_bias=true"])
     kept = initial_weights(behaviour)  # pseudo-users' re-buying and recency are made up: θ₀'s zeros stay
-    assert [kept[n].abs().sum().item() for n in SequentialFamily.behaviour_parameters] == [0, 0, 0, 0]
+    assert [kept[n].abs().sum().item() for n in SequentialFamily.behaviour_parameters] == [0, 0, 0, 0, 0]
     assert any(not torch.equal(initial_weights(apply_overrides(behaviour, ["theta0.pretrain=false"]))[k], kept[k])
                for k in kept)
     assert fingerprint_metadata(cfg)[FINGERPRINT_KEY] != fingerprint_metadata(pretrained_cfg)[FINGERPRINT_KEY]

@@ -212,6 +212,13 @@ def test_last_item_text_bias_adds_v_dot_the_last_items_unit_raw_text_embedding_e
     assert_offsets_everywhere(family, shifted, feats, seqs, expected, torch.tensor([2, 7, 5]),
                               torch.tensor([2, 4, 9, 11, 7, 3]))
     module = family.load(shifted, feats.shape[1])
+    if n_negatives is None:  # the training loss: the forward's cross-entropy at every prefix of each window
+        windows = [np.array([4, 9, 2, 2, 5]), np.array([7, 3])]
+        prefixes = [(w[: t + 1], w[t + 1]) for w in windows for t in range(len(w) - 1)]
+        with torch.no_grad():
+            scores = torch.cat([module(pad_sequences([p], family.max_len), feats) for p, _ in prefixes])
+            expected_loss = F.cross_entropy(scores, torch.tensor([int(t) for _, t in prefixes]))
+            torch.testing.assert_close(family._batch_loss(module, windows, feats, torch.Generator()), expected_loss)
     with pytest.raises(ValueError, match="last_item_text_bias needs the features of each row's last item"):
         module.with_history_bias(torch.zeros(1, 30), torch.tensor([[2]]))
     for bad in (dict(last_item_bias=False, adapter="routed"), dict(last_item_bias=True, adapter="mlp")):

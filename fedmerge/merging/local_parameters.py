@@ -2,8 +2,9 @@
 
 ``merge.local_parameters`` names such weights (today: the sequential family's ``last_item_bias``, how much a domain's
 users avoid the item they just bought: Amazon Beauty b ≈ −0.5, Pantry ≈ 0, where 2.6 % of next items repeat the last
-one; its ``history_bias`` and ``history_pooling``, the same for earlier items and how far back they look; and its
-``repeat_user_bias``, both offsets for users whose history repeats an item). Every
+one; its ``history_bias`` and ``history_pooling``, the same for earlier items and how far back they look; its
+``repeat_user_bias``, both offsets for users whose history repeats an item; and its ``last_item_text_bias`` v, one
+weight per text-embedding dimension, how the last item's text moves b). Every
 merge averages or trims them like any weight, which dilutes each domain's value towards the others' (task arithmetic
 gave Beauty b = −0.045 from its own −0.12). As FedBN (Li et al., ICLR 2021) keeps batch-norm statistics and FedPer
 (Arivazhagan et al. 2019) a personal head, a domain serving a shared model here keeps its own values of them:

@@ -363,7 +363,8 @@ class SequenceSide(nn.Module):
             return scores
         # the sequential family's text-conditioned offset reads each row's last item's features (a row of
         # input_features: seqs, right-aligned, indexes them)
-        last_text = self.inner.last_item_text(input_features, seqs.flip(1))
+        last_item_text = getattr(self.inner, "last_item_text", None)
+        last_text = None if last_item_text is None else last_item_text(input_features, seqs.flip(1))
         return [with_bias(s, histories[rows], None if last_text is None else last_text[rows])
                 for s, (_, rows) in zip(scores, parts)]
 

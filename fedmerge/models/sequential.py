@@ -581,6 +581,9 @@ class TextSASRec(nn.Module):
         self.repeat_user_bias = nn.Parameter(torch.zeros(2)) if repeat_user_bias else None
         # v of history_offsets (b of the last item i becomes b + v·x̂_i, x̂_i its unit raw text embedding), 0 at θ₀
         check_last_item_text_bias(last_item_text_bias, last_item_bias, adapter)
+        if last_item_text_bias and text_tower is not None:
+            raise ValueError("last_item_text_bias reads the routed adapter's raw text embeddings, which a model that "
+                             "tunes text-encoder layers does not have")
         self.last_item_text_bias = nn.Parameter(torch.zeros(dim_in // 2)) if last_item_text_bias else None
         if adapter == "moe":
             self.adapter: nn.Module = MoEAdapter(dim_in, hidden, n_experts, dropout)
@@ -863,8 +866,8 @@ class SequentialFamily(ModelFamily):
     # TextSASRec.history_offsets): whether an item is bought again right away is partly a property of the item
     # (groceries, not toys), which a new catalog's own text then says
     last_item_text_bias: bool = False
-    # the own AdamW learning rate of b, b_h and w, without weight decay (None: they train with the other weights at
-    # lr, decayed). b is one scalar that every training window moves the same way, so at lr it is still drifting
+    # the own AdamW learning rate of b, b_h, w, (b_r, b_hr) and v, without weight decay (None: they train with the
+    # other weights at lr, decayed). b is one scalar that every training window moves the same way, so at lr it is still drifting
     # after a few epochs.
     last_item_bias_lr: float | None = None
     # the weights local training moves (non-private and DP-SGD): fnmatch patterns over parameter names, e.g.
@@ -969,8 +972,8 @@ class SequentialFamily(ModelFamily):
 
     def optimizer(self, module: nn.Module) -> torch.optim.AdamW:
         """AdamW over ``module``'s trainable parameters (local training and DP-SGD): the tuned text-encoder layers at
-        ``encoder_lr``, the last-item and history biases and the history-pooling weights at ``last_item_bias_lr``
-        without weight decay when that is set, the rest at ``lr`` with ``weight_decay``."""
+        ``encoder_lr``, the :attr:`behaviour_parameters` (offsets, history-pooling weights, the text-conditioned
+        offset's v) at ``last_item_bias_lr`` without weight decay when that is set, the rest at ``lr`` with ``weight_decay``."""
         groups: dict[str, list[nn.Parameter]] = {"rest": [], "tower": [], "bias": []}
         for name, p in module.named_parameters():
             if p.requires_grad:

@@ -1,0 +1,53 @@
+"""What the learned text-conditioned last-item offset b(i) = b + v·x̂_i says about each catalog (issue 23).
+
+    FEDMERGE_AMAZON_DIR=... python results/unseen/rebuy-text/offsets.py RUN_DIR [RUN_DIR ...]
+
+Each RUN_DIR is a `fedmerge simulate amazon-unseen --seeds ...` output (seed-*/results.json with the merge report's
+local parameters). For every seed and every catalog, the mean offset over its test users' last items (the item
+the offset applies to when they are scored), in cosine units: under each training domain's own (b, v) and under the
+shared values a new catalog gets (the clients' median, their mean for two). More negative: pushed down harder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fedmerge.config import load_scenario
+from fedmerge.data import load_domain
+from fedmerge.text import EmbeddingCache, encode_catalog
+
+
+def last_items(domain) -> np.ndarray:
+    """Each test user's last input item (train + validation)."""
+    return np.array([np.append(s, v)[-1] for s, v in zip(domain.train, domain.val_target)])
+
+
+def main() -> None:
+    cfg = load_scenario("amazon-unseen")
+    encoder = cfg.encoder.text_encoder()
+    cache = EmbeddingCache(cfg.encoder.cache_dir) if cfg.encoder.cache_dir else None
+    root = Path(__import__("os").environ["FEDMERGE_AMAZON_DIR"])
+    unit = {}
+    for name in ("Beauty", "Pantry", "Toys"):
+        domain = load_domain(root / f"{name}.tar.gz")
+        emb = encode_catalog(encoder, domain.catalog, cache=cache).astype(np.float64)
+        unit[name] = (emb / np.linalg.norm(emb, axis=1, keepdims=True))[last_items(domain)]
+    for run in sys.argv[1:]:
+        for path in sorted(Path(run).glob("seed-*/results.json")) or sorted(Path(run).glob("seed-*.results.json")):
+            report = json.loads(path.read_text())["merge_report"]["local_parameters"]
+            held = json.loads(path.read_text())["held_out"]
+            sources = {**{f"own {d}": v for d, v in report["local_parameters"].items()}, "shared": report["shared"]}
+            for label, values in sources.items():
+                b, v = float(values["last_item_bias"]), np.asarray(values["last_item_text_bias"], np.float64)
+                means = {n: float(b + (u @ v).mean()) for n, u in unit.items()}
+                print(json.dumps({"run": str(path), "held_out": held, "values": label, "b": b,
+                                  "norm_v": float(np.linalg.norm(v)),
+                                  "mean_offset": {n: round(m, 4) for n, m in means.items()}}))
+
+
+if __name__ == "__main__":
+    main()
