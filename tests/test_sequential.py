@@ -221,6 +221,14 @@ def test_last_item_text_bias_adds_v_dot_the_last_items_unit_raw_text_embedding_e
             torch.testing.assert_close(family._batch_loss(module, windows, feats, torch.Generator()), expected_loss)
     with pytest.raises(ValueError, match="last_item_text_bias needs the features of each row's last item"):
         module.with_history_bias(torch.zeros(1, 30), torch.tensor([[2]]))
+    # with repeat_user_bias, a user whose history repeats an item keeps b_r alone: a merge of domains whose users
+    # never repeat (b_r = 0 there, v learned from the others) scores such users' last item as θ₀ does
+    repeat = tiny_family(last_item_bias=True, history_bias=True, repeat_user_bias=True, last_item_text_bias=True,
+                         **params)
+    weights = {**repeat.initial_weights(feats.shape[1], seed=0, catalog_features=[feats]),
+               "last_item_bias": torch.tensor(-0.5), "last_item_text_bias": v}
+    expected[2, 3] = plain[2, 3]  # row 2 ([3, 3]) repeats item 3: b_r = 0, no text offset
+    np.testing.assert_allclose(repeat.scorer(weights, feats)(seqs), expected, atol=1e-5)
     for bad in (dict(last_item_bias=False, adapter="routed"), dict(last_item_bias=True, adapter="mlp")):
         with pytest.raises(ValueError, match="last_item_text_bias adds v·x̂ .* needs last_item_bias on and "
                                              "adapter='routed'"):

@@ -728,8 +728,8 @@ class TextSASRec(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Each row's offsets (P,) of its last item and of its earlier items, in cosine units (None when off): b and
         b_h, or with ``repeat_user_bias`` (b_r, b_hr) for a row whose ``history`` (P, H) repeats an item
-        (:func:`repeats_an_item`); with ``last_item_text_bias`` v the last item's offset gains ``v·x̂``, x̂ the unit
-        raw text embedding of the row's last item (the second half of its routed features ``last_text`` (P, dim_in):
+        (:func:`repeats_an_item`); with ``last_item_text_bias`` v the last item's b (not b_r) gains ``v·x̂``, x̂ the
+        unit raw text embedding of the row's last item (the second half of its routed features ``last_text`` (P, dim_in):
         :meth:`last_item_text`).
 
         Why: users who re-buy show it in their own history (Amazon Pantry, test users: 31 % of histories repeat an
@@ -743,10 +743,6 @@ class TextSASRec(nn.Module):
         rows = history.shape[0]
         last = None if self.last_item_bias is None else self.last_item_bias.expand(rows)
         earlier = None if self.history_bias is None else self.history_bias.expand(rows)
-        if self.repeat_user_bias is not None:
-            repeat = repeats_an_item(history)
-            last = torch.where(repeat, self.repeat_user_bias[0], last)
-            earlier = torch.where(repeat, self.repeat_user_bias[1], earlier)
         if self.last_item_text_bias is not None:
             if last_text is None:
                 raise ValueError("last_item_text_bias needs the features of each row's last item (last_text, "
@@ -754,6 +750,10 @@ class TextSASRec(nn.Module):
             width = self.last_item_text_bias.shape[0]
             last = last + F.normalize(last_text[:, width:].to(self.last_item_text_bias.dtype), dim=-1) \
                 @ self.last_item_text_bias
+        if self.repeat_user_bias is not None:  # replaces b + v·x̂ too: b_r stays θ₀'s 0 where no user repeats
+            repeat = repeats_an_item(history)
+            last = torch.where(repeat, self.repeat_user_bias[0], last)
+            earlier = torch.where(repeat, self.repeat_user_bias[1], earlier)
         return last, earlier
 
     def last_item_text(self, features: torch.Tensor, history: torch.Tensor) -> torch.Tensor | None:
