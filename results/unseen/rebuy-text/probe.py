@@ -2,7 +2,7 @@
 which last items a user buys again, and does a re-buy model learned on Pantry (the one training domain whose users
 re-buy) rate Toys' and Beauty's items as rarely re-bought? No training of the recommender; logistic regressions on
 MiniLM embeddings of the last item. Labels: next item == last item, over every position of train+val sequences."""
-import sys, time
+import time
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
