@@ -3,9 +3,10 @@
     FEDMERGE_AMAZON_DIR=... python results/unseen/rebuy-text/offsets.py RUN_DIR [RUN_DIR ...]
 
 Each RUN_DIR is a `fedmerge simulate amazon-unseen --seeds ...` output (seed-*/results.json with the merge report's
-local parameters). For every seed and every catalog, the mean offset over its test users' last items (the item
-the offset applies to when they are scored), in cosine units: under each training domain's own (b, v) and under the
-shared values a new catalog gets (the clients' median, their mean for two). More negative: pushed down harder.
+local parameters). For every seed and every catalog, the mean offset b + v·x̂ over the last items of its test
+users whose history repeats no item (the users it applies to; the others get b_r), in cosine units: under each
+training domain's own (b, v) and under the shared values a new catalog gets (the clients' median, their mean for
+two). More negative: pushed down harder.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from fedmerge.data import load_domain
 from fedmerge.text import EmbeddingCache, encode_catalog
 
 
-def last_items(domain) -> np.ndarray:
-    """Each test user's last input item (train + validation)."""
-    return np.array([np.append(s, v)[-1] for s, v in zip(domain.train, domain.val_target)])
+def last_items(domain, max_len: int) -> np.ndarray:
+    """The last input item (train + validation) of each test user whose history (the last ``max_len`` items)
+    repeats no item: the users b + v·x̂ applies to (a repeating user gets b_r, ``repeat_user_bias``)."""
+    inputs = [np.append(s, v)[-max_len:] for s, v in zip(domain.train, domain.val_target)]
+    return np.array([h[-1] for h in inputs if len(np.unique(h)) == len(h)])
 
 
 def main() -> None:
@@ -31,11 +34,11 @@ def main() -> None:
     encoder = cfg.encoder.text_encoder()
     cache = EmbeddingCache(cfg.encoder.cache_dir) if cfg.encoder.cache_dir else None
     root = Path(__import__("os").environ["FEDMERGE_AMAZON_DIR"])
-    unit = {}
+    unit, max_len = {}, cfg.model.make_family().max_len
     for name in ("Beauty", "Pantry", "Toys"):
         domain = load_domain(root / f"{name}.tar.gz")
         emb = encode_catalog(encoder, domain.catalog, cache=cache).astype(np.float64)
-        unit[name] = (emb / np.linalg.norm(emb, axis=1, keepdims=True))[last_items(domain)]
+        unit[name] = (emb / np.linalg.norm(emb, axis=1, keepdims=True))[last_items(domain, max_len)]
     for run in sys.argv[1:]:
         for path in sorted(Path(run).glob("seed-*/results.json")) or sorted(Path(run).glob("seed-*.results.json")):
             report = json.loads(path.read_text())["merge_report"]["local_parameters"]

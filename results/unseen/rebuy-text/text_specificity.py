@@ -5,8 +5,8 @@
 For each saved run of ``amazon-unseen`` with ``last_item_text_bias`` (kept per domain), the held-out catalog's task
 arithmetic merge with the shared values a new catalog gets (the clients' mean for two), scored three ways:
 ``as run`` (b̄ + v̄·x̂_i per last item i); ``no v`` (v̄ = 0: the shared b alone); ``flat`` (v̄ = 0 and b set to
-b̄ + the mean of v̄·x̂ over the held-out test users' last items: the same average push-down for every item, no
-text; a diagnostic that reads the held-out users' last items, which serving reads anyway). JSON lines, × the run's
+b̄ + the mean of v̄·x̂ over the last items of the held-out test users whose history (the last ``max_len`` items)
+repeats nothing, the users b + v·x̂ applies to: the same average push-down for every item, no text; a diagnostic that reads the held-out users' last items, which serving reads anyway). JSON lines, × the run's
 θ₀ on the held-out catalog. ``--own``: instead, each training domain on its own test users with its own values
 (what it is served), × the run's θ₀ on that domain.
 """
@@ -43,7 +43,9 @@ def main() -> None:
                 domains[name] = scenario.load_domain(name)
             domain = domains[name]
             emb = encode_catalog(encoder, domain.catalog, cache=cache).astype(np.float64)
-            last = np.array([np.append(s, v)[-1] for s, v in zip(domain.train, domain.val_target)])
+            inputs = [np.append(s, v)[-model.family.max_len :] for s, v in zip(domain.train, domain.val_target)]
+            # the users b + v·x̂ applies to: a history that repeats an item gets b_r instead (repeat_user_bias)
+            last = np.array([h[-1] for h in inputs if len(np.unique(h)) == len(h)])
             unit = (emb / np.linalg.norm(emb, axis=1, keepdims=True))[last]
             v = np.asarray(values["last_item_text_bias"], np.float64)
             mean_text = float((unit @ v).mean())
