@@ -462,7 +462,8 @@ def test_full_tls_run_matches_simulation_shape(tmp_path):
     assert _shape(results) == _shape(sim)
     assert sorted(results["nodes"]) == ["synth-0", "synth-1"] and sim["nodes"] == {}  # which node served each domain
     deployment = results["deployment"]  # what the launcher knows and the ServerApp does not
-    assert deployment["tls"] is True and deployment["node_auth"] is True and deployment["superlink"].startswith("127.0.0.1:")
+    assert deployment["tls"] is True and deployment["node_auth"] is True
+    assert deployment["superlink"].startswith("127.0.0.1:")
     assert sorted(deployment["node_keys"]) == ["synth-0", "synth-1"] and "deployment" not in sim
     assert json.loads((tmp_path / "deploy" / "deployment.json").read_text()) == deployment
     assert json.loads((tmp_path / "deploy" / "results" / "results.json").read_text())["deployment"] == deployment

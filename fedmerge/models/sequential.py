@@ -579,7 +579,8 @@ class TextSASRec(nn.Module):
         # (b_r, b_hr) of history_offsets: b and b_h for a user whose history repeats an item, 0 at θ₀; needs both
         check_repeat_user_bias(repeat_user_bias, last_item_bias, history_bias)
         self.repeat_user_bias = nn.Parameter(torch.zeros(2)) if repeat_user_bias else None
-        # v of history_offsets (b of the last item i becomes b + v·x̂_i, x̂_i its unit raw text embedding), 0 at θ₀
+        # v of history_offsets (b of the last item i becomes b + v·x̂_i, x̂_i its unit raw text embedding),
+        # 0 at θ₀
         check_last_item_text_bias(last_item_text_bias, last_item_bias, adapter)
         if last_item_text_bias and text_tower is not None:
             raise ValueError("last_item_text_bias reads the routed adapter's raw text embeddings, which a model that "
@@ -729,8 +730,8 @@ class TextSASRec(nn.Module):
         """Each row's offsets (P,) of its last item and of its earlier items, in cosine units (None when off): b and
         b_h, or with ``repeat_user_bias`` (b_r, b_hr) for a row whose ``history`` (P, H) repeats an item
         (:func:`repeats_an_item`); with ``last_item_text_bias`` v the last item's b (not b_r) gains ``v·x̂``, x̂ the
-        unit raw text embedding of the row's last item (the second half of its routed features ``last_text`` (P, dim_in):
-        :meth:`last_item_text`).
+        unit raw text embedding of the row's last item (the second half of its routed features ``last_text``
+        (P, dim_in): :meth:`last_item_text`).
 
         Why: users who re-buy show it in their own history (Amazon Pantry, test users: 31 % of histories repeat an
         item; the test target is in the history for 5.5 % of them, 1.8 % of the others; Beauty and Toys: no history
@@ -867,8 +868,8 @@ class SequentialFamily(ModelFamily):
     # (groceries, not toys), which a new catalog's own text then says
     last_item_text_bias: bool = False
     # the own AdamW learning rate of b, b_h, w, (b_r, b_hr) and v, without weight decay (None: they train with the
-    # other weights at lr, decayed). b is one scalar that every training window moves the same way, so at lr it is still drifting
-    # after a few epochs.
+    # other weights at lr, decayed). b is one scalar that every training window moves the same way, so at lr it is
+    # still drifting after a few epochs.
     last_item_bias_lr: float | None = None
     # the weights local training moves (non-private and DP-SGD): fnmatch patterns over parameter names, e.g.
     # ["adapter.*"] or ["*.bias", "*norm.*"]; every other weight stays at θ₀ (its task-vector entry is 0). None: all.
@@ -973,7 +974,8 @@ class SequentialFamily(ModelFamily):
     def optimizer(self, module: nn.Module) -> torch.optim.AdamW:
         """AdamW over ``module``'s trainable parameters (local training and DP-SGD): the tuned text-encoder layers at
         ``encoder_lr``, the :attr:`behaviour_parameters` (offsets, history-pooling weights, the text-conditioned
-        offset's v) at ``last_item_bias_lr`` without weight decay when that is set, the rest at ``lr`` with ``weight_decay``."""
+        offset's v) at ``last_item_bias_lr`` without weight decay when that is set, the rest at ``lr`` with
+        ``weight_decay``."""
         groups: dict[str, list[nn.Parameter]] = {"rest": [], "tower": [], "bias": []}
         for name, p in module.named_parameters():
             if p.requires_grad:

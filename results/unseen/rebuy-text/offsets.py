@@ -18,31 +18,30 @@ from pathlib import Path
 import numpy as np
 
 from fedmerge.config import load_scenario
-from fedmerge.data import load_domain
 from fedmerge.text import EmbeddingCache, encode_catalog
 
 
-def last_items(domain, max_len: int) -> np.ndarray:
-    """The last input item (train + validation) of each test user whose history (the last ``max_len`` items)
-    repeats no item: the users b + v·x̂ applies to (a repeating user gets b_r, ``repeat_user_bias``)."""
+def last_item_units(domain, encoder, cache, max_len: int) -> np.ndarray:
+    """The unit raw text embedding x̂ of the last input item (train + validation) of each test user whose history
+    (the last ``max_len`` items) repeats no item: the users b + v·x̂ applies to (a repeating user gets b_r,
+    ``repeat_user_bias``). (users, embedding width), float64."""
     inputs = [np.append(s, v)[-max_len:] for s, v in zip(domain.train, domain.val_target)]
-    return np.array([h[-1] for h in inputs if len(np.unique(h)) == len(h)])
+    last = np.array([h[-1] for h in inputs if len(np.unique(h)) == len(h)])
+    emb = encode_catalog(encoder, domain.catalog, cache=cache).astype(np.float64)
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True))[last]
 
 
 def main() -> None:
     cfg = load_scenario("amazon-unseen")
     encoder = cfg.encoder.text_encoder()
     cache = EmbeddingCache(cfg.encoder.cache_dir) if cfg.encoder.cache_dir else None
-    root = Path(__import__("os").environ["FEDMERGE_AMAZON_DIR"])
     unit, max_len = {}, cfg.model.make_family().max_len
     for name in ("Beauty", "Pantry", "Toys"):
-        domain = load_domain(root / f"{name}.tar.gz")
-        emb = encode_catalog(encoder, domain.catalog, cache=cache).astype(np.float64)
-        unit[name] = (emb / np.linalg.norm(emb, axis=1, keepdims=True))[last_items(domain, max_len)]
+        unit[name] = last_item_units(cfg.load_domain(name), encoder, cache, max_len)
     for run in sys.argv[1:]:
         for path in sorted(Path(run).glob("seed-*/results.json")) or sorted(Path(run).glob("seed-*.results.json")):
-            report = json.loads(path.read_text())["merge_report"]["local_parameters"]
-            held = json.loads(path.read_text())["held_out"]
+            results = json.loads(path.read_text())
+            report, held = results["merge_report"]["local_parameters"], results["held_out"]
             sources = {**{f"own {d}": v for d, v in report["local_parameters"].items()}, "shared": report["shared"]}
             for label, values in sources.items():
                 b, v = float(values["last_item_bias"]), np.asarray(values["last_item_text_bias"], np.float64)

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from offsets import last_item_units  # this folder is the script's own, first on sys.path
+
 from fedmerge.config import load_scenario
 from fedmerge.merging.local_parameters import from_card, with_values
 from fedmerge.recommender import load_recommender
-from fedmerge.text import EmbeddingCache, encode_catalog
+from fedmerge.text import EmbeddingCache
 
 
 def main() -> None:
@@ -31,6 +33,7 @@ def main() -> None:
     encoder = scenario.encoder.text_encoder()
     cache = EmbeddingCache(scenario.encoder.cache_dir) if scenario.encoder.cache_dir else None
     domains: dict[str, object] = {}
+    units: dict[str, np.ndarray] = {}  # per domain: x̂ of the last items of the users b + v·x̂ applies to
     own = "--own" in sys.argv[1:]
     for run in (Path(a) for a in sys.argv[1:] if a != "--own"):
         results = json.loads((run / "results.json").read_text())
@@ -41,12 +44,8 @@ def main() -> None:
         for name, values in targets.items():
             if name not in domains:
                 domains[name] = scenario.load_domain(name)
-            domain = domains[name]
-            emb = encode_catalog(encoder, domain.catalog, cache=cache).astype(np.float64)
-            inputs = [np.append(s, v)[-model.family.max_len :] for s, v in zip(domain.train, domain.val_target)]
-            # the users b + v·x̂ applies to: a history that repeats an item gets b_r instead (repeat_user_bias)
-            last = np.array([h[-1] for h in inputs if len(np.unique(h)) == len(h)])
-            unit = (emb / np.linalg.norm(emb, axis=1, keepdims=True))[last]
+                units[name] = last_item_units(domains[name], encoder, cache, model.family.max_len)
+            domain, unit = domains[name], units[name]
             v = np.asarray(values["last_item_text_bias"], np.float64)
             mean_text = float((unit @ v).mean())
             variants = {"as run": {}, "no v": {"last_item_text_bias": [0.0] * len(v)},
