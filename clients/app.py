@@ -3,6 +3,8 @@
 The domain is chosen by the node config: ``partition-id`` in simulation, ``data-path`` in deployment. Train
 replies carry the trained weights (named float arrays) and numeric training metrics; evaluate replies carry
 metrics on the client's private test users. Any exception becomes an error reply naming the client's domain.
+What a client keeps between its messages and never sends (``ClientState.memory``, e.g. the seed of a noisy Gram
+drawn once) lives in the node's ``context.state``, which Flower keeps for the run in simulation and deployment.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import Context, Error, Message
+from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from fedmerge.logs import configure_from_env
@@ -23,6 +25,7 @@ from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 CLIENT_ERROR_CODE = 1
+MEMORY_RECORD = "fedmerge.client-memory"  # context.state's record of ClientState.memory (kept between messages)
 _STATES: dict[tuple[str, str], ClientState] = {}  # per process: domain data and features load once
 
 
@@ -57,8 +60,14 @@ def build_client_app(cfg: Scenario | None = None) -> ClientApp:
             scenario = cfg if cfg is not None else scenario_from_run_config(context.run_config)
             label = _node_domain_label(scenario, context.node_config)
             state = client_state(scenario, context.node_config)
+            # the node's context.state is the memory's home: this process may not have served the node before
+            kept = context.state.config_records.get(MEMORY_RECORD)
+            state.memory = {key: int(value) for key, value in kept.items()} if kept is not None else {}
             message_type = message.metadata.message_type.split(".")[0]
-            return Message(state.handle(message_type, message.content), reply_to=message)
+            try:
+                return Message(state.handle(message_type, message.content), reply_to=message)
+            finally:
+                context.state[MEMORY_RECORD] = ConfigRecord(dict(state.memory))
         except Exception as exc:  # every failure goes back to the server as an error reply naming the domain
             logger.error("client %s failed:\n%s", label, traceback.format_exc())
             return Message(Error(CLIENT_ERROR_CODE, client_error_reason(label, exc)), reply_to=message)

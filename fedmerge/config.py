@@ -92,6 +92,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "accountant": "rdp",      # unit "user": opacus accountant, "rdp" or "prv"
         "user_norm_bound": 1.0,   # unit "user", text-lae: L2 bound B of a user's text profile x_u E (Gram mechanism)
         "gram_repair": "clip",    # unit "user", text-lae: how the noisy Gram is made PSD, "clip" or "abs" eigenvalues
+        "gram_noise": "once",     # unit "user", text-lae: "once" draws the noisy Gram once per client and run and every
+                                  # release reuses it (ε of one release); "per_release" draws it afresh per release
         "noise_seed": -1,
         "secure_mode": False,     # unit "user", sequential: opacus' floating-point-safe Gaussian sampler (needs
                                   # noise_seed = -1; runs are not reproducible)
@@ -429,13 +431,26 @@ def flatten_settings(table: Mapping[str, Any], prefix: str = "") -> dict[str, An
     return out
 
 
+# Settings fedmerge gained whose default is not what runs before them did, by family: a run of that family that
+# recorded no such key ran with this value (privacy.gram_noise: text-LAE drew a fresh noisy Gram per release)
+EARLIER_BEHAVIOUR: dict[str, dict[str, Any]] = {"text-lae": {"privacy.gram_noise": "per_release"}}
+
+
+def flatten_recorded(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`flatten_settings` of the settings a run recorded, a key it predates that changed the behaviour of its
+    family (:data:`EARLIER_BEHAVIOUR`) filled in with the value it ran with."""
+    flat = flatten_settings(saved)
+    return {**EARLIER_BEHAVIOUR.get(flat.get("model.family"), {}), **flat}
+
+
 def settings_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """(added, differing) between settings a run recorded and this scenario's (nested mappings of sections, as JSON
     holds them): ``added`` are keys the saved run did not have and that this scenario leaves at their default (a
-    setting fedmerge gained after the run, whose default keeps the earlier behaviour: accepted); ``differing`` every
-    other key whose value differs or is absent on one side."""
+    setting fedmerge gained after the run, whose default keeps the earlier behaviour: accepted; one whose default
+    does not is read as the earlier value, :func:`flatten_recorded`); ``differing`` every other key whose value
+    differs or is absent on one side."""
     json_defaults = json.loads(json.dumps(DEFAULTS, default=str))
-    old, new = flatten_settings(saved), flatten_settings(now)
+    old, new = flatten_recorded(saved), flatten_settings(now)
     defaults = flatten_settings(json_defaults)
     added = sorted(k for k in set(new) - set(old) if k in defaults and new[k] == defaults[k])
     differing = sorted(k for k in set(old) | set(new)

@@ -288,6 +288,7 @@ class PrivacySettings:
     accountant: str
     user_norm_bound: float
     gram_repair: str
+    gram_noise: str
     noise_seed: int
     secure_mode: bool
     release_diagnostics: bool

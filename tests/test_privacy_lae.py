@@ -87,18 +87,30 @@ def test_without_noise_and_clipping_it_is_the_family_closed_form(domain, feature
 
 
 def test_client_reports_the_analytic_gaussian_epsilon_over_releases(domain, features):
-    cfg = Scenario.from_mapping({"model": {"family": "text-lae", "params": {"lam": 10.0}},
-                                 "baselines": {"fedavg_rounds": 1},
-                                 "privacy": {"enabled": True, "unit": "user", "target_epsilon": 3.0,
-                                             "user_norm_bound": 2.0, "noise_seed": 0}})
+    mapping = {"model": {"family": "text-lae", "params": {"lam": 10.0}}, "baselines": {"fedavg_rounds": 1},
+               "privacy": {"enabled": True, "unit": "user", "target_epsilon": 3.0, "user_norm_bound": 2.0,
+                           "noise_seed": 0, "gram_noise": "per_release"}}
     family = TextLAEFamily(lam=10.0)
-    _, metrics = private_train(family, family.initial_weights(features.shape[1]), domain, features, cfg, seed=0,
+    theta0 = family.initial_weights(features.shape[1])
+    _, metrics = private_train(family, theta0, domain, features, Scenario.from_mapping(mapping), seed=0,
                                round_index=0, noise_seed=0)
     assert metrics["dp_unit"] == 1 and metrics["dp_user_bound"] == 2.0
     assert metrics["dp_epsilon_run"] == pytest.approx(3.0, rel=1e-6)
     # calibrated for the run's two releases (the one-shot weights and one FedAvg round), not derived from itself
     assert metrics["dp_noise_multiplier"] == pytest.approx(noise_multiplier_for(3.0, 1e-5, rounds=2), rel=1e-6)
     assert metrics["dp_epsilon"] == pytest.approx(epsilon_for(metrics["dp_noise_multiplier"], 1e-5, rounds=1))
+    # the default draws the noisy Gram once: both releases are one Gaussian release, so less noise for the same ε
+    once = Scenario.from_mapping({**mapping, "privacy": {**mapping["privacy"], "gram_noise": "once"}})
+    assert Scenario.from_mapping({**mapping, "privacy": {k: v for k, v in mapping["privacy"].items()
+                                                         if k != "gram_noise"}}).privacy.gram_noise == "once"
+    for round_index in (0, 1):
+        _, metrics = private_train(family, theta0, domain, features, once, seed=0, round_index=round_index,
+                                   noise_seed=0)
+        assert metrics["dp_noise_multiplier"] == pytest.approx(noise_multiplier_for(3.0, 1e-5, rounds=1), rel=1e-6)
+        assert metrics["dp_epsilon"] == pytest.approx(3.0, rel=1e-6)
+        assert metrics["dp_epsilon_run"] == pytest.approx(3.0, rel=1e-6)
+    with pytest.raises(FedmergeError, match=r"privacy.gram_noise must be one of \['once', 'per_release'\]"):
+        Scenario.from_mapping({**mapping, "privacy": {**mapping["privacy"], "gram_noise": "twice"}})
     with pytest.raises(FedmergeError, match="one λ"):
         Scenario.from_mapping({"model": {"family": "text-lae"}, "privacy": {"enabled": True, "unit": "user"}})
 
@@ -131,3 +143,97 @@ def test_the_noisy_gram_is_made_psd_by_clipping_or_by_absolute_eigenvalues(domai
     torch.testing.assert_close(shipped["W"], fits["abs"])
     with pytest.raises(FedmergeError, match="privacy.gram_repair must be one of"):
         Scenario.from_mapping({**mapping, "privacy": {**mapping["privacy"], "gram_repair": "nearest"}})
+
+
+def _user_level_text_lae(**privacy) -> Scenario:
+    return Scenario.from_mapping({"model": {"family": "text-lae", "params": {"lam": 10.0}},
+                                  "baselines": {"fedavg_rounds": 2},
+                                  "privacy": {"enabled": True, "unit": "user", "noise_multiplier": 1.0, **privacy}})
+
+
+def test_a_gram_drawn_once_uses_one_noise_seed_for_every_release():
+    """Seeded: round 0's seed for every release. OS entropy: drawn at the first release, kept in the client's memory,
+    reused; a later release whose memory lost it is refused. "per_release" and the domain unit: a seed per release."""
+    from fedmerge.runners.client import GRAM_NOISE_SEED, noise_seed, release_noise_seed
+
+    seeded = _user_level_text_lae(noise_seed=5)
+    assert {release_noise_seed(seeded, "Pantry", r, {}) for r in range(3)} == {noise_seed(seeded, "Pantry", 0)}
+    fresh = _user_level_text_lae(noise_seed=5, gram_noise="per_release")
+    assert len({release_noise_seed(fresh, "Pantry", r, {}) for r in range(3)}) == 3
+    domain_unit = Scenario.from_mapping({"baselines": {"fedavg_rounds": 2},
+                                         "privacy": {"enabled": True, "noise_multiplier": 1.0, "noise_seed": 5}})
+    assert len({release_noise_seed(domain_unit, "Pantry", r, {}) for r in range(3)}) == 3
+    entropy, memory = _user_level_text_lae(), {}
+    first = release_noise_seed(entropy, "Pantry", 0, memory)
+    assert memory == {GRAM_NOISE_SEED: first} and 0 <= first < 2**62
+    assert [release_noise_seed(entropy, "Pantry", r, memory) for r in (1, 2)] == [first, first]
+    assert release_noise_seed(entropy, "Pantry", 0, {}) != first  # another run's client: other noise
+    with pytest.raises(FedmergeError, match="release 1 finds no noisy-Gram seed"):
+        release_noise_seed(entropy, "Pantry", 1, {})
+
+
+def test_a_client_app_reuses_its_noisy_gram_across_rounds_through_context_state(tmp_path):
+    """A Flower client under user-level DP with OS-entropy noise: the one-shot release and a FedAvg round from the same
+    weights are identical (one noisy Gram, kept through the node's context.state even when another process serves
+    the second message), a node whose state was lost refuses the round, and "per_release" draws new noise."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import clients.app as client_app
+    from fedmerge.config import load_scenario
+    from fedmerge.runners import protocol
+    from fedmerge.runners.server import initial_weights
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as Flower's simulation sets them
+    base = load_scenario("quickstart", [
+        "run.progress=false", "data.synthetic.n_users=40", "data.synthetic.n_items=30", "data.synthetic.max_len=8",
+        'model.family="text-lae"', "model.params={lam = 10.0}", "encoder.name=hashing", "encoder.params.dim=16",
+        f"encoder.cache_dir={tmp_path}", "baselines.fedavg_rounds=2",
+        "privacy.enabled=true", 'privacy.unit="user"', "privacy.noise_multiplier=1.0"])
+
+    def releases(cfg: Scenario, lose_state: bool = False) -> list:
+        theta0 = initial_weights(cfg)
+        context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3},
+                          state=RecordDict(), run_config={})
+        out = []
+        for round_index, phase in enumerate([protocol.PHASE_ONESHOT, protocol.PHASE_FEDAVG]):
+            client_app._STATES.clear()  # the next message may reach a process that never served this node
+            if lose_state and round_index:
+                context.state = RecordDict()
+            config = ConfigRecord({protocol.ROUND: round_index, protocol.PHASE: phase})
+            message = Message(RecordDict({protocol.GLOBAL: protocol.to_record(theta0), protocol.CONFIG: config}), 7,
+                              protocol.TRAIN)
+            out.append(client_app.build_client_app(cfg)(message, context))
+        return out
+
+    once = releases(base)
+    assert not any(reply.has_error() for reply in once)
+    first, second = (protocol.from_record(r.content.array_records[protocol.WEIGHTS])["W"] for r in once)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    lost = releases(base, lose_state=True)
+    assert not lost[0].has_error() and lost[1].has_error() and "finds no noisy-Gram seed" in lost[1].error.reason
+    per_release = releases(Scenario.from_mapping({**base.to_mapping(),
+                                                  "privacy": {**base.to_mapping()["privacy"],
+                                                              "gram_noise": "per_release"}}))
+    first, second = (protocol.from_record(r.content.array_records[protocol.WEIGHTS])["W"] for r in per_release)
+    assert not torch.allclose(first, second)
+
+
+def test_a_run_recorded_before_gram_noise_existed_counts_as_per_release():
+    """Text-LAE runs recorded before privacy.gram_noise drew a fresh Gram per release: --resume and study pooling read
+    such a record as "per_release" (a new default "once" run is another configuration); other families' records
+    predate a setting they never read, so its default is accepted for them."""
+    import json
+
+    from fedmerge.config import settings_differences
+
+    def recorded(cfg: Scenario) -> dict:
+        mapping = json.loads(json.dumps(cfg.to_mapping(), default=str))
+        del mapping["privacy"]["gram_noise"]
+        return mapping
+
+    once, fresh = _user_level_text_lae(), _user_level_text_lae(gram_noise="per_release")
+    assert settings_differences(recorded(once), fresh.to_mapping())[1] == []
+    assert settings_differences(recorded(once), once.to_mapping())[1] == ["privacy.gram_noise"]
+    sequential = Scenario.from_mapping({"privacy": {"enabled": True, "unit": "user", "noise_multiplier": 1.0}})
+    assert settings_differences(recorded(sequential), sequential.to_mapping()) == (["privacy.gram_noise"], [])

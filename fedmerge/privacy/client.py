@@ -11,13 +11,18 @@ Two units (``privacy.unit``):
     Poisson-sampled per step, each user's gradient clipped to ``max_grad_norm`` (:mod:`fedmerge.privacy.dpsgd`);
     ε from opacus' RDP or PRV accountant over every step of every release. Text-LAE: the Gaussian mechanism on the
     Gram matrix of the users' text profiles, each bounded by ``user_norm_bound`` (:mod:`fedmerge.privacy.lae`);
-    ε from the analytic Gaussian mechanism composed over releases, as for the domain unit.
+    ε from the analytic Gaussian mechanism. The Gram does not depend on the round's weights, so by default
+    (``gram_noise = "once"``) a client draws its noisy Gram once per run and every release reuses it
+    (post-processing: ε of one release; the noise seed drawn from OS entropy at the first release stays in the
+    client's memory, Flower's ``context.state``, and a later release that finds none is refused rather than drawn
+    again); ``"per_release"`` draws it afresh for each release and composes them, as for the domain unit.
 
 A client ships ``R = 1 + baselines.fedavg_rounds`` updates (the one-shot update, then one per FedAvg round; the same
 users take part in each; under DP-SGD the one-shot update runs ``privacy.epochs`` and each FedAvg round
 ``privacy.fedavg_epochs``, by default as many). With ``target_epsilon > 0`` the noise multiplier is calibrated so
-that all R releases together are (ε, δ)-DP; otherwise ``noise_multiplier`` is used as given. The train metrics report ``dp_epsilon``
-(after the releases so far, round r: r + 1 releases) and ``dp_epsilon_run`` (after all R).
+that all R releases together are (ε, δ)-DP (:func:`accounted_releases` of them composed); otherwise
+``noise_multiplier`` is used as given. The train metrics report ``dp_epsilon`` (after the releases so far, round r:
+r + 1 releases) and ``dp_epsilon_run`` (after all R).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ if TYPE_CHECKING:  # torch-free at import: scenario validation runs validate_pri
 UNITS = ("domain", "user")
 ACCOUNTANTS = ("rdp", "prv")
 GRAM_REPAIRS = ("clip", "abs")  # text-LAE, unit "user": how the noisy Gram is made PSD (fedmerge.privacy.lae.psd_repair)
+GRAM_NOISE = ("once", "per_release")  # text-LAE, unit "user": one noisy Gram per client and run, or one per release
 USER_LEVEL_FAMILIES = ("sequential", "text-lae")  # DP-SGD and the private Gram closed form
 
 
@@ -93,6 +99,8 @@ def validate_privacy(cfg: Scenario) -> None:
             raise FedmergeError(f"privacy.{key} must be a positive finite number, got {getattr(privacy, key)}")
     if privacy.gram_repair not in GRAM_REPAIRS:
         raise FedmergeError(f"privacy.gram_repair must be one of {list(GRAM_REPAIRS)}, got {privacy.gram_repair!r}")
+    if privacy.gram_noise not in GRAM_NOISE:
+        raise FedmergeError(f"privacy.gram_noise must be one of {list(GRAM_NOISE)}, got {privacy.gram_noise!r}")
     if not 0 <= privacy.fedavg_epochs < math.inf:
         raise FedmergeError(f"privacy.fedavg_epochs must be a finite number >= 0 (0: as privacy.epochs), got "
                             f"{privacy.fedavg_epochs}")
@@ -143,8 +151,23 @@ def released_metrics(metrics: Mapping[str, Any], privacy: PrivacySettings) -> di
 
 
 def releases_per_client(cfg: Scenario) -> int:
-    """Updates each client ships in a run: the one-shot update plus one per FedAvg round (composed in the accounting)."""
+    """Updates each client ships in a run: the one-shot update plus one per FedAvg round."""
     return 1 + cfg.baselines.fedavg_rounds
+
+
+def gram_drawn_once(cfg: Scenario) -> bool:
+    """Whether the run's clients draw their noisy Gram once and reuse it (text-LAE, unit "user", ``gram_noise =
+    "once"``): every release is then a function of the one Gaussian release Â and public weights (post-processing),
+    so a client's ε is that of one release however many it ships."""
+    privacy = cfg.privacy
+    return (privacy.enabled and privacy.unit == "user" and cfg.model.family == "text-lae"
+            and privacy.gram_noise == "once")
+
+
+def accounted_releases(cfg: Scenario, releases: int) -> int:
+    """Gaussian releases composed in a client's ε after it shipped ``releases`` updates: all of them, or at most one
+    when the noisy Gram is drawn once (:func:`gram_drawn_once`)."""
+    return min(releases, 1) if gram_drawn_once(cfg) else releases
 
 
 def release_epochs(privacy: PrivacySettings, round_index: int) -> float:
@@ -168,7 +191,7 @@ def run_noise_multiplier(cfg: Scenario) -> float:
     target = privacy.target_epsilon
     if target <= 0:
         return privacy.noise_multiplier
-    releases = releases_per_client(cfg)
+    releases = accounted_releases(cfg, releases_per_client(cfg))
     if not uses_dpsgd(cfg):
         from fedmerge.privacy.dp import noise_multiplier_for
 
@@ -180,12 +203,13 @@ def run_noise_multiplier(cfg: Scenario) -> float:
 
 
 def run_epsilon(cfg: Scenario, z: float, releases: int) -> float:
-    """ε after ``releases`` releases with noise multiplier ``z`` (∞ for z = 0) at ``privacy.delta``."""
+    """ε after a client shipped ``releases`` updates with noise multiplier ``z`` (∞ for z = 0) at ``privacy.delta``
+    (:func:`accounted_releases` of them composed)."""
     privacy = cfg.privacy
     if not uses_dpsgd(cfg):
         from fedmerge.privacy.dp import epsilon_for
 
-        return epsilon_for(z, privacy.delta, rounds=releases)
+        return epsilon_for(z, privacy.delta, rounds=accounted_releases(cfg, releases))
     from fedmerge.privacy.dpsgd import user_epsilon
 
     return user_epsilon(z, privacy.sample_rate, dpsgd_steps(cfg, releases), privacy.delta, privacy.accountant)

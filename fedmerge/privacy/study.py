@@ -536,11 +536,16 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
                 f"{per_release}, {privacy.accountant.upper()} accountant")
     else:
         user = f"Gaussian mechanism on the Gram matrix, user profile bound {privacy.user_norm_bound:g}" + (
-            ", noisy Gram made PSD by its absolute eigenvalues" if privacy.gram_repair == "abs" else "")
+            ", noisy Gram made PSD by its absolute eigenvalues" if privacy.gram_repair == "abs" else "") + (
+            ", the noisy Gram drawn once per client and reused by every release: one release in ε"
+            if privacy.gram_noise == "once" else ", a fresh noisy Gram per release")
     control = ", ".join(f"{a} {v['auc']['mean']:.3f}" for a, v in probe.get("theta0", {}).items())
     notes = (
         f"\nSeeds {list(study.seeds)} (mean, 95 % t-interval in brackets when > 1 seed); δ = {study.delta:g}; "
-        f"{releases_per_client(cfg)} release(s) per client composed. Unit 'domain': the client's whole data set "
+        f"{releases_per_client(cfg)} release(s) per client composed"
+        + (" (unit 'domain'; unit 'user' draws its noisy Gram once)"
+           if cfg.model.family == "text-lae" and privacy.gram_noise == "once" and releases_per_client(cfg) > 1 else "")
+        + f". Unit 'domain': the client's whole data set "
         f"(update clipped to C = {privacy.clip_norm:g}); unit 'user': one user's interactions ({user}). "
         f"Attacks on {probe['domain']} "
         f"({probe.get('probed_per_group', ['?', '?'])[0]} members vs {probe.get('probed_per_group', ['?', '?'])[1]} "

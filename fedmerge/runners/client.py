@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -69,6 +69,36 @@ def noise_seed(cfg: Scenario, domain_name: str, round_index: int) -> int | None:
     position = domain_position(cfg, domain_name)
     state = np.random.SeedSequence([NOISE_STREAM_TAG, base, round_index, position]).generate_state(1, np.uint64)
     return int(state[0] >> np.uint64(2))
+
+
+GRAM_NOISE_SEED = "gram_noise_seed"  # a client's memory: the seed of its one noisy Gram (privacy.gram_noise = "once")
+
+
+def release_noise_seed(
+    cfg: Scenario, domain_name: str, round_index: int, memory: MutableMapping[str, int]
+) -> int | None:
+    """Seed of the DP noise of a client's release ``round_index``: :func:`noise_seed`, except for a noisy Gram drawn
+    once (:func:`fedmerge.privacy.client.gram_drawn_once`), whose every release uses one seed so that it reuses the
+    same Â: round 0's :func:`noise_seed` when the noise is seeded, else 62 bits of OS entropy drawn at the first
+    release and kept in the client's ``memory`` (never sent). A later release whose memory lost the seed is refused:
+    a fresh draw would be a second Gaussian release that the run's ε does not count."""
+    from fedmerge.privacy.client import gram_drawn_once
+
+    if not gram_drawn_once(cfg):
+        return noise_seed(cfg, domain_name, round_index)
+    if cfg.privacy.noise_seed >= 0:
+        return noise_seed(cfg, domain_name, 0)
+    if GRAM_NOISE_SEED not in memory:
+        if round_index > 0:
+            raise FedmergeError(
+                f"{domain_name}: release {round_index} finds no noisy-Gram seed in the client's memory (Flower's "
+                "context.state lost it, or the node missed round 0); drawing new noise would be an unaccounted second "
+                "release under privacy.gram_noise = 'once'. Restart the run, or use privacy.gram_noise = "
+                "'per_release' (ε composed over every release)")
+        from fedmerge.privacy.dp import noise_generator_seed
+
+        memory[GRAM_NOISE_SEED] = noise_generator_seed(None)
+    return int(memory[GRAM_NOISE_SEED])
 
 
 def public_catalog_features(cfg: Scenario, own: str) -> list[torch.Tensor]:
@@ -145,12 +175,13 @@ def nonprivate_update(
 def client_train(
     domain: Domain, theta0: StateDict, cfg: Scenario, round_index: int = 0,
     extra_params: Mapping[str, Any] | None = None, features: torch.Tensor | None = None,
-    public_features: list[torch.Tensor] | None = None,
+    public_features: list[torch.Tensor] | None = None, memory: MutableMapping[str, int] | None = None,
 ) -> tuple[StateDict, dict[str, Any]]:
     """Train from ``theta0`` on the domain; under ``privacy.enabled`` through
     :func:`fedmerge.privacy.client.private_train` (the one DP call site: domain- or user-level). A family that
     :attr:`~fedmerge.models.base.ModelFamily.trains_on_public_catalogs` also gets the other training domains' public
-    catalogs (``public_features``, else :func:`public_catalog_features`)."""
+    catalogs (``public_features``, else :func:`public_catalog_features`). ``memory``: what the client keeps between
+    its releases and never sends (:func:`release_noise_seed`); None for a client that ships one release."""
     torch.set_num_threads(thread_count(cfg.run.torch_threads))
     family = cfg.model.make_family(extra_params)
     if features is None:
@@ -164,7 +195,8 @@ def client_train(
         from fedmerge.privacy.client import private_train
 
         weights, metrics = private_train(family, theta0, domain, features, cfg, seed=seed, round_index=round_index,
-                                         noise_seed=noise_seed(cfg, domain.name, round_index),
+                                         noise_seed=release_noise_seed(cfg, domain.name, round_index,
+                                                                       {} if memory is None else memory),
                                          progress=cfg.run.progress)
         # the family's fixed weights are θ₀'s, independent of the data: sent exactly (the server checks them)
         weights.update({name: theta0[name] for name in family.fixed_parameters(theta0)})
@@ -225,6 +257,9 @@ class ClientState:
         self.domain = load_client_domain(cfg, partition_id, data_path)
         self._features: torch.Tensor | None = None
         self._public: list[torch.Tensor] | None = None
+        # kept between this client's releases, never sent (client_train's memory); the Flower ClientApp loads it
+        # from and stores it in the node's context.state around each message
+        self.memory: dict[str, int] = {}
 
     @property
     def features(self) -> torch.Tensor:
@@ -262,7 +297,7 @@ class ClientState:
             start = time.perf_counter()
             weights, metrics = client_train(
                 self.domain, theta, self.cfg, round_index, extra_params=local, features=self.features,
-                public_features=self.public_features,
+                public_features=self.public_features, memory=self.memory,
             )
             logger.info("%s: %s %d trained in %.0f s", self.domain.name, "FedAvg round" if fedavg else "round", round_index,
                         time.perf_counter() - start)

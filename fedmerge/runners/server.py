@@ -117,7 +117,7 @@ def settings_mismatch(cfg: Scenario, metadata: Mapping[str, str], what: str) -> 
     fedmerge after the run, whose default keeps the earlier behaviour) is accepted and returned; any other difference
     raises a FedmergeError naming each key with both values. A file without its settings (saved before they were
     recorded) is refused when the fingerprints differ."""
-    from fedmerge.config import flatten_settings, settings_differences
+    from fedmerge.config import flatten_recorded, flatten_settings, settings_differences
 
     current = training_settings(cfg)
     if metadata.get(FINGERPRINT_KEY) == _digest(current):
@@ -131,7 +131,7 @@ def settings_mismatch(cfg: Scenario, metadata: Mapping[str, str], what: str) -> 
         raise FedmergeError(f"{what}: unreadable '{SETTINGS_KEY}' metadata ({exc})") from None
     added, differing = settings_differences(recorded, current)
     if differing:  # the flat values only for the message: settings_differences already compared them
-        saved, now = flatten_settings(recorded), flatten_settings(current)
+        saved, now = flatten_recorded(recorded), flatten_settings(current)
         details = "; ".join(f"{k}: saved {saved.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r}" for k in differing)
         raise FedmergeError(f"{what}: trained with {STALE_HINT}. Differences: {details}")
     return added
