@@ -62,7 +62,7 @@ def build_client_app(cfg: Scenario | None = None) -> ClientApp:
             state = client_state(scenario, context.node_config)
             # the node's context.state is the memory's home: this process may not have served the node before
             kept = context.state.config_records.get(MEMORY_RECORD)
-            state.memory = {key: int(value) for key, value in kept.items()} if kept is not None else {}
+            state.memory = dict(kept) if kept is not None else {}
             message_type = message.metadata.message_type.split(".")[0]
             try:
                 return Message(state.handle(message_type, message.content), reply_to=message)

@@ -13,7 +13,7 @@ import copy
 import json
 import math
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -436,6 +436,17 @@ def flatten_settings(table: Mapping[str, Any], prefix: str = "") -> dict[str, An
 EARLIER_BEHAVIOUR: dict[str, dict[str, Any]] = {"text-lae": {"privacy.gram_noise": "per_release"}}
 
 
+def gram_noise_in_effect(flat: Mapping[str, Any]) -> bool:
+    """Whether flat settings run text-LAE's user-level Gram mechanism, the only one ``privacy.gram_noise`` changes."""
+    return (flat.get("model.family") == "text-lae" and flat.get("privacy.enabled") is True
+            and flat.get("privacy.unit") == "user")
+
+
+# settings that change nothing unless their test holds: a run where neither side has them in effect does not differ
+# by them (an older non-private or domain-level text-LAE run stays reusable under the "once" default)
+IN_EFFECT_ONLY: dict[str, Callable[[Mapping[str, Any]], bool]] = {"privacy.gram_noise": gram_noise_in_effect}
+
+
 def flatten_recorded(saved: Mapping[str, Any]) -> dict[str, Any]:
     """:func:`flatten_settings` of the settings a run recorded, a key it predates that changed the behaviour of its
     family (:data:`EARLIER_BEHAVIOUR`) filled in with the value it ran with."""
@@ -448,9 +459,13 @@ def settings_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> tu
     holds them): ``added`` are keys the saved run did not have and that this scenario leaves at their default (a
     setting fedmerge gained after the run, whose default keeps the earlier behaviour: accepted; one whose default
     does not is read as the earlier value, :func:`flatten_recorded`); ``differing`` every other key whose value
-    differs or is absent on one side."""
+    differs or is absent on one side. A key of :data:`IN_EFFECT_ONLY` that neither side has in effect is left out."""
     json_defaults = json.loads(json.dumps(DEFAULTS, default=str))
     old, new = flatten_recorded(saved), flatten_settings(now)
+    for key, in_effect in IN_EFFECT_ONLY.items():
+        if not in_effect(old) and not in_effect(new):
+            old.pop(key, None)
+            new.pop(key, None)
     defaults = flatten_settings(json_defaults)
     added = sorted(k for k in set(new) - set(old) if k in defaults and new[k] == defaults[k])
     differing = sorted(k for k in set(old) | set(new)

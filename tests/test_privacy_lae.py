@@ -151,28 +151,37 @@ def _user_level_text_lae(**privacy) -> Scenario:
                                   "privacy": {"enabled": True, "unit": "user", "noise_multiplier": 1.0, **privacy}})
 
 
-def test_a_gram_drawn_once_uses_one_noise_seed_for_every_release():
+def test_a_gram_drawn_once_uses_one_noise_seed_for_every_release(domain, features):
     """Seeded: round 0's seed for every release. OS entropy: drawn at the first release, kept in the client's memory,
-    reused; a later release whose memory lost it is refused. "per_release" and the domain unit: a seed per release."""
-    from fedmerge.runners.client import GRAM_NOISE_SEED, noise_seed, release_noise_seed
+    reused; a later release whose memory lost it is refused, and so is one whose Gram inputs changed (the same noise
+    on another Gram would reveal the difference). "per_release" and the domain unit: a seed per release."""
+    from fedmerge.runners.client import GRAM_INPUTS, GRAM_NOISE_SEED, noise_seed, release_noise_seed
 
     seeded = _user_level_text_lae(noise_seed=5)
-    assert {release_noise_seed(seeded, "Pantry", r, {}) for r in range(3)} == {noise_seed(seeded, "Pantry", 0)}
+    assert {release_noise_seed(seeded, domain, features, r, {}) for r in range(3)} == {noise_seed(seeded, domain.name, 0)}
     fresh = _user_level_text_lae(noise_seed=5, gram_noise="per_release")
-    assert len({release_noise_seed(fresh, "Pantry", r, {}) for r in range(3)}) == 3
+    assert len({release_noise_seed(fresh, domain, features, r, {}) for r in range(3)}) == 3
     domain_unit = Scenario.from_mapping({"baselines": {"fedavg_rounds": 2},
                                          "privacy": {"enabled": True, "noise_multiplier": 1.0, "noise_seed": 5}})
-    assert len({release_noise_seed(domain_unit, "Pantry", r, {}) for r in range(3)}) == 3
+    assert len({release_noise_seed(domain_unit, domain, features, r, {}) for r in range(3)}) == 3
     entropy, memory = _user_level_text_lae(), {}
-    first = release_noise_seed(entropy, "Pantry", 0, memory)
-    assert memory == {GRAM_NOISE_SEED: first} and 0 <= first < 2**62
-    assert [release_noise_seed(entropy, "Pantry", r, memory) for r in (1, 2)] == [first, first]
-    assert release_noise_seed(entropy, "Pantry", 0, {}) != first  # another run's client: other noise
+    first = release_noise_seed(entropy, domain, features, 0, memory)
+    assert memory[GRAM_NOISE_SEED] == first and 0 <= first < 2**62
+    assert [release_noise_seed(entropy, domain, features, r, memory) for r in (0, 1, 2)] == [first] * 3
+    assert release_noise_seed(entropy, domain, features, 0, {}) != first  # another run's client: other noise
     with pytest.raises(FedmergeError, match="release 1 finds no noisy-Gram seed"):
-        release_noise_seed(entropy, "Pantry", 1, {})
+        release_noise_seed(entropy, domain, features, 1, {})
+    for changed in (dict(features=features + 0.01), dict(cfg=_user_level_text_lae(noise_multiplier=2.0)),
+                    dict(domain=make_synthetic_domains(n_domains=1, n_users=50, n_items=30, seed=3)[0])):
+        inputs = {"cfg": entropy, "domain": domain, "features": features, **changed}
+        with pytest.raises(FedmergeError, match="noise of the client's first release to a Gram of other users"):
+            release_noise_seed(inputs["cfg"], inputs["domain"], inputs["features"], 1, dict(memory))
+        with pytest.raises(FedmergeError, match="noise of the client's first release"):  # seeded noise too
+            release_noise_seed(inputs["cfg"].with_changes(privacy={"noise_seed": 5}), inputs["domain"],
+                               inputs["features"], 1, {GRAM_INPUTS: memory[GRAM_INPUTS]})
 
 
-def test_a_client_app_reuses_its_noisy_gram_across_rounds_through_context_state(tmp_path):
+def test_a_client_app_reuses_its_noisy_gram_across_rounds_through_context_state(tmp_path, monkeypatch):
     """A Flower client under user-level DP with OS-entropy noise: the one-shot release and a FedAvg round from the same
     weights are identical (one noisy Gram, kept through the node's context.state even when another process serves
     the second message), a node whose state was lost refuses the round, and "per_release" draws new noise."""
@@ -184,7 +193,9 @@ def test_a_client_app_reuses_its_noisy_gram_across_rounds_through_context_state(
     from fedmerge.runners import protocol
     from fedmerge.runners.server import initial_weights
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as Flower's simulation sets them
+    for key, value in {"_run_id": 1, "_task_id": 1, "_node_id": 0}.items():  # as Flower's simulation sets them
+        monkeypatch.setattr(TaskIdentity, key, value)
+    monkeypatch.setattr(client_app, "_STATES", {})
     base = load_scenario("quickstart", [
         "run.progress=false", "data.synthetic.n_users=40", "data.synthetic.n_items=30", "data.synthetic.max_len=8",
         'model.family="text-lae"', "model.params={lam = 10.0}", "encoder.name=hashing", "encoder.params.dim=16",
@@ -235,5 +246,10 @@ def test_a_run_recorded_before_gram_noise_existed_counts_as_per_release():
     once, fresh = _user_level_text_lae(), _user_level_text_lae(gram_noise="per_release")
     assert settings_differences(recorded(once), fresh.to_mapping())[1] == []
     assert settings_differences(recorded(once), once.to_mapping())[1] == ["privacy.gram_noise"]
+    # where the Gram mechanism does not run (another family, no DP, the domain unit) the setting is no difference
     sequential = Scenario.from_mapping({"privacy": {"enabled": True, "unit": "user", "noise_multiplier": 1.0}})
-    assert settings_differences(recorded(sequential), sequential.to_mapping()) == (["privacy.gram_noise"], [])
+    no_dp = Scenario.from_mapping({"model": {"family": "text-lae", "params": {"lam": 10.0}}})
+    domain_unit = Scenario.from_mapping({"model": {"family": "text-lae", "params": {"lam": 10.0}},
+                                         "privacy": {"enabled": True, "noise_multiplier": 1.0}})
+    for cfg in (sequential, no_dp, domain_unit):
+        assert settings_differences(recorded(cfg), cfg.to_mapping())[1] == []

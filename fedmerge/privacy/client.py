@@ -22,7 +22,7 @@ users take part in each; under DP-SGD the one-shot update runs ``privacy.epochs`
 ``privacy.fedavg_epochs``, by default as many). With ``target_epsilon > 0`` the noise multiplier is calibrated so
 that all R releases together are (ε, δ)-DP (:func:`accounted_releases` of them composed); otherwise
 ``noise_multiplier`` is used as given. The train metrics report ``dp_epsilon`` (after the releases so far, round r:
-r + 1 releases) and ``dp_epsilon_run`` (after all R).
+r + 1 releases, :func:`accounted_releases` of them composed) and ``dp_epsilon_run`` (after all R).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ public item features); C = EᵀE is public. Bounding each user's profile,
 adding or removing a user changes Ã by z̃ z̃ᵀ, whose upper triangle (diagonal included) has L2 norm at most
 ‖z̃‖² ≤ B². The client releases Â = Ã + N with N symmetric, its upper-triangle entries i.i.d. N(0, (zB²)²)
 ("Analyze Gauss", Dwork, Talwar, Thakurta & Zhang, STOC 2014): a Gaussian mechanism with noise multiplier z,
-accounted like any other (analytic Gaussian, :func:`fedmerge.privacy.dp.epsilon_for`, composed over releases).
+accounted like any other (analytic Gaussian, :func:`fedmerge.privacy.dp.epsilon_for`): one release when the
+client draws Â once and every release reuses it (``privacy.gram_noise = "once"``, the default), else composed over
+releases.
 Everything after it — making Â positive semi-definite (``privacy.gram_repair``, :func:`psd_repair`) and solving
 the Sylvester equation with it and θ₀ — is post-processing. λ is not chosen on the users' validation items (that
 choice would spend privacy): the family must hold one λ.

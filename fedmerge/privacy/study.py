@@ -432,6 +432,7 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | Non
                 controls.append(record["theta0"])
             sizes = record["sizes"]
         # the attacks see the one-shot release only: its own ε, below the cell's ε when FedAvg rounds add releases
+        # (except with a noisy Gram drawn once, whose one release is the whole ε)
         attacked = run_epsilon(run_cfg, z, 1) if z > 0 else None
         rows.append({"unit": unit, "epsilon": epsilon_label(epsilon), "noise_multiplier": z,
                      "attacked_release_epsilon": attacked, "attacks": _over_seeds(per_seed)})
@@ -544,7 +545,8 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
         f"\nSeeds {list(study.seeds)} (mean, 95 % t-interval in brackets when > 1 seed); δ = {study.delta:g}; "
         f"{releases_per_client(cfg)} release(s) per client composed"
         + (" (unit 'domain'; unit 'user' draws its noisy Gram once)"
-           if cfg.model.family == "text-lae" and privacy.gram_noise == "once" and releases_per_client(cfg) > 1 else "")
+           if cfg.model.family == "text-lae" and privacy.gram_noise == "once" and releases_per_client(cfg) > 1
+           and "user" in study.units else "")
         + f". Unit 'domain': the client's whole data set "
         f"(update clipped to C = {privacy.clip_norm:g}); unit 'user': one user's interactions ({user}). "
         f"Attacks on {probe['domain']} "
@@ -559,8 +561,10 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
            "them" if probe.get(ONLINE_KEY) else "")
         + f"; AUC against θ₀: {control or '-'}."
     )
+    # rows whose one-shot release carries less than the row's ε (a noisy Gram drawn once: all of it)
     attacked = [f"{row['unit']} ε {row['epsilon']}: {row['attacked_release_epsilon']:.3g}" for row in probe["rows"]
-                if row.get("attacked_release_epsilon") is not None]
+                if row.get("attacked_release_epsilon") is not None
+                and row["attacked_release_epsilon"] < float(row["epsilon"]) * (1 - 1e-6)]
     if releases_per_client(cfg) > 1 and attacked:
         notes += (" The attacks see the one-shot release only, whose own ε is below the row's (all releases): "
                   + "; ".join(attacked) + ".")
@@ -660,11 +664,16 @@ def _pool_scores(parts: Sequence[Mapping[str, Mapping[str, Any]]], label: str) -
 
 def _same_scenario(one: Any, other: Any) -> bool:
     """Whether two studies' recorded scenarios are one, settings fedmerge gained between them at their default
-    (:func:`fedmerge.config.settings_differences`)."""
-    from fedmerge.config import settings_differences
+    (:func:`fedmerge.config.settings_differences`) and text-LAE's ``privacy.gram_noise`` alike."""
+    from fedmerge.config import flatten_recorded, settings_differences
 
     if not isinstance(one, Mapping) or not isinstance(other, Mapping):
         return one == other
+    # a study's scenario runs DP off, where privacy.gram_noise is not in effect, but its text-LAE user cells run it
+    flat = [flatten_recorded(s) for s in (one, other)]
+    if any(f.get("model.family") == "text-lae" for f in flat) \
+            and flat[0].get("privacy.gram_noise") != flat[1].get("privacy.gram_noise"):
+        return False
     # a key one side lacks is "added" seen from the other side: only a difference seen both ways is real
     return not set(settings_differences(one, other)[1]) & set(settings_differences(other, one)[1])
 

@@ -72,29 +72,53 @@ def noise_seed(cfg: Scenario, domain_name: str, round_index: int) -> int | None:
 
 
 GRAM_NOISE_SEED = "gram_noise_seed"  # a client's memory: the seed of its one noisy Gram (privacy.gram_noise = "once")
+GRAM_INPUTS = "gram_inputs"  # ... and a digest of what that Gram was computed from (gram_inputs_digest)
+ClientMemory = MutableMapping[str, int | str]  # what a client keeps between its releases; never sent
+
+
+def gram_inputs_digest(cfg: Scenario, domain: Domain, features: torch.Tensor) -> str:
+    """Short sha256 of what a client's noisy Gram is computed from besides the noise: its users' interactions, the
+    item features, the profile bound B and the noise multiplier."""
+    import hashlib
+
+    from fedmerge.privacy.client import run_noise_multiplier
+    from fedmerge.storage import weights_digest
+
+    parts = (domain.interactions_digest(), weights_digest({"features": features}),
+             repr(float(cfg.privacy.user_norm_bound)), repr(float(run_noise_multiplier(cfg))))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def release_noise_seed(
-    cfg: Scenario, domain_name: str, round_index: int, memory: MutableMapping[str, int]
+    cfg: Scenario, domain: Domain, features: torch.Tensor, round_index: int, memory: ClientMemory
 ) -> int | None:
     """Seed of the DP noise of a client's release ``round_index``: :func:`noise_seed`, except for a noisy Gram drawn
     once (:func:`fedmerge.privacy.client.gram_drawn_once`), whose every release uses one seed so that it reuses the
     same Â: round 0's :func:`noise_seed` when the noise is seeded, else 62 bits of OS entropy drawn at the first
-    release and kept in the client's ``memory`` (never sent). A later release whose memory lost the seed is refused:
-    a fresh draw would be a second Gaussian release that the run's ε does not count."""
+    release and kept in the client's ``memory``. Refused: a later release whose memory lost the seed (a fresh draw
+    would be a second Gaussian release that the run's ε does not count), and a release whose Gram inputs
+    (:func:`gram_inputs_digest`) differ from the first release's (the same noise on another Gram would reveal the
+    difference of the two exactly). A first-release message that arrives again finds the seed and reuses it."""
     from fedmerge.privacy.client import gram_drawn_once
 
     if not gram_drawn_once(cfg):
-        return noise_seed(cfg, domain_name, round_index)
+        return noise_seed(cfg, domain.name, round_index)
+    inputs = gram_inputs_digest(cfg, domain, features)
+    if memory.setdefault(GRAM_INPUTS, inputs) != inputs:
+        raise FedmergeError(
+            f"{domain.name}: release {round_index} would add the noise of the client's first release to a Gram of "
+            "other users, item features, profile bound or noise multiplier (privacy.gram_noise = 'once'): the "
+            "difference of the two releases would be exact. Keep the client's data and settings fixed for a run")
     if cfg.privacy.noise_seed >= 0:
-        return noise_seed(cfg, domain_name, 0)
+        return noise_seed(cfg, domain.name, 0)
     if GRAM_NOISE_SEED not in memory:
         if round_index > 0:
             raise FedmergeError(
-                f"{domain_name}: release {round_index} finds no noisy-Gram seed in the client's memory (Flower's "
-                "context.state lost it, or the node missed round 0); drawing new noise would be an unaccounted second "
-                "release under privacy.gram_noise = 'once'. Restart the run, or use privacy.gram_noise = "
-                "'per_release' (ε composed over every release)")
+                f"{domain.name}: release {round_index} finds no noisy-Gram seed in the client's memory (the node's "
+                "Flower context.state was lost, e.g. the SuperNode restarted, or the node joined after the first "
+                "release); a new draw would be a second release that the run's ε does not count "
+                "(privacy.gram_noise = 'once'), so this client sits out the run's later releases. Start a new run, "
+                "or use privacy.gram_noise = 'per_release' (ε composed over every release)")
         from fedmerge.privacy.dp import noise_generator_seed
 
         memory[GRAM_NOISE_SEED] = noise_generator_seed(None)
@@ -175,7 +199,7 @@ def nonprivate_update(
 def client_train(
     domain: Domain, theta0: StateDict, cfg: Scenario, round_index: int = 0,
     extra_params: Mapping[str, Any] | None = None, features: torch.Tensor | None = None,
-    public_features: list[torch.Tensor] | None = None, memory: MutableMapping[str, int] | None = None,
+    public_features: list[torch.Tensor] | None = None, memory: ClientMemory | None = None,
 ) -> tuple[StateDict, dict[str, Any]]:
     """Train from ``theta0`` on the domain; under ``privacy.enabled`` through
     :func:`fedmerge.privacy.client.private_train` (the one DP call site: domain- or user-level). A family that
@@ -195,7 +219,7 @@ def client_train(
         from fedmerge.privacy.client import private_train
 
         weights, metrics = private_train(family, theta0, domain, features, cfg, seed=seed, round_index=round_index,
-                                         noise_seed=release_noise_seed(cfg, domain.name, round_index,
+                                         noise_seed=release_noise_seed(cfg, domain, features, round_index,
                                                                        {} if memory is None else memory),
                                          progress=cfg.run.progress)
         # the family's fixed weights are θ₀'s, independent of the data: sent exactly (the server checks them)
@@ -259,7 +283,7 @@ class ClientState:
         self._public: list[torch.Tensor] | None = None
         # kept between this client's releases, never sent (client_train's memory); the Flower ClientApp loads it
         # from and stores it in the node's context.state around each message
-        self.memory: dict[str, int] = {}
+        self.memory: ClientMemory = {}
 
     @property
     def features(self) -> torch.Tensor:

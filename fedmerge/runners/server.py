@@ -114,7 +114,8 @@ def settings_mismatch(cfg: Scenario, metadata: Mapping[str, str], what: str) -> 
 
     Equal fingerprints: nothing to say. Otherwise, when the file carries its settings, the difference is compared
     key by key: a key the saved run did not have and that this scenario leaves at its default (a setting added to
-    fedmerge after the run, whose default keeps the earlier behaviour) is accepted and returned; any other difference
+    fedmerge after the run, whose default keeps the earlier behaviour; one whose default does not counts as the
+    value the run had, :func:`fedmerge.config.flatten_recorded`) is accepted and returned; any other difference
     raises a FedmergeError naming each key with both values. A file without its settings (saved before they were
     recorded) is refused when the fingerprints differ."""
     from fedmerge.config import flatten_recorded, flatten_settings, settings_differences
