@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -171,7 +172,13 @@ def test_a_gram_drawn_once_uses_one_noise_seed_for_every_release(domain, feature
     assert release_noise_seed(entropy, domain, features, 0, {}) != first  # another run's client: other noise
     with pytest.raises(FedmergeError, match="release 1 finds no noisy-Gram seed"):
         release_noise_seed(entropy, domain, features, 1, {})
-    for changed in (dict(features=features + 0.01), dict(cfg=_user_level_text_lae(noise_multiplier=2.0)),
+    # features re-encoded in another process may differ in the last bit: what makes them is compared, not the bytes
+    assert release_noise_seed(entropy, domain, features * (1 + 1e-7), 1, memory) == first
+    other_catalog = dataclasses.replace(domain, catalog=make_synthetic_domains(n_domains=1, n_users=50, n_items=30,
+                                                                              seed=3)[0].catalog)
+    for changed in (dict(domain=other_catalog), dict(cfg=_user_level_text_lae(noise_multiplier=2.0)),
+                    dict(cfg=_user_level_text_lae(user_norm_bound=2.0)),
+                    dict(cfg=entropy.with_changes(encoder={"name": "hashing", "params": {"dim": 16}})),
                     dict(domain=make_synthetic_domains(n_domains=1, n_users=50, n_items=30, seed=3)[0])):
         inputs = {"cfg": entropy, "domain": domain, "features": features, **changed}
         with pytest.raises(FedmergeError, match="noise of the client's first release to a Gram of other users"):

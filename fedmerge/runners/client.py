@@ -6,6 +6,7 @@ reply RecordDict; the Flower ClientApp and the in-process engine both call it, s
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -77,16 +78,20 @@ ClientMemory = MutableMapping[str, int | str]  # what a client keeps between its
 
 
 def gram_inputs_digest(cfg: Scenario, domain: Domain, features: torch.Tensor) -> str:
-    """Short sha256 of what a client's noisy Gram is computed from besides the noise: its users' interactions, the
-    item features, the profile bound B and the noise multiplier."""
+    """Short sha256 of what a client's noisy Gram is computed from besides the noise: its users' interactions (all of
+    them, test targets too), the item features — by what makes them (the catalog's texts, the encoder and its
+    settings, the features' shape), since a process that encodes the catalog again may differ in the last bit —,
+    the profile bound B and the noise multiplier."""
     import hashlib
 
     from fedmerge.privacy.client import run_noise_multiplier
-    from fedmerge.storage import weights_digest
 
-    parts = (domain.interactions_digest(), weights_digest({"features": features}),
-             repr(float(cfg.privacy.user_norm_bound)), repr(float(run_noise_multiplier(cfg))))
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for part in (domain.interactions_digest(), *domain.catalog.texts(), cfg.encoder.name,
+                 json.dumps(cfg.encoder.params, sort_keys=True, default=str), repr(tuple(features.shape)),
+                 repr(float(cfg.privacy.user_norm_bound)), repr(float(run_noise_multiplier(cfg)))):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def release_noise_seed(
