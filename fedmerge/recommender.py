@@ -404,7 +404,7 @@ class LoadedRecommender:
         """Warn when this model lies in a run folder (``models/`` or ``clients/``) whose ``data_digests.json`` records
         domain ``name``'s files and those at ``data_path`` differ (same users, other interactions pass the users
         check)."""
-        from fedmerge.data import domain_files_digest
+        from fedmerge.data import same_domain_files
         from fedmerge.storage import DATA_DIGESTS_FILE
 
         record = self.path.parent.parent / DATA_DIGESTS_FILE
@@ -415,10 +415,10 @@ class LoadedRecommender:
         except (OSError, ValueError, AttributeError):
             logger.warning("%s: unreadable, the data files are not checked against the run's", record)
             return
-        if recorded is not None and recorded != domain_files_digest(data_path):
-            logger.warning("%s: the files of domain %r differ from those the run recorded (sha256 in %s; a tarball and "
-                           "its unpacked folder count as different files): if they are not the run's data, the "
-                           "metrics will not match the card's", self.path, name, record)
+        if recorded is not None and not same_domain_files(recorded, data_path):
+            logger.warning("%s: the files of domain %r differ from those the run recorded (sha256 in %s; a run before "
+                           "2026-12-07 recorded a tarball by its own bytes, so its unpacked folder differs): if they "
+                           "are not the run's data, the metrics will not match the card's", self.path, name, record)
 
     @property
     def default_split(self) -> str:

@@ -73,6 +73,25 @@ def test_tarball_matches_folder_and_is_not_unpacked(tmp_path):
     assert np.array_equal(from_tar.test_target, from_folder.test_target)
 
 
+def test_a_tarball_and_its_unpacked_folder_have_one_files_digest(tmp_path):
+    """Runs record their data by content, so evaluating a run's model on the unpacked folder of the tarball it ran on
+    raises no false alarm; a changed file changes the digest; the tarball-file digest that runs recorded before is
+    still recognised for that tarball (and only for it)."""
+    import hashlib
+
+    from fedmerge.data import domain_files_digest, same_domain_files
+
+    folder = write_folder(tmp_path / "src")
+    tarball = write_tarball(folder, tmp_path / "Tiny.tar.gz")
+    assert domain_files_digest(tarball) == domain_files_digest(folder)
+    legacy = hashlib.sha256(b"Tiny.tar.gz\0" + hashlib.sha256(tarball.read_bytes()).digest()).hexdigest()
+    assert same_domain_files(legacy, tarball) and not same_domain_files(legacy, folder)
+    assert same_domain_files(domain_files_digest(tarball), folder)
+    changed = write_folder(tmp_path / "changed", **{"test.json": {"rA": [2], "rB": [1]}})
+    assert not same_domain_files(domain_files_digest(tarball), changed)
+    assert domain_files_digest(write_tarball(changed, tmp_path / "Changed.tar.gz")) == domain_files_digest(changed)
+
+
 def test_load_catalog_reads_only_public_files(tmp_path):
     folder = write_folder(tmp_path)
     expected = load_domain(folder).catalog

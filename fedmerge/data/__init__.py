@@ -5,7 +5,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from fedmerge.data.amazon import AMAZON_FILES, is_tarball, load_amazon_catalog, load_amazon_domain
+from fedmerge.data.amazon import (
+    AMAZON_FILES,
+    is_tarball,
+    load_amazon_catalog,
+    load_amazon_domain,
+    tarball_member_digests,
+)
 from fedmerge.data.domain import (
     Domain,
     ItemCatalog,
@@ -40,6 +46,7 @@ __all__ = [
     "load_domain",
     "load_generic_catalog",
     "load_generic_domain",
+    "same_domain_files",
     "save_generic_domain",
 ]
 
@@ -78,13 +85,33 @@ def load_catalog(path: str | Path) -> ItemCatalog:
 
 
 def domain_files_digest(path: str | Path) -> str:
-    """sha256 of the files a domain is read from: a tarball, or a folder's Amazon or generic files (the name and
-    sha256 of each, in a fixed order). What a resumed run compares to tell that the data changed since the run."""
+    """sha256 of the files a domain is read from, by content: the name and sha256 of each of its Amazon or generic
+    files in a fixed order, whether they lie in a folder or in a tarball (a tarball and its unpacked folder give one
+    digest). What a resumed run, and ``evaluate`` of a run's model, compare to tell that the data changed since the
+    run (:func:`same_domain_files`)."""
     path = Path(path)
-    files = [path] if path.is_file() else [path / name for name in (
-        AMAZON_FILES if detect_format(path) == "amazon" else (INTERACTIONS_FILE, ITEMS_FILE))]
+    names = AMAZON_FILES if detect_format(path) == "amazon" else (INTERACTIONS_FILE, ITEMS_FILE)
+    if path.is_file():
+        contents = tarball_member_digests(path, names)
+    else:
+        contents = {}
+        for name in (n for n in names if (path / n).is_file()):
+            with (path / name).open("rb") as handle:
+                contents[name] = hashlib.file_digest(handle, "sha256").digest()
     digest = hashlib.sha256()
-    for file in (f for f in files if f.is_file()):
-        with file.open("rb") as handle:
-            digest.update(file.name.encode() + b"\0" + hashlib.file_digest(handle, "sha256").digest())
+    for name in (n for n in names if n in contents):
+        digest.update(name.encode() + b"\0" + contents[name])
     return digest.hexdigest()
+
+
+def same_domain_files(recorded: str, path: str | Path) -> bool:
+    """Whether a recorded :func:`domain_files_digest` is that of the files at ``path``. Runs before 2026-12-07
+    recorded a tarball by the digest of the tarball file itself (its name and sha256), which is accepted too."""
+    path = Path(path)
+    if recorded == domain_files_digest(path):
+        return True
+    if not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        file_sha = hashlib.file_digest(handle, "sha256").digest()
+    return recorded == hashlib.sha256(path.name.encode() + b"\0" + file_sha).hexdigest()

@@ -7,12 +7,13 @@ fields. Every inconsistency is a :class:`DataError` naming the file and the prob
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import tarfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,26 +82,39 @@ def _read_folder(folder: Path, names: Iterable[str]) -> dict[str, Any]:
     return parsed
 
 
-def _read_tarball(tarball: Path, names: Iterable[str]) -> dict[str, Any]:
-    """Parse the wanted JSON members (at the top level or one folder deep) in one streaming pass."""
-    wanted = set(names)
-    parsed: dict[str, Any] = {}
-    generic_members: set[str] = set()
+def _tarball_members(tarball: Path, wanted: set[str], seen: set[str]) -> Iterator[tuple[str, str, bytes]]:
+    """(file name, label for messages, bytes) of each wanted file member of the tarball, at the top level or one
+    folder deep, in one streaming pass; each name once (a second copy is refused). ``seen`` collects every member's
+    file name."""
+    found: set[str] = set()
     try:
         with tarfile.open(tarball, "r|gz") as archive:
             for member in archive:
                 parts = Path(member.name).parts
-                if parts and parts[-1] in GENERIC_FILES:
-                    generic_members.add(parts[-1])
+                seen.update(parts[-1:])
                 if not member.isfile() or len(parts) > 2 or parts[-1] not in wanted:
                     continue
-                if parts[-1] in parsed:
+                if parts[-1] in found:
                     raise DataError(f"{tarball}: holds {parts[-1]} twice")
+                found.add(parts[-1])
                 _check_size(f"{tarball}:{member.name}", member.size)  # extractfile reads exactly member.size bytes
-                handle = archive.extractfile(member)
-                parsed[parts[-1]] = _parse_json(handle.read(), f"{tarball}:{member.name}")
+                data = archive.extractfile(member).read()
+                yield parts[-1], f"{tarball}:{member.name}", data
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise DataError(f"{tarball}: unreadable or truncated tarball ({type(exc).__name__}: {exc})") from None
+
+
+def tarball_member_digests(tarball: Path, names: Iterable[str]) -> dict[str, bytes]:
+    """sha256 of each named file member of the tarball (at the top level or one folder deep), by file name."""
+    return {name: hashlib.sha256(data).digest() for name, _, data in _tarball_members(tarball, set(names), set())}
+
+
+def _read_tarball(tarball: Path, names: Iterable[str]) -> dict[str, Any]:
+    """Parse the wanted JSON members (at the top level or one folder deep) in one streaming pass."""
+    wanted: set[str] = set(names)
+    seen: set[str] = set()
+    parsed = {name: _parse_json(data, label) for name, label, data in _tarball_members(tarball, wanted, seen)}
+    generic_members = seen & set(GENERIC_FILES)
     missing = sorted(wanted - parsed.keys())
     if missing and generic_members:
         raise DataError(f"{tarball}: holds {', '.join(sorted(generic_members))} of a generic-format domain; a tarball "

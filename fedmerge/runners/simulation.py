@@ -140,6 +140,7 @@ def check_or_record_data(cfg: Scenario, out_dir: Path, resume: bool) -> None:
     """A new run records the digests of its domains' files (:data:`fedmerge.storage.DATA_DIGESTS_FILE`); a resumed
     one compares them and refuses a domain whose files changed since the run (its saved weights were trained on other
     data). A simulation holds every domain's data in one place; a deployment's clients keep theirs."""
+    from fedmerge.data import same_domain_files
     from fedmerge.storage import DATA_DIGESTS_FILE, client_weights_path, write_json_atomic
 
     path = out_dir / DATA_DIGESTS_FILE
@@ -158,7 +159,8 @@ def check_or_record_data(cfg: Scenario, out_dir: Path, resume: bool) -> None:
         return
     except ValueError as exc:
         raise FedmergeError(f"{path}: unreadable ({exc}); run without --resume") from None
-    changed = sorted(d for d, digest in now.items() if d in recorded and recorded[d] != digest)
+    changed = sorted(d for d, digest in now.items() if d in recorded and recorded[d] != digest
+                     and not same_domain_files(recorded[d], cfg.data.domain_path(d)))
     if changed:
         raise FedmergeError(f"the files of domain(s) {changed} changed since the run in {out_dir} (sha256 recorded in "
                             f"{DATA_DIGESTS_FILE}): its saved weights were trained on other data; run without --resume "
