@@ -104,11 +104,12 @@ def domain_files_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def same_domain_files(recorded: str, path: str | Path) -> bool:
-    """Whether a recorded :func:`domain_files_digest` is that of the files at ``path``. Runs before 2026-12-07
-    recorded a tarball by the digest of the tarball file itself (its name and sha256), which is accepted too."""
+def same_domain_files(recorded: str, path: str | Path, current: str | None = None) -> bool:
+    """Whether a recorded :func:`domain_files_digest` is that of the files at ``path`` (``current``: their digest,
+    when the caller already has it). Runs before 2026-12-07 recorded a tarball by the digest of the tarball file
+    itself (its name and sha256), which is accepted too."""
     path = Path(path)
-    if recorded == domain_files_digest(path):
+    if recorded == (domain_files_digest(path) if current is None else current):
         return True
     if not path.is_file():
         return False

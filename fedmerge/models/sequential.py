@@ -579,8 +579,7 @@ class TextSASRec(nn.Module):
         # (b_r, b_hr) of history_offsets: b and b_h for a user whose history repeats an item, 0 at θ₀; needs both
         check_repeat_user_bias(repeat_user_bias, last_item_bias, history_bias)
         self.repeat_user_bias = nn.Parameter(torch.zeros(2)) if repeat_user_bias else None
-        # v of history_offsets (b of the last item i becomes b + v·x̂_i, x̂_i its unit raw text embedding),
-        # 0 at θ₀
+        # v of history_offsets, 0 at θ₀: b of the last item i becomes b + v·x̂_i, x̂_i its unit raw text embedding
         check_last_item_text_bias(last_item_text_bias, last_item_bias, adapter)
         if last_item_text_bias and text_tower is not None:
             raise ValueError("last_item_text_bias reads the routed adapter's raw text embeddings, which a model that "

@@ -159,8 +159,8 @@ def check_or_record_data(cfg: Scenario, out_dir: Path, resume: bool) -> None:
         return
     except ValueError as exc:
         raise FedmergeError(f"{path}: unreadable ({exc}); run without --resume") from None
-    changed = sorted(d for d, digest in now.items() if d in recorded and recorded[d] != digest
-                     and not same_domain_files(recorded[d], cfg.data.domain_path(d)))
+    changed = sorted(d for d, digest in now.items()
+                     if d in recorded and not same_domain_files(recorded[d], cfg.data.domain_path(d), digest))
     if changed:
         raise FedmergeError(f"the files of domain(s) {changed} changed since the run in {out_dir} (sha256 recorded in "
                             f"{DATA_DIGESTS_FILE}): its saved weights were trained on other data; run without --resume "
