@@ -436,10 +436,15 @@ def flatten_settings(table: Mapping[str, Any], prefix: str = "") -> dict[str, An
 EARLIER_BEHAVIOUR: dict[str, dict[str, Any]] = {"text-lae": {"privacy.gram_noise": "per_release"}}
 
 
+def runs_user_gram_mechanism(family: Any, enabled: Any, unit: Any) -> bool:
+    """Whether a run of model ``family`` with ``privacy.enabled`` and ``privacy.unit`` runs text-LAE's user-level
+    Gram mechanism, the only mechanism ``privacy.gram_noise`` changes."""
+    return family == "text-lae" and enabled is True and unit == "user"
+
+
 def gram_noise_in_effect(flat: Mapping[str, Any]) -> bool:
-    """Whether flat settings run text-LAE's user-level Gram mechanism, the only one ``privacy.gram_noise`` changes."""
-    return (flat.get("model.family") == "text-lae" and flat.get("privacy.enabled") is True
-            and flat.get("privacy.unit") == "user")
+    """:func:`runs_user_gram_mechanism` of flat settings (:func:`flatten_settings`)."""
+    return runs_user_gram_mechanism(flat.get("model.family"), flat.get("privacy.enabled"), flat.get("privacy.unit"))
 
 
 # settings that change nothing unless their test holds: a run where neither side has them in effect does not differ

@@ -954,6 +954,28 @@ def test_pooling_refuses_what_is_not_one_study():
         pool_studies([user8, domain4], ["a", "b"])
 
 
+def test_pooling_compares_gram_noise_only_where_both_studies_ran_user_cells():
+    """Text-LAE studies that recorded other ``privacy.gram_noise`` values are other studies when both ran unit "user"
+    cells (the only cells the setting changes); a domain-only study pooled with a user one is not refused for it."""
+    from fedmerge.errors import FedmergeError
+    from fedmerge.privacy.study import pool_studies
+
+    def study(unit, gram_noise):
+        cell = {"mean": 0.5, "values": [0.5], "n": 1}
+        scenario = {"run": {"name": "x"}, "model": {"family": "text-lae"}, "privacy": {"gram_noise": gram_noise}}
+        rows = [{"unit": "none", "epsilon": "inf"}, {"unit": unit, "epsilon": "8"}]
+        return {"study": {"seeds": [0], "epsilons": ["inf", "8"], "units": [unit], "metric": "recall@10"},
+                "scenario": scenario, "releases_per_client": 2,
+                "utility": [{**r, "seeds": [0], "noise_multiplier": 0.0 if r["unit"] == "none" else 1.0,
+                             "metric": {"average": cell}} for r in rows],
+                "probe": {"rows": [{**r, "attacks": {"loss": {"auc": cell}}} for r in rows], "theta0": {}}}
+
+    with pytest.raises(FedmergeError, match="ran different scenarios"):
+        pool_studies([study("user", "once"), study("user", "per_release")], ["a", "b"])
+    pooled = pool_studies([study("user", "once"), study("domain", "per_release")], ["a", "b"])
+    assert [(r["unit"], r["epsilon"]) for r in pooled["utility"]] == [("none", "inf"), ("domain", "8"), ("user", "8")]
+
+
 def test_a_study_whose_dp_cells_the_scenario_checks_refuse_fails_when_it_loads():
     """`dp_config` built each cell with dataclasses.replace, skipping the scenario's checks: `privacy-seq` with
     θ₀ distillation (refused with privacy.enabled) loaded and ran its DP cells unchecked."""

@@ -159,9 +159,10 @@ def gram_drawn_once(cfg: Scenario) -> bool:
     """Whether the run's clients draw their noisy Gram once and reuse it (text-LAE, unit "user", ``gram_noise =
     "once"``): every release is then a function of the one Gaussian release Â and public weights (post-processing),
     so a client's ε is that of one release however many it ships."""
+    from fedmerge.config import runs_user_gram_mechanism
+
     privacy = cfg.privacy
-    return (privacy.enabled and privacy.unit == "user" and cfg.model.family == "text-lae"
-            and privacy.gram_noise == "once")
+    return runs_user_gram_mechanism(cfg.model.family, privacy.enabled, privacy.unit) and privacy.gram_noise == "once"
 
 
 def accounted_releases(cfg: Scenario, releases: int) -> int:

@@ -662,16 +662,17 @@ def _pool_scores(parts: Sequence[Mapping[str, Mapping[str, Any]]], label: str) -
     return {a: {score: _pooled([part[a][score] for part in parts]) for score in parts[0][a]} for a in parts[0]}
 
 
-def _same_scenario(one: Any, other: Any) -> bool:
+def _same_scenario(one: Any, other: Any, user_cells_in_both: bool) -> bool:
     """Whether two studies' recorded scenarios are one, settings fedmerge gained between them at their default
-    (:func:`fedmerge.config.settings_differences`) and text-LAE's ``privacy.gram_noise`` alike."""
+    (:func:`fedmerge.config.settings_differences`), and text-LAE's ``privacy.gram_noise`` alike when both studies
+    ran unit "user" cells (``user_cells_in_both``; the only cells where it changes anything)."""
     from fedmerge.config import flatten_recorded, settings_differences
 
     if not isinstance(one, Mapping) or not isinstance(other, Mapping):
         return one == other
     # a study's scenario runs DP off, where privacy.gram_noise is not in effect, but its text-LAE user cells run it
     flat = [flatten_recorded(s) for s in (one, other)]
-    if any(f.get("model.family") == "text-lae" for f in flat) \
+    if user_cells_in_both and any(f.get("model.family") == "text-lae" for f in flat) \
             and flat[0].get("privacy.gram_noise") != flat[1].get("privacy.gram_noise"):
         return False
     # a key one side lacks is "added" seen from the other side: only a difference seen both ways is real
@@ -710,7 +711,8 @@ def pool_studies(studies: Sequence[Mapping[str, Any]], labels: Sequence[str]) ->
         if differ:
             raise FedmergeError(f"{label} and {first_label} differ in study settings {differ} (pooling combines "
                                 "disjoint seeds of one grid, or other ε / units over the same seeds): not one study")
-        if not _same_scenario(st.get("scenario"), first.get("scenario")) \
+        user_cells_in_both = all("user" in {**defaults, **s["study"]}["units"] for s in (st, first))
+        if not _same_scenario(st.get("scenario"), first.get("scenario"), user_cells_in_both) \
                 or st.get("releases_per_client") != first.get("releases_per_client"):
             raise FedmergeError(f"{label} and {first_label} ran different scenarios: not one study")
         if st["probe"].get("protocol") != first["probe"].get("protocol"):
