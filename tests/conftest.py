@@ -60,3 +60,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def synthetic_domains() -> list[Domain]:
     """Three small seeded synthetic domains (120 users, 60 items, 6 topics each); treat as read-only."""
     return make_synthetic_domains(n_domains=3, n_users=120, n_items=60, n_topics=6, seed=0)
+
+
+@pytest.fixture
+def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process identity Flower's simulation and ServerApp set before an app runs (run 1, task 1, node 0), undone
+    after the test so that no later test sees it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key, value in {"_run_id": 1, "_task_id": 1, "_node_id": 0}.items():
+        monkeypatch.setattr(TaskIdentity, key, value)

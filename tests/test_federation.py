@@ -112,12 +112,8 @@ def test_clients_send_only_float_weights_metrics_and_domain_names(cfg):
         _check_reply_has_no_private_data(content, transport.clients, set(theta0))
 
 
-def test_flower_client_app_replies_and_names_domain_on_error(cfg):
-    from flwr.supercore.task_identity import TaskIdentity
-
+def test_flower_client_app_replies_and_names_domain_on_error(cfg, flower_task_identity):
     from clients.app import build_client_app
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as Flower's simulation sets them
 
     app = build_client_app(cfg)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(),
@@ -133,17 +129,16 @@ def test_flower_client_app_replies_and_names_domain_on_error(cfg):
     assert broken.has_error() and "synth-1" in broken.error.reason
 
 
-def test_flower_client_app_takes_the_cli_log_level_and_logs_each_training(cfg, monkeypatch, caplog):
+def test_flower_client_app_takes_the_cli_log_level_and_logs_each_training(
+    cfg, monkeypatch, caplog, flower_task_identity,
+):
     """A simulated client runs in a Ray worker that never saw the CLI's --verbose: the ClientApp reads it from
     FEDMERGE_LOG_LEVEL like the ServerApp, and says when a training is done."""
     import logging
 
-    from flwr.supercore.task_identity import TaskIdentity
-
     from clients.app import build_client_app
     from fedmerge.logs import LEVEL_ENV
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     root = logging.getLogger()
     monkeypatch.setattr(root, "level", logging.WARNING)  # restored after the test
     monkeypatch.setenv(LEVEL_ENV, "INFO")
@@ -552,12 +547,9 @@ class FakeGrid:
         return out
 
 
-def test_merge_strategy_hands_over_replies_as_they_arrive(cfg, monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
+def test_merge_strategy_hands_over_replies_as_they_arrive(cfg, monkeypatch, flower_task_identity):
     from server import strategy as strategy_module
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as Flower's ServerApp process sets them
     monkeypatch.setattr(strategy_module, "PULL_INTERVAL_S", 0.0)
     grid = FakeGrid()
     strategy = strategy_module.MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.2"]), grid)
@@ -570,13 +562,13 @@ def test_merge_strategy_hands_over_replies_as_they_arrive(cfg, monkeypatch):
     assert "no reply within" in errors["d3"] and errors["d4"] == "no SuperNode holds this domain"
 
 
-def test_a_node_the_superlink_reports_unavailable_is_recorded_with_flowers_reason(cfg, monkeypatch):
+def test_a_node_the_superlink_reports_unavailable_is_recorded_with_flowers_reason(
+    cfg, monkeypatch, flower_task_identity,
+):
     """A SuperNode killed mid-run: the SuperLink answers its message with an error reply of its own (source node
     SUPERLINK_NODE_ID), which send() skipped, then recorded "no reply within federation.timeout_s = 3600 s" for a run
     that ended after a minute."""
     from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
-    from flwr.supercore.task_identity import TaskIdentity
-
     from server import strategy as strategy_module
 
     class DeadNodeGrid(FakeGrid):
@@ -585,7 +577,6 @@ def test_a_node_the_superlink_reports_unavailable_is_recorded_with_flowers_reaso
             dead = [m for m in self.pushed if m.metadata.dst_node_id == 3 and m.metadata.message_id in ids]
             return out + [create_message_error_unavailable_res_message(m.metadata, "node_unavail") for m in dead]
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     monkeypatch.setattr(strategy_module, "PULL_INTERVAL_S", 0.0)
     strategy = strategy_module.MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.5"]), DeadNodeGrid())
     strategy.node_of, strategy.connect_seconds = {"d1": 1, "d2": 2, "d3": 3}, 0.0
@@ -594,12 +585,12 @@ def test_a_node_the_superlink_reports_unavailable_is_recorded_with_flowers_reaso
     assert "no reply within" not in errors["d3"] and "unavailable" in errors["d3"].lower(), errors
 
 
-def test_messages_the_superlink_did_not_take_and_replies_from_another_node_are_named(cfg, monkeypatch):
+def test_messages_the_superlink_did_not_take_and_replies_from_another_node_are_named(
+    cfg, monkeypatch, flower_task_identity,
+):
     """Flower returns "" (or None) as the id of a message the SuperLink refused, and [] when the whole push failed:
     those domains waited out federation.timeout_s and were recorded as silent. A reply whose source is not the node
     the message went to carries no content for that domain."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     from server import strategy as strategy_module
 
     class PartlyRefusingGrid(FakeGrid):
@@ -614,7 +605,6 @@ def test_messages_the_superlink_did_not_take_and_replies_from_another_node_are_n
                     reply.metadata.__dict__["_src_node_id"] = 7
             return out
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     monkeypatch.setattr(strategy_module, "PULL_INTERVAL_S", 0.0)
     strategy = strategy_module.MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.3"]), PartlyRefusingGrid())
     strategy.node_of, strategy.connect_seconds = {"d1": 1, "d2": 2, "d3": 3}, 0.0
@@ -937,7 +927,7 @@ def test_lying_evaluation_replies_are_left_out_and_recorded(cfg):
     assert "evaluate:synth-2:fedavg_round1" in out["rejected"] and "synth-2" not in out["models"]["fedavg"]
 
 
-def test_second_node_claiming_a_domain_is_refused(cfg):
+def test_second_node_claiming_a_domain_is_refused(cfg, flower_task_identity):
     from server.strategy import MergeStrategy
 
     class QueryGrid:
@@ -952,9 +942,6 @@ def test_second_node_claiming_a_domain_is_refused(cfg):
             return [Message(RecordDict({protocol.INFO: protocol.info_record(self.claims[m.metadata.dst_node_id])}),
                             reply_to=m) for m in messages]
 
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     strategy = MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.1"]), QueryGrid())
     strategy.connect()
     assert strategy.node_of == {"synth-0": 1, "synth-1": 3}  # never swapped to node 2
@@ -965,7 +952,7 @@ def test_second_node_claiming_a_domain_is_refused(cfg):
     }
 
 
-def test_a_node_that_fails_to_start_is_a_recorded_rejection_with_its_reason(cfg):
+def test_a_node_that_fails_to_start_is_a_recorded_rejection_with_its_reason(cfg, flower_task_identity):
     """A SuperNode whose data folder is missing answered the query with an error that only the ServerApp's log
     showed; results.json said "no SuperNode holds this domain"."""
     from flwr.app import Error
@@ -987,9 +974,6 @@ def test_a_node_that_fails_to_start_is_a_recorded_rejection_with_its_reason(cfg)
                     replies.append(Message(RecordDict({protocol.INFO: protocol.info_record(domain)}), reply_to=m))
             return replies
 
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     strategy = MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.1"]), QueryGrid())
     strategy.connect()
     assert strategy.node_of == {"synth-0": 1, "synth-1": 3}

@@ -188,20 +188,19 @@ def test_a_gram_drawn_once_uses_one_noise_seed_for_every_release(domain, feature
                                inputs["features"], 1, {GRAM_INPUTS: memory[GRAM_INPUTS]})
 
 
-def test_a_client_app_reuses_its_noisy_gram_across_rounds_through_context_state(tmp_path, monkeypatch):
+def test_a_client_app_reuses_its_noisy_gram_across_rounds_through_context_state(
+    tmp_path, monkeypatch, flower_task_identity,
+):
     """A Flower client under user-level DP with OS-entropy noise: the one-shot release and a FedAvg round from the same
     weights are identical (one noisy Gram, kept through the node's context.state even when another process serves
     the second message), a node whose state was lost refuses the round, and "per_release" draws new noise."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     import clients.app as client_app
     from fedmerge.config import load_scenario
     from fedmerge.runners import protocol
     from fedmerge.runners.server import initial_weights
 
-    for key, value in {"_run_id": 1, "_task_id": 1, "_node_id": 0}.items():  # as Flower's simulation sets them
-        monkeypatch.setattr(TaskIdentity, key, value)
     monkeypatch.setattr(client_app, "_STATES", {})
     base = load_scenario("quickstart", [
         "run.progress=false", "data.synthetic.n_users=40", "data.synthetic.n_items=30", "data.synthetic.max_len=8",

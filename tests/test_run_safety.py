@@ -291,14 +291,11 @@ class SlowStartGrid:
         return replies
 
 
-def test_supernode_start_up_wait_is_not_the_reply_timeout(cfg):
+def test_supernode_start_up_wait_is_not_the_reply_timeout(cfg, flower_task_identity):
     """A 0.2 s reply timeout no longer bounds the wait for SuperNodes that need 1.5 s to start."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedmerge.config import apply_overrides
     from server.strategy import MergeStrategy
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as Flower's ServerApp process sets them
     grid = SlowStartGrid(["synth-0", "synth-1", "synth-2"], delay_s=1.5)
     strategy = MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.2", "federation.startup_timeout_s=30.0"]), grid)
     assert strategy.connect() == {"synth-0": 1, "synth-1": 2, "synth-2": 3}
