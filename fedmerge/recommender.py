@@ -215,7 +215,8 @@ class LoadedRecommender:
     weights: StateDict
     encoder: TextEncoder
     cache_dir: str = ""
-    _last: tuple[Any, Any] | None = field(default=None, init=False, repr=False)  # (catalog, its features): reused by batches
+    # (catalog, statistics rows, its features): reused by batches
+    _last: tuple[Any, Any, Any] | None = field(default=None, init=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -225,21 +226,26 @@ class LoadedRecommender:
         return (f"LoadedRecommender(name={self.name!r}, family={self.family.name!r}, "
                 f"encoder={self.card['encoder']['identity']!r}, path={str(self.path)!r})")
 
-    def features(self, catalog: ItemCatalog) -> torch.Tensor:
-        """The family's item features of ``catalog`` from the card's encoder (embeddings through the cache);
-        refused when their width is not the one the weights were trained for."""
-        if self._last is not None and self._last[0] is catalog:
-            return self._last[1]
+    def features(self, catalog: ItemCatalog, statistics_rows: int | None = None) -> torch.Tensor:
+        """The family's item features of ``catalog`` from the card's encoder (embeddings through the cache), its
+        catalog-wide statistics from the first ``statistics_rows`` items (default all; see
+        :meth:`~fedmerge.models.base.ModelFamily.item_features`); refused when their width is not the one the
+        weights were trained for."""
+        if statistics_rows == len(catalog):
+            statistics_rows = None
+        if self._last is not None and self._last[0] is catalog and self._last[1] == statistics_rows:
+            return self._last[2]
         from fedmerge.text import EmbeddingCache, encode_catalog
 
         cache = EmbeddingCache(self.cache_dir) if self.cache_dir else None  # as EncoderSettings.item_features
-        features = self.family.catalog_features(catalog, lambda: encode_catalog(self.encoder, catalog, cache=cache))
+        features = self.family.catalog_features(catalog, lambda: encode_catalog(self.encoder, catalog, cache=cache),
+                                                statistics_rows)
         if features.shape[-1] != int(self.card["feature_width"]):
             raise FedmergeError(
                 f"catalog features of width {features.shape[-1]} (family {self.family.name!r}, encoder "
                 f"{self.encoder.identity!r}) do not fit model {self.path} (card: width {self.card['feature_width']})"
             )
-        self._last = (catalog, features)
+        self._last = (catalog, statistics_rows, features)
         return features
 
     def _inputs(
@@ -247,8 +253,9 @@ class LoadedRecommender:
     ) -> tuple[ItemCatalog, list[np.ndarray], int]:
         """(catalog to featurize, histories as item indices into it, number of real catalog items).
 
-        With ``texts``, every history entry is an item's text: those texts join the catalog as extra items (so they
-        get features exactly like catalog items) and are never recommended.
+        With ``texts``, every history entry is an item's text: those texts join the catalog as extra items, featurized
+        as items of it (its statistics from its own items only, :meth:`features`, so one user's scores do not
+        depend on the other texts given), and are never recommended; an empty text is refused by row and entry.
         """
         from fedmerge.data.domain import ItemCatalog
 
@@ -256,6 +263,11 @@ class LoadedRecommender:
         base = _as_catalog(catalog)
         n = len(base)
         if texts:
+            for row, h in enumerate(histories):
+                empty = [j for j, t in enumerate(h) if not str(t).strip()]
+                if empty:
+                    raise DataError(f"history {row}: entry {empty[0]} is an empty item text (entries are item "
+                                    "texts with texts=True / --texts)")
             extra = [str(t) for h in histories for t in h]
             full = ItemCatalog(ids=(*base.ids, *(f"text:{i}" for i in range(len(extra)))),
                                fields=(*base.fields, *({"title": t} for t in extra)))
@@ -299,11 +311,14 @@ class LoadedRecommender:
         a model whose scores are not finite is refused (:class:`~fedmerge.errors.FedmergeError`).
         """
         full, seqs, n = self._inputs(histories, catalog, texts)
-        return self._scorer(full)(seqs)[:, :n]
+        return self._scorer(full, n)(seqs)[:, :n]
 
-    def _scorer(self, catalog: ItemCatalog) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
-        """The family's scorer over ``catalog``, refusing non-finite scores (unusable weights) wherever it is used."""
-        scorer = self.family.scorer(self.weights, self.features(catalog))
+    def _scorer(
+        self, catalog: ItemCatalog, statistics_rows: int | None = None
+    ) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+        """The family's scorer over ``catalog`` (:meth:`features`), refusing non-finite scores (unusable weights)
+        wherever it is used."""
+        scorer = self.family.scorer(self.weights, self.features(catalog, statistics_rows))
 
         def finite_scores(sequences: Sequence[np.ndarray]) -> np.ndarray:
             scores = scorer(sequences)
@@ -321,17 +336,27 @@ class LoadedRecommender:
         """The top-``k`` items of ``catalog`` for each history (ties: lower item index first), best first.
 
         Items of the history are left out unless ``exclude_history=False`` (so a history may get fewer than ``k``
-        items: as many as the catalog has left). See :meth:`scores` for the arguments.
+        items: as many as the catalog has left); with ``texts=True`` those are the catalog items whose text
+        (:meth:`~fedmerge.data.ItemCatalog.texts`) is one of the history's texts, every such item when several
+        share it. See :meth:`scores` for the arguments.
         """
         if catalog is None:
             raise FedmergeError("recommend needs a catalog: an ItemCatalog, a Domain or a domain folder/tarball")
         if not is_integer(k) or k < 1:
             raise FedmergeError(f"k must be an integer of at least 1, got {k!r}")
         full, seqs, n = self._inputs(histories, catalog, texts)
-        scores = self._scorer(full)(seqs)[:, :n].astype(np.float64)
+        scores = self._scorer(full, n)(seqs)[:, :n].astype(np.float64)
+        excluded = seqs  # the history's catalog items
+        if exclude_history and texts:
+            all_texts = full.texts()
+            items_of: dict[str, list[int]] = {}
+            for i, text in enumerate(all_texts[:n]):
+                items_of.setdefault(text, []).append(i)
+            excluded = [np.array([i for e in seq for i in items_of.get(all_texts[e], ())], dtype=np.int64)
+                        for seq in seqs]
         out = []
-        for row, seq in enumerate(seqs):
-            if exclude_history and not texts:
+        for row, seq in enumerate(excluded):
+            if exclude_history:
                 scores[row, seq] = -np.inf
             order = np.lexsort((np.arange(n), -scores[row]))[:k]
             out.append([Recommendation(full.ids[i], int(i), float(scores[row, i]))

@@ -48,7 +48,7 @@ class TinyFamily(ModelFamily):
     name = "tiny"
     max_len = 3
 
-    def item_features(self, embeddings: np.ndarray) -> torch.Tensor:
+    def item_features(self, embeddings: np.ndarray, statistics_rows: int | None = None) -> torch.Tensor:
         return torch.as_tensor(embeddings, dtype=torch.float32)
 
     def build(self, dim: int) -> nn.Module:

@@ -227,7 +227,7 @@ class TinyFamily(ModelFamily):
     def __init__(self, epochs: int = 300, lr: float = 0.1):
         self.epochs, self.lr = epochs, lr
 
-    def item_features(self, embeddings: np.ndarray) -> torch.Tensor:
+    def item_features(self, embeddings: np.ndarray, statistics_rows: int | None = None) -> torch.Tensor:
         return torch.as_tensor(embeddings, dtype=torch.float32)
 
     def build(self, dim: int) -> nn.Module:

@@ -155,6 +155,37 @@ def test_recommend_on_a_catalog_the_model_never_saw(run, unseen_catalog, capsys)
     assert [r.item for r in by_text] == [r.item for r in by_id]
 
 
+def test_item_texts_score_as_the_same_items_by_id_whatever_else_is_in_the_call(run, unseen_catalog, capsys):
+    """Texts joined the catalog before its z-score: every score moved with how many texts, and which, a call held
+    (one user's top 10 depended on the other lines of a --histories file), and with texts=True the history's own
+    catalog items were recommended (exclude_history was ignored)."""
+    from fedmerge.data import ItemCatalog
+
+    cfg, out, _, _ = run
+    model = load_recommender(out / "models" / "mergerec_layerwise.safetensors", cache_dir=cfg.encoder.cache_dir)
+    catalog = load_domain(unseen_catalog).catalog
+    texts = catalog.texts()
+    by_id = model.scores([list(catalog.ids[:2])], catalog=catalog)[0]
+    alone = model.scores([texts[:2]], catalog=catalog, texts=True)[0]
+    crowded = model.scores([texts[:2], [texts[5]] * 40, ["an unrelated text"]], catalog=catalog, texts=True)[0]
+    np.testing.assert_allclose(alone, by_id, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(crowded, alone, rtol=1e-5, atol=1e-5)
+    # the history's items are left out by their text: every catalog item of that text when several share it
+    twin = ItemCatalog(ids=(*catalog.ids, "twin"), fields=(*catalog.fields, catalog.fields[0]))
+    recs = model.recommend([texts[:2]], k=len(twin), catalog=twin, texts=True)[0]
+    assert {r.item for r in recs} == set(twin.ids) - {catalog.ids[0], catalog.ids[1], "twin"}
+    kept = model.recommend([texts[:2]], k=len(twin), catalog=twin, texts=True, exclude_history=False)[0]
+    assert len(kept) == len(twin)
+    with pytest.raises(DataError, match="history 1: entry 1 is an empty item text"):
+        model.scores([texts[:1], [texts[0], "  "]], catalog=catalog, texts=True)
+    batch = unseen_catalog.parent / "texts.txt"  # in a file: refused by line before any line is printed
+    batch.write_text(f"{json.dumps(texts[:2])}\n{json.dumps([texts[0], ' '])}\n")
+    assert main(["recommend", "--model", str(out / "models" / "ties.safetensors"), "--catalog", str(unseen_catalog),
+                 "--cache-dir", cfg.encoder.cache_dir, "--texts", "--histories", str(batch)]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == "" and "texts.txt:2: entry 1 is an empty item text" in printed.err
+
+
 def test_recommend_refuses_unknown_item_ids(run, unseen_catalog, capsys):
     cfg, out, _, _ = run
     assert main(["recommend", "--model", str(out / "models" / "ties.safetensors"), "--catalog", str(unseen_catalog),

@@ -20,6 +20,7 @@ from fedmerge.models.sequential import (
     repeats_an_item,
     sampled_softmax_loss,
     standardize_features,
+    token_features,
     training_windows,
 )
 from fedmerge.validation import task_vector_norm
@@ -63,6 +64,27 @@ def test_standardize_features_is_columnwise_zscore():
     np.testing.assert_allclose(z, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="NaN"):
         standardize_features(np.array([[np.nan, 1.0]]))
+
+
+@pytest.mark.parametrize("family", ["plain", "routed", "text-lae"])
+def test_rows_after_statistics_rows_are_featurized_as_items_of_that_catalog(family):
+    """Texts a user gives join a catalog as extra rows: with ``statistics_rows`` the catalog's statistics (z-score,
+    centring) come from its own items, so its rows' features are those of the catalog alone and an extra row's do
+    not depend on the other extra rows."""
+    from fedmerge.models.text_lae import TextLAEFamily
+
+    rng = np.random.default_rng(0)
+    catalog, extra = rng.normal(1.0, 2.0, size=(20, 6)), rng.normal(-4.0, 9.0, size=(7, 6))
+    made = {"plain": lambda: SequentialFamily(), "routed": lambda: SequentialFamily(adapter="routed"),
+            "text-lae": lambda: TextLAEFamily()}[family]()
+    alone = made.item_features(catalog)
+    both = made.item_features(np.vstack([catalog, extra]), statistics_rows=20)
+    torch.testing.assert_close(both[:20], alone)
+    torch.testing.assert_close(made.item_features(np.vstack([catalog, extra[:1]]), statistics_rows=20)[20], both[20])
+    assert not torch.allclose(made.item_features(np.vstack([catalog, extra]))[:20], alone)  # all rows: shifted
+    states = rng.normal(size=(27, 3, 6))
+    tokens = token_features(np.vstack([catalog, extra]), states, statistics_rows=20)
+    torch.testing.assert_close(tokens[:20], token_features(catalog, states[:20]))
 
 
 def test_training_windows_cover_every_transition_once():

@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "recommend", help="recommend items of a catalog from a saved model (any catalog, also one never trained on)",
         description="Loads a model saved by a run (<run>/models/<name>.safetensors or <run>/clients/<domain>"
         ".safetensors, with its .json card), encodes the catalog's item texts with the model's own encoder (through "
-        "the embedding cache) and prints the top-K items for each history. Items of the history are left out.",
+        "the embedding cache) and prints the top-K items for each history. Items of the history are left out "
+        "(with --texts: the catalog items whose text is one of the history's).",
     )
     add_saved_model_options(parser)
     parser.add_argument("--catalog", type=Path, required=True, help="domain folder or .tar.gz whose items to rank")
@@ -72,6 +73,9 @@ def parse_history(line: str, texts: bool, where: str) -> list[str]:
         items = [i.strip() for i in line.split(",") if i.strip()]
     if not items:
         raise DataError(f"{where}: empty history")
+    empty = [j for j, text in enumerate(items) if texts and not text.strip()]
+    if empty:
+        raise DataError(f"{where}: entry {empty[0]} is an empty item text")
     return items
 
 
@@ -90,7 +94,7 @@ def run_recommend(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"model": model.name, "history": history, "recommendations": _rows(recs, catalog)}))
         else:
-            print(f"top {args.k} of {len(catalog)} items by {model.name} ({args.model}):")
+            print(f"top {len(recs)} of {len(catalog)} items by {model.name} ({args.model}):")
             for rank, row in enumerate(_rows(recs, catalog), 1):
                 print(f"{rank:>3}  {row['item']:<16}  {row['score']:9.4f}  {row['title']}")
             if not recs:

@@ -92,16 +92,23 @@ class ModelFamily(ABC):
     max_len: int = 50
 
     @abstractmethod
-    def item_features(self, embeddings: np.ndarray) -> torch.Tensor:
-        """Turn a catalog's raw text embeddings into model input features (a function of the public catalog only)."""
+    def item_features(self, embeddings: np.ndarray, statistics_rows: int | None = None) -> torch.Tensor:
+        """Turn a catalog's raw text embeddings into model input features (a function of the public catalog only).
 
-    def catalog_features(self, catalog: ItemCatalog, embeddings: Callable[[], np.ndarray]) -> torch.Tensor:
+        Catalog-wide statistics a family uses (a z-score's mean and std, a centring mean) come from the first
+        ``statistics_rows`` rows (default: all): rows after them — texts a user gave, scored against that catalog —
+        are featurized as items of it and change no other row's features."""
+
+    def catalog_features(
+        self, catalog: ItemCatalog, embeddings: Callable[[], np.ndarray], statistics_rows: int | None = None
+    ) -> torch.Tensor:
         """Model input features of a public catalog; ``embeddings()`` gives its (cached) sentence embeddings.
 
         By default :meth:`item_features` of those embeddings; a family that tunes text-encoder layers reads the
         catalog's texts instead. ``dim`` for :meth:`build` is always the features' last dimension.
+        ``statistics_rows``: as in :meth:`item_features`.
         """
-        return self.item_features(embeddings())
+        return self.item_features(embeddings(), statistics_rows)
 
     def feature_width(self, embedding_width: int) -> int:
         """Width of :meth:`catalog_features` rows (the ``dim`` of :meth:`build`) for sentence embeddings of

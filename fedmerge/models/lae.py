@@ -170,12 +170,13 @@ def l3ae_weights(inverse: np.ndarray, lam_col: float, embeddings: np.ndarray, la
     return weights
 
 
-def center_normalize_rows(embeddings: np.ndarray) -> np.ndarray:
-    """Item features: embeddings centred on the catalog mean, rows scaled to unit L2 norm (zero rows stay zero)."""
+def center_normalize_rows(embeddings: np.ndarray, statistics_rows: int | None = None) -> np.ndarray:
+    """Item features: embeddings centred on the catalog mean (of the first ``statistics_rows`` rows, default all),
+    rows scaled to unit L2 norm (zero rows stay zero)."""
     e = np.asarray(embeddings, dtype=np.float64)
     if e.ndim != 2:
         raise ValueError(f"embeddings must be a (n_items, dim) matrix, got shape {e.shape}")
-    e = e - e.mean(axis=0, keepdims=True)
+    e = e - e[:statistics_rows].mean(axis=0, keepdims=True)
     norms = np.linalg.norm(e, axis=1, keepdims=True)
     return (e / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 

@@ -121,9 +121,10 @@ def catalog_statistics(embeddings: np.ndarray, eps: float = 1e-6) -> tuple[np.nd
     return x.mean(axis=0), np.maximum(x.std(axis=0), eps)
 
 
-def standardize_features(embeddings: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Per-dimension z-score over the catalog: ``(x - mean) / max(std, eps)`` (raw MiniLM features train poorly)."""
-    mean, std = catalog_statistics(embeddings, eps)
+def standardize_features(embeddings: np.ndarray, eps: float = 1e-6, statistics_rows: int | None = None) -> np.ndarray:
+    """Per-dimension z-score over the catalog: ``(x - mean) / max(std, eps)`` (raw MiniLM features train poorly),
+    mean and std of the first ``statistics_rows`` rows (default: all)."""
+    mean, std = catalog_statistics(np.asarray(embeddings)[:statistics_rows], eps)
     return ((np.asarray(embeddings, dtype=np.float64) - mean) / std).astype(np.float32)
 
 
@@ -421,12 +422,12 @@ class TextTower(nn.Module):
         return sentence_embeddings(states, mask, self.normalize)
 
 
-def token_features(embeddings: np.ndarray, states: np.ndarray) -> torch.Tensor:
+def token_features(embeddings: np.ndarray, states: np.ndarray, statistics_rows: int | None = None) -> torch.Tensor:
     """Item features when the text encoder's top layers are tuned, one (2 + T, d) slab per item: row 0 the catalog
     mean and row 1 the catalog std of the pretrained embeddings (the z-score of :func:`standardize_features`,
-    kept fixed), rows 2.. the token states entering the tuned layers (zero at padding). Stacking catalogs row-wise
-    keeps each item's own catalog statistics."""
-    mean, std = catalog_statistics(embeddings)
+    kept fixed; of the first ``statistics_rows`` items, default all), rows 2.. the token states entering the tuned
+    layers (zero at padding). Stacking catalogs row-wise keeps each item's own catalog statistics."""
+    mean, std = catalog_statistics(np.asarray(embeddings)[:statistics_rows])
     n, dim = len(embeddings), len(mean)
     if states.ndim != 3 or states.shape[0] != n or states.shape[2] != dim:
         raise ValueError(f"token states of shape {states.shape} do not match embeddings of shape {(n, dim)}")
@@ -1025,17 +1026,20 @@ class SequentialFamily(ModelFamily):
     def reads_text_embeddings(self) -> bool:
         return not self.encoder_layers
 
-    def catalog_features(self, catalog: ItemCatalog, embeddings: Callable[[], np.ndarray]) -> torch.Tensor:
+    def catalog_features(
+        self, catalog: ItemCatalog, embeddings: Callable[[], np.ndarray], statistics_rows: int | None = None
+    ) -> torch.Tensor:
         """:meth:`item_features` of the embeddings, or with ``encoder_layers > 0`` :func:`token_features` of the
         catalog's texts through :meth:`text_encoder` (the scenario's own encoder is then not used)."""
         if not self.encoder_layers:
-            return self.item_features(embeddings())
-        return token_features(*self.text_encoder().token_states(catalog.texts(), self.encoder_layers))
+            return self.item_features(embeddings(), statistics_rows)
+        return token_features(*self.text_encoder().token_states(catalog.texts(), self.encoder_layers),
+                              statistics_rows=statistics_rows)
 
-    def item_features(self, embeddings: np.ndarray) -> torch.Tensor:
+    def item_features(self, embeddings: np.ndarray, statistics_rows: int | None = None) -> torch.Tensor:
         """Catalog-wise z-scored raw text embeddings (see :func:`standardize_features`); for the routed adapter
         ``[z | raw]`` (the router reads the raw embedding: z-scoring removes what tells catalogs apart)."""
-        z = standardize_features(embeddings)
+        z = standardize_features(embeddings, statistics_rows=statistics_rows)
         if self.adapter == "routed":
             z = np.concatenate([z, embeddings.astype(np.float32)], axis=1)
         return torch.from_numpy(z)

@@ -116,8 +116,8 @@ class TextLAEFamily(ModelFamily):
     lam: float | tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
     max_len: int = 50
 
-    def item_features(self, embeddings: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(center_normalize_rows(embeddings))
+    def item_features(self, embeddings: np.ndarray, statistics_rows: int | None = None) -> torch.Tensor:
+        return torch.from_numpy(center_normalize_rows(embeddings, statistics_rows))
 
     def build(self, dim: int) -> nn.Module:
         return TextLAE(dim)
