@@ -390,7 +390,8 @@ class LoadedRecommender:
         return self.for_domain(name)
 
     def evaluate(
-        self, domain: Domain | str | Path, split: str | None = None, ks: Sequence[int] | None = None
+        self, domain: Domain | str | Path, split: str | None = None, ks: Sequence[int] | None = None, *,
+        files: str | Path | None = None,
     ) -> dict[str, float]:
         """Full-ranking Recall@K/NDCG@K, masked and unmasked, on ``domain``'s ``split`` users
         (:func:`fedmerge.metrics.evaluate_scorer`; every K of :data:`~fedmerge.metrics.DEFAULT_KS` by default), with
@@ -398,12 +399,15 @@ class LoadedRecommender:
 
         ``domain``: a :class:`~fedmerge.data.Domain` or a domain folder/tarball. ``split``: ``"test"`` or ``"val"``;
         by default the split the model's run evaluated (from the card; ``"test"`` when it names none), as
-        ``fedmerge evaluate`` does."""
+        ``fedmerge evaluate`` does. A domain given as a path — or a loaded ``Domain`` with the folder/tarball it
+        came from as ``files`` — is checked against the ``data_digests.json`` of the run folder the model lies in
+        (a warning when the files differ)."""
         from fedmerge.data import Domain, load_domain
         from fedmerge.metrics import DEFAULT_KS, USERS, evaluate_scorer
 
-        data_path = Path(domain) if isinstance(domain, (str, Path)) else None
-        if data_path is not None:
+        from_path = isinstance(domain, (str, Path))
+        data_path = Path(domain) if from_path else Path(files) if files is not None else None
+        if from_path:
             domain = load_domain(data_path)
         if not isinstance(domain, Domain):
             raise FedmergeError(f"evaluate needs a Domain or a domain folder/tarball path, got {type(domain).__name__}")

@@ -514,6 +514,11 @@ def test_evaluate_compares_the_files_with_the_digests_the_run_recorded(run, tmp_
     with caplog.at_level("WARNING", logger="fedmerge.recommender"):
         model.evaluate(data / name)
     assert f"the files of domain '{name}' differ from those the run recorded" in caplog.text
+    caplog.clear()  # `fedmerge evaluate` loads the domain itself and passed only the Domain: nothing was compared
+    with caplog.at_level("WARNING", logger="fedmerge.recommender"):
+        assert main(["evaluate", "--model", str(tmp_path / "run" / "models" / "ties.safetensors"), "--data",
+                     str(data / name), "--cache-dir", cfg.encoder.cache_dir, "--json"]) == 0
+    assert f"the files of domain '{name}' differ from those the run recorded" in caplog.text
 
 
 def test_a_history_longer_than_the_model_reads_is_said_to_be_cut(run, saved_copy, unseen_catalog, caplog):

@@ -31,7 +31,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model = load_saved_model(args)
     domain = load_domain(args.data)
     args.split = args.split or model.default_split
-    metrics = model.evaluate(domain, split=args.split)
+    metrics = model.evaluate(domain, split=args.split, files=args.data)
     if args.json:
         print(json.dumps({"model": model.name, "domain": domain.name, "split": args.split, "metrics": metrics}))
         return 0
