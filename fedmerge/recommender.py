@@ -180,6 +180,15 @@ def card_problems(card: Mapping[str, Any]) -> list[str]:
             value = value.get(key) if isinstance(value, dict) else None
         if not isinstance(value, kind) or isinstance(value, bool):
             problems.append(f"'{'.'.join(keys)}' must be {TYPE_WORDS[kind]}, got {value!r}")
+    for key in ("eval", "metrics"):  # optional, read by evaluate
+        if key in card and not isinstance(card[key], dict):
+            problems.append(f"'{key}' must be a table, got {card[key]!r}")
+    split = card.get("eval", {}).get("split", "test") if isinstance(card.get("eval"), dict) else "test"
+    if split not in SPLITS:
+        problems.append(f"'eval.split' must be one of {list(SPLITS)}, got {split!r}")
+    metrics = card.get("metrics", {})
+    if isinstance(metrics, dict) and not all(isinstance(m, dict) for m in metrics.values()):
+        problems.append(f"'metrics' must map each domain to its {{metric: value}}, got {metrics!r}")
     local = card.get("local_parameters", {})
     if not isinstance(local, dict) or not all(isinstance(v, dict) for v in local.values()):
         problems.append(f"'local_parameters' must map each domain to its {{weight: value}}, got {local!r}")
@@ -522,7 +531,14 @@ def load_recommender(
         raise DataError(f"model card {card_path(path)}: {exc}") from exc
     enc = card["encoder"]
     if encoder is None:
-        encoder = card_encoder(card).text_encoder()
+        from fedmerge.text.encoder import check_encoder_params
+
+        settings = card_encoder(card)
+        try:
+            check_encoder_params(settings.name, settings.params)
+        except ValueError as exc:
+            raise DataError(f"model card {card_path(path)}: encoder.params: {exc}") from exc
+        encoder = settings.text_encoder()
     if encoder.identity != enc["identity"] or int(encoder.dim) != int(enc["dim"]):
         raise FedmergeError(f"encoder {encoder.identity!r} (width {encoder.dim}) does not fit model {path}, "
                             f"whose card names encoder {enc['identity']!r} (width {enc['dim']})")

@@ -16,6 +16,7 @@ client modules. Light at import (torch and the data stack load on first use), as
 from __future__ import annotations
 
 import copy
+import json
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
@@ -149,7 +150,7 @@ class EncoderSettings:
 
     def text_encoder(self) -> TextEncoder:
         """The encoder, one instance per process."""
-        return _encoder(self.name, tuple(sorted(self.params.items())))
+        return _encoder(self.name, json.dumps(self.params, sort_keys=True))
 
     def feature_width(self, family: ModelFamily) -> int:
         """Width of ``family``'s item features under this encoder; reads the encoder's config, encodes nothing (θ₀ of
@@ -445,10 +446,12 @@ def _synthetic_domains(seed: int, sizes: SyntheticSizes) -> dict[str, Domain]:
 
 
 @lru_cache(maxsize=4)
-def _encoder(name: str, params: tuple[tuple[str, Any], ...]) -> TextEncoder:
+def _encoder(name: str, params_json: str) -> TextEncoder:
+    """The encoder ``name`` with the parameters ``params_json`` encodes (JSON: a list-valued parameter such as the
+    hashing encoder's ``ngram_sizes`` is a valid cache key too)."""
     from fedmerge.text import get_encoder
 
-    return get_encoder(name, **dict(params))
+    return get_encoder(name, **json.loads(params_json))
 
 
 def _merge_into(table: dict[str, Any], changes: Mapping[str, Any]) -> None:

@@ -353,6 +353,12 @@ def test_local_parameters_each_domain_serves_merges_with_its_own_last_item_bias(
     ({"local_parameters": {"synth-0": {"last_item_bias": float("nan")}}}, r"\['synth-0.last_item_bias'\] are not finite"),
     ({"local_parameters": {"synth-0": {"last_item_bias": "high"}}}, r"\['synth-0.last_item_bias'\] are not finite"),
     ({"local_parameters": [1.0]}, r"'local_parameters' must map each domain"),
+    # read by evaluate, and by the encoder it rebuilds: bare AttributeError / TypeError naming no card before
+    ({"eval": None}, r"'eval' must be a table, got None"),
+    ({"metrics": None}, r"'metrics' must be a table, got None"),
+    ({"eval.split": 3}, r"'eval.split' must be one of \['val', 'test'\], got 3"),
+    ({"metrics": {"synth-0": 0.5}}, r"'metrics' must map each domain"),
+    ({"encoder.params": {"dim": "x"}}, r"card .*: encoder.params: HashingEncoder: dim must be"),
 ])
 def test_a_malformed_card_is_a_data_error_naming_the_field(saved_copy, changes, message):
     _edit_card(saved_copy, **changes)

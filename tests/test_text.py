@@ -321,3 +321,13 @@ def test_a_failed_warm_up_worker_raises_with_its_exit_status(tmp_path: Path, mon
     monkeypatch.setattr(sys, "executable", "/bin/false")  # every worker process exits 1
     with pytest.raises(FedmergeError, match=r"parallel encoding worker for 3 texts failed \(exit 1\)"):
         warm_cache("hashing", {}, EmbeddingCache(tmp_path), [["a", "b", "c"], ["d", "e", "f"]], workers=2)
+
+
+def test_a_list_valued_encoder_parameter_builds_its_encoder_once() -> None:
+    """The per-process encoder cache keyed on the raw parameter items: a list (the hashing encoder's ngram_sizes,
+    which the scenario checks accept) crashed every run with "unhashable type: 'list'"."""
+    from fedmerge.config import load_scenario
+
+    cfg = load_scenario("quickstart", ['encoder.name="hashing"', "encoder.params={dim=16, ngram_sizes=[3, 4]}"])
+    encoder = cfg.encoder.text_encoder()
+    assert encoder.identity == "hashing:dim16:n3,4:seed0" and cfg.encoder.text_encoder() is encoder
