@@ -125,6 +125,14 @@ def test_truncated_tarball(tmp_path):
         ({"umap.json": {"rA": 0, "rB": 1}}, r"umap\.json: .*do not match"),
         ({"train.json": {"x": [0]}}, r"train\.json: user key 'x' is not an integer"),
         ({"train.json": {"0": "abc"}}, r"train\.json: user 0: expected a list of integer item indices"),
+        # json.loads kept the last copy of a repeated key; "00" and "0" both filled user 0's target, the last won
+        ({"train.json": '{"0": [0, 1], "1": [2], "0": [3], "2": [1]}'}, r"train\.json: key '0' occurs twice"),
+        ({"val.json": {"0": [2], "1": [0], "00": [1]}}, r"val\.json: user 00 is listed twice"),
+        ({"val.json": "[" * 100_000 + "]" * 100_000}, r"val\.json: invalid JSON"),  # a RecursionError before
+        ({"meta_data.json": {**TINY["meta_data.json"], "A1": {"title": "One", "brand": {"name": "B"}}}},
+         r"meta_data\.json: item 'A1': a field is a JSON object"),
+        ({"meta_data.json": {**TINY["meta_data.json"], "A1": {"title": float("nan")}}},
+         r"meta_data\.json: 1 items .*no text.*A1"),  # NaN was the text "nan"
     ],
 )
 def test_invalid_inputs_are_data_errors_naming_file_and_problem(tmp_path, overrides, pattern):
@@ -145,6 +153,72 @@ def test_missing_file_and_invalid_json_inside_tarball(tmp_path):
         archive.addfile(info, io.BytesIO(b""))
     with pytest.raises(DataError, match=r"Bare\.tar\.gz: missing .*train\.json"):
         load_domain(bare)
+
+
+def test_meta_values_are_read_as_the_generic_format_reads_them(tmp_path):
+    """str() of each value gave "True", "['Beauty', 'Skin']" and "nan" as item text; the generic format's rules
+    (field_text) apply to Amazon metadata too, and the strings of the real data keep their text."""
+    meta = {**TINY["meta_data.json"], "A1": {"title": " One ", "categories": [["Beauty", "Skin"], []], "new": True,
+                                             "rank": 1.5, "gone": None}}
+    catalog = load_amazon_domain(write_folder(tmp_path, **{"meta_data.json": meta})).catalog
+    assert catalog.fields[1] == {"title": "One", "categories": "Beauty, Skin", "new": "true", "rank": "1.5"}
+    assert catalog.texts()[1] == "One Categories: Beauty, Skin New: true Rank: 1.5"
+    assert catalog.texts()[0] == "Zero Brand: B"
+
+
+def test_field_text_walks_nested_lists_of_any_depth():
+    from fedmerge.data.domain import field_text
+
+    deep: list = ["x"]
+    for _ in range(5000):  # a recursive walk overflowed the stack near 1000 levels
+        deep = [deep, "y"]
+    assert field_text(deep) == ", ".join(["x", *["y"] * 5000])
+    assert field_text([1, [2.0, [float("inf"), None, " a "]], False]) == "1, 2.0, a, false"
+    with pytest.raises(TypeError):
+        field_text([[{"a": 1}]])
+
+
+def _tarball_with(tmp_path: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    tarball = tmp_path / "Tiny.tar.gz"
+    with tarfile.open(tarball, "w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            archive.addfile(info)
+    return tarball
+
+
+def test_a_tarball_whose_files_are_in_different_folders_or_links_is_refused(tmp_path):
+    """Each file was taken from whichever folder held it (A's users with B's catalog loaded silently); a link was
+    reported as a missing file; '../' names were read."""
+    files = {name: json.dumps(content).encode() for name, content in TINY.items()}
+    mixed = {f"{'B' if name in ('smap.json', 'meta_data.json') else 'A'}/{name}": data for name, data in files.items()}
+    with pytest.raises(DataError, match=r"in different folders: one domain's files must share one folder"):
+        load_domain(_tarball_with(tmp_path / "mixed", mixed))
+    linked = {f"T/{name}": data for name, data in files.items() if name != "train.json"}
+    with pytest.raises(DataError, match=r"T/train\.json is a link, not a file"):
+        load_domain(_tarball_with(tmp_path / "linked", linked, {"T/train.json": "/etc/passwd"}))
+    outside = {f"T/{name}": data for name, data in files.items() if name != "val.json"} | {"../val.json": files["val.json"]}
+    with pytest.raises(DataError, match=r"member '\.\./val\.json' points outside"):
+        load_domain(_tarball_with(tmp_path / "outside", outside))
+    folder_named_like_a_tarball = write_folder(tmp_path / "named", name="Tiny.tar.gz")
+    assert load_domain(folder_named_like_a_tarball).catalog.ids == ("A0", "A1", "A2", "A3")
+
+
+def test_saving_a_catalog_with_a_field_named_id_is_refused(tmp_path):
+    """items.jsonl keeps the item id under "id": the field overwrote it and the saved folder did not load back."""
+    from fedmerge.data import save_generic_domain
+
+    meta = {**TINY["meta_data.json"], "A1": {"title": "One", "id": "legacy-7"}}
+    domain = load_amazon_domain(write_folder(tmp_path, **{"meta_data.json": meta}))
+    with pytest.raises(DataError, match=r"1 items of 'Tiny' have a text field named 'id', e.g. \['A1'\]"):
+        save_generic_domain(domain, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def readme_counts(readme: Path) -> dict[str, tuple[int, int, int]]:

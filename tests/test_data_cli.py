@@ -86,6 +86,20 @@ def test_download_errors(tmp_path, tiny_source, capsys):
     assert "could not fetch" in capsys.readouterr().err  # Toys.tar.gz absent from the source folder
 
 
+def test_a_malformed_url_or_a_file_in_the_domains_place_is_a_clear_error(tmp_path, tiny_source, capsys):
+    """A malformed URL raised InvalidURL / ValueError past the fetch's error handling; a file where the domain's
+    folder goes was returned as the downloaded domain."""
+    dest = tmp_path / "dest"
+    for source, message in (("http://localhost:abc/", "could not fetch http://localhost:abc/Toys.tar.gz"),
+                            ("http://[::1/", "source http://[::1/: not a valid URL")):
+        assert main(["data", "download", "amazon", "--domains", "Toys", "--dest", str(dest), "--source", source]) == 1
+        assert message in capsys.readouterr().err
+    (dest / "Tiny").write_text("not a domain")
+    args = ["data", "download", "amazon", "--domains", "Tiny", "--dest", str(dest), "--source", str(tiny_source)]
+    assert main(args) == 1
+    assert f"{dest / 'Tiny'} exists and is not a folder" in capsys.readouterr().err
+
+
 def test_existing_domain_kept_unless_force(tmp_path, tiny_source):
     dest = tmp_path / "dest"
     (dest / "Tiny").mkdir(parents=True)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedmerge.checks import is_integer
-from fedmerge.data.domain import Domain, ItemCatalog, as_sequences, item_text
+from fedmerge.data.domain import Domain, ItemCatalog, as_sequences, field_text, item_text
 from fedmerge.data.generic import INTERACTIONS_FILE, ITEMS_FILE
 from fedmerge.errors import DataError
 
@@ -57,11 +57,26 @@ def source_stem(path: Path) -> str:
     return path.name
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object that names one key twice (``json.loads`` would keep the last copy silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"key {key!r} occurs twice in one object")
+        out[key] = value
+    return out
+
+
 def _parse_json(raw: bytes, label: str) -> Any:
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{label}: invalid JSON: {exc}") from None
+        return json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise DataError(f"{label}: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise DataError(f"{label}: invalid JSON: {exc or 'nested too deeply'}") from None
 
 
 def _check_size(label: str, size: int) -> None:
@@ -86,17 +101,27 @@ def _tarball_members(tarball: Path, wanted: set[str], seen: set[str]) -> Iterato
     """(file name, label for messages, bytes) of each wanted file member of the tarball, at the top level or one
     folder deep, in one streaming pass; each name once (a second copy is refused). ``seen`` collects every member's
     file name."""
-    found: set[str] = set()
+    found: dict[str, tuple[str, ...]] = {}  # file name -> the folder it came from
     try:
         with tarfile.open(tarball, "r|gz") as archive:
             for member in archive:
                 parts = Path(member.name).parts
                 seen.update(parts[-1:])
-                if not member.isfile() or len(parts) > 2 or parts[-1] not in wanted:
+                if len(parts) > 2 or parts[-1] not in wanted:
+                    continue
+                if member.name.startswith("/") or ".." in parts:
+                    raise DataError(f"{tarball}: member {member.name!r} points outside the tarball's folder")
+                if member.issym() or member.islnk():
+                    raise DataError(f"{tarball}: {member.name} is a link, not a file")
+                if not member.isfile():
                     continue
                 if parts[-1] in found:
                     raise DataError(f"{tarball}: holds {parts[-1]} twice")
-                found.add(parts[-1])
+                other = next(iter(found.items()), None)
+                if other is not None and other[1] != parts[:-1]:
+                    raise DataError(f"{tarball}: {member.name} and {'/'.join((*other[1], other[0]))} are in different "
+                                    "folders: one domain's files must share one folder")
+                found[parts[-1]] = parts[:-1]
                 _check_size(f"{tarball}:{member.name}", member.size)  # extractfile reads exactly member.size bytes
                 data = archive.extractfile(member).read()
                 yield parts[-1], f"{tarball}:{member.name}", data
@@ -128,7 +153,7 @@ def _read_tarball(tarball: Path, names: Iterable[str]) -> dict[str, Any]:
 def read_amazon_files(path: str | Path, names: Iterable[str] = AMAZON_FILES) -> tuple[dict[str, Any], str]:
     """Parsed JSON of the named files from a folder or tarball, plus a label for messages (``<path>``)."""
     path = Path(path)
-    if is_tarball(path):
+    if is_tarball(path) and not path.is_dir():
         if not path.is_file():
             raise DataError(f"{path}: no such tarball")
         return _read_tarball(path, names), str(path)
@@ -156,13 +181,21 @@ def _catalog(smap: Any, meta: Any, label: str) -> ItemCatalog:
     ids = [""] * len(smap)
     for asin, index in smap.items():
         ids[index] = asin
-    missing = [a for a in ids if not isinstance(meta.get(a), Mapping) or not item_text(meta[a])]
+    fields = []
+    for asin in ids:  # values as the generic format reads them (field_text): no "nan", "True" or "['a', 'b']"
+        record = meta.get(asin)
+        try:
+            fields.append({str(k): field_text(v) for k, v in record.items() if v is not None}
+                          if isinstance(record, Mapping) else {})
+        except TypeError:
+            raise DataError(f"{label}/meta_data.json: item {asin!r}: a field is a JSON object; give text, a number "
+                            "or a list of them") from None
+    missing = [a for a, f in zip(ids, fields) if not item_text(f)]
     if missing:
         raise DataError(
             f"{label}/meta_data.json: {len(missing)} items of smap.json have no text, e.g. {missing[:3]}"
         )
-    fields = tuple({str(k): str(v) for k, v in meta[a].items() if v is not None} for a in ids)
-    return ItemCatalog(ids=tuple(ids), fields=fields)
+    return ItemCatalog(ids=tuple(ids), fields=tuple(fields))
 
 
 def _user_index(key: str, file: str) -> int:
@@ -193,6 +226,8 @@ def _targets(data: Any, file: str, users: dict[int, int], n_items: int) -> np.nd
         items = _item_list(value, file, key, n_items)
         if len(items) != 1:
             raise DataError(f"{file}: user {key}: expected exactly one target item, got {len(items)}")
+        if targets[row] >= 0:
+            raise DataError(f"{file}: user {key} is listed twice (another key names the same user index)")
         targets[row] = items[0]
     return targets
 

@@ -8,6 +8,7 @@ A missing target is ``-1``. Model selection uses ``inputs("val")`` (input = trai
 
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,35 @@ if TYPE_CHECKING:
 
 Split = Literal["val", "test"]
 SPLITS: tuple[str, ...] = typing.get_args(Split)  # what a split may be named (evaluation's target item)
+
+
+def field_text(value: object) -> str:
+    """The text of one catalog field value as JSON holds it: strings stripped, numbers and booleans as JSON writes
+    them (every digit), (nested) lists joined with ", "; None, NaN, ±inf and empty values give "". TypeError for a
+    JSON object. Nested lists are walked without recursion (any depth)."""
+    if isinstance(value, list):
+        parts: list[str] = []
+        stack = [iter(value)]
+        while stack:
+            for inner in stack[-1]:
+                if isinstance(inner, list):
+                    stack.append(iter(inner))
+                    break
+                text = field_text(inner)
+                if text:
+                    parts.append(text)
+            else:
+                stack.pop()
+        return ", ".join(parts)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ""
+    if isinstance(value, dict):
+        raise TypeError("a JSON object")
+    return str(value).strip()
 
 
 def item_text(fields: Mapping[str, str]) -> str:

@@ -8,6 +8,7 @@ removed, so nothing half-unpacked is left behind.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import tarfile
@@ -50,7 +51,11 @@ def parse_domains(text: str | Sequence[str]) -> list[str]:
 def tarball_location(domain: str, source: str | Path | None = None) -> str:
     """Where ``<domain>.tar.gz`` comes from: a local folder, a URL prefix, or (default) MergeRec's repository."""
     source = DEFAULT_AMAZON_SOURCE if source is None else str(source)
-    if urllib.parse.urlparse(source).scheme in ("http", "https", "file", "ftp"):
+    try:
+        scheme = urllib.parse.urlparse(source).scheme
+    except ValueError as exc:
+        raise DataError(f"source {source}: not a valid URL ({exc})") from None
+    if scheme in ("http", "https", "file", "ftp"):
         return source.rstrip("/") + f"/{domain}.tar.gz"
     folder = Path(source)
     if not folder.is_dir():
@@ -74,8 +79,9 @@ def _fetch(location: str, target: Path) -> str:
                     digest.update(chunk)
                     out.write(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as exc:
-        raise DataError(f"could not fetch {location}: {exc}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+        # ValueError: a malformed URL (http://[::1/) or Content-Length; HTTPException: a bad port, a short read
+        raise DataError(f"could not fetch {location}: {type(exc).__name__}: {exc}") from None
     return digest.hexdigest()
 
 
@@ -106,6 +112,8 @@ def download_amazon(
     folders = []
     for domain in names:
         final = dest / domain
+        if final.exists() and not final.is_dir():
+            raise DataError(f"{final} exists and is not a folder: move it away (a domain unpacks into that folder)")
         if final.exists() and not force:
             logger.info("%s already present at %s; skipping (use force to replace)", domain, final)
             folders.append(final)

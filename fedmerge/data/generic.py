@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import re
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmerge.data.domain import Domain, ItemCatalog, as_sequences, item_text
+from fedmerge.data.domain import Domain, ItemCatalog, as_sequences, field_text, item_text
 from fedmerge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -78,10 +77,10 @@ def read_items_jsonl(file: Path) -> ItemCatalog:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{file}:{line_no}: invalid JSON: {exc}") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise DataError(f"{file}:{line_no}: invalid JSON: {exc or 'nested too deeply'}") from None
             raw_id = record.pop("id", None) if isinstance(record, dict) else None
-            item_id = _field_text(raw_id) if isinstance(raw_id, str | int | float) else ""
+            item_id = field_text(raw_id) if isinstance(raw_id, str | int | float) else ""
             if not item_id:
                 raise DataError(f"{file}:{line_no}: expected a JSON object with an 'id' field")
             if item_id in seen:
@@ -89,7 +88,7 @@ def read_items_jsonl(file: Path) -> ItemCatalog:
             text_fields = {}
             for key, value in record.items():
                 try:
-                    text = _field_text(value)
+                    text = field_text(value)
                 except TypeError:
                     raise DataError(f"{file}:{line_no}: item {item_id!r}: field {key!r} is a JSON object; give text, "
                                     "a number or a list of them") from None
@@ -104,22 +103,6 @@ def read_items_jsonl(file: Path) -> ItemCatalog:
     if not ids:
         raise DataError(f"{file}: no items")
     return ItemCatalog(ids=tuple(ids), fields=tuple(fields))
-
-
-def _field_text(value: Any) -> str:
-    """The text of one items.jsonl value: strings stripped, numbers and booleans as JSON writes them (every digit),
-    (nested) lists joined with ", "; None, NaN, ±inf and empty values give "". TypeError for a JSON object."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ""
-    if isinstance(value, list):
-        return ", ".join(t for t in map(_field_text, value) if t)
-    if isinstance(value, dict):
-        raise TypeError("a JSON object")
-    return str(value).strip()
 
 
 def parse_timestamp(text: str) -> float:
@@ -285,6 +268,10 @@ def save_generic_domain(domain: Domain, folder: str | Path) -> Path:
 
     Users without a val/test target are written with only their known items.
     """
+    named_id = [item for item, fields in zip(domain.catalog.ids, domain.catalog.fields) if "id" in fields]
+    if named_id:
+        raise DataError(f"{len(named_id)} items of {domain.name!r} have a text field named 'id', e.g. {named_id[:3]}: "
+                        f"the generic format's {ITEMS_FILE} holds the item id under that key; rename the field")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     user_ids = domain.user_ids or tuple(f"u{u}" for u in range(domain.n_users))
