@@ -162,7 +162,8 @@ def as_run(saved: dict, merged_names: list[str]) -> dict:
         if all(d in per_domain for d in merged_names):
             per_domain["average"] = {k: float(np.mean([per_domain[d][k] for d in merged_names]))
                                      for k in ("recall@10", "ndcg@10")}
-    return {"domains": list(next(iter(saved["results"].values()))), "models": models}
+    domains = list(next(iter(saved["results"].values())))
+    return {"domains": domains, "held_out": [d for d in domains if d not in merged_names], "models": models}
 
 
 def run_seeds(args: argparse.Namespace) -> None:

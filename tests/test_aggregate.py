@@ -49,6 +49,22 @@ def _run(values: dict[str, tuple[float, float]], warnings: list[str] = ()) -> di
     return {"domains": ["A", "B"], "held_out": [], "models": models, "warnings": list(warnings)}
 
 
+def test_an_average_over_fewer_training_domains_is_not_paired_and_is_named():
+    """A seed whose individual model lacked domain B averaged A alone, and that average was paired with the merges'
+    average over A and B (the ratio moved by the missing domain only); the dropped individual × B cell was silent."""
+    runs = {s: _run({"individual": (0.10, 0.04), "ties": (0.09, 0.05), "mergerec": (0.11, 0.05)}) for s in range(3)}
+    del runs[1]["models"]["individual"]["B"]
+    runs[1]["models"]["individual"]["average"] = {"recall@10": 0.10}
+    agg = aggregate_runs(runs, "recall@10", training_free=["ties"])
+    assert "vs_individual" not in agg["paired"]["merges"]["mergerec"]
+    assert agg["paired"]["merges"]["mergerec"]["vs_best_training_free"]["ratios"] == pytest.approx(
+        {s: 0.08 / 0.07 for s in range(3)})
+    assert "B" not in agg["models"]["individual"]
+    assert any("individual on B is missing from seed(s) [1]" in w for w in agg["warnings"])
+    assert any("the average of individual covers only some training domains (seed 1 lacks B)" in w
+               for w in agg["warnings"])
+
+
 def test_aggregate_runs_by_hand():
     runs = {
         0: _run({"individual": (0.10, 0.10), "average": (0.08, 0.08), "ties": (0.09, 0.07), "mergerec": (0.12, 0.12)}),
@@ -127,7 +143,16 @@ def test_held_out_domains_compare_every_model_with_theta0_and_the_best_single_do
     from fedmerge.runners.multiseed import aggregate_summary
 
     summary = aggregate_summary(agg)
-    assert "held-out H*, per-seed ratios of recall@10" in summary and "mergerec: theta0 1.2000 ± 0.2484" in summary
+    assert "held-out H*, per-seed ratios of recall@10" in summary and "mergerec: theta0 1.2000 [0.9516, 1.4484]" in summary
+
+
+def test_a_ratio_interval_that_excludes_one_is_printed_with_the_digits_that_show_it():
+    """"1.0000 ± 0.0000" read as a tie for an interval of [1.000015, 1.000065]."""
+    from fedmerge.runners.multiseed import _ratio_cell
+
+    assert _ratio_cell(interval([1.00003, 1.00004, 1.00005])) == "1.0000 [1.00002, 1.0001]"
+    assert _ratio_cell(interval([0.98, 1.0, 1.02])) == "1.0000 [0.9503, 1.0497]"
+    assert _ratio_cell(interval([1.07])) == "1.0700" and _ratio_cell(None) == "-"
 
 
 def test_parse_seeds_and_run_seeds_validation():

@@ -954,6 +954,28 @@ def test_pooling_refuses_what_is_not_one_study():
         pool_studies([user8, domain4], ["a", "b"])
 
 
+def test_pooling_keeps_the_count_of_seeds_that_reported_no_value():
+    """A pooled table is the one a single study over all the seeds writes: "(n of m seeds)" was lost when pooling
+    (only the present values were pooled), and a cell no seed of one study reported lost that study's seeds."""
+    from fedmerge.privacy.study import _format_interval, over_seeds, pool_studies
+
+    def study(seeds, values):
+        cell = over_seeds(values)
+        return {"study": {"seeds": seeds, "epsilons": ["inf"], "metric": "recall@10"},
+                "scenario": {"run": {"name": "x"}}, "releases_per_client": 1,
+                "utility": [{"unit": "none", "epsilon": "inf", "seeds": seeds, "noise_multiplier": 0.0,
+                             "metric": {"average": cell}}],
+                "probe": {"rows": [{"unit": "none", "epsilon": "inf", "attacks": {"loss": {"auc": cell}}}],
+                          "theta0": {}}}
+
+    single = over_seeds([0.07, None, 0.08, 0.09, None])
+    pooled = pool_studies([study([0, 1], [0.07, None]), study([2, 3], [0.08, 0.09]), study([4], [None])],
+                          ["a", "b", "c"])
+    cell = pooled["utility"][0]["metric"]["average"]
+    assert cell["missing_seeds"] == single["missing_seeds"] == 2 and cell["values"] == single["values"]
+    assert _format_interval(cell) == _format_interval(single) and "(3 of 5 seeds)" in _format_interval(cell)
+
+
 def test_pooling_compares_gram_noise_only_where_both_studies_ran_user_cells():
     """Text-LAE studies that recorded other ``privacy.gram_noise`` values are other studies when both ran unit "user"
     cells (the only cells the setting changes); a domain-only study pooled with a user one is not refused for it."""

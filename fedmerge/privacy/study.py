@@ -221,7 +221,8 @@ def over_seeds(values: Sequence[float | None]) -> dict[str, Any]:
 
     present = [v for v in values if v is not None]
     if not present:
-        return {"n": 0, "mean": None, "std": None, "half_width": None, "low": None, "high": None, "values": []}
+        return {"n": 0, "mean": None, "std": None, "half_width": None, "low": None, "high": None, "values": [],
+                **({"missing_seeds": len(values)} if values else {})}
     missing = len(values) - len(present)
     return {**interval(present), **({"missing_seeds": missing} if missing else {})}
 
@@ -451,22 +452,15 @@ def _over_seeds(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[s
 def _format_interval(value: Mapping[str, Any] | None, digits: int = 4) -> str:
     """"mean [low, high]" (just the mean for one seed), "(n of m seeds)" added when some seeds reported no value;
     "-" when missing."""
+    from fedmerge.runners.aggregate import format_bound
+
     if not value or value.get("mean") is None:
         return "-"
     missing = f" ({value['n']} of {value['n'] + value['missing_seeds']} seeds)" if value.get("missing_seeds") else ""
     if value["n"] < 2:
         return f"{value['mean']:.{digits}f}{missing}"
-    return f"{value['mean']:.{digits}f} [{_bound(value['low'], digits)}, {_bound(value['high'], digits)}]{missing}"
-
-
-def _bound(value: float, digits: int) -> str:
-    """An interval bound at ``digits`` decimals, more (up to 6) while it would round to 1 (a ratio's bound of 1.004
-    printed as 1.00 reads as covering 1.0: a tie it is not)."""
-    text = f"{value:.{digits}f}"
-    while float(text) == 1.0 and value != 1.0 and digits < 6:
-        digits += 1
-        text = f"{value:.{digits}f}"
-    return text
+    low, high = format_bound(value["low"], digits), format_bound(value["high"], digits)
+    return f"{value['mean']:.{digits}f} [{low}, {high}]{missing}"
 
 
 def paired_ratio(value: Mapping[str, Any] | None, reference: Mapping[str, Any] | None,
@@ -650,8 +644,10 @@ def plot_study(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any], s
 
 
 def _pooled(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One interval dict (:func:`over_seeds`) from several, over all their seeds' values."""
-    return over_seeds([v for part in parts for v in part["values"]])
+    """One interval dict (:func:`over_seeds`) from several, over all their seeds' values; the seeds that reported
+    no value stay counted (``missing_seeds``)."""
+    missing = sum(int(part.get("missing_seeds", 0)) for part in parts)
+    return over_seeds([v for part in parts for v in part["values"]] + [None] * missing)
 
 
 def _pool_scores(parts: Sequence[Mapping[str, Mapping[str, Any]]], label: str) -> dict[str, dict[str, Any]]:

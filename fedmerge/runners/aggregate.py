@@ -69,6 +69,16 @@ def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[st
             "values": x.tolist()}
 
 
+def format_bound(value: float, digits: int = 4) -> str:
+    """An interval bound at ``digits`` decimals, more (up to 6) while it would round to 1 (a ratio's bound of 1.00004
+    printed as 1.0000 reads as covering 1.0: a tie it is not)."""
+    text = f"{value:.{digits}f}"
+    while float(text) == 1.0 and value != 1.0 and digits < 6:
+        digits += 1
+        text = f"{value:.{digits}f}"
+    return text
+
+
 def paired_test(merged: Sequence[float], reference: Sequence[float]) -> dict[str, float | None]:
     """Paired t-test of ``merged`` against ``reference`` (same seeds, same order): ``{t, p}``, two-sided; None for
     fewer than two pairs or when the differences are equal up to rounding (1e-12 relative; the statistic is then
@@ -112,13 +122,31 @@ def aggregate_models(runs: Mapping[int, Mapping[str, Any]], confidence: float = 
     return out
 
 
+def partial_averages(runs: Mapping[int, Mapping[str, Any]], metric: str) -> dict[str, dict[int, list[str]]]:
+    """``{model: {seed: training domains it lacks metric on}}`` for the models whose ``average`` covers only some
+    training domains in some seed (a client rejected or its metrics left out there): that average is the mean of
+    other domains than the rest's, so it is not paired with them. Models with no training domain at all (a held-out
+    domain's ``individual_<d>``) are not listed."""
+    out: dict[str, dict[int, list[str]]] = {}
+    for seed, run in runs.items():
+        training = [d for d in run["domains"] if d not in run.get("held_out", [])]
+        for model, per_domain in run["models"].items():
+            missing = [d for d in training if not is_finite_number(per_domain.get(d, {}).get(metric))]
+            if 0 < len(missing) < len(training):
+                out.setdefault(model, {})[seed] = missing
+    return out
+
+
 def seed_averages(runs: Mapping[int, Mapping[str, Any]], metric: str) -> dict[str, dict[int, float]]:
-    """``{model: {seed: average over the training domains of metric}}`` for models every seed reports."""
+    """``{model: {seed: average over the training domains of metric}}`` for models every seed reports over every
+    training domain (:func:`partial_averages` are left out)."""
     first = next(iter(runs.values()))
+    partial = partial_averages(runs, metric)
     return {
         m: {s: float(r["models"][m][AVERAGE][metric]) for s, r in runs.items()}
         for m in first["models"]
-        if all(is_finite_number(r["models"].get(m, {}).get(AVERAGE, {}).get(metric)) for r in runs.values())
+        if m not in partial
+        and all(is_finite_number(r["models"].get(m, {}).get(AVERAGE, {}).get(metric)) for r in runs.values())
     }
 
 
@@ -238,9 +266,30 @@ def aggregate_runs(
         "paired": paired_comparisons(runs, metric, training_free, confidence),
         "held_out_paired": held_out_comparisons(runs, same_cutoff_metrics(metric, runs), confidence),
         "warnings": [*(f"seed {s}: {w}" for s, r in runs.items() for w in r.get("warnings", [])),
-                     *missing_model_warnings(runs)],
+                     *missing_model_warnings(runs), *missing_cell_warnings(runs, metric)],
         **({"note": ONE_SEED_NOTE} if len(runs) < 2 else {}),
     }
+
+
+def missing_cell_warnings(runs: Mapping[int, Mapping[str, Any]], metric: str) -> list[str]:
+    """One line per model × domain that some seeds report and others do not (left out of :func:`aggregate_models`),
+    and per model whose average covers only some training domains in some seed (:func:`partial_averages`: left out of
+    the paired comparisons)."""
+    lines = []
+    first = next(iter(runs.values()))
+    for model, per_domain in first["models"].items():
+        if not all(model in r.get("models", {}) for r in runs.values()):
+            continue  # missing_model_warnings says it
+        for domain in per_domain:
+            missing = [s for s, r in runs.items() if not isinstance(r["models"][model].get(domain), Mapping)]
+            if missing and domain != AVERAGE:
+                lines.append(f"{model} on {domain} is missing from seed(s) {missing}: that cell is left out of the "
+                             "aggregate")
+    for model, seeds in partial_averages(runs, metric).items():
+        where = "; ".join(f"seed {s} lacks {', '.join(d)}" for s, d in seeds.items())
+        lines.append(f"the average of {model} covers only some training domains ({where}): {model} is left out of "
+                     "the paired comparisons (its average is over other domains than the others')")
+    return lines
 
 
 def missing_model_warnings(runs: Mapping[int, Mapping[str, Any]]) -> list[str]:

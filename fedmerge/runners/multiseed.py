@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.errors import FedmergeError
-from fedmerge.runners.aggregate import aggregate_runs
+from fedmerge.runners.aggregate import aggregate_runs, format_bound
 from fedmerge.runners.results import RESULTS_FILE, aligned_rows
 from fedmerge.scenario import Scenario
 
@@ -164,13 +164,24 @@ def _cell(stats: Mapping[str, Any] | None) -> str:
     return f"{stats['mean']:.4f}" + ("" if half is None else f" ± {half:.4f}")
 
 
+def _ratio_cell(stats: Mapping[str, Any] | None) -> str:
+    """``1.0312 [1.0212, 1.0412]``: a ratio's mean and interval, each bound with the digits that tell it from 1.0
+    (:func:`~fedmerge.runners.aggregate.format_bound`: ``± 0.0000`` hid an interval that excludes 1.0)."""
+    if stats is None:
+        return "-"
+    if stats.get("half_width") is None:
+        return f"{stats['mean']:.4f}"
+    return f"{stats['mean']:.4f} [{format_bound(stats['low'])}, {format_bound(stats['high'])}]"
+
+
 def _comparison_cells(comparisons: Mapping[str, Any]) -> str:
-    """``theta0 1.0312 ± 0.0100 (p=0.04); best_individual ...``: each reference's ratio interval and paired p."""
+    """``theta0 1.0312 [1.0212, 1.0412] (p=0.04); best_individual ...``: each reference's ratio interval and paired
+    p."""
     parts = []
     for name, c in comparisons.items():
         p = c["test"]["p"]
         excluded = c.get("excluded_seeds", {})
-        parts.append(f"{name.removeprefix('vs_')} {_cell(c['ratio'])}" + ("" if p is None else f" (p={p:.3g})")
+        parts.append(f"{name.removeprefix('vs_')} {_ratio_cell(c['ratio'])}" + ("" if p is None else f" (p={p:.3g})")
                      + (f" [excluded seed(s) {[int(s) for s in excluded]}: {', '.join(sorted(set(excluded.values())))}]"
                         if excluded else ""))
     return "; ".join(parts)
