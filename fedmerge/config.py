@@ -317,6 +317,10 @@ def validate(cfg: Scenario) -> None:
         raise FedmergeError(f"run.seeds must list distinct integers >= 0 (empty: the single run.seed), got {seeds!r}")
     if not is_integer(cfg.run.seed) or cfg.run.seed < 0:
         raise FedmergeError(f"run.seed must be an integer >= 0, got {cfg.run.seed!r}")
+    name = cfg.run.name
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+        raise FedmergeError(f"run.name must be a name, not a path (it is the default output folder runs/<run.name>, "
+                            f"which --overwrite empties), got {name!r}")
     _validate_defences(cfg.federation)
     if cfg.federation.startup_timeout_s <= 0:
         raise FedmergeError(f"federation.startup_timeout_s must be > 0, got {cfg.federation.startup_timeout_s}")
@@ -478,12 +482,18 @@ def settings_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> tu
     return added, differing
 
 
+MAX_SEEDS = 10_000  # --seeds 0-1000000000 built a billion-element list before anything said no
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``"0-4"`` -> [0, 1, 2, 3, 4]; ``"0,2,5"`` -> [0, 2, 5]; ranges and single seeds may be mixed (``"0-2,7"``)."""
+    """``"0-4"`` -> [0, 1, 2, 3, 4]; ``"0,2,5"`` -> [0, 2, 5]; ranges and single seeds may be mixed (``"0-2,7"``);
+    at most :data:`MAX_SEEDS` seeds."""
     seeds: list[int] = []
     for part in (p.strip() for p in text.split(",")):
         first, dash, last = part.partition("-")
         try:
+            if dash and int(last) - int(first) >= MAX_SEEDS:
+                raise FedmergeError(f"--seeds {text!r}: {part!r} names more than {MAX_SEEDS} seeds")
             chunk = list(range(int(first), int(last) + 1)) if dash else [int(part)]
         except ValueError:
             chunk = []
@@ -493,6 +503,8 @@ def parse_seeds(text: str) -> list[int]:
         seeds += chunk
     if len(set(seeds)) != len(seeds):
         raise FedmergeError(f"--seeds {text!r} names a seed twice")
+    if len(seeds) > MAX_SEEDS:
+        raise FedmergeError(f"--seeds {text!r} names {len(seeds)} seeds, more than {MAX_SEEDS}")
     return seeds
 
 

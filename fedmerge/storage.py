@@ -152,6 +152,26 @@ def run_folder(
         os.close(fd)  # closing the only descriptor releases the flock
 
 
+def set_aside_unfinished(folder: str | Path) -> Path | None:
+    """Move what an unfinished run left in ``folder`` (trained client weights, a failed run's results: everything but
+    :data:`START_FILES`) into ``<folder>.unfinished-<UTC time>/`` beside it, so that a resumed multi-seed run or
+    privacy study can run that seed again without deleting computed files; returns that folder, or None when
+    ``folder`` held nothing."""
+    from datetime import datetime, timezone
+
+    folder = Path(folder)
+    entries = sorted(p for p in folder.iterdir() if _holds_files(p)) if folder.is_dir() else []
+    if not entries:
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    kept = folder.with_name(f"{folder.name}.unfinished-{stamp}")
+    kept.mkdir()
+    for entry in entries:
+        entry.rename(kept / entry.name)
+    logger.warning("%s held an unfinished run: its files moved to %s (nothing deleted); running it again", folder, kept)
+    return kept
+
+
 def _holds_files(path: Path) -> bool:
     """Whether ``path`` is, or contains, anything but :data:`START_FILES` and empty folders: what a run that failed
     before writing results or weights leaves (e.g. a multi-seed run's ``seed-0/.fedmerge.lock``) does not count as an

@@ -51,8 +51,6 @@ def build_server_app() -> ServerApp:
             out = run(grid, scenario, target, resuming, start)
         else:  # a plain `flwr run`: nobody else holds the folder or keeps the earlier results
             with run_folder(target, resume=resuming, overwrite=bool(context.run_config.get(OVERWRITE_KEY, False))):
-                if resuming:
-                    results_io.archive_results(target)
                 out = run(grid, scenario, target, resuming, start)
                 print(results_io.run_summary(out, scenario.eval.primary))  # noqa: T201  (the user's only view of the results)
         if out["status"] != "ok":

@@ -166,6 +166,20 @@ def test_parse_seeds_and_run_seeds_validation():
     assert apply_overrides(cfg, ["run.seeds=[0, 1]"]).run.seeds == (0, 1)
     with pytest.raises(FedmergeError, match="run.seeds"):
         apply_overrides(cfg, ["run.seeds=[1, 1]"])
+    # a huge range is refused before it is built (0-1000000000 ran out of time building a billion seeds)
+    with pytest.raises(FedmergeError, match=r"'0-1000000000' names more than 10000 seeds"):
+        parse_seeds("0-1000000000")
+    with pytest.raises(FedmergeError, match="names 10001 seeds, more than 10000"):
+        parse_seeds("0-9999,10000")
+    # --resume with --overwrite is refused for several seeds too (a single run refused it; seeds reached the engine)
+    from fedmerge.runners.simulation import simulate
+
+    with pytest.raises(FedmergeError, match="pass only one"):
+        simulate(apply_overrides(cfg, ["run.seeds=[0]"]), "unused", resume=True, overwrite=True)
+    # run.name is the default output folder runs/<run.name>: a path there pointed --overwrite anywhere
+    for name in ("", "..", "a/b", "/tmp"):
+        with pytest.raises(FedmergeError, match="run.name must be a name, not a path"):
+            apply_overrides(cfg, [f"run.name={name!r}"])
 
 
 def test_simulate_with_seeds_writes_seed_folders_and_aggregate_and_resumes_per_seed(tmp_path, capsys):
@@ -200,6 +214,9 @@ def test_simulate_with_seeds_writes_seed_folders_and_aggregate_and_resumes_per_s
     assert (out / "seed-0" / "results.json").stat().st_mtime_ns == stamp  # complete seed kept
     again = json.loads((out / "seed-1" / "results.json").read_text())
     assert again["models"] == seeds[1]["models"] and "resumed" not in again  # interrupted: re-run, the same figures
+    (aside,) = out.glob("seed-1.unfinished-*")  # the interrupted run's trained clients were deleted before
+    assert sorted(p.name for p in (aside / "clients").glob("*.safetensors")) == sorted(
+        p.name for p in (out / "seed-1" / "clients").glob("*.safetensors")) != []
     # another merge configuration (no FedAvg rounds): every seed merged again from its saved client weights
     assert main([*args, "--resume", '--set=merge.methods=["average","ties"]']) == 0
     remerged = json.loads((out / "seed-0" / "results.json").read_text())

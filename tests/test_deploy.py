@@ -205,6 +205,14 @@ def test_deploy_local_refuses_a_bad_tls_dir_before_touching_the_output_folder(tm
     with pytest.raises(FedmergeError, match="lies inside --out"):
         deploy_local("quickstart", tmp_path / "deploy", tls_dir=tmp_path / "deploy" / "tls", overwrite=True)
     assert earlier.read_text() == "{}" and (tmp_path / "deploy" / "tls" / "server.crt").is_file()
+    # so do the domains' private data (--data-root inside --out was deleted by --overwrite)
+    data = tmp_path / "deploy" / "data" / "shopA"
+    data.mkdir(parents=True)
+    (data / "interactions.csv").write_text("user,item,timestamp\n")
+    with pytest.raises(FedmergeError, match="the data root .* lies inside --out"):
+        deploy_local("quickstart", tmp_path / "deploy", overrides=['data.source="generic"', 'data.domains=["shopA"]'],
+                     data_root=tmp_path / "deploy" / "data", overwrite=True)
+    assert (data / "interactions.csv").is_file() and earlier.read_text() == "{}"
     generate(tmp_path / "pki", n_nodes=3, overwrite=True)
     (tmp_path / "pki" / "nodes" / "node-1.pub").unlink()
     with pytest.raises(FedmergeError, match=r"lacks the public key\(s\) .*node-1\.pub"):

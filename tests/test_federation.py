@@ -412,6 +412,8 @@ def test_resume_refuses_weights_from_another_configuration(cfg, tmp_path):
     fewer = apply_overrides(small, ['data.domains=["synth-0","synth-1"]'])
     with pytest.raises(FedmergeError, match=r"\['synth-2'\] .* not training domains"):
         run_scenario(fewer, "inprocess", tmp_path / "run", resume=True)
+    # a refused --resume leaves the run as it was (results.json was renamed before the saved weights were checked)
+    assert (tmp_path / "run" / "results.json").is_file() and not list((tmp_path / "run").glob("results.*.json"))
     theta0_file = tmp_path / "run" / "models" / "theta0.safetensors"
     save_weights(theta0_file, load_weights(theta0_file), {"config_sha256": "another run"})
     with pytest.raises(FedmergeError, match=r"theta0.safetensors: trained with a different"):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fedmerge.config import load_scenario
+from fedmerge.config import apply_overrides, load_scenario
 from fedmerge.errors import FedmergeError
 from fedmerge.storage import LOCK_FILE, run_folder, write_bytes_atomic
 
@@ -51,6 +51,10 @@ def test_non_empty_folder_refused_unless_resume_or_overwrite(cfg, tmp_path):
     assert (out / "clients" / "old-seed.safetensors").read_bytes() == b"weights of an earlier run"
     with pytest.raises(FedmergeError, match="pass only one"):
         run_scenario(cfg, "inprocess", out, resume=True, overwrite=True)
+    # a misspelt model parameter fails before --overwrite deletes anything (the in-process engine deleted first)
+    with pytest.raises(FedmergeError, match=r"hiden"):
+        run_scenario(apply_overrides(cfg, ["model.params.hiden=16"]), "inprocess", out, overwrite=True)
+    assert (out / "clients" / "old-seed.safetensors").read_bytes() == b"weights of an earlier run"
     results = run_scenario(cfg, "inprocess", out, overwrite=True)
     assert results["status"] == "ok"
     assert not (out / "clients" / "old-seed.safetensors").exists()

@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "scenario.toml (the resolved scenario), data/ (synthetic domains), flwr-home/, superlink.db")
     local.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default 3600)")
     local.add_argument("--overwrite", action="store_true",
-                       help="delete what an earlier deployment left in --out (a non-empty --out is refused otherwise)")
+                       help="delete everything in --out (what an earlier deployment left, and anything else there); "
+                       "a non-empty --out is refused otherwise")
     local.add_argument("--json", action="store_true",
                        help="print exactly one JSON object (status, results path, warnings) instead of the tables")
     local.set_defaults(func=run_local)

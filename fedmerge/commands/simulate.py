@@ -39,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="run once per seed (0-4, 0,2,5) into OUT/seed-<s>/ and aggregate means and 95 %% "
                         "intervals into OUT/aggregate.json (same as run.seeds); with --resume, complete seeds are kept")
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete the files an earlier run left in --out before this run (without it or --resume, "
-                        "a non-empty --out is refused)")
+                        help="delete everything in --out (the files an earlier run left, and anything else there) "
+                        "before this run; without it or --resume, a non-empty --out is refused")
     parser.set_defaults(func=run_simulate)
 
 

@@ -214,6 +214,10 @@ def deploy_local(
     if data_root is not None:  # the ServerApp reads the public catalogs there too, not only the SuperNodes their data
         cfg = cfg.with_changes(data={"root": str(Path(data_root).resolve())})
     out = Path(out_dir).resolve()
+    data_place = cfg.data.root_path().resolve() if cfg.data.source != "synthetic" else None
+    if data_place is not None and data_place.is_relative_to(out):
+        raise FedmergeError(f"the data root {data_place} lies inside --out {out}, which the deployment takes over "
+                            "(--overwrite empties it): give another --out")
     tls = None if tls_dir is None else given_tls_files(Path(tls_dir), len(cfg.data.domain_names()), out)  # before
     with run_folder(out, overwrite=overwrite, resumable=False):  # --out is touched (--overwrite deletes what it holds)
         return _deploy(cfg, out, data_root, tls, app, timeout_s, poll_s)

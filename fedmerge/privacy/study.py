@@ -259,7 +259,11 @@ def utility_sweep(
             if results is not None:
                 logger.info("privacy study: complete run of this cell in %s, kept", folder)
             else:
-                results = run_scenario(run_cfg, engine="inprocess", overwrite=overwrite or resume, out_dir=folder)
+                if resume:
+                    from fedmerge.storage import set_aside_unfinished
+
+                    set_aside_unfinished(folder)  # an unfinished run's files are moved aside, not deleted
+                results = run_scenario(run_cfg, engine="inprocess", overwrite=overwrite, out_dir=folder)
             models = results["models"]
             names = [m for m in (*study.methods, "fedavg", "theta0", "individual") if m in models]
             per_seed.append({m: models[m]["average"].get(metric) for m in names})
@@ -274,7 +278,8 @@ def utility_sweep(
 
 def kept_run(folder: Path, run_cfg: Scenario) -> dict[str, Any] | None:
     """``--resume``: the complete run of ``run_cfg`` in ``folder``, or None when nothing finished there (an unfinished
-    run's files are replaced); a complete run of another configuration is refused, not replaced."""
+    run's files are then moved aside, :func:`fedmerge.storage.set_aside_unfinished`); a complete run of another
+    configuration is refused, not replaced."""
     from fedmerge.runners.multiseed import finished_run, same_config
 
     results = finished_run(folder)

@@ -70,8 +70,9 @@ def resume_seed(single: Scenario, engine: str, folder: Path) -> dict[str, Any]:
     - it holds a complete run of another configuration: merged and evaluated again from its clients' saved weights
       when every training domain's were saved under this scenario's training settings and the run has no FedAvg
       rounds (as ``fedmerge simulate --resume``, which skips FedAvg); else refused (FedmergeError, nothing deleted);
-    - no complete run (an empty or interrupted folder): run from scratch; an interrupted run's partial files are
-      replaced (its FedAvg rounds never finished, and the complete seeds need every client).
+    - no complete run (an empty or interrupted folder): run from scratch (its FedAvg rounds never finished, and the
+      complete seeds need every client); an interrupted or failed run's files are moved beside the folder
+      (:func:`fedmerge.storage.set_aside_unfinished`), never deleted.
     """
     from fedmerge.runners.server import load_saved_run
     from fedmerge.runners.simulation import check_or_record_data, run_scenario
@@ -82,8 +83,11 @@ def resume_seed(single: Scenario, engine: str, folder: Path) -> dict[str, Any]:
         logger.info("seed %s: complete results in %s, kept", single.run.seed, folder)
         return done
     if finished_run(folder) is None:
+        from fedmerge.storage import set_aside_unfinished
+
         logger.info("seed %s: no complete run in %s, running from scratch", single.run.seed, folder)
-        return run_scenario(single, engine=engine, out_dir=folder, overwrite=True)
+        set_aside_unfinished(folder)
+        return run_scenario(single, engine=engine, out_dir=folder)
     try:
         _, saved, _ = load_saved_run(single, folder)
         missing = sorted(set(single.data.training_domains()) - set(saved))

@@ -942,7 +942,10 @@ def run_federation(
     start = time.perf_counter()
     saved, train_metrics = None, {}
     if resume:
+        from fedmerge.runners.results import archive_results
+
         theta0, saved, train_metrics = load_saved_run(cfg, out_path)
+        archive_results(out_path)  # once the saved run is accepted: a refused --resume leaves results.json alone
         if theta0 is None:
             logger.warning("no %s: regenerating θ₀ from the seed", model_path(out_path, "theta0"))
             theta0 = initial_weights(cfg)

@@ -60,16 +60,14 @@ def run_scenario(
         check_family_in_subprocess(cfg)
         for name in cfg.data.domain_names():
             cfg.load_domain(name)
+    else:  # before run_folder: a misspelt model.params key must not cost an --overwrite'd folder its files
+        cfg.make_checked_family()
     if out_dir is None:
         return _run_engine(cfg, engine, None, resume)
     from fedmerge.storage import run_folder
 
     with run_folder(out_dir, resume=resume, overwrite=overwrite):
         check_or_record_data(cfg, Path(out_dir), resume)
-        if resume:
-            from fedmerge.runners.results import archive_results
-
-            archive_results(out_dir)
         return _run_engine(cfg, engine, out_dir, resume)
 
 
@@ -82,6 +80,8 @@ def simulate(
     lists seeds, one run per seed into ``out_dir/seed-<s>/`` and their aggregate (means, 95 % intervals and paired
     ratios, as aggregate.json holds them; :func:`fedmerge.runners.multiseed.run_seeds`). ``out_dir``, ``resume``
     and ``overwrite`` as for :func:`run_scenario`; several seeds need an ``out_dir``."""
+    if resume and overwrite:  # run_scenario says so too, but a multi-seed run reached the engine first
+        raise FedmergeError("--resume re-uses the earlier run's files and --overwrite deletes them; pass only one")
     if scenario.run.seeds:
         if out_dir is None:
             raise FedmergeError(f"run.seeds = {list(scenario.run.seeds)}: several seeds need an output folder "
