@@ -857,6 +857,14 @@ def test_pooled_seeds_equal_one_study_over_all_seeds(tiny_scenario, tmp_path):
     for a, b in zip(joint["probe"]["rows"], pooled["probe"]["rows"]):
         assert all(b["attacks"][k][s]["values"] == a["attacks"][k][s]["values"] for k in a["attacks"] for s in a["attacks"][k])
     assert (tmp_path / "pooled" / "privacy.md").read_text() == (tmp_path / "both" / "privacy.md").read_text()
+    # pooling into a study's own folder replaced that study's results silently
+    from fedmerge.cli import main
+
+    own = (tmp_path / "s0" / "privacy.json").read_bytes()
+    parts = [str(tmp_path / name / "privacy.json") for name in ("s0", "s1")]
+    assert main(["privacy", "pool", *parts, "--out", str(tmp_path / "s0")]) == 1
+    assert (tmp_path / "s0" / "privacy.json").read_bytes() == own
+    assert main(["privacy", "pool", *parts, "--out", str(tmp_path / "pooled"), "--overwrite"]) == 0
 
 
 def test_studies_of_other_epsilons_pooled_equal_one_study_over_the_union(tiny_scenario, tmp_path):

@@ -34,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="privacy.json of each study (same settings and scenario; disjoint seeds, or the same "
                            "seeds and other epsilons or units)")
     pool.add_argument("--out", type=Path, required=True, help="folder for the pooled privacy.json, .md and .png")
+    pool.add_argument("--overwrite", action="store_true",
+                      help="replace a privacy.json/.md/.png already in --out (refused otherwise)")
     pool.set_defaults(func=pool_privacy)
 
 
@@ -50,6 +52,6 @@ def run_privacy(args: argparse.Namespace) -> int:
 def pool_privacy(args: argparse.Namespace) -> int:
     from fedmerge.privacy.study import write_pooled_study
 
-    print(write_pooled_study(args.studies, args.out))
+    print(write_pooled_study(args.studies, args.out, overwrite=args.overwrite))
     print(f"wrote {args.out / 'privacy.json'}, privacy.md and privacy.png")
     return 0

@@ -802,10 +802,16 @@ def _union_of_cells(studies: Sequence[Mapping[str, Any]], labels: Sequence[str])
             **({DOMAIN_USERS_KEY: studies[0][DOMAIN_USERS_KEY]} if DOMAIN_USERS_KEY in studies[0] else {})}
 
 
-def write_pooled_study(paths: Sequence[Path], out_dir: Path) -> str:
+def write_pooled_study(paths: Sequence[Path], out_dir: Path, overwrite: bool = False) -> str:
     """Pool the ``privacy.json`` files at ``paths`` (:func:`pool_studies`) into ``out_dir``: privacy.json, privacy.md
-    and privacy.png as :func:`run_study` writes them; returns the markdown table."""
+    and privacy.png as :func:`run_study` writes them; returns the markdown table. A study already in ``out_dir``
+    (one of the pooled ones, say) is refused unless ``overwrite``."""
     import json
+
+    existing = [name for name in ("privacy.json", "privacy.md", "privacy.png") if (Path(out_dir) / name).exists()]
+    if existing and not overwrite:
+        raise FedmergeError(f"{out_dir} already holds {', '.join(existing)} (a study's own results?): pool into "
+                            "another --out, or replace them with --overwrite")
 
     studies = []
     for path in paths:
