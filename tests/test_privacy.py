@@ -763,6 +763,11 @@ def test_a_study_run_in_two_halves_side_by_side_equals_the_whole_study(tmp_path,
     assert main(["privacy", "run", *grid, "--out", str(halves), "--only", "attacks"]) == 0
     assert sorted(p.relative_to(halves).as_posix() for p in halves.rglob("*.json")) == [
         "attacks/domain/eps-1/seed-0.json", "attacks/none/eps-inf/seed-0.json"]
+    # the attacks again without --resume or --overwrite: refused before anything runs (they were recomputed and
+    # written over the earlier files)
+    attacks = (halves / "attacks" / "none" / "eps-inf" / "seed-0.json").read_bytes()
+    assert main(["privacy", "run", *grid, "--out", str(halves), "--only", "attacks"]) == 1
+    assert (halves / "attacks" / "none" / "eps-inf" / "seed-0.json").read_bytes() == attacks
     assert main(["privacy", "run", *grid, "--out", str(halves), "--only", "utility", "--resume"]) == 0
     assert "probe" not in json.loads((halves / "privacy.json").read_text())
     assert not (halves / "privacy.md").exists()

@@ -405,6 +405,16 @@ def attack_record(
     }
 
 
+def check_no_earlier_attacks(out_dir: Path, study: PrivacyStudySettings) -> None:
+    """FedmergeError when ``out_dir`` already holds an attack file of one of the study's cells (a new study without
+    ``--resume`` or ``--overwrite`` recomputed and replaced them silently), before anything runs."""
+    earlier = [path for u, e in cells(study) for s in study.seeds if (path := attack_file(out_dir, u, e, s)).exists()]
+    if earlier:
+        raise FedmergeError(f"{out_dir} already holds attack scores of an earlier study ({earlier[0]}"
+                            f"{', ...' if len(earlier) > 1 else ''}): --resume reads them back, --overwrite replaces "
+                            "them, or choose another --out")
+
+
 def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | None = None,
                  resume: bool = False) -> dict[str, Any]:
     """Attack scores (:func:`attack_record`) against the member-trained probe client in every cell, and against θ₀
@@ -889,6 +899,8 @@ def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwri
         raise FedmergeError(f"unknown study part {part!r}; valid: {', '.join(STUDY_PARTS)}")
     if overwrite and resume:
         raise FedmergeError("--resume keeps an earlier study's runs and --overwrite replaces them; pass only one")
+    if part != "utility" and not resume and not overwrite:
+        check_no_earlier_attacks(out_dir, study)
     from fedmerge.runners.client import reusing_updates
 
     out_dir.mkdir(parents=True, exist_ok=True)
