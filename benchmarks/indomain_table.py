@@ -49,7 +49,7 @@ def cell(path: Path, model: str, out: Path, encoder: str, settings: list[str], s
     if metrics_file.is_file():
         why = "no command.json records how" if recorded is None else f"trained with {recorded}, now {command}"
         print(f"{out}: its metrics.json is stale ({why}); training again", file=sys.stderr)
-    if fedmerge_main(train_args) != 0:
+    if fedmerge_main([*train_args, "--overwrite"]) != 0:  # the cell is stale or new: its folder is this script's
         raise SystemExit(f"fedmerge train failed for {path} / {model}")
     command_file.write_text(json.dumps(command))
     return json.loads(metrics_file.read_text())

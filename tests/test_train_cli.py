@@ -68,6 +68,20 @@ def test_unknown_model_is_one_line_error(domain_dir, tmp_path, capsys) -> None:
     assert "\n" not in err and "nope" in err and "ease" in err and "text-lae" in err
 
 
+def test_a_second_training_into_the_same_folder_is_refused_unless_overwrite(domain_dir, tmp_path, capsys) -> None:
+    """The default runs/train/<domain>-<model> is the same for every seed and --set: each training replaced the
+    last one's metrics and weights."""
+    out = tmp_path / "out"
+    args = ["train", "--data", str(domain_dir), "--model", "ease", "--out", str(out), "--set", "lam=10"]
+    assert main(args) == 0
+    first = (out / "metrics.json").read_text()
+    assert main([*args[:-1], "lam=500"]) == 1
+    assert "already holds an earlier run's files (metrics.json)" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == first
+    assert main([*args[:-1], "lam=500", "--overwrite"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["hyperparameters"]["lam"] == 500
+
+
 def test_bad_parameter_is_one_line_error(domain_dir, tmp_path, capsys) -> None:
     assert main(["train", "--data", str(domain_dir), "--model", "ease", "--out", str(tmp_path),
                  "--set", "lambda=3"]) == 1

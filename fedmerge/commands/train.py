@@ -19,6 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of θ₀ and of training")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="params",
                         help="model parameter, TOML value; a list is a validation grid (lam=[10,50]); repeatable")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an earlier training's files in --out first (a non-empty --out is refused "
+                        "otherwise)")
     parser.set_defaults(func=run_train)
 
 
@@ -26,7 +29,8 @@ def run_train(args: argparse.Namespace) -> int:
     from fedmerge.runners.indomain import train_and_evaluate
 
     params = parse_params(args.params)
-    report, path = train_and_evaluate(args.model, params, args.data, args.encoder, args.seed, args.out)
+    report, path = train_and_evaluate(args.model, params, args.data, args.encoder, args.seed, args.out,
+                                      overwrite=args.overwrite)
     print(f"{report['domain']} {args.model} {report['hyperparameters']}: test recall@10 {report['recall@10']:.4f} "
           f"ndcg@10 {report['ndcg@10']:.4f} (masked {report['recall@10_masked']:.4f} / "
           f"{report['ndcg@10_masked']:.4f}), {report['users']} users; fit {report['fit_seconds']:.1f}s, "

@@ -84,30 +84,37 @@ def train_family(
 
 
 def train_and_evaluate(
-    model: str, params: dict[str, Any], data: Path, encoder: str, seed: int, out: Path | None = None
+    model: str, params: dict[str, Any], data: Path, encoder: str, seed: int, out: Path | None = None,
+    overwrite: bool = False,
 ) -> tuple[dict[str, Any], Path]:
     """Fit ``model`` on the domain at ``data``, evaluate it on the test users and write ``out/metrics.json`` (default
     ``out``: ``runs/train/<domain>-<model>``); returns (the report: test metrics at the top level, then domain,
-    model, seed, encoder, hyper-parameters, fit and eval seconds; the metrics file)."""
+    model, seed, encoder, hyper-parameters, fit and eval seconds; the metrics file). ``out`` is held like a run's
+    folder (:func:`fedmerge.storage.run_folder`): an earlier training's files there are refused unless
+    ``overwrite``, after the model and its parameters are checked."""
     from fedmerge.data import load_domain
     from fedmerge.metrics import evaluate_scorer
-    from fedmerge.storage import write_json_atomic
+    from fedmerge.storage import run_folder, write_json_atomic
 
     if model not in model_names():  # before reading any data
         raise FedmergeError(f"unknown model {model!r}; valid: {', '.join(model_names())}{FAMILIES.failures()}")
+    if model in FAMILIES:  # bad parameters fail before the output folder is touched
+        get_family(model, **params)
+    else:
+        get_recommender(model, **params)
     domain = load_domain(data)
     out = out or Path("runs") / "train" / f"{domain.name}-{model}"
-    out.mkdir(parents=True, exist_ok=True)
-    if model in FAMILIES:
-        scorer, report = train_family(model, params, domain, encoder, seed, out)
-    else:
-        scorer, report = train_recommender(model, params, domain, encoder)
-    start = time.perf_counter()
-    metrics = evaluate_scorer(scorer, domain, split="test")
-    if "weights" in report:
-        from fedmerge.recommender import update_card
+    with run_folder(out, overwrite=overwrite, resumable=False):
+        if model in FAMILIES:
+            scorer, report = train_family(model, params, domain, encoder, seed, out)
+        else:
+            scorer, report = train_recommender(model, params, domain, encoder)
+        start = time.perf_counter()
+        metrics = evaluate_scorer(scorer, domain, split="test")
+        if "weights" in report:
+            from fedmerge.recommender import update_card
 
-        update_card(report["weights"], metrics={domain.name: metrics})
-    report = {**metrics, "domain": domain.name, "model": model, "seed": seed, "encoder": encoder,
-              **report, "eval_seconds": time.perf_counter() - start}
-    return report, write_json_atomic(out / METRICS_FILE, report)
+            update_card(report["weights"], metrics={domain.name: metrics})
+        report = {**metrics, "domain": domain.name, "model": model, "seed": seed, "encoder": encoder,
+                  **report, "eval_seconds": time.perf_counter() - start}
+        return report, write_json_atomic(out / METRICS_FILE, report)
