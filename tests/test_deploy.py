@@ -738,6 +738,14 @@ def test_a_server_certificate_from_an_existing_offline_ca(tmp_path, capsys):
     assert (tmp_path / "link" / "ca.crt").read_bytes() == offline.ca_cert.read_bytes()
     assert not (tmp_path / "link" / "ca.key").exists()  # the CA key stays where it was
     assert "ca.key" not in capsys.readouterr().out.split("server certificate")[1]
+    # that folder is a deployment's --tls-dir as it is (it was refused for lacking the ca.key it never reads)
+    from fedmerge.deploy.certs import load_tls_dir
+
+    assert load_tls_dir(tmp_path / "link").server_cert == tmp_path / "link" / "server.crt"
+    # an empty host name: refused before any file is written (a raw cryptography error, and a ca.key left behind)
+    assert main(["deploy", "certs", "--out", str(tmp_path / "empty-host"), "--host", ""]) == 1
+    assert "host names must be non-empty" in capsys.readouterr().err
+    assert not (tmp_path / "empty-host" / "ca.key").exists()
     other = generate(tmp_path / "other", n_nodes=0)
     (tmp_path / "mixed").mkdir()
     (tmp_path / "mixed" / "ca.crt").write_bytes(offline.ca_cert.read_bytes())

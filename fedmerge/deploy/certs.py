@@ -235,13 +235,17 @@ def generate(
     if not overwrite and any(p.exists() for p in (ca_cert_path, ca_key_path, server_cert_path, server_key_path)):
         raise FedmergeError(f"{out} already holds certificates; --force (overwrite=True) replaces them, the CA "
                              "included unless --ca names the one to keep, so every data owner would need a new ca.crt")
+    empty = [h for h in hosts if not str(h).strip()]
+    if empty:
+        raise ValueError(f"host names must be non-empty, got {list(hosts)!r}")
     if ca is not None:
         ca_key, ca_cert = load_ca(Path(ca))
         ca_key_path = Path(ca) / "ca.key"
     else:
         ca_key, ca_cert = make_ca(days=days)
+    server_key, server_cert = make_server_cert(ca_key, ca_cert, list(hosts), days=days)  # before anything is written
+    if ca is None:
         _write(ca_key_path, _pem_key(ca_key), private=True)
-    server_key, server_cert = make_server_cert(ca_key, ca_cert, list(hosts), days=days)
     _write(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
     _write(server_key_path, _pem_key(server_key), private=True)
     _write(server_cert_path, server_cert.public_bytes(serialization.Encoding.PEM))
@@ -252,10 +256,11 @@ def generate(
 
 def load_tls_dir(path: Path) -> TlsFiles:
     """The files of a directory written by :func:`generate`; a clear error if any is missing or the server
-    certificate cannot work (:func:`check_server_cert`)."""
+    certificate cannot work (:func:`check_server_cert`). ``ca.key`` may be absent (``deploy certs --ca`` keeps the
+    CA's key where it was, offline; a deployment never reads it)."""
     path = Path(path)
     files = [path / n for n in ("ca.crt", "ca.key", "server.crt", "server.key")]
-    missing = [str(f) for f in files if not f.is_file()]
+    missing = [str(f) for f in files if not f.is_file() and f.name != "ca.key"]
     if missing:
         raise FedmergeError(f"TLS directory {path} lacks {', '.join(missing)}; create it with `fedmerge deploy certs`")
     check_server_cert(files[0], files[2], files[3])
