@@ -152,6 +152,13 @@ def run_folder(
         os.close(fd)  # closing the only descriptor releases the flock
 
 
+def check_output_folder(path: str | Path, flag: str = "--out") -> None:
+    """FedmergeError naming ``flag`` when ``path`` exists and is not a folder (it surfaced as "[Errno 17] File
+    exists")."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise FedmergeError(f"{flag} {path} is a file, not a folder")
+
+
 def set_aside_unfinished(folder: str | Path) -> Path | None:
     """Move what an unfinished run left in ``folder`` (trained client weights, a failed run's results: everything but
     :data:`START_FILES`) into ``<folder>.unfinished-<UTC time>/`` beside it, so that a resumed multi-seed run or

@@ -100,6 +100,14 @@ def test_a_malformed_url_or_a_file_in_the_domains_place_is_a_clear_error(tmp_pat
     assert f"{dest / 'Tiny'} exists and is not a folder" in capsys.readouterr().err
 
 
+def test_an_out_that_is_a_file_is_named(tmp_path, capsys):
+    """`data synth --out afile` said "[Errno 20] Not a directory: 'afile/synth-0'"."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["data", "synth", "--out", str(afile), "--domains", "1", "--users", "20", "--items", "10"]) == 1
+    assert f"--out {afile} is a file, not a folder" in capsys.readouterr().err
+
+
 def test_existing_domain_kept_unless_force(tmp_path, tiny_source):
     dest = tmp_path / "dest"
     (dest / "Tiny").mkdir(parents=True)

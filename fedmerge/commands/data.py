@@ -11,6 +11,7 @@ from fedmerge.data import load_domain, save_generic_domain
 from fedmerge.data.download import AMAZON_SHA256, DEFAULT_AMAZON_SOURCE, download_amazon
 from fedmerge.data.split import save_split
 from fedmerge.data.synthetic import SYNTHETIC_SIZES, make_synthetic_domains
+from fedmerge.storage import check_output_folder
 
 
 # `data synth` flag -> make_synthetic_domains / [data.synthetic] key (defaults: SYNTHETIC_SIZES)
@@ -105,6 +106,7 @@ def run_synth(args: argparse.Namespace) -> int:
                                 "domains")
         sizes, seed = asdict(cfg.data.synthetic), cfg.run.seed
     sizes.update(given)
+    check_output_folder(args.out)
     domains = make_synthetic_domains(**sizes, seed=seed if args.seed is None else args.seed)
     for domain in domains:
         print(save_generic_domain(domain, args.out / domain.name))
@@ -112,6 +114,7 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_split(args: argparse.Namespace) -> int:
+    check_output_folder(args.out)
     domain = load_domain(args.path, args.name)
     manifest = save_split(domain, args.by, args.out, args.groups, args.words, args.min_users, source=str(args.path))
     for row in manifest:

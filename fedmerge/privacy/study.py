@@ -51,7 +51,7 @@ import numpy as np
 
 from fedmerge.checks import is_integer, is_number
 from fedmerge.errors import FedmergeError
-from fedmerge.storage import write_json_atomic
+from fedmerge.storage import check_output_folder, write_json_atomic
 from fedmerge.scenario import Scenario
 
 if TYPE_CHECKING:
@@ -818,6 +818,7 @@ def write_pooled_study(paths: Sequence[Path], out_dir: Path, overwrite: bool = F
     (one of the pooled ones, say) is refused unless ``overwrite``."""
     import json
 
+    check_output_folder(out_dir)
     existing = [name for name in ("privacy.json", "privacy.md", "privacy.png") if (Path(out_dir) / name).exists()]
     if existing and not overwrite:
         raise FedmergeError(f"{out_dir} already holds {', '.join(existing)} (a study's own results?): pool into "
@@ -899,6 +900,7 @@ def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwri
         raise FedmergeError(f"unknown study part {part!r}; valid: {', '.join(STUDY_PARTS)}")
     if overwrite and resume:
         raise FedmergeError("--resume keeps an earlier study's runs and --overwrite replaces them; pass only one")
+    check_output_folder(out_dir)
     if part != "utility" and not resume and not overwrite:
         check_no_earlier_attacks(out_dir, study)
     from fedmerge.runners.client import reusing_updates
