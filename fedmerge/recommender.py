@@ -539,9 +539,14 @@ def load_recommender(
         except ValueError as exc:
             raise DataError(f"model card {card_path(path)}: encoder.params: {exc}") from exc
         encoder = settings.text_encoder()
-    if encoder.identity != enc["identity"] or int(encoder.dim) != int(enc["dim"]):
+    earlier = enc["identity"] in getattr(encoder, "earlier_identities", ())
+    if (encoder.identity != enc["identity"] and not earlier) or int(encoder.dim) != int(enc["dim"]):
         raise FedmergeError(f"encoder {encoder.identity!r} (width {encoder.dim}) does not fit model {path}, "
                             f"whose card names encoder {enc['identity']!r} (width {enc['dim']})")
+    if earlier:
+        logger.warning("%s: its card names encoder %r, an identity from before identities covered the model files' "
+                       "bytes; the files now give %r (a model folder changed in place since would not be seen)",
+                       path, enc["identity"], encoder.identity)
     width = family.feature_width(int(encoder.dim))
     if width != int(card["feature_width"]):
         raise FedmergeError(f"family {family.name!r} makes features of width {width} from encoder "

@@ -309,6 +309,22 @@ def test_testtime_merge_is_skipped_with_a_warning_when_its_teacher_client_was_le
     assert merged == {} and report == {"synth-2": {"skipped": "teacher 'synth-1' has no usable update"}}
 
 
+def test_the_testtime_merge_does_not_depend_on_the_order_the_replies_arrived_in(cfg):
+    """Flower hands the updates over in arrival order: λ's rows, DARE's masks and the pseudo-users followed it, so two
+    runs of one seed gave other test-time merges (merge_replies sorted its input; this path did not)."""
+    from fedmerge.runners.server import testtime_merges
+
+    held = apply_overrides(cfg, ['data.held_out=["synth-2"]', 'merge.methods=["mergerec_testtime"]'])
+    theta0 = initial_weights(held)
+    generator = torch.Generator().manual_seed(0)
+    models = {d: {n: t + 0.05 * torch.randn(t.shape, generator=generator) if t.is_floating_point() else t
+                  for n, t in theta0.items()} for d in ("synth-0", "synth-1")}
+    first, _ = testtime_merges(theta0, models, held)
+    swapped, _ = testtime_merges(theta0, dict(reversed(models.items())), held)
+    for name, tensor in first["synth-2"].items():
+        torch.testing.assert_close(swapped["synth-2"][name], tensor, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("concurrency", [[], ["federation.parallel_clients=1", "run.torch_threads=0"]],
                          ids=["one-clientapp-per-cpu", "one-clientapp-with-every-cpu"])
 def test_flower_simulation_matches_inprocess(cfg, tmp_path, concurrency):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -129,6 +130,30 @@ def test_identity_separates_settings() -> None:
         get_encoder("minilm", precision="int8")
     assert text_key(base.identity, "x") != text_key(SentenceEncoder(max_length=32).identity, "x")
     assert text_key("a", "x") != text_key("a", "y")
+
+
+def test_identity_covers_the_model_files_bytes_and_the_position_limit(tmp_path) -> None:
+    """Two model folders with the same config and weight files of the same size (a fine-tuned copy, a model replaced
+    in place) had one identity, so the embedding cache served one model's rows for the other; a max_length past
+    the model's positions failed only on the first long text (a raw tensor-size error)."""
+    from fedmerge.errors import FedmergeError
+
+    config = json.dumps({"hidden_size": 8, "max_position_embeddings": 128})
+    folders = []
+    for name, weights, vocab in (("a", b"1" * 100, "x"), ("b", b"2" * 100, "x"), ("c", b"1" * 100, "y")):
+        folder = tmp_path / name / "model"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(config)
+        (folder / "model.safetensors").write_bytes(weights)
+        (folder / "vocab.txt").write_text(vocab)
+        folders.append(folder)
+    a, b, c = (SentenceEncoder(f, progress=False) for f in folders)
+    assert len({a.identity, b.identity, c.identity}) == 3  # other weight bytes, other tokenizer: other encoders
+    assert a.earlier_identities == b.earlier_identities  # the coarse identity older model cards hold
+    assert SentenceEncoder(folders[0], progress=False).identity == a.identity
+    assert SentenceEncoder(folders[0], max_length=128).dim == 8
+    with pytest.raises(FedmergeError, match=r"max_length = 129 exceeds the 128 positions"):
+        SentenceEncoder(folders[0], max_length=129)
 
 
 def test_mean_pool_ignores_masked_tokens() -> None:

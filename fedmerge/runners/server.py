@@ -274,6 +274,7 @@ def testtime_merges(
     held_out = cfg.data.held_out_domains()
     if TESTTIME_METHOD not in cfg.merge.methods or not held_out:
         return {}, {}
+    models = {d: models[d] for d in sorted(models)}  # as merge_replies: not the order the replies arrived in
     family, testtime = cfg.model.make_family(), cfg.merge.testtime
     seen = {d: cfg.encoder.item_features(cfg.load_catalog(d), family) for d in models} if testtime.include_seen else {}
     config = cfg.mergerec_config(testtime.granularity)

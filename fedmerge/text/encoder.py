@@ -91,12 +91,54 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
 
 
+# files of a model folder besides config.json and the weights that change what it embeds
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "merges.txt",
+                   "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+_FILE_DIGESTS: dict[tuple[str, int, int], bytes] = {}  # (path, size, mtime_ns) -> sha256 of the bytes, per process
+
+
+def _file_digest(path: Path) -> bytes:
+    """sha256 of a file's bytes, read once per process while its size and modification time stay the same."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        _FILE_DIGESTS[key] = digest.digest()
+    return _FILE_DIGESTS[key]
+
+
 def _folder_fingerprint(folder: Path) -> str:
-    """Short sha256 over config.json and the names and sizes of the weight files (cheap; no weights are read)."""
+    """Short sha256 over the bytes of config.json, the tokenizer files and the weight files (read once per process
+    and file): a fine-tuned copy of a model with the same shapes, or a model replaced in place, is another encoder
+    (its names and sizes alone, :func:`_legacy_folder_fingerprint`, were the same)."""
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in (*(folder / name for name in TOKENIZER_FILES), *weight_files(folder)):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + _file_digest(path))
+    return digest.hexdigest()[:12]
+
+
+def _legacy_folder_fingerprint(folder: Path) -> str:
+    """The fingerprint identities had before 2026-12-07: config.json and the weight files' names and sizes only
+    (accepted on earlier model cards, :attr:`SentenceEncoder.earlier_identities`)."""
     digest = hashlib.sha256((folder / "config.json").read_bytes())
     for weights in weight_files(folder):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
     return digest.hexdigest()[:12]
+
+
+def _hub_snapshot(name: str) -> Path | None:
+    """The local Hugging Face cache folder of hub model ``name``'s current snapshot, if cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -177,19 +219,25 @@ class SentenceEncoder:
             require_packages()
         if model is None:
             self.model_source = str(default_model_path())
-            label, fingerprint = DEFAULT_MODEL_LABEL, _folder_fingerprint(Path(self.model_source))
+            label, folder = DEFAULT_MODEL_LABEL, Path(self.model_source)
         elif _looks_like_path(str(model)):
             folder = Path(model).expanduser().resolve()
             if not (folder / "config.json").is_file():
                 problem = "does not exist" if not folder.exists() else "has no config.json"
                 raise FedmergeError(f"text encoder model folder {folder} {problem}")
-            self.model_source = str(folder)
-            label, fingerprint = folder.name, _folder_fingerprint(folder)
+            self.model_source, label = str(folder), folder.name
         else:
             check_encoder_name(str(model))
-            self.model_source = str(model)
-            label, fingerprint = str(model), "hub"
-        self.dim = self._read_hidden_size()
+            self.model_source, label = str(model), str(model)
+            folder = _hub_snapshot(str(model))  # the snapshot's files: a new revision is another encoder
+        fingerprint = _folder_fingerprint(folder) if folder is not None else "hub"
+        local = model is None or _looks_like_path(str(model))
+        earlier = _legacy_folder_fingerprint(folder) if local else "hub"  # a hub model's identity said "hub" only
+        self.dim, max_positions = self._read_model_sizes()
+        if max_positions is not None and max_length > max_positions:
+            raise FedmergeError(f"text encoder max_length = {max_length} exceeds the {max_positions} positions of "
+                                f"model {self.model_source!r} (max_position_embeddings): use max_length <= "
+                                f"{max_positions}")
         self.max_length = max_length
         self.batch_size = batch_size
         self.progress = progress
@@ -199,16 +247,17 @@ class SentenceEncoder:
         self.backend = backend
         if backend == "onnxruntime":
             self._device = "cpu"
-        self.identity = (
-            f"sentence:{label}:{fingerprint}:mean:len{max_length}:{'l2' if normalize else 'raw'}"
-            f"{':bf16' if precision == 'bfloat16' else ''}{':ort' if backend == 'onnxruntime' else ''}"
-        )
+        settings = (f":mean:len{max_length}:{'l2' if normalize else 'raw'}"
+                    f"{':bf16' if precision == 'bfloat16' else ''}{':ort' if backend == 'onnxruntime' else ''}")
+        self.identity = f"sentence:{label}:{fingerprint}{settings}"
+        # what the identity of this very encoder was before it covered the files' bytes: accepted on older model cards
+        self.earlier_identities = tuple({f"sentence:{label}:{earlier}{settings}"} - {self.identity})
         self._tokenizer: Any = None
         self._model: Any = None
 
-    def _read_hidden_size(self) -> int:
-        """Embedding width from the model config; local folders are read as JSON to avoid importing transformers
-        (slow) when only cached embeddings are needed."""
+    def _read_model_sizes(self) -> tuple[int, int | None]:
+        """(embedding width, position limit or None) from the model config; local folders are read as JSON to avoid
+        importing transformers (slow) when only cached embeddings are needed."""
         local_config = Path(self.model_source) / "config.json"
         try:
             if local_config.is_file():
@@ -222,7 +271,8 @@ class SentenceEncoder:
         hidden = config.get("hidden_size") or config.get("dim")
         if not hidden:
             raise FedmergeError(f"text encoder model {self.model_source!r} has no hidden_size in its config")
-        return int(hidden)
+        positions = config.get("max_position_embeddings")
+        return int(hidden), int(positions) if isinstance(positions, int) and positions > 0 else None
 
     @property
     def device(self) -> str:
