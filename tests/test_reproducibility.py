@@ -44,6 +44,26 @@ def test_training_gives_bit_identical_weights_with_one_and_two_threads():
     assert info1["final_loss"] == info2["final_loss"]
 
 
+def test_user_level_dp_sgd_gives_bit_identical_weights_with_one_and_two_threads():
+    """DP-SGD's per-user gradients, clipping and steps ran at the process's thread count (family.train runs each step
+    at one): with privacy.noise_seed set, a study's numbers still moved with the machine and the engine."""
+    from fedmerge.privacy.dpsgd import UserLevelDP, train_user_level
+
+    domain = make_synthetic_domains(n_domains=1, n_users=60, n_items=300, n_topics=6, seed=0)[0]
+    family = get_family("sequential", hidden=64, n_layers=2, max_len=20, dropout=0.0)
+    features = torch.randn(domain.n_items, 128, generator=torch.Generator().manual_seed(0))
+    theta0 = family.initial_weights(128, seed=0)
+    previous, trained = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            trained.append(train_user_level(family, theta0, domain, features, UserLevelDP(1.0, 0.5, 0.2, 1.0), seed=0,
+                                            noise_seed=7, progress=False)[0])
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+
+
 @pytest.mark.slow
 def test_metrics_are_identical_across_thread_counts_and_under_load(tmp_path):
     """Under the old code (threaded backward kernels) the training losses differed in the last bits."""

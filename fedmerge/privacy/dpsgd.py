@@ -56,6 +56,7 @@ from tqdm import tqdm
 from fedmerge.data.domain import Domain
 from fedmerge.errors import FedmergeError
 from fedmerge.privacy.dp import noise_generator_seed
+from fedmerge.reproducibility import gradient_threads
 from fedmerge.models.base import PAD, ModelFamily, StateDict, pad_sequences
 from fedmerge.models.sequential import SequentialFamily, training_windows
 
@@ -266,21 +267,23 @@ def train_user_level(
     start = time.perf_counter()
     batch_sizes, clipped, losses = [], 0, []
     module.train()
-    for indices in tqdm(sampler, total=settings.steps, desc=f"DP-SGD {domain.name}", disable=not progress, unit="step"):
-        batch = sorted((users[i] for i in indices), key=lambda w: (len(w), len(w[0])))  # chunks of alike shapes
-        grads, step_losses = per_user_gradients(family, module, batch, features, negatives, chunk_users)
-        if indices:
-            norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads], dim=1).norm(dim=1)
-            clipped += int((norms > settings.max_grad_norm).sum())
-        for p, g in zip(params, grads):
-            p.grad_sample = g
-        if optimizer.pre_step():  # clip, sum, noise, scale into p.grad
-            for p, a in zip(params, anchor):
-                p.grad += family.proximal_mu * (p.detach() - a)
-            optimizer.original_optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        batch_sizes.append(len(indices))
-        losses.extend(step_losses.tolist())
+    steps = tqdm(sampler, total=settings.steps, desc=f"DP-SGD {domain.name}", disable=not progress, unit="step")
+    with gradient_threads():  # backward passes are bit-identical only at one thread count (as in family.train)
+        for indices in steps:
+            batch = sorted((users[i] for i in indices), key=lambda w: (len(w), len(w[0])))  # chunks of alike shapes
+            grads, step_losses = per_user_gradients(family, module, batch, features, negatives, chunk_users)
+            if indices:
+                norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads], dim=1).norm(dim=1)
+                clipped += int((norms > settings.max_grad_norm).sum())
+            for p, g in zip(params, grads):
+                p.grad_sample = g
+            if optimizer.pre_step():  # clip, sum, noise, scale into p.grad
+                for p, a in zip(params, anchor):
+                    p.grad += family.proximal_mu * (p.detach() - a)
+                optimizer.original_optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            batch_sizes.append(len(indices))
+            losses.extend(step_losses.tolist())
     weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     sampled = max(1, sum(batch_sizes))
     metrics = {
