@@ -37,6 +37,17 @@ def thread_count(wanted: int) -> int:
 
 
 @contextmanager
+def blas_threads() -> Iterator[None]:
+    """Run the block with one BLAS thread (numpy's OpenBLAS or MKL, through threadpoolctl): text-LAE's Gram products
+    and eigendecompositions gave thread-count dependent last bits (W differed by up to 1e-14 between
+    ``OMP_NUM_THREADS`` 1 and 2). Usable as a decorator."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@contextmanager
 def gradient_threads() -> Iterator[None]:
     """Run the block with one torch intra-op thread, restoring the previous count afterwards."""
     previous = torch.get_num_threads()

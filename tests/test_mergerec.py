@@ -349,6 +349,32 @@ def test_mean_loss_is_the_objective_over_every_pseudo_user():
     assert values[0] == pytest.approx(values[1], rel=1e-5)
 
 
+def test_the_start_objectives_do_not_depend_on_the_thread_count():
+    """mean_loss (multi_start's choice) reduced a batch × catalog matrix at the process's thread count: in-process
+    (clients' threads) and under Flower (the server's) the recorded start_objectives differed in the last bits."""
+    from fedmerge.data.synthetic import make_synthetic_domains
+    from fedmerge.models import get_family
+    from fedmerge.text.encoder import HashingEncoder
+
+    domains = make_synthetic_domains(n_domains=2, n_users=40, n_items=300, n_topics=4, seed=0)
+    family = get_family("sequential", hidden=16, n_layers=1, max_len=10)
+    encoder = HashingEncoder(dim=32)
+    features = {d.name: family.item_features(encoder.encode(d.catalog.texts())) for d in domains}
+    theta0 = family.initial_weights(32, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    models = {d.name: {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in theta0.items()}
+              for d in domains}
+    config = MergeRecConfig(steps=5, progress=False, multi_start=True, logit_norm="teacher_std")
+    previous, objectives = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            objectives.append(mergerec(family, theta0, models, features, config)[1].start_objectives)
+    finally:
+        torch.set_num_threads(previous)
+    assert objectives[0] == objectives[1]
+
+
 def test_multi_start_keeps_the_start_with_the_lowest_pseudo_user_objective():
     family, theta0, models, features = setup()
     teachers = {d: models["y"] for d in models}  # θ₀ + τ_y is every teacher

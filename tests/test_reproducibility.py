@@ -64,6 +64,36 @@ def test_user_level_dp_sgd_gives_bit_identical_weights_with_one_and_two_threads(
     assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
 
 
+TEXT_LAE_FIT = """
+import hashlib
+from fedmerge.data.synthetic import make_synthetic_domains
+from fedmerge.models.text_lae import TextLAEFamily
+from fedmerge.text.encoder import HashingEncoder
+domain = make_synthetic_domains(n_domains=1, n_users=300, n_items=200, seed=0)[0]
+family = TextLAEFamily(lam=10.0)
+features = family.item_features(HashingEncoder(dim=384).encode(domain.catalog.texts()))
+weights, _ = family.train(family.initial_weights(384), domain, features, progress=False)
+print(hashlib.sha256(weights["W"].numpy().tobytes()).hexdigest())
+"""
+
+
+def test_text_lae_gives_bit_identical_weights_with_one_and_two_blas_threads():
+    """The Gram products and eigendecompositions ran at numpy's BLAS thread count (OMP_NUM_THREADS, a ClientApp's
+    CPU share under Ray): W differed by up to 1e-14 between 1 and 2 threads. Each fit runs in a fresh process, as
+    BLAS reads the variable when it loads."""
+    import os
+
+    from fedmerge.paths import REPO_ROOT
+
+    digests = []
+    for threads in ("1", "2"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
+               "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+        digests.append(subprocess.run([sys.executable, "-c", TEXT_LAE_FIT], env=env, capture_output=True, text=True,
+                                      check=True).stdout.strip())
+    assert digests[0] == digests[1] and len(digests[0]) == 64
+
+
 @pytest.mark.slow
 def test_metrics_are_identical_across_thread_counts_and_under_load(tmp_path):
     """Under the old code (threaded backward kernels) the training losses differed in the last bits."""

@@ -509,8 +509,9 @@ class PseudoUserObjective:
         self.refresh_items(coefficients)
         users = self.users() if users is None else users
         total = 0.0
-        for chunk in users.split(batch_size):
-            total += len(chunk) * float(self.loss(coefficients, chunk[:, 0], chunk[:, 1], chunk[:, 2]))
+        with gradient_threads():  # a batch × catalog reduction: its last bits move with the thread count
+            for chunk in users.split(batch_size):
+                total += len(chunk) * float(self.loss(coefficients, chunk[:, 0], chunk[:, 1], chunk[:, 2]))
         return total / len(users)
 
 

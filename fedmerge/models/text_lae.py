@@ -34,6 +34,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.metrics import evaluate_scorer
 from fedmerge.models.base import PAD, ModelFamily, StateDict
 from fedmerge.models.lae import POSITIVE, SELECTION_METRIC, as_grid, center_normalize_rows
+from fedmerge.reproducibility import blas_threads
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +140,12 @@ class TextLAEFamily(ModelFamily):
         """λ as a grid of finite values > 0 (ValueError otherwise)."""
         return as_grid("lam", self.lam, POSITIVE)
 
+    @blas_threads()
     def train(
         self, theta0: StateDict, domain: Domain, item_features: torch.Tensor, *, seed: int = 0, progress: bool = True
     ) -> tuple[StateDict, dict[str, Any]]:
-        """Pick λ by validation NDCG@10 (fit on train), then refit on train + validation items with it."""
+        """Pick λ by validation NDCG@10 (fit on train), then refit on train + validation items with it; at one BLAS
+        thread (:func:`~fedmerge.reproducibility.blas_threads`)."""
         features = item_features.detach().cpu().numpy().astype(np.float64)
         if features.shape[0] != domain.n_items:
             raise FedmergeError(f"{features.shape[0]} item features for {domain.n_items} items of {domain.name!r}")

@@ -31,6 +31,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.privacy.dp import noise_generator_seed
 from fedmerge.models.base import ModelFamily, StateDict
 from fedmerge.privacy.client import GRAM_REPAIRS
+from fedmerge.reproducibility import blas_threads
 
 
 def clipped_profiles(seqs: Sequence[np.ndarray], features: np.ndarray, bound: float) -> tuple[np.ndarray, float]:
@@ -77,6 +78,7 @@ def private_gram(
     return gram + symmetric_noise(gram.shape[0], noise_multiplier * bound**2, rng), clipped
 
 
+@blas_threads()
 def train_text_lae_user_level(
     family: ModelFamily, theta0: StateDict, domain: Domain, item_features: torch.Tensor, *, noise_multiplier: float,
     bound: float, noise_seed: int | None, repair: str = "clip",

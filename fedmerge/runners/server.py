@@ -729,6 +729,9 @@ class Federation:
         phases.update()
 
         start = time.perf_counter()
+        # the in-process engine's clients set the process's threads to run.torch_threads: the merges run at the
+        # server's, as under Flower
+        torch.set_num_threads(server_threads(self.cfg))
         catalogs = {d: self.cfg.load_catalog(d) for d in individual}
         merged, self.merge_report = merge_replies(self.theta0, individual, catalogs, self.cfg)
         release_freed_memory()  # MergeRec's teachers and pseudo-user batches, before evaluation and FedAvg
