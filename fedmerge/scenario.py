@@ -150,10 +150,10 @@ class EncoderSettings:
 
     def text_encoder(self) -> TextEncoder:
         """The encoder, one instance per process."""
-        return _encoder(self.name, json.dumps(self.params, sort_keys=True))
+        return _encoder(self.name, json.dumps(self.params, sort_keys=True, default=str))  # a Path param as its text
 
     def feature_width(self, family: ModelFamily) -> int:
-        """Width of ``family``'s item features under this encoder; reads the encoder's config, encodes nothing (θ₀ of
+        """Width of ``family``'s item features under this encoder; reads the encoder's files, encodes nothing (θ₀ of
         most families needs only this, so the server does not encode a whole catalog before the clients can start;
         a family whose ``init_reads_catalogs`` is the exception)."""
         return family.feature_width(int(self.text_encoder().dim))

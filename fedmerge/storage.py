@@ -167,14 +167,17 @@ def set_aside_unfinished(folder: str | Path) -> Path | None:
     from datetime import datetime, timezone
 
     folder = Path(folder)
-    entries = sorted(p for p in folder.iterdir() if _holds_files(p)) if folder.is_dir() else []
-    if not entries:
+    if not folder.is_dir():
         return None
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    kept = folder.with_name(f"{folder.name}.unfinished-{stamp}")
-    kept.mkdir()
-    for entry in entries:
-        entry.rename(kept / entry.name)
+    with run_folder(folder, resume=True):  # a run still writing there holds the lock: refused, nothing moved
+        entries = sorted(p for p in folder.iterdir() if _holds_files(p))
+        if not entries:
+            return None
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        kept = folder.with_name(f"{folder.name}.unfinished-{stamp}")
+        kept.mkdir()
+        for entry in entries:
+            entry.rename(kept / entry.name)
     logger.warning("%s held an unfinished run: its files moved to %s (nothing deleted); running it again", folder, kept)
     return kept
 

@@ -63,6 +63,8 @@ def test_an_average_over_fewer_training_domains_is_not_paired_and_is_named():
     assert any("individual on B is missing from seed(s) [1]" in w for w in agg["warnings"])
     assert any("the average of individual covers only some training domains (seed 1 lacks B)" in w
                for w in agg["warnings"])
+    runs[2]["models"]["ties"]["B"] = None  # a null entry (hand-edited results) is a missing cell, not a crash
+    assert "ties" not in aggregate_runs(runs, "recall@10", training_free=["ties"])["paired"]["merges"]
 
 
 def test_aggregate_runs_by_hand():

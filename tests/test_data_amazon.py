@@ -159,11 +159,11 @@ def test_meta_values_are_read_as_the_generic_format_reads_them(tmp_path):
     """str() of each value gave "True", "['Beauty', 'Skin']" and "nan" as item text; the generic format's rules
     (field_text) apply to Amazon metadata too, and the strings of the real data keep their text."""
     meta = {**TINY["meta_data.json"], "A1": {"title": " One ", "categories": [["Beauty", "Skin"], []], "new": True,
-                                             "rank": 1.5, "gone": None}}
+                                             "rank": 1.5, "gone": None, "brand": "", "score": float("nan")}}
     catalog = load_amazon_domain(write_folder(tmp_path, **{"meta_data.json": meta})).catalog
     assert catalog.fields[1] == {"title": "One", "categories": "Beauty, Skin", "new": "true", "rank": "1.5"}
     assert catalog.texts()[1] == "One Categories: Beauty, Skin New: true Rank: 1.5"
-    assert catalog.texts()[0] == "Zero Brand: B"
+    assert catalog.texts()[0] == "Zero Brand: B" and catalog.fields[0] == {"title": "Zero", "brand": "B"}
 
 
 def test_field_text_walks_nested_lists_of_any_depth():

@@ -987,6 +987,10 @@ def test_pooling_keeps_the_count_of_seeds_that_reported_no_value():
     cell = pooled["utility"][0]["metric"]["average"]
     assert cell["missing_seeds"] == single["missing_seeds"] == 2 and cell["values"] == single["values"]
     assert _format_interval(cell) == _format_interval(single) and "(3 of 5 seeds)" in _format_interval(cell)
+    # a study written before a cell that no seed reported counted its seeds still pools with a newer one
+    older, newer = study([0], [None]), study([0], [None])
+    del older["utility"][0]["metric"]["average"]["missing_seeds"]
+    assert pool_studies([older, newer], ["old", "new"])["utility"][0]["metric"]["average"]["n"] == 0
 
 
 def test_pooling_compares_gram_noise_only_where_both_studies_ran_user_cells():

@@ -62,6 +62,22 @@ def test_non_empty_folder_refused_unless_resume_or_overwrite(cfg, tmp_path):
     assert run_scenario(cfg, "inprocess", out, resume=True)["resumed"]["clients"] == ["synth-0", "synth-1", "synth-2"]
 
 
+def test_an_unfinished_run_is_not_set_aside_while_a_run_holds_its_folder(tmp_path):
+    """A second `--resume` moved a live run's files aside before it met the lock the live run held."""
+    from fedmerge.storage import set_aside_unfinished
+
+    folder = tmp_path / "seed-0"
+    (folder / "clients").mkdir(parents=True)
+    (folder / "clients" / "a.safetensors").write_bytes(b"trained")
+    with run_folder(folder, resume=True):  # the live run
+        with pytest.raises(FedmergeError, match="in use by another run"):
+            set_aside_unfinished(folder)
+    assert (folder / "clients" / "a.safetensors").read_bytes() == b"trained"
+    kept = set_aside_unfinished(folder)
+    assert (kept / "clients" / "a.safetensors").read_bytes() == b"trained" and not (folder / "clients").exists()
+    assert set_aside_unfinished(folder) is None
+
+
 def test_a_run_that_failed_before_writing_anything_does_not_block_the_next(tmp_path, capsys):
     """A multi-seed run that stops at a data error leaves only lock files (OUT/.fedmerge.lock, OUT/seed-0/.fedmerge.lock):
     the rerun with the data fixed must start without --overwrite (it used to be refused as "an earlier run's files")."""

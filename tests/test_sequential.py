@@ -87,6 +87,23 @@ def test_rows_after_statistics_rows_are_featurized_as_items_of_that_catalog(fami
     torch.testing.assert_close(tokens[:20], token_features(catalog, states[:20]))
 
 
+def test_a_family_whose_item_features_takes_the_embeddings_alone_still_featurizes_catalogs():
+    """statistics_rows was passed to every family's item_features: a plugin written as the README shows
+    (item_features(self, embeddings)) failed on every run with a TypeError."""
+    from fedmerge.data.domain import ItemCatalog
+    from fedmerge.models.text_lae import TextLAEFamily
+
+    class OneArgument(TextLAEFamily):
+        def item_features(self, embeddings):  # noqa: ANN001, ANN202 - a plugin's signature, as written before
+            return torch.as_tensor(embeddings, dtype=torch.float32)
+
+    embeddings = np.arange(12, dtype=np.float32).reshape(4, 3)
+    catalog = ItemCatalog(ids=("a", "b", "c", "d"), fields=tuple({"title": t} for t in "abcd"))
+    torch.testing.assert_close(OneArgument().catalog_features(catalog, lambda: embeddings), torch.from_numpy(embeddings))
+    with pytest.raises(FedmergeError, match="its item_features takes no statistics_rows"):
+        OneArgument().catalog_features(catalog, lambda: embeddings, statistics_rows=3)
+
+
 def test_training_windows_cover_every_transition_once():
     seq = np.arange(23)
     windows = training_windows([seq, np.array([5])], max_len=10)

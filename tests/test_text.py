@@ -154,6 +154,12 @@ def test_identity_covers_the_model_files_bytes_and_the_position_limit(tmp_path) 
     assert SentenceEncoder(folders[0], max_length=128).dim == 8
     with pytest.raises(FedmergeError, match=r"max_length = 129 exceeds the 128 positions"):
         SentenceEncoder(folders[0], max_length=129)
+    # RoBERTa-style configs count two positions (padding_idx + 1) that no token uses: 514 means 512
+    (folders[0] / "config.json").write_text(json.dumps({"hidden_size": 8, "max_position_embeddings": 514,
+                                                        "model_type": "roberta"}))
+    assert SentenceEncoder(folders[0], max_length=512).max_length == 512
+    with pytest.raises(FedmergeError, match=r"max_length = 513 exceeds the 512 positions"):
+        SentenceEncoder(folders[0], max_length=513)
 
 
 def test_mean_pool_ignores_masked_tokens() -> None:

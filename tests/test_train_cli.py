@@ -82,6 +82,16 @@ def test_a_second_training_into_the_same_folder_is_refused_unless_overwrite(doma
     assert json.loads((out / "metrics.json").read_text())["hyperparameters"]["lam"] == 500
 
 
+def test_data_inside_the_output_folder_is_refused(domain_dir, tmp_path, capsys) -> None:
+    """--overwrite empties --out: a domain inside it would be deleted after it was loaded."""
+    import shutil
+
+    data = tmp_path / "out" / "synth"
+    shutil.copytree(domain_dir, data)
+    assert main(["train", "--data", str(data), "--model", "ease", "--out", str(tmp_path / "out"), "--overwrite"]) == 1
+    assert "lies inside --out" in capsys.readouterr().err and (data / "interactions.csv").is_file()
+
+
 def test_bad_parameter_is_one_line_error(domain_dir, tmp_path, capsys) -> None:
     assert main(["train", "--data", str(domain_dir), "--model", "ease", "--out", str(tmp_path),
                  "--set", "lambda=3"]) == 1

@@ -185,8 +185,8 @@ def _catalog(smap: Any, meta: Any, label: str) -> ItemCatalog:
     for asin in ids:  # values as the generic format reads them (field_text): no "nan", "True" or "['a', 'b']"
         record = meta.get(asin)
         try:
-            fields.append({str(k): field_text(v) for k, v in record.items() if v is not None}
-                          if isinstance(record, Mapping) else {})
+            texts = {str(k): field_text(v) for k, v in record.items()} if isinstance(record, Mapping) else {}
+            fields.append({k: t for k, t in texts.items() if t})  # empty values left out, as the generic reader does
         except TypeError:
             raise DataError(f"{label}/meta_data.json: item {asin!r}: a field is a JSON object; give text, a number "
                             "or a list of them") from None

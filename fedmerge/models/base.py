@@ -106,9 +106,20 @@ class ModelFamily(ABC):
 
         By default :meth:`item_features` of those embeddings; a family that tunes text-encoder layers reads the
         catalog's texts instead. ``dim`` for :meth:`build` is always the features' last dimension.
-        ``statistics_rows``: as in :meth:`item_features`.
+        ``statistics_rows``: as in :meth:`item_features` (passed only when set, so a family whose
+        ``item_features`` takes the embeddings alone keeps working for whole catalogs).
         """
-        return self.item_features(embeddings(), statistics_rows)
+        if statistics_rows is None:
+            return self.item_features(embeddings())
+        import inspect
+
+        if "statistics_rows" not in inspect.signature(self.item_features).parameters:
+            from fedmerge.errors import FedmergeError
+
+            raise FedmergeError(f"model family {self.name!r}: its item_features takes no statistics_rows, which scoring "
+                                "item texts against a catalog (texts=True, --texts) needs; give it that parameter "
+                                "(see ModelFamily.item_features)")
+        return self.item_features(embeddings(), statistics_rows=statistics_rows)
 
     def feature_width(self, embedding_width: int) -> int:
         """Width of :meth:`catalog_features` rows (the ``dim`` of :meth:`build`) for sentence embeddings of

@@ -1032,7 +1032,7 @@ class SequentialFamily(ModelFamily):
         """:meth:`item_features` of the embeddings, or with ``encoder_layers > 0`` :func:`token_features` of the
         catalog's texts through :meth:`text_encoder` (the scenario's own encoder is then not used)."""
         if not self.encoder_layers:
-            return self.item_features(embeddings(), statistics_rows)
+            return self.item_features(embeddings(), statistics_rows=statistics_rows)
         return token_features(*self.text_encoder().token_states(catalog.texts(), self.encoder_layers),
                               statistics_rows=statistics_rows)
 

