@@ -132,7 +132,7 @@ def run_folder(
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        earlier = sorted(p for p in out.iterdir() if _holds_files(p))
+        earlier = earlier_entries(out)
         if earlier and not resume:
             if not overwrite:
                 raise FedmergeError(
@@ -164,22 +164,33 @@ def set_aside_unfinished(folder: str | Path) -> Path | None:
     :data:`START_FILES`) into ``<folder>.unfinished-<UTC time>/`` beside it, so that a resumed multi-seed run or
     privacy study can run that seed again without deleting computed files; returns that folder, or None when
     ``folder`` held nothing."""
-    from datetime import datetime, timezone
-
     folder = Path(folder)
     if not folder.is_dir():
         return None
     with run_folder(folder, resume=True):  # a run still writing there holds the lock: refused, nothing moved
-        entries = sorted(p for p in folder.iterdir() if _holds_files(p))
+        entries = earlier_entries(folder)
         if not entries:
             return None
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        kept = folder.with_name(f"{folder.name}.unfinished-{stamp}")
+        kept = folder.with_name(f"{folder.name}.unfinished-{utc_stamp()}")
         kept.mkdir()
         for entry in entries:
             entry.rename(kept / entry.name)
     logger.warning("%s held an unfinished run: its files moved to %s (nothing deleted); running it again", folder, kept)
     return kept
+
+
+def utc_stamp() -> str:
+    """The current UTC time as a file-name part (``20261207T171604.123456Z``): what an earlier run's kept files are
+    suffixed with."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def earlier_entries(folder: Path) -> list[Path]:
+    """The entries of ``folder`` an earlier run left (:func:`_holds_files`), sorted: what :func:`run_folder` refuses
+    or deletes and :func:`set_aside_unfinished` moves."""
+    return sorted(p for p in folder.iterdir() if _holds_files(p))
 
 
 def _holds_files(path: Path) -> bool:

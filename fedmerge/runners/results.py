@@ -23,7 +23,6 @@ import io
 import logging
 import math
 import numbers
-from datetime import datetime, timezone
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -151,8 +150,9 @@ def archive_results(out_dir: str | Path) -> Path | None:
     path = Path(out_dir) / RESULTS_FILE
     if not path.is_file():
         return None
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    target = path.with_name(f"results.{stamp}.json")
+    from fedmerge.storage import utc_stamp
+
+    target = path.with_name(f"results.{utc_stamp()}.json")
     path.replace(target)
     logger.info("kept the earlier %s as %s", path, target)
     return target

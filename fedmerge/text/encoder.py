@@ -104,11 +104,8 @@ def _file_digest(path: Path) -> bytes:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _FILE_DIGESTS:
-        digest = hashlib.sha256()
         with path.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-        _FILE_DIGESTS[key] = digest.digest()
+            _FILE_DIGESTS[key] = hashlib.file_digest(handle, "sha256").digest()
     return _FILE_DIGESTS[key]
 
 
