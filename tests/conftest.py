@@ -6,13 +6,16 @@ Every test that uses the ``amazon_dir`` fixture is marked ``real_data`` (select 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from fedmerge.data.domain import Domain
 from fedmerge.data.synthetic import make_synthetic_domains
 
+T = TypeVar("T")
 AMAZON_DOMAINS = ("Beauty", "Pantry", "Toys")
 # (users, items, train interactions) of the MergeRec Amazon domains, from the data's README
 AMAZON_COUNTS = {"Beauty": (22363, 12101, 153776), "Pantry": (14180, 4968, 109413), "Toys": (19412, 11924, 128773)}
@@ -70,3 +73,17 @@ def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for key, value in {"_run_id": 1, "_task_id": 1, "_node_id": 0}.items():
         monkeypatch.setattr(TaskIdentity, key, value)
+
+
+def at_one_and_two_threads(compute: Callable[[], T]) -> tuple[T, T]:
+    """``compute()`` with one torch intra-op thread, then with two; the process's thread count restored after."""
+    import torch
+
+    previous, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(compute())
+    finally:
+        torch.set_num_threads(previous)
+    return results[0], results[1]

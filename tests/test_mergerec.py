@@ -355,6 +355,7 @@ def test_the_start_objectives_do_not_depend_on_the_thread_count():
     from fedmerge.data.synthetic import make_synthetic_domains
     from fedmerge.models import get_family
     from fedmerge.text.encoder import HashingEncoder
+    from tests.conftest import at_one_and_two_threads
 
     domains = make_synthetic_domains(n_domains=2, n_users=40, n_items=300, n_topics=4, seed=0)
     family = get_family("sequential", hidden=16, n_layers=1, max_len=10)
@@ -365,14 +366,8 @@ def test_the_start_objectives_do_not_depend_on_the_thread_count():
     models = {d.name: {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in theta0.items()}
               for d in domains}
     config = MergeRecConfig(steps=5, progress=False, multi_start=True, logit_norm="teacher_std")
-    previous, objectives = torch.get_num_threads(), []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            objectives.append(mergerec(family, theta0, models, features, config)[1].start_objectives)
-    finally:
-        torch.set_num_threads(previous)
-    assert objectives[0] == objectives[1]
+    one, two = at_one_and_two_threads(lambda: mergerec(family, theta0, models, features, config)[1].start_objectives)
+    assert one == two
 
 
 def test_multi_start_keeps_the_start_with_the_lowest_pseudo_user_objective():

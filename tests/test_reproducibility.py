@@ -13,6 +13,7 @@ from fedmerge.data.synthetic import make_synthetic_domains
 from fedmerge.merging.methods import trim_magnitude
 from fedmerge.models import get_family
 from fedmerge.runners.inprocess import run_inprocess
+from tests.conftest import at_one_and_two_threads
 
 SMALL = [
     "run.progress=false", "data.synthetic.n_users=120", "data.synthetic.n_items=200", "data.synthetic.max_len=20",
@@ -32,14 +33,8 @@ def test_training_gives_bit_identical_weights_with_one_and_two_threads():
     family = get_family("sequential", hidden=64, n_layers=2, max_len=20, max_epochs=1, batch_size=64)
     features = torch.randn(domain.n_items, 128, generator=torch.Generator().manual_seed(0))
     theta0 = family.initial_weights(128, seed=0)
-    previous, trained = torch.get_num_threads(), []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            trained.append(family.train(theta0, domain, features, seed=0, progress=False))
-    finally:
-        torch.set_num_threads(previous)
-    (first, info1), (second, info2) = trained
+    (first, info1), (second, info2) = at_one_and_two_threads(
+        lambda: family.train(theta0, domain, features, seed=0, progress=False))
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert info1["final_loss"] == info2["final_loss"]
 
@@ -53,15 +48,9 @@ def test_user_level_dp_sgd_gives_bit_identical_weights_with_one_and_two_threads(
     family = get_family("sequential", hidden=64, n_layers=2, max_len=20, dropout=0.0)
     features = torch.randn(domain.n_items, 128, generator=torch.Generator().manual_seed(0))
     theta0 = family.initial_weights(128, seed=0)
-    previous, trained = torch.get_num_threads(), []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            trained.append(train_user_level(family, theta0, domain, features, UserLevelDP(1.0, 0.5, 0.2, 1.0), seed=0,
-                                            noise_seed=7, progress=False)[0])
-    finally:
-        torch.set_num_threads(previous)
-    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+    first, second = at_one_and_two_threads(lambda: train_user_level(
+        family, theta0, domain, features, UserLevelDP(1.0, 0.5, 0.2, 1.0), seed=0, noise_seed=7, progress=False)[0])
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 TEXT_LAE_FIT = """

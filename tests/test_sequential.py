@@ -24,6 +24,7 @@ from fedmerge.models.sequential import (
     training_windows,
 )
 from fedmerge.validation import task_vector_norm
+from tests.conftest import at_one_and_two_threads
 
 DIM = 16
 
@@ -539,11 +540,8 @@ def test_sampled_training_gives_identical_weights_with_one_and_two_threads(sampl
     family = tiny_family(n_negatives=64, negative_sampling=sampling, max_epochs=2, dropout=0.1)
     feats = family.item_features(random_features(300, 1))
     theta0 = family.initial_weights(DIM, seed=0)
-    runs = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        runs.append(family.train(theta0, domain, feats, seed=0, progress=False))
-    (first, info1), (second, info2) = runs
+    (first, info1), (second, info2) = at_one_and_two_threads(
+        lambda: family.train(theta0, domain, feats, seed=0, progress=False))
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert info1["final_loss"] == info2["final_loss"]
     other, _ = family.train(theta0, domain, feats, seed=1, progress=False)

@@ -10,6 +10,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.models.base import tempered_kl
 from fedmerge.models.theta0_distill import without_own_item
 from fedmerge.runners.client import public_catalog_features
+from tests.conftest import at_one_and_two_threads
 from tests.test_sequential import DIM, cycle_domain, random_features, tiny_family
 
 
@@ -51,11 +52,8 @@ def test_distillation_pulls_pseudo_users_towards_theta0_and_is_thread_count_dete
     family, theta0, domain, feats, other = setting(theta0_distill=50.0)
     assert family.trains_on_public_catalogs
     free, _ = setting()[0].train(theta0, domain, feats, seed=0, progress=False)
-    runs = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        runs.append(family.train(theta0, domain, feats, seed=0, progress=False, public_features=[other]))
-    (pulled, info), (again, _) = runs
+    (pulled, info), (again, _) = at_one_and_two_threads(
+        lambda: family.train(theta0, domain, feats, seed=0, progress=False, public_features=[other]))
     assert all(torch.equal(pulled[k], again[k]) for k in pulled)
     assert info["curve"][-1]["theta0_kl"] >= 0
     assert pseudo_user_kl(family, pulled, theta0, other) < 0.5 * pseudo_user_kl(family, free, theta0, other)
