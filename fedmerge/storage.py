@@ -102,16 +102,23 @@ def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -
 
 @contextmanager
 def run_folder(
-    out_dir: str | Path, *, resume: bool = False, overwrite: bool = False, resumable: bool = True
+    out_dir: str | Path, *, resume: bool = False, overwrite: bool = False, set_aside: bool = False,
+    resumable: bool = True,
 ) -> Iterator[Path]:
     """Hold ``out_dir`` for one run: an exclusive lock for the run's duration and no silent reuse of old files.
 
     The lock is ``fcntl.flock`` on ``<out_dir>/.fedmerge.lock`` (released by the kernel when the process dies, so a
     killed run never leaves a stale lock); a second run into the folder fails at once naming the holder's pid. A
-    folder with other entries is refused unless ``resume`` (the run re-merges from them) or ``overwrite`` (they are
-    deleted first, after the lock is taken). Lock files and empty folders left by a run that failed before writing
-    anything do not count. ``resumable``: whether the refusal may suggest ``--resume`` (not for a deployment).
+    folder with other entries is refused unless ``resume`` (the run re-merges from them), ``overwrite`` (they are
+    deleted first, after the lock is taken) or ``set_aside`` (they are moved into ``<out_dir>.unfinished-<UTC
+    time>/`` beside it under the same lock, so no other run can start in the folder between the move and this run:
+    how a resumed multi-seed run or privacy study runs an unfinished seed again without deleting its trained
+    weights). Lock files and empty folders left by a run that failed before writing anything do not count.
+    ``resumable``: whether the refusal may suggest ``--resume`` (not for a deployment).
     """
+    if sum((resume, overwrite, set_aside)) > 1:
+        raise FedmergeError("a run folder's earlier files are resumed from, deleted or set aside: pass only one of "
+                            f"resume={resume}, overwrite={overwrite}, set_aside={set_aside}")
     out = Path(out_dir)
     lock_path = out / LOCK_FILE
     try:
@@ -133,7 +140,9 @@ def run_folder(
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         earlier = earlier_entries(out)
-        if earlier and not resume:
+        if earlier and set_aside:
+            _move_aside(out, earlier)
+        elif earlier and not resume:
             if not overwrite:
                 raise FedmergeError(
                     f"run folder {out} already holds an earlier run's files ({', '.join(p.name for p in earlier[:5])}"
@@ -159,22 +168,13 @@ def check_output_folder(path: str | Path, flag: str = "--out") -> None:
         raise FedmergeError(f"{flag} {path} is a file, not a folder")
 
 
-def set_aside_unfinished(folder: str | Path) -> Path | None:
-    """Move what an unfinished run left in ``folder`` (trained client weights, a failed run's results: everything but
-    :data:`START_FILES`) into ``<folder>.unfinished-<UTC time>/`` beside it, so that a resumed multi-seed run or
-    privacy study can run that seed again without deleting computed files; returns that folder, or None when
-    ``folder`` held nothing."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    with run_folder(folder, resume=True):  # a run still writing there holds the lock: refused, nothing moved
-        entries = earlier_entries(folder)
-        if not entries:
-            return None
-        kept = folder.with_name(f"{folder.name}.unfinished-{utc_stamp()}")
-        kept.mkdir()
-        for entry in entries:
-            entry.rename(kept / entry.name)
+def _move_aside(folder: Path, entries: list[Path]) -> Path:
+    """Move ``entries`` (what an unfinished run left in ``folder``: trained client weights, a failed run's results)
+    into a new ``<folder>.unfinished-<UTC time>/`` beside it; returns that folder. Called under ``folder``'s lock."""
+    kept = folder.with_name(f"{folder.name}.unfinished-{utc_stamp()}")
+    kept.mkdir()
+    for entry in entries:
+        entry.rename(kept / entry.name)
     logger.warning("%s held an unfinished run: its files moved to %s (nothing deleted); running it again", folder, kept)
     return kept
 
@@ -188,8 +188,8 @@ def utc_stamp() -> str:
 
 
 def earlier_entries(folder: Path) -> list[Path]:
-    """The entries of ``folder`` an earlier run left (:func:`_holds_files`), sorted: what :func:`run_folder` refuses
-    or deletes and :func:`set_aside_unfinished` moves."""
+    """The entries of ``folder`` an earlier run left (:func:`_holds_files`), sorted: what :func:`run_folder` refuses,
+    deletes or sets aside."""
     return sorted(p for p in folder.iterdir() if _holds_files(p))
 
 

@@ -64,18 +64,45 @@ def test_non_empty_folder_refused_unless_resume_or_overwrite(cfg, tmp_path):
 
 def test_an_unfinished_run_is_not_set_aside_while_a_run_holds_its_folder(tmp_path):
     """A second `--resume` moved a live run's files aside before it met the lock the live run held."""
-    from fedmerge.storage import set_aside_unfinished
-
     folder = tmp_path / "seed-0"
     (folder / "clients").mkdir(parents=True)
     (folder / "clients" / "a.safetensors").write_bytes(b"trained")
     with run_folder(folder, resume=True):  # the live run
         with pytest.raises(FedmergeError, match="in use by another run"):
-            set_aside_unfinished(folder)
+            with run_folder(folder, set_aside=True):
+                pass
     assert (folder / "clients" / "a.safetensors").read_bytes() == b"trained"
-    kept = set_aside_unfinished(folder)
-    assert (kept / "clients" / "a.safetensors").read_bytes() == b"trained" and not (folder / "clients").exists()
-    assert set_aside_unfinished(folder) is None
+    with run_folder(folder, set_aside=True):
+        (kept,) = tmp_path.glob("seed-0.unfinished-*")
+        assert (kept / "clients" / "a.safetensors").read_bytes() == b"trained" and not (folder / "clients").exists()
+    with run_folder(folder, set_aside=True):
+        assert len(list(tmp_path.glob("seed-0.unfinished-*"))) == 1  # nothing left to set aside: no new folder
+    with pytest.raises(FedmergeError, match="pass only one"):
+        with run_folder(folder, resume=True, set_aside=True):
+            pass
+
+
+def test_an_unfinished_seed_is_set_aside_and_run_again_under_one_hold_of_its_lock(cfg, tmp_path, monkeypatch):
+    """A resumed seed's unfinished files were moved aside under the folder's lock, which was then released and taken
+    again by the new run: another run could start in the folder in between."""
+    import fedmerge.storage as storage
+    from fedmerge.runners.multiseed import resume_seed
+
+    folder = tmp_path / "seed-0"
+    (folder / "clients").mkdir(parents=True)
+    (folder / "clients" / "synth-0.safetensors").write_bytes(b"weights of an interrupted run")
+    holds = []
+    real_run_folder = storage.run_folder
+
+    def counting_run_folder(out_dir, **kwargs):
+        holds.append(out_dir)
+        return real_run_folder(out_dir, **kwargs)
+
+    monkeypatch.setattr(storage, "run_folder", counting_run_folder)
+    results = resume_seed(cfg, "inprocess", folder)
+    assert results["status"] == "ok" and [str(p) for p in holds] == [str(folder)]
+    (kept,) = tmp_path.glob("seed-0.unfinished-*")
+    assert (kept / "clients" / "synth-0.safetensors").read_bytes() == b"weights of an interrupted run"
 
 
 def test_a_run_that_failed_before_writing_anything_does_not_block_the_next(tmp_path, capsys):

@@ -259,11 +259,9 @@ def utility_sweep(
             if results is not None:
                 logger.info("privacy study: complete run of this cell in %s, kept", folder)
             else:
-                if resume:
-                    from fedmerge.storage import set_aside_unfinished
-
-                    set_aside_unfinished(folder)  # an unfinished run's files are moved aside, not deleted
-                results = run_scenario(run_cfg, engine="inprocess", overwrite=overwrite, out_dir=folder)
+                # resumed: an unfinished run's files are moved aside under the run's own lock, not deleted
+                results = run_scenario(run_cfg, engine="inprocess", overwrite=overwrite, out_dir=folder,
+                                       set_aside=resume)
             models = results["models"]
             names = [m for m in (*study.methods, "fedavg", "theta0", "individual") if m in models]
             per_seed.append({m: models[m]["average"].get(metric) for m in names})
@@ -278,7 +276,7 @@ def utility_sweep(
 
 def kept_run(folder: Path, run_cfg: Scenario) -> dict[str, Any] | None:
     """``--resume``: the complete run of ``run_cfg`` in ``folder``, or None when nothing finished there (an unfinished
-    run's files are then moved aside, :func:`fedmerge.storage.set_aside_unfinished`); a complete run of another
+    run's files are then moved aside, ``set_aside`` of :func:`fedmerge.storage.run_folder`); a complete run of another
     configuration is refused, not replaced."""
     from fedmerge.runners.multiseed import finished_run, same_config
 

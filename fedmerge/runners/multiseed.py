@@ -72,7 +72,7 @@ def resume_seed(single: Scenario, engine: str, folder: Path) -> dict[str, Any]:
       rounds (as ``fedmerge simulate --resume``, which skips FedAvg); else refused (FedmergeError, nothing deleted);
     - no complete run (an empty or interrupted folder): run from scratch (its FedAvg rounds never finished, and the
       complete seeds need every client); an interrupted or failed run's files are moved beside the folder
-      (:func:`fedmerge.storage.set_aside_unfinished`), never deleted.
+      (``set_aside`` of :func:`fedmerge.storage.run_folder`, under the lock the new run then holds), never deleted.
     """
     from fedmerge.runners.server import load_saved_run
     from fedmerge.runners.simulation import check_or_record_data, run_scenario
@@ -83,11 +83,8 @@ def resume_seed(single: Scenario, engine: str, folder: Path) -> dict[str, Any]:
         logger.info("seed %s: complete results in %s, kept", single.run.seed, folder)
         return done
     if finished_run(folder) is None:
-        from fedmerge.storage import set_aside_unfinished
-
         logger.info("seed %s: no complete run in %s, running from scratch", single.run.seed, folder)
-        set_aside_unfinished(folder)
-        return run_scenario(single, engine=engine, out_dir=folder)
+        return run_scenario(single, engine=engine, out_dir=folder, set_aside=True)
     try:
         _, saved, _ = load_saved_run(single, folder)
         missing = sorted(set(single.data.training_domains()) - set(saved))

@@ -35,12 +35,14 @@ SIMULATION_POLL_S = 10.0  # seconds between `flwr ls` polls while the run has wr
 
 def run_scenario(
     cfg: Scenario, engine: str = "flower", out_dir: str | Path | None = None, resume: bool = False,
-    overwrite: bool = False,
+    overwrite: bool = False, set_aside: bool = False,
 ) -> dict[str, Any]:
     """Run the resolved scenario ``cfg`` on ``engine``; write results to ``out_dir`` (if given) and return them.
 
     ``out_dir`` is held with :func:`fedmerge.storage.run_folder` for the whole run: locked against a second run, and
-    refused when it already holds files unless ``resume`` or ``overwrite`` (which deletes them first). Under Flower
+    refused when it already holds files unless ``resume``, ``overwrite`` (which deletes them first) or ``set_aside``
+    (which moves them beside the folder, as a resumed multi-seed run or privacy study does with an unfinished
+    seed's files). Under Flower
     every domain is loaded once before Flower starts, so bad data fails at once with its own error.
     ``resume``: re-merge and re-evaluate from the client weights an earlier run saved in ``out_dir`` (no training);
     that run's results.json is kept as ``results.<UTC time>.json``. A run whose results say ``status: failed``
@@ -66,7 +68,7 @@ def run_scenario(
         return _run_engine(cfg, engine, None, resume)
     from fedmerge.storage import run_folder
 
-    with run_folder(out_dir, resume=resume, overwrite=overwrite):
+    with run_folder(out_dir, resume=resume, overwrite=overwrite, set_aside=set_aside):
         check_or_record_data(cfg, Path(out_dir), resume)
         return _run_engine(cfg, engine, out_dir, resume)
 
