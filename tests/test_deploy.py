@@ -213,6 +213,12 @@ def test_deploy_local_refuses_a_bad_tls_dir_before_touching_the_output_folder(tm
         deploy_local("quickstart", tmp_path / "deploy", overrides=['data.source="generic"', 'data.domains=["shopA"]'],
                      data_root=tmp_path / "deploy" / "data", overwrite=True)
     assert (data / "interactions.csv").is_file() and earlier.read_text() == "{}"
+    # and a scenario the run would refuse (a misspelt model.params key, a missing text-encoder folder)
+    for bad, problem in ((["model.params.hiden=16"], "hiden"),
+                         (["encoder.name=/no/such/model", "encoder.params={}"], "/no/such/model does not exist")):
+        with pytest.raises(FedmergeError, match=problem):
+            deploy_local("quickstart", tmp_path / "deploy", overrides=bad, overwrite=True)
+        assert earlier.read_text() == "{}"
     generate(tmp_path / "pki", n_nodes=3, overwrite=True)
     (tmp_path / "pki" / "nodes" / "node-1.pub").unlink()
     with pytest.raises(FedmergeError, match=r"lacks the public key\(s\) .*node-1\.pub"):

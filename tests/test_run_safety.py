@@ -62,6 +62,36 @@ def test_non_empty_folder_refused_unless_resume_or_overwrite(cfg, tmp_path):
     assert run_scenario(cfg, "inprocess", out, resume=True)["resumed"]["clients"] == ["synth-0", "synth-1", "synth-2"]
 
 
+@pytest.mark.parametrize("engine", ["inprocess", "flower"])
+def test_a_missing_encoder_folder_fails_before_overwrite_empties_the_folder(cfg, tmp_path, engine):
+    """A misspelt model folder (encoder.name=/path) failed when the clients built the encoder, after --overwrite had
+    deleted the earlier run's results and trained weights."""
+    out = tmp_path / "out"
+    (out / "clients").mkdir(parents=True)
+    (out / "clients" / "synth-0.safetensors").write_bytes(b"weights of an earlier run")
+    from fedmerge.runners.simulation import run_scenario
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FedmergeError, match=f"{missing}.*does not exist"):
+        run_scenario(apply_overrides(cfg, [f"encoder.name={missing}", "encoder.params={}"]), engine, out,
+                     overwrite=True)
+    assert (out / "clients" / "synth-0.safetensors").read_bytes() == b"weights of an earlier run"
+
+
+@pytest.mark.parametrize("bad", [["model.params.hiden=16"], ["encoder.name=/no/such/model", "encoder.params={}"]])
+def test_a_multi_seed_run_checks_its_scenario_before_overwrite_empties_the_folder(cfg, tmp_path, bad):
+    """`--seeds 0-1 --overwrite` emptied --out (every seed's results and weights) before the first seed's run met
+    a misspelt model.params key or a missing encoder folder."""
+    from fedmerge.runners.simulation import simulate
+
+    out = tmp_path / "out"
+    (out / "seed-0" / "clients").mkdir(parents=True)
+    (out / "seed-0" / "clients" / "synth-0.safetensors").write_bytes(b"weights of an earlier run")
+    with pytest.raises(FedmergeError, match="hiden|does not exist"):
+        simulate(apply_overrides(cfg, ["run.seeds=[0, 1]", *bad]), out, overwrite=True)
+    assert (out / "seed-0" / "clients" / "synth-0.safetensors").read_bytes() == b"weights of an earlier run"
+
+
 def test_an_unfinished_run_is_not_set_aside_while_a_run_holds_its_folder(tmp_path):
     """A second `--resume` moved a live run's files aside before it met the lock the live run held."""
     folder = tmp_path / "seed-0"

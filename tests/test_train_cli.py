@@ -82,6 +82,18 @@ def test_a_second_training_into_the_same_folder_is_refused_unless_overwrite(doma
     assert json.loads((out / "metrics.json").read_text())["hyperparameters"]["lam"] == 500
 
 
+@pytest.mark.parametrize("model", ["text-lae", "l3ae"])
+def test_a_missing_encoder_folder_fails_before_overwrite_empties_the_folder(domain_dir, tmp_path, capsys, model):
+    """--encoder /missing failed when the catalog was encoded, after --overwrite had deleted the last training."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    missing = tmp_path / "no-such-model"
+    assert main(["train", "--data", str(domain_dir), "--model", model, "--encoder", str(missing), "--out", str(out),
+                 "--overwrite"]) == 1
+    assert f"{missing} does not exist" in capsys.readouterr().err and (out / "metrics.json").read_text() == "{}"
+
+
 def test_data_inside_the_output_folder_is_refused(domain_dir, tmp_path, capsys) -> None:
     """--overwrite empties --out: a domain inside it would be deleted after it was loaded."""
     import shutil

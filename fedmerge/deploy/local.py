@@ -116,15 +116,22 @@ def wait_until_online(flwr: FlwrClient, node_ids: Sequence[int], nodes: Sequence
         time.sleep(1.0)
 
 
-def domain_data_paths(cfg: Scenario, data_root: Path | None, out_dir: Path) -> dict[str, Path]:
-    """Each domain's private data location: ``<data_root>/<name>`` (folder or .tar.gz); synthetic scenarios without
-    a data root get their domains written to ``<out>/data/<name>`` in the generic format."""
+def check_data_root(cfg: Scenario, data_root: str | Path | None) -> list[str]:
+    """The scenario's domain names; FedmergeError when it names none, or when a non-synthetic scenario comes without
+    ``--data-root``."""
     names = cfg.data.domain_names()
     if not names:
         raise FedmergeError("the scenario names no domains (data.domains is empty)")
+    if data_root is None and cfg.data.source != "synthetic":
+        raise FedmergeError("--data-root is needed for a non-synthetic scenario (one folder or .tar.gz per domain)")
+    return names
+
+
+def domain_data_paths(cfg: Scenario, data_root: Path | None, out_dir: Path) -> dict[str, Path]:
+    """Each domain's private data location: ``<data_root>/<name>`` (folder or .tar.gz); synthetic scenarios without
+    a data root get their domains written to ``<out>/data/<name>`` in the generic format."""
+    names = check_data_root(cfg, data_root)
     if data_root is None:
-        if cfg.data.source != "synthetic":
-            raise FedmergeError("--data-root is needed for a non-synthetic scenario (one folder or .tar.gz per domain)")
         from fedmerge.data.generic import save_generic_domain
 
         return {name: save_generic_domain(cfg.load_domain(name), out_dir / "data" / name) for name in names}
@@ -207,6 +214,7 @@ def deploy_local(
     timeout, ...) after stopping every started process.
     """
     from fedmerge.config import load_scenario
+    from fedmerge.runners.simulation import check_before_run
     from fedmerge.storage import run_folder
 
     app = check_app_dir(Path(app_dir))
@@ -219,6 +227,8 @@ def deploy_local(
         raise FedmergeError(f"the data root {data_place} lies inside --out {out}, which the deployment takes over "
                             "(--overwrite empties it): give another --out")
     tls = None if tls_dir is None else given_tls_files(Path(tls_dir), len(cfg.data.domain_names()), out)  # before
+    check_data_root(cfg, data_root)
+    check_before_run(cfg, "flower")  # as is a bad scenario (model.params key, encoder folder, data)
     with run_folder(out, overwrite=overwrite, resumable=False):  # --out is touched (--overwrite deletes what it holds)
         return _deploy(cfg, out, data_root, tls, app, timeout_s, poll_s)
 

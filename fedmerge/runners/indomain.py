@@ -98,10 +98,15 @@ def train_and_evaluate(
 
     if model not in model_names():  # before reading any data
         raise FedmergeError(f"unknown model {model!r}; valid: {', '.join(model_names())}{FAMILIES.failures()}")
-    if model in FAMILIES:  # bad parameters fail before the output folder is touched
+    if model in FAMILIES:  # bad parameters, and a missing encoder model folder, fail before the output folder is touched
         get_family(model, **params)
+        needs_encoder = True  # its model card names the encoder
     else:
-        get_recommender(model, **params)
+        needs_encoder = get_recommender(model, **params).needs_embeddings
+    if needs_encoder:
+        from fedmerge.text import get_encoder
+
+        get_encoder(encoder)
     domain = load_domain(data)
     out = out or Path("runs") / "train" / f"{domain.name}-{model}"
     if Path(data).resolve().is_relative_to(Path(out).resolve()):

@@ -108,12 +108,13 @@ def run_seeds(
     complete run is never deleted."""
     from fedmerge.merging import METHODS
     from fedmerge.provenance import package_versions
-    from fedmerge.runners.simulation import run_scenario
+    from fedmerge.runners.simulation import check_before_run, run_scenario
     from fedmerge.storage import run_folder
 
     seeds = [int(s) for s in cfg.run.seeds]
     if not seeds:
         raise FedmergeError("run.seeds is empty: nothing to run per seed (use run.seed for a single run)")
+    check_before_run(seed_config(cfg, seeds[0]), engine)  # before --overwrite empties out_dir
     runs: dict[int, dict[str, Any]] = {}
     with run_folder(out_dir, resume=resume, overwrite=overwrite):
         for seed in seeds:

@@ -57,13 +57,7 @@ def run_scenario(
         raise FedmergeError("--resume needs the output folder of the earlier run (--out DIR)")
     if resume and overwrite:
         raise FedmergeError("--resume re-uses the earlier run's files and --overwrite deletes them; pass only one")
-    if engine == "flower":  # the in-process engine loads them first thing; Flower's clients only once it runs
-        check_registered_here_only(cfg)
-        check_family_in_subprocess(cfg)
-        for name in cfg.data.domain_names():
-            cfg.load_domain(name)
-    else:  # before run_folder: a misspelt model.params key must not cost an --overwrite'd folder its files
-        cfg.make_checked_family()
+    check_before_run(cfg, engine)
     if out_dir is None:
         return _run_engine(cfg, engine, None, resume)
     from fedmerge.storage import run_folder
@@ -92,6 +86,22 @@ def simulate(
 
         return run_seeds(scenario, engine, out_dir, resume=resume, overwrite=overwrite)
     return run_scenario(scenario, engine=engine, out_dir=out_dir, resume=resume, overwrite=overwrite)
+
+
+def check_before_run(cfg: Scenario, engine: str) -> None:
+    """What must fail before a run touches its output folder (``--overwrite`` empties it): a misspelt
+    ``model.params`` key (:meth:`Scenario.make_checked_family`), a missing text-encoder model folder (a path is
+    checked here, where the run's processes read it, not when the scenario loads) and, under Flower, a method
+    registered in this process only and bad data (every domain loaded once: the clients would load it only once
+    Flower runs)."""
+    if engine == "flower":
+        check_registered_here_only(cfg)
+        check_family_in_subprocess(cfg)
+        for name in cfg.data.domain_names():
+            cfg.load_domain(name)
+    else:
+        cfg.make_checked_family()
+    cfg.encoder.text_encoder()
 
 
 def check_registered_here_only(cfg: Scenario) -> None:
