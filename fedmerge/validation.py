@@ -3,7 +3,7 @@
 A client ships a :data:`~fedmerge.models.base.StateDict`. Before it can touch the merged model the server checks
 that it is an update *of the same model*: exactly the parameter names of θ₀ (a reply names no family: another
 family's weights fail here), the same shapes and
-dtypes, finite values, and within a size budget. Any failure raises :class:`UpdateRejected` naming the problem,
+dtypes, finite values, and — before any array is decoded — within a size budget. Any failure raises :class:`UpdateRejected` naming the problem,
 so the server can drop (or report) that client instead of crashing deep inside a merge.
 
 A well-formed update can still be an attack (issue 19), so the server also checks that the weights the family
@@ -82,41 +82,36 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def check_size(update: Mapping[str, torch.Tensor], max_bytes: int) -> None:
-    """No single array and not the update as a whole may exceed ``max_bytes``."""
-    total = 0
-    for name, value in update.items():
-        size = tensor_bytes(value)
-        if size > max_bytes:
-            raise UpdateRejected(f"parameter {name!r} is {size} bytes, over the limit of {max_bytes} bytes")
-        total += size
-    if total > max_bytes:
-        raise UpdateRejected(f"update is {total} bytes in total, over the limit of {max_bytes} bytes")
+NPY_HEADER_BYTES = 4096  # what an array's serialized form (.npy) may carry beyond its values: 128 bytes usually
 
 
-def check_update(theta0: StateDict, update: StateDict, *, max_bytes: int | None = None) -> None:
+def check_payload(theta0: Mapping[str, torch.Tensor], payload_bytes: Mapping[str, int], slack: float = 1.0) -> None:
+    """Before a reply's arrays are decoded: exactly θ₀'s parameter names (:func:`check_names`), and each array's
+    serialized size at most ``slack`` × its θ₀ tensor's bytes + :data:`NPY_HEADER_BYTES`, so that no reply makes the
+    server decode more than that (``payload_bytes``: name -> serialized bytes). A well-formed update is θ₀'s size;
+    its shapes and dtypes are checked once decoded (:func:`check_update`)."""
+    if slack < 1.0 or not math.isfinite(slack):
+        raise ValueError(f"slack must be a finite number >= 1, got {slack}")
+    check_names(theta0, payload_bytes)
+    for name, reference in theta0.items():
+        limit = math.ceil(slack * tensor_bytes(reference)) + NPY_HEADER_BYTES
+        if payload_bytes[name] > limit:
+            raise UpdateRejected(f"parameter {name!r} is {payload_bytes[name]} bytes serialized, over the limit of "
+                                 f"{limit} bytes ({slack:g} × θ₀'s {tensor_bytes(reference)} + the array header)")
+
+
+def check_update(theta0: StateDict, update: StateDict) -> None:
     """Raise :class:`UpdateRejected` unless ``update`` is a well-formed set of weights for θ₀'s model.
 
-    Checked in order: parameter names, then per parameter type/shape/dtype/finiteness, then sizes (``max_bytes``
-    bounds each array and the total; ``None`` disables the size check). A reply names no model family: another
-    family's weights fail on their names and shapes.
+    Checked in order: parameter names, then per parameter type/shape/dtype/finiteness. A reply names no model
+    family: another family's weights fail on their names and shapes. (Sizes are bounded before decoding,
+    :func:`check_payload`.)
     """
-    if max_bytes is not None and max_bytes <= 0:
-        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
     if not isinstance(update, Mapping):
         raise UpdateRejected(f"update is a {type(update).__name__}, not a mapping of parameter names to tensors")
     check_names(theta0, update)
     for name, reference in theta0.items():
         check_tensor(name, reference, update[name])
-    if max_bytes is not None:
-        check_size(update, max_bytes)
-
-
-def max_bytes_for(theta0: StateDict, slack: float = 1.0) -> int:
-    """A size budget derived from θ₀: ``slack`` × its total bytes (a well-formed update is exactly that size)."""
-    if slack < 1.0 or not math.isfinite(slack):
-        raise ValueError(f"slack must be a finite number >= 1, got {slack}")
-    return int(math.ceil(slack * sum(tensor_bytes(t) for t in theta0.values())))
 
 
 # ---- checks beyond the format: fixed weights, magnitudes, task-vector norms (issue 19) -------------------------

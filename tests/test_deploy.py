@@ -599,8 +599,10 @@ class ScriptedFlwr(FlwrClient):
         super().__init__(tmp_path)
         self.statuses = statuses
         self.stopped: list[int] = []
+        self.polls = 0
 
     def status(self, run_id: int):
+        self.polls += 1
         text = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
         return parse_run_status({"runs": [{"run-id": run_id, "status": text}]}, run_id)
 
@@ -646,6 +648,15 @@ def test_wait_ready_hint_ends_a_long_pause(tmp_path):
     start = time.monotonic()
     assert flwr.wait(3, timeout_s=60, poll_s=30, ready=lambda: time.monotonic() > ready_at).succeeded
     assert time.monotonic() - start < 5  # without the hint: one 30 s pause
+
+
+def test_wait_does_not_spin_once_the_ready_hint_holds(tmp_path):
+    """Once results.json exists the hint stays true: `flwr ls` was then called back to back (1.28 million status
+    polls in 2 s with a stub) while the ServerApp still wrote its tables and plots."""
+    flwr = ScriptedFlwr(tmp_path, ["running"])
+    with pytest.raises(RunFailed, match="did not finish"):
+        flwr.wait(3, timeout_s=2.0, poll_s=5.0, ready=lambda: True)
+    assert flwr.polls <= 5  # a poll per READY_POLL_S (1 s) once the hint holds
 
 
 KILLED_DEPLOYER = (

@@ -863,6 +863,30 @@ def test_unreadable_weight_arrays_are_rejected_not_fatal(cfg):
     _assert_attacker_left_out(out)
 
 
+@pytest.mark.parametrize("payload", ["empty", "oversized"])
+def test_empty_or_oversized_weight_payloads_are_rejected_before_decoding(cfg, payload):
+    """An empty array payload raised EOFError out of the reply handler: status failed, no model evaluated, no client
+    named; an oversized one was decoded in full before any size check (which could then never fire)."""
+    from flwr.app import Array, ArrayRecord
+
+    def forged(message_type, request, reply):
+        if message_type != protocol.TRAIN:
+            return reply
+        arrays = dict(reply.array_records[protocol.WEIGHTS].items())
+        name = sorted(arrays)[0]
+        real = arrays[name]
+        data = b"" if payload == "empty" else real.data + b"\0" * (len(real.data) + 8192)
+        arrays[name] = Array(dtype=real.dtype, shape=real.shape, stype=real.stype, data=data)
+        return RecordDict({**reply, protocol.WEIGHTS: ArrayRecord(arrays)})
+
+    out = _hostile_run(cfg, forged)
+    assert out["status"] == "ok", out.get("errors")
+    reason = out["rejected"]["synth-2"]
+    assert ("cannot be read as float tensors: EOFError" in reason if payload == "empty"
+            else "bytes serialized, over the limit" in reason), reason
+    _assert_attacker_left_out(out)
+
+
 def test_nan_user_count_is_rejected_and_fedavg_still_finishes(cfg):
     out = _hostile_run(cfg, _train_metrics_attack(**{protocol.NUM_USERS: float("nan")}))
     assert "'num-users' = nan" in out["rejected"]["synth-2"]

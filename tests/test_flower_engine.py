@@ -39,6 +39,13 @@ def test_default_output_is_the_summary_and_verbose_streams_the_run_log(tmp_path)
         assert noise not in quiet.stderr, quiet.stderr[-3000:]
     assert "local training" in quiet.stderr, quiet.stderr[-3000:]  # the launcher's bar, read from the run folder
     assert re.search(r"done: 100%.* (\d+)/\1 ", quiet.stderr), quiet.stderr[-3000:]
+    # --resume keeps the earlier results.json as results.<UTC time>.json (the launcher deleted it before the run)
+    earlier = (tmp_path / "quiet" / "results.json").read_text()
+    resumed = subprocess.run([*simulate_argv(tmp_path / "quiet"), "--resume"], capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (kept,) = (tmp_path / "quiet").glob("results.*.json")
+    assert kept.read_text() == earlier and '"resumed"' in (tmp_path / "quiet" / "results.json").read_text()
     verbose = subprocess.run(simulate_argv(tmp_path / "verbose", "--verbose"), capture_output=True, text=True,
                              timeout=600)
     assert verbose.returncode == 0, verbose.stderr[-3000:]

@@ -18,6 +18,8 @@ def test_the_bar_follows_the_files_the_server_writes(tmp_path):
     old_model.parent.mkdir(parents=True)
     old_model.write_bytes(b"")
     os.utime(old_model, (time.time() - 60, time.time() - 60))
+    (tmp_path / "results.json").write_text("{}")  # and its results.json: the bar said "done" from the start
+    os.utime(tmp_path / "results.json", (time.time() - 60, time.time() - 60))
     progress = FolderProgress(cfg, tmp_path, enabled=True)
     model_path(tmp_path, "theta0").write_bytes(b"")  # the server saves θ₀ first: no merge yet
     assert not progress.poll() and (progress.bar.n, progress.phase) == (0, "local training")

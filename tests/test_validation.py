@@ -15,8 +15,9 @@ from fedmerge.validation import (
     check_fixed,
     check_magnitude,
     check_train_metrics,
+    check_payload,
     check_update,
-    max_bytes_for,
+    NPY_HEADER_BYTES,
     norm_limits,
     scale_task_vector,
     screen_norms,
@@ -49,7 +50,7 @@ def rejected(theta0, update, **kwargs) -> str:
 
 def test_well_formed_update_accepted(theta0):
     update = trained(theta0)
-    check_update(theta0, update, max_bytes=max_bytes_for(theta0))
+    check_update(theta0, update)
 
 
 def test_missing_and_extra_names(theta0):
@@ -118,31 +119,17 @@ def test_sparse_tensor_refused(theta0):
     assert "dense" in rejected(theta0, update)
 
 
-def test_oversize_single_array(theta0):
-    update = trained(theta0)
-    limit = tensor_bytes(theta0["enc.weight"]) - 1
-    reason = rejected(theta0, update, max_bytes=limit)
-    assert "'enc.weight'" in reason and f"{4 * 3 * 4} bytes" in reason
-
-
-def test_oversize_total(theta0):
-    update = trained(theta0)
-    total = sum(v.numel() * 4 for v in theta0.values())
-    reason = rejected(theta0, update, max_bytes=total - 1)
-    assert f"{total} bytes in total" in reason
-    check_update(theta0, update, max_bytes=total)
-
-
-def test_max_bytes_for(theta0):
-    assert max_bytes_for(theta0) == (12 + 4 + 2) * 4
-    assert max_bytes_for(theta0, slack=2.0) == 2 * (12 + 4 + 2) * 4
-    with pytest.raises(ValueError):
-        max_bytes_for(theta0, slack=0.5)
-
-
-def test_bad_max_bytes_argument(theta0):
-    with pytest.raises(ValueError, match="max_bytes"):
-        check_update(theta0, trained(theta0), max_bytes=0)
+def test_payload_sizes_are_bounded_before_decoding(theta0):
+    exact = {name: tensor_bytes(value) + 128 for name, value in theta0.items()}  # values + a usual .npy header
+    check_payload(theta0, exact)
+    header_room = NPY_HEADER_BYTES - 128
+    with pytest.raises(UpdateRejected, match=r"'enc.weight' is \d+ bytes serialized, over the limit of 4144 bytes"):
+        check_payload(theta0, {**exact, "enc.weight": exact["enc.weight"] + header_room + 1})
+    check_payload(theta0, {**exact, "enc.weight": 2 * tensor_bytes(theta0["enc.weight"]) + NPY_HEADER_BYTES}, slack=2.0)
+    with pytest.raises(UpdateRejected, match="unexpected parameters 'rogue'"):  # names first: nothing decoded
+        check_payload(theta0, {**exact, "rogue": 8})
+    with pytest.raises(ValueError, match="slack"):
+        check_payload(theta0, exact, slack=0.5)
 
 
 # ---- beyond the format (issue 19): fixed weights, magnitudes, norms against the other clients, metrics --------

@@ -26,6 +26,7 @@ CONNECTION = "fedmerge"
 FINISHED = "finished"
 COMPLETED = "completed"
 HINT_POLL_S = 0.25  # seconds between checks of FlwrClient.wait's ``ready`` hint
+READY_POLL_S = 1.0  # seconds between status polls once the hint held (the run is about to finish)
 
 
 class FlwrCommandError(FedmergeError):
@@ -188,10 +189,12 @@ class FlwrClient:
 
         ``check`` runs on every poll (e.g. to fail fast when the SuperLink process died). ``ready`` is a cheap hint
         that the run is about to finish (e.g. its results file exists): checked every :data:`HINT_POLL_S` between
-        polls, it cuts the pause short, so a long ``poll_s`` spares ``flwr`` calls without delaying the end.
+        polls, it cuts the pause short, so a long ``poll_s`` spares ``flwr`` calls without delaying the end; once it held, the
+        status is polled every :data:`READY_POLL_S` (the run still writes its tables and plots).
         """
         deadline = time.monotonic() + timeout_s
         last: RunStatus | None = None
+        hinted = False
         while True:
             if check is not None:
                 check()
@@ -207,9 +210,12 @@ class FlwrClient:
                 except FlwrCommandError as exc:
                     logger.warning("could not stop run %d: %s", run_id, exc)
                 raise RunFailed(f"run {run_id} did not finish within {timeout_s:.0f} s (last status: {last})")
-            pause_until = time.monotonic() + poll_s
-            while time.monotonic() < pause_until and not (ready is not None and ready()):
-                time.sleep(HINT_POLL_S if ready is not None else poll_s)
+            if ready is not None and not hinted:
+                pause_until = time.monotonic() + poll_s
+                while time.monotonic() < pause_until and not (hinted := ready()):
+                    time.sleep(HINT_POLL_S)
+            else:  # the hint held once (it stays true: the results file exists): a short pause, never a spin
+                time.sleep(min(poll_s, READY_POLL_S) if hinted else poll_s)
         if not last.succeeded:
             tail = "\n".join(self.logs(run_id).strip().splitlines()[-25:])
             raise RunFailed(f"run {run_id} ended {last}; last log lines:\n{tail}")

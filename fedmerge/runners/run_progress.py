@@ -26,8 +26,8 @@ MTIME_SLACK_S = 1.0
 class FolderProgress:
     """A tqdm bar on stderr that :meth:`poll` advances from the files in ``run_dir``.
 
-    A merged model's file counts only if written after the bar was created (a ``--resume`` folder holds the earlier
-    run's models); a client's weights count whenever written (``--resume`` re-uses them: its local training is done).
+    A merged model's file, and ``results.json``, count only if written after the bar was created (a ``--resume``
+    folder holds the earlier run's until the run keeps them aside); a client's weights count whenever written (``--resume`` re-uses them: its local training is done).
     A rejected client's weights are never saved: the bar then waits at ``local training`` until the merges appear.
     """
 
@@ -43,10 +43,10 @@ class FolderProgress:
         self.bar = tqdm(total=len(self.client_files) + 2, desc=self.phase, unit="step", disable=not enabled)
 
     def poll(self) -> bool:
-        """Advance the bar to what the folder shows; True once ``results.json`` is written (the run's end)."""
+        """Advance the bar to what the folder shows; True once this run wrote ``results.json`` (the run's end)."""
         clients = sum(path.is_file() for path in self.client_files)
         merged = any(self._written_since(path) for path in self.merge_files)
-        done = self.results.is_file()
+        done = self._written_since(self.results)
         if done:
             phase, steps = "done", self.bar.total
         elif merged:

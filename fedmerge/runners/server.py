@@ -454,17 +454,21 @@ class Federation:
         from a DP client, which keeps it: ``users_reported``); other
         non-finite training metrics are dropped and recorded under ``rejected["train_metrics:<label>"]``.
         """
-        from fedmerge.validation import UpdateRejected, check_train_metrics
+        from fedmerge.validation import UpdateRejected, check_payload, check_train_metrics
 
         label = label or domain
         federation = self.cfg.federation
         try:
             if protocol.WEIGHTS not in content.array_records:
                 raise UpdateRejected("reply has no weights")
+            record = content.array_records[protocol.WEIGHTS]
+            check_payload(self.theta0, {name: len(array.data) for name, array in record.items()},
+                          federation.max_update_slack)
             try:
-                update = protocol.from_record(content.array_records[protocol.WEIGHTS])
-            except (TypeError, ValueError) as exc:  # e.g. string arrays, bytes that are no array
-                raise UpdateRejected(f"the weight arrays cannot be read as float tensors: {exc}") from None
+                update = protocol.from_record(record)
+            except Exception as exc:  # e.g. string arrays, bytes that are no array, an empty payload (EOFError)
+                raise UpdateRejected("the weight arrays cannot be read as float tensors: "
+                                     f"{type(exc).__name__}: {exc}") from None
             self.check_weights(update)
             metrics, dropped = check_train_metrics(dict(content.metric_records.get(protocol.TRAIN_METRICS, {})),
                                                    protocol.NUM_USERS, federation.max_num_users,
@@ -479,14 +483,13 @@ class Federation:
 
     def check_weights(self, update: StateDict) -> None:
         """:class:`~fedmerge.validation.UpdateRejected` unless ``update`` is a well-formed model of this run
-        (:func:`~fedmerge.validation.check_update`: names, shapes, dtypes, finite, size), its family's fixed weights
+        (:func:`~fedmerge.validation.check_update`: names, shapes, dtypes, finite), its family's fixed weights
         equal θ₀, and no weight exceeds ``federation.max_abs_value``: what a reply and a saved client file must pass."""
-        from fedmerge.validation import check_fixed, check_magnitude, check_update, max_bytes_for
+        from fedmerge.validation import check_fixed, check_magnitude, check_update
 
-        federation = self.cfg.federation
-        check_update(self.theta0, update, max_bytes=max_bytes_for(self.theta0, federation.max_update_slack))
+        check_update(self.theta0, update)
         check_fixed(self.theta0, update, self.cfg.model.make_family().fixed_parameters(self.theta0))
-        check_magnitude(update, federation.max_abs_value)
+        check_magnitude(update, self.cfg.federation.max_abs_value)
 
     def accept_saved(self, saved: Mapping[str, StateDict]) -> dict[str, StateDict]:
         """The saved client weights of an earlier run (``--resume``) that pass :meth:`check_weights`, each with a

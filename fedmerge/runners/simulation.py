@@ -88,6 +88,16 @@ def simulate(
     return run_scenario(scenario, engine=engine, out_dir=out_dir, resume=resume, overwrite=overwrite)
 
 
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(device, inode, modification time in ns) of ``path``, None when there is none: whether a file is still the
+    one seen earlier (an atomic write or a rename makes another)."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino, status.st_mtime_ns
+
+
 def check_before_run(cfg: Scenario, engine: str) -> None:
     """What must fail before a run touches its output folder (``--overwrite`` empties it): a misspelt
     ``model.params`` key (:meth:`Scenario.make_checked_family`), a missing text-encoder model folder (a path is
@@ -228,7 +238,9 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
         private = Path(scratch)
         target = Path(out_dir).resolve() if out_dir is not None else private / "results"
         results_path = target / RESULTS_FILE
-        results_path.unlink(missing_ok=True)  # a stale file must not pass for this run's result
+        # a stale file must not pass for this run's result; a resumed run's ServerApp keeps the earlier one as
+        # results.<UTC time>.json (archive_results) once it accepts the saved weights, so it stays until then
+        stale = file_identity(results_path) if resume else results_path.unlink(missing_ok=True)
         # run_scenario holds out_dir (lock, earlier files)
         run_config = flower_run_config(cfg, private, target, resume=resume, out_dir_held=True)
         cpus = len(os.sched_getaffinity(0))
@@ -252,10 +264,13 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
             try:
                 flwr.wait(run_id, float("inf"), SIMULATION_POLL_S, check=link.check_alive, ready=progress.poll)
             except RunFailed as exc:
-                raise RunFailed(f"{exc}{reported_errors(results_path)}") from exc
+                fresh = file_identity(results_path) not in (None, stale)
+                raise RunFailed(f"{exc}{reported_errors(results_path) if fresh else ''}") from exc
             finally:
                 progress.close()
         wall = time.perf_counter() - start
+        if stale is not None and file_identity(results_path) == stale:
+            raise FedmergeError(f"the run finished but wrote no new {results_path} (the earlier run's is unchanged)")
         results = read_results(results_path)
     results["timings_s"]["simulation_wall"] = round(wall, 3)
     return results
