@@ -55,30 +55,41 @@ class MergeStrategy(Strategy):
             time.sleep(1.0)
             nodes = list(self.grid.get_node_ids())
         messages = [Message(RecordDict(), node, protocol.QUERY, group_id="connect") for node in nodes]
+        claims: dict[str, list[int]] = {}
         for reply in self.grid.send_and_receive(messages, timeout=max(deadline - time.monotonic(), 1.0)):
+            node = reply.metadata.src_node_id
             if reply.has_error():  # e.g. its data folder is missing: the node's own reason goes into results.json
-                node = reply.metadata.src_node_id
-                self.refused[f"{protocol.QUERY}:node{node}"] = f"node {node} failed to start: {reply.error.reason}"
-                logger.error("%s", self.refused[f"{protocol.QUERY}:node{node}"])
+                self.refuse(node, f"node {node} failed to start: {reply.error.reason}")
                 continue
-            self.claim(protocol.reply_domain(reply.content), reply.metadata.src_node_id, wanted)
+            try:
+                claims.setdefault(protocol.reply_domain(reply.content), []).append(node)
+            except FedmergeError as exc:
+                self.refuse(node, f"node {node}'s reply names no domain ({exc}); refused")
+        self.assign(claims, wanted)
         missing = [d for d in wanted if d not in self.node_of]
         if missing:
             logger.warning("no SuperNode holds domain(s) %s", missing)
         self.connect_seconds = time.perf_counter() - start
         return self.node_of
 
-    def claim(self, domain: str, node: int, wanted: list[str]) -> None:
-        """Map ``domain`` to ``node`` unless it is not a domain of the run or another node already holds it: one
-        domain per node, first come first served; a refused claim is logged and kept in ``refused`` (never a silent
-        swap of the node that answers for a domain)."""
-        if domain not in wanted:
-            reason = f"node {node} claims domain {domain!r}, which is not a domain of this run ({wanted}); refused"
-        elif domain in self.node_of and self.node_of[domain] != node:
-            reason = f"node {node} claims domain {domain!r}, already held by node {self.node_of[domain]}; refused"
-        else:
-            self.node_of[domain] = node
-            return
+    def assign(self, claims: Mapping[str, list[int]], wanted: list[str]) -> None:
+        """Map each domain of the run to the one node that claims it. A claim of a domain the run does not have is
+        refused, and so is every claimant of a domain several nodes claim (which of them is honest cannot be told:
+        no node answers for it, whatever order the replies came in); each refusal is logged and kept in
+        ``refused``."""
+        for domain, nodes in sorted(claims.items()):
+            if domain not in wanted:
+                for node in nodes:
+                    self.refuse(node, f"node {node} claims domain {domain!r}, which is not a domain of this run "
+                                      f"({wanted}); refused")
+            elif len(nodes) > 1:
+                for node in nodes:
+                    self.refuse(node, f"nodes {sorted(nodes)} all claim domain {domain!r}; each is refused (no node "
+                                      "answers for it)")
+            else:
+                self.node_of[domain] = nodes[0]
+
+    def refuse(self, node: int, reason: str) -> None:
         logger.error("%s", reason)
         self.refused[f"{protocol.QUERY}:node{node}"] = reason
 

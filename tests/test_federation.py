@@ -969,28 +969,35 @@ def test_lying_evaluation_replies_are_left_out_and_recorded(cfg):
     assert "evaluate:synth-2:fedavg_round1" in out["rejected"] and "synth-2" not in out["models"]["fedavg"]
 
 
-def test_second_node_claiming_a_domain_is_refused(cfg, flower_task_identity):
+@pytest.mark.parametrize("order", [[1, 2, 3, 4, 5], [5, 4, 3, 2, 1]])
+def test_nodes_claiming_one_domain_are_all_refused_whatever_the_reply_order(cfg, flower_task_identity, order):
+    """The first of two nodes claiming a domain got it (an impostor answering first took it, another run the honest
+    node); a node whose reply named no domain failed the whole run ("client reply carries no domain name")."""
     from server.strategy import MergeStrategy
 
     class QueryGrid:
-        """Nodes 1 and 2 both claim synth-0, node 3 synth-1, node 4 a domain the run does not have."""
+        """Nodes 1 and 2 both claim synth-0, node 3 synth-1, node 4 a domain the run does not have, node 5 none."""
 
-        claims = {1: "synth-0", 2: "synth-0", 3: "synth-1", 4: "synth-9"}
+        claims = {1: "synth-0", 2: "synth-0", 3: "synth-1", 4: "synth-9", 5: None}
 
         def get_node_ids(self):
             return list(self.claims)
 
         def send_and_receive(self, messages, timeout):
-            return [Message(RecordDict({protocol.INFO: protocol.info_record(self.claims[m.metadata.dst_node_id])}),
-                            reply_to=m) for m in messages]
+            by_node = {m.metadata.dst_node_id: m for m in messages}
+            return [Message(RecordDict({} if self.claims[node] is None else
+                                       {protocol.INFO: protocol.info_record(self.claims[node])}), reply_to=by_node[node])
+                    for node in order]
 
     strategy = MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.1"]), QueryGrid())
     strategy.connect()
-    assert strategy.node_of == {"synth-0": 1, "synth-1": 3}  # never swapped to node 2
+    assert strategy.node_of == {"synth-1": 3}
     assert strategy.refused == {
-        "query:node2": "node 2 claims domain 'synth-0', already held by node 1; refused",
+        "query:node1": "nodes [1, 2] all claim domain 'synth-0'; each is refused (no node answers for it)",
+        "query:node2": "nodes [1, 2] all claim domain 'synth-0'; each is refused (no node answers for it)",
         "query:node4": "node 4 claims domain 'synth-9', which is not a domain of this run "
                        "(['synth-0', 'synth-1', 'synth-2']); refused",
+        "query:node5": "node 5's reply names no domain (client reply carries no domain name); refused",
     }
 
 
