@@ -118,14 +118,19 @@ def test_a_run_cut_by_max_seconds_says_so_per_domain_and_in_the_summary(tmp_path
 
     tiny = ["run.progress=false", "data.synthetic.n_users=30", "data.synthetic.n_items=20", "data.synthetic.max_len=6",
             "model.params.hidden=16", "model.params.n_layers=1", "model.params.max_len=6", "model.params.max_epochs=4",
-            "model.params.max_seconds=0.0", "model.params.batch_size=4", "baselines.fedavg_rounds=1", "baselines.joint=false",
-            'merge.methods=["average"]', "encoder.name=hashing", "encoder.params.dim=16",
+            "model.params.max_seconds=0.0", "model.params.batch_size=4", "baselines.fedavg_rounds=1", "baselines.joint=true",
+            "theta0.pretrain=true", 'merge.methods=["average"]', "encoder.name=hashing", "encoder.params.dim=16",
             f"encoder.cache_dir={tmp_path / 'cache'}"]
     out = run_inprocess(load_scenario("quickstart", tiny), tmp_path / "out")
-    for metrics in [*out["train_metrics"].values(), *out["fedavg_train_metrics"][0].values()]:
+    for metrics in [*out["train_metrics"].values(), *out["fedavg_train_metrics"][0].values(),
+                    *out["server_train_metrics"].values()]:  # θ₀'s pretraining and the joint oracle were cut silently
         assert (metrics["epochs"], metrics["stop_reason"], metrics["max_epochs"]) == (1, "max_seconds", 4)
         assert metrics["last_epoch_steps"] == 1 < metrics["epoch_steps"]  # cut after its first step
-    assert len(out["warnings"]) == 2 * len(out["domains"])
+    assert sorted(out["server_train_metrics"]) == ["joint", "theta0_pretraining"]
+    assert len(out["warnings"]) == 2 * len(out["domains"]) + 2
+    assert any(w.startswith("θ₀'s pretraining on the public catalogs (every model starts from it) was cut by "
+                            "max_seconds in epoch 1") for w in out["warnings"]), out["warnings"]
+    assert any(w.startswith("the joint oracle's training was cut by max_seconds") for w in out["warnings"])
     steps = out["train_metrics"]["synth-0"]["epoch_steps"]
     assert (f"local training of synth-0 was cut by max_seconds in epoch 1 after 1 of {steps} steps (max_epochs 4)"
             in out["warnings"][0])

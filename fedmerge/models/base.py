@@ -12,7 +12,7 @@ Two kinds of model share the scoring contract that :func:`fedmerge.metrics.evalu
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,6 +31,13 @@ STOP_MAX_EPOCHS = "max_epochs"
 STOP_EARLY = "early_stopping"
 STOP_MAX_SECONDS = "max_seconds"
 STOP_REASONS = (STOP_MAX_EPOCHS, STOP_EARLY, STOP_MAX_SECONDS)
+
+
+def reported_training(info: Mapping[str, Any]) -> dict[str, Any]:
+    """What a result keeps of ``ModelFamily.train``'s info: its numbers and ``stop_reason`` (lists, tensors and other
+    diagnostics dropped)."""
+    return {k: v for k, v in info.items()
+            if isinstance(v, (int, float)) or (k == "stop_reason" and v in STOP_REASONS)}
 
 
 def pad_sequences(seqs: Sequence[np.ndarray], max_len: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from fedmerge.data.domain import Domain, ItemCatalog, as_sequences
 from fedmerge.errors import FedmergeError
 from fedmerge.models import ModelFamily, StateDict
+from fedmerge.models.base import reported_training
 from fedmerge.scenario import Theta0Settings
 
 MIN_GROUP = 3  # a pseudo-user needs two items to train on and one validation target
@@ -78,4 +79,4 @@ def pretrained_theta0(
     domain = pseudo_domain(catalogs, settings.group_by, settings.length, settings.per_item, seed)
     weights, info = family.train(theta0, domain, torch.cat(list(features)), seed=seed, progress=False)
     weights.update({n: theta0[n].clone() for n in family.behaviour_parameters if n in theta0})
-    return weights, {"pseudo_users": domain.n_users, **{k: v for k, v in info.items() if isinstance(v, (int, float))}}
+    return weights, {"pseudo_users": domain.n_users, **reported_training(info)}

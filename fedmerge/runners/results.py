@@ -6,7 +6,8 @@ and evaluated zero-shot), ``fedavg_curve`` (per round: FedAvg's own cumulative t
 average metrics), ``oneshot_bytes`` (the one-shot phase's traffic, all a one-shot merge costs),
 ``bytes.<domain>.{sent, received}`` (client's view), ``timings_s`` per phase, ``train_metrics`` (one-shot
 training, per domain: ``epochs``, ``stop_reason`` in ``max_epochs`` / ``early_stopping`` / ``max_seconds``, ...),
-``fedavg_train_metrics`` (per round, per domain), ``warnings`` (a training cut by the wall-clock cap
+``fedavg_train_metrics`` (per round, per domain), ``server_train_metrics`` (the server's own trainings, when run:
+``theta0_pretraining``, ``joint``), ``warnings`` (a training cut by the wall-clock cap
 ``max_seconds``, a training client left out of the merges or a FedAvg round; printed under the summary table), the
 resolved ``config`` and package ``versions``; a ``--resume`` run adds ``resumed``.
 

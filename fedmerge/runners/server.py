@@ -142,6 +142,12 @@ def initial_weights(cfg: Scenario) -> StateDict:
     """θ₀: the family's seeded initialization for the encoder's feature width (identical on every party); a family
     that reads the public catalogs for θ₀ (routed adapter) gets the training domains' item features. With
     ``theta0.pretrain`` it is then trained on pseudo-users of those public catalogs (:mod:`fedmerge.runners.pretrain`)."""
+    return initial_weights_and_training(cfg)[0]
+
+
+def initial_weights_and_training(cfg: Scenario) -> tuple[StateDict, TrainMetrics | None]:
+    """(:func:`initial_weights`, the training metrics of θ₀'s pretraining or None without ``theta0.pretrain``): what
+    the server records, e.g. a ``stop_reason`` that says the wall-clock cap cut it."""
     family, seed, pretrain = cfg.model.make_family(), cfg.run.seed, cfg.theta0.pretrain
     catalogs = ({d: cfg.load_catalog(d) for d in cfg.data.training_domains()}
                 if family.init_reads_catalogs or pretrain else {})
@@ -154,7 +160,8 @@ def initial_weights(cfg: Scenario) -> StateDict:
 
         weights, info = pretrained_theta0(family, weights, catalogs, features, cfg.theta0, seed)
         logger.info("θ₀ pretrained on the public catalogs %s: %s", sorted(catalogs), info)
-    return weights
+        return weights, info
+    return weights, None
 
 
 def capped_shares(weights: Mapping[str, float], max_share: float) -> dict[str, float]:
@@ -336,6 +343,7 @@ class Federation:
         self.merge_report: dict[str, Any] = {}
         self.train_metrics: dict[str, TrainMetrics] = {}
         self.fedavg_train_metrics: list[dict[str, TrainMetrics]] = []  # per FedAvg round, per domain
+        self.server_train_metrics: dict[str, TrainMetrics] = {}  # θ₀'s pretraining, the joint oracle: this process's
         self.oneshot_bytes = 0
         self.saved_models: dict[str, Path] = {}  # model name -> weight file (with its card), see save_model
         self._card: dict[str, Any] | None = None
@@ -848,11 +856,13 @@ class Federation:
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "train_metrics": self.train_metrics,
             "fedavg_train_metrics": self.fedavg_train_metrics,
+            **({"server_train_metrics": self.server_train_metrics} if self.server_train_metrics else {}),
             "warnings": [*self.setup_warnings, *self.left_out_warnings(),
                          *(f"the update of {d} was clipped to the norm bound and used ({reason}); "
                            "federation.norm_action = 'clip' admits every update at that bound, the largest the "
                            "norm test lets through" for d, reason in self.clipped.items()),
-                         *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics),
+                         *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics,
+                                            self.server_train_metrics),
                          *(f"merge {m} failed and was not evaluated: {reason}"
                            for m, reason in self.merge_report.get("failed", {}).items()),
                          *self.partial_average_warnings(), *self.few_users_warnings(),
@@ -879,16 +889,27 @@ def _cut_point(metrics: Mapping[str, Any]) -> str:
     return f"{where} (max_epochs {int(metrics.get('max_epochs', 0))})"
 
 
-def time_cap_warnings(oneshot: Mapping[str, TrainMetrics], fedavg: list[dict[str, TrainMetrics]]) -> list[str]:
-    """One line per local training that the wall-clock cap ``max_seconds`` cut (``stop_reason == "max_seconds"``):
-    those models depend on the machine's speed and load, so the run is not reproducible elsewhere."""
+def time_cap_warnings(
+    oneshot: Mapping[str, TrainMetrics], fedavg: list[dict[str, TrainMetrics]],
+    server: Mapping[str, TrainMetrics] | None = None,
+) -> list[str]:
+    """One line per training that the wall-clock cap ``max_seconds`` cut (``stop_reason == "max_seconds"``): the
+    clients' local trainings and the server's own (``server``: θ₀'s pretraining, which every model starts from, and
+    the joint oracle); those models depend on the machine's speed and load, so the run is not reproducible
+    elsewhere."""
     runs = [("local training", oneshot)] + [(f"FedAvg round {r} local training", m) for r, m in enumerate(fedavg, 1)]
-    return [
+    lines = [
         f"{phase} of {domain} was cut by max_seconds" + _cut_point(metrics)
-        + ": its model depends on this machine's speed and load"
         for phase, per_domain in runs for domain, metrics in per_domain.items()
         if metrics.get("stop_reason") == STOP_MAX_SECONDS
     ]
+    lines += [f"{SERVER_TRAININGS.get(name, name)} was cut by max_seconds" + _cut_point(metrics)
+              for name, metrics in (server or {}).items() if metrics.get("stop_reason") == STOP_MAX_SECONDS]
+    return [f"{line}: its model depends on this machine's speed and load" for line in lines]
+
+
+SERVER_TRAININGS = {"theta0_pretraining": "θ₀'s pretraining on the public catalogs (every model starts from it)",
+                    "joint": "the joint oracle's training"}
 
 
 def load_saved_run(cfg: Scenario, out_dir: str | Path) -> tuple[StateDict | None, dict[str, StateDict], dict[str, TrainMetrics]]:
@@ -956,9 +977,12 @@ def run_federation(
         if theta0 is None:
             logger.warning("no %s: regenerating θ₀ from the seed", model_path(out_path, "theta0"))
             theta0 = initial_weights(cfg)
+        pretraining = None
     else:
-        theta0 = initial_weights(cfg)
+        theta0, pretraining = initial_weights_and_training(cfg)
     federation = Federation(cfg, theta0, out_dir=out_path)
+    if pretraining is not None:
+        federation.server_train_metrics["theta0_pretraining"] = pretraining
     # θ₀'s card names the run's local parameters, so that `fedmerge merge` of its clients builds the run's merges
     local_names = {"local_parameter_names": list(cfg.merge.local_parameters)} if cfg.merge.local_parameters else {}
     federation.save_model("theta0", theta0, "theta0", [], metadata=fingerprint, **local_names)
@@ -972,7 +996,7 @@ def run_federation(
             if resume and joint_path.is_file():
                 joint = load_fingerprinted(joint_path, cfg)
             else:
-                joint, joint_encoding = joint_oracle(cfg, theta0)
+                joint, joint_encoding, federation.server_train_metrics["joint"] = joint_oracle(cfg, theta0)
             federation.extra_models["joint"] = joint
             federation.save_model("joint", joint, "joint", cfg.data.training_domains(),
                                   metadata=fingerprint,
