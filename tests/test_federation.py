@@ -887,6 +887,22 @@ def test_empty_or_oversized_weight_payloads_are_rejected_before_decoding(cfg, pa
     _assert_attacker_left_out(out)
 
 
+def test_a_client_failing_each_evaluation_keeps_one_reason_per_phase(cfg):
+    """A failure in a FedAvg round's evaluation was stored under the main evaluation's key and replaced its reason."""
+    calls = []
+
+    def fail_evaluations(message_type, request, reply):
+        if message_type == protocol.EVALUATE:
+            calls.append(message_type)
+            raise RuntimeError(f"evaluation #{len(calls)} failed")
+        return reply
+
+    out = _hostile_run(cfg, fail_evaluations)
+    assert out["status"] == "failed"  # a client that cannot evaluate fails the run, as before
+    assert "evaluation #1 failed" in out["errors"]["evaluate:synth-2"]
+    assert "evaluation #2 failed" in out["errors"]["fedavg_round1:evaluate:synth-2"]
+
+
 def test_nan_user_count_is_rejected_and_fedavg_still_finishes(cfg):
     out = _hostile_run(cfg, _train_metrics_attack(**{protocol.NUM_USERS: float("nan")}))
     assert "'num-users' = nan" in out["rejected"]["synth-2"]

@@ -677,8 +677,9 @@ class Federation:
         self.require_enough(individual)
         return individual
 
-    def evaluate(self, transport: Transport, models_for: Mapping[str, Mapping[str, StateDict]]) -> None:
-        """Send each domain its models to evaluate and record the metrics under ``models.<name>.<domain>``."""
+    def evaluate(self, transport: Transport, models_for: Mapping[str, Mapping[str, StateDict]], label: str = "") -> None:
+        """Send each domain its models to evaluate and record the metrics under ``models.<name>.<domain>`` (a
+        client's failure under ``errors["<label>evaluate:<domain>"]``)."""
         requests = {}
         for d, models in models_for.items():
             content = RecordDict({protocol.CONFIG: ConfigRecord({protocol.PHASE: protocol.PHASE_EVALUATE})})
@@ -688,7 +689,7 @@ class Federation:
         for models in models_for.values():
             for name in models:
                 self.models.setdefault(name, {})
-        for d, content in self._exchange(transport, protocol.EVALUATE, requests).items():
+        for d, content in self._exchange(transport, protocol.EVALUATE, requests, label=label).items():
             self.accept_metrics(d, content, set(models_for[d]))
 
     def accept_metrics(self, domain: str, content: RecordDict, sent: set[str]) -> None:
@@ -800,7 +801,8 @@ class Federation:
             contributed.update(updates)
             global_weights = self.aggregate_round(global_weights, updates, shares)
             own = self.local_values(updates)
-            self.evaluate(transport, {d: {f"fedavg_round{r}": self.served(global_weights, d, own)} for d in self.domains})
+            self.evaluate(transport, {d: {f"fedavg_round{r}": self.served(global_weights, d, own)} for d in self.domains},
+                          label=f"fedavg_round{r}:")
             round_avg = average_metrics(self.models[f"fedavg_round{r}"], self.train_domains)
             self.fedavg_curve.append({"round": r, "bytes": fedavg_bytes, **round_avg})
             phases.update()
@@ -846,7 +848,8 @@ class Federation:
             ordered = {d: per_domain[d] for d in self.domains if d in per_domain}
             models[name] = {**ordered, "average": average_metrics(per_domain, self.train_domains)}
         return {
-            "status": "failed" if any(k.startswith(protocol.EVALUATE) for k in self.errors) else "ok",
+            "status": "failed" if any(k.startswith(f"{protocol.EVALUATE}:") or f":{protocol.EVALUATE}:" in k
+                                      for k in self.errors) else "ok",
             "domains": self.domains,
             "held_out": list(self.cfg.data.held_out),
             "models": models,
