@@ -85,6 +85,25 @@ class RecordingTransport(InProcessTransport):
         return {d: seen[d] for d in replies}, errors
 
 
+def test_results_do_not_depend_on_the_order_replies_arrive_in(cfg):
+    """train_metrics, fedavg_train_metrics, rejected and errors were filled in arrival order: the same run wrote
+    another results.json when the clients answered in another order."""
+
+    class Reversed(RecordingTransport):
+        def send(self, message_type, requests, on_reply=None):
+            return super().send(message_type, dict(reversed(list(requests.items()))), on_reply)
+
+    def without_times(value):
+        if isinstance(value, dict):
+            return {k: without_times(v) for k, v in value.items() if "seconds" not in k and k != "timings_s"}
+        return [without_times(v) for v in value] if isinstance(value, list) else value
+
+    small = apply_overrides(cfg, ["baselines.joint=false", 'merge.methods=["average"]'])
+    texts = [json.dumps(without_times(run_federation(small, transport(small, corrupt="synth-1"))))
+             for transport in (RecordingTransport, Reversed)]
+    assert '"rejected": {"fedavg_round1:synth-1"' in texts[0] and texts[0] == texts[1]
+
+
 def _check_reply_has_no_private_data(content: RecordDict, clients: dict[str, ClientState], theta_names: set[str]):
     user_ids = {uid for c in clients.values() for uid in c.domain.user_ids}
     seq_lengths = {len(s) for c in clients.values() for s in c.domain.train}

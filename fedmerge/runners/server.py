@@ -842,11 +842,14 @@ class Federation:
         self.save_model(method, weights, method, self.merge_report["domains"], params=params, **extra, **(card or {}))
 
     def results(self) -> dict[str, Any]:
-        """Per-model per-domain metrics with averages over the training domains, bytes, timings and diagnostics."""
+        """Per-model per-domain metrics with averages over the training domains, bytes, timings and diagnostics;
+        every per-domain table in the domains' order and every diagnostic by key, not in the replies' arrival order
+        (the same run writes the same results.json)."""
         models = {}
         for name, per_domain in self.models.items():
-            ordered = {d: per_domain[d] for d in self.domains if d in per_domain}
-            models[name] = {**ordered, "average": average_metrics(per_domain, self.train_domains)}
+            models[name] = {**self.in_domain_order(per_domain), "average": average_metrics(per_domain, self.train_domains)}
+        train_metrics = self.in_domain_order(self.train_metrics)
+        fedavg_train_metrics = [self.in_domain_order(round_metrics) for round_metrics in self.fedavg_train_metrics]
         return {
             "status": "failed" if any(k.startswith(f"{protocol.EVALUATE}:") or f":{protocol.EVALUATE}:" in k
                                       for k in self.errors) else "ok",
@@ -857,15 +860,14 @@ class Federation:
             "oneshot_bytes": self.oneshot_bytes,
             "bytes": self.bytes,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
-            "train_metrics": self.train_metrics,
-            "fedavg_train_metrics": self.fedavg_train_metrics,
+            "train_metrics": train_metrics,
+            "fedavg_train_metrics": fedavg_train_metrics,
             **({"server_train_metrics": self.server_train_metrics} if self.server_train_metrics else {}),
             "warnings": [*self.setup_warnings, *self.left_out_warnings(),
                          *(f"the update of {d} was clipped to the norm bound and used ({reason}); "
                            "federation.norm_action = 'clip' admits every update at that bound, the largest the "
-                           "norm test lets through" for d, reason in self.clipped.items()),
-                         *time_cap_warnings(self.train_metrics, self.fedavg_train_metrics,
-                                            self.server_train_metrics),
+                           "norm test lets through" for d, reason in sorted(self.clipped.items())),
+                         *time_cap_warnings(train_metrics, fedavg_train_metrics, self.server_train_metrics),
                          *(f"merge {m} failed and was not evaluated: {reason}"
                            for m, reason in self.merge_report.get("failed", {}).items()),
                          *self.partial_average_warnings(), *self.few_users_warnings(),
@@ -876,10 +878,14 @@ class Federation:
                          *(f"{TESTTIME_METHOD} for {h} skipped: {r['skipped']}"
                            for h, r in self.merge_report.get(TESTTIME_METHOD, {}).items() if "skipped" in r)],
             "merge_report": self.merge_report,
-            "rejected": self.rejected,
-            "clipped": self.clipped,
-            "errors": self.errors,
+            "rejected": dict(sorted(self.rejected.items())),
+            "clipped": dict(sorted(self.clipped.items())),
+            "errors": dict(sorted(self.errors.items())),
         }
+
+    def in_domain_order(self, per_domain: Mapping[str, Any]) -> dict[str, Any]:
+        """``per_domain`` with its entries in the run's domain order."""
+        return {d: per_domain[d] for d in self.domains if d in per_domain}
 
 
 def _cut_point(metrics: Mapping[str, Any]) -> str:
