@@ -210,11 +210,12 @@ def check_train_metrics(
     metrics: Mapping[str, object], users_key: str, max_users: float, users_required: bool = True
 ) -> tuple[dict[str, int | float], list[str]]:
     """(the finite numeric metrics, names of the dropped ones); :class:`UpdateRejected` unless ``users_key`` (the
-    FedAvg weight) is a finite number in (0, ``max_users``], which it must be when present and, with
+    FedAvg weight) is a whole number in (0, ``max_users``], which it must be when present and, with
     ``users_required``, is required to be (a DP client sends no user count)."""
     users = metrics.get(users_key)
-    if (users_required or users_key in metrics) and (not is_finite_number(users) or not 0 < users <= max_users):
-        raise UpdateRejected(f"training metric {users_key!r} = {users!r} is not a finite number in "
+    if (users_required or users_key in metrics) and (
+            not is_finite_number(users) or not 0 < users <= max_users or not float(users).is_integer()):
+        raise UpdateRejected(f"training metric {users_key!r} = {users!r} is not a whole number in "
                              f"(0, federation.max_num_users = {max_users:g}]")
     kept = {k: v for k, v in metrics.items() if is_finite_number(v)}  # ints stay ints (coded metrics)
     return kept, sorted(set(metrics) - set(kept))

@@ -941,6 +941,8 @@ def test_fedavg_share_of_a_client_claiming_1e9_users_is_capped(cfg):
     assert capped_shares({"a": 100.0, "b": 300.0, "x": 1e9}, 0.5) == pytest.approx({"a": 0.125, "b": 0.375, "x": 0.5})
     assert capped_shares({"a": 1.0, "b": 1.0, "x": 1e9}, 0.2) == pytest.approx({"a": 1 / 3, "b": 1 / 3, "x": 1 / 3})
     assert capped_shares({"a": 1.0, "b": 2.0}, 1.0) == pytest.approx({"a": 1 / 3, "b": 2 / 3})
+    claims = {"a": 0.1, "b": 0.2, "c": 0.3}  # summed in arrival order, the shares differed in the last bit
+    assert capped_shares(claims, 1.0) == capped_shares(dict(reversed(claims.items())), 1.0)
     small = apply_overrides(cfg, ["baselines.joint=false"])
     users = Federation(apply_overrides(small, ['federation.fedavg_weighting="users"']), initial_weights(small))
     assert users.fedavg_shares({"a": 200.0, "b": 200.0, "x": 1e9}) == pytest.approx({"a": 0.25, "b": 0.25, "x": 0.5})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -172,8 +173,8 @@ def capped_shares(weights: Mapping[str, float], max_share: float) -> dict[str, f
         return {d: 1.0 / len(weights) for d in weights}
     capped: set[str] = set()
     while True:
-        free = {d: w for d, w in weights.items() if d not in capped}
-        mass, total = 1.0 - max_share * len(capped), float(sum(free.values()))
+        free = {d: w for d, w in sorted(weights.items()) if d not in capped}
+        mass, total = 1.0 - max_share * len(capped), math.fsum(free.values())
         shares = {d: mass * w / total for d, w in free.items()}
         over = {d for d, p in shares.items() if p > max_share}
         if not over:
