@@ -753,6 +753,32 @@ def test_zero_threads_mean_the_cpus_this_process_is_given(monkeypatch):
     assert thread_count(0) == len(os.sched_getaffinity(0))
 
 
+def test_the_server_works_on_replies_at_its_own_thread_count_in_process(cfg, monkeypatch):
+    """The in-process clients set torch's threads to run.torch_threads; the merges were reset to the server's, but
+    the checks and norm screens of each reply and FedAvg's aggregation ran at the clients' count."""
+    seen = []
+    real_accept, real_aggregate = Federation.accept_update, Federation.aggregate_round
+
+    def accept_update(self, *args, **kwargs):
+        seen.append(("accept", torch.get_num_threads()))
+        return real_accept(self, *args, **kwargs)
+
+    def aggregate_round(self, *args, **kwargs):
+        seen.append(("aggregate", torch.get_num_threads()))
+        return real_aggregate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Federation, "accept_update", accept_update)
+    monkeypatch.setattr(Federation, "aggregate_round", aggregate_round)
+    small = apply_overrides(cfg, ["baselines.joint=false", 'merge.methods=["average"]', "run.torch_threads=1",
+                                  "run.server_threads=2"])
+    previous = torch.get_num_threads()
+    try:
+        run_federation(small, InProcessTransport(small))
+    finally:
+        torch.set_num_threads(previous)
+    assert {step for step, _ in seen} == {"accept", "aggregate"} and {n for _, n in seen} == {2}, seen
+
+
 def test_server_threads_default_one_and_zero_means_all_usable_cores(cfg, monkeypatch):
     from fedmerge.runners.server import server_threads
 

@@ -427,18 +427,23 @@ class Federation:
         label: str = "",
     ) -> dict[str, RecordDict]:
         """Send ``requests``, count bytes, record each client failure under ``errors["<label><type>:<domain>"]``
-        (``label``: e.g. ``fedavg_round2:``, so a later round never overwrites an earlier phase's reason)."""
+        (``label``: e.g. ``fedavg_round2:``, so a later round never overwrites an earlier phase's reason). The
+        in-process engine's clients set the process's torch threads to ``run.torch_threads``: the server's work on
+        their replies (checks, norms, merges, FedAvg) runs at :func:`server_threads`, as under Flower."""
         for d, content in requests.items():
             self.bytes[d]["received"] += protocol.record_bytes(content)
         arrived: list[str] = []
+        threads = server_threads(self.cfg)
 
         def progress(domain: str, content: RecordDict) -> None:  # one line per reply: many clients show progress
             arrived.append(domain)
             logger.info("%s: %d/%d replies (%s)", message_type, len(arrived), len(requests), domain)
             if on_reply is not None:
+                torch.set_num_threads(threads)
                 on_reply(domain, content)
 
         replies, errors = transport.send(message_type, requests, on_reply=progress)
+        torch.set_num_threads(threads)
         for d, content in replies.items():
             self.bytes[d]["sent"] += protocol.record_bytes(content)
         for d, reason in errors.items():
@@ -742,9 +747,6 @@ class Federation:
         phases.update()
 
         start = time.perf_counter()
-        # the in-process engine's clients set the process's threads to run.torch_threads: the merges run at the
-        # server's, as under Flower
-        torch.set_num_threads(server_threads(self.cfg))
         catalogs = {d: self.cfg.load_catalog(d) for d in individual}
         merged, self.merge_report = merge_replies(self.theta0, individual, catalogs, self.cfg)
         release_freed_memory()  # MergeRec's teachers and pseudo-user batches, before evaluation and FedAvg
