@@ -779,6 +779,19 @@ def test_the_server_works_on_replies_at_its_own_thread_count_in_process(cfg, mon
     assert {step for step, _ in seen} == {"accept", "aggregate"} and {n for _, n in seen} == {2}, seen
 
 
+def test_a_merge_named_like_a_merge_report_entry_is_saved_as_a_registry_merge(cfg, tmp_path):
+    """save_merged took any mapping under merge_report[method] for MergeRec's report: a plugin method named
+    "seconds" or "failed" failed the run with KeyError: 'coefficients'."""
+    from fedmerge.recommender import read_card
+
+    small = apply_overrides(cfg, ["baselines.joint=false"])
+    federation = Federation(small, initial_weights(small), out_dir=tmp_path)
+    federation.merge_report = {"domains": ["synth-0", "synth-1"], "seconds": {"seconds": 0.1}, "failed": {}}
+    federation.save_merged("seconds", federation.theta0)
+    card = read_card(tmp_path / "models" / "seconds.safetensors")
+    assert "mergerec" not in card and card["domains"] == ["synth-0", "synth-1"]
+
+
 def test_server_threads_default_one_and_zero_means_all_usable_cores(cfg, monkeypatch):
     from fedmerge.runners.server import server_threads
 

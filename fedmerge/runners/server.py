@@ -703,7 +703,7 @@ class Federation:
         only models the server sent, exactly the metric names of ``eval.ks``, values in [0, 1], consistent with each
         other (:func:`~fedmerge.validation.metric_consistency_problems`). Anything else is left out and recorded
         under ``rejected["evaluate:<domain>:<model>"]``."""
-        from fedmerge.metrics import USERS, evaluation_metric_names
+        from fedmerge.metrics import evaluation_metric_names
         from fedmerge.validation import check_eval_metrics
 
         expected = evaluation_metric_names([int(k) for k in self.cfg.eval.ks])
@@ -828,11 +828,11 @@ class Federation:
     def save_merged(self, method: str, weights: StateDict, card: Mapping[str, Any] | None = None) -> None:
         """Save one merge with its method parameters (MergeRec: its learned coefficients and configuration) and
         ``card``'s extra fields (each domain's local parameters)."""
-        from fedmerge.merging import METHODS
+        from fedmerge.merging import MERGEREC_METHODS, METHODS
         from fedmerge.merging.registry import recorded_params, with_default_seed
 
-        report = self.merge_report.get(method)
-        extra = {} if not isinstance(report, Mapping) else {"mergerec": {
+        report = self.merge_report[method] if method in MERGEREC_METHODS else None  # a plugin may be named "seconds"
+        extra = {} if report is None else {"mergerec": {
             "coefficients": report["coefficients"], "config": report["config"],
             "chosen_start": report.get("chosen_start")}}
         if extra:
