@@ -273,6 +273,37 @@ def test_merge_command_writes_the_merged_safetensors(tmp_path, capsys):
     assert "density=2 is invalid" in capsys.readouterr().err
 
 
+def test_merge_weights_follow_the_order_the_models_are_named_in(tmp_path):
+    """`--models toys=... beauty=... --set weights=[3,1]` gave toys the weight 1: the weights were matched to the
+    models sorted by name, not to the order the help's example (and the printed summary) follows."""
+    from safetensors.torch import load_file, save_file
+
+    from fedmerge.cli import main
+
+    save_file(THETA0, str(tmp_path / "t0.safetensors"))
+    save_file(MODEL_A, str(tmp_path / "a.safetensors"))
+    save_file(MODEL_B, str(tmp_path / "b.safetensors"))
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", "--theta0", str(tmp_path / "t0.safetensors"), "--models", f"toys={tmp_path / 'a.safetensors'}",
+                 f"beauty={tmp_path / 'b.safetensors'}", "--method", "average", "--set", "weights=[3, 1]",
+                 "--out", str(out)]) == 0
+    expected = merge("average", THETA0, {"toys": MODEL_A, "beauty": MODEL_B}, weights=[3, 1])
+    assert all(torch.allclose(load_file(str(out))[n], expected[n]) for n in expected)
+
+
+def test_a_runs_merge_weights_follow_the_order_of_data_domains():
+    from fedmerge.merging.registry import weights_in_order
+
+    params = {"weights": [3.0, 1.0, 2.0], "scale": 1.0}
+    assert weights_in_order(params, ["toys", "beauty", "pantry"], ["beauty", "pantry", "toys"]) == {
+        "weights": [1.0, 2.0, 3.0], "scale": 1.0}
+    assert weights_in_order(params, ["toys", "beauty", "pantry"], ["beauty", "toys"]) == {  # a client left out
+        "weights": [1.0, 3.0], "scale": 1.0}
+    assert weights_in_order({"weights": None}, ["a", "b"], ["a", "b"]) == {"weights": None}
+    with pytest.raises(ValueError, match="weights='123' is invalid"):  # it was read as [1.0, 2.0, 3.0]
+        resolve_params("average", {"weights": "123"})
+
+
 def test_merge_command_refuses_what_would_lose_or_poison_a_file(tmp_path, capsys):
     """An --out that is an input or exists (without --overwrite), a NaN model, a NaN scale: a clear error and
     nothing written or replaced."""

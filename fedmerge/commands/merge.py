@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--models", nargs="+", required=True, metavar="NAME=FILE", help="client weights, one per domain")
     parser.add_argument("--method", required=True, help="merge method (see above; an unknown name lists the valid ones)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="params",
-                        help="method parameter (TOML value, e.g. density=0.2, weights=[2,1]); repeatable")
+                        help="method parameter (TOML value, e.g. density=0.2, or weights=[2,1]: one per --models entry, in "
+                             "that order); repeatable")
     parser.add_argument("--out", type=Path, required=True, help="merged weights (.safetensors); a new file")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never an input file)")
     parser.set_defaults(func=run_merge)

@@ -44,7 +44,7 @@ def merge_weight_files(
         shared_values,
         with_values,
     )
-    from fedmerge.merging.registry import recorded_params, with_default_seed
+    from fedmerge.merging.registry import recorded_params, weights_in_order, with_default_seed
     from fedmerge.recommender import card_path, merged_model_card, read_card, save_model
     from fedmerge.storage import WEIGHTS_SUFFIX, load_weights, save_weights, weights_digest
     from fedmerge.validation import UpdateRejected, check_update
@@ -83,6 +83,7 @@ def merge_weight_files(
         if theirs is not None and theirs != digest:
             raise FedmergeError(f"model {name} ({file}) was trained from θ₀ {theirs}, not from {theta0} ({digest}); "
                                 "merge models of one θ₀")
+    params = weights_in_order(params, list(models), list(weights))  # weights=[...] as --models names the models
     if base_card is not None:  # a seeded method (DARE) follows the run's seed, as the run's merge did
         params = with_default_seed(method, params, int(base_card.get("run", {}).get("seed", 0)))
     try:

@@ -18,7 +18,7 @@ import importlib
 import math
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint
 from typing import TYPE_CHECKING, Any
@@ -54,10 +54,9 @@ def _in_closed_open(lo: float, hi: float) -> Callable[[Any], bool]:
 def _is_weights(v: Any) -> bool:
     if v is None:
         return True
-    try:
-        values = [float(x) for x in v]
-    except (TypeError, ValueError):
+    if not isinstance(v, (list, tuple)) or not all(is_finite_number(x) for x in v):  # "123" read as [1, 2, 3]
         return False
+    values = [float(x) for x in v]
     return len(values) > 0 and all(map(math.isfinite, values)) and min(values) >= 0 and sum(values) > 0
 
 
@@ -292,6 +291,18 @@ def resolve_params(name: str, params: Mapping[str, Any], n_models: int | None = 
         if n_models is not None and len(resolved["weights"]) != n_models:
             raise ValueError(f"merge method {name!r}: {len(resolved['weights'])} weights for {n_models} models")
     return resolved
+
+
+def weights_in_order(params: Mapping[str, Any], listed: Sequence[str], merged: Sequence[str]) -> dict[str, Any]:
+    """``params`` with its per-model ``weights``, given in the order of ``listed`` (a run's ``data.domains``,
+    ``fedmerge merge --models``), put in the order the models are merged in (``merged``: by name, of those left to
+    merge), so each weight stays with the model it was written for; unchanged without a list of one weight per
+    ``listed`` name (the registry then names the problem)."""
+    weights = params.get("weights")
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(listed):
+        return dict(params)
+    by_name = dict(zip(listed, weights))
+    return {**params, "weights": [by_name[name] for name in merged]}
 
 
 def recorded_params(name: str, params: Mapping[str, Any], n_models: int | None = None) -> dict[str, Any]:

@@ -204,7 +204,7 @@ def merge_replies(
     weights) costs only itself: it is left out and its reason recorded in ``report["failed"]``.
     """
     from fedmerge.merging import MERGEREC_METHODS, METHODS, merge
-    from fedmerge.merging.registry import with_default_seed
+    from fedmerge.merging.registry import weights_in_order, with_default_seed
 
     models = {d: replies[d] for d in sorted(replies)}
     merged: dict[str, StateDict] = {}
@@ -213,7 +213,8 @@ def merge_replies(
         if method == TESTTIME_METHOD:  # one merge per held-out catalog: see testtime_merges
             continue
         start = time.perf_counter()
-        params = dict(cfg.merge.params.get(method, {}))
+        # weights=[...] are one per training domain in data.domains' order; the models merge by name
+        params = weights_in_order(cfg.merge.params.get(method, {}), cfg.data.training_domains(), list(models))
         if method in METHODS:  # DARE's masks follow the run seed unless set
             params = with_default_seed(method, params, cfg.run.seed)
         try:
