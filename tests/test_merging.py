@@ -273,6 +273,13 @@ def test_merge_command_writes_the_merged_safetensors(tmp_path, capsys):
     assert "density=2 is invalid" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties", "dare"])
+def test_float64_weights_merge_at_their_own_precision(method):
+    theta0 = {"w": torch.tensor([1.0 + 1e-12, 0.1], dtype=torch.float64)}
+    merged = merge(method, theta0, {"a": theta0, "b": theta0})
+    assert merged["w"].dtype == torch.float64 and torch.equal(merged["w"], theta0["w"])  # it moved by 1.5e-9
+
+
 def test_merge_weights_follow_the_order_the_models_are_named_in(tmp_path):
     """`--models toys=... beauty=... --set weights=[3,1]` gave toys the weight 1: the weights were matched to the
     models sorted by name, not to the order the help's example (and the printed summary) follows."""

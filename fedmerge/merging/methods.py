@@ -80,11 +80,12 @@ def check_compatible(theta0: StateDict, models: Mapping[str, StateDict]) -> None
 
 
 def task_vectors(theta0: StateDict, models: Models) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """(model names, {parameter: (K, *shape) float32 stack of τ_k = θ_k − θ₀}) after a compatibility check."""
+    """(model names, {parameter: (K, *shape) stack of τ_k = θ_k − θ₀}) after a compatibility check; float32, or
+    float64 for float64 weights (:func:`working_precision`)."""
     named = named_models(models)
     check_compatible(theta0, named)
     stacks = {
-        pname: torch.stack([named[m][pname].detach().float() - ref.detach().float() for m in named])
+        pname: torch.stack([working_precision(named[m][pname]) - working_precision(ref) for m in named])
         for pname, ref in theta0.items()
     }
     return list(named), stacks
@@ -316,8 +317,14 @@ def processed_task_vectors(name: str, theta0: StateDict, models: Models, **param
 
 
 def apply_delta(theta0: StateDict, delta: Mapping[str, torch.Tensor]) -> StateDict:
-    """θ₀ + Δ per parameter, cast back to θ₀'s dtypes."""
-    return {p: (ref.detach().float() + delta[p]).to(ref.dtype) for p, ref in theta0.items()}
+    """θ₀ + Δ per parameter, computed at :func:`working_precision`, cast back to θ₀'s dtypes."""
+    return {p: (working_precision(ref) + delta[p]).to(ref.dtype) for p, ref in theta0.items()}
+
+
+def working_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (detached) as float32, or as itself when it is wider (float64): a merge of float64 weights lost
+    their precision in float32 (θ₀ + an average of zero task vectors moved θ₀ by 1.5e-9)."""
+    return tensor.detach().to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def merge(name: str, theta0: StateDict, models: Models, **params: Any) -> StateDict:
