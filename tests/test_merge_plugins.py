@@ -49,6 +49,20 @@ def test_a_registered_method_merges_and_is_checked_like_a_built_in(registered):
         resolve_params("half_sum", {"density": 0.1})
 
 
+def test_a_plugin_scale_left_none_is_one():
+    """merge_scale read any None scale as DARE's and looked up params["base"]: KeyError: 'base'."""
+    optional = MergeMethod("optional_scale", "tests.test_merge_plugins:half_sum",
+                           {"shrink": Param(0.5, lambda v: 0 < v <= 1, "(0, 1]"),
+                            "scale": Param(None, lambda v: v is None or math.isfinite(v), "None or a number")},
+                           "https://example.org/optional", "a test method whose scale may be left unset")
+    register_method(optional)
+    try:
+        merged = merge("optional_scale", {"w": torch.zeros(2)}, {"a": {"w": torch.ones(2)}, "b": {"w": torch.ones(2)}})
+    finally:
+        METHODS.pop("optional_scale", None)
+    assert torch.equal(merged["w"], torch.ones(2))  # 1 · Σ 0.5 · τ_k
+
+
 def test_a_scenario_names_a_registered_method_and_the_run_builds_it(registered, tmp_path):
     from fedmerge.runners.simulation import run_scenario
 

@@ -325,13 +325,14 @@ def recorded_params(name: str, params: Mapping[str, Any], n_models: int | None =
 
 
 def merge_scale(name: str, params: Mapping[str, Any]) -> float:
-    """The final scalar λ of method ``name`` under resolved ``params`` (DARE: its base's default unless set)."""
+    """The final scalar λ of method ``name`` under resolved ``params`` (DARE: its base's default unless set; a
+    plugin's scale left None: 1)."""
     method = get_method(name)
     if method.scale_param is None:
         return 1.0
     value = params[method.scale_param]
     if value is None:  # DARE without an explicit scale takes its base's default
-        return float(METHODS[params["base"]].params["scale"].default)
+        return float(METHODS[params["base"]].params["scale"].default) if "base" in params else 1.0
     return float(value)
 
 
