@@ -98,6 +98,15 @@ def test_ease_matches_columnwise_constrained_ridge(data) -> None:
         np.testing.assert_allclose(b[:, j], column_solution(g, np.zeros_like(g), penalty, j, 0.0), atol=2e-5)
 
 
+@pytest.mark.parametrize("lam", [7.0, 50.0, 200.0])
+def test_ease_diagonal_is_exactly_zero_for_an_item_nobody_trained_on(data, lam) -> None:
+    """A zero Gram column has P_jj = 1/λ, where the float32 inverse rounded the constraint to "not binding":
+    diag(B) = -1.2e-7 for that item."""
+    _, g = data
+    g = np.pad(g.astype(np.float32), ((0, 1), (0, 1)))  # one more item, never interacted with
+    assert np.all(np.diag(ease_weights(g, lam)) == 0.0)
+
+
 @pytest.mark.parametrize("quantile", [0.3, 0.7])
 def test_rlae_matches_bounded_optimizer_and_kkt(data, quantile) -> None:
     x, g = data

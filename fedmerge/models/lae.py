@@ -103,6 +103,9 @@ def penalized_inverse(gram: np.ndarray, penalty: np.ndarray | float) -> np.ndarr
     return spd_inverse_inplace(m)
 
 
+BINDING_RTOL = 1e-6  # float32 inversion's relative rounding of P_jj, well above its 1.2e-7 epsilon
+
+
 def relaxed_diagonal_weights(inverse: np.ndarray, penalty: np.ndarray | float, xi: float) -> np.ndarray:
     """B = I - P·diagMat(γ) with γ_j = max(Λ_jj, (1-ξ)/P_jj): the LAE with diag(B) ≤ ξ (see module docstring).
 
@@ -113,7 +116,9 @@ def relaxed_diagonal_weights(inverse: np.ndarray, penalty: np.ndarray | float, x
     diag_p = np.diag(inverse).astype(np.float64)
     penalty = np.broadcast_to(np.asarray(penalty, dtype=np.float64), diag_p.shape)
     binding = (1.0 - xi) / diag_p
-    active = binding > penalty
+    # an item without training interactions has P_jj = 1/Λ_jj, where the constraint just binds: the float32 inverse
+    # rounds that either way (diag(B) came out -1.2e-7, not EASE's exact 0), so it counts as binding
+    active = binding >= penalty * (1.0 - BINDING_RTOL)
     gamma = np.where(active, binding, penalty).astype(np.float32)
     weights = inverse * -gamma[None, :]
     diag = np.diag_indices_from(weights)
