@@ -155,6 +155,15 @@ def test_the_coefficient_cap_also_bounds_the_start():
     _, report = mergerec(family, theta0, models, features, config)
     assert report.initial_coefficient == 0.4
     assert all(v == pytest.approx(0.4) for per in report.coefficients.values() for v in per.values())
+    below = MergeRecConfig(**{**config.__dict__, "init_coefficient": -5.0})  # capped from above only: -5 shipped
+    _, report = mergerec(family, theta0, models, features, below)
+    assert report.initial_coefficient == -0.4
+
+
+def test_no_pseudo_user_domain_is_named_as_such():
+    family, theta0, models, features = setup()
+    with pytest.raises(ValueError, match="no pseudo-user domains"):  # it said "different widths []"
+        mergerec(family, theta0, models, features, MergeRecConfig(**FAST), pseudo_domains=[])
 
 
 def test_layer_wise_has_one_coefficient_per_domain_per_group():

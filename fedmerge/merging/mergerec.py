@@ -399,6 +399,8 @@ class PseudoUserObjective:
         self.config = config
         init_params = with_default_seed(config.init_method, config.init_params, config.seed)  # DARE's masks
         self.processed = processed_task_vectors(config.init_method, theta0, models, **init_params)
+        if not self.pseudo_domains:
+            raise ValueError("no pseudo-user domains: MergeRec needs at least one catalog to build pseudo-users from")
         dims = {int(item_features[d].shape[-1]) for d in self.pseudo_domains}
         if len(dims) != 1:
             raise ValueError(f"item features of the domains have different widths {sorted(dims)}")
@@ -561,8 +563,8 @@ def mergerec(
     init = config.init_coefficient
     if init is None:
         init = MERGEREC_INITIAL_COEFFICIENT.get(config.init_method, objective.processed.scale)
-    if config.max_coefficient is not None:
-        init = min(init, config.max_coefficient)
+    if config.max_coefficient is not None:  # |λ| ≤ max_coefficient from the first step (a start of -5 ran at -5)
+        init = max(-config.max_coefficient, min(init, config.max_coefficient))
     shape = (len(objective.domains), len(objective.groups))
     starts = {"init": torch.full(shape, float(init))}
     if config.multi_start:
