@@ -280,6 +280,14 @@ def test_float64_weights_merge_at_their_own_precision(method):
     assert merged["w"].dtype == torch.float64 and torch.equal(merged["w"], theta0["w"])  # it moved by 1.5e-9
 
 
+def test_trim_keeps_int_of_density_times_size_as_the_references():
+    """ρ·n = 0.29 · 100 is 28.999999999999996 in floating point: MergeRec's TIES keeps int() of it, 28 (29 were kept)."""
+    from fedmerge.merging.methods import trim_magnitude
+
+    tau = torch.arange(1.0, 101.0).reshape(1, 100)
+    assert int((trim_magnitude(tau, 0.29) != 0).sum()) == int(0.29 * 100) == 28
+
+
 def test_merge_weights_follow_the_order_the_models_are_named_in(tmp_path):
     """`--models toys=... beauty=... --set weights=[3,1]` gave toys the weight 1: the weights were matched to the
     models sorted by name, not to the order the help's example (and the printed summary) follows."""

@@ -28,7 +28,6 @@ that MergeRec runs (see :func:`pcb_released_vectors`).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,7 +105,7 @@ def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1.0:
         return tau.clone()
     flat = tau.reshape(tau.shape[0], -1)
-    n_keep = math.floor(density * flat.shape[1] + 1e-9)
+    n_keep = int(density * flat.shape[1])  # exactly the references' count: 0.29 · 100 keeps 28, as int() gives
     top = flat.abs().sort(dim=1, descending=True, stable=True).indices[:, :n_keep]
     mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
     return (flat * mask).reshape(tau.shape)
