@@ -169,6 +169,17 @@ def test_noise_is_seeded_by_the_secret_seed_only(domain, features):
     assert any(not torch.equal(a[k], theta0[k]) for k in a)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_user_level_dp_sgd_trains_on_cuda(domain, features):
+    """opacus draws the noise on the gradients' device with the given generator: a CPU generator failed every
+    user-level step on a GPU ("Expected a 'cuda' device type for generator")."""
+    family = tiny_family(device="cuda")
+    theta0 = family.initial_weights(12, seed=0)
+    weights = train_user_level(family, theta0, domain, features, UserLevelDP(1.0, 0.5, 0.3, 1.0), seed=0,
+                               noise_seed=5)[0]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
 def test_accounting_matches_opacus_step_by_step_and_calibration_meets_the_target():
     from opacus.accountants import RDPAccountant
 

@@ -261,7 +261,9 @@ def train_user_level(
         family.optimizer(module),
         noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
         expected_batch_size=max(1, round(settings.sample_rate * len(users))),
-        generator=torch.Generator().manual_seed(secret + 1), secure_mode=secure_mode,
+        # the noise is drawn on the gradients' device, so its generator lives there (a CPU one fails on CUDA); the
+        # same noise_seed gives the same noise per device type, not across CPU and GPU
+        generator=torch.Generator(device=features.device).manual_seed(secret + 1), secure_mode=secure_mode,
     )
     negatives = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
