@@ -283,6 +283,20 @@ def test_bad_settings_and_unsupported_families_are_named(domain, features):
     assert run_noise_multiplier(scenario(unit="user", noise_multiplier=0.7)) == 0.7  # a given multiplier is used as is
 
 
+@pytest.mark.parametrize("params, problem", [(["model.params.encoder_layers=1"], "encoder_layers > 0"),
+                                             (["model.params.n_negatives=64", "model.params.negative_sampling='popularity'"],
+                                              "popularity")])
+def test_user_level_settings_dp_sgd_refuses_fail_when_the_scenario_loads(params, problem):
+    """They were refused only when a client started DP-SGD: in a study, after the ε = ∞ and domain cells trained."""
+    from fedmerge.config import load_scenario
+    from fedmerge.privacy.study import load_study
+
+    with pytest.raises(FedmergeError, match=problem):
+        load_scenario("quickstart", ["privacy.enabled=true", "privacy.unit='user'", *params])
+    with pytest.raises(FedmergeError, match=rf"privacy_study.units: .*{problem}"):
+        load_study("privacy-seq", [*params, "privacy_study.units=['domain', 'user']"])
+
+
 def test_secure_mode_uses_opacus_floating_point_safe_noise_and_refuses_a_seed(domain, features, monkeypatch):
     import opacus.optimizers.optimizer as dp_optimizer
 
