@@ -141,6 +141,22 @@ def _resign_server_cert(folder, *, days_valid=(-5, 30), hosts=("127.0.0.1", "loc
                                                           serialization.NoEncryption()))
 
 
+def _resign_ca(folder, *, days_valid):
+    """Replace folder/ca.crt by a certificate of the same CA key and name, valid from/to the given day offsets."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+
+    key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(ca.subject).issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now + dt.timedelta(days=days_valid[0]))
+            .not_valid_after(now + dt.timedelta(days=days_valid[1]))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
+    (folder / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
 @pytest.mark.parametrize(("change", "pattern"), [
     ({"days_valid": (-10, -1)}, r"server\.crt expired on 20\d\d-\d\d-\d\d"),
     ({"days_valid": (2, 30)}, r"server\.crt is not valid before 20\d\d-\d\d-\d\d"),
@@ -771,6 +787,36 @@ def test_a_server_certificate_from_an_existing_offline_ca(tmp_path, capsys):
         generate(tmp_path / "bad", n_nodes=0, ca=tmp_path / "mixed")
     with pytest.raises(FedmergeError, match=r"no ca.crt"):
         generate(tmp_path / "bad", n_nodes=0, ca=tmp_path / "nowhere")
+
+
+def test_regenerated_certificates_leave_no_stale_keys_and_stray_files_are_not_keys(tmp_path):
+    """`generate(out, 1, overwrite=True)` after `generate(out, 2)` kept node-1 from the earlier generation (a
+    deployment with two domains then used it); --force --ca kept the replaced CA's ca.key; a stray nodes/node-0.bak
+    made load_tls_dir fail with a bare ValueError."""
+    from fedmerge.deploy.certs import load_tls_dir
+
+    generate(tmp_path / "pki", n_nodes=2)
+    (tmp_path / "pki" / "nodes" / "node-0.bak").write_text("an editor's copy")
+    assert [k.private_key.name for k in load_tls_dir(tmp_path / "pki").nodes] == ["node-0", "node-1"]
+    offline = generate(tmp_path / "offline", n_nodes=0)
+    generate(tmp_path / "pki", n_nodes=1, overwrite=True, ca=tmp_path / "offline")
+    assert sorted(p.name for p in (tmp_path / "pki" / "nodes").iterdir()) == ["node-0", "node-0.bak", "node-0.pub"]
+    assert not (tmp_path / "pki" / "ca.key").exists() and offline.ca_key.is_file()
+    assert [k.private_key.name for k in load_tls_dir(tmp_path / "pki").nodes] == ["node-0"]
+
+
+def test_a_server_certificate_never_outlives_its_ca_and_an_expired_ca_is_refused(tmp_path, caplog):
+    """A --ca valid one more day signed a server certificate for 30 (the chain broke silently after a day); an
+    expired one signed it too."""
+    short = generate(tmp_path / "short", n_nodes=0, days=1)
+    ca = x509.load_pem_x509_certificate(short.ca_cert.read_bytes())
+    link = generate(tmp_path / "link", n_nodes=0, days=30, ca=tmp_path / "short")
+    server = x509.load_pem_x509_certificate(link.server_cert.read_bytes())
+    assert server.not_valid_after_utc == ca.not_valid_after_utc and "ends with its CA" in caplog.text
+    _resign_ca(tmp_path / "short", days_valid=(-10, -1))
+    with pytest.raises(FedmergeError, match="CA certificate expired"):
+        generate(tmp_path / "late", n_nodes=0, ca=tmp_path / "short")
+    assert not (tmp_path / "late" / "server.crt").exists()
 
 
 def test_deploy_local_prints_the_tables_and_where_the_results_are(tmp_path, monkeypatch, capsys):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,12 +104,21 @@ def make_server_cert(
     ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: Sequence[str], days: int = 30
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A server key and certificate signed by the CA, valid for ``hosts`` (serverAuth) and the loopback names
-    :data:`LOOPBACK_HOSTS` (the SuperLink's own SuperExec connects to it on 127.0.0.1 over TLS)."""
+    :data:`LOOPBACK_HOSTS` (the SuperLink's own SuperExec connects to it on 127.0.0.1 over TLS), for ``days`` days
+    but never past the CA's own end (the chain would break then); FedmergeError for an expired CA."""
     if not hosts:
         raise ValueError("at least one host name or IP address is needed for the server certificate")
     hosts = [*hosts, *(h for h in LOOPBACK_HOSTS if h not in hosts)]
-    key = ec.generate_private_key(ec.SECP384R1())
     now = dt.datetime.now(dt.timezone.utc)
+    if ca_cert.not_valid_after_utc <= now:
+        raise FedmergeError(f"the CA certificate expired on {ca_cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: make a "
+                            "new CA (without --ca); every data owner then needs its ca.crt")
+    until = now + dt.timedelta(days=days)
+    if until > ca_cert.not_valid_after_utc + dt.timedelta(days=1):  # a CA made with the same --days ends seconds before
+        logger.warning("the server certificate ends with its CA on %s UTC, not after the %d days asked",
+                       f"{ca_cert.not_valid_after_utc:%Y-%m-%d %H:%M}", days)
+    until = min(until, ca_cert.not_valid_after_utc)
+    key = ec.generate_private_key(ec.SECP384R1())
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
@@ -116,7 +126,7 @@ def make_server_cert(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_after(until)
         .add_extension(_san(hosts), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -249,6 +259,11 @@ def generate(
     _write(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
     _write(server_key_path, _pem_key(server_key), private=True)
     _write(server_cert_path, server_cert.public_bytes(serialization.Encoding.PEM))
+    if ca is not None and Path(ca).resolve() != out.resolve():  # --force --ca: the replaced CA's key must not stay
+        (out / "ca.key").unlink(missing_ok=True)
+    for stale in node_key_files(out / "nodes")[n_nodes:]:  # an earlier generation's extra nodes: never used silently
+        stale.unlink()
+        stale.with_name(stale.name + ".pub").unlink(missing_ok=True)
     nodes = tuple(make_node_keys(out / "nodes", f"node-{i}") for i in range(n_nodes))
     logger.info("wrote CA, server certificate for %s and %d node key pairs to %s", ", ".join(hosts), n_nodes, out)
     return TlsFiles(ca_cert_path, ca_key_path, server_cert_path, server_key_path, nodes)
@@ -264,9 +279,21 @@ def load_tls_dir(path: Path) -> TlsFiles:
     if missing:
         raise FedmergeError(f"TLS directory {path} lacks {', '.join(missing)}; create it with `fedmerge deploy certs`")
     check_server_cert(files[0], files[2], files[3])
-    nodes_dir = path / "nodes"
-    privates = sorted(
-        (p for p in nodes_dir.glob("node-*") if p.suffix != ".pub"), key=lambda p: int(p.name.split("-")[1])
-    ) if nodes_dir.is_dir() else []
-    nodes = tuple(NodeKeys(p, p.with_name(p.name + ".pub")) for p in privates)
+    nodes = tuple(NodeKeys(p, p.with_name(p.name + ".pub")) for p in node_key_files(path / "nodes"))
     return TlsFiles(*files, nodes)
+
+
+def node_key_files(nodes_dir: Path) -> list[Path]:
+    """The private node keys ``node-<i>`` in ``nodes_dir`` (none when it does not exist), by ``i``; other files
+    (``node-0.bak``, an editor's ``node-0~``) are not keys."""
+    if not nodes_dir.is_dir():
+        return []
+    numbered = {}
+    for path in nodes_dir.iterdir():
+        match = NODE_KEY.fullmatch(path.name)
+        if match:
+            numbered[int(match.group(1))] = path
+    return [numbered[i] for i in sorted(numbered)]
+
+
+NODE_KEY = re.compile(r"node-(\d+)")
