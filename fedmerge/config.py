@@ -253,7 +253,10 @@ def checked_type(name: str, default: Any, value: Any, source: str) -> Any:
         ok = isinstance(value, bool)
     elif isinstance(default, float):
         ok = is_number(value)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # a 400-digit integer: "int too large to convert to float", naming no key
+            ok = False
     elif isinstance(default, int):
         ok = is_integer(value)
     elif isinstance(default, (list, dict, str)):
@@ -272,6 +275,13 @@ def checked_type(name: str, default: Any, value: Any, source: str) -> Any:
 def validate(cfg: Scenario) -> None:
     """Cross-field checks that a single key's type cannot express: every check that needs no training, run when the
     scenario is built (:meth:`~fedmerge.scenario.Scenario.from_mapping`), before any client starts."""
+    for key, values in (("data.domains", cfg.data.domains), ("data.held_out", cfg.data.held_out),
+                        ("merge.methods", cfg.merge.methods), ("merge.local_parameters", cfg.merge.local_parameters)):
+        if not all(isinstance(v, str) for v in values):  # data.domains = [2019, 2020] failed as "PosixPath / int"
+            raise FedmergeError(f"{key} must be a list of names (strings), got {list(values)!r}")
+    repeated = sorted({m for m in cfg.merge.methods if list(cfg.merge.methods).count(m) > 1})
+    if repeated:  # each repeat was built again (MergeRec: minutes) and replaced the last
+        raise FedmergeError(f"merge.methods lists {repeated} more than once")
     data = cfg.data
     if data.source not in DATA_SOURCES:
         raise FedmergeError(f"data.source must be one of {list(DATA_SOURCES)}, got {data.source!r}")
@@ -306,8 +316,9 @@ def validate(cfg: Scenario) -> None:
         raise FedmergeError(f"every domain is held out ({names}); at least one domain must train")
     if cfg.baselines.fedavg_rounds < 0:
         raise FedmergeError(f"baselines.fedavg_rounds must be >= 0, got {cfg.baselines.fedavg_rounds}")
-    if cfg.federation.min_replies < 0 or cfg.federation.timeout_s <= 0:
-        raise FedmergeError("federation.min_replies must be >= 0 and federation.timeout_s > 0")
+    if cfg.federation.min_replies < 0 or not cfg.federation.timeout_s > 0:  # not > 0: NaN too (it never waited)
+        raise FedmergeError(f"federation.min_replies must be >= 0 and federation.timeout_s > 0, got "
+                            f"{cfg.federation.min_replies} and {cfg.federation.timeout_s}")
     n_train = len(set(names) - set(data.held_out))
     if cfg.federation.min_replies > n_train:
         raise FedmergeError(f"federation.min_replies = {cfg.federation.min_replies} exceeds the {n_train} "
@@ -322,7 +333,7 @@ def validate(cfg: Scenario) -> None:
         raise FedmergeError(f"run.name must be a name, not a path (it is the default output folder runs/<run.name>, "
                             f"which --overwrite empties), got {name!r}")
     _validate_defences(cfg.federation)
-    if cfg.federation.startup_timeout_s <= 0:
+    if not cfg.federation.startup_timeout_s > 0:
         raise FedmergeError(f"federation.startup_timeout_s must be > 0, got {cfg.federation.startup_timeout_s}")
     if cfg.run.torch_threads < 0 or cfg.run.server_threads < 0:
         raise FedmergeError("run.torch_threads and run.server_threads must be >= 0 (0: the CPUs this process is given)")
@@ -404,17 +415,20 @@ def _validate_before_training(cfg: Scenario) -> None:
     from fedmerge.text.encoder import check_encoder_name, check_encoder_params
 
     n_models = len(cfg.data.training_domains())
-    for method, params in cfg.merge.params.items():
+    mergerec_start = cfg.mergerec_config(cfg.merge.testtime.granularity)  # MergeRec's training-free start
+    methods = [(f"merge.params.{method}", method, params) for method, params in cfg.merge.params.items()]
+    methods.append(("merge.mergerec.init_params", mergerec_start.init_method, mergerec_start.init_params))
+    for key, method, params in methods:
         if method not in METHODS:
-            raise FedmergeError(f"merge.params.{method}: not a method with parameters; valid: {sorted(METHODS)}")
+            raise FedmergeError(f"{key}: not a method with parameters; valid: {sorted(METHODS)}")
         if not isinstance(params, Mapping):
-            raise FedmergeError(f"merge.params.{method} must be a table of parameters, got {params!r}")
+            raise FedmergeError(f"{key} must be a table of parameters, got {params!r}")
         try:
             resolve_params(method, params, n_models=n_models)
         except ValueError as exc:
-            raise FedmergeError(f"merge.params.{method}: {exc}") from exc
+            raise FedmergeError(f"{key}: {exc}") from exc
         if "weights" in params and cfg.federation.min_replies != n_models:
-            raise FedmergeError(f"merge.params.{method}.weights are matched to the clients by position, so they need "
+            raise FedmergeError(f"{key}.weights are one per training domain (in data.domains' order), so they need "
                                 f"every client: set federation.min_replies = {n_models} (the number of training "
                                 "clients) or drop the weights")
     check_encoder_name(cfg.encoder.name)

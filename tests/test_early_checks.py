@@ -32,8 +32,19 @@ from fedmerge.errors import FedmergeError
         ("privacy.clip_norm=nan", r"privacy.clip_norm must be a positive finite number, got nan"),
         ("privacy.noise_multiplier=-0.5", r"privacy.noise_multiplier must be a finite number >= 0, got -0.5"),
         ("privacy.noise_multiplier=inf", r"privacy.noise_multiplier must be a finite number >= 0, got inf"),
-        ("merge.params.average.weights=[1, 2, 3]", r"weights are matched to the clients by position, so they need "
-                                                   r"every client: set federation.min_replies = 3"),
+        ("merge.params.average.weights=[1, 2, 3]", r"weights are one per training domain \(in data.domains' order\), "
+                                                   r"so they need every client: set federation.min_replies = 3"),
+        # MergeRec's start: its weights were checked only at the merge, after every client trained
+        ('merge.mergerec={init_method="average", init_params={weights=[1, 2]}}',
+         r"merge.mergerec.init_params: .*2 weights for 3 models"),
+        ('merge.mergerec={init_method="average", init_params={weights=[1, 2, 3]}}',
+         r"merge.mergerec.init_params.weights are one per training"),
+        ("federation.timeout_s=nan", r"federation.timeout_s > 0, got 0 and nan"),  # NaN never waited for a reply
+        ("federation.startup_timeout_s=nan", r"federation.startup_timeout_s must be > 0, got nan"),
+        ('merge.methods=["ties", "ties"]', r"merge.methods lists \['ties'\] more than once"),
+        ("merge.methods=[1]", r"merge.methods must be a list of names \(strings\), got \[1\]"),
+        ("data.held_out=[2]", r"data.held_out must be a list of names"),
+        ("federation.timeout_s=" + "9" * 400, r"federation.timeout_s must be a number"),
         ("federation.min_replies=4", r"federation.min_replies = 4 exceeds the 3 training clients"),
         ('merge.methods=["average", "mergerec_testtime"]', r"lists 'mergerec_testtime'.*data.held_out is empty"),
         # values checked only once every client had trained (or never: a misspelled metric, a negative seed)
@@ -68,6 +79,16 @@ def test_pretrained_theta0_with_the_unseen_item_fallback_is_refused():
 def test_position_weights_pass_with_every_client_required():
     cfg = load_scenario("quickstart", ["merge.params.average.weights=[1, 2, 3]", "federation.min_replies=3"])
     assert cfg.merge.params["average"]["weights"] == [1, 2, 3]
+
+
+def test_mergerec_start_weights_go_with_their_domains():
+    """MergeRec's start applied init_params.weights by position over the models sorted by name."""
+    from fedmerge.runners.server import mergerec_config_for
+
+    cfg = load_scenario("quickstart", ['merge.mergerec={init_method="average", init_params={weights=[1, 2, 3]}}',
+                                       "federation.min_replies=3"])
+    models = {"synth-0": {}, "synth-2": {}}  # synth-1's update was left out
+    assert mergerec_config_for(cfg, "task", models).init_params["weights"] == [1, 3]
 
 
 def test_good_values_pass():

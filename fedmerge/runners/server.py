@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from fedmerge.data.domain import ItemCatalog
 from fedmerge.errors import FedmergeError, NumericalError
 from fedmerge.memory import release_freed_memory
+from fedmerge.merging.mergerec_config import MergeRecConfig
 from fedmerge.merging.local_parameters import (
     card_values,
     check_local_parameters,
@@ -261,12 +262,23 @@ def _mergerec(
 
     family = cfg.model.make_family()
     features = {d: cfg.encoder.item_features(catalogs[d], family) for d in models}
-    config = cfg.mergerec_config(granularity)
+    config = mergerec_config_for(cfg, granularity, models)
     try:
         merged, report = mergerec(family, theta0, dict(models), features, config)
     except ValueError as exc:
         raise FedmergeError(f"merge.mergerec: {exc}") from exc
     return merged, asdict(report)
+
+
+def mergerec_config_for(cfg: Scenario, granularity: str, models: Mapping[str, StateDict]) -> MergeRecConfig:
+    """:meth:`Scenario.mergerec_config` for merging ``models`` (by name): its start's per-model ``weights``, given in
+    ``data.domains``' order, put in theirs (:func:`~fedmerge.merging.registry.weights_in_order`)."""
+    from dataclasses import replace
+
+    from fedmerge.merging.registry import weights_in_order
+
+    config = cfg.mergerec_config(granularity)
+    return replace(config, init_params=weights_in_order(config.init_params, cfg.data.training_domains(), list(models)))
 
 
 def testtime_merges(
@@ -286,7 +298,7 @@ def testtime_merges(
     models = {d: models[d] for d in sorted(models)}  # as merge_replies: not the order the replies arrived in
     family, testtime = cfg.model.make_family(), cfg.merge.testtime
     seen = {d: cfg.encoder.item_features(cfg.load_catalog(d), family) for d in models} if testtime.include_seen else {}
-    config = cfg.mergerec_config(testtime.granularity)
+    config = mergerec_config_for(cfg, testtime.granularity, models)
     merged, reports = {}, {}
     teacher = testtime.teacher
     if teacher != "theta0" and teacher not in models:  # its client was left out (rejected or silent)
