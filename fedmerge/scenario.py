@@ -351,11 +351,17 @@ class Scenario:
         """The run's model family, with the checks that need it, run when a run starts (the server's, and the Flower
         launcher's short-lived process) so they fail before any client trains (FedmergeError naming the key): with
         FedAvg rounds, the family of their local parameters is built too (a misspelt or mistyped
-        ``baselines.fedavg_local_params`` key failed in the first round after the merges); with a MergeRec merge,
+        ``baselines.fedavg_local_params`` key failed in the first round after the merges); ``merge.local_parameters``
+        must name weights of the family's model; with a MergeRec merge,
         the family's module must run MergeRec's ``item_side`` (it failed the whole run at the merge)."""
         family = self.model.make_family()
         if self.baselines.fedavg_rounds and self.baselines.fedavg_local_params:
             self.model.make_family(self.baselines.fedavg_local_params)
+        if self.merge.local_parameters:  # names that are no weight of θ₀'s model failed at the server's start
+            from fedmerge.merging.local_parameters import check_local_parameters
+
+            module = family.build(self.encoder.feature_width(family))
+            check_local_parameters(list(self.merge.local_parameters), module.state_dict())
         if self.merge.lists_mergerec():
             from fedmerge.merging.mergerec import check_item_side
 

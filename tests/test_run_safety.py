@@ -78,6 +78,23 @@ def test_a_missing_encoder_folder_fails_before_overwrite_empties_the_folder(cfg,
     assert (out / "clients" / "synth-0.safetensors").read_bytes() == b"weights of an earlier run"
 
 
+@pytest.mark.parametrize("bad, problem", [
+    (['merge.local_parameters=["nonexistent"]'], "not weights of this model"),
+    (['data.source="generic"', "data.root=/no/such/root", 'data.domains=["A", "B"]'], "domain 'A' not found"),
+])
+def test_an_in_process_run_checks_its_domains_and_local_parameters_before_overwrite(cfg, tmp_path, bad, problem):
+    """Under the in-process engine a missing domain folder and a merge.local_parameters name that is no weight
+    failed after --overwrite had emptied the folder (the Flower engine checked the data first)."""
+    from fedmerge.runners.simulation import run_scenario
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    with pytest.raises(FedmergeError, match=problem):
+        run_scenario(apply_overrides(cfg, bad), "inprocess", out, overwrite=True)
+    assert (out / "results.json").read_text() == "{}"
+
+
 @pytest.mark.parametrize("bad", [["model.params.hiden=16"], ["encoder.name=/no/such/model", "encoder.params={}"]])
 def test_a_multi_seed_run_checks_its_scenario_before_overwrite_empties_the_folder(cfg, tmp_path, bad):
     """`--seeds 0-1 --overwrite` emptied --out (every seed's results and weights) before the first seed's run met

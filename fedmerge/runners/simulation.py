@@ -100,10 +100,11 @@ def file_identity(path: Path) -> tuple[int, int, int] | None:
 
 def check_before_run(cfg: Scenario, engine: str) -> None:
     """What must fail before a run touches its output folder (``--overwrite`` empties it): a misspelt
-    ``model.params`` key (:meth:`Scenario.make_checked_family`), a missing text-encoder model folder (a path is
-    checked here, where the run's processes read it, not when the scenario loads) and, under Flower, a method
-    registered in this process only and bad data (every domain loaded once: the clients would load it only once
-    Flower runs)."""
+    ``model.params`` key or ``merge.local_parameters`` name (:meth:`Scenario.make_checked_family`), a missing
+    text-encoder model folder (a path is checked here, where the run's processes read it, not when the scenario
+    loads), a missing domain and, under Flower, a method registered in this process only and bad data (every
+    domain loaded once: the clients would load it only once Flower runs; the in-process engine loads it first
+    thing)."""
     if engine == "flower":
         check_registered_here_only(cfg)
         check_family_in_subprocess(cfg)
@@ -111,6 +112,9 @@ def check_before_run(cfg: Scenario, engine: str) -> None:
             cfg.load_domain(name)
     else:
         cfg.make_checked_family()
+        if cfg.data.source != "synthetic":
+            for name in cfg.data.domain_names():
+                cfg.data.domain_path(name)  # DataError naming a domain that is not there
     cfg.encoder.text_encoder()
 
 
