@@ -94,6 +94,17 @@ def test_a_missing_encoder_folder_fails_before_overwrite_empties_the_folder(doma
     assert f"{missing} does not exist" in capsys.readouterr().err and (out / "metrics.json").read_text() == "{}"
 
 
+def test_a_negative_seed_is_refused_before_overwrite_empties_the_folder(domain_dir, tmp_path, capsys) -> None:
+    """`--seed -1 --overwrite` deleted the last training, then failed as "expected non-negative integer"."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(domain_dir), "--model", "ease", "--seed", "-1", "--out", str(out), "--overwrite"])
+    assert "--seed: a seed is an integer >= 0, got '-1'" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == "{}"
+
+
 def test_data_inside_the_output_folder_is_refused(domain_dir, tmp_path, capsys) -> None:
     """--overwrite empties --out: a domain inside it would be deleted after it was loaded."""
     import shutil

@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fedmerge.commands import seed
 from fedmerge.data import load_domain, save_generic_domain
 from fedmerge.data.download import AMAZON_SHA256, DEFAULT_AMAZON_SOURCE, download_amazon
 from fedmerge.data.split import save_split
@@ -54,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for flag, key in SYNTH_FLAGS.items():
         synth.add_argument(f"--{flag}", type=int, default=None,
                            help=f"default {SYNTHETIC_SIZES[key]} (or the scenario's data.synthetic.{key})")
-    synth.add_argument("--seed", type=int, default=None, help="default 0 (or the scenario's run.seed)")
+    synth.add_argument("--seed", type=seed, default=None, help="an integer >= 0; default 0 (or the scenario's run.seed)")
     synth.set_defaults(func=run_synth)
 
     split = actions.add_parser("split", help="split a domain into sub-domains by a public catalog field "

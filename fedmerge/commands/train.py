@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fedmerge.commands import seed
 from fedmerge.config import parse_params
 from fedmerge.runners.indomain import model_names
 
@@ -16,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help=f"one of: {', '.join(model_names())}")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/train/<domain>-<model>)")
     parser.add_argument("--encoder", default="minilm", help="text encoder: minilm, hashing or a model folder")
-    parser.add_argument("--seed", type=int, default=0, help="seed of θ₀ and of training")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of θ₀ and of training (an integer >= 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="params",
                         help="model parameter, TOML value; a list is a validation grid (lam=[10,50]); repeatable")
     parser.add_argument("--overwrite", action="store_true",
