@@ -191,15 +191,20 @@ def parse_params(items: Iterable[str], what: str = "--set") -> dict[str, Any]:
 
 
 def apply_overrides(scenario: Scenario, overrides: Iterable[str]) -> Scenario:
-    """``scenario`` with each ``section.key[.sub...]=value`` applied, validated again; ``scenario`` is not changed."""
+    """``scenario`` with each ``section.key[.sub...]=value`` applied, validated again; ``scenario`` is not changed.
+    Another ``model.family`` (``encoder.name``) starts from empty ``params`` plus those the overrides give, in any
+    order, as :meth:`~fedmerge.scenario.Scenario.with_changes` does (the old family's were kept: ``--set
+    model.family="text-lae"`` on a sequential scenario failed on ``hidden``, ``n_layers``, ...)."""
     from fedmerge.scenario import Scenario
 
-    overrides = list(overrides)
+    overrides = [(item, *parse_override(item)) for item in overrides]
     if not overrides:
         return scenario
     out = scenario.to_mapping()
-    for item in overrides:
-        path, value = parse_override(item)
+    for section, owner in (("model", "family"), ("encoder", "name")):
+        if any(path == (section, owner) and value != out[section][owner] for _, path, value in overrides):
+            out[section]["params"] = {}
+    for item, path, value in overrides:
         _set(out, path, value, f"override {item!r}")
     return Scenario.from_mapping(out)
 

@@ -158,3 +158,15 @@ def test_with_changes_changes_nested_keys_and_keeps_their_siblings():
     batched = base.with_changes(encoder={"params": {"batch_size": 64}})
     assert batched.encoder.params == {"batch_size": 64}
     assert batched.with_changes(encoder={"name": "hashing"}).encoder.params == {}  # no batch_size for hashing
+
+
+def test_an_override_of_the_family_or_encoder_starts_from_their_own_parameters():
+    """`--set model.family="text-lae"` on the sequential quickstart kept hidden, n_layers, ... and failed on them;
+    with_changes already started the new family from empty params."""
+    cfg = load_scenario("quickstart", ['model.params.lam=10', 'model.family="text-lae"'])  # either order
+    assert cfg.model.family == "text-lae" and cfg.model.params == {"lam": 10}
+    cfg.make_checked_family()
+    hashing = load_scenario("quickstart", ['encoder.name="hashing"'])
+    assert hashing.encoder.params == {} and hashing.encoder.text_encoder().dim > 0
+    same = load_scenario("quickstart", ['model.family="sequential"'])  # the same family keeps its parameters
+    assert same.model.params == load_scenario("quickstart").model.params
