@@ -51,14 +51,25 @@ def completed_run(folder: Path, cfg: Scenario) -> dict[str, Any] | None:
     return results if results is not None and same_config(cfg, results.get("config")) else None
 
 
+# settings that change no figure of a completed run: how it is shown and named, where the embedding cache lives, how
+# long the server waited (a run they cut did not complete)
+RESULT_NEUTRAL = {"run": ("progress", "name"), "encoder": ("cache_dir",), "federation": ("timeout_s", "startup_timeout_s")}
+
+
 def same_config(cfg: Scenario, recorded: Any) -> bool:
-    """Whether ``recorded`` (a scenario mapping as results files hold it) is ``cfg``, ``run.progress`` aside and
-    settings fedmerge gained since left at their default (:func:`fedmerge.config.settings_differences`)."""
+    """Whether ``recorded`` (a scenario mapping as results files hold it) is ``cfg``, the :data:`RESULT_NEUTRAL`
+    settings aside and settings fedmerge gained since left at their default
+    (:func:`fedmerge.config.settings_differences`)."""
     from fedmerge.config import settings_differences
 
     if not isinstance(recorded, Mapping) or not isinstance(recorded.get("run"), Mapping):
         return False
-    strip = lambda c: {**c, "run": {k: v for k, v in c["run"].items() if k != "progress"}}  # noqa: E731
+
+    def strip(table: Mapping[str, Any]) -> dict[str, Any]:
+        return {section: ({k: v for k, v in values.items() if k not in RESULT_NEUTRAL[section]}
+                          if section in RESULT_NEUTRAL and isinstance(values, Mapping) else values)
+                for section, values in table.items()}
+
     _, differing = settings_differences(strip(recorded), strip(json.loads(json.dumps(cfg.to_mapping(), default=str))))
     return not differing
 
