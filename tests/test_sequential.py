@@ -672,6 +672,13 @@ def test_early_stopping_and_time_budget():
     assert info["epochs"] == 1 and info["stop_reason"] == "max_seconds"
     _, info = tiny_family(max_epochs=2, patience=5).train(theta0, domain, feats, progress=False)
     assert (info["epochs"], info["stop_reason"], info["max_epochs"]) == (2, "max_epochs", 2)
+    # a cap that fires on the very last step cut nothing: it was reported as "max_seconds" (the run "depends on this
+    # machine's speed") with the same weights as the uncapped run
+    whole, info = tiny_family(max_epochs=1, batch_size=1024).train(theta0, domain, feats, seed=0, progress=False)
+    capped, capped_info = tiny_family(max_epochs=1, batch_size=1024, max_seconds=1e-9).train(
+        theta0, domain, feats, seed=0, progress=False)
+    assert all(torch.equal(whole[k], capped[k]) for k in whole)
+    assert capped_info["stop_reason"] == info["stop_reason"] == "max_epochs" and "last_epoch_steps" not in capped_info
 
 
 def test_proximal_term_keeps_the_task_vector_small_and_is_validated():
@@ -690,6 +697,13 @@ def test_proximal_term_keeps_the_task_vector_small_and_is_validated():
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="proximal_mu"):
             tiny_family(proximal_mu=bad)
+
+
+@pytest.mark.parametrize("key, bad", [("max_seconds", float("nan")), ("max_seconds", -5.0),
+                                      ("weight_decay", -1.0), ("weight_decay", float("nan"))])
+def test_a_nan_or_negative_cap_or_decay_is_refused(key, bad):  # a NaN max_seconds silently turned the cap off
+    with pytest.raises(ValueError, match=key):
+        tiny_family(**{key: bad})
 
 
 def test_micro_batches_split_a_batch_by_target_positions():

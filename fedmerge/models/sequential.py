@@ -913,6 +913,11 @@ class SequentialFamily(ModelFamily):
             raise ValueError(f"unknown negative_sampling {self.negative_sampling!r}; valid: {list(NEGATIVE_SAMPLING)}")
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise ValueError(f"proximal_mu must be a finite number >= 0, got {self.proximal_mu}")
+        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds >= 0):
+            raise ValueError(f"max_seconds must be None (no cap) or a finite number >= 0, got {self.max_seconds} "
+                             "(NaN turned the cap off)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0.0 <= self.routed_min_share < 1.0:
             raise ValueError(f"routed_min_share must be in [0, 1), got {self.routed_min_share}")
         if self.routed_unseen not in ROUTED_UNSEEN:
@@ -1410,8 +1415,11 @@ class SequentialFamily(ModelFamily):
                 best_ndcg, best_epoch, best_weights, bad_epochs = ndcg, epoch, weights, 0
             else:
                 bad_epochs += 1
-            if out_of_time or bad_epochs >= self.patience:
-                stop_reason = STOP_MAX_SECONDS if out_of_time else STOP_EARLY
+            stopped_early = bad_epochs >= self.patience
+            # the cap cut the training only if it would have gone on: not when it fired on the last step anyway
+            cut = out_of_time and (b + 1 < len(batches) or (epoch < self.max_epochs and not stopped_early))
+            if cut or stopped_early:
+                stop_reason = STOP_MAX_SECONDS if cut else STOP_EARLY
                 break
         bar.close()
         metrics = {
@@ -1423,7 +1431,7 @@ class SequentialFamily(ModelFamily):
             "final_loss": loss_value,
             "stop_reason": stop_reason,
             # the cap may cut an epoch part-way: the last epoch's steps done, and a full epoch's
-            **({"last_epoch_steps": b + 1, "epoch_steps": len(batches)} if out_of_time else {}),
+            **({"last_epoch_steps": b + 1, "epoch_steps": len(batches)} if stop_reason == STOP_MAX_SECONDS else {}),
             "max_epochs": self.max_epochs,
             "frozen_experts": len(frozen_experts),
             "curve": curve,
