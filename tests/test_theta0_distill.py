@@ -59,6 +59,25 @@ def test_distillation_pulls_pseudo_users_towards_theta0_and_is_thread_count_dete
     assert pseudo_user_kl(family, pulled, theta0, other) < 0.5 * pseudo_user_kl(family, free, theta0, other)
 
 
+def test_a_vanishing_beta_leaves_every_other_draw_of_training_as_it_was():
+    """Building θ₀'s teacher and the model's dropout in the term drew from the global generator: β = 1e-30 moved
+    the weights by 0.015 against β = 0 (other dropout masks), not by the term's vanishing gradient."""
+    family, theta0, domain, feats, other = setting(theta0_distill=1e-30)
+    off, _ = setting()[0].train(theta0, domain, feats, seed=0, progress=False, public_features=[other])
+    tiny, _ = family.train(theta0, domain, feats, seed=0, progress=False, public_features=[other])
+    assert all(torch.equal(off[k], tiny[k]) for k in off)
+
+
+def test_theta0_tables_of_a_small_catalog_do_not_depend_on_the_thread_count():
+    """θ₀'s tables were built at the process's thread count: a 5-item catalog's (5 rows) differ in the last bits
+    between 1 and 2 threads, and so did the trained weights (1.5e-8)."""
+    family, theta0, domain, feats, _ = setting(theta0_distill=1.0)
+    small = family.item_features(random_features(5, 4))
+    first, second = at_one_and_two_threads(
+        lambda: family.train(theta0, domain, feats, seed=0, progress=False, public_features=[small])[0])
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_bad_settings_name_the_key():
     for bad in ({"theta0_distill": -1.0}, {"theta0_distill": float("nan")}, {"theta0_distill_temperature": 0.0},
                 {"theta0_distill_users": 0}, {"theta0_distill_candidates": 1}):

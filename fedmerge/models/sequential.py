@@ -1348,7 +1348,8 @@ class SequentialFamily(ModelFamily):
         if self.theta0_distill:
             from fedmerge.models.theta0_distill import Theta0Distillation
 
-            teacher = self.load(theta0, features.shape[-1]).to(features.device)
+            with torch.random.fork_rng(devices=[]):  # building a module draws its (then replaced) initial weights
+                teacher = self.load(theta0, features.shape[-1]).to(features.device)
             distill = Theta0Distillation(teacher, [f.to(features.device, torch.float32) for f in public_features],
                                          self.theta0_distill_temperature, self.theta0_distill_users,
                                          self.theta0_distill_candidates, seed)

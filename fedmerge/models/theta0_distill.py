@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from fedmerge.models.base import tempered_kl
+from fedmerge.reproducibility import gradient_threads
 
 
 def without_own_item(logits: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,8 @@ class Theta0Distillation:
         self.rng = np.random.default_rng([seed, 0x7E7A0])  # its own stream: no other draw of training moves
         self.teacher = theta0_module
         self.tables: list[tuple[torch.Tensor, torch.Tensor]] = []  # per catalog: θ₀'s (hidden of [i], e_i)
-        with torch.no_grad():
+        # one thread, as the steps: forward passes of 5-7 or 9-11 rows differ in the last bits between thread counts
+        with torch.no_grad(), gradient_threads():
             for features in self.catalogs:
                 items = theta0_module.item_representations(features)
                 users = torch.arange(len(features), device=features.device).unsqueeze(1)
@@ -78,7 +80,11 @@ class Theta0Distillation:
         candidates = torch.from_numpy(self.rng.choice(len(features), size=k, replace=False)).to(features.device)
         with torch.no_grad():
             teacher = self.teacher.logits(hidden0[candidates[:u]], items0[candidates])
-        items = module.adapter(module.text_embeddings(features[candidates]))
-        users = torch.arange(u, device=features.device).unsqueeze(1)  # pseudo-user r's item is candidate r
-        student = module.logits(module.encode(users, items, last_only=True)[:, -1], items)
+        # the model's dropout masks here come from this term's own stream: the global generator, which draws the
+        # training loss's masks, moves as it would without the term
+        with torch.random.fork_rng(devices=[] if features.device.type == "cpu" else [features.device]):
+            torch.manual_seed(int(self.rng.integers(2**63)))
+            items = module.adapter(module.text_embeddings(features[candidates]))
+            users = torch.arange(u, device=features.device).unsqueeze(1)  # pseudo-user r's item is candidate r
+            student = module.logits(module.encode(users, items, last_only=True)[:, -1], items)
         return tempered_kl(without_own_item(student), without_own_item(teacher), self.temperature)
