@@ -792,6 +792,17 @@ def test_a_merge_named_like_a_merge_report_entry_is_saved_as_a_registry_merge(cf
     assert "mergerec" not in card and card["domains"] == ["synth-0", "synth-1"]
 
 
+def test_a_machine_dependent_thread_count_is_warned_about(cfg):
+    """run.torch_threads / server_threads = 0 follow the machine's CPU count, and forward passes of a few batch sizes
+    differ in the last bits between thread counts: nothing in results.json said the figures could follow the
+    machine."""
+    small = apply_overrides(cfg, ["baselines.joint=false"])
+    assert not [w for w in Federation(small, initial_weights(small)).setup_warnings if "threads" in w]
+    zero = apply_overrides(small, ["run.torch_threads=0", "run.server_threads=0"])
+    warned = [w for w in Federation(zero, initial_weights(zero)).setup_warnings if "threads = 0" in w]
+    assert [w.split(" = ")[0] for w in warned] == ["run.torch_threads", "run.server_threads"]
+
+
 def test_server_threads_default_one_and_zero_means_all_usable_cores(cfg, monkeypatch):
     from fedmerge.runners.server import server_threads
 

@@ -38,7 +38,8 @@ NDCG@10 .0342 ± .0026 against .0347 ± .0017 with the MLP adapter, but .0362 ±
 :func:`fedmerge.metrics.evaluate_scorer`; early stopping with ``patience``; the best checkpoint is returned.
 Training stops after ``max_epochs`` or by early stopping - the same on every machine; ``max_seconds`` (off by
 default) is a wall-clock safety cap, and the metrics' ``stop_reason`` says which of the three ended it. Every
-optimizer step runs on one thread (:func:`fedmerge.reproducibility.gradient_threads`), validation on all of them.
+optimizer step runs on one thread (:func:`fedmerge.reproducibility.gradient_threads`), validation at
+``run.torch_threads`` (the same figures for the same value; see that module for what another count can move).
 ``proximal_mu = μ > 0`` adds FedProx's proximal term ``μ/2 · ‖θ − θ₀‖²`` to every batch loss: the domain's own
 data leaves most directions of θ unconstrained (e.g. how the adapter maps other domains' text), and the term keeps
 the task vector τ = θ − θ₀ small there, which is what later merges of several domains' τ pay for.
@@ -1373,7 +1374,7 @@ class SequentialFamily(ModelFamily):
         for epoch in range(1, self.max_epochs + 1):
             module.train()
             loss_sum, distill_sum, steps_start = 0.0, 0.0, time.perf_counter()
-            with gradient_threads():  # thread-count independent steps; validation below uses every thread
+            with gradient_threads():  # thread-count independent steps; validation below at the client's threads
                 batches = length_buckets(lengths, self.batch_size, rng)
                 for b, batch_indices in enumerate(batches):
                     batch = [windows[i] for i in batch_indices]

@@ -38,7 +38,7 @@ from fedmerge.metrics import USERS
 from fedmerge.models import StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
 from fedmerge.recommender import SAVED_INDIVIDUAL_PREFIX, model_path
-from fedmerge.reproducibility import process_cpus, thread_count
+from fedmerge.reproducibility import machine_dependent_thread_warnings, process_cpus, thread_count
 from fedmerge.runners import protocol
 from fedmerge.runners.aggregate import HELD_OUT_INDIVIDUAL_PREFIX
 from fedmerge.scenario import Scenario
@@ -369,6 +369,7 @@ class Federation:
         self.setup_warnings = [
             *merged_behaviour_warnings(family.behaviour_parameters, self.local_names, theta0),
             *privacy_setting_warnings(cfg),
+            *machine_dependent_thread_warnings(cfg.run.torch_threads, cfg.run.server_threads),
             *([] if cfg.merge.methods else ["merge.methods is empty: no merge was built, only the baselines"]),
             *([f"one training domain ({self.train_domains[0]}): every merge is built from its one model and FedAvg "
                "trains that one client, so nothing is merged; list two or more domains in data.domains beside "
