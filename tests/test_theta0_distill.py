@@ -78,6 +78,25 @@ def test_theta0_tables_of_a_small_catalog_do_not_depend_on_the_thread_count():
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_training_inputs_that_failed_only_after_an_epoch_are_named_at_once():
+    """NaN item features ("scores contain NaN" after an epoch), a domain without validation users ("no users to
+    evaluate" after an epoch) and a one-item public catalog (a reshape error) are named before training."""
+    import dataclasses
+
+    import numpy as np
+
+    family, theta0, domain, feats, other = setting(theta0_distill=1.0)
+    broken = feats.clone()
+    broken[3, 0] = float("nan")
+    with pytest.raises(FedmergeError, match="item features of domain .* hold NaN or infinite values"):
+        family.train(theta0, domain, broken, seed=0, progress=False, public_features=[other])
+    unvalidated = dataclasses.replace(domain, val_target=np.full_like(domain.val_target, -1))
+    with pytest.raises(FedmergeError, match="has no validation user"):
+        family.train(theta0, unvalidated, feats, seed=0, progress=False, public_features=[other])
+    with pytest.raises(FedmergeError, match=r"public catalogs of 2 or more items; got catalog sizes \[1\]"):
+        family.train(theta0, domain, feats, seed=0, progress=False, public_features=[other[:1]])
+
+
 def test_bad_settings_name_the_key():
     for bad in ({"theta0_distill": -1.0}, {"theta0_distill": float("nan")}, {"theta0_distill_temperature": 0.0},
                 {"theta0_distill_users": 0}, {"theta0_distill_candidates": 1}):

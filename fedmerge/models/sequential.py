@@ -1299,6 +1299,9 @@ class SequentialFamily(ModelFamily):
                 f"{'2 + T, ' if self.encoder_layers else ''}dim) "
                 f"for domain {domain.name!r}"
             )
+        if not bool(torch.isfinite(item_features).all()):  # it failed after a whole epoch as "scores contain NaN"
+            raise FedmergeError(f"the item features of domain {domain.name!r} hold NaN or infinite values "
+                                f"({int((~torch.isfinite(item_features)).sum())} of {item_features.numel()})")
         device = self._training_device()
         torch.manual_seed(seed)
         module = self.build(item_features.shape[-1])
@@ -1344,6 +1347,9 @@ class SequentialFamily(ModelFamily):
         if bad:
             raise FedmergeError(f"public catalog features of shapes {bad} do not match the domain's item features "
                                 f"{tuple(item_features.shape)}")
+        if not bool((np.asarray(domain.val_target) >= 0).any()):  # it failed after a whole epoch at validation
+            raise FedmergeError(f"domain {domain.name!r} has no validation user (every val_target is -1): early "
+                                "stopping has nothing to select on")
         module, features, frozen_experts = self.training_module(theta0, domain, item_features, seed)
         distill = None
         if self.theta0_distill:

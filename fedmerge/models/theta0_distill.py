@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmerge.errors import FedmergeError
 from fedmerge.models.base import tempered_kl
 from fedmerge.reproducibility import gradient_threads
 
@@ -56,6 +57,9 @@ class Theta0Distillation:
     ) -> None:
         """``theta0_module``: an eval-mode :class:`~fedmerge.models.sequential.TextSASRec` holding θ₀;
         ``catalogs``: the other catalogs' item features (each (n_c, dim), on the training device)."""
+        small = [len(features) for features in catalogs if len(features) < 2]
+        if small:  # a one-item catalog has no candidate beside the pseudo-user's own item (a reshape error)
+            raise FedmergeError(f"θ₀ distillation needs public catalogs of 2 or more items; got catalog sizes {small}")
         self.catalogs = list(catalogs)
         self.temperature = temperature
         self.n_users, self.n_candidates = n_users, n_candidates
