@@ -781,3 +781,12 @@ def test_family_parameters_are_checked_against_their_declared_types():
         from fedmerge.models import get_recommender
 
         get_recommender("ease", lam="big")
+
+
+@pytest.mark.parametrize("history", [[3, -2], [3, -1, 4], [3, 20]])
+def test_the_scorer_names_item_ids_outside_the_catalog(history):
+    """-2 read item 0's text, a -1 inside a history was taken for padding, 20 of 20 items an IndexError."""
+    family = tiny_family()
+    scorer = family.scorer(family.initial_weights(DIM, seed=0), family.item_features(random_features(20, 0)))
+    with pytest.raises(ValueError, match=rf"history 1 holds item ids outside 0..19: \[{', '.join(map(str, history))}\]"):
+        scorer([np.array([1]), np.array(history)])

@@ -1124,6 +1124,9 @@ class SequentialFamily(ModelFamily):
 
         @torch.no_grad()
         def score(seqs: list[np.ndarray]) -> np.ndarray:
+            for row, seq in enumerate(seqs):  # -2 read item 0's text, -1 was padding, n_items an IndexError
+                if len(seq) and not (0 <= int(np.min(seq)) and int(np.max(seq)) < len(items)):
+                    raise ValueError(f"history {row} holds item ids outside 0..{len(items) - 1}: {[int(i) for i in seq[:10]]}")
             out = np.empty((len(seqs), len(items)), dtype=np.float32)
             order = np.argsort([min(len(s), self.max_len) for s in seqs], kind="stable")
             for start in range(0, len(seqs), batch_size):
