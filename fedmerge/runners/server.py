@@ -747,91 +747,92 @@ class Federation:
         baselines = self.cfg.baselines
         fedavg_rounds = 0 if saved is not None else int(baselines.fedavg_rounds)
         phases = tqdm(total=3 + fedavg_rounds, desc="federation", disable=not self.cfg.run.progress)
-
-        start = time.perf_counter()
-        if saved is None:
-            individual = self.collect_oneshot(transport)
-            self.oneshot_bytes = self.total_bytes()
-        else:
-            individual = self.accept_saved(saved)
-            self.require_enough(individual)
-        individual = self.screen_updates(individual, self.theta0)
-        self.record_left_out(individual, "the one-shot merges")
-        self.timings["local_training"] = time.perf_counter() - start
-        phases.update()
-
-        start = time.perf_counter()
-        catalogs = {d: self.cfg.load_catalog(d) for d in individual}
-        merged, self.merge_report = merge_replies(self.theta0, individual, catalogs, self.cfg)
-        release_freed_memory()  # MergeRec's teachers and pseudo-user batches, before evaluation and FedAvg
-        self.timings["merging"] = time.perf_counter() - start
-        own = self.local_values(individual)
-        local_card = {"local_parameters": card_values(own)} if own else {}
-        if own:  # a domain without its own values (held out, new) gets the clients' median, whatever the method
-            common = shared_values(individual, self.local_names)
-            merged = {method: with_values(weights, common) for method, weights in merged.items()}
-            self.merge_report["local_parameters"] = {"names": self.local_names,
-                                                     "shared": {n: v.tolist() for n, v in common.items()}, **local_card}
-        for method, weights in merged.items():
-            self.save_merged(method, weights, local_card)
-        start = time.perf_counter()
-        testtime, testtime_report = testtime_merges(self.theta0, individual, self.cfg)
-        if testtime_report:
-            self.merge_report[TESTTIME_METHOD] = testtime_report
-            self.timings["testtime_merging"] = time.perf_counter() - start
-        if own:
-            testtime = {h: with_values(weights, common) for h, weights in testtime.items()}
-        for h, weights in testtime.items():
-            self.save_model(TESTTIME_PREFIX + h, weights, TESTTIME_METHOD, self.merge_report["domains"],
-                            params=testtime_report[h]["config"], held_out_domain=h,
-                            mergerec={"coefficients": testtime_report[h]["coefficients"]})
-        phases.update()
-
-        start = time.perf_counter()
-        shared = {**merged, **self.extra_models}
-        if baselines.theta0:
-            shared["theta0"] = self.theta0
-        models_for = {d: {**shared, **{m: self.served(w, d, own) for m, w in merged.items()}} for d in self.domains}
-        for h, weights in testtime.items():
-            models_for[h][TESTTIME_METHOD] = weights
-        if baselines.individual:  # each held-out domain gets every training domain's model, zero-shot
-            for d, weights in individual.items():
-                models_for[d]["individual"] = weights
-                for h in self.held_out:
-                    models_for[h][HELD_OUT_INDIVIDUAL.format(domain=d)] = weights
-        self.evaluate(transport, models_for)
-        self.timings["evaluation"] = time.perf_counter() - start
-        phases.update()
-
-        start = time.perf_counter()
-        global_weights = self.theta0
-        fedavg_bytes = 0
-        contributed: set[str] = set()  # clients whose update entered at least one round
-        for r in range(1, fedavg_rounds + 1):
-            before = self.total_bytes()
-            requests = self.train_requests(global_weights, protocol.PHASE_FEDAVG, r)
-            replies = self._exchange(transport, protocol.TRAIN, requests, label=f"fedavg_round{r}:")
-            fedavg_bytes += self.total_bytes() - before  # FedAvg's own traffic: its training rounds only
-            updates, shares, round_metrics = self.accept_updates(replies, reference=global_weights, round_index=r)
-            self.record_left_out(updates, f"FedAvg round {r}", prefix=f"fedavg_round{r}:")
-            self.fedavg_train_metrics.append(round_metrics)
-            contributed.update(updates)
-            global_weights = self.aggregate_round(global_weights, updates, shares)
-            own = self.local_values(updates)
-            self.evaluate(transport, {d: {f"fedavg_round{r}": self.served(global_weights, d, own)} for d in self.domains},
-                          label=f"fedavg_round{r}:")
-            round_avg = average_metrics(self.models[f"fedavg_round{r}"], self.train_domains)
-            self.fedavg_curve.append({"round": r, "bytes": fedavg_bytes, **round_avg})
+        try:  # the bar is closed on a failure too (a half-drawn bar stayed on the terminal)
+            start = time.perf_counter()
+            if saved is None:
+                individual = self.collect_oneshot(transport)
+                self.oneshot_bytes = self.total_bytes()
+            else:
+                individual = self.accept_saved(saved)
+                self.require_enough(individual)
+            individual = self.screen_updates(individual, self.theta0)
+            self.record_left_out(individual, "the one-shot merges")
+            self.timings["local_training"] = time.perf_counter() - start
             phases.update()
-        if self.fedavg_curve:
-            self.save_model("fedavg", global_weights, "fedavg", [d for d in self.train_domains if d in contributed],
-                            params=self.cfg.baselines.fedavg_local_params, rounds=len(self.fedavg_curve),
-                            **({"local_parameters": card_values(own)} if own else {}))
-            self.models["fedavg"] = self.models.pop(f"fedavg_round{len(self.fedavg_curve)}")
-            for r in range(1, len(self.fedavg_curve)):
-                self.models.pop(f"fedavg_round{r}", None)
-        self.timings["fedavg"] = time.perf_counter() - start
-        phases.close()
+
+            start = time.perf_counter()
+            catalogs = {d: self.cfg.load_catalog(d) for d in individual}
+            merged, self.merge_report = merge_replies(self.theta0, individual, catalogs, self.cfg)
+            release_freed_memory()  # MergeRec's teachers and pseudo-user batches, before evaluation and FedAvg
+            self.timings["merging"] = time.perf_counter() - start
+            own = self.local_values(individual)
+            local_card = {"local_parameters": card_values(own)} if own else {}
+            if own:  # a domain without its own values (held out, new) gets the clients' median, whatever the method
+                common = shared_values(individual, self.local_names)
+                merged = {method: with_values(weights, common) for method, weights in merged.items()}
+                self.merge_report["local_parameters"] = {"names": self.local_names,
+                                                         "shared": {n: v.tolist() for n, v in common.items()}, **local_card}
+            for method, weights in merged.items():
+                self.save_merged(method, weights, local_card)
+            start = time.perf_counter()
+            testtime, testtime_report = testtime_merges(self.theta0, individual, self.cfg)
+            if testtime_report:
+                self.merge_report[TESTTIME_METHOD] = testtime_report
+                self.timings["testtime_merging"] = time.perf_counter() - start
+            if own:
+                testtime = {h: with_values(weights, common) for h, weights in testtime.items()}
+            for h, weights in testtime.items():
+                self.save_model(TESTTIME_PREFIX + h, weights, TESTTIME_METHOD, self.merge_report["domains"],
+                                params=testtime_report[h]["config"], held_out_domain=h,
+                                mergerec={"coefficients": testtime_report[h]["coefficients"]})
+            phases.update()
+
+            start = time.perf_counter()
+            shared = {**merged, **self.extra_models}
+            if baselines.theta0:
+                shared["theta0"] = self.theta0
+            models_for = {d: {**shared, **{m: self.served(w, d, own) for m, w in merged.items()}} for d in self.domains}
+            for h, weights in testtime.items():
+                models_for[h][TESTTIME_METHOD] = weights
+            if baselines.individual:  # each held-out domain gets every training domain's model, zero-shot
+                for d, weights in individual.items():
+                    models_for[d]["individual"] = weights
+                    for h in self.held_out:
+                        models_for[h][HELD_OUT_INDIVIDUAL.format(domain=d)] = weights
+            self.evaluate(transport, models_for)
+            self.timings["evaluation"] = time.perf_counter() - start
+            phases.update()
+
+            start = time.perf_counter()
+            global_weights = self.theta0
+            fedavg_bytes = 0
+            contributed: set[str] = set()  # clients whose update entered at least one round
+            for r in range(1, fedavg_rounds + 1):
+                before = self.total_bytes()
+                requests = self.train_requests(global_weights, protocol.PHASE_FEDAVG, r)
+                replies = self._exchange(transport, protocol.TRAIN, requests, label=f"fedavg_round{r}:")
+                fedavg_bytes += self.total_bytes() - before  # FedAvg's own traffic: its training rounds only
+                updates, shares, round_metrics = self.accept_updates(replies, reference=global_weights, round_index=r)
+                self.record_left_out(updates, f"FedAvg round {r}", prefix=f"fedavg_round{r}:")
+                self.fedavg_train_metrics.append(round_metrics)
+                contributed.update(updates)
+                global_weights = self.aggregate_round(global_weights, updates, shares)
+                own = self.local_values(updates)
+                self.evaluate(transport, {d: {f"fedavg_round{r}": self.served(global_weights, d, own)} for d in self.domains},
+                              label=f"fedavg_round{r}:")
+                round_avg = average_metrics(self.models[f"fedavg_round{r}"], self.train_domains)
+                self.fedavg_curve.append({"round": r, "bytes": fedavg_bytes, **round_avg})
+                phases.update()
+            if self.fedavg_curve:
+                self.save_model("fedavg", global_weights, "fedavg", [d for d in self.train_domains if d in contributed],
+                                params=self.cfg.baselines.fedavg_local_params, rounds=len(self.fedavg_curve),
+                                **({"local_parameters": card_values(own)} if own else {}))
+                self.models["fedavg"] = self.models.pop(f"fedavg_round{len(self.fedavg_curve)}")
+                for r in range(1, len(self.fedavg_curve)):
+                    self.models.pop(f"fedavg_round{r}", None)
+            self.timings["fedavg"] = time.perf_counter() - start
+        finally:
+            phases.close()
         self.record_metrics()
         return self.results()
 
