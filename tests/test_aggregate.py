@@ -286,17 +286,18 @@ def test_a_run_recorded_before_a_setting_existed_is_the_same_configuration_at_it
 
 
 def test_settings_that_change_no_figure_do_not_make_another_configuration():
-    """A seed run with another embedding-cache folder or reply timeout counted as another configuration: --resume
-    refused it and advised --overwrite, which deletes every seed."""
+    """A seed run with another embedding-cache folder or run name counted as another configuration: --resume
+    refused it and advised --overwrite, which deletes every seed. A reply timeout is not neutral: a client that
+    missed it is left out of a run that still completes."""
     from fedmerge.config import apply_overrides, load_scenario
     from fedmerge.runners.multiseed import same_config
 
     cfg = load_scenario("quickstart")
     recorded = json.loads(json.dumps(apply_overrides(cfg, [
-        'encoder.cache_dir="/tmp/elsewhere"', "federation.timeout_s=60", "federation.startup_timeout_s=30",
-        'run.name="renamed"', "run.progress=false"]).to_mapping(), default=str))
+        'encoder.cache_dir="/tmp/elsewhere"', 'run.name="renamed"', "run.progress=false"]).to_mapping(), default=str))
     assert same_config(cfg, recorded)
     assert not same_config(apply_overrides(cfg, ["run.torch_threads=2"]), recorded)  # forward passes at 2 threads
+    assert not same_config(apply_overrides(cfg, ["federation.timeout_s=60"]), recorded)
 
 
 def test_identical_values_have_exactly_zero_spread():

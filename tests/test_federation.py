@@ -803,6 +803,28 @@ def test_a_machine_dependent_thread_count_is_warned_about(cfg):
     assert [w.split(" = ")[0] for w in warned] == ["run.torch_threads", "run.server_threads"]
 
 
+def test_merge_weights_follow_data_domains_in_the_merge_and_on_its_card(cfg, tmp_path):
+    """With data.domains unsorted, average's weights were applied to the domains sorted by name, and (once the merge
+    was fixed) its card still paired the weights as written with the sorted domains."""
+    from fedmerge.recommender import read_card
+    from fedmerge.runners.server import merge_replies, mergerec_config_for
+
+    small = apply_overrides(cfg, ["baselines.joint=false", 'data.domains=["synth-2", "synth-0", "synth-1"]',
+                                  "merge.params.average.weights=[3, 1, 1]", "federation.min_replies=3",
+                                  'merge.methods=["average"]',
+                                  'merge.mergerec={init_method="average", init_params={weights=[3, 1, 1]}}'])
+    theta0 = {"w": torch.zeros(1)}
+    models = {d: {"w": torch.full((1,), value)} for d, value in (("synth-0", 0.0), ("synth-1", 0.0), ("synth-2", 5.0))}
+    merged, report = merge_replies(theta0, models, {}, small)
+    assert merged["average"]["w"].item() == pytest.approx(3.0)  # synth-2's weight 3 of 5: 5 · 3/5
+    federation = Federation(small, initial_weights(small), out_dir=tmp_path)
+    federation.merge_report = report
+    federation.save_merged("average", merged["average"])
+    card = read_card(tmp_path / "models" / "average.safetensors")
+    assert card["domains"] == ["synth-0", "synth-1", "synth-2"] and card["method"]["params"]["weights"] == [1.0, 1.0, 3.0]
+    assert mergerec_config_for(small, "task", models).init_params["weights"] == [1, 1, 3]
+
+
 def test_server_threads_default_one_and_zero_means_all_usable_cores(cfg, monkeypatch):
     from fedmerge.runners.server import server_threads
 

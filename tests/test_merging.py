@@ -278,6 +278,9 @@ def test_float64_weights_merge_at_their_own_precision(method):
     theta0 = {"w": torch.tensor([1.0 + 1e-12, 0.1], dtype=torch.float64)}
     merged = merge(method, theta0, {"a": theta0, "b": theta0})
     assert merged["w"].dtype == torch.float64 and torch.equal(merged["w"], theta0["w"])  # it moved by 1.5e-9
+    zero = {"w": torch.zeros(1, dtype=torch.float64)}
+    models = {k: {"w": torch.full((1,), 0.1, dtype=torch.float64)} for k in "abc"}  # 1/3 is not exact in float32
+    assert abs(merge("average", zero, models)["w"].item() - 0.1) < 1e-15  # float32 weights: 3e-9
 
 
 def test_trim_keeps_int_of_density_times_size_as_the_references():

@@ -937,6 +937,14 @@ def test_pooling_refuses_what_is_not_one_study():
 
     pooled = pool_studies([study([0]), study([1, 2])], ["a", "b"])
     assert pooled["utility"][0]["metric"]["average"]["n"] == 3 and pooled["study"]["seeds"] == [0, 1, 2]
+    # two machines' studies: another embedding-cache folder or progress setting is the same study (it was refused)
+    here, there = study([0]), study([1])
+    here["scenario"] = {"run": {"name": "x", "progress": True}, "encoder": {"name": "minilm", "cache_dir": "/a"}}
+    there["scenario"] = {"run": {"name": "x", "progress": False}, "encoder": {"name": "minilm", "cache_dir": "/b"}}
+    assert pool_studies([here, there], ["a", "b"])["study"]["seeds"] == [0, 1]
+    there["scenario"]["encoder"]["name"] = "hashing"
+    with pytest.raises(FedmergeError, match="scenario"):
+        pool_studies([here, there], ["a", "b"])
     with pytest.raises(FedmergeError, match="seed 1 is in both"):
         pool_studies([study([0, 1]), study([1])], ["a", "b"])
     with pytest.raises(FedmergeError, match=r"differ in study settings \['epsilons'\]"):

@@ -202,8 +202,8 @@ def pcb_released_vectors(tau: torch.Tensor, density: float) -> torch.Tensor:
 def _average(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
     """τ̃_k = w_k/Σw · τ_k, so θ₀ + Σ τ̃_k = Σ w_k θ_k / Σ w (uniform w by default)."""
     weights = params["weights"]
-    w = torch.ones(tau.shape[0]) if weights is None else torch.tensor(weights, dtype=torch.float32)
-    w = w.to(tau.device)
+    w = torch.ones(tau.shape[0], dtype=tau.dtype) if weights is None else torch.tensor(weights, dtype=tau.dtype)
+    w = w.to(tau.device)  # in τ's precision: float32 weights put 3e-9 into a float64 average of three
     w = (w / w.sum()).reshape(-1, *([1] * (tau.dim() - 1)))
     return tau * w
 

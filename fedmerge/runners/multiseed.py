@@ -45,15 +45,15 @@ def finished_run(folder: Path) -> dict[str, Any] | None:
 
 
 def completed_run(folder: Path, cfg: Scenario) -> dict[str, Any] | None:
-    """The folder's results.json if it is complete (status ok) and was written under ``cfg`` (``run.progress`` may
-    differ); else None."""
+    """The folder's results.json if it is complete (status ok) and was written under ``cfg`` (:func:`same_config`:
+    the :data:`RESULT_NEUTRAL` settings may differ); else None."""
     results = finished_run(folder)
     return results if results is not None and same_config(cfg, results.get("config")) else None
 
 
-# settings that change no figure of a completed run: how it is shown and named, where the embedding cache lives, how
-# long the server waited (a run they cut did not complete)
-RESULT_NEUTRAL = {"run": ("progress", "name"), "encoder": ("cache_dir",), "federation": ("timeout_s", "startup_timeout_s")}
+# settings that change no figure of a completed run: how it is shown and named, where the embedding cache lives (not
+# the reply timeouts: a client that missed one is left out and the run still completes)
+RESULT_NEUTRAL = {"run": ("progress", "name"), "encoder": ("cache_dir",)}
 
 
 def same_config(cfg: Scenario, recorded: Any) -> bool:
@@ -64,14 +64,16 @@ def same_config(cfg: Scenario, recorded: Any) -> bool:
 
     if not isinstance(recorded, Mapping) or not isinstance(recorded.get("run"), Mapping):
         return False
-
-    def strip(table: Mapping[str, Any]) -> dict[str, Any]:
-        return {section: ({k: v for k, v in values.items() if k not in RESULT_NEUTRAL[section]}
-                          if section in RESULT_NEUTRAL and isinstance(values, Mapping) else values)
-                for section, values in table.items()}
-
-    _, differing = settings_differences(strip(recorded), strip(json.loads(json.dumps(cfg.to_mapping(), default=str))))
+    current = json.loads(json.dumps(cfg.to_mapping(), default=str))
+    _, differing = settings_differences(without_result_neutral(recorded), without_result_neutral(current))
     return not differing
+
+
+def without_result_neutral(table: Mapping[str, Any]) -> dict[str, Any]:
+    """A scenario mapping without its :data:`RESULT_NEUTRAL` settings: what two runs must share to be one."""
+    return {section: ({k: v for k, v in values.items() if k not in RESULT_NEUTRAL[section]}
+                      if section in RESULT_NEUTRAL and isinstance(values, Mapping) else values)
+            for section, values in table.items()}
 
 
 def resume_seed(single: Scenario, engine: str, folder: Path) -> dict[str, Any]:

@@ -205,7 +205,6 @@ def merge_replies(
     weights) costs only itself: it is left out and its reason recorded in ``report["failed"]``.
     """
     from fedmerge.merging import MERGEREC_METHODS, METHODS, merge
-    from fedmerge.merging.registry import weights_in_order, with_default_seed
 
     models = {d: replies[d] for d in sorted(replies)}
     merged: dict[str, StateDict] = {}
@@ -214,10 +213,7 @@ def merge_replies(
         if method == TESTTIME_METHOD:  # one merge per held-out catalog: see testtime_merges
             continue
         start = time.perf_counter()
-        # weights=[...] are one per training domain in data.domains' order; the models merge by name
-        params = weights_in_order(cfg.merge.params.get(method, {}), cfg.data.training_domains(), list(models))
-        if method in METHODS:  # DARE's masks follow the run seed unless set
-            params = with_default_seed(method, params, cfg.run.seed)
+        params = registry_params(cfg, method, list(models))
         try:
             if method in MERGEREC_METHODS:
                 weights, report[method] = _mergerec(theta0, models, catalogs, cfg, MERGEREC_METHODS[method])
@@ -268,6 +264,18 @@ def _mergerec(
     except ValueError as exc:
         raise FedmergeError(f"merge.mergerec: {exc}") from exc
     return merged, asdict(report)
+
+
+def registry_params(cfg: Scenario, method: str, domains: list[str]) -> dict[str, Any]:
+    """``merge.params.<method>`` as the run merges ``domains`` (by name) with it and records it on the merge's card:
+    per-model ``weights``, given in ``data.domains``' order, in ``domains``' order
+    (:func:`~fedmerge.merging.registry.weights_in_order`), and a registry method's seed (DARE's masks) the run's
+    unless set."""
+    from fedmerge.merging import METHODS
+    from fedmerge.merging.registry import weights_in_order, with_default_seed
+
+    params = weights_in_order(cfg.merge.params.get(method, {}), cfg.data.training_domains(), domains)
+    return with_default_seed(method, params, cfg.run.seed) if method in METHODS else params
 
 
 def mergerec_config_for(cfg: Scenario, granularity: str, models: Mapping[str, StateDict]) -> MergeRecConfig:
@@ -844,20 +852,20 @@ class Federation:
         """Save one merge with its method parameters (MergeRec: its learned coefficients and configuration) and
         ``card``'s extra fields (each domain's local parameters)."""
         from fedmerge.merging import MERGEREC_METHODS, METHODS
-        from fedmerge.merging.registry import recorded_params, with_default_seed
+        from fedmerge.merging.registry import recorded_params
 
         report = self.merge_report[method] if method in MERGEREC_METHODS else None  # a plugin may be named "seconds"
         extra = {} if report is None else {"mergerec": {
             "coefficients": report["coefficients"], "config": report["config"],
             "chosen_start": report.get("chosen_start")}}
+        domains = self.merge_report["domains"]
         if extra:
             params = report["config"]
-        elif method in METHODS:
-            seeded = with_default_seed(method, self.cfg.merge.params.get(method, {}), self.cfg.run.seed)
-            params = recorded_params(method, seeded, n_models=len(self.merge_report["domains"]))
+        elif method in METHODS:  # as merged: its weights beside the card's domains (in their order)
+            params = recorded_params(method, registry_params(self.cfg, method, domains), n_models=len(domains))
         else:
-            params = self.cfg.merge.params.get(method, {})
-        self.save_model(method, weights, method, self.merge_report["domains"], params=params, **extra, **(card or {}))
+            params = registry_params(self.cfg, method, domains)
+        self.save_model(method, weights, method, domains, params=params, **extra, **(card or {}))
 
     def results(self) -> dict[str, Any]:
         """Per-model per-domain metrics with averages over the training domains, bytes, timings and diagnostics;
