@@ -803,6 +803,18 @@ def test_regenerated_certificates_leave_no_stale_keys_and_stray_files_are_not_ke
     assert sorted(p.name for p in (tmp_path / "pki" / "nodes").iterdir()) == ["node-0", "node-0.bak", "node-0.pub"]
     assert not (tmp_path / "pki" / "ca.key").exists() and offline.ca_key.is_file()
     assert [k.private_key.name for k in load_tls_dir(tmp_path / "pki").nodes] == ["node-0"]
+    # by each key's number, not its place in the list: node-5 beside node-0 and node-1 went on living with --nodes 3
+    generate(tmp_path / "gaps", n_nodes=2)
+    for name in ("node-5", "node-5.pub"):
+        (tmp_path / "gaps" / "nodes" / name).write_bytes((tmp_path / "gaps" / "nodes" / name.replace("5", "0")).read_bytes())
+    generate(tmp_path / "gaps", n_nodes=3, overwrite=True)
+    assert [k.private_key.name for k in load_tls_dir(tmp_path / "gaps").nodes] == ["node-0", "node-1", "node-2"]
+    # node keys alone (no certificates) are not replaced without --force
+    (tmp_path / "keys-only" / "nodes").mkdir(parents=True)
+    (tmp_path / "keys-only" / "nodes" / "node-0").write_text("a key")
+    with pytest.raises(FedmergeError, match="already holds"):
+        generate(tmp_path / "keys-only", n_nodes=1)
+    assert (tmp_path / "keys-only" / "nodes" / "node-0").read_text() == "a key"
 
 
 def test_a_server_certificate_never_outlives_its_ca_and_an_expired_ca_is_refused(tmp_path, caplog):

@@ -242,7 +242,8 @@ def generate(
     out = Path(out)
     ca_cert_path, ca_key_path = out / "ca.crt", out / "ca.key"
     server_cert_path, server_key_path = out / "server.crt", out / "server.key"
-    if not overwrite and any(p.exists() for p in (ca_cert_path, ca_key_path, server_cert_path, server_key_path)):
+    if not overwrite and (any(p.exists() for p in (ca_cert_path, ca_key_path, server_cert_path, server_key_path))
+                          or node_key_files(out / "nodes")):
         raise FedmergeError(f"{out} already holds certificates; --force (overwrite=True) replaces them, the CA "
                              "included unless --ca names the one to keep, so every data owner would need a new ca.crt")
     empty = [h for h in hosts if not str(h).strip()]
@@ -261,9 +262,10 @@ def generate(
     _write(server_cert_path, server_cert.public_bytes(serialization.Encoding.PEM))
     if ca is not None and Path(ca).resolve() != out.resolve():  # --force --ca: the replaced CA's key must not stay
         (out / "ca.key").unlink(missing_ok=True)
-    for stale in node_key_files(out / "nodes")[n_nodes:]:  # an earlier generation's extra nodes: never used silently
-        stale.unlink()
-        stale.with_name(stale.name + ".pub").unlink(missing_ok=True)
+    for stale in node_key_files(out / "nodes"):  # an earlier generation's extra nodes: never used silently
+        if int(NODE_KEY.fullmatch(stale.name).group(1)) >= n_nodes:
+            stale.unlink()
+            stale.with_name(stale.name + ".pub").unlink(missing_ok=True)
     nodes = tuple(make_node_keys(out / "nodes", f"node-{i}") for i in range(n_nodes))
     logger.info("wrote CA, server certificate for %s and %d node key pairs to %s", ", ".join(hosts), n_nodes, out)
     return TlsFiles(ca_cert_path, ca_key_path, server_cert_path, server_key_path, nodes)

@@ -799,6 +799,19 @@ class TextSASRec(nn.Module):
                                       history, self.last_item_text(item_features, history))
 
 
+def check_item_ids(seqs: Sequence[np.ndarray], n_items: int) -> None:
+    """ValueError naming the first history with an item id outside ``0..n_items-1`` (-2 read item 0's text, an inner
+    -1 was taken for padding, ``n_items`` an IndexError); one vectorized pass over every id."""
+    filled = [np.asarray(s) for s in seqs if len(s)]
+    if not filled:
+        return
+    ids = np.concatenate(filled)
+    if ids.min() >= 0 and ids.max() < n_items:
+        return
+    row = next(r for r, s in enumerate(seqs) if len(s) and (np.min(s) < 0 or np.max(s) >= n_items))
+    raise ValueError(f"history {row} holds item ids outside 0..{n_items - 1}: {[int(i) for i in seqs[row][:10]]}")
+
+
 @dataclass
 class SequentialFamily(ModelFamily):
     """Text-based SASRec family; every constant is a constructor parameter (see the module docstring)."""
@@ -1124,9 +1137,7 @@ class SequentialFamily(ModelFamily):
 
         @torch.no_grad()
         def score(seqs: list[np.ndarray]) -> np.ndarray:
-            for row, seq in enumerate(seqs):  # -2 read item 0's text, -1 was padding, n_items an IndexError
-                if len(seq) and not (0 <= int(np.min(seq)) and int(np.max(seq)) < len(items)):
-                    raise ValueError(f"history {row} holds item ids outside 0..{len(items) - 1}: {[int(i) for i in seq[:10]]}")
+            check_item_ids(seqs, len(items))
             out = np.empty((len(seqs), len(items)), dtype=np.float32)
             order = np.argsort([min(len(s), self.max_len) for s in seqs], kind="stable")
             for start in range(0, len(seqs), batch_size):
