@@ -361,7 +361,8 @@ def validate(cfg: Scenario) -> None:
     if cfg.theta0.pretrain and cfg.model.params.get("routed_unseen", "none") != "none":
         raise FedmergeError("theta0.pretrain with model.params.routed_unseen is not supported yet: the frozen θ₀ "
                             "expert for unseen items would keep the untrained initial weights, not the pretrained ones")
-    distill = cfg.model.params.get("theta0_distill", 0)
+    distill = cfg.model.params.get("theta0_distill", 0) or (
+        cfg.baselines.fedavg_rounds and cfg.baselines.fedavg_local_params.get("theta0_distill", 0))
     if distill:
         clashes = [key for key, on in (("theta0.pretrain", cfg.theta0.pretrain), ("baselines.joint", cfg.baselines.joint),
                                        ("privacy.enabled", cfg.privacy.enabled)) if on]

@@ -297,6 +297,32 @@ def test_user_level_settings_dp_sgd_refuses_fail_when_the_scenario_loads(params,
         load_study("privacy-seq", [*params, "privacy_study.units=['domain', 'user']"])
 
 
+@pytest.mark.parametrize("fedavg_params, problem", [
+    ("{encoder_layers=1}", "baselines.fedavg_local_params.encoder_layers > 0"),
+    ("{n_negatives=10, negative_sampling='popularity'}", "baselines.fedavg_local_params.negative_sampling"),
+    ("{theta0_distill=1.0}", "theta0_distill"),
+])
+def test_fedavg_local_params_meet_the_privacy_checks_at_load(fedavg_params, problem):
+    """The FedAvg rounds train with their own parameters, which the DP checks never read: the run failed in its first
+    FedAvg round, after the one-shot round trained."""
+    from fedmerge.config import load_scenario
+
+    with pytest.raises(FedmergeError, match=problem):
+        load_scenario("quickstart", ["privacy.enabled=true", "privacy.unit='user'" if "distill" not in problem
+                                     else "privacy.unit='domain'", "baselines.fedavg_rounds=1",
+                                     f"baselines.fedavg_local_params={fedavg_params}"])
+
+
+def test_text_lae_fedavg_local_params_need_one_lambda_with_user_level_dp():
+    from fedmerge.config import load_scenario
+
+    base = ["privacy.enabled=true", "privacy.unit='user'", 'model.family="text-lae"', "model.params.lam=1.0",
+            "encoder.name=hashing", "baselines.fedavg_rounds=1"]
+    load_scenario("quickstart", base)
+    with pytest.raises(FedmergeError, match=r"needs one λ \(baselines.fedavg_local_params.lam = value\)"):
+        load_scenario("quickstart", [*base, "baselines.fedavg_local_params={lam=[1.0, 10.0]}"])
+
+
 def test_secure_mode_uses_opacus_floating_point_safe_noise_and_refuses_a_seed(domain, features, monkeypatch):
     import opacus.optimizers.optimizer as dp_optimizer
 

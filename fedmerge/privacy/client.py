@@ -55,25 +55,29 @@ def uses_dpsgd(cfg: Scenario) -> bool:
 
 def check_user_level(cfg: Scenario) -> None:
     """FedmergeError unless the scenario's family has a user-level mechanism it can run with (sequential: no text
-    tower, no popularity negatives; text-lae: one λ)."""
+    tower, no popularity negatives; text-lae: one λ), in the one-shot round and, with their own
+    ``baselines.fedavg_local_params``, in the FedAvg rounds (refused only when the first round trained)."""
     family = cfg.model.family
     if family not in USER_LEVEL_FAMILIES:
         raise FedmergeError(f"privacy.unit = 'user' supports model.family {list(USER_LEVEL_FAMILIES)}, got "
                             f"{family!r}; use privacy.unit = 'domain'")
-    params = cfg.model.params
-    if family == "sequential":  # what DP-SGD refuses when a client starts training, hours into a study
-        if params.get("encoder_layers", 0):
-            raise FedmergeError("privacy.unit = 'user' with model.params.encoder_layers > 0 is not supported "
-                                "(per-user passes through the text tower); set encoder_layers = 0")
-        if params.get("n_negatives") is not None and params.get("negative_sampling", "uniform") == "popularity":
-            raise FedmergeError("privacy.unit = 'user' cannot sample negatives by popularity (the item counts come "
-                                "from the private training data); set model.params.negative_sampling = 'uniform' or "
-                                "drop n_negatives")
-    lam = params.get("lam")
-    if family == "text-lae" and (lam is None or isinstance(lam, (list, tuple))):
-        raise FedmergeError(f"privacy.unit = 'user' with text-lae needs one λ (model.params.lam = value), got "
-                            f"{'the default grid' if lam is None else lam}: choosing λ on the users' validation items "
-                            "would spend privacy that is not accounted")
+    settings = [("model.params", cfg.model.params)]
+    if cfg.baselines.fedavg_rounds and cfg.baselines.fedavg_local_params:
+        settings.append(("baselines.fedavg_local_params", {**cfg.model.params, **cfg.baselines.fedavg_local_params}))
+    for key, params in settings:
+        if family == "sequential":  # what DP-SGD refuses when a client starts training, hours into a study
+            if params.get("encoder_layers", 0):
+                raise FedmergeError(f"privacy.unit = 'user' with {key}.encoder_layers > 0 is not supported "
+                                    "(per-user passes through the text tower); set encoder_layers = 0")
+            if params.get("n_negatives") is not None and params.get("negative_sampling", "uniform") == "popularity":
+                raise FedmergeError(f"privacy.unit = 'user' cannot sample negatives by popularity (the item counts "
+                                    f"come from the private training data); set {key}.negative_sampling = 'uniform' "
+                                    "or drop n_negatives")
+        lam = params.get("lam")
+        if family == "text-lae" and (lam is None or isinstance(lam, (list, tuple))):
+            raise FedmergeError(f"privacy.unit = 'user' with text-lae needs one λ ({key}.lam = value), got "
+                                f"{'the default grid' if lam is None else lam}: choosing λ on the users' validation "
+                                "items would spend privacy that is not accounted")
 
 
 def privacy_setting_warnings(cfg: Scenario) -> list[str]:
