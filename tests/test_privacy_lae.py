@@ -87,6 +87,22 @@ def test_without_noise_and_clipping_it_is_the_family_closed_form(domain, feature
                                   noise_seed=0)
 
 
+@pytest.mark.parametrize("private", [True, False])
+def test_a_malformed_theta_is_refused_on_both_paths(domain, features, private):
+    """The private path took θ's W as it came: a scalar, a vector or a (1, 1) W was broadcast into a d × d model and
+    shipped, extra weights were dropped, a NaN W gave NaN weights (the non-private path refused most of them)."""
+    family = TextLAEFamily(lam=10.0)
+    d = features.shape[1]
+    good = family.initial_weights(d)
+    for bad in ({"W": torch.tensor(1.0)}, {"W": torch.ones(1, 1)}, {"W": torch.ones(d)},
+                {**good, "b": torch.zeros(d)}, {"W": torch.full((d, d), float("nan"))}):
+        with pytest.raises(FedmergeError, match="theta0"):
+            if private:
+                train_text_lae_user_level(family, bad, domain, features, noise_multiplier=1.0, bound=1.0, noise_seed=0)
+            else:
+                family.train(bad, domain, features, progress=False)
+
+
 def test_client_reports_the_analytic_gaussian_epsilon_over_releases(domain, features):
     mapping = {"model": {"family": "text-lae", "params": {"lam": 10.0}}, "baselines": {"fedavg_rounds": 1},
                "privacy": {"enabled": True, "unit": "user", "target_epsilon": 3.0, "user_norm_bound": 2.0,

@@ -106,6 +106,17 @@ class TextLAE(nn.Module):
         return self.logits(self.encode(seqs, items)[:, -1], items)
 
 
+def checked_prior(theta0: StateDict, dim: int) -> np.ndarray:
+    """θ₀'s ``W`` as the float64 prior of the closed form; FedmergeError unless θ₀ holds exactly a finite (dim, dim)
+    ``W`` (a scalar or a vector broadcast into a d × d result, NaN weights were shipped, by the private path)."""
+    if set(theta0) != {"W"} or tuple(theta0["W"].shape) != (dim, dim):
+        raise FedmergeError(f"theta0 must hold exactly 'W' of shape {(dim, dim)}, got "
+                            f"{ {k: tuple(v.shape) for k, v in theta0.items()} }")
+    if not bool(torch.isfinite(theta0["W"]).all()):
+        raise FedmergeError("theta0's W holds NaN or infinite values")
+    return theta0["W"].detach().cpu().numpy().astype(np.float64)
+
+
 @dataclass
 class TextLAEFamily(ModelFamily):
     """The text-space LAE family ("text-lae"); ``lam`` is a value or a validation grid.
@@ -149,9 +160,7 @@ class TextLAEFamily(ModelFamily):
         features = item_features.detach().cpu().numpy().astype(np.float64)
         if features.shape[0] != domain.n_items:
             raise FedmergeError(f"{features.shape[0]} item features for {domain.n_items} items of {domain.name!r}")
-        if "W" not in theta0 or tuple(theta0["W"].shape) != (features.shape[1], features.shape[1]):
-            raise FedmergeError(f"theta0 must hold 'W' of shape {(features.shape[1],) * 2}")
-        prior = theta0["W"].detach().cpu().numpy().astype(np.float64)
+        prior = checked_prior(theta0, features.shape[1])
         start = time.perf_counter()
         grid = self.lam_grid()
         validation: list[dict[str, float]] = []

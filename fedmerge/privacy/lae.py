@@ -84,7 +84,7 @@ def train_text_lae_user_level(
     bound: float, noise_seed: int | None, repair: str = "clip",
 ) -> tuple[StateDict, dict[str, Any]]:
     """The text-LAE's closed form on the private Gram matrix Â (see the module docstring), with the family's one λ."""
-    from fedmerge.models.text_lae import SylvesterBasis, TextLAEFamily
+    from fedmerge.models.text_lae import SylvesterBasis, TextLAEFamily, checked_prior
 
     if not isinstance(family, TextLAEFamily):
         raise FedmergeError(f"the private Gram mechanism is the text-lae family's, got {family.name!r}")
@@ -95,11 +95,11 @@ def train_text_lae_user_level(
     features = item_features.detach().cpu().numpy().astype(np.float64)
     if features.shape[0] != domain.n_items:
         raise FedmergeError(f"{features.shape[0]} item features for {domain.n_items} items of {domain.name!r}")
+    prior = checked_prior(theta0, features.shape[1])  # before the Gram: a malformed θ was broadcast and shipped
     start = time.perf_counter()
     gram, clipped = private_gram(domain.train_with_val(), features, bound, noise_multiplier, noise_seed)
     gram = psd_repair(gram, repair)
     basis = SylvesterBasis.from_moments(gram, features.T @ features)
-    prior = theta0["W"].detach().cpu().numpy().astype(np.float64)
     weights = {"W": torch.from_numpy(basis.solve(grid[0], prior).astype(np.float32))}
     return weights, {"lam": grid[0], "dp_user_bound": bound, "dp_clipped_fraction": clipped,
                      "train_seconds": time.perf_counter() - start}
