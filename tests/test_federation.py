@@ -138,14 +138,43 @@ def test_flower_client_app_replies_and_names_domain_on_error(cfg, flower_task_id
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(),
                       run_config={})
     theta0 = initial_weights(cfg)
-    train = Message(RecordDict({protocol.GLOBAL: protocol.to_record(theta0), protocol.CONFIG: ConfigRecord({protocol.ROUND: 0})}),
-                    7, protocol.TRAIN)
+    oneshot = ConfigRecord({protocol.PHASE: protocol.PHASE_ONESHOT, protocol.ROUND: 0})
+    train = Message(RecordDict({protocol.GLOBAL: protocol.to_record(theta0), protocol.CONFIG: oneshot}), 7, protocol.TRAIN)
     reply = app(train, context)
     assert not reply.has_error()
     assert protocol.reply_domain(reply.content) == "synth-1"
     assert set(reply.content.array_records[protocol.WEIGHTS]) == set(theta0)
     broken = app(Message(RecordDict(), 7, protocol.TRAIN), context)
     assert broken.has_error() and "synth-1" in broken.error.reason
+
+
+def test_a_client_refuses_malformed_train_requests_and_releases_dp_ε_does_not_cover(cfg):
+    """A train request of any phase but "fedavg" trained as one-shot, a missing round was round 0, a missing weights
+    record a KeyError; a DP client shipped as many noisy releases as it was asked for (a repeated round averages its
+    noise away; ε counted it once), reporting ε for the round number it was sent."""
+    from fedmerge.runners.client import ClientState
+
+    small = apply_overrides(cfg, ["baselines.fedavg_rounds=1", "privacy.enabled=true", "privacy.noise_multiplier=1.0"])
+    client = ClientState(small, partition_id=0)
+    theta0 = protocol.to_record(initial_weights(small))
+
+    def train(config, weights=True):
+        content = {protocol.CONFIG: ConfigRecord(config), **({protocol.GLOBAL: theta0} if weights else {})}
+        return client.handle(protocol.TRAIN, RecordDict(content))
+
+    oneshot, fedavg = protocol.PHASE_ONESHOT, protocol.PHASE_FEDAVG
+    for config, weights, problem in (({protocol.PHASE: oneshot, protocol.ROUND: 0}, False, "without its 'global'"),
+                                     ({protocol.PHASE: "evaluate", protocol.ROUND: 0}, True, "phase 'evaluate'"),
+                                     ({protocol.PHASE: fedavg}, True, "round None"),
+                                     ({protocol.PHASE: oneshot, protocol.ROUND: 1}, True, "one-shot round is 0")):
+        with pytest.raises(FedmergeError, match=problem):
+            train(config, weights)
+    assert protocol.WEIGHTS in train({protocol.PHASE: oneshot, protocol.ROUND: 0}).array_records
+    with pytest.raises(FedmergeError, match="round 0 refused: this client released it already"):
+        train({protocol.PHASE: oneshot, protocol.ROUND: 0})
+    with pytest.raises(FedmergeError, match=r"round 2 refused: ε covers this client's 2 releases \(rounds 0 to 1\)"):
+        train({protocol.PHASE: fedavg, protocol.ROUND: 2})
+    assert protocol.WEIGHTS in train({protocol.PHASE: fedavg, protocol.ROUND: 1}).array_records
 
 
 def test_flower_client_app_takes_the_cli_log_level_and_logs_each_training(
@@ -164,7 +193,8 @@ def test_flower_client_app_takes_the_cli_log_level_and_logs_each_training(
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
                       run_config={})
     train = Message(RecordDict({protocol.GLOBAL: protocol.to_record(initial_weights(cfg)),
-                                protocol.CONFIG: ConfigRecord({protocol.ROUND: 0})}), 7, protocol.TRAIN)
+                                protocol.CONFIG: ConfigRecord({protocol.PHASE: protocol.PHASE_ONESHOT,
+                                                               protocol.ROUND: 0})}), 7, protocol.TRAIN)
     assert not build_client_app(cfg)(train, context).has_error()
     assert root.level == logging.INFO
     assert any(r.levelno == logging.INFO and r.getMessage().startswith("synth-0: round 0 trained in ")

@@ -77,6 +77,11 @@ GRAM_INPUTS = "gram_inputs"  # ... and a digest of what that Gram was computed f
 ClientMemory = MutableMapping[str, int | str]  # what a client keeps between its releases; never sent
 
 
+def released_key(round_index: int) -> str:
+    """The :data:`ClientMemory` key saying a DP client released round ``round_index``."""
+    return f"released-round-{round_index}"
+
+
 def gram_inputs_digest(cfg: Scenario, domain: Domain, features: torch.Tensor) -> str:
     """Short sha256 of what a client's noisy Gram is computed from besides the noise: its users' interactions (all of
     them, test targets too), the item features — by what makes them (the catalog's texts, the encoder and its
@@ -313,21 +318,51 @@ class ClientState:
         finally:
             release_freed_memory()
 
+    def train_round(self, content: RecordDict, config: ConfigRecord) -> tuple[int, bool]:
+        """(round, whether a FedAvg round) of a train request; FedmergeError for a malformed one (no weights, a
+        phase other than one-shot / FedAvg, a round that does not fit it) and, under DP, for a release ε does not
+        cover: a round past the run's ``1 + baselines.fedavg_rounds`` releases or one this client released
+        already (a second noisy copy of a round would average its noise away, and ε counted it once)."""
+        from fedmerge.checks import is_integer
+
+        if protocol.GLOBAL not in content.array_records:
+            raise FedmergeError(f"train request without its {protocol.GLOBAL!r} weights record")
+        phase, round_index = config.get(protocol.PHASE), config.get(protocol.ROUND)
+        if phase not in (protocol.PHASE_ONESHOT, protocol.PHASE_FEDAVG):
+            raise FedmergeError(f"train request of phase {phase!r}; valid: "
+                                f"{[protocol.PHASE_ONESHOT, protocol.PHASE_FEDAVG]}")
+        fedavg = phase == protocol.PHASE_FEDAVG
+        if not is_integer(round_index) or round_index < 0 or (round_index > 0) != fedavg:
+            raise FedmergeError(f"train request of phase {phase!r} with round {round_index!r}: the one-shot round is "
+                                "0, FedAvg rounds are 1, 2, ...")
+        if self.cfg.privacy.enabled:
+            from fedmerge.privacy.client import releases_per_client
+
+            allowed = releases_per_client(self.cfg)
+            if round_index >= allowed:
+                raise FedmergeError(f"round {round_index} refused: ε covers this client's {allowed} releases (rounds "
+                                    f"0 to {allowed - 1})")
+            if released_key(round_index) in self.memory:
+                raise FedmergeError(f"round {round_index} refused: this client released it already, and ε counts "
+                                    "each round once")
+        return int(round_index), fedavg
+
     def _reply(self, message_type: str, content: RecordDict) -> RecordDict:
         info = protocol.info_record(self.domain.name)
         if message_type == protocol.QUERY:
             return RecordDict({protocol.INFO: info})
         config = content.config_records.get(protocol.CONFIG, ConfigRecord())
         if message_type == protocol.TRAIN:
+            round_index, fedavg = self.train_round(content, config)
             theta = protocol.from_record(content.array_records[protocol.GLOBAL])
-            fedavg = config.get(protocol.PHASE) == protocol.PHASE_FEDAVG
-            round_index = int(config.get(protocol.ROUND, 0))
             local = self.cfg.baselines.fedavg_local_params if fedavg else None
             start = time.perf_counter()
             weights, metrics = client_train(
                 self.domain, theta, self.cfg, round_index, extra_params=local, features=self.features,
                 public_features=self.public_features, memory=self.memory,
             )
+            if self.cfg.privacy.enabled:
+                self.memory[released_key(round_index)] = 1
             logger.info("%s: %s %d trained in %.0f s", self.domain.name, "FedAvg round" if fedavg else "round", round_index,
                         time.perf_counter() - start)
             return RecordDict(

@@ -1,7 +1,9 @@
 """What travels between clients and server: message types, record keys and weight <-> record conversion.
 
 Shared by the Flower apps (``clients/app.py``, ``server/strategy.py``) and the in-process engine, so both speak
-exactly the same records. A client only ever sends named float weight arrays, numeric metrics and its domain name.
+exactly the same records. A client sends named float weight arrays, numeric metrics and its domain name; beside
+them, the text of what went wrong: an evaluation's per-model failures (``EVALUATION_FAILURES``) and, for a request it
+could not serve, an error reply (README, "What the server necessarily sees").
 """
 
 from __future__ import annotations
