@@ -131,6 +131,13 @@ def test_a_run_cut_by_max_seconds_says_so_per_domain_and_in_the_summary(tmp_path
     assert any(w.startswith("θ₀'s pretraining on the public catalogs (every model starts from it) was cut by "
                             "max_seconds in epoch 1") for w in out["warnings"]), out["warnings"]
     assert any(w.startswith("the joint oracle's training was cut by max_seconds") for w in out["warnings"])
+    # a resumed run reuses that θ₀ and joint model: their cut is still said (--resume dropped it)
+    from fedmerge.config import apply_overrides
+
+    again = run_inprocess(apply_overrides(load_scenario("quickstart", tiny), ["baselines.fedavg_rounds=0"]),
+                          tmp_path / "out", resume=True)
+    assert again["server_train_metrics"] == out["server_train_metrics"]
+    assert sum("cut by max_seconds" in w for w in again["warnings"]) == len(out["domains"]) + 2
     steps = out["train_metrics"]["synth-0"]["epoch_steps"]
     assert (f"local training of synth-0 was cut by max_seconds in epoch 1 after 1 of {steps} steps (max_epochs 4)"
             in out["warnings"][0])

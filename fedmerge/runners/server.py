@@ -22,7 +22,7 @@ from flwr.app import ConfigRecord, RecordDict
 from tqdm.auto import tqdm
 
 from fedmerge.data.domain import ItemCatalog
-from fedmerge.errors import FedmergeError, NumericalError
+from fedmerge.errors import DataError, FedmergeError, NumericalError
 from fedmerge.memory import release_freed_memory
 from fedmerge.merging.mergerec_config import MergeRecConfig
 from fedmerge.merging.local_parameters import (
@@ -987,6 +987,22 @@ def load_fingerprinted(path: Path, cfg: Scenario) -> StateDict:
     return load_weights(path)
 
 
+def saved_training(out_dir: Path, name: str) -> TrainMetrics | None:
+    """The training metrics (``training``) on the card of the server's own model ``name`` (θ₀'s pretraining, the
+    joint oracle) an earlier run saved in ``out_dir``; None without them (no card, or none trained)."""
+    from fedmerge.recommender import card_path, read_card
+
+    path = model_path(out_dir, name)
+    if not card_path(path).is_file():
+        return None
+    try:
+        training = read_card(path).get("training")
+    except DataError as exc:  # the card is written again below; the resumed run only lacks these metrics
+        logger.warning("%s: its training metrics are not read (%s)", name, exc)
+        return None
+    return dict(training) if isinstance(training, Mapping) else None
+
+
 def run_federation(
     cfg: Scenario, transport: Transport, out_dir: str | Path | None = None, resume: bool = False
 ) -> dict[str, Any]:
@@ -1011,8 +1027,9 @@ def run_federation(
         archive_results(out_path)  # once the saved run is accepted: a refused --resume leaves results.json alone
         if theta0 is None:
             logger.warning("no %s: regenerating θ₀ from the seed", model_path(out_path, "theta0"))
-            theta0 = initial_weights(cfg)
-        pretraining = None
+            theta0, pretraining = initial_weights_and_training(cfg)
+        else:  # its pretraining's metrics (a cut by max_seconds) are on its card
+            pretraining = saved_training(out_path, "theta0")
     else:
         theta0, pretraining = initial_weights_and_training(cfg)
     federation = Federation(cfg, theta0, out_dir=out_path)
@@ -1020,7 +1037,8 @@ def run_federation(
         federation.server_train_metrics["theta0_pretraining"] = pretraining
     # θ₀'s card names the run's local parameters, so that `fedmerge merge` of its clients builds the run's merges
     local_names = {"local_parameter_names": list(cfg.merge.local_parameters)} if cfg.merge.local_parameters else {}
-    federation.save_model("theta0", theta0, "theta0", [], metadata=fingerprint, **local_names)
+    federation.save_model("theta0", theta0, "theta0", [], metadata=fingerprint, **local_names,
+                          **({"training": pretraining} if pretraining is not None else {}))
     setup = time.perf_counter() - start
     federation.train_metrics.update(train_metrics)
     joint_seconds = joint_encoding = 0.0
@@ -1029,13 +1047,16 @@ def run_federation(
             start = time.perf_counter()
             joint_path = model_path(out_path, "joint") if out_path is not None else None
             if resume and joint_path.is_file():
-                joint = load_fingerprinted(joint_path, cfg)
+                joint, training = load_fingerprinted(joint_path, cfg), saved_training(out_path, "joint")
             else:
-                joint, joint_encoding, federation.server_train_metrics["joint"] = joint_oracle(cfg, theta0)
+                joint, joint_encoding, training = joint_oracle(cfg, theta0)
+            if training is not None:
+                federation.server_train_metrics["joint"] = training
             federation.extra_models["joint"] = joint
             federation.save_model("joint", joint, "joint", cfg.data.training_domains(),
                                   metadata=fingerprint,
-                                  non_private="trained on the pooled private data of every training domain")
+                                  non_private="trained on the pooled private data of every training domain",
+                                  **({"training": training} if training is not None else {}))
             joint_seconds = time.perf_counter() - start - joint_encoding
         out = federation.run(transport, saved=saved)
     except Exception as exc:  # a failure after partial work: keep what was measured, record why, status failed
