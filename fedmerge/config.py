@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,6 +26,7 @@ from fedmerge.paths import REPO_ROOT
 if TYPE_CHECKING:
     from fedmerge.scenario import FederationSettings, Scenario
 
+logger = logging.getLogger(__name__)
 DEFAULT_SCENARIO = "quickstart"
 SCENARIO_DIR = REPO_ROOT / "scenarios"
 
@@ -203,6 +205,9 @@ def apply_overrides(scenario: Scenario, overrides: Iterable[str]) -> Scenario:
     out = scenario.to_mapping()
     for section, owner in (("model", "family"), ("encoder", "name")):
         if any(path == (section, owner) and value != out[section][owner] for _, path, value in overrides):
+            if out[section]["params"]:
+                logger.info("--set %s.%s: the scenario's %s.params %s are not carried over", section, owner, section,
+                            sorted(out[section]["params"]))
             out[section]["params"] = {}
     for item, path, value in overrides:
         _set(out, path, value, f"override {item!r}")
