@@ -366,16 +366,19 @@ def validate(cfg: Scenario) -> None:
     if cfg.theta0.pretrain and cfg.model.params.get("routed_unseen", "none") != "none":
         raise FedmergeError("theta0.pretrain with model.params.routed_unseen is not supported yet: the frozen θ₀ "
                             "expert for unseen items would keep the untrained initial weights, not the pretrained ones")
-    distill = cfg.model.params.get("theta0_distill", 0) or (
-        cfg.baselines.fedavg_rounds and cfg.baselines.fedavg_local_params.get("theta0_distill", 0))
-    if distill:
-        clashes = [key for key, on in (("theta0.pretrain", cfg.theta0.pretrain), ("baselines.joint", cfg.baselines.joint),
-                                       ("privacy.enabled", cfg.privacy.enabled)) if on]
-        if clashes or len(data.training_domains()) < 2:
-            raise FedmergeError(f"model.params.theta0_distill = {distill} distills towards θ₀ on the other training "
-                                "domains' public catalogs in local training; it needs two or more training domains "
-                                f"and is not supported with {clashes or 'fewer'} (their training has no other "
-                                "catalog, or does not pass them); set model.params.theta0_distill = 0")
+    # θ₀ distillation in the one-shot training (model.params; the joint oracle and θ₀'s pretraining train with those
+    # too) or only in the FedAvg rounds (their own parameters: the clients' training alone)
+    for key, distill, settings in (
+            ("model.params", cfg.model.params.get("theta0_distill", 0),
+             (("theta0.pretrain", cfg.theta0.pretrain), ("baselines.joint", cfg.baselines.joint))),
+            ("baselines.fedavg_local_params",
+             cfg.baselines.fedavg_rounds and cfg.baselines.fedavg_local_params.get("theta0_distill", 0), ())):
+        clashes = [name for name, on in (*settings, ("privacy.enabled", cfg.privacy.enabled)) if on]
+        if distill and (clashes or len(data.training_domains()) < 2):
+            raise FedmergeError(f"{key}.theta0_distill = {distill} distills towards θ₀ on the other training domains' "
+                                "public catalogs in local training; it needs two or more training domains and is not "
+                                f"supported with {clashes or 'fewer'} (their training has no other catalog, or does "
+                                f"not pass them); set {key}.theta0_distill = 0")
     testtime = cfg.merge.testtime
     if testtime.teacher not in teacher_choices(data.training_domains()):
         raise FedmergeError(f"merge.testtime.teacher {testtime.teacher!r} is unknown; valid: "

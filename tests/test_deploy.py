@@ -807,8 +807,12 @@ def test_regenerated_certificates_leave_no_stale_keys_and_stray_files_are_not_ke
     generate(tmp_path / "gaps", n_nodes=2)
     for name in ("node-5", "node-5.pub"):
         (tmp_path / "gaps" / "nodes" / name).write_bytes((tmp_path / "gaps" / "nodes" / name.replace("5", "0")).read_bytes())
+    for name in ("node-01", "node-01.pub", "node-9.pub"):  # node-01 read as node 1, a lone .pub never removed
+        (tmp_path / "gaps" / "nodes" / name).write_text("stale")
     generate(tmp_path / "gaps", n_nodes=3, overwrite=True)
     assert [k.private_key.name for k in load_tls_dir(tmp_path / "gaps").nodes] == ["node-0", "node-1", "node-2"]
+    assert sorted(p.name for p in (tmp_path / "gaps" / "nodes").iterdir()) == [
+        "node-0", "node-0.pub", "node-1", "node-1.pub", "node-2", "node-2.pub"]
     # node keys alone (no certificates) are not replaced without --force
     (tmp_path / "keys-only" / "nodes").mkdir(parents=True)
     (tmp_path / "keys-only" / "nodes" / "node-0").write_text("a key")

@@ -300,7 +300,7 @@ def test_user_level_settings_dp_sgd_refuses_fail_when_the_scenario_loads(params,
 @pytest.mark.parametrize("fedavg_params, problem", [
     ("{encoder_layers=1}", "baselines.fedavg_local_params.encoder_layers > 0"),
     ("{n_negatives=10, negative_sampling='popularity'}", "baselines.fedavg_local_params.negative_sampling"),
-    ("{theta0_distill=1.0}", "theta0_distill"),
+    ("{theta0_distill=1.0}", r"baselines.fedavg_local_params.theta0_distill = 1.0 .* \['privacy.enabled'\]"),
 ])
 def test_fedavg_local_params_meet_the_privacy_checks_at_load(fedavg_params, problem):
     """The FedAvg rounds train with their own parameters, which the DP checks never read: the run failed in its first
@@ -311,6 +311,16 @@ def test_fedavg_local_params_meet_the_privacy_checks_at_load(fedavg_params, prob
         load_scenario("quickstart", ["privacy.enabled=true", "privacy.unit='user'" if "distill" not in problem
                                      else "privacy.unit='domain'", "baselines.fedavg_rounds=1",
                                      f"baselines.fedavg_local_params={fedavg_params}"])
+
+
+def test_theta0_distillation_in_the_fedavg_rounds_only_is_not_refused_for_the_joint_oracle_or_pretraining():
+    """Both train with model.params, not the FedAvg rounds' parameters: such a scenario loaded before the check
+    above and must still load."""
+    from fedmerge.config import load_scenario
+
+    cfg = load_scenario("quickstart", ["baselines.fedavg_rounds=1", "baselines.fedavg_local_params={theta0_distill=1.0}",
+                                       "baselines.joint=true", "theta0.pretrain=true"])
+    assert cfg.baselines.fedavg_local_params == {"theta0_distill": 1.0}
 
 
 def test_text_lae_fedavg_local_params_need_one_lambda_with_user_level_dp():

@@ -1350,3 +1350,15 @@ def test_the_python_api_runs_one_seed_or_several_and_refuses_what_would_be_ignor
     assert sorted(aggregate["seeds"]) == [0, 1] and (tmp_path / "two" / "seed-1" / "results.json").is_file()
     with pytest.raises(FedmergeError, match=r"several seeds need an output folder"):
         fedmerge.simulate(seeded)
+
+
+def test_a_server_trained_models_card_writes_a_non_finite_metric_as_null():
+    """θ₀'s card got its pretraining's metrics as they came: a NaN loss made the strict-JSON card write fail the run
+    before any results.json."""
+    import math
+
+    from fedmerge.runners.server import card_training
+
+    assert card_training(None) == {}
+    card = card_training({"final_loss": math.nan, "epochs": 2, "stop_reason": "max_epochs"})
+    assert card == {"training": {"final_loss": None, "epochs": 2, "stop_reason": "max_epochs"}}

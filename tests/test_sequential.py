@@ -783,7 +783,7 @@ def test_family_parameters_are_checked_against_their_declared_types():
         get_recommender("ease", lam="big")
 
 
-@pytest.mark.parametrize("history", [[3, -2], [3, -1, 4], [3, 20]])
+@pytest.mark.parametrize("history", [[3, -2], [3, -1, 4], [3, 20], [3.0, float("nan")]])
 def test_the_scorer_names_item_ids_outside_the_catalog(history):
     """-2 read item 0's text, a -1 inside a history was taken for padding, 20 of 20 items an IndexError."""
     family = tiny_family()

@@ -262,10 +262,11 @@ def generate(
     _write(server_cert_path, server_cert.public_bytes(serialization.Encoding.PEM))
     if ca is not None and Path(ca).resolve() != out.resolve():  # --force --ca: the replaced CA's key must not stay
         (out / "ca.key").unlink(missing_ok=True)
-    for stale in node_key_files(out / "nodes"):  # an earlier generation's extra nodes: never used silently
-        if int(NODE_KEY.fullmatch(stale.name).group(1)) >= n_nodes:
-            stale.unlink()
-            stale.with_name(stale.name + ".pub").unlink(missing_ok=True)
+    expected = {f"node-{i}{suffix}" for i in range(n_nodes) for suffix in ("", ".pub")}
+    if (out / "nodes").is_dir():  # an earlier generation's other node keys (node-5, node-01, a lone .pub): never used
+        for stale in (out / "nodes").iterdir():
+            if stale.name not in expected and re.fullmatch(r"node-\d+", stale.name.removesuffix(".pub")):
+                stale.unlink()
     nodes = tuple(make_node_keys(out / "nodes", f"node-{i}") for i in range(n_nodes))
     logger.info("wrote CA, server certificate for %s and %d node key pairs to %s", ", ".join(hosts), n_nodes, out)
     return TlsFiles(ca_cert_path, ca_key_path, server_cert_path, server_key_path, nodes)
@@ -298,4 +299,4 @@ def node_key_files(nodes_dir: Path) -> list[Path]:
     return [numbered[i] for i in sorted(numbered)]
 
 
-NODE_KEY = re.compile(r"node-(\d+)")
+NODE_KEY = re.compile(r"node-(0|[1-9]\d*)")  # node-01 is no key of node 1

@@ -806,10 +806,10 @@ def check_item_ids(seqs: Sequence[np.ndarray], n_items: int) -> None:
     if not filled:
         return
     ids = np.concatenate(filled)
-    if ids.min() >= 0 and ids.max() < n_items:
+    if ids.min() >= 0 and ids.max() < n_items:  # False for a NaN id too
         return
-    row = next(r for r, s in enumerate(seqs) if len(s) and (np.min(s) < 0 or np.max(s) >= n_items))
-    raise ValueError(f"history {row} holds item ids outside 0..{n_items - 1}: {[int(i) for i in seqs[row][:10]]}")
+    row = next(r for r, s in enumerate(seqs) if len(s) and not (np.min(s) >= 0 and np.max(s) < n_items))
+    raise ValueError(f"history {row} holds item ids outside 0..{n_items - 1}: {np.asarray(seqs[row][:10]).tolist()}")
 
 
 @dataclass

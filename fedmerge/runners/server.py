@@ -987,6 +987,14 @@ def load_fingerprinted(path: Path, cfg: Scenario) -> StateDict:
     return load_weights(path)
 
 
+def card_training(training: TrainMetrics | None) -> dict[str, Any]:
+    """The ``training`` field of a server-trained model's card (none without metrics); a NaN or infinite metric
+    written as null, as results.json writes it (a card is strict JSON: it failed the run)."""
+    from fedmerge.runners.results import without_non_finite
+
+    return {} if training is None else {"training": without_non_finite(training)[0]}
+
+
 def saved_training(out_dir: Path, name: str) -> TrainMetrics | None:
     """The training metrics (``training``) on the card of the server's own model ``name`` (θ₀'s pretraining, the
     joint oracle) an earlier run saved in ``out_dir``; None without them (no card, or none trained)."""
@@ -1038,7 +1046,7 @@ def run_federation(
     # θ₀'s card names the run's local parameters, so that `fedmerge merge` of its clients builds the run's merges
     local_names = {"local_parameter_names": list(cfg.merge.local_parameters)} if cfg.merge.local_parameters else {}
     federation.save_model("theta0", theta0, "theta0", [], metadata=fingerprint, **local_names,
-                          **({"training": pretraining} if pretraining is not None else {}))
+                          **card_training(pretraining))
     setup = time.perf_counter() - start
     federation.train_metrics.update(train_metrics)
     joint_seconds = joint_encoding = 0.0
@@ -1056,7 +1064,7 @@ def run_federation(
             federation.save_model("joint", joint, "joint", cfg.data.training_domains(),
                                   metadata=fingerprint,
                                   non_private="trained on the pooled private data of every training domain",
-                                  **({"training": training} if training is not None else {}))
+                                  **card_training(training))
             joint_seconds = time.perf_counter() - start - joint_encoding
         out = federation.run(transport, saved=saved)
     except Exception as exc:  # a failure after partial work: keep what was measured, record why, status failed
