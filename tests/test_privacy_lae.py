@@ -250,6 +250,22 @@ def test_a_client_app_reuses_its_noisy_gram_across_rounds_through_context_state(
                                                               "gram_noise": "per_release"}}))
     first, second = (protocol.from_record(r.content.array_records[protocol.WEIGHTS])["W"] for r in per_release)
     assert not torch.allclose(first, second)
+    # the rounds a DP client released survive context.state as the seed does: a training that failed releases
+    # nothing (its round may come again), a released round is refused when it comes again to another process
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                      run_config={})
+    oneshot = ConfigRecord({protocol.ROUND: 0, protocol.PHASE: protocol.PHASE_ONESHOT})
+
+    def train(weights):
+        client_app._STATES.clear()
+        message = Message(RecordDict({protocol.GLOBAL: protocol.to_record(weights), protocol.CONFIG: oneshot}), 7,
+                          protocol.TRAIN)
+        return client_app.build_client_app(base)(message, context)
+
+    assert train({"W": torch.ones(1)}).has_error()  # a malformed θ: refused before anything is released
+    assert not train(initial_weights(base)).has_error()
+    again = train(initial_weights(base))
+    assert again.has_error() and "round 0 refused: this client released it already" in again.error.reason
 
 
 def test_a_run_recorded_before_gram_noise_existed_counts_as_per_release():
