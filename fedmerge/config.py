@@ -24,6 +24,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.paths import REPO_ROOT
 
 if TYPE_CHECKING:
+    from fedmerge.merging import MergeRecConfig
     from fedmerge.scenario import FederationSettings, Scenario
 
 logger = logging.getLogger(__name__)
@@ -408,7 +409,7 @@ def validate(cfg: Scenario) -> None:
     if not ks or not all(is_integer(k) and k > 0 for k in ks):
         raise FedmergeError(f"eval.ks must be a non-empty list of positive integers (e.g. [10, 20]), got {ks!r}")
     check_metric_name("eval.primary", cfg.eval.primary, ks)
-    _validate_before_training(cfg)
+    _validate_before_training(cfg, mergerec)
 
 
 def check_metric_name(key: str, name: str, ks: Sequence[int]) -> None:
@@ -421,17 +422,17 @@ def check_metric_name(key: str, name: str, ks: Sequence[int]) -> None:
         raise FedmergeError(f"{key} {name!r} is not a metric of eval.ks = {list(ks)}; valid: {valid}")
 
 
-def _validate_before_training(cfg: Scenario) -> None:
-    """Checks of values that are otherwise read only after every client trained: merge parameters (per method,
-    against the number of training clients) and the text encoder's name (never a hub download) and parameters. MergeRec settings
-    and DP parameters are checked in :func:`validate` itself."""
+def _validate_before_training(cfg: Scenario, mergerec: MergeRecConfig) -> None:
+    """Checks of values that are otherwise read only after every client trained: merge parameters (per method, and
+    those of ``mergerec``'s training-free start, the configuration :func:`validate` built, against the number of
+    training clients) and the text encoder's name (never a hub download) and parameters. MergeRec settings and DP
+    parameters are checked in :func:`validate` itself."""
     from fedmerge.merging import METHODS, resolve_params
     from fedmerge.text.encoder import check_encoder_name, check_encoder_params
 
     n_models = len(cfg.data.training_domains())
-    mergerec_start = cfg.mergerec_config(cfg.merge.testtime.granularity)  # MergeRec's training-free start
     methods = [(f"merge.params.{method}", method, params) for method, params in cfg.merge.params.items()]
-    methods.append(("merge.mergerec.init_params", mergerec_start.init_method, mergerec_start.init_params))
+    methods.append(("merge.mergerec.init_params", mergerec.init_method, mergerec.init_params))  # its start
     for key, method, params in methods:
         if method not in METHODS:
             raise FedmergeError(f"{key}: not a method with parameters; valid: {sorted(METHODS)}")

@@ -3,8 +3,8 @@
 Measured with torch 2.13 on the CPU (MKL 2024.2, OpenMP backend; ``tests/test_reproducibility.py``): the forward
 passes this project runs (linear layers, attention, layer norm, softmax, cosine scores) give bit-identical outputs
 with 1 and 2 threads for most batch sizes - not all: batches of 5-7 and 9-11 rows differ in the last bits (up to
-2.9e-6 on the logits of a one-layer model; every size from 1 to 69 tried) - and several backward kernels do not - layer norm's γ/β gradients, ``index`` backward
-(``index_put_`` with accumulation), softmax backward, full reductions ``x.sum()`` over more than ATen's grain size
+2.9e-6 on the logits of a one-layer model; every size from 1 to 69 tried) - and several backward kernels do not -
+layer norm's γ/β gradients, ``index`` backward (``index_put_`` with accumulation), softmax backward, full reductions ``x.sum()`` over more than ATen's grain size
 (32,768 elements, split into one partial sum per thread) and MKL's GEMM for weight gradients (it splits the long
 reduction dimension between threads). Their partial sums are combined in a thread-count dependent order, so the
 weights after one epoch differed in the last bits and a model trained long enough differed in its metrics.

@@ -168,15 +168,14 @@ def check_output_folder(path: str | Path, flag: str = "--out") -> None:
         raise FedmergeError(f"{flag} {path} is a file, not a folder")
 
 
-def _move_aside(folder: Path, entries: list[Path]) -> Path:
+def _move_aside(folder: Path, entries: list[Path]) -> None:
     """Move ``entries`` (what an unfinished run left in ``folder``: trained client weights, a failed run's results)
-    into a new ``<folder>.unfinished-<UTC time>/`` beside it; returns that folder. Called under ``folder``'s lock."""
+    into a new ``<folder>.unfinished-<UTC time>/`` beside it. Called under ``folder``'s lock."""
     kept = folder.with_name(f"{folder.name}.unfinished-{utc_stamp()}")
     kept.mkdir()
     for entry in entries:
         entry.rename(kept / entry.name)
     logger.warning("%s held an unfinished run: its files moved to %s (nothing deleted); running it again", folder, kept)
-    return kept
 
 
 def utc_stamp() -> str:

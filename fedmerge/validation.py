@@ -3,8 +3,9 @@
 A client ships a :data:`~fedmerge.models.base.StateDict`. Before it can touch the merged model the server checks
 that it is an update *of the same model*: exactly the parameter names of θ₀ (a reply names no family: another
 family's weights fail here), the same shapes and
-dtypes, finite values, and — before any array is decoded — within a size budget. Any failure raises :class:`UpdateRejected` naming the problem,
-so the server can drop (or report) that client instead of crashing deep inside a merge.
+dtypes, finite values, and — before any array is decoded — within a size budget. Any failure raises
+:class:`UpdateRejected` naming the problem, so the server can drop (or report) that client instead of crashing deep
+inside a merge.
 
 A well-formed update can still be an attack (issue 19), so the server also checks that the weights the family
 declares fixed equal θ₀ (:func:`check_fixed`), that no weight is huge (:func:`check_magnitude`), that the

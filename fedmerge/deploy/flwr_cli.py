@@ -189,8 +189,8 @@ class FlwrClient:
 
         ``check`` runs on every poll (e.g. to fail fast when the SuperLink process died). ``ready`` is a cheap hint
         that the run is about to finish (e.g. its results file exists): checked every :data:`HINT_POLL_S` between
-        polls, it cuts the pause short, so a long ``poll_s`` spares ``flwr`` calls without delaying the end; once it held, the
-        status is polled every :data:`READY_POLL_S` (the run still writes its tables and plots).
+        polls, it cuts the pause short, so a long ``poll_s`` spares ``flwr`` calls without delaying the end; once it
+        held, the status is polled every :data:`READY_POLL_S` (the run still writes its tables and plots).
         """
         deadline = time.monotonic() + timeout_s
         last: RunStatus | None = None

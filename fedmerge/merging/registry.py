@@ -57,7 +57,7 @@ def _is_weights(v: Any) -> bool:
     if not isinstance(v, (list, tuple)) or not all(is_finite_number(x) for x in v):  # "123" read as [1, 2, 3]
         return False
     values = [float(x) for x in v]
-    return len(values) > 0 and all(map(math.isfinite, values)) and min(values) >= 0 and sum(values) > 0
+    return len(values) > 0 and min(values) >= 0 and sum(values) > 0
 
 
 SCALE = Param(1.0, is_finite_number, "a finite real number")

@@ -674,8 +674,8 @@ def _pool_scores(parts: Sequence[Mapping[str, Mapping[str, Any]]], label: str) -
 def _same_scenario(one: Any, other: Any, user_cells_in_both: bool) -> bool:
     """Whether two studies' recorded scenarios are one, their result-neutral settings aside
     (:data:`fedmerge.runners.multiseed.RESULT_NEUTRAL`: run name, progress, embedding-cache folder), settings fedmerge
-    gained between them at their default (:func:`fedmerge.config.settings_differences`), and text-LAE's ``privacy.gram_noise`` alike when both studies
-    ran unit "user" cells (``user_cells_in_both``; the only cells where it changes anything)."""
+    gained between them at their default (:func:`fedmerge.config.settings_differences`), and text-LAE's
+    ``privacy.gram_noise`` alike when both studies ran unit "user" cells (``user_cells_in_both``; the only cells where it changes anything)."""
     from fedmerge.config import flatten_recorded, settings_differences
     from fedmerge.runners.multiseed import without_result_neutral
 

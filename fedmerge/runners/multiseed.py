@@ -127,7 +127,8 @@ def run_seeds(
     seeds = [int(s) for s in cfg.run.seeds]
     if not seeds:
         raise FedmergeError("run.seeds is empty: nothing to run per seed (use run.seed for a single run)")
-    check_before_run(seed_config(cfg, seeds[0]), engine)  # before --overwrite empties out_dir
+    if overwrite:  # before --overwrite empties out_dir (each seed's run checks its own scenario again)
+        check_before_run(seed_config(cfg, seeds[0]), engine)
     runs: dict[int, dict[str, Any]] = {}
     with run_folder(out_dir, resume=resume, overwrite=overwrite):
         for seed in seeds:

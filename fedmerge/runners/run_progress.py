@@ -27,7 +27,8 @@ class FolderProgress:
     """A tqdm bar on stderr that :meth:`poll` advances from the files in ``run_dir``.
 
     A merged model's file, and ``results.json``, count only if written after the bar was created (a ``--resume``
-    folder holds the earlier run's until the run keeps them aside); a client's weights count whenever written (``--resume`` re-uses them: its local training is done).
+    folder holds the earlier run's until the run keeps them aside); a client's weights count whenever written
+    (``--resume`` re-uses them: its local training is done).
     A rejected client's weights are never saved: the bar then waits at ``local training`` until the merges appear.
     """
 

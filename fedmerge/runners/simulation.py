@@ -244,7 +244,9 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
         results_path = target / RESULTS_FILE
         # a stale file must not pass for this run's result; a resumed run's ServerApp keeps the earlier one as
         # results.<UTC time>.json (archive_results) once it accepts the saved weights, so it stays until then
-        stale = file_identity(results_path) if resume else results_path.unlink(missing_ok=True)
+        stale = file_identity(results_path) if resume else None
+        if not resume:
+            results_path.unlink(missing_ok=True)
         # run_scenario holds out_dir (lock, earlier files)
         run_config = flower_run_config(cfg, private, target, resume=resume, out_dir_held=True)
         cpus = len(os.sched_getaffinity(0))
