@@ -442,10 +442,6 @@ def _validate_before_training(cfg: Scenario, mergerec: MergeRecConfig) -> None:
             resolve_params(method, params, n_models=n_models)
         except ValueError as exc:
             raise FedmergeError(f"{key}: {exc}") from exc
-        if "weights" in params and cfg.federation.min_replies != n_models:
-            raise FedmergeError(f"{key}.weights are one per training domain (in data.domains' order), so they need "
-                                f"every client: set federation.min_replies = {n_models} (the number of training "
-                                "clients) or drop the weights")
     check_encoder_name(cfg.encoder.name)
     try:
         check_encoder_params(cfg.encoder.name, dict(cfg.encoder.params))

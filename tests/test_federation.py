@@ -855,6 +855,26 @@ def test_merge_weights_follow_data_domains_in_the_merge_and_on_its_card(cfg, tmp
     assert mergerec_config_for(small, "task", models).init_params["weights"] == [1, 1, 3]
 
 
+def test_per_domain_weights_with_a_client_left_out(cfg, tmp_path):
+    """Per-domain weights once needed every client (min_replies = K, refused at load); they go with their domain by
+    name, so a rejected client takes its weight with it and the others keep theirs (average renormalizes them)."""
+    from fedmerge.recommender import model_path, read_card
+    from fedmerge.storage import client_weights_path, load_weights
+
+    small = apply_overrides(cfg, ["baselines.joint=false", "baselines.fedavg_rounds=0", 'merge.methods=["average"]',
+                                  'data.domains=["synth-2", "synth-0", "synth-1"]',
+                                  "merge.params.average.weights=[1, 3, 1]"])
+    transport = RecordingTransport(small, corrupt="synth-2")
+    out = Federation(small, initial_weights(small), out_dir=tmp_path).run(transport)
+    assert out["status"] == "ok" and set(out["rejected"]) == {"synth-2"}
+    first, second = (load_weights(client_weights_path(tmp_path, d)) for d in ("synth-0", "synth-1"))
+    merged = load_weights(model_path(tmp_path, "average"))
+    for name, value in merged.items():
+        torch.testing.assert_close(value, 0.75 * first[name] + 0.25 * second[name])
+    card = read_card(model_path(tmp_path, "average"))
+    assert card["domains"] == ["synth-0", "synth-1"] and card["method"]["params"]["weights"] == [3.0, 1.0]
+
+
 def test_server_threads_default_one_and_zero_means_all_usable_cores(cfg, monkeypatch):
     from fedmerge.runners.server import server_threads
 
