@@ -790,3 +790,10 @@ def test_the_scorer_names_item_ids_outside_the_catalog(history):
     scorer = family.scorer(family.initial_weights(DIM, seed=0), family.item_features(random_features(20, 0)))
     with pytest.raises(ValueError, match=rf"history 1 holds item ids outside 0..19: \[{', '.join(map(str, history))}\]"):
         scorer([np.array([1]), np.array(history)])
+
+
+def test_pad_sequences_keeps_the_last_items_right_aligned_and_refuses_length_zero():
+    seqs = [np.array([1, 2, 3, 4]), np.array([7]), np.array([], dtype=np.int64)]
+    assert pad_sequences(seqs, 3).tolist() == [[2, 3, 4], [-1, -1, 7], [-1, -1, -1]]
+    with pytest.raises(ValueError, match="max_len must be >= 1, got 0"):  # [-0:] kept every item: a shape error
+        pad_sequences(seqs, 0)

@@ -41,7 +41,10 @@ def reported_training(info: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def pad_sequences(seqs: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
-    """Right-aligned (B, max_len) int64 tensor of the last ``max_len`` items of each sequence, padded with -1."""
+    """Right-aligned (B, max_len) int64 tensor of the last ``max_len`` (>= 1) items of each sequence, padded with
+    -1."""
+    if max_len < 1:  # 0 kept every item ([-0:]) and failed on the shape
+        raise ValueError(f"pad_sequences: max_len must be >= 1, got {max_len!r}")
     out = np.full((len(seqs), max_len), PAD, dtype=np.int64)  # filled in numpy: a torch slice copy per row is slow
     for row, seq in enumerate(seqs):
         tail = np.asarray(seq, dtype=np.int64)[-max_len:]
