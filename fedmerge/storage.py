@@ -113,7 +113,9 @@ def run_folder(
     deleted first, after the lock is taken) or ``set_aside`` (they are moved into ``<out_dir>.unfinished-<UTC
     time>/`` beside it under the same lock, so no other run can start in the folder between the move and this run:
     how a resumed multi-seed run or privacy study runs an unfinished seed again without deleting its trained
-    weights). Lock files and empty folders left by a run that failed before writing anything do not count.
+    weights). Lock files and empty folders left by a run that failed before writing anything do not count. A folder
+    with entries but no lock file (no fedmerge run held it: a home or project folder given as ``--out`` by mistake)
+    is refused whatever the flags, and left without a lock file, so a second try with ``--overwrite`` cannot empty it.
     ``resumable``: whether the refusal may suggest ``--resume`` (not for a deployment).
     """
     if sum((resume, overwrite, set_aside)) > 1:
@@ -121,6 +123,7 @@ def run_folder(
                             f"resume={resume}, overwrite={overwrite}, set_aside={set_aside}")
     out = Path(out_dir)
     lock_path = out / LOCK_FILE
+    used_before = lock_path.exists()  # a fedmerge run held this folder: what --overwrite may delete
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -140,13 +143,19 @@ def run_folder(
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         earlier = earlier_entries(out)
+        listed = f"{', '.join(p.name for p in earlier[:5])}{', ...' if len(earlier) > 5 else ''}"
+        if earlier and not used_before and not resume:
+            lock_path.unlink(missing_ok=True)  # a refused folder stays as it was (the lock would mark it a run's)
+            raise FedmergeError(
+                f"{out} holds files no fedmerge run left ({listed}; it has no {LOCK_FILE}): choose another output "
+                "folder (--overwrite deletes only what an earlier run left there)"
+            )
         if earlier and set_aside:
             _move_aside(out, earlier)
         elif earlier and not resume:
             if not overwrite:
                 raise FedmergeError(
-                    f"run folder {out} already holds an earlier run's files ({', '.join(p.name for p in earlier[:5])}"
-                    f"{', ...' if len(earlier) > 5 else ''}); "
+                    f"run folder {out} already holds an earlier run's files ({listed}); "
                     + ("resume from them (--resume), " if resumable else "")
                     + "delete them (--overwrite) or choose another output folder"
                 )

@@ -46,6 +46,7 @@ def test_non_empty_folder_refused_unless_resume_or_overwrite(cfg, tmp_path):
     out = tmp_path / "run"
     (out / "clients").mkdir(parents=True)
     (out / "clients" / "old-seed.safetensors").write_bytes(b"weights of an earlier run")
+    (out / LOCK_FILE).touch()  # as the earlier run left it
     with pytest.raises(FedmergeError, match=r"already holds an earlier run's files \(clients\).*--resume.*--overwrite"):
         run_scenario(cfg, "inprocess", out)
     assert (out / "clients" / "old-seed.safetensors").read_bytes() == b"weights of an earlier run"
@@ -60,6 +61,24 @@ def test_non_empty_folder_refused_unless_resume_or_overwrite(cfg, tmp_path):
     assert not (out / "clients" / "old-seed.safetensors").exists()
     assert sorted(p.stem for p in (out / "clients").glob("*.safetensors")) == ["synth-0", "synth-1", "synth-2"]
     assert run_scenario(cfg, "inprocess", out, resume=True)["resumed"]["clients"] == ["synth-0", "synth-1", "synth-2"]
+
+
+def test_overwrite_never_empties_a_folder_no_run_has_held(tmp_path, capsys):
+    """--out pointed at a home or project folder by mistake: the first try was refused but left a lock file there,
+    and the second, with --overwrite, deleted everything in it (any folder was emptied, lock or not)."""
+    from fedmerge.cli import main
+
+    home = tmp_path / "home"
+    (home / "thesis").mkdir(parents=True)
+    (home / "thesis" / "draft.tex").write_text("years of work")
+    (home / "notes.txt").write_text("keep me")
+    args = ["simulate", "quickstart", "--engine", "inprocess", "--out", str(home)]
+    args += [item for o in [*TINY, f"encoder.cache_dir={tmp_path / 'cache'}"] for item in ("--set", o)]
+    for flags in ([], ["--overwrite"]):
+        assert main([*args, *flags]) != 0
+        assert "holds files no fedmerge run left (notes.txt, thesis; it has no .fedmerge.lock)" in capsys.readouterr().err
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt", "thesis"]
+    assert (home / "thesis" / "draft.tex").read_text() == "years of work"
 
 
 @pytest.mark.parametrize("engine", ["inprocess", "flower"])
@@ -138,6 +157,7 @@ def test_an_unfinished_seed_is_set_aside_and_run_again_under_one_hold_of_its_loc
     folder = tmp_path / "seed-0"
     (folder / "clients").mkdir(parents=True)
     (folder / "clients" / "synth-0.safetensors").write_bytes(b"weights of an interrupted run")
+    (folder / LOCK_FILE).touch()
     holds = []
     real_run_folder = storage.run_folder
 
