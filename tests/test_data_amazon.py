@@ -110,6 +110,23 @@ def test_truncated_tarball(tmp_path):
         load_domain(tarball)
 
 
+def test_a_tarball_whose_gzip_checksum_fails_is_refused(tmp_path):
+    """tarfile's "r|gz" stream never read the gzip trailer: a flipped byte that still inflated (here, stored blocks:
+    "Zero" read as "Xero") or a cut-off trailer loaded without an error."""
+    folder = write_folder(tmp_path / "src")
+    tarball = tmp_path / "Tiny.tar.gz"
+    with tarfile.open(tarball, "w:gz", compresslevel=0) as archive:  # stored blocks: the text is there as it is
+        archive.add(folder, arcname=folder.name)
+    data = tarball.read_bytes()
+    assert load_domain(tarball).catalog.fields[0]["title"] == "Zero"
+    tarball.write_bytes(data.replace(b'"Zero"', b'"Xero"', 1))
+    with pytest.raises(DataError, match=r"Tiny\.tar\.gz: unreadable or truncated tarball \(BadGzipFile: CRC check failed"):
+        load_domain(tarball)
+    tarball.write_bytes(data[:-4])  # the trailer's length field cut off
+    with pytest.raises(DataError, match=r"Tiny\.tar\.gz: unreadable or truncated tarball"):
+        load_domain(tarball)
+
+
 @pytest.mark.parametrize(
     ("overrides", "pattern"),
     [

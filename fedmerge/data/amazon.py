@@ -7,6 +7,7 @@ fields. Every inconsistency is a :class:`DataError` naming the file and the prob
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -103,7 +104,9 @@ def _tarball_members(tarball: Path, wanted: set[str], seen: set[str]) -> Iterato
     file name."""
     found: dict[str, tuple[str, ...]] = {}  # file name -> the folder it came from
     try:
-        with tarfile.open(tarball, "r|gz") as archive:
+        # gzip read through to its end, not tarfile's "r|gz": that stream never checks the gzip trailer, so a
+        # flipped bit that still inflates (to other JSON) or a cut-off trailer loaded without an error
+        with gzip.open(tarball, "rb") as compressed, tarfile.open(fileobj=compressed, mode="r|") as archive:
             for member in archive:
                 parts = Path(member.name).parts
                 seen.update(parts[-1:])
@@ -125,6 +128,8 @@ def _tarball_members(tarball: Path, wanted: set[str], seen: set[str]) -> Iterato
                 _check_size(f"{tarball}:{member.name}", member.size)  # extractfile reads exactly member.size bytes
                 data = archive.extractfile(member).read()
                 yield parts[-1], f"{tarball}:{member.name}", data
+            while compressed.read(1 << 20):  # the rest, to the trailer: its CRC-32 and length are checked there
+                pass
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise DataError(f"{tarball}: unreadable or truncated tarball ({type(exc).__name__}: {exc})") from None
 
