@@ -108,14 +108,6 @@ def test_an_out_that_is_a_file_is_named(tmp_path, capsys):
     assert f"--out {afile} is a file, not a folder" in capsys.readouterr().err
 
 
-def test_existing_domain_kept_unless_force(tmp_path, tiny_source):
-    dest = tmp_path / "dest"
-    (dest / "Tiny").mkdir(parents=True)
-    args = ["data", "download", "amazon", "--domains", "Tiny", "--dest", str(dest), "--source", str(tiny_source)]
-    assert main(args) == 0 and list((dest / "Tiny").iterdir()) == []
-    assert main([*args, "--force"]) == 0 and (dest / "Tiny" / "train.json").is_file()
-
-
 def test_synth_writes_loadable_generic_domains(tmp_path):
     out = tmp_path / "synth"
     assert main(["data", "synth", "--out", str(out), "--domains", "2", "--users", "40", "--items", "30", "--seed", "5"]) == 0
@@ -206,3 +198,25 @@ def test_a_closed_pipe_at_exit_is_quiet_too(tmp_path):
     done = subprocess.run(["bash", "-c", f"{sys.executable} -m fedmerge.cli data info {folder} | true; "
                            "echo ${PIPESTATUS[0]}"], capture_output=True, text=True, env=env, timeout=120)
     assert done.stderr == "" and done.stdout.strip() in ("0", "141"), (done.stdout, done.stderr)
+
+
+def test_an_existing_domain_is_kept_unless_force_and_an_incomplete_one_refused(tmp_path, tiny_source, capsys):
+    """An existing dest/<Domain>/ was skipped (an INFO line) and printed as downloaded, even empty."""
+    dest = tmp_path / "dest"
+    (dest / "Tiny").mkdir(parents=True)
+    (dest / "Tiny" / "train.json").write_text("{}")
+    args = ["data", "download", "amazon", "--domains", "Tiny", "--dest", str(dest), "--source", str(tiny_source)]
+    assert main(args) == 1
+    assert f"{dest / 'Tiny'} exists but lacks val.json, test.json" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0 and load_domain(dest / "Tiny").n_users == 3
+    assert main(args) == 0  # complete now: kept as it is
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(dest / "Tiny")
+
+
+def test_a_local_source_folder_whose_name_has_a_colon(tmp_path, tiny_source, monkeypatch, capsys):
+    """"mirror:2024" was accepted as a folder, then fetched as a URL of scheme "mirror" (URLError)."""
+    monkeypatch.chdir(tmp_path)
+    tiny_source.rename(tmp_path / "mirror:2024")
+    dest = tmp_path / "dest"
+    assert main(["data", "download", "amazon", "--domains", "Tiny", "--dest", str(dest), "--source", "mirror:2024"]) == 0
+    assert load_domain(dest / "Tiny").n_users == 3

@@ -48,6 +48,9 @@ def parse_domains(text: str | Sequence[str]) -> list[str]:
     return names
 
 
+URL_SCHEMES = ("http", "https", "file", "ftp")  # what a download source may be besides a local folder
+
+
 def tarball_location(domain: str, source: str | Path | None = None) -> str:
     """Where ``<domain>.tar.gz`` comes from: a local folder, a URL prefix, or (default) MergeRec's repository."""
     source = DEFAULT_AMAZON_SOURCE if source is None else str(source)
@@ -55,7 +58,7 @@ def tarball_location(domain: str, source: str | Path | None = None) -> str:
         scheme = urllib.parse.urlparse(source).scheme
     except ValueError as exc:
         raise DataError(f"source {source}: not a valid URL ({exc})") from None
-    if scheme in ("http", "https", "file", "ftp"):
+    if scheme in URL_SCHEMES:
         return source.rstrip("/") + f"/{domain}.tar.gz"
     folder = Path(source)
     if not folder.is_dir():
@@ -67,7 +70,7 @@ def _fetch(location: str, target: Path) -> str:
     """Copy ``location`` (URL or local file) to ``target``; return the sha256 hex digest of the bytes."""
     digest = hashlib.sha256()
     try:
-        if urllib.parse.urlparse(location).scheme:
+        if urllib.parse.urlparse(location).scheme in URL_SCHEMES:  # else a local folder, "mirror:2024/" one too
             source = urllib.request.urlopen(location, timeout=60)  # noqa: S310 - schemes checked in tarball_location
             size = int(source.headers.get("Content-Length") or 0) or None
         else:
@@ -115,6 +118,10 @@ def download_amazon(
         if final.exists() and not final.is_dir():
             raise DataError(f"{final} exists and is not a folder: move it away (a domain unpacks into that folder)")
         if final.exists() and not force:
+            missing = [name for name in AMAZON_FILES if not (final / name).is_file()]
+            if missing:  # an interrupted copy or another folder: it was kept and reported as downloaded
+                raise DataError(f"{final} exists but lacks {', '.join(missing)}: not a downloaded {domain}; replace it "
+                                "with --force or move it away")
             logger.info("%s already present at %s; skipping (use force to replace)", domain, final)
             folders.append(final)
             continue
