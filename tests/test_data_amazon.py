@@ -146,6 +146,8 @@ def test_a_tarball_whose_gzip_checksum_fails_is_refused(tmp_path):
         ({"train.json": '{"0": [0, 1], "1": [2], "0": [3], "2": [1]}'}, r"train\.json: key '0' occurs twice"),
         ({"val.json": {"0": [2], "1": [0], "00": [1]}}, r"val\.json: user 00 is listed twice"),
         ({"val.json": "[" * 100_000 + "]" * 100_000}, r"val\.json: invalid JSON"),  # a RecursionError before
+        # int() of > 4,300 digits: a plain ValueError that named no file
+        ({"train.json": '{"0": [0, 1], "1": [2], "2": [' + "9" * 5000 + "]}"}, r"train\.json: invalid JSON: Exceeds"),
         ({"meta_data.json": {**TINY["meta_data.json"], "A1": {"title": "One", "brand": {"name": "B"}}}},
          r"meta_data\.json: item 'A1': a field is a JSON object"),
         ({"meta_data.json": {**TINY["meta_data.json"], "A1": {"title": float("nan")}}},
@@ -290,3 +292,9 @@ def test_oversized_member_refused_before_reading(tmp_path, monkeypatch):
         load_domain(tarball)
     with pytest.raises(DataError, match=rf"{folder}/\w+\.json: \d+ bytes, more than the 16 bytes"):
         load_domain(folder)
+
+
+def test_a_domain_loaded_as_dot_is_named_after_its_folder(tmp_path, monkeypatch):
+    """Path(".").name is "": the domain had the empty name (a split of it wrote X/-0/)."""
+    monkeypatch.chdir(write_folder(tmp_path))
+    assert load_domain(".").name == "Tiny"

@@ -109,6 +109,9 @@ def test_extra_columns_in_any_order(tmp_path):
         ('{"id": null, "title": "A"}\n', r"items\.jsonl:1: expected a JSON object with an 'id'"),
         ('{"id": {"a": 1}, "title": "A"}\n', r"items\.jsonl:1: expected a JSON object with an 'id'"),
         ('{"id": "i0", "title": "A"}\n{"id": "i0", "title": "B"}\n', r"items\.jsonl:2: item id 'i0' occurs twice"),
+        # json.loads kept the last copy of a repeated key (item i9 silently); int() of > 4,300 digits named no file
+        ('{"id": "i0", "title": "A", "id": "i9"}\n', r"items\.jsonl:1: key 'id' occurs twice in one object"),
+        ('{"id": "i0", "title": "A", "year": ' + "9" * 5000 + "}\n", r"items\.jsonl:1: invalid JSON: Exceeds"),
         ("\n", r"items\.jsonl: no items"),
     ],
 )
@@ -148,6 +151,21 @@ def test_save_load_round_trip_and_catalog(tmp_path, synthetic_domains):
         assert all(np.array_equal(a, b) for a, b in zip(loaded.train, domain.train))
         assert np.array_equal(loaded.val_target, domain.val_target)
         assert np.array_equal(loaded.test_target, domain.test_target)
+
+
+def test_users_without_targets_are_left_out_of_a_saved_domain(tmp_path, caplog):
+    """Such users (Pantry has two) were written with their known items only, and the reload split them again:
+    their last training items came back as val/test targets."""
+    from fedmerge.data.domain import Domain, ItemCatalog
+
+    catalog = ItemCatalog(ids=tuple(f"i{k}" for k in range(5)), fields=tuple({"title": f"item {k}"} for k in range(5)))
+    domain = Domain("shop", catalog, (np.array([0, 1]), np.array([2, 3, 4]), np.array([1, 2])),
+                    np.array([3, -1, 4]), np.array([4, -1, 0]), user_ids=("a", "b", "c"))
+    loaded = load_domain(save_generic_domain(domain, tmp_path / "shop"))
+    assert loaded.user_ids == ("a", "c") and "1 users without a val/test target left out" in caplog.text
+    assert [t.tolist() for t in loaded.train] == [[0, 1], [1, 2]]
+    assert loaded.val_target.tolist() == [3, 4] and loaded.test_target.tolist() == [4, 0]
+    assert not list((tmp_path / "shop").glob("*.tmp")) and not list((tmp_path / "shop").glob(".*"))
 
 
 def test_concat_domains_offsets_items_and_users(synthetic_domains):

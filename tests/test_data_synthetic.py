@@ -71,3 +71,12 @@ def test_default_size_is_fast():
 def test_invalid_parameters_raise(kwargs):
     with pytest.raises(ValueError):
         make_synthetic_domains(**kwargs)
+
+
+def test_more_topics_than_the_pseudo_word_space_holds_are_refused():
+    """n_topics = 52,000 passed the checks and the word draw never ended (its words exceed the 518,400 the
+    generator can form)."""
+    from fedmerge.data.synthetic import MAX_TOPICS
+
+    with pytest.raises(ValueError, match=f"need n_topics <= {MAX_TOPICS}"):
+        make_synthetic_domains(n_domains=1, n_users=1, n_items=52_000, n_topics=52_000, min_len=3, max_len=3)

@@ -22,7 +22,7 @@ import numpy as np
 
 from fedmerge.checks import is_integer
 from fedmerge.data.domain import Domain, ItemCatalog, as_sequences, field_text, item_text
-from fedmerge.data.generic import INTERACTIONS_FILE, ITEMS_FILE
+from fedmerge.data.generic import INTERACTIONS_FILE, ITEMS_FILE, DuplicateKey, unique_keys
 from fedmerge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -51,32 +51,22 @@ def is_tarball(path: Path) -> bool:
 
 
 def source_stem(path: Path) -> str:
-    """Folder name, or the tarball's name without ``.tar.gz`` / ``.tgz``: the default domain name."""
+    """Folder name (of the folder itself for ``.`` or ``..``), or the tarball's name without ``.tar.gz`` / ``.tgz``:
+    the default domain name."""
+    if path.name in ("", ".."):  # Path(".").name is "": the domain had no name
+        return path.resolve().name
     for suffix in TARBALL_SUFFIXES:
         if path.name.endswith(suffix):
             return path.name[: -len(suffix)]
     return path.name
 
 
-class _DuplicateKey(ValueError):
-    """A JSON object that names one key twice (``json.loads`` would keep the last copy silently)."""
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(f"key {key!r} occurs twice in one object")
-        out[key] = value
-    return out
-
-
 def _parse_json(raw: bytes, label: str) -> Any:
     try:
-        return json.loads(raw, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as exc:
+        return json.loads(raw, object_pairs_hook=unique_keys)
+    except DuplicateKey as exc:
         raise DataError(f"{label}: {exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError, a 5,000-digit int
         raise DataError(f"{label}: invalid JSON: {exc or 'nested too deeply'}") from None
 
 

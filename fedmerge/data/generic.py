@@ -15,6 +15,7 @@ a boolean or a (nested) list of them (joined with ", "); null, NaN and empty val
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import re
@@ -61,6 +62,20 @@ def split_leave_one_out(
     )
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that names one key twice (``json.loads`` would keep the last copy silently)."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for ``json.loads``: the pairs as a dict, :class:`DuplicateKey` for a key named twice."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(f"key {key!r} occurs twice in one object")
+        out[key] = value
+    return out
+
+
 def read_items_jsonl(file: Path) -> ItemCatalog:
     """Catalog in file order from a JSONL file: one object per line with ``id`` plus text fields."""
     if not file.is_file():
@@ -76,8 +91,10 @@ def read_items_jsonl(file: Path) -> ItemCatalog:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as exc:
+                record = json.loads(line, object_pairs_hook=unique_keys)  # {"id": "i1", "id": "i2"} was item i2
+            except DuplicateKey as exc:
+                raise DataError(f"{file}:{line_no}: {exc}") from None
+            except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, a 5,000-digit int
                 raise DataError(f"{file}:{line_no}: invalid JSON: {exc or 'nested too deeply'}") from None
             raw_id = record.pop("id", None) if isinstance(record, dict) else None
             item_id = field_text(raw_id) if isinstance(raw_id, str | int | float) else ""
@@ -266,23 +283,33 @@ def load_generic_domain(
 def save_generic_domain(domain: Domain, folder: str | Path) -> Path:
     """Write ``domain`` (train + val + test, timestamps = positions) in the generic format; returns the folder.
 
-    Users without a val/test target are written with only their known items.
+    The format's loader splits each user's sequence leave-one-out, so a user without a val or test target (Pantry
+    has two) cannot be written as it is — their last training items would come back as targets: such users are left
+    out, with a warning. Each file is written whole or not at all (a temporary file renamed into place).
     """
+    from fedmerge.storage import write_bytes_atomic
+
     named_id = [item for item, fields in zip(domain.catalog.ids, domain.catalog.fields) if "id" in fields]
     if named_id:
         raise DataError(f"{len(named_id)} items of {domain.name!r} have a text field named 'id', e.g. {named_id[:3]}: "
                         f"the generic format's {ITEMS_FILE} holds the item id under that key; rename the field")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     user_ids = domain.user_ids or tuple(f"u{u}" for u in range(domain.n_users))
-    with (folder / ITEMS_FILE).open("w", encoding="utf-8") as handle:
-        for item_id, fields in zip(domain.catalog.ids, domain.catalog.fields):
-            handle.write(json.dumps({"id": item_id, **fields}, ensure_ascii=False) + "\n")
-    with (folder / INTERACTIONS_FILE).open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(REQUIRED_COLUMNS)
-        for user, train, val, test in zip(user_ids, domain.train, domain.val_target, domain.test_target):
-            sequence = [*train.tolist(), *(t for t in (int(val), int(test)) if t >= 0)]
+    untargeted = [u for u in range(domain.n_users) if domain.val_target[u] < 0 or domain.test_target[u] < 0]
+    if untargeted:
+        logger.warning("%s: %d users without a val/test target left out of %s (e.g. %s): reloaded, their last "
+                       "training items would become targets", domain.name, len(untargeted), folder,
+                       [user_ids[u] for u in untargeted[:3]])
+    items = "".join(json.dumps({"id": item_id, **fields}, ensure_ascii=False) + "\n"
+                    for item_id, fields in zip(domain.catalog.ids, domain.catalog.fields))
+    interactions = io.StringIO(newline="")
+    writer = csv.writer(interactions)
+    writer.writerow(REQUIRED_COLUMNS)
+    skip = set(untargeted)
+    for u, (user, train, val, test) in enumerate(zip(user_ids, domain.train, domain.val_target, domain.test_target)):
+        if u not in skip:
+            sequence = [*train.tolist(), int(val), int(test)]
             writer.writerows((user, domain.catalog.ids[i], t) for t, i in enumerate(sequence))
+    write_bytes_atomic(folder / ITEMS_FILE, items.encode("utf-8"))
+    write_bytes_atomic(folder / INTERACTIONS_FILE, interactions.getvalue().encode("utf-8"))
     return folder
-

@@ -61,12 +61,19 @@ SYNTHETIC_SIZES: dict[str, int] = {"n_domains": 3, "n_users": 200, "n_items": 10
                                    "max_len": 20}
 
 
+WORD_SPACE = (len(_CONSONANTS) * len(_VOWELS)) ** 2 + (len(_CONSONANTS) * len(_VOWELS)) ** 3  # 2-3 syllables
+# distinct words drawn by rejection: kept to half the space, so a draw never takes more than two tries on average
+MAX_TOPICS = (WORD_SPACE // 2 - FILLER_WORDS) // (WORDS_PER_TOPIC + BRANDS_PER_TOPIC)
+
+
 def check_synthetic_sizes(n_domains: int, n_users: int, n_items: int, n_topics: int, min_len: int, max_len: int) -> None:
     """ValueError naming the sizes :func:`make_synthetic_domains` cannot generate (checked when a scenario loads)."""
     if n_domains < 1 or n_users < 1:
         raise ValueError(f"need n_domains >= 1 and n_users >= 1, got {n_domains}, {n_users}")
     if n_topics < 1 or n_items < n_topics:
         raise ValueError(f"need 1 <= n_topics <= n_items, got n_topics={n_topics}, n_items={n_items}")
+    if n_topics > MAX_TOPICS:  # its words would near the whole pseudo-word space: drawing them never ended
+        raise ValueError(f"need n_topics <= {MAX_TOPICS} (the pseudo-words the generator can draw), got {n_topics}")
     if not 3 <= min_len <= max_len:
         raise ValueError(f"need 3 <= min_len <= max_len (leave-one-out keeps >= 1 training item), got {min_len}, {max_len}")
 
