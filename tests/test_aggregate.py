@@ -60,9 +60,10 @@ def test_an_average_over_fewer_training_domains_is_not_paired_and_is_named():
     assert agg["paired"]["merges"]["mergerec"]["vs_best_training_free"]["ratios"] == pytest.approx(
         {s: 0.08 / 0.07 for s in range(3)})
     assert "B" not in agg["models"]["individual"]
+    assert "average" not in agg["models"]["individual"]  # its mean mixed averages over A + B and over A alone
     assert any("individual on B is missing from seed(s) [1]" in w for w in agg["warnings"])
-    assert any("the average of individual covers only some training domains (seed 1 lacks B)" in w
-               for w in agg["warnings"])
+    assert any("the average of individual covers only some training domains (seed 1 lacks B): individual is left out "
+               "of the paired comparisons and its average cell" in w for w in agg["warnings"])
     runs[2]["models"]["ties"]["B"] = None  # a null entry (hand-edited results) is a missing cell, not a crash
     assert "ties" not in aggregate_runs(runs, "recall@10", training_free=["ties"])["paired"]["merges"]
 
@@ -359,3 +360,15 @@ def test_the_seed_summary_marks_the_non_private_joint_model_and_the_training_ave
         r["held_out"] = ["B"]
     text = aggregate_summary(aggregate_runs(runs, "recall@10", training_free=["average"]))
     assert "average (training domains)" in text
+
+
+def test_missing_cell_warnings_name_real_cells_only_and_any_seeds_gap():
+    """The joint oracle's non_private flag was warned about as a cell missing from every seed (on every default
+    multi-seed run), and a cell missing only from the first seed was dropped without a warning."""
+    runs = {s: _run({"individual": (0.1, 0.1), "joint": (0.2, 0.2), "ties": (0.1, 0.1)}) for s in (0, 1, 2)}
+    for r in runs.values():
+        r["models"]["joint"]["non_private"] = True
+    assert aggregate_runs(runs, "recall@10", training_free=["ties"])["warnings"] == []
+    del runs[0]["models"]["ties"]["B"]
+    agg = aggregate_runs(runs, "recall@10", training_free=["ties"])
+    assert "ties on B is missing from seed(s) [0]: that cell is left out of the aggregate" in agg["warnings"]

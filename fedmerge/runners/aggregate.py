@@ -103,14 +103,19 @@ def _metric_keys(per_seed: Iterable[Mapping[str, Any]]) -> list[str]:
 
 def aggregate_models(runs: Mapping[int, Mapping[str, Any]], confidence: float = CONFIDENCE) -> dict[str, Any]:
     """``{model: {domain or 'average': {metric: interval(...)}}}`` over the seeds that report that model × domain
-    (``users`` and other non-metric entries skipped; the domain order of the first run kept)."""
+    (``users`` and other non-metric entries skipped; the domain order of the first run kept). A model's ``average``
+    is left out when some seed's covers fewer training domains (:func:`partial_averages`): its mean and interval
+    would mix averages over different domains."""
     if not runs:
         raise ValueError("no runs to aggregate")
     first = next(iter(runs.values()))
+    partial = partial_averages(runs)
     out: dict[str, Any] = {}
     for model in first["models"]:
         per_domain: dict[str, Any] = {}
         for domain in first["models"][model]:
+            if domain == AVERAGE and model in partial:
+                continue
             found = [r["models"].get(model, {}).get(domain) for r in runs.values()]
             found = [m for m in found if isinstance(m, Mapping)]
             if len(found) != len(runs):
@@ -122,17 +127,20 @@ def aggregate_models(runs: Mapping[int, Mapping[str, Any]], confidence: float = 
     return out
 
 
-def partial_averages(runs: Mapping[int, Mapping[str, Any]], metric: str) -> dict[str, dict[int, list[str]]]:
-    """``{model: {seed: training domains it lacks metric on}}`` for the models whose ``average`` covers only some
-    training domains in some seed (a client rejected or its metrics left out there): that average is the mean of
-    other domains than the rest's, so it is not paired with them. Models with no training domain at all (a held-out
-    domain's ``individual_<d>``) are not listed."""
+def partial_averages(
+    runs: Mapping[int, Mapping[str, Any]], metric: str | None = None
+) -> dict[str, dict[int, list[str]]]:
+    """``{model: {seed: training domains it lacks}}`` for the models whose ``average`` covers only some training
+    domains in some seed (a client rejected or its metrics left out there): that average is the mean of other
+    domains than the rest's, so it is neither paired with them nor aggregated over seeds. ``metric``: a domain
+    without a finite value of it counts as lacking (None: only a domain with no entry at all). Models with no
+    training domain at all (a held-out domain's ``individual_<d>``) are not listed."""
     out: dict[str, dict[int, list[str]]] = {}
     for seed, run in runs.items():
         training = [d for d in run["domains"] if d not in run.get("held_out", [])]
         for model, per_domain in run["models"].items():
             missing = [d for d in training if not (isinstance(per_domain.get(d), Mapping)
-                                                   and is_finite_number(per_domain[d].get(metric)))]
+                                                   and (metric is None or is_finite_number(per_domain[d].get(metric))))]
             if 0 < len(missing) < len(training):
                 out.setdefault(model, {})[seed] = missing
     return out
@@ -278,18 +286,22 @@ def missing_cell_warnings(runs: Mapping[int, Mapping[str, Any]], metric: str) ->
     the paired comparisons)."""
     lines = []
     first = next(iter(runs.values()))
-    for model, per_domain in first["models"].items():
+    for model in first["models"]:
         if not all(model in r.get("models", {}) for r in runs.values()):
             continue  # missing_model_warnings says it
-        for domain in per_domain:
+        cells = dict.fromkeys(d for r in runs.values() for d, m in r["models"][model].items()
+                              if isinstance(m, Mapping) and d != AVERAGE)  # any seed's, not flags like non_private
+        for domain in cells:
             missing = [s for s, r in runs.items() if not isinstance(r["models"][model].get(domain), Mapping)]
-            if missing and domain != AVERAGE:
+            if missing:
                 lines.append(f"{model} on {domain} is missing from seed(s) {missing}: that cell is left out of the "
                              "aggregate")
-    for model, seeds in partial_averages(runs, metric).items():
+    partial = partial_averages(runs)
+    for model, seeds in (partial | partial_averages(runs, metric)).items():
         where = "; ".join(f"seed {s} lacks {', '.join(d)}" for s, d in seeds.items())
+        cell = " and its average cell" if model in partial else ""
         lines.append(f"the average of {model} covers only some training domains ({where}): {model} is left out of "
-                     "the paired comparisons (its average is over other domains than the others')")
+                     f"the paired comparisons{cell} (its average is over other domains than the others')")
     return lines
 
 
