@@ -149,13 +149,23 @@ def evaluate(family: ModelFamily, weights: StateDict, domain: Domain, features: 
 
 def as_run(saved: dict, merged_names: list[str]) -> dict:
     """One seed's ``--json-out`` as a results.json-like dict for :func:`fedmerge.runners.aggregate.aggregate_runs`:
-    ``individual`` on each domain is that domain's own model; ``average`` is over the merged domains."""
+    ``individual`` on each merged domain is that domain's own model; on a held-out domain each merged domain's
+    model is ``individual_<name>`` (zero-shot, the single-domain references); the held-out domain's own model
+    (trained on its private data: not a zero-shot figure) is left out; ``average`` is over the merged domains."""
+    from fedmerge.runners.aggregate import HELD_OUT_INDIVIDUAL_PREFIX
+
     models: dict[str, dict] = {}
     for label, cells in saved["results"].items():
         if label.startswith("individual "):
             own = label.removeprefix("individual ")
-            if own in cells:
-                models.setdefault("individual", {})[own] = {"recall@10": cells[own][0], "ndcg@10": cells[own][1]}
+            for domain, (recall, ndcg) in cells.items():
+                cell = {"recall@10": recall, "ndcg@10": ndcg}
+                if own not in merged_names:  # the held-out domain's own model: not zero-shot, left out
+                    continue
+                if domain == own:
+                    models.setdefault("individual", {})[domain] = cell
+                elif domain not in merged_names:  # a merged domain's model on the held-out domain
+                    models.setdefault(HELD_OUT_INDIVIDUAL_PREFIX + own, {})[domain] = cell
             continue
         models["theta0" if label == "θ₀" else label] = {d: {"recall@10": r, "ndcg@10": n} for d, (r, n) in cells.items()}
     for per_domain in models.values():

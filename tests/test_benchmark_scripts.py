@@ -1,14 +1,23 @@
-"""benchmarks/aggregate_seeds.py (per-seed results.json files of separate runs aggregated as ``simulate --seeds``
-does): what it refuses and what it records."""
+"""Scripts under benchmarks/ that turn measured runs into reported figures: what they refuse and what they record
+(aggregate_seeds.py: per-seed results.json files of separate runs aggregated as ``simulate --seeds`` does)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "aggregate_seeds.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPT = BENCHMARKS / "aggregate_seeds.py"
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _results(seed: int, average_a: float, status: str = "ok", epochs: int = 3) -> dict:
@@ -43,3 +52,25 @@ def test_runs_of_other_settings_are_aggregated_with_a_warning_naming_the_setting
     assert done.returncode == 0, done.stderr
     warnings = json.loads((tmp_path / "out" / "aggregate.json").read_text())["warnings"]
     assert any(w.startswith("seed 1 (") and w.endswith("differs from seed 0 in model.params.epochs") for w in warnings)
+
+
+def test_merge_amazon_held_out_comparisons_use_the_merged_domains_models_zero_shot():
+    """With --seeds and --holdout, the held-out domain's own model (trained on its private data) stood in the
+    held-out column as "individual" and was compared with θ₀ as if zero-shot, and the merged domains' models on it
+    (the single-domain references) were dropped."""
+    from fedmerge.runners.aggregate import aggregate_runs
+
+    as_run = _benchmark("merge_amazon").as_run
+    names, merged = ["Beauty", "Pantry", "Toys"], ["Beauty", "Pantry"]
+    runs = {}
+    for seed in range(3):
+        results = {"θ₀": {n: (0.05, 0.02) for n in names}, "average": {n: (0.07 + 0.002 * seed, 0.03) for n in names}}
+        for n in names:
+            results[f"individual {n}"] = {m: ((0.30 if m == n else 0.04 + 0.001 * seed), 0.04) for m in names}
+        runs[seed] = as_run({"results": results}, merged)
+    cell = {"recall@10": 0.30, "ndcg@10": 0.04}
+    assert runs[0]["models"]["individual"] == {"Beauty": cell, "Pantry": cell, "average": cell}
+    assert runs[0]["models"]["individual_Beauty"] == {"Toys": {"recall@10": 0.04, "ndcg@10": 0.04}}
+    toys = aggregate_runs(runs, "recall@10", training_free=["average"])["held_out_paired"]["Toys"]["recall@10"]
+    assert set(toys["best_individual"].values()) <= {"individual_Beauty", "individual_Pantry"}
+    assert set(toys["models"]) == {"average"}
