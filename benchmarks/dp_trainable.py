@@ -47,33 +47,42 @@ def row_label(row: dict[str, Any]) -> str:
         return "θ₀"
     if row["model"] == "non-private":
         return f"non-private {row['subset']}, {row['max_epochs']} epochs, lr {row['lr']:g}"
-    return f"DP-SGD ε={row['epsilon']:g} {row['subset']}, {row['dp_epochs']:g} epochs, q {row['q']:g}, lr {row['lr']:g}"
+    return (f"DP-SGD ε={row['epsilon']:g} δ={row['delta']:g} C={row['clip']:g} {row['subset']}, "
+            f"{row['dp_epochs']:g} epochs, q {row['q']:g}, lr {row['lr']:g}")
+
+
+LABELLED_OVERRIDES = ("model.params.max_epochs", "model.params.lr")  # --set keys that row_label shows
 
 
 def summarize(paths: list[str], reference: str = "non-private all, 20 epochs, lr 0.002") -> None:
-    """Per model (label of :func:`row_label`): mean test Recall@10 over seeds, and the per-seed ratios to θ₀ and to
-    ``reference``, each with its 95 % Student-t interval (:func:`fedmerge.runners.aggregate.interval`). A row of a
-    later file replaces an earlier one of the same model and seed (a rerun)."""
-    by: dict[str, dict[int, float]] = {}
+    """One table per domain and ``--set`` overrides (those the row labels show aside); per model (label of :func:`row_label`): mean test Recall@10
+    over seeds, and the per-seed ratios to θ₀ and to ``reference``, each with its 95 % Student-t interval
+    (:func:`fedmerge.runners.aggregate.interval`). A row of a later file replaces an earlier one of the same
+    domain, overrides, model and seed (a rerun)."""
+    tables: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
     for path in paths:
         for line in Path(path).read_text().splitlines():
             row = json.loads(line)
-            by.setdefault(row_label(row), {})[row["seed"]] = row["recall@10"]
+            overrides = [o for o in row.get("overrides", []) if o.partition("=")[0] not in LABELLED_OVERRIDES]
+            setting = (row["domain"], " ".join(overrides))
+            tables.setdefault(setting, {}).setdefault(row_label(row), {})[row["seed"]] = row["recall@10"]
 
     def show(values: list[float]) -> str:
         i = interval(values)
         return f"{i['mean']:.4f}" + (f" [{i['low']:.4f}, {i['high']:.4f}]" if i["n"] > 1 else "")
 
-    print(f"{'model':52s} seeds  recall@10  × θ₀  × {reference}")
-    for label, values in by.items():
-        seeds = sorted(values)
+    for (domain, overrides), by in tables.items():
+        print(f"\n{domain}{f' (--set {overrides})' if overrides else ''}")
+        print(f"{'model':64s} seeds  recall@10  × θ₀  × {reference}")
+        for label, values in by.items():
+            seeds = sorted(values)
 
-        def ratio(base: str) -> str:
-            ref = by.get(base, {})
-            return show([values[s] / ref[s] for s in seeds]) if all(s in ref for s in seeds) else "–"
+            def ratio(base: str) -> str:
+                ref = by.get(base, {})
+                return show([values[s] / ref[s] for s in seeds]) if all(s in ref for s in seeds) else "–"
 
-        print(f"{label:52s} {','.join(map(str, seeds)):6s} {show([values[s] for s in seeds])}  {ratio('θ₀')}  "
-              f"{ratio(reference)}")
+            print(f"{label:64s} {','.join(map(str, seeds)):6s} {show([values[s] for s in seeds])}  {ratio('θ₀')}  "
+                  f"{ratio(reference)}")
 
 
 def main() -> None:

@@ -74,3 +74,20 @@ def test_merge_amazon_held_out_comparisons_use_the_merged_domains_models_zero_sh
     toys = aggregate_runs(runs, "recall@10", training_free=["average"])["held_out_paired"]["Toys"]["recall@10"]
     assert set(toys["best_individual"].values()) <= {"individual_Beauty", "individual_Pantry"}
     assert set(toys["models"]) == {"average"}
+
+
+def test_dp_trainable_summary_keeps_domains_overrides_and_dp_settings_apart(tmp_path, capsys):
+    """Rows were keyed by label and seed only: another domain's, --set's or clip norm's rows replaced earlier ones."""
+    summarize = _benchmark("dp_trainable").summarize
+    dp = {"model": "dp-sgd", "subset": "all", "epsilon": 8.0, "delta": 1e-5, "dp_epochs": 1.0, "q": 0.01, "lr": 0.002}
+    rows = [{"domain": domain, "overrides": overrides, "seed": 0, "model": "theta0", "recall@10": value}
+            for domain, overrides, value in (("Pantry", [], 0.10), ("Toys", [], 0.05), ("Toys", ["model.params.x=1"], 0.07))]
+    rows += [{**dp, "domain": "Pantry", "overrides": [], "seed": 0, "clip": clip, "recall@10": value}
+             for clip, value in ((1.0, 0.11), (2.0, 0.12))]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summarize([str(tmp_path / "rows.jsonl")])
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line and not line[0].isspace() and "seeds" not in line
+            and not line.startswith(("θ₀", "DP-SGD"))] == ["Pantry", "Toys", "Toys (--set model.params.x=1)"]
+    assert sum(line.startswith("θ₀ ") for line in out.splitlines()) == 3 and "C=1 all" in out and "C=2 all" in out
+    assert "0.1000" in out and "0.0500" in out and "0.0700" in out
