@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> None:
                 for attack in attacks:
                     run = run_one(overrides, attack, seed)
                     relative = {m: run["recall"].get(m, math.nan) / v for m, v in honest["recall"].items()} \
-                        if "recall" in run else {}
+                        if "recall" in run and "recall" in honest else {}  # the honest run may have crashed too
                     records.append({"attack": attack, "config": config, "seed": seed, "routed": routed,
-                                    "honest": honest["recall"], "relative": relative,
+                                    "honest": honest.get("recall", honest.get("crash")), "relative": relative,
                                     **{k: v for k, v in run.items() if k != "recall"}})
                     print(json.dumps(records[-1], default=str), flush=True)  # noqa: T201
     if args.json:
@@ -241,7 +241,8 @@ def table(records: list[dict[str, Any]]) -> str:
     for attack, config in keys:
         runs = [r for r in records if (r["attack"], r["config"]) == (attack, config)]
         ran = [r for r in runs if r["relative"]]
-        cells = [f"{np.mean([r['relative'][m] for r in ran]):.2f}" if ran else "-" for m in COLUMNS]
+        cells = [f"{np.mean(found):.2f}" if (found := [r["relative"][m] for r in ran if m in r["relative"]]) else "-"
+                 for m in COLUMNS]  # "-": no seed has that model (--set baselines.fedavg_rounds=0, merge.methods)
         verdicts = {r["seed"]: verdict(r) for r in runs}
         said = (next(iter(verdicts.values())) if len(set(verdicts.values())) == 1
                 else "; ".join(f"seed {s}: {v}" for s, v in verdicts.items()))

@@ -91,3 +91,14 @@ def test_dp_trainable_summary_keeps_domains_overrides_and_dp_settings_apart(tmp_
             and not line.startswith(("θ₀", "DP-SGD"))] == ["Pantry", "Toys", "Toys (--set model.params.x=1)"]
     assert sum(line.startswith("θ₀ ") for line in out.splitlines()) == 3 and "C=1 all" in out and "C=2 all" in out
     assert "0.1000" in out and "0.0500" in out and "0.0700" in out
+
+
+def test_attack_table_shows_a_dash_for_a_model_the_runs_did_not_make():
+    """A --set that removes a model (baselines.fedavg_rounds=0) raised KeyError in the final table, after every run
+    had finished."""
+    attacks = _benchmark("attacks")
+    record = {"attack": next(iter(attacks.ATTACKS)), "config": next(iter(attacks.CONFIGS)), "seed": 0, "routed": False,
+              "relative": {m: 0.5 for m in list(attacks.COLUMNS)[:-1]}, "attacker": "synth-2", "rejected": {},
+              "clipped": False, "warnings": [], "status": "ok", "strict_json": True}
+    row = attacks.table([record]).splitlines()[-1]
+    assert row.count("0.50") == len(attacks.COLUMNS) - 1 and "| - |" in row
