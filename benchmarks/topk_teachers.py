@@ -5,8 +5,9 @@
 
 Three seeded synthetic domains (``fedmerge.data.synthetic``, data seed 0), item text embedded by the hashing
 encoder (64-d), sequential family (hidden 64, 2 layers, ≤ ``--epochs`` epochs each from one θ₀). For each
-``teacher_top_k`` k (0 = dense) and MergeRec seed: MergeRec layer-wise at the paper's settings (task-arithmetic
-init, T = 0.05, c = 1000), then
+``teacher_top_k`` k (0 = dense) and MergeRec seed: MergeRec layer-wise at the paper's constants (task-arithmetic
+init, T = 0.05, c = 1000) with fedmerge's default layer groups (``layer_groups = "family"``: 5 groups; the paper
+preset's ``"transformer"`` has 3), then
 
 * ``dense_objective``: the paper's (dense) objective over every pseudo-user at the learned λ - the loss the top-k
   run approximates, measured the same way for every k;

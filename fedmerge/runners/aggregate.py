@@ -19,10 +19,11 @@ ratio interval (covering 1.0 = a tie). A seed whose reference is 0 (or not a fin
 out of the ratio's interval and named in ``excluded_seeds``; the paired test keeps every seed. A metric that some
 seed could not report (NaN, stored as null in results.json) is left out of the aggregate.
 
-References: ``best_training_free`` - per seed, the best registry method (average, task arithmetic, TIES, DARE, PCB)
-on that seed's average; choosing it per seed, after seeing the test metric, is the optimistic baseline, so a merge's
-ratio to it is conservative - and ``individual`` - each domain's own model. With one seed, std, intervals and tests
-are null and ``note`` says why.
+References: ``best_training_free`` - per seed, the best registry method on that seed's average (every one the run
+made: average, task arithmetic, TIES, DARE, PCB and their variants, the robust median / trimmed mean / clipped
+average); choosing it per seed, after seeing the test metric, is the optimistic baseline, so a merge's ratio to it
+is conservative - and ``individual`` - each domain's own model. With one seed, std, intervals and tests are null
+and ``note`` says why.
 
 A held-out domain h (``data.held_out``: catalog seen only at test time) is compared on its own zero-shot metrics, for
 the primary metric and every metric at the same cut-off (recall@10 → also ndcg@10), against two references of the
