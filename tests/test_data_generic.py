@@ -311,3 +311,19 @@ def test_float_ids_and_numbers_keep_every_digit(tmp_path):
     domain = load_generic_domain(folder)
     assert domain.catalog.ids == ("1234567.0", "1234568.0", "7")
     assert domain.catalog.texts()[0] == "A Price: 123456789.5"
+
+
+def test_a_lone_surrogate_in_item_text_is_replaced_and_the_catalog_encodes(tmp_path):
+    """JSON's "\\ud83d" (an emoji cut in half) loaded as a lone surrogate and every text encoder failed on it later
+    with a UnicodeEncodeError naming no file or item."""
+    from fedmerge.data.domain import ItemCatalog
+    from fedmerge.text.cache import encode_catalog
+    from fedmerge.text.encoder import get_encoder
+
+    folder = write_generic(tmp_path / "d", ["u1,i0,1", "u1,i1,2", "u1,i0,3"])
+    (folder / "items.jsonl").write_text('{"id": "i0", "title": "Baby blanket \\ud83d"}\n{"id": "i1", "title": "Toy car"}\n')
+    catalog = load_catalog(folder)
+    assert catalog.fields[0]["title"] == "Baby blanket \ufffd"
+    assert encode_catalog(get_encoder("hashing"), catalog, cache=False).shape[0] == 2
+    with pytest.raises(DataError, match=r"1 catalog items have a lone surrogate in their text .*\['a'\]"):
+        ItemCatalog(ids=("a",), fields=({"title": "Baby blanket \ud83d"},))

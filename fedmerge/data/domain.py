@@ -9,6 +9,7 @@ A missing target is ``-1``. Model selection uses ``inputs("val")`` (input = trai
 from __future__ import annotations
 
 import math
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,10 +26,14 @@ Split = Literal["val", "test"]
 SPLITS: tuple[str, ...] = typing.get_args(Split)  # what a split may be named (evaluation's target item)
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half of an emoji cut off: JSON's "\\ud83d" reads as one
+
+
 def field_text(value: object) -> str:
     """The text of one catalog field value as JSON holds it: strings stripped, numbers and booleans as JSON writes
     them (every digit), (nested) lists joined with ", "; None, NaN, ±inf and empty values give "". TypeError for a
-    JSON object. Nested lists are walked without recursion (any depth)."""
+    JSON object. Nested lists are walked without recursion (any depth). A lone surrogate (``"\\ud83d"``, an emoji
+    cut in half: no character, and no text encoder can take it) becomes U+FFFD, the replacement character."""
     if isinstance(value, list):
         parts: list[str] = []
         stack = [iter(value)]
@@ -51,7 +56,7 @@ def field_text(value: object) -> str:
         return repr(value) if math.isfinite(value) else ""
     if isinstance(value, dict):
         raise TypeError("a JSON object")
-    return str(value).strip()
+    return LONE_SURROGATE.sub("\ufffd", str(value)).strip()
 
 
 def item_text(fields: Mapping[str, str]) -> str:
@@ -83,6 +88,10 @@ class ItemCatalog:
         empty = [self.ids[i] for i, f in enumerate(self.fields) if not item_text(f)]
         if empty:
             raise DataError(f"{len(empty)} catalog items have no text, e.g. {empty[:3]}")
+        broken = [self.ids[i] for i, f in enumerate(self.fields) if LONE_SURROGATE.search(item_text(f))]
+        if broken:  # the loaders replace them (field_text); a catalog built in Python failed in the encoder
+            raise DataError(f"{len(broken)} catalog items have a lone surrogate in their text (not a character; "
+                            f"fedmerge.data.domain.field_text replaces it), e.g. {broken[:3]}")
 
     def __len__(self) -> int:
         return len(self.ids)
