@@ -192,6 +192,28 @@ def test_bfloat16_minilm_stays_within_cosine_0999_of_float32() -> None:
     assert cosine.min() >= 0.999
 
 
+def test_a_half_precision_checkpoint_runs_in_float32(tmp_path: Path) -> None:
+    """transformers' default dtype="auto" loaded an fp16 checkpoint in fp16: embeddings computed in half precision
+    under a float32 identity, and encoder fine-tuning failed on mixed dtypes."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from fedmerge.text import default_model_path
+
+    folder = tmp_path / "minilm-fp16"
+    shutil.copytree(default_model_path(), folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v.half() for k, v in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": "float16"}))
+    encoder = SentenceEncoder(folder, progress=False)
+    encoder.encode(["red running shoes"])
+    assert encoder._model.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in encoder.top_layers(1).parameters())
+
+
 # --- cache -----------------------------------------------------------------------------------------------------
 
 

@@ -293,8 +293,11 @@ class SentenceEncoder:
 
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_source, local_files_only=True)
-            if self.backend == "torch":
-                self._model = AutoModel.from_pretrained(self.model_source, local_files_only=True).to(self.device).eval()
+            if self.backend == "torch":  # float32 whatever the checkpoint holds: precision alone sets the compute
+                import torch  # (transformers' default dtype="auto" ran an fp16/bf16 checkpoint in half precision)
+
+                self._model = AutoModel.from_pretrained(self.model_source, local_files_only=True,
+                                                        dtype=torch.float32).to(self.device).eval()
         except Exception as exc:
             raise FedmergeError(f"cannot load text encoder model {self.model_source!r}: {exc}") from exc
         if self.backend == "onnxruntime":

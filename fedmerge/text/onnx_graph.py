@@ -99,7 +99,8 @@ def build_graph(model_source: str, tokenizer: Any, target: Path) -> None:
 
     names = list(tokenizer.model_input_names)
     try:
-        model = AutoModel.from_pretrained(model_source, local_files_only=True, attn_implementation="eager").eval()
+        model = AutoModel.from_pretrained(model_source, local_files_only=True, attn_implementation="eager",
+                                          dtype=torch.float32).eval()  # the float32 graph, whatever the checkpoint
     except Exception as exc:
         raise FedmergeError(f"cannot load text encoder model {model_source!r} for ONNX export: {exc}") from exc
     target.parent.mkdir(parents=True, exist_ok=True)
