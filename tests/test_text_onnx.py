@@ -83,6 +83,36 @@ def test_graph_key_follows_weight_contents(tmp_path: Path) -> None:
 
 
 @needs_onnx
+def test_a_damaged_cached_graph_is_set_aside_and_exported_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A cut-short graph in the cache went straight to onnxruntime: every run failed with InvalidProtobuf until
+    someone deleted the file."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    (model / "model.safetensors").write_bytes(b"\x00" * 64)
+    path = tmp_path / "onnx" / f"{onnx_graph.graph_key(model)}.onnx"
+    path.parent.mkdir()
+    path.write_bytes(b"\x08\x07\x12\x03cut")  # the start of a graph, cut short
+
+    def export(source: str, tokenizer: object, target: Path) -> None:  # a one-node graph stands in for the export
+        node = helper.make_node("Identity", ["input_ids"], ["out"])
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1])],
+                                  [helper.make_tensor_value_info("out", TensorProto.INT64, [1])])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(target))
+
+    monkeypatch.setattr(onnx_graph, "build_graph", export)
+    transformer = onnx_graph.OnnxTransformer(str(model), None, 1)
+    assert transformer.names == ["input_ids"]
+    assert (path.parent / (path.name + ".corrupt")).read_bytes() == b"\x08\x07\x12\x03cut"
+    assert "cannot be loaded" in caplog.text and "exported again" in caplog.text
+
+
+@needs_onnx
 @pytest.mark.slow  # exports and fuses MiniLM twice: ≈ 40 s on the shared 2-core machine
 def test_onnxruntime_minilm_matches_torch_float32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path))

@@ -169,7 +169,20 @@ class OnnxTransformer:
         # idle worker threads sleep instead of spinning: on a shared CPU the spinning took cores from the busy ones
         # (600 Beauty items, load ≈ 6, 4 interleaved repeats: 1.32x against 1.16x of torch float32, one-off)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # a damaged cached graph (cut short, overwritten) failed every later run
+            aside = self.path.with_name(self.path.name + ".corrupt")
+            logger.warning("the cached ONNX graph %s cannot be loaded (%s: %s): set aside as %s and exported again",
+                           self.path, type(exc).__name__, exc, aside)
+            os.replace(self.path, aside)
+            build_graph(model_source, tokenizer, self.path)
+            try:
+                self.session = onnxruntime.InferenceSession(str(self.path), options,
+                                                            providers=["CPUExecutionProvider"])
+            except Exception as again:
+                raise FedmergeError(f"cannot load the ONNX graph {self.path} exported from {model_source!r}: "
+                                    f"{type(again).__name__}: {again}") from again
         self.names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, output_hidden_states: bool = False, **tokens: torch.Tensor) -> Any:
