@@ -63,8 +63,11 @@ def model_path(out_dir: str | Path, name: str) -> Path:
 
 
 def card_encoder(card: Mapping[str, Any]) -> EncoderSettings:
-    """The encoder a model card names (with the default embedding cache)."""
-    return EncoderSettings(card["encoder"]["name"], dict(card["encoder"]["params"]), "")
+    """The encoder a model card names (with the default embedding cache), on this machine's device: the ``device``
+    the model was trained with is left out (not part of the encoder's identity; a card from a CUDA run names
+    ``"cuda"``, which a CPU machine does not have)."""
+    params = {k: v for k, v in card["encoder"]["params"].items() if k != "device"}
+    return EncoderSettings(card["encoder"]["name"], params, "")
 
 
 def common_card(
@@ -538,7 +541,10 @@ def load_recommender(
             check_encoder_params(settings.name, settings.params)
         except ValueError as exc:
             raise DataError(f"model card {card_path(path)}: encoder.params: {exc}") from exc
-        encoder = settings.text_encoder()
+        try:
+            encoder = settings.text_encoder()
+        except FedmergeError as exc:  # an unknown name, a model folder that is not there: named with the card
+            raise DataError(f"model card {card_path(path)}: {exc}") from exc
     earlier = enc["identity"] in getattr(encoder, "earlier_identities", ())
     if (encoder.identity != enc["identity"] and not earlier) or int(encoder.dim) != int(enc["dim"]):
         raise FedmergeError(f"encoder {encoder.identity!r} (width {encoder.dim}) does not fit model {path}, "

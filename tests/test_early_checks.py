@@ -59,6 +59,10 @@ from fedmerge.errors import FedmergeError
         ("data.synthetic.min_len=2", r"data.synthetic: need 3 <= min_len <= max_len"),
         ('model.family="sequentail"', r"model.family 'sequentail' is unknown; valid: \['sequential', 'text-lae'\]"),
         ('merge.mergerec.granularity="layer"', r"merge.mergerec.granularity is set by each method's name"),
+        # a device torch does not know ("gpu") and an empty encoder name (Path("") exists: the working folder) failed
+        # only when the clients built the encoder, blaming the model
+        ('encoder.params.device="gpu"', r"encoder.params: device 'gpu' is not a torch device; valid: 'cpu', 'cuda'"),
+        ('encoder.name=""', r"text encoder name '' names no model; valid: \['minilm', 'hashing'\]"),
     ],
 )
 def test_bad_values_fail_at_scenario_load(override, message):

@@ -359,6 +359,7 @@ def test_local_parameters_each_domain_serves_merges_with_its_own_last_item_bias(
     ({"eval.split": 3}, r"'eval.split' must be one of \['val', 'test'\], got 3"),
     ({"metrics": {"synth-0": 0.5}}, r"'metrics' must map each domain"),
     ({"encoder.params": {"dim": "x"}}, r"card .*: encoder.params: HashingEncoder: dim must be"),
+    ({"encoder.name": "hashin", "encoder.params": {}}, r"model card .*ties.json: unknown text encoder 'hashin'"),
 ])
 def test_a_malformed_card_is_a_data_error_naming_the_field(saved_copy, changes, message):
     _edit_card(saved_copy, **changes)
@@ -619,3 +620,20 @@ def test_a_bundle_without_git_records_the_launchers_commit_only_for_the_same_sou
     assert other.startswith("not a git checkout") and "a" * 40 in other and "fedcba9876543210" in other
     monkeypatch.setattr(provenance, "source_commit", lambda: "b" * 40)  # a checkout's own commit wins
     assert provenance.package_versions()["fedmerge_commit"] == "b" * 40
+
+
+def test_a_cards_encoder_runs_on_this_machines_device():
+    """The device a model was trained with went onto its card and was used again: a card from a CUDA run could not
+    encode a new catalog on a CPU machine (the device is not part of the encoder's identity)."""
+    from fedmerge.recommender import card_encoder
+
+    card = {"encoder": {"name": "minilm", "params": {"device": "cuda", "max_length": 32}}}
+    assert card_encoder(card).params == {"max_length": 32}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_cuda_encoder_device_without_cuda_is_named_before_the_model_loads():
+    from fedmerge.text import SentenceEncoder
+
+    with pytest.raises(FedmergeError, match=r"text encoder device 'cuda' \(encoder.params.device\): torch sees no CUDA"):
+        SentenceEncoder(device="cuda", progress=False).encode(["a text"])

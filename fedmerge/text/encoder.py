@@ -17,6 +17,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -70,6 +71,9 @@ def _looks_like_path(model: str) -> bool:
 def check_encoder_name(name: str) -> None:
     """FedmergeError unless ``name`` is ``"minilm"``, ``"hashing"``, a local path, or a hub model already in the
     local Hugging Face cache: fedmerge never tries a hub download (it would hang or fail late on an offline node)."""
+    if not name.strip() or name.strip() in (".", ".."):  # Path("") exists: the working folder was taken as a model
+        raise FedmergeError(f"text encoder name {name!r} names no model; valid: {list(ENCODER_NAMES)}, a model folder "
+                            "path such as ./models/my-encoder, or a hub model fetched beforehand")
     if name in ENCODER_NAMES or _looks_like_path(name):
         return
     from huggingface_hub import try_to_load_from_cache
@@ -154,6 +158,9 @@ def sentence_embeddings(hidden: torch.Tensor, attention_mask: torch.Tensor, norm
     return torch.nn.functional.normalize(pooled, p=2, dim=1) if normalize else pooled
 
 
+TORCH_DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")  # what encoder.params.device may name ("gpu" failed late)
+
+
 def check_sentence_options(max_length: int, batch_size: int, device: str | None, precision: str, backend: str) -> None:
     """The :class:`SentenceEncoder` options that can be judged without loading anything; ValueError naming the
     problem and the valid values."""
@@ -171,6 +178,9 @@ def check_sentence_options(max_length: int, batch_size: int, device: str | None,
             )
         if device not in (None, "cpu"):
             raise ValueError(f"backend='onnxruntime' runs on the CPU only, got device={device!r}")
+    if device is not None and not (isinstance(device, str) and TORCH_DEVICE.fullmatch(device)):
+        raise ValueError(f"device {device!r} is not a torch device; valid: 'cpu', 'cuda', 'cuda:<index>', 'mps', "
+                         "'xpu' or null (CUDA when present, else the CPU)")
 
 
 class SentenceEncoder:
@@ -280,10 +290,13 @@ class SentenceEncoder:
 
     @property
     def device(self) -> str:
-        if self._device is None:
-            import torch
+        import torch
 
+        if self._device is None:
             self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif self._device.startswith("cuda") and not torch.cuda.is_available():
+            raise FedmergeError(f"text encoder device {self._device!r} (encoder.params.device): torch sees no CUDA "
+                                "device here; leave device unset (CUDA when present, else the CPU) or use 'cpu'")
         return self._device
 
     def _load(self) -> None:
@@ -291,13 +304,14 @@ class SentenceEncoder:
             return
         from transformers import AutoModel, AutoTokenizer
 
+        device = self.device  # a CUDA device asked for on a machine without one: named as such, not as the model
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_source, local_files_only=True)
             if self.backend == "torch":  # float32 whatever the checkpoint holds: precision alone sets the compute
                 import torch  # (transformers' default dtype="auto" ran an fp16/bf16 checkpoint in half precision)
 
                 self._model = AutoModel.from_pretrained(self.model_source, local_files_only=True,
-                                                        dtype=torch.float32).to(self.device).eval()
+                                                        dtype=torch.float32).to(device).eval()
         except Exception as exc:
             raise FedmergeError(f"cannot load text encoder model {self.model_source!r}: {exc}") from exc
         if self.backend == "onnxruntime":
