@@ -13,6 +13,7 @@ item features, so a catalog never seen in training works like a training domain.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -136,11 +137,29 @@ def save_model(
     return write_card(path, weights, card)
 
 
+# the card fields that decide what a model scores besides its weights: the family and its parameters (a temperature),
+# the encoder, the feature width and each domain's local parameters (applied by evaluate / recommend --as-domain)
+SCORING_FIELDS = ("family", "encoder", "feature_width", "local_parameters")
+
+
+def scoring_digest(card: Mapping[str, Any]) -> str:
+    """Short sha256 of the card's :data:`SCORING_FIELDS` as canonical JSON (as the card file holds them: tuples are
+    lists, numpy values plain numbers), so an edited card no longer matches the digest written with it."""
+    from fedmerge.storage import json_default
+
+    fields = json.loads(json.dumps({k: card.get(k) for k in SCORING_FIELDS}, default=json_default))
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
 def write_card(weights_path: str | Path, weights: StateDict, card: Mapping[str, Any]) -> Path:
-    """Write the card of already saved ``weights`` (atomically), adding their digest; returns the weight path."""
+    """Write the card of already saved ``weights`` (atomically), adding their digest and the card's
+    :func:`scoring_digest`; returns the weight path."""
     from fedmerge.storage import weights_digest, write_json_atomic
 
-    write_json_atomic(card_path(weights_path), {**card, "weights_digest": weights_digest(weights)})
+    card = {k: v for k, v in card.items() if k not in ("weights_digest", "scoring_digest")}
+    write_json_atomic(card_path(weights_path), {**card, "weights_digest": weights_digest(weights),
+                                                "scoring_digest": scoring_digest(card)})
     return Path(weights_path)
 
 
@@ -162,6 +181,10 @@ def read_card(weights_path: str | Path) -> dict[str, Any]:
     problems = card_problems(card)
     if problems:
         raise DataError(f"model card {path}: {'; '.join(problems)}")
+    if "scoring_digest" in card and card["scoring_digest"] != scoring_digest(card):
+        raise DataError(f"model card {path} was changed after it was written: its {', '.join(SCORING_FIELDS)} do not "
+                        f"match the digest written with them (scoring_digest {card['scoring_digest']!r}, now "
+                        f"{scoring_digest(card)!r}); these fields decide what the model scores")
     return card
 
 
@@ -206,7 +229,10 @@ def update_card(weights_path: str | Path, **fields: Any) -> None:
     """Set ``fields`` in an existing card (atomically), e.g. ``metrics`` once the model has been evaluated."""
     from fedmerge.storage import write_json_atomic
 
-    write_json_atomic(card_path(weights_path), {**read_card(weights_path), **fields})
+    card = {**read_card(weights_path), **fields}
+    if "scoring_digest" in card:  # fedmerge's own change of a scoring field (none today) keeps the card consistent
+        card["scoring_digest"] = scoring_digest(card)
+    write_json_atomic(card_path(weights_path), card)
 
 
 class Recommendation(NamedTuple):
@@ -524,6 +550,9 @@ def load_recommender(
         raise FedmergeError(f"encoder must be a text encoder object (fedmerge.text), got {encoder!r}; leave it out "
                             "to use the encoder the card names")
     card = read_card(path)
+    if "scoring_digest" not in card:
+        logger.warning("%s: its card predates scoring digests (2026-12-07): an edit of its %s would not be seen",
+                       card_path(path), ", ".join(SCORING_FIELDS))
     weights = load_weights(path)
     if weights_digest(weights) != card["weights_digest"]:
         raise DataError(f"{path} does not hold the weights its card {card_path(path).name} describes "

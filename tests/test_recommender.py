@@ -15,7 +15,7 @@ from fedmerge.config import load_scenario
 from fedmerge.data import load_catalog, load_domain, save_generic_domain
 from fedmerge.data.synthetic import make_synthetic_domains
 from fedmerge.errors import DataError, FedmergeError
-from fedmerge.recommender import card_path, load_recommender, read_card, save_model, scenario_card
+from fedmerge.recommender import card_path, load_recommender, read_card, save_model, scenario_card, scoring_digest
 from fedmerge.runners.inprocess import run_inprocess
 from fedmerge.runners.server import initial_weights
 from fedmerge.storage import weights_digest
@@ -210,7 +210,9 @@ def saved_copy(run, tmp_path) -> Path:
     return tmp_path / src.name
 
 
-def _edit_card(path: Path, **changes) -> None:
+def _edit_card(path: Path, rehash: bool = True, **changes) -> None:
+    """Change card fields; ``rehash``: write the matching scoring digest too (a card that is wrong but consistent,
+    for the checks behind the digest's)."""
     card = json.loads(card_path(path).read_text())
     for key, value in changes.items():
         section, _, field = key.partition(".")
@@ -218,7 +220,27 @@ def _edit_card(path: Path, **changes) -> None:
             card[section][field] = value
         else:
             card[section] = value
+    if rehash and "scoring_digest" in card:
+        card["scoring_digest"] = scoring_digest(card)
     card_path(path).write_text(json.dumps(card))
+
+
+def test_a_card_edited_after_it_was_written_is_refused(saved_copy, run, caplog):
+    """Only the weights were bound to the card (weights_digest): an edited family parameter or a domain's local
+    parameters (applied by evaluate / recommend --as-domain) loaded silently and scored differently."""
+    card = json.loads(card_path(saved_copy).read_text())
+    params = dict(card["family"]["params"])
+    key = next(k for k, v in params.items() if isinstance(v, float))
+    _edit_card(saved_copy, rehash=False, **{"family.params": {**params, key: params[key] * 2}})
+    with pytest.raises(DataError, match=r"ties.json was changed after it was written: its family, encoder, "
+                                        r"feature_width, local_parameters do not match"):
+        load_recommender(saved_copy)
+    _edit_card(saved_copy, rehash=False, **{"family.params": params})  # as written: loads again
+    assert load_recommender(saved_copy).card["family"]["params"] == params
+    del card["scoring_digest"]  # a card from before the digest: loads, with a warning
+    card_path(saved_copy).write_text(json.dumps(card))
+    load_recommender(saved_copy)
+    assert "its card predates scoring digests" in caplog.text
 
 
 def test_refuses_a_card_whose_encoder_does_not_fit(saved_copy):
