@@ -304,6 +304,19 @@ def validate(cfg: Scenario) -> None:
         raise FedmergeError(f"data.domains lists {repeated} more than once; each domain is one client")
     if len(names) == 0:
         raise FedmergeError("the scenario has no domains (data.synthetic.n_domains = 0?)")
+    from fedmerge.storage import safe_file_stem
+
+    stems: dict[str, list[str]] = {}
+    for name in names:
+        try:
+            stems.setdefault(safe_file_stem(name), []).append(name)
+        except ValueError as exc:
+            raise FedmergeError(f"domain name {name!r}: {exc}; rename the domain") from None
+    clashing = [group for group in stems.values() if len(group) > 1]
+    if clashing:  # "x a" and "x_a": one client's saved weights and card replaced the other's, the run ended ok
+        raise FedmergeError(f"domain names {clashing[0]} give one file name ({safe_file_stem(clashing[0][0])!r}: "
+                            "characters other than letters, digits and .-_ become _), so their clients' saved "
+                            "weights would overwrite each other; rename a domain")
     reserved = [d for d in names if d in RESERVED_DOMAIN_NAMES]
     if reserved:
         raise FedmergeError(f"domain name(s) {reserved} are reserved: results.json keeps {list(RESERVED_DOMAIN_NAMES)} "

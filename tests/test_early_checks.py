@@ -70,6 +70,12 @@ def test_bad_values_fail_at_scenario_load(override, message):
         load_scenario("quickstart", [override])
 
 
+def test_domain_names_that_give_one_file_name_are_refused():
+    """"x a" and "x_a" saved their clients' weights into one file: one replaced the other and the run ended ok."""
+    with pytest.raises(FedmergeError, match=r"domain names \['x a', 'x_a'\] give one file name \('x_a'"):
+        load_scenario("quickstart", ['data.source="generic"', 'data.root="/tmp"', 'data.domains=["x a", "x_a"]'])
+
+
 def test_pretrained_theta0_with_the_unseen_item_fallback_is_refused():
     with pytest.raises(FedmergeError, match=r"theta0.pretrain with model.params.routed_unseen is not supported"):
         load_scenario("quickstart", ["theta0.pretrain=true", 'model.params.adapter="routed"',
