@@ -212,6 +212,9 @@ def card_problems(card: Mapping[str, Any]) -> list[str]:
     split = card.get("eval", {}).get("split", "test") if isinstance(card.get("eval"), dict) else "test"
     if split not in SPLITS:
         problems.append(f"'eval.split' must be one of {list(SPLITS)}, got {split!r}")
+    ks = card["eval"].get("ks") if isinstance(card.get("eval"), dict) else None
+    if ks is not None and not (isinstance(ks, list) and ks and all(is_integer(k) and k >= 1 for k in ks)):
+        problems.append(f"'eval.ks' must be a non-empty list of positive integers, got {ks!r}")
     metrics = card.get("metrics", {})
     if isinstance(metrics, dict) and not all(isinstance(m, dict) for m in metrics.values()):
         problems.append(f"'metrics' must map each domain to its {{metric: value}}, got {metrics!r}")
@@ -432,8 +435,9 @@ class LoadedRecommender:
         files: str | Path | None = None,
     ) -> dict[str, float]:
         """Full-ranking Recall@K/NDCG@K, masked and unmasked, on ``domain``'s ``split`` users
-        (:func:`fedmerge.metrics.evaluate_scorer`; every K of :data:`~fedmerge.metrics.DEFAULT_KS` by default), with
-        the domain's own local parameters when the card has them (:meth:`for_domain`), as the run evaluated it.
+        (:func:`fedmerge.metrics.evaluate_scorer`; by default at the cut-offs the model's run reported,
+        :attr:`default_ks`), with the domain's own local parameters when the card has them (:meth:`for_domain`), as
+        the run evaluated it.
 
         ``domain``: a :class:`~fedmerge.data.Domain` or a domain folder/tarball. ``split``: ``"test"`` or ``"val"``;
         by default the split the model's run evaluated (from the card; ``"test"`` when it names none), as
@@ -441,7 +445,7 @@ class LoadedRecommender:
         came from as ``files`` — is checked against the ``data_digests.json`` of the run folder the model lies in
         (a warning when the files differ)."""
         from fedmerge.data import Domain, load_domain
-        from fedmerge.metrics import DEFAULT_KS, USERS, evaluate_scorer
+        from fedmerge.metrics import USERS, evaluate_scorer
 
         from_path = isinstance(domain, (str, Path))
         data_path = Path(domain) if from_path else Path(files) if files is not None else None
@@ -458,7 +462,7 @@ class LoadedRecommender:
         if split not in SPLITS:
             raise FedmergeError(f"split must be 'test' or 'val', got {split!r}")
         model = self.for_domain(domain.name)
-        metrics = evaluate_scorer(model._scorer(domain.catalog), domain, split, ks=tuple(ks or DEFAULT_KS),
+        metrics = evaluate_scorer(model._scorer(domain.catalog), domain, split, ks=tuple(ks or self.default_ks),
                                   max_len=self.family.max_len)
         recorded = self.card.get("metrics", {}).get(domain.name, {}).get("users")
         if split == self.default_split and recorded is not None and recorded != metrics[USERS]:
@@ -491,6 +495,14 @@ class LoadedRecommender:
     def default_split(self) -> str:
         """The split this model's run evaluated (its card's ``eval.split``), ``"test"`` when the card names none."""
         return str(self.card.get("eval", {}).get("split", "test"))
+
+    @property
+    def default_ks(self) -> tuple[int, ...]:
+        """The cut-offs this model's run reported (its card's ``eval.ks``; :data:`~fedmerge.metrics.DEFAULT_KS` when
+        the card names none), so ``evaluate`` gives the run's metrics (``eval.ks = [1, 3]`` gave K = 5..50)."""
+        from fedmerge.metrics import DEFAULT_KS
+
+        return tuple(int(k) for k in self.card.get("eval", {}).get("ks", DEFAULT_KS))
 
 
 def _as_catalog(catalog: ItemCatalog | Domain | str | Path) -> ItemCatalog:

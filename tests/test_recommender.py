@@ -477,6 +477,24 @@ def test_evaluate_takes_a_path_defaults_to_the_cards_split_and_checks_ks(run, sa
         model.evaluate(folders[domain], split="train")
 
 
+def test_evaluate_reports_the_cut_offs_the_run_reported_unless_told(run, saved_copy, capsys):
+    """The card's eval.ks was ignored: a run with eval.ks = [1, 3] was re-evaluated at K = 5/10/20/50, none of the
+    card's metrics."""
+    cfg, _, _, folders = run
+    domain = next(iter(folders))
+    _edit_card(saved_copy, eval={"split": "test", "ks": [1, 3]})
+    metrics = load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir).evaluate(folders[domain])
+    assert sorted(k for k in metrics if k.startswith("recall@") and "_" not in k) == ["recall@1", "recall@3"]
+    args = ["evaluate", "--model", str(saved_copy), "--data", str(folders[domain]), "--json"]
+    assert main(args) == 0 and "recall@3" in json.loads(capsys.readouterr().out)["metrics"]
+    assert main([*args, "--ks", "7"]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)["metrics"]) == sorted(
+        ["users", "recall@7", "ndcg@7", "recall@7_masked", "ndcg@7_masked"])
+    _edit_card(saved_copy, eval={"split": "test", "ks": "x"})
+    with pytest.raises(DataError, match=r"'eval.ks' must be a non-empty list of positive integers, got 'x'"):
+        load_recommender(saved_copy)
+
+
 def test_non_finite_weights_are_refused_by_recommend_scores_and_evaluate(run, saved_copy, unseen_catalog):
     """recommend refused them; scores returned NaNs and evaluate raised a bare ValueError that named no model."""
     import dataclasses

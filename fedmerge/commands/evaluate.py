@@ -12,7 +12,7 @@ from fedmerge.data.domain import SPLITS
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "evaluate", help="Recall@K/NDCG@K (masked and unmasked, K = 5/10/20/50) of a saved model on a domain",
+        "evaluate", help="Recall@K/NDCG@K (masked and unmasked; K as the model's run reported) of a saved model on a domain",
         description="Evaluates a model saved by a run (<run>/models/<name>.safetensors or <run>/clients/<domain>"
         ".safetensors, with its .json card) on a domain folder or tarball, with the same full-ranking metrics as "
         "the run (fedmerge.metrics.evaluate_scorer). The domain may be one the model never saw.",
@@ -21,8 +21,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", type=Path, required=True, help="domain folder or .tar.gz (Amazon or generic format)")
     parser.add_argument("--split", choices=sorted(SPLITS, reverse=True), default=None,
                         help="users' target (default: the split the model's run evaluated, from its card; else test)")
+    parser.add_argument("--ks", type=cutoffs, default=None, metavar="K,K,...",
+                        help="cut-offs K (default: those the model's run reported, from its card; else 5,10,20,50)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
     parser.set_defaults(func=run_evaluate)
+
+
+def cutoffs(text: str) -> list[int]:
+    """An argparse type: ``"5,10"`` -> [5, 10], each K an integer >= 1."""
+    try:
+        ks = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected cut-offs like 5,10,20, got {text!r}") from None
+    if not all(k >= 1 for k in ks):
+        raise argparse.ArgumentTypeError(f"every cut-off K must be >= 1, got {text!r}")
+    return ks
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -31,7 +44,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model = load_saved_model(args)
     domain = load_domain(args.data)
     args.split = args.split or model.default_split
-    metrics = model.evaluate(domain, split=args.split, files=args.data)
+    metrics = model.evaluate(domain, split=args.split, ks=args.ks, files=args.data)
     if args.json:
         print(json.dumps({"model": model.name, "domain": domain.name, "split": args.split, "metrics": metrics}))
         return 0
