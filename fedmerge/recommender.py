@@ -238,6 +238,11 @@ def update_card(weights_path: str | Path, **fields: Any) -> None:
     write_json_atomic(card_path(weights_path), card)
 
 
+def _text_key(text: str) -> str:
+    """How a history's item text is matched to catalog items: letter case and runs of white space aside."""
+    return " ".join(text.split()).casefold()
+
+
 class Recommendation(NamedTuple):
     """One recommended item: its id in the catalog, its index there and the model's score."""
 
@@ -378,8 +383,8 @@ class LoadedRecommender:
 
         Items of the history are left out unless ``exclude_history=False`` (so a history may get fewer than ``k``
         items: as many as the catalog has left); with ``texts=True`` those are the catalog items whose text
-        (:meth:`~fedmerge.data.ItemCatalog.texts`) is one of the history's texts, every such item when several
-        share it. See :meth:`scores` for the arguments.
+        (:meth:`~fedmerge.data.ItemCatalog.texts`) or title is one of the history's texts (letter case and runs of
+        white space aside), every such item when several share it. See :meth:`scores` for the arguments.
         """
         if catalog is None:
             raise FedmergeError("recommend needs a catalog: an ItemCatalog, a Domain or a domain folder/tarball")
@@ -388,13 +393,14 @@ class LoadedRecommender:
         full, seqs, n = self._inputs(histories, catalog, texts)
         scores = self._scorer(full, n)(seqs)[:, :n].astype(np.float64)
         excluded = seqs  # the history's catalog items
-        if exclude_history and texts:
+        if exclude_history and texts:  # a history entry names the items whose full text or title it is
             all_texts = full.texts()
-            items_of: dict[str, list[int]] = {}
+            items_of: dict[str, set[int]] = {}
             for i, text in enumerate(all_texts[:n]):
-                items_of.setdefault(text, []).append(i)
-            excluded = [np.array([i for e in seq for i in items_of.get(all_texts[e], ())], dtype=np.int64)
-                        for seq in seqs]
+                for key in {_text_key(text), _text_key(str(full.fields[i].get("title", "")))} - {""}:
+                    items_of.setdefault(key, set()).add(i)
+            excluded = [np.array(sorted({i for e in seq for i in items_of.get(_text_key(all_texts[e]), ())}),
+                                 dtype=np.int64) for seq in seqs]
         out = []
         for row, seq in enumerate(excluded):
             if exclude_history:

@@ -186,6 +186,18 @@ def test_item_texts_score_as_the_same_items_by_id_whatever_else_is_in_the_call(r
     assert printed.out == "" and "texts.txt:2: entry 1 is an empty item text" in printed.err
 
 
+def test_a_history_given_by_title_leaves_that_item_out(run, unseen_catalog):
+    """Only an item's full rendered text ("Title Brand: B Category: C") matched: a user who typed the title, as the
+    README's example does, was recommended that very item."""
+    cfg, out, _, _ = run
+    model = load_recommender(out / "models" / "ties.safetensors", cache_dir=cfg.encoder.cache_dir)
+    catalog = load_domain(unseen_catalog).catalog
+    title = catalog.fields[3]["title"]
+    assert title != catalog.texts()[3]  # the synthetic catalog's items have a brand and a category too
+    recs = model.recommend([[f"  {title.upper()} "]], k=len(catalog), catalog=catalog, texts=True)[0]
+    assert catalog.ids[3] not in {r.item for r in recs} and len(recs) == len(catalog) - 1
+
+
 def test_recommend_refuses_unknown_item_ids(run, unseen_catalog, capsys):
     cfg, out, _, _ = run
     assert main(["recommend", "--model", str(out / "models" / "ties.safetensors"), "--catalog", str(unseen_catalog),
