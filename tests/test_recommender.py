@@ -469,6 +469,28 @@ def test_histories_are_read_once_and_checked_by_row(run, saved_copy, unseen_cata
         model.recommend([list(catalog.ids[:1])], k=3, catalog=42)
 
 
+def test_a_histories_file_with_no_history_or_not_utf8_is_named(run, saved_copy, unseen_catalog, tmp_path, capsys):
+    """Blank lines only printed nothing and exited 0; a Latin-1 file failed with a codec error naming no file."""
+    args = ["recommend", "--model", str(saved_copy), "--catalog", str(unseen_catalog), "--cache-dir",
+            run[0].encoder.cache_dir, "--histories"]
+    blank, latin = tmp_path / "blank.txt", tmp_path / "latin.txt"
+    blank.write_text("\n  \n")
+    latin.write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    assert main([*args, str(blank)]) == 1
+    assert f"--histories {blank} holds no history" in capsys.readouterr().err
+    assert main([*args, str(latin)]) == 1
+    assert f"--histories {latin}: cannot read it as UTF-8 text" in capsys.readouterr().err
+
+
+def test_a_catalog_with_an_id_twice_is_refused():
+    """One built in Python (the file loaders refuse it) mapped the id to its last index: recommend returned the
+    history's own item."""
+    from fedmerge.data import ItemCatalog
+
+    with pytest.raises(DataError, match=r"catalog lists 1 item id\(s\) more than once, e.g. \['a'\]"):
+        ItemCatalog(ids=("a", "b", "a"), fields=({"title": "hello"}, {"title": "world"}, {"title": "foo"}))
+
+
 def test_evaluate_takes_a_path_defaults_to_the_cards_split_and_checks_ks(run, saved_copy):
     cfg, _, results, folders = run
     domain = next(iter(folders))

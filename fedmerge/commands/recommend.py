@@ -100,8 +100,14 @@ def run_recommend(args: argparse.Namespace) -> int:
             if not recs:
                 print("no item left: the history holds every item of the catalog (--include-history ranks them too)")
         return 0
-    lines = [(n, line) for n, line in enumerate(args.histories.read_text(encoding="utf-8").splitlines(), 1)
-             if line.strip()]
+    try:
+        text = args.histories.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:  # a bare "'utf-8' codec can't decode byte 0xe9" named no file
+        raise DataError(f"--histories {args.histories}: cannot read it as UTF-8 text ({exc})") from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:  # printed nothing and exited 0; an empty --history is refused
+        raise DataError(f"--histories {args.histories} holds no history (one per line: item ids, comma-separated, "
+                        "or a JSON list)")
     histories = [parse_history(line, args.texts, f"{args.histories}:{n}") for n, line in lines]
     if not args.texts:  # every id checked before the first line is printed: no partial output on a bad later line
         known = set(catalog.ids)

@@ -85,6 +85,10 @@ class ItemCatalog:
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.fields):
             raise DataError(f"catalog has {len(self.ids)} ids but {len(self.fields)} text records")
+        if len(set(self.ids)) != len(self.ids):  # the loaders refuse them; one built in Python mapped an id to its last
+            seen: set[str] = set()
+            twice = [i for i in self.ids if i in seen or seen.add(i)]
+            raise DataError(f"catalog lists {len(twice)} item id(s) more than once, e.g. {sorted(set(twice))[:3]}")
         empty = [self.ids[i] for i, f in enumerate(self.fields) if not item_text(f)]
         if empty:
             raise DataError(f"{len(empty)} catalog items have no text, e.g. {empty[:3]}")
