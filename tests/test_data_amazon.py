@@ -276,8 +276,10 @@ def test_real_data_fixture_accepts_unpacked_folders_without_readme(amazon_dir, t
 def test_concat_keeps_missing_targets(tmp_path):
     from fedmerge.data import concat_domains
 
+    from dataclasses import replace
+
     tiny = load_amazon_domain(write_folder(tmp_path))
-    joint = concat_domains([tiny, tiny])
+    joint = concat_domains([tiny, replace(tiny, name="Other")])  # one domain twice: its ids clash, refused
     assert joint.val_target.tolist() == [2, 0, -1, 6, 4, -1]
     assert joint.test_target.tolist() == [3, 1, -1, 7, 5, -1]
 
