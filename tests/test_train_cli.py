@@ -156,3 +156,19 @@ def test_trained_weights_come_with_a_card_that_recommend_and_evaluate_read(domai
     assert main(["recommend", "--model", str(out / "weights.safetensors"), "--catalog", str(domain_dir),
                  "--history", "synth-0-i00000,synth-0-i00001", "-k", "3", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["recommendations"]) == 3
+
+
+def test_a_family_reading_more_than_50_items_is_trained_and_evaluated_at_its_own_max_len(tmp_path, monkeypatch):
+    """fedmerge train (and text-LAE's λ search) evaluated the last 50 items of each history whatever the family
+    reads: metrics.json and the card differed from fedmerge evaluate of the same weights."""
+    from fedmerge.recommender import load_recommender
+
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    domain = make_synthetic_domains(n_domains=1, n_users=60, n_items=40, n_topics=4, min_len=70, max_len=90, seed=1)[0]
+    data = save_generic_domain(domain, tmp_path / "long")
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(data), "--model", "text-lae", "--encoder", "hashing", "--out", str(out),
+                 "--set", "lam=[0.1,10]", "--set", "max_len=80"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    again = load_recommender(out / "weights.safetensors").evaluate(data)
+    assert {k: report[k] for k in again} == again

@@ -170,7 +170,8 @@ class TextLAEFamily(ModelFamily):
             best_value = -np.inf
             for lam in tqdm(grid, desc=f"text-lae {domain.name} λ", disable=not progress):
                 weights = {"W": torch.from_numpy(basis.solve(lam, prior).astype(np.float32))}
-                value = evaluate_scorer(self.scorer(weights, item_features), domain, split="val")[SELECTION_METRIC]
+                value = evaluate_scorer(self.scorer(weights, item_features), domain, split="val",
+                                        max_len=self.max_len)[SELECTION_METRIC]
                 validation.append({"lam": lam, f"val_{SELECTION_METRIC}": value})
                 logger.info("text-lae %s λ=%g: val %s %.4f", domain.name, lam, SELECTION_METRIC, value)
                 if value > best_value:

@@ -99,9 +99,10 @@ def train_and_evaluate(
     if model not in model_names():  # before reading any data
         raise FedmergeError(f"unknown model {model!r}; valid: {', '.join(model_names())}{FAMILIES.failures()}")
     if model in FAMILIES:  # bad parameters, and a missing encoder model folder, fail before the output folder is touched
-        get_family(model, **params)
+        max_len = get_family(model, **params).max_len  # evaluated as it reads histories (the run's clients do too)
         needs_encoder = True  # its model card names the encoder
     else:
+        max_len = 50  # the in-domain recommenders read whole histories; 50 as evaluate_scorer's default
         needs_encoder = get_recommender(model, **params).needs_embeddings
     if needs_encoder:
         from fedmerge.text import get_encoder
@@ -118,7 +119,7 @@ def train_and_evaluate(
         else:
             scorer, report = train_recommender(model, params, domain, encoder)
         start = time.perf_counter()
-        metrics = evaluate_scorer(scorer, domain, split="test")
+        metrics = evaluate_scorer(scorer, domain, split="test", max_len=max_len)
         if "weights" in report:
             from fedmerge.recommender import update_card
 
