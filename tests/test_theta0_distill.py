@@ -119,3 +119,35 @@ def test_a_client_gets_the_other_training_catalogs_only():
     (features,) = public_catalog_features(cfg, "synth-0")
     expected = cfg.encoder.item_features(cfg.load_catalog("synth-1"), cfg.model.make_family())
     torch.testing.assert_close(features, expected)
+
+
+def test_fedavg_rounds_distill_towards_theta0_not_the_rounds_model(monkeypatch, tmp_path):
+    """A FedAvg round starts from the round's global model, and the teacher was built from the start: from round 2
+    on the term distilled towards the previous round's aggregate, not θ₀ (amazon-unseen runs 2 rounds)."""
+    from fedmerge.config import apply_overrides
+    from fedmerge.models import theta0_distill
+    from fedmerge.runners.inprocess import run_inprocess
+    from fedmerge.runners.server import initial_weights
+    from fedmerge.storage import weights_digest
+    from tests.test_federation import TINY
+
+    cfg = apply_overrides(load_scenario("quickstart", [*TINY, f"encoder.cache_dir={tmp_path / 'cache'}"]), [
+        "model.params.theta0_distill=1.0", "baselines.joint=false", "baselines.fedavg_rounds=2",
+        'merge.methods=["average"]', "model.params.theta0_distill_users=4", "model.params.theta0_distill_candidates=8"])
+    teachers: list[str] = []
+    real_init = theta0_distill.Theta0Distillation.__init__
+
+    def spy(self, teacher, *args, **kwargs):
+        teachers.append(weights_digest(teacher.state_dict()))
+        real_init(self, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(theta0_distill.Theta0Distillation, "__init__", spy)
+    results = run_inprocess(cfg, tmp_path / "run")
+    assert results["status"] == "ok" and len(teachers) == 3 * 3  # 3 clients × (one-shot + 2 FedAvg rounds)
+    assert len(set(teachers)) == 1  # every teacher is the one-shot round's: θ₀
+    from fedmerge.runners.client import client_train
+
+    domain = cfg.load_domain("synth-0")
+    with pytest.raises(FedmergeError, match=r"FedAvg round 1: local training distills towards θ₀, which the train "
+                                            r"request did not carry \('theta0'\)"):
+        client_train(domain, initial_weights(cfg), cfg, round_index=1)

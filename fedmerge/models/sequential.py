@@ -1345,11 +1345,14 @@ class SequentialFamily(ModelFamily):
         seed: int = 0,
         progress: bool = True,
         public_features: Sequence[torch.Tensor] = (),
+        distill_teacher: StateDict | None = None,
     ) -> tuple[StateDict, dict[str, Any]]:
         """AdamW on all-position next-item loss from ``theta0``; early stopping on val NDCG@10; best weights.
 
         ``public_features``: item features of the other training domains' public catalogs, read only with
-        ``theta0_distill > 0`` (:mod:`fedmerge.models.theta0_distill`), which refuses to run without them."""
+        ``theta0_distill > 0`` (:mod:`fedmerge.models.theta0_distill`), which refuses to run without them.
+        ``distill_teacher``: the run's θ₀, which that term distills towards, when training starts elsewhere (a FedAvg
+        round starts from the round's global model; it distilled towards that model); default ``theta0``."""
         windows = training_windows(domain.train, self.max_len)
         if not windows:
             raise FedmergeError(f"domain {domain.name!r} has no training sequence with two or more items")
@@ -1370,7 +1373,8 @@ class SequentialFamily(ModelFamily):
             from fedmerge.models.theta0_distill import Theta0Distillation
 
             with torch.random.fork_rng(devices=[]):  # building a module draws its (then replaced) initial weights
-                teacher = self.load(theta0, features.shape[-1]).to(features.device)
+                teacher = self.load(theta0 if distill_teacher is None else distill_teacher,
+                                    features.shape[-1]).to(features.device)
             distill = Theta0Distillation(teacher, [f.to(features.device, torch.float32) for f in public_features],
                                          self.theta0_distill_temperature, self.theta0_distill_users,
                                          self.theta0_distill_candidates, seed)

@@ -160,14 +160,15 @@ class UpdateMemo:
 
     @staticmethod
     def key(family: ModelFamily, theta0: StateDict, domain: Domain, features: torch.Tensor, seed: int,
-            public_features: list[torch.Tensor] | None) -> tuple[str, ...]:
+            public_features: list[torch.Tensor] | None, distill_teacher: StateDict | None = None) -> tuple[str, ...]:
         import json
 
         from fedmerge.storage import weights_digest
 
         public = () if public_features is None else tuple(weights_digest({"f": f}) for f in public_features)
+        teacher = () if distill_teacher is None else ("teacher:" + weights_digest(distill_teacher),)
         return (family.name, json.dumps(family.config(), sort_keys=True, default=str), weights_digest(theta0),
-                domain.interactions_digest(), weights_digest({"f": features}), str(seed), *public)
+                domain.interactions_digest(), weights_digest({"f": features}), str(seed), *public, *teacher)
 
 
 _update_memo: UpdateMemo | None = None
@@ -187,14 +188,17 @@ def reusing_updates() -> Iterator[UpdateMemo]:
 def nonprivate_update(
     family: ModelFamily, theta0: StateDict, domain: Domain, features: torch.Tensor, *, seed: int,
     progress: bool = False, public_features: list[torch.Tensor] | None = None,
+    distill_teacher: StateDict | None = None,
 ) -> tuple[StateDict, dict[str, Any]]:
     """``family.train`` on the domain (before any DP), or inside :func:`reusing_updates` the update already trained
     for the same inputs (a new dict of the same tensors, which nothing downstream modifies in place)."""
-    public = {} if public_features is None else {"public_features": public_features}
+    public: dict[str, Any] = {} if public_features is None else {"public_features": public_features}
+    if distill_teacher is not None:
+        public["distill_teacher"] = distill_teacher
     memo = _update_memo
     if memo is None:
         return family.train(theta0, domain, features, seed=seed, progress=progress, **public)
-    key = memo.key(family, theta0, domain, features, seed, public_features)
+    key = memo.key(family, theta0, domain, features, seed, public_features, distill_teacher)
     if key in memo.updates:
         memo.reused += 1
         logger.info("%s: non-private update of training seed %d already trained in this process, reused",
@@ -210,12 +214,15 @@ def client_train(
     domain: Domain, theta0: StateDict, cfg: Scenario, round_index: int = 0,
     extra_params: Mapping[str, Any] | None = None, features: torch.Tensor | None = None,
     public_features: list[torch.Tensor] | None = None, memory: ClientMemory | None = None,
+    distill_teacher: StateDict | None = None,
 ) -> tuple[StateDict, dict[str, Any]]:
     """Train from ``theta0`` on the domain; under ``privacy.enabled`` through
     :func:`fedmerge.privacy.client.private_train` (the one DP call site: domain- or user-level). A family that
     :attr:`~fedmerge.models.base.ModelFamily.trains_on_public_catalogs` also gets the other training domains' public
-    catalogs (``public_features``, else :func:`public_catalog_features`). ``memory``: what the client keeps between
-    its releases and never sends (:func:`release_noise_seed`); None for a client that ships one release."""
+    catalogs (``public_features``, else :func:`public_catalog_features`) and, in a FedAvg round (``round_index``
+    > 0, training from the round's model), the run's θ₀ it distills towards (``distill_teacher``, required there).
+    ``memory``: what the client keeps between its releases and never sends (:func:`release_noise_seed`); None for a
+    client that ships one release."""
     torch.set_num_threads(thread_count(cfg.run.torch_threads))
     family = cfg.model.make_family(extra_params)
     if features is None:
@@ -224,6 +231,11 @@ def client_train(
     if family.trains_on_public_catalogs:
         public["public_features"] = (public_catalog_features(cfg, domain.name) if public_features is None
                                      else public_features)
+        if round_index > 0 and distill_teacher is None:  # the round's model is no θ₀: it distilled towards that
+            raise FedmergeError(f"FedAvg round {round_index}: local training distills towards θ₀, which the train "
+                                f"request did not carry ({protocol.THETA0!r})")
+        if distill_teacher is not None:
+            public["distill_teacher"] = distill_teacher
     seed = client_seed(cfg, domain.name, round_index)
     if cfg.privacy.enabled:
         from fedmerge.privacy.client import private_train
@@ -356,10 +368,12 @@ class ClientState:
             round_index, fedavg = self.train_round(content, config)
             theta = protocol.from_record(content.array_records[protocol.GLOBAL])
             local = self.cfg.baselines.fedavg_local_params if fedavg else None
+            teacher = (protocol.from_record(content.array_records[protocol.THETA0])
+                       if fedavg and protocol.THETA0 in content.array_records else None)
             start = time.perf_counter()
             weights, metrics = client_train(
                 self.domain, theta, self.cfg, round_index, extra_params=local, features=self.features,
-                public_features=self.public_features, memory=self.memory,
+                public_features=self.public_features, memory=self.memory, distill_teacher=teacher,
             )
             if self.cfg.privacy.enabled:
                 self.memory[released_key(round_index)] = 1

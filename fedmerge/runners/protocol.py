@@ -27,6 +27,7 @@ ROUND = "round"  # CONFIG key: the training round (0 for the one-shot training)
 PHASE_ONESHOT, PHASE_FEDAVG, PHASE_EVALUATE = "oneshot", "fedavg", "evaluate"
 INFO = "info"  # ConfigRecord sent by a client: its domain name
 GLOBAL = "global"  # ArrayRecord sent for training: the starting weights
+THETA0 = "theta0"  # ArrayRecord sent with a FedAvg round's training when local training distills towards θ₀
 WEIGHTS = "weights"  # ArrayRecord replied after training
 TRAIN_METRICS = "train_metrics"  # MetricRecord replied after training
 MODEL_PREFIX = "model:"  # ArrayRecord per model to evaluate, keyed MODEL_PREFIX + model name

@@ -474,10 +474,14 @@ class Federation:
         return replies
 
     def train_requests(self, weights: StateDict, phase: str, round_index: int) -> dict[str, RecordDict]:
-        """One training request per training domain: the starting weights and (phase, round)."""
-        record = protocol.to_record(weights)
-        config = ConfigRecord({protocol.PHASE: phase, protocol.ROUND: round_index})
-        return {d: RecordDict({protocol.GLOBAL: record, protocol.CONFIG: config}) for d in self.train_domains}
+        """One training request per training domain: the starting weights and (phase, round); in a FedAvg round
+        whose local training distills towards θ₀ (``theta0_distill``), θ₀ too — the start is the round's model."""
+        records = {protocol.GLOBAL: protocol.to_record(weights),
+                   protocol.CONFIG: ConfigRecord({protocol.PHASE: phase, protocol.ROUND: round_index})}
+        if phase == protocol.PHASE_FEDAVG and self.cfg.model.make_family(
+                self.cfg.baselines.fedavg_local_params).trains_on_public_catalogs:
+            records[protocol.THETA0] = protocol.to_record(self.theta0)
+        return {d: RecordDict(dict(records)) for d in self.train_domains}
 
     def accept_update(
         self, domain: str, content: RecordDict, label: str | None = None
