@@ -358,6 +358,18 @@ def test_testtime_merge_is_skipped_with_a_warning_when_its_teacher_client_was_le
     assert merged == {} and report == {"synth-2": {"skipped": "teacher 'synth-1' has no usable update"}}
 
 
+def test_a_held_out_catalog_the_testtime_merge_cannot_use_skips_that_merge_only(cfg):
+    """A held-out catalog of fewer items than pseudo_user_length failed the whole run after every client had
+    trained; now that test-time merge is left out with its reason."""
+    from fedmerge.runners.server import testtime_merges
+
+    held = apply_overrides(cfg, ['data.held_out=["synth-2"]', 'merge.methods=["mergerec_testtime"]',
+                                 "model.params.max_len=40", "merge.mergerec.pseudo_user_length=31"])  # 30 items
+    theta0 = initial_weights(held)
+    merged, report = testtime_merges(theta0, {"synth-0": theta0, "synth-1": theta0}, held)
+    assert merged == {} and "pseudo_user_length 31 exceeds the catalog's 30 items" in report["synth-2"]["skipped"]
+
+
 def test_the_testtime_merge_does_not_depend_on_the_order_the_replies_arrived_in(cfg):
     """Flower hands the updates over in arrival order: λ's rows, DARE's masks and the pseudo-users followed it, so two
     runs of one seed gave other test-time merges (merge_replies sorted its input; this path did not)."""
