@@ -9,7 +9,8 @@ the scenario's ``model.params`` (epochs, early stopping): every client starts fr
 same-group items together and fine-tunes it.
 
 A held-out domain's catalog is not used (it is known only at test time). The pretraining is deterministic given the
-run seed, so every party can rebuild the same θ₀.
+run seed, so every party can rebuild the same θ₀ — unless ``model.params.max_seconds`` cuts it (the shipped Amazon
+scenarios set 1200 s as a safety net): a cut depends on the machine, and the run records it in its warnings.
 """
 
 from __future__ import annotations
