@@ -185,7 +185,7 @@ def test_reference_models_train_on_the_target_size_or_the_whole_pool(population)
         reference_models(lambda d, s: {}, reference, 1, 201)
 
 
-def test_online_shadow_models_put_each_candidate_in_half_of_them_at_the_target_size(population):
+def test_online_shadow_models_put_each_candidate_in_half_of_them_at_the_target_size(population, caplog):
     """Each candidate is IN exactly K/2 shadow models; each model trains on its IN candidates plus reference users
     up to the target's size (all of the pool when short), on seeds seed + k; an odd K is refused."""
     members, nonmembers, reference = population
@@ -200,8 +200,11 @@ def test_online_shadow_models_put_each_candidate_in_half_of_them_at_the_target_s
         ins = [tuple(candidates.train[j]) for j in np.flatnonzero(inside[k])]
         assert users[: len(ins)] == ins and not Counter(users[len(ins):]) - pool  # fill: distinct pool users
     short = []
-    _, quarters = online_shadow_models(lambda d, s: short.append(d.n_users) or {}, candidates, reference, 4, 1000)
+    with caplog.at_level("WARNING"):  # a pool too small to fill them was silent, and the report said "target's size"
+        _, quarters = online_shadow_models(lambda d, s: short.append(d.n_users) or {}, candidates, reference, 4, 1000)
     assert short == [n + 200 for n in quarters.sum(axis=1)]  # its IN candidates, then the whole pool of 200
+    assert (f"fills the shadow models to {min(short)}-{max(short)} users only, fewer than the target's 1000"
+            in caplog.text)
     for odd_or_few in (2, 3):
         with pytest.raises(ValueError, match="even number of shadow models >= 4"):
             online_shadow_models(lambda d, s: {}, candidates, reference, odd_or_few, 100)

@@ -448,6 +448,14 @@ def test_load_study_routes_study_keys_and_names_bad_ones(tiny_scenario):
     assert load_study(str(tiny_scenario), ['privacy_study.metric="ndcg@10_masked"'])[1].metric == "ndcg@10_masked"
     with pytest.raises(FedmergeError, match=r"run.seeds does not apply to a privacy study: set privacy_study.seeds"):
         load_study(str(tiny_scenario), ["run.seeds=[0, 1]"])
+    # a repeated ε or unit, or two ε of one label, passed and stopped the study at the second cell (after hours);
+    # an ε no noise reaches passed and failed mid-study with the accountant's bare "privacy budget is too low"
+    with pytest.raises(FedmergeError, match=r"privacy_study.epsilons \[2.0, 2.0\] name one cell \(ε = 2, "):
+        load_study(str(tiny_scenario), ["privacy_study.epsilons=[inf, 2.0, 2.0]"])
+    with pytest.raises(FedmergeError, match=r"privacy_study.epsilons \[1.0, 1.0000001\] name one cell"):
+        load_study(str(tiny_scenario), ["privacy_study.epsilons=[1.0, 1.0000001]"])
+    with pytest.raises(FedmergeError, match=r"privacy_study.units lists \['domain'\] more than once"):
+        load_study(str(tiny_scenario), ["privacy_study.units=['domain', 'domain']"])
 
 
 @pytest.mark.parametrize("name", ["privacy", "privacy-seq", "privacy-seq-adapter"])
@@ -689,6 +697,21 @@ SEQUENTIAL_STUDY = TINY_STUDY.replace('family = "text-lae"', 'family = "sequenti
 ).replace("fedavg_rounds = 0", "fedavg_rounds = 1").replace(
     "clip_norm = 0.05", "sample_rate = 0.25"
 ).replace("probe_max_users = 20", "probe_max_users = 20\nunits = [\"domain\", \"user\"]\nreference_models = 1")
+
+
+def test_an_epsilon_no_noise_reaches_is_refused_when_the_study_loads(tmp_path, monkeypatch):
+    """User-level DP-SGD at ε = 0.1, δ = 1e-5 is out of the RDP accountant's reach: accepted at load, the study
+    failed after the earlier cells had trained, with opacus' bare 'The privacy budget is too low.'"""
+    from fedmerge.errors import FedmergeError
+    from fedmerge.privacy.study import load_study
+
+    monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "seq.toml"
+    path.write_text(SEQUENTIAL_STUDY)
+    load_study(str(path), ["privacy_study.units=['user']", "privacy_study.epsilons=[inf, 8.0]"])
+    with pytest.raises(FedmergeError, match=r"privacy.unit = 'user', ε = 0.1, δ = 1e-05\): no noise multiplier "
+                                            r"reaches this ε"):
+        load_study(str(path), ["privacy_study.units=['user']", "privacy_study.epsilons=[inf, 8.0, 0.1]"])
 
 
 @pytest.mark.slow
@@ -1109,3 +1132,13 @@ def test_every_dp_mechanism_draws_its_unseeded_noise_seed_one_way():
     drawn = {noise_generator_seed(None) for _ in range(20)}
     assert len(drawn) == 20 and all(0 <= s < 2**62 for s in drawn)
     torch.Generator().manual_seed(max(drawn) + 1)  # a second generator's seed is still valid
+
+
+def test_the_report_says_the_online_lira_shadow_models_size_as_recorded():
+    """privacy.md said "shadow models of the target's size" whatever their size (member_fraction > 0.5 leaves too
+    small a pool to fill them)."""
+    from fedmerge.privacy.study import shadow_size
+
+    assert shadow_size({"members": 42, "shadow_model_users": [42, 42]}) == "the target's size (42 users)"
+    assert shadow_size({"members": 42, "shadow_model_users": [21, 27]}).startswith("21-27 users (the target has 42")
+    assert shadow_size({"members": 42}) == "the target's size (intended; not recorded)"

@@ -228,6 +228,11 @@ def online_shadow_models(
         logger.warning("online LiRA: %d IN candidates per shadow model exceed the target's %d users: the shadow models "
                        "train on more users than the target (probe fewer users, or raise member_fraction)",
                        int(inside.sum(axis=1).max()), users_per_model)
+    sizes = np.minimum(np.maximum(inside.sum(axis=1), users_per_model), inside.sum(axis=1) + pool.n_users)
+    if (sizes < users_per_model).any():  # the pool cannot fill them: smaller shadow models bias μ (see above)
+        logger.warning("online LiRA: the attacker's pool of %d users fills the shadow models to %d-%d users only, "
+                       "fewer than the target's %d (a smaller member_fraction leaves a larger pool)", pool.n_users,
+                       int(sizes.min()), int(sizes.max()), users_per_model)
     models = []
     for k in range(n_models):
         members = np.flatnonzero(inside[k])

@@ -15,8 +15,9 @@ rest) and the attacker's reference users (all other users); a client trains on t
 recipe, and the attacks of :mod:`fedmerge.privacy.attacks` (loss, offline LiRA with ``reference_models`` reference
 models trained with the same recipe on as many reference users as the client has, or all of them when they are
 fewer, gradient alignment with the task vector over the weights training moved, and with ``online_lira_models`` > 0
-online LiRA: that many shadow models of the target's size, each probed candidate IN half of them) score ``probe_max_users`` members
-against as many non-members on the weights the client would ship: AUC and TPR at 0.1 % / 1 % FPR, mean and interval over seeds. The probed sequences
+online LiRA: that many shadow models of the target's size as far as the attacker's pool fills them — recorded as
+``shadow_model_users`` —, each probed candidate IN half of them) score up to ``probe_max_users`` members against up
+to as many non-members (at most half the held-out users) on the weights the client would ship: AUC and TPR at 0.1 % / 1 % FPR, mean and interval over seeds. The probed sequences
 are the ones the family fits its targets on (:meth:`~fedmerge.models.base.ModelFamily.fitted_sequences`: the training
 sequences for the sequential family, train + validation items for the text-LAE), so a member's last probed item is
 one the client trained on; the loss attack and LiRA score ``probe_positions``, gradient alignment every position.
@@ -118,13 +119,17 @@ def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, 
                             f"{list(cfg.run.seeds)} (each cell runs once per study seed)")
     validate_study(study, cfg)
     settings = settings_from_mapping(study)
-    for unit in settings.units:  # every DP cell's scenario passes the scenario checks before any cell trains
-        for epsilon in {e for e in settings.epsilons if not math.isinf(e)}:
+    for unit in settings.units:  # every DP cell passes the scenario checks and gets its noise before any cell trains
+        for epsilon in sorted({e for e in settings.epsilons if not math.isinf(e)}):
             try:
-                dp_scenario(cfg, unit, epsilon, settings.delta, settings.seeds[0])
+                dp_config(cfg, unit, epsilon, settings.delta, settings.seeds[0])
             except FedmergeError as err:
                 raise FedmergeError(f"{path}: the study's DP cells (privacy.unit = {unit!r}, ε = {epsilon:g}) "
                                     f"are refused: {err}") from err
+            except ValueError as err:  # the accountant cannot reach ε at any noise (it failed mid-study, bare)
+                raise FedmergeError(f"{path}: the study's DP cells (privacy.unit = {unit!r}, ε = {epsilon:g}, "
+                                    f"δ = {settings.delta:g}): no noise multiplier reaches this ε ({err}); raise ε "
+                                    "or δ, or change privacy.accountant / the sampling") from err
     return cfg, settings
 
 
@@ -151,9 +156,19 @@ def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
         raise FedmergeError(f"{STUDY_SECTION}.epsilons must be a non-empty list of numbers > 0 (inf allowed), got {eps!r}")
     if not 0 < float(study["delta"]) < 1:
         raise FedmergeError(f"{STUDY_SECTION}.delta must lie in (0, 1), got {study['delta']!r}")
+    labels: dict[str, list[Any]] = {}
+    for e in eps:
+        labels.setdefault(epsilon_label(float(e)), []).append(e)
+    clash = next((values for values in labels.values() if len(values) > 1), None)
+    if clash:  # one cell's run folder and attack file for both: the study stopped at the second, after hours
+        raise FedmergeError(f"{STUDY_SECTION}.epsilons {clash} name one cell (ε = {epsilon_label(float(clash[0]))}, "
+                            "6 significant digits): list each ε once")
     units = study["units"]
     if not isinstance(units, list | tuple) or not units or any(u not in UNITS for u in units):
         raise FedmergeError(f"{STUDY_SECTION}.units must be a non-empty list of {list(UNITS)}, got {units!r}")
+    if len(set(units)) < len(units):
+        raise FedmergeError(f"{STUDY_SECTION}.units lists {sorted({u for u in units if units.count(u) > 1})} more than "
+                            "once")
     if "user" in units:
         try:
             check_user_level(cfg)
@@ -393,14 +408,31 @@ def attack_record(
         shadows, inside = online_shadow_models(attacker_model, candidates, reference, int(study.online_lira_models),
                                                members.n_users, seed=seed + ONLINE_SEED_OFFSET)
     attacks = {"references": refs, "positions": positions, "shadows": shadows, "inside": inside}
+    shadow_users = {}
+    if inside is not None:  # each shadow: its IN candidates, filled from the pool up to the target's size if it can
+        in_counts = inside.sum(axis=1)
+        filled = in_counts + np.clip(members.n_users - in_counts, 0, reference.n_users)
+        shadow_users = {"shadow_model_users": [int(filled.min()), int(filled.max())]}
     return {
         "sizes": {"members": members.n_users, "nonmembers": nonmembers.n_users, "reference": reference.n_users,
-                  "reference_model_users": users_per_reference,
+                  "reference_model_users": users_per_reference, **shadow_users,
                   "probed_per_group": [len(member_seqs), len(nonmember_seqs)]},
         "scores": run_attacks(family, theta0, shipped, features, member_seqs, nonmember_seqs, **attacks),
         "theta0": run_attacks(family, theta0, theta0, features, member_seqs, nonmember_seqs, **attacks)
         if control else None,
     }
+
+
+def shadow_size(probe: Mapping[str, Any]) -> str:
+    """The online LiRA shadow models' size as a report says it: "the target's size" only when every one reached it
+    (a pool too small for member_fraction > 0.5 fills them less; files before 2026-12-07 did not record it)."""
+    lo, hi = probe.get("shadow_model_users", (None, None))
+    target = probe.get("members")
+    if lo is None:
+        return "the target's size (intended; not recorded)"
+    if lo == hi == target:
+        return f"the target's size ({target} users)"
+    return f"{lo}-{hi} users (the target has {target}: not the target's size, see the run's warnings)"
 
 
 def check_no_earlier_attacks(out_dir: Path, study: PrivacyStudySettings) -> None:
@@ -564,8 +596,8 @@ def markdown_table(utility: Sequence[Mapping[str, Any]], probe: Mapping[str, Any
         f"{' over the weights training moved' if probe.get('protocol') == PROBE_PROTOCOL else ''}; LiRA with "
         f"{probe['reference_models']} reference models of {probe.get('reference_model_users', '?')} users each, "
         f"the target client's {probe.get('members', '?')} users)"
-        + (f"; online LiRA with {probe[ONLINE_KEY]} shadow models of the target's size, each candidate IN half of "
-           "them" if probe.get(ONLINE_KEY) else "")
+        + (f"; online LiRA with {probe[ONLINE_KEY]} shadow models of {shadow_size(probe)}, each candidate IN half "
+           "of them" if probe.get(ONLINE_KEY) else "")
         + f"; AUC against θ₀: {control or '-'}."
     )
     # rows whose one-shot release carries less than the row's ε (a noisy Gram drawn once: all of it)
