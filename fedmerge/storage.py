@@ -144,11 +144,11 @@ def run_folder(
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         earlier = earlier_entries(out)
         listed = f"{', '.join(p.name for p in earlier[:5])}{', ...' if len(earlier) > 5 else ''}"
-        if earlier and not used_before and not resume:
+        if earlier and not used_before:  # --resume too: its lock stayed, and a later --overwrite emptied the folder
             lock_path.unlink(missing_ok=True)  # a refused folder stays as it was (the lock would mark it a run's)
             raise FedmergeError(
                 f"{out} holds files no fedmerge run left ({listed}; it has no {LOCK_FILE}): choose another output "
-                "folder (--overwrite deletes only what an earlier run left there)"
+                "folder (--overwrite deletes only what an earlier run left there, --resume resumes only a run)"
             )
         if earlier and set_aside:
             _move_aside(out, earlier)

@@ -591,6 +591,7 @@ def test_deploy_local_bad_inputs_fail_before_starting_anything(tmp_path):
     used = tmp_path / "used"
     (used / "results").mkdir(parents=True)
     (used / "results" / "results.json").write_text("{}")
+    (used / ".fedmerge.lock").touch()  # as the earlier run left it
     with pytest.raises(FedmergeError, match=rf"run folder {used} already holds an earlier run's files \(results\)"):
         deploy_local("quickstart", used, app_dir=app)
     assert (used / "results" / "results.json").read_text() == "{}" and not (used / "processes.json").exists()

@@ -74,7 +74,7 @@ def test_overwrite_never_empties_a_folder_no_run_has_held(tmp_path, capsys):
     (home / "notes.txt").write_text("keep me")
     args = ["simulate", "quickstart", "--engine", "inprocess", "--out", str(home)]
     args += [item for o in [*TINY, f"encoder.cache_dir={tmp_path / 'cache'}"] for item in ("--set", o)]
-    for flags in ([], ["--overwrite"]):
+    for flags in ([], ["--resume"], ["--overwrite"]):  # --resume left its lock, and the --overwrite after it emptied
         assert main([*args, *flags]) != 0
         assert "holds files no fedmerge run left (notes.txt, thesis; it has no .fedmerge.lock)" in capsys.readouterr().err
     assert sorted(p.name for p in home.iterdir()) == ["notes.txt", "thesis"]
@@ -133,6 +133,7 @@ def test_an_unfinished_run_is_not_set_aside_while_a_run_holds_its_folder(tmp_pat
     folder = tmp_path / "seed-0"
     (folder / "clients").mkdir(parents=True)
     (folder / "clients" / "a.safetensors").write_bytes(b"trained")
+    (folder / LOCK_FILE).touch()  # an earlier run's folder
     with run_folder(folder, resume=True):  # the live run
         with pytest.raises(FedmergeError, match="in use by another run"):
             with run_folder(folder, set_aside=True):
