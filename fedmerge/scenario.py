@@ -365,11 +365,14 @@ class Scenario:
         if self.merge.lists_mergerec():
             from fedmerge.merging.mergerec import check_item_side
 
+            config = self.mergerec_config("task")
             try:
-                check_item_side(family.build(self.encoder.feature_width(family)), family.name,
-                                self.mergerec_config("task").item_side)
+                check_item_side(family.build(self.encoder.feature_width(family)), family.name, config.item_side)
             except ValueError as exc:
                 raise FedmergeError(f"merge.mergerec: {exc}") from exc
+            if config.pseudo_user_length > family.max_len:  # failed at the merge, after every client trained
+                raise FedmergeError(f"merge.mergerec.pseudo_user_length = {config.pseudo_user_length} exceeds the "
+                                    f"{family.max_len} items the {family.name!r} model reads (model.params.max_len)")
         return family
 
     def mergerec_config(self, granularity: str) -> MergeRecConfig:

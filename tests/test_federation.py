@@ -364,10 +364,17 @@ def test_a_held_out_catalog_the_testtime_merge_cannot_use_skips_that_merge_only(
     from fedmerge.runners.server import testtime_merges
 
     held = apply_overrides(cfg, ['data.held_out=["synth-2"]', 'merge.methods=["mergerec_testtime"]',
-                                 "model.params.max_len=40", "merge.mergerec.pseudo_user_length=31"])  # 30 items
+                                 "model.params.max_len=40", "merge.mergerec.pseudo_user_length=31",  # 30 items
+                                 "merge.testtime.include_seen=false"])
     theta0 = initial_weights(held)
     merged, report = testtime_merges(theta0, {"synth-0": theta0, "synth-1": theta0}, held)
-    assert merged == {} and "pseudo_user_length 31 exceeds the catalog's 30 items" in report["synth-2"]["skipped"]
+    assert merged == {} and report["synth-2"]["skipped"] == ("its catalog has 30 items, fewer than "
+                                                             "merge.mergerec.pseudo_user_length = 31")
+    # a setting no catalog decides still fails the run, now before any client trains
+    too_long = apply_overrides(held, ["model.params.max_len=8", "merge.mergerec.pseudo_user_length=10"])
+    with pytest.raises(FedmergeError, match=r"pseudo_user_length = 10 exceeds the 8 items the 'sequential' model "
+                                            r"reads \(model.params.max_len\)"):
+        too_long.make_checked_family()
 
 
 def test_the_testtime_merge_does_not_depend_on_the_order_the_replies_arrived_in(cfg):

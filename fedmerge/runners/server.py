@@ -314,12 +314,20 @@ def testtime_merges(
         return {}, {h: {"skipped": f"teacher {teacher!r} has no usable update"} for h in held_out}
     for h in held_out:
         start = time.perf_counter()
+        catalog = cfg.load_catalog(h)
+        if len(catalog) < config.pseudo_user_length:  # known only now (a new catalog): costs only its own merge
+            reason = (f"its catalog has {len(catalog)} items, fewer than merge.mergerec.pseudo_user_length = "
+                      f"{config.pseudo_user_length}")
+            logger.warning("%s for %s is left out: %s", TESTTIME_METHOD, h, reason)
+            reports[h] = {"skipped": reason}
+            continue
         try:
             merged[h], report = mergerec_for_new_catalog(
-                family, theta0, dict(models), seen, h, cfg.encoder.item_features(cfg.load_catalog(h), family),
+                family, theta0, dict(models), seen, h, cfg.encoder.item_features(catalog, family),
                 config, teacher=testtime.teacher, include_seen=testtime.include_seen)
-        except (ValueError, NumericalError) as exc:  # a diverged merge, a catalog it cannot use (fewer items than
-            # pseudo_user_length): costs only itself, not the run's trained updates and other merges
+        except ValueError as exc:
+            raise FedmergeError(f"merge.testtime ({h}): {exc}") from exc
+        except NumericalError as exc:  # a diverged test-time merge costs only itself
             logger.warning("%s for %s failed and is left out: %s", TESTTIME_METHOD, h, exc)
             reports[h] = {"skipped": str(exc)}
             continue
