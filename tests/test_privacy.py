@@ -626,7 +626,7 @@ def test_privacy_run_resume_keeps_what_an_interrupted_study_finished(tiny_scenar
     import fedmerge.runners as runners
     import fedmerge.runners.client as client_module
     from fedmerge.cli import main
-    from fedmerge.privacy.study import PrivacyStudySettings
+    from fedmerge.privacy.study import PrivacyStudySettings, shadow_size
 
     out = tmp_path / "out"
     command = ["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(out)]
@@ -685,7 +685,9 @@ def test_privacy_run_resume_keeps_what_an_interrupted_study_finished(tiny_scenar
     online = json.loads(record.read_text())
     assert online["settings"]["online_lira_models"] == 4 and "lira_online" in online["scores"]
     assert "online LiRA with 4 shadow models" in (out / "privacy.md").read_text()
-    assert json.loads((out / "privacy.json").read_text())["probe"]["online_lira_models"] == 4
+    probe = json.loads((out / "privacy.json").read_text())["probe"]
+    assert probe["online_lira_models"] == 4 and len(probe["shadow_model_users"]) == 2  # its real sizes, recorded
+    assert f"shadow models of {shadow_size(probe)}" in (out / "privacy.md").read_text()
     assert "online_lira_models" not in whole["probe"]  # recorded only when on: older studies pool with newer ones
     for few in (2, 3):
         assert main([*command, "--resume", "--set", f"privacy_study.online_lira_models={few}"]) == 1

@@ -208,6 +208,13 @@ def lira_online_scores(target: np.ndarray, statistics: np.ndarray, inside: np.nd
     return log_in - log_out
 
 
+def shadow_model_sizes(inside: np.ndarray, users_per_model: int, pool_users: int) -> np.ndarray:
+    """Users each online LiRA shadow model trains on: its IN candidates, filled from the attacker's pool of
+    ``pool_users`` up to ``users_per_model`` (the target's size) as far as the pool allows."""
+    in_counts = inside.sum(axis=1)
+    return in_counts + np.clip(users_per_model - in_counts, 0, pool_users)
+
+
 def online_shadow_models(
     train: Callable[[Domain, int], StateDict], candidates: Domain, pool: Domain, n_models: int, users_per_model: int,
     seed: int = 0,
@@ -228,7 +235,7 @@ def online_shadow_models(
         logger.warning("online LiRA: %d IN candidates per shadow model exceed the target's %d users: the shadow models "
                        "train on more users than the target (probe fewer users, or raise member_fraction)",
                        int(inside.sum(axis=1).max()), users_per_model)
-    sizes = np.minimum(np.maximum(inside.sum(axis=1), users_per_model), inside.sum(axis=1) + pool.n_users)
+    sizes = shadow_model_sizes(inside, users_per_model, pool.n_users)
     if (sizes < users_per_model).any():  # the pool cannot fill them: smaller shadow models bias μ (see above)
         logger.warning("online LiRA: the attacker's pool of %d users fills the shadow models to %d-%d users only, "
                        "fewer than the target's %d (a smaller member_fraction leaves a larger pool)", pool.n_users,

@@ -374,7 +374,9 @@ def attack_record(
     """One (cell, seed) of the attacks: a client trains on the members of domain ``name`` with the cell's recipe
     (``run_cfg``), the attacker's reference models on its own users; ``{"sizes", "scores", "theta0"}``, the last the
     same attacks against θ₀ (the chance control) when ``control``, else None."""
-    from fedmerge.privacy.attacks import online_shadow_models, reference_model_users, reference_models, run_attacks
+    from fedmerge.privacy.attacks import (
+        online_shadow_models, reference_model_users, reference_models, run_attacks, shadow_model_sizes,
+    )
     from fedmerge.privacy.membership import split_members, split_users, subset_users, union_users
     from fedmerge.runners.client import client_train
     from fedmerge.runners.server import initial_weights
@@ -409,9 +411,8 @@ def attack_record(
                                                members.n_users, seed=seed + ONLINE_SEED_OFFSET)
     attacks = {"references": refs, "positions": positions, "shadows": shadows, "inside": inside}
     shadow_users = {}
-    if inside is not None:  # each shadow: its IN candidates, filled from the pool up to the target's size if it can
-        in_counts = inside.sum(axis=1)
-        filled = in_counts + np.clip(members.n_users - in_counts, 0, reference.n_users)
+    if inside is not None:
+        filled = shadow_model_sizes(inside, members.n_users, reference.n_users)
         shadow_users = {"shadow_model_users": [int(filled.min()), int(filled.max())]}
     return {
         "sizes": {"members": members.n_users, "nonmembers": nonmembers.n_users, "reference": reference.n_users,
@@ -476,7 +477,8 @@ def attack_sweep(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path | Non
             per_seed.append(record["scores"])
             if record["theta0"] is not None:
                 controls.append(record["theta0"])
-            sizes = record["sizes"]
+            shadow = [*sizes.get("shadow_model_users", []), *record["sizes"].get("shadow_model_users", [])]
+            sizes = {**record["sizes"], **({"shadow_model_users": [min(shadow), max(shadow)]} if shadow else {})}
         # the attacks see the one-shot release only: its own ε, below the cell's ε when FedAvg rounds add releases
         # (except with a noisy Gram drawn once, whose one release is the whole ε)
         attacked = run_epsilon(run_cfg, z, 1) if z > 0 else None
