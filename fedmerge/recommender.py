@@ -315,7 +315,10 @@ class LoadedRecommender:
                     raise DataError(f"history {row}: entry {empty[0]} is an empty item text (entries are item "
                                     "texts with texts=True / --texts)")
             extra = [str(t) for h in histories for t in h]
-            full = ItemCatalog(ids=(*base.ids, *(f"text:{i}" for i in range(len(extra)))),
+            prefix = "text:"  # the history texts' ids: any prefix no catalog id has
+            while any(i.startswith(prefix) for i in base.ids):
+                prefix = "_" + prefix
+            full = ItemCatalog(ids=(*base.ids, *(f"{prefix}{i}" for i in range(len(extra)))),
                                fields=(*base.fields, *({"title": t} for t in extra)))
             seqs, offset = [], n
             for h in histories:

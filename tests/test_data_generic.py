@@ -321,9 +321,10 @@ def test_a_lone_surrogate_in_item_text_is_replaced_and_the_catalog_encodes(tmp_p
     from fedmerge.text.encoder import get_encoder
 
     folder = write_generic(tmp_path / "d", ["u1,i0,1", "u1,i1,2", "u1,i0,3"])
-    (folder / "items.jsonl").write_text('{"id": "i0", "title": "Baby blanket \\ud83d"}\n{"id": "i1", "title": "Toy car"}\n')
+    (folder / "items.jsonl").write_text('{"id": "i0", "title": "Baby blanket \\ud83d"}\n'
+                                        '{"id": "i1", "title": "Toy car", "br\\ud83dnd": "x"}\n')  # a field name too
     catalog = load_catalog(folder)
-    assert catalog.fields[0]["title"] == "Baby blanket \ufffd"
+    assert catalog.fields[0]["title"] == "Baby blanket \ufffd" and "br\ufffdnd" in catalog.fields[1]
     assert encode_catalog(get_encoder("hashing"), catalog, cache=False).shape[0] == 2
     with pytest.raises(DataError, match=r"1 catalog items have a lone surrogate in their text .*\['a'\]"):
         ItemCatalog(ids=("a",), fields=({"title": "Baby blanket \ud83d"},))

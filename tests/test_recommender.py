@@ -479,7 +479,9 @@ def test_a_histories_file_with_no_history_or_not_utf8_is_named(run, saved_copy, 
     assert main([*args, str(blank)]) == 1
     assert f"--histories {blank} holds no history" in capsys.readouterr().err
     assert main([*args, str(latin)]) == 1
-    assert f"--histories {latin}: cannot read it as UTF-8 text" in capsys.readouterr().err
+    assert f"--histories {latin}: not UTF-8 text" in capsys.readouterr().err
+    assert main([*args, str(tmp_path / "missing.txt")]) == 1
+    assert "missing.txt: cannot read it (No such file or directory)" in capsys.readouterr().err
 
 
 def test_a_catalog_with_an_id_twice_is_refused():

@@ -102,8 +102,10 @@ def run_recommend(args: argparse.Namespace) -> int:
         return 0
     try:
         text = args.histories.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:  # a bare "'utf-8' codec can't decode byte 0xe9" named no file
-        raise DataError(f"--histories {args.histories}: cannot read it as UTF-8 text ({exc})") from None
+    except UnicodeDecodeError as exc:  # a bare "'utf-8' codec can't decode byte 0xe9" named no file
+        raise DataError(f"--histories {args.histories}: not UTF-8 text ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"--histories {args.histories}: cannot read it ({exc.strerror or exc})") from None
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:  # printed nothing and exited 0; an empty --history is refused
         raise DataError(f"--histories {args.histories} holds no history (one per line: item ids, comma-separated, "

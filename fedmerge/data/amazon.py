@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fedmerge.checks import is_integer
-from fedmerge.data.domain import Domain, ItemCatalog, as_sequences, field_text, item_text
+from fedmerge.data.domain import Domain, ItemCatalog, as_sequences, field_text, item_text, valid_text
 from fedmerge.data.generic import INTERACTIONS_FILE, ITEMS_FILE, DuplicateKey, unique_keys
 from fedmerge.errors import DataError
 
@@ -180,7 +180,8 @@ def _catalog(smap: Any, meta: Any, label: str) -> ItemCatalog:
     for asin in ids:  # values as the generic format reads them (field_text): no "nan", "True" or "['a', 'b']"
         record = meta.get(asin)
         try:
-            texts = {str(k): field_text(v) for k, v in record.items()} if isinstance(record, Mapping) else {}
+            texts = ({valid_text(str(k)): field_text(v) for k, v in record.items()} if isinstance(record, Mapping)
+                     else {})
             fields.append({k: t for k, t in texts.items() if t})  # empty values left out, as the generic reader does
         except TypeError:
             raise DataError(f"{label}/meta_data.json: item {asin!r}: a field is a JSON object; give text, a number "

@@ -29,6 +29,11 @@ SPLITS: tuple[str, ...] = typing.get_args(Split)  # what a split may be named (e
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half of an emoji cut off: JSON's "\\ud83d" reads as one
 
 
+def valid_text(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD (for field names and values alike)."""
+    return LONE_SURROGATE.sub("\ufffd", text)
+
+
 def field_text(value: object) -> str:
     """The text of one catalog field value as JSON holds it: strings stripped, numbers and booleans as JSON writes
     them (every digit), (nested) lists joined with ", "; None, NaN, ±inf and empty values give "". TypeError for a
@@ -56,7 +61,7 @@ def field_text(value: object) -> str:
         return repr(value) if math.isfinite(value) else ""
     if isinstance(value, dict):
         raise TypeError("a JSON object")
-    return LONE_SURROGATE.sub("\ufffd", str(value)).strip()
+    return valid_text(str(value)).strip()
 
 
 def item_text(fields: Mapping[str, str]) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmerge.data.domain import Domain, ItemCatalog, as_sequences, field_text, item_text
+from fedmerge.data.domain import Domain, ItemCatalog, as_sequences, field_text, item_text, valid_text
 from fedmerge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def read_items_jsonl(file: Path) -> ItemCatalog:
                     raise DataError(f"{file}:{line_no}: item {item_id!r}: field {key!r} is a JSON object; give text, "
                                     "a number or a list of them") from None
                 if text:
-                    text_fields[str(key)] = text
+                    text_fields[valid_text(str(key))] = text
             if not item_text(text_fields):
                 raise DataError(f"{file}:{line_no}: item {item_id!r} has no text fields (every record is an item each "
                                 "model ranks, used or not: give it some text or remove the line)")

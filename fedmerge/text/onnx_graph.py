@@ -175,8 +175,12 @@ class OnnxTransformer:
             aside = self.path.with_name(self.path.name + ".corrupt")
             logger.warning("the cached ONNX graph %s cannot be loaded (%s: %s): set aside as %s and exported again",
                            self.path, type(exc).__name__, exc, aside)
-            os.replace(self.path, aside)
-            build_graph(model_source, tokenizer, self.path)
+            try:
+                os.replace(self.path, aside)
+            except FileNotFoundError:  # another process (a parallel client) set it aside first
+                pass
+            if not self.path.is_file():
+                build_graph(model_source, tokenizer, self.path)
             try:
                 self.session = onnxruntime.InferenceSession(str(self.path), options,
                                                             providers=["CPUExecutionProvider"])
