@@ -701,19 +701,23 @@ SEQUENTIAL_STUDY = TINY_STUDY.replace('family = "text-lae"', 'family = "sequenti
 ).replace("probe_max_users = 20", "probe_max_users = 20\nunits = [\"domain\", \"user\"]\nreference_models = 1")
 
 
-def test_an_epsilon_no_noise_reaches_is_refused_when_the_study_loads(tmp_path, monkeypatch):
-    """User-level DP-SGD at ε = 0.1, δ = 1e-5 is out of the RDP accountant's reach: accepted at load, the study
-    failed after the earlier cells had trained, with opacus' bare 'The privacy budget is too low.'"""
+def test_an_epsilon_no_noise_reaches_is_refused_before_any_cell_trains(tmp_path, monkeypatch):
+    """User-level DP-SGD at ε = 0.1, δ = 1e-5 is out of the RDP accountant's reach: the study failed after the
+    earlier cells had trained, with opacus' bare 'The privacy budget is too low.'"""
     from fedmerge.errors import FedmergeError
-    from fedmerge.privacy.study import load_study
+    from fedmerge.privacy import study as study_module
 
     monkeypatch.setenv("FEDMERGE_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "seq.toml"
     path.write_text(SEQUENTIAL_STUDY)
-    load_study(str(path), ["privacy_study.units=['user']", "privacy_study.epsilons=[inf, 8.0]"])
+    trained = []
+    monkeypatch.setattr(study_module, "utility_sweep", lambda *a, **k: trained.append(a) or [])
+    cfg, study = study_module.load_study(str(path), ["privacy_study.units=['user']",
+                                                     "privacy_study.epsilons=[inf, 8.0, 0.1]"])
     with pytest.raises(FedmergeError, match=r"privacy.unit = 'user', ε = 0.1, δ = 1e-05\): no noise multiplier "
                                             r"reaches this ε"):
-        load_study(str(path), ["privacy_study.units=['user']", "privacy_study.epsilons=[inf, 8.0, 0.1]"])
+        study_module.run_study(cfg, study, tmp_path / "out", part="utility")
+    assert trained == []
 
 
 @pytest.mark.slow

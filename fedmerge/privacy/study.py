@@ -119,18 +119,28 @@ def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, 
                             f"{list(cfg.run.seeds)} (each cell runs once per study seed)")
     validate_study(study, cfg)
     settings = settings_from_mapping(study)
-    for unit in settings.units:  # every DP cell passes the scenario checks and gets its noise before any cell trains
+    for unit in settings.units:  # every DP cell's scenario passes the scenario checks before any cell trains
         for epsilon in sorted({e for e in settings.epsilons if not math.isinf(e)}):
             try:
-                dp_config(cfg, unit, epsilon, settings.delta, settings.seeds[0])
+                dp_scenario(cfg, unit, epsilon, settings.delta, settings.seeds[0])
             except FedmergeError as err:
                 raise FedmergeError(f"{path}: the study's DP cells (privacy.unit = {unit!r}, ε = {epsilon:g}) "
                                     f"are refused: {err}") from err
-            except ValueError as err:  # the accountant cannot reach ε at any noise (it failed mid-study, bare)
-                raise FedmergeError(f"{path}: the study's DP cells (privacy.unit = {unit!r}, ε = {epsilon:g}, "
-                                    f"δ = {settings.delta:g}): no noise multiplier reaches this ε ({err}); raise ε "
-                                    "or δ, or change privacy.accountant / the sampling") from err
     return cfg, settings
+
+
+def check_noise_reaches(cfg: Scenario, study: PrivacyStudySettings) -> None:
+    """FedmergeError naming the first DP cell whose ε no noise multiplier reaches (the accountant's refusal came
+    mid-study, bare, after the earlier cells had trained); run where the study runs, before any cell trains (the
+    accountants import torch, which :func:`load_study` — the launcher's — does not)."""
+    for unit in study.units:
+        for epsilon in sorted({e for e in study.epsilons if not math.isinf(e)}):
+            try:
+                dp_config(cfg, unit, epsilon, float(study.delta), study.seeds[0])
+            except ValueError as err:
+                raise FedmergeError(f"the study's DP cells (privacy.unit = {unit!r}, ε = {epsilon:g}, δ = "
+                                    f"{float(study.delta):g}): no noise multiplier reaches this ε ({err}); raise ε or "
+                                    "δ, or change privacy.accountant / the sampling") from err
 
 
 def settings_from_mapping(study: Mapping[str, Any]) -> PrivacyStudySettings:
@@ -943,6 +953,7 @@ def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwri
     if overwrite and resume:
         raise FedmergeError("--resume keeps an earlier study's runs and --overwrite replaces them; pass only one")
     check_output_folder(out_dir)
+    check_noise_reaches(cfg, study)
     if part != "utility" and not resume and not overwrite:
         check_no_earlier_attacks(out_dir, study)
     from fedmerge.runners.client import reusing_updates
