@@ -94,10 +94,11 @@ class ItemCatalog:
             seen: set[str] = set()
             twice = [i for i in self.ids if i in seen or seen.add(i)]
             raise DataError(f"catalog lists {len(twice)} item id(s) more than once, e.g. {sorted(set(twice))[:3]}")
-        empty = [self.ids[i] for i, f in enumerate(self.fields) if not item_text(f)]
+        texts = [item_text(f) for f in self.fields]
+        empty = [self.ids[i] for i, text in enumerate(texts) if not text]
         if empty:
             raise DataError(f"{len(empty)} catalog items have no text, e.g. {empty[:3]}")
-        broken = [self.ids[i] for i, f in enumerate(self.fields) if LONE_SURROGATE.search(item_text(f))]
+        broken = [self.ids[i] for i, text in enumerate(texts) if LONE_SURROGATE.search(text)]
         if broken:  # the loaders replace them (field_text); a catalog built in Python failed in the encoder
             raise DataError(f"{len(broken)} catalog items have a lone surrogate in their text (not a character; "
                             f"fedmerge.data.domain.field_text replaces it), e.g. {broken[:3]}")

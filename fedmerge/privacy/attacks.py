@@ -243,7 +243,7 @@ def online_shadow_models(
     models = []
     for k in range(n_models):
         members = np.flatnonzero(inside[k])
-        fill = int(np.clip(users_per_model - len(members), 0, pool.n_users))
+        fill = int(sizes[k]) - len(members)
         extra = np.sort(rng.choice(pool.n_users, size=fill, replace=False))
         parts = [subset_users(candidates, members, candidates.name)] if len(members) else []
         if fill:

@@ -119,13 +119,12 @@ def load_study(scenario: str, overrides: Sequence[str] = ()) -> tuple[Scenario, 
                             f"{list(cfg.run.seeds)} (each cell runs once per study seed)")
     validate_study(study, cfg)
     settings = settings_from_mapping(study)
-    for unit in settings.units:  # every DP cell's scenario passes the scenario checks before any cell trains
-        for epsilon in sorted({e for e in settings.epsilons if not math.isinf(e)}):
-            try:
-                dp_scenario(cfg, unit, epsilon, settings.delta, settings.seeds[0])
-            except FedmergeError as err:
-                raise FedmergeError(f"{path}: the study's DP cells (privacy.unit = {unit!r}, ε = {epsilon:g}) "
-                                    f"are refused: {err}") from err
+    for unit, epsilon in dp_cells(settings):  # every DP cell's scenario passes the scenario checks before any trains
+        try:
+            dp_scenario(cfg, unit, epsilon, settings.delta, settings.seeds[0])
+        except FedmergeError as err:
+            raise FedmergeError(f"{path}: the study's DP cells (privacy.unit = {unit!r}, ε = {epsilon:g}) "
+                                f"are refused: {err}") from err
     return cfg, settings
 
 
@@ -133,14 +132,13 @@ def check_noise_reaches(cfg: Scenario, study: PrivacyStudySettings) -> None:
     """FedmergeError naming the first DP cell whose ε no noise multiplier reaches (the accountant's refusal came
     mid-study, bare, after the earlier cells had trained); run where the study runs, before any cell trains (the
     accountants import torch, which :func:`load_study` — the launcher's — does not)."""
-    for unit in study.units:
-        for epsilon in sorted({e for e in study.epsilons if not math.isinf(e)}):
-            try:
-                dp_config(cfg, unit, epsilon, float(study.delta), study.seeds[0])
-            except ValueError as err:
-                raise FedmergeError(f"the study's DP cells (privacy.unit = {unit!r}, ε = {epsilon:g}, δ = "
-                                    f"{float(study.delta):g}): no noise multiplier reaches this ε ({err}); raise ε or "
-                                    "δ, or change privacy.accountant / the sampling") from err
+    for unit, epsilon in dp_cells(study):
+        try:
+            dp_config(cfg, unit, epsilon, float(study.delta), study.seeds[0])
+        except ValueError as err:
+            raise FedmergeError(f"the study's DP cells (privacy.unit = {unit!r}, ε = {epsilon:g}, δ = "
+                                f"{float(study.delta):g}): no noise multiplier reaches this ε ({err}); raise ε or δ, "
+                                "or change privacy.accountant / the sampling") from err
 
 
 def settings_from_mapping(study: Mapping[str, Any]) -> PrivacyStudySettings:
@@ -257,6 +255,11 @@ def cells(study: PrivacyStudySettings) -> list[tuple[str, float]]:
     eps = [float(e) for e in study.epsilons]
     out = [(NO_DP, math.inf)] if any(math.isinf(e) for e in eps) else []
     return out + [(u, e) for u in study.units for e in eps if not math.isinf(e)]
+
+
+def dp_cells(study: PrivacyStudySettings) -> list[tuple[str, float]]:
+    """The :func:`cells` with DP on: every unit × finite ε."""
+    return [(unit, epsilon) for unit, epsilon in cells(study) if unit != NO_DP]
 
 
 def utility_sweep(

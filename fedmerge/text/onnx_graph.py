@@ -169,8 +169,12 @@ class OnnxTransformer:
         # idle worker threads sleep instead of spinning: on a shared CPU the spinning took cores from the busy ones
         # (600 Beauty items, load ≈ 6, 4 interleaved repeats: 1.32x against 1.16x of torch float32, one-off)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+        def open_session() -> Any:
+            return onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+
         try:
-            self.session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            self.session = open_session()
         except Exception as exc:  # a damaged cached graph (cut short, overwritten) failed every later run
             aside = self.path.with_name(self.path.name + ".corrupt")
             logger.warning("the cached ONNX graph %s cannot be loaded (%s: %s): set aside as %s and exported again",
@@ -182,8 +186,7 @@ class OnnxTransformer:
             if not self.path.is_file():
                 build_graph(model_source, tokenizer, self.path)
             try:
-                self.session = onnxruntime.InferenceSession(str(self.path), options,
-                                                            providers=["CPUExecutionProvider"])
+                self.session = open_session()
             except Exception as again:
                 raise FedmergeError(f"cannot load the ONNX graph {self.path} exported from {model_source!r}: "
                                     f"{type(again).__name__}: {again}") from again
