@@ -377,6 +377,26 @@ def test_a_held_out_catalog_the_testtime_merge_cannot_use_skips_that_merge_only(
         too_long.make_checked_family()
 
 
+def test_a_training_catalog_smaller_than_the_pseudo_users_fails_the_run_before_any_client_trains(cfg, tmp_path):
+    """MergeRec's pseudo-users of pseudo_user_length distinct items from a training catalog of fewer items failed
+    the whole run at the merge, after every client had trained; the catalogs are public, so the server now refuses
+    the setting when it starts, naming the domain."""
+    small = apply_overrides(cfg, ['merge.methods=["average", "mergerec_taskwise"]', "model.params.max_len=40",
+                                  "merge.mergerec.pseudo_user_length=31", "baselines.joint=false"])  # 30 items
+    with pytest.raises(FedmergeError, match=r"pseudo_user_length = 31 exceeds the 30 items of training domain "
+                                            r"'synth-0'"):
+        run_federation(small, InProcessTransport(small), out_dir=tmp_path)
+    assert not list(tmp_path.rglob("*.safetensors")) and not (tmp_path / "results.json").exists()
+    # a test-time merge that leaves the seen catalogs out does not need them
+    testtime_only = apply_overrides(small, ['data.held_out=["synth-2"]', 'merge.methods=["mergerec_testtime"]',
+                                            "merge.testtime.include_seen=false"])
+    from fedmerge.runners.server import check_training_catalogs
+
+    check_training_catalogs(testtime_only)
+    with pytest.raises(FedmergeError, match="training domain 'synth-0'"):
+        check_training_catalogs(apply_overrides(testtime_only, ["merge.testtime.include_seen=true"]))
+
+
 def test_the_testtime_merge_does_not_depend_on_the_order_the_replies_arrived_in(cfg):
     """Flower hands the updates over in arrival order: λ's rows, DARE's masks and the pseudo-users followed it, so two
     runs of one seed gave other test-time merges (merge_replies sorted its input; this path did not)."""

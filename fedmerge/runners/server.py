@@ -1022,6 +1022,26 @@ def saved_training(out_dir: Path, name: str) -> TrainMetrics | None:
     return dict(training) if isinstance(training, Mapping) else None
 
 
+def check_training_catalogs(cfg: Scenario) -> None:
+    """FedmergeError when a training domain's public catalog has fewer items than a MergeRec pseudo-user needs
+    (``merge.mergerec.pseudo_user_length`` distinct items): the merge failed the whole run after every client had
+    trained. Only merges that read the training catalogs count (the in-run MergeRec merges, the test-time merge
+    with ``include_seen``); a held-out catalog that is too small costs only its own test-time merge."""
+    from fedmerge.merging.mergerec_config import MERGEREC_METHODS
+
+    methods = cfg.merge.methods
+    if not (any(m in MERGEREC_METHODS for m in methods)
+            or (TESTTIME_METHOD in methods and cfg.data.held_out_domains() and cfg.merge.testtime.include_seen)):
+        return
+    length = cfg.mergerec_config("task").pseudo_user_length
+    for domain in cfg.data.training_domains():
+        n_items = len(cfg.load_catalog(domain))
+        if n_items < length:
+            raise FedmergeError(f"merge.mergerec.pseudo_user_length = {length} exceeds the {n_items} items of "
+                                f"training domain {domain!r}'s catalog: each MergeRec pseudo-user is that many "
+                                "distinct items of one catalog; lower it")
+
+
 def run_federation(
     cfg: Scenario, transport: Transport, out_dir: str | Path | None = None, resume: bool = False
 ) -> dict[str, Any]:
@@ -1034,6 +1054,7 @@ def run_federation(
 
     if resume and out_dir is None:
         raise FedmergeError("resume needs the output folder of the earlier run")
+    check_training_catalogs(cfg)  # before θ₀ and every client train
     torch.set_num_threads(server_threads(cfg))
     out_path = Path(out_dir) if out_dir is not None else None
     fingerprint = fingerprint_metadata(cfg)
