@@ -309,14 +309,15 @@ def validate(cfg: Scenario) -> None:
     stems: dict[str, list[str]] = {}
     for name in names:
         try:
-            stems.setdefault(safe_file_stem(name), []).append(name)
+            stems.setdefault(safe_file_stem(name).casefold(), []).append(name)  # case-insensitive file systems
         except ValueError as exc:
             raise FedmergeError(f"domain name {name!r}: {exc}; rename the domain") from None
     clashing = [group for group in stems.values() if len(group) > 1]
     if clashing:  # "x a" and "x_a": one client's saved weights and card replaced the other's, the run ended ok
         raise FedmergeError(f"domain names {clashing[0]} give one file name ({safe_file_stem(clashing[0][0])!r}: "
-                            "characters other than letters, digits and .-_ become _), so their clients' saved "
-                            "weights would overwrite each other; rename a domain")
+                            "characters other than letters, digits and .-_ become _, and letter case is one on "
+                            "macOS and Windows file systems), so their clients' saved weights would overwrite each "
+                            "other; rename a domain")
     reserved = [d for d in names if d in RESERVED_DOMAIN_NAMES]
     if reserved:
         raise FedmergeError(f"domain name(s) {reserved} are reserved: results.json keeps {list(RESERVED_DOMAIN_NAMES)} "

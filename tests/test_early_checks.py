@@ -74,6 +74,10 @@ def test_domain_names_that_give_one_file_name_are_refused():
     """"x a" and "x_a" saved their clients' weights into one file: one replaced the other and the run ended ok."""
     with pytest.raises(FedmergeError, match=r"domain names \['x a', 'x_a'\] give one file name \('x_a'"):
         load_scenario("quickstart", ['data.source="generic"', 'data.root="/tmp"', 'data.domains=["x a", "x_a"]'])
+    # on a case-insensitive file system (macOS, Windows defaults) "Beauty" and "beauty" share one file too
+    with pytest.raises(FedmergeError, match=r"domain names \['Beauty', 'beauty'\] give one file name \('Beauty'.*"
+                                            r"letter case"):
+        load_scenario("quickstart", ['data.source="generic"', 'data.root="/tmp"', 'data.domains=["Beauty", "beauty"]'])
 
 
 def test_pretrained_theta0_with_the_unseen_item_fallback_is_refused():
