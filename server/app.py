@@ -18,14 +18,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.logs import configure_from_env
 from fedmerge.provenance import adopt_launcher_source
 from fedmerge.runners import results as results_io
-from fedmerge.runners.appconfig import (
-    HELD_KEY,
-    OUT_DIR_KEY,
-    OVERWRITE_KEY,
-    RESUME_KEY,
-    launcher_source,
-    scenario_from_run_config,
-)
+from fedmerge.runners.appconfig import folder_settings, launcher_source, scenario_from_run_config
 from fedmerge.runners.server import run_and_record
 from fedmerge.storage import run_folder
 from server.strategy import MergeStrategy
@@ -43,15 +36,15 @@ def build_server_app() -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         start = time.perf_counter()
         configure_from_env()
+        folder = folder_settings(context.run_config)  # before anything else: a quoted "false" is refused
         scenario = scenario_from_run_config(context.run_config)
         adopt_launcher_source(launcher_source(context.run_config))  # the FAB has no .git: the launcher's commit
-        target = Path(context.run_config.get(OUT_DIR_KEY, "") or f"runs/{scenario.run.name}")
-        resuming = bool(context.run_config.get(RESUME_KEY, False))
-        if context.run_config.get(HELD_KEY, False):  # `fedmerge simulate` holds the folder (lock, earlier files)
-            out = run(grid, scenario, target, resuming, start)
+        target = folder.target or Path(f"runs/{scenario.run.name}")
+        if folder.held:  # `fedmerge simulate` holds the folder (lock, earlier files)
+            out = run(grid, scenario, target, folder.resume, start)
         else:  # a plain `flwr run`: nobody else holds the folder or keeps the earlier results
-            with run_folder(target, resume=resuming, overwrite=bool(context.run_config.get(OVERWRITE_KEY, False))):
-                out = run(grid, scenario, target, resuming, start)
+            with run_folder(target, resume=folder.resume, overwrite=folder.overwrite):
+                out = run(grid, scenario, target, folder.resume, start)
                 print(results_io.run_summary(out, scenario.eval.primary))  # noqa: T201  (the user's only view of the results)
         if out["status"] != "ok":
             raise FedmergeError(f"federation failed (results: {target / results_io.RESULTS_FILE}): {out['errors']}")

@@ -855,3 +855,23 @@ def test_deploy_local_prints_the_tables_and_where_the_results_are(tmp_path, monk
     import json
 
     assert json.loads(capsys.readouterr().out)["status"] == "ok"
+
+
+@pytest.mark.parametrize("key", ["resume", "overwrite", "out-dir-held"])
+def test_a_run_config_flag_given_as_a_string_is_refused_not_read_as_true(tmp_path, key):
+    """`flwr run --run-config 'overwrite="false"'` keeps "false" a string (Flower checks keys, not types); the
+    ServerApp read it with bool(), so "false" was true: an earlier run's folder was emptied, a "no" out-dir-held
+    skipped the folder's lock and checks."""
+    from flwr.common.config import fuse_dicts, parse_config_args
+
+    from fedmerge.runners.appconfig import folder_settings
+
+    defaults = {"out-dir": "runs/x", "resume": False, "overwrite": False, "out-dir-held": False}
+    quoted = fuse_dicts(defaults, parse_config_args([f'out-dir="{tmp_path}" {key}="false"']))
+    with pytest.raises(FedmergeError, match=rf"run config {key} = 'false' is not a boolean; give true or false "
+                                            "without quotes"):
+        folder_settings(quoted)
+    plain = fuse_dicts(defaults, parse_config_args([f'out-dir="{tmp_path}" {key}=true']))
+    settings = folder_settings(plain)
+    assert settings.target == tmp_path and {k: v for k, v in vars(settings).items() if v is True} == {
+        {"resume": "resume", "overwrite": "overwrite", "out-dir-held": "held"}[key]: True}

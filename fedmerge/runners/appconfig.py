@@ -4,7 +4,7 @@ Run-config keys (``[tool.flwr.app.config]`` in pyproject.toml, or ``flwr run . -
 (name or path), ``overrides`` (``;``-separated ``section.key=value`` items), ``out-dir`` (a relative path is
 relative to the SuperLink's working folder: pass an absolute one), ``resume`` (re-merge from the client weights
 saved in ``out-dir``) and ``overwrite`` (delete what an earlier run left in ``out-dir``; without it or ``resume`` a
-non-empty ``out-dir`` is refused); ``out-dir-held`` is set by ``fedmerge simulate``, which holds ``out-dir`` (lock,
+non-empty ``out-dir`` is refused; booleans, given unquoted: :func:`folder_settings`); ``out-dir-held`` is set by ``fedmerge simulate``, which holds ``out-dir`` (lock,
 earlier files, resume archive) around the run itself; ``source-commit`` and ``source-digest`` are the launcher's
 (:func:`fedmerge.provenance.source_commit`, :func:`~fedmerge.provenance.source_digest`), for the results' versions of
 a ServerApp that runs from the app bundle, outside any checkout.
@@ -13,10 +13,12 @@ a ServerApp that runs from the app bundle, outside any checkout.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedmerge.config import DEFAULT_SCENARIO, load_scenario, write_scenario
+from fedmerge.errors import FedmergeError
 from fedmerge.provenance import source_commit, source_digest
 from fedmerge.scenario import Scenario
 
@@ -52,3 +54,34 @@ def scenario_from_run_config(run_config: Mapping[str, Any]) -> Scenario:
     """The resolved scenario named by the run config (default: quickstart)."""
     overrides = [item.strip() for item in str(run_config.get(OVERRIDES_KEY, "")).split(";") if item.strip()]
     return load_scenario(str(run_config.get(SCENARIO_KEY, "") or DEFAULT_SCENARIO), overrides)
+
+
+@dataclass(frozen=True)
+class FolderSettings:
+    """Where the ServerApp writes and how it treats what is there (run-config keys ``out-dir``, ``resume``,
+    ``overwrite``, ``out-dir-held``); ``target`` is None when ``out-dir`` is unset (the scenario's run name decides)."""
+
+    target: Path | None
+    resume: bool
+    overwrite: bool
+    held: bool
+
+
+def run_config_flag(run_config: Mapping[str, Any], key: str) -> bool:
+    """Boolean run-config ``key`` (absent: False); FedmergeError for anything but a boolean. Flower checks the keys
+    of ``--run-config``, not their types: ``overwrite="false"`` arrives as a string, which ``bool()`` reads as true
+    (it emptied an earlier run's folder)."""
+    value = run_config.get(key, False)
+    if not isinstance(value, bool):
+        raise FedmergeError(f"run config {key} = {value!r} is not a boolean; give true or false without quotes")
+    return value
+
+
+def folder_settings(run_config: Mapping[str, Any]) -> FolderSettings:
+    """The output folder's settings from the run config, every flag checked (:func:`run_config_flag`)."""
+    out_dir = run_config.get(OUT_DIR_KEY, "")
+    if not isinstance(out_dir, str):
+        raise FedmergeError(f"run config {OUT_DIR_KEY} = {out_dir!r} is not a path; give it quoted")
+    return FolderSettings(target=Path(out_dir) if out_dir else None, resume=run_config_flag(run_config, RESUME_KEY),
+                          overwrite=run_config_flag(run_config, OVERWRITE_KEY),
+                          held=run_config_flag(run_config, HELD_KEY))
