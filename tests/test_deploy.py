@@ -333,6 +333,49 @@ def test_process_set_stops_processes_and_detached_descendants(tmp_path):
     assert (tmp_path / "processes.json").is_file()
 
 
+CRASHER = (  # a 'SuperLink' that starts a helper in its group and one in its own session, then exits with code 3
+    "import os, subprocess, sys, time\n"
+    "sleeper = [sys.executable, '-c', 'import time; time.sleep(120)']\n"
+    "same = subprocess.Popen(sleeper)\n"
+    "own = subprocess.Popen(sleeper, start_new_session=True)\n"
+    "print(same.pid, own.pid, flush=True)\n"
+    "while not os.path.exists(sys.argv[1]):\n"
+    "    time.sleep(0.05)\n"
+    "os._exit(3)\n"
+)
+
+
+def _pids_printed(log: Path, count: int) -> list[int]:
+    for _ in range(200):
+        words = log.read_text().split()
+        if len(words) >= count:
+            return [int(w) for w in words[:count]]
+        time.sleep(0.05)
+    raise AssertionError(f"{log} holds no {count} pids")
+
+
+def _wait_exit(proc) -> None:
+    deadline = time.monotonic() + 15
+    while proc.popen.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.popen.returncode == 3
+
+
+def test_process_set_stops_the_helpers_of_a_process_that_already_exited(tmp_path):
+    """A SuperLink that crashed left its helpers running: stop() skipped the group signal once it had a return code,
+    and the descendants of a dead pid are none (they were re-parented). Helpers seen while it ran (watch) and the
+    members of its process group are stopped now."""
+    flag = tmp_path / "crash"
+    with ProcessSet(tmp_path, grace_s=1.0) as procs:
+        proc = procs.start("crasher", [sys.executable, "-c", CRASHER, str(flag)])
+        same, own = _pids_printed(proc.log_path, 2)
+        procs.watch()
+        flag.touch()
+        _wait_exit(proc)
+        assert _alive(same) and _alive(own)
+    assert not _alive(same) and not _alive(own)
+
+
 def test_process_set_stops_on_error_and_kills_sigterm_ignorers(tmp_path):
     stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(120)"
     with pytest.raises(RuntimeError, match="boom"):
@@ -700,6 +743,38 @@ def test_sigkilled_deployer_leaves_no_process_behind(tmp_path):
     while (_alive(spawner) or _alive(child)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(spawner) and not _alive(child)
+
+
+CRASHED_THEN_KILLED_DEPLOYER = (
+    "import sys, time\n"
+    "from pathlib import Path\n"
+    "from fedmerge.deploy.processes import ProcessSet\n"
+    "with ProcessSet(sys.argv[1], grace_s=1.0) as procs:\n"
+    "    proc = procs.start('crasher', [sys.executable, '-c', sys.argv[2], sys.argv[3]])\n"
+    "    while len(proc.log_path.read_text().split()) < 2:\n"
+    "        time.sleep(0.05)\n"
+    "    procs.watch()\n"
+    "    Path(sys.argv[3]).touch()\n"
+    "    proc.popen.wait()\n"
+    "    print(proc.log_path.read_text().strip(), flush=True)\n"
+    "    time.sleep(120)\n"
+)
+
+
+def test_sigkilled_deployer_leaves_no_helper_of_a_crashed_process_behind(tmp_path):
+    """The supervisor skipped every recorded process that had exited, so a crashed SuperLink's helpers outlived a
+    SIGKILLed deployer; the helpers the deployer saw are in processes.json and stopped."""
+    deployer = subprocess.Popen(
+        [sys.executable, "-c", CRASHED_THEN_KILLED_DEPLOYER, str(tmp_path), CRASHER, str(tmp_path / "crash")],
+        stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, text=True)
+    same, own = (int(p) for p in deployer.stdout.readline().split())
+    assert _alive(same) and _alive(own)
+    deployer.kill()
+    deployer.wait()
+    deadline = time.monotonic() + 15
+    while (_alive(same) or _alive(own)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(same) and not _alive(own)
 
 
 def test_supervisor_signals_only_the_recorded_command(tmp_path):

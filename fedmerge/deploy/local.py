@@ -266,7 +266,8 @@ def _deploy(
         write_json_atomic(out / DEPLOYMENT_FILE, deployment)  # also for a run that fails
         progress = FolderProgress(cfg, results_dir, enabled=cfg.run.progress and not verbose_enabled())
         try:
-            status = flwr.wait(run_id, timeout_s, poll_s, check=link.check_alive, ready=progress.poll)
+            status = flwr.wait(run_id, timeout_s, poll_s, check=lambda: (procs.watch(), link.check_alive()),
+                               ready=progress.poll)  # watch: a crashed SuperLink's helpers are found and stopped
         except RunFailed as exc:
             raise RunFailed(f"{exc}{reported_errors(results_dir / RESULTS_FILE)}") from exc
         finally:

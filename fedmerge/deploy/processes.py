@@ -3,7 +3,9 @@
 :class:`ProcessSet` is a context manager: every process it starts is recorded (name, pid, command, log file) in
 ``<out>/processes.json``; on exit - normal, error or KeyboardInterrupt - each one is stopped by its pid:
 SIGTERM to its process group, then SIGKILL after a grace period. Flower's daemons spawn helpers (SuperExec) in
-their own sessions, so the descendants of each process are collected from /proc before the stop and signalled too.
+their own sessions, so the descendants of each process are collected from /proc before the stop and signalled too;
+:meth:`ProcessSet.watch` remembers them while their parent runs, so a process that crashed (its helpers re-parented,
+no longer its descendants) has them and its process group's members stopped all the same.
 
 A supervisor process (this module run with ``python -m``) guards against the deploying process dying without
 running that cleanup (SIGKILL, OOM kill): it blocks reading a pipe from the deploying process, and the kernel closes
@@ -78,6 +80,41 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (field 3, the state, first); None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot, /proc/PID/stat field 22): with the pid, it names one process,
+    never a later one given the same pid."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live pids in process group ``pgid`` (from /proc). A group id stays taken while a member lives, so after its
+    leader exits these are still that leader's helpers."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _stat_fields(int(entry.name))
+        if fields and int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def orphans(pid: int, seen: Mapping[int, int]) -> list[int]:
+    """What is left of a process that has exited (``pid`` no longer exists): the members of its process group and
+    the descendants ``seen`` while it ran (pid -> start time) that still run. Empty while ``pid`` exists: then
+    :func:`descendants` finds them, and a process now holding ``pid`` is another one."""
+    if _alive(pid):
+        return []
+    return sorted({*group_members(pid), *(p for p, started in seen.items() if start_time(p) == started)} - {pid})
+
+
 def _signal(pid: int, sig: signal.Signals, group: bool) -> None:
     try:
         if group:
@@ -131,6 +168,7 @@ class ProcessSet:
         self.env = dict(env) if env is not None else None
         self.grace_s = grace_s
         self.processes: list[ManagedProcess] = []
+        self.seen: dict[str, dict[int, int]] = {}  # process name -> its descendants seen so far (pid -> start time)
 
     def start(self, name: str, argv: Sequence[str], cwd: str | Path | None = None, echo: bool = False) -> ManagedProcess:
         """Start ``argv`` in a new session (own process group), stdout+stderr to ``<out>/logs/<name>.log`` (with
@@ -158,13 +196,33 @@ class ProcessSet:
 
         write_json_atomic(
             self.out_dir / RECORD_FILE,
-            [{"name": p.name, "pid": p.pid, "argv": p.argv, "log": str(p.log_path), "returncode": p.popen.poll()}
-             for p in self.processes],
+            [{"name": p.name, "pid": p.pid, "argv": p.argv, "log": str(p.log_path), "returncode": p.popen.poll(),
+              "descendants": sorted(self.seen.get(p.name, {}).items())} for p in self.processes],
         )
 
+    def watch(self) -> None:
+        """Remember (and record for the supervisor) the descendants of every process still running: once a process
+        exits (a crashed SuperLink) its helpers in their own sessions can no longer be found from its pid."""
+        for proc in self.processes:
+            if proc.popen.poll() is None:
+                known = self.seen.setdefault(proc.name, {})
+                for pid in descendants(proc.pid):
+                    started = start_time(pid)
+                    if started is not None:
+                        known.setdefault(pid, started)
+        self._record()
+
+    def _helpers(self, proc: ManagedProcess) -> list[int]:
+        """The pids to stop beside ``proc`` itself: its descendants now, or, once it has exited, what is left of it
+        (:func:`orphans`)."""
+        if proc.popen.poll() is None:
+            return descendants(proc.pid)
+        return orphans(proc.pid, self.seen.get(proc.name, {}))
+
     def stop(self, proc: ManagedProcess) -> int | None:
-        """Stop one process and its descendants by pid: SIGTERM (group), wait, then SIGKILL. Returns its exit code."""
-        extra = descendants(proc.pid)
+        """Stop one process and its descendants by pid: SIGTERM (group), wait, then SIGKILL. Returns its exit code.
+        A process that already exited has its helpers stopped all the same (:meth:`_helpers`)."""
+        extra = self._helpers(proc)
         if proc.popen.poll() is None:
             _signal(proc.pid, signal.SIGTERM, group=True)
         for pid in extra:
@@ -222,8 +280,8 @@ def _same_process(pid: int, argv: Sequence[str]) -> bool:
 
 def supervise(record: Path, grace_s: float = STOP_GRACE_S) -> list[int]:
     """Block until stdin reaches end-of-file, then stop every process of ``record`` that has no return code and
-    still runs its command, with all its descendants (collected before any signal): SIGTERM, then SIGKILL after
-    ``grace_s``. Returns the pids it signalled."""
+    still runs its command, with all its descendants (collected before any signal), and what is left of each that
+    exited (:func:`orphans`): SIGTERM, then SIGKILL after ``grace_s``. Returns the pids it signalled."""
     sys.stdin.buffer.read()
     try:
         entries = json.loads(Path(record).read_text())
@@ -231,11 +289,15 @@ def supervise(record: Path, grace_s: float = STOP_GRACE_S) -> list[int]:
         return []
     live = [e["pid"] for e in entries if e.get("returncode") is None and _same_process(e["pid"], e["argv"])]
     trees = {pid: descendants(pid) for pid in live}
+    for e in entries:  # a recorded process that exited before the deployer died: what is left of it
+        if e["pid"] not in trees:
+            trees[e["pid"]] = orphans(e["pid"], {int(p): int(t) for p, t in e.get("descendants", [])})
     for pid, extra in trees.items():
-        _signal(pid, signal.SIGTERM, group=True)
+        if pid in live:
+            _signal(pid, signal.SIGTERM, group=True)
         for child in extra:
             _signal(child, signal.SIGTERM, group=False)
-    everyone = [p for pid, extra in trees.items() for p in (pid, *extra)]
+    everyone = [p for pid, extra in trees.items() for p in ((pid,) if pid in live else ()) + tuple(extra)]
     deadline = time.monotonic() + grace_s
     while any(_alive(p) for p in everyone) and time.monotonic() < deadline:
         time.sleep(0.1)
