@@ -1,6 +1,6 @@
 """The Flower strategy: the Message-API transport for :class:`fedmerge.runners.server.Federation`.
 
-It maps domains to SuperNodes (one ``query`` round), sends each request as a Message, waits at most
+It maps domains to SuperNodes (a ``query`` to each node as it comes online, also between phases), sends each request as a Message, waits at most
 ``federation.timeout_s`` for replies, turns error replies into per-domain errors, and never mutates a reply
 (the federation copies weights out of the records). Merging, FedAvg and evaluation bookkeeping live in the
 framework-free federation, so simulation, deployment and the in-process engine share one code path.
@@ -36,13 +36,20 @@ class MergeStrategy(Strategy):
         self.startup_timeout = cfg.federation.startup_timeout_s
         self.node_of: dict[str, int] = {}
         self.refused: dict[str, str] = {}  # query:node<id> -> why that node failed to start or its claim was refused
+        self.claims: dict[str, list[int]] = {}  # domain -> the nodes that claimed it, over the whole run
+        self.asked: set[int] = set()  # nodes sent a query
+        self.warnings: list[str] = []  # what the run's results must say about the transport (a domain lost mid-run)
+        self.undelivered: set[str] = set()  # domains whose request of the last send reached no node
         self.connect_seconds: float | None = None  # None until connected
         self._group = 0
 
     # ---- transport ------------------------------------------------------------------------------------------
     def connect(self) -> dict[str, int]:
-        """Wait for the SuperNodes and learn which domain each one holds (a ``query`` round), both within
-        ``federation.startup_timeout_s`` (not ``timeout_s``: a short reply timeout must not cut short start-up).
+        """Wait for the SuperNodes and learn which domain each one holds (``query`` messages, each node asked once, as
+        it comes online), within ``federation.startup_timeout_s`` (not ``timeout_s``: a short reply timeout must not
+        cut short start-up). The wait ends once every domain of the run is claimed, not once as many nodes as domains
+        are online: a spare node, one that fails to start or one claiming another owner's domain no longer ends it
+        before an owner's node is asked.
 
         :meth:`send` connects on first use, so server work before it (θ₀, the joint oracle) overlaps the nodes'
         start-up (in simulation: Ray actors importing torch and loading their domain).
@@ -50,48 +57,73 @@ class MergeStrategy(Strategy):
         start = time.perf_counter()
         wanted = self.cfg.data.domain_names()
         deadline = time.monotonic() + self.startup_timeout
-        nodes = list(self.grid.get_node_ids())
-        while len(nodes) < len(wanted) and time.monotonic() < deadline:
+        while True:
+            self.ask_new_nodes(max(deadline - time.monotonic(), 1.0))
+            if all(d in self.claims for d in wanted) or time.monotonic() >= deadline:
+                break
             time.sleep(1.0)
-            nodes = list(self.grid.get_node_ids())
-        messages = [Message(RecordDict(), node, protocol.QUERY, group_id="connect") for node in nodes]
-        claims: dict[str, list[int]] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=max(deadline - time.monotonic(), 1.0)):
-            node = reply.metadata.src_node_id
-            if reply.has_error():  # e.g. its data folder is missing: the node's own reason goes into results.json
-                self.refuse(node, f"node {node} failed to start: {reply.error.reason}")
-                continue
-            try:
-                claims.setdefault(protocol.reply_domain(reply.content), []).append(node)
-            except FedmergeError as exc:
-                self.refuse(node, f"node {node}'s reply names no domain ({exc}); refused")
-        self.assign(claims, wanted)
+        self.assign(wanted)
         missing = [d for d in wanted if d not in self.node_of]
         if missing:
             logger.warning("no SuperNode holds domain(s) %s", missing)
         self.connect_seconds = time.perf_counter() - start
         return self.node_of
 
-    def assign(self, claims: Mapping[str, list[int]], wanted: list[str]) -> None:
-        """Map each domain of the run to the one node that claims it. A claim of a domain the run does not have is
-        refused, and so is every claimant of a domain several nodes claim (which of them is honest cannot be told:
-        no node answers for it, whatever order the replies came in); each refusal is logged and kept in
+    def ask_new_nodes(self, timeout: float) -> None:
+        """Send a ``query`` to every node online now that was not asked yet; their claims go into ``claims`` (a node
+        that fails to start or names no domain is refused with its reason)."""
+        nodes = [node for node in self.grid.get_node_ids() if node not in self.asked]
+        if not nodes:
+            return
+        self.asked.update(nodes)
+        messages = [Message(RecordDict(), node, protocol.QUERY, group_id="connect") for node in nodes]
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():  # e.g. its data folder is missing: the node's own reason goes into results.json
+                self.refuse(node, f"node {node} failed to start: {reply.error.reason}")
+                continue
+            try:
+                self.claims.setdefault(protocol.reply_domain(reply.content), []).append(node)
+            except FedmergeError as exc:
+                self.refuse(node, f"node {node}'s reply names no domain ({exc}); refused")
+
+    def assign(self, wanted: list[str]) -> None:
+        """Map each domain of the run to the one node that claims it (``claims``). A claim of a domain the run does
+        not have is refused, and so is every claimant of a domain several nodes claim (which of them is honest cannot
+        be told: no node answers for it, whatever order the replies came in); each refusal is logged and kept in
         ``refused``."""
-        for domain, nodes in sorted(claims.items()):
+        for domain, nodes in sorted(self.claims.items()):
             if domain not in wanted:
                 for node in nodes:
                     self.refuse(node, f"node {node} claims domain {domain!r}, which is not a domain of this run "
                                       f"({wanted}); refused")
             elif len(nodes) > 1:
+                self.node_of.pop(domain, None)
                 for node in nodes:
                     self.refuse(node, f"nodes {sorted(nodes)} all claim domain {domain!r}; each is refused (no node "
                                       "answers for it)")
             else:
                 self.node_of[domain] = nodes[0]
 
+    def admit_late_nodes(self) -> list[str]:
+        """Ask the nodes that came online since the last look (bounded by ``timeout_s``) and assign again: a late
+        owner's node then serves a domain that had none, and a domain a late node also claims is contested from
+        now on (no node answers for it). Returns the domains that lost their node this way."""
+        before = dict(self.node_of)
+        self.ask_new_nodes(self.timeout)
+        self.assign(self.cfg.data.domain_names())
+        lost = [d for d in before if d not in self.node_of]
+        for domain in lost:
+            self.warnings.append(
+                f"domain {domain!r} was claimed by a second node after node {before[domain]} had served it: each "
+                f"claimant is refused from then on; what node {before[domain]} sent for it in earlier phases was used")
+        return lost
+
     def refuse(self, node: int, reason: str) -> None:
-        logger.error("%s", reason)
-        self.refused[f"{protocol.QUERY}:node{node}"] = reason
+        key = f"{protocol.QUERY}:node{node}"
+        if self.refused.get(key) != reason:  # assign runs again as late nodes come: each refusal is logged once
+            logger.error("%s", reason)
+        self.refused[key] = reason
 
     def send(
         self, message_type: str, requests: Mapping[str, RecordDict], on_reply: ReplyHandler | None = None
@@ -103,6 +135,8 @@ class MergeStrategy(Strategy):
         """
         if self.connect_seconds is None:
             self.connect()
+        else:
+            self.admit_late_nodes()
         self._group += 1
         errors = {d: "no SuperNode holds this domain" for d in requests if d not in self.node_of}
         domain_of = {self.node_of[d]: d for d in requests if d in self.node_of}
@@ -112,10 +146,12 @@ class MergeStrategy(Strategy):
         # its own id once pushed
         taken = {i for i in self.grid.push_messages(messages) if i}
         sent: dict[str, tuple[int, str]] = {}  # message id -> (node, domain)
+        not_taken: set[str] = set()
         for message, (node, domain) in zip(messages, domain_of.items()):
             if message.metadata.message_id in taken:
                 sent[message.metadata.message_id] = (node, domain)
             else:
+                not_taken.add(domain)
                 errors[domain] = (f"the SuperLink did not accept the {message_type} message for node {node} "
                                   "(the ServerApp's log says why)")
         pending = set(sent)
@@ -143,6 +179,10 @@ class MergeStrategy(Strategy):
         for d in domain_of.values():
             if d not in replies and d not in errors:
                 errors[d] = f"no reply within federation.timeout_s = {self.timeout:g} s"
+        for d in self.admit_late_nodes():  # contested while this round ran: its reply may be an impostor's
+            if replies.pop(d, None) is not None:
+                errors[d] = f"domain {d!r} became contested while this {message_type} round ran: its reply is dropped"
+        self.undelivered = {d for d in requests if d not in domain_of.values() or d in not_taken}
         return replies, errors
 
     # ---- Flower's Strategy interface ----------------------------------------------------------------------------

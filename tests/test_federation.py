@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -637,6 +638,9 @@ class FakeGrid:
         self.pulls = 0
         self.pushed: list[Message] = []
 
+    def get_node_ids(self):  # the tests connect by hand (node_of): no node beyond those comes online
+        return []
+
     def push_messages(self, messages):
         self.pushed = list(messages)
         for m in self.pushed:  # what the SuperLink does on push
@@ -1187,7 +1191,8 @@ def test_nodes_claiming_one_domain_are_all_refused_whatever_the_reply_order(cfg,
                                        {protocol.INFO: protocol.info_record(self.claims[node])}), reply_to=by_node[node])
                     for node in order]
 
-    strategy = MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.1"]), QueryGrid())
+    strategy = MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.1", "federation.startup_timeout_s=1.0"]),
+                             QueryGrid())  # synth-2 has no node: the wait for it ends at startup_timeout_s
     strategy.connect()
     assert strategy.node_of == {"synth-1": 3}
     assert strategy.refused == {
@@ -1221,10 +1226,118 @@ def test_a_node_that_fails_to_start_is_a_recorded_rejection_with_its_reason(cfg,
                     replies.append(Message(RecordDict({protocol.INFO: protocol.info_record(domain)}), reply_to=m))
             return replies
 
-    strategy = MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.1"]), QueryGrid())
+    strategy = MergeStrategy(apply_overrides(cfg, ["federation.timeout_s=0.1", "federation.startup_timeout_s=1.0"]),
+                             QueryGrid())  # synth-2 has no node: the wait for it ends at startup_timeout_s
     strategy.connect()
     assert strategy.node_of == {"synth-0": 1, "synth-1": 3}
     assert strategy.refused == {"query:node2": "node 2 failed to start: DataError: /data/shop: no such file or folder"}
+
+
+class LateNodeGrid:
+    """Nodes online from the start and nodes that come online later (``joins``: node -> seconds after start); every
+    node answers a query with its claim and a train/evaluate message with an empty reply at once."""
+
+    def __init__(self, claims: dict[int, str], joins: dict[int, float]):
+        self.claims, self.start = claims, time.monotonic()
+        self.joins = joins
+        self.asked: list[int] = []
+        self.pushed: list[Message] = []
+
+    def get_node_ids(self):
+        now = time.monotonic() - self.start
+        return [n for n in self.claims if isinstance(self.joins.get(n, 0.0), float) and self.joins.get(n, 0.0) <= now]
+
+    def send_and_receive(self, messages, timeout=None):
+        self.asked.extend(m.metadata.dst_node_id for m in messages)
+        return [self._reply(m, RecordDict({protocol.INFO: protocol.info_record(self.claims[m.metadata.dst_node_id])}))
+                for m in messages]
+
+    def push_messages(self, messages):
+        self.pushed = list(messages)
+        for m in self.pushed:
+            m.metadata.__dict__["_message_id"] = f"id-{m.metadata.dst_node_id}"
+        self.joins = {n: (0.0 if t == "at the next push" else t) for n, t in self.joins.items()}
+        return [m.metadata.message_id for m in self.pushed]
+
+    def pull_messages(self, ids):
+        return [self._reply(m, RecordDict()) for m in self.pushed if m.metadata.message_id in ids]
+
+    @staticmethod
+    def _reply(message, content):
+        reply = Message(content, reply_to=message)
+        reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+        return reply
+
+
+def test_start_up_waits_for_every_domain_not_for_as_many_nodes_as_domains(cfg, flower_task_identity):
+    """The wait ended once as many nodes as domains were online: a spare node (here one claiming a domain the run
+    does not have) made the owner of synth-2, online 1 s later, never asked, and the domain had no node."""
+    from server.strategy import MergeStrategy
+
+    grid = LateNodeGrid({1: "synth-0", 2: "synth-1", 9: "synth-9", 3: "synth-2"}, joins={3: 1.0})
+    strategy = MergeStrategy(apply_overrides(cfg, ["federation.startup_timeout_s=30"]), grid)
+    assert strategy.connect() == {"synth-0": 1, "synth-1": 2, "synth-2": 3}
+    assert sorted(grid.asked) == [1, 2, 3, 9] and list(strategy.refused) == ["query:node9"]
+
+
+def test_a_node_claiming_a_domain_before_its_owner_comes_online_does_not_keep_it(cfg, flower_task_identity):
+    """A registered node claiming another owner's domain before the owner's node came online took the domain for the
+    whole run (the owner was never asked). A node coming online later is asked at the next send: a second claim
+    makes the domain contested from then on (each claimant refused, a warning in the results), and a reply of a
+    domain contested while its round ran is dropped."""
+    from server.strategy import MergeStrategy
+
+    grid = LateNodeGrid({1: "synth-0", 2: "synth-1", 66: "synth-2", 3: "synth-2"}, joins={3: 0.5})
+    strategy = MergeStrategy(apply_overrides(cfg, ["federation.startup_timeout_s=30", "federation.timeout_s=5"]),
+                             grid)
+    assert strategy.connect() == {"synth-0": 1, "synth-1": 2, "synth-2": 66}  # the owner is not online yet
+    time.sleep(0.6)
+    replies, errors = strategy.send(protocol.TRAIN, {d: RecordDict() for d in ["synth-0", "synth-1", "synth-2"]})
+    assert set(replies) == {"synth-0", "synth-1"} and strategy.node_of == {"synth-0": 1, "synth-1": 2}
+    assert errors == {"synth-2": "no SuperNode holds this domain"} and strategy.undelivered == {"synth-2"}
+    assert strategy.refused["query:node3"] == strategy.refused["query:node66"] == (
+        "nodes [3, 66] all claim domain 'synth-2'; each is refused (no node answers for it)")
+    assert strategy.warnings == ["domain 'synth-2' was claimed by a second node after node 66 had served it: each "
+                                 "claimant is refused from then on; what node 66 sent for it in earlier phases was "
+                                 "used"]
+    # contested while a round ran: the reply that came is dropped
+    late = LateNodeGrid({1: "synth-0", 2: "synth-1", 66: "synth-2", 3: "synth-2"}, joins={3: 3600.0})
+    strategy = MergeStrategy(apply_overrides(cfg, ["federation.startup_timeout_s=30"]), late)
+    strategy.connect()
+    late.joins[3] = "at the next push"  # the owner comes online while the training round runs
+    replies, errors = strategy.send(protocol.TRAIN, {d: RecordDict() for d in ["synth-0", "synth-1", "synth-2"]})
+    assert set(replies) == {"synth-0", "synth-1"}
+    assert errors == {"synth-2": "domain 'synth-2' became contested while this train round ran: its reply is dropped"}
+
+
+def test_a_reply_the_transport_takes_back_is_in_no_merge_and_no_saved_file_and_undelivered_requests_cost_nothing(
+    cfg, tmp_path,
+):
+    """A one-shot reply handed over on arrival (saved, merged) but then dropped by the Flower transport (its domain
+    became contested while the round ran) stayed in every merge and in clients/ for --resume; a request that reached
+    no client (no node holds the domain) was counted as traffic."""
+
+    class TakingBack(InProcessTransport):
+        def send(self, message_type, requests, on_reply=None):
+            replies, errors = super().send(message_type, requests, on_reply)
+            self.undelivered = set()
+            if message_type == protocol.TRAIN:  # synth-2's reply came, then its domain was contested
+                del replies["synth-2"]
+                errors["synth-2"] = "contested"
+            if message_type == protocol.EVALUATE:  # no node held synth-1 any more
+                replies.pop("synth-1")
+                errors["synth-1"], self.undelivered = "no SuperNode holds this domain", {"synth-1"}
+            return replies, errors
+
+    small = apply_overrides(cfg, ["baselines.joint=false", "baselines.fedavg_rounds=0", 'merge.methods=["average"]'])
+    out = run_federation(small, TakingBack(small), out_dir=tmp_path)
+    assert out["merge_report"]["domains"] == ["synth-0", "synth-1"]
+    assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == [
+        "synth-0.json", "synth-0.safetensors", "synth-1.json", "synth-1.safetensors"]
+    theta0 = initial_weights(small)
+    train_request = Federation(small, theta0).train_requests(theta0, protocol.PHASE_ONESHOT, 0)["synth-1"]
+    assert out["bytes"]["synth-1"]["received"] == protocol.record_bytes(train_request)  # its evaluation never left
+    assert out["bytes"]["synth-0"]["received"] > protocol.record_bytes(train_request)
 
 
 def test_flowers_round_loop_is_refused_by_name_not_half_run(cfg):

@@ -26,6 +26,8 @@ class InProcessTransport:
 
     def __init__(self, cfg: Scenario) -> None:
         self.refused = {}
+        self.warnings: list[str] = []  # nothing to warn about: no node comes or goes
+        self.undelivered: set[str] = set()  # every request reaches its client
         self.node_of: dict[str, int] = {}  # no Flower nodes
         self.clients = {name: ClientState(cfg, partition_id=i) for i, name in enumerate(cfg.data.domain_names())}
 

@@ -37,7 +37,7 @@ from fedmerge.merging.testtime import TESTTIME_METHOD
 from fedmerge.metrics import USERS
 from fedmerge.models import StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
-from fedmerge.recommender import SAVED_INDIVIDUAL_PREFIX, model_path
+from fedmerge.recommender import SAVED_INDIVIDUAL_PREFIX, card_path, model_path
 from fedmerge.reproducibility import machine_dependent_thread_warnings, process_cpus, thread_count
 from fedmerge.runners import protocol
 from fedmerge.runners.aggregate import HELD_OUT_INDIVIDUAL_PREFIX
@@ -68,12 +68,17 @@ class Transport(Protocol):
     ``on_reply(domain, content)``, when given, is called for each reply as soon as it arrives. ``refused``: nodes
     the transport turned away before any request (a Flower SuperNode claiming a domain it may not hold), recorded
     with the run's rejections; ``connect_seconds``: how long reaching the clients took (None: no connection step);
-    ``node_of``: each domain's Flower node id (empty where clients are no nodes), recorded as the run's ``nodes``.
+    ``node_of``: each domain's Flower node id (empty where clients are no nodes), recorded as the run's ``nodes``;
+    ``warnings``: what the run's results must say about the transport (a domain contested mid-run);
+    ``undelivered``: the domains whose request of the last :meth:`send` never reached a client (no node holds the
+    domain, the SuperLink refused the message), whose traffic is not counted.
     """
 
     refused: dict[str, str]
     connect_seconds: float | None
     node_of: dict[str, int]
+    warnings: list[str]
+    undelivered: set[str]
 
     def send(
         self, message_type: str, requests: Mapping[str, RecordDict], on_reply: ReplyHandler | None = None
@@ -459,8 +464,6 @@ class Federation:
         (``label``: e.g. ``fedavg_round2:``, so a later round never overwrites an earlier phase's reason). The
         in-process engine's clients set the process's torch threads to ``run.torch_threads``: the server's work on
         their replies (checks, norms, merges, FedAvg) runs at :func:`server_threads`, as under Flower."""
-        for d, content in requests.items():
-            self.bytes[d]["received"] += protocol.record_bytes(content)
         arrived: list[str] = []
         threads = server_threads(self.cfg)
 
@@ -473,6 +476,9 @@ class Federation:
 
         replies, errors = transport.send(message_type, requests, on_reply=progress)
         torch.set_num_threads(threads)
+        for d, content in requests.items():  # what reached a client (a request no node took is no traffic)
+            if d not in transport.undelivered:
+                self.bytes[d]["received"] += protocol.record_bytes(content)
         for d, content in replies.items():
             self.bytes[d]["sent"] += protocol.record_bytes(content)
         for d, reason in errors.items():
@@ -541,7 +547,7 @@ class Federation:
     def accept_saved(self, saved: Mapping[str, StateDict]) -> dict[str, StateDict]:
         """The saved client weights of an earlier run (``--resume``) that pass :meth:`check_weights`, each with a
         fresh card; a file that fails is left out and its reason recorded under ``rejected[domain]``."""
-        from fedmerge.recommender import card_path, update_card
+        from fedmerge.recommender import update_card
         from fedmerge.storage import client_weights_path
         from fedmerge.validation import UpdateRejected
 
@@ -712,7 +718,14 @@ class Federation:
                 self.save_individual(domain, individual[domain], path)
 
         requests = self.train_requests(self.theta0, protocol.PHASE_ONESHOT, 0)
-        self._exchange(transport, protocol.TRAIN, requests, on_reply=on_reply)
+        replies = self._exchange(transport, protocol.TRAIN, requests, on_reply=on_reply)
+        for domain in [d for d in individual if d not in replies]:  # taken back by the transport (a contested domain)
+            del individual[domain]
+            self.train_metrics.pop(domain, None)
+            path = self.saved_models.pop(SAVED_INDIVIDUAL_PREFIX + domain, None)
+            if path is not None:  # no --resume may merge it
+                path.unlink(missing_ok=True)
+                card_path(path).unlink(missing_ok=True)
         self.require_enough(individual)
         return individual
 
@@ -1009,7 +1022,7 @@ def card_training(training: TrainMetrics | None) -> dict[str, Any]:
 def saved_training(out_dir: Path, name: str) -> TrainMetrics | None:
     """The training metrics (``training``) on the card of the server's own model ``name`` (θ₀'s pretraining, the
     joint oracle) an earlier run saved in ``out_dir``; None without them (no card, or none trained)."""
-    from fedmerge.recommender import card_path, read_card
+    from fedmerge.recommender import read_card
 
     path = model_path(out_dir, name)
     if not card_path(path).is_file():
@@ -1136,6 +1149,7 @@ def run_and_record(
     start = time.perf_counter() if started is None else started
     out = run_federation(cfg, transport, out_dir=out_dir, resume=resume)
     out["rejected"].update(transport.refused)
+    out["warnings"].extend(transport.warnings)
     out["nodes"] = dict(transport.node_of)
     if transport.connect_seconds is not None:
         out["timings_s"]["connect"] = round(transport.connect_seconds, 3)
