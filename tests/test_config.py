@@ -137,6 +137,18 @@ def test_mergerec_preset_and_keys_are_checked_before_any_training():
         validate(with_mergerec({"temprature": 0.1}))
 
 
+@pytest.mark.parametrize(("key", "value"), [
+    ("temperature", "inf"), ("temperature", "nan"), ("distill_weight", "inf"), ("distill_weight", "nan"),
+    ("lr", "inf"), ("lr", "nan"), ("init_coefficient", "inf"), ("init_coefficient", "-inf"),
+    ("init_coefficient", "nan"), ("max_coefficient", "inf"), ("max_coefficient", "nan"),
+])
+def test_mergerec_float_keys_must_be_finite(key, value):
+    """TOML allows inf and nan: a non-finite MergeRec constant is refused when the scenario loads, naming the key
+    and the value (it passed, and MergeRec failed after every client had trained, blaming divergence)."""
+    with pytest.raises(FedmergeError, match=rf"merge\.mergerec: invalid MergeRecConfig values: .*'{key}', {value}\)"):
+        load_scenario("quickstart", [f"merge.mergerec.{key}={value}", 'merge.methods=["mergerec_taskwise"]'])
+
+
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_written_scenario_loads_back_unchanged(name, tmp_path):
     from fedmerge.config import write_scenario

@@ -4,6 +4,7 @@ constant of the algorithm in :mod:`fedmerge.merging.mergerec` is a :class:`Merge
 from __future__ import annotations
 
 from collections.abc import Mapping
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -95,14 +96,19 @@ class MergeRecConfig:
                  for f in fields(self) if not matches_type(getattr(self, f.name), hints[f.name])]
         if wrong:  # a TOML 2.5 where an integer belongs, "yes" where true or false does, a misspelled choice
             raise ValueError("; ".join(wrong))
+        # the float constants must be finite (TOML allows inf and nan; an inf temperature or lr, or a nan λ₀, passed
+        # and MergeRec failed only after every client had trained, blaming divergence)
+        finite = lambda value: value is None or math.isfinite(value)
         checks = {
             "item_refresh": self.item_refresh >= 0,
-            "temperature": self.temperature > 0,
-            "distill_weight": self.distill_weight >= 0,
-            "lr": self.lr > 0,
+            "temperature": finite(self.temperature) and self.temperature > 0,
+            "distill_weight": finite(self.distill_weight) and self.distill_weight >= 0,
+            "lr": finite(self.lr) and self.lr > 0,
             "batch_size": self.batch_size >= 1,
             "steps": self.steps >= 0,
-            "max_coefficient": self.max_coefficient is None or self.max_coefficient > 0,
+            "init_coefficient": finite(self.init_coefficient),
+            "max_coefficient": self.max_coefficient is None or (finite(self.max_coefficient)
+                                                                and self.max_coefficient > 0),
             "teacher_batch": self.teacher_batch >= 1,
             "teacher_top_k": self.teacher_top_k >= 0,
             "pseudo_user_length": self.pseudo_user_length >= 1,
