@@ -69,3 +69,41 @@ def test_behaviour_weights_left_out_of_local_parameters_are_named_in_the_run_war
         merged_behaviour_warnings(("history_bias",), [], {"history_bias": None})[0]]
     kept = apply_overrides(cfg, ['merge.local_parameters=["last_item_bias", "history_bias"]'])
     assert not any("users shop" in w for w in Federation(kept, initial_weights(kept)).results()["warnings"])
+
+
+def test_per_tensor_trimming_that_resets_small_weights_to_theta0_is_named_in_the_run_warnings():
+    """ties / pcb keep ⌊ρ·n⌋ entries of each tensor (as MergeRec's released code): a tensor of fewer than 1/ρ
+    entries keeps none and the merge resets it to θ₀; the setup warnings say so for every listed method that does."""
+    from fedmerge.merging.methods import merge
+
+    theta0 = {"history_bias": torch.zeros(()), "repeat_user_bias": torch.zeros(2), "norm.bias": torch.zeros(8),
+              "item.weight": torch.zeros(100), "last_item_bias": torch.zeros(())}
+    models = [{k: v + 0.5 * (i + 1) for k, v in theta0.items()} for i in range(2)]
+    local = ["last_item_bias"]
+    methods = {"ties": ("ties", {}), "pcb": ("pcb", {}), "ties_global": ("ties_global", {}),
+               "dare": ("dare", {"base": "ties", "density": 0.5, "p": 0.0}), "average": ("average", {}),
+               "mergerec_taskwise (its ties start)": ("ties", {"density": 0.4})}
+    lines = merged_behaviour_warnings(("history_bias", "last_item_bias"), local, theta0, methods)
+    assert lines[0].startswith("['history_bias'] describe how each domain's users shop")
+    reset_lines = {line.split(" trims every tensor")[0]: line for line in lines[1:]}
+    assert sorted(reset_lines) == ["dare", "mergerec_taskwise (its ties start)", "pcb", "ties"]  # global: not per tensor
+    assert "(ties density ρ = 0.2): a tensor of fewer than 1/ρ = 5 entries keeps none" in reset_lines["ties"]
+    assert "(pcb ratio ρ = 0.1): a tensor of fewer than 1/ρ = 10 entries" in reset_lines["pcb"]
+    for label, (method, params) in methods.items():
+        if label not in reset_lines or label.startswith("mergerec"):
+            continue
+        merged = merge(method, theta0, models, **params)
+        named = [n for n in theta0 if f"'{n}'" in reset_lines[label]]
+        # every weight the line names is merged back to θ₀, every other one (outside local_parameters) moves
+        assert named == [n for n in theta0 if n not in local and bool((merged[n] == theta0[n]).all())], label
+        assert "is reset to θ₀" in reset_lines[label] and "merge.local_parameters" in reset_lines[label]
+    assert "['history_bias', 'repeat_user_bias', 'norm.bias']" in reset_lines["pcb"]
+    assert "['history_bias', 'repeat_user_bias']" in reset_lines["mergerec_taskwise (its ties start)"]
+    assert merged_behaviour_warnings((), [], theta0, {"average": ("average", {})}) == []
+
+    cfg = load_scenario("quickstart", [*TINY, "model.params.last_item_bias=true", "model.params.history_bias=true",
+                                       'merge.local_parameters=["last_item_bias"]', 'merge.methods=["ties", "average"]'])
+    warnings = Federation(cfg, initial_weights(cfg)).setup_warnings
+    [line] = [w for w in warnings if "is reset to θ₀" in w]  # ties only: average trims nothing
+    assert line == merged_behaviour_warnings((), ["last_item_bias"], initial_weights(cfg), {"ties": ("ties", {})})[0]
+    assert line.startswith("ties trims every tensor") and "is reset to θ₀, here ['history_bias']" in line

@@ -23,6 +23,7 @@ gave Beauty b = −0.045 from its own −0.12). As FedBN (Li et al., ICLR 2021) 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -33,17 +34,59 @@ from fedmerge.models.base import StateDict
 MAX_LOCAL_VALUES = 1024
 
 
-def merged_behaviour_warnings(behaviour: Sequence[str], names: Sequence[str], theta0: StateDict) -> list[str]:
+def per_tensor_density(method: str, params: Mapping[str, Any]) -> float | None:
+    """ρ < 1 of a registry ``method`` that trims every tensor on its own to its top ⌊ρ·n⌋ of n entries
+    (``int(ρ·n)``, :func:`fedmerge.merging.methods.trim_magnitude`): ``ties`` and ``ties_global`` at
+    ``scope = "tensor"`` and ``dare`` with ``base = "ties"`` (their ``density``), ``pcb`` (its ``ratio``). None for
+    any other method or setting (a whole-model trim, ρ = 1, task arithmetic, ...)."""
+    if method not in ("ties", "ties_global", "dare", "pcb"):
+        return None
+    from fedmerge.merging.registry import resolve_params
+
+    resolved = resolve_params(method, params)
+    if method == "pcb":
+        rho = resolved["ratio"]
+    elif method == "dare":
+        rho = resolved["density"] if resolved["base"] == "ties" else 1.0
+    else:
+        rho = resolved["density"] if resolved["scope"] == "tensor" else 1.0
+    return rho if rho < 1.0 else None
+
+
+def merged_behaviour_warnings(
+    behaviour: Sequence[str], names: Sequence[str], theta0: StateDict,
+    methods: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
+) -> list[str]:
     """One line when weights of the family's ``behaviour`` (its ``behaviour_parameters``: how a domain's users shop)
     that θ₀ has are missing from ``names`` (``merge.local_parameters``): every merge then averages or trims them
     across domains, which is legitimate (a comparison) but rarely meant (results/unseen/history.md, "A converged
-    last-item bias, kept per domain": merged, Beauty's own b of −0.12 served as −0.045)."""
+    last-item bias, kept per domain": merged, Beauty's own b of −0.12 served as −0.045).
+
+    ``methods`` maps each listed merge (a label) to the registry method and parameters it runs (a MergeRec: its
+    start's). For every one that trims each tensor to its top ⌊ρ·n⌋ entries (:func:`per_tensor_density`), one
+    more line names the weights outside ``names`` with ⌊ρ·n⌋ = 0, i.e. of fewer than 1/ρ entries (a scalar bias at
+    any ρ < 1, the 2 values of ``repeat_user_bias`` at ρ < 0.5): that merge keeps no client's update of them and
+    resets them to θ₀ (as MergeRec's released code, ``torch.topk(int(ρ·n))``; a MergeRec start's τ̃ of them is 0,
+    so no coefficient moves them)."""
+    lines = []
     merged = [n for n in behaviour if n in theta0 and n not in names]
-    if not merged:
-        return []
-    return [f"{merged} describe how each domain's users shop, but merge.local_parameters does not keep them per "
-            f"domain: every merge averages or trims them across domains (add them to merge.local_parameters to "
-            f"keep each domain's own values)"]
+    if merged:
+        lines.append(f"{merged} describe how each domain's users shop, but merge.local_parameters does not keep them "
+                     f"per domain: every merge averages or trims them across domains (add them to "
+                     f"merge.local_parameters to keep each domain's own values)")
+    for label, (method, params) in (methods or {}).items():
+        rho = per_tensor_density(method, params)
+        if rho is None:
+            continue
+        reset = [n for n, tensor in theta0.items()
+                 if n not in names and 0 < tensor.numel() and int(rho * tensor.numel()) == 0]
+        if reset:
+            key = "ratio" if method == "pcb" else "density"
+            lines.append(f"{label} trims every tensor to its top ⌊ρ·n⌋ of n entries ({method} {key} ρ = {rho:g}): "
+                         f"a tensor of fewer than 1/ρ = {1 / rho:g} entries keeps none of any client's update and "
+                         f"is reset to θ₀, here {reset} (add them to merge.local_parameters to keep each domain's "
+                         f"own values, or raise {key})")
+    return lines
 
 
 def check_local_parameters(names: Sequence[str], theta0: StateDict) -> None:

@@ -19,10 +19,18 @@ whole task vector, all tensors flattened and concatenated (``"model"``), which i
 MergeRec's released code do (their top-ρ trim and PCB's quantile clamps and normalizations are then global: a
 tensor whose entries are small next to the rest of the model can lose all of them). ``ties`` keeps per-tensor
 trimming by default - every tensor keeps its top ⌊ρ·n⌋ entries, which on fedmerge's models (a few large adapter and
-embedding tensors next to many small Transformer ones) keeps each layer's own update, while a tensor of fewer than
-1/ρ entries (a scalar such as the last-item bias) keeps none; ``ties_global`` is the
-references' setting by name. ``pcb`` follows the PCB paper's equations; ``pcb_released`` is the released PCB code
-that MergeRec runs (see :func:`pcb_released_vectors`).
+embedding tensors next to many small Transformer ones) keeps each layer's own update; ``ties_global`` is the
+references' setting by name. ``pcb`` follows the PCB paper's equations, tensor by tensor, and drops all but the top
+⌊ρ·n⌋ balancing weights of each tensor (ρ its ``ratio``); ``pcb_released`` is the released PCB code that MergeRec
+runs (see :func:`pcb_released_vectors`).
+
+**Small tensors.** A per-tensor trim (``ties``, ``dare`` with ``base="ties"``, ``pcb``) keeps ⌊ρ·n⌋ = 0 entries of
+a tensor of fewer than 1/ρ entries, so that merge resets it to θ₀: any scalar (the sequential family's
+``last_item_bias`` and ``history_bias``), ``repeat_user_bias`` (2 entries) at ρ < 0.5, ``history_pooling`` (K
+entries) when K < 1/ρ - at pcb's default ratio 0.1, every tensor of fewer than 10 entries. MergeRec's released code
+does the same (``torch.topk(int(ρ·n))``), and the numbers here follow it. Weights listed in
+``merge.local_parameters`` keep each domain's own values instead; a run names the weights such a listed method
+resets (:func:`fedmerge.merging.local_parameters.merged_behaviour_warnings`).
 """
 
 from __future__ import annotations
@@ -143,7 +151,8 @@ def pcb_weights(tau: torch.Tensor, ratio: float) -> torch.Tensor:
     """PCB-merging balancing weights β̂_k (Du et al. 2024, Eqs. 2-5), per tensor over its entries.
 
     intra: β_intra,k = softmax(K · Norm(τ_k ⊙ τ_k)); inter: β_inter,k = Σ_j softmax(Norm(τ_k ⊙ τ_j));
-    β_k = β_intra,k ⊙ β_inter,k; drop: keep β_k's top ``ratio`` fraction of entries, zero the rest.
+    β_k = β_intra,k ⊙ β_inter,k; drop: keep β_k's top ⌊ratio·n⌋ of its n entries (:func:`trim_magnitude`), zero
+    the rest - none of a tensor of fewer than 1/ratio entries, which the merge then leaves at θ₀.
     Softmax and Norm (min-max) run over the entries of one tensor.
     """
     n_models = tau.shape[0]
@@ -214,7 +223,8 @@ def _task_arithmetic(tau: torch.Tensor, params: dict[str, Any], generator: torch
 
 
 def _ties(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-    """Trim to top-ρ magnitudes, elect signs, disjoint mean over agreeing entries."""
+    """Trim to top-ρ magnitudes, elect signs, disjoint mean over agreeing entries (run per tensor, a tensor of fewer
+    than 1/ρ entries keeps none and stays at θ₀)."""
     trimmed = trim_magnitude(tau, params["density"])
     return disjoint_mean(trimmed, elect_sign_mask(trimmed))
 
@@ -228,7 +238,8 @@ def _dare(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator)
 
 
 def _pcb(tau: torch.Tensor, params: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-    """τ̃_k = β̂_k ⊙ τ_k / Σ_j β̂_j (entries where every β̂ is zero get nothing)."""
+    """τ̃_k = β̂_k ⊙ τ_k / Σ_j β̂_j (entries where every β̂ is zero get nothing: every entry of a tensor of fewer than
+    1/ratio entries, which stays at θ₀)."""
     beta = pcb_weights(tau, params["ratio"])
     return tau * beta / beta.sum(dim=0, keepdim=True).clamp(min=1e-12)
 

@@ -283,6 +283,22 @@ def registry_params(cfg: Scenario, method: str, domains: list[str]) -> dict[str,
     return with_default_seed(method, params, cfg.run.seed) if method in METHODS else params
 
 
+def listed_merges(cfg: Scenario) -> dict[str, tuple[str, Mapping[str, Any]]]:
+    """Each merge ``merge.methods`` lists -> the registry method and ``merge.params`` it runs; a MergeRec (and the
+    test-time one) -> its start's ``init_method`` and ``init_params`` (what
+    :func:`~fedmerge.merging.local_parameters.merged_behaviour_warnings` reads)."""
+    from fedmerge.merging import MERGEREC_METHODS
+
+    out: dict[str, tuple[str, Mapping[str, Any]]] = {}
+    for method in cfg.merge.methods:
+        if method in MERGEREC_METHODS or method == TESTTIME_METHOD:
+            config = cfg.mergerec_config(MERGEREC_METHODS.get(method, cfg.merge.testtime.granularity))
+            out[f"{method} (its {config.init_method} start)"] = (config.init_method, config.init_params)
+        else:
+            out[method] = (method, cfg.merge.params.get(method, {}))
+    return out
+
+
 def mergerec_config_for(cfg: Scenario, granularity: str, models: Mapping[str, StateDict]) -> MergeRecConfig:
     """:meth:`Scenario.mergerec_config` for merging ``models`` (by name): its start's per-model ``weights``, given in
     ``data.domains``' order, put in theirs (:func:`~fedmerge.merging.registry.weights_in_order`)."""
@@ -387,7 +403,7 @@ class Federation:
 
         family = cfg.make_checked_family()
         self.setup_warnings = [
-            *merged_behaviour_warnings(family.behaviour_parameters, self.local_names, theta0),
+            *merged_behaviour_warnings(family.behaviour_parameters, self.local_names, theta0, listed_merges(cfg)),
             *privacy_setting_warnings(cfg),
             *machine_dependent_thread_warnings(cfg.run.torch_threads, cfg.run.server_threads),
             *([] if cfg.merge.methods else ["merge.methods is empty: no merge was built, only the baselines"]),
