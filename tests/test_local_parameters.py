@@ -72,7 +72,7 @@ def test_behaviour_weights_left_out_of_local_parameters_are_named_in_the_run_war
 
 
 def test_per_tensor_trimming_that_resets_small_weights_to_theta0_is_named_in_the_run_warnings():
-    """ties / pcb keep ⌊ρ·n⌋ entries of each tensor (as MergeRec's released code): a tensor of fewer than 1/ρ
+    """ties / pcb keep int(ρ·n) entries of each tensor (as MergeRec's released code): a tensor of fewer than 1/ρ
     entries keeps none and the merge resets it to θ₀; the setup warnings say so for every listed method that does."""
     from fedmerge.merging.methods import merge
 

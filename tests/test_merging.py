@@ -89,7 +89,7 @@ def test_trim_magnitude_keeps_top_fraction():
 
 def test_trim_magnitude_keeps_floor_of_density_times_n():
     tau = torch.tensor([[1.0, -5.0, 3.0, 0.5, 2.0]])
-    # ρn = 1.5: ⌊1.5⌋ = 1 entry as the TIES and MergeRec code (⌈1.5⌉ = 2 before)
+    # ρn = 1.5: int(1.5) = 1 entry as MergeRec's code (⌈1.5⌉ = 2 before; the TIES authors' code keeps 2)
     torch.testing.assert_close(trim_magnitude(tau, 0.3), torch.tensor([[0.0, -5.0, 0.0, 0.0, 0.0]]))
     assert torch.equal(trim_magnitude(tau, 0.1), torch.zeros_like(tau))  # ρn < 1 keeps nothing
 
@@ -289,6 +289,24 @@ def test_trim_keeps_int_of_density_times_size_as_the_references():
 
     tau = torch.arange(1.0, 101.0).reshape(1, 100)
     assert int((trim_magnitude(tau, 0.29) != 0).sum()) == int(0.29 * 100) == 28
+
+
+def test_trim_keeps_one_entry_fewer_than_the_ties_authors_code():
+    """README and trim_magnitude say: MergeRec's code keeps int(ρn) entries (torch.topk), the TIES authors'
+    topk_values_mask every entry at or above the (n − int(ρn))-th smallest magnitude, int(ρn) + 1 of distinct ones."""
+    from fedmerge.merging.methods import trim_magnitude
+
+    def ties_authors_mask(m: torch.Tensor, density: float) -> torch.Tensor:  # TIES-Merging's topk_values_mask
+        d = m.shape[1]
+        kth = m.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
+        return m.abs() >= kth
+
+    for n, density in ((1, 0.2), (4, 0.2), (10, 0.2), (100, 0.2), (100, 0.29), (7, 0.5)):
+        tau = torch.arange(1.0, n + 1.0).reshape(1, n)
+        kept = trim_magnitude(tau, density) != 0
+        assert int(kept.sum()) == int(density * n) == int(ties_authors_mask(tau, density).sum()) - 1, (n, density)
+        mergerec = torch.topk(tau.abs(), int(density * n)).indices  # MergeRec's released trim (distinct values)
+        assert torch.equal(kept, torch.zeros(1, n, dtype=torch.bool).scatter_(1, mergerec, True))
 
 
 def test_merge_weights_follow_the_order_the_models_are_named_in(tmp_path):

@@ -35,8 +35,8 @@ MAX_LOCAL_VALUES = 1024
 
 
 def per_tensor_density(method: str, params: Mapping[str, Any]) -> float | None:
-    """ρ < 1 of a registry ``method`` that trims every tensor on its own to its top ⌊ρ·n⌋ of n entries
-    (``int(ρ·n)``, :func:`fedmerge.merging.methods.trim_magnitude`): ``ties`` and ``ties_global`` at
+    """ρ < 1 of a registry ``method`` that trims every tensor on its own to its top int(ρ·n) of n entries
+    (:func:`fedmerge.merging.methods.trim_magnitude`): ``ties`` and ``ties_global`` at
     ``scope = "tensor"`` and ``dare`` with ``base = "ties"`` (their ``density``), ``pcb`` (its ``ratio``). None for
     any other method or setting (a whole-model trim, ρ = 1, task arithmetic, ...)."""
     if method not in ("ties", "ties_global", "dare", "pcb"):
@@ -63,9 +63,9 @@ def merged_behaviour_warnings(
     last-item bias, kept per domain": merged, Beauty's own b of −0.12 served as −0.045).
 
     ``methods`` maps each listed merge (a label) to the registry method and parameters it runs (a MergeRec: its
-    start's). For every one that trims each tensor to its top ⌊ρ·n⌋ entries (:func:`per_tensor_density`), one
-    more line names the weights outside ``names`` with ⌊ρ·n⌋ = 0, i.e. of fewer than 1/ρ entries (a scalar bias at
-    any ρ < 1, the 2 values of ``repeat_user_bias`` at ρ < 0.5): that merge keeps no client's update of them and
+    start's). For every one that trims each tensor to its top int(ρ·n) entries (:func:`per_tensor_density`), one
+    more line names the weights outside ``names`` with int(ρ·n) = 0, i.e. of fewer than 1/ρ entries (a scalar bias
+    at any ρ < 1, the 2 values of ``repeat_user_bias`` at ρ < 0.5): that merge keeps no client's update of them and
     resets them to θ₀ (as MergeRec's released code, ``torch.topk(int(ρ·n))``; a MergeRec start's τ̃ of them is 0,
     so no coefficient moves them)."""
     lines = []
@@ -82,7 +82,7 @@ def merged_behaviour_warnings(
                  if n not in names and 0 < tensor.numel() and int(rho * tensor.numel()) == 0]
         if reset:
             key = "ratio" if method == "pcb" else "density"
-            lines.append(f"{label} trims every tensor to its top ⌊ρ·n⌋ of n entries ({method} {key} ρ = {rho:g}): "
+            lines.append(f"{label} trims every tensor to its top int(ρ·n) of n entries ({method} {key} ρ = {rho:g}): "
                          f"a tensor of fewer than 1/ρ = {1 / rho:g} entries keeps none of any client's update and "
                          f"is reset to θ₀, here {reset} (add them to merge.local_parameters to keep each domain's "
                          f"own values, or raise {key})")

@@ -18,13 +18,13 @@ the same τ̃_k.
 whole task vector, all tensors flattened and concatenated (``"model"``), which is what the TIES authors' code and
 MergeRec's released code do (their top-ρ trim and PCB's quantile clamps and normalizations are then global: a
 tensor whose entries are small next to the rest of the model can lose all of them). ``ties`` keeps per-tensor
-trimming by default - every tensor keeps its top ⌊ρ·n⌋ entries, which on fedmerge's models (a few large adapter and
+trimming by default - every tensor keeps its top int(ρ·n) entries, which on fedmerge's models (a few large adapter and
 embedding tensors next to many small Transformer ones) keeps each layer's own update; ``ties_global`` is the
 references' setting by name. ``pcb`` follows the PCB paper's equations, tensor by tensor, and drops all but the top
-⌊ρ·n⌋ balancing weights of each tensor (ρ its ``ratio``); ``pcb_released`` is the released PCB code that MergeRec
+int(ρ·n) balancing weights of each tensor (ρ its ``ratio``); ``pcb_released`` is the released PCB code that MergeRec
 runs (see :func:`pcb_released_vectors`).
 
-**Small tensors.** A per-tensor trim (``ties``, ``dare`` with ``base="ties"``, ``pcb``) keeps ⌊ρ·n⌋ = 0 entries of
+**Small tensors.** A per-tensor trim (``ties``, ``dare`` with ``base="ties"``, ``pcb``) keeps int(ρ·n) = 0 entries of
 a tensor of fewer than 1/ρ entries, so that merge resets it to θ₀: any scalar (the sequential family's
 ``last_item_bias`` and ``history_bias``), ``repeat_user_bias`` (2 entries) at ρ < 0.5, ``history_pooling`` (K
 entries) when K < 1/ρ - at pcb's default ratio 0.1, every tensor of fewer than 10 entries. MergeRec's released code
@@ -103,17 +103,20 @@ def task_vectors(theta0: StateDict, models: Models) -> tuple[list[str], dict[str
 
 
 def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep each τ_k's top ⌊ρ·n⌋ entries by |τ_k| (ties broken towards the lower position), zero the rest (TIES
-    step 1).
+    """Keep each τ_k's top ``int(ρ·n)`` of its n entries by |τ_k| (ties broken towards the lower position), zero the
+    rest (TIES step 1).
 
-    ⌊ρ·n⌋ as the TIES and MergeRec code (``int(density * numel)``); a tensor with ρ·n < 1 keeps nothing. A stable
-    sort, not ``topk``: topk picks among equal magnitudes by its (thread-count dependent) search, so merges differed
-    between ``run.server_threads`` settings.
+    ``int(density * n)`` in floating point, as MergeRec's released code (``torch.topk(int(ρ·n))``): 0.29 · 100 =
+    28.999… keeps 28, and a tensor with ρ·n < 1 keeps nothing (it stays at θ₀). The TIES authors' code
+    (``topk_values_mask``) keeps every entry at or above the (n − int(ρ·n))-th smallest magnitude instead, i.e.
+    int(ρ·n) + 1 entries (n = 10, ρ = 0.2: 3 there, 2 here; a scalar: 1 there, 0 here). A stable sort, not
+    ``topk``: topk picks among equal magnitudes by its (thread-count dependent) search, so merges differed between
+    ``run.server_threads`` settings.
     """
     if density >= 1.0:
         return tau.clone()
     flat = tau.reshape(tau.shape[0], -1)
-    n_keep = int(density * flat.shape[1])  # exactly the references' count: 0.29 · 100 keeps 28, as int() gives
+    n_keep = int(density * flat.shape[1])  # MergeRec's count: 0.29 · 100 keeps 28, as int() gives (TIES authors: +1)
     top = flat.abs().sort(dim=1, descending=True, stable=True).indices[:, :n_keep]
     mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
     return (flat * mask).reshape(tau.shape)
@@ -151,7 +154,7 @@ def pcb_weights(tau: torch.Tensor, ratio: float) -> torch.Tensor:
     """PCB-merging balancing weights β̂_k (Du et al. 2024, Eqs. 2-5), per tensor over its entries.
 
     intra: β_intra,k = softmax(K · Norm(τ_k ⊙ τ_k)); inter: β_inter,k = Σ_j softmax(Norm(τ_k ⊙ τ_j));
-    β_k = β_intra,k ⊙ β_inter,k; drop: keep β_k's top ⌊ratio·n⌋ of its n entries (:func:`trim_magnitude`), zero
+    β_k = β_intra,k ⊙ β_inter,k; drop: keep β_k's top int(ratio·n) of its n entries (:func:`trim_magnitude`), zero
     the rest - none of a tensor of fewer than 1/ratio entries, which the merge then leaves at θ₀.
     Softmax and Norm (min-max) run over the entries of one tensor.
     """
