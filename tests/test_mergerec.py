@@ -147,6 +147,30 @@ def test_zero_steps_returns_the_initialization():
         torch.testing.assert_close(merged[p], reference[p])
 
 
+def test_float64_weights_merge_in_float64():
+    """MergeRec held θ₀ in float32 and the task vectors in float64 (as the training-free merges keep float64
+    weights): the merge failed with "both inputs should have same dtype". θ(λ) is now computed in float64 and
+    shipped as float64; the student's forward runs in its module's float32, so λ matches the float32 run's."""
+    family, theta0, models, features = setup()
+    wide = lambda weights: {p: t.double() for p, t in weights.items()}  # noqa: E731
+    theta0_64, models_64 = wide(theta0), {d: wide(w) for d, w in models.items()}
+    config = MergeRecConfig(**{**FAST, "steps": 20})
+    merged, report = mergerec(family, theta0_64, models_64, features, config)
+    _, report_32 = mergerec(family, theta0, models, features, config)
+    assert all(t.dtype == torch.float64 for t in merged.values())
+    for d in models:
+        assert report.coefficients[d]["all"] == pytest.approx(report_32.coefficients[d]["all"], abs=1e-4)
+    expected = {p: theta0_64[p] + sum(report.coefficients[d]["all"] * (models_64[d][p] - theta0_64[p])
+                                      for d in models) for p in theta0}
+    for p in theta0:  # float64 arithmetic: a float32 θ(λ) is off by ~1e-7
+        torch.testing.assert_close(merged[p], expected[p], rtol=0, atol=1e-13)
+    start = MergeRecConfig(init_method="ties", init_params={"density": 0.5}, steps=0, progress=False, item_side="full")
+    merged, _ = mergerec(family, theta0_64, models_64, features, start)
+    reference = merge("ties", theta0_64, models_64, density=0.5)  # the training-free merge, float64 throughout
+    assert all(merged[p].dtype == torch.float64 and torch.allclose(merged[p], reference[p], rtol=0, atol=1e-15)
+               for p in theta0)
+
+
 def test_the_coefficient_cap_also_bounds_the_start():
     """With no step taken the initialization is what ships: λ₀ = 1 (TIES) must start at the cap, not above it."""
     family, theta0, models, features = setup()

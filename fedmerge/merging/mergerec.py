@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 
 from fedmerge.checks import is_finite_number
 from fedmerge.errors import NumericalError
-from fedmerge.merging.methods import processed_task_vectors
+from fedmerge.merging.methods import processed_task_vectors, working_precision
 from fedmerge.merging.registry import with_default_seed
 from fedmerge.merging.mergerec_config import MergeRecConfig
 from fedmerge.merging.teachers import TopKRows, top_k_distillation_loss, top_k_rows
@@ -284,8 +284,11 @@ def merged_parameters(
     coefficients: torch.Tensor,
     column: Mapping[str, int],
 ) -> dict[str, torch.Tensor]:
-    """θ(λ)[p] = θ₀[p] + Σ_k λ[k, group(p)] · τ̃_k[p] (differentiable in λ)."""
-    return {p: theta0[p] + torch.tensordot(coefficients[:, column[p]], vectors[p], dims=1) for p in theta0}
+    """θ(λ)[p] = θ₀[p] + Σ_k λ[k, group(p)] · τ̃_k[p] (differentiable in λ), in the task vectors' precision
+    (:func:`~fedmerge.merging.methods.working_precision`: float64 for float64 weights, else float32): λ is cast to
+    it, and ``theta0`` is expected in it."""
+    return {p: theta0[p] + torch.tensordot(coefficients[:, column[p]].to(vectors[p].dtype), vectors[p], dims=1)
+            for p in theta0}
 
 
 def merged_weights(
@@ -294,8 +297,9 @@ def merged_weights(
     coefficients: torch.Tensor,
     column: Mapping[str, int],
 ) -> StateDict:
-    """θ(λ) of :func:`merged_parameters` without gradient, in θ₀'s dtypes: the weights a set of coefficients ships."""
-    base = {p: t.detach().float() for p, t in theta0.items()}
+    """θ(λ) of :func:`merged_parameters` without gradient, computed in the working precision (float64 weights in
+    float64) and returned in θ₀'s dtypes: the weights a set of coefficients ships."""
+    base = {p: working_precision(t) for p, t in theta0.items()}
     with torch.no_grad():
         return {p: t.to(theta0[p].dtype) for p, t in merged_parameters(base, vectors, coefficients, column).items()}
 
@@ -412,7 +416,10 @@ class PseudoUserObjective:
         if config.pseudo_user_length > family.max_len:
             raise ValueError(f"pseudo_user_length {config.pseudo_user_length} exceeds {family.name!r}'s "
                              f"max_len {family.max_len}")
-        self.base = {p: t.detach().float() for p, t in theta0.items()}
+        # θ₀ in the task vectors' working precision (float64 weights: float64, as the training-free merges), while
+        # the student runs in its module's dtype (float32): θ(λ) is cast to it for the forward pass
+        self.base = {p: working_precision(t) for p, t in theta0.items()}
+        self.student_dtype = {p: t.dtype for p, t in self.module.state_dict().items()}
         self.groups, self.column = group_index(family, list(self.base), config.granularity, config.layer_groups)
         self.item_features = [item_features[d] for d in self.pseudo_domains]
 
@@ -449,8 +456,9 @@ class PseudoUserObjective:
         self.frozen_union: torch.Tensor | None = None  # item representations of all domains, stacked
 
     def parameters(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
-        """θ(λ), differentiable in λ."""
-        return merged_parameters(self.base, self.processed.vectors, coefficients, self.column)
+        """θ(λ), differentiable in λ, in the student module's dtypes (computed in the working precision)."""
+        params = merged_parameters(self.base, self.processed.vectors, coefficients, self.column)
+        return {p: t.to(self.student_dtype.get(p, t.dtype)) for p, t in params.items()}
 
     def refresh_items(self, coefficients: torch.Tensor) -> None:
         """Frozen candidate item representations of θ(λ), without gradient (``item_side="frozen"`` only)."""
