@@ -21,9 +21,12 @@
    ``exclude_input_item=True`` (not in the paper) removes a pseudo-user's own items from its teacher and student
    distributions: a text-similarity model ranks the input item itself first, which makes the pseudo-label trivial.
    The merged forward is ``torch.func.functional_call(module, θ(λ), (seqs, item_features))``, so gradients reach
-   only λ. ``multi_start=True`` (not in the paper) also runs the optimization from each single domain's model
-   (λ_k = 1 for one k, 0 for the others) and keeps the run whose λ has the lowest objective over every pseudo-user
-   (or over ``selection_users`` of them, drawn with the seed - the exact objective dominates the cost):
+   only λ. ``multi_start=True`` (not in the paper) also runs the optimization from one start per domain k,
+   λ = 1 on its processed task vector τ̃_k and 0 on the others (min(1, ``max_coefficient``) under a cap), i.e.
+   θ₀ + τ̃_k: domain k's own model only when the start is task arithmetic (τ̃_k = τ_k; an unweighted ``average``
+   start gives θ₀ + τ_k/K, a TIES start θ₀ + τ_k's trimmed, sign-elected share of the disjoint mean), and keeps
+   the run whose λ has the lowest objective over every pseudo-user (or over ``selection_users`` of them, drawn
+   with the seed - the exact objective dominates the cost):
    from the symmetric start λ = 0.2 the optimizer can settle where the objective is higher than in regions it
    does not reach. The selection reads pseudo-users only, so it stays data-isolated. With ``item_side="full"`` the
    full module, item side included, runs on every step. The default

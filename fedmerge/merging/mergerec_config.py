@@ -76,7 +76,10 @@ class MergeRecConfig:
     item_side: Literal["full", "frozen"] = "frozen"
     exclude_input_item: bool = False  # drop the pseudo-user's own items from its teacher and student distributions
     pseudo_user_length: int = 1  # L: pseudo-users are the prefixes of length 1..L of teacher rollouts (1: the paper)
-    # also start from each single domain's model (λ = 1 for domain k, 0 for the others); keep the lowest objective
+    # also start from λ = 1 on domain k's processed task vector τ̃_k, 0 on the others (one start per k; min(1,
+    # max_coefficient) under a cap): domain k's own model only with init_method "task_arithmetic" (an unweighted
+    # average start gives θ₀ + τ_k/K, a TIES start θ₀ + τ_k's trimmed share of the disjoint mean); keep the run
+    # with the lowest objective
     multi_start: bool = False
     selection_users: int = 0  # multi_start ranks runs by the objective over this many seeded pseudo-users (0: all)
     item_refresh: int = 0  # with item_side="frozen": recompute item representations every this many steps (0: never)
