@@ -190,9 +190,11 @@ def evaluate_batches(
 ) -> dict[str, float]:
     """Recall@K and NDCG@K, unmasked and masked, of ``scorer`` on prepared :func:`evaluation_batches` of a domain
     with ``n_items`` items under tie rule ``ties``; also ``users``. Memory: one batch's (batch, n_items) scores at a
-    time."""
+    time. ValueError when the batches hold no user (none, or only empty ones)."""
     if ties not in TIE_RULES:
         raise ValueError(f"unknown tie rule {ties!r}; valid: {list(TIE_RULES)}")
+    if sum(len(b.targets) for b in batches) == 0:
+        raise ValueError(f"no users to evaluate: {len(batches)} batch(es), none with a user")
     unmasked: list[tuple[np.ndarray, np.ndarray]] = []
     masked: list[tuple[np.ndarray, np.ndarray]] = []
     for batch in batches:

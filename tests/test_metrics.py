@@ -9,6 +9,7 @@ import pytest
 
 from fedmerge.data.domain import Domain, ItemCatalog, as_sequences
 from fedmerge.metrics import (
+    EvalBatch,
     evaluate_batches,
     evaluate_scorer,
     evaluation_batches,
@@ -239,6 +240,17 @@ def test_prepared_batches_serve_many_models_with_the_same_results(tiny_domain: D
             scorer, tiny_domain, "test", ks=(1, 3), max_len=2, batch_size=1)
     with pytest.raises(ValueError, match="no users .*'tiny'.*train|split"):
         evaluation_batches(tiny_domain, "train")  # type: ignore[arg-type]
+
+
+def test_evaluating_no_batches_or_only_empty_ones_names_the_missing_users() -> None:
+    """evaluate_batches(scorer, []) raised a TypeError from inside metrics_from_ties ('tied' missing)."""
+    called = []
+    scorer = lambda seqs: called.append(seqs) or np.zeros((len(seqs), 3))  # noqa: E731
+    empty = EvalBatch([], np.array([], dtype=np.int64), history_pairs([], np.array([], dtype=np.int64), 3))
+    for batches in ([], [empty]):
+        with pytest.raises(ValueError, match="no users to evaluate"):
+            evaluate_batches(scorer, batches, 3, ks=(1,))
+    assert called == []  # refused before any scoring
 
 
 def test_history_pairs_are_distinct_and_leave_out_the_target() -> None:
