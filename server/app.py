@@ -20,6 +20,7 @@ from fedmerge.provenance import adopt_launcher_source
 from fedmerge.runners import results as results_io
 from fedmerge.runners.appconfig import folder_settings, launcher_source, scenario_from_run_config
 from fedmerge.runners.server import run_and_record
+from fedmerge.runners.simulation import check_one_seed
 from fedmerge.storage import run_folder
 from server.strategy import MergeStrategy
 from fedmerge.scenario import Scenario
@@ -38,6 +39,8 @@ def build_server_app() -> ServerApp:
         configure_from_env()
         folder = folder_settings(context.run_config)  # before anything else: a quoted "false" is refused
         scenario = scenario_from_run_config(context.run_config)
+        check_one_seed(scenario, "a Flower app run", "submit one run per seed with run.seed=S in the overrides "
+                       "(`fedmerge simulate --seeds` runs every seed and aggregates them)")
         adopt_launcher_source(launcher_source(context.run_config))  # the FAB has no .git: the launcher's commit
         target = folder.target or Path(f"runs/{scenario.run.name}")
         if folder.held:  # `fedmerge simulate` holds the folder (lock, earlier files)

@@ -950,3 +950,35 @@ def test_a_run_config_flag_given_as_a_string_is_refused_not_read_as_true(tmp_pat
     settings = folder_settings(plain)
     assert settings.target == tmp_path and {k: v for k, v in vars(settings).items() if v is True} == {
         {"resume": "resume", "overwrite": "overwrite", "out-dir-held": "held"}[key]: True}
+
+
+def test_run_seeds_is_refused_by_deploy_local_and_the_server_app_before_anything_starts(tmp_path, monkeypatch):
+    """`deploy local --set 'run.seeds=[0,1,2]'` (and a plain `flwr run` of such a scenario) ran run.seed only and
+    recorded run.seeds in results.json as if each seed had run; run_scenario refused it. Both refuse it now, before
+    the output folder is touched."""
+    from flwr.app import Context, RecordDict
+
+    import server.app
+    from fedmerge.deploy import local
+
+    def started(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(local, "_deploy", started)
+    monkeypatch.setattr(server.app, "run", started)
+    earlier = tmp_path / "deploy" / "results" / "results.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}")
+    (tmp_path / "deploy" / ".fedmerge.lock").touch()  # an earlier run's folder: --overwrite would empty it
+    with pytest.raises(FedmergeError, match=r"run.seeds = \[0, 1, 2\]: deploy local runs one seed \(run.seed\); "
+                                            r"run it once per seed.*--set run.seed=S"):
+        local.deploy_local("quickstart", tmp_path / "deploy", overrides=["run.seeds=[0, 1, 2]"], overwrite=True)
+    assert earlier.read_text() == "{}"
+
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"scenario": "quickstart", "overrides": "run.seeds=[0, 1, 2]",
+                                  "out-dir": str(tmp_path / "deploy"), "resume": False, "overwrite": True,
+                                  "out-dir-held": False})
+    with pytest.raises(FedmergeError, match=r"run.seeds = \[0, 1, 2\]: a Flower app run runs one seed \(run.seed\)"):
+        server.app.app(None, context)
+    assert earlier.read_text() == "{}"

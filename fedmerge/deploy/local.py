@@ -214,11 +214,13 @@ def deploy_local(
     timeout, ...) after stopping every started process.
     """
     from fedmerge.config import load_scenario
-    from fedmerge.runners.simulation import check_before_run
+    from fedmerge.runners.simulation import check_before_run, check_one_seed
     from fedmerge.storage import run_folder
 
     app = check_app_dir(Path(app_dir))
     cfg = load_scenario(scenario, overrides)
+    check_one_seed(cfg, "deploy local", "run it once per seed, each into its own --out, with --set run.seed=S "
+                   "(`fedmerge simulate --seeds` runs every seed and aggregates them)")
     if data_root is not None:  # the ServerApp reads the public catalogs there too, not only the SuperNodes their data
         cfg = cfg.with_changes(data={"root": str(Path(data_root).resolve())})
     out = Path(out_dir).resolve()

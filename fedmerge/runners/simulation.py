@@ -50,9 +50,8 @@ def run_scenario(
     """
     if engine not in ENGINES:
         raise FedmergeError(f"unknown engine {engine!r}; valid: {list(ENGINES)}")
-    if cfg.run.seeds:
-        raise FedmergeError(f"run.seeds = {list(cfg.run.seeds)}: run_scenario runs one seed (run.seed); use "
-                            "fedmerge.simulate (or fedmerge.runners.multiseed.run_seeds) for one run per seed")
+    check_one_seed(cfg, "run_scenario", "use fedmerge.simulate (or fedmerge.runners.multiseed.run_seeds) for one "
+                   "run per seed")
     if resume and out_dir is None:
         raise FedmergeError("--resume needs the output folder of the earlier run (--out DIR)")
     if resume and overwrite:
@@ -65,6 +64,13 @@ def run_scenario(
     with run_folder(out_dir, resume=resume, overwrite=overwrite, set_aside=set_aside):
         check_or_record_data(cfg, Path(out_dir), resume)
         return _run_engine(cfg, engine, out_dir, resume)
+
+
+def check_one_seed(cfg: Scenario, runner: str, advice: str) -> None:
+    """FedmergeError when ``cfg`` lists ``run.seeds``: ``runner`` runs one seed (``run.seed``), and would record
+    ``run.seeds`` in results.json as if each had run; ``advice`` says what runs one run per seed."""
+    if cfg.run.seeds:
+        raise FedmergeError(f"run.seeds = {list(cfg.run.seeds)}: {runner} runs one seed (run.seed); {advice}")
 
 
 def simulate(
