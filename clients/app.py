@@ -2,7 +2,8 @@
 
 The domain is chosen by the node config: ``partition-id`` in simulation, ``data-path`` in deployment. Train
 replies carry the trained weights (named float arrays) and numeric training metrics; evaluate replies carry
-metrics on the client's private test users. Any exception becomes an error reply naming the client's domain.
+metrics on the client's private test users. Any exception becomes an error reply naming the client's domain (its
+node id while a deployed node's domain has not loaded; never its data path).
 What a client keeps between its messages and never sends (``ClientState.memory``, e.g. the seed of a noisy Gram
 drawn once) lives in the node's ``context.state``, which Flower keeps for the run in simulation and deployment.
 """
@@ -29,9 +30,11 @@ MEMORY_RECORD = "fedmerge.client-memory"  # context.state's record of ClientStat
 _STATES: dict[tuple[str, str], ClientState] = {}  # per process: domain data and features load once
 
 
-def _node_domain_label(cfg: Scenario, node_config: Mapping[str, Any]) -> str:
+def _node_domain_label(cfg: Scenario, node_config: Mapping[str, Any], node_id: int) -> str:
+    """What an error reply names before the node's domain loaded: the domain of a simulated node's partition, a
+    deployed node's id (never its data-path: the owner's file system is no business of the server's)."""
     if node_config.get("data-path"):
-        return str(node_config["data-path"])
+        return f"node {node_id}"
     names = cfg.data.domain_names()
     pid = int(node_config.get("partition-id", -1))
     return names[pid] if 0 <= pid < len(names) else f"partition {pid}"
@@ -55,11 +58,12 @@ def build_client_app(cfg: Scenario | None = None) -> ClientApp:
 
     def handle(message: Message, context: Context) -> Message:
         scenario = cfg
-        label = str(dict(context.node_config))
+        label = f"node {context.node_id}"
         try:
             scenario = cfg if cfg is not None else scenario_from_run_config(context.run_config)
-            label = _node_domain_label(scenario, context.node_config)
+            label = _node_domain_label(scenario, context.node_config, context.node_id)
             state = client_state(scenario, context.node_config)
+            label = state.domain.name  # once loaded, as the in-process engine names it
             # the node's context.state is the memory's home: this process may not have served the node before
             kept = context.state.config_records.get(MEMORY_RECORD)
             state.memory = dict(kept) if kept is not None else {}

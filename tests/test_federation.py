@@ -149,6 +149,26 @@ def test_flower_client_app_replies_and_names_domain_on_error(cfg, flower_task_id
     assert broken.has_error() and "synth-1" in broken.error.reason
 
 
+def test_a_deployed_client_names_its_domain_or_node_on_error_never_its_data_path(cfg, tmp_path, flower_task_identity):
+    """A deployed ClientApp (node config data-path) labelled its error replies with the data path, so results.json's
+    errors read `client /home/owner/private data/synth-0: ...` (the owner's file system, sent to the server) where
+    simulation and in-process read `client synth-0: ...`. Now the loaded domain's name, before that the node id."""
+    from clients.app import build_client_app
+    from fedmerge.data.generic import save_generic_domain
+
+    private = save_generic_domain(cfg.load_domain("synth-0"), tmp_path / "private data" / "synth-0")
+    app = build_client_app(cfg)
+    bad = RecordDict({protocol.CONFIG: ConfigRecord({protocol.PHASE: protocol.PHASE_ONESHOT, protocol.ROUND: 0})})
+    _, inprocess = InProcessTransport(cfg).send(protocol.TRAIN, {"synth-0": bad})
+    for path, label in ((private, "synth-0"), (tmp_path / "private data" / "missing", "node 7")):
+        context = Context(run_id=1, node_id=7, node_config={"data-path": str(path)}, state=RecordDict(), run_config={})
+        reply = app(Message(bad, 7, protocol.TRAIN), context)
+        assert reply.has_error() and reply.error.reason.startswith(f"client {label}: "), reply.error.reason
+        assert not reply.error.reason.startswith(f"client {tmp_path}")
+    context = Context(run_id=1, node_id=7, node_config={"data-path": str(private)}, state=RecordDict(), run_config={})
+    assert app(Message(bad, 7, protocol.TRAIN), context).error.reason == inprocess["synth-0"]
+
+
 def test_a_client_refuses_malformed_train_requests_and_releases_dp_ε_does_not_cover(cfg):
     """A train request of any phase but "fedavg" trained as one-shot, a missing round was round 0, a missing weights
     record a KeyError; a DP client shipped as many noisy releases as it was asked for (a repeated round averages its
