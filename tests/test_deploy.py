@@ -982,3 +982,39 @@ def test_run_seeds_is_refused_by_deploy_local_and_the_server_app_before_anything
     with pytest.raises(FedmergeError, match=r"run.seeds = \[0, 1, 2\]: a Flower app run runs one seed \(run.seed\)"):
         server.app.app(None, context)
     assert earlier.read_text() == "{}"
+
+
+def test_deploy_local_json_prints_one_object_also_when_the_run_fails(tmp_path, monkeypatch, capsys):
+    """`deploy local --json` printed nothing on stdout when the run failed (only the error line on stderr), though
+    it promises exactly one JSON object; now {"status": "failed", "error", "results" (the path when this run wrote
+    results.json, else null), "warnings"} and still a non-zero exit code."""
+    import json
+
+    from fedmerge.cli import main
+    from fedmerge.deploy import local
+
+    out = tmp_path / "d"
+    path = out / "results" / "results.json"
+
+    def refused(*args, **kwargs):
+        raise FedmergeError("scenario file nope.toml does not exist")
+
+    monkeypatch.setattr(local, "deploy_local", refused)
+    assert main(["deploy", "local", "--out", str(out), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"status": "failed", "error": "scenario file nope.toml does not exist",
+                                        "results": None, "warnings": []}
+    assert "fedmerge deploy: error: scenario file nope.toml does not exist" in captured.err
+
+    def failed_run(*args, **kwargs):  # the ServerApp wrote a failed run's results.json, then deploy_local raised
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"status": "failed", "errors": {"a": "boom"}, "warnings": ["one domain"]}))
+        raise RunFailed("run 1 ended finished:failed")
+
+    monkeypatch.setattr(local, "deploy_local", failed_run)
+    assert main(["deploy", "local", "--out", str(out), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out) == {"status": "failed", "error": "run 1 ended finished:failed",
+                                                   "results": str(path), "warnings": ["one domain"]}
+    monkeypatch.setattr(local, "deploy_local", refused)  # an earlier run's results.json is not this run's
+    assert main(["deploy", "local", "--out", str(out), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["results"] is None

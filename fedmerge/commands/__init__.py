@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 
 def seed(text: str) -> int:
@@ -15,3 +19,29 @@ def seed(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"a seed is an integer >= 0, got {text!r}")
     return value
+
+
+@contextmanager
+def json_on_failure(enabled: bool, results_path: Path) -> Iterator[None]:
+    """With ``--json`` (``enabled``), a run that fails still prints its one JSON object on stdout: ``status``
+    "failed", the ``error``, ``results`` (``results_path`` when this run wrote it, else null: an earlier run's file
+    is not this one's) and that file's ``warnings``; the error then goes on to the CLI (its line on stderr, a
+    non-zero exit code). Without it, stdout held nothing and a script reading it had no object to parse."""
+    from fedmerge.runners.simulation import file_identity
+
+    before = file_identity(results_path)
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as exc:
+        if enabled:
+            fresh = file_identity(results_path) not in (None, before)
+            warnings: list = []
+            if fresh:
+                try:
+                    warnings = list(json.loads(results_path.read_text()).get("warnings", []))
+                except (OSError, ValueError, AttributeError, TypeError):
+                    pass
+            error = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
+            print(json.dumps({"status": "failed", "error": error, "results": str(results_path) if fresh else None,
+                              "warnings": warnings}))
+        raise

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fedmerge.commands import json_on_failure
 from fedmerge.config import DEFAULT_SCENARIO
 from fedmerge.deploy.certs import DEFAULT_HOSTS, generate
 from fedmerge.runners.results import RESULTS_FILE
@@ -49,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="delete everything in --out (what an earlier deployment left, and anything else there); "
                        "a non-empty --out is refused otherwise")
     local.add_argument("--json", action="store_true",
-                       help="print exactly one JSON object (status, results path, warnings) instead of the tables")
+                       help="print exactly one JSON object (status, results path, warnings) instead of the tables; on "
+                       "failure status \"failed\", the error and the results path if the run wrote one (non-zero exit code)")
     local.set_defaults(func=run_local)
 
 
@@ -69,9 +71,10 @@ def run_local(args: argparse.Namespace) -> int:
     from fedmerge.deploy.local import deploy_local
     from fedmerge.runners.results import run_summary
 
-    results = deploy_local(args.scenario, args.out, overrides=args.overrides, data_root=args.data_root,
-                           tls_dir=args.tls_dir, timeout_s=args.timeout, overwrite=args.overwrite)
     path = args.out / "results" / RESULTS_FILE
+    with json_on_failure(args.json, path):
+        results = deploy_local(args.scenario, args.out, overrides=args.overrides, data_root=args.data_root,
+                               tls_dir=args.tls_dir, timeout_s=args.timeout, overwrite=args.overwrite)
     if args.json:
         print(json.dumps({"status": results.get("status"), "results": str(path),
                           "warnings": results.get("warnings", [])}))
