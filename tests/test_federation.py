@@ -444,6 +444,8 @@ def test_flower_simulation_matches_inprocess(cfg, tmp_path, concurrency):
     flower = run_scenario(small, "flower", tmp_path / "flower")
     inprocess = run_scenario(small, "inprocess", tmp_path / "inprocess")
     assert flower["run"]["engine"] == "flower" and (tmp_path / "flower" / "results.json").is_file()
+    # the file is what the run returned (timings_s.simulation_wall was in the returned dict only)
+    assert json.loads((tmp_path / "flower" / "results.json").read_text()) == flower
     for name, per_domain in inprocess["models"].items():
         for domain, metrics in per_domain.items():
             assert flower["models"][name][domain] == pytest.approx(metrics), (name, domain)

@@ -228,7 +228,8 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
     SuperLink (``--simulation``) listens on a free 127.0.0.1 port; the app (this repository's ``[tool.flwr.app]``)
     is submitted with the run config ``scenario`` (that file), ``out-dir`` and ``resume``; ``flwr ls`` is polled
     until the run finished, and success needs both ``finished:completed`` and ``results.json`` with ``status: ok``
-    (never an exit code); there is no overall time limit (``federation.timeout_s`` bounds the ServerApp's every
+    (never an exit code), and the file then gets ``timings_s.simulation_wall`` (seconds from the SuperLink's start
+    to the run's end, the Flower engine's whole cost); there is no overall time limit (``federation.timeout_s`` bounds the ServerApp's every
     wait for replies). Every process started is stopped by pid on return, error or Ctrl-C. Ray runs in
     single-machine mode (:data:`RAY_SINGLE_MACHINE_ENV`), so it listens on 127.0.0.1 only. The run's own output
     (ServerApp and ClientApps, Ray) is streamed to stderr only with ``--verbose``; otherwise a progress bar read
@@ -241,6 +242,7 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
     from fedmerge.logs import LEVEL_ENV, verbose_enabled
     from fedmerge.runners.appconfig import flower_run_config
     from fedmerge.runners.run_progress import FolderProgress
+    from fedmerge.storage import write_json_atomic
 
     app = check_app_dir(REPO_ROOT)
     verbose = verbose_enabled()
@@ -284,5 +286,7 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
         if stale is not None and file_identity(results_path) == stale:
             raise FedmergeError(f"the run finished but wrote no new {results_path} (the earlier run's is unchanged)")
         results = read_results(results_path)
-    results["timings_s"]["simulation_wall"] = round(wall, 3)
+        results["timings_s"]["simulation_wall"] = round(wall, 3)
+        # the ServerApp has finished: nothing else writes the file, which says what the run returns
+        write_json_atomic(results_path, results)
     return results
