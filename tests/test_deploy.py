@@ -1018,3 +1018,43 @@ def test_deploy_local_json_prints_one_object_also_when_the_run_fails(tmp_path, m
     monkeypatch.setattr(local, "deploy_local", refused)  # an earlier run's results.json is not this run's
     assert main(["deploy", "local", "--out", str(out), "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["results"] is None
+
+
+def test_a_path_with_a_double_quote_is_refused_before_flower_is_given_it(tmp_path, monkeypatch, capsys):
+    """Flower's --run-config / --node-config parser takes a quoted value up to the next `"`, escaped or not: an
+    --out, data root or domain folder holding one failed inside Flower with a generic "invalid format" error (after
+    the processes had started). simulate (Flower engine) and deploy local refuse it first, naming the path."""
+    import json
+    import re
+
+    from fedmerge.cli import main
+    from fedmerge.config import load_scenario
+    from fedmerge.data.generic import save_generic_domain
+    from fedmerge.deploy import local
+    from fedmerge.runners import simulation
+
+    def started(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(local, "_deploy", started)
+    monkeypatch.setattr(simulation, "run_flower_simulation", started)
+    small = ["data.synthetic.n_users=30", "data.synthetic.n_items=20", 'encoder.name="hashing"']
+    quoted = tmp_path / 'run "one"'
+    cfg = load_scenario("quickstart", small)
+    for run in (lambda: simulation.run_scenario(cfg, "flower", quoted),
+                lambda: simulation.simulate(cfg.with_changes(run={"seeds": [0, 1]}), quoted, engine="flower"),
+                lambda: local.deploy_local("quickstart", quoted, overrides=small)):
+        with pytest.raises(FedmergeError, match=rf"--out {re.escape(str(quoted))} holds a double quote \(\"\), "
+                                                r"which Flower's --run-config / --node-config cannot carry"):
+            run()
+        assert not quoted.exists()
+    assert main(["simulate", "quickstart", "--out", str(quoted), *[a for s in small for a in ("--set", s)]]) == 1
+    assert f"--out {quoted} holds a double quote" in capsys.readouterr().err and not quoted.exists()
+    domain = load_scenario("quickstart", small).load_domain("synth-0")
+    for root, name, named in ((tmp_path / 'da"ta', "shop", f"--data-root {tmp_path}/da\"ta"),
+                              (tmp_path / "data", 'sh"op', f"domain 'sh\"op': its data path {tmp_path}/data/sh\"op")):
+        save_generic_domain(domain, root / name)
+        generic = [*small, 'data.source="generic"', f"data.domains={json.dumps([name])}"]
+        with pytest.raises(FedmergeError, match=rf"{re.escape(named)} holds a double quote"):
+            local.deploy_local("quickstart", tmp_path / "out", overrides=generic, data_root=root)
+        assert not (tmp_path / "out").exists()

@@ -118,6 +118,16 @@ def run_config_args(run_config: Mapping[str, Any]) -> list[str]:
     return args
 
 
+def check_config_path(what: str, path: str | Path) -> None:
+    """FedmergeError naming ``path`` (``what``: the flag or domain it comes from) when it holds a double quote:
+    Flower's ``--run-config`` / ``--node-config`` parser (``flwr.common.config.parse_config_args``) reads a quoted
+    value up to the next ``"``, escaped or not, so such a path fails inside Flower with a generic "invalid format"
+    error, after the processes started. Checked before a run touches anything."""
+    if '"' in str(path):
+        raise FedmergeError(f"{what} {path} holds a double quote (\"), which Flower's --run-config / --node-config "
+                            "cannot carry; rename it or give a path without one")
+
+
 def config_line(values: Mapping[str, Any]) -> str:
     """Space-separated ``key=value`` items with TOML values, as ``--federation-config``/``--node-config`` take them."""
     return " ".join(f"{key}={toml_scalar(key, value)}" for key, value in values.items())

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.deploy.certs import NodeKeys, TlsFiles, generate, load_tls_dir
-from fedmerge.deploy.flwr_cli import FlwrClient, RunFailed, config_line, write_flower_config
+from fedmerge.deploy.flwr_cli import FlwrClient, RunFailed, check_config_path, config_line, write_flower_config
 from fedmerge.deploy.processes import ManagedProcess, ProcessSet, free_port, wait_for_port
 from fedmerge.errors import FedmergeError
 from fedmerge.paths import REPO_ROOT
@@ -224,6 +224,12 @@ def deploy_local(
     if data_root is not None:  # the ServerApp reads the public catalogs there too, not only the SuperNodes their data
         cfg = cfg.with_changes(data={"root": str(Path(data_root).resolve())})
     out = Path(out_dir).resolve()
+    check_config_path("--out", out)  # Flower's run config carries it, the node config each domain's data path
+    data_base = Path(data_root).resolve() if data_root is not None else out / "data"
+    if data_root is not None:
+        check_config_path("--data-root", data_base)
+    for name in cfg.data.domain_names():
+        check_config_path(f"domain {name!r}: its data path", data_base / name)
     data_place = cfg.data.root_path().resolve() if cfg.data.source != "synthetic" else None
     if data_place is not None and data_place.is_relative_to(out):
         raise FedmergeError(f"the data root {data_place} lies inside --out {out}, which the deployment takes over "

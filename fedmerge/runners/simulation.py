@@ -56,6 +56,7 @@ def run_scenario(
         raise FedmergeError("--resume needs the output folder of the earlier run (--out DIR)")
     if resume and overwrite:
         raise FedmergeError("--resume re-uses the earlier run's files and --overwrite deletes them; pass only one")
+    check_flower_out(engine, out_dir)
     check_before_run(cfg, engine)
     if out_dir is None:
         return _run_engine(cfg, engine, None, resume)
@@ -84,6 +85,7 @@ def simulate(
     and ``overwrite`` as for :func:`run_scenario`; several seeds need an ``out_dir``."""
     if resume and overwrite:  # run_scenario says so too, but a multi-seed run reached the engine first
         raise FedmergeError("--resume re-uses the earlier run's files and --overwrite deletes them; pass only one")
+    check_flower_out(engine, out_dir)  # as is this (a multi-seed run holds out_dir before its first seed starts)
     if scenario.run.seeds:
         if out_dir is None:
             raise FedmergeError(f"run.seeds = {list(scenario.run.seeds)}: several seeds need an output folder "
@@ -92,6 +94,15 @@ def simulate(
 
         return run_seeds(scenario, engine, out_dir, resume=resume, overwrite=overwrite)
     return run_scenario(scenario, engine=engine, out_dir=out_dir, resume=resume, overwrite=overwrite)
+
+
+def check_flower_out(engine: str, out_dir: str | Path | None) -> None:
+    """Under Flower, FedmergeError naming an output folder that Flower's run config cannot carry
+    (:func:`fedmerge.deploy.flwr_cli.check_config_path`); the in-process engine takes any folder."""
+    if engine == "flower" and out_dir is not None:
+        from fedmerge.deploy.flwr_cli import check_config_path
+
+        check_config_path("--out", Path(out_dir).resolve())
 
 
 def file_identity(path: Path) -> tuple[int, int, int] | None:
@@ -236,7 +247,7 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
     from the run folder (:class:`fedmerge.runners.run_progress.FolderProgress`; none when ``run.progress`` is false)
     shows the phases.
     """
-    from fedmerge.deploy.flwr_cli import CONNECTION, FlwrClient, RunFailed, write_flower_config
+    from fedmerge.deploy.flwr_cli import CONNECTION, FlwrClient, RunFailed, check_config_path, write_flower_config
     from fedmerge.deploy.local import REPO_ROOT, check_app_dir, deployment_env, read_results, reported_errors, start_superlink
     from fedmerge.deploy.processes import ProcessSet
     from fedmerge.logs import LEVEL_ENV, verbose_enabled
@@ -248,6 +259,7 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
     verbose = verbose_enabled()
     with tempfile.TemporaryDirectory(prefix="fedmerge-sim-") as scratch:
         private = Path(scratch)
+        check_config_path("the temporary folder (TMPDIR)", private)  # it holds the run config's scenario file
         target = Path(out_dir).resolve() if out_dir is not None else private / "results"
         results_path = target / RESULTS_FILE
         # a stale file must not pass for this run's result; a resumed run's ServerApp keeps the earlier one as
