@@ -86,9 +86,11 @@ class RecordingTransport(InProcessTransport):
         return {d: seen[d] for d in replies}, errors
 
 
-def test_results_do_not_depend_on_the_order_replies_arrive_in(cfg):
+@pytest.mark.parametrize("local", [[], ['merge.local_parameters=["final_norm.bias"]']], ids=["shared", "local"])
+def test_results_do_not_depend_on_the_order_replies_arrive_in(cfg, local):
     """train_metrics, fedavg_train_metrics, rejected and errors were filled in arrival order: the same run wrote
-    another results.json when the clients answered in another order."""
+    another results.json when the clients answered in another order (and, with local parameters, the merge report's
+    and the cards' per-domain values)."""
 
     class Reversed(RecordingTransport):
         def send(self, message_type, requests, on_reply=None):
@@ -99,7 +101,7 @@ def test_results_do_not_depend_on_the_order_replies_arrive_in(cfg):
             return {k: without_times(v) for k, v in value.items() if "seconds" not in k and k != "timings_s"}
         return [without_times(v) for v in value] if isinstance(value, list) else value
 
-    small = apply_overrides(cfg, ["baselines.joint=false", 'merge.methods=["average"]'])
+    small = apply_overrides(cfg, ["baselines.joint=false", 'merge.methods=["average"]', *local])
     texts = [json.dumps(without_times(run_federation(small, transport(small, corrupt="synth-1"))))
              for transport in (RecordingTransport, Reversed)]
     assert '"rejected": {"fedavg_round1:synth-1"' in texts[0] and texts[0] == texts[1]

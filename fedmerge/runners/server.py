@@ -708,8 +708,11 @@ class Federation:
         return with_values(new, shared_values(updates, self.local_names)) if self.local_names else new
 
     def local_values(self, updates: Mapping[str, StateDict]) -> dict[str, dict[str, torch.Tensor]]:
-        """Each domain's own values of ``merge.local_parameters`` in its update (empty without local parameters)."""
-        return own_values(updates, self.local_names) if self.local_names else {}
+        """Each domain's own values of ``merge.local_parameters`` in its update (empty without local parameters), in
+        the run's domain order: the merge report and the cards list them so, whatever order the replies came in."""
+        if not self.local_names:
+            return {}
+        return own_values({d: updates[d] for d in self.domains if d in updates}, self.local_names)
 
     def served(self, weights: StateDict, domain: str, own: Mapping[str, Mapping[str, torch.Tensor]]) -> StateDict:
         """A shared model as ``domain`` evaluates it: with its own local parameters where it has them."""
