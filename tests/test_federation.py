@@ -263,6 +263,26 @@ def test_default_run_goes_on_without_a_client_that_fails_to_train(cfg):
                                "['synth-1']): not comparable with the averages over every training domain"]
 
 
+def test_a_fedavg_round_averaged_over_fewer_domains_is_flagged_on_its_curve_point_and_warned(cfg):
+    """A FedAvg round whose evaluation lacked a training domain's metrics got a curve point averaged over fewer
+    domains than the others, plotted as one curve, and no warning said so (only the last round, renamed fedavg,
+    was checked)."""
+
+    class DropsRound1Metrics(InProcessTransport):
+        def send(self, message_type, requests, on_reply=None):
+            replies, errors = super().send(message_type, requests, on_reply)
+            if message_type == protocol.EVALUATE and protocol.MODEL_PREFIX + "fedavg_round1" in requests["synth-2"]:
+                replies["synth-2"] = RecordDict({protocol.INFO: protocol.info_record("synth-2")})  # no metrics
+            return replies, errors
+
+    two = apply_overrides(cfg, ["baselines.joint=false", 'merge.methods=["average"]', "baselines.fedavg_rounds=2"])
+    out = run_federation(two, DropsRound1Metrics(two))
+    assert [p.get("domains") for p in out["fedavg_curve"]] == [["synth-0", "synth-1"], None]
+    assert [w for w in out["warnings"] if "fedavg_curve" in w] == [
+        "fedavg_curve's round 1 averages ['synth-0', 'synth-1'] only: not comparable with the rounds averaged over "
+        "every training domain"]
+
+
 def test_a_run_that_fails_in_fedavg_keeps_the_merges_metrics_in_their_cards(cfg, tmp_path):
     """Two of three clients vanish in the FedAvg round: the run fails, and the merges measured before it keep their
     metrics in results.json and in their saved model cards."""

@@ -638,6 +638,11 @@ class Federation:
                 missing = [d for d in self.train_domains if d not in per_domain]
                 lines.append(f"the average of {name} covers {covered} only (no metrics of {missing}): not comparable "
                              "with the averages over every training domain")
+        for point in self.fedavg_curve:  # rounds before the last are no model of their own once FedAvg ends
+            last = point["round"] == len(self.fedavg_curve) and "fedavg" in self.models
+            if "domains" in point and f"fedavg_round{point['round']}" not in self.models and not last:
+                lines.append(f"fedavg_curve's round {point['round']} averages {point['domains']} only: not comparable "
+                             "with the rounds averaged over every training domain")
         return lines
 
     def few_users_warnings(self) -> list[str]:
@@ -871,8 +876,12 @@ class Federation:
                 own = self.local_values(updates)
                 self.evaluate(transport, {d: {f"fedavg_round{r}": self.served(global_weights, d, own)} for d in self.domains},
                               label=f"fedavg_round{r}:")
-                round_avg = average_metrics(self.models[f"fedavg_round{r}"], self.train_domains)
-                self.fedavg_curve.append({"round": r, "bytes": fedavg_bytes, **round_avg})
+                round_metrics = self.models[f"fedavg_round{r}"]
+                point = {"round": r, "bytes": fedavg_bytes, **average_metrics(round_metrics, self.train_domains)}
+                covered = [d for d in self.train_domains if d in round_metrics]
+                if len(covered) < len(self.train_domains):  # averaged over fewer domains than the other rounds
+                    point["domains"] = covered
+                self.fedavg_curve.append(point)
                 phases.update()
             if self.fedavg_curve:
                 self.save_model("fedavg", global_weights, "fedavg", [d for d in self.train_domains if d in contributed],
