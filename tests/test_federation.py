@@ -613,6 +613,9 @@ def test_resume_checks_saved_client_weights_like_replies(cfg, tmp_path):
     assert resumed["status"] == "ok"
     assert "saved weights" in resumed["rejected"]["synth-2"] and "non-finite" in resumed["rejected"]["synth-2"]
     assert resumed["merge_report"]["domains"] == ["synth-0", "synth-1"]
+    # the record of the resume named synth-2 among the clients merged from saved weights, and FedAvg (0 rounds) skipped
+    assert resumed["resumed"]["clients"] == ["synth-0", "synth-1"] and resumed["resumed"]["refused"] == ["synth-2"]
+    assert resumed["resumed"]["skipped"] == ["local_training"]
     assert all(np.isfinite(m["recall@10"]) for m in resumed["models"]["average"].values())
     from fedmerge.recommender import read_card
 

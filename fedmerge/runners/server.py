@@ -1154,8 +1154,11 @@ def run_federation(
     if "joint" in out["models"]:
         out["models"]["joint"]["non_private"] = True
     if resume:
-        out["resumed"] = {"from": str(out_path), "clients": sorted(saved),
-                          "skipped": ["local_training", "fedavg"], "note": "merged and evaluated from saved weights"}
+        out["resumed"] = {"from": str(out_path), "clients": sorted(d for d in saved if d not in federation.rejected),
+                          "refused": sorted(d for d in saved if d in federation.rejected),
+                          "skipped": ["local_training", *(["fedavg"] if cfg.baselines.fedavg_rounds else [])],
+                          "note": "merged and evaluated from the saved weights of `clients` (`refused`: saved weights "
+                                  "the update checks refused, see `rejected`)"}
         if cfg.baselines.fedavg_rounds:
             out["warnings"].append(
                 f"--resume skips FedAvg (its rounds retrain the clients): baselines.fedavg_rounds = "
