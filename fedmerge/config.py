@@ -566,6 +566,10 @@ def _validate_defences(federation: FederationSettings) -> None:
     for key, (ok, valid) in checks.items():
         if not ok:
             raise FedmergeError(f"federation.{key} must be {valid}, got {getattr(federation, key)!r}")
+    if federation.fedavg_weighting == "users" and federation.fedavg_aggregation != "mean":
+        raise FedmergeError(f"federation.fedavg_weighting = 'users' has no effect with federation.fedavg_aggregation = "
+                            f"{federation.fedavg_aggregation!r} (a robust rule weighs every client alike); set "
+                            "fedavg_weighting = 'equal', or fedavg_aggregation = 'mean' for user-count weights")
 
 
 def write_scenario(cfg: Scenario, path: str | Path) -> Path:

@@ -242,3 +242,12 @@ def test_a_domain_named_like_a_results_key_is_refused(tmp_path):
     with pytest.raises(FedmergeError, match=r"domain name\(s\) \['average'\] are reserved"):
         load_scenario("quickstart", ['data.source="generic"', f'data.root="{tmp_path}"',
                                      'data.domains=["average", "shop"]'])
+
+
+def test_user_count_weights_beside_a_robust_fedavg_rule_are_refused():
+    """fedavg_weighting = "users" was silently ignored by the robust FedAvg rules (median, trimmed mean, clipped
+    average): results.json recorded "users" for rounds that weighed every client alike."""
+    with pytest.raises(FedmergeError, match=r"federation.fedavg_weighting = 'users' has no effect with "
+                                            r"federation.fedavg_aggregation = 'median'"):
+        load_scenario("quickstart", ['federation.fedavg_weighting="users"', 'federation.fedavg_aggregation="median"'])
+    load_scenario("quickstart", ['federation.fedavg_weighting="users"'])  # with the mean: McMahan et al.'s weights
