@@ -263,6 +263,40 @@ def test_default_run_goes_on_without_a_client_that_fails_to_train(cfg):
                                "['synth-1']): not comparable with the averages over every training domain"]
 
 
+def test_a_client_that_vanished_for_good_leaves_the_run_ok_a_missing_evaluation_of_a_used_client_fails_it(cfg):
+    """README: one vanished client of three no longer stops the run (min_replies). It did: the vanished client also
+    missed every evaluation, and any missing evaluation reply marked the run failed. A domain left out of a phase's
+    training missing that phase's evaluation is now a warning; a client whose update was used and whose evaluation
+    is missing still fails the run."""
+
+    class Vanishing(InProcessTransport):
+        """synth-2's node is gone after its first ``after`` requests (0: before the run)."""
+
+        def __init__(self, cfg, after):
+            super().__init__(cfg)
+            self.left = after
+
+        def send(self, message_type, requests, on_reply=None):
+            gone = "synth-2" in requests and self.left == 0
+            if "synth-2" in requests and self.left:
+                self.left -= 1
+            replies, errors = super().send(message_type, {d: r for d, r in requests.items()
+                                                          if not (gone and d == "synth-2")}, on_reply)
+            self.undelivered = {"synth-2"} if gone else set()
+            if gone:
+                errors["synth-2"] = "no SuperNode holds this domain"
+            return replies, errors
+
+    one_round = apply_overrides(cfg, ["baselines.joint=false", 'merge.methods=["average"]', "baselines.fedavg_rounds=1"])
+    out = run_federation(one_round, Vanishing(one_round, after=0))
+    assert out["status"] == "ok", out["errors"]
+    assert set(out["errors"]) == {"train:synth-2", "evaluate:synth-2", "fedavg_round1:train:synth-2",
+                                  "fedavg_round1:evaluate:synth-2"}
+    assert "client synth-2 sent no evaluation (left out of its training): no SuperNode holds this domain" in out["warnings"]
+    out = run_federation(one_round, Vanishing(one_round, after=1))  # gone after its one-shot update was used
+    assert out["merge_report"]["domains"] == ["synth-0", "synth-1", "synth-2"] and out["status"] == "failed"
+
+
 def test_a_fedavg_round_averaged_over_fewer_domains_is_flagged_on_its_curve_point_and_warned(cfg):
     """A FedAvg round whose evaluation lacked a training domain's metrics got a curve point averaged over fewer
     domains than the others, plotted as one curve, and no warning said so (only the last round, renamed fedavg,

@@ -645,6 +645,24 @@ class Federation:
                              "with the rounds averaged over every training domain")
         return lines
 
+    def missing_evaluations(self) -> dict[str, tuple[str, bool]]:
+        """Each evaluation error (``errors`` key) -> (domain, whether that domain was left out of the training phase
+        whose models it missed: the one-shot merges for ``evaluate:<d>``, FedAvg round r for
+        ``fedavg_round<r>:evaluate:<d>``). A client gone for good misses both, which ``min_replies`` allows."""
+        out = {}
+        for key in sorted(self.errors):  # not the replies' arrival order
+            label, sep, domain = key.rpartition(f"{protocol.EVALUATE}:")
+            if not sep or label not in ("", *(f"fedavg_round{r}:" for r in range(1, len(self.fedavg_train_metrics) + 1))):
+                continue
+            phase = f"FedAvg round {label[len('fedavg_round'):-1]}" if label else "the one-shot merges"
+            out[key] = (domain, any(p == phase for p, _ in self.left_out.get(domain, [])))
+        return out
+
+    def failed_evaluations(self) -> list[str]:
+        """The evaluation errors that fail the run: every one but those of a client left out of that phase's
+        training (:meth:`missing_evaluations`): its update is in none of the models it missed."""
+        return [key for key, (_, excused) in self.missing_evaluations().items() if not excused]
+
     def few_users_warnings(self) -> list[str]:
         """One line per domain evaluated on fewer than :data:`FEW_TEST_USERS` test users (the count its client
         reports with the metrics): its figures are mostly sampling noise, and a training domain still weighs 1/K in
@@ -661,10 +679,14 @@ class Federation:
     def left_out_warnings(self) -> list[str]:
         """One line per training client the run went on without (fewer than every client is allowed by
         ``federation.min_replies``): the phases it missed and the first reason."""
-        return [
-            f"client {d} was left out of {', '.join(phase for phase, _ in missed)}: {missed[0][1]}"
-            for d, missed in self.left_out.items()
-        ]
+        lines = [f"client {d} was left out of {', '.join(phase for phase, _ in missed)}: {missed[0][1]}"
+                 for d, missed in self.left_out.items()]
+        unevaluated: dict[str, str] = {}  # domain -> the first reason, for the evaluations that do not fail the run
+        for key, (domain, excused) in self.missing_evaluations().items():
+            if excused:
+                unevaluated.setdefault(domain, self.errors[key])
+        return lines + [f"client {d} sent no evaluation (left out of its training): {reason}"
+                        for d, reason in unevaluated.items()]
 
     def accept_updates(
         self, replies: Mapping[str, RecordDict], reference: StateDict | None = None, round_index: int = 0
@@ -929,8 +951,7 @@ class Federation:
         train_metrics = self.in_domain_order(self.train_metrics)
         fedavg_train_metrics = [self.in_domain_order(round_metrics) for round_metrics in self.fedavg_train_metrics]
         return {
-            "status": "failed" if any(k.startswith(f"{protocol.EVALUATE}:") or f":{protocol.EVALUATE}:" in k
-                                      for k in self.errors) else "ok",
+            "status": "failed" if self.failed_evaluations() else "ok",
             "domains": self.domains,
             "held_out": list(self.cfg.data.held_out),
             "models": models,
