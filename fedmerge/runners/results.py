@@ -13,7 +13,8 @@ resolved ``config`` and package ``versions``; a ``--resume`` run adds ``resumed`
 
 Next to it the run folder holds ``models/<name>.safetensors`` for every evaluated shared model (θ₀, each merge,
 FedAvg's final model, the joint oracle), each saved as soon as it is built, and ``clients/<domain>.safetensors``
-(each accepted one-shot update, saved as it arrived; see :mod:`fedmerge.storage`), each with a ``.json`` model card
+(each one-shot update that passed the format checks, saved as it arrived — one the norm test then refuses keeps
+its file, its card marked ``rejected``; see :mod:`fedmerge.storage`), each with a ``.json`` model card
 (:mod:`fedmerge.recommender`).
 """
 

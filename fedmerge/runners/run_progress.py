@@ -29,7 +29,8 @@ class FolderProgress:
     A merged model's file, and ``results.json``, count only if written after the bar was created (a ``--resume``
     folder holds the earlier run's until the run keeps them aside); a client's weights count whenever written
     (``--resume`` re-uses them: its local training is done).
-    A rejected client's weights are never saved: the bar then waits at ``local training`` until the merges appear.
+    A client whose reply failed the format checks has no weights saved (one the norm test refuses is saved on arrival,
+    its card marked rejected): the bar then waits at ``local training`` until the merges appear.
     """
 
     def __init__(self, cfg: Scenario, run_dir: Path, enabled: bool) -> None:

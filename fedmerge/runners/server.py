@@ -1195,7 +1195,9 @@ def run_and_record(
     """:func:`run_federation`, then what every engine records: the transport's refused nodes and connection time,
     the total time (from ``started``, a :func:`time.perf_counter` value; default now), the run's identity and
     versions (:func:`fedmerge.runners.results.finalize`); written to ``out_dir`` (results.json, CSV, plots) when
-    given, also for a failed run. The one path of the in-process engine and the Flower ServerApp."""
+    given, also for a run that fails once the federation has started (a failure before it — the start-up checks, θ₀
+    and its pretraining — raises: nothing was measured yet). The one path of the in-process engine and the Flower
+    ServerApp."""
     from fedmerge.runners import results as results_io
 
     start = time.perf_counter() if started is None else started
