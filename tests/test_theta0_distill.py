@@ -151,3 +151,45 @@ def test_fedavg_rounds_distill_towards_theta0_not_the_rounds_model(monkeypatch, 
     with pytest.raises(FedmergeError, match=r"FedAvg round 1: local training distills towards θ₀, which the train "
                                             r"request did not carry \('theta0'\)"):
         client_train(domain, initial_weights(cfg), cfg, round_index=1)
+
+
+def test_a_deployed_client_gets_the_other_catalogs_from_the_server_not_from_the_scenarios_data_root(tmp_path):
+    """A client read the other training domains' public catalogs from the scenario's data.root: the launcher's
+    folder, absent on a data owner's machine, so every deployed client with theta0_distill failed to train. The
+    server (which reads the public catalogs anyway) now sends their features with the train request."""
+    import shutil
+
+    from flwr.app import RecordDict
+
+    from fedmerge.data.generic import save_generic_domain
+    from fedmerge.runners import protocol
+    from fedmerge.runners.client import ClientState
+    from fedmerge.runners.server import Federation, initial_weights
+
+    tiny = ["run.progress=false", "data.synthetic.n_users=30", "data.synthetic.n_items=20", "encoder.name=hashing",
+            "model.params.hidden=16", "model.params.n_layers=1", "model.params.max_epochs=1",
+            "model.params.theta0_distill=1.0", "baselines.joint=false", f"encoder.cache_dir={tmp_path / 'cache'}"]
+    synthetic = load_scenario("quickstart", tiny)
+    root = tmp_path / "launcher"
+    for name in synthetic.data.domain_names():
+        save_generic_domain(synthetic.load_domain(name), root / name)
+    owner = tmp_path / "owner" / "synth-0"
+    shutil.copytree(root / "synth-0", owner)
+    cfg = load_scenario("quickstart", [*tiny, 'data.source="generic"', f'data.root="{root}"',
+                                       'data.domains=["synth-0", "synth-1", "synth-2"]'])
+    theta0 = initial_weights(cfg)
+    request = Federation(cfg, theta0).train_requests(theta0, protocol.PHASE_ONESHOT, 0)["synth-0"]
+    sent = request.array_records[protocol.PUBLIC_FEATURES]
+    family = cfg.model.make_family()
+    for name in ("synth-1", "synth-2"):
+        expected = cfg.encoder.item_features(cfg.load_catalog(name), family)
+        assert torch.equal(torch.from_numpy(sent[name].numpy()), expected)
+    assert list(sent) == ["synth-1", "synth-2"]  # not its own, no held-out catalog
+    shutil.rmtree(root)  # as on a data owner's machine: the launcher's data root is not there
+    client = ClientState(cfg, data_path=str(owner))
+    reply = client.handle(protocol.TRAIN, request)
+    assert protocol.WEIGHTS in reply.array_records
+    without = RecordDict({k: v for k, v in request.items() if k != protocol.PUBLIC_FEATURES})
+    with pytest.raises(FedmergeError, match=r"train request without the other training domains' public catalog "
+                                            r"features \('public_features'\)"):
+        client.handle(protocol.TRAIN, without)

@@ -302,7 +302,6 @@ class ClientState:
         self.cfg = cfg
         self.domain = load_client_domain(cfg, partition_id, data_path)
         self._features: torch.Tensor | None = None
-        self._public: list[torch.Tensor] | None = None
         # kept between this client's releases, never sent (client_train's memory); the Flower ClientApp loads it
         # from and stores it in the node's context.state around each message
         self.memory: ClientMemory = {}
@@ -313,13 +312,18 @@ class ClientState:
             self._features = self.cfg.encoder.item_features(self.domain.catalog, self.cfg.model.make_family())
         return self._features
 
-    @property
-    def public_features(self) -> list[torch.Tensor] | None:
-        """The other training domains' public catalog features (:func:`public_catalog_features`) when the family
-        trains on them, loaded once; else None."""
-        if self._public is None and self.cfg.model.make_family().trains_on_public_catalogs:
-            self._public = public_catalog_features(self.cfg, self.domain.name)
-        return self._public
+    def public_features(self, content: RecordDict, family: ModelFamily) -> list[torch.Tensor] | None:
+        """The other training domains' public catalog features the train request carries
+        (:data:`~fedmerge.runners.protocol.PUBLIC_FEATURES`) when ``family`` trains on them, else None. They come
+        from the server: a data owner's machine holds its own domain only, not the scenario's data root."""
+        if not family.trains_on_public_catalogs:
+            return None
+        if protocol.PUBLIC_FEATURES not in content.array_records:
+            raise FedmergeError("train request without the other training domains' public catalog features "
+                                f"({protocol.PUBLIC_FEATURES!r}), which this family's local training needs "
+                                "(model.params.theta0_distill)")
+        record = content.array_records[protocol.PUBLIC_FEATURES]
+        return [torch.from_numpy(np.array(array.numpy(), copy=True)) for array in record.values()]
 
     def handle(self, message_type: str, content: RecordDict) -> RecordDict:
         """Reply to one request (query / train / evaluate); the reply holds only weights, metrics and the domain name.
@@ -373,7 +377,8 @@ class ClientState:
             start = time.perf_counter()
             weights, metrics = client_train(
                 self.domain, theta, self.cfg, round_index, extra_params=local, features=self.features,
-                public_features=self.public_features, memory=self.memory, distill_teacher=teacher,
+                public_features=self.public_features(content, self.cfg.model.make_family(local)), memory=self.memory,
+                distill_teacher=teacher,
             )
             if self.cfg.privacy.enabled:
                 self.memory[released_key(round_index)] = 1

@@ -28,6 +28,9 @@ PHASE_ONESHOT, PHASE_FEDAVG, PHASE_EVALUATE = "oneshot", "fedavg", "evaluate"
 INFO = "info"  # ConfigRecord sent by a client: its domain name
 GLOBAL = "global"  # ArrayRecord sent for training: the starting weights
 THETA0 = "theta0"  # ArrayRecord sent with a FedAvg round's training when local training distills towards θ₀
+# ArrayRecord sent with training when the family trains on the other training domains' public catalogs
+# (theta0_distill): their item features, one array per domain, in the run's domain order, the client's own left out
+PUBLIC_FEATURES = "public_features"
 WEIGHTS = "weights"  # ArrayRecord replied after training
 TRAIN_METRICS = "train_metrics"  # MetricRecord replied after training
 MODEL_PREFIX = "model:"  # ArrayRecord per model to evaluate, keyed MODEL_PREFIX + model name
@@ -45,6 +48,11 @@ def to_record(weights: StateDict) -> ArrayRecord:
     if bad:
         raise FedmergeError(f"refusing to send non-float weight arrays {bad[:5]}")
     return ArrayRecord({name: t.detach().cpu().contiguous() for name, t in weights.items()})
+
+
+def features_record(features: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Catalog features by domain as an ArrayRecord (:data:`PUBLIC_FEATURES`; any dtype: token ids too)."""
+    return ArrayRecord({name: t.detach().cpu().contiguous() for name, t in features.items()})
 
 
 def from_record(record: ArrayRecord) -> StateDict:

@@ -35,7 +35,7 @@ from fedmerge.merging.local_parameters import (
 )
 from fedmerge.merging.testtime import TESTTIME_METHOD
 from fedmerge.metrics import USERS
-from fedmerge.models import StateDict
+from fedmerge.models import ModelFamily, StateDict
 from fedmerge.models.base import STOP_MAX_SECONDS
 from fedmerge.recommender import SAVED_INDIVIDUAL_PREFIX, card_path, model_path
 from fedmerge.reproducibility import machine_dependent_thread_warnings, process_cpus, thread_count
@@ -396,6 +396,7 @@ class Federation:
         self.server_train_metrics: dict[str, TrainMetrics] = {}  # θ₀'s pretraining, the joint oracle: this process's
         self.oneshot_bytes = 0
         self.saved_models: dict[str, Path] = {}  # model name -> weight file (with its card), see save_model
+        self._public_features: dict[str, torch.Tensor] | None = None  # see public_features
         self._card: dict[str, Any] | None = None
         self.local_names = list(cfg.merge.local_parameters)  # fedmerge.merging.local_parameters
         check_local_parameters(self.local_names, theta0)
@@ -507,10 +508,24 @@ class Federation:
         whose local training distills towards θ₀ (``theta0_distill``), θ₀ too — the start is the round's model."""
         records = {protocol.GLOBAL: protocol.to_record(weights),
                    protocol.CONFIG: ConfigRecord({protocol.PHASE: phase, protocol.ROUND: round_index})}
-        if phase == protocol.PHASE_FEDAVG and self.cfg.model.make_family(
-                self.cfg.baselines.fedavg_local_params).trains_on_public_catalogs:
+        family = self.cfg.model.make_family(self.cfg.baselines.fedavg_local_params
+                                            if phase == protocol.PHASE_FEDAVG else None)
+        if not family.trains_on_public_catalogs:
+            return {d: RecordDict(dict(records)) for d in self.train_domains}
+        if phase == protocol.PHASE_FEDAVG:
             records[protocol.THETA0] = protocol.to_record(self.theta0)
-        return {d: RecordDict(dict(records)) for d in self.train_domains}
+        public = self.public_features(family)
+        return {d: RecordDict({**records, protocol.PUBLIC_FEATURES: protocol.features_record(
+                    {o: f for o, f in public.items() if o != d})}) for d in self.train_domains}
+
+    def public_features(self, family: ModelFamily) -> dict[str, torch.Tensor]:
+        """Every training domain's public catalog features (encoded once): a client that trains on the other
+        catalogs gets them with its train request (:data:`~fedmerge.runners.protocol.PUBLIC_FEATURES`), since a data
+        owner's machine holds its own domain only."""
+        if self._public_features is None:
+            self._public_features = {d: self.cfg.encoder.item_features(self.cfg.load_catalog(d), family)
+                                     for d in self.train_domains}
+        return self._public_features
 
     def accept_update(
         self, domain: str, content: RecordDict, label: str | None = None
