@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -41,6 +41,11 @@ CARD_FORMAT = "fedmerge-model/1"
 SAVED_INDIVIDUAL_PREFIX = "individual:"  # saved-model name of a client's one-shot model: individual:<domain>
 CARD_SUFFIX = ".json"
 MODELS_DIR = "models"
+# Histories scored together by LoadedRecommender.scores / recommend (and per output batch of `fedmerge recommend`):
+# with texts=True a chunk's history texts join the catalog as extra items, so the scorer's matrix is
+# (chunk) × (catalog + the chunk's texts); the whole call in one piece grew as histories² (4,000 histories of 10
+# texts over a 100-item catalog: 806 MiB, against 15 MiB by ids).
+HISTORY_BATCH = 256
 # What a card must hold for the weights to be usable without the scenario.
 REQUIRED_CARD_KEYS = ("format", "name", "family", "encoder", "feature_width", "weights_digest")
 # The card fields a loaded model reads, and the JSON type each must have.
@@ -294,26 +299,44 @@ class LoadedRecommender:
         self._last = (catalog, statistics_rows, features)
         return features
 
-    def _inputs(
+    def _histories(
         self, histories: Iterable[Sequence[str]], catalog: ItemCatalog | Domain | str | Path, texts: bool
-    ) -> tuple[ItemCatalog, list[np.ndarray], int]:
-        """(catalog to featurize, histories as item indices into it, number of real catalog items).
-
-        With ``texts``, every history entry is an item's text: those texts join the catalog as extra items, featurized
-        as items of it (its statistics from its own items only, :meth:`features`, so one user's scores do not
-        depend on the other texts given), and are never recommended; an empty text is refused by row and entry.
-        """
-        from fedmerge.data.domain import ItemCatalog
-
+    ) -> tuple[ItemCatalog, list[list[str]]]:
+        """(the catalog, the histories as lists), every history checked before any is scored: an empty text (with
+        ``texts``) or an unknown item id is refused by row and entry; a history longer than the model reads is
+        logged (:meth:`_warn_if_cut`)."""
         histories = _as_histories(histories)
         base = _as_catalog(catalog)
-        n = len(base)
         if texts:
             for row, h in enumerate(histories):
                 empty = [j for j, t in enumerate(h) if not str(t).strip()]
                 if empty:
                     raise DataError(f"history {row}: entry {empty[0]} is an empty item text (entries are item "
                                     "texts with texts=True / --texts)")
+        else:
+            known = set(base.ids)
+            for row, h in enumerate(histories):
+                unknown = [item for item in h if item not in known]
+                if unknown:
+                    raise DataError(f"history {row}: item id(s) {unknown[:5]} are not in the catalog "
+                                    f"({len(base)} items, e.g. {list(base.ids[:3])}); to give item texts instead: "
+                                    "--texts (fedmerge recommend) or texts=True")
+        self._warn_if_cut(histories)
+        return base, histories
+
+    def _inputs(
+        self, histories: Sequence[Sequence[str]], base: ItemCatalog, texts: bool
+    ) -> tuple[ItemCatalog, list[np.ndarray]]:
+        """(catalog to featurize, histories as item indices into it) of checked histories (:meth:`_histories`).
+
+        With ``texts``, every history entry is an item's text: those texts join the catalog as extra items, featurized
+        as items of it (its statistics from its own items only, :meth:`features`, so one user's scores do not
+        depend on the other texts given), and are never recommended.
+        """
+        from fedmerge.data.domain import ItemCatalog
+
+        n = len(base)
+        if texts:
             extra = [str(t) for h in histories for t in h]
             prefix = "text:"  # the history texts' ids: any prefix no catalog id has
             while any(i.startswith(prefix) for i in base.ids):
@@ -324,21 +347,25 @@ class LoadedRecommender:
             for h in histories:
                 seqs.append(np.arange(offset, offset + len(h), dtype=np.int64))
                 offset += len(h)
-            self._warn_if_cut(seqs)
-            return full, seqs, n
+            return full, seqs
         index = {item: i for i, item in enumerate(base.ids)}
-        seqs = []
-        for row, h in enumerate(histories):
-            unknown = [item for item in h if item not in index]
-            if unknown:
-                raise DataError(f"history {row}: item id(s) {unknown[:5]} are not in the catalog "
-                                f"({n} items, e.g. {list(base.ids[:3])}); to give item texts instead: --texts "
-                                "(fedmerge recommend) or texts=True")
-            seqs.append(np.array([index[item] for item in h], dtype=np.int64))
-        self._warn_if_cut(seqs)
-        return base, seqs, n
+        return base, [np.array([index[item] for item in h], dtype=np.int64) for h in histories]
 
-    def _warn_if_cut(self, seqs: Sequence[np.ndarray]) -> None:
+    def _scored(
+        self, base: ItemCatalog, rows: Sequence[Sequence[str]], texts: bool
+    ) -> Iterator[tuple[int, ItemCatalog, list[np.ndarray], np.ndarray]]:
+        """(first row, catalog featurized, histories as indices into it, scores (rows, n_items) over ``base``'s
+        items) of each chunk of :data:`HISTORY_BATCH` checked histories (:meth:`_histories`; no history: one empty
+        chunk). With ``texts`` each chunk's catalog holds that chunk's texts only, so the scores matrix is bounded by
+        the chunk and not by the whole call (the texts of 4,000 histories of 10 items joined one catalog)."""
+        n = len(base)
+        by_ids = None if texts else self._scorer(base)
+        for start in range(0, max(len(rows), 1), HISTORY_BATCH):
+            full, seqs = self._inputs(rows[start : start + HISTORY_BATCH], base, texts)
+            scorer = by_ids or self._scorer(full, n)
+            yield start, full, seqs, scorer(seqs)[:, :n]
+
+    def _warn_if_cut(self, seqs: Sequence[Sized]) -> None:
         """A warning when histories are longer than the ``max_len`` items the model reads (evaluation reads the same
         window; the text-LAE fits on whole histories)."""
         cut = sum(len(seq) > self.family.max_len for seq in seqs)
@@ -356,11 +383,17 @@ class LoadedRecommender:
         :class:`~fedmerge.data.ItemCatalog`, a :class:`~fedmerge.data.Domain` (its catalog) or a domain
         folder/tarball (loaded and featurized again on every call: pass the loaded catalog when calling repeatedly).
         Only the last ``max_len`` items of a history are read (as in evaluation; a longer history is logged as a
-        warning). Histories are scored in batches;
-        a model whose scores are not finite is refused (:class:`~fedmerge.errors.FedmergeError`).
+        warning). Histories are scored in chunks of :data:`HISTORY_BATCH` (with ``texts``, each chunk's texts join
+        the catalog); a model whose scores are not finite is refused (:class:`~fedmerge.errors.FedmergeError`).
         """
-        full, seqs, n = self._inputs(histories, catalog, texts)
-        return self._scorer(full, n)(seqs)[:, :n]
+        base, rows = self._histories(histories, catalog, texts)
+        out: np.ndarray | None = None
+        for start, _, _, scores in self._scored(base, rows, texts):
+            if out is None:  # the scorer's dtype
+                out = np.empty((len(rows), scores.shape[1]), dtype=scores.dtype)
+            out[start : start + len(scores)] = scores
+        assert out is not None  # _scored yields at least one chunk
+        return out
 
     def _scorer(
         self, catalog: ItemCatalog, statistics_rows: int | None = None
@@ -393,24 +426,26 @@ class LoadedRecommender:
             raise FedmergeError("recommend needs a catalog: an ItemCatalog, a Domain or a domain folder/tarball")
         if not is_integer(k) or k < 1:
             raise FedmergeError(f"k must be an integer of at least 1, got {k!r}")
-        full, seqs, n = self._inputs(histories, catalog, texts)
-        scores = self._scorer(full, n)(seqs)[:, :n].astype(np.float64)
-        excluded = seqs  # the history's catalog items
-        if exclude_history and texts:  # a history entry names the items whose full text or title it is
-            all_texts = full.texts()
-            items_of: dict[str, set[int]] = {}
-            for i, text in enumerate(all_texts[:n]):
-                for key in {_text_key(text), _text_key(str(full.fields[i].get("title", "")))} - {""}:
+        base, rows = self._histories(histories, catalog, texts)
+        n = len(base)
+        items_of: dict[str, set[int]] = {}  # with texts: the catalog items a history text names
+        if exclude_history and texts:
+            for i, text in enumerate(base.texts()):
+                for key in {_text_key(text), _text_key(str(base.fields[i].get("title", "")))} - {""}:
                     items_of.setdefault(key, set()).add(i)
-            excluded = [np.array(sorted({i for e in seq for i in items_of.get(_text_key(all_texts[e]), ())}),
-                                 dtype=np.int64) for seq in seqs]
         out = []
-        for row, seq in enumerate(excluded):
-            if exclude_history:
-                scores[row, seq] = -np.inf
-            order = np.lexsort((np.arange(n), -scores[row]))[:k]
-            out.append([Recommendation(full.ids[i], int(i), float(scores[row, i]))
-                        for i in order if np.isfinite(scores[row, i])])
+        for start, _, seqs, chunk in self._scored(base, rows, texts):
+            scores = chunk.astype(np.float64)
+            excluded = seqs  # the history's catalog items
+            if exclude_history and texts:  # a history entry names the items whose full text or title it is
+                excluded = [np.array(sorted({i for e in rows[start + r] for i in items_of.get(_text_key(str(e)), ())}),
+                                     dtype=np.int64) for r in range(len(seqs))]
+            for row, seq in enumerate(excluded):
+                if exclude_history:
+                    scores[row, seq] = -np.inf
+                order = np.lexsort((np.arange(n), -scores[row]))[:k]
+                out.append([Recommendation(base.ids[i], int(i), float(scores[row, i]))
+                            for i in order if np.isfinite(scores[row, i])])
         return out
 
     @property

@@ -713,3 +713,68 @@ def test_a_cuda_encoder_device_without_cuda_is_named_before_the_model_loads():
 
     with pytest.raises(FedmergeError, match=r"text encoder device 'cuda' \(encoder.params.device\): torch sees no CUDA"):
         SentenceEncoder(device="cuda", progress=False).encode(["a text"])
+
+
+def _saved_sequential(tmp_path: Path, n_items: int = 40, **params) -> tuple:
+    """θ₀ of a small sequential family (``params`` on top) over the hashing encoder, its card, a synthetic domain's
+    catalog and the encoder settings: (weights, card, catalog, encoder)."""
+    from fedmerge.models import get_family
+    from fedmerge.recommender import common_card, model_card
+    from fedmerge.scenario import EncoderSettings
+
+    domain = make_synthetic_domains(n_domains=1, n_users=20, n_items=n_items, seed=5)[0]
+    encoder = EncoderSettings("hashing", {"dim": 32}, str(tmp_path / "cache"))
+    family = get_family("sequential", hidden=16, n_layers=1, max_len=10, **params)
+    weights = family.initial_weights(family.feature_width(32), 0)
+    card = model_card(common_card(family, encoder, weights_digest(weights), {"name": "t", "seed": 0}, "test", (10,)),
+                      "m", "theta0", {}, [domain.name])
+    return weights, card, domain.catalog, encoder
+
+
+def _load_small(tmp_path: Path, weights, card, encoder):
+    path = save_model(tmp_path / "m.safetensors", weights, card)
+    return load_recommender(path, cache_dir=encoder.cache_dir)
+
+
+def _recording_scorer(model, monkeypatch) -> list[tuple[int, int]]:
+    """(catalog rows the scorer was built over, histories per call) of every call of the loaded family's scorer."""
+    calls: list[tuple[int, int]] = []
+    scorer = model.family.scorer
+
+    def recording(weights, features, *args, **kwargs):
+        inner = scorer(weights, features, *args, **kwargs)
+
+        def score(seqs):
+            calls.append((int(features.shape[0]), len(seqs)))
+            return inner(seqs)
+
+        return score
+
+    monkeypatch.setattr(model.family, "scorer", recording)
+    return calls
+
+
+def test_histories_of_texts_are_scored_in_chunks_of_bounded_size(tmp_path, monkeypatch):
+    """With texts=True every text of every history in the call joined one catalog: the scorer built a histories ×
+    (catalog + all the call's texts) matrix, O(U²·H) memory (4,000 histories of 10 texts over 100 items: 806 MiB,
+    15 MiB by ids); only the CLI chunked its input."""
+    from fedmerge.recommender import HISTORY_BATCH
+
+    weights, card, catalog, encoder = _saved_sequential(tmp_path)
+    model = _load_small(tmp_path, weights, card, encoder)
+    n, length = len(catalog), 3
+    histories = [[f"a note {u}.{j} of no catalog item" for j in range(length)] for u in range(2 * HISTORY_BATCH + 5)]
+    calls = _recording_scorer(model, monkeypatch)
+    scores = model.scores(histories, catalog, texts=True)
+    assert scores.shape == (len(histories), n)
+    assert len(calls) == 3  # one scorer per chunk of HISTORY_BATCH histories, over the catalog and that chunk's texts
+    assert all(rows <= n + HISTORY_BATCH * length and users <= HISTORY_BATCH for rows, users in calls)
+    calls.clear()
+    recs = model.recommend(histories, k=4, catalog=catalog, texts=True)
+    assert len(calls) == 3
+    assert all(rows <= n + HISTORY_BATCH * length and users <= HISTORY_BATCH for rows, users in calls)
+    # a history scores as it does alone in whichever chunk it falls: each chunk's statistics are the catalog's own
+    for u in (0, HISTORY_BATCH - 1, HISTORY_BATCH, len(histories) - 1):
+        alone = model.scores([histories[u]], catalog, texts=True)[0]
+        np.testing.assert_allclose(scores[u], alone, rtol=1e-5, atol=1e-6)
+        assert [r.index for r in recs[u]] == list(np.lexsort((np.arange(n), -alone))[:4])

@@ -13,8 +13,6 @@ from fedmerge.errors import DataError
 if TYPE_CHECKING:
     from fedmerge.recommender import LoadedRecommender
 
-BATCH = 256  # histories scored per forward pass in the batch form
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -83,6 +81,7 @@ def run_recommend(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from fedmerge.data import load_catalog
+    from fedmerge.recommender import HISTORY_BATCH  # histories per printed batch: the chunk recommend scores at once
 
     model = load_saved_model(args)
     catalog = load_catalog(args.catalog)
@@ -119,9 +118,9 @@ def run_recommend(args: argparse.Namespace) -> int:
             raise DataError(f"{len(unknown)} item id(s) not in the catalog {args.catalog}, e.g. {unknown[:5]}; "
                             "nothing was recommended")
     with tqdm(total=len(histories), desc="recommend", unit="history", file=sys.stderr) as bar:
-        for start in range(0, len(histories), BATCH):
-            chunk = histories[start : start + BATCH]
-            numbers = [n for n, _ in lines[start : start + BATCH]]
+        for start in range(0, len(histories), HISTORY_BATCH):
+            chunk = histories[start : start + HISTORY_BATCH]
+            numbers = [n for n, _ in lines[start : start + HISTORY_BATCH]]
             for number, history, recs in zip(numbers, chunk, model.recommend(chunk, **options)):
                 print(json.dumps({"line": number, "history": history, "recommendations": _rows(recs, catalog)}))
             bar.update(len(chunk))
