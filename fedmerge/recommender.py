@@ -248,6 +248,26 @@ def _text_key(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+def _items_by_text(catalog: ItemCatalog) -> tuple[dict[str, int], dict[str, set[int]]]:
+    """(the item a history text is read as, the items it names), both keyed by :func:`_text_key`: a text names every
+    item whose full text (:meth:`~fedmerge.data.ItemCatalog.texts`) or title it is, and is read as the first item
+    whose full text it is, else the first whose title it is."""
+    read_as: dict[str, int] = {}
+    by_title: dict[str, int] = {}
+    named: dict[str, set[int]] = {}
+    for i, text in enumerate(catalog.texts()):
+        key, title = _text_key(text), _text_key(str(catalog.fields[i].get("title", "")))
+        if key:
+            read_as.setdefault(key, i)
+            named.setdefault(key, set()).add(i)
+        if title:
+            by_title.setdefault(title, i)
+            named.setdefault(title, set()).add(i)
+    for key, i in by_title.items():
+        read_as.setdefault(key, i)
+    return read_as, named
+
+
 class Recommendation(NamedTuple):
     """One recommended item: its id in the catalog, its index there and the model's score."""
 
@@ -325,45 +345,52 @@ class LoadedRecommender:
         return base, histories
 
     def _inputs(
-        self, histories: Sequence[Sequence[str]], base: ItemCatalog, texts: bool
+        self, histories: Sequence[Sequence[str]], base: ItemCatalog, read_as: Mapping[str, int] | None
     ) -> tuple[ItemCatalog, list[np.ndarray]]:
         """(catalog to featurize, histories as item indices into it) of checked histories (:meth:`_histories`).
 
-        With ``texts``, every history entry is an item's text: those texts join the catalog as extra items, featurized
-        as items of it (its statistics from its own items only, :meth:`features`, so one user's scores do not
-        depend on the other texts given), and are never recommended.
+        ``read_as`` None: the entries are item ids. Else every entry is an item's text: a text that names a catalog
+        item (``read_as``, :func:`_items_by_text`) is read as that item, so the model's history offsets (the last
+        item's, the earlier items', a repeating user's) land on it as they do by id; any other text joins the
+        catalog as an extra item (one per distinct text), featurized as an item of it (its statistics from its own
+        items only, :meth:`features`, so one user's scores do not depend on the other texts given), and is never
+        recommended.
         """
         from fedmerge.data.domain import ItemCatalog
 
+        if read_as is None:
+            index = {item: i for i, item in enumerate(base.ids)}
+            return base, [np.array([index[item] for item in h], dtype=np.int64) for h in histories]
         n = len(base)
-        if texts:
-            extra = [str(t) for h in histories for t in h]
-            prefix = "text:"  # the history texts' ids: any prefix no catalog id has
-            while any(i.startswith(prefix) for i in base.ids):
-                prefix = "_" + prefix
-            full = ItemCatalog(ids=(*base.ids, *(f"{prefix}{i}" for i in range(len(extra)))),
-                               fields=(*base.fields, *({"title": t} for t in extra)))
-            seqs, offset = [], n
-            for h in histories:
-                seqs.append(np.arange(offset, offset + len(h), dtype=np.int64))
-                offset += len(h)
-            return full, seqs
-        index = {item: i for i, item in enumerate(base.ids)}
-        return base, [np.array([index[item] for item in h], dtype=np.int64) for h in histories]
+        extra: dict[str, int] = {}  # a text of no catalog item -> its index after the catalog's items
+        seqs = []
+        for h in histories:
+            items = [read_as.get(_text_key(str(t))) for t in h]
+            seqs.append(np.array([extra.setdefault(str(t), n + len(extra)) if i is None else i
+                                  for t, i in zip(h, items)], dtype=np.int64))
+        if not extra:
+            return base, seqs
+        prefix = "text:"  # the extra texts' ids: any prefix no catalog id has
+        while any(i.startswith(prefix) for i in base.ids):
+            prefix = "_" + prefix
+        full = ItemCatalog(ids=(*base.ids, *(f"{prefix}{j}" for j in range(len(extra)))),
+                           fields=(*base.fields, *({"title": t} for t in extra)))
+        return full, seqs
 
     def _scored(
-        self, base: ItemCatalog, rows: Sequence[Sequence[str]], texts: bool
-    ) -> Iterator[tuple[int, ItemCatalog, list[np.ndarray], np.ndarray]]:
-        """(first row, catalog featurized, histories as indices into it, scores (rows, n_items) over ``base``'s
-        items) of each chunk of :data:`HISTORY_BATCH` checked histories (:meth:`_histories`; no history: one empty
-        chunk). With ``texts`` each chunk's catalog holds that chunk's texts only, so the scores matrix is bounded by
-        the chunk and not by the whole call (the texts of 4,000 histories of 10 items joined one catalog)."""
+        self, base: ItemCatalog, rows: Sequence[Sequence[str]], read_as: Mapping[str, int] | None
+    ) -> Iterator[tuple[int, list[np.ndarray], np.ndarray]]:
+        """(first row, histories as item indices, scores (rows, n_items) over ``base``'s items) of each chunk of
+        :data:`HISTORY_BATCH` checked histories (:meth:`_histories`; no history: one empty chunk), given as texts
+        unless ``read_as`` is None (:meth:`_inputs`). With texts each chunk's catalog holds that chunk's texts only,
+        so the scores matrix is bounded by the chunk and not by the whole call (the texts of 4,000 histories of 10
+        items joined one catalog)."""
         n = len(base)
-        by_ids = None if texts else self._scorer(base)
+        by_ids = None if read_as is not None else self._scorer(base)
         for start in range(0, max(len(rows), 1), HISTORY_BATCH):
-            full, seqs = self._inputs(rows[start : start + HISTORY_BATCH], base, texts)
+            full, seqs = self._inputs(rows[start : start + HISTORY_BATCH], base, read_as)
             scorer = by_ids or self._scorer(full, n)
-            yield start, full, seqs, scorer(seqs)[:, :n]
+            yield start, seqs, scorer(seqs)[:, :n]
 
     def _warn_if_cut(self, seqs: Sequence[Sized]) -> None:
         """A warning when histories are longer than the ``max_len`` items the model reads (evaluation reads the same
@@ -388,7 +415,7 @@ class LoadedRecommender:
         """
         base, rows = self._histories(histories, catalog, texts)
         out: np.ndarray | None = None
-        for start, _, _, scores in self._scored(base, rows, texts):
+        for start, _, scores in self._scored(base, rows, _items_by_text(base)[0] if texts else None):
             if out is None:  # the scorer's dtype
                 out = np.empty((len(rows), scores.shape[1]), dtype=scores.dtype)
             out[start : start + len(scores)] = scores
@@ -428,17 +455,13 @@ class LoadedRecommender:
             raise FedmergeError(f"k must be an integer of at least 1, got {k!r}")
         base, rows = self._histories(histories, catalog, texts)
         n = len(base)
-        items_of: dict[str, set[int]] = {}  # with texts: the catalog items a history text names
-        if exclude_history and texts:
-            for i, text in enumerate(base.texts()):
-                for key in {_text_key(text), _text_key(str(base.fields[i].get("title", "")))} - {""}:
-                    items_of.setdefault(key, set()).add(i)
+        read_as, named = _items_by_text(base) if texts else (None, {})
         out = []
-        for start, _, seqs, chunk in self._scored(base, rows, texts):
+        for start, seqs, chunk in self._scored(base, rows, read_as):
             scores = chunk.astype(np.float64)
             excluded = seqs  # the history's catalog items
             if exclude_history and texts:  # a history entry names the items whose full text or title it is
-                excluded = [np.array(sorted({i for e in rows[start + r] for i in items_of.get(_text_key(str(e)), ())}),
+                excluded = [np.array(sorted({i for e in rows[start + r] for i in named.get(_text_key(str(e)), ())}),
                                      dtype=np.int64) for r in range(len(seqs))]
             for row, seq in enumerate(excluded):
                 if exclude_history:

@@ -778,3 +778,41 @@ def test_histories_of_texts_are_scored_in_chunks_of_bounded_size(tmp_path, monke
         alone = model.scores([histories[u]], catalog, texts=True)[0]
         np.testing.assert_allclose(scores[u], alone, rtol=1e-5, atol=1e-6)
         assert [r.index for r in recs[u]] == list(np.lexsort((np.arange(n), -alone))[:4])
+
+
+def test_history_texts_of_catalog_items_get_the_learned_history_offsets(tmp_path, monkeypatch):
+    """With texts=True every history text was an extra item after the catalog, so the learned offsets of the last
+    item (b), of earlier items (b_h) and of repeating users landed on columns that were sliced off: the item whose
+    text a user gave was scored without them (b = −0.5: rank 5 by id, rank 1 by text)."""
+    from fedmerge.recommender import LoadedRecommender
+
+    weights, card, catalog, encoder = _saved_sequential(tmp_path, last_item_bias=True, history_bias=True,
+                                                        repeat_user_bias=True)
+    offsets = {"last_item_bias": torch.tensor(-0.5), "history_bias": torch.tensor(0.3),
+               "repeat_user_bias": torch.tensor([0.2, -0.4])}
+    weights = {**weights, **offsets}
+    card = {**card, "weights_digest": weights_digest(weights)}
+    model = _load_small(tmp_path, weights, card, encoder)
+    texts, ids = catalog.texts(), catalog.ids
+    rows = [(3, 7, 11), (3, 7, 3), (5, 9)]
+    by_ids = model.scores([[ids[i] for i in r] for r in rows], catalog)
+    # a text is read as the catalog item whose full text or title it is, letter case and white space aside
+    given = [[texts[i] for i in rows[0]], [texts[i] for i in rows[1]],
+             [f" {catalog.fields[5]['title'].upper()}", "  ".join(texts[9].split())]]
+    np.testing.assert_allclose(model.scores(given, catalog, texts=True), by_ids, rtol=1e-5, atol=1e-5)
+    recs_ids = model.recommend([[ids[i] for i in r] for r in rows], k=5, catalog=catalog, exclude_history=False)
+    recs_texts = model.recommend(given, k=5, catalog=catalog, texts=True, exclude_history=False)
+    assert [[r.item for r in recs] for recs in recs_texts] == [[r.item for r in recs] for recs in recs_ids]
+    # a text of no catalog item stays an extra item (one per distinct text); the catalog items around it get their
+    # offsets: the scores move by exactly b/τ at the last item and b_h/τ at the earlier one against zero offsets
+    zero = {**weights, **{k: torch.zeros_like(v) for k, v in offsets.items()}}
+    plain = LoadedRecommender(model.path, model.card, model.family, zero, model.encoder, model.cache_dir)
+    mixed = [[texts[3], "a note of no catalog item", texts[11]]]
+    without = plain.scores(mixed, catalog, texts=True)[0]
+    calls = _recording_scorer(model, monkeypatch)
+    moved = model.scores(mixed + [["a note of no catalog item"] * 2], catalog, texts=True)[0] - without
+    assert calls == [(len(catalog) + 1, 2)]  # the catalog and the one distinct text of no catalog item
+    tau = model.family.temperature
+    expected = np.zeros(len(catalog))
+    expected[11], expected[3] = -0.5 / tau, 0.3 / tau
+    np.testing.assert_allclose(moved, expected, atol=1e-4)

@@ -106,7 +106,7 @@ class ModelFamily(ABC):
         """Turn a catalog's raw text embeddings into model input features (a function of the public catalog only).
 
         Catalog-wide statistics a family uses (a z-score's mean and std, a centring mean) come from the first
-        ``statistics_rows`` rows (default: all): rows after them — texts a user gave, scored against that catalog —
+        ``statistics_rows`` rows (default: all): rows after them — texts a user gave that are no item of that catalog —
         are featurized as items of it and change no other row's features."""
 
     def catalog_features(
