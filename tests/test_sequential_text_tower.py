@@ -149,3 +149,24 @@ def test_mergerec_merges_tuned_text_layers_of_catalogs_with_different_text_lengt
     assert "text_tower.0" in report.groups
     assert all(torch.isfinite(t).all() for t in merged.values())
     assert report.coefficients["a"]["text_tower.0"] != report.initial_coefficient
+
+
+def test_theta0_distillation_takes_public_catalogs_whose_texts_are_longer_or_shorter():
+    """θ₀ distillation checked every public catalog's feature shape against the domain's whole shape: with tuned
+    text layers the token axis T is each catalog's own longest text, so training always refused. Each catalog is
+    distilled on its own (its own items and θ₀ tables), so only the layout (token features) and the width count."""
+    from fedmerge.models.sequential import token_features
+
+    domain = text_domain(TITLES, 0, "a")
+    fam = family(max_epochs=1, theta0_distill=1.0, theta0_distill_candidates=4, theta0_distill_users=2)
+    features = fam.catalog_features(domain.catalog, no_embeddings)
+    rng = np.random.default_rng(0)
+    tokens = features.shape[1] - 2
+    others = [token_features(rng.standard_normal((n, 384)), rng.standard_normal((n, t, 384)).astype(np.float32))
+              for n, t in ((5, tokens + 3), (4, 1))]  # a longer and a shorter longest text than the domain's
+    theta0 = fam.initial_weights(384)
+    weights, info = fam.train(theta0, domain, features, seed=0, progress=False, public_features=others)
+    assert info["curve"][-1]["theta0_kl"] >= 0 and all(torch.isfinite(t).all() for t in weights.values())
+    for bad in (others[0][:, 2], others[0][..., :383]):  # cached embeddings, another width: still refused
+        with pytest.raises(FedmergeError, match="do not match the domain's item features"):
+            fam.train(theta0, domain, features, seed=0, progress=False, public_features=[bad])

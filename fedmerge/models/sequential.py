@@ -1360,10 +1360,15 @@ class SequentialFamily(ModelFamily):
             raise FedmergeError(f"model.params.theta0_distill = {self.theta0_distill} distills towards θ₀ on the other "
                                 "training domains' public catalogs, but none were given (it needs a federation of "
                                 "two or more training domains; set theta0_distill = 0 to train without it)")
-        bad = [tuple(f.shape) for f in public_features if f.shape[1:] != item_features.shape[1:]]
+        # each public catalog is distilled on its own (Theta0Distillation), so only the layout and the width must
+        # match: with encoder_layers the token axis is each catalog's own longest text
+        bad = [tuple(f.shape) for f in public_features
+               if f.ndim != item_features.ndim or f.shape[-1] != item_features.shape[-1]]
         if bad:
+            layout = "(n_items, 2 + tokens, width)" if item_features.ndim == 3 else "(n_items, width)"
             raise FedmergeError(f"public catalog features of shapes {bad} do not match the domain's item features "
-                                f"{tuple(item_features.shape)}")
+                                f"{tuple(item_features.shape)}: each must be {layout} with width "
+                                f"{item_features.shape[-1]}")
         if not bool((np.asarray(domain.val_target) >= 0).any()):  # it failed after a whole epoch at validation
             raise FedmergeError(f"domain {domain.name!r} has no validation user (every val_target is -1): early "
                                 "stopping has nothing to select on")
