@@ -76,6 +76,13 @@ def card_encoder(card: Mapping[str, Any]) -> EncoderSettings:
     return EncoderSettings(card["encoder"]["name"], params, "")
 
 
+def card_family_params(card: Mapping[str, Any]) -> dict[str, Any]:
+    """The family parameters a model card names, to rebuild the family on this machine's device: the ``device`` the
+    model was trained with is left out, as in :func:`card_encoder` (a card from a run with ``model.params.device =
+    "cuda"`` names a device a CPU machine does not have; the card itself, and its scoring digest, keep it)."""
+    return {k: v for k, v in card["family"]["params"].items() if k != "device"}
+
+
 def common_card(
     family: ModelFamily, encoder: EncoderSettings, theta0_digest: str, run: Mapping[str, Any], split: str,
     ks: Sequence[int],
@@ -610,8 +617,9 @@ def load_recommender(
 ) -> LoadedRecommender:
     """A saved model (``.safetensors`` with its ``.json`` card, or the card's path) ready to recommend.
 
-    The family and the text encoder are rebuilt from the card (``encoder`` overrides the card's, but must be the
-    same encoder: identity and width are compared). Refused, with a message naming both sides, when the family is
+    The family and the text encoder are rebuilt from the card on this machine's device (the card's training
+    ``device`` is not used: :func:`card_family_params`, :func:`card_encoder`; ``encoder`` overrides the card's, but
+    must be the same encoder: identity and width are compared). Refused, with a message naming both sides, when the family is
     unknown, the encoder or the feature width does not fit the card, or the weights do not fit the family; a
     missing, truncated or altered weight file is a :class:`~fedmerge.errors.DataError`. ``cache_dir``: the
     embedding cache (default: the package's default cache folder).
@@ -637,7 +645,7 @@ def load_recommender(
         raise DataError(f"{path} does not hold the weights its card {card_path(path).name} describes "
                         f"(digest {weights_digest(weights)} vs card {card['weights_digest']})")
     try:
-        family = get_family(card["family"]["name"], **card["family"]["params"])
+        family = get_family(card["family"]["name"], **card_family_params(card))
     except FedmergeError as exc:
         raise DataError(f"model card {card_path(path)}: {exc}") from exc
     enc = card["encoder"]

@@ -816,3 +816,21 @@ def test_history_texts_of_catalog_items_get_the_learned_history_offsets(tmp_path
     expected = np.zeros(len(catalog))
     expected[11], expected[3] = -0.5 / tau, 0.3 / tau
     np.testing.assert_allclose(moved, expected, atol=1e-4)
+
+
+def test_a_model_saved_by_a_cuda_run_loads_and_scores_on_this_machines_device(tmp_path):
+    """The card keeps every family parameter, the training device included, and loading rebuilt the family with it:
+    a model of a run with model.params.device = "cuda" failed to score on a CPU-only machine ("Torch not compiled
+    with CUDA enabled"). The card's encoder device was already left out (card_encoder)."""
+    from fedmerge.models.sequential import SequentialFamily
+
+    weights, card, catalog, encoder = _saved_sequential(tmp_path, device="cuda")
+    assert card["family"]["params"]["device"] == "cuda"
+    model = _load_small(tmp_path, weights, card, encoder)
+    assert model.family.resolved_device() == SequentialFamily().resolved_device()  # this machine's default
+    assert read_card(model.path)["family"]["params"]["device"] == "cuda"  # the card, and its digest, as written
+    plain = {**card, "family": {**card["family"], "params": {**card["family"]["params"], "device": None}}}
+    (tmp_path / "plain").mkdir()
+    expected = _load_small(tmp_path / "plain", weights, plain, encoder).scores([list(catalog.ids[:3])], catalog)
+    np.testing.assert_array_equal(model.scores([list(catalog.ids[:3])], catalog), expected)
+    assert len(model.recommend([list(catalog.ids[:3])], k=3, catalog=catalog)[0]) == 3
