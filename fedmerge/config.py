@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedmerge.checks import TYPE_WORDS, is_integer, is_number
+from fedmerge.checks import TYPE_WORDS, is_finite_number, is_integer, is_number
 from fedmerge.data.synthetic import SYNTHETIC_SIZES, check_synthetic_sizes
 from fedmerge.errors import FedmergeError
 from fedmerge.paths import REPO_ROOT
@@ -424,6 +424,33 @@ def validate(cfg: Scenario) -> None:
         raise FedmergeError(f"eval.ks must be a non-empty list of positive integers (e.g. [10, 20]), got {ks!r}")
     check_metric_name("eval.primary", cfg.eval.primary, ks)
     _validate_before_training(cfg, mergerec)
+    _refuse_non_finite(cfg.to_mapping())
+
+
+# what to write instead of inf for a key where inf would read as "no limit" or "off"
+NO_LIMIT = "for no practical limit write a large finite number, e.g. 1e9"
+NON_FINITE_HINTS = {
+    "federation.timeout_s": f"{NO_LIMIT} (seconds)",
+    "federation.startup_timeout_s": f"{NO_LIMIT} (seconds)",
+    "federation.max_num_users": NO_LIMIT,
+    "federation.norm_cap": "0 turns the cap off",
+    "federation.norm_multiple": "0 turns the test off",
+}
+
+
+def _refuse_non_finite(table: Mapping[str, Any] | Sequence[Any], prefix: str = "") -> None:
+    """FedmergeError naming the first key (typed or inside a free table, list entries as ``key[i]``) whose value is
+    an infinite or NaN number. TOML allows ``inf`` and ``nan``; results.json records the scenario and JSON holds
+    neither, so such a run trained every client and then could not write its results. Run after the key-specific
+    checks, whose messages give the key's range."""
+    items = table.items() if isinstance(table, Mapping) else ((f"[{i}]", v) for i, v in enumerate(table))
+    for key, value in items:
+        name = f"{prefix}{key}" if isinstance(table, Sequence) or not prefix else f"{prefix}.{key}"
+        if isinstance(value, Mapping | list | tuple):
+            _refuse_non_finite(value, name)
+        elif is_number(value) and not is_finite_number(value):
+            hint = NON_FINITE_HINTS.get(name, "results.json records the scenario, and JSON holds no inf or nan")
+            raise FedmergeError(f"{name} must be a finite number, got {value!r}; {hint}")
 
 
 def check_metric_name(key: str, name: str, ks: Sequence[int]) -> None:

@@ -184,3 +184,29 @@ def test_a_scenario_without_an_encoder_table_gets_minilm(tmp_path):
     path = tmp_path / "own.toml"
     path.write_text('[data]\nsource = "synthetic"\n')
     assert load_scenario(path).encoder.name == "minilm"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    # TOML's inf passed the range checks (> 0, >= 0): every client trained, then results.json, which holds the
+    # scenario, could not be written (JSON has no infinity)
+    ("federation.timeout_s=inf", r"federation.timeout_s must be a finite number, got inf; .*large finite number"),
+    ("federation.startup_timeout_s=inf", r"federation.startup_timeout_s must be a finite number, got inf; .*large"),
+    ("federation.norm_cap=inf", r"federation.norm_cap must be a finite number, got inf; .*0 turns"),
+    ("federation.norm_multiple=inf", r"federation.norm_multiple must be a finite number, got inf; .*0 turns"),
+    ("federation.max_num_users=inf", r"federation.max_num_users must be a finite number, got inf; .*large finite"),
+    # free tables: the family's own checks (`not v > 0`) let inf through, and NaN reached them only at the run
+    ("model.params.lr=inf", r"model.params.lr must be a finite number, got inf"),
+    ("model.params.temperature=inf", r"model.params.temperature must be a finite number, got inf"),
+    ("model.params.temperature=nan", r"model.params.temperature must be a finite number, got nan"),
+    ("model.params.max_seconds=-inf", r"model.params.max_seconds must be a finite number, got -inf"),
+    ("baselines.fedavg_local_params.lr=inf", r"baselines.fedavg_local_params.lr must be a finite number, got inf"),
+    ("model.params.trainable=[1.0, nan]", r"model.params.trainable\[1\] must be a finite number, got nan"),
+])
+def test_non_finite_numbers_are_refused_at_load(override, message):
+    with pytest.raises(FedmergeError, match=message):
+        load_scenario("quickstart", [override])
+
+
+def test_finite_values_of_the_same_keys_still_load():
+    cfg = load_scenario("quickstart", ["federation.timeout_s=1e9", "federation.norm_cap=5.0", "model.params.lr=0.01"])
+    assert (cfg.federation.timeout_s, cfg.federation.norm_cap, cfg.model.params["lr"]) == (1e9, 5.0, 0.01)
