@@ -372,3 +372,21 @@ def test_missing_cell_warnings_name_real_cells_only_and_any_seeds_gap():
     del runs[0]["models"]["ties"]["B"]
     agg = aggregate_runs(runs, "recall@10", training_free=["ties"])
     assert "ties on B is missing from seed(s) [0]: that cell is left out of the aggregate" in agg["warnings"]
+
+
+def test_each_seed_of_a_seeded_dp_run_draws_its_own_noise():
+    """seed_config changed run.seed only: with privacy.noise_seed >= 0 every seed of `simulate --seeds` drew the
+    same DP noise and sampling, so the interval over seeds left the noise out. Now each seed's noise seed moves as
+    a privacy study's does (study_noise_base); unseeded noise (-1, OS entropy) stays unseeded."""
+    from fedmerge.privacy.study import study_noise_base
+    from fedmerge.runners.client import noise_seed
+    from fedmerge.runners.multiseed import seed_config
+
+    dp = ['encoder.name="hashing"', "run.seeds=[0, 1, 2]", "privacy.enabled=true", "privacy.noise_multiplier=1.0"]
+    seeded = load_scenario("quickstart", [*dp, "privacy.noise_seed=5"])
+    configs = [seed_config(seeded, s) for s in (0, 1, 2)]
+    assert [c.privacy.noise_seed for c in configs] == [study_noise_base(5, s) for s in (0, 1, 2)]
+    assert len({c.privacy.noise_seed for c in configs}) == 3 and configs[0].privacy.noise_seed == 5
+    assert len({noise_seed(c, "synth-0", 0) for c in configs}) == 3  # the clients' noise differs too
+    unseeded = load_scenario("quickstart", [*dp, "privacy.noise_seed=-1"])
+    assert {seed_config(unseeded, s).privacy.noise_seed for s in (0, 1, 2)} == {-1}

@@ -89,7 +89,8 @@ NOISE_SEED_STRIDE = 1_000_003  # a seeded study's noise seed moves by this per s
 
 def study_noise_base(base: int, seed: int) -> int:
     """``privacy.noise_seed`` of study seed ``seed`` in a study seeded with ``base``: base + 1000003·seed, so every
-    study seed draws other noise; a base < 0 (OS entropy) stays as it is."""
+    study seed draws other noise; a base < 0 (OS entropy) stays as it is. The one rule for every run over seeds:
+    each seed of ``simulate --seeds`` (:func:`fedmerge.runners.multiseed.seed_config`) moves it the same way."""
     return base if base < 0 else base + NOISE_SEED_STRIDE * int(seed)
 
 

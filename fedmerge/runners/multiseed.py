@@ -2,7 +2,7 @@
 ``aggregate.csv`` and ``per_domain.png`` with 95 % intervals (math in :mod:`fedmerge.runners.aggregate`).
 
 The seed drives θ₀, every client's training, DARE's masks and MergeRec's pseudo-user sampling (and, for synthetic
-data, the generated domains). With ``resume``, a seed whose folder already holds a complete results.json (status
+data, the generated domains), and seeded DP noise (``privacy.noise_seed`` ≥ 0) moves with it (:func:`seed_config`). With ``resume``, a seed whose folder already holds a complete results.json (status
 ok, written under the same configuration) is read instead of run again; any other seed runs from scratch.
 """
 
@@ -26,8 +26,14 @@ AGGREGATE_FILE = "aggregate.json"
 
 
 def seed_config(cfg: Scenario, seed: int) -> Scenario:
-    """``cfg`` as the single run of ``seed``: ``run.seed = seed``, ``run.seeds`` emptied."""
-    return cfg.with_changes(run={"seed": int(seed), "seeds": []})
+    """``cfg`` as the single run of ``seed``: ``run.seed = seed``, ``run.seeds`` emptied, and seeded DP noise
+    (``privacy.noise_seed`` = b ≥ 0) moved as a privacy study moves it (:func:`fedmerge.privacy.study.study_noise_base`:
+    b + 1000003·seed), so each seed draws other noise and sampling and the interval over seeds covers them; b < 0
+    (OS entropy) stays as it is."""
+    from fedmerge.privacy.study import study_noise_base
+
+    return cfg.with_changes(run={"seed": int(seed), "seeds": []},
+                            privacy={"noise_seed": study_noise_base(cfg.privacy.noise_seed, seed)})
 
 
 def seed_dir(out_dir: str | Path, seed: int) -> Path:
