@@ -390,3 +390,37 @@ def test_each_seed_of_a_seeded_dp_run_draws_its_own_noise():
     assert len({noise_seed(c, "synth-0", 0) for c in configs}) == 3  # the clients' noise differs too
     unseeded = load_scenario("quickstart", [*dp, "privacy.noise_seed=-1"])
     assert {seed_config(unseeded, s).privacy.noise_seed for s in (0, 1, 2)} == {-1}
+
+
+def test_a_resumed_run_records_each_seeds_versions_and_warns_when_they_differ(tmp_path, capsys):
+    """aggregate.json recorded only the versions of the process that aggregated: a resumed run that kept a seed
+    produced by other code or packages said nothing of it. Each seed's versions (from its results.json) are now
+    recorded, and seeds that differ in code or a package are warned about."""
+    from fedmerge.cli import main
+
+    out = tmp_path / "run"
+    args = ["simulate", "quickstart", "--engine", "inprocess", "--out", str(out), "--seeds", "0,1",
+            *[f"--set={o}" for o in (
+                "run.progress=false", "data.synthetic.n_users=30", "data.synthetic.n_items=20",
+                "data.synthetic.max_len=6", "model.params.hidden=8", "model.params.n_layers=1",
+                "model.params.max_len=6", "model.params.max_epochs=1", "baselines.fedavg_rounds=0",
+                "baselines.joint=false", 'merge.methods=["average"]',
+                "encoder.name=hashing", "encoder.params.dim=16", f"encoder.cache_dir={tmp_path / 'cache'}")]]
+    assert main(args) == 0
+    agg = json.loads((out / "aggregate.json").read_text())
+    recorded = {s: json.loads((out / f"seed-{s}" / "results.json").read_text())["versions"] for s in (0, 1)}
+    assert agg["seed_versions"] == {"0": recorded[0], "1": recorded[1]}
+    assert not [w for w in agg["warnings"] if "versions" in w]
+    path = out / "seed-1" / "results.json"
+    edited = json.loads(path.read_text())
+    edited["versions"] |= {"fedmerge_source": "0123456789abcdef", "torch": "1.0.0"}
+    path.write_text(json.dumps(edited))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0  # seed 1 is a complete run of this configuration: kept
+    agg = json.loads((out / "aggregate.json").read_text())
+    assert agg["seed_versions"]["1"]["torch"] == "1.0.0" and agg["seed_versions"]["0"] == recorded[0]
+    warning = next(w for w in agg["warnings"] if "versions" in w)
+    assert ("fedmerge_source" in warning and "0123456789abcdef (seed(s) [1])" in warning
+            and f"{recorded[0]['fedmerge_source']} (seed(s) [0])" in warning and "torch" in warning)
+    assert "python" not in warning  # equal on both seeds
+    assert f"WARNING: {warning}" in capsys.readouterr().out

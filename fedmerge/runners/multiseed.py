@@ -145,11 +145,37 @@ def run_seeds(
                 logger.info("seed %d: running into %s", seed, folder)
                 runs[seed] = run_scenario(single, engine=engine, out_dir=folder)
         aggregate = aggregate_runs(runs, cfg.eval.primary, training_free=list(METHODS))
-        # self-describing: the scenario as run, the versions, and each seed's folder relative to this one
+        # self-describing: the scenario as run, the versions (this process's, and each seed's as its results.json
+        # recorded them: a resumed run keeps seeds run earlier), and each seed's folder relative to this one
         aggregate["seed_folders"] = {s: seed_dir(out_dir, s).name for s in seeds}
         aggregate["config"], aggregate["versions"] = cfg.to_mapping(), package_versions()
+        aggregate["seed_versions"] = {s: runs[s].get("versions") for s in seeds}
+        aggregate["warnings"] = [*aggregate.get("warnings", []), *version_warnings(aggregate["seed_versions"])]
         write_aggregate(aggregate, out_dir)
     return aggregate
+
+
+# recorded for a human to check out; fedmerge_source tells two versions of the code apart
+VERSION_KEYS_NOT_COMPARED = ("fedmerge_commit",)
+NOT_RECORDED = "not recorded"
+
+
+def version_warnings(seed_versions: Mapping[int, Mapping[str, Any] | None]) -> list[str]:
+    """One warning naming every version (code digest, Python, a package) in which the seeds' runs differ, with the
+    seeds of each value; none when they agree (``fedmerge_commit`` aside: the same code can sit at another commit).
+    A resumed multi-seed run keeps complete seeds of the same configuration whatever code ran them."""
+    keys = sorted({k for v in seed_versions.values() for k in (v or {})} - set(VERSION_KEYS_NOT_COMPARED))
+    parts = []
+    for key in keys:
+        by_value: dict[str, list[int]] = {}
+        for seed, versions in seed_versions.items():
+            by_value.setdefault(str((versions or {}).get(key, NOT_RECORDED)), []).append(seed)
+        if len(by_value) > 1:
+            parts.append(f"{key} " + ", ".join(f"{value} (seed(s) {seeds})" for value, seeds in by_value.items()))
+    if not parts:
+        return []
+    return ["the seeds' runs were produced by different versions (a resumed run keeps the seeds it finished "
+            f"earlier): {'; '.join(parts)}; the spread over seeds mixes them (aggregate.json seed_versions)"]
 
 
 def aggregate_rows(aggregate: Mapping[str, Any]) -> list[dict[str, Any]]:
