@@ -27,9 +27,9 @@ def adopt_launcher_source(source: tuple[str, str] | None) -> None:
 
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages that shape the numbers, Python's, ``fedmerge_commit`` (the git commit of
-    the checkout in use, for a human to check out; ``-dirty`` with uncommitted changes to its code) and
-    ``fedmerge_source`` (:func:`source_digest`, which tells two versions of the code apart with or without git: the
-    version number alone does not change between commits).
+    the checkout in use, for a human to check out; ``-dirty`` with uncommitted changes to its code, untracked files
+    included) and ``fedmerge_source`` (:func:`source_digest`, which tells two versions of the code apart with or
+    without git: the version number alone does not change between commits).
 
     Outside a checkout, the launcher's commit (:func:`adopt_launcher_source`) is recorded when its digest is this
     code's, and named as another code's otherwise."""
@@ -54,8 +54,8 @@ CODE_FOLDERS = ("fedmerge", "clients", "server", "scenarios")  # what a run exec
 @functools.lru_cache(maxsize=1)
 def source_commit() -> str:
     """``git rev-parse HEAD`` of the checkout holding this package, ``-dirty`` when :data:`CODE_FOLDERS` differ from
-    it, or why there is none. Read once per process (``--no-optional-locks``: never takes the index lock a user's
-    own git command may need)."""
+    it (a tracked file changed, or an untracked one that git does not ignore), or why there is none. Read once per
+    process (``--no-optional-locks``: never takes the index lock a user's own git command may need)."""
     import subprocess
 
     root = REPO_ROOT
@@ -70,7 +70,11 @@ def source_commit() -> str:
         head = git("rev-parse", "HEAD")
         if head.returncode:
             return f"unknown (git: {(head.stderr.strip().splitlines() or ['no output'])[0]})"
-        dirty = git("diff", "--quiet", "HEAD", "--", *CODE_FOLDERS).returncode != 0
+        # untracked files too (a new plugin module, a new scenario): `git diff` sees tracked files only; files git
+        # ignores (__pycache__, the .gitignore entries) are not code
+        untracked = git("ls-files", "--others", "--exclude-standard", "--", *CODE_FOLDERS)
+        dirty = (git("diff", "--quiet", "HEAD", "--", *CODE_FOLDERS).returncode != 0
+                 or untracked.returncode != 0 or bool(untracked.stdout.strip()))
     except (OSError, subprocess.SubprocessError) as exc:
         return f"unknown ({type(exc).__name__})"
     return head.stdout.strip() + ("-dirty" if dirty else "")
