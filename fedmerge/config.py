@@ -349,10 +349,13 @@ def validate(cfg: Scenario) -> None:
         raise FedmergeError(f"federation.min_replies = {cfg.federation.min_replies} exceeds the {n_train} "
                             "training clients; valid: 0 (a strict majority) to the number of training clients")
     seeds = list(cfg.run.seeds)
-    if not all(is_integer(s) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise FedmergeError(f"run.seeds must list distinct integers >= 0 (empty: the single run.seed), got {seeds!r}")
+    if not all(is_integer(s) and 0 <= s < SEED_LIMIT for s in seeds) or len(set(seeds)) != len(seeds):
+        raise FedmergeError(f"run.seeds must list distinct integers >= 0 and below 2**63 (empty: the single run.seed; "
+                            f"{SEED_LIMIT_REASON}), got {seeds!r}")
     if not is_integer(cfg.run.seed) or cfg.run.seed < 0:
         raise FedmergeError(f"run.seed must be an integer >= 0, got {cfg.run.seed!r}")
+    if cfg.run.seed >= SEED_LIMIT:
+        raise FedmergeError(f"run.seed must be below 2**63 ({SEED_LIMIT_REASON}), got {cfg.run.seed!r}")
     name = cfg.run.name
     if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
         raise FedmergeError(f"run.name must be a name, not a path (it is the default output folder runs/<run.name>, "
@@ -549,6 +552,10 @@ def settings_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> tu
 
 
 MAX_SEEDS = 10_000  # --seeds 0-1000000000 built a billion-element list before anything said no
+# run seeds (run.seed, run.seeds, --seeds, privacy_study.seeds) stay below this: torch seeds are 64-bit and each client
+# adds 1000·round + its position to the run seed (2**64 and up failed in torch.manual_seed, naming no key)
+SEED_LIMIT = 2**63
+SEED_LIMIT_REASON = "torch seeds are 64-bit and each client adds 1000·round + its position"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -566,6 +573,8 @@ def parse_seeds(text: str) -> list[int]:
         if not chunk or min(chunk) < 0:
             raise FedmergeError(f"--seeds {text!r}: {part!r} is not a seed >= 0 or a range A-B with A <= B; "
                                 "valid forms: 0-4, 0,2,5, 0-2,7")
+        if max(chunk) >= SEED_LIMIT:
+            raise FedmergeError(f"--seeds {text!r}: {part!r} names a seed not below 2**63 ({SEED_LIMIT_REASON})")
         seeds += chunk
     if len(set(seeds)) != len(seeds):
         raise FedmergeError(f"--seeds {text!r} names a seed twice")

@@ -210,3 +210,25 @@ def test_non_finite_numbers_are_refused_at_load(override, message):
 def test_finite_values_of_the_same_keys_still_load():
     cfg = load_scenario("quickstart", ["federation.timeout_s=1e9", "federation.norm_cap=5.0", "model.params.lr=0.01"])
     assert (cfg.federation.timeout_s, cfg.federation.norm_cap, cfg.model.params["lr"]) == (1e9, 5.0, 0.01)
+
+
+@pytest.mark.parametrize("override", ["run.seed=18446744073709551616", "run.seed=9223372036854775808",
+                                      "run.seeds=[0, 18446744073709551616]"])
+def test_a_seed_too_large_for_torch_is_refused_at_load(override):
+    """run.seed >= 2**64 passed validation and crashed in torch.manual_seed naming no key (each client also adds
+    1000·round + its position to the run seed): seeds are now integers below 2**63."""
+    key, value = override.split("=")
+    with pytest.raises(FedmergeError, match=rf"{key} must .*below 2\*\*63") as err:
+        load_scenario("quickstart", [override])
+    assert f"got {value}" in str(err.value)
+    assert load_scenario("quickstart", ["run.seed=9223372036854775807"]).run.seed == 2**63 - 1
+
+
+@pytest.mark.parametrize("text", ["18446744073709551616", "0,9223372036854775808",
+                                  "9223372036854775806-9223372036854775808"])
+def test_seeds_option_refuses_a_seed_too_large_for_torch(text):
+    from fedmerge.config import parse_seeds
+
+    with pytest.raises(FedmergeError, match=rf"--seeds {text!r}: .* below 2\*\*63"):
+        parse_seeds(text)
+    assert parse_seeds("9223372036854775806-9223372036854775807") == [2**63 - 2, 2**63 - 1]

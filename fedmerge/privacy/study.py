@@ -157,7 +157,7 @@ def study_record(study: PrivacyStudySettings) -> dict[str, Any]:
 
 def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
     """Clear errors for study settings the sweep cannot run with."""
-    from fedmerge.config import check_metric_name
+    from fedmerge.config import SEED_LIMIT, SEED_LIMIT_REASON, check_metric_name
     from fedmerge.privacy.client import UNITS, check_user_level
 
     eps = study["epsilons"]
@@ -184,9 +184,10 @@ def validate_study(study: Mapping[str, Any], cfg: Scenario) -> None:
         except FedmergeError as err:
             raise FedmergeError(f"{STUDY_SECTION}.units: {err}") from err
     seeds = study["seeds"]
-    if (not isinstance(seeds, list | tuple) or not seeds or not all(is_integer(s) and s >= 0 for s in seeds)
-            or len(set(seeds)) < len(seeds)):
-        raise FedmergeError(f"{STUDY_SECTION}.seeds must be a non-empty list of distinct integers >= 0, got {seeds!r}")
+    if (not isinstance(seeds, list | tuple) or not seeds
+            or not all(is_integer(s) and 0 <= s < SEED_LIMIT for s in seeds) or len(set(seeds)) < len(seeds)):
+        raise FedmergeError(f"{STUDY_SECTION}.seeds must be a non-empty list of distinct integers >= 0 and below 2**63 "
+                            f"({SEED_LIMIT_REASON}), got {seeds!r}")
     check_metric_name(f"{STUDY_SECTION}.metric", study["metric"], cfg.eval.ks)
     unknown = [m for m in study["methods"] if m not in cfg.merge.methods]
     if unknown:
