@@ -1058,3 +1058,18 @@ def test_a_path_with_a_double_quote_is_refused_before_flower_is_given_it(tmp_pat
         with pytest.raises(FedmergeError, match=rf"{re.escape(named)} holds a double quote"):
             local.deploy_local("quickstart", tmp_path / "out", overrides=generic, data_root=root)
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-5", "0", "soon"])
+def test_deploy_local_timeout_must_be_a_finite_number_above_zero(value, tmp_path, capsys):
+    """--timeout was a plain float: NaN never timed out (the wait's deadline test is never true) and a negative one
+    failed after every process had started. Now argparse refuses it, naming the option."""
+    from fedmerge.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["deploy", "local", "--out", str(tmp_path), f"--timeout={value}"])
+    assert exit_info.value.code == 2
+    assert f"argument --timeout: a finite number of seconds > 0, got {value!r}" in capsys.readouterr().err
+    args = parser.parse_args(["deploy", "local", "--out", str(tmp_path), "--timeout", "90"])
+    assert args.timeout == 90.0

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fedmerge.commands import json_on_failure
+from fedmerge.commands import json_on_failure, positive_seconds
 from fedmerge.config import DEFAULT_SCENARIO
 from fedmerge.deploy.certs import DEFAULT_HOSTS, generate
 from fedmerge.runners.results import RESULTS_FILE
@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument("--out", type=Path, required=True,
                        help="output folder: results/, logs/, tls/ (unless --tls-dir), processes.json, deployment.json, "
                        "scenario.toml (the resolved scenario), data/ (synthetic domains), flwr-home/, superlink.db")
-    local.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default 3600)")
+    local.add_argument("--timeout", type=positive_seconds, default=3600.0,
+                       help="seconds to wait for the run, a finite number > 0 (default 3600)")
     local.add_argument("--overwrite", action="store_true",
                        help="delete everything in --out (what an earlier deployment left, and anything else there); "
                        "a non-empty --out is refused otherwise")
