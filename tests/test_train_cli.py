@@ -172,3 +172,16 @@ def test_a_family_reading_more_than_50_items_is_trained_and_evaluated_at_its_own
     report = json.loads((out / "metrics.json").read_text())
     again = load_recommender(out / "weights.safetensors").evaluate(data)
     assert {k: report[k] for k in again} == again
+
+
+@pytest.mark.parametrize("command", [["train", "--data", "d", "--model", "ease", "--out", "o"],
+                                     ["data", "synth", "--out", "o"]])
+def test_a_seed_too_large_for_torch_is_refused_by_the_seed_option(command, capsys) -> None:
+    """--seed 2**64 passed the argparse type: `train` then failed in torch.manual_seed naming no option, and `data
+    synth` wrote domains under a seed no run can reproduce (run.seed is below 2**63)."""
+    from fedmerge.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*command, "--seed", str(2**64)])
+    assert "--seed: a seed is an integer below 2**63" in capsys.readouterr().err
+    assert build_parser().parse_args([*command, "--seed", str(2**63 - 1)]).seed == 2**63 - 1

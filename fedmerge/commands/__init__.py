@@ -12,13 +12,17 @@ from pathlib import Path
 
 def seed(text: str) -> int:
     """An argparse type: a seed, an integer >= 0 (``--seed -1`` failed only after ``--overwrite`` had emptied the
-    output folder, as "expected non-negative integer", naming no flag)."""
+    output folder, as "expected non-negative integer", naming no flag) and below 2**63, as ``run.seed``."""
     try:
         value = int(text)
     except ValueError:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"a seed is an integer >= 0, got {text!r}")
+    from fedmerge.config import SEED_LIMIT, SEED_LIMIT_REASON
+
+    if value >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed is an integer below 2**63 ({SEED_LIMIT_REASON}), got {text!r}")
     return value
 
 
