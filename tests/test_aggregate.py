@@ -424,3 +424,21 @@ def test_a_resumed_run_records_each_seeds_versions_and_warns_when_they_differ(tm
             and f"{recorded[0]['fedmerge_source']} (seed(s) [0])" in warning and "torch" in warning)
     assert "python" not in warning  # equal on both seeds
     assert f"WARNING: {warning}" in capsys.readouterr().out
+
+
+def test_a_metric_a_seed_could_not_report_is_named_in_a_warning():
+    """A metric null (NaN) in one seed's results.json was left out of its aggregate cell without a word, while a
+    missing cell or model was warned about."""
+    runs = {s: _run({"individual": (0.10, 0.10), "ties": (0.12, 0.10)}) for s in (0, 1, 2)}
+    for r in runs.values():
+        for cell in r["models"]["ties"].values():
+            cell["ndcg@10"] = cell["recall@10"] / 2
+    runs[1]["models"]["ties"]["A"]["recall@10"] = None
+    runs[2]["models"]["ties"]["A"]["recall@10"] = float("nan")
+    del runs[2]["models"]["ties"]["B"]["ndcg@10"]
+    agg = aggregate_runs(runs, "recall@10", training_free=["ties"])
+    assert "recall@10" not in agg["models"]["ties"]["A"] and agg["models"]["ties"]["A"]["ndcg@10"]["n"] == 3
+    assert ("ties on A: recall@10 is missing from seed(s) [1, 2] (null or not a finite number there): left out of "
+            "that cell of the aggregate") in agg["warnings"]
+    assert any("ties on B: ndcg@10 is missing from seed(s) [2]" in w for w in agg["warnings"])
+    assert not any("individual" in w for w in agg["warnings"])

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmerge.checks import is_finite_number
+from fedmerge.checks import is_finite_number, is_number
 from fedmerge.errors import FedmergeError
 from fedmerge.metrics import USERS
 
@@ -283,8 +283,8 @@ def aggregate_runs(
 
 def missing_cell_warnings(runs: Mapping[int, Mapping[str, Any]], metric: str) -> list[str]:
     """One line per model × domain that some seeds report and others do not (left out of :func:`aggregate_models`),
-    and per model whose average covers only some training domains in some seed (:func:`partial_averages`: left out of
-    the paired comparisons)."""
+    per metric some seeds of a kept cell do not report (:func:`missing_metric_warnings`), and per model whose average
+    covers only some training domains in some seed (:func:`partial_averages`: left out of the paired comparisons)."""
     lines = []
     first = next(iter(runs.values()))
     for model in first["models"]:
@@ -298,11 +298,37 @@ def missing_cell_warnings(runs: Mapping[int, Mapping[str, Any]], metric: str) ->
                 lines.append(f"{model} on {domain} is missing from seed(s) {missing}: that cell is left out of the "
                              "aggregate")
     partial = partial_averages(runs)
+    lines += missing_metric_warnings(runs, partial)
     for model, seeds in (partial | partial_averages(runs, metric)).items():
         where = "; ".join(f"seed {s} lacks {', '.join(d)}" for s, d in seeds.items())
         cell = " and its average cell" if model in partial else ""
         lines.append(f"the average of {model} covers only some training domains ({where}): {model} is left out of "
                      f"the paired comparisons{cell} (its average is over other domains than the others')")
+    return lines
+
+
+def missing_metric_warnings(runs: Mapping[int, Mapping[str, Any]], partial: Mapping[str, Any]) -> list[str]:
+    """One line per model × domain cell that :func:`aggregate_models` keeps and per group of seeds, naming the
+    metrics some seed reports and those seeds do not (null, NaN or absent in their results.json: a model a client
+    could not evaluate): :func:`_metric_keys` leaves each out of that cell. ``partial``: :func:`partial_averages`
+    (their ``average`` cells are left out whole and warned about apart)."""
+    lines = []
+    first = next(iter(runs.values()))
+    for model in first["models"]:
+        for domain in first["models"][model]:
+            cells = [r.get("models", {}).get(model, {}).get(domain) for r in runs.values()]
+            if (domain == AVERAGE and model in partial) or not all(isinstance(c, Mapping) for c in cells):
+                continue  # the whole cell is left out: missing_cell_warnings / partial_averages say it
+            names = dict.fromkeys(k for c in cells for k, v in c.items()
+                                  if k != USERS and (v is None or is_number(v)))
+            by_seeds: dict[tuple[int, ...], list[str]] = {}
+            for name in names:
+                lacking = tuple(s for s, c in zip(runs, cells) if not is_finite_number(c.get(name)))
+                if lacking:
+                    by_seeds.setdefault(lacking, []).append(name)
+            lines += [f"{model} on {domain}: {', '.join(found)} {'is' if len(found) == 1 else 'are'} missing from "
+                      f"seed(s) {list(seeds)} (null or not a finite number there): left out of that cell of the "
+                      "aggregate" for seeds, found in by_seeds.items()]
     return lines
 
 
