@@ -9,7 +9,8 @@ from importlib import metadata
 
 from fedmerge.paths import PACKAGE_ROOT, REPO_ROOT
 
-VERSION_PACKAGES = ("fedmerge", "flwr", "torch", "numpy", "transformers", "ray")
+# opacus: DP-SGD and its accountants; scipy: the t-intervals and p-values over seeds; one not installed reads so
+VERSION_PACKAGES = ("fedmerge", "flwr", "torch", "numpy", "transformers", "ray", "opacus", "scipy")
 
 
 NO_CHECKOUT = "not a git checkout (installed package)"

@@ -56,3 +56,19 @@ def test_an_untracked_file_in_a_code_folder_marks_the_commit_dirty(checkout):
     assert _commit(checkout) == head
     (checkout / "fedmerge" / "core.py").write_text("X = 3\n")  # a tracked edit, as before
     assert _commit(checkout) == f"{head}-dirty"
+
+
+def test_versions_record_the_packages_that_shape_dp_and_the_intervals(monkeypatch):
+    """opacus (DP-SGD and its accountants) and scipy (t-intervals, p-values) shape the numbers and were not
+    recorded; a package that is not installed is recorded as such, not an error."""
+    from importlib import metadata
+
+    versions = provenance.package_versions()
+    for name in ("opacus", "scipy"):
+        try:
+            expected = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            expected = "not installed"
+        assert versions[name] == expected
+    monkeypatch.setattr(provenance, "VERSION_PACKAGES", (*provenance.VERSION_PACKAGES, "no-such-package-fedmerge"))
+    assert provenance.package_versions()["no-such-package-fedmerge"] == "not installed"
