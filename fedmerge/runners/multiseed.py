@@ -2,8 +2,12 @@
 ``aggregate.csv`` and ``per_domain.png`` with 95 % intervals (math in :mod:`fedmerge.runners.aggregate`).
 
 The seed drives θ₀, every client's training, DARE's masks and MergeRec's pseudo-user sampling (and, for synthetic
-data, the generated domains), and seeded DP noise (``privacy.noise_seed`` ≥ 0) moves with it (:func:`seed_config`). With ``resume``, a seed whose folder already holds a complete results.json (status
-ok, written under the same configuration) is read instead of run again; any other seed runs from scratch.
+data, the generated domains), and seeded DP noise (``privacy.noise_seed`` ≥ 0) moves with it (:func:`seed_config`).
+With ``resume`` each seed's folder is read as :func:`resume_seed` says: a complete results.json (status ok) written
+under the same configuration is kept; a complete run of another configuration is merged and evaluated again from its
+saved client weights when they fit this scenario's training settings and there are no FedAvg rounds, else refused
+(nothing deleted); a seed with no complete run (empty, interrupted or failed) runs from scratch, its files moved
+aside.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ AGGREGATE_FILE = "aggregate.json"
 
 def seed_config(cfg: Scenario, seed: int) -> Scenario:
     """``cfg`` as the single run of ``seed``: ``run.seed = seed``, ``run.seeds`` emptied, and seeded DP noise
-    (``privacy.noise_seed`` = b ≥ 0) moved as a privacy study moves it (:func:`fedmerge.privacy.study.study_noise_base`:
-    b + 1000003·seed), so each seed draws other noise and sampling and the interval over seeds covers them; b < 0
-    (OS entropy) stays as it is."""
+    (``privacy.noise_seed`` = b ≥ 0) moved as a privacy study moves it
+    (:func:`fedmerge.privacy.study.study_noise_base`: b + 1000003·seed), so each seed draws other noise and sampling
+    and the interval over seeds covers them; b < 0 (OS entropy) stays as it is."""
     from fedmerge.privacy.study import study_noise_base
 
     return cfg.with_changes(run={"seed": int(seed), "seeds": []},
