@@ -1,6 +1,7 @@
 """The Flower strategy: the Message-API transport for :class:`fedmerge.runners.server.Federation`.
 
-It maps domains to SuperNodes (a ``query`` to each node as it comes online, also between phases), sends each request as a Message, waits at most
+It maps domains to SuperNodes (a ``query`` to each node as it comes online, also between phases: a late node may
+serve a domain without node, never take a served one), sends each request as a Message, waits at most
 ``federation.timeout_s`` for replies, turns error replies into per-domain errors, and never mutates a reply
 (the federation copies weights out of the records). Merging, FedAvg and evaluation bookkeeping live in the
 framework-free federation, so simulation, deployment and the in-process engine share one code path.
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from typing import NoReturn
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -24,6 +26,7 @@ from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 PULL_INTERVAL_S = 0.1
+LATE_QUERY_S = 10.0  # how long a send waits for the query answers of nodes that came online after start-up
 
 
 class MergeStrategy(Strategy):
@@ -36,20 +39,21 @@ class MergeStrategy(Strategy):
         self.startup_timeout = cfg.federation.startup_timeout_s
         self.node_of: dict[str, int] = {}
         self.refused: dict[str, str] = {}  # query:node<id> -> why that node failed to start or its claim was refused
-        self.claims: dict[str, list[int]] = {}  # domain -> the nodes that claimed it, over the whole run
-        self.asked: set[int] = set()  # nodes sent a query
-        self.warnings: list[str] = []  # what the run's results must say about the transport (a domain lost mid-run)
+        self.claims: dict[int, str] = {}  # node -> the domain it claimed (nodes online now that answered a query)
+        self.failed: set[int] = set()  # nodes online now that answered with an error or no domain
+        self.contested: set[str] = set()  # domains several nodes claimed at start-up: no node serves them
+        self.warnings: list[str] = []  # what the run's results must say about the transport (a refused late claim)
         self.undelivered: set[str] = set()  # domains whose request of the last send reached no node
         self.connect_seconds: float | None = None  # None until connected
         self._group = 0
 
     # ---- transport ------------------------------------------------------------------------------------------
     def connect(self) -> dict[str, int]:
-        """Wait for the SuperNodes and learn which domain each one holds (``query`` messages, each node asked once, as
-        it comes online), within ``federation.startup_timeout_s`` (not ``timeout_s``: a short reply timeout must not
-        cut short start-up). The wait ends once every domain of the run is claimed, not once as many nodes as domains
-        are online: a spare node, one that fails to start or one claiming another owner's domain no longer ends it
-        before an owner's node is asked.
+        """Wait for the SuperNodes and learn which domain each one holds (a ``query`` to each node as it comes
+        online), within ``federation.startup_timeout_s`` (not ``timeout_s``: a short reply timeout must not cut short
+        start-up). The wait ends once every node online has answered and every domain of the run is claimed or
+        accounted for by a node that failed to start — not once as many nodes as domains are online: a spare node, or
+        one claiming a domain the run does not have, no longer ends it before an owner's node is asked.
 
         :meth:`send` connects on first use, so server work before it (θ₀, the joint oracle) overlaps the nodes'
         start-up (in simulation: Ray actors importing torch and loading their domain).
@@ -58,8 +62,10 @@ class MergeStrategy(Strategy):
         wanted = self.cfg.data.domain_names()
         deadline = time.monotonic() + self.startup_timeout
         while True:
-            self.ask_new_nodes(max(deadline - time.monotonic(), 1.0))
-            if all(d in self.claims for d in wanted) or time.monotonic() >= deadline:
+            online = self.ask_new_nodes(max(deadline - time.monotonic(), 1.0))
+            claimed = {d for n, d in self.claims.items() if d in wanted}
+            answered = online <= set(self.claims) | self.failed
+            if (answered and len(claimed) + len(self.failed) >= len(wanted)) or time.monotonic() >= deadline:
                 break
             time.sleep(1.0)
         self.assign(wanted)
@@ -69,55 +75,83 @@ class MergeStrategy(Strategy):
         self.connect_seconds = time.perf_counter() - start
         return self.node_of
 
-    def ask_new_nodes(self, timeout: float) -> None:
-        """Send a ``query`` to every node online now that was not asked yet; their claims go into ``claims`` (a node
-        that fails to start or names no domain is refused with its reason)."""
-        nodes = [node for node in self.grid.get_node_ids() if node not in self.asked]
+    def ask_new_nodes(self, timeout: float) -> set[int]:
+        """Forget the nodes no longer online, send a ``query`` to every node online that has not answered one and
+        record the answers (``claims``; a node that fails to start or names no domain is refused with its reason and
+        kept in ``failed``); a node that does not answer within ``timeout`` is asked again next time. Returns the
+        nodes online."""
+        online = set(self.grid.get_node_ids())
+        self.claims = {n: d for n, d in self.claims.items() if n in online}  # a restarted node comes back as a new one
+        self.failed &= online
+        nodes = sorted(online - set(self.claims) - self.failed)
         if not nodes:
-            return
-        self.asked.update(nodes)
+            return online
         messages = [Message(RecordDict(), node, protocol.QUERY, group_id="connect") for node in nodes]
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():  # e.g. its data folder is missing: the node's own reason goes into results.json
+                self.failed.add(node)
                 self.refuse(node, f"node {node} failed to start: {reply.error.reason}")
                 continue
             try:
-                self.claims.setdefault(protocol.reply_domain(reply.content), []).append(node)
+                self.claims[node] = protocol.reply_domain(reply.content)
             except FedmergeError as exc:
+                self.failed.add(node)
                 self.refuse(node, f"node {node}'s reply names no domain ({exc}); refused")
+        return online
 
     def assign(self, wanted: list[str]) -> None:
-        """Map each domain of the run to the one node that claims it (``claims``). A claim of a domain the run does
+        """At start-up: map each domain of the run to the one node that claims it. A claim of a domain the run does
         not have is refused, and so is every claimant of a domain several nodes claim (which of them is honest cannot
         be told: no node answers for it, whatever order the replies came in); each refusal is logged and kept in
         ``refused``."""
-        for domain, nodes in sorted(self.claims.items()):
+        by_domain: dict[str, list[int]] = {}
+        for node, domain in sorted(self.claims.items()):
+            by_domain.setdefault(domain, []).append(node)
+        for domain, nodes in sorted(by_domain.items()):
             if domain not in wanted:
                 for node in nodes:
                     self.refuse(node, f"node {node} claims domain {domain!r}, which is not a domain of this run "
                                       f"({wanted}); refused")
             elif len(nodes) > 1:
-                self.node_of.pop(domain, None)
+                self.contested.add(domain)
                 for node in nodes:
-                    self.refuse(node, f"nodes {sorted(nodes)} all claim domain {domain!r}; each is refused (no node "
+                    self.refuse(node, f"nodes {nodes} all claim domain {domain!r}; each is refused (no node "
                                       "answers for it)")
             else:
                 self.node_of[domain] = nodes[0]
 
-    def admit_late_nodes(self) -> list[str]:
-        """Ask the nodes that came online since the last look (bounded by ``timeout_s``) and assign again: a late
-        owner's node then serves a domain that had none, and a domain a late node also claims is contested from
-        now on (no node answers for it). Returns the domains that lost their node this way."""
-        before = dict(self.node_of)
-        self.ask_new_nodes(self.timeout)
-        self.assign(self.cfg.data.domain_names())
-        lost = [d for d in before if d not in self.node_of]
-        for domain in lost:
-            self.warnings.append(
-                f"domain {domain!r} was claimed by a second node after node {before[domain]} had served it: each "
-                f"claimant is refused from then on; what node {before[domain]} sent for it in earlier phases was used")
-        return lost
+    def admit_late_nodes(self) -> None:
+        """Between phases: a domain whose node is no longer online loses it, and the nodes that came online since
+        are asked (each at most :data:`LATE_QUERY_S`, asked again next phase when silent). A late node may take a
+        domain that has no node (its owner's node came late or restarted); a claim of a domain another node serves is
+        refused with a warning — the run keeps its node, so no node registering mid-run can take or deny a served
+        domain."""
+        wanted = self.cfg.data.domain_names()
+        self.ask_new_nodes(min(self.timeout, LATE_QUERY_S))
+        for domain, node in list(self.node_of.items()):
+            if node not in self.claims:
+                logger.warning("node %d of domain %s is no longer online", node, domain)
+                del self.node_of[domain]
+        serving = set(self.node_of.values())
+        for node, domain in sorted(self.claims.items()):
+            if node in serving or f"{protocol.QUERY}:node{node}" in self.refused:
+                continue
+            if domain not in wanted:
+                self.refuse(node, f"node {node} claims domain {domain!r}, which is not a domain of this run "
+                                  f"({wanted}); refused")
+            elif domain in self.contested:
+                self.refuse(node, f"node {node} claims domain {domain!r}, which several nodes claimed at start-up; "
+                                  "refused (no node answers for it)")
+            elif domain in self.node_of:
+                reason = (f"node {node} claims domain {domain!r}, which node {self.node_of[domain]} serves: refused; "
+                          f"if node {node} is that domain's owner, node {self.node_of[domain]} is not (check the "
+                          "registered node keys)")
+                self.refuse(node, reason)
+                self.warnings.append(reason)
+            else:
+                logger.info("node %d came online and serves domain %s from now on", node, domain)
+                self.node_of[domain] = node
 
     def refuse(self, node: int, reason: str) -> None:
         key = f"{protocol.QUERY}:node{node}"
@@ -166,6 +200,8 @@ class MergeStrategy(Strategy):
                     continue
                 if reply.has_error():  # the node's own error, or the SuperLink's (source SUPERLINK_NODE_ID) when the
                     errors[domain] = reply.error.reason  # node went offline or the message expired
+                    if reply.metadata.src_node_id == SUPERLINK_NODE_ID != node:
+                        not_taken.add(domain)  # it never reached the node: no traffic
                     continue
                 if reply.metadata.src_node_id != node:  # content only from the node the message went to
                     errors[domain] = (f"a reply came from node {reply.metadata.src_node_id}, not from node {node} "
@@ -179,9 +215,6 @@ class MergeStrategy(Strategy):
         for d in domain_of.values():
             if d not in replies and d not in errors:
                 errors[d] = f"no reply within federation.timeout_s = {self.timeout:g} s"
-        for d in self.admit_late_nodes():  # contested while this round ran: its reply may be an impostor's
-            if replies.pop(d, None) is not None:
-                errors[d] = f"domain {d!r} became contested while this {message_type} round ran: its reply is dropped"
         self.undelivered = {d for d in requests if d not in domain_of.values() or d in not_taken}
         return replies, errors
 

@@ -376,6 +376,25 @@ def test_process_set_stops_the_helpers_of_a_process_that_already_exited(tmp_path
     assert not _alive(same) and not _alive(own)
 
 
+def test_the_poll_check_of_both_flower_engines_remembers_helpers_then_names_a_crashed_superlink(tmp_path):
+    """`simulate --engine flower` polled with link.check_alive alone (only `deploy local` watched the helpers), so
+    a crashed simulation SuperLink left its SuperExec and simulation runtime running; both engines now poll with
+    poll_check."""
+    from fedmerge.deploy.local import Link, poll_check
+
+    flag = tmp_path / "crash"
+    with ProcessSet(tmp_path, grace_s=1.0) as procs:
+        proc = procs.start("superlink", [sys.executable, "-c", CRASHER, str(flag)])
+        same, own = _pids_printed(proc.log_path, 2)
+        check = poll_check(procs, Link(proc, "127.0.0.1:1", None))
+        check()  # a poll while it runs
+        flag.touch()
+        _wait_exit(proc)
+        with pytest.raises(FedmergeError, match="the SuperLink exited with code 3"):
+            check()
+    assert not _alive(same) and not _alive(own)
+
+
 def test_process_set_stops_on_error_and_kills_sigterm_ignorers(tmp_path):
     stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(120)"
     with pytest.raises(RuntimeError, match="boom"):

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,18 @@ class Link:
         if self.process.popen.poll() is not None:
             raise FedmergeError(f"the SuperLink exited with code {self.process.popen.returncode}:\n"
                                 f"{self.process.log_tail()}")
+
+
+def poll_check(procs: ProcessSet, link: Link) -> Callable[[], None]:
+    """The check a :meth:`FlwrClient.wait` runs at every poll: remember the helpers the processes started
+    (:meth:`ProcessSet.watch`: a crashed SuperLink's SuperExec and simulation runtime are stopped too), then fail if
+    the SuperLink has exited (:meth:`Link.check_alive`)."""
+
+    def check() -> None:
+        procs.watch()
+        link.check_alive()
+
+    return check
 
 
 def deployment_env(out_dir: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -274,8 +286,7 @@ def _deploy(
         write_json_atomic(out / DEPLOYMENT_FILE, deployment)  # also for a run that fails
         progress = FolderProgress(cfg, results_dir, enabled=cfg.run.progress and not verbose_enabled())
         try:
-            status = flwr.wait(run_id, timeout_s, poll_s, check=lambda: (procs.watch(), link.check_alive()),
-                               ready=progress.poll)  # watch: a crashed SuperLink's helpers are found and stopped
+            status = flwr.wait(run_id, timeout_s, poll_s, check=poll_check(procs, link), ready=progress.poll)
         except RunFailed as exc:
             raise RunFailed(f"{exc}{reported_errors(results_dir / RESULTS_FILE)}") from exc
         finally:

@@ -69,7 +69,7 @@ class Transport(Protocol):
     the transport turned away before any request (a Flower SuperNode claiming a domain it may not hold), recorded
     with the run's rejections; ``connect_seconds``: how long reaching the clients took (None: no connection step);
     ``node_of``: each domain's Flower node id (empty where clients are no nodes), recorded as the run's ``nodes``;
-    ``warnings``: what the run's results must say about the transport (a domain contested mid-run);
+    ``warnings``: what the run's results must say about the transport (a late node's refused claim);
     ``undelivered``: the domains whose request of the last :meth:`send` never reached a client (no node holds the
     domain, the SuperLink refused the message), whose traffic is not counted.
     """
@@ -779,14 +779,7 @@ class Federation:
                 self.save_individual(domain, individual[domain], path)
 
         requests = self.train_requests(self.theta0, protocol.PHASE_ONESHOT, 0)
-        replies = self._exchange(transport, protocol.TRAIN, requests, on_reply=on_reply)
-        for domain in [d for d in individual if d not in replies]:  # taken back by the transport (a contested domain)
-            del individual[domain]
-            self.train_metrics.pop(domain, None)
-            path = self.saved_models.pop(SAVED_INDIVIDUAL_PREFIX + domain, None)
-            if path is not None:  # no --resume may merge it
-                path.unlink(missing_ok=True)
-                card_path(path).unlink(missing_ok=True)
+        self._exchange(transport, protocol.TRAIN, requests, on_reply=on_reply)
         self.require_enough(individual)
         return individual
 

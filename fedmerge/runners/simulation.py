@@ -248,7 +248,9 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
     shows the phases.
     """
     from fedmerge.deploy.flwr_cli import CONNECTION, FlwrClient, RunFailed, check_config_path, write_flower_config
-    from fedmerge.deploy.local import REPO_ROOT, check_app_dir, deployment_env, read_results, reported_errors, start_superlink
+    from fedmerge.deploy.local import (
+        REPO_ROOT, check_app_dir, deployment_env, poll_check, read_results, reported_errors, start_superlink,
+    )
     from fedmerge.deploy.processes import ProcessSet
     from fedmerge.logs import LEVEL_ENV, verbose_enabled
     from fedmerge.runners.appconfig import flower_run_config
@@ -288,7 +290,7 @@ def run_flower_simulation(cfg: Scenario, out_dir: str | Path | None = None, resu
                 procs.start("run-log", ["flwr", "log", str(run_id), CONNECTION, "--stream"], echo=True)
             progress = FolderProgress(cfg, target, enabled=cfg.run.progress and not verbose)
             try:
-                flwr.wait(run_id, float("inf"), SIMULATION_POLL_S, check=link.check_alive, ready=progress.poll)
+                flwr.wait(run_id, float("inf"), SIMULATION_POLL_S, check=poll_check(procs, link), ready=progress.poll)
             except RunFailed as exc:
                 fresh = file_identity(results_path) not in (None, stale)
                 raise RunFailed(f"{exc}{reported_errors(results_path) if fresh else ''}") from exc
