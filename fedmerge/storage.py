@@ -34,6 +34,7 @@ from fedmerge.errors import DataError, FedmergeError
 
 if TYPE_CHECKING:  # torch is imported by the weight functions only: the CLI's --help and data commands need none
     from fedmerge.models.base import StateDict
+    from fedmerge.scenario import Scenario
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +227,20 @@ def json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"object of type {type(value).__name__} is not JSON serializable")
+
+
+def check_outside(path: str | Path, out_dir: str | Path, what: str, taker: str = "the run") -> None:
+    """FedmergeError when ``path`` (``what``: how the user named it) lies inside ``out_dir``, which ``taker`` takes
+    over (``--overwrite`` empties it): the user's input would be deleted with the earlier run's files."""
+    if Path(path).resolve().is_relative_to(Path(out_dir).resolve()):
+        raise FedmergeError(f"{what} {path} lies inside --out {out_dir}, which {taker} takes over (--overwrite "
+                            "empties it): keep them apart")
+
+
+def check_data_outside(cfg: Scenario, out_dir: str | Path, taker: str = "the run") -> None:
+    """:func:`check_outside` for the scenario's data root (synthetic data has none)."""
+    if cfg.data.source != "synthetic":
+        check_outside(cfg.data.root_path(), out_dir, "the data root", taker)
 
 
 def safe_file_stem(name: str) -> str:

@@ -417,3 +417,26 @@ def test_supernode_start_up_wait_is_not_the_reply_timeout(cfg, flower_task_ident
     assert grid.query_timeouts[0] > 20  # the connect query round is bounded by the start-up wait too
     with pytest.raises(FedmergeError, match="federation.startup_timeout_s must be > 0"):
         apply_overrides(cfg, ["federation.startup_timeout_s=0.0"])
+
+
+def test_simulate_overwrite_never_deletes_the_scenarios_own_data_inside_out(cfg, tmp_path):
+    """`simulate --overwrite` into a run folder that also held the scenario's data root deleted the data with the
+    earlier run's files (train and deploy local refused this; simulate did not), single seed and seeds alike."""
+    from fedmerge.data.generic import save_generic_domain
+    from fedmerge.runners.multiseed import run_seeds
+    from fedmerge.runners.simulation import run_scenario
+
+    out = tmp_path / "run"
+    with run_folder(out):  # an earlier run's folder
+        (out / "results.json").write_text("{}")
+    for name in cfg.data.domain_names():
+        save_generic_domain(cfg.load_domain(name), out / "data" / name)
+    inside = apply_overrides(cfg, ['data.source="generic"', f'data.root="{out / "data"}"',
+                                   'data.domains=["synth-0", "synth-1", "synth-2"]'])
+    with pytest.raises(FedmergeError, match=r"the data root .*/run/data lies inside --out .*/run, which the run "
+                                            r"takes over \(--overwrite empties it\)"):
+        run_scenario(inside, "inprocess", out, overwrite=True)
+    with pytest.raises(FedmergeError, match=r"the data root .* lies inside --out"):
+        run_seeds(apply_overrides(inside, ["run.seeds=[0, 1]"]), "inprocess", out, overwrite=True)
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["synth-0", "synth-1", "synth-2"]
+    assert (out / "data" / "synth-0" / "interactions.csv").is_file() and (out / "results.json").is_file()

@@ -26,7 +26,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.paths import REPO_ROOT
 from fedmerge.runners.results import RESULTS_FILE
 from fedmerge.scenario import Scenario
-from fedmerge.storage import write_json_atomic
+from fedmerge.storage import check_data_outside, check_outside, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +157,7 @@ def given_tls_files(tls_dir: Path, n_nodes: int, out_dir: Path) -> TlsFiles:
     """The PKI of ``--tls-dir`` (:func:`fedmerge.deploy.certs.load_tls_dir`: complete, a server certificate that
     can work) with a key pair (private and ``.pub``) for each of ``n_nodes`` SuperNodes, outside ``out_dir`` (which
     the deployment takes over: ``--overwrite`` empties it)."""
-    if tls_dir.resolve().is_relative_to(out_dir):
-        raise FedmergeError(f"--tls-dir {tls_dir} lies inside --out {out_dir}, which the deployment takes over "
-                            "(--overwrite empties it): keep the PKI elsewhere, e.g. copy it out first")
+    check_outside(tls_dir, out_dir, "--tls-dir", "the deployment")
     tls = load_tls_dir(tls_dir)
     if len(tls.nodes) < n_nodes:
         raise FedmergeError(f"{tls_dir} holds {len(tls.nodes)} node key pairs but {n_nodes} SuperNodes are needed; "
@@ -242,10 +240,7 @@ def deploy_local(
         check_config_path("--data-root", data_base)
     for name in cfg.data.domain_names():
         check_config_path(f"domain {name!r}: its data path", data_base / name)
-    data_place = cfg.data.root_path().resolve() if cfg.data.source != "synthetic" else None
-    if data_place is not None and data_place.is_relative_to(out):
-        raise FedmergeError(f"the data root {data_place} lies inside --out {out}, which the deployment takes over "
-                            "(--overwrite empties it): give another --out")
+    check_data_outside(cfg, out, "the deployment")
     tls = None if tls_dir is None else given_tls_files(Path(tls_dir), len(cfg.data.domain_names()), out)  # before
     check_data_root(cfg, data_root)
     check_before_run(cfg, "flower")  # as is a bad scenario (model.params key, encoder folder, data)

@@ -94,7 +94,7 @@ def train_and_evaluate(
     ``overwrite``, after the model and its parameters are checked."""
     from fedmerge.data import load_domain
     from fedmerge.metrics import evaluate_scorer
-    from fedmerge.storage import run_folder, write_json_atomic
+    from fedmerge.storage import check_outside, run_folder, write_json_atomic
 
     if model not in model_names():  # before reading any data
         raise FedmergeError(f"unknown model {model!r}; valid: {', '.join(model_names())}{FAMILIES.failures()}")
@@ -110,9 +110,7 @@ def train_and_evaluate(
         get_encoder(encoder)
     domain = load_domain(data)
     out = out or Path("runs") / "train" / f"{domain.name}-{model}"
-    if Path(data).resolve().is_relative_to(Path(out).resolve()):
-        raise FedmergeError(f"--data {data} lies inside --out {out}, which the training takes over (--overwrite "
-                            "empties it): give another --out")
+    check_outside(data, out, "--data", "the training")
     with run_folder(out, overwrite=overwrite, resumable=False):
         if model in FAMILIES:
             scorer, report = train_family(model, params, domain, encoder, seed, out)

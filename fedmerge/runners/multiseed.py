@@ -132,11 +132,12 @@ def run_seeds(
     from fedmerge.merging import METHODS
     from fedmerge.provenance import package_versions
     from fedmerge.runners.simulation import check_before_run, run_scenario
-    from fedmerge.storage import run_folder
+    from fedmerge.storage import check_data_outside, run_folder
 
     seeds = [int(s) for s in cfg.run.seeds]
     if not seeds:
         raise FedmergeError("run.seeds is empty: nothing to run per seed (use run.seed for a single run)")
+    check_data_outside(cfg, out_dir)  # --overwrite would delete the scenario's own data
     if overwrite:  # before --overwrite empties out_dir (each seed's run checks its own scenario again)
         check_before_run(seed_config(cfg, seeds[0]), engine)
     runs: dict[int, dict[str, Any]] = {}

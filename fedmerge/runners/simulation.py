@@ -60,7 +60,9 @@ def run_scenario(
     check_before_run(cfg, engine)
     if out_dir is None:
         return _run_engine(cfg, engine, None, resume)
-    from fedmerge.storage import run_folder
+    from fedmerge.storage import check_data_outside, run_folder
+
+    check_data_outside(cfg, out_dir)  # --overwrite would delete the scenario's own data
 
     with run_folder(out_dir, resume=resume, overwrite=overwrite, set_aside=set_aside):
         check_or_record_data(cfg, Path(out_dir), resume)
