@@ -677,6 +677,38 @@ def test_fedmerge_merge_of_a_runs_files_is_a_model_evaluate_and_recommend_take(r
     assert not card_path(merged).exists() and "θ₀ has no model card" in capsys.readouterr().out
 
 
+def test_fedmerge_merge_refuses_what_the_run_refused_and_cards_that_describe_other_weights(run, tmp_path, capsys):
+    """`fedmerge merge` of a run's clients/ merged an update the run's norm test had rejected (its card says so) with
+    exit 0, trusted a card beside another file's weights, and named nothing on a θ₀ card whose `run` was no table."""
+    from fedmerge.recommender import update_card
+    from fedmerge.storage import load_weights, save_weights
+
+    cfg, out, results, _ = run
+    copied = tmp_path / "clients"
+    shutil.copytree(out / "clients", copied)
+    theta0 = out / "models" / "theta0.safetensors"
+    clients = [f"{d}={copied / f'{d}.safetensors'}" for d in results["domains"]]
+    update_card(copied / "synth-0.safetensors", rejected="task-vector norm 9.9 exceeds 3 × 1.0")
+    args = ["merge", "--method", "average", "--theta0", str(theta0), "--models", *clients]
+    assert main([*args, "--out", str(tmp_path / "a.safetensors")]) == 1
+    assert ("model synth-0 (" in (err := capsys.readouterr().err) and "the run rejected it (task-vector norm 9.9 "
+            "exceeds 3 × 1.0); pass --include-rejected to merge it anyway" in err)
+    assert main([*args, "--out", str(tmp_path / "a.safetensors"), "--include-rejected"]) == 0
+    capsys.readouterr()
+    # a card beside weights it does not describe (another client's file copied over) is refused
+    save_weights(copied / "synth-1.safetensors", load_weights(copied / "synth-2.safetensors"))
+    assert main([*args, "--include-rejected", "--out", str(tmp_path / "b.safetensors")]) == 1
+    assert "does not hold the weights its card" in capsys.readouterr().err
+    # a θ₀ card whose run is no table, or whose seed is no integer, is named
+    bad_theta0 = tmp_path / "theta0.safetensors"
+    shutil.copy(theta0, bad_theta0)
+    for run_field in ("x", {"seed": "abc"}, {"seed": 1.7}, {"seed": -5}):
+        card_path(bad_theta0).write_text(json.dumps({**read_card(theta0), "run": run_field}))
+        assert main(["merge", "--method", "dare", "--theta0", str(bad_theta0), "--models", *clients[2:],
+                     "--out", str(tmp_path / "c.safetensors")]) == 1
+        assert f"{card_path(bad_theta0)}: run.seed must be an integer in [0, 2**63)" in capsys.readouterr().err
+
+
 def test_a_bundle_without_git_records_the_launchers_commit_only_for_the_same_source(monkeypatch):
     """Flower runs the ServerApp from its unpacked app bundle, which has no .git: the commit the launcher read from its
     checkout is recorded when the bundle's source digest is the launcher's, and named as another code's otherwise."""

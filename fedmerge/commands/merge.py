@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "that order); repeatable")
     parser.add_argument("--out", type=Path, required=True, help="merged weights (.safetensors); a new file")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never an input file)")
+    parser.add_argument("--include-rejected", action="store_true",
+                        help="merge a model whose card says the run rejected it (refused otherwise)")
     parser.set_defaults(func=run_merge)
 
 
@@ -36,7 +38,8 @@ def run_merge(args: argparse.Namespace) -> int:
 
     models = parse_assignments(args.models, "--models entry")
     params = parse_params(args.params)
-    merge_weight_files(args.method, args.theta0, models, params, args.out, overwrite=args.overwrite)
+    merge_weight_files(args.method, args.theta0, models, params, args.out, overwrite=args.overwrite,
+                       include_rejected=args.include_rejected)
     from fedmerge.recommender import card_path
 
     card = card_path(args.out)

@@ -5,18 +5,21 @@ names in the file's metadata."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedmerge.errors import DataError, FedmergeError
 
+logger = logging.getLogger(__name__)
+
 MERGED_BY = "fedmerge merge"  # a card's "merged_by": the only cards fedmerge merge may replace
 
 
 def merge_weight_files(
     method: str, theta0: str | Path, models: Mapping[str, str | Path], params: Mapping[str, Any], out: str | Path,
-    overwrite: bool = False,
+    overwrite: bool = False, include_rejected: bool = False,
 ) -> Path:
     """θ₀ + the merged task vectors of ``models`` (name → weight file) under ``method`` with ``params``, saved to
     ``out`` with, when θ₀ has a model card (a run's ``models/theta0.json``), a card of its own (FedmergeError for
@@ -27,8 +30,9 @@ def merge_weight_files(
       results.json, an input's card): refused before any file is read;
     - a parameter the method refuses: named;
     - a model that is not well formed for θ₀ (names, shapes, dtypes, NaN/inf: :func:`~fedmerge.validation.
-      check_update`), or whose card says it was trained from another θ₀, or a merge whose result is not finite:
-      named.
+      check_update`), whose card describes other weights or says it was trained from another θ₀ or that the run
+      rejected it (unless ``include_rejected``), or a merge whose result is not finite: named. A model the run merged
+      norm-clipped is merged as saved (unclipped), with a warning.
 
     θ₀'s card also names the run's ``merge.local_parameters``: the merge then carries the clients' median of them
     and its card each domain's own values, as the run's merges do, so ``load_recommender(out).evaluate(domain)``
@@ -69,23 +73,27 @@ def merge_weight_files(
                             "another model's card); choose another --out")
     base = load_weights(Path(theta0))
     digest = weights_digest(base)
-    base_card = read_card(theta0) if card_path(theta0).is_file() else None
-    if base_card is not None and base_card.get("weights_digest") != digest:
-        raise FedmergeError(f"{theta0} does not hold the weights its card {card_path(theta0)} describes "
-                            f"({base_card.get('weights_digest')}, the file's are {digest})")
+    base_card = _model_card(Path(theta0), digest)
     weights = {name: load_weights(Path(models[name])) for name in sorted(models)}  # the run's order: by domain
     for name, file in ((n, models[n]) for n in sorted(models)):
         try:
             check_update(base, weights[name])
         except UpdateRejected as exc:
             raise FedmergeError(f"model {name} ({file}): {exc.reason}") from None
-        theirs = _card_theta0(Path(file))
+        card = _model_card(Path(file), weights_digest(weights[name])) or {}
+        theirs = card.get("theta0_digest")
         if theirs is not None and theirs != digest:
             raise FedmergeError(f"model {name} ({file}) was trained from θ₀ {theirs}, not from {theta0} ({digest}); "
                                 "merge models of one θ₀")
+        if card.get("rejected") and not include_rejected:
+            raise FedmergeError(f"model {name} ({file}): the run rejected it ({card['rejected']}); pass "
+                                "--include-rejected to merge it anyway")
+        if card.get("clipped"):
+            logger.warning("model %s (%s): the run merged it norm-clipped (%s); this merges the saved weights as they "
+                           "are", name, file, card["clipped"])
     params = weights_in_order(params, list(models), list(weights))  # weights=[...] as --models names the models
     if base_card is not None:  # a seeded method (DARE) follows the run's seed, as the run's merge did
-        params = with_default_seed(method, params, int(base_card.get("run", {}).get("seed", 0)))
+        params = with_default_seed(method, params, _card_seed(base_card, card_path(theta0)))
     try:
         merged = merge(method, base, weights, **params)
         recorded = recorded_params(method, params, n_models=len(weights))
@@ -123,14 +131,28 @@ def is_merge_card(path: Path) -> bool:
         return False
 
 
-def _card_theta0(weights_file: Path) -> str | None:
-    """The θ₀ digest a model's card names, or None without a (readable) card: a sibling .json that is not a model
-    card (files from elsewhere) is no card."""
+def _model_card(weights_file: Path, digest: str) -> dict[str, Any] | None:
+    """The model card beside ``weights_file``, or None without a (readable) card: a sibling .json that is not a model
+    card (files from elsewhere) is no card. FedmergeError when the card describes other weights than the file's
+    (``digest``): what it says (θ₀, rejection) would be about another model."""
     from fedmerge.recommender import card_path, read_card
 
     if not card_path(weights_file).is_file():
         return None
     try:
-        return read_card(weights_file).get("theta0_digest")
+        card = read_card(weights_file)
     except DataError:
         return None
+    if card.get("weights_digest") != digest:
+        raise FedmergeError(f"{weights_file} does not hold the weights its card {card_path(weights_file)} describes "
+                            f"({card.get('weights_digest')}, the file's are {digest})")
+    return card
+
+
+def _card_seed(card: Mapping[str, Any], path: Path) -> int:
+    """The run's seed on θ₀'s card (0 when the card records none)."""
+    run = card.get("run", {})
+    seed = run.get("seed", 0) if isinstance(run, Mapping) else None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise FedmergeError(f"{path}: run.seed must be an integer in [0, 2**63), got run = {run!r}")
+    return seed
