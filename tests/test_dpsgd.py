@@ -367,3 +367,18 @@ def test_secure_mode_setting_is_typed_off_by_default_and_names_what_it_needs():
         scenario(unit="user", secure_mode=True, noise_seed=0)
     with pytest.raises(FedmergeError, match="DP-SGD noise only"):
         scenario(unit="domain", secure_mode=True)
+
+
+def test_dropout_and_negatives_draw_from_the_secret_not_from_the_public_seed(domain, features):
+    """DP-SGD drew the sampled negatives and the dropout masks from the client's training seed (run seed, round and
+    position: known to the server), consumed user after user: adding one user shifted every later user's draws, so
+    with the seed known a step's clipped sum moved by more than C (0.35 for C = 0.1) and steps without that user
+    moved too. Both now come from the secret seed of the sampling and the noise: the public seed changes nothing."""
+    family = tiny_family(dropout=0.3, n_negatives=6)
+    theta0 = family.initial_weights(12, seed=0)
+    settings = UserLevelDP(1.0, 0.5, 0.3, 1.0)
+    a = train_user_level(family, theta0, domain, features, settings, seed=0, noise_seed=5)[0]
+    b = train_user_level(family, theta0, domain, features, settings, seed=1, noise_seed=5)[0]
+    c = train_user_level(family, theta0, domain, features, settings, seed=0, noise_seed=6)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)

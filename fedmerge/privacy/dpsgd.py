@@ -26,8 +26,10 @@ sampled softmax on the user's items and its negatives): arithmetic, which vector
 (results/privacy/amazon-seq-cost/README.md).
 
 What else is private: no validation data is used (no early stopping, no checkpoint choice: the weights after the
-last step are released), and the sampling and the noise draw from a secret seed (OS entropy unless a study sets
-``privacy.noise_seed``): a server that knows which users a step sampled gets no amplification by sampling. The
+last step are released), and the sampling, the noise, the dropout masks and the sampled negatives draw from a
+secret seed (OS entropy unless a study sets ``privacy.noise_seed``): a server that knows which users a step sampled
+gets no amplification by sampling, and one that knew the draws of a user's neighbours in the stream could tell its
+presence from their shifted gradients (until 2026-12-08 masks and negatives came from the client's training seed). The
 data-independent proximal term μ(θ − θ₀) is added after the noise.
 
 ``secure_mode`` (``privacy.secure_mode``, default off) turns on the DPOptimizer's floating-point-safe sampler: each
@@ -176,8 +178,11 @@ def per_user_gradients(
     Randomness, as one autograd pass per user would draw it: the sampled softmax draws each user's own negatives
     from ``generator``, user after user in the order of ``users``; dropout (``module`` in training mode) draws an
     independent mask per user from torch's global generator (``randomness="different"``; other numbers than a
-    per-user loop's masks, same distribution). Independent draws per user keep the sensitivity argument of
-    DP-SGD intact: adding or removing a user changes no other user's distribution of gradients.
+    per-user loop's masks, same distribution). The draws are consumed in order, so adding a user shifts the numbers
+    every later user gets: with ``generator`` and the global generator seeded from a secret (as
+    :func:`train_user_level` does), each user's draws are fresh independent randomness whatever its position, and
+    adding or removing a user changes no other user's distribution of gradients (DP-SGD's sensitivity argument);
+    seeded from a value the server knows, the clipped sum of a step could move by more than the clipping norm.
     """
     from torch.func import functional_call, grad_and_value, vmap
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -227,7 +232,9 @@ def train_user_level(
 ) -> tuple[StateDict, dict[str, Any]]:
     """DP-SGD from ``theta0`` on ``domain`` with per-user clipping (see the module docstring); the last weights.
 
-    ``seed`` drives dropout and sampled negatives; ``noise_seed`` the user sampling and the noise (None: OS entropy);
+    ``seed`` builds the training module (:meth:`SequentialFamily.training_module`); ``noise_seed`` the user
+    sampling, the noise, the dropout masks and the sampled negatives (None: OS entropy; the last two must be secret
+    as well, see :func:`per_user_gradients`);
     ``chunk_users``: users per vectorized gradient pass (None: :func:`chunk_users_for`; see
     :func:`per_user_gradients`; the negatives do not depend on it, with dropout the masks' numbers do, not their
     distribution). ``secure_mode``: opacus' floating-point-safe noise (see the module docstring); needs
@@ -255,6 +262,10 @@ def train_user_level(
     params = [p for p in module.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if family.proximal_mu else []
     secret = noise_generator_seed(noise_seed)
+    # dropout masks and sampled negatives are drawn user after user, so one user's presence shifts every later user's
+    # draws: they come from the secret too (secret + 2, + 3), never from the client's training seed, which the server
+    # knows (see per_user_gradients)
+    torch.manual_seed(secret + 3)
     sampler = UniformWithReplacementSampler(num_samples=len(users), sample_rate=settings.sample_rate,
                                             generator=torch.Generator().manual_seed(secret), steps=settings.steps)
     optimizer = DPOptimizer(
@@ -265,7 +276,7 @@ def train_user_level(
         # same noise_seed gives the same noise per device type, not across CPU and GPU
         generator=torch.Generator(device=features.device).manual_seed(secret + 1), secure_mode=secure_mode,
     )
-    negatives = torch.Generator().manual_seed(seed)
+    negatives = torch.Generator().manual_seed(secret + 2)
     start = time.perf_counter()
     batch_sizes, clipped, losses = [], 0, []
     module.train()
