@@ -1127,6 +1127,38 @@ def test_privacy_settings_that_do_not_do_what_they_seem_are_warned_about():
         "privacy.enabled is false: privacy.secure_mode is not used (no DP noise to draw)"]
     assert any("the joint model has no DP" in w for w in warned("privacy.enabled=true", "baselines.joint=true",
                                                                "privacy.noise_multiplier=1.0"))
+    # seeded DP noise: the server that hands out the scenario can subtract it (the ε shipped said nothing of it)
+    assert warned("privacy.enabled=true", "baselines.joint=false", "privacy.noise_multiplier=1.0",
+                  "privacy.noise_seed=7") == [
+        "privacy.noise_seed = 7: every client's DP noise and sampling follow from the scenario, so whoever knows it "
+        "(the server, which hands it out) can recompute and subtract the noise: the ε reported holds only against "
+        "parties that do not know the seed (reproducible studies; deployed nodes refuse it, set -1)"]
+
+
+def test_a_deployed_node_refuses_to_train_with_seeded_dp_noise(tmp_path):
+    """A deployed client noised its update with a seed the scenario fixed: the server could rebuild the generator and
+    recover the exact clipped update while the client reported ε. A data owner's node now refuses it."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedmerge.config import load_scenario
+    from fedmerge.data.generic import save_generic_domain
+    from fedmerge.errors import FedmergeError
+    from fedmerge.runners import protocol
+    from fedmerge.runners.client import ClientState
+    from fedmerge.runners.server import initial_weights
+
+    tiny = ["encoder.name=hashing", "data.synthetic.n_users=20", "data.synthetic.n_items=15", "model.params.hidden=8",
+            "model.params.n_layers=1", "model.params.max_epochs=1", "privacy.enabled=true", "baselines.joint=false",
+            "privacy.noise_multiplier=1.0", f"encoder.cache_dir={tmp_path / 'cache'}"]
+    cfg = load_scenario("quickstart", [*tiny, "privacy.noise_seed=7"])
+    folder = save_generic_domain(cfg.load_domain("synth-0"), tmp_path / "synth-0")
+    request = RecordDict({protocol.GLOBAL: protocol.to_record(initial_weights(cfg)), protocol.CONFIG: ConfigRecord(
+        {protocol.PHASE: protocol.PHASE_ONESHOT, protocol.ROUND: 0})})
+    with pytest.raises(FedmergeError, match=r"privacy.noise_seed = 7: this node refuses DP noise drawn from a seed"):
+        ClientState(cfg, data_path=str(folder)).handle(protocol.TRAIN, request)
+    assert protocol.WEIGHTS in ClientState(cfg, partition_id=0).handle(protocol.TRAIN, request).array_records
+    unseeded = load_scenario("quickstart", [*tiny, "privacy.noise_seed=-1"])
+    assert protocol.WEIGHTS in ClientState(unseeded, data_path=str(folder)).handle(protocol.TRAIN, request).array_records
 
 
 def test_every_dp_mechanism_draws_its_unseeded_noise_seed_one_way():

@@ -83,7 +83,7 @@ def check_user_level(cfg: Scenario) -> None:
 def privacy_setting_warnings(cfg: Scenario) -> list[str]:
     """Settings that load but do not do what they seem to (a results.json ``warnings`` line each): DP on with no
     noise (a clip-only run can be meant, so not refused), both ways of setting the noise given, noise or secure-mode
-    settings with DP off, and the pooled-data joint baseline beside a DP run."""
+    settings with DP off, seeded DP noise, and the pooled-data joint baseline beside a DP run."""
     privacy, lines = cfg.privacy, []
     if privacy.enabled and privacy.target_epsilon <= 0 and privacy.noise_multiplier == 0:
         lines.append("privacy.enabled with neither target_epsilon nor noise_multiplier: updates are clipped, not "
@@ -95,6 +95,11 @@ def privacy_setting_warnings(cfg: Scenario) -> list[str]:
         lines.append("privacy.enabled is false: privacy.target_epsilon / noise_multiplier are not used (no DP)")
     if not privacy.enabled and privacy.secure_mode:
         lines.append("privacy.enabled is false: privacy.secure_mode is not used (no DP noise to draw)")
+    if privacy.enabled and privacy.noise_seed >= 0:
+        lines.append(f"privacy.noise_seed = {privacy.noise_seed}: every client's DP noise and sampling follow from the "
+                     "scenario, so whoever knows it (the server, which hands it out) can recompute and subtract the "
+                     "noise: the ε reported holds only against parties that do not know the seed (reproducible "
+                     "studies; deployed nodes refuse it, set -1)")
     if privacy.enabled and cfg.baselines.joint:
         lines.append("baselines.joint pools the domains' private data: the joint model has no DP (set "
                      "baselines.joint = false in a private run)")

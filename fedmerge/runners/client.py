@@ -301,6 +301,7 @@ class ClientState:
     def __init__(self, cfg: Scenario, partition_id: int | None = None, data_path: str | None = None) -> None:
         self.cfg = cfg
         self.domain = load_client_domain(cfg, partition_id, data_path)
+        self.deployed = data_path is not None  # a data owner's node (not one process simulating every domain)
         self._features: torch.Tensor | None = None
         # kept between this client's releases, never sent (client_train's memory); the Flower ClientApp loads it
         # from and stores it in the node's context.state around each message
@@ -351,6 +352,10 @@ class ClientState:
         if not is_integer(round_index) or round_index < 0 or (round_index > 0) != fedavg:
             raise FedmergeError(f"train request of phase {phase!r} with round {round_index!r}: the one-shot round is "
                                 "0, FedAvg rounds are 1, 2, ...")
+        if self.cfg.privacy.enabled and self.deployed and self.cfg.privacy.noise_seed >= 0:
+            raise FedmergeError(f"privacy.noise_seed = {self.cfg.privacy.noise_seed}: this node refuses DP noise drawn "
+                                "from a seed the scenario fixes (whoever knows it, the server too, can subtract the "
+                                "noise); deploy with privacy.noise_seed = -1")
         if self.cfg.privacy.enabled:
             from fedmerge.privacy.client import releases_per_client
 
