@@ -125,6 +125,8 @@ def run_folder(
     out = Path(out_dir)
     lock_path = out / LOCK_FILE
     used_before = lock_path.exists()  # a fedmerge run held this folder: what --overwrite may delete
+    if not used_before and out.is_dir():  # before any lock file: one made (then removed) in a refused folder would
+        _refuse_foreign(out, earlier_entries(out))  # mark it a run's for a concurrent --overwrite
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -141,16 +143,20 @@ def run_folder(
                 f"run folder {out} is in use by another run (pid {holder}, lock {lock_path}); wait for it to finish "
                 "or choose another output folder"
             ) from None
+        try:
+            same = os.stat(lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # another process removed it after our open: our lock guards nothing a next run would see
+            raise FedmergeError(f"{lock_path} was replaced while this run locked it (another run took or refused the "
+                                "folder at the same moment); try again")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         earlier = earlier_entries(out)
-        listed = f"{', '.join(p.name for p in earlier[:5])}{', ...' if len(earlier) > 5 else ''}"
-        if earlier and not used_before:  # --resume too: its lock stayed, and a later --overwrite emptied the folder
+        listed = _listed(earlier)
+        if earlier and not used_before:  # files came between the check above and the lock
             lock_path.unlink(missing_ok=True)  # a refused folder stays as it was (the lock would mark it a run's)
-            raise FedmergeError(
-                f"{out} holds files no fedmerge run left ({listed}; it has no {LOCK_FILE}): choose another output "
-                "folder (--overwrite deletes only what an earlier run left there, --resume resumes only a run)"
-            )
+            _refuse_foreign(out, earlier)
         if earlier and set_aside:
             _move_aside(out, earlier)
         elif earlier and not resume:
@@ -169,6 +175,20 @@ def run_folder(
         yield out
     finally:
         os.close(fd)  # closing the only descriptor releases the flock
+
+
+def _listed(entries: list[Path]) -> str:
+    return f"{', '.join(p.name for p in entries[:5])}{', ...' if len(entries) > 5 else ''}"
+
+
+def _refuse_foreign(out: Path, entries: list[Path]) -> None:
+    """FedmergeError when ``out`` holds ``entries`` but no fedmerge run held it (no lock file): whatever the flags
+    (--resume too: its lock stayed, and a later --overwrite emptied the folder)."""
+    if entries:
+        raise FedmergeError(
+            f"{out} holds files no fedmerge run left ({_listed(entries)}; it has no {LOCK_FILE}): choose another "
+            "output folder (--overwrite deletes only what an earlier run left there, --resume resumes only a run)"
+        )
 
 
 def check_output_folder(path: str | Path, flag: str = "--out") -> None:

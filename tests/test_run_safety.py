@@ -440,3 +440,37 @@ def test_simulate_overwrite_never_deletes_the_scenarios_own_data_inside_out(cfg,
         run_seeds(apply_overrides(inside, ["run.seeds=[0, 1]"]), "inprocess", out, overwrite=True)
     assert sorted(p.name for p in (out / "data").iterdir()) == ["synth-0", "synth-1", "synth-2"]
     assert (out / "data" / "synth-0" / "interactions.csv").is_file() and (out / "results.json").is_file()
+
+
+def test_a_foreign_folder_is_refused_before_a_lock_file_is_made_so_no_concurrent_overwrite_empties_it(tmp_path, monkeypatch):
+    """A run refused a folder of user files only after creating .fedmerge.lock in it (then unlinked it): a second run
+    with --overwrite starting in that window saw the lock, took the folder for an earlier run's and emptied it. The
+    refusal now comes before any lock file exists; a run whose lock file was replaced while it locked stops."""
+    from fedmerge import storage
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("precious")
+    opened = []
+    real_open = storage.os.open
+    monkeypatch.setattr(storage.os, "open", lambda path, *a, **k: (opened.append(str(path)), real_open(path, *a, **k))[1])
+    for flags in ({}, {"overwrite": True}):
+        with pytest.raises(FedmergeError, match="holds files no fedmerge run left"):
+            with run_folder(home, **flags):
+                pass
+    assert str(home / LOCK_FILE) not in opened and sorted(p.name for p in home.iterdir()) == ["thesis.tex"]
+    # the lock file another process unlinks and makes anew between our open and our flock locks nothing
+    out = tmp_path / "run"
+    with run_folder(out):
+        pass
+    real_flock = storage.fcntl.flock
+
+    def replaced_then_flock(fd, operation):
+        (out / LOCK_FILE).unlink()
+        (out / LOCK_FILE).write_text("")
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(storage.fcntl, "flock", replaced_then_flock)
+    with pytest.raises(FedmergeError, match=r"was replaced while this run locked it"):
+        with run_folder(out):
+            pass
