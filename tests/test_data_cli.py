@@ -220,3 +220,30 @@ def test_a_local_source_folder_whose_name_has_a_colon(tmp_path, tiny_source, mon
     dest = tmp_path / "dest"
     assert main(["data", "download", "amazon", "--domains", "Tiny", "--dest", str(dest), "--source", "mirror:2024"]) == 0
     assert load_domain(dest / "Tiny").n_users == 3
+
+
+def test_synth_refuses_an_existing_domain_unless_overwrite(tmp_path, capsys):
+    """`data synth` replaced a folder holding the user's own items.jsonl / interactions.csv, exit 0."""
+    out = tmp_path / "synth"
+    flags = ["--domains", "2", "--users", "20", "--items", "10"]
+    own = out / "synth-1"
+    own.mkdir(parents=True)
+    (own / "items.jsonl").write_text('{"id": "mine", "title": "my own item"}\n')
+    (own / "interactions.csv").write_text("user,item,timestamp\nme,mine,1\n")
+    (own / "notes.txt").write_text("keep me")
+    assert main(["data", "synth", "--out", str(out), *flags, "--seed", "3"]) == 1
+    err = capsys.readouterr().err
+    assert str(own) in err and "items.jsonl" in err and "--overwrite" in err
+    assert (own / "items.jsonl").read_text() == '{"id": "mine", "title": "my own item"}\n'
+    assert not (out / "synth-0").exists()  # refused before writing any domain
+    assert main(["data", "synth", "--out", str(out), *flags, "--seed", "3", "--overwrite"]) == 0
+    expected = make_synthetic_domains(n_domains=2, n_users=20, n_items=10, seed=3)
+    for domain in expected:
+        loaded = load_domain(out / domain.name)
+        assert loaded.catalog == domain.catalog and np.array_equal(loaded.test_target, domain.test_target)
+    assert (own / "notes.txt").read_text() == "keep me"  # only the domain's own files are replaced
+    # a folder holding an Amazon-format domain is refused even with --overwrite: the generic files would not be read
+    (out / "synth-0" / "train.json").write_text("{}")
+    assert main(["data", "synth", "--out", str(out), *flags, "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert str(out / "synth-0") in err and "train.json" in err and "Amazon" in err

@@ -119,3 +119,36 @@ def test_the_split_commands_in_the_scenario_file_make_its_domains(amazon_dir, tm
     cfg = load_scenario("amazon-8", [f"data.root={tmp_path}"])
     sizes = {name: cfg.load_domain(name).n_users for name in cfg.data.domain_names()}
     assert min(sizes.values()) > 3000, sizes
+
+
+def test_split_refuses_existing_output_and_overwrite_removes_only_its_own_stale_groups(shop, tmp_path, caplog,
+                                                                                        capsys):
+    """A second split into the same --out replaced the sub-domains silently, and one with fewer --groups left the
+    earlier split's `Shop-2/` beside the new ones."""
+    source = save_generic_domain(shop, tmp_path / "Shop")
+    out = tmp_path / "out"
+    split = ["data", "split", str(source), "--by", "category", "--words", "2", "--out", str(out)]
+    assert main([*split, "--groups", "3"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["Shop-0", "Shop-1", "Shop-2"]
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert main([*split, "--groups", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and str(out / "Shop-0") in err and "items.jsonl" in err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before  # nothing written
+
+    caplog.clear()
+    assert main([*split, "--groups", "2", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["Shop-0", "Shop-1"]  # the stale Shop-2 removed
+    assert str(out / "Shop-2") in caplog.text
+    expected, _ = split_domain(load_domain(source), "category", groups=2, words=2)
+    for sub in expected:
+        assert load_domain(out / sub.name).catalog == sub.catalog
+    assert json.loads((out / "Shop-split.json").read_text())["groups"] == 2
+
+    # a stale group folder holding anything else than what the split wrote is left in place, with a warning
+    assert main([*split, "--groups", "3", "--overwrite"]) == 0
+    (out / "Shop-2" / "notes.txt").write_text("mine")
+    caplog.clear()
+    assert main([*split, "--groups", "2", "--overwrite"]) == 0
+    assert (out / "Shop-2" / "notes.txt").read_text() == "mine" and (out / "Shop-2" / "items.jsonl").exists()
+    assert "Shop-2" in caplog.text and "left in place" in caplog.text

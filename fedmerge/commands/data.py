@@ -10,6 +10,7 @@ from pathlib import Path
 from fedmerge.commands import seed
 from fedmerge.data import load_domain, save_generic_domain
 from fedmerge.data.download import AMAZON_SHA256, DEFAULT_AMAZON_SOURCE, download_amazon
+from fedmerge.data.generic import check_domain_output
 from fedmerge.data.split import save_split
 from fedmerge.data.synthetic import SYNTHETIC_SIZES, make_synthetic_domains
 from fedmerge.storage import check_output_folder
@@ -56,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         synth.add_argument(f"--{flag}", type=int, default=None,
                            help=f"default {SYNTHETIC_SIZES[key]} (or the scenario's data.synthetic.{key})")
     synth.add_argument("--seed", type=seed, default=None, help="an integer >= 0; default 0 (or the scenario's run.seed)")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace the files of domains already in --out (refused otherwise)")
     synth.set_defaults(func=run_synth)
 
     split = actions.add_parser("split", help="split a domain into sub-domains by a public catalog field "
@@ -70,6 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="pack the values into N sub-domains balanced by interactions (default 0: one per value)")
     split.add_argument("--min-users", type=int, default=1, help="drop sub-domains with fewer users (default 1)")
     split.add_argument("--name", help="domain name (default: folder / tarball stem)")
+    split.add_argument("--overwrite", action="store_true",
+                       help="replace sub-domains and a manifest already in --out (refused otherwise), and remove the "
+                       "earlier split's sub-domains this one does not make")
     split.set_defaults(func=run_split)
 
 
@@ -109,6 +115,7 @@ def run_synth(args: argparse.Namespace) -> int:
     sizes.update(given)
     check_output_folder(args.out)
     domains = make_synthetic_domains(**sizes, seed=seed if args.seed is None else args.seed)
+    check_domain_output([args.out / domain.name for domain in domains], args.overwrite)
     for domain in domains:
         print(save_generic_domain(domain, args.out / domain.name))
     return 0
@@ -117,7 +124,8 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_split(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     domain = load_domain(args.path, args.name)
-    manifest = save_split(domain, args.by, args.out, args.groups, args.words, args.min_users, source=str(args.path))
+    manifest = save_split(domain, args.by, args.out, args.groups, args.words, args.min_users, source=str(args.path),
+                          overwrite=args.overwrite)
     for row in manifest:
         status = "dropped" if row.get("dropped") else str(args.out / row["name"])
         print(f"{row['name']}\t{row['users']} users\t{row['items']} items\t{status}")

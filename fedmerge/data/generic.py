@@ -280,6 +280,36 @@ def load_generic_domain(
                                dropped_users=len(user_ids) - len(groups))
 
 
+AMAZON_MARKERS = ("train.json", "smap.json")  # what makes load_domain read a folder as an Amazon domain
+
+
+def check_domain_output(folders: Sequence[str | Path], overwrite: bool = False, files: Sequence[str | Path] = ()) -> None:
+    """Before generic-format domains are written into ``folders`` (and the other output ``files``): a DataError
+    naming each folder that already holds a domain's files (``items.jsonl``, ``interactions.csv``) and each of
+    ``files`` that exists, unless ``overwrite`` (they are replaced then, with a warning; other files in the folders
+    are left as they are). A folder that is a file, or holds an Amazon-format domain (``train.json``/``smap.json``:
+    the generic files written beside them would never be read), is refused whatever ``overwrite``."""
+    held = []
+    for folder in map(Path, folders):
+        if not folder.exists() and not folder.is_symlink():
+            continue
+        if not folder.is_dir():
+            raise DataError(f"{folder} exists and is not a folder: a domain cannot be written there")
+        amazon = [name for name in AMAZON_MARKERS if (folder / name).exists()]
+        if amazon:
+            raise DataError(f"{folder} holds an Amazon-format domain ({', '.join(amazon)}): a generic-format domain "
+                            "written there would not be read; choose another --out")
+        present = [name for name in (ITEMS_FILE, INTERACTIONS_FILE) if (folder / name).exists()]
+        if present:
+            held.append(f"{folder} ({', '.join(present)})")
+    held += [str(path) for path in map(Path, files) if path.exists()]
+    if held and not overwrite:
+        raise DataError(f"already written: {'; '.join(held)}; pass --overwrite to replace them, or choose another "
+                        "--out")
+    for entry in held:
+        logger.warning("--overwrite: replacing %s", entry)
+
+
 def save_generic_domain(domain: Domain, folder: str | Path) -> Path:
     """Write ``domain`` (train + val + test, timestamps = positions) in the generic format; returns the folder.
 

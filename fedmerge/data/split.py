@@ -22,6 +22,8 @@ next to the folders.
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,13 @@ import logging
 import numpy as np
 
 from fedmerge.data.domain import Domain, ItemCatalog
-from fedmerge.data.generic import save_generic_domain, split_leave_one_out
+from fedmerge.data.generic import (
+    INTERACTIONS_FILE,
+    ITEMS_FILE,
+    check_domain_output,
+    save_generic_domain,
+    split_leave_one_out,
+)
 from fedmerge.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -126,17 +134,64 @@ def split_domain(
 
 
 def save_split(
-    domain: Domain, field: str, out: Path, groups: int = 0, words: int = 0, min_users: int = 1, source: str = ""
+    domain: Domain, field: str, out: Path, groups: int = 0, words: int = 0, min_users: int = 1, source: str = "",
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """:func:`split_domain`, each kept sub-domain saved as ``out/<name>/`` (generic format) and the manifest as
     ``out/<domain>-split.json`` (with the split's settings and ``source``, where the domain was read); returns the
-    manifest's rows."""
+    manifest's rows.
+
+    Sub-domain folders already holding a domain's files, or an existing manifest, are refused (nothing is written)
+    unless ``overwrite``. Then a folder ``<domain>-<k>/`` that this split does not write is a stale sub-domain of
+    an earlier split: it is removed when the earlier manifest lists it as written and it holds nothing but the
+    two files the split wrote there; any other such folder is left in place, with a warning naming it."""
     from fedmerge.storage import write_json_atomic
 
     subdomains, manifest = split_domain(domain, field, groups, words, min_users)
+    manifest_path = out / f"{domain.name}-split.json"
+    check_domain_output([out / sub.name for sub in subdomains], overwrite, files=[manifest_path])
+    earlier = earlier_split_groups(manifest_path)  # read before the new manifest replaces it
     for sub in subdomains:
         save_generic_domain(sub, out / sub.name)
-    write_json_atomic(out / f"{domain.name}-split.json", {
+    write_json_atomic(manifest_path, {
         "source": source, "domain": domain.name, "field": field, "words": words, "groups": groups,
         "min_users": min_users, "subdomains": manifest})
+    remove_stale_groups(out, domain.name, {sub.name for sub in subdomains}, earlier)
     return manifest
+
+
+def earlier_split_groups(manifest_path: Path) -> set[str]:
+    """The sub-domains an earlier split's manifest lists as written (not dropped); empty when there is none or it
+    cannot be read."""
+    if not manifest_path.is_file():
+        return set()
+    try:
+        rows = json.loads(manifest_path.read_text(encoding="utf-8"))["subdomains"]
+        return {row["name"] for row in rows if not row.get("dropped")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("%s cannot be read (%s): no folder of the earlier split is removed", manifest_path, exc)
+        return set()
+
+
+def remove_stale_groups(out: Path, name: str, kept: set[str], earlier: set[str]) -> None:
+    """Remove each folder ``out/<name>-<k>/`` outside ``kept`` that the earlier split wrote (listed in ``earlier``,
+    holding only regular ``items.jsonl``/``interactions.csv`` files); warn about any other such folder."""
+    pattern = re.compile(re.escape(name) + r"-\d+")
+    for folder in sorted(out.iterdir()):
+        if folder.name in kept or not pattern.fullmatch(folder.name) or not folder.is_dir():
+            continue
+        entries = sorted(folder.iterdir())
+        foreign = [p.name for p in entries if p.name not in (ITEMS_FILE, INTERACTIONS_FILE) or p.is_symlink()
+                   or not p.is_file()]
+        if folder.name in earlier and not folder.is_symlink() and not foreign:
+            for entry in entries:
+                entry.unlink()
+            folder.rmdir()
+            logger.warning("removed %s: a sub-domain of the earlier split of %r that this split does not make",
+                           folder, name)
+            continue
+        why = ("it is a link" if folder.is_symlink()
+               else f"the earlier {name}-split.json does not list it" if folder.name not in earlier
+               else f"it holds files the split did not write: {foreign[:5]}")
+        logger.warning("%s is not a sub-domain of this split of %r but left in place (%s): remove it if no scenario "
+                       "should read it as a domain", folder, name, why)
