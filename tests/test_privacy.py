@@ -617,6 +617,39 @@ def test_privacy_run_end_to_end(tiny_scenario, tmp_path, capsys):
     assert f"{out} already holds attack scores of an earlier study" in capsys.readouterr().err
 
 
+def test_privacy_run_refuses_an_earlier_studys_files_unless_resume_or_overwrite(tiny_scenario, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """`privacy run` replaced an earlier study's privacy.json without --overwrite (its help says "refused
+    otherwise"), while `privacy pool` refused the same folder."""
+    import json
+
+    import fedmerge.privacy.study as study_module
+    from fedmerge.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = '{"study": "an earlier study of other epsilons"}'
+    (out / "privacy.json").write_text(earlier)
+    swept = []
+    monkeypatch.setattr(study_module, "utility_sweep",
+                        lambda cfg, study, out_dir, overwrite=False, resume=False: swept.append((overwrite, resume)) or [])
+    command = ["privacy", "run", "--scenario", str(tiny_scenario), "--out", str(out), "--only", "utility"]
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert f"{out} already holds privacy.json" in err and "--resume" in err and "--overwrite" in err
+    assert swept == [] and (out / "privacy.json").read_text() == earlier
+    (out / "privacy.json").unlink()
+    (out / "privacy.png").write_bytes(b"an earlier study's figure")
+    assert main(command) == 1  # any of the study's three files
+    assert f"{out} already holds privacy.png" in capsys.readouterr().err
+    assert main([*command, "--resume"]) == 0 and swept == [(False, True)]
+    assert main([*command, "--overwrite"]) == 0 and swept[-1] == (True, False)
+    assert json.loads((out / "privacy.json").read_text())["utility"] == []
+    # pool gives the same refusal, with its own advice
+    assert main(["privacy", "pool", str(out / "privacy.json"), "--out", str(out)]) == 1
+    assert f"{out} already holds privacy.json, privacy.png" in capsys.readouterr().err
+
+
 def test_privacy_run_resume_keeps_what_an_interrupted_study_finished(tiny_scenario, tmp_path, monkeypatch, capsys):
     """An interrupted study (a cell's run unfinished, no privacy.json) resumed: only that run trains again, the attack
     scores are read back, and privacy.json is the uninterrupted study's; other attack settings re-run the attacks

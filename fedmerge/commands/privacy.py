@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                      help="override a scenario key, e.g. privacy.clip_norm=0.5 or privacy_study.units=['user']")
     run.add_argument("--overwrite", action="store_true",
-                     help="replace the runs an earlier study left in --out (refused otherwise)")
+                     help="replace the runs, attack scores and privacy.json/.md/.png an earlier study left in "
+                          "--out (refused otherwise)")
     run.add_argument("--resume", action="store_true",
                      help="keep what an earlier, interrupted run of this study finished in --out (complete runs and "
                           "attack scores of the same configuration) and run the rest; a complete run of another "

@@ -876,10 +876,8 @@ def write_pooled_study(paths: Sequence[Path], out_dir: Path, overwrite: bool = F
     import json
 
     check_output_folder(out_dir)
-    existing = [name for name in ("privacy.json", "privacy.md", "privacy.png") if (Path(out_dir) / name).exists()]
-    if existing and not overwrite:
-        raise FedmergeError(f"{out_dir} already holds {', '.join(existing)} (a study's own results?): pool into "
-                            "another --out, or replace them with --overwrite")
+    if not overwrite:
+        check_no_earlier_study(out_dir, "pool into another --out, or replace them with --overwrite")
 
     studies = []
     for path in paths:
@@ -890,6 +888,17 @@ def write_pooled_study(paths: Sequence[Path], out_dir: Path, overwrite: bool = F
     pooled = pool_studies(studies, [str(p) for p in paths])
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_study(out_dir, pooled, settings_from_mapping(pooled["study"]), Scenario.from_mapping(pooled["scenario"]))
+
+
+STUDY_FILES = ("privacy.json", "privacy.md", "privacy.png")  # what write_study writes
+
+
+def check_no_earlier_study(out_dir: Path, advice: str) -> None:
+    """FedmergeError naming the :data:`STUDY_FILES` an earlier study (or pool) left in ``out_dir``, with ``advice``
+    (the flags that keep or replace them): what ``privacy run`` and ``privacy pool`` refuse to replace silently."""
+    existing = [name for name in STUDY_FILES if (Path(out_dir) / name).exists()]
+    if existing:
+        raise FedmergeError(f"{out_dir} already holds {', '.join(existing)} (an earlier study's results): {advice}")
 
 
 def write_study(out_dir: Path, record: Mapping[str, Any], study: PrivacyStudySettings, cfg: Scenario) -> str:
@@ -948,7 +957,8 @@ def study_warnings(cfg: Scenario, study: PrivacyStudySettings, probe: Mapping[st
 def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwrite: bool = False,
               resume: bool = False, part: str = "all") -> str:
     """The whole study into ``out_dir`` (see the module docstring; ``overwrite``: replace an earlier study's run
-    folders there; ``resume``: keep what an earlier run of this study finished there); returns the markdown table.
+    folders, attack files and privacy.json/.md/.png there, refused otherwise; ``resume``: keep what an earlier run
+    of this study finished there); returns the markdown table.
     ``part="utility"`` or ``"attacks"`` runs that half only (its run folders or attack files, nothing else) and
     returns a line saying what it wrote; a later ``resume`` run of the whole study reads them back."""
     from fedmerge.privacy.client import releases_per_client
@@ -961,6 +971,9 @@ def run_study(cfg: Scenario, study: PrivacyStudySettings, out_dir: Path, overwri
     check_noise_reaches(cfg, study)
     if part != "utility" and not resume and not overwrite:
         check_no_earlier_attacks(out_dir, study)
+    if part != "attacks" and not resume and not overwrite:  # privacy.json is written from the utility half on
+        check_no_earlier_study(out_dir, "--resume continues that study, --overwrite replaces it, or choose another "
+                               "--out")
     from fedmerge.runners.client import reusing_updates
 
     out_dir.mkdir(parents=True, exist_ok=True)
