@@ -27,6 +27,25 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_finite_float(value: Any) -> bool:
+    """:func:`is_number` and finite as a float (an integer too large for a float, such as 10**400, is not)."""
+    if not is_number(value):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+# the largest Recall@K / NDCG@K cut-off K: the metrics build a table of K + 1 gains (8 MB at the bound)
+MAX_CUTOFF = 1_000_000
+
+
+def too_large_cutoffs(ks: collections.abc.Iterable[Any]) -> list[Any]:
+    """The integer cut-offs of ``ks`` above :data:`MAX_CUTOFF` (which a metric could not allocate)."""
+    return [k for k in ks if is_integer(k) and k > MAX_CUTOFF]
+
+
 # a value's expected type in words, for the messages that refuse it
 TYPE_WORDS: dict[Any, str] = {bool: "true or false", float: "a number", int: "an integer", str: "a string",
                               list: "a list", dict: "a table", type(None): "None"}

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedmerge.checks import TYPE_WORDS, is_finite_number, is_integer, is_number
+from fedmerge.checks import MAX_CUTOFF, TYPE_WORDS, is_finite_number, is_integer, is_number, too_large_cutoffs
 from fedmerge.data.synthetic import SYNTHETIC_SIZES, check_synthetic_sizes
 from fedmerge.errors import FedmergeError
 from fedmerge.paths import REPO_ROOT
@@ -425,6 +425,8 @@ def validate(cfg: Scenario) -> None:
     ks = list(cfg.eval.ks)
     if not ks or not all(is_integer(k) and k > 0 for k in ks):
         raise FedmergeError(f"eval.ks must be a non-empty list of positive integers (e.g. [10, 20]), got {ks!r}")
+    if too_large_cutoffs(ks):  # a model card of the run would be refused, and the metrics cannot allocate K gains
+        raise FedmergeError(f"eval.ks {too_large_cutoffs(ks)} exceed the largest cut-off {MAX_CUTOFF}")
     check_metric_name("eval.primary", cfg.eval.primary, ks)
     _validate_before_training(cfg, mergerec)
     _refuse_non_finite(cfg.to_mapping())

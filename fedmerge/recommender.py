@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from fedmerge.checks import TYPE_WORDS, is_finite_number, is_integer
+from fedmerge.checks import MAX_CUTOFF, TYPE_WORDS, is_finite_float, is_integer, too_large_cutoffs
 from fedmerge.data.domain import SPLITS
 from fedmerge.errors import DataError, FedmergeError
 from fedmerge.scenario import EncoderSettings, Scenario
@@ -201,11 +201,22 @@ def read_card(weights_path: str | Path) -> dict[str, Any]:
 
 
 def _finite_values(value: Any) -> bool:
-    """A finite number, or (nested) lists of them: a local parameter as :func:`~fedmerge.merging.local_parameters.
-    card_values` writes it."""
+    """A number finite as a float, or (nested) lists of them: a local parameter as
+    :func:`~fedmerge.merging.local_parameters.card_values` writes it."""
     if isinstance(value, list):
         return all(_finite_values(v) for v in value)
-    return is_finite_number(value)
+    return is_finite_float(value)
+
+
+def _rectangular(value: Any) -> bool:
+    """Whether nested lists ``value`` have one length per depth (a tensor's shape); a number is."""
+    def shape(v: Any) -> tuple[int, ...] | None:
+        if not isinstance(v, list):
+            return ()
+        inner = {shape(item) for item in v}
+        return None if None in inner or len(inner) > 1 else (len(v), *next(iter(inner), ()))
+
+    return shape(value) is not None
 
 
 def card_problems(card: Mapping[str, Any]) -> list[str]:
@@ -227,6 +238,8 @@ def card_problems(card: Mapping[str, Any]) -> list[str]:
     ks = card["eval"].get("ks") if isinstance(card.get("eval"), dict) else None
     if ks is not None and not (isinstance(ks, list) and ks and all(is_integer(k) and k >= 1 for k in ks)):
         problems.append(f"'eval.ks' must be a non-empty list of positive integers, got {ks!r}")
+    elif ks is not None and too_large_cutoffs(ks):
+        problems.append(f"'eval.ks' {too_large_cutoffs(ks)} exceed the largest cut-off {MAX_CUTOFF}")
     metrics = card.get("metrics", {})
     if isinstance(metrics, dict) and not all(isinstance(m, dict) for m in metrics.values()):
         problems.append(f"'metrics' must map each domain to its {{metric: value}}, got {metrics!r}")
@@ -236,7 +249,13 @@ def card_problems(card: Mapping[str, Any]) -> list[str]:
     else:
         bad = [f"{d}.{n}" for d, values in local.items() for n, v in values.items() if not _finite_values(v)]
         if bad:
-            problems.append(f"'local_parameters' {bad} are not finite numbers")
+            problems.append(f"'local_parameters' {bad} are not finite numbers (each a number or nested lists of "
+                            "numbers, within a float's range)")
+        ragged = [f"{d}.{n}" for d, values in local.items() for n, v in values.items()
+                  if _finite_values(v) and not _rectangular(v)]
+        if ragged:
+            problems.append(f"'local_parameters' {ragged} are ragged: the nested lists of one weight need one "
+                            "length per depth (the weight's shape)")
     return problems
 
 
@@ -493,8 +512,14 @@ class LoadedRecommender:
         if values is None:
             return self
         card = {**self.card, "local_parameters": {}, "served_as": name}  # fixed now: evaluate applies nothing more
-        return LoadedRecommender(self.path, card, self.family, with_values(self.weights, from_card(values, self.weights)),
-                                 self.encoder, self.cache_dir)
+        weights = self.weights
+        for weight, value in values.items():  # one at a time, so that an error names its field
+            try:
+                weights = with_values(weights, from_card({weight: value}, weights))
+            except FedmergeError as exc:  # a name, shape or value that does not fit this model's weights
+                raise DataError(f"model card {card_path(self.path)}: 'local_parameters.{name}.{weight}': {exc}") \
+                    from None
+        return LoadedRecommender(self.path, card, self.family, weights, self.encoder, self.cache_dir)
 
     def served_as(self, name: str) -> LoadedRecommender:
         """:meth:`for_domain`, refused (listing the card's domains) when the card holds no local parameters of
@@ -532,6 +557,8 @@ class LoadedRecommender:
         ks = None if ks is None else tuple(ks) if isinstance(ks, Iterable) else (ks,)
         if ks is not None and (not ks or not all(is_integer(k) and k >= 1 for k in ks)):
             raise FedmergeError(f"ks must be a non-empty list of positive integers, got {list(ks)!r}")
+        if ks is not None and too_large_cutoffs(ks):
+            raise FedmergeError(f"ks {too_large_cutoffs(ks)} exceed the largest cut-off {MAX_CUTOFF}")
         split = split or self.default_split
         if split not in SPLITS:
             raise FedmergeError(f"split must be 'test' or 'val', got {split!r}")

@@ -401,6 +401,59 @@ def test_a_malformed_card_is_a_data_error_naming_the_field(saved_copy, changes, 
         load_recommender(saved_copy)
 
 
+@pytest.mark.parametrize(("changes", "message"), [
+    # torch: "expected sequence of length 1 at dim 1 (got 2)"
+    ({"local_parameters": {"synth-0": {"final_norm.bias": [[1.0], [1.0, 2.0]]}}},
+     r"ties.json: 'local_parameters' \['synth-0.final_norm.bias'\] are ragged"),
+    # torch: "int too large to convert to float"
+    ({"local_parameters": {"synth-0": {"final_norm.bias": 10**400}}},
+     r"ties.json: 'local_parameters' \['synth-0.final_norm.bias'\] are not finite"),
+    # numpy: "Maximum allowed size exceeded"
+    ({"eval": {"split": "test", "ks": [10, 10**30]}}, r"ties.json: 'eval.ks' \[10{30}\] exceed the largest cut-off"),
+])
+def test_card_values_torch_or_numpy_cannot_take_are_data_errors_naming_the_field(saved_copy, run, changes, message):
+    """These passed the card check and failed in evaluate / recommend with torch's or numpy's message, naming no
+    card or field."""
+    cfg, _, _, folders = run
+    _edit_card(saved_copy, **changes)
+    with pytest.raises(DataError, match=message):
+        load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir).evaluate(folders["synth-0"])
+
+
+def test_local_parameters_that_do_not_fit_the_model_name_the_card(saved_copy, run):
+    """A name the model lacks, a shape or a value its dtype cannot hold (1e300 in float32 became inf) were refused
+    or taken without naming the card and field."""
+    cfg, _, _, folders = run
+    model = load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir)
+    width = model.weights["final_norm.bias"].numel()
+    field = r"ties.json: 'local_parameters.synth-0.final_norm.bias'"
+    for value, message in (([1e300] * width, f"{field}: .*not finite as torch.float32"),
+                           ([1.0] * (width + 1), f"{field}: .*value of shape \\({width + 1},\\)")):
+        _edit_card(saved_copy, local_parameters={"synth-0": {"final_norm.bias": value}})
+        with pytest.raises(DataError, match=message):
+            load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir).evaluate(folders["synth-0"])
+    _edit_card(saved_copy, local_parameters={"synth-0": {"nope": 1.0}})
+    with pytest.raises(DataError, match=r"ties.json: 'local_parameters.synth-0.nope': .*not a weight of the model"):
+        load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir).for_domain("synth-0")
+
+
+def test_a_cut_off_beyond_the_bound_is_refused_by_evaluate_and_the_scenario(saved_copy, run, capsys):
+    from fedmerge.checks import MAX_CUTOFF
+    from fedmerge.config import load_scenario
+
+    cfg, _, _, folders = run
+    model = load_recommender(saved_copy, cache_dir=cfg.encoder.cache_dir)
+    with pytest.raises(FedmergeError, match=f"ks \\[{MAX_CUTOFF + 1}\\] exceed the largest cut-off {MAX_CUTOFF}"):
+        model.evaluate(folders["synth-0"], ks=[5, MAX_CUTOFF + 1])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--model", str(saved_copy), "--data", str(folders["synth-0"]), "--ks", f"5,{10**30}"])
+    assert exit_info.value.code == 2
+    assert f"the largest cut-off is {MAX_CUTOFF}" in capsys.readouterr().err
+    with pytest.raises(FedmergeError, match=f"eval.ks \\[{10**30}\\] exceed the largest cut-off {MAX_CUTOFF}"):
+        load_scenario("quickstart", [f"eval.ks=[10, {10**30}]"])
+    assert f"recall@{MAX_CUTOFF}" in model.evaluate(folders["synth-0"], ks=[MAX_CUTOFF])  # the bound itself runs
+
+
 def test_scoring_uses_the_encoder_given_to_load(saved_copy, unseen_catalog, tmp_path):
     """The encoder passed to load_recommender (same identity as the card's) is the one that encodes catalogs."""
     card = json.loads(card_path(saved_copy).read_text())

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fedmerge.checks import MAX_CUTOFF, too_large_cutoffs
 from fedmerge.commands.recommend import add_saved_model_options, load_saved_model
 from fedmerge.data.domain import SPLITS
 
@@ -35,6 +36,8 @@ def cutoffs(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected cut-offs like 5,10,20, got {text!r}") from None
     if not all(k >= 1 for k in ks):
         raise argparse.ArgumentTypeError(f"every cut-off K must be >= 1, got {text!r}")
+    if too_large_cutoffs(ks):
+        raise argparse.ArgumentTypeError(f"the largest cut-off is {MAX_CUTOFF}, got {text!r}")
     return ks
 
 

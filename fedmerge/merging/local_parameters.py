@@ -134,11 +134,21 @@ def card_values(per_domain: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[st
 
 
 def from_card(values: Mapping[str, object], weights: StateDict) -> dict[str, torch.Tensor]:
-    """One domain's card entry as tensors typed like ``weights``' (refused when a name is not a weight of the model;
-    :func:`with_values` refuses a shape that differs)."""
+    """One domain's card entry as tensors typed like ``weights``' (refused when a name is not a weight of the model,
+    or a value is no number or rectangular lists of numbers, or not finite in the weight's dtype; :func:`with_values`
+    refuses a shape that differs)."""
     out = {}
     for name, value in values.items():
         if name not in weights:
             raise FedmergeError(f"the card's local parameter {name!r} is not a weight of the model")
-        out[name] = torch.tensor(value, dtype=weights[name].dtype)
+        dtype = weights[name].dtype
+        try:
+            tensor = torch.tensor(value, dtype=dtype)
+        except (TypeError, ValueError, OverflowError, RuntimeError) as exc:  # ragged lists, 10**400, a string
+            raise FedmergeError(f"the card's local parameter {name!r} is not a number or rectangular nested lists "
+                                f"of numbers: {exc}") from None
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FedmergeError(f"the card's local parameter {name!r} is not finite as {dtype} (whose values lie "
+                                f"within ±{torch.finfo(dtype).max:.4g})")
+        out[name] = tensor
     return out
