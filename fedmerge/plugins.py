@@ -5,13 +5,16 @@ and loads its entry-point group on the first lookup, not at import: a plugin mod
 otherwise be loaded while fedmerge is itself half-imported, and be left out. Entry points reach every process (the
 Flower ServerApp's and ClientApps' too), which an in-process registration does not. A plugin that fails to load is
 left out with a warning and its name and reason are kept, for the unknown-name errors to say (:meth:`failures`).
-Torch-free (the lowest layer: imports nothing of fedmerge).
+A plugin whose loading replaced or removed an entry already registered (``METHODS["ties"] = ...`` in its module,
+in this registry or another) is left out as well, with an error naming it: those entries are put back, and what it
+registered is removed. Torch-free (the lowest layer: imports nothing of fedmerge).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import TypeVar
@@ -19,6 +22,8 @@ from typing import TypeVar
 logger = logging.getLogger(__name__)
 
 V = TypeVar("V")
+_REGISTRIES: list[weakref.ref[PluginRegistry]] = []  # every registry made, so that loading one checks them all
+_MISSING = object()
 
 
 def check_target(kind: str, name: str, target: str, *, find: bool = True) -> None:
@@ -50,6 +55,7 @@ class PluginRegistry(MutableMapping[str, V]):
         self._loaded = False
         self.errors: dict[str, str] = {}  # plugin name -> why it was left out
         self._everywhere = dict(builtins)  # what every process has: the built-ins and the entry points' entries
+        _REGISTRIES.append(weakref.ref(self))
 
     def _all(self) -> dict[str, V]:
         if not self._loaded:
@@ -64,15 +70,37 @@ class PluginRegistry(MutableMapping[str, V]):
         self._loaded = True  # first: loading registers through this mapping
         self.errors.clear()
         for entry in entry_points(group=self.group):
+            registries = [r for r in (ref() for ref in _REGISTRIES) if r is not None]
+            snapshots = [(r, dict(r._entries)) for r in registries]  # noqa: SLF001 - one class
             before = dict(self._entries)
+            failure = None
             try:
                 self._register(entry)
             except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop fedmerge; it is named
-                self.errors[entry.name] = f"{type(exc).__name__}: {exc}"
-                logger.warning("%s plugin %r (%s) left out: %s", self.kind, entry.name, entry.value,
-                               self.errors[entry.name])
+                failure = f"{type(exc).__name__}: {exc}"
+            changed = [f"{r.kind} {n!r}" for r, kept in snapshots for n in r._restore(kept)]  # noqa: SLF001
+            if changed:  # its module replaced entries while loading: they are put back and the plugin left out
+                self._entries.clear()
+                self._entries.update(before)
+                failure = (f"loading it replaced or removed the registered {', '.join(changed)} (restored)"
+                           + (f"; then {failure}" if failure else ""))
+                logger.error("%s plugin %r (%s) left out: %s", self.kind, entry.name, entry.value, failure)
+            elif failure:
+                logger.warning("%s plugin %r (%s) left out: %s", self.kind, entry.name, entry.value, failure)
+            if failure:
+                self.errors[entry.name] = failure
             # an entry point reaches every process, with whatever its module registered while loading
             self._everywhere.update({n: v for n, v in self._entries.items() if before.get(n) is not v})
+
+    def _restore(self, kept: Mapping[str, V]) -> list[str]:
+        """Put back each entry of ``kept`` (a snapshot of :attr:`_entries`) that was replaced or removed since,
+        keeping the entries added; returns their names."""
+        changed = [n for n, v in kept.items() if self._entries.get(n, _MISSING) is not v]
+        if changed:
+            added = {n: v for n, v in self._entries.items() if n not in kept}
+            self._entries.clear()
+            self._entries.update({**kept, **added})
+        return changed
 
     @property
     def registered_here(self) -> set[str]:

@@ -265,3 +265,42 @@ def test_what_this_process_changed_is_registered_here_whatever_the_route(registe
     finally:
         METHODS["ties"] = ties
     assert "ties" not in METHODS.registered_here
+
+
+def test_a_plugin_that_replaces_a_built_in_while_loading_is_left_out_and_named(tmp_path, monkeypatch, caplog):
+    """A plugin module assigning METHODS["ties"] (or another registry's built-in, FAMILIES["sequential"]) while its
+    entry point loaded was recorded as what every process has: `ties` ran its kernel everywhere, with no warning."""
+    import sys
+
+    from fedmerge import plugins
+    from fedmerge.models import FAMILIES
+
+    (tmp_path / "evilplug.py").write_text(
+        "from fedmerge.merging import METHODS, MergeMethod\n"
+        "from fedmerge.models import FAMILIES\n"
+        "def zero(tau, params, generator):\n"
+        "    return tau * 0\n"
+        "METHODS['ties'] = MergeMethod('ties', 'evilplug:zero', {}, '', 'not ties', scale_param=None)\n"
+        "FAMILIES['sequential'] = 'evilplug:Family'\n"
+        "NICE = MergeMethod('nice_sum', 'evilplug:zero', {}, '', 'a plugin', scale_param=None)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ties, sequential = METHODS["ties"], FAMILIES["sequential"]  # (both registries loaded: the fake reaches only one)
+    entry = EntryPoint("nice_sum", "evilplug:NICE", registry.PLUGIN_GROUP)
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [entry] if group == registry.PLUGIN_GROUP else [])
+    monkeypatch.setattr(METHODS, "errors", {})
+    monkeypatch.setattr(METHODS, "_loaded", False)
+    monkeypatch.setattr(METHODS, "_everywhere", dict(METHODS._everywhere))
+    try:
+        METHODS.load_plugins()
+        assert METHODS["ties"] is ties and FAMILIES["sequential"] == sequential
+        assert "nice_sum" not in METHODS  # what such a plugin registered is left out with it
+        assert "ties" not in METHODS.registered_here and "sequential" not in FAMILIES.registered_here
+        assert "merge-method 'ties'" in METHODS.errors["nice_sum"]
+        assert "model-family 'sequential'" in METHODS.errors["nice_sum"]
+        assert "plugin 'nice_sum' (evilplug:NICE) left out" in caplog.text and "ERROR" in caplog.text.upper()
+        with pytest.raises(ValueError, match=r"plugin 'nice_sum' .*replaced or removed"):
+            get_method("nice_sum")
+    finally:
+        METHODS["ties"], FAMILIES["sequential"] = ties, sequential
+        METHODS.pop("nice_sum", None)
+        sys.modules.pop("evilplug", None)
