@@ -582,11 +582,12 @@ def test_deploy_local_with_own_data_folders_under_data_root(tmp_path):
 @pytest.mark.slow
 def test_supernode_killed_mid_training_fails_run_with_domain_named(tmp_path):
     """A SuperNode dies after receiving its train message: the server waits at most federation.timeout_s, merges
-    the one reply it has (min_replies = 1), and the run ends failed with the dead domain named; nothing hangs."""
+    the one reply it has (min_replies = 1), and the run ends ok with the dead domain named in errors and warnings
+    (it ended failed until 2026-12-08: its missing evaluation failed a run that min_replies lets go on); nothing
+    hangs."""
     import json
     import threading
 
-    from fedmerge.deploy.flwr_cli import RunFailed
     from fedmerge.deploy.local import deploy_local
 
     out = tmp_path / "deploy"
@@ -614,16 +615,16 @@ def test_supernode_killed_mid_training_fails_run_with_domain_named(tmp_path):
     thread.join(timeout=450)
     assert not thread.is_alive(), "deployment hung"
     elapsed = time.monotonic() - start
-    error = outcome["error"]
-    assert isinstance(error, RunFailed), error
-    assert "finished:failed" in str(error) and "synth-1" in str(error)
-    results = json.loads((out / "results" / "results.json").read_text())  # written although the run failed
-    assert results["status"] == "failed"
-    assert any(k.endswith(":synth-1") for k in results["errors"]) and not any("synth-0" in k for k in results["errors"])
+    assert outcome["error"] is None, outcome["error"]
+    results = json.loads((out / "results" / "results.json").read_text())
+    assert results["status"] == "ok"
+    assert "train:synth-1" in results["errors"] and not any("synth-0" in k for k in results["errors"])
+    assert any(w.startswith("client synth-1 was left out of the one-shot merges") for w in results["warnings"])
+    assert any(w.startswith("client synth-1 sent no evaluation (left out of its training)") for w in results["warnings"])
     assert "average" in results["models"] and "synth-0" in results["models"]["average"]
     # the recorded reason is what ended the wait: the SuperLink's "Node Unavailable" (missed heartbeats) when it
     # noticed first, the timeout only when it really ran out (was "no reply within" after a 1-minute run)
-    reason = next(v for k, v in results["errors"].items() if k.endswith(":synth-1"))
+    reason = results["errors"]["train:synth-1"]
     assert "Node Unavailable" in reason or ("no reply within" in reason and results["timings_s"]["total"] >= 90), reason
     assert not [pid for pid in doomed if _alive(pid)]
     assert elapsed < 400
