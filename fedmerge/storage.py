@@ -126,7 +126,7 @@ def run_folder(
     lock_path = out / LOCK_FILE
     used_before = lock_path.exists()  # a fedmerge run held this folder: what --overwrite may delete
     if not used_before and out.is_dir():  # before any lock file: one made (then removed) in a refused folder would
-        _refuse_foreign(out, earlier_entries(out))  # mark it a run's for a concurrent --overwrite
+        _refuse_foreign(out, earlier_entries(out), resumable)  # mark it a run's for a concurrent --overwrite
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -156,7 +156,7 @@ def run_folder(
         listed = _listed(earlier)
         if earlier and not used_before:  # files came between the check above and the lock
             lock_path.unlink(missing_ok=True)  # a refused folder stays as it was (the lock would mark it a run's)
-            _refuse_foreign(out, earlier)
+            _refuse_foreign(out, earlier, resumable)
         if earlier and set_aside:
             _move_aside(out, earlier)
         elif earlier and not resume:
@@ -181,13 +181,14 @@ def _listed(entries: list[Path]) -> str:
     return f"{', '.join(p.name for p in entries[:5])}{', ...' if len(entries) > 5 else ''}"
 
 
-def _refuse_foreign(out: Path, entries: list[Path]) -> None:
+def _refuse_foreign(out: Path, entries: list[Path], resumable: bool) -> None:
     """FedmergeError when ``out`` holds ``entries`` but no fedmerge run held it (no lock file): whatever the flags
     (--resume too: its lock stayed, and a later --overwrite emptied the folder)."""
     if entries:
         raise FedmergeError(
             f"{out} holds files no fedmerge run left ({_listed(entries)}; it has no {LOCK_FILE}): choose another "
-            "output folder (--overwrite deletes only what an earlier run left there, --resume resumes only a run)"
+            "output folder (--overwrite deletes only what an earlier run left there"
+            + (", --resume resumes only a run)" if resumable else ")")
         )
 
 

@@ -375,6 +375,13 @@ def test_local_parameters_each_domain_serves_merges_with_its_own_last_item_bias(
         for d in ("synth-0", "synth-1", "synth-2"):
             metrics = again.evaluate(cfg.load_domain(d))
             assert {k: metrics[k] for k in results["models"][method][d]} == results["models"][method][d]
+    # a model named other than its domain: its own values would be recorded under that name and never found when
+    # the merge is evaluated on its domain (the merge scored with the shared median, silently)
+    assert main(["merge", "--method", "ties", "--theta0", str(tmp_path / "run" / "models" / "theta0.safetensors"),
+                 "--models", f"a={tmp_path / 'run' / 'clients' / 'synth-0.safetensors'}",
+                 f"synth-1={tmp_path / 'run' / 'clients' / 'synth-1.safetensors'}",
+                 "--out", str(tmp_path / "renamed.safetensors")]) == 1
+    assert "model a (" in (err := capsys.readouterr().err) and "is domain 'synth-0''s (its card): name it by its" in err
     bad = load_scenario("quickstart", [*TINY, 'merge.local_parameters=["last_item_bias"]'])
     with pytest.raises(FedmergeError, match="merge.local_parameters names \\['last_item_bias'\\], which are not weights"):
         run_inprocess(bad, tmp_path / "bad")

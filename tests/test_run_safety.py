@@ -459,6 +459,10 @@ def test_a_foreign_folder_is_refused_before_a_lock_file_is_made_so_no_concurrent
             with run_folder(home, **flags):
                 pass
     assert str(home / LOCK_FILE) not in opened and sorted(p.name for p in home.iterdir()) == ["thesis.tex"]
+    with pytest.raises(FedmergeError) as refused:  # train and deploy local have no --resume to suggest
+        with run_folder(home, resumable=False):
+            pass
+    assert "--resume" not in str(refused.value)
     # the lock file another process unlinks and makes anew between our open and our flock locks nothing
     out = tmp_path / "run"
     with run_folder(out):

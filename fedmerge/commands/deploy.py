@@ -48,8 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument("--timeout", type=positive_seconds, default=3600.0,
                        help="seconds to wait for the run, a finite number > 0 (default 3600)")
     local.add_argument("--overwrite", action="store_true",
-                       help="delete everything in --out (what an earlier deployment left, and anything else there); "
-                       "a non-empty --out is refused otherwise")
+                       help="delete what an earlier deployment left in --out; a non-empty --out is refused otherwise, "
+                       "and a folder no fedmerge run held (no .fedmerge.lock) whatever the flags")
     local.add_argument("--json", action="store_true",
                        help="print exactly one JSON object (status, results path, warnings) instead of the tables; on "
                        "failure status \"failed\", the error and the results path if the run wrote one (non-zero exit code)")

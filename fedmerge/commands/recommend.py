@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_saved_model_options(parser)
     parser.add_argument("--catalog", type=Path, required=True, help="domain folder or .tar.gz whose items to rank")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--history", help="one history, oldest first: ID,ID,... (item ids of the catalog)")
+    source.add_argument("--history", help="one history, oldest first: ID,ID,... (item ids of the catalog); with "
+                        "--texts a JSON list of item texts")
     source.add_argument("--histories", type=Path, metavar="FILE",
                         help="one history per line (ID,ID,... or a JSON list); writes one JSON line per history")
     parser.add_argument("-k", type=int, default=10, help="items to recommend (default 10)")

@@ -21,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="params",
                         help="model parameter, TOML value; a list is a validation grid (lam=[10,50]); repeatable")
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete everything in --out first (an earlier training's files, and anything else "
-                        "there); a non-empty --out is refused otherwise")
+                        help="delete what an earlier training left in --out first; a non-empty --out is refused "
+                        "otherwise, and a folder no fedmerge run held (no .fedmerge.lock) whatever the flags")
     parser.set_defaults(func=run_train)
 
 

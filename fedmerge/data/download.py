@@ -122,7 +122,7 @@ def download_amazon(
             if missing:  # an interrupted copy or another folder: it was kept and reported as downloaded
                 raise DataError(f"{final} exists but lacks {', '.join(missing)}: not a downloaded {domain}; replace it "
                                 "with --force or move it away")
-            logger.info("%s already present at %s; skipping (use force to replace)", domain, final)
+            logger.warning("%s already present at %s; skipping (--force replaces it)", domain, final)
             folders.append(final)
             continue
         location = tarball_location(domain, source)

@@ -244,7 +244,7 @@ def generate(
     server_cert_path, server_key_path = out / "server.crt", out / "server.key"
     if not overwrite and (any(p.exists() for p in (ca_cert_path, ca_key_path, server_cert_path, server_key_path))
                           or node_key_files(out / "nodes")):
-        raise FedmergeError(f"{out} already holds certificates; --force (overwrite=True) replaces them, the CA "
+        raise FedmergeError(f"{out} already holds certificates; --force (overwrite=True in Python) replaces them, the CA "
                              "included unless --ca names the one to keep, so every data owner would need a new ca.crt")
     empty = [h for h in hosts if not str(h).strip()]
     if empty:

@@ -75,6 +75,7 @@ def merge_weight_files(
     digest = weights_digest(base)
     base_card = _model_card(Path(theta0), digest)
     weights = {name: load_weights(Path(models[name])) for name in sorted(models)}  # the run's order: by domain
+    local_names = base_card.get("local_parameter_names", []) if base_card is not None else []
     for name, file in ((n, models[n]) for n in sorted(models)):
         try:
             check_update(base, weights[name])
@@ -88,6 +89,10 @@ def merge_weight_files(
         if card.get("rejected") and not include_rejected:
             raise FedmergeError(f"model {name} ({file}): the run rejected it ({card['rejected']}); pass "
                                 "--include-rejected to merge it anyway")
+        if local_names and card.get("domains") and card["domains"] != [name]:  # own values are found by domain
+            raise FedmergeError(f"model {name} ({file}) is domain {card['domains'][0]!r}'s (its card): name it by its "
+                                f"domain ({card['domains'][0]}=...), under which its own merge.local_parameters "
+                                "values are recorded and looked up when the merge is evaluated")
         if card.get("clipped"):
             logger.warning("model %s (%s): the run merged it norm-clipped (%s); this merges the saved weights as they "
                            "are", name, file, card["clipped"])
