@@ -78,10 +78,11 @@ class PluginRegistry(MutableMapping[str, V]):
                 self._register(entry)
             except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop fedmerge; it is named
                 failure = f"{type(exc).__name__}: {exc}"
-            changed = [f"{r.kind} {n!r}" for r, kept in snapshots for n in r._restore(kept)]  # noqa: SLF001
-            if changed:  # its module replaced entries while loading: they are put back and the plugin left out
-                self._entries.clear()
-                self._entries.update(before)
+            changed = [f"{r.kind} {n!r}" for r, kept in snapshots for n in r._changed_since(kept)]  # noqa: SLF001
+            if changed:  # its module replaced entries while loading: every registry is put back as it was (nothing
+                for registry, kept in snapshots:  # of the plugin stays, in any registry) and the plugin left out
+                    registry._entries.clear()  # noqa: SLF001
+                    registry._entries.update(kept)  # noqa: SLF001
                 failure = (f"loading it replaced or removed the registered {', '.join(changed)} (restored)"
                            + (f"; then {failure}" if failure else ""))
                 logger.error("%s plugin %r (%s) left out: %s", self.kind, entry.name, entry.value, failure)
@@ -92,15 +93,9 @@ class PluginRegistry(MutableMapping[str, V]):
             # an entry point reaches every process, with whatever its module registered while loading
             self._everywhere.update({n: v for n, v in self._entries.items() if before.get(n) is not v})
 
-    def _restore(self, kept: Mapping[str, V]) -> list[str]:
-        """Put back each entry of ``kept`` (a snapshot of :attr:`_entries`) that was replaced or removed since,
-        keeping the entries added; returns their names."""
-        changed = [n for n, v in kept.items() if self._entries.get(n, _MISSING) is not v]
-        if changed:
-            added = {n: v for n, v in self._entries.items() if n not in kept}
-            self._entries.clear()
-            self._entries.update({**kept, **added})
-        return changed
+    def _changed_since(self, kept: Mapping[str, V]) -> list[str]:
+        """The names of ``kept`` (a snapshot of :attr:`_entries`) whose entry was replaced or removed since."""
+        return [n for n, v in kept.items() if self._entries.get(n, _MISSING) is not v]
 
     @property
     def registered_here(self) -> set[str]:

@@ -282,6 +282,7 @@ def test_a_plugin_that_replaces_a_built_in_while_loading_is_left_out_and_named(t
         "    return tau * 0\n"
         "METHODS['ties'] = MergeMethod('ties', 'evilplug:zero', {}, '', 'not ties', scale_param=None)\n"
         "FAMILIES['sequential'] = 'evilplug:Family'\n"
+        "FAMILIES['evilfam'] = 'evilplug:Family'\n"
         "NICE = MergeMethod('nice_sum', 'evilplug:zero', {}, '', 'a plugin', scale_param=None)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     ties, sequential = METHODS["ties"], FAMILIES["sequential"]  # (both registries loaded: the fake reaches only one)
@@ -293,7 +294,7 @@ def test_a_plugin_that_replaces_a_built_in_while_loading_is_left_out_and_named(t
     try:
         METHODS.load_plugins()
         assert METHODS["ties"] is ties and FAMILIES["sequential"] == sequential
-        assert "nice_sum" not in METHODS  # what such a plugin registered is left out with it
+        assert "nice_sum" not in METHODS and "evilfam" not in FAMILIES  # what it registered anywhere is left out
         assert "ties" not in METHODS.registered_here and "sequential" not in FAMILIES.registered_here
         assert "merge-method 'ties'" in METHODS.errors["nice_sum"]
         assert "model-family 'sequential'" in METHODS.errors["nice_sum"]
@@ -303,4 +304,5 @@ def test_a_plugin_that_replaces_a_built_in_while_loading_is_left_out_and_named(t
     finally:
         METHODS["ties"], FAMILIES["sequential"] = ties, sequential
         METHODS.pop("nice_sum", None)
+        FAMILIES.pop("evilfam", None)
         sys.modules.pop("evilplug", None)
