@@ -89,7 +89,8 @@ def merge_weight_files(
         if card.get("rejected") and not include_rejected:
             raise FedmergeError(f"model {name} ({file}): the run rejected it ({card['rejected']}); pass "
                                 "--include-rejected to merge it anyway")
-        if local_names and card.get("domains") and card["domains"] != [name]:  # own values are found by domain
+        domains = card.get("domains") or []
+        if local_names and len(domains) == 1 and domains != [name]:  # own values are found by domain name
             raise FedmergeError(f"model {name} ({file}) is domain {card['domains'][0]!r}'s (its card): name it by its "
                                 f"domain ({card['domains'][0]}=...), under which its own merge.local_parameters "
                                 "values are recorded and looked up when the merge is evaluated")
