@@ -294,6 +294,14 @@ class PrivacySettings:
     secure_mode: bool
     release_diagnostics: bool
 
+    def check_deployable(self) -> None:
+        """FedmergeError when a data owner's node must refuse these settings: DP noise drawn from a seed the
+        scenario fixes (``noise_seed`` ≥ 0), which whoever knows the scenario, the server too, can subtract."""
+        if self.enabled and self.noise_seed >= 0:
+            raise FedmergeError(f"privacy.noise_seed = {self.noise_seed}: a deployed node refuses DP noise drawn from a "
+                                "seed the scenario fixes (whoever knows it, the server too, can subtract the noise); "
+                                "deploy with privacy.noise_seed = -1")
+
 
 @dataclass(frozen=True)
 class Scenario:

@@ -658,6 +658,11 @@ def test_deploy_local_bad_inputs_fail_before_starting_anything(tmp_path):
     with pytest.raises(FedmergeError, match=rf"run folder {used} already holds an earlier run's files \(results\)"):
         deploy_local("quickstart", used, app_dir=app)
     assert (used / "results" / "results.json").read_text() == "{}" and not (used / "processes.json").exists()
+    # seeded DP noise: every SuperNode would refuse it once the deployment had started
+    with pytest.raises(FedmergeError, match=r"privacy.noise_seed = 0: a deployed node refuses DP noise drawn from"):
+        deploy_local("quickstart", tmp_path / "c", app_dir=app, overrides=[
+            "privacy.enabled=true", "privacy.noise_multiplier=1.0", "privacy.noise_seed=0", "baselines.joint=false"])
+    assert not (tmp_path / "c").exists()
 
 
 def test_cli_deploy_certs(tmp_path, capsys):

@@ -1187,7 +1187,7 @@ def test_a_deployed_node_refuses_to_train_with_seeded_dp_noise(tmp_path):
     folder = save_generic_domain(cfg.load_domain("synth-0"), tmp_path / "synth-0")
     request = RecordDict({protocol.GLOBAL: protocol.to_record(initial_weights(cfg)), protocol.CONFIG: ConfigRecord(
         {protocol.PHASE: protocol.PHASE_ONESHOT, protocol.ROUND: 0})})
-    with pytest.raises(FedmergeError, match=r"privacy.noise_seed = 7: this node refuses DP noise drawn from a seed"):
+    with pytest.raises(FedmergeError, match=r"privacy.noise_seed = 7: a deployed node refuses DP noise drawn from a seed"):
         ClientState(cfg, data_path=str(folder)).handle(protocol.TRAIN, request)
     assert protocol.WEIGHTS in ClientState(cfg, partition_id=0).handle(protocol.TRAIN, request).array_records
     unseeded = load_scenario("quickstart", [*tiny, "privacy.noise_seed=-1"])

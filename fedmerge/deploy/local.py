@@ -241,6 +241,7 @@ def deploy_local(
     for name in cfg.data.domain_names():
         check_config_path(f"domain {name!r}: its data path", data_base / name)
     check_data_outside(cfg, out, "the deployment")
+    cfg.privacy.check_deployable()  # each SuperNode would refuse it, after everything had started
     tls = None if tls_dir is None else given_tls_files(Path(tls_dir), len(cfg.data.domain_names()), out)  # before
     check_data_root(cfg, data_root)
     check_before_run(cfg, "flower")  # as is a bad scenario (model.params key, encoder folder, data)

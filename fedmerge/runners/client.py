@@ -352,10 +352,8 @@ class ClientState:
         if not is_integer(round_index) or round_index < 0 or (round_index > 0) != fedavg:
             raise FedmergeError(f"train request of phase {phase!r} with round {round_index!r}: the one-shot round is "
                                 "0, FedAvg rounds are 1, 2, ...")
-        if self.cfg.privacy.enabled and self.deployed and self.cfg.privacy.noise_seed >= 0:
-            raise FedmergeError(f"privacy.noise_seed = {self.cfg.privacy.noise_seed}: this node refuses DP noise drawn "
-                                "from a seed the scenario fixes (whoever knows it, the server too, can subtract the "
-                                "noise); deploy with privacy.noise_seed = -1")
+        if self.deployed:
+            self.cfg.privacy.check_deployable()
         if self.cfg.privacy.enabled:
             from fedmerge.privacy.client import releases_per_client
 
