@@ -75,20 +75,23 @@ class MergeStrategy(Strategy):
         self.connect_seconds = time.perf_counter() - start
         return self.node_of
 
-    def ask_new_nodes(self, timeout: float) -> set[int]:
-        """Forget the nodes no longer online, send a ``query`` to every node online that has not answered one and
+    def ask_new_nodes(self, timeout: float, retry_failed: bool = False) -> set[int]:
+        """Forget the nodes no longer online, send a ``query`` to every node online that has not answered one (with
+        ``retry_failed`` also to those that answered with an error: restarted, they may hold their data now) and
         record the answers (``claims``; a node that fails to start or names no domain is refused with its reason and
-        kept in ``failed``); a node that does not answer within ``timeout`` is asked again next time. Returns the
-        nodes online."""
+        kept in ``failed``); a node that does not answer within ``timeout``, or whose query the SuperLink answered
+        (it went offline), is asked again next time. Returns the nodes online."""
         online = set(self.grid.get_node_ids())
-        self.claims = {n: d for n, d in self.claims.items() if n in online}  # a restarted node comes back as a new one
-        self.failed &= online
+        self.claims = {n: d for n, d in self.claims.items() if n in online}  # back online: asked again
+        self.failed = set() if retry_failed else self.failed & online
         nodes = sorted(online - set(self.claims) - self.failed)
         if not nodes:
             return online
         messages = [Message(RecordDict(), node, protocol.QUERY, group_id="connect") for node in nodes]
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
+            if reply.has_error() and node == SUPERLINK_NODE_ID:  # the SuperLink's: that node went offline meanwhile
+                continue
             if reply.has_error():  # e.g. its data folder is missing: the node's own reason goes into results.json
                 self.failed.add(node)
                 self.refuse(node, f"node {node} failed to start: {reply.error.reason}")
@@ -122,20 +125,22 @@ class MergeStrategy(Strategy):
                 self.node_of[domain] = nodes[0]
 
     def admit_late_nodes(self) -> None:
-        """Between phases: a domain whose node is no longer online loses it, and the nodes that came online since
-        are asked (each at most :data:`LATE_QUERY_S`, asked again next phase when silent). A late node may take a
-        domain that has no node (its owner's node came late or restarted); a claim of a domain another node serves is
-        refused with a warning — the run keeps its node, so no node registering mid-run can take or deny a served
-        domain."""
+        """Between phases: a domain whose node is no longer online loses it, and the nodes that came online since, or
+        answered with an error before, are asked (each at most :data:`LATE_QUERY_S`, asked again next phase when
+        silent). A domain that has no node is served by its one claimant (its owner's node came late, or restarted
+        — with node authentication under its old id — after failing or going offline; two claimants at once
+        contest it, as at start-up); a claim of a domain another node serves is refused with a warning, so no node
+        registering mid-run can take or deny a served domain."""
         wanted = self.cfg.data.domain_names()
-        self.ask_new_nodes(min(self.timeout, LATE_QUERY_S))
+        self.ask_new_nodes(min(self.timeout, LATE_QUERY_S), retry_failed=True)
         for domain, node in list(self.node_of.items()):
             if node not in self.claims:
                 logger.warning("node %d of domain %s is no longer online", node, domain)
                 del self.node_of[domain]
         serving = set(self.node_of.values())
+        unserved: dict[str, list[int]] = {}
         for node, domain in sorted(self.claims.items()):
-            if node in serving or f"{protocol.QUERY}:node{node}" in self.refused:
+            if node in serving:
                 continue
             if domain not in wanted:
                 self.refuse(node, f"node {node} claims domain {domain!r}, which is not a domain of this run "
@@ -147,11 +152,21 @@ class MergeStrategy(Strategy):
                 reason = (f"node {node} claims domain {domain!r}, which node {self.node_of[domain]} serves: refused; "
                           f"if node {node} is that domain's owner, node {self.node_of[domain]} is not (check the "
                           "registered node keys)")
+                if reason not in self.warnings:
+                    self.warnings.append(reason)
                 self.refuse(node, reason)
-                self.warnings.append(reason)
             else:
-                logger.info("node %d came online and serves domain %s from now on", node, domain)
-                self.node_of[domain] = node
+                unserved.setdefault(domain, []).append(node)
+        for domain, nodes in unserved.items():
+            if len(nodes) > 1:
+                self.contested.add(domain)
+                for node in nodes:
+                    self.refuse(node, f"nodes {nodes} all claim domain {domain!r}; each is refused (no node "
+                                      "answers for it)")
+                continue
+            logger.info("node %d serves domain %s from now on", nodes[0], domain)
+            self.refused.pop(f"{protocol.QUERY}:node{nodes[0]}", None)  # a refusal that no longer holds
+            self.node_of[domain] = nodes[0]
 
     def refuse(self, node: int, reason: str) -> None:
         key = f"{protocol.QUERY}:node{node}"

@@ -1399,6 +1399,48 @@ def test_nodes_coming_online_after_start_up_fill_a_domain_without_node_but_never
     assert strategy.warnings == [reason]  # once
 
 
+def test_a_node_refused_or_failed_earlier_serves_its_domain_once_it_has_no_node(cfg, flower_task_identity):
+    """A node once refused or failed was never asked or considered again: an owner whose node failed to start (data
+    folder missing) and restarted under its old id (node authentication keeps the id), or whose restarted node was
+    refused while the old id still looked online, never served its domain for the rest of the run. A SuperLink
+    error answering a query (the node went offline meanwhile) was booked as node 1 failing to start."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    from server.strategy import MergeStrategy
+
+    class RestartingGrid(LateNodeGrid):
+        broken = {2}  # nodes whose ClientApp fails to start
+        vanishing = set()  # nodes that go offline while their query is pending
+
+        def send_and_receive(self, messages, timeout=None):
+            replies = []
+            for m, reply in zip(messages, super().send_and_receive(messages, timeout)):
+                m.metadata.__dict__["_message_id"] = f"q-{m.metadata.dst_node_id}"
+                node = m.metadata.dst_node_id
+                if node in self.broken:
+                    reply = Message(Error(code=0, reason="DataError: missing"), reply_to=m)
+                    reply.metadata.__dict__["_src_node_id"] = node
+                elif node in self.vanishing:
+                    reply = create_message_error_unavailable_res_message(m.metadata, "node_unavail")
+                replies.append(reply)
+            return replies
+
+    grid = RestartingGrid({1: "synth-0", 2: "synth-1", 3: "synth-2", 4: "synth-2"}, joins={4: 3600.0})
+    grid.vanishing = {3}
+    strategy = MergeStrategy(apply_overrides(cfg, ["federation.startup_timeout_s=3"]), grid)
+    strategy.connect()
+    assert strategy.node_of == {"synth-0": 1} and "query:node1" not in strategy.refused
+    grid.broken, grid.vanishing = set(), set()  # node 2 restarted with its data; node 3 answers now
+    strategy.send(protocol.TRAIN, {d: RecordDict() for d in ["synth-0", "synth-1", "synth-2"]})
+    assert strategy.node_of == {"synth-0": 1, "synth-1": 2, "synth-2": 3} and strategy.refused == {}
+    grid.joins[4] = 0.0  # synth-2's node restarts as node 4 while node 3 still looks online: refused for now
+    strategy.send(protocol.EVALUATE, {d: RecordDict() for d in ["synth-0", "synth-1", "synth-2"]})
+    assert strategy.node_of["synth-2"] == 3 and "query:node4" in strategy.refused
+    grid.online.discard(3)  # node 3's heartbeat runs out: node 4 serves synth-2 from then on
+    strategy.send(protocol.EVALUATE, {d: RecordDict() for d in ["synth-0", "synth-1", "synth-2"]})
+    assert strategy.node_of["synth-2"] == 4 and "query:node4" not in strategy.refused
+
+
 def test_a_node_that_fails_to_start_does_not_hold_start_up_until_its_timeout(cfg, flower_task_identity):
     """Waiting for every domain to be claimed waited startup_timeout_s (600 s by default) when a node failed to
     start: its domain could never be claimed. Every node online answering ends the wait when each domain is claimed
