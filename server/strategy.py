@@ -68,7 +68,7 @@ class MergeStrategy(Strategy):
             if (answered and len(claimed) + len(self.failed) >= len(wanted)) or time.monotonic() >= deadline:
                 break
             time.sleep(1.0)
-        self.assign(wanted)
+        self.assign(wanted, self.claims)
         missing = [d for d in wanted if d not in self.node_of]
         if missing:
             logger.warning("no SuperNode holds domain(s) %s", missing)
@@ -103,13 +103,14 @@ class MergeStrategy(Strategy):
                 self.refuse(node, f"node {node}'s reply names no domain ({exc}); refused")
         return online
 
-    def assign(self, wanted: list[str]) -> None:
-        """At start-up: map each domain of the run to the one node that claims it. A claim of a domain the run does
-        not have is refused, and so is every claimant of a domain several nodes claim (which of them is honest cannot
-        be told: no node answers for it, whatever order the replies came in); each refusal is logged and kept in
-        ``refused``."""
+    def assign(self, wanted: list[str], claims: Mapping[int, str]) -> None:
+        """Map each domain ``claims`` (node -> domain: every claim at start-up, the claims of domains without node
+        later) names to the one node that claims it. A claim of a domain the run does not have is refused, and so is
+        every claimant of a domain several nodes claim (which of them is honest cannot be told: no node answers for
+        it, whatever order the replies came in); each refusal is logged and kept in ``refused``, and an assigned
+        node's earlier refusal, which no longer holds, is dropped."""
         by_domain: dict[str, list[int]] = {}
-        for node, domain in sorted(self.claims.items()):
+        for node, domain in sorted(claims.items()):
             by_domain.setdefault(domain, []).append(node)
         for domain, nodes in sorted(by_domain.items()):
             if domain not in wanted:
@@ -122,6 +123,7 @@ class MergeStrategy(Strategy):
                     self.refuse(node, f"nodes {nodes} all claim domain {domain!r}; each is refused (no node "
                                       "answers for it)")
             else:
+                self.refused.pop(f"{protocol.QUERY}:node{nodes[0]}", None)
                 self.node_of[domain] = nodes[0]
 
     def admit_late_nodes(self) -> None:
@@ -138,14 +140,11 @@ class MergeStrategy(Strategy):
                 logger.warning("node %d of domain %s is no longer online", node, domain)
                 del self.node_of[domain]
         serving = set(self.node_of.values())
-        unserved: dict[str, list[int]] = {}
+        unserved: dict[int, str] = {}  # claims of domains without node (or of no domain of the run): as at start-up
         for node, domain in sorted(self.claims.items()):
             if node in serving:
                 continue
-            if domain not in wanted:
-                self.refuse(node, f"node {node} claims domain {domain!r}, which is not a domain of this run "
-                                  f"({wanted}); refused")
-            elif domain in self.contested:
+            if domain in self.contested:
                 self.refuse(node, f"node {node} claims domain {domain!r}, which several nodes claimed at start-up; "
                                   "refused (no node answers for it)")
             elif domain in self.node_of:
@@ -156,17 +155,8 @@ class MergeStrategy(Strategy):
                     self.warnings.append(reason)
                 self.refuse(node, reason)
             else:
-                unserved.setdefault(domain, []).append(node)
-        for domain, nodes in unserved.items():
-            if len(nodes) > 1:
-                self.contested.add(domain)
-                for node in nodes:
-                    self.refuse(node, f"nodes {nodes} all claim domain {domain!r}; each is refused (no node "
-                                      "answers for it)")
-                continue
-            logger.info("node %d serves domain %s from now on", nodes[0], domain)
-            self.refused.pop(f"{protocol.QUERY}:node{nodes[0]}", None)  # a refusal that no longer holds
-            self.node_of[domain] = nodes[0]
+                unserved[node] = domain
+        self.assign(wanted, unserved)
 
     def refuse(self, node: int, reason: str) -> None:
         key = f"{protocol.QUERY}:node{node}"
